@@ -1,0 +1,610 @@
+//! `decide`: the business rules. Reads the folded state and the code-level policy and
+//! returns what to do next (docs/ARCHITECTURE.md, "The core's semantics").
+//!
+//! Pure: the only inputs are the state (built from recorded events) and the context.
+//! Pseudo-random choices (retry jitter) hash the run's recorded seed.
+
+use crate::apply::next_revision;
+use crate::core::{Command, Context};
+use crate::event::{Escalation, EscalationCause, Event, FailureContext, PlanReason};
+use crate::fsm::{RunStatus, TaskStatus};
+use crate::model::*;
+use crate::state::{RunState, TaskState};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+pub(crate) fn decide(s: &RunState, ctx: &Context) -> Vec<Command> {
+    match s.status {
+        RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled => Vec::new(),
+        RunStatus::Accepted => vec![record(Event::PlanRequested { revision: 0, reason: PlanReason::Initial })],
+        RunStatus::Planning => decide_planning(s, ctx),
+        RunStatus::AwaitingHuman => decide_awaiting(s),
+        RunStatus::Running => decide_running(s, ctx),
+    }
+}
+
+fn record(event: Event) -> Command {
+    Command::Record { event, not_before_us: None }
+}
+
+fn record_at(event: Event, not_before_us: i64) -> Command {
+    Command::Record { event, not_before_us: Some(not_before_us) }
+}
+
+/// Replans the run may still make.
+pub(crate) fn replans_left(s: &RunState, ctx: &Context) -> bool {
+    let limit = s.budget.replans.unwrap_or(u64::from(ctx.policy.max_replans)).saturating_add(s.replans_granted);
+    s.totals.replans < limit
+}
+
+fn decide_planning(s: &RunState, ctx: &Context) -> Vec<Command> {
+    if s.exhausted.is_some() {
+        // The deadline passed while planning: finish (or escalate) with what was done.
+        return match s.on_exhausted {
+            ExhaustionPolicy::Partial => vec![record(Event::RunFailed {
+                reason: format!("{:?} budget exhausted while planning", s.exhausted.unwrap_or(BudgetKind::Deadline)),
+            })],
+            ExhaustionPolicy::Escalate => vec![record(Event::Escalated(escalation(
+                s,
+                ctx,
+                EscalationCause::BudgetExhausted,
+                None,
+                "a budget ran out while planning".to_owned(),
+                "A budget is exhausted. Approve to finish with a partial result, reject or abort to fail the run.",
+                &["approve", "reject", "abort"],
+            )))],
+        };
+    }
+    if !s.planning_rejected {
+        let mut cmds = match s.planning_revision {
+            Some(revision) => vec![Command::Plan { revision }],
+            None => Vec::new(),
+        };
+        cmds.extend(deadline_check(s));
+        return cmds;
+    }
+    // The plan of this round was rejected: ask again, or a human must step in.
+    if replans_left(s, ctx) {
+        let failure = s.last_failure.clone().unwrap_or_else(|| FailureContext {
+            task: None,
+            handler: None,
+            reason: "plan rejected".to_owned(),
+            attempts: 0,
+            tried: s.history.clone(),
+        });
+        return vec![record(Event::ReplanRequested { revision: next_revision(s), reason: PlanReason::Failure(failure) })];
+    }
+    let why = s.last_failure.as_ref().map(|f| f.reason.clone()).unwrap_or_else(|| "plan rejected".to_owned());
+    vec![record(Event::Escalated(escalation(
+        s,
+        ctx,
+        EscalationCause::ReplansExhausted,
+        None,
+        why,
+        "No valid plan could be made within the replan budget. Approve to finish with nothing done, reject or abort to fail the run, or replan with a hint.",
+        &["replan_with_hint", "approve", "reject", "abort"],
+    )))]
+}
+
+fn decide_awaiting(s: &RunState) -> Vec<Command> {
+    let Some(open) = s.escalations.last() else {
+        return Vec::new();
+    };
+    if open.resolution.is_some() {
+        return Vec::new();
+    }
+    if !open.notified {
+        // Notify first: a future-dated default must never hold the notification back.
+        return vec![Command::Notify { number: open.escalation.number }];
+    }
+    match (&open.escalation.deadline_ms, &open.escalation.default_decision) {
+        (Some(ms), Some(default)) => {
+            let due = open.escalated_at_us.saturating_add(ms_to_us(*ms));
+            vec![record_at(
+                Event::HumanResolved {
+                    number: open.escalation.number,
+                    decision: default.clone(),
+                    by: "deadline".to_owned(),
+                    defaulted: true,
+                },
+                due,
+            )]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn ms_to_us(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX / 1000).saturating_mul(1000)
+}
+
+/// The run's wall-clock deadline, as a future-dated `BudgetExhausted`.
+fn deadline_check(s: &RunState) -> Option<Command> {
+    if s.exhausted.is_some() {
+        return None;
+    }
+    let ms = s.budget.deadline_ms?;
+    let due = s.accepted_at_us.saturating_add(ms_to_us(ms));
+    Some(record_at(Event::BudgetExhausted { budget: BudgetKind::Deadline, limit: ms, used: ms, needed: 0 }, due))
+}
+
+/// What a task needs from the run (beyond its own next step).
+enum RunLevel {
+    Replan(FailureContext),
+    Escalate(EscalationCause, TaskId, String),
+}
+
+fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
+    // A human's run-level decision comes first.
+    if let Some((decision, by)) = &s.pending_decision {
+        return carry_out(s, decision, by);
+    }
+
+    let in_flight = s.tasks.iter().filter(|t| matches!(t.status, TaskStatus::Dispatched | TaskStatus::Executed)).count();
+    let mut records: Vec<Command> = Vec::new();
+    let mut effects: Vec<Command> = Vec::new();
+    let mut future: Vec<Command> = Vec::new();
+    let mut run_level: Option<RunLevel> = None;
+
+    // Skips, gates, evaluations, executions and recovery decisions, in plan order.
+    for t in &s.tasks {
+        let id = &t.spec.id;
+        match t.status {
+            TaskStatus::Pending => {
+                if let Some(dep) = t.spec.depends_on.iter().find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped)) {
+                    records.push(record(Event::TaskSkipped { task: id.clone(), reason: format!("upstream task {dep} was skipped") }));
+                }
+            }
+            TaskStatus::Dispatched => effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
+            TaskStatus::Executed => match gate(t) {
+                Err(problem) => records.push(record(Event::TaskFailed {
+                    task: id.clone(),
+                    attempt: t.attempt,
+                    class: ErrorClass::Semantic,
+                    error: format!("output failed its schema: {problem}"),
+                    usage: Usage::default(),
+                })),
+                Ok(()) if t.spec.success_criteria.is_some() => {
+                    effects.push(Command::Evaluate { task: id.clone(), attempt: t.attempt })
+                }
+                Ok(()) => records.push(record(Event::TaskEvaluated {
+                    task: id.clone(),
+                    attempt: t.attempt,
+                    verdict: Verdict::Pass,
+                    notes: "no success criteria: accepted".to_owned(),
+                    model: None,
+                    usage: Usage::default(),
+                })),
+            },
+            TaskStatus::AttemptFailed => {
+                let (class, error) = t.last_error.clone().unwrap_or((ErrorClass::Fatal, "unknown error".to_owned()));
+                match class {
+                    ErrorClass::Transient if s.exhausted.is_some() => {
+                        // A budget is spent: no retry; the run finishes or escalates below.
+                    }
+                    ErrorClass::Transient if t.attempt < t.spec.retry.max_attempts => {
+                        if retries_left(s) {
+                            let delay_ms = backoff_ms(s.seed, t);
+                            records.push(record(Event::RetryScheduled {
+                                task: id.clone(),
+                                next_attempt: t.attempt.saturating_add(1),
+                                delay_ms,
+                            }));
+                        } else if s.exhausted.is_none() {
+                            let limit = s.budget.retries.unwrap_or(0);
+                            return vec![record(Event::BudgetExhausted {
+                                budget: BudgetKind::Retries,
+                                limit,
+                                used: s.totals.retries,
+                                needed: 1,
+                            })];
+                        }
+                    }
+                    ErrorClass::Transient | ErrorClass::Semantic => {
+                        let reason = if class == ErrorClass::Transient {
+                            format!("retries exhausted after {} attempt(s): {error}", t.attempt)
+                        } else {
+                            error.clone()
+                        };
+                        recover_semantic(s, ctx, t, reason, &mut records, &mut run_level);
+                    }
+                    ErrorClass::Fatal => {
+                        if !t.spec.critical && ctx.policy.degrade_noncritical {
+                            records.push(record(Event::TaskSkipped { task: id.clone(), reason: format!("fatal error: {error}") }));
+                        } else if run_level.is_none() {
+                            run_level = Some(RunLevel::Escalate(EscalationCause::FatalError, id.clone(), error.clone()));
+                        }
+                    }
+                }
+            }
+            TaskStatus::Rejected => {
+                let notes = format!("evaluator verdict {:?}", t.verdict.unwrap_or(Verdict::Hard));
+                if t.verdict == Some(Verdict::Critical) {
+                    if run_level.is_none() {
+                        run_level = Some(RunLevel::Escalate(EscalationCause::CriticalVerdict, id.clone(), notes));
+                    }
+                } else {
+                    recover_semantic(s, ctx, t, notes, &mut records, &mut run_level);
+                }
+            }
+            TaskStatus::Ready | TaskStatus::RetryScheduled => {}
+            TaskStatus::Done | TaskStatus::Skipped | TaskStatus::Superseded => {}
+        }
+    }
+    if !records.is_empty() {
+        records.extend(effects);
+        return records;
+    }
+
+    // A budget ran out: dispatch nothing more; when in-flight work is done, finish
+    // partial or escalate, per the run's policy.
+    if let Some(kind) = s.exhausted {
+        if in_flight > 0 {
+            return effects;
+        }
+        return vec![match s.on_exhausted {
+            ExhaustionPolicy::Partial => complete(s, true),
+            ExhaustionPolicy::Escalate => record(Event::Escalated(escalation(
+                s,
+                ctx,
+                EscalationCause::BudgetExhausted,
+                None,
+                format!("the {kind:?} budget is exhausted"),
+                "A budget is exhausted. Approve to finish with a partial result, reject or abort to fail the run.",
+                &["approve", "reject", "abort"],
+            ))),
+        }];
+    }
+
+    // Run-level steps wait until nothing is in flight: no work is thrown away, and no
+    // new work starts that a replan might supersede.
+    if let Some(level) = run_level {
+        if in_flight > 0 {
+            return effects;
+        }
+        return vec![match level {
+            RunLevel::Replan(failure) => {
+                record(Event::ReplanRequested { revision: next_revision(s), reason: PlanReason::Failure(failure) })
+            }
+            RunLevel::Escalate(cause, task, why) => record(Event::Escalated(escalation(
+                s,
+                ctx,
+                cause,
+                Some(task),
+                why,
+                question_for(cause),
+                options_for(cause),
+            ))),
+        }];
+    }
+
+    // Dispatch ready tasks (and due retries) within the parallelism bound and budgets.
+    let mut slots = usize::try_from(s.max_parallel_tasks).unwrap_or(usize::MAX).saturating_sub(in_flight);
+    let mut extra = Reserved::default();
+    let mut human_review: Option<&TaskState> = None;
+    for t in &s.tasks {
+        let retry = t.status == TaskStatus::RetryScheduled;
+        if !(t.status == TaskStatus::Ready || retry) {
+            continue;
+        }
+        if t.spec.kind == TaskKind::HumanReview {
+            human_review = human_review.or(Some(t));
+            continue;
+        }
+        if slots == 0 {
+            break;
+        }
+        match budget_check(s, t, &extra) {
+            Err((budget, limit, used, needed)) => {
+                // Stop here: nothing past a budget is ever dispatched.
+                let exhausted = record(Event::BudgetExhausted { budget, limit, used, needed });
+                if records.is_empty() {
+                    return vec![exhausted];
+                }
+                break;
+            }
+            Ok(reserve) => {
+                extra.add(t.spec.kind, reserve);
+                slots -= 1;
+                let event = dispatch(s, t, reserve);
+                match (retry, t.retry_due_us) {
+                    // A retry waits for its backoff: a timer for the shell.
+                    (true, Some(due)) => future.push(record_at(event, due)),
+                    _ => records.push(record(event)),
+                }
+            }
+        }
+    }
+    if !records.is_empty() {
+        records.extend(effects);
+        return records;
+    }
+    if in_flight == 0 && future.is_empty() {
+        if let Some(t) = human_review {
+            return vec![record(Event::Escalated(escalation(
+                s,
+                ctx,
+                EscalationCause::HumanReviewTask,
+                Some(t.spec.id.clone()),
+                format!("task {} is a human review", t.spec.id),
+                "This task is done by a person: supply its output, approve it, or reject it (skip).",
+                &["supply_output", "approve", "reject", "abort"],
+            )))];
+        }
+        if s.tasks.iter().all(|t| t.status.is_terminal()) {
+            return vec![complete(s, false)];
+        }
+    }
+    effects.extend(future);
+    if let Some(c) = deadline_check(s) {
+        effects.push(c);
+    }
+    effects
+}
+
+/// Carry out a human's run-level decision.
+fn carry_out(s: &RunState, decision: &Decision, by: &str) -> Vec<Command> {
+    match decision {
+        Decision::Abort => vec![record(Event::RunFailed { reason: format!("aborted by {by}") })],
+        Decision::Reject => vec![record(Event::RunFailed { reason: format!("escalation rejected by {by}") })],
+        Decision::Approve | Decision::SupplyOutput(_) => vec![complete(s, true)],
+        Decision::ReplanWithHint(hint) => vec![record(Event::ReplanRequested {
+            revision: next_revision(s),
+            reason: PlanReason::HumanHint { hint: hint.clone(), by: by.to_owned() },
+        })],
+    }
+}
+
+/// Semantic failure, exhausted retries or a hard verdict: replan if the budget allows,
+/// else degrade (skip a non-critical task) or escalate.
+fn recover_semantic(
+    s: &RunState,
+    ctx: &Context,
+    t: &TaskState,
+    reason: String,
+    records: &mut Vec<Command>,
+    run_level: &mut Option<RunLevel>,
+) {
+    if run_level.is_some() {
+        return;
+    }
+    if replans_left(s, ctx) {
+        *run_level = Some(RunLevel::Replan(FailureContext {
+            task: Some(t.spec.id.clone()),
+            handler: Some(t.spec.handler.clone()),
+            reason,
+            attempts: t.attempt,
+            tried: s.history.clone(),
+        }));
+    } else if !t.spec.critical && ctx.policy.degrade_noncritical {
+        records.push(record(Event::TaskSkipped { task: t.spec.id.clone(), reason: format!("replans exhausted: {reason}") }));
+    } else {
+        *run_level = Some(RunLevel::Escalate(EscalationCause::ReplansExhausted, t.spec.id.clone(), reason));
+    }
+}
+
+fn question_for(cause: EscalationCause) -> &'static str {
+    match cause {
+        EscalationCause::CriticalVerdict => {
+            "The evaluator flagged this task's output as critical. Approve to accept it, supply a corrected output, reject to skip the task, replan with a hint, or abort."
+        }
+        EscalationCause::FatalError => {
+            "A critical task failed with an error retries cannot fix. Supply its output, reject to skip it, replan with a hint, or abort."
+        }
+        EscalationCause::ReplansExhausted => {
+            "A critical task kept failing and the replan budget is spent. Supply its output, reject to skip it, replan with a hint, or abort."
+        }
+        EscalationCause::BudgetExhausted | EscalationCause::HumanReviewTask => "Decide how the run continues.",
+    }
+}
+
+fn options_for(cause: EscalationCause) -> &'static [&'static str] {
+    match cause {
+        EscalationCause::CriticalVerdict => &["approve", "supply_output", "reject", "replan_with_hint", "abort"],
+        _ => &["supply_output", "reject", "replan_with_hint", "abort"],
+    }
+}
+
+fn escalation(
+    s: &RunState,
+    ctx: &Context,
+    cause: EscalationCause,
+    task: Option<TaskId>,
+    why: String,
+    question: &str,
+    options: &[&str],
+) -> Escalation {
+    let attempted = s
+        .tasks
+        .iter()
+        .filter(|t| t.attempt > 0 || t.status != TaskStatus::Pending)
+        .map(|t| {
+            let mut line = format!("{} ({}): {} after {} attempt(s)", t.spec.id, t.spec.handler, t.status.name(), t.attempt);
+            if let Some((class, e)) = &t.last_error {
+                line.push_str(&format!(", last error {class:?}: {e}"));
+            }
+            if let Some(v) = t.verdict {
+                line.push_str(&format!(", verdict {v:?}"));
+            }
+            line
+        })
+        .collect();
+    Escalation {
+        number: u32::try_from(s.escalations.len()).unwrap_or(u32::MAX).saturating_add(1),
+        cause,
+        task,
+        attempted,
+        why,
+        alternatives_tried: s.history.clone(),
+        question: question.to_owned(),
+        options: options.iter().map(|o| (*o).to_owned()).collect(),
+        deadline_ms: ctx.policy.escalation_deadline_ms,
+        default_decision: ctx.policy.escalation_default.clone(),
+    }
+}
+
+fn complete(s: &RunState, budget_stop: bool) -> Command {
+    let mut result = serde_json::Map::new();
+    let mut done = 0usize;
+    let mut skipped = 0usize;
+    for t in &s.tasks {
+        match t.status {
+            TaskStatus::Done => {
+                done += 1;
+                let v = t.output.as_ref().and_then(|o| o.value().ok()).unwrap_or(serde_json::Value::Null);
+                result.insert(t.spec.id.0.clone(), v);
+            }
+            TaskStatus::Skipped => skipped += 1,
+            _ => {}
+        }
+    }
+    let unfinished = s.tasks.len().saturating_sub(done + skipped);
+    let partial = budget_stop || skipped > 0 || unfinished > 0 || s.exhausted.is_some();
+    let mut summary = format!("{done} task(s) done, {skipped} skipped");
+    if unfinished > 0 {
+        summary.push_str(&format!(", {unfinished} not run"));
+    }
+    if let Some(kind) = s.exhausted {
+        summary.push_str(&format!("; {kind:?} budget exhausted"));
+    }
+    summary.push_str(&format!("; cost {} micros", s.totals.cost_micros));
+    record(Event::RunCompleted { partial, result: Json::new(&serde_json::Value::Object(result)), summary })
+}
+
+fn task<'a>(s: &'a RunState, id: &TaskId) -> Option<&'a TaskState> {
+    s.task_index.get(id).and_then(|&i| s.tasks.get(i))
+}
+
+/// The output-schema gate: an output that fails its task's schema never reaches a
+/// downstream task.
+fn gate(t: &TaskState) -> Result<(), String> {
+    let Some(schema) = &t.spec.output_schema else {
+        return Ok(());
+    };
+    let schema = schema.value().map_err(|e| format!("schema is not JSON: {e}"))?;
+    let output = match &t.output {
+        Some(o) => o.value().map_err(|e| format!("output is not JSON: {e}"))?,
+        None => return Err("no output".to_owned()),
+    };
+    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("invalid schema: {e}"))?;
+    let problems: Vec<String> = validator.iter_errors(&output).take(5).map(|e| e.to_string()).collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn retries_left(s: &RunState) -> bool {
+    s.budget.retries.is_none_or(|limit| s.totals.retries < limit)
+}
+
+/// Exponential backoff with jitter drawn from the run's seed (never from a thread rng).
+pub(crate) fn backoff_ms(seed: u64, t: &TaskState) -> u64 {
+    let p = &t.spec.retry;
+    let exp = t.attempt.saturating_sub(1).min(32);
+    let base = p.backoff_base_ms.saturating_mul(1u64 << exp).min(p.backoff_max_ms);
+    let mut h = Sha256::new();
+    h.update(b"keel/jitter");
+    h.update(seed.to_le_bytes());
+    h.update(t.spec.id.0.as_bytes());
+    h.update(t.attempt.to_le_bytes());
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    let jitter = u64::from_le_bytes(first) % p.jitter_ms.saturating_add(1);
+    base.saturating_add(jitter)
+}
+
+/// The idempotency key a handler sees for one dispatch: stable across redeliveries.
+pub fn idempotency_key(run: keel_store::RunId, revision: u32, task: &TaskId, attempt: u32) -> String {
+    let mut h = Sha256::new();
+    h.update(b"keel/dispatch");
+    h.update(run.as_bytes());
+    h.update(revision.to_le_bytes());
+    h.update(task.0.as_bytes());
+    h.update(attempt.to_le_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
+    let attempt = t.attempt.saturating_add(1);
+    let model = match t.spec.kind {
+        TaskKind::Llm => t
+            .spec
+            .complexity
+            .and_then(|c| s.routes.iter().find(|(k, _)| *k == c).map(|(_, m)| m.clone())),
+        _ => None,
+    };
+    let upstream: BTreeMap<TaskId, Json> = t
+        .spec
+        .depends_on
+        .iter()
+        .filter_map(|d| task(s, d).and_then(|x| x.output.clone()).map(|o| (d.clone(), o)))
+        .collect();
+    let note = if attempt > 1 { t.last_error.as_ref().map(|(c, e)| format!("previous attempt failed ({c:?}): {e}")) } else { None };
+    Event::TaskDispatched {
+        task: t.spec.id.clone(),
+        attempt,
+        idempotency_key: idempotency_key(s.run, s.revision.unwrap_or(0), &t.spec.id, attempt),
+        model,
+        input: TaskInput { input: t.spec.input.clone(), upstream, note },
+        reserved,
+    }
+}
+
+/// Reservations of dispatches decided in this call (not yet in the state).
+#[derive(Default)]
+struct Reserved {
+    usage: Usage,
+    llm_calls: u64,
+    tool_calls: u64,
+}
+
+impl Reserved {
+    fn add(&mut self, kind: TaskKind, u: Usage) {
+        self.usage.cost_micros = self.usage.cost_micros.saturating_add(u.cost_micros);
+        self.usage.tokens = self.usage.tokens.saturating_add(u.tokens);
+        match kind {
+            TaskKind::Llm => self.llm_calls += 1,
+            TaskKind::Tool | TaskKind::DataFetch => self.tool_calls += 1,
+            TaskKind::HumanReview => {}
+        }
+    }
+}
+
+/// Can the budgets cover dispatching `t` on top of what is spent and reserved?
+/// Err: (which budget, its limit, used incl. reservations, needed).
+fn budget_check(s: &RunState, t: &TaskState, extra: &Reserved) -> Result<Usage, (BudgetKind, u64, u64, u64)> {
+    let b = &s.budget;
+    let mut reserved_cost = extra.usage.cost_micros;
+    let mut reserved_tokens = extra.usage.tokens;
+    let mut llm_in_flight = extra.llm_calls;
+    let mut tool_in_flight = extra.tool_calls;
+    for x in &s.tasks {
+        reserved_cost = reserved_cost.saturating_add(x.reserved.cost_micros);
+        reserved_tokens = reserved_tokens.saturating_add(x.reserved.tokens);
+        if x.status == TaskStatus::Dispatched {
+            match x.spec.kind {
+                TaskKind::Llm => llm_in_flight += 1,
+                TaskKind::Tool | TaskKind::DataFetch => tool_in_flight += 1,
+                TaskKind::HumanReview => {}
+            }
+        }
+    }
+    let want = Usage { cost_micros: t.spec.cost_estimate_micros, tokens: t.spec.token_estimate };
+    let check = |kind: BudgetKind, limit: Option<u64>, used: u64, needed: u64| match limit {
+        Some(l) if used.saturating_add(needed) > l => Err((kind, l, used, needed)),
+        _ => Ok(()),
+    };
+    check(BudgetKind::Cost, b.cost_micros, s.totals.cost_micros.saturating_add(reserved_cost), want.cost_micros)?;
+    check(BudgetKind::Tokens, b.tokens, s.totals.tokens.saturating_add(reserved_tokens), want.tokens)?;
+    match t.spec.kind {
+        TaskKind::Llm => check(BudgetKind::LlmCalls, b.llm_calls, s.totals.llm_calls.saturating_add(llm_in_flight), 1)?,
+        TaskKind::Tool | TaskKind::DataFetch => {
+            check(BudgetKind::ToolCalls, b.tool_calls, s.totals.tool_calls.saturating_add(tool_in_flight), 1)?
+        }
+        TaskKind::HumanReview => {}
+    }
+    Ok(want)
+}

@@ -1,0 +1,229 @@
+//! The event catalogue: every transition of a run is one of these, appended to the run's
+//! log before the engine acts on it. The reference is docs/EVENTS.md.
+//!
+//! Rules for changing this file (old logs must keep replaying):
+//! - never reorder or remove variants or fields: bincode encodes by position;
+//! - a new variant goes at the end; a changed struct needs a new schema version and an
+//!   upcast in keel-store's decode path plus a golden log of the old version.
+
+use crate::model::*;
+use keel_store::{Payload, RunId, Seq};
+use serde::{Deserialize, Serialize};
+
+/// Why the planner is being asked (again).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum PlanReason {
+    /// The first plan of the run.
+    Initial,
+    /// A task failed in a way retries cannot fix (semantic error, hard verdict, retries
+    /// exhausted, bad output) or the previous plan was rejected by validation.
+    Failure(FailureContext),
+    /// A human asked for a replan with a hint.
+    HumanHint { hint: String, by: String },
+}
+
+/// What went wrong, handed to the planner and recorded for the incident.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct FailureContext {
+    /// The failed task, if the failure is a task's (None: the plan itself was rejected).
+    pub task: Option<TaskId>,
+    pub handler: Option<String>,
+    pub reason: String,
+    /// Attempts made on that task.
+    pub attempts: u32,
+    /// Plan revisions tried so far, with why each ended.
+    pub tried: Vec<String>,
+}
+
+/// Why a run escalated to a human.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum EscalationCause {
+    CriticalVerdict,
+    FatalError,
+    ReplansExhausted,
+    BudgetExhausted,
+    HumanReviewTask,
+}
+
+/// What an escalation carries: enough for a person to decide without reading the log.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Escalation {
+    /// 1 for the run's first escalation, 2 for the second...
+    pub number: u32,
+    pub cause: EscalationCause,
+    /// The task the decision is about, if any.
+    pub task: Option<TaskId>,
+    /// What was attempted (tasks, attempts, outputs in brief).
+    pub attempted: Vec<String>,
+    /// Why it failed.
+    pub why: String,
+    /// Alternatives already tried (plan revisions and why each ended).
+    pub alternatives_tried: Vec<String>,
+    /// The question the human must answer.
+    pub question: String,
+    /// The decisions that make sense here (names as in [`Decision::name`]).
+    pub options: Vec<String>,
+    /// If set, `default_decision` is applied this long after the escalation.
+    pub deadline_ms: Option<u64>,
+    pub default_decision: Option<Decision>,
+}
+
+/// Every transition of a run. See docs/EVENTS.md for each variant's meaning and the
+/// state machine transition it drives.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// A request was accepted: the run exists. First event of every run.
+    RunAccepted {
+        workflow: String,
+        workflow_version: u32,
+        input: Json,
+        idempotency_key: Option<String>,
+        priority: i32,
+        /// Seed for every pseudo-random choice of the run (retry jitter, demo outcomes).
+        seed: u64,
+        budget: Budget,
+        on_exhausted: ExhaustionPolicy,
+        /// Complexity class -> model, frozen at acceptance so replay routes identically.
+        routes: Vec<(Complexity, String)>,
+        /// Model the evaluator runs on.
+        evaluator_model: Option<String>,
+        /// Max tasks of this run in flight at once.
+        max_parallel_tasks: u32,
+    },
+    /// The engine asks the planner for plan `revision` (0 = first plan). Run -> Planning.
+    PlanRequested { revision: u32, reason: PlanReason },
+    /// The planner's first plan passed validation and is now the run's plan. Planning -> Running.
+    Planned { revision: u32, plan: Plan },
+    /// A replacement plan passed validation. Tasks kept unchanged (same id and spec) and
+    /// already done carry over; every other task of the old plan is superseded. Planning -> Running.
+    Replanned { revision: u32, plan: Plan, carried_over: Vec<TaskId>, superseded: Vec<TaskId> },
+    /// The planner's plan failed validation (or the planner failed); never executed.
+    PlanRejected { revision: u32, errors: Vec<String>, plan: Option<Plan> },
+    /// A task is handed to its handler: attempt number, the idempotency key the handler can
+    /// dedupe on, the routed model and the exact input. Appended before the handler runs.
+    TaskDispatched { task: TaskId, attempt: u32, idempotency_key: String, model: Option<String>, input: TaskInput, reserved: Usage },
+    /// The handler returned an output.
+    TaskExecuted { task: TaskId, attempt: u32, output: Json, usage: Usage, cached: bool },
+    /// The attempt failed (handler error, timeout, or an output that failed its schema).
+    TaskFailed { task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage },
+    /// The task will be dispatched again after `delay_ms` (backoff + jitter from the seed).
+    RetryScheduled { task: TaskId, next_attempt: u32, delay_ms: u64 },
+    /// The evaluator (or, without success criteria, the engine) judged the output.
+    TaskEvaluated { task: TaskId, attempt: u32, verdict: Verdict, notes: String, model: Option<String>, usage: Usage },
+    /// The task will not run (failed non-critical task, rejected by a human, or upstream skipped).
+    TaskSkipped { task: TaskId, reason: String },
+    /// The engine asks for a new plan after a failure. Running -> Planning.
+    ReplanRequested { revision: u32, reason: PlanReason },
+    /// A budget cannot cover the next step; the run finishes partial or escalates per policy.
+    BudgetExhausted { budget: BudgetKind, limit: u64, used: u64, needed: u64 },
+    /// The run waits for a human. -> AwaitingHuman.
+    Escalated(Escalation),
+    /// The escalation sink was told about escalation `number` (at least once, across restarts).
+    EscalationNotified { number: u32 },
+    /// A human (or the deadline's default) decided. AwaitingHuman -> Running.
+    HumanResolved { number: u32, decision: Decision, by: String, defaulted: bool },
+    /// The run finished. `partial`: some tasks were skipped or a budget ran out.
+    RunCompleted { partial: bool, result: Json, summary: String },
+    /// The run failed for good.
+    RunFailed { reason: String },
+    /// Someone cancelled the run.
+    RunCancelled { by: String, reason: String },
+}
+
+impl Event {
+    /// Stable kind name (stored in the record envelope, shown in exports).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Event::RunAccepted { .. } => "RunAccepted",
+            Event::PlanRequested { .. } => "PlanRequested",
+            Event::Planned { .. } => "Planned",
+            Event::Replanned { .. } => "Replanned",
+            Event::PlanRejected { .. } => "PlanRejected",
+            Event::TaskDispatched { .. } => "TaskDispatched",
+            Event::TaskExecuted { .. } => "TaskExecuted",
+            Event::TaskFailed { .. } => "TaskFailed",
+            Event::RetryScheduled { .. } => "RetryScheduled",
+            Event::TaskEvaluated { .. } => "TaskEvaluated",
+            Event::TaskSkipped { .. } => "TaskSkipped",
+            Event::ReplanRequested { .. } => "ReplanRequested",
+            Event::BudgetExhausted { .. } => "BudgetExhausted",
+            Event::Escalated(_) => "Escalated",
+            Event::EscalationNotified { .. } => "EscalationNotified",
+            Event::HumanResolved { .. } => "HumanResolved",
+            Event::RunCompleted { .. } => "RunCompleted",
+            Event::RunFailed { .. } => "RunFailed",
+            Event::RunCancelled { .. } => "RunCancelled",
+        }
+    }
+
+    /// All kind names, in declaration order.
+    pub const KINDS: [&'static str; 19] = [
+        "RunAccepted",
+        "PlanRequested",
+        "Planned",
+        "Replanned",
+        "PlanRejected",
+        "TaskDispatched",
+        "TaskExecuted",
+        "TaskFailed",
+        "RetryScheduled",
+        "TaskEvaluated",
+        "TaskSkipped",
+        "ReplanRequested",
+        "BudgetExhausted",
+        "Escalated",
+        "EscalationNotified",
+        "HumanResolved",
+        "RunCompleted",
+        "RunFailed",
+        "RunCancelled",
+    ];
+
+    /// Rebuild an event from its kind and the JSON object of its fields (as exported).
+    pub fn from_fields(kind: &str, fields: serde_json::Map<String, serde_json::Value>) -> Result<Event, serde_json::Error> {
+        let mut outer = serde_json::Map::new();
+        // Escalated is a newtype variant: its fields are the Escalation struct itself.
+        outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
+        serde_json::from_value(serde_json::Value::Object(outer))
+    }
+}
+
+impl Payload for Event {
+    fn kind(&self) -> &'static str {
+        self.kind_name()
+    }
+
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        // Externally tagged: {"Kind": {fields}}; the inner object is the field set.
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut outer)) => match outer.remove(self.kind_name()) {
+                Some(serde_json::Value::Object(inner)) => inner,
+                Some(other) => {
+                    let mut m = serde_json::Map::new();
+                    m.insert("value".to_owned(), other);
+                    m
+                }
+                None => serde_json::Map::new(),
+            },
+            // Unreachable for this enum (every variant has fields); keep the value anyway.
+            Ok(other) => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".to_owned(), other);
+                m
+            }
+            Err(_) => serde_json::Map::new(),
+        }
+    }
+}
+
+/// An event as it sits in the log: its position, the time the shell recorded it, and
+/// the event. `apply` folds these.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Logged {
+    pub run: RunId,
+    pub seq: Seq,
+    /// Microseconds since the Unix epoch, from the shell's clock (never read by the core
+    /// except as recorded here).
+    pub at_us: i64,
+    pub event: Event,
+}

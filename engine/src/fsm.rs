@@ -1,0 +1,269 @@
+//! The two state machines, written as data: `(state, trigger) -> state` tables.
+//!
+//! `apply` consults these tables on every event; an event whose transition is not in the
+//! table is refused with [`crate::TransitionError`] and never reaches the log. The same
+//! tables render as Graphviz dot and Mermaid (`keel fsm --format dot|mermaid`).
+
+use serde::{Deserialize, Serialize};
+
+/// State of a run.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum RunStatus {
+    Accepted,
+    Planning,
+    Running,
+    AwaitingHuman,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 7] = [
+        RunStatus::Accepted,
+        RunStatus::Planning,
+        RunStatus::Running,
+        RunStatus::AwaitingHuman,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Accepted => "Accepted",
+            RunStatus::Planning => "Planning",
+            RunStatus::Running => "Running",
+            RunStatus::AwaitingHuman => "AwaitingHuman",
+            RunStatus::Completed => "Completed",
+            RunStatus::Failed => "Failed",
+            RunStatus::Cancelled => "Cancelled",
+        }
+    }
+    /// Parse a name as printed by [`RunStatus::name`] (case-insensitive).
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        RunStatus::ALL.into_iter().find(|st| st.name().eq_ignore_ascii_case(s))
+    }
+}
+
+/// Kinds of run events that the run table is keyed on (same names as [`crate::Event`]).
+pub type RunTrigger = &'static str;
+
+/// The run state machine. `None` as source = the run does not exist yet.
+/// Every event kind appears; task-level events keep the run `Running`.
+pub const RUN_TABLE: &[(Option<RunStatus>, RunTrigger, RunStatus)] = {
+    use RunStatus::*;
+    &[
+        (None, "RunAccepted", Accepted),
+        (Some(Accepted), "PlanRequested", Planning),
+        (Some(Planning), "Planned", Running),
+        (Some(Planning), "PlanRejected", Planning),
+        (Some(Planning), "ReplanRequested", Planning),
+        (Some(Planning), "Replanned", Running),
+        (Some(Running), "TaskDispatched", Running),
+        (Some(Running), "TaskExecuted", Running),
+        (Some(Running), "TaskFailed", Running),
+        (Some(Running), "RetryScheduled", Running),
+        (Some(Running), "TaskEvaluated", Running),
+        (Some(Running), "TaskSkipped", Running),
+        (Some(Running), "ReplanRequested", Planning),
+        (Some(Running), "BudgetExhausted", Running),
+        (Some(Planning), "BudgetExhausted", Planning),
+        (Some(Running), "Escalated", AwaitingHuman),
+        (Some(Planning), "Escalated", AwaitingHuman),
+        (Some(AwaitingHuman), "EscalationNotified", AwaitingHuman),
+        (Some(AwaitingHuman), "HumanResolved", Running),
+        (Some(Running), "RunCompleted", Completed),
+        (Some(Running), "RunFailed", Failed),
+        (Some(Planning), "RunFailed", Failed),
+        (Some(AwaitingHuman), "RunFailed", Failed),
+        (Some(Accepted), "RunCancelled", Cancelled),
+        (Some(Planning), "RunCancelled", Cancelled),
+        (Some(Running), "RunCancelled", Cancelled),
+        (Some(AwaitingHuman), "RunCancelled", Cancelled),
+    ]
+};
+
+/// Look up the run table.
+pub fn run_transition(from: Option<RunStatus>, trigger: &str) -> Option<RunStatus> {
+    RUN_TABLE.iter().find(|(f, t, _)| *f == from && *t == trigger).map(|(_, _, to)| *to)
+}
+
+/// State of one task of the current plan.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum TaskStatus {
+    /// Waiting for dependencies.
+    Pending,
+    /// Dependencies done; may be dispatched when budgets and the parallelism bound allow.
+    Ready,
+    /// Handed to the handler (attempt n); no result recorded yet.
+    Dispatched,
+    /// Output recorded; awaiting the schema gate and evaluation.
+    Executed,
+    /// The attempt failed; awaiting the recovery decision.
+    AttemptFailed,
+    /// Will be dispatched again after the backoff delay.
+    RetryScheduled,
+    /// Evaluated with a hard or critical verdict; awaiting recovery (replan / escalation).
+    Rejected,
+    /// Output accepted (pass or soft verdict, or by a human). Terminal.
+    Done,
+    /// Will not run. Terminal.
+    Skipped,
+    /// Replaced by a replan. Terminal.
+    Superseded,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 10] = [
+        TaskStatus::Pending,
+        TaskStatus::Ready,
+        TaskStatus::Dispatched,
+        TaskStatus::Executed,
+        TaskStatus::AttemptFailed,
+        TaskStatus::RetryScheduled,
+        TaskStatus::Rejected,
+        TaskStatus::Done,
+        TaskStatus::Skipped,
+        TaskStatus::Superseded,
+    ];
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Done | TaskStatus::Skipped | TaskStatus::Superseded)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "Pending",
+            TaskStatus::Ready => "Ready",
+            TaskStatus::Dispatched => "Dispatched",
+            TaskStatus::Executed => "Executed",
+            TaskStatus::AttemptFailed => "AttemptFailed",
+            TaskStatus::RetryScheduled => "RetryScheduled",
+            TaskStatus::Rejected => "Rejected",
+            TaskStatus::Done => "Done",
+            TaskStatus::Skipped => "Skipped",
+            TaskStatus::Superseded => "Superseded",
+        }
+    }
+}
+
+/// What moves a task. Most are event kinds; `DepsDone` is derived: it fires inside `apply`
+/// when the last dependency of a pending task becomes done.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum TaskTrigger {
+    DepsDone,
+    Dispatched,
+    Executed,
+    Failed,
+    RetryScheduled,
+    /// Pass or soft verdict.
+    Accepted,
+    /// Hard or critical verdict.
+    Rejected,
+    Skipped,
+    Superseded,
+    /// A human approved the task's output or supplied one.
+    HumanAccepted,
+}
+
+impl TaskTrigger {
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskTrigger::DepsDone => "deps done",
+            TaskTrigger::Dispatched => "TaskDispatched",
+            TaskTrigger::Executed => "TaskExecuted",
+            TaskTrigger::Failed => "TaskFailed",
+            TaskTrigger::RetryScheduled => "RetryScheduled",
+            TaskTrigger::Accepted => "TaskEvaluated(pass|soft)",
+            TaskTrigger::Rejected => "TaskEvaluated(hard|critical)",
+            TaskTrigger::Skipped => "TaskSkipped",
+            TaskTrigger::Superseded => "Replanned",
+            TaskTrigger::HumanAccepted => "HumanResolved(approve|supply)",
+        }
+    }
+}
+
+/// The task state machine. `None` as source = the task enters with the plan.
+pub const TASK_TABLE: &[(Option<TaskStatus>, TaskTrigger, TaskStatus)] = {
+    use TaskStatus::*;
+    use TaskTrigger as T;
+    &[
+        // A task enters Pending, or Ready when it has no dependencies.
+        (Some(Pending), T::DepsDone, Ready),
+        (Some(Ready), T::Dispatched, Dispatched),
+        (Some(Dispatched), T::Executed, Executed),
+        (Some(Dispatched), T::Failed, AttemptFailed),
+        // The schema gate fails an executed output before anyone consumes it.
+        (Some(Executed), T::Failed, AttemptFailed),
+        (Some(AttemptFailed), T::RetryScheduled, RetryScheduled),
+        (Some(RetryScheduled), T::Dispatched, Dispatched),
+        (Some(Executed), T::Accepted, Done),
+        (Some(Executed), T::Rejected, Rejected),
+        (Some(Rejected), T::HumanAccepted, Done),
+        // A human-review task is done when the human answers.
+        (Some(Ready), T::HumanAccepted, Done),
+        (Some(AttemptFailed), T::HumanAccepted, Done),
+        (Some(Pending), T::Skipped, Skipped),
+        (Some(Ready), T::Skipped, Skipped),
+        (Some(AttemptFailed), T::Skipped, Skipped),
+        (Some(Rejected), T::Skipped, Skipped),
+        (Some(Pending), T::Superseded, Superseded),
+        (Some(Ready), T::Superseded, Superseded),
+        (Some(Dispatched), T::Superseded, Superseded),
+        (Some(Executed), T::Superseded, Superseded),
+        (Some(AttemptFailed), T::Superseded, Superseded),
+        (Some(RetryScheduled), T::Superseded, Superseded),
+        (Some(Rejected), T::Superseded, Superseded),
+    ]
+};
+
+/// Look up the task table.
+pub fn task_transition(from: TaskStatus, trigger: TaskTrigger) -> Option<TaskStatus> {
+    TASK_TABLE.iter().find(|(f, t, _)| *f == Some(from) && *t == trigger).map(|(_, _, to)| *to)
+}
+
+/// Output format of [`render`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Format {
+    Dot,
+    Mermaid,
+}
+
+/// Render both tables (run machine, then task machine) as Graphviz dot or Mermaid.
+pub fn render(format: Format) -> String {
+    let run_edges: Vec<(String, String, String)> = RUN_TABLE
+        .iter()
+        .map(|(f, t, to)| (f.map(|s| s.name()).unwrap_or("start").to_owned(), to.name().to_owned(), (*t).to_owned()))
+        .collect();
+    let task_edges: Vec<(String, String, String)> = TASK_TABLE
+        .iter()
+        .map(|(f, t, to)| (f.map(|s| s.name()).unwrap_or("start").to_owned(), to.name().to_owned(), t.name().to_owned()))
+        .collect();
+    match format {
+        Format::Dot => {
+            let mut out = String::from("digraph keel {\n  rankdir=LR;\n");
+            for (name, edges, prefix) in [("run", &run_edges, "run_"), ("task", &task_edges, "task_")] {
+                out.push_str(&format!("  subgraph cluster_{name} {{\n    label=\"{name} state machine\";\n"));
+                for (f, to, label) in edges {
+                    out.push_str(&format!("    {prefix}{f} -> {prefix}{to} [label=\"{label}\"];\n"));
+                }
+                out.push_str("  }\n");
+            }
+            out.push_str("}\n");
+            out
+        }
+        Format::Mermaid => {
+            let mut out = String::from("stateDiagram-v2\n");
+            for (name, edges) in [("Run", &run_edges), ("Task", &task_edges)] {
+                out.push_str(&format!("  state {name} {{\n"));
+                for (f, to, label) in edges {
+                    let f = if f == "start" { "[*]".to_owned() } else { format!("{name}{f}") };
+                    out.push_str(&format!("    {f} --> {name}{to} : {label}\n"));
+                }
+                out.push_str("  }\n");
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! keel-engine: a durable state-machine engine for AI-agent workflows.
+//!
+//! Every run is an explicit finite state machine ([`fsm`]); every transition is an
+//! [`Event`] appended to the run's log in keel-store before the engine acts on it. The
+//! pure core ([`apply`], [`decide`]) folds the log and says what to do next; the shell
+//! ([`Engine`]) performs it on tokio and records what it learns as events.
+//!
+//! Invariant: this crate talks to storage only through `keel_store::EventLog`; it does
+//! not depend on sled.
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+mod apply;
+mod decide;
+mod plan;
+
+pub mod api;
+pub mod core;
+pub mod event;
+pub mod fsm;
+pub mod model;
+pub mod sim;
+pub mod state;
+
+pub use crate::core::{apply, apply_mut, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy, TransitionError};
+pub use api::*;
+pub use event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
+pub use fsm::{RunStatus, TaskStatus};
+pub use keel_store::{RunId, Seq};
+pub use model::*;
+pub use state::{EscalationState, RunState, TaskState, Totals};

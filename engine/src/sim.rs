@@ -1,0 +1,180 @@
+//! A deterministic, single-threaded driver of the pure core with scripted answers.
+//!
+//! It runs `decide` → `apply` exactly as the shell does, but answers `Plan`, `Execute`,
+//! `Evaluate` and `Notify` from a [`Script`] and keeps time on a fake clock. Tests use it
+//! to pin the core's semantics without I/O; property tests use it as the engine-side of
+//! their reference comparisons; replay uses it to re-derive decisions.
+
+use crate::core::{apply, decide, validate_plan, Command, Context, TransitionError};
+use crate::event::{Event, Logged};
+use crate::fsm::RunStatus;
+use crate::model::*;
+use crate::state::RunState;
+use keel_store::{RunId, Seq};
+
+/// What a scripted handler call returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Output(serde_json::Value, Usage),
+    Error(ErrorClass, String, Usage),
+}
+
+/// Answers the outside world would give.
+pub trait Script {
+    fn plan(&mut self, state: &RunState, revision: u32) -> Result<Plan, String>;
+    fn execute(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> Outcome;
+    fn evaluate(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> (Verdict, String, Usage);
+    /// A human's answer to the open escalation; `None` leaves the run waiting.
+    fn human(&mut self, state: &RunState) -> Option<(Decision, String)>;
+}
+
+/// Why a simulation stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("the core produced an event its own tables refuse: {0}")]
+    Transition(#[from] TransitionError),
+    #[error("no progress after {0} steps")]
+    Runaway(usize),
+}
+
+/// Drive one run from `accepted` until it is terminal, waits for a human the script will
+/// not answer, or `max_events` events were recorded. Returns the whole log.
+pub fn simulate(
+    run: RunId,
+    accepted: Event,
+    ctx: &Context,
+    script: &mut dyn Script,
+    max_events: usize,
+) -> Result<Vec<Logged>, SimError> {
+    let mut now: i64 = 1_000_000;
+    let mut log: Vec<Logged> = Vec::new();
+    let first = Logged { run, seq: Seq(0), at_us: now, event: accepted };
+    let mut state = apply(None, &first)?;
+    log.push(first);
+    // Each event is stamped 1 ms after the previous one, or at its timer if later.
+    fn push(state: &mut RunState, log: &mut Vec<Logged>, now: &mut i64, at: Option<i64>, event: Event) -> Result<(), SimError> {
+        *now = (*now).max(at.unwrap_or(*now)).saturating_add(1_000);
+        let logged = Logged { run: state.run, seq: state.next_seq, at_us: *now, event };
+        *state = apply(Some(state), &logged)?;
+        log.push(logged);
+        Ok(())
+    }
+    let mut steps = 0usize;
+    while log.len() < max_events {
+        steps += 1;
+        if steps > max_events.saturating_mul(4).max(64) {
+            return Err(SimError::Runaway(steps));
+        }
+        let cmds = decide(&state, ctx);
+        // Due records first (all of them, in order), as the shell does.
+        let due: Vec<&Command> = cmds
+            .iter()
+            .filter(|c| matches!(c, Command::Record { not_before_us, .. } if not_before_us.is_none_or(|t| t <= now)))
+            .collect();
+        if !due.is_empty() {
+            for c in due {
+                if let Command::Record { event, not_before_us } = c {
+                    push(&mut state, &mut log, &mut now, *not_before_us, event.clone())?;
+                }
+            }
+            continue;
+        }
+        // Then one effect (the first: a deterministic interleaving).
+        if let Some(effect) = cmds.iter().find(|c| !matches!(c, Command::Record { .. })) {
+            let event = answer(&state, ctx, script, effect);
+            push(&mut state, &mut log, &mut now, None, event)?;
+            continue;
+        }
+        // Nothing due and nothing to call: a human, or the earliest timer.
+        if state.status == RunStatus::AwaitingHuman {
+            if let Some((decision, by)) = script.human(&state) {
+                let number = state.escalations.last().map(|e| e.escalation.number).unwrap_or(0);
+                push(&mut state, &mut log, &mut now, None, Event::HumanResolved { number, decision, by, defaulted: false })?;
+                continue;
+            }
+        }
+        let timer = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Record { event, not_before_us: Some(t) } => Some((*t, event.clone())),
+                _ => None,
+            })
+            .min_by_key(|(t, _)| *t);
+        match timer {
+            Some((t, event)) => push(&mut state, &mut log, &mut now, Some(t), event)?,
+            None => break,
+        }
+    }
+    Ok(log)
+}
+
+fn answer(state: &RunState, ctx: &Context, script: &mut dyn Script, effect: &Command) -> Event {
+    match effect {
+        Command::Plan { revision } => {
+            let revision = *revision;
+            match script.plan(state, revision) {
+                Ok(plan) => {
+                    let errors = validate_plan(&plan, state, ctx);
+                    if !errors.is_empty() {
+                        Event::PlanRejected { revision, errors, plan: Some(plan) }
+                    } else if state.revision.is_none() {
+                        Event::Planned { revision, plan }
+                    } else {
+                        let (carried_over, superseded) = crate::core::replan_outcome(state, &plan);
+                        Event::Replanned { revision, plan, carried_over, superseded }
+                    }
+                }
+                Err(e) => Event::PlanRejected { revision, errors: vec![format!("planner failed: {e}")], plan: None },
+            }
+        }
+        Command::Execute { task, attempt } => match script.execute(state, task, *attempt) {
+            Outcome::Output(v, usage) => {
+                Event::TaskExecuted { task: task.clone(), attempt: *attempt, output: Json::new(&v), usage, cached: false }
+            }
+            Outcome::Error(class, error, usage) => Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage },
+        },
+        Command::Evaluate { task, attempt } => {
+            let (verdict, notes, usage) = script.evaluate(state, task, *attempt);
+            Event::TaskEvaluated { task: task.clone(), attempt: *attempt, verdict, notes, model: state.evaluator_model.clone(), usage }
+        }
+        Command::Notify { number } => Event::EscalationNotified { number: *number },
+        Command::Record { event, .. } => event.clone(),
+    }
+}
+
+/// A `RunAccepted` with defaults, for tests and examples.
+pub fn accepted(workflow: &str, seed: u64, budget: Budget) -> Event {
+    Event::RunAccepted {
+        workflow: workflow.to_owned(),
+        workflow_version: 1,
+        input: Json::new(&serde_json::json!({})),
+        idempotency_key: None,
+        priority: 0,
+        seed,
+        budget,
+        on_exhausted: ExhaustionPolicy::Partial,
+        routes: vec![(Complexity::Extraction, "small".to_owned()), (Complexity::Reasoning, "large".to_owned())],
+        evaluator_model: Some("small".to_owned()),
+        max_parallel_tasks: 4,
+    }
+}
+
+/// A task spec with defaults, for tests and examples.
+pub fn task(id: &str, handler: &str, deps: &[&str]) -> TaskSpec {
+    TaskSpec {
+        id: TaskId::from(id),
+        kind: TaskKind::Tool,
+        handler: handler.to_owned(),
+        input: Json::new(&serde_json::json!({ "task": id })),
+        depends_on: deps.iter().map(|d| TaskId::from(*d)).collect(),
+        timeout_ms: 1_000,
+        retry: RetryPolicy::default(),
+        success_criteria: None,
+        cost_estimate_micros: 0,
+        token_estimate: 0,
+        critical: true,
+        output_schema: None,
+        complexity: None,
+        cacheable: false,
+    }
+}
