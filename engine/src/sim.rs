@@ -46,11 +46,18 @@ pub fn simulate(
     script: &mut dyn Script,
     max_events: usize,
 ) -> Result<Vec<Logged>, SimError> {
-    let mut now: i64 = 1_000_000;
-    let mut log: Vec<Logged> = Vec::new();
-    let first = Logged { run, seq: Seq(0), at_us: now, event: accepted };
-    let mut state = apply(None, &first)?;
-    log.push(first);
+    let first = Logged { run, seq: Seq(0), at_us: 1_000_000, event: accepted };
+    resume(vec![first], ctx, script, max_events)
+}
+
+/// Continue a run from a recorded prefix of its log (as after a crash): fold the prefix,
+/// then drive it exactly as [`simulate`] does. Returns the prefix plus what followed.
+pub fn resume(prefix: Vec<Logged>, ctx: &Context, script: &mut dyn Script, max_events: usize) -> Result<Vec<Logged>, SimError> {
+    let mut log = prefix;
+    let Some(mut state) = crate::core::fold(&log)? else {
+        return Ok(log);
+    };
+    let mut now: i64 = log.last().map(|l| l.at_us).unwrap_or(1_000_000);
     // Each event is stamped 1 ms after the previous one, or at its timer if later.
     fn push(state: &mut RunState, log: &mut Vec<Logged>, now: &mut i64, at: Option<i64>, event: Event) -> Result<(), SimError> {
         *now = (*now).max(at.unwrap_or(*now)).saturating_add(1_000);
