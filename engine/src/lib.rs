@@ -14,8 +14,17 @@ mod apply;
 mod decide;
 mod plan;
 
+mod cache;
+mod engine;
+mod error;
+mod executor;
+mod ingest;
+mod log;
+mod sched;
+
 pub mod api;
 pub mod core;
+pub mod demo;
 pub mod event;
 pub mod fsm;
 pub mod model;
@@ -29,3 +38,12 @@ pub use fsm::{RunStatus, TaskStatus};
 pub use keel_store::{RunId, Seq};
 pub use model::*;
 pub use state::{EscalationState, RunState, TaskState, Totals};
+pub use cache::ResponseCache;
+pub use engine::{
+    Engine, EngineBuilder, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
+    TracingSink, WorkflowStats, WorkflowType,
+};
+pub use error::EngineError;
+pub use ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use log::{fold_full, load_state, read_logged};
+pub use sched::Workers;

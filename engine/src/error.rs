@@ -1,0 +1,65 @@
+//! The engine boundary's error type.
+
+use crate::core::TransitionError;
+use crate::fsm::RunStatus;
+use keel_store::{RunId, StoreError};
+
+/// Everything an [`crate::Engine`] call can fail with.
+///
+/// Domain outcomes (the request is wrong, the run is not in a state that allows it) are
+/// kept apart from infrastructure failures (`Store`) and from bugs (`Transition` on a
+/// record the engine itself built, `Internal`).
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No workflow type of that name is registered. Nothing was written.
+    #[error("unknown workflow type {name:?}")]
+    UnknownWorkflow { name: String },
+
+    /// The request input failed validation (JSON Schema, size). Nothing was written.
+    #[error("invalid input for workflow {workflow:?}: {}", errors.join("; "))]
+    InvalidInput { workflow: String, errors: Vec<String> },
+
+    /// No run with that id exists in the log.
+    #[error("unknown run {run}")]
+    UnknownRun { run: RunId },
+
+    /// A resolution for a run that is not waiting for a human.
+    #[error("run {run} is not awaiting a human (status {status:?})")]
+    NotAwaitingHuman { run: RunId, status: RunStatus },
+
+    /// The run already finished; nothing can change it.
+    #[error("run {run} is already terminal (status {status:?})")]
+    AlreadyTerminal { run: RunId, status: RunStatus },
+
+    /// The decision is not one of the options the escalation offers.
+    #[error("run {run}: decision {decision:?} is not an option of escalation {number} (options: {})", options.join(", "))]
+    InvalidDecision { run: RunId, number: u32, decision: String, options: Vec<String> },
+
+    /// An event the state machine refuses. For records the engine built itself this is a
+    /// bug; for a resolution or cancellation it means the run moved on.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+
+    /// The event log failed (I/O, corruption, limits).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+
+    /// A value read back (snapshot, event, JSON) does not decode.
+    #[error("cannot decode {what}: {reason}")]
+    Decode { what: String, reason: String },
+
+    /// The engine's configuration is invalid (builder).
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+
+    /// A background task of the engine panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub(crate) fn decode(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        EngineError::Decode { what: what.into(), reason: reason.to_string() }
+    }
+}

@@ -1,0 +1,524 @@
+//! The executor: one driver per run performs what `decide` says.
+//!
+//! Loop: `decide(state)`; append the `Record`s of one call as one batch (no earlier than
+//! their `not_before_us`, each checked with `apply` first); start the effects (`Plan`,
+//! `Execute`, `Evaluate`, `Notify`) that are not already in flight; append each effect's
+//! answer (checked with `apply`; an answer that is no longer legal, e.g. after a
+//! cancellation, is dropped) and decide again. The driver ends when nothing is left to
+//! do: the run is terminal or waits for a human.
+
+use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
+use crate::cache::ResponseCache;
+use crate::core::{apply, decide, validate_plan, Command, TransitionError};
+use crate::engine::{Inner, Registered};
+use crate::error::EngineError;
+use crate::event::{Event, Logged, PlanReason};
+use crate::fsm::{RunStatus, TaskStatus};
+use crate::model::*;
+use crate::state::RunState;
+use keel_store::{RunId, StoreError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// How a drive ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum DriveOutcome {
+    /// Nothing left to do: terminal, or waiting for a human with no deadline.
+    Idle(RunStatus),
+    /// Waiting for a human; the escalation's default falls due at `until_us`.
+    Parked { until_us: i64 },
+    /// The driver stopped on an error (store failure, or a bug: an illegal record).
+    Stopped(String),
+    /// The workers were shut down.
+    Shutdown,
+}
+
+/// A call to the outside world in flight.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum EffectKey {
+    Plan(u32),
+    Execute(TaskId, u32),
+    Evaluate(TaskId, u32),
+    Notify(u32),
+}
+
+/// What an effect reports back.
+struct Outcome {
+    key: EffectKey,
+    /// The answer to record; `None`: nothing to record (the sink could not be told).
+    event: Option<Event>,
+}
+
+/// Wait slice: a sleep re-checks the injected clock at least this often (a test's fake
+/// clock may jump).
+const WAIT_SLICE_MS: i64 = 200;
+
+pub(crate) async fn drive(
+    inner: Arc<Inner>,
+    run: RunId,
+    wake: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+) -> DriveOutcome {
+    let span = tracing::info_span!("run", %run, workflow = tracing::field::Empty);
+    let d = Driver {
+        inner,
+        run,
+        wake,
+        stop,
+        effects: JoinSet::new(),
+        inflight: BTreeSet::new(),
+        unnotifiable: BTreeSet::new(),
+        filled: BTreeSet::new(),
+        span: span.clone(),
+    };
+    async move {
+        match d.run().await {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!(error = %e, "driver stopped");
+                DriveOutcome::Stopped(e.to_string())
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct Driver {
+    inner: Arc<Inner>,
+    run: RunId,
+    wake: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+    /// Spawned effects; dropping the set aborts whatever is still running.
+    effects: JoinSet<()>,
+    inflight: BTreeSet<EffectKey>,
+    /// Escalations the sink could not be told about during this drive (asked again on the
+    /// next drive: at-least-once across restarts).
+    unnotifiable: BTreeSet<u32>,
+    /// Cache entries already filled from this run: (revision, task, attempt).
+    filled: BTreeSet<(u32, TaskId, u32)>,
+    span: tracing::Span,
+}
+
+enum Appended {
+    Ok(Box<RunState>),
+    /// Someone else appended first: re-read the log.
+    Conflict,
+    /// The state machine refuses the batch.
+    Illegal(TransitionError),
+}
+
+impl Driver {
+    async fn run(mut self) -> Result<DriveOutcome, EngineError> {
+        let run = self.run;
+        let mut state = self.inner.load(run).await?.ok_or(EngineError::UnknownRun { run })?;
+        self.span.record("workflow", state.workflow.as_str());
+        let Some(reg) = self.inner.workflows.get(&state.workflow).cloned() else {
+            return Err(EngineError::UnknownWorkflow { name: state.workflow.clone() });
+        };
+        if reg.wf.version != state.workflow_version {
+            tracing::warn!(recorded = state.workflow_version, registered = reg.wf.version, "run was accepted under another version of its workflow type");
+        }
+        self.inner.cache.fill_from(&state);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+        loop {
+            if *self.stop.borrow() {
+                return Ok(DriveOutcome::Shutdown);
+            }
+            if state.status.is_terminal() {
+                if !self.inflight.is_empty() {
+                    tracing::info!(inflight = self.inflight.len(), status = ?state.status, "run is terminal: dropping in-flight calls");
+                }
+                return Ok(DriveOutcome::Idle(state.status));
+            }
+            // Records due now are appended as one batch, in order. Future-dated records
+            // (retry backoffs, the run deadline, an escalation's default) are timers: wait
+            // for the earliest (or for an answer), then decide again.
+            let now = self.inner.clock.now_us();
+            let mut due_now = Vec::new();
+            let mut due_now_at: Option<i64> = None;
+            let mut next_timer: Option<i64> = None;
+            for cmd in decide(&state, &self.inner.ctx) {
+                match cmd {
+                    Command::Record { not_before_us: Some(t), .. } if t > now => {
+                        next_timer = Some(next_timer.map_or(t, |n: i64| n.min(t)));
+                    }
+                    Command::Record { event, not_before_us } => {
+                        if let Some(t) = not_before_us {
+                            due_now_at = Some(due_now_at.map_or(t, |d: i64| d.max(t)));
+                        }
+                        due_now.push(event);
+                    }
+                    effect => self.start(effect, &state, &reg, &tx),
+                }
+            }
+            if !due_now.is_empty() {
+                let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
+                match self.append(&state, due_now, at_us).await? {
+                    Appended::Ok(s) => state = *s,
+                    Appended::Conflict => state = self.reload().await?,
+                    Appended::Illegal(e) => {
+                        tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
+                        return Err(EngineError::Transition(e));
+                    }
+                }
+                continue;
+            }
+            if let Some(t) = next_timer {
+                if state.status == RunStatus::AwaitingHuman && self.inflight.is_empty() {
+                    return Ok(DriveOutcome::Parked { until_us: t });
+                }
+                let ms = u64::try_from(((t - now) / 1000).clamp(1, WAIT_SLICE_MS)).unwrap_or(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    Some(o) = rx.recv() => state = self.on_outcome(state, o).await?,
+                    _ = self.wake.notified() => state = self.reload().await?,
+                    _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
+                }
+                continue;
+            }
+            if self.inflight.is_empty() {
+                return Ok(DriveOutcome::Idle(state.status));
+            }
+            tokio::select! {
+                Some(o) = rx.recv() => state = self.on_outcome(state, o).await?,
+                _ = self.wake.notified() => state = self.reload().await?,
+                _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
+            }
+        }
+    }
+
+    async fn reload(&self) -> Result<RunState, EngineError> {
+        self.inner.load(self.run).await?.ok_or(EngineError::UnknownRun { run: self.run })
+    }
+
+    /// Appends `events` as one batch at `at_us`, after checking each with `apply`.
+    async fn append(&mut self, state: &RunState, events: Vec<Event>, at_us: i64) -> Result<Appended, EngineError> {
+        let mut next = state.clone();
+        let mut records = Vec::with_capacity(events.len());
+        let mut evaluated = false;
+        for event in events {
+            let logged = Logged { run: self.run, seq: next.next_seq, at_us, event };
+            next = match apply(Some(&next), &logged) {
+                Ok(s) => s,
+                Err(e) => return Ok(Appended::Illegal(e)),
+            };
+            evaluated |= matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
+            tracing::debug!(seq = logged.seq.0, kind = logged.event.kind_name(), "append");
+            records.push(keel_store::prepare(&logged.event, at_us)?);
+        }
+        let (run, expected, every) = (self.run, state.next_seq, self.inner.snapshot_every);
+        let snap = next.clone();
+        let res = self
+            .inner
+            .blocking(move |log| {
+                let head = log.append(run, expected, records, None)?;
+                debug_assert_eq!(head.next_seq, snap.next_seq, "store head and folded state disagree");
+                crate::log::maybe_snapshot(log, &snap, expected, every);
+                Ok(())
+            })
+            .await;
+        match res {
+            Ok(()) => {
+                if evaluated {
+                    self.fill_cache(&next);
+                }
+                Ok(Appended::Ok(Box::new(next)))
+            }
+            Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(Appended::Conflict),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fill_cache(&mut self, state: &RunState) {
+        let revision = state.revision.unwrap_or(0);
+        for t in &state.tasks {
+            if t.spec.cacheable && t.status == TaskStatus::Done && !t.cached && t.output.is_some() {
+                if !self.filled.insert((revision, t.spec.id.clone(), t.attempt)) {
+                    continue;
+                }
+                if let (Some(input), Some(output)) = (&t.input, &t.output) {
+                    let key = ResponseCache::key(&t.spec.handler, t.model.as_deref(), input);
+                    self.inner.cache.insert(key, output.clone());
+                }
+            }
+        }
+    }
+
+    /// Records an effect's answer if it is still legal; returns the (possibly re-read) state.
+    async fn on_outcome(&mut self, mut state: RunState, o: Outcome) -> Result<RunState, EngineError> {
+        self.inflight.remove(&o.key);
+        let Some(mut event) = o.event else {
+            if let EffectKey::Notify(n) = o.key {
+                self.unnotifiable.insert(n);
+            }
+            return Ok(state);
+        };
+        loop {
+            let at_us = self.inner.clock.now_us().max(state.last_event_us);
+            let kind = event.kind_name();
+            match self.append(&state, vec![event.clone()], at_us).await {
+                Ok(Appended::Ok(s)) => return Ok(*s),
+                Ok(Appended::Conflict) => state = self.reload().await?,
+                Ok(Appended::Illegal(e)) => {
+                    tracing::info!(kind, key = ?o.key, reason = %e, "dropping a result that is no longer legal (run cancelled or moved on)");
+                    return Ok(state);
+                }
+                Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })) => {
+                    let reason = format!("{what} of {bytes} bytes exceeds the limit of {max}");
+                    tracing::warn!(kind, %reason, "result too large to record");
+                    event = match event {
+                        Event::TaskExecuted { task, attempt, usage, .. } => Event::TaskFailed {
+                            task,
+                            attempt,
+                            class: ErrorClass::Semantic,
+                            error: format!("output too large: {reason}"),
+                            usage,
+                        },
+                        Event::Planned { revision, .. } | Event::Replanned { revision, .. } | Event::PlanRejected { revision, .. } => {
+                            Event::PlanRejected { revision, errors: vec![format!("plan too large to record: {reason}")], plan: None }
+                        }
+                        _ => return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Spawns an effect unless it is already in flight.
+    fn start(&mut self, cmd: Command, state: &RunState, reg: &Arc<Registered>, tx: &mpsc::UnboundedSender<Outcome>) {
+        let key = match &cmd {
+            Command::Plan { revision } => EffectKey::Plan(*revision),
+            Command::Execute { task, attempt } => EffectKey::Execute(task.clone(), *attempt),
+            Command::Evaluate { task, attempt } => EffectKey::Evaluate(task.clone(), *attempt),
+            Command::Notify { number } => EffectKey::Notify(*number),
+            Command::Record { .. } => return,
+        };
+        if self.inflight.contains(&key) {
+            return;
+        }
+        if let EffectKey::Notify(n) = key {
+            if self.unnotifiable.contains(&n) {
+                return;
+            }
+        }
+        let fut: crate::api::BoxFuture<Option<Event>> = match cmd {
+            Command::Plan { revision } => Box::pin(plan_effect(self.inner.clone(), reg.clone(), state.clone(), revision)),
+            Command::Execute { task, attempt } => {
+                let Some(call) = self.task_call(state, &task, attempt) else { return };
+                let span = tracing::info_span!("task", task = %task, attempt, seq = state.next_seq.0, handler = %call.1);
+                Box::pin(execute_effect(self.inner.clone(), call.0, call.2).instrument(span))
+            }
+            Command::Evaluate { task, attempt } => {
+                let Some(&i) = state.task_index.get(&task) else { return };
+                let t = &state.tasks[i];
+                let req = EvalRequest {
+                    run: self.run,
+                    workflow: state.workflow.clone(),
+                    run_input: state.input.clone(),
+                    seed: state.seed,
+                    task: t.spec.clone(),
+                    attempt,
+                    output: t.output.clone().unwrap_or_else(Json::null),
+                    model: state.evaluator_model.clone(),
+                };
+                let span = tracing::info_span!("evaluate", task = %task, attempt, seq = state.next_seq.0);
+                Box::pin(evaluate_effect(reg.clone(), req, t.spec.timeout_ms).instrument(span))
+            }
+            Command::Notify { number } => {
+                let Some(e) = state.escalations.iter().find(|e| e.escalation.number == number) else { return };
+                Box::pin(notify_effect(self.inner.clone(), self.run, e.escalation.clone()))
+            }
+            Command::Record { .. } => return,
+        };
+        self.inflight.insert(key.clone());
+        let tx = tx.clone();
+        self.effects.spawn(
+            async move {
+                let event = fut.await;
+                let _ = tx.send(Outcome { key, event });
+            }
+            .instrument(self.span.clone()),
+        );
+    }
+
+    /// The call recorded by the task's `TaskDispatched`: (call, handler name, cache key).
+    fn task_call(&self, state: &RunState, task: &TaskId, attempt: u32) -> Option<(TaskCall, String, Option<String>)> {
+        let Some(&i) = state.task_index.get(task) else {
+            tracing::error!(%task, "Execute for a task not in the plan");
+            return None;
+        };
+        let t = &state.tasks[i];
+        if t.attempt != attempt {
+            tracing::error!(%task, attempt, recorded = t.attempt, "Execute for an attempt that is not the recorded dispatch");
+            return None;
+        }
+        let input = t.input.clone().unwrap_or_else(|| TaskInput { input: t.spec.input.clone(), upstream: BTreeMap::new(), note: None });
+        let cache_key = t.spec.cacheable.then(|| ResponseCache::key(&t.spec.handler, t.model.as_deref(), &input));
+        let call = TaskCall {
+            run: self.run,
+            workflow: state.workflow.clone(),
+            run_input: state.input.clone(),
+            seed: state.seed,
+            task: task.clone(),
+            handler: t.spec.handler.clone(),
+            attempt,
+            idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
+            model: t.model.clone(),
+            input,
+            timeout_ms: t.spec.timeout_ms,
+        };
+        Some((call, t.spec.handler.clone(), cache_key))
+    }
+}
+
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while cut > 0 && !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+async fn execute_effect(inner: Arc<Inner>, call: TaskCall, cache_key: Option<String>) -> Option<Event> {
+    let (task, attempt, timeout_ms) = (call.task.clone(), call.attempt, call.timeout_ms);
+    if let Some(k) = &cache_key {
+        if let Some(output) = inner.cache.get(k) {
+            tracing::debug!("response cache hit");
+            return Some(Event::TaskExecuted { task, attempt, output, usage: Usage::default(), cached: true });
+        }
+    }
+    let failed = |class, error: String, usage| Some(Event::TaskFailed { task: task.clone(), attempt, class, error, usage });
+    let Some(handler) = inner.handlers.get(&call.handler).cloned() else {
+        return failed(ErrorClass::Fatal, format!("no handler registered for {:?}", call.handler), Usage::default());
+    };
+    tracing::debug!(key = %call.idempotency_key, "calling handler");
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), handler.call(call)).await {
+        Err(_) => failed(ErrorClass::Transient, format!("timeout after {timeout_ms} ms"), Usage::default()),
+        Ok(Err(HandlerError { class, message, usage })) => failed(class, clip(message, inner.limits.error_bytes_max), usage),
+        Ok(Ok(out)) => {
+            let output = Json::new(&out.output);
+            if output.0.len() > inner.limits.output_bytes_max {
+                return failed(
+                    ErrorClass::Semantic,
+                    format!("output too large: {} bytes of JSON > max {}", output.0.len(), inner.limits.output_bytes_max),
+                    out.usage,
+                );
+            }
+            Some(Event::TaskExecuted { task, attempt, output, usage: out.usage, cached: false })
+        }
+    }
+}
+
+/// Evaluator transient errors are retried in-process this many times before the attempt
+/// is recorded as failed.
+const EVAL_TRIES: u32 = 3;
+
+async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64) -> Option<Event> {
+    let (task, attempt, model) = (req.task.id.clone(), req.attempt, req.model.clone());
+    let mut last: Option<HandlerError> = None;
+    let mut spent = Usage::default();
+    for n in 0..EVAL_TRIES {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
+        }
+        let res = tokio::time::timeout(Duration::from_millis(timeout_ms), reg.wf.evaluator.evaluate(req.clone())).await;
+        match res {
+            Ok(Ok(ev)) => {
+                let usage = Usage {
+                    cost_micros: spent.cost_micros.saturating_add(ev.usage.cost_micros),
+                    tokens: spent.tokens.saturating_add(ev.usage.tokens),
+                };
+                return Some(Event::TaskEvaluated { task, attempt, verdict: ev.verdict, notes: ev.notes, model, usage });
+            }
+            Ok(Err(e)) if e.class == ErrorClass::Transient => {
+                spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
+                spent.tokens = spent.tokens.saturating_add(e.usage.tokens);
+                tracing::debug!(error = %e.message, try_ = n + 1, "evaluator transient error");
+                last = Some(e);
+            }
+            Ok(Err(e)) => {
+                spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
+                spent.tokens = spent.tokens.saturating_add(e.usage.tokens);
+                return Some(Event::TaskFailed { task, attempt, class: e.class, error: format!("evaluator: {}", clip(e.message, 2048)), usage: spent });
+            }
+            Err(_) => last = Some(HandlerError::transient(format!("timeout after {timeout_ms} ms"))),
+        }
+    }
+    let msg = last.map(|e| e.message).unwrap_or_default();
+    Some(Event::TaskFailed { task, attempt, class: ErrorClass::Transient, error: format!("evaluator: {}", clip(msg, 2048)), usage: spent })
+}
+
+/// Sink failures are retried in-process this many times; after that the escalation is
+/// asked about again on the run's next drive.
+const NOTIFY_TRIES: u32 = 5;
+
+async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::event::Escalation) -> Option<Event> {
+    let number = esc.number;
+    for n in 0..NOTIFY_TRIES {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(25u64 << n)).await;
+        }
+        match inner.sink.notify(run, esc.clone()).await {
+            Ok(()) => return Some(Event::EscalationNotified { number }),
+            Err(e) => tracing::warn!(number, error = %e, "escalation sink failed"),
+        }
+    }
+    None
+}
+
+/// Planner transient errors are retried in-process this many times.
+const PLAN_TRIES: u32 = 3;
+
+async fn plan_effect(inner: Arc<Inner>, reg: Arc<Registered>, state: RunState, revision: u32) -> Option<Event> {
+    let previous = state.revision.map(|_| Plan { tasks: state.tasks.iter().map(|t| t.spec.clone()).collect(), rationale: String::new() });
+    let req = PlanRequest {
+        run: state.run,
+        workflow: state.workflow.clone(),
+        input: state.input.clone(),
+        seed: state.seed,
+        revision,
+        reason: state.planning_reason.clone().unwrap_or(PlanReason::Initial),
+        previous,
+    };
+    let timeout_ms = inner.limits.planner_timeout_ms;
+    let mut result = Err(HandlerError::transient("planner not called"));
+    for n in 0..PLAN_TRIES {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
+        }
+        result = match tokio::time::timeout(Duration::from_millis(timeout_ms), reg.wf.planner.plan(req.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(HandlerError::transient(format!("planner timeout after {timeout_ms} ms"))),
+        };
+        match &result {
+            Err(e) if e.class == ErrorClass::Transient => continue,
+            _ => break,
+        }
+    }
+    let plan = match result {
+        Ok(p) => p,
+        Err(e) => {
+            return Some(Event::PlanRejected { revision, errors: vec![format!("planner: {}", clip(e.message, 2048))], plan: None });
+        }
+    };
+    let errors = validate_plan(&plan, &state, &inner.ctx);
+    if !errors.is_empty() {
+        tracing::info!(revision, errors = errors.len(), "plan rejected by validation");
+        return Some(Event::PlanRejected { revision, errors, plan: Some(plan) });
+    }
+    if state.revision.is_none() {
+        return Some(Event::Planned { revision, plan });
+    }
+    let (carried_over, superseded) = crate::core::replan_outcome(&state, &plan);
+    Some(Event::Replanned { revision, plan, carried_over, superseded })
+}

@@ -1,0 +1,103 @@
+//! Reading a run's log as [`Logged`] events and folding it (from the latest snapshot).
+//! Used by the engine and by replay.
+
+use crate::core::apply;
+use crate::error::EngineError;
+use crate::event::{Event, Logged};
+use crate::state::RunState;
+use keel_store::{codec, EventLog, RunId, Seq};
+
+/// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
+/// payload does not decode, or whose envelope kind disagrees with the decoded event,
+/// yields an error and ends the iteration (the records before it are fine).
+pub fn read_logged(
+    log: &dyn EventLog,
+    run: RunId,
+    from: Seq,
+) -> Result<impl Iterator<Item = Result<Logged, EngineError>> + Send + 'static, EngineError> {
+    let records = log.read(run, from)?;
+    let mut failed = false;
+    Ok(records.map_while(move |r| {
+        if failed {
+            return None;
+        }
+        let out = r.map_err(EngineError::from).and_then(|rec| {
+            let event: Event = rec.decode()?;
+            // Pair check: the envelope's kind was written from this very event.
+            if event.kind_name() != rec.kind {
+                return Err(EngineError::decode(
+                    format!("run {} seq {}", rec.run, rec.seq),
+                    format!("envelope kind {} but payload is {}", rec.kind, event.kind_name()),
+                ));
+            }
+            Ok(Logged { run: rec.run, seq: rec.seq, at_us: rec.time_us, event })
+        });
+        failed = out.is_err();
+        Some(out)
+    }))
+}
+
+/// Folds `run` from its latest snapshot (if any, and if it decodes and matches) plus the
+/// tail of the log. `None` if the run has no records. A snapshot that cannot be used is
+/// logged as a warning and the run is folded from its first event.
+pub fn load_state(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
+    let (mut state, from) = match snapshot_state(log, run) {
+        Some(s) => {
+            let from = s.next_seq;
+            (Some(s), from)
+        }
+        None => (None, Seq(0)),
+    };
+    for logged in read_logged(log, run, from)? {
+        let logged = logged?;
+        state = Some(apply(state.as_ref(), &logged)?);
+    }
+    Ok(state)
+}
+
+/// Folds `run` from its first event, ignoring snapshots.
+pub fn fold_full(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
+    let mut state: Option<RunState> = None;
+    for logged in read_logged(log, run, Seq(0))? {
+        let logged = logged?;
+        state = Some(apply(state.as_ref(), &logged)?);
+    }
+    Ok(state)
+}
+
+fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
+    match log.load_snapshot(run) {
+        Ok(Some((seq, bytes))) => match codec::decode::<RunState>(&bytes) {
+            Ok(s) if s.run == run && s.next_seq == seq => Some(s),
+            Ok(s) => {
+                tracing::warn!(%run, snapshot_seq = seq.0, state_seq = s.next_seq.0, "snapshot does not match its run or seq; folding the full log");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%run, error = %e, "snapshot does not decode; folding the full log");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(%run, error = %e, "snapshot unreadable; folding the full log");
+            None
+        }
+    }
+}
+
+/// Saves a snapshot of `state` if the append that produced it crossed a multiple of
+/// `every`. Failures are logged, never returned: a snapshot is an optimisation.
+pub(crate) fn maybe_snapshot(log: &dyn EventLog, state: &RunState, before: Seq, every: u64) {
+    if every == 0 || before.0 / every == state.next_seq.0 / every {
+        return;
+    }
+    match codec::encode(state) {
+        Ok(bytes) => {
+            if let Err(e) = log.save_snapshot(state.run, state.next_seq, &bytes) {
+                tracing::warn!(run = %state.run, error = %e, "snapshot not saved");
+            }
+        }
+        Err(e) => tracing::warn!(run = %state.run, error = %e, "snapshot does not encode"),
+    }
+}

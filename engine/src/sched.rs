@@ -1,0 +1,288 @@
+//! The run queue and the workers: which run is driven next, and by whom.
+//!
+//! Runs are claimed highest priority first, then oldest (acceptance time, then queue
+//! order), within two limits: the engine's `workers` (runs driven at once) and each
+//! workflow type's `max_concurrent_runs`. A run is driven by at most one driver at a time
+//! (the `active` set); an event appended from outside while it is driven (resolve,
+//! cancel) wakes its driver, and marks it to be queued again when the driver ends.
+
+use crate::engine::{Inner, IdleReport};
+use crate::error::EngineError;
+use crate::executor::{drive, DriveOutcome};
+use crate::fsm::RunStatus;
+use crate::log::load_state;
+use crate::state::RunState;
+use keel_store::RunId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct QueueKey {
+    /// Negated priority: the smallest key is the highest priority.
+    neg_priority: i64,
+    accepted_at_us: i64,
+    ticket: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Scheduler {
+    queue: BTreeMap<QueueKey, (RunId, String)>,
+    queued: BTreeMap<RunId, QueueKey>,
+    active: BTreeMap<RunId, (String, Arc<Notify>)>,
+    active_per_workflow: BTreeMap<String, usize>,
+    /// Active runs that something appended to while they were driven: queue again on release.
+    dirty: BTreeSet<RunId>,
+    /// Runs waiting for an escalation deadline (service workers only): run -> due time.
+    parked: BTreeMap<RunId, i64>,
+    ticket: u64,
+}
+
+impl Scheduler {
+    fn push(&mut self, run: RunId, workflow: String, priority: i32, accepted_at_us: i64) {
+        if self.active.contains_key(&run) {
+            self.dirty.insert(run);
+            return;
+        }
+        if self.queued.contains_key(&run) {
+            return;
+        }
+        self.parked.remove(&run);
+        self.ticket += 1;
+        let key = QueueKey { neg_priority: -i64::from(priority), accepted_at_us, ticket: self.ticket };
+        self.queue.insert(key, (run, workflow));
+        self.queued.insert(run, key);
+    }
+
+    /// The next run to drive within the limits, marked active.
+    fn claim(&mut self, inner: &Inner) -> Option<(RunId, Arc<Notify>)> {
+        if self.active.len() >= inner.workers {
+            return None;
+        }
+        let mut chosen = None;
+        for (key, (run, wf)) in &self.queue {
+            let limit = inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0);
+            let busy = self.active_per_workflow.get(wf).copied().unwrap_or(0);
+            if limit == 0 || busy < limit {
+                chosen = Some((*key, *run));
+                break;
+            }
+        }
+        let (key, run) = chosen?;
+        let (_, wf) = self.queue.remove(&key)?;
+        self.queued.remove(&run);
+        *self.active_per_workflow.entry(wf.clone()).or_insert(0) += 1;
+        let wake = Arc::new(Notify::new());
+        self.active.insert(run, (wf, wake.clone()));
+        Some((run, wake))
+    }
+
+    /// Ends a drive; returns whether the run must be queued again.
+    fn release(&mut self, run: RunId) -> bool {
+        if let Some((wf, _)) = self.active.remove(&run) {
+            if let Some(n) = self.active_per_workflow.get_mut(&wf) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.dirty.remove(&run)
+    }
+
+    fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+}
+
+/// Queue a run (after submit, resolve, or a scan).
+pub(crate) fn enqueue(inner: &Inner, s: &RunState) {
+    inner.sched().push(s.run, s.workflow.clone(), s.priority, s.accepted_at_us);
+    inner.wake.notify_one();
+}
+
+/// Something was appended to `run` from outside its driver: wake the driver if there is
+/// one (it re-reads the log), else queue the run.
+pub(crate) fn poke(inner: &Inner, run: RunId) {
+    let mut sched = inner.sched();
+    if let Some((_, wake)) = sched.active.get(&run) {
+        wake.notify_one();
+        sched.dirty.insert(run);
+        return;
+    }
+    drop(sched);
+    match load_state(inner.log.as_ref(), run) {
+        Ok(Some(s)) if !s.status.is_terminal() => enqueue(inner, &s),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(%run, error = %e, "cannot queue run"),
+    }
+}
+
+/// Queue every non-terminal run of the log that is not already queued or driven.
+async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
+    let runs = inner.blocking(|log| Ok(log.runs()?)).await?;
+    for run in runs {
+        {
+            let sched = inner.sched();
+            if sched.active.contains_key(&run) || sched.queued.contains_key(&run) {
+                continue;
+            }
+        }
+        match inner.load(run).await {
+            Ok(Some(s)) if !s.status.is_terminal() => {
+                inner.cache.fill_from(&s);
+                enqueue(inner, &s);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(%run, error = %e, "cannot resume run: its log does not fold"),
+        }
+    }
+    Ok(())
+}
+
+fn spawn_claimed(
+    inner: &Arc<Inner>,
+    set: &mut JoinSet<(RunId, DriveOutcome)>,
+    stop: &watch::Receiver<bool>,
+) {
+    loop {
+        let claimed = inner.sched().claim(inner);
+        let Some((run, wake)) = claimed else { break };
+        let inner2 = inner.clone();
+        let stop = stop.clone();
+        set.spawn(async move {
+            let out = drive(inner2, run, wake, stop).await;
+            (run, out)
+        });
+    }
+}
+
+fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleReport, service: bool) {
+    report.driven += 1;
+    match out {
+        DriveOutcome::Idle(RunStatus::Completed) => report.completed += 1,
+        DriveOutcome::Idle(RunStatus::Failed) => report.failed += 1,
+        DriveOutcome::Idle(RunStatus::Cancelled) => report.cancelled += 1,
+        DriveOutcome::Idle(RunStatus::AwaitingHuman) => report.awaiting_human += 1,
+        DriveOutcome::Idle(_) | DriveOutcome::Shutdown => {}
+        DriveOutcome::Parked { until_us } => {
+            report.awaiting_human += 1;
+            if service {
+                inner.sched().parked.insert(run, *until_us);
+            }
+        }
+        DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
+    }
+    let again = inner.sched().release(run);
+    let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown);
+    if again && !stopped {
+        poke(inner, run);
+    }
+    inner.wake.notify_one();
+}
+
+pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, EngineError> {
+    scan(inner).await?;
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut set = JoinSet::new();
+    let mut report = IdleReport::default();
+    loop {
+        spawn_claimed(inner, &mut set, &stop);
+        if set.is_empty() {
+            let (queued, others_active) = {
+                let s = inner.sched();
+                (s.has_queued(), !s.active.is_empty())
+            };
+            if !queued {
+                break;
+            }
+            if others_active {
+                // Queued runs wait for runs driven by service workers: wait for a release.
+                let _ = tokio::time::timeout(Duration::from_millis(50), inner.wake.notified()).await;
+                continue;
+            }
+            // Queued but unclaimable with nothing active: cannot happen (limits >= 1).
+            break;
+        }
+        if let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((run, out)) => finish(inner, run, &out, &mut report, false),
+                Err(e) => return Err(EngineError::Internal(format!("driver task: {e}"))),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Background workers started by [`crate::Engine::start`].
+pub struct Workers {
+    stop: watch::Sender<bool>,
+    handle: Option<tokio::task::JoinHandle<IdleReport>>,
+}
+
+impl Workers {
+    /// Stops claiming runs, stops every driver at its next wait (in-flight calls are
+    /// dropped: their dispatches are durable and resume re-dispatches them), and waits.
+    /// Returns what the workers did.
+    pub async fn shutdown(mut self) -> IdleReport {
+        let _ = self.stop.send(true);
+        match self.handle.take() {
+            Some(h) => h.await.unwrap_or_default(),
+            None => IdleReport::default(),
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn start(inner: Arc<Inner>) -> Workers {
+    let (stop_tx, stop) = watch::channel(false);
+    let handle = tokio::spawn(service(inner, stop));
+    Workers { stop: stop_tx, handle: Some(handle) }
+}
+
+async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
+    let mut report = IdleReport::default();
+    if let Err(e) = scan(&inner).await {
+        tracing::error!(error = %e, "workers: cannot list runs to resume");
+    }
+    let mut set = JoinSet::new();
+    let tick = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        // Escalation deadlines that fell due.
+        let now = inner.clock.now_us();
+        let due: Vec<RunId> = inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
+        for run in due {
+            inner.sched().parked.remove(&run);
+            poke(&inner, run);
+        }
+        spawn_claimed(&inner, &mut set, &stop);
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(joined) = set.join_next(), if !set.is_empty() => match joined {
+                Ok((run, out)) => finish(&inner, run, &out, &mut report, true),
+                Err(e) => tracing::error!(error = %e, "driver task failed"),
+            },
+            _ = inner.wake.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+    while let Some(joined) = set.join_next().await {
+        if let Ok((run, out)) = joined {
+            finish(&inner, run, &out, &mut report, true);
+        }
+    }
+    report
+}
