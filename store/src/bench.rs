@@ -1,0 +1,323 @@
+//! Durable-append throughput, next to raw sled inserts with the same flush pattern.
+//! Public so a later `keel bench` can reuse it; `examples/store_bench.rs` prints the table.
+//!
+//! For each durability mode and each number of concurrent runs, one thread per run appends
+//! 1-record batches (~300-byte payload, `prepare` included in the timed loop) to a fresh
+//! store for a fixed time. The raw baseline runs the same threads on a fresh sled database
+//! with the same configuration, inserting values of the same size under the same key shape,
+//! followed by the same flush pattern: per insert `flush` (+ `fdatasync` of the data file
+//! for `PowerLoss`) for `EveryAppend`, the same group-commit coordinator for `GroupCommit`.
+//! Keel and raw alternate (order flipped every repeat) and medians are reported.
+
+use crate::commit::GroupCommit;
+use crate::error::{sled_err, StoreError};
+use crate::log::{prepare, Durability, EventLog, Level, StoreConfig};
+use crate::record;
+use crate::sled_store::{open_sled, SledStore, Syncer};
+use crate::types::{Payload, RunId, Seq};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Parent directory of the temporary stores (default: the system temp dir). Must be on
+    /// the disk you want to measure (not tmpfs).
+    pub dir: Option<PathBuf>,
+    /// Time per measurement.
+    pub duration: Duration,
+    /// Measurements per cell (median reported).
+    pub repeats: usize,
+    /// Concurrent runs (threads).
+    pub runs: Vec<usize>,
+    pub modes: Vec<Durability>,
+    /// Target encoded payload size.
+    pub payload_bytes: usize,
+}
+
+impl BenchConfig {
+    /// The full table: 4 modes x {1, 4, 64} runs, 2 s x 3 repeats per cell.
+    pub fn full() -> Self {
+        BenchConfig {
+            dir: None,
+            duration: Duration::from_secs(2),
+            repeats: 3,
+            runs: vec![1, 4, 64],
+            modes: vec![
+                Durability::EveryAppend(Level::PowerLoss),
+                Durability::EveryAppend(Level::ProcessCrash),
+                Durability::GroupCommit(Level::PowerLoss),
+                Durability::GroupCommit(Level::ProcessCrash),
+            ],
+            payload_bytes: 300,
+        }
+    }
+
+    /// A smoke run: same cells, 0.3 s x 1.
+    pub fn quick() -> Self {
+        BenchConfig { duration: Duration::from_millis(300), repeats: 1, ..Self::full() }
+    }
+}
+
+/// One measurement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub ops: u64,
+    pub seconds: f64,
+    /// Flushes run (group commit only; else equal to ops).
+    pub flushes: u64,
+}
+
+impl Sample {
+    pub fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.ops as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One cell of the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchRow {
+    pub durability: Durability,
+    pub runs: usize,
+    /// Median durable appends per second through [`SledStore`].
+    pub keel_per_s: f64,
+    /// Median raw sled inserts per second with the same flush pattern.
+    pub raw_per_s: f64,
+    /// `keel_per_s / raw_per_s`.
+    pub ratio: f64,
+    /// Appends per flush in the median keel sample.
+    pub keel_ops_per_flush: f64,
+    pub keel_samples: Vec<Sample>,
+    pub raw_samples: Vec<Sample>,
+}
+
+/// The bench payload: an event with an id and ~`payload_bytes` of text.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BenchEvent {
+    pub id: u64,
+    pub note: String,
+}
+
+impl Payload for BenchEvent {
+    fn kind(&self) -> &'static str {
+        "BenchEvent"
+    }
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), self.id.into());
+        m.insert("note".into(), self.note.clone().into());
+        m
+    }
+}
+
+fn bench_event(id: u64, payload_bytes: usize) -> BenchEvent {
+    BenchEvent { id, note: "x".repeat(payload_bytes.saturating_sub(12)) }
+}
+
+fn run_id(i: usize) -> RunId {
+    let mut b = [0u8; 16];
+    b[8..].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+    RunId::from_bytes(b)
+}
+
+fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, StoreError> {
+    let b = tempfile::Builder::new().prefix("keel-bench-").to_owned();
+    Ok(match parent {
+        Some(p) => b.tempdir_in(p)?,
+        None => b.tempdir()?,
+    })
+}
+
+/// Runs `threads` workers until `duration` has elapsed; returns total ops and the seconds
+/// from the common start to the last worker's end.
+fn drive(
+    threads: usize,
+    duration: Duration,
+    op: &(dyn Fn(usize, u64) -> Result<(), StoreError> + Sync),
+) -> Result<(u64, f64), StoreError> {
+    let start = Barrier::new(threads + 1);
+    let (results, t0) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                s.spawn(move || -> Result<(u64, Instant), StoreError> {
+                    start.wait();
+                    let t0 = Instant::now();
+                    let mut n = 0u64;
+                    while t0.elapsed() < duration {
+                        op(t, n)?;
+                        n += 1;
+                    }
+                    Ok((n, Instant::now()))
+                })
+            })
+            .collect();
+        start.wait();
+        let t0 = Instant::now();
+        let results: Vec<Result<(u64, Instant), StoreError>> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::Panicked("bench thread".into()))))
+            .collect();
+        (results, t0)
+    });
+    let mut ops = 0;
+    let mut end = t0;
+    for r in results {
+        let (n, finished) = r?;
+        ops += n;
+        end = end.max(finished);
+    }
+    Ok((ops, end.duration_since(t0).as_secs_f64()))
+}
+
+/// Durable appends through a fresh [`SledStore`].
+pub fn measure_keel(
+    parent: Option<&Path>,
+    durability: Durability,
+    runs: usize,
+    duration: Duration,
+    payload_bytes: usize,
+) -> Result<Sample, StoreError> {
+    let dir = temp_dir(parent)?;
+    let store = SledStore::open(dir.path(), StoreConfig { durability, ..StoreConfig::default() })?;
+    let op = |t: usize, n: u64| -> Result<(), StoreError> {
+        let rec = prepare(&bench_event(n, payload_bytes), n as i64)?;
+        store.append(run_id(t), Seq(n), vec![rec], None).map(|_| ())
+    };
+    let (ops, seconds) = drive(runs, duration, &op)?;
+    let flushes = match durability {
+        Durability::GroupCommit(_) => store.group_flushes(),
+        _ => ops,
+    };
+    drop(store);
+    Ok(Sample { ops, seconds, flushes })
+}
+
+/// Size of the stored value of one bench record (for the raw baseline).
+fn record_value_len(payload_bytes: usize) -> Result<usize, StoreError> {
+    let rec = prepare(&bench_event(0, payload_bytes), 0)?;
+    let (values, _) = record::build_batch(run_id(0), &crate::log::Head::empty(), vec![rec])?;
+    Ok(values.first().map(|(_, v)| v.len()).unwrap_or(0))
+}
+
+/// Raw sled inserts of same-sized values with the same flush pattern.
+pub fn measure_raw(
+    parent: Option<&Path>,
+    durability: Durability,
+    runs: usize,
+    duration: Duration,
+    payload_bytes: usize,
+) -> Result<Sample, StoreError> {
+    let dir = temp_dir(parent)?;
+    let db = open_sled(dir.path(), StoreConfig::default().cache_capacity_bytes)?;
+    let syncer = Syncer { db: db.clone(), data_file: std::fs::File::open(dir.path().join("db"))? };
+    let group = GroupCommit::new();
+    let value = vec![0x5au8; record_value_len(payload_bytes)?];
+    let op = |t: usize, n: u64| -> Result<(), StoreError> {
+        db.insert(&record::event_key(run_id(t), n)[..], value.as_slice()).map_err(sled_err)?;
+        match durability {
+            Durability::None => Ok(()),
+            Durability::EveryAppend(level) => syncer.sync(level),
+            Durability::GroupCommit(level) => group.commit(|| syncer.sync(level)),
+        }
+    };
+    let (ops, seconds) = drive(runs, duration, &op)?;
+    let flushes = match durability {
+        Durability::GroupCommit(_) => group.flushes(),
+        _ => ops,
+    };
+    Ok(Sample { ops, seconds, flushes })
+}
+
+fn median(samples: &[Sample]) -> Sample {
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+    v.get(v.len() / 2).copied().unwrap_or(Sample { ops: 0, seconds: 0.0, flushes: 0 })
+}
+
+/// Runs the whole table. `progress` is called after each cell.
+pub fn run(config: &BenchConfig, mut progress: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>, StoreError> {
+    let parent = config.dir.as_deref();
+    let mut rows = Vec::new();
+    for &durability in &config.modes {
+        for &runs in &config.runs {
+            let mut keel = Vec::new();
+            let mut raw = Vec::new();
+            for rep in 0..config.repeats.max(1) {
+                let k = |keel: &mut Vec<Sample>| -> Result<(), StoreError> {
+                    keel.push(measure_keel(parent, durability, runs, config.duration, config.payload_bytes)?);
+                    Ok(())
+                };
+                let r = |raw: &mut Vec<Sample>| -> Result<(), StoreError> {
+                    raw.push(measure_raw(parent, durability, runs, config.duration, config.payload_bytes)?);
+                    Ok(())
+                };
+                if rep % 2 == 0 {
+                    r(&mut raw)?;
+                    k(&mut keel)?;
+                } else {
+                    k(&mut keel)?;
+                    r(&mut raw)?;
+                }
+            }
+            let km = median(&keel);
+            let rm = median(&raw);
+            let row = BenchRow {
+                durability,
+                runs,
+                keel_per_s: km.per_second(),
+                raw_per_s: rm.per_second(),
+                ratio: if rm.per_second() > 0.0 { km.per_second() / rm.per_second() } else { 0.0 },
+                keel_ops_per_flush: if km.flushes > 0 { km.ops as f64 / km.flushes as f64 } else { 0.0 },
+                keel_samples: keel,
+                raw_samples: raw,
+            };
+            progress(&row);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+/// Short name of a durability mode.
+pub fn mode_name(d: Durability) -> &'static str {
+    match d {
+        Durability::None => "none",
+        Durability::EveryAppend(Level::PowerLoss) => "every-append, power-loss",
+        Durability::EveryAppend(Level::ProcessCrash) => "every-append, process-crash",
+        Durability::GroupCommit(Level::PowerLoss) => "group-commit, power-loss",
+        Durability::GroupCommit(Level::ProcessCrash) => "group-commit, process-crash",
+    }
+}
+
+/// A Markdown table of the rows.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut out = String::from(
+        "| durability | runs | keel appends/s | raw sled inserts/s | keel/raw | target | appends/flush |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let target = match r.durability {
+            Durability::EveryAppend(_) => ">= 90%",
+            Durability::GroupCommit(_) => ">= 80%",
+            Durability::None => "-",
+        };
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.0}% | {} | {:.1} |\n",
+            mode_name(r.durability),
+            r.runs,
+            r.keel_per_s,
+            r.raw_per_s,
+            r.ratio * 100.0,
+            target,
+            r.keel_ops_per_flush,
+        ));
+    }
+    out
+}

@@ -1,0 +1,197 @@
+//! The codec: the ONLY module that knows bincode, so the wire format can be swapped in one
+//! place.
+//!
+//! Configuration: `bincode::config::standard()` (little-endian, variable-length integers)
+//! with a decode size limit of [`DECODE_BYTES_MAX`], so a corrupt length prefix cannot make
+//! the decoder allocate more than that. Decoding refuses trailing bytes.
+//!
+//! Payload types are encoded through serde. bincode is not self-describing, so payload types
+//! must not rely on `deserialize_any` (no `#[serde(untagged)]`, `#[serde(flatten)]` or
+//! `serde_json::Value` fields).
+
+use crate::error::StoreError;
+use crate::types::Hash32;
+
+/// Upper bound, in bytes, on anything the codec decodes (record envelopes, payloads,
+/// snapshots). Configured limits are validated against it at open.
+pub const DECODE_BYTES_MAX: usize = 256 * 1024;
+
+type Cfg = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_BYTES_MAX>,
+>;
+
+const fn cfg() -> Cfg {
+    bincode::config::standard().with_limit::<DECODE_BYTES_MAX>()
+}
+
+/// Encodes a value with serde + bincode (standard config).
+pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec(value, cfg()).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// Decodes a value encoded by [`encode`]. Fails (never panics) on malformed input, on
+/// input larger than [`DECODE_BYTES_MAX`] and on trailing bytes.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    decode_serde(bytes).map_err(StoreError::Encode)
+}
+
+/// [`decode`] with a plain-text error, for callers that wrap it in their own variant.
+pub(crate) fn decode_serde<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.len() > DECODE_BYTES_MAX {
+        return Err(format!("{} bytes exceed the decode limit of {DECODE_BYTES_MAX}", bytes.len()));
+    }
+    let (value, used): (T, usize) = bincode::serde::decode_from_slice(bytes, cfg()).map_err(|e| e.to_string())?;
+    if used != bytes.len() {
+        return Err(format!("{} trailing bytes after the value", bytes.len() - used));
+    }
+    Ok(value)
+}
+
+// ---------------------------------------------------------------------------------------
+// Wire structures of the store itself (record envelope, snapshot). See docs/STORE.md.
+// ---------------------------------------------------------------------------------------
+
+/// Body of a schema-version-1 record envelope (follows the version varint).
+#[derive(bincode::Encode, bincode::Decode, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EnvelopeV1 {
+    pub kind: String,
+    pub time_us: i64,
+    pub payload: Vec<u8>,
+    pub payload_root: Hash32,
+    pub hash: Hash32,
+}
+
+/// Body of a version-1 snapshot value (follows the version varint).
+#[derive(bincode::Encode, bincode::Decode, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotV1 {
+    pub next_seq: u64,
+    /// Chain hash of record `next_seq - 1` when the snapshot was saved (zeros if 0).
+    pub anchor: Hash32,
+    pub state: Vec<u8>,
+}
+
+/// Why a stored value did not decode.
+#[derive(Debug)]
+pub(crate) enum WireError {
+    /// Fewer bytes than the 4-byte checksum.
+    Short(usize),
+    /// Checksum mismatch; `truncated` is true when the body also ends early.
+    Checksum { stored: u32, computed: u32, truncated: bool },
+    /// Checksum fine but the body does not decode (only possible for a writer bug or
+    /// deliberate tampering with a recomputed checksum).
+    Body(String),
+    /// Checksum fine, version not known to this build.
+    Version(u16),
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Short(n) => {
+                write!(f, "truncated: value has {n} bytes, fewer than its 4-byte checksum")
+            }
+            WireError::Checksum { stored, computed, truncated: true } => write!(
+                f,
+                "truncated: checksum mismatch (stored {stored:08x}, computed {computed:08x}) \
+                 and the envelope ends early"
+            ),
+            WireError::Checksum { stored, computed, truncated: false } => {
+                write!(f, "checksum mismatch (stored {stored:08x}, computed {computed:08x}): bytes altered")
+            }
+            WireError::Body(e) => write!(f, "envelope does not decode: {e}"),
+            WireError::Version(v) => write!(f, "unknown version {v}"),
+        }
+    }
+}
+
+fn native_encode<T: bincode::Encode>(out: &mut Vec<u8>, v: &T) -> Result<(), StoreError> {
+    bincode::encode_into_std_write(v, out, cfg()).map(|_| ()).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+fn native_decode_prefix<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<(T, usize), String> {
+    bincode::decode_from_slice(bytes, cfg()).map_err(|e| e.to_string())
+}
+
+fn native_decode_exact<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, (String, bool)> {
+    match bincode::decode_from_slice::<T, _>(bytes, cfg()) {
+        Ok((v, used)) if used == bytes.len() => Ok(v),
+        Ok((_, used)) => Err((format!("{} trailing bytes", bytes.len() - used), false)),
+        Err(e) => {
+            let ended = matches!(e, bincode::error::DecodeError::UnexpectedEnd { .. });
+            Err((e.to_string(), ended))
+        }
+    }
+}
+
+/// `crc32(BE) || varint(version) || bincode(body)`.
+fn seal<T: bincode::Encode>(version: u16, body: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(&[0u8; 4]);
+    native_encode(&mut out, &version)?;
+    native_encode(&mut out, body)?;
+    let crc = crc32fast::hash(&out[4..]);
+    out[..4].copy_from_slice(&crc.to_be_bytes());
+    Ok(out)
+}
+
+/// Checks the checksum and splits off the version. Returns (version, body bytes).
+/// `B` is the version-1 body type, used only to tell truncation from bit flips.
+fn unseal<B: bincode::Decode<()>>(value: &[u8]) -> Result<(u16, &[u8]), WireError> {
+    if value.len() < 4 {
+        return Err(WireError::Short(value.len()));
+    }
+    let (crc_bytes, rest) = value.split_at(4);
+    let stored = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+    let computed = crc32fast::hash(rest);
+    if stored != computed {
+        // Tell a torn/short value apart from flipped bits: does the body end early?
+        let truncated = match native_decode_prefix::<u16>(rest) {
+            Ok((1, n)) => matches!(native_decode_exact::<B>(&rest[n..]), Err((_, true))),
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        return Err(WireError::Checksum { stored, computed, truncated });
+    }
+    let (version, n) = native_decode_prefix::<u16>(rest).map_err(WireError::Body)?;
+    Ok((version, &rest[n..]))
+}
+
+/// Record value for schema version 1.
+pub(crate) fn seal_record_v1(env: &EnvelopeV1) -> Result<Vec<u8>, StoreError> {
+    seal(1, env)
+}
+
+/// THE upcast point: every stored record value is decoded here, whatever its version, into
+/// the current in-memory envelope (`EnvelopeV1` today). A future v2 adds a match arm that
+/// decodes its own body and converts it.
+pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> {
+    let (version, body) = unseal::<EnvelopeV1>(value)?;
+    match version {
+        1 => native_decode_exact::<EnvelopeV1>(body).map(|e| (1, e)).map_err(|(e, _)| WireError::Body(e)),
+        other => Err(WireError::Version(other)),
+    }
+}
+
+pub(crate) fn seal_snapshot_v1(s: &SnapshotV1) -> Result<Vec<u8>, StoreError> {
+    seal(1, s)
+}
+
+pub(crate) fn open_snapshot(value: &[u8]) -> Result<SnapshotV1, WireError> {
+    let (version, body) = unseal::<SnapshotV1>(value)?;
+    match version {
+        1 => native_decode_exact::<SnapshotV1>(body).map_err(|(e, _)| WireError::Body(e)),
+        other => Err(WireError::Version(other)),
+    }
+}
+
+/// Test hook: recomputes the checksum of a stored value in place (for deliberate-tampering
+/// tests: change bytes, then re-seal so only the chain can tell).
+#[doc(hidden)]
+pub fn reseal(value: &mut [u8]) {
+    if value.len() >= 4 {
+        let crc = crc32fast::hash(&value[4..]);
+        value[..4].copy_from_slice(&crc.to_be_bytes());
+    }
+}

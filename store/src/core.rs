@@ -1,0 +1,311 @@
+//! Backend-independent store logic over a minimal ordered key-value map ([`Kv`]): OCC
+//! append with a per-run head cache, claims, reads, snapshots. [`crate::SledStore`] and
+//! [`crate::MemStore`] are both a `Core` over their map, so they share every semantic.
+
+use crate::codec::{self, SnapshotV1};
+use crate::error::StoreError;
+use crate::log::{Claim, Head, Limits, NewRecord, RecordIter};
+use crate::record::{self, Records};
+use crate::types::{Hash32, RunId, Seq};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+pub(crate) type KvPair = (Vec<u8>, Vec<u8>);
+pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvPair, StoreError>> + Send + 'static>;
+
+/// The ordered map a backend provides.
+pub(crate) trait Kv: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Pairs with `lo <= key <= hi`, ascending, streaming.
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError>;
+    /// The last pair with `lo <= key <= hi`.
+    fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError>;
+    /// The first key strictly greater than `after`.
+    fn first_key_after(&self, after: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Applies all writes atomically (`None` removes).
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError>;
+}
+
+/// Above this many cached heads, heads not in use are dropped (they reload from the map).
+const HEAD_CACHE_MAX: usize = 65_536;
+
+type Slot = Arc<Mutex<Option<Head>>>;
+
+pub(crate) struct Core<K> {
+    pub(crate) kv: K,
+    pub(crate) limits: Limits,
+    /// Per-run cached head. The slot's mutex serializes appends of one run (OCC check +
+    /// write); `None` means "load from the map".
+    heads: Mutex<HashMap<RunId, Slot>>,
+    /// Held across claim check + write so two runs cannot both take one key.
+    claims: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Outcome of the write phase of an append, before durability.
+pub(crate) enum Written {
+    Ok(Head),
+    /// The key is held by `existing`; nothing written. The caller makes the holder's write
+    /// durable before reporting it.
+    Duplicate(RunId),
+}
+
+impl<K: Kv> Core<K> {
+    pub(crate) fn new(kv: K, limits: Limits) -> Self {
+        Core { kv, limits, heads: Mutex::new(HashMap::new()), claims: Mutex::new(()) }
+    }
+
+    fn slot(&self, run: RunId) -> Slot {
+        let mut map = lock(&self.heads);
+        if let Some(s) = map.get(&run) {
+            return s.clone();
+        }
+        if map.len() >= HEAD_CACHE_MAX {
+            // A slot only referenced by the map has no append or read in flight.
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        let s: Slot = Arc::new(Mutex::new(None));
+        map.insert(run, s.clone());
+        s
+    }
+
+    /// Locks a run's slot; a slot poisoned by a panic mid-append is reset so the head is
+    /// reloaded from what was actually written.
+    fn lock_slot(slot: &Slot) -> MutexGuard<'_, Option<Head>> {
+        match slot.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                let mut g = poisoned.into_inner();
+                *g = None;
+                slot.clear_poison();
+                g
+            }
+        }
+    }
+
+    fn load_head(&self, run: RunId) -> Result<Head, StoreError> {
+        let lo = record::event_key(run, 0);
+        let hi = record::event_key(run, u64::MAX);
+        let last = self.kv.last_in(&lo, &hi)?;
+        record::head_from_last(run, last.as_ref().map(|(k, v)| (k.as_slice(), v.as_slice())))
+    }
+
+    /// Drops every cached head (they reload from the map); used after raw writes.
+    pub(crate) fn forget_heads(&self) {
+        let map = lock(&self.heads);
+        for slot in map.values() {
+            *Self::lock_slot(slot) = None;
+        }
+    }
+
+    /// Write phase of an append (validation, OCC, claim, atomic write).
+    pub(crate) fn write(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Written, StoreError> {
+        record::validate_append(run, &records, claim.as_ref(), &self.limits)?;
+        let slot = self.slot(run);
+        let mut cached = Self::lock_slot(&slot);
+        let head = match cached.as_ref() {
+            Some(h) => h.clone(),
+            None => {
+                let h = self.load_head(run)?;
+                *cached = Some(h.clone());
+                h
+            }
+        };
+        if expected != head.next_seq {
+            return Err(StoreError::Conflict { run, expected, actual: head.next_seq });
+        }
+        let (values, new_head) = record::build_batch(run, &head, records)?;
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect();
+        let result = match claim {
+            None => self.kv.apply(writes),
+            Some(c) => {
+                let _claims = lock(&self.claims);
+                let ck = record::claim_key(&c.key);
+                let existing = self.kv.get(&ck)?;
+                match record::check_claim(existing.as_deref(), run, &c) {
+                    Err(StoreError::DuplicateKey { existing }) => return Ok(Written::Duplicate(existing)),
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
+                }
+                writes.push((ck, Some(record::claim_value(run, c.expires_at_us).to_vec())));
+                self.kv.apply(writes)
+            }
+        };
+        match result {
+            Ok(()) => {
+                *cached = Some(new_head.clone());
+                Ok(Written::Ok(new_head))
+            }
+            Err(e) => {
+                // What reached the map is unknown: reload on next use.
+                *cached = None;
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        let slot = self.slot(run);
+        let mut cached = Self::lock_slot(&slot);
+        if let Some(h) = cached.as_ref() {
+            return Ok(h.clone());
+        }
+        let h = self.load_head(run)?;
+        *cached = Some(h.clone());
+        Ok(h)
+    }
+
+    fn stored_hash(&self, run: RunId, seq: u64) -> Result<Option<Hash32>, StoreError> {
+        match self.kv.get(&record::event_key(run, seq))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(record::decode_record(run, Seq(seq), &v)?.hash)),
+        }
+    }
+
+    pub(crate) fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        let lo = record::event_key(run, from.0);
+        let hi = record::event_key(run, u64::MAX);
+        let prev = match from.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => match self.stored_hash(run, p) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    // Reading past the end is empty; a missing predecessor of stored records
+                    // is a gap.
+                    if self.kv.last_in(&lo, &hi)?.is_none() {
+                        return Ok(Box::new(std::iter::empty()));
+                    }
+                    return Ok(Box::new(std::iter::once(Err(StoreError::Corrupted {
+                        run,
+                        seq: Seq(p),
+                        reason: "broken link: record missing before the read start (record \
+                                 removed)"
+                            .into(),
+                    }))));
+                }
+                Err(e) => return Ok(Box::new(std::iter::once(Err(e)))),
+            },
+        };
+        let src = self.kv.range(&lo, &hi)?;
+        Ok(Box::new(Records::new(run, src, from, prev, true)))
+    }
+
+    pub(crate) fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        let lo = record::event_key(run, from.0);
+        let hi = record::event_key(run, u64::MAX);
+        let prev = match from.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => self.stored_hash(run, p).ok().flatten().unwrap_or([0u8; 32]),
+        };
+        let src = self.kv.range(&lo, &hi)?;
+        Ok(Box::new(Records::new(run, src, from, prev, false)))
+    }
+
+    pub(crate) fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = vec![record::EVENT_PREFIX];
+        while let Some(k) = self.kv.first_key_after(&after)? {
+            match record::parse_event_key(&k) {
+                Some((run, _)) => {
+                    out.push(run);
+                    after = record::event_key(run, u64::MAX).to_vec();
+                }
+                None if k.first() == Some(&record::EVENT_PREFIX) => {
+                    // A malformed event key (tampering): skip past it.
+                    after = k;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        match self.kv.get(&record::claim_key(key))? {
+            None => Ok(None),
+            Some(v) => {
+                let (run, expires_at_us) = record::parse_claim_value(&v)?;
+                Ok((expires_at_us > now_us).then_some(run))
+            }
+        }
+    }
+
+    pub(crate) fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        if state.len() > self.limits.snapshot_bytes_max {
+            return Err(StoreError::TooLarge {
+                what: "snapshot",
+                bytes: state.len(),
+                max: self.limits.snapshot_bytes_max,
+            });
+        }
+        let head = self.head(run)?;
+        if next_seq > head.next_seq {
+            return Err(StoreError::SnapshotBeyondHead { run, next_seq, head: head.next_seq });
+        }
+        let anchor = match next_seq.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => self.stored_hash(run, p)?.ok_or(StoreError::Corrupted {
+                run,
+                seq: Seq(p),
+                reason: "record missing below the head".into(),
+            })?,
+        };
+        let value = codec::seal_snapshot_v1(&SnapshotV1 { next_seq: next_seq.0, anchor, state: state.to_vec() })?;
+        self.kv.apply(vec![(record::snapshot_key(run).to_vec(), Some(value))])
+    }
+
+    pub(crate) fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        let Some(v) = self.kv.get(&record::snapshot_key(run))? else {
+            return Ok(None);
+        };
+        let bad = |reason: String| StoreError::CorruptSnapshot { run, reason };
+        let snap = codec::open_snapshot(&v).map_err(|e| bad(e.to_string()))?;
+        if snap.state.len() > Limits::VALUE_BYTES_HARD_MAX {
+            return Err(bad(format!("state of {} bytes exceeds the hard max", snap.state.len())));
+        }
+        let expected_anchor = match snap.next_seq.checked_sub(1) {
+            None => Some([0u8; 32]),
+            Some(p) => {
+                self.stored_hash(run, p).map_err(|e| bad(format!("cannot read log record {p} to check it: {e}")))?
+            }
+        };
+        match expected_anchor {
+            None => Err(bad(format!(
+                "covers seqs < {} but the log has no record {}",
+                snap.next_seq,
+                snap.next_seq.saturating_sub(1)
+            ))),
+            Some(a) if a != snap.anchor => Err(bad(format!(
+                "does not match the log: chain hash at seq {} differs",
+                snap.next_seq.saturating_sub(1)
+            ))),
+            Some(_) => Ok(Some((Seq(snap.next_seq), snap.state))),
+        }
+    }
+
+    // --- raw test hooks -------------------------------------------------------------
+
+    pub(crate) fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv.get(key)
+    }
+
+    pub(crate) fn raw_write(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.kv.apply(vec![(key.to_vec(), value.map(<[u8]>::to_vec))])?;
+        self.forget_heads();
+        Ok(())
+    }
+
+    pub(crate) fn raw_range(&self, lo: &[u8], hi: &[u8]) -> Result<Vec<KvPair>, StoreError> {
+        self.kv.range(lo, hi)?.collect()
+    }
+}

@@ -1,0 +1,100 @@
+//! The store boundary's error type.
+
+use crate::types::{RunId, Seq};
+use std::path::PathBuf;
+
+/// Everything an [`EventLog`](crate::EventLog) operation can fail with.
+///
+/// Domain outcomes (`Conflict`, `DuplicateKey`, `TooLarge`, ...) are kept apart from data
+/// damage (`Corrupted`, `CorruptSnapshot`, `UnknownVersion`, `Decode`) and from
+/// infrastructure failures (`Io`, `Sled`, `Poisoned`, `Panicked`).
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Optimistic concurrency: the caller's expected next seq is not the run's next seq.
+    /// Nothing of the batch was written.
+    #[error("append conflict on run {run}: expected next seq {expected}, log is at {actual}")]
+    Conflict { run: RunId, expected: Seq, actual: Seq },
+
+    /// The idempotency key is held, unexpired, by another run. Nothing was written.
+    #[error("idempotency key already claimed by run {existing}")]
+    DuplicateKey { existing: RunId },
+
+    /// A size limit was exceeded (`what` names the limit; `bytes` is the offending size,
+    /// a record count for `what = "batch records"`). Nothing was written.
+    #[error("{what} too large: {bytes} > max {max}")]
+    TooLarge { what: &'static str, bytes: usize, max: usize },
+
+    /// An append with no records.
+    #[error("append of an empty batch to run {run}")]
+    EmptyBatch { run: RunId },
+
+    /// A stored record failed its checksum, does not decode, or breaks the chain
+    /// (link / gap). Records before `seq` are intact and readable.
+    #[error("corrupted record run {run} seq {seq}: {reason}")]
+    Corrupted { run: RunId, seq: Seq, reason: String },
+
+    /// The stored snapshot of a run is damaged or does not match the log.
+    #[error("corrupt snapshot for run {run}: {reason}")]
+    CorruptSnapshot { run: RunId, reason: String },
+
+    /// A snapshot was saved for seqs the log does not have yet.
+    #[error("snapshot for run {run} covers seqs < {next_seq} but the log is at {head}")]
+    SnapshotBeyondHead { run: RunId, next_seq: Seq, head: Seq },
+
+    /// A record envelope carries a schema version this build cannot decode or upcast.
+    #[error("record run {run} seq {seq} has unknown schema version {version}")]
+    UnknownVersion { run: RunId, seq: Seq, version: u16 },
+
+    /// A record's payload does not decode as the requested payload type.
+    #[error("cannot decode payload of run {run} seq {seq}: {reason}")]
+    Decode { run: RunId, seq: Seq, reason: String },
+
+    /// A value could not be encoded (or, outside any record, decoded) by the codec.
+    #[error("codec error: {0}")]
+    Encode(String),
+
+    /// The database is opened by another process (or another handle in this process).
+    #[error("store at {path} is in use by another process or handle (lock held)")]
+    Locked { path: PathBuf },
+
+    /// The path exists but is not a keel store.
+    #[error("{path} is not a keel store: {reason}")]
+    NotAStore { path: PathBuf, reason: String },
+
+    /// `create: false` and there is no store at the path.
+    #[error("no keel store at {path}")]
+    NotFound { path: PathBuf },
+
+    /// A stored idempotency-key claim does not decode.
+    #[error("corrupt idempotency claim: {reason}")]
+    CorruptClaim { reason: String },
+
+    /// A configuration value is out of range.
+    #[error("invalid store config: {reason}")]
+    InvalidConfig { reason: String },
+
+    /// A flush failed earlier; the outcome of in-flight appends is unknown and every later
+    /// append is refused. Reopen the store and read the heads.
+    #[error("store poisoned by an earlier failed flush; reopen it")]
+    Poisoned,
+
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// An error reported by sled (other than plain I/O).
+    #[error("sled error: {0}")]
+    Sled(String),
+
+    /// sled panicked (e.g. on a corrupt database while opening); the panic was caught.
+    #[error("sled panicked: {0}")]
+    Panicked(String),
+}
+
+/// Maps a sled error into the store's error, keeping I/O errors typed.
+pub(crate) fn sled_err(e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) => StoreError::Io(io),
+        other => StoreError::Sled(other.to_string()),
+    }
+}

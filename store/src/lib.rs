@@ -1,0 +1,66 @@
+//! keel-store: the append-only, tamper-evident, crash-safe event log that keel's engine
+//! writes every transition to before acting on it.
+//!
+//! The store knows nothing of workflows: it stores opaque, bincode-encoded payloads that
+//! implement [`Payload`], chains them with SHA-256, and hands them back in order.
+//!
+//! CONTRACT (shared with keel-engine; helpers implement behind it, do not rename):
+//! - [`RunId`], [`Seq`] newtypes. Seq is 0-based: a run's first record has seq 0, and an
+//!   append to an empty run passes `expected = Seq(0)`.
+//! - [`Payload`]: what a record carries. `kind()` is stored in the envelope;
+//!   `fields()` gives the JSON object whose top-level fields are digested one by one
+//!   (the unit of redaction).
+//! - [`EventLog`]: the narrow, object-safe seam the engine talks to.
+//! - [`SledStore`]: the embedded default backend; [`MemStore`]: in-memory (tests).
+//!
+//! Byte layout, hash formulas, durability steps and limits: `docs/STORE.md`.
+//!
+//! ```
+//! use keel_store::{prepare, EventLog, MemStore, Payload, RunId, Seq};
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Hello { name: String }
+//! impl Payload for Hello {
+//!     fn kind(&self) -> &'static str { "Hello" }
+//!     fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+//!         let mut m = serde_json::Map::new();
+//!         m.insert("name".into(), self.name.clone().into());
+//!         m
+//!     }
+//! }
+//! # fn main() -> Result<(), keel_store::StoreError> {
+//! let log = MemStore::new();
+//! let run = RunId::from_bytes([7; 16]);
+//! let head = log.append(run, Seq(0), vec![prepare(&Hello { name: "a".into() }, 0)?], None)?;
+//! assert_eq!(head.next_seq, Seq(1));
+//! let first = log.read(run, Seq(0))?.next().transpose()?.map(|r| r.decode::<Hello>());
+//! assert_eq!(first.transpose()?.map(|h| h.name), Some("a".to_string()));
+//! # Ok(()) }
+//! ```
+
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bench;
+pub mod codec;
+mod commit;
+mod core;
+pub mod digest;
+mod error;
+mod log;
+mod mem;
+mod record;
+mod sled_store;
+pub mod types;
+pub mod verify;
+
+pub use error::StoreError;
+pub use log::{
+    prepare, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter, StoreConfig,
+    KIND_BYTES_MAX, SCHEMA_VERSION,
+};
+pub use mem::MemStore;
+pub use record::FORMAT_MARKER;
+#[doc(hidden)]
+pub use sled_store::RawPair;
+pub use sled_store::{SledStore, SEGMENT_BYTES};
+pub use types::*;
+pub use verify::{verify_run, VerifyError, VerifyReport};

@@ -1,0 +1,266 @@
+//! The narrow seam the engine talks to: [`EventLog`], its record types and configuration.
+
+use crate::codec::DECODE_BYTES_MAX;
+use crate::digest;
+use crate::error::StoreError;
+use crate::types::{Hash32, Payload, RunId, Seq};
+
+/// Schema version of the record envelope written by this build.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Longest event kind name, in bytes.
+pub const KIND_BYTES_MAX: usize = 256;
+
+/// A record ready to append (built by [`prepare`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRecord {
+    pub kind: String,
+    pub time_us: i64,
+    /// bincode-encoded payload ([`crate::codec::encode`]).
+    pub payload: Vec<u8>,
+    /// [`digest::payload_root_of`] the payload's `fields()`.
+    pub payload_root: Hash32,
+}
+
+/// Encodes a payload and computes its payload root. Fails with `TooLarge` if the encoded
+/// payload exceeds the default [`Limits::event_bytes_max`] (the store re-checks its own
+/// configured limit on append).
+pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, StoreError> {
+    let bytes = crate::codec::encode(payload)?;
+    let max = Limits::default().event_bytes_max;
+    if bytes.len() > max {
+        return Err(StoreError::TooLarge { what: "event", bytes: bytes.len(), max });
+    }
+    let kind = payload.kind();
+    if kind.len() > KIND_BYTES_MAX {
+        return Err(StoreError::TooLarge { what: "event kind", bytes: kind.len(), max: KIND_BYTES_MAX });
+    }
+    Ok(NewRecord {
+        kind: kind.to_string(),
+        time_us,
+        payload: bytes,
+        payload_root: digest::payload_root_of(&payload.fields()),
+    })
+}
+
+/// A record read back.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub run: RunId,
+    pub seq: Seq,
+    pub schema_version: u16,
+    pub kind: String,
+    pub time_us: i64,
+    pub payload: Vec<u8>,
+    pub payload_root: Hash32,
+    /// Chain hash of the record before (zeros for seq 0).
+    pub prev_hash: Hash32,
+    /// This record's chain hash: `chain(prev_hash, record_digest(..))`.
+    pub hash: Hash32,
+}
+
+impl Record {
+    /// Decodes the payload; the error names run and seq.
+    pub fn decode<P: Payload>(&self) -> Result<P, StoreError> {
+        crate::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
+            run: self.run,
+            seq: self.seq,
+            reason,
+        })
+    }
+
+    /// [`digest::record_digest`] of this record's stored header.
+    pub fn digest(&self) -> Hash32 {
+        digest::record_digest(self.schema_version, self.run, self.seq, &self.kind, self.time_us, &self.payload_root)
+    }
+}
+
+/// Where a run's log ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Seq the next append must pass as `expected` (= number of records).
+    pub next_seq: Seq,
+    /// Chain hash of the last record (zeros for an empty run).
+    pub last_hash: Hash32,
+    /// Kind of the last record.
+    pub last_kind: Option<String>,
+}
+
+impl Head {
+    /// The head of a run with no records.
+    pub fn empty() -> Head {
+        Head { next_seq: Seq(0), last_hash: [0; 32], last_kind: None }
+    }
+}
+
+/// Idempotency-key claim made atomically with an append (normally a run's first).
+/// A key held by another run with `expires_at_us > now_us` fails the append with
+/// `DuplicateKey { existing }`; an expired claim is overwritten; a claim held by the same
+/// run is refreshed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub key: Vec<u8>,
+    pub now_us: i64,
+    pub expires_at_us: i64,
+}
+
+/// A streaming iterator of records.
+pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send + 'static>;
+
+/// The event log the engine talks to. Object safe.
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends `records` to `run` all-or-nothing. `expected` must equal the run's next seq,
+    /// else `Conflict { run, expected, actual }` and nothing is written. With a `claim`, the
+    /// idempotency key is claimed in the same atomic write. Returns the new head, only once
+    /// the batch is durable per the store's [`Durability`].
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError>;
+
+    /// Streams the run's records from `from` in seq order, each CRC-checked and link-checked
+    /// (`hash == chain(prev, record_digest(stored header))`, no gap). The first bad record
+    /// yields `Err(Corrupted { run, seq, reason })` (or `UnknownVersion`) and the iteration
+    /// ends; the records before it are yielded fine.
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError>;
+
+    /// The run's head (`Head::empty()` for an unknown run).
+    fn head(&self, run: RunId) -> Result<Head, StoreError>;
+
+    /// Every run with at least one record, sorted.
+    fn runs(&self) -> Result<Vec<RunId>, StoreError>;
+
+    /// The run holding an unexpired claim on `key` at `now_us`.
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError>;
+
+    /// Saves the folded state covering seqs `< next_seq`; only the last saved snapshot of a
+    /// run is kept. `next_seq` beyond the head is refused.
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError>;
+
+    /// The run's snapshot, checked against its checksum and against the log's chain hash at
+    /// `next_seq - 1`.
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError>;
+
+    /// Makes everything appended so far durable at the strongest level (power loss),
+    /// whatever the configured mode.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// The configured durability.
+    fn durability(&self) -> Durability;
+
+    /// Audit view: the records stored for `run` from `from`, in key order, CRC-checked and
+    /// decoded, WITHOUT the gap and chain-link checks of [`EventLog::read`]; `prev_hash` is
+    /// the stored hash of the record stored before. [`crate::verify`] uses it to name exactly
+    /// what is wrong past a broken link. Backends that cannot do better fall back to `read`.
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.read(run, from)
+    }
+}
+
+/// What a durable append survives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Level {
+    /// sled's flush (write + `sync_file_range`): survives a crash or `kill -9` of the
+    /// process, not a power loss or kernel crash.
+    ProcessCrash,
+    /// sled's flush then `fdatasync` of sled's data file: survives power loss on a device
+    /// that honours flushes.
+    #[default]
+    PowerLoss,
+}
+
+/// When an append returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// No flush: sled's background flusher (every 500 ms) only. Tests.
+    None,
+    /// Each append flushes on its own before returning.
+    EveryAppend(Level),
+    /// Concurrent appends share one flush; each returns once a flush that started after its
+    /// write has completed.
+    GroupCommit(Level),
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::GroupCommit(Level::PowerLoss)
+    }
+}
+
+/// Size limits, each with its own `TooLarge { what }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Encoded payload bytes of one event (`what = "event"`). Default 64 KiB; at most
+    /// [`Limits::VALUE_BYTES_HARD_MAX`] so that sled never moves a node holding events into its
+    /// un-fsynced blob files (see docs/STORE.md).
+    pub event_bytes_max: usize,
+    /// Records per append (`what = "batch records"`). Default 1024.
+    pub batch_records_max: usize,
+    /// Snapshot state bytes (`what = "snapshot"`). Default 100 KiB.
+    pub snapshot_bytes_max: usize,
+    /// Idempotency key bytes (`what = "idempotency key"`). Default 512.
+    pub key_bytes_max: usize,
+}
+
+impl Limits {
+    /// Hard cap for `event_bytes_max` and `snapshot_bytes_max`.
+    pub const VALUE_BYTES_HARD_MAX: usize = 128 * 1024;
+
+    pub(crate) fn validate(&self) -> Result<(), StoreError> {
+        let bad = |reason: String| Err(StoreError::InvalidConfig { reason });
+        if self.event_bytes_max == 0 || self.event_bytes_max > Self::VALUE_BYTES_HARD_MAX {
+            return bad(format!("event_bytes_max {} not in 1..={}", self.event_bytes_max, Self::VALUE_BYTES_HARD_MAX));
+        }
+        if self.snapshot_bytes_max == 0 || self.snapshot_bytes_max > Self::VALUE_BYTES_HARD_MAX {
+            return bad(format!(
+                "snapshot_bytes_max {} not in 1..={}",
+                self.snapshot_bytes_max,
+                Self::VALUE_BYTES_HARD_MAX
+            ));
+        }
+        if self.batch_records_max == 0 || self.batch_records_max > 65_536 {
+            return bad(format!("batch_records_max {} not in 1..=65536", self.batch_records_max));
+        }
+        if self.key_bytes_max == 0 || self.key_bytes_max > 4096 {
+            return bad(format!("key_bytes_max {} not in 1..=4096", self.key_bytes_max));
+        }
+        const _: () = assert!(Limits::VALUE_BYTES_HARD_MAX + 1024 < DECODE_BYTES_MAX);
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            event_bytes_max: 64 * 1024,
+            batch_records_max: 1024,
+            snapshot_bytes_max: 100 * 1024,
+            key_bytes_max: 512,
+        }
+    }
+}
+
+/// How to open a [`crate::SledStore`].
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub durability: Durability,
+    pub limits: Limits,
+    /// sled's page cache size in bytes. Default 64 MiB.
+    pub cache_capacity_bytes: u64,
+    /// Create the store if there is none (default true); false => `NotFound`.
+    pub create: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: Durability::default(),
+            limits: Limits::default(),
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            create: true,
+        }
+    }
+}

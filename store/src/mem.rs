@@ -1,0 +1,150 @@
+//! In-memory backend with the same semantics as the sled one (same keys, same bytes, same
+//! checks), for tests. Nothing is durable.
+
+use crate::core::{Core, Kv, KvIter, KvPair, Written};
+use crate::error::StoreError;
+use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter};
+use crate::record;
+use crate::types::{RunId, Seq};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+#[derive(Default)]
+pub(crate) struct MemKv {
+    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemKv {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Kv for MemKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().get(key).cloned())
+    }
+
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
+        let items: Vec<Result<KvPair, StoreError>> = self
+            .lock()
+            .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)))
+            .map(|(k, v)| Ok((k.clone(), v.clone())))
+            .collect();
+        Ok(Box::new(items.into_iter()))
+    }
+
+    fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError> {
+        Ok(self
+            .lock()
+            .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)))
+            .next_back()
+            .map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn first_key_after(&self, after: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().range::<[u8], _>((Bound::Excluded(after), Bound::Unbounded)).next().map(|(k, _)| k.clone()))
+    }
+
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut map = self.lock();
+        for (k, v) in writes {
+            match v {
+                Some(v) => map.insert(k, v),
+                None => map.remove(&k),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// In-memory [`EventLog`] (tests). `durability()` is `Durability::None`.
+pub struct MemStore {
+    core: Core<MemKv>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemStore {
+    pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    pub fn with_limits(limits: Limits) -> Self {
+        MemStore { core: Core::new(MemKv::default(), limits) }
+    }
+
+    /// TEST HOOK: the stored value of record `(run, seq)`.
+    #[doc(hidden)]
+    pub fn raw_get(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.raw_get(&record::event_key(run, seq.0))
+    }
+
+    /// TEST HOOK: overwrites the stored value of record `(run, seq)` (no checks).
+    #[doc(hidden)]
+    pub fn raw_put(&self, run: RunId, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(&record::event_key(run, seq.0), Some(value))
+    }
+
+    /// TEST HOOK: deletes record `(run, seq)` (no checks).
+    #[doc(hidden)]
+    pub fn raw_remove(&self, run: RunId, seq: Seq) -> Result<(), StoreError> {
+        self.core.raw_write(&record::event_key(run, seq.0), None)
+    }
+}
+
+impl EventLog for MemStore {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        match self.core.write(run, expected, records, claim)? {
+            Written::Ok(head) => Ok(head),
+            Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
+        }
+    }
+
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.core.read(run, from)
+    }
+
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.core.head(run)
+    }
+
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.core.runs()
+    }
+
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        self.core.lookup_key(key, now_us)
+    }
+
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.core.save_snapshot(run, next_seq, state)
+    }
+
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        self.core.load_snapshot(run)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn durability(&self) -> Durability {
+        Durability::None
+    }
+
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.core.scan(run, from)
+    }
+}

@@ -1,0 +1,295 @@
+//! Key layout, record values and the checked record iterators shared by the backends.
+//!
+//! Keys (one keyspace, see docs/STORE.md):
+//! - `b'e' || run (16) || u64_be(seq)` -> record value
+//! - `b's' || run (16)`                -> snapshot value
+//! - `b'k' || idempotency key`         -> `run (16) || i64_be(expires_at_us)`
+//! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
+
+use crate::codec::{self, EnvelopeV1, WireError};
+use crate::digest;
+use crate::error::StoreError;
+use crate::log::{Claim, Head, Limits, NewRecord, Record, KIND_BYTES_MAX, SCHEMA_VERSION};
+use crate::types::{Hash32, RunId, Seq};
+
+pub(crate) const EVENT_PREFIX: u8 = b'e';
+pub(crate) const SNAPSHOT_PREFIX: u8 = b's';
+pub(crate) const CLAIM_PREFIX: u8 = b'k';
+pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
+/// Written at creation; a store without it (but with keys) is not a keel store.
+pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
+
+pub(crate) const EVENT_KEY_LEN: usize = 1 + 16 + 8;
+
+pub(crate) fn event_key(run: RunId, seq: u64) -> [u8; EVENT_KEY_LEN] {
+    let mut k = [0u8; EVENT_KEY_LEN];
+    k[0] = EVENT_PREFIX;
+    k[1..17].copy_from_slice(run.as_bytes());
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn run_prefix(run: RunId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = EVENT_PREFIX;
+    k[1..].copy_from_slice(run.as_bytes());
+    k
+}
+
+pub(crate) fn snapshot_key(run: RunId) -> [u8; 17] {
+    let mut k = run_prefix(run);
+    k[0] = SNAPSHOT_PREFIX;
+    k
+}
+
+pub(crate) fn claim_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(CLAIM_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+/// `(run, seq)` of an event key; `None` if the key is not one.
+pub(crate) fn parse_event_key(k: &[u8]) -> Option<(RunId, u64)> {
+    if k.len() != EVENT_KEY_LEN || k[0] != EVENT_PREFIX {
+        return None;
+    }
+    let mut run = [0u8; 16];
+    run.copy_from_slice(&k[1..17]);
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&k[17..]);
+    Some((RunId::from_bytes(run), u64::from_be_bytes(seq)))
+}
+
+pub(crate) fn claim_value(run: RunId, expires_at_us: i64) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..16].copy_from_slice(run.as_bytes());
+    v[16..].copy_from_slice(&expires_at_us.to_be_bytes());
+    v
+}
+
+pub(crate) fn parse_claim_value(v: &[u8]) -> Result<(RunId, i64), StoreError> {
+    if v.len() != 24 {
+        return Err(StoreError::CorruptClaim { reason: format!("claim value has {} bytes, expected 24", v.len()) });
+    }
+    let mut run = [0u8; 16];
+    run.copy_from_slice(&v[..16]);
+    let mut exp = [0u8; 8];
+    exp.copy_from_slice(&v[16..]);
+    Ok((RunId::from_bytes(run), i64::from_be_bytes(exp)))
+}
+
+/// The claim rule: refuse if another run holds the key unexpired.
+pub(crate) fn check_claim(existing: Option<&[u8]>, run: RunId, claim: &Claim) -> Result<(), StoreError> {
+    if let Some(v) = existing {
+        let (holder, expires_at_us) = parse_claim_value(v)?;
+        if holder != run && expires_at_us > claim.now_us {
+            return Err(StoreError::DuplicateKey { existing: holder });
+        }
+    }
+    Ok(())
+}
+
+/// Static checks of an append, before any lock is taken.
+pub(crate) fn validate_append(
+    run: RunId,
+    records: &[NewRecord],
+    claim: Option<&Claim>,
+    limits: &Limits,
+) -> Result<(), StoreError> {
+    if records.is_empty() {
+        return Err(StoreError::EmptyBatch { run });
+    }
+    if records.len() > limits.batch_records_max {
+        return Err(StoreError::TooLarge {
+            what: "batch records",
+            bytes: records.len(),
+            max: limits.batch_records_max,
+        });
+    }
+    for r in records {
+        if r.payload.len() > limits.event_bytes_max {
+            return Err(StoreError::TooLarge { what: "event", bytes: r.payload.len(), max: limits.event_bytes_max });
+        }
+        if r.kind.len() > KIND_BYTES_MAX {
+            return Err(StoreError::TooLarge { what: "event kind", bytes: r.kind.len(), max: KIND_BYTES_MAX });
+        }
+    }
+    if let Some(c) = claim {
+        if c.key.len() > limits.key_bytes_max {
+            return Err(StoreError::TooLarge {
+                what: "idempotency key",
+                bytes: c.key.len(),
+                max: limits.key_bytes_max,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `(seq, stored value)` of each record of a batch.
+pub(crate) type SealedBatch = Vec<(u64, Vec<u8>)>;
+
+/// Seals the records of a batch onto `head`: returns `(seq, value)` pairs and the new head.
+pub(crate) fn build_batch(run: RunId, head: &Head, records: Vec<NewRecord>) -> Result<(SealedBatch, Head), StoreError> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut prev = head.last_hash;
+    let mut seq = head.next_seq.0;
+    let mut last_kind = None;
+    for r in records {
+        let d = digest::record_digest(SCHEMA_VERSION, run, Seq(seq), &r.kind, r.time_us, &r.payload_root);
+        let hash = digest::chain(&prev, &d);
+        let env =
+            EnvelopeV1 { kind: r.kind, time_us: r.time_us, payload: r.payload, payload_root: r.payload_root, hash };
+        let value = codec::seal_record_v1(&env)?;
+        // Pair assertion: what we write must read back as what we meant.
+        debug_assert!(matches!(codec::open_record(&value), Ok((1, ref e)) if *e == env));
+        out.push((seq, value));
+        prev = hash;
+        last_kind = Some(env.kind);
+        seq = seq.checked_add(1).ok_or(StoreError::TooLarge {
+            what: "run length",
+            bytes: usize::MAX,
+            max: usize::MAX,
+        })?;
+    }
+    Ok((out, Head { next_seq: Seq(seq), last_hash: prev, last_kind }))
+}
+
+/// Decodes one stored record value (through the codec's single upcast point). `prev_hash`
+/// is left zero; the iterators fill it in.
+pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record, StoreError> {
+    let (version, env) = codec::open_record(value).map_err(|e| match e {
+        WireError::Version(version) => StoreError::UnknownVersion { run, seq, version },
+        other => StoreError::Corrupted { run, seq, reason: other.to_string() },
+    })?;
+    // Check again after reading what was checked before writing.
+    if env.kind.len() > KIND_BYTES_MAX || env.payload.len() > Limits::VALUE_BYTES_HARD_MAX {
+        return Err(StoreError::Corrupted {
+            run,
+            seq,
+            reason: format!(
+                "envelope out of bounds: kind {} bytes, payload {} bytes",
+                env.kind.len(),
+                env.payload.len()
+            ),
+        });
+    }
+    Ok(Record {
+        run,
+        seq,
+        schema_version: version,
+        kind: env.kind,
+        time_us: env.time_us,
+        payload: env.payload,
+        payload_root: env.payload_root,
+        prev_hash: [0; 32],
+        hash: env.hash,
+    })
+}
+
+/// The head implied by a run's last stored record.
+pub(crate) fn head_from_last(run: RunId, last: Option<(&[u8], &[u8])>) -> Result<Head, StoreError> {
+    let Some((k, v)) = last else {
+        return Ok(Head::empty());
+    };
+    let seq = match parse_event_key(k) {
+        Some((r, s)) if r == run => s,
+        _ => {
+            return Err(StoreError::Corrupted {
+                run,
+                seq: Seq(0),
+                reason: "malformed event key at the end of the run".into(),
+            })
+        }
+    };
+    let rec = decode_record(run, Seq(seq), v)?;
+    let next = seq.checked_add(1).ok_or_else(|| StoreError::Corrupted {
+        run,
+        seq: Seq(seq),
+        reason: "seq overflow".into(),
+    })?;
+    Ok(Head { next_seq: Seq(next), last_hash: rec.hash, last_kind: Some(rec.kind) })
+}
+
+/// Iterates stored `(key, value)` pairs of one run as records. With `linked`, it checks
+/// seq continuity and the chain link and stops after the first bad record; without, it only
+/// decodes (audit `scan`) and still stops at the first undecodable record.
+pub(crate) struct Records<I> {
+    run: RunId,
+    src: I,
+    next_seq: u64,
+    prev: Hash32,
+    linked: bool,
+    done: bool,
+}
+
+impl<I> Records<I> {
+    pub(crate) fn new(run: RunId, src: I, from: Seq, prev: Hash32, linked: bool) -> Self {
+        Records { run, src, next_seq: from.0, prev, linked, done: false }
+    }
+
+    fn fail(&mut self, e: StoreError) -> Option<Result<Record, StoreError>> {
+        self.done = true;
+        Some(Err(e))
+    }
+}
+
+impl<I, K, V> Iterator for Records<I>
+where
+    I: Iterator<Item = Result<(K, V), StoreError>>,
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    type Item = Result<Record, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let (k, v) = match self.src.next()? {
+            Ok(kv) => kv,
+            Err(e) => return self.fail(e),
+        };
+        let run = self.run;
+        let seq = match parse_event_key(k.as_ref()) {
+            Some((r, s)) if r == run => s,
+            _ => {
+                let seq = Seq(self.next_seq);
+                return self.fail(StoreError::Corrupted { run, seq, reason: "malformed event key".into() });
+            }
+        };
+        if self.linked && seq != self.next_seq {
+            let expected = Seq(self.next_seq);
+            return self.fail(StoreError::Corrupted {
+                run,
+                seq: expected,
+                reason: format!(
+                    "broken link: record missing, the next stored record has seq {seq} \
+                     (record removed)"
+                ),
+            });
+        }
+        let mut rec = match decode_record(run, Seq(seq), v.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return self.fail(e),
+        };
+        rec.prev_hash = self.prev;
+        if self.linked && digest::chain(&rec.prev_hash, &rec.digest()) != rec.hash {
+            return self.fail(StoreError::Corrupted {
+                run,
+                seq: Seq(seq),
+                reason: "broken link: stored hash is not SHA-256(previous hash || digest of \
+                         the stored header) (header altered, or a record removed, reordered \
+                         or inserted; `verify` tells which)"
+                    .into(),
+            });
+        }
+        self.prev = rec.hash;
+        match seq.checked_add(1) {
+            Some(n) => self.next_seq = n,
+            None => self.done = true,
+        }
+        Some(Ok(rec))
+    }
+}

@@ -1,0 +1,362 @@
+//! The sled backend.
+
+use crate::commit::GroupCommit;
+use crate::core::{Core, Kv, KvIter, KvPair, Written};
+use crate::error::{sled_err, StoreError};
+use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, StoreConfig};
+use crate::record;
+use crate::types::{RunId, Seq};
+use std::fs::File;
+use std::ops::Bound;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// sled's segment (I/O buffer) size for keel stores: sled's maximum, 16 MiB. sled writes
+/// any page image larger than `segment_size / 4` to a separate blob file with no fsync;
+/// a leaf holds up to ~17 values, so with 16 MiB segments values up to
+/// [`crate::Limits::VALUE_BYTES_HARD_MAX`] (128 KiB) never reach a blob file (with sled's
+/// default 512 KiB segments, 8 KB values already do). Persisted by sled in `conf`; fixed.
+pub const SEGMENT_BYTES: usize = 16 * 1024 * 1024;
+
+pub(crate) struct SledKv {
+    db: sled::Db,
+}
+
+impl Kv for SledKv {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
+    }
+
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
+        let it = self
+            .db
+            .range(lo.to_vec()..=hi.to_vec())
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err));
+        Ok(Box::new(it))
+    }
+
+    fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError> {
+        match self.db.range(lo.to_vec()..=hi.to_vec()).next_back() {
+            None => Ok(None),
+            Some(r) => {
+                let (k, v) = r.map_err(sled_err)?;
+                Ok(Some((k.to_vec(), v.to_vec())))
+            }
+        }
+    }
+
+    fn first_key_after(&self, after: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (Bound::Excluded(after), Bound::Unbounded);
+        match self.db.range::<&[u8], _>(bounds).next() {
+            None => Ok(None),
+            Some(r) => Ok(Some(r.map_err(sled_err)?.0.to_vec())),
+        }
+    }
+
+    fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.db.apply_batch(batch).map_err(sled_err)
+    }
+}
+
+/// Flushes sled and, for [`Level::PowerLoss`], fdatasyncs its data file.
+pub(crate) struct Syncer {
+    pub(crate) db: sled::Db,
+    /// `<dir>/db`, sled's single data file, opened once at startup for `fdatasync`.
+    pub(crate) data_file: File,
+}
+
+impl Syncer {
+    pub(crate) fn sync(&self, level: Level) -> Result<(), StoreError> {
+        // 1. sled: write its I/O buffers (pwrite) + sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)
+        self.db.flush().map_err(sled_err)?;
+        // 2. fdatasync: device cache flush + the metadata needed to read the data back.
+        if level == Level::PowerLoss {
+            self.data_file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// A stored `(key, value)` (test hooks).
+#[doc(hidden)]
+pub type RawPair = (Vec<u8>, Vec<u8>);
+
+/// The embedded event log: one sled database per directory.
+pub struct SledStore {
+    core: Core<SledKv>,
+    syncer: Syncer,
+    path: PathBuf,
+    durability: Durability,
+    group: GroupCommit,
+    poisoned: AtomicBool,
+}
+
+/// Opens sled behind `catch_unwind`, mapping its lock and format failures.
+pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
+    let cfg = sled::Config::new().path(path).cache_capacity(cache_capacity_bytes).segment_size(SEGMENT_BYTES);
+    let opened = catch_unwind(AssertUnwindSafe(|| cfg.open())).map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "non-string panic payload".to_string());
+        StoreError::Panicked(msg)
+    })?;
+    opened.map_err(|e| match e {
+        sled::Error::Io(io)
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
+        {
+            StoreError::Locked { path: path.to_path_buf() }
+        }
+        sled::Error::Unsupported(reason) => StoreError::NotAStore { path: path.to_path_buf(), reason },
+        sled::Error::Corruption { .. } => {
+            StoreError::NotAStore { path: path.to_path_buf(), reason: format!("sled reports corruption: {e}") }
+        }
+        other => sled_err(other),
+    })
+}
+
+/// Checks the directory before sled touches it (sled creates `blobs/` and `conf` in any
+/// directory it is pointed at). Returns whether a new store must be created.
+fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !create {
+                return Err(StoreError::NotFound { path: path.to_path_buf() });
+            }
+            std::fs::create_dir_all(path)?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+        Ok(m) if !m.is_dir() => {
+            Err(StoreError::NotAStore { path: path.to_path_buf(), reason: "not a directory".into() })
+        }
+        Ok(_) => {
+            let empty = std::fs::read_dir(path)?.next().is_none();
+            if empty {
+                return if create { Ok(()) } else { Err(StoreError::NotFound { path: path.to_path_buf() }) };
+            }
+            if path.join("db").is_file() && path.join("conf").is_file() {
+                Ok(())
+            } else {
+                Err(StoreError::NotAStore {
+                    path: path.to_path_buf(),
+                    reason: "directory is not empty and holds no sled database (no `db` and \
+                             `conf` files)"
+                        .into(),
+                })
+            }
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or with `config.create`, creates) the store in directory `path`.
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        config.limits.validate()?;
+        if config.cache_capacity_bytes < 1024 * 1024 {
+            return Err(StoreError::InvalidConfig {
+                reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
+            });
+        }
+        let path = path.as_ref().to_path_buf();
+        check_dir(&path, config.create)?;
+        let db = open_sled(&path, config.cache_capacity_bytes)?;
+        let data_file = File::open(path.join("db"))?;
+        let syncer = Syncer { db: db.clone(), data_file };
+
+        match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
+            Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {}
+            Some(other) => {
+                return Err(StoreError::NotAStore {
+                    path,
+                    reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
+                })
+            }
+            None if db.is_empty() && db.tree_names().len() <= 1 => {
+                if !config.create {
+                    return Err(StoreError::NotFound { path });
+                }
+                db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
+                syncer.sync(Level::PowerLoss)?;
+            }
+            None => {
+                return Err(StoreError::NotAStore {
+                    path,
+                    reason: "sled database without the keel format marker".into(),
+                })
+            }
+        }
+
+        Ok(SledStore {
+            core: Core::new(SledKv { db }, config.limits),
+            syncer,
+            path,
+            durability: config.durability,
+            group: GroupCommit::new(),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether an earlier flush failed (appends are refused until reopened).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Flushes run by the group-commit coordinator so far.
+    pub fn group_flushes(&self) -> u64 {
+        self.group.flushes()
+    }
+
+    fn sync(&self, level: Level) -> Result<(), StoreError> {
+        self.syncer.sync(level).inspect_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "flush failed; store poisoned");
+            self.poisoned.store(true, Ordering::Release);
+        })
+    }
+
+    /// Returns once everything written before the call is durable per the configured mode.
+    fn make_durable(&self) -> Result<(), StoreError> {
+        match self.durability {
+            Durability::None => Ok(()),
+            Durability::EveryAppend(level) => self.sync(level),
+            Durability::GroupCommit(level) => self.group.commit(|| self.sync(level)),
+        }
+    }
+
+    // --- test hooks: raw access that bypasses every invariant ---------------------------
+
+    /// TEST HOOK: the stored value of record `(run, seq)`.
+    #[doc(hidden)]
+    pub fn raw_get(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.raw_get(&record::event_key(run, seq.0))
+    }
+
+    /// TEST HOOK: overwrites the stored value of record `(run, seq)` (no checks).
+    #[doc(hidden)]
+    pub fn raw_put(&self, run: RunId, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(&record::event_key(run, seq.0), Some(value))
+    }
+
+    /// TEST HOOK: deletes record `(run, seq)` (no checks).
+    #[doc(hidden)]
+    pub fn raw_remove(&self, run: RunId, seq: Seq) -> Result<(), StoreError> {
+        self.core.raw_write(&record::event_key(run, seq.0), None)
+    }
+
+    /// TEST HOOK: the stored snapshot value of `run`.
+    #[doc(hidden)]
+    pub fn raw_get_snapshot(&self, run: RunId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.raw_get(&record::snapshot_key(run))
+    }
+
+    /// TEST HOOK: overwrites the stored snapshot value of `run`.
+    #[doc(hidden)]
+    pub fn raw_put_snapshot(&self, run: RunId, value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(&record::snapshot_key(run), Some(value))
+    }
+
+    /// TEST HOOK: every stored `(key, value)` of `run`'s records, in key order.
+    #[doc(hidden)]
+    pub fn raw_records(&self, run: RunId) -> Result<Vec<RawPair>, StoreError> {
+        self.core.raw_range(&record::event_key(run, 0), &record::event_key(run, u64::MAX))
+    }
+
+    /// TEST HOOK: writes any key (used to load golden files).
+    #[doc(hidden)]
+    pub fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(key, Some(value))
+    }
+}
+
+impl EventLog for SledStore {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        match self.core.write(run, expected, records, claim) {
+            Ok(Written::Ok(head)) => {
+                self.make_durable()?;
+                Ok(head)
+            }
+            Ok(Written::Duplicate(existing)) => {
+                // Report the holder only once its claim is as durable as our append
+                // would have been.
+                self.make_durable()?;
+                Err(StoreError::DuplicateKey { existing })
+            }
+            Err(e @ (StoreError::Io(_) | StoreError::Sled(_))) => {
+                // A failed write leaves sled's state unknown: refuse further appends.
+                self.poisoned.store(true, Ordering::Release);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.core.read(run, from)
+    }
+
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.core.head(run)
+    }
+
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.core.runs()
+    }
+
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        self.core.lookup_key(key, now_us)
+    }
+
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.core.save_snapshot(run, next_seq, state)
+    }
+
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        self.core.load_snapshot(run)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.sync(Level::PowerLoss)
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.core.scan(run, from)
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Best effort: make a clean shutdown durable even in `Durability::None`.
+        if !self.is_poisoned() {
+            if let Err(e) = self.syncer.sync(Level::PowerLoss) {
+                tracing::warn!(path = %self.path.display(), error = %e, "flush on drop failed");
+            }
+        }
+    }
+}
