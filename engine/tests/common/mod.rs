@@ -197,3 +197,29 @@ pub fn statuses(engine: &Engine) -> BTreeMap<RunStatus, usize> {
 pub fn trace() {
     let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
 }
+
+/// Open an engine on a sled db in `dir` with one workflow and the given handlers.
+pub fn open_engine(
+    dir: &std::path::Path,
+    wf: WorkflowType,
+    handlers: &[(&str, Arc<dyn TaskHandler>)],
+    tweak: impl FnOnce(EngineBuilder) -> EngineBuilder,
+) -> Engine {
+    let mut b = Engine::builder().path(dir).workflow(wf);
+    for (name, h) in handlers {
+        b = b.handler(name, h.clone());
+    }
+    tweak(b).open().expect("open engine")
+}
+
+/// Submit one request and drive it until idle; returns the run and its log.
+pub async fn run_one(engine: &Engine, workflow: &str) -> (RunId, Vec<Logged>) {
+    let s = engine.submit(Request::new(workflow, json!({}))).await.expect("submit");
+    let report = engine.run_until_idle().await.expect("run until idle");
+    assert!(report.stopped.is_empty(), "drivers stopped: {:?}", report.stopped);
+    (s.run, engine.events(s.run).expect("events"))
+}
+
+pub fn transient(msg: &str) -> HandlerError {
+    HandlerError::transient(msg)
+}
