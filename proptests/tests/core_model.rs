@@ -1,0 +1,65 @@
+//! Random workflows and fault schedules through the pure core (`sim::simulate`), checked
+//! against the reference model and the invariants; crash at every boundary.
+
+use keel_proptests::driver::{check_seed, crash_every_boundary};
+use keel_proptests::gen::GenConfig;
+use keel_proptests::{cases, env_u64};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+
+fn config(default_cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(default_cases),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        max_shrink_iters: 64,
+        ..ProptestConfig::default()
+    }
+}
+
+fn repro(seed: u64, n: usize, e: String) -> TestCaseError {
+    TestCaseError::fail(format!("{e}\n  reproduce: KEEL_SEED={seed:#x} KEEL_TASKS={n} cargo test -p keel-proptests --test core_model -- replay_one --nocapture"))
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn core_matches_reference_model_and_invariants(seed in any::<u64>(), n in 1usize..=30) {
+        check_seed(seed, n, &GenConfig::default()).map_err(|e| repro(seed, n, e))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(12))]
+
+    #[test]
+    fn crash_after_every_event_resumes_to_the_same_run(seed in any::<u64>(), n in 1usize..=12) {
+        let r = check_seed(seed, n, &GenConfig::default()).map_err(|e| repro(seed, n, e))?;
+        crash_every_boundary(&r).map_err(|e| repro(seed, n, e))?;
+    }
+}
+
+/// Rerun one seed: `KEEL_SEED=0x.. KEEL_TASKS=n`.
+#[test]
+fn replay_one() {
+    let Some(seed) = env_u64("KEEL_SEED") else { return };
+    let n = env_u64("KEEL_TASKS").unwrap_or(10) as usize;
+    let r = check_seed(seed, n, &GenConfig::default());
+    match r {
+        Ok(r) => {
+            for e in &r.log {
+                println!("{:>4} {:>10} {:?}", e.seq.0, e.at_us, e.event);
+            }
+            let (points, b) = crash_every_boundary(&r).unwrap_or_else(|e| panic!("{e}"));
+            println!("ok: {} events, {points} crash points ({b} at batch boundaries)", r.log.len());
+        }
+        Err(e) => {
+            if let Ok(r) = keel_proptests::driver::simulate_seed(seed, n, &GenConfig::default()) {
+                for e in &r.log {
+                    println!("{:>4} {:>10} {:?}", e.seq.0, e.at_us, e.event);
+                }
+            }
+            panic!("seed {seed:#x} n {n}: {e}");
+        }
+    }
+}
