@@ -1,0 +1,169 @@
+//! A service embedding keel in its own tokio runtime: it registers its own workflow
+//! (planner, handlers, evaluator), starts the engine's background workers, submits a few
+//! requests, resolves the escalation one of them raises, prints the results and shuts
+//! down.
+//!
+//! `cargo run -p keel-engine --example embed`
+
+use keel_engine::*;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Plans: extract the invoice fields, look up the vendor, then approve the payment.
+struct InvoicePlanner;
+
+impl Planner for InvoicePlanner {
+    fn plan(&self, _req: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>> {
+        let task = |id: &str, kind: TaskKind, deps: &[&str]| TaskSpec {
+            id: TaskId::from(id),
+            kind,
+            handler: id.to_owned(),
+            input: Json::new(&json!({})),
+            depends_on: deps.iter().map(|d| TaskId::from(*d)).collect(),
+            timeout_ms: 2_000,
+            retry: RetryPolicy::default(),
+            success_criteria: None,
+            cost_estimate_micros: 0,
+            token_estimate: 0,
+            critical: true,
+            output_schema: None,
+            complexity: None,
+            cacheable: false,
+        };
+        let mut extract = task("extract_fields", TaskKind::Llm, &[]);
+        extract.complexity = Some(Complexity::Extraction);
+        extract.cost_estimate_micros = 3_000;
+        extract.output_schema = Some(Json::new(&json!({"type": "object", "required": ["amount_cents", "vendor"]})));
+        let vendor = task("lookup_vendor", TaskKind::DataFetch, &["extract_fields"]);
+        let mut approve = task("approve_payment", TaskKind::Tool, &["extract_fields", "lookup_vendor"]);
+        approve.success_criteria = Some("payments above 5000.00 need a person".to_owned());
+        let plan = Plan { tasks: vec![extract, vendor, approve], rationale: "extract, check the vendor, approve".into() };
+        Box::pin(async move { Ok(plan) })
+    }
+}
+
+/// One handler per task, as closures over the task call.
+struct Handler(fn(&TaskCall) -> Result<TaskOutput, HandlerError>);
+
+impl TaskHandler for Handler {
+    fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
+        let out = (self.0)(&call);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await; // pretend to work
+            out
+        })
+    }
+}
+
+fn invoice(call: &TaskCall) -> Value {
+    call.run_input.value().unwrap_or(Value::Null)
+}
+
+fn extract_fields(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
+    let inv = invoice(call);
+    Ok(TaskOutput {
+        output: json!({ "amount_cents": inv["amount_cents"], "vendor": inv["vendor"], "model": call.model }),
+        usage: Usage { cost_micros: 2_100, tokens: 640 },
+    })
+}
+
+fn lookup_vendor(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
+    let vendor = invoice(call)["vendor"].as_str().unwrap_or("").to_owned();
+    Ok(TaskOutput { output: json!({ "vendor": vendor, "known": true }), usage: Usage::default() })
+}
+
+fn approve_payment(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
+    // A real handler would dedupe its side effect on call.idempotency_key.
+    let amount = invoice(call)["amount_cents"].as_u64().unwrap_or(0);
+    Ok(TaskOutput { output: json!({ "approved_cents": amount, "key": call.idempotency_key }), usage: Usage::default() })
+}
+
+struct LimitEvaluator;
+
+impl Evaluator for LimitEvaluator {
+    fn evaluate(&self, req: EvalRequest) -> BoxFuture<Result<Evaluation, HandlerError>> {
+        let amount = req.output.value().ok().and_then(|v| v["approved_cents"].as_u64()).unwrap_or(0);
+        let verdict = if amount > 500_000 { Verdict::Critical } else { Verdict::Pass };
+        Box::pin(async move { Ok(Evaluation { verdict, notes: format!("{amount} cents"), usage: Usage { cost_micros: 150, tokens: 60 } }) })
+    }
+}
+
+/// Where escalations go in a real service: a queue, a chat message, a ticket.
+struct PrintSink;
+
+impl EscalationSink for PrintSink {
+    fn notify(&self, run: RunId, e: Escalation) -> BoxFuture<Result<(), String>> {
+        println!("needs a human: run {run}: {} (options: {})", e.why, e.options.join(", "));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn wait_until_settled(engine: &Engine) -> Result<Vec<RunSummary>, EngineError> {
+    loop {
+        let runs = engine.runs()?;
+        if runs.iter().all(|r| r.status.is_terminal() || r.status == RunStatus::AwaitingHuman) {
+            return Ok(runs);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The service's own runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let mut wf = WorkflowType::new("invoice_review", Arc::new(InvoicePlanner), Arc::new(LimitEvaluator));
+        wf.input_schema = Some(json!({
+            "type": "object",
+            "required": ["vendor", "amount_cents"],
+            "properties": { "vendor": {"type": "string"}, "amount_cents": {"type": "integer", "minimum": 0} }
+        }));
+        wf.routes = vec![(Complexity::Extraction, "small-model".into())];
+        wf.evaluator_model = Some("tiny-model".into());
+        wf.budget = Budget { cost_micros: Some(20_000), ..Budget::default() };
+        let engine = Engine::builder()
+            .path(dir.path().join("keel-db"))
+            .workflow(wf)
+            .handler("extract_fields", Arc::new(Handler(extract_fields)))
+            .handler("lookup_vendor", Arc::new(Handler(lookup_vendor)))
+            .handler("approve_payment", Arc::new(Handler(approve_payment)))
+            .escalation_sink(Arc::new(PrintSink))
+            .open()?;
+        let workers = engine.start();
+
+        for (vendor, cents, key) in [("Acme", 120_000, "inv-1"), ("Globex", 990_000, "inv-2"), ("Initech", 45_000, "inv-3")] {
+            let mut req = Request::new("invoice_review", json!({ "vendor": vendor, "amount_cents": cents }));
+            req.idempotency_key = Some(key.into());
+            let s = engine.submit(req).await?;
+            println!("submitted {key}: run {}", s.run);
+        }
+        // A webhook delivered twice: the same run comes back.
+        let again = engine
+            .submit(Request { idempotency_key: Some("inv-1".into()), ..Request::new("invoice_review", json!({"vendor": "Acme", "amount_cents": 120_000})) })
+            .await?;
+        println!("duplicate delivery of inv-1 -> run {} (duplicate: {})", again.run, again.duplicate);
+        // A malformed request is refused with nothing written.
+        if let Err(e) = engine.submit(Request::new("invoice_review", json!({"vendor": 7}))).await {
+            println!("refused: {e}");
+        }
+
+        wait_until_settled(&engine).await?;
+        for p in engine.escalations()? {
+            println!("resolving escalation {} of run {}: approve", p.escalation.number, p.run);
+            engine.resolve(p.run, Resolution { decision: Decision::Approve, by: "finance@example.com".into() }).await?;
+        }
+        let runs = wait_until_settled(&engine).await?;
+        println!("\n{:<36}  {:<10}  {:>8}  {:>6}", "run", "status", "cost", "events");
+        for r in &runs {
+            println!("{:<36}  {:<10}  {:>8}  {:>6}", r.run.to_string(), r.status.name(), r.cost_micros, r.events);
+        }
+        for s in engine.stats()? {
+            println!("{}: {} runs, cost per run {} micros, {} LLM calls", s.workflow, s.runs, s.cost_per_run_micros, s.totals.llm_calls);
+        }
+        let report = workers.shutdown().await;
+        println!("workers stopped after {} drives", report.driven);
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
