@@ -38,7 +38,8 @@ impl Planner for InvoicePlanner {
         let vendor = task("lookup_vendor", TaskKind::DataFetch, &["extract_fields"]);
         let mut approve = task("approve_payment", TaskKind::Tool, &["extract_fields", "lookup_vendor"]);
         approve.success_criteria = Some("payments above 5000.00 need a person".to_owned());
-        let plan = Plan { tasks: vec![extract, vendor, approve], rationale: "extract, check the vendor, approve".into() };
+        let plan =
+            Plan { tasks: vec![extract, vendor, approve], rationale: "extract, check the vendor, approve".into() };
         Box::pin(async move { Ok(plan) })
     }
 }
@@ -85,7 +86,9 @@ impl Evaluator for LimitEvaluator {
     fn evaluate(&self, req: EvalRequest) -> BoxFuture<Result<Evaluation, HandlerError>> {
         let amount = req.output.value().ok().and_then(|v| v["approved_cents"].as_u64()).unwrap_or(0);
         let verdict = if amount > 500_000 { Verdict::Critical } else { Verdict::Pass };
-        Box::pin(async move { Ok(Evaluation { verdict, notes: format!("{amount} cents"), usage: Usage { cost_micros: 150, tokens: 60 } }) })
+        Box::pin(async move {
+            Ok(Evaluation { verdict, notes: format!("{amount} cents"), usage: Usage { cost_micros: 150, tokens: 60 } })
+        })
     }
 }
 
@@ -133,7 +136,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .open()?;
         let workers = engine.start();
 
-        for (vendor, cents, key) in [("Acme", 120_000, "inv-1"), ("Globex", 990_000, "inv-2"), ("Initech", 45_000, "inv-3")] {
+        for (vendor, cents, key) in
+            [("Acme", 120_000, "inv-1"), ("Globex", 990_000, "inv-2"), ("Initech", 45_000, "inv-3")]
+        {
             let mut req = Request::new("invoice_review", json!({ "vendor": vendor, "amount_cents": cents }));
             req.idempotency_key = Some(key.into());
             let s = engine.submit(req).await?;
@@ -141,7 +146,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         // A webhook delivered twice: the same run comes back.
         let again = engine
-            .submit(Request { idempotency_key: Some("inv-1".into()), ..Request::new("invoice_review", json!({"vendor": "Acme", "amount_cents": 120_000})) })
+            .submit(Request {
+                idempotency_key: Some("inv-1".into()),
+                ..Request::new("invoice_review", json!({"vendor": "Acme", "amount_cents": 120_000}))
+            })
             .await?;
         println!("duplicate delivery of inv-1 -> run {} (duplicate: {})", again.run, again.duplicate);
         // A malformed request is refused with nothing written.
@@ -160,7 +168,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{:<36}  {:<10}  {:>8}  {:>6}", r.run.to_string(), r.status.name(), r.cost_micros, r.events);
         }
         for s in engine.stats()? {
-            println!("{}: {} runs, cost per run {} micros, {} LLM calls", s.workflow, s.runs, s.cost_per_run_micros, s.totals.llm_calls);
+            println!(
+                "{}: {} runs, cost per run {} micros, {} LLM calls",
+                s.workflow, s.runs, s.cost_per_run_micros, s.totals.llm_calls
+            );
         }
         let report = workers.shutdown().await;
         println!("workers stopped after {} drives", report.driven);

@@ -7,9 +7,9 @@
 //! Current limit: the cache lives in memory. It is filled as runs are driven and from the
 //! runs folded at resume; it is not persisted across process restarts.
 
+use crate::fsm::TaskStatus;
 use crate::model::{Json, TaskInput};
 use crate::state::{RunState, TaskState};
-use crate::fsm::TaskStatus;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -38,7 +38,9 @@ impl ResponseCache {
         let input_json = serde_json::to_value(input).unwrap_or(serde_json::Value::Null);
         let canonical = Json::new(&input_json);
         let mut h = Sha256::new();
-        for part in [b"keel/cache/v1".as_slice(), handler.as_bytes(), model.unwrap_or("").as_bytes(), canonical.0.as_bytes()] {
+        for part in
+            [b"keel/cache/v1".as_slice(), handler.as_bytes(), model.unwrap_or("").as_bytes(), canonical.0.as_bytes()]
+        {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }

@@ -109,7 +109,8 @@ pub fn request(seed: u64, index: u64) -> Request {
     if topic == "refund" {
         ticket["refund_cents"] = json!(25_000 + roll(seed, index, "refund", 0) % 10_000);
     }
-    let budget = (scenario_no(index) == 7).then(|| Budget { cost_micros: Some(TIGHT_BUDGET_MICROS), ..default_budget() });
+    let budget =
+        (scenario_no(index) == 7).then(|| Budget { cost_micros: Some(TIGHT_BUDGET_MICROS), ..default_budget() });
     Request {
         workflow: WORKFLOW.to_owned(),
         input: json!({ "index": index, "ticket": ticket }),
@@ -275,7 +276,12 @@ fn plan_for(input: &Json, revision: u32, reason: &PlanReason) -> Plan {
         }
     })));
 
-    let mut policy = spec("check_policy", TaskKind::Tool, json!({ "refund_cents": refund.unwrap_or(0), "limit_cents": REFUND_LIMIT_CENTS }), &["draft_reply", "fetch_account"]);
+    let mut policy = spec(
+        "check_policy",
+        TaskKind::Tool,
+        json!({ "refund_cents": refund.unwrap_or(0), "limit_cents": REFUND_LIMIT_CENTS }),
+        &["draft_reply", "fetch_account"],
+    );
     if refund.is_some() {
         policy.success_criteria = Some(format!("refund within the {REFUND_LIMIT_CENTS} cents limit"));
         policy.cost_estimate_micros = 500;
@@ -312,8 +318,15 @@ struct DemoHandler {
 impl DemoHandler {
     fn log_invocation(&self, call: &TaskCall) {
         let Some(path) = &self.opts.invocation_log else { return };
-        let line = format!("{}\t{}\t{}\t{}\t{}\n", self.opts.invocation_tag, call.run, call.task, call.attempt, call.idempotency_key);
-        let res = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
+        let line = format!(
+            "{}\t{}\t{}\t{}\t{}\n",
+            self.opts.invocation_tag, call.run, call.task, call.attempt, call.idempotency_key
+        );
+        let res = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
         if let Err(e) = res {
             tracing::warn!(error = %e, "demo: cannot write the invocation log");
         }
@@ -331,13 +344,19 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
     let seed = call.seed;
     let r = roll(seed, index, call.task.0.as_str(), call.attempt);
     let input = call.input.input.value().unwrap_or(Value::Null);
-    let llm = |cost_min: u64, cost_max: u64, tokens: u64| Usage { cost_micros: usage_between(r, cost_min, cost_max), tokens: usage_between(r >> 16, tokens / 2, tokens) };
-    let upstream = |task: &str| -> Value { call.input.upstream.get(&TaskId(task.to_owned())).and_then(|j| j.value().ok()).unwrap_or(Value::Null) };
+    let llm = |cost_min: u64, cost_max: u64, tokens: u64| Usage {
+        cost_micros: usage_between(r, cost_min, cost_max),
+        tokens: usage_between(r >> 16, tokens / 2, tokens),
+    };
+    let upstream = |task: &str| -> Value {
+        call.input.upstream.get(&TaskId(task.to_owned())).and_then(|j| j.value().ok()).unwrap_or(Value::Null)
+    };
     match call.task.0.as_str() {
         "classify" => {
             let ticket = ticket_of(&call.run_input);
             let subject = ticket.get("subject").and_then(Value::as_str).unwrap_or("");
-            let topic = ["refund", "billing", "shipping", "login"].into_iter().find(|t| subject.contains(t)).unwrap_or("other");
+            let topic =
+                ["refund", "billing", "shipping", "login"].into_iter().find(|t| subject.contains(t)).unwrap_or("other");
             let urgency = if (r >> 3) & 3 == 0 { "high" } else { "normal" };
             Ok(TaskOutput { output: json!({ "topic": topic, "urgency": urgency }), usage: llm(1_200, 1_600, 800) })
         }
@@ -353,7 +372,8 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
         }
         "enrich_sentiment" => {
             if sc == 4 {
-                return Err(HandlerError::fatal("sentiment model does not support this locale").with_usage(Usage { cost_micros: 200, tokens: 50 }));
+                return Err(HandlerError::fatal("sentiment model does not support this locale")
+                    .with_usage(Usage { cost_micros: 200, tokens: 50 }));
             }
             let sentiment = ["negative", "neutral", "positive"][usize::try_from(r % 3).unwrap_or(0)];
             Ok(TaskOutput { output: json!({ "sentiment": sentiment }), usage: llm(600, 900, 400) })
@@ -375,23 +395,40 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
             let topic = upstream("classify").get("topic").and_then(Value::as_str).unwrap_or("other").to_owned();
             let answers = if sc == 2 && style == "concise" {
                 // A confident answer to the wrong question: the evaluator catches it.
-                if topic == "shipping" { "billing".to_owned() } else { "shipping".to_owned() }
+                if topic == "shipping" {
+                    "billing".to_owned()
+                } else {
+                    "shipping".to_owned()
+                }
             } else {
                 topic.clone()
             };
-            let reply = format!("Hello! About your {answers} question: we have looked into it and here is what we found.");
-            Ok(TaskOutput { output: json!({ "reply": reply, "tone": "friendly", "answers": answers, "style": style }), usage })
+            let reply =
+                format!("Hello! About your {answers} question: we have looked into it and here is what we found.");
+            Ok(TaskOutput {
+                output: json!({ "reply": reply, "tone": "friendly", "answers": answers, "style": style }),
+                usage,
+            })
         }
         "check_policy" => {
             let refund = input.get("refund_cents").and_then(Value::as_u64).unwrap_or(0);
             let limit = input.get("limit_cents").and_then(Value::as_u64).unwrap_or(REFUND_LIMIT_CENTS);
-            Ok(TaskOutput { output: json!({ "refund_cents": refund, "limit_cents": limit, "within_limit": refund <= limit }), usage: Usage::default() })
+            Ok(TaskOutput {
+                output: json!({ "refund_cents": refund, "limit_cents": limit, "within_limit": refund <= limit }),
+                usage: Usage::default(),
+            })
         }
         "issue_refund" => {
             let refund = input.get("refund_cents").and_then(Value::as_u64).unwrap_or(0);
-            Ok(TaskOutput { output: json!({ "refunded_cents": refund, "refund_id": format!("R-{}", r % 1_000_000) }), usage: Usage::default() })
+            Ok(TaskOutput {
+                output: json!({ "refunded_cents": refund, "refund_id": format!("R-{}", r % 1_000_000) }),
+                usage: Usage::default(),
+            })
         }
-        "send_reply" => Ok(TaskOutput { output: json!({ "sent": true, "message_id": format!("M-{}", r % 1_000_000) }), usage: Usage::default() }),
+        "send_reply" => Ok(TaskOutput {
+            output: json!({ "sent": true, "message_id": format!("M-{}", r % 1_000_000) }),
+            usage: Usage::default(),
+        }),
         other => Err(HandlerError::fatal(format!("demo has no handler {other}"))),
     }
 }
@@ -429,12 +466,22 @@ impl Evaluator for DemoEvaluator {
                     if answers == topic || (topic == "refund" && answers == "refund") {
                         (Verdict::Pass, "the reply addresses the ticket".to_owned())
                     } else {
-                        (Verdict::Hard, format!("the reply answers a {answers} question but the ticket is about {topic}"))
+                        (
+                            Verdict::Hard,
+                            format!("the reply answers a {answers} question but the ticket is about {topic}"),
+                        )
                     }
                 }
                 "check_policy" => {
                     if output.get("within_limit").and_then(Value::as_bool) == Some(false) {
-                        (Verdict::Critical, format!("refund of {} cents is above the {} cents limit: a human must approve", output.get("refund_cents").and_then(Value::as_u64).unwrap_or(0), REFUND_LIMIT_CENTS))
+                        (
+                            Verdict::Critical,
+                            format!(
+                                "refund of {} cents is above the {} cents limit: a human must approve",
+                                output.get("refund_cents").and_then(Value::as_u64).unwrap_or(0),
+                                REFUND_LIMIT_CENTS
+                            ),
+                        )
                     } else {
                         (Verdict::Pass, "within policy".to_owned())
                     }
@@ -489,7 +536,11 @@ impl DemoSummary {
 
 impl fmt::Display for DemoSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<36}  {:>5}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}", "run", "index", "scenario", "status", "partial", "cost(micros)", "events")?;
+        writeln!(
+            f,
+            "{:<36}  {:>5}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}",
+            "run", "index", "scenario", "status", "partial", "cost(micros)", "events"
+        )?;
         for r in &self.runs {
             writeln!(
                 f,

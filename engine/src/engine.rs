@@ -296,9 +296,10 @@ impl EngineBuilder {
             }
             let validator = match &w.input_schema {
                 None => None,
-                Some(s) => Some(jsonschema::validator_for(s).map_err(|e| {
-                    EngineError::Config(format!("workflow {}: invalid input schema: {e}", w.name))
-                })?),
+                Some(s) => Some(
+                    jsonschema::validator_for(s)
+                        .map_err(|e| EngineError::Config(format!("workflow {}: invalid input schema: {e}", w.name)))?,
+                ),
             };
             let name = w.name.clone();
             if workflows.insert(name.clone(), Arc::new(Registered { wf: w, validator })).is_some() {
@@ -478,7 +479,12 @@ impl Engine {
                         options: esc.options.clone(),
                     });
                 }
-                Ok(Event::HumanResolved { number: esc.number, decision: decision.clone(), by: by.clone(), defaulted: false })
+                Ok(Event::HumanResolved {
+                    number: esc.number,
+                    decision: decision.clone(),
+                    by: by.clone(),
+                    defaulted: false,
+                })
             })
             .await?;
         crate::sched::poke(&self.inner, run);

@@ -121,7 +121,11 @@ impl Driver {
             return Err(EngineError::UnknownWorkflow { name: state.workflow.clone() });
         };
         if reg.wf.version != state.workflow_version {
-            tracing::warn!(recorded = state.workflow_version, registered = reg.wf.version, "run was accepted under another version of its workflow type");
+            tracing::warn!(
+                recorded = state.workflow_version,
+                registered = reg.wf.version,
+                "run was accepted under another version of its workflow type"
+            );
         }
         self.inner.cache.fill_from(&state);
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
@@ -279,9 +283,13 @@ impl Driver {
                             error: format!("output too large: {reason}"),
                             usage,
                         },
-                        Event::Planned { revision, .. } | Event::Replanned { revision, .. } | Event::PlanRejected { revision, .. } => {
-                            Event::PlanRejected { revision, errors: vec![format!("plan too large to record: {reason}")], plan: None }
-                        }
+                        Event::Planned { revision, .. }
+                        | Event::Replanned { revision, .. }
+                        | Event::PlanRejected { revision, .. } => Event::PlanRejected {
+                            revision,
+                            errors: vec![format!("plan too large to record: {reason}")],
+                            plan: None,
+                        },
                         _ => return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })),
                     };
                 }
@@ -308,10 +316,13 @@ impl Driver {
             }
         }
         let fut: crate::api::BoxFuture<Option<Event>> = match cmd {
-            Command::Plan { revision } => Box::pin(plan_effect(self.inner.clone(), reg.clone(), state.clone(), revision)),
+            Command::Plan { revision } => {
+                Box::pin(plan_effect(self.inner.clone(), reg.clone(), state.clone(), revision))
+            }
             Command::Execute { task, attempt } => {
                 let Some(call) = self.task_call(state, &task, attempt) else { return };
-                let span = tracing::info_span!("task", task = %task, attempt, seq = state.next_seq.0, handler = %call.1);
+                let span =
+                    tracing::info_span!("task", task = %task, attempt, seq = state.next_seq.0, handler = %call.1);
                 Box::pin(execute_effect(self.inner.clone(), call.0, call.2).instrument(span))
             }
             Command::Evaluate { task, attempt } => {
@@ -358,7 +369,11 @@ impl Driver {
             tracing::error!(%task, attempt, recorded = t.attempt, "Execute for an attempt that is not the recorded dispatch");
             return None;
         }
-        let input = t.input.clone().unwrap_or_else(|| TaskInput { input: t.spec.input.clone(), upstream: BTreeMap::new(), note: None });
+        let input = t.input.clone().unwrap_or_else(|| TaskInput {
+            input: t.spec.input.clone(),
+            upstream: BTreeMap::new(),
+            note: None,
+        });
         let cache_key = t.spec.cacheable.then(|| ResponseCache::key(&t.spec.handler, t.model.as_deref(), &input));
         let call = TaskCall {
             run: self.run,
@@ -397,20 +412,27 @@ async fn execute_effect(inner: Arc<Inner>, call: TaskCall, cache_key: Option<Str
             return Some(Event::TaskExecuted { task, attempt, output, usage: Usage::default(), cached: true });
         }
     }
-    let failed = |class, error: String, usage| Some(Event::TaskFailed { task: task.clone(), attempt, class, error, usage });
+    let failed =
+        |class, error: String, usage| Some(Event::TaskFailed { task: task.clone(), attempt, class, error, usage });
     let Some(handler) = inner.handlers.get(&call.handler).cloned() else {
         return failed(ErrorClass::Fatal, format!("no handler registered for {:?}", call.handler), Usage::default());
     };
     tracing::debug!(key = %call.idempotency_key, "calling handler");
     match tokio::time::timeout(Duration::from_millis(timeout_ms), handler.call(call)).await {
         Err(_) => failed(ErrorClass::Transient, format!("timeout after {timeout_ms} ms"), Usage::default()),
-        Ok(Err(HandlerError { class, message, usage })) => failed(class, clip(message, inner.limits.error_bytes_max), usage),
+        Ok(Err(HandlerError { class, message, usage })) => {
+            failed(class, clip(message, inner.limits.error_bytes_max), usage)
+        }
         Ok(Ok(out)) => {
             let output = Json::new(&out.output);
             if output.0.len() > inner.limits.output_bytes_max {
                 return failed(
                     ErrorClass::Semantic,
-                    format!("output too large: {} bytes of JSON > max {}", output.0.len(), inner.limits.output_bytes_max),
+                    format!(
+                        "output too large: {} bytes of JSON > max {}",
+                        output.0.len(),
+                        inner.limits.output_bytes_max
+                    ),
                     out.usage,
                 );
             }
@@ -438,7 +460,14 @@ async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64
                     cost_micros: spent.cost_micros.saturating_add(ev.usage.cost_micros),
                     tokens: spent.tokens.saturating_add(ev.usage.tokens),
                 };
-                return Some(Event::TaskEvaluated { task, attempt, verdict: ev.verdict, notes: ev.notes, model, usage });
+                return Some(Event::TaskEvaluated {
+                    task,
+                    attempt,
+                    verdict: ev.verdict,
+                    notes: ev.notes,
+                    model,
+                    usage,
+                });
             }
             Ok(Err(e)) if e.class == ErrorClass::Transient => {
                 spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
@@ -449,13 +478,25 @@ async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64
             Ok(Err(e)) => {
                 spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
                 spent.tokens = spent.tokens.saturating_add(e.usage.tokens);
-                return Some(Event::TaskFailed { task, attempt, class: e.class, error: format!("evaluator: {}", clip(e.message, 2048)), usage: spent });
+                return Some(Event::TaskFailed {
+                    task,
+                    attempt,
+                    class: e.class,
+                    error: format!("evaluator: {}", clip(e.message, 2048)),
+                    usage: spent,
+                });
             }
             Err(_) => last = Some(HandlerError::transient(format!("timeout after {timeout_ms} ms"))),
         }
     }
     let msg = last.map(|e| e.message).unwrap_or_default();
-    Some(Event::TaskFailed { task, attempt, class: ErrorClass::Transient, error: format!("evaluator: {}", clip(msg, 2048)), usage: spent })
+    Some(Event::TaskFailed {
+        task,
+        attempt,
+        class: ErrorClass::Transient,
+        error: format!("evaluator: {}", clip(msg, 2048)),
+        usage: spent,
+    })
 }
 
 /// Sink failures are retried in-process this many times; after that the escalation is
@@ -480,7 +521,9 @@ async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::event::Escalat
 const PLAN_TRIES: u32 = 3;
 
 async fn plan_effect(inner: Arc<Inner>, reg: Arc<Registered>, state: RunState, revision: u32) -> Option<Event> {
-    let previous = state.revision.map(|_| Plan { tasks: state.tasks.iter().map(|t| t.spec.clone()).collect(), rationale: String::new() });
+    let previous = state
+        .revision
+        .map(|_| Plan { tasks: state.tasks.iter().map(|t| t.spec.clone()).collect(), rationale: String::new() });
     let req = PlanRequest {
         run: state.run,
         workflow: state.workflow.clone(),
@@ -508,7 +551,11 @@ async fn plan_effect(inner: Arc<Inner>, reg: Arc<Registered>, state: RunState, r
     let plan = match result {
         Ok(p) => p,
         Err(e) => {
-            return Some(Event::PlanRejected { revision, errors: vec![format!("planner: {}", clip(e.message, 2048))], plan: None });
+            return Some(Event::PlanRejected {
+                revision,
+                errors: vec![format!("planner: {}", clip(e.message, 2048))],
+                plan: None,
+            });
         }
     };
     let errors = validate_plan(&plan, &state, &inner.ctx);

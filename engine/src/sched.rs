@@ -6,7 +6,7 @@
 //! (the `active` set); an event appended from outside while it is driven (resolve,
 //! cancel) wakes its driver, and marks it to be queued again when the driver ends.
 
-use crate::engine::{Inner, IdleReport};
+use crate::engine::{IdleReport, Inner};
 use crate::error::EngineError;
 use crate::executor::{drive, DriveOutcome};
 use crate::fsm::RunStatus;
@@ -139,11 +139,7 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn spawn_claimed(
-    inner: &Arc<Inner>,
-    set: &mut JoinSet<(RunId, DriveOutcome)>,
-    stop: &watch::Receiver<bool>,
-) {
+fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
     loop {
         let claimed = inner.sched().claim(inner);
         let Some((run, wake)) = claimed else { break };

@@ -61,10 +61,16 @@ fn project(events: &[Logged], state: &RunState) -> Projection {
         let mut push = |task: &TaskId, what: String| per_task.entry((revision, task.0.clone())).or_default().push(what);
         match &e.event {
             Event::TaskDispatched { task, attempt, .. } => push(task, format!("dispatched {attempt}")),
-            Event::TaskExecuted { task, attempt, cached, .. } => push(task, format!("executed {attempt} cached={cached}")),
+            Event::TaskExecuted { task, attempt, cached, .. } => {
+                push(task, format!("executed {attempt} cached={cached}"))
+            }
             Event::TaskFailed { task, attempt, class, .. } => push(task, format!("failed {attempt} {class:?}")),
-            Event::RetryScheduled { task, next_attempt, delay_ms } => push(task, format!("retry {next_attempt} after {delay_ms}")),
-            Event::TaskEvaluated { task, attempt, verdict, .. } => push(task, format!("evaluated {attempt} {verdict:?}")),
+            Event::RetryScheduled { task, next_attempt, delay_ms } => {
+                push(task, format!("retry {next_attempt} after {delay_ms}"))
+            }
+            Event::TaskEvaluated { task, attempt, verdict, .. } => {
+                push(task, format!("evaluated {attempt} {verdict:?}"))
+            }
             Event::TaskSkipped { task, .. } => push(task, "skipped".into()),
             Event::Planned { revision: r, .. } | Event::Replanned { revision: r, .. } => {
                 revision = *r;

@@ -34,14 +34,19 @@ async fn transient_failures_retry_with_growing_jittered_backoff_then_succeed() {
         let delays: Vec<(u32, u64, i64)> = ev
             .iter()
             .filter_map(|e| match &e.event {
-                Event::RetryScheduled { task, next_attempt, delay_ms } if task.0 == id => Some((*next_attempt, *delay_ms, e.at_us)),
+                Event::RetryScheduled { task, next_attempt, delay_ms } if task.0 == id => {
+                    Some((*next_attempt, *delay_ms, e.at_us))
+                }
                 _ => None,
             })
             .collect();
         assert_eq!(delays.len(), 2, "task {id}: two retries");
         for (next_attempt, delay, at) in &delays {
             let base = (retry.backoff_base_ms << (next_attempt - 2)).min(retry.backoff_max_ms);
-            assert!(*delay >= base && *delay <= base + retry.jitter_ms, "task {id}: delay {delay} not in [{base}, {base}+jitter]");
+            assert!(
+                *delay >= base && *delay <= base + retry.jitter_ms,
+                "task {id}: delay {delay} not in [{base}, {base}+jitter]"
+            );
             jitters.push(delay - base);
             // The re-dispatch happens no earlier than the recorded delay.
             let redispatch = ev
@@ -50,7 +55,10 @@ async fn transient_failures_retry_with_growing_jittered_backoff_then_succeed() {
                 .expect("re-dispatch");
             assert!(redispatch.at_us >= at + (*delay as i64) * 1000, "task {id}: dispatched before its backoff");
         }
-        assert!(delays[1].1 - jitters[jitters.len() - 1] > delays[0].1 - jitters[jitters.len() - 2], "task {id}: backoff grows");
+        assert!(
+            delays[1].1 - jitters[jitters.len() - 1] > delays[0].1 - jitters[jitters.len() - 2],
+            "task {id}: backoff grows"
+        );
     }
     assert!(jitters.iter().any(|j| *j > 0), "jitter is drawn from the seed: {jitters:?}");
 }
@@ -63,7 +71,12 @@ async fn retries_exhausted_leads_to_a_replan_that_succeeds() {
     let p0 = plan(vec![task("fetch", TaskKind::DataFetch, "primary", &[]), tool("use", &["fetch"])]);
     let p1 = plan(vec![task("fetch", TaskKind::DataFetch, "replica", &[]), tool("use", &["fetch"])]);
     let wf = workflow("w", planner(vec![p0, p1]), pass_evaluator());
-    let engine = open_engine(dir.path(), wf, &[("primary", down.clone()), ("replica", up.clone()), ("use", ok_handler(Usage::default()))], |b| b);
+    let engine = open_engine(
+        dir.path(),
+        wf,
+        &[("primary", down.clone()), ("replica", up.clone()), ("use", ok_handler(Usage::default()))],
+        |b| b,
+    );
     let (run, ev) = run_one(&engine, "w").await;
     assert_eq!(down.calls(), 3, "max_attempts calls to the failing handler");
     assert_eq!(count(&ev, "ReplanRequested"), 1);
@@ -129,7 +142,10 @@ async fn resolution_for_a_run_that_is_not_waiting_is_a_typed_error_and_writes_no
     assert!(matches!(err, EngineError::NotAwaitingHuman { status: RunStatus::Accepted, .. }), "{err}");
     assert_eq!(engine.events(s.run).unwrap().len(), before);
     let unknown = RunId(uuid::Uuid::from_u128(7));
-    assert!(matches!(engine.resolve(unknown, Resolution { decision: Decision::Approve, by: "x".into() }).await, Err(EngineError::UnknownRun { .. })));
+    assert!(matches!(
+        engine.resolve(unknown, Resolution { decision: Decision::Approve, by: "x".into() }).await,
+        Err(EngineError::UnknownRun { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +159,11 @@ async fn a_failed_noncritical_task_is_skipped_and_the_result_is_partial() {
     let engine = open_engine(
         dir.path(),
         wf,
-        &[("main", ok_handler(Usage::default())), ("enrich", handler(|_| Err(HandlerError::fatal("unsupported")))), ("after_enrich", ok_handler(Usage::default()))],
+        &[
+            ("main", ok_handler(Usage::default())),
+            ("enrich", handler(|_| Err(HandlerError::fatal("unsupported")))),
+            ("after_enrich", ok_handler(Usage::default())),
+        ],
         |b| b,
     );
     let (run, ev) = run_one(&engine, "w").await;
@@ -165,7 +185,9 @@ async fn a_failed_noncritical_task_is_skipped_and_the_result_is_partial() {
 async fn the_schema_gate_keeps_a_bad_output_from_every_downstream_task() {
     let dir = tempdir();
     let mut produce = tool("produce", &[]);
-    produce.output_schema = Some(Json::new(&json!({"type": "object", "required": ["amount"], "properties": {"amount": {"type": "integer"}}})));
+    produce.output_schema = Some(Json::new(
+        &json!({"type": "object", "required": ["amount"], "properties": {"amount": {"type": "integer"}}}),
+    ));
     let p0 = plan(vec![produce.clone(), tool("consume", &["produce"])]);
     let mut produce1 = produce.clone();
     produce1.input = Json::new(&json!({"format": "strict"}));
@@ -205,9 +227,16 @@ async fn cyclic_and_over_budget_plans_are_rejected_and_never_dispatched() {
         w.budget = Budget { cost_micros: Some(1_000), ..Budget::default() };
         w
     };
-    let engine = open_engine(dir.path(), wf, &[("a", ok_handler(Usage::default())), ("b", ok_handler(Usage::default())), ("pricey", ok_handler(Usage::default()))], |b| {
-        b.policy(Policy { max_replans: 1, ..Policy::default() })
-    });
+    let engine = open_engine(
+        dir.path(),
+        wf,
+        &[
+            ("a", ok_handler(Usage::default())),
+            ("b", ok_handler(Usage::default())),
+            ("pricey", ok_handler(Usage::default())),
+        ],
+        |b| b.policy(Policy { max_replans: 1, ..Policy::default() }),
+    );
     let (run, ev) = run_one(&engine, "w").await;
     let rejected: Vec<Vec<String>> = ev
         .iter()
@@ -232,10 +261,15 @@ async fn a_handler_past_its_timeout_is_a_transient_failure() {
     t.retry.max_attempts = 2;
     let slow = slow_handler(2_000, |_| Ok(TaskOutput { output: json!(1), usage: Usage::default() }));
     let wf = workflow("w", planner(vec![plan(vec![t])]), pass_evaluator());
-    let engine = open_engine(dir.path(), wf, &[("slow", slow.clone())], |b| b.policy(Policy { max_replans: 0, ..Policy::default() }));
+    let engine = open_engine(dir.path(), wf, &[("slow", slow.clone())], |b| {
+        b.policy(Policy { max_replans: 0, ..Policy::default() })
+    });
     let started = std::time::Instant::now();
     let (_run, ev) = run_one(&engine, "w").await;
-    assert!(started.elapsed() < std::time::Duration::from_millis(1_500), "the engine did not wait for the slow handler");
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1_500),
+        "the engine did not wait for the slow handler"
+    );
     let failures: Vec<String> = ev
         .iter()
         .filter_map(|e| match &e.event {
@@ -280,7 +314,9 @@ async fn cancelling_a_run_drops_its_in_flight_result_and_ends_with_run_cancelled
 fn critical_refund_workflow() -> WorkflowType {
     let mut t = tool("refund", &[]);
     t.success_criteria = Some("within limit".into());
-    let eval = evaluator(|_| Ok(Evaluation { verdict: Verdict::Critical, notes: "too large".into(), usage: Usage::default() }));
+    let eval = evaluator(|_| {
+        Ok(Evaluation { verdict: Verdict::Critical, notes: "too large".into(), usage: Usage::default() })
+    });
     workflow("w", planner(vec![plan(vec![t, tool("notify", &["refund"])])]), eval)
 }
 
@@ -288,10 +324,17 @@ fn critical_refund_workflow() -> WorkflowType {
 async fn an_escalation_deadline_default_applies_even_when_the_process_was_down() {
     let dir = tempdir();
     let clock = FakeClock::at(1_700_000_000_000_000);
-    let policy = Policy { escalation_deadline_ms: Some(60_000), escalation_default: Some(Decision::Reject), ..Policy::default() };
-    let handlers: Vec<(&str, Arc<dyn TaskHandler>)> = vec![("refund", ok_handler(Usage::default())), ("notify", ok_handler(Usage::default()))];
+    let policy = Policy {
+        escalation_deadline_ms: Some(60_000),
+        escalation_default: Some(Decision::Reject),
+        ..Policy::default()
+    };
+    let handlers: Vec<(&str, Arc<dyn TaskHandler>)> =
+        vec![("refund", ok_handler(Usage::default())), ("notify", ok_handler(Usage::default()))];
     let run = {
-        let engine = open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| b.clock(clock.clone()).policy(policy.clone()));
+        let engine = open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| {
+            b.clock(clock.clone()).policy(policy.clone())
+        });
         let (run, _) = run_one(&engine, "w").await;
         assert_eq!(engine.state(run).unwrap().status, RunStatus::AwaitingHuman);
         // Not due yet: run_until_idle does not wait for it.
@@ -301,7 +344,9 @@ async fn an_escalation_deadline_default_applies_even_when_the_process_was_down()
         run
     }; // the process goes away
     clock.advance_ms(31_000);
-    let engine = open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| b.clock(clock.clone()).policy(policy.clone()));
+    let engine = open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| {
+        b.clock(clock.clone()).policy(policy.clone())
+    });
     engine.run_until_idle().await.unwrap();
     let ev = engine.events(run).unwrap();
     let resolved = ev.iter().find(|e| matches!(e.event, Event::HumanResolved { .. })).expect("default applied");
@@ -323,11 +368,13 @@ async fn an_escalation_deadline_default_applies_even_when_the_process_was_down()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sink_is_told_again_after_a_restart_when_the_notification_was_not_recorded() {
     let dir = tempdir();
-    let handlers: Vec<(&str, Arc<dyn TaskHandler>)> = vec![("refund", ok_handler(Usage::default())), ("notify", ok_handler(Usage::default()))];
+    let handlers: Vec<(&str, Arc<dyn TaskHandler>)> =
+        vec![("refund", ok_handler(Usage::default())), ("notify", ok_handler(Usage::default()))];
     let down = Arc::new(CountingSink::default());
     down.fail.store(true, std::sync::atomic::Ordering::SeqCst);
     let run = {
-        let engine = open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| b.escalation_sink(down.clone()));
+        let engine =
+            open_engine(dir.path(), critical_refund_workflow(), &handlers, |b| b.escalation_sink(down.clone()));
         let (run, ev) = run_one(&engine, "w").await;
         assert_eq!(count(&ev, "Escalated"), 1);
         assert_eq!(count(&ev, "EscalationNotified"), 0);

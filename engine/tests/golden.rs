@@ -31,7 +31,8 @@ fn expected_of(state: &RunState) -> Value {
 
 fn bless() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let engine = demo::register(Engine::builder().store(std::sync::Arc::new(keel_store::MemStore::new()))).open().unwrap();
+    let engine =
+        demo::register(Engine::builder().store(std::sync::Arc::new(keel_store::MemStore::new()))).open().unwrap();
     let summary = rt.block_on(demo::run_demo(&engine, 8, 2024)).unwrap();
     let mut lines = String::new();
     let mut expected = Vec::new();
@@ -66,16 +67,24 @@ fn the_v1_golden_demo_log_still_folds_to_its_recorded_states() {
         let v: Value = serde_json::from_str(line).unwrap();
         let kind = v["kind"].as_str().unwrap();
         let fields = v["fields"].as_object().unwrap().clone();
-        let from_json = Event::from_fields(kind, fields).unwrap_or_else(|e| panic!("line {}: {kind} does not rebuild: {e}", n + 1));
+        let from_json =
+            Event::from_fields(kind, fields).unwrap_or_else(|e| panic!("line {}: {kind} does not rebuild: {e}", n + 1));
         let bytes = hex::decode(v["bincode"].as_str().unwrap()).unwrap();
-        let from_bincode: Event = codec::decode(&bytes).unwrap_or_else(|e| panic!("line {}: {kind} bincode does not decode: {e}", n + 1));
+        let from_bincode: Event =
+            codec::decode(&bytes).unwrap_or_else(|e| panic!("line {}: {kind} bincode does not decode: {e}", n + 1));
         assert_eq!(from_json, from_bincode, "line {}: JSON and bincode forms disagree", n + 1);
         assert_eq!(from_json.kind_name(), kind);
         let run_s = v["run"].as_str().unwrap().to_owned();
         let run: RunId = run_s.parse().unwrap();
-        runs.entry(run_s).or_default().push(Logged { run, seq: Seq(v["seq"].as_u64().unwrap()), at_us: v["at_us"].as_i64().unwrap(), event: from_json });
+        runs.entry(run_s).or_default().push(Logged {
+            run,
+            seq: Seq(v["seq"].as_u64().unwrap()),
+            at_us: v["at_us"].as_i64().unwrap(),
+            event: from_json,
+        });
     }
-    let expected: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(golden("demo-v1.expected.json")).unwrap()).unwrap();
+    let expected: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(golden("demo-v1.expected.json")).unwrap()).unwrap();
     let mut got: Vec<Value> = runs.values().map(|events| expected_of(&fold(events).unwrap().unwrap())).collect();
     got.sort_by_key(|v| v["index"].as_u64());
     assert_eq!(got.len(), 8);

@@ -67,7 +67,8 @@ async fn recorded_cost_never_exceeds_the_budget_and_exhaustion_says_by_how_much(
         let tasks: Vec<TaskSpec> = (0..n).map(|i| llm(&format!("t{i}"), 500 + splitmix(&mut rng) % 1_000)).collect();
         let estimate: u64 = tasks.iter().map(|t| t.cost_estimate_micros).sum();
         let fail_first = splitmix(&mut rng);
-        let estimates: std::collections::BTreeMap<String, u64> = tasks.iter().map(|t| (t.id.0.clone(), t.cost_estimate_micros)).collect();
+        let estimates: std::collections::BTreeMap<String, u64> =
+            tasks.iter().map(|t| (t.id.0.clone(), t.cost_estimate_micros)).collect();
         let h = handler(move |c| {
             let est = estimates[&c.task.0];
             // Usage never above the task's estimate; some first attempts fail after spending.
@@ -84,11 +85,17 @@ async fn recorded_cost_never_exceeds_the_budget_and_exhaustion_says_by_how_much(
         let engine = open_engine(dir.path(), wf, &[("llm", h)], |b| b);
         let (run, ev) = run_one(&engine, "w").await;
         let st = engine.state(run).unwrap();
-        assert!(st.totals.cost_micros <= estimate, "seed {seed} round {round}: cost {} > budget {estimate}", st.totals.cost_micros);
+        assert!(
+            st.totals.cost_micros <= estimate,
+            "seed {seed} round {round}: cost {} > budget {estimate}",
+            st.totals.cost_micros
+        );
         let recorded: u64 = ev
             .iter()
             .map(|e| match &e.event {
-                Event::TaskExecuted { usage, .. } | Event::TaskFailed { usage, .. } | Event::TaskEvaluated { usage, .. } => usage.cost_micros,
+                Event::TaskExecuted { usage, .. }
+                | Event::TaskFailed { usage, .. }
+                | Event::TaskEvaluated { usage, .. } => usage.cost_micros,
                 _ => 0,
             })
             .sum();
@@ -100,7 +107,11 @@ async fn recorded_cost_never_exceeds_the_budget_and_exhaustion_says_by_how_much(
                 assert!(used + needed > *limit, "seed {seed}: exhaustion without a shortfall");
                 assert!(st.partial);
                 // Nothing is dispatched after the budget ran out.
-                let after = ev.iter().skip_while(|x| x.seq != e.seq).filter(|x| x.event.kind_name() == "TaskDispatched").count();
+                let after = ev
+                    .iter()
+                    .skip_while(|x| x.seq != e.seq)
+                    .filter(|x| x.event.kind_name() == "TaskDispatched")
+                    .count();
                 assert_eq!(after, 0);
             }
         }
@@ -121,7 +132,10 @@ async fn a_spent_call_budget_stops_dispatching_and_the_handler_is_never_called_p
     let engine = open_engine(dir.path(), wf, &[("llm", calls.clone())], |b| b);
     let (run, ev) = run_one(&engine, "w").await;
     assert_eq!(calls.calls(), 2);
-    assert!(ev.iter().any(|e| matches!(e.event, Event::BudgetExhausted { budget: BudgetKind::LlmCalls, limit: 2, used: 2, needed: 1 })));
+    assert!(ev.iter().any(|e| matches!(
+        e.event,
+        Event::BudgetExhausted { budget: BudgetKind::LlmCalls, limit: 2, used: 2, needed: 1 }
+    )));
     let st = engine.state(run).unwrap();
     assert_eq!((st.status, st.partial), (RunStatus::Completed, true));
 }
@@ -167,7 +181,10 @@ async fn a_hundred_concurrent_submissions_with_one_key_create_exactly_one_run() 
     assert!(results.iter().all(|s| s.run == fresh[0].run));
     assert_eq!(engine.store().runs().unwrap(), vec![fresh[0].run]);
     // The same key on another workflow type is another key.
-    let other = engine.submit(Request { idempotency_key: Some("evt_123".into()), ..Request::new("w", json!({})) }).await.unwrap();
+    let other = engine
+        .submit(Request { idempotency_key: Some("evt_123".into()), ..Request::new("w", json!({})) })
+        .await
+        .unwrap();
     assert!(other.duplicate);
 }
 
@@ -185,7 +202,7 @@ async fn runs_are_claimed_highest_priority_first_then_oldest() {
     let engine = open_engine(dir.path(), wf, &[("t", h)], |b| b.workers(1));
     for (p, i) in [(0, 1), (5, 2), (0, 3), (9, 4), (5, 5)] {
         let mut r = Request::new("w", json!({"p": p * 10 + i}));
-        r.priority = p as i32;
+        r.priority = p;
         engine.submit(r).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
@@ -257,7 +274,8 @@ async fn a_cache_hit_skips_the_handler_and_costs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_are_routed_by_complexity_and_the_evaluator_gets_its_own() {
     let dir = tempdir();
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::new(Mutex::new(Vec::new()));
+    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     let h = handler(move |c| {
         s2.lock().unwrap().push((c.task.0.clone(), c.model.clone()));
@@ -278,7 +296,10 @@ async fn models_are_routed_by_complexity_and_the_evaluator_gets_its_own() {
     let (_run, events) = run_one(&engine, "w").await;
     let mut seen = seen.lock().unwrap().clone();
     seen.sort();
-    assert_eq!(seen, vec![("easy".to_owned(), Some("small".to_owned())), ("hard".to_owned(), Some("large".to_owned()))]);
+    assert_eq!(
+        seen,
+        vec![("easy".to_owned(), Some("small".to_owned())), ("hard".to_owned(), Some("large".to_owned()))]
+    );
     assert_eq!(*eval_seen.lock().unwrap(), vec![Some("eval-small".to_owned())]);
     assert!(events.iter().any(|e| matches!(&e.event, Event::TaskEvaluated { task, model: Some(m), .. } if task.0 == "hard" && m == "eval-small")));
 }

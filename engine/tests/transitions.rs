@@ -63,14 +63,21 @@ fn observe(events: &[Logged], seen: &mut BTreeSet<String>) {
                             Event::TaskExecuted { .. } => TaskTrigger::Executed,
                             Event::TaskFailed { .. } => TaskTrigger::Failed,
                             Event::RetryScheduled { .. } => TaskTrigger::RetryScheduled,
-                            Event::TaskEvaluated { verdict: Verdict::Pass | Verdict::Soft, .. } => TaskTrigger::Accepted,
+                            Event::TaskEvaluated { verdict: Verdict::Pass | Verdict::Soft, .. } => {
+                                TaskTrigger::Accepted
+                            }
                             Event::TaskEvaluated { .. } => TaskTrigger::Rejected,
                             Event::TaskSkipped { .. } => TaskTrigger::Skipped,
                             _ if after == TaskStatus::Done => TaskTrigger::HumanAccepted,
                             _ => TaskTrigger::Skipped,
                         }
                     } else {
-                        assert_eq!((t.status, after), (TaskStatus::Pending, TaskStatus::Ready), "unexplained task move on {}", e.event.kind_name());
+                        assert_eq!(
+                            (t.status, after),
+                            (TaskStatus::Pending, TaskStatus::Ready),
+                            "unexplained task move on {}",
+                            e.event.kind_name()
+                        );
                         TaskTrigger::DepsDone
                     };
                     seen.insert(task_row(t.status, trigger, after));
@@ -115,7 +122,11 @@ async fn every_row_of_both_transition_tables_occurs() {
     slow_retry.retry.backoff_base_ms = 400;
     let mut deadline = wf("deadline", Arc::new(SlowPlanner(plan(vec![tool("ok", &[])]), 400)), pass_evaluator());
     deadline.budget.deadline_ms = Some(50);
-    let mut one_at_a_time = wf("ready_superseded", planner(vec![plan(vec![tool("wrong", &[]), tool("ok", &[])]), plan(vec![tool("ok", &[])])]), pass_evaluator());
+    let mut one_at_a_time = wf(
+        "ready_superseded",
+        planner(vec![plan(vec![tool("wrong", &[]), tool("ok", &[])]), plan(vec![tool("ok", &[])])]),
+        pass_evaluator(),
+    );
     one_at_a_time.max_parallel_tasks = 1;
     let workflows = vec![
         wf("cyclic", planner(vec![plan(vec![tool("ok", &["ok2"]), tool("ok2", &["ok"])])]), pass_evaluator()),
@@ -128,9 +139,14 @@ async fn every_row_of_both_transition_tables_occurs() {
         wf("reject", planner(vec![plan(vec![judged.clone(), tool("ok", &["judged"])])]), critical_eval.clone()),
         wf("abort", planner(vec![plan(vec![judged])]), critical_eval),
         one_at_a_time,
-        wf("retry_superseded", planner(vec![plan(vec![slow_retry.clone(), tool("wrong", &[])]), plan(vec![tool("ok", &[])])]), pass_evaluator()),
+        wf(
+            "retry_superseded",
+            planner(vec![plan(vec![slow_retry.clone(), tool("wrong", &[])]), plan(vec![tool("ok", &[])])]),
+            pass_evaluator(),
+        ),
     ];
-    let mut b = demo::register(Engine::builder().path(dir.path())).policy(Policy { max_replans: 1, ..Policy::default() });
+    let mut b =
+        demo::register(Engine::builder().path(dir.path())).policy(Policy { max_replans: 1, ..Policy::default() });
     for w in workflows {
         b = b.workflow(w);
     }
@@ -166,18 +182,34 @@ async fn every_row_of_both_transition_tables_occurs() {
     let escalated = summary.runs.iter().find(|r| r.status == RunStatus::AwaitingHuman).unwrap().run;
     resolve(escalated, Decision::Approve).await;
     let mut runs: Vec<RunId> = summary.runs.iter().map(|r| r.run).collect();
-    for name in ["cyclic", "deadline", "review", "review_ok", "fatal", "reject", "abort", "ready_superseded", "retry_superseded"] {
+    for name in [
+        "cyclic",
+        "deadline",
+        "review",
+        "review_ok",
+        "fatal",
+        "reject",
+        "abort",
+        "ready_superseded",
+        "retry_superseded",
+    ] {
         runs.push(submit(name).await);
     }
     engine.run_until_idle().await.unwrap();
     // Decisions for the runs now waiting.
     let waiting = |name: &str| {
-        engine.runs().unwrap().into_iter().find(|r| r.workflow == name && r.status == RunStatus::AwaitingHuman).map(|r| r.run)
+        engine
+            .runs()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.workflow == name && r.status == RunStatus::AwaitingHuman)
+            .map(|r| r.run)
     };
     engine.cancel(waiting("cyclic").expect("cyclic escalated from Planning"), "t", "no plan").await.unwrap();
     resolve(waiting("review").expect("review escalated"), Decision::Reject).await;
     resolve(waiting("review_ok").expect("review_ok escalated"), Decision::Approve).await;
-    resolve(waiting("fatal").expect("fatal escalated"), Decision::SupplyOutput(Json::new(&json!({"by": "hand"})))).await;
+    resolve(waiting("fatal").expect("fatal escalated"), Decision::SupplyOutput(Json::new(&json!({"by": "hand"}))))
+        .await;
     resolve(waiting("reject").expect("reject escalated"), Decision::Reject).await;
     resolve(waiting("abort").expect("abort escalated"), Decision::Abort).await;
     engine.run_until_idle().await.unwrap();

@@ -83,7 +83,10 @@ pub fn handler(f: impl Fn(&TaskCall) -> Result<TaskOutput, HandlerError> + Send 
     Arc::new(FnHandler { f: Box::new(f), calls: AtomicU64::new(0), delay_ms: 0, log: Mutex::new(Vec::new()) })
 }
 
-pub fn slow_handler(delay_ms: u64, f: impl Fn(&TaskCall) -> Result<TaskOutput, HandlerError> + Send + Sync + 'static) -> Arc<FnHandler> {
+pub fn slow_handler(
+    delay_ms: u64,
+    f: impl Fn(&TaskCall) -> Result<TaskOutput, HandlerError> + Send + Sync + 'static,
+) -> Arc<FnHandler> {
     Arc::new(FnHandler { f: Box::new(f), calls: AtomicU64::new(0), delay_ms, log: Mutex::new(Vec::new()) })
 }
 
@@ -100,7 +103,9 @@ impl Evaluator for FnEvaluator {
     }
 }
 
-pub fn evaluator(f: impl Fn(&EvalRequest) -> Result<Evaluation, HandlerError> + Send + Sync + 'static) -> Arc<FnEvaluator> {
+pub fn evaluator(
+    f: impl Fn(&EvalRequest) -> Result<Evaluation, HandlerError> + Send + Sync + 'static,
+) -> Arc<FnEvaluator> {
     Arc::new(FnEvaluator(Box::new(f)))
 }
 
@@ -195,7 +200,10 @@ pub fn statuses(engine: &Engine) -> BTreeMap<RunStatus, usize> {
 
 /// Install a tracing subscriber once (RUST_LOG controls it).
 pub fn trace() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 /// Open an engine on a sled db in `dir` with one workflow and the given handlers.

@@ -1,0 +1,93 @@
+//! Background workers (`Engine::start`): runs are driven as they arrive, a resolution
+//! wakes its run, an escalation deadline that falls due while the service runs is
+//! applied, and shutdown stops everything.
+mod common;
+use common::*;
+use keel_engine::*;
+use serde_json::json;
+use std::time::Duration;
+
+async fn settle(engine: &Engine, want: impl Fn(&[RunSummary]) -> bool) -> Vec<RunSummary> {
+    for _ in 0..500 {
+        let runs = engine.runs().unwrap();
+        if want(&runs) {
+            return runs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("runs did not settle: {:?}", engine.runs().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_drive_new_runs_wake_resolved_ones_and_apply_due_deadlines() {
+    let dir = tempdir();
+    let clock = FakeClock::at(1_800_000_000_000_000);
+    let mut t = task("refund", TaskKind::Tool, "refund", &[]);
+    t.success_criteria = Some("small".into());
+    let eval = evaluator(|r| {
+        let big = r.run_input.value().unwrap()["big"].as_bool().unwrap_or(false);
+        Ok(Evaluation {
+            verdict: if big { Verdict::Critical } else { Verdict::Pass },
+            notes: String::new(),
+            usage: Usage::default(),
+        })
+    });
+    let wf = workflow("w", planner(vec![plan(vec![t])]), eval);
+    let policy = Policy {
+        escalation_deadline_ms: Some(10_000),
+        escalation_default: Some(Decision::Approve),
+        ..Policy::default()
+    };
+    let engine = open_engine(dir.path(), wf, &[("refund", ok_handler(Usage::default()))], |b| {
+        b.clock(clock.clone()).policy(policy)
+    });
+    let workers = engine.start();
+
+    let small = engine.submit(Request::new("w", json!({"big": false}))).await.unwrap().run;
+    let big1 = engine.submit(Request::new("w", json!({"big": true}))).await.unwrap().run;
+    let big2 = engine.submit(Request::new("w", json!({"big": true}))).await.unwrap().run;
+    settle(&engine, |rs| {
+        rs.len() == 3 && rs.iter().all(|r| r.status.is_terminal() || r.status == RunStatus::AwaitingHuman)
+    })
+    .await;
+    assert_eq!(engine.state(small).unwrap().status, RunStatus::Completed);
+    assert_eq!(engine.escalations().unwrap().len(), 2);
+
+    // A human resolves one; the workers pick it up without being asked.
+    engine.resolve(big1, Resolution { decision: Decision::Reject, by: "ann".into() }).await.unwrap();
+    settle(&engine, |_| engine.state(big1).unwrap().status == RunStatus::Completed).await;
+    assert_eq!(engine.state(big2).unwrap().status, RunStatus::AwaitingHuman);
+
+    // The other one's deadline falls due while the service runs.
+    clock.advance_ms(10_001);
+    settle(&engine, |_| engine.state(big2).unwrap().status == RunStatus::Completed).await;
+    let ev = engine.events(big2).unwrap();
+    assert!(ev.iter().any(|e| matches!(&e.event, Event::HumanResolved { by, defaulted: true, decision: Decision::Approve, .. } if by == "deadline")));
+
+    let report = workers.shutdown().await;
+    assert!(report.stopped.is_empty(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_leaves_in_flight_work_to_be_resumed() {
+    let dir = tempdir();
+    let slow = slow_handler(300, |_| Ok(TaskOutput { output: json!(1), usage: Usage::default() }));
+    let wf = workflow("w", planner(vec![plan(vec![task("slow", TaskKind::Tool, "slow", &[])])]), pass_evaluator());
+    let run = {
+        let engine = open_engine(dir.path(), wf.clone(), &[("slow", slow.clone())], |b| b);
+        let workers = engine.start();
+        let run = engine.submit(Request::new("w", json!({}))).await.unwrap().run;
+        settle(&engine, |_| slow.calls() > 0).await;
+        workers.shutdown().await;
+        let ev = engine.events(run).unwrap();
+        assert_eq!(ev.last().unwrap().event.kind_name(), "TaskDispatched", "{:?}", kinds(&ev));
+        run
+    };
+    let engine = open_engine(dir.path(), wf, &[("slow", slow.clone())], |b| b);
+    engine.run_until_idle().await.unwrap();
+    let ev = engine.events(run).unwrap();
+    assert_eq!(engine.state(run).unwrap().status, RunStatus::Completed);
+    // Same dispatch (attempt 1, same key) redelivered: at-least-once.
+    assert_eq!(dispatches(&ev), vec![("slow".to_owned(), 1)]);
+    assert_eq!(slow.calls(), 2);
+}
