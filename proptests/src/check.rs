@@ -119,6 +119,12 @@ fn cmd_brief(c: &Command) -> String {
 
 /// The invariants of one run's log (see docs/TESTING.md for the list).
 pub fn invariants(sc: &Scenario, log: &[Logged], states: &[RunState]) -> CheckResult {
+    invariants_except(sc, log, states, &[])
+}
+
+/// [`invariants`], tolerating the budget checks named in `known` (a known, reported bug
+/// that has its own named regression test; the rest of the battery keeps running).
+pub fn invariants_except(sc: &Scenario, log: &[Logged], states: &[RunState], known: &[&str]) -> CheckResult {
     let ctx = sc.context();
     // Positions and run ids.
     let run = log.first().ok_or("empty log")?.run;
@@ -217,7 +223,7 @@ pub fn invariants(sc: &Scenario, log: &[Logged], states: &[RunState]) -> CheckRe
     let b = &last.budget;
     let tot = &last.totals;
     let over = |name: &str, used: u64, limit: Option<u64>| match limit {
-        Some(l) if used > l => Err(format!("{name}: used {used} > budget {l}")),
+        Some(l) if used > l && !known.contains(&name) => Err(format!("{name}: used {used} > budget {l}")),
         _ => Ok(()),
     };
     over("retries", tot.retries, b.retries)?;

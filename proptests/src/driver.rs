@@ -105,3 +105,145 @@ pub fn crash_every_boundary(r: &SimRun) -> Result<(usize, usize), String> {
     }
     Ok((points, boundaries))
 }
+
+/// A shell-like driver of the pure core: like the engine's executor it appends the due
+/// records of one `decide` call as a batch and starts every effect, but answers the
+/// started effects in a random order (as concurrent handlers finish), lets the clock run
+/// at a random pace and fires timers at random points: interleavings the simulator (which
+/// always answers the first effect) never produces. An answer that is no longer legal is
+/// dropped, as the executor does.
+///
+/// With `pile_up`, two answers sometimes land back to back with no `decide` in between
+/// (as when two drivers of one run, or a driver and a late handler, append concurrently).
+pub fn drive_shuffled(sc: &Scenario, order_seed: u64, max_events: usize, pile_up: bool) -> Result<Vec<Logged>, String> {
+    use keel_engine::sim::{Outcome, Script};
+    use keel_engine::{apply, decide, validate_plan, Command, Event, Json, RunStatus};
+    let ctx = sc.context();
+    let mut rng = crate::rng::Rng::new(order_seed);
+    let mut script = ScenarioScript::new(sc);
+    let run = run_id(sc.seed);
+    let mut now: i64 = 1_000_000;
+    let first = Logged { run, seq: keel_engine::Seq(0), at_us: now, event: sc.accepted() };
+    let mut state = apply(None, &first).map_err(|e| e.to_string())?;
+    let mut log = vec![first];
+    let mut started: Vec<Command> = Vec::new();
+    let mut steps = 0usize;
+    let mut skip_decide = false;
+    let push = |state: &mut RunState, log: &mut Vec<Logged>, at: i64, event: Event| -> Result<bool, String> {
+        let logged = Logged { run, seq: state.next_seq, at_us: at, event };
+        match apply(Some(state), &logged) {
+            Ok(s) => {
+                *state = s;
+                log.push(logged);
+                Ok(true)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    while log.len() < max_events && !state.status.is_terminal() {
+        steps += 1;
+        if steps > max_events * 8 {
+            return Err(format!("no progress after {steps} steps"));
+        }
+        now += rng.range(0, 3) as i64 * 1000;
+        let at = now.max(state.last_event_us);
+        let cmds = if std::mem::take(&mut skip_decide) { Vec::new() } else { decide(&state, &ctx) };
+        let due: Vec<Event> = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Record { event, not_before_us } if not_before_us.is_none_or(|t| t <= at) => {
+                    Some(event.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        if !due.is_empty() {
+            for e in due {
+                push(&mut state, &mut log, at, e).map_err(|e| format!("decide produced a refused record: {e}"))?;
+            }
+            continue;
+        }
+        for c in &cmds {
+            if !matches!(c, Command::Record { .. }) && !started.contains(c) {
+                started.push(c.clone());
+            }
+        }
+        let timer = cmds
+            .iter()
+            .filter_map(|c| match c {
+                Command::Record { not_before_us: Some(t), .. } => Some(*t),
+                _ => None,
+            })
+            .min();
+        let human = state.status == RunStatus::AwaitingHuman
+            && state.escalations.last().is_some_and(|e| e.notified && e.resolution.is_none());
+        let n_choices = started.len() + usize::from(timer.is_some()) + usize::from(human);
+        if n_choices == 0 {
+            break;
+        }
+        let pick = rng.below(n_choices as u64) as usize;
+        if pick < started.len() {
+            let effect = started.remove(pick);
+            let event = match &effect {
+                Command::Plan { revision } => match script.plan(&state, *revision) {
+                    Ok(plan) => {
+                        let errors = validate_plan(&plan, &state, &ctx);
+                        if !errors.is_empty() {
+                            Event::PlanRejected { revision: *revision, errors, plan: Some(plan) }
+                        } else if state.revision.is_none() {
+                            Event::Planned { revision: *revision, plan }
+                        } else {
+                            let (carried_over, superseded) = keel_engine::replan_outcome(&state, &plan);
+                            Event::Replanned { revision: *revision, plan, carried_over, superseded }
+                        }
+                    }
+                    Err(e) => Event::PlanRejected { revision: *revision, errors: vec![e], plan: None },
+                },
+                Command::Execute { task, attempt } => match script.execute(&state, task, *attempt) {
+                    Outcome::Output(v, usage) => Event::TaskExecuted {
+                        task: task.clone(),
+                        attempt: *attempt,
+                        output: Json::new(&v),
+                        usage,
+                        cached: false,
+                    },
+                    Outcome::Error(class, error, usage) => {
+                        Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage }
+                    }
+                },
+                Command::Evaluate { task, attempt } => {
+                    let (verdict, notes, usage) = script.evaluate(&state, task, *attempt);
+                    Event::TaskEvaluated {
+                        task: task.clone(),
+                        attempt: *attempt,
+                        verdict,
+                        notes,
+                        model: state.evaluator_model.clone(),
+                        usage,
+                    }
+                }
+                Command::Notify { number } => Event::EscalationNotified { number: *number },
+                Command::Record { .. } => continue,
+            };
+            // Dropped if no longer legal (the executor does the same).
+            let _ = push(&mut state, &mut log, at, event);
+            skip_decide = pile_up && !started.is_empty() && rng.chance(50);
+        } else if timer.is_some() && pick == started.len() {
+            now = now.max(timer.unwrap_or(now));
+        } else {
+            match script.human(&state) {
+                Some((decision, by)) => {
+                    let number = state.escalations.last().map(|e| e.escalation.number).unwrap_or(0);
+                    push(&mut state, &mut log, at, Event::HumanResolved { number, decision, by, defaulted: false })
+                        .map_err(|e| format!("human decision refused: {e}"))?;
+                }
+                None => {
+                    if started.is_empty() && timer.is_none() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    Ok(log)
+}
