@@ -31,19 +31,22 @@ pub mod model;
 pub mod sim;
 pub mod state;
 
-pub use crate::core::{apply, apply_mut, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy, TransitionError};
+pub use crate::core::{
+    apply, apply_mut, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy,
+    TransitionError,
+};
 pub use api::*;
-pub use event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
-pub use fsm::{RunStatus, TaskStatus};
-pub use keel_store::{RunId, Seq};
-pub use model::*;
-pub use state::{EscalationState, RunState, TaskState, Totals};
 pub use cache::ResponseCache;
 pub use engine::{
     Engine, EngineBuilder, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
     TracingSink, WorkflowStats, WorkflowType,
 };
 pub use error::EngineError;
+pub use event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
+pub use fsm::{RunStatus, TaskStatus};
 pub use ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use keel_store::{RunId, Seq};
 pub use log::{fold_full, load_state, read_logged};
+pub use model::*;
 pub use sched::Workers;
+pub use state::{EscalationState, RunState, TaskState, Totals};
