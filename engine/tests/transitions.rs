@@ -214,12 +214,17 @@ async fn every_row_of_both_transition_tables_occurs() {
     resolve(waiting("abort").expect("abort escalated"), Decision::Abort).await;
     engine.run_until_idle().await.unwrap();
     // Cancelled while Planning and while Running.
-    for (name, when_ms) in [("slowplan", 100), ("slowtask", 150)] {
+    for (name, wait_for) in [("slowplan", RunStatus::Planning), ("slowtask", RunStatus::Running)] {
         let run = submit(name).await;
         runs.push(run);
         let e = engine.clone();
         let h = tokio::spawn(async move { e.run_until_idle().await });
-        tokio::time::sleep(Duration::from_millis(when_ms)).await;
+        for _ in 0..500 {
+            if engine.state(run).unwrap().status == wait_for {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         engine.cancel(run, "t", "mid-flight").await.unwrap();
         h.await.unwrap().unwrap();
     }
