@@ -1,0 +1,301 @@
+//! The determinism check: does the current code still decide what the log says it did?
+//!
+//! For every recorded event `i >= 1`, fold `events[..i]` into `s` and ask
+//! `decide(&s, &ctx)` what to do. Each event is one of:
+//!
+//! - a **decision** of the core (PlanRequested, ReplanRequested, TaskDispatched,
+//!   RetryScheduled, TaskSkipped, BudgetExhausted, Escalated, RunCompleted, RunFailed, a
+//!   deadline's default HumanResolved, the schema gate's TaskFailed, an auto-pass
+//!   TaskEvaluated): it must EQUAL one of the `Command::Record` events of that `decide`
+//!   call (a set: the shell appends one call's records as a batch, timers when due);
+//! - an **outcome** of a call the core asked for: Planned/Replanned/PlanRejected need
+//!   `Plan{revision}` (and a recorded plan must still pass `validate_plan`, a Replanned
+//!   must carry exactly `replan_outcome`), TaskExecuted/TaskFailed of a dispatched task
+//!   need `Execute{task, attempt}`, an evaluator's TaskEvaluated (or its failure) needs
+//!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`;
+//! - **external** (RunAccepted, a human's HumanResolved, RunCancelled): allowed whenever
+//!   the state machine accepts it.
+//!
+//! The first event that does not fit is the [`Divergence`].
+
+use crate::error::ReplayError;
+use crate::format::{command_json, command_line, event_json, event_line};
+use keel_engine::{apply, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState, TaskStatus};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+/// What `decide` runs with during a check.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// The code-level policy to check against (default: `Policy::default()`, what the
+    /// engine runs with unless configured otherwise).
+    pub policy: Policy,
+    /// Registered handler names (plan validation). `None`: the handlers named in the run's
+    /// own accepted plans, so a handler the checking binary does not know is no false
+    /// divergence.
+    pub handlers: Option<BTreeSet<String>>,
+}
+
+/// How an event relates to `decide`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventClass {
+    /// Decided by the core itself.
+    Decision,
+    /// The answer of a call the core asked for.
+    Outcome,
+    /// Came from outside (a request, a human, a cancellation).
+    External,
+}
+
+/// The first recorded event the current code would not have produced.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Divergence {
+    pub run: String,
+    pub seq: u64,
+    pub class: EventClass,
+    /// Kind of the recorded event.
+    pub kind: String,
+    /// The recorded event: `{"kind", "payload"}`.
+    pub recorded: Value,
+    /// What the current code decides at that point (the commands of `decide`).
+    pub decided: Vec<Value>,
+    /// One line per decided command, for humans.
+    #[serde(skip)]
+    pub decided_lines: Vec<String>,
+    /// Why they do not match.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "run {} diverges at seq {} ({} {}): {}", self.run, self.seq, self.class_name(), self.kind, self.reason)?;
+        writeln!(f, "  recorded: {}", self.recorded)?;
+        if self.decided_lines.is_empty() {
+            writeln!(f, "  decided:  (nothing)")?;
+        }
+        for (i, l) in self.decided_lines.iter().enumerate() {
+            writeln!(f, "  {} {l}", if i == 0 { "decided: " } else { "          " })?;
+        }
+        Ok(())
+    }
+}
+
+impl Divergence {
+    fn class_name(&self) -> &'static str {
+        match self.class {
+            EventClass::Decision => "decision",
+            EventClass::Outcome => "outcome",
+            EventClass::External => "external event",
+        }
+    }
+}
+
+/// What a check of one run found.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CheckReport {
+    pub run: String,
+    pub workflow: String,
+    pub events: u64,
+    pub decisions: u64,
+    pub outcomes: u64,
+    pub externals: u64,
+    /// `None`: the run replays exactly under the current code.
+    pub divergence: Option<Divergence>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.divergence.is_none()
+    }
+}
+
+/// Handler names of a run's accepted plans.
+pub fn plan_handlers(events: &[Logged]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for e in events {
+        if let Event::Planned { plan, .. } | Event::Replanned { plan, .. } = &e.event {
+            out.extend(plan.tasks.iter().map(|t| t.handler.clone()));
+        }
+    }
+    out
+}
+
+/// Classifies `event` given the state before it.
+pub fn classify(state: &RunState, event: &Event) -> EventClass {
+    let task_status = |task: &keel_engine::TaskId| state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.status);
+    match event {
+        Event::RunAccepted { .. } | Event::RunCancelled { .. } => EventClass::External,
+        Event::HumanResolved { defaulted, .. } => {
+            if *defaulted {
+                EventClass::Decision
+            } else {
+                EventClass::External
+            }
+        }
+        Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } | Event::TaskExecuted { .. } => EventClass::Outcome,
+        Event::EscalationNotified { .. } => EventClass::Outcome,
+        Event::TaskFailed { task, error, .. } => match task_status(task) {
+            // After an execution: the schema gate (a decision) or the evaluator failing.
+            Some(TaskStatus::Executed) if !error.starts_with("evaluator:") => EventClass::Decision,
+            _ => EventClass::Outcome,
+        },
+        Event::TaskEvaluated { task, .. } => {
+            let criteria = state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.spec.success_criteria.is_some());
+            if criteria == Some(true) {
+                EventClass::Outcome
+            } else {
+                EventClass::Decision
+            }
+        }
+        _ => EventClass::Decision,
+    }
+}
+
+/// Checks one run's history against the current code.
+pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, ReplayError> {
+    let Some(first) = events.first() else {
+        return Err(ReplayError::Invalid("a run with no events cannot be checked".to_owned()));
+    };
+    let ctx = Context {
+        policy: opts.policy.clone(),
+        handlers: opts.handlers.clone().unwrap_or_else(|| plan_handlers(events)),
+    };
+    let mut report = CheckReport {
+        run: first.run.to_string(),
+        workflow: String::new(),
+        events: events.len() as u64,
+        decisions: 0,
+        outcomes: 0,
+        externals: 1,
+        divergence: None,
+    };
+    let mut state = match apply(None, first) {
+        Ok(s) => s,
+        Err(e) => {
+            report.divergence = Some(divergence(first, EventClass::External, &[], format!("the state machine refuses it: {e}")));
+            return Ok(report);
+        }
+    };
+    report.workflow = state.workflow.clone();
+    for e in &events[1..] {
+        let cmds = decide(&state, &ctx);
+        let class = classify(&state, &e.event);
+        match class {
+            EventClass::Decision => report.decisions += 1,
+            EventClass::Outcome => report.outcomes += 1,
+            EventClass::External => report.externals += 1,
+        }
+        if let Err(reason) = fits(&state, &ctx, &cmds, class, &e.event) {
+            report.divergence = Some(divergence(e, class, &cmds, reason));
+            return Ok(report);
+        }
+        match apply(Some(&state), e) {
+            Ok(s) => state = s,
+            Err(err) => {
+                report.divergence = Some(divergence(e, class, &cmds, format!("the state machine refuses it: {err}")));
+                return Ok(report);
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn divergence(e: &Logged, class: EventClass, cmds: &[Command], reason: String) -> Divergence {
+    Divergence {
+        run: e.run.to_string(),
+        seq: e.seq.0,
+        class,
+        kind: e.event.kind_name().to_owned(),
+        recorded: event_json(&e.event),
+        decided: cmds.iter().map(command_json).collect(),
+        decided_lines: cmds.iter().map(command_line).collect(),
+        reason,
+    }
+}
+
+fn records(cmds: &[Command]) -> impl Iterator<Item = &Event> {
+    cmds.iter().filter_map(|c| match c {
+        Command::Record { event, .. } => Some(event),
+        _ => None,
+    })
+}
+
+/// Does `event` fit what `decide` returned? Err: why not.
+fn fits(state: &RunState, ctx: &Context, cmds: &[Command], class: EventClass, event: &Event) -> Result<(), String> {
+    let recorded_decision = records(cmds).any(|d| d == event);
+    let has = |want: &Command| cmds.iter().any(|c| c == want);
+    match class {
+        EventClass::External => Ok(()),
+        EventClass::Decision => {
+            if recorded_decision {
+                return Ok(());
+            }
+            let same_kind: Vec<String> = records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
+            if same_kind.is_empty() {
+                Err(format!("the current code does not decide {} here", event.kind_name()))
+            } else {
+                Err(format!("the current code decides a different {}: {}", event.kind_name(), same_kind.join(" | ")))
+            }
+        }
+        EventClass::Outcome => match event {
+            Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
+                if !has(&Command::Plan { revision: *revision }) {
+                    return Err(format!("the current code does not ask the planner for revision {revision} here"));
+                }
+                let errors = validate_plan(plan, state, ctx);
+                if !errors.is_empty() {
+                    return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
+                }
+                if let Event::Replanned { carried_over, superseded, .. } = event {
+                    let (c, s) = replan_outcome(state, plan);
+                    if *carried_over != c || *superseded != s {
+                        return Err(format!(
+                            "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Event::PlanRejected { revision, .. } => {
+                if has(&Command::Plan { revision: *revision }) {
+                    Ok(())
+                } else {
+                    Err(format!("the current code does not ask the planner for revision {revision} here"))
+                }
+            }
+            Event::TaskExecuted { task, attempt, .. } => {
+                if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
+                    Ok(())
+                } else {
+                    Err(format!("the current code does not execute {task} attempt {attempt} here"))
+                }
+            }
+            Event::TaskFailed { task, attempt, .. } => {
+                let exec = Command::Execute { task: task.clone(), attempt: *attempt };
+                let eval = Command::Evaluate { task: task.clone(), attempt: *attempt };
+                if has(&exec) || has(&eval) || recorded_decision {
+                    Ok(())
+                } else {
+                    Err(format!("the current code neither executes nor evaluates {task} attempt {attempt} here"))
+                }
+            }
+            Event::TaskEvaluated { task, attempt, .. } => {
+                if has(&Command::Evaluate { task: task.clone(), attempt: *attempt }) {
+                    Ok(())
+                } else {
+                    Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
+                }
+            }
+            Event::EscalationNotified { number } => {
+                if has(&Command::Notify { number: *number }) {
+                    Ok(())
+                } else {
+                    Err(format!("the current code does not notify escalation {number} here"))
+                }
+            }
+            other => Err(format!("{} is not an outcome", other.kind_name())),
+        },
+    }
+}

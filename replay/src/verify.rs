@@ -1,0 +1,422 @@
+//! Verification: re-compute the hash chain of an export file or of a database and name the
+//! first record that was altered, removed, reordered or inserted.
+//!
+//! An export record verifies when
+//! 1. `payload_root` = `payload_root` of the field digests of `payload` (a redacted field
+//!    contributes the digest it states),
+//! 2. `prev_hash` = the `hash` of the record before it (zeros for seq 0), and
+//! 3. `hash` = SHA-256(`prev_hash` || `record_digest(schema_version, run, seq, kind,
+//!    time_us, payload_root)`),
+//!
+//! and each run ends with a `run_end` trailer whose count and head match. The formulas are
+//! those of `keel_store::digest`, spelled out byte by byte in docs/EXPORT.md.
+
+use crate::error::ReplayError;
+use crate::format::{self, hex32};
+use crate::source::{read_export, ExportLine, ExportReader, ExportRecord};
+use keel_engine::Event;
+use keel_store::{digest, verify::VerifyError, EventLog, Hash32, RunId, Seq};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::BufRead;
+use std::path::Path;
+
+/// How far ahead (in lines) the export check looks for a record that is out of place.
+pub const LOOKAHEAD_LINES: usize = 256;
+
+/// What kind of damage a failed verification found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tamper {
+    /// A record's payload or header changed.
+    Altered,
+    /// A record is missing.
+    Removed,
+    /// A record is not where its seq says.
+    Reordered,
+    /// A record that was not in the log was added.
+    Inserted,
+    /// The file ends before a run's trailer.
+    Truncated,
+    /// A line is not a valid export line at all.
+    Malformed,
+}
+
+/// The first problem found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub what: Tamper,
+    pub run: Option<String>,
+    pub seq: Option<u64>,
+    /// Line of the export file (None for a database).
+    pub line: Option<u64>,
+    /// One line for humans, e.g. "run X seq 7: payload altered (hash mismatch)".
+    pub message: String,
+}
+
+/// A run that verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunVerified {
+    pub run: String,
+    pub records: u64,
+    pub head: String,
+}
+
+/// The outcome of a verification: the runs that verified, up to the first failure.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    pub runs: Vec<RunVerified>,
+    pub failure: Option<Failure>,
+}
+
+impl Verification {
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+    pub fn records(&self) -> u64 {
+        self.runs.iter().map(|r| r.records).sum()
+    }
+}
+
+/// The payload root an export record's payload hashes to (redacted fields contribute the
+/// digest they state).
+pub fn export_payload_root(rec: &ExportRecord) -> Hash32 {
+    let digests: Vec<(String, Hash32)> = rec
+        .payload
+        .iter()
+        .map(|(k, v)| (k.clone(), format::redacted_digest(v).unwrap_or_else(|| digest::field_digest(v))))
+        .collect();
+    digest::payload_root(&digests)
+}
+
+/// The chain hash an export record must carry, given the hash before it.
+pub fn export_chain_hash(rec: &ExportRecord, prev: &Hash32) -> Hash32 {
+    let d = digest::record_digest(rec.schema_version, rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root);
+    digest::chain(prev, &d)
+}
+
+/// Whether `value` is the original of a field redacted to `redacted` (a `{"$redacted":
+/// hex}` marker or the bare hex digest).
+pub fn reveal_matches(redacted: &serde_json::Value, value: &serde_json::Value) -> bool {
+    let stated = match redacted {
+        serde_json::Value::String(s) => format::parse_hash(s),
+        other => format::redacted_digest(other),
+    };
+    stated.is_some_and(|h| h == digest::field_digest(value))
+}
+
+/// Verifies an export file (streaming). `Err` only for I/O on the file itself; everything
+/// wrong with its content is the returned [`Verification::failure`].
+pub fn verify_export(path: &Path) -> Result<Verification, ReplayError> {
+    let reader = read_export(path)?;
+    Ok(ExportCheck::new(reader).run())
+}
+
+struct Current {
+    run: RunId,
+    next: u64,
+    prev: Hash32,
+    /// Hash of each record of this run seen so far, by seq.
+    hashes: Vec<Hash32>,
+}
+
+struct ExportCheck<R> {
+    reader: ExportReader<R>,
+    ahead: VecDeque<Result<ExportLine, ReplayError>>,
+    out: Verification,
+    finished: BTreeSet<RunId>,
+}
+
+fn fail(what: Tamper, run: Option<RunId>, seq: Option<u64>, line: Option<u64>, message: String) -> Failure {
+    Failure { what, run: run.map(|r| r.to_string()), seq, line, message }
+}
+
+impl<R: BufRead> ExportCheck<R> {
+    fn new(reader: ExportReader<R>) -> Self {
+        ExportCheck { reader, ahead: VecDeque::new(), out: Verification::default(), finished: BTreeSet::new() }
+    }
+
+    fn next_line(&mut self) -> Option<Result<ExportLine, ReplayError>> {
+        self.ahead.pop_front().or_else(|| self.reader.next())
+    }
+
+    /// Records of `run` among the next lines (up to the lookahead), without consuming them.
+    fn peek_run(&mut self, run: RunId) -> Vec<(u64, u64)> {
+        while self.ahead.len() < LOOKAHEAD_LINES {
+            match self.reader.next() {
+                Some(l) => self.ahead.push_back(l),
+                None => break,
+            }
+        }
+        let mut out = Vec::new();
+        for l in &self.ahead {
+            match l {
+                Ok(ExportLine::Record(r)) if r.run == run => out.push((r.seq, r.line)),
+                Ok(ExportLine::Record(_)) | Ok(ExportLine::RunEnd(_)) | Err(_) => break,
+                Ok(ExportLine::Header(_)) => {}
+            }
+        }
+        out
+    }
+
+    fn run(mut self) -> Verification {
+        if let Err(f) = self.walk() {
+            self.out.failure = Some(f);
+        }
+        self.out
+    }
+
+    fn walk(&mut self) -> Result<(), Failure> {
+        let path = self.reader.path().display().to_string();
+        let mut cur: Option<Current> = None;
+        let mut saw_header = false;
+        let mut first = true;
+        while let Some(line) = self.next_line() {
+            let line = line.map_err(|e| {
+                let (line, reason) = match &e {
+                    ReplayError::Export { line, reason, .. } => (Some(*line), reason.clone()),
+                    other => (None, other.to_string()),
+                };
+                let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+                fail(Tamper::Malformed, cur.as_ref().map(|c| c.run), None, line, format!("{path}: {at}{reason} (the export was edited or damaged)"))
+            })?;
+            match line {
+                ExportLine::Header(h) => {
+                    if !first {
+                        return Err(fail(Tamper::Inserted, None, None, Some(h.line), format!("line {}: a second header line (lines inserted)", h.line)));
+                    }
+                    saw_header = true;
+                }
+                ExportLine::Record(rec) => {
+                    if !saw_header {
+                        return Err(fail(Tamper::Malformed, Some(rec.run), None, Some(rec.line), format!("{path}: no header line: not a keel export (or its first line was removed)")));
+                    }
+                    if cur.as_ref().is_some_and(|c| c.run != rec.run) {
+                        let c = cur.take();
+                        if let Some(c) = c {
+                            return Err(fail(
+                                Tamper::Removed,
+                                Some(c.run),
+                                Some(c.next),
+                                Some(rec.line),
+                                format!("run {}: its run_end trailer is missing before line {} (records or trailer removed)", c.run, rec.line),
+                            ));
+                        }
+                    }
+                    if cur.is_none() {
+                        if self.finished.contains(&rec.run) {
+                            return Err(fail(Tamper::Inserted, Some(rec.run), Some(rec.seq), Some(rec.line), format!("run {} seq {}: line {} adds a record after the run's trailer (inserted)", rec.run, rec.seq, rec.line)));
+                        }
+                        cur = Some(Current { run: rec.run, next: 0, prev: [0; 32], hashes: Vec::new() });
+                    }
+                    if let Some(c) = cur.as_mut() {
+                        self.record(c, &rec)?;
+                    }
+                }
+                ExportLine::RunEnd(end) => {
+                    let Some(c) = cur.take() else {
+                        return Err(fail(Tamper::Removed, Some(end.run), Some(0), Some(end.line), format!("run {}: trailer at line {} without any record (records removed)", end.run, end.line)));
+                    };
+                    if c.run != end.run {
+                        return Err(fail(Tamper::Altered, Some(c.run), None, Some(end.line), format!("run {}: the trailer at line {} names run {} (altered)", c.run, end.line, end.run)));
+                    }
+                    if end.records > c.next {
+                        let msg = if end.records == c.next + 1 {
+                            format!("run {}: seq {} missing (removed; the trailer says {} records)", c.run, c.next, end.records)
+                        } else {
+                            format!("run {}: seqs {}..{} missing (removed; the trailer says {} records)", c.run, c.next, end.records - 1, end.records)
+                        };
+                        return Err(fail(Tamper::Removed, Some(c.run), Some(c.next), Some(end.line), msg));
+                    }
+                    if end.records < c.next {
+                        return Err(fail(Tamper::Inserted, Some(c.run), Some(end.records), Some(end.line), format!("run {}: {} records but the trailer says {} (records inserted)", c.run, c.next, end.records)));
+                    }
+                    if end.head != c.prev {
+                        return Err(fail(Tamper::Altered, Some(c.run), None, Some(end.line), format!("run {}: the trailer's head hash does not match the chain (trailer altered)", c.run)));
+                    }
+                    self.finished.insert(c.run);
+                    self.out.runs.push(RunVerified { run: c.run.to_string(), records: c.next, head: hex32(&c.prev) });
+                }
+            }
+            first = false;
+        }
+        if let Some(c) = cur {
+            return Err(fail(
+                Tamper::Truncated,
+                Some(c.run),
+                Some(c.next),
+                None,
+                format!("run {}: the file ends after seq {} without the run_end trailer (truncated: records after it may be missing)", c.run, c.next.saturating_sub(1)),
+            ));
+        }
+        if !saw_header {
+            return Err(fail(Tamper::Malformed, None, None, None, format!("{path}: empty file: not a keel export")));
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, c: &mut Current, rec: &ExportRecord) -> Result<(), Failure> {
+        let (run, n, line) = (c.run, c.next, rec.line);
+        if rec.seq < n {
+            let copy = c.hashes.get(usize::try_from(rec.seq).unwrap_or(usize::MAX)).is_some_and(|h| *h == rec.hash);
+            let how = if copy { "a copy of it" } else { "a second record claiming it" };
+            return Err(fail(
+                Tamper::Inserted,
+                Some(run),
+                Some(rec.seq),
+                Some(line),
+                format!("run {run} seq {}: inserted record at line {line} ({how}; seq {} was expected)", rec.seq, n),
+            ));
+        }
+        if rec.seq > n {
+            let ahead = self.peek_run(run);
+            if let Some((_, l2)) = ahead.iter().find(|(s, _)| *s == n) {
+                return Err(fail(
+                    Tamper::Reordered,
+                    Some(run),
+                    Some(n),
+                    Some(*l2),
+                    format!("run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})", rec.seq),
+                ));
+            }
+            let msg = if rec.seq == n + 1 {
+                format!("run {run}: seq {n} missing (removed; line {line} holds seq {})", rec.seq)
+            } else {
+                format!("run {run}: seqs {n}..{} missing (removed; line {line} holds seq {})", rec.seq - 1, rec.seq)
+            };
+            return Err(fail(Tamper::Removed, Some(run), Some(n), Some(line), msg));
+        }
+        // rec.seq == n
+        let root_ok = export_payload_root(rec) == rec.payload_root;
+        let link_ok = rec.prev_hash == c.prev;
+        let hash_ok = export_chain_hash(rec, &c.prev) == rec.hash;
+        if !(root_ok && link_ok && hash_ok) {
+            // Another record claiming the same seq right behind this one: this one is the extra.
+            if self.peek_run(run).first().is_some_and(|(s, _)| *s == n) {
+                return Err(fail(
+                    Tamper::Inserted,
+                    Some(run),
+                    Some(n),
+                    Some(line),
+                    format!("run {run} seq {n}: inserted record at line {line} (another record with seq {n} follows and this one does not verify)"),
+                ));
+            }
+            let (what, msg) = if !root_ok {
+                let kind_ok = Event::KINDS.contains(&rec.kind.as_str());
+                (Tamper::Altered, format!("run {run} seq {n}: payload altered (hash mismatch){}", if kind_ok { "" } else { "; unknown kind" }))
+            } else if !link_ok {
+                let after = c.hashes.iter().position(|h| *h == rec.prev_hash);
+                match after {
+                    Some(k) => (
+                        Tamper::Removed,
+                        format!("run {run} seq {n}: broken link: it was chained after seq {k}, so records after seq {k} were removed or reordered"),
+                    ),
+                    None => (Tamper::Inserted, format!("run {run} seq {n}: broken link: it chains to no earlier record of the run (inserted or moved here)")),
+                }
+            } else {
+                (Tamper::Altered, format!("run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version or hash changed)"))
+            };
+            return Err(fail(what, Some(run), Some(n), Some(line), msg));
+        }
+        c.prev = rec.hash;
+        c.hashes.push(rec.hash);
+        c.next += 1;
+        Ok(())
+    }
+}
+
+/// Verifies runs of a database with the store's deep check (`keel_store::verify`), in
+/// order; stops at the first failure.
+pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut()) -> Result<Verification, ReplayError> {
+    let mut out = Verification::default();
+    for &run in runs {
+        match keel_store::verify::verify_run::<Event>(log, run) {
+            Ok(rep) => out.runs.push(RunVerified { run: run.to_string(), records: rep.records, head: hex32(&rep.head) }),
+            Err(e) => {
+                out.failure = Some(db_failure(run, e));
+                return Ok(out);
+            }
+        }
+        progress();
+    }
+    Ok(out)
+}
+
+fn db_failure(run: RunId, e: VerifyError) -> Failure {
+    match e {
+        VerifyError::Gap { run, expected, found } => fail(
+            Tamper::Removed,
+            Some(run),
+            Some(expected.0),
+            None,
+            if found.0 == expected.0 + 1 {
+                format!("run {run}: seq {expected} missing (removed)")
+            } else {
+                format!("run {run}: seqs {expected}..{} missing (removed)", found.0.saturating_sub(1))
+            },
+        ),
+        VerifyError::Mismatch { run, seq, reason } => {
+            let (what, label) = if reason.starts_with("altered payload") {
+                (Tamper::Altered, "payload altered (hash mismatch)".to_owned())
+            } else if reason.starts_with("altered header") {
+                (Tamper::Altered, "header altered (hash mismatch)".to_owned())
+            } else if let Some(s) = written_as(&reason) {
+                if s > seq.0 {
+                    (Tamper::Reordered, format!("out of order (it was written as seq {s})"))
+                } else if s < seq.0 {
+                    (Tamper::Inserted, format!("out of order or inserted before it (it was written as seq {s})"))
+                } else {
+                    (Tamper::Inserted, "broken link (records inserted or removed before it)".to_owned())
+                }
+            } else if reason.contains("head") {
+                (Tamper::Removed, "the store's head does not match the chain".to_owned())
+            } else {
+                (Tamper::Inserted, "broken link (inserted, or records removed before it)".to_owned())
+            };
+            fail(what, Some(run), Some(seq.0), None, format!("run {run} seq {seq}: {label} [{reason}]"))
+        }
+        VerifyError::Store(keel_store::StoreError::Corrupted { run, seq, reason }) => {
+            fail(Tamper::Altered, Some(run), Some(seq.0), None, format!("run {run} seq {seq}: record altered or damaged ({reason})"))
+        }
+        VerifyError::Store(other) => fail(Tamper::Altered, Some(run), None, None, format!("run {run}: {other}")),
+        other => fail(Tamper::Altered, Some(run), None, None, format!("run {run}: {other}")),
+    }
+}
+
+/// The seq a record "was written as", from the store's diagnosis text.
+fn written_as(reason: &str) -> Option<u64> {
+    let rest = reason.split("written as seq ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Compares the heads of verified export runs with a database's heads (an export can be
+/// rewritten consistently end to end; the database's head is the anchor).
+pub fn compare_heads(log: &dyn EventLog, verified: &[RunVerified]) -> Result<Option<Failure>, ReplayError> {
+    let mut by_run: BTreeMap<&str, &RunVerified> = BTreeMap::new();
+    for v in verified {
+        by_run.insert(&v.run, v);
+    }
+    for v in verified {
+        let run: RunId = v.run.parse().map_err(|e| ReplayError::Invalid(format!("run id {}: {e}", v.run)))?;
+        let head = log.head(run)?;
+        if head.next_seq.0 == 0 {
+            return Ok(Some(fail(Tamper::Inserted, Some(run), None, None, format!("run {run}: not in the database"))));
+        }
+        let db_head = hex32(&head.last_hash);
+        if head.next_seq.0 != v.records || db_head != v.head {
+            return Ok(Some(fail(
+                Tamper::Altered,
+                Some(run),
+                None,
+                None,
+                format!(
+                    "run {run}: the export ({} records, head {}) differs from the database ({} records, head {db_head})",
+                    v.records,
+                    &v.head[..16],
+                    head.next_seq.0
+                ),
+            )));
+        }
+    }
+    Ok(None)
+}
