@@ -5,7 +5,7 @@
 //! check happens before the state is touched, so a refused event leaves it unchanged.
 
 use crate::core::TransitionError;
-use crate::event::{Event, EscalationCause, Logged, PlanReason};
+use crate::event::{EscalationCause, Event, Logged, PlanReason};
 use crate::fsm::{run_transition, task_transition, RunStatus, TaskStatus, TaskTrigger};
 use crate::model::*;
 use crate::state::{EscalationState, RunState, TaskState, Totals};
@@ -330,7 +330,12 @@ pub fn apply_mut(s: &mut RunState, logged: &Logged) -> Result<(), TransitionErro
             if let Some(task) = &e.task {
                 task_ref(s, task, kind)?;
             }
-            s.escalations.push(EscalationState { escalation: e.clone(), escalated_at_us: at, notified: false, resolution: None });
+            s.escalations.push(EscalationState {
+                escalation: e.clone(),
+                escalated_at_us: at,
+                notified: false,
+                resolution: None,
+            });
         }
         Event::EscalationNotified { number } => {
             let Some(last) = s.escalations.last_mut() else {
@@ -447,7 +452,10 @@ fn reason_line(reason: &PlanReason) -> String {
 }
 
 /// Build the task list of a plan; tasks in `keep` (carried over) keep their state.
-fn install(plan: &Plan, keep: &BTreeMap<TaskId, TaskState>) -> Result<(Vec<TaskState>, BTreeMap<TaskId, usize>), String> {
+fn install(
+    plan: &Plan,
+    keep: &BTreeMap<TaskId, TaskState>,
+) -> Result<(Vec<TaskState>, BTreeMap<TaskId, usize>), String> {
     let mut index = BTreeMap::new();
     for (i, spec) in plan.tasks.iter().enumerate() {
         if index.insert(spec.id.clone(), i).is_some() {
@@ -493,7 +501,8 @@ fn promote_ready(tasks: &mut [TaskState], index: &BTreeMap<TaskId, usize>) {
         if t.status != TaskStatus::Pending {
             continue;
         }
-        let ready = t.spec.depends_on.iter().all(|d| index.get(d).is_some_and(|&i| done.get(i).copied().unwrap_or(false)));
+        let ready =
+            t.spec.depends_on.iter().all(|d| index.get(d).is_some_and(|&i| done.get(i).copied().unwrap_or(false)));
         if ready {
             if let Some(to) = task_transition(t.status, TaskTrigger::DepsDone) {
                 t.status = to;
@@ -507,10 +516,11 @@ fn release_dependents(s: &mut RunState) {
 }
 
 fn task_ref<'a>(s: &'a RunState, id: &TaskId, kind: &'static str) -> Result<&'a TaskState, TransitionError> {
-    s.task_index
-        .get(id)
-        .and_then(|&i| s.tasks.get(i))
-        .ok_or_else(|| TransitionError::UnknownTask { run: s.run, task: id.clone(), kind })
+    s.task_index.get(id).and_then(|&i| s.tasks.get(i)).ok_or_else(|| TransitionError::UnknownTask {
+        run: s.run,
+        task: id.clone(),
+        kind,
+    })
 }
 
 fn task_mut<'a>(s: &'a mut RunState, id: &TaskId, kind: &'static str) -> Result<&'a mut TaskState, TransitionError> {
@@ -526,7 +536,12 @@ fn task_step(s: &RunState, t: &TaskState, trigger: TaskTrigger) -> Result<TaskSt
 }
 
 fn illegal_task(s: &RunState, t: &TaskState, trigger: TaskTrigger) -> TransitionError {
-    TransitionError::IllegalTask { run: s.run, task: t.spec.id.clone(), state: t.status.name(), trigger: trigger.name() }
+    TransitionError::IllegalTask {
+        run: s.run,
+        task: t.spec.id.clone(),
+        state: t.status.name(),
+        trigger: trigger.name(),
+    }
 }
 
 fn same_attempt(s: &RunState, t: &TaskState, attempt: u32, kind: &'static str) -> Result<(), TransitionError> {

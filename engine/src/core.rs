@@ -70,6 +70,9 @@ pub struct Context {
 }
 
 /// The next step for the shell.
+// `Record` is by far the most common command; boxing its event would allocate on every
+// decision for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Command {
     /// A decision of the core: append this event (not before `not_before_us`, if set),

@@ -72,7 +72,10 @@ fn decide_planning(s: &RunState, ctx: &Context) -> Vec<Command> {
             attempts: 0,
             tried: s.history.clone(),
         });
-        return vec![record(Event::ReplanRequested { revision: next_revision(s), reason: PlanReason::Failure(failure) })];
+        return vec![record(Event::ReplanRequested {
+            revision: next_revision(s),
+            reason: PlanReason::Failure(failure),
+        })];
     }
     let why = s.last_failure.as_ref().map(|f| f.reason.clone()).unwrap_or_else(|| "plan rejected".to_owned());
     vec![record(Event::Escalated(escalation(
@@ -93,25 +96,24 @@ fn decide_awaiting(s: &RunState) -> Vec<Command> {
     if open.resolution.is_some() {
         return Vec::new();
     }
+    let mut cmds = Vec::new();
     if !open.notified {
-        // Notify first: a future-dated default must never hold the notification back.
-        return vec![Command::Notify { number: open.escalation.number }];
+        cmds.push(Command::Notify { number: open.escalation.number });
     }
-    match (&open.escalation.deadline_ms, &open.escalation.default_decision) {
-        (Some(ms), Some(default)) => {
-            let due = open.escalated_at_us.saturating_add(ms_to_us(*ms));
-            vec![record_at(
-                Event::HumanResolved {
-                    number: open.escalation.number,
-                    decision: default.clone(),
-                    by: "deadline".to_owned(),
-                    defaulted: true,
-                },
-                due,
-            )]
-        }
-        _ => Vec::new(),
+    // The default applies at the deadline even if the sink could never be told.
+    if let (Some(ms), Some(default)) = (&open.escalation.deadline_ms, &open.escalation.default_decision) {
+        let due = open.escalated_at_us.saturating_add(ms_to_us(*ms));
+        cmds.push(record_at(
+            Event::HumanResolved {
+                number: open.escalation.number,
+                decision: default.clone(),
+                by: "deadline".to_owned(),
+                defaulted: true,
+            },
+            due,
+        ));
     }
+    cmds
 }
 
 fn ms_to_us(ms: u64) -> i64 {
@@ -140,7 +142,8 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
         return carry_out(s, decision, by);
     }
 
-    let in_flight = s.tasks.iter().filter(|t| matches!(t.status, TaskStatus::Dispatched | TaskStatus::Executed)).count();
+    let in_flight =
+        s.tasks.iter().filter(|t| matches!(t.status, TaskStatus::Dispatched | TaskStatus::Executed)).count();
     let mut records: Vec<Command> = Vec::new();
     let mut effects: Vec<Command> = Vec::new();
     let mut future: Vec<Command> = Vec::new();
@@ -151,8 +154,13 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
         let id = &t.spec.id;
         match t.status {
             TaskStatus::Pending => {
-                if let Some(dep) = t.spec.depends_on.iter().find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped)) {
-                    records.push(record(Event::TaskSkipped { task: id.clone(), reason: format!("upstream task {dep} was skipped") }));
+                if let Some(dep) =
+                    t.spec.depends_on.iter().find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped))
+                {
+                    records.push(record(Event::TaskSkipped {
+                        task: id.clone(),
+                        reason: format!("upstream task {dep} was skipped"),
+                    }));
                 }
             }
             TaskStatus::Dispatched => effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
@@ -210,9 +218,13 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                     }
                     ErrorClass::Fatal => {
                         if !t.spec.critical && ctx.policy.degrade_noncritical {
-                            records.push(record(Event::TaskSkipped { task: id.clone(), reason: format!("fatal error: {error}") }));
+                            records.push(record(Event::TaskSkipped {
+                                task: id.clone(),
+                                reason: format!("fatal error: {error}"),
+                            }));
                         } else if run_level.is_none() {
-                            run_level = Some(RunLevel::Escalate(EscalationCause::FatalError, id.clone(), error.clone()));
+                            run_level =
+                                Some(RunLevel::Escalate(EscalationCause::FatalError, id.clone(), error.clone()));
                         }
                     }
                 }
@@ -377,7 +389,10 @@ fn recover_semantic(
             tried: s.history.clone(),
         }));
     } else if !t.spec.critical && ctx.policy.degrade_noncritical {
-        records.push(record(Event::TaskSkipped { task: t.spec.id.clone(), reason: format!("replans exhausted: {reason}") }));
+        records.push(record(Event::TaskSkipped {
+            task: t.spec.id.clone(),
+            reason: format!("replans exhausted: {reason}"),
+        }));
     } else {
         *run_level = Some(RunLevel::Escalate(EscalationCause::ReplansExhausted, t.spec.id.clone(), reason));
     }
@@ -419,7 +434,8 @@ fn escalation(
         .iter()
         .filter(|t| t.attempt > 0 || t.status != TaskStatus::Pending)
         .map(|t| {
-            let mut line = format!("{} ({}): {} after {} attempt(s)", t.spec.id, t.spec.handler, t.status.name(), t.attempt);
+            let mut line =
+                format!("{} ({}): {} after {} attempt(s)", t.spec.id, t.spec.handler, t.status.name(), t.attempt);
             if let Some((class, e)) = &t.last_error {
                 line.push_str(&format!(", last error {class:?}: {e}"));
             }
@@ -530,10 +546,7 @@ pub fn idempotency_key(run: keel_store::RunId, revision: u32, task: &TaskId, att
 fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
     let attempt = t.attempt.saturating_add(1);
     let model = match t.spec.kind {
-        TaskKind::Llm => t
-            .spec
-            .complexity
-            .and_then(|c| s.routes.iter().find(|(k, _)| *k == c).map(|(_, m)| m.clone())),
+        TaskKind::Llm => t.spec.complexity.and_then(|c| s.routes.iter().find(|(k, _)| *k == c).map(|(_, m)| m.clone())),
         _ => None,
     };
     let upstream: BTreeMap<TaskId, Json> = t
@@ -542,7 +555,11 @@ fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
         .iter()
         .filter_map(|d| task(s, d).and_then(|x| x.output.clone()).map(|o| (d.clone(), o)))
         .collect();
-    let note = if attempt > 1 { t.last_error.as_ref().map(|(c, e)| format!("previous attempt failed ({c:?}): {e}")) } else { None };
+    let note = if attempt > 1 {
+        t.last_error.as_ref().map(|(c, e)| format!("previous attempt failed ({c:?}): {e}"))
+    } else {
+        None
+    };
     Event::TaskDispatched {
         task: t.spec.id.clone(),
         attempt,

@@ -101,7 +101,14 @@ pub enum Event {
     PlanRejected { revision: u32, errors: Vec<String>, plan: Option<Plan> },
     /// A task is handed to its handler: attempt number, the idempotency key the handler can
     /// dedupe on, the routed model and the exact input. Appended before the handler runs.
-    TaskDispatched { task: TaskId, attempt: u32, idempotency_key: String, model: Option<String>, input: TaskInput, reserved: Usage },
+    TaskDispatched {
+        task: TaskId,
+        attempt: u32,
+        idempotency_key: String,
+        model: Option<String>,
+        input: TaskInput,
+        reserved: Usage,
+    },
     /// The handler returned an output.
     TaskExecuted { task: TaskId, attempt: u32, output: Json, usage: Usage, cached: bool },
     /// The attempt failed (handler error, timeout, or an output that failed its schema).
@@ -180,7 +187,10 @@ impl Event {
     ];
 
     /// Rebuild an event from its kind and the JSON object of its fields (as exported).
-    pub fn from_fields(kind: &str, fields: serde_json::Map<String, serde_json::Value>) -> Result<Event, serde_json::Error> {
+    pub fn from_fields(
+        kind: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Event, serde_json::Error> {
         let mut outer = serde_json::Map::new();
         // Escalated is a newtype variant: its fields are the Escalation struct itself.
         outer.insert(kind.to_owned(), serde_json::Value::Object(fields));

@@ -78,7 +78,6 @@ pub const RUN_TABLE: &[(Option<RunStatus>, RunTrigger, RunStatus)] = {
         (Some(Running), "RunCompleted", Completed),
         (Some(Running), "RunFailed", Failed),
         (Some(Planning), "RunFailed", Failed),
-        (Some(AwaitingHuman), "RunFailed", Failed),
         (Some(Accepted), "RunCancelled", Cancelled),
         (Some(Planning), "RunCancelled", Cancelled),
         (Some(Running), "RunCancelled", Cancelled),
@@ -208,10 +207,9 @@ pub const TASK_TABLE: &[(Option<TaskStatus>, TaskTrigger, TaskStatus)] = {
         (Some(Ready), T::Skipped, Skipped),
         (Some(AttemptFailed), T::Skipped, Skipped),
         (Some(Rejected), T::Skipped, Skipped),
+        // A replan waits until no task is in flight, so only settled tasks are superseded.
         (Some(Pending), T::Superseded, Superseded),
         (Some(Ready), T::Superseded, Superseded),
-        (Some(Dispatched), T::Superseded, Superseded),
-        (Some(Executed), T::Superseded, Superseded),
         (Some(AttemptFailed), T::Superseded, Superseded),
         (Some(RetryScheduled), T::Superseded, Superseded),
         (Some(Rejected), T::Superseded, Superseded),
@@ -238,7 +236,9 @@ pub fn render(format: Format) -> String {
         .collect();
     let task_edges: Vec<(String, String, String)> = TASK_TABLE
         .iter()
-        .map(|(f, t, to)| (f.map(|s| s.name()).unwrap_or("start").to_owned(), to.name().to_owned(), t.name().to_owned()))
+        .map(|(f, t, to)| {
+            (f.map(|s| s.name()).unwrap_or("start").to_owned(), to.name().to_owned(), t.name().to_owned())
+        })
         .collect();
     match format {
         Format::Dot => {

@@ -20,7 +20,7 @@ pub struct Json(pub String);
 impl Json {
     /// Canonical text of `value` (compact, keys sorted recursively).
     pub fn new(value: &serde_json::Value) -> Json {
-        Json(serde_json::to_string(value).unwrap_or_default()) /*TMP*/
+        Json(String::from_utf8_lossy(&keel_store::digest::canonical_json(value)).into_owned())
     }
     /// `null`.
     pub fn null() -> Json {

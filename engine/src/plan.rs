@@ -33,7 +33,11 @@ pub(crate) fn validate(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<Stri
             errors.push(format!("task {id}: unknown handler {:?}", t.handler));
         }
         if t.depends_on.len() > limits.deps_per_task_max {
-            errors.push(format!("task {id}: {} dependencies, more than {}", t.depends_on.len(), limits.deps_per_task_max));
+            errors.push(format!(
+                "task {id}: {} dependencies, more than {}",
+                t.depends_on.len(),
+                limits.deps_per_task_max
+            ));
         }
         let mut seen = BTreeSet::new();
         for d in &t.depends_on {
@@ -47,12 +51,17 @@ pub(crate) fn validate(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<Stri
             }
         }
         if t.input.0.len() > limits.task_input_bytes_max {
-            errors.push(format!("task {id}: input is {} bytes, more than {}", t.input.0.len(), limits.task_input_bytes_max));
+            errors.push(format!(
+                "task {id}: input is {} bytes, more than {}",
+                t.input.0.len(),
+                limits.task_input_bytes_max
+            ));
         } else if t.input.value().is_err() {
             errors.push(format!("task {id}: input is not valid JSON"));
         }
         if t.retry.max_attempts == 0 || t.retry.max_attempts > limits.attempts_max {
-            errors.push(format!("task {id}: max_attempts {} must be 1 to {}", t.retry.max_attempts, limits.attempts_max));
+            errors
+                .push(format!("task {id}: max_attempts {} must be 1 to {}", t.retry.max_attempts, limits.attempts_max));
         }
         if t.timeout_ms == 0 || t.timeout_ms > limits.timeout_ms_max {
             errors.push(format!("task {id}: timeout_ms {} must be 1 to {}", t.timeout_ms, limits.timeout_ms_max));
@@ -80,9 +89,8 @@ pub(crate) fn validate(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<Stri
         .map(|t| t.spec.id.0.as_str())
         .collect();
     let to_run = plan.tasks.iter().filter(|t| !carried.contains(t.id.0.as_str()));
-    let (cost, tokens) = to_run.fold((0u64, 0u64), |(c, k), t| {
-        (c.saturating_add(t.cost_estimate_micros), k.saturating_add(t.token_estimate))
-    });
+    let (cost, tokens) = to_run
+        .fold((0u64, 0u64), |(c, k), t| (c.saturating_add(t.cost_estimate_micros), k.saturating_add(t.token_estimate)));
     if let Some(limit) = state.budget.cost_micros {
         let left = limit.saturating_sub(state.totals.cost_micros);
         if cost > left {

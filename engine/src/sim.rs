@@ -52,14 +52,25 @@ pub fn simulate(
 
 /// Continue a run from a recorded prefix of its log (as after a crash): fold the prefix,
 /// then drive it exactly as [`simulate`] does. Returns the prefix plus what followed.
-pub fn resume(prefix: Vec<Logged>, ctx: &Context, script: &mut dyn Script, max_events: usize) -> Result<Vec<Logged>, SimError> {
+pub fn resume(
+    prefix: Vec<Logged>,
+    ctx: &Context,
+    script: &mut dyn Script,
+    max_events: usize,
+) -> Result<Vec<Logged>, SimError> {
     let mut log = prefix;
     let Some(mut state) = crate::core::fold(&log)? else {
         return Ok(log);
     };
     let mut now: i64 = log.last().map(|l| l.at_us).unwrap_or(1_000_000);
     // Each event is stamped 1 ms after the previous one, or at its timer if later.
-    fn push(state: &mut RunState, log: &mut Vec<Logged>, now: &mut i64, at: Option<i64>, event: Event) -> Result<(), SimError> {
+    fn push(
+        state: &mut RunState,
+        log: &mut Vec<Logged>,
+        now: &mut i64,
+        at: Option<i64>,
+        event: Event,
+    ) -> Result<(), SimError> {
         *now = (*now).max(at.unwrap_or(*now)).saturating_add(1_000);
         let logged = Logged { run: state.run, seq: state.next_seq, at_us: *now, event };
         *state = apply(Some(state), &logged)?;
@@ -96,7 +107,13 @@ pub fn resume(prefix: Vec<Logged>, ctx: &Context, script: &mut dyn Script, max_e
         if state.status == RunStatus::AwaitingHuman {
             if let Some((decision, by)) = script.human(&state) {
                 let number = state.escalations.last().map(|e| e.escalation.number).unwrap_or(0);
-                push(&mut state, &mut log, &mut now, None, Event::HumanResolved { number, decision, by, defaulted: false })?;
+                push(
+                    &mut state,
+                    &mut log,
+                    &mut now,
+                    None,
+                    Event::HumanResolved { number, decision, by, defaulted: false },
+                )?;
                 continue;
             }
         }
@@ -135,14 +152,27 @@ fn answer(state: &RunState, ctx: &Context, script: &mut dyn Script, effect: &Com
             }
         }
         Command::Execute { task, attempt } => match script.execute(state, task, *attempt) {
-            Outcome::Output(v, usage) => {
-                Event::TaskExecuted { task: task.clone(), attempt: *attempt, output: Json::new(&v), usage, cached: false }
+            Outcome::Output(v, usage) => Event::TaskExecuted {
+                task: task.clone(),
+                attempt: *attempt,
+                output: Json::new(&v),
+                usage,
+                cached: false,
+            },
+            Outcome::Error(class, error, usage) => {
+                Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage }
             }
-            Outcome::Error(class, error, usage) => Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage },
         },
         Command::Evaluate { task, attempt } => {
             let (verdict, notes, usage) = script.evaluate(state, task, *attempt);
-            Event::TaskEvaluated { task: task.clone(), attempt: *attempt, verdict, notes, model: state.evaluator_model.clone(), usage }
+            Event::TaskEvaluated {
+                task: task.clone(),
+                attempt: *attempt,
+                verdict,
+                notes,
+                model: state.evaluator_model.clone(),
+                usage,
+            }
         }
         Command::Notify { number } => Event::EscalationNotified { number: *number },
         Command::Record { event, .. } => event.clone(),

@@ -21,7 +21,9 @@ impl Scripted {
     fn new(plans: Vec<Plan>) -> Self {
         Scripted {
             plans,
-            exec: Box::new(|t, _| Outcome::Output(serde_json::json!({ "from": t.0 }), Usage { cost_micros: 10, tokens: 5 })),
+            exec: Box::new(|t, _| {
+                Outcome::Output(serde_json::json!({ "from": t.0 }), Usage { cost_micros: 10, tokens: 5 })
+            }),
             eval: Box::new(|_, _| Verdict::Pass),
             human: Vec::new(),
             calls: BTreeMap::new(),
@@ -75,8 +77,16 @@ fn happy_path_dispatches_in_dependency_order_and_completes() {
     assert_eq!(
         kinds(&log),
         [
-            "RunAccepted", "PlanRequested", "Planned", "TaskDispatched", "TaskExecuted", "TaskEvaluated",
-            "TaskDispatched", "TaskExecuted", "TaskEvaluated", "RunCompleted"
+            "RunAccepted",
+            "PlanRequested",
+            "Planned",
+            "TaskDispatched",
+            "TaskExecuted",
+            "TaskEvaluated",
+            "TaskDispatched",
+            "TaskExecuted",
+            "TaskEvaluated",
+            "RunCompleted"
         ]
     );
     assert_eq!(st.status, RunStatus::Completed);
@@ -165,7 +175,8 @@ fn schema_gate_blocks_a_bad_output_from_downstream_tasks() {
         }
     });
     let (log, _) = run(Budget::default(), &mut s, &["h"]);
-    let failed = log.iter().find(|l| matches!(&l.event, Event::TaskFailed { class: ErrorClass::Semantic, .. })).unwrap();
+    let failed =
+        log.iter().find(|l| matches!(&l.event, Event::TaskFailed { class: ErrorClass::Semantic, .. })).unwrap();
     assert!(matches!(&failed.event, Event::TaskFailed { error, .. } if error.contains("schema")));
     for l in &log {
         if let Event::TaskDispatched { task, input, .. } = &l.event {
@@ -270,7 +281,13 @@ fn illegal_events_are_refused_and_leave_state_unchanged() {
         run: st.run,
         seq: st.next_seq,
         at_us: 0,
-        event: Event::TaskExecuted { task: "a".into(), attempt: 1, output: Json::null(), usage: Usage::default(), cached: false },
+        event: Event::TaskExecuted {
+            task: "a".into(),
+            attempt: 1,
+            output: Json::null(),
+            usage: Usage::default(),
+            cached: false,
+        },
     };
     let mut copy = st.clone();
     assert!(matches!(apply_mut(&mut copy, &bogus), Err(TransitionError::IllegalRun { .. })));
