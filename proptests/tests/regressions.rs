@@ -50,7 +50,7 @@ fn transient(t: &str, attempt: u32) -> Event {
 /// Fix: count the retries scheduled in this call against the budget (like `extra` for
 /// dispatch reservations).
 #[test]
-#[ignore = "bug: global retry budget exceeded by simultaneous transient failures (engine/src/decide.rs; reported)"]
+
 fn bug_global_retry_budget_exceeded_by_simultaneous_transient_failures() {
     let budget = Budget { retries: Some(1), ..Budget::default() };
     let mut log = Vec::new();
