@@ -148,6 +148,7 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
     let mut effects: Vec<Command> = Vec::new();
     let mut future: Vec<Command> = Vec::new();
     let mut run_level: Option<RunLevel> = None;
+    let mut retries_scheduled: u64 = 0;
 
     // Skips, gates, evaluations, executions and recovery decisions, in plan order.
     for t in &s.tasks {
@@ -191,14 +192,17 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                         // A budget is spent: no retry; the run finishes or escalates below.
                     }
                     ErrorClass::Transient if t.attempt < t.spec.retry.max_attempts => {
-                        if retries_left(s) {
+                        // Retries scheduled earlier in this same call count too: two tasks
+                        // failing at once must not both take the last retry.
+                        if retries_left(s, retries_scheduled) {
+                            retries_scheduled += 1;
                             let delay_ms = backoff_ms(s.seed, t);
                             records.push(record(Event::RetryScheduled {
                                 task: id.clone(),
                                 next_attempt: t.attempt.saturating_add(1),
                                 delay_ms,
                             }));
-                        } else if s.exhausted.is_none() {
+                        } else if retries_scheduled == 0 && s.exhausted.is_none() {
                             let limit = s.budget.retries.unwrap_or(0);
                             return vec![record(Event::BudgetExhausted {
                                 budget: BudgetKind::Retries,
@@ -511,8 +515,8 @@ fn gate(t: &TaskState) -> Result<(), String> {
     }
 }
 
-fn retries_left(s: &RunState) -> bool {
-    s.budget.retries.is_none_or(|limit| s.totals.retries < limit)
+fn retries_left(s: &RunState, scheduled_now: u64) -> bool {
+    s.budget.retries.is_none_or(|limit| s.totals.retries.saturating_add(scheduled_now) < limit)
 }
 
 /// Exponential backoff with jitter drawn from the run's seed (never from a thread rng).
