@@ -45,7 +45,7 @@ section.run{margin-bottom:36px}
 .card h2 .hint{font-weight:400;color:var(--muted);font-size:12.5px}
 .runhead{display:flex;flex-wrap:wrap;gap:10px 28px;align-items:baseline}
 .runhead .id{font:600 15px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px 18px;margin-top:12px}
+.kv{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:10px 18px;margin-top:12px}
 .kv div{font-size:12px;color:var(--muted)} .kv b{display:block;font-size:15px;color:var(--ink);font-weight:600}
 .badge{display:inline-block;padding:2px 9px;border-radius:999px;font-size:12px;font-weight:600;border:1px solid transparent;white-space:nowrap}
 .s-Completed,.s-Done,.o-pass,.o-executed{background:#e3f6ea;color:#17693d;border-color:#bfe8cf}
@@ -149,6 +149,13 @@ fn rel(us: i64, t0: i64) -> String {
         format!("+{ms:.1} ms")
     } else {
         format!("+{:.2} s", ms / 1000.0)
+    }
+}
+
+fn short_time(us: i64) -> String {
+    match chrono::DateTime::from_timestamp_micros(us) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        None => rfc3339(us),
     }
 }
 
@@ -268,13 +275,13 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                     a.note = Some(if hidden(&e.event) { "(redacted)".into() } else { error.clone() });
                 }
             }
-            Event::TaskEvaluated { task, attempt, verdict, usage, notes, .. } => {
+            Event::TaskEvaluated { task, attempt, verdict, usage, notes, model } => {
                 if let Some(a) = open.get(&(task.0.clone(), *attempt)).and_then(|&i| attempts.get_mut(i)) {
                     a.eval_us = Some(e.at_us);
                     a.verdict = Some(format!("{verdict:?}").to_lowercase());
                     a.cost += usage.cost_micros;
                     a.tokens += usage.tokens;
-                    if a.note.is_none() && !hidden(&e.event) {
+                    if a.note.is_none() && !hidden(&e.event) && model.is_some() {
                         a.note = Some(notes.clone());
                     }
                 }
@@ -306,7 +313,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
         h,
         "<div class=\"kv\"><div>accepted<b>{}</b></div><div>last event<b>{}</b></div><div>events<b>{}</b></div><div>plan revision<b>{}</b></div>\
 <div>cost<b>{}</b></div><div>tokens<b>{}</b></div><div>calls (llm / tool)<b>{} / {}</b></div><div>retries / replans<b>{} / {}</b></div></div>",
-        esc(&rfc3339(t0)),
+        esc(&short_time(t0)),
         esc(&rel(s.last_event_us, t0)),
         events.len(),
         s.revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
@@ -557,7 +564,7 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
             break;
         }
     }
-    let (w, hgt, gx, gy, pad) = (184.0, 58.0, 74.0, 22.0, 24.0);
+    let (w, hgt, gx, gy, pad) = (164.0, 58.0, 50.0, 22.0, 16.0);
     let mut row_in_layer: BTreeMap<usize, usize> = BTreeMap::new();
     let mut xy = vec![(0.0f64, 0.0f64); n];
     for (i, d) in depth.iter().enumerate() {
@@ -571,8 +578,8 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     let height = pad * 2.0 + rows as f64 * hgt + (rows.saturating_sub(1)) as f64 * gy;
     let _ = write!(
         h,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" role=\"img\" aria-label=\"plan DAG\">\
-<defs><marker id=\"arrow{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#7a869a\"/></marker></defs>"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\" style=\"max-width:100%;height:auto\" role=\"img\" aria-label=\"plan DAG\">\
+<defs><marker id=\"arrow{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"9\" markerHeight=\"9\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#7a869a\"/></marker></defs>"
     );
     for (i, t) in s.tasks.iter().enumerate() {
         for d in &t.spec.depends_on {
@@ -622,30 +629,27 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
 /// Fixed positions of the run states in the FSM drawing.
 fn state_pos(name: &str) -> (f64, f64) {
     match name {
-        "start" => (24.0, 150.0),
-        "Accepted" => (110.0, 150.0),
-        "Planning" => (290.0, 150.0),
-        "Running" => (490.0, 150.0),
-        "AwaitingHuman" => (490.0, 290.0),
-        "Completed" => (730.0, 50.0),
-        "Failed" => (730.0, 150.0),
-        "Cancelled" => (730.0, 290.0),
+        "start" => (30.0, 170.0),
+        "Accepted" => (140.0, 170.0),
+        "Planning" => (335.0, 170.0),
+        "Running" => (540.0, 170.0),
+        "AwaitingHuman" => (540.0, 300.0),
+        "Completed" => (770.0, 60.0),
+        "Failed" => (770.0, 170.0),
+        "Cancelled" => (770.0, 300.0),
         _ => (0.0, 0.0),
     }
 }
 
-/// Curvature per edge (perpendicular offset of the control point), chosen so no edge
-/// crosses a state box.
+/// Curvature per edge (perpendicular offset of the quadratic control point from the
+/// midpoint), chosen so that no edge crosses a state box and paired edges separate.
 fn bend(from: &str, to: &str) -> f64 {
     match (from, to) {
-        ("Planning", "Running") => -26.0,
-        ("Running", "Planning") => -26.0,
-        ("Running", "AwaitingHuman") => -24.0,
-        ("AwaitingHuman", "Running") => -24.0,
-        ("Planning", "Failed") => -150.0,
-        ("Accepted", "Cancelled") => 120.0,
-        ("Planning", "Cancelled") => 60.0,
-        ("AwaitingHuman", "Failed") => 30.0,
+        ("Planning", "Running") | ("Running", "Planning") => -26.0,
+        ("Running", "AwaitingHuman") | ("AwaitingHuman", "Running") => -26.0,
+        ("Planning", "Failed") => -140.0,
+        ("Accepted", "Cancelled") => 250.0,
+        ("Planning", "Cancelled") => 40.0,
         _ => 0.0,
     }
 }
@@ -666,9 +670,9 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
     let _ = write!(
         h,
         "<div class=\"card\" id=\"fsm{sfx}\"><h2>Run state machine <span class=\"hint\">every transition of the table; the path this run took is highlighted, with counts</span></h2>\
-<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"860\" height=\"350\" viewBox=\"0 0 860 350\" role=\"img\" aria-label=\"run state machine\">\
-<defs><marker id=\"fa{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#b4bccb\"/></marker>\
-<marker id=\"fb{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#2f5bd3\"/></marker></defs>"
+<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"860\" height=\"400\" viewBox=\"0 0 860 400\" style=\"max-width:100%;height:auto\" role=\"img\" aria-label=\"run state machine\">\
+<defs><marker id=\"fa{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"9\" markerHeight=\"9\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#b4bccb\"/></marker>\
+<marker id=\"fb{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"11\" markerHeight=\"11\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#2f5bd3\"/></marker></defs>"
     );
     let (bw, bh) = (128.0, 38.0);
     // Draw untaken edges first, taken ones on top.
@@ -682,19 +686,20 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
         let (x2, y2) = state_pos(t);
         let cls = if n > 0 { "edge taken" } else { "edge" };
         if f == t {
-            // Self loop above the box.
-            let (lx, ly) = (x1 - 18.0, y1 - bh / 2.0);
+            // Self loop above the box (below for AwaitingHuman, whose top has the edges to Running).
+            let dir = if f == "AwaitingHuman" { 1.0 } else { -1.0 };
+            let (lx, ly) = (x1 - 18.0, y1 + dir * bh / 2.0);
             let _ = write!(
                 h,
-                "<path class=\"{cls}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
+                "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
                 lx - 10.0,
-                ly - 40.0,
+                ly + dir * 40.0,
                 lx + 46.0,
-                ly - 40.0,
+                ly + dir * 40.0,
                 lx + 36.0
             );
             if n > 0 {
-                let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1, ly - 34.0);
+                let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1 + 42.0, ly + dir * 26.0);
             }
             continue;
         }

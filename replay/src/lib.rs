@@ -26,6 +26,7 @@ pub mod policy;
 pub mod source;
 pub mod timeline;
 pub mod verify;
+pub mod views;
 
 pub use check::{check_run, CheckOptions, CheckReport, Divergence, EventClass};
 pub use diff::{diff, diff_events, Diff};
