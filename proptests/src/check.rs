@@ -298,3 +298,23 @@ pub fn compare(model: &Expect, core: &Expect, calls: &BTreeMap<(u32, String), u3
     }
     Ok(())
 }
+
+/// Tolerate the reported keel-replay false divergence (set to false once it is fixed).
+pub const KNOWN_REPLAY_BATCH_BUG: bool = true;
+
+/// keel-replay's determinism check (`keel replay --check`) on a log, with the scenario's
+/// policy and handlers.
+pub fn replay_check(sc: &Scenario, log: &[Logged]) -> CheckResult {
+    let ctx = sc.context();
+    let opts = keel_replay::CheckOptions { policy: ctx.policy.clone(), handlers: Some(ctx.handlers.clone()) };
+    let report = keel_replay::check_run(log, &opts).map_err(|e| format!("replay check: {e}"))?;
+    match report.divergence {
+        None => Ok(()),
+        // Known, reported: keel-replay re-decides at every event instead of once per batch,
+        // so a cascading skip's reason text differs inside a batch (see the regression test
+        // bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips). Our own
+        // batch-aware check (`batches`) still covers these events.
+        Some(d) if KNOWN_REPLAY_BATCH_BUG && d.kind == "TaskSkipped" => Ok(()),
+        Some(d) => Err(format!("replay check: divergence at seq {} ({:?} {}): {:?}", d.seq, d.class, d.kind, d)),
+    }
+}

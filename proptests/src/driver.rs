@@ -50,6 +50,7 @@ pub fn check_seed(seed: u64, n: usize, cfg: &GenConfig) -> Result<SimRun, String
     }
     check::invariants(&r.scenario, &r.log, &r.states)?;
     check::batches(&r.log, &r.states, &ctx)?;
+    check::replay_check(&r.scenario, &r.log)?;
     let model = Model::new(&r.scenario, MAX_EVENTS).run();
     let core = check::observed(&r.log, r.states.last().ok_or("no state")?);
     check::compare(&model, &core, &r.calls)?;
