@@ -1,0 +1,379 @@
+//! Audit: JSONL export verifies; every kind of tampering (altered, removed, reordered,
+//! inserted) is named, in an export file and in a database; redaction keeps the export
+//! verifiable and a revealed value proves itself; CSV and time-range selection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{keel, lines, write_lines, DemoDb};
+use keel_replay::verify::{reveal_matches, verify_db, verify_export, Tamper};
+use keel_store::{codec, digest, EventLog, RunId, Seq, SledStore};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+fn export_one(db: &DemoDb, run: RunId, name: &str, extra: &[&str]) -> PathBuf {
+    let file = db.path(name);
+    let mut args = vec!["export", "--format", "jsonl", "-o", file.to_str().unwrap()];
+    let id = run.to_string();
+    args.insert(1, &id);
+    args.extend_from_slice(extra);
+    keel(&db.db, &args).ok();
+    file
+}
+
+/// Index of the line holding record `seq` (line 0 is the header).
+fn at(lines: &[Value], seq: u64) -> usize {
+    lines.iter().position(|l| l["type"] == "record" && l["seq"] == seq).unwrap()
+}
+
+fn check_fails(file: &Path, what: Tamper, seq: Option<u64>, needle: &str, db: &DemoDb) {
+    let v = verify_export(file).unwrap();
+    let f = v.failure.unwrap_or_else(|| panic!("{} verified but must not", file.display()));
+    assert_eq!(f.what, what, "{}", f.message);
+    if seq.is_some() {
+        assert_eq!(f.seq, seq, "{}", f.message);
+    }
+    assert!(f.message.contains(needle), "message {:?} lacks {needle:?}", f.message);
+    let e = keel(&db.db, &["verify", file.to_str().unwrap()]).one_line_error(1);
+    assert!(e.contains(needle), "{e}");
+}
+
+#[test]
+fn an_export_verifies_and_every_kind_of_tampering_is_named() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("retries_exhausted_replan");
+    let file = export_one(&db, run, "run.jsonl", &[]);
+    let v = verify_export(&file).unwrap();
+    assert!(v.ok(), "{:?}", v.failure);
+    assert_eq!(v.runs.len(), 1);
+    assert_eq!(v.records(), db.events(run).len() as u64);
+    let out = keel(&db.db, &["verify", file.to_str().unwrap(), "--json"]).ok().json();
+    assert_eq!(out["ok"], true);
+    // The export's head is the database's head.
+    let store_head = {
+        let s = db.open();
+        keel_replay::format::hex32(&s.head(run).unwrap().last_hash)
+    };
+    assert_eq!(out["runs"][0]["head"], store_head);
+    keel(&db.db, &["verify", file.to_str().unwrap(), "--against-db"]).ok();
+
+    let original = lines(&file);
+    let executed = original.iter().find(|l| l["kind"] == "TaskExecuted").unwrap()["seq"].as_u64().unwrap();
+    let tampered = db.path("t.jsonl");
+
+    // Altered payload: one number changed.
+    let mut l = original.clone();
+    let i = at(&l, executed);
+    let cost = l[i]["payload"]["usage"]["cost_micros"].as_u64().unwrap();
+    l[i]["payload"]["usage"]["cost_micros"] = json!(cost + 1);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(executed), &format!("seq {executed}: payload altered (hash mismatch)"), &db);
+
+    // Altered header: the time of an event moved.
+    let mut l = original.clone();
+    let i = at(&l, 5);
+    l[i]["time_us"] = json!(l[i]["time_us"].as_i64().unwrap() + 1);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(5), "seq 5: header altered", &db);
+
+    // Removed: a record in the middle, and the last record (trailer kept).
+    let mut l = original.clone();
+    l.remove(at(&l, 7));
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Removed, Some(7), "seq 7 missing (removed", &db);
+    let last = original.iter().filter(|l| l["type"] == "record").count() as u64 - 1;
+    let mut l = original.clone();
+    l.remove(at(&l, last));
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Removed, Some(last), &format!("seq {last} missing (removed"), &db);
+
+    // Reordered: two records swapped.
+    let mut l = original.clone();
+    let (a, b) = (at(&l, 7), at(&l, 8));
+    l.swap(a, b);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Reordered, Some(7), "seq 7: out of order", &db);
+
+    // Inserted: a forged record claiming seq 7, before and after the real one.
+    let mut forged = original[at(&original, 7)].clone();
+    forged["payload"] = original[at(&original, executed)]["payload"].clone();
+    let mut l = original.clone();
+    l.insert(at(&l, 7), forged.clone());
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Inserted, Some(7), "seq 7: inserted record", &db);
+    let mut l = original.clone();
+    l.insert(at(&l, 7) + 1, forged.clone());
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Inserted, Some(7), "seq 7: inserted record", &db);
+    // ... even when the forger recomputed its payload root and hash correctly.
+    let mut good_forgery = forged;
+    let rec = keel_replay::ExportRecord {
+        line: 0,
+        run,
+        seq: 7,
+        time_us: good_forgery["time_us"].as_i64().unwrap(),
+        kind: good_forgery["kind"].as_str().unwrap().to_owned(),
+        schema_version: 1,
+        payload: good_forgery["payload"].as_object().unwrap().clone(),
+        payload_root: [0; 32],
+        prev_hash: [0; 32],
+        hash: [0; 32],
+    };
+    let root = keel_replay::verify::export_payload_root(&rec);
+    let prev = keel_replay::format::parse_hash(original[at(&original, 6)]["hash"].as_str().unwrap()).unwrap();
+    let rec = keel_replay::ExportRecord { payload_root: root, prev_hash: prev, ..rec };
+    good_forgery["payload_root"] = json!(hex::encode(root));
+    good_forgery["hash"] = json!(hex::encode(keel_replay::verify::export_chain_hash(&rec, &prev)));
+    let mut l = original.clone();
+    l.insert(at(&l, 7), good_forgery);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Inserted, Some(7), "seq 7: inserted record", &db);
+
+    // Truncated: the trailer and the last records cut off.
+    let mut l = original.clone();
+    l.truncate(l.len() - 3);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Truncated, None, "without the run_end trailer", &db);
+
+    // Garbage never panics: a line that is not JSON, binary junk, an empty file.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.insert_str(text.find('\n').unwrap() + 1, "{not json\n");
+    std::fs::write(&tampered, text).unwrap();
+    check_fails(&tampered, Tamper::Malformed, None, "line 2: not valid JSON", &db);
+    std::fs::write(&tampered, [0u8, 159, 146, 150, 10, 255, 0]).unwrap();
+    assert!(verify_export(&tampered).unwrap().failure.is_some());
+    std::fs::write(&tampered, "").unwrap();
+    check_fails(&tampered, Tamper::Malformed, None, "not a keel export", &db);
+    std::fs::write(&tampered, "x".repeat(keel_replay::format::LINE_BYTES_MAX + 10)).unwrap();
+    check_fails(&tampered, Tamper::Malformed, None, "line 1: line longer than", &db);
+}
+
+#[test]
+fn a_consistently_rewritten_export_is_caught_against_the_database_head() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("happy_path");
+    let file = export_one(&db, run, "run.jsonl", &[]);
+    // Rewrite seq 3's payload and recompute every root and hash after it, as a forger
+    // who knows the format would (docs/EXPORT.md): the file verifies on its own...
+    let mut l = lines(&file);
+    let first = at(&l, 3);
+    l[first]["payload"]["revision"] = json!(7);
+    let mut prev = keel_replay::format::parse_hash(l[first - 1]["hash"].as_str().unwrap()).unwrap();
+    for line in l.iter_mut().skip(first) {
+        if line["type"] == "run_end" {
+            line["head"] = json!(hex::encode(prev));
+            continue;
+        }
+        let fields = line["payload"].as_object().unwrap().clone();
+        let root = digest::payload_root_of(&fields);
+        let d = digest::record_digest(1, run, Seq(line["seq"].as_u64().unwrap()), line["kind"].as_str().unwrap(), line["time_us"].as_i64().unwrap(), &root);
+        let hash = digest::chain(&prev, &d);
+        line["payload_root"] = json!(hex::encode(root));
+        line["prev_hash"] = json!(hex::encode(prev));
+        line["hash"] = json!(hex::encode(hash));
+        prev = hash;
+    }
+    let forged = db.path("forged.jsonl");
+    write_lines(&forged, &l);
+    assert!(verify_export(&forged).unwrap().ok());
+    // ... but not against the database's head.
+    let e = keel(&db.db, &["verify", forged.to_str().unwrap(), "--against-db"]).one_line_error(1);
+    assert!(e.contains("differs from the database"), "{e}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A copy of the demo db, tampered with by `f` through the store's raw test hooks.
+fn tampered_db(db: &DemoDb, name: &str, f: impl FnOnce(&SledStore)) -> PathBuf {
+    let dir = db.path(name);
+    // The demo db is closed (DemoDb reads it once): copy it, then tamper with the copy.
+    copy_dir(&db.db, &dir);
+    let store = common::open_retrying(&dir);
+    f(&store);
+    store.flush().unwrap();
+    drop(store);
+    dir
+}
+
+fn db_fails(dir: &Path, run: RunId, what: Tamper, seq: u64, needle: &str) {
+    let store = common::open_retrying(dir);
+    let v = verify_db(&store, &[run], || {}).unwrap();
+    drop(store);
+    let f = v.failure.expect("must not verify");
+    assert_eq!(f.what, what, "{}", f.message);
+    assert_eq!(f.seq, Some(seq), "{}", f.message);
+    assert!(f.message.contains(needle), "message {:?} lacks {needle:?}", f.message);
+    let e = keel(dir, &["verify"]).one_line_error(1);
+    assert!(e.contains(needle), "{e}");
+    let e = keel(dir, &["verify", "--run", &run.to_string()[..8]]).one_line_error(1);
+    assert!(e.contains(needle), "{e}");
+}
+
+#[test]
+fn verify_names_every_kind_of_tampering_in_a_database() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("transient_retry");
+    keel(&db.db, &["verify"]).ok();
+    let n = db.events(run).len() as u64;
+
+    // Altered: a payload changed, checksum re-sealed, so only the chain can tell.
+    let dir = tampered_db(&db, "altered", |s| {
+        let raw = s.raw_get(run, Seq(4)).unwrap().unwrap();
+        let mut env = codec::testing::open_raw(&raw).unwrap();
+        let mut event: keel_engine::Event = codec::decode(&env.payload).unwrap();
+        match &mut event {
+            keel_engine::Event::TaskDispatched { attempt, .. } => *attempt += 1,
+            keel_engine::Event::TaskExecuted { usage, .. } => usage.cost_micros += 1,
+            other => panic!("seq 4 is {}", other.kind_name()),
+        }
+        env.payload = codec::encode(&event).unwrap();
+        s.raw_put(run, Seq(4), &codec::testing::seal_raw(&env).unwrap()).unwrap();
+    });
+    db_fails(&dir, run, Tamper::Altered, 4, "seq 4: payload altered");
+
+    // Removed: a record deleted.
+    let dir = tampered_db(&db, "removed", |s| s.raw_remove(run, Seq(6)).unwrap());
+    db_fails(&dir, run, Tamper::Removed, 6, "seq 6 missing (removed)");
+
+    // Reordered: two records swapped.
+    let dir = tampered_db(&db, "reordered", |s| {
+        let a = s.raw_get(run, Seq(6)).unwrap().unwrap();
+        let b = s.raw_get(run, Seq(7)).unwrap().unwrap();
+        s.raw_put(run, Seq(6), &b).unwrap();
+        s.raw_put(run, Seq(7), &a).unwrap();
+    });
+    db_fails(&dir, run, Tamper::Reordered, 6, "seq 6: out of order");
+
+    // Inserted: a record of another run slipped in at seq 6, the rest shifted up.
+    let other = db.run_of("happy_path");
+    let dir = tampered_db(&db, "inserted", |s| {
+        for k in (6..n).rev() {
+            let v = s.raw_get(run, Seq(k)).unwrap().unwrap();
+            s.raw_put(run, Seq(k + 1), &v).unwrap();
+        }
+        let foreign = s.raw_get(other, Seq(6)).unwrap().unwrap();
+        s.raw_put(run, Seq(6), &foreign).unwrap();
+    });
+    db_fails(&dir, run, Tamper::Inserted, 6, "seq 6: broken link");
+}
+
+#[test]
+fn redacted_exports_verify_and_a_revealed_value_proves_itself() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("evaluator_replan");
+    let plain = export_one(&db, run, "plain.jsonl", &[]);
+    let red = export_one(&db, run, "red.jsonl", &["--redact", "output", "--redact", "TaskDispatched.input"]);
+    let out = keel(&db.db, &["verify", red.to_str().unwrap(), "--json"]).ok().json();
+    assert_eq!(out["ok"], true);
+    let (p, r) = (lines(&plain), lines(&red));
+    assert_eq!(r[0]["redacted"], json!(["output", "TaskDispatched.input"]));
+    let mut revealed = 0;
+    for (a, b) in p.iter().zip(&r).skip(1) {
+        if a["type"] != "record" {
+            continue;
+        }
+        // Chain fields are untouched by redaction.
+        assert_eq!(a["hash"], b["hash"]);
+        assert_eq!(a["payload_root"], b["payload_root"]);
+        for (field, value) in a["payload"].as_object().unwrap() {
+            let kind = a["kind"].as_str().unwrap();
+            let redacted = field == "output" || (kind == "TaskDispatched" && field == "input");
+            let shown = &b["payload"][field];
+            if redacted {
+                assert!(shown.get("$redacted").is_some(), "{kind}.{field} not redacted");
+                assert_ne!(shown, value);
+                // Revealing the original later proves it unchanged; anything else does not.
+                assert!(reveal_matches(shown, value), "{kind}.{field}");
+                assert!(!reveal_matches(shown, &json!("something else")));
+                assert_eq!(shown["$redacted"], json!(hex::encode(digest::field_digest(value))));
+                revealed += 1;
+            } else {
+                assert_eq!(shown, value);
+            }
+        }
+    }
+    assert!(revealed >= 8, "{revealed}");
+    // Replay needs the values: a typed error names the first redacted field.
+    let first_dispatch = p.iter().find(|l| l["kind"] == "TaskDispatched").unwrap()["seq"].as_u64().unwrap();
+    let e = keel(&db.db, &["replay", "--from", red.to_str().unwrap()]).one_line_error(1);
+    assert!(e.contains(&format!("seq {first_dispatch}: field TaskDispatched.input is redacted")), "{e}");
+    // Changing a redacted digest is caught like any other alteration.
+    let mut l = r.clone();
+    let i = l.iter().position(|x| x["kind"] == "TaskExecuted").unwrap();
+    l[i]["payload"]["output"] = json!({"$redacted": hex::encode([7u8; 32])});
+    let t = db.path("t.jsonl");
+    write_lines(&t, &l);
+    let v = verify_export(&t).unwrap();
+    assert_eq!(v.failure.unwrap().what, Tamper::Altered);
+    // A bad rule is a usage error.
+    let e = keel(&db.db, &["export", &run.to_string(), "--format", "jsonl", "--redact", "Nope.output"]).one_line_error(2);
+    assert!(e.contains("unknown event kind"), "{e}");
+}
+
+#[test]
+fn csv_export_is_a_flat_table_of_transitions() {
+    let db = DemoDb::new(8);
+    let file = db.path("all.csv");
+    keel(&db.db, &["export", "--all", "--format", "csv", "-o", file.to_str().unwrap()]).ok();
+    let mut rd = csv::Reader::from_path(&file).unwrap();
+    let headers: Vec<String> = rd.headers().unwrap().iter().map(str::to_owned).collect();
+    assert_eq!(headers, keel_replay::export::CSV_COLUMNS.to_vec());
+    let rows: Vec<csv::StringRecord> = rd.records().map(|r| r.unwrap()).collect();
+    let total: usize = db.events.values().map(Vec::len).sum();
+    assert_eq!(rows.len(), total);
+    for r in &db.runs {
+        let events = db.events(r.run);
+        let mine: Vec<&csv::StringRecord> = rows.iter().filter(|row| row[0] == *r.run.to_string()).collect();
+        assert_eq!(mine.len(), events.len());
+        let state = keel_engine::fold(&events).unwrap().unwrap();
+        let last = mine.last().unwrap();
+        assert_eq!(&last[9], state.status.name());
+        assert_eq!(last[11].parse::<u64>().unwrap(), state.totals.cost_micros);
+        let sum: u64 = mine.iter().filter_map(|row| row[7].parse::<u64>().ok()).sum();
+        assert_eq!(sum, state.totals.cost_micros, "{}", r.scenario);
+        for (row, e) in mine.iter().zip(&events) {
+            assert_eq!(&row[3], e.event.kind_name());
+            assert_eq!(row[1].parse::<u64>().unwrap(), e.seq.0);
+        }
+    }
+}
+
+#[test]
+fn export_all_selects_runs_by_acceptance_time() {
+    let db = DemoDb::new(8);
+    let count = |args: &[&str]| -> (usize, Value) {
+        let f = db.path("sel.jsonl");
+        let mut a = vec!["export", "--all", "--format", "jsonl", "-o", f.to_str().unwrap()];
+        a.extend_from_slice(args);
+        keel(&db.db, &a).ok();
+        let l = lines(&f);
+        (l.iter().filter(|x| x["type"] == "run_end").count(), l[0]["filter"].clone())
+    };
+    assert_eq!(count(&[]).0, 8);
+    assert_eq!(count(&["--since", "0"]).0, 8);
+    let (n, filter) = count(&["--since", "2000-01-01T00:00:00Z", "--until", "2999-01-01T00:00:00Z"]);
+    assert_eq!(n, 8);
+    assert_eq!(filter["all"], true);
+    assert_eq!(count(&["--until", "0"]).0, 0);
+    assert_eq!(count(&["--since", "32503680000"]).0, 0);
+    // Exactly the runs accepted at or after the third run's acceptance.
+    let mut accepted: Vec<i64> = db.events.values().map(|e| e[0].at_us).collect();
+    accepted.sort();
+    let since = format!("{}", keel_replay::format::rfc3339(accepted[2]));
+    assert_eq!(count(&["--since", &since]).0, 6);
+    let e = keel(&db.db, &["export", "--all", "--format", "jsonl", "--since", "yesterday"]).one_line_error(2);
+    assert!(e.contains("--since"), "{e}");
+    let e = keel(&db.db, &["export", "--format", "jsonl", "--since", "0"]).one_line_error(2);
+    assert!(e.contains("--all"), "{e}");
+}
