@@ -101,6 +101,11 @@ pub struct Scenario {
     pub reject_pct: u64,
     /// Percent of escalations nobody answers.
     pub silent_pct: u64,
+    /// Answers ignore the plan revision (a real handler call does not carry it).
+    pub revision_blind: bool,
+    /// Humans only choose among the options an escalation offers (the engine's `resolve`
+    /// refuses anything else; the simulator accepts anything).
+    pub humans_follow_options: bool,
 }
 
 impl Scenario {
@@ -161,7 +166,19 @@ impl Scenario {
         let fail_pct = *r.pick(&[0, 5, 15, 30, 50, 70]);
         let reject_pct = *r.pick(&[0, 5, 15, 30]);
         let silent_pct = *r.pick(&[0, 0, 10, 30]);
-        Scenario { seed, budget, on_exhausted, max_parallel, policy, plans, fail_pct, reject_pct, silent_pct }
+        Scenario {
+            seed,
+            budget,
+            on_exhausted,
+            max_parallel,
+            policy,
+            plans,
+            fail_pct,
+            reject_pct,
+            silent_pct,
+            revision_blind: false,
+            humans_follow_options: false,
+        }
     }
 
     /// The `RunAccepted` event of the run.
@@ -193,6 +210,7 @@ impl Scenario {
     }
 
     fn h(&self, what: &str, revision: u32, task: &TaskId, n: u32) -> u64 {
+        let revision = if self.revision_blind { 0 } else { revision };
         hash64(&[
             &self.seed.to_le_bytes(),
             what.as_bytes(),
@@ -237,12 +255,17 @@ impl Scenario {
         (v, pct)
     }
 
+    /// The spec of task `id` in any of the scenario's plans (estimates are the same in all).
+    pub fn spec(&self, id: &TaskId) -> Option<&TaskSpec> {
+        self.plans.iter().flat_map(|p| p.plan.tasks.iter()).find(|t| t.id == *id)
+    }
+
     /// The human's answer to escalation `number`, given the options it offers.
     pub fn human(&self, number: u32, options: &[String]) -> Option<HumanChoice> {
         if number > 6 {
             return Some(HumanChoice::Abort);
         }
-        let mut r = Rng::new(self.h("human", 0, &TaskId::from("-"), number));
+        let mut r = Rng::new(hash64(&[&self.seed.to_le_bytes(), b"human", &number.to_le_bytes()]));
         if r.chance(self.silent_pct) {
             return None;
         }
@@ -256,7 +279,7 @@ impl Scenario {
         let offered: Vec<HumanChoice> =
             all.iter().filter(|c| options.iter().any(|o| o == choice_name(c))).cloned().collect();
         // Mostly one of the offered options; sometimes anything (a human may go off-script).
-        if offered.is_empty() || r.chance(10) {
+        if offered.is_empty() || (!self.humans_follow_options && r.chance(10)) {
             Some(r.pick(&all).clone())
         } else {
             Some(r.pick(&offered).clone())

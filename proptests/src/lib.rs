@@ -20,6 +20,7 @@ pub mod gen;
 pub mod refmodel;
 pub mod rng;
 pub mod script;
+pub mod world;
 
 /// Number of cases: `PROPTEST_CASES` if set, else `default`.
 pub fn cases(default: u32) -> u32 {
