@@ -279,6 +279,17 @@ impl<R: BufRead> ExportCheck<R> {
                     format!("run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})", rec.seq),
                 ));
             }
+            // Is it record n with its seq field edited?
+            let as_n = ExportRecord { seq: n, ..rec.clone() };
+            if rec.prev_hash == c.prev && export_chain_hash(&as_n, &c.prev) == rec.hash {
+                return Err(fail(
+                    Tamper::Altered,
+                    Some(run),
+                    Some(n),
+                    Some(line),
+                    format!("run {run} seq {n}: header altered (its seq was changed to {} at line {line})", rec.seq),
+                ));
+            }
             let msg = if rec.seq == n + 1 {
                 format!("run {run}: seq {n} missing (removed; line {line} holds seq {})", rec.seq)
             } else {

@@ -1,0 +1,155 @@
+//! The `keel` command line as a user meets it: one-line errors with the documented exit
+//! codes, the stable `--json` outputs, the escalation flow, `--db` / `KEEL_DB` defaults.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{keel, keel_in, keel_once, DemoDb, KEEL};
+use std::process::Command;
+
+#[test]
+fn errors_are_one_line_with_exit_codes() {
+    let db = DemoDb::new(8);
+    // Unknown run (full id and prefix).
+    let e = keel(&db.db, &["show", "00000000-0000-4000-8000-000000000000"]).one_line_error(1);
+    assert_eq!(e, "error: unknown run 00000000-0000-4000-8000-000000000000");
+    let e = keel(&db.db, &["replay", "zzzz"]).one_line_error(1);
+    assert_eq!(e, "error: unknown run zzzz");
+    // An ambiguous prefix names how many runs it matches.
+    let ids: Vec<String> = db.runs.iter().map(|r| r.run.to_string()).collect();
+    if let Some(c) = "0123456789abcdef".chars().find(|c| ids.iter().filter(|i| i.starts_with(*c)).count() > 1) {
+        let e = keel(&db.db, &["show", &c.to_string()]).one_line_error(1);
+        assert!(e.contains("ambiguous"), "{e}");
+    }
+    // Missing database: a clear line, and nothing created.
+    let missing = db.path("nowhere");
+    let e = keel(&missing, &["runs"]).one_line_error(1);
+    assert_eq!(e, format!("error: no keel database at {} (run `keel demo` to create one, or pass --db DIR)", missing.display()));
+    assert!(!missing.exists());
+    // Not a database.
+    let notdb = db.path("notdb");
+    std::fs::create_dir(&notdb).unwrap();
+    std::fs::write(notdb.join("hello.txt"), "hi").unwrap();
+    let e = keel(&notdb, &["runs"]).one_line_error(1);
+    assert!(e.contains("is not a keel database"), "{e}");
+    // Usage errors exit 2, on one line too.
+    for args in [&["nope"][..], &["show"], &["runs", "--status", "sleeping"], &["resolve", "x", "--decision", "replan"], &["export", "--format", "pdf", "x"], &["replay"]] {
+        let e = keel(&db.db, args).one_line_error(2);
+        assert!(e.len() > 10, "{args:?}: {e}");
+    }
+    // A failed verification of an edited export exits 1.
+    let f = db.path("x.jsonl");
+    keel(&db.db, &["export", &db.runs[0].run.to_string(), "--format", "jsonl", "-o", f.to_str().unwrap()]).ok();
+    let text = std::fs::read_to_string(&f).unwrap().replacen("\"seq\":3,", "\"seq\":30,", 1);
+    std::fs::write(&f, text).unwrap();
+    let e = keel(&db.db, &["verify", f.to_str().unwrap()]).one_line_error(1);
+    assert!(e.contains("seq 3: header altered (its seq was changed to 30"), "{e}");
+    // A missing export file.
+    let e = keel(&db.db, &["verify", db.path("none.jsonl").to_str().unwrap()]).one_line_error(1);
+    assert!(e.contains("No such file"), "{e}");
+}
+
+#[test]
+fn a_database_in_use_is_one_clear_line() {
+    let db = DemoDb::new(2);
+    let held = db.open();
+    for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()], &["demo"]] {
+        let ran = keel_once(&db.db, args);
+        let e = ran.one_line_error(1);
+        assert_eq!(e, format!("error: database {} is in use by another process (close it or copy the directory)", db.db.display()), "{args:?}");
+    }
+    drop(held);
+    keel(&db.db, &["runs"]).ok();
+}
+
+#[test]
+fn json_outputs_parse_and_keep_their_fields() {
+    let db = DemoDb::new(8);
+    let runs = keel(&db.db, &["runs", "--json"]).ok().json();
+    let list = runs["runs"].as_array().unwrap();
+    assert_eq!(list.len(), 8);
+    for r in list {
+        for k in ["run", "workflow", "status", "priority", "accepted_at", "accepted_at_us", "last_event_at", "last_event_us", "events", "cost_micros", "tokens", "partial", "escalations"] {
+            assert!(r.get(k).is_some(), "runs: missing {k}");
+        }
+    }
+    let waiting = keel(&db.db, &["runs", "--status", "awaitinghuman", "--json"]).ok().json();
+    assert_eq!(waiting["runs"].as_array().unwrap().len(), 1);
+
+    let run = db.run_of("degraded_partial").to_string();
+    let show = keel(&db.db, &["show", &run[..8], "--json"]).ok().json();
+    for k in ["run", "workflow", "status", "partial", "events", "revision", "budget", "totals", "tasks", "escalations", "result", "failure"] {
+        assert!(show.get(k).is_some(), "show: missing {k}");
+    }
+    assert_eq!(show["run"], run);
+    assert_eq!(show["partial"], true);
+    let skipped = show["tasks"].as_array().unwrap().iter().find(|t| t["id"] == "enrich_sentiment").unwrap();
+    assert_eq!(skipped["status"], "Skipped");
+
+    let esc = keel(&db.db, &["escalations", "--json"]).ok().json();
+    let list = esc["escalations"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["run"], db.run_of("human_escalation").to_string());
+    assert_eq!(list[0]["cause"], "CriticalVerdict");
+    assert!(list[0]["resolve"].as_str().unwrap().starts_with("keel resolve "));
+
+    let stats = keel(&db.db, &["stats", "--json"]).ok().json();
+    let wf = &stats["workflows"][0];
+    assert_eq!(wf["workflow"], "support_ticket");
+    assert_eq!(wf["runs"], 8);
+    assert_eq!(wf["by_status"]["Completed"], 7);
+
+    let check = keel(&db.db, &["replay", &run, "--check", "--json"]).ok().json();
+    assert_eq!(check["checked"], 1);
+    assert_eq!(check["runs"][0]["divergence"], serde_json::Value::Null);
+
+    let verify = keel(&db.db, &["verify", "--json"]).ok().json();
+    assert_eq!(verify["ok"], true);
+    assert_eq!(verify["runs"].as_array().unwrap().len(), 8);
+
+    let diff = keel(&db.db, &["diff", &run, &run, "--json"]).ok().json();
+    assert_eq!(diff["identical"], true);
+
+    let fsm = keel(&db.db, &["fsm", "--format", "mermaid"]).ok().stdout.clone();
+    assert!(fsm.starts_with("stateDiagram-v2"));
+    let dot = keel(&db.db, &["fsm"]).ok().stdout.clone();
+    assert!(dot.starts_with("digraph keel"));
+}
+
+#[test]
+fn an_escalation_is_resolved_and_the_run_finishes() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("human_escalation").to_string();
+    // Not waiting: a typed one-line error.
+    let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve"]).one_line_error(1);
+    assert!(e.contains("is not awaiting a human"), "{e}");
+    let r = keel(&db.db, &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--json"]).ok().json();
+    assert_eq!(r["decision"], "approve");
+    assert_eq!(r["by"], "alice");
+    let w = keel(&db.db, &["work", "--until-idle", "--json"]).ok().json();
+    assert!(w["completed"].as_u64().unwrap() >= 1, "{w}");
+    let show = keel(&db.db, &["show", &run, "--json"]).ok().json();
+    assert_eq!(show["status"], "Completed");
+    assert_eq!(show["escalations"][0]["resolution"]["decision"], "approve");
+    assert_eq!(show["escalations"][0]["resolution"]["by"], "alice");
+    assert_eq!(keel(&db.db, &["escalations", "--json"]).ok().json()["escalations"].as_array().unwrap().len(), 0);
+    // The resolved run still replays clean under the current code.
+    keel(&db.db, &["replay", "--check", "--all"]).ok();
+}
+
+#[test]
+fn db_defaults_to_keel_data_and_reads_keel_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = keel_in(Some(dir.path()), &["demo", "--runs", "2"]);
+    ran.ok();
+    assert!(ran.stderr.is_empty(), "no progress bar on a pipe: {:?}", ran.stderr);
+    assert!(dir.path().join("keel-data").is_dir());
+    keel_in(Some(dir.path()), &["runs"]).ok();
+    let out = Command::new(KEEL).args(["runs", "--json"]).env("KEEL_DB", dir.path().join("keel-data")).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    // A second demo batch with the same seed adds no runs (idempotency keys).
+    let again = keel_in(Some(dir.path()), &["demo", "--runs", "2", "--json"]);
+    assert!(again.ok().json()["runs"].as_array().unwrap().iter().all(|r| r["existing"] == true));
+}
