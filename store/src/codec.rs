@@ -195,3 +195,47 @@ pub fn reseal(value: &mut [u8]) {
         value[..4].copy_from_slice(&crc.to_be_bytes());
     }
 }
+
+/// TEST HOOKS for building and tampering with stored record values. Not part of the API.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// A record value's envelope with its version, editable.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct RawEnvelope {
+        pub version: u16,
+        pub kind: String,
+        pub time_us: i64,
+        pub payload: Vec<u8>,
+        pub payload_root: Hash32,
+        pub hash: Hash32,
+    }
+
+    /// Decodes a version-1 record value (checksum checked).
+    pub fn open_raw(value: &[u8]) -> Result<RawEnvelope, String> {
+        let (version, e) = open_record(value).map_err(|e| e.to_string())?;
+        Ok(RawEnvelope {
+            version,
+            kind: e.kind,
+            time_us: e.time_us,
+            payload: e.payload,
+            payload_root: e.payload_root,
+            hash: e.hash,
+        })
+    }
+
+    /// Encodes a record value with any version number and a valid checksum.
+    pub fn seal_raw(e: &RawEnvelope) -> Result<Vec<u8>, StoreError> {
+        seal(
+            e.version,
+            &EnvelopeV1 {
+                kind: e.kind.clone(),
+                time_us: e.time_us,
+                payload: e.payload.clone(),
+                payload_root: e.payload_root,
+                hash: e.hash,
+            },
+        )
+    }
+}

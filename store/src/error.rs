@@ -62,6 +62,10 @@ pub enum StoreError {
     #[error("{path} is not a keel store: {reason}")]
     NotAStore { path: PathBuf, reason: String },
 
+    /// The path holds a keel store whose database is damaged beyond what sled reports.
+    #[error("keel store at {path} is damaged: {reason}")]
+    CorruptStore { path: PathBuf, reason: String },
+
     /// `create: false` and there is no store at the path.
     #[error("no keel store at {path}")]
     NotFound { path: PathBuf },

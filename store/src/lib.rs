@@ -61,6 +61,6 @@ pub use mem::MemStore;
 pub use record::FORMAT_MARKER;
 #[doc(hidden)]
 pub use sled_store::RawPair;
-pub use sled_store::{SledStore, SEGMENT_BYTES};
+pub use sled_store::{SledStore, MARKER_FILE, SEGMENT_BYTES};
 pub use types::*;
 pub use verify::{verify_run, VerifyError, VerifyReport};

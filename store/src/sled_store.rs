@@ -124,6 +124,19 @@ pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::
     })
 }
 
+/// File written beside sled's files once the store's format record is durable.
+pub const MARKER_FILE: &str = "keel-store";
+
+fn write_marker_file(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write;
+    let mut f = File::create(dir.join(MARKER_FILE))?;
+    f.write_all(record::FORMAT_MARKER)?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// Checks the directory before sled touches it (sled creates `blobs/` and `conf` in any
 /// directory it is pointed at). Returns whether a new store must be created.
 fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
@@ -173,12 +186,34 @@ impl SledStore {
         let data_file = File::open(path.join("db"))?;
         let syncer = Syncer { db: db.clone(), data_file };
 
+        // Two markers: the format record inside sled, and a file beside sled's files written
+        // only once that record is durable. sled recovers the longest valid prefix of its
+        // log, so a damaged data file can open as an EMPTY database: the file tells that
+        // apart from a store whose creation was interrupted.
+        let marker_file = path.join(MARKER_FILE);
+        let established = marker_file.exists();
         match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
-            Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {}
+            Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
+                if !established {
+                    write_marker_file(&path)?;
+                }
+            }
             Some(other) => {
                 return Err(StoreError::NotAStore {
                     path,
-                    reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
+                    reason: format!(
+                        "unknown format marker {:?}",
+                        String::from_utf8_lossy(other.as_ref())
+                    ),
+                })
+            }
+            None if established => {
+                return Err(StoreError::CorruptStore {
+                    path,
+                    reason: format!(
+                        "`{MARKER_FILE}` exists but sled recovered no keel format record: \
+                         sled's data file is damaged or was replaced"
+                    ),
                 })
             }
             None if db.is_empty() && db.tree_names().len() <= 1 => {
@@ -187,6 +222,7 @@ impl SledStore {
                 }
                 db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
                 syncer.sync(Level::PowerLoss)?;
+                write_marker_file(&path)?;
             }
             None => {
                 return Err(StoreError::NotAStore {

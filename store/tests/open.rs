@@ -1,0 +1,159 @@
+//! Opening: locks, non-store directories, missing stores, damaged databases.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::*;
+use keel_store::{Durability, EventLog, Seq, SledStore, StoreConfig, StoreError, SEGMENT_BYTES};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+fn no_create() -> StoreConfig {
+    StoreConfig { create: false, ..StoreConfig::default() }
+}
+
+#[test]
+fn second_open_in_the_same_process_is_locked() {
+    let dir = tempdir();
+    let first = open(dir.path(), Durability::None);
+    match SledStore::open(dir.path(), StoreConfig::default()) {
+        Err(StoreError::Locked { path }) => assert_eq!(path, dir.path()),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    drop(first);
+    // Released on drop.
+    open(dir.path(), Durability::None);
+}
+
+/// Child half of `open_held_by_another_process_is_locked`: holds the store until stdin closes.
+#[test]
+#[ignore = "child process of open_held_by_another_process_is_locked"]
+fn child_hold_store() {
+    let Ok(dir) = std::env::var("KEEL_TEST_HOLD_DIR") else { return };
+    let _log = SledStore::open(&dir, StoreConfig::default()).unwrap();
+    let mut out = std::io::stdout();
+    // Own line: libtest prints "test child_hold_store ... " before the test body runs.
+    writeln!(out, "\nready").unwrap();
+    out.flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[test]
+fn open_held_by_another_process_is_locked() {
+    let dir = tempdir();
+    drop(open(dir.path(), Durability::None));
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_hold_store", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("KEEL_TEST_HOLD_DIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.map(|l| l.trim() == "ready").unwrap_or(false)), "child never ready");
+    match SledStore::open(dir.path(), StoreConfig::default()) {
+        Err(StoreError::Locked { path }) => assert_eq!(path, dir.path()),
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+    drop(child.stdin.take()); // child exits
+    assert!(child.wait().unwrap().success());
+    open(dir.path(), Durability::None);
+}
+
+#[test]
+fn a_non_empty_directory_that_is_not_a_store_is_refused_untouched() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    match SledStore::open(dir.path(), StoreConfig::default()) {
+        Err(StoreError::NotAStore { path, reason }) => {
+            assert_eq!(path, dir.path());
+            assert!(reason.contains("no sled database"), "{reason}");
+        }
+        other => panic!("expected NotAStore, got {:?}", other.map(|_| ())),
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("notes.txt")], "nothing created");
+}
+
+#[test]
+fn a_file_is_not_a_store() {
+    let dir = tempdir();
+    let file = dir.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    assert!(matches!(
+        SledStore::open(&file, StoreConfig::default()),
+        Err(StoreError::NotAStore { .. })
+    ));
+}
+
+#[test]
+fn create_false_and_nothing_there_is_not_found_and_creates_nothing() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing");
+    match SledStore::open(&missing, no_create()) {
+        Err(StoreError::NotFound { path }) => assert_eq!(path, missing),
+        other => panic!("expected NotFound, got {:?}", other.map(|_| ())),
+    }
+    assert!(!missing.exists());
+    assert!(matches!(SledStore::open(dir.path(), no_create()), Err(StoreError::NotFound { .. })));
+    // With create: true it is created, and then create: false opens it.
+    drop(SledStore::open(&missing, StoreConfig::default()).unwrap());
+    let log = SledStore::open(&missing, no_create()).unwrap();
+    assert!(log.runs().unwrap().is_empty());
+}
+
+#[test]
+fn a_plain_sled_database_is_not_a_store() {
+    // sled's default segment size: sled itself refuses the config change.
+    let dir = tempdir();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"user-key", b"v").unwrap();
+        db.flush().unwrap();
+    }
+    assert!(matches!(
+        SledStore::open(dir.path(), StoreConfig::default()),
+        Err(StoreError::NotAStore { .. })
+    ));
+    // Same segment size as keel, but no keel marker.
+    let dir = tempdir();
+    {
+        let db = sled::Config::new().path(dir.path()).segment_size(SEGMENT_BYTES).open().unwrap();
+        db.insert(b"user-key", b"v").unwrap();
+        db.flush().unwrap();
+    }
+    match SledStore::open(dir.path(), StoreConfig::default()) {
+        Err(StoreError::NotAStore { reason, .. }) => assert!(reason.contains("marker"), "{reason}"),
+        other => panic!("expected NotAStore, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_damaged_data_file_is_reported_not_silently_recreated() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::EveryAppend(keel_store::Level::PowerLoss));
+        fill(&log, run(1), 20);
+    }
+    // Overwrite the start of sled's data file: sled then recovers an EMPTY database.
+    let db_file = dir.path().join("db");
+    let mut bytes = std::fs::read(&db_file).unwrap();
+    let n = bytes.len().min(4096);
+    bytes[..n].fill(0xff);
+    std::fs::write(&db_file, &bytes).unwrap();
+    match SledStore::open(dir.path(), StoreConfig::default()) {
+        Err(StoreError::CorruptStore { reason, .. }) => assert!(reason.contains("damaged"), "{reason}"),
+        Err(e) => panic!("expected CorruptStore, got {e:?}"),
+        Ok(log) => panic!("opened a damaged store with runs {:?}", log.runs()),
+    }
+}
+
+#[test]
+fn opening_never_panics_on_garbage_files() {
+    // A directory with sled's file names but garbage content: a typed error or an empty
+    // database, never a panic escaping to the caller.
+    let dir = tempdir();
+    std::fs::write(dir.path().join("conf"), vec![0xab; 64]).unwrap();
+    std::fs::write(dir.path().join("db"), vec![0xcd; 100_000]).unwrap();
+    let _ = SledStore::open(dir.path(), StoreConfig::default()).map(|log| log.head(run(1)).map(|h| h.next_seq == Seq(0)));
+}
