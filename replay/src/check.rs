@@ -20,7 +20,9 @@
 
 use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
-use keel_engine::{apply, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState, TaskStatus};
+use keel_engine::{
+    apply, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState, TaskStatus,
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -70,7 +72,15 @@ pub struct Divergence {
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "run {} diverges at seq {} ({} {}): {}", self.run, self.seq, self.class_name(), self.kind, self.reason)?;
+        writeln!(
+            f,
+            "run {} diverges at seq {} ({} {}): {}",
+            self.run,
+            self.seq,
+            self.class_name(),
+            self.kind,
+            self.reason
+        )?;
         writeln!(f, "  recorded: {}", self.recorded)?;
         if self.decided_lines.is_empty() {
             writeln!(f, "  decided:  (nothing)")?;
@@ -124,7 +134,8 @@ pub fn plan_handlers(events: &[Logged]) -> BTreeSet<String> {
 
 /// Classifies `event` given the state before it.
 pub fn classify(state: &RunState, event: &Event) -> EventClass {
-    let task_status = |task: &keel_engine::TaskId| state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.status);
+    let task_status =
+        |task: &keel_engine::TaskId| state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.status);
     match event {
         Event::RunAccepted { .. } | Event::RunCancelled { .. } => EventClass::External,
         Event::HumanResolved { defaulted, .. } => {
@@ -134,7 +145,9 @@ pub fn classify(state: &RunState, event: &Event) -> EventClass {
                 EventClass::External
             }
         }
-        Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } | Event::TaskExecuted { .. } => EventClass::Outcome,
+        Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } | Event::TaskExecuted { .. } => {
+            EventClass::Outcome
+        }
         Event::EscalationNotified { .. } => EventClass::Outcome,
         Event::TaskFailed { task, error, .. } => match task_status(task) {
             // After an execution: the schema gate (a decision) or the evaluator failing.
@@ -142,7 +155,8 @@ pub fn classify(state: &RunState, event: &Event) -> EventClass {
             _ => EventClass::Outcome,
         },
         Event::TaskEvaluated { task, .. } => {
-            let criteria = state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.spec.success_criteria.is_some());
+            let criteria =
+                state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.spec.success_criteria.is_some());
             if criteria == Some(true) {
                 EventClass::Outcome
             } else {
@@ -174,7 +188,8 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
     let mut state = match apply(None, first) {
         Ok(s) => s,
         Err(e) => {
-            report.divergence = Some(divergence(first, EventClass::External, &[], format!("the state machine refuses it: {e}")));
+            report.divergence =
+                Some(divergence(first, EventClass::External, &[], format!("the state machine refuses it: {e}")));
             return Ok(report);
         }
     };
@@ -232,7 +247,8 @@ fn fits(state: &RunState, ctx: &Context, cmds: &[Command], class: EventClass, ev
             if recorded_decision {
                 return Ok(());
             }
-            let same_kind: Vec<String> = records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
+            let same_kind: Vec<String> =
+                records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
             if same_kind.is_empty() {
                 Err(format!("the current code does not decide {} here", event.kind_name()))
             } else {

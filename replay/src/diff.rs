@@ -198,10 +198,32 @@ pub fn diff_events(a: &[Logged], b: &[Logged]) -> Result<Diff, ReplayError> {
 
 impl std::fmt::Display for Diff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "A {}  {} {} events, status {}{}, cost {} micros", self.a.run, self.a.workflow, self.a.events, self.a.status, if self.a.partial { " (partial)" } else { "" }, self.a.cost_micros)?;
-        writeln!(f, "B {}  {} {} events, status {}{}, cost {} micros", self.b.run, self.b.workflow, self.b.events, self.b.status, if self.b.partial { " (partial)" } else { "" }, self.b.cost_micros)?;
+        writeln!(
+            f,
+            "A {}  {} {} events, status {}{}, cost {} micros",
+            self.a.run,
+            self.a.workflow,
+            self.a.events,
+            self.a.status,
+            if self.a.partial { " (partial)" } else { "" },
+            self.a.cost_micros
+        )?;
+        writeln!(
+            f,
+            "B {}  {} {} events, status {}{}, cost {} micros",
+            self.b.run,
+            self.b.workflow,
+            self.b.events,
+            self.b.status,
+            if self.b.partial { " (partial)" } else { "" },
+            self.b.cost_micros
+        )?;
         match &self.first_difference {
-            None => writeln!(f, "identical histories ({} events; times and dispatch keys not compared)", self.common_prefix)?,
+            None => writeln!(
+                f,
+                "identical histories ({} events; times and dispatch keys not compared)",
+                self.common_prefix
+            )?,
             Some(d) => {
                 writeln!(f, "same for seqs 0..{}; first difference at seq {}:", d.seq, d.seq)?;
                 writeln!(f, "  A: {}", d.a_line.as_deref().unwrap_or("(no event: the run ended)"))?;

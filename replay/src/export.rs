@@ -29,11 +29,16 @@ impl Redaction {
                 None => (None, s.to_owned()),
             };
             if field.is_empty() || field.contains('.') {
-                return Err(ReplayError::Invalid(format!("--redact {s:?}: expected FIELD or Kind.FIELD, e.g. output or TaskExecuted.output")));
+                return Err(ReplayError::Invalid(format!(
+                    "--redact {s:?}: expected FIELD or Kind.FIELD, e.g. output or TaskExecuted.output"
+                )));
             }
             if let Some(k) = &kind {
                 if !Event::KINDS.contains(&k.as_str()) {
-                    return Err(ReplayError::Invalid(format!("--redact {s:?}: unknown event kind {k:?} (kinds: {})", Event::KINDS.join(", "))));
+                    return Err(ReplayError::Invalid(format!(
+                        "--redact {s:?}: unknown event kind {k:?} (kinds: {})",
+                        Event::KINDS.join(", ")
+                    )));
                 }
             }
             rules.push((kind, field));
@@ -67,7 +72,11 @@ impl Redaction {
 
 /// Runs to export: every run of the log whose `RunAccepted` time lies in
 /// `[since_us, until_us)` (either bound optional), in run id order.
-pub fn select_runs(log: &dyn EventLog, since_us: Option<i64>, until_us: Option<i64>) -> Result<Vec<RunId>, ReplayError> {
+pub fn select_runs(
+    log: &dyn EventLog,
+    since_us: Option<i64>,
+    until_us: Option<i64>,
+) -> Result<Vec<RunId>, ReplayError> {
     let mut out = Vec::new();
     for run in log.runs()? {
         if since_us.is_none() && until_us.is_none() {
@@ -261,8 +270,12 @@ impl<W: Write> CsvWriter<W> {
     pub fn write_events(&mut self, events: &[Logged]) -> Result<(), ReplayError> {
         let mut state: Option<RunState> = None;
         for e in events {
-            let next = apply(state.as_ref(), e)
-                .map_err(|source| ReplayError::Fold { run: e.run, seq: e.seq.0, kind: e.event.kind_name().to_owned(), source })?;
+            let next = apply(state.as_ref(), e).map_err(|source| ReplayError::Fold {
+                run: e.run,
+                seq: e.seq.0,
+                kind: e.event.kind_name().to_owned(),
+                source,
+            })?;
             self.write_event(e, &next)?;
             state = Some(next);
         }
@@ -288,10 +301,16 @@ fn csv_row(e: &Logged, after: &RunState, redaction: &Redaction) -> Vec<String> {
     let task = format::event_task(&e.event);
     let (attempt, class, usage) = match &e.event {
         Event::TaskDispatched { attempt, .. } => (Some(*attempt), String::new(), None),
-        Event::TaskExecuted { attempt, usage, cached, .. } => (Some(*attempt), if *cached { "cached".into() } else { String::new() }, Some(*usage)),
-        Event::TaskFailed { attempt, class, usage, .. } => (Some(*attempt), format!("{class:?}").to_lowercase(), Some(*usage)),
+        Event::TaskExecuted { attempt, usage, cached, .. } => {
+            (Some(*attempt), if *cached { "cached".into() } else { String::new() }, Some(*usage))
+        }
+        Event::TaskFailed { attempt, class, usage, .. } => {
+            (Some(*attempt), format!("{class:?}").to_lowercase(), Some(*usage))
+        }
         Event::RetryScheduled { next_attempt, .. } => (Some(*next_attempt), String::new(), None),
-        Event::TaskEvaluated { attempt, verdict, usage, .. } => (Some(*attempt), format!("{verdict:?}").to_lowercase(), Some(*usage)),
+        Event::TaskEvaluated { attempt, verdict, usage, .. } => {
+            (Some(*attempt), format!("{verdict:?}").to_lowercase(), Some(*usage))
+        }
         Event::Escalated(x) => (None, format!("{:?}", x.cause), None),
         Event::HumanResolved { decision, .. } => (None, decision.name().to_owned(), None),
         Event::BudgetExhausted { budget, .. } => (None, format!("{budget:?}"), None),

@@ -26,10 +26,12 @@ use crate::diff::same_step;
 use crate::error::ReplayError;
 use crate::format::{event_json, event_line};
 use keel_engine::api::{
-    BoxFuture, Clock, EscalationSink, EvalRequest, Evaluation, Evaluator, HandlerError, PlanRequest, Planner, TaskCall, TaskHandler, TaskOutput,
+    BoxFuture, Clock, EscalationSink, EvalRequest, Evaluation, Evaluator, HandlerError, PlanRequest, Planner, TaskCall,
+    TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply, core::idempotency_key, Engine, Escalation, Event, Logged, Plan, Policy, Resolution, RunState, RunStatus, TaskStatus, WorkflowType,
+    apply, core::idempotency_key, Engine, Escalation, Event, Logged, Plan, Policy, Resolution, RunState, RunStatus,
+    TaskStatus, WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;
@@ -146,8 +148,22 @@ pub struct ForkReport {
 impl std::fmt::Display for ForkReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "forked run {} at seq {} into run {}", self.source.run, self.at_seq, self.fork.run)?;
-        writeln!(f, "  source: {} events, {}{}, cost {} micros", self.source.events, self.source.status, if self.source.partial { " (partial)" } else { "" }, self.source.cost_micros)?;
-        writeln!(f, "  fork:   {} events, {}{}, cost {} micros", self.fork.events, self.fork.status, if self.fork.partial { " (partial)" } else { "" }, self.fork.cost_micros)?;
+        writeln!(
+            f,
+            "  source: {} events, {}{}, cost {} micros",
+            self.source.events,
+            self.source.status,
+            if self.source.partial { " (partial)" } else { "" },
+            self.source.cost_micros
+        )?;
+        writeln!(
+            f,
+            "  fork:   {} events, {}{}, cost {} micros",
+            self.fork.events,
+            self.fork.status,
+            if self.fork.partial { " (partial)" } else { "" },
+            self.fork.cost_micros
+        )?;
         writeln!(f, "  cost difference (fork - source): {:+} micros", self.cost_delta_micros)?;
         writeln!(
             f,
@@ -235,7 +251,11 @@ impl Recording {
                         if let Some(reason) = &s.planning_reason {
                             let answer = match plan {
                                 Some(p) => Ok(p.clone()),
-                                None => Err(errors.iter().map(|x| x.strip_prefix("planner: ").unwrap_or(x)).collect::<Vec<_>>().join("; ")),
+                                None => Err(errors
+                                    .iter()
+                                    .map(|x| x.strip_prefix("planner: ").unwrap_or(x))
+                                    .collect::<Vec<_>>()
+                                    .join("; ")),
                             };
                             a.plans.insert(plan_key(*revision, reason), answer);
                         }
@@ -257,14 +277,17 @@ impl Recording {
                         }
                         Some(t) if t.status == TaskStatus::Executed => {
                             if let (Some(msg), Some(output)) = (error.strip_prefix("evaluator: "), &t.output) {
-                                let answer = Err(HandlerError { class: *class, message: msg.to_owned(), usage: *usage });
+                                let answer =
+                                    Err(HandlerError { class: *class, message: msg.to_owned(), usage: *usage });
                                 a.evals.insert(eval_key(task, *attempt, output), answer);
                             }
                         }
                         _ => {}
                     },
                     Event::TaskEvaluated { task, attempt, verdict, notes, usage, .. } => {
-                        if let Some(t) = task_of(task).filter(|t| t.status == TaskStatus::Executed && t.spec.success_criteria.is_some()) {
+                        if let Some(t) = task_of(task)
+                            .filter(|t| t.status == TaskStatus::Executed && t.spec.success_criteria.is_some())
+                        {
                             if let Some(output) = &t.output {
                                 let answer = Ok(Evaluation { verdict: *verdict, notes: notes.clone(), usage: *usage });
                                 a.evals.insert(eval_key(task, *attempt, output), answer);
@@ -276,7 +299,12 @@ impl Recording {
             }
             state = Some(crate::timeline::step(state.as_ref(), e)?);
         }
-        Ok(Recording { answers: Mutex::new(a), replayed: AtomicU64::new(0), live: AtomicU64::new(0), unanswered: AtomicU64::new(0) })
+        Ok(Recording {
+            answers: Mutex::new(a),
+            replayed: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Answers> {
@@ -355,7 +383,9 @@ impl TaskHandler for RecordedHandler {
                 h.call(call)
             }
             None => {
-                let e = self.rec.unanswered(format!("the call of {} attempt {} (handler {})", call.task, call.attempt, self.name));
+                let e = self
+                    .rec
+                    .unanswered(format!("the call of {} attempt {} (handler {})", call.task, call.attempt, self.name));
                 Box::pin(async move { Err(e) })
             }
         }
@@ -381,7 +411,8 @@ impl Evaluator for RecordedEvaluator {
                 ev.evaluate(request)
             }
             None => {
-                let e = self.rec.unanswered(format!("the evaluation of {} attempt {}", request.task.id, request.attempt));
+                let e =
+                    self.rec.unanswered(format!("the evaluation of {} attempt {}", request.task.id, request.attempt));
                 Box::pin(async move { Err(e) })
             }
         }
@@ -449,7 +480,8 @@ pub fn copy_prefix(source: &[Logged], at: u64, new: RunId) -> Result<Vec<Logged>
 pub fn append_events(log: &dyn EventLog, events: &[Logged]) -> Result<(), ReplayError> {
     let mut next = 0u64;
     for chunk in events.chunks(512) {
-        let records = chunk.iter().map(|e| keel_store::prepare(&e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
+        let records =
+            chunk.iter().map(|e| keel_store::prepare(&e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
         if let Some(first) = chunk.first() {
             log.append(first.run, Seq(next), records, None)?;
             next += chunk.len() as u64;
@@ -467,7 +499,12 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
     let mut next = 0u64;
     for rec in from.read(run, Seq(0))? {
         let rec = rec?;
-        batch.push(NewRecord { kind: rec.kind, time_us: rec.time_us, payload: rec.payload, payload_root: rec.payload_root });
+        batch.push(NewRecord {
+            kind: rec.kind,
+            time_us: rec.time_us,
+            payload: rec.payload,
+            payload_root: rec.payload_root,
+        });
         if batch.len() == 512 {
             let n = batch.len() as u64;
             to.append(run, Seq(next), std::mem::take(&mut batch), None)?;
@@ -505,7 +542,10 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
         ),
     };
     if wf.name != source_final.workflow {
-        return Err(ReplayError::Invalid(format!("the fork's workflow type is {}, the source run's is {}", wf.name, source_final.workflow)));
+        return Err(ReplayError::Invalid(format!(
+            "the fork's workflow type is {}, the source run's is {}",
+            wf.name, source_final.workflow
+        )));
     }
     let live_planner = cfg.workflow.as_ref().map(|w| w.planner.clone());
     let live_evaluator = cfg.workflow.as_ref().map(|w| w.evaluator.clone());
@@ -560,7 +600,9 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
 fn recorded_resolution(source: &[Logged], esc: &Escalation) -> Option<(keel_engine::Decision, String)> {
     let pos = source.iter().position(|e| matches!(&e.event, Event::Escalated(x) if x == esc))?;
     source.iter().skip(pos + 1).find_map(|e| match &e.event {
-        Event::HumanResolved { number, decision, by, defaulted: false } if *number == esc.number => Some((decision.clone(), by.clone())),
+        Event::HumanResolved { number, decision, by, defaulted: false } if *number == esc.number => {
+            Some((decision.clone(), by.clone()))
+        }
         _ => None,
     })
 }
@@ -569,7 +611,15 @@ fn event_at(events: &[Logged], seq: u64) -> Option<&Event> {
     usize::try_from(seq).ok().and_then(|i| events.get(i)).map(|e| &e.event)
 }
 
-fn compare(source: &[Logged], source_final: &RunState, fork: &[Logged], fork_final: &RunState, at: u64, policy: &Policy, calls: CallCounts) -> ForkReport {
+fn compare(
+    source: &[Logged],
+    source_final: &RunState,
+    fork: &[Logged],
+    fork_final: &RunState,
+    at: u64,
+    policy: &Policy,
+    calls: CallCounts,
+) -> ForkReport {
     let skip = usize::try_from(at).unwrap_or(usize::MAX).saturating_add(1);
     let src_rest: Vec<&Logged> = source.iter().skip(skip).collect();
     let mut matched = vec![false; src_rest.len()];
@@ -582,7 +632,8 @@ fn compare(source: &[Logged], source_final: &RunState, fork: &[Logged], fork_fin
         if (e.seq.0) <= at {
             continue;
         }
-        let found = src_rest.iter().enumerate().find(|(i, s)| !matched[*i] && same_step(&s.event, &e.event)).map(|(i, _)| i);
+        let found =
+            src_rest.iter().enumerate().find(|(i, s)| !matched[*i] && same_step(&s.event, &e.event)).map(|(i, _)| i);
         match found {
             Some(i) => matched[i] = true,
             None => {
@@ -624,7 +675,9 @@ fn compare(source: &[Logged], source_final: &RunState, fork: &[Logged], fork_fin
     });
     let src = ForkSide::of(source.len() as u64, source_final);
     let frk = ForkSide::of(fork.len() as u64, fork_final);
-    let cost_delta = i64::try_from(frk.cost_micros).unwrap_or(i64::MAX).saturating_sub(i64::try_from(src.cost_micros).unwrap_or(i64::MAX));
+    let cost_delta = i64::try_from(frk.cost_micros)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(i64::try_from(src.cost_micros).unwrap_or(i64::MAX));
     ForkReport {
         same_as_source: first_event.is_none() && first_source_only.is_none(),
         source: src,

@@ -121,19 +121,37 @@ pub fn event_line(e: &Event) -> String {
             carried_over.len(),
             superseded.len()
         ),
-        E::PlanRejected { revision, errors, .. } => format!("PlanRejected revision={revision} errors={}", errors.join("; ")),
+        E::PlanRejected { revision, errors, .. } => {
+            format!("PlanRejected revision={revision} errors={}", errors.join("; "))
+        }
         E::TaskDispatched { task, attempt, model, .. } => {
-            format!("TaskDispatched {task} attempt={attempt}{}", model.as_ref().map(|m| format!(" model={m}")).unwrap_or_default())
+            format!(
+                "TaskDispatched {task} attempt={attempt}{}",
+                model.as_ref().map(|m| format!(" model={m}")).unwrap_or_default()
+            )
         }
         E::TaskExecuted { task, attempt, usage, cached, .. } => {
-            format!("TaskExecuted {task} attempt={attempt} cost={} tokens={}{}", usage.cost_micros, usage.tokens, if *cached { " cached" } else { "" })
+            format!(
+                "TaskExecuted {task} attempt={attempt} cost={} tokens={}{}",
+                usage.cost_micros,
+                usage.tokens,
+                if *cached { " cached" } else { "" }
+            )
         }
-        E::TaskFailed { task, attempt, class, error, .. } => format!("TaskFailed {task} attempt={attempt} {class:?}: {error}"),
-        E::RetryScheduled { task, next_attempt, delay_ms } => format!("RetryScheduled {task} next_attempt={next_attempt} delay={delay_ms}ms"),
-        E::TaskEvaluated { task, attempt, verdict, notes, .. } => format!("TaskEvaluated {task} attempt={attempt} {verdict:?}: {notes}"),
+        E::TaskFailed { task, attempt, class, error, .. } => {
+            format!("TaskFailed {task} attempt={attempt} {class:?}: {error}")
+        }
+        E::RetryScheduled { task, next_attempt, delay_ms } => {
+            format!("RetryScheduled {task} next_attempt={next_attempt} delay={delay_ms}ms")
+        }
+        E::TaskEvaluated { task, attempt, verdict, notes, .. } => {
+            format!("TaskEvaluated {task} attempt={attempt} {verdict:?}: {notes}")
+        }
         E::TaskSkipped { task, reason } => format!("TaskSkipped {task}: {reason}"),
         E::ReplanRequested { revision, .. } => format!("ReplanRequested revision={revision}"),
-        E::BudgetExhausted { budget, limit, used, needed } => format!("BudgetExhausted {budget:?} limit={limit} used={used} needed={needed}"),
+        E::BudgetExhausted { budget, limit, used, needed } => {
+            format!("BudgetExhausted {budget:?} limit={limit} used={used} needed={needed}")
+        }
         E::Escalated(x) => format!(
             "Escalated #{} {:?}{}: {}",
             x.number,
@@ -143,7 +161,11 @@ pub fn event_line(e: &Event) -> String {
         ),
         E::EscalationNotified { number } => format!("EscalationNotified #{number}"),
         E::HumanResolved { number, decision, by, defaulted } => {
-            format!("HumanResolved #{number} {} by {by}{}", decision.name(), if *defaulted { " (deadline default)" } else { "" })
+            format!(
+                "HumanResolved #{number} {} by {by}{}",
+                decision.name(),
+                if *defaulted { " (deadline default)" } else { "" }
+            )
         }
         E::RunCompleted { partial, summary, .. } => format!("RunCompleted partial={partial}: {summary}"),
         E::RunFailed { reason } => format!("RunFailed: {reason}"),

@@ -154,7 +154,7 @@ fn rel(us: i64, t0: i64) -> String {
 
 fn short_time(us: i64) -> String {
     match chrono::DateTime::from_timestamp_micros(us) {
-        Some(t) => t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
         None => rfc3339(us),
     }
 }
@@ -209,7 +209,8 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                 outcome: "planning".into(),
             }),
             Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } => {
-                if let Some(sp) = spans.iter_mut().rev().find(|x| x.end_us.is_none() && x.label.starts_with("planner")) {
+                if let Some(sp) = spans.iter_mut().rev().find(|x| x.end_us.is_none() && x.label.starts_with("planner"))
+                {
                     sp.end_us = Some(e.at_us);
                     let rejected = matches!(e.event, Event::PlanRejected { .. });
                     sp.outcome = if rejected { "rejected".into() } else { "planned".into() };
@@ -236,7 +237,12 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                 }
             }
             Event::TaskDispatched { task, attempt, model, .. } => {
-                let handler = next.task_index.get(task).and_then(|&i| next.tasks.get(i)).map(|t| t.spec.handler.clone()).unwrap_or_default();
+                let handler = next
+                    .task_index
+                    .get(task)
+                    .and_then(|&i| next.tasks.get(i))
+                    .map(|t| t.spec.handler.clone())
+                    .unwrap_or_default();
                 open.insert((task.0.clone(), *attempt), attempts.len());
                 attempts.push(Attempt {
                     revision,
@@ -297,7 +303,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
     }
 
     let mut h = String::new();
-    let _ = write!(h, "<section class=\"run\" id=\"run-{}\">\n", s.run);
+    let _ = writeln!(h, "<section class=\"run\" id=\"run-{}\">", s.run);
 
     // --- summary -----------------------------------------------------------------------
     let _ = write!(
@@ -311,7 +317,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
     );
     let _ = write!(
         h,
-        "<div class=\"kv\"><div>accepted<b>{}</b></div><div>last event<b>{}</b></div><div>events<b>{}</b></div><div>plan revision<b>{}</b></div>\
+        "<div class=\"kv\"><div>accepted (UTC)<b>{}</b></div><div>last event<b>{}</b></div><div>events<b>{}</b></div><div>plan revision<b>{}</b></div>\
 <div>cost<b>{}</b></div><div>tokens<b>{}</b></div><div>calls (llm / tool)<b>{} / {}</b></div><div>retries / replans<b>{} / {}</b></div></div>",
         esc(&short_time(t0)),
         esc(&rel(s.last_event_us, t0)),
@@ -351,7 +357,13 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             Some(_) => ("-".into(), if used > 0 { 100.0 } else { 0.0 }),
             None => ("no limit".into(), 0.0),
         };
-        let heat = if exhausted || pct >= 100.0 { " hot" } else if pct >= 75.0 { " warm" } else { "" };
+        let heat = if exhausted || pct >= 100.0 {
+            " hot"
+        } else if pct >= 75.0 {
+            " warm"
+        } else {
+            ""
+        };
         let _ = write!(
             h,
             "<tr><td>{label}{}</td><td class=\"num\">{used}</td><td class=\"num\">{}</td><td><div style=\"display:flex;gap:10px;align-items:center\"><div class=\"meter{heat}\"><span style=\"width:{pct:.1}%\"></span></div><span class=\"muted\">{share}</span></div></td></tr>",
@@ -359,10 +371,14 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             limit.map(|l| l.to_string()).unwrap_or_else(|| "—".into())
         );
     }
-    let _ = write!(h, "</table><p class=\"muted\">On exhaustion this run {}.</p></div>\n", match s.on_exhausted {
-        keel_engine::ExhaustionPolicy::Partial => "finishes with a partial result",
-        keel_engine::ExhaustionPolicy::Escalate => "escalates to a human",
-    });
+    let _ = writeln!(
+        h,
+        "</table><p class=\"muted\">On exhaustion this run {}.</p></div>",
+        match s.on_exhausted {
+            keel_engine::ExhaustionPolicy::Partial => "finishes with a partial result",
+            keel_engine::ExhaustionPolicy::Escalate => "escalates to a human",
+        }
+    );
 
     // --- DAG ---------------------------------------------------------------------------
     h.push_str(&render_dag(s, sfx, &superseded));
@@ -409,7 +425,11 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             _ => "b-ok",
         };
         let outcome = match &a.verdict {
-            Some(v) => format!("<span class=\"badge o-{}\">{}</span> <span class=\"badge o-{v}\">{v}</span>", esc(&a.outcome), esc(&a.outcome)),
+            Some(v) => format!(
+                "<span class=\"badge o-{}\">{}</span> <span class=\"badge o-{v}\">{v}</span>",
+                esc(&a.outcome),
+                esc(&a.outcome)
+            ),
             None => format!("<span class=\"badge o-{}\">{}</span>", esc(&a.outcome), esc(&a.outcome)),
         };
         let title = format!(
@@ -474,12 +494,25 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             if e.notified { " · notified" } else { " · not yet notified" }
         );
         let _ = write!(h, "<div><b>Why:</b> {}</div>", if why_hidden { "(redacted)".to_owned() } else { esc(&x.why) });
-        let _ = write!(h, "<div><b>Question:</b> {}</div><div><b>Options:</b> {}</div>", esc(&x.question), esc(&x.options.join(", ")));
+        let _ = write!(
+            h,
+            "<div><b>Question:</b> {}</div><div><b>Options:</b> {}</div>",
+            esc(&x.question),
+            esc(&x.options.join(", "))
+        );
         if !x.attempted.is_empty() {
-            let _ = write!(h, "<div><b>Attempted:</b><ul>{}</ul></div>", x.attempted.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>());
+            let _ = write!(
+                h,
+                "<div><b>Attempted:</b><ul>{}</ul></div>",
+                x.attempted.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
+            );
         }
         if !x.alternatives_tried.is_empty() {
-            let _ = write!(h, "<div><b>Alternatives tried:</b><ul>{}</ul></div>", x.alternatives_tried.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>());
+            let _ = write!(
+                h,
+                "<div><b>Alternatives tried:</b><ul>{}</ul></div>",
+                x.alternatives_tried.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
+            );
         }
         match &e.resolution {
             Some((decision, by, defaulted)) => {
@@ -554,7 +587,8 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     for _ in 0..n {
         let mut changed = false;
         for (i, t) in s.tasks.iter().enumerate() {
-            let d = t.spec.depends_on.iter().filter_map(|d| s.task_index.get(d)).map(|&j| depth[j] + 1).max().unwrap_or(0);
+            let d =
+                t.spec.depends_on.iter().filter_map(|d| s.task_index.get(d)).map(|&j| depth[j] + 1).max().unwrap_or(0);
             if d != depth[i] {
                 depth[i] = d;
                 changed = true;
@@ -681,7 +715,8 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
     for e in ordered {
         let (f, t) = (e.0.as_str(), e.1.as_str());
         let n = taken.get(e).copied().unwrap_or(0);
-        let (stroke, width, marker) = if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
+        let (stroke, width, marker) =
+            if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
         let (x1, y1) = state_pos(f);
         let (x2, y2) = state_pos(t);
         let cls = if n > 0 { "edge taken" } else { "edge" };
@@ -726,17 +761,23 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
             h,
             "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{sx:.1},{sy:.1} Q{cx:.1},{cy:.1} {ex:.1},{ey:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>"
         );
-        if n > 0 {
+        if n > 0 && f != "start" {
             let (lx, ly) = (0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey);
             let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"28\" height=\"16\" rx=\"8\" fill=\"#fff\" stroke=\"#2f5bd3\"/><text x=\"{lx:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", lx - 14.0, ly - 8.0, ly + 4.0);
         }
     }
-    let _ = write!(h, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"6\" fill=\"#18213a\"/>", state_pos("start").0, state_pos("start").1);
+    let _ = write!(
+        h,
+        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"6\" fill=\"#18213a\"/>",
+        state_pos("start").0,
+        state_pos("start").1
+    );
     for st in RunStatus::ALL {
         let name = st.name();
         let (x, y) = state_pos(name);
         let on = visited.contains(name);
-        let (fill, stroke, ink) = if on { ("#e6eefc", "#2f5bd3", "#1d3b8f") } else { ("#f7f8fb", "#c3cad6", "#8a94a6") };
+        let (fill, stroke, ink) =
+            if on { ("#e6eefc", "#2f5bd3", "#1d3b8f") } else { ("#f7f8fb", "#c3cad6", "#8a94a6") };
         let _ = write!(
             h,
             "<g class=\"state{}\" data-state=\"{name}\"><rect x=\"{:.1}\" y=\"{:.1}\" width=\"{bw}\" height=\"{bh}\" rx=\"19\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"{}\"/><text x=\"{x:.1}\" y=\"{:.1}\" font-size=\"13\" font-weight=\"600\" fill=\"{ink}\" text-anchor=\"middle\">{name}</text></g>",
@@ -756,7 +797,13 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
     }
     h.push_str("</div><table style=\"margin-top:12px\"><tr><th>from</th><th>to</th><th>event</th><th class=\"num\">times</th></tr>");
     for ((f, t, k), n) in transitions {
-        let _ = write!(h, "<tr><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td class=\"num\">{n}</td></tr>", esc(f), esc(t), esc(k));
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td class=\"num\">{n}</td></tr>",
+            esc(f),
+            esc(t),
+            esc(k)
+        );
     }
     h.push_str("</table></div>\n");
     h

@@ -328,7 +328,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -458,9 +459,14 @@ async fn cmd_demo(db: &Path, a: DemoArgs) -> CmdResult {
             })
             .collect();
         let esc: Vec<Value> = pending.iter().map(views::escalation_json).collect();
-        print_json(&json!({ "db": db.display().to_string(), "seed": a.seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }))?;
+        print_json(
+            &json!({ "db": db.display().to_string(), "seed": a.seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
+        )?;
     } else {
-        println!("{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}", "run", "scenario", "status", "partial", "cost(micros)", "events");
+        println!(
+            "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}",
+            "run", "scenario", "status", "partial", "cost(micros)", "events"
+        );
         for (i, s, st) in &rows {
             println!(
                 "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}{}",
@@ -481,7 +487,10 @@ async fn cmd_demo(db: &Path, a: DemoArgs) -> CmdResult {
         if !pending.is_empty() {
             println!("\nwaiting for a human:");
             for p in &pending {
-                println!("  run {} escalation #{} ({:?}): {}", p.run, p.escalation.number, p.escalation.cause, p.escalation.why);
+                println!(
+                    "  run {} escalation #{} ({:?}): {}",
+                    p.run, p.escalation.number, p.escalation.cause, p.escalation.why
+                );
                 println!("    {}", views::resolve_hint(p));
             }
             println!("then continue them with: keel work --until-idle");
@@ -534,9 +543,13 @@ fn cmd_runs(db: &Path, a: RunsArgs) -> CmdResult {
     let engine = engine_over(open(db)?)?;
     let runs: Vec<_> = engine.runs()?.into_iter().filter(|r| status.is_none_or(|s| r.status == s)).collect();
     if a.json {
-        return print_json(&json!({ "runs": runs.iter().map(views::run_summary_json).collect::<Vec<_>>() })).map(|_| ExitCode::SUCCESS);
+        return print_json(&json!({ "runs": runs.iter().map(views::run_summary_json).collect::<Vec<_>>() }))
+            .map(|_| ExitCode::SUCCESS);
     }
-    println!("{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted", "run", "workflow", "status", "partial", "events", "cost(micros)", "esc");
+    println!(
+        "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted",
+        "run", "workflow", "status", "partial", "events", "cost(micros)", "esc"
+    );
     for r in &runs {
         println!(
             "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {}",
@@ -574,7 +587,8 @@ struct Loaded {
 }
 
 fn check_options(policy: &[String], workflow_is_demo: bool) -> Result<CheckOptions, CliError> {
-    let policy = keel_replay::policy::apply_settings(&Policy::default(), policy).map_err(|e| CliError::Usage(e.to_string()))?;
+    let policy =
+        keel_replay::policy::apply_settings(&Policy::default(), policy).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(CheckOptions { policy, handlers: workflow_is_demo.then(demo_handlers) })
 }
 
@@ -669,7 +683,13 @@ fn load_from_file(path: &Path, run: Option<&str>) -> Result<Loaded, CliError> {
         None => match ids.as_slice() {
             [one] => *one,
             [] => return Err(CliError::Failed(format!("{} holds no runs", path.display()))),
-            _ => return Err(CliError::Usage(format!("{} holds {} runs: name one (RUN) or use --all", path.display(), ids.len()))),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "{} holds {} runs: name one (RUN) or use --all",
+                    path.display(),
+                    ids.len()
+                )))
+            }
         },
     };
     found.into_iter().find(|l| l.run == want).ok_or_else(|| CliError::Failed(format!("unknown run {want}")))
@@ -720,7 +740,12 @@ fn replay_all(db: &Path, a: &ReplayArgs) -> CmdResult {
         print_json(&json!({ "runs": replayed }))?;
     } else {
         for r in &replayed {
-            println!("replayed {}  {} events  {}", r["run"].as_str().unwrap_or(""), r["events"], r["status"].as_str().unwrap_or(""));
+            println!(
+                "replayed {}  {} events  {}",
+                r["run"].as_str().unwrap_or(""),
+                r["events"],
+                r["status"].as_str().unwrap_or("")
+            );
         }
         println!("{} run(s) replayed", replayed.len());
     }
@@ -734,14 +759,22 @@ fn finish_checks(reports: Vec<CheckReport>, as_json: bool) -> CmdResult {
     } else {
         for r in &reports {
             match &r.divergence {
-                None => println!("ok        {}  {} events ({} decisions, {} outcomes, {} external)", r.run, r.events, r.decisions, r.outcomes, r.externals),
+                None => println!(
+                    "ok        {}  {} events ({} decisions, {} outcomes, {} external)",
+                    r.run, r.events, r.decisions, r.outcomes, r.externals
+                ),
                 Some(d) => {
                     println!("DIVERGES  {}  at seq {} of {}", r.run, d.seq, r.events);
                     print!("{d}");
                 }
             }
         }
-        println!("checked {} run(s): {} ok, {} diverged", reports.len(), reports.len() - diverged.len(), diverged.len());
+        println!(
+            "checked {} run(s): {} ok, {} diverged",
+            reports.len(),
+            reports.len() - diverged.len(),
+            diverged.len()
+        );
     }
     match diverged.first() {
         None => Ok(ExitCode::SUCCESS),
@@ -760,7 +793,8 @@ fn finish_checks(reports: Vec<CheckReport>, as_json: bool) -> CmdResult {
 }
 
 async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
-    let policy = keel_replay::policy::apply_settings(&Policy::default(), &a.policy).map_err(|e| CliError::Usage(e.to_string()))?;
+    let policy = keel_replay::policy::apply_settings(&Policy::default(), &a.policy)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let events = load_run_from_db(store.as_ref(), run)?;
@@ -968,24 +1002,37 @@ fn cmd_escalations(db: &Path, a: JsonArgs) -> CmdResult {
 async fn cmd_resolve(db: &Path, a: ResolveArgs) -> CmdResult {
     let decision = match (a.decision, &a.output, &a.hint) {
         (None | Some(DecisionArg::Supply), Some(out), None) => {
-            let v: Value = serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
+            let v: Value =
+                serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
             Decision::SupplyOutput(Json::new(&v))
         }
         (Some(DecisionArg::Approve), Some(out), None) => {
-            let v: Value = serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
+            let v: Value =
+                serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
             Decision::SupplyOutput(Json::new(&v))
         }
         (Some(DecisionArg::Replan), None, Some(h)) => Decision::ReplanWithHint(h.clone()),
         (Some(DecisionArg::Approve), None, None) => Decision::Approve,
         (Some(DecisionArg::Reject), None, None) => Decision::Reject,
         (Some(DecisionArg::Abort), None, None) => Decision::Abort,
-        (Some(DecisionArg::Replan), _, None) => return Err(CliError::Usage("--decision replan needs --hint TEXT".into())),
-        (Some(DecisionArg::Supply), None, _) => return Err(CliError::Usage("--decision supply needs --output JSON".into())),
-        (None, None, _) => return Err(CliError::Usage("give --decision approve|reject|abort|replan|supply (or --output JSON)".into())),
+        (Some(DecisionArg::Replan), _, None) => {
+            return Err(CliError::Usage("--decision replan needs --hint TEXT".into()))
+        }
+        (Some(DecisionArg::Supply), None, _) => {
+            return Err(CliError::Usage("--decision supply needs --output JSON".into()))
+        }
+        (None, None, _) => {
+            return Err(CliError::Usage("give --decision approve|reject|abort|replan|supply (or --output JSON)".into()))
+        }
         (_, Some(_), Some(_)) => return Err(CliError::Usage("--output and --hint do not go together".into())),
-        (Some(d), _, _) => return Err(CliError::Usage(format!("--decision {d:?} takes neither --output nor --hint").to_lowercase())),
+        (Some(d), _, _) => {
+            return Err(CliError::Usage(format!("--decision {d:?} takes neither --output nor --hint").to_lowercase()))
+        }
     };
-    let by = a.by.clone().or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "cli".to_owned());
+    let by =
+        a.by.clone()
+            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "cli".to_owned());
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let engine = engine_over(store)?;
@@ -1009,7 +1056,18 @@ fn cmd_stats(db: &Path, a: JsonArgs) -> CmdResult {
     }
     println!(
         "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
-        "workflow", "runs", "by status", "partial", "cost(micros)", "tokens", "llm", "tool", "retries", "replans", "cached", "cost/run"
+        "workflow",
+        "runs",
+        "by status",
+        "partial",
+        "cost(micros)",
+        "tokens",
+        "llm",
+        "tool",
+        "retries",
+        "replans",
+        "cached",
+        "cost/run"
     );
     for s in &stats {
         let by: Vec<String> = s.by_status.iter().map(|(k, v)| format!("{} {v}", k.name())).collect();

@@ -72,11 +72,15 @@ mod tests {
 
     #[test]
     fn settings_change_one_knob_each() {
-        let p = apply_settings(&Policy::default(), &["max_replans=0".into(), "degrade_noncritical=false".into()]).unwrap_or_default();
+        let p = apply_settings(&Policy::default(), &["max_replans=0".into(), "degrade_noncritical=false".into()])
+            .unwrap_or_default();
         assert_eq!(p.max_replans, 0);
         assert!(!p.degrade_noncritical);
-        let p = apply_settings(&Policy::default(), &["escalation_default=approve".into(), "escalation_deadline_ms=5000".into()])
-            .unwrap_or_default();
+        let p = apply_settings(
+            &Policy::default(),
+            &["escalation_default=approve".into(), "escalation_deadline_ms=5000".into()],
+        )
+        .unwrap_or_default();
         assert_eq!(p.escalation_default, Some(keel_engine::Decision::Approve));
         assert_eq!(p.escalation_deadline_ms, Some(5000));
         let p = apply_settings(&Policy::default(), &["plan_limits.tasks_max=3".into()]).unwrap_or_default();
@@ -86,7 +90,10 @@ mod tests {
     #[test]
     fn bad_settings_are_typed_errors() {
         for s in ["max_replans", "nope=1", "max_replans=-1", "degrade_noncritical=maybe", "escalation_default=later"] {
-            assert!(matches!(apply_settings(&Policy::default(), &[s.to_owned()]), Err(ReplayError::Policy { .. })), "{s}");
+            assert!(
+                matches!(apply_settings(&Policy::default(), &[s.to_owned()]), Err(ReplayError::Policy { .. })),
+                "{s}"
+            );
         }
     }
 }

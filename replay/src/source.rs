@@ -115,7 +115,12 @@ impl ExportRecord {
     /// [`ReplayError::Redacted`] names it.
     pub fn to_logged(&self, path: &Path) -> Result<Logged, ReplayError> {
         if let Some(field) = self.redacted_fields().first() {
-            return Err(ReplayError::Redacted { run: self.run, seq: self.seq, kind: self.kind.clone(), field: (*field).to_owned() });
+            return Err(ReplayError::Redacted {
+                run: self.run,
+                seq: self.seq,
+                kind: self.kind.clone(),
+                field: (*field).to_owned(),
+            });
         }
         if !Event::KINDS.contains(&self.kind.as_str()) {
             return Err(self.bad(path, format!("unknown event kind {:?}", self.kind)));
@@ -191,7 +196,8 @@ impl<R: BufRead> ExportReader<R> {
         let str_of = |k: &str| -> Result<String, ReplayError> {
             get(k)?.as_str().map(str::to_owned).ok_or_else(|| self.err(format!("field `{k}` is not a string")))
         };
-        let u64_of = |k: &str| get(k)?.as_u64().ok_or_else(|| self.err(format!("field `{k}` is not an unsigned integer")));
+        let u64_of =
+            |k: &str| get(k)?.as_u64().ok_or_else(|| self.err(format!("field `{k}` is not an unsigned integer")));
         let run_of = || -> Result<RunId, ReplayError> {
             let s = str_of("run")?;
             s.parse::<RunId>().map_err(|e| self.err(format!("field `run` is not a run id: {e}")))
@@ -200,7 +206,11 @@ impl<R: BufRead> ExportReader<R> {
             let s = str_of(k)?;
             format::parse_hash(&s).ok_or_else(|| self.err(format!("field `{k}` is not 64 lowercase hex digits")))
         };
-        let kind = obj.get("type").and_then(Value::as_str).unwrap_or(if obj.contains_key("format") { "header" } else { "record" });
+        let kind = obj.get("type").and_then(Value::as_str).unwrap_or(if obj.contains_key("format") {
+            "header"
+        } else {
+            "record"
+        });
         match kind {
             "header" => {
                 let fmt = str_of("format")?;
@@ -219,13 +229,19 @@ impl<R: BufRead> ExportReader<R> {
                     redacted,
                 }))
             }
-            "run_end" => Ok(ExportLine::RunEnd(RunEnd { line: self.line, run: run_of()?, records: u64_of("records")?, head: hash_of("head")? })),
+            "run_end" => Ok(ExportLine::RunEnd(RunEnd {
+                line: self.line,
+                run: run_of()?,
+                records: u64_of("records")?,
+                head: hash_of("head")?,
+            })),
             "record" => {
                 let payload = match get("payload")? {
                     Value::Object(m) => m.clone(),
                     _ => return Err(self.err("field `payload` is not an object")),
                 };
-                let schema_version = u16::try_from(u64_of("schema_version")?).map_err(|_| self.err("field `schema_version` is out of range"))?;
+                let schema_version = u16::try_from(u64_of("schema_version")?)
+                    .map_err(|_| self.err("field `schema_version` is out of range"))?;
                 let time_us = get("time_us")?.as_i64().ok_or_else(|| self.err("field `time_us` is not an integer"))?;
                 for (field, v) in &payload {
                     if let Some(Err(reason)) = format::redaction_marker(v) {
@@ -325,7 +341,12 @@ impl<R: BufRead> ExportRuns<R> {
                         return Err(ReplayError::Export {
                             path: self.path.clone(),
                             line: rec.line,
-                            reason: format!("run {} seq {}: expected seq {} (run `keel verify` on this file)", rec.run, rec.seq, events.len()),
+                            reason: format!(
+                                "run {} seq {}: expected seq {} (run `keel verify` on this file)",
+                                rec.run,
+                                rec.seq,
+                                events.len()
+                            ),
                         });
                     }
                     events.push(rec.to_logged(&self.path)?);

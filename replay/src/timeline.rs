@@ -23,7 +23,12 @@ pub struct Replay {
 
 /// Folds `state` with `e`, naming the event if the current code refuses it.
 pub(crate) fn step(state: Option<&RunState>, e: &Logged) -> Result<RunState, ReplayError> {
-    apply(state, e).map_err(|source| ReplayError::Fold { run: e.run, seq: e.seq.0, kind: e.event.kind_name().to_owned(), source })
+    apply(state, e).map_err(|source| ReplayError::Fold {
+        run: e.run,
+        seq: e.seq.0,
+        kind: e.event.kind_name().to_owned(),
+        source,
+    })
 }
 
 impl Replay {
@@ -72,7 +77,8 @@ impl Replay {
         }
         let i = usize::try_from(seq).map_err(|_| ReplayError::SeqOutOfRange { run: self.run, seq, last })?;
         let k = i / CHECKPOINT_EVERY;
-        let mut state = self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?;
+        let mut state =
+            self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?;
         for e in self.events.iter().take(i + 1).skip(k * CHECKPOINT_EVERY + 1) {
             state = step(Some(&state), e)?;
         }

@@ -178,18 +178,36 @@ impl<R: BufRead> ExportCheck<R> {
                     other => (None, other.to_string()),
                 };
                 let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
-                fail(Tamper::Malformed, cur.as_ref().map(|c| c.run), None, line, format!("{path}: {at}{reason} (the export was edited or damaged)"))
+                fail(
+                    Tamper::Malformed,
+                    cur.as_ref().map(|c| c.run),
+                    None,
+                    line,
+                    format!("{path}: {at}{reason} (the export was edited or damaged)"),
+                )
             })?;
             match line {
                 ExportLine::Header(h) => {
                     if !first {
-                        return Err(fail(Tamper::Inserted, None, None, Some(h.line), format!("line {}: a second header line (lines inserted)", h.line)));
+                        return Err(fail(
+                            Tamper::Inserted,
+                            None,
+                            None,
+                            Some(h.line),
+                            format!("line {}: a second header line (lines inserted)", h.line),
+                        ));
                     }
                     saw_header = true;
                 }
                 ExportLine::Record(rec) => {
                     if !saw_header {
-                        return Err(fail(Tamper::Malformed, Some(rec.run), None, Some(rec.line), format!("{path}: no header line: not a keel export (or its first line was removed)")));
+                        return Err(fail(
+                            Tamper::Malformed,
+                            Some(rec.run),
+                            None,
+                            Some(rec.line),
+                            format!("{path}: no header line: not a keel export (or its first line was removed)"),
+                        ));
                     }
                     if cur.as_ref().is_some_and(|c| c.run != rec.run) {
                         let c = cur.take();
@@ -205,7 +223,16 @@ impl<R: BufRead> ExportCheck<R> {
                     }
                     if cur.is_none() {
                         if self.finished.contains(&rec.run) {
-                            return Err(fail(Tamper::Inserted, Some(rec.run), Some(rec.seq), Some(rec.line), format!("run {} seq {}: line {} adds a record after the run's trailer (inserted)", rec.run, rec.seq, rec.line)));
+                            return Err(fail(
+                                Tamper::Inserted,
+                                Some(rec.run),
+                                Some(rec.seq),
+                                Some(rec.line),
+                                format!(
+                                    "run {} seq {}: line {} adds a record after the run's trailer (inserted)",
+                                    rec.run, rec.seq, rec.line
+                                ),
+                            ));
                         }
                         cur = Some(Current { run: rec.run, next: 0, prev: [0; 32], hashes: Vec::new() });
                     }
@@ -215,24 +242,66 @@ impl<R: BufRead> ExportCheck<R> {
                 }
                 ExportLine::RunEnd(end) => {
                     let Some(c) = cur.take() else {
-                        return Err(fail(Tamper::Removed, Some(end.run), Some(0), Some(end.line), format!("run {}: trailer at line {} without any record (records removed)", end.run, end.line)));
+                        return Err(fail(
+                            Tamper::Removed,
+                            Some(end.run),
+                            Some(0),
+                            Some(end.line),
+                            format!(
+                                "run {}: trailer at line {} without any record (records removed)",
+                                end.run, end.line
+                            ),
+                        ));
                     };
                     if c.run != end.run {
-                        return Err(fail(Tamper::Altered, Some(c.run), None, Some(end.line), format!("run {}: the trailer at line {} names run {} (altered)", c.run, end.line, end.run)));
+                        return Err(fail(
+                            Tamper::Altered,
+                            Some(c.run),
+                            None,
+                            Some(end.line),
+                            format!("run {}: the trailer at line {} names run {} (altered)", c.run, end.line, end.run),
+                        ));
                     }
                     if end.records > c.next {
                         let msg = if end.records == c.next + 1 {
-                            format!("run {}: seq {} missing (removed; the trailer says {} records)", c.run, c.next, end.records)
+                            format!(
+                                "run {}: seq {} missing (removed; the trailer says {} records)",
+                                c.run, c.next, end.records
+                            )
                         } else {
-                            format!("run {}: seqs {}..{} missing (removed; the trailer says {} records)", c.run, c.next, end.records - 1, end.records)
+                            format!(
+                                "run {}: seqs {}..{} missing (removed; the trailer says {} records)",
+                                c.run,
+                                c.next,
+                                end.records - 1,
+                                end.records
+                            )
                         };
                         return Err(fail(Tamper::Removed, Some(c.run), Some(c.next), Some(end.line), msg));
                     }
                     if end.records < c.next {
-                        return Err(fail(Tamper::Inserted, Some(c.run), Some(end.records), Some(end.line), format!("run {}: {} records but the trailer says {} (records inserted)", c.run, c.next, end.records)));
+                        return Err(fail(
+                            Tamper::Inserted,
+                            Some(c.run),
+                            Some(end.records),
+                            Some(end.line),
+                            format!(
+                                "run {}: {} records but the trailer says {} (records inserted)",
+                                c.run, c.next, end.records
+                            ),
+                        ));
                     }
                     if end.head != c.prev {
-                        return Err(fail(Tamper::Altered, Some(c.run), None, Some(end.line), format!("run {}: the trailer's head hash does not match the chain (trailer altered)", c.run)));
+                        return Err(fail(
+                            Tamper::Altered,
+                            Some(c.run),
+                            None,
+                            Some(end.line),
+                            format!(
+                                "run {}: the trailer's head hash does not match the chain (trailer altered)",
+                                c.run
+                            ),
+                        ));
                     }
                     self.finished.insert(c.run);
                     self.out.runs.push(RunVerified { run: c.run.to_string(), records: c.next, head: hex32(&c.prev) });
@@ -276,7 +345,10 @@ impl<R: BufRead> ExportCheck<R> {
                     Some(run),
                     Some(n),
                     Some(*l2),
-                    format!("run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})", rec.seq),
+                    format!(
+                        "run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})",
+                        rec.seq
+                    ),
                 ));
             }
             // Is it record n with its seq field edited?
@@ -314,7 +386,13 @@ impl<R: BufRead> ExportCheck<R> {
             }
             let (what, msg) = if !root_ok {
                 let kind_ok = Event::KINDS.contains(&rec.kind.as_str());
-                (Tamper::Altered, format!("run {run} seq {n}: payload altered (hash mismatch){}", if kind_ok { "" } else { "; unknown kind" }))
+                (
+                    Tamper::Altered,
+                    format!(
+                        "run {run} seq {n}: payload altered (hash mismatch){}",
+                        if kind_ok { "" } else { "; unknown kind" }
+                    ),
+                )
             } else if !link_ok {
                 let after = c.hashes.iter().position(|h| *h == rec.prev_hash);
                 match after {
@@ -325,7 +403,12 @@ impl<R: BufRead> ExportCheck<R> {
                     None => (Tamper::Inserted, format!("run {run} seq {n}: broken link: it chains to no earlier record of the run (inserted or moved here)")),
                 }
             } else {
-                (Tamper::Altered, format!("run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version or hash changed)"))
+                (
+                    Tamper::Altered,
+                    format!(
+                        "run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version or hash changed)"
+                    ),
+                )
             };
             return Err(fail(what, Some(run), Some(n), Some(line), msg));
         }
@@ -342,7 +425,9 @@ pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut())
     let mut out = Verification::default();
     for &run in runs {
         match keel_store::verify::verify_run::<Event>(log, run) {
-            Ok(rep) => out.runs.push(RunVerified { run: run.to_string(), records: rep.records, head: hex32(&rep.head) }),
+            Ok(rep) => {
+                out.runs.push(RunVerified { run: run.to_string(), records: rep.records, head: hex32(&rep.head) })
+            }
             Err(e) => {
                 out.failure = Some(db_failure(run, e));
                 return Ok(out);
@@ -386,9 +471,13 @@ fn db_failure(run: RunId, e: VerifyError) -> Failure {
             };
             fail(what, Some(run), Some(seq.0), None, format!("run {run} seq {seq}: {label} [{reason}]"))
         }
-        VerifyError::Store(keel_store::StoreError::Corrupted { run, seq, reason }) => {
-            fail(Tamper::Altered, Some(run), Some(seq.0), None, format!("run {run} seq {seq}: record altered or damaged ({reason})"))
-        }
+        VerifyError::Store(keel_store::StoreError::Corrupted { run, seq, reason }) => fail(
+            Tamper::Altered,
+            Some(run),
+            Some(seq.0),
+            None,
+            format!("run {run} seq {seq}: record altered or damaged ({reason})"),
+        ),
         VerifyError::Store(other) => fail(Tamper::Altered, Some(run), None, None, format!("run {run}: {other}")),
         other => fail(Tamper::Altered, Some(run), None, None, format!("run {run}: {other}")),
     }

@@ -131,7 +131,10 @@ pub fn state_text(s: &RunState) -> String {
     ));
     if !s.tasks.is_empty() {
         out.push_str("plan:\n");
-        out.push_str(&format!("  {:<20} {:<10} {:<14} {:>7}  {:<8}  note\n", "task", "kind", "status", "attempt", "verdict"));
+        out.push_str(&format!(
+            "  {:<20} {:<10} {:<14} {:>7}  {:<8}  note\n",
+            "task", "kind", "status", "attempt", "verdict"
+        ));
         for t in &s.tasks {
             let note = t
                 .skip_reason
@@ -161,7 +164,11 @@ pub fn state_text(s: &RunState) -> String {
             x.options.join(", ")
         ));
         match &e.resolution {
-            Some((d, by, defaulted)) => out.push_str(&format!("  resolved: {} by {by}{}\n", d.name(), if *defaulted { " (deadline default)" } else { "" })),
+            Some((d, by, defaulted)) => out.push_str(&format!(
+                "  resolved: {} by {by}{}\n",
+                d.name(),
+                if *defaulted { " (deadline default)" } else { "" }
+            )),
             None => out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", s.run, x.options.join("|"))),
         }
     }
@@ -210,7 +217,8 @@ pub fn resolve_hint(p: &PendingEscalation) -> String {
 
 /// `keel stats --json`: one entry.
 pub fn stats_json(s: &WorkflowStats) -> Value {
-    let by_status: serde_json::Map<String, Value> = s.by_status.iter().map(|(k, v)| (k.name().to_owned(), json!(v))).collect();
+    let by_status: serde_json::Map<String, Value> =
+        s.by_status.iter().map(|(k, v)| (k.name().to_owned(), json!(v))).collect();
     json!({
         "workflow": s.workflow,
         "runs": s.runs,
@@ -223,7 +231,8 @@ pub fn stats_json(s: &WorkflowStats) -> Value {
 
 /// `keel replay --step --json`: one entry.
 pub fn step_json(e: &Logged, after: &RunState) -> Value {
-    let tasks: serde_json::Map<String, Value> = after.tasks.iter().map(|t| (t.spec.id.0.clone(), json!(t.status.name()))).collect();
+    let tasks: serde_json::Map<String, Value> =
+        after.tasks.iter().map(|t| (t.spec.id.0.clone(), json!(t.status.name()))).collect();
     json!({
         "seq": e.seq.0,
         "time": rfc3339(e.at_us),

@@ -67,7 +67,13 @@ fn an_export_verifies_and_every_kind_of_tampering_is_named() {
     let cost = l[i]["payload"]["usage"]["cost_micros"].as_u64().unwrap();
     l[i]["payload"]["usage"]["cost_micros"] = json!(cost + 1);
     write_lines(&tampered, &l);
-    check_fails(&tampered, Tamper::Altered, Some(executed), &format!("seq {executed}: payload altered (hash mismatch)"), &db);
+    check_fails(
+        &tampered,
+        Tamper::Altered,
+        Some(executed),
+        &format!("seq {executed}: payload altered (hash mismatch)"),
+        &db,
+    );
 
     // Altered header: the time of an event moved.
     let mut l = original.clone();
@@ -166,7 +172,14 @@ fn a_consistently_rewritten_export_is_caught_against_the_database_head() {
         }
         let fields = line["payload"].as_object().unwrap().clone();
         let root = digest::payload_root_of(&fields);
-        let d = digest::record_digest(1, run, Seq(line["seq"].as_u64().unwrap()), line["kind"].as_str().unwrap(), line["time_us"].as_i64().unwrap(), &root);
+        let d = digest::record_digest(
+            1,
+            run,
+            Seq(line["seq"].as_u64().unwrap()),
+            line["kind"].as_str().unwrap(),
+            line["time_us"].as_i64().unwrap(),
+            &root,
+        );
         let hash = digest::chain(&prev, &d);
         line["payload_root"] = json!(hex::encode(root));
         line["prev_hash"] = json!(hex::encode(prev));
@@ -317,7 +330,8 @@ fn redacted_exports_verify_and_a_revealed_value_proves_itself() {
     let v = verify_export(&t).unwrap();
     assert_eq!(v.failure.unwrap().what, Tamper::Altered);
     // A bad rule is a usage error.
-    let e = keel(&db.db, &["export", &run.to_string(), "--format", "jsonl", "--redact", "Nope.output"]).one_line_error(2);
+    let e =
+        keel(&db.db, &["export", &run.to_string(), "--format", "jsonl", "--redact", "Nope.output"]).one_line_error(2);
     assert!(e.contains("unknown event kind"), "{e}");
 }
 
@@ -370,7 +384,7 @@ fn export_all_selects_runs_by_acceptance_time() {
     // Exactly the runs accepted at or after the third run's acceptance.
     let mut accepted: Vec<i64> = db.events.values().map(|e| e[0].at_us).collect();
     accepted.sort();
-    let since = format!("{}", keel_replay::format::rfc3339(accepted[2]));
+    let since = keel_replay::format::rfc3339(accepted[2]);
     assert_eq!(count(&["--since", &since]).0, 6);
     let e = keel(&db.db, &["export", "--all", "--format", "jsonl", "--since", "yesterday"]).one_line_error(2);
     assert!(e.contains("--since"), "{e}");

@@ -24,7 +24,10 @@ fn errors_are_one_line_with_exit_codes() {
     // Missing database: a clear line, and nothing created.
     let missing = db.path("nowhere");
     let e = keel(&missing, &["runs"]).one_line_error(1);
-    assert_eq!(e, format!("error: no keel database at {} (run `keel demo` to create one, or pass --db DIR)", missing.display()));
+    assert_eq!(
+        e,
+        format!("error: no keel database at {} (run `keel demo` to create one, or pass --db DIR)", missing.display())
+    );
     assert!(!missing.exists());
     // Not a database.
     let notdb = db.path("notdb");
@@ -33,7 +36,14 @@ fn errors_are_one_line_with_exit_codes() {
     let e = keel(&notdb, &["runs"]).one_line_error(1);
     assert!(e.contains("is not a keel database"), "{e}");
     // Usage errors exit 2, on one line too.
-    for args in [&["nope"][..], &["show"], &["runs", "--status", "sleeping"], &["resolve", "x", "--decision", "replan"], &["export", "--format", "pdf", "x"], &["replay"]] {
+    for args in [
+        &["nope"][..],
+        &["show"],
+        &["runs", "--status", "sleeping"],
+        &["resolve", "x", "--decision", "replan"],
+        &["export", "--format", "pdf", "x"],
+        &["replay"],
+    ] {
         let e = keel(&db.db, args).one_line_error(2);
         assert!(e.len() > 10, "{args:?}: {e}");
     }
@@ -56,7 +66,14 @@ fn a_database_in_use_is_one_clear_line() {
     for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()], &["demo"]] {
         let ran = keel_once(&db.db, args);
         let e = ran.one_line_error(1);
-        assert_eq!(e, format!("error: database {} is in use by another process (close it or copy the directory)", db.db.display()), "{args:?}");
+        assert_eq!(
+            e,
+            format!(
+                "error: database {} is in use by another process (close it or copy the directory)",
+                db.db.display()
+            ),
+            "{args:?}"
+        );
     }
     drop(held);
     keel(&db.db, &["runs"]).ok();
@@ -69,7 +86,21 @@ fn json_outputs_parse_and_keep_their_fields() {
     let list = runs["runs"].as_array().unwrap();
     assert_eq!(list.len(), 8);
     for r in list {
-        for k in ["run", "workflow", "status", "priority", "accepted_at", "accepted_at_us", "last_event_at", "last_event_us", "events", "cost_micros", "tokens", "partial", "escalations"] {
+        for k in [
+            "run",
+            "workflow",
+            "status",
+            "priority",
+            "accepted_at",
+            "accepted_at_us",
+            "last_event_at",
+            "last_event_us",
+            "events",
+            "cost_micros",
+            "tokens",
+            "partial",
+            "escalations",
+        ] {
             assert!(r.get(k).is_some(), "runs: missing {k}");
         }
     }
@@ -78,7 +109,20 @@ fn json_outputs_parse_and_keep_their_fields() {
 
     let run = db.run_of("degraded_partial").to_string();
     let show = keel(&db.db, &["show", &run[..8], "--json"]).ok().json();
-    for k in ["run", "workflow", "status", "partial", "events", "revision", "budget", "totals", "tasks", "escalations", "result", "failure"] {
+    for k in [
+        "run",
+        "workflow",
+        "status",
+        "partial",
+        "events",
+        "revision",
+        "budget",
+        "totals",
+        "tasks",
+        "escalations",
+        "result",
+        "failure",
+    ] {
         assert!(show.get(k).is_some(), "show: missing {k}");
     }
     assert_eq!(show["run"], run);
@@ -145,7 +189,8 @@ fn db_defaults_to_keel_data_and_reads_keel_db() {
     assert!(ran.stderr.is_empty(), "no progress bar on a pipe: {:?}", ran.stderr);
     assert!(dir.path().join("keel-data").is_dir());
     keel_in(Some(dir.path()), &["runs"]).ok();
-    let out = Command::new(KEEL).args(["runs", "--json"]).env("KEEL_DB", dir.path().join("keel-data")).output().unwrap();
+    let out =
+        Command::new(KEEL).args(["runs", "--json"]).env("KEEL_DB", dir.path().join("keel-data")).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["runs"].as_array().unwrap().len(), 2);

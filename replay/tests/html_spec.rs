@@ -109,12 +109,20 @@ fn html_report_renders_in_headless_chromium() {
     let deps: usize = state.tasks.iter().map(|t| t.spec.depends_on.len()).sum();
     assert_eq!(count(dag, "class=\"edge\""), deps, "one edge per dependency");
     let fsm = dom.split("id=\"fsm\"").nth(1).expect("#fsm in the DOM");
-    assert!(fsm.contains("class=\"state visited\" data-state=\"AwaitingHuman\""), "the path taken reaches AwaitingHuman");
+    assert!(
+        fsm.contains("class=\"state visited\" data-state=\"AwaitingHuman\""),
+        "the path taken reaches AwaitingHuman"
+    );
     assert!(dom.contains("id=\"escalations\"") && dom.contains("CriticalVerdict"));
 
     // A screenshot renders and is not blank.
     let png = db.path("report.png");
-    run_chromium(&bin, profile.path(), &[format!("--screenshot={}", png.display()), "--window-size=1280,2000".to_owned()], &url);
+    run_chromium(
+        &bin,
+        profile.path(),
+        &[format!("--screenshot={}", png.display()), "--window-size=1280,2000".to_owned()],
+        &url,
+    );
     let bytes = std::fs::read(&png).expect("screenshot written");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());

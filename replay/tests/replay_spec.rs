@@ -81,7 +81,13 @@ fn check_passes_on_every_demo_run_with_the_unchanged_policy() {
     for opts in [CheckOptions::default(), CheckOptions { policy: Policy::default(), handlers: Some(demo_handlers()) }] {
         for r in &db.runs {
             let report = check_run(&db.events(r.run), &opts).unwrap();
-            assert!(report.ok(), "{} ({}) diverges: {}", r.scenario, r.run, report.divergence.map(|d| d.to_string()).unwrap_or_default());
+            assert!(
+                report.ok(),
+                "{} ({}) diverges: {}",
+                r.scenario,
+                r.run,
+                report.divergence.map(|d| d.to_string()).unwrap_or_default()
+            );
             assert!(report.decisions > 0 && report.outcomes > 0);
         }
     }
@@ -94,7 +100,8 @@ fn check_passes_on_every_demo_run_with_the_unchanged_policy() {
 #[test]
 fn check_reports_the_exact_first_divergence_under_a_deliberately_changed_policy() {
     let db = DemoDb::new(8);
-    let no_replans = CheckOptions { policy: Policy { max_replans: 0, ..Policy::default() }, handlers: Some(demo_handlers()) };
+    let no_replans =
+        CheckOptions { policy: Policy { max_replans: 0, ..Policy::default() }, handlers: Some(demo_handlers()) };
 
     // evaluator_replan: the hard verdict led to a replan; with no replans allowed the code
     // now escalates instead, at exactly that seq.
@@ -122,8 +129,14 @@ fn check_reports_the_exact_first_divergence_under_a_deliberately_changed_policy(
     // code no longer decides that skip.
     let run = db.run_of("degraded_partial");
     let events = db.events(run);
-    let skip = events.iter().find(|e| matches!(&e.event, Event::TaskSkipped { task, .. } if task.0 == "enrich_sentiment")).unwrap().seq.0;
-    let no_degrade = CheckOptions { policy: Policy { degrade_noncritical: false, ..Policy::default() }, handlers: None };
+    let skip = events
+        .iter()
+        .find(|e| matches!(&e.event, Event::TaskSkipped { task, .. } if task.0 == "enrich_sentiment"))
+        .unwrap()
+        .seq
+        .0;
+    let no_degrade =
+        CheckOptions { policy: Policy { degrade_noncritical: false, ..Policy::default() }, handlers: None };
     let d = check_run(&events, &no_degrade).unwrap().divergence.expect("must diverge");
     assert_eq!((d.seq, d.kind.as_str()), (skip, "TaskSkipped"));
     assert!(!d.decided.iter().any(|c| c["event"]["kind"] == "TaskSkipped"), "{:?}", d.decided);
@@ -133,7 +146,10 @@ fn check_reports_the_exact_first_divergence_under_a_deliberately_changed_policy(
     let line = ran.one_line_error(1);
     assert!(line.contains("diverge"), "{line}");
     assert!(ran.stdout.contains(&format!("DIVERGES  {run}", run = db.run_of("evaluator_replan"))), "{}", ran.stdout);
-    let v = keel(&db.db, &["replay", &db.run_of("evaluator_replan").to_string(), "--check", "--policy", "max_replans=0", "--json"]);
+    let v = keel(
+        &db.db,
+        &["replay", &db.run_of("evaluator_replan").to_string(), "--check", "--policy", "max_replans=0", "--json"],
+    );
     assert_eq!(v.code, 1);
     let v = v.json();
     assert_eq!(v["runs"][0]["divergence"]["seq"], at);
@@ -178,7 +194,8 @@ fn export_then_replay_from_the_file_equals_replay_from_the_db() {
     // The CLI too: same state at the same seq, from the file and from the db.
     let run = db.run_of("human_escalation").to_string();
     let a = keel(&db.db, &["replay", &run, "--until", "9", "--json"]).ok().json();
-    let b = keel(&db.db, &["replay", &run[..6], "--from", file.to_str().unwrap(), "--until", "9", "--json"]).ok().json();
+    let b =
+        keel(&db.db, &["replay", &run[..6], "--from", file.to_str().unwrap(), "--until", "9", "--json"]).ok().json();
     assert_eq!(a, b);
     // And the check runs over a folder of exports.
     let folder = db.path("exports");
@@ -246,7 +263,12 @@ fn cli_fork_and_diff() {
     let db = DemoDb::new(8);
     let run = db.run_of("evaluator_replan");
     let replan = seq_of_first(&db.events(run), "ReplanRequested");
-    let v = keel(&db.db, &["fork", &run.to_string(), "--at", &(replan - 1).to_string(), "--policy", "max_replans=0", "--json"]).ok().json();
+    let v = keel(
+        &db.db,
+        &["fork", &run.to_string(), "--at", &(replan - 1).to_string(), "--policy", "max_replans=0", "--json"],
+    )
+    .ok()
+    .json();
     assert_eq!(v["saved"], true);
     assert_eq!(v["first_different_decision"]["seq"], replan);
     assert_eq!(v["first_different_decision"]["kind"], "Escalated");

@@ -19,7 +19,8 @@ pub struct Ran {
 
 impl Ran {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr: {}", self.stdout, self.stderr))
     }
     /// Asserts a failure reported as exactly one `error: ` line on stderr.
     pub fn one_line_error(&self, code: i32) -> String {
@@ -109,7 +110,8 @@ impl DemoDb {
             })
             .collect::<Vec<DemoRun>>();
         let store = open_retrying(&db);
-        let events = runs.iter().map(|r| (r.run, keel_replay::load_run_from_db(&store, r.run).expect("load run"))).collect();
+        let events =
+            runs.iter().map(|r| (r.run, keel_replay::load_run_from_db(&store, r.run).expect("load run"))).collect();
         drop(store);
         DemoDb { dir, db, runs, events }
     }
