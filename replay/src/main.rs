@@ -150,6 +150,10 @@ struct ReplayArgs {
 struct ForkArgs {
     /// Run id (or unique prefix) to fork.
     run: String,
+    /// Take the source run from an export file (JSONL) instead of the database; the fork is
+    /// saved into --db (created if missing).
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
     /// Copy the history up to and including this seq; continue live after it.
     #[arg(long, value_name = "SEQ")]
     at: u64,
@@ -795,19 +799,30 @@ fn finish_checks(reports: Vec<CheckReport>, as_json: bool) -> CmdResult {
 async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
     let policy = keel_replay::policy::apply_settings(&Policy::default(), &a.policy)
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let store = open(db)?;
-    let run = resolve_run(store.as_ref(), &a.run)?;
-    let events = load_run_from_db(store.as_ref(), run)?;
+    let (store, run, events) = match &a.from {
+        Some(file) => {
+            let loaded = load_from_file(file, Some(&a.run))?;
+            let store = if a.no_save { None } else { Some(Arc::new(open_db(db, true)?)) };
+            (store, loaded.run, loaded.events)
+        }
+        None => {
+            let store = open(db)?;
+            let run = resolve_run(store.as_ref(), &a.run)?;
+            let events = load_run_from_db(store.as_ref(), run)?;
+            (Some(store), run, events)
+        }
+    };
     let workflow = is_demo(&events).then(demo::workflow);
     let cfg = keel_replay::ForkConfig { policy, workflow, ..Default::default() };
     let sp = spinner("forking");
     let forked = keel_replay::fork(&events, a.at, cfg).await?;
     sp.finish_and_clear();
-    let saved = if a.no_save {
-        false
-    } else {
-        keel_replay::save_run(forked.store.as_ref(), store.as_ref(), forked.run)?;
-        true
+    let saved = match (&store, a.no_save) {
+        (Some(store), false) => {
+            keel_replay::save_run(forked.store.as_ref(), store.as_ref(), forked.run)?;
+            true
+        }
+        _ => false,
     };
     if a.json {
         let mut v = serde_json::to_value(&forked.report).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -815,8 +830,10 @@ async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
         print_json(&v)?;
     } else {
         print!("{}", forked.report);
-        if saved {
+        if saved && a.from.is_none() {
             println!("  saved: keel show {}   keel diff {} {}", forked.run, run, forked.run);
+        } else if saved {
+            println!("  saved into {}: keel show {}   keel export {} --format html -o fork.html", db.display(), forked.run, forked.run);
         }
     }
     Ok(ExitCode::SUCCESS)
