@@ -201,10 +201,7 @@ impl SledStore {
             Some(other) => {
                 return Err(StoreError::NotAStore {
                     path,
-                    reason: format!(
-                        "unknown format marker {:?}",
-                        String::from_utf8_lossy(other.as_ref())
-                    ),
+                    reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
                 })
             }
             None if established => {

@@ -4,8 +4,7 @@
 mod common;
 use common::*;
 use keel_store::{
-    prepare, Durability, EventLog, Head, Limits, MemStore, NewRecord, Seq, SledStore, StoreConfig,
-    StoreError,
+    prepare, Durability, EventLog, Head, Limits, MemStore, NewRecord, Seq, SledStore, StoreConfig, StoreError,
 };
 
 /// Runs a check against a fresh SledStore and a fresh MemStore.
@@ -63,10 +62,7 @@ fn read_from_the_middle_links_to_the_stored_predecessor() {
 fn unknown_run_has_an_empty_head_and_no_records() {
     on_both(|log| {
         assert_eq!(log.head(run(9)).unwrap(), Head::empty());
-        assert_eq!(
-            log.head(run(9)).unwrap(),
-            Head { next_seq: Seq(0), last_hash: [0; 32], last_kind: None }
-        );
+        assert_eq!(log.head(run(9)).unwrap(), Head { next_seq: Seq(0), last_hash: [0; 32], last_kind: None });
         assert!(read_all(log, run(9), Seq(0)).0.is_empty());
     });
 }

@@ -110,8 +110,7 @@ fn hundred_threads_claiming_one_key_create_exactly_one_run() {
         })
         .collect();
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let winners: Vec<RunId> =
-        results.iter().filter(|(_, res)| res.is_ok()).map(|(r, _)| *r).collect();
+    let winners: Vec<RunId> = results.iter().filter(|(_, res)| res.is_ok()).map(|(r, _)| *r).collect();
     assert_eq!(winners.len(), 1, "exactly one run created");
     let winner = winners[0];
     for (r, res) in &results {

@@ -65,7 +65,7 @@ fn child_appender() {
     let log = Arc::new(SledStore::open(&dir, config(mode)).unwrap());
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     // Own line: libtest prints "test child_appender ... " before the test body runs.
-    writeln!(out.lock().unwrap(), "").unwrap();
+    writeln!(out.lock().unwrap()).unwrap();
     let writers: Vec<_> = (0..4u8)
         .map(|i| {
             let (log, out) = (log.clone(), out.clone());

@@ -80,10 +80,7 @@ fn a_file_is_not_a_store() {
     let dir = tempdir();
     let file = dir.path().join("f");
     std::fs::write(&file, "x").unwrap();
-    assert!(matches!(
-        SledStore::open(&file, StoreConfig::default()),
-        Err(StoreError::NotAStore { .. })
-    ));
+    assert!(matches!(SledStore::open(&file, StoreConfig::default()), Err(StoreError::NotAStore { .. })));
 }
 
 #[test]
@@ -111,10 +108,7 @@ fn a_plain_sled_database_is_not_a_store() {
         db.insert(b"user-key", b"v").unwrap();
         db.flush().unwrap();
     }
-    assert!(matches!(
-        SledStore::open(dir.path(), StoreConfig::default()),
-        Err(StoreError::NotAStore { .. })
-    ));
+    assert!(matches!(SledStore::open(dir.path(), StoreConfig::default()), Err(StoreError::NotAStore { .. })));
     // Same segment size as keel, but no keel marker.
     let dir = tempdir();
     {
@@ -155,5 +149,6 @@ fn opening_never_panics_on_garbage_files() {
     let dir = tempdir();
     std::fs::write(dir.path().join("conf"), vec![0xab; 64]).unwrap();
     std::fs::write(dir.path().join("db"), vec![0xcd; 100_000]).unwrap();
-    let _ = SledStore::open(dir.path(), StoreConfig::default()).map(|log| log.head(run(1)).map(|h| h.next_seq == Seq(0)));
+    let _ =
+        SledStore::open(dir.path(), StoreConfig::default()).map(|log| log.head(run(1)).map(|h| h.next_seq == Seq(0)));
 }

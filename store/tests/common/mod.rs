@@ -1,9 +1,7 @@
 //! Shared test payloads and helpers.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use keel_store::{
-    prepare, Durability, EventLog, NewRecord, Payload, Record, RunId, Seq, SledStore, StoreConfig,
-};
+use keel_store::{prepare, Durability, EventLog, NewRecord, Payload, Record, RunId, Seq, SledStore, StoreConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -73,9 +71,9 @@ pub fn ev(i: u64) -> Ev {
     match i % 5 {
         0 => Ev::Accepted { request: format!("req-{i} ✓ \"quoted\"\n"), budget_micros: 1_000 * i, priority: -3 },
         1 => Ev::Planned { revision: i as u32, tasks: vec!["fetch".into(), format!("t{i}")] },
-        2 => Ev::Executed { task: format!("t{i}"), output: "o".repeat(200), cost_micros: i, cached: i % 2 == 0 },
+        2 => Ev::Executed { task: format!("t{i}"), output: "o".repeat(200), cost_micros: i, cached: i & 1 == 0 },
         3 => Ev::Failed { task: format!("t{i}"), class: "transient".into() },
-        _ => Ev::Completed { result: (i % 2 == 0).then(|| "ok".to_string()) },
+        _ => Ev::Completed { result: (i & 1 == 0).then(|| "ok".to_string()) },
     }
 }
 
