@@ -88,7 +88,7 @@ struct DemoArgs {
     /// Batch seed: the same seed and index give the same run (and are deduplicated).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Print JSON.
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -99,6 +99,7 @@ struct WorkArgs {
     /// Without it, keel works as a service until interrupted (Ctrl-C).
     #[arg(long)]
     until_idle: bool,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -108,6 +109,7 @@ struct RunsArgs {
     /// Only runs in this status (Accepted, Planning, Running, AwaitingHuman, Completed, Failed, Cancelled).
     #[arg(long, value_name = "STATUS")]
     status: Option<String>,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -116,6 +118,7 @@ struct RunsArgs {
 struct ShowArgs {
     /// Run id or a unique prefix of it.
     run: String,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -142,6 +145,7 @@ struct ReplayArgs {
     /// Change a knob of the policy the check runs with, e.g. max_replans=0 (repeatable).
     #[arg(long, value_name = "KEY=VALUE", hide = true)]
     policy: Vec<String>,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -163,6 +167,7 @@ struct ForkArgs {
     /// Do not save the fork into the database (report only).
     #[arg(long)]
     no_save: bool,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -173,6 +178,7 @@ struct DiffArgs {
     a: String,
     /// Second run.
     b: String,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -218,6 +224,7 @@ struct VerifyArgs {
     /// With FILE: also compare each run's head hash with the database's.
     #[arg(long, requires = "file")]
     against_db: bool,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -252,6 +259,7 @@ struct ResolveArgs {
     /// Who decides (recorded).
     #[arg(long, value_name = "NAME")]
     by: Option<String>,
+    /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     json: bool,
 }
@@ -833,7 +841,12 @@ async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
         if saved && a.from.is_none() {
             println!("  saved: keel show {}   keel diff {} {}", forked.run, run, forked.run);
         } else if saved {
-            println!("  saved into {}: keel show {}   keel export {} --format html -o fork.html", db.display(), forked.run, forked.run);
+            println!(
+                "  saved into {}: keel show {}   keel export {} --format html -o fork.html",
+                db.display(),
+                forked.run,
+                forked.run
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
