@@ -89,10 +89,10 @@ pub fn batches(log: &[Logged], states: &[RunState], ctx: &Context) -> Result<Vec
                     }
                 }
             }
-        } else if cmds.iter().any(|c| answers(c, e)) {
-            k += 1;
-        } else if state.status == RunStatus::AwaitingHuman && matches!(e, Event::HumanResolved { defaulted: false, .. })
+        } else if cmds.iter().any(|c| answers(c, e))
+            || (state.status == RunStatus::AwaitingHuman && matches!(e, Event::HumanResolved { defaulted: false, .. }))
         {
+            // The answer to an effect, or a human's decision.
             k += 1;
         } else {
             return Err(format!(

@@ -352,7 +352,7 @@ impl<'a> Model<'a> {
                     _ => false,
                 };
                 t.st = if accept { St::Done } else { St::Skipped };
-                if accept && choice == HumanChoice::Supply || cause == EscalationCause::HumanReviewTask && accept {
+                if accept && (choice == HumanChoice::Supply || cause == EscalationCause::HumanReviewTask) {
                     t.output = Some(false);
                 }
                 t.reserved = Usage::default();
@@ -471,14 +471,13 @@ impl<'a> Model<'a> {
         let mut retries_spent = false;
         for (i, t) in self.tasks.iter().enumerate() {
             match t.st {
-                St::Pending => {
+                St::Pending
                     if t.spec
                         .depends_on
                         .iter()
-                        .any(|d| self.index.get(d).is_some_and(|&j| self.tasks[j].st == St::Skipped))
-                    {
-                        recs.push(Rec::Skip(i));
-                    }
+                        .any(|d| self.index.get(d).is_some_and(|&j| self.tasks[j].st == St::Skipped)) =>
+                {
+                    recs.push(Rec::Skip(i));
                 }
                 St::Executed => {
                     if self.gate_fails(t) {

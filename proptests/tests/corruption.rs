@@ -150,8 +150,8 @@ fn record_damage(seed: u64, pick: u64, how: Damage) -> Result<(), TestCaseError>
         // Head and reading past the damage: an error or the truth, never a panic.
         let _ = store.head(run);
         if let Ok(it) = store.read(run, Seq(k + 1)) {
-            for item in it {
-                if let Ok(rec) = item {
+            for rec in it.flatten() {
+                {
                     prop_assert_eq!(rec.decode::<Event>().ok(), Some(log[rec.seq.0 as usize].event.clone()));
                 }
             }
