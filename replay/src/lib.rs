@@ -15,6 +15,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bench;
 pub mod check;
 pub mod diff;
 pub mod error;

@@ -1,0 +1,1271 @@
+//! `keel bench`: what keel costs on top of the log it writes, measured in one process, in
+//! one run, on fresh temporary databases, each figure next to its floor. The figures, the
+//! method and the JSON schema are documented in docs/PERFORMANCE.md.
+//!
+//! Sections (in the order they run):
+//! 1. memory: resident bytes per run suspended waiting for a human (runs first, on a
+//!    fresh heap, so memory freed by earlier sections cannot hide what the runs cost);
+//! 2. floor: raw sled inserts (same record size, same flush pattern), a plain file with
+//!    `fdatasync` per record and per group of 64;
+//! 3. throughput: durable transitions/s through the whole engine (no-op handlers, a chain
+//!    of tasks without evaluator) at 1, 64 and 1024 concurrent runs per durability mode,
+//!    each next to raw sled inserts with the same flush pattern and concurrency;
+//! 4. latency: one durable step (decision to record `TaskDispatched` until `TaskEvaluated`
+//!    is durable) next to one flush;
+//! 5. resume: `load_state` + `decide` of one run of 1k/10k/100k events, with and without
+//!    snapshots;
+//! 6. replay: events folded per second from the db and from a JSONL export, next to a raw
+//!    sled scan of the same records.
+
+use crate::error::ReplayError;
+use crate::export::{JsonlWriter, Redaction};
+use crate::source::export_runs;
+use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
+use keel_engine::{
+    apply, apply_mut, decide, load_state, read_logged, Context, Engine, EngineError, ErrorClass, Escalation, Event,
+    ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState, TaskCall, TaskHandler,
+    TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
+};
+use keel_store::bench::BenchEvent;
+use keel_store::{
+    codec, prepare, Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunId, Seq, SledStore,
+    StoreConfig, StoreError, SEGMENT_BYTES,
+};
+use serde_json::{json, Value};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Version of the JSON document `keel bench --json` prints (docs/PERFORMANCE.md).
+pub const SCHEMA: &str = "keel-bench/v1";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// The short run (`--quick`): shorter measurements, 10k suspended runs instead of 100k.
+    pub quick: bool,
+    /// Parent directory of the temporary databases (default: the system temp dir). Must be
+    /// on the disk to measure (not tmpfs).
+    pub dir: Option<PathBuf>,
+    /// Durability levels of the throughput section (default: power loss; the full run
+    /// adds process crash).
+    pub levels: Vec<Level>,
+}
+
+impl BenchOptions {
+    pub fn new(quick: bool) -> Self {
+        let levels = if quick { vec![Level::PowerLoss] } else { vec![Level::PowerLoss, Level::ProcessCrash] };
+        BenchOptions { quick, dir: None, levels }
+    }
+}
+
+/// Sizes of one bench run.
+#[derive(Clone, Debug)]
+struct Sizes {
+    floor_duration: Duration,
+    /// Throughput cells aim at this many seconds of engine work.
+    cell_seconds: f64,
+    concurrency: Vec<usize>,
+    latency_samples: usize,
+    resume_sizes: Vec<u64>,
+    resume_repeats: usize,
+    replay_runs: usize,
+    replay_tasks: usize,
+    memory_runs: usize,
+}
+
+impl Sizes {
+    fn of(quick: bool) -> Self {
+        if quick {
+            Sizes {
+                floor_duration: Duration::from_millis(500),
+                cell_seconds: 1.0,
+                concurrency: vec![1, 64, 1024],
+                latency_samples: 400,
+                resume_sizes: vec![1_000, 10_000, 100_000],
+                resume_repeats: 3,
+                replay_runs: 200,
+                replay_tasks: 16,
+                memory_runs: 10_000,
+            }
+        } else {
+            Sizes {
+                floor_duration: Duration::from_secs(2),
+                cell_seconds: 3.0,
+                concurrency: vec![1, 64, 1024],
+                latency_samples: 3_000,
+                resume_sizes: vec![1_000, 10_000, 100_000],
+                resume_repeats: 7,
+                replay_runs: 1_000,
+                replay_tasks: 32,
+                memory_runs: 100_000,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// report
+// ---------------------------------------------------------------------------------------
+
+/// One line of the report: a figure, its floor, their ratio and (if any) its target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Figure {
+    /// Stable key (JSON).
+    pub key: String,
+    pub section: &'static str,
+    /// Human label.
+    pub label: String,
+    pub value: f64,
+    pub unit: &'static str,
+    /// The floor it is compared with (same unit), if any.
+    pub floor: Option<f64>,
+    pub floor_label: String,
+    /// `value / floor` (for durations: `floor / value` is not used; see `ratio_note`).
+    pub ratio: Option<f64>,
+    /// The target, as text (`>= 50%`), if there is one.
+    pub target: Option<String>,
+    pub met: Option<bool>,
+    /// Extra fields for the JSON document.
+    pub extra: Value,
+}
+
+impl Figure {
+    fn new(
+        section: &'static str,
+        key: impl Into<String>,
+        label: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Self {
+        Figure {
+            key: key.into(),
+            section,
+            label: label.into(),
+            value,
+            unit,
+            floor: None,
+            floor_label: String::new(),
+            ratio: None,
+            target: None,
+            met: None,
+            extra: Value::Null,
+        }
+    }
+    fn floor(mut self, floor: f64, label: impl Into<String>) -> Self {
+        self.floor = Some(floor);
+        self.floor_label = label.into();
+        self.ratio = (floor > 0.0).then(|| self.value / floor);
+        self
+    }
+    fn target(mut self, text: impl Into<String>, met: bool) -> Self {
+        self.target = Some(text.into());
+        self.met = Some(met);
+        self
+    }
+    fn extra(mut self, v: Value) -> Self {
+        self.extra = v;
+        self
+    }
+}
+
+/// The whole result of one `keel bench`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchReport {
+    pub quick: bool,
+    pub machine: Value,
+    pub seconds: f64,
+    pub figures: Vec<Figure>,
+}
+
+impl BenchReport {
+    /// The stable JSON document (schema [`SCHEMA`], docs/PERFORMANCE.md).
+    pub fn to_json(&self) -> Value {
+        let figures: Vec<Value> = self
+            .figures
+            .iter()
+            .map(|f| {
+                json!({
+                    "key": f.key,
+                    "section": f.section,
+                    "label": f.label,
+                    "value": round(f.value),
+                    "unit": f.unit,
+                    "floor": f.floor.map(round),
+                    "floor_label": f.floor_label,
+                    "ratio": f.ratio.map(|r| (r * 10_000.0).round() / 10_000.0),
+                    "target": f.target,
+                    "met": f.met,
+                    "extra": f.extra,
+                })
+            })
+            .collect();
+        let targets: Vec<Value> = self
+            .figures
+            .iter()
+            .filter(|f| f.target.is_some())
+            .map(|f| json!({"key": f.key, "target": f.target, "met": f.met}))
+            .collect();
+        json!({
+            "schema": SCHEMA,
+            "quick": self.quick,
+            "machine": self.machine,
+            "seconds": round(self.seconds),
+            "figures": figures,
+            "targets": targets,
+        })
+    }
+
+    /// A readable table, one section after the other.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "keel bench{} — {} ({} cpus), {:.0} s; shared machine: compare ratios, not absolute figures\n",
+            if self.quick { " --quick" } else { "" },
+            self.machine.get("cpu").and_then(Value::as_str).unwrap_or("?"),
+            self.machine.get("cpus").and_then(Value::as_u64).unwrap_or(0),
+            self.seconds
+        ));
+        let mut section = "";
+        for f in &self.figures {
+            if f.section != section {
+                section = f.section;
+                out.push_str(&format!(
+                    "\n== {section}\n{:<58} {:>14} {:>14} {:>8}  {}\n",
+                    "figure", "value", "floor", "ratio", "target"
+                ));
+            }
+            let ratio = f.ratio.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_default();
+            let target = match (&f.target, f.met) {
+                (Some(t), Some(true)) => format!("{t} met"),
+                (Some(t), Some(false)) => format!("{t} NOT MET"),
+                (Some(t), None) => t.clone(),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "{:<58} {:>14} {:>14} {:>8}  {}\n",
+                f.label,
+                fmt_value(f.value, f.unit),
+                f.floor.map(|v| fmt_value(v, f.unit)).unwrap_or_default(),
+                ratio,
+                target
+            ));
+            if !f.floor_label.is_empty() {
+                out.push_str(&format!("    floor: {}\n", f.floor_label));
+            }
+        }
+        out
+    }
+}
+
+fn round(v: f64) -> f64 {
+    if v.abs() >= 100.0 {
+        v.round()
+    } else {
+        (v * 1000.0).round() / 1000.0
+    }
+}
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    match unit {
+        "us" if v >= 10_000.0 => format!("{:.1} ms", v / 1000.0),
+        "us" => format!("{v:.0} us"),
+        "ms" => format!("{v:.2} ms"),
+        "bytes" => format!("{v:.0} B"),
+        "/s" if v >= 10_000.0 => format!("{:.1}k/s", v / 1000.0),
+        "/s" => format!("{v:.0}/s"),
+        other => format!("{v:.2} {other}"),
+    }
+}
+
+fn machine() -> Value {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".to_owned());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
+    json!({
+        "cpus": cpus,
+        "cpu": cpu,
+        "mem_bytes": mem_kib.map(|k| k * 1024),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "shared": true,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// entry points
+// ---------------------------------------------------------------------------------------
+
+/// `keel bench [--json] [--quick]`: runs the bench on its own thread and runtime and prints
+/// the table (or the JSON document) on stdout; progress goes to stderr on a terminal only.
+pub fn cli(json: bool, quick: bool) -> Result<(), ReplayError> {
+    let opts = BenchOptions::new(quick);
+    let handle = std::thread::Builder::new()
+        .name("keel-bench".into())
+        .spawn(move || {
+            let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut progress = |msg: &str| {
+                if show {
+                    eprint!("\r\x1b[2K{msg}");
+                    let _ = std::io::stderr().flush();
+                }
+            };
+            let report = run(&opts, &mut progress);
+            if show {
+                eprint!("\r\x1b[2K");
+            }
+            report
+        })
+        .map_err(|e| ReplayError::Invalid(format!("cannot start the bench thread: {e}")))?;
+    let report = handle.join().map_err(|_| ReplayError::Invalid("the bench panicked".into()))??;
+    let mut out = std::io::stdout().lock();
+    let text = if json {
+        serde_json::to_string_pretty(&report.to_json()).map_err(|e| ReplayError::Invalid(e.to_string()))?
+    } else {
+        report.to_table()
+    };
+    writeln!(out, "{text}").map_err(|e| ReplayError::io(Path::new("<stdout>"), e))
+}
+
+/// Runs every section. Must not be called from inside a tokio runtime (it builds its own).
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
+    let plan = Sizes::of(opts.quick);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ReplayError::Invalid(format!("cannot start the async runtime: {e}")))?;
+    let started = Instant::now();
+    let parent = opts.dir.clone();
+    let parent = parent.as_deref();
+    let mut figures = Vec::new();
+
+    progress("memory: suspending runs...");
+    figures.extend(rt.block_on(memory(parent, plan.memory_runs))?);
+
+    progress("calibrating record size...");
+    let record_bytes = rt.block_on(calibrate(parent))?;
+
+    progress("floor: sled and plain file...");
+    figures.extend(floor(parent, &plan, record_bytes)?);
+
+    let mut modes = Vec::new();
+    for level in &opts.levels {
+        modes.push(Durability::EveryAppend(*level));
+        modes.push(Durability::GroupCommit(*level));
+    }
+    for d in modes {
+        for &c in &plan.concurrency {
+            progress(&format!("throughput: {} with {c} concurrent runs...", keel_store::bench::mode_name(d)));
+            figures.push(rt.block_on(throughput(parent, d, c, &plan, record_bytes))?);
+        }
+    }
+
+    progress("latency: durable steps...");
+    figures.extend(rt.block_on(latency(parent, plan.latency_samples))?);
+
+    progress("resume: building long runs...");
+    figures.extend(resume(parent, &plan, progress)?);
+
+    progress("replay: building runs...");
+    figures.extend(rt.block_on(replay(parent, &plan))?);
+
+    Ok(BenchReport { quick: opts.quick, machine: machine(), seconds: started.elapsed().as_secs_f64(), figures })
+}
+
+// ---------------------------------------------------------------------------------------
+// the bench workflow: a chain of no-op tasks, no evaluator
+// ---------------------------------------------------------------------------------------
+
+const WORKFLOW: &str = "bench_chain";
+const HANDLER: &str = "noop";
+
+fn task_spec(i: usize, kind: TaskKind) -> TaskSpec {
+    TaskSpec {
+        id: TaskId(format!("t{i:02}")),
+        kind,
+        handler: HANDLER.to_owned(),
+        input: Json::new(&json!({"step": i, "prompt": "summarise the ticket and propose a reply"})),
+        depends_on: if i == 0 { Vec::new() } else { vec![TaskId(format!("t{:02}", i - 1))] },
+        timeout_ms: 60_000,
+        retry: RetryPolicy::default(),
+        success_criteria: None,
+        cost_estimate_micros: 0,
+        token_estimate: 0,
+        critical: false,
+        output_schema: None,
+        complexity: None,
+        cacheable: false,
+    }
+}
+
+fn chain_plan(tasks: usize) -> Plan {
+    Plan { tasks: (0..tasks).map(|i| task_spec(i, TaskKind::Tool)).collect(), rationale: "bench chain".to_owned() }
+}
+
+struct ChainPlanner {
+    tasks: usize,
+    /// Add a human review task at the end (memory section).
+    human: bool,
+}
+
+impl Planner for ChainPlanner {
+    fn plan(&self, _request: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>> {
+        let mut plan = chain_plan(self.tasks);
+        if self.human {
+            let mut t = task_spec(self.tasks, TaskKind::HumanReview);
+            t.depends_on = if self.tasks == 0 { Vec::new() } else { vec![TaskId(format!("t{:02}", self.tasks - 1))] };
+            plan.tasks.push(t);
+        }
+        Box::pin(async move { Ok(plan) })
+    }
+}
+
+struct Noop;
+
+impl TaskHandler for Noop {
+    fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
+        let output = json!({"ok": true, "task": call.task.0});
+        Box::pin(async move { Ok(TaskOutput { output, usage: Usage { cost_micros: 10, tokens: 0 } }) })
+    }
+}
+
+struct PassEvaluator;
+
+impl Evaluator for PassEvaluator {
+    fn evaluate(&self, _request: keel_engine::api::EvalRequest) -> BoxFuture<Result<Evaluation, HandlerError>> {
+        Box::pin(async { Ok(Evaluation { verdict: Verdict::Pass, notes: String::new(), usage: Usage::default() }) })
+    }
+}
+
+struct QuietSink;
+
+impl EscalationSink for QuietSink {
+    fn notify(&self, _run: RunId, _escalation: Escalation) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn workflow(tasks: usize, human: bool, concurrency: usize) -> WorkflowType {
+    let mut wf = WorkflowType::new(WORKFLOW, Arc::new(ChainPlanner { tasks, human }), Arc::new(PassEvaluator));
+    wf.max_concurrent_runs = concurrency;
+    wf
+}
+
+fn engine_over(
+    log: Arc<dyn EventLog>,
+    wf: WorkflowType,
+    workers: usize,
+    policy: Policy,
+) -> Result<Engine, EngineError> {
+    Engine::builder()
+        .store(log)
+        .workflow(wf)
+        .handler(HANDLER, Arc::new(Noop))
+        .escalation_sink(Arc::new(QuietSink))
+        .policy(policy)
+        .workers(workers.max(1))
+        .open()
+}
+
+fn temp_dir(parent: Option<&Path>, what: &str) -> Result<tempfile::TempDir, ReplayError> {
+    let prefix = format!("keel-bench-{what}-");
+    let b = tempfile::Builder::new().prefix(&prefix).to_owned();
+    let dir = match parent {
+        Some(p) => b.tempdir_in(p),
+        None => b.tempdir(),
+    };
+    dir.map_err(|e| ReplayError::io(parent.unwrap_or(Path::new("<temp dir>")), e))
+}
+
+fn open_store(dir: &Path, durability: Durability) -> Result<Arc<SledStore>, ReplayError> {
+    Ok(Arc::new(SledStore::open(dir.join("db"), StoreConfig { durability, ..StoreConfig::default() })?))
+}
+
+/// Submits `runs` requests with up to 1024 submissions in flight.
+async fn submit_all(engine: &Engine, runs: usize) -> Result<Vec<RunId>, ReplayError> {
+    let mut out = Vec::with_capacity(runs);
+    let mut i = 0;
+    while i < runs {
+        let n = (runs - i).min(1024);
+        let mut set = tokio::task::JoinSet::new();
+        for k in 0..n {
+            let e = engine.clone();
+            let input = json!({"ticket": i + k, "text": "my order has not arrived"});
+            set.spawn(async move { e.submit(Request::new(WORKFLOW, input)).await });
+        }
+        while let Some(r) = set.join_next().await {
+            let s = r.map_err(|e| ReplayError::Invalid(format!("submit task: {e}")))??;
+            out.push(s.run);
+        }
+        i += n;
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// a probe around the store: counts appends and records, and (for the latency section)
+// when each record became durable
+// ---------------------------------------------------------------------------------------
+
+/// Monotonic microseconds, shared by the probe and the engine's clock so the recorded
+/// `at_us` of an event and the time it became durable are on one scale.
+#[derive(Clone)]
+struct MonoClock {
+    base_us: i64,
+    t0: Instant,
+}
+
+impl MonoClock {
+    fn new() -> Self {
+        MonoClock { base_us: chrono::Utc::now().timestamp_micros(), t0: Instant::now() }
+    }
+    fn now(&self) -> i64 {
+        self.base_us.saturating_add(i64::try_from(self.t0.elapsed().as_micros()).unwrap_or(i64::MAX / 2))
+    }
+}
+
+impl Clock for MonoClock {
+    fn now_us(&self) -> i64 {
+        self.now()
+    }
+}
+
+struct Probe {
+    inner: Arc<SledStore>,
+    appends: AtomicU64,
+    records: AtomicU64,
+    /// (run, kind, at_us, durable_us) of TaskDispatched / TaskEvaluated records.
+    steps: Option<(MonoClock, Mutex<Vec<(RunId, bool, i64, i64)>>)>,
+}
+
+impl Probe {
+    fn new(inner: Arc<SledStore>, clock: Option<MonoClock>) -> Self {
+        Probe {
+            inner,
+            appends: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            steps: clock.map(|c| (c, Mutex::new(Vec::new()))),
+        }
+    }
+}
+
+impl EventLog for Probe {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        let marks: Vec<(bool, i64)> = match &self.steps {
+            None => Vec::new(),
+            Some(_) => records
+                .iter()
+                .filter_map(|r| match r.kind.as_str() {
+                    "TaskDispatched" => Some((true, r.time_us)),
+                    "TaskEvaluated" => Some((false, r.time_us)),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let n = records.len() as u64;
+        let head = self.inner.append(run, expected, records, claim)?;
+        self.appends.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(n, Ordering::Relaxed);
+        if let Some((clock, steps)) = &self.steps {
+            let durable = clock.now();
+            let mut s = steps.lock().unwrap_or_else(|p| p.into_inner());
+            s.extend(marks.into_iter().map(|(d, at)| (run, d, at, durable)));
+        }
+        Ok(head)
+    }
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.inner.read(run, from)
+    }
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.inner.head(run)
+    }
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.inner.runs()
+    }
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        self.inner.lookup_key(key, now_us)
+    }
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.inner.save_snapshot(run, next_seq, state)
+    }
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        self.inner.load_snapshot(run)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+    fn durability(&self) -> Durability {
+        self.inner.durability()
+    }
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.inner.scan(run, from)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. memory
+// ---------------------------------------------------------------------------------------
+
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let resident: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(resident * u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096))
+}
+
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap memory to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, ReplayError> {
+    let dir = temp_dir(parent, "memory")?;
+    let store = open_store(dir.path(), Durability::default())?;
+    // Escalations with a (far) deadline: each driver ends with its run parked.
+    let policy = Policy {
+        escalation_deadline_ms: Some(30 * 24 * 3600 * 1000),
+        escalation_default: Some(keel_engine::Decision::Reject),
+        ..Policy::default()
+    };
+    let engine = engine_over(store.clone(), workflow(1, true, 0), 1024, policy)?;
+    trim_heap();
+    let before = rss_bytes().unwrap_or(0);
+    let t0 = Instant::now();
+    submit_all(&engine, runs).await?;
+    let report = engine.run_until_idle().await?;
+    let secs = t0.elapsed().as_secs_f64();
+    if report.awaiting_human != runs || !report.stopped.is_empty() {
+        return Err(ReplayError::Invalid(format!(
+            "memory: expected {runs} runs awaiting a human, got {} ({} stopped)",
+            report.awaiting_human,
+            report.stopped.len()
+        )));
+    }
+    let after = rss_bytes().unwrap_or(0);
+    trim_heap();
+    let after_trim = rss_bytes().unwrap_or(0);
+    let per_run = after.saturating_sub(before) as f64 / runs as f64;
+    let per_run_trim = after_trim.saturating_sub(before) as f64 / runs as f64;
+    let events: u64 = store.runs()?.iter().map(|r| store.head(*r).map(|h| h.next_seq.0)).sum::<Result<u64, _>>()?;
+    drop(engine);
+    drop(store);
+    let quick_note = if runs < 100_000 { format!(" ({runs} runs: --quick)") } else { String::new() };
+    Ok(vec![Figure::new(
+        "memory",
+        "memory.bytes_per_suspended_run",
+        format!("resident bytes per run awaiting a human{quick_note}"),
+        per_run,
+        "bytes",
+    )
+    .target("<= 4096 B", per_run <= 4096.0)
+    .extra(json!({
+        "runs": runs,
+        "events": events,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "rss_after_malloc_trim_bytes": after_trim,
+        "bytes_per_run_after_malloc_trim": round(per_run_trim),
+        "seconds_to_create": round(secs),
+    }))])
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. floor
+// ---------------------------------------------------------------------------------------
+
+/// Mean stored bytes of one record of the bench workflow (to size the floors).
+async fn calibrate(parent: Option<&Path>) -> Result<usize, ReplayError> {
+    let dir = temp_dir(parent, "calibrate")?;
+    let store = open_store(dir.path(), Durability::None)?;
+    let engine = engine_over(store.clone(), workflow(16, false, 0), 8, Policy::default())?;
+    let runs = submit_all(&engine, 8).await?;
+    engine.run_until_idle().await?;
+    let (mut bytes, mut n) = (0usize, 0usize);
+    for run in runs {
+        for (_, v) in store.raw_records(run)? {
+            bytes += v.len();
+            n += 1;
+        }
+    }
+    Ok(bytes.checked_div(n).unwrap_or(300))
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=250 => 1,
+        251..=65_535 => 3,
+        _ => 5,
+    }
+}
+
+/// The `payload_bytes` that makes keel_store::bench's raw values `record_bytes` long.
+fn store_bench_payload(record_bytes: usize) -> usize {
+    let value_len = |pb: usize| -> usize {
+        let ev = BenchEvent { id: 0, note: "x".repeat(pb.saturating_sub(12)) };
+        let len = prepare(&ev, 0).map(|r| r.payload.len()).unwrap_or(pb);
+        // crc + version + kind + time + payload + payload_root + hash
+        4 + 1 + 1 + "BenchEvent".len() + 1 + varint_len(len) + len + 64
+    };
+    (12..8192).min_by_key(|pb| value_len(*pb).abs_diff(record_bytes)).unwrap_or(300)
+}
+
+fn file_fdatasync(
+    parent: Option<&Path>,
+    record_bytes: usize,
+    group: usize,
+    duration: Duration,
+) -> Result<f64, ReplayError> {
+    let dir = temp_dir(parent, "file")?;
+    let path = dir.path().join("log");
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| ReplayError::io(&path, e))?;
+    let rec = vec![0x5au8; record_bytes];
+    let t0 = Instant::now();
+    let mut n = 0u64;
+    while t0.elapsed() < duration {
+        for _ in 0..group {
+            f.write_all(&rec).map_err(|e| ReplayError::io(&path, e))?;
+        }
+        f.sync_data().map_err(|e| ReplayError::io(&path, e))?;
+        n += group as u64;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn floor(parent: Option<&Path>, plan: &Sizes, record_bytes: usize) -> Result<Vec<Figure>, ReplayError> {
+    let pb = store_bench_payload(record_bytes);
+    let d = plan.floor_duration;
+    let mut out = Vec::new();
+    for (mode, key) in [
+        (Durability::EveryAppend(Level::PowerLoss), "every_append"),
+        (Durability::GroupCommit(Level::PowerLoss), "group_commit_64"),
+    ] {
+        let runs = if key == "every_append" { 1 } else { 64 };
+        let s = keel_store::bench::measure_raw(parent, mode, runs, d, pb)?;
+        out.push(
+            Figure::new(
+                "floor",
+                format!("floor.sled_insert.{key}"),
+                format!("raw sled inserts, {}, {runs} thread(s)", keel_store::bench::mode_name(mode)),
+                s.per_second(),
+                "/s",
+            )
+            .extra(json!({"record_bytes": record_bytes, "threads": runs, "flushes": s.flushes, "inserts": s.ops})),
+        );
+    }
+    let one = file_fdatasync(parent, record_bytes, 1, d)?;
+    out.push(
+        Figure::new("floor", "floor.file.fdatasync_per_record", "plain file: write + fdatasync per record", one, "/s")
+            .extra(json!({"record_bytes": record_bytes})),
+    );
+    let grp = file_fdatasync(parent, record_bytes, 64, d)?;
+    out.push(
+        Figure::new("floor", "floor.file.fdatasync_per_64", "plain file: 64 records per fdatasync", grp, "/s")
+            .extra(json!({"record_bytes": record_bytes})),
+    );
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. throughput
+// ---------------------------------------------------------------------------------------
+
+fn mode_key(d: Durability) -> &'static str {
+    match d {
+        Durability::None => "none",
+        Durability::EveryAppend(Level::PowerLoss) => "every_append.power_loss",
+        Durability::EveryAppend(Level::ProcessCrash) => "every_append.process_crash",
+        Durability::GroupCommit(Level::PowerLoss) => "group_commit.power_loss",
+        Durability::GroupCommit(Level::ProcessCrash) => "group_commit.process_crash",
+    }
+}
+
+/// Events a run of the chain workflow appends after `RunAccepted` (PlanRequested,
+/// Planned, three per task, RunCompleted).
+fn events_per_run(tasks: usize) -> usize {
+    3 + 3 * tasks
+}
+
+async fn throughput(
+    parent: Option<&Path>,
+    d: Durability,
+    concurrency: usize,
+    plan: &Sizes,
+    record_bytes: usize,
+) -> Result<Figure, ReplayError> {
+    // The floor first: raw sled inserts, same size, same flush pattern, same concurrency.
+    let pb = store_bench_payload(record_bytes);
+    let raw_duration = Duration::from_secs_f64((plan.cell_seconds / 2.0).max(0.3));
+    let raw = tokio::task::block_in_place(|| keel_store::bench::measure_raw(parent, d, concurrency, raw_duration, pb))?;
+    let raw_per_s = raw.per_second();
+
+    // Enough work for about `cell_seconds` at the floor's rate (the engine is no faster).
+    let target_events = (raw_per_s * plan.cell_seconds).max(200.0) as usize;
+    let per_run_target = target_events / concurrency.max(1);
+    let (tasks, runs) = if per_run_target >= events_per_run(64) {
+        (64, target_events.div_ceil(events_per_run(64)).max(concurrency))
+    } else {
+        (((per_run_target.saturating_sub(3)) / 3).clamp(1, 64), concurrency)
+    };
+
+    let dir = temp_dir(parent, "throughput")?;
+    let store = open_store(dir.path(), d)?;
+    let probe = Arc::new(Probe::new(store.clone(), None));
+    let engine = engine_over(probe.clone(), workflow(tasks, false, concurrency), concurrency, Policy::default())?;
+    let ids = submit_all(&engine, runs).await?;
+    let (a0, r0, f0) =
+        (probe.appends.load(Ordering::Relaxed), probe.records.load(Ordering::Relaxed), store.group_flushes());
+    let t0 = Instant::now();
+    let report = engine.run_until_idle().await?;
+    let secs = t0.elapsed().as_secs_f64();
+    if report.completed != runs || !report.stopped.is_empty() {
+        return Err(ReplayError::Invalid(format!(
+            "throughput: {runs} runs, {} completed, {} stopped: {:?}",
+            report.completed,
+            report.stopped.len(),
+            report.stopped.first()
+        )));
+    }
+    let appends = probe.appends.load(Ordering::Relaxed) - a0;
+    let records = probe.records.load(Ordering::Relaxed) - r0;
+    let flushes = match d {
+        Durability::GroupCommit(_) => store.group_flushes() - f0,
+        _ => appends,
+    };
+    debug_assert_eq!(records as usize, ids.len() * events_per_run(tasks));
+    drop(engine);
+    let per_s = records as f64 / secs;
+    let key = format!("throughput.{}.runs_{concurrency}", mode_key(d));
+    let label = format!("engine transitions/s, {}, {concurrency} run(s)", keel_store::bench::mode_name(d));
+    let mut f = Figure::new("throughput", key, label, per_s, "/s").floor(
+        raw_per_s,
+        format!(
+            "raw sled inserts of {record_bytes}-byte values, {} thread(s), 1 insert per {}",
+            concurrency,
+            match d {
+                Durability::GroupCommit(_) => "group-commit ticket",
+                _ => "flush",
+            }
+        ),
+    );
+    let ratio = f.ratio.unwrap_or(0.0);
+    match (d, concurrency) {
+        (Durability::GroupCommit(Level::PowerLoss), 64) => f = f.target(">= 50% of raw", ratio >= 0.5),
+        (Durability::EveryAppend(Level::PowerLoss), _) => f = f.target(">= 80% of raw", ratio >= 0.8),
+        _ => {}
+    }
+    Ok(f.extra(json!({
+        "durability": mode_key(d),
+        "concurrent_runs": concurrency,
+        "runs": runs,
+        "tasks_per_run": tasks,
+        "events": records,
+        "appends": appends,
+        "records_per_append": round(records as f64 / appends.max(1) as f64),
+        "flushes": flushes,
+        "records_per_flush": round(records as f64 / flushes.max(1) as f64),
+        "seconds": round(secs),
+        "raw_inserts": raw.ops,
+        "raw_seconds": round(raw.seconds),
+        "raw_flushes": raw.flushes,
+    })))
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. latency
+// ---------------------------------------------------------------------------------------
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn latency(parent: Option<&Path>, samples: usize) -> Result<Vec<Figure>, ReplayError> {
+    let d = Durability::GroupCommit(Level::PowerLoss);
+    let dir = temp_dir(parent, "latency")?;
+    let store = open_store(dir.path(), d)?;
+    let clock = MonoClock::new();
+    let probe = Arc::new(Probe::new(store.clone(), Some(clock.clone())));
+    let tasks = 64;
+    let runs = samples.div_ceil(tasks).max(1);
+    let engine = Engine::builder()
+        .store(probe.clone())
+        .clock(Arc::new(clock))
+        .workflow(workflow(tasks, false, 1))
+        .handler(HANDLER, Arc::new(Noop))
+        .workers(1)
+        .open()?;
+    submit_all(&engine, runs).await?;
+    let report = engine.run_until_idle().await?;
+    if report.completed != runs {
+        return Err(ReplayError::Invalid(format!("latency: {} of {runs} runs completed", report.completed)));
+    }
+    drop(engine);
+    let marks = match &probe.steps {
+        Some((_, m)) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        None => Vec::new(),
+    };
+    // Per run, a step runs from its TaskDispatched's decision time to the time its
+    // TaskEvaluated was durable (one task in flight at a time: a chain).
+    let mut open: std::collections::BTreeMap<RunId, i64> = std::collections::BTreeMap::new();
+    let mut steps: Vec<f64> = Vec::new();
+    for (run, dispatched, at, durable) in marks {
+        if dispatched {
+            open.insert(run, at);
+        } else if let Some(start) = open.remove(&run) {
+            steps.push((durable - start) as f64);
+        }
+    }
+    steps.sort_by(f64::total_cmp);
+
+    // One flush of one appended record (sled flush + fdatasync of its data file).
+    let fdir = temp_dir(parent, "flush")?;
+    let fstore = open_store(fdir.path(), Durability::None)?;
+    let run = RunId::from_bytes([9; 16]);
+    let mut flushes = Vec::with_capacity(steps.len().max(100));
+    for i in 0..steps.len().max(100) {
+        let rec = prepare(&BenchEvent { id: i as u64, note: "x".repeat(200) }, 0)?;
+        fstore.append(run, Seq(i as u64), vec![rec], None)?;
+        let t = Instant::now();
+        fstore.flush()?;
+        flushes.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    flushes.sort_by(f64::total_cmp);
+    let (p50, p99, p999) = (percentile(&steps, 0.5), percentile(&steps, 0.99), percentile(&steps, 0.999));
+    let (f50, f99, f999) = (percentile(&flushes, 0.5), percentile(&flushes, 0.99), percentile(&flushes, 0.999));
+    let n = steps.len();
+    let flush_extra =
+        json!({"samples": flushes.len(), "p50_us": round(f50), "p99_us": round(f99), "p999_us": round(f999)});
+    let step_extra = json!({"samples": n, "p50_us": round(p50), "p99_us": round(p99), "p999_us": round(p999), "durability": mode_key(d)});
+    Ok(vec![
+        Figure::new("latency", "latency.step.p50", "durable step (dispatch -> evaluated durable), p50", p50, "us")
+            .floor(f50, "one flush (sled flush + fdatasync), p50")
+            .extra(step_extra.clone()),
+        Figure::new("latency", "latency.step.p99", "durable step, p99", p99, "us")
+            .floor(f99, "one flush, p99")
+            .target("<= 3x one flush (p99 vs p99)", p99 <= 3.0 * f99)
+            .extra(json!({"step_p99_over_flush_p50": round(p99 / f50.max(1.0))})),
+        Figure::new("latency", "latency.step.p999", format!("durable step, p99.9 ({n} samples)"), p999, "us")
+            .floor(f999, "one flush, p99.9"),
+        Figure::new("latency", "latency.flush.p50", "one flush, p50", f50, "us").extra(flush_extra),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. resume
+// ---------------------------------------------------------------------------------------
+
+/// A legal history of `events` events built with the store API: accepted, planned (one
+/// task), then dispatch / transient failure / retry cycles. Returns its folded state.
+fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u64) -> Result<RunState, ReplayError> {
+    let t0 = 1_700_000_000_000_000i64;
+    let mut state: Option<RunState> = None;
+    let mut batch: Vec<NewRecord> = Vec::new();
+    let mut expected = Seq(0);
+    let mut attempt = 0u32;
+    let task = TaskId("t00".to_owned());
+    let mut seq = 0u64;
+    let flush = |state: &RunState, batch: &mut Vec<NewRecord>, expected: &mut Seq| -> Result<(), ReplayError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        log.append(run, *expected, std::mem::take(batch), None)?;
+        let before = *expected;
+        *expected = Seq(expected.0 + n);
+        if snapshot_every > 0 && before.0 / snapshot_every != expected.0 / snapshot_every {
+            log.save_snapshot(run, state.next_seq, &codec::encode(state)?)?;
+        }
+        Ok(())
+    };
+    while seq < events {
+        let event = match seq {
+            0 => Event::RunAccepted {
+                workflow: WORKFLOW.to_owned(),
+                workflow_version: 1,
+                input: Json::new(&json!({"ticket": 1, "text": "my order has not arrived"})),
+                idempotency_key: None,
+                priority: 0,
+                seed: 7,
+                budget: Default::default(),
+                on_exhausted: ExhaustionPolicy::Partial,
+                routes: Vec::new(),
+                evaluator_model: None,
+                max_parallel_tasks: 4,
+            },
+            1 => Event::PlanRequested { revision: 0, reason: PlanReason::Initial },
+            2 => Event::Planned { revision: 0, plan: chain_plan(1) },
+            n => match (n - 3) % 3 {
+                0 => {
+                    attempt += 1;
+                    Event::TaskDispatched {
+                        task: task.clone(),
+                        attempt,
+                        idempotency_key: keel_engine::core::idempotency_key(run, 0, &task, attempt),
+                        model: None,
+                        input: TaskInput {
+                            input: Json::new(&json!({"step": 0, "prompt": "summarise the ticket and propose a reply"})),
+                            upstream: Default::default(),
+                            note: Some("previous attempt failed (Transient): rate limited".to_owned()),
+                        },
+                        reserved: Usage::default(),
+                    }
+                }
+                1 => Event::TaskFailed {
+                    task: task.clone(),
+                    attempt,
+                    class: ErrorClass::Transient,
+                    error: "rate limited".to_owned(),
+                    usage: Usage { cost_micros: 10, tokens: 0 },
+                },
+                _ => Event::RetryScheduled { task: task.clone(), next_attempt: attempt + 1, delay_ms: 100 },
+            },
+        };
+        let at = t0 + seq as i64 * 1000;
+        let logged = Logged { run, seq: Seq(seq), at_us: at, event };
+        match state.as_mut() {
+            None => state = Some(apply(None, &logged).map_err(tr)?),
+            Some(s) => apply_mut(s, &logged).map_err(tr)?,
+        }
+        batch.push(prepare(&logged.event, at)?);
+        seq += 1;
+        // Appends of a few records, like the engine's, so snapshots land where the engine
+        // would put them (when an append crosses a multiple of `snapshot_every`).
+        if batch.len() >= 3 {
+            if let Some(s) = &state {
+                flush(s, &mut batch, &mut expected)?;
+            }
+        }
+    }
+    let state = state.ok_or_else(|| ReplayError::Invalid("empty run".into()))?;
+    flush(&state, &mut batch, &mut expected)?;
+    Ok(state)
+}
+
+fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>, ReplayError> {
+    let dir = temp_dir(parent, "resume")?;
+    let mut built = Vec::new();
+    {
+        let store = open_store(dir.path(), Durability::None)?;
+        for (i, &n) in plan.resume_sizes.iter().enumerate() {
+            for snap in [true, false] {
+                progress(&format!(
+                    "resume: building a run of {n} events{}...",
+                    if snap { " with snapshots" } else { "" }
+                ));
+                let mut b = [0u8; 16];
+                b[0] = 0x52;
+                b[1] = i as u8;
+                b[2] = u8::from(snap);
+                let run = RunId::from_bytes(b);
+                let state = build_long_run(store.as_ref(), run, n, if snap { 64 } else { 0 })?;
+                built.push((n, snap, run, state));
+            }
+        }
+        store.flush()?;
+    }
+    progress("resume: measuring...");
+    // Reopen: resume after a restart reads through a cold sled cache.
+    let store = open_store(dir.path(), Durability::None)?;
+    let ctx = Context { policy: Policy::default(), handlers: [HANDLER.to_owned()].into_iter().collect() };
+    let mut times: Vec<(u64, bool, f64, f64)> = Vec::new();
+    for (n, snap, run, want) in &built {
+        let mut samples = Vec::new();
+        let mut first = 0.0;
+        for k in 0..plan.resume_repeats.max(1) {
+            let t = Instant::now();
+            let state = load_state(store.as_ref(), *run)?.ok_or_else(|| ReplayError::UnknownRun(run.to_string()))?;
+            let cmds = decide(&state, &ctx);
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if &state != want || cmds.is_empty() {
+                return Err(ReplayError::Invalid(format!("resume: run of {n} events folded to another state")));
+            }
+            if k == 0 {
+                first = us;
+            }
+            samples.push(us);
+        }
+        samples.sort_by(f64::total_cmp);
+        times.push((*n, *snap, percentile(&samples, 0.5), first));
+    }
+    let base = |snap: bool| times.iter().find(|(n, s, _, _)| *n == 1_000 && *s == snap).map(|t| t.2);
+    let mut out = Vec::new();
+    for (n, snap, median, first) in &times {
+        let key = format!("resume.events_{n}.{}", if *snap { "snapshots" } else { "no_snapshots" });
+        let label = format!("resume one run of {n} events, {}", if *snap { "with snapshots" } else { "no snapshots" });
+        let mut f = Figure::new("resume", key, label, *median, "us").extra(json!({
+            "events": n,
+            "snapshots": snap,
+            "first_us": round(*first),
+            "repeats": plan.resume_repeats,
+            "snapshot_every": if *snap { 64 } else { 0 },
+        }));
+        if let Some(b) = base(*snap) {
+            if *n != 1_000 {
+                f = f.floor(b, format!("the 1k-event run, {}", if *snap { "with snapshots" } else { "no snapshots" }));
+            }
+        }
+        if *snap && *n == 100_000 {
+            let ratio = f.ratio.unwrap_or(f64::INFINITY);
+            f = f.target("< 2x the 1k-event run", ratio < 2.0);
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. replay
+// ---------------------------------------------------------------------------------------
+
+fn tr(e: keel_engine::TransitionError) -> ReplayError {
+    ReplayError::Engine(EngineError::Transition(e))
+}
+
+fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
+    let mut n = 0u64;
+    for &run in runs {
+        let mut state: Option<RunState> = None;
+        for logged in read_logged(log, run, Seq(0))? {
+            let logged = logged?;
+            match state.as_mut() {
+                None => state = Some(apply(None, &logged).map_err(tr)?),
+                Some(s) => apply_mut(s, &logged).map_err(tr)?,
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn fold_export(path: &Path) -> Result<u64, ReplayError> {
+    let mut n = 0u64;
+    for r in export_runs(path)? {
+        let (_, events) = r?;
+        let mut it = events.iter();
+        let Some(first) = it.next() else { continue };
+        let mut s = apply(None, first).map_err(tr)?;
+        n += 1;
+        for e in it {
+            apply_mut(&mut s, e).map_err(tr)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn raw_scan(dir: &Path) -> Result<(u64, u64), ReplayError> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(StoreConfig::default().cache_capacity_bytes)
+        .segment_size(SEGMENT_BYTES)
+        .open()
+        .map_err(|e| ReplayError::Invalid(format!("raw sled open: {e}")))?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for kv in db.range(&b"e"[..]..&b"f"[..]) {
+        let (_, v) = kv.map_err(|e| ReplayError::Invalid(format!("raw sled scan: {e}")))?;
+        bytes += v.len() as u64;
+        n += 1;
+    }
+    Ok((n, bytes))
+}
+
+fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, ReplayError>) -> Result<(T, f64), ReplayError> {
+    let mut best: Option<(T, f64)> = None;
+    let mut times = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let v = f()?;
+        let s = t.elapsed().as_secs_f64();
+        times.push(s);
+        best = Some((v, s));
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 0.5);
+    best.map(|(v, _)| (v, median)).ok_or_else(|| ReplayError::Invalid("no repeat".into()))
+}
+
+async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, ReplayError> {
+    let dir = temp_dir(parent, "replay")?;
+    let db_dir = dir.path().join("db");
+    let runs = {
+        let store = open_store(dir.path(), Durability::None)?;
+        let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
+        submit_all(&engine, plan.replay_runs).await?;
+        engine.run_until_idle().await?;
+        drop(engine);
+        store.flush()?;
+        let mut runs = store.runs()?;
+        runs.sort();
+        // The export (not timed).
+        let path = dir.path().join("export.jsonl");
+        let file = std::fs::File::create(&path).map_err(|e| ReplayError::io(&path, e))?;
+        let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
+        for &run in &runs {
+            w.write_run(store.as_ref(), run)?;
+        }
+        w.finish()?.flush().map_err(|e| ReplayError::io(&path, e))?;
+        runs
+    };
+    let repeats = 3;
+    let export = dir.path().join("export.jsonl");
+    let ((scanned, bytes), scan_s) = tokio::task::block_in_place(|| best_of(repeats, || raw_scan(&db_dir)))?;
+    let store = tokio::task::block_in_place(|| open_store(dir.path(), Durability::None))?;
+    let (folded, db_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_db(store.as_ref(), &runs)))?;
+    drop(store);
+    let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(&export)))?;
+    let export_bytes = std::fs::metadata(&export).map(|m| m.len()).unwrap_or(0);
+    if folded != scanned || folded_jsonl != scanned {
+        return Err(ReplayError::Invalid(format!(
+            "replay: raw scan saw {scanned} records, the db fold {folded}, the export fold {folded_jsonl}"
+        )));
+    }
+    let raw_per_s = scanned as f64 / scan_s;
+    let db_per_s = folded as f64 / db_s;
+    let jsonl_per_s = folded_jsonl as f64 / jsonl_s;
+    let common = json!({"events": scanned, "runs": runs.len(), "tasks_per_run": plan.replay_tasks, "record_bytes_mean": bytes / scanned.max(1), "repeats": repeats});
+    let db =
+        Figure::new("replay", "replay.db", "replay from the db: decode + chain check + fold, events/s", db_per_s, "/s")
+            .floor(raw_per_s, "raw sled scan of the same records (one thread)")
+            .extra(common.clone());
+    let db_ratio = db.ratio.unwrap_or(0.0);
+    Ok(vec![
+        Figure::new("replay", "replay.raw_scan", "raw sled scan, records/s", raw_per_s, "/s").extra(common.clone()),
+        db.target(">= 60% of raw scan", db_ratio >= 0.6),
+        Figure::new(
+            "replay",
+            "replay.jsonl",
+            "replay from a JSONL export: parse + rebuild + fold, events/s (1 thread)",
+            jsonl_per_s,
+            "/s",
+        )
+        .floor(raw_per_s, "raw sled scan of the same records")
+        .target(">= 200,000 events/s per core", jsonl_per_s >= 200_000.0)
+        .extra(json!({"export_bytes": export_bytes, "events": folded_jsonl})),
+    ])
+}
