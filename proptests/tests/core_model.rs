@@ -31,13 +31,31 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(config(12))]
-
-    #[test]
-    fn crash_after_every_event_resumes_to_the_same_run(seed in any::<u64>(), n in 1usize..=12) {
+/// Crash after every event of random runs (a manual runner, to count the crash points).
+#[test]
+fn crash_after_every_event_resumes_to_the_same_run() {
+    use proptest::test_runner::TestRunner;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let points = AtomicUsize::new(0);
+    let boundaries = AtomicUsize::new(0);
+    let runs = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(config(12));
+    let result = runner.run(&(any::<u64>(), 1usize..=12), |(seed, n)| {
         let r = check_seed(seed, n, &GenConfig::default()).map_err(|e| repro(seed, n, e))?;
-        crash_every_boundary(&r).map_err(|e| repro(seed, n, e))?;
+        let (p, b) = crash_every_boundary(&r).map_err(|e| repro(seed, n, e))?;
+        points.fetch_add(p, Ordering::Relaxed);
+        boundaries.fetch_add(b, Ordering::Relaxed);
+        runs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    });
+    println!(
+        "crash points: {} runs, {} cut points resumed ({} at batch boundaries, the rest inside a batch)",
+        runs.load(Ordering::Relaxed),
+        points.load(Ordering::Relaxed),
+        boundaries.load(Ordering::Relaxed)
+    );
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 
