@@ -185,10 +185,25 @@ pub fn register(builder: EngineBuilder) -> EngineBuilder {
 /// [`register`] with options.
 pub fn register_with(builder: EngineBuilder, opts: DemoOptions) -> EngineBuilder {
     let mut b = builder.workflow(workflow_with(opts.clone()));
-    for name in HANDLERS {
-        b = b.handler(name, Arc::new(DemoHandler { opts: opts.clone() }));
+    for (name, handler) in handlers_with(opts) {
+        b = b.handler(name, handler);
     }
     b
+}
+
+/// The demo's task handlers by name (no latency), e.g. for a fork's live calls.
+pub fn handlers() -> Vec<(&'static str, Arc<dyn TaskHandler>)> {
+    handlers_with(DemoOptions::default())
+}
+
+fn handlers_with(opts: DemoOptions) -> Vec<(&'static str, Arc<dyn TaskHandler>)> {
+    HANDLERS
+        .iter()
+        .map(|name| {
+            let h: Arc<dyn TaskHandler> = Arc::new(DemoHandler { opts: opts.clone() });
+            (*name, h)
+        })
+        .collect()
 }
 
 fn index_of(input: &Json) -> u64 {

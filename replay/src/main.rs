@@ -821,7 +821,12 @@ async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
         }
     };
     let workflow = is_demo(&events).then(demo::workflow);
-    let cfg = keel_replay::ForkConfig { policy, workflow, ..Default::default() };
+    let handlers = if workflow.as_ref().is_some_and(|w| w.name == keel_engine::demo::WORKFLOW) {
+        keel_engine::demo::handlers().into_iter().map(|(n, h)| (n.to_owned(), h)).collect()
+    } else {
+        Default::default()
+    };
+    let cfg = keel_replay::ForkConfig { policy, workflow, handlers, ..Default::default() };
     let sp = spinner("forking");
     let forked = keel_replay::fork(&events, a.at, cfg).await?;
     sp.finish_and_clear();
