@@ -89,7 +89,8 @@ pub struct BenchRow {
     pub keel_per_s: f64,
     /// Median raw sled inserts per second with the same flush pattern.
     pub raw_per_s: f64,
-    /// `keel_per_s / raw_per_s`.
+    /// Median over repeats of `keel / raw` measured back to back (pairs cancel the slow
+    /// drift of a shared disk better than a ratio of medians).
     pub ratio: f64,
     /// Appends per flush in the median keel sample.
     pub keel_ops_per_flush: f64,
@@ -176,16 +177,15 @@ fn drive(
     Ok((ops, end.duration_since(t0).as_secs_f64()))
 }
 
-/// Durable appends through a fresh [`SledStore`].
+/// Durable appends through a fresh [`SledStore`] created in the empty directory `dir`.
 pub fn measure_keel(
-    parent: Option<&Path>,
+    dir: &Path,
     durability: Durability,
     runs: usize,
     duration: Duration,
     payload_bytes: usize,
 ) -> Result<Sample, StoreError> {
-    let dir = temp_dir(parent)?;
-    let store = SledStore::open(dir.path(), StoreConfig { durability, ..StoreConfig::default() })?;
+    let store = SledStore::open(dir, StoreConfig { durability, ..StoreConfig::default() })?;
     let op = |t: usize, n: u64| -> Result<(), StoreError> {
         let rec = prepare(&bench_event(n, payload_bytes), n as i64)?;
         store.append(run_id(t), Seq(n), vec![rec], None).map(|_| ())
@@ -206,17 +206,17 @@ fn record_value_len(payload_bytes: usize) -> Result<usize, StoreError> {
     Ok(values.first().map(|(_, v)| v.len()).unwrap_or(0))
 }
 
-/// Raw sled inserts of same-sized values with the same flush pattern.
+/// Raw sled inserts of same-sized values with the same flush pattern, in a fresh sled
+/// database (same configuration as keel's) created in the empty directory `dir`.
 pub fn measure_raw(
-    parent: Option<&Path>,
+    dir: &Path,
     durability: Durability,
     runs: usize,
     duration: Duration,
     payload_bytes: usize,
 ) -> Result<Sample, StoreError> {
-    let dir = temp_dir(parent)?;
-    let db = open_sled(dir.path(), StoreConfig::default().cache_capacity_bytes)?;
-    let syncer = Syncer { db: db.clone(), data_file: std::fs::File::open(dir.path().join("db"))? };
+    let db = open_sled(dir, StoreConfig::default().cache_capacity_bytes)?;
+    let syncer = Syncer { db: db.clone(), data_file: std::fs::File::open(dir.join("db"))? };
     let group = GroupCommit::new();
     let value = vec![0x5au8; record_value_len(payload_bytes)?];
     let op = |t: usize, n: u64| -> Result<(), StoreError> {
@@ -242,38 +242,49 @@ fn median(samples: &[Sample]) -> Sample {
 }
 
 /// Runs the whole table. `progress` is called after each cell.
+///
+/// Every measurement gets a fresh directory; all are deleted only at the end, because
+/// deleting large files on a filesystem mounted with `discard` stalls the I/O of whatever
+/// is measured next.
 pub fn run(config: &BenchConfig, mut progress: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>, StoreError> {
-    let parent = config.dir.as_deref();
+    let root = temp_dir(config.dir.as_deref())?;
+    let mut next_dir = 0usize;
+    let mut fresh = || -> Result<PathBuf, StoreError> {
+        next_dir += 1;
+        let d = root.path().join(format!("m{next_dir}"));
+        std::fs::create_dir(&d)?;
+        Ok(d)
+    };
     let mut rows = Vec::new();
     for &durability in &config.modes {
         for &runs in &config.runs {
             let mut keel = Vec::new();
             let mut raw = Vec::new();
+            let mut ratios = Vec::new();
             for rep in 0..config.repeats.max(1) {
-                let k = |keel: &mut Vec<Sample>| -> Result<(), StoreError> {
-                    keel.push(measure_keel(parent, durability, runs, config.duration, config.payload_bytes)?);
-                    Ok(())
-                };
-                let r = |raw: &mut Vec<Sample>| -> Result<(), StoreError> {
-                    raw.push(measure_raw(parent, durability, runs, config.duration, config.payload_bytes)?);
-                    Ok(())
-                };
-                if rep % 2 == 0 {
-                    r(&mut raw)?;
-                    k(&mut keel)?;
+                let (d, p) = (config.duration, config.payload_bytes);
+                let (k, r) = if rep % 2 == 0 {
+                    let r = measure_raw(&fresh()?, durability, runs, d, p)?;
+                    (measure_keel(&fresh()?, durability, runs, d, p)?, r)
                 } else {
-                    k(&mut keel)?;
-                    r(&mut raw)?;
+                    let k = measure_keel(&fresh()?, durability, runs, d, p)?;
+                    (k, measure_raw(&fresh()?, durability, runs, d, p)?)
+                };
+                if r.per_second() > 0.0 {
+                    ratios.push(k.per_second() / r.per_second());
                 }
+                keel.push(k);
+                raw.push(r);
             }
             let km = median(&keel);
             let rm = median(&raw);
+            ratios.sort_by(f64::total_cmp);
             let row = BenchRow {
                 durability,
                 runs,
                 keel_per_s: km.per_second(),
                 raw_per_s: rm.per_second(),
-                ratio: if rm.per_second() > 0.0 { km.per_second() / rm.per_second() } else { 0.0 },
+                ratio: ratios.get(ratios.len() / 2).copied().unwrap_or(0.0),
                 keel_ops_per_flush: if km.flushes > 0 { km.ops as f64 / km.flushes as f64 } else { 0.0 },
                 keel_samples: keel,
                 raw_samples: raw,
@@ -282,6 +293,7 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&BenchRow)) -> Result<
             rows.push(row);
         }
     }
+    drop(root);
     Ok(rows)
 }
 

@@ -126,8 +126,8 @@ fn native_decode_exact<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, (Strin
 }
 
 /// `crc32(BE) || varint(version) || bincode(body)`.
-fn seal<T: bincode::Encode>(version: u16, body: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = Vec::with_capacity(128);
+fn seal<T: bincode::Encode>(version: u16, body: &T, size_hint: usize) -> Result<Vec<u8>, StoreError> {
+    let mut out = Vec::with_capacity(size_hint + 96);
     out.extend_from_slice(&[0u8; 4]);
     native_encode(&mut out, &version)?;
     native_encode(&mut out, body)?;
@@ -160,7 +160,7 @@ fn unseal<B: bincode::Decode<()>>(value: &[u8]) -> Result<(u16, &[u8]), WireErro
 
 /// Record value for schema version 1.
 pub(crate) fn seal_record_v1(env: &EnvelopeV1) -> Result<Vec<u8>, StoreError> {
-    seal(1, env)
+    seal(1, env, env.payload.len() + env.kind.len())
 }
 
 /// THE upcast point: every stored record value is decoded here, whatever its version, into
@@ -175,7 +175,7 @@ pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> 
 }
 
 pub(crate) fn seal_snapshot_v1(s: &SnapshotV1) -> Result<Vec<u8>, StoreError> {
-    seal(1, s)
+    seal(1, s, s.state.len())
 }
 
 pub(crate) fn open_snapshot(value: &[u8]) -> Result<SnapshotV1, WireError> {
@@ -236,6 +236,7 @@ pub mod testing {
                 payload_root: e.payload_root,
                 hash: e.hash,
             },
+            e.payload.len(),
         )
     }
 }

@@ -8,7 +8,7 @@ use crate::log::{Claim, Head, Limits, NewRecord, RecordIter};
 use crate::record::{self, Records};
 use crate::types::{Hash32, RunId, Seq};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 pub(crate) type KvPair = (Vec<u8>, Vec<u8>);
 pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvPair, StoreError>> + Send + 'static>;
@@ -24,6 +24,10 @@ pub(crate) trait Kv: Send + Sync + 'static {
     fn first_key_after(&self, after: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Applies all writes atomically (`None` removes).
     fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError>;
+    /// Writes one key (atomic by itself). Default: [`Kv::apply`].
+    fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.apply(vec![(key, Some(value))])
+    }
 }
 
 /// Above this many cached heads, heads not in use are dropped (they reload from the map).
@@ -36,7 +40,7 @@ pub(crate) struct Core<K> {
     pub(crate) limits: Limits,
     /// Per-run cached head. The slot's mutex serializes appends of one run (OCC check +
     /// write); `None` means "load from the map".
-    heads: Mutex<HashMap<RunId, Slot>>,
+    heads: RwLock<HashMap<RunId, Slot>>,
     /// Held across claim check + write so two runs cannot both take one key.
     claims: Mutex<()>,
 }
@@ -55,11 +59,15 @@ pub(crate) enum Written {
 
 impl<K: Kv> Core<K> {
     pub(crate) fn new(kv: K, limits: Limits) -> Self {
-        Core { kv, limits, heads: Mutex::new(HashMap::new()), claims: Mutex::new(()) }
+        Core { kv, limits, heads: RwLock::new(HashMap::new()), claims: Mutex::new(()) }
     }
 
     fn slot(&self, run: RunId) -> Slot {
-        let mut map = lock(&self.heads);
+        // Fast path: a shared lock, so appenders of different runs do not queue here.
+        if let Some(s) = self.heads.read().unwrap_or_else(PoisonError::into_inner).get(&run) {
+            return s.clone();
+        }
+        let mut map = self.heads.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = map.get(&run) {
             return s.clone();
         }
@@ -95,7 +103,7 @@ impl<K: Kv> Core<K> {
 
     /// Drops every cached head (they reload from the map); used after raw writes.
     pub(crate) fn forget_heads(&self) {
-        let map = lock(&self.heads);
+        let map = self.heads.read().unwrap_or_else(PoisonError::into_inner);
         for slot in map.values() {
             *Self::lock_slot(slot) = None;
         }
@@ -127,6 +135,12 @@ impl<K: Kv> Core<K> {
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
             values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect();
         let result = match claim {
+            // A single key needs no batch: sled's apply_batch takes a process-wide write
+            // lock and rolls the I/O buffer twice (see docs/STORE.md), a plain insert does not.
+            None if writes.len() == 1 => match writes.pop() {
+                Some((k, Some(v))) => self.kv.insert(k, v),
+                _ => Ok(()),
+            },
             None => self.kv.apply(writes),
             Some(c) => {
                 let _claims = lock(&self.claims);

@@ -64,6 +64,10 @@ impl Kv for SledKv {
         }
         self.db.apply_batch(batch).map_err(sled_err)
     }
+
+    fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.db.insert(key, value).map(|_| ()).map_err(sled_err)
+    }
 }
 
 /// Flushes sled and, for [`Level::PowerLoss`], fdatasyncs its data file.
