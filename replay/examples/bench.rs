@@ -1,10 +1,25 @@
-//! `cargo run --release -p keel-replay --example bench -- [--json] [--quick]`: the same as
-//! `keel bench` (replay/src/bench.rs), without the CLI.
+//! `cargo run --release -p keel-replay --example bench -- [--json] [--quick] [--only SECTION,..]
+//! [--runs N,..] [--levels power-loss,process-crash]`: `keel bench` (replay/src/bench.rs)
+//! with the knobs used while profiling.
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
-    if let Err(e) = keel_replay::bench::cli(json, quick) {
+    let mut opts = keel_replay::bench::BenchOptions::new(quick);
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    if let Some(v) = value("--only") {
+        opts.only = v.split(',').map(str::to_owned).collect();
+    }
+    if let Some(v) = value("--runs") {
+        opts.concurrency = v.split(',').filter_map(|n| n.parse().ok()).collect();
+    }
+    if let Some(v) = value("--levels") {
+        opts.levels = v
+            .split(',')
+            .map(|l| if l == "process-crash" { keel_store::Level::ProcessCrash } else { keel_store::Level::PowerLoss })
+            .collect();
+    }
+    if let Err(e) = keel_replay::bench::cli_with(json, opts) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

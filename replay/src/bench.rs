@@ -52,12 +52,17 @@ pub struct BenchOptions {
     /// Durability levels of the throughput section (default: power loss; the full run
     /// adds process crash).
     pub levels: Vec<Level>,
+    /// Run only these sections (`memory`, `floor`, `throughput`, `latency`, `resume`,
+    /// `replay`); empty: all. For profiling one section.
+    pub only: Vec<String>,
+    /// Run only these concurrencies in the throughput section; empty: 1, 64 and 1024.
+    pub concurrency: Vec<usize>,
 }
 
 impl BenchOptions {
     pub fn new(quick: bool) -> Self {
         let levels = if quick { vec![Level::PowerLoss] } else { vec![Level::PowerLoss, Level::ProcessCrash] };
-        BenchOptions { quick, dir: None, levels }
+        BenchOptions { quick, dir: None, levels, only: Vec::new(), concurrency: Vec::new() }
     }
 }
 
@@ -311,7 +316,11 @@ fn machine() -> Value {
 /// `keel bench [--json] [--quick]`: runs the bench on its own thread and runtime and prints
 /// the table (or the JSON document) on stdout; progress goes to stderr on a terminal only.
 pub fn cli(json: bool, quick: bool) -> Result<(), ReplayError> {
-    let opts = BenchOptions::new(quick);
+    cli_with(json, BenchOptions::new(quick))
+}
+
+/// [`cli`] with explicit options.
+pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), ReplayError> {
     let handle = std::thread::Builder::new()
         .name("keel-bench".into())
         .spawn(move || {
@@ -341,7 +350,7 @@ pub fn cli(json: bool, quick: bool) -> Result<(), ReplayError> {
 
 /// Runs every section. Must not be called from inside a tokio runtime (it builds its own).
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
-    let plan = Sizes::of(opts.quick);
+    let mut plan = Sizes::of(opts.quick);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -350,18 +359,26 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let parent = opts.dir.clone();
     let parent = parent.as_deref();
     let mut figures = Vec::new();
+    let want = |s: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == s);
+    if !opts.concurrency.is_empty() {
+        plan.concurrency = opts.concurrency.clone();
+    }
 
-    progress("memory: suspending runs...");
-    figures.extend(rt.block_on(memory(parent, plan.memory_runs))?);
+    if want("memory") {
+        progress("memory: suspending runs...");
+        figures.extend(rt.block_on(memory(parent, plan.memory_runs))?);
+    }
 
     progress("calibrating record size...");
     let record_bytes = rt.block_on(calibrate(parent))?;
 
-    progress("floor: sled and plain file...");
-    figures.extend(floor(parent, &plan, record_bytes)?);
+    if want("floor") {
+        progress("floor: sled and plain file...");
+        figures.extend(floor(parent, &plan, record_bytes)?);
+    }
 
     let mut modes = Vec::new();
-    for level in &opts.levels {
+    for level in opts.levels.iter().filter(|_| want("throughput")) {
         modes.push(Durability::EveryAppend(*level));
         modes.push(Durability::GroupCommit(*level));
     }
@@ -372,14 +389,18 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         }
     }
 
-    progress("latency: durable steps...");
-    figures.extend(rt.block_on(latency(parent, plan.latency_samples))?);
-
-    progress("resume: building long runs...");
-    figures.extend(resume(parent, &plan, progress)?);
-
-    progress("replay: building runs...");
-    figures.extend(rt.block_on(replay(parent, &plan))?);
+    if want("latency") {
+        progress("latency: durable steps...");
+        figures.extend(rt.block_on(latency(parent, plan.latency_samples))?);
+    }
+    if want("resume") {
+        progress("resume: building long runs...");
+        figures.extend(resume(parent, &plan, progress)?);
+    }
+    if want("replay") {
+        progress("replay: building runs...");
+        figures.extend(rt.block_on(replay(parent, &plan))?);
+    }
 
     Ok(BenchReport { quick: opts.quick, machine: machine(), seconds: started.elapsed().as_secs_f64(), figures })
 }
