@@ -2,7 +2,7 @@
 //! flush pattern.
 //!
 //! `cargo run --release -p keel-store --example store_bench -- [--quick] [--dir PATH]
-//!  [--seconds S] [--repeats N] [--runs 1,4,64]`
+//!  [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64]`
 
 use keel_store::bench::{self, BenchConfig};
 use std::time::Duration;
@@ -27,6 +27,10 @@ fn main() {
                 Ok(s) if s > 0.0 => config.duration = Duration::from_secs_f64(s),
                 _ => usage("--seconds takes a positive number"),
             },
+            "--slices" => match value("--slices").parse::<u32>() {
+                Ok(n) if n > 0 => config.slices = n,
+                _ => usage("--slices takes a positive integer"),
+            },
             "--repeats" => match value("--repeats").parse::<usize>() {
                 Ok(n) if n > 0 => config.repeats = n,
                 _ => usage("--repeats takes a positive integer"),
@@ -43,8 +47,9 @@ fn main() {
         }
     }
     eprintln!(
-        "keel-store bench: {:?} per cell, {} repeat(s), runs {:?}, dir {}",
+        "keel-store bench: {:?} per side in {} alternating slices, {} repeat(s), runs {:?}, dir {}",
         config.duration,
+        config.slices,
         config.repeats,
         config.runs,
         config
@@ -54,13 +59,17 @@ fn main() {
             .unwrap_or_else(|| std::env::temp_dir().display().to_string())
     );
     let result = bench::run(&config, |row| {
+        let rates =
+            |s: &[bench::Sample]| s.iter().map(|x| format!("{:.0}", x.per_second())).collect::<Vec<_>>().join(" ");
         eprintln!(
-            "  {:<28} runs {:>3}: keel {:>8.0}/s  raw {:>8.0}/s  {:>4.0}%",
+            "  {:<28} runs {:>3}: keel {:>8.0}/s  raw {:>8.0}/s  {:>4.0}%   (keel [{}] raw [{}])",
             bench::mode_name(row.durability),
             row.runs,
             row.keel_per_s,
             row.raw_per_s,
-            row.ratio * 100.0
+            row.ratio * 100.0,
+            rates(&row.keel_samples),
+            rates(&row.raw_samples),
         );
     });
     match result {
@@ -76,6 +85,6 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("{msg}");
     }
-    eprintln!("usage: store_bench [--quick] [--dir PATH] [--seconds S] [--repeats N] [--runs 1,4,64]");
+    eprintln!("usage: store_bench [--quick] [--dir PATH] [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64]");
     std::process::exit(2)
 }

@@ -3,11 +3,12 @@
 //!
 //! For each durability mode and each number of concurrent runs, one thread per run appends
 //! 1-record batches (~300-byte payload, `prepare` included in the timed loop) to a fresh
-//! store for a fixed time. The raw baseline runs the same threads on a fresh sled database
-//! with the same configuration, inserting values of the same size under the same key shape,
-//! followed by the same flush pattern: per insert `flush` (+ `fdatasync` of the data file
-//! for `PowerLoss`) for `EveryAppend`, the same group-commit coordinator for `GroupCommit`.
-//! Keel and raw alternate (order flipped every repeat) and medians are reported.
+//! store. The raw baseline runs the same threads on a fresh sled database with the same
+//! configuration, inserting values of the same size under the same key shape, followed by
+//! the same flush pattern: per insert `flush` (+ `fdatasync` of the data file for
+//! `PowerLoss`) for `EveryAppend`, the same group-commit coordinator for `GroupCommit`.
+//! Keel and raw alternate in short slices (so a slow period of a shared machine hits both)
+//! and each cell is repeated on fresh databases; medians are reported.
 
 use crate::commit::GroupCommit;
 use crate::error::{sled_err, StoreError};
@@ -17,6 +18,7 @@ use crate::sled_store::{open_sled, SledStore, Syncer};
 use crate::types::{Payload, RunId, Seq};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
@@ -26,9 +28,12 @@ pub struct BenchConfig {
     /// Parent directory of the temporary stores (default: the system temp dir). Must be on
     /// the disk you want to measure (not tmpfs).
     pub dir: Option<PathBuf>,
-    /// Time per measurement.
+    /// Time per measurement and side (keel, raw).
     pub duration: Duration,
-    /// Measurements per cell (median reported).
+    /// Each measurement alternates keel and raw in this many slices of
+    /// `duration / slices`, so that a slow period of a shared machine hits both sides.
+    pub slices: u32,
+    /// Measurements per cell, each on fresh databases (median reported).
     pub repeats: usize,
     /// Concurrent runs (threads).
     pub runs: Vec<usize>,
@@ -38,11 +43,13 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The full table: 4 modes x {1, 4, 64} runs, 2 s x 3 repeats per cell.
+    /// The full table: 4 modes x {1, 4, 64} runs; per cell 3 repeats of 2 s per side in
+    /// 8 alternating slices.
     pub fn full() -> Self {
         BenchConfig {
             dir: None,
             duration: Duration::from_secs(2),
+            slices: 8,
             repeats: 3,
             runs: vec![1, 4, 64],
             modes: vec![
@@ -55,9 +62,9 @@ impl BenchConfig {
         }
     }
 
-    /// A smoke run: same cells, 0.3 s x 1.
+    /// A smoke run: same cells, 0.4 s per side in 2 slices, 1 repeat.
     pub fn quick() -> Self {
-        BenchConfig { duration: Duration::from_millis(300), repeats: 1, ..Self::full() }
+        BenchConfig { duration: Duration::from_millis(400), slices: 2, repeats: 1, ..Self::full() }
     }
 }
 
@@ -135,24 +142,84 @@ fn temp_dir(parent: Option<&Path>) -> Result<tempfile::TempDir, StoreError> {
     })
 }
 
-/// Runs `threads` workers until `duration` has elapsed; returns total ops and the seconds
-/// from the common start to the last worker's end.
-fn drive(
-    threads: usize,
-    duration: Duration,
-    op: &(dyn Fn(usize, u64) -> Result<(), StoreError> + Sync),
-) -> Result<(u64, f64), StoreError> {
-    let start = Barrier::new(threads + 1);
+/// Something the bench drives: one operation = one durable append (or raw equivalent).
+trait Target: Sync {
+    fn op(&self, run: usize, seq: u64) -> Result<(), StoreError>;
+    fn flushes(&self) -> u64;
+}
+
+struct Keel {
+    store: SledStore,
+    payload_bytes: usize,
+}
+
+impl Target for Keel {
+    fn op(&self, run: usize, seq: u64) -> Result<(), StoreError> {
+        let rec = prepare(&bench_event(seq, self.payload_bytes), seq as i64)?;
+        self.store.append(run_id(run), Seq(seq), vec![rec], None).map(|_| ())
+    }
+    fn flushes(&self) -> u64 {
+        self.store.group_flushes()
+    }
+}
+
+struct Raw {
+    db: sled::Db,
+    syncer: Syncer,
+    group: GroupCommit,
+    value: Vec<u8>,
+    durability: Durability,
+}
+
+impl Target for Raw {
+    fn op(&self, run: usize, seq: u64) -> Result<(), StoreError> {
+        self.db.insert(&record::event_key(run_id(run), seq)[..], self.value.as_slice()).map_err(sled_err)?;
+        match self.durability {
+            Durability::None => Ok(()),
+            Durability::EveryAppend(level) => self.syncer.sync(level),
+            Durability::GroupCommit(level) => self.group.commit(|| self.syncer.sync(level)),
+        }
+    }
+    fn flushes(&self) -> u64 {
+        self.group.flushes()
+    }
+}
+
+fn open_keel(dir: &Path, durability: Durability, payload_bytes: usize) -> Result<Keel, StoreError> {
+    let store = SledStore::open(dir, StoreConfig { durability, ..StoreConfig::default() })?;
+    Ok(Keel { store, payload_bytes })
+}
+
+fn open_raw(dir: &Path, durability: Durability, payload_bytes: usize) -> Result<Raw, StoreError> {
+    let db = open_sled(dir, StoreConfig::default().cache_capacity_bytes)?;
+    let syncer = Syncer { db: db.clone(), data_file: std::fs::File::open(dir.join("db"))? };
+    Ok(Raw { db, syncer, group: GroupCommit::new(), value: vec![0x5a; record_value_len(payload_bytes)?], durability })
+}
+
+/// Size of the stored value of one bench record (for the raw baseline).
+fn record_value_len(payload_bytes: usize) -> Result<usize, StoreError> {
+    let rec = prepare(&bench_event(0, payload_bytes), 0)?;
+    let (values, _) = record::build_batch(run_id(0), &crate::log::Head::empty(), vec![rec])?;
+    Ok(values.first().map(|(_, v)| v.len()).unwrap_or(0))
+}
+
+/// Runs one thread per run for `duration`, each continuing its run at `next[run]`.
+/// Returns ops done and seconds from the common start to the last thread's end.
+fn drive(target: &dyn Target, next: &[AtomicU64], duration: Duration) -> Result<(u64, f64), StoreError> {
+    let start = Barrier::new(next.len() + 1);
     let (results, t0) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
+        let handles: Vec<_> = next
+            .iter()
+            .enumerate()
+            .map(|(run, next_seq)| {
                 let start = &start;
                 s.spawn(move || -> Result<(u64, Instant), StoreError> {
                     start.wait();
                     let t0 = Instant::now();
                     let mut n = 0u64;
                     while t0.elapsed() < duration {
-                        op(t, n)?;
+                        target.op(run, next_seq.load(Ordering::Relaxed))?;
+                        next_seq.fetch_add(1, Ordering::Relaxed);
                         n += 1;
                     }
                     Ok((n, Instant::now()))
@@ -177,62 +244,47 @@ fn drive(
     Ok((ops, end.duration_since(t0).as_secs_f64()))
 }
 
-/// Durable appends through a fresh [`SledStore`] created in the empty directory `dir`.
-pub fn measure_keel(
-    dir: &Path,
+/// One paired measurement on fresh databases in the empty directories `keel_dir` and
+/// `raw_dir`: `slices` alternating slices of `duration / slices` per side.
+pub fn measure_pair(
+    keel_dir: &Path,
+    raw_dir: &Path,
     durability: Durability,
     runs: usize,
     duration: Duration,
+    slices: u32,
     payload_bytes: usize,
-) -> Result<Sample, StoreError> {
-    let store = SledStore::open(dir, StoreConfig { durability, ..StoreConfig::default() })?;
-    let op = |t: usize, n: u64| -> Result<(), StoreError> {
-        let rec = prepare(&bench_event(n, payload_bytes), n as i64)?;
-        store.append(run_id(t), Seq(n), vec![rec], None).map(|_| ())
-    };
-    let (ops, seconds) = drive(runs, duration, &op)?;
-    let flushes = match durability {
-        Durability::GroupCommit(_) => store.group_flushes(),
-        _ => ops,
-    };
-    drop(store);
-    Ok(Sample { ops, seconds, flushes })
-}
-
-/// Size of the stored value of one bench record (for the raw baseline).
-fn record_value_len(payload_bytes: usize) -> Result<usize, StoreError> {
-    let rec = prepare(&bench_event(0, payload_bytes), 0)?;
-    let (values, _) = record::build_batch(run_id(0), &crate::log::Head::empty(), vec![rec])?;
-    Ok(values.first().map(|(_, v)| v.len()).unwrap_or(0))
-}
-
-/// Raw sled inserts of same-sized values with the same flush pattern, in a fresh sled
-/// database (same configuration as keel's) created in the empty directory `dir`.
-pub fn measure_raw(
-    dir: &Path,
-    durability: Durability,
-    runs: usize,
-    duration: Duration,
-    payload_bytes: usize,
-) -> Result<Sample, StoreError> {
-    let db = open_sled(dir, StoreConfig::default().cache_capacity_bytes)?;
-    let syncer = Syncer { db: db.clone(), data_file: std::fs::File::open(dir.join("db"))? };
-    let group = GroupCommit::new();
-    let value = vec![0x5au8; record_value_len(payload_bytes)?];
-    let op = |t: usize, n: u64| -> Result<(), StoreError> {
-        db.insert(&record::event_key(run_id(t), n)[..], value.as_slice()).map_err(sled_err)?;
-        match durability {
-            Durability::None => Ok(()),
-            Durability::EveryAppend(level) => syncer.sync(level),
-            Durability::GroupCommit(level) => group.commit(|| syncer.sync(level)),
+) -> Result<(Sample, Sample), StoreError> {
+    let keel = open_keel(keel_dir, durability, payload_bytes)?;
+    let raw = open_raw(raw_dir, durability, payload_bytes)?;
+    let slices = slices.max(1);
+    let slice = duration / slices;
+    let keel_next: Vec<AtomicU64> = (0..runs).map(|_| AtomicU64::new(0)).collect();
+    let raw_next: Vec<AtomicU64> = (0..runs).map(|_| AtomicU64::new(0)).collect();
+    let (mut k, mut r) = ((0u64, 0f64), (0u64, 0f64));
+    for i in 0..slices {
+        let side = |t: &dyn Target, next: &[AtomicU64], acc: &mut (u64, f64)| {
+            drive(t, next, slice).map(|(ops, secs)| {
+                acc.0 += ops;
+                acc.1 += secs;
+            })
+        };
+        if i % 2 == 0 {
+            side(&keel, &keel_next, &mut k)?;
+            side(&raw, &raw_next, &mut r)?;
+        } else {
+            side(&raw, &raw_next, &mut r)?;
+            side(&keel, &keel_next, &mut k)?;
         }
-    };
-    let (ops, seconds) = drive(runs, duration, &op)?;
-    let flushes = match durability {
-        Durability::GroupCommit(_) => group.flushes(),
+    }
+    let flushes = |t: &dyn Target, ops| match durability {
+        Durability::GroupCommit(_) => t.flushes(),
         _ => ops,
     };
-    Ok(Sample { ops, seconds, flushes })
+    Ok((
+        Sample { ops: k.0, seconds: k.1, flushes: flushes(&keel, k.0) },
+        Sample { ops: r.0, seconds: r.1, flushes: flushes(&raw, r.0) },
+    ))
 }
 
 fn median(samples: &[Sample]) -> Sample {
@@ -243,7 +295,7 @@ fn median(samples: &[Sample]) -> Sample {
 
 /// Runs the whole table. `progress` is called after each cell.
 ///
-/// Every measurement gets a fresh directory; all are deleted only at the end, because
+/// Every measurement gets fresh directories; all are deleted only at the end, because
 /// deleting large files on a filesystem mounted with `discard` stalls the I/O of whatever
 /// is measured next.
 pub fn run(config: &BenchConfig, mut progress: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>, StoreError> {
@@ -261,15 +313,16 @@ pub fn run(config: &BenchConfig, mut progress: impl FnMut(&BenchRow)) -> Result<
             let mut keel = Vec::new();
             let mut raw = Vec::new();
             let mut ratios = Vec::new();
-            for rep in 0..config.repeats.max(1) {
-                let (d, p) = (config.duration, config.payload_bytes);
-                let (k, r) = if rep % 2 == 0 {
-                    let r = measure_raw(&fresh()?, durability, runs, d, p)?;
-                    (measure_keel(&fresh()?, durability, runs, d, p)?, r)
-                } else {
-                    let k = measure_keel(&fresh()?, durability, runs, d, p)?;
-                    (k, measure_raw(&fresh()?, durability, runs, d, p)?)
-                };
+            for _ in 0..config.repeats.max(1) {
+                let (k, r) = measure_pair(
+                    &fresh()?,
+                    &fresh()?,
+                    durability,
+                    runs,
+                    config.duration,
+                    config.slices,
+                    config.payload_bytes,
+                )?;
                 if r.per_second() > 0.0 {
                     ratios.push(k.per_second() / r.per_second());
                 }
