@@ -76,3 +76,48 @@ impl GroupCommit {
         self.lock().flushes
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn concurrent_commits_share_flushes_and_each_waits_for_one_after_it() {
+        let gc = Arc::new(GroupCommit::new());
+        let flushes = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (gc, flushes) = (gc.clone(), flushes.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        gc.commit(|| {
+                            std::thread::sleep(Duration::from_millis(2));
+                            flushes.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = flushes.load(Ordering::SeqCst);
+        assert_eq!(n, gc.flushes());
+        assert!(n < 160, "{n} flushes for 160 commits: not shared");
+    }
+
+    #[test]
+    fn a_failed_flush_fails_the_leader_then_poisons_everyone() {
+        let gc = GroupCommit::new();
+        gc.commit(|| Ok(())).unwrap();
+        let err = gc.commit(|| Err(StoreError::Io(std::io::Error::other("disk gone"))));
+        assert!(matches!(err, Err(StoreError::Io(_))));
+        assert!(matches!(gc.commit(|| Ok(())), Err(StoreError::Poisoned)));
+    }
+}
