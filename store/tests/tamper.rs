@@ -74,6 +74,16 @@ fn a_flipped_payload_byte_with_recomputed_crc_is_an_altered_payload() {
     let (records, err) = read_all(&log, r, Seq(0));
     assert!(err.is_none());
     assert_eq!(records.len() as u64, N);
+    // ...`decode` returns a different valid event, `decode_verified` refuses it...
+    assert!(records[2].decode::<Ev>().is_ok());
+    match records[2].decode_verified::<Ev>() {
+        Err(StoreError::Corrupted { run, seq, reason }) => {
+            assert_eq!((run, seq), (r, Seq(2)));
+            assert!(reason.starts_with("altered payload"), "{reason}");
+        }
+        other => panic!("expected Corrupted, got {other:?}"),
+    }
+    assert_eq!(records[1].decode_verified::<Ev>().unwrap(), ev(1));
     // ...and verify, which re-digests payloads, names record 2.
     let (seq, reason) = mismatch(&log, r);
     assert_eq!(seq, Seq(2));
