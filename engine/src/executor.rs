@@ -1,22 +1,26 @@
 //! The executor: one driver per run performs what `decide` says.
 //!
-//! Loop: `decide(state)`; append the `Record`s of one call as one batch (no earlier than
-//! their `not_before_us`, each checked with `apply` first); start the effects (`Plan`,
-//! `Execute`, `Evaluate`, `Notify`) that are not already in flight; append each effect's
-//! answer (checked with `apply`; an answer that is no longer legal, e.g. after a
-//! cancellation, is dropped) and decide again. The driver ends when nothing is left to
-//! do: the run is terminal or waits for a human.
+//! Loop: `decide(state)` until it returns no record that is due now, checking each
+//! record with `apply` and staging it (the records of one `decide` call in order, then
+//! those of the next call on the state they lead to); append everything staged as ONE
+//! batch (one durable flush); then start the effects (`Plan`, `Execute`, `Evaluate`,
+//! `Notify`) that are not already in flight. An effect's answer is checked with `apply`
+//! and staged (an answer that is no longer legal, e.g. after a cancellation, is dropped);
+//! the decisions it leads to are staged behind it and the lot is appended as one batch.
+//! So a chain step costs one flush, and nothing is acted on before it is durable: effects
+//! start only once the batch that asked for them is. The driver ends when nothing is left
+//! to do: the run is terminal or waits for a human.
 
 use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
 use crate::cache::ResponseCache;
-use crate::core::{apply, decide, validate_plan, Command, TransitionError};
+use crate::core::{decide, validate_plan, Command, TransitionError};
 use crate::engine::{Inner, Registered};
 use crate::error::EngineError;
 use crate::event::{Event, Logged, PlanReason};
 use crate::fsm::{RunStatus, TaskStatus};
 use crate::model::*;
 use crate::state::RunState;
-use keel_store::{RunId, StoreError};
+use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,12 +108,43 @@ struct Driver {
     span: tracing::Span,
 }
 
-enum Appended {
-    Ok(Box<RunState>),
-    /// Someone else appended first: re-read the log.
-    Conflict,
-    /// The state machine refuses the batch.
+/// Events checked with `apply` (already folded into the driver's state) and encoded,
+/// waiting to be appended as one batch.
+#[derive(Default)]
+struct Batch {
+    /// Next seq of the durable log (the `expected` of the append).
+    base: Option<Seq>,
+    records: Vec<NewRecord>,
+    /// Effect answers in the batch, in order: staged again on top of the re-read log if
+    /// the append conflicts.
+    answers: Vec<Event>,
+    /// The batch accepts an output (response cache).
+    evaluated: bool,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// Records of one batch at most (well under the store's `batch_records_max`); a longer
+/// chain of decisions continues in the next batch.
+const BATCH_RECORDS_MAX: usize = 256;
+
+/// Why an event could not be staged (the state is unchanged).
+enum StageError {
+    /// The state machine refuses it.
     Illegal(TransitionError),
+    /// Too large to record (`what`, bytes, max).
+    TooLarge(&'static str, usize, usize),
+    Other(EngineError),
+}
+
+enum Committed {
+    Ok,
+    /// Someone else appended first: re-read the log (staged answers are staged again).
+    Conflict(Vec<Event>),
 }
 
 impl Driver {
@@ -129,48 +164,81 @@ impl Driver {
         }
         self.inner.cache.fill_from(&state);
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+        let mut batch = Batch::default();
         loop {
             if *self.stop.borrow() {
                 return Ok(DriveOutcome::Shutdown);
             }
-            if state.status.is_terminal() {
+            // Answers that already arrived join this batch.
+            while let Ok(o) = rx.try_recv() {
+                self.absorb(&mut state, &mut batch, o)?;
+            }
+            if state.status.is_terminal() && batch.is_empty() {
                 if !self.inflight.is_empty() {
                     tracing::info!(inflight = self.inflight.len(), status = ?state.status, "run is terminal: dropping in-flight calls");
                 }
                 return Ok(DriveOutcome::Idle(state.status));
             }
-            // Records due now are appended as one batch, in order. Future-dated records
-            // (retry backoffs, the run deadline, an escalation's default) are timers: wait
-            // for the earliest (or for an answer), then decide again.
+            // Decide until nothing more is due now, staging each call's due records in
+            // order. Future-dated records (retry backoffs, the run deadline, an
+            // escalation's default) are timers: wait for the earliest (or for an answer),
+            // then decide again.
             let now = self.inner.clock.now_us();
-            let mut due_now = Vec::new();
-            let mut due_now_at: Option<i64> = None;
-            let mut next_timer: Option<i64> = None;
-            for cmd in decide(&state, &self.inner.ctx) {
-                match cmd {
-                    Command::Record { not_before_us: Some(t), .. } if t > now => {
-                        next_timer = Some(next_timer.map_or(t, |n: i64| n.min(t)));
-                    }
-                    Command::Record { event, not_before_us } => {
-                        if let Some(t) = not_before_us {
-                            due_now_at = Some(due_now_at.map_or(t, |d: i64| d.max(t)));
+            let mut effects = Vec::new();
+            let mut next_timer: Option<i64>;
+            loop {
+                effects.clear();
+                next_timer = None;
+                let mut due_now = Vec::new();
+                let mut due_now_at: Option<i64> = None;
+                for cmd in decide(&state, &self.inner.ctx) {
+                    match cmd {
+                        Command::Record { not_before_us: Some(t), .. } if t > now => {
+                            next_timer = Some(next_timer.map_or(t, |n: i64| n.min(t)));
                         }
-                        due_now.push(event);
+                        Command::Record { event, not_before_us } => {
+                            if let Some(t) = not_before_us {
+                                due_now_at = Some(due_now_at.map_or(t, |d: i64| d.max(t)));
+                            }
+                            due_now.push(event);
+                        }
+                        effect => effects.push(effect),
                     }
-                    effect => self.start(effect, &state, &reg, &tx),
+                }
+                if due_now.is_empty() {
+                    break;
+                }
+                let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
+                for event in due_now {
+                    match self.stage(&mut state, &mut batch, event, at_us, false).map_err(|(e, _)| e) {
+                        Ok(()) => {}
+                        Err(StageError::Illegal(e)) => {
+                            tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
+                            return Err(EngineError::Transition(e));
+                        }
+                        Err(StageError::TooLarge(what, bytes, max)) => {
+                            return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max }))
+                        }
+                        Err(StageError::Other(e)) => return Err(e),
+                    }
+                }
+                if batch.records.len() >= BATCH_RECORDS_MAX {
+                    break;
                 }
             }
-            if !due_now.is_empty() {
-                let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
-                match self.append(&state, due_now, at_us).await? {
-                    Appended::Ok(s) => state = *s,
-                    Appended::Conflict => state = self.reload().await?,
-                    Appended::Illegal(e) => {
-                        tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
-                        return Err(EngineError::Transition(e));
+            if !batch.is_empty() {
+                match self.commit(&mut state, &mut batch).await? {
+                    Committed::Ok => {}
+                    Committed::Conflict(answers) => {
+                        state = self.reload().await?;
+                        self.restage(&mut state, &mut batch, answers)?;
                     }
                 }
                 continue;
+            }
+            // The state is durable: start what it asks for.
+            for effect in effects {
+                self.start(effect, &state, &reg, &tx);
             }
             if let Some(t) = next_timer {
                 if state.status == RunStatus::AwaitingHuman && self.inflight.is_empty() {
@@ -179,7 +247,7 @@ impl Driver {
                 let ms = u64::try_from(((t - now) / 1000).clamp(1, WAIT_SLICE_MS)).unwrap_or(1);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    Some(o) = rx.recv() => state = self.on_outcome(state, o).await?,
+                    Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
                     _ = self.wake.notified() => state = self.reload().await?,
                     _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
                 }
@@ -189,7 +257,7 @@ impl Driver {
                 return Ok(DriveOutcome::Idle(state.status));
             }
             tokio::select! {
-                Some(o) = rx.recv() => state = self.on_outcome(state, o).await?,
+                Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
                 _ = self.wake.notified() => state = self.reload().await?,
                 _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
             }
@@ -200,40 +268,155 @@ impl Driver {
         self.inner.load(self.run).await?.ok_or(EngineError::UnknownRun { run: self.run })
     }
 
-    /// Appends `events` as one batch at `at_us`, after checking each with `apply`.
-    async fn append(&mut self, state: &RunState, events: Vec<Event>, at_us: i64) -> Result<Appended, EngineError> {
-        let mut next = state.clone();
-        let mut records = Vec::with_capacity(events.len());
-        let mut evaluated = false;
-        for event in events {
-            let logged = Logged { run: self.run, seq: next.next_seq, at_us, event };
-            next = match apply(Some(&next), &logged) {
-                Ok(s) => s,
-                Err(e) => return Ok(Appended::Illegal(e)),
-            };
-            evaluated |= matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
-            tracing::debug!(seq = logged.seq.0, kind = logged.event.kind_name(), "append");
-            records.push(keel_store::prepare(&logged.event, at_us)?);
+    /// Checks `event` (at `at_us`) with `apply`, folds it into `state` and stages it in
+    /// `batch`. On error nothing changed and the event is handed back.
+    fn stage(
+        &self,
+        state: &mut RunState,
+        batch: &mut Batch,
+        event: Event,
+        at_us: i64,
+        answer: bool,
+    ) -> Result<(), (StageError, Event)> {
+        let logged = Logged { run: self.run, seq: state.next_seq, at_us, event };
+        let record = match keel_store::prepare(&logged.event, at_us) {
+            Ok(r) => r,
+            Err(StoreError::TooLarge { what, bytes, max }) => {
+                return Err((StageError::TooLarge(what, bytes, max), logged.event))
+            }
+            Err(e) => return Err((StageError::Other(e.into()), logged.event)),
+        };
+        let before = state.next_seq;
+        if let Err(e) = crate::core::apply_mut(state, &logged) {
+            return Err((StageError::Illegal(e), logged.event));
         }
-        let (run, expected, every) = (self.run, state.next_seq, self.inner.snapshot_every);
-        let snap = next.clone();
+        tracing::debug!(seq = logged.seq.0, kind = logged.event.kind_name(), "stage");
+        batch.base.get_or_insert(before);
+        batch.records.push(record);
+        batch.evaluated |= matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
+        if answer {
+            batch.answers.push(logged.event);
+        }
+        Ok(())
+    }
+
+    /// Stages an effect's answer if it is still legal (an output too large to record
+    /// becomes a semantic failure, a plan too large a rejection).
+    fn absorb(&mut self, state: &mut RunState, batch: &mut Batch, o: Outcome) -> Result<(), EngineError> {
+        self.inflight.remove(&o.key);
+        let Some(event) = o.event else {
+            if let EffectKey::Notify(n) = o.key {
+                self.unnotifiable.insert(n);
+            }
+            return Ok(());
+        };
+        self.stage_answer(state, batch, event, None)
+    }
+
+    /// Stages the answers of a batch that conflicted again, on top of the re-read log.
+    fn restage(&mut self, state: &mut RunState, batch: &mut Batch, answers: Vec<Event>) -> Result<(), EngineError> {
+        for event in answers {
+            self.stage_answer(state, batch, event, None)?;
+        }
+        Ok(())
+    }
+
+    /// `limit`: a store limit below the default one the batch hit (bytes).
+    fn stage_answer(
+        &mut self,
+        state: &mut RunState,
+        batch: &mut Batch,
+        event: Event,
+        limit: Option<usize>,
+    ) -> Result<(), EngineError> {
+        let mut event = event;
+        loop {
+            let at_us = self.inner.clock.now_us().max(state.last_event_us);
+            let kind = event.kind_name();
+            let too_large = match limit {
+                Some(max) => {
+                    let bytes = keel_store::codec::encode(&event)?.len();
+                    (bytes > max).then_some(("event", bytes, max))
+                }
+                None => None,
+            };
+            let res = match too_large {
+                Some((what, bytes, max)) => Err((StageError::TooLarge(what, bytes, max), event)),
+                None => self.stage(state, batch, event, at_us, true),
+            };
+            let (err, back) = match res {
+                Ok(()) => return Ok(()),
+                Err(x) => x,
+            };
+            event = back;
+            match err {
+                StageError::Illegal(e) => {
+                    tracing::info!(kind, reason = %e, "dropping a result that is no longer legal (run cancelled or moved on)");
+                    return Ok(());
+                }
+                StageError::TooLarge(what, bytes, max) => {
+                    let reason = format!("{what} of {bytes} bytes exceeds the limit of {max}");
+                    tracing::warn!(kind, %reason, "result too large to record");
+                    event = match event {
+                        Event::TaskExecuted { task, attempt, usage, .. } => Event::TaskFailed {
+                            task,
+                            attempt,
+                            class: ErrorClass::Semantic,
+                            error: format!("output too large: {reason}"),
+                            usage,
+                        },
+                        Event::Planned { revision, .. }
+                        | Event::Replanned { revision, .. }
+                        | Event::PlanRejected { revision, plan: Some(_), .. } => Event::PlanRejected {
+                            revision,
+                            errors: vec![format!("plan too large to record: {reason}")],
+                            plan: None,
+                        },
+                        _ => return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })),
+                    };
+                }
+                StageError::Other(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends the staged batch (one durable append) and saves a snapshot if it crossed a
+    /// multiple of `snapshot_every`. `state` already includes the batch.
+    async fn commit(&mut self, state: &mut RunState, batch: &mut Batch) -> Result<Committed, EngineError> {
+        let records = std::mem::take(&mut batch.records);
+        let answers = std::mem::take(&mut batch.answers);
+        let evaluated = std::mem::take(&mut batch.evaluated);
+        let expected = batch.base.take().unwrap_or(state.next_seq);
+        let (run, every, head) = (self.run, self.inner.snapshot_every, state.next_seq);
+        let snapshot = crate::log::snapshot_bytes(state, expected, every);
         let res = self
             .inner
             .blocking(move |log| {
-                let head = log.append(run, expected, records, None)?;
-                debug_assert_eq!(head.next_seq, snap.next_seq, "store head and folded state disagree");
-                crate::log::maybe_snapshot(log, &snap, expected, every);
+                let new_head = log.append(run, expected, records, None)?;
+                debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
+                if let Some(bytes) = snapshot {
+                    crate::log::save_snapshot(log, run, head, &bytes);
+                }
                 Ok(())
             })
             .await;
         match res {
             Ok(()) => {
                 if evaluated {
-                    self.fill_cache(&next);
+                    self.fill_cache(state);
                 }
-                Ok(Appended::Ok(Box::new(next)))
+                Ok(Committed::Ok)
             }
-            Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(Appended::Conflict),
+            Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(Committed::Conflict(answers)),
+            Err(EngineError::Store(StoreError::TooLarge { what: "event", max, .. })) if !answers.is_empty() => {
+                // The store's configured limit is below the default one `prepare` checks:
+                // re-read, and record the too-large answers as failures.
+                *state = self.reload().await?;
+                for event in answers {
+                    self.stage_answer(state, batch, event, Some(max))?;
+                }
+                Ok(Committed::Ok)
+            }
             Err(e) => Err(e),
         }
     }
@@ -249,51 +432,6 @@ impl Driver {
                     let key = ResponseCache::key(&t.spec.handler, t.model.as_deref(), input);
                     self.inner.cache.insert(key, output.clone());
                 }
-            }
-        }
-    }
-
-    /// Records an effect's answer if it is still legal; returns the (possibly re-read) state.
-    async fn on_outcome(&mut self, mut state: RunState, o: Outcome) -> Result<RunState, EngineError> {
-        self.inflight.remove(&o.key);
-        let Some(mut event) = o.event else {
-            if let EffectKey::Notify(n) = o.key {
-                self.unnotifiable.insert(n);
-            }
-            return Ok(state);
-        };
-        loop {
-            let at_us = self.inner.clock.now_us().max(state.last_event_us);
-            let kind = event.kind_name();
-            match self.append(&state, vec![event.clone()], at_us).await {
-                Ok(Appended::Ok(s)) => return Ok(*s),
-                Ok(Appended::Conflict) => state = self.reload().await?,
-                Ok(Appended::Illegal(e)) => {
-                    tracing::info!(kind, key = ?o.key, reason = %e, "dropping a result that is no longer legal (run cancelled or moved on)");
-                    return Ok(state);
-                }
-                Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })) => {
-                    let reason = format!("{what} of {bytes} bytes exceeds the limit of {max}");
-                    tracing::warn!(kind, %reason, "result too large to record");
-                    event = match event {
-                        Event::TaskExecuted { task, attempt, usage, .. } => Event::TaskFailed {
-                            task,
-                            attempt,
-                            class: ErrorClass::Semantic,
-                            error: format!("output too large: {reason}"),
-                            usage,
-                        },
-                        Event::Planned { revision, .. }
-                        | Event::Replanned { revision, .. }
-                        | Event::PlanRejected { revision, .. } => Event::PlanRejected {
-                            revision,
-                            errors: vec![format!("plan too large to record: {reason}")],
-                            plan: None,
-                        },
-                        _ => return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })),
-                    };
-                }
-                Err(e) => return Err(e),
             }
         }
     }

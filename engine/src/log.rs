@@ -1,7 +1,7 @@
 //! Reading a run's log as [`Logged`] events and folding it (from the latest snapshot).
 //! Used by the engine and by replay.
 
-use crate::core::apply;
+use crate::core::{apply, apply_mut};
 use crate::error::EngineError;
 use crate::event::{Event, Logged};
 use crate::state::RunState;
@@ -41,26 +41,35 @@ pub fn read_logged(
 /// tail of the log. `None` if the run has no records. A snapshot that cannot be used is
 /// logged as a warning and the run is folded from its first event.
 pub fn load_state(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
-    let (mut state, from) = match snapshot_state(log, run) {
+    let (state, from) = match snapshot_state(log, run) {
         Some(s) => {
             let from = s.next_seq;
             (Some(s), from)
         }
         None => (None, Seq(0)),
     };
-    for logged in read_logged(log, run, from)? {
-        let logged = logged?;
-        state = Some(apply(state.as_ref(), &logged)?);
-    }
-    Ok(state)
+    fold_into(log, run, from, state)
 }
 
 /// Folds `run` from its first event, ignoring snapshots.
 pub fn fold_full(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
-    let mut state: Option<RunState> = None;
-    for logged in read_logged(log, run, Seq(0))? {
+    fold_into(log, run, Seq(0), None)
+}
+
+/// Folds the log of `run` from `from` into `state` (in place: no copy of the state per
+/// event).
+fn fold_into(
+    log: &dyn EventLog,
+    run: RunId,
+    from: Seq,
+    mut state: Option<RunState>,
+) -> Result<Option<RunState>, EngineError> {
+    for logged in read_logged(log, run, from)? {
         let logged = logged?;
-        state = Some(apply(state.as_ref(), &logged)?);
+        match state.as_mut() {
+            None => state = Some(apply(None, &logged)?),
+            Some(s) => apply_mut(s, &logged)?,
+        }
     }
     Ok(state)
 }
@@ -89,15 +98,29 @@ fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
 /// Saves a snapshot of `state` if the append that produced it crossed a multiple of
 /// `every`. Failures are logged, never returned: a snapshot is an optimisation.
 pub(crate) fn maybe_snapshot(log: &dyn EventLog, state: &RunState, before: Seq, every: u64) {
+    if let Some(bytes) = snapshot_bytes(state, before, every) {
+        save_snapshot(log, state.run, state.next_seq, &bytes);
+    }
+}
+
+/// The encoded `state` if the append from `before` to `state.next_seq` crossed a multiple
+/// of `every` (a snapshot is due), else `None`.
+pub(crate) fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Option<Vec<u8>> {
     if every == 0 || before.0 / every == state.next_seq.0 / every {
-        return;
+        return None;
     }
     match codec::encode(state) {
-        Ok(bytes) => {
-            if let Err(e) = log.save_snapshot(state.run, state.next_seq, &bytes) {
-                tracing::warn!(run = %state.run, error = %e, "snapshot not saved");
-            }
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!(run = %state.run, error = %e, "snapshot does not encode");
+            None
         }
-        Err(e) => tracing::warn!(run = %state.run, error = %e, "snapshot does not encode"),
+    }
+}
+
+/// Saves an encoded snapshot covering seqs `< next_seq`; failures are logged.
+pub(crate) fn save_snapshot(log: &dyn EventLog, run: RunId, next_seq: Seq, bytes: &[u8]) {
+    if let Err(e) = log.save_snapshot(run, next_seq, bytes) {
+        tracing::warn!(%run, error = %e, "snapshot not saved");
     }
 }

@@ -72,6 +72,8 @@ struct Sizes {
     floor_duration: Duration,
     /// Throughput cells aim at this many seconds of engine work.
     cell_seconds: f64,
+    /// Engine/raw measurement pairs per throughput cell (medians reported).
+    rounds: usize,
     concurrency: Vec<usize>,
     latency_samples: usize,
     resume_sizes: Vec<u64>,
@@ -86,7 +88,8 @@ impl Sizes {
         if quick {
             Sizes {
                 floor_duration: Duration::from_millis(500),
-                cell_seconds: 1.0,
+                cell_seconds: 0.8,
+                rounds: 1,
                 concurrency: vec![1, 64, 1024],
                 latency_samples: 400,
                 resume_sizes: vec![1_000, 10_000, 100_000],
@@ -98,7 +101,8 @@ impl Sizes {
         } else {
             Sizes {
                 floor_duration: Duration::from_secs(2),
-                cell_seconds: 3.0,
+                cell_seconds: 2.0,
+                rounds: 3,
                 concurrency: vec![1, 64, 1024],
                 latency_samples: 3_000,
                 resume_sizes: vec![1_000, 10_000, 100_000],
@@ -350,6 +354,12 @@ pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), ReplayError> {
 
 /// Runs every section. Must not be called from inside a tokio runtime (it builds its own).
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
+    let result = run_sections(opts, progress);
+    remove_temp_dirs();
+    result
+}
+
+fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
     let mut plan = Sizes::of(opts.quick);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -402,7 +412,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         figures.extend(rt.block_on(replay(parent, &plan))?);
     }
 
-    Ok(BenchReport { quick: opts.quick, machine: machine(), seconds: started.elapsed().as_secs_f64(), figures })
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(BenchReport { quick: opts.quick, machine: machine(), seconds, figures })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -500,14 +511,27 @@ fn engine_over(
         .open()
 }
 
-fn temp_dir(parent: Option<&Path>, what: &str) -> Result<tempfile::TempDir, ReplayError> {
+/// Temporary directories of this bench run, deleted only at its end: deleting large files
+/// (on a filesystem mounted with `discard`) stalls the I/O of whatever is measured next.
+static TEMP_DIRS: Mutex<Vec<tempfile::TempDir>> = Mutex::new(Vec::new());
+
+/// A fresh temporary directory (kept until the end of the bench run).
+fn temp_dir(parent: Option<&Path>, what: &str) -> Result<PathBuf, ReplayError> {
     let prefix = format!("keel-bench-{what}-");
     let b = tempfile::Builder::new().prefix(&prefix).to_owned();
     let dir = match parent {
         Some(p) => b.tempdir_in(p),
         None => b.tempdir(),
     };
-    dir.map_err(|e| ReplayError::io(parent.unwrap_or(Path::new("<temp dir>")), e))
+    let dir = dir.map_err(|e| ReplayError::io(parent.unwrap_or(Path::new("<temp dir>")), e))?;
+    let path = dir.path().to_path_buf();
+    TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
+    Ok(path)
+}
+
+fn remove_temp_dirs() {
+    let dirs = std::mem::take(&mut *TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner()));
+    drop(dirs);
 }
 
 fn open_store(dir: &Path, durability: Durability) -> Result<Arc<SledStore>, ReplayError> {
@@ -567,6 +591,8 @@ struct Probe {
     inner: Arc<SledStore>,
     appends: AtomicU64,
     records: AtomicU64,
+    /// Nanoseconds spent inside `append` (write + flush), summed over callers.
+    append_ns: AtomicU64,
     /// (run, kind, at_us, durable_us) of TaskDispatched / TaskEvaluated records.
     steps: Option<(MonoClock, Mutex<Vec<(RunId, bool, i64, i64)>>)>,
 }
@@ -577,6 +603,7 @@ impl Probe {
             inner,
             appends: AtomicU64::new(0),
             records: AtomicU64::new(0),
+            append_ns: AtomicU64::new(0),
             steps: clock.map(|c| (c, Mutex::new(Vec::new()))),
         }
     }
@@ -602,7 +629,9 @@ impl EventLog for Probe {
                 .collect(),
         };
         let n = records.len() as u64;
+        let t = Instant::now();
         let head = self.inner.append(run, expected, records, claim)?;
+        self.append_ns.fetch_add(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.appends.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(n, Ordering::Relaxed);
         if let Some((clock, steps)) = &self.steps {
@@ -663,7 +692,7 @@ fn trim_heap() {
 
 async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, ReplayError> {
     let dir = temp_dir(parent, "memory")?;
-    let store = open_store(dir.path(), Durability::default())?;
+    let store = open_store(dir.as_path(), Durability::default())?;
     // Escalations with a (far) deadline: each driver ends with its run parked.
     let policy = Policy {
         escalation_deadline_ms: Some(30 * 24 * 3600 * 1000),
@@ -719,7 +748,7 @@ async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, Repla
 /// Mean stored bytes of one record of the bench workflow (to size the floors).
 async fn calibrate(parent: Option<&Path>) -> Result<usize, ReplayError> {
     let dir = temp_dir(parent, "calibrate")?;
-    let store = open_store(dir.path(), Durability::None)?;
+    let store = open_store(dir.as_path(), Durability::None)?;
     let engine = engine_over(store.clone(), workflow(16, false, 0), 8, Policy::default())?;
     let runs = submit_all(&engine, 8).await?;
     engine.run_until_idle().await?;
@@ -733,35 +762,183 @@ async fn calibrate(parent: Option<&Path>) -> Result<usize, ReplayError> {
     Ok(bytes.checked_div(n).unwrap_or(300))
 }
 
-fn varint_len(n: usize) -> usize {
-    match n {
-        0..=250 => 1,
-        251..=65_535 => 3,
-        _ => 5,
+/// Raw sled: a database opened like keel's (same cache, same segment size), written with
+/// keel's key layout, made durable exactly like keel's `PowerLoss`/`ProcessCrash` levels
+/// (sled `flush`, then `fdatasync` of sled's data file).
+struct RawSled {
+    db: sled::Db,
+    data_file: std::fs::File,
+    group: RawGroup,
+}
+
+fn sled_err(e: sled::Error) -> ReplayError {
+    ReplayError::Invalid(format!("raw sled: {e}"))
+}
+
+impl RawSled {
+    fn open(dir: &Path) -> Result<RawSled, ReplayError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(StoreConfig::default().cache_capacity_bytes)
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .map_err(sled_err)?;
+        let data = dir.join("db");
+        let data_file = std::fs::File::open(&data).map_err(|e| ReplayError::io(&data, e))?;
+        Ok(RawSled { db, data_file, group: RawGroup::default() })
+    }
+
+    fn sync(&self, level: Level) -> Result<(), ReplayError> {
+        self.db.flush().map_err(sled_err)?;
+        if level == Level::PowerLoss {
+            self.data_file.sync_data().map_err(|e| ReplayError::io(Path::new("sled data file"), e))?;
+        }
+        Ok(())
+    }
+
+    fn durable(&self, d: Durability) -> Result<(), ReplayError> {
+        match d {
+            Durability::None => Ok(()),
+            Durability::EveryAppend(level) => self.sync(level),
+            Durability::GroupCommit(level) => self.group.commit(|| self.sync(level)),
+        }
     }
 }
 
-/// The `payload_bytes` that makes keel_store::bench's raw values `record_bytes` long.
-fn store_bench_payload(record_bytes: usize) -> usize {
-    let value_len = |pb: usize| -> usize {
-        let ev = BenchEvent { id: 0, note: "x".repeat(pb.saturating_sub(12)) };
-        let len = prepare(&ev, 0).map(|r| r.payload.len()).unwrap_or(pb);
-        // crc + version + kind + time + payload + payload_root + hash
-        4 + 1 + 1 + "BenchEvent".len() + 1 + varint_len(len) + len + 64
-    };
-    (12..8192).min_by_key(|pb| value_len(*pb).abs_diff(record_bytes)).unwrap_or(300)
+/// keel-store's group commit, step for step: a writer takes a ticket after its write; if no
+/// flush runs it leads one covering every ticket issued so far, else it waits; it returns
+/// once a flush that started after its write has completed.
+#[derive(Default)]
+struct RawGroup {
+    state: Mutex<(u64, u64, bool, u64)>,
+    done: std::sync::Condvar,
 }
 
-fn file_fdatasync(
+impl RawGroup {
+    fn commit(&self, flush: impl Fn() -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
+        let ticket = st.0;
+        loop {
+            if st.1 >= ticket {
+                return Ok(());
+            }
+            if st.2 {
+                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.2 = true;
+            let target = st.0;
+            drop(st);
+            let result = flush();
+            st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.2 = false;
+            st.3 += 1;
+            if result.is_ok() {
+                st.1 = st.1.max(target);
+            }
+            drop(st);
+            self.done.notify_all();
+            result?;
+            st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn flushes(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).3
+    }
+}
+
+fn event_key(run: u64, seq: u64) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[0] = b'e';
+    k[9..17].copy_from_slice(&run.to_be_bytes());
+    k[17..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// One raw measurement.
+#[derive(Clone, Copy, Debug)]
+struct RawSample {
+    records: u64,
+    seconds: f64,
+    flushes: u64,
+}
+
+impl RawSample {
+    fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.records as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// `threads` writers, each appending `per_op` records of `value_bytes` per operation (one
+/// `insert`, or one atomic batch for several, as keel-store does) then making it durable per
+/// `d`, for `duration`, on a fresh database.
+fn raw_inserts(
     parent: Option<&Path>,
-    record_bytes: usize,
-    group: usize,
+    d: Durability,
+    threads: usize,
     duration: Duration,
-) -> Result<f64, ReplayError> {
+    value_bytes: usize,
+    per_op: usize,
+) -> Result<RawSample, ReplayError> {
+    let dir = temp_dir(parent, "raw")?;
+    let raw = RawSled::open(&dir)?;
+    let value = vec![0x5au8; value_bytes];
+    let per_op = per_op.max(1);
+    let barrier = std::sync::Barrier::new(threads + 1);
+    let results: Vec<Result<(u64, Instant), ReplayError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (raw, value, barrier) = (&raw, &value, &barrier);
+                s.spawn(move || -> Result<(u64, Instant), ReplayError> {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    let mut seq = 0u64;
+                    while t0.elapsed() < duration {
+                        if per_op == 1 {
+                            raw.db.insert(&event_key(t as u64, seq)[..], value.as_slice()).map_err(sled_err)?;
+                        } else {
+                            let mut batch = sled::Batch::default();
+                            for k in 0..per_op as u64 {
+                                batch.insert(&event_key(t as u64, seq + k)[..], value.as_slice());
+                            }
+                            raw.db.apply_batch(batch).map_err(sled_err)?;
+                        }
+                        raw.durable(d)?;
+                        seq += per_op as u64;
+                    }
+                    Ok((seq, Instant::now()))
+                })
+            })
+            .collect();
+        barrier.wait();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(ReplayError::Invalid("raw writer panicked".into())))).collect()
+    });
+    let t0 = Instant::now() - duration;
+    let (mut records, mut end) = (0u64, t0);
+    for r in results {
+        let (n, finished) = r?;
+        records += n;
+        end = end.max(finished);
+    }
+    let ops = records / per_op as u64;
+    let flushes = match d {
+        Durability::GroupCommit(_) => raw.group.flushes(),
+        Durability::EveryAppend(_) => ops,
+        Durability::None => 0,
+    };
+    Ok(RawSample { records, seconds: end.duration_since(t0).as_secs_f64().max(duration.as_secs_f64()), flushes })
+}
+
+fn file_fdatasync(parent: Option<&Path>, record_bytes: usize, group: usize, duration: Duration) -> Result<f64, ReplayError> {
     let dir = temp_dir(parent, "file")?;
-    let path = dir.path().join("log");
-    let mut f =
-        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| ReplayError::io(&path, e))?;
+    let path = dir.join("log");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| ReplayError::io(&path, e))?;
     let rec = vec![0x5au8; record_bytes];
     let t0 = Instant::now();
     let mut n = 0u64;
@@ -776,24 +953,22 @@ fn file_fdatasync(
 }
 
 fn floor(parent: Option<&Path>, plan: &Sizes, record_bytes: usize) -> Result<Vec<Figure>, ReplayError> {
-    let pb = store_bench_payload(record_bytes);
     let d = plan.floor_duration;
     let mut out = Vec::new();
-    for (mode, key) in [
-        (Durability::EveryAppend(Level::PowerLoss), "every_append"),
-        (Durability::GroupCommit(Level::PowerLoss), "group_commit_64"),
+    for (mode, threads, key) in [
+        (Durability::EveryAppend(Level::PowerLoss), 1, "every_append.threads_1"),
+        (Durability::GroupCommit(Level::PowerLoss), 64, "group_commit.threads_64"),
     ] {
-        let runs = if key == "every_append" { 1 } else { 64 };
-        let s = keel_store::bench::measure_raw(parent, mode, runs, d, pb)?;
+        let s = raw_inserts(parent, mode, threads, d, record_bytes, 1)?;
         out.push(
             Figure::new(
                 "floor",
                 format!("floor.sled_insert.{key}"),
-                format!("raw sled inserts, {}, {runs} thread(s)", keel_store::bench::mode_name(mode)),
+                format!("raw sled inserts, {}, {threads} thread(s)", keel_store::bench::mode_name(mode)),
                 s.per_second(),
                 "/s",
             )
-            .extra(json!({"record_bytes": record_bytes, "threads": runs, "flushes": s.flushes, "inserts": s.ops})),
+            .extra(json!({"record_bytes": record_bytes, "threads": threads, "flushes": s.flushes, "inserts": s.records})),
         );
     }
     let one = file_fdatasync(parent, record_bytes, 1, d)?;
@@ -829,38 +1004,70 @@ fn events_per_run(tasks: usize) -> usize {
     3 + 3 * tasks
 }
 
-async fn throughput(
+/// The share of a cell's events after which the rate is taken: the last runs to finish
+/// run with less concurrency than the cell names.
+const CELL_CUTOFF: f64 = 0.9;
+
+/// One measurement of the engine.
+#[derive(Clone, Copy, Debug)]
+struct EngineSample {
+    events: u64,
+    seconds: f64,
+    appends: u64,
+    flushes: u64,
+    append_us: f64,
+}
+
+impl EngineSample {
+    fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.events as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Drives `runs` chain runs of `tasks` tasks, `concurrency` at a time, on a fresh store;
+/// the rate is taken over the first [`CELL_CUTOFF`] of the events.
+async fn engine_cell(
     parent: Option<&Path>,
     d: Durability,
     concurrency: usize,
-    plan: &Sizes,
-    record_bytes: usize,
-) -> Result<Figure, ReplayError> {
-    // The floor first: raw sled inserts, same size, same flush pattern, same concurrency.
-    let pb = store_bench_payload(record_bytes);
-    let raw_duration = Duration::from_secs_f64((plan.cell_seconds / 2.0).max(0.3));
-    let raw = tokio::task::block_in_place(|| keel_store::bench::measure_raw(parent, d, concurrency, raw_duration, pb))?;
-    let raw_per_s = raw.per_second();
-
-    // Enough work for about `cell_seconds` at the floor's rate (the engine is no faster).
-    let target_events = (raw_per_s * plan.cell_seconds).max(200.0) as usize;
-    let per_run_target = target_events / concurrency.max(1);
-    let (tasks, runs) = if per_run_target >= events_per_run(64) {
-        (64, target_events.div_ceil(events_per_run(64)).max(concurrency))
-    } else {
-        (((per_run_target.saturating_sub(3)) / 3).clamp(1, 64), concurrency)
-    };
-
+    tasks: usize,
+    runs: usize,
+) -> Result<EngineSample, ReplayError> {
+    let total = (runs * events_per_run(tasks)) as u64;
     let dir = temp_dir(parent, "throughput")?;
-    let store = open_store(dir.path(), d)?;
+    let store = open_store(&dir, d)?;
     let probe = Arc::new(Probe::new(store.clone(), None));
     let engine = engine_over(probe.clone(), workflow(tasks, false, concurrency), concurrency, Policy::default())?;
-    let ids = submit_all(&engine, runs).await?;
-    let (a0, r0, f0) =
-        (probe.appends.load(Ordering::Relaxed), probe.records.load(Ordering::Relaxed), store.group_flushes());
+    submit_all(&engine, runs).await?;
+    let counters = |p: &Probe, s: &SledStore| {
+        (
+            p.records.load(Ordering::Relaxed),
+            p.appends.load(Ordering::Relaxed),
+            s.group_flushes(),
+            p.append_ns.load(Ordering::Relaxed),
+        )
+    };
+    let (r0, a0, f0, n0) = counters(&probe, &store);
+    // A watcher notes when CELL_CUTOFF of the events are durable.
+    let cut_at = r0 + (total as f64 * CELL_CUTOFF) as u64;
+    let watch = {
+        let (probe, store) = (probe.clone(), store.clone());
+        tokio::spawn(async move {
+            loop {
+                if probe.records.load(Ordering::Relaxed) >= cut_at {
+                    return (Instant::now(), counters(&probe, &store));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     let t0 = Instant::now();
     let report = engine.run_until_idle().await?;
-    let secs = t0.elapsed().as_secs_f64();
+    let (cut_t, (r1, a1, f1, n1)) = watch.await.map_err(|e| ReplayError::Invalid(format!("watcher: {e}")))?;
     if report.completed != runs || !report.stopped.is_empty() {
         return Err(ReplayError::Invalid(format!(
             "throughput: {runs} runs, {} completed, {} stopped: {:?}",
@@ -869,22 +1076,76 @@ async fn throughput(
             report.stopped.first()
         )));
     }
-    let appends = probe.appends.load(Ordering::Relaxed) - a0;
-    let records = probe.records.load(Ordering::Relaxed) - r0;
-    let flushes = match d {
-        Durability::GroupCommit(_) => store.group_flushes() - f0,
-        _ => appends,
-    };
-    debug_assert_eq!(records as usize, ids.len() * events_per_run(tasks));
+    let appended = probe.records.load(Ordering::Relaxed) - r0;
+    if appended != total {
+        return Err(ReplayError::Invalid(format!("throughput: {appended} events appended, expected {total}")));
+    }
     drop(engine);
-    let per_s = records as f64 / secs;
+    let appends = a1 - a0;
+    Ok(EngineSample {
+        events: r1 - r0,
+        seconds: cut_t.duration_since(t0).as_secs_f64(),
+        appends,
+        flushes: match d {
+            Durability::GroupCommit(_) => f1 - f0,
+            _ => appends,
+        },
+        append_us: (n1 - n0) as f64 / 1e3 / appends.max(1) as f64,
+    })
+}
+
+fn median_by<T: Copy>(v: &[T], key: impl Fn(&T) -> f64) -> Option<T> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    v.get(v.len() / 2).copied()
+}
+
+async fn throughput(
+    parent: Option<&Path>,
+    d: Durability,
+    concurrency: usize,
+    plan: &Sizes,
+    record_bytes: usize,
+) -> Result<Figure, ReplayError> {
+    // Work for about `cell_seconds` at a rough rate for the mode.
+    let rate = match (d, concurrency) {
+        (Durability::EveryAppend(_), _) | (_, 1) => 4_000.0,
+        _ => 15_000.0,
+    };
+    let target_events = (rate * plan.cell_seconds) as usize;
+    let tasks = (target_events / concurrency.max(1) / 3).clamp(1, 64);
+    let runs = (target_events / events_per_run(tasks)).max(concurrency);
+
+    // Engine and its floor alternate (engine first, then raw, raw, engine, ...): the disk is
+    // shared, so a slow spell hits both sides. The floor is raw sled with the same record
+    // size, the same records per append, the same flush pattern and the same concurrency.
+    let mut engine = Vec::new();
+    let mut raw = Vec::new();
+    let mut per_op = 1usize;
+    for round in 0..plan.rounds.max(1) {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                let e = engine_cell(parent, d, concurrency, tasks, runs).await?;
+                if engine.is_empty() {
+                    per_op = (e.events as f64 / e.appends.max(1) as f64).round().max(1.0) as usize;
+                }
+                engine.push(e);
+            } else {
+                let secs = engine.first().map_or(plan.cell_seconds, |e| e.seconds);
+                let dur = Duration::from_secs_f64(secs.clamp(0.3, plan.cell_seconds));
+                raw.push(tokio::task::block_in_place(|| raw_inserts(parent, d, concurrency, dur, record_bytes, per_op))?);
+            }
+        }
+    }
+    let e = median_by(&engine, EngineSample::per_second).ok_or_else(|| ReplayError::Invalid("no sample".into()))?;
+    let r = median_by(&raw, RawSample::per_second).ok_or_else(|| ReplayError::Invalid("no sample".into()))?;
+
     let key = format!("throughput.{}.runs_{concurrency}", mode_key(d));
     let label = format!("engine transitions/s, {}, {concurrency} run(s)", keel_store::bench::mode_name(d));
-    let mut f = Figure::new("throughput", key, label, per_s, "/s").floor(
-        raw_per_s,
+    let mut f = Figure::new("throughput", key, label, e.per_second(), "/s").floor(
+        r.per_second(),
         format!(
-            "raw sled inserts of {record_bytes}-byte values, {} thread(s), 1 insert per {}",
-            concurrency,
+            "raw sled, {concurrency} thread(s), {per_op} x {record_bytes}-byte record(s) per {}",
             match d {
                 Durability::GroupCommit(_) => "group-commit ticket",
                 _ => "flush",
@@ -897,20 +1158,27 @@ async fn throughput(
         (Durability::EveryAppend(Level::PowerLoss), _) => f = f.target(">= 80% of raw", ratio >= 0.8),
         _ => {}
     }
+    let rates = |v: Vec<f64>| v.into_iter().map(round).collect::<Vec<_>>();
     Ok(f.extra(json!({
         "durability": mode_key(d),
         "concurrent_runs": concurrency,
         "runs": runs,
         "tasks_per_run": tasks,
-        "events": records,
-        "appends": appends,
-        "records_per_append": round(records as f64 / appends.max(1) as f64),
-        "flushes": flushes,
-        "records_per_flush": round(records as f64 / flushes.max(1) as f64),
-        "seconds": round(secs),
-        "raw_inserts": raw.ops,
-        "raw_seconds": round(raw.seconds),
-        "raw_flushes": raw.flushes,
+        "rounds": plan.rounds.max(1),
+        "engine_per_s_samples": rates(engine.iter().map(EngineSample::per_second).collect()),
+        "raw_per_s_samples": rates(raw.iter().map(RawSample::per_second).collect()),
+        "events": e.events,
+        "seconds": round(e.seconds),
+        "appends": e.appends,
+        "mean_append_us": round(e.append_us),
+        "records_per_append": round(e.events as f64 / e.appends.max(1) as f64),
+        "flushes": e.flushes,
+        "records_per_flush": round(e.events as f64 / e.flushes.max(1) as f64),
+        "raw_records_per_op": per_op,
+        "raw_records": r.records,
+        "raw_seconds": round(r.seconds),
+        "raw_flushes": r.flushes,
+        "raw_records_per_flush": round(r.records as f64 / r.flushes.max(1) as f64),
     })))
 }
 
@@ -929,7 +1197,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn latency(parent: Option<&Path>, samples: usize) -> Result<Vec<Figure>, ReplayError> {
     let d = Durability::GroupCommit(Level::PowerLoss);
     let dir = temp_dir(parent, "latency")?;
-    let store = open_store(dir.path(), d)?;
+    let store = open_store(dir.as_path(), d)?;
     let clock = MonoClock::new();
     let probe = Arc::new(Probe::new(store.clone(), Some(clock.clone())));
     let tasks = 64;
@@ -947,6 +1215,7 @@ async fn latency(parent: Option<&Path>, samples: usize) -> Result<Vec<Figure>, R
         return Err(ReplayError::Invalid(format!("latency: {} of {runs} runs completed", report.completed)));
     }
     drop(engine);
+    let append_us = probe.append_ns.load(Ordering::Relaxed) as f64 / 1e3 / probe.appends.load(Ordering::Relaxed).max(1) as f64;
     let marks = match &probe.steps {
         Some((_, m)) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         None => Vec::new(),
@@ -966,7 +1235,7 @@ async fn latency(parent: Option<&Path>, samples: usize) -> Result<Vec<Figure>, R
 
     // One flush of one appended record (sled flush + fdatasync of its data file).
     let fdir = temp_dir(parent, "flush")?;
-    let fstore = open_store(fdir.path(), Durability::None)?;
+    let fstore = open_store(fdir.as_path(), Durability::None)?;
     let run = RunId::from_bytes([9; 16]);
     let mut flushes = Vec::with_capacity(steps.len().max(100));
     for i in 0..steps.len().max(100) {
@@ -982,7 +1251,7 @@ async fn latency(parent: Option<&Path>, samples: usize) -> Result<Vec<Figure>, R
     let n = steps.len();
     let flush_extra =
         json!({"samples": flushes.len(), "p50_us": round(f50), "p99_us": round(f99), "p999_us": round(f999)});
-    let step_extra = json!({"samples": n, "p50_us": round(p50), "p99_us": round(p99), "p999_us": round(p999), "durability": mode_key(d)});
+    let step_extra = json!({"samples": n, "p50_us": round(p50), "p99_us": round(p99), "p999_us": round(p999), "durability": mode_key(d), "mean_append_us": round(append_us)});
     Ok(vec![
         Figure::new("latency", "latency.step.p50", "durable step (dispatch -> evaluated durable), p50", p50, "us")
             .floor(f50, "one flush (sled flush + fdatasync), p50")
@@ -1092,7 +1361,7 @@ fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -
     let dir = temp_dir(parent, "resume")?;
     let mut built = Vec::new();
     {
-        let store = open_store(dir.path(), Durability::None)?;
+        let store = open_store(dir.as_path(), Durability::None)?;
         for (i, &n) in plan.resume_sizes.iter().enumerate() {
             for snap in [true, false] {
                 progress(&format!(
@@ -1112,7 +1381,7 @@ fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -
     }
     progress("resume: measuring...");
     // Reopen: resume after a restart reads through a cold sled cache.
-    let store = open_store(dir.path(), Durability::None)?;
+    let store = open_store(dir.as_path(), Durability::None)?;
     let ctx = Context { policy: Policy::default(), handlers: [HANDLER.to_owned()].into_iter().collect() };
     let mut times: Vec<(u64, bool, f64, f64)> = Vec::new();
     for (n, snap, run, want) in &built {
@@ -1233,9 +1502,9 @@ fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, ReplayError>) -> 
 
 async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, ReplayError> {
     let dir = temp_dir(parent, "replay")?;
-    let db_dir = dir.path().join("db");
+    let db_dir = dir.as_path().join("db");
     let runs = {
-        let store = open_store(dir.path(), Durability::None)?;
+        let store = open_store(dir.as_path(), Durability::None)?;
         let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
         submit_all(&engine, plan.replay_runs).await?;
         engine.run_until_idle().await?;
@@ -1244,7 +1513,7 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
         let mut runs = store.runs()?;
         runs.sort();
         // The export (not timed).
-        let path = dir.path().join("export.jsonl");
+        let path = dir.as_path().join("export.jsonl");
         let file = std::fs::File::create(&path).map_err(|e| ReplayError::io(&path, e))?;
         let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
         for &run in &runs {
@@ -1254,9 +1523,9 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
         runs
     };
     let repeats = 3;
-    let export = dir.path().join("export.jsonl");
+    let export = dir.as_path().join("export.jsonl");
     let ((scanned, bytes), scan_s) = tokio::task::block_in_place(|| best_of(repeats, || raw_scan(&db_dir)))?;
-    let store = tokio::task::block_in_place(|| open_store(dir.path(), Durability::None))?;
+    let store = tokio::task::block_in_place(|| open_store(dir.as_path(), Durability::None))?;
     let (folded, db_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_db(store.as_ref(), &runs)))?;
     drop(store);
     let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(&export)))?;
