@@ -2,9 +2,10 @@
 //! flush pattern.
 //!
 //! `cargo run --release -p keel-store --example store_bench -- [--quick] [--dir PATH]
-//!  [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64]`
+//!  [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64] [--modes group-pl,...]`
 
 use keel_store::bench::{self, BenchConfig};
+use keel_store::{Durability, Level};
 use std::time::Duration;
 
 fn main() {
@@ -35,6 +36,13 @@ fn main() {
                 Ok(n) if n > 0 => config.repeats = n,
                 _ => usage("--repeats takes a positive integer"),
             },
+            "--modes" => {
+                let modes: Option<Vec<Durability>> = value("--modes").split(',').map(parse_mode).collect();
+                match modes {
+                    Some(m) if !m.is_empty() => config.modes = m,
+                    _ => usage("--modes takes a list of every-pl,every-pc,group-pl,group-pc,none"),
+                }
+            }
             "--runs" => {
                 let runs: Result<Vec<usize>, _> = value("--runs").split(',').map(str::parse).collect();
                 match runs {
@@ -81,10 +89,21 @@ fn main() {
     }
 }
 
+fn parse_mode(s: &str) -> Option<Durability> {
+    Some(match s {
+        "every-pl" => Durability::EveryAppend(Level::PowerLoss),
+        "every-pc" => Durability::EveryAppend(Level::ProcessCrash),
+        "group-pl" => Durability::GroupCommit(Level::PowerLoss),
+        "group-pc" => Durability::GroupCommit(Level::ProcessCrash),
+        "none" => Durability::None,
+        _ => return None,
+    })
+}
+
 fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("{msg}");
     }
-    eprintln!("usage: store_bench [--quick] [--dir PATH] [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64]");
+    eprintln!("usage: store_bench [--quick] [--dir PATH] [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64] [--modes group-pl,...]");
     std::process::exit(2)
 }

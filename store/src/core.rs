@@ -25,8 +25,8 @@ pub(crate) trait Kv: Send + Sync + 'static {
     /// Applies all writes atomically (`None` removes).
     fn apply(&self, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError>;
     /// Writes one key (atomic by itself). Default: [`Kv::apply`].
-    fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        self.apply(vec![(key, Some(value))])
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.apply(vec![(key.to_vec(), Some(value))])
     }
 }
 
@@ -120,28 +120,22 @@ impl<K: Kv> Core<K> {
         record::validate_append(run, &records, claim.as_ref(), &self.limits)?;
         let slot = self.slot(run);
         let mut cached = Self::lock_slot(&slot);
-        let head = match cached.as_ref() {
-            Some(h) => h.clone(),
-            None => {
-                let h = self.load_head(run)?;
-                *cached = Some(h.clone());
-                h
-            }
+        let head: &Head = match &mut *cached {
+            Some(h) => h,
+            empty @ None => empty.insert(self.load_head(run)?),
         };
         if expected != head.next_seq {
             return Err(StoreError::Conflict { run, expected, actual: head.next_seq });
         }
-        let (values, new_head) = record::build_batch(run, &head, records)?;
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect();
+        let (mut values, new_head) = record::build_batch(run, head, records)?;
         let result = match claim {
             // A single key needs no batch: sled's apply_batch takes a process-wide write
             // lock and rolls the I/O buffer twice (see docs/STORE.md), a plain insert does not.
-            None if writes.len() == 1 => match writes.pop() {
-                Some((k, Some(v))) => self.kv.insert(k, v),
-                _ => Ok(()),
+            None if values.len() == 1 => match values.pop() {
+                Some((seq, v)) => self.kv.insert(&record::event_key(run, seq), v),
+                None => Ok(()),
             },
-            None => self.kv.apply(writes),
+            None => self.kv.apply(Self::event_writes(run, values)),
             Some(c) => {
                 let _claims = lock(&self.claims);
                 let ck = record::claim_key(&c.key);
@@ -151,14 +145,16 @@ impl<K: Kv> Core<K> {
                     Err(e) => return Err(e),
                     Ok(()) => {}
                 }
+                let mut writes = Self::event_writes(run, values);
                 writes.push((ck, Some(record::claim_value(run, c.expires_at_us).to_vec())));
                 self.kv.apply(writes)
             }
         };
         match result {
             Ok(()) => {
-                *cached = Some(new_head.clone());
-                Ok(Written::Ok(new_head))
+                let out = new_head.clone();
+                *cached = Some(new_head);
+                Ok(Written::Ok(out))
             }
             Err(e) => {
                 // What reached the map is unknown: reload on next use.
@@ -166,6 +162,10 @@ impl<K: Kv> Core<K> {
                 Err(e)
             }
         }
+    }
+
+    fn event_writes(run: RunId, values: record::SealedBatch) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect()
     }
 
     pub(crate) fn head(&self, run: RunId) -> Result<Head, StoreError> {

@@ -28,76 +28,101 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
     out
 }
 
-fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+/// Where canonical JSON is written: a buffer, or straight into a hasher.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl Sink for Sha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+fn write_canonical(v: &Value, out: &mut impl Sink) {
     match v {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+        Value::Null => out.put(b"null"),
+        Value::Bool(true) => out.put(b"true"),
+        Value::Bool(false) => out.put(b"false"),
+        Value::Number(n) => out.put(n.to_string().as_bytes()),
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
-            out.push(b'[');
+            out.put(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    out.put(b",");
                 }
                 write_canonical(item, out);
             }
-            out.push(b']');
+            out.put(b"]");
         }
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
             entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
+            out.put(b"{");
             for (i, (k, val)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    out.put(b",");
                 }
                 write_string(k, out);
-                out.push(b':');
+                out.put(b":");
                 write_canonical(val, out);
             }
-            out.push(b'}');
+            out.put(b"}");
         }
     }
 }
 
-fn write_string(s: &str, out: &mut Vec<u8>) {
+fn write_string(s: &str, out: &mut impl Sink) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            c if c < 0x20 => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(c >> 4) as usize]);
-                out.push(HEX[(c & 0xf) as usize]);
-            }
-            // Bytes of multi-byte UTF-8 sequences are all >= 0x80: copied verbatim.
-            c => out.push(c),
-        }
+    let bytes = s.as_bytes();
+    out.put(b"\"");
+    // Copy runs of bytes that need no escape in one go. Bytes of multi-byte UTF-8
+    // sequences are all >= 0x80 and are copied verbatim.
+    let mut run_start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            c if c < 0x20 => &[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 0xf) as usize]],
+            _ => continue,
+        };
+        out.put(&bytes[run_start..i]);
+        out.put(escaped);
+        run_start = i + 1;
     }
-    out.push(b'"');
+    out.put(&bytes[run_start..]);
+    out.put(b"\"");
 }
 
 /// `SHA256(canonical_json(value))`.
 pub fn field_digest(value: &Value) -> Hash32 {
-    sha256(&[&canonical_json(value)])
+    let mut h = Sha256::new();
+    write_canonical(value, &mut h);
+    h.finalize().into()
 }
 
 /// `SHA256( concat over fields sorted by name bytes of u32_be(len(name)) || name || digest )`.
 /// The empty field list gives SHA256 of the empty string.
 pub fn payload_root(field_digests: &[(String, Hash32)]) -> Hash32 {
-    let mut sorted: Vec<&(String, Hash32)> = field_digests.iter().collect();
-    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    root_of_sorted(field_digests.iter().map(|(n, d)| (n.as_str(), *d)).collect())
+}
+
+fn root_of_sorted(mut fields: Vec<(&str, Hash32)>) -> Hash32 {
+    fields.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut h = Sha256::new();
-    for (name, digest) in sorted {
+    for (name, digest) in fields {
         // A field name longer than u32::MAX bytes cannot come from a serde_json map in
         // practice; saturate rather than panic.
         let len = u32::try_from(name.len()).unwrap_or(u32::MAX);
@@ -154,6 +179,15 @@ mod tests {
             String::from_utf8(canonical_json(&v)).unwrap_or_default(),
             "{\"a\":\"x\\\"\\n\\u0001é\",\"b\":[1,{\"a\":true,\"z\":null}]}"
         );
+    }
+
+    #[test]
+    fn streamed_field_digest_equals_digest_of_canonical_bytes() {
+        let v = json!({"z": "a\u{1f}\\\"\t b", "a": [1.5, -2, null, {"k": "é"}]});
+        assert_eq!(field_digest(&v), sha256(&[&canonical_json(&v)]));
+        let m = v.as_object().cloned().unwrap_or_default();
+        let listed: Vec<(String, Hash32)> = m.iter().map(|(k, x)| (k.clone(), field_digest(x))).collect();
+        assert_eq!(payload_root_of(&m), payload_root(&listed));
     }
 
     #[test]

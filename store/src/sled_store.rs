@@ -65,7 +65,7 @@ impl Kv for SledKv {
         self.db.apply_batch(batch).map_err(sled_err)
     }
 
-    fn insert(&self, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
         self.db.insert(key, value).map(|_| ()).map_err(sled_err)
     }
 }
