@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub struct World {
     scenarios: Mutex<BTreeMap<u64, Arc<Scenario>>>,
-    /// Handler calls seen, by (run seed, task, attempt): at-least-once accounting.
-    pub calls: Mutex<BTreeMap<(u64, String, u32), u32>>,
+    /// Handler calls seen, by idempotency key (one key per (run, revision, task,
+    /// attempt)): at-least-once accounting.
+    pub calls: Mutex<BTreeMap<String, u32>>,
 }
 
 impl World {
@@ -119,7 +120,7 @@ impl TaskHandler for H {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         {
             let mut calls = self.0.calls.lock().unwrap_or_else(|p| p.into_inner());
-            *calls.entry((call.seed, call.task.0.clone(), call.attempt)).or_default() += 1;
+            *calls.entry(call.idempotency_key.clone()).or_default() += 1;
         }
         let out = match self.0.get(call.seed).and_then(|sc| sc.spec(&call.task).cloned().map(|spec| (sc, spec))) {
             None => Err(HandlerError::fatal("unknown scenario or task")),

@@ -74,7 +74,7 @@ async fn answer_humans(engine: &Engine, world: &World, runs: &BTreeMap<RunId, u6
 
 /// Everything a stored run must satisfy; for one-task-at-a-time runs, the same events as
 /// the simulator and the model.
-fn check_run(store: &dyn EventLog, run: RunId, sc: &Scenario) -> Result<Vec<Logged>, String> {
+fn check_run(store: &dyn EventLog, run: RunId, sc: &Scenario, engines: usize) -> Result<Vec<Logged>, String> {
     let events: Vec<Logged> = keel_engine::read_logged(store, run, keel_engine::Seq(0))
         .map_err(|e| e.to_string())?
         .collect::<Result<_, _>>()
@@ -82,13 +82,15 @@ fn check_run(store: &dyn EventLog, run: RunId, sc: &Scenario) -> Result<Vec<Logg
     verify_run::<Event>(store, run).map_err(|e| format!("verify: {e}"))?;
     let states = check::fold_prefixes(&events)?;
     check::invariants(sc, &events, &states)?;
-    check::batches(&events, &states, &sc.context())?;
-    check::replay_check(sc, &events)?;
+    // Several engines drive the same run at once (see docs/TESTING.md, findings): an answer
+    // may then land between another driver's decision and its recording.
+    check::batches_with(&events, &states, &sc.context(), engines > 1)?;
+    check::replay_check_with(sc, &events, engines > 1)?;
     let loaded = load_state(store, run).map_err(|e| e.to_string())?;
     if loaded.as_ref() != states.last() {
         return Err("load_state (snapshot + tail) differs from the full fold".into());
     }
-    if sc.max_parallel == 1 {
+    if sc.max_parallel == 1 && engines == 1 {
         let mut script = ScenarioScript::new(sc);
         let sim = simulate(run, sc.accepted(), &sc.context(), &mut script, 2_000).map_err(|e| e.to_string())?;
         let kinds = |l: &[Logged]| l.iter().map(|e| e.event.kind_name()).collect::<Vec<_>>();
@@ -154,9 +156,33 @@ fn engine_batch(seed: u64, count: usize, n: usize, engines: usize) -> Result<usi
         }
         Ok::<_, String>(runs)
     })?;
+    // Every dispatch recorded was executed, and (one driver per run at a time) exactly once
+    // when one engine drives: at-least-once allows more only across crashes.
+    let calls = world.calls.lock().map_err(|_| "poisoned")?.clone();
+    let mut dispatched = 0usize;
+    for run in runs.keys() {
+        for e in
+            keel_engine::read_logged(store.as_ref(), *run, keel_engine::Seq(0)).map_err(|e| e.to_string())?.flatten()
+        {
+            if let Event::TaskDispatched { idempotency_key, .. } = &e.event {
+                dispatched += 1;
+                let n = calls.get(idempotency_key).copied().unwrap_or(0);
+                if n == 0 {
+                    return Err(format!("run {run}: dispatch {idempotency_key} recorded but its handler never ran"));
+                }
+                if n > 1 && engines == 1 {
+                    return Err(format!("run {run}: dispatch {idempotency_key} executed {n} times by one engine (two drivers of one run?)"));
+                }
+            }
+        }
+    }
+    let duplicates: u32 = calls.values().map(|n| n - 1).sum();
+    if engines > 1 && duplicates > 0 {
+        println!("{engines} engines on one store: {duplicates} duplicate handler call(s) (same idempotency key) over {dispatched} dispatches");
+    }
     for (run, seed) in &runs {
         let sc = world.get(*seed).ok_or("scenario")?;
-        check_run(store.as_ref(), *run, &sc)
+        check_run(store.as_ref(), *run, &sc, engines)
             .map_err(|e| format!("run {run} (scenario seed {seed:#x}, {n} tasks): {e}"))?;
         let st = load_state(store.as_ref(), *run).map_err(|e| e.to_string())?.ok_or("no state")?;
         if !st.status.is_terminal() && st.status != RunStatus::AwaitingHuman {
