@@ -50,7 +50,17 @@ fn write_canonical(v: &Value, out: &mut impl Sink) {
         Value::Null => out.put(b"null"),
         Value::Bool(true) => out.put(b"true"),
         Value::Bool(false) => out.put(b"false"),
-        Value::Number(n) => out.put(n.to_string().as_bytes()),
+        Value::Number(n) => {
+            // serde_json's Display of the number, without a temporary String.
+            struct Adapter<'a, S: Sink>(&'a mut S);
+            impl<S: Sink> std::fmt::Write for Adapter<'_, S> {
+                fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                    self.0.put(s.as_bytes());
+                    Ok(())
+                }
+            }
+            let _ = std::fmt::Write::write_fmt(&mut Adapter(out), format_args!("{n}"));
+        }
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
             out.put(b"[");
