@@ -71,6 +71,16 @@ enum Cmd {
     Stats(JsonArgs),
     /// Print the run and task state machines.
     Fsm(FsmArgs),
+    /// Measure what keel costs on top of its log: throughput, step latency, resume,
+    /// replay and memory, each next to its floor (fresh temporary databases; docs/PERFORMANCE.md).
+    Bench {
+        /// Print one JSON document (stable schema, docs/PERFORMANCE.md).
+        #[arg(long)]
+        json: bool,
+        /// The short run (under 2 minutes on 2 cores; 10k suspended runs instead of 100k).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -383,6 +393,7 @@ async fn run(cli: Cli) -> CmdResult {
         Cmd::Resolve(a) => cmd_resolve(&db, a).await,
         Cmd::Stats(a) => cmd_stats(&db, a),
         Cmd::Fsm(a) => cmd_fsm(a),
+        Cmd::Bench { json, quick } => Ok(keel_replay::bench::cli(json, quick).map(|()| ExitCode::SUCCESS)?),
     }
 }
 
