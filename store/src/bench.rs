@@ -43,14 +43,14 @@ pub struct BenchConfig {
 }
 
 impl BenchConfig {
-    /// The full table: 4 modes x {1, 4, 64} runs; per cell 3 repeats of 2 s per side in
-    /// 8 alternating slices.
+    /// The full table: 4 modes x {1, 4, 64} runs; per cell 5 repeats of 2 s per side in
+    /// 20 alternating slices of 100 ms.
     pub fn full() -> Self {
         BenchConfig {
             dir: None,
             duration: Duration::from_secs(2),
-            slices: 8,
-            repeats: 3,
+            slices: 20,
+            repeats: 5,
             runs: vec![1, 4, 64],
             modes: vec![
                 Durability::EveryAppend(Level::PowerLoss),
@@ -62,9 +62,9 @@ impl BenchConfig {
         }
     }
 
-    /// A smoke run: same cells, 0.4 s per side in 2 slices, 1 repeat.
+    /// A smoke run: same cells, 0.4 s per side in 4 slices, 1 repeat.
     pub fn quick() -> Self {
-        BenchConfig { duration: Duration::from_millis(400), slices: 2, repeats: 1, ..Self::full() }
+        BenchConfig { duration: Duration::from_millis(400), slices: 4, repeats: 1, ..Self::full() }
     }
 }
 
