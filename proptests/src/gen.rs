@@ -78,11 +78,14 @@ pub struct GenConfig {
     pub human_review: bool,
     /// Percent of runs with no budget limits at all.
     pub unlimited_pct: u64,
+    /// Also generate run deadlines and escalation deadlines with default decisions
+    /// (timers the reference model does not cover: used by the shuffled drivers).
+    pub deadlines: bool,
 }
 
 impl Default for GenConfig {
     fn default() -> Self {
-        GenConfig { tasks_max: 30, invalid_plan_pct: 6, human_review: true, unlimited_pct: 30 }
+        GenConfig { tasks_max: 30, invalid_plan_pct: 6, human_review: true, unlimited_pct: 30, deadlines: false }
     }
 }
 
@@ -129,7 +132,10 @@ impl Scenario {
         };
         let budget = Budget {
             // A plan whose estimate exceeds the budget is rejected, so most limits sit above the sum.
-            cost_micros: lim(&mut r, 35, &|r| sum_cost.saturating_mul(r.range(90, 300)) / 100),
+            // Just above the estimate: retries and replans run it out.
+            cost_micros: lim(&mut r, 35, &|r| {
+                sum_cost.saturating_mul(if r.chance(60) { r.range(100, 102) } else { r.range(102, 300) }) / 100
+            }),
             tokens: lim(&mut r, 25, &|r| sum_tokens.saturating_mul(r.range(90, 300)) / 100),
             llm_calls: lim(&mut r, 30, &|r| r.range(0, 2 * n_llm + 2)),
             tool_calls: lim(&mut r, 30, &|r| r.range(0, 2 * n_tool + 2)),
@@ -166,7 +172,7 @@ impl Scenario {
         let fail_pct = *r.pick(&[0, 5, 15, 30, 50, 70]);
         let reject_pct = *r.pick(&[0, 5, 15, 30]);
         let silent_pct = *r.pick(&[0, 0, 10, 30]);
-        Scenario {
+        let mut sc = Scenario {
             seed,
             budget,
             on_exhausted,
@@ -178,7 +184,23 @@ impl Scenario {
             silent_pct,
             revision_blind: false,
             humans_follow_options: false,
+        };
+        if cfg.deadlines {
+            // Drawn last, so the rest of a seed's scenario does not depend on this flag.
+            if r.chance(30) {
+                sc.budget.deadline_ms = Some(r.range(1, 400));
+            }
+            if r.chance(40) {
+                sc.policy.escalation_deadline_ms = Some(r.range(0, 300));
+                sc.policy.escalation_default = Some(match r.below(4) {
+                    0 => Decision::Approve,
+                    1 => Decision::Reject,
+                    2 => Decision::Abort,
+                    _ => Decision::ReplanWithHint("deadline hint".to_owned()),
+                });
+            }
         }
+        sc
     }
 
     /// The `RunAccepted` event of the run.
@@ -223,7 +245,8 @@ impl Scenario {
     /// What the handler call `(revision, task, attempt)` does.
     pub fn fault(&self, revision: u32, task: &TaskId, attempt: u32) -> Fault {
         let mut r = Rng::new(self.h("fault", revision, task, attempt));
-        let pct = r.range(0, 100);
+        // Half the calls spend their whole estimate (budgets then run out on retries).
+        let pct = if r.chance(50) { 100 } else { r.range(0, 100) };
         if !r.chance(self.fail_pct) {
             return Fault::Success { pct };
         }

@@ -396,7 +396,7 @@ impl<'a> Model<'a> {
             let (usage, outcome) = match fault {
                 Fault::Success { pct } => (gen::usage_of(&spec, pct), Ok(false)),
                 Fault::BadOutput { pct } => (gen::usage_of(&spec, pct), Ok(spec.output_schema.is_some())),
-                Fault::Transient => (gen::usage_of(&spec, 10), Err(ErrorClass::Transient)),
+                Fault::Transient => (gen::usage_of(&spec, 60), Err(ErrorClass::Transient)),
                 Fault::Timeout => (Usage::default(), Err(ErrorClass::Transient)),
                 Fault::Semantic => (gen::usage_of(&spec, 50), Err(ErrorClass::Semantic)),
                 Fault::Fatal => (Usage::default(), Err(ErrorClass::Fatal)),

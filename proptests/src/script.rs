@@ -34,7 +34,7 @@ pub fn execute_outcome(sc: &Scenario, revision: u32, spec: &TaskSpec, attempt: u
     match sc.fault(revision, id, attempt) {
         Fault::Success { pct } => Outcome::Output(gen::output_of(id, attempt, false), gen::usage_of(spec, pct)),
         Fault::BadOutput { pct } => Outcome::Output(gen::output_of(id, attempt, true), gen::usage_of(spec, pct)),
-        Fault::Transient => Outcome::Error(ErrorClass::Transient, "rate limited".into(), gen::usage_of(spec, 10)),
+        Fault::Transient => Outcome::Error(ErrorClass::Transient, "rate limited".into(), gen::usage_of(spec, 60)),
         Fault::Timeout => {
             Outcome::Error(ErrorClass::Transient, format!("timeout after {} ms", spec.timeout_ms), Usage::default())
         }

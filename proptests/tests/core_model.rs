@@ -91,7 +91,8 @@ proptest! {
     /// concurrent handlers: the invariants and the determinism check must still hold.
     #[test]
     fn shuffled_answers_keep_every_invariant(seed in any::<u64>(), n in 1usize..=30, order in any::<u64>()) {
-        let sc = Scenario::generate(seed, n, &GenConfig::default());
+        // With run deadlines and escalation deadlines + defaults (timers).
+        let sc = Scenario::generate(seed, n, &GenConfig { deadlines: true, ..GenConfig::default() });
         let log = drive_shuffled(&sc, order, MAX_EVENTS, false).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
         let states = check::fold_prefixes(&log).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
         check::invariants(&sc, &log, &states).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
@@ -107,9 +108,68 @@ proptest! {
     /// run): `decide` must keep every budget on any state `apply` accepts.
     #[test]
     fn piled_up_answers_keep_every_invariant(seed in any::<u64>(), n in 1usize..=30, order in any::<u64>()) {
-        let sc = Scenario::generate(seed, n, &GenConfig::default());
+        let sc = Scenario::generate(seed, n, &GenConfig { deadlines: true, ..GenConfig::default() });
         let log = drive_shuffled(&sc, order, MAX_EVENTS, true).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
         let states = check::fold_prefixes(&log).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
         check::invariants(&sc, &log, &states).map_err(|e| repro(seed, n, format!("order {order:#x}: {e}")))?;
     }
+}
+
+/// The generators reach what they are meant to: every terminal status, every escalation
+/// cause, every budget kind, rejected plans, replans, retries, gate failures, deadline
+/// defaults. Prints the histogram (`--nocapture`).
+#[test]
+fn generated_runs_cover_the_semantics() {
+    use keel_engine::{EscalationCause, Event, RunStatus};
+    use std::collections::BTreeMap;
+    let runs = keel_proptests::cases(300).max(300) as u64;
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
+    let mut bump = |k: String| *seen.entry(k).or_default() += 1;
+    for i in 0..runs {
+        let seed = keel_proptests::rng::hash64(&[b"coverage", &i.to_le_bytes()]);
+        let cfg = GenConfig { deadlines: i % 2 == 1, ..GenConfig::default() };
+        let sc = Scenario::generate(seed, 1 + (i % 30) as usize, &cfg);
+        let log = drive_shuffled(&sc, seed, MAX_EVENTS, false).unwrap_or_else(|e| panic!("seed {seed:#x}: {e}"));
+        let states = check::fold_prefixes(&log).unwrap_or_else(|e| panic!("seed {seed:#x}: {e}"));
+        let last = states.last().expect("state");
+        bump(format!("status {:?}", last.status));
+        for e in &log {
+            bump(format!("event {}", e.event.kind_name()));
+            match &e.event {
+                Event::Escalated(x) => bump(format!("cause {:?}", x.cause)),
+                Event::BudgetExhausted { budget, .. } => bump(format!("exhausted {budget:?}")),
+                Event::HumanResolved { defaulted: true, .. } => bump("deadline default".into()),
+                Event::TaskFailed { error, .. } if error.starts_with("output failed its schema") => {
+                    bump("schema gate".into())
+                }
+                _ => {}
+            }
+        }
+    }
+    for (k, n) in &seen {
+        println!("{n:>7}  {k}");
+    }
+    let must = [
+        format!("status {:?}", RunStatus::Completed),
+        format!("status {:?}", RunStatus::Failed),
+        format!("status {:?}", RunStatus::AwaitingHuman),
+        format!("cause {:?}", EscalationCause::CriticalVerdict),
+        format!("cause {:?}", EscalationCause::FatalError),
+        format!("cause {:?}", EscalationCause::ReplansExhausted),
+        format!("cause {:?}", EscalationCause::BudgetExhausted),
+        format!("cause {:?}", EscalationCause::HumanReviewTask),
+        "event PlanRejected".into(),
+        "event Replanned".into(),
+        "event RetryScheduled".into(),
+        "event TaskSkipped".into(),
+        "schema gate".into(),
+        "deadline default".into(),
+        "exhausted Deadline".into(),
+        "exhausted Cost".into(),
+        "exhausted Retries".into(),
+        "exhausted LlmCalls".into(),
+        "exhausted ToolCalls".into(),
+    ];
+    let missing: Vec<&String> = must.iter().filter(|m| !seen.contains_key(*m)).collect();
+    assert!(missing.is_empty(), "generators never reached: {missing:?}");
 }
