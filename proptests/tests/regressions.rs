@@ -206,3 +206,75 @@ fn bug_two_engines_on_one_store_both_drive_the_same_run() {
     let dup: Vec<_> = calls.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dup.is_empty(), "{} of {} dispatches executed more than once: {dup:?}", dup.len(), calls.len());
 }
+
+/// FINDING (keel-engine: engine/src/event.rs `TaskExecuted`/`TaskFailed`/`TaskEvaluated`,
+/// engine/src/executor.rs `EffectKey::Execute(task, attempt)`): answers name only
+/// (task, attempt), not the plan revision or the dispatch's idempotency key, and `apply`
+/// accepts an answer for whatever task of that id is dispatched with that attempt now.
+/// With several drivers of one run (finding: several engines on one store), driver A's
+/// call for revision 0's `t#1` can return after another driver recorded t's result, a
+/// replan and revision 1's new dispatch of `t#1`: A's stale output is then recorded as
+/// the answer of the new dispatch, whose handler never ran (seen in the soak:
+/// "dispatch 72a4…fb309 recorded but its handler never ran", KEEL_SEED=0xc241128b41eb56b9
+/// KEEL_TASKS=11 KEEL_ENGINES=3, timing dependent). This test shows the core cannot tell:
+/// it should refuse an answer to a superseded dispatch. Fix direction: carry the revision
+/// (or idempotency key) on answers and check it in `apply`, and key in-flight effects by it.
+#[test]
+#[ignore = "finding: an answer to a superseded dispatch is accepted for a new dispatch of the same task+attempt (engine/src/event.rs, apply.rs; reported)"]
+fn bug_stale_answer_of_a_superseded_revision_is_recorded_for_a_new_dispatch() {
+    let mut log = Vec::new();
+    let mut t = task("t", "h", &[]);
+    push(&mut log, accepted("wf", 7, Budget::default()));
+    push(&mut log, Event::PlanRequested { revision: 0, reason: PlanReason::Initial });
+    push(&mut log, Event::Planned { revision: 0, plan: Plan { tasks: vec![t.clone()], rationale: String::new() } });
+    push(&mut log, dispatch("t", 1)); // revision 0's t#1: driver A calls the handler
+                                      // Driver B's call answers first; the evaluator rejects it; replan.
+    push(
+        &mut log,
+        Event::TaskExecuted {
+            task: TaskId::from("t"),
+            attempt: 1,
+            output: Json::null(),
+            usage: Usage::default(),
+            cached: false,
+        },
+    );
+    push(
+        &mut log,
+        Event::TaskEvaluated {
+            task: TaskId::from("t"),
+            attempt: 1,
+            verdict: Verdict::Hard,
+            notes: String::new(),
+            model: None,
+            usage: Usage::default(),
+        },
+    );
+    let failure = FailureContext {
+        task: Some(TaskId::from("t")),
+        handler: None,
+        reason: "hard".into(),
+        attempts: 1,
+        tried: vec![],
+    };
+    push(&mut log, Event::ReplanRequested { revision: 1, reason: PlanReason::Failure(failure) });
+    t.input = Json::new(&serde_json::json!({"different": true}));
+    let plan = Plan { tasks: vec![t], rationale: String::new() };
+    let state = fold(log.iter()).expect("fold").expect("state");
+    let (carried_over, superseded) = replan_outcome(&state, &plan);
+    push(&mut log, Event::Replanned { revision: 1, plan, carried_over, superseded });
+    push(&mut log, dispatch("t", 1)); // revision 1's t#1: a different dispatch
+                                      // Driver A's stale answer (for revision 0's input) arrives now.
+    let stale = logged(
+        &log,
+        Event::TaskExecuted {
+            task: TaskId::from("t"),
+            attempt: 1,
+            output: Json::new(&serde_json::json!("stale")),
+            usage: Usage::default(),
+            cached: false,
+        },
+    );
+    let state = fold(log.iter()).expect("fold").expect("state");
+    assert!(apply(Some(&state), &stale).is_err(), "apply records revision 0's answer as revision 1's result");
+}
