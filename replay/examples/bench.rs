@@ -1,5 +1,6 @@
 //! `cargo run --release -p keel-replay --example bench -- [--json] [--quick] [--only SECTION,..]
-//! [--runs N,..] [--levels power-loss,process-crash] [--keep] [--snapshot-every N]`: `keel bench` (replay/src/bench.rs)
+//! [--runs N,..] [--levels power-loss,process-crash] [--keep] [--snapshot-every N]
+//! [--memory-runs N]`: `keel bench` (replay/src/bench.rs)
 //! with the knobs used while profiling.
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -9,6 +10,7 @@ fn main() {
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     opts.keep = args.iter().any(|a| a == "--keep");
     opts.snapshot_every = value("--snapshot-every").and_then(|v| v.parse().ok());
+    opts.memory_runs = value("--memory-runs").and_then(|v| v.parse().ok());
     if let Some(v) = value("--only") {
         opts.only = v.split(',').map(str::to_owned).collect();
     }

@@ -60,12 +60,14 @@ pub struct BenchOptions {
     pub keep: bool,
     /// The engines' `snapshot_every` (None: the engine's default).
     pub snapshot_every: Option<u64>,
+    /// Suspended runs of the memory section (None: 100k, 10k with `quick`).
+    pub memory_runs: Option<usize>,
 }
 
 impl BenchOptions {
     pub fn new(quick: bool) -> Self {
         let levels = if quick { vec![Level::PowerLoss] } else { vec![Level::PowerLoss, Level::ProcessCrash] };
-        BenchOptions { quick, dir: None, levels, only: Vec::new(), concurrency: Vec::new(), keep: false, snapshot_every: None }
+        BenchOptions { quick, dir: None, levels, only: Vec::new(), concurrency: Vec::new(), keep: false, snapshot_every: None, memory_runs: None }
     }
 }
 
@@ -385,7 +387,8 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
 
     if want("memory") {
         progress("memory: suspending runs...");
-        figures.extend(rt.block_on(memory(parent, plan.memory_runs))?);
+        let runs = opts.memory_runs.unwrap_or(plan.memory_runs);
+        figures.extend(rt.block_on(memory(parent, runs))?);
     }
 
     progress("calibrating record size...");
@@ -559,10 +562,15 @@ fn open_store(dir: &Path, durability: Durability) -> Result<Arc<SledStore>, Repl
 
 /// Submits `runs` requests with up to 1024 submissions in flight.
 async fn submit_all(engine: &Engine, runs: usize) -> Result<Vec<RunId>, ReplayError> {
+    submit_n(engine, runs, 1024).await
+}
+
+/// Submits `runs` requests with up to `in_flight` submissions in flight.
+async fn submit_n(engine: &Engine, runs: usize, in_flight: usize) -> Result<Vec<RunId>, ReplayError> {
     let mut out = Vec::with_capacity(runs);
     let mut i = 0;
     while i < runs {
-        let n = (runs - i).min(1024);
+        let n = (runs - i).min(in_flight.max(1));
         let mut set = tokio::task::JoinSet::new();
         for k in 0..n {
             let e = engine.clone();
@@ -706,6 +714,25 @@ fn rss_bytes() -> Option<u64> {
     Some(resident * u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096))
 }
 
+/// Bytes the allocator has handed out and not got back (glibc), if known.
+fn heap_in_use() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let m = unsafe { libc::mallinfo2() };
+        Some((m.uordblks + m.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+fn threads() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find(|l| l.starts_with("Threads:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap memory to the OS.
@@ -713,6 +740,10 @@ fn trim_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Runs driven (and submissions in flight) at once while the memory section creates its
+/// suspended runs.
+const MEMORY_WORKERS: usize = 64;
 
 async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, ReplayError> {
     let dir = temp_dir(parent, "memory")?;
@@ -723,29 +754,47 @@ async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, Repla
         escalation_default: Some(keel_engine::Decision::Reject),
         ..Policy::default()
     };
-    let engine = engine_over(store.clone(), workflow(1, true, 0), 1024, policy)?;
+    // Runs are created 64 at a time (a service-like bound; the engine's default is 8): the
+    // runs cost nothing once parked, but every thread the blocking pool grows to keeps a
+    // stack and a malloc arena, which would be charged to them.
+    let workers = MEMORY_WORKERS;
+    let engine = engine_over(store.clone(), workflow(1, true, 0), workers, policy)?;
     trim_heap();
     let before = rss_bytes().unwrap_or(0);
+    let heap_before = heap_in_use();
     let t0 = Instant::now();
-    submit_all(&engine, runs).await?;
-    let report = engine.run_until_idle().await?;
-    let secs = t0.elapsed().as_secs_f64();
-    if report.awaiting_human != runs || !report.stopped.is_empty() {
-        return Err(ReplayError::Invalid(format!(
-            "memory: expected {runs} runs awaiting a human, got {} ({} stopped)",
-            report.awaiting_human,
-            report.stopped.len()
-        )));
+    // In two halves: the second half's growth is the marginal cost of a run, without the
+    // fixed costs the first runs pay (runtime threads, sled's structures).
+    let half = runs / 2;
+    let mut mid = 0;
+    for (k, n) in [half, runs - half].into_iter().enumerate() {
+        submit_n(&engine, n, workers).await?;
+        let report = engine.run_until_idle().await?;
+        // The second pass also re-drives (and re-parks) the first half's runs.
+        if report.awaiting_human < n || !report.stopped.is_empty() {
+            return Err(ReplayError::Invalid(format!(
+                "memory: expected {n} runs awaiting a human, got {} ({} stopped)",
+                report.awaiting_human,
+                report.stopped.len()
+            )));
+        }
+        if k == 0 {
+            mid = rss_bytes().unwrap_or(0);
+        }
     }
+    let secs = t0.elapsed().as_secs_f64();
     let after = rss_bytes().unwrap_or(0);
+    let threads_after = threads();
+    let heap_after = heap_in_use();
     trim_heap();
     let after_trim = rss_bytes().unwrap_or(0);
     let per_run = after.saturating_sub(before) as f64 / runs as f64;
     let per_run_trim = after_trim.saturating_sub(before) as f64 / runs as f64;
+    let marginal = after.saturating_sub(mid) as f64 / (runs - half).max(1) as f64;
     let events: u64 = store.runs()?.iter().map(|r| store.head(*r).map(|h| h.next_seq.0)).sum::<Result<u64, _>>()?;
     drop(engine);
     drop(store);
-    let quick_note = if runs < 100_000 { format!(" ({runs} runs: --quick)") } else { String::new() };
+    let quick_note = if runs < 100_000 { format!(" ({runs} runs, not 100k)") } else { String::new() };
     Ok(vec![Figure::new(
         "memory",
         "memory.bytes_per_suspended_run",
@@ -759,8 +808,14 @@ async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, Repla
         "events": events,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
+        "rss_after_first_half_bytes": mid,
+        "marginal_bytes_per_run": round(marginal),
         "rss_after_malloc_trim_bytes": after_trim,
         "bytes_per_run_after_malloc_trim": round(per_run_trim),
+        "threads_after": threads_after,
+        "heap_in_use_before_bytes": heap_before,
+        "heap_in_use_after_bytes": heap_after,
+        "workers": workers,
         "seconds_to_create": round(secs),
     }))])
 }
@@ -1511,16 +1566,10 @@ fn fold_export(path: &Path) -> Result<u64, ReplayError> {
     Ok(n)
 }
 
-fn raw_scan(dir: &Path) -> Result<(u64, u64), ReplayError> {
-    let db = sled::Config::new()
-        .path(dir)
-        .cache_capacity(StoreConfig::default().cache_capacity_bytes)
-        .segment_size(SEGMENT_BYTES)
-        .open()
-        .map_err(|e| ReplayError::Invalid(format!("raw sled open: {e}")))?;
+fn raw_scan(db: &sled::Db) -> Result<(u64, u64), ReplayError> {
     let (mut n, mut bytes) = (0u64, 0u64);
     for kv in db.range(&b"e"[..]..&b"f"[..]) {
-        let (_, v) = kv.map_err(|e| ReplayError::Invalid(format!("raw sled scan: {e}")))?;
+        let (_, v) = kv.map_err(sled_err)?;
         bytes += v.len() as u64;
         n += 1;
     }
@@ -1564,9 +1613,13 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
         w.finish()?.flush().map_err(|e| ReplayError::io(&path, e))?;
         runs
     };
-    let repeats = 3;
+    let repeats = 5;
     let export = dir.as_path().join("export.jsonl");
-    let ((scanned, bytes), scan_s) = tokio::task::block_in_place(|| best_of(repeats, || raw_scan(&db_dir)))?;
+    // Each side opens its database outside the timing and scans it `repeats` times (median).
+    let ((scanned, bytes), scan_s) = tokio::task::block_in_place(|| {
+        let raw = RawSled::open(&db_dir)?;
+        best_of(repeats, || raw_scan(&raw.db))
+    })?;
     let store = tokio::task::block_in_place(|| open_store(dir.as_path(), Durability::None))?;
     let (folded, db_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_db(store.as_ref(), &runs)))?;
     drop(store);
