@@ -8,7 +8,8 @@ use crate::state::RunState;
 use keel_store::{codec, EventLog, RunId, Seq};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
-/// payload does not decode, or whose envelope kind disagrees with the decoded event,
+/// payload does not decode, does not match its chained payload root, or whose envelope
+/// kind disagrees with the decoded event,
 /// yields an error and ends the iteration (the records before it are fine).
 pub fn read_logged(
     log: &dyn EventLog,
@@ -22,7 +23,9 @@ pub fn read_logged(
             return None;
         }
         let out = r.map_err(EngineError::from).and_then(|rec| {
-            let event: Event = rec.decode()?;
+            // Verified: the payload must still hash to the root its chain link covers, so
+            // a substituted (re-checksummed) payload is an error, never folded.
+            let event: Event = rec.decode_verified()?;
             // Pair check: the envelope's kind was written from this very event.
             if event.kind_name() != rec.kind {
                 return Err(EngineError::decode(

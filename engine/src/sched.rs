@@ -143,10 +143,25 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
     loop {
         let claimed = inner.sched().claim(inner);
         let Some((run, wake)) = claimed else { break };
+        // One driver per run, also across engines sharing a store: the store's lease.
+        let lease = match inner.log.try_lease(run) {
+            Ok(Some(lease)) => lease,
+            Ok(None) => {
+                tracing::debug!(%run, "run is driven elsewhere (lease held)");
+                inner.sched().release(run);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%run, error = %e, "cannot take the run's lease");
+                inner.sched().release(run);
+                continue;
+            }
+        };
         let inner2 = inner.clone();
         let stop = stop.clone();
         set.spawn(async move {
             let out = drive(inner2, run, wake, stop).await;
+            drop(lease);
             (run, out)
         });
     }

@@ -84,7 +84,6 @@ fn bug_global_retry_budget_exceeded_by_simultaneous_transient_failures() {
 /// (KEEL_SEED=0x882c5aab404f40a4 KEEL_TASKS=6). Fix: treat the records of one `decide`
 /// call as a set across the whole batch (as `keel_proptests::check::batches` does).
 #[test]
-#[ignore = "bug: replay --check reports a false divergence inside a batch of cascading skips (replay/src/check.rs; reported)"]
 fn bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips() {
     // Generated runs until one has a batch of cascading skips replay flags (the first
     // such seed when found was 0x882c5aab404f40a4 with 6 tasks, before the generator changed).
@@ -113,7 +112,6 @@ fn bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips() {
 /// recompute the payload root in `read_logged` (costs a JSON conversion per event) or
 /// cover the payload bytes in the record digest. Reported for a decision; pinned here.
 #[test]
-#[ignore = "finding: resume folds a resealed, substituted payload without error; only verify catches it (store/src/record.rs read path; reported)"]
 fn bug_resume_folds_a_resealed_substituted_payload_without_error() {
     use keel_store::codec::testing::{open_raw, seal_raw};
     use keel_store::{EventLog, MemStore};
@@ -148,7 +146,6 @@ fn bug_resume_folds_a_resealed_substituted_payload_without_error() {
 /// soak (an `Op::Reopen` after appends). Fix direction: on drop, wait for sled to
 /// release the db (or retry `open` briefly while the lock holder is this process).
 #[test]
-#[ignore = "bug: reopening a just-dropped SledStore can fail with Locked (store/src/sled_store.rs; reported)"]
 fn bug_reopen_right_after_drop_can_fail_with_locked() {
     use keel_store::{Durability, EventLog, SledStore, StoreConfig};
     let dir = tempfile::tempdir().expect("tempdir");
@@ -182,7 +179,6 @@ fn bug_reopen_right_after_drop_can_fail_with_locked() {
 /// drive, like the planned PostgreSQL `FOR UPDATE SKIP LOCKED` + fencing), or document
 /// one Engine per store.
 #[test]
-#[ignore = "finding: several Engines on one store drive the same run at once (engine/src/sched.rs; reported)"]
 fn bug_two_engines_on_one_store_both_drive_the_same_run() {
     use keel_proptests::world::{self, World};
     use std::sync::Arc;
@@ -220,7 +216,7 @@ fn bug_two_engines_on_one_store_both_drive_the_same_run() {
 /// it should refuse an answer to a superseded dispatch. Fix direction: carry the revision
 /// (or idempotency key) on answers and check it in `apply`, and key in-flight effects by it.
 #[test]
-#[ignore = "finding: an answer to a superseded dispatch is accepted for a new dispatch of the same task+attempt (engine/src/event.rs, apply.rs; reported)"]
+#[ignore = "finding: the core cannot tell an answer to a superseded dispatch (answers carry no revision); unreachable since one driver per run holds the store lease and a replan waits for in-flight answers; a schema change is needed to refuse it in apply"]
 fn bug_stale_answer_of_a_superseded_revision_is_recorded_for_a_new_dispatch() {
     let mut log = Vec::new();
     let mut t = task("t", "h", &[]);

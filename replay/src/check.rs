@@ -194,13 +194,33 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
         }
     };
     report.workflow = state.workflow.clone();
+    // The decisions of one `decide` call are appended as one batch, in order: a decision
+    // recorded mid-batch was made on the state at the batch's start (a cascade of skips
+    // names the upstream task skipped before the batch, not one skipped earlier in it).
+    // So the records `decide` returned at the start of a batch are consumed one by one as
+    // the batch's events arrive; a decision that is not among them is checked against
+    // what `decide` says on the state just before it (a new batch).
+    let mut batch: Vec<Event> = Vec::new();
     for e in &events[1..] {
-        let cmds = decide(&state, &ctx);
+        let mut cmds = decide(&state, &ctx);
         let class = classify(&state, &e.event);
         match class {
             EventClass::Decision => report.decisions += 1,
             EventClass::Outcome => report.outcomes += 1,
             EventClass::External => report.externals += 1,
+        }
+        if class == EventClass::Decision {
+            if let Some(i) = batch.iter().position(|d| *d == e.event) {
+                batch.remove(i);
+                cmds.push(Command::Record { event: e.event.clone(), not_before_us: None });
+            } else {
+                batch = records(&cmds).cloned().collect();
+                if let Some(i) = batch.iter().position(|d| *d == e.event) {
+                    batch.remove(i);
+                }
+            }
+        } else {
+            batch.clear();
         }
         if let Err(reason) = fits(&state, &ctx, &cmds, class, &e.event) {
             report.divergence = Some(divergence(e, class, &cmds, reason));

@@ -43,6 +43,8 @@ pub(crate) struct Core<K> {
     heads: RwLock<HashMap<RunId, Slot>>,
     /// Held across claim check + write so two runs cannot both take one key.
     claims: Mutex<()>,
+    /// Runs being driven by someone (see `EventLog::try_lease`).
+    pub(crate) leases: std::sync::Arc<Mutex<std::collections::BTreeSet<RunId>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,7 +61,7 @@ pub(crate) enum Written {
 
 impl<K: Kv> Core<K> {
     pub(crate) fn new(kv: K, limits: Limits) -> Self {
-        Core { kv, limits, heads: RwLock::new(HashMap::new()), claims: Mutex::new(()) }
+        Core { kv, limits, heads: RwLock::new(HashMap::new()), claims: Mutex::new(()), leases: Default::default() }
     }
 
     fn slot(&self, run: RunId) -> Slot {

@@ -54,7 +54,7 @@ pub mod verify;
 
 pub use error::StoreError;
 pub use log::{
-    prepare, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter, StoreConfig,
+    prepare, Claim, Durability, EventLog, Head, Lease, Level, Limits, NewRecord, Record, RecordIter, StoreConfig,
     KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use mem::MemStore;

@@ -177,6 +177,51 @@ pub trait EventLog: Send + Sync + 'static {
     fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
         self.read(run, from)
     }
+
+    /// The exclusive right to drive `run` (decide and perform its effects) while the
+    /// returned [`Lease`] lives; `None` if someone else holds it. Appends do not require a
+    /// lease (OCC keeps the log exact); leases keep two drivers from running the same
+    /// dispatch at once. Both built-in backends track leases per store handle (one process
+    /// can open a sled db); the default grants every request (no coordination).
+    fn try_lease(&self, run: RunId) -> Result<Option<Lease>, StoreError> {
+        Ok(Some(Lease::untracked(run)))
+    }
+}
+
+/// The exclusive right to drive one run, released on drop (see [`EventLog::try_lease`]).
+#[derive(Debug)]
+pub struct Lease {
+    run: RunId,
+    registry: Option<std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>>,
+}
+
+impl Lease {
+    /// A lease nobody else can see (for backends without coordination).
+    pub fn untracked(run: RunId) -> Lease {
+        Lease { run, registry: None }
+    }
+
+    /// Takes `run` in `registry` unless it is already taken.
+    pub fn acquire(
+        registry: &std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>,
+        run: RunId,
+    ) -> Option<Lease> {
+        let mut held = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.insert(run).then(|| Lease { run, registry: Some(registry.clone()) })
+    }
+
+    /// The run this lease is for.
+    pub fn run(&self) -> RunId {
+        self.run
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(reg) = &self.registry {
+            reg.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.run);
+        }
+    }
 }
 
 /// What a durable append survives.

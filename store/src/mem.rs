@@ -128,6 +128,10 @@ impl EventLog for MemStore {
         self.core.lookup_key(key, now_us)
     }
 
+    fn try_lease(&self, run: RunId) -> Result<Option<crate::Lease>, StoreError> {
+        Ok(crate::Lease::acquire(&self.core.leases, run))
+    }
+
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.core.save_snapshot(run, next_seq, state)
     }

@@ -128,6 +128,42 @@ pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::
     })
 }
 
+/// Directories whose `SledStore` this process dropped, and when.
+///
+/// sled releases its directory lock from background threads a moment after the last
+/// handle is dropped, so reopening right away in the same process can see our own lock.
+/// Only in that case is `Locked` retried, briefly; a db held by another process (or by a
+/// live handle here) is reported at once.
+static RECENTLY_CLOSED: std::sync::Mutex<Vec<(PathBuf, std::time::Instant)>> = std::sync::Mutex::new(Vec::new());
+
+/// How long after a drop in this process a `Locked` open is retried.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn note_closed(path: &Path) {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut closed = RECENTLY_CLOSED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    closed.retain(|(p, t)| *p != key && now.duration_since(*t) < CLOSE_GRACE);
+    closed.push((key, now));
+}
+
+fn closed_here_within(path: &Path) -> Option<std::time::Instant> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let closed = RECENTLY_CLOSED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    closed.iter().find(|(p, t)| *p == key && t.elapsed() < CLOSE_GRACE).map(|(_, t)| *t)
+}
+
+fn open_sled_after_close(path: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
+    loop {
+        match open_sled(path, cache_capacity_bytes) {
+            Err(StoreError::Locked { .. }) if closed_here_within(path).is_some() => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// File written beside sled's files once the store's format record is durable.
 pub const MARKER_FILE: &str = "keel-store";
 
@@ -186,7 +222,7 @@ impl SledStore {
         }
         let path = path.as_ref().to_path_buf();
         check_dir(&path, config.create)?;
-        let db = open_sled(&path, config.cache_capacity_bytes)?;
+        let db = open_sled_after_close(&path, config.cache_capacity_bytes)?;
         let data_file = File::open(path.join("db"))?;
         let syncer = Syncer { db: db.clone(), data_file };
 
@@ -366,6 +402,10 @@ impl EventLog for SledStore {
         self.core.lookup_key(key, now_us)
     }
 
+    fn try_lease(&self, run: RunId) -> Result<Option<crate::Lease>, StoreError> {
+        Ok(crate::Lease::acquire(&self.core.leases, run))
+    }
+
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.core.save_snapshot(run, next_seq, state)
     }
@@ -395,5 +435,6 @@ impl Drop for SledStore {
                 tracing::warn!(path = %self.path.display(), error = %e, "flush on drop failed");
             }
         }
+        note_closed(&self.path);
     }
 }
