@@ -4,8 +4,10 @@
 //! the exact [`TaskInput`] handed to the handler). A hit is recorded as
 //! `TaskExecuted { cached: true, usage: zero }` without calling the handler.
 //!
-//! Current limit: the cache lives in memory. It is filled as runs are driven and from the
-//! runs folded at resume; it is not persisted across process restarts.
+//! Entries live in memory (bounded) and, when the cache has a store, in the store's
+//! auxiliary keyspace (`EventLog::aux_put`, outside every run's chain), so a restarted
+//! process still hits. The log stays the truth: a hit is recorded with its output like
+//! any execution, and an aux entry lost in a crash only costs a handler call.
 
 use crate::fsm::TaskStatus;
 use crate::model::{Json, TaskInput};
@@ -14,12 +16,25 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// In-memory response cache (bounded: oldest insertions are evicted first).
-#[derive(Debug)]
+/// Response cache: bounded in memory (oldest insertions evicted first), persisted in the
+/// store's aux keyspace when it has one.
 pub struct ResponseCache {
     inner: Mutex<CacheInner>,
     entries_max: usize,
+    store: Option<std::sync::Arc<dyn keel_store::EventLog>>,
 }
+
+impl std::fmt::Debug for ResponseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache")
+            .field("entries_max", &self.entries_max)
+            .field("persistent", &self.store.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Prefix of the cache's keys in the store's aux keyspace.
+const AUX_PREFIX: &str = "cache/v1/";
 
 #[derive(Debug, Default)]
 struct CacheInner {
@@ -30,7 +45,12 @@ struct CacheInner {
 
 impl ResponseCache {
     pub fn new(entries_max: usize) -> Self {
-        ResponseCache { inner: Mutex::new(CacheInner::default()), entries_max }
+        ResponseCache { inner: Mutex::new(CacheInner::default()), entries_max, store: None }
+    }
+
+    /// A cache that also keeps its entries in `store`'s aux keyspace.
+    pub fn with_store(entries_max: usize, store: std::sync::Arc<dyn keel_store::EventLog>) -> Self {
+        ResponseCache { inner: Mutex::new(CacheInner::default()), entries_max, store: Some(store) }
     }
 
     /// The cache key of a call.
@@ -48,14 +68,53 @@ impl ResponseCache {
     }
 
     pub fn get(&self, key: &str) -> Option<Json> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.map.get(key).map(|(_, j)| j.clone())
+        if self.entries_max == 0 {
+            return None;
+        }
+        {
+            let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, j)) = inner.map.get(key) {
+                return Some(j.clone());
+            }
+        }
+        let store = self.store.as_ref()?;
+        let aux = format!("{AUX_PREFIX}{key}");
+        match store.aux_get(aux.as_bytes()) {
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                // Only well-formed JSON is served: the aux keyspace is not chained.
+                Ok(text) if serde_json::from_str::<serde_json::Value>(&text).is_ok() => {
+                    let output = Json(text);
+                    self.remember(key.to_owned(), output.clone());
+                    Some(output)
+                }
+                _ => {
+                    tracing::warn!(key, "response cache entry in the store is not JSON: ignored");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "response cache: store read failed");
+                None
+            }
+        }
     }
 
     pub fn insert(&self, key: String, output: Json) {
         if self.entries_max == 0 {
             return;
         }
+        if let Some(store) = &self.store {
+            let aux = format!("{AUX_PREFIX}{key}");
+            if let Err(e) = store.aux_put(aux.as_bytes(), output.0.as_bytes()) {
+                tracing::warn!(key = %key, error = %e, "response cache: store write failed");
+            }
+        }
+        self.remember(key, output);
+    }
+
+    /// Keeps an entry in memory only.
+    fn remember(&self, key: String, output: Json) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.map.contains_key(&key) {
             return;

@@ -307,6 +307,7 @@ impl EngineBuilder {
             }
         }
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
+        let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
         let inner = Inner {
             log,
             workflows,
@@ -316,7 +317,7 @@ impl EngineBuilder {
             ctx,
             snapshot_every: self.snapshot_every,
             workers: self.workers,
-            cache: ResponseCache::new(self.limits.cache_entries_max),
+            cache,
             limits: self.limits,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),

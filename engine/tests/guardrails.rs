@@ -340,3 +340,25 @@ async fn invalid_input_and_unknown_workflows_are_rejected_with_nothing_written()
     let ok = engine.submit(Request::new("w", json!({"ticket": "fine"}))).await.unwrap();
     assert_eq!(engine.store().runs().unwrap(), vec![ok.run]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_cache_survives_a_restart() {
+    let dir = tempdir();
+    let mut t = llm("summarise", 1_000);
+    t.cacheable = true;
+    let h = ok_handler(Usage { cost_micros: 700, tokens: 90 });
+    let wf = || workflow("w", planner(vec![plan(vec![t.clone()])]), pass_evaluator());
+    {
+        let engine = open_engine(dir.path(), wf(), &[("llm", h.clone())], |b| b.workers(1));
+        engine.submit(Request::new("w", json!({"doc": 1}))).await.unwrap();
+        engine.run_until_idle().await.unwrap();
+    }
+    assert_eq!(h.calls(), 1);
+    // A new process (a new engine on the same db) still hits: the entry is in the store.
+    let engine = open_engine(dir.path(), wf(), &[("llm", h.clone())], |b| b.workers(1));
+    let second = engine.submit(Request::new("w", json!({"doc": 2}))).await.unwrap();
+    engine.run_until_idle().await.unwrap();
+    assert_eq!(h.calls(), 1, "the run after the restart was served from the persisted cache");
+    let st = engine.state(second.run).unwrap();
+    assert_eq!((st.totals.cache_hits, st.totals.cost_micros), (1, 0));
+}

@@ -246,6 +246,27 @@ impl<K: Kv> Core<K> {
         Ok(out)
     }
 
+    pub(crate) fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.len() > self.limits.key_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: self.limits.key_bytes_max });
+        }
+        self.kv.get(&record::aux_key(key))
+    }
+
+    pub(crate) fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if key.len() > self.limits.key_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: self.limits.key_bytes_max });
+        }
+        if value.len() > self.limits.event_bytes_max {
+            return Err(StoreError::TooLarge {
+                what: "aux value",
+                bytes: value.len(),
+                max: self.limits.event_bytes_max,
+            });
+        }
+        self.kv.insert(&record::aux_key(key), value.to_vec())
+    }
+
     pub(crate) fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
         match self.kv.get(&record::claim_key(key))? {
             None => Ok(None),

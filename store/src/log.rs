@@ -186,6 +186,22 @@ pub trait EventLog: Send + Sync + 'static {
     fn try_lease(&self, run: RunId) -> Result<Option<Lease>, StoreError> {
         Ok(Some(Lease::untracked(run)))
     }
+
+    /// An auxiliary entry outside every run's log (the response cache keeps outputs here).
+    /// Aux entries are not chained, not verified, and become durable with the next flush
+    /// of anything: treat them as a cache that may lose its latest writes in a crash.
+    /// The default stores nothing.
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Writes an auxiliary entry (see [`EventLog::aux_get`]); limited to
+    /// `key_bytes_max` / `event_bytes_max`.
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let _ = (key, value);
+        Ok(())
+    }
 }
 
 /// The exclusive right to drive one run, released on drop (see [`EventLog::try_lease`]).

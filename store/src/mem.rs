@@ -132,6 +132,14 @@ impl EventLog for MemStore {
         Ok(crate::Lease::acquire(&self.core.leases, run))
     }
 
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.aux_get(key)
+    }
+
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.core.aux_put(key, value)
+    }
+
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.core.save_snapshot(run, next_seq, state)
     }

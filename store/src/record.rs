@@ -4,6 +4,7 @@
 //! - `b'e' || run (16) || u64_be(seq)` -> record value
 //! - `b's' || run (16)`                -> snapshot value
 //! - `b'k' || idempotency key`         -> `run (16) || i64_be(expires_at_us)`
+//! - `b'c' || aux key`                -> aux value (not chained; e.g. the response cache)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
 use crate::codec::{self, EnvelopeV1, WireError};
@@ -15,6 +16,7 @@ use crate::types::{Hash32, RunId, Seq};
 pub(crate) const EVENT_PREFIX: u8 = b'e';
 pub(crate) const SNAPSHOT_PREFIX: u8 = b's';
 pub(crate) const CLAIM_PREFIX: u8 = b'k';
+pub(crate) const AUX_PREFIX: u8 = b'c';
 pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
 /// Written at creation; a store without it (but with keys) is not a keel store.
 pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
@@ -39,6 +41,13 @@ pub(crate) fn run_prefix(run: RunId) -> [u8; 17] {
 pub(crate) fn snapshot_key(run: RunId) -> [u8; 17] {
     let mut k = run_prefix(run);
     k[0] = SNAPSHOT_PREFIX;
+    k
+}
+
+pub(crate) fn aux_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(AUX_PREFIX);
+    k.extend_from_slice(key);
     k
 }
 
