@@ -496,14 +496,19 @@ fn install(
 
 /// Pending tasks whose dependencies are all done become ready (the derived `DepsDone`).
 fn promote_ready(tasks: &mut [TaskState], index: &BTreeMap<TaskId, usize>) {
-    let done: Vec<bool> = tasks.iter().map(|t| t.status == TaskStatus::Done).collect();
-    for t in tasks.iter_mut() {
-        if t.status != TaskStatus::Pending {
-            continue;
-        }
-        let ready =
-            t.spec.depends_on.iter().all(|d| index.get(d).is_some_and(|&i| done.get(i).copied().unwrap_or(false)));
-        if ready {
+    // Promotion turns Pending into Ready and never changes which tasks are Done, so finding
+    // every task to promote first and promoting them after is the same as one pass over a
+    // copy of the Done flags (which this avoids allocating on every evaluation).
+    let done = |i: usize| tasks.get(i).is_some_and(|t| t.status == TaskStatus::Done);
+    let ready: Vec<usize> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.status == TaskStatus::Pending)
+        .filter(|(_, t)| t.spec.depends_on.iter().all(|d| index.get(d).is_some_and(|&i| done(i))))
+        .map(|(i, _)| i)
+        .collect();
+    for i in ready {
+        if let Some(t) = tasks.get_mut(i) {
             if let Some(to) = task_transition(t.status, TaskTrigger::DepsDone) {
                 t.status = to;
             }

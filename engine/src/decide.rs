@@ -501,18 +501,51 @@ fn gate(t: &TaskState) -> Result<(), String> {
     let Some(schema) = &t.spec.output_schema else {
         return Ok(());
     };
-    let schema = schema.value().map_err(|e| format!("schema is not JSON: {e}"))?;
-    let output = match &t.output {
-        Some(o) => o.value().map_err(|e| format!("output is not JSON: {e}"))?,
-        None => return Err("no output".to_owned()),
+    // Same checks in the same order as without the memo: schema JSON, output, schema.
+    let (validator, output) = match compiled(schema) {
+        Some(v) => (v, output_value(t)?),
+        None => {
+            let value = schema.value().map_err(|e| format!("schema is not JSON: {e}"))?;
+            let output = output_value(t)?;
+            let v = jsonschema::validator_for(&value).map_err(|e| format!("invalid schema: {e}"))?;
+            (remember(schema, v), output)
+        }
     };
-    let validator = jsonschema::validator_for(&schema).map_err(|e| format!("invalid schema: {e}"))?;
     let problems: Vec<String> = validator.iter_errors(&output).take(5).map(|e| e.to_string()).collect();
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems.join("; "))
     }
+}
+
+fn output_value(t: &TaskState) -> Result<serde_json::Value, String> {
+    match &t.output {
+        Some(o) => o.value().map_err(|e| format!("output is not JSON: {e}")),
+        None => Err("no output".to_owned()),
+    }
+}
+
+/// Compiled output schemas by schema text. Compiling a schema costs far more than checking
+/// an output against it, and a plan's schemas are checked again on every decision while
+/// their task waits for the gate. A memo of a pure function: what `gate` returns is the
+/// same with or without it. Bounded: cleared when full.
+type Validators = BTreeMap<Json, std::sync::Arc<jsonschema::Validator>>;
+static VALIDATORS: std::sync::Mutex<Validators> = std::sync::Mutex::new(BTreeMap::new());
+const VALIDATORS_MAX: usize = 1024;
+
+fn compiled(schema: &Json) -> Option<std::sync::Arc<jsonschema::Validator>> {
+    VALIDATORS.lock().unwrap_or_else(|p| p.into_inner()).get(schema).cloned()
+}
+
+fn remember(schema: &Json, v: jsonschema::Validator) -> std::sync::Arc<jsonschema::Validator> {
+    let v = std::sync::Arc::new(v);
+    let mut memo = VALIDATORS.lock().unwrap_or_else(|p| p.into_inner());
+    if memo.len() >= VALIDATORS_MAX {
+        memo.clear();
+    }
+    memo.insert(schema.clone(), v.clone());
+    v
 }
 
 fn retries_left(s: &RunState, scheduled_now: u64) -> bool {
