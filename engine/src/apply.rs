@@ -289,7 +289,7 @@ pub fn apply_mut(s: &mut RunState, logged: &Logged) -> Result<(), TransitionErro
             t.retry_due_us = Some(at.saturating_add(i64::try_from(*delay_ms).unwrap_or(i64::MAX).saturating_mul(1000)));
             s.totals.retries = s.totals.retries.saturating_add(1);
         }
-        Event::TaskEvaluated { task, attempt, verdict, usage, .. } => {
+        Event::TaskEvaluated { task, attempt, verdict, usage, notes, .. } => {
             let t = task_ref(s, task, kind)?;
             same_attempt(s, t, *attempt, kind)?;
             let trigger = match verdict {
@@ -300,6 +300,7 @@ pub fn apply_mut(s: &mut RunState, logged: &Logged) -> Result<(), TransitionErro
             let t = task_mut(s, task, kind)?;
             t.status = to_status;
             t.verdict = Some(*verdict);
+            t.verdict_notes = Some(notes.clone());
             t.reserved = Usage::default();
             // The evaluation's cost and tokens count (they were reserved with the task);
             // evaluator calls do not draw on the task-call budgets.
@@ -484,6 +485,7 @@ fn install(
             output: None,
             cached: false,
             verdict: None,
+            verdict_notes: None,
             last_error: None,
             retry_due_us: None,
             skip_reason: None,

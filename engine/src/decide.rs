@@ -234,7 +234,11 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                 }
             }
             TaskStatus::Rejected => {
-                let notes = format!("evaluator verdict {:?}", t.verdict.unwrap_or(Verdict::Hard));
+                let mut notes = format!("evaluator verdict {:?}", t.verdict.unwrap_or(Verdict::Hard));
+                if let Some(n) = t.verdict_notes.as_deref().filter(|n| !n.is_empty()) {
+                    notes.push_str(": ");
+                    notes.push_str(n);
+                }
                 if t.verdict == Some(Verdict::Critical) {
                     if run_level.is_none() {
                         run_level = Some(RunLevel::Escalate(EscalationCause::CriticalVerdict, id.clone(), notes));

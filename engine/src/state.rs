@@ -29,6 +29,8 @@ pub struct TaskState {
     pub output: Option<Json>,
     pub cached: bool,
     pub verdict: Option<Verdict>,
+    /// The evaluator's notes on the latest verdict (why, for a person deciding).
+    pub verdict_notes: Option<String>,
     pub last_error: Option<(ErrorClass, String)>,
     /// Time the pending retry may be dispatched (µs since epoch), from RetryScheduled.
     pub retry_due_us: Option<i64>,

@@ -248,8 +248,10 @@ enum DecisionArg {
     /// Stop the run (it fails).
     Abort,
     /// Ask for a new plan (needs --hint).
+    #[value(alias = "replan_with_hint")]
     Replan,
     /// Supply the task's output (needs --output).
+    #[value(alias = "supply_output")]
     Supply,
 }
 
@@ -693,7 +695,23 @@ fn cmd_replay(db: &Path, a: ReplayArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses an export whose hash chain does not verify: replaying an altered or cut
+/// history would show a wrong story (or blame the code for a divergence).
+fn verified_export(path: &Path) -> Result<(), CliError> {
+    let v = keel_replay::verify_export(path)?;
+    match v.failure {
+        None => Ok(()),
+        Some(f) => Err(CliError::Failed(format!(
+            "{} does not verify, refusing to replay it: {} (see `keel verify {}`)",
+            path.display(),
+            f.message,
+            path.display()
+        ))),
+    }
+}
+
 fn load_from_file(path: &Path, run: Option<&str>) -> Result<Loaded, CliError> {
+    verified_export(path)?;
     let mut found: Vec<Loaded> = Vec::new();
     let mut ids = Vec::new();
     for item in export_runs(path)? {
@@ -737,6 +755,7 @@ fn replay_all(db: &Path, a: &ReplayArgs) -> CmdResult {
             let files = export_files(path)?;
             let pb = progress(files.len() as u64, "files");
             for f in files {
+                verified_export(&f)?;
                 for item in export_runs(&f)? {
                     let (_, events) = item?;
                     each(events)?;

@@ -169,7 +169,10 @@ pub fn state_text(s: &RunState) -> String {
                 d.name(),
                 if *defaulted { " (deadline default)" } else { "" }
             )),
-            None => out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", s.run, x.options.join("|"))),
+            None => {
+                let options: Vec<&str> = x.options.iter().map(|o| cli_decision(o)).collect();
+                out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", s.run, options.join(" | ")))
+            }
         }
     }
     if let Some(f) = &s.failure {
@@ -200,18 +203,18 @@ pub fn escalation_json(p: &PendingEscalation) -> Value {
     })
 }
 
+/// How an escalation option (a `Decision` name) is spelled on `keel resolve`.
+fn cli_decision(option: &str) -> &str {
+    match option {
+        "supply_output" => "supply --output JSON",
+        "replan_with_hint" => "replan --hint TEXT",
+        other => other,
+    }
+}
+
 /// The `keel resolve` command line for a pending escalation.
 pub fn resolve_hint(p: &PendingEscalation) -> String {
-    let options: Vec<&str> = p
-        .escalation
-        .options
-        .iter()
-        .map(|o| match o.as_str() {
-            "supply_output" => "supply --output JSON",
-            "replan_with_hint" => "replan --hint TEXT",
-            other => other,
-        })
-        .collect();
+    let options: Vec<&str> = p.escalation.options.iter().map(|o| cli_decision(o)).collect();
     format!("keel resolve {} --decision <{}>", p.run, options.join(" | "))
 }
 

@@ -54,6 +54,13 @@ fn errors_are_one_line_with_exit_codes() {
     std::fs::write(&f, text).unwrap();
     let e = keel(&db.db, &["verify", f.to_str().unwrap()]).one_line_error(1);
     assert!(e.contains("seq 3: header altered (its seq was changed to 30"), "{e}");
+    // Replaying (or checking, or forking from) an export that does not verify is refused:
+    // an altered history would tell a wrong story, or blame the code for a divergence.
+    for args in [&["replay", "--from", f.to_str().unwrap()][..], &["replay", "--from", f.to_str().unwrap(), "--check"]]
+    {
+        let e = keel(&db.db, args).one_line_error(1);
+        assert!(e.contains("does not verify, refusing to replay it"), "{args:?}: {e}");
+    }
     // A missing export file.
     let e = keel(&db.db, &["verify", db.path("none.jsonl").to_str().unwrap()]).one_line_error(1);
     assert!(e.contains("No such file"), "{e}");
