@@ -15,7 +15,7 @@ use std::hint::black_box;
 const T0: i64 = 1_700_000_000_000_000;
 
 fn spec(i: usize) -> TaskSpec {
-    let llm = i % 2 == 0;
+    let llm = i.is_multiple_of(2);
     TaskSpec {
         id: TaskId(format!("task_{i:02}")),
         kind: if llm { TaskKind::Llm } else { TaskKind::Tool },
@@ -27,7 +27,7 @@ fn spec(i: usize) -> TaskSpec {
         success_criteria: llm.then(|| "the reply answers the customer's question politely".to_owned()),
         cost_estimate_micros: 2_000,
         token_estimate: 1_500,
-        critical: i % 4 == 0,
+        critical: i.is_multiple_of(4),
         output_schema: Some(Json::new(&json!({
             "type": "object",
             "required": ["status", "detail"],

@@ -15,21 +15,10 @@ struct InvoicePlanner;
 
 impl Planner for InvoicePlanner {
     fn plan(&self, _req: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>> {
-        let task = |id: &str, kind: TaskKind, deps: &[&str]| TaskSpec {
-            id: TaskId::from(id),
-            kind,
-            handler: id.to_owned(),
-            input: Json::new(&json!({})),
-            depends_on: deps.iter().map(|d| TaskId::from(*d)).collect(),
-            timeout_ms: 2_000,
-            retry: RetryPolicy::default(),
-            success_criteria: None,
-            cost_estimate_micros: 0,
-            token_estimate: 0,
-            critical: true,
-            output_schema: None,
-            complexity: None,
-            cacheable: false,
+        let task = |id: &str, kind: TaskKind, deps: &[&str]| {
+            let mut t = TaskSpec::new(id, kind, id).with_deps(deps);
+            t.timeout_ms = 2_000;
+            t
         };
         let mut extract = task("extract_fields", TaskKind::Llm, &[]);
         extract.complexity = Some(Complexity::Extraction);

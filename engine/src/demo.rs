@@ -215,22 +215,9 @@ fn ticket_of(input: &Json) -> Value {
 }
 
 fn spec(id: &str, kind: TaskKind, input: Value, deps: &[&str]) -> TaskSpec {
-    TaskSpec {
-        id: TaskId(id.to_owned()),
-        kind,
-        handler: id.to_owned(),
-        input: Json::new(&input),
-        depends_on: deps.iter().map(|d| TaskId((*d).to_owned())).collect(),
-        timeout_ms: 5_000,
-        retry: RetryPolicy { max_attempts: 3, backoff_base_ms: 20, backoff_max_ms: 200, jitter_ms: 15 },
-        success_criteria: None,
-        cost_estimate_micros: 0,
-        token_estimate: 0,
-        critical: true,
-        output_schema: None,
-        complexity: None,
-        cacheable: false,
-    }
+    let mut t = TaskSpec::new(id, kind, id).with_deps(deps).with_input(&input);
+    t.retry = RetryPolicy { max_attempts: 3, backoff_base_ms: 20, backoff_max_ms: 200, jitter_ms: 15 };
+    t
 }
 
 /// The plan for request `index` at `revision` (what the simulated planner "decides").

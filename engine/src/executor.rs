@@ -270,6 +270,8 @@ impl Driver {
 
     /// Checks `event` (at `at_us`) with `apply`, folds it into `state` and stages it in
     /// `batch`. On error nothing changed and the event is handed back.
+    // The error hands the event back by value on a rare path; boxing it would allocate.
+    #[allow(clippy::result_large_err)]
     fn stage(
         &self,
         state: &mut RunState,

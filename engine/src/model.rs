@@ -131,6 +131,42 @@ pub struct TaskSpec {
     pub cacheable: bool,
 }
 
+impl TaskSpec {
+    /// A critical task with no dependencies, an empty input, a 5 s timeout, the default
+    /// retry policy, no evaluation, no cost estimate, no schema, not cacheable. Adjust with
+    /// the `with_*` methods or the public fields.
+    pub fn new(id: &str, kind: TaskKind, handler: &str) -> TaskSpec {
+        TaskSpec {
+            id: TaskId::from(id),
+            kind,
+            handler: handler.to_owned(),
+            input: Json::new(&serde_json::json!({})),
+            depends_on: Vec::new(),
+            timeout_ms: 5_000,
+            retry: RetryPolicy::default(),
+            success_criteria: None,
+            cost_estimate_micros: 0,
+            token_estimate: 0,
+            critical: true,
+            output_schema: None,
+            complexity: None,
+            cacheable: false,
+        }
+    }
+
+    /// Sets the dependencies.
+    pub fn with_deps(mut self, deps: &[&str]) -> TaskSpec {
+        self.depends_on = deps.iter().map(|d| TaskId::from(*d)).collect();
+        self
+    }
+
+    /// Sets the static input.
+    pub fn with_input(mut self, input: &serde_json::Value) -> TaskSpec {
+        self.input = Json::new(input);
+        self
+    }
+}
+
 /// A plan: a DAG of tasks, produced by the planner, validated before it is recorded.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
 pub struct Plan {

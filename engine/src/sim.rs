@@ -198,20 +198,8 @@ pub fn accepted(workflow: &str, seed: u64, budget: Budget) -> Event {
 
 /// A task spec with defaults, for tests and examples.
 pub fn task(id: &str, handler: &str, deps: &[&str]) -> TaskSpec {
-    TaskSpec {
-        id: TaskId::from(id),
-        kind: TaskKind::Tool,
-        handler: handler.to_owned(),
-        input: Json::new(&serde_json::json!({ "task": id })),
-        depends_on: deps.iter().map(|d| TaskId::from(*d)).collect(),
-        timeout_ms: 1_000,
-        retry: RetryPolicy::default(),
-        success_criteria: None,
-        cost_estimate_micros: 0,
-        token_estimate: 0,
-        critical: true,
-        output_schema: None,
-        complexity: None,
-        cacheable: false,
-    }
+    let mut t =
+        TaskSpec::new(id, TaskKind::Tool, handler).with_deps(deps).with_input(&serde_json::json!({ "task": id }));
+    t.timeout_ms = 1_000;
+    t
 }

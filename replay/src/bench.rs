@@ -624,6 +624,9 @@ impl Clock for MonoClock {
     }
 }
 
+/// One step record: (run, is it a TaskDispatched (else TaskEvaluated), at_us, durable_us).
+type StepStamp = (RunId, bool, i64, i64);
+
 struct Probe {
     inner: Arc<SledStore>,
     appends: AtomicU64,
@@ -633,7 +636,7 @@ struct Probe {
     /// (start_us, end_us) of each append (latency section only).
     spans: Mutex<Vec<(i64, i64)>>,
     /// (run, kind, at_us, durable_us) of TaskDispatched / TaskEvaluated records.
-    steps: Option<(MonoClock, Mutex<Vec<(RunId, bool, i64, i64)>>)>,
+    steps: Option<(MonoClock, Mutex<Vec<StepStamp>>)>,
 }
 
 impl Probe {

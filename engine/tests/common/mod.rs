@@ -131,22 +131,10 @@ impl EscalationSink for CountingSink {
 
 /// A task spec with fast retries and no evaluation.
 pub fn task(id: &str, kind: TaskKind, handler: &str, deps: &[&str]) -> TaskSpec {
-    TaskSpec {
-        id: TaskId(id.into()),
-        kind,
-        handler: handler.into(),
-        input: Json::new(&json!({ "task": id })),
-        depends_on: deps.iter().map(|d| TaskId((*d).into())).collect(),
-        timeout_ms: 2_000,
-        retry: RetryPolicy { max_attempts: 3, backoff_base_ms: 10, backoff_max_ms: 80, jitter_ms: 7 },
-        success_criteria: None,
-        cost_estimate_micros: 0,
-        token_estimate: 0,
-        critical: true,
-        output_schema: None,
-        complexity: None,
-        cacheable: false,
-    }
+    let mut t = TaskSpec::new(id, kind, handler).with_deps(deps).with_input(&json!({ "task": id }));
+    t.timeout_ms = 2_000;
+    t.retry = RetryPolicy { max_attempts: 3, backoff_base_ms: 10, backoff_max_ms: 80, jitter_ms: 7 };
+    t
 }
 
 pub fn plan(tasks: Vec<TaskSpec>) -> Plan {
