@@ -198,6 +198,14 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
                 return if create { Ok(()) } else { Err(StoreError::NotFound { path: path.to_path_buf() }) };
             }
             if path.join("db").is_file() && path.join("conf").is_file() {
+                // sled rewrites `conf` and `db` as soon as it opens them: without the keel
+                // marker a read-only open must not let it touch files that may not be ours.
+                if !create && !path.join(MARKER_FILE).is_file() {
+                    return Err(StoreError::NotAStore {
+                        path: path.to_path_buf(),
+                        reason: format!("sled files but no `{MARKER_FILE}` marker: not a keel store (left untouched)"),
+                    });
+                }
                 Ok(())
             } else {
                 Err(StoreError::NotAStore {

@@ -152,3 +152,17 @@ fn opening_never_panics_on_garbage_files() {
     let _ =
         SledStore::open(dir.path(), StoreConfig::default()).map(|log| log.head(run(1)).map(|h| h.next_seq == Seq(0)));
 }
+
+#[test]
+fn sled_like_files_without_the_keel_marker_are_refused_untouched_by_a_read_only_open() {
+    // A read-only open (create: false) must not let sled rewrite files that may not be
+    // ours: sled overwrites `conf` and grows `db` as soon as it opens them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("db"), b"garbage").unwrap();
+    std::fs::write(dir.path().join("conf"), b"garbage").unwrap();
+    let err = SledStore::open(dir.path(), no_create()).err().expect("must not open");
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("db")).unwrap(), b"garbage");
+    assert_eq!(std::fs::read(dir.path().join("conf")).unwrap(), b"garbage");
+    assert!(!dir.path().join("blobs").exists());
+}
