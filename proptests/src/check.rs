@@ -334,8 +334,8 @@ pub fn compare(model: &Expect, core: &Expect, calls: &BTreeMap<(u32, String), u3
     Ok(())
 }
 
-/// Tolerate the reported keel-replay false divergence (set to false once it is fixed).
-pub const KNOWN_REPLAY_BATCH_BUG: bool = true;
+/// Tolerate the reported keel-replay false divergence (fixed in ce2f260: no longer tolerated).
+pub const KNOWN_REPLAY_BATCH_BUG: bool = false;
 
 /// keel-replay's determinism check (`keel replay --check`) on a log, with the scenario's
 /// policy and handlers.
