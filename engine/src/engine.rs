@@ -352,14 +352,25 @@ impl Inner {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs a blocking store call off the async threads (sled calls block; running them on
-    /// the blocking pool lets group commit batch appends of different runs).
+    /// Runs a blocking store call (sled calls block) without stalling other tasks: on a
+    /// multi-thread runtime in place (`block_in_place`: this thread does the call while the
+    /// runtime moves its other tasks to another thread), so a driver's append needs no
+    /// hand-off to the blocking pool and back (two thread wake-ups per append, measured as
+    /// most of the engine's overhead per durable step, docs/PERFORMANCE.md); on a
+    /// current-thread runtime on the blocking pool. Either way each waiting append holds a
+    /// thread, so group commit batches the appends of different runs.
     pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, EngineError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
     {
         let log = self.log.clone();
+        if matches!(
+            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+        ) {
+            return tokio::task::block_in_place(move || f(log.as_ref()));
+        }
         tokio::task::spawn_blocking(move || f(log.as_ref()))
             .await
             .map_err(|e| EngineError::Internal(format!("store task: {e}")))?
