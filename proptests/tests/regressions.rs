@@ -274,3 +274,55 @@ fn bug_stale_answer_of_a_superseded_revision_is_recorded_for_a_new_dispatch() {
     let state = fold(log.iter()).expect("fold").expect("state");
     assert!(apply(Some(&state), &stale).is_err(), "apply records revision 0's answer as revision 1's result");
 }
+
+/// BUG (engine/src/decide.rs `decide_running`, the early `return vec![BudgetExhausted ..]`
+/// paths; surfaced by the batched executor of 4abaa16): when `decide` returns a lone
+/// `BudgetExhausted` it drops the `Execute`/`Evaluate` effects of tasks still in flight.
+/// The executor now absorbs answers that already arrived before deciding, so a correct
+/// engine log can hold an answer right after a state whose `decide` does not list its
+/// effect: `keel replay --check` (and our batch check) then report a divergence on a log
+/// the current code wrote. Found by the engine-level soak (KEEL_SEED=0xda5a8379e253d2e6
+/// KEEL_TASKS=12, timing dependent). Fix: keep the in-flight effects in those early
+/// returns (or have the checks accept answers to any outstanding effect).
+#[test]
+#[ignore = "bug: decide's lone BudgetExhausted drops in-flight effects; replay --check flags correct engine logs (engine/src/decide.rs; reported)"]
+fn bug_lone_budget_exhausted_drops_in_flight_effects_and_replay_check_flags_the_answer() {
+    let budget = Budget { retries: Some(0), ..Budget::default() };
+    let mut log = Vec::new();
+    push(&mut log, accepted("wf", 7, budget));
+    push(&mut log, Event::PlanRequested { revision: 0, reason: PlanReason::Initial });
+    let planned = push(
+        &mut log,
+        Event::Planned {
+            revision: 0,
+            plan: Plan { tasks: vec![task("a", "h", &[]), task("b", "h", &[])], rationale: String::new() },
+        },
+    );
+    let ctx = Context { policy: Policy::default(), handlers: ["h".to_owned()].into_iter().collect() };
+    // The dispatches exactly as decide makes them (one batch).
+    for c in decide(&planned, &ctx) {
+        if let Command::Record { event, .. } = c {
+            push(&mut log, event);
+        }
+    }
+    let state = push(&mut log, transient("a", 1));
+    let cmds = decide(&state, &ctx);
+    // b's answer was already there when the executor decided: it is staged first.
+    push(
+        &mut log,
+        Event::TaskExecuted {
+            task: TaskId::from("b"),
+            attempt: 1,
+            output: Json::null(),
+            usage: Usage::default(),
+            cached: false,
+        },
+    );
+    let opts = keel_replay::CheckOptions { policy: ctx.policy.clone(), handlers: Some(ctx.handlers.clone()) };
+    let report = keel_replay::check_run(&log, &opts).expect("check");
+    assert!(
+        cmds.iter().any(|c| matches!(c, Command::Execute { .. })) && report.ok(),
+        "decide on the state before b's answer: {cmds:?}; replay check: {:?}",
+        report.divergence.map(|d| d.reason)
+    );
+}
