@@ -204,12 +204,15 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                             }));
                         } else if retries_scheduled == 0 && s.exhausted.is_none() {
                             let limit = s.budget.retries.unwrap_or(0);
-                            return vec![record(Event::BudgetExhausted {
-                                budget: BudgetKind::Retries,
-                                limit,
-                                used: s.totals.retries,
-                                needed: 1,
-                            })];
+                            return with_in_flight(
+                                s,
+                                record(Event::BudgetExhausted {
+                                    budget: BudgetKind::Retries,
+                                    limit,
+                                    used: s.totals.retries,
+                                    needed: 1,
+                                }),
+                            );
                         }
                     }
                     ErrorClass::Transient | ErrorClass::Semantic => {
@@ -319,7 +322,7 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                 // Stop here: nothing past a budget is ever dispatched.
                 let exhausted = record(Event::BudgetExhausted { budget, limit, used, needed });
                 if records.is_empty() {
-                    return vec![exhausted];
+                    return with_in_flight(s, exhausted);
                 }
                 break;
             }
@@ -360,6 +363,24 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
         effects.push(c);
     }
     effects
+}
+
+/// `first`, then the effects of every call still in flight (an `Execute` per dispatched
+/// task, an `Evaluate` per executed task waiting for its evaluator): a decision made
+/// while calls are out must still list them, or their answers would look unasked-for to
+/// the determinism check (proptests finding 9).
+fn with_in_flight(s: &RunState, first: Command) -> Vec<Command> {
+    let mut cmds = vec![first];
+    for t in &s.tasks {
+        match t.status {
+            TaskStatus::Dispatched => cmds.push(Command::Execute { task: t.spec.id.clone(), attempt: t.attempt }),
+            TaskStatus::Executed if t.spec.success_criteria.is_some() && gate(t).is_ok() => {
+                cmds.push(Command::Evaluate { task: t.spec.id.clone(), attempt: t.attempt })
+            }
+            _ => {}
+        }
+    }
+    cmds
 }
 
 /// Carry out a human's run-level decision.

@@ -285,7 +285,7 @@ fn bug_stale_answer_of_a_superseded_revision_is_recorded_for_a_new_dispatch() {
 /// KEEL_TASKS=12, timing dependent). Fix: keep the in-flight effects in those early
 /// returns (or have the checks accept answers to any outstanding effect).
 #[test]
-#[ignore = "bug: decide's lone BudgetExhausted drops in-flight effects; replay --check flags correct engine logs (engine/src/decide.rs; reported)"]
+
 fn bug_lone_budget_exhausted_drops_in_flight_effects_and_replay_check_flags_the_answer() {
     let budget = Budget { retries: Some(0), ..Budget::default() };
     let mut log = Vec::new();
