@@ -171,12 +171,15 @@ fn hot_paths(c: &mut Criterion) {
     let records: Vec<_> = log.iter().map(|l| prepare(&l.event, l.at_us).unwrap_or_else(|e| panic!("{e}"))).collect();
     let n = records.len() as u64;
     mem.append(run, Seq(0), records, None).unwrap_or_else(|e| panic!("{e}"));
-    c.bench_function("read_logged: read + chain check + decode, whole run (27 events, MemStore)", |b| {
-        b.iter(|| {
-            let k = read_logged(&mem, run, Seq(0)).unwrap_or_else(|e| panic!("{e}")).count() as u64;
-            assert_eq!(k, n);
-        })
-    });
+    c.bench_function(
+        "read_logged: read + chain check + decode + payload-root check, whole run (27 events, MemStore)",
+        |b| {
+            b.iter(|| {
+                let k = read_logged(&mem, run, Seq(0)).unwrap_or_else(|e| panic!("{e}")).count() as u64;
+                assert_eq!(k, n);
+            })
+        },
+    );
 
     // --- core ------------------------------------------------------------------------
     c.bench_function("apply (clone + apply_mut) TaskExecuted, 16-task state", |b| {
