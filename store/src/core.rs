@@ -346,3 +346,50 @@ impl<K: Kv> Core<K> {
         self.kv.range(lo, hi)?.collect()
     }
 }
+
+/// The `EventLog` methods both backends forward to their `core: Core<_>` unchanged
+/// (expanded inside each `impl EventLog`; only append, flush and durability differ).
+macro_rules! delegate_to_core {
+    () => {
+        fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+            self.core.read(run, from)
+        }
+
+        fn head(&self, run: RunId) -> Result<Head, StoreError> {
+            self.core.head(run)
+        }
+
+        fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+            self.core.runs()
+        }
+
+        fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+            self.core.lookup_key(key, now_us)
+        }
+
+        fn try_lease(&self, run: RunId) -> Result<Option<crate::Lease>, StoreError> {
+            Ok(crate::Lease::acquire(&self.core.leases, run))
+        }
+
+        fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.core.aux_get(key)
+        }
+
+        fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.core.aux_put(key, value)
+        }
+
+        fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+            self.core.save_snapshot(run, next_seq, state)
+        }
+
+        fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+            self.core.load_snapshot(run)
+        }
+
+        fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+            self.core.scan(run, from)
+        }
+    };
+}
+pub(crate) use delegate_to_core;

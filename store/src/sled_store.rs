@@ -394,41 +394,8 @@ impl EventLog for SledStore {
         }
     }
 
-    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.core.read(run, from)
-    }
-
-    fn head(&self, run: RunId) -> Result<Head, StoreError> {
-        self.core.head(run)
-    }
-
-    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
-        self.core.runs()
-    }
-
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
-        self.core.lookup_key(key, now_us)
-    }
-
-    fn try_lease(&self, run: RunId) -> Result<Option<crate::Lease>, StoreError> {
-        Ok(crate::Lease::acquire(&self.core.leases, run))
-    }
-
-    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.core.aux_get(key)
-    }
-
-    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.core.aux_put(key, value)
-    }
-
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
-        self.core.save_snapshot(run, next_seq, state)
-    }
-
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
-        self.core.load_snapshot(run)
-    }
+    // Everything but append, flush and durability is the shared core's.
+    crate::core::delegate_to_core!();
 
     fn flush(&self) -> Result<(), StoreError> {
         self.sync(Level::PowerLoss)
@@ -436,10 +403,6 @@ impl EventLog for SledStore {
 
     fn durability(&self) -> Durability {
         self.durability
-    }
-
-    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.core.scan(run, from)
     }
 }
 
