@@ -466,8 +466,7 @@ impl Driver {
                 Box::pin(execute_effect(self.inner.clone(), call.0, call.2).instrument(span))
             }
             Command::Evaluate { task, attempt } => {
-                let Some(&i) = state.task_index.get(&task) else { return };
-                let t = &state.tasks[i];
+                let Some(t) = state.task_index.get(&task).and_then(|&i| state.tasks.get(i)) else { return };
                 let req = EvalRequest {
                     run: self.run,
                     workflow: state.workflow.clone(),
@@ -500,11 +499,10 @@ impl Driver {
 
     /// The call recorded by the task's `TaskDispatched`: (call, handler name, cache key).
     fn task_call(&self, state: &RunState, task: &TaskId, attempt: u32) -> Option<(TaskCall, String, Option<String>)> {
-        let Some(&i) = state.task_index.get(task) else {
+        let Some(t) = state.task_index.get(task).and_then(|&i| state.tasks.get(i)) else {
             tracing::error!(%task, "Execute for a task not in the plan");
             return None;
         };
-        let t = &state.tasks[i];
         if t.attempt != attempt {
             tracing::error!(%task, attempt, recorded = t.attempt, "Execute for an attempt that is not the recorded dispatch");
             return None;
