@@ -196,6 +196,76 @@ impl Event {
         outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
         serde_json::from_value(serde_json::Value::Object(outer))
     }
+
+    /// Deserializes an event of kind `kind` straight from `fields`, a deserializer of the
+    /// object of its fields (as exported), without building a `serde_json::Value` first.
+    ///
+    /// Decodes what [`Event::from_fields`] decodes: the variant is named by `kind` (an
+    /// unknown kind is an error), a struct variant's fields must be an object, and
+    /// `Escalated` (a newtype variant) hands the object to [`Escalation`]'s own
+    /// deserializer. Errors are `D`'s; their text may differ from `from_fields`'s.
+    pub fn deserialize_fields<'de, D: serde::Deserializer<'de>>(kind: &str, fields: D) -> Result<Event, D::Error> {
+        Event::deserialize(KindTagged { kind, fields })
+    }
+}
+
+/// A deserializer of an externally tagged enum whose tag is given apart from the content:
+/// the variant is named by `kind`, its content is read from `fields`.
+struct KindTagged<'k, D> {
+    kind: &'k str,
+    fields: D,
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for KindTagged<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::de::EnumAccess<'de> for KindTagged<'_, D> {
+    type Error = D::Error;
+    type Variant = VariantFields<D>;
+
+    fn variant_seed<V: serde::de::DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), D::Error> {
+        let name = seed.deserialize(serde::de::value::StrDeserializer::<D::Error>::new(self.kind))?;
+        Ok((name, VariantFields(self.fields)))
+    }
+}
+
+/// The content of a [`KindTagged`] variant: what `serde_json::from_value` does with the
+/// value of `{"Kind": value}`, for any deserializer.
+struct VariantFields<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::de::VariantAccess<'de> for VariantFields<D> {
+    type Error = D::Error;
+
+    fn unit_variant(self) -> Result<(), D::Error> {
+        <() as Deserialize>::deserialize(self.0)
+    }
+
+    fn newtype_variant_seed<T: serde::de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, D::Error> {
+        seed.deserialize(self.0)
+    }
+
+    fn tuple_variant<V: serde::de::Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_seq(visitor)
+    }
+
+    fn struct_variant<V: serde::de::Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
 }
 
 impl Payload for Event {

@@ -7,6 +7,7 @@ use crate::error::ReplayError;
 use crate::format;
 use keel_engine::{read_logged, Event, Logged};
 use keel_store::{EventLog, Hash32, RunId, Seq, SledStore, StoreConfig, StoreError};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -290,8 +291,12 @@ impl<R: BufRead> Iterator for ExportReader<R> {
 
 /// The runs of an export, one at a time: each item is one run's rebuilt events (records of
 /// a run must be contiguous in the file, as `keel export` writes them).
+///
+/// Records are rebuilt by [`rebuild_record_fast`] where it can; any line it does not take
+/// goes the way [`ExportReader`] and [`ExportRecord::to_logged`] read it, so the events and
+/// every error (with its line number) are the same as theirs.
 pub struct ExportRuns<R: BufRead> {
-    reader: std::iter::Peekable<ExportReader<R>>,
+    reader: std::iter::Peekable<RunLines<R>>,
     path: PathBuf,
     failed: bool,
 }
@@ -299,7 +304,7 @@ pub struct ExportRuns<R: BufRead> {
 /// Streams the runs of an export file, rebuilding each run's events.
 pub fn export_runs(path: &Path) -> Result<ExportRuns<BufReader<File>>, ReplayError> {
     let reader = read_export(path)?;
-    Ok(ExportRuns { path: path.to_path_buf(), reader: reader.peekable(), failed: false })
+    Ok(ExportRuns { path: path.to_path_buf(), reader: RunLines(reader).peekable(), failed: false })
 }
 
 impl<R: BufRead> Iterator for ExportRuns<R> {
@@ -327,38 +332,500 @@ impl<R: BufRead> ExportRuns<R> {
         let mut events: Vec<Logged> = Vec::new();
         loop {
             // Stop before a record of another run.
-            if let (Some(r), Some(Ok(ExportLine::Record(next)))) = (run, self.reader.peek()) {
-                if next.run != r {
+            if let (Some(r), Some(Ok(RunLine::Record(next)))) = (run, self.reader.peek()) {
+                if next.run() != r {
                     break;
                 }
             }
             let Some(line) = self.reader.next() else { break };
             match line? {
-                ExportLine::Header(_) => {}
-                ExportLine::Record(rec) => {
-                    run = Some(rec.run);
-                    if rec.seq != events.len() as u64 {
+                RunLine::Header => {}
+                RunLine::Record(rec) => {
+                    run = Some(rec.run());
+                    if rec.seq() != events.len() as u64 {
                         return Err(ReplayError::Export {
                             path: self.path.clone(),
-                            line: rec.line,
+                            line: rec.line(),
                             reason: format!(
                                 "run {} seq {}: expected seq {} (run `keel verify` on this file)",
-                                rec.run,
-                                rec.seq,
+                                rec.run(),
+                                rec.seq(),
                                 events.len()
                             ),
                         });
                     }
-                    events.push(rec.to_logged(&self.path)?);
+                    events.push(rec.into_logged(&self.path)?);
                 }
-                ExportLine::RunEnd(end) => {
-                    if run == Some(end.run) {
+                RunLine::RunEnd(end) => {
+                    if run == Some(end) {
                         break;
                     }
                 }
             }
         }
         Ok(run.map(|r| (r, events)))
+    }
+}
+
+/// An export's lines as [`ExportRuns`] needs them.
+struct RunLines<R>(ExportReader<R>);
+
+/// One line for [`ExportRuns`].
+// Moved once per line; boxing the event would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum RunLine {
+    Header,
+    Record(RunRecord),
+    /// A run trailer: its run.
+    RunEnd(RunId),
+}
+
+/// A record line, rebuilt by the fast path or parsed by [`ExportReader`] (and rebuilt by
+/// [`ExportRecord::to_logged`] once its seq is checked).
+// Moved once per line; boxing the event would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum RunRecord {
+    Rebuilt { line: u64, logged: Logged },
+    Parsed(Box<ExportRecord>),
+}
+
+impl RunRecord {
+    fn run(&self) -> RunId {
+        match self {
+            RunRecord::Rebuilt { logged, .. } => logged.run,
+            RunRecord::Parsed(rec) => rec.run,
+        }
+    }
+
+    fn seq(&self) -> u64 {
+        match self {
+            RunRecord::Rebuilt { logged, .. } => logged.seq.0,
+            RunRecord::Parsed(rec) => rec.seq,
+        }
+    }
+
+    fn line(&self) -> u64 {
+        match self {
+            RunRecord::Rebuilt { line, .. } => *line,
+            RunRecord::Parsed(rec) => rec.line,
+        }
+    }
+
+    fn into_logged(self, path: &Path) -> Result<Logged, ReplayError> {
+        match self {
+            RunRecord::Rebuilt { logged, .. } => Ok(logged),
+            RunRecord::Parsed(rec) => rec.to_logged(path),
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for RunLines<R> {
+    type Item = Result<RunLine, ReplayError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let reader = &mut self.0;
+        if reader.done {
+            return None;
+        }
+        let out = match reader.next_line() {
+            Ok(None) => {
+                reader.done = true;
+                return None;
+            }
+            Ok(Some(())) => match fast_line(&reader.buf) {
+                Some(FastLine::Record(logged)) => Ok(RunLine::Record(RunRecord::Rebuilt { line: reader.line, logged })),
+                Some(FastLine::RunEnd(run)) => Ok(RunLine::RunEnd(run)),
+                None => reader.parse().map(|line| match line {
+                    ExportLine::Header(_) => RunLine::Header,
+                    ExportLine::Record(rec) => RunLine::Record(RunRecord::Parsed(Box::new(rec))),
+                    ExportLine::RunEnd(end) => RunLine::RunEnd(end.run),
+                }),
+            },
+            Err(e) => Err(e),
+        };
+        if out.is_err() {
+            reader.done = true;
+        }
+        Some(out)
+    }
+}
+
+/// Rebuilds the event of one export record line (its bytes) without building a
+/// `serde_json::Value`: the line's fields are read borrowed and the payload is deserialized
+/// straight into the [`Event`] its `kind` names.
+///
+/// `Some` only when [`ExportReader`] would read the line as a record and
+/// [`ExportRecord::to_logged`] would rebuild the same [`Logged`] from it. `None` says
+/// nothing about the line: it may be another line type, use something the fast path does
+/// not take (escapes in the envelope's strings, fields it does not know, duplicate keys),
+/// or be wrong; read it with [`ExportReader`] to find out (and to get the error).
+pub fn rebuild_record_fast(line: &[u8]) -> Option<Logged> {
+    match fast_line(line)? {
+        FastLine::Record(logged) => Some(logged),
+        FastLine::RunEnd(_) => None,
+    }
+}
+
+/// What the fast path makes of a line.
+// Moved once per line; boxing the event would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+enum FastLine {
+    Record(Logged),
+    RunEnd(RunId),
+}
+
+/// The fast path of [`RunLines`]: `None` sends the line to [`ExportReader::parse`].
+fn fast_line(line: &[u8]) -> Option<FastLine> {
+    // A redaction marker is `ExportReader`'s to report (or `to_logged`'s). The payload
+    // deserializer refuses one anyway (no payload field takes an object with a `$redacted`
+    // key); this keeps it so if a field ever does.
+    if line.contains(&b'$') && line.windows(format::REDACTED_KEY.len()).any(|w| w == format::REDACTED_KEY.as_bytes()) {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    let f = de.deserialize_map(LineVisitor).ok()?;
+    de.end().ok()?;
+    match f.ty? {
+        "record" => {
+            // What `ExportReader::parse` checks, in its terms (the payload is an object:
+            // `ObjectOnly`).
+            u16::try_from(f.schema_version?).ok()?;
+            let time_us = f.time_us?;
+            let run = f.run?.parse::<RunId>().ok()?;
+            let seq = f.seq?;
+            f.kind?;
+            if !(is_hash(f.payload_root?) && is_hash(f.prev_hash?) && is_hash(f.hash?)) {
+                return None;
+            }
+            Some(FastLine::Record(Logged { run, seq: Seq(seq), at_us: time_us, event: f.event? }))
+        }
+        "run_end" => {
+            if f.event.is_some() {
+                return None;
+            }
+            let run = f.run?.parse::<RunId>().ok()?;
+            f.records?;
+            if !is_hash(f.head?) {
+                return None;
+            }
+            Some(FastLine::RunEnd(run))
+        }
+        _ => None,
+    }
+}
+
+/// [`format::parse_hash`] would take it.
+fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The fields of a record or run trailer line, borrowed from it, and the event its payload
+/// holds.
+#[derive(Default)]
+struct LineFields<'a> {
+    ty: Option<&'a str>,
+    run: Option<&'a str>,
+    seq: Option<u64>,
+    time_us: Option<i64>,
+    /// Read (as a string) but not used, as `ExportReader::parse` does not use it.
+    time: Option<()>,
+    kind: Option<&'a str>,
+    schema_version: Option<u64>,
+    event: Option<Event>,
+    payload_root: Option<&'a str>,
+    prev_hash: Option<&'a str>,
+    hash: Option<&'a str>,
+    records: Option<u64>,
+    head: Option<&'a str>,
+}
+
+/// Reads a line's object into [`LineFields`]. Anything it cannot take as is fails (and the
+/// line goes to [`ExportReader::parse`]): a field it does not know (it would be skipped,
+/// and a skipped value is not checked the way a `Value` parse checks it), a field given
+/// twice (a `Value` keeps the last), a string with escapes (it cannot be borrowed), a
+/// `payload` before the `kind` that names its event.
+struct LineVisitor;
+
+fn once<T, E: de::Error>(slot: &mut Option<T>, value: T) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::custom("a field given twice"));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+impl<'de> Visitor<'de> for LineVisitor {
+    type Value = LineFields<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an export line")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<LineFields<'de>, A::Error> {
+        let mut f = LineFields::default();
+        while let Some(key) = map.next_key::<&'de str>()? {
+            match key {
+                "type" => once(&mut f.ty, map.next_value()?)?,
+                "run" => once(&mut f.run, map.next_value()?)?,
+                "seq" => once(&mut f.seq, map.next_value()?)?,
+                "time_us" => once(&mut f.time_us, map.next_value()?)?,
+                "time" => {
+                    map.next_value::<&'de str>()?;
+                    once(&mut f.time, ())?
+                }
+                "kind" => once(&mut f.kind, map.next_value()?)?,
+                "schema_version" => once(&mut f.schema_version, map.next_value()?)?,
+                "payload" => {
+                    let Some(kind) = f.kind else { return Err(de::Error::custom("payload before kind")) };
+                    once(&mut f.event, map.next_value_seed(PayloadSeed { kind })?)?
+                }
+                "payload_root" => once(&mut f.payload_root, map.next_value()?)?,
+                "prev_hash" => once(&mut f.prev_hash, map.next_value()?)?,
+                "hash" => once(&mut f.hash, map.next_value()?)?,
+                "records" => once(&mut f.records, map.next_value()?)?,
+                "head" => once(&mut f.head, map.next_value()?)?,
+                _ => return Err(de::Error::custom("a field the fast path does not read")),
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Deserializes a payload object straight into the event `kind` names, as
+/// [`Event::from_fields`] rebuilds it from a `Value`. Nothing may be skipped ([`Strict`]):
+/// a skipped value is not checked the way a `Value` parse checks it (depth, number range,
+/// UTF-8, escapes).
+struct PayloadSeed<'a> {
+    kind: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for PayloadSeed<'_> {
+    type Value = Event;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        Event::deserialize_fields(self.kind, ObjectOnly(Strict(d)))
+    }
+}
+
+/// A deserializer that reads only an object (as a map), whatever it is asked for: the
+/// payload must be an object (`ExportReader::parse`), also for `Escalated`, whose
+/// `Escalation` struct would take an array as well.
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+/// A deserializer (and, nested, visitor / access / seed) that forwards everything to the
+/// one it wraps but refuses to skip a value (`deserialize_ignored_any`: an unknown field).
+struct Strict<T>(T);
+
+/// The error of a value [`Strict`] refuses to skip.
+fn skipped<E: de::Error>() -> E {
+    E::custom("a field the fast path does not read")
+}
+
+macro_rules! strict_forward {
+    ($($method:ident ( $($arg:ident : $ty:ty),* );)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, D::Error> {
+                self.0.$method($($arg,)* Strict(visitor))
+            }
+        )*
+    };
+}
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for Strict<D> {
+    type Error = D::Error;
+
+    strict_forward! {
+        deserialize_any();
+        deserialize_bool();
+        deserialize_i8();
+        deserialize_i16();
+        deserialize_i32();
+        deserialize_i64();
+        deserialize_i128();
+        deserialize_u8();
+        deserialize_u16();
+        deserialize_u32();
+        deserialize_u64();
+        deserialize_u128();
+        deserialize_f32();
+        deserialize_f64();
+        deserialize_char();
+        deserialize_str();
+        deserialize_string();
+        deserialize_bytes();
+        deserialize_byte_buf();
+        deserialize_option();
+        deserialize_unit();
+        deserialize_unit_struct(name: &'static str);
+        deserialize_newtype_struct(name: &'static str);
+        deserialize_seq();
+        deserialize_tuple(len: usize);
+        deserialize_tuple_struct(name: &'static str, len: usize);
+        deserialize_map();
+        deserialize_struct(name: &'static str, fields: &'static [&'static str]);
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]);
+        deserialize_identifier();
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, D::Error> {
+        Err(skipped())
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+}
+
+macro_rules! strict_visit {
+    ($($method:ident ( $ty:ty );)*) => {
+        $(
+            fn $method<E: de::Error>(self, v: $ty) -> Result<Self::Value, E> {
+                self.0.$method(v)
+            }
+        )*
+    };
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for Strict<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        self.0.expecting(f)
+    }
+
+    strict_visit! {
+        visit_bool(bool);
+        visit_i8(i8);
+        visit_i16(i16);
+        visit_i32(i32);
+        visit_i64(i64);
+        visit_i128(i128);
+        visit_u8(u8);
+        visit_u16(u16);
+        visit_u32(u32);
+        visit_u64(u64);
+        visit_u128(u128);
+        visit_f32(f32);
+        visit_f64(f64);
+        visit_char(char);
+        visit_str(&str);
+        visit_borrowed_str(&'de str);
+        visit_string(String);
+        visit_bytes(&[u8]);
+        visit_borrowed_bytes(&'de [u8]);
+        visit_byte_buf(Vec<u8>);
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.0.visit_none()
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        self.0.visit_unit()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.0.visit_some(Strict(d))
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.0.visit_newtype_struct(Strict(d))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_seq(Strict(seq))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_map(Strict(map))
+    }
+
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_enum(Strict(data))
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Strict<S> {
+    type Value = S::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        self.0.deserialize(Strict(d))
+    }
+}
+
+impl<'de, A: de::SeqAccess<'de>> de::SeqAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, A::Error> {
+        self.0.next_element_seed(Strict(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, A: de::MapAccess<'de>> de::MapAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        self.0.next_key_seed(Strict(seed))
+    }
+
+    fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, A::Error> {
+        self.0.next_value_seed(Strict(seed))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+impl<'de, A: de::EnumAccess<'de>> de::EnumAccess<'de> for Strict<A> {
+    type Error = A::Error;
+    type Variant = Strict<A::Variant>;
+
+    fn variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<(T::Value, Self::Variant), A::Error> {
+        let (value, variant) = self.0.variant_seed(Strict(seed))?;
+        Ok((value, Strict(variant)))
+    }
+}
+
+impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for Strict<A> {
+    type Error = A::Error;
+
+    fn unit_variant(self) -> Result<(), A::Error> {
+        self.0.unit_variant()
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, A::Error> {
+        self.0.newtype_variant_seed(Strict(seed))
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, len: usize, visitor: V) -> Result<V::Value, A::Error> {
+        self.0.tuple_variant(len, Strict(visitor))
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, A::Error> {
+        self.0.struct_variant(fields, Strict(visitor))
     }
 }
 
