@@ -135,5 +135,5 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Logged>) -> Result<Option<R
     Ok(state)
 }
 
-pub use crate::apply::{apply_mut, replan_outcome};
+pub use crate::apply::{apply_mut, apply_take, replan_outcome};
 pub use crate::decide::idempotency_key;

@@ -280,7 +280,7 @@ impl Driver {
         at_us: i64,
         answer: bool,
     ) -> Result<(), (StageError, Event)> {
-        let logged = Logged { run: self.run, seq: state.next_seq, at_us, event };
+        let mut logged = Logged { run: self.run, seq: state.next_seq, at_us, event };
         let record = match keel_store::prepare(&logged.event, at_us) {
             Ok(r) => r,
             Err(StoreError::TooLarge { what, bytes, max }) => {
@@ -289,15 +289,20 @@ impl Driver {
             Err(e) => return Err((StageError::Other(e.into()), logged.event)),
         };
         let before = state.next_seq;
-        if let Err(e) = crate::core::apply_mut(state, &logged) {
+        let evaluated = matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
+        // An answer is kept (a conflicting append stages it again); a decision is not, so
+        // its fields move into the state.
+        let kept = answer.then(|| logged.event.clone());
+        if let Err(e) = crate::core::apply_take(state, &mut logged) {
+            // apply_take changes nothing on error: the event is intact.
             return Err((StageError::Illegal(e), logged.event));
         }
         tracing::debug!(seq = logged.seq.0, kind = logged.event.kind_name(), "stage");
         batch.base.get_or_insert(before);
         batch.records.push(record);
-        batch.evaluated |= matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
-        if answer {
-            batch.answers.push(logged.event);
+        batch.evaluated |= evaluated;
+        if let Some(event) = kept {
+            batch.answers.push(event);
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ pub mod sim;
 pub mod state;
 
 pub use crate::core::{
-    apply, apply_mut, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy,
+    apply, apply_mut, apply_take, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy,
     TransitionError,
 };
 pub use api::*;

@@ -1,7 +1,7 @@
 //! Reading a run's log as [`Logged`] events and folding it (from the latest snapshot).
 //! Used by the engine and by replay.
 
-use crate::core::{apply, apply_mut};
+use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::event::{Event, Logged};
 use crate::state::RunState;
@@ -68,10 +68,10 @@ fn fold_into(
     mut state: Option<RunState>,
 ) -> Result<Option<RunState>, EngineError> {
     for logged in read_logged(log, run, from)? {
-        let logged = logged?;
+        let mut logged = logged?;
         match state.as_mut() {
             None => state = Some(apply(None, &logged)?),
-            Some(s) => apply_mut(s, &logged)?,
+            Some(s) => apply_take(s, &mut logged)?,
         }
     }
     Ok(state)

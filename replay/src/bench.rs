@@ -22,9 +22,9 @@ use crate::export::{JsonlWriter, Redaction};
 use crate::source::export_runs;
 use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
 use keel_engine::{
-    apply, apply_mut, decide, load_state, read_logged, Context, Engine, EngineError, ErrorClass, Escalation, Event,
-    ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState, TaskCall, TaskHandler,
-    TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
+    apply, apply_mut, apply_take, decide, load_state, read_logged, Context, Engine, EngineError, ErrorClass,
+    Escalation, Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState,
+    TaskCall, TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
 };
 use keel_store::{
     codec, prepare, Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunId, Seq, SledStore,
@@ -1587,10 +1587,10 @@ fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
     for &run in runs {
         let mut state: Option<RunState> = None;
         for logged in read_logged(log, run, Seq(0))? {
-            let logged = logged?;
+            let mut logged = logged?;
             match state.as_mut() {
                 None => state = Some(apply(None, &logged).map_err(tr)?),
-                Some(s) => apply_mut(s, &logged).map_err(tr)?,
+                Some(s) => apply_take(s, &mut logged).map_err(tr)?,
             }
             n += 1;
         }
@@ -1610,10 +1610,10 @@ fn fold_db_unverified(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayE
             if event.kind_name() != rec.kind {
                 return Err(ReplayError::Invalid(format!("run {run} seq {}: kind mismatch", rec.seq)));
             }
-            let logged = Logged { run, seq: rec.seq, at_us: rec.time_us, event };
+            let mut logged = Logged { run, seq: rec.seq, at_us: rec.time_us, event };
             match state.as_mut() {
                 None => state = Some(apply(None, &logged).map_err(tr)?),
-                Some(s) => apply_mut(s, &logged).map_err(tr)?,
+                Some(s) => apply_take(s, &mut logged).map_err(tr)?,
             }
             n += 1;
         }
@@ -1625,12 +1625,12 @@ fn fold_export(path: &Path) -> Result<u64, ReplayError> {
     let mut n = 0u64;
     for r in export_runs(path)? {
         let (_, events) = r?;
-        let mut it = events.iter();
+        let mut it = events.into_iter();
         let Some(first) = it.next() else { continue };
-        let mut s = apply(None, first).map_err(tr)?;
+        let mut s = apply(None, &first).map_err(tr)?;
         n += 1;
-        for e in it {
-            apply_mut(&mut s, e).map_err(tr)?;
+        for mut e in it {
+            apply_take(&mut s, &mut e).map_err(tr)?;
             n += 1;
         }
     }

@@ -21,7 +21,8 @@
 use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
 use keel_engine::{
-    apply, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState, TaskStatus,
+    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState,
+    TaskStatus,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -226,8 +227,9 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
             report.divergence = Some(divergence(e, class, &cmds, reason));
             return Ok(report);
         }
-        match apply(Some(&state), e) {
-            Ok(s) => state = s,
+        // In place: a refused event leaves the state unchanged (no copy per event).
+        match apply_mut(&mut state, e) {
+            Ok(()) => {}
             Err(err) => {
                 report.divergence = Some(divergence(e, class, &cmds, format!("the state machine refuses it: {err}")));
                 return Ok(report);

@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 pub(crate) type KvPair = (Vec<u8>, Vec<u8>);
-pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvPair, StoreError>> + Send + 'static>;
+/// A pair handed out by a range scan: sled's own reference-counted buffers (no copy of
+/// the value per record; replay reads every record of a run through here).
+pub(crate) type KvShared = (sled::IVec, sled::IVec);
+pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvShared, StoreError>> + Send + 'static>;
 
 /// The ordered map a backend provides.
 pub(crate) trait Kv: Send + Sync + 'static {
@@ -343,7 +346,7 @@ impl<K: Kv> Core<K> {
     }
 
     pub(crate) fn raw_range(&self, lo: &[u8], hi: &[u8]) -> Result<Vec<KvPair>, StoreError> {
-        self.kv.range(lo, hi)?.collect()
+        self.kv.range(lo, hi)?.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect()
     }
 }
 

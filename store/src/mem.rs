@@ -1,7 +1,7 @@
 //! In-memory backend with the same semantics as the sled one (same keys, same bytes, same
 //! checks), for tests. Nothing is durable.
 
-use crate::core::{Core, Kv, KvIter, KvPair, Written};
+use crate::core::{Core, Kv, KvIter, KvPair, KvShared, Written};
 use crate::error::StoreError;
 use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter};
 use crate::record;
@@ -27,10 +27,10 @@ impl Kv for MemKv {
     }
 
     fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
-        let items: Vec<Result<KvPair, StoreError>> = self
+        let items: Vec<Result<KvShared, StoreError>> = self
             .lock()
             .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)))
-            .map(|(k, v)| Ok((k.clone(), v.clone())))
+            .map(|(k, v)| Ok((sled::IVec::from(k.as_slice()), sled::IVec::from(v.as_slice()))))
             .collect();
         Ok(Box::new(items.into_iter()))
     }

@@ -29,10 +29,7 @@ impl Kv for SledKv {
     }
 
     fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
-        let it = self
-            .db
-            .range(lo.to_vec()..=hi.to_vec())
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(sled_err));
+        let it = self.db.range(lo.to_vec()..=hi.to_vec()).map(|r| r.map_err(sled_err));
         Ok(Box::new(it))
     }
 
