@@ -25,8 +25,14 @@ type Damage = Box<dyn Fn(&mut Vec<Value>)>;
 /// `export_runs` as it was before the fast path: every line through `ExportReader`, every
 /// record through `ExportRecord::to_logged`.
 fn slow_runs(path: &Path) -> Outcome {
-    let mut reader = read_export(path).unwrap().peekable();
     let mut out = Vec::new();
+    slow_runs_each(path, |r| out.push(r));
+    out
+}
+
+/// [`slow_runs`], handing each run (or the error) to `each` as it is read.
+fn slow_runs_each(path: &Path, mut each: impl FnMut(Result<(RunId, Vec<Logged>), String>)) {
+    let mut reader = read_export(path).unwrap().peekable();
     loop {
         let mut run: Option<RunId> = None;
         let mut events = Vec::new();
@@ -67,12 +73,12 @@ fn slow_runs(path: &Path) -> Outcome {
         })();
         match step {
             Err(e) => {
-                out.push(Err(format!("{e:?}")));
-                return out;
+                each(Err(format!("{e:?}")));
+                return;
             }
             Ok(()) => match run {
-                Some(r) => out.push(Ok((r, events))),
-                None => return out,
+                Some(r) => each(Ok((r, events))),
+                None => return,
             },
         }
     }
@@ -149,6 +155,27 @@ fn the_fast_path_rebuilds_every_record_of_a_demo_export_exactly() {
         let (run, events) = r.unwrap();
         assert_eq!(events, db.events(run), "run {run}");
     }
+}
+
+#[test]
+fn a_redaction_marker_on_any_field_leaves_the_line_to_the_slow_path() {
+    let db = DemoDb::new(16);
+    let file = export_all(&db, "all.jsonl", &[]);
+    let marker = json!({"$redacted": hex::encode([7u8; 32])});
+    let mut tried = BTreeSet::new();
+    for line in lines(&file).into_iter().filter(|l| l["type"] == "record") {
+        let kind = line["kind"].as_str().unwrap().to_owned();
+        for field in line["payload"].as_object().unwrap().keys() {
+            if !tried.insert((kind.clone(), field.clone())) {
+                continue;
+            }
+            let mut l = line.clone();
+            l["payload"][field] = marker.clone();
+            let text = serde_json::to_string(&l).unwrap();
+            assert!(rebuild_record_fast(text.as_bytes()).is_none(), "{kind}.{field}: a marker was taken");
+        }
+    }
+    assert!(tried.len() > 30, "{tried:?}");
 }
 
 #[test]
@@ -336,6 +363,61 @@ fn escape_first_char_of(line: &str, after: &str) -> String {
     let at = line.find(after).unwrap() + after.len();
     let c = line[at..].chars().next().unwrap();
     format!("{}\\u{:04x}{}", &line[..at], c as u32, &line[at + c.len_utf8()..])
+}
+
+/// Thread CPU time, seconds: what one core spends, whatever else the machine runs.
+fn cpu_s() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Folds a run as `keel bench`'s `fold_export` does; returns its events.
+fn fold(events: &[Logged]) -> u64 {
+    let mut it = events.iter();
+    let Some(first) = it.next() else { return 0 };
+    let mut s = keel_engine::apply(None, first).unwrap();
+    for e in it {
+        keel_engine::apply_mut(&mut s, e).unwrap();
+    }
+    events.len() as u64
+}
+
+/// `KEEL_JSONL=FILE cargo test --release -p keel-replay --test jsonl_fast_path -- --ignored
+/// --nocapture`: events per second of thread CPU time, reading FILE (e.g. the export
+/// `keel bench --keep` leaves) with `export_runs` and with the slow path, folding like
+/// `keel bench`'s `replay.jsonl`. CPU time, not wall time: a shared machine's load does not
+/// count.
+#[test]
+#[ignore]
+fn cpu_time_per_event_fast_and_slow() {
+    let Ok(path) = std::env::var("KEEL_JSONL") else {
+        eprintln!("set KEEL_JSONL to an export file");
+        return;
+    };
+    let path = PathBuf::from(path);
+    let (mut fast, mut slow) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let t = cpu_s();
+        let n: u64 = export_runs(&path).unwrap().map(|r| fold(&r.unwrap().1)).sum();
+        fast.push(n as f64 / (cpu_s() - t));
+        let t = cpu_s();
+        let mut m = 0;
+        slow_runs_each(&path, |r| m += fold(&r.unwrap().1));
+        slow.push(m as f64 / (cpu_s() - t));
+        assert_eq!(n, m);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let k = |v: &[f64]| v.iter().map(|x| format!("{:.1}k", x / 1e3)).collect::<Vec<_>>().join(" ");
+    eprintln!("fast path: {} events/cpu-s", k(&fast));
+    eprintln!("slow path: {} events/cpu-s", k(&slow));
+    let (f, s) = (median(&mut fast), median(&mut slow));
+    eprintln!("medians: fast {:.1}k/s, slow {:.1}k/s, x{:.2}", f / 1e3, s / 1e3, f / s);
 }
 
 fn set(l: &mut [Value], kind: &str, field: &str, v: Value) {
