@@ -297,7 +297,7 @@ impl Recording {
                     _ => {}
                 }
             }
-            state = Some(crate::timeline::step(state.as_ref(), e)?);
+            crate::timeline::step_mut(&mut state, e)?;
         }
         Ok(Recording {
             answers: Mutex::new(a),
@@ -470,7 +470,7 @@ pub fn copy_prefix(source: &[Logged], at: u64, new: RunId) -> Result<Vec<Logged>
             (other, _) => other.clone(),
         };
         let logged = Logged { run: new, seq: e.seq, at_us: e.at_us, event };
-        state = Some(crate::timeline::step(state.as_ref(), &logged)?);
+        crate::timeline::step_mut(&mut state, &logged)?;
         out.push(logged);
     }
     Ok(out)

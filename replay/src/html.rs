@@ -192,7 +192,8 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
     let mut state: Option<RunState> = None;
     for e in events {
         let before = state.as_ref().map(|x| x.status);
-        let next = crate::timeline::step(state.as_ref(), e)?;
+        crate::timeline::step_mut(&mut state, e)?;
+        let Some(next) = state.as_ref() else { continue };
         let after = next.status;
         let from = before.map(|b| b.name()).unwrap_or("start").to_owned();
         *transitions.entry((from.clone(), after.name().to_owned(), e.event.kind_name().to_owned())).or_insert(0) += 1;
@@ -294,7 +295,6 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             }
             _ => {}
         }
-        state = Some(next);
     }
     for sp in spans.iter_mut() {
         if sp.end_us.is_none() && sp.class == "b-warn" {

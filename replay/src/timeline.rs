@@ -5,7 +5,7 @@
 //! so [`Replay::state_at`] folds at most that many events, in either direction.
 
 use crate::error::ReplayError;
-use keel_engine::{apply, Logged, RunState};
+use keel_engine::{apply, apply_mut, Logged, RunState};
 use keel_store::RunId;
 
 /// A state is kept every this many events.
@@ -31,6 +31,17 @@ pub(crate) fn step(state: Option<&RunState>, e: &Logged) -> Result<RunState, Rep
     })
 }
 
+/// Folds `e` into `state` in place (unchanged on error), naming the event if the current
+/// code refuses it. No copy of the state per event.
+pub(crate) fn step_mut(state: &mut Option<RunState>, e: &Logged) -> Result<(), ReplayError> {
+    let fold_err = |source| ReplayError::Fold { run: e.run, seq: e.seq.0, kind: e.event.kind_name().to_owned(), source };
+    match state.as_mut() {
+        None => *state = Some(apply(None, e).map_err(fold_err)?),
+        Some(s) => apply_mut(s, e).map_err(fold_err)?,
+    }
+    Ok(())
+}
+
 impl Replay {
     /// Folds `events` (one run, seq 0 first).
     pub fn new(events: Vec<Logged>) -> Result<Replay, ReplayError> {
@@ -41,11 +52,12 @@ impl Replay {
         let mut checkpoints = Vec::with_capacity(events.len() / CHECKPOINT_EVERY + 1);
         let mut state: Option<RunState> = None;
         for (i, e) in events.iter().enumerate() {
-            let next = step(state.as_ref(), e)?;
+            step_mut(&mut state, e)?;
             if i % CHECKPOINT_EVERY == 0 {
-                checkpoints.push(next.clone());
+                if let Some(s) = &state {
+                    checkpoints.push(s.clone());
+                }
             }
-            state = Some(next);
         }
         let last = state.ok_or_else(|| ReplayError::Invalid("empty run".to_owned()))?;
         Ok(Replay { run, events, checkpoints, last })
@@ -78,11 +90,11 @@ impl Replay {
         let i = usize::try_from(seq).map_err(|_| ReplayError::SeqOutOfRange { run: self.run, seq, last })?;
         let k = i / CHECKPOINT_EVERY;
         let mut state =
-            self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?;
+            Some(self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?);
         for e in self.events.iter().take(i + 1).skip(k * CHECKPOINT_EVERY + 1) {
-            state = step(Some(&state), e)?;
+            step_mut(&mut state, e)?;
         }
-        Ok(state)
+        state.ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))
     }
 
     /// A cursor before the first event.
@@ -117,7 +129,7 @@ impl<'a> Cursor<'a> {
         let Some(e) = usize::try_from(next).ok().and_then(|i| self.replay.events.get(i)) else {
             return Ok(None);
         };
-        self.state = Some(step(self.state.as_ref(), e)?);
+        step_mut(&mut self.state, e)?;
         self.pos = Some(next);
         Ok(self.state.as_ref().map(|s| (e, s)))
     }
