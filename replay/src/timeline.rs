@@ -34,7 +34,8 @@ pub(crate) fn step(state: Option<&RunState>, e: &Logged) -> Result<RunState, Rep
 /// Folds `e` into `state` in place (unchanged on error), naming the event if the current
 /// code refuses it. No copy of the state per event.
 pub(crate) fn step_mut(state: &mut Option<RunState>, e: &Logged) -> Result<(), ReplayError> {
-    let fold_err = |source| ReplayError::Fold { run: e.run, seq: e.seq.0, kind: e.event.kind_name().to_owned(), source };
+    let fold_err =
+        |source| ReplayError::Fold { run: e.run, seq: e.seq.0, kind: e.event.kind_name().to_owned(), source };
     match state.as_mut() {
         None => *state = Some(apply(None, e).map_err(fold_err)?),
         Some(s) => apply_mut(s, e).map_err(fold_err)?,
@@ -89,8 +90,9 @@ impl Replay {
         }
         let i = usize::try_from(seq).map_err(|_| ReplayError::SeqOutOfRange { run: self.run, seq, last })?;
         let k = i / CHECKPOINT_EVERY;
-        let mut state =
-            Some(self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?);
+        let mut state = Some(
+            self.checkpoints.get(k).cloned().ok_or_else(|| ReplayError::Invalid("missing checkpoint".to_owned()))?,
+        );
         for e in self.events.iter().take(i + 1).skip(k * CHECKPOINT_EVERY + 1) {
             step_mut(&mut state, e)?;
         }
