@@ -23,8 +23,9 @@ pub fn read_logged(
             return None;
         }
         let out = r.map_err(EngineError::from).and_then(|rec| {
-            // Verified: the payload must still hash to the root its chain link covers, so
-            // a substituted (re-checksummed) payload is an error, never folded.
+            // Verified: a substituted (re-checksummed) payload is an error, never folded.
+            // Schema version 2: `read`'s link check already hashed the payload bytes;
+            // version 1: the payload root is recomputed from the decoded event.
             let event: Event = rec.decode_verified()?;
             // Pair check: the envelope's kind was written from this very event.
             if event.kind_name() != rec.kind {

@@ -60,7 +60,9 @@ pub(crate) fn decode_serde<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resu
 // Wire structures of the store itself (record envelope, snapshot). See docs/STORE.md.
 // ---------------------------------------------------------------------------------------
 
-/// Body of a schema-version-1 record envelope (follows the version varint).
+/// Body of a record envelope of schema version 1 or 2 (follows the version varint). The
+/// two versions store the same fields; they differ in what the chain hash covers (version 2
+/// also the payload bytes, see docs/STORE.md), not in layout.
 #[derive(bincode::Encode, bincode::Decode, Debug, Clone, PartialEq, Eq)]
 pub(crate) struct EnvelopeV1 {
     pub kind: String,
@@ -155,7 +157,7 @@ fn unseal<B: bincode::Decode<()>>(value: &[u8]) -> Result<(u16, &[u8]), WireErro
     if stored != computed {
         // Tell a torn/short value apart from flipped bits: does the body end early?
         let truncated = match native_decode_prefix::<u16>(rest) {
-            Ok((1, n)) => matches!(native_decode_exact::<B>(&rest[n..]), Err((_, true))),
+            Ok((1 | 2, n)) => matches!(native_decode_exact::<B>(&rest[n..]), Err((_, true))),
             Ok(_) => false,
             Err(_) => true,
         };
@@ -165,18 +167,19 @@ fn unseal<B: bincode::Decode<()>>(value: &[u8]) -> Result<(u16, &[u8]), WireErro
     Ok((version, &rest[n..]))
 }
 
-/// Record value for schema version 1.
-pub(crate) fn seal_record_v1(env: &EnvelopeV1) -> Result<Vec<u8>, StoreError> {
-    seal(1, env, env.payload.len() + env.kind.len())
+/// Record value of schema `version` (1 or 2: same body, see [`EnvelopeV1`]).
+pub(crate) fn seal_record(version: u16, env: &EnvelopeV1) -> Result<Vec<u8>, StoreError> {
+    seal(version, env, env.payload.len() + env.kind.len())
 }
 
 /// THE upcast point: every stored record value is decoded here, whatever its version, into
-/// the current in-memory envelope (`EnvelopeV1` today). A future v2 adds a match arm that
-/// decodes its own body and converts it.
+/// the current in-memory envelope. Versions 1 and 2 share the body layout; the version is
+/// returned with it because it decides the record digest (docs/STORE.md). A future version
+/// with another layout adds a match arm that decodes its own body and converts it.
 pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> {
     let (version, body) = unseal::<EnvelopeV1>(value)?;
     match version {
-        1 => native_decode_exact::<EnvelopeV1>(body).map(|e| (1, e)).map_err(|(e, _)| WireError::Body(e)),
+        v @ (1 | 2) => native_decode_exact::<EnvelopeV1>(body).map(|e| (v, e)).map_err(|(e, _)| WireError::Body(e)),
         other => Err(WireError::Version(other)),
     }
 }
@@ -219,7 +222,7 @@ pub mod testing {
         pub hash: Hash32,
     }
 
-    /// Decodes a version-1 record value (checksum checked).
+    /// Decodes a record value of any known version (checksum checked).
     pub fn open_raw(value: &[u8]) -> Result<RawEnvelope, String> {
         let (version, e) = open_record(value).map_err(|e| e.to_string())?;
         Ok(RawEnvelope {
@@ -245,5 +248,26 @@ pub mod testing {
             },
             e.payload.len(),
         )
+    }
+
+    /// Seals one record as schema version 1 (the v1 record digest, which does not cover the
+    /// payload bytes) at `seq` after `prev`, as a v1 build wrote it: for mixed-version logs
+    /// in tests (write the value with a raw put). Returns the value and its chain hash.
+    pub fn seal_v1_record(
+        run: crate::types::RunId,
+        seq: crate::types::Seq,
+        prev: &Hash32,
+        rec: &crate::log::NewRecord,
+    ) -> Result<(Vec<u8>, Hash32), StoreError> {
+        let d = crate::digest::record_digest(1, run, seq, &rec.kind, rec.time_us, &rec.payload_root);
+        let hash = crate::digest::chain(prev, &d);
+        let env = EnvelopeV1 {
+            kind: rec.kind.clone(),
+            time_us: rec.time_us,
+            payload: rec.payload.clone(),
+            payload_root: rec.payload_root,
+            hash,
+        };
+        Ok((seal_record(1, &env)?, hash))
     }
 }

@@ -7,8 +7,11 @@ use crate::types::{Hash32, RunId, Seq};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// Domain-separation prefix of [`record_digest`].
+/// Domain-separation prefix of [`record_digest`] (schema version 1).
 pub const RECORD_DIGEST_DOMAIN: &[u8] = b"keel/record/v1";
+
+/// Domain-separation prefix of [`record_digest_v2`] (schema version 2).
+pub const RECORD_DIGEST_DOMAIN_V2: &[u8] = b"keel/record/v2";
 
 fn sha256(parts: &[&[u8]]) -> Hash32 {
     let mut h = Sha256::new();
@@ -172,6 +175,39 @@ pub fn record_digest(
     ])
 }
 
+/// `SHA256(stored payload bytes)`: the payload digest a schema-version-2 record digest
+/// covers (the bincode bytes as stored, not their JSON fields).
+pub fn payload_digest(payload: &[u8]) -> Hash32 {
+    sha256(&[payload])
+}
+
+/// Schema version 2: `SHA256("keel/record/v2" || u16_be(2) || run (16 bytes) || u64_be(seq) ||
+/// u32_be(len(kind)) || kind || i64_be(time_us) || payload_root || payload_digest)`, with
+/// `payload_digest` = [`payload_digest`] of the stored payload bytes. The payload root keeps
+/// exports redactable; the payload digest binds the stored bytes to the chain, so a reader
+/// needs one SHA-256 over them instead of recomputing the payload's fields.
+pub fn record_digest_v2(
+    run: RunId,
+    seq: Seq,
+    kind: &str,
+    time_us: i64,
+    payload_root: &Hash32,
+    payload_digest: &Hash32,
+) -> Hash32 {
+    let kind_len = u32::try_from(kind.len()).unwrap_or(u32::MAX);
+    sha256(&[
+        RECORD_DIGEST_DOMAIN_V2,
+        &2u16.to_be_bytes(),
+        run.as_bytes(),
+        &seq.0.to_be_bytes(),
+        &kind_len.to_be_bytes(),
+        kind.as_bytes(),
+        &time_us.to_be_bytes(),
+        payload_root,
+        payload_digest,
+    ])
+}
+
 /// `SHA256(prev || record_digest)`; the `prev` of seq 0 is 32 zero bytes.
 pub fn chain(prev: &Hash32, record_digest: &Hash32) -> Hash32 {
     sha256(&[prev, record_digest])
@@ -205,6 +241,25 @@ mod tests {
         let a = vec![("x".to_string(), [1u8; 32]), ("a".to_string(), [2u8; 32])];
         let b = vec![("a".to_string(), [2u8; 32]), ("x".to_string(), [1u8; 32])];
         assert_eq!(payload_root(&a), payload_root(&b));
+    }
+
+    #[test]
+    fn v2_digest_is_its_formula_and_differs_from_v1() {
+        let run = RunId::from_bytes([5; 16]);
+        let (root, pd) = ([1u8; 32], payload_digest(b"payload"));
+        let mut bytes = b"keel/record/v2".to_vec();
+        bytes.extend_from_slice(&2u16.to_be_bytes());
+        bytes.extend_from_slice(&[5; 16]);
+        bytes.extend_from_slice(&9u64.to_be_bytes());
+        bytes.extend_from_slice(&4u32.to_be_bytes());
+        bytes.extend_from_slice(b"Kind");
+        bytes.extend_from_slice(&(-3i64).to_be_bytes());
+        bytes.extend_from_slice(&root);
+        bytes.extend_from_slice(&pd);
+        let v2 = record_digest_v2(run, Seq(9), "Kind", -3, &root, &pd);
+        assert_eq!(v2, sha256(&[&bytes]));
+        assert_ne!(v2, record_digest(2, run, Seq(9), "Kind", -3, &root));
+        assert_ne!(v2, record_digest_v2(run, Seq(9), "Kind", -3, &root, &payload_digest(b"payloae")));
     }
 
     #[test]

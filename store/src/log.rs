@@ -5,8 +5,11 @@ use crate::digest;
 use crate::error::StoreError;
 use crate::types::{Hash32, Payload, RunId, Seq};
 
-/// Schema version of the record envelope written by this build.
-pub const SCHEMA_VERSION: u16 = 1;
+/// Schema version of the record envelope written by this build. Version 2's record digest
+/// covers the stored payload bytes ([`digest::record_digest_v2`]); version 1 records (whose
+/// digest covers only the payload root, [`digest::record_digest`]) are still read and
+/// verified.
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// Longest event kind name, in bytes.
 pub const KIND_BYTES_MAX: usize = 256;
@@ -69,14 +72,21 @@ impl Record {
         })
     }
 
-    /// Decodes the payload AND checks it against the chained payload root (recomputes
-    /// `fields()`, ~1 us for a small event). `read` checks the chain over the stored
-    /// header only; this closes the gap for a payload whose bytes were replaced and
-    /// re-checksummed: `Corrupted { run, seq, reason: "altered payload: ..." }`. Use it where
-    /// the log is folded into state (resume, replay).
+    /// Decodes the payload of a record read with [`EventLog::read`], checked against what
+    /// the chain covers; use it where the log is folded into state (resume, replay). A
+    /// payload whose bytes were replaced and re-checksummed is never returned:
+    ///
+    /// - schema version 2: the record digest covers `SHA256(payload bytes)`, so `read`'s
+    ///   link check already refused such a record (`Corrupted`, `broken link`); this only
+    ///   decodes (no recomputation of `fields()`). It relies on the record coming from
+    ///   `read`: a record from [`EventLog::scan`] (no link check) is checked by
+    ///   [`crate::verify::verify_run`], not here.
+    /// - schema version 1: the chain covers only the payload root, so this recomputes it
+    ///   from `fields()` (a JSON conversion, several us per event) and returns
+    ///   `Corrupted { run, seq, reason: "altered payload: ..." }` if it differs.
     pub fn decode_verified<P: Payload>(&self) -> Result<P, StoreError> {
         let payload: P = self.decode()?;
-        if digest::payload_root_of(&payload.fields()) != self.payload_root {
+        if self.schema_version < 2 && digest::payload_root_of(&payload.fields()) != self.payload_root {
             return Err(StoreError::Corrupted {
                 run: self.run,
                 seq: self.seq,
@@ -88,9 +98,36 @@ impl Record {
         Ok(payload)
     }
 
-    /// [`digest::record_digest`] of this record's stored header.
+    /// `SHA256` of the stored payload bytes ([`digest::payload_digest`]); part of the record
+    /// digest from schema version 2 on.
+    pub fn payload_digest(&self) -> Hash32 {
+        digest::payload_digest(&self.payload)
+    }
+
+    /// The record digest of this record's stored header (and, from schema version 2, of its
+    /// payload bytes): [`digest::record_digest`] for version 1, [`digest::record_digest_v2`]
+    /// for version 2. Hashes the payload bytes for version 2.
     pub fn digest(&self) -> Hash32 {
-        digest::record_digest(self.schema_version, self.run, self.seq, &self.kind, self.time_us, &self.payload_root)
+        self.digest_at(self.seq, &self.payload_digest_if_covered())
+    }
+
+    /// [`Record::payload_digest`] if this record's version covers it (2), else zeros (unused).
+    pub(crate) fn payload_digest_if_covered(&self) -> Hash32 {
+        if self.schema_version >= 2 {
+            self.payload_digest()
+        } else {
+            [0; 32]
+        }
+    }
+
+    /// The digest this record would have at `seq`, given its payload digest (computed once
+    /// by callers that try several seqs).
+    pub(crate) fn digest_at(&self, seq: Seq, payload_digest: &Hash32) -> Hash32 {
+        if self.schema_version >= 2 {
+            digest::record_digest_v2(self.run, seq, &self.kind, self.time_us, &self.payload_root, payload_digest)
+        } else {
+            digest::record_digest(self.schema_version, self.run, seq, &self.kind, self.time_us, &self.payload_root)
+        }
     }
 }
 
@@ -141,7 +178,8 @@ pub trait EventLog: Send + Sync + 'static {
     ) -> Result<Head, StoreError>;
 
     /// Streams the run's records from `from` in seq order, each CRC-checked and link-checked
-    /// (`hash == chain(prev, record_digest(stored header))`, no gap). The first bad record
+    /// (`hash == chain(prev, record_digest(stored header))`, no gap; from schema version 2
+    /// the record digest also covers the payload bytes). The first bad record
     /// yields `Err(Corrupted { run, seq, reason })` (or `UnknownVersion`) and the iteration
     /// ends; the records before it are yielded fine.
     fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError>;

@@ -146,13 +146,15 @@ pub(crate) fn build_batch(run: RunId, head: &Head, records: Vec<NewRecord>) -> R
     let mut seq = head.next_seq.0;
     let mut last_kind = None;
     for r in records {
-        let d = digest::record_digest(SCHEMA_VERSION, run, Seq(seq), &r.kind, r.time_us, &r.payload_root);
+        // Schema version 2: the digest covers the payload bytes as stored.
+        let payload_digest = digest::payload_digest(&r.payload);
+        let d = digest::record_digest_v2(run, Seq(seq), &r.kind, r.time_us, &r.payload_root, &payload_digest);
         let hash = digest::chain(&prev, &d);
         let env =
             EnvelopeV1 { kind: r.kind, time_us: r.time_us, payload: r.payload, payload_root: r.payload_root, hash };
-        let value = codec::seal_record_v1(&env)?;
+        let value = codec::seal_record(SCHEMA_VERSION, &env)?;
         // Pair assertion: what we write must read back as what we meant.
-        debug_assert!(matches!(codec::open_record(&value), Ok((1, ref e)) if *e == env));
+        debug_assert!(matches!(codec::open_record(&value), Ok((SCHEMA_VERSION, ref e)) if *e == env));
         out.push((seq, value));
         prev = hash;
         last_kind = Some(env.kind);
@@ -288,10 +290,16 @@ where
             return self.fail(StoreError::Corrupted {
                 run,
                 seq: Seq(seq),
-                reason: "broken link: stored hash is not SHA-256(previous hash || digest of \
-                         the stored header) (header altered, or a record removed, reordered \
-                         or inserted; `verify` tells which)"
-                    .into(),
+                reason: if rec.schema_version >= 2 {
+                    "broken link: stored hash is not SHA-256(previous hash || digest of the \
+                     stored header and payload bytes) (payload or header altered, or a record \
+                     removed, reordered or inserted; `verify` tells which)"
+                } else {
+                    "broken link: stored hash is not SHA-256(previous hash || digest of \
+                     the stored header) (header altered, or a record removed, reordered \
+                     or inserted; `verify` tells which)"
+                }
+                .into(),
             });
         }
         self.prev = rec.hash;

@@ -5,7 +5,9 @@
 //! - `altered payload:` the payload no longer decodes or no longer hashes to the stored
 //!   payload root (payload bytes changed);
 //! - `altered header:` the stored header (kind, time, version, payload root) no longer hashes
-//!   to the stored chain hash, while the next record still chains to that hash;
+//!   to the stored chain hash, while the next record still chains to that hash (for a
+//!   schema-version-2 record, whose chain also covers the payload bytes, this includes
+//!   payload bytes re-encoded without changing the payload's fields);
 //! - `broken link:` the record does not chain to the record stored before it (a record was
 //!   removed, reordered or inserted); the reason says at which seq it was written if that can
 //!   be found among its neighbours.
@@ -64,12 +66,14 @@ pub fn verify_run<P: Payload>(log: &dyn EventLog, run: RunId) -> Result<VerifyRe
                     .into(),
             ));
         }
-        if digest::chain(&prev, &rec.digest()) != rec.hash {
+        // One SHA-256 of the payload bytes per record (version 2), reused by the diagnosis.
+        let payload_digest = rec.payload_digest_if_covered();
+        if digest::chain(&prev, &rec.digest_at(rec.seq, &payload_digest)) != rec.hash {
             let next = match records.peek() {
                 Some(Ok(r)) => Some(r.clone()),
                 _ => None,
             };
-            return Err(mismatch(diagnose(&rec, &recent, next.as_ref())));
+            return Err(mismatch(diagnose(&rec, &payload_digest, &recent, next.as_ref())));
         }
         recent.push(rec.hash);
         if recent.len() as u64 > DIAGNOSE_WINDOW + 1 {
@@ -97,13 +101,19 @@ pub fn verify_run<P: Payload>(log: &dyn EventLog, run: RunId) -> Result<VerifyRe
 
 /// Explains why `rec` (at key seq n) does not chain to the record stored before it.
 /// `recent` holds the stored hashes of the records just before it (the last is n-1).
-fn diagnose(rec: &Record, recent: &[Hash32], next: Option<&Record>) -> String {
+fn diagnose(rec: &Record, payload_digest: &Hash32, recent: &[Hash32], next: Option<&Record>) -> String {
     let n = rec.seq.0;
     if let Some(nx) = next {
         if nx.seq.0 == n + 1 && digest::chain(&rec.hash, &nx.digest()) == nx.hash {
-            return "altered header: the stored kind/time/version/payload root no longer hash \
-                    to the stored chain hash (the next record still chains to it)"
-                .into();
+            return if rec.schema_version >= 2 {
+                "altered header: the stored kind/time/version/payload root (or the payload \
+                 bytes, re-encoded without changing its fields) no longer hash to the stored \
+                 chain hash (the next record still chains to it)"
+            } else {
+                "altered header: the stored kind/time/version/payload root no longer hash \
+                 to the stored chain hash (the next record still chains to it)"
+            }
+            .into();
         }
     }
     // Where was this record written? Try neighbouring seqs and neighbouring predecessors.
@@ -118,7 +128,7 @@ fn diagnose(rec: &Record, recent: &[Hash32], next: Option<&Record>) -> String {
     let lo = n.saturating_sub(DIAGNOSE_WINDOW);
     let hi = n.saturating_add(DIAGNOSE_WINDOW);
     for s in lo..=hi {
-        let d = digest::record_digest(rec.schema_version, rec.run, Seq(s), &rec.kind, rec.time_us, &rec.payload_root);
+        let d = rec.digest_at(Seq(s), payload_digest);
         for (what, h) in &prevs {
             if digest::chain(h, &d) == rec.hash {
                 return if s != n {

@@ -28,7 +28,7 @@ fn round_trip_of_several_payload_kinds() {
             let i = i as u64;
             assert_eq!(record.run, r);
             assert_eq!(record.seq, Seq(i));
-            assert_eq!(record.schema_version, 1);
+            assert_eq!(record.schema_version, keel_store::SCHEMA_VERSION);
             assert_eq!(record.kind, keel_store::Payload::kind(&ev(i)));
             assert_eq!(record.time_us, 1_700_000_000_000_000 + i as i64);
             assert_eq!(record.decode::<Ev>().unwrap(), ev(i));

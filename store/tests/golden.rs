@@ -1,12 +1,15 @@
-//! Golden log: `tests/golden/v1.records` holds record values exactly as a schema-version-1
-//! store wrote them. Every future build must still decode (upcast) and verify them.
+//! Golden logs: `tests/golden/v1.records` holds record values exactly as a schema-version-1
+//! store wrote them, `tests/golden/v2.records` the same runs as schema version 2 (the
+//! current version) writes them. Every future build must still decode (upcast) and verify
+//! both, and this build must write v2's bytes exactly.
 //!
 //! Container format (documented in docs/STORE.md):
 //! `b"KEELGOLD" || u32_be(1) || u32_be(count) || count x (u32_be(key_len) || key ||
 //! u32_be(value_len) || value)`, keys and values exactly as stored in sled.
 //!
-//! Regenerate (only when adding a NEW version's file, never to "fix" this one):
-//! `cargo test -p keel-store --test golden -- --ignored generate_golden_v1`
+//! Generate (only when adding a NEW version's file, never to "fix" an existing one):
+//! `cargo test -p keel-store --test golden -- --ignored generate_golden_v2` (the v1 file
+//! was made the same way by a v1 build).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -16,8 +19,8 @@ use std::path::PathBuf;
 
 const MAGIC: &[u8; 8] = b"KEELGOLD";
 
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.records")
+fn golden_path(version: u16) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}.records"))
 }
 
 /// The two runs of the golden log and their events.
@@ -35,6 +38,11 @@ const HEADS: [&str; 2] = [
     "d9763c8d4d7c436cbae0e3163355a18d973e40a2b5800b4de1c90d4b0178145e",
     "0d68e6b6a414e1bd497e5acad92bdf31272ab48debc2df483a0d49732307d799",
 ];
+
+/// The same for `v2.records` (record digest v2: also covers the payload bytes).
+const HEADS_V2: [&str; 2] = [HEAD_V2_A, HEAD_V2_B];
+const HEAD_V2_A: &str = "152a789f181c1e5f59799fbca133547b47d051d58055af13b69ec2fe1f83c576";
+const HEAD_V2_B: &str = "9940b1d1c48ad81c47b830e616e6500ec58a79bdfad018a20a63907110311b0d";
 
 fn write_golden(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
@@ -85,7 +93,7 @@ fn write_runs(log: &SledStore) {
 
 #[test]
 #[ignore = "generator: run by hand to create a new version's golden file"]
-fn generate_golden_v1() {
+fn generate_golden_v2() {
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
     write_runs(&log);
@@ -93,15 +101,17 @@ fn generate_golden_v1() {
     for (r, _) in golden_runs() {
         pairs.extend(log.raw_records(r).unwrap());
     }
-    std::fs::create_dir_all(golden_path().parent().unwrap()).unwrap();
-    std::fs::write(golden_path(), write_golden(&pairs)).unwrap();
+    let path = golden_path(keel_store::SCHEMA_VERSION);
+    assert!(!path.exists(), "{} exists: golden files are never regenerated", path.display());
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, write_golden(&pairs)).unwrap();
     for (r, _) in golden_runs() {
         println!("head {r}: {}", hex::encode(log.head(r).unwrap().last_hash));
     }
 }
 
-fn load_golden() -> (tempfile::TempDir, SledStore, Vec<keel_store::RawPair>) {
-    let bytes = std::fs::read(golden_path()).expect("golden file committed");
+fn load_golden(version: u16) -> (tempfile::TempDir, SledStore, Vec<keel_store::RawPair>) {
+    let bytes = std::fs::read(golden_path(version)).expect("golden file committed");
     let pairs = read_golden(&bytes);
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
@@ -113,17 +123,27 @@ fn load_golden() -> (tempfile::TempDir, SledStore, Vec<keel_store::RawPair>) {
 
 #[test]
 fn golden_v1_log_decodes_and_verifies_forever() {
-    let (_dir, log, pairs) = load_golden();
+    golden_log_decodes_and_verifies(1, HEADS);
+}
+
+#[test]
+fn golden_v2_log_decodes_and_verifies_forever() {
+    golden_log_decodes_and_verifies(2, HEADS_V2);
+}
+
+fn golden_log_decodes_and_verifies(version: u16, heads: [&str; 2]) {
+    let (_dir, log, pairs) = load_golden(version);
     let runs = golden_runs();
     assert_eq!(pairs.len(), runs.iter().map(|(_, e)| e.len()).sum::<usize>());
     assert_eq!(log.runs().unwrap(), runs.iter().map(|(r, _)| *r).collect::<Vec<_>>());
-    for ((r, events), pinned) in runs.iter().zip(HEADS) {
+    for ((r, events), pinned) in runs.iter().zip(heads) {
         let (records, err) = read_all(&log, *r, Seq(0));
         assert!(err.is_none(), "{err:?}");
         assert_eq!(records.len(), events.len());
         for (record, (e, t)) in records.iter().zip(events) {
-            assert_eq!(record.schema_version, 1);
+            assert_eq!(record.schema_version, version);
             assert_eq!(&record.decode::<Ev>().unwrap(), e);
+            assert_eq!(&record.decode_verified::<Ev>().unwrap(), e);
             assert_eq!(record.time_us, *t);
             assert_eq!(record.kind, keel_store::Payload::kind(e));
         }
@@ -134,9 +154,10 @@ fn golden_v1_log_decodes_and_verifies_forever() {
 }
 
 #[test]
-fn this_build_still_writes_v1_byte_for_byte() {
-    // True while v1 is the current schema version; when v2 arrives, this moves to v2's file.
-    let (_dir, _log, pairs) = load_golden();
+fn this_build_still_writes_v2_byte_for_byte() {
+    // True while v2 is the current schema version; when v3 arrives, this moves to v3's file.
+    assert_eq!(keel_store::SCHEMA_VERSION, 2);
+    let (_dir, _log, pairs) = load_golden(2);
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
     write_runs(&log);
@@ -149,7 +170,7 @@ fn this_build_still_writes_v1_byte_for_byte() {
 
 #[test]
 fn a_damaged_golden_record_is_named_and_the_prefix_still_reads() {
-    let (_dir, log, _pairs) = load_golden();
+    let (_dir, log, _pairs) = load_golden(1);
     let (r, events) = &golden_runs()[0];
     let mut v = log.raw_get(*r, Seq(3)).unwrap().unwrap();
     let at = v.len() - 40;

@@ -58,36 +58,149 @@ fn an_untouched_run_verifies() {
     assert_eq!((empty.records, empty.head), (0, [0; 32]));
 }
 
-#[test]
-fn a_flipped_payload_byte_with_recomputed_crc_is_an_altered_payload() {
-    let (_d, log, r) = store_with_run();
-    // Record 2 is an `Executed` whose last field before `cost_micros`.. is a long string:
-    // flip one byte inside the payload, well inside the output text, and re-seal the CRC.
-    let mut v = log.raw_get(r, Seq(2)).unwrap().unwrap();
+/// An `Ev` whose `fields()` counts its calls: shows where the JSON conversion runs.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct Watched(Ev);
+
+thread_local! {
+    // Per test thread: tests run in parallel.
+    static FIELDS_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl keel_store::Payload for Watched {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        FIELDS_CALLS.set(FIELDS_CALLS.get() + 1);
+        self.0.fields()
+    }
+}
+
+/// Flips one byte well inside record `seq`'s payload (an `Executed` for seq 2: inside its
+/// output text) and re-seals the CRC, so only the chain or the payload root can tell.
+fn substitute_payload(log: &SledStore, r: RunId, seq: u64) {
+    let mut v = log.raw_get(r, Seq(seq)).unwrap().unwrap();
     let env = open_raw(&v).unwrap();
     let payload_end = v.len() - 64;
     let at = payload_end - env.payload.len() + 20;
     v[at] ^= 0x01;
     codec::reseal(&mut v);
-    log.raw_put(r, Seq(2), &v).unwrap();
-    // read: the header chain is intact, so read yields everything...
+    assert!(open_raw(&v).unwrap().payload != env.payload);
+    log.raw_put(r, Seq(seq), &v).unwrap();
+}
+
+/// Writes events `0..n` of `run` as schema-version-1 records, as a v1 build did.
+fn fill_v1(log: &SledStore, r: RunId, n: u64) -> keel_store::Hash32 {
+    let mut prev = [0u8; 32];
+    for i in 0..n {
+        let (value, hash) = codec::testing::seal_v1_record(r, Seq(i), &prev, &rec(i)).unwrap();
+        log.raw_put(r, Seq(i), &value).unwrap();
+        prev = hash;
+    }
+    prev
+}
+
+#[test]
+fn a_substituted_v2_payload_with_recomputed_crc_is_caught_by_read_without_json() {
+    let (_d, log, r) = store_with_run();
+    substitute_payload(&log, r, 2);
+    // The substituted bytes still decode (as a different event)...
+    let env = open_raw(&log.raw_get(r, Seq(2)).unwrap().unwrap()).unwrap();
+    assert_eq!(env.version, 2);
+    assert!(codec::decode::<Ev>(&env.payload).is_ok_and(|e| e != ev(2)));
+    // ...but v2's record digest covers the payload bytes: `read` stops at seq 2, and
+    // nothing on the read path converted a payload to JSON.
+    FIELDS_CALLS.set(0);
+    let reason = assert_read_stops_at(&log, r, 2);
+    assert!(reason.contains("broken link") && reason.contains("payload bytes"), "{reason}");
+    for (i, record) in read_all(&log, r, Seq(0)).0.iter().enumerate() {
+        assert_eq!(record.decode_verified::<Watched>().unwrap(), Watched(ev(i as u64)));
+    }
+    assert_eq!(FIELDS_CALLS.get(), 0, "no JSON recomputation on read");
+    // verify, which re-digests payloads, names record 2 as an altered payload.
+    let (seq, reason) = mismatch(&log, r);
+    assert_eq!(seq, Seq(2));
+    assert!(reason.starts_with("altered payload"), "{reason}");
+}
+
+#[test]
+fn a_flipped_v1_payload_byte_with_recomputed_crc_is_an_altered_payload() {
+    // Schema version 1 (records written by a v1 build): the chain covers only the payload
+    // root, so `read` passes and `decode_verified` recomputes the root from `fields()`.
+    let dir = tempdir();
+    let log = open(dir.path(), Durability::None);
+    let r = run(1);
+    fill_v1(&log, r, N);
+    substitute_payload(&log, r, 2);
     let (records, err) = read_all(&log, r, Seq(0));
     assert!(err.is_none());
     assert_eq!(records.len() as u64, N);
-    // ...`decode` returns a different valid event, `decode_verified` refuses it...
+    assert!(records.iter().all(|x| x.schema_version == 1));
     assert!(records[2].decode::<Ev>().is_ok());
-    match records[2].decode_verified::<Ev>() {
+    FIELDS_CALLS.set(0);
+    match records[2].decode_verified::<Watched>() {
         Err(StoreError::Corrupted { run, seq, reason }) => {
             assert_eq!((run, seq), (r, Seq(2)));
             assert!(reason.starts_with("altered payload"), "{reason}");
         }
         other => panic!("expected Corrupted, got {other:?}"),
     }
+    assert_eq!(FIELDS_CALLS.get(), 1, "v1 recomputes the payload root");
     assert_eq!(records[1].decode_verified::<Ev>().unwrap(), ev(1));
-    // ...and verify, which re-digests payloads, names record 2.
     let (seq, reason) = mismatch(&log, r);
     assert_eq!(seq, Seq(2));
     assert!(reason.starts_with("altered payload"), "{reason}");
+}
+
+#[test]
+fn a_mixed_v1_then_v2_log_reads_chains_and_verifies() {
+    let dir = tempdir();
+    let log = open(dir.path(), Durability::None);
+    let r = run(1);
+    let v1_head = fill_v1(&log, r, 4);
+    assert_eq!(log.head(r).unwrap().last_hash, v1_head);
+    for i in 4..N {
+        log.append(r, Seq(i), vec![rec(i)], None).unwrap();
+    }
+    let (records, err) = read_all(&log, r, Seq(0));
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(records.iter().map(|x| x.schema_version).collect::<Vec<_>>(), [1, 1, 1, 1, 2, 2, 2, 2]);
+    let mut prev = [0u8; 32];
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!(record.prev_hash, prev);
+        assert_eq!(record.hash, digest::chain(&prev, &record.digest()));
+        assert_eq!(record.decode_verified::<Ev>().unwrap(), ev(i as u64));
+        prev = record.hash;
+    }
+    assert_eq!(records[3].hash, v1_head);
+    // Reading from the middle links to the stored v1 predecessor.
+    let (tail, err) = read_all(&log, r, Seq(4));
+    assert!(err.is_none() && tail.len() == 4 && tail[0].prev_hash == v1_head);
+    let report = verify_run::<Ev>(&log, r).unwrap();
+    assert_eq!((report.records, report.head), (N, log.head(r).unwrap().last_hash));
+    // Tampering is named on both sides of the version change.
+    substitute_payload(&log, r, 7);
+    read_stops_at(&log, r, 7);
+    let (seq, reason) = mismatch(&log, r);
+    assert!(seq == Seq(7) && reason.starts_with("altered payload"), "{seq} {reason}");
+}
+
+#[test]
+fn a_v2_record_relabelled_v1_breaks_the_chain() {
+    // Changing the version byte (the same body layout decodes under both) cannot make the
+    // payload bytes unchecked: the v1 digest differs from the v2 one that was chained.
+    let (_d, log, r) = store_with_run();
+    let mut env = open_raw(&log.raw_get(r, Seq(3)).unwrap().unwrap()).unwrap();
+    assert_eq!(env.version, 2);
+    env.version = 1;
+    log.raw_put(r, Seq(3), &seal_raw(&env).unwrap()).unwrap();
+    let reason = assert_read_stops_at(&log, r, 3);
+    assert!(reason.contains("broken link"), "{reason}");
+    let (seq, reason) = mismatch(&log, r);
+    assert_eq!(seq, Seq(3));
+    assert!(reason.starts_with("altered header"), "{reason}");
 }
 
 #[test]
@@ -161,9 +274,16 @@ fn an_inserted_record_is_a_broken_link() {
     let prev = open_raw(&log.raw_get(r, Seq(1)).unwrap().unwrap()).unwrap().hash;
     let forged_event = Ev::Failed { task: "forged".into(), class: "fatal".into() };
     let rec = keel_store::prepare(&forged_event, 5).unwrap();
-    let d = digest::record_digest(1, r, Seq(2), &rec.kind, rec.time_us, &rec.payload_root);
+    let d = digest::record_digest_v2(
+        r,
+        Seq(2),
+        &rec.kind,
+        rec.time_us,
+        &rec.payload_root,
+        &digest::payload_digest(&rec.payload),
+    );
     let forged = keel_store::codec::testing::RawEnvelope {
-        version: 1,
+        version: 2,
         kind: rec.kind.clone(),
         time_us: rec.time_us,
         payload: rec.payload.clone(),
@@ -219,13 +339,13 @@ fn truncated_records_are_corrupted_naming_run_and_seq() {
 fn an_unknown_schema_version_is_a_typed_error_naming_run_and_seq() {
     let (_d, log, r) = store_with_run();
     let mut env = open_raw(&log.raw_get(r, Seq(4)).unwrap().unwrap()).unwrap();
-    env.version = 2;
+    env.version = 3;
     log.raw_put(r, Seq(4), &seal_raw(&env).unwrap()).unwrap();
     let (records, err) = read_all(&log, r, Seq(0));
     assert_eq!(records.len(), 4);
     match err {
         Some(StoreError::UnknownVersion { run, seq, version }) => {
-            assert_eq!((run, seq, version), (r, Seq(4), 2));
+            assert_eq!((run, seq, version), (r, Seq(4), 3));
         }
         other => panic!("expected UnknownVersion, got {other:?}"),
     }
@@ -234,8 +354,9 @@ fn an_unknown_schema_version_is_a_typed_error_naming_run_and_seq() {
 #[test]
 fn every_single_byte_change_is_caught_and_never_panics() {
     // Every position of one record, three bit patterns; then the same re-sealed with a
-    // valid CRC (deliberate tampering). Plain damage stops `read` at seq 1; tampering is
-    // caught by `read` or, for payload bytes, by `verify` -- always naming seq 1.
+    // valid CRC (deliberate tampering). Plain damage stops `read` at seq 1; so does
+    // tampering, since schema version 2's chain covers the payload bytes too; `verify`
+    // also names seq 1.
     let (_d, log, r) = store_with_run();
     let original = log.raw_get(r, Seq(1)).unwrap().unwrap();
     for i in 0..original.len() {
@@ -258,6 +379,16 @@ fn every_single_byte_change_is_caught_and_never_panics() {
             }
             codec::reseal(&mut v);
             log.raw_put(r, Seq(1), &v).unwrap();
+            let (records, err) = read_all(&log, r, Seq(0));
+            assert_eq!(records.len(), 1, "resealed byte {i}: prefix readable");
+            assert!(
+                matches!(
+                    err,
+                    Some(StoreError::Corrupted { seq: Seq(1), .. })
+                        | Some(StoreError::UnknownVersion { seq: Seq(1), .. })
+                ),
+                "resealed byte {i} ^ {flip:#x}: {err:?}"
+            );
             match verify_run::<Ev>(&log, r) {
                 Err(VerifyError::Mismatch { seq: Seq(1), .. })
                 | Err(VerifyError::Store(StoreError::Corrupted { seq: Seq(1), .. }))
