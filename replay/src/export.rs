@@ -129,6 +129,10 @@ struct RecordLine<'a> {
     schema_version: u16,
     payload: Map<String, Value>,
     payload_root: String,
+    /// SHA-256 of the stored payload bytes: only for schema version 2 and later, whose
+    /// record digest covers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_digest: Option<String>,
     prev_hash: String,
     hash: String,
 }
@@ -209,6 +213,7 @@ fn record_line<'a>(rec: &'a Record, redaction: &Redaction) -> Result<RecordLine<
         schema_version: rec.schema_version,
         payload: fields,
         payload_root: hex32(&rec.payload_root),
+        payload_digest: (rec.schema_version >= 2).then(|| hex32(&rec.payload_digest())),
         prev_hash: hex32(&rec.prev_hash),
         hash: hex32(&rec.hash),
     })

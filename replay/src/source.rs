@@ -85,6 +85,9 @@ pub struct ExportRecord {
     pub schema_version: u16,
     pub payload: Map<String, Value>,
     pub payload_root: Hash32,
+    /// SHA-256 of the stored payload bytes, which the record digest of schema version 2
+    /// covers; `None` for a version-1 record (the field is absent).
+    pub payload_digest: Option<Hash32>,
     pub prev_hash: Hash32,
     pub hash: Hash32,
 }
@@ -258,6 +261,10 @@ impl<R: BufRead> ExportReader<R> {
                     schema_version,
                     payload,
                     payload_root: hash_of("payload_root")?,
+                    payload_digest: match obj.get("payload_digest") {
+                        None => None,
+                        Some(_) => Some(hash_of("payload_digest")?),
+                    },
                     prev_hash: hash_of("prev_hash")?,
                     hash: hash_of("hash")?,
                 }))
@@ -502,6 +509,9 @@ fn fast_line(line: &[u8]) -> Option<FastLine> {
             if !(is_hash(f.payload_root?) && is_hash(f.prev_hash?) && is_hash(f.hash?)) {
                 return None;
             }
+            if f.payload_digest.is_some_and(|h| !is_hash(h)) {
+                return None;
+            }
             Some(FastLine::Record(Logged { run, seq: Seq(seq), at_us: time_us, event: f.event? }))
         }
         "run_end" => {
@@ -538,6 +548,8 @@ struct LineFields<'a> {
     schema_version: Option<u64>,
     event: Option<Event>,
     payload_root: Option<&'a str>,
+    /// Optional (schema version 2 records).
+    payload_digest: Option<&'a str>,
     prev_hash: Option<&'a str>,
     hash: Option<&'a str>,
     records: Option<u64>,
@@ -585,6 +597,7 @@ impl<'de> Visitor<'de> for LineVisitor {
                     once(&mut f.event, map.next_value_seed(PayloadSeed { kind })?)?
                 }
                 "payload_root" => once(&mut f.payload_root, map.next_value()?)?,
+                "payload_digest" => once(&mut f.payload_digest, map.next_value()?)?,
                 "prev_hash" => once(&mut f.prev_hash, map.next_value()?)?,
                 "hash" => once(&mut f.hash, map.next_value()?)?,
                 "records" => once(&mut f.records, map.next_value()?)?,

@@ -5,8 +5,11 @@
 //! 1. `payload_root` = `payload_root` of the field digests of `payload` (a redacted field
 //!    contributes the digest it states),
 //! 2. `prev_hash` = the `hash` of the record before it (zeros for seq 0), and
-//! 3. `hash` = SHA-256(`prev_hash` || `record_digest(schema_version, run, seq, kind,
-//!    time_us, payload_root)`),
+//! 3. `hash` = SHA-256(`prev_hash` || record digest), the record digest being
+//!    `record_digest(1, run, seq, kind, time_us, payload_root)` for schema version 1 and
+//!    `record_digest_v2(run, seq, kind, time_us, payload_root, payload_digest)` for schema
+//!    version 2 (whose lines carry `payload_digest`, the SHA-256 of the stored payload bytes;
+//!    an export cannot check it against the payload fields, only the chain binds it),
 //!
 //! and each run ends with a `run_end` trailer whose count and head match. The formulas are
 //! those of `keel_store::digest`, spelled out byte by byte in docs/EXPORT.md.
@@ -89,10 +92,27 @@ pub fn export_payload_root(rec: &ExportRecord) -> Hash32 {
     digest::payload_root(&digests)
 }
 
-/// The chain hash an export record must carry, given the hash before it.
+/// The chain hash an export record must carry, given the hash before it: the v2 record
+/// digest for a `schema_version` 2 line with its `payload_digest`, else the v1 formula with
+/// the stated version (which a line of version 2 without `payload_digest` cannot match;
+/// [`version_problem`] names that case).
 pub fn export_chain_hash(rec: &ExportRecord, prev: &Hash32) -> Hash32 {
-    let d = digest::record_digest(rec.schema_version, rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root);
+    let d = match (rec.schema_version, &rec.payload_digest) {
+        (2, Some(pd)) => digest::record_digest_v2(rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root, pd),
+        (v, _) => digest::record_digest(v, rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root),
+    };
     digest::chain(prev, &d)
+}
+
+/// What is wrong with a record line's `schema_version` / `payload_digest` pair, if anything:
+/// version 1 has no payload digest, version 2 needs one, other versions are unknown.
+pub fn version_problem(rec: &ExportRecord) -> Option<String> {
+    match (rec.schema_version, rec.payload_digest.is_some()) {
+        (1, false) | (2, true) => None,
+        (1, true) => Some("a schema_version 1 record with a payload_digest".to_owned()),
+        (2, false) => Some("a schema_version 2 record without its payload_digest".to_owned()),
+        (v, _) => Some(format!("unknown schema_version {v}")),
+    }
 }
 
 /// Whether `value` is the original of a field redacted to `redacted` (a `{"$redacted":
@@ -370,6 +390,15 @@ impl<R: BufRead> ExportCheck<R> {
             return Err(fail(Tamper::Removed, Some(run), Some(n), Some(line), msg));
         }
         // rec.seq == n
+        if let Some(problem) = version_problem(rec) {
+            return Err(fail(
+                Tamper::Altered,
+                Some(run),
+                Some(n),
+                Some(line),
+                format!("run {run} seq {n}: header altered ({problem} at line {line})"),
+            ));
+        }
         let root_ok = export_payload_root(rec) == rec.payload_root;
         let link_ok = rec.prev_hash == c.prev;
         let hash_ok = export_chain_hash(rec, &c.prev) == rec.hash;
@@ -406,7 +435,7 @@ impl<R: BufRead> ExportCheck<R> {
                 (
                     Tamper::Altered,
                     format!(
-                        "run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version or hash changed)"
+                        "run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version, payload digest or hash changed)"
                     ),
                 )
             };

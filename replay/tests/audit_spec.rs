@@ -119,9 +119,10 @@ fn an_export_verifies_and_every_kind_of_tampering_is_named() {
         seq: 7,
         time_us: good_forgery["time_us"].as_i64().unwrap(),
         kind: good_forgery["kind"].as_str().unwrap().to_owned(),
-        schema_version: 1,
+        schema_version: good_forgery["schema_version"].as_u64().unwrap() as u16,
         payload: good_forgery["payload"].as_object().unwrap().clone(),
         payload_root: [0; 32],
+        payload_digest: good_forgery["payload_digest"].as_str().and_then(keel_replay::format::parse_hash),
         prev_hash: [0; 32],
         hash: [0; 32],
     };
@@ -172,13 +173,17 @@ fn a_consistently_rewritten_export_is_caught_against_the_database_head() {
         }
         let fields = line["payload"].as_object().unwrap().clone();
         let root = digest::payload_root_of(&fields);
-        let d = digest::record_digest(
-            1,
+        // Schema version 2 lines: the forger keeps the stated payload digest (an export
+        // holds no payload bytes to check it against).
+        assert_eq!(line["schema_version"], 2);
+        let payload_digest = keel_replay::format::parse_hash(line["payload_digest"].as_str().unwrap()).unwrap();
+        let d = digest::record_digest_v2(
             run,
             Seq(line["seq"].as_u64().unwrap()),
             line["kind"].as_str().unwrap(),
             line["time_us"].as_i64().unwrap(),
             &root,
+            &payload_digest,
         );
         let hash = digest::chain(&prev, &d);
         line["payload_root"] = json!(hex::encode(root));
@@ -436,4 +441,121 @@ fn garbage_exports_are_typed_errors_never_panics() {
             assert!(runs.iter().all(Result::is_ok), "round {round}: verified but does not load");
         }
     }
+}
+
+#[test]
+fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("happy_path");
+    let file = export_one(&db, run, "v2.jsonl", &[]);
+    let original = lines(&file);
+    // Every record line: schema_version 2 and the SHA-256 of the stored payload bytes.
+    let store = db.open();
+    let stored: Vec<_> = store.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
+    drop(store);
+    let records: Vec<&Value> = original.iter().filter(|l| l["type"] == "record").collect();
+    assert_eq!(records.len(), stored.len());
+    for (line, rec) in records.iter().zip(&stored) {
+        assert_eq!(line["schema_version"], 2);
+        assert_eq!(line["payload_digest"], json!(hex::encode(digest::payload_digest(&rec.payload))));
+    }
+    assert!(verify_export(&file).unwrap().ok());
+    let tampered = db.path("t.jsonl");
+
+    // An edited payload digest: the record digest no longer matches.
+    let mut l = original.clone();
+    let i = at(&l, 3);
+    let mut pd = l[i]["payload_digest"].as_str().unwrap().to_owned();
+    pd.replace_range(0..1, if pd.starts_with('0') { "1" } else { "0" });
+    l[i]["payload_digest"] = json!(pd);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(3), "seq 3: header altered (hash mismatch", &db);
+
+    // A removed payload digest, or one added to a line relabelled version 1.
+    let mut l = original.clone();
+    let i = at(&l, 4);
+    l[i].as_object_mut().unwrap().remove("payload_digest");
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(4), "seq 4: header altered (a schema_version 2 record without", &db);
+    let mut l = original.clone();
+    let i = at(&l, 4);
+    l[i]["schema_version"] = json!(1);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(4), "seq 4: header altered (a schema_version 1 record with", &db);
+    let mut l = original.clone();
+    let i = at(&l, 4);
+    l[i]["schema_version"] = json!(3);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(4), "unknown schema_version 3", &db);
+
+    // A malformed payload digest is a malformed line.
+    let mut l = original.clone();
+    let i = at(&l, 2);
+    l[i]["payload_digest"] = json!("xyz");
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Malformed, None, "field `payload_digest` is not 64 lowercase hex digits", &db);
+
+    // Redacted v2 lines still verify (the payload digest is over the stored bytes, the
+    // fields still check against the payload root), and replay refuses them as before.
+    let redacted = export_one(&db, run, "redacted.jsonl", &["--redact", "output", "--redact", "input"]);
+    let rl = lines(&redacted);
+    assert!(rl.iter().any(|l| l["type"] == "record" && l.to_string().contains("$redacted")));
+    for (a, b) in rl.iter().zip(&original).filter(|(a, _)| a["type"] == "record") {
+        assert_eq!(a["payload_digest"], b["payload_digest"]);
+        assert_eq!(a["hash"], b["hash"]);
+    }
+    assert!(verify_export(&redacted).unwrap().ok());
+    keel(&db.db, &["verify", redacted.to_str().unwrap(), "--against-db"]).ok();
+}
+
+#[test]
+fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
+    let db = DemoDb::new(8);
+    let run = db.run_of("transient_retry");
+    let events = db.events(run);
+    // Rewrite the run as a v1 build wrote it (same events, times and payload bytes).
+    let dir = tampered_db(&db, "v1db", |s| {
+        let stored: Vec<_> = s.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
+        let mut prev = [0u8; 32];
+        for rec in &stored {
+            let new = keel_store::NewRecord {
+                kind: rec.kind.clone(),
+                time_us: rec.time_us,
+                payload: rec.payload.clone(),
+                payload_root: rec.payload_root,
+            };
+            let (value, hash) = codec::testing::seal_v1_record(run, rec.seq, &prev, &new).unwrap();
+            s.raw_put(run, rec.seq, &value).unwrap();
+            prev = hash;
+        }
+    });
+    // Reopen with the CLI: resume-style reads, the deep check and the export all take it.
+    keel(&dir, &["verify"]).ok();
+    let file = dir.with_extension("jsonl");
+    let id = run.to_string();
+    keel(&dir, &["export", &id, "--format", "jsonl", "-o", file.to_str().unwrap()]).ok();
+    let l = lines(&file);
+    let records: Vec<&Value> = l.iter().filter(|x| x["type"] == "record").collect();
+    assert_eq!(records.len(), events.len());
+    for line in &records {
+        assert_eq!(line["schema_version"], 1);
+        assert!(line.get("payload_digest").is_none(), "{line}");
+    }
+    assert!(verify_export(&file).unwrap().ok());
+    keel(&dir, &["verify", file.to_str().unwrap(), "--against-db"]).ok();
+    // The events read back through read_logged are the original ones.
+    let store = common::open_retrying(&dir);
+    let logged: Vec<_> = keel_engine::read_logged(&store, run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
+    assert_eq!(logged.len(), events.len());
+    for (a, b) in logged.iter().zip(&events) {
+        assert_eq!(a.event, b.event);
+    }
+    drop(store);
+    // An edited v1 line is still named.
+    let mut l2 = l.clone();
+    let i = at(&l2, 2);
+    l2[i]["time_us"] = json!(l2[i]["time_us"].as_i64().unwrap() + 1);
+    let tampered = db.path("v1t.jsonl");
+    write_lines(&tampered, &l2);
+    check_fails(&tampered, Tamper::Altered, Some(2), "seq 2: header altered", &db);
 }
