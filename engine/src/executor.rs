@@ -78,6 +78,7 @@ pub(crate) async fn drive(
         unnotifiable: BTreeSet::new(),
         filled: BTreeSet::new(),
         span: span.clone(),
+        noop_waker: std::task::Waker::from(Arc::new(NoopWake)),
     };
     async move {
         match d.run().await {
@@ -106,6 +107,16 @@ struct Driver {
     /// Cache entries already filled from this run: (revision, task, attempt).
     filled: BTreeSet<(u32, TaskId, u32)>,
     span: tracing::Span,
+    /// Waker of the first, inline poll of an effect (see `start`).
+    noop_waker: std::task::Waker,
+}
+
+/// Wakes nothing: an effect still pending after its inline poll is polled again by its
+/// own task at once.
+struct NoopWake;
+
+impl std::task::Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
 }
 
 /// Events checked with `apply` (already folded into the driver's state) and encoded,
@@ -492,14 +503,31 @@ impl Driver {
             Command::Record { .. } => return,
         };
         self.inflight.insert(key.clone());
-        let tx = tx.clone();
-        self.effects.spawn(
-            async move {
-                let event = fut.await;
+        // Poll the effect once here: one that is ready at once (a cache hit, a handler
+        // that answers without waiting) sends its answer without a task to spawn and wake
+        // (two thread hand-offs per step on a multi-thread runtime, most of what a durable
+        // step cost outside the store; docs/PERFORMANCE.md). One that waits is spawned
+        // and polled again there, which hands it that task's waker (futures must wake
+        // the waker of their latest poll). A panic behaves as in a spawned task: the
+        // effect ends without an answer.
+        let mut fut = fut;
+        let mut cx = std::task::Context::from_waker(&self.noop_waker);
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
+            Ok(std::task::Poll::Ready(event)) => {
                 let _ = tx.send(Outcome { key, event });
             }
-            .instrument(self.span.clone()),
-        );
+            Ok(std::task::Poll::Pending) => {
+                let tx = tx.clone();
+                self.effects.spawn(
+                    async move {
+                        let event = fut.await;
+                        let _ = tx.send(Outcome { key, event });
+                    }
+                    .instrument(self.span.clone()),
+                );
+            }
+            Err(_) => tracing::error!(effect = ?key, "effect panicked; it ends without an answer"),
+        }
     }
 
     /// The call recorded by the task's `TaskDispatched`: (call, handler name, cache key).
