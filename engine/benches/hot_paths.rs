@@ -147,9 +147,16 @@ fn hot_paths(c: &mut Criterion) {
         b.iter(|| digest::payload_root_of(black_box(&fields)))
     });
     let rec = prepare(event, T0).unwrap_or_else(|e| panic!("{e}"));
-    c.bench_function("digest::record_digest + chain", |b| {
+    c.bench_function("digest::record_digest + chain (schema v1)", |b| {
         b.iter(|| {
             let d = digest::record_digest(1, run, Seq(11), black_box(&rec.kind), rec.time_us, &rec.payload_root);
+            digest::chain(black_box(&[7u8; 32]), &d)
+        })
+    });
+    c.bench_function("digest::payload_digest + record_digest_v2 + chain (schema v2, what read checks)", |b| {
+        b.iter(|| {
+            let p = digest::payload_digest(black_box(&rec.payload));
+            let d = digest::record_digest_v2(run, Seq(11), black_box(&rec.kind), rec.time_us, &rec.payload_root, &p);
             digest::chain(black_box(&[7u8; 32]), &d)
         })
     });
@@ -172,7 +179,7 @@ fn hot_paths(c: &mut Criterion) {
     let n = records.len() as u64;
     mem.append(run, Seq(0), records, None).unwrap_or_else(|e| panic!("{e}"));
     c.bench_function(
-        "read_logged: read + chain check + decode + payload-root check, whole run (27 events, MemStore)",
+        "read_logged: read + chain check (v2: payload bytes) + decode, whole run (27 events, MemStore)",
         |b| {
             b.iter(|| {
                 let k = read_logged(&mem, run, Seq(0)).unwrap_or_else(|e| panic!("{e}")).count() as u64;
