@@ -110,7 +110,8 @@ fn bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips() {
 /// `keel verify` notices. Design: "any change to history is detectable" — detectable by
 /// an audit, not by the engine on resume. Fix direction (if the engine must refuse it):
 /// recompute the payload root in `read_logged` (costs a JSON conversion per event) or
-/// cover the payload bytes in the record digest. Reported for a decision; pinned here.
+/// cover the payload bytes in the record digest. Fixed the first way (ce2f260), then the
+/// second (record schema v2: `read`'s link check hashes the payload bytes).
 #[test]
 fn bug_resume_folds_a_resealed_substituted_payload_without_error() {
     use keel_store::codec::testing::{open_raw, seal_raw};
