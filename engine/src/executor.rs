@@ -508,8 +508,9 @@ impl Driver {
         // (two thread hand-offs per step on a multi-thread runtime, most of what a durable
         // step cost outside the store; docs/PERFORMANCE.md). One that waits is spawned
         // and polled again there, which hands it that task's waker (futures must wake
-        // the waker of their latest poll). A panic behaves as in a spawned task: the
-        // effect ends without an answer.
+        // the waker of their latest poll). User calls inside are `guarded` (a panic is a
+        // recorded failure); a panic here anyway ends the effect without an answer, as in
+        // a spawned task.
         let mut fut = fut;
         let mut cx = std::task::Context::from_waker(&self.noop_waker);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
@@ -575,6 +576,52 @@ fn clip(mut s: String, max: usize) -> String {
     s
 }
 
+/// Runs a user-supplied call (handler, evaluator, planner, sink) so that a panic, while it
+/// builds its future or while the future runs, becomes an error naming it (`on_panic`): a
+/// bug in one component ends that attempt with a recorded failure, where before it left
+/// the run waiting for an answer that never came.
+fn guarded<T: Send + 'static, E: Send + 'static>(
+    what: &'static str,
+    on_panic: fn(String) -> E,
+    make: impl FnOnce() -> crate::api::BoxFuture<Result<T, E>>,
+) -> crate::api::BoxFuture<Result<T, E>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(make)) {
+        Ok(fut) => Box::pin(CatchPanic { fut, what, on_panic }),
+        Err(payload) => {
+            let e = on_panic(panic_message(what, payload.as_ref()));
+            Box::pin(std::future::ready(Err(e)))
+        }
+    }
+}
+
+fn panic_message(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    let detail = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    clip(format!("{what} panicked: {detail}"), 2048)
+}
+
+/// Polls `fut`, turning a panic into `Err(on_panic(message))`.
+struct CatchPanic<T, E> {
+    fut: crate::api::BoxFuture<Result<T, E>>,
+    what: &'static str,
+    on_panic: fn(String) -> E,
+}
+
+impl<T, E> std::future::Future for CatchPanic<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
+            Ok(p) => p,
+            Err(payload) => std::task::Poll::Ready(Err((this.on_panic)(panic_message(this.what, payload.as_ref())))),
+        }
+    }
+}
+
 async fn execute_effect(inner: Arc<Inner>, call: TaskCall, cache_key: Option<String>) -> Option<Event> {
     let (task, attempt, timeout_ms) = (call.task.clone(), call.attempt, call.timeout_ms);
     if let Some(k) = &cache_key {
@@ -589,7 +636,8 @@ async fn execute_effect(inner: Arc<Inner>, call: TaskCall, cache_key: Option<Str
         return failed(ErrorClass::Fatal, format!("no handler registered for {:?}", call.handler), Usage::default());
     };
     tracing::debug!(key = %call.idempotency_key, "calling handler");
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), handler.call(call)).await {
+    let fut = guarded("handler", HandlerError::fatal, || handler.call(call));
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
         Err(_) => failed(ErrorClass::Transient, format!("timeout after {timeout_ms} ms"), Usage::default()),
         Ok(Err(HandlerError { class, message, usage })) => {
             failed(class, clip(message, inner.limits.error_bytes_max), usage)
@@ -624,7 +672,8 @@ async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64
         if n > 0 {
             tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
         }
-        let res = tokio::time::timeout(Duration::from_millis(timeout_ms), reg.wf.evaluator.evaluate(req.clone())).await;
+        let fut = guarded("evaluator", HandlerError::fatal, || reg.wf.evaluator.evaluate(req.clone()));
+        let res = tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await;
         match res {
             Ok(Ok(ev)) => {
                 let usage = Usage {
@@ -680,7 +729,7 @@ async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::event::Escalat
         if n > 0 {
             tokio::time::sleep(Duration::from_millis(25u64 << n)).await;
         }
-        match inner.sink.notify(run, esc.clone()).await {
+        match guarded("escalation sink", |m| m, || inner.sink.notify(run, esc.clone())).await {
             Ok(()) => return Some(Event::EscalationNotified { number }),
             Err(e) => tracing::warn!(number, error = %e, "escalation sink failed"),
         }
@@ -710,7 +759,8 @@ async fn plan_effect(inner: Arc<Inner>, reg: Arc<Registered>, state: RunState, r
         if n > 0 {
             tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
         }
-        result = match tokio::time::timeout(Duration::from_millis(timeout_ms), reg.wf.planner.plan(req.clone())).await {
+        let fut = guarded("planner", HandlerError::fatal, || reg.wf.planner.plan(req.clone()));
+        result = match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
             Ok(r) => r,
             Err(_) => Err(HandlerError::transient(format!("planner timeout after {timeout_ms} ms"))),
         };

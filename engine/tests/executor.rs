@@ -415,3 +415,46 @@ async fn resume_is_deterministic_snapshot_plus_tail_equals_a_full_fold() {
     assert_eq!(before.len(), after.len());
     assert_eq!(before, after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_recorded_as_a_fatal_failure_instead_of_leaving_the_run_waiting() {
+    let dir = tempdir();
+    let boom = handler(|_: &TaskCall| -> Result<TaskOutput, HandlerError> { panic!("boom") });
+    let wf = workflow("w", planner(vec![plan(vec![tool("boom", &[])])]), pass_evaluator());
+    let engine = open_engine(dir.path(), wf, &[("boom", boom.clone())], |b| {
+        b.policy(Policy { max_replans: 0, ..Policy::default() })
+    });
+    let (_run, ev) = tokio::time::timeout(std::time::Duration::from_secs(30), run_one(&engine, "w"))
+        .await
+        .expect("the run must not wait forever for a handler that panicked");
+    let failures: Vec<(ErrorClass, String)> = ev
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::TaskFailed { class, error, .. } => Some((*class, error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures, vec![(ErrorClass::Fatal, "handler panicked: boom".to_owned())], "{:?}", kinds(&ev));
+    assert_eq!(boom.calls(), 1, "a fatal failure is not retried");
+    assert_eq!(count(&ev, "Escalated"), 1, "{:?}", kinds(&ev));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_planner_is_recorded_as_a_rejected_plan() {
+    let dir = tempdir();
+    let p = Arc::new(FnPlanner(Box::new(|_: &PlanRequest| -> Result<Plan, HandlerError> { panic!("no plan today") })));
+    let wf = workflow("w", p, pass_evaluator());
+    let engine = open_engine(dir.path(), wf, &[], |b| b.policy(Policy { max_replans: 0, ..Policy::default() }));
+    let (_run, ev) = tokio::time::timeout(std::time::Duration::from_secs(30), run_one(&engine, "w"))
+        .await
+        .expect("the run must not wait forever for a planner that panicked");
+    let rejected: Vec<Vec<String>> = ev
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::PlanRejected { errors, .. } => Some(errors.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!rejected.is_empty(), "{:?}", kinds(&ev));
+    assert!(rejected.iter().all(|e| e == &vec!["planner: planner panicked: no plan today".to_owned()]), "{rejected:?}");
+}
