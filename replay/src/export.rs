@@ -6,7 +6,7 @@
 
 use crate::error::ReplayError;
 use crate::format::{self, hex32, rfc3339};
-use keel_engine::{apply, read_logged, Event, Logged, RunState};
+use keel_engine::{read_logged, Event, Logged, RunState};
 use keel_store::{digest, EventLog, Hash32, Payload, Record, RunId, Seq};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -260,9 +260,10 @@ impl<W: Write> CsvWriter<W> {
         let mut n = 0u64;
         for logged in read_logged(log, run, Seq(0))? {
             let logged = logged?;
-            let next = crate::timeline::step(state.as_ref(), &logged)?;
-            self.write_event(&logged, &next)?;
-            state = Some(next);
+            crate::timeline::step_mut(&mut state, &logged)?;
+            if let Some(after) = &state {
+                self.write_event(&logged, after)?;
+            }
             n += 1;
         }
         if n == 0 {
@@ -275,14 +276,10 @@ impl<W: Write> CsvWriter<W> {
     pub fn write_events(&mut self, events: &[Logged]) -> Result<(), ReplayError> {
         let mut state: Option<RunState> = None;
         for e in events {
-            let next = apply(state.as_ref(), e).map_err(|source| ReplayError::Fold {
-                run: e.run,
-                seq: e.seq.0,
-                kind: e.event.kind_name().to_owned(),
-                source,
-            })?;
-            self.write_event(e, &next)?;
-            state = Some(next);
+            crate::timeline::step_mut(&mut state, e)?;
+            if let Some(after) = &state {
+                self.write_event(e, after)?;
+            }
         }
         Ok(())
     }

@@ -21,16 +21,6 @@ pub struct Replay {
     last: RunState,
 }
 
-/// Folds `state` with `e`, naming the event if the current code refuses it.
-pub(crate) fn step(state: Option<&RunState>, e: &Logged) -> Result<RunState, ReplayError> {
-    apply(state, e).map_err(|source| ReplayError::Fold {
-        run: e.run,
-        seq: e.seq.0,
-        kind: e.event.kind_name().to_owned(),
-        source,
-    })
-}
-
 /// Folds `e` into `state` in place (unchanged on error), naming the event if the current
 /// code refuses it. No copy of the state per event.
 pub(crate) fn step_mut(state: &mut Option<RunState>, e: &Logged) -> Result<(), ReplayError> {
