@@ -162,17 +162,37 @@ pub fn record_digest(
     time_us: i64,
     payload_root: &Hash32,
 ) -> Hash32 {
+    header_digest(RECORD_DIGEST_DOMAIN, schema_version, run, seq, kind, time_us, &[payload_root])
+}
+
+/// `SHA256(domain || u16_be(version) || run || u64_be(seq) || u32_be(len(kind)) || kind ||
+/// i64_be(time_us) || tail...)`: the layout both record digest versions share.
+fn header_digest(
+    domain: &[u8],
+    version: u16,
+    run: RunId,
+    seq: Seq,
+    kind: &str,
+    time_us: i64,
+    tail: &[&Hash32],
+) -> Hash32 {
     let kind_len = u32::try_from(kind.len()).unwrap_or(u32::MAX);
-    sha256(&[
-        RECORD_DIGEST_DOMAIN,
-        &schema_version.to_be_bytes(),
+    let mut h = Sha256::new();
+    for part in [
+        domain,
+        &version.to_be_bytes(),
         run.as_bytes(),
         &seq.0.to_be_bytes(),
         &kind_len.to_be_bytes(),
         kind.as_bytes(),
         &time_us.to_be_bytes(),
-        payload_root,
-    ])
+    ] {
+        h.update(part);
+    }
+    for part in tail {
+        h.update(part);
+    }
+    h.finalize().into()
 }
 
 /// `SHA256(stored payload bytes)`: the payload digest a schema-version-2 record digest
@@ -194,18 +214,7 @@ pub fn record_digest_v2(
     payload_root: &Hash32,
     payload_digest: &Hash32,
 ) -> Hash32 {
-    let kind_len = u32::try_from(kind.len()).unwrap_or(u32::MAX);
-    sha256(&[
-        RECORD_DIGEST_DOMAIN_V2,
-        &2u16.to_be_bytes(),
-        run.as_bytes(),
-        &seq.0.to_be_bytes(),
-        &kind_len.to_be_bytes(),
-        kind.as_bytes(),
-        &time_us.to_be_bytes(),
-        payload_root,
-        payload_digest,
-    ])
+    header_digest(RECORD_DIGEST_DOMAIN_V2, 2, run, seq, kind, time_us, &[payload_root, payload_digest])
 }
 
 /// `SHA256(prev || record_digest)`; the `prev` of seq 0 is 32 zero bytes.
