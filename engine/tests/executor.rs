@@ -238,13 +238,7 @@ async fn cyclic_and_over_budget_plans_are_rejected_and_never_dispatched() {
         |b| b.policy(Policy { max_replans: 1, ..Policy::default() }),
     );
     let (run, ev) = run_one(&engine, "w").await;
-    let rejected: Vec<Vec<String>> = ev
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::PlanRejected { errors, .. } => Some(errors.clone()),
-            _ => None,
-        })
-        .collect();
+    let rejected = plan_rejections(&ev);
     assert_eq!(rejected.len(), 2, "{:?}", kinds(&ev));
     assert!(rejected[0].iter().any(|e| e.contains("cycle")), "{:?}", rejected[0]);
     assert!(rejected[1].iter().any(|e| e.contains("budget")), "{:?}", rejected[1]);
@@ -448,13 +442,7 @@ async fn a_panicking_planner_is_recorded_as_a_rejected_plan() {
     let (_run, ev) = tokio::time::timeout(std::time::Duration::from_secs(30), run_one(&engine, "w"))
         .await
         .expect("the run must not wait forever for a planner that panicked");
-    let rejected: Vec<Vec<String>> = ev
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::PlanRejected { errors, .. } => Some(errors.clone()),
-            _ => None,
-        })
-        .collect();
+    let rejected = plan_rejections(&ev);
     assert!(!rejected.is_empty(), "{:?}", kinds(&ev));
     assert!(rejected.iter().all(|e| e == &vec!["planner: planner panicked: no plan today".to_owned()]), "{rejected:?}");
 }

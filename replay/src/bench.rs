@@ -958,6 +958,15 @@ fn event_key(run: u64, seq: u64) -> [u8; 25] {
     k
 }
 
+/// `count` per second over `seconds` (0 for an empty interval).
+fn rate(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 /// One raw measurement.
 #[derive(Clone, Copy, Debug)]
 struct RawSample {
@@ -968,11 +977,7 @@ struct RawSample {
 
 impl RawSample {
     fn per_second(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.records as f64 / self.seconds
-        } else {
-            0.0
-        }
+        rate(self.records, self.seconds)
     }
 }
 
@@ -1132,11 +1137,7 @@ struct EngineSample {
 
 impl EngineSample {
     fn per_second(&self) -> f64 {
-        if self.seconds > 0.0 {
-            self.events as f64 / self.seconds
-        } else {
-            0.0
-        }
+        rate(self.events, self.seconds)
     }
 }
 

@@ -162,6 +162,17 @@ pub fn count(events: &[Logged], kind: &str) -> usize {
     events.iter().filter(|e| e.event.kind_name() == kind).count()
 }
 
+/// The `errors` of every `PlanRejected`, in log order.
+pub fn plan_rejections(events: &[Logged]) -> Vec<Vec<String>> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::PlanRejected { errors, .. } => Some(errors.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 pub fn req(workflow: &str, input: Value) -> Request {
     Request::new(workflow, input)
 }
