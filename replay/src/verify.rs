@@ -97,10 +97,15 @@ pub fn export_payload_root(rec: &ExportRecord) -> Hash32 {
 /// the stated version (which a line of version 2 without `payload_digest` cannot match;
 /// [`version_problem`] names that case).
 pub fn export_chain_hash(rec: &ExportRecord, prev: &Hash32) -> Hash32 {
-    let d = match (rec.schema_version, &rec.payload_digest) {
-        (2, Some(pd)) => digest::record_digest_v2(rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root, pd),
-        (v, _) => digest::record_digest(v, rec.run, Seq(rec.seq), &rec.kind, rec.time_us, &rec.payload_root),
-    };
+    let d = digest::record_digest_of_version(
+        rec.schema_version,
+        rec.run,
+        Seq(rec.seq),
+        &rec.kind,
+        rec.time_us,
+        &rec.payload_root,
+        rec.payload_digest.as_ref(),
+    );
     digest::chain(prev, &d)
 }
 

@@ -217,6 +217,25 @@ pub fn record_digest_v2(
     header_digest(RECORD_DIGEST_DOMAIN_V2, 2, run, seq, kind, time_us, &[payload_root, payload_digest])
 }
 
+/// The record digest of a record of `schema_version`: [`record_digest_v2`] for version 2
+/// (which needs the `payload_digest`), [`record_digest`] with the stated version otherwise
+/// (a version-2 record without its payload digest cannot match its chain hash). The one
+/// place that picks the formula for stored records and export lines alike.
+pub fn record_digest_of_version(
+    schema_version: u16,
+    run: RunId,
+    seq: Seq,
+    kind: &str,
+    time_us: i64,
+    payload_root: &Hash32,
+    payload_digest: Option<&Hash32>,
+) -> Hash32 {
+    match (schema_version, payload_digest) {
+        (2, Some(pd)) => record_digest_v2(run, seq, kind, time_us, payload_root, pd),
+        (v, _) => record_digest(v, run, seq, kind, time_us, payload_root),
+    }
+}
+
 /// `SHA256(prev || record_digest)`; the `prev` of seq 0 is 32 zero bytes.
 pub fn chain(prev: &Hash32, record_digest: &Hash32) -> Hash32 {
     sha256(&[prev, record_digest])

@@ -123,11 +123,16 @@ impl Record {
     /// The digest this record would have at `seq`, given its payload digest (computed once
     /// by callers that try several seqs).
     pub(crate) fn digest_at(&self, seq: Seq, payload_digest: &Hash32) -> Hash32 {
-        if self.schema_version >= 2 {
-            digest::record_digest_v2(self.run, seq, &self.kind, self.time_us, &self.payload_root, payload_digest)
-        } else {
-            digest::record_digest(self.schema_version, self.run, seq, &self.kind, self.time_us, &self.payload_root)
-        }
+        let covered = (self.schema_version >= 2).then_some(payload_digest);
+        digest::record_digest_of_version(
+            self.schema_version,
+            self.run,
+            seq,
+            &self.kind,
+            self.time_us,
+            &self.payload_root,
+            covered,
+        )
     }
 }
 
