@@ -105,7 +105,7 @@ impl Sizes {
                 cell_seconds: 0.4,
                 rounds: 3,
                 concurrency: vec![1, 64, 1024],
-                latency_samples: 400,
+                latency_samples: 1_500,
                 resume_sizes: vec![1_000, 10_000, 100_000],
                 resume_repeats: 3,
                 replay_runs: 200,
@@ -981,44 +981,49 @@ impl RawSample {
     }
 }
 
-/// `threads` writers, each appending `per_op` records of `value_bytes` per operation (one
-/// `insert`, or one atomic batch for several, as keel-store does) then making it durable per
-/// `d`, for `duration`, on a fresh database.
+/// `threads` writers, each appending `per_op` records of `value_bytes` per operation on
+/// average (one `insert`, or one atomic batch for several, as keel-store does) then making
+/// it durable per `d`, for `duration`, on a fresh database. A fractional `per_op` (the
+/// engine's measured records per append, e.g. 2.68) is met exactly: operation `j` writes
+/// `floor((j+1) per_op) - floor(j per_op)` records, so the floor writes neither more nor
+/// fewer records per flush than the engine did.
 fn raw_inserts(
     parent: Option<&Path>,
     d: Durability,
     threads: usize,
     duration: Duration,
     value_bytes: usize,
-    per_op: usize,
+    per_op: f64,
 ) -> Result<RawSample, ReplayError> {
     let dir = temp_dir(parent, "raw")?;
     let raw = RawSled::open(&dir)?;
     let value = vec![0x5au8; value_bytes];
-    let per_op = per_op.max(1);
+    let per_op = if per_op.is_finite() { per_op.max(1.0) } else { 1.0 };
     let barrier = std::sync::Barrier::new(threads + 1);
-    let results: Vec<Result<(u64, Instant), ReplayError>> = std::thread::scope(|s| {
+    let results: Vec<Result<(u64, u64, Instant), ReplayError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (raw, value, barrier) = (&raw, &value, &barrier);
-                s.spawn(move || -> Result<(u64, Instant), ReplayError> {
+                s.spawn(move || -> Result<(u64, u64, Instant), ReplayError> {
                     barrier.wait();
                     let t0 = Instant::now();
-                    let mut seq = 0u64;
+                    let (mut seq, mut ops) = (0u64, 0u64);
                     while t0.elapsed() < duration {
-                        if per_op == 1 {
+                        let n = ((ops + 1) as f64 * per_op).floor() as u64 - (ops as f64 * per_op).floor() as u64;
+                        if n <= 1 {
                             raw.db.insert(&event_key(t as u64, seq)[..], value.as_slice()).map_err(sled_err)?;
                         } else {
                             let mut batch = sled::Batch::default();
-                            for k in 0..per_op as u64 {
+                            for k in 0..n {
                                 batch.insert(&event_key(t as u64, seq + k)[..], value.as_slice());
                             }
                             raw.db.apply_batch(batch).map_err(sled_err)?;
                         }
                         raw.durable(d)?;
-                        seq += per_op as u64;
+                        seq += n.max(1);
+                        ops += 1;
                     }
-                    Ok((seq, Instant::now()))
+                    Ok((seq, ops, Instant::now()))
                 })
             })
             .collect();
@@ -1029,13 +1034,13 @@ fn raw_inserts(
             .collect()
     });
     let t0 = Instant::now() - duration;
-    let (mut records, mut end) = (0u64, t0);
+    let (mut records, mut ops, mut end) = (0u64, 0u64, t0);
     for r in results {
-        let (n, finished) = r?;
+        let (n, k, finished) = r?;
         records += n;
+        ops += k;
         end = end.max(finished);
     }
-    let ops = records / per_op as u64;
     let flushes = match d {
         Durability::GroupCommit(_) => raw.group.flushes(),
         Durability::EveryAppend(_) => ops,
@@ -1074,7 +1079,7 @@ fn floor(parent: Option<&Path>, plan: &Sizes, record_bytes: usize) -> Result<Vec
         (Durability::EveryAppend(Level::PowerLoss), 1, "every_append.threads_1"),
         (Durability::GroupCommit(Level::PowerLoss), 64, "group_commit.threads_64"),
     ] {
-        let s = raw_inserts(parent, mode, threads, d, record_bytes, 1)?;
+        let s = raw_inserts(parent, mode, threads, d, record_bytes, 1.0)?;
         out.push(
             Figure::new(
                 "floor",
@@ -1234,13 +1239,13 @@ async fn throughput(
     // size, the same records per append, the same flush pattern and the same concurrency.
     let mut engine = Vec::new();
     let mut raw = Vec::new();
-    let mut per_op = 1usize;
+    let mut per_op = 1.0f64;
     for round in 0..plan.rounds.max(1) {
         for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
             if side == 0 {
                 let e = engine_cell(parent, d, concurrency, tasks, runs).await?;
                 if engine.is_empty() {
-                    per_op = (e.events as f64 / e.appends.max(1) as f64).round().max(1.0) as usize;
+                    per_op = (e.events as f64 / e.appends.max(1) as f64).max(1.0);
                 }
                 engine.push(e);
             } else {
@@ -1260,7 +1265,7 @@ async fn throughput(
     let mut f = Figure::new("throughput", key, label, e.per_second(), "/s").floor(
         r.per_second(),
         format!(
-            "raw sled, {concurrency} thread(s), {per_op} x {record_bytes}-byte record(s) per {}",
+            "raw sled, {concurrency} thread(s), {per_op:.2} x {record_bytes}-byte record(s) per {} (mean)",
             match d {
                 Durability::GroupCommit(_) => "group-commit ticket",
                 _ => "flush",
@@ -1302,7 +1307,7 @@ async fn throughput(
         "records_per_append": round(e.events as f64 / e.appends.max(1) as f64),
         "flushes": e.flushes,
         "records_per_flush": round(e.events as f64 / e.flushes.max(1) as f64),
-        "raw_records_per_op": per_op,
+        "raw_records_per_op": round(per_op),
         "raw_records": r.records,
         "raw_seconds": round(r.seconds),
         "raw_flushes": r.flushes,
