@@ -462,9 +462,11 @@ fn reason_line(reason: &PlanReason) -> String {
     }
 }
 
-/// Build the task list of a plan; tasks in `keep` (carried over) keep their state.
+/// Build the task list of a plan; tasks in `keep` (carried over) keep their state. The
+/// plan's specs move into the tasks (the fold is done with the event), but only once the
+/// plan is known to be valid: on error `plan` is unchanged.
 fn install(
-    plan: &Plan,
+    plan: &mut Plan,
     keep: &BTreeMap<TaskId, TaskState>,
 ) -> Result<(Vec<TaskState>, BTreeMap<TaskId, usize>), String> {
     let mut index = BTreeMap::new();
@@ -473,10 +475,8 @@ fn install(
             return Err(format!("duplicate task id {}", spec.id));
         }
     }
-    let mut tasks = Vec::with_capacity(plan.tasks.len());
     for spec in &plan.tasks {
-        if let Some(kept) = keep.get(&spec.id) {
-            tasks.push(kept.clone());
+        if keep.contains_key(&spec.id) {
             continue;
         }
         for d in &spec.depends_on {
@@ -484,8 +484,15 @@ fn install(
                 return Err(format!("task {} depends on unknown task {d}", spec.id));
             }
         }
+    }
+    let mut tasks = Vec::with_capacity(plan.tasks.len());
+    for spec in std::mem::take(&mut plan.tasks) {
+        if let Some(kept) = keep.get(&spec.id) {
+            tasks.push(kept.clone());
+            continue;
+        }
         tasks.push(TaskState {
-            spec: spec.clone(),
+            spec,
             status: TaskStatus::Pending,
             attempt: 0,
             idempotency_key: None,
@@ -501,9 +508,8 @@ fn install(
             skip_reason: None,
         });
     }
-    let mut s_tasks = tasks;
-    promote_ready(&mut s_tasks, &index);
-    Ok((s_tasks, index))
+    promote_ready(&mut tasks, &index);
+    Ok((tasks, index))
 }
 
 /// Pending tasks whose dependencies are all done become ready (the derived `DepsDone`).

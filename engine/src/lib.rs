@@ -46,7 +46,7 @@ pub use event::{Escalation, EscalationCause, Event, FailureContext, Logged, Plan
 pub use fsm::{RunStatus, TaskStatus};
 pub use ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use keel_store::{RunId, Seq};
-pub use log::{fold_full, load_state, read_logged};
+pub use log::{fold_full, load_state, read_logged, read_logged_runs};
 pub use model::*;
 pub use sched::Workers;
 pub use state::{EscalationState, RunState, TaskState, Totals};

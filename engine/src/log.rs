@@ -22,23 +22,43 @@ pub fn read_logged(
         if failed {
             return None;
         }
-        let out = r.map_err(EngineError::from).and_then(|rec| {
-            // Verified: a substituted (re-checksummed) payload is an error, never folded.
-            // Schema version 2: `read`'s link check already hashed the payload bytes;
-            // version 1: the payload root is recomputed from the decoded event.
-            let event: Event = rec.decode_verified()?;
-            // Pair check: the envelope's kind was written from this very event.
-            if event.kind_name() != rec.kind {
-                return Err(EngineError::decode(
-                    format!("run {} seq {}", rec.run, rec.seq),
-                    format!("envelope kind {} but payload is {}", rec.kind, event.kind_name()),
-                ));
-            }
-            Ok(Logged { run: rec.run, seq: rec.seq, at_us: rec.time_us, event })
-        });
+        let out = r.map_err(EngineError::from).and_then(logged_of);
         failed = out.is_err();
         Some(out)
     }))
+}
+
+/// [`read_logged`] of each of `runs` from seq 0, run after run, through
+/// [`EventLog::read_runs`] (the sled store reads ahead on a second thread). Each item names
+/// its run; a run's first error ends that run and the next run follows.
+pub fn read_logged_runs<'a>(
+    log: &'a dyn EventLog,
+    runs: &'a [RunId],
+) -> impl Iterator<Item = (RunId, Result<Logged, EngineError>)> + Send + 'a {
+    let mut failed: Option<RunId> = None;
+    log.read_runs(runs).filter_map(move |(run, r)| {
+        if failed == Some(run) {
+            return None;
+        }
+        let out = r.map_err(EngineError::from).and_then(logged_of);
+        failed = out.is_err().then_some(run);
+        Some((run, out))
+    })
+}
+
+/// The event of a record read from the log, checked: a substituted (re-checksummed) payload
+/// is an error, never folded. Schema version 2: `read`'s link check already hashed the
+/// payload bytes; version 1: the payload root is recomputed from the decoded event.
+fn logged_of(rec: keel_store::Record) -> Result<Logged, EngineError> {
+    let event: Event = rec.decode_verified()?;
+    // Pair check: the envelope's kind was written from this very event.
+    if event.kind_name() != rec.kind {
+        return Err(EngineError::decode(
+            format!("run {} seq {}", rec.run, rec.seq),
+            format!("envelope kind {} but payload is {}", rec.kind, event.kind_name()),
+        ));
+    }
+    Ok(Logged { run: rec.run, seq: rec.seq, at_us: rec.time_us, event })
 }
 
 /// Folds `run` from its latest snapshot (if any, and if it decodes and matches) plus the

@@ -14,7 +14,9 @@ use keel_replay::error::ReplayError;
 use keel_replay::export::{select_runs, CsvWriter, JsonlWriter, Redaction};
 use keel_replay::format::{event_line, parse_time, rfc3339};
 use keel_replay::html::HtmlWriter;
-use keel_replay::source::{export_files, export_runs, load_run_from_db, open_db, resolve_run, resolve_run_in};
+use keel_replay::source::{
+    export_files, export_runs, load_run_from_db, load_runs_from_db, open_db, resolve_run, resolve_run_in,
+};
 use keel_replay::timeline::Replay;
 use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
 use keel_replay::views;
@@ -768,8 +770,10 @@ fn replay_all(db: &Path, a: &ReplayArgs) -> CmdResult {
             let store = open(db)?;
             let runs = store.runs()?;
             let pb = progress(runs.len() as u64, if a.check { "checking" } else { "replaying" });
-            for run in runs {
-                each(load_run_from_db(store.as_ref(), run)?)?;
+            // One pass over every run, read ahead on a second thread; the first bad record
+            // stops the command, as one run at a time did.
+            for events in load_runs_from_db(store.as_ref(), &runs) {
+                each(events?)?;
                 pb.inc(1);
             }
             pb.finish_and_clear();

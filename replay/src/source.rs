@@ -5,7 +5,7 @@
 
 use crate::error::ReplayError;
 use crate::format;
-use keel_engine::{read_logged, Event, Logged};
+use keel_engine::{read_logged, read_logged_runs, Event, Logged};
 use keel_store::{EventLog, Hash32, RunId, Seq, SledStore, StoreConfig, StoreError};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
@@ -61,6 +61,26 @@ pub fn load_run_from_db(log: &dyn EventLog, run: RunId) -> Result<Vec<Logged>, R
         return Err(ReplayError::UnknownRun(run.to_string()));
     }
     Ok(events)
+}
+
+/// [`load_run_from_db`] of each of `runs` in turn, through one read-ahead pass
+/// ([`read_logged_runs`]): the events of one run at a time, in the order given.
+pub fn load_runs_from_db<'a>(
+    log: &'a dyn EventLog,
+    runs: &'a [RunId],
+) -> impl Iterator<Item = Result<Vec<Logged>, ReplayError>> + 'a {
+    let mut events = read_logged_runs(log, runs).peekable();
+    runs.iter().map(move |&run| {
+        let mut out = Vec::new();
+        // Items come run after run in the order of `runs`; a run with no records has none.
+        while let Some((_, r)) = events.next_if(|(r, _)| *r == run) {
+            out.push(r?);
+        }
+        if out.is_empty() {
+            return Err(ReplayError::UnknownRun(run.to_string()));
+        }
+        Ok(out)
+    })
 }
 
 /// The header line of an export.

@@ -49,7 +49,11 @@ pub(crate) fn decode_serde<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resu
     if bytes.len() > DECODE_BYTES_MAX {
         return Err(format!("{} bytes exceed the decode limit of {DECODE_BYTES_MAX}", bytes.len()));
     }
-    let (value, used): (T, usize) = bincode::serde::decode_from_slice(bytes, cfg()).map_err(|e| e.to_string())?;
+    // Through the borrowing adapter: strings are read in place, then copied once (see
+    // borrowing.rs: bincode's owned path zeroes a buffer first, from malloc's slow path).
+    let seed = crate::borrowing::Seed::<T>(std::marker::PhantomData);
+    let (value, used): (T, usize) =
+        bincode::serde::seed_decode_from_slice(seed, bytes, cfg()).map_err(|e| e.to_string())?;
     if used != bytes.len() {
         return Err(format!("{} trailing bytes after the value", bytes.len() - used));
     }
@@ -68,6 +72,17 @@ pub(crate) struct EnvelopeV1 {
     pub kind: String,
     pub time_us: i64,
     pub payload: Vec<u8>,
+    pub payload_root: Hash32,
+    pub hash: Hash32,
+}
+
+/// [`EnvelopeV1`] borrowed from the stored bytes (same layout): reading a record needs no
+/// zeroed buffer for its payload, and the read-ahead digests records without copying them.
+#[derive(bincode::BorrowDecode, Debug, PartialEq, Eq)]
+pub(crate) struct EnvelopeRef<'a> {
+    pub kind: &'a str,
+    pub time_us: i64,
+    pub payload: &'a [u8],
     pub payload_root: Hash32,
     pub hash: Hash32,
 }
@@ -180,6 +195,19 @@ pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> 
     let (version, body) = unseal::<EnvelopeV1>(value)?;
     match version {
         v @ (1 | 2) => native_decode_exact::<EnvelopeV1>(body).map(|e| (v, e)).map_err(|(e, _)| WireError::Body(e)),
+        other => Err(WireError::Version(other)),
+    }
+}
+
+/// [`open_record`] without copying: the envelope borrows from `value`.
+pub(crate) fn open_record_ref(value: &[u8]) -> Result<(u16, EnvelopeRef<'_>), WireError> {
+    let (version, body) = unseal::<EnvelopeV1>(value)?;
+    match version {
+        v @ (1 | 2) => match bincode::borrow_decode_from_slice::<EnvelopeRef<'_>, _>(body, cfg()) {
+            Ok((e, used)) if used == body.len() => Ok((v, e)),
+            Ok((_, used)) => Err(WireError::Body(format!("{} trailing bytes", body.len() - used))),
+            Err(e) => Err(WireError::Body(e.to_string())),
+        },
         other => Err(WireError::Version(other)),
     }
 }

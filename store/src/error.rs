@@ -102,3 +102,12 @@ pub(crate) fn sled_err(e: sled::Error) -> StoreError {
         other => StoreError::Sled(other.to_string()),
     }
 }
+
+/// The text of a caught panic's payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-string panic payload".to_string())
+}

@@ -40,6 +40,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+mod borrowing;
 pub mod codec;
 mod commit;
 mod core;
@@ -47,6 +48,7 @@ pub mod digest;
 mod error;
 mod log;
 mod mem;
+mod read_ahead;
 mod record;
 mod sled_store;
 pub mod types;
@@ -54,8 +56,8 @@ pub mod verify;
 
 pub use error::StoreError;
 pub use log::{
-    prepare, Claim, Durability, EventLog, Head, Lease, Level, Limits, NewRecord, Record, RecordIter, StoreConfig,
-    KIND_BYTES_MAX, SCHEMA_VERSION,
+    prepare, Claim, Durability, EventLog, Head, Lease, Level, Limits, NewRecord, Record, RecordIter, RunRecords,
+    StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use mem::MemStore;
 pub use record::FORMAT_MARKER;

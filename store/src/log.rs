@@ -168,6 +168,9 @@ pub struct Claim {
 /// A streaming iterator of records.
 pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send + 'static>;
 
+/// The records of several runs, run after run, each with its run ([`EventLog::read_runs`]).
+pub type RunRecords<'a> = Box<dyn Iterator<Item = (RunId, Result<Record, StoreError>)> + Send + 'a>;
+
 /// The event log the engine talks to. Object safe.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `records` to `run` all-or-nothing. `expected` must equal the run's next seq,
@@ -212,6 +215,16 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The configured durability.
     fn durability(&self) -> Durability;
+
+    /// The whole logs of `runs`, one run after another in the order given, each exactly as
+    /// [`EventLog::read`] from seq 0 yields it (same records, same checks; a run's first
+    /// error ends that run, and the next run follows). For tools that go through many runs
+    /// (offline replay, export). The sled store reads ahead on a second thread, so that
+    /// sled's reads overlap with the caller's decoding and folding; the default reads run
+    /// after run. Dropping the iterator early stops the reading.
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        crate::read_ahead::sequential(self, runs)
+    }
 
     /// Audit view: the records stored for `run` from `from`, in key order, CRC-checked and
     /// decoded, WITHOUT the gap and chain-link checks of [`EventLog::read`]; `prev_hash` is

@@ -170,7 +170,7 @@ pub(crate) fn build_batch(run: RunId, head: &Head, records: Vec<NewRecord>) -> R
 /// Decodes one stored record value (through the codec's single upcast point). `prev_hash`
 /// is left zero; the iterators fill it in.
 pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record, StoreError> {
-    let (version, env) = codec::open_record(value).map_err(|e| match e {
+    let (version, env) = codec::open_record_ref(value).map_err(|e| match e {
         WireError::Version(version) => StoreError::UnknownVersion { run, seq, version },
         other => StoreError::Corrupted { run, seq, reason: other.to_string() },
     })?;
@@ -190,13 +190,24 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
         run,
         seq,
         schema_version: version,
-        kind: env.kind,
+        kind: env.kind.to_owned(),
         time_us: env.time_us,
-        payload: env.payload,
+        payload: env.payload.to_vec(),
         payload_root: env.payload_root,
         prev_hash: [0; 32],
         hash: env.hash,
     })
+}
+
+/// SHA-256 of the payload bytes of a stored schema-v2 record (covered by its record
+/// digest, docs/STORE.md), computed from the stored bytes without copying them; `None` for
+/// a v1 record or a value that does not decode (then [`RecordCheck`] reports why). The
+/// read-ahead thread computes it, so the reader's thread hashes only the header and chain.
+pub(crate) fn stored_payload_digest(value: &[u8]) -> Option<Hash32> {
+    match codec::open_record_ref(value).ok()? {
+        (version, env) if version >= 2 => Some(digest::payload_digest(env.payload)),
+        _ => None,
+    }
 }
 
 /// The head implied by a run's last stored record.
@@ -223,26 +234,18 @@ pub(crate) fn head_from_last(run: RunId, last: Option<(&[u8], &[u8])>) -> Result
     Ok(Head { next_seq: Seq(next), last_hash: rec.hash, last_kind: Some(rec.kind) })
 }
 
-/// Iterates stored `(key, value)` pairs of one run as records. With `linked`, it checks
-/// seq continuity and the chain link and stops after the first bad record; without, it only
-/// decodes (audit `scan`) and still stops at the first undecodable record.
+/// Iterates stored `(key, value)` pairs of one run as records (a [`RecordCheck`] over a
+/// source of pairs).
 pub(crate) struct Records<I> {
-    run: RunId,
     src: I,
-    next_seq: u64,
-    prev: Hash32,
-    linked: bool,
-    done: bool,
+    check: RecordCheck,
 }
 
 impl<I> Records<I> {
+    /// With `linked`, checks seq continuity and the chain link ([`crate::EventLog::read`]);
+    /// without, only decodes (audit `scan`).
     pub(crate) fn new(run: RunId, src: I, from: Seq, prev: Hash32, linked: bool) -> Self {
-        Records { run, src, next_seq: from.0, prev, linked, done: false }
-    }
-
-    fn fail(&mut self, e: StoreError) -> Option<Result<Record, StoreError>> {
-        self.done = true;
-        Some(Err(e))
+        Records { src, check: RecordCheck::new(run, from, prev, linked) }
     }
 }
 
@@ -255,10 +258,59 @@ where
     type Item = Result<Record, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.check.done {
+            return None;
+        }
+        let kv = self.src.next()?;
+        self.check.step(kv)
+    }
+}
+
+/// The checks of one run's stored pairs, fed one pair at a time in key order. Linked, it
+/// checks seq continuity and the chain link and ends the run after the first bad record;
+/// unlinked (audit `scan`), it only decodes and still ends at the first undecodable record.
+pub(crate) struct RecordCheck {
+    run: RunId,
+    next_seq: u64,
+    prev: Hash32,
+    linked: bool,
+    done: bool,
+}
+
+impl RecordCheck {
+    pub(crate) fn new(run: RunId, from: Seq, prev: Hash32, linked: bool) -> Self {
+        RecordCheck { run, next_seq: from.0, prev, linked, done: false }
+    }
+
+    /// Whether the run has ended (an error was returned).
+    pub(crate) fn done(&self) -> bool {
+        self.done
+    }
+
+    fn fail(&mut self, e: StoreError) -> Option<Result<Record, StoreError>> {
+        self.done = true;
+        Some(Err(e))
+    }
+
+    /// The record of the next stored pair; `None` once the run has ended.
+    pub(crate) fn step<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        kv: Result<(K, V), StoreError>,
+    ) -> Option<Result<Record, StoreError>> {
+        self.step_digested(kv, None)
+    }
+
+    /// [`RecordCheck::step`] with the pair's [`stored_payload_digest`] already computed (by
+    /// the read-ahead thread, from the same bytes); `None`: computed here.
+    pub(crate) fn step_digested<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &mut self,
+        kv: Result<(K, V), StoreError>,
+        payload_digest: Option<Hash32>,
+    ) -> Option<Result<Record, StoreError>> {
         if self.done {
             return None;
         }
-        let (k, v) = match self.src.next()? {
+        let (k, v) = match kv {
             Ok(kv) => kv,
             Err(e) => return self.fail(e),
         };
@@ -286,7 +338,7 @@ where
             Err(e) => return self.fail(e),
         };
         rec.prev_hash = self.prev;
-        if self.linked && digest::chain(&rec.prev_hash, &rec.digest()) != rec.hash {
+        if self.linked && digest::chain(&rec.prev_hash, &Self::digest_of(&rec, payload_digest)) != rec.hash {
             return self.fail(StoreError::Corrupted {
                 run,
                 seq: Seq(seq),
@@ -308,5 +360,15 @@ where
             None => self.done = true,
         }
         Some(Ok(rec))
+    }
+
+    fn digest_of(rec: &Record, payload_digest: Option<Hash32>) -> Hash32 {
+        match payload_digest {
+            Some(pd) if rec.schema_version >= 2 => {
+                debug_assert_eq!(pd, rec.payload_digest(), "read-ahead digest differs for seq {}", rec.seq);
+                rec.digest_at(rec.seq, &pd)
+            }
+            _ => rec.digest(),
+        }
     }
 }

@@ -3,7 +3,7 @@
 use crate::commit::GroupCommit;
 use crate::core::{Core, Kv, KvIter, KvPair, Written};
 use crate::error::{sled_err, StoreError};
-use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, StoreConfig};
+use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunRecords, StoreConfig};
 use crate::record;
 use crate::types::{RunId, Seq};
 use std::fs::File;
@@ -103,14 +103,8 @@ pub struct SledStore {
 /// Opens sled behind `catch_unwind`, mapping its lock and format failures.
 pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
     let cfg = sled::Config::new().path(path).cache_capacity(cache_capacity_bytes).segment_size(SEGMENT_BYTES);
-    let opened = catch_unwind(AssertUnwindSafe(|| cfg.open())).map_err(|panic| {
-        let msg = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "non-string panic payload".to_string());
-        StoreError::Panicked(msg)
-    })?;
+    let opened = catch_unwind(AssertUnwindSafe(|| cfg.open()))
+        .map_err(|panic| StoreError::Panicked(crate::error::panic_message(&*panic)))?;
     opened.map_err(|e| match e {
         sled::Error::Io(io)
             if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("could not acquire lock") =>
@@ -400,6 +394,13 @@ impl EventLog for SledStore {
 
     fn durability(&self) -> Durability {
         self.durability
+    }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        match crate::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
+            Some(r) => Box::new(r),
+            None => crate::read_ahead::sequential(self, runs),
+        }
     }
 }
 
