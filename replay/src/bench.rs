@@ -988,9 +988,10 @@ impl RawSample {
 /// `threads` writers, each appending `per_op` records of `value_bytes` per operation on
 /// average (one `insert`, or one atomic batch for several, as keel-store does) then making
 /// it durable per `d`, for `duration`, on a fresh database. A fractional `per_op` (the
-/// engine's measured records per append, e.g. 2.68) is met exactly: operation `j` writes
-/// `floor((j+1) per_op) - floor(j per_op)` records, so the floor writes neither more nor
-/// fewer records per flush than the engine did.
+/// engine's measured records per append, e.g. 2.68) is met exactly: operation `j` of
+/// writer `t` writes `floor((j+1) per_op + p_t) - floor(j per_op + p_t)` records (`p_t` a
+/// phase in [0, 1) spread over the writers), so the floor writes neither more nor fewer
+/// records per flush than the engine did.
 fn raw_inserts(
     parent: Option<&Path>,
     d: Durability,
@@ -1009,11 +1010,15 @@ fn raw_inserts(
             .map(|t| {
                 let (raw, value, barrier) = (&raw, &value, &barrier);
                 s.spawn(move || -> Result<(u64, u64, Instant), ReplayError> {
+                    // Each writer starts at its own phase of the pattern, so that writers
+                    // making only a few operations still write `per_op` on average.
+                    let phase = (t as f64 * 0.618_033_988_75).fract();
                     barrier.wait();
                     let t0 = Instant::now();
                     let (mut seq, mut ops) = (0u64, 0u64);
                     while t0.elapsed() < duration {
-                        let n = ((ops + 1) as f64 * per_op).floor() as u64 - (ops as f64 * per_op).floor() as u64;
+                        let at = |j: u64| (j as f64 * per_op + phase).floor() as u64;
+                        let n = at(ops + 1) - at(ops);
                         if n <= 1 {
                             raw.db.insert(&event_key(t as u64, seq)[..], value.as_slice()).map_err(sled_err)?;
                         } else {
