@@ -199,14 +199,37 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
     })
 }
 
-/// SHA-256 of the payload bytes of a stored schema-v2 record (covered by its record
-/// digest, docs/STORE.md), computed from the stored bytes without copying them; `None` for
-/// a v1 record or a value that does not decode (then [`RecordCheck`] reports why). The
-/// read-ahead thread computes it, so the reader's thread hashes only the header and chain.
-pub(crate) fn stored_payload_digest(value: &[u8]) -> Option<Hash32> {
-    match codec::open_record_ref(value).ok()? {
-        (version, env) if version >= 2 => Some(digest::payload_digest(env.payload)),
-        _ => None,
+/// Hashing of a stored record done ahead of its checks (by the read-ahead thread, from the
+/// same bytes the checks read).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Prehashed {
+    /// Nothing: the checks hash everything.
+    Nothing,
+    /// SHA-256 of the payload bytes of a schema-v2 record (its record digest covers it).
+    Payload(Hash32),
+    /// The record digest itself (what the chain hashes after the previous hash).
+    Record(Hash32),
+}
+
+/// Hashes a stored pair of `run` ahead of its checks: the payload only, or (`whole`) the
+/// record digest. [`Prehashed::Nothing`] for what does not decode (the checks then report
+/// why) and for a v1 record's payload (not covered).
+pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Prehashed {
+    let Ok((version, env)) = codec::open_record_ref(value) else {
+        return Prehashed::Nothing;
+    };
+    let payload = (version >= 2).then(|| digest::payload_digest(env.payload));
+    match parse_event_key(key) {
+        Some((r, seq)) if whole && r == run => Prehashed::Record(digest::record_digest_of_version(
+            version,
+            run,
+            Seq(seq),
+            env.kind,
+            env.time_us,
+            &env.payload_root,
+            payload.as_ref(),
+        )),
+        _ => payload.map_or(Prehashed::Nothing, Prehashed::Payload),
     }
 }
 
@@ -297,15 +320,14 @@ impl RecordCheck {
         &mut self,
         kv: Result<(K, V), StoreError>,
     ) -> Option<Result<Record, StoreError>> {
-        self.step_digested(kv, None)
+        self.step_prehashed(kv, Prehashed::Nothing)
     }
 
-    /// [`RecordCheck::step`] with the pair's [`stored_payload_digest`] already computed (by
-    /// the read-ahead thread, from the same bytes); `None`: computed here.
-    pub(crate) fn step_digested<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    /// [`RecordCheck::step`] with part of the pair's hashing done ahead ([`prehash`]).
+    pub(crate) fn step_prehashed<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &mut self,
         kv: Result<(K, V), StoreError>,
-        payload_digest: Option<Hash32>,
+        pre: Prehashed,
     ) -> Option<Result<Record, StoreError>> {
         if self.done {
             return None;
@@ -338,7 +360,7 @@ impl RecordCheck {
             Err(e) => return self.fail(e),
         };
         rec.prev_hash = self.prev;
-        if self.linked && digest::chain(&rec.prev_hash, &Self::digest_of(&rec, payload_digest)) != rec.hash {
+        if self.linked && digest::chain(&rec.prev_hash, &Self::digest_of(&rec, pre)) != rec.hash {
             return self.fail(StoreError::Corrupted {
                 run,
                 seq: Seq(seq),
@@ -362,10 +384,14 @@ impl RecordCheck {
         Some(Ok(rec))
     }
 
-    fn digest_of(rec: &Record, payload_digest: Option<Hash32>) -> Hash32 {
-        match payload_digest {
-            Some(pd) if rec.schema_version >= 2 => {
-                debug_assert_eq!(pd, rec.payload_digest(), "read-ahead digest differs for seq {}", rec.seq);
+    fn digest_of(rec: &Record, pre: Prehashed) -> Hash32 {
+        match pre {
+            Prehashed::Record(d) => {
+                debug_assert_eq!(d, rec.digest(), "read-ahead record digest differs at seq {}", rec.seq);
+                d
+            }
+            Prehashed::Payload(pd) if rec.schema_version >= 2 => {
+                debug_assert_eq!(pd, rec.payload_digest(), "read-ahead payload digest differs at seq {}", rec.seq);
                 rec.digest_at(rec.seq, &pd)
             }
             _ => rec.digest(),

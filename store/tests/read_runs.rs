@@ -147,3 +147,28 @@ fn dropping_the_reader_early_stops_the_thread_and_releases_the_database() {
     let log: SledStore = open(dir.path(), Durability::None);
     assert_eq!(log.read_runs(&[run(1)]).filter(|(_, r)| r.is_ok()).count(), 3_000);
 }
+
+#[test]
+fn concurrent_and_repeated_readers_each_get_every_record() {
+    let dir = tempdir();
+    let log = open(dir.path(), Durability::None);
+    let runs = varied(&log);
+    let expected = one_by_one(&log, &runs);
+    // Several readers at once (each needs its own read-ahead thread), then again (threads
+    // reused), some dropping their reader halfway.
+    for round in 0..3 {
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (log, runs, expected) = (&log, &runs, &expected);
+                s.spawn(move || {
+                    if (round + t) % 3 == 2 {
+                        let n = log.read_runs(runs).take(300).count();
+                        assert_eq!(n, 300);
+                    } else {
+                        assert_eq!(&ahead(log, runs), expected, "round {round} reader {t}");
+                    }
+                });
+            }
+        });
+    }
+}
