@@ -108,8 +108,8 @@ impl Sizes {
                 latency_samples: 1_500,
                 resume_sizes: vec![1_000, 10_000, 100_000],
                 resume_repeats: 3,
-                replay_runs: 200,
-                replay_tasks: 16,
+                replay_runs: 400,
+                replay_tasks: 32,
                 memory_runs: 10_000,
             }
         } else {
