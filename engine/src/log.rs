@@ -29,20 +29,21 @@ pub fn read_logged(
 }
 
 /// [`read_logged`] of each of `runs` from seq 0, run after run, through
-/// [`EventLog::read_runs`] (the sled store reads ahead on a second thread). Each item names
-/// its run; a run's first error ends that run and the next run follows.
+/// [`EventLog::read_runs`] (the sled store reads ahead on a second thread). Each item
+/// carries the position of its run in `runs`; a run's first error ends that run and the
+/// next run follows.
 pub fn read_logged_runs<'a>(
     log: &'a dyn EventLog,
     runs: &'a [RunId],
-) -> impl Iterator<Item = (RunId, Result<Logged, EngineError>)> + Send + 'a {
-    let mut failed: Option<RunId> = None;
-    log.read_runs(runs).filter_map(move |(run, r)| {
-        if failed == Some(run) {
+) -> impl Iterator<Item = (usize, Result<Logged, EngineError>)> + Send + 'a {
+    let mut failed: Option<usize> = None;
+    log.read_runs(runs).filter_map(move |(i, r)| {
+        if failed == Some(i) {
             return None;
         }
         let out = r.map_err(EngineError::from).and_then(logged_of);
-        failed = out.is_err().then_some(run);
-        Some((run, out))
+        failed = out.is_err().then_some(i);
+        Some((i, out))
     })
 }
 

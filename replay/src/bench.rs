@@ -1597,15 +1597,16 @@ fn tr(e: keel_engine::TransitionError) -> ReplayError {
     ReplayError::Engine(EngineError::Transition(e))
 }
 
-/// Folds a stream of `(run, event)` into one state per run (in place), counting events.
-fn fold_stream(events: impl Iterator<Item = (RunId, Result<Logged, ReplayError>)>) -> Result<u64, ReplayError> {
+/// Folds a stream of `(position of the run, event)` into one state per run (in place),
+/// counting events.
+fn fold_stream(events: impl Iterator<Item = (usize, Result<Logged, ReplayError>)>) -> Result<u64, ReplayError> {
     let mut n = 0u64;
-    let mut state: Option<RunState> = None;
-    for (run, logged) in events {
+    let mut state: Option<(usize, RunState)> = None;
+    for (i, logged) in events {
         let mut logged = logged?;
         match state.as_mut() {
-            Some(s) if s.run == run => apply_take(s, &mut logged).map_err(tr)?,
-            _ => state = Some(apply(None, &logged).map_err(tr)?),
+            Some((j, s)) if *j == i => apply_take(s, &mut logged).map_err(tr)?,
+            _ => state = Some((i, apply(None, &logged).map_err(tr)?)),
         }
         n += 1;
     }
@@ -1615,7 +1616,7 @@ fn fold_stream(events: impl Iterator<Item = (RunId, Result<Logged, ReplayError>)
 /// The runs as resume reads them: `read_logged_runs` (read ahead, every check of
 /// `read_logged`).
 fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
-    fold_stream(read_logged_runs(log, runs).map(|(run, r)| (run, r.map_err(ReplayError::from))))
+    fold_stream(read_logged_runs(log, runs).map(|(i, r)| (i, r.map_err(ReplayError::from))))
 }
 
 /// One record of the replay: decode its event, check the envelope's kind.
@@ -1633,17 +1634,17 @@ fn logged_of(rec: Result<keel_store::Record, keel_store::StoreError>) -> Result<
 /// bytes, so this and `read_logged` do the same work on v2 records; on v1 records
 /// `read_logged` also recomputes the payload root.
 fn fold_db_unverified(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
-    fold_stream(log.read_runs(runs).map(|(run, r)| (run, logged_of(r))))
+    fold_stream(log.read_runs(runs).map(|(i, r)| (i, logged_of(r))))
 }
 
 /// [`fold_db_unverified`] on one thread: `EventLog::read` run after run.
 fn fold_db_one_thread(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
-    fold_stream(runs.iter().flat_map(|&run| {
+    fold_stream(runs.iter().enumerate().flat_map(|(i, &run)| {
         let records: keel_store::RecordIter = match log.read(run, Seq(0)) {
             Ok(it) => it,
             Err(e) => Box::new(std::iter::once(Err(e))),
         };
-        records.map(move |r| (run, logged_of(r)))
+        records.map(move |r| (i, logged_of(r)))
     }))
 }
 

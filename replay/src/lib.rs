@@ -36,6 +36,8 @@ pub use export::{select_runs, CsvWriter, JsonlWriter, Redaction};
 pub use fork::{fork, save_run, ForkConfig, ForkReport, Forked};
 pub use html::HtmlWriter;
 pub use policy::apply_settings;
-pub use source::{export_runs, load_run_from_db, open_db, read_export, resolve_run, ExportLine, ExportRecord};
+pub use source::{
+    export_runs, load_run_from_db, load_runs_from_db, open_db, read_export, resolve_run, ExportLine, ExportRecord,
+};
 pub use timeline::{Cursor, Replay};
 pub use verify::{verify_db, verify_export, Failure, Tamper, Verification};

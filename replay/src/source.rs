@@ -70,10 +70,10 @@ pub fn load_runs_from_db<'a>(
     runs: &'a [RunId],
 ) -> impl Iterator<Item = Result<Vec<Logged>, ReplayError>> + 'a {
     let mut events = read_logged_runs(log, runs).peekable();
-    runs.iter().map(move |&run| {
+    runs.iter().enumerate().map(move |(i, &run)| {
         let mut out = Vec::new();
         // Items come run after run in the order of `runs`; a run with no records has none.
-        while let Some((_, r)) = events.next_if(|(r, _)| *r == run) {
+        while let Some((_, r)) = events.next_if(|(j, _)| *j == i) {
             out.push(r?);
         }
         if out.is_empty() {

@@ -288,3 +288,33 @@ fn cli_fork_and_diff() {
     let e = keel(&db.db, &["fork", &run.to_string(), "--at", "999"]).one_line_error(1);
     assert!(e.contains("no seq 999"), "{e}");
 }
+
+/// Many runs in one read-ahead pass (`keel replay --all`): each run's events as one run at a
+/// time gives them, also for a run listed twice and after a damaged run; the damage is the
+/// error of that run only.
+#[test]
+fn runs_loaded_in_one_pass_equal_runs_loaded_one_at_a_time() {
+    let db = DemoDb::new(8);
+    let store = db.open();
+    let mut runs: Vec<_> = db.runs.iter().map(|r| r.run).collect();
+    let (a, b) = (runs[0], runs[1]);
+    // Run b loses record 2: its load fails where `read_logged` fails.
+    store.raw_remove(b, keel_engine::Seq(2)).unwrap();
+    runs.extend([b, b, a, a]); // consecutive duplicates too
+    let one_pass: Vec<Result<Vec<keel_engine::Logged>, String>> =
+        keel_replay::load_runs_from_db(&store, &runs).map(|r| r.map_err(|e| e.to_string())).collect();
+    assert_eq!(one_pass.len(), runs.len());
+    for (i, &run) in runs.iter().enumerate() {
+        let alone = keel_replay::load_run_from_db(&store, run).map_err(|e| e.to_string());
+        assert_eq!(one_pass[i], alone, "run {run} at position {i}");
+        assert_eq!(alone.is_err(), run == b, "run {run}");
+    }
+    // The engine-level stream: every item names its position; b's error ends b only.
+    let items: Vec<(usize, bool)> = keel_engine::read_logged_runs(&store, &runs).map(|(i, r)| (i, r.is_ok())).collect();
+    for (i, &run) in runs.iter().enumerate() {
+        let errors = items.iter().filter(|(j, ok)| *j == i && !ok).count();
+        assert_eq!(errors, usize::from(run == b), "position {i}");
+        let oks = items.iter().filter(|(j, ok)| *j == i && *ok).count();
+        assert_eq!(oks, if run == b { 2 } else { db.events(run).len() }, "position {i}");
+    }
+}

@@ -7,7 +7,9 @@
 //! and glibc serves that zeroed allocation (`calloc`) from its slow path, never from the
 //! per-thread cache. The borrowed path validates the `&str` in place and the visitor makes
 //! one plain allocation. Events are mostly strings, so this was most of the cost of
-//! decoding one when a log is folded (docs/PERFORMANCE.md).
+//! decoding one when a log is folded (docs/PERFORMANCE.md). A payload type whose visitor
+//! takes only owned strings refuses borrowed ones: `codec::decode_serde` then decodes again
+//! without the adapter, so no type decodes differently.
 
 use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 use std::fmt;
@@ -292,6 +294,35 @@ mod tests {
             let back: E = crate::codec::decode(&bytes).unwrap();
             assert_eq!(back, v);
         }
+    }
+
+    /// A string type whose visitor takes only owned strings (bincode's owned path hands it
+    /// one; the adapter hands it a borrowed one, which it refuses).
+    #[derive(Debug, PartialEq)]
+    struct OwnedOnly(String);
+
+    impl<'de> Deserialize<'de> for OwnedOnly {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            // Deliberately the misuse clippy names: such visitors exist in the wild.
+            #[allow(clippy::serde_api_misuse)]
+            impl serde::de::Visitor<'_> for V {
+                type Value = OwnedOnly;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an owned string")
+                }
+                fn visit_string<E: serde::de::Error>(self, s: String) -> Result<OwnedOnly, E> {
+                    Ok(OwnedOnly(s))
+                }
+            }
+            d.deserialize_string(V)
+        }
+    }
+
+    #[test]
+    fn a_visitor_that_takes_only_owned_strings_still_decodes() {
+        let bytes = crate::codec::encode(&"abc".to_string()).unwrap();
+        assert_eq!(crate::codec::decode::<OwnedOnly>(&bytes).unwrap(), OwnedOnly("abc".into()));
     }
 
     #[test]

@@ -49,11 +49,16 @@ pub(crate) fn decode_serde<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Resu
     if bytes.len() > DECODE_BYTES_MAX {
         return Err(format!("{} bytes exceed the decode limit of {DECODE_BYTES_MAX}", bytes.len()));
     }
-    // Through the borrowing adapter: strings are read in place, then copied once (see
-    // borrowing.rs: bincode's owned path zeroes a buffer first, from malloc's slow path).
+    // Through the borrowing adapter first: strings are read in place, then copied once (see
+    // borrowing.rs: bincode's owned path zeroes a buffer first, from malloc's slow path). A
+    // payload type whose own visitor takes only owned strings or bytes refuses borrowed
+    // ones: on any failure the plain path decides, so what decodes and every error message
+    // are bincode's own.
     let seed = crate::borrowing::Seed::<T>(std::marker::PhantomData);
-    let (value, used): (T, usize) =
-        bincode::serde::seed_decode_from_slice(seed, bytes, cfg()).map_err(|e| e.to_string())?;
+    let (value, used): (T, usize) = match bincode::serde::seed_decode_from_slice(seed, bytes, cfg()) {
+        Ok(decoded) => decoded,
+        Err(_) => bincode::serde::decode_from_slice(bytes, cfg()).map_err(|e| e.to_string())?,
+    };
     if used != bytes.len() {
         return Err(format!("{} trailing bytes after the value", bytes.len() - used));
     }

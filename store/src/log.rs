@@ -168,8 +168,9 @@ pub struct Claim {
 /// A streaming iterator of records.
 pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send + 'static>;
 
-/// The records of several runs, run after run, each with its run ([`EventLog::read_runs`]).
-pub type RunRecords<'a> = Box<dyn Iterator<Item = (RunId, Result<Record, StoreError>)> + Send + 'a>;
+/// The records of several runs, run after run, each with the position of its run in the
+/// list read ([`EventLog::read_runs`]).
+pub type RunRecords<'a> = Box<dyn Iterator<Item = (usize, Result<Record, StoreError>)> + Send + 'a>;
 
 /// The event log the engine talks to. Object safe.
 pub trait EventLog: Send + Sync + 'static {
@@ -218,10 +219,13 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The whole logs of `runs`, one run after another in the order given, each exactly as
     /// [`EventLog::read`] from seq 0 yields it (same records, same checks; a run's first
-    /// error ends that run, and the next run follows). For tools that go through many runs
-    /// (offline replay, export). The sled store reads ahead on a second thread, so that
-    /// sled's reads overlap with the caller's decoding and folding; the default reads run
-    /// after run. Dropping the iterator early stops the reading.
+    /// error ends that run, and the next run follows; an unknown run yields nothing). Each
+    /// item carries the position of its run in `runs` (a run may be listed twice). For
+    /// tools that go through many runs (offline replay). The sled store reads ahead on a
+    /// second thread, so that sled's reads overlap with the caller's decoding and folding
+    /// (docs/STORE.md); there, a panic inside sled ends the pass with a `Panicked` error
+    /// for the run being read and one for each run not read, where `read` would unwind.
+    /// The default reads run after run. Dropping the iterator early stops the reading.
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
         crate::read_ahead::sequential(self, runs)
     }

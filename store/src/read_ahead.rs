@@ -23,14 +23,17 @@ use crate::record::{self, Prehashed, RecordCheck};
 use crate::types::{RunId, Seq};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 /// Records per message between the threads: large enough that the channel costs little per
 /// record, small enough that the reader starts at once.
 const BATCH: usize = 256;
-/// Batches in flight: bounds the memory read ahead (~`BATCH * BOUND` records).
+/// A batch is sent once it holds this many bytes, whatever its record count.
+const BATCH_BYTES: usize = 256 * 1024;
+/// Batches in flight: with the two being filled and read, the memory read ahead stays under
+/// `(BOUND + 2) * (BATCH_BYTES + one record)`, about 4 MB with the largest records.
 const BOUND: usize = 8;
 
 /// `(index of the run in the request, the run, a stored pair as ranges of the batch's
@@ -50,17 +53,29 @@ impl Batch {
         Batch { bytes: Vec::with_capacity(BATCH * 256), items: Vec::with_capacity(BATCH), whole }
     }
 
-    fn push(&mut self, i: usize, run: RunId, kv: Result<(sled::IVec, sled::IVec), StoreError>) {
+    /// Adds a stored pair of run `i`, expected to be record `expected`. Returns whether the
+    /// reader's checks will end the run at this pair without reading the chain (a sled
+    /// error, a malformed or foreign key, a gap, an envelope that does not decode): then
+    /// the rest of the run is not read.
+    fn push(&mut self, i: usize, run: RunId, expected: u64, kv: Result<(sled::IVec, sled::IVec), StoreError>) -> bool {
+        let mut ends = true;
         let item = kv.map(|(k, v)| {
             let at = self.bytes.len();
             self.bytes.extend_from_slice(&k);
             self.bytes.extend_from_slice(&v);
             let (kr, vr) = (at..at + k.len(), at + k.len()..self.bytes.len());
             // Hash the copy: the reader checks exactly these bytes.
-            let pre = record::prehash(run, &self.bytes[kr.clone()], &self.bytes[vr.clone()], self.whole);
-            (kr, vr, pre)
+            let (key, value) = (&self.bytes[kr.clone()], &self.bytes[vr.clone()]);
+            let pre = record::prehash(run, key, value, self.whole);
+            ends = pre.is_none() || record::parse_event_key(key) != Some((run, expected));
+            (kr, vr, pre.unwrap_or(Prehashed::Nothing))
         });
         self.items.push((i, run, item));
+        ends
+    }
+
+    fn full(&self) -> bool {
+        self.items.len() >= BATCH || self.bytes.len() >= BATCH_BYTES
     }
 }
 
@@ -76,32 +91,51 @@ pub(crate) struct ReadAhead {
     current: Option<(usize, RecordCheck)>,
     /// Signalled when the job has ended and dropped its database handle.
     done: Option<Receiver<()>>,
+    /// Set when the reader is dropped: the job stops before its next run (it also stops at
+    /// its next send).
+    hang_up: Arc<AtomicBool>,
 }
 
 impl ReadAhead {
     /// Starts the read-ahead thread over `db`; `None` if no thread could be started (the
     /// caller reads run after run instead).
     pub(crate) fn start(db: sled::Db, runs: Vec<RunId>) -> Option<ReadAhead> {
+        Self::start_with(runs, move |run: RunId| {
+            let lo = record::event_key(run, 0);
+            let hi = record::event_key(run, u64::MAX);
+            db.range(lo..=hi)
+        })
+    }
+
+    /// [`ReadAhead::start`] over any source of each run's stored pairs (`range` owns what it
+    /// reads from: the database handle is dropped with it, before the reader is told the
+    /// job is over).
+    fn start_with<F, I>(runs: Vec<RunId>, range: F) -> Option<ReadAhead>
+    where
+        F: Fn(RunId) -> I + Send + 'static,
+        I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    {
         let (tx, rx) = sync_channel::<Batch>(BOUND);
         let queued = Arc::new(AtomicUsize::new(0));
         let lead = queued.clone();
         let (done_tx, done_rx) = sync_channel::<()>(1);
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let hang_up = hung_up.clone();
         let job = move || {
             // Declared first, dropped last: the reader learns the job is over only once
             // the database handle below is gone.
             let _done = Done(done_tx);
-            let db = db;
+            let range = range;
             let mut out = Batch::new(false);
-            for (i, run) in runs.into_iter().enumerate() {
-                // sled panics on some damaged files: the run ends with that error, as
-                // it would on the reader's thread, and nothing after it is read.
+            let mut runs = runs.into_iter().enumerate();
+            for (i, run) in runs.by_ref() {
+                if hung_up.load(Ordering::Relaxed) {
+                    return;
+                }
                 let scanned = catch_unwind(AssertUnwindSafe(|| {
-                    let lo = record::event_key(run, 0);
-                    let hi = record::event_key(run, u64::MAX);
-                    for kv in db.range(lo..=hi) {
-                        let failed = kv.is_err();
-                        out.push(i, run, kv.map_err(crate::error::sled_err));
-                        if out.items.len() == BATCH {
+                    for (expected, kv) in (0u64..).zip(range(run)) {
+                        let ends = out.push(i, run, expected, kv.map_err(crate::error::sled_err));
+                        if out.full() {
                             // Ahead of the reader: take more of the hashing.
                             let whole = lead.fetch_add(1, Ordering::Relaxed) + 1 >= 2;
                             let full = std::mem::replace(&mut out, Batch::new(whole));
@@ -109,8 +143,8 @@ impl ReadAhead {
                                 return false; // the reader hung up: stop reading
                             }
                         }
-                        if failed {
-                            break; // the run ends with its first error
+                        if ends {
+                            break; // the reader ends the run here
                         }
                     }
                     true
@@ -119,7 +153,15 @@ impl ReadAhead {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(panic) => {
-                        out.items.push((i, run, Err(StoreError::Panicked(crate::error::panic_message(&*panic)))));
+                        // sled panics on some damaged files. Its state is unknown after
+                        // that: the pass ends, with an error for this run and for every run
+                        // not read (`read` would have unwound into the caller instead).
+                        let msg = crate::error::panic_message(&*panic);
+                        out.items.push((i, run, Err(StoreError::Panicked(msg.clone()))));
+                        for (j, other) in runs.by_ref() {
+                            let why = format!("not read: the read-ahead stopped after sled panicked ({msg})");
+                            out.items.push((j, other, Err(StoreError::Panicked(why))));
+                        }
                         break;
                     }
                 }
@@ -137,6 +179,7 @@ impl ReadAhead {
                 items: Vec::new().into_iter(),
                 current: None,
                 done: Some(done_rx),
+                hang_up,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a read-ahead thread; reading run after run");
@@ -156,7 +199,7 @@ impl Drop for Done {
 }
 
 impl Iterator for ReadAhead {
-    type Item = (RunId, Result<Record, StoreError>);
+    type Item = (usize, Result<Record, StoreError>);
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -178,6 +221,11 @@ impl Iterator for ReadAhead {
                     _ => Err(StoreError::Panicked("read-ahead batch out of bounds".into())),
                 }
             });
+            let r = match r {
+                // The pass is ending: said even if the run already ended with an error.
+                Err(e @ StoreError::Panicked(_)) => return Some((i, Err(e))),
+                r => r,
+            };
             let check = match &mut self.current {
                 Some((j, c)) if *j == i => c,
                 slot => &mut slot.insert((i, RecordCheck::new(run, Seq(0), [0; 32], true))).1,
@@ -186,7 +234,7 @@ impl Iterator for ReadAhead {
                 continue;
             }
             if let Some(r) = check.step_prehashed(r, pre) {
-                return Some((run, r));
+                return Some((i, r));
             }
         }
     }
@@ -196,6 +244,7 @@ impl Drop for ReadAhead {
     fn drop(&mut self) {
         // Hang up first so the job stops at its next send, then wait for its end: it holds
         // a handle on the database, which must be closed when the store is.
+        self.hang_up.store(true, Ordering::Relaxed);
         drop(self.rx.take());
         if let Some(done) = self.done.take() {
             let _ = done.recv();
@@ -205,12 +254,12 @@ impl Drop for ReadAhead {
 
 /// [`crate::EventLog::read_runs`] for backends without a read-ahead: `read` run after run.
 pub(crate) fn sequential<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
-    Box::new(runs.iter().flat_map(move |&run| {
+    Box::new(runs.iter().enumerate().flat_map(move |(i, &run)| {
         let records: crate::RecordIter = match log.read(run, Seq(0)) {
             Ok(it) => it,
             Err(e) => Box::new(std::iter::once(Err(e))),
         };
-        records.map(move |r| (run, r))
+        records.map(move |r| (i, r))
     }))
 }
 
@@ -280,5 +329,82 @@ mod pool {
                 }
             };
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::log::{prepare, NewRecord};
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ev(u64);
+    impl crate::Payload for Ev {
+        fn kind(&self) -> &'static str {
+            "Ev"
+        }
+        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+            let mut m = serde_json::Map::new();
+            m.insert("n".into(), self.0.into());
+            m
+        }
+    }
+
+    /// The stored pairs of a run of `n` records, as the store writes them.
+    fn stored(run: RunId, n: u64) -> Vec<(sled::IVec, sled::IVec)> {
+        let records: Vec<NewRecord> = (0..n).map(|i| prepare(&Ev(i), i as i64).unwrap()).collect();
+        let (values, _) = record::build_batch(run, &crate::Head::empty(), records).unwrap();
+        values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec().into(), v.into())).collect()
+    }
+
+    #[test]
+    fn a_sled_panic_ends_the_pass_with_an_error_for_that_run_and_each_run_not_read() {
+        let runs: Vec<RunId> = (1..=4).map(|n| RunId::from_bytes([n; 16])).collect();
+        let data: Vec<_> = runs.iter().map(|&r| stored(r, 10)).collect();
+        let mut damaged = data[1].clone();
+        damaged.remove(2); // run 2 ends with a gap at seq 2 ...
+        let source = {
+            let data = data.clone();
+            let runs = runs.clone();
+            move |run: RunId| {
+                let i = runs.iter().position(|r| *r == run).unwrap();
+                let pairs = if i == 1 { damaged.clone() } else { data[i].clone() };
+                // ... and sled panics at its 6th pair, past that gap.
+                pairs.into_iter().enumerate().map(move |(k, kv)| {
+                    assert!(!(i == 1 && k == 5), "injected sled panic");
+                    Ok(kv)
+                })
+            }
+        };
+        let got: Vec<(usize, Result<u64, String>)> = ReadAhead::start_with(runs.clone(), source)
+            .unwrap()
+            .map(|(i, r)| (i, r.map(|x| x.seq.0).map_err(|e| e.to_string())))
+            .collect();
+        let ok = |i: usize| got.iter().filter(|(j, r)| *j == i && r.is_ok()).count();
+        let errors: Vec<&(usize, Result<u64, String>)> = got.iter().filter(|(_, r)| r.is_err()).collect();
+        assert_eq!((ok(0), ok(1), ok(2), ok(3)), (10, 2, 10, 10), "{got:?}");
+        // Run 2 ends at its gap, where the scan stopped too: no panic, runs 3 and 4 read.
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].1.as_ref().unwrap_err().contains("record missing"), "{errors:?}");
+
+        // Without the gap, the panic is reached: run 2 ends with it, runs 3 and 4 say why
+        // they were not read.
+        let runs2 = runs.clone();
+        let got: Vec<(usize, Result<u64, String>)> = ReadAhead::start_with(runs.clone(), move |run: RunId| {
+            let i = runs2.iter().position(|r| *r == run).unwrap();
+            data[i].clone().into_iter().enumerate().map(move |(k, kv)| {
+                assert!(!(i == 1 && k == 5), "injected sled panic");
+                Ok(kv)
+            })
+        })
+        .unwrap()
+        .map(|(i, r)| (i, r.map(|x| x.seq.0).map_err(|e| e.to_string())))
+        .collect();
+        let errors: Vec<(usize, String)> = got.iter().filter_map(|(i, r)| r.clone().err().map(|e| (*i, e))).collect();
+        assert_eq!(errors.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3], "{got:?}");
+        assert!(errors[0].1.contains("injected sled panic"), "{errors:?}");
+        assert!(errors[1].1.contains("not read"), "{errors:?}");
+        assert_eq!(got.iter().filter(|(i, r)| *i == 1 && r.is_ok()).count(), 5);
     }
 }

@@ -212,14 +212,13 @@ pub(crate) enum Prehashed {
 }
 
 /// Hashes a stored pair of `run` ahead of its checks: the payload only, or (`whole`) the
-/// record digest. [`Prehashed::Nothing`] for what does not decode (the checks then report
-/// why) and for a v1 record's payload (not covered).
-pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Prehashed {
-    let Ok((version, env)) = codec::open_record_ref(value) else {
-        return Prehashed::Nothing;
-    };
+/// record digest. `None` if the value does not decode (the checks will say why and end the
+/// run there); [`Prehashed::Nothing`] for a v1 record's payload (not covered) or a key
+/// that is not the run's (the checks end the run there too).
+pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Option<Prehashed> {
+    let (version, env) = codec::open_record_ref(value).ok()?;
     let payload = (version >= 2).then(|| digest::payload_digest(env.payload));
-    match parse_event_key(key) {
+    Some(match parse_event_key(key) {
         Some((r, seq)) if whole && r == run => Prehashed::Record(digest::record_digest_of_version(
             version,
             run,
@@ -230,7 +229,7 @@ pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Preh
             payload.as_ref(),
         )),
         _ => payload.map_or(Prehashed::Nothing, Prehashed::Payload),
-    }
+    })
 }
 
 /// The head implied by a run's last stored record.

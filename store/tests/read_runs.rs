@@ -31,7 +31,7 @@ fn one_by_one(log: &dyn EventLog, runs: &[RunId]) -> Vec<Seen> {
 }
 
 fn ahead(log: &dyn EventLog, runs: &[RunId]) -> Vec<Seen> {
-    log.read_runs(runs).map(|(run, r)| seen(run, r)).collect()
+    log.read_runs(runs).map(|(i, r)| seen(runs[i], r)).collect()
 }
 
 fn assert_same(log: &dyn EventLog, runs: &[RunId]) -> Vec<Seen> {
