@@ -1639,13 +1639,7 @@ fn fold_db_unverified(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayE
 
 /// [`fold_db_unverified`] on one thread: `EventLog::read` run after run.
 fn fold_db_one_thread(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
-    fold_stream(runs.iter().enumerate().flat_map(|(i, &run)| {
-        let records: keel_store::RecordIter = match log.read(run, Seq(0)) {
-            Ok(it) => it,
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        };
-        records.map(move |r| (i, logged_of(r)))
-    }))
+    fold_stream(keel_store::read_runs_in_turn(log, runs).map(|(i, r)| (i, logged_of(r))))
 }
 
 fn fold_export(path: &Path) -> Result<u64, ReplayError> {

@@ -211,6 +211,26 @@ impl<R: BufRead> ExportReader<R> {
         }
     }
 
+    /// The next non-blank line, read by `read`; `None` at the end. The first error ends the
+    /// iteration (shared by both iterators over an export's lines).
+    fn next_with<T>(&mut self, read: impl FnOnce(&Self) -> Result<T, ReplayError>) -> Option<Result<T, ReplayError>> {
+        if self.done {
+            return None;
+        }
+        let out = match self.next_line() {
+            Ok(None) => {
+                self.done = true;
+                return None;
+            }
+            Ok(Some(())) => read(self),
+            Err(e) => Err(e),
+        };
+        if out.is_err() {
+            self.done = true;
+        }
+        Some(out)
+    }
+
     fn parse(&self) -> Result<ExportLine, ReplayError> {
         let value: Value = serde_json::from_slice(&self.buf).map_err(|e| self.err(format!("not valid JSON: {e}")))?;
         let Value::Object(obj) = value else {
@@ -298,21 +318,7 @@ impl<R: BufRead> Iterator for ExportReader<R> {
     type Item = Result<ExportLine, ReplayError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let out = match self.next_line() {
-            Ok(None) => {
-                self.done = true;
-                return None;
-            }
-            Ok(Some(())) => self.parse(),
-            Err(e) => Err(e),
-        };
-        if out.is_err() {
-            self.done = true;
-        }
-        Some(out)
+        self.next_with(Self::parse)
     }
 }
 
@@ -455,30 +461,15 @@ impl<R: BufRead> Iterator for RunLines<R> {
     type Item = Result<RunLine, ReplayError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let reader = &mut self.0;
-        if reader.done {
-            return None;
-        }
-        let out = match reader.next_line() {
-            Ok(None) => {
-                reader.done = true;
-                return None;
-            }
-            Ok(Some(())) => match fast_line(&reader.buf) {
-                Some(FastLine::Record(logged)) => Ok(RunLine::Record(RunRecord::Rebuilt { line: reader.line, logged })),
-                Some(FastLine::RunEnd(run)) => Ok(RunLine::RunEnd(run)),
-                None => reader.parse().map(|line| match line {
-                    ExportLine::Header(_) => RunLine::Header,
-                    ExportLine::Record(rec) => RunLine::Record(RunRecord::Parsed(Box::new(rec))),
-                    ExportLine::RunEnd(end) => RunLine::RunEnd(end.run),
-                }),
-            },
-            Err(e) => Err(e),
-        };
-        if out.is_err() {
-            reader.done = true;
-        }
-        Some(out)
+        self.0.next_with(|reader| match fast_line(&reader.buf) {
+            Some(FastLine::Record(logged)) => Ok(RunLine::Record(RunRecord::Rebuilt { line: reader.line, logged })),
+            Some(FastLine::RunEnd(run)) => Ok(RunLine::RunEnd(run)),
+            None => reader.parse().map(|line| match line {
+                ExportLine::Header(_) => RunLine::Header,
+                ExportLine::Record(rec) => RunLine::Record(RunRecord::Parsed(Box::new(rec))),
+                ExportLine::RunEnd(end) => RunLine::RunEnd(end.run),
+            }),
+        })
     }
 }
 

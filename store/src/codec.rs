@@ -81,8 +81,8 @@ pub(crate) struct EnvelopeV1 {
     pub hash: Hash32,
 }
 
-/// [`EnvelopeV1`] borrowed from the stored bytes (same layout): reading a record needs no
-/// zeroed buffer for its payload, and the read-ahead digests records without copying them.
+/// [`EnvelopeV1`] borrowed from the stored bytes (same layout), as [`open_record_ref`]
+/// decodes it.
 #[derive(bincode::BorrowDecode, Debug, PartialEq, Eq)]
 pub(crate) struct EnvelopeRef<'a> {
     pub kind: &'a str,
@@ -193,18 +193,11 @@ pub(crate) fn seal_record(version: u16, env: &EnvelopeV1) -> Result<Vec<u8>, Sto
 }
 
 /// THE upcast point: every stored record value is decoded here, whatever its version, into
-/// the current in-memory envelope. Versions 1 and 2 share the body layout; the version is
-/// returned with it because it decides the record digest (docs/STORE.md). A future version
-/// with another layout adds a match arm that decodes its own body and converts it.
-pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> {
-    let (version, body) = unseal::<EnvelopeV1>(value)?;
-    match version {
-        v @ (1 | 2) => native_decode_exact::<EnvelopeV1>(body).map(|e| (v, e)).map_err(|(e, _)| WireError::Body(e)),
-        other => Err(WireError::Version(other)),
-    }
-}
-
-/// [`open_record`] without copying: the envelope borrows from `value`.
+/// the current in-memory envelope, borrowed from `value` (reading a record needs no zeroed
+/// buffer for its payload, and the read-ahead hashes records without copying them).
+/// Versions 1 and 2 share the body layout; the version is returned with it because it
+/// decides the record digest (docs/STORE.md). A future version with another layout adds a
+/// match arm that decodes its own body and converts it.
 pub(crate) fn open_record_ref(value: &[u8]) -> Result<(u16, EnvelopeRef<'_>), WireError> {
     let (version, body) = unseal::<EnvelopeV1>(value)?;
     match version {
@@ -215,6 +208,20 @@ pub(crate) fn open_record_ref(value: &[u8]) -> Result<(u16, EnvelopeRef<'_>), Wi
         },
         other => Err(WireError::Version(other)),
     }
+}
+
+/// [`open_record_ref`], owned.
+pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> {
+    open_record_ref(value).map(|(v, e)| {
+        let env = EnvelopeV1 {
+            kind: e.kind.to_owned(),
+            time_us: e.time_us,
+            payload: e.payload.to_vec(),
+            payload_root: e.payload_root,
+            hash: e.hash,
+        };
+        (v, env)
+    })
 }
 
 pub(crate) fn seal_snapshot_v1(s: &SnapshotV1) -> Result<Vec<u8>, StoreError> {

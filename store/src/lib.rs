@@ -60,6 +60,7 @@ pub use log::{
     StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use mem::MemStore;
+pub use read_ahead::read_runs_in_turn;
 pub use record::FORMAT_MARKER;
 #[doc(hidden)]
 pub use sled_store::RawPair;

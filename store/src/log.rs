@@ -108,22 +108,17 @@ impl Record {
     /// payload bytes): [`digest::record_digest`] for version 1, [`digest::record_digest_v2`]
     /// for version 2. Hashes the payload bytes for version 2.
     pub fn digest(&self) -> Hash32 {
-        self.digest_at(self.seq, &self.payload_digest_if_covered())
+        self.digest_at(self.seq, self.payload_digest_if_covered().as_ref())
     }
 
-    /// [`Record::payload_digest`] if this record's version covers it (2), else zeros (unused).
-    pub(crate) fn payload_digest_if_covered(&self) -> Hash32 {
-        if self.schema_version >= 2 {
-            self.payload_digest()
-        } else {
-            [0; 32]
-        }
+    /// [`Record::payload_digest`] if this record's version covers it (2), else `None`.
+    pub(crate) fn payload_digest_if_covered(&self) -> Option<Hash32> {
+        (self.schema_version >= 2).then(|| self.payload_digest())
     }
 
-    /// The digest this record would have at `seq`, given its payload digest (computed once
-    /// by callers that try several seqs).
-    pub(crate) fn digest_at(&self, seq: Seq, payload_digest: &Hash32) -> Hash32 {
-        let covered = (self.schema_version >= 2).then_some(payload_digest);
+    /// The digest this record would have at `seq`, given its payload digest if its version
+    /// covers one (computed once by callers that try several seqs).
+    pub(crate) fn digest_at(&self, seq: Seq, payload_digest: Option<&Hash32>) -> Hash32 {
         digest::record_digest_of_version(
             self.schema_version,
             self.run,
@@ -131,7 +126,7 @@ impl Record {
             &self.kind,
             self.time_us,
             &self.payload_root,
-            covered,
+            payload_digest,
         )
     }
 }
@@ -227,7 +222,7 @@ pub trait EventLog: Send + Sync + 'static {
     /// for the run being read and one for each run not read, where `read` would unwind.
     /// The default reads run after run. Dropping the iterator early stops the reading.
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
-        crate::read_ahead::sequential(self, runs)
+        crate::read_ahead::read_runs_in_turn(self, runs)
     }
 
     /// Audit view: the records stored for `run` from `from`, in key order, CRC-checked and

@@ -66,8 +66,9 @@ impl Batch {
             let (kr, vr) = (at..at + k.len(), at + k.len()..self.bytes.len());
             // Hash the copy: the reader checks exactly these bytes.
             let (key, value) = (&self.bytes[kr.clone()], &self.bytes[vr.clone()]);
-            let pre = record::prehash(run, key, value, self.whole);
-            ends = pre.is_none() || record::parse_event_key(key) != Some((run, expected));
+            let in_order = record::parse_event_key(key) == Some((run, expected));
+            let pre = record::prehash(run, (self.whole && in_order).then_some(expected), value);
+            ends = pre.is_none() || !in_order;
             (kr, vr, pre.unwrap_or(Prehashed::Nothing))
         });
         self.items.push((i, run, item));
@@ -230,9 +231,7 @@ impl Iterator for ReadAhead {
                 Some((j, c)) if *j == i => c,
                 slot => &mut slot.insert((i, RecordCheck::new(run, Seq(0), [0; 32], true))).1,
             };
-            if check.done() {
-                continue;
-            }
+            // `None` once the run has ended: its remaining items are skipped.
             if let Some(r) = check.step_prehashed(r, pre) {
                 return Some((i, r));
             }
@@ -252,8 +251,9 @@ impl Drop for ReadAhead {
     }
 }
 
-/// [`crate::EventLog::read_runs`] for backends without a read-ahead: `read` run after run.
-pub(crate) fn sequential<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
+/// [`crate::EventLog::read_runs`] on the caller's thread: `read` run after run (the trait's
+/// default, and what a one-core replay measures).
+pub fn read_runs_in_turn<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
     Box::new(runs.iter().enumerate().flat_map(move |(i, &run)| {
         let records: crate::RecordIter = match log.read(run, Seq(0)) {
             Ok(it) => it,

@@ -211,15 +211,15 @@ pub(crate) enum Prehashed {
     Record(Hash32),
 }
 
-/// Hashes a stored pair of `run` ahead of its checks: the payload only, or (`whole`) the
-/// record digest. `None` if the value does not decode (the checks will say why and end the
-/// run there); [`Prehashed::Nothing`] for a v1 record's payload (not covered) or a key
-/// that is not the run's (the checks end the run there too).
-pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Option<Prehashed> {
+/// Hashes a stored record ahead of its checks: the payload only, or (`at_seq`, the seq its
+/// key names) the record digest. `None` if the value does not decode (the checks will say
+/// why and end the run there); [`Prehashed::Nothing`] for a v1 record's payload (not
+/// covered).
+pub(crate) fn prehash(run: RunId, at_seq: Option<u64>, value: &[u8]) -> Option<Prehashed> {
     let (version, env) = codec::open_record_ref(value).ok()?;
     let payload = (version >= 2).then(|| digest::payload_digest(env.payload));
-    Some(match parse_event_key(key) {
-        Some((r, seq)) if whole && r == run => Prehashed::Record(digest::record_digest_of_version(
+    Some(match at_seq {
+        Some(seq) => Prehashed::Record(digest::record_digest_of_version(
             version,
             run,
             Seq(seq),
@@ -228,7 +228,7 @@ pub(crate) fn prehash(run: RunId, key: &[u8], value: &[u8], whole: bool) -> Opti
             &env.payload_root,
             payload.as_ref(),
         )),
-        _ => payload.map_or(Prehashed::Nothing, Prehashed::Payload),
+        None => payload.map_or(Prehashed::Nothing, Prehashed::Payload),
     })
 }
 
@@ -302,11 +302,6 @@ pub(crate) struct RecordCheck {
 impl RecordCheck {
     pub(crate) fn new(run: RunId, from: Seq, prev: Hash32, linked: bool) -> Self {
         RecordCheck { run, next_seq: from.0, prev, linked, done: false }
-    }
-
-    /// Whether the run has ended (an error was returned).
-    pub(crate) fn done(&self) -> bool {
-        self.done
     }
 
     fn fail(&mut self, e: StoreError) -> Option<Result<Record, StoreError>> {
@@ -391,7 +386,7 @@ impl RecordCheck {
             }
             Prehashed::Payload(pd) if rec.schema_version >= 2 => {
                 debug_assert_eq!(pd, rec.payload_digest(), "read-ahead payload digest differs at seq {}", rec.seq);
-                rec.digest_at(rec.seq, &pd)
+                rec.digest_at(rec.seq, Some(&pd))
             }
             _ => rec.digest(),
         }

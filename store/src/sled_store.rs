@@ -399,7 +399,7 @@ impl EventLog for SledStore {
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
         match crate::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
             Some(r) => Box::new(r),
-            None => crate::read_ahead::sequential(self, runs),
+            None => crate::read_ahead::read_runs_in_turn(self, runs),
         }
     }
 }

@@ -68,12 +68,12 @@ pub fn verify_run<P: Payload>(log: &dyn EventLog, run: RunId) -> Result<VerifyRe
         }
         // One SHA-256 of the payload bytes per record (version 2), reused by the diagnosis.
         let payload_digest = rec.payload_digest_if_covered();
-        if digest::chain(&prev, &rec.digest_at(rec.seq, &payload_digest)) != rec.hash {
+        if digest::chain(&prev, &rec.digest_at(rec.seq, payload_digest.as_ref())) != rec.hash {
             let next = match records.peek() {
                 Some(Ok(r)) => Some(r.clone()),
                 _ => None,
             };
-            return Err(mismatch(diagnose(&rec, &payload_digest, &recent, next.as_ref())));
+            return Err(mismatch(diagnose(&rec, payload_digest.as_ref(), &recent, next.as_ref())));
         }
         recent.push(rec.hash);
         if recent.len() as u64 > DIAGNOSE_WINDOW + 1 {
@@ -101,7 +101,7 @@ pub fn verify_run<P: Payload>(log: &dyn EventLog, run: RunId) -> Result<VerifyRe
 
 /// Explains why `rec` (at key seq n) does not chain to the record stored before it.
 /// `recent` holds the stored hashes of the records just before it (the last is n-1).
-fn diagnose(rec: &Record, payload_digest: &Hash32, recent: &[Hash32], next: Option<&Record>) -> String {
+fn diagnose(rec: &Record, payload_digest: Option<&Hash32>, recent: &[Hash32], next: Option<&Record>) -> String {
     let n = rec.seq.0;
     if let Some(nx) = next {
         if nx.seq.0 == n + 1 && digest::chain(&rec.hash, &nx.digest()) == nx.hash {
