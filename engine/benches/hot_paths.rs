@@ -4,6 +4,7 @@
 //! running state, canonical JSON (`Json::new`), and a store read (decode + chain check).
 //!
 //! `cargo bench -p keel-engine --bench hot_paths` (add `-- --quick` for a short run).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use keel_engine::*;

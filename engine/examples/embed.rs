@@ -4,6 +4,7 @@
 //! down.
 //!
 //! `cargo run -p keel-engine --example embed`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_engine::*;
 use serde_json::{json, Value};

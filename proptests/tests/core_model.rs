@@ -1,5 +1,6 @@
 //! Random workflows and fault schedules through the pure core (`sim::simulate`), checked
 //! against the reference model and the invariants; crash at every boundary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_proptests::check;
 use keel_proptests::driver::{check_seed, crash_every_boundary, drive_shuffled, MAX_EVENTS};

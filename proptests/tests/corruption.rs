@@ -2,6 +2,7 @@
 //! snapshots and in sled's own data file. Every read path must give a typed error naming
 //! where (run + seq), never panic, never return a different valid event without an
 //! error, and keep the intact prefix readable.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_engine::{fold, load_state, read_logged, Event, Logged, RunState};
 use keel_proptests::driver::simulate_seed;

@@ -4,6 +4,7 @@
 //! time must record exactly the event sequence of the simulator and of the reference
 //! model. Several engines sharing one store race for the same runs: one driver per run
 //! at a time, no double dispatch, no lost event.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_engine::sim::simulate;
 use keel_engine::{load_state, Engine, Event, Logged, Resolution, RunId, RunStatus};

@@ -10,9 +10,10 @@
 //!
 //! Depth: `KEEL_SOAK_KILLS` (kills per seed, default 10), `KEEL_CRASH_SEEDS` (default 1),
 //! `KEEL_SEED` (first seed, else random and printed).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
+use keel_demo::{self as demo, DemoOptions};
 use keel_engine::api::Clock;
-use keel_engine::demo::{self, DemoOptions};
 use keel_engine::{
     fold_full, read_logged, Decision, Engine, Event, Json, Logged, Resolution, RunId, RunState, RunStatus, Seq,
 };

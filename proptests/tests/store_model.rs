@@ -1,6 +1,7 @@
 //! Model-based test of the store on a real sled database: random appends (right and
 //! wrong expected seqs, batches), snapshots, reads and reopens (drop + `SledStore::open`),
 //! checked after every step against a `BTreeMap<RunId, Vec<_>>` model.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_engine::{Event, TaskId};
 use keel_proptests::cases;

@@ -67,7 +67,8 @@ pub enum ReplayError {
 }
 
 impl ReplayError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ReplayError::Io { path: path.into(), source }
     }
 }

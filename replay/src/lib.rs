@@ -1,8 +1,10 @@
 //! keel-replay: offline replay, the determinism check, time travel, fork and diff of runs,
-//! audit export (JSONL / CSV / HTML) and verification, and the `keel` command line.
+//! audit export (JSONL / CSV / HTML) and verification. The `keel` command line is the
+//! keel-cli crate (replay/cli); this library opens no database itself: callers hand it a
+//! store (`&dyn EventLog`).
 //!
-//! Everything here reads a run's history — from a keel database ([`source::open_db`],
-//! [`source::load_run_from_db`]) or from an export file ([`source::export_runs`]) — and
+//! Everything here reads a run's history — from a keel database
+//! ([`source::load_run_from_db`]) or from an export file ([`source::export_runs`]) — and
 //! folds it with the engine's pure core. Nothing here changes a recorded run: a fork is a
 //! new run.
 //!
@@ -13,9 +15,6 @@
 //!   recorded answers where the same call comes again; [`diff`]: compare two runs.
 //! - [`export`], [`html`], [`verify`]: the audit trail (docs/EXPORT.md, docs/AUDIT.md).
 
-#![deny(clippy::unwrap_used, clippy::expect_used)]
-
-pub mod bench;
 pub mod check;
 pub mod diff;
 pub mod error;
@@ -37,7 +36,7 @@ pub use fork::{fork, save_run, ForkConfig, ForkReport, Forked};
 pub use html::HtmlWriter;
 pub use policy::apply_settings;
 pub use source::{
-    export_runs, load_run_from_db, load_runs_from_db, open_db, read_export, resolve_run, ExportLine, ExportRecord,
+    export_runs, load_run_from_db, load_runs_from_db, read_export, resolve_run, ExportLine, ExportRecord,
 };
 pub use timeline::{Cursor, Replay};
 pub use verify::{verify_db, verify_export, Failure, Tamper, Verification};

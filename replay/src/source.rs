@@ -6,25 +6,12 @@
 use crate::error::ReplayError;
 use crate::format;
 use keel_engine::{read_logged, read_logged_runs, Event, Logged};
-use keel_store::{EventLog, Hash32, RunId, Seq, SledStore, StoreConfig, StoreError};
+use keel_store::{EventLog, Hash32, RunId, Seq};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-
-/// Opens the keel database in `dir`. With `create = false` a missing database is
-/// [`ReplayError::DbNotFound`]; a database another process holds is
-/// [`ReplayError::DbLocked`].
-pub fn open_db(dir: &Path, create: bool) -> Result<SledStore, ReplayError> {
-    let config = StoreConfig { create, ..StoreConfig::default() };
-    SledStore::open(dir, config).map_err(|e| match e {
-        StoreError::Locked { .. } => ReplayError::DbLocked { path: dir.to_path_buf() },
-        StoreError::NotFound { .. } => ReplayError::DbNotFound { path: dir.to_path_buf() },
-        StoreError::NotAStore { reason, .. } => ReplayError::NotADb { path: dir.to_path_buf(), reason },
-        other => ReplayError::Store(other),
-    })
-}
 
 /// Resolves a run id given in full or as a unique prefix (hyphens optional,
 /// case-insensitive) among `runs`.

@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p keel-store --example store_bench -- [--quick] [--dir PATH]
 //!  [--seconds S] [--slices K] [--repeats N] [--runs 1,4,64] [--modes group-pl,...]`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_store::bench::{self, BenchConfig};
 use keel_store::{Durability, Level};

@@ -37,8 +37,7 @@
 //! # Ok(()) }
 //! ```
 
-#![deny(clippy::unwrap_used, clippy::expect_used)]
-
+#[cfg(feature = "bench")]
 pub mod bench;
 mod borrowing;
 pub mod codec;

@@ -1,5 +1,5 @@
 //! Append / read / head / runs semantics, on the sled backend and the in-memory one.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

@@ -1,7 +1,7 @@
 //! sled writes page images larger than a quarter of its segment to separate blob files
 //! without any fsync. keel's segment size keeps every page with max-size events and
 //! snapshots in the fsynced data file: `blobs/` must stay empty.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

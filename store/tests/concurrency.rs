@@ -1,5 +1,5 @@
 //! Optimistic concurrency and idempotency-key claims under real threads.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

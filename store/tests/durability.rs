@@ -1,5 +1,5 @@
 //! Durability modes: each appends and reopens; acknowledged appends survive `kill -9`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

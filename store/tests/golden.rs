@@ -10,7 +10,7 @@
 //! Generate (only when adding a NEW version's file, never to "fix" an existing one):
 //! `cargo test -p keel-store --test golden -- --ignored generate_golden_v2` (the v1 file
 //! was made the same way by a v1 build).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

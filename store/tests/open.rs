@@ -1,5 +1,5 @@
 //! Opening: locks, non-store directories, missing stores, damaged databases.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

@@ -1,7 +1,7 @@
 //! `read_runs` (the sled store reads ahead on a second thread) yields exactly what `read`
 //! yields run after run: the same records, in the same order, and the same error ending
 //! each damaged run, with the next run following.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

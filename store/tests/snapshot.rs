@@ -1,5 +1,5 @@
 //! Snapshots: save/load, only the latest kept, checked against checksum and log.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

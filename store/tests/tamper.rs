@@ -1,6 +1,6 @@
 //! Bad bytes and tampering: typed errors naming run and seq, the intact prefix readable,
 //! and `verify` naming the first bad record and what is wrong with it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 use common::*;

@@ -1,6 +1,6 @@
 //! Helpers shared by the engine's integration tests: a fake clock, closure-backed
 //! planner/handler/evaluator/sink, task specs, and log projections.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs, dead_code)]
 
 use keel_engine::*;
 use serde_json::{json, Value};

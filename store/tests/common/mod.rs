@@ -1,5 +1,5 @@
 //! Shared test payloads and helpers.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs, dead_code)]
 
 use keel_store::{prepare, Durability, EventLog, NewRecord, Payload, Record, RunId, Seq, SledStore, StoreConfig};
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,8 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::*;
+use keel_demo as demo;
 use keel_engine::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Replay, time travel, the determinism check, export round trip, fork and diff, on real
 //! demo runs recorded in a sled database by the `keel` binary.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 
@@ -12,7 +12,7 @@ use keel_replay::ReplayError;
 use std::collections::BTreeSet;
 
 fn demo_handlers() -> BTreeSet<String> {
-    keel_engine::demo::HANDLERS.iter().map(|h| (*h).to_owned()).collect()
+    keel_demo::HANDLERS.iter().map(|h| (*h).to_owned()).collect()
 }
 
 fn seq_of_first(events: &[keel_engine::Logged], kind: &str) -> u64 {
@@ -213,7 +213,7 @@ async fn fork_with_a_changed_policy_reports_the_first_different_decision_and_the
     let replan = seq_of_first(&source, "ReplanRequested");
 
     // Unchanged policy: the fork replays the recording and makes the same steps.
-    let cfg = keel_replay::ForkConfig { workflow: Some(keel_engine::demo::workflow()), ..Default::default() };
+    let cfg = keel_replay::ForkConfig { workflow: Some(keel_demo::workflow()), ..Default::default() };
     let same = keel_replay::fork(&source, replan - 1, cfg.clone()).await.unwrap();
     assert!(same.report.same_as_source, "{}", same.report);
     assert_eq!(same.report.cost_delta_micros, 0);
@@ -245,7 +245,7 @@ async fn fork_with_a_changed_policy_reports_the_first_different_decision_and_the
 
     // Saved into a database and diffed: the first difference is at the same seq.
     let dir = tempfile::tempdir().unwrap();
-    let target = keel_replay::open_db(&dir.path().join("db"), true).unwrap();
+    let target = keel_store::SledStore::open(dir.path().join("db"), keel_store::StoreConfig::default()).unwrap();
     keel_replay::save_run(forked.store.as_ref(), &target, forked.run).unwrap();
     let stored = keel_replay::load_run_from_db(&target, forked.run).unwrap();
     assert_eq!(stored, forked.events);

@@ -17,15 +17,17 @@
 //! 6. replay: events folded per second from the db and from a JSONL export, next to a raw
 //!    sled scan of the same records.
 
-use crate::error::ReplayError;
-use crate::export::{JsonlWriter, Redaction};
-use crate::source::export_runs;
+mod sys;
+
 use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
 use keel_engine::{
     apply, apply_mut, apply_take, decide, load_state, read_logged_runs, Context, Engine, EngineError, ErrorClass,
     Escalation, Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState,
     TaskCall, TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
 };
+use keel_replay::error::ReplayError;
+use keel_replay::export::{JsonlWriter, Redaction};
+use keel_replay::source::export_runs;
 use keel_store::{
     codec, prepare, Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunId, Seq, SledStore,
     StoreConfig, StoreError, SEGMENT_BYTES,
@@ -36,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use sys::{heap_in_use, rss_bytes, trim_heap};
 
 /// Version of the JSON document `keel bench --json` prints (docs/PERFORMANCE.md).
 pub const SCHEMA: &str = "keel-bench/v1";
@@ -723,39 +726,9 @@ impl EventLog for Probe {
 // 1. memory
 // ---------------------------------------------------------------------------------------
 
-fn rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let resident: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(resident * u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096))
-}
-
-/// Bytes the allocator has handed out and not got back (glibc), if known.
-fn heap_in_use() -> Option<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's statistics.
-        let m = unsafe { libc::mallinfo2() };
-        Some((m.uordblks + m.hblkhd) as u64)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        None
-    }
-}
-
 fn threads() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines().find(|l| l.starts_with("Threads:"))?.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap memory to the OS.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Runs driven (and submissions in flight) at once while the memory section creates its

@@ -1,6 +1,6 @@
 //! Shared helpers of the keel-replay tests: a demo database made by the real `keel`
 //! binary, and a way to run the binary.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs, dead_code)]
 
 use keel_engine::Logged;
 use keel_store::{RunId, SledStore};
@@ -141,8 +141,8 @@ impl DemoDb {
 pub fn open_retrying(db: &Path) -> SledStore {
     let start = std::time::Instant::now();
     loop {
-        match keel_replay::open_db(db, false) {
-            Err(keel_replay::ReplayError::DbLocked { .. }) if start.elapsed() < std::time::Duration::from_secs(10) => {
+        match SledStore::open(db, keel_store::StoreConfig { create: false, ..Default::default() }) {
+            Err(keel_store::StoreError::Locked { .. }) if start.elapsed() < std::time::Duration::from_secs(10) => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => return other.expect("open db"),

@@ -6,6 +6,8 @@
 //!
 //! Regenerate (only for a deliberate new version, as demo-v2.*): `KEEL_BLESS=1 cargo test
 //! -p keel-engine --test golden`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+use keel_demo as demo;
 use keel_engine::*;
 use keel_store::codec;
 use serde_json::{json, Value};

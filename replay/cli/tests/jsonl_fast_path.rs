@@ -2,7 +2,7 @@
 //! the event) rebuilds exactly the events the slow path (`ExportReader` + `to_logged`)
 //! rebuilds, and reports exactly the errors it reports, on real demo exports and on
 //! damaged ones.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 
@@ -366,6 +366,7 @@ fn escape_first_char_of(line: &str, after: &str) -> String {
 }
 
 /// Thread CPU time, seconds: what one core spends, whatever else the machine runs.
+#[allow(unsafe_code)] // test-only: thread CPU time has no safe std API
 fn cpu_s() -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec to write to.

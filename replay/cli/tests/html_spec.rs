@@ -3,7 +3,7 @@
 //!
 //! Chromium is installed by .ci/run. Without it this test FAILS, unless KEEL_SKIP_BROWSER=1
 //! is set (then it says it skipped).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
 

@@ -1,8 +1,11 @@
 //! Every row of both transition tables occurs in some run (issue 3): a set of scenario
 //! runs on a real sled db, their logs re-folded event by event, the observed
 //! `(from, trigger, to)` collected and compared with `fsm::RUN_TABLE` / `fsm::TASK_TABLE`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+#[path = "../../tests/common/mod.rs"]
 mod common;
 use common::*;
+use keel_demo as demo;
 use keel_engine::fsm::{TaskTrigger, RUN_TABLE, TASK_TABLE};
 use keel_engine::*;
 use serde_json::json;

@@ -6,21 +6,24 @@
 //!
 //! Adding a command: one variant of [`Cmd`] and one arm in [`run`].
 
+mod sys;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use keel_engine::{demo, Decision, Engine, Json, Policy, Resolution, RunStatus};
+use keel_demo as demo;
+use keel_engine::{Decision, Engine, Json, Policy, Resolution, RunStatus};
 use keel_replay::check::{check_run, CheckOptions, CheckReport};
 use keel_replay::error::ReplayError;
 use keel_replay::export::{select_runs, CsvWriter, JsonlWriter, Redaction};
 use keel_replay::format::{event_line, parse_time, rfc3339};
 use keel_replay::html::HtmlWriter;
 use keel_replay::source::{
-    export_files, export_runs, load_run_from_db, load_runs_from_db, open_db, resolve_run, resolve_run_in,
+    export_files, export_runs, load_run_from_db, load_runs_from_db, resolve_run, resolve_run_in,
 };
 use keel_replay::timeline::Replay;
 use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
 use keel_replay::views;
-use keel_store::{EventLog, RunId, SledStore};
+use keel_store::{EventLog, RunId, SledStore, StoreConfig, StoreError};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
@@ -322,12 +325,7 @@ type CmdResult = Result<ExitCode, CliError>;
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`keel export ... | head`), as Unix tools do, instead
     // of failing a write to stdout.
-    #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a
-    // valid disposition for SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    sys::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -397,13 +395,26 @@ async fn run(cli: Cli) -> CmdResult {
         Cmd::Resolve(a) => cmd_resolve(&db, a).await,
         Cmd::Stats(a) => cmd_stats(&db, a),
         Cmd::Fsm(a) => cmd_fsm(a),
-        Cmd::Bench { json, quick } => Ok(keel_replay::bench::cli(json, quick).map(|()| ExitCode::SUCCESS)?),
+        Cmd::Bench { json, quick } => Ok(keel_bench::cli(json, quick).map(|()| ExitCode::SUCCESS)?),
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------
+
+/// Opens the keel database in `dir`. With `create = false` a missing database is
+/// [`ReplayError::DbNotFound`]; a database another process holds is
+/// [`ReplayError::DbLocked`].
+fn open_db(dir: &Path, create: bool) -> Result<SledStore, ReplayError> {
+    let config = StoreConfig { create, ..StoreConfig::default() };
+    SledStore::open(dir, config).map_err(|e| match e {
+        StoreError::Locked { .. } => ReplayError::DbLocked { path: dir.to_path_buf() },
+        StoreError::NotFound { .. } => ReplayError::DbNotFound { path: dir.to_path_buf() },
+        StoreError::NotAStore { reason, .. } => ReplayError::NotADb { path: dir.to_path_buf(), reason },
+        other => ReplayError::Store(other),
+    })
+}
 
 fn open(db: &Path) -> Result<Arc<SledStore>, CliError> {
     Ok(Arc::new(open_db(db, false)?))
@@ -855,8 +866,8 @@ async fn cmd_fork(db: &Path, a: ForkArgs) -> CmdResult {
         }
     };
     let workflow = is_demo(&events).then(demo::workflow);
-    let handlers = if workflow.as_ref().is_some_and(|w| w.name == keel_engine::demo::WORKFLOW) {
-        keel_engine::demo::handlers().into_iter().map(|(n, h)| (n.to_owned(), h)).collect()
+    let handlers = if workflow.as_ref().is_some_and(|w| w.name == demo::WORKFLOW) {
+        demo::handlers().into_iter().map(|(n, h)| (n.to_owned(), h)).collect()
     } else {
         Default::default()
     };

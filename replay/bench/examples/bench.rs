@@ -2,11 +2,12 @@
 //! [--runs N,..] [--levels power-loss,process-crash] [--keep] [--snapshot-every N]
 //! [--memory-runs N]`: `keel bench` (replay/src/bench.rs)
 //! with the knobs used while profiling.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
-    let mut opts = keel_replay::bench::BenchOptions::new(quick);
+    let mut opts = keel_bench::BenchOptions::new(quick);
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     opts.keep = args.iter().any(|a| a == "--keep");
     opts.snapshot_every = value("--snapshot-every").and_then(|v| v.parse().ok());
@@ -23,7 +24,7 @@ fn main() {
             .map(|l| if l == "process-crash" { keel_store::Level::ProcessCrash } else { keel_store::Level::PowerLoss })
             .collect();
     }
-    if let Err(e) = keel_replay::bench::cli_with(json, opts) {
+    if let Err(e) = keel_bench::cli_with(json, opts) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -3,7 +3,10 @@
 //! it, and compares the outcome with an uninterrupted reference batch of the same seed.
 //!
 //! Rerun a failure with `KEEL_TEST_SEED=<printed seed>`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+#[path = "../../tests/common/mod.rs"]
 mod common;
+use keel_demo as demo;
 use keel_engine::*;
 use keel_store::{EventLog, SledStore, StoreConfig};
 use std::collections::{BTreeMap, BTreeSet};

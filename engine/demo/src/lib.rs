@@ -12,12 +12,12 @@
 //! evaluated), `check_policy` (tool, critical), `issue_refund` (tool, critical, refund
 //! tickets only), `send_reply` (tool).
 
-use crate::api::*;
-use crate::engine::{Engine, EngineBuilder, IdleReport, Request, WorkflowType};
-use crate::error::EngineError;
-use crate::event::PlanReason;
-use crate::fsm::RunStatus;
-use crate::model::*;
+use keel_engine::api::*;
+use keel_engine::event::PlanReason;
+use keel_engine::fsm::RunStatus;
+use keel_engine::model::*;
+use keel_engine::EngineError;
+use keel_engine::{Engine, EngineBuilder, IdleReport, Request, WorkflowType};
 use keel_store::RunId;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
