@@ -1,8 +1,9 @@
 //! Runs demo runs: `keel demo`.
 
-use crate::error::CmdResult;
-use crate::open::{engine_over, open_db};
+use crate::error::{CliError, CmdResult};
+use crate::open::open_db;
 use crate::output::{money, print_json, progress, spinner};
+use crate::Registry;
 use clap::Args;
 use keel_demo as demo;
 use keel_replay::views;
@@ -24,9 +25,15 @@ pub(crate) struct DemoArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) async fn run(db: &Path, a: DemoArgs) -> CmdResult {
+pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResult {
+    if !registry.knows(demo::WORKFLOW) {
+        return Err(CliError::Failed(format!(
+            "this keel binary does not know the demo's workflow {:?}: run the stock keel binary for the demo",
+            demo::WORKFLOW
+        )));
+    }
     let store = Arc::new(open_db(db, true)?);
-    let engine = engine_over(store)?;
+    let engine = registry.engine(store)?;
     let pb = progress(a.runs, "submitting");
     let mut submitted = Vec::new();
     for index in 0..a.runs {

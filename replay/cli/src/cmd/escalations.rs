@@ -2,16 +2,17 @@
 
 use crate::cmd::JsonArgs;
 use crate::error::CmdResult;
-use crate::open::{engine_over, open};
+use crate::open::open;
 use crate::output::print_json;
+use crate::Registry;
 use keel_replay::format::rfc3339;
 use keel_replay::views;
 use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub(crate) fn run(db: &Path, a: JsonArgs) -> CmdResult {
-    let engine = engine_over(open(db)?)?;
+pub(crate) fn run(db: &Path, a: JsonArgs, registry: &Registry) -> CmdResult {
+    let engine = registry.engine(open(db)?)?;
     let pending = engine.escalations()?;
     if a.json {
         print_json(&json!({ "escalations": pending.iter().map(views::escalation_json).collect::<Vec<_>>() }))?;

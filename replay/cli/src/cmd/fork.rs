@@ -1,12 +1,12 @@
 //! Forks a run at a seq: `keel fork`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::{is_demo, open, open_db};
+use crate::open::{open, open_db};
 use crate::output::{print_json, spinner};
 use crate::source::load_from_file;
+use crate::Registry;
 use clap::Args;
-use keel_demo as demo;
-use keel_engine::Policy;
+use keel_engine::Event;
 use keel_replay::source::{load_run_from_db, resolve_run};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -35,12 +35,14 @@ pub(crate) struct ForkArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) async fn run(db: &Path, a: ForkArgs) -> CmdResult {
-    let policy = keel_replay::policy::apply_settings(&Policy::default(), &a.policy)
+pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResult {
+    let policy = keel_replay::policy::apply_settings(registry.base_policy(), &a.policy)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let (store, run, events) = match &a.from {
         Some(file) => {
             let loaded = load_from_file(file, Some(&a.run))?;
+            // Refuse before --db is created.
+            registry.require(&loaded.events, "fork it")?;
             let store = if a.no_save { None } else { Some(Arc::new(open_db(db, true)?)) };
             (store, loaded.run, loaded.events)
         }
@@ -51,12 +53,14 @@ pub(crate) async fn run(db: &Path, a: ForkArgs) -> CmdResult {
             (Some(store), run, events)
         }
     };
-    let workflow = is_demo(&events).then(demo::workflow);
-    let handlers = if workflow.as_ref().is_some_and(|w| w.name == demo::WORKFLOW) {
-        demo::handlers().into_iter().map(|(n, h)| (n.to_owned(), h)).collect()
-    } else {
-        Default::default()
+    // A fork calls the workflow's planner, evaluator and handlers where the recording
+    // cannot answer: it needs them.
+    registry.require(&events, "fork it")?;
+    let (workflow, handlers) = match events.first().map(|e| &e.event) {
+        Some(Event::RunAccepted { workflow, .. }) => registry.parts(workflow).unzip(),
+        _ => (None, None),
     };
+    let handlers = handlers.unwrap_or_default();
     let cfg = keel_replay::ForkConfig { policy, workflow, handlers, ..Default::default() };
     let sp = spinner("forking");
     let forked = keel_replay::fork(&events, a.at, cfg).await?;
@@ -70,7 +74,9 @@ pub(crate) async fn run(db: &Path, a: ForkArgs) -> CmdResult {
     };
     if a.json {
         let mut v = serde_json::to_value(&forked.report).map_err(|e| CliError::Failed(e.to_string()))?;
-        v["saved"] = json!(saved);
+        if let Some(fields) = v.as_object_mut() {
+            fields.insert("saved".to_owned(), json!(saved));
+        }
         print_json(&v)?;
     } else {
         print!("{}", forked.report);

@@ -1,11 +1,12 @@
 //! Replays runs offline and checks them: `keel replay`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::{demo_handlers, is_demo, open};
+use crate::open::open;
 use crate::output::{print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
+use crate::Registry;
 use clap::Args;
-use keel_engine::Policy;
+use keel_engine::Logged;
 use keel_replay::check::{check_run, CheckOptions, CheckReport};
 use keel_replay::error::ReplayError;
 use keel_replay::format::{event_line, rfc3339};
@@ -44,13 +45,24 @@ pub(crate) struct ReplayArgs {
     pub(crate) json: bool,
 }
 
-fn check_options(policy: &[String], workflow_is_demo: bool) -> Result<CheckOptions, CliError> {
-    let policy =
-        keel_replay::policy::apply_settings(&Policy::default(), policy).map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok(CheckOptions { policy, handlers: workflow_is_demo.then(demo_handlers) })
+/// What `decide` runs with in a check: the binary's policy with `--policy` applied, and
+/// the handler names its engine registers (so the check sees what the binary's engine
+/// would decide).
+fn check_options(policy: &[String], registry: &Registry) -> Result<CheckOptions, CliError> {
+    let policy = keel_replay::policy::apply_settings(registry.base_policy(), policy)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(CheckOptions { policy, handlers: Some(registry.handler_names()) })
 }
 
-pub(crate) fn run(db: &Path, a: ReplayArgs) -> CmdResult {
+/// Checks one run against the current code: only a run of a workflow type this binary
+/// knows (another binary may register other handlers and another policy, which would
+/// show as false divergences).
+fn check_one(events: &[Logged], opts: &CheckOptions, registry: &Registry) -> Result<CheckReport, CliError> {
+    registry.require(events, "check it")?;
+    Ok(check_run(events, opts)?)
+}
+
+pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
     if !a.all && a.run.is_none() && a.from.is_none() {
         return Err(CliError::Usage("name a RUN, or use --from FILE or --all".into()));
     }
@@ -61,9 +73,9 @@ pub(crate) fn run(db: &Path, a: ReplayArgs) -> CmdResult {
         return Err(CliError::Usage("--policy applies to --check".into()));
     }
     // Validate the policy settings before any work.
-    check_options(&a.policy, false)?;
+    let opts = check_options(&a.policy, registry)?;
     if a.all {
-        return replay_all(db, &a);
+        return replay_all(db, &a, &opts, registry);
     }
     let loaded = match &a.from {
         Some(path) => load_from_file(path, a.run.as_deref())?,
@@ -74,8 +86,7 @@ pub(crate) fn run(db: &Path, a: ReplayArgs) -> CmdResult {
         }
     };
     if a.check {
-        let opts = check_options(&a.policy, is_demo(&loaded.events))?;
-        let report = check_run(&loaded.events, &opts)?;
+        let report = check_one(&loaded.events, &opts, registry)?;
         return finish_checks(vec![report], a.json);
     }
     let replay = Replay::new(loaded.events)?;
@@ -124,13 +135,12 @@ pub(crate) fn run(db: &Path, a: ReplayArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn replay_all(db: &Path, a: &ReplayArgs) -> CmdResult {
+fn replay_all(db: &Path, a: &ReplayArgs, opts: &CheckOptions, registry: &Registry) -> CmdResult {
     let mut reports = Vec::new();
     let mut replayed = Vec::new();
-    let mut each = |events: Vec<keel_engine::Logged>| -> Result<(), CliError> {
+    let mut each = |events: Vec<Logged>| -> Result<(), CliError> {
         if a.check {
-            let opts = check_options(&a.policy, is_demo(&events))?;
-            reports.push(check_run(&events, &opts)?);
+            reports.push(check_one(&events, opts, registry)?);
         } else {
             let r = Replay::new(events)?;
             let s = r.final_state();

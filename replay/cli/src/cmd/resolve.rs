@@ -1,8 +1,9 @@
 //! Resolves an escalation: `keel resolve`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::{engine_over, open};
+use crate::open::open;
 use crate::output::print_json;
+use crate::Registry;
 use clap::{Args, ValueEnum};
 use keel_engine::{Decision, Json, Resolution};
 use keel_replay::source::resolve_run;
@@ -47,7 +48,7 @@ pub(crate) struct ResolveArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) async fn run(db: &Path, a: ResolveArgs) -> CmdResult {
+pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdResult {
     let decision = match (a.decision, &a.output, &a.hint) {
         (None | Some(DecisionArg::Supply), Some(out), None) => {
             let v: Value =
@@ -83,14 +84,22 @@ pub(crate) async fn run(db: &Path, a: ResolveArgs) -> CmdResult {
             .unwrap_or_else(|| "cli".to_owned());
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
-    let engine = engine_over(store)?;
+    let engine = registry.engine(store)?;
+    let state_workflow = engine.state(run)?.workflow;
     let name = decision.name();
     engine.resolve(run, Resolution { decision, by: by.clone() }).await?;
     if a.json {
         print_json(&json!({ "run": run.to_string(), "decision": name, "by": by }))?;
     } else {
         println!("resolved run {run}: {name} by {by}");
-        println!("continue it with: keel work --until-idle");
+        if registry.knows(&state_workflow) {
+            println!("continue it with: keel work --until-idle");
+        } else {
+            // This binary cannot drive it (`keel work` would refuse): say whose can.
+            println!(
+                "continue it with the service's own keel binary (keel_cli::main_with): keel work --until-idle (this one does not know workflow {state_workflow:?})"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,9 @@
 //! Lists runs: `keel runs`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::{engine_over, open};
+use crate::open::open;
 use crate::output::print_json;
+use crate::Registry;
 use clap::Args;
 use keel_engine::RunStatus;
 use keel_replay::format::rfc3339;
@@ -21,7 +22,7 @@ pub(crate) struct RunsArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) fn run(db: &Path, a: RunsArgs) -> CmdResult {
+pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
     let status = match &a.status {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
@@ -31,7 +32,7 @@ pub(crate) fn run(db: &Path, a: RunsArgs) -> CmdResult {
             ))
         })?),
     };
-    let engine = engine_over(open(db)?)?;
+    let engine = registry.engine(open(db)?)?;
     let runs: Vec<_> = engine.runs()?.into_iter().filter(|r| status.is_none_or(|s| r.status == s)).collect();
     if a.json {
         return print_json(&json!({ "runs": runs.iter().map(views::run_summary_json).collect::<Vec<_>>() }))

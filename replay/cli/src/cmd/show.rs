@@ -1,8 +1,9 @@
 //! Shows one run: `keel show`.
 
 use crate::error::CmdResult;
-use crate::open::{engine_over, open};
+use crate::open::open;
 use crate::output::print_json;
+use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;
 use keel_replay::views;
@@ -18,10 +19,10 @@ pub(crate) struct ShowArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) fn run(db: &Path, a: ShowArgs) -> CmdResult {
+pub(crate) fn run(db: &Path, a: ShowArgs, registry: &Registry) -> CmdResult {
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
-    let engine = engine_over(store)?;
+    let engine = registry.engine(store)?;
     let state = engine.state(run)?;
     if a.json {
         print_json(&views::state_json(&state))?;
