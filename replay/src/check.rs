@@ -55,8 +55,11 @@ pub enum EventClass {
 /// The first recorded event the current code would not have produced.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Divergence {
+    /// The run (id).
     pub run: String,
+    /// Seq of the recorded event that diverges.
     pub seq: u64,
+    /// Whether the core decided it, answered a call, or it came from outside.
     pub class: EventClass,
     /// Kind of the recorded event.
     pub kind: String,
@@ -106,17 +109,24 @@ impl Divergence {
 /// What a check of one run found.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CheckReport {
+    /// The run checked (id).
     pub run: String,
+    /// Its workflow type.
     pub workflow: String,
+    /// Events in its history.
     pub events: u64,
+    /// Events `decide` produced (each compared).
     pub decisions: u64,
+    /// Answers to calls the core asked for (each checked to answer a call it asked for).
     pub outcomes: u64,
+    /// Events that came from outside (a request, a human, a cancellation).
     pub externals: u64,
     /// `None`: the run replays exactly under the current code.
     pub divergence: Option<Divergence>,
 }
 
 impl CheckReport {
+    /// Whether the run replays exactly under the current code.
     pub fn ok(&self) -> bool {
         self.divergence.is_none()
     }
@@ -202,7 +212,7 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
     // the batch's events arrive; a decision that is not among them is checked against
     // what `decide` says on the state just before it (a new batch).
     let mut batch: Vec<Event> = Vec::new();
-    for e in &events[1..] {
+    for e in events.iter().skip(1) {
         let mut cmds = decide(&state, &ctx);
         let class = classify(&state, &e.event);
         match class {

@@ -75,11 +75,17 @@ impl std::fmt::Debug for ForkConfig {
 /// One side's totals in a fork report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ForkSide {
+    /// The run (id).
     pub run: String,
+    /// Events in its history.
     pub events: u64,
+    /// Its final status.
     pub status: String,
+    /// Whether it finished with a partial result.
     pub partial: bool,
+    /// Cost spent, in micro-units.
     pub cost_micros: u64,
+    /// Tokens used.
     pub tokens: u64,
 }
 
@@ -99,14 +105,20 @@ impl ForkSide {
 /// An event of one side that the other side does not have.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkEvent {
+    /// Seq of the event.
     pub seq: u64,
+    /// Whether the core decided it, answered a call, or it came from outside.
     pub class: EventClass,
+    /// Kind of the event.
     pub kind: String,
+    /// The event as JSON (`{"kind","payload"}`).
     pub event: Value,
     /// What the other run recorded at the same seq, if anything.
     pub other_at_seq: Option<Value>,
+    /// The event as one line of text (for the text report).
     #[serde(skip)]
     pub line: String,
+    /// What the other run recorded at the same seq, as one line of text.
     #[serde(skip)]
     pub other_line: Option<String>,
 }
@@ -127,9 +139,13 @@ pub struct CallCounts {
 /// What a fork did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkReport {
+    /// The run forked.
     pub source: ForkSide,
+    /// The fork.
     pub fork: ForkSide,
+    /// The fork copies the source's history up to and including this seq.
     pub at_seq: u64,
+    /// The policy the fork ran with (JSON).
     pub policy: Value,
     /// The fork's events after `at_seq` equal the source's (as a set: effects may finish
     /// in another order).
@@ -142,6 +158,7 @@ pub struct ForkReport {
     pub first_source_only_event: Option<ForkEvent>,
     /// fork cost − source cost, micro-units.
     pub cost_delta_micros: i64,
+    /// Calls the fork answered from the recording and calls it made live.
     pub calls: CallCounts,
 }
 
@@ -191,9 +208,13 @@ impl std::fmt::Display for ForkReport {
 
 /// A fork's result: the report, the fork's events, and the private store it lives in.
 pub struct Forked {
+    /// What the fork did.
     pub report: ForkReport,
+    /// The fork's whole history.
     pub events: Vec<Logged>,
+    /// The private in-memory store the fork lives in (see [`save_run`] to keep it).
     pub store: Arc<MemStore>,
+    /// The fork's run id.
     pub run: RunId,
 }
 
@@ -632,10 +653,17 @@ fn compare(
         if (e.seq.0) <= at {
             continue;
         }
-        let found =
-            src_rest.iter().enumerate().find(|(i, s)| !matched[*i] && same_step(&s.event, &e.event)).map(|(i, _)| i);
+        let found = src_rest
+            .iter()
+            .enumerate()
+            .find(|(i, s)| unmatched(&matched, *i) && same_step(&s.event, &e.event))
+            .map(|(i, _)| i);
         match found {
-            Some(i) => matched[i] = true,
+            Some(i) => {
+                if let Some(m) = matched.get_mut(i) {
+                    *m = true;
+                }
+            }
             None => {
                 let class = before.as_ref().map(|s| classify(s, &e.event)).unwrap_or(EventClass::External);
                 let other = event_at(source, e.seq.0);
@@ -657,7 +685,7 @@ fn compare(
             }
         }
     }
-    let first_source_only = src_rest.iter().enumerate().find(|(i, _)| !matched[*i]).map(|(_, s)| {
+    let first_source_only = src_rest.iter().enumerate().find(|(i, _)| unmatched(&matched, *i)).map(|(_, s)| {
         let other = event_at(fork, s.seq.0);
         let mut st: Option<RunState> = None;
         for e in source.iter().take(usize::try_from(s.seq.0).unwrap_or(0)) {
@@ -690,4 +718,9 @@ fn compare(
         cost_delta_micros: cost_delta,
         calls,
     }
+}
+
+/// Whether the source event `i` is not yet matched by a fork event.
+fn unmatched(matched: &[bool], i: usize) -> bool {
+    matched.get(i) == Some(&false)
 }

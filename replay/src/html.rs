@@ -85,6 +85,7 @@ pub struct HtmlWriter<W: Write> {
 }
 
 impl<W: Write> HtmlWriter<W> {
+    /// A report writer: writes the page head with `title` and `subtitle` (escaped).
     pub fn new(mut out: W, redaction: Redaction, title: &str, subtitle: &str) -> Result<Self, ReplayError> {
         let head = format!(
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
@@ -105,6 +106,7 @@ impl<W: Write> HtmlWriter<W> {
         self.out.write_all(section.as_bytes()).map_err(|e| ReplayError::io("<html output>", e))
     }
 
+    /// Writes the page's end and returns the output.
     pub fn finish(mut self) -> Result<W, ReplayError> {
         let tail = format!(
             "</main><footer>keel {} · self-contained report: no scripts, no network · {} run(s)</footer></body></html>\n",
@@ -570,6 +572,36 @@ fn node_colors(st: TaskStatus) -> (&'static str, &'static str, &'static str) {
     }
 }
 
+/// Each task's column in the plan drawing: 0 without dependencies, else one more than its
+/// deepest dependency (plans are acyclic; the loop is bounded anyway).
+fn task_depths(s: &RunState) -> Vec<usize> {
+    let n = s.tasks.len();
+    let mut depth = vec![0usize; n];
+    for _ in 0..n {
+        let mut changed = false;
+        for (i, t) in s.tasks.iter().enumerate() {
+            let d = t
+                .spec
+                .depends_on
+                .iter()
+                .filter_map(|d| s.task_index.get(d).and_then(|&j| depth.get(j)))
+                .map(|x| x + 1)
+                .max()
+                .unwrap_or(0);
+            if let Some(slot) = depth.get_mut(i) {
+                if *slot != d {
+                    *slot = d;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    depth
+}
+
 fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     let mut h = String::new();
     let _ = write!(
@@ -581,31 +613,18 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
         h.push_str("<p class=\"muted\">The run has no plan.</p></div>\n");
         return h;
     }
-    // Depth by dependencies (plans are acyclic; bounded loop anyway).
-    let n = s.tasks.len();
-    let mut depth = vec![0usize; n];
-    for _ in 0..n {
-        let mut changed = false;
-        for (i, t) in s.tasks.iter().enumerate() {
-            let d =
-                t.spec.depends_on.iter().filter_map(|d| s.task_index.get(d)).map(|&j| depth[j] + 1).max().unwrap_or(0);
-            if d != depth[i] {
-                depth[i] = d;
-                changed = true;
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
+    let depth = task_depths(s);
     let (w, hgt, gx, gy, pad) = (164.0, 58.0, 50.0, 22.0, 16.0);
     let mut row_in_layer: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut xy = vec![(0.0f64, 0.0f64); n];
-    for (i, d) in depth.iter().enumerate() {
-        let r = row_in_layer.entry(*d).or_insert(0);
-        xy[i] = (pad + *d as f64 * (w + gx), pad + *r as f64 * (hgt + gy));
-        *r += 1;
-    }
+    let xy: Vec<(f64, f64)> = depth
+        .iter()
+        .map(|d| {
+            let r = row_in_layer.entry(*d).or_insert(0);
+            let at = (pad + *d as f64 * (w + gx), pad + *r as f64 * (hgt + gy));
+            *r += 1;
+            at
+        })
+        .collect();
     let layers = depth.iter().max().copied().unwrap_or(0) + 1;
     let rows = row_in_layer.values().max().copied().unwrap_or(1);
     let width = pad * 2.0 + layers as f64 * w + (layers - 1) as f64 * gx;
@@ -617,9 +636,10 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     );
     for (i, t) in s.tasks.iter().enumerate() {
         for d in &t.spec.depends_on {
-            if let Some(&j) = s.task_index.get(d) {
-                let (x1, y1) = (xy[j].0 + w, xy[j].1 + hgt / 2.0);
-                let (x2, y2) = (xy[i].0, xy[i].1 + hgt / 2.0);
+            let from = s.task_index.get(d).and_then(|&j| xy.get(j));
+            if let (Some(&(fx, fy)), Some(&(tx, ty))) = (from, xy.get(i)) {
+                let (x1, y1) = (fx + w, fy + hgt / 2.0);
+                let (x2, y2) = (tx, ty + hgt / 2.0);
                 let mx = (x1 + x2) / 2.0;
                 let _ = write!(
                     h,
@@ -631,8 +651,7 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
             }
         }
     }
-    for (i, t) in s.tasks.iter().enumerate() {
-        let (x, y) = xy[i];
+    for (t, &(x, y)) in s.tasks.iter().zip(&xy) {
         let (fill, stroke, ink) = node_colors(t.status);
         let kind = format!("{:?}", t.spec.kind).to_lowercase();
         let crit = if t.spec.critical { "critical" } else { "optional" };

@@ -73,10 +73,15 @@ pub fn load_runs_from_db<'a>(
 /// The header line of an export.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportHeader {
+    /// 1-based line number in the file.
     pub line: u64,
+    /// The export format name and version.
     pub format: String,
+    /// When the export was made (RFC 3339).
     pub exported_at: String,
+    /// What was selected (the runs, or `--all` with its time range).
     pub filter: Value,
+    /// The redaction rules applied (`FIELD` or `Kind.FIELD`).
     pub redacted: Vec<String>,
 }
 
@@ -85,34 +90,50 @@ pub struct ExportHeader {
 pub struct ExportRecord {
     /// 1-based line number in the file.
     pub line: u64,
+    /// The run.
     pub run: RunId,
+    /// The record's seq in its run.
     pub seq: u64,
+    /// When it was recorded, microseconds since the Unix epoch.
     pub time_us: i64,
+    /// The event kind.
     pub kind: String,
+    /// The record envelope's schema version (1 or 2).
     pub schema_version: u16,
+    /// The event's payload fields as exported (redacted ones replaced by `{"$redacted": "<hex>"}`).
     pub payload: Map<String, Value>,
+    /// Merkle root of the payload fields: what a redacted export still proves.
     pub payload_root: Hash32,
     /// SHA-256 of the stored payload bytes, which the record digest of schema version 2
     /// covers; `None` for a version-1 record (the field is absent).
     pub payload_digest: Option<Hash32>,
+    /// Hash of the previous record of the run (zero for seq 0).
     pub prev_hash: Hash32,
+    /// This record's chain hash.
     pub hash: Hash32,
 }
 
 /// The trailer line of a run in an export.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunEnd {
+    /// 1-based line number in the file.
     pub line: u64,
+    /// The run.
     pub run: RunId,
+    /// Records of the run in the export.
     pub records: u64,
+    /// The run's head hash: the hash of its last record.
     pub head: Hash32,
 }
 
 /// One line of an export file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ExportLine {
+    /// The export's first line.
     Header(ExportHeader),
+    /// One event record.
     Record(ExportRecord),
+    /// The last line of a run's records.
     RunEnd(RunEnd),
 }
 
@@ -163,10 +184,12 @@ pub fn read_export(path: &Path) -> Result<ExportReader<BufReader<File>>, ReplayE
 }
 
 impl<R: BufRead> ExportReader<R> {
+    /// A reader of the export lines of `input`; `path` names it in errors.
     pub fn new(path: &Path, input: R) -> Self {
         ExportReader { path: path.to_path_buf(), input, line: 0, done: false, buf: Vec::new() }
     }
 
+    /// The path errors name.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -48,8 +48,11 @@ pub enum Tamper {
 /// The first problem found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Failure {
+    /// What kind of problem.
     pub what: Tamper,
+    /// The run it was found in, if known.
     pub run: Option<String>,
+    /// The seq it was found at, if known.
     pub seq: Option<u64>,
     /// Line of the export file (None for a database).
     pub line: Option<u64>,
@@ -60,22 +63,29 @@ pub struct Failure {
 /// A run that verified.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunVerified {
+    /// The run (id).
     pub run: String,
+    /// Records verified.
     pub records: u64,
+    /// Its head hash (hex).
     pub head: String,
 }
 
 /// The outcome of a verification: the runs that verified, up to the first failure.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Verification {
+    /// Runs that verified, in the order read.
     pub runs: Vec<RunVerified>,
+    /// The first problem found (None: everything verified).
     pub failure: Option<Failure>,
 }
 
 impl Verification {
+    /// Whether everything verified.
     pub fn ok(&self) -> bool {
         self.failure.is_none()
     }
+    /// Records verified in all runs.
     pub fn records(&self) -> u64 {
         self.runs.iter().map(|r| r.records).sum()
     }

@@ -241,7 +241,7 @@ pub fn step_json(e: &Logged, after: &RunState) -> Value {
         "time": rfc3339(e.at_us),
         "time_us": e.at_us,
         "kind": e.event.kind_name(),
-        "event": event_json(&e.event)["payload"].clone(),
+        "event": event_json(&e.event).get("payload").cloned().unwrap_or(Value::Null),
         "run_status": after.status.name(),
         "tasks": tasks,
     })

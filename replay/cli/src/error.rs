@@ -23,6 +23,11 @@ impl From<keel_engine::EngineError> for CliError {
         CliError::Failed(e.to_string())
     }
 }
+impl From<keel_bench::BenchError> for CliError {
+    fn from(e: keel_bench::BenchError) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
 impl From<keel_store::StoreError> for CliError {
     fn from(e: keel_store::StoreError) -> Self {
         CliError::Failed(e.to_string())
