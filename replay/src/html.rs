@@ -742,24 +742,7 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
         }
     }
     for (t, &(x, y)) in s.tasks.iter().zip(&xy) {
-        let (fill, stroke, ink) = node_colors(t.status);
-        let kind = format!("{:?}", t.spec.kind).to_lowercase();
-        let crit = if t.spec.critical { "critical" } else { "optional" };
-        let dash = if t.status == TaskStatus::Skipped { " stroke-dasharray=\"5 3\"" } else { "" };
-        let _ = write!(
-            h,
-            "<g class=\"node\" data-task=\"{id}\"><title>{id}: {st}, {att} attempt(s)</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w}\" height=\"{hgt}\" rx=\"9\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"1.5\"{dash}/>\
-<text x=\"{tx:.1}\" y=\"{ty1:.1}\" font-size=\"13\" font-weight=\"600\" fill=\"{ink}\">{id}</text>\
-<text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"11\" fill=\"#5c667a\">{kind} · {crit} · {att} att.</text>\
-<text x=\"{tx:.1}\" y=\"{ty3:.1}\" font-size=\"11\" font-weight=\"600\" fill=\"{ink}\">{st}</text></g>",
-            id = esc(&t.spec.id.0),
-            st = t.status.name(),
-            att = t.attempt,
-            tx = x + 12.0,
-            ty1 = y + 19.0,
-            ty2 = y + 35.0,
-            ty3 = y + 50.0,
-        );
+        dag_node(&mut h, t, x, y, (w, hgt));
     }
     h.push_str("</svg>");
     if !superseded.is_empty() {
@@ -767,6 +750,29 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     }
     h.push_str("</div>\n");
     h
+}
+
+/// One task of the plan drawing at (x, y), `size` = (width, height), coloured by status.
+fn dag_node(h: &mut String, t: &keel_engine::TaskState, x: f64, y: f64, size: (f64, f64)) {
+    let (w, hgt) = size;
+    let (fill, stroke, ink) = node_colors(t.status);
+    let kind = format!("{:?}", t.spec.kind).to_lowercase();
+    let crit = if t.spec.critical { "critical" } else { "optional" };
+    let dash = if t.status == TaskStatus::Skipped { " stroke-dasharray=\"5 3\"" } else { "" };
+    let _ = write!(
+        h,
+        "<g class=\"node\" data-task=\"{id}\"><title>{id}: {st}, {att} attempt(s)</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w}\" height=\"{hgt}\" rx=\"9\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"1.5\"{dash}/>\
+<text x=\"{tx:.1}\" y=\"{ty1:.1}\" font-size=\"13\" font-weight=\"600\" fill=\"{ink}\">{id}</text>\
+<text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"11\" fill=\"#5c667a\">{kind} · {crit} · {att} att.</text>\
+<text x=\"{tx:.1}\" y=\"{ty3:.1}\" font-size=\"11\" font-weight=\"600\" fill=\"{ink}\">{st}</text></g>",
+        id = esc(&t.spec.id.0),
+        st = t.status.name(),
+        att = t.attempt,
+        tx = x + 12.0,
+        ty1 = y + 19.0,
+        ty2 = y + 35.0,
+        ty3 = y + 50.0,
+    );
 }
 
 /// Fixed positions of the run states in the FSM drawing.
@@ -817,64 +823,79 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
 <defs><marker id=\"fa{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"9\" markerHeight=\"9\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#b4bccb\"/></marker>\
 <marker id=\"fb{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"11\" markerHeight=\"11\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#2f5bd3\"/></marker></defs>"
     );
-    let (bw, bh) = (128.0, 38.0);
     // Draw untaken edges first, taken ones on top.
     let mut ordered: Vec<&(String, String)> = edges.iter().collect();
     ordered.sort_by_key(|e| taken.contains_key(*e));
     for e in ordered {
-        let (f, t) = (e.0.as_str(), e.1.as_str());
         let n = taken.get(e).copied().unwrap_or(0);
-        let (stroke, width, marker) =
-            if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
-        let (x1, y1) = state_pos(f);
-        let (x2, y2) = state_pos(t);
-        let cls = if n > 0 { "edge taken" } else { "edge" };
-        if f == t {
-            // Self loop above the box (below for AwaitingHuman, whose top has the edges to Running).
-            let dir = if f == "AwaitingHuman" { 1.0 } else { -1.0 };
-            let (lx, ly) = (x1 - 18.0, y1 + dir * bh / 2.0);
-            let _ = write!(
-                h,
-                "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
-                lx - 10.0,
-                ly + dir * 40.0,
-                lx + 46.0,
-                ly + dir * 40.0,
-                lx + 36.0
-            );
-            if n > 0 {
-                let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1 + 42.0, ly + dir * 26.0);
-            }
-            continue;
-        }
-        // Clip the line to the box borders.
-        let clip = |cx: f64, cy: f64, ox: f64, oy: f64| -> (f64, f64) {
-            let (dx, dy) = (ox - cx, oy - cy);
-            if dx == 0.0 && dy == 0.0 {
-                return (cx, cy);
-            }
-            let hw = if f == "start" && cx == state_pos("start").0 { 6.0 } else { bw / 2.0 };
-            let sx = if dx != 0.0 { hw / dx.abs() } else { f64::INFINITY };
-            let sy = if dy != 0.0 { (bh / 2.0) / dy.abs() } else { f64::INFINITY };
-            let s = sx.min(sy);
-            (cx + dx * s, cy + dy * s)
-        };
-        let b = bend(f, t);
-        let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
-        let len = ((x2 - x1).powi(2) + (y2 - y1).powi(2)).sqrt().max(1.0);
-        let (nx, ny) = (-(y2 - y1) / len, (x2 - x1) / len);
-        let (cx, cy) = (mx + nx * b, my + ny * b);
-        let (sx, sy) = clip(x1, y1, cx, cy);
-        let (ex, ey) = if t == "start" { (x2, y2) } else { clip(x2, y2, cx, cy) };
+        fsm_edge(&mut h, e.0.as_str(), e.1.as_str(), n, sfx);
+    }
+    fsm_states(&mut h, &visited);
+    fsm_path_and_table(&mut h, transitions, path);
+    h
+}
+
+/// The size of a state's box in the run machine drawing.
+const FSM_BOX: (f64, f64) = (128.0, 38.0);
+
+/// One edge of the run machine, `n` times taken by this run.
+fn fsm_edge(h: &mut String, f: &str, t: &str, n: u64, sfx: &str) {
+    let (bw, bh) = FSM_BOX;
+    let (stroke, width, marker) =
+        if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
+    let (x1, y1) = state_pos(f);
+    let (x2, y2) = state_pos(t);
+    let cls = if n > 0 { "edge taken" } else { "edge" };
+    if f == t {
+        // Self loop above the box (below for AwaitingHuman, whose top has the edges to Running).
+        let dir = if f == "AwaitingHuman" { 1.0 } else { -1.0 };
+        let (lx, ly) = (x1 - 18.0, y1 + dir * bh / 2.0);
         let _ = write!(
             h,
-            "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{sx:.1},{sy:.1} Q{cx:.1},{cy:.1} {ex:.1},{ey:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>"
+            "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
+            lx - 10.0,
+            ly + dir * 40.0,
+            lx + 46.0,
+            ly + dir * 40.0,
+            lx + 36.0
         );
-        if n > 0 && f != "start" {
-            let (lx, ly) = (0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey);
-            let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"28\" height=\"16\" rx=\"8\" fill=\"#fff\" stroke=\"#2f5bd3\"/><text x=\"{lx:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", lx - 14.0, ly - 8.0, ly + 4.0);
+        if n > 0 {
+            let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1 + 42.0, ly + dir * 26.0);
         }
+        return;
     }
+    // Clip the line to the box borders.
+    let clip = |cx: f64, cy: f64, ox: f64, oy: f64| -> (f64, f64) {
+        let (dx, dy) = (ox - cx, oy - cy);
+        if dx == 0.0 && dy == 0.0 {
+            return (cx, cy);
+        }
+        let hw = if f == "start" && cx == state_pos("start").0 { 6.0 } else { bw / 2.0 };
+        let sx = if dx != 0.0 { hw / dx.abs() } else { f64::INFINITY };
+        let sy = if dy != 0.0 { (bh / 2.0) / dy.abs() } else { f64::INFINITY };
+        let s = sx.min(sy);
+        (cx + dx * s, cy + dy * s)
+    };
+    let b = bend(f, t);
+    let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+    let len = ((x2 - x1).powi(2) + (y2 - y1).powi(2)).sqrt().max(1.0);
+    let (nx, ny) = (-(y2 - y1) / len, (x2 - x1) / len);
+    let (cx, cy) = (mx + nx * b, my + ny * b);
+    let (sx, sy) = clip(x1, y1, cx, cy);
+    let (ex, ey) = if t == "start" { (x2, y2) } else { clip(x2, y2, cx, cy) };
+    let _ = write!(
+        h,
+        "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{sx:.1},{sy:.1} Q{cx:.1},{cy:.1} {ex:.1},{ey:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>"
+    );
+    if n > 0 && f != "start" {
+        let (lx, ly) = (0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey);
+        let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"28\" height=\"16\" rx=\"8\" fill=\"#fff\" stroke=\"#2f5bd3\"/><text x=\"{lx:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", lx - 14.0, ly - 8.0, ly + 4.0);
+    }
+}
+
+/// The states of the run machine; those this run visited are highlighted.
+fn fsm_states(h: &mut String, visited: &std::collections::BTreeSet<&str>) {
+    let (bw, bh) = FSM_BOX;
     let _ = write!(
         h,
         "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"6\" fill=\"#18213a\"/>",
@@ -897,6 +918,14 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
             y + 4.5
         );
     }
+}
+
+/// The path the run took, then every transition with its count.
+fn fsm_path_and_table(
+    h: &mut String,
+    transitions: &BTreeMap<(String, String, String), u64>,
+    path: &[(String, String)],
+) {
     h.push_str("</svg><div class=\"path\"><b style=\"margin-right:6px\">Path taken:</b>");
     for (i, (stname, via)) in path.iter().enumerate() {
         if i > 0 {
@@ -915,5 +944,4 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
         );
     }
     h.push_str("</table></div>\n");
-    h
 }
