@@ -271,79 +271,94 @@ fn records(cmds: &[Command]) -> impl Iterator<Item = &Event> {
 
 /// Does `event` fit what `decide` returned? Err: why not.
 fn fits(state: &RunState, ctx: &Context, cmds: &[Command], class: EventClass, event: &Event) -> Result<(), String> {
-    let recorded_decision = records(cmds).any(|d| d == event);
-    let has = |want: &Command| cmds.iter().any(|c| c == want);
     match class {
         EventClass::External => Ok(()),
-        EventClass::Decision => {
-            if recorded_decision {
-                return Ok(());
+        EventClass::Decision => fits_decision(cmds, event),
+        EventClass::Outcome => fits_outcome(state, ctx, cmds, event),
+    }
+}
+
+/// A recorded decision fits when `decide` returned the same record.
+fn fits_decision(cmds: &[Command], event: &Event) -> Result<(), String> {
+    let recorded_decision = records(cmds).any(|d| d == event);
+    if recorded_decision {
+        return Ok(());
+    }
+    let same_kind: Vec<String> = records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
+    if same_kind.is_empty() {
+        Err(format!("the current code does not decide {} here", event.kind_name()))
+    } else {
+        Err(format!("the current code decides a different {}: {}", event.kind_name(), same_kind.join(" | ")))
+    }
+}
+
+/// A recorded outcome fits when `decide` asked for the call it answers (and a plan still
+/// validates).
+fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event) -> Result<(), String> {
+    let recorded_decision = records(cmds).any(|d| d == event);
+    let has = |want: &Command| cmds.iter().any(|c| c == want);
+    match event {
+        Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
+            if !has(&Command::Plan { revision: *revision }) {
+                return Err(format!("the current code does not ask the planner for revision {revision} here"));
             }
-            let same_kind: Vec<String> =
-                records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
-            if same_kind.is_empty() {
-                Err(format!("the current code does not decide {} here", event.kind_name()))
+            fits_plan(state, ctx, plan, event)
+        }
+        Event::PlanRejected { revision, .. } => {
+            if has(&Command::Plan { revision: *revision }) {
+                Ok(())
             } else {
-                Err(format!("the current code decides a different {}: {}", event.kind_name(), same_kind.join(" | ")))
+                Err(format!("the current code does not ask the planner for revision {revision} here"))
             }
         }
-        EventClass::Outcome => match event {
-            Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
-                if !has(&Command::Plan { revision: *revision }) {
-                    return Err(format!("the current code does not ask the planner for revision {revision} here"));
-                }
-                let errors = validate_plan(plan, state, ctx);
-                if !errors.is_empty() {
-                    return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
-                }
-                if let Event::Replanned { carried_over, superseded, .. } = event {
-                    let (c, s) = replan_outcome(state, plan);
-                    if *carried_over != c || *superseded != s {
-                        return Err(format!(
-                            "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
-                        ));
-                    }
-                }
+        Event::TaskExecuted { task, attempt, .. } => {
+            if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
                 Ok(())
+            } else {
+                Err(format!("the current code does not execute {task} attempt {attempt} here"))
             }
-            Event::PlanRejected { revision, .. } => {
-                if has(&Command::Plan { revision: *revision }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not ask the planner for revision {revision} here"))
-                }
+        }
+        Event::TaskFailed { task, attempt, .. } => {
+            let exec = Command::Execute { task: task.clone(), attempt: *attempt };
+            let eval = Command::Evaluate { task: task.clone(), attempt: *attempt };
+            if has(&exec) || has(&eval) || recorded_decision {
+                Ok(())
+            } else {
+                Err(format!("the current code neither executes nor evaluates {task} attempt {attempt} here"))
             }
-            Event::TaskExecuted { task, attempt, .. } => {
-                if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not execute {task} attempt {attempt} here"))
-                }
+        }
+        Event::TaskEvaluated { task, attempt, .. } => {
+            if has(&Command::Evaluate { task: task.clone(), attempt: *attempt }) {
+                Ok(())
+            } else {
+                Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
             }
-            Event::TaskFailed { task, attempt, .. } => {
-                let exec = Command::Execute { task: task.clone(), attempt: *attempt };
-                let eval = Command::Evaluate { task: task.clone(), attempt: *attempt };
-                if has(&exec) || has(&eval) || recorded_decision {
-                    Ok(())
-                } else {
-                    Err(format!("the current code neither executes nor evaluates {task} attempt {attempt} here"))
-                }
+        }
+        Event::EscalationNotified { number } => {
+            if has(&Command::Notify { number: *number }) {
+                Ok(())
+            } else {
+                Err(format!("the current code does not notify escalation {number} here"))
             }
-            Event::TaskEvaluated { task, attempt, .. } => {
-                if has(&Command::Evaluate { task: task.clone(), attempt: *attempt }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
-                }
-            }
-            Event::EscalationNotified { number } => {
-                if has(&Command::Notify { number: *number }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not notify escalation {number} here"))
-                }
-            }
-            other => Err(format!("{} is not an outcome", other.kind_name())),
-        },
+        }
+        other => Err(format!("{} is not an outcome", other.kind_name())),
     }
+}
+
+/// A recorded plan (or replan) still validates, and a replan carries over and supersedes
+/// what `replan_outcome` says.
+fn fits_plan(state: &RunState, ctx: &Context, plan: &keel_engine::Plan, event: &Event) -> Result<(), String> {
+    let errors = validate_plan(plan, state, ctx);
+    if !errors.is_empty() {
+        return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
+    }
+    if let Event::Replanned { carried_over, superseded, .. } = event {
+        let (c, s) = replan_outcome(state, plan);
+        if *carried_over != c || *superseded != s {
+            return Err(format!(
+                "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
+            ));
+        }
+    }
+    Ok(())
 }
