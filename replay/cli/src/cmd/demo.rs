@@ -6,6 +6,7 @@ use crate::output::{money, print_json, progress, spinner};
 use crate::Registry;
 use clap::Args;
 use keel_demo as demo;
+use keel_engine::{IdleReport, PendingEscalation, RunState, Submitted};
 use keel_replay::views;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -48,56 +49,79 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
     let mut rows = Vec::new();
     for (index, s) in &submitted {
         let st = engine.state(s.run)?;
-        rows.push((index, s, st));
+        rows.push(Row { index: *index, submitted: s, state: st });
     }
     let pending = engine.escalations()?;
     if a.json {
-        let runs: Vec<Value> = rows
-            .iter()
-            .map(|(i, s, st)| {
-                json!({
-                    "run": s.run.to_string(), "index": i, "scenario": demo::scenario(**i), "status": st.status.name(),
-                    "partial": st.partial, "cost_micros": st.totals.cost_micros, "events": st.next_seq.0, "existing": s.duplicate,
-                })
-            })
-            .collect();
-        let esc: Vec<Value> = pending.iter().map(views::escalation_json).collect();
-        print_json(
-            &json!({ "db": db.display().to_string(), "seed": a.seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
-        )?;
+        print_json_report(db, a.seed, &rows, &pending, &idle)?;
     } else {
-        println!(
-            "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}",
-            "run", "scenario", "status", "partial", "cost(micros)", "events"
-        );
-        for (i, s, st) in &rows {
-            println!(
-                "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}{}",
-                s.run.to_string(),
-                demo::scenario(**i),
-                st.status.name(),
-                if st.partial { "yes" } else { "no" },
-                money(st.totals.cost_micros),
-                st.next_seq.0,
-                if s.duplicate { "  (existing run)" } else { "" }
-            );
-        }
-        let total: u64 = rows.iter().map(|(_, _, st)| st.totals.cost_micros).sum();
-        println!("{} run(s) in {}; total cost {} micros", rows.len(), db.display(), total);
-        for (run, e) in &idle.stopped {
-            println!("stopped: run {run}: {e}");
-        }
-        if !pending.is_empty() {
-            println!("\nwaiting for a human:");
-            for p in &pending {
-                println!(
-                    "  run {} escalation #{} ({:?}): {}",
-                    p.run, p.escalation.number, p.escalation.cause, p.escalation.why
-                );
-                println!("    {}", views::resolve_hint(p));
-            }
-            println!("then continue them with: keel work --until-idle");
-        }
+        print_text_report(db, &rows, &pending, &idle);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One submitted demo request and its state after the work.
+struct Row<'a> {
+    index: u64,
+    submitted: &'a Submitted,
+    state: RunState,
+}
+
+/// `--json`: the runs, the escalations waiting and the runs whose driver stopped.
+fn print_json_report(
+    db: &Path,
+    seed: u64,
+    rows: &[Row<'_>],
+    pending: &[PendingEscalation],
+    idle: &IdleReport,
+) -> Result<(), CliError> {
+    let runs: Vec<Value> = rows
+        .iter()
+        .map(|Row { index: i, submitted: s, state: st }| {
+            json!({
+                "run": s.run.to_string(), "index": i, "scenario": demo::scenario(*i), "status": st.status.name(),
+                "partial": st.partial, "cost_micros": st.totals.cost_micros, "events": st.next_seq.0, "existing": s.duplicate,
+            })
+        })
+        .collect();
+    let esc: Vec<Value> = pending.iter().map(views::escalation_json).collect();
+    print_json(
+        &json!({ "db": db.display().to_string(), "seed": seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
+    )
+}
+
+/// The table of runs, then what is waiting for a human.
+fn print_text_report(db: &Path, rows: &[Row<'_>], pending: &[PendingEscalation], idle: &IdleReport) {
+    println!(
+        "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}",
+        "run", "scenario", "status", "partial", "cost(micros)", "events"
+    );
+    for Row { index: i, submitted: s, state: st } in rows {
+        println!(
+            "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}{}",
+            s.run.to_string(),
+            demo::scenario(*i),
+            st.status.name(),
+            if st.partial { "yes" } else { "no" },
+            money(st.totals.cost_micros),
+            st.next_seq.0,
+            if s.duplicate { "  (existing run)" } else { "" }
+        );
+    }
+    let total: u64 = rows.iter().map(|r| r.state.totals.cost_micros).sum();
+    println!("{} run(s) in {}; total cost {} micros", rows.len(), db.display(), total);
+    for (run, e) in &idle.stopped {
+        println!("stopped: run {run}: {e}");
+    }
+    if !pending.is_empty() {
+        println!("\nwaiting for a human:");
+        for p in pending {
+            println!(
+                "  run {} escalation #{} ({:?}): {}",
+                p.run, p.escalation.number, p.escalation.cause, p.escalation.why
+            );
+            println!("    {}", views::resolve_hint(p));
+        }
+        println!("then continue them with: keel work --until-idle");
+    }
 }
