@@ -2,7 +2,7 @@
 //! belongs to one it does not know.
 
 use crate::error::CliError;
-use keel_engine::{Engine, EngineBuilder, Event, Logged, Policy, TaskHandler, WorkflowType};
+use keel_engine::{Engine, EngineBuilder, Event, Logged, Policy, RunSummary, TaskHandler, WorkflowType};
 use keel_store::EventLog;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -126,6 +126,27 @@ impl Registry {
     /// one drives nothing: commands that need no handlers use it on any run.
     pub(crate) fn engine(&self, log: Arc<dyn EventLog>) -> Result<Engine, CliError> {
         Ok(self.register(Engine::builder().store(log)).open()?)
+    }
+
+    /// Refuses to drive anything when a run that is not finished belongs to a workflow type
+    /// this binary does not know: the engine would stop at each such run with "unknown
+    /// workflow type" after driving the others. Checked before any run is driven, so the
+    /// database is left as it was.
+    pub(crate) fn refuse_unknown_unfinished(&self, engine: &Engine) -> Result<(), CliError> {
+        let strangers: Vec<RunSummary> =
+            engine.runs()?.into_iter().filter(|r| !r.status.is_terminal() && !self.knows(&r.workflow)).collect();
+        let names: BTreeSet<&str> = strangers.iter().map(|r| r.workflow.as_str()).collect();
+        let names = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+        match strangers.as_slice() {
+            [] => Ok(()),
+            [one] => Err(unknown(&format!("run {} is of workflow {names}", one.run), "drive it")),
+            [first, ..] => {
+                let kind = if names.contains(", ") { "workflows" } else { "workflow" };
+                let what =
+                    format!("{} unfinished runs (run {}, ...) are of {kind} {names}", strangers.len(), first.run);
+                Err(unknown(&what, "drive them"))
+            }
+        }
     }
 
     /// `Ok` when the run's workflow type (read from its `RunAccepted`) is registered;

@@ -117,6 +117,10 @@ fn the_stock_binary_reads_and_resolves_a_services_runs_and_refuses_to_drive_them
     assert_refusal(&line, "drive them");
     assert!(line.contains("3 unfinished runs"), "{line}");
     assert_eq!(runs(&db), before, "a refused `keel work` leaves every run as it was");
+    // `keel demo` would work every unfinished run of the database too: it refuses before
+    // submitting anything.
+    assert_refusal(&keel(&db, &["demo", "--runs", "1"]).one_line_error(1), "drive them");
+    assert_eq!(runs(&db), before, "a refused `keel demo` adds no run and drives none");
 
     // Reading, exporting, verifying and resolving need no handlers.
     let shown = keel(&db, &["show", run, "--json"]).ok().json();

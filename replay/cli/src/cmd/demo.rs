@@ -35,6 +35,8 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
     }
     let store = Arc::new(open_db(db, true)?);
     let engine = registry.engine(store)?;
+    // Working the demo's runs until idle would drive every unfinished run of the database.
+    registry.refuse_unknown_unfinished(&engine)?;
     let pb = progress(a.runs, "submitting");
     let mut submitted = Vec::new();
     for index in 0..a.runs {

@@ -1,13 +1,11 @@
 //! Drives pending runs: `keel work`.
 
-use crate::error::{io_err, CliError, CmdResult};
+use crate::error::{io_err, CmdResult};
 use crate::open::open;
 use crate::output::{print_json, spinner};
-use crate::registry::{self, Registry};
+use crate::Registry;
 use clap::Args;
-use keel_engine::{Engine, RunSummary};
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -24,7 +22,7 @@ pub(crate) struct WorkArgs {
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
     let engine = registry.engine(open(db)?)?;
-    refuse_unknown(&engine, registry)?;
+    registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         let workers = engine.start();
         eprintln!("keel: working runs in {} (Ctrl-C to stop)", db.display());
@@ -52,24 +50,4 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
         }
     }
     Ok(if r.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-/// Refuses to drive anything when a run that is not finished belongs to a workflow type
-/// this binary does not know: the engine would stop at each such run with "unknown
-/// workflow type" after driving the others. Checked before any run is driven, so the
-/// database is left as it was.
-fn refuse_unknown(engine: &Engine, registry: &Registry) -> Result<(), CliError> {
-    let unknown: Vec<RunSummary> =
-        engine.runs()?.into_iter().filter(|r| !r.status.is_terminal() && !registry.knows(&r.workflow)).collect();
-    let names: BTreeSet<&str> = unknown.iter().map(|r| r.workflow.as_str()).collect();
-    let names = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
-    match unknown.as_slice() {
-        [] => Ok(()),
-        [one] => Err(registry::unknown(&format!("run {} is of workflow {names}", one.run), "drive it")),
-        [first, ..] => {
-            let kind = if names.contains(", ") { "workflows" } else { "workflow" };
-            let what = format!("{} unfinished runs (run {}, ...) are of {kind} {names}", unknown.len(), first.run);
-            Err(registry::unknown(&what, "drive them"))
-        }
-    }
 }
