@@ -1692,70 +1692,32 @@ fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, BenchError>) -> R
 
 async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, BenchError> {
     let dir = temp_dir(parent, "replay")?;
-    let db_dir = dir.as_path().join("db");
-    let runs = {
-        let store = open_store(dir.as_path(), Durability::None)?;
-        let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
-        submit_all(&engine, plan.replay_runs).await?;
-        engine.run_until_idle().await?;
-        drop(engine);
-        store.flush()?;
-        let mut runs = store.runs()?;
-        runs.sort();
-        // The export (not timed).
-        let path = dir.as_path().join("export.jsonl");
-        let file = std::fs::File::create(&path).map_err(|e| BenchError::io(&path, e))?;
-        let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
-        for &run in &runs {
-            w.write_run(store.as_ref(), run)?;
-        }
-        w.finish()?.flush().map_err(|e| BenchError::io(&path, e))?;
-        runs
-    };
+    let runs = replay_setup(dir.as_path(), plan).await?;
     let repeats = 5;
     let export = dir.as_path().join("export.jsonl");
-    // Rounds of: a raw scan and the two folds, each on a freshly opened database (opened
-    // outside the timing: sled's cache is cold, the OS page cache warm, as for `keel replay`),
-    // raw first or last in turn. Values are medians, ratios the medians of the per-round
-    // ratios (the disk is shared).
-    let time = |f: &mut dyn FnMut() -> Result<u64, BenchError>| -> Result<(u64, f64), BenchError> {
-        let t = Instant::now();
-        let n = f()?;
-        Ok((n, t.elapsed().as_secs_f64()))
-    };
-    let (mut raw_rates, mut plain_rates, mut verified_rates) = (Vec::new(), Vec::new(), Vec::new());
-    let mut one_thread_rates = Vec::new();
-    let (mut scanned, mut bytes, mut folded, mut folded_plain) = (0u64, 0u64, 0u64, 0u64);
-    let mut folded_one = 0u64;
-    tokio::task::block_in_place(|| -> Result<(), BenchError> {
-        for round in 0..repeats {
-            for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-                if side == 0 {
-                    let raw = RawSled::open(&db_dir)?;
-                    let t = Instant::now();
-                    let (n, b) = raw_scan(&raw.db, &runs)?;
-                    raw_rates.push(n as f64 / t.elapsed().as_secs_f64());
-                    (scanned, bytes) = (n, b);
-                } else {
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db_unverified(store.as_ref(), &runs))?;
-                    plain_rates.push(n as f64 / secs);
-                    folded_plain = n;
-                    drop(store);
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db(store.as_ref(), &runs))?;
-                    verified_rates.push(n as f64 / secs);
-                    folded = n;
-                    drop(store);
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db_one_thread(store.as_ref(), &runs))?;
-                    one_thread_rates.push(n as f64 / secs);
-                    folded_one = n;
-                }
-            }
-        }
-        Ok(())
-    })?;
+    let r = tokio::task::block_in_place(|| replay_rounds(dir.as_path(), &runs, repeats))?;
+    replay_figures(r, runs.len(), plan, repeats, &export)
+}
+
+/// The replay section's figures from its rounds and a timed fold of the export.
+fn replay_figures(
+    r: ReplayRounds,
+    runs: usize,
+    plan: &Sizes,
+    repeats: usize,
+    export: &Path,
+) -> Result<Vec<Figure>, BenchError> {
+    let ReplayRounds {
+        raw: raw_rates,
+        plain: plain_rates,
+        verified: verified_rates,
+        one_thread: one_thread_rates,
+        scanned,
+        bytes,
+        folded,
+        folded_plain,
+        folded_one,
+    } = r;
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -1770,15 +1732,15 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Benc
     let db_per_s = med(&verified_rates);
     let plain_ratio = pair(&plain_rates, &raw_rates);
     let verified_ratio = pair(&verified_rates, &raw_rates);
-    let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(&export)))?;
-    let export_bytes = std::fs::metadata(&export).map(|m| m.len()).unwrap_or(0);
+    let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(export)))?;
+    let export_bytes = std::fs::metadata(export).map(|m| m.len()).unwrap_or(0);
     if folded != scanned || folded_jsonl != scanned || folded_plain != scanned || folded_one != scanned {
         return Err(BenchError::Invalid(format!(
             "replay: raw scan saw {scanned} records, the db fold {folded}, the export fold {folded_jsonl}"
         )));
     }
     let jsonl_per_s = folded_jsonl as f64 / jsonl_s;
-    let common = json!({"events": scanned, "runs": runs.len(), "tasks_per_run": plan.replay_tasks, "record_bytes_mean": bytes / scanned.max(1), "repeats": repeats});
+    let common = json!({"events": scanned, "runs": runs, "tasks_per_run": plan.replay_tasks, "record_bytes_mean": bytes / scanned.max(1), "repeats": repeats});
     let mut db = Figure::new(
         "replay",
         "replay.db",
@@ -1787,7 +1749,7 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Benc
         "/s",
     )
     .floor(raw_per_s, "raw sled scan of the same records, run by run (one thread)")
-    .extra(json!({"events": scanned, "runs": runs.len(), "tasks_per_run": plan.replay_tasks, "rounds": repeats, "per_s_samples": plain_rates.iter().map(|r| r.round()).collect::<Vec<_>>(), "raw_per_s_samples": raw_rates.iter().map(|r| r.round()).collect::<Vec<_>>()}));
+    .extra(json!({"events": scanned, "runs": runs, "tasks_per_run": plan.replay_tasks, "rounds": repeats, "per_s_samples": plain_rates.iter().map(|r| r.round()).collect::<Vec<_>>(), "raw_per_s_samples": raw_rates.iter().map(|r| r.round()).collect::<Vec<_>>()}));
     db.ratio = Some(plain_ratio);
     let db_ratio = plain_ratio;
     let mut verified = Figure::new(
@@ -1826,4 +1788,99 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Benc
         .target(">= 200,000 events/s per core", jsonl_per_s >= 200_000.0)
         .extra(json!({"export_bytes": export_bytes, "events": folded_jsonl})),
     ])
+}
+
+/// The replay section's database (runs of `plan.replay_tasks` tasks, worked to the end)
+/// and its JSONL export (`export.jsonl`), in `dir`; neither is timed. Returns the runs.
+async fn replay_setup(dir: &Path, plan: &Sizes) -> Result<Vec<RunId>, BenchError> {
+    let store = open_store(dir, Durability::None)?;
+    let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
+    submit_all(&engine, plan.replay_runs).await?;
+    engine.run_until_idle().await?;
+    drop(engine);
+    store.flush()?;
+    let mut runs = store.runs()?;
+    runs.sort();
+    // The export (not timed).
+    let path = dir.join("export.jsonl");
+    let file = std::fs::File::create(&path).map_err(|e| BenchError::io(&path, e))?;
+    let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
+    for &run in &runs {
+        w.write_run(store.as_ref(), run)?;
+    }
+    w.finish()?.flush().map_err(|e| BenchError::io(&path, e))?;
+    Ok(runs)
+}
+
+/// The replay section's timings: each a list of events/s, one per round.
+struct ReplayRounds {
+    /// Raw sled scans.
+    raw: Vec<f64>,
+    /// Folds from the db without resume's checks.
+    plain: Vec<f64>,
+    /// Folds from the db with every check of resume.
+    verified: Vec<f64>,
+    /// Folds from the db on one thread.
+    one_thread: Vec<f64>,
+    /// Records the raw scan saw, and their bytes.
+    scanned: u64,
+    bytes: u64,
+    /// Events each fold folded (all must equal `scanned`).
+    folded: u64,
+    folded_plain: u64,
+    folded_one: u64,
+}
+
+/// Rounds of: a raw scan and the two folds, each on a freshly opened database (opened
+/// outside the timing: sled's cache is cold, the OS page cache warm, as for `keel replay`),
+/// raw first or last in turn. Values are medians, ratios the medians of the per-round
+/// ratios (the disk is shared).
+fn replay_rounds(dir: &Path, runs: &[RunId], repeats: usize) -> Result<ReplayRounds, BenchError> {
+    let db_dir = dir.join("db");
+    let time = |f: &mut dyn FnMut() -> Result<u64, BenchError>| -> Result<(u64, f64), BenchError> {
+        let t = Instant::now();
+        let n = f()?;
+        Ok((n, t.elapsed().as_secs_f64()))
+    };
+    let (mut raw_rates, mut plain_rates, mut verified_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut one_thread_rates = Vec::new();
+    let (mut scanned, mut bytes, mut folded, mut folded_plain) = (0u64, 0u64, 0u64, 0u64);
+    let mut folded_one = 0u64;
+    for round in 0..repeats {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                let raw = RawSled::open(&db_dir)?;
+                let t = Instant::now();
+                let (n, b) = raw_scan(&raw.db, runs)?;
+                raw_rates.push(n as f64 / t.elapsed().as_secs_f64());
+                (scanned, bytes) = (n, b);
+            } else {
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db_unverified(store.as_ref(), runs))?;
+                plain_rates.push(n as f64 / secs);
+                folded_plain = n;
+                drop(store);
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db(store.as_ref(), runs))?;
+                verified_rates.push(n as f64 / secs);
+                folded = n;
+                drop(store);
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db_one_thread(store.as_ref(), runs))?;
+                one_thread_rates.push(n as f64 / secs);
+                folded_one = n;
+            }
+        }
+    }
+    Ok(ReplayRounds {
+        raw: raw_rates,
+        plain: plain_rates,
+        verified: verified_rates,
+        one_thread: one_thread_rates,
+        scanned,
+        bytes,
+        folded,
+        folded_plain,
+        folded_one,
+    })
 }

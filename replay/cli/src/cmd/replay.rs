@@ -6,7 +6,7 @@ use crate::output::{print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
 use crate::Registry;
 use clap::Args;
-use keel_engine::Logged;
+use keel_engine::{Logged, RunId};
 use keel_replay::check::{check_run, CheckOptions, CheckReport};
 use keel_replay::error::ReplayError;
 use keel_replay::format::{event_line, rfc3339};
@@ -95,26 +95,7 @@ pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
         return Err(ReplayError::SeqOutOfRange { run: loaded.run, seq: until, last: replay.last_seq() }.into());
     }
     if a.step {
-        let mut cursor = replay.cursor();
-        let mut steps = Vec::new();
-        while let Some((e, s)) = cursor.forward()? {
-            if a.json {
-                steps.push(views::step_json(e, s));
-            } else {
-                let tasks: Vec<String> = s.tasks.iter().map(|t| format!("{}={}", t.spec.id, t.status.name())).collect();
-                println!("{:>4}  {}  {:<68}  run={}", e.seq.0, rfc3339(e.at_us), event_line(&e.event), s.status.name());
-                if !tasks.is_empty() {
-                    println!("      tasks: {}", tasks.join(" "));
-                }
-            }
-            if e.seq.0 >= until {
-                break;
-            }
-        }
-        if a.json {
-            print_json(&json!({ "run": loaded.run.to_string(), "until": until, "steps": steps }))?;
-        }
-        return Ok(ExitCode::SUCCESS);
+        return print_steps(&replay, loaded.run, until, a.json);
     }
     let state = replay.state_at(until)?;
     let at = replay.events().get(usize::try_from(until).unwrap_or(usize::MAX));
@@ -131,6 +112,30 @@ pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
             println!("after seq {} of {} ({}): {}", until, replay.last_seq(), rfc3339(e.at_us), event_line(&e.event));
         }
         print!("{}", views::state_text(&state));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--step`: each event up to `until` with the run and task states after it.
+fn print_steps(replay: &Replay, run: RunId, until: u64, as_json: bool) -> CmdResult {
+    let mut cursor = replay.cursor();
+    let mut steps = Vec::new();
+    while let Some((e, s)) = cursor.forward()? {
+        if as_json {
+            steps.push(views::step_json(e, s));
+        } else {
+            let tasks: Vec<String> = s.tasks.iter().map(|t| format!("{}={}", t.spec.id, t.status.name())).collect();
+            println!("{:>4}  {}  {:<68}  run={}", e.seq.0, rfc3339(e.at_us), event_line(&e.event), s.status.name());
+            if !tasks.is_empty() {
+                println!("      tasks: {}", tasks.join(" "));
+            }
+        }
+        if e.seq.0 >= until {
+            break;
+        }
+    }
+    if as_json {
+        print_json(&json!({ "run": run.to_string(), "until": until, "steps": steps }))?;
     }
     Ok(ExitCode::SUCCESS)
 }
