@@ -7,8 +7,8 @@
 //! divergence found by `replay --check` and a verification that fails), 2 usage.
 //!
 //! This file parses the command line, dispatches to `cmd/<command>.rs`, and turns a
-//! command's failure into one line and an exit code (src/main.rs only calls it). Adding a command: one module in
-//! `cmd/`, one variant of [`Cmd`] and one arm in [`run`].
+//! command's failure into one line and an exit code (src/main.rs only calls it). Adding a
+//! command: one module in `cmd/`, one variant of `Cmd` and one arm in `run`.
 
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
