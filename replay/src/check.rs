@@ -55,8 +55,11 @@ pub enum EventClass {
 /// The first recorded event the current code would not have produced.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Divergence {
+    /// The run (id).
     pub run: String,
+    /// Seq of the recorded event that diverges.
     pub seq: u64,
+    /// Whether the core decided it, answered a call, or it came from outside.
     pub class: EventClass,
     /// Kind of the recorded event.
     pub kind: String,
@@ -106,17 +109,24 @@ impl Divergence {
 /// What a check of one run found.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CheckReport {
+    /// The run checked (id).
     pub run: String,
+    /// Its workflow type.
     pub workflow: String,
+    /// Events in its history.
     pub events: u64,
+    /// Events `decide` produced (each compared).
     pub decisions: u64,
+    /// Answers to calls the core asked for (each checked to answer a call it asked for).
     pub outcomes: u64,
+    /// Events that came from outside (a request, a human, a cancellation).
     pub externals: u64,
     /// `None`: the run replays exactly under the current code.
     pub divergence: Option<Divergence>,
 }
 
 impl CheckReport {
+    /// Whether the run replays exactly under the current code.
     pub fn ok(&self) -> bool {
         self.divergence.is_none()
     }
@@ -202,7 +212,7 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
     // the batch's events arrive; a decision that is not among them is checked against
     // what `decide` says on the state just before it (a new batch).
     let mut batch: Vec<Event> = Vec::new();
-    for e in &events[1..] {
+    for e in events.iter().skip(1) {
         let mut cmds = decide(&state, &ctx);
         let class = classify(&state, &e.event);
         match class {
@@ -261,79 +271,94 @@ fn records(cmds: &[Command]) -> impl Iterator<Item = &Event> {
 
 /// Does `event` fit what `decide` returned? Err: why not.
 fn fits(state: &RunState, ctx: &Context, cmds: &[Command], class: EventClass, event: &Event) -> Result<(), String> {
-    let recorded_decision = records(cmds).any(|d| d == event);
-    let has = |want: &Command| cmds.iter().any(|c| c == want);
     match class {
         EventClass::External => Ok(()),
-        EventClass::Decision => {
-            if recorded_decision {
-                return Ok(());
+        EventClass::Decision => fits_decision(cmds, event),
+        EventClass::Outcome => fits_outcome(state, ctx, cmds, event),
+    }
+}
+
+/// A recorded decision fits when `decide` returned the same record.
+fn fits_decision(cmds: &[Command], event: &Event) -> Result<(), String> {
+    let recorded_decision = records(cmds).any(|d| d == event);
+    if recorded_decision {
+        return Ok(());
+    }
+    let same_kind: Vec<String> = records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
+    if same_kind.is_empty() {
+        Err(format!("the current code does not decide {} here", event.kind_name()))
+    } else {
+        Err(format!("the current code decides a different {}: {}", event.kind_name(), same_kind.join(" | ")))
+    }
+}
+
+/// A recorded outcome fits when `decide` asked for the call it answers (and a plan still
+/// validates).
+fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event) -> Result<(), String> {
+    let recorded_decision = records(cmds).any(|d| d == event);
+    let has = |want: &Command| cmds.iter().any(|c| c == want);
+    match event {
+        Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
+            if !has(&Command::Plan { revision: *revision }) {
+                return Err(format!("the current code does not ask the planner for revision {revision} here"));
             }
-            let same_kind: Vec<String> =
-                records(cmds).filter(|d| d.kind_name() == event.kind_name()).map(event_line).collect();
-            if same_kind.is_empty() {
-                Err(format!("the current code does not decide {} here", event.kind_name()))
+            fits_plan(state, ctx, plan, event)
+        }
+        Event::PlanRejected { revision, .. } => {
+            if has(&Command::Plan { revision: *revision }) {
+                Ok(())
             } else {
-                Err(format!("the current code decides a different {}: {}", event.kind_name(), same_kind.join(" | ")))
+                Err(format!("the current code does not ask the planner for revision {revision} here"))
             }
         }
-        EventClass::Outcome => match event {
-            Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
-                if !has(&Command::Plan { revision: *revision }) {
-                    return Err(format!("the current code does not ask the planner for revision {revision} here"));
-                }
-                let errors = validate_plan(plan, state, ctx);
-                if !errors.is_empty() {
-                    return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
-                }
-                if let Event::Replanned { carried_over, superseded, .. } = event {
-                    let (c, s) = replan_outcome(state, plan);
-                    if *carried_over != c || *superseded != s {
-                        return Err(format!(
-                            "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
-                        ));
-                    }
-                }
+        Event::TaskExecuted { task, attempt, .. } => {
+            if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
                 Ok(())
+            } else {
+                Err(format!("the current code does not execute {task} attempt {attempt} here"))
             }
-            Event::PlanRejected { revision, .. } => {
-                if has(&Command::Plan { revision: *revision }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not ask the planner for revision {revision} here"))
-                }
+        }
+        Event::TaskFailed { task, attempt, .. } => {
+            let exec = Command::Execute { task: task.clone(), attempt: *attempt };
+            let eval = Command::Evaluate { task: task.clone(), attempt: *attempt };
+            if has(&exec) || has(&eval) || recorded_decision {
+                Ok(())
+            } else {
+                Err(format!("the current code neither executes nor evaluates {task} attempt {attempt} here"))
             }
-            Event::TaskExecuted { task, attempt, .. } => {
-                if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not execute {task} attempt {attempt} here"))
-                }
+        }
+        Event::TaskEvaluated { task, attempt, .. } => {
+            if has(&Command::Evaluate { task: task.clone(), attempt: *attempt }) {
+                Ok(())
+            } else {
+                Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
             }
-            Event::TaskFailed { task, attempt, .. } => {
-                let exec = Command::Execute { task: task.clone(), attempt: *attempt };
-                let eval = Command::Evaluate { task: task.clone(), attempt: *attempt };
-                if has(&exec) || has(&eval) || recorded_decision {
-                    Ok(())
-                } else {
-                    Err(format!("the current code neither executes nor evaluates {task} attempt {attempt} here"))
-                }
+        }
+        Event::EscalationNotified { number } => {
+            if has(&Command::Notify { number: *number }) {
+                Ok(())
+            } else {
+                Err(format!("the current code does not notify escalation {number} here"))
             }
-            Event::TaskEvaluated { task, attempt, .. } => {
-                if has(&Command::Evaluate { task: task.clone(), attempt: *attempt }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
-                }
-            }
-            Event::EscalationNotified { number } => {
-                if has(&Command::Notify { number: *number }) {
-                    Ok(())
-                } else {
-                    Err(format!("the current code does not notify escalation {number} here"))
-                }
-            }
-            other => Err(format!("{} is not an outcome", other.kind_name())),
-        },
+        }
+        other => Err(format!("{} is not an outcome", other.kind_name())),
     }
+}
+
+/// A recorded plan (or replan) still validates, and a replan carries over and supersedes
+/// what `replan_outcome` says.
+fn fits_plan(state: &RunState, ctx: &Context, plan: &keel_engine::Plan, event: &Event) -> Result<(), String> {
+    let errors = validate_plan(plan, state, ctx);
+    if !errors.is_empty() {
+        return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
+    }
+    if let Event::Replanned { carried_over, superseded, .. } = event {
+        let (c, s) = replan_outcome(state, plan);
+        if *carried_over != c || *superseded != s {
+            return Err(format!(
+                "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -36,26 +36,40 @@ pub fn same_step(a: &Event, b: &Event) -> bool {
 /// One side of a diff.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RunSide {
+    /// The run (id).
     pub run: String,
+    /// Its workflow type.
     pub workflow: String,
+    /// Its final status.
     pub status: String,
+    /// Whether it finished with a partial result.
     pub partial: bool,
+    /// Events in its history.
     pub events: u64,
+    /// Cost spent, in micro-units.
     pub cost_micros: u64,
+    /// Tokens used.
     pub tokens: u64,
+    /// LLM calls made.
     pub llm_calls: u64,
+    /// Tool calls made.
     pub tool_calls: u64,
+    /// Retries scheduled.
     pub retries: u64,
+    /// Replans made.
     pub replans: u64,
+    /// Escalations raised.
     pub escalations: u64,
     /// Event count per kind.
     pub kinds: BTreeMap<String, u64>,
     /// Final status of each task of the final plan.
     pub tasks: BTreeMap<String, String>,
+    /// Why it failed, if it did.
     pub failure: Option<String>,
 }
 
 impl RunSide {
+    /// The side of a diff for a run's history and its final state.
     pub fn of(events: &[Logged], state: &RunState) -> RunSide {
         let mut kinds = BTreeMap::new();
         for e in events {
@@ -84,14 +98,18 @@ impl RunSide {
 /// Where two histories first differ.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FirstDifference {
+    /// The first seq at which the two histories differ.
     pub seq: u64,
     /// The event of run A at that seq (`{"kind","payload"}`), None if A ended before.
     pub a: Option<Value>,
+    /// The event of run B at that seq, None if B ended before.
     pub b: Option<Value>,
     /// Payload fields that differ (when both have an event of the same kind).
     pub fields: Vec<String>,
+    /// Run A's event as one line of text (for the text report).
     #[serde(skip)]
     pub a_line: Option<String>,
+    /// Run B's event as one line of text (for the text report).
     #[serde(skip)]
     pub b_line: Option<String>,
 }
@@ -99,25 +117,34 @@ pub struct FirstDifference {
 /// A task whose final status differs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TaskDifference {
+    /// The task id.
     pub task: String,
+    /// Its final status in run A (None: A's final plan has no such task).
     pub a: Option<String>,
+    /// Its final status in run B (None: B's final plan has no such task).
     pub b: Option<String>,
 }
 
 /// The diff of two runs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Diff {
+    /// Run A.
     pub a: RunSide,
+    /// Run B.
     pub b: RunSide,
     /// Events equal (by content) from seq 0 up to, not including, this seq.
     pub common_prefix: u64,
+    /// Whether the histories are equal event for event (by content).
     pub identical: bool,
+    /// Where they first differ (None when identical).
     pub first_difference: Option<FirstDifference>,
     /// b - a, per kind (kinds with a non-zero delta).
     pub kinds_delta: BTreeMap<String, i64>,
+    /// Tasks of the final plans whose final status differs.
     pub tasks_differing: Vec<TaskDifference>,
     /// b's cost minus a's, in micro-units.
     pub cost_delta_micros: i64,
+    /// b's tokens minus a's.
     pub tokens_delta: i64,
 }
 

@@ -14,15 +14,26 @@ use std::path::PathBuf;
 pub enum ReplayError {
     /// sled holds a lock per database directory: only one process may open it.
     #[error("database {} is in use by another process (close it or copy the directory)", path.display())]
-    DbLocked { path: PathBuf },
+    DbLocked {
+        /// The database directory.
+        path: PathBuf,
+    },
 
     /// No keel database at the path.
     #[error("no keel database at {} (run `keel demo` to create one, or pass --db DIR)", path.display())]
-    DbNotFound { path: PathBuf },
+    DbNotFound {
+        /// The path asked for.
+        path: PathBuf,
+    },
 
     /// The path exists but is not a keel database.
     #[error("{} is not a keel database: {reason}", path.display())]
-    NotADb { path: PathBuf, reason: String },
+    NotADb {
+        /// The path asked for.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// No run with that id (or id prefix).
     #[error("unknown run {0}")]
@@ -30,38 +41,90 @@ pub enum ReplayError {
 
     /// A run id prefix that matches more than one run.
     #[error("run prefix {prefix} is ambiguous: it matches {count} runs ({examples})")]
-    AmbiguousRun { prefix: String, count: usize, examples: String },
+    AmbiguousRun {
+        /// The prefix given.
+        prefix: String,
+        /// How many runs it matches.
+        count: usize,
+        /// A few of them, comma-separated.
+        examples: String,
+    },
 
     /// An export file line that cannot be used.
     #[error("{}: line {line}: {reason}", path.display())]
-    Export { path: PathBuf, line: u64, reason: String },
+    Export {
+        /// The export file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: u64,
+        /// What is wrong with the line.
+        reason: String,
+    },
 
     /// The event's field was redacted in the export: it cannot be rebuilt or replayed.
     #[error("run {run} seq {seq}: field {kind}.{field} is redacted, so this event cannot be replayed (`keel verify` still checks it)")]
-    Redacted { run: RunId, seq: u64, kind: String, field: String },
+    Redacted {
+        /// The run.
+        run: RunId,
+        /// The event's seq.
+        seq: u64,
+        /// The event kind.
+        kind: String,
+        /// The redacted payload field.
+        field: String,
+    },
 
     /// The current code's state machine refuses a recorded event.
     #[error("run {run} seq {seq}: the state machine refuses the recorded {kind}: {source}")]
-    Fold { run: RunId, seq: u64, kind: String, source: TransitionError },
+    Fold {
+        /// The run.
+        run: RunId,
+        /// The refused event's seq.
+        seq: u64,
+        /// The refused event's kind.
+        kind: String,
+        /// Why the state machine refuses it.
+        source: TransitionError,
+    },
 
     /// A sequence number past the end of a run.
     #[error("run {run} has no seq {seq} (its last seq is {last})")]
-    SeqOutOfRange { run: RunId, seq: u64, last: u64 },
+    SeqOutOfRange {
+        /// The run.
+        run: RunId,
+        /// The seq asked for.
+        seq: u64,
+        /// The run's last seq.
+        last: u64,
+    },
 
     /// A `--policy` setting that does not apply.
     #[error("invalid policy setting {setting:?}: {reason}")]
-    Policy { setting: String, reason: String },
+    Policy {
+        /// The `KEY=VALUE` setting given.
+        setting: String,
+        /// Why it does not apply.
+        reason: String,
+    },
 
     /// Anything else the caller asked for that cannot be done, with why.
     #[error("{0}")]
     Invalid(String),
 
+    /// Reading or writing a file (an export, a report) failed.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        /// The file (or `<export output>` for a writer's output).
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 
+    /// The event log failed (reading a run, a corrupt record).
     #[error(transparent)]
     Store(#[from] StoreError),
 
+    /// The engine failed (loading a state, a fork's engine).
     #[error(transparent)]
     Engine(#[from] EngineError),
 }

@@ -46,6 +46,7 @@ impl Redaction {
         Ok(Redaction { rules })
     }
 
+    /// Whether no field is redacted.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
@@ -140,8 +141,11 @@ struct RecordLine<'a> {
 /// What was exported of one run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunExported {
+    /// The run (id).
     pub run: String,
+    /// Records written.
     pub records: u64,
+    /// The run's head hash (hex): the hash of its last record.
     pub head: String,
 }
 
@@ -186,6 +190,7 @@ impl<W: Write> JsonlWriter<W> {
         Ok(RunExported { run: run.to_string(), records: n, head: hex32(&head) })
     }
 
+    /// Flushes the output and returns it.
     pub fn finish(mut self) -> Result<W, ReplayError> {
         self.out.flush().map_err(|e| ReplayError::io("<export output>", e))?;
         Ok(self.out)
@@ -248,6 +253,7 @@ pub struct CsvWriter<W: Write> {
 }
 
 impl<W: Write> CsvWriter<W> {
+    /// A CSV writer with its header row written.
     pub fn new(out: W, redaction: Redaction) -> Result<Self, ReplayError> {
         let mut out = csv::Writer::from_writer(out);
         out.write_record(CSV_COLUMNS).map_err(csv_err)?;
@@ -289,6 +295,7 @@ impl<W: Write> CsvWriter<W> {
         self.out.write_record(&row).map_err(csv_err)
     }
 
+    /// Flushes the output.
     pub fn finish(mut self) -> Result<(), ReplayError> {
         self.out.flush().map_err(|e| ReplayError::io("<export output>", e))
     }

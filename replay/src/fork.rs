@@ -75,11 +75,17 @@ impl std::fmt::Debug for ForkConfig {
 /// One side's totals in a fork report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ForkSide {
+    /// The run (id).
     pub run: String,
+    /// Events in its history.
     pub events: u64,
+    /// Its final status.
     pub status: String,
+    /// Whether it finished with a partial result.
     pub partial: bool,
+    /// Cost spent, in micro-units.
     pub cost_micros: u64,
+    /// Tokens used.
     pub tokens: u64,
 }
 
@@ -99,14 +105,20 @@ impl ForkSide {
 /// An event of one side that the other side does not have.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkEvent {
+    /// Seq of the event.
     pub seq: u64,
+    /// Whether the core decided it, answered a call, or it came from outside.
     pub class: EventClass,
+    /// Kind of the event.
     pub kind: String,
+    /// The event as JSON (`{"kind","payload"}`).
     pub event: Value,
     /// What the other run recorded at the same seq, if anything.
     pub other_at_seq: Option<Value>,
+    /// The event as one line of text (for the text report).
     #[serde(skip)]
     pub line: String,
+    /// What the other run recorded at the same seq, as one line of text.
     #[serde(skip)]
     pub other_line: Option<String>,
 }
@@ -127,9 +139,13 @@ pub struct CallCounts {
 /// What a fork did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForkReport {
+    /// The run forked.
     pub source: ForkSide,
+    /// The fork.
     pub fork: ForkSide,
+    /// The fork copies the source's history up to and including this seq.
     pub at_seq: u64,
+    /// The policy the fork ran with (JSON).
     pub policy: Value,
     /// The fork's events after `at_seq` equal the source's (as a set: effects may finish
     /// in another order).
@@ -142,6 +158,7 @@ pub struct ForkReport {
     pub first_source_only_event: Option<ForkEvent>,
     /// fork cost − source cost, micro-units.
     pub cost_delta_micros: i64,
+    /// Calls the fork answered from the recording and calls it made live.
     pub calls: CallCounts,
 }
 
@@ -191,9 +208,13 @@ impl std::fmt::Display for ForkReport {
 
 /// A fork's result: the report, the fork's events, and the private store it lives in.
 pub struct Forked {
+    /// What the fork did.
     pub report: ForkReport,
+    /// The fork's whole history.
     pub events: Vec<Logged>,
+    /// The private in-memory store the fork lives in (see [`save_run`] to keep it).
     pub store: Arc<MemStore>,
+    /// The fork's run id.
     pub run: RunId,
 }
 
@@ -231,6 +252,77 @@ fn eval_key(task: &keel_engine::TaskId, attempt: u32, output: &keel_engine::Json
     serde_json::to_string(&(&task.0, attempt, output)).unwrap_or_default()
 }
 
+impl Answers {
+    /// A planner's answer (a plan, or its refusal), keyed by revision and reason.
+    fn note_plan(&mut self, s: &RunState, event: &Event) {
+        let a = self;
+        match event {
+            Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
+                if let Some(reason) = &s.planning_reason {
+                    a.plans.insert(plan_key(*revision, reason), Ok(plan.clone()));
+                }
+            }
+            Event::PlanRejected { revision, errors, plan } => {
+                if let Some(reason) = &s.planning_reason {
+                    let answer = match plan {
+                        Some(p) => Ok(p.clone()),
+                        None => Err(errors
+                            .iter()
+                            .map(|x| x.strip_prefix("planner: ").unwrap_or(x))
+                            .collect::<Vec<_>>()
+                            .join("; ")),
+                    };
+                    a.plans.insert(plan_key(*revision, reason), answer);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A handler's or the evaluator's answer for a task attempt, as recorded in `s`
+    /// (the state before the answer).
+    fn note_task(&mut self, s: &RunState, event: &Event, after_fork: bool) {
+        let a = self;
+        let task_of = |id: &keel_engine::TaskId| s.task_index.get(id).and_then(|&i| s.tasks.get(i));
+        match event {
+            Event::TaskExecuted { task, attempt, output, usage, .. } => {
+                if let Some(t) = task_of(task).filter(|t| t.status == TaskStatus::Dispatched) {
+                    if let (Some(input), Ok(value)) = (&t.input, output.value()) {
+                        let answer = Ok(TaskOutput { output: value, usage: *usage });
+                        push_task(a, task_key(task, *attempt, &t.spec.handler, input), answer, after_fork);
+                    }
+                }
+            }
+            Event::TaskFailed { task, attempt, class, error, usage } => match task_of(task) {
+                Some(t) if t.status == TaskStatus::Dispatched => {
+                    if let Some(input) = &t.input {
+                        let answer = Err(HandlerError { class: *class, message: error.clone(), usage: *usage });
+                        push_task(a, task_key(task, *attempt, &t.spec.handler, input), answer, after_fork);
+                    }
+                }
+                Some(t) if t.status == TaskStatus::Executed => {
+                    if let (Some(msg), Some(output)) = (error.strip_prefix("evaluator: "), &t.output) {
+                        let answer = Err(HandlerError { class: *class, message: msg.to_owned(), usage: *usage });
+                        a.evals.insert(eval_key(task, *attempt, output), answer);
+                    }
+                }
+                _ => {}
+            },
+            Event::TaskEvaluated { task, attempt, verdict, notes, usage, .. } => {
+                if let Some(t) =
+                    task_of(task).filter(|t| t.status == TaskStatus::Executed && t.spec.success_criteria.is_some())
+                {
+                    if let Some(output) = &t.output {
+                        let answer = Ok(Evaluation { verdict: *verdict, notes: notes.clone(), usage: *usage });
+                        a.evals.insert(eval_key(task, *attempt, output), answer);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Recording {
     /// Indexes the answers of the source run. Answers recorded at or before `at` are kept
     /// only as the "last answer" fallback of their call.
@@ -239,63 +331,8 @@ impl Recording {
         let mut state: Option<RunState> = None;
         for e in source {
             if let Some(s) = &state {
-                let after_fork = e.seq.0 > at;
-                let task_of = |id: &keel_engine::TaskId| s.task_index.get(id).and_then(|&i| s.tasks.get(i));
-                match &e.event {
-                    Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {
-                        if let Some(reason) = &s.planning_reason {
-                            a.plans.insert(plan_key(*revision, reason), Ok(plan.clone()));
-                        }
-                    }
-                    Event::PlanRejected { revision, errors, plan } => {
-                        if let Some(reason) = &s.planning_reason {
-                            let answer = match plan {
-                                Some(p) => Ok(p.clone()),
-                                None => Err(errors
-                                    .iter()
-                                    .map(|x| x.strip_prefix("planner: ").unwrap_or(x))
-                                    .collect::<Vec<_>>()
-                                    .join("; ")),
-                            };
-                            a.plans.insert(plan_key(*revision, reason), answer);
-                        }
-                    }
-                    Event::TaskExecuted { task, attempt, output, usage, .. } => {
-                        if let Some(t) = task_of(task).filter(|t| t.status == TaskStatus::Dispatched) {
-                            if let (Some(input), Ok(value)) = (&t.input, output.value()) {
-                                let answer = Ok(TaskOutput { output: value, usage: *usage });
-                                push_task(&mut a, task_key(task, *attempt, &t.spec.handler, input), answer, after_fork);
-                            }
-                        }
-                    }
-                    Event::TaskFailed { task, attempt, class, error, usage } => match task_of(task) {
-                        Some(t) if t.status == TaskStatus::Dispatched => {
-                            if let Some(input) = &t.input {
-                                let answer = Err(HandlerError { class: *class, message: error.clone(), usage: *usage });
-                                push_task(&mut a, task_key(task, *attempt, &t.spec.handler, input), answer, after_fork);
-                            }
-                        }
-                        Some(t) if t.status == TaskStatus::Executed => {
-                            if let (Some(msg), Some(output)) = (error.strip_prefix("evaluator: "), &t.output) {
-                                let answer =
-                                    Err(HandlerError { class: *class, message: msg.to_owned(), usage: *usage });
-                                a.evals.insert(eval_key(task, *attempt, output), answer);
-                            }
-                        }
-                        _ => {}
-                    },
-                    Event::TaskEvaluated { task, attempt, verdict, notes, usage, .. } => {
-                        if let Some(t) = task_of(task)
-                            .filter(|t| t.status == TaskStatus::Executed && t.spec.success_criteria.is_some())
-                        {
-                            if let Some(output) = &t.output {
-                                let answer = Ok(Evaluation { verdict: *verdict, notes: notes.clone(), usage: *usage });
-                                a.evals.insert(eval_key(task, *attempt, output), answer);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
+                a.note_plan(s, &e.event);
+                a.note_task(s, &e.event, e.seq.0 > at);
             }
             crate::timeline::step_mut(&mut state, e)?;
         }
@@ -533,6 +570,27 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
     append_events(store.as_ref(), &prefix)?;
 
     let rec = Arc::new(Recording::of(source, at)?);
+    let engine = fork_engine(store.clone(), source, &source_final, &cfg, rec.clone(), base_us)?;
+    let resolutions = replay_resolutions(&engine, run, source, cfg.replay_resolutions).await?;
+
+    let events = engine.events(run)?;
+    let fork_state = crate::timeline::Replay::new(events.clone())?.final_state().clone();
+    let mut calls = rec.counts();
+    calls.resolutions_replayed = resolutions;
+    let report = compare(source, &source_final, &events, &fork_state, at, &cfg.policy, calls);
+    Ok(Forked { report, events, store, run })
+}
+
+/// The fork's engine over `store`: the source's workflow type whose planner, evaluator
+/// and handlers answer from the recording first (live ones, if configured, otherwise).
+fn fork_engine(
+    store: Arc<MemStore>,
+    source: &[Logged],
+    source_final: &RunState,
+    cfg: &ForkConfig,
+    rec: Arc<Recording>,
+    base_us: i64,
+) -> Result<Engine, ReplayError> {
     let mut wf = match &cfg.workflow {
         Some(w) => w.clone(),
         None => WorkflowType::new(
@@ -570,13 +628,17 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
         let live = cfg.handlers.get(name).cloned();
         builder = builder.handler(name, Arc::new(RecordedHandler { name: name.clone(), rec: rec.clone(), live }));
     }
-    let engine = builder.open()?;
+    Ok(builder.open()?)
+}
 
+/// Drives the fork until idle, applying the source's human decisions to the same
+/// escalations (when `replay`), at most 64 of them. Returns how many it applied.
+async fn replay_resolutions(engine: &Engine, run: RunId, source: &[Logged], replay: bool) -> Result<u64, ReplayError> {
     let mut resolutions = 0u64;
     loop {
         engine.run_until_idle().await?;
         let state = engine.state(run)?;
-        if !cfg.replay_resolutions || state.status != RunStatus::AwaitingHuman {
+        if !replay || state.status != RunStatus::AwaitingHuman {
             break;
         }
         let Some(open) = state.escalations.iter().rev().find(|e| e.resolution.is_none()) else { break };
@@ -587,13 +649,7 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
             break;
         }
     }
-
-    let events = engine.events(run)?;
-    let fork_state = crate::timeline::Replay::new(events.clone())?.final_state().clone();
-    let mut calls = rec.counts();
-    calls.resolutions_replayed = resolutions;
-    let report = compare(source, &source_final, &events, &fork_state, at, &cfg.policy, calls);
-    Ok(Forked { report, events, store, run })
+    Ok(resolutions)
 }
 
 /// The source's human decision on an escalation equal to `esc`, if it made one.
@@ -632,22 +688,20 @@ fn compare(
         if (e.seq.0) <= at {
             continue;
         }
-        let found =
-            src_rest.iter().enumerate().find(|(i, s)| !matched[*i] && same_step(&s.event, &e.event)).map(|(i, _)| i);
+        let found = src_rest
+            .iter()
+            .enumerate()
+            .find(|(i, s)| unmatched(&matched, *i) && same_step(&s.event, &e.event))
+            .map(|(i, _)| i);
         match found {
-            Some(i) => matched[i] = true,
+            Some(i) => {
+                if let Some(m) = matched.get_mut(i) {
+                    *m = true;
+                }
+            }
             None => {
                 let class = before.as_ref().map(|s| classify(s, &e.event)).unwrap_or(EventClass::External);
-                let other = event_at(source, e.seq.0);
-                let fe = ForkEvent {
-                    seq: e.seq.0,
-                    class,
-                    kind: e.event.kind_name().to_owned(),
-                    event: event_json(&e.event),
-                    other_at_seq: other.map(event_json),
-                    line: event_line(&e.event),
-                    other_line: other.map(event_line),
-                };
+                let fe = ForkEvent::new(e, class, event_at(source, e.seq.0));
                 if first_event.is_none() {
                     first_event = Some(fe.clone());
                 }
@@ -657,22 +711,11 @@ fn compare(
             }
         }
     }
-    let first_source_only = src_rest.iter().enumerate().find(|(i, _)| !matched[*i]).map(|(_, s)| {
-        let other = event_at(fork, s.seq.0);
-        let mut st: Option<RunState> = None;
-        for e in source.iter().take(usize::try_from(s.seq.0).unwrap_or(0)) {
-            st = apply(st.as_ref(), e).ok().or(st);
-        }
-        ForkEvent {
-            seq: s.seq.0,
-            class: st.as_ref().map(|x| classify(x, &s.event)).unwrap_or(EventClass::External),
-            kind: s.event.kind_name().to_owned(),
-            event: event_json(&s.event),
-            other_at_seq: other.map(event_json),
-            line: event_line(&s.event),
-            other_line: other.map(event_line),
-        }
-    });
+    let first_source_only = src_rest
+        .iter()
+        .enumerate()
+        .find(|(i, _)| unmatched(&matched, *i))
+        .map(|(_, s)| source_only(source, s, event_at(fork, s.seq.0)));
     let src = ForkSide::of(source.len() as u64, source_final);
     let frk = ForkSide::of(fork.len() as u64, fork_final);
     let cost_delta = i64::try_from(frk.cost_micros)
@@ -690,4 +733,33 @@ fn compare(
         cost_delta_micros: cost_delta,
         calls,
     }
+}
+
+/// A source event the fork does not have, classified on the source's state before it.
+fn source_only(source: &[Logged], s: &Logged, other: Option<&Event>) -> ForkEvent {
+    let mut st: Option<RunState> = None;
+    for e in source.iter().take(usize::try_from(s.seq.0).unwrap_or(0)) {
+        st = apply(st.as_ref(), e).ok().or(st);
+    }
+    ForkEvent::new(s, st.as_ref().map(|x| classify(x, &s.event)).unwrap_or(EventClass::External), other)
+}
+
+impl ForkEvent {
+    /// `e` of one side, `other` what the other side recorded at the same seq.
+    fn new(e: &Logged, class: EventClass, other: Option<&Event>) -> ForkEvent {
+        ForkEvent {
+            seq: e.seq.0,
+            class,
+            kind: e.event.kind_name().to_owned(),
+            event: event_json(&e.event),
+            other_at_seq: other.map(event_json),
+            line: event_line(&e.event),
+            other_line: other.map(event_line),
+        }
+    }
+}
+
+/// Whether the source event `i` is not yet matched by a fork event.
+fn unmatched(matched: &[bool], i: usize) -> bool {
+    matched.get(i) == Some(&false)
 }

@@ -85,6 +85,7 @@ pub struct HtmlWriter<W: Write> {
 }
 
 impl<W: Write> HtmlWriter<W> {
+    /// A report writer: writes the page head with `title` and `subtitle` (escaped).
     pub fn new(mut out: W, redaction: Redaction, title: &str, subtitle: &str) -> Result<Self, ReplayError> {
         let head = format!(
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
@@ -105,6 +106,7 @@ impl<W: Write> HtmlWriter<W> {
         self.out.write_all(section.as_bytes()).map_err(|e| ReplayError::io("<html output>", e))
     }
 
+    /// Writes the page's end and returns the output.
     pub fn finish(mut self) -> Result<W, ReplayError> {
         let tail = format!(
             "</main><footer>keel {} · self-contained report: no scripts, no network · {} run(s)</footer></body></html>\n",
@@ -170,37 +172,88 @@ fn status_badge(name: &str) -> String {
 fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, ReplayError> {
     let replay = crate::timeline::Replay::new(events.to_vec())?;
     let s = replay.final_state();
-    let t0 = s.accepted_at_us;
-    let t1 = s.last_event_us.max(t0 + 1);
-    let hidden = |e: &Event| e.fields().keys().any(|f| red.applies(e.kind_name(), f));
-    let line_of = |e: &Event| {
-        if hidden(e) {
-            format!("{} (fields redacted)", e.kind_name())
-        } else {
-            event_line(e)
-        }
-    };
+    let when = Window { t0: s.accepted_at_us, t1: s.last_event_us.max(s.accepted_at_us + 1) };
+    let story = Story::of(events, red)?;
+    let mut h = String::new();
+    let _ = writeln!(h, "<section class=\"run\" id=\"run-{}\">", s.run);
+    render_summary(&mut h, s, events.len(), when.t0);
+    render_budget(&mut h, s, when.t0, sfx);
+    h.push_str(&render_dag(s, sfx, &story.superseded));
+    render_timeline(&mut h, s, &story, when, sfx);
+    h.push_str(&render_fsm(&story.transitions, &story.path, sfx));
+    render_escalations(&mut h, s, red, &story.resolved_at, when.t0, sfx);
+    render_events(&mut h, events, red, when.t0, sfx);
+    Ok(h)
+}
 
-    // Fold once more, collecting attempts, spans and the path through the run machine.
-    let mut attempts: Vec<Attempt> = Vec::new();
-    let mut open: BTreeMap<(String, u32), usize> = BTreeMap::new();
-    let mut spans: Vec<Span> = Vec::new();
-    let mut transitions: BTreeMap<(String, String, String), u64> = BTreeMap::new();
-    let mut path: Vec<(String, String)> = Vec::new(); // (status, via event kind)
-    let mut superseded: Vec<String> = Vec::new();
-    let mut resolved_at: BTreeMap<u32, i64> = BTreeMap::new();
-    let mut state: Option<RunState> = None;
-    for e in events {
-        let before = state.as_ref().map(|x| x.status);
-        crate::timeline::step_mut(&mut state, e)?;
-        let Some(next) = state.as_ref() else { continue };
-        let after = next.status;
-        let from = before.map(|b| b.name()).unwrap_or("start").to_owned();
-        *transitions.entry((from.clone(), after.name().to_owned(), e.event.kind_name().to_owned())).or_insert(0) += 1;
-        if before != Some(after) {
-            path.push((after.name().to_owned(), e.event.kind_name().to_owned()));
+/// The time a run's report spans: from acceptance to its last event (at least 1 µs).
+#[derive(Clone, Copy)]
+struct Window {
+    t0: i64,
+    t1: i64,
+}
+
+impl Window {
+    /// Where `us` falls in the window, in percent (for the timeline bars).
+    fn pos(self, us: i64) -> f64 {
+        let span_us = (self.t1 - self.t0).max(1) as f64;
+        ((us - self.t0) as f64 / span_us * 100.0).clamp(0.0, 100.0)
+    }
+}
+
+/// Whether the redaction hides any field of `e`.
+fn hidden(red: &Redaction, e: &Event) -> bool {
+    e.fields().keys().any(|f| red.applies(e.kind_name(), f))
+}
+
+/// What the report draws besides the final state, gathered in one more fold: every
+/// attempt, the run-level spans, the path through the run machine.
+#[derive(Default)]
+struct Story {
+    attempts: Vec<Attempt>,
+    /// Index in `attempts` of each (task, attempt).
+    open: BTreeMap<(String, u32), usize>,
+    spans: Vec<Span>,
+    /// (from status, to status, event kind) -> how often.
+    transitions: BTreeMap<(String, String, String), u64>,
+    /// (status, via event kind), each time the status changed.
+    path: Vec<(String, String)>,
+    superseded: Vec<String>,
+    /// When each escalation (by number) was resolved.
+    resolved_at: BTreeMap<u32, i64>,
+}
+
+impl Story {
+    fn of(events: &[Logged], red: &Redaction) -> Result<Story, ReplayError> {
+        let mut story = Story::default();
+        let mut state: Option<RunState> = None;
+        for e in events {
+            let before = state.as_ref().map(|x| x.status);
+            crate::timeline::step_mut(&mut state, e)?;
+            let Some(next) = state.as_ref() else { continue };
+            story.note_transition(before, next.status, e.event.kind_name());
+            story.observe_run(e);
+            story.observe_attempt(e, next, hidden(red, &e.event));
         }
-        let revision = next.revision.unwrap_or(0);
+        for sp in story.spans.iter_mut() {
+            if sp.end_us.is_none() && sp.class == "b-warn" {
+                sp.outcome = "waiting".into();
+            }
+        }
+        Ok(story)
+    }
+
+    fn note_transition(&mut self, before: Option<RunStatus>, after: RunStatus, kind: &str) {
+        let from = before.map(|b| b.name()).unwrap_or("start").to_owned();
+        *self.transitions.entry((from, after.name().to_owned(), kind.to_owned())).or_insert(0) += 1;
+        if before != Some(after) {
+            self.path.push((after.name().to_owned(), kind.to_owned()));
+        }
+    }
+
+    /// Planner and human spans, superseded tasks, resolution times.
+    fn observe_run(&mut self, e: &Logged) {
+        let (spans, superseded, resolved_at) = (&mut self.spans, &mut self.superseded, &mut self.resolved_at);
         match &e.event {
             Event::PlanRequested { revision, .. } | Event::ReplanRequested { revision, .. } => spans.push(Span {
                 label: format!("planner · revision {revision}"),
@@ -237,6 +290,15 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                     sp.outcome = decision.name().to_owned();
                 }
             }
+            _ => {}
+        }
+    }
+
+    /// The attempts of tasks: dispatch, answer, failure, evaluation.
+    fn observe_attempt(&mut self, e: &Logged, next: &RunState, hidden: bool) {
+        let revision = next.revision.unwrap_or(0);
+        let (attempts, open) = (&mut self.attempts, &mut self.open);
+        match &e.event {
             Event::TaskDispatched { task, attempt, model, .. } => {
                 let handler = next
                     .task_index
@@ -279,7 +341,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                     a.outcome = format!("{class:?}").to_lowercase();
                     a.cost += usage.cost_micros;
                     a.tokens += usage.tokens;
-                    a.note = Some(if hidden(&e.event) { "(redacted)".into() } else { error.clone() });
+                    a.note = Some(if hidden { "(redacted)".into() } else { error.clone() });
                 }
             }
             Event::TaskEvaluated { task, attempt, verdict, usage, notes, model } => {
@@ -288,7 +350,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                     a.verdict = Some(format!("{verdict:?}").to_lowercase());
                     a.cost += usage.cost_micros;
                     a.tokens += usage.tokens;
-                    if a.note.is_none() && !hidden(&e.event) && model.is_some() {
+                    if a.note.is_none() && !hidden && model.is_some() {
                         a.note = Some(notes.clone());
                     }
                 }
@@ -296,16 +358,10 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             _ => {}
         }
     }
-    for sp in spans.iter_mut() {
-        if sp.end_us.is_none() && sp.class == "b-warn" {
-            sp.outcome = "waiting".into();
-        }
-    }
+}
 
-    let mut h = String::new();
-    let _ = writeln!(h, "<section class=\"run\" id=\"run-{}\">", s.run);
-
-    // --- summary -----------------------------------------------------------------------
+/// The summary card: status, workflow, totals.
+fn render_summary(h: &mut String, s: &RunState, events: usize, t0: i64) {
     let _ = write!(
         h,
         "<div class=\"card\"><div class=\"runhead\"><span class=\"id\">run {}</span>{}{}<span class=\"muted\">workflow <b>{}</b> v{}</span></div>",
@@ -321,7 +377,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
 <div>cost<b>{}</b></div><div>tokens<b>{}</b></div><div>calls (llm / tool)<b>{} / {}</b></div><div>retries / replans<b>{} / {}</b></div></div>",
         esc(&short_time(t0)),
         esc(&rel(s.last_event_us, t0)),
-        events.len(),
+        events,
         s.revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
         micros_money(s.totals.cost_micros),
         s.totals.tokens,
@@ -334,8 +390,10 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
         let _ = write!(h, "<p class=\"muted\">failure: {}</p>", esc(f));
     }
     h.push_str("</div>\n");
+}
 
-    // --- budget ------------------------------------------------------------------------
+/// The budget card: used vs each limit of the run.
+fn render_budget(h: &mut String, s: &RunState, t0: i64, sfx: &str) {
     let _ = write!(h, "<div class=\"card\" id=\"budget{sfx}\"><h2>Budget use <span class=\"hint\">used vs the run's limits</span></h2><table><tr><th>budget</th><th class=\"num\">used</th><th class=\"num\">limit</th><th>share</th></tr>");
     let elapsed_ms = u64::try_from((s.last_event_us - t0).max(0) / 1000).unwrap_or(0);
     let rows: [(&str, keel_engine::BudgetKind, u64, Option<u64>); 7] = [
@@ -348,28 +406,7 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
         ("wall clock (ms)", keel_engine::BudgetKind::Deadline, elapsed_ms, s.budget.deadline_ms),
     ];
     for (label, kind, used, limit) in rows {
-        let exhausted = s.exhausted == Some(kind);
-        let (share, pct) = match limit {
-            Some(l) if l > 0 => {
-                let p = (used as f64 / l as f64 * 100.0).min(100.0);
-                (format!("{:.0}%", used as f64 / l as f64 * 100.0), p)
-            }
-            Some(_) => ("-".into(), if used > 0 { 100.0 } else { 0.0 }),
-            None => ("no limit".into(), 0.0),
-        };
-        let heat = if exhausted || pct >= 100.0 {
-            " hot"
-        } else if pct >= 75.0 {
-            " warm"
-        } else {
-            ""
-        };
-        let _ = write!(
-            h,
-            "<tr><td>{label}{}</td><td class=\"num\">{used}</td><td class=\"num\">{}</td><td><div style=\"display:flex;gap:10px;align-items:center\"><div class=\"meter{heat}\"><span style=\"width:{pct:.1}%\"></span></div><span class=\"muted\">{share}</span></div></td></tr>",
-            if exhausted { " <span class=\"badge s-Failed\">exhausted</span>" } else { "" },
-            limit.map(|l| l.to_string()).unwrap_or_else(|| "—".into())
-        );
+        budget_row(h, s, label, kind, used, limit);
     }
     let _ = writeln!(
         h,
@@ -379,13 +416,37 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             keel_engine::ExhaustionPolicy::Escalate => "escalates to a human",
         }
     );
+}
 
-    // --- DAG ---------------------------------------------------------------------------
-    h.push_str(&render_dag(s, sfx, &superseded));
+fn budget_row(h: &mut String, s: &RunState, label: &str, kind: keel_engine::BudgetKind, used: u64, limit: Option<u64>) {
+    let exhausted = s.exhausted == Some(kind);
+    let (share, pct) = match limit {
+        Some(l) if l > 0 => {
+            let p = (used as f64 / l as f64 * 100.0).min(100.0);
+            (format!("{:.0}%", used as f64 / l as f64 * 100.0), p)
+        }
+        Some(_) => ("-".into(), if used > 0 { 100.0 } else { 0.0 }),
+        None => ("no limit".into(), 0.0),
+    };
+    let heat = if exhausted || pct >= 100.0 {
+        " hot"
+    } else if pct >= 75.0 {
+        " warm"
+    } else {
+        ""
+    };
+    let _ = write!(
+        h,
+        "<tr><td>{label}{}</td><td class=\"num\">{used}</td><td class=\"num\">{}</td><td><div style=\"display:flex;gap:10px;align-items:center\"><div class=\"meter{heat}\"><span style=\"width:{pct:.1}%\"></span></div><span class=\"muted\">{share}</span></div></td></tr>",
+        if exhausted { " <span class=\"badge s-Failed\">exhausted</span>" } else { "" },
+        limit.map(|l| l.to_string()).unwrap_or_else(|| "—".into())
+    );
+}
 
-    // --- timeline ----------------------------------------------------------------------
-    let span_us = (t1 - t0).max(1) as f64;
-    let pos = |us: i64| ((us - t0) as f64 / span_us * 100.0).clamp(0.0, 100.0);
+/// The timeline card: run-level spans, then every attempt by plan revision, then the
+/// skipped tasks.
+fn render_timeline(h: &mut String, s: &RunState, story: &Story, when: Window, sfx: &str) {
+    let Window { t0, t1 } = when;
     let _ = write!(
         h,
         "<div class=\"card\" id=\"timeline{sfx}\"><h2>Timeline <span class=\"hint\">tasks and attempts, from acceptance ({}) to the last event ({})</span></h2>\
@@ -393,9 +454,9 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
         esc(&rfc3339(t0)),
         esc(&rel(t1, t0))
     );
-    if !spans.is_empty() {
+    if !story.spans.is_empty() {
         h.push_str("<tr class=\"group\"><td colspan=\"6\">run</td></tr>");
-        for sp in &spans {
+        for sp in &story.spans {
             let end = sp.end_us.unwrap_or(t1);
             let _ = write!(
                 h,
@@ -404,58 +465,19 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
                 esc(&sp.outcome),
                 esc(&dur(sp.start_us, end)),
                 sp.class,
-                pos(sp.start_us),
-                (pos(end) - pos(sp.start_us)).max(0.4),
+                when.pos(sp.start_us),
+                (when.pos(end) - when.pos(sp.start_us)).max(0.4),
                 esc(&sp.label)
             );
         }
     }
     let mut last_rev: Option<u32> = None;
-    for a in &attempts {
+    for a in &story.attempts {
         if last_rev != Some(a.revision) {
             let _ = write!(h, "<tr class=\"group\"><td colspan=\"6\">plan revision {}</td></tr>", a.revision);
             last_rev = Some(a.revision);
         }
-        let end = a.eval_us.or(a.end_us).unwrap_or(t1);
-        let bar = match (a.outcome.as_str(), a.verdict.as_deref()) {
-            (_, Some("hard" | "critical")) => "b-bad",
-            ("fatal" | "semantic", _) => "b-bad",
-            ("transient", _) => "b-warn",
-            ("inflight", _) => "b-muted",
-            _ => "b-ok",
-        };
-        let outcome = match &a.verdict {
-            Some(v) => format!(
-                "<span class=\"badge o-{}\">{}</span> <span class=\"badge o-{v}\">{v}</span>",
-                esc(&a.outcome),
-                esc(&a.outcome)
-            ),
-            None => format!("<span class=\"badge o-{}\">{}</span>", esc(&a.outcome), esc(&a.outcome)),
-        };
-        let title = format!(
-            "{} attempt {} · {}{} · {}",
-            a.task,
-            a.attempt,
-            a.handler,
-            a.model.as_ref().map(|m| format!(" on {m}")).unwrap_or_default(),
-            a.note.clone().unwrap_or_default()
-        );
-        let _ = write!(
-            h,
-            "<tr class=\"task-row\" data-task=\"{}\"><td><b>{}</b><div class=\"muted mono\">{}{}</div></td><td class=\"num\">{}</td><td>{outcome}{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-<td><div class=\"track\"><div class=\"bar {bar}\" style=\"left:{:.2}%;width:{:.2}%\" title=\"{}\"></div></div></td></tr>",
-            esc(&a.task),
-            esc(&a.task),
-            esc(&a.handler),
-            a.model.as_ref().map(|m| format!(" · {}", esc(m))).unwrap_or_default(),
-            a.attempt,
-            a.note.as_ref().map(|n| format!("<div class=\"muted\" style=\"font-size:12px\">{}</div>", esc(n))).unwrap_or_default(),
-            esc(&dur(a.start_us, end)),
-            a.cost,
-            pos(a.start_us),
-            (pos(end) - pos(a.start_us)).max(0.4),
-            esc(&title)
-        );
+        attempt_row(h, a, when);
     }
     let skipped: Vec<&keel_engine::TaskState> = s.tasks.iter().filter(|t| t.status == TaskStatus::Skipped).collect();
     for t in skipped {
@@ -470,71 +492,134 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
         );
     }
     h.push_str("</table></div>\n");
+}
 
-    // --- FSM ---------------------------------------------------------------------------
-    h.push_str(&render_fsm(&transitions, &path, sfx));
+fn attempt_row(h: &mut String, a: &Attempt, when: Window) {
+    let t1 = when.t1;
+    let end = a.eval_us.or(a.end_us).unwrap_or(t1);
+    let bar = match (a.outcome.as_str(), a.verdict.as_deref()) {
+        (_, Some("hard" | "critical")) => "b-bad",
+        ("fatal" | "semantic", _) => "b-bad",
+        ("transient", _) => "b-warn",
+        ("inflight", _) => "b-muted",
+        _ => "b-ok",
+    };
+    let outcome = match &a.verdict {
+        Some(v) => format!(
+            "<span class=\"badge o-{}\">{}</span> <span class=\"badge o-{v}\">{v}</span>",
+            esc(&a.outcome),
+            esc(&a.outcome)
+        ),
+        None => format!("<span class=\"badge o-{}\">{}</span>", esc(&a.outcome), esc(&a.outcome)),
+    };
+    let title = format!(
+        "{} attempt {} · {}{} · {}",
+        a.task,
+        a.attempt,
+        a.handler,
+        a.model.as_ref().map(|m| format!(" on {m}")).unwrap_or_default(),
+        a.note.clone().unwrap_or_default()
+    );
+    let _ = write!(
+        h,
+        "<tr class=\"task-row\" data-task=\"{}\"><td><b>{}</b><div class=\"muted mono\">{}{}</div></td><td class=\"num\">{}</td><td>{outcome}{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+<td><div class=\"track\"><div class=\"bar {bar}\" style=\"left:{:.2}%;width:{:.2}%\" title=\"{}\"></div></div></td></tr>",
+        esc(&a.task),
+        esc(&a.task),
+        esc(&a.handler),
+        a.model.as_ref().map(|m| format!(" · {}", esc(m))).unwrap_or_default(),
+        a.attempt,
+        a.note.as_ref().map(|n| format!("<div class=\"muted\" style=\"font-size:12px\">{}</div>", esc(n))).unwrap_or_default(),
+        esc(&dur(a.start_us, end)),
+        a.cost,
+        when.pos(a.start_us),
+        (when.pos(end) - when.pos(a.start_us)).max(0.4),
+        esc(&title)
+    );
+}
 
-    // --- escalations -------------------------------------------------------------------
+/// The escalations card: what a human was asked and what they decided.
+fn render_escalations(
+    h: &mut String,
+    s: &RunState,
+    red: &Redaction,
+    resolved_at: &BTreeMap<u32, i64>,
+    t0: i64,
+    sfx: &str,
+) {
     let _ = write!(h, "<div class=\"card\" id=\"escalations{sfx}\"><h2>Escalations <span class=\"hint\">what a human was asked and what they decided</span></h2>");
     if s.escalations.is_empty() {
         h.push_str("<p class=\"muted\">No escalation: the run never needed a human.</p>");
     }
     let why_hidden = red.applies("Escalated", "why");
     for e in &s.escalations {
-        let x = &e.escalation;
-        let resolved = e.resolution.is_some();
-        let _ = write!(
-            h,
-            "<div class=\"esc{}\"><h3>#{} · {:?}{} <span class=\"muted\" style=\"font-weight:400\">at {}{}</span></h3>",
-            if resolved { " resolved" } else { "" },
-            x.number,
-            x.cause,
-            x.task.as_ref().map(|t| format!(" · task {}", esc(&t.0))).unwrap_or_default(),
-            esc(&rel(e.escalated_at_us, t0)),
-            if e.notified { " · notified" } else { " · not yet notified" }
-        );
-        let _ = write!(h, "<div><b>Why:</b> {}</div>", if why_hidden { "(redacted)".to_owned() } else { esc(&x.why) });
-        let _ = write!(
-            h,
-            "<div><b>Question:</b> {}</div><div><b>Options:</b> {}</div>",
-            esc(&x.question),
-            esc(&x.options.join(", "))
-        );
-        if !x.attempted.is_empty() {
-            let _ = write!(
-                h,
-                "<div><b>Attempted:</b><ul>{}</ul></div>",
-                x.attempted.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
-            );
-        }
-        if !x.alternatives_tried.is_empty() {
-            let _ = write!(
-                h,
-                "<div><b>Alternatives tried:</b><ul>{}</ul></div>",
-                x.alternatives_tried.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
-            );
-        }
-        match &e.resolution {
-            Some((decision, by, defaulted)) => {
-                let _ = write!(
-                    h,
-                    "<div><b>Resolution:</b> <span class=\"badge s-Completed\">{}</span> by {}{}{}</div>",
-                    esc(decision.name()),
-                    esc(by),
-                    if *defaulted { " (deadline default)" } else { "" },
-                    resolved_at.get(&x.number).map(|t| format!(" at {}", esc(&rel(*t, t0)))).unwrap_or_default()
-                );
-            }
-            None if s.status == RunStatus::AwaitingHuman => {
-                let _ = write!(h, "<div><b>Resolution:</b> <span class=\"badge s-AwaitingHuman\">waiting</span> <span class=\"mono\">keel resolve {} --decision …</span></div>", s.run);
-            }
-            None => h.push_str("<div><b>Resolution:</b> none</div>"),
-        }
-        h.push_str("</div>");
+        escalation_block(h, s, e, why_hidden, resolved_at, t0);
     }
     h.push_str("</div>\n");
+}
 
-    // --- events ------------------------------------------------------------------------
+fn escalation_block(
+    h: &mut String,
+    s: &RunState,
+    e: &keel_engine::EscalationState,
+    why_hidden: bool,
+    resolved_at: &BTreeMap<u32, i64>,
+    t0: i64,
+) {
+    let x = &e.escalation;
+    let resolved = e.resolution.is_some();
+    let _ = write!(
+        h,
+        "<div class=\"esc{}\"><h3>#{} · {:?}{} <span class=\"muted\" style=\"font-weight:400\">at {}{}</span></h3>",
+        if resolved { " resolved" } else { "" },
+        x.number,
+        x.cause,
+        x.task.as_ref().map(|t| format!(" · task {}", esc(&t.0))).unwrap_or_default(),
+        esc(&rel(e.escalated_at_us, t0)),
+        if e.notified { " · notified" } else { " · not yet notified" }
+    );
+    let _ = write!(h, "<div><b>Why:</b> {}</div>", if why_hidden { "(redacted)".to_owned() } else { esc(&x.why) });
+    let _ = write!(
+        h,
+        "<div><b>Question:</b> {}</div><div><b>Options:</b> {}</div>",
+        esc(&x.question),
+        esc(&x.options.join(", "))
+    );
+    if !x.attempted.is_empty() {
+        let _ = write!(
+            h,
+            "<div><b>Attempted:</b><ul>{}</ul></div>",
+            x.attempted.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
+        );
+    }
+    if !x.alternatives_tried.is_empty() {
+        let _ = write!(
+            h,
+            "<div><b>Alternatives tried:</b><ul>{}</ul></div>",
+            x.alternatives_tried.iter().map(|l| format!("<li>{}</li>", esc(l))).collect::<String>()
+        );
+    }
+    match &e.resolution {
+        Some((decision, by, defaulted)) => {
+            let _ = write!(
+                h,
+                "<div><b>Resolution:</b> <span class=\"badge s-Completed\">{}</span> by {}{}{}</div>",
+                esc(decision.name()),
+                esc(by),
+                if *defaulted { " (deadline default)" } else { "" },
+                resolved_at.get(&x.number).map(|t| format!(" at {}", esc(&rel(*t, t0)))).unwrap_or_default()
+            );
+        }
+        None if s.status == RunStatus::AwaitingHuman => {
+            let _ = write!(h, "<div><b>Resolution:</b> <span class=\"badge s-AwaitingHuman\">waiting</span> <span class=\"mono\">keel resolve {} --decision …</span></div>", s.run);
+        }
+        None => h.push_str("<div><b>Resolution:</b> none</div>"),
+    }
+    h.push_str("</div>");
+}
+
+/// The event log card (folded), and the end of the run's section.
+fn render_events(h: &mut String, events: &[Logged], red: &Redaction, t0: i64, sfx: &str) {
     let _ = write!(h, "<div class=\"card\" id=\"events{sfx}\"><details><summary>Event log ({} events)</summary><table><tr><th class=\"num\">seq</th><th>time</th><th>kind</th><th>detail</th></tr>", events.len());
     for e in events {
         let _ = write!(
@@ -543,11 +628,18 @@ fn render_run(events: &[Logged], red: &Redaction, sfx: &str) -> Result<String, R
             e.seq,
             esc(&rel(e.at_us, t0)),
             esc(e.event.kind_name()),
-            esc(&line_of(&e.event))
+            esc(&line_of(red, &e.event))
         );
     }
     h.push_str("</table></details></div>\n</section>\n");
-    Ok(h)
+}
+
+fn line_of(red: &Redaction, e: &Event) -> String {
+    if hidden(red, e) {
+        format!("{} (fields redacted)", e.kind_name())
+    } else {
+        event_line(e)
+    }
 }
 
 fn dur(a: i64, b: i64) -> String {
@@ -570,6 +662,36 @@ fn node_colors(st: TaskStatus) -> (&'static str, &'static str, &'static str) {
     }
 }
 
+/// Each task's column in the plan drawing: 0 without dependencies, else one more than its
+/// deepest dependency (plans are acyclic; the loop is bounded anyway).
+fn task_depths(s: &RunState) -> Vec<usize> {
+    let n = s.tasks.len();
+    let mut depth = vec![0usize; n];
+    for _ in 0..n {
+        let mut changed = false;
+        for (i, t) in s.tasks.iter().enumerate() {
+            let d = t
+                .spec
+                .depends_on
+                .iter()
+                .filter_map(|d| s.task_index.get(d).and_then(|&j| depth.get(j)))
+                .map(|x| x + 1)
+                .max()
+                .unwrap_or(0);
+            if let Some(slot) = depth.get_mut(i) {
+                if *slot != d {
+                    *slot = d;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    depth
+}
+
 fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     let mut h = String::new();
     let _ = write!(
@@ -581,31 +703,18 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
         h.push_str("<p class=\"muted\">The run has no plan.</p></div>\n");
         return h;
     }
-    // Depth by dependencies (plans are acyclic; bounded loop anyway).
-    let n = s.tasks.len();
-    let mut depth = vec![0usize; n];
-    for _ in 0..n {
-        let mut changed = false;
-        for (i, t) in s.tasks.iter().enumerate() {
-            let d =
-                t.spec.depends_on.iter().filter_map(|d| s.task_index.get(d)).map(|&j| depth[j] + 1).max().unwrap_or(0);
-            if d != depth[i] {
-                depth[i] = d;
-                changed = true;
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
+    let depth = task_depths(s);
     let (w, hgt, gx, gy, pad) = (164.0, 58.0, 50.0, 22.0, 16.0);
     let mut row_in_layer: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut xy = vec![(0.0f64, 0.0f64); n];
-    for (i, d) in depth.iter().enumerate() {
-        let r = row_in_layer.entry(*d).or_insert(0);
-        xy[i] = (pad + *d as f64 * (w + gx), pad + *r as f64 * (hgt + gy));
-        *r += 1;
-    }
+    let xy: Vec<(f64, f64)> = depth
+        .iter()
+        .map(|d| {
+            let r = row_in_layer.entry(*d).or_insert(0);
+            let at = (pad + *d as f64 * (w + gx), pad + *r as f64 * (hgt + gy));
+            *r += 1;
+            at
+        })
+        .collect();
     let layers = depth.iter().max().copied().unwrap_or(0) + 1;
     let rows = row_in_layer.values().max().copied().unwrap_or(1);
     let width = pad * 2.0 + layers as f64 * w + (layers - 1) as f64 * gx;
@@ -617,9 +726,10 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     );
     for (i, t) in s.tasks.iter().enumerate() {
         for d in &t.spec.depends_on {
-            if let Some(&j) = s.task_index.get(d) {
-                let (x1, y1) = (xy[j].0 + w, xy[j].1 + hgt / 2.0);
-                let (x2, y2) = (xy[i].0, xy[i].1 + hgt / 2.0);
+            let from = s.task_index.get(d).and_then(|&j| xy.get(j));
+            if let (Some(&(fx, fy)), Some(&(tx, ty))) = (from, xy.get(i)) {
+                let (x1, y1) = (fx + w, fy + hgt / 2.0);
+                let (x2, y2) = (tx, ty + hgt / 2.0);
                 let mx = (x1 + x2) / 2.0;
                 let _ = write!(
                     h,
@@ -631,26 +741,8 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
             }
         }
     }
-    for (i, t) in s.tasks.iter().enumerate() {
-        let (x, y) = xy[i];
-        let (fill, stroke, ink) = node_colors(t.status);
-        let kind = format!("{:?}", t.spec.kind).to_lowercase();
-        let crit = if t.spec.critical { "critical" } else { "optional" };
-        let dash = if t.status == TaskStatus::Skipped { " stroke-dasharray=\"5 3\"" } else { "" };
-        let _ = write!(
-            h,
-            "<g class=\"node\" data-task=\"{id}\"><title>{id}: {st}, {att} attempt(s)</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w}\" height=\"{hgt}\" rx=\"9\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"1.5\"{dash}/>\
-<text x=\"{tx:.1}\" y=\"{ty1:.1}\" font-size=\"13\" font-weight=\"600\" fill=\"{ink}\">{id}</text>\
-<text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"11\" fill=\"#5c667a\">{kind} · {crit} · {att} att.</text>\
-<text x=\"{tx:.1}\" y=\"{ty3:.1}\" font-size=\"11\" font-weight=\"600\" fill=\"{ink}\">{st}</text></g>",
-            id = esc(&t.spec.id.0),
-            st = t.status.name(),
-            att = t.attempt,
-            tx = x + 12.0,
-            ty1 = y + 19.0,
-            ty2 = y + 35.0,
-            ty3 = y + 50.0,
-        );
+    for (t, &(x, y)) in s.tasks.iter().zip(&xy) {
+        dag_node(&mut h, t, x, y, (w, hgt));
     }
     h.push_str("</svg>");
     if !superseded.is_empty() {
@@ -658,6 +750,29 @@ fn render_dag(s: &RunState, sfx: &str, superseded: &[String]) -> String {
     }
     h.push_str("</div>\n");
     h
+}
+
+/// One task of the plan drawing at (x, y), `size` = (width, height), coloured by status.
+fn dag_node(h: &mut String, t: &keel_engine::TaskState, x: f64, y: f64, size: (f64, f64)) {
+    let (w, hgt) = size;
+    let (fill, stroke, ink) = node_colors(t.status);
+    let kind = format!("{:?}", t.spec.kind).to_lowercase();
+    let crit = if t.spec.critical { "critical" } else { "optional" };
+    let dash = if t.status == TaskStatus::Skipped { " stroke-dasharray=\"5 3\"" } else { "" };
+    let _ = write!(
+        h,
+        "<g class=\"node\" data-task=\"{id}\"><title>{id}: {st}, {att} attempt(s)</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w}\" height=\"{hgt}\" rx=\"9\" fill=\"{fill}\" stroke=\"{stroke}\" stroke-width=\"1.5\"{dash}/>\
+<text x=\"{tx:.1}\" y=\"{ty1:.1}\" font-size=\"13\" font-weight=\"600\" fill=\"{ink}\">{id}</text>\
+<text x=\"{tx:.1}\" y=\"{ty2:.1}\" font-size=\"11\" fill=\"#5c667a\">{kind} · {crit} · {att} att.</text>\
+<text x=\"{tx:.1}\" y=\"{ty3:.1}\" font-size=\"11\" font-weight=\"600\" fill=\"{ink}\">{st}</text></g>",
+        id = esc(&t.spec.id.0),
+        st = t.status.name(),
+        att = t.attempt,
+        tx = x + 12.0,
+        ty1 = y + 19.0,
+        ty2 = y + 35.0,
+        ty3 = y + 50.0,
+    );
 }
 
 /// Fixed positions of the run states in the FSM drawing.
@@ -708,64 +823,79 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
 <defs><marker id=\"fa{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"9\" markerHeight=\"9\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#b4bccb\"/></marker>\
 <marker id=\"fb{sfx}\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" markerUnits=\"userSpaceOnUse\" markerWidth=\"11\" markerHeight=\"11\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\" fill=\"#2f5bd3\"/></marker></defs>"
     );
-    let (bw, bh) = (128.0, 38.0);
     // Draw untaken edges first, taken ones on top.
     let mut ordered: Vec<&(String, String)> = edges.iter().collect();
     ordered.sort_by_key(|e| taken.contains_key(*e));
     for e in ordered {
-        let (f, t) = (e.0.as_str(), e.1.as_str());
         let n = taken.get(e).copied().unwrap_or(0);
-        let (stroke, width, marker) =
-            if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
-        let (x1, y1) = state_pos(f);
-        let (x2, y2) = state_pos(t);
-        let cls = if n > 0 { "edge taken" } else { "edge" };
-        if f == t {
-            // Self loop above the box (below for AwaitingHuman, whose top has the edges to Running).
-            let dir = if f == "AwaitingHuman" { 1.0 } else { -1.0 };
-            let (lx, ly) = (x1 - 18.0, y1 + dir * bh / 2.0);
-            let _ = write!(
-                h,
-                "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
-                lx - 10.0,
-                ly + dir * 40.0,
-                lx + 46.0,
-                ly + dir * 40.0,
-                lx + 36.0
-            );
-            if n > 0 {
-                let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1 + 42.0, ly + dir * 26.0);
-            }
-            continue;
-        }
-        // Clip the line to the box borders.
-        let clip = |cx: f64, cy: f64, ox: f64, oy: f64| -> (f64, f64) {
-            let (dx, dy) = (ox - cx, oy - cy);
-            if dx == 0.0 && dy == 0.0 {
-                return (cx, cy);
-            }
-            let hw = if f == "start" && cx == state_pos("start").0 { 6.0 } else { bw / 2.0 };
-            let sx = if dx != 0.0 { hw / dx.abs() } else { f64::INFINITY };
-            let sy = if dy != 0.0 { (bh / 2.0) / dy.abs() } else { f64::INFINITY };
-            let s = sx.min(sy);
-            (cx + dx * s, cy + dy * s)
-        };
-        let b = bend(f, t);
-        let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
-        let len = ((x2 - x1).powi(2) + (y2 - y1).powi(2)).sqrt().max(1.0);
-        let (nx, ny) = (-(y2 - y1) / len, (x2 - x1) / len);
-        let (cx, cy) = (mx + nx * b, my + ny * b);
-        let (sx, sy) = clip(x1, y1, cx, cy);
-        let (ex, ey) = if t == "start" { (x2, y2) } else { clip(x2, y2, cx, cy) };
+        fsm_edge(&mut h, e.0.as_str(), e.1.as_str(), n, sfx);
+    }
+    fsm_states(&mut h, &visited);
+    fsm_path_and_table(&mut h, transitions, path);
+    h
+}
+
+/// The size of a state's box in the run machine drawing.
+const FSM_BOX: (f64, f64) = (128.0, 38.0);
+
+/// One edge of the run machine, `n` times taken by this run.
+fn fsm_edge(h: &mut String, f: &str, t: &str, n: u64, sfx: &str) {
+    let (bw, bh) = FSM_BOX;
+    let (stroke, width, marker) =
+        if n > 0 { ("#2f5bd3", 2.6, format!("fb{sfx}")) } else { ("#c3cad6", 1.3, format!("fa{sfx}")) };
+    let (x1, y1) = state_pos(f);
+    let (x2, y2) = state_pos(t);
+    let cls = if n > 0 { "edge taken" } else { "edge" };
+    if f == t {
+        // Self loop above the box (below for AwaitingHuman, whose top has the edges to Running).
+        let dir = if f == "AwaitingHuman" { 1.0 } else { -1.0 };
+        let (lx, ly) = (x1 - 18.0, y1 + dir * bh / 2.0);
         let _ = write!(
             h,
-            "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{sx:.1},{sy:.1} Q{cx:.1},{cy:.1} {ex:.1},{ey:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>"
+            "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{lx:.1},{ly:.1} C{:.1},{:.1} {:.1},{:.1} {:.1},{ly:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>",
+            lx - 10.0,
+            ly + dir * 40.0,
+            lx + 46.0,
+            ly + dir * 40.0,
+            lx + 36.0
         );
-        if n > 0 && f != "start" {
-            let (lx, ly) = (0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey);
-            let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"28\" height=\"16\" rx=\"8\" fill=\"#fff\" stroke=\"#2f5bd3\"/><text x=\"{lx:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", lx - 14.0, ly - 8.0, ly + 4.0);
+        if n > 0 {
+            let _ = write!(h, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", x1 + 42.0, ly + dir * 26.0);
         }
+        return;
     }
+    // Clip the line to the box borders.
+    let clip = |cx: f64, cy: f64, ox: f64, oy: f64| -> (f64, f64) {
+        let (dx, dy) = (ox - cx, oy - cy);
+        if dx == 0.0 && dy == 0.0 {
+            return (cx, cy);
+        }
+        let hw = if f == "start" && cx == state_pos("start").0 { 6.0 } else { bw / 2.0 };
+        let sx = if dx != 0.0 { hw / dx.abs() } else { f64::INFINITY };
+        let sy = if dy != 0.0 { (bh / 2.0) / dy.abs() } else { f64::INFINITY };
+        let s = sx.min(sy);
+        (cx + dx * s, cy + dy * s)
+    };
+    let b = bend(f, t);
+    let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+    let len = ((x2 - x1).powi(2) + (y2 - y1).powi(2)).sqrt().max(1.0);
+    let (nx, ny) = (-(y2 - y1) / len, (x2 - x1) / len);
+    let (cx, cy) = (mx + nx * b, my + ny * b);
+    let (sx, sy) = clip(x1, y1, cx, cy);
+    let (ex, ey) = if t == "start" { (x2, y2) } else { clip(x2, y2, cx, cy) };
+    let _ = write!(
+        h,
+        "<path class=\"{cls}\" data-from=\"{f}\" data-to=\"{t}\" d=\"M{sx:.1},{sy:.1} Q{cx:.1},{cy:.1} {ex:.1},{ey:.1}\" fill=\"none\" stroke=\"{stroke}\" stroke-width=\"{width}\" marker-end=\"url(#{marker})\"/>"
+    );
+    if n > 0 && f != "start" {
+        let (lx, ly) = (0.25 * sx + 0.5 * cx + 0.25 * ex, 0.25 * sy + 0.5 * cy + 0.25 * ey);
+        let _ = write!(h, "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"28\" height=\"16\" rx=\"8\" fill=\"#fff\" stroke=\"#2f5bd3\"/><text x=\"{lx:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#2f5bd3\" font-weight=\"600\" text-anchor=\"middle\">×{n}</text>", lx - 14.0, ly - 8.0, ly + 4.0);
+    }
+}
+
+/// The states of the run machine; those this run visited are highlighted.
+fn fsm_states(h: &mut String, visited: &std::collections::BTreeSet<&str>) {
+    let (bw, bh) = FSM_BOX;
     let _ = write!(
         h,
         "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"6\" fill=\"#18213a\"/>",
@@ -788,6 +918,14 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
             y + 4.5
         );
     }
+}
+
+/// The path the run took, then every transition with its count.
+fn fsm_path_and_table(
+    h: &mut String,
+    transitions: &BTreeMap<(String, String, String), u64>,
+    path: &[(String, String)],
+) {
     h.push_str("</svg><div class=\"path\"><b style=\"margin-right:6px\">Path taken:</b>");
     for (i, (stname, via)) in path.iter().enumerate() {
         if i > 0 {
@@ -806,5 +944,4 @@ fn render_fsm(transitions: &BTreeMap<(String, String, String), u64>, path: &[(St
         );
     }
     h.push_str("</table></div>\n");
-    h
 }

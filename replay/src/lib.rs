@@ -15,6 +15,9 @@
 //!   recorded answers where the same call comes again; [`diff`]: compare two runs.
 //! - [`export`], [`html`], [`verify`]: the audit trail (docs/EXPORT.md, docs/AUDIT.md).
 
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod diff;
 pub mod error;

@@ -73,10 +73,15 @@ pub fn load_runs_from_db<'a>(
 /// The header line of an export.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportHeader {
+    /// 1-based line number in the file.
     pub line: u64,
+    /// The export format name and version.
     pub format: String,
+    /// When the export was made (RFC 3339).
     pub exported_at: String,
+    /// What was selected (the runs, or `--all` with its time range).
     pub filter: Value,
+    /// The redaction rules applied (`FIELD` or `Kind.FIELD`).
     pub redacted: Vec<String>,
 }
 
@@ -85,34 +90,50 @@ pub struct ExportHeader {
 pub struct ExportRecord {
     /// 1-based line number in the file.
     pub line: u64,
+    /// The run.
     pub run: RunId,
+    /// The record's seq in its run.
     pub seq: u64,
+    /// When it was recorded, microseconds since the Unix epoch.
     pub time_us: i64,
+    /// The event kind.
     pub kind: String,
+    /// The record envelope's schema version (1 or 2).
     pub schema_version: u16,
+    /// The event's payload fields as exported (redacted ones replaced by `{"$redacted": "<hex>"}`).
     pub payload: Map<String, Value>,
+    /// Merkle root of the payload fields: what a redacted export still proves.
     pub payload_root: Hash32,
     /// SHA-256 of the stored payload bytes, which the record digest of schema version 2
     /// covers; `None` for a version-1 record (the field is absent).
     pub payload_digest: Option<Hash32>,
+    /// Hash of the previous record of the run (zero for seq 0).
     pub prev_hash: Hash32,
+    /// This record's chain hash.
     pub hash: Hash32,
 }
 
 /// The trailer line of a run in an export.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunEnd {
+    /// 1-based line number in the file.
     pub line: u64,
+    /// The run.
     pub run: RunId,
+    /// Records of the run in the export.
     pub records: u64,
+    /// The run's head hash: the hash of its last record.
     pub head: Hash32,
 }
 
 /// One line of an export file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ExportLine {
+    /// The export's first line.
     Header(ExportHeader),
+    /// One event record.
     Record(ExportRecord),
+    /// The last line of a run's records.
     RunEnd(RunEnd),
 }
 
@@ -163,10 +184,12 @@ pub fn read_export(path: &Path) -> Result<ExportReader<BufReader<File>>, ReplayE
 }
 
 impl<R: BufRead> ExportReader<R> {
+    /// A reader of the export lines of `input`; `path` names it in errors.
     pub fn new(path: &Path, input: R) -> Self {
         ExportReader { path: path.to_path_buf(), input, line: 0, done: false, buf: Vec::new() }
     }
 
+    /// The path errors name.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -223,79 +246,21 @@ impl<R: BufRead> ExportReader<R> {
         let Value::Object(obj) = value else {
             return Err(self.err("not a JSON object"));
         };
-        let get = |k: &str| obj.get(k).ok_or_else(|| self.err(format!("field `{k}` missing")));
-        let str_of = |k: &str| -> Result<String, ReplayError> {
-            get(k)?.as_str().map(str::to_owned).ok_or_else(|| self.err(format!("field `{k}` is not a string")))
-        };
-        let u64_of =
-            |k: &str| get(k)?.as_u64().ok_or_else(|| self.err(format!("field `{k}` is not an unsigned integer")));
-        let run_of = || -> Result<RunId, ReplayError> {
-            let s = str_of("run")?;
-            s.parse::<RunId>().map_err(|e| self.err(format!("field `run` is not a run id: {e}")))
-        };
-        let hash_of = |k: &str| -> Result<Hash32, ReplayError> {
-            let s = str_of(k)?;
-            format::parse_hash(&s).ok_or_else(|| self.err(format!("field `{k}` is not 64 lowercase hex digits")))
-        };
+        let f = Fields { obj: &obj, at: self };
         let kind = obj.get("type").and_then(Value::as_str).unwrap_or(if obj.contains_key("format") {
             "header"
         } else {
             "record"
         });
         match kind {
-            "header" => {
-                let fmt = str_of("format")?;
-                if fmt != format::FORMAT {
-                    return Err(self.err(format!("unsupported format {fmt:?} (this keel reads {})", format::FORMAT)));
-                }
-                let redacted = match obj.get("redacted") {
-                    Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    _ => Vec::new(),
-                };
-                Ok(ExportLine::Header(ExportHeader {
-                    line: self.line,
-                    format: fmt,
-                    exported_at: obj.get("exported_at").and_then(Value::as_str).unwrap_or("").to_owned(),
-                    filter: obj.get("filter").cloned().unwrap_or(Value::Null),
-                    redacted,
-                }))
-            }
+            "header" => parse_header(&f),
             "run_end" => Ok(ExportLine::RunEnd(RunEnd {
                 line: self.line,
-                run: run_of()?,
-                records: u64_of("records")?,
-                head: hash_of("head")?,
+                run: f.run()?,
+                records: f.u64_of("records")?,
+                head: f.hash_of("head")?,
             })),
-            "record" => {
-                let payload = match get("payload")? {
-                    Value::Object(m) => m.clone(),
-                    _ => return Err(self.err("field `payload` is not an object")),
-                };
-                let schema_version = u16::try_from(u64_of("schema_version")?)
-                    .map_err(|_| self.err("field `schema_version` is out of range"))?;
-                let time_us = get("time_us")?.as_i64().ok_or_else(|| self.err("field `time_us` is not an integer"))?;
-                for (field, v) in &payload {
-                    if let Some(Err(reason)) = format::redaction_marker(v) {
-                        return Err(self.err(format!("payload field `{field}`: {reason}")));
-                    }
-                }
-                Ok(ExportLine::Record(ExportRecord {
-                    line: self.line,
-                    run: run_of()?,
-                    seq: u64_of("seq")?,
-                    time_us,
-                    kind: str_of("kind")?,
-                    schema_version,
-                    payload,
-                    payload_root: hash_of("payload_root")?,
-                    payload_digest: match obj.get("payload_digest") {
-                        None => None,
-                        Some(_) => Some(hash_of("payload_digest")?),
-                    },
-                    prev_hash: hash_of("prev_hash")?,
-                    hash: hash_of("hash")?,
-                }))
-            }
+            "record" => parse_record(&f),
             other => Err(self.err(format!("unknown line type {other:?}"))),
         }
     }
@@ -864,4 +829,85 @@ pub fn export_files(path: &Path) -> Result<Vec<PathBuf>, ReplayError> {
         return Err(ReplayError::Invalid(format!("{} holds no *.jsonl export files", path.display())));
     }
     Ok(files)
+}
+
+/// The fields of one export line, read with errors that name the line.
+struct Fields<'a, R> {
+    obj: &'a Map<String, Value>,
+    at: &'a ExportReader<R>,
+}
+
+impl<R: BufRead> Fields<'_, R> {
+    fn get(&self, k: &str) -> Result<&Value, ReplayError> {
+        self.obj.get(k).ok_or_else(|| self.at.err(format!("field `{k}` missing")))
+    }
+
+    fn str_of(&self, k: &str) -> Result<String, ReplayError> {
+        self.get(k)?.as_str().map(str::to_owned).ok_or_else(|| self.at.err(format!("field `{k}` is not a string")))
+    }
+
+    fn u64_of(&self, k: &str) -> Result<u64, ReplayError> {
+        self.get(k)?.as_u64().ok_or_else(|| self.at.err(format!("field `{k}` is not an unsigned integer")))
+    }
+
+    fn run(&self) -> Result<RunId, ReplayError> {
+        let s = self.str_of("run")?;
+        s.parse::<RunId>().map_err(|e| self.at.err(format!("field `run` is not a run id: {e}")))
+    }
+
+    fn hash_of(&self, k: &str) -> Result<Hash32, ReplayError> {
+        let s = self.str_of(k)?;
+        format::parse_hash(&s).ok_or_else(|| self.at.err(format!("field `{k}` is not 64 lowercase hex digits")))
+    }
+}
+
+/// The header line: the format must be the one this keel reads.
+fn parse_header<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError> {
+    let fmt = f.str_of("format")?;
+    if fmt != format::FORMAT {
+        return Err(f.at.err(format!("unsupported format {fmt:?} (this keel reads {})", format::FORMAT)));
+    }
+    let redacted = match f.obj.get("redacted") {
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    };
+    Ok(ExportLine::Header(ExportHeader {
+        line: f.at.line,
+        format: fmt,
+        exported_at: f.obj.get("exported_at").and_then(Value::as_str).unwrap_or("").to_owned(),
+        filter: f.obj.get("filter").cloned().unwrap_or(Value::Null),
+        redacted,
+    }))
+}
+
+/// A record line; a malformed redaction marker in its payload is an error.
+fn parse_record<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError> {
+    let payload = match f.get("payload")? {
+        Value::Object(m) => m.clone(),
+        _ => return Err(f.at.err("field `payload` is not an object")),
+    };
+    let schema_version =
+        u16::try_from(f.u64_of("schema_version")?).map_err(|_| f.at.err("field `schema_version` is out of range"))?;
+    let time_us = f.get("time_us")?.as_i64().ok_or_else(|| f.at.err("field `time_us` is not an integer"))?;
+    for (field, v) in &payload {
+        if let Some(Err(reason)) = format::redaction_marker(v) {
+            return Err(f.at.err(format!("payload field `{field}`: {reason}")));
+        }
+    }
+    Ok(ExportLine::Record(ExportRecord {
+        line: f.at.line,
+        run: f.run()?,
+        seq: f.u64_of("seq")?,
+        time_us,
+        kind: f.str_of("kind")?,
+        schema_version,
+        payload,
+        payload_root: f.hash_of("payload_root")?,
+        payload_digest: match f.obj.get("payload_digest") {
+            None => None,
+            Some(_) => Some(f.hash_of("payload_digest")?),
+        },
+        prev_hash: f.hash_of("prev_hash")?,
+        hash: f.hash_of("hash")?,
+    }))
 }

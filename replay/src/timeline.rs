@@ -54,10 +54,12 @@ impl Replay {
         Ok(Replay { run, events, checkpoints, last })
     }
 
+    /// The replayed run.
     pub fn run(&self) -> RunId {
         self.run
     }
 
+    /// Its events in seq order.
     pub fn events(&self) -> &[Logged] {
         &self.events
     }

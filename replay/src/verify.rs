@@ -48,8 +48,11 @@ pub enum Tamper {
 /// The first problem found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Failure {
+    /// What kind of problem.
     pub what: Tamper,
+    /// The run it was found in, if known.
     pub run: Option<String>,
+    /// The seq it was found at, if known.
     pub seq: Option<u64>,
     /// Line of the export file (None for a database).
     pub line: Option<u64>,
@@ -60,22 +63,29 @@ pub struct Failure {
 /// A run that verified.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RunVerified {
+    /// The run (id).
     pub run: String,
+    /// Records verified.
     pub records: u64,
+    /// Its head hash (hex).
     pub head: String,
 }
 
 /// The outcome of a verification: the runs that verified, up to the first failure.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Verification {
+    /// Runs that verified, in the order read.
     pub runs: Vec<RunVerified>,
+    /// The first problem found (None: everything verified).
     pub failure: Option<Failure>,
 }
 
 impl Verification {
+    /// Whether everything verified.
     pub fn ok(&self) -> bool {
         self.failure.is_none()
     }
+    /// Records verified in all runs.
     pub fn records(&self) -> u64 {
         self.runs.iter().map(|r| r.records).sum()
     }
@@ -197,20 +207,7 @@ impl<R: BufRead> ExportCheck<R> {
         let mut saw_header = false;
         let mut first = true;
         while let Some(line) = self.next_line() {
-            let line = line.map_err(|e| {
-                let (line, reason) = match &e {
-                    ReplayError::Export { line, reason, .. } => (Some(*line), reason.clone()),
-                    other => (None, other.to_string()),
-                };
-                let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
-                fail(
-                    Tamper::Malformed,
-                    cur.as_ref().map(|c| c.run),
-                    None,
-                    line,
-                    format!("{path}: {at}{reason} (the export was edited or damaged)"),
-                )
-            })?;
+            let line = line.map_err(|e| malformed_line(&path, cur.as_ref(), &e))?;
             match line {
                 ExportLine::Header(h) => {
                     if !first {
@@ -224,113 +221,8 @@ impl<R: BufRead> ExportCheck<R> {
                     }
                     saw_header = true;
                 }
-                ExportLine::Record(rec) => {
-                    if !saw_header {
-                        return Err(fail(
-                            Tamper::Malformed,
-                            Some(rec.run),
-                            None,
-                            Some(rec.line),
-                            format!("{path}: no header line: not a keel export (or its first line was removed)"),
-                        ));
-                    }
-                    if cur.as_ref().is_some_and(|c| c.run != rec.run) {
-                        let c = cur.take();
-                        if let Some(c) = c {
-                            return Err(fail(
-                                Tamper::Removed,
-                                Some(c.run),
-                                Some(c.next),
-                                Some(rec.line),
-                                format!("run {}: its run_end trailer is missing before line {} (records or trailer removed)", c.run, rec.line),
-                            ));
-                        }
-                    }
-                    if cur.is_none() {
-                        if self.finished.contains(&rec.run) {
-                            return Err(fail(
-                                Tamper::Inserted,
-                                Some(rec.run),
-                                Some(rec.seq),
-                                Some(rec.line),
-                                format!(
-                                    "run {} seq {}: line {} adds a record after the run's trailer (inserted)",
-                                    rec.run, rec.seq, rec.line
-                                ),
-                            ));
-                        }
-                        cur = Some(Current { run: rec.run, next: 0, prev: [0; 32], hashes: Vec::new() });
-                    }
-                    if let Some(c) = cur.as_mut() {
-                        self.record(c, &rec)?;
-                    }
-                }
-                ExportLine::RunEnd(end) => {
-                    let Some(c) = cur.take() else {
-                        return Err(fail(
-                            Tamper::Removed,
-                            Some(end.run),
-                            Some(0),
-                            Some(end.line),
-                            format!(
-                                "run {}: trailer at line {} without any record (records removed)",
-                                end.run, end.line
-                            ),
-                        ));
-                    };
-                    if c.run != end.run {
-                        return Err(fail(
-                            Tamper::Altered,
-                            Some(c.run),
-                            None,
-                            Some(end.line),
-                            format!("run {}: the trailer at line {} names run {} (altered)", c.run, end.line, end.run),
-                        ));
-                    }
-                    if end.records > c.next {
-                        let msg = if end.records == c.next + 1 {
-                            format!(
-                                "run {}: seq {} missing (removed; the trailer says {} records)",
-                                c.run, c.next, end.records
-                            )
-                        } else {
-                            format!(
-                                "run {}: seqs {}..{} missing (removed; the trailer says {} records)",
-                                c.run,
-                                c.next,
-                                end.records - 1,
-                                end.records
-                            )
-                        };
-                        return Err(fail(Tamper::Removed, Some(c.run), Some(c.next), Some(end.line), msg));
-                    }
-                    if end.records < c.next {
-                        return Err(fail(
-                            Tamper::Inserted,
-                            Some(c.run),
-                            Some(end.records),
-                            Some(end.line),
-                            format!(
-                                "run {}: {} records but the trailer says {} (records inserted)",
-                                c.run, c.next, end.records
-                            ),
-                        ));
-                    }
-                    if end.head != c.prev {
-                        return Err(fail(
-                            Tamper::Altered,
-                            Some(c.run),
-                            None,
-                            Some(end.line),
-                            format!(
-                                "run {}: the trailer's head hash does not match the chain (trailer altered)",
-                                c.run
-                            ),
-                        ));
-                    }
-                    self.finished.insert(c.run);
-                    self.out.runs.push(RunVerified { run: c.run.to_string(), records: c.next, head: hex32(&c.prev) });
-                }
+                ExportLine::Record(rec) => self.on_record(&mut cur, &rec, saw_header, &path)?,
+                ExportLine::RunEnd(end) => self.on_run_end(cur.take(), &end)?,
             }
             first = false;
         }
@@ -349,6 +241,117 @@ impl<R: BufRead> ExportCheck<R> {
         Ok(())
     }
 
+    /// A record line: it starts a run, continues the current one, or shows that the
+    /// current run's trailer (or the header) is missing.
+    fn on_record(
+        &mut self,
+        cur: &mut Option<Current>,
+        rec: &ExportRecord,
+        saw_header: bool,
+        path: &str,
+    ) -> Result<(), Failure> {
+        if !saw_header {
+            return Err(fail(
+                Tamper::Malformed,
+                Some(rec.run),
+                None,
+                Some(rec.line),
+                format!("{path}: no header line: not a keel export (or its first line was removed)"),
+            ));
+        }
+        if cur.as_ref().is_some_and(|c| c.run != rec.run) {
+            let c = cur.take();
+            if let Some(c) = c {
+                return Err(fail(
+                    Tamper::Removed,
+                    Some(c.run),
+                    Some(c.next),
+                    Some(rec.line),
+                    format!(
+                        "run {}: its run_end trailer is missing before line {} (records or trailer removed)",
+                        c.run, rec.line
+                    ),
+                ));
+            }
+        }
+        if cur.is_none() {
+            if self.finished.contains(&rec.run) {
+                return Err(fail(
+                    Tamper::Inserted,
+                    Some(rec.run),
+                    Some(rec.seq),
+                    Some(rec.line),
+                    format!(
+                        "run {} seq {}: line {} adds a record after the run's trailer (inserted)",
+                        rec.run, rec.seq, rec.line
+                    ),
+                ));
+            }
+            *cur = Some(Current { run: rec.run, next: 0, prev: [0; 32], hashes: Vec::new() });
+        }
+        if let Some(c) = cur.as_mut() {
+            self.record(c, rec)?;
+        }
+        Ok(())
+    }
+
+    /// A run's trailer: it must close the current run with its record count and head.
+    fn on_run_end(&mut self, cur: Option<Current>, end: &crate::source::RunEnd) -> Result<(), Failure> {
+        let Some(c) = cur else {
+            return Err(fail(
+                Tamper::Removed,
+                Some(end.run),
+                Some(0),
+                Some(end.line),
+                format!("run {}: trailer at line {} without any record (records removed)", end.run, end.line),
+            ));
+        };
+        if c.run != end.run {
+            return Err(fail(
+                Tamper::Altered,
+                Some(c.run),
+                None,
+                Some(end.line),
+                format!("run {}: the trailer at line {} names run {} (altered)", c.run, end.line, end.run),
+            ));
+        }
+        if end.records > c.next {
+            let msg = if end.records == c.next + 1 {
+                format!("run {}: seq {} missing (removed; the trailer says {} records)", c.run, c.next, end.records)
+            } else {
+                format!(
+                    "run {}: seqs {}..{} missing (removed; the trailer says {} records)",
+                    c.run,
+                    c.next,
+                    end.records - 1,
+                    end.records
+                )
+            };
+            return Err(fail(Tamper::Removed, Some(c.run), Some(c.next), Some(end.line), msg));
+        }
+        if end.records < c.next {
+            return Err(fail(
+                Tamper::Inserted,
+                Some(c.run),
+                Some(end.records),
+                Some(end.line),
+                format!("run {}: {} records but the trailer says {} (records inserted)", c.run, c.next, end.records),
+            ));
+        }
+        if end.head != c.prev {
+            return Err(fail(
+                Tamper::Altered,
+                Some(c.run),
+                None,
+                Some(end.line),
+                format!("run {}: the trailer's head hash does not match the chain (trailer altered)", c.run),
+            ));
+        }
+        self.finished.insert(c.run);
+        self.out.runs.push(RunVerified { run: c.run.to_string(), records: c.next, head: hex32(&c.prev) });
+        Ok(())
+    }
+
     fn record(&mut self, c: &mut Current, rec: &ExportRecord) -> Result<(), Failure> {
         let (run, n, line) = (c.run, c.next, rec.line);
         if rec.seq < n {
@@ -363,36 +366,7 @@ impl<R: BufRead> ExportCheck<R> {
             ));
         }
         if rec.seq > n {
-            let ahead = self.peek_run(run);
-            if let Some((_, l2)) = ahead.iter().find(|(s, _)| *s == n) {
-                return Err(fail(
-                    Tamper::Reordered,
-                    Some(run),
-                    Some(n),
-                    Some(*l2),
-                    format!(
-                        "run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})",
-                        rec.seq
-                    ),
-                ));
-            }
-            // Is it record n with its seq field edited?
-            let as_n = ExportRecord { seq: n, ..rec.clone() };
-            if rec.prev_hash == c.prev && export_chain_hash(&as_n, &c.prev) == rec.hash {
-                return Err(fail(
-                    Tamper::Altered,
-                    Some(run),
-                    Some(n),
-                    Some(line),
-                    format!("run {run} seq {n}: header altered (its seq was changed to {} at line {line})", rec.seq),
-                ));
-            }
-            let msg = if rec.seq == n + 1 {
-                format!("run {run}: seq {n} missing (removed; line {line} holds seq {})", rec.seq)
-            } else {
-                format!("run {run}: seqs {n}..{} missing (removed; line {line} holds seq {})", rec.seq - 1, rec.seq)
-            };
-            return Err(fail(Tamper::Removed, Some(run), Some(n), Some(line), msg));
+            return Err(self.seq_ahead(c, rec));
         }
         // rec.seq == n
         if let Some(problem) = version_problem(rec) {
@@ -408,48 +382,87 @@ impl<R: BufRead> ExportCheck<R> {
         let link_ok = rec.prev_hash == c.prev;
         let hash_ok = export_chain_hash(rec, &c.prev) == rec.hash;
         if !(root_ok && link_ok && hash_ok) {
-            // Another record claiming the same seq right behind this one: this one is the extra.
-            if self.peek_run(run).first().is_some_and(|(s, _)| *s == n) {
-                return Err(fail(
-                    Tamper::Inserted,
-                    Some(run),
-                    Some(n),
-                    Some(line),
-                    format!("run {run} seq {n}: inserted record at line {line} (another record with seq {n} follows and this one does not verify)"),
-                ));
-            }
-            let (what, msg) = if !root_ok {
-                let kind_ok = Event::KINDS.contains(&rec.kind.as_str());
-                (
-                    Tamper::Altered,
-                    format!(
-                        "run {run} seq {n}: payload altered (hash mismatch){}",
-                        if kind_ok { "" } else { "; unknown kind" }
-                    ),
-                )
-            } else if !link_ok {
-                let after = c.hashes.iter().position(|h| *h == rec.prev_hash);
-                match after {
-                    Some(k) => (
-                        Tamper::Removed,
-                        format!("run {run} seq {n}: broken link: it was chained after seq {k}, so records after seq {k} were removed or reordered"),
-                    ),
-                    None => (Tamper::Inserted, format!("run {run} seq {n}: broken link: it chains to no earlier record of the run (inserted or moved here)")),
-                }
-            } else {
-                (
-                    Tamper::Altered,
-                    format!(
-                        "run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version, payload digest or hash changed)"
-                    ),
-                )
-            };
-            return Err(fail(what, Some(run), Some(n), Some(line), msg));
+            return Err(self.chain_broken(c, rec, root_ok, link_ok));
         }
         c.prev = rec.hash;
         c.hashes.push(rec.hash);
         c.next += 1;
         Ok(())
+    }
+
+    /// The failure for a record whose seq is past the next expected one: record `n`
+    /// further on (reordered), record `n` with its seq edited, or records removed.
+    fn seq_ahead(&mut self, c: &Current, rec: &ExportRecord) -> Failure {
+        let (run, n, line) = (c.run, c.next, rec.line);
+        let ahead = self.peek_run(run);
+        if let Some((_, l2)) = ahead.iter().find(|(s, _)| *s == n) {
+            return fail(
+                Tamper::Reordered,
+                Some(run),
+                Some(n),
+                Some(*l2),
+                format!("run {run} seq {n}: out of order (found at line {l2}, after seq {} at line {line})", rec.seq),
+            );
+        }
+        // Is it record n with its seq field edited?
+        let as_n = ExportRecord { seq: n, ..rec.clone() };
+        if rec.prev_hash == c.prev && export_chain_hash(&as_n, &c.prev) == rec.hash {
+            return fail(
+                Tamper::Altered,
+                Some(run),
+                Some(n),
+                Some(line),
+                format!("run {run} seq {n}: header altered (its seq was changed to {} at line {line})", rec.seq),
+            );
+        }
+        let msg = if rec.seq == n + 1 {
+            format!("run {run}: seq {n} missing (removed; line {line} holds seq {})", rec.seq)
+        } else {
+            format!("run {run}: seqs {n}..{} missing (removed; line {line} holds seq {})", rec.seq - 1, rec.seq)
+        };
+        fail(Tamper::Removed, Some(run), Some(n), Some(line), msg)
+    }
+
+    /// The failure for record `n` whose payload root, link or hash does not verify.
+    fn chain_broken(&mut self, c: &Current, rec: &ExportRecord, root_ok: bool, link_ok: bool) -> Failure {
+        let (run, n, line) = (c.run, c.next, rec.line);
+        // Another record claiming the same seq right behind this one: this one is the extra.
+        if self.peek_run(run).first().is_some_and(|(s, _)| *s == n) {
+            return fail(
+                Tamper::Inserted,
+                Some(run),
+                Some(n),
+                Some(line),
+                format!("run {run} seq {n}: inserted record at line {line} (another record with seq {n} follows and this one does not verify)"),
+            );
+        }
+        let (what, msg) = if !root_ok {
+            let kind_ok = Event::KINDS.contains(&rec.kind.as_str());
+            (
+                Tamper::Altered,
+                format!(
+                    "run {run} seq {n}: payload altered (hash mismatch){}",
+                    if kind_ok { "" } else { "; unknown kind" }
+                ),
+            )
+        } else if !link_ok {
+            let after = c.hashes.iter().position(|h| *h == rec.prev_hash);
+            match after {
+                Some(k) => (
+                    Tamper::Removed,
+                    format!("run {run} seq {n}: broken link: it was chained after seq {k}, so records after seq {k} were removed or reordered"),
+                ),
+                None => (Tamper::Inserted, format!("run {run} seq {n}: broken link: it chains to no earlier record of the run (inserted or moved here)")),
+            }
+        } else {
+            (
+                Tamper::Altered,
+                format!(
+                    "run {run} seq {n}: header altered (hash mismatch: kind, time, seq, version, payload digest or hash changed)"
+                ),
+            )
+        };
+        fail(what, Some(run), Some(n), Some(line), msg)
     }
 }
 
@@ -553,4 +566,20 @@ pub fn compare_heads(log: &dyn EventLog, verified: &[RunVerified]) -> Result<Opt
         }
     }
     Ok(None)
+}
+
+/// The failure for a line that does not parse as an export line.
+fn malformed_line(path: &str, cur: Option<&Current>, e: &ReplayError) -> Failure {
+    let (line, reason) = match e {
+        ReplayError::Export { line, reason, .. } => (Some(*line), reason.clone()),
+        other => (None, other.to_string()),
+    };
+    let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+    fail(
+        Tamper::Malformed,
+        cur.as_ref().map(|c| c.run),
+        None,
+        line,
+        format!("{path}: {at}{reason} (the export was edited or damaged)"),
+    )
 }

@@ -96,6 +96,44 @@ pub fn state_json(s: &RunState) -> Value {
 /// A human-readable rendering of a run's state.
 pub fn state_text(s: &RunState) -> String {
     let mut out = String::new();
+    state_header_text(&mut out, s);
+    if !s.tasks.is_empty() {
+        out.push_str("plan:\n");
+        out.push_str(&format!(
+            "  {:<20} {:<10} {:<14} {:>7}  {:<8}  note\n",
+            "task", "kind", "status", "attempt", "verdict"
+        ));
+        for t in &s.tasks {
+            let note = t
+                .skip_reason
+                .clone()
+                .or_else(|| t.last_error.as_ref().map(|(c, m)| format!("{c:?}: {m}")))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {:<20} {:<10} {:<14} {:>7}  {:<8}  {}\n",
+                t.spec.id.0,
+                format!("{:?}", t.spec.kind),
+                t.status.name(),
+                t.attempt,
+                t.verdict.map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into()),
+                note
+            ));
+        }
+    }
+    for e in &s.escalations {
+        escalation_text(&mut out, s.run, e);
+    }
+    if let Some(f) = &s.failure {
+        out.push_str(&format!("failure: {f}\n"));
+    }
+    if let Some(r) = &s.result {
+        out.push_str(&format!("result: {}\n", r.as_str()));
+    }
+    out
+}
+
+/// The run's identity, times, totals and budget: four lines.
+fn state_header_text(out: &mut String, s: &RunState) {
     out.push_str(&format!(
         "run {}  workflow {} v{}  status {}{}\n",
         s.run,
@@ -129,59 +167,31 @@ pub fn state_text(s: &RunState) -> String {
         lim(b.deadline_ms),
         s.exhausted.map(|k| format!("  (exhausted: {k:?})")).unwrap_or_default()
     ));
-    if !s.tasks.is_empty() {
-        out.push_str("plan:\n");
-        out.push_str(&format!(
-            "  {:<20} {:<10} {:<14} {:>7}  {:<8}  note\n",
-            "task", "kind", "status", "attempt", "verdict"
-        ));
-        for t in &s.tasks {
-            let note = t
-                .skip_reason
-                .clone()
-                .or_else(|| t.last_error.as_ref().map(|(c, m)| format!("{c:?}: {m}")))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "  {:<20} {:<10} {:<14} {:>7}  {:<8}  {}\n",
-                t.spec.id.0,
-                format!("{:?}", t.spec.kind),
-                t.status.name(),
-                t.attempt,
-                t.verdict.map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into()),
-                note
-            ));
+}
+
+/// One escalation: what was asked, and its resolution or how to give one.
+fn escalation_text(out: &mut String, run: keel_store::RunId, e: &keel_engine::EscalationState) {
+    let x = &e.escalation;
+    out.push_str(&format!(
+        "escalation #{} {:?}{}: {}\n  question: {}\n  options: {}\n",
+        x.number,
+        x.cause,
+        x.task.as_ref().map(|t| format!(" task {t}")).unwrap_or_default(),
+        x.why,
+        x.question,
+        x.options.join(", ")
+    ));
+    match &e.resolution {
+        Some((d, by, defaulted)) => out.push_str(&format!(
+            "  resolved: {} by {by}{}\n",
+            d.name(),
+            if *defaulted { " (deadline default)" } else { "" }
+        )),
+        None => {
+            let options: Vec<&str> = x.options.iter().map(|o| cli_decision(o)).collect();
+            out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", run, options.join(" | ")))
         }
     }
-    for e in &s.escalations {
-        let x = &e.escalation;
-        out.push_str(&format!(
-            "escalation #{} {:?}{}: {}\n  question: {}\n  options: {}\n",
-            x.number,
-            x.cause,
-            x.task.as_ref().map(|t| format!(" task {t}")).unwrap_or_default(),
-            x.why,
-            x.question,
-            x.options.join(", ")
-        ));
-        match &e.resolution {
-            Some((d, by, defaulted)) => out.push_str(&format!(
-                "  resolved: {} by {by}{}\n",
-                d.name(),
-                if *defaulted { " (deadline default)" } else { "" }
-            )),
-            None => {
-                let options: Vec<&str> = x.options.iter().map(|o| cli_decision(o)).collect();
-                out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", s.run, options.join(" | ")))
-            }
-        }
-    }
-    if let Some(f) = &s.failure {
-        out.push_str(&format!("failure: {f}\n"));
-    }
-    if let Some(r) = &s.result {
-        out.push_str(&format!("result: {}\n", r.as_str()));
-    }
-    out
 }
 
 /// `keel escalations --json`: one entry.
@@ -241,7 +251,7 @@ pub fn step_json(e: &Logged, after: &RunState) -> Value {
         "time": rfc3339(e.at_us),
         "time_us": e.at_us,
         "kind": e.event.kind_name(),
-        "event": event_json(&e.event)["payload"].clone(),
+        "event": event_json(&e.event).get("payload").cloned().unwrap_or(Value::Null),
         "run_status": after.status.name(),
         "tasks": tasks,
     })

@@ -1,6 +1,6 @@
-//! `cargo run --release -p keel-replay --example bench -- [--json] [--quick] [--only SECTION,..]
+//! `cargo run --release -p keel-bench --example bench -- [--json] [--quick] [--only SECTION,..]
 //! [--runs N,..] [--levels power-loss,process-crash] [--keep] [--snapshot-every N]
-//! [--memory-runs N]`: `keel bench` (replay/src/bench.rs)
+//! [--memory-runs N]`: `keel bench` (replay/bench/src/lib.rs)
 //! with the knobs used while profiling.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 fn main() {

@@ -17,7 +17,13 @@
 //! 6. replay: events folded per second from the db and from a JSONL export, next to a raw
 //!    sled scan of the same records.
 
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
+mod error;
 mod sys;
+
+pub use error::BenchError;
 
 use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
 use keel_engine::{
@@ -25,7 +31,6 @@ use keel_engine::{
     Escalation, Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState,
     TaskCall, TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
 };
-use keel_replay::error::ReplayError;
 use keel_replay::export::{JsonlWriter, Redaction};
 use keel_replay::source::export_runs;
 use keel_store::{
@@ -68,6 +73,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
+    /// The options of `keel bench` (`quick`: `keel bench --quick`).
     pub fn new(quick: bool) -> Self {
         let levels = if quick { vec![Level::PowerLoss] } else { vec![Level::PowerLoss, Level::ProcessCrash] };
         BenchOptions {
@@ -141,18 +147,23 @@ impl Sizes {
 pub struct Figure {
     /// Stable key (JSON).
     pub key: String,
+    /// The section it belongs to (`throughput`, `latency`, ...).
     pub section: &'static str,
     /// Human label.
     pub label: String,
+    /// The measured value, in `unit`.
     pub value: f64,
+    /// Its unit (`runs/s`, `us`, `MiB`, ...).
     pub unit: &'static str,
     /// The floor it is compared with (same unit), if any.
     pub floor: Option<f64>,
+    /// What the floor is (human label).
     pub floor_label: String,
     /// `value / floor` (for durations: `floor / value` is not used; see `ratio_note`).
     pub ratio: Option<f64>,
     /// The target, as text (`>= 50%`), if there is one.
     pub target: Option<String>,
+    /// Whether the target is met (None: no target).
     pub met: Option<bool>,
     /// Extra fields for the JSON document.
     pub extra: Value,
@@ -200,9 +211,13 @@ impl Figure {
 /// The whole result of one `keel bench`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchReport {
+    /// Whether this was the short run (`--quick`).
     pub quick: bool,
+    /// The machine it ran on (cores, memory, OS, as JSON).
     pub machine: Value,
+    /// How long the whole bench took, in seconds.
     pub seconds: f64,
+    /// Every figure, in report order.
     pub figures: Vec<Figure>,
 }
 
@@ -337,12 +352,12 @@ fn machine() -> Value {
 
 /// `keel bench [--json] [--quick]`: runs the bench on its own thread and runtime and prints
 /// the table (or the JSON document) on stdout; progress goes to stderr on a terminal only.
-pub fn cli(json: bool, quick: bool) -> Result<(), ReplayError> {
+pub fn cli(json: bool, quick: bool) -> Result<(), BenchError> {
     cli_with(json, BenchOptions::new(quick))
 }
 
 /// [`cli`] with explicit options.
-pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), ReplayError> {
+pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), BenchError> {
     let handle = std::thread::Builder::new()
         .name("keel-bench".into())
         .spawn(move || {
@@ -359,19 +374,19 @@ pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), ReplayError> {
             }
             report
         })
-        .map_err(|e| ReplayError::Invalid(format!("cannot start the bench thread: {e}")))?;
-    let report = handle.join().map_err(|_| ReplayError::Invalid("the bench panicked".into()))??;
+        .map_err(|e| BenchError::Invalid(format!("cannot start the bench thread: {e}")))?;
+    let report = handle.join().map_err(|_| BenchError::Invalid("the bench panicked".into()))??;
     let mut out = std::io::stdout().lock();
     let text = if json {
-        serde_json::to_string_pretty(&report.to_json()).map_err(|e| ReplayError::Invalid(e.to_string()))?
+        serde_json::to_string_pretty(&report.to_json()).map_err(|e| BenchError::Invalid(e.to_string()))?
     } else {
         report.to_table()
     };
-    writeln!(out, "{text}").map_err(|e| ReplayError::io(Path::new("<stdout>"), e))
+    writeln!(out, "{text}").map_err(|e| BenchError::io(Path::new("<stdout>"), e))
 }
 
 /// Runs every section. Must not be called from inside a tokio runtime (it builds its own).
-pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
     let result = run_sections(opts, progress);
     if opts.keep {
         for d in std::mem::take(&mut *TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner())) {
@@ -382,13 +397,13 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     result
 }
 
-fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, ReplayError> {
+fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
     let mut plan = Sizes::of(opts.quick);
     SNAPSHOT_EVERY.store(opts.snapshot_every.unwrap_or(0), Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| ReplayError::Invalid(format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| BenchError::Invalid(format!("cannot start the async runtime: {e}")))?;
     let started = Instant::now();
     let parent = opts.dir.clone();
     let parent = parent.as_deref();
@@ -551,14 +566,14 @@ fn engine_over(
 static TEMP_DIRS: Mutex<Vec<tempfile::TempDir>> = Mutex::new(Vec::new());
 
 /// A fresh temporary directory (kept until the end of the bench run).
-fn temp_dir(parent: Option<&Path>, what: &str) -> Result<PathBuf, ReplayError> {
+fn temp_dir(parent: Option<&Path>, what: &str) -> Result<PathBuf, BenchError> {
     let prefix = format!("keel-bench-{what}-");
     let b = tempfile::Builder::new().prefix(&prefix).to_owned();
     let dir = match parent {
         Some(p) => b.tempdir_in(p),
         None => b.tempdir(),
     };
-    let dir = dir.map_err(|e| ReplayError::io(parent.unwrap_or(Path::new("<temp dir>")), e))?;
+    let dir = dir.map_err(|e| BenchError::io(parent.unwrap_or(Path::new("<temp dir>")), e))?;
     let path = dir.path().to_path_buf();
     TEMP_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir);
     Ok(path)
@@ -569,17 +584,17 @@ fn remove_temp_dirs() {
     drop(dirs);
 }
 
-fn open_store(dir: &Path, durability: Durability) -> Result<Arc<SledStore>, ReplayError> {
+fn open_store(dir: &Path, durability: Durability) -> Result<Arc<SledStore>, BenchError> {
     Ok(Arc::new(SledStore::open(dir.join("db"), StoreConfig { durability, ..StoreConfig::default() })?))
 }
 
 /// Submits `runs` requests with up to 1024 submissions in flight.
-async fn submit_all(engine: &Engine, runs: usize) -> Result<Vec<RunId>, ReplayError> {
+async fn submit_all(engine: &Engine, runs: usize) -> Result<Vec<RunId>, BenchError> {
     submit_n(engine, runs, 1024).await
 }
 
 /// Submits `runs` requests with up to `in_flight` submissions in flight.
-async fn submit_n(engine: &Engine, runs: usize, in_flight: usize) -> Result<Vec<RunId>, ReplayError> {
+async fn submit_n(engine: &Engine, runs: usize, in_flight: usize) -> Result<Vec<RunId>, BenchError> {
     let mut out = Vec::with_capacity(runs);
     let mut i = 0;
     while i < runs {
@@ -591,7 +606,7 @@ async fn submit_n(engine: &Engine, runs: usize, in_flight: usize) -> Result<Vec<
             set.spawn(async move { e.submit(Request::new(WORKFLOW, input)).await });
         }
         while let Some(r) = set.join_next().await {
-            let s = r.map_err(|e| ReplayError::Invalid(format!("submit task: {e}")))??;
+            let s = r.map_err(|e| BenchError::Invalid(format!("submit task: {e}")))??;
             out.push(s.run);
         }
         i += n;
@@ -735,7 +750,7 @@ fn threads() -> Option<u64> {
 /// suspended runs.
 const MEMORY_WORKERS: usize = 8;
 
-async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, ReplayError> {
+async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, BenchError> {
     let dir = temp_dir(parent, "memory")?;
     let store = open_store(dir.as_path(), Durability::default())?;
     // Escalations with a (far) deadline: each driver ends with its run parked.
@@ -762,7 +777,7 @@ async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, Repla
         let report = engine.run_until_idle().await?;
         // The second pass also re-drives (and re-parks) the first half's runs.
         if report.awaiting_human < n || !report.stopped.is_empty() {
-            return Err(ReplayError::Invalid(format!(
+            return Err(BenchError::Invalid(format!(
                 "memory: expected {n} runs awaiting a human, got {} ({} stopped)",
                 report.awaiting_human,
                 report.stopped.len()
@@ -824,7 +839,7 @@ async fn memory(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, Repla
 // ---------------------------------------------------------------------------------------
 
 /// Mean stored bytes of one record of the bench workflow (to size the floors).
-async fn calibrate(parent: Option<&Path>) -> Result<usize, ReplayError> {
+async fn calibrate(parent: Option<&Path>) -> Result<usize, BenchError> {
     let dir = temp_dir(parent, "calibrate")?;
     let store = open_store(dir.as_path(), Durability::None)?;
     let engine = engine_over(store.clone(), workflow(16, false, 0), 8, Policy::default())?;
@@ -849,12 +864,12 @@ struct RawSled {
     group: RawGroup,
 }
 
-fn sled_err(e: sled::Error) -> ReplayError {
-    ReplayError::Invalid(format!("raw sled: {e}"))
+fn sled_err(e: sled::Error) -> BenchError {
+    BenchError::RawSled(e)
 }
 
 impl RawSled {
-    fn open(dir: &Path) -> Result<RawSled, ReplayError> {
+    fn open(dir: &Path) -> Result<RawSled, BenchError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(StoreConfig::default().cache_capacity_bytes)
@@ -862,19 +877,19 @@ impl RawSled {
             .open()
             .map_err(sled_err)?;
         let data = dir.join("db");
-        let data_file = std::fs::File::open(&data).map_err(|e| ReplayError::io(&data, e))?;
+        let data_file = std::fs::File::open(&data).map_err(|e| BenchError::io(&data, e))?;
         Ok(RawSled { db, data_file, group: RawGroup::default() })
     }
 
-    fn sync(&self, level: Level) -> Result<(), ReplayError> {
+    fn sync(&self, level: Level) -> Result<(), BenchError> {
         self.db.flush().map_err(sled_err)?;
         if level == Level::PowerLoss {
-            self.data_file.sync_data().map_err(|e| ReplayError::io(Path::new("sled data file"), e))?;
+            self.data_file.sync_data().map_err(|e| BenchError::io(Path::new("sled data file"), e))?;
         }
         Ok(())
     }
 
-    fn durable(&self, d: Durability) -> Result<(), ReplayError> {
+    fn durable(&self, d: Durability) -> Result<(), BenchError> {
         match d {
             Durability::None => Ok(()),
             Durability::EveryAppend(level) => self.sync(level),
@@ -893,7 +908,7 @@ struct RawGroup {
 }
 
 impl RawGroup {
-    fn commit(&self, flush: impl Fn() -> Result<(), ReplayError>) -> Result<(), ReplayError> {
+    fn commit(&self, flush: impl Fn() -> Result<(), BenchError>) -> Result<(), BenchError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.0 += 1;
         let ticket = st.0;
@@ -972,17 +987,17 @@ fn raw_inserts(
     duration: Duration,
     value_bytes: usize,
     per_op: f64,
-) -> Result<RawSample, ReplayError> {
+) -> Result<RawSample, BenchError> {
     let dir = temp_dir(parent, "raw")?;
     let raw = RawSled::open(&dir)?;
     let value = vec![0x5au8; value_bytes];
     let per_op = if per_op.is_finite() { per_op.max(1.0) } else { 1.0 };
     let barrier = std::sync::Barrier::new(threads + 1);
-    let results: Vec<Result<(u64, u64, Instant), ReplayError>> = std::thread::scope(|s| {
+    let results: Vec<Result<(u64, u64, Instant), BenchError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (raw, value, barrier) = (&raw, &value, &barrier);
-                s.spawn(move || -> Result<(u64, u64, Instant), ReplayError> {
+                s.spawn(move || -> Result<(u64, u64, Instant), BenchError> {
                     // Each writer starts at its own phase of the pattern, so that writers
                     // making only a few operations still write `per_op` on average.
                     let phase = (t as f64 * 0.618_033_988_75).fract();
@@ -1012,7 +1027,7 @@ fn raw_inserts(
         barrier.wait();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ReplayError::Invalid("raw writer panicked".into()))))
+            .map(|h| h.join().unwrap_or_else(|_| Err(BenchError::Invalid("raw writer panicked".into()))))
             .collect()
     });
     let t0 = Instant::now() - duration;
@@ -1036,25 +1051,25 @@ fn file_fdatasync(
     record_bytes: usize,
     group: usize,
     duration: Duration,
-) -> Result<f64, ReplayError> {
+) -> Result<f64, BenchError> {
     let dir = temp_dir(parent, "file")?;
     let path = dir.join("log");
     let mut f =
-        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| ReplayError::io(&path, e))?;
+        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| BenchError::io(&path, e))?;
     let rec = vec![0x5au8; record_bytes];
     let t0 = Instant::now();
     let mut n = 0u64;
     while t0.elapsed() < duration {
         for _ in 0..group {
-            f.write_all(&rec).map_err(|e| ReplayError::io(&path, e))?;
+            f.write_all(&rec).map_err(|e| BenchError::io(&path, e))?;
         }
-        f.sync_data().map_err(|e| ReplayError::io(&path, e))?;
+        f.sync_data().map_err(|e| BenchError::io(&path, e))?;
         n += group as u64;
     }
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-fn floor(parent: Option<&Path>, plan: &Sizes, record_bytes: usize) -> Result<Vec<Figure>, ReplayError> {
+fn floor(parent: Option<&Path>, plan: &Sizes, record_bytes: usize) -> Result<Vec<Figure>, BenchError> {
     let d = plan.floor_duration;
     let mut out = Vec::new();
     for (mode, threads, key) in [
@@ -1136,7 +1151,7 @@ async fn engine_cell(
     concurrency: usize,
     tasks: usize,
     runs: usize,
-) -> Result<EngineSample, ReplayError> {
+) -> Result<EngineSample, BenchError> {
     let total = (runs * events_per_run(tasks)) as u64;
     let dir = temp_dir(parent, "throughput")?;
     let store = open_store(&dir, d)?;
@@ -1167,9 +1182,9 @@ async fn engine_cell(
     };
     let t0 = Instant::now();
     let report = engine.run_until_idle().await?;
-    let (cut_t, (r1, a1, f1, n1)) = watch.await.map_err(|e| ReplayError::Invalid(format!("watcher: {e}")))?;
+    let (cut_t, (r1, a1, f1, n1)) = watch.await.map_err(|e| BenchError::Invalid(format!("watcher: {e}")))?;
     if report.completed != runs || !report.stopped.is_empty() {
-        return Err(ReplayError::Invalid(format!(
+        return Err(BenchError::Invalid(format!(
             "throughput: {runs} runs, {} completed, {} stopped: {:?}",
             report.completed,
             report.stopped.len(),
@@ -1178,7 +1193,7 @@ async fn engine_cell(
     }
     let appended = probe.records.load(Ordering::Relaxed) - r0;
     if appended != total {
-        return Err(ReplayError::Invalid(format!("throughput: {appended} events appended, expected {total}")));
+        return Err(BenchError::Invalid(format!("throughput: {appended} events appended, expected {total}")));
     }
     drop(engine);
     let appends = a1 - a0;
@@ -1206,7 +1221,7 @@ async fn throughput(
     concurrency: usize,
     plan: &Sizes,
     record_bytes: usize,
-) -> Result<Figure, ReplayError> {
+) -> Result<Figure, BenchError> {
     // Work for about `cell_seconds` at a rough rate for the mode.
     let rate = match (d, concurrency) {
         (Durability::EveryAppend(_), _) | (_, 1) => 4_000.0,
@@ -1239,8 +1254,8 @@ async fn throughput(
             }
         }
     }
-    let e = median_by(&engine, EngineSample::per_second).ok_or_else(|| ReplayError::Invalid("no sample".into()))?;
-    let r = median_by(&raw, RawSample::per_second).ok_or_else(|| ReplayError::Invalid("no sample".into()))?;
+    let e = median_by(&engine, EngineSample::per_second).ok_or_else(|| BenchError::Invalid("no sample".into()))?;
+    let r = median_by(&raw, RawSample::per_second).ok_or_else(|| BenchError::Invalid("no sample".into()))?;
 
     let key = format!("throughput.{}.runs_{concurrency}", mode_key(d));
     let label = format!("engine transitions/s, {}, {concurrency} run(s)", keel_store::bench::mode_name(d));
@@ -1306,10 +1321,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied().unwrap_or(0.0)
 }
 
-async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> Result<Vec<Figure>, ReplayError> {
+async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> Result<Vec<Figure>, BenchError> {
     let d = Durability::GroupCommit(Level::PowerLoss);
     let dir = temp_dir(parent, "latency")?;
     let store = open_store(dir.as_path(), d)?;
@@ -1337,9 +1352,9 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
         submit_all(&engine, 1).await?;
         let report = engine.run_until_idle().await?;
         if report.completed != 1 {
-            return Err(ReplayError::Invalid(format!("latency: run not completed: {report:?}")));
+            return Err(BenchError::Invalid(format!("latency: run not completed: {report:?}")));
         }
-        tokio::task::block_in_place(|| -> Result<(), ReplayError> {
+        tokio::task::block_in_place(|| -> Result<(), BenchError> {
             for _ in 0..tasks {
                 let t = Instant::now();
                 let mut batch = sled::Batch::default();
@@ -1377,7 +1392,14 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
     // Where a step's time goes: inside the store's append, and between appends.
     let spans = probe.spans.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut inside: Vec<f64> = spans.iter().map(|(a, b)| (b - a) as f64).collect();
-    let mut between: Vec<f64> = spans.windows(2).map(|w| (w[1].0 - w[0].1) as f64).filter(|g| *g >= 0.0).collect();
+    let mut between: Vec<f64> = spans
+        .windows(2)
+        .filter_map(|w| match w {
+            [(_, end), (start, _)] => Some((start - end) as f64),
+            _ => None,
+        })
+        .filter(|g| *g >= 0.0)
+        .collect();
     inside.sort_by(f64::total_cmp);
     between.sort_by(f64::total_cmp);
     let (p50, p99, p999) = (percentile(&steps, 0.5), percentile(&steps, 0.99), percentile(&steps, 0.999));
@@ -1405,7 +1427,7 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
 
 /// A legal history of `events` events built with the store API: accepted, planned (one
 /// task), then dispatch / transient failure / retry cycles. Returns its folded state.
-fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u64) -> Result<RunState, ReplayError> {
+fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u64) -> Result<RunState, BenchError> {
     let t0 = 1_700_000_000_000_000i64;
     let mut state: Option<RunState> = None;
     let mut batch: Vec<NewRecord> = Vec::new();
@@ -1413,7 +1435,7 @@ fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u
     let mut attempt = 0u32;
     let task = TaskId("t00".to_owned());
     let mut seq = 0u64;
-    let flush = |state: &RunState, batch: &mut Vec<NewRecord>, expected: &mut Seq| -> Result<(), ReplayError> {
+    let flush = |state: &RunState, batch: &mut Vec<NewRecord>, expected: &mut Seq| -> Result<(), BenchError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -1485,12 +1507,12 @@ fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u
             }
         }
     }
-    let state = state.ok_or_else(|| ReplayError::Invalid("empty run".into()))?;
+    let state = state.ok_or_else(|| BenchError::Invalid("empty run".into()))?;
     flush(&state, &mut batch, &mut expected)?;
     Ok(state)
 }
 
-fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>, ReplayError> {
+fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -> Result<Vec<Figure>, BenchError> {
     let dir = temp_dir(parent, "resume")?;
     let mut built = Vec::new();
     {
@@ -1522,11 +1544,12 @@ fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -
         let mut first = 0.0;
         for k in 0..plan.resume_repeats.max(1) {
             let t = Instant::now();
-            let state = load_state(store.as_ref(), *run)?.ok_or_else(|| ReplayError::UnknownRun(run.to_string()))?;
+            let state = load_state(store.as_ref(), *run)?
+                .ok_or_else(|| BenchError::Invalid(format!("resume: unknown run {run}")))?;
             let cmds = decide(&state, &ctx);
             let us = t.elapsed().as_secs_f64() * 1e6;
             if &state != want || cmds.is_empty() {
-                return Err(ReplayError::Invalid(format!("resume: run of {n} events folded to another state")));
+                return Err(BenchError::Invalid(format!("resume: run of {n} events folded to another state")));
             }
             if k == 0 {
                 first = us;
@@ -1566,13 +1589,13 @@ fn resume(parent: Option<&Path>, plan: &Sizes, progress: &mut dyn FnMut(&str)) -
 // 6. replay
 // ---------------------------------------------------------------------------------------
 
-fn tr(e: keel_engine::TransitionError) -> ReplayError {
-    ReplayError::Engine(EngineError::Transition(e))
+fn tr(e: keel_engine::TransitionError) -> BenchError {
+    BenchError::Engine(EngineError::Transition(e))
 }
 
 /// Folds a stream of `(position of the run, event)` into one state per run (in place),
 /// counting events.
-fn fold_stream(events: impl Iterator<Item = (usize, Result<Logged, ReplayError>)>) -> Result<u64, ReplayError> {
+fn fold_stream(events: impl Iterator<Item = (usize, Result<Logged, BenchError>)>) -> Result<u64, BenchError> {
     let mut n = 0u64;
     let mut state: Option<(usize, RunState)> = None;
     for (i, logged) in events {
@@ -1588,16 +1611,16 @@ fn fold_stream(events: impl Iterator<Item = (usize, Result<Logged, ReplayError>)
 
 /// The runs as resume reads them: `read_logged_runs` (read ahead, every check of
 /// `read_logged`).
-fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
-    fold_stream(read_logged_runs(log, runs).map(|(i, r)| (i, r.map_err(ReplayError::from))))
+fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, BenchError> {
+    fold_stream(read_logged_runs(log, runs).map(|(i, r)| (i, r.map_err(BenchError::from))))
 }
 
 /// One record of the replay: decode its event, check the envelope's kind.
-fn logged_of(rec: Result<keel_store::Record, keel_store::StoreError>) -> Result<Logged, ReplayError> {
+fn logged_of(rec: Result<keel_store::Record, keel_store::StoreError>) -> Result<Logged, BenchError> {
     let rec = rec?;
     let event: Event = rec.decode()?;
     if event.kind_name() != rec.kind {
-        return Err(ReplayError::Invalid(format!("run {} seq {}: kind mismatch", rec.run, rec.seq)));
+        return Err(BenchError::Invalid(format!("run {} seq {}: kind mismatch", rec.run, rec.seq)));
     }
     Ok(Logged { run: rec.run, seq: rec.seq, at_us: rec.time_us, event })
 }
@@ -1606,16 +1629,16 @@ fn logged_of(rec: Result<keel_store::Record, keel_store::StoreError>) -> Result<
 /// ahead on a second thread). Since record schema v2 the link check covers the payload
 /// bytes, so this and `read_logged` do the same work on v2 records; on v1 records
 /// `read_logged` also recomputes the payload root.
-fn fold_db_unverified(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
+fn fold_db_unverified(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, BenchError> {
     fold_stream(log.read_runs(runs).map(|(i, r)| (i, logged_of(r))))
 }
 
 /// [`fold_db_unverified`] on one thread: `EventLog::read` run after run.
-fn fold_db_one_thread(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, ReplayError> {
+fn fold_db_one_thread(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, BenchError> {
     fold_stream(keel_store::read_runs_in_turn(log, runs).map(|(i, r)| (i, logged_of(r))))
 }
 
-fn fold_export(path: &Path) -> Result<u64, ReplayError> {
+fn fold_export(path: &Path) -> Result<u64, BenchError> {
     let mut n = 0u64;
     for r in export_runs(path)? {
         let (_, events) = r?;
@@ -1633,7 +1656,7 @@ fn fold_export(path: &Path) -> Result<u64, ReplayError> {
 
 /// A raw sled scan of the runs' records, run by run (the access pattern of a replay: one
 /// range per run), touching every value.
-fn raw_scan(db: &sled::Db, runs: &[RunId]) -> Result<(u64, u64), ReplayError> {
+fn raw_scan(db: &sled::Db, runs: &[RunId]) -> Result<(u64, u64), BenchError> {
     let (mut n, mut bytes) = (0u64, 0u64);
     for run in runs {
         let key = |seq: u64| {
@@ -1652,7 +1675,7 @@ fn raw_scan(db: &sled::Db, runs: &[RunId]) -> Result<(u64, u64), ReplayError> {
     Ok((n, bytes))
 }
 
-fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, ReplayError>) -> Result<(T, f64), ReplayError> {
+fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, BenchError>) -> Result<(T, f64), BenchError> {
     let mut best: Option<(T, f64)> = None;
     let mut times = Vec::new();
     for _ in 0..repeats.max(1) {
@@ -1664,75 +1687,37 @@ fn best_of<T>(repeats: usize, mut f: impl FnMut() -> Result<T, ReplayError>) -> 
     }
     times.sort_by(f64::total_cmp);
     let median = percentile(&times, 0.5);
-    best.map(|(v, _)| (v, median)).ok_or_else(|| ReplayError::Invalid("no repeat".into()))
+    best.map(|(v, _)| (v, median)).ok_or_else(|| BenchError::Invalid("no repeat".into()))
 }
 
-async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, ReplayError> {
+async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, BenchError> {
     let dir = temp_dir(parent, "replay")?;
-    let db_dir = dir.as_path().join("db");
-    let runs = {
-        let store = open_store(dir.as_path(), Durability::None)?;
-        let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
-        submit_all(&engine, plan.replay_runs).await?;
-        engine.run_until_idle().await?;
-        drop(engine);
-        store.flush()?;
-        let mut runs = store.runs()?;
-        runs.sort();
-        // The export (not timed).
-        let path = dir.as_path().join("export.jsonl");
-        let file = std::fs::File::create(&path).map_err(|e| ReplayError::io(&path, e))?;
-        let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
-        for &run in &runs {
-            w.write_run(store.as_ref(), run)?;
-        }
-        w.finish()?.flush().map_err(|e| ReplayError::io(&path, e))?;
-        runs
-    };
+    let runs = replay_setup(dir.as_path(), plan).await?;
     let repeats = 5;
     let export = dir.as_path().join("export.jsonl");
-    // Rounds of: a raw scan and the two folds, each on a freshly opened database (opened
-    // outside the timing: sled's cache is cold, the OS page cache warm, as for `keel replay`),
-    // raw first or last in turn. Values are medians, ratios the medians of the per-round
-    // ratios (the disk is shared).
-    let time = |f: &mut dyn FnMut() -> Result<u64, ReplayError>| -> Result<(u64, f64), ReplayError> {
-        let t = Instant::now();
-        let n = f()?;
-        Ok((n, t.elapsed().as_secs_f64()))
-    };
-    let (mut raw_rates, mut plain_rates, mut verified_rates) = (Vec::new(), Vec::new(), Vec::new());
-    let mut one_thread_rates = Vec::new();
-    let (mut scanned, mut bytes, mut folded, mut folded_plain) = (0u64, 0u64, 0u64, 0u64);
-    let mut folded_one = 0u64;
-    tokio::task::block_in_place(|| -> Result<(), ReplayError> {
-        for round in 0..repeats {
-            for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
-                if side == 0 {
-                    let raw = RawSled::open(&db_dir)?;
-                    let t = Instant::now();
-                    let (n, b) = raw_scan(&raw.db, &runs)?;
-                    raw_rates.push(n as f64 / t.elapsed().as_secs_f64());
-                    (scanned, bytes) = (n, b);
-                } else {
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db_unverified(store.as_ref(), &runs))?;
-                    plain_rates.push(n as f64 / secs);
-                    folded_plain = n;
-                    drop(store);
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db(store.as_ref(), &runs))?;
-                    verified_rates.push(n as f64 / secs);
-                    folded = n;
-                    drop(store);
-                    let store = open_store(dir.as_path(), Durability::None)?;
-                    let (n, secs) = time(&mut || fold_db_one_thread(store.as_ref(), &runs))?;
-                    one_thread_rates.push(n as f64 / secs);
-                    folded_one = n;
-                }
-            }
-        }
-        Ok(())
-    })?;
+    let r = tokio::task::block_in_place(|| replay_rounds(dir.as_path(), &runs, repeats))?;
+    replay_figures(r, runs.len(), plan, repeats, &export)
+}
+
+/// The replay section's figures from its rounds and a timed fold of the export.
+fn replay_figures(
+    r: ReplayRounds,
+    runs: usize,
+    plan: &Sizes,
+    repeats: usize,
+    export: &Path,
+) -> Result<Vec<Figure>, BenchError> {
+    let ReplayRounds {
+        raw: raw_rates,
+        plain: plain_rates,
+        verified: verified_rates,
+        one_thread: one_thread_rates,
+        scanned,
+        bytes,
+        folded,
+        folded_plain,
+        folded_one,
+    } = r;
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -1747,15 +1732,15 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
     let db_per_s = med(&verified_rates);
     let plain_ratio = pair(&plain_rates, &raw_rates);
     let verified_ratio = pair(&verified_rates, &raw_rates);
-    let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(&export)))?;
-    let export_bytes = std::fs::metadata(&export).map(|m| m.len()).unwrap_or(0);
+    let (folded_jsonl, jsonl_s) = tokio::task::block_in_place(|| best_of(repeats, || fold_export(export)))?;
+    let export_bytes = std::fs::metadata(export).map(|m| m.len()).unwrap_or(0);
     if folded != scanned || folded_jsonl != scanned || folded_plain != scanned || folded_one != scanned {
-        return Err(ReplayError::Invalid(format!(
+        return Err(BenchError::Invalid(format!(
             "replay: raw scan saw {scanned} records, the db fold {folded}, the export fold {folded_jsonl}"
         )));
     }
     let jsonl_per_s = folded_jsonl as f64 / jsonl_s;
-    let common = json!({"events": scanned, "runs": runs.len(), "tasks_per_run": plan.replay_tasks, "record_bytes_mean": bytes / scanned.max(1), "repeats": repeats});
+    let common = json!({"events": scanned, "runs": runs, "tasks_per_run": plan.replay_tasks, "record_bytes_mean": bytes / scanned.max(1), "repeats": repeats});
     let mut db = Figure::new(
         "replay",
         "replay.db",
@@ -1764,7 +1749,7 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
         "/s",
     )
     .floor(raw_per_s, "raw sled scan of the same records, run by run (one thread)")
-    .extra(json!({"events": scanned, "runs": runs.len(), "tasks_per_run": plan.replay_tasks, "rounds": repeats, "per_s_samples": plain_rates.iter().map(|r| r.round()).collect::<Vec<_>>(), "raw_per_s_samples": raw_rates.iter().map(|r| r.round()).collect::<Vec<_>>()}));
+    .extra(json!({"events": scanned, "runs": runs, "tasks_per_run": plan.replay_tasks, "rounds": repeats, "per_s_samples": plain_rates.iter().map(|r| r.round()).collect::<Vec<_>>(), "raw_per_s_samples": raw_rates.iter().map(|r| r.round()).collect::<Vec<_>>()}));
     db.ratio = Some(plain_ratio);
     let db_ratio = plain_ratio;
     let mut verified = Figure::new(
@@ -1803,4 +1788,99 @@ async fn replay(parent: Option<&Path>, plan: &Sizes) -> Result<Vec<Figure>, Repl
         .target(">= 200,000 events/s per core", jsonl_per_s >= 200_000.0)
         .extra(json!({"export_bytes": export_bytes, "events": folded_jsonl})),
     ])
+}
+
+/// The replay section's database (runs of `plan.replay_tasks` tasks, worked to the end)
+/// and its JSONL export (`export.jsonl`), in `dir`; neither is timed. Returns the runs.
+async fn replay_setup(dir: &Path, plan: &Sizes) -> Result<Vec<RunId>, BenchError> {
+    let store = open_store(dir, Durability::None)?;
+    let engine = engine_over(store.clone(), workflow(plan.replay_tasks, false, 0), 64, Policy::default())?;
+    submit_all(&engine, plan.replay_runs).await?;
+    engine.run_until_idle().await?;
+    drop(engine);
+    store.flush()?;
+    let mut runs = store.runs()?;
+    runs.sort();
+    // The export (not timed).
+    let path = dir.join("export.jsonl");
+    let file = std::fs::File::create(&path).map_err(|e| BenchError::io(&path, e))?;
+    let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), Value::Null, 0)?;
+    for &run in &runs {
+        w.write_run(store.as_ref(), run)?;
+    }
+    w.finish()?.flush().map_err(|e| BenchError::io(&path, e))?;
+    Ok(runs)
+}
+
+/// The replay section's timings: each a list of events/s, one per round.
+struct ReplayRounds {
+    /// Raw sled scans.
+    raw: Vec<f64>,
+    /// Folds from the db without resume's checks.
+    plain: Vec<f64>,
+    /// Folds from the db with every check of resume.
+    verified: Vec<f64>,
+    /// Folds from the db on one thread.
+    one_thread: Vec<f64>,
+    /// Records the raw scan saw, and their bytes.
+    scanned: u64,
+    bytes: u64,
+    /// Events each fold folded (all must equal `scanned`).
+    folded: u64,
+    folded_plain: u64,
+    folded_one: u64,
+}
+
+/// Rounds of: a raw scan and the two folds, each on a freshly opened database (opened
+/// outside the timing: sled's cache is cold, the OS page cache warm, as for `keel replay`),
+/// raw first or last in turn. Values are medians, ratios the medians of the per-round
+/// ratios (the disk is shared).
+fn replay_rounds(dir: &Path, runs: &[RunId], repeats: usize) -> Result<ReplayRounds, BenchError> {
+    let db_dir = dir.join("db");
+    let time = |f: &mut dyn FnMut() -> Result<u64, BenchError>| -> Result<(u64, f64), BenchError> {
+        let t = Instant::now();
+        let n = f()?;
+        Ok((n, t.elapsed().as_secs_f64()))
+    };
+    let (mut raw_rates, mut plain_rates, mut verified_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut one_thread_rates = Vec::new();
+    let (mut scanned, mut bytes, mut folded, mut folded_plain) = (0u64, 0u64, 0u64, 0u64);
+    let mut folded_one = 0u64;
+    for round in 0..repeats {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                let raw = RawSled::open(&db_dir)?;
+                let t = Instant::now();
+                let (n, b) = raw_scan(&raw.db, runs)?;
+                raw_rates.push(n as f64 / t.elapsed().as_secs_f64());
+                (scanned, bytes) = (n, b);
+            } else {
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db_unverified(store.as_ref(), runs))?;
+                plain_rates.push(n as f64 / secs);
+                folded_plain = n;
+                drop(store);
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db(store.as_ref(), runs))?;
+                verified_rates.push(n as f64 / secs);
+                folded = n;
+                drop(store);
+                let store = open_store(dir, Durability::None)?;
+                let (n, secs) = time(&mut || fold_db_one_thread(store.as_ref(), runs))?;
+                one_thread_rates.push(n as f64 / secs);
+                folded_one = n;
+            }
+        }
+    }
+    Ok(ReplayRounds {
+        raw: raw_rates,
+        plain: plain_rates,
+        verified: verified_rates,
+        one_thread: one_thread_rates,
+        scanned,
+        bytes,
+        folded,
+        folded_plain,
+        folded_one,
+    })
 }

@@ -1,0 +1,26 @@
+//! One module per `keel` command: its arguments and what it does.
+
+pub(crate) mod bench;
+pub(crate) mod demo;
+pub(crate) mod diff;
+pub(crate) mod escalations;
+pub(crate) mod export;
+pub(crate) mod fork;
+pub(crate) mod fsm;
+pub(crate) mod replay;
+pub(crate) mod resolve;
+pub(crate) mod runs;
+pub(crate) mod show;
+pub(crate) mod stats;
+pub(crate) mod verify;
+pub(crate) mod work;
+
+use clap::Args;
+
+/// The arguments of a command whose only option is `--json`.
+#[derive(Args, Debug)]
+pub(crate) struct JsonArgs {
+    /// Print JSON (stable schema, docs/CLI.md).
+    #[arg(long)]
+    pub(crate) json: bool,
+}

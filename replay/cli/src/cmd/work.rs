@@ -1,0 +1,53 @@
+//! Drives pending runs: `keel work`.
+
+use crate::error::{io_err, CmdResult};
+use crate::open::open;
+use crate::output::{print_json, spinner};
+use crate::Registry;
+use clap::Args;
+use serde_json::json;
+use std::path::Path;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub(crate) struct WorkArgs {
+    /// Drive every pending run until each is finished or waits for a human, then exit.
+    /// Without it, keel works as a service until interrupted (Ctrl-C).
+    #[arg(long)]
+    pub(crate) until_idle: bool,
+    /// Print JSON (stable schema, docs/CLI.md).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
+    let engine = registry.engine(open(db)?)?;
+    registry.refuse_unknown_unfinished(&engine)?;
+    if !a.until_idle {
+        let workers = engine.start();
+        eprintln!("keel: working runs in {} (Ctrl-C to stop)", db.display());
+        tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
+        let report = workers.shutdown().await;
+        eprintln!("keel: stopped after {} driver pass(es)", report.driven);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sp = spinner("working runs until idle");
+    let r = engine.run_until_idle().await?;
+    sp.finish_and_clear();
+    if a.json {
+        print_json(&json!({
+            "driven": r.driven, "completed": r.completed, "failed": r.failed, "cancelled": r.cancelled,
+            "awaiting_human": r.awaiting_human,
+            "stopped": r.stopped.iter().map(|(run, e)| json!({"run": run.to_string(), "error": e})).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        println!(
+            "driven {}: {} completed, {} failed, {} cancelled, {} awaiting a human",
+            r.driven, r.completed, r.failed, r.cancelled, r.awaiting_human
+        );
+        for (run, e) in &r.stopped {
+            println!("stopped: run {run}: {e}");
+        }
+    }
+    Ok(if r.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

@@ -1,0 +1,43 @@
+//! A command's failure and how it maps to an exit code.
+
+use keel_replay::error::ReplayError;
+use std::process::ExitCode;
+
+/// A command's failure: usage (exit 2) or anything else (exit 1). The message is printed
+/// as one line after `error: `.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    /// The command line asks for something that cannot be done as asked (exit 2).
+    Usage(String),
+    /// The command failed (exit 1).
+    Failed(String),
+}
+
+impl From<ReplayError> for CliError {
+    fn from(e: ReplayError) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
+impl From<keel_engine::EngineError> for CliError {
+    fn from(e: keel_engine::EngineError) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
+impl From<keel_bench::BenchError> for CliError {
+    fn from(e: keel_bench::BenchError) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
+impl From<keel_store::StoreError> for CliError {
+    fn from(e: keel_store::StoreError) -> Self {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// An I/O failure while doing `what` (a path, "stdout", ...).
+pub(crate) fn io_err(what: &str, e: std::io::Error) -> CliError {
+    CliError::Failed(format!("{what}: {e}"))
+}
+
+/// What every command returns: its exit code, or the failure main prints.
+pub(crate) type CmdResult = Result<ExitCode, CliError>;

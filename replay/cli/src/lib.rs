@@ -1,0 +1,171 @@
+//! keel-cli: the `keel` command line (docs/CLI.md), as a library so that a service can
+//! build its own `keel` binary with its own workflow types: [`main_with`] a
+//! [`Registry`]. The stock `keel` binary (src/main.rs) passes [`Registry::demo`].
+//!
+//! Every command takes `--db DIR` (default `./keel-data`, env `KEEL_DB`). Errors are one
+//! line on stderr starting with `error: `; exit codes: 0 success, 1 failure (including a
+//! divergence found by `replay --check` and a verification that fails), 2 usage.
+//!
+//! This file parses the command line, dispatches to `cmd/<command>.rs`, and turns a
+//! command's failure into one line and an exit code (src/main.rs only calls it). Adding a
+//! command: one module in `cmd/`, one variant of `Cmd` and one arm in `run`.
+
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
+mod cmd;
+mod error;
+mod open;
+mod output;
+mod registry;
+mod source;
+mod sys;
+
+pub use registry::Registry;
+
+use clap::{Parser, Subcommand};
+use error::{CliError, CmdResult};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel",
+    version,
+    about = "keel: durable state machines for AI-agent workflows — run the demo, inspect, replay, fork, export and verify runs",
+    propagate_version = true
+)]
+struct Cli {
+    /// Directory of the keel database.
+    #[arg(long, global = true, env = "KEEL_DB", default_value = "./keel-data", value_name = "DIR")]
+    db: PathBuf,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Submit demo runs (a simulated support-ticket agent) and work them until idle.
+    Demo(cmd::demo::DemoArgs),
+    /// Resume and drive every pending run.
+    Work(cmd::work::WorkArgs),
+    /// List runs.
+    Runs(cmd::runs::RunsArgs),
+    /// Show one run: state, plan with task statuses, totals, escalations.
+    Show(cmd::show::ShowArgs),
+    /// Replay a run offline: time travel, step listing, determinism check.
+    Replay(cmd::replay::ReplayArgs),
+    /// Fork a run at a seq and continue it live (what if?).
+    Fork(cmd::fork::ForkArgs),
+    /// Compare the histories of two runs.
+    Diff(cmd::diff::DiffArgs),
+    /// Export runs for audit: JSONL (verifiable), CSV or a self-contained HTML report.
+    Export(cmd::export::ExportArgs),
+    /// Verify the hash chain of an export file or of the database.
+    Verify(cmd::verify::VerifyArgs),
+    /// List escalations waiting for a human.
+    Escalations(cmd::JsonArgs),
+    /// Resolve a run's open escalation.
+    Resolve(cmd::resolve::ResolveArgs),
+    /// Usage and cost per workflow type.
+    Stats(cmd::JsonArgs),
+    /// Print the run and task state machines.
+    Fsm(cmd::fsm::FsmArgs),
+    /// Measure what keel costs on top of its log: throughput, step latency, resume,
+    /// replay and memory, each next to its floor (fresh temporary databases; docs/PERFORMANCE.md).
+    Bench(cmd::bench::BenchArgs),
+}
+
+/// The `keel` command line with `registry`'s workflow types: parses the process's
+/// arguments, runs the command and returns its exit code (0 success, 1 failure, 2 usage;
+/// errors are one line on stderr). A service's own `keel` binary is
+/// `fn main() -> ExitCode { keel_cli::main_with(registry) }` (docs/CLI.md).
+pub fn main_with(registry: Registry) -> ExitCode {
+    // Die quietly on a closed pipe (`keel export ... | head`), as Unix tools do, instead
+    // of failing a write to stdout.
+    sys::default_sigpipe();
+    run_with(registry, std::env::args_os())
+}
+
+/// [`main_with`] on the given arguments (the first is the program name), without
+/// changing the process's SIGPIPE disposition: for tests and for a binary that parses
+/// some arguments itself.
+pub fn run_with<I, T>(registry: Registry, args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            // clap explains over several lines (then usage); keep it to one.
+            let text = e.render().to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let joined = parts.join(" ");
+            let msg = joined.strip_prefix("error: ").unwrap_or(&joined);
+            eprintln!("error: {msg} (see `keel --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli, &registry)) {
+        Ok(code) => code,
+        Err(CliError::Usage(m)) => {
+            eprintln!("error: {}", one_line(&m));
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(m)) => {
+            eprintln!("error: {}", one_line(&m));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+async fn run(cli: Cli, registry: &Registry) -> CmdResult {
+    let db = cli.db;
+    match cli.command {
+        Cmd::Demo(a) => cmd::demo::run(&db, a, registry).await,
+        Cmd::Work(a) => cmd::work::run(&db, a, registry).await,
+        Cmd::Runs(a) => cmd::runs::run(&db, a, registry),
+        Cmd::Show(a) => cmd::show::run(&db, a, registry),
+        Cmd::Replay(a) => cmd::replay::run(&db, a, registry),
+        Cmd::Fork(a) => cmd::fork::run(&db, a, registry).await,
+        Cmd::Diff(a) => cmd::diff::run(&db, a),
+        Cmd::Export(a) => cmd::export::run(&db, a),
+        Cmd::Verify(a) => cmd::verify::run(&db, a),
+        Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
+        Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
+        Cmd::Stats(a) => cmd::stats::run(&db, a, registry),
+        Cmd::Fsm(a) => cmd::fsm::run(a),
+        Cmd::Bench(a) => cmd::bench::run(a),
+    }
+}
