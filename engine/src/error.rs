@@ -1,7 +1,7 @@
 //! The engine boundary's error type.
 
 use crate::core::TransitionError;
-use crate::fsm::RunStatus;
+use crate::model::fsm::RunStatus;
 use keel_store::{RunId, StoreError};
 
 /// Everything an [`crate::Engine`] call can fail with.

@@ -5,45 +5,35 @@
 //! pure core ([`apply`], [`decide`]) folds the log and says what to do next; the shell
 //! ([`Engine`]) performs it on tokio and records what it learns as events.
 //!
+//! The crate is built in floors whose imports run one way (docs/ARCHITECTURE.md):
+//! [`model`] (vocabulary) <- [`core`] (pure rules) <- [`api`] (plug-in traits and API
+//! types) <- `shell` (runtime, scheduler, driver, effects, journal, ingestion, fold,
+//! cache) <- `engine` (the facade: [`EngineBuilder`], [`Engine`]).
+//!
 //! Invariant: this crate talks to storage only through `keel_store::EventLog`; it does
 //! not depend on sled.
 
-mod apply;
-mod decide;
-mod plan;
-
-mod cache;
-mod engine;
-mod error;
-mod executor;
-mod ingest;
-mod log;
-mod sched;
-
 pub mod api;
 pub mod core;
-pub mod event;
-pub mod fsm;
+mod engine;
+mod error;
 pub mod model;
-pub mod sim;
-pub mod state;
+mod shell;
 
 pub use crate::core::{
-    apply, apply_mut, apply_take, decide, fold, replan_outcome, validate_plan, Command, Context, PlanLimits, Policy,
-    TransitionError,
+    apply, apply_mut, apply_take, decide, fold, idempotency_key, replan_outcome, sim, validate_plan, Command, Context,
+    PlanLimits, Policy, TransitionError,
 };
 pub use api::*;
-pub use cache::ResponseCache;
-pub use engine::{
-    Engine, EngineBuilder, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
-    TracingSink, WorkflowStats, WorkflowType,
-};
+pub use engine::{Engine, EngineBuilder};
 pub use error::EngineError;
-pub use event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
-pub use fsm::{RunStatus, TaskStatus};
-pub use ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use keel_store::{RunId, Seq};
-pub use log::{fold_full, load_state, read_logged, read_logged_runs};
-pub use model::*;
-pub use sched::Workers;
-pub use state::{EscalationState, RunState, TaskState, Totals};
+pub use model::event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
+pub use model::fsm::{RunStatus, TaskStatus};
+pub use model::state::{EscalationState, RunState, TaskState, Totals};
+pub use model::workflow::*;
+pub use model::{event, fsm, state};
+pub use shell::cache::ResponseCache;
+pub use shell::fold::{fold_full, load_state, read_logged, read_logged_runs};
+pub use shell::ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::sched::Workers;

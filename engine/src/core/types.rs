@@ -1,11 +1,9 @@
-//! The functional core: `apply` folds one logged event into a run's state; `decide` says
-//! what to do next. Both are pure: no clock, no randomness, no I/O, no hash-map order.
-//! Everything from the outside (planner, handler and evaluator answers, human decisions,
-//! time) reaches them only as a recorded [`Logged`] event.
+//! The types the pure core speaks: what `decide` reads besides the state ([`Context`],
+//! [`Policy`]), what it returns ([`Command`]) and why `apply` refuses an event
+//! ([`TransitionError`]).
 
-use crate::event::{Event, Logged};
-use crate::model::*;
-use crate::state::RunState;
+use crate::model::event::Event;
+use crate::model::workflow::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -80,7 +78,7 @@ pub enum Command {
     /// batch, in order.
     Record { event: Event, not_before_us: Option<i64> },
     /// Call the planner for `revision` (the run is Planning); validate its plan with
-    /// [`validate_plan`]; record `Planned`/`Replanned` or `PlanRejected`.
+    /// [`crate::core::validate_plan`]; record `Planned`/`Replanned` or `PlanRejected`.
     Plan { revision: u32 },
     /// Call the handler of a task whose dispatch is recorded and whose result is not
     /// (also after a restart: same attempt, same idempotency key); record `TaskExecuted`
@@ -107,33 +105,3 @@ pub enum TransitionError {
     #[error("run {run}: expected sequence {expected}, got {got}")]
     OutOfOrder { run: keel_store::RunId, expected: u64, got: u64 },
 }
-
-/// Fold one event into the state. The first event of a run must be `RunAccepted`, applied
-/// to `None`.
-pub fn apply(state: Option<&RunState>, logged: &Logged) -> Result<RunState, TransitionError> {
-    crate::apply::apply(state, logged)
-}
-
-/// What to do next, in a deterministic order.
-pub fn decide(state: &RunState, ctx: &Context) -> Vec<Command> {
-    crate::decide::decide(state, ctx)
-}
-
-/// Validate a plan before it is recorded: acyclic, known handlers, dependencies exist, ids
-/// unique, size bounds, and its cost estimate within the run's remaining budget.
-/// Returns every problem found (empty = valid).
-pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String> {
-    crate::plan::validate(plan, state, ctx)
-}
-
-/// Fold a whole history. Convenience for replay and tests.
-pub fn fold<'a>(events: impl IntoIterator<Item = &'a Logged>) -> Result<Option<RunState>, TransitionError> {
-    let mut state: Option<RunState> = None;
-    for e in events {
-        state = Some(apply(state.as_ref(), e)?);
-    }
-    Ok(state)
-}
-
-pub use crate::apply::{apply_mut, apply_take, replan_outcome};
-pub use crate::decide::idempotency_key;

@@ -6,7 +6,7 @@
 //! - a new variant goes at the end; a changed struct needs a new schema version and an
 //!   upcast in keel-store's decode path plus a golden log of the old version.
 
-use crate::model::*;
+use crate::model::workflow::*;
 use keel_store::{Payload, RunId, Seq};
 use serde::{Deserialize, Serialize};
 

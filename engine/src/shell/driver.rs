@@ -12,14 +12,14 @@
 //! to do: the run is terminal or waits for a human.
 
 use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
-use crate::cache::ResponseCache;
 use crate::core::{decide, validate_plan, Command, TransitionError};
-use crate::engine::{Inner, Registered};
 use crate::error::EngineError;
-use crate::event::{Event, Logged, PlanReason};
-use crate::fsm::{RunStatus, TaskStatus};
-use crate::model::*;
-use crate::state::RunState;
+use crate::model::event::{Event, Logged, PlanReason};
+use crate::model::fsm::{RunStatus, TaskStatus};
+use crate::model::state::RunState;
+use crate::model::workflow::*;
+use crate::shell::cache::ResponseCache;
+use crate::shell::runtime::{Inner, Registered};
 use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -406,14 +406,14 @@ impl Driver {
         let evaluated = std::mem::take(&mut batch.evaluated);
         let expected = batch.base.take().unwrap_or(state.next_seq);
         let (run, every, head) = (self.run, self.inner.snapshot_every, state.next_seq);
-        let snapshot = crate::log::snapshot_bytes(state, expected, every);
+        let snapshot = crate::shell::fold::snapshot_bytes(state, expected, every);
         let res = self
             .inner
             .blocking(move |log| {
                 let new_head = log.append(run, expected, records, None)?;
                 debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
                 if let Some(bytes) = snapshot {
-                    crate::log::save_snapshot(log, run, head, &bytes);
+                    crate::shell::fold::save_snapshot(log, run, head, &bytes);
                 }
                 Ok(())
             })
@@ -723,7 +723,7 @@ async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64
 /// asked about again on the run's next drive.
 const NOTIFY_TRIES: u32 = 5;
 
-async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::event::Escalation) -> Option<Event> {
+async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::model::event::Escalation) -> Option<Event> {
     let number = esc.number;
     for n in 0..NOTIFY_TRIES {
         if n > 0 {

@@ -3,9 +3,9 @@
 //! Plain data, `BTreeMap` only (iteration order is part of determinism), encodable with
 //! bincode so it can be snapshotted.
 
-use crate::event::{Escalation, FailureContext};
-use crate::fsm::{RunStatus, TaskStatus};
-use crate::model::*;
+use crate::model::event::{Escalation, FailureContext};
+use crate::model::fsm::{RunStatus, TaskStatus};
+use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -85,7 +85,7 @@ pub struct RunState {
     /// Revision being asked for while Planning.
     pub planning_revision: Option<u32>,
     /// Why the current planning round was asked for.
-    pub planning_reason: Option<crate::event::PlanReason>,
+    pub planning_reason: Option<crate::model::event::PlanReason>,
     /// Tasks of the current plan, in plan order (by position; ids index `task_index`).
     pub tasks: Vec<TaskState>,
     pub task_index: BTreeMap<TaskId, usize>,

@@ -1,11 +1,12 @@
 //! Ingestion: validate a request, record `RunAccepted` (claiming its idempotency key in
 //! the same atomic append), queue the run.
 
+use crate::api::{Request, Submitted};
 use crate::core::apply;
-use crate::engine::{Inner, Request, Submitted};
 use crate::error::EngineError;
-use crate::event::{Event, Logged};
-use crate::model::Json;
+use crate::model::event::{Event, Logged};
+use crate::model::workflow::Json;
+use crate::shell::runtime::Inner;
 use keel_store::{Claim, RunId, Seq, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -89,7 +90,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
         Err(e) => return Err(e),
     }
     tracing::info!(%run, workflow = %wf.name, priority = req.priority, "run accepted");
-    crate::sched::enqueue(inner, &state);
+    crate::shell::sched::enqueue(inner, &state);
     Ok(Submitted { run, duplicate: false })
 }
 

@@ -4,15 +4,17 @@
 //! (the transition tables, sequence numbers, ids that exist, revisions in order). Every
 //! check happens before the state is touched, so a refused event leaves it unchanged.
 
-use crate::core::TransitionError;
-use crate::event::{EscalationCause, Event, Logged, PlanReason};
-use crate::fsm::{run_transition, task_transition, RunStatus, TaskStatus, TaskTrigger};
-use crate::model::*;
-use crate::state::{EscalationState, RunState, TaskState, Totals};
+use super::types::TransitionError;
+use crate::model::event::{EscalationCause, Event, Logged, PlanReason};
+use crate::model::fsm::{run_transition, task_transition, RunStatus, TaskStatus, TaskTrigger};
+use crate::model::state::{EscalationState, RunState, TaskState, Totals};
+use crate::model::workflow::*;
 use keel_store::Seq;
 use std::collections::BTreeMap;
 
-pub(crate) fn apply(state: Option<&RunState>, logged: &Logged) -> Result<RunState, TransitionError> {
+/// Fold one event into the state. The first event of a run must be `RunAccepted`, applied
+/// to `None`.
+pub fn apply(state: Option<&RunState>, logged: &Logged) -> Result<RunState, TransitionError> {
     match state {
         None => accept(logged),
         Some(s) => {
@@ -21,6 +23,15 @@ pub(crate) fn apply(state: Option<&RunState>, logged: &Logged) -> Result<RunStat
             Ok(next)
         }
     }
+}
+
+/// Fold a whole history. Convenience for replay and tests.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a Logged>) -> Result<Option<RunState>, TransitionError> {
+    let mut state: Option<RunState> = None;
+    for e in events {
+        state = Some(apply(state.as_ref(), e)?);
+    }
+    Ok(state)
 }
 
 /// The first event of a run.
@@ -180,7 +191,7 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
             s.planning_rejected = true;
             let why = errors.join("; ");
             s.history.push(format!("revision {revision}: plan rejected: {why}"));
-            s.last_failure = Some(crate::event::FailureContext {
+            s.last_failure = Some(crate::model::event::FailureContext {
                 task: None,
                 handler: None,
                 reason: format!("plan rejected: {why}"),

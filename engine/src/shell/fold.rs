@@ -3,8 +3,8 @@
 
 use crate::core::{apply, apply_take};
 use crate::error::EngineError;
-use crate::event::{Event, Logged};
-use crate::state::RunState;
+use crate::model::event::{Event, Logged};
+use crate::model::state::RunState;
 use keel_store::{codec, EventLog, RunId, Seq};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose

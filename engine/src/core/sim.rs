@@ -5,11 +5,14 @@
 //! to pin the core's semantics without I/O; property tests use it as the engine-side of
 //! their reference comparisons; replay uses it to re-derive decisions.
 
-use crate::core::{apply, decide, validate_plan, Command, Context, TransitionError};
-use crate::event::{Event, Logged};
-use crate::fsm::RunStatus;
-use crate::model::*;
-use crate::state::RunState;
+use super::apply::{apply, fold, replan_outcome};
+use super::decide::decide;
+use super::plan::validate_plan;
+use super::types::{Command, Context, TransitionError};
+use crate::model::event::{Event, Logged};
+use crate::model::fsm::RunStatus;
+use crate::model::state::RunState;
+use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 
 /// What a scripted handler call returns.
@@ -59,7 +62,7 @@ pub fn resume(
     max_events: usize,
 ) -> Result<Vec<Logged>, SimError> {
     let mut log = prefix;
-    let Some(mut state) = crate::core::fold(&log)? else {
+    let Some(mut state) = fold(&log)? else {
         return Ok(log);
     };
     let mut now: i64 = log.last().map(|l| l.at_us).unwrap_or(1_000_000);
@@ -144,7 +147,7 @@ fn answer(state: &RunState, ctx: &Context, script: &mut dyn Script, effect: &Com
                     } else if state.revision.is_none() {
                         Event::Planned { revision, plan }
                     } else {
-                        let (carried_over, superseded) = crate::core::replan_outcome(state, &plan);
+                        let (carried_over, superseded) = replan_outcome(state, &plan);
                         Event::Replanned { revision, plan, carried_over, superseded }
                     }
                 }

@@ -9,9 +9,9 @@
 //! process still hits. The log stays the truth: a hit is recorded with its output like
 //! any execution, and an aux entry lost in a crash only costs a handler call.
 
-use crate::fsm::TaskStatus;
-use crate::model::{Json, TaskInput};
-use crate::state::{RunState, TaskState};
+use crate::model::fsm::TaskStatus;
+use crate::model::state::{RunState, TaskState};
+use crate::model::workflow::{Json, TaskInput};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -1,13 +1,16 @@
 //! Plan validation: a plan is checked before it is recorded, and a bad one is recorded as
 //! rejected (never executed).
 
-use crate::core::Context;
-use crate::fsm::TaskStatus;
-use crate::model::{Plan, TaskKind, TaskSpec};
-use crate::state::RunState;
+use super::types::Context;
+use crate::model::fsm::TaskStatus;
+use crate::model::state::RunState;
+use crate::model::workflow::{Plan, TaskKind, TaskSpec};
 use std::collections::{BTreeMap, BTreeSet};
 
-pub(crate) fn validate(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String> {
+/// Validate a plan before it is recorded: acyclic, known handlers, dependencies exist, ids
+/// unique, size bounds, and its cost estimate within the run's remaining budget.
+/// Returns every problem found (empty = valid).
+pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String> {
     let limits = &ctx.policy.plan_limits;
     let mut errors = Vec::new();
     if plan.tasks.is_empty() {

@@ -4,16 +4,17 @@
 //! Pure: the only inputs are the state (built from recorded events) and the context.
 //! Pseudo-random choices (retry jitter) hash the run's recorded seed.
 
-use crate::apply::next_revision;
-use crate::core::{Command, Context};
-use crate::event::{Escalation, EscalationCause, Event, FailureContext, PlanReason};
-use crate::fsm::{RunStatus, TaskStatus};
-use crate::model::*;
-use crate::state::{RunState, TaskState};
+use super::apply::next_revision;
+use super::types::{Command, Context};
+use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, PlanReason};
+use crate::model::fsm::{RunStatus, TaskStatus};
+use crate::model::state::{RunState, TaskState};
+use crate::model::workflow::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-pub(crate) fn decide(s: &RunState, ctx: &Context) -> Vec<Command> {
+/// What to do next, in a deterministic order.
+pub fn decide(s: &RunState, ctx: &Context) -> Vec<Command> {
     match s.status {
         RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled => Vec::new(),
         RunStatus::Accepted => vec![record(Event::PlanRequested { revision: 0, reason: PlanReason::Initial })],
