@@ -12,6 +12,7 @@ use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
 use crate::shell::cache::ResponseCache;
 use crate::shell::fold::{load_state, read_logged};
+use crate::shell::journal::Journal;
 use crate::shell::queue::Scheduler;
 use crate::shell::runtime::{Inner, Registered};
 use crate::shell::sched::Workers;
@@ -90,13 +91,15 @@ impl EngineBuilder {
 
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
-        let log: Arc<dyn EventLog> = match (self.path, self.store) {
+        // The journal checks event sizes against the limits the store was opened with.
+        let (log, store_limits): (Arc<dyn EventLog>, keel_store::Limits) = match (self.path, self.store) {
             (Some(_), Some(_)) => return Err(EngineError::Config("both path() and store() given".into())),
             (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
-            (None, Some(s)) => s,
+            (None, Some(s)) => (s, keel_store::Limits::default()),
             (Some(p), None) => {
                 let cfg = StoreConfig { durability: self.durability, ..StoreConfig::default() };
-                Arc::new(keel_store::SledStore::open(&p, cfg)?)
+                let limits = cfg.limits.clone();
+                (Arc::new(keel_store::SledStore::open(&p, cfg)?), limits)
             }
         };
         if self.workers == 0 {
@@ -124,14 +127,15 @@ impl EngineBuilder {
         }
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
         let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
+        let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
         let inner = Inner {
             log,
+            journal,
             workflows,
             handlers: self.handlers,
             sink: self.sink.unwrap_or_else(|| Arc::new(TracingSink)),
             clock: self.clock,
             ctx,
-            snapshot_every: self.snapshot_every,
             workers: self.workers,
             cache,
             limits: self.limits,
@@ -202,30 +206,35 @@ impl Engine {
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
         let Resolution { decision, by } = r;
         self.inner
-            .append_external(run, |state| {
-                if state.status != RunStatus::AwaitingHuman {
-                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                }
-                let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
-                let Some(open) = open else {
-                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                };
-                let esc = &open.escalation;
-                if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
-                    return Err(EngineError::InvalidDecision {
-                        run,
+            .journal
+            .append_outside(
+                run,
+                || self.inner.clock.now_us(),
+                |state| {
+                    if state.status != RunStatus::AwaitingHuman {
+                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                    }
+                    let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
+                    let Some(open) = open else {
+                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                    };
+                    let esc = &open.escalation;
+                    if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
+                        return Err(EngineError::InvalidDecision {
+                            run,
+                            number: esc.number,
+                            decision: decision.name().to_owned(),
+                            options: esc.options.clone(),
+                        });
+                    }
+                    Ok(Event::HumanResolved {
                         number: esc.number,
-                        decision: decision.name().to_owned(),
-                        options: esc.options.clone(),
-                    });
-                }
-                Ok(Event::HumanResolved {
-                    number: esc.number,
-                    decision: decision.clone(),
-                    by: by.clone(),
-                    defaulted: false,
-                })
-            })
+                        decision: decision.clone(),
+                        by: by.clone(),
+                        defaulted: false,
+                    })
+                },
+            )
             .await?;
         crate::shell::sched::poke(&self.inner, run);
         Ok(())
@@ -235,12 +244,17 @@ impl Engine {
     /// results of its in-flight calls.
     pub async fn cancel(&self, run: RunId, by: &str, reason: &str) -> Result<(), EngineError> {
         self.inner
-            .append_external(run, |state| {
-                if state.status.is_terminal() {
-                    return Err(EngineError::AlreadyTerminal { run, status: state.status });
-                }
-                Ok(Event::RunCancelled { by: by.to_owned(), reason: reason.to_owned() })
-            })
+            .journal
+            .append_outside(
+                run,
+                || self.inner.clock.now_us(),
+                |state| {
+                    if state.status.is_terminal() {
+                        return Err(EngineError::AlreadyTerminal { run, status: state.status });
+                    }
+                    Ok(Event::RunCancelled { by: by.to_owned(), reason: reason.to_owned() })
+                },
+            )
             .await?;
         crate::shell::sched::poke(&self.inner, run);
         Ok(())

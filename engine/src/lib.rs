@@ -21,8 +21,8 @@ pub mod model;
 mod shell;
 
 pub use crate::core::{
-    apply, apply_mut, apply_take, decide, fold, idempotency_key, replan_outcome, sim, validate_plan, Command, Context,
-    PlanLimits, Policy, TransitionError,
+    apply, apply_mut, apply_take, decide, event_of, fold, idempotency_key, replan_outcome, sim, validate_plan, Answer,
+    Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError,
 };
 pub use api::*;
 pub use engine::{Engine, EngineBuilder};

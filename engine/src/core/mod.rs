@@ -6,12 +6,14 @@
 //!
 //! Floor 2 of the engine: imports only the vocabulary ([`crate::model`]).
 
+mod answer;
 mod apply;
 mod decide;
 mod plan;
 pub mod sim;
 mod types;
 
+pub use answer::{event_of, Answer, Failure, Judgement, Output};
 pub use apply::{apply, apply_mut, apply_take, fold, replan_outcome};
 pub use decide::{decide, idempotency_key};
 pub use plan::validate_plan;

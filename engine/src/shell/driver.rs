@@ -11,14 +11,17 @@
 //! start only once the batch that asked for them is. The driver ends when nothing is left
 //! to do: the run is terminal or waits for a human.
 
-use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
-use crate::core::{decide, validate_plan, Command, TransitionError};
+use crate::api::{EvalRequest, TaskCall};
+use crate::core::{decide, Command};
+use crate::core::{event_of, Answer};
 use crate::error::EngineError;
-use crate::model::event::{Event, Logged, PlanReason};
+use crate::model::event::Event;
 use crate::model::fsm::{RunStatus, TaskStatus};
 use crate::model::state::RunState;
 use crate::model::workflow::*;
 use crate::shell::cache::ResponseCache;
+use crate::shell::effects;
+use crate::shell::journal::Refused;
 use crate::shell::runtime::{Inner, Registered};
 use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,8 +56,9 @@ enum EffectKey {
 /// What an effect reports back.
 struct Outcome {
     key: EffectKey,
-    /// The answer to record; `None`: nothing to record (the sink could not be told).
-    event: Option<Event>,
+    /// The command the call answers.
+    effect: Command,
+    answer: Answer,
 }
 
 /// Wait slice: a sleep re-checks the injected clock at least this often (a test's fake
@@ -143,15 +147,6 @@ impl Batch {
 /// chain of decisions continues in the next batch.
 const BATCH_RECORDS_MAX: usize = 256;
 
-/// Why an event could not be staged (the state is unchanged).
-enum StageError {
-    /// The state machine refuses it.
-    Illegal(TransitionError),
-    /// Too large to record (`what`, bytes, max).
-    TooLarge(&'static str, usize, usize),
-    Other(EngineError),
-}
-
 enum Committed {
     Ok,
     /// Someone else appended first: re-read the log (staged answers are staged again).
@@ -223,14 +218,11 @@ impl Driver {
                 for event in due_now {
                     match self.stage(&mut state, &mut batch, event, at_us, false).map_err(|(e, _)| e) {
                         Ok(()) => {}
-                        Err(StageError::Illegal(e)) => {
+                        Err(Refused::Illegal(e)) => {
                             tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
                             return Err(EngineError::Transition(e));
                         }
-                        Err(StageError::TooLarge(what, bytes, max)) => {
-                            return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max }))
-                        }
-                        Err(StageError::Other(e)) => return Err(e),
+                        Err(other) => return Err(other.into()),
                     }
                 }
                 if batch.records.len() >= BATCH_RECORDS_MAX {
@@ -279,8 +271,9 @@ impl Driver {
         self.inner.load(self.run).await?.ok_or(EngineError::UnknownRun { run: self.run })
     }
 
-    /// Checks `event` (at `at_us`) with `apply`, folds it into `state` and stages it in
-    /// `batch`. On error nothing changed and the event is handed back.
+    /// Journals `event` (at `at_us`): checked with `apply` and folded into `state`,
+    /// encoded within the store's limits, staged in `batch`. On error nothing changed and
+    /// the event is handed back.
     // The error hands the event back by value on a rare path; boxing it would allocate.
     #[allow(clippy::result_large_err)]
     fn stage(
@@ -290,25 +283,15 @@ impl Driver {
         event: Event,
         at_us: i64,
         answer: bool,
-    ) -> Result<(), (StageError, Event)> {
-        let mut logged = Logged { run: self.run, seq: state.next_seq, at_us, event };
-        let record = match keel_store::prepare(&logged.event, at_us) {
-            Ok(r) => r,
-            Err(StoreError::TooLarge { what, bytes, max }) => {
-                return Err((StageError::TooLarge(what, bytes, max), logged.event))
-            }
-            Err(e) => return Err((StageError::Other(e.into()), logged.event)),
-        };
+    ) -> Result<(), (Refused, Event)> {
         let before = state.next_seq;
-        let evaluated = matches!(logged.event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
+        let kind = event.kind_name();
+        let evaluated = matches!(event, Event::TaskEvaluated { .. } | Event::HumanResolved { .. });
         // An answer is kept (a conflicting append stages it again); a decision is not, so
         // its fields move into the state.
-        let kept = answer.then(|| logged.event.clone());
-        if let Err(e) = crate::core::apply_take(state, &mut logged) {
-            // apply_take changes nothing on error: the event is intact.
-            return Err((StageError::Illegal(e), logged.event));
-        }
-        tracing::debug!(seq = logged.seq.0, kind = logged.event.kind_name(), "stage");
+        let kept = answer.then(|| event.clone());
+        let record = self.inner.journal.check(state, event, at_us)?;
+        tracing::debug!(seq = before.0, kind, "stage");
         batch.base.get_or_insert(before);
         batch.records.push(record);
         batch.evaluated |= evaluated;
@@ -322,103 +305,61 @@ impl Driver {
     /// becomes a semantic failure, a plan too large a rejection).
     fn absorb(&mut self, state: &mut RunState, batch: &mut Batch, o: Outcome) -> Result<(), EngineError> {
         self.inflight.remove(&o.key);
-        let Some(event) = o.event else {
+        let Some(event) = event_of(state, &self.inner.ctx, &o.effect, o.answer) else {
             if let EffectKey::Notify(n) = o.key {
                 self.unnotifiable.insert(n);
             }
             return Ok(());
         };
-        self.stage_answer(state, batch, event, None)
+        self.stage_answer(state, batch, event)
     }
 
     /// Stages the answers of a batch that conflicted again, on top of the re-read log.
     fn restage(&mut self, state: &mut RunState, batch: &mut Batch, answers: Vec<Event>) -> Result<(), EngineError> {
         for event in answers {
-            self.stage_answer(state, batch, event, None)?;
+            self.stage_answer(state, batch, event)?;
         }
         Ok(())
     }
 
-    /// `limit`: a store limit below the default one the batch hit (bytes).
-    fn stage_answer(
-        &mut self,
-        state: &mut RunState,
-        batch: &mut Batch,
-        event: Event,
-        limit: Option<usize>,
-    ) -> Result<(), EngineError> {
+    /// Stages an answer; one the state machine no longer accepts (the run was cancelled or
+    /// moved on) is dropped; one too large to record becomes what the core can act on (an
+    /// output: a semantic failure; a plan: a rejection).
+    fn stage_answer(&mut self, state: &mut RunState, batch: &mut Batch, event: Event) -> Result<(), EngineError> {
         let mut event = event;
         loop {
             let at_us = self.inner.clock.now_us().max(state.last_event_us);
             let kind = event.kind_name();
-            let too_large = match limit {
-                Some(max) => {
-                    let bytes = keel_store::codec::encode(&event)?.len();
-                    (bytes > max).then_some(("event", bytes, max))
-                }
-                None => None,
-            };
-            let res = match too_large {
-                Some((what, bytes, max)) => Err((StageError::TooLarge(what, bytes, max), event)),
-                None => self.stage(state, batch, event, at_us, true),
-            };
-            let (err, back) = match res {
+            let (refused, back) = match self.stage(state, batch, event, at_us, true) {
                 Ok(()) => return Ok(()),
                 Err(x) => x,
             };
-            event = back;
-            match err {
-                StageError::Illegal(e) => {
+            match refused {
+                Refused::Illegal(e) => {
                     tracing::info!(kind, reason = %e, "dropping a result that is no longer legal (run cancelled or moved on)");
                     return Ok(());
                 }
-                StageError::TooLarge(what, bytes, max) => {
+                Refused::TooLarge(what, bytes, max) => {
                     let reason = format!("{what} of {bytes} bytes exceeds the limit of {max}");
                     tracing::warn!(kind, %reason, "result too large to record");
-                    event = match event {
-                        Event::TaskExecuted { task, attempt, usage, .. } => Event::TaskFailed {
-                            task,
-                            attempt,
-                            class: ErrorClass::Semantic,
-                            error: format!("output too large: {reason}"),
-                            usage,
-                        },
-                        Event::Planned { revision, .. }
-                        | Event::Replanned { revision, .. }
-                        | Event::PlanRejected { revision, plan: Some(_), .. } => Event::PlanRejected {
-                            revision,
-                            errors: vec![format!("plan too large to record: {reason}")],
-                            plan: None,
-                        },
-                        _ => return Err(EngineError::Store(StoreError::TooLarge { what, bytes, max })),
+                    event = match too_large_answer(back, &reason) {
+                        Some(e) => e,
+                        None => return Err(Refused::TooLarge(what, bytes, max).into()),
                     };
                 }
-                StageError::Other(e) => return Err(e),
+                other @ Refused::Encode(_) => return Err(other.into()),
             }
         }
     }
 
-    /// Appends the staged batch (one durable append) and saves a snapshot if it crossed a
-    /// multiple of `snapshot_every`. `state` already includes the batch.
+    /// Appends the staged batch through the journal (one durable append, and a snapshot if
+    /// one is due). `state` already includes the batch.
     async fn commit(&mut self, state: &mut RunState, batch: &mut Batch) -> Result<Committed, EngineError> {
         let records = std::mem::take(&mut batch.records);
         let answers = std::mem::take(&mut batch.answers);
         let evaluated = std::mem::take(&mut batch.evaluated);
         let expected = batch.base.take().unwrap_or(state.next_seq);
-        let (run, every, head) = (self.run, self.inner.snapshot_every, state.next_seq);
-        let snapshot = crate::shell::fold::snapshot_bytes(state, expected, every);
-        let res = self
-            .inner
-            .blocking(move |log| {
-                let new_head = log.append(run, expected, records, None)?;
-                debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
-                if let Some(bytes) = snapshot {
-                    crate::shell::fold::save_snapshot(log, run, head, &bytes);
-                }
-                Ok(())
-            })
-            .await;
-        match res {
+        match self.inner.journal.append(state, expected, records, None).await {
             Ok(()) => {
                 if evaluated {
                     self.fill_cache(state);
@@ -426,15 +367,6 @@ impl Driver {
                 Ok(Committed::Ok)
             }
             Err(EngineError::Store(StoreError::Conflict { .. })) => Ok(Committed::Conflict(answers)),
-            Err(EngineError::Store(StoreError::TooLarge { what: "event", max, .. })) if !answers.is_empty() => {
-                // The store's configured limit is below the default one `prepare` checks:
-                // re-read, and record the too-large answers as failures.
-                *state = self.reload().await?;
-                for event in answers {
-                    self.stage_answer(state, batch, event, Some(max))?;
-                }
-                Ok(Committed::Ok)
-            }
             Err(e) => Err(e),
         }
     }
@@ -471,15 +403,16 @@ impl Driver {
                 return;
             }
         }
-        let fut: crate::api::BoxFuture<Option<Event>> = match cmd {
+        let effect = cmd.clone();
+        let fut: crate::api::BoxFuture<Answer> = match cmd {
             Command::Plan { revision } => {
-                Box::pin(plan_effect(self.inner.clone(), reg.clone(), state.clone(), revision))
+                Box::pin(effects::plan(self.inner.clone(), reg.clone(), state.clone(), revision))
             }
             Command::Execute { task, attempt } => {
                 let Some(call) = self.task_call(state, &task, attempt) else { return };
                 let span =
                     tracing::info_span!("task", task = %task, attempt, seq = state.next_seq.0, handler = %call.1);
-                Box::pin(execute_effect(self.inner.clone(), call.0, call.2).instrument(span))
+                Box::pin(effects::execute(self.inner.clone(), call.0, call.2).instrument(span))
             }
             Command::Evaluate { task, attempt } => {
                 let Some(t) = state.task_index.get(&task).and_then(|&i| state.tasks.get(i)) else { return };
@@ -494,11 +427,11 @@ impl Driver {
                     model: state.evaluator_model.clone(),
                 };
                 let span = tracing::info_span!("evaluate", task = %task, attempt, seq = state.next_seq.0);
-                Box::pin(evaluate_effect(reg.clone(), req, t.spec.timeout_ms).instrument(span))
+                Box::pin(effects::evaluate(reg.clone(), req, t.spec.timeout_ms).instrument(span))
             }
             Command::Notify { number } => {
                 let Some(e) = state.escalations.iter().find(|e| e.escalation.number == number) else { return };
-                Box::pin(notify_effect(self.inner.clone(), self.run, e.escalation.clone()))
+                Box::pin(effects::notify(self.inner.clone(), self.run, e.escalation.clone()))
             }
             Command::Record { .. } => return,
         };
@@ -514,15 +447,15 @@ impl Driver {
         let mut fut = fut;
         let mut cx = std::task::Context::from_waker(&self.noop_waker);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
-            Ok(std::task::Poll::Ready(event)) => {
-                let _ = tx.send(Outcome { key, event });
+            Ok(std::task::Poll::Ready(answer)) => {
+                let _ = tx.send(Outcome { key, effect, answer });
             }
             Ok(std::task::Poll::Pending) => {
                 let tx = tx.clone();
                 self.effects.spawn(
                     async move {
-                        let event = fut.await;
-                        let _ = tx.send(Outcome { key, event });
+                        let answer = fut.await;
+                        let _ = tx.send(Outcome { key, effect, answer });
                     }
                     .instrument(self.span.clone()),
                 );
@@ -564,229 +497,24 @@ impl Driver {
     }
 }
 
-fn clip(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while cut > 0 && !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
+/// What a too-large answer is recorded as: an output becomes a semantic failure of its
+/// attempt, a plan a rejection without the plan; `None` for anything else (a bug).
+fn too_large_answer(event: Event, reason: &str) -> Option<Event> {
+    match event {
+        Event::TaskExecuted { task, attempt, usage, .. } => Some(Event::TaskFailed {
+            task,
+            attempt,
+            class: ErrorClass::Semantic,
+            error: format!("output too large: {reason}"),
+            usage,
+        }),
+        Event::Planned { revision, .. }
+        | Event::Replanned { revision, .. }
+        | Event::PlanRejected { revision, plan: Some(_), .. } => Some(Event::PlanRejected {
+            revision,
+            errors: vec![format!("plan too large to record: {reason}")],
+            plan: None,
+        }),
+        _ => None,
     }
-    s
-}
-
-/// Runs a user-supplied call (handler, evaluator, planner, sink) so that a panic, while it
-/// builds its future or while the future runs, becomes an error naming it (`on_panic`): a
-/// bug in one component ends that attempt with a recorded failure, where before it left
-/// the run waiting for an answer that never came.
-fn guarded<T: Send + 'static, E: Send + 'static>(
-    what: &'static str,
-    on_panic: fn(String) -> E,
-    make: impl FnOnce() -> crate::api::BoxFuture<Result<T, E>>,
-) -> crate::api::BoxFuture<Result<T, E>> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(make)) {
-        Ok(fut) => Box::pin(CatchPanic { fut, what, on_panic }),
-        Err(payload) => {
-            let e = on_panic(panic_message(what, payload.as_ref()));
-            Box::pin(std::future::ready(Err(e)))
-        }
-    }
-}
-
-fn panic_message(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
-    let detail = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned());
-    clip(format!("{what} panicked: {detail}"), 2048)
-}
-
-/// Polls `fut`, turning a panic into `Err(on_panic(message))`.
-struct CatchPanic<T, E> {
-    fut: crate::api::BoxFuture<Result<T, E>>,
-    what: &'static str,
-    on_panic: fn(String) -> E,
-}
-
-impl<T, E> std::future::Future for CatchPanic<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let this = &mut *self;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.fut.as_mut().poll(cx))) {
-            Ok(p) => p,
-            Err(payload) => std::task::Poll::Ready(Err((this.on_panic)(panic_message(this.what, payload.as_ref())))),
-        }
-    }
-}
-
-async fn execute_effect(inner: Arc<Inner>, call: TaskCall, cache_key: Option<String>) -> Option<Event> {
-    let (task, attempt, timeout_ms) = (call.task.clone(), call.attempt, call.timeout_ms);
-    if let Some(k) = &cache_key {
-        if let Some(output) = inner.cache.get(k) {
-            tracing::debug!("response cache hit");
-            return Some(Event::TaskExecuted { task, attempt, output, usage: Usage::default(), cached: true });
-        }
-    }
-    let failed =
-        |class, error: String, usage| Some(Event::TaskFailed { task: task.clone(), attempt, class, error, usage });
-    let Some(handler) = inner.handlers.get(&call.handler).cloned() else {
-        return failed(ErrorClass::Fatal, format!("no handler registered for {:?}", call.handler), Usage::default());
-    };
-    tracing::debug!(key = %call.idempotency_key, "calling handler");
-    let fut = guarded("handler", HandlerError::fatal, || handler.call(call));
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
-        Err(_) => failed(ErrorClass::Transient, format!("timeout after {timeout_ms} ms"), Usage::default()),
-        Ok(Err(HandlerError { class, message, usage })) => {
-            failed(class, clip(message, inner.limits.error_bytes_max), usage)
-        }
-        Ok(Ok(out)) => {
-            let output = Json::new(&out.output);
-            if output.0.len() > inner.limits.output_bytes_max {
-                return failed(
-                    ErrorClass::Semantic,
-                    format!(
-                        "output too large: {} bytes of JSON > max {}",
-                        output.0.len(),
-                        inner.limits.output_bytes_max
-                    ),
-                    out.usage,
-                );
-            }
-            Some(Event::TaskExecuted { task, attempt, output, usage: out.usage, cached: false })
-        }
-    }
-}
-
-/// Evaluator transient errors are retried in-process this many times before the attempt
-/// is recorded as failed.
-const EVAL_TRIES: u32 = 3;
-
-async fn evaluate_effect(reg: Arc<Registered>, req: EvalRequest, timeout_ms: u64) -> Option<Event> {
-    let (task, attempt, model) = (req.task.id.clone(), req.attempt, req.model.clone());
-    let mut last: Option<HandlerError> = None;
-    let mut spent = Usage::default();
-    for n in 0..EVAL_TRIES {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
-        }
-        let fut = guarded("evaluator", HandlerError::fatal, || reg.wf.evaluator.evaluate(req.clone()));
-        let res = tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await;
-        match res {
-            Ok(Ok(ev)) => {
-                let usage = Usage {
-                    cost_micros: spent.cost_micros.saturating_add(ev.usage.cost_micros),
-                    tokens: spent.tokens.saturating_add(ev.usage.tokens),
-                };
-                return Some(Event::TaskEvaluated {
-                    task,
-                    attempt,
-                    verdict: ev.verdict,
-                    notes: ev.notes,
-                    model,
-                    usage,
-                });
-            }
-            Ok(Err(e)) if e.class == ErrorClass::Transient => {
-                spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
-                spent.tokens = spent.tokens.saturating_add(e.usage.tokens);
-                tracing::debug!(error = %e.message, try_ = n + 1, "evaluator transient error");
-                last = Some(e);
-            }
-            Ok(Err(e)) => {
-                spent.cost_micros = spent.cost_micros.saturating_add(e.usage.cost_micros);
-                spent.tokens = spent.tokens.saturating_add(e.usage.tokens);
-                return Some(Event::TaskFailed {
-                    task,
-                    attempt,
-                    class: e.class,
-                    error: format!("evaluator: {}", clip(e.message, 2048)),
-                    usage: spent,
-                });
-            }
-            Err(_) => last = Some(HandlerError::transient(format!("timeout after {timeout_ms} ms"))),
-        }
-    }
-    let msg = last.map(|e| e.message).unwrap_or_default();
-    Some(Event::TaskFailed {
-        task,
-        attempt,
-        class: ErrorClass::Transient,
-        error: format!("evaluator: {}", clip(msg, 2048)),
-        usage: spent,
-    })
-}
-
-/// Sink failures are retried in-process this many times; after that the escalation is
-/// asked about again on the run's next drive.
-const NOTIFY_TRIES: u32 = 5;
-
-async fn notify_effect(inner: Arc<Inner>, run: RunId, esc: crate::model::event::Escalation) -> Option<Event> {
-    let number = esc.number;
-    for n in 0..NOTIFY_TRIES {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_millis(25u64 << n)).await;
-        }
-        match guarded("escalation sink", |m| m, || inner.sink.notify(run, esc.clone())).await {
-            Ok(()) => return Some(Event::EscalationNotified { number }),
-            Err(e) => tracing::warn!(number, error = %e, "escalation sink failed"),
-        }
-    }
-    None
-}
-
-/// Planner transient errors are retried in-process this many times.
-const PLAN_TRIES: u32 = 3;
-
-async fn plan_effect(inner: Arc<Inner>, reg: Arc<Registered>, state: RunState, revision: u32) -> Option<Event> {
-    let previous = state
-        .revision
-        .map(|_| Plan { tasks: state.tasks.iter().map(|t| t.spec.clone()).collect(), rationale: String::new() });
-    let req = PlanRequest {
-        run: state.run,
-        workflow: state.workflow.clone(),
-        input: state.input.clone(),
-        seed: state.seed,
-        revision,
-        reason: state.planning_reason.clone().unwrap_or(PlanReason::Initial),
-        previous,
-    };
-    let timeout_ms = inner.limits.planner_timeout_ms;
-    let mut result = Err(HandlerError::transient("planner not called"));
-    for n in 0..PLAN_TRIES {
-        if n > 0 {
-            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
-        }
-        let fut = guarded("planner", HandlerError::fatal, || reg.wf.planner.plan(req.clone()));
-        result = match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(HandlerError::transient(format!("planner timeout after {timeout_ms} ms"))),
-        };
-        match &result {
-            Err(e) if e.class == ErrorClass::Transient => continue,
-            _ => break,
-        }
-    }
-    let plan = match result {
-        Ok(p) => p,
-        Err(e) => {
-            return Some(Event::PlanRejected {
-                revision,
-                errors: vec![format!("planner: {}", clip(e.message, 2048))],
-                plan: None,
-            });
-        }
-    };
-    let errors = validate_plan(&plan, &state, &inner.ctx);
-    if !errors.is_empty() {
-        tracing::info!(revision, errors = errors.len(), "plan rejected by validation");
-        return Some(Event::PlanRejected { revision, errors, plan: Some(plan) });
-    }
-    if state.revision.is_none() {
-        return Some(Event::Planned { revision, plan });
-    }
-    let (carried_over, superseded) = crate::core::replan_outcome(&state, &plan);
-    Some(Event::Replanned { revision, plan, carried_over, superseded })
 }

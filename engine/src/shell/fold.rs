@@ -119,33 +119,3 @@ fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
         }
     }
 }
-
-/// Saves a snapshot of `state` if the append that produced it crossed a multiple of
-/// `every`. Failures are logged, never returned: a snapshot is an optimisation.
-pub(crate) fn maybe_snapshot(log: &dyn EventLog, state: &RunState, before: Seq, every: u64) {
-    if let Some(bytes) = snapshot_bytes(state, before, every) {
-        save_snapshot(log, state.run, state.next_seq, &bytes);
-    }
-}
-
-/// The encoded `state` if the append from `before` to `state.next_seq` crossed a multiple
-/// of `every` (a snapshot is due), else `None`.
-pub(crate) fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Option<Vec<u8>> {
-    if every == 0 || before.0 / every == state.next_seq.0 / every {
-        return None;
-    }
-    match codec::encode(state) {
-        Ok(bytes) => Some(bytes),
-        Err(e) => {
-            tracing::warn!(run = %state.run, error = %e, "snapshot does not encode");
-            None
-        }
-    }
-}
-
-/// Saves an encoded snapshot covering seqs `< next_seq`; failures are logged.
-pub(crate) fn save_snapshot(log: &dyn EventLog, run: RunId, next_seq: Seq, bytes: &[u8]) {
-    if let Err(e) = log.save_snapshot(run, next_seq, bytes) {
-        tracing::warn!(%run, error = %e, "snapshot not saved");
-    }
-}

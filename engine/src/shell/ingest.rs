@@ -2,7 +2,6 @@
 //! the same atomic append), queue the run.
 
 use crate::api::{Request, Submitted};
-use crate::core::apply;
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::workflow::Json;
@@ -69,9 +68,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
     };
     let now_us = inner.clock.now_us();
     let logged = Logged { run, seq: Seq(0), at_us: now_us, event };
-    // Pair check: the first event must fold (it always does; a failure is a bug).
-    let state = apply(None, &logged)?;
-    let record = keel_store::prepare(&logged.event, now_us)?;
+    let (state, record) = inner.journal.found(&logged)?;
     let claim = req.idempotency_key.as_ref().map(|k| {
         let window_us = i64::try_from(wf.dedup_window_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
         Claim {
@@ -80,7 +77,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
             expires_at_us: now_us.saturating_add(window_us),
         }
     });
-    let res = inner.blocking(move |log| Ok(log.append(run, Seq(0), vec![record], claim)?)).await;
+    let res = inner.journal.append(&state, Seq(0), vec![record], claim).await;
     match res {
         Ok(_) => {}
         Err(EngineError::Store(StoreError::DuplicateKey { existing })) => {

@@ -14,8 +14,10 @@
 
 pub(crate) mod cache;
 pub(crate) mod driver;
+pub(crate) mod effects;
 pub(crate) mod fold;
 pub(crate) mod ingest;
+pub(crate) mod journal;
 pub(crate) mod queue;
 pub(crate) mod runtime;
 pub(crate) mod sched;
