@@ -502,6 +502,7 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
         batch.push(NewRecord {
             kind: rec.kind,
             time_us: rec.time_us,
+            payload_version: rec.payload_version,
             payload: rec.payload,
             payload_root: rec.payload_root,
         });

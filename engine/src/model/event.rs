@@ -269,6 +269,11 @@ impl<'de, D: serde::Deserializer<'de>> serde::de::VariantAccess<'de> for Variant
 }
 
 impl Payload for Event {
+    /// The layout version of this event's payload. Every event is at version 1 for now; an
+    /// upcaster chain in the engine will read older versions when a shape changes.
+    fn payload_version(&self) -> u16 {
+        1
+    }
     fn kind(&self) -> &'static str {
         self.kind_name()
     }
