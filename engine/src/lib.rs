@@ -28,7 +28,7 @@ pub use api::*;
 pub use engine::{Engine, EngineBuilder};
 pub use error::EngineError;
 pub use keel_store::{RunId, Seq};
-pub use model::event::{Escalation, EscalationCause, Event, FailureContext, Logged, PlanReason};
+pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};
 pub use model::fsm::{RunStatus, TaskStatus};
 pub use model::state::{EscalationState, RunState, TaskState, Totals};
 pub use model::workflow::*;

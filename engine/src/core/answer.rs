@@ -9,9 +9,9 @@
 use super::apply::replan_outcome;
 use super::plan::validate_plan;
 use super::types::{Command, Context};
-use crate::model::event::Event;
+use crate::model::event::{Event, FailureSource};
 use crate::model::state::RunState;
-use crate::model::workflow::{ErrorClass, Json, Plan, Usage, Verdict};
+use crate::model::workflow::{ErrorClass, Json, Plan, TaskId, Usage, Verdict};
 
 /// A call out of the engine that did not answer as asked: the callee's error, a timeout,
 /// a panic.
@@ -97,14 +97,11 @@ pub fn event_of(state: &RunState, ctx: &Context, effect: &Command, answer: Answe
             usage: out.usage,
             cached: out.cached,
         }),
-        (Command::Execute { task, attempt }, Answer::Output(Err(f)) | Answer::EngineFailure(f)) => {
-            Some(Event::TaskFailed {
-                task: task.clone(),
-                attempt: *attempt,
-                class: f.class,
-                error: f.message,
-                usage: f.usage,
-            })
+        (Command::Execute { task, attempt }, Answer::Output(Err(f))) => {
+            Some(failed(task, *attempt, f, FailureSource::Handler))
+        }
+        (Command::Execute { task, attempt }, Answer::EngineFailure(f)) => {
+            Some(failed(task, *attempt, f, FailureSource::Engine))
         }
         (Command::Evaluate { task, attempt }, Answer::Evaluation(Ok(j))) => Some(Event::TaskEvaluated {
             task: task.clone(),
@@ -114,15 +111,23 @@ pub fn event_of(state: &RunState, ctx: &Context, effect: &Command, answer: Answe
             model: state.evaluator_model.clone(),
             usage: j.usage,
         }),
-        (Command::Evaluate { task, attempt }, Answer::Evaluation(Err(f))) => Some(Event::TaskFailed {
-            task: task.clone(),
-            attempt: *attempt,
-            class: f.class,
-            error: format!("evaluator: {}", f.message),
-            usage: f.usage,
-        }),
+        (Command::Evaluate { task, attempt }, Answer::Evaluation(Err(f))) => {
+            Some(failed(task, *attempt, f, FailureSource::Evaluator))
+        }
         (Command::Notify { number }, Answer::Notified) => Some(Event::EscalationNotified { number: *number }),
         _ => None,
+    }
+}
+
+fn failed(task: &TaskId, attempt: u32, f: Failure, source: FailureSource) -> Event {
+    Event::TaskFailed {
+        task: task.clone(),
+        attempt,
+        class: f.class,
+        error: f.message,
+        usage: f.usage,
+        source,
+        note: None,
     }
 }
 

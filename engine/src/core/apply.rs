@@ -282,7 +282,7 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
                 count_call(&mut s.totals, task_kind);
             }
         }
-        Event::TaskFailed { task, attempt, class, error, usage } => {
+        Event::TaskFailed { task, attempt, class, error, usage, .. } => {
             let t = task_ref(s, task, kind)?;
             same_attempt(s, t, *attempt, kind)?;
             let from = t.status;

@@ -6,7 +6,7 @@
 
 use super::apply::next_revision;
 use super::types::{Command, Context};
-use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, PlanReason};
+use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, PlanReason};
 use crate::model::fsm::{RunStatus, TaskStatus};
 use crate::model::state::{RunState, TaskState};
 use crate::model::workflow::*;
@@ -167,12 +167,14 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
             }
             TaskStatus::Dispatched => effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
             TaskStatus::Executed => match gate(t) {
-                Err(problem) => records.push(record(Event::TaskFailed {
+                Err(refusal) => records.push(record(Event::TaskFailed {
                     task: id.clone(),
                     attempt: t.attempt,
                     class: ErrorClass::Semantic,
-                    error: format!("output failed its schema: {problem}"),
+                    error: refusal.code.to_owned(),
                     usage: Usage::default(),
+                    source: FailureSource::Gate,
+                    note: Some(refusal.note),
                 })),
                 Ok(()) if t.spec.success_criteria.is_some() => {
                     effects.push(Command::Evaluate { task: id.clone(), attempt: t.attempt })
@@ -521,9 +523,28 @@ fn task<'a>(s: &'a RunState, id: &TaskId) -> Option<&'a TaskState> {
     s.task_index.get(id).and_then(|&i| s.tasks.get(i))
 }
 
+/// Why the output-schema gate refused an output: a stable code (what `decide` and the
+/// determinism check go by) and a note for people (the validator's text, with the JSON
+/// pointers of the failing locations; third-party text that no decision depends on).
+struct GateRefusal {
+    /// `schema_mismatch`, `output_not_json`, `no_output`, `schema_not_json` or
+    /// `schema_invalid` (the last two cannot pass plan validation; kept total).
+    code: &'static str,
+    note: String,
+}
+
+impl GateRefusal {
+    fn new(code: &'static str, note: impl Into<String>) -> Self {
+        GateRefusal { code, note: note.into() }
+    }
+}
+
+/// Failing locations listed in a gate refusal's note at most.
+const GATE_PROBLEMS_MAX: usize = 5;
+
 /// The output-schema gate: an output that fails its task's schema never reaches a
 /// downstream task.
-fn gate(t: &TaskState) -> Result<(), String> {
+fn gate(t: &TaskState) -> Result<(), GateRefusal> {
     let Some(schema) = &t.spec.output_schema else {
         return Ok(());
     };
@@ -531,24 +552,28 @@ fn gate(t: &TaskState) -> Result<(), String> {
     let (validator, output) = match compiled(schema) {
         Some(v) => (v, output_value(t)?),
         None => {
-            let value = schema.value().map_err(|e| format!("schema is not JSON: {e}"))?;
+            let value = schema.value().map_err(|e| GateRefusal::new("schema_not_json", e.to_string()))?;
             let output = output_value(t)?;
-            let v = jsonschema::validator_for(&value).map_err(|e| format!("invalid schema: {e}"))?;
+            let v = jsonschema::validator_for(&value).map_err(|e| GateRefusal::new("schema_invalid", e.to_string()))?;
             (remember(schema, v), output)
         }
     };
-    let problems: Vec<String> = validator.iter_errors(&output).take(5).map(|e| e.to_string()).collect();
+    // Sorted by location, so the note does not depend on the validator's reporting order.
+    let mut problems: Vec<(String, String)> =
+        validator.iter_errors(&output).map(|e| (e.instance_path().to_string(), e.to_string())).collect();
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+        return Ok(());
     }
+    problems.sort();
+    let note: Vec<String> =
+        problems.iter().take(GATE_PROBLEMS_MAX).map(|(at, text)| format!("at {at:?}: {text}")).collect();
+    Err(GateRefusal::new("schema_mismatch", note.join("; ")))
 }
 
-fn output_value(t: &TaskState) -> Result<serde_json::Value, String> {
+fn output_value(t: &TaskState) -> Result<serde_json::Value, GateRefusal> {
     match &t.output {
-        Some(o) => o.value().map_err(|e| format!("output is not JSON: {e}")),
-        None => Err("no output".to_owned()),
+        Some(o) => o.value().map_err(|e| GateRefusal::new("output_not_json", e.to_string())),
+        None => Err(GateRefusal::new("no_output", "no output recorded")),
     }
 }
 

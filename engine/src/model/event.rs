@@ -3,8 +3,11 @@
 //!
 //! Rules for changing this file (old logs must keep replaying):
 //! - never reorder or remove variants or fields: bincode encodes by position;
-//! - a new variant goes at the end; a changed struct needs a new schema version and an
-//!   upcast in keel-store's decode path plus a golden log of the old version.
+//! - a new variant goes at the end;
+//! - a changed variant bumps its payload version ([`Event::payload_version`], stored in the
+//!   record envelope), keeps its old layout as a frozen legacy type in
+//!   [`crate::model::upcast`] with the conversion to the new one, and gets a golden log of
+//!   the old version. Upcasting is the engine's: keel-store knows no workflow.
 
 use crate::model::workflow::*;
 use keel_store::{Payload, RunId, Seq};
@@ -68,6 +71,20 @@ pub struct Escalation {
     pub default_decision: Option<Decision>,
 }
 
+/// Where a task's failure came from (recorded on `TaskFailed`, read by tools and people:
+/// the determinism check tells the schema gate's decisions from calls' answers by it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum FailureSource {
+    /// The task's handler returned an error, timed out or panicked.
+    Handler,
+    /// The evaluator failed (error, timeouts, panic) while judging the task's output.
+    Evaluator,
+    /// The output-schema gate refused the output (a decision of the core).
+    Gate,
+    /// The engine itself: no handler registered, an output over the size limits.
+    Engine,
+}
+
 /// Every transition of a run. See docs/EVENTS.md for each variant's meaning and the
 /// state machine transition it drives.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -111,8 +128,21 @@ pub enum Event {
     },
     /// The handler returned an output.
     TaskExecuted { task: TaskId, attempt: u32, output: Json, usage: Usage, cached: bool },
-    /// The attempt failed (handler error, timeout, or an output that failed its schema).
-    TaskFailed { task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage },
+    /// The attempt failed: a handler error or timeout, an evaluator failure, an output the
+    /// schema gate refused, or the engine's own limits (`source` says which). `error` is
+    /// the message (for the gate, a stable code such as `schema_mismatch`); `note` is
+    /// detail for people that no decision depends on (the gate's validator text and
+    /// failing locations), not compared by the determinism check. Payload version 2
+    /// (version 1 had no `source` and `note`: see [`crate::model::upcast`]).
+    TaskFailed {
+        task: TaskId,
+        attempt: u32,
+        class: ErrorClass,
+        error: String,
+        usage: Usage,
+        source: FailureSource,
+        note: Option<String>,
+    },
     /// The task will be dispatched again after `delay_ms` (backoff + jitter from the seed).
     RetryScheduled { task: TaskId, next_attempt: u32, delay_ms: u64 },
     /// The evaluator (or, without success criteria, the engine) judged the output.
@@ -163,6 +193,39 @@ impl Event {
         }
     }
 
+    /// The version of this event's payload layout, stored in the record envelope; the
+    /// upcaster ([`crate::model::upcast`]) decodes older layouts by it. Bumped for a kind
+    /// whenever its fields change (docs/EVENTS.md lists the versions).
+    pub fn payload_version(&self) -> u16 {
+        match self {
+            Event::TaskFailed { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Does `decided` (what `decide` returns now) record the same decision as `self` (a
+    /// recorded event)? Equality, except what the determinism check must not compare:
+    /// a `TaskFailed`'s `note` (third-party text), and a schema-gate failure recorded in
+    /// payload version 1 (whose `error` is the validator's text, from before the stable
+    /// code) matches the gate failure of the same task, attempt and class.
+    pub fn same_decision(&self, decided: &Event) -> bool {
+        match (self, decided) {
+            (
+                Event::TaskFailed { task, attempt, class, error, usage, source, note: _ },
+                Event::TaskFailed { task: t2, attempt: a2, class: c2, error: e2, usage: u2, source: s2, note: _ },
+            ) => {
+                let legacy_gate = *source == FailureSource::Gate && error.starts_with(LEGACY_GATE_PREFIX);
+                task == t2
+                    && attempt == a2
+                    && class == c2
+                    && usage == u2
+                    && source == s2
+                    && (error == e2 || legacy_gate)
+            }
+            _ => self == decided,
+        }
+    }
+
     /// All kind names, in declaration order.
     pub const KINDS: [&'static str; 19] = [
         "RunAccepted",
@@ -185,94 +248,17 @@ impl Event {
         "RunFailed",
         "RunCancelled",
     ];
-
-    /// Rebuild an event from its kind and the JSON object of its fields (as exported).
-    pub fn from_fields(
-        kind: &str,
-        fields: serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Event, serde_json::Error> {
-        let mut outer = serde_json::Map::new();
-        // Escalated is a newtype variant: its fields are the Escalation struct itself.
-        outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
-        serde_json::from_value(serde_json::Value::Object(outer))
-    }
-
-    /// Deserializes an event of kind `kind` straight from `fields`, a deserializer of the
-    /// object of its fields (as exported), without building a `serde_json::Value` first.
-    ///
-    /// Decodes what [`Event::from_fields`] decodes: the variant is named by `kind` (an
-    /// unknown kind is an error), a struct variant's fields must be an object, and
-    /// `Escalated` (a newtype variant) hands the object to [`Escalation`]'s own
-    /// deserializer. Errors are `D`'s; their text may differ from `from_fields`'s.
-    pub fn deserialize_fields<'de, D: serde::Deserializer<'de>>(kind: &str, fields: D) -> Result<Event, D::Error> {
-        Event::deserialize(KindTagged { kind, fields })
-    }
 }
 
-/// A deserializer of an externally tagged enum whose tag is given apart from the content:
-/// the variant is named by `kind`, its content is read from `fields`.
-struct KindTagged<'k, D> {
-    kind: &'k str,
-    fields: D,
-}
-
-impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for KindTagged<'_, D> {
-    type Error = D::Error;
-
-    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
-        visitor.visit_enum(self)
-    }
-
-    serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
-        identifier ignored_any
-    }
-}
-
-impl<'de, D: serde::Deserializer<'de>> serde::de::EnumAccess<'de> for KindTagged<'_, D> {
-    type Error = D::Error;
-    type Variant = VariantFields<D>;
-
-    fn variant_seed<V: serde::de::DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), D::Error> {
-        let name = seed.deserialize(serde::de::value::StrDeserializer::<D::Error>::new(self.kind))?;
-        Ok((name, VariantFields(self.fields)))
-    }
-}
-
-/// The content of a [`KindTagged`] variant: what `serde_json::from_value` does with the
-/// value of `{"Kind": value}`, for any deserializer.
-struct VariantFields<D>(D);
-
-impl<'de, D: serde::Deserializer<'de>> serde::de::VariantAccess<'de> for VariantFields<D> {
-    type Error = D::Error;
-
-    fn unit_variant(self) -> Result<(), D::Error> {
-        <() as Deserialize>::deserialize(self.0)
-    }
-
-    fn newtype_variant_seed<T: serde::de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, D::Error> {
-        seed.deserialize(self.0)
-    }
-
-    fn tuple_variant<V: serde::de::Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, D::Error> {
-        self.0.deserialize_seq(visitor)
-    }
-
-    fn struct_variant<V: serde::de::Visitor<'de>>(
-        self,
-        _fields: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, D::Error> {
-        self.0.deserialize_map(visitor)
-    }
-}
+/// How payload version 1 of a schema-gate `TaskFailed` began its `error` (the validator's
+/// text followed).
+pub const LEGACY_GATE_PREFIX: &str = "output failed its schema: ";
 
 impl Payload for Event {
-    /// The layout version of this event's payload. Every event is at version 1 for now; an
-    /// upcaster chain in the engine will read older versions when a shape changes.
+    /// [`Event::payload_version`]: the layout version of this event's payload, which the
+    /// upcaster ([`crate::model::upcast`]) reads older layouts by.
     fn payload_version(&self) -> u16 {
-        1
+        Event::payload_version(self)
     }
     fn kind(&self) -> &'static str {
         self.kind_name()

@@ -6,5 +6,6 @@
 pub mod event;
 pub mod fsm;
 pub mod state;
+pub mod upcast;
 pub mod workflow;
 pub use workflow::*;

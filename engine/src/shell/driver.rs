@@ -15,7 +15,7 @@ use crate::api::{EvalRequest, TaskCall};
 use crate::core::{decide, Command};
 use crate::core::{event_of, Answer};
 use crate::error::EngineError;
-use crate::model::event::Event;
+use crate::model::event::{Event, FailureSource};
 use crate::model::fsm::{RunStatus, TaskStatus};
 use crate::model::state::RunState;
 use crate::model::workflow::*;
@@ -507,6 +507,8 @@ fn too_large_answer(event: Event, reason: &str) -> Option<Event> {
             class: ErrorClass::Semantic,
             error: format!("output too large: {reason}"),
             usage,
+            source: FailureSource::Engine,
+            note: None,
         }),
         Event::Planned { revision, .. }
         | Event::Replanned { revision, .. }

@@ -92,6 +92,7 @@ impl Journal {
         Ok(NewRecord {
             kind: event.kind().to_owned(),
             time_us: at_us,
+            payload_version: Payload::payload_version(event),
             payload,
             payload_root: keel_store::digest::payload_root_of(&event.fields()),
         })
