@@ -19,6 +19,8 @@ mod engine;
 mod error;
 pub mod model;
 mod shell;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use crate::core::{
     apply, apply_mut, apply_take, decide, event_of, fold, idempotency_key, replan_outcome, sim, validate_plan, Answer,
