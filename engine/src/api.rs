@@ -18,22 +18,28 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A failure reported by a planner, handler or evaluator.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct HandlerError {
+    /// How the failure is recovered from (retry, replan, skip or escalate).
     pub class: ErrorClass,
+    /// What went wrong, for people (recorded, clipped to `ShellLimits::error_bytes_max`).
     pub message: String,
     /// Usage spent before failing (a failed LLM call still costs).
     pub usage: Usage,
 }
 
 impl HandlerError {
+    /// A failure worth retrying later (rate limit, timeout, network).
     pub fn transient(message: impl Into<String>) -> Self {
         HandlerError { class: ErrorClass::Transient, message: message.into(), usage: Usage::default() }
     }
+    /// A failure of the approach (bad output): the run replans.
     pub fn semantic(message: impl Into<String>) -> Self {
         HandlerError { class: ErrorClass::Semantic, message: message.into(), usage: Usage::default() }
     }
+    /// A failure that cannot succeed: the task is skipped or the run escalates.
     pub fn fatal(message: impl Into<String>) -> Self {
         HandlerError { class: ErrorClass::Fatal, message: message.into(), usage: Usage::default() }
     }
+    /// Records what the call spent before it failed.
     pub fn with_usage(mut self, usage: Usage) -> Self {
         self.usage = usage;
         self
@@ -43,11 +49,17 @@ impl HandlerError {
 /// What the planner is asked.
 #[derive(Clone, Debug)]
 pub struct PlanRequest {
+    /// The run being planned.
     pub run: RunId,
+    /// Its workflow type.
     pub workflow: String,
+    /// The run's request input.
     pub input: Json,
+    /// The run's seed (for pseudo-random choices that must replay the same).
     pub seed: u64,
+    /// The plan revision asked for (0 = the first plan).
     pub revision: u32,
+    /// Why a plan is asked for (first plan, a failure, a human's hint).
     pub reason: PlanReason,
     /// The plan being replaced, if any.
     pub previous: Option<Plan>,
@@ -55,48 +67,70 @@ pub struct PlanRequest {
 
 /// Produces plans. An LLM planner is one implementation.
 pub trait Planner: Send + Sync + 'static {
+    /// The plan for `request` (validated by the engine before it is recorded); a transient
+    /// error is retried in-process, any other is recorded as a rejected plan.
     fn plan(&self, request: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>>;
 }
 
 /// One call of a task handler.
 #[derive(Clone, Debug)]
 pub struct TaskCall {
+    /// The run the task belongs to.
     pub run: RunId,
+    /// Its workflow type.
     pub workflow: String,
     /// The run's request input.
     pub run_input: Json,
+    /// The run's seed.
     pub seed: u64,
+    /// The task performed.
     pub task: TaskId,
+    /// The handler name the task names.
     pub handler: String,
+    /// Attempt number (1 for the first dispatch).
     pub attempt: u32,
     /// Same on a redelivery after a crash: handlers with side effects dedupe on it.
     pub idempotency_key: String,
+    /// Model the task was routed to (LLM tasks).
     pub model: Option<String>,
+    /// The exact input recorded on `TaskDispatched`.
     pub input: TaskInput,
+    /// How long the engine waits for the answer; a late answer is discarded.
     pub timeout_ms: u64,
 }
 
 /// What a handler returns.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskOutput {
+    /// The task's output (checked against its schema before anyone consumes it).
     pub output: serde_json::Value,
+    /// What the call spent.
     pub usage: Usage,
 }
 
 /// Performs tasks of one handler name.
 pub trait TaskHandler: Send + Sync + 'static {
+    /// Performs one attempt of a task. May run again for the same attempt after a crash:
+    /// a handler with a side effect dedupes on `call.idempotency_key`.
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>>;
 }
 
 /// What the evaluator is asked.
 #[derive(Clone, Debug)]
 pub struct EvalRequest {
+    /// The run whose task is judged.
     pub run: RunId,
+    /// Its workflow type.
     pub workflow: String,
+    /// The run's request input.
     pub run_input: Json,
+    /// The run's seed.
     pub seed: u64,
+    /// The task's spec (its success criteria say what to check).
     pub task: TaskSpec,
+    /// The attempt whose output is judged.
     pub attempt: u32,
+    /// The output to judge.
     pub output: Json,
     /// Model routed for evaluation (may be cheaper than the worker's).
     pub model: Option<String>,
@@ -105,23 +139,29 @@ pub struct EvalRequest {
 /// The evaluator's judgement.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Evaluation {
+    /// Accept (pass, soft) or reject (hard: replan; critical: a human).
     pub verdict: Verdict,
+    /// Why, for the planner and a person deciding.
     pub notes: String,
+    /// What the evaluation spent.
     pub usage: Usage,
 }
 
 /// Judges task outputs against their success criteria.
 pub trait Evaluator: Send + Sync + 'static {
+    /// Judges one output against the task's success criteria.
     fn evaluate(&self, request: EvalRequest) -> BoxFuture<Result<Evaluation, HandlerError>>;
 }
 
 /// Told when a run needs a human (at least once per escalation, also across restarts).
 pub trait EscalationSink: Send + Sync + 'static {
+    /// Announces an escalation; an error is retried, then asked again on the next drive.
     fn notify(&self, run: RunId, escalation: Escalation) -> BoxFuture<Result<(), String>>;
 }
 
 /// Source of time for the shell (never read by the core). Tests inject a fake one.
 pub trait Clock: Send + Sync + 'static {
+    /// Now, in µs since the Unix epoch.
     fn now_us(&self) -> i64;
 }
 
@@ -138,12 +178,15 @@ impl Clock for SystemClock {
 /// A workflow type: what a request names, with its planner, evaluator, budgets and limits.
 #[derive(Clone)]
 pub struct WorkflowType {
+    /// Name a request gives to start a run of this type.
     pub name: String,
+    /// Version recorded on each run (a run resumed under another version is logged).
     pub version: u32,
     /// JSON Schema every request input must satisfy (None: any JSON).
     pub input_schema: Option<serde_json::Value>,
     /// Default budget of a run (a request may override it).
     pub budget: Budget,
+    /// What a run does when a budget cannot cover the next step.
     pub on_exhausted: ExhaustionPolicy,
     /// Complexity class -> model; frozen into each run at acceptance.
     pub routes: Vec<(Complexity, String)>,
@@ -155,7 +198,9 @@ pub struct WorkflowType {
     pub max_parallel_tasks: u32,
     /// How long an idempotency key keeps returning the same run.
     pub dedup_window_ms: u64,
+    /// Makes the plans of this type's runs.
     pub planner: Arc<dyn Planner>,
+    /// Judges task outputs that have success criteria.
     pub evaluator: Arc<dyn Evaluator>,
 }
 
@@ -198,7 +243,9 @@ impl std::fmt::Debug for WorkflowType {
 /// A request to start a run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
+    /// The workflow type to run.
     pub workflow: String,
+    /// The request input (checked against the type's input schema).
     pub input: serde_json::Value,
     /// A second request with the same key (within the workflow's dedup window) returns the
     /// first run instead of starting another.
@@ -212,6 +259,7 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request with no idempotency key, priority 0, a seed derived from the run id and the type's budget.
     pub fn new(workflow: impl Into<String>, input: serde_json::Value) -> Self {
         Request { workflow: workflow.into(), input, idempotency_key: None, priority: 0, seed: None, budget: None }
     }
@@ -220,6 +268,7 @@ impl Request {
 /// What `submit` returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Submitted {
+    /// The run (the existing one for a duplicate).
     pub run: RunId,
     /// The idempotency key was already claimed: `run` is the existing run.
     pub duplicate: bool,
@@ -228,6 +277,7 @@ pub struct Submitted {
 /// A human's answer to an escalation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolution {
+    /// What the human decided (one of the escalation's options).
     pub decision: Decision,
     /// Who decided (recorded).
     pub by: String,
@@ -238,9 +288,13 @@ pub struct Resolution {
 pub struct IdleReport {
     /// Driver passes made (a run resumed twice counts twice).
     pub driven: usize,
+    /// Drives that ended with the run completed.
     pub completed: usize,
+    /// Drives that ended with the run failed.
     pub failed: usize,
+    /// Drives that ended with the run cancelled.
     pub cancelled: usize,
+    /// Drives that ended with the run waiting for a human.
     pub awaiting_human: usize,
     /// Runs whose driver stopped on an error (store failure, a bug), with the error.
     pub stopped: Vec<(RunId, String)>,
@@ -249,36 +303,57 @@ pub struct IdleReport {
 /// One line of `runs()`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunSummary {
+    /// The run.
     pub run: RunId,
+    /// Its workflow type.
     pub workflow: String,
+    /// Its current status.
     pub status: RunStatus,
+    /// Its priority (higher first).
     pub priority: i32,
+    /// When it was accepted (µs since the epoch).
     pub accepted_at_us: i64,
+    /// When its latest event was recorded (µs since the epoch).
     pub last_event_us: i64,
+    /// Events in its log.
     pub events: u64,
+    /// Cost spent (micro-units).
     pub cost_micros: u64,
+    /// Tokens spent.
     pub tokens: u64,
+    /// It finished with a partial result.
     pub partial: bool,
+    /// Escalations so far.
     pub escalations: u32,
 }
 
 /// An escalation waiting for a human.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingEscalation {
+    /// The waiting run.
     pub run: RunId,
+    /// Its workflow type.
     pub workflow: String,
+    /// What the human must decide, with the context to decide it.
     pub escalation: Escalation,
+    /// When the run escalated (µs since the epoch).
     pub escalated_at_us: i64,
+    /// The escalation sink was told.
     pub notified: bool,
 }
 
 /// Usage and outcomes per workflow type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkflowStats {
+    /// The workflow type.
     pub workflow: String,
+    /// Runs of this type in the log.
     pub runs: u64,
+    /// Runs per status.
     pub by_status: BTreeMap<RunStatus, u64>,
+    /// Runs that finished with a partial result.
     pub partial: u64,
+    /// Usage summed over the runs.
     pub totals: Totals,
     /// `totals.cost_micros / runs` (integer division; 0 without runs).
     pub cost_per_run_micros: u64,

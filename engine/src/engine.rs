@@ -54,22 +54,27 @@ impl EngineBuilder {
         self.durability = d;
         self
     }
+    /// Registers a workflow type (names must be unique).
     pub fn workflow(mut self, w: WorkflowType) -> Self {
         self.workflows.push(w);
         self
     }
+    /// Registers the handler of tasks that name `name`.
     pub fn handler(mut self, name: &str, h: Arc<dyn TaskHandler>) -> Self {
         self.handlers.insert(name.to_owned(), h);
         self
     }
+    /// Where escalations are announced (default: a tracing warning).
     pub fn escalation_sink(mut self, s: Arc<dyn EscalationSink>) -> Self {
         self.sink = Some(s);
         self
     }
+    /// The shell's clock (default: the system clock; tests inject a fake one).
     pub fn clock(mut self, c: Arc<dyn Clock>) -> Self {
         self.clock = c;
         self
     }
+    /// The code-level policy `decide` runs with.
     pub fn policy(mut self, p: Policy) -> Self {
         self.policy = p;
         self
@@ -84,6 +89,7 @@ impl EngineBuilder {
         self.workers = n;
         self
     }
+    /// The shell's size limits and the planner timeout.
     pub fn limits(mut self, l: ShellLimits) -> Self {
         self.limits = l;
         self
@@ -164,6 +170,7 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
+    /// A builder with defaults: no store yet, 8 workers, snapshots every 64 events.
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             path: None,

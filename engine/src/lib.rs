@@ -1,3 +1,5 @@
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
 //! keel-engine: a durable state-machine engine for AI-agent workflows.
 //!
 //! Every run is an explicit finite state machine ([`fsm`]); every transition is an
@@ -13,12 +15,16 @@
 //! Invariant: this crate talks to storage only through `keel_store::EventLog`; it does
 //! not depend on sled.
 
+/// The plug-in traits and the request/response types of the engine's API.
 pub mod api;
+/// The pure core: `apply`, `decide`, plan validation, answers to events.
 pub mod core;
 mod engine;
 mod error;
+/// The vocabulary: workflow data, events, state, state machines, upcasting.
 pub mod model;
 mod shell;
+/// Given / when / then specs of the core (feature `testing`).
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -5,7 +5,7 @@
 //! check happens before the state is touched, so a refused event leaves it unchanged.
 
 use super::types::TransitionError;
-use crate::model::event::{EscalationCause, Event, Logged, PlanReason};
+use crate::model::event::{Escalation, EscalationCause, Event, Logged, PlanReason};
 use crate::model::fsm::{run_transition, task_transition, RunStatus, TaskStatus, TaskTrigger};
 use crate::model::state::{EscalationState, RunState, TaskState, Totals};
 use crate::model::workflow::*;
@@ -146,293 +146,45 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         return Err(TransitionError::IllegalRun { run, state: s.status.name().to_owned(), kind });
     };
     let at = logged.at_us;
-    let invalid = |reason: String| TransitionError::Invalid { run, kind, reason };
 
+    let cx = Cx { run, kind, at };
     match &mut logged.event {
         Event::RunAccepted { .. } => {
             // The table has no row for it from an existing run; kept for exhaustiveness.
             return Err(TransitionError::IllegalRun { run, state: s.status.name().to_owned(), kind });
         }
-        Event::PlanRequested { revision, reason } => {
-            let want = next_revision(s);
-            if *revision != want {
-                return Err(invalid(format!("revision {revision}, expected {want}")));
-            }
-            s.planning_revision = Some(*revision);
-            s.planning_reason = Some(reason.clone());
-            s.planning_rejected = false;
-        }
-        Event::ReplanRequested { revision, reason } => {
-            let want = next_revision(s);
-            if *revision != want {
-                return Err(invalid(format!("revision {revision}, expected {want}")));
-            }
-            if let Some(cur) = s.revision {
-                if s.status == RunStatus::Running {
-                    s.history.push(format!("revision {cur}: {}", reason_line(reason)));
-                }
-            }
-            if let PlanReason::Failure(ctx) = reason {
-                s.last_failure = Some(ctx.clone());
-            }
-            if matches!(reason, PlanReason::HumanHint { .. }) {
-                s.pending_decision = None;
-            }
-            s.planning_revision = Some(*revision);
-            s.planning_reason = Some(reason.clone());
-            s.planning_rejected = false;
-            s.totals.replans = s.totals.replans.saturating_add(1);
-        }
-        Event::PlanRejected { revision, errors, .. } => {
-            if Some(*revision) != s.planning_revision || s.planning_rejected {
-                return Err(invalid(format!("revision {revision} is not the one being planned")));
-            }
-            s.rejected_plans = s.rejected_plans.saturating_add(1);
-            s.planning_rejected = true;
-            let why = errors.join("; ");
-            s.history.push(format!("revision {revision}: plan rejected: {why}"));
-            s.last_failure = Some(crate::model::event::FailureContext {
-                task: None,
-                handler: None,
-                reason: format!("plan rejected: {why}"),
-                attempts: 0,
-                tried: s.history.clone(),
-            });
-        }
-        Event::Planned { revision, plan } => {
-            if s.revision.is_some() {
-                return Err(invalid("the run already has a plan: a new one is Replanned".to_owned()));
-            }
-            if Some(*revision) != s.planning_revision || s.planning_rejected {
-                return Err(invalid(format!("revision {revision} is not the one being planned")));
-            }
-            let (tasks, index) = install(plan, &BTreeMap::new()).map_err(invalid)?;
-            s.tasks = tasks;
-            s.task_index = index;
-            s.revision = Some(*revision);
-            s.planning_revision = None;
-            s.planning_reason = None;
-        }
+        Event::PlanRequested { revision, reason } => plan_requested(s, &cx, revision, reason)?,
+        Event::ReplanRequested { revision, reason } => replan_requested(s, &cx, revision, reason)?,
+        Event::PlanRejected { revision, errors, .. } => plan_rejected(s, &cx, revision, errors)?,
+        Event::Planned { revision, plan } => planned(s, &cx, revision, plan)?,
         Event::Replanned { revision, plan, carried_over, superseded } => {
-            if s.revision.is_none() {
-                return Err(invalid("no plan to replace: the first plan is Planned".to_owned()));
-            }
-            if Some(*revision) != s.planning_revision || s.planning_rejected {
-                return Err(invalid(format!("revision {revision} is not the one being planned")));
-            }
-            let (want_carried, want_superseded) = replan_outcome(s, plan);
-            if *carried_over != want_carried || *superseded != want_superseded {
-                return Err(invalid(format!(
-                    "carried_over/superseded do not match the plans: expected {want_carried:?} / {want_superseded:?}"
-                )));
-            }
-            for id in superseded {
-                let t = task_ref(s, id, kind)?;
-                if task_transition(t.status, TaskTrigger::Superseded).is_none() {
-                    return Err(illegal_task(s, t, TaskTrigger::Superseded));
-                }
-            }
-            let mut keep = BTreeMap::new();
-            for id in carried_over {
-                let t = task_ref(s, id, kind)?;
-                keep.insert(id.clone(), t.clone());
-            }
-            let (tasks, index) = install(plan, &keep).map_err(invalid)?;
-            s.tasks = tasks;
-            s.task_index = index;
-            s.revision = Some(*revision);
-            s.planning_revision = None;
-            s.planning_reason = None;
+            replanned(s, &cx, revision, plan, carried_over, superseded)?
         }
         Event::TaskDispatched { task, attempt, idempotency_key, model, input, reserved } => {
-            let t = task_ref(s, task, kind)?;
-            let want = t.attempt.saturating_add(1);
-            if *attempt != want {
-                return Err(invalid(format!("task {task}: attempt {attempt}, expected {want}")));
-            }
-            let to_status = task_step(s, t, TaskTrigger::Dispatched)?;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.attempt = *attempt;
-            t.idempotency_key = Some(std::mem::take(idempotency_key));
-            t.model = model.take();
-            let empty = TaskInput { input: Json::default(), upstream: BTreeMap::new(), note: None };
-            t.input = Some(std::mem::replace(input, empty));
-            t.reserved = *reserved;
-            t.retry_due_us = None;
+            task_dispatched(s, &cx, task, attempt, idempotency_key, model, input, reserved)?
         }
         Event::TaskExecuted { task, attempt, output, usage, cached } => {
-            let t = task_ref(s, task, kind)?;
-            same_attempt(s, t, *attempt, kind)?;
-            let to_status = task_step(s, t, TaskTrigger::Executed)?;
-            let task_kind = t.spec.kind;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.output = Some(std::mem::take(output));
-            t.cached = *cached;
-            // What is left of the reservation covers the evaluation.
-            t.reserved = Usage {
-                cost_micros: t.reserved.cost_micros.saturating_sub(usage.cost_micros),
-                tokens: t.reserved.tokens.saturating_sub(usage.tokens),
-            };
-            add_usage(&mut s.totals, usage);
-            if *cached {
-                s.totals.cache_hits = s.totals.cache_hits.saturating_add(1);
-            } else {
-                count_call(&mut s.totals, task_kind);
-            }
+            task_executed(s, &cx, task, attempt, output, usage, cached)?
         }
         Event::TaskFailed { task, attempt, class, error, usage, .. } => {
-            let t = task_ref(s, task, kind)?;
-            same_attempt(s, t, *attempt, kind)?;
-            let from = t.status;
-            let to_status = task_step(s, t, TaskTrigger::Failed)?;
-            let task_kind = t.spec.kind;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.last_error = Some((*class, std::mem::take(error)));
-            t.reserved = Usage::default();
-            add_usage(&mut s.totals, usage);
-            // A handler call was made only if the task was in flight (not for a gate failure).
-            if from == TaskStatus::Dispatched {
-                count_call(&mut s.totals, task_kind);
-            }
+            task_failed(s, &cx, task, attempt, class, error, usage)?
         }
         Event::RetryScheduled { task, next_attempt, delay_ms } => {
-            let t = task_ref(s, task, kind)?;
-            let want = t.attempt.saturating_add(1);
-            if *next_attempt != want {
-                return Err(invalid(format!("task {task}: next attempt {next_attempt}, expected {want}")));
-            }
-            let to_status = task_step(s, t, TaskTrigger::RetryScheduled)?;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.retry_due_us = Some(at.saturating_add(i64::try_from(*delay_ms).unwrap_or(i64::MAX).saturating_mul(1000)));
-            s.totals.retries = s.totals.retries.saturating_add(1);
+            retry_scheduled(s, &cx, task, next_attempt, delay_ms)?
         }
         Event::TaskEvaluated { task, attempt, verdict, usage, notes, .. } => {
-            let t = task_ref(s, task, kind)?;
-            same_attempt(s, t, *attempt, kind)?;
-            let trigger = match verdict {
-                Verdict::Pass | Verdict::Soft => TaskTrigger::Accepted,
-                Verdict::Hard | Verdict::Critical => TaskTrigger::Rejected,
-            };
-            let to_status = task_step(s, t, trigger)?;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.verdict = Some(*verdict);
-            t.verdict_notes = Some(std::mem::take(notes));
-            t.reserved = Usage::default();
-            // The evaluation's cost and tokens count (they were reserved with the task);
-            // evaluator calls do not draw on the task-call budgets.
-            add_usage(&mut s.totals, usage);
-            if to_status == TaskStatus::Done {
-                release_dependents(s, task);
-            }
+            task_evaluated(s, &cx, task, attempt, verdict, usage, notes)?
         }
-        Event::TaskSkipped { task, reason } => {
-            let t = task_ref(s, task, kind)?;
-            let to_status = task_step(s, t, TaskTrigger::Skipped)?;
-            let t = task_mut(s, task, kind)?;
-            t.status = to_status;
-            t.skip_reason = Some(std::mem::take(reason));
-            t.reserved = Usage::default();
-        }
-        Event::BudgetExhausted { budget, .. } => {
-            if s.exhausted.is_some() {
-                return Err(invalid("a budget is already exhausted".to_owned()));
-            }
-            s.exhausted = Some(*budget);
-        }
-        Event::Escalated(e) => {
-            let want = u32::try_from(s.escalations.len()).unwrap_or(u32::MAX).saturating_add(1);
-            if e.number != want {
-                return Err(invalid(format!("escalation number {}, expected {want}", e.number)));
-            }
-            if let Some(task) = &e.task {
-                task_ref(s, task, kind)?;
-            }
-            s.escalations.push(EscalationState {
-                escalation: e.clone(),
-                escalated_at_us: at,
-                notified: false,
-                resolution: None,
-            });
-        }
-        Event::EscalationNotified { number } => {
-            let Some(last) = s.escalations.last_mut() else {
-                return Err(invalid("no escalation".to_owned()));
-            };
-            if last.escalation.number != *number || last.notified {
-                return Err(invalid(format!("escalation {number} is not the open, unnotified one")));
-            }
-            last.notified = true;
-        }
+        Event::TaskSkipped { task, reason } => task_skipped(s, &cx, task, reason)?,
+        Event::BudgetExhausted { budget, .. } => budget_exhausted(s, &cx, budget)?,
+        Event::Escalated(e) => escalated(s, &cx, e)?,
+        Event::EscalationNotified { number } => escalation_notified(s, &cx, number)?,
         Event::HumanResolved { number, decision, by, defaulted } => {
-            let Some(last) = s.escalations.last() else {
-                return Err(invalid("no escalation".to_owned()));
-            };
-            if last.escalation.number != *number || last.resolution.is_some() {
-                return Err(invalid(format!("escalation {number} is not the open one")));
-            }
-            let task = last.escalation.task.clone();
-            let cause = last.escalation.cause;
-            // Work out the task's move before touching anything.
-            let task_move = match &task {
-                Some(id) => {
-                    let t = task_ref(s, id, kind)?;
-                    human_task_move(t, decision, cause).map(|(trigger, output)| {
-                        let to = task_transition(t.status, trigger);
-                        (id.clone(), trigger, to, output)
-                    })
-                }
-                None => None,
-            };
-            if let Some((id, trigger, None, _)) = &task_move {
-                let t = task_ref(s, id, kind)?;
-                return Err(illegal_task(s, t, *trigger));
-            }
-            if let Some(last) = s.escalations.last_mut() {
-                last.resolution = Some((decision.clone(), by.clone(), *defaulted));
-            }
-            match decision {
-                Decision::ReplanWithHint(_) => {
-                    s.replans_granted = s.replans_granted.saturating_add(1);
-                    s.pending_decision = Some((decision.clone(), by.clone()));
-                }
-                Decision::Abort => s.pending_decision = Some((decision.clone(), by.clone())),
-                Decision::Approve | Decision::Reject | Decision::SupplyOutput(_) if task.is_none() => {
-                    s.pending_decision = Some((decision.clone(), by.clone()));
-                }
-                _ => {}
-            }
-            if let Some((id, trigger, Some(to_status), output)) = task_move {
-                let t = task_mut(s, &id, kind)?;
-                t.status = to_status;
-                t.reserved = Usage::default();
-                if let Some(o) = output {
-                    t.output = Some(o);
-                    t.verdict = Some(Verdict::Pass);
-                }
-                if trigger == TaskTrigger::Skipped {
-                    t.skip_reason = Some(format!("{} by {by}", decision.name()));
-                }
-                if to_status == TaskStatus::Done {
-                    release_dependents(s, &id);
-                }
-            }
+            human_resolved(s, &cx, number, decision, by, defaulted)?
         }
-        Event::RunCompleted { partial, result, .. } => {
-            s.partial = *partial;
-            s.result = Some(std::mem::take(result));
-        }
-        Event::RunFailed { reason } => {
-            s.failure = Some(std::mem::take(reason));
-            s.pending_decision = None;
-        }
-        Event::RunCancelled { by, reason } => {
-            s.failure = Some(format!("cancelled by {by}: {reason}"));
-        }
+        Event::RunCompleted { partial, result, .. } => run_completed(s, partial, result)?,
+        Event::RunFailed { reason } => run_failed(s, reason)?,
+        Event::RunCancelled { by, reason } => run_cancelled(s, by, reason)?,
     }
     if matches!(logged.event, Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }) {
         s.pending_decision = None;
@@ -633,4 +385,448 @@ fn count_call(totals: &mut Totals, kind: TaskKind) {
         TaskKind::Tool | TaskKind::DataFetch => totals.tool_calls = totals.tool_calls.saturating_add(1),
         TaskKind::HumanReview => {}
     }
+}
+
+/// What every `apply` step knows of the event being applied.
+struct Cx {
+    run: keel_store::RunId,
+    kind: &'static str,
+    /// The event's recording time (µs).
+    at: i64,
+}
+
+/// `apply` of `PlanRequested`.
+fn plan_requested(
+    s: &mut RunState,
+    cx: &Cx,
+    revision: &mut u32,
+    reason: &mut PlanReason,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    let want = next_revision(s);
+    if *revision != want {
+        return Err(invalid(format!("revision {revision}, expected {want}")));
+    }
+    s.planning_revision = Some(*revision);
+    s.planning_reason = Some(reason.clone());
+    s.planning_rejected = false;
+    Ok(())
+}
+
+/// `apply` of `ReplanRequested`.
+fn replan_requested(
+    s: &mut RunState,
+    cx: &Cx,
+    revision: &mut u32,
+    reason: &mut PlanReason,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    let want = next_revision(s);
+    if *revision != want {
+        return Err(invalid(format!("revision {revision}, expected {want}")));
+    }
+    if let Some(cur) = s.revision {
+        if s.status == RunStatus::Running {
+            s.history.push(format!("revision {cur}: {}", reason_line(reason)));
+        }
+    }
+    if let PlanReason::Failure(ctx) = reason {
+        s.last_failure = Some(ctx.clone());
+    }
+    if matches!(reason, PlanReason::HumanHint { .. }) {
+        s.pending_decision = None;
+    }
+    s.planning_revision = Some(*revision);
+    s.planning_reason = Some(reason.clone());
+    s.planning_rejected = false;
+    s.totals.replans = s.totals.replans.saturating_add(1);
+    Ok(())
+}
+
+/// `apply` of `PlanRejected`.
+fn plan_rejected(s: &mut RunState, cx: &Cx, revision: &mut u32, errors: &[String]) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    if Some(*revision) != s.planning_revision || s.planning_rejected {
+        return Err(invalid(format!("revision {revision} is not the one being planned")));
+    }
+    s.rejected_plans = s.rejected_plans.saturating_add(1);
+    s.planning_rejected = true;
+    let why = errors.join("; ");
+    s.history.push(format!("revision {revision}: plan rejected: {why}"));
+    s.last_failure = Some(crate::model::event::FailureContext {
+        task: None,
+        handler: None,
+        reason: format!("plan rejected: {why}"),
+        attempts: 0,
+        tried: s.history.clone(),
+    });
+    Ok(())
+}
+
+/// `apply` of `Planned`.
+fn planned(s: &mut RunState, cx: &Cx, revision: &mut u32, plan: &mut Plan) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    if s.revision.is_some() {
+        return Err(invalid("the run already has a plan: a new one is Replanned".to_owned()));
+    }
+    if Some(*revision) != s.planning_revision || s.planning_rejected {
+        return Err(invalid(format!("revision {revision} is not the one being planned")));
+    }
+    let (tasks, index) = install(plan, &BTreeMap::new()).map_err(invalid)?;
+    s.tasks = tasks;
+    s.task_index = index;
+    s.revision = Some(*revision);
+    s.planning_revision = None;
+    s.planning_reason = None;
+    Ok(())
+}
+
+/// `apply` of `Replanned`.
+fn replanned(
+    s: &mut RunState,
+    cx: &Cx,
+    revision: &mut u32,
+    plan: &mut Plan,
+    carried_over: &mut Vec<TaskId>,
+    superseded: &mut Vec<TaskId>,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+    let kind = cx.kind;
+
+    if s.revision.is_none() {
+        return Err(invalid("no plan to replace: the first plan is Planned".to_owned()));
+    }
+    if Some(*revision) != s.planning_revision || s.planning_rejected {
+        return Err(invalid(format!("revision {revision} is not the one being planned")));
+    }
+    let (want_carried, want_superseded) = replan_outcome(s, plan);
+    if *carried_over != want_carried || *superseded != want_superseded {
+        return Err(invalid(format!(
+            "carried_over/superseded do not match the plans: expected {want_carried:?} / {want_superseded:?}"
+        )));
+    }
+    for id in superseded {
+        let t = task_ref(s, id, kind)?;
+        if task_transition(t.status, TaskTrigger::Superseded).is_none() {
+            return Err(illegal_task(s, t, TaskTrigger::Superseded));
+        }
+    }
+    let mut keep = BTreeMap::new();
+    for id in carried_over {
+        let t = task_ref(s, id, kind)?;
+        keep.insert(id.clone(), t.clone());
+    }
+    let (tasks, index) = install(plan, &keep).map_err(invalid)?;
+    s.tasks = tasks;
+    s.task_index = index;
+    s.revision = Some(*revision);
+    s.planning_revision = None;
+    s.planning_reason = None;
+    Ok(())
+}
+
+/// `apply` of `TaskDispatched`.
+// One parameter per field of the variant: they move into the state.
+#[allow(clippy::too_many_arguments)]
+fn task_dispatched(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &mut TaskId,
+    attempt: &mut u32,
+    idempotency_key: &mut String,
+    model: &mut Option<String>,
+    input: &mut TaskInput,
+    reserved: &mut Usage,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+    let kind = cx.kind;
+
+    let t = task_ref(s, task, kind)?;
+    let want = t.attempt.saturating_add(1);
+    if *attempt != want {
+        return Err(invalid(format!("task {task}: attempt {attempt}, expected {want}")));
+    }
+    let to_status = task_step(s, t, TaskTrigger::Dispatched)?;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.attempt = *attempt;
+    t.idempotency_key = Some(std::mem::take(idempotency_key));
+    t.model = model.take();
+    let empty = TaskInput { input: Json::default(), upstream: BTreeMap::new(), note: None };
+    t.input = Some(std::mem::replace(input, empty));
+    t.reserved = *reserved;
+    t.retry_due_us = None;
+    Ok(())
+}
+
+/// `apply` of `TaskExecuted`.
+fn task_executed(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &mut TaskId,
+    attempt: &mut u32,
+    output: &mut Json,
+    usage: &mut Usage,
+    cached: &mut bool,
+) -> Result<(), TransitionError> {
+    let kind = cx.kind;
+
+    let t = task_ref(s, task, kind)?;
+    same_attempt(s, t, *attempt, kind)?;
+    let to_status = task_step(s, t, TaskTrigger::Executed)?;
+    let task_kind = t.spec.kind;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.output = Some(std::mem::take(output));
+    t.cached = *cached;
+    // What is left of the reservation covers the evaluation.
+    t.reserved = Usage {
+        cost_micros: t.reserved.cost_micros.saturating_sub(usage.cost_micros),
+        tokens: t.reserved.tokens.saturating_sub(usage.tokens),
+    };
+    add_usage(&mut s.totals, usage);
+    if *cached {
+        s.totals.cache_hits = s.totals.cache_hits.saturating_add(1);
+    } else {
+        count_call(&mut s.totals, task_kind);
+    }
+    Ok(())
+}
+
+/// `apply` of `TaskFailed`.
+fn task_failed(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &mut TaskId,
+    attempt: &mut u32,
+    class: &mut ErrorClass,
+    error: &mut String,
+    usage: &mut Usage,
+) -> Result<(), TransitionError> {
+    let kind = cx.kind;
+
+    let t = task_ref(s, task, kind)?;
+    same_attempt(s, t, *attempt, kind)?;
+    let from = t.status;
+    let to_status = task_step(s, t, TaskTrigger::Failed)?;
+    let task_kind = t.spec.kind;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.last_error = Some((*class, std::mem::take(error)));
+    t.reserved = Usage::default();
+    add_usage(&mut s.totals, usage);
+    // A handler call was made only if the task was in flight (not for a gate failure).
+    if from == TaskStatus::Dispatched {
+        count_call(&mut s.totals, task_kind);
+    }
+    Ok(())
+}
+
+/// `apply` of `RetryScheduled`.
+fn retry_scheduled(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &mut TaskId,
+    next_attempt: &mut u32,
+    delay_ms: &mut u64,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+    let kind = cx.kind;
+    let at = cx.at;
+
+    let t = task_ref(s, task, kind)?;
+    let want = t.attempt.saturating_add(1);
+    if *next_attempt != want {
+        return Err(invalid(format!("task {task}: next attempt {next_attempt}, expected {want}")));
+    }
+    let to_status = task_step(s, t, TaskTrigger::RetryScheduled)?;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.retry_due_us = Some(at.saturating_add(i64::try_from(*delay_ms).unwrap_or(i64::MAX).saturating_mul(1000)));
+    s.totals.retries = s.totals.retries.saturating_add(1);
+    Ok(())
+}
+
+/// `apply` of `TaskEvaluated`.
+fn task_evaluated(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &mut TaskId,
+    attempt: &mut u32,
+    verdict: &mut Verdict,
+    usage: &mut Usage,
+    notes: &mut String,
+) -> Result<(), TransitionError> {
+    let kind = cx.kind;
+
+    let t = task_ref(s, task, kind)?;
+    same_attempt(s, t, *attempt, kind)?;
+    let trigger = match verdict {
+        Verdict::Pass | Verdict::Soft => TaskTrigger::Accepted,
+        Verdict::Hard | Verdict::Critical => TaskTrigger::Rejected,
+    };
+    let to_status = task_step(s, t, trigger)?;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.verdict = Some(*verdict);
+    t.verdict_notes = Some(std::mem::take(notes));
+    t.reserved = Usage::default();
+    // The evaluation's cost and tokens count (they were reserved with the task);
+    // evaluator calls do not draw on the task-call budgets.
+    add_usage(&mut s.totals, usage);
+    if to_status == TaskStatus::Done {
+        release_dependents(s, task);
+    }
+    Ok(())
+}
+
+/// `apply` of `TaskSkipped`.
+fn task_skipped(s: &mut RunState, cx: &Cx, task: &mut TaskId, reason: &mut String) -> Result<(), TransitionError> {
+    let kind = cx.kind;
+
+    let t = task_ref(s, task, kind)?;
+    let to_status = task_step(s, t, TaskTrigger::Skipped)?;
+    let t = task_mut(s, task, kind)?;
+    t.status = to_status;
+    t.skip_reason = Some(std::mem::take(reason));
+    t.reserved = Usage::default();
+    Ok(())
+}
+
+/// `apply` of `BudgetExhausted`.
+fn budget_exhausted(s: &mut RunState, cx: &Cx, budget: &mut BudgetKind) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    if s.exhausted.is_some() {
+        return Err(invalid("a budget is already exhausted".to_owned()));
+    }
+    s.exhausted = Some(*budget);
+    Ok(())
+}
+
+/// `apply` of `Escalated`.
+fn escalated(s: &mut RunState, cx: &Cx, e: &mut Escalation) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+    let kind = cx.kind;
+    let at = cx.at;
+
+    let want = u32::try_from(s.escalations.len()).unwrap_or(u32::MAX).saturating_add(1);
+    if e.number != want {
+        return Err(invalid(format!("escalation number {}, expected {want}", e.number)));
+    }
+    if let Some(task) = &e.task {
+        task_ref(s, task, kind)?;
+    }
+    s.escalations.push(EscalationState {
+        escalation: e.clone(),
+        escalated_at_us: at,
+        notified: false,
+        resolution: None,
+    });
+    Ok(())
+}
+
+/// `apply` of `EscalationNotified`.
+fn escalation_notified(s: &mut RunState, cx: &Cx, number: &mut u32) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+
+    let Some(last) = s.escalations.last_mut() else {
+        return Err(invalid("no escalation".to_owned()));
+    };
+    if last.escalation.number != *number || last.notified {
+        return Err(invalid(format!("escalation {number} is not the open, unnotified one")));
+    }
+    last.notified = true;
+    Ok(())
+}
+
+/// `apply` of `HumanResolved`.
+fn human_resolved(
+    s: &mut RunState,
+    cx: &Cx,
+    number: &mut u32,
+    decision: &mut Decision,
+    by: &mut String,
+    defaulted: &mut bool,
+) -> Result<(), TransitionError> {
+    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
+    let kind = cx.kind;
+
+    let Some(last) = s.escalations.last() else {
+        return Err(invalid("no escalation".to_owned()));
+    };
+    if last.escalation.number != *number || last.resolution.is_some() {
+        return Err(invalid(format!("escalation {number} is not the open one")));
+    }
+    let task = last.escalation.task.clone();
+    let cause = last.escalation.cause;
+    // Work out the task's move before touching anything.
+    let task_move = match &task {
+        Some(id) => {
+            let t = task_ref(s, id, kind)?;
+            human_task_move(t, decision, cause).map(|(trigger, output)| {
+                let to = task_transition(t.status, trigger);
+                (id.clone(), trigger, to, output)
+            })
+        }
+        None => None,
+    };
+    if let Some((id, trigger, None, _)) = &task_move {
+        let t = task_ref(s, id, kind)?;
+        return Err(illegal_task(s, t, *trigger));
+    }
+    if let Some(last) = s.escalations.last_mut() {
+        last.resolution = Some((decision.clone(), by.clone(), *defaulted));
+    }
+    match decision {
+        Decision::ReplanWithHint(_) => {
+            s.replans_granted = s.replans_granted.saturating_add(1);
+            s.pending_decision = Some((decision.clone(), by.clone()));
+        }
+        Decision::Abort => s.pending_decision = Some((decision.clone(), by.clone())),
+        Decision::Approve | Decision::Reject | Decision::SupplyOutput(_) if task.is_none() => {
+            s.pending_decision = Some((decision.clone(), by.clone()));
+        }
+        _ => {}
+    }
+    if let Some((id, trigger, Some(to_status), output)) = task_move {
+        let t = task_mut(s, &id, kind)?;
+        t.status = to_status;
+        t.reserved = Usage::default();
+        if let Some(o) = output {
+            t.output = Some(o);
+            t.verdict = Some(Verdict::Pass);
+        }
+        if trigger == TaskTrigger::Skipped {
+            t.skip_reason = Some(format!("{} by {by}", decision.name()));
+        }
+        if to_status == TaskStatus::Done {
+            release_dependents(s, &id);
+        }
+    }
+    Ok(())
+}
+
+/// `apply` of `RunCompleted`.
+fn run_completed(s: &mut RunState, partial: &mut bool, result: &mut Json) -> Result<(), TransitionError> {
+    s.partial = *partial;
+    s.result = Some(std::mem::take(result));
+    Ok(())
+}
+
+/// `apply` of `RunFailed`.
+fn run_failed(s: &mut RunState, reason: &mut String) -> Result<(), TransitionError> {
+    s.failure = Some(std::mem::take(reason));
+    s.pending_decision = None;
+    Ok(())
+}
+
+/// `apply` of `RunCancelled`.
+fn run_cancelled(s: &mut RunState, by: &mut String, reason: &mut String) -> Result<(), TransitionError> {
+    s.failure = Some(format!("cancelled by {by}: {reason}"));
+    Ok(())
 }

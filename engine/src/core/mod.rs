@@ -10,6 +10,7 @@ mod answer;
 mod apply;
 mod decide;
 mod plan;
+/// A deterministic driver of the core with scripted answers (tests, proptests).
 pub mod sim;
 mod types;
 

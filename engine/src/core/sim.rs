@@ -19,14 +19,19 @@ use keel_store::{RunId, Seq};
 /// What a scripted handler call returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The handler returned this output, spending this much.
     Output(serde_json::Value, Usage),
+    /// The handler failed: class, message, what it spent.
     Error(ErrorClass, String, Usage),
 }
 
 /// Answers the outside world would give.
 pub trait Script {
+    /// The planner's answer for `revision` (an `Err` is the planner failing).
     fn plan(&mut self, state: &RunState, revision: u32) -> Result<Plan, String>;
+    /// The handler's answer for the attempt.
     fn execute(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> Outcome;
+    /// The evaluator's verdict, notes and usage for the attempt's output.
     fn evaluate(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> (Verdict, String, Usage);
     /// A human's answer to the open escalation; `None` leaves the run waiting.
     fn human(&mut self, state: &RunState) -> Option<(Decision, String)>;
@@ -35,8 +40,10 @@ pub trait Script {
 /// Why a simulation stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The core produced an event its own tables refuse (a bug).
     #[error("the core produced an event its own tables refuse: {0}")]
     Transition(#[from] TransitionError),
+    /// The run made no progress within the step bound.
     #[error("no progress after {0} steps")]
     Runaway(usize),
 }

@@ -22,7 +22,12 @@ pub enum PlanReason {
     /// exhausted, bad output) or the previous plan was rejected by validation.
     Failure(FailureContext),
     /// A human asked for a replan with a hint.
-    HumanHint { hint: String, by: String },
+    HumanHint {
+        /// The hint for the planner.
+        hint: String,
+        /// Who asked.
+        by: String,
+    },
 }
 
 /// What went wrong, handed to the planner and recorded for the incident.
@@ -30,7 +35,9 @@ pub enum PlanReason {
 pub struct FailureContext {
     /// The failed task, if the failure is a task's (None: the plan itself was rejected).
     pub task: Option<TaskId>,
+    /// The failed task's handler, if any.
     pub handler: Option<String>,
+    /// What went wrong.
     pub reason: String,
     /// Attempts made on that task.
     pub attempts: u32,
@@ -41,10 +48,15 @@ pub struct FailureContext {
 /// Why a run escalated to a human.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum EscalationCause {
+    /// The evaluator judged an output critical.
     CriticalVerdict,
+    /// A critical task failed with an error retries cannot fix.
     FatalError,
+    /// A task kept failing and no replan is left.
     ReplansExhausted,
+    /// A budget ran out and the run's policy is to escalate.
     BudgetExhausted,
+    /// A task of kind `HumanReview` is ready: a person does it.
     HumanReviewTask,
 }
 
@@ -53,6 +65,7 @@ pub enum EscalationCause {
 pub struct Escalation {
     /// 1 for the run's first escalation, 2 for the second...
     pub number: u32,
+    /// Why the run escalated.
     pub cause: EscalationCause,
     /// The task the decision is about, if any.
     pub task: Option<TaskId>,
@@ -68,6 +81,7 @@ pub struct Escalation {
     pub options: Vec<String>,
     /// If set, `default_decision` is applied this long after the escalation.
     pub deadline_ms: Option<u64>,
+    /// Decision applied when `deadline_ms` passes.
     pub default_decision: Option<Decision>,
 }
 
@@ -91,14 +105,21 @@ pub enum FailureSource {
 pub enum Event {
     /// A request was accepted: the run exists. First event of every run.
     RunAccepted {
+        /// The workflow type the request named.
         workflow: String,
+        /// Its version at acceptance.
         workflow_version: u32,
+        /// The request input (canonical JSON).
         input: Json,
+        /// The request's idempotency key (a duplicate returns this run).
         idempotency_key: Option<String>,
+        /// Priority in the run queue (higher first).
         priority: i32,
         /// Seed for every pseudo-random choice of the run (retry jitter, demo outcomes).
         seed: u64,
+        /// The run's limits.
         budget: Budget,
+        /// What the run does when a budget cannot cover the next step.
         on_exhausted: ExhaustionPolicy,
         /// Complexity class -> model, frozen at acceptance so replay routes identically.
         routes: Vec<(Complexity, String)>,
@@ -108,26 +129,69 @@ pub enum Event {
         max_parallel_tasks: u32,
     },
     /// The engine asks the planner for plan `revision` (0 = first plan). Run -> Planning.
-    PlanRequested { revision: u32, reason: PlanReason },
+    PlanRequested {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Why a plan is asked for.
+        reason: PlanReason,
+    },
     /// The planner's first plan passed validation and is now the run's plan. Planning -> Running.
-    Planned { revision: u32, plan: Plan },
+    Planned {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// The plan.
+        plan: Plan,
+    },
     /// A replacement plan passed validation. Tasks kept unchanged (same id and spec) and
     /// already done carry over; every other task of the old plan is superseded. Planning -> Running.
-    Replanned { revision: u32, plan: Plan, carried_over: Vec<TaskId>, superseded: Vec<TaskId> },
+    Replanned {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// The plan.
+        plan: Plan,
+        /// Tasks of the old plan kept with their state (done, same spec).
+        carried_over: Vec<TaskId>,
+        /// Tasks of the old plan that the new one replaces.
+        superseded: Vec<TaskId>,
+    },
     /// The planner's plan failed validation (or the planner failed); never executed.
-    PlanRejected { revision: u32, errors: Vec<String>, plan: Option<Plan> },
+    PlanRejected {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Every problem found (or the planner's failure).
+        errors: Vec<String>,
+        /// The rejected plan (`None`: the planner failed or the plan was too large to record).
+        plan: Option<Plan>,
+    },
     /// A task is handed to its handler: attempt number, the idempotency key the handler can
     /// dedupe on, the routed model and the exact input. Appended before the handler runs.
     TaskDispatched {
+        /// The task.
         task: TaskId,
+        /// The attempt (1 for the first dispatch).
         attempt: u32,
+        /// Key the handler dedupes on (stable across redeliveries of this attempt).
         idempotency_key: String,
+        /// Model the task is routed to (LLM tasks).
         model: Option<String>,
+        /// The exact input handed to the handler.
         input: TaskInput,
+        /// Usage reserved against the budgets until the result is recorded.
         reserved: Usage,
     },
     /// The handler returned an output.
-    TaskExecuted { task: TaskId, attempt: u32, output: Json, usage: Usage, cached: bool },
+    TaskExecuted {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// The output (canonical JSON).
+        output: Json,
+        /// What the call spent.
+        usage: Usage,
+        /// Served by the response cache (no handler call).
+        cached: bool,
+    },
     /// The attempt failed: a handler error or timeout, an evaluator failure, an output the
     /// schema gate refused, or the engine's own limits (`source` says which). `error` is
     /// the message (for the gate, a stable code such as `schema_mismatch`); `note` is
@@ -135,36 +199,109 @@ pub enum Event {
     /// failing locations), not compared by the determinism check. Payload version 2
     /// (version 1 had no `source` and `note`: see [`crate::model::upcast`]).
     TaskFailed {
+        /// The task.
         task: TaskId,
+        /// The attempt (1 for the first dispatch).
         attempt: u32,
+        /// How the failure is recovered from.
         class: ErrorClass,
+        /// The message (the gate: a stable code such as `schema_mismatch`).
         error: String,
+        /// What the call spent.
         usage: Usage,
+        /// Where the failure came from.
         source: FailureSource,
+        /// Detail for people, not compared by the determinism check.
         note: Option<String>,
     },
     /// The task will be dispatched again after `delay_ms` (backoff + jitter from the seed).
-    RetryScheduled { task: TaskId, next_attempt: u32, delay_ms: u64 },
+    RetryScheduled {
+        /// The task.
+        task: TaskId,
+        /// The attempt the retry will dispatch.
+        next_attempt: u32,
+        /// Backoff before it (jitter included).
+        delay_ms: u64,
+    },
     /// The evaluator (or, without success criteria, the engine) judged the output.
-    TaskEvaluated { task: TaskId, attempt: u32, verdict: Verdict, notes: String, model: Option<String>, usage: Usage },
+    TaskEvaluated {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// Accept (pass, soft) or reject (hard, critical).
+        verdict: Verdict,
+        /// Why, for the planner and a person deciding.
+        notes: String,
+        /// Model the evaluator ran on (`None`: the engine accepted without a call).
+        model: Option<String>,
+        /// What the call spent.
+        usage: Usage,
+    },
     /// The task will not run (failed non-critical task, rejected by a human, or upstream skipped).
-    TaskSkipped { task: TaskId, reason: String },
+    TaskSkipped {
+        /// The task.
+        task: TaskId,
+        /// Why the task will not run.
+        reason: String,
+    },
     /// The engine asks for a new plan after a failure. Running -> Planning.
-    ReplanRequested { revision: u32, reason: PlanReason },
+    ReplanRequested {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Why a new plan is asked for.
+        reason: PlanReason,
+    },
     /// A budget cannot cover the next step; the run finishes partial or escalates per policy.
-    BudgetExhausted { budget: BudgetKind, limit: u64, used: u64, needed: u64 },
+    BudgetExhausted {
+        /// Which budget.
+        budget: BudgetKind,
+        /// Its limit.
+        limit: u64,
+        /// What is spent and reserved.
+        used: u64,
+        /// What the next step needs.
+        needed: u64,
+    },
     /// The run waits for a human. -> AwaitingHuman.
     Escalated(Escalation),
     /// The escalation sink was told about escalation `number` (at least once, across restarts).
-    EscalationNotified { number: u32 },
+    EscalationNotified {
+        /// The escalation's number (1 for the run's first).
+        number: u32,
+    },
     /// A human (or the deadline's default) decided. AwaitingHuman -> Running.
-    HumanResolved { number: u32, decision: Decision, by: String, defaulted: bool },
+    HumanResolved {
+        /// The escalation's number (1 for the run's first).
+        number: u32,
+        /// What was decided.
+        decision: Decision,
+        /// Who decided (`deadline` for the default).
+        by: String,
+        /// The escalation's deadline passed and its default applied.
+        defaulted: bool,
+    },
     /// The run finished. `partial`: some tasks were skipped or a budget ran out.
-    RunCompleted { partial: bool, result: Json, summary: String },
+    RunCompleted {
+        /// Some tasks were skipped or not run, or a budget ran out.
+        partial: bool,
+        /// Outputs of the done tasks, by task id (canonical JSON).
+        result: Json,
+        /// One line for people.
+        summary: String,
+    },
     /// The run failed for good.
-    RunFailed { reason: String },
+    RunFailed {
+        /// Why.
+        reason: String,
+    },
     /// Someone cancelled the run.
-    RunCancelled { by: String, reason: String },
+    RunCancelled {
+        /// Who cancelled.
+        by: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Event {
@@ -291,10 +428,13 @@ impl Payload for Event {
 /// the event. `apply` folds these.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Logged {
+    /// The run the event belongs to.
     pub run: RunId,
+    /// Its position in the run's log (0 = `RunAccepted`).
     pub seq: Seq,
     /// Microseconds since the Unix epoch, from the shell's clock (never read by the core
     /// except as recorded here).
     pub at_us: i64,
+    /// The event.
     pub event: Event,
 }

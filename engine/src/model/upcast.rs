@@ -34,9 +34,7 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
         (_, v) if v > PAYLOAD_VERSION_MAX => {
             Err(format!("{kind}: payload version {v} is newer than this code reads ({PAYLOAD_VERSION_MAX})"))
         }
-        ("TaskFailed", 1) => {
-            codec::decode::<v1::TaskFailed>(bytes).map(v1::TaskFailed::upcast).map_err(|e| e.to_string())
-        }
+        ("TaskFailed", 1) => codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string()),
         _ => codec::decode::<Event>(bytes).map_err(|e| e.to_string()),
     }
 }
@@ -51,7 +49,7 @@ pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreE
             Err(e) => e,
             Ok(_) => format!("{kind}: payload version {v}"),
         })),
-        ("TaskFailed", 1) => rec.decode_verified::<v1::TaskFailed>().map(v1::TaskFailed::upcast),
+        ("TaskFailed", 1) => rec.decode_verified::<v1::Event>().map(v1::Event::upcast),
         _ => rec.decode_verified::<Event>(),
     }
 }
@@ -76,7 +74,7 @@ impl TaskFailedFields {
         let TaskFailedFields { task, attempt, class, error, usage, source, note } = self;
         match source {
             Some(source) => Event::TaskFailed { task, attempt, class, error, usage, source, note },
-            None => v1::TaskFailed::TaskFailed { task, attempt, class, error, usage }.upcast(),
+            None => v1::Event::TaskFailed { task, attempt, class, error, usage }.upcast(),
         }
     }
 }
@@ -89,7 +87,7 @@ mod v1 {
     /// variant index, so the seven variants before it hold their places (they are never
     /// read: [`super::decode`] uses this type for kind `TaskFailed` only).
     #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-    pub(super) enum TaskFailed {
+    pub(super) enum Event {
         RunAccepted,
         PlanRequested,
         Planned,
@@ -100,12 +98,12 @@ mod v1 {
         TaskFailed { task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage },
     }
 
-    impl TaskFailed {
+    impl Event {
         /// Version 1 -> version 2 (the module docs say how `source` is found).
-        pub(super) fn upcast(self) -> Event {
-            let TaskFailed::TaskFailed { task, attempt, class, error, usage } = self else {
+        pub(super) fn upcast(self) -> super::Event {
+            let Event::TaskFailed { task, attempt, class, error, usage } = self else {
                 // A placeholder variant never decodes from a TaskFailed record; kept total.
-                return Event::TaskFailed {
+                return super::Event::TaskFailed {
                     task: TaskId(String::new()),
                     attempt: 0,
                     class: ErrorClass::Fatal,
@@ -124,11 +122,11 @@ mod v1 {
             } else {
                 (FailureSource::Handler, error)
             };
-            Event::TaskFailed { task, attempt, class, error, usage, source, note: None }
+            super::Event::TaskFailed { task, attempt, class, error, usage, source, note: None }
         }
     }
 
-    impl Payload for TaskFailed {
+    impl Payload for Event {
         fn payload_version(&self) -> u16 {
             1
         }

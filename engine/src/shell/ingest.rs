@@ -96,8 +96,6 @@ pub fn seed_of(run: RunId) -> u64 {
     let mut h = Sha256::new();
     h.update(b"keel/seed");
     h.update(run.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    u64::from_be_bytes(b)
+    let d: [u8; 32] = h.finalize().into();
+    u64::from_be_bytes(d.first_chunk::<8>().copied().unwrap_or_default())
 }
