@@ -155,19 +155,9 @@ enum Committed {
 
 impl Driver {
     async fn run(mut self) -> Result<DriveOutcome, EngineError> {
-        let run = self.run;
-        let mut state = self.inner.load(run).await?.ok_or(EngineError::UnknownRun { run })?;
+        let mut state = self.reload().await?;
         self.span.record("workflow", state.workflow.as_str());
-        let Some(reg) = self.inner.workflows.get(&state.workflow).cloned() else {
-            return Err(EngineError::UnknownWorkflow { name: state.workflow.clone() });
-        };
-        if reg.wf.version != state.workflow_version {
-            tracing::warn!(
-                recorded = state.workflow_version,
-                registered = reg.wf.version,
-                "run was accepted under another version of its workflow type"
-            );
-        }
+        let reg = self.registration(&state)?;
         self.inner.cache.fill_from(&state);
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
         let mut batch = Batch::default();
@@ -190,45 +180,7 @@ impl Driver {
             // escalation's default) are timers: wait for the earliest (or for an answer),
             // then decide again.
             let now = self.inner.clock.now_us();
-            let mut effects = Vec::new();
-            let mut next_timer: Option<i64>;
-            loop {
-                effects.clear();
-                next_timer = None;
-                let mut due_now = Vec::new();
-                let mut due_now_at: Option<i64> = None;
-                for cmd in decide(&state, &self.inner.ctx) {
-                    match cmd {
-                        Command::Record { not_before_us: Some(t), .. } if t > now => {
-                            next_timer = Some(next_timer.map_or(t, |n: i64| n.min(t)));
-                        }
-                        Command::Record { event, not_before_us } => {
-                            if let Some(t) = not_before_us {
-                                due_now_at = Some(due_now_at.map_or(t, |d: i64| d.max(t)));
-                            }
-                            due_now.push(event);
-                        }
-                        effect => effects.push(effect),
-                    }
-                }
-                if due_now.is_empty() {
-                    break;
-                }
-                let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
-                for event in due_now {
-                    match self.stage(&mut state, &mut batch, event, at_us, false).map_err(|(e, _)| e) {
-                        Ok(()) => {}
-                        Err(Refused::Illegal(e)) => {
-                            tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
-                            return Err(EngineError::Transition(e));
-                        }
-                        Err(other) => return Err(other.into()),
-                    }
-                }
-                if batch.records.len() >= BATCH_RECORDS_MAX {
-                    break;
-                }
-            }
+            let (effects, next_timer) = self.decide_and_stage(&mut state, &mut batch, now)?;
             if !batch.is_empty() {
                 match self.commit(&mut state, &mut batch).await? {
                     Committed::Ok => {}
@@ -265,6 +217,73 @@ impl Driver {
                 _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
             }
         }
+    }
+
+    /// The workflow type the run was accepted under (warns if its version changed).
+    fn registration(&self, state: &RunState) -> Result<Arc<Registered>, EngineError> {
+        let Some(reg) = self.inner.workflows.get(&state.workflow).cloned() else {
+            return Err(EngineError::UnknownWorkflow { name: state.workflow.clone() });
+        };
+        if reg.wf.version != state.workflow_version {
+            tracing::warn!(
+                recorded = state.workflow_version,
+                registered = reg.wf.version,
+                "run was accepted under another version of its workflow type"
+            );
+        }
+        Ok(reg)
+    }
+
+    /// Decides until nothing more is due at `now`, staging each call's due records in
+    /// order (each `decide` runs on the state the records before lead to). Returns the
+    /// calls the last `decide` asked for and the earliest future-dated record (a timer:
+    /// a retry's backoff, the run's deadline, an escalation's default).
+    fn decide_and_stage(
+        &self,
+        state: &mut RunState,
+        batch: &mut Batch,
+        now: i64,
+    ) -> Result<(Vec<Command>, Option<i64>), EngineError> {
+        let mut effects = Vec::new();
+        let mut next_timer: Option<i64>;
+        loop {
+            effects.clear();
+            next_timer = None;
+            let mut due_now = Vec::new();
+            let mut due_now_at: Option<i64> = None;
+            for cmd in decide(state, &self.inner.ctx) {
+                match cmd {
+                    Command::Record { not_before_us: Some(t), .. } if t > now => {
+                        next_timer = Some(next_timer.map_or(t, |n: i64| n.min(t)));
+                    }
+                    Command::Record { event, not_before_us } => {
+                        if let Some(t) = not_before_us {
+                            due_now_at = Some(due_now_at.map_or(t, |d: i64| d.max(t)));
+                        }
+                        due_now.push(event);
+                    }
+                    effect => effects.push(effect),
+                }
+            }
+            if due_now.is_empty() {
+                break;
+            }
+            let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
+            for event in due_now {
+                match self.stage(state, batch, event, at_us, false).map_err(|(e, _)| e) {
+                    Ok(()) => {}
+                    Err(Refused::Illegal(e)) => {
+                        tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
+                        return Err(EngineError::Transition(e));
+                    }
+                    Err(other) => return Err(other.into()),
+                }
+            }
+            if batch.records.len() >= BATCH_RECORDS_MAX {
+                break;
+            }
+        }
+        Ok((effects, next_timer))
     }
 
     async fn reload(&self) -> Result<RunState, EngineError> {
