@@ -5,7 +5,7 @@ use crate::api::{Request, Submitted};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::workflow::Json;
-use crate::shell::runtime::Inner;
+use crate::shell::runtime::{Inner, Registered};
 use keel_store::{Claim, RunId, Seq, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -19,37 +19,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
         .cloned()
         .ok_or_else(|| EngineError::UnknownWorkflow { name: req.workflow.clone() })?;
     let wf = &reg.wf;
-    let invalid = |errors: Vec<String>| EngineError::InvalidInput { workflow: wf.name.clone(), errors };
-
-    let input = Json::new(&req.input);
-    if input.0.len() > inner.limits.input_bytes_max {
-        return Err(invalid(vec![format!(
-            "input is {} bytes of JSON, more than the limit of {}",
-            input.0.len(),
-            inner.limits.input_bytes_max
-        )]));
-    }
-    if let Some(v) = &reg.validator {
-        let errors: Vec<String> = v
-            .iter_errors(&req.input)
-            .map(|e| {
-                let path = e.instance_path().to_string();
-                let at = if path.is_empty() { "/".to_owned() } else { path };
-                format!("at {at}: {e}")
-            })
-            .collect();
-        if !errors.is_empty() {
-            return Err(invalid(errors));
-        }
-    }
-    if let Some(k) = &req.idempotency_key {
-        if k.is_empty() || k.len() > IDEMPOTENCY_KEY_BYTES_MAX {
-            return Err(invalid(vec![format!(
-                "idempotency key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}",
-                k.len()
-            )]));
-        }
-    }
+    let input = validate(inner, &reg, &req)?;
 
     let run = RunId(uuid::Uuid::new_v4());
     let seed = req.seed.unwrap_or_else(|| seed_of(run));
@@ -89,6 +59,45 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
     tracing::info!(%run, workflow = %wf.name, priority = req.priority, "run accepted");
     crate::shell::sched::enqueue(inner, &state);
     Ok(Submitted { run, duplicate: false })
+}
+
+/// The request's input as canonical JSON, once it passes the checks (size, the workflow
+/// type's input schema, the idempotency key's length); else `InvalidInput` with one line
+/// per problem. Nothing is written either way.
+fn validate(inner: &Inner, reg: &Registered, req: &Request) -> Result<Json, EngineError> {
+    let wf = &reg.wf;
+    let invalid = |errors: Vec<String>| EngineError::InvalidInput { workflow: wf.name.clone(), errors };
+
+    let input = Json::new(&req.input);
+    if input.0.len() > inner.limits.input_bytes_max {
+        return Err(invalid(vec![format!(
+            "input is {} bytes of JSON, more than the limit of {}",
+            input.0.len(),
+            inner.limits.input_bytes_max
+        )]));
+    }
+    if let Some(v) = &reg.validator {
+        let errors: Vec<String> = v
+            .iter_errors(&req.input)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                let at = if path.is_empty() { "/".to_owned() } else { path };
+                format!("at {at}: {e}")
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(invalid(errors));
+        }
+    }
+    if let Some(k) = &req.idempotency_key {
+        if k.is_empty() || k.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+            return Err(invalid(vec![format!(
+                "idempotency key must be 1..={IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}",
+                k.len()
+            )]));
+        }
+    }
+    Ok(input)
 }
 
 /// The seed of a run that did not get one: the first 8 bytes of SHA-256("keel/seed" || id).
