@@ -26,14 +26,11 @@ use serde::{Deserialize, Serialize};
 pub const PAYLOAD_VERSION_MAX: u16 = 2;
 
 /// Decodes a payload of `kind` written at `payload_version`, upcast to the current layout.
-/// Errors: a version newer than this code knows, or bytes that do not decode as that
-/// version's layout (the text names both).
+/// Errors: a version this code does not know, or bytes that do not decode as that
+/// version's layout.
 pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
+    known(kind, payload_version)?;
     match (kind, payload_version) {
-        (_, 0) => Err(format!("{kind}: payload version 0 does not exist")),
-        (_, v) if v > PAYLOAD_VERSION_MAX => {
-            Err(format!("{kind}: payload version {v} is newer than this code reads ({PAYLOAD_VERSION_MAX})"))
-        }
         ("TaskFailed", 1) => codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string()),
         _ => codec::decode::<Event>(bytes).map_err(|e| e.to_string()),
     }
@@ -41,17 +38,25 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
 
 /// Decodes a record read from the log, upcast to the current layout, checked as
 /// [`Record::decode_verified`] checks it (a substituted payload is an error), in the
-/// layout it was written in: the chain covers the bytes as written.
+/// layout it was written in: the chain covers the bytes as written. A payload version
+/// this code does not know is `Decode { run, seq, reason }`.
 pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
-    let bad = |reason: String| StoreError::Decode { run: rec.run, seq: rec.seq, reason };
+    known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
     match (rec.kind.as_str(), payload_version) {
-        (kind, v) if v == 0 || v > PAYLOAD_VERSION_MAX => Err(bad(match decode(kind, v, &[]) {
-            Err(e) => e,
-            Ok(_) => format!("{kind}: payload version {v}"),
-        })),
         ("TaskFailed", 1) => rec.decode_verified::<v1::Event>().map(v1::Event::upcast),
         _ => rec.decode_verified::<Event>(),
     }
+}
+
+/// `Err` (why) unless this code reads payload version `v` of `kind`.
+fn known(kind: &str, v: u16) -> Result<(), String> {
+    if v == 0 {
+        return Err(format!("{kind}: payload version 0 does not exist"));
+    }
+    if v > PAYLOAD_VERSION_MAX {
+        return Err(format!("{kind}: payload version {v} is newer than this code reads ({PAYLOAD_VERSION_MAX})"));
+    }
+    Ok(())
 }
 
 /// The fields of a `TaskFailed` of either payload version, as exported (JSON): version 1
