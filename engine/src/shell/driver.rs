@@ -454,6 +454,18 @@ impl Driver {
             }
             Command::Record { .. } => return,
         };
+        self.launch(key, effect, fut, tx);
+    }
+
+    /// Runs an effect's future: marks it in flight, polls it once inline, and spawns it
+    /// if it has to wait.
+    fn launch(
+        &mut self,
+        key: EffectKey,
+        effect: Command,
+        fut: crate::api::BoxFuture<Answer>,
+        tx: &mpsc::UnboundedSender<Outcome>,
+    ) {
         self.inflight.insert(key.clone());
         // Poll the effect once here: one that is ready at once (a cache hit, a handler
         // that answers without waiting) sends its answer without a task to spawn and wake
