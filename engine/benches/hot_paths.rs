@@ -167,6 +167,7 @@ fn hot_paths(c: &mut Criterion) {
         schema_version: 1,
         kind: rec.kind.clone(),
         time_us: rec.time_us,
+        payload_version: 1,
         payload: rec.payload.clone(),
         payload_root: rec.payload_root,
         prev_hash: [0; 32],

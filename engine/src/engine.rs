@@ -1,209 +1,26 @@
-//! The engine's public face: [`EngineBuilder`], [`Engine`] and the types of its API.
+//! The engine's public face (the top floor): [`EngineBuilder`] and [`Engine`]. It wires
+//! the shell together and forwards to it; the types of its API live in [`crate::api`].
 
-use crate::api::{Clock, EscalationSink, Evaluator, Planner, SystemClock, TaskHandler};
-use crate::cache::ResponseCache;
-use crate::core::{apply, Context, Policy};
+use crate::api::{
+    Clock, EscalationSink, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
+    SystemClock, TaskHandler, TracingSink, WorkflowStats, WorkflowType,
+};
+use crate::core::{Context, Policy};
 use crate::error::EngineError;
-use crate::event::{Escalation, Event, Logged};
-use crate::fsm::RunStatus;
-use crate::log::{load_state, read_logged};
-use crate::model::*;
-use crate::sched::{Scheduler, Workers};
-use crate::state::{RunState, Totals};
-use keel_store::{Durability, EventLog, RunId, Seq, StoreConfig, StoreError};
+use crate::model::event::{Event, Logged};
+use crate::model::fsm::RunStatus;
+use crate::model::state::{RunState, Totals};
+use crate::shell::cache::ResponseCache;
+use crate::shell::fold::{load_state, read_logged};
+use crate::shell::journal::Journal;
+use crate::shell::queue::Scheduler;
+use crate::shell::runtime::{Inner, Registered};
+use crate::shell::sched::Workers;
+use keel_store::{Durability, EventLog, RunId, Seq, StoreConfig};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
-
-/// A workflow type: what a request names, with its planner, evaluator, budgets and limits.
-#[derive(Clone)]
-pub struct WorkflowType {
-    pub name: String,
-    pub version: u32,
-    /// JSON Schema every request input must satisfy (None: any JSON).
-    pub input_schema: Option<serde_json::Value>,
-    /// Default budget of a run (a request may override it).
-    pub budget: Budget,
-    pub on_exhausted: ExhaustionPolicy,
-    /// Complexity class -> model; frozen into each run at acceptance.
-    pub routes: Vec<(Complexity, String)>,
-    /// Model the evaluator runs on (may be cheaper than the workers').
-    pub evaluator_model: Option<String>,
-    /// Runs of this type driven at once (0 = no limit beyond the engine's `workers`).
-    pub max_concurrent_runs: usize,
-    /// Tasks of one run in flight at once.
-    pub max_parallel_tasks: u32,
-    /// How long an idempotency key keeps returning the same run.
-    pub dedup_window_ms: u64,
-    pub planner: Arc<dyn Planner>,
-    pub evaluator: Arc<dyn Evaluator>,
-}
-
-impl WorkflowType {
-    /// A workflow type with default limits: version 1, no input schema, unlimited budget,
-    /// partial on exhaustion, no routes, 16 concurrent runs, 4 parallel tasks, 24 h dedup.
-    pub fn new(name: impl Into<String>, planner: Arc<dyn Planner>, evaluator: Arc<dyn Evaluator>) -> Self {
-        WorkflowType {
-            name: name.into(),
-            version: 1,
-            input_schema: None,
-            budget: Budget::default(),
-            on_exhausted: ExhaustionPolicy::Partial,
-            routes: Vec::new(),
-            evaluator_model: None,
-            max_concurrent_runs: 16,
-            max_parallel_tasks: 4,
-            dedup_window_ms: 24 * 3600 * 1000,
-            planner,
-            evaluator,
-        }
-    }
-}
-
-impl std::fmt::Debug for WorkflowType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkflowType")
-            .field("name", &self.name)
-            .field("version", &self.version)
-            .field("budget", &self.budget)
-            .field("on_exhausted", &self.on_exhausted)
-            .field("routes", &self.routes)
-            .field("evaluator_model", &self.evaluator_model)
-            .field("max_concurrent_runs", &self.max_concurrent_runs)
-            .field("max_parallel_tasks", &self.max_parallel_tasks)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A request to start a run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Request {
-    pub workflow: String,
-    pub input: serde_json::Value,
-    /// A second request with the same key (within the workflow's dedup window) returns the
-    /// first run instead of starting another.
-    pub idempotency_key: Option<String>,
-    /// Higher runs first.
-    pub priority: i32,
-    /// Seed of every pseudo-random choice of the run (default: derived from the run id).
-    pub seed: Option<u64>,
-    /// Per-run budget override (default: the workflow type's).
-    pub budget: Option<Budget>,
-}
-
-impl Request {
-    pub fn new(workflow: impl Into<String>, input: serde_json::Value) -> Self {
-        Request { workflow: workflow.into(), input, idempotency_key: None, priority: 0, seed: None, budget: None }
-    }
-}
-
-/// What `submit` returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Submitted {
-    pub run: RunId,
-    /// The idempotency key was already claimed: `run` is the existing run.
-    pub duplicate: bool,
-}
-
-/// A human's answer to an escalation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Resolution {
-    pub decision: Decision,
-    /// Who decided (recorded).
-    pub by: String,
-}
-
-/// What `run_until_idle` did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IdleReport {
-    /// Driver passes made (a run resumed twice counts twice).
-    pub driven: usize,
-    pub completed: usize,
-    pub failed: usize,
-    pub cancelled: usize,
-    pub awaiting_human: usize,
-    /// Runs whose driver stopped on an error (store failure, a bug), with the error.
-    pub stopped: Vec<(RunId, String)>,
-}
-
-/// One line of `runs()`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunSummary {
-    pub run: RunId,
-    pub workflow: String,
-    pub status: RunStatus,
-    pub priority: i32,
-    pub accepted_at_us: i64,
-    pub last_event_us: i64,
-    pub events: u64,
-    pub cost_micros: u64,
-    pub tokens: u64,
-    pub partial: bool,
-    pub escalations: u32,
-}
-
-/// An escalation waiting for a human.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PendingEscalation {
-    pub run: RunId,
-    pub workflow: String,
-    pub escalation: Escalation,
-    pub escalated_at_us: i64,
-    pub notified: bool,
-}
-
-/// Usage and outcomes per workflow type.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkflowStats {
-    pub workflow: String,
-    pub runs: u64,
-    pub by_status: BTreeMap<RunStatus, u64>,
-    pub partial: u64,
-    pub totals: Totals,
-    /// `totals.cost_micros / runs` (integer division; 0 without runs).
-    pub cost_per_run_micros: u64,
-}
-
-/// Size limits of the shell (each with its own error).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ShellLimits {
-    /// Canonical JSON bytes of a request input.
-    pub input_bytes_max: usize,
-    /// Canonical JSON bytes of a handler output (larger: `TaskFailed{Semantic}`); kept well
-    /// below the store's 64 KiB event limit because outputs travel on into the inputs of
-    /// downstream `TaskDispatched` events.
-    pub output_bytes_max: usize,
-    /// Bytes kept of a handler's error message.
-    pub error_bytes_max: usize,
-    /// Entries of the in-memory response cache.
-    pub cache_entries_max: usize,
-    /// Timeout of one planner call.
-    pub planner_timeout_ms: u64,
-}
-
-impl Default for ShellLimits {
-    fn default() -> Self {
-        ShellLimits {
-            input_bytes_max: 16 * 1024,
-            output_bytes_max: 16 * 1024,
-            error_bytes_max: 2 * 1024,
-            cache_entries_max: 10_000,
-            planner_timeout_ms: 120_000,
-        }
-    }
-}
-
-/// Escalation sink used when none is registered: logs a warning.
-#[derive(Debug, Default)]
-pub struct TracingSink;
-
-impl EscalationSink for TracingSink {
-    fn notify(&self, run: RunId, escalation: Escalation) -> crate::api::BoxFuture<Result<(), String>> {
-        tracing::warn!(%run, number = escalation.number, cause = ?escalation.cause, question = %escalation.question, "run needs a human");
-        Box::pin(async { Ok(()) })
-    }
-}
 
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
@@ -237,22 +54,27 @@ impl EngineBuilder {
         self.durability = d;
         self
     }
+    /// Registers a workflow type (names must be unique).
     pub fn workflow(mut self, w: WorkflowType) -> Self {
         self.workflows.push(w);
         self
     }
+    /// Registers the handler of tasks that name `name`.
     pub fn handler(mut self, name: &str, h: Arc<dyn TaskHandler>) -> Self {
         self.handlers.insert(name.to_owned(), h);
         self
     }
+    /// Where escalations are announced (default: a tracing warning).
     pub fn escalation_sink(mut self, s: Arc<dyn EscalationSink>) -> Self {
         self.sink = Some(s);
         self
     }
+    /// The shell's clock (default: the system clock; tests inject a fake one).
     pub fn clock(mut self, c: Arc<dyn Clock>) -> Self {
         self.clock = c;
         self
     }
+    /// The code-level policy `decide` runs with.
     pub fn policy(mut self, p: Policy) -> Self {
         self.policy = p;
         self
@@ -267,6 +89,7 @@ impl EngineBuilder {
         self.workers = n;
         self
     }
+    /// The shell's size limits and the planner timeout.
     pub fn limits(mut self, l: ShellLimits) -> Self {
         self.limits = l;
         self
@@ -274,13 +97,15 @@ impl EngineBuilder {
 
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
-        let log: Arc<dyn EventLog> = match (self.path, self.store) {
+        // The journal checks event sizes against the limits the store was opened with.
+        let (log, store_limits): (Arc<dyn EventLog>, keel_store::Limits) = match (self.path, self.store) {
             (Some(_), Some(_)) => return Err(EngineError::Config("both path() and store() given".into())),
             (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
-            (None, Some(s)) => s,
+            (None, Some(s)) => (s, keel_store::Limits::default()),
             (Some(p), None) => {
                 let cfg = StoreConfig { durability: self.durability, ..StoreConfig::default() };
-                Arc::new(keel_store::SledStore::open(&p, cfg)?)
+                let limits = cfg.limits.clone();
+                (Arc::new(keel_store::SledStore::open(&p, cfg)?), limits)
             }
         };
         if self.workers == 0 {
@@ -308,14 +133,15 @@ impl EngineBuilder {
         }
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
         let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
+        let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
         let inner = Inner {
             log,
+            journal,
             workflows,
             handlers: self.handlers,
             sink: self.sink.unwrap_or_else(|| Arc::new(TracingSink)),
             clock: self.clock,
             ctx,
-            snapshot_every: self.snapshot_every,
             workers: self.workers,
             cache,
             limits: self.limits,
@@ -323,94 +149,6 @@ impl EngineBuilder {
             wake: Notify::new(),
         };
         Ok(Engine { inner: Arc::new(inner) })
-    }
-}
-
-pub(crate) struct Registered {
-    pub wf: WorkflowType,
-    pub validator: Option<jsonschema::Validator>,
-}
-
-pub(crate) struct Inner {
-    pub log: Arc<dyn EventLog>,
-    pub workflows: BTreeMap<String, Arc<Registered>>,
-    pub handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
-    pub sink: Arc<dyn EscalationSink>,
-    pub clock: Arc<dyn Clock>,
-    pub ctx: Context,
-    pub snapshot_every: u64,
-    pub workers: usize,
-    pub cache: ResponseCache,
-    pub limits: ShellLimits,
-    pub sched: Mutex<Scheduler>,
-    /// Wakes the service workers (a run was queued or released).
-    pub wake: Notify,
-}
-
-impl Inner {
-    pub(crate) fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
-        self.sched.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs a blocking store call (sled calls block) without stalling other tasks: on a
-    /// multi-thread runtime in place (`block_in_place`: this thread does the call while the
-    /// runtime moves its other tasks to another thread), so a driver's append needs no
-    /// hand-off to the blocking pool and back (two thread wake-ups per append, measured as
-    /// most of the engine's overhead per durable step, docs/PERFORMANCE.md); on a
-    /// current-thread runtime on the blocking pool. Either way each waiting append holds a
-    /// thread, so group commit batches the appends of different runs.
-    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, EngineError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
-    {
-        let log = self.log.clone();
-        if matches!(
-            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread)
-        ) {
-            return tokio::task::block_in_place(move || f(log.as_ref()));
-        }
-        tokio::task::spawn_blocking(move || f(log.as_ref()))
-            .await
-            .map_err(|e| EngineError::Internal(format!("store task: {e}")))?
-    }
-
-    pub(crate) async fn load(&self, run: RunId) -> Result<Option<RunState>, EngineError> {
-        self.blocking(move |log| load_state(log, run)).await
-    }
-
-    /// Appends one event decided outside a driver (resolve, cancel) with optimistic
-    /// concurrency: `build` sees the current state and returns the event (or a typed
-    /// error); on a conflict the state is re-read and `build` asked again.
-    pub(crate) async fn append_external(
-        &self,
-        run: RunId,
-        build: impl Fn(&RunState) -> Result<Event, EngineError>,
-    ) -> Result<RunState, EngineError> {
-        loop {
-            let state = self.load(run).await?.ok_or(EngineError::UnknownRun { run })?;
-            let event = build(&state)?;
-            let at_us = self.clock.now_us().max(state.last_event_us);
-            let logged = Logged { run, seq: state.next_seq, at_us, event };
-            let next = apply(Some(&state), &logged)?;
-            let rec = keel_store::prepare(&logged.event, at_us)?;
-            let expected = state.next_seq;
-            let every = self.snapshot_every;
-            let next2 = next.clone();
-            let res = self
-                .blocking(move |log| {
-                    log.append(run, expected, vec![rec], None)?;
-                    crate::log::maybe_snapshot(log, &next2, expected, every);
-                    Ok(())
-                })
-                .await;
-            match res {
-                Ok(()) => return Ok(next),
-                Err(EngineError::Store(StoreError::Conflict { .. })) => continue,
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
@@ -432,6 +170,7 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
+    /// A builder with defaults: no store yet, 8 workers, snapshots every 64 events.
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             path: None,
@@ -452,7 +191,7 @@ impl Engine {
     /// written for an unknown workflow type or an invalid input. A request whose
     /// idempotency key is already held returns the existing run with `duplicate: true`.
     pub async fn submit(&self, req: Request) -> Result<Submitted, EngineError> {
-        crate::ingest::submit(&self.inner, req).await
+        crate::shell::ingest::submit(&self.inner, req).await
     }
 
     /// Resumes every non-terminal run from its log and drives all runnable runs (highest
@@ -460,46 +199,51 @@ impl Engine {
     /// or waiting for a human. Waits for retry backoffs; applies escalation deadline
     /// defaults that are already due; does not wait for future escalation deadlines.
     pub async fn run_until_idle(&self) -> Result<IdleReport, EngineError> {
-        crate::sched::run_until_idle(&self.inner).await
+        crate::shell::sched::run_until_idle(&self.inner).await
     }
 
     /// Starts background workers that resume every non-terminal run, drive runs as they
     /// are submitted or resolved, and apply escalation deadlines when they fall due.
     /// Must be called inside a tokio runtime. Stop them with [`Workers::shutdown`].
     pub fn start(&self) -> Workers {
-        crate::sched::start(self.inner.clone())
+        crate::shell::sched::start(self.inner.clone())
     }
 
     /// Records a human's decision on the run's open escalation and queues the run.
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
         let Resolution { decision, by } = r;
         self.inner
-            .append_external(run, |state| {
-                if state.status != RunStatus::AwaitingHuman {
-                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                }
-                let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
-                let Some(open) = open else {
-                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                };
-                let esc = &open.escalation;
-                if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
-                    return Err(EngineError::InvalidDecision {
-                        run,
+            .journal
+            .append_outside(
+                run,
+                || self.inner.clock.now_us(),
+                |state| {
+                    if state.status != RunStatus::AwaitingHuman {
+                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                    }
+                    let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
+                    let Some(open) = open else {
+                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                    };
+                    let esc = &open.escalation;
+                    if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
+                        return Err(EngineError::InvalidDecision {
+                            run,
+                            number: esc.number,
+                            decision: decision.name().to_owned(),
+                            options: esc.options.clone(),
+                        });
+                    }
+                    Ok(Event::HumanResolved {
                         number: esc.number,
-                        decision: decision.name().to_owned(),
-                        options: esc.options.clone(),
-                    });
-                }
-                Ok(Event::HumanResolved {
-                    number: esc.number,
-                    decision: decision.clone(),
-                    by: by.clone(),
-                    defaulted: false,
-                })
-            })
+                        decision: decision.clone(),
+                        by: by.clone(),
+                        defaulted: false,
+                    })
+                },
+            )
             .await?;
-        crate::sched::poke(&self.inner, run);
+        crate::shell::sched::poke(&self.inner, run);
         Ok(())
     }
 
@@ -507,14 +251,19 @@ impl Engine {
     /// results of its in-flight calls.
     pub async fn cancel(&self, run: RunId, by: &str, reason: &str) -> Result<(), EngineError> {
         self.inner
-            .append_external(run, |state| {
-                if state.status.is_terminal() {
-                    return Err(EngineError::AlreadyTerminal { run, status: state.status });
-                }
-                Ok(Event::RunCancelled { by: by.to_owned(), reason: reason.to_owned() })
-            })
+            .journal
+            .append_outside(
+                run,
+                || self.inner.clock.now_us(),
+                |state| {
+                    if state.status.is_terminal() {
+                        return Err(EngineError::AlreadyTerminal { run, status: state.status });
+                    }
+                    Ok(Event::RunCancelled { by: by.to_owned(), reason: reason.to_owned() })
+                },
+            )
             .await?;
-        crate::sched::poke(&self.inner, run);
+        crate::shell::sched::poke(&self.inner, run);
         Ok(())
     }
 

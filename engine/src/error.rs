@@ -1,7 +1,7 @@
 //! The engine boundary's error type.
 
 use crate::core::TransitionError;
-use crate::fsm::RunStatus;
+use crate::model::fsm::RunStatus;
 use keel_store::{RunId, StoreError};
 
 /// Everything an [`crate::Engine`] call can fail with.
@@ -14,27 +14,57 @@ use keel_store::{RunId, StoreError};
 pub enum EngineError {
     /// No workflow type of that name is registered. Nothing was written.
     #[error("unknown workflow type {name:?}")]
-    UnknownWorkflow { name: String },
+    UnknownWorkflow {
+        /// The name given.
+        name: String,
+    },
 
     /// The request input failed validation (JSON Schema, size). Nothing was written.
     #[error("invalid input for workflow {workflow:?}: {}", errors.join("; "))]
-    InvalidInput { workflow: String, errors: Vec<String> },
+    InvalidInput {
+        /// The workflow type.
+        workflow: String,
+        /// Every problem found.
+        errors: Vec<String>,
+    },
 
     /// No run with that id exists in the log.
     #[error("unknown run {run}")]
-    UnknownRun { run: RunId },
+    UnknownRun {
+        /// The run.
+        run: RunId,
+    },
 
     /// A resolution for a run that is not waiting for a human.
     #[error("run {run} is not awaiting a human (status {status:?})")]
-    NotAwaitingHuman { run: RunId, status: RunStatus },
+    NotAwaitingHuman {
+        /// The run.
+        run: RunId,
+        /// Its status.
+        status: RunStatus,
+    },
 
     /// The run already finished; nothing can change it.
     #[error("run {run} is already terminal (status {status:?})")]
-    AlreadyTerminal { run: RunId, status: RunStatus },
+    AlreadyTerminal {
+        /// The run.
+        run: RunId,
+        /// Its status.
+        status: RunStatus,
+    },
 
     /// The decision is not one of the options the escalation offers.
     #[error("run {run}: decision {decision:?} is not an option of escalation {number} (options: {})", options.join(", "))]
-    InvalidDecision { run: RunId, number: u32, decision: String, options: Vec<String> },
+    InvalidDecision {
+        /// The run.
+        run: RunId,
+        /// The escalation's number.
+        number: u32,
+        /// The decision given.
+        decision: String,
+        /// The escalation's options.
+        options: Vec<String>,
+    },
 
     /// An event the state machine refuses. For records the engine built itself this is a
     /// bug; for a resolution or cancellation it means the run moved on.
@@ -47,7 +77,12 @@ pub enum EngineError {
 
     /// A value read back (snapshot, event, JSON) does not decode.
     #[error("cannot decode {what}: {reason}")]
-    Decode { what: String, reason: String },
+    Decode {
+        /// What does not decode.
+        what: String,
+        /// Why.
+        reason: String,
+    },
 
     /// The engine's configuration is invalid (builder).
     #[error("invalid engine configuration: {0}")]

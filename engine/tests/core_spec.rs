@@ -294,3 +294,40 @@ fn illegal_events_are_refused_and_leave_state_unchanged() {
     assert_eq!(copy, st);
     assert_eq!(log.len() as u64, st.next_seq.0);
 }
+
+// The same core, as given / when / then specs (`keel_engine::testing`): the late answer
+// of a call a cancellation overtook is refused, so the executor drops it.
+#[test]
+fn a_late_answer_after_a_cancellation_is_refused() {
+    use keel_engine::testing::given;
+    let a = task("a", "h", &[]);
+    let dispatched = given([
+        accepted("wf", 7, Budget::default()),
+        Event::PlanRequested { revision: 0, reason: PlanReason::Initial },
+        Event::Planned { revision: 0, plan: plan(vec![a.clone()]) },
+    ])
+    .with_context(ctx(&["h"]))
+    .when_decided()
+    .records()
+    .into_iter()
+    .cloned()
+    .collect::<Vec<_>>();
+    assert!(matches!(dispatched.as_slice(), [Event::TaskDispatched { attempt: 1, .. }]));
+    let mut history = vec![
+        accepted("wf", 7, Budget::default()),
+        Event::PlanRequested { revision: 0, reason: PlanReason::Initial },
+        Event::Planned { revision: 0, plan: plan(vec![a]) },
+    ];
+    history.extend(dispatched);
+    history.push(Event::RunCancelled { by: "bob".into(), reason: "no longer needed".into() });
+    keel_engine::testing::given(history.clone()).when_decided().then_nothing();
+    keel_engine::testing::given(history)
+        .when_applied(Event::TaskExecuted {
+            task: TaskId::from("a"),
+            attempt: 1,
+            output: Json::new(&serde_json::json!({})),
+            usage: Usage::default(),
+            cached: false,
+        })
+        .then_refused(|e| matches!(e, TransitionError::IllegalRun { kind: "TaskExecuted", .. }));
+}

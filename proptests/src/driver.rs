@@ -117,8 +117,8 @@ pub fn crash_every_boundary(r: &SimRun) -> Result<(usize, usize), String> {
 /// With `pile_up`, two answers sometimes land back to back with no `decide` in between
 /// (as when two drivers of one run, or a driver and a late handler, append concurrently).
 pub fn drive_shuffled(sc: &Scenario, order_seed: u64, max_events: usize, pile_up: bool) -> Result<Vec<Logged>, String> {
-    use keel_engine::sim::{Outcome, Script};
-    use keel_engine::{apply, decide, validate_plan, Command, Event, Json, RunStatus};
+    use keel_engine::sim::{ask, Script};
+    use keel_engine::{apply, decide, event_of, Command, Event, RunStatus};
     let ctx = sc.context();
     let mut rng = crate::rng::Rng::new(order_seed);
     let mut script = ScenarioScript::new(sc);
@@ -185,47 +185,9 @@ pub fn drive_shuffled(sc: &Scenario, order_seed: u64, max_events: usize, pile_up
         let pick = rng.below(n_choices as u64) as usize;
         if pick < started.len() {
             let effect = started.remove(pick);
-            let event = match &effect {
-                Command::Plan { revision } => match script.plan(&state, *revision) {
-                    Ok(plan) => {
-                        let errors = validate_plan(&plan, &state, &ctx);
-                        if !errors.is_empty() {
-                            Event::PlanRejected { revision: *revision, errors, plan: Some(plan) }
-                        } else if state.revision.is_none() {
-                            Event::Planned { revision: *revision, plan }
-                        } else {
-                            let (carried_over, superseded) = keel_engine::replan_outcome(&state, &plan);
-                            Event::Replanned { revision: *revision, plan, carried_over, superseded }
-                        }
-                    }
-                    Err(e) => Event::PlanRejected { revision: *revision, errors: vec![e], plan: None },
-                },
-                Command::Execute { task, attempt } => match script.execute(&state, task, *attempt) {
-                    Outcome::Output(v, usage) => Event::TaskExecuted {
-                        task: task.clone(),
-                        attempt: *attempt,
-                        output: Json::new(&v),
-                        usage,
-                        cached: false,
-                    },
-                    Outcome::Error(class, error, usage) => {
-                        Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage }
-                    }
-                },
-                Command::Evaluate { task, attempt } => {
-                    let (verdict, notes, usage) = script.evaluate(&state, task, *attempt);
-                    Event::TaskEvaluated {
-                        task: task.clone(),
-                        attempt: *attempt,
-                        verdict,
-                        notes,
-                        model: state.evaluator_model.clone(),
-                        usage,
-                    }
-                }
-                Command::Notify { number } => Event::EscalationNotified { number: *number },
-                Command::Record { .. } => continue,
-            };
+            // The same answer -> event function as the engine's driver and the simulator.
+            let Some(answer) = ask(&mut script, &state, &effect) else { continue };
+            let Some(event) = event_of(&state, &ctx, &effect, answer) else { continue };
             // Dropped if no longer legal (the executor does the same).
             let _ = push(&mut state, &mut log, at, event);
             skip_decide = pile_up && !started.is_empty() && rng.chance(50);

@@ -140,9 +140,7 @@ fn generated_runs_cover_the_semantics() {
                 Event::Escalated(x) => bump(format!("cause {:?}", x.cause)),
                 Event::BudgetExhausted { budget, .. } => bump(format!("exhausted {budget:?}")),
                 Event::HumanResolved { defaulted: true, .. } => bump("deadline default".into()),
-                Event::TaskFailed { error, .. } if error.starts_with("output failed its schema") => {
-                    bump("schema gate".into())
-                }
+                Event::TaskFailed { source: keel_engine::FailureSource::Gate, .. } => bump("schema gate".into()),
                 _ => {}
             }
         }

@@ -39,6 +39,8 @@ fn transient(t: &str, attempt: u32) -> Event {
         class: ErrorClass::Transient,
         error: "rate limited".into(),
         usage: Usage::default(),
+        source: FailureSource::Handler,
+        note: None,
     }
 }
 

@@ -21,8 +21,8 @@
 use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
 use keel_engine::{
-    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, Logged, Policy, RunState,
-    TaskStatus,
+    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, FailureSource, Logged, Policy,
+    RunState,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -145,8 +145,6 @@ pub fn plan_handlers(events: &[Logged]) -> BTreeSet<String> {
 
 /// Classifies `event` given the state before it.
 pub fn classify(state: &RunState, event: &Event) -> EventClass {
-    let task_status =
-        |task: &keel_engine::TaskId| state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.status);
     match event {
         Event::RunAccepted { .. } | Event::RunCancelled { .. } => EventClass::External,
         Event::HumanResolved { defaulted, .. } => {
@@ -160,11 +158,14 @@ pub fn classify(state: &RunState, event: &Event) -> EventClass {
             EventClass::Outcome
         }
         Event::EscalationNotified { .. } => EventClass::Outcome,
-        Event::TaskFailed { task, error, .. } => match task_status(task) {
-            // After an execution: the schema gate (a decision) or the evaluator failing.
-            Some(TaskStatus::Executed) if !error.starts_with("evaluator:") => EventClass::Decision,
-            _ => EventClass::Outcome,
-        },
+        // The schema gate's refusal is a decision; every other failure answers a call.
+        Event::TaskFailed { source, .. } => {
+            if *source == FailureSource::Gate {
+                EventClass::Decision
+            } else {
+                EventClass::Outcome
+            }
+        }
         Event::TaskEvaluated { task, .. } => {
             let criteria =
                 state.task_index.get(task).and_then(|&i| state.tasks.get(i)).map(|t| t.spec.success_criteria.is_some());
@@ -221,12 +222,12 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
             EventClass::External => report.externals += 1,
         }
         if class == EventClass::Decision {
-            if let Some(i) = batch.iter().position(|d| *d == e.event) {
+            if let Some(i) = batch.iter().position(|d| e.event.same_decision(d)) {
                 batch.remove(i);
                 cmds.push(Command::Record { event: e.event.clone(), not_before_us: None });
             } else {
                 batch = records(&cmds).cloned().collect();
-                if let Some(i) = batch.iter().position(|d| *d == e.event) {
+                if let Some(i) = batch.iter().position(|d| e.event.same_decision(d)) {
                     batch.remove(i);
                 }
             }
@@ -280,7 +281,7 @@ fn fits(state: &RunState, ctx: &Context, cmds: &[Command], class: EventClass, ev
 
 /// A recorded decision fits when `decide` returned the same record.
 fn fits_decision(cmds: &[Command], event: &Event) -> Result<(), String> {
-    let recorded_decision = records(cmds).any(|d| d == event);
+    let recorded_decision = records(cmds).any(|d| event.same_decision(d));
     if recorded_decision {
         return Ok(());
     }
@@ -295,7 +296,7 @@ fn fits_decision(cmds: &[Command], event: &Event) -> Result<(), String> {
 /// A recorded outcome fits when `decide` asked for the call it answers (and a plan still
 /// validates).
 fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event) -> Result<(), String> {
-    let recorded_decision = records(cmds).any(|d| d == event);
+    let recorded_decision = records(cmds).any(|d| event.same_decision(d));
     let has = |want: &Command| cmds.iter().any(|c| c == want);
     match event {
         Event::Planned { revision, plan } | Event::Replanned { revision, plan, .. } => {

@@ -134,6 +134,10 @@ struct RecordLine<'a> {
     /// record digest covers it.
     #[serde(skip_serializing_if = "Option::is_none")]
     payload_digest: Option<String>,
+    /// The payload's layout version: only for schema version 3 and later, which store it
+    /// and whose record digest covers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_version: Option<u16>,
     prev_hash: String,
     hash: String,
 }
@@ -219,6 +223,7 @@ fn record_line<'a>(rec: &'a Record, redaction: &Redaction) -> Result<RecordLine<
         payload: fields,
         payload_root: hex32(&rec.payload_root),
         payload_digest: (rec.schema_version >= 2).then(|| hex32(&rec.payload_digest())),
+        payload_version: (rec.schema_version >= 3).then(|| rec.payload_version()),
         prev_hash: hex32(&rec.prev_hash),
         hash: hex32(&rec.hash),
     })

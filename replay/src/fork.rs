@@ -30,8 +30,8 @@ use keel_engine::api::{
     TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply, core::idempotency_key, Engine, Escalation, Event, Logged, Plan, Policy, Resolution, RunState, RunStatus,
-    TaskStatus, WorkflowType,
+    apply, core::idempotency_key, Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState,
+    RunStatus, TaskStatus, WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;
@@ -293,7 +293,7 @@ impl Answers {
                     }
                 }
             }
-            Event::TaskFailed { task, attempt, class, error, usage } => match task_of(task) {
+            Event::TaskFailed { task, attempt, class, error, usage, source, .. } => match task_of(task) {
                 Some(t) if t.status == TaskStatus::Dispatched => {
                     if let Some(input) = &t.input {
                         let answer = Err(HandlerError { class: *class, message: error.clone(), usage: *usage });
@@ -301,8 +301,8 @@ impl Answers {
                     }
                 }
                 Some(t) if t.status == TaskStatus::Executed => {
-                    if let (Some(msg), Some(output)) = (error.strip_prefix("evaluator: "), &t.output) {
-                        let answer = Err(HandlerError { class: *class, message: msg.to_owned(), usage: *usage });
+                    if let (FailureSource::Evaluator, Some(output)) = (source, &t.output) {
+                        let answer = Err(HandlerError { class: *class, message: error.clone(), usage: *usage });
                         a.evals.insert(eval_key(task, *attempt, output), answer);
                     }
                 }
@@ -539,6 +539,7 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
         batch.push(NewRecord {
             kind: rec.kind,
             time_us: rec.time_us,
+            payload_version: rec.payload_version,
             payload: rec.payload,
             payload_root: rec.payload_root,
         });

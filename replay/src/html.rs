@@ -331,7 +331,7 @@ impl Story {
                     a.tokens += usage.tokens;
                 }
             }
-            Event::TaskFailed { task, attempt, class, usage, error } => {
+            Event::TaskFailed { task, attempt, class, usage, error, .. } => {
                 if let Some(a) = open.get(&(task.0.clone(), *attempt)).and_then(|&i| attempts.get_mut(i)) {
                     if a.end_us.is_none() {
                         a.end_us = Some(e.at_us);

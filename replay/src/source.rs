@@ -107,6 +107,10 @@ pub struct ExportRecord {
     /// SHA-256 of the stored payload bytes, which the record digest of schema version 2
     /// covers; `None` for a version-1 record (the field is absent).
     pub payload_digest: Option<Hash32>,
+    /// The payload's layout version, which the record digest of schema version 3 covers;
+    /// `None` for records of versions 1 and 2 (the field is absent; their payload version
+    /// is 1).
+    pub payload_version: Option<u16>,
     /// Hash of the previous record of the run (zero for seq 0).
     pub prev_hash: Hash32,
     /// This record's chain hash.
@@ -475,6 +479,9 @@ fn fast_line(line: &[u8]) -> Option<FastLine> {
             if f.payload_digest.is_some_and(|h| !is_hash(h)) {
                 return None;
             }
+            if f.payload_version.is_some_and(|v| u16::try_from(v).is_err()) {
+                return None;
+            }
             Some(FastLine::Record(Logged { run, seq: Seq(seq), at_us: time_us, event: f.event? }))
         }
         "run_end" => {
@@ -513,6 +520,9 @@ struct LineFields<'a> {
     payload_root: Option<&'a str>,
     /// Optional (schema version 2 records).
     payload_digest: Option<&'a str>,
+    /// Optional (schema version 3 records); checked for range, as `ExportReader::parse`
+    /// does.
+    payload_version: Option<u64>,
     prev_hash: Option<&'a str>,
     hash: Option<&'a str>,
     records: Option<u64>,
@@ -561,6 +571,7 @@ impl<'de> Visitor<'de> for LineVisitor {
                 }
                 "payload_root" => once(&mut f.payload_root, map.next_value()?)?,
                 "payload_digest" => once(&mut f.payload_digest, map.next_value()?)?,
+                "payload_version" => once(&mut f.payload_version, map.next_value()?)?,
                 "prev_hash" => once(&mut f.prev_hash, map.next_value()?)?,
                 "hash" => once(&mut f.hash, map.next_value()?)?,
                 "records" => once(&mut f.records, map.next_value()?)?,
@@ -906,6 +917,14 @@ fn parse_record<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError
         payload_digest: match f.obj.get("payload_digest") {
             None => None,
             Some(_) => Some(f.hash_of("payload_digest")?),
+        },
+        payload_version: match f.obj.get("payload_version") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .ok_or_else(|| f.at.err("field `payload_version` is not an integer in 0..=65535"))?,
+            ),
         },
         prev_hash: f.hash_of("prev_hash")?,
         hash: f.hash_of("hash")?,

@@ -9,7 +9,9 @@
 //!    `record_digest(1, run, seq, kind, time_us, payload_root)` for schema version 1 and
 //!    `record_digest_v2(run, seq, kind, time_us, payload_root, payload_digest)` for schema
 //!    version 2 (whose lines carry `payload_digest`, the SHA-256 of the stored payload bytes;
-//!    an export cannot check it against the payload fields, only the chain binds it),
+//!    an export cannot check it against the payload fields, only the chain binds it), and
+//!    `record_digest_v3(run, seq, kind, time_us, payload_version, payload_root,
+//!    payload_digest)` for schema version 3 (whose lines also carry `payload_version`),
 //!
 //! and each run ends with a `run_end` trailer whose count and head match. The formulas are
 //! those of `keel_store::digest`, spelled out byte by byte in docs/EXPORT.md.
@@ -102,32 +104,40 @@ pub fn export_payload_root(rec: &ExportRecord) -> Hash32 {
     digest::payload_root(&digests)
 }
 
-/// The chain hash an export record must carry, given the hash before it: the v2 record
-/// digest for a `schema_version` 2 line with its `payload_digest`, else the v1 formula with
-/// the stated version (which a line of version 2 without `payload_digest` cannot match;
-/// [`version_problem`] names that case).
+/// The chain hash an export record must carry, given the hash before it: the v3 record
+/// digest for a `schema_version` 3 line (with its `payload_digest` and `payload_version`),
+/// the v2 one for a `schema_version` 2 line with its `payload_digest`, else the v1 formula
+/// with the stated version (which a line of version 2 or 3 without `payload_digest` cannot
+/// match; [`version_problem`] names that case).
 pub fn export_chain_hash(rec: &ExportRecord, prev: &Hash32) -> Hash32 {
-    let d = digest::record_digest_of_version(
-        rec.schema_version,
-        rec.run,
-        Seq(rec.seq),
-        &rec.kind,
-        rec.time_us,
-        &rec.payload_root,
-        rec.payload_digest.as_ref(),
-    );
+    let d = digest::record_digest_of_version(&digest::DigestInput {
+        schema_version: rec.schema_version,
+        run: rec.run,
+        seq: Seq(rec.seq),
+        kind: &rec.kind,
+        time_us: rec.time_us,
+        payload_version: rec.payload_version.unwrap_or(1),
+        payload_root: &rec.payload_root,
+        payload_digest: rec.payload_digest.as_ref(),
+    });
     digest::chain(prev, &d)
 }
 
-/// What is wrong with a record line's `schema_version` / `payload_digest` pair, if anything:
-/// version 1 has no payload digest, version 2 needs one, other versions are unknown.
+/// What is wrong with a record line's `schema_version` / `payload_digest` /
+/// `payload_version` fields, if anything: version 1 has neither, version 2 needs the payload
+/// digest only, version 3 both; other versions are unknown.
 pub fn version_problem(rec: &ExportRecord) -> Option<String> {
-    match (rec.schema_version, rec.payload_digest.is_some()) {
-        (1, false) | (2, true) => None,
-        (1, true) => Some("a schema_version 1 record with a payload_digest".to_owned()),
-        (2, false) => Some("a schema_version 2 record without its payload_digest".to_owned()),
-        (v, _) => Some(format!("unknown schema_version {v}")),
-    }
+    let v = rec.schema_version;
+    let (digest, version) = (rec.payload_digest.is_some(), rec.payload_version.is_some());
+    let problem = match v {
+        1 if digest => "with a payload_digest",
+        2 | 3 if !digest => "without its payload_digest",
+        1 | 2 if version => "with a payload_version",
+        3 if !version => "without its payload_version",
+        1..=3 => return None,
+        _ => return Some(format!("unknown schema_version {v}")),
+    };
+    Some(format!("a schema_version {v} record {problem}"))
 }
 
 /// Whether `value` is the original of a field redacted to `redacted` (a `{"$redacted":

@@ -116,6 +116,9 @@ impl Payload for BenchEvent {
     fn kind(&self) -> &'static str {
         "BenchEvent"
     }
+    fn payload_version(&self) -> u16 {
+        1
+    }
     fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut m = serde_json::Map::new();
         m.insert("id".into(), self.id.into());

@@ -81,12 +81,48 @@ pub(crate) struct EnvelopeV1 {
     pub hash: Hash32,
 }
 
-/// [`EnvelopeV1`] borrowed from the stored bytes (same layout), as [`open_record_ref`]
-/// decodes it.
+/// Body of a record envelope of schema version 3: version 2's fields plus the payload
+/// version (the layout version of the payload, chosen by the domain; the store keeps it and
+/// never interprets it), which the version-3 record digest covers.
+#[derive(bincode::Encode, bincode::Decode, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EnvelopeV3 {
+    pub kind: String,
+    pub time_us: i64,
+    pub payload_version: u16,
+    pub payload: Vec<u8>,
+    pub payload_root: Hash32,
+    pub hash: Hash32,
+}
+
+/// [`EnvelopeV1`] borrowed from the stored bytes (same layout).
 #[derive(bincode::BorrowDecode, Debug, PartialEq, Eq)]
+struct EnvelopeRefV1<'a> {
+    kind: &'a str,
+    time_us: i64,
+    payload: &'a [u8],
+    payload_root: Hash32,
+    hash: Hash32,
+}
+
+/// [`EnvelopeV3`] borrowed from the stored bytes (same layout).
+#[derive(bincode::BorrowDecode, Debug, PartialEq, Eq)]
+struct EnvelopeRefV3<'a> {
+    kind: &'a str,
+    time_us: i64,
+    payload_version: u16,
+    payload: &'a [u8],
+    payload_root: Hash32,
+    hash: Hash32,
+}
+
+/// A record envelope of any known schema version, borrowed from the stored bytes, as
+/// [`open_record_ref`] decodes it (the in-memory form every version upcasts to).
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct EnvelopeRef<'a> {
     pub kind: &'a str,
     pub time_us: i64,
+    /// Stored from schema version 3 on; 1 for records of versions 1 and 2.
+    pub payload_version: u16,
     pub payload: &'a [u8],
     pub payload_root: Hash32,
     pub hash: Hash32,
@@ -166,56 +202,99 @@ fn seal<T: bincode::Encode>(version: u16, body: &T, size_hint: usize) -> Result<
 }
 
 /// Checks the checksum and splits off the version. Returns (version, body bytes).
-/// `B` is the version-1 body type, used only to tell truncation from bit flips.
-fn unseal<B: bincode::Decode<()>>(value: &[u8]) -> Result<(u16, &[u8]), WireError> {
+/// `body_ends_early(version, body)` tells truncation from bit flips: whether a body of
+/// that version ends before its last field (false for a version it does not know).
+fn unseal(value: &[u8], body_ends_early: fn(u16, &[u8]) -> bool) -> Result<(u16, &[u8]), WireError> {
     if value.len() < 4 {
         return Err(WireError::Short(value.len()));
     }
     let (crc_bytes, rest) = value.split_at(4);
-    let stored = u32::from_be_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
+    let stored = u32::from_be_bytes(crc_bytes.try_into().map_err(|_| WireError::Short(value.len()))?);
     let computed = crc32fast::hash(rest);
     if stored != computed {
         // Tell a torn/short value apart from flipped bits: does the body end early?
         let truncated = match native_decode_prefix::<u16>(rest) {
-            Ok((1 | 2, n)) => matches!(native_decode_exact::<B>(&rest[n..]), Err((_, true))),
-            Ok(_) => false,
+            Ok((version, n)) => rest.get(n..).is_some_and(|body| body_ends_early(version, body)),
             Err(_) => true,
         };
         return Err(WireError::Checksum { stored, computed, truncated });
     }
     let (version, n) = native_decode_prefix::<u16>(rest).map_err(WireError::Body)?;
-    Ok((version, &rest[n..]))
+    let body = rest.get(n..).ok_or_else(|| WireError::Body("version past the end".into()))?;
+    Ok((version, body))
 }
 
-/// Record value of schema `version` (1 or 2: same body, see [`EnvelopeV1`]).
+/// Record value of schema version 1 or 2 (same body, see [`EnvelopeV1`]).
 pub(crate) fn seal_record(version: u16, env: &EnvelopeV1) -> Result<Vec<u8>, StoreError> {
     seal(version, env, env.payload.len() + env.kind.len())
+}
+
+/// Record value of schema version 3 ([`EnvelopeV3`]).
+pub(crate) fn seal_record_v3(env: &EnvelopeV3) -> Result<Vec<u8>, StoreError> {
+    seal(3, env, env.payload.len() + env.kind.len())
+}
+
+fn record_body_ends_early(version: u16, body: &[u8]) -> bool {
+    match version {
+        1 | 2 => matches!(native_decode_exact::<EnvelopeV1>(body), Err((_, true))),
+        3 => matches!(native_decode_exact::<EnvelopeV3>(body), Err((_, true))),
+        _ => false,
+    }
+}
+
+fn borrow_exact<'a, T: bincode::BorrowDecode<'a, ()>>(body: &'a [u8]) -> Result<T, WireError> {
+    match bincode::borrow_decode_from_slice::<T, _>(body, cfg()) {
+        Ok((e, used)) if used == body.len() => Ok(e),
+        Ok((_, used)) => Err(WireError::Body(format!("{} trailing bytes", body.len().saturating_sub(used)))),
+        Err(e) => Err(WireError::Body(e.to_string())),
+    }
 }
 
 /// THE upcast point: every stored record value is decoded here, whatever its version, into
 /// the current in-memory envelope, borrowed from `value` (reading a record needs no zeroed
 /// buffer for its payload, and the read-ahead hashes records without copying them).
-/// Versions 1 and 2 share the body layout; the version is returned with it because it
-/// decides the record digest (docs/STORE.md). A future version with another layout adds a
-/// match arm that decodes its own body and converts it.
+/// Versions 1 and 2 share the body layout and have payload version 1; version 3 stores the
+/// payload version. The schema version is returned with the envelope because it decides
+/// the record digest (docs/STORE.md). A future version with another layout adds a match arm
+/// that decodes its own body and converts it.
 pub(crate) fn open_record_ref(value: &[u8]) -> Result<(u16, EnvelopeRef<'_>), WireError> {
-    let (version, body) = unseal::<EnvelopeV1>(value)?;
+    let (version, body) = unseal(value, record_body_ends_early)?;
     match version {
-        v @ (1 | 2) => match bincode::borrow_decode_from_slice::<EnvelopeRef<'_>, _>(body, cfg()) {
-            Ok((e, used)) if used == body.len() => Ok((v, e)),
-            Ok((_, used)) => Err(WireError::Body(format!("{} trailing bytes", body.len() - used))),
-            Err(e) => Err(WireError::Body(e.to_string())),
-        },
+        v @ (1 | 2) => {
+            let e: EnvelopeRefV1<'_> = borrow_exact(body)?;
+            let env = EnvelopeRef {
+                kind: e.kind,
+                time_us: e.time_us,
+                payload_version: 1,
+                payload: e.payload,
+                payload_root: e.payload_root,
+                hash: e.hash,
+            };
+            Ok((v, env))
+        }
+        3 => {
+            let e: EnvelopeRefV3<'_> = borrow_exact(body)?;
+            let env = EnvelopeRef {
+                kind: e.kind,
+                time_us: e.time_us,
+                payload_version: e.payload_version,
+                payload: e.payload,
+                payload_root: e.payload_root,
+                hash: e.hash,
+            };
+            Ok((3, env))
+        }
         other => Err(WireError::Version(other)),
     }
 }
 
-/// [`open_record_ref`], owned.
-pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV1), WireError> {
+/// [`open_record_ref`], owned (as a version-3 body, whatever the stored version).
+pub(crate) fn open_record(value: &[u8]) -> Result<(u16, EnvelopeV3), WireError> {
     open_record_ref(value).map(|(v, e)| {
-        let env = EnvelopeV1 {
+        let env = EnvelopeV3 {
             kind: e.kind.to_owned(),
             time_us: e.time_us,
+            payload_version: e.payload_version,
             payload: e.payload.to_vec(),
             payload_root: e.payload_root,
             hash: e.hash,
@@ -229,7 +308,9 @@ pub(crate) fn seal_snapshot_v1(s: &SnapshotV1) -> Result<Vec<u8>, StoreError> {
 }
 
 pub(crate) fn open_snapshot(value: &[u8]) -> Result<SnapshotV1, WireError> {
-    let (version, body) = unseal::<SnapshotV1>(value)?;
+    let (version, body) = unseal(value, |version, body| {
+        version == 1 && matches!(native_decode_exact::<SnapshotV1>(body), Err((_, true)))
+    })?;
     match version {
         1 => native_decode_exact::<SnapshotV1>(body).map_err(|(e, _)| WireError::Body(e)),
         other => Err(WireError::Version(other)),
@@ -256,6 +337,8 @@ pub mod testing {
     pub struct RawEnvelope {
         pub version: u16,
         pub kind: String,
+        /// Stored only by version 3 and later (1 when read from versions 1 and 2).
+        pub payload_version: u16,
         pub time_us: i64,
         pub payload: Vec<u8>,
         pub payload_root: Hash32,
@@ -268,6 +351,7 @@ pub mod testing {
         Ok(RawEnvelope {
             version,
             kind: e.kind,
+            payload_version: e.payload_version,
             time_us: e.time_us,
             payload: e.payload,
             payload_root: e.payload_root,
@@ -275,19 +359,29 @@ pub mod testing {
         })
     }
 
-    /// Encodes a record value with any version number and a valid checksum.
+    /// Encodes a record value with any version number and a valid checksum (the version-3
+    /// layout for versions 3 and later, the version-1 layout below; `payload_version` is
+    /// dropped there).
     pub fn seal_raw(e: &RawEnvelope) -> Result<Vec<u8>, StoreError> {
-        seal(
-            e.version,
-            &EnvelopeV1 {
+        if e.version >= 3 {
+            let body = EnvelopeV3 {
                 kind: e.kind.clone(),
                 time_us: e.time_us,
+                payload_version: e.payload_version,
                 payload: e.payload.clone(),
                 payload_root: e.payload_root,
                 hash: e.hash,
-            },
-            e.payload.len(),
-        )
+            };
+            return seal(e.version, &body, e.payload.len());
+        }
+        let body = EnvelopeV1 {
+            kind: e.kind.clone(),
+            time_us: e.time_us,
+            payload: e.payload.clone(),
+            payload_root: e.payload_root,
+            hash: e.hash,
+        };
+        seal(e.version, &body, e.payload.len())
     }
 
     /// Seals one record as schema version 1 (the v1 record digest, which does not cover the

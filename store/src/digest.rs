@@ -13,6 +13,9 @@ pub const RECORD_DIGEST_DOMAIN: &[u8] = b"keel/record/v1";
 /// Domain-separation prefix of [`record_digest_v2`] (schema version 2).
 pub const RECORD_DIGEST_DOMAIN_V2: &[u8] = b"keel/record/v2";
 
+/// Domain-separation prefix of [`record_digest_v3`] (schema version 3).
+pub const RECORD_DIGEST_DOMAIN_V3: &[u8] = b"keel/record/v3";
+
 fn sha256(parts: &[&[u8]]) -> Hash32 {
     let mut h = Sha256::new();
     for p in parts {
@@ -166,7 +169,8 @@ pub fn record_digest(
 }
 
 /// `SHA256(domain || u16_be(version) || run || u64_be(seq) || u32_be(len(kind)) || kind ||
-/// i64_be(time_us) || tail...)`: the layout both record digest versions share.
+/// i64_be(time_us) || tail...)`: the layout every record digest version shares (version 3
+/// puts `u16_be(payload_version)` first in its tail).
 fn header_digest(
     domain: &[u8],
     version: u16,
@@ -174,7 +178,7 @@ fn header_digest(
     seq: Seq,
     kind: &str,
     time_us: i64,
-    tail: &[&Hash32],
+    tail: &[&[u8]],
 ) -> Hash32 {
     let kind_len = u32::try_from(kind.len()).unwrap_or(u32::MAX);
     let mut h = Sha256::new();
@@ -217,22 +221,56 @@ pub fn record_digest_v2(
     header_digest(RECORD_DIGEST_DOMAIN_V2, 2, run, seq, kind, time_us, &[payload_root, payload_digest])
 }
 
-/// The record digest of a record of `schema_version`: [`record_digest_v2`] for version 2
-/// (which needs the `payload_digest`), [`record_digest`] with the stated version otherwise
-/// (a version-2 record without its payload digest cannot match its chain hash). The one
-/// place that picks the formula for stored records and export lines alike.
-pub fn record_digest_of_version(
-    schema_version: u16,
+/// Schema version 3: `SHA256("keel/record/v3" || u16_be(3) || run (16 bytes) || u64_be(seq) ||
+/// u32_be(len(kind)) || kind || i64_be(time_us) || u16_be(payload_version) || payload_root ||
+/// payload_digest)`: version 2's digest plus the payload version, so that the version a
+/// reader upcasts the payload from cannot be altered undetected.
+pub fn record_digest_v3(
     run: RunId,
     seq: Seq,
     kind: &str,
     time_us: i64,
+    payload_version: u16,
     payload_root: &Hash32,
-    payload_digest: Option<&Hash32>,
+    payload_digest: &Hash32,
 ) -> Hash32 {
-    match (schema_version, payload_digest) {
-        (2, Some(pd)) => record_digest_v2(run, seq, kind, time_us, payload_root, pd),
-        (v, _) => record_digest(v, run, seq, kind, time_us, payload_root),
+    let pv = payload_version.to_be_bytes();
+    header_digest(RECORD_DIGEST_DOMAIN_V3, 3, run, seq, kind, time_us, &[&pv, payload_root, payload_digest])
+}
+
+/// What a record digest covers, whatever its schema version: the stored header fields, and
+/// from version 2 on the payload digest, from version 3 on the payload version.
+#[derive(Clone, Copy, Debug)]
+pub struct DigestInput<'a> {
+    /// The record's schema version (picks the formula).
+    pub schema_version: u16,
+    /// The run the record belongs to.
+    pub run: RunId,
+    /// The record's seq (where it claims to be).
+    pub seq: Seq,
+    /// The event kind stored in the envelope.
+    pub kind: &'a str,
+    /// The record's time, microseconds since the Unix epoch.
+    pub time_us: i64,
+    /// The payload version (version 3; ignored by earlier versions).
+    pub payload_version: u16,
+    /// [`payload_root`] of the payload's fields.
+    pub payload_root: &'a Hash32,
+    /// [`payload_digest`] of the stored payload bytes, if the caller has it (versions 2
+    /// and 3 need it).
+    pub payload_digest: Option<&'a Hash32>,
+}
+
+/// The record digest of a record of `schema_version`: [`record_digest_v3`] for version 3
+/// and [`record_digest_v2`] for version 2 (both need the `payload_digest`),
+/// [`record_digest`] with the stated version otherwise (a version-2 or -3 record without
+/// its payload digest cannot match its chain hash). The one place that picks the formula
+/// for stored records and export lines alike.
+pub fn record_digest_of_version(d: &DigestInput<'_>) -> Hash32 {
+    match (d.schema_version, d.payload_digest) {
+        (3, Some(pd)) => record_digest_v3(d.run, d.seq, d.kind, d.time_us, d.payload_version, d.payload_root, pd),
+        (2, Some(pd)) => record_digest_v2(d.run, d.seq, d.kind, d.time_us, d.payload_root, pd),
+        (v, _) => record_digest(v, d.run, d.seq, d.kind, d.time_us, d.payload_root),
     }
 }
 
@@ -288,6 +326,26 @@ mod tests {
         assert_eq!(v2, sha256(&[&bytes]));
         assert_ne!(v2, record_digest(2, run, Seq(9), "Kind", -3, &root));
         assert_ne!(v2, record_digest_v2(run, Seq(9), "Kind", -3, &root, &payload_digest(b"payloae")));
+    }
+
+    #[test]
+    fn v3_digest_is_its_formula_and_covers_the_payload_version() {
+        let run = RunId::from_bytes([5; 16]);
+        let (root, pd) = ([1u8; 32], payload_digest(b"payload"));
+        let mut bytes = b"keel/record/v3".to_vec();
+        bytes.extend_from_slice(&3u16.to_be_bytes());
+        bytes.extend_from_slice(&[5; 16]);
+        bytes.extend_from_slice(&9u64.to_be_bytes());
+        bytes.extend_from_slice(&4u32.to_be_bytes());
+        bytes.extend_from_slice(b"Kind");
+        bytes.extend_from_slice(&(-3i64).to_be_bytes());
+        bytes.extend_from_slice(&7u16.to_be_bytes());
+        bytes.extend_from_slice(&root);
+        bytes.extend_from_slice(&pd);
+        let v3 = record_digest_v3(run, Seq(9), "Kind", -3, 7, &root, &pd);
+        assert_eq!(v3, sha256(&[&bytes]));
+        assert_ne!(v3, record_digest_v3(run, Seq(9), "Kind", -3, 8, &root, &pd));
+        assert_ne!(v3, record_digest_v2(run, Seq(9), "Kind", -3, &root, &pd));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! struct Hello { name: String }
 //! impl Payload for Hello {
 //!     fn kind(&self) -> &'static str { "Hello" }
+//!     fn payload_version(&self) -> u16 { 1 }
 //!     fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
 //!         let mut m = serde_json::Map::new();
 //!         m.insert("name".into(), self.name.clone().into());

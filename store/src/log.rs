@@ -5,11 +5,12 @@ use crate::digest;
 use crate::error::StoreError;
 use crate::types::{Hash32, Payload, RunId, Seq};
 
-/// Schema version of the record envelope written by this build. Version 2's record digest
-/// covers the stored payload bytes ([`digest::record_digest_v2`]); version 1 records (whose
-/// digest covers only the payload root, [`digest::record_digest`]) are still read and
-/// verified.
-pub const SCHEMA_VERSION: u16 = 2;
+/// Schema version of the record envelope written by this build. Version 3 stores the
+/// payload version and its record digest covers it and the stored payload bytes
+/// ([`digest::record_digest_v3`]); version 2 records (payload bytes covered,
+/// [`digest::record_digest_v2`]) and version 1 records (only the payload root,
+/// [`digest::record_digest`]) are still read and verified, with payload version 1.
+pub const SCHEMA_VERSION: u16 = 3;
 
 /// Longest event kind name, in bytes.
 pub const KIND_BYTES_MAX: usize = 256;
@@ -19,6 +20,8 @@ pub const KIND_BYTES_MAX: usize = 256;
 pub struct NewRecord {
     pub kind: String,
     pub time_us: i64,
+    /// [`Payload::payload_version`] of the payload (stored, never interpreted).
+    pub payload_version: u16,
     /// bincode-encoded payload ([`crate::codec::encode`]).
     pub payload: Vec<u8>,
     /// [`digest::payload_root_of`] the payload's `fields()`.
@@ -41,6 +44,7 @@ pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, Store
     Ok(NewRecord {
         kind: kind.to_string(),
         time_us,
+        payload_version: payload.payload_version(),
         payload: bytes,
         payload_root: digest::payload_root_of(&payload.fields()),
     })
@@ -54,6 +58,9 @@ pub struct Record {
     pub schema_version: u16,
     pub kind: String,
     pub time_us: i64,
+    /// The payload's layout version as the domain stated it when appending (schema version
+    /// 3); 1 for records of schema versions 1 and 2, which did not store one.
+    pub payload_version: u16,
     pub payload: Vec<u8>,
     pub payload_root: Hash32,
     /// Chain hash of the record before (zeros for seq 0).
@@ -63,6 +70,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// The version of this record's payload layout ([`Payload::payload_version`] of what
+    /// was appended; 1 for records of schema versions 1 and 2). The domain reads it to
+    /// upcast an older payload; the store never interprets it.
+    pub fn payload_version(&self) -> u16 {
+        self.payload_version
+    }
+
     /// Decodes the payload; the error names run and seq.
     pub fn decode<P: Payload>(&self) -> Result<P, StoreError> {
         crate::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
@@ -105,13 +119,15 @@ impl Record {
     }
 
     /// The record digest of this record's stored header (and, from schema version 2, of its
-    /// payload bytes): [`digest::record_digest`] for version 1, [`digest::record_digest_v2`]
-    /// for version 2. Hashes the payload bytes for version 2.
+    /// payload bytes; from version 3, of its payload version): [`digest::record_digest`] for
+    /// version 1, [`digest::record_digest_v2`] for version 2, [`digest::record_digest_v3`]
+    /// for version 3. Hashes the payload bytes from version 2 on.
     pub fn digest(&self) -> Hash32 {
         self.digest_at(self.seq, self.payload_digest_if_covered().as_ref())
     }
 
-    /// [`Record::payload_digest`] if this record's version covers it (2), else `None`.
+    /// [`Record::payload_digest`] if this record's version covers it (2 and later), else
+    /// `None`.
     pub(crate) fn payload_digest_if_covered(&self) -> Option<Hash32> {
         (self.schema_version >= 2).then(|| self.payload_digest())
     }
@@ -119,15 +135,16 @@ impl Record {
     /// The digest this record would have at `seq`, given its payload digest if its version
     /// covers one (computed once by callers that try several seqs).
     pub(crate) fn digest_at(&self, seq: Seq, payload_digest: Option<&Hash32>) -> Hash32 {
-        digest::record_digest_of_version(
-            self.schema_version,
-            self.run,
+        digest::record_digest_of_version(&digest::DigestInput {
+            schema_version: self.schema_version,
+            run: self.run,
             seq,
-            &self.kind,
-            self.time_us,
-            &self.payload_root,
+            kind: &self.kind,
+            time_us: self.time_us,
+            payload_version: self.payload_version,
+            payload_root: &self.payload_root,
             payload_digest,
-        )
+        })
     }
 }
 

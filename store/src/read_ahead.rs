@@ -344,6 +344,9 @@ mod tests {
         fn kind(&self) -> &'static str {
             "Ev"
         }
+        fn payload_version(&self) -> u16 {
+            1
+        }
         fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
             let mut m = serde_json::Map::new();
             m.insert("n".into(), self.0.into());

@@ -7,7 +7,7 @@
 //! - `b'c' || aux key`                -> aux value (not chained; e.g. the response cache)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
-use crate::codec::{self, EnvelopeV1, WireError};
+use crate::codec::{self, EnvelopeV3, WireError};
 use crate::digest;
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, Record, KIND_BYTES_MAX, SCHEMA_VERSION};
@@ -146,13 +146,28 @@ pub(crate) fn build_batch(run: RunId, head: &Head, records: Vec<NewRecord>) -> R
     let mut seq = head.next_seq.0;
     let mut last_kind = None;
     for r in records {
-        // Schema version 2: the digest covers the payload bytes as stored.
+        // Schema version 3: the digest covers the payload version and the payload bytes as
+        // stored.
         let payload_digest = digest::payload_digest(&r.payload);
-        let d = digest::record_digest_v2(run, Seq(seq), &r.kind, r.time_us, &r.payload_root, &payload_digest);
+        let d = digest::record_digest_v3(
+            run,
+            Seq(seq),
+            &r.kind,
+            r.time_us,
+            r.payload_version,
+            &r.payload_root,
+            &payload_digest,
+        );
         let hash = digest::chain(&prev, &d);
-        let env =
-            EnvelopeV1 { kind: r.kind, time_us: r.time_us, payload: r.payload, payload_root: r.payload_root, hash };
-        let value = codec::seal_record(SCHEMA_VERSION, &env)?;
+        let env = EnvelopeV3 {
+            kind: r.kind,
+            time_us: r.time_us,
+            payload_version: r.payload_version,
+            payload: r.payload,
+            payload_root: r.payload_root,
+            hash,
+        };
+        let value = codec::seal_record_v3(&env)?;
         // Pair assertion: what we write must read back as what we meant.
         debug_assert!(matches!(codec::open_record(&value), Ok((SCHEMA_VERSION, ref e)) if *e == env));
         out.push((seq, value));
@@ -192,6 +207,7 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
         schema_version: version,
         kind: env.kind.to_owned(),
         time_us: env.time_us,
+        payload_version: env.payload_version,
         payload: env.payload.to_vec(),
         payload_root: env.payload_root,
         prev_hash: [0; 32],
@@ -205,7 +221,7 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
 pub(crate) enum Prehashed {
     /// Nothing: the checks hash everything.
     Nothing,
-    /// SHA-256 of the payload bytes of a schema-v2 record (its record digest covers it).
+    /// SHA-256 of the payload bytes of a schema-v2 or -v3 record (its record digest covers it).
     Payload(Hash32),
     /// The record digest itself (what the chain hashes after the previous hash).
     Record(Hash32),
@@ -219,15 +235,16 @@ pub(crate) fn prehash(run: RunId, at_seq: Option<u64>, value: &[u8]) -> Option<P
     let (version, env) = codec::open_record_ref(value).ok()?;
     let payload = (version >= 2).then(|| digest::payload_digest(env.payload));
     Some(match at_seq {
-        Some(seq) => Prehashed::Record(digest::record_digest_of_version(
-            version,
+        Some(seq) => Prehashed::Record(digest::record_digest_of_version(&digest::DigestInput {
+            schema_version: version,
             run,
-            Seq(seq),
-            env.kind,
-            env.time_us,
-            &env.payload_root,
-            payload.as_ref(),
-        )),
+            seq: Seq(seq),
+            kind: env.kind,
+            time_us: env.time_us,
+            payload_version: env.payload_version,
+            payload_root: &env.payload_root,
+            payload_digest: payload.as_ref(),
+        })),
         None => payload.map_or(Prehashed::Nothing, Prehashed::Payload),
     })
 }

@@ -50,6 +50,11 @@ pub type Hash32 = [u8; 32];
 pub trait Payload: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Stable name of this payload's kind (e.g. "TaskExecuted"), stored in the envelope.
     fn kind(&self) -> &'static str;
+    /// Version of this value's payload layout, chosen by the domain (an engine bumps it when
+    /// it changes an event's shape, and upcasts older versions when it reads them). The
+    /// store records it in the envelope (schema version 3), covers it by the chain hash and
+    /// hands it back ([`crate::Record::payload_version`]); it never interprets it.
+    fn payload_version(&self) -> u16;
     /// The payload as a JSON object; each top-level field is digested separately so an
     /// export can redact a field and still verify. Must be deterministic.
     fn fields(&self) -> serde_json::Map<String, serde_json::Value>;

@@ -1,15 +1,16 @@
 //! Golden logs: `tests/golden/v1.records` holds record values exactly as a schema-version-1
-//! store wrote them, `tests/golden/v2.records` the same runs as schema version 2 (the
-//! current version) writes them. Every future build must still decode (upcast) and verify
-//! both, and this build must write v2's bytes exactly.
+//! store wrote them, `tests/golden/v2.records` the same runs as schema version 2 wrote them,
+//! `tests/golden/v3.records` as schema version 3 (the current version, which stores each
+//! record's payload version) writes them. Every future build must still decode (upcast)
+//! and verify all of them, and this build must write v3's bytes exactly.
 //!
 //! Container format (documented in docs/STORE.md):
 //! `b"KEELGOLD" || u32_be(1) || u32_be(count) || count x (u32_be(key_len) || key ||
 //! u32_be(value_len) || value)`, keys and values exactly as stored in sled.
 //!
 //! Generate (only when adding a NEW version's file, never to "fix" an existing one):
-//! `cargo test -p keel-store --test golden -- --ignored generate_golden_v2` (the v1 file
-//! was made the same way by a v1 build).
+//! `cargo test -p keel-store --test golden -- --ignored generate_golden` (the v1 and v2
+//! files were made the same way by v1 and v2 builds).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 mod common;
@@ -43,6 +44,11 @@ const HEADS: [&str; 2] = [
 const HEADS_V2: [&str; 2] = [HEAD_V2_A, HEAD_V2_B];
 const HEAD_V2_A: &str = "152a789f181c1e5f59799fbca133547b47d051d58055af13b69ec2fe1f83c576";
 const HEAD_V2_B: &str = "9940b1d1c48ad81c47b830e616e6500ec58a79bdfad018a20a63907110311b0d";
+
+/// The same for `v3.records` (record digest v3: also covers the payload version).
+const HEADS_V3: [&str; 2] = [HEAD_V3_A, HEAD_V3_B];
+const HEAD_V3_A: &str = "f8000816987b98414d767c73b8a89e264436bd37745883d97cb2af98415230cb";
+const HEAD_V3_B: &str = "37c8338a9695442615c751da04dd39cded70bb764d1e7f9c59965d8e5c20bc86";
 
 fn write_golden(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
@@ -93,7 +99,7 @@ fn write_runs(log: &SledStore) {
 
 #[test]
 #[ignore = "generator: run by hand to create a new version's golden file"]
-fn generate_golden_v2() {
+fn generate_golden() {
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
     write_runs(&log);
@@ -131,6 +137,11 @@ fn golden_v2_log_decodes_and_verifies_forever() {
     golden_log_decodes_and_verifies(2, HEADS_V2);
 }
 
+#[test]
+fn golden_v3_log_decodes_and_verifies_forever() {
+    golden_log_decodes_and_verifies(3, HEADS_V3);
+}
+
 fn golden_log_decodes_and_verifies(version: u16, heads: [&str; 2]) {
     let (_dir, log, pairs) = load_golden(version);
     let runs = golden_runs();
@@ -142,6 +153,10 @@ fn golden_log_decodes_and_verifies(version: u16, heads: [&str; 2]) {
         assert_eq!(records.len(), events.len());
         for (record, (e, t)) in records.iter().zip(events) {
             assert_eq!(record.schema_version, version);
+            // Versions 1 and 2 stored no payload version: they read as 1. Version 3 keeps
+            // what the domain stated (not 1 for every kind of `Ev`).
+            let stated = if version >= 3 { keel_store::Payload::payload_version(e) } else { 1 };
+            assert_eq!(record.payload_version(), stated, "{r} seq {}", record.seq);
             assert_eq!(&record.decode::<Ev>().unwrap(), e);
             assert_eq!(&record.decode_verified::<Ev>().unwrap(), e);
             assert_eq!(record.time_us, *t);
@@ -154,10 +169,10 @@ fn golden_log_decodes_and_verifies(version: u16, heads: [&str; 2]) {
 }
 
 #[test]
-fn this_build_still_writes_v2_byte_for_byte() {
-    // True while v2 is the current schema version; when v3 arrives, this moves to v3's file.
-    assert_eq!(keel_store::SCHEMA_VERSION, 2);
-    let (_dir, _log, pairs) = load_golden(2);
+fn this_build_still_writes_v3_byte_for_byte() {
+    // True while v3 is the current schema version; when v4 arrives, this moves to v4's file.
+    assert_eq!(keel_store::SCHEMA_VERSION, 3);
+    let (_dir, _log, pairs) = load_golden(3);
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
     write_runs(&log);

@@ -72,6 +72,9 @@ impl keel_store::Payload for Watched {
     fn kind(&self) -> &'static str {
         self.0.kind()
     }
+    fn payload_version(&self) -> u16 {
+        self.0.payload_version()
+    }
     fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
         FIELDS_CALLS.set(FIELDS_CALLS.get() + 1);
         self.0.fields()
@@ -103,14 +106,14 @@ fn fill_v1(log: &SledStore, r: RunId, n: u64) -> keel_store::Hash32 {
 }
 
 #[test]
-fn a_substituted_v2_payload_with_recomputed_crc_is_caught_by_read_without_json() {
+fn a_substituted_v3_payload_with_recomputed_crc_is_caught_by_read_without_json() {
     let (_d, log, r) = store_with_run();
     substitute_payload(&log, r, 2);
     // The substituted bytes still decode (as a different event)...
     let env = open_raw(&log.raw_get(r, Seq(2)).unwrap().unwrap()).unwrap();
-    assert_eq!(env.version, 2);
+    assert_eq!(env.version, 3);
     assert!(codec::decode::<Ev>(&env.payload).is_ok_and(|e| e != ev(2)));
-    // ...but v2's record digest covers the payload bytes: `read` stops at seq 2, and
+    // ...but v3's record digest (as v2's) covers the payload bytes: `read` stops at seq 2, and
     // nothing on the read path converted a payload to JSON.
     FIELDS_CALLS.set(0);
     let reason = assert_read_stops_at(&log, r, 2);
@@ -155,7 +158,7 @@ fn a_flipped_v1_payload_byte_with_recomputed_crc_is_an_altered_payload() {
 }
 
 #[test]
-fn a_mixed_v1_then_v2_log_reads_chains_and_verifies() {
+fn a_mixed_v1_then_v3_log_reads_chains_and_verifies() {
     let dir = tempdir();
     let log = open(dir.path(), Durability::None);
     let r = run(1);
@@ -166,7 +169,7 @@ fn a_mixed_v1_then_v2_log_reads_chains_and_verifies() {
     }
     let (records, err) = read_all(&log, r, Seq(0));
     assert!(err.is_none(), "{err:?}");
-    assert_eq!(records.iter().map(|x| x.schema_version).collect::<Vec<_>>(), [1, 1, 1, 1, 2, 2, 2, 2]);
+    assert_eq!(records.iter().map(|x| x.schema_version).collect::<Vec<_>>(), [1, 1, 1, 1, 3, 3, 3, 3]);
     let mut prev = [0u8; 32];
     for (i, record) in records.iter().enumerate() {
         assert_eq!(record.prev_hash, prev);
@@ -188,13 +191,32 @@ fn a_mixed_v1_then_v2_log_reads_chains_and_verifies() {
 }
 
 #[test]
-fn a_v2_record_relabelled_v1_breaks_the_chain() {
-    // Changing the version byte (the same body layout decodes under both) cannot make the
-    // payload bytes unchecked: the v1 digest differs from the v2 one that was chained.
+fn a_v3_record_relabelled_v2_or_v1_breaks_the_chain() {
+    // Relabelling a record an older version (and re-encoding its body in that version's
+    // layout) cannot make the payload bytes or the payload version unchecked: the v2 and v1
+    // digests differ from the v3 one that was chained.
+    for older in [2, 1] {
+        let (_d, log, r) = store_with_run();
+        let mut env = open_raw(&log.raw_get(r, Seq(3)).unwrap().unwrap()).unwrap();
+        assert_eq!(env.version, 3);
+        env.version = older;
+        log.raw_put(r, Seq(3), &seal_raw(&env).unwrap()).unwrap();
+        let reason = assert_read_stops_at(&log, r, 3);
+        assert!(reason.contains("broken link"), "v{older}: {reason}");
+        let (seq, reason) = mismatch(&log, r);
+        assert_eq!(seq, Seq(3));
+        assert!(reason.starts_with("altered header"), "v{older}: {reason}");
+    }
+}
+
+#[test]
+fn an_altered_payload_version_breaks_the_chain() {
+    // Schema version 3's record digest covers the payload version: a record re-sealed with
+    // another one (so a reader would upcast its payload from the wrong layout) is refused.
     let (_d, log, r) = store_with_run();
     let mut env = open_raw(&log.raw_get(r, Seq(3)).unwrap().unwrap()).unwrap();
-    assert_eq!(env.version, 2);
-    env.version = 1;
+    assert_eq!((env.version, env.payload_version), (3, 7), "ev(3) is an `Ev::Failed`, payload version 7");
+    env.payload_version = 1;
     log.raw_put(r, Seq(3), &seal_raw(&env).unwrap()).unwrap();
     let reason = assert_read_stops_at(&log, r, 3);
     assert!(reason.contains("broken link"), "{reason}");
@@ -285,6 +307,7 @@ fn an_inserted_record_is_a_broken_link() {
     let forged = keel_store::codec::testing::RawEnvelope {
         version: 2,
         kind: rec.kind.clone(),
+        payload_version: 1,
         time_us: rec.time_us,
         payload: rec.payload.clone(),
         payload_root: rec.payload_root,
@@ -339,13 +362,13 @@ fn truncated_records_are_corrupted_naming_run_and_seq() {
 fn an_unknown_schema_version_is_a_typed_error_naming_run_and_seq() {
     let (_d, log, r) = store_with_run();
     let mut env = open_raw(&log.raw_get(r, Seq(4)).unwrap().unwrap()).unwrap();
-    env.version = 3;
+    env.version = 4;
     log.raw_put(r, Seq(4), &seal_raw(&env).unwrap()).unwrap();
     let (records, err) = read_all(&log, r, Seq(0));
     assert_eq!(records.len(), 4);
     match err {
         Some(StoreError::UnknownVersion { run, seq, version }) => {
-            assert_eq!((run, seq, version), (r, Seq(4), 3));
+            assert_eq!((run, seq, version), (r, Seq(4), 4));
         }
         other => panic!("expected UnknownVersion, got {other:?}"),
     }

@@ -1,3 +1,5 @@
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
 //! The demo: a simulated support-ticket agent (no network).
 //!
 //! A planner, seven task handlers and an evaluator that behave like an LLM agent
@@ -64,11 +66,18 @@ pub struct DemoOptions {
 
 /// The scenario request `index` plays.
 pub fn scenario(index: u64) -> &'static str {
-    SCENARIOS[usize::try_from(index % SCENARIOS.len() as u64).unwrap_or(0)]
+    pick(SCENARIOS, index)
 }
 
 fn scenario_no(index: u64) -> u64 {
     index % SCENARIOS.len() as u64
+}
+
+/// The entry of `options` that `roll` picks (`roll` modulo their number; "" if there is
+/// none).
+fn pick(options: &[&'static str], roll: u64) -> &'static str {
+    let n = u64::try_from(options.len()).unwrap_or(u64::MAX).max(1);
+    usize::try_from(roll % n).ok().and_then(|i| options.get(i)).copied().unwrap_or("")
 }
 
 /// A pseudo-random number from the arguments (SHA-256; stable across platforms).
@@ -80,10 +89,8 @@ fn roll(seed: u64, index: u64, what: &str, attempt: u32) -> u64 {
     h.update((what.len() as u64).to_le_bytes());
     h.update(what.as_bytes());
     h.update(attempt.to_le_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    u64::from_le_bytes(b)
+    let d: [u8; 32] = h.finalize().into();
+    u64::from_le_bytes(d.first_chunk::<8>().copied().unwrap_or_default())
 }
 
 const TOPICS: [&str; 3] = ["billing", "shipping", "login"];
@@ -92,7 +99,7 @@ fn topic_of(seed: u64, index: u64) -> &'static str {
     if scenario_no(index) == 5 {
         return "refund";
     }
-    TOPICS[usize::try_from(roll(seed, index, "topic", 0) % 3).unwrap_or(0)]
+    pick(&TOPICS, roll(seed, index, "topic", 0))
 }
 
 /// The demo's request number `index` of the batch `seed`: idempotency key
@@ -107,7 +114,9 @@ pub fn request(seed: u64, index: u64) -> Request {
         "body": format!("Hello, I have a {topic} problem with order #{} (ticket {index}).", roll(seed, index, "order", 0) % 100_000),
     });
     if topic == "refund" {
-        ticket["refund_cents"] = json!(25_000 + roll(seed, index, "refund", 0) % 10_000);
+        if let Some(t) = ticket.as_object_mut() {
+            t.insert("refund_cents".to_owned(), json!(25_000 + roll(seed, index, "refund", 0) % 10_000));
+        }
     }
     let budget =
         (scenario_no(index) == 7).then(|| Budget { cost_micros: Some(TIGHT_BUDGET_MICROS), ..default_budget() });
@@ -261,7 +270,9 @@ fn plan_for(input: &Json, revision: u32, reason: &PlanReason) -> Plan {
 
     let mut draft_input = json!({ "style": style });
     if let Some(h) = &hint {
-        draft_input["hint"] = json!(h);
+        if let Some(d) = draft_input.as_object_mut() {
+            d.insert("hint".to_owned(), json!(h));
+        }
     }
     let mut draft = spec("draft_reply", TaskKind::Llm, draft_input, &["classify", "fetch_account"]);
     draft.complexity = Some(Complexity::Reasoning);
@@ -366,7 +377,7 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
             if sc == 6 && input.get("source").and_then(Value::as_str) == Some("primary") {
                 return Err(HandlerError::transient("account service primary: 503 service unavailable"));
             }
-            let plan = ["free", "pro", "team"][usize::try_from(r % 3).unwrap_or(0)];
+            let plan = pick(&["free", "pro", "team"], r);
             Ok(TaskOutput {
                 output: json!({ "customer": input.get("customer"), "plan": plan, "open_orders": r % 5 }),
                 usage: Usage::default(),
@@ -377,7 +388,7 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
                 return Err(HandlerError::fatal("sentiment model does not support this locale")
                     .with_usage(Usage { cost_micros: 200, tokens: 50 }));
             }
-            let sentiment = ["negative", "neutral", "positive"][usize::try_from(r % 3).unwrap_or(0)];
+            let sentiment = pick(&["negative", "neutral", "positive"], r);
             Ok(TaskOutput { output: json!({ "sentiment": sentiment }), usage: llm(600, 900, 400) })
         }
         "draft_reply" => {
@@ -504,12 +515,19 @@ fn topic_of_input(input: &Json) -> String {
 /// One run of a demo batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DemoRun {
+    /// The run.
     pub run: RunId,
+    /// Its index in the batch (the scenario is `index % 8`).
     pub index: u64,
+    /// The scenario it plays.
     pub scenario: &'static str,
+    /// Its status after the batch.
     pub status: RunStatus,
+    /// It finished with a partial result.
     pub partial: bool,
+    /// Cost spent (micro-units).
     pub cost_micros: u64,
+    /// Events in its log.
     pub events: u64,
     /// The request was a duplicate (the batch ran before): no new run.
     pub duplicate: bool,
@@ -518,7 +536,9 @@ pub struct DemoRun {
 /// What [`run_demo`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DemoSummary {
+    /// One line per request, in index order.
     pub runs: Vec<DemoRun>,
+    /// What `run_until_idle` did.
     pub idle: IdleReport,
 }
 
@@ -531,6 +551,7 @@ impl DemoSummary {
         }
         m
     }
+    /// Cost of the whole batch (micro-units).
     pub fn total_cost_micros(&self) -> u64 {
         self.runs.iter().map(|r| r.cost_micros).sum()
     }

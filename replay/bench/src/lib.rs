@@ -1487,6 +1487,8 @@ fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u
                     class: ErrorClass::Transient,
                     error: "rate limited".to_owned(),
                     usage: Usage { cost_micros: 10, tokens: 0 },
+                    source: keel_engine::FailureSource::Handler,
+                    note: None,
                 },
                 _ => Event::RetryScheduled { task: task.clone(), next_attempt: attempt + 1, delay_ms: 100 },
             },

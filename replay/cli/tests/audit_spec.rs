@@ -123,6 +123,7 @@ fn an_export_verifies_and_every_kind_of_tampering_is_named() {
         payload: good_forgery["payload"].as_object().unwrap().clone(),
         payload_root: [0; 32],
         payload_digest: good_forgery["payload_digest"].as_str().and_then(keel_replay::format::parse_hash),
+        payload_version: good_forgery["payload_version"].as_u64().map(|v| v as u16),
         prev_hash: [0; 32],
         hash: [0; 32],
     };
@@ -173,15 +174,16 @@ fn a_consistently_rewritten_export_is_caught_against_the_database_head() {
         }
         let fields = line["payload"].as_object().unwrap().clone();
         let root = digest::payload_root_of(&fields);
-        // Schema version 2 lines: the forger keeps the stated payload digest (an export
-        // holds no payload bytes to check it against).
-        assert_eq!(line["schema_version"], 2);
+        // Schema version 3 lines: the forger keeps the stated payload digest (an export
+        // holds no payload bytes to check it against) and payload version.
+        assert_eq!(line["schema_version"], 3);
         let payload_digest = keel_replay::format::parse_hash(line["payload_digest"].as_str().unwrap()).unwrap();
-        let d = digest::record_digest_v2(
+        let d = digest::record_digest_v3(
             run,
             Seq(line["seq"].as_u64().unwrap()),
             line["kind"].as_str().unwrap(),
             line["time_us"].as_i64().unwrap(),
+            line["payload_version"].as_u64().unwrap() as u16,
             &root,
             &payload_digest,
         );
@@ -444,20 +446,22 @@ fn garbage_exports_are_typed_errors_never_panics() {
 }
 
 #[test]
-fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
+fn v3_export_lines_carry_the_payload_digest_and_version_and_an_edited_one_is_named() {
     let db = DemoDb::new(8);
     let run = db.run_of("happy_path");
     let file = export_one(&db, run, "v2.jsonl", &[]);
     let original = lines(&file);
-    // Every record line: schema_version 2 and the SHA-256 of the stored payload bytes.
+    // Every record line: schema_version 3, the SHA-256 of the stored payload bytes and the
+    // payload version.
     let store = db.open();
     let stored: Vec<_> = store.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
     drop(store);
     let records: Vec<&Value> = original.iter().filter(|l| l["type"] == "record").collect();
     assert_eq!(records.len(), stored.len());
     for (line, rec) in records.iter().zip(&stored) {
-        assert_eq!(line["schema_version"], 2);
+        assert_eq!(line["schema_version"], 3);
         assert_eq!(line["payload_digest"], json!(hex::encode(digest::payload_digest(&rec.payload))));
+        assert_eq!(line["payload_version"], json!(rec.payload_version()));
     }
     assert!(verify_export(&file).unwrap().ok());
     let tampered = db.path("t.jsonl");
@@ -476,7 +480,7 @@ fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
     let i = at(&l, 4);
     l[i].as_object_mut().unwrap().remove("payload_digest");
     write_lines(&tampered, &l);
-    check_fails(&tampered, Tamper::Altered, Some(4), "seq 4: header altered (a schema_version 2 record without", &db);
+    check_fails(&tampered, Tamper::Altered, Some(4), "seq 4: header altered (a schema_version 3 record without", &db);
     let mut l = original.clone();
     let i = at(&l, 4);
     l[i]["schema_version"] = json!(1);
@@ -484,9 +488,39 @@ fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
     check_fails(&tampered, Tamper::Altered, Some(4), "seq 4: header altered (a schema_version 1 record with", &db);
     let mut l = original.clone();
     let i = at(&l, 4);
-    l[i]["schema_version"] = json!(3);
+    l[i]["schema_version"] = json!(4);
     write_lines(&tampered, &l);
-    check_fails(&tampered, Tamper::Altered, Some(4), "unknown schema_version 3", &db);
+    check_fails(&tampered, Tamper::Altered, Some(4), "unknown schema_version 4", &db);
+
+    // An edited payload version (a reader would upcast from the wrong layout): the record
+    // digest no longer matches. A removed one, or one kept on a line relabelled version 2.
+    let mut l = original.clone();
+    let i = at(&l, 3);
+    l[i]["payload_version"] = json!(l[i]["payload_version"].as_u64().unwrap() + 1);
+    write_lines(&tampered, &l);
+    check_fails(&tampered, Tamper::Altered, Some(3), "seq 3: header altered (hash mismatch", &db);
+    let mut l = original.clone();
+    let i = at(&l, 4);
+    l[i].as_object_mut().unwrap().remove("payload_version");
+    write_lines(&tampered, &l);
+    check_fails(
+        &tampered,
+        Tamper::Altered,
+        Some(4),
+        "seq 4: header altered (a schema_version 3 record without its payload_version",
+        &db,
+    );
+    let mut l = original.clone();
+    let i = at(&l, 4);
+    l[i]["schema_version"] = json!(2);
+    write_lines(&tampered, &l);
+    check_fails(
+        &tampered,
+        Tamper::Altered,
+        Some(4),
+        "seq 4: header altered (a schema_version 2 record with a payload_version",
+        &db,
+    );
 
     // A malformed payload digest is a malformed line.
     let mut l = original.clone();
@@ -495,13 +529,14 @@ fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
     write_lines(&tampered, &l);
     check_fails(&tampered, Tamper::Malformed, None, "field `payload_digest` is not 64 lowercase hex digits", &db);
 
-    // Redacted v2 lines still verify (the payload digest is over the stored bytes, the
+    // Redacted v3 lines still verify (the payload digest is over the stored bytes, the
     // fields still check against the payload root), and replay refuses them as before.
     let redacted = export_one(&db, run, "redacted.jsonl", &["--redact", "output", "--redact", "input"]);
     let rl = lines(&redacted);
     assert!(rl.iter().any(|l| l["type"] == "record" && l.to_string().contains("$redacted")));
     for (a, b) in rl.iter().zip(&original).filter(|(a, _)| a["type"] == "record") {
         assert_eq!(a["payload_digest"], b["payload_digest"]);
+        assert_eq!(a["payload_version"], b["payload_version"]);
         assert_eq!(a["hash"], b["hash"]);
     }
     assert!(verify_export(&redacted).unwrap().ok());
@@ -511,8 +546,12 @@ fn v2_export_lines_carry_the_payload_digest_and_an_edited_one_is_named() {
 #[test]
 fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
     let db = DemoDb::new(8);
-    let run = db.run_of("transient_retry");
+    // A run without a TaskFailed: a v1 build wrote every one of its payloads as today's
+    // code does (TaskFailed is at payload version 2 since `source`; reading a version-1
+    // TaskFailed back is engine/tests/upcast.rs's).
+    let run = db.run_of("happy_path");
     let events = db.events(run);
+    assert!(!events.iter().any(|e| e.event.payload_version() > 1));
     // Rewrite the run as a v1 build wrote it (same events, times and payload bytes).
     let dir = tampered_db(&db, "v1db", |s| {
         let stored: Vec<_> = s.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
@@ -521,6 +560,7 @@ fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
             let new = keel_store::NewRecord {
                 kind: rec.kind.clone(),
                 time_us: rec.time_us,
+                payload_version: rec.payload_version,
                 payload: rec.payload.clone(),
                 payload_root: rec.payload_root,
             };
@@ -540,6 +580,7 @@ fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
     for line in &records {
         assert_eq!(line["schema_version"], 1);
         assert!(line.get("payload_digest").is_none(), "{line}");
+        assert!(line.get("payload_version").is_none(), "{line}");
     }
     assert!(verify_export(&file).unwrap().ok());
     keel(&dir, &["verify", file.to_str().unwrap(), "--against-db"]).ok();

@@ -223,6 +223,8 @@ fn errors_are_the_slow_paths_errors() {
         ("seq gap", Box::new(|l| envelope(l, "TaskExecuted", "seq", json!(99)))),
         ("time_us too big", Box::new(|l| envelope(l, "TaskExecuted", "time_us", json!(u64::MAX)))),
         ("schema_version out of range", Box::new(|l| envelope(l, "TaskExecuted", "schema_version", json!(70000)))),
+        ("payload_version out of range", Box::new(|l| envelope(l, "TaskExecuted", "payload_version", json!(70000)))),
+        ("payload_version a string", Box::new(|l| envelope(l, "TaskExecuted", "payload_version", json!("1")))),
         ("bad hash", Box::new(|l| envelope(l, "TaskExecuted", "hash", json!("AB".repeat(32))))),
         ("bad run", Box::new(|l| envelope(l, "TaskExecuted", "run", json!("not-a-run")))),
         ("no type", Box::new(|l| drop_envelope(l, "TaskExecuted", "type"))),

@@ -3,9 +3,9 @@
 //! Plain data, `BTreeMap` only (iteration order is part of determinism), encodable with
 //! bincode so it can be snapshotted.
 
-use crate::event::{Escalation, FailureContext};
-use crate::fsm::{RunStatus, TaskStatus};
-use crate::model::*;
+use crate::model::event::{Escalation, FailureContext};
+use crate::model::fsm::{RunStatus, TaskStatus};
+use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 /// One task of the current plan, as folded from the log.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct TaskState {
+    /// The task as the plan specifies it.
     pub spec: TaskSpec,
+    /// Where the task is in its state machine.
     pub status: TaskStatus,
     /// Attempt of the latest dispatch (0 = never dispatched).
     pub attempt: u32,
@@ -27,10 +29,13 @@ pub struct TaskState {
     pub reserved: Usage,
     /// Output of the latest execution.
     pub output: Option<Json>,
+    /// The latest output came from the response cache.
     pub cached: bool,
+    /// The evaluator's verdict on the latest output.
     pub verdict: Option<Verdict>,
     /// The evaluator's notes on the latest verdict (why, for a person deciding).
     pub verdict_notes: Option<String>,
+    /// Class and message of the latest failure.
     pub last_error: Option<(ErrorClass, String)>,
     /// Time the pending retry may be dispatched (µs since epoch), from RetryScheduled.
     pub retry_due_us: Option<i64>,
@@ -41,42 +46,67 @@ pub struct TaskState {
 /// Totals used by budgets and reports.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Totals {
+    /// Cost spent (micro-units).
     pub cost_micros: u64,
+    /// Tokens spent.
     pub tokens: u64,
+    /// LLM handler calls made.
     pub llm_calls: u64,
+    /// Tool and data-fetch handler calls made.
     pub tool_calls: u64,
+    /// Retries scheduled.
     pub retries: u64,
+    /// Replans asked for.
     pub replans: u64,
+    /// Outputs served by the response cache.
     pub cache_hits: u64,
 }
 
 /// An escalation as folded: the event plus what happened to it.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct EscalationState {
+    /// The escalation as recorded.
     pub escalation: Escalation,
+    /// When it was recorded (µs since the epoch).
     pub escalated_at_us: i64,
+    /// The escalation sink was told.
     pub notified: bool,
+    /// The decision, who made it, and whether it was the deadline's default.
     pub resolution: Option<(Decision, String, bool)>,
 }
 
 /// The folded state of one run.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct RunState {
+    /// The run.
     pub run: RunId,
     /// Next sequence number: the count of events folded.
     pub next_seq: Seq,
+    /// Where the run is in its state machine.
     pub status: RunStatus,
+    /// Its workflow type.
     pub workflow: String,
+    /// The workflow type's version at acceptance.
     pub workflow_version: u32,
+    /// The request input.
     pub input: Json,
+    /// The request's idempotency key.
     pub idempotency_key: Option<String>,
+    /// Priority in the run queue (higher first).
     pub priority: i32,
+    /// Seed of every pseudo-random choice of the run.
     pub seed: u64,
+    /// The run's limits.
     pub budget: Budget,
+    /// What the run does when a budget cannot cover the next step.
     pub on_exhausted: ExhaustionPolicy,
+    /// Complexity class -> model, frozen at acceptance.
     pub routes: Vec<(Complexity, String)>,
+    /// Model the evaluator runs on.
     pub evaluator_model: Option<String>,
+    /// Tasks in flight at once.
     pub max_parallel_tasks: u32,
+    /// When the run was accepted (µs since the epoch).
     pub accepted_at_us: i64,
     /// Time of the latest event folded.
     pub last_event_us: i64,
@@ -85,9 +115,10 @@ pub struct RunState {
     /// Revision being asked for while Planning.
     pub planning_revision: Option<u32>,
     /// Why the current planning round was asked for.
-    pub planning_reason: Option<crate::event::PlanReason>,
+    pub planning_reason: Option<crate::model::event::PlanReason>,
     /// Tasks of the current plan, in plan order (by position; ids index `task_index`).
     pub tasks: Vec<TaskState>,
+    /// Task id -> position in `tasks`.
     pub task_index: BTreeMap<TaskId, usize>,
     /// Plans rejected by validation so far (each rejection costs a replan).
     pub rejected_plans: u32,
@@ -100,12 +131,18 @@ pub struct RunState {
     pub history: Vec<String>,
     /// The last failure, handed to the planner on a replan.
     pub last_failure: Option<FailureContext>,
+    /// Usage so far.
     pub totals: Totals,
     /// Extra replans granted by humans (ReplanWithHint).
     pub replans_granted: u64,
+    /// The budget that ran out, if one did.
     pub exhausted: Option<BudgetKind>,
+    /// Every escalation of the run, in order.
     pub escalations: Vec<EscalationState>,
+    /// The result of a completed run (outputs by task id).
     pub result: Option<Json>,
+    /// The run completed with a partial result.
     pub partial: bool,
+    /// Why the run failed or was cancelled.
     pub failure: Option<String>,
 }

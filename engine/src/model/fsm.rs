@@ -9,16 +9,24 @@ use serde::{Deserialize, Serialize};
 /// State of a run.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum RunStatus {
+    /// The request is recorded; the first plan is not asked for yet.
     Accepted,
+    /// Waiting for a (valid) plan.
     Planning,
+    /// Executing the current plan.
     Running,
+    /// Waiting for a human's decision on an escalation.
     AwaitingHuman,
+    /// Finished (in full or partial). Terminal.
     Completed,
+    /// Failed for good. Terminal.
     Failed,
+    /// Cancelled from outside. Terminal.
     Cancelled,
 }
 
 impl RunStatus {
+    /// Every run status, in table order.
     pub const ALL: [RunStatus; 7] = [
         RunStatus::Accepted,
         RunStatus::Planning,
@@ -28,9 +36,11 @@ impl RunStatus {
         RunStatus::Failed,
         RunStatus::Cancelled,
     ];
+    /// Nothing can change a run (task) in this state.
     pub fn is_terminal(self) -> bool {
         matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled)
     }
+    /// The status's name, as shown and parsed.
     pub fn name(self) -> &'static str {
         match self {
             RunStatus::Accepted => "Accepted",
@@ -116,6 +126,7 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    /// Every task status, in table order.
     pub const ALL: [TaskStatus; 10] = [
         TaskStatus::Pending,
         TaskStatus::Ready,
@@ -128,9 +139,11 @@ impl TaskStatus {
         TaskStatus::Skipped,
         TaskStatus::Superseded,
     ];
+    /// Nothing can change a task in this state.
     pub fn is_terminal(self) -> bool {
         matches!(self, TaskStatus::Done | TaskStatus::Skipped | TaskStatus::Superseded)
     }
+    /// The status's name, as shown.
     pub fn name(self) -> &'static str {
         match self {
             TaskStatus::Pending => "Pending",
@@ -151,22 +164,30 @@ impl TaskStatus {
 /// when the last dependency of a pending task becomes done.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum TaskTrigger {
+    /// Every dependency is Done (derived inside `apply`).
     DepsDone,
+    /// `TaskDispatched`.
     Dispatched,
+    /// `TaskExecuted`.
     Executed,
+    /// `TaskFailed`.
     Failed,
+    /// `RetryScheduled`.
     RetryScheduled,
     /// Pass or soft verdict.
     Accepted,
     /// Hard or critical verdict.
     Rejected,
+    /// `TaskSkipped`, or a human's reject.
     Skipped,
+    /// A `Replanned` plan replaced the task.
     Superseded,
     /// A human approved the task's output or supplied one.
     HumanAccepted,
 }
 
 impl TaskTrigger {
+    /// The trigger's name (the event kind that fires it).
     pub fn name(self) -> &'static str {
         match self {
             TaskTrigger::DepsDone => "deps done",
@@ -224,7 +245,9 @@ pub fn task_transition(from: TaskStatus, trigger: TaskTrigger) -> Option<TaskSta
 /// Output format of [`render`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Format {
+    /// Graphviz dot.
     Dot,
+    /// A Mermaid state diagram.
     Mermaid,
 }
 

@@ -9,9 +9,9 @@
 //! process still hits. The log stays the truth: a hit is recorded with its output like
 //! any execution, and an aux entry lost in a crash only costs a handler call.
 
-use crate::fsm::TaskStatus;
-use crate::model::{Json, TaskInput};
-use crate::state::{RunState, TaskState};
+use crate::model::fsm::TaskStatus;
+use crate::model::state::{RunState, TaskState};
+use crate::model::workflow::{Json, TaskInput};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -44,6 +44,7 @@ struct CacheInner {
 }
 
 impl ResponseCache {
+    /// An in-memory cache of at most `entries_max` outputs (0: disabled).
     pub fn new(entries_max: usize) -> Self {
         ResponseCache { inner: Mutex::new(CacheInner::default()), entries_max, store: None }
     }
@@ -67,6 +68,7 @@ impl ResponseCache {
         hex::encode(h.finalize())
     }
 
+    /// The cached output of a call with this key (memory, then the store's aux keyspace).
     pub fn get(&self, key: &str) -> Option<Json> {
         if self.entries_max == 0 {
             return None;
@@ -100,6 +102,7 @@ impl ResponseCache {
         }
     }
 
+    /// Caches an accepted output (in memory, and in the store if the cache has one).
     pub fn insert(&self, key: String, output: Json) {
         if self.entries_max == 0 {
             return;
@@ -129,10 +132,12 @@ impl ResponseCache {
         }
     }
 
+    /// Entries in memory.
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
     }
 
+    /// No entry in memory.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -3,8 +3,8 @@
 
 use crate::core::{apply, apply_take};
 use crate::error::EngineError;
-use crate::event::{Event, Logged};
-use crate::state::RunState;
+use crate::model::event::{Event, Logged};
+use crate::model::state::RunState;
 use keel_store::{codec, EventLog, RunId, Seq};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
@@ -51,7 +51,8 @@ pub fn read_logged_runs<'a>(
 /// is an error, never folded. Schema version 2: `read`'s link check already hashed the
 /// payload bytes; version 1: the payload root is recomputed from the decoded event.
 fn logged_of(rec: keel_store::Record) -> Result<Logged, EngineError> {
-    let event: Event = rec.decode_verified()?;
+    // By the layout it was written in: older payload versions are upcast.
+    let event: Event = crate::model::upcast::decode_record(&rec, rec.payload_version())?;
     // Pair check: the envelope's kind was written from this very event.
     if event.kind_name() != rec.kind {
         return Err(EngineError::decode(
@@ -117,35 +118,5 @@ fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
             tracing::warn!(%run, error = %e, "snapshot unreadable; folding the full log");
             None
         }
-    }
-}
-
-/// Saves a snapshot of `state` if the append that produced it crossed a multiple of
-/// `every`. Failures are logged, never returned: a snapshot is an optimisation.
-pub(crate) fn maybe_snapshot(log: &dyn EventLog, state: &RunState, before: Seq, every: u64) {
-    if let Some(bytes) = snapshot_bytes(state, before, every) {
-        save_snapshot(log, state.run, state.next_seq, &bytes);
-    }
-}
-
-/// The encoded `state` if the append from `before` to `state.next_seq` crossed a multiple
-/// of `every` (a snapshot is due), else `None`.
-pub(crate) fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Option<Vec<u8>> {
-    if every == 0 || before.0 / every == state.next_seq.0 / every {
-        return None;
-    }
-    match codec::encode(state) {
-        Ok(bytes) => Some(bytes),
-        Err(e) => {
-            tracing::warn!(run = %state.run, error = %e, "snapshot does not encode");
-            None
-        }
-    }
-}
-
-/// Saves an encoded snapshot covering seqs `< next_seq`; failures are logged.
-pub(crate) fn save_snapshot(log: &dyn EventLog, run: RunId, next_seq: Seq, bytes: &[u8]) {
-    if let Err(e) = log.save_snapshot(run, next_seq, bytes) {
-        tracing::warn!(%run, error = %e, "snapshot not saved");
     }
 }

@@ -4,16 +4,17 @@
 //! Pure: the only inputs are the state (built from recorded events) and the context.
 //! Pseudo-random choices (retry jitter) hash the run's recorded seed.
 
-use crate::apply::next_revision;
-use crate::core::{Command, Context};
-use crate::event::{Escalation, EscalationCause, Event, FailureContext, PlanReason};
-use crate::fsm::{RunStatus, TaskStatus};
-use crate::model::*;
-use crate::state::{RunState, TaskState};
+use super::apply::next_revision;
+use super::types::{Command, Context};
+use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, PlanReason};
+use crate::model::fsm::{RunStatus, TaskStatus};
+use crate::model::state::{RunState, TaskState};
+use crate::model::workflow::*;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
-pub(crate) fn decide(s: &RunState, ctx: &Context) -> Vec<Command> {
+/// What to do next, in a deterministic order.
+pub fn decide(s: &RunState, ctx: &Context) -> Vec<Command> {
     match s.status {
         RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled => Vec::new(),
         RunStatus::Accepted => vec![record(Event::PlanRequested { revision: 0, reason: PlanReason::Initial })],
@@ -136,21 +137,63 @@ enum RunLevel {
     Escalate(EscalationCause, TaskId, String),
 }
 
+/// A running run, in phases: a human's run-level decision first; then what each task's
+/// state asks for (skips, the gate, evaluations, executions, recovery); then a spent
+/// budget or a run-level step (replan, escalation) once nothing is in flight; then
+/// dispatches within the parallelism bound and the budgets; then completion.
 fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
-    // A human's run-level decision comes first.
     if let Some((decision, by)) = &s.pending_decision {
         return carry_out(s, decision, by);
     }
-
     let in_flight =
         s.tasks.iter().filter(|t| matches!(t.status, TaskStatus::Dispatched | TaskStatus::Executed)).count();
-    let mut records: Vec<Command> = Vec::new();
-    let mut effects: Vec<Command> = Vec::new();
-    let mut future: Vec<Command> = Vec::new();
-    let mut run_level: Option<RunLevel> = None;
-    let mut retries_scheduled: u64 = 0;
+    let settled = match settle(s, ctx) {
+        Ok(settled) => settled,
+        Err(early) => return early,
+    };
+    let Settled { mut records, effects, run_level, .. } = settled;
+    if !records.is_empty() {
+        records.extend(effects);
+        return records;
+    }
+    if let Some(kind) = s.exhausted {
+        return if in_flight > 0 { effects } else { vec![exhausted_step(s, ctx, kind)] };
+    }
+    // Run-level steps wait until nothing is in flight: no work is thrown away, and no
+    // new work starts that a replan might supersede.
+    if let Some(level) = run_level {
+        return if in_flight > 0 { effects } else { vec![run_level_step(s, ctx, level)] };
+    }
+    let dispatches = match dispatch_ready(s, in_flight) {
+        Ok(d) => d,
+        Err(early) => return early,
+    };
+    if !dispatches.records.is_empty() {
+        let mut records = dispatches.records;
+        records.extend(effects);
+        return records;
+    }
+    finish_or_wait(s, ctx, in_flight, dispatches, effects)
+}
 
-    // Skips, gates, evaluations, executions and recovery decisions, in plan order.
+/// What the tasks' states ask for, gathered in plan order.
+#[derive(Default)]
+struct Settled {
+    /// Events to record now (skips, gate refusals, auto-passes, retries).
+    records: Vec<Command>,
+    /// Calls still owed (an `Execute` per dispatched task, an `Evaluate` per output).
+    effects: Vec<Command>,
+    /// The first run-level step a task needs (replan or escalation).
+    run_level: Option<RunLevel>,
+    /// Retries scheduled in this call: two tasks failing at once must not both take the
+    /// last retry.
+    retries_scheduled: u64,
+}
+
+/// Each task's next step, in plan order. `Err`: the whole decision (the retry budget
+/// ran out).
+fn settle(s: &RunState, ctx: &Context) -> Result<Settled, Vec<Command>> {
+    let mut acc = Settled::default();
     for t in &s.tasks {
         let id = &t.spec.id;
         match t.status {
@@ -158,160 +201,177 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                 if let Some(dep) =
                     t.spec.depends_on.iter().find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped))
                 {
-                    records.push(record(Event::TaskSkipped {
+                    acc.records.push(record(Event::TaskSkipped {
                         task: id.clone(),
                         reason: format!("upstream task {dep} was skipped"),
                     }));
                 }
             }
-            TaskStatus::Dispatched => effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
-            TaskStatus::Executed => match gate(t) {
-                Err(problem) => records.push(record(Event::TaskFailed {
-                    task: id.clone(),
-                    attempt: t.attempt,
-                    class: ErrorClass::Semantic,
-                    error: format!("output failed its schema: {problem}"),
-                    usage: Usage::default(),
-                })),
-                Ok(()) if t.spec.success_criteria.is_some() => {
-                    effects.push(Command::Evaluate { task: id.clone(), attempt: t.attempt })
-                }
-                Ok(()) => records.push(record(Event::TaskEvaluated {
-                    task: id.clone(),
-                    attempt: t.attempt,
-                    verdict: Verdict::Pass,
-                    notes: "no success criteria: accepted".to_owned(),
-                    model: None,
-                    usage: Usage::default(),
-                })),
-            },
-            TaskStatus::AttemptFailed => {
-                let (class, error) = t.last_error.clone().unwrap_or((ErrorClass::Fatal, "unknown error".to_owned()));
-                match class {
-                    ErrorClass::Transient if s.exhausted.is_some() => {
-                        // A budget is spent: no retry; the run finishes or escalates below.
-                    }
-                    ErrorClass::Transient if t.attempt < t.spec.retry.max_attempts => {
-                        // Retries scheduled earlier in this same call count too: two tasks
-                        // failing at once must not both take the last retry.
-                        if retries_left(s, retries_scheduled) {
-                            retries_scheduled += 1;
-                            let delay_ms = backoff_ms(s.seed, t);
-                            records.push(record(Event::RetryScheduled {
-                                task: id.clone(),
-                                next_attempt: t.attempt.saturating_add(1),
-                                delay_ms,
-                            }));
-                        } else if retries_scheduled == 0 && s.exhausted.is_none() {
-                            let limit = s.budget.retries.unwrap_or(0);
-                            return with_in_flight(
-                                s,
-                                record(Event::BudgetExhausted {
-                                    budget: BudgetKind::Retries,
-                                    limit,
-                                    used: s.totals.retries,
-                                    needed: 1,
-                                }),
-                            );
-                        }
-                    }
-                    ErrorClass::Transient | ErrorClass::Semantic => {
-                        let reason = if class == ErrorClass::Transient {
-                            format!("retries exhausted after {} attempt(s): {error}", t.attempt)
-                        } else {
-                            error.clone()
-                        };
-                        recover_semantic(s, ctx, t, reason, &mut records, &mut run_level);
-                    }
-                    ErrorClass::Fatal => {
-                        if !t.spec.critical && ctx.policy.degrade_noncritical {
-                            records.push(record(Event::TaskSkipped {
-                                task: id.clone(),
-                                reason: format!("fatal error: {error}"),
-                            }));
-                        } else if run_level.is_none() {
-                            run_level =
-                                Some(RunLevel::Escalate(EscalationCause::FatalError, id.clone(), error.clone()));
-                        }
-                    }
-                }
-            }
-            TaskStatus::Rejected => {
-                let mut notes = format!("evaluator verdict {:?}", t.verdict.unwrap_or(Verdict::Hard));
-                if let Some(n) = t.verdict_notes.as_deref().filter(|n| !n.is_empty()) {
-                    notes.push_str(": ");
-                    notes.push_str(n);
-                }
-                if t.verdict == Some(Verdict::Critical) {
-                    if run_level.is_none() {
-                        run_level = Some(RunLevel::Escalate(EscalationCause::CriticalVerdict, id.clone(), notes));
-                    }
-                } else {
-                    recover_semantic(s, ctx, t, notes, &mut records, &mut run_level);
-                }
-            }
+            TaskStatus::Dispatched => acc.effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
+            TaskStatus::Executed => settle_output(t, &mut acc),
+            TaskStatus::AttemptFailed => settle_failure(s, ctx, t, &mut acc)?,
+            TaskStatus::Rejected => settle_rejection(s, ctx, t, &mut acc),
             TaskStatus::Ready | TaskStatus::RetryScheduled => {}
             TaskStatus::Done | TaskStatus::Skipped | TaskStatus::Superseded => {}
         }
     }
-    if !records.is_empty() {
-        records.extend(effects);
-        return records;
-    }
+    Ok(acc)
+}
 
-    // A budget ran out: dispatch nothing more; when in-flight work is done, finish
-    // partial or escalate, per the run's policy.
-    if let Some(kind) = s.exhausted {
-        if in_flight > 0 {
-            return effects;
+/// An executed output: the schema gate, then the evaluator (or, without success
+/// criteria, an automatic pass).
+fn settle_output(t: &TaskState, acc: &mut Settled) {
+    let id = &t.spec.id;
+    match gate(t) {
+        Err(refusal) => acc.records.push(record(Event::TaskFailed {
+            task: id.clone(),
+            attempt: t.attempt,
+            class: ErrorClass::Semantic,
+            error: refusal.code.to_owned(),
+            usage: Usage::default(),
+            source: FailureSource::Gate,
+            note: Some(refusal.note),
+        })),
+        Ok(()) if t.spec.success_criteria.is_some() => {
+            acc.effects.push(Command::Evaluate { task: id.clone(), attempt: t.attempt })
         }
-        return vec![match s.on_exhausted {
-            ExhaustionPolicy::Partial => complete(s, true),
-            ExhaustionPolicy::Escalate => record(Event::Escalated(escalation(
-                s,
-                ctx,
-                EscalationCause::BudgetExhausted,
-                None,
-                format!("the {kind:?} budget is exhausted"),
-                "A budget is exhausted. Approve to finish with a partial result, reject or abort to fail the run.",
-                &["approve", "reject", "abort"],
-            ))),
-        }];
+        Ok(()) => acc.records.push(record(Event::TaskEvaluated {
+            task: id.clone(),
+            attempt: t.attempt,
+            verdict: Verdict::Pass,
+            notes: "no success criteria: accepted".to_owned(),
+            model: None,
+            usage: Usage::default(),
+        })),
     }
+}
 
-    // Run-level steps wait until nothing is in flight: no work is thrown away, and no
-    // new work starts that a replan might supersede.
-    if let Some(level) = run_level {
-        if in_flight > 0 {
-            return effects;
+/// A failed attempt: retry (transient, within the task's attempts and the run's retry
+/// budget), else replan, degrade or escalate. `Err`: the retry budget ran out.
+fn settle_failure(s: &RunState, ctx: &Context, t: &TaskState, acc: &mut Settled) -> Result<(), Vec<Command>> {
+    let id = &t.spec.id;
+    let (class, error) = t.last_error.clone().unwrap_or((ErrorClass::Fatal, "unknown error".to_owned()));
+    match class {
+        ErrorClass::Transient if s.exhausted.is_some() => {
+            // A budget is spent: no retry; the run finishes or escalates.
         }
-        return vec![match level {
-            RunLevel::Replan(failure) => {
-                record(Event::ReplanRequested { revision: next_revision(s), reason: PlanReason::Failure(failure) })
+        ErrorClass::Transient if t.attempt < t.spec.retry.max_attempts => {
+            if retries_left(s, acc.retries_scheduled) {
+                acc.retries_scheduled += 1;
+                let delay_ms = backoff_ms(s.seed, t);
+                acc.records.push(record(Event::RetryScheduled {
+                    task: id.clone(),
+                    next_attempt: t.attempt.saturating_add(1),
+                    delay_ms,
+                }));
+            } else if acc.retries_scheduled == 0 && s.exhausted.is_none() {
+                let limit = s.budget.retries.unwrap_or(0);
+                return Err(with_in_flight(
+                    s,
+                    record(Event::BudgetExhausted {
+                        budget: BudgetKind::Retries,
+                        limit,
+                        used: s.totals.retries,
+                        needed: 1,
+                    }),
+                ));
             }
-            RunLevel::Escalate(cause, task, why) => record(Event::Escalated(escalation(
-                s,
-                ctx,
-                cause,
-                Some(task),
-                why,
-                question_for(cause),
-                options_for(cause),
-            ))),
-        }];
+        }
+        ErrorClass::Transient | ErrorClass::Semantic => {
+            let reason = if class == ErrorClass::Transient {
+                format!("retries exhausted after {} attempt(s): {error}", t.attempt)
+            } else {
+                error
+            };
+            recover_semantic(s, ctx, t, reason, &mut acc.records, &mut acc.run_level);
+        }
+        ErrorClass::Fatal => {
+            if !t.spec.critical && ctx.policy.degrade_noncritical {
+                acc.records
+                    .push(record(Event::TaskSkipped { task: id.clone(), reason: format!("fatal error: {error}") }));
+            } else if acc.run_level.is_none() {
+                acc.run_level = Some(RunLevel::Escalate(EscalationCause::FatalError, id.clone(), error));
+            }
+        }
     }
+    Ok(())
+}
 
-    // Dispatch ready tasks (and due retries) within the parallelism bound and budgets.
+/// A hard or critical verdict: a critical one escalates, a hard one is recovered like a
+/// semantic failure.
+fn settle_rejection(s: &RunState, ctx: &Context, t: &TaskState, acc: &mut Settled) {
+    let mut notes = format!("evaluator verdict {:?}", t.verdict.unwrap_or(Verdict::Hard));
+    if let Some(n) = t.verdict_notes.as_deref().filter(|n| !n.is_empty()) {
+        notes.push_str(": ");
+        notes.push_str(n);
+    }
+    if t.verdict == Some(Verdict::Critical) {
+        if acc.run_level.is_none() {
+            acc.run_level = Some(RunLevel::Escalate(EscalationCause::CriticalVerdict, t.spec.id.clone(), notes));
+        }
+    } else {
+        recover_semantic(s, ctx, t, notes, &mut acc.records, &mut acc.run_level);
+    }
+}
+
+/// A budget ran out and nothing is in flight: finish partial or escalate, per the run's
+/// policy.
+fn exhausted_step(s: &RunState, ctx: &Context, kind: BudgetKind) -> Command {
+    match s.on_exhausted {
+        ExhaustionPolicy::Partial => complete(s, true),
+        ExhaustionPolicy::Escalate => record(Event::Escalated(escalation(
+            s,
+            ctx,
+            EscalationCause::BudgetExhausted,
+            None,
+            format!("the {kind:?} budget is exhausted"),
+            "A budget is exhausted. Approve to finish with a partial result, reject or abort to fail the run.",
+            &["approve", "reject", "abort"],
+        ))),
+    }
+}
+
+/// The run-level step a task asked for, once nothing is in flight.
+fn run_level_step(s: &RunState, ctx: &Context, level: RunLevel) -> Command {
+    match level {
+        RunLevel::Replan(failure) => {
+            record(Event::ReplanRequested { revision: next_revision(s), reason: PlanReason::Failure(failure) })
+        }
+        RunLevel::Escalate(cause, task, why) => record(Event::Escalated(escalation(
+            s,
+            ctx,
+            cause,
+            Some(task),
+            why,
+            question_for(cause),
+            options_for(cause),
+        ))),
+    }
+}
+
+/// Dispatches decided in this call.
+struct Dispatches<'a> {
+    /// Dispatches due now.
+    records: Vec<Command>,
+    /// Retries waiting for their backoff (timers for the shell).
+    future: Vec<Command>,
+    /// The first ready human-review task (it escalates once nothing else can run).
+    human_review: Option<&'a TaskState>,
+}
+
+/// Ready tasks (and due retries) in plan order, within the parallelism bound and the
+/// budgets. `Err`: the whole decision (a budget cannot cover the first dispatch).
+fn dispatch_ready(s: &RunState, in_flight: usize) -> Result<Dispatches<'_>, Vec<Command>> {
     let mut slots = usize::try_from(s.max_parallel_tasks).unwrap_or(usize::MAX).saturating_sub(in_flight);
     let mut extra = Reserved::default();
-    let mut human_review: Option<&TaskState> = None;
+    let mut out = Dispatches { records: Vec::new(), future: Vec::new(), human_review: None };
     for t in &s.tasks {
         let retry = t.status == TaskStatus::RetryScheduled;
         if !(t.status == TaskStatus::Ready || retry) {
             continue;
         }
         if t.spec.kind == TaskKind::HumanReview {
-            human_review = human_review.or(Some(t));
+            out.human_review = out.human_review.or(Some(t));
             continue;
         }
         if slots == 0 {
@@ -321,8 +381,8 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
             Err((budget, limit, used, needed)) => {
                 // Stop here: nothing past a budget is ever dispatched.
                 let exhausted = record(Event::BudgetExhausted { budget, limit, used, needed });
-                if records.is_empty() {
-                    return with_in_flight(s, exhausted);
+                if out.records.is_empty() {
+                    return Err(with_in_flight(s, exhausted));
                 }
                 break;
             }
@@ -332,18 +392,26 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
                 let event = dispatch(s, t, reserve);
                 match (retry, t.retry_due_us) {
                     // A retry waits for its backoff: a timer for the shell.
-                    (true, Some(due)) => future.push(record_at(event, due)),
-                    _ => records.push(record(event)),
+                    (true, Some(due)) => out.future.push(record_at(event, due)),
+                    _ => out.records.push(record(event)),
                 }
             }
         }
     }
-    if !records.is_empty() {
-        records.extend(effects);
-        return records;
-    }
-    if in_flight == 0 && future.is_empty() {
-        if let Some(t) = human_review {
+    Ok(out)
+}
+
+/// Nothing to record now: a human review escalates, a finished plan completes, else the
+/// calls in flight, the timers and the run's deadline.
+fn finish_or_wait(
+    s: &RunState,
+    ctx: &Context,
+    in_flight: usize,
+    dispatches: Dispatches<'_>,
+    mut effects: Vec<Command>,
+) -> Vec<Command> {
+    if in_flight == 0 && dispatches.future.is_empty() {
+        if let Some(t) = dispatches.human_review {
             return vec![record(Event::Escalated(escalation(
                 s,
                 ctx,
@@ -358,7 +426,7 @@ fn decide_running(s: &RunState, ctx: &Context) -> Vec<Command> {
             return vec![complete(s, false)];
         }
     }
-    effects.extend(future);
+    effects.extend(dispatches.future);
     if let Some(c) = deadline_check(s) {
         effects.push(c);
     }
@@ -520,9 +588,28 @@ fn task<'a>(s: &'a RunState, id: &TaskId) -> Option<&'a TaskState> {
     s.task_index.get(id).and_then(|&i| s.tasks.get(i))
 }
 
+/// Why the output-schema gate refused an output: a stable code (what `decide` and the
+/// determinism check go by) and a note for people (the validator's text, with the JSON
+/// pointers of the failing locations; third-party text that no decision depends on).
+struct GateRefusal {
+    /// `schema_mismatch`, `output_not_json`, `no_output`, `schema_not_json` or
+    /// `schema_invalid` (the last two cannot pass plan validation; kept total).
+    code: &'static str,
+    note: String,
+}
+
+impl GateRefusal {
+    fn new(code: &'static str, note: impl Into<String>) -> Self {
+        GateRefusal { code, note: note.into() }
+    }
+}
+
+/// Failing locations listed in a gate refusal's note at most.
+const GATE_PROBLEMS_MAX: usize = 5;
+
 /// The output-schema gate: an output that fails its task's schema never reaches a
 /// downstream task.
-fn gate(t: &TaskState) -> Result<(), String> {
+fn gate(t: &TaskState) -> Result<(), GateRefusal> {
     let Some(schema) = &t.spec.output_schema else {
         return Ok(());
     };
@@ -530,24 +617,28 @@ fn gate(t: &TaskState) -> Result<(), String> {
     let (validator, output) = match compiled(schema) {
         Some(v) => (v, output_value(t)?),
         None => {
-            let value = schema.value().map_err(|e| format!("schema is not JSON: {e}"))?;
+            let value = schema.value().map_err(|e| GateRefusal::new("schema_not_json", e.to_string()))?;
             let output = output_value(t)?;
-            let v = jsonschema::validator_for(&value).map_err(|e| format!("invalid schema: {e}"))?;
+            let v = jsonschema::validator_for(&value).map_err(|e| GateRefusal::new("schema_invalid", e.to_string()))?;
             (remember(schema, v), output)
         }
     };
-    let problems: Vec<String> = validator.iter_errors(&output).take(5).map(|e| e.to_string()).collect();
+    // Sorted by location, so the note does not depend on the validator's reporting order.
+    let mut problems: Vec<(String, String)> =
+        validator.iter_errors(&output).map(|e| (e.instance_path().to_string(), e.to_string())).collect();
     if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+        return Ok(());
     }
+    problems.sort();
+    let note: Vec<String> =
+        problems.iter().take(GATE_PROBLEMS_MAX).map(|(at, text)| format!("at {at:?}: {text}")).collect();
+    Err(GateRefusal::new("schema_mismatch", note.join("; ")))
 }
 
-fn output_value(t: &TaskState) -> Result<serde_json::Value, String> {
+fn output_value(t: &TaskState) -> Result<serde_json::Value, GateRefusal> {
     match &t.output {
-        Some(o) => o.value().map_err(|e| format!("output is not JSON: {e}")),
-        None => Err("no output".to_owned()),
+        Some(o) => o.value().map_err(|e| GateRefusal::new("output_not_json", e.to_string())),
+        None => Err(GateRefusal::new("no_output", "no output recorded")),
     }
 }
 
@@ -587,9 +678,8 @@ pub(crate) fn backoff_ms(seed: u64, t: &TaskState) -> u64 {
     h.update(seed.to_le_bytes());
     h.update(t.spec.id.0.as_bytes());
     h.update(t.attempt.to_le_bytes());
-    let d = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
+    let d: [u8; 32] = h.finalize().into();
+    let first = d.first_chunk::<8>().copied().unwrap_or_default();
     let jitter = u64::from_le_bytes(first) % p.jitter_ms.saturating_add(1);
     base.saturating_add(jitter)
 }
@@ -602,7 +692,8 @@ pub fn idempotency_key(run: keel_store::RunId, revision: u32, task: &TaskId, att
     h.update(revision.to_le_bytes());
     h.update(task.0.as_bytes());
     h.update(attempt.to_le_bytes());
-    hex::encode(&h.finalize()[..16])
+    let d: [u8; 32] = h.finalize().into();
+    hex::encode(d.first_chunk::<16>().copied().unwrap_or_default())
 }
 
 fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {

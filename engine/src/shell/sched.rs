@@ -6,93 +6,19 @@
 //! (the `active` set); an event appended from outside while it is driven (resolve,
 //! cancel) wakes its driver, and marks it to be queued again when the driver ends.
 
-use crate::engine::{IdleReport, Inner};
+use crate::api::IdleReport;
 use crate::error::EngineError;
-use crate::executor::{drive, DriveOutcome};
-use crate::fsm::RunStatus;
-use crate::log::load_state;
-use crate::state::RunState;
+use crate::model::fsm::RunStatus;
+use crate::model::state::RunState;
+use crate::shell::driver::{drive, DriveOutcome};
+use crate::shell::fold::load_state;
+use crate::shell::runtime::Inner;
 use keel_store::RunId;
-use std::collections::{BTreeMap, BTreeSet};
+
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-struct QueueKey {
-    /// Negated priority: the smallest key is the highest priority.
-    neg_priority: i64,
-    accepted_at_us: i64,
-    ticket: u64,
-}
-
-#[derive(Default)]
-pub(crate) struct Scheduler {
-    queue: BTreeMap<QueueKey, (RunId, String)>,
-    queued: BTreeMap<RunId, QueueKey>,
-    active: BTreeMap<RunId, (String, Arc<Notify>)>,
-    active_per_workflow: BTreeMap<String, usize>,
-    /// Active runs that something appended to while they were driven: queue again on release.
-    dirty: BTreeSet<RunId>,
-    /// Runs waiting for an escalation deadline (service workers only): run -> due time.
-    parked: BTreeMap<RunId, i64>,
-    ticket: u64,
-}
-
-impl Scheduler {
-    fn push(&mut self, run: RunId, workflow: String, priority: i32, accepted_at_us: i64) {
-        if self.active.contains_key(&run) {
-            self.dirty.insert(run);
-            return;
-        }
-        if self.queued.contains_key(&run) {
-            return;
-        }
-        self.parked.remove(&run);
-        self.ticket += 1;
-        let key = QueueKey { neg_priority: -i64::from(priority), accepted_at_us, ticket: self.ticket };
-        self.queue.insert(key, (run, workflow));
-        self.queued.insert(run, key);
-    }
-
-    /// The next run to drive within the limits, marked active.
-    fn claim(&mut self, inner: &Inner) -> Option<(RunId, Arc<Notify>)> {
-        if self.active.len() >= inner.workers {
-            return None;
-        }
-        let mut chosen = None;
-        for (key, (run, wf)) in &self.queue {
-            let limit = inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0);
-            let busy = self.active_per_workflow.get(wf).copied().unwrap_or(0);
-            if limit == 0 || busy < limit {
-                chosen = Some((*key, *run));
-                break;
-            }
-        }
-        let (key, run) = chosen?;
-        let (_, wf) = self.queue.remove(&key)?;
-        self.queued.remove(&run);
-        *self.active_per_workflow.entry(wf.clone()).or_insert(0) += 1;
-        let wake = Arc::new(Notify::new());
-        self.active.insert(run, (wf, wake.clone()));
-        Some((run, wake))
-    }
-
-    /// Ends a drive; returns whether the run must be queued again.
-    fn release(&mut self, run: RunId) -> bool {
-        if let Some((wf, _)) = self.active.remove(&run) {
-            if let Some(n) = self.active_per_workflow.get_mut(&wf) {
-                *n = n.saturating_sub(1);
-            }
-        }
-        self.dirty.remove(&run)
-    }
-
-    fn has_queued(&self) -> bool {
-        !self.queue.is_empty()
-    }
-}
 
 /// Queue a run (after submit, resolve, or a scan).
 pub(crate) fn enqueue(inner: &Inner, s: &RunState) {
@@ -141,7 +67,9 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
 
 fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
     loop {
-        let claimed = inner.sched().claim(inner);
+        let claimed = inner
+            .sched()
+            .claim(inner.workers, |wf| inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0));
         let Some((run, wake)) = claimed else { break };
         // One driver per run, also across engines sharing a store: the store's lease.
         let lease = match inner.log.try_lease(run) {

@@ -31,6 +31,7 @@ impl Json {
     pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_str(&self.0)
     }
+    /// The JSON text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -79,8 +80,11 @@ pub enum TaskKind {
 /// Complexity class used for model routing: the workflow type maps each class to a model.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum Complexity {
+    /// Pulling facts out of text: a small model does.
     Extraction,
+    /// Drafting, deciding: a large model.
     Reasoning,
+    /// Judging another output.
     Evaluation,
 }
 
@@ -106,14 +110,19 @@ impl Default for RetryPolicy {
 /// One node of a plan's DAG.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct TaskSpec {
+    /// Identity in the plan (dependencies name it).
     pub id: TaskId,
+    /// What kind of work (and which budget it draws on).
     pub kind: TaskKind,
     /// Name of the registered handler that performs it (e.g. "classify_ticket").
     pub handler: String,
     /// Static input of the task; the handler also receives its dependencies' outputs.
     pub input: Json,
+    /// Tasks whose outputs this one needs (the DAG's edges).
     pub depends_on: Vec<TaskId>,
+    /// How long one attempt may take.
     pub timeout_ms: u64,
+    /// How transient failures are retried.
     pub retry: RetryPolicy,
     /// What the evaluator checks. `None`: the output is accepted without an evaluator call.
     pub success_criteria: Option<String>,
@@ -170,6 +179,7 @@ impl TaskSpec {
 /// A plan: a DAG of tasks, produced by the planner, validated before it is recorded.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
 pub struct Plan {
+    /// The tasks, in plan order.
     pub tasks: Vec<TaskSpec>,
     /// Planner's note for humans (why this plan).
     pub rationale: String,
@@ -178,16 +188,22 @@ pub struct Plan {
 /// Usage a handler reports for one call; recorded on `TaskExecuted` / `TaskFailed`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Usage {
+    /// Money spent (integer micro-units).
     pub cost_micros: u64,
+    /// Model tokens spent.
     pub tokens: u64,
 }
 
 /// Limits of one run. `None` = unlimited. Checked by the engine before every dispatch.
 #[derive(Clone, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
 pub struct Budget {
+    /// Money (micro-units).
     pub cost_micros: Option<u64>,
+    /// Model tokens.
     pub tokens: Option<u64>,
+    /// LLM handler calls.
     pub llm_calls: Option<u64>,
+    /// Tool and data-fetch handler calls.
     pub tool_calls: Option<u64>,
     /// Retries (attempts after the first) across all tasks of the run: the global retry budget.
     pub retries: Option<u64>,
@@ -200,12 +216,19 @@ pub struct Budget {
 /// Which budget ran out.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum BudgetKind {
+    /// `Budget::cost_micros`.
     Cost,
+    /// `Budget::tokens`.
     Tokens,
+    /// `Budget::llm_calls`.
     LlmCalls,
+    /// `Budget::tool_calls`.
     ToolCalls,
+    /// `Budget::retries`.
     Retries,
+    /// `Budget::replans`.
     Replans,
+    /// `Budget::deadline_ms`.
     Deadline,
 }
 
@@ -261,6 +284,7 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The decision's name, as escalation options and the CLI spell it.
     pub fn name(&self) -> &'static str {
         match self {
             Decision::Approve => "approve",

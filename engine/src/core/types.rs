@@ -1,11 +1,9 @@
-//! The functional core: `apply` folds one logged event into a run's state; `decide` says
-//! what to do next. Both are pure: no clock, no randomness, no I/O, no hash-map order.
-//! Everything from the outside (planner, handler and evaluator answers, human decisions,
-//! time) reaches them only as a recorded [`Logged`] event.
+//! The types the pure core speaks: what `decide` reads besides the state ([`Context`],
+//! [`Policy`]), what it returns ([`Command`]) and why `apply` refuses an event
+//! ([`TransitionError`]).
 
-use crate::event::{Event, Logged};
-use crate::model::*;
-use crate::state::RunState;
+use crate::model::event::Event;
+use crate::model::workflow::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -22,6 +20,7 @@ pub struct Policy {
     pub escalation_deadline_ms: Option<u64>,
     /// Decision applied when an escalation's deadline passes.
     pub escalation_default: Option<Decision>,
+    /// Size bounds a plan must respect to be recorded.
     pub plan_limits: PlanLimits,
 }
 
@@ -40,11 +39,17 @@ impl Default for Policy {
 /// Size bounds a plan must respect to be recorded.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct PlanLimits {
+    /// Tasks of one plan.
     pub tasks_max: usize,
+    /// Dependencies of one task.
     pub deps_per_task_max: usize,
+    /// Bytes of one task's static input (canonical JSON).
     pub task_input_bytes_max: usize,
+    /// Bytes of one task id.
     pub task_id_bytes_max: usize,
+    /// A task's `max_attempts`.
     pub attempts_max: u32,
+    /// A task's `timeout_ms`.
     pub timeout_ms_max: u64,
 }
 
@@ -64,6 +69,7 @@ impl Default for PlanLimits {
 /// What `decide` reads besides the state: the code-level policy and which handlers exist.
 #[derive(Clone, Debug, Default)]
 pub struct Context {
+    /// The code-level policy (replans, degradation, escalation deadlines, plan limits).
     pub policy: Policy,
     /// Names of registered task handlers (plan validation: "known task types").
     pub handlers: BTreeSet<String>,
@@ -78,62 +84,95 @@ pub enum Command {
     /// A decision of the core: append this event (not before `not_before_us`, if set),
     /// then decide again. All `Record`s returned by one `decide` call are appended as one
     /// batch, in order.
-    Record { event: Event, not_before_us: Option<i64> },
+    Record {
+        /// The event to record.
+        event: Event,
+        /// Not before this time (µs since the epoch): a timer.
+        not_before_us: Option<i64>,
+    },
     /// Call the planner for `revision` (the run is Planning); validate its plan with
-    /// [`validate_plan`]; record `Planned`/`Replanned` or `PlanRejected`.
-    Plan { revision: u32 },
+    /// [`crate::core::validate_plan`]; record `Planned`/`Replanned` or `PlanRejected`.
+    Plan {
+        /// The plan revision.
+        revision: u32,
+    },
     /// Call the handler of a task whose dispatch is recorded and whose result is not
     /// (also after a restart: same attempt, same idempotency key); record `TaskExecuted`
     /// or `TaskFailed`.
-    Execute { task: TaskId, attempt: u32 },
+    Execute {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        attempt: u32,
+    },
     /// Call the evaluator on a task's recorded output; record `TaskEvaluated`.
-    Evaluate { task: TaskId, attempt: u32 },
+    Evaluate {
+        /// The task.
+        task: TaskId,
+        /// The attempt.
+        attempt: u32,
+    },
     /// Tell the escalation sink about escalation `number`; record `EscalationNotified`.
-    Notify { number: u32 },
+    Notify {
+        /// The escalation's number.
+        number: u32,
+    },
 }
 
 /// Why an event cannot be applied. Such an event never reaches the log.
 #[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransitionError {
+    /// The run table has no row for this event kind in the run's state.
     #[error("run {run}: event {kind} is not allowed in run state {state}")]
-    IllegalRun { run: keel_store::RunId, state: String, kind: &'static str },
+    IllegalRun {
+        /// The run.
+        run: keel_store::RunId,
+        /// The state it is in.
+        state: String,
+        /// The event kind.
+        kind: &'static str,
+    },
+    /// The task table has no row for this trigger in the task's state.
     #[error("run {run}: task {task}: {trigger} is not allowed in task state {state}")]
-    IllegalTask { run: keel_store::RunId, task: TaskId, state: &'static str, trigger: &'static str },
+    IllegalTask {
+        /// The run.
+        run: keel_store::RunId,
+        /// The task.
+        task: TaskId,
+        /// The state it is in.
+        state: &'static str,
+        /// What was to move it.
+        trigger: &'static str,
+    },
+    /// The event names a task the current plan does not have.
     #[error("run {run}: event {kind} names unknown task {task}")]
-    UnknownTask { run: keel_store::RunId, task: TaskId, kind: &'static str },
+    UnknownTask {
+        /// The run.
+        run: keel_store::RunId,
+        /// The task.
+        task: TaskId,
+        /// The event kind.
+        kind: &'static str,
+    },
+    /// The event contradicts the state (a wrong revision, attempt, escalation number...).
     #[error("run {run}: event {kind}: {reason}")]
-    Invalid { run: keel_store::RunId, kind: &'static str, reason: String },
+    Invalid {
+        /// The run.
+        run: keel_store::RunId,
+        /// The event kind.
+        kind: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The event's sequence number is not the run's next one.
     #[error("run {run}: expected sequence {expected}, got {got}")]
-    OutOfOrder { run: keel_store::RunId, expected: u64, got: u64 },
+    OutOfOrder {
+        /// The run.
+        run: keel_store::RunId,
+        /// The run's next sequence number.
+        expected: u64,
+        /// The event's.
+        got: u64,
+    },
 }
-
-/// Fold one event into the state. The first event of a run must be `RunAccepted`, applied
-/// to `None`.
-pub fn apply(state: Option<&RunState>, logged: &Logged) -> Result<RunState, TransitionError> {
-    crate::apply::apply(state, logged)
-}
-
-/// What to do next, in a deterministic order.
-pub fn decide(state: &RunState, ctx: &Context) -> Vec<Command> {
-    crate::decide::decide(state, ctx)
-}
-
-/// Validate a plan before it is recorded: acyclic, known handlers, dependencies exist, ids
-/// unique, size bounds, and its cost estimate within the run's remaining budget.
-/// Returns every problem found (empty = valid).
-pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String> {
-    crate::plan::validate(plan, state, ctx)
-}
-
-/// Fold a whole history. Convenience for replay and tests.
-pub fn fold<'a>(events: impl IntoIterator<Item = &'a Logged>) -> Result<Option<RunState>, TransitionError> {
-    let mut state: Option<RunState> = None;
-    for e in events {
-        state = Some(apply(state.as_ref(), e)?);
-    }
-    Ok(state)
-}
-
-pub use crate::apply::{apply_mut, apply_take, replan_outcome};
-pub use crate::decide::idempotency_key;

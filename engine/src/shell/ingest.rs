@@ -1,11 +1,11 @@
 //! Ingestion: validate a request, record `RunAccepted` (claiming its idempotency key in
 //! the same atomic append), queue the run.
 
-use crate::core::apply;
-use crate::engine::{Inner, Request, Submitted};
+use crate::api::{Request, Submitted};
 use crate::error::EngineError;
-use crate::event::{Event, Logged};
-use crate::model::Json;
+use crate::model::event::{Event, Logged};
+use crate::model::workflow::Json;
+use crate::shell::runtime::{Inner, Registered};
 use keel_store::{Claim, RunId, Seq, StoreError};
 use sha2::{Digest, Sha256};
 
@@ -18,6 +18,53 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
         .get(&req.workflow)
         .cloned()
         .ok_or_else(|| EngineError::UnknownWorkflow { name: req.workflow.clone() })?;
+    let wf = &reg.wf;
+    let input = validate(inner, &reg, &req)?;
+
+    let run = RunId(uuid::Uuid::new_v4());
+    let seed = req.seed.unwrap_or_else(|| seed_of(run));
+    let event = Event::RunAccepted {
+        workflow: wf.name.clone(),
+        workflow_version: wf.version,
+        input,
+        idempotency_key: req.idempotency_key.clone(),
+        priority: req.priority,
+        seed,
+        budget: req.budget.clone().unwrap_or_else(|| wf.budget.clone()),
+        on_exhausted: wf.on_exhausted,
+        routes: wf.routes.clone(),
+        evaluator_model: wf.evaluator_model.clone(),
+        max_parallel_tasks: wf.max_parallel_tasks,
+    };
+    let now_us = inner.clock.now_us();
+    let logged = Logged { run, seq: Seq(0), at_us: now_us, event };
+    let (state, record) = inner.journal.found(&logged)?;
+    let claim = req.idempotency_key.as_ref().map(|k| {
+        let window_us = i64::try_from(wf.dedup_window_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        Claim {
+            key: format!("{}\0{}", wf.name, k).into_bytes(),
+            now_us,
+            expires_at_us: now_us.saturating_add(window_us),
+        }
+    });
+    let res = inner.journal.append(&state, Seq(0), vec![record], claim).await;
+    match res {
+        Ok(_) => {}
+        Err(EngineError::Store(StoreError::DuplicateKey { existing })) => {
+            tracing::debug!(%existing, workflow = %wf.name, "duplicate idempotency key: returning the existing run");
+            return Ok(Submitted { run: existing, duplicate: true });
+        }
+        Err(e) => return Err(e),
+    }
+    tracing::info!(%run, workflow = %wf.name, priority = req.priority, "run accepted");
+    crate::shell::sched::enqueue(inner, &state);
+    Ok(Submitted { run, duplicate: false })
+}
+
+/// The request's input as canonical JSON, once it passes the checks (size, the workflow
+/// type's input schema, the idempotency key's length); else `InvalidInput` with one line
+/// per problem. Nothing is written either way.
+fn validate(inner: &Inner, reg: &Registered, req: &Request) -> Result<Json, EngineError> {
     let wf = &reg.wf;
     let invalid = |errors: Vec<String>| EngineError::InvalidInput { workflow: wf.name.clone(), errors };
 
@@ -50,47 +97,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
             )]));
         }
     }
-
-    let run = RunId(uuid::Uuid::new_v4());
-    let seed = req.seed.unwrap_or_else(|| seed_of(run));
-    let event = Event::RunAccepted {
-        workflow: wf.name.clone(),
-        workflow_version: wf.version,
-        input,
-        idempotency_key: req.idempotency_key.clone(),
-        priority: req.priority,
-        seed,
-        budget: req.budget.clone().unwrap_or_else(|| wf.budget.clone()),
-        on_exhausted: wf.on_exhausted,
-        routes: wf.routes.clone(),
-        evaluator_model: wf.evaluator_model.clone(),
-        max_parallel_tasks: wf.max_parallel_tasks,
-    };
-    let now_us = inner.clock.now_us();
-    let logged = Logged { run, seq: Seq(0), at_us: now_us, event };
-    // Pair check: the first event must fold (it always does; a failure is a bug).
-    let state = apply(None, &logged)?;
-    let record = keel_store::prepare(&logged.event, now_us)?;
-    let claim = req.idempotency_key.as_ref().map(|k| {
-        let window_us = i64::try_from(wf.dedup_window_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
-        Claim {
-            key: format!("{}\0{}", wf.name, k).into_bytes(),
-            now_us,
-            expires_at_us: now_us.saturating_add(window_us),
-        }
-    });
-    let res = inner.blocking(move |log| Ok(log.append(run, Seq(0), vec![record], claim)?)).await;
-    match res {
-        Ok(_) => {}
-        Err(EngineError::Store(StoreError::DuplicateKey { existing })) => {
-            tracing::debug!(%existing, workflow = %wf.name, "duplicate idempotency key: returning the existing run");
-            return Ok(Submitted { run: existing, duplicate: true });
-        }
-        Err(e) => return Err(e),
-    }
-    tracing::info!(%run, workflow = %wf.name, priority = req.priority, "run accepted");
-    crate::sched::enqueue(inner, &state);
-    Ok(Submitted { run, duplicate: false })
+    Ok(input)
 }
 
 /// The seed of a run that did not get one: the first 8 bytes of SHA-256("keel/seed" || id).
@@ -98,8 +105,6 @@ pub fn seed_of(run: RunId) -> u64 {
     let mut h = Sha256::new();
     h.update(b"keel/seed");
     h.update(run.as_bytes());
-    let d = h.finalize();
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&d[..8]);
-    u64::from_be_bytes(b)
+    let d: [u8; 32] = h.finalize().into();
+    u64::from_be_bytes(d.first_chunk::<8>().copied().unwrap_or_default())
 }

@@ -3,26 +3,35 @@
 //! It runs `decide` → `apply` exactly as the shell does, but answers `Plan`, `Execute`,
 //! `Evaluate` and `Notify` from a [`Script`] and keeps time on a fake clock. Tests use it
 //! to pin the core's semantics without I/O; property tests use it as the engine-side of
-//! their reference comparisons; replay uses it to re-derive decisions.
+//! their reference comparisons. Answers become events through [`event_of`], as in the
+//! engine's driver. Offline replay does not use it: replay folds the recorded events.
 
-use crate::core::{apply, decide, validate_plan, Command, Context, TransitionError};
-use crate::event::{Event, Logged};
-use crate::fsm::RunStatus;
-use crate::model::*;
-use crate::state::RunState;
+use super::answer::{event_of, Answer, Failure, Judgement, Output};
+use super::apply::{apply, fold};
+use super::decide::decide;
+use super::types::{Command, Context, TransitionError};
+use crate::model::event::{Event, Logged};
+use crate::model::fsm::RunStatus;
+use crate::model::state::RunState;
+use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 
 /// What a scripted handler call returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// The handler returned this output, spending this much.
     Output(serde_json::Value, Usage),
+    /// The handler failed: class, message, what it spent.
     Error(ErrorClass, String, Usage),
 }
 
 /// Answers the outside world would give.
 pub trait Script {
+    /// The planner's answer for `revision` (an `Err` is the planner failing).
     fn plan(&mut self, state: &RunState, revision: u32) -> Result<Plan, String>;
+    /// The handler's answer for the attempt.
     fn execute(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> Outcome;
+    /// The evaluator's verdict, notes and usage for the attempt's output.
     fn evaluate(&mut self, state: &RunState, task: &TaskId, attempt: u32) -> (Verdict, String, Usage);
     /// A human's answer to the open escalation; `None` leaves the run waiting.
     fn human(&mut self, state: &RunState) -> Option<(Decision, String)>;
@@ -31,8 +40,10 @@ pub trait Script {
 /// Why a simulation stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
+    /// The core produced an event its own tables refuse (a bug).
     #[error("the core produced an event its own tables refuse: {0}")]
     Transition(#[from] TransitionError),
+    /// The run made no progress within the step bound.
     #[error("no progress after {0} steps")]
     Runaway(usize),
 }
@@ -59,7 +70,7 @@ pub fn resume(
     max_events: usize,
 ) -> Result<Vec<Logged>, SimError> {
     let mut log = prefix;
-    let Some(mut state) = crate::core::fold(&log)? else {
+    let Some(mut state) = fold(&log)? else {
         return Ok(log);
     };
     let mut now: i64 = log.last().map(|l| l.at_us).unwrap_or(1_000_000);
@@ -99,8 +110,9 @@ pub fn resume(
         }
         // Then one effect (the first: a deterministic interleaving).
         if let Some(effect) = cmds.iter().find(|c| !matches!(c, Command::Record { .. })) {
-            let event = answer(&state, ctx, script, effect);
-            push(&mut state, &mut log, &mut now, None, event)?;
+            if let Some(event) = answer(&state, ctx, script, effect) {
+                push(&mut state, &mut log, &mut now, None, event)?;
+            }
             continue;
         }
         // Nothing due and nothing to call: a human, or the earliest timer.
@@ -132,51 +144,31 @@ pub fn resume(
     Ok(log)
 }
 
-fn answer(state: &RunState, ctx: &Context, script: &mut dyn Script, effect: &Command) -> Event {
-    match effect {
-        Command::Plan { revision } => {
-            let revision = *revision;
-            match script.plan(state, revision) {
-                Ok(plan) => {
-                    let errors = validate_plan(&plan, state, ctx);
-                    if !errors.is_empty() {
-                        Event::PlanRejected { revision, errors, plan: Some(plan) }
-                    } else if state.revision.is_none() {
-                        Event::Planned { revision, plan }
-                    } else {
-                        let (carried_over, superseded) = crate::core::replan_outcome(state, &plan);
-                        Event::Replanned { revision, plan, carried_over, superseded }
-                    }
-                }
-                Err(e) => Event::PlanRejected { revision, errors: vec![format!("planner failed: {e}")], plan: None },
-            }
-        }
-        Command::Execute { task, attempt } => match script.execute(state, task, *attempt) {
-            Outcome::Output(v, usage) => Event::TaskExecuted {
-                task: task.clone(),
-                attempt: *attempt,
-                output: Json::new(&v),
-                usage,
-                cached: false,
-            },
-            Outcome::Error(class, error, usage) => {
-                Event::TaskFailed { task: task.clone(), attempt: *attempt, class, error, usage }
-            }
-        },
+/// Asks `script` what the outside world answers to `effect` on `state` (`None` for a
+/// `Record`, which is no call). The event that records it is [`event_of`]'s.
+pub fn ask(script: &mut dyn Script, state: &RunState, effect: &Command) -> Option<Answer> {
+    Some(match effect {
+        Command::Plan { revision } => Answer::Plan(script.plan(state, *revision).map_err(|message| Failure {
+            class: ErrorClass::Fatal,
+            message,
+            usage: Usage::default(),
+        })),
+        Command::Execute { task, attempt } => Answer::Output(match script.execute(state, task, *attempt) {
+            Outcome::Output(v, usage) => Ok(Output { output: Json::new(&v), usage, cached: false }),
+            Outcome::Error(class, message, usage) => Err(Failure { class, message, usage }),
+        }),
         Command::Evaluate { task, attempt } => {
             let (verdict, notes, usage) = script.evaluate(state, task, *attempt);
-            Event::TaskEvaluated {
-                task: task.clone(),
-                attempt: *attempt,
-                verdict,
-                notes,
-                model: state.evaluator_model.clone(),
-                usage,
-            }
+            Answer::Evaluation(Ok(Judgement { verdict, notes, usage }))
         }
-        Command::Notify { number } => Event::EscalationNotified { number: *number },
-        Command::Record { event, .. } => event.clone(),
-    }
+        Command::Notify { .. } => Answer::Notified,
+        Command::Record { .. } => return None,
+    })
+}
+
+fn answer(state: &RunState, ctx: &Context, script: &mut dyn Script, effect: &Command) -> Option<Event> {
+    let answer = ask(script, state, effect)?;
+    event_of(state, ctx, effect, answer)
 }
 
 /// A `RunAccepted` with defaults, for tests and examples.

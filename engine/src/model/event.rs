@@ -1,0 +1,440 @@
+//! The event catalogue: every transition of a run is one of these, appended to the run's
+//! log before the engine acts on it. The reference is docs/EVENTS.md.
+//!
+//! Rules for changing this file (old logs must keep replaying):
+//! - never reorder or remove variants or fields: bincode encodes by position;
+//! - a new variant goes at the end;
+//! - a changed variant bumps its payload version ([`Event::payload_version`], stored in the
+//!   record envelope), keeps its old layout as a frozen legacy type in
+//!   [`crate::model::upcast`] with the conversion to the new one, and gets a golden log of
+//!   the old version. Upcasting is the engine's: keel-store knows no workflow.
+
+use crate::model::workflow::*;
+use keel_store::{Payload, RunId, Seq};
+use serde::{Deserialize, Serialize};
+
+/// Why the planner is being asked (again).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum PlanReason {
+    /// The first plan of the run.
+    Initial,
+    /// A task failed in a way retries cannot fix (semantic error, hard verdict, retries
+    /// exhausted, bad output) or the previous plan was rejected by validation.
+    Failure(FailureContext),
+    /// A human asked for a replan with a hint.
+    HumanHint {
+        /// The hint for the planner.
+        hint: String,
+        /// Who asked.
+        by: String,
+    },
+}
+
+/// What went wrong, handed to the planner and recorded for the incident.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct FailureContext {
+    /// The failed task, if the failure is a task's (None: the plan itself was rejected).
+    pub task: Option<TaskId>,
+    /// The failed task's handler, if any.
+    pub handler: Option<String>,
+    /// What went wrong.
+    pub reason: String,
+    /// Attempts made on that task.
+    pub attempts: u32,
+    /// Plan revisions tried so far, with why each ended.
+    pub tried: Vec<String>,
+}
+
+/// Why a run escalated to a human.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum EscalationCause {
+    /// The evaluator judged an output critical.
+    CriticalVerdict,
+    /// A critical task failed with an error retries cannot fix.
+    FatalError,
+    /// A task kept failing and no replan is left.
+    ReplansExhausted,
+    /// A budget ran out and the run's policy is to escalate.
+    BudgetExhausted,
+    /// A task of kind `HumanReview` is ready: a person does it.
+    HumanReviewTask,
+}
+
+/// What an escalation carries: enough for a person to decide without reading the log.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Escalation {
+    /// 1 for the run's first escalation, 2 for the second...
+    pub number: u32,
+    /// Why the run escalated.
+    pub cause: EscalationCause,
+    /// The task the decision is about, if any.
+    pub task: Option<TaskId>,
+    /// What was attempted (tasks, attempts, outputs in brief).
+    pub attempted: Vec<String>,
+    /// Why it failed.
+    pub why: String,
+    /// Alternatives already tried (plan revisions and why each ended).
+    pub alternatives_tried: Vec<String>,
+    /// The question the human must answer.
+    pub question: String,
+    /// The decisions that make sense here (names as in [`Decision::name`]).
+    pub options: Vec<String>,
+    /// If set, `default_decision` is applied this long after the escalation.
+    pub deadline_ms: Option<u64>,
+    /// Decision applied when `deadline_ms` passes.
+    pub default_decision: Option<Decision>,
+}
+
+/// Where a task's failure came from (recorded on `TaskFailed`, read by tools and people:
+/// the determinism check tells the schema gate's decisions from calls' answers by it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+pub enum FailureSource {
+    /// The task's handler returned an error, timed out or panicked.
+    Handler,
+    /// The evaluator failed (error, timeouts, panic) while judging the task's output.
+    Evaluator,
+    /// The output-schema gate refused the output (a decision of the core).
+    Gate,
+    /// The engine itself: no handler registered, an output over the size limits.
+    Engine,
+}
+
+/// Every transition of a run. See docs/EVENTS.md for each variant's meaning and the
+/// state machine transition it drives.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// A request was accepted: the run exists. First event of every run.
+    RunAccepted {
+        /// The workflow type the request named.
+        workflow: String,
+        /// Its version at acceptance.
+        workflow_version: u32,
+        /// The request input (canonical JSON).
+        input: Json,
+        /// The request's idempotency key (a duplicate returns this run).
+        idempotency_key: Option<String>,
+        /// Priority in the run queue (higher first).
+        priority: i32,
+        /// Seed for every pseudo-random choice of the run (retry jitter, demo outcomes).
+        seed: u64,
+        /// The run's limits.
+        budget: Budget,
+        /// What the run does when a budget cannot cover the next step.
+        on_exhausted: ExhaustionPolicy,
+        /// Complexity class -> model, frozen at acceptance so replay routes identically.
+        routes: Vec<(Complexity, String)>,
+        /// Model the evaluator runs on.
+        evaluator_model: Option<String>,
+        /// Max tasks of this run in flight at once.
+        max_parallel_tasks: u32,
+    },
+    /// The engine asks the planner for plan `revision` (0 = first plan). Run -> Planning.
+    PlanRequested {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Why a plan is asked for.
+        reason: PlanReason,
+    },
+    /// The planner's first plan passed validation and is now the run's plan. Planning -> Running.
+    Planned {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// The plan.
+        plan: Plan,
+    },
+    /// A replacement plan passed validation. Tasks kept unchanged (same id and spec) and
+    /// already done carry over; every other task of the old plan is superseded. Planning -> Running.
+    Replanned {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// The plan.
+        plan: Plan,
+        /// Tasks of the old plan kept with their state (done, same spec).
+        carried_over: Vec<TaskId>,
+        /// Tasks of the old plan that the new one replaces.
+        superseded: Vec<TaskId>,
+    },
+    /// The planner's plan failed validation (or the planner failed); never executed.
+    PlanRejected {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Every problem found (or the planner's failure).
+        errors: Vec<String>,
+        /// The rejected plan (`None`: the planner failed or the plan was too large to record).
+        plan: Option<Plan>,
+    },
+    /// A task is handed to its handler: attempt number, the idempotency key the handler can
+    /// dedupe on, the routed model and the exact input. Appended before the handler runs.
+    TaskDispatched {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// Key the handler dedupes on (stable across redeliveries of this attempt).
+        idempotency_key: String,
+        /// Model the task is routed to (LLM tasks).
+        model: Option<String>,
+        /// The exact input handed to the handler.
+        input: TaskInput,
+        /// Usage reserved against the budgets until the result is recorded.
+        reserved: Usage,
+    },
+    /// The handler returned an output.
+    TaskExecuted {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// The output (canonical JSON).
+        output: Json,
+        /// What the call spent.
+        usage: Usage,
+        /// Served by the response cache (no handler call).
+        cached: bool,
+    },
+    /// The attempt failed: a handler error or timeout, an evaluator failure, an output the
+    /// schema gate refused, or the engine's own limits (`source` says which). `error` is
+    /// the message (for the gate, a stable code such as `schema_mismatch`); `note` is
+    /// detail for people that no decision depends on (the gate's validator text and
+    /// failing locations), not compared by the determinism check. Payload version 2
+    /// (version 1 had no `source` and `note`: see [`crate::model::upcast`]).
+    TaskFailed {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// How the failure is recovered from.
+        class: ErrorClass,
+        /// The message (the gate: a stable code such as `schema_mismatch`).
+        error: String,
+        /// What the call spent.
+        usage: Usage,
+        /// Where the failure came from.
+        source: FailureSource,
+        /// Detail for people, not compared by the determinism check.
+        note: Option<String>,
+    },
+    /// The task will be dispatched again after `delay_ms` (backoff + jitter from the seed).
+    RetryScheduled {
+        /// The task.
+        task: TaskId,
+        /// The attempt the retry will dispatch.
+        next_attempt: u32,
+        /// Backoff before it (jitter included).
+        delay_ms: u64,
+    },
+    /// The evaluator (or, without success criteria, the engine) judged the output.
+    TaskEvaluated {
+        /// The task.
+        task: TaskId,
+        /// The attempt (1 for the first dispatch).
+        attempt: u32,
+        /// Accept (pass, soft) or reject (hard, critical).
+        verdict: Verdict,
+        /// Why, for the planner and a person deciding.
+        notes: String,
+        /// Model the evaluator ran on (`None`: the engine accepted without a call).
+        model: Option<String>,
+        /// What the call spent.
+        usage: Usage,
+    },
+    /// The task will not run (failed non-critical task, rejected by a human, or upstream skipped).
+    TaskSkipped {
+        /// The task.
+        task: TaskId,
+        /// Why the task will not run.
+        reason: String,
+    },
+    /// The engine asks for a new plan after a failure. Running -> Planning.
+    ReplanRequested {
+        /// The plan revision (0 = the first plan).
+        revision: u32,
+        /// Why a new plan is asked for.
+        reason: PlanReason,
+    },
+    /// A budget cannot cover the next step; the run finishes partial or escalates per policy.
+    BudgetExhausted {
+        /// Which budget.
+        budget: BudgetKind,
+        /// Its limit.
+        limit: u64,
+        /// What is spent and reserved.
+        used: u64,
+        /// What the next step needs.
+        needed: u64,
+    },
+    /// The run waits for a human. -> AwaitingHuman.
+    Escalated(Escalation),
+    /// The escalation sink was told about escalation `number` (at least once, across restarts).
+    EscalationNotified {
+        /// The escalation's number (1 for the run's first).
+        number: u32,
+    },
+    /// A human (or the deadline's default) decided. AwaitingHuman -> Running.
+    HumanResolved {
+        /// The escalation's number (1 for the run's first).
+        number: u32,
+        /// What was decided.
+        decision: Decision,
+        /// Who decided (`deadline` for the default).
+        by: String,
+        /// The escalation's deadline passed and its default applied.
+        defaulted: bool,
+    },
+    /// The run finished. `partial`: some tasks were skipped or a budget ran out.
+    RunCompleted {
+        /// Some tasks were skipped or not run, or a budget ran out.
+        partial: bool,
+        /// Outputs of the done tasks, by task id (canonical JSON).
+        result: Json,
+        /// One line for people.
+        summary: String,
+    },
+    /// The run failed for good.
+    RunFailed {
+        /// Why.
+        reason: String,
+    },
+    /// Someone cancelled the run.
+    RunCancelled {
+        /// Who cancelled.
+        by: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// Stable kind name (stored in the record envelope, shown in exports).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Event::RunAccepted { .. } => "RunAccepted",
+            Event::PlanRequested { .. } => "PlanRequested",
+            Event::Planned { .. } => "Planned",
+            Event::Replanned { .. } => "Replanned",
+            Event::PlanRejected { .. } => "PlanRejected",
+            Event::TaskDispatched { .. } => "TaskDispatched",
+            Event::TaskExecuted { .. } => "TaskExecuted",
+            Event::TaskFailed { .. } => "TaskFailed",
+            Event::RetryScheduled { .. } => "RetryScheduled",
+            Event::TaskEvaluated { .. } => "TaskEvaluated",
+            Event::TaskSkipped { .. } => "TaskSkipped",
+            Event::ReplanRequested { .. } => "ReplanRequested",
+            Event::BudgetExhausted { .. } => "BudgetExhausted",
+            Event::Escalated(_) => "Escalated",
+            Event::EscalationNotified { .. } => "EscalationNotified",
+            Event::HumanResolved { .. } => "HumanResolved",
+            Event::RunCompleted { .. } => "RunCompleted",
+            Event::RunFailed { .. } => "RunFailed",
+            Event::RunCancelled { .. } => "RunCancelled",
+        }
+    }
+
+    /// The version of this event's payload layout, stored in the record envelope; the
+    /// upcaster ([`crate::model::upcast`]) decodes older layouts by it. Bumped for a kind
+    /// whenever its fields change (docs/EVENTS.md lists the versions).
+    pub fn payload_version(&self) -> u16 {
+        match self {
+            Event::TaskFailed { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Does `decided` (what `decide` returns now) record the same decision as `self` (a
+    /// recorded event)? Equality, except what the determinism check must not compare:
+    /// a `TaskFailed`'s `note` (third-party text), and a schema-gate failure recorded in
+    /// payload version 1 (whose `error` is the validator's text, from before the stable
+    /// code) matches the gate failure of the same task, attempt and class.
+    pub fn same_decision(&self, decided: &Event) -> bool {
+        match (self, decided) {
+            (
+                Event::TaskFailed { task, attempt, class, error, usage, source, note: _ },
+                Event::TaskFailed { task: t2, attempt: a2, class: c2, error: e2, usage: u2, source: s2, note: _ },
+            ) => {
+                let legacy_gate = *source == FailureSource::Gate && error.starts_with(LEGACY_GATE_PREFIX);
+                task == t2
+                    && attempt == a2
+                    && class == c2
+                    && usage == u2
+                    && source == s2
+                    && (error == e2 || legacy_gate)
+            }
+            _ => self == decided,
+        }
+    }
+
+    /// All kind names, in declaration order.
+    pub const KINDS: [&'static str; 19] = [
+        "RunAccepted",
+        "PlanRequested",
+        "Planned",
+        "Replanned",
+        "PlanRejected",
+        "TaskDispatched",
+        "TaskExecuted",
+        "TaskFailed",
+        "RetryScheduled",
+        "TaskEvaluated",
+        "TaskSkipped",
+        "ReplanRequested",
+        "BudgetExhausted",
+        "Escalated",
+        "EscalationNotified",
+        "HumanResolved",
+        "RunCompleted",
+        "RunFailed",
+        "RunCancelled",
+    ];
+}
+
+/// How payload version 1 of a schema-gate `TaskFailed` began its `error` (the validator's
+/// text followed).
+pub const LEGACY_GATE_PREFIX: &str = "output failed its schema: ";
+
+impl Payload for Event {
+    /// [`Event::payload_version`]: the layout version of this event's payload, which the
+    /// upcaster ([`crate::model::upcast`]) reads older layouts by.
+    fn payload_version(&self) -> u16 {
+        Event::payload_version(self)
+    }
+    fn kind(&self) -> &'static str {
+        self.kind_name()
+    }
+
+    fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        // Externally tagged: {"Kind": {fields}}; the inner object is the field set.
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(mut outer)) => match outer.remove(self.kind_name()) {
+                Some(serde_json::Value::Object(inner)) => inner,
+                Some(other) => {
+                    let mut m = serde_json::Map::new();
+                    m.insert("value".to_owned(), other);
+                    m
+                }
+                None => serde_json::Map::new(),
+            },
+            // Unreachable for this enum (every variant has fields); keep the value anyway.
+            Ok(other) => {
+                let mut m = serde_json::Map::new();
+                m.insert("value".to_owned(), other);
+                m
+            }
+            Err(_) => serde_json::Map::new(),
+        }
+    }
+}
+
+/// An event as it sits in the log: its position, the time the shell recorded it, and
+/// the event. `apply` folds these.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Logged {
+    /// The run the event belongs to.
+    pub run: RunId,
+    /// Its position in the run's log (0 = `RunAccepted`).
+    pub seq: Seq,
+    /// Microseconds since the Unix epoch, from the shell's clock (never read by the core
+    /// except as recorded here).
+    pub at_us: i64,
+    /// The event.
+    pub event: Event,
+}

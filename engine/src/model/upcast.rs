@@ -1,0 +1,248 @@
+//! Old payload layouts, read forever: the upcaster chain of the event catalogue.
+//!
+//! Every record's envelope carries its payload's version ([`Event::payload_version`] when
+//! it was written). [`decode`] reads a payload by (kind, payload version): the current
+//! layout directly, an older one through its frozen legacy type and the conversion to the
+//! next version, step by step. Upcasting lives here, in the engine: keel-store moves
+//! bytes and knows no workflow.
+//!
+//! | kind | version | change |
+//! |---|---|---|
+//! | every kind | 1 | the layout of keel's first release |
+//! | `TaskFailed` | 2 | `source` (handler, evaluator, gate, engine) replaces the `"evaluator: "` message prefix; the schema gate records the code `schema_mismatch` in `error` and the validator's text in `note` |
+//!
+//! A version-1 `TaskFailed` converts as: an `error` starting `"evaluator: "` came from the
+//! evaluator (the prefix is dropped); one starting [`LEGACY_GATE_PREFIX`] from the schema
+//! gate (kept verbatim: the decisions recorded after it quote it, so the run still passes
+//! the determinism check, see [`Event::same_decision`]); `"no handler registered for "` and
+//! `"output too large: "` from the engine; anything else from the handler.
+
+use crate::model::event::{Event, FailureSource, LEGACY_GATE_PREFIX};
+use crate::model::workflow::{ErrorClass, TaskId, Usage};
+use keel_store::{codec, Payload, Record, StoreError};
+use serde::{Deserialize, Serialize};
+
+/// The newest payload version of any kind (what [`decode`] accepts at most).
+pub const PAYLOAD_VERSION_MAX: u16 = 2;
+
+/// Decodes a payload of `kind` written at `payload_version`, upcast to the current layout.
+/// Errors: a version this code does not know, or bytes that do not decode as that
+/// version's layout.
+pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
+    known(kind, payload_version)?;
+    match (kind, payload_version) {
+        ("TaskFailed", 1) => codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string()),
+        _ => codec::decode::<Event>(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+/// Decodes a record read from the log, upcast to the current layout, checked as
+/// [`Record::decode_verified`] checks it (a substituted payload is an error), in the
+/// layout it was written in: the chain covers the bytes as written. A payload version
+/// this code does not know is `Decode { run, seq, reason }`.
+pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
+    known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    match (rec.kind.as_str(), payload_version) {
+        ("TaskFailed", 1) => rec.decode_verified::<v1::Event>().map(v1::Event::upcast),
+        _ => rec.decode_verified::<Event>(),
+    }
+}
+
+/// `Err` (why) unless this code reads payload version `v` of `kind`.
+fn known(kind: &str, v: u16) -> Result<(), String> {
+    if v == 0 {
+        return Err(format!("{kind}: payload version 0 does not exist"));
+    }
+    if v > PAYLOAD_VERSION_MAX {
+        return Err(format!("{kind}: payload version {v} is newer than this code reads ({PAYLOAD_VERSION_MAX})"));
+    }
+    Ok(())
+}
+
+/// The fields of a `TaskFailed` of either payload version, as exported (JSON): version 1
+/// has no `source` and no `note`.
+#[derive(Deserialize)]
+struct TaskFailedFields {
+    task: TaskId,
+    attempt: u32,
+    class: ErrorClass,
+    error: String,
+    usage: Usage,
+    #[serde(default)]
+    source: Option<FailureSource>,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+impl TaskFailedFields {
+    fn into_event(self) -> Event {
+        let TaskFailedFields { task, attempt, class, error, usage, source, note } = self;
+        match source {
+            Some(source) => Event::TaskFailed { task, attempt, class, error, usage, source, note },
+            None => v1::Event::TaskFailed { task, attempt, class, error, usage }.upcast(),
+        }
+    }
+}
+
+/// Payload version 1, frozen: never change these types.
+mod v1 {
+    use super::*;
+
+    /// `Event` as payload version 1 encoded a `TaskFailed`: bincode encodes an enum by
+    /// variant index, so the seven variants before it hold their places (they are never
+    /// read: [`super::decode`] uses this type for kind `TaskFailed` only).
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) enum Event {
+        RunAccepted,
+        PlanRequested,
+        Planned,
+        Replanned,
+        PlanRejected,
+        TaskDispatched,
+        TaskExecuted,
+        TaskFailed { task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage },
+    }
+
+    impl Event {
+        /// Version 1 -> version 2 (the module docs say how `source` is found).
+        pub(super) fn upcast(self) -> super::Event {
+            let Event::TaskFailed { task, attempt, class, error, usage } = self else {
+                // A placeholder variant never decodes from a TaskFailed record; kept total.
+                return super::Event::TaskFailed {
+                    task: TaskId(String::new()),
+                    attempt: 0,
+                    class: ErrorClass::Fatal,
+                    error: "not a version-1 TaskFailed".to_owned(),
+                    usage: Usage::default(),
+                    source: FailureSource::Engine,
+                    note: None,
+                };
+            };
+            let (source, error) = if let Some(message) = error.strip_prefix("evaluator: ") {
+                (FailureSource::Evaluator, message.to_owned())
+            } else if error.starts_with(LEGACY_GATE_PREFIX) {
+                (FailureSource::Gate, error)
+            } else if error.starts_with("no handler registered for ") || error.starts_with("output too large: ") {
+                (FailureSource::Engine, error)
+            } else {
+                (FailureSource::Handler, error)
+            };
+            super::Event::TaskFailed { task, attempt, class, error, usage, source, note: None }
+        }
+    }
+
+    impl Payload for Event {
+        fn payload_version(&self) -> u16 {
+            1
+        }
+
+        fn kind(&self) -> &'static str {
+            "TaskFailed"
+        }
+
+        /// The fields exactly as version 1's `Event::fields` wrote them (the chain's
+        /// payload root of a schema-version-1 record is checked against them).
+        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("TaskFailed") {
+                    Some(serde_json::Value::Object(inner)) => inner,
+                    _ => serde_json::Map::new(),
+                },
+                _ => serde_json::Map::new(),
+            }
+        }
+    }
+}
+
+impl Event {
+    /// Rebuild an event from its kind and the JSON object of its fields (as exported).
+    /// Reads every payload version of the kind (a `TaskFailed` without `source` is
+    /// version 1 and is upcast).
+    pub fn from_fields(
+        kind: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Event, serde_json::Error> {
+        if kind == "TaskFailed" {
+            // Either payload version: version 1 has no `source` (see `TaskFailedFields`).
+            let f: TaskFailedFields = serde_json::from_value(serde_json::Value::Object(fields))?;
+            return Ok(f.into_event());
+        }
+        let mut outer = serde_json::Map::new();
+        // Escalated is a newtype variant: its fields are the Escalation struct itself.
+        outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
+        serde_json::from_value(serde_json::Value::Object(outer))
+    }
+
+    /// Deserializes an event of kind `kind` straight from `fields`, a deserializer of the
+    /// object of its fields (as exported), without building a `serde_json::Value` first.
+    ///
+    /// Decodes what [`Event::from_fields`] decodes: the variant is named by `kind` (an
+    /// unknown kind is an error), a struct variant's fields must be an object, and
+    /// `Escalated` (a newtype variant) hands the object to [`Escalation`]'s own
+    /// deserializer. Errors are `D`'s; their text may differ from `from_fields`'s.
+    pub fn deserialize_fields<'de, D: serde::Deserializer<'de>>(kind: &str, fields: D) -> Result<Event, D::Error> {
+        if kind == "TaskFailed" {
+            return TaskFailedFields::deserialize(fields).map(TaskFailedFields::into_event);
+        }
+        Event::deserialize(KindTagged { kind, fields })
+    }
+}
+
+/// A deserializer of an externally tagged enum whose tag is given apart from the content:
+/// the variant is named by `kind`, its content is read from `fields`.
+struct KindTagged<'k, D> {
+    kind: &'k str,
+    fields: D,
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for KindTagged<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::de::EnumAccess<'de> for KindTagged<'_, D> {
+    type Error = D::Error;
+    type Variant = VariantFields<D>;
+
+    fn variant_seed<V: serde::de::DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), D::Error> {
+        let name = seed.deserialize(serde::de::value::StrDeserializer::<D::Error>::new(self.kind))?;
+        Ok((name, VariantFields(self.fields)))
+    }
+}
+
+/// The content of a [`KindTagged`] variant: what `serde_json::from_value` does with the
+/// value of `{"Kind": value}`, for any deserializer.
+struct VariantFields<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::de::VariantAccess<'de> for VariantFields<D> {
+    type Error = D::Error;
+
+    fn unit_variant(self) -> Result<(), D::Error> {
+        <() as Deserialize>::deserialize(self.0)
+    }
+
+    fn newtype_variant_seed<T: serde::de::DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, D::Error> {
+        seed.deserialize(self.0)
+    }
+
+    fn tuple_variant<V: serde::de::Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_seq(visitor)
+    }
+
+    fn struct_variant<V: serde::de::Visitor<'de>>(
+        self,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+}

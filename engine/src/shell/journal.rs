@@ -1,0 +1,194 @@
+//! The journal: the one place where an event becomes a record in the log.
+//!
+//! Every writer goes through it (ingestion's `RunAccepted`, the facade's resolutions and
+//! cancellations, the drivers' batches), and it does the same four steps for each:
+//!
+//! 1. **check**: `apply` the event to the run's state (the state machine refuses an
+//!    illegal event, which then never reaches the log);
+//! 2. **encode** the payload and check its size against the store's own limits (once:
+//!    the store is configured with these same limits, so an append never fails on size);
+//! 3. **append** the batch with optimistic concurrency (`expected` = the state's next seq
+//!    before the batch);
+//! 4. **snapshot** the folded state when the append crossed a multiple of
+//!    `snapshot_every` (an optimisation: a failure is logged, never returned).
+
+use crate::core::{apply, apply_take, TransitionError};
+use crate::error::EngineError;
+use crate::model::event::{Event, Logged};
+use crate::model::state::RunState;
+use crate::shell::fold::load_state;
+use keel_store::{codec, Claim, EventLog, Limits, NewRecord, Payload, RunId, Seq, StoreError};
+use std::sync::Arc;
+
+/// Why an event could not be journaled. The state it was checked against is unchanged.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// The state machine refuses it.
+    Illegal(TransitionError),
+    /// Its encoded payload is larger than the store accepts (`what`, bytes, max).
+    TooLarge(&'static str, usize, usize),
+    /// It does not encode (a bug: every event encodes).
+    Encode(StoreError),
+}
+
+impl From<Refused> for EngineError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Illegal(e) => EngineError::Transition(e),
+            Refused::TooLarge(what, bytes, max) => EngineError::Store(StoreError::TooLarge { what, bytes, max }),
+            Refused::Encode(e) => EngineError::Store(e),
+        }
+    }
+}
+
+/// Checks, encodes, appends and snapshots (see the module docs).
+pub(crate) struct Journal {
+    log: Arc<dyn EventLog>,
+    /// The limits the store was opened with: the only size check of an event.
+    limits: Limits,
+    /// Save a snapshot every this many events (0: never).
+    snapshot_every: u64,
+}
+
+impl Journal {
+    pub(crate) fn new(log: Arc<dyn EventLog>, limits: Limits, snapshot_every: u64) -> Self {
+        Journal { log, limits, snapshot_every }
+    }
+
+    /// Steps 1 and 2 for the first event of a run: the state it founds and its record.
+    pub(crate) fn found(&self, logged: &Logged) -> Result<(RunState, NewRecord), EngineError> {
+        // Pair check: the first event must fold (it always does; a failure is a bug).
+        let state = apply(None, logged)?;
+        let record = self.encode(&logged.event, logged.at_us)?;
+        Ok((state, record))
+    }
+
+    /// Steps 1 and 2 for an event of an existing run: folds `event` (at `at_us`) into
+    /// `state` and returns its record. On error `state` is unchanged and the event is
+    /// handed back. The event's owned fields move into the state (`apply_take`), so a
+    /// caller that needs the event afterwards keeps a copy.
+    // The error hands the event back by value on a rare path; boxing it would allocate.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn check(&self, state: &mut RunState, event: Event, at_us: i64) -> Result<NewRecord, (Refused, Event)> {
+        let record = match self.encode(&event, at_us) {
+            Ok(r) => r,
+            Err(refused) => return Err((refused, event)),
+        };
+        let mut logged = Logged { run: state.run, seq: state.next_seq, at_us, event };
+        if let Err(e) = apply_take(state, &mut logged) {
+            // apply_take changes nothing on error: the event is intact.
+            return Err((Refused::Illegal(e), logged.event));
+        }
+        Ok(record)
+    }
+
+    /// Step 2: the record of `event`, within the store's limits.
+    fn encode(&self, event: &Event, at_us: i64) -> Result<NewRecord, Refused> {
+        let payload = codec::encode(event).map_err(Refused::Encode)?;
+        let max = self.limits.event_bytes_max;
+        if payload.len() > max {
+            return Err(Refused::TooLarge("event", payload.len(), max));
+        }
+        Ok(NewRecord {
+            kind: event.kind().to_owned(),
+            time_us: at_us,
+            payload_version: Payload::payload_version(event),
+            payload,
+            payload_root: keel_store::digest::payload_root_of(&event.fields()),
+        })
+    }
+
+    /// Steps 3 and 4: appends `records` (checked against `expected`, the run's next seq
+    /// before them) and saves a snapshot of `after` (the state they lead to) if one is due.
+    /// With a `claim`, the idempotency key is claimed in the same atomic write.
+    pub(crate) async fn append(
+        &self,
+        after: &RunState,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<(), EngineError> {
+        let (run, head) = (after.run, after.next_seq);
+        let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
+        blocking(&self.log, move |log| {
+            let new_head = log.append(run, expected, records, claim)?;
+            debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
+            if let Some(bytes) = snapshot {
+                if let Err(e) = log.save_snapshot(run, head, &bytes) {
+                    tracing::warn!(%run, error = %e, "snapshot not saved");
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Appends one event decided outside a driver (a resolution, a cancellation) with
+    /// optimistic concurrency: `build` sees the current state and returns the event (or a
+    /// typed error); on a conflict the state is re-read and `build` asked again. `now_us`
+    /// is the shell's clock. Returns the state after the event.
+    pub(crate) async fn append_outside(
+        &self,
+        run: RunId,
+        now_us: impl Fn() -> i64,
+        build: impl Fn(&RunState) -> Result<Event, EngineError>,
+    ) -> Result<RunState, EngineError> {
+        loop {
+            let state = self.load(run).await?.ok_or(EngineError::UnknownRun { run })?;
+            let event = build(&state)?;
+            let at_us = now_us().max(state.last_event_us);
+            let expected = state.next_seq;
+            let mut next = state;
+            let record = self.check(&mut next, event, at_us).map_err(|(refused, _)| EngineError::from(refused))?;
+            match self.append(&next, expected, vec![record], None).await {
+                Ok(()) => return Ok(next),
+                Err(EngineError::Store(StoreError::Conflict { .. })) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The run's current state (latest snapshot + tail), read without stalling the runtime.
+    pub(crate) async fn load(&self, run: RunId) -> Result<Option<RunState>, EngineError> {
+        blocking(&self.log, move |log| load_state(log, run)).await
+    }
+}
+
+/// Runs a blocking store call (sled calls block) without stalling other tasks: on a
+/// multi-thread runtime in place (`block_in_place`: this thread does the call while the
+/// runtime moves its other tasks to another thread), so a driver's append needs no
+/// hand-off to the blocking pool and back (two thread wake-ups per append, measured as
+/// most of the engine's overhead per durable step, docs/PERFORMANCE.md); on a
+/// current-thread runtime on the blocking pool. Either way each waiting append holds a
+/// thread, so group commit batches the appends of different runs.
+pub(crate) async fn blocking<T, F>(log: &Arc<dyn EventLog>, f: F) -> Result<T, EngineError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
+{
+    let log = log.clone();
+    if matches!(
+        tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+    ) {
+        return tokio::task::block_in_place(move || f(log.as_ref()));
+    }
+    tokio::task::spawn_blocking(move || f(log.as_ref()))
+        .await
+        .map_err(|e| EngineError::Internal(format!("store task: {e}")))?
+}
+
+/// The encoded `state` if the append from `before` to `state.next_seq` crossed a multiple
+/// of `every` (a snapshot is due), else `None`.
+fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Option<Vec<u8>> {
+    if every == 0 || before.0 / every == state.next_seq.0 / every {
+        return None;
+    }
+    match codec::encode(state) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!(run = %state.run, error = %e, "snapshot does not encode");
+            None
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The imperative shell: performs what the core decides, on tokio, and records what it
+//! learns as events. Floor 4 of the engine: imports the vocabulary, the core and the
+//! plug-in API, never the facade.
+//!
+//! - [`runtime`]: the shared state every part of the shell holds;
+//! - [`queue`]: the run queue (plain data);
+//! - [`sched`]: the workers that claim runs from the queue and drive them;
+//! - [`driver`]: one driver per run (decide, stage, append, start effects);
+//! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
+//! - [`journal`]: the one place that checks, encodes, appends and snapshots;
+//! - [`ingest`]: validating and recording a request;
+//! - [`fold`]: reading a run's log back and folding it;
+//! - [`cache`]: the response cache.
+
+pub(crate) mod cache;
+pub(crate) mod driver;
+pub(crate) mod effects;
+pub(crate) mod fold;
+pub(crate) mod ingest;
+pub(crate) mod journal;
+pub(crate) mod queue;
+pub(crate) mod runtime;
+pub(crate) mod sched;

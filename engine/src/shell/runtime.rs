@@ -1,0 +1,60 @@
+//! The shell's shared state: the journal (and through it the log), the registered
+//! workflow types and handlers, the clock, the policy and the run queue, behind one `Arc`
+//! that the facade, ingestion, the scheduler and the drivers hold. Owned here (not by the
+//! facade), so the shell imports nothing from the floor above it.
+
+use crate::api::{Clock, EscalationSink, ShellLimits, TaskHandler, WorkflowType};
+use crate::core::Context;
+use crate::error::EngineError;
+use crate::model::state::RunState;
+use crate::shell::cache::ResponseCache;
+use crate::shell::journal::{blocking, Journal};
+use crate::shell::queue::Scheduler;
+use keel_store::{EventLog, RunId};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// A registered workflow type with its compiled input schema.
+pub(crate) struct Registered {
+    pub wf: WorkflowType,
+    pub validator: Option<jsonschema::Validator>,
+}
+
+/// The shared state of the shell (see the module docs).
+pub(crate) struct Inner {
+    /// The log, for reads (every write goes through `journal`).
+    pub log: Arc<dyn EventLog>,
+    pub journal: Journal,
+    pub workflows: BTreeMap<String, Arc<Registered>>,
+    pub handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
+    pub sink: Arc<dyn EscalationSink>,
+    pub clock: Arc<dyn Clock>,
+    pub ctx: Context,
+    pub workers: usize,
+    pub cache: ResponseCache,
+    pub limits: ShellLimits,
+    pub sched: Mutex<Scheduler>,
+    /// Wakes the service workers (a run was queued or released).
+    pub wake: Notify,
+}
+
+impl Inner {
+    pub(crate) fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a blocking store call without stalling other tasks ([`blocking`]).
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
+    {
+        blocking(&self.log, f).await
+    }
+
+    /// The run's current state (latest snapshot + tail of the log).
+    pub(crate) async fn load(&self, run: RunId) -> Result<Option<RunState>, EngineError> {
+        self.journal.load(run).await
+    }
+}
