@@ -10,7 +10,7 @@ use crate::log::{load_state, read_logged};
 use crate::model::*;
 use crate::sched::{Scheduler, Workers};
 use crate::state::{RunState, Totals};
-use keel_store::{Durability, EventLog, RunId, Seq, StoreConfig, StoreError};
+use keel_store::{Durability, RunId, Seq, Store, StoreConfig, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -208,7 +208,7 @@ impl EscalationSink for TracingSink {
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     path: Option<PathBuf>,
-    store: Option<Arc<dyn EventLog>>,
+    store: Option<Arc<dyn Store>>,
     durability: Durability,
     workflows: Vec<WorkflowType>,
     handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
@@ -227,7 +227,7 @@ impl EngineBuilder {
         self
     }
     /// Use this event log (e.g. `MemStore` in tests) instead of a sled database.
-    pub fn store(mut self, log: Arc<dyn EventLog>) -> Self {
+    pub fn store(mut self, log: Arc<dyn Store>) -> Self {
         self.store = Some(log);
         self
     }
@@ -274,7 +274,7 @@ impl EngineBuilder {
 
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
-        let log: Arc<dyn EventLog> = match (self.path, self.store) {
+        let log: Arc<dyn Store> = match (self.path, self.store) {
             (Some(_), Some(_)) => return Err(EngineError::Config("both path() and store() given".into())),
             (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
             (None, Some(s)) => s,
@@ -332,7 +332,7 @@ pub(crate) struct Registered {
 }
 
 pub(crate) struct Inner {
-    pub log: Arc<dyn EventLog>,
+    pub log: Arc<dyn Store>,
     pub workflows: BTreeMap<String, Arc<Registered>>,
     pub handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
     pub sink: Arc<dyn EscalationSink>,
@@ -362,7 +362,7 @@ impl Inner {
     pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, EngineError>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, EngineError> + Send + 'static,
     {
         let log = self.log.clone();
         if matches!(
@@ -588,7 +588,7 @@ impl Engine {
     }
 
     /// The event log (e.g. to export a run while the engine runs).
-    pub fn store(&self) -> Arc<dyn EventLog> {
+    pub fn store(&self) -> Arc<dyn Store> {
         self.inner.log.clone()
     }
 

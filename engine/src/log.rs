@@ -5,7 +5,7 @@ use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::event::{Event, Logged};
 use crate::state::RunState;
-use keel_store::{codec, EventLog, RunId, Seq};
+use keel_store::{codec, EventLog, RunId, Seq, Store};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
 /// payload does not decode, does not match its chained payload root, or whose envelope
@@ -65,7 +65,7 @@ fn logged_of(rec: keel_store::Record) -> Result<Logged, EngineError> {
 /// Folds `run` from its latest snapshot (if any, and if it decodes and matches) plus the
 /// tail of the log. `None` if the run has no records. A snapshot that cannot be used is
 /// logged as a warning and the run is folded from its first event.
-pub fn load_state(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
+pub fn load_state(log: &dyn Store, run: RunId) -> Result<Option<RunState>, EngineError> {
     let (state, from) = match snapshot_state(log, run) {
         Some(s) => {
             let from = s.next_seq;
@@ -99,7 +99,7 @@ fn fold_into(
     Ok(state)
 }
 
-fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
+fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
     match log.load_snapshot(run) {
         Ok(Some((seq, bytes))) => match codec::decode::<RunState>(&bytes) {
             Ok(s) if s.run == run && s.next_seq == seq => Some(s),
@@ -122,7 +122,7 @@ fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
 
 /// Saves a snapshot of `state` if the append that produced it crossed a multiple of
 /// `every`. Failures are logged, never returned: a snapshot is an optimisation.
-pub(crate) fn maybe_snapshot(log: &dyn EventLog, state: &RunState, before: Seq, every: u64) {
+pub(crate) fn maybe_snapshot(log: &dyn Store, state: &RunState, before: Seq, every: u64) {
     if let Some(bytes) = snapshot_bytes(state, before, every) {
         save_snapshot(log, state.run, state.next_seq, &bytes);
     }
@@ -144,7 +144,7 @@ pub(crate) fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Optio
 }
 
 /// Saves an encoded snapshot covering seqs `< next_seq`; failures are logged.
-pub(crate) fn save_snapshot(log: &dyn EventLog, run: RunId, next_seq: Seq, bytes: &[u8]) {
+pub(crate) fn save_snapshot(log: &dyn Store, run: RunId, next_seq: Seq, bytes: &[u8]) {
     if let Err(e) = log.save_snapshot(run, next_seq, bytes) {
         tracing::warn!(%run, error = %e, "snapshot not saved");
     }

@@ -10,7 +10,8 @@ use keel_proptests::gen::GenConfig;
 use keel_proptests::rng::Rng;
 use keel_proptests::{cases, env_u64};
 use keel_store::{
-    prepare, verify_run, Durability, EventLog, RunId, Seq, SledStore, StoreConfig, StoreError, VerifyError,
+    prepare, verify_run, Coordination, Durability, EventLog, RunId, Seq, SledStore, StoreConfig, StoreError,
+    VerifyError,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;

@@ -558,7 +558,7 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
     names.extend(cfg.handlers.keys().cloned());
     names.sort();
     names.dedup();
-    let log: Arc<dyn EventLog> = store.clone();
+    let log: Arc<dyn keel_store::Store> = store.clone();
     let mut builder = Engine::builder()
         .store(log)
         .policy(cfg.policy.clone())

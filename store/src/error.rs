@@ -25,6 +25,12 @@ pub enum StoreError {
     #[error("{what} too large: {bytes} > max {max}")]
     TooLarge { what: &'static str, bytes: usize, max: usize },
 
+    /// A fenced append ([`crate::Coordination::append_fenced`]) whose lease epoch is no
+    /// longer the run's: the lease was renewed, released or taken over since. Nothing was
+    /// written.
+    #[error("append to run {run} fenced: lease epoch {fence} is stale, the run is at epoch {current}")]
+    Fenced { run: RunId, fence: u64, current: u64 },
+
     /// An append with no records.
     #[error("append of an empty batch to run {run}")]
     EmptyBatch { run: RunId },
@@ -73,6 +79,10 @@ pub enum StoreError {
     /// A stored idempotency-key claim does not decode.
     #[error("corrupt idempotency claim: {reason}")]
     CorruptClaim { reason: String },
+
+    /// A stored entry of the due-time index does not decode.
+    #[error("corrupt due-time index: {reason}")]
+    CorruptDue { reason: String },
 
     /// A configuration value is out of range.
     #[error("invalid store config: {reason}")]

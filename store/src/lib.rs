@@ -43,6 +43,7 @@ pub mod bench;
 mod borrowing;
 pub mod codec;
 mod commit;
+mod coordination;
 mod core;
 pub mod digest;
 mod error;
@@ -54,10 +55,11 @@ mod sled_store;
 pub mod types;
 pub mod verify;
 
+pub use coordination::{Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
 pub use error::StoreError;
 pub use log::{
-    prepare, Claim, Durability, EventLog, Head, Lease, Level, Limits, NewRecord, Record, RecordIter, RunRecords,
-    StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
+    prepare, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter, RunRecords, StoreConfig,
+    KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use mem::MemStore;
 pub use read_ahead::read_runs_in_turn;

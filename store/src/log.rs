@@ -184,7 +184,10 @@ pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send
 /// list read ([`EventLog::read_runs`]).
 pub type RunRecords<'a> = Box<dyn Iterator<Item = (usize, Result<Record, StoreError>)> + Send + 'a>;
 
-/// The event log the engine talks to. Object safe.
+/// The log proper: append, read and the run heads. Coordination (leases, claims lookup,
+/// snapshots, aux entries, due times) is [`crate::Coordination`]; the engine holds both as
+/// one [`crate::Store`]. Object safe; no method has a default, so every backend and every
+/// wrapper implements each on purpose.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `records` to `run` all-or-nothing. `expected` must equal the run's next seq,
     /// else `Conflict { run, expected, actual }` and nothing is written. With a `claim`, the
@@ -211,23 +214,16 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every run with at least one record, sorted.
     fn runs(&self) -> Result<Vec<RunId>, StoreError>;
 
-    /// The run holding an unexpired claim on `key` at `now_us`.
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError>;
-
-    /// Saves the folded state covering seqs `< next_seq`; only the last saved snapshot of a
-    /// run is kept. `next_seq` beyond the head is refused.
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError>;
-
-    /// The run's snapshot, checked against its checksum and against the log's chain hash at
-    /// `next_seq - 1`.
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError>;
-
     /// Makes everything appended so far durable at the strongest level (power loss),
     /// whatever the configured mode.
     fn flush(&self) -> Result<(), StoreError>;
 
     /// The configured durability.
     fn durability(&self) -> Durability;
+
+    /// The size limits this store enforces (its configured ones, which `prepare`'s default
+    /// check may be looser or stricter than).
+    fn limits(&self) -> Limits;
 
     /// The whole logs of `runs`, one run after another in the order given, each exactly as
     /// [`EventLog::read`] from seq 0 yields it (same records, same checks; a run's first
@@ -237,79 +233,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// second thread, so that sled's reads overlap with the caller's decoding and folding
     /// (docs/STORE.md); there, a panic inside sled ends the pass with a `Panicked` error
     /// for the run being read and one for each run not read, where `read` would unwind.
-    /// The default reads run after run. Dropping the iterator early stops the reading.
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
-        crate::read_ahead::read_runs_in_turn(self, runs)
-    }
+    /// A backend without read-ahead returns [`crate::read_runs_in_turn`]. Dropping the
+    /// iterator early stops the reading.
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a>;
 
     /// Audit view: the records stored for `run` from `from`, in key order, CRC-checked and
     /// decoded, WITHOUT the gap and chain-link checks of [`EventLog::read`]; `prev_hash` is
     /// the stored hash of the record stored before. [`crate::verify`] uses it to name exactly
-    /// what is wrong past a broken link. Backends that cannot do better fall back to `read`.
-    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.read(run, from)
-    }
-
-    /// The exclusive right to drive `run` (decide and perform its effects) while the
-    /// returned [`Lease`] lives; `None` if someone else holds it. Appends do not require a
-    /// lease (OCC keeps the log exact); leases keep two drivers from running the same
-    /// dispatch at once. Both built-in backends track leases per store handle (one process
-    /// can open a sled db); the default grants every request (no coordination).
-    fn try_lease(&self, run: RunId) -> Result<Option<Lease>, StoreError> {
-        Ok(Some(Lease::untracked(run)))
-    }
-
-    /// An auxiliary entry outside every run's log (the response cache keeps outputs here).
-    /// Aux entries are not chained, not verified, and become durable with the next flush
-    /// of anything: treat them as a cache that may lose its latest writes in a crash.
-    /// The default stores nothing.
-    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let _ = key;
-        Ok(None)
-    }
-
-    /// Writes an auxiliary entry (see [`EventLog::aux_get`]); limited to
-    /// `key_bytes_max` / `event_bytes_max`.
-    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let _ = (key, value);
-        Ok(())
-    }
-}
-
-/// The exclusive right to drive one run, released on drop (see [`EventLog::try_lease`]).
-#[derive(Debug)]
-pub struct Lease {
-    run: RunId,
-    registry: Option<std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>>,
-}
-
-impl Lease {
-    /// A lease nobody else can see (for backends without coordination).
-    pub fn untracked(run: RunId) -> Lease {
-        Lease { run, registry: None }
-    }
-
-    /// Takes `run` in `registry` unless it is already taken.
-    pub fn acquire(
-        registry: &std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>,
-        run: RunId,
-    ) -> Option<Lease> {
-        let mut held = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.insert(run).then(|| Lease { run, registry: Some(registry.clone()) })
-    }
-
-    /// The run this lease is for.
-    pub fn run(&self) -> RunId {
-        self.run
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(reg) = &self.registry {
-            reg.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.run);
-        }
-    }
+    /// what is wrong past a broken link. A backend that cannot do better returns `read`.
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError>;
 }
 
 /// What a durable append survives.

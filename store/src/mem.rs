@@ -1,9 +1,10 @@
 //! In-memory backend with the same semantics as the sled one (same keys, same bytes, same
 //! checks), for tests. Nothing is durable.
 
+use crate::coordination::{Coordination, Fence};
 use crate::core::{Core, Kv, KvIter, KvPair, KvShared, Written};
 use crate::error::StoreError;
-use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter};
+use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter, RunRecords};
 use crate::record;
 use crate::types::{RunId, Seq};
 use std::collections::BTreeMap;
@@ -106,14 +107,11 @@ impl EventLog for MemStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
-        match self.core.write(run, expected, records, claim)? {
-            Written::Ok(head) => Ok(head),
-            Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
-        }
+        self.write(run, expected, records, claim, None)
     }
 
-    // Everything but append, flush and durability is the shared core's.
-    crate::core::delegate_to_core!();
+    // read, head, runs, scan, limits: the shared core's.
+    crate::core::delegate_log!();
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -122,4 +120,40 @@ impl EventLog for MemStore {
     fn durability(&self) -> Durability {
         Durability::None
     }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        crate::read_ahead::read_runs_in_turn(self, runs)
+    }
+}
+
+impl MemStore {
+    fn write(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    ) -> Result<Head, StoreError> {
+        match self.core.write(run, expected, records, claim, fence)? {
+            Written::Ok(head) => Ok(head),
+            Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
+        }
+    }
+}
+
+impl Coordination for MemStore {
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence))
+    }
+
+    // Leases, claims lookup, snapshots, aux, due times: the shared core's.
+    crate::core::delegate_coordination!();
 }

@@ -5,6 +5,8 @@
 //! - `b's' || run (16)`                -> snapshot value
 //! - `b'k' || idempotency key`         -> `run (16) || i64_be(expires_at_us)`
 //! - `b'c' || aux key`                -> aux value (not chained; e.g. the response cache)
+//! - `b't' || u64_be(due_at_us ^ 1<<63) || run (16)` -> empty (the due-time index)
+//! - `b'u' || run (16)`                -> `i64_be(due_at_us)` (the run's current due time)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
 use crate::codec::{self, EnvelopeV3, WireError};
@@ -17,6 +19,8 @@ pub(crate) const EVENT_PREFIX: u8 = b'e';
 pub(crate) const SNAPSHOT_PREFIX: u8 = b's';
 pub(crate) const CLAIM_PREFIX: u8 = b'k';
 pub(crate) const AUX_PREFIX: u8 = b'c';
+pub(crate) const DUE_PREFIX: u8 = b't';
+pub(crate) const DUE_OF_RUN_PREFIX: u8 = b'u';
 pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
 /// Written at creation; a store without it (but with keys) is not a keel store.
 pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
@@ -48,6 +52,36 @@ pub(crate) fn aux_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.len());
     k.push(AUX_PREFIX);
     k.extend_from_slice(key);
+    k
+}
+
+/// `b't' || u64_be(due_at_us with its sign bit flipped) || run`: ordered by due time.
+pub(crate) fn due_key(due_at_us: i64, run: RunId) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    let order = (due_at_us as u64) ^ (1 << 63);
+    let (prefix, rest) = k.split_at_mut(1);
+    let (time, id) = rest.split_at_mut(8);
+    prefix.copy_from_slice(&[DUE_PREFIX]);
+    time.copy_from_slice(&order.to_be_bytes());
+    id.copy_from_slice(run.as_bytes());
+    k
+}
+
+/// `(due_at_us, run)` of a due key; `None` if the key is not one.
+pub(crate) fn parse_due_key(k: &[u8]) -> Option<(i64, RunId)> {
+    let (&prefix, rest) = k.split_first()?;
+    if prefix != DUE_PREFIX || rest.len() != 24 {
+        return None;
+    }
+    let (time, id) = rest.split_at(8);
+    let order = u64::from_be_bytes(time.try_into().ok()?);
+    Some(((order ^ (1 << 63)) as i64, RunId::from_bytes(id.try_into().ok()?)))
+}
+
+/// `b'u' || run` -> `i64_be(due_at_us)`: the run's current due time (to remove its key).
+pub(crate) fn due_of_run_key(run: RunId) -> [u8; 17] {
+    let mut k = run_prefix(run);
+    k[0] = DUE_OF_RUN_PREFIX;
     k
 }
 

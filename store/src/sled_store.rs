@@ -1,6 +1,7 @@
 //! The sled backend.
 
 use crate::commit::GroupCommit;
+use crate::coordination::{Coordination, Fence};
 use crate::core::{Core, Kv, KvIter, KvPair, Written};
 use crate::error::{sled_err, StoreError};
 use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunRecords, StoreConfig};
@@ -362,10 +363,58 @@ impl EventLog for SledStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, None)
+    }
+
+    // read, head, runs, scan, limits: the shared core's.
+    crate::core::delegate_log!();
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.sync(Level::PowerLoss)
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        match crate::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
+            Some(r) => Box::new(r),
+            None => crate::read_ahead::read_runs_in_turn(self, runs),
+        }
+    }
+}
+
+impl Coordination for SledStore {
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence))
+    }
+
+    // Leases, claims lookup, snapshots, aux, due times: the shared core's.
+    crate::core::delegate_coordination!();
+}
+
+impl SledStore {
+    /// An append, fenced or not: the shared write phase, then durability.
+    fn write(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    ) -> Result<Head, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
-        match self.core.write(run, expected, records, claim) {
+        match self.core.write(run, expected, records, claim, fence) {
             Ok(Written::Ok(head)) => {
                 self.make_durable()?;
                 Ok(head)
@@ -382,24 +431,6 @@ impl EventLog for SledStore {
                 Err(e)
             }
             Err(e) => Err(e),
-        }
-    }
-
-    // Everything but append, flush and durability is the shared core's.
-    crate::core::delegate_to_core!();
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.sync(Level::PowerLoss)
-    }
-
-    fn durability(&self) -> Durability {
-        self.durability
-    }
-
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
-        match crate::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
-            Some(r) => Box::new(r),
-            None => crate::read_ahead::read_runs_in_turn(self, runs),
         }
     }
 }

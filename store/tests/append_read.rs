@@ -8,7 +8,7 @@ use keel_store::{
 };
 
 /// Runs a check against a fresh SledStore and a fresh MemStore.
-fn on_both(check: impl Fn(&dyn EventLog)) {
+fn on_both(check: impl Fn(&dyn keel_store::Store)) {
     let dir = tempdir();
     let sled = open(dir.path(), Durability::None);
     check(&sled);

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use keel_store::codec::testing::{open_raw, seal_raw};
-use keel_store::{Durability, EventLog, Limits, MemStore, Seq, StoreError};
+use keel_store::{Coordination, Durability, Limits, MemStore, Seq, StoreError};
 
 #[test]
 fn save_load_keeps_only_the_latest_and_survives_reopen() {
@@ -29,7 +29,7 @@ fn save_load_keeps_only_the_latest_and_survives_reopen() {
 fn snapshot_limits_and_head_are_enforced() {
     let dir = tempdir();
     let sled = open(dir.path(), Durability::None);
-    for log in [&MemStore::new() as &dyn EventLog, &sled] {
+    for log in [&MemStore::new() as &dyn keel_store::Store, &sled] {
         let r = run(1);
         fill(log, r, 3);
         assert!(matches!(

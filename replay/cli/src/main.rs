@@ -422,7 +422,7 @@ fn open(db: &Path) -> Result<Arc<SledStore>, CliError> {
 
 /// An engine over the database with the demo's workflow type and handlers registered.
 fn engine_over(store: Arc<SledStore>) -> Result<Engine, CliError> {
-    let log: Arc<dyn EventLog> = store;
+    let log: Arc<dyn keel_store::Store> = store;
     Ok(demo::register(Engine::builder().store(log)).open()?)
 }
 
