@@ -212,7 +212,7 @@ fn resealed_tamper(seed: u64, pick: u64) -> Result<(), TestCaseError> {
     let mut bad = original.clone();
     let i = rng.range(4, bad.len() as u64 - 1) as usize;
     bad[i] ^= 1 << rng.below(8);
-    keel_store::codec::reseal(&mut bad);
+    keel_store::testing::reseal(&mut bad);
     store.raw_put(run, Seq(k), &bad).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| verify_run::<Event>(&store, run)));
     match outcome {

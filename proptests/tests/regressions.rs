@@ -115,7 +115,7 @@ fn bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips() {
 /// second (record schema v2: `read`'s link check hashes the payload bytes).
 #[test]
 fn bug_resume_folds_a_resealed_substituted_payload_without_error() {
-    use keel_store::codec::testing::{open_raw, seal_raw};
+    use keel_store::testing::{open_raw, seal_raw};
     use keel_store::{EventLog, MemStore};
     let store = MemStore::new();
     let run = run_id(9);

@@ -38,34 +38,35 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
 #[cfg(feature = "bench")]
 pub mod bench;
-mod borrowing;
-pub mod codec;
-mod commit;
 mod coordination;
-mod core;
-pub mod digest;
+pub mod envelope;
 mod error;
+mod kv;
 mod log;
-mod mem;
-mod read_ahead;
-mod record;
-mod sled_store;
+#[cfg(feature = "sled")]
+mod sled;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod types;
 pub mod verify;
 
 pub use coordination::{Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
+pub use envelope::record::FORMAT_MARKER;
+pub use envelope::{codec, digest};
 pub use error::StoreError;
+pub use kv::mem::MemStore;
 pub use log::{
-    prepare, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter, RunRecords, StoreConfig,
-    KIND_BYTES_MAX, SCHEMA_VERSION,
+    prepare, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter,
+    RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
-pub use mem::MemStore;
-pub use read_ahead::read_runs_in_turn;
-pub use record::FORMAT_MARKER;
-#[doc(hidden)]
-pub use sled_store::RawPair;
-pub use sled_store::{SledStore, MARKER_FILE, SEGMENT_BYTES};
+#[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
+pub use sled::RawPair;
+#[cfg(feature = "sled")]
+pub use sled::{SledStore, MARKER_FILE, SEGMENT_BYTES};
 pub use types::*;
 pub use verify::{verify_run, VerifyError, VerifyReport};

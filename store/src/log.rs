@@ -1,7 +1,7 @@
 //! The narrow seam the engine talks to: [`EventLog`], its record types and configuration.
 
-use crate::codec::DECODE_BYTES_MAX;
-use crate::digest;
+use crate::envelope::codec::DECODE_BYTES_MAX;
+use crate::envelope::digest;
 use crate::error::StoreError;
 use crate::types::{Hash32, Payload, RunId, Seq};
 
@@ -18,11 +18,13 @@ pub const KIND_BYTES_MAX: usize = 256;
 /// A record ready to append (built by [`prepare`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewRecord {
+    /// [`Payload::kind`] of the payload (at most [`KIND_BYTES_MAX`] bytes).
     pub kind: String,
+    /// When the record was made, µs since the Unix epoch (the caller's clock).
     pub time_us: i64,
     /// [`Payload::payload_version`] of the payload (stored, never interpreted).
     pub payload_version: u16,
-    /// bincode-encoded payload ([`crate::codec::encode`]).
+    /// bincode-encoded payload ([`crate::envelope::codec::encode`]).
     pub payload: Vec<u8>,
     /// [`digest::payload_root_of`] the payload's `fields()`.
     pub payload_root: Hash32,
@@ -32,7 +34,7 @@ pub struct NewRecord {
 /// payload exceeds the default [`Limits::event_bytes_max`] (the store re-checks its own
 /// configured limit on append).
 pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, StoreError> {
-    let bytes = crate::codec::encode(payload)?;
+    let bytes = crate::envelope::codec::encode(payload)?;
     let max = Limits::default().event_bytes_max;
     if bytes.len() > max {
         return Err(StoreError::TooLarge { what: "event", bytes: bytes.len(), max });
@@ -53,15 +55,22 @@ pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, Store
 /// A record read back.
 #[derive(Clone, Debug)]
 pub struct Record {
+    /// The run it belongs to.
     pub run: RunId,
+    /// Its position in the run's log.
     pub seq: Seq,
+    /// The envelope's schema version (1-3; picks the record digest, docs/STORE.md).
     pub schema_version: u16,
+    /// The event kind stored in the envelope.
     pub kind: String,
+    /// When it was recorded, µs since the Unix epoch.
     pub time_us: i64,
     /// The payload's layout version as the domain stated it when appending (schema version
     /// 3); 1 for records of schema versions 1 and 2, which did not store one.
     pub payload_version: u16,
+    /// The payload's stored bytes (bincode; decode with [`Record::decode`]).
     pub payload: Vec<u8>,
+    /// [`digest::payload_root_of`] the payload's fields, as stored.
     pub payload_root: Hash32,
     /// Chain hash of the record before (zeros for seq 0).
     pub prev_hash: Hash32,
@@ -79,7 +88,7 @@ impl Record {
 
     /// Decodes the payload; the error names run and seq.
     pub fn decode<P: Payload>(&self) -> Result<P, StoreError> {
-        crate::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
+        crate::envelope::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
             run: self.run,
             seq: self.seq,
             reason,
@@ -172,8 +181,12 @@ impl Head {
 /// run is refreshed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
+    /// The idempotency key (at most `key_bytes_max` bytes).
     pub key: Vec<u8>,
+    /// The caller's now, µs since the Unix epoch: a claim with `expires_at_us <= now_us`
+    /// is expired.
     pub now_us: i64,
+    /// When this claim expires, µs since the Unix epoch.
     pub expires_at_us: i64,
 }
 
@@ -293,6 +306,8 @@ impl Limits {
     /// Hard cap for `event_bytes_max` and `snapshot_bytes_max`.
     pub const VALUE_BYTES_HARD_MAX: usize = 128 * 1024;
 
+    /// Refuses limits out of their ranges (`InvalidConfig`); checked when a store opens.
+    #[cfg_attr(not(feature = "sled"), allow(dead_code))]
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
         let bad = |reason: String| Err(StoreError::InvalidConfig { reason });
         if self.event_bytes_max == 0 || self.event_bytes_max > Self::VALUE_BYTES_HARD_MAX {
@@ -330,7 +345,9 @@ impl Default for Limits {
 /// How to open a [`crate::SledStore`].
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    /// When an append returns (default: group commit, power-loss durable).
     pub durability: Durability,
+    /// Size limits (validated at open: `InvalidConfig`).
     pub limits: Limits,
     /// sled's page cache size in bytes. Default 64 MiB.
     pub cache_capacity_bytes: u64,
@@ -347,4 +364,16 @@ impl Default for StoreConfig {
             create: true,
         }
     }
+}
+
+/// [`crate::EventLog::read_runs`] on the caller's thread: `read` run after run (what a backend without
+/// read-ahead returns, and what a one-core replay measures).
+pub fn read_runs_in_turn<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
+    Box::new(runs.iter().enumerate().flat_map(move |(i, &run)| {
+        let records: crate::RecordIter = match log.read(run, Seq(0)) {
+            Ok(it) => it,
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        records.map(move |r| (i, r))
+    }))
 }

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use keel_store::codec::testing::{open_raw, seal_raw};
+use keel_store::testing::{open_raw, seal_raw};
 use keel_store::{Coordination, Durability, Limits, MemStore, Seq, StoreError};
 
 #[test]

@@ -9,8 +9,8 @@
 //! - `b'u' || run (16)`                -> `i64_be(due_at_us)` (the run's current due time)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
-use crate::codec::{self, EnvelopeV3, WireError};
-use crate::digest;
+use crate::envelope::codec::{self, EnvelopeV3, WireError};
+use crate::envelope::digest;
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, Record, KIND_BYTES_MAX, SCHEMA_VERSION};
 use crate::types::{Hash32, RunId, Seq};
@@ -21,6 +21,7 @@ pub(crate) const CLAIM_PREFIX: u8 = b'k';
 pub(crate) const AUX_PREFIX: u8 = b'c';
 pub(crate) const DUE_PREFIX: u8 = b't';
 pub(crate) const DUE_OF_RUN_PREFIX: u8 = b'u';
+#[cfg(feature = "sled")]
 pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
 /// Written at creation; a store without it (but with keys) is not a keel store.
 pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
@@ -94,14 +95,15 @@ pub(crate) fn claim_key(key: &[u8]) -> Vec<u8> {
 
 /// `(run, seq)` of an event key; `None` if the key is not one.
 pub(crate) fn parse_event_key(k: &[u8]) -> Option<(RunId, u64)> {
-    if k.len() != EVENT_KEY_LEN || k[0] != EVENT_PREFIX {
+    if k.len() != EVENT_KEY_LEN {
         return None;
     }
-    let mut run = [0u8; 16];
-    run.copy_from_slice(&k[1..17]);
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&k[17..]);
-    Some((RunId::from_bytes(run), u64::from_be_bytes(seq)))
+    let (&prefix, rest) = k.split_first()?;
+    if prefix != EVENT_PREFIX {
+        return None;
+    }
+    let (run, seq) = rest.split_first_chunk::<16>()?;
+    Some((RunId::from_bytes(*run), u64::from_be_bytes(seq.try_into().ok()?)))
 }
 
 pub(crate) fn claim_value(run: RunId, expires_at_us: i64) -> [u8; 24] {
@@ -112,14 +114,10 @@ pub(crate) fn claim_value(run: RunId, expires_at_us: i64) -> [u8; 24] {
 }
 
 pub(crate) fn parse_claim_value(v: &[u8]) -> Result<(RunId, i64), StoreError> {
-    if v.len() != 24 {
-        return Err(StoreError::CorruptClaim { reason: format!("claim value has {} bytes, expected 24", v.len()) });
-    }
-    let mut run = [0u8; 16];
-    run.copy_from_slice(&v[..16]);
-    let mut exp = [0u8; 8];
-    exp.copy_from_slice(&v[16..]);
-    Ok((RunId::from_bytes(run), i64::from_be_bytes(exp)))
+    let bad = || StoreError::CorruptClaim { reason: format!("claim value has {} bytes, expected 24", v.len()) };
+    let (run, exp) = v.split_first_chunk::<16>().ok_or_else(bad)?;
+    let exp: [u8; 8] = exp.try_into().map_err(|_| bad())?;
+    Ok((RunId::from_bytes(*run), i64::from_be_bytes(exp)))
 }
 
 /// The claim rule: refuse if another run holds the key unexpired.
@@ -251,6 +249,8 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
 
 /// Hashing of a stored record done ahead of its checks (by the read-ahead thread, from the
 /// same bytes the checks read).
+// Only the sled read-ahead hashes ahead.
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Prehashed {
     /// Nothing: the checks hash everything.
@@ -265,6 +265,7 @@ pub(crate) enum Prehashed {
 /// key names) the record digest. `None` if the value does not decode (the checks will say
 /// why and end the run there); [`Prehashed::Nothing`] for a v1 record's payload (not
 /// covered).
+#[cfg(feature = "sled")]
 pub(crate) fn prehash(run: RunId, at_seq: Option<u64>, value: &[u8]) -> Option<Prehashed> {
     let (version, env) = codec::open_record_ref(value).ok()?;
     let payload = (version >= 2).then(|| digest::payload_digest(env.payload));

@@ -2,11 +2,13 @@
 //! append with a per-run head cache, claims, reads, snapshots. [`crate::SledStore`] and
 //! [`crate::MemStore`] are both a `Core` over their map, so they share every semantic.
 
-use crate::codec::{self, SnapshotV1};
+pub(crate) mod mem;
+
 use crate::coordination::{Fence, Lease, LeaseTable};
+use crate::envelope::codec::{self, SnapshotV1};
+use crate::envelope::record::{self, Records};
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, RecordIter};
-use crate::record::{self, Records};
 use crate::types::{Hash32, RunId, Seq};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -15,16 +17,18 @@ pub(crate) type KvPair = (Vec<u8>, Vec<u8>);
 /// Writes applied atomically by [`Kv::apply`]: `(key, Some(value))` puts, `(key, None)`
 /// removes.
 pub(crate) type KvWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
-/// A pair handed out by a range scan: sled's own reference-counted buffers (no copy of
-/// the value per record; replay reads every record of a run through here).
-pub(crate) type KvShared = (sled::IVec, sled::IVec);
-pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvShared, StoreError>> + Send + 'static>;
+/// The pairs of a range scan, in the backend's own buffers (sled's reference-counted ones:
+/// no copy of the value per record; replay reads every record of a run through here).
+pub(crate) type KvIter<B> = Box<dyn Iterator<Item = Result<(B, B), StoreError>> + Send + 'static>;
 
-/// The ordered map a backend provides.
+/// The ordered map a backend provides. The shared logic names no backend type: a range
+/// scan hands out the backend's buffer type `Buf`.
 pub(crate) trait Kv: Send + Sync + 'static {
+    /// A key or value as a range scan hands it out.
+    type Buf: AsRef<[u8]> + Send + 'static;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Pairs with `lo <= key <= hi`, ascending, streaming.
-    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError>;
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter<Self::Buf>, StoreError>;
     /// The last pair with `lo <= key <= hi`.
     fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError>;
     /// The first key strictly greater than `after`.
@@ -120,6 +124,7 @@ impl<K: Kv> Core<K> {
     }
 
     /// Drops every cached head (they reload from the map); used after raw writes.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn forget_heads(&self) {
         let map = self.heads.read().unwrap_or_else(PoisonError::into_inner);
         for slot in map.values() {
@@ -352,7 +357,7 @@ impl<K: Kv> Core<K> {
         let mut out = Vec::new();
         for kv in self.kv.range(&lo, &hi)?.take(limit) {
             let (k, _) = kv?;
-            match record::parse_due_key(&k) {
+            match record::parse_due_key(k.as_ref()) {
                 Some((at, run)) => out.push((run, at)),
                 None => {
                     return Err(StoreError::CorruptDue { reason: "malformed due-time key".into() });
@@ -427,18 +432,21 @@ impl<K: Kv> Core<K> {
 
     // --- raw test hooks -------------------------------------------------------------
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.kv.get(key)
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn raw_write(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         self.kv.apply(vec![(key.to_vec(), value.map(<[u8]>::to_vec))])?;
         self.forget_heads();
         Ok(())
     }
 
+    #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
     pub(crate) fn raw_range(&self, lo: &[u8], hi: &[u8]) -> Result<Vec<KvPair>, StoreError> {
-        self.kv.range(lo, hi)?.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect()
+        self.kv.range(lo, hi)?.map(|r| r.map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec()))).collect()
     }
 }
 
