@@ -7,11 +7,14 @@
 //! CONTRACT (shared with keel-engine; helpers implement behind it, do not rename):
 //! - [`RunId`], [`Seq`] newtypes. Seq is 0-based: a run's first record has seq 0, and an
 //!   append to an empty run passes `expected = Seq(0)`.
-//! - [`Payload`]: what a record carries. `kind()` is stored in the envelope;
-//!   `fields()` gives the JSON object whose top-level fields are digested one by one
-//!   (the unit of redaction).
-//! - [`EventLog`]: the narrow, object-safe seam the engine talks to.
-//! - [`SledStore`]: the embedded default backend; [`MemStore`]: in-memory (tests).
+//! - [`Payload`]: what a record carries. `kind()` and `payload_version()` are stored in
+//!   the envelope; `fields()` gives the JSON object whose top-level fields are digested one
+//!   by one (the unit of redaction).
+//! - [`EventLog`] (the log) and [`Coordination`] (leases with epochs and fenced appends,
+//!   claims, snapshots, aux entries, due times), held together as [`Store`]: the narrow,
+//!   object-safe seam the engine talks to. No method has a default.
+//! - `SledStore` (the `sled` feature, on by default): the embedded backend; [`MemStore`]:
+//!   in-memory (tests). Both pass `keel-store-conformance`.
 //!
 //! Byte layout, hash formulas, durability steps and limits: `docs/STORE.md`.
 //!

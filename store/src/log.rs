@@ -342,7 +342,7 @@ impl Default for Limits {
     }
 }
 
-/// How to open a [`crate::SledStore`].
+/// How to open a `SledStore` (the `sled` feature).
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     /// When an append returns (default: group commit, power-loss durable).
