@@ -16,16 +16,30 @@ use crate::shell::journal::Journal;
 use crate::shell::queue::Scheduler;
 use crate::shell::runtime::{Inner, Registered};
 use crate::shell::sched::Workers;
-use keel_store::{Durability, EventLog, RunId, Seq, StoreConfig};
+use keel_store::{Durability, RunId, Seq, Store};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
+/// Opens the sled database at `dir` (the `sled` feature).
+#[cfg(feature = "sled")]
+fn open_sled(dir: &std::path::Path, durability: Durability) -> Result<Arc<dyn Store>, EngineError> {
+    let cfg = keel_store::StoreConfig { durability, ..keel_store::StoreConfig::default() };
+    Ok(Arc::new(keel_store::SledStore::open(dir, cfg)?))
+}
+
+/// Without the `sled` feature no path can be opened: `path()` does not exist, so this is
+/// never reached with a path.
+#[cfg(not(feature = "sled"))]
+fn open_sled(dir: &std::path::Path, _durability: Durability) -> Result<Arc<dyn Store>, EngineError> {
+    Err(EngineError::Config(format!("cannot open {}: keel-engine was built without the sled feature", dir.display())))
+}
+
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     path: Option<PathBuf>,
-    store: Option<Arc<dyn EventLog>>,
+    store: Option<Arc<dyn Store>>,
     durability: Durability,
     workflows: Vec<WorkflowType>,
     handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
@@ -38,13 +52,16 @@ pub struct EngineBuilder {
 }
 
 impl EngineBuilder {
-    /// Store the log in a sled database at `dir` (created if missing).
+    /// Store the log in a sled database at `dir` (created if missing). Needs the `sled`
+    /// feature (on by default); without it, open a store yourself and pass it to
+    /// [`EngineBuilder::store`].
+    #[cfg(feature = "sled")]
     pub fn path(mut self, dir: impl Into<PathBuf>) -> Self {
         self.path = Some(dir.into());
         self
     }
     /// Use this event log (e.g. `MemStore` in tests) instead of a sled database.
-    pub fn store(mut self, log: Arc<dyn EventLog>) -> Self {
+    pub fn store(mut self, log: Arc<dyn Store>) -> Self {
         self.store = Some(log);
         self
     }
@@ -98,16 +115,13 @@ impl EngineBuilder {
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
         // The journal checks event sizes against the limits the store was opened with.
-        let (log, store_limits): (Arc<dyn EventLog>, keel_store::Limits) = match (self.path, self.store) {
+        let log: Arc<dyn Store> = match (self.path, self.store) {
             (Some(_), Some(_)) => return Err(EngineError::Config("both path() and store() given".into())),
             (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
-            (None, Some(s)) => (s, keel_store::Limits::default()),
-            (Some(p), None) => {
-                let cfg = StoreConfig { durability: self.durability, ..StoreConfig::default() };
-                let limits = cfg.limits.clone();
-                (Arc::new(keel_store::SledStore::open(&p, cfg)?), limits)
-            }
+            (None, Some(s)) => s,
+            (Some(p), None) => open_sled(&p, self.durability)?,
         };
+        let store_limits = log.limits();
         if self.workers == 0 {
             return Err(EngineError::Config("workers must be at least 1".into()));
         }
@@ -337,7 +351,7 @@ impl Engine {
     }
 
     /// The event log (e.g. to export a run while the engine runs).
-    pub fn store(&self) -> Arc<dyn EventLog> {
+    pub fn store(&self) -> Arc<dyn Store> {
         self.inner.log.clone()
     }
 

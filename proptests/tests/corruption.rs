@@ -10,7 +10,8 @@ use keel_proptests::gen::GenConfig;
 use keel_proptests::rng::Rng;
 use keel_proptests::{cases, env_u64};
 use keel_store::{
-    prepare, verify_run, Durability, EventLog, RunId, Seq, SledStore, StoreConfig, StoreError, VerifyError,
+    prepare, verify_run, Coordination, Durability, EventLog, RunId, Seq, SledStore, StoreConfig, StoreError,
+    VerifyError,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -211,7 +212,7 @@ fn resealed_tamper(seed: u64, pick: u64) -> Result<(), TestCaseError> {
     let mut bad = original.clone();
     let i = rng.range(4, bad.len() as u64 - 1) as usize;
     bad[i] ^= 1 << rng.below(8);
-    keel_store::codec::reseal(&mut bad);
+    keel_store::testing::reseal(&mut bad);
     store.raw_put(run, Seq(k), &bad).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| verify_run::<Event>(&store, run)));
     match outcome {

@@ -14,7 +14,7 @@ use keel_proptests::refmodel::Model;
 use keel_proptests::script::ScenarioScript;
 use keel_proptests::world::{self, FastClock, World};
 use keel_proptests::{cases, env_u64};
-use keel_store::{verify_run, Durability, EventLog, Level, SledStore, StoreConfig};
+use keel_store::{verify_run, Durability, Level, SledStore, StoreConfig};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use std::collections::BTreeMap;
@@ -33,7 +33,7 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
-fn engine(store: Arc<dyn EventLog>, world: &Arc<World>, workers: usize) -> Engine {
+fn engine(store: Arc<dyn keel_store::Store>, world: &Arc<World>, workers: usize) -> Engine {
     world::register(Engine::builder().store(store), world)
         .clock(Arc::new(FastClock::new()))
         .snapshot_every(5)
@@ -75,7 +75,7 @@ async fn answer_humans(engine: &Engine, world: &World, runs: &BTreeMap<RunId, u6
 
 /// Everything a stored run must satisfy; for one-task-at-a-time runs, the same events as
 /// the simulator and the model.
-fn check_run(store: &dyn EventLog, run: RunId, sc: &Scenario, engines: usize) -> Result<Vec<Logged>, String> {
+fn check_run(store: &dyn keel_store::Store, run: RunId, sc: &Scenario, engines: usize) -> Result<Vec<Logged>, String> {
     let events: Vec<Logged> = keel_engine::read_logged(store, run, keel_engine::Seq(0))
         .map_err(|e| e.to_string())?
         .collect::<Result<_, _>>()
@@ -125,7 +125,7 @@ fn engine_batch(seed: u64, count: usize, n: usize, engines: usize) -> Result<usi
         },
     )
     .map_err(|e| e.to_string())?;
-    let store: Arc<dyn EventLog> = Arc::new(sled);
+    let store: Arc<dyn keel_store::Store> = Arc::new(sled);
     let world = Arc::new(World::default());
     let cfg = GenConfig { tasks_max: n.max(1), ..GenConfig::default() };
     let scenarios: Vec<Scenario> = (0..count as u64)

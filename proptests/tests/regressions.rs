@@ -117,7 +117,7 @@ fn bug_replay_check_false_divergence_inside_a_batch_of_cascading_skips() {
 /// second (record schema v2: `read`'s link check hashes the payload bytes).
 #[test]
 fn bug_resume_folds_a_resealed_substituted_payload_without_error() {
-    use keel_store::codec::testing::{open_raw, seal_raw};
+    use keel_store::testing::{open_raw, seal_raw};
     use keel_store::{EventLog, MemStore};
     let store = MemStore::new();
     let run = run_id(9);
@@ -173,7 +173,7 @@ fn bug_reopen_right_after_drop_can_fail_with_locked() {
 
 /// FINDING (keel-engine, engine/src/sched.rs: "a run is driven by at most one driver at a
 /// time (the `active` set)"): the `active` set is per `Engine`. Several engines sharing
-/// one `Arc<dyn EventLog>` (the builder's `store(..)`) each drive every runnable run, so
+/// one `Arc<dyn Store>` (the builder's `store(..)`) each drive every runnable run, so
 /// every dispatch is executed by up to N handlers (same idempotency key: at-least-once
 /// still holds, nothing is double-recorded thanks to OCC), and one driver's answer can
 /// land between another driver's decision and its recording, which `keel replay --check`
@@ -186,7 +186,7 @@ fn bug_reopen_right_after_drop_can_fail_with_locked() {
 fn bug_two_engines_on_one_store_both_drive_the_same_run() {
     use keel_proptests::world::{self, World};
     use std::sync::Arc;
-    let store: Arc<dyn keel_store::EventLog> = Arc::new(keel_store::MemStore::new());
+    let store: Arc<dyn keel_store::Store> = Arc::new(keel_store::MemStore::new());
     let w = Arc::new(World::default());
     let mut sc =
         world::engine_scenario(42, 12, &keel_proptests::gen::GenConfig { human_review: false, ..Default::default() });

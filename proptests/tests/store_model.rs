@@ -6,7 +6,9 @@
 use keel_engine::{Event, TaskId};
 use keel_proptests::cases;
 use keel_proptests::rng::Rng;
-use keel_store::{prepare, verify_run, Durability, EventLog, Level, RunId, Seq, SledStore, StoreConfig, StoreError};
+use keel_store::{
+    prepare, verify_run, Coordination, Durability, EventLog, Level, RunId, Seq, SledStore, StoreConfig, StoreError,
+};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use std::collections::BTreeMap;

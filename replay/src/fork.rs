@@ -616,7 +616,7 @@ fn fork_engine(
     names.extend(cfg.handlers.keys().cloned());
     names.sort();
     names.dedup();
-    let log: Arc<dyn EventLog> = store.clone();
+    let log: Arc<dyn keel_store::Store> = store.clone();
     let mut builder = Engine::builder()
         .store(log)
         .policy(cfg.policy.clone())

@@ -10,11 +10,11 @@
 //! Keel and raw alternate in short slices (so a slow period of a shared machine hits both)
 //! and each cell is repeated on fresh databases; medians are reported.
 
-use crate::commit::GroupCommit;
+use crate::envelope::record;
 use crate::error::{sled_err, StoreError};
 use crate::log::{prepare, Durability, EventLog, Level, StoreConfig};
-use crate::record;
-use crate::sled_store::{open_sled, SledStore, Syncer};
+use crate::sled::commit::GroupCommit;
+use crate::sled::{open_sled, SledStore, Syncer};
 use crate::types::{Payload, RunId, Seq};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,7 @@ pub struct BenchConfig {
     pub repeats: usize,
     /// Concurrent runs (threads).
     pub runs: Vec<usize>,
+    /// Durability modes measured, one table section each.
     pub modes: Vec<Durability>,
     /// Target encoded payload size.
     pub payload_bytes: usize,
@@ -71,13 +72,16 @@ impl BenchConfig {
 /// One measurement.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sample {
+    /// Durable appends (or raw inserts) completed.
     pub ops: u64,
+    /// Wall time they took, in seconds.
     pub seconds: f64,
     /// Flushes run (group commit only; else equal to ops).
     pub flushes: u64,
 }
 
 impl Sample {
+    /// Operations per second (0 for a sample of no time).
     pub fn per_second(&self) -> f64 {
         if self.seconds > 0.0 {
             self.ops as f64 / self.seconds
@@ -90,7 +94,9 @@ impl Sample {
 /// One cell of the table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BenchRow {
+    /// The durability mode of this cell.
     pub durability: Durability,
+    /// Concurrent runs (threads) of this cell.
     pub runs: usize,
     /// Median durable appends per second through [`SledStore`].
     pub keel_per_s: f64,
@@ -101,14 +107,18 @@ pub struct BenchRow {
     pub ratio: f64,
     /// Appends per flush in the median keel sample.
     pub keel_ops_per_flush: f64,
+    /// Every keel sample (one per repeat).
     pub keel_samples: Vec<Sample>,
+    /// Every raw sled sample (one per repeat).
     pub raw_samples: Vec<Sample>,
 }
 
 /// The bench payload: an event with an id and ~`payload_bytes` of text.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct BenchEvent {
+    /// A sequence number.
     pub id: u64,
+    /// Filler text of about the configured payload size.
     pub note: String,
 }
 

@@ -14,41 +14,107 @@ pub enum StoreError {
     /// Optimistic concurrency: the caller's expected next seq is not the run's next seq.
     /// Nothing of the batch was written.
     #[error("append conflict on run {run}: expected next seq {expected}, log is at {actual}")]
-    Conflict { run: RunId, expected: Seq, actual: Seq },
+    Conflict {
+        /// The run concerned.
+        run: RunId,
+        /// The next seq the caller expected.
+        expected: Seq,
+        /// The run's next seq in the log.
+        actual: Seq,
+    },
 
     /// The idempotency key is held, unexpired, by another run. Nothing was written.
     #[error("idempotency key already claimed by run {existing}")]
-    DuplicateKey { existing: RunId },
+    DuplicateKey {
+        /// The run holding the key.
+        existing: RunId,
+    },
 
     /// A size limit was exceeded (`what` names the limit; `bytes` is the offending size,
     /// a record count for `what = "batch records"`). Nothing was written.
     #[error("{what} too large: {bytes} > max {max}")]
-    TooLarge { what: &'static str, bytes: usize, max: usize },
+    TooLarge {
+        /// Which limit (`"event"`, `"batch records"`, `"snapshot"`, ...).
+        what: &'static str,
+        /// The offending size in bytes (a record count for `"batch records"`).
+        bytes: usize,
+        /// The limit it exceeded.
+        max: usize,
+    },
+
+    /// A fenced append ([`crate::Coordination::append_fenced`]) whose lease epoch is no
+    /// longer the run's: the lease was renewed, released or taken over since. Nothing was
+    /// written.
+    #[error("append to run {run} fenced: lease epoch {fence} is stale, the run is at epoch {current}")]
+    Fenced {
+        /// The run concerned.
+        run: RunId,
+        /// The epoch the append was fenced with.
+        fence: u64,
+        /// The run's current lease epoch.
+        current: u64,
+    },
 
     /// An append with no records.
     #[error("append of an empty batch to run {run}")]
-    EmptyBatch { run: RunId },
+    EmptyBatch {
+        /// The run concerned.
+        run: RunId,
+    },
 
     /// A stored record failed its checksum, does not decode, or breaks the chain
     /// (link / gap). Records before `seq` are intact and readable.
     #[error("corrupted record run {run} seq {seq}: {reason}")]
-    Corrupted { run: RunId, seq: Seq, reason: String },
+    Corrupted {
+        /// The run concerned.
+        run: RunId,
+        /// The seq of the record concerned.
+        seq: Seq,
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// The stored snapshot of a run is damaged or does not match the log.
     #[error("corrupt snapshot for run {run}: {reason}")]
-    CorruptSnapshot { run: RunId, reason: String },
+    CorruptSnapshot {
+        /// The run concerned.
+        run: RunId,
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// A snapshot was saved for seqs the log does not have yet.
     #[error("snapshot for run {run} covers seqs < {next_seq} but the log is at {head}")]
-    SnapshotBeyondHead { run: RunId, next_seq: Seq, head: Seq },
+    SnapshotBeyondHead {
+        /// The run concerned.
+        run: RunId,
+        /// The first seq the snapshot does not cover.
+        next_seq: Seq,
+        /// The run's next seq in the log.
+        head: Seq,
+    },
 
     /// A record envelope carries a schema version this build cannot decode or upcast.
     #[error("record run {run} seq {seq} has unknown schema version {version}")]
-    UnknownVersion { run: RunId, seq: Seq, version: u16 },
+    UnknownVersion {
+        /// The run concerned.
+        run: RunId,
+        /// The seq of the record concerned.
+        seq: Seq,
+        /// The schema version found.
+        version: u16,
+    },
 
     /// A record's payload does not decode as the requested payload type.
     #[error("cannot decode payload of run {run} seq {seq}: {reason}")]
-    Decode { run: RunId, seq: Seq, reason: String },
+    Decode {
+        /// The run concerned.
+        run: RunId,
+        /// The seq of the record concerned.
+        seq: Seq,
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// A value could not be encoded (or, outside any record, decoded) by the codec.
     #[error("codec error: {0}")]
@@ -56,33 +122,63 @@ pub enum StoreError {
 
     /// The database is opened by another process (or another handle in this process).
     #[error("store at {path} is in use by another process or handle (lock held)")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+    },
 
     /// The path exists but is not a keel store.
     #[error("{path} is not a keel store: {reason}")]
-    NotAStore { path: PathBuf, reason: String },
+    NotAStore {
+        /// The store directory.
+        path: PathBuf,
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// The path holds a keel store whose database is damaged beyond what sled reports.
     #[error("keel store at {path} is damaged: {reason}")]
-    CorruptStore { path: PathBuf, reason: String },
+    CorruptStore {
+        /// The store directory.
+        path: PathBuf,
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// `create: false` and there is no store at the path.
     #[error("no keel store at {path}")]
-    NotFound { path: PathBuf },
+    NotFound {
+        /// The store directory.
+        path: PathBuf,
+    },
 
     /// A stored idempotency-key claim does not decode.
     #[error("corrupt idempotency claim: {reason}")]
-    CorruptClaim { reason: String },
+    CorruptClaim {
+        /// What was seen, in words.
+        reason: String,
+    },
+
+    /// A stored entry of the due-time index does not decode.
+    #[error("corrupt due-time index: {reason}")]
+    CorruptDue {
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// A configuration value is out of range.
     #[error("invalid store config: {reason}")]
-    InvalidConfig { reason: String },
+    InvalidConfig {
+        /// What was seen, in words.
+        reason: String,
+    },
 
     /// A flush failed earlier; the outcome of in-flight appends is unknown and every later
     /// append is refused. Reopen the store and read the heads.
     #[error("store poisoned by an earlier failed flush; reopen it")]
     Poisoned,
 
+    /// An I/O error (opening, flushing, fsyncing).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
@@ -96,6 +192,7 @@ pub enum StoreError {
 }
 
 /// Maps a sled error into the store's error, keeping I/O errors typed.
+#[cfg(feature = "sled")]
 pub(crate) fn sled_err(e: sled::Error) -> StoreError {
     match e {
         sled::Error::Io(io) => StoreError::Io(io),
@@ -104,6 +201,7 @@ pub(crate) fn sled_err(e: sled::Error) -> StoreError {
 }
 
 /// The text of a caught panic's payload.
+#[cfg(feature = "sled")]
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<String>()

@@ -7,11 +7,14 @@
 //! CONTRACT (shared with keel-engine; helpers implement behind it, do not rename):
 //! - [`RunId`], [`Seq`] newtypes. Seq is 0-based: a run's first record has seq 0, and an
 //!   append to an empty run passes `expected = Seq(0)`.
-//! - [`Payload`]: what a record carries. `kind()` is stored in the envelope;
-//!   `fields()` gives the JSON object whose top-level fields are digested one by one
-//!   (the unit of redaction).
-//! - [`EventLog`]: the narrow, object-safe seam the engine talks to.
-//! - [`SledStore`]: the embedded default backend; [`MemStore`]: in-memory (tests).
+//! - [`Payload`]: what a record carries. `kind()` and `payload_version()` are stored in
+//!   the envelope; `fields()` gives the JSON object whose top-level fields are digested one
+//!   by one (the unit of redaction).
+//! - [`EventLog`] (the log) and [`Coordination`] (leases with epochs and fenced appends,
+//!   claims, snapshots, aux entries, due times), held together as [`Store`]: the narrow,
+//!   object-safe seam the engine talks to. No method has a default.
+//! - `SledStore` (the `sled` feature, on by default): the embedded backend; [`MemStore`]:
+//!   in-memory (tests). Both pass `keel-store-conformance`.
 //!
 //! Byte layout, hash formulas, durability steps and limits: `docs/STORE.md`.
 //!
@@ -38,32 +41,35 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
 #[cfg(feature = "bench")]
 pub mod bench;
-mod borrowing;
-pub mod codec;
-mod commit;
-mod core;
-pub mod digest;
+mod coordination;
+pub mod envelope;
 mod error;
+mod kv;
 mod log;
-mod mem;
-mod read_ahead;
-mod record;
-mod sled_store;
+#[cfg(feature = "sled")]
+mod sled;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod types;
 pub mod verify;
 
+pub use coordination::{Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
+pub use envelope::record::FORMAT_MARKER;
+pub use envelope::{codec, digest};
 pub use error::StoreError;
+pub use kv::mem::MemStore;
 pub use log::{
-    prepare, Claim, Durability, EventLog, Head, Lease, Level, Limits, NewRecord, Record, RecordIter, RunRecords,
-    StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
+    prepare, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter,
+    RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
-pub use mem::MemStore;
-pub use read_ahead::read_runs_in_turn;
-pub use record::FORMAT_MARKER;
-#[doc(hidden)]
-pub use sled_store::RawPair;
-pub use sled_store::{SledStore, MARKER_FILE, SEGMENT_BYTES};
+#[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
+pub use sled::RawPair;
+#[cfg(feature = "sled")]
+pub use sled::{SledStore, MARKER_FILE, SEGMENT_BYTES};
 pub use types::*;
 pub use verify::{verify_run, VerifyError, VerifyReport};

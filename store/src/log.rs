@@ -1,7 +1,7 @@
 //! The narrow seam the engine talks to: [`EventLog`], its record types and configuration.
 
-use crate::codec::DECODE_BYTES_MAX;
-use crate::digest;
+use crate::envelope::codec::DECODE_BYTES_MAX;
+use crate::envelope::digest;
 use crate::error::StoreError;
 use crate::types::{Hash32, Payload, RunId, Seq};
 
@@ -18,11 +18,13 @@ pub const KIND_BYTES_MAX: usize = 256;
 /// A record ready to append (built by [`prepare`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewRecord {
+    /// [`Payload::kind`] of the payload (at most [`KIND_BYTES_MAX`] bytes).
     pub kind: String,
+    /// When the record was made, µs since the Unix epoch (the caller's clock).
     pub time_us: i64,
     /// [`Payload::payload_version`] of the payload (stored, never interpreted).
     pub payload_version: u16,
-    /// bincode-encoded payload ([`crate::codec::encode`]).
+    /// bincode-encoded payload ([`crate::envelope::codec::encode`]).
     pub payload: Vec<u8>,
     /// [`digest::payload_root_of`] the payload's `fields()`.
     pub payload_root: Hash32,
@@ -32,7 +34,7 @@ pub struct NewRecord {
 /// payload exceeds the default [`Limits::event_bytes_max`] (the store re-checks its own
 /// configured limit on append).
 pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, StoreError> {
-    let bytes = crate::codec::encode(payload)?;
+    let bytes = crate::envelope::codec::encode(payload)?;
     let max = Limits::default().event_bytes_max;
     if bytes.len() > max {
         return Err(StoreError::TooLarge { what: "event", bytes: bytes.len(), max });
@@ -53,15 +55,22 @@ pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, Store
 /// A record read back.
 #[derive(Clone, Debug)]
 pub struct Record {
+    /// The run it belongs to.
     pub run: RunId,
+    /// Its position in the run's log.
     pub seq: Seq,
+    /// The envelope's schema version (1-3; picks the record digest, docs/STORE.md).
     pub schema_version: u16,
+    /// The event kind stored in the envelope.
     pub kind: String,
+    /// When it was recorded, µs since the Unix epoch.
     pub time_us: i64,
     /// The payload's layout version as the domain stated it when appending (schema version
     /// 3); 1 for records of schema versions 1 and 2, which did not store one.
     pub payload_version: u16,
+    /// The payload's stored bytes (bincode; decode with [`Record::decode`]).
     pub payload: Vec<u8>,
+    /// [`digest::payload_root_of`] the payload's fields, as stored.
     pub payload_root: Hash32,
     /// Chain hash of the record before (zeros for seq 0).
     pub prev_hash: Hash32,
@@ -79,7 +88,7 @@ impl Record {
 
     /// Decodes the payload; the error names run and seq.
     pub fn decode<P: Payload>(&self) -> Result<P, StoreError> {
-        crate::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
+        crate::envelope::codec::decode_serde(&self.payload).map_err(|reason| StoreError::Decode {
             run: self.run,
             seq: self.seq,
             reason,
@@ -172,8 +181,12 @@ impl Head {
 /// run is refreshed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
+    /// The idempotency key (at most `key_bytes_max` bytes).
     pub key: Vec<u8>,
+    /// The caller's now, µs since the Unix epoch: a claim with `expires_at_us <= now_us`
+    /// is expired.
     pub now_us: i64,
+    /// When this claim expires, µs since the Unix epoch.
     pub expires_at_us: i64,
 }
 
@@ -184,7 +197,10 @@ pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send
 /// list read ([`EventLog::read_runs`]).
 pub type RunRecords<'a> = Box<dyn Iterator<Item = (usize, Result<Record, StoreError>)> + Send + 'a>;
 
-/// The event log the engine talks to. Object safe.
+/// The log proper: append, read and the run heads. Coordination (leases, claims lookup,
+/// snapshots, aux entries, due times) is [`crate::Coordination`]; the engine holds both as
+/// one [`crate::Store`]. Object safe; no method has a default, so every backend and every
+/// wrapper implements each on purpose.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `records` to `run` all-or-nothing. `expected` must equal the run's next seq,
     /// else `Conflict { run, expected, actual }` and nothing is written. With a `claim`, the
@@ -211,23 +227,16 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every run with at least one record, sorted.
     fn runs(&self) -> Result<Vec<RunId>, StoreError>;
 
-    /// The run holding an unexpired claim on `key` at `now_us`.
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError>;
-
-    /// Saves the folded state covering seqs `< next_seq`; only the last saved snapshot of a
-    /// run is kept. `next_seq` beyond the head is refused.
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError>;
-
-    /// The run's snapshot, checked against its checksum and against the log's chain hash at
-    /// `next_seq - 1`.
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError>;
-
     /// Makes everything appended so far durable at the strongest level (power loss),
     /// whatever the configured mode.
     fn flush(&self) -> Result<(), StoreError>;
 
     /// The configured durability.
     fn durability(&self) -> Durability;
+
+    /// The size limits this store enforces (its configured ones, which `prepare`'s default
+    /// check may be looser or stricter than).
+    fn limits(&self) -> Limits;
 
     /// The whole logs of `runs`, one run after another in the order given, each exactly as
     /// [`EventLog::read`] from seq 0 yields it (same records, same checks; a run's first
@@ -237,79 +246,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// second thread, so that sled's reads overlap with the caller's decoding and folding
     /// (docs/STORE.md); there, a panic inside sled ends the pass with a `Panicked` error
     /// for the run being read and one for each run not read, where `read` would unwind.
-    /// The default reads run after run. Dropping the iterator early stops the reading.
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
-        crate::read_ahead::read_runs_in_turn(self, runs)
-    }
+    /// A backend without read-ahead returns [`crate::read_runs_in_turn`]. Dropping the
+    /// iterator early stops the reading.
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a>;
 
     /// Audit view: the records stored for `run` from `from`, in key order, CRC-checked and
     /// decoded, WITHOUT the gap and chain-link checks of [`EventLog::read`]; `prev_hash` is
     /// the stored hash of the record stored before. [`crate::verify`] uses it to name exactly
-    /// what is wrong past a broken link. Backends that cannot do better fall back to `read`.
-    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.read(run, from)
-    }
-
-    /// The exclusive right to drive `run` (decide and perform its effects) while the
-    /// returned [`Lease`] lives; `None` if someone else holds it. Appends do not require a
-    /// lease (OCC keeps the log exact); leases keep two drivers from running the same
-    /// dispatch at once. Both built-in backends track leases per store handle (one process
-    /// can open a sled db); the default grants every request (no coordination).
-    fn try_lease(&self, run: RunId) -> Result<Option<Lease>, StoreError> {
-        Ok(Some(Lease::untracked(run)))
-    }
-
-    /// An auxiliary entry outside every run's log (the response cache keeps outputs here).
-    /// Aux entries are not chained, not verified, and become durable with the next flush
-    /// of anything: treat them as a cache that may lose its latest writes in a crash.
-    /// The default stores nothing.
-    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let _ = key;
-        Ok(None)
-    }
-
-    /// Writes an auxiliary entry (see [`EventLog::aux_get`]); limited to
-    /// `key_bytes_max` / `event_bytes_max`.
-    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let _ = (key, value);
-        Ok(())
-    }
-}
-
-/// The exclusive right to drive one run, released on drop (see [`EventLog::try_lease`]).
-#[derive(Debug)]
-pub struct Lease {
-    run: RunId,
-    registry: Option<std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>>,
-}
-
-impl Lease {
-    /// A lease nobody else can see (for backends without coordination).
-    pub fn untracked(run: RunId) -> Lease {
-        Lease { run, registry: None }
-    }
-
-    /// Takes `run` in `registry` unless it is already taken.
-    pub fn acquire(
-        registry: &std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<RunId>>>,
-        run: RunId,
-    ) -> Option<Lease> {
-        let mut held = registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.insert(run).then(|| Lease { run, registry: Some(registry.clone()) })
-    }
-
-    /// The run this lease is for.
-    pub fn run(&self) -> RunId {
-        self.run
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(reg) = &self.registry {
-            reg.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.run);
-        }
-    }
+    /// what is wrong past a broken link. A backend that cannot do better returns `read`.
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError>;
 }
 
 /// What a durable append survives.
@@ -361,6 +306,8 @@ impl Limits {
     /// Hard cap for `event_bytes_max` and `snapshot_bytes_max`.
     pub const VALUE_BYTES_HARD_MAX: usize = 128 * 1024;
 
+    /// Refuses limits out of their ranges (`InvalidConfig`); checked when a store opens.
+    #[cfg_attr(not(feature = "sled"), allow(dead_code))]
     pub(crate) fn validate(&self) -> Result<(), StoreError> {
         let bad = |reason: String| Err(StoreError::InvalidConfig { reason });
         if self.event_bytes_max == 0 || self.event_bytes_max > Self::VALUE_BYTES_HARD_MAX {
@@ -395,10 +342,12 @@ impl Default for Limits {
     }
 }
 
-/// How to open a [`crate::SledStore`].
+/// How to open a `SledStore` (the `sled` feature).
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    /// When an append returns (default: group commit, power-loss durable).
     pub durability: Durability,
+    /// Size limits (validated at open: `InvalidConfig`).
     pub limits: Limits,
     /// sled's page cache size in bytes. Default 64 MiB.
     pub cache_capacity_bytes: u64,
@@ -415,4 +364,16 @@ impl Default for StoreConfig {
             create: true,
         }
     }
+}
+
+/// [`crate::EventLog::read_runs`] on the caller's thread: `read` run after run (what a backend without
+/// read-ahead returns, and what a one-core replay measures).
+pub fn read_runs_in_turn<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
+    Box::new(runs.iter().enumerate().flat_map(move |(i, &run)| {
+        let records: crate::RecordIter = match log.read(run, Seq(0)) {
+            Ok(it) => it,
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        records.map(move |r| (i, r))
+    }))
 }

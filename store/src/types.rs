@@ -8,9 +8,11 @@ use std::fmt;
 pub struct RunId(pub uuid::Uuid);
 
 impl RunId {
+    /// The run id of these 16 UUID bytes.
     pub fn from_bytes(b: [u8; 16]) -> Self {
         RunId(uuid::Uuid::from_bytes(b))
     }
+    /// The 16 UUID bytes (the form keys and digests use).
     pub fn as_bytes(&self) -> &[u8; 16] {
         self.0.as_bytes()
     }

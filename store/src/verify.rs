@@ -16,7 +16,7 @@
 //! tail of a run is only detectable against a head hash kept elsewhere (compare
 //! [`VerifyReport::head`]); rewriting a record AND every hash after it likewise.
 
-use crate::digest;
+use crate::envelope::digest;
 use crate::error::StoreError;
 use crate::log::{EventLog, Record};
 use crate::types::{Hash32, Payload, RunId, Seq};
@@ -24,6 +24,7 @@ use crate::types::{Hash32, Payload, RunId, Seq};
 /// A verified run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyReport {
+    /// The run verified.
     pub run: RunId,
     /// Records checked (= the run's next seq).
     pub records: u64,
@@ -35,10 +36,28 @@ pub struct VerifyReport {
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// A record does not chain or its payload does not hash to its stored root;
+    /// `reason` says what was altered, removed, reordered or inserted.
     #[error("run {run} seq {seq} does not verify: {reason}")]
-    Mismatch { run: RunId, seq: Seq, reason: String },
+    Mismatch {
+        /// The run concerned.
+        run: RunId,
+        /// The seq of the record concerned.
+        seq: Seq,
+        /// What was seen, in words.
+        reason: String,
+    },
+    /// A record is missing below the head.
     #[error("run {run}: record {expected} missing (broken link: record removed), next stored is {found}")]
-    Gap { run: RunId, expected: Seq, found: Seq },
+    Gap {
+        /// The run concerned.
+        run: RunId,
+        /// The seq that is missing.
+        expected: Seq,
+        /// The seq of the next stored record.
+        found: Seq,
+    },
+    /// The store failed while reading (other than damage `verify_run` diagnoses).
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use keel_store::{Durability, EventLog, Limits, Seq, SledStore, StoreConfig};
+use keel_store::{Coordination, Durability, EventLog, Limits, Seq, SledStore, StoreConfig};
 
 fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map(|d| d.count()).unwrap_or(0)

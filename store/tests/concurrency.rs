@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use keel_store::{Claim, Durability, EventLog, Level, RunId, Seq, StoreError};
+use keel_store::{Claim, Coordination, Durability, EventLog, Level, RunId, Seq, StoreError};
 use std::collections::HashSet;
 use std::sync::{Arc, Barrier};
 

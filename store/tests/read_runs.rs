@@ -5,8 +5,8 @@
 
 mod common;
 use common::*;
-use keel_store::codec::testing::{open_raw, seal_raw};
-use keel_store::{codec, Durability, EventLog, MemStore, RunId, Seq, SledStore};
+use keel_store::testing::{open_raw, seal_raw};
+use keel_store::{Durability, EventLog, MemStore, RunId, Seq, SledStore};
 
 /// What a reader can observe of one item: the record's fields, or the error's text.
 type Seen = (RunId, Result<(u64, u16, String, i64, Vec<u8>, [u8; 32], [u8; 32]), String>);
@@ -117,7 +117,7 @@ fn version_1_records_read_the_same() {
     let r = run(1);
     let mut prev = [0u8; 32];
     for i in 0..300 {
-        let (value, hash) = codec::testing::seal_v1_record(r, Seq(i), &prev, &rec(i)).unwrap();
+        let (value, hash) = keel_store::testing::seal_v1_record(r, Seq(i), &prev, &rec(i)).unwrap();
         log.raw_put(r, Seq(i), &value).unwrap();
         prev = hash;
     }

@@ -3,8 +3,8 @@
 
 mod common;
 use common::*;
-use keel_store::codec::testing::{open_raw, seal_raw};
-use keel_store::{Durability, EventLog, Limits, MemStore, Seq, StoreError};
+use keel_store::testing::{open_raw, seal_raw};
+use keel_store::{Coordination, Durability, Seq, StoreError};
 
 #[test]
 fn save_load_keeps_only_the_latest_and_survives_reopen() {
@@ -23,26 +23,6 @@ fn save_load_keeps_only_the_latest_and_survives_reopen() {
     }
     let log = open(dir.path(), Durability::default());
     assert_eq!(log.load_snapshot(r).unwrap(), Some((Seq(10), b"state@10".to_vec())));
-}
-
-#[test]
-fn snapshot_limits_and_head_are_enforced() {
-    let dir = tempdir();
-    let sled = open(dir.path(), Durability::None);
-    for log in [&MemStore::new() as &dyn EventLog, &sled] {
-        let r = run(1);
-        fill(log, r, 3);
-        assert!(matches!(
-            log.save_snapshot(r, Seq(4), b"x"),
-            Err(StoreError::SnapshotBeyondHead { next_seq: Seq(4), head: Seq(3), .. })
-        ));
-        let big = vec![0u8; Limits::default().snapshot_bytes_max + 1];
-        assert!(matches!(log.save_snapshot(r, Seq(3), &big), Err(StoreError::TooLarge { what: "snapshot", .. })));
-        assert_eq!(log.load_snapshot(r).unwrap(), None);
-        let max = vec![1u8; Limits::default().snapshot_bytes_max];
-        log.save_snapshot(r, Seq(3), &max).unwrap();
-        assert_eq!(log.load_snapshot(r).unwrap(), Some((Seq(3), max)));
-    }
 }
 
 #[test]

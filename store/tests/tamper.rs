@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use keel_store::codec::testing::{open_raw, seal_raw};
+use keel_store::testing::{open_raw, seal_raw};
 use keel_store::{codec, digest, verify_run, Durability, EventLog, RunId, Seq, SledStore, StoreError, VerifyError};
 
 const N: u64 = 8;
@@ -89,7 +89,7 @@ fn substitute_payload(log: &SledStore, r: RunId, seq: u64) {
     let payload_end = v.len() - 64;
     let at = payload_end - env.payload.len() + 20;
     v[at] ^= 0x01;
-    codec::reseal(&mut v);
+    keel_store::testing::reseal(&mut v);
     assert!(open_raw(&v).unwrap().payload != env.payload);
     log.raw_put(r, Seq(seq), &v).unwrap();
 }
@@ -98,7 +98,7 @@ fn substitute_payload(log: &SledStore, r: RunId, seq: u64) {
 fn fill_v1(log: &SledStore, r: RunId, n: u64) -> keel_store::Hash32 {
     let mut prev = [0u8; 32];
     for i in 0..n {
-        let (value, hash) = codec::testing::seal_v1_record(r, Seq(i), &prev, &rec(i)).unwrap();
+        let (value, hash) = keel_store::testing::seal_v1_record(r, Seq(i), &prev, &rec(i)).unwrap();
         log.raw_put(r, Seq(i), &value).unwrap();
         prev = hash;
     }
@@ -304,7 +304,7 @@ fn an_inserted_record_is_a_broken_link() {
         &rec.payload_root,
         &digest::payload_digest(&rec.payload),
     );
-    let forged = keel_store::codec::testing::RawEnvelope {
+    let forged = keel_store::testing::RawEnvelope {
         version: 2,
         kind: rec.kind.clone(),
         payload_version: 1,
@@ -400,7 +400,7 @@ fn every_single_byte_change_is_caught_and_never_panics() {
             if i < 4 {
                 continue; // re-sealing a damaged checksum restores the original
             }
-            codec::reseal(&mut v);
+            keel_store::testing::reseal(&mut v);
             log.raw_put(r, Seq(1), &v).unwrap();
             let (records, err) = read_all(&log, r, Seq(0));
             assert_eq!(records.len(), 1, "resealed byte {i}: prefix readable");

@@ -91,7 +91,7 @@ fn index_of(state: &RunState) -> u64 {
 }
 
 /// Per request index: (projection, log) of every run in a db.
-fn outcome(log: &dyn EventLog) -> BTreeMap<u64, (Projection, Vec<Logged>)> {
+fn outcome(log: &dyn keel_store::Store) -> BTreeMap<u64, (Projection, Vec<Logged>)> {
     let mut out = BTreeMap::new();
     for run in log.runs().unwrap() {
         let events: Vec<Logged> = read_logged(log, run, Seq(0)).unwrap().collect::<Result<_, _>>().unwrap();

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 pub struct ResponseCache {
     inner: Mutex<CacheInner>,
     entries_max: usize,
-    store: Option<std::sync::Arc<dyn keel_store::EventLog>>,
+    store: Option<std::sync::Arc<dyn keel_store::Store>>,
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -50,7 +50,7 @@ impl ResponseCache {
     }
 
     /// A cache that also keeps its entries in `store`'s aux keyspace.
-    pub fn with_store(entries_max: usize, store: std::sync::Arc<dyn keel_store::EventLog>) -> Self {
+    pub fn with_store(entries_max: usize, store: std::sync::Arc<dyn keel_store::Store>) -> Self {
         ResponseCache { inner: Mutex::new(CacheInner::default()), entries_max, store: Some(store) }
     }
 

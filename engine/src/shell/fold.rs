@@ -5,7 +5,7 @@ use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::state::RunState;
-use keel_store::{codec, EventLog, RunId, Seq};
+use keel_store::{codec, EventLog, RunId, Seq, Store};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
 /// payload does not decode, does not match its chained payload root, or whose envelope
@@ -66,7 +66,7 @@ fn logged_of(rec: keel_store::Record) -> Result<Logged, EngineError> {
 /// Folds `run` from its latest snapshot (if any, and if it decodes and matches) plus the
 /// tail of the log. `None` if the run has no records. A snapshot that cannot be used is
 /// logged as a warning and the run is folded from its first event.
-pub fn load_state(log: &dyn EventLog, run: RunId) -> Result<Option<RunState>, EngineError> {
+pub fn load_state(log: &dyn Store, run: RunId) -> Result<Option<RunState>, EngineError> {
     let (state, from) = match snapshot_state(log, run) {
         Some(s) => {
             let from = s.next_seq;
@@ -100,7 +100,7 @@ fn fold_into(
     Ok(state)
 }
 
-fn snapshot_state(log: &dyn EventLog, run: RunId) -> Option<RunState> {
+fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
     match log.load_snapshot(run) {
         Ok(Some((seq, bytes))) => match codec::decode::<RunState>(&bytes) {
             Ok(s) if s.run == run && s.next_seq == seq => Some(s),

@@ -17,7 +17,7 @@ use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
-use keel_store::{codec, Claim, EventLog, Limits, NewRecord, Payload, RunId, Seq, StoreError};
+use keel_store::{codec, Claim, Limits, NewRecord, Payload, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
 
 /// Why an event could not be journaled. The state it was checked against is unchanged.
@@ -43,7 +43,7 @@ impl From<Refused> for EngineError {
 
 /// Checks, encodes, appends and snapshots (see the module docs).
 pub(crate) struct Journal {
-    log: Arc<dyn EventLog>,
+    log: Arc<dyn Store>,
     /// The limits the store was opened with: the only size check of an event.
     limits: Limits,
     /// Save a snapshot every this many events (0: never).
@@ -51,7 +51,7 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    pub(crate) fn new(log: Arc<dyn EventLog>, limits: Limits, snapshot_every: u64) -> Self {
+    pub(crate) fn new(log: Arc<dyn Store>, limits: Limits, snapshot_every: u64) -> Self {
         Journal { log, limits, snapshot_every }
     }
 
@@ -161,10 +161,10 @@ impl Journal {
 /// most of the engine's overhead per durable step, docs/PERFORMANCE.md); on a
 /// current-thread runtime on the blocking pool. Either way each waiting append holds a
 /// thread, so group commit batches the appends of different runs.
-pub(crate) async fn blocking<T, F>(log: &Arc<dyn EventLog>, f: F) -> Result<T, EngineError>
+pub(crate) async fn blocking<T, F>(log: &Arc<dyn Store>, f: F) -> Result<T, EngineError>
 where
     T: Send + 'static,
-    F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
+    F: FnOnce(&dyn Store) -> Result<T, EngineError> + Send + 'static,
 {
     let log = log.clone();
     if matches!(

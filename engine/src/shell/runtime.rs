@@ -10,7 +10,7 @@ use crate::model::state::RunState;
 use crate::shell::cache::ResponseCache;
 use crate::shell::journal::{blocking, Journal};
 use crate::shell::queue::Scheduler;
-use keel_store::{EventLog, RunId};
+use keel_store::{RunId, Store};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -24,7 +24,7 @@ pub(crate) struct Registered {
 /// The shared state of the shell (see the module docs).
 pub(crate) struct Inner {
     /// The log, for reads (every write goes through `journal`).
-    pub log: Arc<dyn EventLog>,
+    pub log: Arc<dyn Store>,
     pub journal: Journal,
     pub workflows: BTreeMap<String, Arc<Registered>>,
     pub handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
@@ -48,7 +48,7 @@ impl Inner {
     pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, EngineError>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn EventLog) -> Result<T, EngineError> + Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<T, EngineError> + Send + 'static,
     {
         blocking(&self.log, f).await
     }

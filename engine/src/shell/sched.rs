@@ -65,14 +65,21 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Who takes a run's lease (one engine process; the lease table is per store handle).
+const LEASE_OWNER: &str = "keel-engine";
+/// How long a drive's lease lasts if it is never dropped (a drive ends long before).
+const LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
 fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
     loop {
         let claimed = inner
             .sched()
             .claim(inner.workers, |wf| inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0));
         let Some((run, wake)) = claimed else { break };
-        // One driver per run, also across engines sharing a store: the store's lease.
-        let lease = match inner.log.try_lease(run) {
+        // One driver per run, also across engines sharing a store: the store's lease, held
+        // for one drive and released when dropped (the in-process backends); renewal and
+        // fenced appends are for backends shared between processes.
+        let lease = match inner.log.try_lease(run, LEASE_OWNER, LEASE_TTL_MS, inner.clock.now_us()) {
             Ok(Some(lease)) => lease,
             Ok(None) => {
                 tracing::debug!(%run, "run is driven elsewhere (lease held)");

@@ -34,8 +34,8 @@ use keel_engine::{
 use keel_replay::export::{JsonlWriter, Redaction};
 use keel_replay::source::export_runs;
 use keel_store::{
-    codec, prepare, Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunId, Seq, SledStore,
-    StoreConfig, StoreError, SEGMENT_BYTES,
+    codec, prepare, Claim, Coordination, Durability, EventLog, Fence, Head, Lease, Level, NewRecord, RecordIter, RunId,
+    Seq, SledStore, Store, StoreConfig, StoreError, SEGMENT_BYTES,
 };
 use serde_json::{json, Value};
 use std::io::Write;
@@ -545,12 +545,7 @@ fn builder() -> keel_engine::EngineBuilder {
     }
 }
 
-fn engine_over(
-    log: Arc<dyn EventLog>,
-    wf: WorkflowType,
-    workers: usize,
-    policy: Policy,
-) -> Result<Engine, EngineError> {
+fn engine_over(log: Arc<dyn Store>, wf: WorkflowType, workers: usize, policy: Policy) -> Result<Engine, EngineError> {
     builder()
         .store(log)
         .workflow(wf)
@@ -713,14 +708,8 @@ impl EventLog for Probe {
     fn runs(&self) -> Result<Vec<RunId>, StoreError> {
         self.inner.runs()
     }
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
-        self.inner.lookup_key(key, now_us)
-    }
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
-        self.inner.save_snapshot(run, next_seq, state)
-    }
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
-        self.inner.load_snapshot(run)
+    fn limits(&self) -> keel_store::Limits {
+        self.inner.limits()
     }
     fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush()
@@ -734,6 +723,52 @@ impl EventLog for Probe {
 
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> keel_store::RunRecords<'a> {
         self.inner.read_runs(runs)
+    }
+}
+
+impl Coordination for Probe {
+    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        self.inner.try_lease(run, owner, ttl_ms, now_us)
+    }
+    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        self.inner.renew_lease(lease, ttl_ms, now_us)
+    }
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.release_lease(lease)
+    }
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.inner.append_fenced(run, expected, records, claim, fence)
+    }
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        self.inner.lookup_key(key, now_us)
+    }
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.inner.save_snapshot(run, next_seq, state)
+    }
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        self.inner.load_snapshot(run)
+    }
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.aux_get(key)
+    }
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.aux_put(key, value)
+    }
+    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+        self.inner.put_due(run, due_at_us)
+    }
+    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+        self.inner.remove_due(run)
+    }
+    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+        self.inner.due(now_us, limit)
     }
 }
 
@@ -1427,7 +1462,7 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
 
 /// A legal history of `events` events built with the store API: accepted, planned (one
 /// task), then dispatch / transient failure / retry cycles. Returns its folded state.
-fn build_long_run(log: &dyn EventLog, run: RunId, events: u64, snapshot_every: u64) -> Result<RunState, BenchError> {
+fn build_long_run(log: &dyn Store, run: RunId, events: u64, snapshot_every: u64) -> Result<RunState, BenchError> {
     let t0 = 1_700_000_000_000_000i64;
     let mut state: Option<RunState> = None;
     let mut batch: Vec<NewRecord> = Vec::new();

@@ -3,7 +3,7 @@
 
 use crate::error::CliError;
 use keel_engine::{Engine, EngineBuilder, Event, Logged, Policy, RunSummary, TaskHandler, WorkflowType};
-use keel_store::EventLog;
+use keel_store::Store;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -124,7 +124,7 @@ impl Registry {
 
     /// An engine over `log` with this registry's workflow types and handlers. Opening
     /// one drives nothing: commands that need no handlers use it on any run.
-    pub(crate) fn engine(&self, log: Arc<dyn EventLog>) -> Result<Engine, CliError> {
+    pub(crate) fn engine(&self, log: Arc<dyn Store>) -> Result<Engine, CliError> {
         Ok(self.register(Engine::builder().store(log)).open()?)
     }
 

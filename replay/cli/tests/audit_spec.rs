@@ -250,7 +250,7 @@ fn verify_names_every_kind_of_tampering_in_a_database() {
     // Altered: a payload changed, checksum re-sealed, so only the chain can tell.
     let dir = tampered_db(&db, "altered", |s| {
         let raw = s.raw_get(run, Seq(4)).unwrap().unwrap();
-        let mut env = codec::testing::open_raw(&raw).unwrap();
+        let mut env = keel_store::testing::open_raw(&raw).unwrap();
         let mut event: keel_engine::Event = codec::decode(&env.payload).unwrap();
         match &mut event {
             keel_engine::Event::TaskDispatched { attempt, .. } => *attempt += 1,
@@ -258,7 +258,7 @@ fn verify_names_every_kind_of_tampering_in_a_database() {
             other => panic!("seq 4 is {}", other.kind_name()),
         }
         env.payload = codec::encode(&event).unwrap();
-        s.raw_put(run, Seq(4), &codec::testing::seal_raw(&env).unwrap()).unwrap();
+        s.raw_put(run, Seq(4), &keel_store::testing::seal_raw(&env).unwrap()).unwrap();
     });
     db_fails(&dir, run, Tamper::Altered, 4, "seq 4: payload altered");
 
@@ -564,7 +564,7 @@ fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
                 payload: rec.payload.clone(),
                 payload_root: rec.payload_root,
             };
-            let (value, hash) = codec::testing::seal_v1_record(run, rec.seq, &prev, &new).unwrap();
+            let (value, hash) = keel_store::testing::seal_v1_record(run, rec.seq, &prev, &new).unwrap();
             s.raw_put(run, rec.seq, &value).unwrap();
             prev = hash;
         }

@@ -1,11 +1,15 @@
 //! The sled backend.
 
-use crate::commit::GroupCommit;
-use crate::core::{Core, Kv, KvIter, KvPair, Written};
+pub(crate) mod commit;
+pub(crate) mod read_ahead;
+
+use crate::coordination::{Coordination, Fence};
+use crate::envelope::record;
 use crate::error::{sled_err, StoreError};
+use crate::kv::{Core, Kv, KvIter, KvPair, Written};
 use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunRecords, StoreConfig};
-use crate::record;
 use crate::types::{RunId, Seq};
+use commit::GroupCommit;
 use std::fs::File;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,11 +28,13 @@ pub(crate) struct SledKv {
 }
 
 impl Kv for SledKv {
+    type Buf = sled::IVec;
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
     }
 
-    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter<sled::IVec>, StoreError> {
         let it = self.db.range(lo.to_vec()..=hi.to_vec()).map(|r| r.map_err(sled_err));
         Ok(Box::new(it))
     }
@@ -87,7 +93,7 @@ impl Syncer {
 }
 
 /// A stored `(key, value)` (test hooks).
-#[doc(hidden)]
+#[cfg(any(feature = "testing", feature = "bench"))]
 pub type RawPair = (Vec<u8>, Vec<u8>);
 
 /// The embedded event log: one sled database per directory.
@@ -312,43 +318,43 @@ impl SledStore {
     // --- test hooks: raw access that bypasses every invariant ---------------------------
 
     /// TEST HOOK: the stored value of record `(run, seq)`.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_get(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
         self.core.raw_get(&record::event_key(run, seq.0))
     }
 
     /// TEST HOOK: overwrites the stored value of record `(run, seq)` (no checks).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_put(&self, run: RunId, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
         self.core.raw_write(&record::event_key(run, seq.0), Some(value))
     }
 
     /// TEST HOOK: deletes record `(run, seq)` (no checks).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_remove(&self, run: RunId, seq: Seq) -> Result<(), StoreError> {
         self.core.raw_write(&record::event_key(run, seq.0), None)
     }
 
     /// TEST HOOK: the stored snapshot value of `run`.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_get_snapshot(&self, run: RunId) -> Result<Option<Vec<u8>>, StoreError> {
         self.core.raw_get(&record::snapshot_key(run))
     }
 
     /// TEST HOOK: overwrites the stored snapshot value of `run`.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_put_snapshot(&self, run: RunId, value: &[u8]) -> Result<(), StoreError> {
         self.core.raw_write(&record::snapshot_key(run), Some(value))
     }
 
     /// TEST HOOK: every stored `(key, value)` of `run`'s records, in key order.
-    #[doc(hidden)]
+    #[cfg(any(feature = "testing", feature = "bench"))]
     pub fn raw_records(&self, run: RunId) -> Result<Vec<RawPair>, StoreError> {
         self.core.raw_range(&record::event_key(run, 0), &record::event_key(run, u64::MAX))
     }
 
     /// TEST HOOK: writes any key (used to load golden files).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.core.raw_write(key, Some(value))
     }
@@ -362,10 +368,58 @@ impl EventLog for SledStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, None)
+    }
+
+    // read, head, runs, scan, limits: the shared core's.
+    crate::kv::delegate_log!();
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.sync(Level::PowerLoss)
+    }
+
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        match crate::sled::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
+            Some(r) => Box::new(r),
+            None => crate::log::read_runs_in_turn(self, runs),
+        }
+    }
+}
+
+impl Coordination for SledStore {
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence))
+    }
+
+    // Leases, claims lookup, snapshots, aux, due times: the shared core's.
+    crate::kv::delegate_coordination!();
+}
+
+impl SledStore {
+    /// An append, fenced or not: the shared write phase, then durability.
+    fn write(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    ) -> Result<Head, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
-        match self.core.write(run, expected, records, claim) {
+        match self.core.write(run, expected, records, claim, fence) {
             Ok(Written::Ok(head)) => {
                 self.make_durable()?;
                 Ok(head)
@@ -382,24 +436,6 @@ impl EventLog for SledStore {
                 Err(e)
             }
             Err(e) => Err(e),
-        }
-    }
-
-    // Everything but append, flush and durability is the shared core's.
-    crate::core::delegate_to_core!();
-
-    fn flush(&self) -> Result<(), StoreError> {
-        self.sync(Level::PowerLoss)
-    }
-
-    fn durability(&self) -> Durability {
-        self.durability
-    }
-
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
-        match crate::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
-            Some(r) => Box::new(r),
-            None => crate::read_ahead::read_runs_in_turn(self, runs),
         }
     }
 }

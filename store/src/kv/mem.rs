@@ -1,10 +1,12 @@
 //! In-memory backend with the same semantics as the sled one (same keys, same bytes, same
 //! checks), for tests. Nothing is durable.
 
-use crate::core::{Core, Kv, KvIter, KvPair, KvShared, Written};
+use crate::coordination::{Coordination, Fence};
+#[cfg(feature = "testing")]
+use crate::envelope::record;
 use crate::error::StoreError;
-use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter};
-use crate::record;
+use crate::kv::{Core, Kv, KvIter, KvPair, Written};
+use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter, RunRecords};
 use crate::types::{RunId, Seq};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -22,15 +24,17 @@ impl MemKv {
 }
 
 impl Kv for MemKv {
+    type Buf = Vec<u8>;
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().get(key).cloned())
     }
 
-    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError> {
-        let items: Vec<Result<KvShared, StoreError>> = self
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter<Vec<u8>>, StoreError> {
+        let items: Vec<Result<KvPair, StoreError>> = self
             .lock()
             .range::<[u8], _>((Bound::Included(lo), Bound::Included(hi)))
-            .map(|(k, v)| Ok((sled::IVec::from(k.as_slice()), sled::IVec::from(v.as_slice()))))
+            .map(|(k, v)| Ok((k.clone(), v.clone())))
             .collect();
         Ok(Box::new(items.into_iter()))
     }
@@ -71,28 +75,31 @@ impl Default for MemStore {
 }
 
 impl MemStore {
+    /// An empty store with the default [`Limits`].
     pub fn new() -> Self {
         Self::with_limits(Limits::default())
     }
 
+    /// An empty store enforcing `limits` (taken as given: `SledStore::open` validates its
+    /// configured limits, a test store may want any).
     pub fn with_limits(limits: Limits) -> Self {
         MemStore { core: Core::new(MemKv::default(), limits) }
     }
 
     /// TEST HOOK: the stored value of record `(run, seq)`.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_get(&self, run: RunId, seq: Seq) -> Result<Option<Vec<u8>>, StoreError> {
         self.core.raw_get(&record::event_key(run, seq.0))
     }
 
     /// TEST HOOK: overwrites the stored value of record `(run, seq)` (no checks).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_put(&self, run: RunId, seq: Seq, value: &[u8]) -> Result<(), StoreError> {
         self.core.raw_write(&record::event_key(run, seq.0), Some(value))
     }
 
     /// TEST HOOK: deletes record `(run, seq)` (no checks).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn raw_remove(&self, run: RunId, seq: Seq) -> Result<(), StoreError> {
         self.core.raw_write(&record::event_key(run, seq.0), None)
     }
@@ -106,14 +113,11 @@ impl EventLog for MemStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
-        match self.core.write(run, expected, records, claim)? {
-            Written::Ok(head) => Ok(head),
-            Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
-        }
+        self.write(run, expected, records, claim, None)
     }
 
-    // Everything but append, flush and durability is the shared core's.
-    crate::core::delegate_to_core!();
+    // read, head, runs, scan, limits: the shared core's.
+    crate::kv::delegate_log!();
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -122,4 +126,40 @@ impl EventLog for MemStore {
     fn durability(&self) -> Durability {
         Durability::None
     }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        crate::log::read_runs_in_turn(self, runs)
+    }
+}
+
+impl MemStore {
+    fn write(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    ) -> Result<Head, StoreError> {
+        match self.core.write(run, expected, records, claim, fence)? {
+            Written::Ok(head) => Ok(head),
+            Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
+        }
+    }
+}
+
+impl Coordination for MemStore {
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence))
+    }
+
+    // Leases, claims lookup, snapshots, aux, due times: the shared core's.
+    crate::kv::delegate_coordination!();
 }

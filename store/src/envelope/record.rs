@@ -5,10 +5,12 @@
 //! - `b's' || run (16)`                -> snapshot value
 //! - `b'k' || idempotency key`         -> `run (16) || i64_be(expires_at_us)`
 //! - `b'c' || aux key`                -> aux value (not chained; e.g. the response cache)
+//! - `b't' || u64_be(due_at_us ^ 1<<63) || run (16)` -> empty (the due-time index)
+//! - `b'u' || run (16)`                -> `i64_be(due_at_us)` (the run's current due time)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
-use crate::codec::{self, EnvelopeV3, WireError};
-use crate::digest;
+use crate::envelope::codec::{self, EnvelopeV3, WireError};
+use crate::envelope::digest;
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, Record, KIND_BYTES_MAX, SCHEMA_VERSION};
 use crate::types::{Hash32, RunId, Seq};
@@ -17,6 +19,9 @@ pub(crate) const EVENT_PREFIX: u8 = b'e';
 pub(crate) const SNAPSHOT_PREFIX: u8 = b's';
 pub(crate) const CLAIM_PREFIX: u8 = b'k';
 pub(crate) const AUX_PREFIX: u8 = b'c';
+pub(crate) const DUE_PREFIX: u8 = b't';
+pub(crate) const DUE_OF_RUN_PREFIX: u8 = b'u';
+#[cfg(feature = "sled")]
 pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
 /// Written at creation; a store without it (but with keys) is not a keel store.
 pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
@@ -51,6 +56,36 @@ pub(crate) fn aux_key(key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// `b't' || u64_be(due_at_us with its sign bit flipped) || run`: ordered by due time.
+pub(crate) fn due_key(due_at_us: i64, run: RunId) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    let order = (due_at_us as u64) ^ (1 << 63);
+    let (prefix, rest) = k.split_at_mut(1);
+    let (time, id) = rest.split_at_mut(8);
+    prefix.copy_from_slice(&[DUE_PREFIX]);
+    time.copy_from_slice(&order.to_be_bytes());
+    id.copy_from_slice(run.as_bytes());
+    k
+}
+
+/// `(due_at_us, run)` of a due key; `None` if the key is not one.
+pub(crate) fn parse_due_key(k: &[u8]) -> Option<(i64, RunId)> {
+    let (&prefix, rest) = k.split_first()?;
+    if prefix != DUE_PREFIX || rest.len() != 24 {
+        return None;
+    }
+    let (time, id) = rest.split_at(8);
+    let order = u64::from_be_bytes(time.try_into().ok()?);
+    Some(((order ^ (1 << 63)) as i64, RunId::from_bytes(id.try_into().ok()?)))
+}
+
+/// `b'u' || run` -> `i64_be(due_at_us)`: the run's current due time (to remove its key).
+pub(crate) fn due_of_run_key(run: RunId) -> [u8; 17] {
+    let mut k = run_prefix(run);
+    k[0] = DUE_OF_RUN_PREFIX;
+    k
+}
+
 pub(crate) fn claim_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + key.len());
     k.push(CLAIM_PREFIX);
@@ -60,14 +95,15 @@ pub(crate) fn claim_key(key: &[u8]) -> Vec<u8> {
 
 /// `(run, seq)` of an event key; `None` if the key is not one.
 pub(crate) fn parse_event_key(k: &[u8]) -> Option<(RunId, u64)> {
-    if k.len() != EVENT_KEY_LEN || k[0] != EVENT_PREFIX {
+    if k.len() != EVENT_KEY_LEN {
         return None;
     }
-    let mut run = [0u8; 16];
-    run.copy_from_slice(&k[1..17]);
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&k[17..]);
-    Some((RunId::from_bytes(run), u64::from_be_bytes(seq)))
+    let (&prefix, rest) = k.split_first()?;
+    if prefix != EVENT_PREFIX {
+        return None;
+    }
+    let (run, seq) = rest.split_first_chunk::<16>()?;
+    Some((RunId::from_bytes(*run), u64::from_be_bytes(seq.try_into().ok()?)))
 }
 
 pub(crate) fn claim_value(run: RunId, expires_at_us: i64) -> [u8; 24] {
@@ -78,14 +114,10 @@ pub(crate) fn claim_value(run: RunId, expires_at_us: i64) -> [u8; 24] {
 }
 
 pub(crate) fn parse_claim_value(v: &[u8]) -> Result<(RunId, i64), StoreError> {
-    if v.len() != 24 {
-        return Err(StoreError::CorruptClaim { reason: format!("claim value has {} bytes, expected 24", v.len()) });
-    }
-    let mut run = [0u8; 16];
-    run.copy_from_slice(&v[..16]);
-    let mut exp = [0u8; 8];
-    exp.copy_from_slice(&v[16..]);
-    Ok((RunId::from_bytes(run), i64::from_be_bytes(exp)))
+    let bad = || StoreError::CorruptClaim { reason: format!("claim value has {} bytes, expected 24", v.len()) };
+    let (run, exp) = v.split_first_chunk::<16>().ok_or_else(bad)?;
+    let exp: [u8; 8] = exp.try_into().map_err(|_| bad())?;
+    Ok((RunId::from_bytes(*run), i64::from_be_bytes(exp)))
 }
 
 /// The claim rule: refuse if another run holds the key unexpired.
@@ -217,6 +249,8 @@ pub(crate) fn decode_record(run: RunId, seq: Seq, value: &[u8]) -> Result<Record
 
 /// Hashing of a stored record done ahead of its checks (by the read-ahead thread, from the
 /// same bytes the checks read).
+// Only the sled read-ahead hashes ahead.
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Prehashed {
     /// Nothing: the checks hash everything.
@@ -231,6 +265,7 @@ pub(crate) enum Prehashed {
 /// key names) the record digest. `None` if the value does not decode (the checks will say
 /// why and end the run there); [`Prehashed::Nothing`] for a v1 record's payload (not
 /// covered).
+#[cfg(feature = "sled")]
 pub(crate) fn prehash(run: RunId, at_seq: Option<u64>, value: &[u8]) -> Option<Prehashed> {
     let (version, env) = codec::open_record_ref(value).ok()?;
     let payload = (version >= 2).then(|| digest::payload_digest(env.payload));

@@ -2,25 +2,33 @@
 //! append with a per-run head cache, claims, reads, snapshots. [`crate::SledStore`] and
 //! [`crate::MemStore`] are both a `Core` over their map, so they share every semantic.
 
-use crate::codec::{self, SnapshotV1};
+pub(crate) mod mem;
+
+use crate::coordination::{Fence, Lease, LeaseTable};
+use crate::envelope::codec::{self, SnapshotV1};
+use crate::envelope::record::{self, Records};
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, RecordIter};
-use crate::record::{self, Records};
 use crate::types::{Hash32, RunId, Seq};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 pub(crate) type KvPair = (Vec<u8>, Vec<u8>);
-/// A pair handed out by a range scan: sled's own reference-counted buffers (no copy of
-/// the value per record; replay reads every record of a run through here).
-pub(crate) type KvShared = (sled::IVec, sled::IVec);
-pub(crate) type KvIter = Box<dyn Iterator<Item = Result<KvShared, StoreError>> + Send + 'static>;
+/// Writes applied atomically by [`Kv::apply`]: `(key, Some(value))` puts, `(key, None)`
+/// removes.
+pub(crate) type KvWrites = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+/// The pairs of a range scan, in the backend's own buffers (sled's reference-counted ones:
+/// no copy of the value per record; replay reads every record of a run through here).
+pub(crate) type KvIter<B> = Box<dyn Iterator<Item = Result<(B, B), StoreError>> + Send + 'static>;
 
-/// The ordered map a backend provides.
+/// The ordered map a backend provides. The shared logic names no backend type: a range
+/// scan hands out the backend's buffer type `Buf`.
 pub(crate) trait Kv: Send + Sync + 'static {
+    /// A key or value as a range scan hands it out.
+    type Buf: AsRef<[u8]> + Send + 'static;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Pairs with `lo <= key <= hi`, ascending, streaming.
-    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter, StoreError>;
+    fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter<Self::Buf>, StoreError>;
     /// The last pair with `lo <= key <= hi`.
     fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError>;
     /// The first key strictly greater than `after`.
@@ -46,8 +54,10 @@ pub(crate) struct Core<K> {
     heads: RwLock<HashMap<RunId, Slot>>,
     /// Held across claim check + write so two runs cannot both take one key.
     claims: Mutex<()>,
-    /// Runs being driven by someone (see `EventLog::try_lease`).
-    pub(crate) leases: std::sync::Arc<Mutex<std::collections::BTreeSet<RunId>>>,
+    /// Leases and their epochs (see `Coordination::try_lease`); fenced appends check it.
+    pub(crate) leases: Arc<LeaseTable>,
+    /// Held across the read-modify-write of a run's due time.
+    due: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -64,7 +74,14 @@ pub(crate) enum Written {
 
 impl<K: Kv> Core<K> {
     pub(crate) fn new(kv: K, limits: Limits) -> Self {
-        Core { kv, limits, heads: RwLock::new(HashMap::new()), claims: Mutex::new(()), leases: Default::default() }
+        Core {
+            kv,
+            limits,
+            heads: RwLock::new(HashMap::new()),
+            claims: Mutex::new(()),
+            leases: Default::default(),
+            due: Mutex::new(()),
+        }
     }
 
     fn slot(&self, run: RunId) -> Slot {
@@ -107,6 +124,7 @@ impl<K: Kv> Core<K> {
     }
 
     /// Drops every cached head (they reload from the map); used after raw writes.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn forget_heads(&self) {
         let map = self.heads.read().unwrap_or_else(PoisonError::into_inner);
         for slot in map.values() {
@@ -114,15 +132,29 @@ impl<K: Kv> Core<K> {
         }
     }
 
-    /// Write phase of an append (validation, OCC, claim, atomic write).
+    /// Write phase of an append (validation, fence, OCC, claim, atomic write). With a
+    /// `fence`, the lease table stays locked from the epoch check to the end of the write,
+    /// so no lease can change in between.
     pub(crate) fn write(
         &self,
         run: RunId,
         expected: Seq,
         records: Vec<NewRecord>,
         claim: Option<Claim>,
+        fence: Option<Fence>,
     ) -> Result<Written, StoreError> {
         record::validate_append(run, &records, claim.as_ref(), &self.limits)?;
+        let _leases = match fence {
+            None => None,
+            Some(f) => {
+                let runs = self.leases.lock();
+                if f.run != run {
+                    return Err(StoreError::Fenced { run, fence: f.epoch, current: 0 });
+                }
+                LeaseTable::check(&runs, f)?;
+                Some(runs)
+            }
+        };
         let slot = self.slot(run);
         let mut cached = Self::lock_slot(&slot);
         let head: &Head = match &mut *cached {
@@ -270,6 +302,71 @@ impl<K: Kv> Core<K> {
         self.kv.insert(&record::aux_key(key), value.to_vec())
     }
 
+    pub(crate) fn try_lease(
+        &self,
+        run: RunId,
+        owner: &str,
+        ttl_ms: u64,
+        now_us: i64,
+    ) -> Result<Option<Lease>, StoreError> {
+        self.leases.try_lease(run, owner, ttl_ms, now_us)
+    }
+
+    pub(crate) fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        Ok(self.leases.renew(lease, ttl_ms, now_us))
+    }
+
+    pub(crate) fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.leases.release(lease.run(), lease.epoch());
+        Ok(())
+    }
+
+    pub(crate) fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+        let _due = lock(&self.due);
+        let mut writes = self.clear_due_writes(run)?;
+        writes.push((record::due_key(due_at_us, run).to_vec(), Some(Vec::new())));
+        writes.push((record::due_of_run_key(run).to_vec(), Some(due_at_us.to_be_bytes().to_vec())));
+        self.kv.apply(writes)
+    }
+
+    pub(crate) fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+        let _due = lock(&self.due);
+        let writes = self.clear_due_writes(run)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.kv.apply(writes)
+    }
+
+    /// The writes that remove `run`'s current due time (none if it has none).
+    fn clear_due_writes(&self, run: RunId) -> Result<KvWrites, StoreError> {
+        let of_run = record::due_of_run_key(run);
+        let Some(v) = self.kv.get(&of_run)? else {
+            return Ok(Vec::new());
+        };
+        let at = <[u8; 8]>::try_from(v.as_slice()).map_err(|_| StoreError::CorruptDue {
+            reason: format!("due time of run {run} has {} bytes, expected 8", v.len()),
+        })?;
+        let old = i64::from_be_bytes(at);
+        Ok(vec![(record::due_key(old, run).to_vec(), None), (of_run.to_vec(), None)])
+    }
+
+    pub(crate) fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+        let lo = record::due_key(i64::MIN, RunId::from_bytes([0; 16]));
+        let hi = record::due_key(now_us, RunId::from_bytes([0xff; 16]));
+        let mut out = Vec::new();
+        for kv in self.kv.range(&lo, &hi)?.take(limit) {
+            let (k, _) = kv?;
+            match record::parse_due_key(k.as_ref()) {
+                Some((at, run)) => out.push((run, at)),
+                None => {
+                    return Err(StoreError::CorruptDue { reason: "malformed due-time key".into() });
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
         match self.kv.get(&record::claim_key(key))? {
             None => Ok(None),
@@ -335,24 +432,29 @@ impl<K: Kv> Core<K> {
 
     // --- raw test hooks -------------------------------------------------------------
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn raw_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.kv.get(key)
     }
 
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn raw_write(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         self.kv.apply(vec![(key.to_vec(), value.map(<[u8]>::to_vec))])?;
         self.forget_heads();
         Ok(())
     }
 
+    #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
     pub(crate) fn raw_range(&self, lo: &[u8], hi: &[u8]) -> Result<Vec<KvPair>, StoreError> {
-        self.kv.range(lo, hi)?.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect()
+        self.kv.range(lo, hi)?.map(|r| r.map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec()))).collect()
     }
 }
 
-/// The `EventLog` methods both backends forward to their `core: Core<_>` unchanged
-/// (expanded inside each `impl EventLog`; only append, flush and durability differ).
-macro_rules! delegate_to_core {
+/// The methods both backends forward to their `core: Core<_>` unchanged, spelled out once:
+/// `delegate_log!()` inside each `impl EventLog` (all but append, flush, durability,
+/// read_runs), `delegate_coordination!()` inside each `impl Coordination` (all but
+/// append_fenced, whose durability step differs).
+macro_rules! delegate_log {
     () => {
         fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
             self.core.read(run, from)
@@ -366,12 +468,44 @@ macro_rules! delegate_to_core {
             self.core.runs()
         }
 
-        fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
-            self.core.lookup_key(key, now_us)
+        fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+            self.core.scan(run, from)
         }
 
-        fn try_lease(&self, run: RunId) -> Result<Option<crate::Lease>, StoreError> {
-            Ok(crate::Lease::acquire(&self.core.leases, run))
+        fn limits(&self) -> crate::Limits {
+            self.core.limits.clone()
+        }
+    };
+}
+pub(crate) use delegate_log;
+
+macro_rules! delegate_coordination {
+    () => {
+        fn try_lease(
+            &self,
+            run: RunId,
+            owner: &str,
+            ttl_ms: u64,
+            now_us: i64,
+        ) -> Result<Option<crate::Lease>, StoreError> {
+            self.core.try_lease(run, owner, ttl_ms, now_us)
+        }
+
+        fn renew_lease(
+            &self,
+            lease: &crate::Lease,
+            ttl_ms: u64,
+            now_us: i64,
+        ) -> Result<Option<crate::Lease>, StoreError> {
+            self.core.renew_lease(lease, ttl_ms, now_us)
+        }
+
+        fn release_lease(&self, lease: &crate::Lease) -> Result<(), StoreError> {
+            self.core.release_lease(lease)
+        }
+
+        fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+            self.core.lookup_key(key, now_us)
         }
 
         fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -390,9 +524,17 @@ macro_rules! delegate_to_core {
             self.core.load_snapshot(run)
         }
 
-        fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-            self.core.scan(run, from)
+        fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+            self.core.put_due(run, due_at_us)
+        }
+
+        fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+            self.core.remove_due(run)
+        }
+
+        fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+            self.core.due(now_us, limit)
         }
     };
 }
-pub(crate) use delegate_to_core;
+pub(crate) use delegate_coordination;

@@ -17,9 +17,9 @@
 //! whole record digests, leaving the reader only the chain step. Which thread hashed what
 //! changes no result (debug builds check every hash handed over against the reader's own).
 
+use crate::envelope::record::{self, Prehashed, RecordCheck};
 use crate::error::StoreError;
-use crate::log::{Record, RunRecords};
-use crate::record::{self, Prehashed, RecordCheck};
+use crate::log::Record;
 use crate::types::{RunId, Seq};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -65,7 +65,8 @@ impl Batch {
             self.bytes.extend_from_slice(&v);
             let (kr, vr) = (at..at + k.len(), at + k.len()..self.bytes.len());
             // Hash the copy: the reader checks exactly these bytes.
-            let (key, value) = (&self.bytes[kr.clone()], &self.bytes[vr.clone()]);
+            let key = self.bytes.get(kr.clone()).unwrap_or_default();
+            let value = self.bytes.get(vr.clone()).unwrap_or_default();
             let in_order = record::parse_event_key(key) == Some((run, expected));
             let pre = record::prehash(run, (self.whole && in_order).then_some(expected), value);
             ends = pre.is_none() || !in_order;
@@ -249,18 +250,6 @@ impl Drop for ReadAhead {
             let _ = done.recv();
         }
     }
-}
-
-/// [`crate::EventLog::read_runs`] on the caller's thread: `read` run after run (the trait's
-/// default, and what a one-core replay measures).
-pub fn read_runs_in_turn<'a, L: crate::EventLog + ?Sized>(log: &'a L, runs: &'a [RunId]) -> RunRecords<'a> {
-    Box::new(runs.iter().enumerate().flat_map(move |(i, &run)| {
-        let records: crate::RecordIter = match log.read(run, Seq(0)) {
-            Ok(it) => it,
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        };
-        records.map(move |r| (i, r))
-    }))
 }
 
 /// The read-ahead threads: started on demand, kept for reuse while idle (a minute), so that

@@ -95,8 +95,15 @@ fn write_canonical(v: &Value, out: &mut impl Sink) {
     }
 }
 
+/// The lowercase hex digit of a nibble (`n < 16`).
+fn hex_digit(n: u8) -> u8 {
+    match n {
+        0..=9 => b'0' + n,
+        _ => b'a' + (n & 0xf).saturating_sub(10),
+    }
+}
+
 fn write_string(s: &str, out: &mut impl Sink) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.put(b"\"");
     // Copy runs of bytes that need no escape in one go. Bytes of multi-byte UTF-8
@@ -111,14 +118,14 @@ fn write_string(s: &str, out: &mut impl Sink) {
             b'\n' => b"\\n",
             b'\r' => b"\\r",
             b'\t' => b"\\t",
-            c if c < 0x20 => &[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 0xf) as usize]],
+            c if c < 0x20 => &[b'\\', b'u', b'0', b'0', hex_digit(c >> 4), hex_digit(c & 0xf)],
             _ => continue,
         };
-        out.put(&bytes[run_start..i]);
+        out.put(bytes.get(run_start..i).unwrap_or_default());
         out.put(escaped);
         run_start = i + 1;
     }
-    out.put(&bytes[run_start..]);
+    out.put(bytes.get(run_start..).unwrap_or_default());
     out.put(b"\"");
 }
 

@@ -1,0 +1,238 @@
+//! Coordination: what several drivers of one store agree on besides the log itself —
+//! leases with expiry and an epoch (fencing token), idempotency-key claims, snapshots,
+//! auxiliary entries and a due-time index for timers. Apart from [`crate::EventLog`] so a
+//! backend implements each on purpose, and a wrapper cannot forward the log and silently
+//! drop a lease (neither trait has a default method).
+
+use crate::error::StoreError;
+use crate::log::{Claim, EventLog, Head, NewRecord};
+use crate::types::{RunId, Seq};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Longest lease owner name, in bytes (`TooLarge { what: "lease owner" }`).
+pub const OWNER_BYTES_MAX: usize = 256;
+
+/// The fencing token of a lease: the run and the lease epoch at grant or renewal. An append
+/// made with it ([`Coordination::append_fenced`]) is refused with
+/// [`StoreError::Fenced`] once the run's epoch has moved on (the lease was renewed,
+/// released, or taken by someone else after it expired), so a driver paused past its lease
+/// cannot write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The run the lease is on.
+    pub run: RunId,
+    /// The run's lease epoch the holder was granted.
+    pub epoch: u64,
+}
+
+/// The right to drive one run (decide and perform its effects) until `expires_at_us`,
+/// granted by [`Coordination::try_lease`]. The in-process backends also release it when
+/// it is dropped (what an engine holding it for the length of one drive relies on).
+#[derive(Debug)]
+pub struct Lease {
+    run: RunId,
+    owner: String,
+    epoch: u64,
+    expires_at_us: i64,
+    /// The in-process table that granted it (released on drop), if any.
+    table: Option<Arc<LeaseTable>>,
+}
+
+impl Lease {
+    /// A lease value as a backend that keeps leases elsewhere (a database) grants it:
+    /// nothing happens on drop; it ends by expiry or [`Coordination::release_lease`].
+    pub fn new(run: RunId, owner: &str, epoch: u64, expires_at_us: i64) -> Lease {
+        Lease { run, owner: owner.to_owned(), epoch, expires_at_us, table: None }
+    }
+
+    /// The run this lease is for.
+    pub fn run(&self) -> RunId {
+        self.run
+    }
+
+    /// Who holds it (as given to [`Coordination::try_lease`]).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The run's lease epoch at grant or renewal; it increases on every grant, renewal and
+    /// release of the run's lease.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// When the lease ends unless renewed, microseconds since the Unix epoch.
+    pub fn expires_at_us(&self) -> i64 {
+        self.expires_at_us
+    }
+
+    /// The fencing token to append with ([`Coordination::append_fenced`]).
+    pub fn fence(&self) -> Fence {
+        Fence { run: self.run, epoch: self.epoch }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(table) = self.table.take() {
+            table.release(self.run, self.epoch);
+        }
+    }
+}
+
+/// The coordination half of a store (see the module docs). Object safe.
+pub trait Coordination: Send + Sync + 'static {
+    /// Grants `owner` the lease on `run` for `ttl_ms` from `now_us` if nobody holds it
+    /// unexpired (a lease held by the same owner is not granted twice: renew it instead);
+    /// `None` if it is held. The run's epoch increases with the grant. Errors: an owner
+    /// longer than [`OWNER_BYTES_MAX`] (`TooLarge`), backend failures.
+    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError>;
+
+    /// Extends `lease` to `ttl_ms` from `now_us` if it is still the run's current lease
+    /// (same epoch, unexpired at `now_us`): returns the renewed lease, with a new epoch
+    /// (the old fence stops working); `None` if the lease was lost.
+    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError>;
+
+    /// Ends `lease` if it is still the run's current one (the epoch increases); a lease
+    /// already lost is left alone.
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// [`EventLog::append`] checked against `fence` in the same atomic step: if the run's
+    /// lease epoch is not `fence.epoch`, nothing is written and the error is
+    /// [`StoreError::Fenced`].
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError>;
+
+    /// The run holding an unexpired idempotency-key claim on `key` at `now_us` (claims
+    /// are made by appends, [`Claim`]).
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError>;
+
+    /// Saves the folded state covering seqs `< next_seq`; only the last saved snapshot of a
+    /// run is kept. `next_seq` beyond the head is refused (`SnapshotBeyondHead`), a state
+    /// larger than `snapshot_bytes_max` too (`TooLarge`).
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError>;
+
+    /// The run's snapshot, checked against its checksum and against the log's chain hash at
+    /// `next_seq - 1` (`CorruptSnapshot` otherwise).
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError>;
+
+    /// An auxiliary entry outside every run's log (the response cache keeps outputs here).
+    /// Aux entries are not chained, not verified, and become durable with the next flush
+    /// of anything: treat them as a cache that may lose its latest writes in a crash.
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Writes an auxiliary entry (see [`Coordination::aux_get`]); limited to
+    /// `key_bytes_max` / `event_bytes_max` (`TooLarge`).
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+
+    /// Sets `run`'s due time (when a timer of the run fires), microseconds since the Unix
+    /// epoch, replacing any earlier one: one due time per run, its next wake-up. Durable
+    /// with the next flush, as aux entries.
+    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError>;
+
+    /// Clears `run`'s due time (nothing if it has none).
+    fn remove_due(&self, run: RunId) -> Result<(), StoreError>;
+
+    /// Up to `limit` runs whose due time is `<= now_us`, earliest first (ties by run id),
+    /// with their due times. Reading does not clear them: the caller removes or moves a due
+    /// time once it has acted on it.
+    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError>;
+}
+
+/// What the engine holds: the log and its coordination, one object.
+pub trait Store: EventLog + Coordination {}
+
+impl<T: EventLog + Coordination + ?Sized> Store for T {}
+
+/// One run's lease state in an in-process table.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseEntry {
+    epoch: u64,
+    /// `(owner, expires_at_us)` while granted.
+    holder: Option<(String, i64)>,
+}
+
+/// The leases of one in-process store handle (both built-in backends: one process opens
+/// a sled db). Fenced appends check it under its lock.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseTable {
+    runs: Mutex<BTreeMap<RunId, LeaseEntry>>,
+}
+
+fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
+    let ttl_us = i64::try_from(ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000);
+    now_us.saturating_add(ttl_us)
+}
+
+impl LeaseTable {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<RunId, LeaseEntry>> {
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn try_lease(
+        self: &Arc<Self>,
+        run: RunId,
+        owner: &str,
+        ttl_ms: u64,
+        now_us: i64,
+    ) -> Result<Option<Lease>, StoreError> {
+        if owner.len() > OWNER_BYTES_MAX {
+            return Err(StoreError::TooLarge { what: "lease owner", bytes: owner.len(), max: OWNER_BYTES_MAX });
+        }
+        let mut runs = self.lock();
+        let entry = runs.entry(run).or_default();
+        if matches!(&entry.holder, Some((_, expires)) if *expires > now_us) {
+            return Ok(None);
+        }
+        entry.epoch = entry.epoch.saturating_add(1);
+        let expires_at_us = expiry(now_us, ttl_ms);
+        entry.holder = Some((owner.to_owned(), expires_at_us));
+        let mut lease = Lease::new(run, owner, entry.epoch, expires_at_us);
+        lease.table = Some(self.clone());
+        Ok(Some(lease))
+    }
+
+    pub(crate) fn renew(self: &Arc<Self>, lease: &Lease, ttl_ms: u64, now_us: i64) -> Option<Lease> {
+        let mut runs = self.lock();
+        let entry = runs.get_mut(&lease.run)?;
+        let current = entry.epoch == lease.epoch && matches!(&entry.holder, Some((_, e)) if *e > now_us);
+        if !current {
+            return None;
+        }
+        entry.epoch = entry.epoch.saturating_add(1);
+        let expires_at_us = expiry(now_us, ttl_ms);
+        entry.holder = Some((lease.owner.clone(), expires_at_us));
+        let mut renewed = Lease::new(lease.run, &lease.owner, entry.epoch, expires_at_us);
+        renewed.table = Some(self.clone());
+        Some(renewed)
+    }
+
+    /// Ends the run's lease if `epoch` is still current.
+    pub(crate) fn release(&self, run: RunId, epoch: u64) {
+        let mut runs = self.lock();
+        if let Some(entry) = runs.get_mut(&run) {
+            if entry.epoch == epoch && entry.holder.is_some() {
+                entry.holder = None;
+                entry.epoch = entry.epoch.saturating_add(1);
+            }
+        }
+    }
+
+    /// `Ok` if `fence` is the run's current epoch; the caller holds `runs` (the lock) across
+    /// the check and its write.
+    pub(crate) fn check(runs: &BTreeMap<RunId, LeaseEntry>, fence: Fence) -> Result<(), StoreError> {
+        let current = runs.get(&fence.run).map_or(0, |e| e.epoch);
+        if current == fence.epoch {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced { run: fence.run, fence: fence.epoch, current })
+        }
+    }
+}
