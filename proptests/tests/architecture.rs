@@ -339,7 +339,6 @@ fn find_cycle(g: &BTreeMap<PathBuf, BTreeSet<PathBuf>>) -> Option<Vec<PathBuf>> 
 }
 
 #[test]
-#[ignore = "interim: the store and engine circles are being removed (issue: rooms that show the house)"]
 fn no_import_circle_between_the_files_of_any_crate() {
     let ws = workspace();
     let mut failures = Vec::new();
