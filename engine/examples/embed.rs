@@ -3,7 +3,12 @@
 //! requests, resolves the escalation one of them raises, prints the results and shuts
 //! down.
 //!
-//! `cargo run -p keel-engine --example embed`
+//! `cargo run -p keel-engine --example embed` runs it on a temporary database.
+//! `cargo run -p keel-engine --example embed -- DIR` keeps the database in DIR and stops
+//! with the large invoice still waiting for a person, as a service would between a
+//! deploy and an approval: `keel --db DIR escalations`, `show`, `export` and `resolve`
+//! work on it, and `keel --db DIR work` says in one line that only this service (its
+//! handlers) can drive the run on.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use keel_engine::*;
@@ -106,7 +111,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The service's own runtime.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
-        let dir = tempfile::tempdir()?;
+        let keep: Option<std::path::PathBuf> = std::env::args_os().nth(1).map(Into::into);
+        let tmp = tempfile::tempdir()?;
+        let db = keep.clone().unwrap_or_else(|| tmp.path().join("keel-db"));
         let mut wf = WorkflowType::new("invoice_review", Arc::new(InvoicePlanner), Arc::new(LimitEvaluator));
         wf.input_schema = Some(json!({
             "type": "object",
@@ -117,7 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wf.evaluator_model = Some("tiny-model".into());
         wf.budget = Budget { cost_micros: Some(20_000), ..Budget::default() };
         let engine = Engine::builder()
-            .path(dir.path().join("keel-db"))
+            .path(&db)
             .workflow(wf)
             .handler("extract_fields", Arc::new(Handler(extract_fields)))
             .handler("lookup_vendor", Arc::new(Handler(lookup_vendor)))
@@ -148,6 +155,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
 
         wait_until_settled(&engine).await?;
+        if keep.is_some() {
+            for p in engine.escalations()? {
+                println!(
+                    "run {} waits for a person: keel --db {} resolve {} --decision approve --by you",
+                    p.run,
+                    db.display(),
+                    p.run
+                );
+            }
+            workers.shutdown().await;
+            return Ok(());
+        }
         for p in engine.escalations()? {
             println!("resolving escalation {} of run {}: approve", p.escalation.number, p.run);
             engine.resolve(p.run, Resolution { decision: Decision::Approve, by: "finance@example.com".into() }).await?;
