@@ -1,0 +1,181 @@
+//! keel-server: keel's HTTP admin API, the only crate of keel that knows HTTP.
+//!
+//! [`router`] gives an axum [`Router`] over a running [`Engine`] that a service mounts in
+//! its own HTTP server (`keel serve` mounts it alone). JSON under `/v1` in the shapes of
+//! the CLI's `--json` outputs (keel-replay's `views` build both), bearer tokens with
+//! roles ([`Auth`], [`Role`]), errors as `{"error": {"code", "message"}}` ([`ApiError`]),
+//! and an OpenAPI document at `/v1/openapi.json` generated from the handlers
+//! ([`openapi`]). docs/SERVER.md describes every route.
+//!
+//! A panic in a handler is answered 500 (and logged); the server keeps serving. Request
+//! bodies are limited ([`RouterOptions::body_bytes_max`]). Engine reads are blocking
+//! (sled), so handlers run them on tokio's blocking pool.
+
+#![deny(clippy::indexing_slicing)]
+#![warn(missing_docs)]
+
+mod actions;
+mod auth;
+mod error;
+mod ops;
+mod reads;
+
+pub use auth::{add_token, Auth, AuthError, Identity, Role, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKEN_NAME_BYTES_MAX};
+pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use keel_engine::Engine;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+
+/// Default largest request body, in bytes (a resolution's supplied output or a request's
+/// input; the engine's own limits are 16 KiB each, JSON escaping included).
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Whether the process is taking work: `/readyz` answers 503 once [`Readiness::drain`]
+/// was called (a shutdown began), so a load balancer stops sending requests.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness {
+    draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// A readiness that is ready.
+    pub fn new() -> Self {
+        Readiness::default()
+    }
+
+    /// Marks the process as shutting down: `/readyz` answers 503 from now on.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Readiness::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// How [`router_with`] builds the router (what [`router`] takes by default).
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    /// Largest request body, in bytes; a larger one is answered 413 `body_too_large`.
+    pub body_bytes_max: usize,
+    /// What `/readyz` reports.
+    pub readiness: Readiness,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions { body_bytes_max: BODY_BYTES_MAX, readiness: Readiness::new() }
+    }
+}
+
+/// What every handler sees.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) engine: Engine,
+    pub(crate) readiness: Readiness,
+}
+
+/// The API over `engine`, with `auth`'s tokens, and the default [`RouterOptions`].
+/// Mount it in a service's own server (`axum::serve(listener, router(engine, auth))`);
+/// the engine's workers run wherever the service starts them ([`Engine::start`]).
+pub fn router(engine: Engine, auth: Auth) -> Router {
+    router_with(engine, auth, RouterOptions::default())
+}
+
+/// [`router`] with explicit options.
+pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router {
+    let auth = Arc::new(auth);
+    let state = AppState { engine, readiness: options.readiness };
+    let viewer = Router::new()
+        .route("/v1/runs", get(reads::list_runs))
+        .route("/v1/runs/{run}", get(reads::show_run))
+        .route("/v1/runs/{run}/events", get(reads::run_events))
+        .route("/v1/runs/{run}/export", get(reads::export_run))
+        .route("/v1/escalations", get(ops::escalations))
+        .route("/v1/stats", get(ops::stats))
+        .route_layer(from_fn_with_state((auth.clone(), Role::Viewer), auth::require));
+    let approver = Router::new()
+        .route("/v1/runs/{run}/resolve", post(actions::resolve))
+        .route("/v1/runs/{run}/cancel", post(actions::cancel))
+        .route_layer(from_fn_with_state((auth.clone(), Role::Approver), auth::require));
+    let admin = Router::new()
+        .route("/v1/runs", post(actions::submit))
+        .route_layer(from_fn_with_state((auth.clone(), Role::Admin), auth::require));
+    let open = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/v1/openapi.json", get(ops::openapi_json));
+    let app = viewer.merge(approver).merge(admin).merge(open).merge(testing_routes(auth));
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(options.body_bytes_max))
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// The OpenAPI 3.1 document of the API (what `/v1/openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ops::ApiDoc::openapi()
+}
+
+#[cfg(feature = "testing")]
+fn testing_routes(auth: Arc<Auth>) -> Router<AppState> {
+    // Panics on purpose: the test that a handler's panic is a 500 and the server keeps
+    // serving. Behind the `testing` feature, and admin-only even there.
+    async fn panic_on_purpose() -> &'static str {
+        panic!("the testing route panics on purpose")
+    }
+    Router::new()
+        .route("/v1/_testing/panic", get(panic_on_purpose))
+        .route_layer(from_fn_with_state((auth, Role::Admin), auth::require))
+}
+
+#[cfg(not(feature = "testing"))]
+fn testing_routes(_auth: Arc<Auth>) -> Router<AppState> {
+    Router::new()
+}
+
+/// The answer to a handler's panic: a 500 like any internal error, and a log line with
+/// the panic's message.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(a panic without a message)");
+    tracing::error!(panic = %what, "a request handler panicked; answered 500");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error (the server log has the detail)")
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route (GET /v1/openapi.json lists them)")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+}
+
+/// Runs a blocking engine call on tokio's blocking pool. A panic inside it is a 500.
+pub(crate) async fn blocking<T, F>(f: F) -> ApiResult<T>
+where
+    F: FnOnce() -> ApiResult<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+}
+
+/// A run id from a path: the full UUID (prefixes are a CLI convenience, not an API's).
+pub(crate) fn parse_run(s: &str) -> ApiResult<keel_store::RunId> {
+    s.parse().map_err(|_| ApiError::bad_request(format!("{s:?} is not a run id (a UUID)")))
+}
