@@ -71,6 +71,10 @@ enum Cmd {
     Resolve(cmd::resolve::ResolveArgs),
     /// Usage and cost per workflow type.
     Stats(cmd::JsonArgs),
+    /// Serve the HTTP admin API (docs/SERVER.md) and work runs, until SIGINT or SIGTERM.
+    Serve(cmd::serve::ServeArgs),
+    /// Make API tokens for `keel serve`.
+    Token(cmd::token::TokenArgs),
     /// Print the run and task state machines.
     Fsm(cmd::fsm::FsmArgs),
     /// Measure what keel costs on top of its log: throughput, step latency, resume,
@@ -165,6 +169,8 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
         Cmd::Stats(a) => cmd::stats::run(&db, a, registry),
+        Cmd::Serve(a) => cmd::serve::run(&db, a, registry).await,
+        Cmd::Token(a) => cmd::token::run(&db, a),
         Cmd::Fsm(a) => cmd::fsm::run(a),
         Cmd::Bench(a) => cmd::bench::run(a),
     }

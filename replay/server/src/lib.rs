@@ -179,3 +179,14 @@ where
 pub(crate) fn parse_run(s: &str) -> ApiResult<keel_store::RunId> {
     s.parse().map_err(|_| ApiError::bad_request(format!("{s:?} is not a run id (a UUID)")))
 }
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops accepting
+/// connections and waits for the requests in flight (bound that wait yourself, as
+/// `keel serve` does). The one place a binary needs to hold HTTP: the `keel` CLI calls
+/// this and knows no HTTP crate.
+pub async fn serve<F>(listener: tokio::net::TcpListener, app: Router, shutdown: F) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
