@@ -291,11 +291,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Middleware: lets a request through when its bearer token's role is at least `role`
 /// (401 without a valid token, 403 with too small a role), with the caller's
 /// [`Identity`] in the request's extensions.
-pub(crate) async fn require(
-    State((auth, role)): State<(Arc<Auth>, Role)>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn require(State((auth, role)): State<(Arc<Auth>, Role)>, mut req: Request, next: Next) -> Response {
     let Some(who) = bearer(req.headers()).and_then(|t| auth.identify(t)) else {
         let mut r = ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -214,7 +214,8 @@ fn write_export(engine: &keel_engine::Engine, run: RunId, format: ExportFormat, 
     let log = engine.store();
     Ok(match format {
         ExportFormat::Jsonl => {
-            let mut w = JsonlWriter::new(Vec::new(), Redaction::default(), json!({ "runs": [run.to_string()] }), now_us)?;
+            let mut w =
+                JsonlWriter::new(Vec::new(), Redaction::default(), json!({ "runs": [run.to_string()] }), now_us)?;
             w.write_run(log.as_ref(), run)?;
             w.finish()?
         }
