@@ -17,6 +17,7 @@
 mod actions;
 mod auth;
 mod error;
+mod metrics;
 mod ops;
 mod reads;
 
@@ -103,6 +104,7 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .route("/v1/runs/{run}/export", get(reads::export_run))
         .route("/v1/escalations", get(ops::escalations))
         .route("/v1/stats", get(ops::stats))
+        .route("/metrics", get(metrics::metrics))
         .route_layer(from_fn_with_state((auth.clone(), Role::Viewer), auth::require));
     let approver = Router::new()
         .route("/v1/runs/{run}/resolve", post(actions::resolve))

@@ -79,6 +79,7 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         crate::actions::cancel,
         escalations,
         stats,
+        crate::metrics::metrics,
         healthz,
         readyz,
         openapi_json,

@@ -27,6 +27,7 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("post", "/v1/runs/{run}/cancel", Some("approver")),
     ("get", "/v1/escalations", Some("viewer")),
     ("get", "/v1/stats", Some("viewer")),
+    ("get", "/metrics", Some("viewer")),
     ("get", "/healthz", None),
     ("get", "/readyz", None),
     ("get", "/v1/openapi.json", None),
@@ -344,4 +345,30 @@ async fn the_openapi_document_parses_and_lists_every_route() {
     assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
     // The same document as the library function gives.
     assert_eq!(doc, serde_json::to_value(keel_server::openapi()).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_in_the_prometheus_text_format() {
+    let s = start().await;
+    s.submit_demo(HAPPY).await;
+    s.submit_demo(ESCALATING).await;
+    s.engine.run_until_idle().await.unwrap();
+    let r = s.get("/metrics", Some(VIEWER)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    let text = r.text();
+    for line in [
+        "keel_runs{workflow=\"support_ticket\",status=\"Completed\"} 1",
+        "keel_runs{workflow=\"support_ticket\",status=\"AwaitingHuman\"} 1",
+        "keel_escalations_open{workflow=\"support_ticket\"} 1",
+        "# TYPE keel_retries_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("keel_escalation_oldest_age_seconds{workflow=\"support_ticket\"} ")));
+    // Every sample line is `name{labels} number`.
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let value = l.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{l}");
+    }
 }
