@@ -127,8 +127,11 @@ where
             return ExitCode::from(2);
         }
     };
+    // `keel serve` is a long-running service: its panics, internal errors and the
+    // decisions it records (with their reasons) are logged unless KEEL_LOG says otherwise.
+    let default_filter = if matches!(cli.command, Cmd::Serve(_)) { "warn,keel_server=info" } else { "off" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

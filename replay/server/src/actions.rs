@@ -6,6 +6,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::{blocking, parse_run, AppState};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -96,10 +97,10 @@ fn decision(b: &ResolveBody) -> ApiResult<Decision> {
 pub(crate) async fn resolve(
     State(st): State<AppState>,
     Extension(who): Extension<Identity>,
-    Path(run): Path<String>,
+    run: Result<Path<String>, PathRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
-    let run = parse_run(&run)?;
+    let run = parse_run(run)?;
     let b: ResolveBody = body(b)?;
     let why = reason(&b.reason)?;
     let decision = decision(&b)?;
@@ -134,10 +135,10 @@ pub(crate) struct CancelBody {
 pub(crate) async fn cancel(
     State(st): State<AppState>,
     Extension(who): Extension<Identity>,
-    Path(run): Path<String>,
+    run: Result<Path<String>, PathRejection>,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
-    let run = parse_run(&run)?;
+    let run = parse_run(run)?;
     let b: CancelBody = body(b)?;
     let why = reason(&b.reason)?;
     st.engine.cancel(run, &who.name, &why).await?;

@@ -178,7 +178,10 @@ where
 }
 
 /// A run id from a path: the full UUID (prefixes are a CLI convenience, not an API's).
-pub(crate) fn parse_run(s: &str) -> ApiResult<keel_store::RunId> {
+pub(crate) fn parse_run(
+    p: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> ApiResult<keel_store::RunId> {
+    let axum::extract::Path(s) = p.map_err(|r| ApiError::bad_request(format!("bad path: {}", r.body_text())))?;
     s.parse().map_err(|_| ApiError::bad_request(format!("{s:?} is not a run id (a UUID)")))
 }
 

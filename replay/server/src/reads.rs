@@ -2,6 +2,7 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::{blocking, parse_run, AppState};
+use axum::extract::rejection::PathRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
@@ -106,8 +107,11 @@ fn page_limit(given: Option<usize>, default: usize, max: usize) -> ApiResult<usi
         (status = 400, description = "not a run id", body = crate::ErrorBody),
         (status = 404, description = "no such run", body = crate::ErrorBody),
     ))]
-pub(crate) async fn show_run(State(st): State<AppState>, Path(run): Path<String>) -> ApiResult<Json<Value>> {
-    let run = parse_run(&run)?;
+pub(crate) async fn show_run(
+    State(st): State<AppState>,
+    run: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let run = parse_run(run)?;
     let engine = st.engine.clone();
     let state = blocking(move || Ok(engine.state(run)?)).await?;
     Ok(Json(views::state_json(&state)))
@@ -134,11 +138,11 @@ pub(crate) struct EventsQuery {
     ))]
 pub(crate) async fn run_events(
     State(st): State<AppState>,
-    Path(run): Path<String>,
+    run: Result<Path<String>, PathRejection>,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
-    let run = parse_run(&run)?;
+    let run = parse_run(run)?;
     let limit = page_limit(q.limit, EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX)?;
     let engine = st.engine.clone();
     let events = blocking(move || Ok(engine.events(run)?)).await?;
@@ -186,11 +190,11 @@ pub(crate) struct ExportQuery {
     ))]
 pub(crate) async fn export_run(
     State(st): State<AppState>,
-    Path(run): Path<String>,
+    run: Result<Path<String>, PathRejection>,
     q: Result<Query<ExportQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q?;
-    let run = parse_run(&run)?;
+    let run = parse_run(run)?;
     let engine = st.engine.clone();
     let now = chrono::Utc::now().timestamp_micros();
     let bytes = blocking(move || {
