@@ -3,7 +3,7 @@
 
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
-use crate::{blocking, parse_run, AppState};
+use crate::state::{blocking, parse_run, AppState};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::PathRejection;
@@ -88,11 +88,11 @@ fn decision(b: &ResolveBody) -> ApiResult<Decision> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"run\", \"decision\", \"by\"}` as `keel resolve --json`", body = Object),
-        (status = 400, description = "bad JSON, decision or reason", body = crate::ErrorBody),
-        (status = 403, description = "the token's role is below approver", body = crate::ErrorBody),
-        (status = 404, description = "no such run", body = crate::ErrorBody),
-        (status = 409, description = "the run is not waiting for a human", body = crate::ErrorBody),
-        (status = 422, description = "the decision is not one of the escalation's options", body = crate::ErrorBody),
+        (status = 400, description = "bad JSON, decision or reason", body = crate::error::ErrorBody),
+        (status = 403, description = "the token's role is below approver", body = crate::error::ErrorBody),
+        (status = 404, description = "no such run", body = crate::error::ErrorBody),
+        (status = 409, description = "the run is not waiting for a human", body = crate::error::ErrorBody),
+        (status = 422, description = "the decision is not one of the escalation's options", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn resolve(
     State(st): State<AppState>,
@@ -127,10 +127,10 @@ pub(crate) struct CancelBody {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"run\", \"cancelled\": true, \"by\"}`", body = Object),
-        (status = 400, description = "bad JSON or reason", body = crate::ErrorBody),
-        (status = 403, description = "the token's role is below approver", body = crate::ErrorBody),
-        (status = 404, description = "no such run", body = crate::ErrorBody),
-        (status = 409, description = "the run already finished", body = crate::ErrorBody),
+        (status = 400, description = "bad JSON or reason", body = crate::error::ErrorBody),
+        (status = 403, description = "the token's role is below approver", body = crate::error::ErrorBody),
+        (status = 404, description = "no such run", body = crate::error::ErrorBody),
+        (status = 409, description = "the run already finished", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn cancel(
     State(st): State<AppState>,
@@ -171,10 +171,10 @@ pub(crate) struct SubmitBody {
     responses(
         (status = 201, description = "a new run: `{\"run\", \"duplicate\": false}`", body = Object),
         (status = 200, description = "the idempotency key's existing run, same request: `{\"run\", \"duplicate\": true}`", body = Object),
-        (status = 400, description = "bad JSON", body = crate::ErrorBody),
-        (status = 403, description = "the token's role is below admin", body = crate::ErrorBody),
-        (status = 409, description = "the idempotency key belongs to a run of a different request", body = crate::ErrorBody),
-        (status = 422, description = "unknown workflow type or invalid input", body = crate::ErrorBody),
+        (status = 400, description = "bad JSON", body = crate::error::ErrorBody),
+        (status = 403, description = "the token's role is below admin", body = crate::error::ErrorBody),
+        (status = 409, description = "the idempotency key belongs to a run of a different request", body = crate::error::ErrorBody),
+        (status = 422, description = "unknown workflow type or invalid input", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn submit(
     State(st): State<AppState>,

@@ -20,6 +20,7 @@ mod error;
 mod metrics;
 mod ops;
 mod reads;
+mod state;
 
 pub use auth::{add_token, Auth, AuthError, Identity, Role, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKEN_NAME_BYTES_MAX};
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
@@ -31,7 +32,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use keel_engine::Engine;
-use std::sync::atomic::{AtomicBool, Ordering};
+use state::AppState;
+pub use state::Readiness;
 use std::sync::Arc;
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
@@ -39,30 +41,6 @@ use utoipa::OpenApi;
 /// Default largest request body, in bytes (a resolution's supplied output or a request's
 /// input; the engine's own limits are 16 KiB each, JSON escaping included).
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
-
-/// Whether the process is taking work: `/readyz` answers 503 once [`Readiness::drain`]
-/// was called (a shutdown began), so a load balancer stops sending requests.
-#[derive(Clone, Debug, Default)]
-pub struct Readiness {
-    draining: Arc<AtomicBool>,
-}
-
-impl Readiness {
-    /// A readiness that is ready.
-    pub fn new() -> Self {
-        Readiness::default()
-    }
-
-    /// Marks the process as shutting down: `/readyz` answers 503 from now on.
-    pub fn drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether [`Readiness::drain`] was called.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-}
 
 /// How [`router_with`] builds the router (what [`router`] takes by default).
 #[derive(Clone, Debug)]
@@ -77,13 +55,6 @@ impl Default for RouterOptions {
     fn default() -> Self {
         RouterOptions { body_bytes_max: BODY_BYTES_MAX, readiness: Readiness::new() }
     }
-}
-
-/// What every handler sees.
-#[derive(Clone)]
-pub(crate) struct AppState {
-    pub(crate) engine: Engine,
-    pub(crate) readiness: Readiness,
 }
 
 /// The API over `engine`, with `auth`'s tokens, and the default [`RouterOptions`].
@@ -166,23 +137,6 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
-}
-
-/// Runs a blocking engine call on tokio's blocking pool. A panic inside it is a 500.
-pub(crate) async fn blocking<T, F>(f: F) -> ApiResult<T>
-where
-    F: FnOnce() -> ApiResult<T> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
-}
-
-/// A run id from a path: the full UUID (prefixes are a CLI convenience, not an API's).
-pub(crate) fn parse_run(
-    p: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
-) -> ApiResult<keel_store::RunId> {
-    let axum::extract::Path(s) = p.map_err(|r| ApiError::bad_request(format!("bad path: {}", r.body_text())))?;
-    s.parse().map_err(|_| ApiError::bad_request(format!("{s:?} is not a run id (a UUID)")))
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting

@@ -4,7 +4,7 @@
 //! group-commit batch sizes need counters inside the engine's shell and are not here yet.
 
 use crate::error::ApiResult;
-use crate::{blocking, AppState};
+use crate::state::{blocking, AppState};
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use std::fmt::Write;
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain"),
-        (status = 401, description = "no valid token", body = crate::ErrorBody),
+        (status = 401, description = "no valid token", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let engine = st.engine.clone();

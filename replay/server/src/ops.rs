@@ -2,7 +2,7 @@
 //! document (open: it describes the API, not its data).
 
 use crate::error::{ApiError, ApiResult};
-use crate::{blocking, AppState};
+use crate::state::{blocking, AppState};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -16,7 +16,7 @@ use utoipa::{Modify, OpenApi};
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"escalations\": [entry of keel escalations --json]}`", body = Object),
-        (status = 401, description = "no valid token", body = crate::ErrorBody),
+        (status = 401, description = "no valid token", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn escalations(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let engine = st.engine.clone();
@@ -30,7 +30,7 @@ pub(crate) async fn escalations(State(st): State<AppState>) -> ApiResult<Json<Va
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"workflows\": [entry of keel stats --json]}`", body = Object),
-        (status = 401, description = "no valid token", body = crate::ErrorBody),
+        (status = 401, description = "no valid token", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn stats(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let engine = st.engine.clone();
@@ -49,7 +49,7 @@ pub(crate) async fn healthz() -> Json<Value> {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
         (status = 200, description = "`{\"status\": \"ready\", \"workflows\": [registered workflow types]}`", body = Object),
-        (status = 503, description = "shutting down", body = crate::ErrorBody),
+        (status = 503, description = "shutting down", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn readyz(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     if st.readiness.is_draining() {
@@ -84,7 +84,7 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         readyz,
         openapi_json,
     ),
-    components(schemas(crate::ErrorBody, crate::ErrorDetail)),
+    components(schemas(crate::error::ErrorBody, crate::ErrorDetail)),
     modifiers(&BearerAuth),
 )]
 pub(crate) struct ApiDoc;

@@ -1,7 +1,7 @@
 //! Read routes (role viewer): runs, one run, its events, its export.
 
 use crate::error::{ApiError, ApiResult};
-use crate::{blocking, parse_run, AppState};
+use crate::state::{blocking, parse_run, AppState};
 use axum::extract::rejection::PathRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -46,8 +46,8 @@ pub(crate) struct RunsQuery {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"runs\": [entry of keel runs --json], \"next_cursor\": run id or null}`", body = Object),
-        (status = 400, description = "bad status, limit or cursor", body = crate::ErrorBody),
-        (status = 401, description = "no valid token", body = crate::ErrorBody),
+        (status = 400, description = "bad status, limit or cursor", body = crate::error::ErrorBody),
+        (status = 401, description = "no valid token", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn list_runs(
     State(st): State<AppState>,
@@ -104,8 +104,8 @@ fn page_limit(given: Option<usize>, default: usize, max: usize) -> ApiResult<usi
     security(("bearer" = [])),
     responses(
         (status = 200, description = "the state object of `keel show --json`", body = Object),
-        (status = 400, description = "not a run id", body = crate::ErrorBody),
-        (status = 404, description = "no such run", body = crate::ErrorBody),
+        (status = 400, description = "not a run id", body = crate::error::ErrorBody),
+        (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn show_run(
     State(st): State<AppState>,
@@ -133,8 +133,8 @@ pub(crate) struct EventsQuery {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"run\", \"events\": [{\"seq\", \"time\", \"time_us\", \"kind\", \"event\"}], \"next_after\": seq or null}`", body = Object),
-        (status = 400, description = "bad run id or limit", body = crate::ErrorBody),
-        (status = 404, description = "no such run", body = crate::ErrorBody),
+        (status = 400, description = "bad run id or limit", body = crate::error::ErrorBody),
+        (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn run_events(
     State(st): State<AppState>,
@@ -185,8 +185,8 @@ pub(crate) struct ExportQuery {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "the export (application/x-ndjson, text/csv or text/html)", body = String),
-        (status = 400, description = "bad run id or format", body = crate::ErrorBody),
-        (status = 404, description = "no such run", body = crate::ErrorBody),
+        (status = 400, description = "bad run id or format", body = crate::error::ErrorBody),
+        (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn export_run(
     State(st): State<AppState>,
