@@ -90,6 +90,26 @@ async fn health_and_readiness_are_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_once_draining_and_health_stays_200() {
+    let readiness = keel_server::Readiness::new();
+    let s = common::start_with(keel_server::RouterOptions { readiness: readiness.clone(), ..Default::default() }).await;
+    assert_eq!(s.get("/readyz", None).await.status, 200);
+    readiness.drain();
+    let r = s.get("/readyz", None).await;
+    assert_eq!((r.status, r.code().as_str()), (503, "not_ready"));
+    assert_eq!(s.get("/healthz", None).await.status, 200);
+    assert_eq!(s.get("/v1/runs", Some(VIEWER)).await.status, 200, "requests in flight are still answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_body_limit_is_kept() {
+    let s = common::start_with(keel_server::RouterOptions { body_bytes_max: 100, ..Default::default() }).await;
+    let body = json!({"workflow": "support_ticket", "input": {"pad": "x".repeat(200)}});
+    let r = s.post("/v1/runs", Some(ADMIN), &body).await;
+    assert_eq!((r.status, r.code().as_str()), (413, "body_too_large"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_answers_201_new_200_duplicate_409_conflict_422_invalid_400_bad_json() {
     let s = start().await;
     let req = keel_demo::request(7, HAPPY);

@@ -22,6 +22,11 @@ pub struct Server {
 /// "vera" (viewer), "ada" (approver), "root" (admin). No workers run: tests drive runs
 /// with `run_until_idle` so that what they see is settled.
 pub async fn start() -> Server {
+    start_with(keel_server::RouterOptions::default()).await
+}
+
+/// [`start`] with explicit router options.
+pub async fn start_with(options: keel_server::RouterOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let engine = keel_demo::register(Engine::builder().path(dir.path().join("db"))).open().unwrap();
     let auth = Auth::from_tokens([
@@ -32,7 +37,7 @@ pub async fn start() -> Server {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = keel_server::router(engine.clone(), auth);
+    let app = keel_server::router_with(engine.clone(), auth, options);
     tokio::spawn(keel_server::serve(listener, app, std::future::pending()));
     Server { addr, engine, _dir: dir }
 }
