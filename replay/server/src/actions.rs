@@ -3,7 +3,7 @@
 
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
-use crate::state::{blocking, parse_run, AppState};
+use crate::state::{parse_run, AppState};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::PathRejection;
@@ -193,7 +193,7 @@ pub(crate) async fn submit(
         return Ok((StatusCode::CREATED, Json(json!({ "run": s.run.to_string(), "duplicate": false }))));
     }
     let engine = st.engine.clone();
-    let existing = blocking(move || Ok(engine.state(s.run)?)).await?;
+    let existing = st.blocking(move || Ok(engine.state(s.run)?)).await?;
     if existing.workflow != b.workflow || existing.input != wanted {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

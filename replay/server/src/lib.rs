@@ -42,6 +42,9 @@ use utoipa::OpenApi;
 /// input; the engine's own limits are 16 KiB each, JSON escaping included).
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 
+/// Default number of blocking engine calls running at once.
+pub const BLOCKING_CALLS_MAX: usize = 8;
+
 /// How [`router_with`] builds the router (what [`router`] takes by default).
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
@@ -49,11 +52,18 @@ pub struct RouterOptions {
     pub body_bytes_max: usize,
     /// What `/readyz` reports.
     pub readiness: Readiness,
+    /// Blocking engine calls (store reads, folds, exports) running at once; more wait
+    /// their turn (at least 1).
+    pub blocking_calls_max: usize,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { body_bytes_max: BODY_BYTES_MAX, readiness: Readiness::new() }
+        RouterOptions {
+            body_bytes_max: BODY_BYTES_MAX,
+            readiness: Readiness::new(),
+            blocking_calls_max: BLOCKING_CALLS_MAX,
+        }
     }
 }
 
@@ -67,7 +77,8 @@ pub fn router(engine: Engine, auth: Auth) -> Router {
 /// [`router`] with explicit options.
 pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router {
     let auth = Arc::new(auth);
-    let state = AppState { engine, readiness: options.readiness };
+    let permits = Arc::new(tokio::sync::Semaphore::new(options.blocking_calls_max.max(1)));
+    let state = AppState { engine, readiness: options.readiness, blocking_permits: permits };
     let viewer = Router::new()
         .route("/v1/runs", get(reads::list_runs))
         .route("/v1/runs/{run}", get(reads::show_run))

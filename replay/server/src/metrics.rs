@@ -4,7 +4,7 @@
 //! group-commit batch sizes need counters inside the engine's shell and are not here yet.
 
 use crate::error::ApiResult;
-use crate::state::{blocking, AppState};
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use std::fmt::Write;
     ))]
 pub(crate) async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let engine = st.engine.clone();
-    let (stats, pending) = blocking(move || Ok((engine.stats()?, engine.escalations()?))).await?;
+    let (stats, pending) = st.blocking(move || Ok((engine.stats()?, engine.escalations()?))).await?;
     let now_us = chrono::Utc::now().timestamp_micros();
     let mut r = render(&stats, &pending, now_us).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

@@ -2,7 +2,7 @@
 //! document (open: it describes the API, not its data).
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::{blocking, AppState};
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -21,7 +21,7 @@ use utoipa::{Modify, OpenApi};
 pub(crate) async fn escalations(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let engine = st.engine.clone();
     // O(history) until the engine keeps an index of open escalations.
-    let pending = blocking(move || Ok(engine.escalations()?)).await?;
+    let pending = st.blocking(move || Ok(engine.escalations()?)).await?;
     Ok(Json(json!({ "escalations": pending.iter().map(views::escalation_json).collect::<Vec<_>>() })))
 }
 
@@ -34,7 +34,7 @@ pub(crate) async fn escalations(State(st): State<AppState>) -> ApiResult<Json<Va
     ))]
 pub(crate) async fn stats(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let engine = st.engine.clone();
-    let stats = blocking(move || Ok(engine.stats()?)).await?;
+    let stats = st.blocking(move || Ok(engine.stats()?)).await?;
     Ok(Json(json!({ "workflows": stats.iter().map(views::stats_json).collect::<Vec<_>>() })))
 }
 

@@ -1,7 +1,7 @@
 //! Read routes (role viewer): runs, one run, its events, its export.
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::{blocking, parse_run, AppState};
+use crate::state::{parse_run, AppState};
 use axum::extract::rejection::PathRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -72,7 +72,7 @@ pub(crate) async fn list_runs(
         .transpose()?;
     let engine = st.engine.clone();
     // O(history) until the engine keeps a run index: `runs()` folds every run.
-    let all = blocking(move || Ok(engine.runs()?)).await?;
+    let all = st.blocking(move || Ok(engine.runs()?)).await?;
     let mut page: Vec<&RunSummary> = all
         .iter()
         .filter(|r| cursor.is_none_or(|c| r.run > c))
@@ -113,7 +113,7 @@ pub(crate) async fn show_run(
 ) -> ApiResult<Json<Value>> {
     let run = parse_run(run)?;
     let engine = st.engine.clone();
-    let state = blocking(move || Ok(engine.state(run)?)).await?;
+    let state = st.blocking(move || Ok(engine.state(run)?)).await?;
     Ok(Json(views::state_json(&state)))
 }
 
@@ -145,7 +145,7 @@ pub(crate) async fn run_events(
     let run = parse_run(run)?;
     let limit = page_limit(q.limit, EVENTS_PAGE_DEFAULT, EVENTS_PAGE_MAX)?;
     let engine = st.engine.clone();
-    let events = blocking(move || Ok(engine.events(run)?)).await?;
+    let events = st.blocking(move || Ok(engine.events(run)?)).await?;
     let mut page: Vec<Value> = Vec::new();
     let mut more = false;
     for e in events.iter().filter(|e| q.after.is_none_or(|a| e.seq.0 > a)) {
@@ -197,11 +197,12 @@ pub(crate) async fn export_run(
     let run = parse_run(run)?;
     let engine = st.engine.clone();
     let now = chrono::Utc::now().timestamp_micros();
-    let bytes = blocking(move || {
-        engine.state(run)?; // 404 before any writing
-        write_export(&engine, run, q.format, now)
-    })
-    .await?;
+    let bytes = st
+        .blocking(move || {
+            engine.state(run)?; // 404 before any writing
+            write_export(&engine, run, q.format, now)
+        })
+        .await?;
     let content_type = match q.format {
         ExportFormat::Jsonl => "application/x-ndjson",
         ExportFormat::Csv => "text/csv; charset=utf-8",

@@ -1,10 +1,11 @@
-//! What every handler shares: the state they see (the engine, the readiness) and two
-//! helpers.
+//! What every handler shares: the state they see (the engine, the readiness, the permits
+//! for blocking calls) and the run id of a path.
 
 use crate::error::{ApiError, ApiResult};
 use keel_engine::Engine;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 /// Whether the process is taking work: `/readyz` answers 503 once [`Readiness::drain`]
 /// was called (a shutdown began), so a load balancer stops sending requests.
@@ -35,15 +36,22 @@ impl Readiness {
 pub(crate) struct AppState {
     pub(crate) engine: Engine,
     pub(crate) readiness: Readiness,
+    /// Permits for blocking engine calls at once: listing folds every run today, so a
+    /// burst of requests must queue here rather than fill tokio's blocking pool.
+    pub(crate) blocking_permits: Arc<Semaphore>,
 }
 
-/// Runs a blocking engine call on tokio's blocking pool. A panic inside it is a 500.
-pub(crate) async fn blocking<T, F>(f: F) -> ApiResult<T>
-where
-    F: FnOnce() -> ApiResult<T> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+impl AppState {
+    /// Runs a blocking engine call on tokio's blocking pool once a permit is free. A
+    /// panic inside it is a 500.
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        F: FnOnce() -> ApiResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _permit = self.blocking_permits.acquire().await.map_err(ApiError::internal)?;
+        tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+    }
 }
 
 /// A run id from a path: the full UUID (prefixes are a CLI convenience, not an API's).

@@ -102,6 +102,22 @@ async fn readiness_turns_503_once_draining_and_health_stays_200() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_queue_for_the_blocking_permits_and_all_are_answered() {
+    let s = common::start_with(keel_server::RouterOptions { blocking_calls_max: 1, ..Default::default() }).await;
+    s.submit_demo(HAPPY).await;
+    let s = std::sync::Arc::new(s);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let s = s.clone();
+        let path = ["/v1/runs", "/v1/escalations", "/v1/stats", "/metrics"][i % 4];
+        tasks.push(tokio::spawn(async move { s.get(path, Some(VIEWER)).await.status }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_smaller_body_limit_is_kept() {
     let s = common::start_with(keel_server::RouterOptions { body_bytes_max: 100, ..Default::default() }).await;
     let body = json!({"workflow": "support_ticket", "input": {"pad": "x".repeat(200)}});
