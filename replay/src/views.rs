@@ -2,7 +2,7 @@
 //! their human-readable counterparts. Field names never change; new fields may be added.
 
 use crate::format::{event_json, rfc3339};
-use keel_engine::{Logged, PendingEscalation, RunState, RunSummary, WorkflowStats};
+use keel_engine::{Logged, PendingEscalation, RunId, RunState, RunSummary, WorkflowStats};
 use serde_json::{json, Value};
 
 /// `keel runs --json`: one entry.
@@ -254,5 +254,23 @@ pub fn step_json(e: &Logged, after: &RunState) -> Value {
         "event": event_json(&e.event).get("payload").cloned().unwrap_or(Value::Null),
         "run_status": after.status.name(),
         "tasks": tasks,
+    })
+}
+
+/// `keel resolve --json`, and the answer of the server's resolve route: what was
+/// recorded (`decision` is a `Decision` name, `by` who decided).
+pub fn resolution_json(run: RunId, decision: &str, by: &str) -> Value {
+    json!({ "run": run.to_string(), "decision": decision, "by": by })
+}
+
+/// One recorded event as the server's events route lists it: its seq, time, kind and
+/// payload (the payload as in an export record).
+pub fn event_entry_json(e: &Logged) -> Value {
+    json!({
+        "seq": e.seq.0,
+        "time": rfc3339(e.at_us),
+        "time_us": e.at_us,
+        "kind": e.event.kind_name(),
+        "event": event_json(&e.event).get("payload").cloned().unwrap_or(Value::Null),
     })
 }

@@ -71,6 +71,10 @@ enum Cmd {
     Resolve(cmd::resolve::ResolveArgs),
     /// Usage and cost per workflow type.
     Stats(cmd::JsonArgs),
+    /// Serve the HTTP admin API (docs/SERVER.md) and work runs, until SIGINT or SIGTERM.
+    Serve(cmd::serve::ServeArgs),
+    /// Make API tokens for `keel serve`.
+    Token(cmd::token::TokenArgs),
     /// Print the run and task state machines.
     Fsm(cmd::fsm::FsmArgs),
     /// Measure what keel costs on top of its log: throughput, step latency, resume,
@@ -123,8 +127,11 @@ where
             return ExitCode::from(2);
         }
     };
+    // `keel serve` is a long-running service: its panics, internal errors and the
+    // decisions it records (with their reasons) are logged unless KEEL_LOG says otherwise.
+    let default_filter = if matches!(cli.command, Cmd::Serve(_)) { "warn,keel_server=info" } else { "off" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -165,6 +172,8 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
         Cmd::Stats(a) => cmd::stats::run(&db, a, registry),
+        Cmd::Serve(a) => cmd::serve::run(&db, a, registry).await,
+        Cmd::Token(a) => cmd::token::run(&db, a),
         Cmd::Fsm(a) => cmd::fsm::run(a),
         Cmd::Bench(a) => cmd::bench::run(a),
     }

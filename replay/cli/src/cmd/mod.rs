@@ -10,8 +10,10 @@ pub(crate) mod fsm;
 pub(crate) mod replay;
 pub(crate) mod resolve;
 pub(crate) mod runs;
+pub(crate) mod serve;
 pub(crate) mod show;
 pub(crate) mod stats;
+pub(crate) mod token;
 pub(crate) mod verify;
 pub(crate) mod work;
 

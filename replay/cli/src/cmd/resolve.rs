@@ -7,7 +7,8 @@ use crate::Registry;
 use clap::{Args, ValueEnum};
 use keel_engine::{Decision, Json, Resolution};
 use keel_replay::source::resolve_run;
-use serde_json::{json, Value};
+use keel_replay::views;
+use serde_json::Value;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -89,7 +90,7 @@ pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdRe
     let name = decision.name();
     engine.resolve(run, Resolution { decision, by: by.clone() }).await?;
     if a.json {
-        print_json(&json!({ "run": run.to_string(), "decision": name, "by": by }))?;
+        print_json(&views::resolution_json(run, name, &by))?;
     } else {
         println!("resolved run {run}: {name} by {by}");
         if registry.knows(&state_workflow) {

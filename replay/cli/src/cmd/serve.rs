@@ -1,0 +1,103 @@
+//! Serves the HTTP admin API while working runs: `keel serve` (docs/SERVER.md).
+
+use crate::error::{io_err, CliError, CmdResult};
+use crate::open::open_db;
+use crate::Registry;
+use clap::Args;
+use keel_server::{router_with, serve, Auth, Readiness, RouterOptions, TOKENS_FILE};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on. Only a loopback address unless --insecure-bind is given.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    pub(crate) listen: SocketAddr,
+    /// Listen on a non-loopback address without TLS: bearer tokens then cross the network
+    /// in clear text. Put a TLS-terminating proxy in front, or keep to loopback.
+    #[arg(long)]
+    pub(crate) insecure_bind: bool,
+    /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub(crate) shutdown_timeout: u64,
+}
+
+pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResult {
+    if !a.listen.ip().is_loopback() && !a.insecure_bind {
+        return Err(CliError::Usage(format!(
+            "{} is not a loopback address: keel serve has no TLS yet, so tokens would cross the network in clear text; \
+             give --insecure-bind to do it anyway (behind a TLS proxy)",
+            a.listen
+        )));
+    }
+    let engine = registry.engine(Arc::new(open_db(db, true)?))?;
+    registry.refuse_unknown_unfinished(&engine)?;
+    let tokens = db.join(TOKENS_FILE);
+    let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
+    if !tokens.exists() {
+        eprintln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
+    }
+    let listener =
+        tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
+    let addr = listener.local_addr().map_err(|e| io_err("the listening socket", e))?;
+    let readiness = Readiness::new();
+    let app = router_with(engine.clone(), auth, RouterOptions { readiness: readiness.clone(), ..Default::default() });
+    let workers = engine.start();
+    eprintln!("keel: serving http://{addr} for {} (SIGINT or SIGTERM to stop)", db.display());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = serve(listener, app, {
+        let readiness = readiness.clone();
+        async move {
+            stop_signal().await;
+            readiness.drain();
+            let _ = stop_tx.send(true);
+        }
+    });
+    let grace = Duration::from_secs(a.shutdown_timeout);
+    // The graceful shutdown waits for in-flight requests; a request that hangs must not
+    // keep the process alive past the grace period.
+    let deadline = async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = serving => r.map_err(|e| io_err("serving", e))?,
+        () = deadline => eprintln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs()),
+    }
+    match tokio::time::timeout(grace, workers.shutdown()).await {
+        Ok(report) => eprintln!("keel: stopped after {} driver pass(es)", report.driven),
+        Err(_) => eprintln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM. A signal handler that cannot be
+/// installed is one signal fewer to wait for, not a reason to stop serving.
+async fn stop_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    eprintln!("keel: stopping: no new connections; letting requests in flight finish");
+}

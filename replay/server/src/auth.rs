@@ -1,0 +1,315 @@
+//! Bearer tokens with roles: who may read, who may decide, who may do everything.
+//!
+//! A token is shown once, when it is made ([`add_token`]); the server keeps only its
+//! SHA-256 in a `tokens` file (mode 0600), one line per token:
+//! `<sha256 hex> <role> <name>`. A presented token is hashed and compared with every
+//! stored hash in constant time, so neither a match's position nor a partial match shows
+//! in the answer's timing. The name is the caller's identity: it is what a resolution
+//! records as `by`.
+
+use crate::error::ApiError;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+use subtle::ConstantTimeEq;
+
+/// The name of the tokens file in a database directory.
+pub const TOKENS_FILE: &str = "tokens";
+
+/// Longest token name, in bytes.
+pub const TOKEN_NAME_BYTES_MAX: usize = 64;
+
+/// Largest tokens file read, in bytes (about 5,000 tokens): a bigger file is refused
+/// rather than read into memory.
+pub const TOKENS_FILE_BYTES_MAX: u64 = 512 * 1024;
+
+/// What a token may do. Each role includes the ones below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Read: runs, events, escalations, exports, stats.
+    Viewer,
+    /// Read, and decide: resolve an escalation, cancel a run.
+    Approver,
+    /// Everything, including submitting runs.
+    Admin,
+}
+
+impl Role {
+    /// Every role, lowest first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Approver, Role::Admin];
+
+    /// The role's name as written in the tokens file and on `keel token add --role`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Approver => "approver",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role named `s` (see [`Role::name`]).
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == s)
+    }
+}
+
+/// Who is calling: the token's name (recorded as `by`) and its role. Handlers find it in
+/// the request's extensions once [`require`] let the request through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's name.
+    pub name: String,
+    /// The token's role.
+    pub role: Role,
+}
+
+/// Why a tokens file cannot be read or written.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Reading or writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The tokens file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A line of the file is not `<sha256 hex> <role> <name>`.
+    #[error("{path}:{line}: {reason}")]
+    Malformed {
+        /// The tokens file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is larger than [`TOKENS_FILE_BYTES_MAX`].
+    #[error("{path} is {bytes} bytes, more than the limit of {TOKENS_FILE_BYTES_MAX}")]
+    TooLarge {
+        /// The tokens file.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+    /// A token name that is empty, too long, or has characters other than letters,
+    /// digits and `.`, `_`, `-`, `@`.
+    #[error("invalid token name {name:?}: 1..={TOKEN_NAME_BYTES_MAX} letters, digits, '.', '_', '-' or '@'")]
+    InvalidName {
+        /// The name given.
+        name: String,
+    },
+    /// A token of that name already exists.
+    #[error("a token named {name:?} already exists")]
+    DuplicateName {
+        /// The name given.
+        name: String,
+    },
+}
+
+/// One stored token: its hash, never the token.
+#[derive(Clone, Debug)]
+struct Entry {
+    hash: [u8; 32],
+    role: Role,
+    name: String,
+}
+
+/// The tokens as last read, and the file's modification time and size then (a change of
+/// either reloads it).
+#[derive(Debug, Default)]
+struct Loaded {
+    stamp: Option<(SystemTime, u64)>,
+    entries: Vec<Entry>,
+}
+
+/// The server's authenticator: the stored tokens, read from a tokens file (re-read when it
+/// changes, so `keel token add` works while `keel serve` runs) or given in memory.
+#[derive(Debug)]
+pub struct Auth {
+    file: Option<PathBuf>,
+    loaded: RwLock<Loaded>,
+}
+
+impl Auth {
+    /// The tokens in `path` (a missing file is no tokens: every request except `/healthz`
+    /// is refused until one is added). Errors: the file cannot be read or is malformed.
+    pub fn from_file(path: impl Into<PathBuf>) -> Result<Auth, AuthError> {
+        let path = path.into();
+        let loaded = load(&path)?;
+        Ok(Auth { file: Some(path), loaded: RwLock::new(loaded) })
+    }
+
+    /// Tokens given in memory as `(name, role, token)` (tests, or a service that keeps its
+    /// tokens elsewhere). Errors: an invalid or repeated name.
+    pub fn from_tokens<'a>(tokens: impl IntoIterator<Item = (&'a str, Role, &'a str)>) -> Result<Auth, AuthError> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (name, role, token) in tokens {
+            check_name(name)?;
+            if entries.iter().any(|e| e.name == name) {
+                return Err(AuthError::DuplicateName { name: name.to_owned() });
+            }
+            entries.push(Entry { hash: hash(token), role, name: name.to_owned() });
+        }
+        Ok(Auth { file: None, loaded: RwLock::new(Loaded { stamp: None, entries }) })
+    }
+
+    /// Who holds `token`, if anyone. Every stored hash is compared (constant time each,
+    /// no early exit).
+    pub fn identify(&self, token: &str) -> Option<Identity> {
+        self.refresh();
+        let presented = hash(token);
+        let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
+        let mut found: Option<&Entry> = None;
+        for e in &loaded.entries {
+            if bool::from(e.hash.ct_eq(&presented)) {
+                found = Some(e);
+            }
+        }
+        found.map(|e| Identity { name: e.name.clone(), role: e.role })
+    }
+
+    /// Re-reads the tokens file when its modification time or size changed. A file that
+    /// became unreadable or malformed keeps the tokens last read (and says so in the log).
+    fn refresh(&self) {
+        let Some(path) = &self.file else { return };
+        let now = stamp(path);
+        let current = self.loaded.read().unwrap_or_else(|p| p.into_inner()).stamp;
+        if now == current {
+            return;
+        }
+        match load(path) {
+            Ok(l) => *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = l,
+            Err(e) => tracing::error!(error = %e, "cannot reload the tokens file; keeping the tokens read before"),
+        }
+    }
+}
+
+/// The file's modification time and size, or `None` when it does not exist.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+fn hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn check_name(name: &str) -> Result<(), AuthError> {
+    let ok = !name.is_empty()
+        && name.len() <= TOKEN_NAME_BYTES_MAX
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::InvalidName { name: name.to_owned() })
+    }
+}
+
+fn load(path: &Path) -> Result<Loaded, AuthError> {
+    let io = |source| AuthError::Io { path: path.to_path_buf(), source };
+    let stamp = stamp(path);
+    let Some((_, bytes)) = stamp else { return Ok(Loaded::default()) };
+    if bytes > TOKENS_FILE_BYTES_MAX {
+        return Err(AuthError::TooLarge { path: path.to_path_buf(), bytes });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |reason: &str| AuthError::Malformed { path: path.to_path_buf(), line: i + 1, reason: reason.into() };
+        let mut parts = line.split_whitespace();
+        let (Some(h), Some(r), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(bad("expected `<sha256 hex> <role> <name>`"));
+        };
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(h, &mut hash).map_err(|_| bad("the hash is not 64 hex digits"))?;
+        let role = Role::parse(r).ok_or_else(|| bad("the role is not viewer, approver or admin"))?;
+        check_name(name)?;
+        entries.push(Entry { hash, role, name: name.to_owned() });
+    }
+    Ok(Loaded { stamp, entries })
+}
+
+/// Makes a new token named `name` with `role`, stores its hash in the tokens file at
+/// `path` (created with mode 0600; its directory must exist) and returns the token:
+/// the only time it is shown. Errors: an invalid or taken name, an unreadable file.
+pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthError> {
+    check_name(name)?;
+    let existing = load(path)?;
+    if existing.entries.iter().any(|e| e.name == name) {
+        return Err(AuthError::DuplicateName { name: name.to_owned() });
+    }
+    let token = new_token();
+    let line = format!("{} {} {}\n", hex::encode(hash(&token)), role.name(), name);
+    let io = |source| AuthError::Io { path: path.to_path_buf(), source };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io)?;
+    // A file made by hand with wider permissions is narrowed: hashes are not secrets to
+    // guess from, but the list of names and roles is nobody else's business.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    f.write_all(line.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(token)
+}
+
+/// A new token: `keel_` and 64 hex digits from two version-4 UUIDs (244 random bits from
+/// the operating system's generator, through `getrandom`).
+fn new_token() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("keel_{}{}", a.simple(), b.simple())
+}
+
+/// The bearer token of a request's `Authorization` header, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Middleware: lets a request through when its bearer token's role is at least `role`
+/// (401 without a valid token, 403 with too small a role), with the caller's
+/// [`Identity`] in the request's extensions.
+pub(crate) async fn require(State((auth, role)): State<(Arc<Auth>, Role)>, mut req: Request, next: Next) -> Response {
+    let Some(who) = bearer(req.headers()).and_then(|t| auth.identify(t)) else {
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required (Authorization: Bearer <token>; make one with `keel token add`)",
+        )
+        .into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    };
+    if who.role < role {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("token {:?} has role {}; this needs {}", who.name, who.role.name(), role.name()),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(who);
+    next.run(req).await
+}
