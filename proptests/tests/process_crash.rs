@@ -22,8 +22,8 @@ use keel_proptests::gen::{self, GenConfig};
 use keel_proptests::rng::Rng;
 use keel_proptests::world::{self, World};
 use keel_store::{
-    verify_run, Claim, Coordination, Durability, EventLog, Fence, Head, Lease, Level, NewRecord, RecordIter, SledStore,
-    StoreConfig, StoreError,
+    verify_run, AppendObserver, Durability, EventLog, Head, Level, NewRecord, Observed, SledStore, StoreConfig,
+    StoreError,
 };
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -34,103 +34,29 @@ use std::time::{Duration, Instant};
 
 const CHILD: &str = "KEEL_PROP_CHILD";
 
-/// The log, printing `B run expected n` before and `A run next_seq hash` after every
-/// acknowledged (durable) append, so the parent knows what must survive a kill.
-struct Probe {
-    inner: SledStore,
+/// Prints `B run expected n` before and `A run next_seq hash` after every acknowledged
+/// (durable) append, so the parent knows what must survive a kill.
+struct Marks {
     out: Mutex<std::io::Stdout>,
 }
 
-fn line(p: &Probe, s: String) {
-    let mut o = p.out.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = writeln!(o, "{s}");
-    let _ = o.flush();
+impl Marks {
+    fn line(&self, s: String) {
+        let mut o = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(o, "{s}");
+        let _ = o.flush();
+    }
 }
 
-impl EventLog for Probe {
-    fn append(
-        &self,
-        run: RunId,
-        expected: Seq,
-        records: Vec<NewRecord>,
-        claim: Option<Claim>,
-    ) -> Result<Head, StoreError> {
-        line(self, format!("B {run} {} {}", expected.0, records.len()));
-        let r = self.inner.append(run, expected, records, claim);
-        if let Ok(h) = &r {
-            line(self, format!("A {run} {} {}", h.next_seq.0, hex(&h.last_hash)));
+impl AppendObserver for Marks {
+    type Ticket = ();
+    fn before(&self, run: RunId, expected: Seq, records: &[NewRecord]) {
+        self.line(format!("B {run} {} {}", expected.0, records.len()));
+    }
+    fn after(&self, run: RunId, (): (), result: Result<&Head, &StoreError>) {
+        if let Ok(h) = result {
+            self.line(format!("A {run} {} {}", h.next_seq.0, hex(&h.last_hash)));
         }
-        r
-    }
-    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.inner.read(run, from)
-    }
-    fn head(&self, run: RunId) -> Result<Head, StoreError> {
-        self.inner.head(run)
-    }
-    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
-        self.inner.runs()
-    }
-    fn limits(&self) -> keel_store::Limits {
-        self.inner.limits()
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-    fn durability(&self) -> Durability {
-        self.inner.durability()
-    }
-    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.inner.scan(run, from)
-    }
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> keel_store::RunRecords<'a> {
-        self.inner.read_runs(runs)
-    }
-}
-
-impl Coordination for Probe {
-    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
-        self.inner.try_lease(run, owner, ttl_ms, now_us)
-    }
-    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
-        self.inner.renew_lease(lease, ttl_ms, now_us)
-    }
-    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.release_lease(lease)
-    }
-    fn append_fenced(
-        &self,
-        run: RunId,
-        expected: Seq,
-        records: Vec<NewRecord>,
-        claim: Option<Claim>,
-        fence: Fence,
-    ) -> Result<Head, StoreError> {
-        self.inner.append_fenced(run, expected, records, claim, fence)
-    }
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
-        self.inner.lookup_key(key, now_us)
-    }
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
-        self.inner.save_snapshot(run, next_seq, state)
-    }
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
-        self.inner.load_snapshot(run)
-    }
-    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.aux_get(key)
-    }
-    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.inner.aux_put(key, value)
-    }
-    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
-        self.inner.put_due(run, due_at_us)
-    }
-    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
-        self.inner.remove_due(run)
-    }
-    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
-        self.inner.due(now_us, limit)
     }
 }
 
@@ -184,8 +110,11 @@ fn drive(dir: &Path, seed: u64, probe: bool) {
         StoreConfig { durability: Durability::GroupCommit(Level::ProcessCrash), ..StoreConfig::default() },
     )
     .unwrap_or_else(|e| panic!("open: {e}"));
-    let store: Arc<dyn keel_store::Store> =
-        if probe { Arc::new(Probe { inner: sled, out: Mutex::new(std::io::stdout()) }) } else { Arc::new(sled) };
+    let store: Arc<dyn keel_store::Store> = if probe {
+        Arc::new(Observed::new(Arc::new(sled), Marks { out: Mutex::new(std::io::stdout()) }))
+    } else {
+        Arc::new(sled)
+    };
     let b =
         demo::register_with(Engine::builder().store(store), DemoOptions { latency_ms: 2, ..DemoOptions::default() });
     let engine = world::register(b, &world)

@@ -51,6 +51,7 @@ pub mod envelope;
 mod error;
 mod kv;
 mod log;
+mod observed;
 #[cfg(feature = "sled")]
 mod sled;
 #[cfg(feature = "testing")]
@@ -67,6 +68,7 @@ pub use log::{
     prepare, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter,
     RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
+pub use observed::{AppendObserver, Observed};
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
 #[cfg(feature = "sled")]

@@ -5,7 +5,7 @@
 //! `TaskExecuted { cached: true, usage: zero }` without calling the handler.
 //!
 //! Entries live in memory (bounded) and, when the cache has a store, in the store's
-//! auxiliary keyspace (`EventLog::aux_put`, outside every run's chain), so a restarted
+//! auxiliary keyspace (`Coordination::aux_put`, outside every run's chain), so a restarted
 //! process still hits. The log stays the truth: a hit is recorded with its output like
 //! any execution, and an aux entry lost in a crash only costs a handler call.
 

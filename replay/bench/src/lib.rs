@@ -34,8 +34,8 @@ use keel_engine::{
 use keel_replay::export::{JsonlWriter, Redaction};
 use keel_replay::source::export_runs;
 use keel_store::{
-    codec, prepare, Claim, Coordination, Durability, EventLog, Fence, Head, Lease, Level, NewRecord, RecordIter, RunId,
-    Seq, SledStore, Store, StoreConfig, StoreError, SEGMENT_BYTES,
+    codec, prepare, AppendObserver, Durability, EventLog, Head, Level, NewRecord, Observed, RunId, Seq, SledStore,
+    Store, StoreConfig, StoreError, SEGMENT_BYTES,
 };
 use serde_json::{json, Value};
 use std::io::Write;
@@ -640,8 +640,8 @@ impl Clock for MonoClock {
 /// One step record: (run, is it a TaskDispatched (else TaskEvaluated), at_us, durable_us).
 type StepStamp = (RunId, bool, i64, i64);
 
+/// Counts and times the engine's appends (an [`AppendObserver`] over the bench's store).
 struct Probe {
-    inner: Arc<SledStore>,
     appends: AtomicU64,
     records: AtomicU64,
     /// Nanoseconds spent inside `append` (write + flush), summed over callers.
@@ -653,26 +653,24 @@ struct Probe {
 }
 
 impl Probe {
-    fn new(inner: Arc<SledStore>, clock: Option<MonoClock>) -> Self {
-        Probe {
-            inner,
+    /// The bench's store with a fresh probe over it.
+    fn over(inner: Arc<SledStore>, clock: Option<MonoClock>) -> Observed<Probe> {
+        let probe = Probe {
             appends: AtomicU64::new(0),
             records: AtomicU64::new(0),
             append_ns: AtomicU64::new(0),
             spans: Mutex::new(Vec::new()),
             steps: clock.map(|c| (c, Mutex::new(Vec::new()))),
-        }
+        };
+        Observed::new(inner, probe)
     }
 }
 
-impl EventLog for Probe {
-    fn append(
-        &self,
-        run: RunId,
-        expected: Seq,
-        records: Vec<NewRecord>,
-        claim: Option<Claim>,
-    ) -> Result<Head, StoreError> {
+impl AppendObserver for Probe {
+    /// The step marks of the batch, its record count and when the append started.
+    type Ticket = (Vec<(bool, i64)>, u64, Instant);
+
+    fn before(&self, _run: RunId, _expected: Seq, records: &[NewRecord]) -> Self::Ticket {
         let marks: Vec<(bool, i64)> = match &self.steps {
             None => Vec::new(),
             Some(_) => records
@@ -684,9 +682,14 @@ impl EventLog for Probe {
                 })
                 .collect(),
         };
-        let n = records.len() as u64;
-        let t = Instant::now();
-        let head = self.inner.append(run, expected, records, claim)?;
+        (marks, records.len() as u64, Instant::now())
+    }
+
+    fn after(&self, run: RunId, (marks, n, t): Self::Ticket, result: Result<&Head, &StoreError>) {
+        // Only appends that succeeded count, as the figures are of durable transitions.
+        if result.is_err() {
+            return;
+        }
         self.append_ns.fetch_add(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.appends.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(n, Ordering::Relaxed);
@@ -697,78 +700,6 @@ impl EventLog for Probe {
             let mut s = steps.lock().unwrap_or_else(|p| p.into_inner());
             s.extend(marks.into_iter().map(|(d, at)| (run, d, at, durable)));
         }
-        Ok(head)
-    }
-    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.inner.read(run, from)
-    }
-    fn head(&self, run: RunId) -> Result<Head, StoreError> {
-        self.inner.head(run)
-    }
-    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
-        self.inner.runs()
-    }
-    fn limits(&self) -> keel_store::Limits {
-        self.inner.limits()
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-    fn durability(&self) -> Durability {
-        self.inner.durability()
-    }
-    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
-        self.inner.scan(run, from)
-    }
-
-    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> keel_store::RunRecords<'a> {
-        self.inner.read_runs(runs)
-    }
-}
-
-impl Coordination for Probe {
-    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
-        self.inner.try_lease(run, owner, ttl_ms, now_us)
-    }
-    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
-        self.inner.renew_lease(lease, ttl_ms, now_us)
-    }
-    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.release_lease(lease)
-    }
-    fn append_fenced(
-        &self,
-        run: RunId,
-        expected: Seq,
-        records: Vec<NewRecord>,
-        claim: Option<Claim>,
-        fence: Fence,
-    ) -> Result<Head, StoreError> {
-        self.inner.append_fenced(run, expected, records, claim, fence)
-    }
-    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
-        self.inner.lookup_key(key, now_us)
-    }
-    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
-        self.inner.save_snapshot(run, next_seq, state)
-    }
-    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
-        self.inner.load_snapshot(run)
-    }
-    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.aux_get(key)
-    }
-    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.inner.aux_put(key, value)
-    }
-    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
-        self.inner.put_due(run, due_at_us)
-    }
-    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
-        self.inner.remove_due(run)
-    }
-    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
-        self.inner.due(now_us, limit)
     }
 }
 
@@ -1190,15 +1121,15 @@ async fn engine_cell(
     let total = (runs * events_per_run(tasks)) as u64;
     let dir = temp_dir(parent, "throughput")?;
     let store = open_store(&dir, d)?;
-    let probe = Arc::new(Probe::new(store.clone(), None));
+    let probe = Arc::new(Probe::over(store.clone(), None));
     let engine = engine_over(probe.clone(), workflow(tasks, false, concurrency), concurrency, Policy::default())?;
     submit_all(&engine, runs).await?;
-    let counters = |p: &Probe, s: &SledStore| {
+    let counters = |p: &Observed<Probe>, s: &SledStore| {
         (
-            p.records.load(Ordering::Relaxed),
-            p.appends.load(Ordering::Relaxed),
+            p.observer().records.load(Ordering::Relaxed),
+            p.observer().appends.load(Ordering::Relaxed),
             s.group_flushes(),
-            p.append_ns.load(Ordering::Relaxed),
+            p.observer().append_ns.load(Ordering::Relaxed),
         )
     };
     let (r0, a0, f0, n0) = counters(&probe, &store);
@@ -1208,7 +1139,7 @@ async fn engine_cell(
         let (probe, store) = (probe.clone(), store.clone());
         tokio::spawn(async move {
             loop {
-                if probe.records.load(Ordering::Relaxed) >= cut_at {
+                if probe.observer().records.load(Ordering::Relaxed) >= cut_at {
                     return (Instant::now(), counters(&probe, &store));
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1226,7 +1157,7 @@ async fn engine_cell(
             report.stopped.first()
         )));
     }
-    let appended = probe.records.load(Ordering::Relaxed) - r0;
+    let appended = probe.observer().records.load(Ordering::Relaxed) - r0;
     if appended != total {
         return Err(BenchError::Invalid(format!("throughput: {appended} events appended, expected {total}")));
     }
@@ -1364,7 +1295,7 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
     let dir = temp_dir(parent, "latency")?;
     let store = open_store(dir.as_path(), d)?;
     let clock = MonoClock::new();
-    let probe = Arc::new(Probe::new(store.clone(), Some(clock.clone())));
+    let probe = Arc::new(Probe::over(store.clone(), Some(clock.clone())));
     let tasks = 64;
     let runs = samples.div_ceil(tasks).max(1);
     let engine = builder()
@@ -1405,9 +1336,10 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
         })?;
     }
     drop(engine);
-    let append_us =
-        probe.append_ns.load(Ordering::Relaxed) as f64 / 1e3 / probe.appends.load(Ordering::Relaxed).max(1) as f64;
-    let marks = match &probe.steps {
+    let append_us = probe.observer().append_ns.load(Ordering::Relaxed) as f64
+        / 1e3
+        / probe.observer().appends.load(Ordering::Relaxed).max(1) as f64;
+    let marks = match &probe.observer().steps {
         Some((_, m)) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         None => Vec::new(),
     };
@@ -1425,7 +1357,7 @@ async fn latency(parent: Option<&Path>, samples: usize, record_bytes: usize) -> 
     steps.sort_by(f64::total_cmp);
     flushes.sort_by(f64::total_cmp);
     // Where a step's time goes: inside the store's append, and between appends.
-    let spans = probe.spans.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let spans = probe.observer().spans.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut inside: Vec<f64> = spans.iter().map(|(a, b)| (b - a) as f64).collect();
     let mut between: Vec<f64> = spans
         .windows(2)
