@@ -69,6 +69,8 @@ enum Cmd {
     Escalations(cmd::JsonArgs),
     /// Resolve a run's open escalation.
     Resolve(cmd::resolve::ResolveArgs),
+    /// Cancel a run that has not ended (recorded with who and why).
+    Cancel(cmd::cancel::CancelArgs),
     /// Usage and cost per workflow type.
     Stats(cmd::JsonArgs),
     /// Serve the HTTP admin API (docs/SERVER.md) and work runs, until SIGINT or SIGTERM.
@@ -171,6 +173,7 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
         Cmd::Verify(a) => cmd::verify::run(&db, a),
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
+        Cmd::Cancel(a) => cmd::cancel::run(&db, a, registry).await,
         Cmd::Stats(a) => cmd::stats::run(&db, a, registry),
         Cmd::Serve(a) => cmd::serve::run(&db, a, registry).await,
         Cmd::Token(a) => cmd::token::run(&db, a),

@@ -155,6 +155,16 @@ fn the_stock_binary_reads_and_resolves_a_services_runs_and_refuses_to_drive_them
     );
     assert!(!elsewhere.exists(), "a refused fork creates no database");
     assert_eq!(runs(&db), after_resolve, "refused commands leave every run as it was");
+
+    // Cancelling needs no handlers either: recorded with who and why, once.
+    let cancelled = keel(&db, &["cancel", run, "--reason", "customer withdrew", "--by", "ops", "--json"]).ok().json();
+    assert_eq!(cancelled["cancelled"], true);
+    assert_eq!(cancelled["by"], "ops");
+    let shown = keel(&db, &["show", run, "--json"]).ok().json();
+    assert_eq!(shown["status"], "Cancelled", "{shown}");
+    let again = keel(&db, &["cancel", run, "--reason", "twice"]).one_line_error(1);
+    assert!(again.contains("Cancelled") || again.contains("ended") || again.contains("terminal"), "{again}");
+    assert_eq!(keel(&db, &["cancel", run, "--reason", "  "]).one_line_error(2), "error: --reason must not be empty");
 }
 
 #[test]

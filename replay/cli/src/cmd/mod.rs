@@ -1,6 +1,7 @@
 //! One module per `keel` command: its arguments and what it does.
 
 pub(crate) mod bench;
+pub(crate) mod cancel;
 pub(crate) mod demo;
 pub(crate) mod diff;
 pub(crate) mod escalations;
