@@ -30,10 +30,7 @@ pub(crate) async fn run(db: &Path, a: CancelArgs, registry: &Registry) -> CmdRes
     if reason.is_empty() {
         return Err(CliError::Usage("--reason must not be empty".into()));
     }
-    let by =
-        a.by.clone()
-            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
-            .unwrap_or_else(|| "cli".to_owned());
+    let by = super::who(a.by.as_deref());
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let engine = registry.engine(store)?;

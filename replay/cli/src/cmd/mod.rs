@@ -27,3 +27,10 @@ pub(crate) struct JsonArgs {
     #[arg(long)]
     pub(crate) json: bool,
 }
+
+/// Who a human action is recorded as: `--by NAME`, else `$USER`, else "cli".
+pub(crate) fn who(by: Option<&str>) -> String {
+    by.map(str::to_owned)
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "cli".to_owned())
+}
