@@ -17,12 +17,13 @@ use std::sync::Arc;
 /// do not know with one line that says so. A service builds its own `keel` binary with
 /// its own registry and [`crate::main_with`] (docs/CLI.md).
 ///
+/// A service's `keel` registers its own workflow type and handlers the same way; here,
+/// the demo's (which is what [`Registry::demo`] does, with the demo's policy):
+///
 /// ```no_run
-/// # use keel_engine::WorkflowType;
-/// # fn my_workflow() -> WorkflowType { unimplemented!() }
-/// # fn my_handlers() -> Vec<(&'static str, std::sync::Arc<dyn keel_engine::TaskHandler>)> { vec![] }
 /// fn main() -> std::process::ExitCode {
-///     keel_cli::main_with(keel_cli::Registry::new().workflow(my_workflow(), my_handlers()))
+///     let registry = keel_cli::Registry::new().workflow(keel_demo::workflow(), keel_demo::handlers());
+///     keel_cli::main_with(registry)
 /// }
 /// ```
 #[derive(Clone, Default)]
