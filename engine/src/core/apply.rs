@@ -395,6 +395,29 @@ struct Cx {
     at: i64,
 }
 
+impl Cx {
+    /// The event does not fit the state, for `why`.
+    fn invalid(&self, why: String) -> TransitionError {
+        TransitionError::Invalid { run: self.run, kind: self.kind, reason: why }
+    }
+}
+
+/// A plan request must ask for the run's next revision.
+fn expect_next_revision(s: &RunState, cx: &Cx, revision: u32) -> Result<(), TransitionError> {
+    let want = next_revision(s);
+    if revision != want {
+        return Err(cx.invalid(format!("revision {revision}, expected {want}")));
+    }
+    Ok(())
+}
+
+/// The run now waits for the planner's revision `revision`, asked for `reason`.
+fn begin_planning(s: &mut RunState, revision: u32, reason: &PlanReason) {
+    s.planning_revision = Some(revision);
+    s.planning_reason = Some(reason.clone());
+    s.planning_rejected = false;
+}
+
 /// `apply` of `PlanRequested`.
 fn plan_requested(
     s: &mut RunState,
@@ -402,15 +425,8 @@ fn plan_requested(
     revision: &mut u32,
     reason: &mut PlanReason,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
-    let want = next_revision(s);
-    if *revision != want {
-        return Err(invalid(format!("revision {revision}, expected {want}")));
-    }
-    s.planning_revision = Some(*revision);
-    s.planning_reason = Some(reason.clone());
-    s.planning_rejected = false;
+    expect_next_revision(s, cx, *revision)?;
+    begin_planning(s, *revision, reason);
     Ok(())
 }
 
@@ -421,12 +437,7 @@ fn replan_requested(
     revision: &mut u32,
     reason: &mut PlanReason,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
-    let want = next_revision(s);
-    if *revision != want {
-        return Err(invalid(format!("revision {revision}, expected {want}")));
-    }
+    expect_next_revision(s, cx, *revision)?;
     if let Some(cur) = s.revision {
         if s.status == RunStatus::Running {
             s.history.push(format!("revision {cur}: {}", reason_line(reason)));
@@ -438,19 +449,15 @@ fn replan_requested(
     if matches!(reason, PlanReason::HumanHint { .. }) {
         s.pending_decision = None;
     }
-    s.planning_revision = Some(*revision);
-    s.planning_reason = Some(reason.clone());
-    s.planning_rejected = false;
+    begin_planning(s, *revision, reason);
     s.totals.replans = s.totals.replans.saturating_add(1);
     Ok(())
 }
 
 /// `apply` of `PlanRejected`.
 fn plan_rejected(s: &mut RunState, cx: &Cx, revision: &mut u32, errors: &[String]) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
     if Some(*revision) != s.planning_revision || s.planning_rejected {
-        return Err(invalid(format!("revision {revision} is not the one being planned")));
+        return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
     s.rejected_plans = s.rejected_plans.saturating_add(1);
     s.planning_rejected = true;
@@ -468,15 +475,13 @@ fn plan_rejected(s: &mut RunState, cx: &Cx, revision: &mut u32, errors: &[String
 
 /// `apply` of `Planned`.
 fn planned(s: &mut RunState, cx: &Cx, revision: &mut u32, plan: &mut Plan) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
     if s.revision.is_some() {
-        return Err(invalid("the run already has a plan: a new one is Replanned".to_owned()));
+        return Err(cx.invalid("the run already has a plan: a new one is Replanned".to_owned()));
     }
     if Some(*revision) != s.planning_revision || s.planning_rejected {
-        return Err(invalid(format!("revision {revision} is not the one being planned")));
+        return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
-    let (tasks, index) = install(plan, &BTreeMap::new()).map_err(invalid)?;
+    let (tasks, index) = install(plan, &BTreeMap::new()).map_err(|why| cx.invalid(why))?;
     s.tasks = tasks;
     s.task_index = index;
     s.revision = Some(*revision);
@@ -494,18 +499,17 @@ fn replanned(
     carried_over: &mut Vec<TaskId>,
     superseded: &mut Vec<TaskId>,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
     let kind = cx.kind;
 
     if s.revision.is_none() {
-        return Err(invalid("no plan to replace: the first plan is Planned".to_owned()));
+        return Err(cx.invalid("no plan to replace: the first plan is Planned".to_owned()));
     }
     if Some(*revision) != s.planning_revision || s.planning_rejected {
-        return Err(invalid(format!("revision {revision} is not the one being planned")));
+        return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
     let (want_carried, want_superseded) = replan_outcome(s, plan);
     if *carried_over != want_carried || *superseded != want_superseded {
-        return Err(invalid(format!(
+        return Err(cx.invalid(format!(
             "carried_over/superseded do not match the plans: expected {want_carried:?} / {want_superseded:?}"
         )));
     }
@@ -520,7 +524,7 @@ fn replanned(
         let t = task_ref(s, id, kind)?;
         keep.insert(id.clone(), t.clone());
     }
-    let (tasks, index) = install(plan, &keep).map_err(invalid)?;
+    let (tasks, index) = install(plan, &keep).map_err(|why| cx.invalid(why))?;
     s.tasks = tasks;
     s.task_index = index;
     s.revision = Some(*revision);
@@ -542,13 +546,12 @@ fn task_dispatched(
     input: &mut TaskInput,
     reserved: &mut Usage,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
     let kind = cx.kind;
 
     let t = task_ref(s, task, kind)?;
     let want = t.attempt.saturating_add(1);
     if *attempt != want {
-        return Err(invalid(format!("task {task}: attempt {attempt}, expected {want}")));
+        return Err(cx.invalid(format!("task {task}: attempt {attempt}, expected {want}")));
     }
     let to_status = task_step(s, t, TaskTrigger::Dispatched)?;
     let t = task_mut(s, task, kind)?;
@@ -634,14 +637,13 @@ fn retry_scheduled(
     next_attempt: &mut u32,
     delay_ms: &mut u64,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
     let kind = cx.kind;
     let at = cx.at;
 
     let t = task_ref(s, task, kind)?;
     let want = t.attempt.saturating_add(1);
     if *next_attempt != want {
-        return Err(invalid(format!("task {task}: next attempt {next_attempt}, expected {want}")));
+        return Err(cx.invalid(format!("task {task}: next attempt {next_attempt}, expected {want}")));
     }
     let to_status = task_step(s, t, TaskTrigger::RetryScheduled)?;
     let t = task_mut(s, task, kind)?;
@@ -699,10 +701,8 @@ fn task_skipped(s: &mut RunState, cx: &Cx, task: &mut TaskId, reason: &mut Strin
 
 /// `apply` of `BudgetExhausted`.
 fn budget_exhausted(s: &mut RunState, cx: &Cx, budget: &mut BudgetKind) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
     if s.exhausted.is_some() {
-        return Err(invalid("a budget is already exhausted".to_owned()));
+        return Err(cx.invalid("a budget is already exhausted".to_owned()));
     }
     s.exhausted = Some(*budget);
     Ok(())
@@ -710,13 +710,12 @@ fn budget_exhausted(s: &mut RunState, cx: &Cx, budget: &mut BudgetKind) -> Resul
 
 /// `apply` of `Escalated`.
 fn escalated(s: &mut RunState, cx: &Cx, e: &mut Escalation) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
     let kind = cx.kind;
     let at = cx.at;
 
     let want = u32::try_from(s.escalations.len()).unwrap_or(u32::MAX).saturating_add(1);
     if e.number != want {
-        return Err(invalid(format!("escalation number {}, expected {want}", e.number)));
+        return Err(cx.invalid(format!("escalation number {}, expected {want}", e.number)));
     }
     if let Some(task) = &e.task {
         task_ref(s, task, kind)?;
@@ -732,13 +731,11 @@ fn escalated(s: &mut RunState, cx: &Cx, e: &mut Escalation) -> Result<(), Transi
 
 /// `apply` of `EscalationNotified`.
 fn escalation_notified(s: &mut RunState, cx: &Cx, number: &mut u32) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
-
     let Some(last) = s.escalations.last_mut() else {
-        return Err(invalid("no escalation".to_owned()));
+        return Err(cx.invalid("no escalation".to_owned()));
     };
     if last.escalation.number != *number || last.notified {
-        return Err(invalid(format!("escalation {number} is not the open, unnotified one")));
+        return Err(cx.invalid(format!("escalation {number} is not the open, unnotified one")));
     }
     last.notified = true;
     Ok(())
@@ -753,14 +750,13 @@ fn human_resolved(
     by: &mut String,
     defaulted: &mut bool,
 ) -> Result<(), TransitionError> {
-    let invalid = |why: String| TransitionError::Invalid { run: cx.run, kind: cx.kind, reason: why };
     let kind = cx.kind;
 
     let Some(last) = s.escalations.last() else {
-        return Err(invalid("no escalation".to_owned()));
+        return Err(cx.invalid("no escalation".to_owned()));
     };
     if last.escalation.number != *number || last.resolution.is_some() {
-        return Err(invalid(format!("escalation {number} is not the open one")));
+        return Err(cx.invalid(format!("escalation {number} is not the open one")));
     }
     let task = last.escalation.task.clone();
     let cause = last.escalation.cause;
