@@ -127,33 +127,6 @@ fn hundred_threads_claiming_one_key_create_exactly_one_run() {
 }
 
 #[test]
-fn an_expired_claim_can_be_retaken_and_an_unexpired_one_cannot() {
-    let dir = tempdir();
-    let log = open(dir.path(), Durability::None);
-    let claim = |now_us, expires_at_us| Claim { key: b"k".to_vec(), now_us, expires_at_us };
-    log.append(run(1), Seq(0), vec![rec(0)], Some(claim(0, 100))).unwrap();
-    assert_eq!(log.lookup_key(b"k", 99).unwrap(), Some(run(1)));
-    assert_eq!(log.lookup_key(b"k", 100).unwrap(), None, "expired at expires_at_us");
-    assert_eq!(log.lookup_key(b"other", 0).unwrap(), None);
-    assert!(matches!(
-        log.append(run(2), Seq(0), vec![rec(0)], Some(claim(99, 500))),
-        Err(StoreError::DuplicateKey { existing }) if existing == run(1)
-    ));
-    assert_eq!(log.head(run(2)).unwrap().next_seq, Seq(0));
-    log.append(run(2), Seq(0), vec![rec(0)], Some(claim(100, 500))).unwrap();
-    assert_eq!(log.lookup_key(b"k", 100).unwrap(), Some(run(2)));
-    // The holder may refresh its own claim.
-    log.append(run(2), Seq(1), vec![rec(1)], Some(claim(200, 900))).unwrap();
-    assert_eq!(log.lookup_key(b"k", 800).unwrap(), Some(run(2)));
-    // A conflicting append does not take the key either.
-    assert!(matches!(
-        log.append(run(3), Seq(5), vec![rec(0)], Some(claim(1_000, 2_000))),
-        Err(StoreError::Conflict { .. })
-    ));
-    assert_eq!(log.lookup_key(b"k", 1_000).unwrap(), None);
-}
-
-#[test]
 fn many_runs_group_commit_share_flushes() {
     let dir = tempdir();
     let log = Arc::new(open(dir.path(), Durability::GroupCommit(Level::PowerLoss)));
