@@ -263,6 +263,11 @@ pub fn resolution_json(run: RunId, decision: &str, by: &str) -> Value {
     json!({ "run": run.to_string(), "decision": decision, "by": by })
 }
 
+/// What `keel cancel --json` prints and `POST /v1/runs/{run}/cancel` answers.
+pub fn cancellation_json(run: RunId, by: &str) -> Value {
+    json!({ "run": run.to_string(), "cancelled": true, "by": by })
+}
+
 /// One recorded event as the server's events route lists it: its seq, time, kind and
 /// payload (the payload as in an export record).
 pub fn event_entry_json(e: &Logged) -> Value {

@@ -142,7 +142,7 @@ pub(crate) async fn cancel(
     let b: CancelBody = body(b)?;
     let why = reason(&b.reason)?;
     st.engine.cancel(run, &who.name, &why).await?;
-    Ok(Json(json!({ "run": run.to_string(), "cancelled": true, "by": who.name })))
+    Ok(Json(views::cancellation_json(run, &who.name)))
 }
 
 /// The body of `POST /v1/runs`.

@@ -6,7 +6,6 @@ use crate::output::print_json;
 use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;
-use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -36,7 +35,7 @@ pub(crate) async fn run(db: &Path, a: CancelArgs, registry: &Registry) -> CmdRes
     let engine = registry.engine(store)?;
     engine.cancel(run, &by, reason).await?;
     if a.json {
-        print_json(&json!({ "run": run.to_string(), "cancelled": true, "by": by }))?;
+        print_json(&keel_replay::views::cancellation_json(run, &by))?;
     } else {
         println!("cancelled run {run} by {by}: {reason}");
     }
