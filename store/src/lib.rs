@@ -65,8 +65,8 @@ pub use envelope::{codec, digest};
 pub use error::StoreError;
 pub use kv::mem::MemStore;
 pub use log::{
-    prepare, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record, RecordIter,
-    RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
+    prepare, prepare_within, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record,
+    RecordIter, RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use observed::{AppendObserver, Observed};
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]

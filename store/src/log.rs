@@ -34,8 +34,14 @@ pub struct NewRecord {
 /// payload exceeds the default [`Limits::event_bytes_max`] (the store re-checks its own
 /// configured limit on append).
 pub fn prepare<P: Payload>(payload: &P, time_us: i64) -> Result<NewRecord, StoreError> {
+    prepare_within(payload, time_us, &Limits::default())
+}
+
+/// [`prepare`] against the limits a store was opened with ([`EventLog::limits`]): a record
+/// that passes is one that store accepts on size.
+pub fn prepare_within<P: Payload>(payload: &P, time_us: i64, limits: &Limits) -> Result<NewRecord, StoreError> {
     let bytes = crate::envelope::codec::encode(payload)?;
-    let max = Limits::default().event_bytes_max;
+    let max = limits.event_bytes_max;
     if bytes.len() > max {
         return Err(StoreError::TooLarge { what: "event", bytes: bytes.len(), max });
     }

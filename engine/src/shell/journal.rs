@@ -17,7 +17,7 @@ use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
-use keel_store::{codec, Claim, Limits, NewRecord, Payload, RunId, Seq, Store, StoreError};
+use keel_store::{codec, Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
 
 /// Why an event could not be journaled. The state it was checked against is unchanged.
@@ -84,17 +84,9 @@ impl Journal {
 
     /// Step 2: the record of `event`, within the store's limits.
     fn encode(&self, event: &Event, at_us: i64) -> Result<NewRecord, Refused> {
-        let payload = codec::encode(event).map_err(Refused::Encode)?;
-        let max = self.limits.event_bytes_max;
-        if payload.len() > max {
-            return Err(Refused::TooLarge("event", payload.len(), max));
-        }
-        Ok(NewRecord {
-            kind: event.kind().to_owned(),
-            time_us: at_us,
-            payload_version: Payload::payload_version(event),
-            payload,
-            payload_root: keel_store::digest::payload_root_of(&event.fields()),
+        keel_store::prepare_within(event, at_us, &self.limits).map_err(|e| match e {
+            StoreError::TooLarge { what, bytes, max } => Refused::TooLarge(what, bytes, max),
+            other => Refused::Encode(other),
         })
     }
 
