@@ -14,6 +14,59 @@
 //!
 //! Invariant: this crate talks to storage only through `keel_store::EventLog`; it does
 //! not depend on sled.
+//!
+//! # Embedding
+//!
+//! The snippet of README.md and docs/ENGINE.md, compiled and run by this doc test (the
+//! lines starting with `#` are hidden there: a one-task workflow and a temporary
+//! directory):
+//!
+//! ```
+//! # use keel_engine::*;
+//! # use serde_json::json;
+//! # use std::sync::Arc;
+//! # struct OneTask;
+//! # impl Planner for OneTask {
+//! #     fn plan(&self, _req: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>> {
+//! #         let plan = Plan { tasks: vec![TaskSpec::new("classify", TaskKind::Llm, "classify")], rationale: "one step".into() };
+//! #         Box::pin(async move { Ok(plan) })
+//! #     }
+//! # }
+//! # struct Accept;
+//! # impl Evaluator for Accept {
+//! #     fn evaluate(&self, _req: EvalRequest) -> BoxFuture<Result<Evaluation, HandlerError>> {
+//! #         Box::pin(async { Ok(Evaluation { verdict: Verdict::Pass, notes: String::new(), usage: Usage::default() }) })
+//! #     }
+//! # }
+//! # struct Classify;
+//! # impl TaskHandler for Classify {
+//! #     fn call(&self, _call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
+//! #         Box::pin(async { Ok(TaskOutput { output: json!({"label": "billing"}), usage: Usage::default() }) })
+//! #     }
+//! # }
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let data_dir = dir.path().join("keel-data");
+//! # let my_workflow_type = WorkflowType::new("support", Arc::new(OneTask), Arc::new(Accept));
+//! # let request = Request::new("support", json!({"ticket": "my invoice is wrong"}));
+//! let engine = Engine::builder()
+//!     .path(&data_dir)                                        // sled
+//!     .durability(Durability::GroupCommit(Level::PowerLoss))  // the default
+//!     .workflow(my_workflow_type)                             // planner, evaluator, budgets, input schema
+//!     .handler("classify", Arc::new(Classify))                // your task handlers
+//!     .open()?;
+//! let workers = engine.start();                               // on your tokio runtime
+//! let submitted = engine.submit(request).await?;              // deduplicated by idempotency key
+//! # loop {
+//! #     if engine.state(submitted.run)?.status.is_terminal() { break; }
+//! #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//! # }
+//! # assert_eq!(engine.state(submitted.run)?.status, RunStatus::Completed);
+//! workers.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 /// The plug-in traits and the request/response types of the engine's API.
 pub mod api;
@@ -35,7 +88,7 @@ pub use crate::core::{
 pub use api::*;
 pub use engine::{Engine, EngineBuilder};
 pub use error::EngineError;
-pub use keel_store::{RunId, Seq};
+pub use keel_store::{Durability, Level, RunId, Seq};
 pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};
 pub use model::fsm::{RunStatus, TaskStatus};
 pub use model::state::{EscalationState, RunState, TaskState, Totals};
