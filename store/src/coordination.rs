@@ -26,8 +26,17 @@ pub struct Fence {
     pub epoch: u64,
 }
 
+/// What ends a lease when its holder drops it: the granting backend's handle. A backend
+/// that keeps leases outside the process (a database) hands one to
+/// [`Lease::releasing_on_drop`], so a dropped lease frees its run at once on every backend.
+pub trait ReleaseOnDrop: Send + Sync + std::fmt::Debug {
+    /// Ends `run`'s lease if `epoch` is still its current one (a lost lease is left
+    /// alone), as [`Coordination::release_lease`] does; failures are the backend's to log.
+    fn release_dropped(&self, run: RunId, epoch: u64);
+}
+
 /// The right to drive one run (decide and perform its effects) until `expires_at_us`,
-/// granted by [`Coordination::try_lease`]. The in-process backends also release it when
+/// granted by [`Coordination::try_lease`]. Every built-in backend also releases it when
 /// it is dropped (what an engine holding it for the length of one drive relies on).
 #[derive(Debug)]
 pub struct Lease {
@@ -35,8 +44,8 @@ pub struct Lease {
     owner: String,
     epoch: u64,
     expires_at_us: i64,
-    /// The in-process table that granted it (released on drop), if any.
-    table: Option<Arc<LeaseTable>>,
+    /// What releases it on drop (the in-process table or a backend's handle), if anything.
+    table: Option<Arc<dyn ReleaseOnDrop>>,
 }
 
 impl Lease {
@@ -44,6 +53,18 @@ impl Lease {
     /// nothing happens on drop; it ends by expiry or [`Coordination::release_lease`].
     pub fn new(run: RunId, owner: &str, epoch: u64, expires_at_us: i64) -> Lease {
         Lease { run, owner: owner.to_owned(), epoch, expires_at_us, table: None }
+    }
+
+    /// A lease value that `by` releases when it is dropped (if its epoch is still the
+    /// run's then): what a backend returns from `try_lease` and `renew_lease`.
+    pub fn releasing_on_drop(
+        run: RunId,
+        owner: &str,
+        epoch: u64,
+        expires_at_us: i64,
+        by: Arc<dyn ReleaseOnDrop>,
+    ) -> Lease {
+        Lease { run, owner: owner.to_owned(), epoch, expires_at_us, table: Some(by) }
     }
 
     /// The run this lease is for.
@@ -76,7 +97,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(table) = self.table.take() {
-            table.release(self.run, self.epoch);
+            table.release_dropped(self.run, self.epoch);
         }
     }
 }
@@ -150,6 +171,12 @@ pub trait Coordination: Send + Sync + 'static {
 pub trait Store: EventLog + Coordination {}
 
 impl<T: EventLog + Coordination + ?Sized> Store for T {}
+
+impl ReleaseOnDrop for LeaseTable {
+    fn release_dropped(&self, run: RunId, epoch: u64) {
+        self.release(run, epoch);
+    }
+}
 
 /// One run's lease state in an in-process table.
 #[derive(Debug, Default)]

@@ -44,6 +44,7 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
 mod coordination;
@@ -59,7 +60,7 @@ pub mod testing;
 pub mod types;
 pub mod verify;
 
-pub use coordination::{Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
+pub use coordination::{Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::StoreError;

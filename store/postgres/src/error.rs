@@ -1,0 +1,130 @@
+//! How PostgreSQL failures reach the seam: as [`StoreError::Io`] whose inner error is a
+//! [`PgError`] (typed: the caller can tell a lost connection from a refusal by the server),
+//! and [`OpenError`] for what can go wrong opening a store.
+
+use keel_store::StoreError;
+use tokio_postgres::error::SqlState;
+
+/// A failure talking to PostgreSQL, carried inside [`StoreError::Io`] (`io::Error::get_ref`
+/// downcasts to it). Its `io::ErrorKind` is `ConnectionAborted` for a lost connection.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The connection was lost (closed, terminated by the server, or refused). A call that
+    /// failed this way wrote nothing, except an append whose COMMIT was in flight
+    /// ([`PgError::InDoubt`]).
+    #[error("postgres connection lost: {0}")]
+    ConnectionLost(#[source] tokio_postgres::Error),
+    /// The connection was lost while COMMIT was in flight: the append may or may not have
+    /// been written. Read the run's head to know.
+    #[error("postgres connection lost during COMMIT, outcome unknown (read the head): {0}")]
+    InDoubt(#[source] tokio_postgres::Error),
+    /// The server refused a statement (SQLSTATE in the message).
+    #[error("postgres error: {0}")]
+    Server(#[source] tokio_postgres::Error),
+    /// An append lost the same race against other writers this many times in a row.
+    #[error("append to run {run} lost {tries} races in a row against other writers")]
+    Contention {
+        /// The run appended to.
+        run: keel_store::RunId,
+        /// Attempts made.
+        tries: u32,
+    },
+    /// The store's own runtime is gone (the store was dropped while this call waited).
+    #[error("the store was closed")]
+    Closed,
+}
+
+impl PgError {
+    /// Classifies a driver error: lost connection or server refusal.
+    pub(crate) fn of(e: tokio_postgres::Error) -> PgError {
+        if connection_lost(&e) {
+            PgError::ConnectionLost(e)
+        } else {
+            PgError::Server(e)
+        }
+    }
+}
+
+/// Whether the error means the session is gone (nothing more can be sent on it).
+pub(crate) fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => e.as_db_error().is_none(),
+        Some(code) => {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+        }
+    }
+}
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> StoreError {
+        let kind = match &e {
+            PgError::ConnectionLost(_) | PgError::InDoubt(_) | PgError::Closed => std::io::ErrorKind::ConnectionAborted,
+            PgError::Server(_) | PgError::Contention { .. } => std::io::ErrorKind::Other,
+        };
+        StoreError::Io(std::io::Error::new(kind, e))
+    }
+}
+
+/// A driver error as the seam's error.
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
+    PgError::of(e).into()
+}
+
+/// What opening a [`crate::PgStore`] can fail with.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The database's keel schema was migrated by a newer build: this code does not know
+    /// its tables. Nothing was changed.
+    #[error("the keel schema `{schema}` is at version {found}, newer than this build's {supported}: upgrade keel")]
+    SchemaTooNew {
+        /// The schema (namespace) opened.
+        schema: String,
+        /// The version recorded in its `schema_version` table.
+        found: i32,
+        /// The newest version this build migrates to.
+        supported: i32,
+    },
+    /// `create: false` and the schema holds no keel tables.
+    #[error("no keel store in schema `{schema}`")]
+    NotFound {
+        /// The schema (namespace) opened.
+        schema: String,
+    },
+    /// The URL or another setting is not usable.
+    #[error("invalid postgres store config: {reason}")]
+    InvalidConfig {
+        /// What was seen, in words.
+        reason: String,
+    },
+    /// The store's limits are out of range.
+    #[error(transparent)]
+    Limits(StoreError),
+    /// The database could not be reached or refused a statement while opening.
+    #[error("opening the postgres store: {0}")]
+    Postgres(#[source] PgError),
+    /// The store's runtime threads could not start.
+    #[error("starting the store's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl From<OpenError> for StoreError {
+    fn from(e: OpenError) -> StoreError {
+        match e {
+            OpenError::Limits(e) => e,
+            OpenError::InvalidConfig { reason } => StoreError::InvalidConfig { reason },
+            OpenError::Postgres(e) => e.into(),
+            OpenError::Runtime(e) => StoreError::Io(e),
+            other @ (OpenError::SchemaTooNew { .. } | OpenError::NotFound { .. }) => {
+                StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, other))
+            }
+        }
+    }
+}

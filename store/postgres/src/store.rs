@@ -1,0 +1,684 @@
+//! [`PgStore`]: the seam's two traits on PostgreSQL. The seam is synchronous and is called
+//! from the engine's blocking sections and from plain threads, so the store runs its own
+//! small runtime: each call is spawned there and the caller waits on a std channel (never
+//! `block_on`, which panics inside another runtime).
+
+use crate::error::{pg, OpenError, PgError};
+use crate::group::{self, Append, Counters, FlushMode};
+use crate::pool::Pool;
+use crate::schema;
+use keel_store::{
+    backend, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits, NewRecord, RecordIter,
+    ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX,
+};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// How to open a [`PgStore`].
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    /// `postgres://user@host:port/database` (libpq URL or key=value form).
+    pub url: String,
+    /// The schema (namespace) holding the store's tables: a plain lower-case identifier.
+    /// Several stores can share one database in different schemas. Default `keel`.
+    pub schema: String,
+    /// When an append returns (docs/STORE.md, "PostgreSQL"). Default: group commit.
+    pub durability: Durability,
+    /// Size limits (validated at open: `InvalidConfig`).
+    pub limits: Limits,
+    /// Sessions the store opens at most (appends use one at a time). Default 4, 1..=64.
+    pub pool_size: usize,
+    /// Records fetched per query while reading a run. Default 256, 1..=65536.
+    pub read_page_records: usize,
+    /// Create the schema and its tables if missing (default true); false => `NotFound`.
+    pub create: bool,
+    /// How long opening a session may take. Default 10 s.
+    pub connect_timeout_ms: u64,
+}
+
+impl PgConfig {
+    /// The defaults for the database at `url`.
+    pub fn new(url: impl Into<String>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            schema: "keel".into(),
+            durability: Durability::default(),
+            limits: Limits::default(),
+            pool_size: 4,
+            read_page_records: 256,
+            create: true,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// What the store has done since it opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgStats {
+    /// Transactions committed (or rolled back with nothing to write) by the flusher.
+    pub flushes: u64,
+    /// Appends written.
+    pub appends: u64,
+    /// Fenced appends refused because their lease epoch was stale.
+    pub fenced_refusals: u64,
+    /// Flushes rolled back because another writer created a row first (then retried one
+    /// append per transaction).
+    pub raced_flushes: u64,
+}
+
+/// Owns the runtime; shuts it down without waiting (dropping a runtime inside another
+/// runtime's task would panic).
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Shared {
+    handle: tokio::runtime::Handle,
+    pool: Arc<Pool>,
+    appends: mpsc::UnboundedSender<Append>,
+    counters: Arc<Counters>,
+    limits: Limits,
+    durability: Durability,
+    page: i64,
+    schema: String,
+    // Last: the runtime goes after everything that spawns onto it.
+    _rt: Rt,
+}
+
+/// Runs `fut` on the store's runtime and waits for it with std primitives, so any thread
+/// may call it: a plain one, or a runtime's thread inside `block_in_place` or
+/// `spawn_blocking`.
+fn call<T, F>(handle: &tokio::runtime::Handle, fut: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+}
+
+/// keel's event log and coordination on PostgreSQL (docs/STORE.md, "PostgreSQL"). Several
+/// processes may open one schema at once: appends are checked by the database (the run's
+/// head row, locked), leases live in a table, and a fenced append checks its epoch under
+/// the lease row's lock in the append's transaction.
+pub struct PgStore {
+    shared: Arc<Shared>,
+}
+
+impl PgStore {
+    /// Connects, creates (with `config.create`) and migrates the schema, and starts the
+    /// flusher. Refuses a schema migrated by a newer build ([`OpenError::SchemaTooNew`]).
+    pub fn open(config: PgConfig) -> Result<PgStore, OpenError> {
+        backend::validate_limits(&config.limits).map_err(OpenError::Limits)?;
+        let invalid = |reason: String| Err(OpenError::InvalidConfig { reason });
+        if !schema::valid_schema_name(&config.schema) {
+            return invalid(format!("schema {:?} is not a lower-case identifier of at most 63 bytes", config.schema));
+        }
+        if !(1..=64).contains(&config.pool_size) {
+            return invalid(format!("pool_size {} not in 1..=64", config.pool_size));
+        }
+        if !(1..=65_536).contains(&config.read_page_records) {
+            return invalid(format!("read_page_records {} not in 1..=65536", config.read_page_records));
+        }
+        let mut pg: tokio_postgres::Config =
+            config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
+        pg.options(format!("-c search_path={}", config.schema));
+        pg.application_name("keel");
+        pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keel-postgres")
+            .enable_all()
+            .build()
+            .map_err(OpenError::Runtime)?;
+        let rt = Rt(Some(rt));
+        let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
+        let pool = Pool::new(pg, config.pool_size);
+        {
+            let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            handle.spawn(async move {
+                let result = async {
+                    let mut conn = pool.get().await.map_err(OpenError::Postgres)?;
+                    let client = conn.client().map_err(OpenError::Postgres)?;
+                    schema::migrate(client, &schema, create).await
+                }
+                .await;
+                let _ = tx.send(result);
+            });
+            rx.recv().map_err(|_| OpenError::Postgres(PgError::Closed))??;
+        }
+        let mode = match config.durability {
+            Durability::None => FlushMode { appends_max: group::FLUSH_APPENDS_MAX, async_commit: true },
+            Durability::EveryAppend(_) => FlushMode { appends_max: 1, async_commit: false },
+            Durability::GroupCommit(_) => FlushMode { appends_max: group::FLUSH_APPENDS_MAX, async_commit: false },
+        };
+        let counters = Arc::new(Counters::default());
+        let (appends, rx) = mpsc::unbounded_channel();
+        handle.spawn(group::flusher(pool.clone(), rx, mode, counters.clone()));
+        let page = i64::try_from(config.read_page_records).unwrap_or(256);
+        Ok(PgStore {
+            shared: Arc::new(Shared {
+                handle,
+                pool,
+                appends,
+                counters,
+                limits: config.limits,
+                durability: config.durability,
+                page,
+                schema: config.schema,
+                _rt: rt,
+            }),
+        })
+    }
+
+    /// The schema the store's tables are in.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    /// Counters since open (flushes, appends, fenced refusals, raced flushes).
+    pub fn stats(&self) -> PgStats {
+        let c = &self.shared.counters;
+        PgStats {
+            flushes: c.flushes.load(Ordering::Relaxed),
+            appends: c.appends.load(Ordering::Relaxed),
+            fenced_refusals: c.fenced.load(Ordering::Relaxed),
+            raced_flushes: c.raced.load(Ordering::Relaxed),
+        }
+    }
+
+    fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        call(&self.shared.handle, fut)
+    }
+
+    fn pool(&self) -> Arc<Pool> {
+        self.shared.pool.clone()
+    }
+
+    /// An append, fenced or not: checked here, decided and written by the flusher.
+    fn submit(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    ) -> Result<Head, StoreError> {
+        backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.shared
+            .appends
+            .send(Append { run, expected, records, claim, fence, reply })
+            .map_err(|_| StoreError::from(PgError::Closed))?;
+        rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+    }
+
+    /// The stored chain hash of record `(run, seq)`, if stored.
+    fn stored_hash(&self, run: RunId, seq: u64) -> Result<Option<Hash32>, StoreError> {
+        let Some(value) = self.call(record_value(self.pool(), run, seq))? else {
+            return Ok(None);
+        };
+        Ok(Some(backend::decode_record(run, Seq(seq), &value)?.hash))
+    }
+
+    fn lease(&self, run: RunId, owner: &str, epoch: i64, expires_at_us: i64) -> Lease {
+        let releaser: Arc<dyn ReleaseOnDrop> = Arc::new(Releaser(Arc::downgrade(&self.shared)));
+        Lease::releasing_on_drop(run, owner, u64::try_from(epoch).unwrap_or(0), expires_at_us, releaser)
+    }
+
+    fn records(&self, run: RunId, from: Seq, linked: bool) -> Result<RecordIter, StoreError> {
+        let prev = match from.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => match self.stored_hash(run, p) {
+                Ok(Some(h)) => h,
+                Ok(None) if !linked => [0u8; 32],
+                Ok(None) => {
+                    // Reading past the end is empty; a missing predecessor of stored
+                    // records is a gap.
+                    if !self.call(any_from(self.pool(), run, from.0))? {
+                        return Ok(Box::new(std::iter::empty()));
+                    }
+                    return Ok(Box::new(std::iter::once(Err(StoreError::Corrupted {
+                        run,
+                        seq: Seq(p),
+                        reason: "broken link: record missing before the read start (record removed)".into(),
+                    }))));
+                }
+                Err(e) if linked => return Ok(Box::new(std::iter::once(Err(e)))),
+                Err(_) => [0u8; 32],
+            },
+        };
+        let pages = Pages { shared: self.shared.clone(), run, next: from.0, buf: VecDeque::new(), done: false };
+        Ok(backend::checked_records(run, pages, from, prev, linked))
+    }
+}
+
+/// Releases a dropped lease (in the database), unless the store is gone.
+#[derive(Debug)]
+struct Releaser(Weak<Shared>);
+
+impl ReleaseOnDrop for Releaser {
+    fn release_dropped(&self, run: RunId, epoch: u64) {
+        let Some(shared) = self.0.upgrade() else { return };
+        if let Err(e) = call(&shared.handle, release(shared.pool.clone(), run, epoch)) {
+            tracing::warn!(%run, epoch, error = %e, "releasing a dropped lease failed (it ends at expiry)");
+        }
+    }
+}
+
+/// A run's stored `(seq, value)` pairs from `next`, fetched a page at a time.
+struct Pages {
+    shared: Arc<Shared>,
+    run: RunId,
+    next: u64,
+    buf: VecDeque<(Seq, Vec<u8>)>,
+    done: bool,
+}
+
+impl Iterator for Pages {
+    type Item = Result<(Seq, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(pair) = self.buf.pop_front() {
+            return Some(Ok(pair));
+        }
+        if self.done {
+            return None;
+        }
+        let fetched = call(&self.shared.handle, page(self.shared.pool.clone(), self.run, self.next, self.shared.page));
+        match fetched {
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            Ok(rows) => {
+                self.done = i64::try_from(rows.len()).map_or(true, |n| n < self.shared.page);
+                match rows.last().map(|(s, _)| s.0.checked_add(1)) {
+                    Some(Some(n)) => self.next = n,
+                    Some(None) => self.done = true,
+                    None => {}
+                }
+                self.buf.extend(rows);
+                self.buf.pop_front().map(Ok)
+            }
+        }
+    }
+}
+
+fn seq_param(seq: u64) -> i64 {
+    // Stored seqs are below i64::MAX (appends refuse longer runs): beyond reads as nothing.
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn stored_seq(run: RunId, seq: i64) -> Result<Seq, StoreError> {
+    u64::try_from(seq).map(Seq).map_err(|_| StoreError::Corrupted { run, seq: Seq(0), reason: format!("stored seq {seq}") })
+}
+
+async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
+    let mut conn = pool.get().await?;
+    let rows = conn
+        .client()?
+        .query(
+            "SELECT seq, value FROM events WHERE run = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            &[&run.0, &seq_param(from), &limit],
+        )
+        .await
+        .map_err(pg)?;
+    rows.into_iter().map(|r| Ok((stored_seq(run, r.try_get(0).map_err(pg)?)?, r.try_get(1).map_err(pg)?))).collect()
+}
+
+async fn record_value(pool: Arc<Pool>, run: RunId, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut conn = pool.get().await?;
+    let row = conn
+        .client()?
+        .query_opt("SELECT value FROM events WHERE run = $1 AND seq = $2", &[&run.0, &seq_param(seq)])
+        .await
+        .map_err(pg)?;
+    row.map(|r| r.try_get(0).map_err(pg)).transpose()
+}
+
+async fn any_from(pool: Arc<Pool>, run: RunId, from: u64) -> Result<bool, StoreError> {
+    let mut conn = pool.get().await?;
+    let row = conn
+        .client()?
+        .query_one("SELECT EXISTS (SELECT 1 FROM events WHERE run = $1 AND seq >= $2)", &[&run.0, &seq_param(from)])
+        .await
+        .map_err(pg)?;
+    row.try_get(0).map_err(pg)
+}
+
+async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
+    let mut conn = pool.get().await?;
+    let row = conn
+        .client()?
+        .query_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0])
+        .await
+        .map_err(pg)?;
+    let Some(row) = row else { return Ok(Head::empty()) };
+    let next_seq = stored_seq(run, row.try_get(0).map_err(pg)?)?;
+    let hash: Vec<u8> = row.try_get(1).map_err(pg)?;
+    let last_hash = Hash32::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupted {
+        run,
+        seq: next_seq,
+        reason: format!("head row hash has {} bytes", hash.len()),
+    })?;
+    Ok(Head { next_seq, last_hash, last_kind: Some(row.try_get(2).map_err(pg)?) })
+}
+
+/// Runs listed per query by `runs()`.
+const RUNS_PAGE: i64 = 10_000;
+
+async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
+    let mut conn = pool.get().await?;
+    let client = conn.client()?;
+    let mut out: Vec<RunId> = Vec::new();
+    loop {
+        let rows = match out.last() {
+            None => client.query("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
+            Some(after) => {
+                client.query("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE]).await
+            }
+        }
+        .map_err(pg)?;
+        let n = rows.len();
+        for r in rows {
+            out.push(RunId(r.try_get::<_, Uuid>(0).map_err(pg)?));
+        }
+        if i64::try_from(n).map_or(true, |n| n < RUNS_PAGE) {
+            return Ok(out);
+        }
+    }
+}
+
+async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
+    let mut conn = pool.get().await?;
+    let tx = conn.client()?.transaction().await.map_err(pg)?;
+    // A transaction with an id commits with a WAL flush, which covers every commit before
+    // it, including those made with synchronous_commit off.
+    tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();").await.map_err(pg)?;
+    tx.commit().await.map_err(pg)
+}
+
+async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
+    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
+    let mut conn = pool.get().await?;
+    conn.client()?
+        .execute(
+            "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
+            &[&run.0, &epoch],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(())
+}
+
+fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
+    let ttl_us = i64::try_from(ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000);
+    now_us.saturating_add(ttl_us)
+}
+
+impl EventLog for PgStore {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, None)
+    }
+
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.records(run, from, true)
+    }
+
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.call(head_of(self.pool(), run))
+    }
+
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.call(all_runs(self.pool()))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.call(flush_wal(self.pool()))
+    }
+
+    fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    fn limits(&self) -> Limits {
+        self.shared.limits.clone()
+    }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        keel_store::read_runs_in_turn(self, runs)
+    }
+
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.records(run, from, false)
+    }
+}
+
+impl Coordination for PgStore {
+    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        if owner.len() > OWNER_BYTES_MAX {
+            return Err(StoreError::TooLarge { what: "lease owner", bytes: owner.len(), max: OWNER_BYTES_MAX });
+        }
+        let expires_at_us = expiry(now_us, ttl_ms);
+        let (pool, who) = (self.pool(), owner.to_owned());
+        let epoch = self.call(async move {
+            let mut conn = pool.get().await?;
+            let row = conn
+                .client()?
+                .query_opt(
+                    "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
+                     ON CONFLICT (run) DO UPDATE
+                       SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
+                       WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
+                     RETURNING epoch",
+                    &[&run.0, &who, &expires_at_us, &now_us],
+                )
+                .await
+                .map_err(pg)?;
+            row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
+        })?;
+        Ok(epoch.map(|e| self.lease(run, owner, e, expires_at_us)))
+    }
+
+    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        let Ok(epoch) = i64::try_from(lease.epoch()) else { return Ok(None) };
+        let expires_at_us = expiry(now_us, ttl_ms);
+        let (pool, run) = (self.pool(), lease.run());
+        let renewed = self.call(async move {
+            let mut conn = pool.get().await?;
+            let row = conn
+                .client()?
+                .query_opt(
+                    "UPDATE leases SET epoch = epoch + 1, expires_at_us = $3
+                     WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at_us > $4
+                     RETURNING epoch",
+                    &[&run.0, &epoch, &expires_at_us, &now_us],
+                )
+                .await
+                .map_err(pg)?;
+            row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
+        })?;
+        Ok(renewed.map(|e| self.lease(run, lease.owner(), e, expires_at_us)))
+    }
+
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.call(release(self.pool(), lease.run(), lease.epoch()))
+    }
+
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, Some(fence))
+    }
+
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        let (pool, key) = (self.pool(), key.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let row = conn
+                .client()?
+                .query_opt("SELECT run FROM claims WHERE key = $1 AND expires_at_us > $2", &[&key, &now_us])
+                .await
+                .map_err(pg)?;
+            row.map(|r| r.try_get::<_, Uuid>(0).map(RunId).map_err(pg)).transpose()
+        })
+    }
+
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        let max = self.shared.limits.snapshot_bytes_max;
+        if state.len() > max {
+            return Err(StoreError::TooLarge { what: "snapshot", bytes: state.len(), max });
+        }
+        let head = self.head(run)?;
+        if next_seq > head.next_seq {
+            return Err(StoreError::SnapshotBeyondHead { run, next_seq, head: head.next_seq });
+        }
+        let anchor = match next_seq.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => self.stored_hash(run, p)?.ok_or(StoreError::Corrupted {
+                run,
+                seq: Seq(p),
+                reason: "record missing below the head".into(),
+            })?,
+        };
+        let value = backend::seal_snapshot(next_seq, anchor, state)?;
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            conn.client()?
+                .execute(
+                    "INSERT INTO snapshots (run, value) VALUES ($1, $2)
+                     ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
+                    &[&run.0, &value],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        let pool = self.pool();
+        let value: Option<Vec<u8>> = self.call(async move {
+            let mut conn = pool.get().await?;
+            let row = conn
+                .client()?
+                .query_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0])
+                .await
+                .map_err(pg)?;
+            row.map(|r| r.try_get(0).map_err(pg)).transpose()
+        })?;
+        let Some(value) = value else { return Ok(None) };
+        backend::open_snapshot(run, &value, |p| self.stored_hash(run, p)).map(Some)
+    }
+
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let max = self.shared.limits.key_bytes_max;
+        if key.len() > max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max });
+        }
+        let (pool, key) = (self.pool(), key.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let row = conn.client()?.query_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await.map_err(pg)?;
+            row.map(|r| r.try_get(0).map_err(pg)).transpose()
+        })
+    }
+
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let limits = &self.shared.limits;
+        if key.len() > limits.key_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: limits.key_bytes_max });
+        }
+        if value.len() > limits.event_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux value", bytes: value.len(), max: limits.event_bytes_max });
+        }
+        let (pool, key, value) = (self.pool(), key.to_vec(), value.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            conn.client()?
+                .execute(
+                    "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&key, &value],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            conn.client()?
+                .execute(
+                    "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
+                     ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
+                    &[&run.0, &due_at_us],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            conn.client()?.execute("DELETE FROM due WHERE run = $1", &[&run.0]).await.map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let rows = conn
+                .client()?
+                .query(
+                    "SELECT run, due_at_us FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2",
+                    &[&now_us, &limit],
+                )
+                .await
+                .map_err(pg)?;
+            rows.into_iter()
+                .map(|r| Ok((RunId(r.try_get::<_, Uuid>(0).map_err(pg)?), r.try_get::<_, i64>(1).map_err(pg)?)))
+                .collect()
+        })
+    }
+}
