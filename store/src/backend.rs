@@ -95,10 +95,9 @@ pub fn open_snapshot(
             snap.next_seq,
             snap.next_seq.saturating_sub(1)
         ))),
-        Some(a) if a != snap.anchor => Err(bad(format!(
-            "does not match the log: chain hash at seq {} differs",
-            snap.next_seq.saturating_sub(1)
-        ))),
+        Some(a) if a != snap.anchor => {
+            Err(bad(format!("does not match the log: chain hash at seq {} differs", snap.next_seq.saturating_sub(1))))
+        }
         Some(_) => Ok((Seq(snap.next_seq), snap.state)),
     }
 }

@@ -8,20 +8,31 @@ use tokio_postgres::error::SqlState;
 /// A failure talking to PostgreSQL, carried inside [`StoreError::Io`] (`io::Error::get_ref`
 /// downcasts to it). Its `io::ErrorKind` is `ConnectionAborted` for a lost connection.
 #[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PgError {
-    /// The connection was lost (closed, terminated by the server, or refused). A call that
+    /// The connection was lost (closed, ended by the server, or refused). A call that
     /// failed this way wrote nothing, except an append whose COMMIT was in flight
     /// ([`PgError::InDoubt`]).
-    #[error("postgres connection lost: {0}")]
-    ConnectionLost(#[source] tokio_postgres::Error),
+    #[error("postgres connection lost: {reason}")]
+    ConnectionLost {
+        /// What the driver said.
+        reason: String,
+    },
     /// The connection was lost while COMMIT was in flight: the append may or may not have
     /// been written. Read the run's head to know.
-    #[error("postgres connection lost during COMMIT, outcome unknown (read the head): {0}")]
-    InDoubt(#[source] tokio_postgres::Error),
-    /// The server refused a statement (SQLSTATE in the message).
-    #[error("postgres error: {0}")]
-    Server(#[source] tokio_postgres::Error),
+    #[error("postgres connection lost during COMMIT, outcome unknown (read the head): {reason}")]
+    InDoubt {
+        /// What the driver said.
+        reason: String,
+    },
+    /// The server refused a statement.
+    #[error("postgres error {code}: {reason}")]
+    Server {
+        /// The SQLSTATE code (empty if the driver gave none).
+        code: String,
+        /// What the server or driver said.
+        reason: String,
+    },
     /// An append lost the same race against other writers this many times in a row.
     #[error("append to run {run} lost {tries} races in a row against other writers")]
     Contention {
@@ -35,13 +46,30 @@ pub enum PgError {
     Closed,
 }
 
+/// The driver's message with its cause (the server's text for a database error).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
 impl PgError {
     /// Classifies a driver error: lost connection or server refusal.
     pub(crate) fn of(e: tokio_postgres::Error) -> PgError {
         if connection_lost(&e) {
-            PgError::ConnectionLost(e)
+            PgError::ConnectionLost { reason: describe(&e) }
         } else {
-            PgError::Server(e)
+            PgError::Server { code: e.code().map(|c| c.code().to_owned()).unwrap_or_default(), reason: describe(&e) }
+        }
+    }
+
+    /// A driver error met while COMMIT was in flight.
+    pub(crate) fn at_commit(e: tokio_postgres::Error) -> PgError {
+        if connection_lost(&e) {
+            PgError::InDoubt { reason: describe(&e) }
+        } else {
+            PgError::of(e)
         }
     }
 }
@@ -65,8 +93,10 @@ pub(crate) fn connection_lost(e: &tokio_postgres::Error) -> bool {
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> StoreError {
         let kind = match &e {
-            PgError::ConnectionLost(_) | PgError::InDoubt(_) | PgError::Closed => std::io::ErrorKind::ConnectionAborted,
-            PgError::Server(_) | PgError::Contention { .. } => std::io::ErrorKind::Other,
+            PgError::ConnectionLost { .. } | PgError::InDoubt { .. } | PgError::Closed => {
+                std::io::ErrorKind::ConnectionAborted
+            }
+            PgError::Server { .. } | PgError::Contention { .. } => std::io::ErrorKind::Other,
         };
         StoreError::Io(std::io::Error::new(kind, e))
     }

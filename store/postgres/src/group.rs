@@ -62,7 +62,12 @@ pub(crate) struct Counters {
 }
 
 /// The flusher task: runs until every sender is gone.
-pub(crate) async fn flusher(pool: Arc<Pool>, mut rx: mpsc::UnboundedReceiver<Append>, mode: FlushMode, counters: Arc<Counters>) {
+pub(crate) async fn flusher(
+    pool: Arc<Pool>,
+    mut rx: mpsc::UnboundedReceiver<Append>,
+    mode: FlushMode,
+    counters: Arc<Counters>,
+) {
     let mut next: Option<Append> = None;
     loop {
         let first = match next.take() {
@@ -103,10 +108,7 @@ async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: 
             }
             outcomes
         }
-        Err(Failed::Pg(e)) => {
-            let shared = Arc::new(e);
-            batch.iter().map(|_| Err(to_store(&shared))).collect()
-        }
+        Err(Failed::Pg(e)) => batch.iter().map(|_| Err(e.clone().into())).collect(),
     };
     for (a, outcome) in batch.iter().zip(outcomes) {
         // The caller may have gone (its thread ended): nothing to answer.
@@ -124,15 +126,6 @@ async fn alone(pool: &Arc<Pool>, a: &Append, mode: FlushMode, counters: &Counter
         };
     }
     Err(PgError::Contention { run: a.run, tries: RACE_TRIES }.into())
-}
-
-/// The same error for every append of a failed flush.
-fn to_store(e: &Arc<PgError>) -> StoreError {
-    let kind = match **e {
-        PgError::ConnectionLost(_) | PgError::InDoubt(_) | PgError::Closed => std::io::ErrorKind::ConnectionAborted,
-        _ => std::io::ErrorKind::Other,
-    };
-    StoreError::Io(std::io::Error::new(kind, e.to_string()))
 }
 
 enum Failed {
@@ -157,10 +150,18 @@ fn failed(e: tokio_postgres::Error) -> Failed {
     }
 }
 
-async fn flush_once(pool: &Arc<Pool>, batch: &[Append], mode: FlushMode, counters: &Counters) -> Result<Vec<Result<Head, StoreError>>, Failed> {
+async fn flush_once(
+    pool: &Arc<Pool>,
+    batch: &[Append],
+    mode: FlushMode,
+    counters: &Counters,
+) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let mut conn = pool.get().await.map_err(Failed::Pg)?;
     let client = conn.client().map_err(Failed::Pg)?;
     let result = transaction(client, batch, mode).await;
+    if let Err(Failed::Pg(PgError::ConnectionLost { .. } | PgError::InDoubt { .. })) = &result {
+        conn.set_broken();
+    }
     if let Ok(outcomes) = &result {
         counters.flushes.fetch_add(1, Ordering::Relaxed);
         for o in outcomes {
@@ -175,12 +176,17 @@ async fn flush_once(pool: &Arc<Pool>, batch: &[Append], mode: FlushMode, counter
 }
 
 /// Locks, plans, writes and commits one flush.
-async fn transaction(client: &mut Client, batch: &[Append], mode: FlushMode) -> Result<Vec<Result<Head, StoreError>>, Failed> {
+async fn transaction(
+    client: &mut Client,
+    batch: &[Append],
+    mode: FlushMode,
+) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let tx = client.transaction().await.map_err(failed)?;
     if mode.async_commit {
         tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(failed)?;
     }
-    let mut fenced: Vec<Uuid> = batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
+    let mut fenced: Vec<Uuid> =
+        batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
     fenced.sort();
     fenced.dedup();
     let mut runs: Vec<Uuid> = batch.iter().map(|a| a.run.0).collect();
@@ -235,7 +241,7 @@ async fn transaction(client: &mut Client, batch: &[Append], mode: FlushMode) -> 
     }
     write(&tx, &plan).await?;
     // From here the outcome is in doubt if the connection goes.
-    tx.commit().await.map_err(|e| if connection_lost(&e) { Failed::Pg(PgError::InDoubt(e)) } else { failed(e) })?;
+    tx.commit().await.map_err(|e| if connection_lost(&e) { Failed::Pg(PgError::at_commit(e)) } else { failed(e) })?;
     Ok(plan.outcomes)
 }
 
@@ -453,7 +459,9 @@ fn decide(
 /// A damaged head row's error, once per append that meets it.
 fn clone_err(e: &StoreError) -> StoreError {
     match e {
-        StoreError::Corrupted { run, seq, reason } => StoreError::Corrupted { run: *run, seq: *seq, reason: reason.clone() },
+        StoreError::Corrupted { run, seq, reason } => {
+            StoreError::Corrupted { run: *run, seq: *seq, reason: reason.clone() }
+        }
         other => StoreError::Corrupted { run: RunId::from_bytes([0; 16]), seq: Seq(0), reason: other.to_string() },
     }
 }

@@ -16,6 +16,9 @@ pub(crate) struct Pool {
 /// A session taken from the pool; it goes back on drop unless its connection is lost.
 pub(crate) struct Conn {
     client: Option<Client>,
+    /// A statement on it met a lost connection: never reuse it (the driver may not have
+    /// noticed the close yet).
+    broken: bool,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -37,7 +40,7 @@ impl Pool {
             Some(c) => c,
             None => self.connect().await?,
         };
-        Ok(Conn { client: Some(client), pool: self.clone(), _permit: permit })
+        Ok(Conn { client: Some(client), broken: false, pool: self.clone(), _permit: permit })
     }
 
     pub(crate) async fn connect(&self) -> Result<Client, PgError> {
@@ -56,12 +59,27 @@ impl Conn {
     pub(crate) fn client(&mut self) -> Result<&mut Client, PgError> {
         self.client.as_mut().ok_or(PgError::Closed)
     }
+
+    /// A statement's result as the seam's: a lost connection marks the session broken.
+    pub(crate) fn ok<T>(&mut self, r: Result<T, tokio_postgres::Error>) -> Result<T, keel_store::StoreError> {
+        r.map_err(|e| {
+            if crate::error::connection_lost(&e) {
+                self.broken = true;
+            }
+            crate::error::pg(e)
+        })
+    }
+
+    /// Marks the session as not to be reused.
+    pub(crate) fn set_broken(&mut self) {
+        self.broken = true;
+    }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
-            if !c.is_closed() {
+            if !self.broken && !c.is_closed() {
                 self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(c);
             }
         }

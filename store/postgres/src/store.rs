@@ -330,49 +330,51 @@ fn seq_param(seq: u64) -> i64 {
 }
 
 fn stored_seq(run: RunId, seq: i64) -> Result<Seq, StoreError> {
-    u64::try_from(seq).map(Seq).map_err(|_| StoreError::Corrupted { run, seq: Seq(0), reason: format!("stored seq {seq}") })
+    u64::try_from(seq).map(Seq).map_err(|_| StoreError::Corrupted {
+        run,
+        seq: Seq(0),
+        reason: format!("stored seq {seq}"),
+    })
 }
 
 async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
     let mut conn = pool.get().await?;
-    let rows = conn
+    let result = conn
         .client()?
         .query(
             "SELECT seq, value FROM events WHERE run = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
             &[&run.0, &seq_param(from), &limit],
         )
-        .await
-        .map_err(pg)?;
+        .await;
+    let rows = conn.ok(result)?;
     rows.into_iter().map(|r| Ok((stored_seq(run, r.try_get(0).map_err(pg)?)?, r.try_get(1).map_err(pg)?))).collect()
 }
 
 async fn record_value(pool: Arc<Pool>, run: RunId, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
     let mut conn = pool.get().await?;
-    let row = conn
+    let result = conn
         .client()?
         .query_opt("SELECT value FROM events WHERE run = $1 AND seq = $2", &[&run.0, &seq_param(seq)])
-        .await
-        .map_err(pg)?;
+        .await;
+    let row = conn.ok(result)?;
     row.map(|r| r.try_get(0).map_err(pg)).transpose()
 }
 
 async fn any_from(pool: Arc<Pool>, run: RunId, from: u64) -> Result<bool, StoreError> {
     let mut conn = pool.get().await?;
-    let row = conn
+    let result = conn
         .client()?
         .query_one("SELECT EXISTS (SELECT 1 FROM events WHERE run = $1 AND seq >= $2)", &[&run.0, &seq_param(from)])
-        .await
-        .map_err(pg)?;
+        .await;
+    let row = conn.ok(result)?;
     row.try_get(0).map_err(pg)
 }
 
 async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
     let mut conn = pool.get().await?;
-    let row = conn
-        .client()?
-        .query_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0])
-        .await
-        .map_err(pg)?;
+    let result =
+        conn.client()?.query_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0]).await;
+    let row = conn.ok(result)?;
     let Some(row) = row else { return Ok(Head::empty()) };
     let next_seq = stored_seq(run, row.try_get(0).map_err(pg)?)?;
     let hash: Vec<u8> = row.try_get(1).map_err(pg)?;
@@ -389,16 +391,18 @@ const RUNS_PAGE: i64 = 10_000;
 
 async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
     let mut conn = pool.get().await?;
-    let client = conn.client()?;
     let mut out: Vec<RunId> = Vec::new();
     loop {
+        let client = conn.client()?;
         let rows = match out.last() {
             None => client.query("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
             Some(after) => {
-                client.query("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE]).await
+                client
+                    .query("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE])
+                    .await
             }
-        }
-        .map_err(pg)?;
+        };
+        let rows = conn.ok(rows)?;
         let n = rows.len();
         for r in rows {
             out.push(RunId(r.try_get::<_, Uuid>(0).map_err(pg)?));
@@ -410,24 +414,29 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
 }
 
 async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
+    async fn flush_tx(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        // A transaction with an id commits with a WAL flush, which covers every commit
+        // before it, including those made with synchronous_commit off.
+        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();").await?;
+        tx.commit().await
+    }
     let mut conn = pool.get().await?;
-    let tx = conn.client()?.transaction().await.map_err(pg)?;
-    // A transaction with an id commits with a WAL flush, which covers every commit before
-    // it, including those made with synchronous_commit off.
-    tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();").await.map_err(pg)?;
-    tx.commit().await.map_err(pg)
+    let result = flush_tx(conn.client()?).await;
+    conn.ok(result)
 }
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
     let mut conn = pool.get().await?;
-    conn.client()?
+    let result = conn
+        .client()?
         .execute(
             "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
             &[&run.0, &epoch],
         )
-        .await
-        .map_err(pg)?;
+        .await;
+    conn.ok(result)?;
     Ok(())
 }
 
@@ -489,7 +498,7 @@ impl Coordination for PgStore {
         let (pool, who) = (self.pool(), owner.to_owned());
         let epoch = self.call(async move {
             let mut conn = pool.get().await?;
-            let row = conn
+            let result = conn
                 .client()?
                 .query_opt(
                     "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
@@ -499,8 +508,8 @@ impl Coordination for PgStore {
                      RETURNING epoch",
                     &[&run.0, &who, &expires_at_us, &now_us],
                 )
-                .await
-                .map_err(pg)?;
+                .await;
+            let row = conn.ok(result)?;
             row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
         })?;
         Ok(epoch.map(|e| self.lease(run, owner, e, expires_at_us)))
@@ -512,7 +521,7 @@ impl Coordination for PgStore {
         let (pool, run) = (self.pool(), lease.run());
         let renewed = self.call(async move {
             let mut conn = pool.get().await?;
-            let row = conn
+            let result = conn
                 .client()?
                 .query_opt(
                     "UPDATE leases SET epoch = epoch + 1, expires_at_us = $3
@@ -520,8 +529,8 @@ impl Coordination for PgStore {
                      RETURNING epoch",
                     &[&run.0, &epoch, &expires_at_us, &now_us],
                 )
-                .await
-                .map_err(pg)?;
+                .await;
+            let row = conn.ok(result)?;
             row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
         })?;
         Ok(renewed.map(|e| self.lease(run, lease.owner(), e, expires_at_us)))
@@ -546,11 +555,11 @@ impl Coordination for PgStore {
         let (pool, key) = (self.pool(), key.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            let row = conn
+            let result = conn
                 .client()?
                 .query_opt("SELECT run FROM claims WHERE key = $1 AND expires_at_us > $2", &[&key, &now_us])
-                .await
-                .map_err(pg)?;
+                .await;
+            let row = conn.ok(result)?;
             row.map(|r| r.try_get::<_, Uuid>(0).map(RunId).map_err(pg)).transpose()
         })
     }
@@ -576,14 +585,15 @@ impl Coordination for PgStore {
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
-            conn.client()?
+            let result = conn
+                .client()?
                 .execute(
                     "INSERT INTO snapshots (run, value) VALUES ($1, $2)
                      ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
                     &[&run.0, &value],
                 )
-                .await
-                .map_err(pg)?;
+                .await;
+            conn.ok(result)?;
             Ok(())
         })
     }
@@ -592,11 +602,8 @@ impl Coordination for PgStore {
         let pool = self.pool();
         let value: Option<Vec<u8>> = self.call(async move {
             let mut conn = pool.get().await?;
-            let row = conn
-                .client()?
-                .query_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0])
-                .await
-                .map_err(pg)?;
+            let result = conn.client()?.query_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0]).await;
+            let row = conn.ok(result)?;
             row.map(|r| r.try_get(0).map_err(pg)).transpose()
         })?;
         let Some(value) = value else { return Ok(None) };
@@ -611,7 +618,8 @@ impl Coordination for PgStore {
         let (pool, key) = (self.pool(), key.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            let row = conn.client()?.query_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await.map_err(pg)?;
+            let result = conn.client()?.query_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await;
+            let row = conn.ok(result)?;
             row.map(|r| r.try_get(0).map_err(pg)).transpose()
         })
     }
@@ -627,13 +635,11 @@ impl Coordination for PgStore {
         let (pool, key, value) = (self.pool(), key.to_vec(), value.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            conn.client()?
-                .execute(
+            let result = conn.client()?.execute(
                     "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                     &[&key, &value],
-                )
-                .await
-                .map_err(pg)?;
+                ).await;
+    conn.ok(result)?;
             Ok(())
         })
     }
@@ -642,14 +648,15 @@ impl Coordination for PgStore {
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
-            conn.client()?
+            let result = conn
+                .client()?
                 .execute(
                     "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
                      ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
                     &[&run.0, &due_at_us],
                 )
-                .await
-                .map_err(pg)?;
+                .await;
+            conn.ok(result)?;
             Ok(())
         })
     }
@@ -658,7 +665,8 @@ impl Coordination for PgStore {
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
-            conn.client()?.execute("DELETE FROM due WHERE run = $1", &[&run.0]).await.map_err(pg)?;
+            let result = conn.client()?.execute("DELETE FROM due WHERE run = $1", &[&run.0]).await;
+            conn.ok(result)?;
             Ok(())
         })
     }
@@ -668,14 +676,14 @@ impl Coordination for PgStore {
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
-            let rows = conn
+            let result = conn
                 .client()?
                 .query(
                     "SELECT run, due_at_us FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2",
                     &[&now_us, &limit],
                 )
-                .await
-                .map_err(pg)?;
+                .await;
+            let rows = conn.ok(result)?;
             rows.into_iter()
                 .map(|r| Ok((RunId(r.try_get::<_, Uuid>(0).map_err(pg)?), r.try_get::<_, i64>(1).map_err(pg)?)))
                 .collect()

@@ -15,7 +15,8 @@ pub fn url() -> String {
 
 /// Whether a missing server fails the tests instead of skipping them (CI).
 pub fn required() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") || std::env::var("KEEL_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+        || std::env::var("KEEL_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
 }
 
 /// Whether the server answers. Where it does not: panics if it is [`required`], else
@@ -26,7 +27,10 @@ pub fn ready() -> bool {
     match reached {
         Ok(()) => true,
         Err(e) if required() => {
-            panic!("PostgreSQL is required here (CI=true or KEEL_REQUIRE_POSTGRES=1) but {} does not answer: {e}", url())
+            panic!(
+                "PostgreSQL is required here (CI=true or KEEL_REQUIRE_POSTGRES=1) but {} does not answer: {e}",
+                url()
+            )
         }
         Err(e) => {
             let test = std::thread::current().name().unwrap_or("?").to_owned();
@@ -118,7 +122,10 @@ impl Drop for Scratch {
         let dropped = std::thread::spawn(move || {
             let admin = Admin::connect()?;
             for s in schemas {
-                admin.rt.block_on(admin.client.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))).map_err(|e| e.to_string())?;
+                admin
+                    .rt
+                    .block_on(admin.client.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE")))
+                    .map_err(|e| e.to_string())?;
             }
             Ok::<_, String>(())
         })
