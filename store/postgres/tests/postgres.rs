@@ -501,3 +501,50 @@ fn child_writer(schema: String) {
         }
     });
 }
+
+/// Another session creates the run (or claims the key) that a flush is creating, and
+/// commits while the flush waits on its row: the flush rolls back, retries the append in
+/// a transaction of its own, and the append gets `Conflict` (or `DuplicateKey`) instead
+/// of an error, writing nothing.
+#[test]
+fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_duplicate() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let admin = Admin::connect().unwrap();
+    let watcher = Admin::connect().unwrap();
+    let (r, holder, claimer) = (run(10), run(11), run(12));
+
+    admin.exec(&format!(
+        "BEGIN; INSERT INTO {schema}.heads VALUES ('{}', 1, '\\x{}'::bytea, 'Planned')",
+        r.0,
+        "ab".repeat(32)
+    ));
+    let s = store.clone();
+    let creating = std::thread::spawn(move || s.append(r, Seq(0), vec![rec(0)], None));
+    wait_for_a_blocked_keel_session(&watcher);
+    admin.exec("COMMIT");
+    match creating.join().unwrap() {
+        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+
+    admin.exec(&format!(
+        "BEGIN; INSERT INTO {schema}.claims VALUES ('\\x6b6579'::bytea, '{}', {})",
+        holder.0,
+        i64::MAX
+    ));
+    let s = store.clone();
+    let claim = keel_store::Claim { key: b"key".to_vec(), now_us: 0, expires_at_us: 1_000 };
+    let claiming = std::thread::spawn(move || s.append(claimer, Seq(0), vec![rec(0)], Some(claim)));
+    wait_for_a_blocked_keel_session(&watcher);
+    admin.exec("COMMIT");
+    assert!(matches!(claiming.join().unwrap(), Err(StoreError::DuplicateKey { existing }) if existing == holder));
+    assert_eq!(store.head(claimer).unwrap().next_seq, Seq(0), "the refused append wrote nothing");
+    assert!(store.stats().raced_flushes >= 2, "{:?}", store.stats());
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events")), 0);
+}
