@@ -438,20 +438,30 @@ fn reads_are_paged_and_yield_the_whole_run() {
 
 /// The writer is a child process appending to four runs and printing each acknowledged
 /// append; it is killed with SIGKILL mid-stream. Every acknowledged append is in the
-/// database, and every run's chain verifies.
+/// database and every run's chain verifies: with group commit (commits wait for the WAL
+/// flush), and with `Durability::None` (commits do not wait for it, but have returned from
+/// the server, which outlives the killed client).
 #[test]
 fn acknowledged_appends_survive_a_sigkill_of_the_writing_process() {
     if let Ok(schema) = std::env::var("KEEL_PG_CHILD_SCHEMA") {
-        return child_writer(schema);
+        let durability = if std::env::var("KEEL_PG_CHILD_ASYNC").is_ok() { Durability::None } else { DURABLE };
+        return child_writer(schema, durability);
     }
     if !ready() {
         return;
     }
+    for durability in [DURABLE, Durability::None] {
+        kill_a_writer_and_check(durability);
+    }
+}
+
+fn kill_a_writer_and_check(durability: Durability) {
     use std::io::BufRead;
-    let scratch = Scratch::new(DURABLE);
+    let scratch = Scratch::new(durability);
     let cfg = scratch.config();
     drop(PgStore::open(cfg.clone()).unwrap());
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
         .args([
             "--exact",
             "acknowledged_appends_survive_a_sigkill_of_the_writing_process",
@@ -460,9 +470,11 @@ fn acknowledged_appends_survive_a_sigkill_of_the_writing_process() {
         ])
         .env("KEEL_PG_CHILD_SCHEMA", &cfg.schema)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    if durability == Durability::None {
+        command.env("KEEL_PG_CHILD_ASYNC", "1");
+    }
+    let mut child = command.spawn().unwrap();
     let mut acked: Vec<(u8, u64)> = Vec::new();
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
@@ -470,25 +482,24 @@ fn acknowledged_appends_survive_a_sigkill_of_the_writing_process() {
             let (r, s) = rest.split_once(' ').unwrap();
             acked.push((r.parse().unwrap(), s.parse().unwrap()));
         }
-        if acked.len() >= 200 {
+        if acked.len() >= 400 {
             break;
         }
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(acked.len() >= 200, "the child stopped early");
+    assert!(acked.len() >= 400, "{durability:?}: the child stopped early");
     let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
     for (r, seq) in &acked {
-        assert!(store.head(run(*r)).unwrap().next_seq.0 > *seq, "acknowledged append run {r} seq {seq} lost");
+        assert!(store.head(run(*r)).unwrap().next_seq.0 > *seq, "{durability:?}: acknowledged run {r} seq {seq} lost");
     }
     for r in 1..=4 {
         keel_store::verify_run::<Ev>(&store, run(r)).unwrap();
     }
 }
 
-fn child_writer(schema: String) {
-    let store =
-        Arc::new(PgStore::open(PgConfig { schema, durability: DURABLE, ..PgConfig::new(common::url()) }).unwrap());
+fn child_writer(schema: String, durability: Durability) {
+    let store = Arc::new(PgStore::open(PgConfig { schema, durability, ..PgConfig::new(common::url()) }).unwrap());
     std::thread::scope(|s| {
         for r in 1..=4u8 {
             let store = store.clone();
