@@ -465,3 +465,108 @@ fn clone_err(e: &StoreError) -> StoreError {
         other => StoreError::Corrupted { run: RunId::from_bytes([0; 16]), seq: Seq(0), reason: other.to_string() },
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u8) -> NewRecord {
+        NewRecord {
+            kind: "K".into(),
+            time_us: i64::from(i),
+            payload_version: 1,
+            payload: vec![i],
+            payload_root: [i; 32],
+        }
+    }
+
+    fn run(n: u8) -> RunId {
+        RunId::from_bytes([n; 16])
+    }
+
+    struct A {
+        run: RunId,
+        expected: u64,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+    }
+
+    fn a(run: RunId, expected: u64, n: u8) -> A {
+        A { run, expected, records: (0..n).map(rec).collect(), claim: None, fence: None }
+    }
+
+    fn planned(appends: &[A], locked: Locked) -> Plan {
+        plan(
+            appends.iter().map(|x| Intent {
+                run: x.run,
+                expected: Seq(x.expected),
+                records: &x.records,
+                claim: x.claim.as_ref(),
+                fence: x.fence,
+            }),
+            locked,
+        )
+    }
+
+    #[test]
+    fn appends_of_one_run_in_one_flush_chain_on_each_other_and_a_stale_one_conflicts() {
+        let p = planned(&[a(run(1), 0, 2), a(run(1), 2, 1), a(run(1), 2, 1), a(run(2), 0, 1)], Locked::default());
+        assert_eq!(p.outcomes[0].as_ref().unwrap().next_seq, Seq(2));
+        let third = p.outcomes[1].as_ref().unwrap();
+        assert_eq!(third.next_seq, Seq(3));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Conflict { expected: Seq(2), actual: Seq(3), .. })));
+        // One sealing, as one append of three records would be.
+        let (whole, head) = backend::seal_batch(run(1), &Head::empty(), vec![rec(0), rec(1), rec(0)]).unwrap();
+        let ours: Vec<_> = p.events.iter().filter(|(r, _, _)| *r == run(1)).map(|(_, s, v)| (*s, v.clone())).collect();
+        assert_eq!(ours, whole);
+        assert_eq!(p.heads[&run(1)], (head, false));
+        assert_eq!(p.events.len(), 4);
+    }
+
+    #[test]
+    fn a_key_claimed_earlier_in_the_flush_is_held_and_a_stale_fence_writes_nothing() {
+        let claim = |now_us| Some(Claim { key: b"k".to_vec(), now_us, expires_at_us: 100 });
+        let mut first = a(run(1), 0, 1);
+        first.claim = claim(0);
+        let mut second = a(run(2), 0, 1);
+        second.claim = claim(0);
+        let mut fenced = a(run(3), 0, 1);
+        fenced.fence = Some(Fence { run: run(3), epoch: 4 });
+        let mut other_run = a(run(3), 0, 1);
+        other_run.fence = Some(Fence { run: run(9), epoch: 5 });
+        let mut locked = Locked::default();
+        locked.epochs.insert(run(3), 5);
+        let p = planned(&[first, second, fenced, other_run], locked);
+        assert!(p.outcomes[0].is_ok());
+        assert!(matches!(p.outcomes[1], Err(StoreError::DuplicateKey { existing }) if existing == run(1)));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Fenced { fence: 4, current: 5, .. })));
+        assert!(matches!(p.outcomes[3], Err(StoreError::Fenced { fence: 5, current: 0, .. })));
+        assert_eq!(p.claims.get(b"k".as_slice()), Some(&(run(1), 100, false)));
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.heads.keys().copied().collect::<Vec<_>>(), vec![run(1)]);
+    }
+
+    #[test]
+    fn a_locked_head_and_claim_are_the_starting_point() {
+        let (sealed, head) = backend::seal_batch(run(1), &Head::empty(), vec![rec(7)]).unwrap();
+        assert_eq!(sealed.len(), 1);
+        let mut locked = Locked::default();
+        locked.heads.insert(run(1), Ok(head.clone()));
+        locked.heads.insert(run(2), Err(StoreError::Corrupted { run: run(2), seq: Seq(0), reason: "x".into() }));
+        locked.claims.insert(b"k".to_vec(), (run(5), 50));
+        let mut expired = a(run(1), 1, 1);
+        expired.claim = Some(Claim { key: b"k".to_vec(), now_us: 50, expires_at_us: 90 });
+        let p = planned(&[a(run(1), 0, 1), expired, a(run(2), 0, 1)], locked);
+        assert!(matches!(p.outcomes[0], Err(StoreError::Conflict { actual: Seq(1), .. })));
+        assert_eq!(p.outcomes[1].as_ref().unwrap().next_seq, Seq(2));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Corrupted { .. })));
+        assert!(p.heads[&run(1)].1, "the row existed: updated, not inserted");
+        assert_eq!(p.claims.get(b"k".as_slice()), Some(&(run(1), 90, true)));
+        assert_eq!(p.events[0].2, {
+            let (v, _) = backend::seal_batch(run(1), &head, vec![rec(0)]).unwrap();
+            v[0].1.clone()
+        });
+    }
+}
