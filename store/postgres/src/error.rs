@@ -152,7 +152,10 @@ impl From<OpenError> for StoreError {
             OpenError::InvalidConfig { reason } => StoreError::InvalidConfig { reason },
             OpenError::Postgres(e) => e.into(),
             OpenError::Runtime(e) => StoreError::Io(e),
-            other @ (OpenError::SchemaTooNew { .. } | OpenError::NotFound { .. }) => {
+            other @ OpenError::NotFound { .. } => {
+                StoreError::Io(std::io::Error::new(std::io::ErrorKind::NotFound, other))
+            }
+            other @ OpenError::SchemaTooNew { .. } => {
                 StoreError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, other))
             }
         }
