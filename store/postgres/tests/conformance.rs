@@ -14,3 +14,11 @@ mod group_commit_async {
         when = super::common::ready()
     );
 }
+
+mod group_commit_durable {
+    // The default: one transaction per flush, each commit waiting for its WAL flush.
+    keel_store_conformance::conformance_tests!(
+        super::common::fresh_stores(keel_store::Durability::default()),
+        when = super::common::ready()
+    );
+}
