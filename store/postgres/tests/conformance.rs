@@ -6,9 +6,8 @@
 mod common;
 
 mod group_commit_async {
-    // As on sled, the suite runs without waiting for durability (commits with
-    // synchronous_commit off, still one transaction per flush); tests/postgres.rs covers
-    // the durable modes.
+    // As sled's runs it: without waiting for durability (commits with synchronous_commit
+    // off, still one transaction per flush).
     keel_store_conformance::conformance_tests!(
         super::common::fresh_stores(keel_store::Durability::None),
         when = super::common::ready()
