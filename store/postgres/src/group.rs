@@ -50,6 +50,8 @@ pub(crate) struct FlushMode {
     pub(crate) appends_max: usize,
     /// `SET LOCAL synchronous_commit = off` (Durability::None).
     pub(crate) async_commit: bool,
+    /// Flusher tasks (transactions in flight at once).
+    pub(crate) flushers: usize,
 }
 
 /// Counters of the flusher (see [`crate::PgStats`]).
@@ -61,15 +63,16 @@ pub(crate) struct Counters {
     pub(crate) raced: AtomicU64,
 }
 
-/// The flusher task: runs until every sender is gone.
-pub(crate) async fn flusher(
-    pool: Arc<Pool>,
-    mut rx: mpsc::UnboundedReceiver<Append>,
-    mode: FlushMode,
-    counters: Arc<Counters>,
-) {
+/// The receiving end of the appends, shared by the flushers.
+pub(crate) type Queue = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Append>>>;
+
+/// A flusher task: runs until every sender is gone. With several (`EveryAppend`: one
+/// transaction per append, as many at once as there are flushers), each takes its batch
+/// under the queue's lock and commits on a session of its own.
+pub(crate) async fn flusher(pool: Arc<Pool>, queue: Queue, mode: FlushMode, counters: Arc<Counters>) {
     let mut next: Option<Append> = None;
     loop {
+        let mut rx = queue.lock().await;
         let first = match next.take() {
             Some(a) => a,
             None => match rx.recv().await {
@@ -92,6 +95,7 @@ pub(crate) async fn flusher(
                 Err(_) => break,
             }
         }
+        drop(rx);
         flush(&pool, batch, mode, &counters).await;
     }
 }

@@ -162,14 +162,19 @@ impl PgStore {
             });
             rx.recv().map_err(|_| OpenError::Postgres(PgError::Closed))??;
         }
+        let (appends_max, flushers) = (group::FLUSH_APPENDS_MAX, 1);
         let mode = match config.durability {
-            Durability::None => FlushMode { appends_max: group::FLUSH_APPENDS_MAX, async_commit: true },
-            Durability::EveryAppend(_) => FlushMode { appends_max: 1, async_commit: false },
-            Durability::GroupCommit(_) => FlushMode { appends_max: group::FLUSH_APPENDS_MAX, async_commit: false },
+            Durability::None => FlushMode { appends_max, async_commit: true, flushers },
+            Durability::GroupCommit(_) => FlushMode { appends_max, async_commit: false, flushers },
+            // Each append its own transaction, several at once (one per session).
+            Durability::EveryAppend(_) => FlushMode { appends_max: 1, async_commit: false, flushers: config.pool_size },
         };
         let counters = Arc::new(Counters::default());
         let (appends, rx) = mpsc::unbounded_channel();
-        handle.spawn(group::flusher(pool.clone(), rx, mode, counters.clone()));
+        let queue: group::Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..mode.flushers {
+            handle.spawn(group::flusher(pool.clone(), queue.clone(), mode, counters.clone()));
+        }
         let page = i64::try_from(config.read_page_records).unwrap_or(256);
         Ok(PgStore {
             shared: Arc::new(Shared {
