@@ -50,7 +50,7 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE INDEX due_by_time ON due (due_at_us, run);",
 )];
 
-/// The schema version this build migrates to (the last of [`MIGRATIONS`]).
+/// The schema version this build migrates to (its last migration's number).
 pub const SCHEMA_VERSION: i32 = 1;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
