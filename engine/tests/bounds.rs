@@ -421,3 +421,63 @@ async fn a_run_in_backoff_wakes_and_finishes_after_an_engine_restart() {
     let ev = engine.events(run).unwrap();
     assert_eq!(dispatches(&ev), vec![("t".to_owned(), 1), ("t".to_owned(), 2)]);
 }
+
+/// A planner that blocks its thread on the first plan, then answers at once.
+struct BlockingFirstPlan {
+    plan: Plan,
+}
+impl Planner for BlockingFirstPlan {
+    fn plan(&self, req: PlanRequest) -> BoxFuture<Result<Plan, HandlerError>> {
+        let plan = self.plan.clone();
+        Box::pin(async move {
+            if req.revision == 0 {
+                std::thread::sleep(Duration::from_millis(2_500));
+            }
+            Ok(plan)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_planner_blocking_its_thread_is_recorded_as_its_timeout() {
+    let dir = tempdir();
+    let wf = workflow("w", Arc::new(BlockingFirstPlan { plan: one_task("ok") }), pass_evaluator());
+    let limits = ShellLimits { planner_timeout_ms: 200, ..ShellLimits::default() };
+    let engine = open_engine(dir.path(), wf, &[("ok", ok_handler(Usage::default()))], |b| b.limits(limits));
+    let (run, ev) = run_one(&engine, "w").await;
+    assert_eq!(plan_rejections(&ev), vec![vec!["planner: planner timeout after 200 ms".to_owned()]]);
+    // The late answer to revision 0 is discarded; revision 1 (asked at once) is the plan.
+    let planned: Vec<u32> = ev
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Planned { revision, .. } | Event::Replanned { revision, .. } => Some(*revision),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(planned, vec![1], "{:?}", kinds(&ev));
+    assert_eq!(engine.state(run).unwrap().status, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn an_evaluator_blocking_its_thread_is_recorded_as_its_timeout() {
+    let dir = tempdir();
+    let mut t = task("t", TaskKind::Tool, "ok", &[]);
+    t.timeout_ms = 200;
+    t.retry.max_attempts = 1;
+    t.success_criteria = Some("anything".into());
+    let blocking = evaluator(|_| {
+        std::thread::sleep(Duration::from_millis(2_500));
+        Ok(Evaluation { verdict: Verdict::Pass, notes: "late".into(), usage: Usage::default() })
+    });
+    let wf = workflow("w", planner(vec![plan(vec![t])]), blocking);
+    let engine = open_engine(dir.path(), wf, &[("ok", ok_handler(Usage::default()))], |b| b);
+    let s = engine.submit(Request::new("w", json!({}))).await.unwrap();
+    // The evaluator blocks inside `evaluate` (before its future exists): the driver's
+    // timer still ends the call.
+    let _ = tokio::time::timeout(Duration::from_secs(20), engine.run_until_idle()).await.expect("not held");
+    let ev = engine.events(s.run).unwrap();
+    let failures = task_failures(&ev);
+    assert!(!failures.is_empty(), "{:?}", kinds(&ev));
+    assert_eq!(failures[0], ("timeout after 200 ms".to_owned(), ErrorClass::Transient, FailureSource::Evaluator));
+    assert_eq!(count(&ev, "TaskEvaluated"), 0, "{:?}", kinds(&ev));
+}
