@@ -63,6 +63,14 @@ enum Pending<'a> {
 /// nested arbitrarily deep (user code may hand one to `Json::new` before any depth check,
 /// docs/ENGINE.md) cannot overflow the thread's stack.
 fn write_canonical(v: &Value, out: &mut impl Sink) {
+    // Most payload fields are scalars: no stack for them.
+    match v {
+        Value::Null => return out.put(b"null"),
+        Value::Bool(b) => return out.put(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => return write_number(n, out),
+        Value::String(s) => return write_string(s, out),
+        Value::Array(_) | Value::Object(_) => {}
+    }
     let mut stack = vec![Pending::Value(v)];
     while let Some(p) = stack.pop() {
         let v = match p {
