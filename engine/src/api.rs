@@ -374,6 +374,12 @@ pub struct ShellLimits {
     pub cache_entries_max: usize,
     /// Timeout of one planner call.
     pub planner_timeout_ms: u64,
+    /// Timeout of one call of the escalation sink (a timeout ends this drive's attempt to
+    /// notify; the next drive asks again).
+    pub sink_timeout_ms: u64,
+    /// Threads of the pool calls out of the engine run on (handlers, planner, evaluator,
+    /// sink): a callee that blocks its thread holds one of them, never a driver.
+    pub call_threads: usize,
 }
 
 impl Default for ShellLimits {
@@ -384,6 +390,8 @@ impl Default for ShellLimits {
             error_bytes_max: 2 * 1024,
             cache_entries_max: 10_000,
             planner_timeout_ms: 120_000,
+            sink_timeout_ms: 10_000,
+            call_threads: 4,
         }
     }
 }

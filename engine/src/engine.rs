@@ -11,6 +11,7 @@ use crate::model::event::{Event, Logged};
 use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
 use crate::shell::cache::ResponseCache;
+use crate::shell::calls::CallPool;
 use crate::shell::fold::{load_state, read_logged};
 use crate::shell::journal::Journal;
 use crate::shell::queue::Scheduler;
@@ -148,6 +149,7 @@ impl EngineBuilder {
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
         let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
         let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
+        let calls = CallPool::new(self.limits.call_threads)?;
         let inner = Inner {
             log,
             journal,
@@ -159,6 +161,7 @@ impl EngineBuilder {
             workers: self.workers,
             cache,
             limits: self.limits,
+            calls,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
         };
@@ -226,6 +229,7 @@ impl Engine {
     /// Records a human's decision on the run's open escalation and queues the run.
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
         let Resolution { decision, by } = r;
+        crate::shell::ingest::check_decision_depth(&decision)?;
         self.inner
             .journal
             .append_outside(

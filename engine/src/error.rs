@@ -91,6 +91,17 @@ pub enum EngineError {
     /// A background task of the engine panicked or was cancelled.
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// A JSON document handed to the engine (a request input, a human-supplied output)
+    /// nests deeper than [`keel_store::json::JSON_DEPTH_MAX`] levels. Nothing was written.
+    /// Stable code: `json_too_deep`.
+    #[error("json_too_deep: {what} nests deeper than {max} levels of arrays and objects")]
+    JsonTooDeep {
+        /// What was too deep ("input", "supplied output").
+        what: &'static str,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl EngineError {

@@ -50,6 +50,7 @@ pub mod bench;
 mod coordination;
 pub mod envelope;
 mod error;
+pub mod json;
 mod kv;
 mod log;
 mod observed;

@@ -1,10 +1,11 @@
 //! Plan validation: a plan is checked before it is recorded, and a bad one is recorded as
 //! rejected (never executed).
 
-use super::types::Context;
+use super::types::{Context, PlanLimits};
 use crate::model::fsm::TaskStatus;
 use crate::model::state::RunState;
 use crate::model::workflow::{Plan, TaskKind, TaskSpec};
+use keel_store::json::JSON_DEPTH_MAX;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Validate a plan before it is recorded: acyclic, known handlers, dependencies exist, ids
@@ -90,7 +91,9 @@ fn check_task(t: &TaskSpec, ids: &BTreeMap<&str, &TaskSpec>, ctx: &Context, erro
             errors.push(format!("task {id} lists dependency {d} twice"));
         }
     }
-    if t.input.0.len() > limits.task_input_bytes_max {
+    if keel_store::json::check_text_depth(t.input.0.as_bytes()).is_err() {
+        errors.push(format!("task {id}: input nests deeper than {} levels (json_too_deep)", JSON_DEPTH_MAX));
+    } else if t.input.0.len() > limits.task_input_bytes_max {
         errors.push(format!(
             "task {id}: input is {} bytes, more than {}",
             t.input.0.len(),
@@ -105,7 +108,12 @@ fn check_task(t: &TaskSpec, ids: &BTreeMap<&str, &TaskSpec>, ctx: &Context, erro
     if t.timeout_ms == 0 || t.timeout_ms > limits.timeout_ms_max {
         errors.push(format!("task {id}: timeout_ms {} must be 1 to {}", t.timeout_ms, limits.timeout_ms_max));
     }
+    check_durations(t, limits, errors);
     if let Some(schema) = &t.output_schema {
+        if keel_store::json::check_text_depth(schema.0.as_bytes()).is_err() {
+            errors.push(format!("task {id}: output schema nests deeper than {JSON_DEPTH_MAX} levels (json_too_deep)"));
+            return;
+        }
         match schema.value() {
             Ok(v) => {
                 if let Err(e) = jsonschema::validator_for(&v) {
@@ -114,6 +122,21 @@ fn check_task(t: &TaskSpec, ids: &BTreeMap<&str, &TaskSpec>, ctx: &Context, erro
             }
             Err(_) => errors.push(format!("task {id}: output schema is not valid JSON")),
         }
+    }
+}
+
+/// A task's retry durations within the plan limits: a planner cannot make a run wait
+/// (or a timer sleep) without bound. (`timeout_ms` is checked beside `max_attempts`.)
+fn check_durations(t: &TaskSpec, limits: &PlanLimits, errors: &mut Vec<String>) {
+    let id = &t.id;
+    let r = &t.retry;
+    for (name, ms) in [("backoff_base_ms", r.backoff_base_ms), ("backoff_max_ms", r.backoff_max_ms)] {
+        if ms > limits.backoff_ms_max {
+            errors.push(format!("task {id}: retry.{name} {ms} is more than {}", limits.backoff_ms_max));
+        }
+    }
+    if r.jitter_ms > limits.jitter_ms_max {
+        errors.push(format!("task {id}: retry.jitter_ms {} is more than {}", r.jitter_ms, limits.jitter_ms_max));
     }
 }
 

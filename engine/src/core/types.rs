@@ -51,6 +51,10 @@ pub struct PlanLimits {
     pub attempts_max: u32,
     /// A task's `timeout_ms`.
     pub timeout_ms_max: u64,
+    /// A task's `retry.backoff_base_ms` and `retry.backoff_max_ms`.
+    pub backoff_ms_max: u64,
+    /// A task's `retry.jitter_ms`.
+    pub jitter_ms_max: u64,
 }
 
 impl Default for PlanLimits {
@@ -62,6 +66,8 @@ impl Default for PlanLimits {
             task_id_bytes_max: 128,
             attempts_max: 10,
             timeout_ms_max: 3_600_000,
+            backoff_ms_max: 3_600_000,
+            jitter_ms_max: 60_000,
         }
     }
 }

@@ -38,6 +38,10 @@ pub(crate) enum DriveOutcome {
     Idle(RunStatus),
     /// Waiting for a human; the escalation's default falls due at `until_us`.
     Parked { until_us: i64 },
+    /// Waiting for a timer (a retry's backoff, the run's deadline) with no call in flight:
+    /// the driver ended, freeing its worker and lease; the run is driven again at
+    /// `until_us`.
+    Waiting { until_us: i64 },
     /// The driver stopped on an error (store failure, or a bug: an illegal record).
     Stopped(String),
     /// The workers were shut down.
@@ -56,9 +60,24 @@ enum EffectKey {
 /// What an effect reports back.
 struct Outcome {
     key: EffectKey,
+    /// Which start of the call answers (an answer of an earlier start, timed out or cut,
+    /// is discarded).
+    id: u64,
     /// The command the call answers.
     effect: Command,
     answer: Answer,
+}
+
+/// A call in flight.
+struct Flight {
+    id: u64,
+    effect: Command,
+    /// The driver's own timer: past it the call is recorded as timed out (even if its
+    /// thread is blocked) and a late answer is discarded.
+    until: tokio::time::Instant,
+    /// The task's timeout (the answer a timeout records names it).
+    task_timeout_ms: u64,
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 /// Wait slice: a sleep re-checks the injected clock at least this often (a test's fake
@@ -78,11 +97,11 @@ pub(crate) async fn drive(
         wake,
         stop,
         effects: JoinSet::new(),
-        inflight: BTreeSet::new(),
+        inflight: BTreeMap::new(),
+        next_id: 0,
         unnotifiable: BTreeSet::new(),
         filled: BTreeSet::new(),
         span: span.clone(),
-        noop_waker: std::task::Waker::from(Arc::new(NoopWake)),
     };
     async move {
         match d.run().await {
@@ -102,25 +121,17 @@ struct Driver {
     run: RunId,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
-    /// Spawned effects; dropping the set aborts whatever is still running.
+    /// Calls spawned on the call pool; dropping the set aborts whatever is still running.
     effects: JoinSet<()>,
-    inflight: BTreeSet<EffectKey>,
+    inflight: BTreeMap<EffectKey, Flight>,
+    /// Id of the next call started.
+    next_id: u64,
     /// Escalations the sink could not be told about during this drive (asked again on the
     /// next drive: at-least-once across restarts).
     unnotifiable: BTreeSet<u32>,
     /// Cache entries already filled from this run: (revision, task, attempt).
     filled: BTreeSet<(u32, TaskId, u32)>,
     span: tracing::Span,
-    /// Waker of the first, inline poll of an effect (see `start`).
-    noop_waker: std::task::Waker,
-}
-
-/// Wakes nothing: an effect still pending after its inline poll is polled again by its
-/// own task at once.
-struct NoopWake;
-
-impl std::task::Wake for NoopWake {
-    fn wake(self: Arc<Self>) {}
 }
 
 /// Events checked with `apply` (already folded into the driver's state) and encoded,
@@ -165,10 +176,13 @@ impl Driver {
             if *self.stop.borrow() {
                 return Ok(DriveOutcome::Shutdown);
             }
-            // Answers that already arrived join this batch.
+            // Answers that already arrived join this batch; calls past the driver's own
+            // timer are recorded as timed out; at the run's deadline, calls in flight are cut.
             while let Ok(o) = rx.try_recv() {
                 self.absorb(&mut state, &mut batch, o)?;
             }
+            self.expire(&mut state, &mut batch)?;
+            self.cut_at_deadline(&mut state, &mut batch)?;
             if state.status.is_terminal() && batch.is_empty() {
                 if !self.inflight.is_empty() {
                     tracing::info!(inflight = self.inflight.len(), status = ?state.status, "run is terminal: dropping in-flight calls");
@@ -195,23 +209,24 @@ impl Driver {
             for effect in effects {
                 self.start(effect, &state, &reg, &tx);
             }
-            if let Some(t) = next_timer {
-                if state.status == RunStatus::AwaitingHuman && self.inflight.is_empty() {
-                    return Ok(DriveOutcome::Parked { until_us: t });
-                }
-                let ms = u64::try_from(((t - now) / 1000).clamp(1, WAIT_SLICE_MS)).unwrap_or(1);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
-                    _ = self.wake.notified() => state = self.reload().await?,
-                    _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
-                }
-                continue;
+            // A run waiting only for a timer frees its worker and lease: the driver ends
+            // and the run is driven again when the timer falls due.
+            if let (Some(t), true) = (next_timer, self.inflight.is_empty()) {
+                return Ok(match state.status {
+                    RunStatus::AwaitingHuman => DriveOutcome::Parked { until_us: t },
+                    _ => DriveOutcome::Waiting { until_us: t },
+                });
             }
-            if self.inflight.is_empty() {
+            if next_timer.is_none() && self.inflight.is_empty() {
                 return Ok(DriveOutcome::Idle(state.status));
             }
+            // Wait for an answer, the earliest call's own timer, the next timer (in slices:
+            // a test's fake clock may jump), a wake-up or shutdown.
+            let slice = next_timer.map(|t| u64::try_from(((t - now) / 1000).clamp(1, WAIT_SLICE_MS)).unwrap_or(1));
+            let timer = tokio::time::Instant::now() + Duration::from_millis(slice.unwrap_or(3_600_000));
+            let until = self.inflight.values().map(|f| f.until).min().map_or(timer, |u| u.min(timer));
             tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
                 Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
                 _ = self.wake.notified() => state = self.reload().await?,
                 _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
@@ -323,14 +338,74 @@ impl Driver {
     /// Stages an effect's answer if it is still legal (an output too large to record
     /// becomes a semantic failure, a plan too large a rejection).
     fn absorb(&mut self, state: &mut RunState, batch: &mut Batch, o: Outcome) -> Result<(), EngineError> {
+        if self.inflight.get(&o.key).map(|f| f.id) != Some(o.id) {
+            tracing::info!(effect = ?o.key, "discarding a late answer (the call was timed out or cut)");
+            return Ok(());
+        }
         self.inflight.remove(&o.key);
-        let Some(event) = event_of(state, &self.inner.ctx, &o.effect, o.answer) else {
-            if let EffectKey::Notify(n) = o.key {
+        self.record_answer(state, batch, o.key, &o.effect, o.answer)
+    }
+
+    fn record_answer(
+        &mut self,
+        state: &mut RunState,
+        batch: &mut Batch,
+        key: EffectKey,
+        effect: &Command,
+        answer: Answer,
+    ) -> Result<(), EngineError> {
+        let Some(event) = event_of(state, &self.inner.ctx, effect, answer) else {
+            if let EffectKey::Notify(n) = key {
                 self.unnotifiable.insert(n);
             }
             return Ok(());
         };
         self.stage_answer(state, batch, event)
+    }
+
+    /// Records a timeout for every call past the driver's own timer (its thread may be
+    /// blocked: the call's own timeout could not fire); its task is aborted and a late
+    /// answer discarded.
+    fn expire(&mut self, state: &mut RunState, batch: &mut Batch) -> Result<(), EngineError> {
+        let now = tokio::time::Instant::now();
+        let due: Vec<EffectKey> =
+            self.inflight.iter().filter(|(_, f)| f.until <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            let Some(f) = self.inflight.remove(&key) else { continue };
+            tracing::warn!(effect = ?key, "call did not answer in time (its thread may be blocked): recording a timeout");
+            if let Some(a) = &f.abort {
+                a.abort();
+            }
+            let answer = effects::timed_out(&self.inner, &f.effect, f.task_timeout_ms);
+            self.record_answer(state, batch, key, &f.effect, answer)?;
+        }
+        Ok(())
+    }
+
+    /// Once the run's deadline is recorded, handler and evaluator calls still in flight
+    /// are cut: aborted, and recorded as failed attempts (`effects::CUT_AT_DEADLINE`), so
+    /// the run finishes at its deadline instead of when their timeouts end.
+    fn cut_at_deadline(&mut self, state: &mut RunState, batch: &mut Batch) -> Result<(), EngineError> {
+        if state.exhausted != Some(BudgetKind::Deadline) {
+            return Ok(());
+        }
+        let cut: Vec<EffectKey> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| effects::cut_at_deadline(&f.effect).is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in cut {
+            let Some(f) = self.inflight.remove(&key) else { continue };
+            if let Some(a) = &f.abort {
+                a.abort();
+            }
+            if let Some(answer) = effects::cut_at_deadline(&f.effect) {
+                tracing::info!(effect = ?key, "run deadline: cutting a call in flight");
+                self.record_answer(state, batch, key, &f.effect, answer)?;
+            }
+        }
+        Ok(())
     }
 
     /// Stages the answers of a batch that conflicted again, on top of the re-read log.
@@ -414,7 +489,7 @@ impl Driver {
             Command::Notify { number } => EffectKey::Notify(*number),
             Command::Record { .. } => return,
         };
-        if self.inflight.contains(&key) {
+        if self.inflight.contains_key(&key) {
             return;
         }
         if let EffectKey::Notify(n) = key {
@@ -423,15 +498,40 @@ impl Driver {
             }
         }
         let effect = cmd.clone();
+        // Past the run's deadline a handler or evaluator is not called at all: its attempt
+        // is recorded as cut.
+        if state.exhausted == Some(BudgetKind::Deadline) {
+            if let Some(answer) = effects::cut_at_deadline(&effect) {
+                let _ = tx.send(Outcome {
+                    key: key.clone(),
+                    id: self.flight(key, effect.clone(), 0, None),
+                    effect,
+                    answer,
+                });
+                return;
+            }
+        }
+        let mut task_timeout_ms = 0;
         let fut: crate::api::BoxFuture<Answer> = match cmd {
             Command::Plan { revision } => {
                 Box::pin(effects::plan(self.inner.clone(), reg.clone(), state.clone(), revision))
             }
             Command::Execute { task, attempt } => {
                 let Some(call) = self.task_call(state, &task, attempt) else { return };
+                // A cache hit runs no user code: answered here, without a call.
+                if let Some(answer) = effects::cached(&self.inner, call.2.as_deref()) {
+                    let _ = tx.send(Outcome {
+                        key: key.clone(),
+                        id: self.flight(key, effect.clone(), 0, None),
+                        effect,
+                        answer,
+                    });
+                    return;
+                }
+                task_timeout_ms = call.0.timeout_ms;
                 let span =
                     tracing::info_span!("task", task = %task, attempt, seq = state.next_seq.0, handler = %call.1);
-                Box::pin(effects::execute(self.inner.clone(), call.0, call.2).instrument(span))
+                Box::pin(effects::execute(self.inner.clone(), call.0).instrument(span))
             }
             Command::Evaluate { task, attempt } => {
                 let Some(t) = state.task_index.get(&task).and_then(|&i| state.tasks.get(i)) else { return };
@@ -445,6 +545,7 @@ impl Driver {
                     output: t.output.clone().unwrap_or_else(Json::null),
                     model: state.evaluator_model.clone(),
                 };
+                task_timeout_ms = t.spec.timeout_ms;
                 let span = tracing::info_span!("evaluate", task = %task, attempt, seq = state.next_seq.0);
                 Box::pin(effects::evaluate(reg.clone(), req, t.spec.timeout_ms).instrument(span))
             }
@@ -454,44 +555,49 @@ impl Driver {
             }
             Command::Record { .. } => return,
         };
-        self.launch(key, effect, fut, tx);
+        self.launch(key, effect, fut, task_timeout_ms, tx);
     }
 
-    /// Runs an effect's future: marks it in flight, polls it once inline, and spawns it
-    /// if it has to wait.
+    /// Marks a call in flight (its driver-side timer starts now); returns its id.
+    fn flight(
+        &mut self,
+        key: EffectKey,
+        effect: Command,
+        task_timeout_ms: u64,
+        abort: Option<tokio::task::AbortHandle>,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let bound = Duration::from_millis(effects::bound_ms(&self.inner, &effect, task_timeout_ms));
+        let until = tokio::time::Instant::now() + bound;
+        self.inflight.insert(key, Flight { id, effect, until, task_timeout_ms, abort });
+        id
+    }
+
+    /// Runs an effect's future on the call pool (never on the driver's task: a callee
+    /// that blocks its thread cannot hold the driver, whose own timer bounds the call) and
+    /// marks it in flight.
     fn launch(
         &mut self,
         key: EffectKey,
         effect: Command,
         fut: crate::api::BoxFuture<Answer>,
+        task_timeout_ms: u64,
         tx: &mpsc::UnboundedSender<Outcome>,
     ) {
-        self.inflight.insert(key.clone());
-        // Poll the effect once here: one that is ready at once (a cache hit, a handler
-        // that answers without waiting) sends its answer without a task to spawn and wake
-        // (two thread hand-offs per step on a multi-thread runtime, most of what a durable
-        // step cost outside the store; docs/PERFORMANCE.md). One that waits is spawned
-        // and polled again there, which hands it that task's waker (futures must wake
-        // the waker of their latest poll). User calls inside are `guarded` (a panic is a
-        // recorded failure); a panic here anyway ends the effect without an answer, as in
-        // a spawned task.
-        let mut fut = fut;
-        let mut cx = std::task::Context::from_waker(&self.noop_waker);
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(&mut cx))) {
-            Ok(std::task::Poll::Ready(answer)) => {
-                let _ = tx.send(Outcome { key, effect, answer });
-            }
-            Ok(std::task::Poll::Pending) => {
-                let tx = tx.clone();
-                self.effects.spawn(
-                    async move {
-                        let answer = fut.await;
-                        let _ = tx.send(Outcome { key, effect, answer });
-                    }
-                    .instrument(self.span.clone()),
-                );
-            }
-            Err(_) => tracing::error!(effect = ?key, "effect panicked; it ends without an answer"),
+        // Finished calls leave their (empty) results in the set: reap them.
+        while self.effects.try_join_next().is_some() {}
+        let id = self.flight(key.clone(), effect.clone(), task_timeout_ms, None);
+        let tx = tx.clone();
+        let k = key.clone();
+        let call = async move {
+            let answer = fut.await;
+            let _ = tx.send(Outcome { key, id, effect, answer });
+        }
+        .instrument(self.span.clone());
+        let abort = self.inner.calls.spawn(&mut self.effects, call);
+        if let (Some(f), Some(a)) = (self.inflight.get_mut(&k), abort) {
+            f.abort = Some(a);
         }
     }
 

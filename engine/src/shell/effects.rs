@@ -5,7 +5,7 @@
 //! [`crate::core::event_of`].
 
 use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
-use crate::core::{Answer, Failure, Judgement, Output};
+use crate::core::{Answer, Command, Failure, Judgement, Output};
 use crate::model::event::{Escalation, PlanReason};
 use crate::model::state::RunState;
 use crate::model::workflow::{ErrorClass, Json, Plan, Usage};
@@ -88,15 +88,18 @@ impl<T, E> std::future::Future for CatchPanic<T, E> {
     }
 }
 
-/// Calls the task's handler (or serves the response cache): its output, or why not.
-pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall, cache_key: Option<String>) -> Answer {
+/// The response cache's answer to a task, if it has one (no user code runs: the driver
+/// asks it inline, before spawning a call).
+pub(crate) fn cached(inner: &Inner, cache_key: Option<&str>) -> Option<Answer> {
+    let output = inner.cache.get(cache_key?)?;
+    tracing::debug!("response cache hit");
+    Some(Answer::Output(Ok(Output { output, usage: Usage::default(), cached: true })))
+}
+
+/// Calls the task's handler: its output, or why not. An output nested deeper than
+/// `JSON_DEPTH_MAX` is refused (`json_too_deep`) before anything recursive touches it.
+pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall) -> Answer {
     let timeout_ms = call.timeout_ms;
-    if let Some(k) = &cache_key {
-        if let Some(output) = inner.cache.get(k) {
-            tracing::debug!("response cache hit");
-            return Answer::Output(Ok(Output { output, usage: Usage::default(), cached: true }));
-        }
-    }
     let Some(handler) = inner.handlers.get(&call.handler).cloned() else {
         return Answer::EngineFailure(Failure {
             class: ErrorClass::Fatal,
@@ -113,19 +116,34 @@ pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall, cache_key: Option
             f.message = clip(f.message, inner.limits.error_bytes_max);
             Answer::Output(Err(f))
         }
-        Ok(Ok(out)) => {
-            let output = Json::new(&out.output);
-            let max = inner.limits.output_bytes_max;
-            if output.0.len() > max {
-                return Answer::EngineFailure(Failure {
-                    class: ErrorClass::Semantic,
-                    message: format!("output too large: {} bytes of JSON > max {max}", output.0.len()),
-                    usage: out.usage,
-                });
-            }
-            Answer::Output(Ok(Output { output, usage: out.usage, cached: false }))
-        }
+        Ok(Ok(out)) => recorded_output(&inner, out),
     }
+}
+
+/// A handler's output as it is recorded: refused (a failure of the engine's, with a stable
+/// code) if it nests too deep or is too large.
+fn recorded_output(inner: &Inner, out: crate::api::TaskOutput) -> Answer {
+    let value = match keel_store::json::accept(out.output) {
+        Ok(v) => v,
+        Err(_) => return Answer::EngineFailure(too_deep(out.usage)),
+    };
+    let output = Json::new(&value);
+    let max = inner.limits.output_bytes_max;
+    if output.0.len() > max {
+        return Answer::EngineFailure(Failure {
+            class: ErrorClass::Semantic,
+            message: format!("output too large: {} bytes of JSON > max {max}", output.0.len()),
+            usage: out.usage,
+        });
+    }
+    Answer::Output(Ok(Output { output, usage: out.usage, cached: false }))
+}
+
+/// An output nested deeper than `JSON_DEPTH_MAX`: a semantic failure (the approach
+/// produced something keel cannot record and read back) whose message is the stable code
+/// `json_too_deep`.
+fn too_deep(usage: Usage) -> Failure {
+    Failure { class: ErrorClass::Semantic, message: keel_store::json::JsonTooDeep::CODE.to_owned(), usage }
 }
 
 /// Evaluator transient errors are retried in-process this many times before the attempt
@@ -139,7 +157,7 @@ pub(crate) async fn evaluate(reg: Arc<Registered>, req: EvalRequest, timeout_ms:
     let mut spent = Usage::default();
     for n in 0..EVAL_TRIES {
         if n > 0 {
-            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
+            tokio::time::sleep(Duration::from_millis(retry_backoff_ms(n))).await;
         }
         let fut = guarded("evaluator", panicked, || reg.wf.evaluator.evaluate(req.clone()));
         let failure = match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
@@ -169,20 +187,90 @@ fn add(a: Usage, b: Usage) -> Usage {
 /// asked about again on the run's next drive.
 const NOTIFY_TRIES: u32 = 5;
 
-/// Tells the escalation sink about `esc`.
+/// Tells the escalation sink about `esc`: errors are retried, each try runs under
+/// `ShellLimits::sink_timeout_ms`, and a timeout ends this drive's attempt (a hung sink
+/// holds a driver for one timeout, not five).
 pub(crate) async fn notify(inner: Arc<Inner>, run: RunId, esc: Escalation) -> Answer {
     let number = esc.number;
+    let timeout_ms = inner.limits.sink_timeout_ms;
     for n in 0..NOTIFY_TRIES {
         if n > 0 {
-            tokio::time::sleep(Duration::from_millis(25u64 << n)).await;
+            tokio::time::sleep(Duration::from_millis(notify_backoff_ms(n))).await;
         }
         let on_panic = |what: &'static str, detail: String| format!("{what} panicked: {detail}");
-        match guarded("escalation sink", on_panic, || inner.sink.notify(run, esc.clone())).await {
-            Ok(()) => return Answer::Notified,
-            Err(e) => tracing::warn!(number, error = %e, "escalation sink failed"),
+        let fut = guarded("escalation sink", on_panic, || inner.sink.notify(run, esc.clone()));
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
+            Ok(Ok(())) => return Answer::Notified,
+            Ok(Err(e)) => tracing::warn!(number, error = %e, "escalation sink failed"),
+            Err(_) => {
+                tracing::warn!(number, timeout_ms, "escalation sink timed out");
+                break;
+            }
         }
     }
     Answer::NotNotified
+}
+
+fn notify_backoff_ms(n: u32) -> u64 {
+    25u64 << n
+}
+
+/// Backoff before in-process try `n` (1-based) of the planner and the evaluator.
+fn retry_backoff_ms(n: u32) -> u64 {
+    20u64 << n
+}
+
+/// Slack the driver's own timer gives a call beyond its longest legitimate duration, so a
+/// callee that does not block is timed out by its own timeout first (same answer).
+const DRIVER_GRACE_MS: u64 = 100;
+
+/// How long the driver waits for `effect`'s answer before it records a timeout itself:
+/// every in-process try under its timeout, the backoffs between them, and a grace
+/// (`DRIVER_GRACE_MS`). This holds even when the callee blocks its thread.
+pub(crate) fn bound_ms(inner: &Inner, effect: &Command, task_timeout_ms: u64) -> u64 {
+    let tries = |n: u32, each: u64, backoff: fn(u32) -> u64| -> u64 {
+        let waits: u64 = (1..n).map(backoff).sum();
+        each.saturating_mul(u64::from(n)).saturating_add(waits)
+    };
+    let ms = match effect {
+        Command::Execute { .. } => task_timeout_ms,
+        Command::Evaluate { .. } => tries(EVAL_TRIES, task_timeout_ms, retry_backoff_ms),
+        Command::Plan { .. } => tries(PLAN_TRIES, inner.limits.planner_timeout_ms, retry_backoff_ms),
+        Command::Notify { .. } => tries(NOTIFY_TRIES, inner.limits.sink_timeout_ms, notify_backoff_ms),
+        Command::Record { .. } => 0,
+    };
+    ms.saturating_add(DRIVER_GRACE_MS)
+}
+
+/// What the driver records for `effect` when its own timer fires first (the call blocked
+/// its thread, or hung): the call's timeout, as the call would have reported it.
+pub(crate) fn timed_out(inner: &Inner, effect: &Command, task_timeout_ms: u64) -> Answer {
+    match effect {
+        Command::Execute { .. } => Answer::Output(Err(Failure::timed_out(task_timeout_ms))),
+        Command::Evaluate { .. } => Answer::Evaluation(Err(Failure::timed_out(task_timeout_ms))),
+        Command::Plan { .. } => Answer::Plan(Err(Failure {
+            class: ErrorClass::Transient,
+            message: format!("planner timeout after {} ms", inner.limits.planner_timeout_ms),
+            usage: Usage::default(),
+        })),
+        Command::Notify { .. } | Command::Record { .. } => Answer::NotNotified,
+    }
+}
+
+/// The message of a call cut at the run's deadline.
+pub(crate) const CUT_AT_DEADLINE: &str = "cut at the run's deadline";
+
+/// What the driver records for a call in flight when the run's deadline falls: the
+/// handler's or evaluator's attempt failed (transient; the exhausted deadline allows no
+/// retry). `None` for calls whose answer is not recorded as a task failure (the planner:
+/// the run fails at its deadline while planning; the sink).
+pub(crate) fn cut_at_deadline(effect: &Command) -> Option<Answer> {
+    let f = Failure { class: ErrorClass::Transient, message: CUT_AT_DEADLINE.to_owned(), usage: Usage::default() };
+    match effect {
+        Command::Execute { .. } => Some(Answer::EngineFailure(f)),
+        Command::Evaluate { .. } => Some(Answer::Evaluation(Err(f))),
+        _ => None,
+    }
 }
 
 /// Planner transient errors are retried in-process this many times.
@@ -207,7 +295,7 @@ pub(crate) async fn plan(inner: Arc<Inner>, reg: Arc<Registered>, state: RunStat
     let mut result = Err(HandlerError::transient("planner not called"));
     for n in 0..PLAN_TRIES {
         if n > 0 {
-            tokio::time::sleep(Duration::from_millis(20u64 << n)).await;
+            tokio::time::sleep(Duration::from_millis(retry_backoff_ms(n))).await;
         }
         let fut = guarded("planner", panicked, || reg.wf.planner.plan(req.clone()));
         result = match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {

@@ -4,7 +4,7 @@
 use crate::api::{Request, Submitted};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
-use crate::model::workflow::Json;
+use crate::model::workflow::{Decision, Json};
 use crate::shell::runtime::{Inner, Registered};
 use keel_store::{Claim, RunId, Seq, StoreError};
 use sha2::{Digest, Sha256};
@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
 
 pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, EngineError> {
+    let req = bounded(req)?;
     let reg = inner
         .workflows
         .get(&req.workflow)
@@ -59,6 +60,27 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
     tracing::info!(%run, workflow = %wf.name, priority = req.priority, "run accepted");
     crate::shell::sched::enqueue(inner, &state);
     Ok(Submitted { run, duplicate: false })
+}
+
+/// The request, if its input nests at most `JSON_DEPTH_MAX` levels: checked before
+/// anything recursive (the schema validator, serialization) touches it; a refused input is
+/// taken apart without recursion.
+fn bounded(mut req: Request) -> Result<Request, EngineError> {
+    let input = std::mem::take(&mut req.input);
+    match keel_store::json::accept(input) {
+        Ok(input) => Ok(Request { input, ..req }),
+        Err(e) => Err(EngineError::JsonTooDeep { what: "input", max: e.max }),
+    }
+}
+
+/// A human's decision, if the output it supplies (if any) nests at most
+/// `JSON_DEPTH_MAX` levels (a scan of the text: nothing recursive runs on it first).
+pub(crate) fn check_decision_depth(decision: &Decision) -> Result<(), EngineError> {
+    match decision {
+        Decision::SupplyOutput(output) => keel_store::json::check_text_depth(output.as_str().as_bytes())
+            .map_err(|e| EngineError::JsonTooDeep { what: "supplied output", max: e.max }),
+        _ => Ok(()),
+    }
 }
 
 /// The request's input as canonical JSON, once it passes the checks (size, the workflow

@@ -7,12 +7,14 @@
 //! - [`sched`]: the workers that claim runs from the queue and drive them;
 //! - [`driver`]: one driver per run (decide, stage, append, start effects);
 //! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
+//! - [`calls`]: the pool those calls run on (a blocking callee cannot hold a driver);
 //! - [`journal`]: the one place that checks, encodes, appends and snapshots;
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
 //! - [`cache`]: the response cache.
 
 pub(crate) mod cache;
+pub(crate) mod calls;
 pub(crate) mod driver;
 pub(crate) mod effects;
 pub(crate) mod fold;

@@ -23,7 +23,8 @@ pub(crate) struct Scheduler {
     pub(crate) active_per_workflow: BTreeMap<String, usize>,
     /// Active runs that something appended to while they were driven: queue again on release.
     pub(crate) dirty: BTreeSet<RunId>,
-    /// Runs waiting for an escalation deadline (service workers only): run -> due time.
+    /// Runs waiting for an escalation deadline or a timer (a retry backoff, the run's
+    /// deadline), driven by no one until then (service workers only): run -> due time.
     pub(crate) parked: BTreeMap<RunId, i64>,
     pub(crate) ticket: u64,
 }

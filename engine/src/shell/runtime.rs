@@ -8,6 +8,7 @@ use crate::core::Context;
 use crate::error::EngineError;
 use crate::model::state::RunState;
 use crate::shell::cache::ResponseCache;
+use crate::shell::calls::CallPool;
 use crate::shell::journal::{blocking, Journal};
 use crate::shell::queue::Scheduler;
 use keel_store::{RunId, Store};
@@ -34,6 +35,8 @@ pub(crate) struct Inner {
     pub workers: usize,
     pub cache: ResponseCache,
     pub limits: ShellLimits,
+    /// Where calls out of the engine run (a blocking callee cannot hold a driver).
+    pub calls: CallPool,
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
     pub wake: Notify,

@@ -15,6 +15,7 @@ use crate::shell::fold::load_state;
 use crate::shell::runtime::Inner;
 use keel_store::RunId;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -116,6 +117,13 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
                 inner.sched().parked.insert(run, *until_us);
             }
         }
+        // A run waiting for a timer: the service's workers drive it again when it falls
+        // due (`run_until_idle` keeps its own list).
+        DriveOutcome::Waiting { until_us } => {
+            if service {
+                inner.sched().parked.insert(run, *until_us);
+            }
+        }
         DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
     }
     let again = inner.sched().release(run);
@@ -131,6 +139,9 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
     let (_stop_tx, stop) = watch::channel(false);
     let mut set = JoinSet::new();
     let mut report = IdleReport::default();
+    // Runs waiting for a timer (retry backoff, deadline): driven again when it falls due,
+    // their workers free for other runs meanwhile.
+    let mut timers: BTreeMap<RunId, i64> = BTreeMap::new();
     loop {
         spawn_claimed(inner, &mut set, &stop);
         if set.is_empty() {
@@ -138,6 +149,10 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
                 let s = inner.sched();
                 (s.has_queued(), !s.active.is_empty())
             };
+            if !queued && !timers.is_empty() {
+                wait_for_timers(inner, &mut timers).await;
+                continue;
+            }
             if !queued {
                 break;
             }
@@ -149,15 +164,62 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
             // Queued but unclaimable with nothing active: cannot happen (limits >= 1).
             break;
         }
-        if let Some(joined) = set.join_next().await {
-            match joined {
-                Ok((run, out)) => finish(inner, run, &out, &mut report, false),
-                Err(e) => return Err(EngineError::Internal(format!("driver task: {e}"))),
+        let joined = if timers.is_empty() {
+            set.join_next().await
+        } else {
+            // A timer may fall due while other runs are driven.
+            let next = timers.values().copied().min().unwrap_or(0);
+            tokio::select! {
+                j = set.join_next() => j,
+                _ = tokio::time::sleep(until_due(next, inner.clock.now_us())) => {
+                    queue_due(inner, &mut timers);
+                    continue;
+                }
             }
+        };
+        match joined {
+            Some(Ok((run, out))) => {
+                if let DriveOutcome::Waiting { until_us } = out {
+                    timers.insert(run, until_us);
+                }
+                finish(inner, run, &out, &mut report, false)
+            }
+            Some(Err(e)) => return Err(EngineError::Internal(format!("driver task: {e}"))),
+            None => {}
         }
     }
     Ok(report)
 }
+
+/// Sleeps until the earliest of `timers` falls due by the engine's clock (in slices, so a
+/// test's fake clock may jump), then queues every run that is due.
+async fn wait_for_timers(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
+    let now = inner.clock.now_us();
+    let earliest = timers.values().copied().min().unwrap_or(now);
+    if earliest > now {
+        tokio::time::sleep(until_due(earliest, now)).await;
+    }
+    queue_due(inner, timers);
+}
+
+/// Queues every run of `timers` whose timer fell due.
+fn queue_due(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
+    let now = inner.clock.now_us();
+    let due: Vec<RunId> = timers.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
+    for run in due {
+        timers.remove(&run);
+        poke(inner, run);
+    }
+}
+
+/// How long to sleep towards a timer due at `due_us` (at most `TIMER_SLICE_MS`).
+fn until_due(due_us: i64, now_us: i64) -> Duration {
+    let ms = (due_us.saturating_sub(now_us).saturating_add(999) / 1000).clamp(1, TIMER_SLICE_MS);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(1))
+}
+
+/// Longest sleep towards a timer before the clock is read again.
+const TIMER_SLICE_MS: i64 = 100;
 
 /// Background workers started by [`crate::Engine::start`].
 pub struct Workers {
@@ -202,7 +264,6 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         tracing::error!(error = %e, "workers: cannot list runs to resume");
     }
     let mut set = JoinSet::new();
-    let tick = Duration::from_millis(100);
     loop {
         if *stop.borrow() {
             break;
@@ -215,6 +276,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             poke(&inner, run);
         }
         spawn_claimed(&inner, &mut set, &stop);
+        // Sleep until the next parked run falls due (timers wake on time), at most a tick.
+        let next = inner.sched().parked.values().copied().min();
+        let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
         tokio::select! {
             _ = stop.changed() => break,
             Some(joined) = set.join_next(), if !set.is_empty() => match joined {

@@ -174,6 +174,16 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     // Not waiting: a typed one-line error.
     let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve"]).one_line_error(1);
     assert!(e.contains("is not awaiting a human"), "{e}");
+    // A supplied output nested deeper than the JSON limit: one line with the stable code,
+    // nothing recorded (before the check a 300-deep text failed serde_json's own limit
+    // with its message, and 65 to 127 levels were recorded).
+    let before = keel(&db.db, &["show", &run, "--json"]).ok().stdout.clone();
+    for depth in [65, 300] {
+        let deep = format!("{}0{}", "[".repeat(depth), "]".repeat(depth));
+        let e = keel(&db.db, &["resolve", &run, "--output", &deep]).one_line_error(2);
+        assert!(e.contains("json_too_deep"), "{e}");
+    }
+    assert_eq!(keel(&db.db, &["show", &run, "--json"]).ok().stdout, before);
     let r = keel(&db.db, &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--json"]).ok().json();
     assert_eq!(r["decision"], "approve");
     assert_eq!(r["by"], "alice");

@@ -17,13 +17,24 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
+/// Levels of a request body around the JSON documents it carries (`{"input": ...}`,
+/// `{"output": ...}`).
+const BODY_ENVELOPE_DEPTH: usize = 1;
+
 /// Longest `reason`, in bytes.
 pub(crate) const REASON_BYTES_MAX: usize = 2048;
 
 /// A JSON body: 400 `bad_request` when it is not JSON of the expected shape, whatever its
 /// content type (so a client's missing header is not a different error).
+///
+/// The body's nesting is checked first, by a scan of its bytes (nothing recursive runs on
+/// a body too deep): at most `JSON_DEPTH_MAX` levels for the JSON documents it carries
+/// plus [`BODY_ENVELOPE_DEPTH`] for the body around them (the engine checks those
+/// documents exactly); deeper is 422 `json_too_deep`.
 fn body<T: DeserializeOwned>(b: Result<Bytes, BytesRejection>) -> ApiResult<T> {
     let b = b?;
+    keel_store::json::check_text_depth_max(&b, keel_store::json::JSON_DEPTH_MAX + BODY_ENVELOPE_DEPTH)
+        .map_err(|_| ApiError::json_too_deep("the body"))?;
     serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(format!("the body is not the expected JSON: {e}")))
 }
 

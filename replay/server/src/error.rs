@@ -34,7 +34,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable code: bad_request, body_too_large, unauthorized, forbidden, not_found,
     /// run_not_found, not_awaiting_human, already_terminal, conflict,
-    /// idempotency_conflict, unknown_workflow, invalid_input, invalid_decision,
+    /// idempotency_conflict, unknown_workflow, invalid_input, invalid_decision, json_too_deep,
     /// method_not_allowed, not_ready, internal.
     pub code: String,
     /// One line for a person.
@@ -42,6 +42,16 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
+    /// 422 `json_too_deep`: `what` nests deeper than keel accepts.
+    pub fn json_too_deep(what: &str) -> Self {
+        let max = keel_store::json::JSON_DEPTH_MAX;
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "json_too_deep",
+            format!("{what} nests deeper than keel accepts (JSON documents: at most {max} levels)"),
+        )
+    }
+
     /// An error with `status`, `code` and a message flattened to one line.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         let message: String = message.into();
@@ -85,6 +95,7 @@ impl From<EngineError> for ApiError {
             EngineError::InvalidDecision { .. } => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_decision", e.to_string())
             }
+            EngineError::JsonTooDeep { .. } => ApiError::new(S::UNPROCESSABLE_ENTITY, "json_too_deep", e.to_string()),
             _ => ApiError::internal(e),
         }
     }

@@ -408,3 +408,33 @@ async fn metrics_in_the_prometheus_text_format() {
         assert!(value.parse::<f64>().is_ok(), "{l}");
     }
 }
+
+/// `[[...[0]...]]` with `depth` arrays.
+fn nested(depth: usize) -> Value {
+    let mut v = json!(0);
+    for _ in 0..depth {
+        v = Value::Array(vec![v]);
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_nested_deeper_than_the_json_limit_are_422_json_too_deep_and_nothing_is_recorded() {
+    let s = start().await;
+    // Deeper than serde_json's own limit (128): refused before parsing, with the same code.
+    let raw = format!("{{\"workflow\": \"support_ticket\", \"input\": {}0{}}}", "[".repeat(300), "]".repeat(300));
+    let r = s.call("POST", "/v1/runs", Some(ADMIN), Some(raw.as_bytes())).await;
+    assert_eq!((r.status, r.code().as_str()), (422, "json_too_deep"), "{}", r.text());
+    let over = keel_store::json::JSON_DEPTH_MAX + 1;
+    let r = s.post("/v1/runs", Some(ADMIN), &json!({"workflow": "support_ticket", "input": nested(over)})).await;
+    assert_eq!((r.status, r.code().as_str()), (422, "json_too_deep"), "{}", r.text());
+    assert!(s.engine.runs().unwrap().is_empty(), "nothing recorded");
+    let r = s
+        .post(
+            "/v1/runs/00000000-0000-0000-0000-000000000000/resolve",
+            Some(APPROVER),
+            &json!({"output": nested(over), "reason": "r"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code().as_str()), (422, "json_too_deep"), "{}", r.text());
+}

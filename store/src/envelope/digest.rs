@@ -51,48 +51,83 @@ impl Sink for Sha256 {
     }
 }
 
+/// What is left to write of a canonical document: a value, a key (string and `:`), or
+/// punctuation.
+enum Pending<'a> {
+    Value(&'a Value),
+    Key(&'a str),
+    Put(&'static [u8]),
+}
+
+/// Writes `v` as canonical JSON with an explicit stack instead of recursion, so a value
+/// nested arbitrarily deep (user code may hand one to `Json::new` before any depth check,
+/// docs/ENGINE.md) cannot overflow the thread's stack.
 fn write_canonical(v: &Value, out: &mut impl Sink) {
+    // Most payload fields are scalars: no stack for them.
     match v {
-        Value::Null => out.put(b"null"),
-        Value::Bool(true) => out.put(b"true"),
-        Value::Bool(false) => out.put(b"false"),
-        Value::Number(n) => {
-            // serde_json's Display of the number, without a temporary String.
-            struct Adapter<'a, S: Sink>(&'a mut S);
-            impl<S: Sink> std::fmt::Write for Adapter<'_, S> {
-                fn write_str(&mut self, s: &str) -> std::fmt::Result {
-                    self.0.put(s.as_bytes());
-                    Ok(())
-                }
+        Value::Null => return out.put(b"null"),
+        Value::Bool(b) => return out.put(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => return write_number(n, out),
+        Value::String(s) => return write_string(s, out),
+        Value::Array(_) | Value::Object(_) => {}
+    }
+    let mut stack = vec![Pending::Value(v)];
+    while let Some(p) = stack.pop() {
+        let v = match p {
+            Pending::Put(bytes) => {
+                out.put(bytes);
+                continue;
             }
-            let _ = std::fmt::Write::write_fmt(&mut Adapter(out), format_args!("{n}"));
-        }
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
-            out.put(b"[");
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.put(b",");
-                }
-                write_canonical(item, out);
-            }
-            out.put(b"]");
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.put(b"{");
-            for (i, (k, val)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.put(b",");
-                }
+            Pending::Key(k) => {
                 write_string(k, out);
                 out.put(b":");
-                write_canonical(val, out);
+                continue;
             }
-            out.put(b"}");
+            Pending::Value(v) => v,
+        };
+        match v {
+            Value::Null => out.put(b"null"),
+            Value::Bool(true) => out.put(b"true"),
+            Value::Bool(false) => out.put(b"false"),
+            Value::Number(n) => write_number(n, out),
+            Value::String(s) => write_string(s, out),
+            Value::Array(items) => {
+                out.put(b"[");
+                stack.push(Pending::Put(b"]"));
+                for (i, item) in items.iter().enumerate().rev() {
+                    stack.push(Pending::Value(item));
+                    if i > 0 {
+                        stack.push(Pending::Put(b","));
+                    }
+                }
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                out.put(b"{");
+                stack.push(Pending::Put(b"}"));
+                for (i, (k, val)) in entries.into_iter().enumerate().rev() {
+                    stack.push(Pending::Value(val));
+                    stack.push(Pending::Key(k));
+                    if i > 0 {
+                        stack.push(Pending::Put(b","));
+                    }
+                }
+            }
         }
     }
+}
+
+/// serde_json's Display of the number, without a temporary String.
+fn write_number(n: &serde_json::Number, out: &mut impl Sink) {
+    struct Adapter<'a, S: Sink>(&'a mut S);
+    impl<S: Sink> std::fmt::Write for Adapter<'_, S> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.put(s.as_bytes());
+            Ok(())
+        }
+    }
+    let _ = std::fmt::Write::write_fmt(&mut Adapter(out), format_args!("{n}"));
 }
 
 /// The lowercase hex digit of a nibble (`n < 16`).

@@ -49,17 +49,18 @@ pub(crate) struct ResolveArgs {
     pub(crate) json: bool,
 }
 
+/// `--output` as canonical JSON: its nesting is checked (a scan of the text) before it is
+/// parsed, so a document too deep gives one line with the stable code `json_too_deep`.
+fn output_json(out: &str) -> Result<Json, CliError> {
+    keel_store::json::check_text_depth(out.as_bytes()).map_err(|e| CliError::Usage(format!("--output: {e}")))?;
+    let v: Value = serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
+    Ok(Json::new(&v))
+}
+
 pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdResult {
     let decision = match (a.decision, &a.output, &a.hint) {
-        (None | Some(DecisionArg::Supply), Some(out), None) => {
-            let v: Value =
-                serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
-            Decision::SupplyOutput(Json::new(&v))
-        }
-        (Some(DecisionArg::Approve), Some(out), None) => {
-            let v: Value =
-                serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
-            Decision::SupplyOutput(Json::new(&v))
+        (None | Some(DecisionArg::Supply | DecisionArg::Approve), Some(out), None) => {
+            Decision::SupplyOutput(output_json(out)?)
         }
         (Some(DecisionArg::Replan), None, Some(h)) => Decision::ReplanWithHint(h.clone()),
         (Some(DecisionArg::Approve), None, None) => Decision::Approve,
