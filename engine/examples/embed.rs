@@ -70,9 +70,10 @@ fn lookup_vendor(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
 }
 
 fn approve_payment(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
-    // A real handler would dedupe its side effect on call.idempotency_key.
+    // A real handler would dedupe its side effect on call.effect_key (the same across
+    // retries; call.attempt_key changes on every attempt).
     let amount = invoice(call)["amount_cents"].as_u64().unwrap_or(0);
-    Ok(TaskOutput { output: json!({ "approved_cents": amount, "key": call.idempotency_key }), usage: Usage::default() })
+    Ok(TaskOutput { output: json!({ "approved_cents": amount, "key": call.effect_key }), usage: Usage::default() })
 }
 
 struct LimitEvaluator;

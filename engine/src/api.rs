@@ -89,8 +89,18 @@ pub struct TaskCall {
     pub handler: String,
     /// Attempt number (1 for the first dispatch).
     pub attempt: u32,
-    /// Same on a redelivery after a crash: handlers with side effects dedupe on it.
-    pub idempotency_key: String,
+    /// The plan revision the task is dispatched under.
+    pub revision: u32,
+    /// **Dedupe side effects on this key.** The same for every attempt, retry, timeout,
+    /// crash and redelivery of this task while its spec is unchanged (a replan that keeps
+    /// the task's id and spec keeps it; a changed spec is a new effect with a new key).
+    /// A payment posted by attempt 1 that timed out is seen again by attempt 2 under the
+    /// same key. Recorded on `TaskDispatched` (docs/ENGINE.md, "The effects contract").
+    pub effect_key: String,
+    /// This attempt's own key: new on every retry (the same on a redelivery of the attempt
+    /// after a crash). For what is per attempt (a per-try request id, a log line); **not**
+    /// for deduplicating side effects: a retry after a timeout would repeat the effect.
+    pub attempt_key: String,
     /// Model the task was routed to (LLM tasks).
     pub model: Option<String>,
     /// The exact input recorded on `TaskDispatched`.
@@ -110,8 +120,9 @@ pub struct TaskOutput {
 
 /// Performs tasks of one handler name.
 pub trait TaskHandler: Send + Sync + 'static {
-    /// Performs one attempt of a task. May run again for the same attempt after a crash:
-    /// a handler with a side effect dedupes on `call.idempotency_key`.
+    /// Performs one attempt of a task. May run again for the same attempt after a crash,
+    /// and again as a new attempt after a failure or timeout: a handler with a side effect
+    /// dedupes on `call.effect_key` (never on `call.attempt_key`).
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>>;
 }
 

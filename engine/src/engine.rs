@@ -36,6 +36,9 @@ fn open_sled(dir: &std::path::Path, _durability: Durability) -> Result<Arc<dyn S
     Err(EngineError::Config(format!("cannot open {}: keel-engine was built without the sled feature", dir.display())))
 }
 
+/// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
+pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
+
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     path: Option<PathBuf>,
@@ -49,6 +52,7 @@ pub struct EngineBuilder {
     snapshot_every: u64,
     workers: usize,
     limits: ShellLimits,
+    redelivery_limit: u32,
 }
 
 impl EngineBuilder {
@@ -112,6 +116,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Redeliveries allowed per dispatch (default [`REDELIVERY_LIMIT_DEFAULT`]): a task
+    /// found dispatched with no result by a driver that did not dispatch it (its process
+    /// died or stopped) is recorded as `TaskRedelivered` and handed to its handler again,
+    /// at most this many times; the next time, `decide` fails it as fatal (`quarantined`)
+    /// and the ordinary recovery takes over. The limit is recorded on each
+    /// `TaskRedelivered`, so replay does not depend on it.
+    pub fn redelivery_limit(mut self, n: u32) -> Self {
+        self.redelivery_limit = n;
+        self
+    }
+
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
         // The journal checks event sizes against the limits the store was opened with.
@@ -159,6 +174,7 @@ impl EngineBuilder {
             workers: self.workers,
             cache,
             limits: self.limits,
+            redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
         };
@@ -198,6 +214,7 @@ impl Engine {
             snapshot_every: 64,
             workers: 8,
             limits: ShellLimits::default(),
+            redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
         }
     }
 

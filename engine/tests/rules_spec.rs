@@ -28,9 +28,10 @@ fn dispatched(spec: &TaskSpec, attempt: u32) -> Event {
     Event::TaskDispatched {
         task: spec.id.clone(),
         attempt,
-        idempotency_key: idempotency_key(SPEC_RUN, 0, &spec.id, attempt),
+        effect_key: effect_key(SPEC_RUN, &spec.id, 0),
+        attempt_key: attempt_key(SPEC_RUN, 0, &spec.id, attempt),
         model: None,
-        input: TaskInput { input: spec.input.clone(), upstream: BTreeMap::new(), note: None },
+        input: TaskInput { input: spec.input.clone(), upstream: BTreeMap::new(), note: None, skipped: Vec::new() },
         reserved: Usage { cost_micros: spec.cost_estimate_micros, tokens: spec.token_estimate },
     }
 }

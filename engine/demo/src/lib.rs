@@ -58,7 +58,7 @@ pub struct DemoOptions {
     /// Each handler sleeps this long, to look real (0 in tests).
     pub latency_ms: u64,
     /// If set, every handler invocation appends a line
-    /// `tag \t run \t task \t attempt \t idempotency_key` to this file (crash tests).
+    /// `tag \t run \t task \t attempt \t attempt_key` to this file (crash tests).
     pub invocation_log: Option<PathBuf>,
     /// First column of the invocation log lines.
     pub invocation_tag: String,
@@ -333,7 +333,7 @@ impl DemoHandler {
         let Some(path) = &self.opts.invocation_log else { return };
         let line = format!(
             "{}\t{}\t{}\t{}\t{}\n",
-            self.opts.invocation_tag, call.run, call.task, call.attempt, call.idempotency_key
+            self.opts.invocation_tag, call.run, call.task, call.attempt, call.attempt_key
         );
         let res = std::fs::OpenOptions::new()
             .create(true)

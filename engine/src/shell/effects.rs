@@ -104,7 +104,7 @@ pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall, cache_key: Option
             usage: Usage::default(),
         });
     };
-    tracing::debug!(key = %call.idempotency_key, "calling handler");
+    tracing::debug!(effect_key = %call.effect_key, attempt_key = %call.attempt_key, "calling handler");
     let fut = guarded("handler", panicked, || handler.call(call));
     match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
         Err(_) => Answer::Output(Err(Failure::timed_out(timeout_ms))),

@@ -34,6 +34,9 @@ pub(crate) struct Inner {
     pub workers: usize,
     pub cache: ResponseCache,
     pub limits: ShellLimits,
+    /// Redeliveries of one dispatch before `decide` quarantines its task
+    /// (`EngineBuilder::redelivery_limit`); recorded on each `TaskRedelivered`.
+    pub redelivery_limit: u32,
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
     pub wake: Notify,
