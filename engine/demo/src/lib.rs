@@ -62,6 +62,35 @@ pub struct DemoOptions {
     pub invocation_log: Option<PathBuf>,
     /// First column of the invocation log lines.
     pub invocation_tag: String,
+    /// If set, the handlers with a side effect ([`SIDE_EFFECT_TASKS`]: issuing a refund,
+    /// sending the reply) perform it here, deduplicated on the call's effect key as
+    /// docs/ENGINE.md tells handlers to: unless the key is already in the file, they append
+    /// `effect_key \t run \t task \t attempt` and fsync it, before answering (crash tests
+    /// count the effects).
+    pub effects_log: Option<PathBuf>,
+}
+
+/// The demo tasks whose handlers have a side effect (see [`DemoOptions::effects_log`]).
+pub const SIDE_EFFECT_TASKS: [&str; 2] = ["issue_refund", "send_reply"];
+
+/// Serialises the demo handlers' effects-log check-and-append within one process.
+static EFFECTS_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Performs `call`'s side effect once per effect key: appends a line to `path` and fsyncs
+/// it unless the key is already there.
+fn perform_effect(path: &std::path::Path, call: &TaskCall) -> std::io::Result<()> {
+    let _guard = EFFECTS_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    let done = match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().any(|l| l.split('\t').next() == Some(call.effect_key.as_str())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if done {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(format!("{}\t{}\t{}\t{}\n", call.effect_key, call.run, call.task, call.attempt).as_bytes())?;
+    f.sync_all()
 }
 
 /// The scenario request `index` plays.
@@ -449,6 +478,14 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
 impl TaskHandler for DemoHandler {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         self.log_invocation(&call);
+        if let Some(path) = &self.opts.effects_log {
+            if SIDE_EFFECT_TASKS.contains(&call.task.0.as_str()) {
+                if let Err(e) = perform_effect(path, &call) {
+                    let err = HandlerError::transient(format!("effects log: {e}"));
+                    return Box::pin(async move { Err(err) });
+                }
+            }
+        }
         let latency = self.opts.latency_ms;
         Box::pin(async move {
             if latency > 0 {
