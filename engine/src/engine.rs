@@ -220,9 +220,18 @@ impl Engine {
 
     /// Validates and records a request (`RunAccepted`), then queues the run. Nothing is
     /// written for an unknown workflow type or an invalid input. A request whose
-    /// idempotency key is already held returns the existing run with `duplicate: true`.
+    /// idempotency key is already held (within the workflow type's dedup window) returns
+    /// the existing run with `duplicate: true` if it is the same request (workflow, input,
+    /// priority: [`crate::request_digest`]), and `IdempotencyConflict` if it is not.
     pub async fn submit(&self, req: Request) -> Result<Submitted, EngineError> {
         crate::shell::ingest::submit(&self.inner, req).await
+    }
+
+    /// The run that holds idempotency key `key` of workflow type `workflow`, if the key is
+    /// still within the type's dedup window (`WorkflowType::dedup_window_ms`; after it,
+    /// `None`, and a request with the key starts a new run).
+    pub async fn run_by_key(&self, workflow: &str, key: &str) -> Result<Option<RunId>, EngineError> {
+        crate::shell::ingest::run_by_key(&self.inner, workflow, key).await
     }
 
     /// Resumes every non-terminal run from its log and drives all runnable runs (highest

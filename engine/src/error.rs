@@ -71,6 +71,26 @@ pub enum EngineError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
 
+    /// The idempotency key is held (within the workflow type's dedup window) by a run of
+    /// a different request: another input or priority. Nothing was written. The digests
+    /// are [`crate::request_digest`] of each request (hex).
+    #[error(
+        "idempotency key {key:?} of workflow {workflow:?} belongs to run {run} of a different request \
+         (its request digest {existing_digest}, this request's {request_digest})"
+    )]
+    IdempotencyConflict {
+        /// The workflow type (keys are scoped to it).
+        workflow: String,
+        /// The idempotency key.
+        key: String,
+        /// The run that holds the key.
+        run: RunId,
+        /// Digest of the request that run was accepted for.
+        existing_digest: String,
+        /// Digest of the request just refused.
+        request_digest: String,
+    },
+
     /// The event log failed (I/O, corruption, limits).
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -43,5 +43,5 @@ pub use model::workflow::*;
 pub use model::{event, fsm, state};
 pub use shell::cache::ResponseCache;
 pub use shell::fold::{encode_snapshot, fold_full, load_state, read_logged, read_logged_runs};
-pub use shell::ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use shell::sched::Workers;

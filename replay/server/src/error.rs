@@ -82,6 +82,9 @@ impl From<EngineError> for ApiError {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_workflow", e.to_string())
             }
             EngineError::InvalidInput { .. } => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_input", e.to_string()),
+            EngineError::IdempotencyConflict { .. } => {
+                ApiError::new(S::CONFLICT, "idempotency_conflict", e.to_string())
+            }
             EngineError::InvalidDecision { .. } => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_decision", e.to_string())
             }
