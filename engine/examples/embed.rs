@@ -92,8 +92,10 @@ impl Evaluator for LimitEvaluator {
 struct PrintSink;
 
 impl EscalationSink for PrintSink {
-    fn notify(&self, run: RunId, e: Escalation) -> BoxFuture<Result<(), String>> {
-        println!("needs a human: run {run}: {} (options: {})", e.why, e.options.join(", "));
+    fn notify(&self, ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
+        // `ctx.resolver` resolves this escalation later (e.g. from a chat button).
+        let e = &ctx.escalation;
+        println!("needs a human: run {} ({}): {} (options: {})", ctx.run, ctx.workflow, e.why, e.options.join(", "));
         Box::pin(async { Ok(()) })
     }
 }

@@ -2,14 +2,15 @@
 //! the shell together and forwards to it; the types of its API live in [`crate::api`].
 
 use crate::api::{
-    Clock, EscalationSink, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
-    SystemClock, TaskHandler, TracingSink, WorkflowStats, WorkflowType,
+    Clock, EscalationSink, IdleReport, PendingEscalation, Request, Resolution, ResolveTarget, RunSummary, ShellLimits,
+    Submitted, SystemClock, TaskHandler, TracingSink, WorkflowStats, WorkflowType,
 };
 use crate::core::{Context, Policy};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
+use crate::model::workflow::Decision;
 use crate::shell::cache::ResponseCache;
 use crate::shell::fold::{load_state, read_logged};
 use crate::shell::journal::Journal;
@@ -249,42 +250,12 @@ impl Engine {
         crate::shell::sched::start(self.inner.clone())
     }
 
-    /// Records a human's decision on the run's open escalation and queues the run.
+    /// Records a human's decision on the run's open escalation and queues the run. The
+    /// decision must be one of the escalation's options (`InvalidDecision`); a supplied
+    /// output must pass the escalated task's output schema (`SuppliedOutputRejected`).
+    /// Nothing is written on an error.
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
-        let Resolution { decision, by } = r;
-        self.inner
-            .journal
-            .append_outside(
-                run,
-                || self.inner.clock.now_us(),
-                |state| {
-                    if state.status != RunStatus::AwaitingHuman {
-                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                    }
-                    let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
-                    let Some(open) = open else {
-                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                    };
-                    let esc = &open.escalation;
-                    if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
-                        return Err(EngineError::InvalidDecision {
-                            run,
-                            number: esc.number,
-                            decision: decision.name().to_owned(),
-                            options: esc.options.clone(),
-                        });
-                    }
-                    Ok(Event::HumanResolved {
-                        number: esc.number,
-                        decision: decision.clone(),
-                        by: by.clone(),
-                        defaulted: false,
-                    })
-                },
-            )
-            .await?;
-        crate::shell::sched::poke(&self.inner, run);
-        Ok(())
+        resolve_in(&self.inner, run, None, r).await
     }
 
     /// Cancels a run: records `RunCancelled`; a driver working on it stops and drops the
@@ -416,4 +387,84 @@ fn add_totals(acc: &mut Totals, t: &Totals) {
     acc.retries = acc.retries.saturating_add(t.retries);
     acc.replans = acc.replans.saturating_add(t.replans);
     acc.cache_hits = acc.cache_hits.saturating_add(t.cache_hits);
+}
+
+/// Records `r` on the open escalation of `run` (if `number` is given, only if that is the
+/// open one: `EscalationClosed` otherwise) and queues the run: [`Engine::resolve`] and
+/// [`crate::Resolver::resolve`].
+async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolution) -> Result<(), EngineError> {
+    let Resolution { decision, by } = r;
+    inner
+        .journal
+        .append_outside(
+            run,
+            || inner.clock.now_us(),
+            |state| {
+                let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
+                let open = match (open, number) {
+                    (Some(open), Some(n)) if open.escalation.number != n => None,
+                    (open, _) => open,
+                };
+                if let (None, Some(number)) = (open, number) {
+                    return Err(EngineError::EscalationClosed { run, number });
+                }
+                if state.status != RunStatus::AwaitingHuman {
+                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                }
+                let Some(open) = open else {
+                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                };
+                let esc = &open.escalation;
+                if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
+                    return Err(EngineError::InvalidDecision {
+                        run,
+                        number: esc.number,
+                        decision: decision.name().to_owned(),
+                        options: esc.options.clone(),
+                    });
+                }
+                supplied_output_gate(state, esc, &decision)?;
+                Ok(Event::HumanResolved {
+                    number: esc.number,
+                    decision: decision.clone(),
+                    by: by.clone(),
+                    defaulted: false,
+                })
+            },
+        )
+        .await?;
+    crate::shell::sched::poke(inner, run);
+    Ok(())
+}
+
+/// A supplied output passes the escalated task's output schema, the gate a handler's
+/// output passes, before anything is recorded.
+fn supplied_output_gate(
+    state: &RunState,
+    esc: &crate::model::event::Escalation,
+    decision: &Decision,
+) -> Result<(), EngineError> {
+    let (Decision::SupplyOutput(output), Some(task)) = (decision, &esc.task) else {
+        return Ok(());
+    };
+    let Some(t) = state.task_index.get(task).and_then(|&i| state.tasks.get(i)) else {
+        return Ok(());
+    };
+    crate::core::check_output(&t.spec, output).map_err(|(code, detail)| EngineError::SuppliedOutputRejected {
+        run: state.run,
+        task: task.clone(),
+        code: code.to_owned(),
+        detail,
+    })
+}
+
+impl ResolveTarget for Inner {
+    fn resolve(
+        self: Arc<Self>,
+        run: RunId,
+        number: u32,
+        resolution: Resolution,
+    ) -> crate::api::BoxFuture<Result<(), EngineError>> {
+        Box::pin(async move { resolve_in(&self, run, Some(number), resolution).await })
+    }
 }

@@ -66,6 +66,30 @@ pub enum EngineError {
         options: Vec<String>,
     },
 
+    /// A human-supplied output fails the escalated task's output schema (the same gate a
+    /// handler's output passes). Nothing was written.
+    #[error("run {run}: the supplied output for task {task} fails its output schema ({code}): {detail}")]
+    SuppliedOutputRejected {
+        /// The run.
+        run: RunId,
+        /// The escalated task.
+        task: crate::model::workflow::TaskId,
+        /// The gate's stable code (`schema_mismatch`, `output_not_json`, ...).
+        code: String,
+        /// The validator's text, with the failing locations.
+        detail: String,
+    },
+
+    /// A resolver was used for an escalation that is no longer the run's open one (it was
+    /// resolved, or the engine that made the resolver is gone). Nothing was written.
+    #[error("run {run}: escalation {number} is no longer open")]
+    EscalationClosed {
+        /// The run.
+        run: RunId,
+        /// The escalation the resolver was made for.
+        number: u32,
+    },
+
     /// An event the state machine refuses. For records the engine built itself this is a
     /// bug; for a resolution or cancellation it means the run moved on.
     #[error(transparent)]

@@ -475,7 +475,7 @@ impl Clock for ForkClock {
 struct QuietSink;
 
 impl EscalationSink for QuietSink {
-    fn notify(&self, _run: RunId, _escalation: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _escalation: keel_engine::EscalationContext) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -647,15 +647,27 @@ const GATE_PROBLEMS_MAX: usize = 5;
 /// The output-schema gate: an output that fails its task's schema never reaches a
 /// downstream task.
 fn gate(t: &TaskState) -> Result<(), GateRefusal> {
-    let Some(schema) = &t.spec.output_schema else {
+    gate_output(t.spec.output_schema.as_ref(), t.output.as_ref())
+}
+
+/// The output-schema gate on `output` against `spec`'s schema, for an output a human
+/// supplies (`Engine::resolve` checks it before anything is recorded): `Err((code, note))`
+/// with the gate's stable code (`schema_mismatch`, `output_not_json`...) and the
+/// validator's text.
+pub fn check_output(spec: &TaskSpec, output: &Json) -> Result<(), (&'static str, String)> {
+    gate_output(spec.output_schema.as_ref(), Some(output)).map_err(|r| (r.code, r.note))
+}
+
+fn gate_output(schema: Option<&Json>, output: Option<&Json>) -> Result<(), GateRefusal> {
+    let Some(schema) = schema else {
         return Ok(());
     };
     // Same checks in the same order as without the memo: schema JSON, output, schema.
     let (validator, output) = match compiled(schema) {
-        Some(v) => (v, output_value(t)?),
+        Some(v) => (v, output_value(output)?),
         None => {
             let value = schema.value().map_err(|e| GateRefusal::new("schema_not_json", e.to_string()))?;
-            let output = output_value(t)?;
+            let output = output_value(output)?;
             let v = jsonschema::validator_for(&value).map_err(|e| GateRefusal::new("schema_invalid", e.to_string()))?;
             (remember(schema, v), output)
         }
@@ -672,8 +684,8 @@ fn gate(t: &TaskState) -> Result<(), GateRefusal> {
     Err(GateRefusal::new("schema_mismatch", note.join("; ")))
 }
 
-fn output_value(t: &TaskState) -> Result<serde_json::Value, GateRefusal> {
-    match &t.output {
+fn output_value(output: Option<&Json>) -> Result<serde_json::Value, GateRefusal> {
+    match output {
         Some(o) => o.value().map_err(|e| GateRefusal::new("output_not_json", e.to_string())),
         None => Err(GateRefusal::new("no_output", "no output recorded")),
     }

@@ -17,7 +17,7 @@ mod types;
 
 pub use answer::{event_of, Answer, Failure, Judgement, Output};
 pub use apply::{apply, apply_mut, apply_take, fold, replan_outcome};
-pub use decide::{decide, QUARANTINED};
+pub use decide::{check_output, decide, QUARANTINED};
 pub use keys::{attempt_key, effect_key};
 pub use plan::validate_plan;
 pub use types::{Command, Context, PlanLimits, Policy, TransitionError};

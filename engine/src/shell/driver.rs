@@ -502,7 +502,13 @@ impl Driver {
             }
             Command::Notify { number } => {
                 let Some(e) = state.escalations.iter().find(|e| e.escalation.number == number) else { return };
-                Box::pin(effects::notify(self.inner.clone(), self.run, e.escalation.clone()))
+                Box::pin(effects::notify(
+                    self.inner.clone(),
+                    self.run,
+                    state.workflow.clone(),
+                    state.input.clone(),
+                    e.escalation.clone(),
+                ))
             }
             Command::Record { .. } => return,
         };

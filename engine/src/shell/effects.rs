@@ -4,7 +4,7 @@
 //! back an [`Answer`]; the driver turns it into the event that records it with the core's
 //! [`crate::core::event_of`].
 
-use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
+use crate::api::{EscalationContext, EvalRequest, HandlerError, PlanRequest, Resolver, TaskCall};
 use crate::core::{Answer, Failure, Judgement, Output};
 use crate::model::event::{Escalation, PlanReason};
 use crate::model::state::RunState;
@@ -169,20 +169,36 @@ fn add(a: Usage, b: Usage) -> Usage {
 /// asked about again on the run's next drive.
 const NOTIFY_TRIES: u32 = 5;
 
-/// Tells the escalation sink about `esc`.
-pub(crate) async fn notify(inner: Arc<Inner>, run: RunId, esc: Escalation) -> Answer {
+/// Tells the escalation sink about `esc` of `run` (workflow type `workflow`, request
+/// `input`), with a resolver for it.
+pub(crate) async fn notify(inner: Arc<Inner>, run: RunId, workflow: String, input: Json, esc: Escalation) -> Answer {
     let number = esc.number;
+    let target: std::sync::Weak<dyn crate::api::ResolveTarget> = Arc::downgrade(&inner) as _;
+    let ctx = EscalationContext {
+        run,
+        workflow,
+        input_digest: input_digest(&input),
+        input,
+        escalation: esc,
+        resolver: Resolver::new(run, number, target),
+    };
     for n in 0..NOTIFY_TRIES {
         if n > 0 {
             tokio::time::sleep(Duration::from_millis(25u64 << n)).await;
         }
         let on_panic = |what: &'static str, detail: String| format!("{what} panicked: {detail}");
-        match guarded("escalation sink", on_panic, || inner.sink.notify(run, esc.clone())).await {
+        match guarded("escalation sink", on_panic, || inner.sink.notify(ctx.clone())).await {
             Ok(()) => return Answer::Notified,
             Err(e) => tracing::warn!(number, error = %e, "escalation sink failed"),
         }
     }
     Answer::NotNotified
+}
+
+/// Hex SHA-256 of a request input's canonical JSON (`EscalationContext::input_digest`).
+fn input_digest(input: &Json) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(input.0.as_bytes()))
 }
 
 /// Planner transient errors are retried in-process this many times.

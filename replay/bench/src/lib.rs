@@ -28,8 +28,8 @@ pub use error::BenchError;
 use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
 use keel_engine::{
     apply, apply_mut, apply_take, decide, load_state, read_logged_runs, Context, Engine, EngineError, ErrorClass,
-    Escalation, Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState,
-    TaskCall, TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
+    Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState, TaskCall,
+    TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
 };
 use keel_replay::export::{JsonlWriter, Redaction};
 use keel_replay::source::export_runs;
@@ -525,7 +525,7 @@ impl Evaluator for PassEvaluator {
 struct QuietSink;
 
 impl EscalationSink for QuietSink {
-    fn notify(&self, _run: RunId, _escalation: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _escalation: keel_engine::EscalationContext) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 }
