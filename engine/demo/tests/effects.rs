@@ -319,3 +319,37 @@ async fn a_plan_naming_an_optional_dependency_outside_depends_on_is_rejected() {
     let rejections = plan_rejections(&ev);
     assert!(rejections[0].iter().any(|e| e.contains("optional dependency a is not in depends_on")), "{rejections:?}");
 }
+
+/// A dispatch recorded before effect keys existed (the committed golden demo-v1, payload
+/// version 1): its `idempotency_key` is the attempt key, and the fold derives the effect
+/// key exactly as `decide` computes it now.
+#[test]
+fn a_version_1_dispatch_upcasts_to_its_attempt_key_and_the_fold_derives_its_effect_key() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/demo-v1.jsonl");
+    let mut runs: BTreeMap<String, Vec<Logged>> = BTreeMap::new();
+    let mut dispatches = 0;
+    for line in std::fs::read_to_string(path).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let kind = v["kind"].as_str().unwrap();
+        let bytes = hex::decode(v["bincode"].as_str().unwrap()).unwrap();
+        let event = keel_engine::model::upcast::decode(kind, 1, &bytes).unwrap();
+        if let Event::TaskDispatched { effect_key, attempt_key, .. } = &event {
+            assert_eq!(effect_key, "", "version 1 had no effect key");
+            assert_eq!(attempt_key, v["fields"]["idempotency_key"].as_str().unwrap());
+            dispatches += 1;
+        }
+        let run: RunId = v["run"].as_str().unwrap().parse().unwrap();
+        let logged = Logged { run, seq: Seq(v["seq"].as_u64().unwrap()), at_us: v["at_us"].as_i64().unwrap(), event };
+        runs.entry(run.to_string()).or_default().push(logged);
+    }
+    assert!(dispatches > 0);
+    for events in runs.values() {
+        let mut state: Option<RunState> = None;
+        for e in events {
+            state = Some(apply(state.as_ref(), e).unwrap());
+            let (Event::TaskDispatched { task, .. }, Some(s)) = (&e.event, &state) else { continue };
+            let t = &s.tasks[s.task_index[task]];
+            assert_eq!(t.effect_key.as_deref(), Some(effect_key(e.run, task, t.planned_in).as_str()));
+        }
+    }
+}
