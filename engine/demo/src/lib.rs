@@ -65,10 +65,14 @@ pub struct DemoOptions {
     /// If set, the handlers with a side effect ([`SIDE_EFFECT_TASKS`]: issuing a refund,
     /// sending the reply) perform it here, deduplicated on the call's effect key as
     /// docs/ENGINE.md tells handlers to: unless the key is already in the file, they append
-    /// `effect_key \t run \t task \t attempt` and fsync it, before answering (crash tests
-    /// count the effects).
+    /// `effect_key \t run \t task \t attempt` and fsync it, then answer 20 ms later than
+    /// the other handlers (crash tests count the effects; the delay is the window a kill
+    /// must not turn into a second effect).
     pub effects_log: Option<PathBuf>,
 }
+
+/// With an effects log, a side-effecting handler answers this much later than the others.
+const EFFECT_ANSWER_DELAY_MS: u64 = 20;
 
 /// The demo tasks whose handlers have a side effect (see [`DemoOptions::effects_log`]).
 pub const SIDE_EFFECT_TASKS: [&str; 2] = ["issue_refund", "send_reply"];
@@ -478,15 +482,18 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
 impl TaskHandler for DemoHandler {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         self.log_invocation(&call);
+        let mut latency = self.opts.latency_ms;
         if let Some(path) = &self.opts.effects_log {
             if SIDE_EFFECT_TASKS.contains(&call.task.0.as_str()) {
                 if let Err(e) = perform_effect(path, &call) {
                     let err = HandlerError::transient(format!("effects log: {e}"));
                     return Box::pin(async move { Err(err) });
                 }
+                // The effect is done, the answer is not: the window a crash must not
+                // turn into a second effect, made wide enough for kills to land in it.
+                latency = latency.saturating_add(EFFECT_ANSWER_DELAY_MS);
             }
         }
-        let latency = self.opts.latency_ms;
         Box::pin(async move {
             if latency > 0 {
                 tokio::time::sleep(Duration::from_millis(latency)).await;
