@@ -36,6 +36,7 @@ fn spec(i: usize) -> TaskSpec {
         }))),
         complexity: llm.then_some(Complexity::Reasoning),
         cacheable: !llm,
+        optional_deps: vec![],
     }
 }
 
@@ -78,9 +79,10 @@ fn running() -> (Vec<Logged>, RunState) {
         events.push(Event::TaskDispatched {
             task: id.clone(),
             attempt: 1,
-            idempotency_key: core::idempotency_key(run, 0, &id, 1),
+            effect_key: core::effect_key(run, &id, 0),
+            attempt_key: core::attempt_key(run, 0, &id, 1),
             model: (i % 2 == 0).then(|| "big-model".to_owned()),
-            input: TaskInput { input: spec(i).input, upstream: up, note: None },
+            input: TaskInput { input: spec(i).input, upstream: up, note: None, skipped: vec![] },
             reserved: Usage { cost_micros: 2_000, tokens: 1_500 },
         });
         if i == 8 {

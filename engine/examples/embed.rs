@@ -70,9 +70,10 @@ fn lookup_vendor(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
 }
 
 fn approve_payment(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
-    // A real handler would dedupe its side effect on call.idempotency_key.
+    // A real handler would dedupe its side effect on call.effect_key (the same across
+    // retries; call.attempt_key changes on every attempt).
     let amount = invoice(call)["amount_cents"].as_u64().unwrap_or(0);
-    Ok(TaskOutput { output: json!({ "approved_cents": amount, "key": call.idempotency_key }), usage: Usage::default() })
+    Ok(TaskOutput { output: json!({ "approved_cents": amount, "key": call.effect_key }), usage: Usage::default() })
 }
 
 struct LimitEvaluator;
@@ -91,8 +92,10 @@ impl Evaluator for LimitEvaluator {
 struct PrintSink;
 
 impl EscalationSink for PrintSink {
-    fn notify(&self, run: RunId, e: Escalation) -> BoxFuture<Result<(), String>> {
-        println!("needs a human: run {run}: {} (options: {})", e.why, e.options.join(", "));
+    fn notify(&self, ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
+        // `ctx.resolver` resolves this escalation later (e.g. from a chat button).
+        let e = &ctx.escalation;
+        println!("needs a human: run {} ({}): {} (options: {})", ctx.run, ctx.workflow, e.why, e.options.join(", "));
         Box::pin(async { Ok(()) })
     }
 }

@@ -89,8 +89,18 @@ pub struct TaskCall {
     pub handler: String,
     /// Attempt number (1 for the first dispatch).
     pub attempt: u32,
-    /// Same on a redelivery after a crash: handlers with side effects dedupe on it.
-    pub idempotency_key: String,
+    /// The plan revision the task is dispatched under.
+    pub revision: u32,
+    /// **Dedupe side effects on this key.** The same for every attempt, retry, timeout,
+    /// crash and redelivery of this task while its spec is unchanged (a replan that keeps
+    /// the task's id and spec keeps it; a changed spec is a new effect with a new key).
+    /// A payment posted by attempt 1 that timed out is seen again by attempt 2 under the
+    /// same key. Recorded on `TaskDispatched` (docs/ENGINE.md, "The effects contract").
+    pub effect_key: String,
+    /// This attempt's own key: new on every retry (the same on a redelivery of the attempt
+    /// after a crash). For what is per attempt (a per-try request id, a log line); **not**
+    /// for deduplicating side effects: a retry after a timeout would repeat the effect.
+    pub attempt_key: String,
     /// Model the task was routed to (LLM tasks).
     pub model: Option<String>,
     /// The exact input recorded on `TaskDispatched`.
@@ -110,8 +120,9 @@ pub struct TaskOutput {
 
 /// Performs tasks of one handler name.
 pub trait TaskHandler: Send + Sync + 'static {
-    /// Performs one attempt of a task. May run again for the same attempt after a crash:
-    /// a handler with a side effect dedupes on `call.idempotency_key`.
+    /// Performs one attempt of a task. May run again for the same attempt after a crash,
+    /// and again as a new attempt after a failure or timeout: a handler with a side effect
+    /// dedupes on `call.effect_key` (never on `call.attempt_key`).
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>>;
 }
 
@@ -155,8 +166,80 @@ pub trait Evaluator: Send + Sync + 'static {
 
 /// Told when a run needs a human (at least once per escalation, also across restarts).
 pub trait EscalationSink: Send + Sync + 'static {
-    /// Announces an escalation; an error is retried, then asked again on the next drive.
-    fn notify(&self, run: RunId, escalation: Escalation) -> BoxFuture<Result<(), String>>;
+    /// Announces an escalation with its run's context and a handle that resolves it; an
+    /// error is retried, then asked again on the next drive.
+    fn notify(&self, escalation: EscalationContext) -> BoxFuture<Result<(), String>>;
+}
+
+/// What the escalation sink is told: the escalation, the run's context, and a handle to
+/// resolve it (e.g. from a chat button), so a sink needs nothing else to act.
+#[derive(Clone, Debug)]
+pub struct EscalationContext {
+    /// The waiting run.
+    pub run: RunId,
+    /// Its workflow type.
+    pub workflow: String,
+    /// The run's request input (canonical JSON).
+    pub input: Json,
+    /// Hex SHA-256 of the input's canonical JSON (to show or match without the input).
+    pub input_digest: String,
+    /// What the human must decide, with the context to decide it.
+    pub escalation: Escalation,
+    /// Resolves this escalation ([`Resolver::resolve`]).
+    pub resolver: Resolver,
+}
+
+/// Resolves one escalation of one run through the engine that announced it, with the
+/// checks of `Engine::resolve` (the decision is one of the options, a supplied output
+/// passes the task's output schema). Cloneable; holds the engine weakly, so a sink that
+/// keeps it does not keep the engine alive (once it is gone: `EscalationClosed`).
+#[derive(Clone)]
+pub struct Resolver {
+    run: RunId,
+    number: u32,
+    target: std::sync::Weak<dyn ResolveTarget>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver").field("run", &self.run).field("number", &self.number).finish_non_exhaustive()
+    }
+}
+
+impl Resolver {
+    pub(crate) fn new(run: RunId, number: u32, target: std::sync::Weak<dyn ResolveTarget>) -> Resolver {
+        Resolver { run, number, target }
+    }
+
+    /// The run.
+    pub fn run(&self) -> RunId {
+        self.run
+    }
+
+    /// The escalation it resolves.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// Records `resolution` on the escalation, if it is still the run's open one
+    /// (`EscalationClosed` otherwise), as `Engine::resolve` does.
+    pub async fn resolve(&self, resolution: Resolution) -> Result<(), crate::error::EngineError> {
+        match self.target.upgrade() {
+            Some(t) => t.resolve(self.run, self.number, resolution).await,
+            None => Err(crate::error::EngineError::EscalationClosed { run: self.run, number: self.number }),
+        }
+    }
+}
+
+/// What a [`Resolver`] resolves through (the engine).
+pub(crate) trait ResolveTarget: Send + Sync + 'static {
+    /// Resolves escalation `number` of `run` (if it is the open one).
+    fn resolve(
+        self: std::sync::Arc<Self>,
+        run: RunId,
+        number: u32,
+        resolution: Resolution,
+    ) -> BoxFuture<Result<(), crate::error::EngineError>>;
 }
 
 /// Source of time for the shell (never read by the core). Tests inject a fake one.
@@ -401,8 +484,9 @@ impl Default for ShellLimits {
 pub struct TracingSink;
 
 impl EscalationSink for TracingSink {
-    fn notify(&self, run: RunId, escalation: Escalation) -> BoxFuture<Result<(), String>> {
-        tracing::warn!(%run, number = escalation.number, cause = ?escalation.cause, question = %escalation.question, "run needs a human");
+    fn notify(&self, ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
+        let escalation = &ctx.escalation;
+        tracing::warn!(run = %ctx.run, workflow = %ctx.workflow, number = escalation.number, cause = ?escalation.cause, question = %escalation.question, "run needs a human");
         Box::pin(async { Ok(()) })
     }
 }

@@ -2,14 +2,15 @@
 //! the shell together and forwards to it; the types of its API live in [`crate::api`].
 
 use crate::api::{
-    Clock, EscalationSink, IdleReport, PendingEscalation, Request, Resolution, RunSummary, ShellLimits, Submitted,
-    SystemClock, TaskHandler, TracingSink, WorkflowStats, WorkflowType,
+    Clock, EscalationSink, IdleReport, PendingEscalation, Request, Resolution, ResolveTarget, RunSummary, ShellLimits,
+    Submitted, SystemClock, TaskHandler, TracingSink, WorkflowStats, WorkflowType,
 };
 use crate::core::{Context, Policy};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
+use crate::model::workflow::Decision;
 use crate::shell::cache::ResponseCache;
 use crate::shell::calls::CallPool;
 use crate::shell::fold::{load_state, read_logged};
@@ -37,6 +38,9 @@ fn open_sled(dir: &std::path::Path, _durability: Durability) -> Result<Arc<dyn S
     Err(EngineError::Config(format!("cannot open {}: keel-engine was built without the sled feature", dir.display())))
 }
 
+/// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
+pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
+
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     path: Option<PathBuf>,
@@ -50,6 +54,7 @@ pub struct EngineBuilder {
     snapshot_every: u64,
     workers: usize,
     limits: ShellLimits,
+    redelivery_limit: u32,
 }
 
 impl EngineBuilder {
@@ -113,6 +118,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Redeliveries allowed per dispatch (default [`REDELIVERY_LIMIT_DEFAULT`]): a task
+    /// found dispatched with no result by a driver that did not dispatch it (its process
+    /// died or stopped) is recorded as `TaskRedelivered` and handed to its handler again,
+    /// at most this many times; the next time, `decide` fails it as fatal (`quarantined`)
+    /// and the ordinary recovery takes over. The limit is recorded on each
+    /// `TaskRedelivered`, so replay does not depend on it.
+    pub fn redelivery_limit(mut self, n: u32) -> Self {
+        self.redelivery_limit = n;
+        self
+    }
+
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
         // The journal checks event sizes against the limits the store was opened with.
@@ -162,6 +178,7 @@ impl EngineBuilder {
             cache,
             limits: self.limits,
             calls,
+            redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
         };
@@ -201,14 +218,24 @@ impl Engine {
             snapshot_every: 64,
             workers: 8,
             limits: ShellLimits::default(),
+            redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
         }
     }
 
     /// Validates and records a request (`RunAccepted`), then queues the run. Nothing is
     /// written for an unknown workflow type or an invalid input. A request whose
-    /// idempotency key is already held returns the existing run with `duplicate: true`.
+    /// idempotency key is already held (within the workflow type's dedup window) returns
+    /// the existing run with `duplicate: true` if it is the same request (workflow, input,
+    /// priority: [`crate::request_digest`]), and `IdempotencyConflict` if it is not.
     pub async fn submit(&self, req: Request) -> Result<Submitted, EngineError> {
         crate::shell::ingest::submit(&self.inner, req).await
+    }
+
+    /// The run that holds idempotency key `key` of workflow type `workflow`, if the key is
+    /// still within the type's dedup window (`WorkflowType::dedup_window_ms`; after it,
+    /// `None`, and a request with the key starts a new run).
+    pub async fn run_by_key(&self, workflow: &str, key: &str) -> Result<Option<RunId>, EngineError> {
+        crate::shell::ingest::run_by_key(&self.inner, workflow, key).await
     }
 
     /// Resumes every non-terminal run from its log and drives all runnable runs (highest
@@ -226,43 +253,12 @@ impl Engine {
         crate::shell::sched::start(self.inner.clone())
     }
 
-    /// Records a human's decision on the run's open escalation and queues the run.
+    /// Records a human's decision on the run's open escalation and queues the run. The
+    /// decision must be one of the escalation's options (`InvalidDecision`); a supplied
+    /// output must pass the escalated task's output schema (`SuppliedOutputRejected`).
+    /// Nothing is written on an error.
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
-        let Resolution { decision, by } = r;
-        crate::shell::ingest::check_decision_depth(&decision)?;
-        self.inner
-            .journal
-            .append_outside(
-                run,
-                || self.inner.clock.now_us(),
-                |state| {
-                    if state.status != RunStatus::AwaitingHuman {
-                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                    }
-                    let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
-                    let Some(open) = open else {
-                        return Err(EngineError::NotAwaitingHuman { run, status: state.status });
-                    };
-                    let esc = &open.escalation;
-                    if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
-                        return Err(EngineError::InvalidDecision {
-                            run,
-                            number: esc.number,
-                            decision: decision.name().to_owned(),
-                            options: esc.options.clone(),
-                        });
-                    }
-                    Ok(Event::HumanResolved {
-                        number: esc.number,
-                        decision: decision.clone(),
-                        by: by.clone(),
-                        defaulted: false,
-                    })
-                },
-            )
-            .await?;
-        crate::shell::sched::poke(&self.inner, run);
-        Ok(())
+        resolve_in(&self.inner, run, None, r).await
     }
 
     /// Cancels a run: records `RunCancelled`; a driver working on it stops and drops the
@@ -394,4 +390,85 @@ fn add_totals(acc: &mut Totals, t: &Totals) {
     acc.retries = acc.retries.saturating_add(t.retries);
     acc.replans = acc.replans.saturating_add(t.replans);
     acc.cache_hits = acc.cache_hits.saturating_add(t.cache_hits);
+}
+
+/// Records `r` on the open escalation of `run` (if `number` is given, only if that is the
+/// open one: `EscalationClosed` otherwise) and queues the run: [`Engine::resolve`] and
+/// [`crate::Resolver::resolve`].
+async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolution) -> Result<(), EngineError> {
+    let Resolution { decision, by } = r;
+    crate::shell::ingest::check_decision_depth(&decision)?;
+    inner
+        .journal
+        .append_outside(
+            run,
+            || inner.clock.now_us(),
+            |state| {
+                let open = state.escalations.iter().rev().find(|e| e.resolution.is_none());
+                let open = match (open, number) {
+                    (Some(open), Some(n)) if open.escalation.number != n => None,
+                    (open, _) => open,
+                };
+                if let (None, Some(number)) = (open, number) {
+                    return Err(EngineError::EscalationClosed { run, number });
+                }
+                if state.status != RunStatus::AwaitingHuman {
+                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                }
+                let Some(open) = open else {
+                    return Err(EngineError::NotAwaitingHuman { run, status: state.status });
+                };
+                let esc = &open.escalation;
+                if !esc.options.is_empty() && !esc.options.iter().any(|o| o == decision.name()) {
+                    return Err(EngineError::InvalidDecision {
+                        run,
+                        number: esc.number,
+                        decision: decision.name().to_owned(),
+                        options: esc.options.clone(),
+                    });
+                }
+                supplied_output_gate(state, esc, &decision)?;
+                Ok(Event::HumanResolved {
+                    number: esc.number,
+                    decision: decision.clone(),
+                    by: by.clone(),
+                    defaulted: false,
+                })
+            },
+        )
+        .await?;
+    crate::shell::sched::poke(inner, run);
+    Ok(())
+}
+
+/// A supplied output passes the escalated task's output schema, the gate a handler's
+/// output passes, before anything is recorded.
+fn supplied_output_gate(
+    state: &RunState,
+    esc: &crate::model::event::Escalation,
+    decision: &Decision,
+) -> Result<(), EngineError> {
+    let (Decision::SupplyOutput(output), Some(task)) = (decision, &esc.task) else {
+        return Ok(());
+    };
+    let Some(t) = state.task_index.get(task).and_then(|&i| state.tasks.get(i)) else {
+        return Ok(());
+    };
+    crate::core::check_output(&t.spec, output).map_err(|(code, detail)| EngineError::SuppliedOutputRejected {
+        run: state.run,
+        task: task.clone(),
+        code: code.to_owned(),
+        detail,
+    })
+}
+
+impl ResolveTarget for Inner {
+    fn resolve(
+        self: Arc<Self>,
+        run: RunId,
+        number: u32,
+        resolution: Resolution,
+    ) -> crate::api::BoxFuture<Result<(), EngineError>> {
+        Box::pin(async move { resolve_in(&self, run, Some(number), resolution).await })
+    }
 }

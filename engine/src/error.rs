@@ -66,10 +66,54 @@ pub enum EngineError {
         options: Vec<String>,
     },
 
+    /// A human-supplied output fails the escalated task's output schema (the same gate a
+    /// handler's output passes). Nothing was written.
+    #[error("run {run}: the supplied output for task {task} fails its output schema ({code}): {detail}")]
+    SuppliedOutputRejected {
+        /// The run.
+        run: RunId,
+        /// The escalated task.
+        task: crate::model::workflow::TaskId,
+        /// The gate's stable code (`schema_mismatch`, `output_not_json`, ...).
+        code: String,
+        /// The validator's text, with the failing locations.
+        detail: String,
+    },
+
+    /// A resolver was used for an escalation that is no longer the run's open one (it was
+    /// resolved, or the engine that made the resolver is gone). Nothing was written.
+    #[error("run {run}: escalation {number} is no longer open")]
+    EscalationClosed {
+        /// The run.
+        run: RunId,
+        /// The escalation the resolver was made for.
+        number: u32,
+    },
+
     /// An event the state machine refuses. For records the engine built itself this is a
     /// bug; for a resolution or cancellation it means the run moved on.
     #[error(transparent)]
     Transition(#[from] TransitionError),
+
+    /// The idempotency key is held (within the workflow type's dedup window) by a run of
+    /// a different request: another input or priority. Nothing was written. The digests
+    /// are [`crate::request_digest`] of each request (hex).
+    #[error(
+        "idempotency key {key:?} of workflow {workflow:?} belongs to run {run} of a different request \
+         (its request digest {existing_digest}, this request's {request_digest})"
+    )]
+    IdempotencyConflict {
+        /// The workflow type (keys are scoped to it).
+        workflow: String,
+        /// The idempotency key.
+        key: String,
+        /// The run that holds the key.
+        run: RunId,
+        /// Digest of the request that run was accepted for.
+        existing_digest: String,
+        /// Digest of the request just refused.
+        request_digest: String,
+    },
 
     /// The event log failed (I/O, corruption, limits).
     #[error(transparent)]

@@ -82,11 +82,11 @@ mod shell;
 pub mod testing;
 
 pub use crate::core::{
-    apply, apply_mut, apply_take, decide, event_of, fold, idempotency_key, replan_outcome, sim, validate_plan, Answer,
-    Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError,
+    apply, apply_mut, apply_take, attempt_key, decide, effect_key, event_of, fold, replan_outcome, sim, validate_plan,
+    Answer, Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError, QUARANTINED,
 };
 pub use api::*;
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Engine, EngineBuilder, REDELIVERY_LIMIT_DEFAULT};
 pub use error::EngineError;
 pub use keel_store::{Durability, Level, RunId, Seq};
 pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};
@@ -95,6 +95,6 @@ pub use model::state::{EscalationState, RunState, TaskState, Totals};
 pub use model::workflow::*;
 pub use model::{event, fsm, state};
 pub use shell::cache::ResponseCache;
-pub use shell::fold::{fold_full, load_state, read_logged, read_logged_runs};
-pub use shell::ingest::{seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::fold::{encode_snapshot, fold_full, load_state, read_logged, read_logged_runs};
+pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use shell::sched::Workers;

@@ -150,7 +150,7 @@ async fn a_supplied_output_nested_too_deep_is_refused_and_nothing_is_recorded() 
 /// A sink that never answers.
 struct HungSink(AtomicU64);
 impl EscalationSink for HungSink {
-    fn notify(&self, _run: RunId, _e: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(std::future::pending())
     }
@@ -159,7 +159,7 @@ impl EscalationSink for HungSink {
 /// A sink that blocks its thread for a long time.
 struct BlockingSink;
 impl EscalationSink for BlockingSink {
-    fn notify(&self, _run: RunId, _e: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
         Box::pin(async {
             std::thread::sleep(Duration::from_secs(3));
             Ok(())

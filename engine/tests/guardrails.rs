@@ -181,12 +181,11 @@ async fn a_hundred_concurrent_submissions_with_one_key_create_exactly_one_run() 
     assert_eq!(fresh.len(), 1);
     assert!(results.iter().all(|s| s.run == fresh[0].run));
     assert_eq!(engine.store().runs().unwrap(), vec![fresh[0].run]);
-    // The same key on another workflow type is another key.
-    let other = engine
-        .submit(Request { idempotency_key: Some("evt_123".into()), ..Request::new("w", json!({})) })
-        .await
-        .unwrap();
-    assert!(other.duplicate);
+    // The same key with another input is another request: refused (issue 13, item 6; it
+    // used to return the run as a duplicate).
+    let other =
+        engine.submit(Request { idempotency_key: Some("evt_123".into()), ..Request::new("w", json!({})) }).await;
+    assert!(matches!(other, Err(EngineError::IdempotencyConflict { run, .. }) if run == fresh[0].run), "{other:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,9 +28,10 @@ fn dispatched(spec: &TaskSpec, attempt: u32) -> Event {
     Event::TaskDispatched {
         task: spec.id.clone(),
         attempt,
-        idempotency_key: idempotency_key(SPEC_RUN, 0, &spec.id, attempt),
+        effect_key: effect_key(SPEC_RUN, &spec.id, 0),
+        attempt_key: attempt_key(SPEC_RUN, 0, &spec.id, attempt),
         model: None,
-        input: TaskInput { input: spec.input.clone(), upstream: BTreeMap::new(), note: None },
+        input: TaskInput { input: spec.input.clone(), upstream: BTreeMap::new(), note: None, skipped: Vec::new() },
         reserved: Usage { cost_micros: spec.cost_estimate_micros, tokens: spec.token_estimate },
     }
 }
@@ -209,4 +210,62 @@ fn approving_a_human_review_task_gives_it_the_output_approved_true() {
             assert_eq!(s.tasks[0].output, Some(Json::new(&json!({"approved": true}))));
             assert_eq!(s.tasks[0].verdict, Some(Verdict::Pass));
         });
+}
+
+fn redelivered(id: &str, redelivery: u32, limit: u32) -> Event {
+    Event::TaskRedelivered { task: TaskId::from(id), attempt: 1, redelivery, limit }
+}
+
+#[test]
+fn a_redelivered_dispatch_within_its_limit_is_executed_again() {
+    let a = task("a", "h", &[]);
+    given([start(), plan_requested(), planned(vec![a.clone()]), dispatched(&a, 1), redelivered("a", 1, 1)])
+        .with_context(ctx())
+        .when_decided()
+        .then_records([])
+        .then_asks([Command::Execute { task: TaskId::from("a"), attempt: 1 }]);
+}
+
+#[test]
+fn a_dispatch_redelivered_past_its_limit_is_quarantined_not_executed() {
+    let a = task("a", "h", &[]);
+    given([
+        start(),
+        plan_requested(),
+        planned(vec![a.clone()]),
+        dispatched(&a, 1),
+        redelivered("a", 1, 1),
+        redelivered("a", 2, 1),
+    ])
+    .with_context(ctx())
+    .when_decided()
+    .then_records([Event::TaskFailed {
+        task: TaskId::from("a"),
+        attempt: 1,
+        class: ErrorClass::Fatal,
+        error: QUARANTINED.into(),
+        usage: Usage::default(),
+        source: FailureSource::Engine,
+        note: Some(
+            "attempt 1 crashed the worker 2 times (dispatched, then redelivered 1 times with no result; limit 1)"
+                .into(),
+        ),
+    }])
+    .then_asks([]);
+}
+
+#[test]
+fn a_redelivery_out_of_order_or_of_another_attempt_is_refused() {
+    let a = task("a", "h", &[]);
+    let history = [start(), plan_requested(), planned(vec![a.clone()]), dispatched(&a, 1)];
+    let invalid = |e: &TransitionError| matches!(e, TransitionError::Invalid { .. });
+    given(history.clone()).when_applied(redelivered("a", 2, 3)).then_refused(invalid);
+    given(history)
+        .when_applied(Event::TaskRedelivered { task: TaskId::from("a"), attempt: 2, redelivery: 1, limit: 3 })
+        .then_refused(invalid);
+    // A task that is not in flight cannot be redelivered.
+    let b = task("b", "h", &[]);
+    given([start(), plan_requested(), planned(vec![b])])
+        .when_applied(Event::TaskRedelivered { task: TaskId::from("b"), attempt: 0, redelivery: 1, limit: 3 })
+        .then_refused(|e| matches!(e, TransitionError::IllegalTask { .. }));
 }

@@ -210,13 +210,18 @@ pub fn invariants_except(sc: &Scenario, log: &[Logged], states: &[RunState], kno
                 }
                 accepted = next;
             }
-            Event::TaskDispatched { task, attempt, idempotency_key, .. } => {
+            Event::TaskDispatched { task, attempt, effect_key, attempt_key, .. } => {
                 if !dispatched.insert((rev, task.clone(), *attempt)) {
                     return Err(format!("event {k}: task {task} attempt {attempt} of revision {rev} dispatched twice"));
                 }
-                let key = keel_engine::core::idempotency_key(run, rev, task, *attempt);
-                if *idempotency_key != key {
-                    return Err(format!("event {k}: idempotency key of {task}#{attempt} is not the spec's"));
+                let key = keel_engine::core::attempt_key(run, rev, task, *attempt);
+                if *attempt_key != key {
+                    return Err(format!("event {k}: attempt key of {task}#{attempt} is not the spec's"));
+                }
+                let planned_in = before.and_then(|s| s.task_index.get(task).map(|&i| s.tasks[i].planned_in));
+                let want = planned_in.map(|p| keel_engine::core::effect_key(run, task, p));
+                if want.as_ref() != Some(effect_key) {
+                    return Err(format!("event {k}: effect key of {task}#{attempt} is not the spec's"));
                 }
             }
             Event::RetryScheduled { task, .. } => {

@@ -378,6 +378,7 @@ fn gen_task(r: &mut Rng, i: usize, deps: Vec<TaskId>, cfg: &GenConfig) -> TaskSp
             _ => None,
         },
         cacheable: false,
+        optional_deps: Vec::new(),
     }
 }
 

@@ -120,7 +120,7 @@ impl TaskHandler for H {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         {
             let mut calls = self.0.calls.lock().unwrap_or_else(|p| p.into_inner());
-            *calls.entry(call.idempotency_key.clone()).or_default() += 1;
+            *calls.entry(call.attempt_key.clone()).or_default() += 1;
         }
         let out = match self.0.get(call.seed).and_then(|sc| sc.spec(&call.task).cloned().map(|spec| (sc, spec))) {
             None => Err(HandlerError::fatal("unknown scenario or task")),

@@ -239,7 +239,7 @@ fn snapshot_damage(seed: u64, how: Damage) -> Result<(), TestCaseError> {
     let part: RunState = fold(&log[..at as usize])
         .map_err(|e| TestCaseError::fail(e.to_string()))?
         .ok_or_else(|| TestCaseError::fail("empty"))?;
-    let bytes = keel_store::codec::encode(&part).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let bytes = keel_engine::encode_snapshot(&part).map_err(|e| TestCaseError::fail(e.to_string()))?;
     store.save_snapshot(run, Seq(at), &bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(
         load_state(&store, run).map_err(|e| TestCaseError::fail(e.to_string()))?,

@@ -169,7 +169,7 @@ fn engine_batch(seed: u64, count: usize, n: usize, engines: usize) -> Result<usi
         for e in
             keel_engine::read_logged(store.as_ref(), *run, keel_engine::Seq(0)).map_err(|e| e.to_string())?.flatten()
         {
-            if let Event::TaskDispatched { idempotency_key, .. } = &e.event {
+            if let Event::TaskDispatched { attempt_key: idempotency_key, .. } = &e.event {
                 dispatched += 1;
                 let n = calls.get(idempotency_key).copied().unwrap_or(0);
                 if n == 0 {

@@ -121,6 +121,9 @@ fn drive(dir: &Path, seed: u64, probe: bool) {
         .clock(Arc::new(Quick(Instant::now(), real_now_us())))
         .workers(16)
         .snapshot_every(7)
+        // Runs are compared with uninterrupted ones: a dispatch killed with its worker
+        // many times in a row must not be quarantined here (quarantine has its own tests).
+        .redelivery_limit(u32::MAX)
         .open()
         .unwrap_or_else(|e| panic!("engine: {e}"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().expect("rt");
@@ -197,6 +200,8 @@ fn project(events: &[Logged], st: &RunState) -> Projection {
                 push(task, format!("evaluated {attempt} {verdict:?}"))
             }
             Event::TaskSkipped { task, .. } => push(task, "skipped".into()),
+            // An observation of the crash itself (the uninterrupted run has none).
+            Event::TaskRedelivered { .. } => {}
             Event::Planned { revision, .. } | Event::Replanned { revision, .. } => {
                 rev = *revision;
                 run_level.push(format!("{} {revision}", e.event.kind_name()));

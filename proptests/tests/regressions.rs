@@ -25,9 +25,10 @@ fn dispatch(t: &str, attempt: u32) -> Event {
     Event::TaskDispatched {
         task: TaskId::from(t),
         attempt,
-        idempotency_key: String::new(),
+        effect_key: String::new(),
+        attempt_key: String::new(),
         model: None,
-        input: TaskInput { input: Json::null(), upstream: Default::default(), note: None },
+        input: TaskInput { input: Json::null(), upstream: Default::default(), note: None, skipped: Vec::new() },
         reserved: Usage::default(),
     }
 }

@@ -12,7 +12,9 @@
 //!   `Plan{revision}` (and a recorded plan must still pass `validate_plan`, a Replanned
 //!   must carry exactly `replan_outcome`), TaskExecuted/TaskFailed of a dispatched task
 //!   need `Execute{task, attempt}`, an evaluator's TaskEvaluated (or its failure) needs
-//!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`;
+//!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`, a
+//!   TaskRedelivered (what a driver observed after a restart) needs `Execute{task,
+//!   attempt}` (a quarantine's TaskFailed after it is a decision);
 //! - **external** (RunAccepted, a human's HumanResolved, RunCancelled): allowed whenever
 //!   the state machine accepts it.
 //!
@@ -22,7 +24,7 @@ use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
 use keel_engine::{
     apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, FailureSource, Logged, Policy,
-    RunState,
+    RunState, QUARANTINED,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -158,9 +160,12 @@ pub fn classify(state: &RunState, event: &Event) -> EventClass {
             EventClass::Outcome
         }
         Event::EscalationNotified { .. } => EventClass::Outcome,
-        // The schema gate's refusal is a decision; every other failure answers a call.
-        Event::TaskFailed { source, .. } => {
-            if *source == FailureSource::Gate {
+        // What a driver observed: a dispatch without a result that it did not make.
+        Event::TaskRedelivered { .. } => EventClass::Outcome,
+        // The schema gate's refusal and a quarantine are decisions; every other failure
+        // answers a call.
+        Event::TaskFailed { source, error, .. } => {
+            if *source == FailureSource::Gate || (*source == FailureSource::Engine && error == QUARANTINED) {
                 EventClass::Decision
             } else {
                 EventClass::Outcome
@@ -333,6 +338,13 @@ fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event
                 Ok(())
             } else {
                 Err(format!("the current code does not call the evaluator on {task} attempt {attempt} here"))
+            }
+        }
+        Event::TaskRedelivered { task, attempt, .. } => {
+            if has(&Command::Execute { task: task.clone(), attempt: *attempt }) {
+                Ok(())
+            } else {
+                Err(format!("the current code does not execute {task} attempt {attempt} here: nothing to redeliver"))
             }
         }
         Event::EscalationNotified { number } => {

@@ -1,8 +1,8 @@
 //! Diff of two runs' histories: events aligned by seq, the first difference, and a
 //! summary (kinds, tasks, costs, outcomes).
 //!
-//! Events are compared by content, not time. A dispatch's idempotency key is derived from
-//! the run id (see `keel_engine::core::idempotency_key`), so it is left out of the
+//! Events are compared by content, not time. A dispatch's keys are derived from the run
+//! id (see `keel_engine::core::effect_key` and `attempt_key`), so they are left out of the
 //! comparison: two runs that dispatched the same attempt of the same task with the same
 //! input did the same thing.
 
@@ -19,7 +19,8 @@ pub fn normalized(e: &Event) -> Event {
         Event::TaskDispatched { task, attempt, model, input, reserved, .. } => Event::TaskDispatched {
             task: task.clone(),
             attempt: *attempt,
-            idempotency_key: String::new(),
+            effect_key: String::new(),
+            attempt_key: String::new(),
             model: model.clone(),
             input: input.clone(),
             reserved: *reserved,

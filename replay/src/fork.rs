@@ -30,8 +30,10 @@ use keel_engine::api::{
     TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply, core::idempotency_key, Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState,
-    RunStatus, TaskStatus, WorkflowType,
+    apply,
+    core::{attempt_key, effect_key},
+    Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState, RunStatus, TaskStatus,
+    WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;
@@ -473,7 +475,7 @@ impl Clock for ForkClock {
 struct QuietSink;
 
 impl EscalationSink for QuietSink {
-    fn notify(&self, _run: RunId, _escalation: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _escalation: keel_engine::EscalationContext) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -483,7 +485,7 @@ impl EscalationSink for QuietSink {
 // ---------------------------------------------------------------------------------------
 
 /// The source's events `0..=at`, rewritten for run `new`: same events and times, the
-/// dispatch keys derived from the new id, no idempotency claim (made by the caller).
+/// dispatch keys (effect and attempt keys) derived from the new id, no idempotency claim (made by the caller).
 pub fn copy_prefix(source: &[Logged], at: u64, new: RunId) -> Result<Vec<Logged>, ReplayError> {
     let last = source.len().saturating_sub(1) as u64;
     let Some(first) = source.first() else {
@@ -499,7 +501,12 @@ pub fn copy_prefix(source: &[Logged], at: u64, new: RunId) -> Result<Vec<Logged>
             (Event::TaskDispatched { task, attempt, model, input, reserved, .. }, Some(s)) => Event::TaskDispatched {
                 task: task.clone(),
                 attempt: *attempt,
-                idempotency_key: idempotency_key(new, s.revision.unwrap_or(0), task, *attempt),
+                effect_key: effect_key(
+                    new,
+                    task,
+                    s.task_index.get(task).and_then(|&i| s.tasks.get(i)).map_or(0, |t| t.planned_in),
+                ),
+                attempt_key: attempt_key(new, s.revision.unwrap_or(0), task, *attempt),
                 model: model.clone(),
                 input: input.clone(),
                 reserved: *reserved,

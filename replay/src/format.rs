@@ -170,6 +170,9 @@ pub fn event_line(e: &Event) -> String {
         E::RunCompleted { partial, summary, .. } => format!("RunCompleted partial={partial}: {summary}"),
         E::RunFailed { reason } => format!("RunFailed: {reason}"),
         E::RunCancelled { by, reason } => format!("RunCancelled by {by}: {reason}"),
+        E::TaskRedelivered { task, attempt, redelivery, limit } => {
+            format!("TaskRedelivered {task} attempt={attempt} redelivery={redelivery} limit={limit}")
+        }
     }
 }
 

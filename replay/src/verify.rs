@@ -481,7 +481,10 @@ impl<R: BufRead> ExportCheck<R> {
 pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut()) -> Result<Verification, ReplayError> {
     let mut out = Verification::default();
     for &run in runs {
-        match keel_store::verify::verify_run::<Event>(log, run) {
+        // Each payload in the layout of its payload version (the chain covers it as written).
+        let fields_of =
+            |rec: &keel_store::Record| keel_engine::model::upcast::stored_fields(rec).map_err(|e| e.to_string());
+        match keel_store::verify::verify_run_with(log, run, fields_of) {
             Ok(rep) => {
                 out.runs.push(RunVerified { run: run.to_string(), records: rep.records, head: hex32(&rep.head) })
             }

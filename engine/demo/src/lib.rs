@@ -58,10 +58,43 @@ pub struct DemoOptions {
     /// Each handler sleeps this long, to look real (0 in tests).
     pub latency_ms: u64,
     /// If set, every handler invocation appends a line
-    /// `tag \t run \t task \t attempt \t idempotency_key` to this file (crash tests).
+    /// `tag \t run \t task \t attempt \t attempt_key` to this file (crash tests).
     pub invocation_log: Option<PathBuf>,
     /// First column of the invocation log lines.
     pub invocation_tag: String,
+    /// If set, the handlers with a side effect ([`SIDE_EFFECT_TASKS`]: issuing a refund,
+    /// sending the reply) perform it here, deduplicated on the call's effect key as
+    /// docs/ENGINE.md tells handlers to: unless the key is already in the file, they append
+    /// `effect_key \t run \t task \t attempt` and fsync it, then answer 20 ms later than
+    /// the other handlers (crash tests count the effects; the delay is the window a kill
+    /// must not turn into a second effect).
+    pub effects_log: Option<PathBuf>,
+}
+
+/// With an effects log, a side-effecting handler answers this much later than the others.
+const EFFECT_ANSWER_DELAY_MS: u64 = 20;
+
+/// The demo tasks whose handlers have a side effect (see [`DemoOptions::effects_log`]).
+pub const SIDE_EFFECT_TASKS: [&str; 2] = ["issue_refund", "send_reply"];
+
+/// Serialises the demo handlers' effects-log check-and-append within one process.
+static EFFECTS_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Performs `call`'s side effect once per effect key: appends a line to `path` and fsyncs
+/// it unless the key is already there.
+fn perform_effect(path: &std::path::Path, call: &TaskCall) -> std::io::Result<()> {
+    let _guard = EFFECTS_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    let done = match std::fs::read_to_string(path) {
+        Ok(text) => text.lines().any(|l| l.split('\t').next() == Some(call.effect_key.as_str())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    if done {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(format!("{}\t{}\t{}\t{}\n", call.effect_key, call.run, call.task, call.attempt).as_bytes())?;
+    f.sync_all()
 }
 
 /// The scenario request `index` plays.
@@ -333,7 +366,7 @@ impl DemoHandler {
         let Some(path) = &self.opts.invocation_log else { return };
         let line = format!(
             "{}\t{}\t{}\t{}\t{}\n",
-            self.opts.invocation_tag, call.run, call.task, call.attempt, call.idempotency_key
+            self.opts.invocation_tag, call.run, call.task, call.attempt, call.attempt_key
         );
         let res = std::fs::OpenOptions::new()
             .create(true)
@@ -449,7 +482,18 @@ fn simulate_call(call: &TaskCall) -> Result<TaskOutput, HandlerError> {
 impl TaskHandler for DemoHandler {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         self.log_invocation(&call);
-        let latency = self.opts.latency_ms;
+        let mut latency = self.opts.latency_ms;
+        if let Some(path) = &self.opts.effects_log {
+            if SIDE_EFFECT_TASKS.contains(&call.task.0.as_str()) {
+                if let Err(e) = perform_effect(path, &call) {
+                    let err = HandlerError::transient(format!("effects log: {e}"));
+                    return Box::pin(async move { Err(err) });
+                }
+                // The effect is done, the answer is not: the window a crash must not
+                // turn into a second effect, made wide enough for kills to land in it.
+                latency = latency.saturating_add(EFFECT_ANSWER_DELAY_MS);
+            }
+        }
         Box::pin(async move {
             if latency > 0 {
                 tokio::time::sleep(Duration::from_millis(latency)).await;

@@ -2,7 +2,11 @@
 //! runs a demo batch on a real sled db, kills it with SIGKILL at random moments, restarts
 //! it, and compares the outcome with an uninterrupted reference batch of the same seed.
 //!
-//! Rerun a failure with `KEEL_TEST_SEED=<printed seed>`.
+//! The side-effecting handlers (refund, reply) dedupe on the stable effect key through an
+//! fsynced side file: every effect is performed exactly once, however the kills land.
+//!
+//! Rerun a failure with `KEEL_TEST_SEED=<printed seed>`; soak with `KEEL_CRASH_KILLS=<n>`
+//! (kill points to reach; default 24).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -18,6 +22,10 @@ const CHILD: &str = "KEEL_CRASH_CHILD";
 const RUNS: u64 = 16;
 const KILL_POINTS_MIN: usize = 24;
 
+fn kill_points_min() -> usize {
+    std::env::var("KEEL_CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(KILL_POINTS_MIN)
+}
+
 /// The child: runs the demo batch on the db named by the environment, then exits.
 #[test]
 fn crash_child() {
@@ -27,10 +35,13 @@ fn crash_child() {
         latency_ms: 2,
         invocation_log: Some(std::env::var("KEEL_CRASH_LOG").unwrap().into()),
         invocation_tag: std::env::var("KEEL_CRASH_TAG").unwrap(),
+        effects_log: Some(std::env::var("KEEL_CRASH_EFFECTS").unwrap().into()),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        let engine = demo::register_with(Engine::builder().path(&db), opts).open().unwrap();
+        // Runs are compared with uninterrupted ones: a dispatch killed with its worker many
+        // times in a row must not be quarantined here (quarantine has its own tests).
+        let engine = demo::register_with(Engine::builder().path(&db).redelivery_limit(u32::MAX), opts).open().unwrap();
         let summary = demo::run_demo(&engine, RUNS, seed).await.unwrap();
         assert!(summary.idle.stopped.is_empty(), "{:?}", summary.idle.stopped);
     });
@@ -80,6 +91,8 @@ fn project(events: &[Logged], state: &RunState) -> Projection {
                 run_level.push(format!("{} {r}", e.event.kind_name()));
             }
             Event::BudgetExhausted { budget, .. } => run_level.push(format!("BudgetExhausted {budget:?}")),
+            // An observation of the crash itself (the uninterrupted run has none).
+            Event::TaskRedelivered { .. } => {}
             other => run_level.push(other.kind_name().to_owned()),
         }
     }
@@ -112,7 +125,7 @@ fn executed_keys(events: &[Logged]) -> Vec<String> {
     let mut out = Vec::new();
     for e in events {
         match &e.event {
-            Event::TaskDispatched { task, idempotency_key, .. } => {
+            Event::TaskDispatched { task, attempt_key: idempotency_key, .. } => {
                 last_key.insert(task.clone(), idempotency_key.clone());
             }
             Event::TaskExecuted { task, .. } => out.push(last_key[task].clone()),
@@ -130,6 +143,53 @@ fn durable_executed(db: &Path) -> BTreeSet<String> {
         keys.extend(executed_keys(&events));
     }
     keys
+}
+
+/// The side file of effects: each effect key once (the handlers dedupe on it), each one
+/// the effect key of a side-effecting task's dispatch, and every side-effecting task with
+/// a recorded result performed its effect. Returns (effects performed, side-effecting
+/// handler calls whose effect was already in the file: calls after a crash or a retry).
+fn check_effects(
+    effects: &Path,
+    runs: &BTreeMap<u64, (Projection, Vec<Logged>)>,
+    inv: &Path,
+    seed: u64,
+) -> (usize, usize) {
+    let text = std::fs::read_to_string(effects).unwrap_or_default();
+    let keys: Vec<&str> = text.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    let unique: BTreeSet<&str> = keys.iter().copied().collect();
+    assert_eq!(unique.len(), keys.len(), "seed {seed}: a side effect was performed twice: {text}");
+    let mut dispatched: BTreeSet<String> = BTreeSet::new();
+    let mut executed: BTreeSet<String> = BTreeSet::new();
+    for (_, events) in runs.values() {
+        let mut key_of: BTreeMap<TaskId, String> = BTreeMap::new();
+        for e in events {
+            match &e.event {
+                Event::TaskDispatched { task, effect_key, .. }
+                    if demo::SIDE_EFFECT_TASKS.contains(&task.0.as_str()) =>
+                {
+                    key_of.insert(task.clone(), effect_key.clone());
+                    dispatched.insert(effect_key.clone());
+                }
+                Event::TaskExecuted { task, .. } if key_of.contains_key(task) => {
+                    executed.insert(key_of[task].clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    for k in &unique {
+        assert!(dispatched.contains(*k), "seed {seed}: effect {k} is no dispatch's effect key");
+    }
+    for k in &executed {
+        assert!(unique.contains(k.as_str()), "seed {seed}: task with effect key {k} has a result but no effect");
+    }
+    let calls = std::fs::read_to_string(inv)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| demo::SIDE_EFFECT_TASKS.contains(&l.split('\t').nth(2).unwrap_or("")))
+        .count();
+    (keys.len(), calls.saturating_sub(keys.len()))
 }
 
 fn reference(db: &Path, seed: u64) {
@@ -155,12 +215,15 @@ fn killed_and_restarted_runs_end_exactly_like_an_uninterrupted_batch() {
     let mut kill_points = 0usize;
     let mut cycles = 0u64;
     let mut mid_kills = 0usize;
-    while kill_points < KILL_POINTS_MIN {
+    let mut effects_total = 0usize;
+    let mut redelivered_effects = 0usize;
+    while kill_points < kill_points_min() {
         assert!(started.elapsed() < Duration::from_secs(240), "crash test too slow: {kill_points} kill points");
         let batch_seed = seed.wrapping_add(cycles);
         cycles += 1;
         let tmp = tempfile::tempdir().unwrap();
         let (db, ref_db, inv) = (tmp.path().join("db"), tmp.path().join("ref"), tmp.path().join("invocations.tsv"));
+        let effects = tmp.path().join("effects.tsv");
         reference(&ref_db, batch_seed);
 
         // Kill the child at random moments until one incarnation finishes the batch.
@@ -173,6 +236,7 @@ fn killed_and_restarted_runs_end_exactly_like_an_uninterrupted_batch() {
                 .env(CHILD, &db)
                 .env("KEEL_CRASH_SEED", batch_seed.to_string())
                 .env("KEEL_CRASH_LOG", &inv)
+                .env("KEEL_CRASH_EFFECTS", &effects)
                 .env("KEEL_CRASH_TAG", incarnation.to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
@@ -212,6 +276,11 @@ fn killed_and_restarted_runs_end_exactly_like_an_uninterrupted_batch() {
             let unique: BTreeSet<&String> = keys.iter().collect();
             assert_eq!(unique.len(), keys.len(), "seed {seed} request {index}: a dispatch executed twice");
         }
+        // Each side effect performed exactly once: one line per effect key in the side file,
+        // and every side-effecting task with a recorded result has its effect there.
+        let (performed, redelivered) = check_effects(&effects, &crashed, &inv, seed);
+        effects_total += performed;
+        redelivered_effects += redelivered;
         // No handler ran a dispatch whose result was already durable when it started.
         let lines = std::fs::read_to_string(&inv).unwrap_or_default();
         for line in lines.lines() {
@@ -227,8 +296,10 @@ fn killed_and_restarted_runs_end_exactly_like_an_uninterrupted_batch() {
         }
     }
     println!(
-        "crash test: {kill_points} kill points ({mid_kills} with part of the batch durable) over {cycles} batch(es) in {:?}",
+        "crash test: {kill_points} kill points ({mid_kills} with part of the batch durable) over {cycles} batch(es) in {:?}; \
+         {effects_total} side effects, each once; {redelivered_effects} handler calls found their effect already done",
         started.elapsed()
     );
+    assert!(effects_total > 0, "seed {seed}: no side effect was performed");
     assert!(mid_kills > 0, "seed {seed}: no kill landed in the middle of a batch");
 }

@@ -36,6 +36,10 @@ fn observe(events: &[Logged], seen: &mut BTreeSet<String>) {
                     let t = &prev.tasks[prev.task_index[id]];
                     seen.insert(task_row(t.status, TaskTrigger::Superseded, TaskStatus::Superseded));
                 }
+            } else if let Event::TaskRedelivered { task, .. } = &e.event {
+                // The task stays Dispatched: the row is read off the event, not a move.
+                let (before, after) = (&prev.tasks[prev.task_index[task]], &next.tasks[next.task_index[task]]);
+                seen.insert(task_row(before.status, TaskTrigger::Redelivered, after.status));
             } else {
                 let named = match &e.event {
                     Event::TaskDispatched { task, .. }
@@ -224,6 +228,20 @@ async fn every_row_of_both_transition_tables_occurs() {
         engine.cancel(run, "t", "mid-flight").await.unwrap();
         h.await.unwrap().unwrap();
     }
+
+    // Redelivered: the workers stop while a task is in flight; the next drive finds the
+    // dispatch it did not make and records the redelivery before running it again.
+    let run = submit("slowtask").await;
+    let workers = engine.start();
+    for _ in 0..500 {
+        if engine.state(run).unwrap().tasks.iter().any(|t| t.status == TaskStatus::Dispatched) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workers.shutdown().await;
+    engine.run_until_idle().await.unwrap();
+    assert!(engine.events(run).unwrap().iter().any(|e| matches!(e.event, Event::TaskRedelivered { .. })));
 
     let mut seen = BTreeSet::new();
     for run in engine.store().runs().unwrap() {

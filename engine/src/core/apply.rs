@@ -160,8 +160,8 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         Event::Replanned { revision, plan, carried_over, superseded } => {
             replanned(s, &cx, revision, plan, carried_over, superseded)?
         }
-        Event::TaskDispatched { task, attempt, idempotency_key, model, input, reserved } => {
-            task_dispatched(s, &cx, task, attempt, idempotency_key, model, input, reserved)?
+        Event::TaskDispatched { task, attempt, effect_key, attempt_key, model, input, reserved } => {
+            task_dispatched(s, &cx, task, attempt, (effect_key, attempt_key), model, input, reserved)?
         }
         Event::TaskExecuted { task, attempt, output, usage, cached } => {
             task_executed(s, &cx, task, attempt, output, usage, cached)?
@@ -185,6 +185,9 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         Event::RunCompleted { partial, result, .. } => run_completed(s, partial, result)?,
         Event::RunFailed { reason } => run_failed(s, reason)?,
         Event::RunCancelled { by, reason } => run_cancelled(s, by, reason)?,
+        Event::TaskRedelivered { task, attempt, redelivery, limit } => {
+            task_redelivered(s, &cx, task, *attempt, *redelivery, *limit)?
+        }
     }
     if matches!(logged.event, Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }) {
         s.pending_decision = None;
@@ -231,6 +234,8 @@ fn reason_line(reason: &PlanReason) -> String {
 fn install(
     plan: &mut Plan,
     keep: &BTreeMap<TaskId, TaskState>,
+    planned_in: &BTreeMap<TaskId, u32>,
+    revision: u32,
 ) -> Result<(Vec<TaskState>, BTreeMap<TaskId, usize>), String> {
     let mut index = BTreeMap::new();
     for (i, spec) in plan.tasks.iter().enumerate() {
@@ -254,11 +259,12 @@ fn install(
             tasks.push(kept.clone());
             continue;
         }
+        let first = planned_in.get(&spec.id).copied().unwrap_or(revision);
         tasks.push(TaskState {
             spec,
             status: TaskStatus::Pending,
             attempt: 0,
-            idempotency_key: None,
+            attempt_key: None,
             model: None,
             input: None,
             reserved: Usage::default(),
@@ -269,6 +275,10 @@ fn install(
             last_error: None,
             retry_due_us: None,
             skip_reason: None,
+            planned_in: first,
+            effect_key: None,
+            redeliveries: 0,
+            redelivery_limit: 0,
         });
     }
     promote_ready(&mut tasks, &index);
@@ -280,12 +290,11 @@ fn promote_ready(tasks: &mut [TaskState], index: &BTreeMap<TaskId, usize>) {
     // Promotion turns Pending into Ready and never changes which tasks are Done, so finding
     // every task to promote first and promoting them after is the same as one pass over a
     // copy of the Done flags (which this avoids allocating on every evaluation).
-    let done = |i: usize| tasks.get(i).is_some_and(|t| t.status == TaskStatus::Done);
     let ready: Vec<usize> = tasks
         .iter()
         .enumerate()
         .filter(|(_, t)| t.status == TaskStatus::Pending)
-        .filter(|(_, t)| t.spec.depends_on.iter().all(|d| index.get(d).is_some_and(|&i| done(i))))
+        .filter(|(_, t)| deps_satisfied(tasks, index, t))
         .map(|(i, _)| i)
         .collect();
     for i in ready {
@@ -297,7 +306,17 @@ fn promote_ready(tasks: &mut [TaskState], index: &BTreeMap<TaskId, usize>) {
     }
 }
 
-/// `done` just became Done: its Pending dependents whose dependencies are now all Done
+/// Every dependency of `t` is Done, or Skipped and optional for `t`
+/// ([`TaskSpec::optional_deps`]): what `DepsDone` means.
+fn deps_satisfied(tasks: &[TaskState], index: &BTreeMap<TaskId, usize>, t: &TaskState) -> bool {
+    t.spec.depends_on.iter().all(|d| {
+        index.get(d).and_then(|&i| tasks.get(i)).is_some_and(|x| {
+            x.status == TaskStatus::Done || (x.status == TaskStatus::Skipped && t.spec.optional_deps.contains(d))
+        })
+    })
+}
+
+/// `done` just became Done (or Skipped): its Pending dependents whose dependencies are now all Done
 /// become Ready. The same as [`promote_ready`] over every task, because no other task can
 /// have changed: `install` promotes every ready task, and every move to Done comes here,
 /// so before this call no Pending task had all its dependencies Done. Looking only at the
@@ -310,15 +329,12 @@ fn release_dependents(s: &mut RunState, done: &TaskId) {
         promote_ready(&mut tasks, &s.task_index);
         tasks.into_iter().map(|t| t.status).collect::<Vec<_>>()
     };
-    let is_done = |tasks: &[TaskState], d: &TaskId| {
-        s.task_index.get(d).and_then(|&i| tasks.get(i)).is_some_and(|t| t.status == TaskStatus::Done)
-    };
     for i in 0..s.tasks.len() {
         let Some(t) = s.tasks.get(i) else { continue };
         if t.status != TaskStatus::Pending || !t.spec.depends_on.contains(done) {
             continue;
         }
-        if t.spec.depends_on.iter().all(|d| is_done(&s.tasks, d)) {
+        if deps_satisfied(&s.tasks, &s.task_index, t) {
             if let Some(to) = task_transition(TaskStatus::Pending, TaskTrigger::DepsDone) {
                 if let Some(t) = s.tasks.get_mut(i) {
                     t.status = to;
@@ -481,7 +497,7 @@ fn planned(s: &mut RunState, cx: &Cx, revision: &mut u32, plan: &mut Plan) -> Re
     if Some(*revision) != s.planning_revision || s.planning_rejected {
         return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
-    let (tasks, index) = install(plan, &BTreeMap::new()).map_err(|why| cx.invalid(why))?;
+    let (tasks, index) = install(plan, &BTreeMap::new(), &BTreeMap::new(), *revision).map_err(|why| cx.invalid(why))?;
     s.tasks = tasks;
     s.task_index = index;
     s.revision = Some(*revision);
@@ -524,13 +540,25 @@ fn replanned(
         let t = task_ref(s, id, kind)?;
         keep.insert(id.clone(), t.clone());
     }
-    let (tasks, index) = install(plan, &keep).map_err(|why| cx.invalid(why))?;
+    let planned_in = unchanged_specs(s, plan);
+    let (tasks, index) = install(plan, &keep, &planned_in, *revision).map_err(|why| cx.invalid(why))?;
     s.tasks = tasks;
     s.task_index = index;
     s.revision = Some(*revision);
     s.planning_revision = None;
     s.planning_reason = None;
     Ok(())
+}
+
+/// Tasks of the current plan that `plan` keeps with the same id and spec, with the
+/// revision their spec was first planned in: their effect key carries over a replan.
+fn unchanged_specs(s: &RunState, plan: &Plan) -> BTreeMap<TaskId, u32> {
+    let new_specs: BTreeMap<&TaskId, &TaskSpec> = plan.tasks.iter().map(|t| (&t.id, t)).collect();
+    s.tasks
+        .iter()
+        .filter(|t| new_specs.get(&t.spec.id).is_some_and(|spec| **spec == t.spec))
+        .map(|t| (t.spec.id.clone(), t.planned_in))
+        .collect()
 }
 
 /// `apply` of `TaskDispatched`.
@@ -541,7 +569,7 @@ fn task_dispatched(
     cx: &Cx,
     task: &mut TaskId,
     attempt: &mut u32,
-    idempotency_key: &mut String,
+    (effect_key, attempt_key): (&mut String, &mut String),
     model: &mut Option<String>,
     input: &mut TaskInput,
     reserved: &mut Usage,
@@ -557,9 +585,17 @@ fn task_dispatched(
     let t = task_mut(s, task, kind)?;
     t.status = to_status;
     t.attempt = *attempt;
-    t.idempotency_key = Some(std::mem::take(idempotency_key));
+    t.attempt_key = Some(std::mem::take(attempt_key));
+    // A dispatch of payload version 1 carries no effect key: derive it as `decide` does.
+    t.effect_key = Some(if effect_key.is_empty() {
+        super::keys::effect_key(cx.run, task, t.planned_in)
+    } else {
+        std::mem::take(effect_key)
+    });
+    t.redeliveries = 0;
+    t.redelivery_limit = 0;
     t.model = model.take();
-    let empty = TaskInput { input: Json::default(), upstream: BTreeMap::new(), note: None };
+    let empty = TaskInput { input: Json::default(), upstream: BTreeMap::new(), note: None, skipped: Vec::new() };
     t.input = Some(std::mem::replace(input, empty));
     t.reserved = *reserved;
     t.retry_due_us = None;
@@ -696,6 +732,30 @@ fn task_skipped(s: &mut RunState, cx: &Cx, task: &mut TaskId, reason: &mut Strin
     t.status = to_status;
     t.skip_reason = Some(std::mem::take(reason));
     t.reserved = Usage::default();
+    release_dependents(s, task);
+    Ok(())
+}
+
+/// `apply` of `TaskRedelivered`: the redelivery of the latest dispatch, numbered in order.
+fn task_redelivered(
+    s: &mut RunState,
+    cx: &Cx,
+    task: &TaskId,
+    attempt: u32,
+    redelivery: u32,
+    limit: u32,
+) -> Result<(), TransitionError> {
+    let t = task_ref(s, task, cx.kind)?;
+    same_attempt(s, t, attempt, cx.kind)?;
+    let want = t.redeliveries.saturating_add(1);
+    if redelivery != want {
+        return Err(cx.invalid(format!("task {task}: redelivery {redelivery}, expected {want}")));
+    }
+    let to_status = task_step(s, t, TaskTrigger::Redelivered)?;
+    let t = task_mut(s, task, cx.kind)?;
+    t.status = to_status;
+    t.redeliveries = redelivery;
+    t.redelivery_limit = limit;
     Ok(())
 }
 
@@ -800,7 +860,7 @@ fn human_resolved(
         if trigger == TaskTrigger::Skipped {
             t.skip_reason = Some(format!("{} by {by}", decision.name()));
         }
-        if to_status == TaskStatus::Done {
+        if matches!(to_status, TaskStatus::Done | TaskStatus::Skipped) {
             release_dependents(s, &id);
         }
     }

@@ -5,6 +5,7 @@
 //! Pseudo-random choices (retry jitter) hash the run's recorded seed.
 
 use super::apply::next_revision;
+use super::keys::{attempt_key, effect_key};
 use super::types::{Command, Context};
 use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, PlanReason};
 use crate::model::fsm::{RunStatus, TaskStatus};
@@ -198,8 +199,12 @@ fn settle(s: &RunState, ctx: &Context) -> Result<Settled, Vec<Command>> {
         let id = &t.spec.id;
         match t.status {
             TaskStatus::Pending => {
-                if let Some(dep) =
-                    t.spec.depends_on.iter().find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped))
+                if let Some(dep) = t
+                    .spec
+                    .depends_on
+                    .iter()
+                    .filter(|d| !t.spec.optional_deps.contains(d))
+                    .find(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped))
                 {
                     acc.records.push(record(Event::TaskSkipped {
                         task: id.clone(),
@@ -207,6 +212,7 @@ fn settle(s: &RunState, ctx: &Context) -> Result<Settled, Vec<Command>> {
                     }));
                 }
             }
+            TaskStatus::Dispatched if quarantine_due(t) => acc.records.push(record(quarantine(t))),
             TaskStatus::Dispatched => acc.effects.push(Command::Execute { task: id.clone(), attempt: t.attempt }),
             TaskStatus::Executed => settle_output(t, &mut acc),
             TaskStatus::AttemptFailed => settle_failure(s, ctx, t, &mut acc)?,
@@ -216,6 +222,35 @@ fn settle(s: &RunState, ctx: &Context) -> Result<Settled, Vec<Command>> {
         }
     }
     Ok(acc)
+}
+
+/// The error code of a quarantined task's `TaskFailed` (stable: tools may match on it).
+pub const QUARANTINED: &str = "quarantined";
+
+/// The dispatch was redelivered more often than the limit recorded with its redeliveries:
+/// each delivery died with the worker, so the task is failed instead of run again.
+fn quarantine_due(t: &TaskState) -> bool {
+    t.redeliveries > 0 && t.redeliveries > t.redelivery_limit
+}
+
+/// A fatal failure of the engine's: the task crashed (or outlived) its worker every time it
+/// ran. The ordinary recovery follows (skip if non-critical, escalate if critical).
+fn quarantine(t: &TaskState) -> Event {
+    Event::TaskFailed {
+        task: t.spec.id.clone(),
+        attempt: t.attempt,
+        class: ErrorClass::Fatal,
+        error: QUARANTINED.to_owned(),
+        usage: Usage::default(),
+        source: FailureSource::Engine,
+        note: Some(format!(
+            "attempt {} crashed the worker {} times (dispatched, then redelivered {} times with no result; limit {})",
+            t.attempt,
+            t.redeliveries,
+            t.redeliveries.saturating_sub(1),
+            t.redelivery_limit
+        )),
+    }
 }
 
 /// An executed output: the schema gate, then the evaluator (or, without success
@@ -441,7 +476,9 @@ fn with_in_flight(s: &RunState, first: Command) -> Vec<Command> {
     let mut cmds = vec![first];
     for t in &s.tasks {
         match t.status {
-            TaskStatus::Dispatched => cmds.push(Command::Execute { task: t.spec.id.clone(), attempt: t.attempt }),
+            TaskStatus::Dispatched if !quarantine_due(t) => {
+                cmds.push(Command::Execute { task: t.spec.id.clone(), attempt: t.attempt })
+            }
             TaskStatus::Executed if t.spec.success_criteria.is_some() && gate(t).is_ok() => {
                 cmds.push(Command::Evaluate { task: t.spec.id.clone(), attempt: t.attempt })
             }
@@ -610,15 +647,27 @@ const GATE_PROBLEMS_MAX: usize = 5;
 /// The output-schema gate: an output that fails its task's schema never reaches a
 /// downstream task.
 fn gate(t: &TaskState) -> Result<(), GateRefusal> {
-    let Some(schema) = &t.spec.output_schema else {
+    gate_output(t.spec.output_schema.as_ref(), t.output.as_ref())
+}
+
+/// The output-schema gate on `output` against `spec`'s schema, for an output a human
+/// supplies (`Engine::resolve` checks it before anything is recorded): `Err((code, note))`
+/// with the gate's stable code (`schema_mismatch`, `output_not_json`...) and the
+/// validator's text.
+pub fn check_output(spec: &TaskSpec, output: &Json) -> Result<(), (&'static str, String)> {
+    gate_output(spec.output_schema.as_ref(), Some(output)).map_err(|r| (r.code, r.note))
+}
+
+fn gate_output(schema: Option<&Json>, output: Option<&Json>) -> Result<(), GateRefusal> {
+    let Some(schema) = schema else {
         return Ok(());
     };
     // Same checks in the same order as without the memo: schema JSON, output, schema.
     let (validator, output) = match compiled(schema) {
-        Some(v) => (v, output_value(t)?),
+        Some(v) => (v, output_value(output)?),
         None => {
             let value = schema.value().map_err(|e| GateRefusal::new("schema_not_json", e.to_string()))?;
-            let output = output_value(t)?;
+            let output = output_value(output)?;
             let v = jsonschema::validator_for(&value).map_err(|e| GateRefusal::new("schema_invalid", e.to_string()))?;
             (remember(schema, v), output)
         }
@@ -635,8 +684,8 @@ fn gate(t: &TaskState) -> Result<(), GateRefusal> {
     Err(GateRefusal::new("schema_mismatch", note.join("; ")))
 }
 
-fn output_value(t: &TaskState) -> Result<serde_json::Value, GateRefusal> {
-    match &t.output {
+fn output_value(output: Option<&Json>) -> Result<serde_json::Value, GateRefusal> {
+    match output {
         Some(o) => o.value().map_err(|e| GateRefusal::new("output_not_json", e.to_string())),
         None => Err(GateRefusal::new("no_output", "no output recorded")),
     }
@@ -684,18 +733,6 @@ pub(crate) fn backoff_ms(seed: u64, t: &TaskState) -> u64 {
     base.saturating_add(jitter)
 }
 
-/// The idempotency key a handler sees for one dispatch: stable across redeliveries.
-pub fn idempotency_key(run: keel_store::RunId, revision: u32, task: &TaskId, attempt: u32) -> String {
-    let mut h = Sha256::new();
-    h.update(b"keel/dispatch");
-    h.update(run.as_bytes());
-    h.update(revision.to_le_bytes());
-    h.update(task.0.as_bytes());
-    h.update(attempt.to_le_bytes());
-    let d: [u8; 32] = h.finalize().into();
-    hex::encode(d.first_chunk::<16>().copied().unwrap_or_default())
-}
-
 fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
     let attempt = t.attempt.saturating_add(1);
     let model = match t.spec.kind {
@@ -706,7 +743,15 @@ fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
         .spec
         .depends_on
         .iter()
-        .filter_map(|d| task(s, d).and_then(|x| x.output.clone()).map(|o| (d.clone(), o)))
+        .filter_map(|d| task(s, d).filter(|x| x.status == TaskStatus::Done))
+        .filter_map(|x| x.output.clone().map(|o| (x.spec.id.clone(), o)))
+        .collect();
+    let skipped: Vec<TaskId> = t
+        .spec
+        .depends_on
+        .iter()
+        .filter(|d| task(s, d).is_some_and(|x| x.status == TaskStatus::Skipped))
+        .cloned()
         .collect();
     let note = if attempt > 1 {
         t.last_error.as_ref().map(|(c, e)| format!("previous attempt failed ({c:?}): {e}"))
@@ -716,9 +761,10 @@ fn dispatch(s: &RunState, t: &TaskState, reserved: Usage) -> Event {
     Event::TaskDispatched {
         task: t.spec.id.clone(),
         attempt,
-        idempotency_key: idempotency_key(s.run, s.revision.unwrap_or(0), &t.spec.id, attempt),
+        effect_key: effect_key(s.run, &t.spec.id, t.planned_in),
+        attempt_key: attempt_key(s.run, s.revision.unwrap_or(0), &t.spec.id, attempt),
         model,
-        input: TaskInput { input: t.spec.input.clone(), upstream, note },
+        input: TaskInput { input: t.spec.input.clone(), upstream, note, skipped },
         reserved,
     }
 }

@@ -9,6 +9,7 @@
 mod answer;
 mod apply;
 mod decide;
+mod keys;
 mod plan;
 /// A deterministic driver of the core with scripted answers (tests, proptests).
 pub mod sim;
@@ -16,6 +17,7 @@ mod types;
 
 pub use answer::{event_of, Answer, Failure, Judgement, Output};
 pub use apply::{apply, apply_mut, apply_take, fold, replan_outcome};
-pub use decide::{decide, idempotency_key};
+pub use decide::{check_output, decide, QUARANTINED};
+pub use keys::{attempt_key, effect_key};
 pub use plan::validate_plan;
 pub use types::{Command, Context, PlanLimits, Policy, TransitionError};

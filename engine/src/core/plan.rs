@@ -33,6 +33,7 @@ pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String
     }
     for t in &plan.tasks {
         check_task(t, &ids, ctx, &mut errors);
+        check_optional_deps(t, &mut errors);
     }
     if let Some(cycle) = find_cycle(plan) {
         errors.push(format!("plan has a dependency cycle through task {cycle}"));
@@ -40,6 +41,19 @@ pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String
 
     check_cost(plan, &ids, state, &mut errors);
     errors
+}
+
+/// Each optional dependency is one of the task's dependencies, named once.
+fn check_optional_deps(t: &TaskSpec, errors: &mut Vec<String>) {
+    let mut seen = BTreeSet::new();
+    for d in &t.optional_deps {
+        if !t.depends_on.contains(d) {
+            errors.push(format!("task {}: optional dependency {d} is not in depends_on", t.id));
+        }
+        if !seen.insert(d) {
+            errors.push(format!("task {}: optional dependency {d} named twice", t.id));
+        }
+    }
 }
 
 /// A task on a dependency cycle, if any (Kahn's algorithm; deterministic order).

@@ -163,15 +163,26 @@ pub enum Event {
         /// The rejected plan (`None`: the planner failed or the plan was too large to record).
         plan: Option<Plan>,
     },
-    /// A task is handed to its handler: attempt number, the idempotency key the handler can
-    /// dedupe on, the routed model and the exact input. Appended before the handler runs.
+    /// A task is handed to its handler: attempt number, the task's effect key (what a
+    /// handler with a side effect dedupes on), the attempt's own key, the routed model and
+    /// the exact input. Appended before the handler runs. Payload version 2 (version 1 had
+    /// one `idempotency_key`, the per-attempt key, and no effect key: see
+    /// [`crate::model::upcast`]).
     TaskDispatched {
         /// The task.
         task: TaskId,
         /// The attempt (1 for the first dispatch).
         attempt: u32,
-        /// Key the handler dedupes on (stable across redeliveries of this attempt).
-        idempotency_key: String,
+        /// The side effect's key: the same for every attempt, retry, crash and redelivery
+        /// of this task while its spec stays the one first planned in some revision
+        /// (SHA-256 of run, task id and that revision; [`crate::core::effect_key`]).
+        /// Handlers with side effects dedupe on this. Empty only in events upcast from
+        /// payload version 1 (the fold derives it then).
+        effect_key: String,
+        /// This attempt's key: new for every attempt (SHA-256 of run, revision, task,
+        /// attempt; [`crate::core::attempt_key`]); the same on a redelivery of the attempt.
+        /// Not for deduplicating side effects: a retry after a timeout gets a new one.
+        attempt_key: String,
         /// Model the task is routed to (LLM tasks).
         model: Option<String>,
         /// The exact input handed to the handler.
@@ -302,6 +313,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A driver found the task dispatched with no result, a dispatch it did not make
+    /// itself (the process that made it died or stopped), and is about to hand it to the
+    /// handler again. Recorded before the handler runs; `decide` quarantines the task (a
+    /// fatal `TaskFailed` with error `quarantined`) once `redelivery` exceeds `limit`.
+    TaskRedelivered {
+        /// The task.
+        task: TaskId,
+        /// The dispatched attempt (unchanged by a redelivery).
+        attempt: u32,
+        /// 1 for the attempt's first redelivery, 2 for the second...
+        redelivery: u32,
+        /// Redeliveries the engine allowed when this was recorded
+        /// (`EngineBuilder::redelivery_limit`), so replay does not depend on configuration.
+        limit: u32,
+    },
 }
 
 impl Event {
@@ -327,6 +353,7 @@ impl Event {
             Event::RunCompleted { .. } => "RunCompleted",
             Event::RunFailed { .. } => "RunFailed",
             Event::RunCancelled { .. } => "RunCancelled",
+            Event::TaskRedelivered { .. } => "TaskRedelivered",
         }
     }
 
@@ -336,15 +363,19 @@ impl Event {
     pub fn payload_version(&self) -> u16 {
         match self {
             Event::TaskFailed { .. } => 2,
+            Event::TaskDispatched { .. } => 2,
+            Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } => 2,
             _ => 1,
         }
     }
 
     /// Does `decided` (what `decide` returns now) record the same decision as `self` (a
     /// recorded event)? Equality, except what the determinism check must not compare:
-    /// a `TaskFailed`'s `note` (third-party text), and a schema-gate failure recorded in
+    /// a `TaskFailed`'s `note` (third-party text), a schema-gate failure recorded in
     /// payload version 1 (whose `error` is the validator's text, from before the stable
-    /// code) matches the gate failure of the same task, attempt and class.
+    /// code) matches the gate failure of the same task, attempt and class, and a
+    /// `TaskDispatched` of payload version 1 (no effect key) matches the dispatch that
+    /// differs from it only by the effect key.
     pub fn same_decision(&self, decided: &Event) -> bool {
         match (self, decided) {
             (
@@ -359,12 +390,33 @@ impl Event {
                     && source == s2
                     && (error == e2 || legacy_gate)
             }
+            (
+                Event::TaskDispatched { effect_key, attempt_key, task, attempt, model, input, reserved },
+                Event::TaskDispatched {
+                    effect_key: k2,
+                    attempt_key: a2,
+                    task: t2,
+                    attempt: n2,
+                    model: m2,
+                    input: i2,
+                    reserved: r2,
+                },
+            ) => {
+                // A dispatch upcast from payload version 1 has no effect key: the rest decides.
+                (effect_key == k2 || effect_key.is_empty())
+                    && attempt_key == a2
+                    && task == t2
+                    && attempt == n2
+                    && model == m2
+                    && input == i2
+                    && reserved == r2
+            }
             _ => self == decided,
         }
     }
 
     /// All kind names, in declaration order.
-    pub const KINDS: [&'static str; 19] = [
+    pub const KINDS: [&'static str; 20] = [
         "RunAccepted",
         "PlanRequested",
         "Planned",
@@ -384,6 +436,7 @@ impl Event {
         "RunCompleted",
         "RunFailed",
         "RunCancelled",
+        "TaskRedelivered",
     ];
 }
 

@@ -92,6 +92,7 @@ pub const RUN_TABLE: &[(Option<RunStatus>, RunTrigger, RunStatus)] = {
         (Some(Planning), "RunCancelled", Cancelled),
         (Some(Running), "RunCancelled", Cancelled),
         (Some(AwaitingHuman), "RunCancelled", Cancelled),
+        (Some(Running), "TaskRedelivered", Running),
     ]
 };
 
@@ -164,7 +165,7 @@ impl TaskStatus {
 /// when the last dependency of a pending task becomes done.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum TaskTrigger {
-    /// Every dependency is Done (derived inside `apply`).
+    /// Every dependency is Done, or Skipped and optional (derived inside `apply`).
     DepsDone,
     /// `TaskDispatched`.
     Dispatched,
@@ -184,6 +185,8 @@ pub enum TaskTrigger {
     Superseded,
     /// A human approved the task's output or supplied one.
     HumanAccepted,
+    /// `TaskRedelivered`: a dispatch found without a result is handed to the handler again.
+    Redelivered,
 }
 
 impl TaskTrigger {
@@ -200,6 +203,7 @@ impl TaskTrigger {
             TaskTrigger::Skipped => "TaskSkipped",
             TaskTrigger::Superseded => "Replanned",
             TaskTrigger::HumanAccepted => "HumanResolved(approve|supply)",
+            TaskTrigger::Redelivered => "TaskRedelivered",
         }
     }
 }
@@ -234,6 +238,8 @@ pub const TASK_TABLE: &[(Option<TaskStatus>, TaskTrigger, TaskStatus)] = {
         (Some(AttemptFailed), T::Superseded, Superseded),
         (Some(RetryScheduled), T::Superseded, Superseded),
         (Some(Rejected), T::Superseded, Superseded),
+        // A dispatch whose process died is handed to the handler again (same attempt).
+        (Some(Dispatched), T::Redelivered, Dispatched),
     ]
 };
 

@@ -1,7 +1,9 @@
 //! The folded state of a run: what `apply` builds from the log and `decide` reads.
 //!
 //! Plain data, `BTreeMap` only (iteration order is part of determinism), encodable with
-//! bincode so it can be snapshotted.
+//! bincode so it can be snapshotted. A snapshot starts with [`SNAPSHOT_MAGIC`]: change it
+//! whenever the layout of [`RunState`] (or of anything inside it) changes, so a snapshot
+//! of an older layout is never decoded as this one (it is skipped; the log is folded).
 
 use crate::model::event::{Escalation, FailureContext};
 use crate::model::fsm::{RunStatus, TaskStatus};
@@ -9,6 +11,10 @@ use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// The first bytes of a snapshot of this layout of [`RunState`] (see the module docs).
+/// Snapshots of the first layout had no prefix (they begin with the run id's length, 16).
+pub const SNAPSHOT_MAGIC: [u8; 4] = *b"ks\x00\x02";
 
 /// One task of the current plan, as folded from the log.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -19,8 +25,8 @@ pub struct TaskState {
     pub status: TaskStatus,
     /// Attempt of the latest dispatch (0 = never dispatched).
     pub attempt: u32,
-    /// Idempotency key of the latest dispatch.
-    pub idempotency_key: Option<String>,
+    /// Per-attempt key of the latest dispatch (`TaskDispatched::attempt_key`).
+    pub attempt_key: Option<String>,
     /// Model the latest dispatch was routed to.
     pub model: Option<String>,
     /// Input of the latest dispatch (what the handler saw).
@@ -41,6 +47,17 @@ pub struct TaskState {
     pub retry_due_us: Option<i64>,
     /// Why it was skipped.
     pub skip_reason: Option<String>,
+    /// The plan revision in which this task's current spec was first planned: the
+    /// revision of the plan that introduced it, kept by a replan that keeps the task's id
+    /// and spec unchanged. The effect key derives from it.
+    pub planned_in: u32,
+    /// Effect key of the latest dispatch (`TaskDispatched::effect_key`; derived from
+    /// `planned_in` for a dispatch recorded before effect keys existed).
+    pub effect_key: Option<String>,
+    /// Redeliveries of the latest dispatch recorded so far (`TaskRedelivered`).
+    pub redeliveries: u32,
+    /// The limit recorded on the latest `TaskRedelivered` of the latest dispatch.
+    pub redelivery_limit: u32,
 }
 
 /// Totals used by budgets and reports.

@@ -10,6 +10,13 @@
 //! |---|---|---|
 //! | every kind | 1 | the layout of keel's first release |
 //! | `TaskFailed` | 2 | `source` (handler, evaluator, gate, engine) replaces the `"evaluator: "` message prefix; the schema gate records the code `schema_mismatch` in `error` and the validator's text in `note` |
+//! | `TaskDispatched` | 2 | `effect_key` (stable across attempts) beside `attempt_key` (version 1's `idempotency_key`, per attempt); `TaskInput` gains `skipped` |
+//! | `Planned`, `Replanned`, `PlanRejected` | 2 | `TaskSpec` gains `optional_deps` |
+//!
+//! A version-1 `TaskDispatched` converts with `attempt_key` = its `idempotency_key`, an
+//! empty `effect_key` (the fold derives it, [`crate::core::effect_key`]; the determinism
+//! check compares the rest, see [`Event::same_decision`]) and no skipped upstreams; a
+//! version-1 plan's tasks have no optional dependencies.
 //!
 //! A version-1 `TaskFailed` converts as: an `error` starting `"evaluator: "` came from the
 //! evaluator (the prefix is dropped); one starting [`LEGACY_GATE_PREFIX`] from the schema
@@ -18,7 +25,7 @@
 //! `"output too large: "` from the engine; anything else from the handler.
 
 use crate::model::event::{Event, FailureSource, LEGACY_GATE_PREFIX};
-use crate::model::workflow::{ErrorClass, TaskId, Usage};
+use crate::model::workflow::{ErrorClass, Json, TaskId, Usage};
 use keel_store::{codec, Payload, Record, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +37,10 @@ pub const PAYLOAD_VERSION_MAX: u16 = 2;
 /// version's layout.
 pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
     known(kind, payload_version)?;
-    match (kind, payload_version) {
-        ("TaskFailed", 1) => codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string()),
-        _ => codec::decode::<Event>(bytes).map_err(|e| e.to_string()),
+    if payload_version == 1 && v1::CHANGED.contains(&kind) {
+        return codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string());
     }
+    codec::decode::<Event>(bytes).map_err(|e| e.to_string())
 }
 
 /// Decodes a record read from the log, upcast to the current layout, checked as
@@ -42,10 +49,22 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
 /// this code does not know is `Decode { run, seq, reason }`.
 pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
     known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
-    match (rec.kind.as_str(), payload_version) {
-        ("TaskFailed", 1) => rec.decode_verified::<v1::Event>().map(v1::Event::upcast),
-        _ => rec.decode_verified::<Event>(),
+    if payload_version == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
+        return rec.decode_verified::<v1::Event>().map(v1::Event::upcast);
     }
+    rec.decode_verified::<Event>()
+}
+
+/// The payload fields of a stored record exactly as they were written (what its payload
+/// root covers): decoded in the layout of its payload version, not upcast. What an export
+/// writes and a deep verification recomputes the root from.
+pub fn stored_fields(rec: &Record) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+    let v = rec.payload_version();
+    known(&rec.kind, v).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    if v == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
+        return rec.decode::<v1::Event>().map(|e| e.fields());
+    }
+    rec.decode::<Event>().map(|e| e.fields())
 }
 
 /// `Err` (why) unless this code reads payload version `v` of `kind`.
@@ -84,51 +103,225 @@ impl TaskFailedFields {
     }
 }
 
+/// The fields of a `TaskDispatched` of either payload version, as exported (JSON):
+/// version 1 names the per-attempt key `idempotency_key` and has no `effect_key`.
+#[derive(Deserialize)]
+struct TaskDispatchedFields {
+    task: TaskId,
+    attempt: u32,
+    #[serde(default)]
+    effect_key: String,
+    #[serde(alias = "idempotency_key")]
+    attempt_key: String,
+    model: Option<String>,
+    input: crate::model::workflow::TaskInput,
+    reserved: Usage,
+}
+
+impl TaskDispatchedFields {
+    fn into_event(self) -> Event {
+        let TaskDispatchedFields { task, attempt, effect_key, attempt_key, model, input, reserved } = self;
+        Event::TaskDispatched { task, attempt, effect_key, attempt_key, model, input, reserved }
+    }
+}
+
 /// Payload version 1, frozen: never change these types.
 mod v1 {
     use super::*;
 
-    /// `Event` as payload version 1 encoded a `TaskFailed`: bincode encodes an enum by
-    /// variant index, so the seven variants before it hold their places (they are never
-    /// read: [`super::decode`] uses this type for kind `TaskFailed` only).
+    use crate::model::workflow::{Complexity, RetryPolicy, TaskKind};
+    use std::collections::BTreeMap;
+
+    /// The kinds whose layout changed after payload version 1 (read through [`Event`]).
+    pub(super) const CHANGED: [&str; 5] = ["Planned", "Replanned", "PlanRejected", "TaskDispatched", "TaskFailed"];
+
+    /// `Event` as payload version 1 encoded the kinds that changed since: bincode encodes
+    /// an enum by variant index, so the unchanged variants before them hold their places
+    /// as unit placeholders (they are never read: [`super::decode`] uses this type for the
+    /// kinds in [`CHANGED`] only).
     #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
     pub(super) enum Event {
         RunAccepted,
         PlanRequested,
-        Planned,
-        Replanned,
-        PlanRejected,
-        TaskDispatched,
+        Planned {
+            revision: u32,
+            plan: Plan,
+        },
+        Replanned {
+            revision: u32,
+            plan: Plan,
+            carried_over: Vec<TaskId>,
+            superseded: Vec<TaskId>,
+        },
+        PlanRejected {
+            revision: u32,
+            errors: Vec<String>,
+            plan: Option<Plan>,
+        },
+        TaskDispatched {
+            task: TaskId,
+            attempt: u32,
+            idempotency_key: String,
+            model: Option<String>,
+            input: TaskInput,
+            reserved: Usage,
+        },
         TaskExecuted,
-        TaskFailed { task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage },
+        TaskFailed {
+            task: TaskId,
+            attempt: u32,
+            class: ErrorClass,
+            error: String,
+            usage: Usage,
+        },
+    }
+
+    /// `Plan` of payload version 1.
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) struct Plan {
+        tasks: Vec<TaskSpec>,
+        rationale: String,
+    }
+
+    /// `TaskSpec` of payload version 1 (no `optional_deps`).
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) struct TaskSpec {
+        id: TaskId,
+        kind: TaskKind,
+        handler: String,
+        input: Json,
+        depends_on: Vec<TaskId>,
+        timeout_ms: u64,
+        retry: RetryPolicy,
+        success_criteria: Option<String>,
+        cost_estimate_micros: u64,
+        token_estimate: u64,
+        critical: bool,
+        output_schema: Option<Json>,
+        complexity: Option<Complexity>,
+        cacheable: bool,
+    }
+
+    /// `TaskInput` of payload version 1 (no `skipped`).
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) struct TaskInput {
+        input: Json,
+        upstream: BTreeMap<TaskId, Json>,
+        note: Option<String>,
+    }
+
+    impl Plan {
+        fn upcast(self) -> crate::model::workflow::Plan {
+            crate::model::workflow::Plan {
+                tasks: self.tasks.into_iter().map(TaskSpec::upcast).collect(),
+                rationale: self.rationale,
+            }
+        }
+    }
+
+    impl TaskSpec {
+        fn upcast(self) -> crate::model::workflow::TaskSpec {
+            let TaskSpec {
+                id,
+                kind,
+                handler,
+                input,
+                depends_on,
+                timeout_ms,
+                retry,
+                success_criteria,
+                cost_estimate_micros,
+                token_estimate,
+                critical,
+                output_schema,
+                complexity,
+                cacheable,
+            } = self;
+            crate::model::workflow::TaskSpec {
+                id,
+                kind,
+                handler,
+                input,
+                depends_on,
+                timeout_ms,
+                retry,
+                success_criteria,
+                cost_estimate_micros,
+                token_estimate,
+                critical,
+                output_schema,
+                complexity,
+                cacheable,
+                optional_deps: Vec::new(),
+            }
+        }
     }
 
     impl Event {
-        /// Version 1 -> version 2 (the module docs say how `source` is found).
+        /// Version 1 -> version 2 (the module docs say how).
         pub(super) fn upcast(self) -> super::Event {
-            let Event::TaskFailed { task, attempt, class, error, usage } = self else {
-                // A placeholder variant never decodes from a TaskFailed record; kept total.
-                return super::Event::TaskFailed {
+            match self {
+                Event::Planned { revision, plan } => super::Event::Planned { revision, plan: plan.upcast() },
+                Event::Replanned { revision, plan, carried_over, superseded } => {
+                    super::Event::Replanned { revision, plan: plan.upcast(), carried_over, superseded }
+                }
+                Event::PlanRejected { revision, errors, plan } => {
+                    super::Event::PlanRejected { revision, errors, plan: plan.map(Plan::upcast) }
+                }
+                Event::TaskDispatched { task, attempt, idempotency_key, model, input, reserved } => {
+                    let TaskInput { input, upstream, note } = input;
+                    super::Event::TaskDispatched {
+                        task,
+                        attempt,
+                        effect_key: String::new(),
+                        attempt_key: idempotency_key,
+                        model,
+                        input: crate::model::workflow::TaskInput { input, upstream, note, skipped: Vec::new() },
+                        reserved,
+                    }
+                }
+                Event::TaskFailed { task, attempt, class, error, usage } => {
+                    upcast_task_failed(task, attempt, class, error, usage)
+                }
+                // A placeholder variant never decodes from a record of a changed kind; kept total.
+                Event::RunAccepted | Event::PlanRequested | Event::TaskExecuted => super::Event::TaskFailed {
                     task: TaskId(String::new()),
                     attempt: 0,
                     class: ErrorClass::Fatal,
-                    error: "not a version-1 TaskFailed".to_owned(),
+                    error: "not a version-1 payload of a changed kind".to_owned(),
                     usage: Usage::default(),
                     source: FailureSource::Engine,
                     note: None,
-                };
-            };
-            let (source, error) = if let Some(message) = error.strip_prefix("evaluator: ") {
-                (FailureSource::Evaluator, message.to_owned())
-            } else if error.starts_with(LEGACY_GATE_PREFIX) {
-                (FailureSource::Gate, error)
-            } else if error.starts_with("no handler registered for ") || error.starts_with("output too large: ") {
-                (FailureSource::Engine, error)
-            } else {
-                (FailureSource::Handler, error)
-            };
-            super::Event::TaskFailed { task, attempt, class, error, usage, source, note: None }
+                },
+            }
         }
+
+        fn name(&self) -> &'static str {
+            match self {
+                Event::RunAccepted => "RunAccepted",
+                Event::PlanRequested => "PlanRequested",
+                Event::Planned { .. } => "Planned",
+                Event::Replanned { .. } => "Replanned",
+                Event::PlanRejected { .. } => "PlanRejected",
+                Event::TaskDispatched { .. } => "TaskDispatched",
+                Event::TaskExecuted => "TaskExecuted",
+                Event::TaskFailed { .. } => "TaskFailed",
+            }
+        }
+    }
+
+    /// A version-1 `TaskFailed` as version 2 (the module docs say how `source` is found).
+    fn upcast_task_failed(task: TaskId, attempt: u32, class: ErrorClass, error: String, usage: Usage) -> super::Event {
+        let (source, error) = if let Some(message) = error.strip_prefix("evaluator: ") {
+            (FailureSource::Evaluator, message.to_owned())
+        } else if error.starts_with(LEGACY_GATE_PREFIX) {
+            (FailureSource::Gate, error)
+        } else if error.starts_with("no handler registered for ") || error.starts_with("output too large: ") {
+            (FailureSource::Engine, error)
+        } else {
+            (FailureSource::Handler, error)
+        };
+        super::Event::TaskFailed { task, attempt, class, error, usage, source, note: None }
     }
 
     impl Payload for Event {
@@ -137,14 +330,14 @@ mod v1 {
         }
 
         fn kind(&self) -> &'static str {
-            "TaskFailed"
+            self.name()
         }
 
         /// The fields exactly as version 1's `Event::fields` wrote them (the chain's
         /// payload root of a schema-version-1 record is checked against them).
         fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
             match serde_json::to_value(self) {
-                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("TaskFailed") {
+                Ok(serde_json::Value::Object(mut outer)) => match outer.remove(self.name()) {
                     Some(serde_json::Value::Object(inner)) => inner,
                     _ => serde_json::Map::new(),
                 },
@@ -167,6 +360,11 @@ impl Event {
             let f: TaskFailedFields = serde_json::from_value(serde_json::Value::Object(fields))?;
             return Ok(f.into_event());
         }
+        if kind == "TaskDispatched" {
+            // Either payload version: version 1 has `idempotency_key` and no `effect_key`.
+            let f: TaskDispatchedFields = serde_json::from_value(serde_json::Value::Object(fields))?;
+            return Ok(f.into_event());
+        }
         let mut outer = serde_json::Map::new();
         // Escalated is a newtype variant: its fields are the Escalation struct itself.
         outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
@@ -183,6 +381,9 @@ impl Event {
     pub fn deserialize_fields<'de, D: serde::Deserializer<'de>>(kind: &str, fields: D) -> Result<Event, D::Error> {
         if kind == "TaskFailed" {
             return TaskFailedFields::deserialize(fields).map(TaskFailedFields::into_event);
+        }
+        if kind == "TaskDispatched" {
+            return TaskDispatchedFields::deserialize(fields).map(TaskDispatchedFields::into_event);
         }
         Event::deserialize(KindTagged { kind, fields })
     }

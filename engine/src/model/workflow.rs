@@ -138,6 +138,13 @@ pub struct TaskSpec {
     pub complexity: Option<Complexity>,
     /// Outputs may be served from the response cache.
     pub cacheable: bool,
+    /// Dependencies (each also in `depends_on`) this task runs without when they are
+    /// skipped: it waits for them to finish either way, and its `TaskInput::skipped`
+    /// names the ones that were skipped. A skipped dependency not listed here skips this
+    /// task. Added in payload version 2 of `Planned`/`Replanned`/`PlanRejected` (absent in
+    /// JSON: none).
+    #[serde(default)]
+    pub optional_deps: Vec<TaskId>,
 }
 
 impl TaskSpec {
@@ -160,12 +167,28 @@ impl TaskSpec {
             output_schema: None,
             complexity: None,
             cacheable: false,
+            optional_deps: Vec::new(),
         }
     }
 
     /// Sets the dependencies.
     pub fn with_deps(mut self, deps: &[&str]) -> TaskSpec {
         self.depends_on = deps.iter().map(|d| TaskId::from(*d)).collect();
+        self
+    }
+
+    /// Marks dependencies as optional: added to `depends_on` if missing; this task runs
+    /// even when they are skipped (see [`TaskSpec::optional_deps`]).
+    pub fn with_optional_deps(mut self, deps: &[&str]) -> TaskSpec {
+        for d in deps {
+            let id = TaskId::from(*d);
+            if !self.depends_on.contains(&id) {
+                self.depends_on.push(id.clone());
+            }
+            if !self.optional_deps.contains(&id) {
+                self.optional_deps.push(id);
+            }
+        }
         self
     }
 
@@ -306,4 +329,9 @@ pub struct TaskInput {
     pub upstream: BTreeMap<TaskId, Json>,
     /// Hint from a human or the failure context of the previous attempt, if any.
     pub note: Option<String>,
+    /// Optional dependencies that were skipped (they have no entry in `upstream`), in
+    /// dependency order. Added in payload version 2 of `TaskDispatched` (absent in JSON:
+    /// none).
+    #[serde(default)]
+    pub skipped: Vec<TaskId>,
 }

@@ -101,6 +101,7 @@ pub(crate) async fn drive(
         next_id: 0,
         unnotifiable: BTreeSet::new(),
         filled: BTreeSet::new(),
+        own: BTreeSet::new(),
         span: span.clone(),
     };
     async move {
@@ -131,6 +132,10 @@ struct Driver {
     unnotifiable: BTreeSet<u32>,
     /// Cache entries already filled from this run: (revision, task, attempt).
     filled: BTreeSet<(u32, TaskId, u32)>,
+    /// Dispatches this driver recorded, or recorded the redelivery of: (task, attempt).
+    /// A dispatch `decide` wants executed that is not here was made by a driver that
+    /// died or stopped: a redelivery, recorded before the handler runs again.
+    own: BTreeSet<(TaskId, u32)>,
     span: tracing::Span,
 }
 
@@ -254,7 +259,7 @@ impl Driver {
     /// calls the last `decide` asked for and the earliest future-dated record (a timer:
     /// a retry's backoff, the run's deadline, an escalation's default).
     fn decide_and_stage(
-        &self,
+        &mut self,
         state: &mut RunState,
         batch: &mut Batch,
         now: i64,
@@ -281,10 +286,16 @@ impl Driver {
                 }
             }
             if due_now.is_empty() {
+                if self.stage_redeliveries(state, batch, &effects, now)? {
+                    continue;
+                }
                 break;
             }
             let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
             for event in due_now {
+                if let Event::TaskDispatched { task, attempt, .. } = &event {
+                    self.own.insert((task.clone(), *attempt));
+                }
                 match self.stage(state, batch, event, at_us, false).map_err(|(e, _)| e) {
                     Ok(()) => {}
                     Err(Refused::Illegal(e)) => {
@@ -299,6 +310,47 @@ impl Driver {
             }
         }
         Ok((effects, next_timer))
+    }
+
+    /// Stages a `TaskRedelivered` for each dispatch `decide` wants executed that this driver
+    /// neither made nor has in flight (its maker died or stopped), so the redelivery is
+    /// durable before the handler runs again. Staged as answers (observations of the shell;
+    /// a conflicting append stages them again). `true` if any was staged (decide again:
+    /// the rule for a dispatch redelivered too often is `decide`'s).
+    fn stage_redeliveries(
+        &mut self,
+        state: &mut RunState,
+        batch: &mut Batch,
+        effects: &[Command],
+        now: i64,
+    ) -> Result<bool, EngineError> {
+        let mut staged = false;
+        for effect in effects {
+            let Command::Execute { task, attempt } = effect else { continue };
+            let key = (task.clone(), *attempt);
+            if self.own.contains(&key) || self.inflight.contains_key(&EffectKey::Execute(task.clone(), *attempt)) {
+                continue;
+            }
+            let Some(t) = state.task_index.get(task).and_then(|&i| state.tasks.get(i)) else { continue };
+            let event = Event::TaskRedelivered {
+                task: task.clone(),
+                attempt: *attempt,
+                redelivery: t.redeliveries.saturating_add(1),
+                limit: self.inner.redelivery_limit,
+            };
+            tracing::warn!(%task, attempt, redelivery = t.redeliveries.saturating_add(1), "redelivering a dispatch whose worker died or stopped");
+            self.own.insert(key);
+            let at_us = now.max(state.last_event_us);
+            match self.stage(state, batch, event, at_us, true).map_err(|(e, _)| e) {
+                Ok(()) => staged = true,
+                Err(Refused::Illegal(e)) => {
+                    tracing::error!(error = %e, "a redelivery the state machine refuses (a bug); stopping this run's driver");
+                    return Err(EngineError::Transition(e));
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        Ok(staged)
     }
 
     async fn reload(&self) -> Result<RunState, EngineError> {
@@ -551,7 +603,13 @@ impl Driver {
             }
             Command::Notify { number } => {
                 let Some(e) = state.escalations.iter().find(|e| e.escalation.number == number) else { return };
-                Box::pin(effects::notify(self.inner.clone(), self.run, e.escalation.clone()))
+                Box::pin(effects::notify(
+                    self.inner.clone(),
+                    self.run,
+                    state.workflow.clone(),
+                    state.input.clone(),
+                    e.escalation.clone(),
+                ))
             }
             Command::Record { .. } => return,
         };
@@ -615,6 +673,7 @@ impl Driver {
             input: t.spec.input.clone(),
             upstream: BTreeMap::new(),
             note: None,
+            skipped: Vec::new(),
         });
         let cache_key = t.spec.cacheable.then(|| ResponseCache::key(&t.spec.handler, t.model.as_deref(), &input));
         let call = TaskCall {
@@ -625,7 +684,9 @@ impl Driver {
             task: task.clone(),
             handler: t.spec.handler.clone(),
             attempt,
-            idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
+            revision: state.revision.unwrap_or(0),
+            effect_key: t.effect_key.clone().unwrap_or_default(),
+            attempt_key: t.attempt_key.clone().unwrap_or_default(),
             model: t.model.clone(),
             input,
             timeout_ms: t.spec.timeout_ms,

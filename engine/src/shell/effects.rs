@@ -4,7 +4,7 @@
 //! back an [`Answer`]; the driver turns it into the event that records it with the core's
 //! [`crate::core::event_of`].
 
-use crate::api::{EvalRequest, HandlerError, PlanRequest, TaskCall};
+use crate::api::{EscalationContext, EvalRequest, HandlerError, PlanRequest, Resolver, TaskCall};
 use crate::core::{Answer, Command, Failure, Judgement, Output};
 use crate::model::event::{Escalation, PlanReason};
 use crate::model::state::RunState;
@@ -107,7 +107,7 @@ pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall) -> Answer {
             usage: Usage::default(),
         });
     };
-    tracing::debug!(key = %call.idempotency_key, "calling handler");
+    tracing::debug!(effect_key = %call.effect_key, attempt_key = %call.attempt_key, "calling handler");
     let fut = guarded("handler", panicked, || handler.call(call));
     match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
         Err(_) => Answer::Output(Err(Failure::timed_out(timeout_ms))),
@@ -187,18 +187,28 @@ fn add(a: Usage, b: Usage) -> Usage {
 /// asked about again on the run's next drive.
 const NOTIFY_TRIES: u32 = 5;
 
-/// Tells the escalation sink about `esc`: errors are retried, each try runs under
+/// Tells the escalation sink about `esc` of `run` (workflow type `workflow`, request
+/// `input`), with a resolver for it: errors are retried, each try runs under
 /// `ShellLimits::sink_timeout_ms`, and a timeout ends this drive's attempt (a hung sink
 /// holds a driver for one timeout, not five).
-pub(crate) async fn notify(inner: Arc<Inner>, run: RunId, esc: Escalation) -> Answer {
+pub(crate) async fn notify(inner: Arc<Inner>, run: RunId, workflow: String, input: Json, esc: Escalation) -> Answer {
     let number = esc.number;
     let timeout_ms = inner.limits.sink_timeout_ms;
+    let target: std::sync::Weak<dyn crate::api::ResolveTarget> = Arc::downgrade(&inner) as _;
+    let ctx = EscalationContext {
+        run,
+        workflow,
+        input_digest: input_digest(&input),
+        input,
+        escalation: esc,
+        resolver: Resolver::new(run, number, target),
+    };
     for n in 0..NOTIFY_TRIES {
         if n > 0 {
             tokio::time::sleep(Duration::from_millis(notify_backoff_ms(n))).await;
         }
         let on_panic = |what: &'static str, detail: String| format!("{what} panicked: {detail}");
-        let fut = guarded("escalation sink", on_panic, || inner.sink.notify(run, esc.clone()));
+        let fut = guarded("escalation sink", on_panic, || inner.sink.notify(ctx.clone()));
         match tokio::time::timeout(Duration::from_millis(timeout_ms), fut).await {
             Ok(Ok(())) => return Answer::Notified,
             Ok(Err(e)) => tracing::warn!(number, error = %e, "escalation sink failed"),
@@ -271,6 +281,12 @@ pub(crate) fn cut_at_deadline(effect: &Command) -> Option<Answer> {
         Command::Evaluate { .. } => Some(Answer::Evaluation(Err(f))),
         _ => None,
     }
+}
+
+/// Hex SHA-256 of a request input's canonical JSON (`EscalationContext::input_digest`).
+fn input_digest(input: &Json) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(input.0.as_bytes()))
 }
 
 /// Planner transient errors are retried in-process this many times.

@@ -4,7 +4,7 @@
 use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
-use crate::model::state::RunState;
+use crate::model::state::{RunState, SNAPSHOT_MAGIC};
 use keel_store::{codec, EventLog, RunId, Seq, Store};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
@@ -102,16 +102,22 @@ fn fold_into(
 
 fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
     match log.load_snapshot(run) {
-        Ok(Some((seq, bytes))) => match codec::decode::<RunState>(&bytes) {
-            Ok(s) if s.run == run && s.next_seq == seq => Some(s),
-            Ok(s) => {
-                tracing::warn!(%run, snapshot_seq = seq.0, state_seq = s.next_seq.0, "snapshot does not match its run or seq; folding the full log");
+        Ok(Some((seq, bytes))) => match snapshot_layout(&bytes).map(codec::decode::<RunState>) {
+            None => {
+                tracing::warn!(%run, snapshot_seq = seq.0, "snapshot of an older state layout; folding the full log");
                 None
             }
-            Err(e) => {
-                tracing::warn!(%run, error = %e, "snapshot does not decode; folding the full log");
-                None
-            }
+            Some(decoded) => match decoded {
+                Ok(s) if s.run == run && s.next_seq == seq => Some(s),
+                Ok(s) => {
+                    tracing::warn!(%run, snapshot_seq = seq.0, state_seq = s.next_seq.0, "snapshot does not match its run or seq; folding the full log");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(%run, error = %e, "snapshot does not decode; folding the full log");
+                    None
+                }
+            },
         },
         Ok(None) => None,
         Err(e) => {
@@ -119,4 +125,20 @@ fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
             None
         }
     }
+}
+
+/// The state bytes of a snapshot of the current layout (after [`SNAPSHOT_MAGIC`]); `None`
+/// for a snapshot of an older layout.
+fn snapshot_layout(bytes: &[u8]) -> Option<&[u8]> {
+    bytes.strip_prefix(SNAPSHOT_MAGIC.as_slice())
+}
+
+/// A snapshot of `state` as the engine saves it: [`SNAPSHOT_MAGIC`], then the state's
+/// bincode ([`load_state`] reads it back; a snapshot without the current magic is skipped).
+pub fn encode_snapshot(state: &RunState) -> Result<Vec<u8>, keel_store::StoreError> {
+    let bytes = codec::encode(state)?;
+    let mut out = Vec::with_capacity(bytes.len().saturating_add(SNAPSHOT_MAGIC.len()));
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.extend_from_slice(&bytes);
+    Ok(out)
 }

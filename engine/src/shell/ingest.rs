@@ -42,18 +42,14 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
     let (state, record) = inner.journal.found(&logged)?;
     let claim = req.idempotency_key.as_ref().map(|k| {
         let window_us = i64::try_from(wf.dedup_window_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
-        Claim {
-            key: format!("{}\0{}", wf.name, k).into_bytes(),
-            now_us,
-            expires_at_us: now_us.saturating_add(window_us),
-        }
+        Claim { key: claim_key(&wf.name, k), now_us, expires_at_us: now_us.saturating_add(window_us) }
     });
     let res = inner.journal.append(&state, Seq(0), vec![record], claim).await;
     match res {
         Ok(_) => {}
         Err(EngineError::Store(StoreError::DuplicateKey { existing })) => {
-            tracing::debug!(%existing, workflow = %wf.name, "duplicate idempotency key: returning the existing run");
-            return Ok(Submitted { run: existing, duplicate: true });
+            let key = req.idempotency_key.clone().unwrap_or_default();
+            return duplicate(inner, &wf.name, key, existing, &logged.event).await;
         }
         Err(e) => return Err(e),
     }
@@ -81,6 +77,72 @@ pub(crate) fn check_decision_depth(decision: &Decision) -> Result<(), EngineErro
             .map_err(|e| EngineError::JsonTooDeep { what: "supplied output", max: e.max }),
         _ => Ok(()),
     }
+}
+
+/// A request whose key is held by `existing`: the same request again (same workflow,
+/// input and priority) returns that run; a different one is an `IdempotencyConflict`.
+async fn duplicate(
+    inner: &Inner,
+    workflow: &str,
+    key: String,
+    existing: RunId,
+    wanted: &Event,
+) -> Result<Submitted, EngineError> {
+    let accepted = inner
+        .blocking(move |log| {
+            let first = crate::shell::fold::read_logged(log, existing, Seq(0))?.next();
+            first.ok_or(EngineError::UnknownRun { run: existing })?
+        })
+        .await?;
+    let (existing_digest, request_digest) = (accepted_digest(&accepted.event), accepted_digest(wanted));
+    if existing_digest != request_digest {
+        tracing::info!(%existing, %workflow, "idempotency key reused for a different request: refused");
+        return Err(EngineError::IdempotencyConflict {
+            workflow: workflow.to_owned(),
+            key,
+            run: existing,
+            existing_digest,
+            request_digest,
+        });
+    }
+    tracing::debug!(%existing, %workflow, "duplicate idempotency key: returning the existing run");
+    Ok(Submitted { run: existing, duplicate: true })
+}
+
+/// [`request_digest`] of what a `RunAccepted` recorded (empty for any other event).
+fn accepted_digest(e: &Event) -> String {
+    match e {
+        Event::RunAccepted { workflow, input, priority, .. } => request_digest(workflow, input, *priority),
+        _ => String::new(),
+    }
+}
+
+/// The digest that says whether two requests with one idempotency key ask for the same
+/// thing: hex SHA-256 over the workflow type, the input's canonical JSON and the priority
+/// (each length-prefixed). The seed and a budget override are not part of it.
+pub fn request_digest(workflow: &str, input: &Json, priority: i32) -> String {
+    let mut h = Sha256::new();
+    h.update(b"keel/request");
+    for part in [workflow.as_bytes(), input.0.as_bytes()] {
+        h.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes());
+        h.update(part);
+    }
+    h.update(priority.to_le_bytes());
+    hex::encode(h.finalize())
+}
+
+/// The run that holds idempotency key `key` of workflow type `workflow` (within its dedup
+/// window), if any ([`crate::Engine::run_by_key`]).
+pub(crate) async fn run_by_key(inner: &Inner, workflow: &str, key: &str) -> Result<Option<RunId>, EngineError> {
+    let claim = claim_key(workflow, key);
+    let now_us = inner.clock.now_us();
+    inner.blocking(move |log| Ok(log.lookup_key(&claim, now_us)?)).await
+}
+
+/// The store key a request's idempotency key is claimed under: keys are scoped to their
+/// workflow type.
+fn claim_key(workflow: &str, key: &str) -> Vec<u8> {
+    format!("{workflow}\0{key}").into_bytes()
 }
 
 /// The request's input as canonical JSON, once it passes the checks (size, the workflow

@@ -17,7 +17,7 @@ use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
-use keel_store::{codec, Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
+use keel_store::{Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
 
 /// Why an event could not be journaled. The state it was checked against is unchanged.
@@ -176,7 +176,7 @@ fn snapshot_bytes(state: &RunState, before: Seq, every: u64) -> Option<Vec<u8>> 
     if every == 0 || before.0 / every == state.next_seq.0 / every {
         return None;
     }
-    match codec::encode(state) {
+    match crate::shell::fold::encode_snapshot(state) {
         Ok(bytes) => Some(bytes),
         Err(e) => {
             tracing::warn!(run = %state.run, error = %e, "snapshot does not encode");

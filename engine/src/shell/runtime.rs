@@ -37,6 +37,9 @@ pub(crate) struct Inner {
     pub limits: ShellLimits,
     /// Where calls out of the engine run (a blocking callee cannot hold a driver).
     pub calls: CallPool,
+    /// Redeliveries of one dispatch before `decide` quarantines its task
+    /// (`EngineBuilder::redelivery_limit`); recorded on each `TaskRedelivered`.
+    pub redelivery_limit: u32,
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
     pub wake: Notify,

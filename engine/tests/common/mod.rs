@@ -113,18 +113,20 @@ pub fn pass_evaluator() -> Arc<FnEvaluator> {
     evaluator(|_| Ok(Evaluation { verdict: Verdict::Pass, notes: "ok".into(), usage: Usage::default() }))
 }
 
-/// A sink that counts notifications and can be told to fail.
+/// A sink that counts notifications, keeps what it was told, and can be told to fail.
 #[derive(Default)]
 pub struct CountingSink {
     pub notified: Mutex<Vec<(RunId, u32)>>,
+    pub contexts: Mutex<Vec<EscalationContext>>,
     pub fail: std::sync::atomic::AtomicBool,
 }
 impl EscalationSink for CountingSink {
-    fn notify(&self, run: RunId, escalation: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, ctx: EscalationContext) -> BoxFuture<Result<(), String>> {
         if self.fail.load(Ordering::SeqCst) {
             return Box::pin(async { Err("sink down".to_owned()) });
         }
-        self.notified.lock().unwrap().push((run, escalation.number));
+        self.notified.lock().unwrap().push((ctx.run, ctx.escalation.number));
+        self.contexts.lock().unwrap().push(ctx);
         Box::pin(async { Ok(()) })
     }
 }

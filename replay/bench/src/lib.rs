@@ -28,14 +28,14 @@ pub use error::BenchError;
 use keel_engine::api::{BoxFuture, Clock, EscalationSink, Evaluation, Evaluator, HandlerError, PlanRequest, Planner};
 use keel_engine::{
     apply, apply_mut, apply_take, decide, load_state, read_logged_runs, Context, Engine, EngineError, ErrorClass,
-    Escalation, Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState,
-    TaskCall, TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
+    Event, ExhaustionPolicy, Json, Logged, Plan, PlanReason, Policy, Request, RetryPolicy, RunState, TaskCall,
+    TaskHandler, TaskId, TaskInput, TaskKind, TaskOutput, TaskSpec, Usage, Verdict, WorkflowType,
 };
 use keel_replay::export::{JsonlWriter, Redaction};
 use keel_replay::source::export_runs;
 use keel_store::{
-    codec, prepare, AppendObserver, Durability, EventLog, Head, Level, NewRecord, Observed, RunId, Seq, SledStore,
-    Store, StoreConfig, StoreError, SEGMENT_BYTES,
+    prepare, AppendObserver, Durability, EventLog, Head, Level, NewRecord, Observed, RunId, Seq, SledStore, Store,
+    StoreConfig, StoreError, SEGMENT_BYTES,
 };
 use serde_json::{json, Value};
 use std::io::Write;
@@ -479,6 +479,7 @@ fn task_spec(i: usize, kind: TaskKind) -> TaskSpec {
         output_schema: None,
         complexity: None,
         cacheable: false,
+        optional_deps: Vec::new(),
     }
 }
 
@@ -524,7 +525,7 @@ impl Evaluator for PassEvaluator {
 struct QuietSink;
 
 impl EscalationSink for QuietSink {
-    fn notify(&self, _run: RunId, _escalation: Escalation) -> BoxFuture<Result<(), String>> {
+    fn notify(&self, _escalation: keel_engine::EscalationContext) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -1411,7 +1412,7 @@ fn build_long_run(log: &dyn Store, run: RunId, events: u64, snapshot_every: u64)
         let before = *expected;
         *expected = Seq(expected.0 + n);
         if snapshot_every > 0 && before.0 / snapshot_every != expected.0 / snapshot_every {
-            log.save_snapshot(run, state.next_seq, &codec::encode(state)?)?;
+            log.save_snapshot(run, state.next_seq, &keel_engine::encode_snapshot(state)?)?;
         }
         Ok(())
     };
@@ -1438,12 +1439,14 @@ fn build_long_run(log: &dyn Store, run: RunId, events: u64, snapshot_every: u64)
                     Event::TaskDispatched {
                         task: task.clone(),
                         attempt,
-                        idempotency_key: keel_engine::core::idempotency_key(run, 0, &task, attempt),
+                        effect_key: keel_engine::core::effect_key(run, &task, 0),
+                        attempt_key: keel_engine::core::attempt_key(run, 0, &task, attempt),
                         model: None,
                         input: TaskInput {
                             input: Json::new(&json!({"step": 0, "prompt": "summarise the ticket and propose a reply"})),
                             upstream: Default::default(),
                             note: Some("previous attempt failed (Transient): rate limited".to_owned()),
+                            skipped: Vec::new(),
                         },
                         reserved: Usage::default(),
                     }
@@ -1587,7 +1590,8 @@ fn fold_db(log: &dyn EventLog, runs: &[RunId]) -> Result<u64, BenchError> {
 /// One record of the replay: decode its event, check the envelope's kind.
 fn logged_of(rec: Result<keel_store::Record, keel_store::StoreError>) -> Result<Logged, BenchError> {
     let rec = rec?;
-    let event: Event = rec.decode()?;
+    let event: Event = keel_engine::model::upcast::decode(&rec.kind, rec.payload_version(), &rec.payload)
+        .map_err(|reason| keel_store::StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
     if event.kind_name() != rec.kind {
         return Err(BenchError::Invalid(format!("run {} seq {}: kind mismatch", rec.run, rec.seq)));
     }

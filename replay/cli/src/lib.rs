@@ -49,6 +49,9 @@ struct Cli {
 enum Cmd {
     /// Submit demo runs (a simulated support-ticket agent) and work them until idle.
     Demo(cmd::demo::DemoArgs),
+    /// Submit one request of a registered workflow type (recorded and queued; `keel work`
+    /// drives it).
+    Submit(cmd::submit::SubmitArgs),
     /// Resume and drive every pending run.
     Work(cmd::work::WorkArgs),
     /// List runs.
@@ -163,6 +166,7 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
     let db = cli.db;
     match cli.command {
         Cmd::Demo(a) => cmd::demo::run(&db, a, registry).await,
+        Cmd::Submit(a) => cmd::submit::run(&db, a, registry).await,
         Cmd::Work(a) => cmd::work::run(&db, a, registry).await,
         Cmd::Runs(a) => cmd::runs::run(&db, a, registry),
         Cmd::Show(a) => cmd::show::run(&db, a, registry),

@@ -543,29 +543,70 @@ fn v3_export_lines_carry_the_payload_digest_and_version_and_an_edited_one_is_nam
     keel(&db.db, &["verify", redacted.to_str().unwrap(), "--against-db"]).ok();
 }
 
+/// The first run of the committed golden demo-v1 log with a plan (its events as rebuilt
+/// from their JSON fields, with their version-1 bincode payload bytes).
+fn golden_v1_run() -> (RunId, Vec<(keel_engine::Logged, Vec<u8>)>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../engine/demo/tests/golden/demo-v1.jsonl");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut runs: std::collections::BTreeMap<String, Vec<(keel_engine::Logged, Vec<u8>)>> = Default::default();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let kind = v["kind"].as_str().unwrap();
+        let event = keel_engine::Event::from_fields(kind, v["fields"].as_object().unwrap().clone()).unwrap();
+        let run: RunId = v["run"].as_str().unwrap().parse().unwrap();
+        let logged = keel_engine::Logged {
+            run,
+            seq: Seq(v["seq"].as_u64().unwrap()),
+            at_us: v["at_us"].as_i64().unwrap(),
+            event,
+        };
+        let bytes = hex::decode(v["bincode"].as_str().unwrap()).unwrap();
+        runs.entry(run.to_string()).or_default().push((logged, bytes));
+    }
+    let (_, events) = runs.into_iter().next().unwrap();
+    (events[0].0.run, events)
+}
+
+/// The fields of a golden version-1 payload as the version-1 code wrote them: what the
+/// engine reads back from the stored bytes without upcasting.
+fn golden_fields(logged: &keel_engine::Logged, bytes: &[u8]) -> serde_json::Map<String, Value> {
+    let rec = keel_store::Record {
+        run: logged.run,
+        seq: logged.seq,
+        schema_version: 1,
+        kind: logged.event.kind_name().to_owned(),
+        time_us: logged.at_us,
+        payload_version: 1,
+        payload: bytes.to_vec(),
+        payload_root: [0; 32],
+        prev_hash: [0; 32],
+        hash: [0; 32],
+    };
+    keel_engine::model::upcast::stored_fields(&rec).unwrap()
+}
+
 #[test]
 fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
     let db = DemoDb::new(8);
-    // A run without a TaskFailed: a v1 build wrote every one of its payloads as today's
-    // code does (TaskFailed is at payload version 2 since `source`; reading a version-1
-    // TaskFailed back is engine/tests/upcast.rs's).
-    let run = db.run_of("happy_path");
-    let events = db.events(run);
-    assert!(!events.iter().any(|e| e.event.payload_version() > 1));
-    // Rewrite the run as a v1 build wrote it (same events, times and payload bytes).
+    // A run as a v1 build wrote it: the payload bytes of a run of the committed golden
+    // demo-v1 (every event at payload version 1: TaskDispatched without its effect key,
+    // plans without optional dependencies, TaskFailed without its source), sealed as
+    // schema-version-1 records into a copy of the demo db.
+    let (run, golden) = golden_v1_run();
+    let events: Vec<keel_engine::Logged> = golden.iter().map(|(logged, _)| logged.clone()).collect();
+    assert!(golden.iter().any(|(l, _)| l.event.payload_version() > 1), "the run has kinds whose layout changed");
     let dir = tampered_db(&db, "v1db", |s| {
-        let stored: Vec<_> = s.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
         let mut prev = [0u8; 32];
-        for rec in &stored {
+        for (logged, bytes) in &golden {
             let new = keel_store::NewRecord {
-                kind: rec.kind.clone(),
-                time_us: rec.time_us,
-                payload_version: rec.payload_version,
-                payload: rec.payload.clone(),
-                payload_root: rec.payload_root,
+                kind: logged.event.kind_name().to_owned(),
+                time_us: logged.at_us,
+                payload_version: 1,
+                payload: bytes.clone(),
+                payload_root: digest::payload_root_of(&golden_fields(logged, bytes)),
             };
-            let (value, hash) = keel_store::testing::seal_v1_record(run, rec.seq, &prev, &new).unwrap();
-            s.raw_put(run, rec.seq, &value).unwrap();
+            let (value, hash) = keel_store::testing::seal_v1_record(run, logged.seq, &prev, &new).unwrap();
+            s.raw_put(run, logged.seq, &value).unwrap();
             prev = hash;
         }
     });

@@ -215,3 +215,31 @@ fn db_defaults_to_keel_data_and_reads_keel_db() {
     let again = keel_in(Some(dir.path()), &["demo", "--runs", "2", "--json"]);
     assert!(again.ok().json()["runs"].as_array().unwrap().iter().all(|r| r["existing"] == true));
 }
+
+#[test]
+fn submit_records_a_request_returns_its_run_again_and_refuses_another_request_under_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let db = db.as_path();
+    let input = serde_json::to_string(&keel_demo::request(3, 0).input).unwrap();
+    let first = keel(db, &["submit", "support_ticket", "--input", &input, "--key", "t-1", "--json"]).ok().json();
+    assert_eq!(first["duplicate"], false);
+    let again = keel(db, &["submit", "support_ticket", "--input", &input, "--key", "t-1", "--json"]).ok().json();
+    assert_eq!((&again["run"], &again["duplicate"]), (&first["run"], &serde_json::json!(true)));
+    // Another priority under the same key: one line, exit 1, nothing recorded.
+    let e =
+        keel(db, &["submit", "support_ticket", "--input", &input, "--key", "t-1", "--priority", "5"]).one_line_error(1);
+    assert!(e.starts_with("error: idempotency conflict: "), "{e}");
+    assert!(e.contains(first["run"].as_str().unwrap()), "{e}");
+    let runs = keel(db, &["runs", "--json"]).ok().json();
+    assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
+    // Bad input JSON is a usage error.
+    keel(db, &["submit", "support_ticket", "--input", "{not json"]).one_line_error(2);
+    // An input nested deeper than the JSON limit: one line with the stable code, exit 2,
+    // nothing recorded (it is scanned before it is parsed).
+    let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+    let e = keel(db, &["submit", "support_ticket", "--input", &deep]).one_line_error(2);
+    assert!(e.contains("json_too_deep"), "{e}");
+    let runs = keel(db, &["runs", "--json"]).ok().json();
+    assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
+}

@@ -35,6 +35,7 @@ pub struct ErrorDetail {
     /// Stable code: bad_request, body_too_large, unauthorized, forbidden, not_found,
     /// run_not_found, not_awaiting_human, already_terminal, conflict,
     /// idempotency_conflict, unknown_workflow, invalid_input, invalid_decision, json_too_deep,
+    /// output_schema_mismatch, escalation_closed,
     /// method_not_allowed, not_ready, internal.
     pub code: String,
     /// One line for a person.
@@ -92,6 +93,13 @@ impl From<EngineError> for ApiError {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_workflow", e.to_string())
             }
             EngineError::InvalidInput { .. } => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_input", e.to_string()),
+            EngineError::IdempotencyConflict { .. } => {
+                ApiError::new(S::CONFLICT, "idempotency_conflict", e.to_string())
+            }
+            EngineError::SuppliedOutputRejected { .. } => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "output_schema_mismatch", e.to_string())
+            }
+            EngineError::EscalationClosed { .. } => ApiError::new(S::CONFLICT, "escalation_closed", e.to_string()),
             EngineError::InvalidDecision { .. } => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_decision", e.to_string())
             }

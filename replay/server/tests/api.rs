@@ -143,6 +143,11 @@ async fn submit_answers_201_new_200_duplicate_409_conflict_422_invalid_400_bad_j
     let r = s.post("/v1/runs", Some(ADMIN), &other).await;
     assert_eq!((r.status, r.code().as_str()), (409, "idempotency_conflict"), "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains(&run));
+    // Another priority is another request too.
+    let mut urgent = submit_body(&req);
+    urgent["priority"] = json!(9);
+    let r = s.post("/v1/runs", Some(ADMIN), &urgent).await;
+    assert_eq!((r.status, r.code().as_str()), (409, "idempotency_conflict"), "{}", r.text());
 
     let r = s.post("/v1/runs", Some(ADMIN), &json!({"workflow": "support_ticket", "input": {}})).await;
     assert_eq!((r.status, r.code().as_str()), (422, "invalid_input"));

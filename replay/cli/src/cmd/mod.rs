@@ -14,6 +14,7 @@ pub(crate) mod runs;
 pub(crate) mod serve;
 pub(crate) mod show;
 pub(crate) mod stats;
+pub(crate) mod submit;
 pub(crate) mod token;
 pub(crate) mod verify;
 pub(crate) mod work;
