@@ -21,12 +21,14 @@ fn run(n: u8) -> RunId {
     RunId::from_bytes([n; 16])
 }
 
-/// Polls `admin` until a keel session waits on a lock; panics after 20 s.
-fn wait_for_a_blocked_keel_session(admin: &Admin) -> i32 {
+/// Polls with `watcher` until a session waits on a lock `holder` holds (so tests running
+/// at once cannot mistake each other's sessions); returns its pid. Panics after 20 s.
+fn wait_for_a_session_blocked_by(holder_pid: i32, watcher: &Admin) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rows =
-            admin.rows("SELECT pid FROM pg_stat_activity WHERE application_name = 'keel' AND wait_event_type = 'Lock'");
+        let rows = watcher.rows(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'keel' AND {holder_pid} = ANY(pg_blocking_pids(pid))"
+        ));
         if let Some(row) = rows.first() {
             return row.get(0);
         }
@@ -145,7 +147,7 @@ fn a_fenced_append_racing_a_takeover_waits_for_it_and_is_refused_and_counted() {
     admin.exec(&format!("BEGIN; UPDATE {schema}.leases SET owner = 'b', epoch = epoch + 1 WHERE run = '{}'", r.0));
     let (s, fence) = (store.clone(), a.fence());
     let racing = std::thread::spawn(move || s.append_fenced(r, Seq(1), vec![rec(1)], None, fence));
-    wait_for_a_blocked_keel_session(&watcher);
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
     admin.exec("COMMIT");
     match racing.join().unwrap() {
         Err(StoreError::Fenced { run, fence, current }) => {
@@ -258,7 +260,7 @@ fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store
     admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
     let s = store.clone();
     let blocked = std::thread::spawn(move || s.append(r, Seq(1), vec![rec(1), rec(2)], None));
-    let pid = wait_for_a_blocked_keel_session(&watcher);
+    let pid = wait_for_a_session_blocked_by(admin.pid(), &watcher);
     watcher.exec(&format!("SELECT pg_terminate_backend({pid})"));
     let err = blocked.join().unwrap().unwrap_err();
     let (kind, pg) = io_kind_and_pg(&err);
@@ -537,7 +539,7 @@ fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_dup
     ));
     let s = store.clone();
     let creating = std::thread::spawn(move || s.append(r, Seq(0), vec![rec(0)], None));
-    wait_for_a_blocked_keel_session(&watcher);
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
     admin.exec("COMMIT");
     match creating.join().unwrap() {
         Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
@@ -552,7 +554,7 @@ fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_dup
     let s = store.clone();
     let claim = keel_store::Claim { key: b"key".to_vec(), now_us: 0, expires_at_us: 1_000 };
     let claiming = std::thread::spawn(move || s.append(claimer, Seq(0), vec![rec(0)], Some(claim)));
-    wait_for_a_blocked_keel_session(&watcher);
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
     admin.exec("COMMIT");
     assert!(matches!(claiming.join().unwrap(), Err(StoreError::DuplicateKey { existing }) if existing == holder));
     assert_eq!(store.head(claimer).unwrap().next_seq, Seq(0), "the refused append wrote nothing");

@@ -75,6 +75,11 @@ impl Admin {
         self.rt.block_on(self.client.query(sql, &[])).unwrap_or_else(|e| panic!("{sql}: {e:?}"))
     }
 
+    /// The server process of this session.
+    pub fn pid(&self) -> i32 {
+        self.rows("SELECT pg_backend_pid()")[0].get(0)
+    }
+
     pub fn int(&self, sql: &str) -> i64 {
         self.rows(sql)[0].get(0)
     }
