@@ -13,8 +13,9 @@
 //!   must carry exactly `replan_outcome`), TaskExecuted/TaskFailed of a dispatched task
 //!   need `Execute{task, attempt}`, an evaluator's TaskEvaluated (or its failure) needs
 //!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`;
-//! - **external** (RunAccepted, a human's HumanResolved, RunCancelled): allowed whenever
-//!   the state machine accepts it.
+//! - **external** (RunAccepted, a human's HumanResolved, RunCancelled, the `RunFailed` the
+//!   shell records when the store refused one of the core's records as too large):
+//!   allowed whenever the state machine accepts it.
 //!
 //! The first event that does not fit is the [`Divergence`].
 
@@ -147,6 +148,9 @@ pub fn plan_handlers(events: &[Logged]) -> BTreeSet<String> {
 pub fn classify(state: &RunState, event: &Event) -> EventClass {
     match event {
         Event::RunAccepted { .. } | Event::RunCancelled { .. } => EventClass::External,
+        // The shell failed the run because the store refused one of the core's records as
+        // too large (engine shell/oversize.rs): a fact of the shell, not a decision.
+        Event::RunFailed { reason } if reason.starts_with(keel_engine::RECORD_TOO_LARGE) => EventClass::External,
         Event::HumanResolved { defaulted, .. } => {
             if *defaulted {
                 EventClass::Decision

@@ -202,8 +202,8 @@ impl<W: Write> JsonlWriter<W> {
 }
 
 fn record_line<'a>(rec: &'a Record, redaction: &Redaction) -> Result<RecordLine<'a>, ReplayError> {
-    let event: Event = rec.decode()?;
-    let mut fields = event.fields();
+    // The fields in the layout the record was written in (its payload root covers them).
+    let mut fields = keel_engine::model::upcast::fields_as_written(rec)?;
     // Pair check: what we write must hash to what the store chained.
     if digest::payload_root_of(&fields) != rec.payload_root {
         return Err(ReplayError::Invalid(format!(

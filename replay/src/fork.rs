@@ -30,8 +30,8 @@ use keel_engine::api::{
     TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply, core::idempotency_key, Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState,
-    RunStatus, TaskStatus, WorkflowType,
+    apply, copy_payloads, core::idempotency_key, prepare_outlined, Engine, Escalation, Event, FailureSource, Logged, Plan,
+    Policy, Resolution, RunState, RunStatus, TaskStatus, WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;
@@ -518,7 +518,7 @@ pub fn append_events(log: &dyn EventLog, events: &[Logged]) -> Result<(), Replay
     let mut next = 0u64;
     for chunk in events.chunks(512) {
         let records =
-            chunk.iter().map(|e| keel_store::prepare(&e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
+            chunk.iter().map(|e| prepare_outlined(log, &e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
         if let Some(first) = chunk.first() {
             log.append(first.run, Seq(next), records, None)?;
             next += chunk.len() as u64;
@@ -536,6 +536,8 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
     let mut next = 0u64;
     for rec in from.read(run, Seq(0))? {
         let rec = rec?;
+        // Its payloads first: written before the record that refers to them.
+        copy_payloads(from, to, &rec)?;
         batch.push(NewRecord {
             kind: rec.kind,
             time_us: rec.time_us,

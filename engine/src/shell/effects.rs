@@ -114,15 +114,8 @@ pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall, cache_key: Option
             Answer::Output(Err(f))
         }
         Ok(Ok(out)) => {
+            // Size limits: checked by the driver before the answer is staged (shell/oversize.rs).
             let output = Json::new(&out.output);
-            let max = inner.limits.output_bytes_max;
-            if output.0.len() > max {
-                return Answer::EngineFailure(Failure {
-                    class: ErrorClass::Semantic,
-                    message: format!("output too large: {} bytes of JSON > max {max}", output.0.len()),
-                    usage: out.usage,
-                });
-            }
             Answer::Output(Ok(Output { output, usage: out.usage, cached: false }))
         }
     }

@@ -8,6 +8,7 @@
 //! - [`driver`]: one driver per run (decide, stage, append, start effects);
 //! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
 //! - [`journal`]: the one place that checks, encodes, appends and snapshots;
+//! - [`oversize`]: what is recorded when an output or a record is over a limit;
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
 //! - [`cache`]: the response cache.
@@ -18,6 +19,7 @@ pub(crate) mod effects;
 pub(crate) mod fold;
 pub(crate) mod ingest;
 pub(crate) mod journal;
+pub(crate) mod oversize;
 pub(crate) mod queue;
 pub(crate) mod runtime;
 pub(crate) mod sched;
