@@ -24,6 +24,7 @@ pub mod error;
 pub mod export;
 pub mod fork;
 pub mod format;
+pub mod payloads;
 pub mod html;
 pub mod policy;
 pub mod source;
