@@ -529,8 +529,11 @@ impl<R: BufRead> ExportCheck<R> {
 
 /// Verifies runs of a database with the store's deep check (`keel_store::verify`), in
 /// order; stops at the first failure.
+/// Then every stored payload is read back and hashed (`keel_store::verify_payloads`), and
+/// every payload a verified run's records refer to must be stored.
 pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut()) -> Result<Verification, ReplayError> {
     let mut out = Verification::default();
+    let stored: BTreeSet<Hash32> = log.payload_digests()?.into_iter().collect();
     for &run in runs {
         match keel_store::verify::verify_run::<Event>(log, run) {
             Ok(rep) => {
@@ -541,9 +544,45 @@ pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut())
                 return Ok(out);
             }
         }
+        if let Some(f) = missing_payload(log, run, &stored)? {
+            out.failure = Some(f);
+            return Ok(out);
+        }
         progress();
     }
+    if let Err(e) = keel_store::verify_payloads(log) {
+        let what = match &e {
+            keel_store::StoreError::CorruptPayload { .. } => Tamper::Altered,
+            _ => Tamper::Malformed,
+        };
+        out.failure = Some(fail(what, None, None, None, e.to_string()));
+    }
     Ok(out)
+}
+
+/// The first record of `run` that refers to a payload not in `stored`, as a failure.
+fn missing_payload(log: &dyn EventLog, run: RunId, stored: &BTreeSet<Hash32>) -> Result<Option<Failure>, ReplayError> {
+    // `scan`: the chain was just verified; only the references are looked at here.
+    for rec in log.scan(run, Seq(0))? {
+        let rec = rec?;
+        // Cheap filter: only a record whose bytes mention a reference is decoded.
+        if !rec.payload.windows(8).any(|w| w == b"@sha256:") {
+            continue;
+        }
+        let Ok(event) = keel_engine::model::upcast::decode(&rec.kind, rec.payload_version(), &rec.payload) else {
+            continue;
+        };
+        if let Some(r) = keel_engine::model::payload::refs(&event).into_iter().find(|r| !stored.contains(&r.digest)) {
+            return Ok(Some(fail(
+                Tamper::Removed,
+                Some(run),
+                Some(rec.seq.0),
+                None,
+                format!("run {run} seq {}: payload sha256:{} it refers to is not stored (removed)", rec.seq, r.hex()),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 fn db_failure(run: RunId, e: VerifyError) -> Failure {
