@@ -546,15 +546,19 @@ fn v3_export_lines_carry_the_payload_digest_and_version_and_an_edited_one_is_nam
 #[test]
 fn a_run_written_as_schema_version_1_exports_v1_lines_that_verify() {
     let db = DemoDb::new(8);
-    // A run without a TaskFailed: a v1 build wrote every one of its payloads as today's
-    // code does (TaskFailed is at payload version 2 since `source`; reading a version-1
-    // TaskFailed back is engine/tests/upcast.rs's).
+    // A run without a TaskFailed, up to its RunCompleted: a v1 build wrote every one of
+    // these payloads as today's code does (TaskFailed is at payload version 2 since
+    // `source`, RunCompleted since it refers to outputs; reading version 1 of either back
+    // is engine/tests/upcast.rs's and the round-1 golden's).
     let run = db.run_of("happy_path");
-    let events = db.events(run);
+    let mut events = db.events(run);
+    assert!(matches!(events.pop().map(|e| e.event), Some(keel_engine::Event::RunCompleted { .. })));
     assert!(!events.iter().any(|e| e.event.payload_version() > 1));
     // Rewrite the run as a v1 build wrote it (same events, times and payload bytes).
     let dir = tampered_db(&db, "v1db", |s| {
-        let stored: Vec<_> = s.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
+        let mut stored: Vec<_> = s.read(run, Seq(0)).unwrap().map(|r| r.unwrap()).collect();
+        let last = stored.pop().unwrap();
+        s.raw_remove(run, last.seq).unwrap();
         let mut prev = [0u8; 32];
         for rec in &stored {
             let new = keel_store::NewRecord {
