@@ -1,5 +1,5 @@
 //! The payload store beside the log: opaque byte strings stored by their SHA-256, so an
-//! event carries a digest and a size instead of a large value (docs/STORE.md §7).
+//! event carries a digest and a size instead of a large value (docs/STORE.md §14).
 //!
 //! A payload is split into chunks of [`PAYLOAD_CHUNK_BYTES`] (32 KiB, far below the size
 //! at which sled moves a value into a blob file it never fsyncs) and written in one atomic
