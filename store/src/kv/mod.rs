@@ -441,10 +441,13 @@ impl<K: Kv> Core<K> {
     /// [`crate::Payloads::put_payload`]: manifest and chunks in one atomic write, nothing
     /// if the manifest is already stored.
     pub(crate) fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
-        let (r, writes) = payloads::payload_writes(bytes)?;
-        if self.kv.get(&payloads::manifest_key(&r.digest))?.is_none() {
-            self.kv.apply(writes)?;
+        let r = PayloadRef::of(bytes);
+        // Stored already (an output copied into a downstream input): nothing to write.
+        if self.kv.get(&payloads::manifest_key(&r.digest))?.is_some() {
+            return Ok(r);
         }
+        let (r, writes) = payloads::payload_writes(bytes)?;
+        self.kv.apply(writes)?;
         Ok(r)
     }
 
