@@ -107,12 +107,10 @@ async fn a_fan_in_of_8_outputs_of_1_mb_completes_on_sled_and_stores_each_output_
         seen2.lock().unwrap().extend(sizes);
         Ok(TaskOutput { output: json!({"joined": c.input.upstream.len()}), usage: Usage::default() })
     });
-    let engine = open_engine(
-        dir.path(),
-        wf(fan_plan(8, true)),
-        &[("big", sized_handler(1_000_000)), ("small", join)],
-        |b| b.durability(keel_store::Durability::None),
-    );
+    let engine =
+        open_engine(dir.path(), wf(fan_plan(8, true)), &[("big", sized_handler(1_000_000)), ("small", join)], |b| {
+            b.durability(keel_store::Durability::None)
+        });
     let s = engine.submit(req("fan", json!({}))).await.unwrap();
     let report = engine.run_until_idle().await.unwrap();
     assert!(report.stopped.is_empty(), "a driver stopped: {:?}", report.stopped);
@@ -160,11 +158,16 @@ async fn an_output_over_the_per_task_limit_is_a_recorded_task_failure() {
     let failure = events
         .iter()
         .find_map(|e| match &e.event {
-            Event::TaskFailed { error, source, class, note, .. } => Some((error.clone(), *source, *class, note.clone())),
+            Event::TaskFailed { error, source, class, note, .. } => {
+                Some((error.clone(), *source, *class, note.clone()))
+            }
             _ => None,
         })
         .expect("a TaskFailed");
-    assert_eq!((failure.0.as_str(), failure.1, failure.2), (OUTPUT_TOO_LARGE, FailureSource::Engine, ErrorClass::Semantic));
+    assert_eq!(
+        (failure.0.as_str(), failure.1, failure.2),
+        (OUTPUT_TOO_LARGE, FailureSource::Engine, ErrorClass::Semantic)
+    );
     assert!(failure.3.unwrap().contains("output_bytes_max 10000"));
     assert!(engine.state(s.run).unwrap().status.is_terminal());
 }

@@ -200,7 +200,12 @@ impl<W: Write> JsonlWriter<W> {
 
     /// Writes the payloads the record's (possibly redacted) `fields` refer to that this
     /// file does not hold yet, read from `log` (checked against their digests).
-    fn write_payloads(&mut self, log: &dyn EventLog, rec: &Record, fields: &Map<String, Value>) -> Result<(), ReplayError> {
+    fn write_payloads(
+        &mut self,
+        log: &dyn EventLog,
+        rec: &Record,
+        fields: &Map<String, Value>,
+    ) -> Result<(), ReplayError> {
         for r in crate::payloads::record_refs(&rec.kind, fields) {
             if self.written.contains(&r.digest) {
                 continue;
@@ -213,7 +218,12 @@ impl<W: Write> JsonlWriter<W> {
                 })
             })?;
             let text = String::from_utf8(bytes).map_err(|_| {
-                ReplayError::Invalid(format!("payload sha256:{} referenced by run {} seq {} is not UTF-8", r.hex(), rec.run, rec.seq.0))
+                ReplayError::Invalid(format!(
+                    "payload sha256:{} referenced by run {} seq {} is not UTF-8",
+                    r.hex(),
+                    rec.run,
+                    rec.seq.0
+                ))
             })?;
             for part in crate::payloads::payload_lines(&r, &text) {
                 write_line(&mut self.out, &part)?;

@@ -30,8 +30,8 @@ use keel_engine::api::{
     TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply, copy_payloads, core::idempotency_key, prepare_outlined, Engine, Escalation, Event, FailureSource, Logged, Plan,
-    Policy, Resolution, RunState, RunStatus, TaskStatus, WorkflowType,
+    apply, copy_payloads, core::idempotency_key, prepare_outlined, Engine, Escalation, Event, FailureSource, Logged,
+    Plan, Policy, Resolution, RunState, RunStatus, TaskStatus, WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;

@@ -172,7 +172,9 @@ pub fn inflate_from(event: &mut Event, found: &BTreeMap<Hash32, String>) -> Resu
 
 /// Parses the fields of a `payload` line.
 pub(crate) fn parse_payload_fields(obj: &Map<String, Value>, line: u64) -> Result<ExportPayload, String> {
-    let get_u64 = |k: &str| obj.get(k).and_then(Value::as_u64).ok_or_else(|| format!("field `{k}` missing or not an unsigned integer"));
+    let get_u64 = |k: &str| {
+        obj.get(k).and_then(Value::as_u64).ok_or_else(|| format!("field `{k}` missing or not an unsigned integer"))
+    };
     let digest = obj
         .get("sha256")
         .and_then(Value::as_str)

@@ -365,9 +365,8 @@ impl<R: BufRead> ExportRuns<R> {
                     let line = rec.line();
                     let mut logged = rec.into_logged(&self.path)?;
                     if keel_engine::model::payload::has_refs(&logged.event) {
-                        crate::payloads::inflate_from(&mut logged.event, &self.payloads).map_err(|reason| {
-                            ReplayError::Export { path: self.path.clone(), line, reason }
-                        })?;
+                        crate::payloads::inflate_from(&mut logged.event, &self.payloads)
+                            .map_err(|reason| ReplayError::Export { path: self.path.clone(), line, reason })?;
                     }
                     events.push(logged);
                 }

@@ -326,7 +326,9 @@ impl<R: BufRead> ExportCheck<R> {
                 Ok(())
             }
             Ok(None) => Ok(()),
-            Err(PartError::Altered(m)) => Err(fail(Tamper::Altered, None, None, Some(line), format!("line {line}: {m}"))),
+            Err(PartError::Altered(m)) => {
+                Err(fail(Tamper::Altered, None, None, Some(line), format!("line {line}: {m}")))
+            }
             Err(PartError::Malformed(m)) => {
                 Err(fail(Tamper::Malformed, None, None, Some(line), format!("line {line}: {m}")))
             }

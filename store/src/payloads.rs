@@ -85,14 +85,17 @@ pub(crate) fn chunk_key(digest: &Hash32, index: u32) -> Vec<u8> {
 }
 
 /// The writes that store `bytes` (manifest and chunks) and its reference.
-pub(crate) fn payload_writes(bytes: &[u8]) -> Result<(PayloadRef, Vec<(Vec<u8>, Option<Vec<u8>>)>), StoreError> {
+pub(crate) fn payload_writes(bytes: &[u8]) -> Result<(PayloadRef, crate::kv::KvWrites), StoreError> {
     if bytes.len() > PAYLOAD_BYTES_MAX {
         return Err(StoreError::TooLarge { what: "payload", bytes: bytes.len(), max: PAYLOAD_BYTES_MAX });
     }
     let r = PayloadRef::of(bytes);
     let chunks: Vec<&[u8]> = bytes.chunks(PAYLOAD_CHUNK_BYTES).collect();
-    let count = u32::try_from(chunks.len())
-        .map_err(|_| StoreError::TooLarge { what: "payload", bytes: bytes.len(), max: PAYLOAD_BYTES_MAX })?;
+    let count = u32::try_from(chunks.len()).map_err(|_| StoreError::TooLarge {
+        what: "payload",
+        bytes: bytes.len(),
+        max: PAYLOAD_BYTES_MAX,
+    })?;
     let mut writes = Vec::with_capacity(chunks.len() + 1);
     for (i, chunk) in (0u32..).zip(chunks) {
         writes.push((chunk_key(&r.digest, i), Some(chunk.to_vec())));

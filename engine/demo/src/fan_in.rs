@@ -55,7 +55,10 @@ impl Planner for FanPlanner {
         let parts = input.get("parts").and_then(|v| v.as_u64()).unwrap_or(1).clamp(1, PARTS_MAX);
         let bytes = input.get("bytes").and_then(|v| v.as_u64()).unwrap_or(0).min(PART_BYTES_MAX);
         let mut tasks: Vec<TaskSpec> = (0..parts)
-            .map(|i| TaskSpec::new(&format!("part{i}"), TaskKind::Tool, "fan_part").with_input(&json!({ "i": i, "bytes": bytes })))
+            .map(|i| {
+                TaskSpec::new(&format!("part{i}"), TaskKind::Tool, "fan_part")
+                    .with_input(&json!({ "i": i, "bytes": bytes }))
+            })
             .collect();
         let deps: Vec<String> = (0..parts).map(|i| format!("part{i}")).collect();
         let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
@@ -96,6 +99,8 @@ impl TaskHandler for Join {
     fn call(&self, call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
         let parts = call.input.upstream.len();
         let bytes: usize = call.input.upstream.values().map(|j| j.0.len()).sum();
-        Box::pin(async move { Ok(TaskOutput { output: json!({ "parts": parts, "bytes_in": bytes }), usage: Usage::default() }) })
+        Box::pin(async move {
+            Ok(TaskOutput { output: json!({ "parts": parts, "bytes_in": bytes }), usage: Usage::default() })
+        })
     }
 }

@@ -140,7 +140,8 @@ pub fn inflate<E>(
                 r.bytes
             )));
         }
-        let text = String::from_utf8(bytes).map_err(|_| malformed(format!("payload sha256:{} is not UTF-8", r.hex())))?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| malformed(format!("payload sha256:{} is not UTF-8", r.hex())))?;
         *slot = Json(text);
     }
     Ok(())

@@ -37,9 +37,9 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
     known(kind, payload_version)?;
     match (kind, payload_version) {
         ("TaskFailed", 1) => codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string()),
-        ("RunCompleted", 1) => {
-            codec::decode::<v1_run_completed::Event>(bytes).map(v1_run_completed::Event::upcast).map_err(|e| e.to_string())
-        }
+        ("RunCompleted", 1) => codec::decode::<v1_run_completed::Event>(bytes)
+            .map(v1_run_completed::Event::upcast)
+            .map_err(|e| e.to_string()),
         _ => codec::decode::<Event>(bytes).map_err(|e| e.to_string()),
     }
 }

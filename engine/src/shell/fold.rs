@@ -4,8 +4,8 @@
 use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
-use crate::model::state::RunState;
 use crate::model::payload;
+use crate::model::state::RunState;
 use keel_store::{codec, EventLog, RunId, Seq, Store, StoreError};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
