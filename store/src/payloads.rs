@@ -84,8 +84,11 @@ pub(crate) fn chunk_key(digest: &Hash32, index: u32) -> Vec<u8> {
     k
 }
 
+/// Key-value writes applied in one atomic batch (`None` removes).
+pub(crate) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
 /// The writes that store `bytes` (manifest and chunks) and its reference.
-pub(crate) fn payload_writes(bytes: &[u8]) -> Result<(PayloadRef, crate::kv::KvWrites), StoreError> {
+pub(crate) fn payload_writes(bytes: &[u8]) -> Result<(PayloadRef, Writes), StoreError> {
     if bytes.len() > PAYLOAD_BYTES_MAX {
         return Err(StoreError::TooLarge { what: "payload", bytes: bytes.len(), max: PAYLOAD_BYTES_MAX });
     }
