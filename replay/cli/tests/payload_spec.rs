@@ -92,3 +92,52 @@ fn an_export_whose_payload_was_edited_fails_verify_with_one_line() {
     let e = keel(&db, &["verify", cut.to_str().unwrap()]).one_line_error(1);
     assert!(e.contains("is not in the file"), "{e}");
 }
+
+#[test]
+fn a_fork_from_an_export_into_a_new_database_carries_its_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let run = record_fan_in(&db);
+    let file = dir.path().join("fan.jsonl");
+    keel(&db, &["export", "--all", "--format", "jsonl", "-o", file.to_str().unwrap()]).ok();
+    let last = keel(&db, &["replay", &run.to_string(), "--json"]).ok().json()["last_seq"].as_u64().unwrap();
+    // The fork is saved into a database that has never seen these outputs: its records
+    // refer to payloads that must be copied there first (fork's `save_run`), from the
+    // fork's private store, where the copied prefix re-appended them.
+    let other = dir.path().join("other");
+    let at = (last - 1).to_string();
+    let out = keel(&other, &["fork", &run.to_string(), "--from", file.to_str().unwrap(), "--at", &at, "--json"]);
+    let out = out.ok().json();
+    assert_eq!(out["fork"]["status"], "Completed", "{out}");
+    assert_eq!(out["stopped"], Value::Null);
+    assert_eq!(out["saved"], true);
+    keel(&other, &["verify"]).ok();
+    let check = keel(&other, &["replay", "--all", "--check"]);
+    check.ok();
+    assert!(check.stdout.contains("1 ok, 0 diverged"), "{}", check.stdout);
+    let fork = out["fork"]["run"].as_str().unwrap();
+    let state = keel(&other, &["replay", fork, "--json"]).ok().json();
+    assert_eq!(state["state"]["result"]["part5"]["text"].as_str().unwrap().len(), 1_000_000);
+}
+
+#[test]
+fn a_damaged_payload_chunk_in_the_database_fails_verify_naming_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    record_fan_in(&db);
+    let digest = {
+        let store = common::open_retrying(&db);
+        let digests = keel_store::Payloads::payload_digests(&store).unwrap();
+        assert_eq!(digests.len(), 8);
+        let d = digests[3];
+        let chunk = vec![b'x'; keel_store::PAYLOAD_CHUNK_BYTES];
+        store.raw_put_payload_chunk(&d, 2, &chunk).unwrap();
+        keel_store::EventLog::flush(&store).unwrap();
+        hex::encode(d)
+    };
+    let e = keel(&db, &["verify"]).one_line_error(1);
+    assert!(e.contains(&format!("corrupt payload sha256:{digest}")), "{e}");
+    // Reading the run is a typed error naming the digest too, never other bytes.
+    let e = keel(&db, &["replay", "--all", "--check"]).one_line_error(1);
+    assert!(e.contains(&digest), "{e}");
+}
