@@ -368,9 +368,9 @@ pub struct ShellLimits {
     /// Engine, error: "output_too_large" }`). Default 16 MiB: an output over 4 KiB is
     /// stored in the payload store beside the log and events carry its digest and size.
     pub output_bytes_max: usize,
-    /// Canonical JSON bytes of all of a run's recorded outputs together (an output that
-    /// would take the run over it: `TaskFailed { Fatal, source: Engine, error:
-    /// "run_payload_too_large" }`). Default 256 MiB.
+    /// Canonical JSON bytes of the outputs the tasks of a run's current plan hold, the new
+    /// one included (an output that would take the run over it: `TaskFailed { Fatal,
+    /// source: Engine, error: "run_payload_too_large" }`). Default 256 MiB.
     pub run_payload_bytes_max: usize,
     /// Bytes kept of a handler's error message.
     pub error_bytes_max: usize,
