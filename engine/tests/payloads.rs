@@ -249,3 +249,33 @@ async fn a_large_request_input_is_stored_by_reference_and_read_back_in_full() {
     let Event::RunAccepted { input, .. } = first else { panic!() };
     assert!(is_ref(input), "{}", input.0);
 }
+
+/// A supplied value that merely looks like a reference (`Json` is a public tuple struct,
+/// so a caller can build one that is not canonical JSON) is stored by reference itself and
+/// reads back as written: it is never taken for a reference to another payload.
+#[test]
+fn a_value_that_looks_like_a_reference_reads_back_as_itself() {
+    use keel_engine::model::payload;
+    let store = MemStore::new();
+    let victim = keel_store::Payloads::put_payload(&store, br#"{"secret":1}"#).unwrap();
+    let fake = payload::ref_json(&victim);
+    let mut event = Event::TaskExecuted {
+        task: TaskId("t".into()),
+        attempt: 1,
+        output: fake.clone(),
+        usage: Usage::default(),
+        cached: false,
+    };
+    let moved =
+        payload::outline(&mut event, payload::INLINE_JSON_BYTES_MAX, |b| keel_store::Payloads::put_payload(&store, b))
+            .unwrap();
+    assert_eq!(moved.len(), 1, "a slot beginning with '@' is always moved out");
+    payload::inflate(
+        &mut event,
+        |r| Ok::<_, String>(keel_store::Payloads::get_payload(&store, &r.digest, 1 << 20).unwrap().unwrap()),
+        |why| why,
+    )
+    .unwrap();
+    let Event::TaskExecuted { output, .. } = event else { unreachable!() };
+    assert_eq!(output, fake, "read back as written, not as the payload it names");
+}

@@ -87,12 +87,19 @@ pub fn slots(event: &Event) -> Vec<&Json> {
     }
 }
 
-/// Whether any slot of `event` is larger than `inline_max` (what [`outline`] would move).
-pub fn needs_outline(event: &Event, inline_max: usize) -> bool {
-    slots(event).iter().any(|j| j.0.len() > inline_max)
+/// Whether [`outline`] moves `json` out of its slot: larger than `inline_max`, or text
+/// that begins like a reference (never canonical JSON, but `Json` is a public tuple
+/// struct: stored by reference, it reads back as itself instead of being taken for one).
+fn moves(json: &Json, inline_max: usize) -> bool {
+    json.0.len() > inline_max || json.0.starts_with('@')
 }
 
-/// Moves every slot of `event` larger than `inline_max` out through `put` (which stores
+/// Whether any slot of `event` is one [`outline`] would move.
+pub fn needs_outline(event: &Event, inline_max: usize) -> bool {
+    slots(event).iter().any(|j| moves(j, inline_max))
+}
+
+/// Moves every slot of `event` larger than `inline_max` (or beginning with `@`) out through `put` (which stores
 /// the bytes and returns their reference) and puts the reference in its place. Returns
 /// the values moved out, by slot position, for [`restore`].
 pub fn outline<E>(
@@ -102,7 +109,7 @@ pub fn outline<E>(
 ) -> Result<Vec<(usize, Json)>, E> {
     let mut moved = Vec::new();
     for (i, slot) in slots_mut(event).into_iter().enumerate() {
-        if slot.0.len() > inline_max {
+        if moves(slot, inline_max) {
             let r = put(slot.0.as_bytes())?;
             moved.push((i, std::mem::replace(slot, ref_json(&r))));
         }
@@ -121,16 +128,18 @@ pub fn restore(event: &mut Event, moved: Vec<(usize, Json)>) {
 }
 
 /// Replaces every reference in `event`'s slots by its value, read through `get` (which
-/// returns the checked bytes of a payload). A malformed reference, or bytes that are not
-/// UTF-8 of the stated length, is `malformed(why)`.
+/// returns the checked bytes of a payload); text that is not a well-formed reference is
+/// left as it is. Bytes that are not UTF-8 of the stated length are `malformed(why)`.
 pub fn inflate<E>(
     event: &mut Event,
     mut get: impl FnMut(&PayloadRef) -> Result<Vec<u8>, E>,
     malformed: impl Fn(String) -> E,
 ) -> Result<(), E> {
     for slot in slots_mut(event) {
-        let Some(r) = parse_ref(slot) else { continue };
-        let r = r.map_err(&malformed)?;
+        // Text that is not a well-formed reference is a value as recorded (a log written
+        // before references could hold a non-JSON supplied output; the chain hash, not this
+        // parse, is what detects an edited record).
+        let Some(Ok(r)) = parse_ref(slot) else { continue };
         let bytes = get(&r)?;
         if bytes.len() as u64 != r.bytes {
             return Err(malformed(format!(
