@@ -447,10 +447,14 @@ pub struct WorkflowStats {
 pub struct ShellLimits {
     /// Canonical JSON bytes of a request input.
     pub input_bytes_max: usize,
-    /// Canonical JSON bytes of a handler output (larger: `TaskFailed{Semantic}`); kept well
-    /// below the store's 64 KiB event limit because outputs travel on into the inputs of
-    /// downstream `TaskDispatched` events.
+    /// Canonical JSON bytes of a handler output (larger: `TaskFailed { Semantic, source:
+    /// Engine, error: "output_too_large" }`). Default 16 MiB: an output over 4 KiB is
+    /// stored in the payload store beside the log and events carry its digest and size.
     pub output_bytes_max: usize,
+    /// Canonical JSON bytes of the outputs the tasks of a run's current plan hold, the new
+    /// one included (an output that would take the run over it: `TaskFailed { Fatal,
+    /// source: Engine, error: "run_payload_too_large" }`). Default 256 MiB.
+    pub run_payload_bytes_max: usize,
     /// Bytes kept of a handler's error message.
     pub error_bytes_max: usize,
     /// Entries of the in-memory response cache.
@@ -469,7 +473,8 @@ impl Default for ShellLimits {
     fn default() -> Self {
         ShellLimits {
             input_bytes_max: 16 * 1024,
-            output_bytes_max: 16 * 1024,
+            output_bytes_max: 16 * 1024 * 1024,
+            run_payload_bytes_max: 256 * 1024 * 1024,
             error_bytes_max: 2 * 1024,
             cache_entries_max: 10_000,
             planner_timeout_ms: 120_000,

@@ -95,6 +95,9 @@ pub use model::state::{EscalationState, RunState, TaskState, Totals};
 pub use model::workflow::*;
 pub use model::{event, fsm, state};
 pub use shell::cache::ResponseCache;
-pub use shell::fold::{encode_snapshot, fold_full, load_state, read_logged, read_logged_runs};
+pub use shell::fold::{
+    copy_payloads, encode_snapshot, fold_full, inflated, load_state, prepare_outlined, read_logged, read_logged_runs,
+};
 pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::oversize::{OUTPUT_TOO_LARGE, RECORD_TOO_LARGE, RUN_PAYLOAD_TOO_LARGE};
 pub use shell::sched::Workers;

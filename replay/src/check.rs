@@ -15,8 +15,9 @@
 //!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`, a
 //!   TaskRedelivered (what a driver observed after a restart) needs `Execute{task,
 //!   attempt}` (a quarantine's TaskFailed after it is a decision);
-//! - **external** (RunAccepted, a human's HumanResolved, RunCancelled): allowed whenever
-//!   the state machine accepts it.
+//! - **external** (RunAccepted, a human's HumanResolved, RunCancelled, the `RunFailed` the
+//!   shell records when the store refused one of the core's records as too large):
+//!   allowed whenever the state machine accepts it.
 //!
 //! The first event that does not fit is the [`Divergence`].
 
@@ -149,6 +150,9 @@ pub fn plan_handlers(events: &[Logged]) -> BTreeSet<String> {
 pub fn classify(state: &RunState, event: &Event) -> EventClass {
     match event {
         Event::RunAccepted { .. } | Event::RunCancelled { .. } => EventClass::External,
+        // The shell failed the run because the store refused one of the core's records as
+        // too large (engine shell/oversize.rs): a fact of the shell, not a decision.
+        Event::RunFailed { reason } if reason.starts_with(keel_engine::RECORD_TOO_LARGE) => EventClass::External,
         Event::HumanResolved { defaulted, .. } => {
             if *defaulted {
                 EventClass::Decision

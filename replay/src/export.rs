@@ -157,6 +157,9 @@ pub struct RunExported {
 pub struct JsonlWriter<W: Write> {
     out: W,
     redaction: Redaction,
+    /// Payloads already written to this file (each is written once, before the first
+    /// record that refers to it).
+    written: std::collections::BTreeSet<Hash32>,
 }
 
 impl<W: Write> JsonlWriter<W> {
@@ -172,7 +175,7 @@ impl<W: Write> JsonlWriter<W> {
             keel_version: env!("CARGO_PKG_VERSION"),
         };
         write_line(&mut out, &header)?;
-        Ok(JsonlWriter { out, redaction })
+        Ok(JsonlWriter { out, redaction, written: Default::default() })
     }
 
     /// Streams one run's records from the store.
@@ -182,6 +185,7 @@ impl<W: Write> JsonlWriter<W> {
         for rec in log.read(run, Seq(0))? {
             let rec = rec?;
             let line = record_line(&rec, &self.redaction)?;
+            self.write_payloads(log, &rec, &line.payload)?;
             write_line(&mut self.out, &line)?;
             head = rec.hash;
             n += 1;
@@ -192,6 +196,41 @@ impl<W: Write> JsonlWriter<W> {
         let end = RunEndLine { ty: "run_end", run: run.to_string(), records: n, head: hex32(&head) };
         write_line(&mut self.out, &end)?;
         Ok(RunExported { run: run.to_string(), records: n, head: hex32(&head) })
+    }
+
+    /// Writes the payloads the record's (possibly redacted) `fields` refer to that this
+    /// file does not hold yet, read from `log` (checked against their digests).
+    fn write_payloads(
+        &mut self,
+        log: &dyn EventLog,
+        rec: &Record,
+        fields: &Map<String, Value>,
+    ) -> Result<(), ReplayError> {
+        for r in crate::payloads::record_refs(&rec.kind, fields) {
+            if self.written.contains(&r.digest) {
+                continue;
+            }
+            let max = usize::try_from(r.bytes).unwrap_or(usize::MAX);
+            let bytes = log.get_payload(&r.digest, max)?.ok_or_else(|| {
+                ReplayError::Store(keel_store::StoreError::CorruptPayload {
+                    digest: r.hex(),
+                    reason: format!("missing from the payload store (referenced by run {} seq {})", rec.run, rec.seq.0),
+                })
+            })?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                ReplayError::Invalid(format!(
+                    "payload sha256:{} referenced by run {} seq {} is not UTF-8",
+                    r.hex(),
+                    rec.run,
+                    rec.seq.0
+                ))
+            })?;
+            for part in crate::payloads::payload_lines(&r, &text) {
+                write_line(&mut self.out, &part)?;
+            }
+            self.written.insert(r.digest);
+        }
+        Ok(())
     }
 
     /// Flushes the output and returns it.

@@ -30,10 +30,10 @@ use keel_engine::api::{
     TaskHandler, TaskOutput,
 };
 use keel_engine::{
-    apply,
+    apply, copy_payloads,
     core::{attempt_key, effect_key},
-    Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState, RunStatus, TaskStatus,
-    WorkflowType,
+    prepare_outlined, Engine, Escalation, Event, FailureSource, Logged, Plan, Policy, Resolution, RunState, RunStatus,
+    TaskStatus, WorkflowType,
 };
 use keel_store::{EventLog, MemStore, NewRecord, RunId, Seq};
 use serde::Serialize;
@@ -162,6 +162,9 @@ pub struct ForkReport {
     pub cost_delta_micros: i64,
     /// Calls the fork answered from the recording and calls it made live.
     pub calls: CallCounts,
+    /// The fork's driver stopped on this error (a store failure, a bug), leaving the fork
+    /// where it was: `keel fork` exits non-zero.
+    pub stopped: Option<String>,
 }
 
 impl std::fmt::Display for ForkReport {
@@ -203,6 +206,9 @@ impl std::fmt::Display for ForkReport {
         }
         if let Some(d) = &self.first_source_only_event {
             writeln!(f, "  first source step the fork did not take: seq {}: {}", d.seq, d.line)?;
+        }
+        if let Some(e) = &self.stopped {
+            writeln!(f, "  the fork's driver stopped on an error: {e}")?;
         }
         Ok(())
     }
@@ -525,7 +531,7 @@ pub fn append_events(log: &dyn EventLog, events: &[Logged]) -> Result<(), Replay
     let mut next = 0u64;
     for chunk in events.chunks(512) {
         let records =
-            chunk.iter().map(|e| keel_store::prepare(&e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
+            chunk.iter().map(|e| prepare_outlined(log, &e.event, e.at_us)).collect::<Result<Vec<NewRecord>, _>>()?;
         if let Some(first) = chunk.first() {
             log.append(first.run, Seq(next), records, None)?;
             next += chunk.len() as u64;
@@ -543,6 +549,8 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
     let mut next = 0u64;
     for rec in from.read(run, Seq(0))? {
         let rec = rec?;
+        // Its payloads first: written before the record that refers to them.
+        copy_payloads(from, to, &rec)?;
         batch.push(NewRecord {
             kind: rec.kind,
             time_us: rec.time_us,
@@ -579,13 +587,14 @@ pub async fn fork(source: &[Logged], at: u64, cfg: ForkConfig) -> Result<Forked,
 
     let rec = Arc::new(Recording::of(source, at)?);
     let engine = fork_engine(store.clone(), source, &source_final, &cfg, rec.clone(), base_us)?;
-    let resolutions = replay_resolutions(&engine, run, source, cfg.replay_resolutions).await?;
+    let (resolutions, stopped) = replay_resolutions(&engine, run, source, cfg.replay_resolutions).await?;
 
     let events = engine.events(run)?;
     let fork_state = crate::timeline::Replay::new(events.clone())?.final_state().clone();
     let mut calls = rec.counts();
     calls.resolutions_replayed = resolutions;
-    let report = compare(source, &source_final, &events, &fork_state, at, &cfg.policy, calls);
+    let mut report = compare(source, &source_final, &events, &fork_state, at, &cfg.policy, calls);
+    report.stopped = stopped;
     Ok(Forked { report, events, store, run })
 }
 
@@ -640,11 +649,20 @@ fn fork_engine(
 }
 
 /// Drives the fork until idle, applying the source's human decisions to the same
-/// escalations (when `replay`), at most 64 of them. Returns how many it applied.
-async fn replay_resolutions(engine: &Engine, run: RunId, source: &[Logged], replay: bool) -> Result<u64, ReplayError> {
+/// escalations (when `replay`), at most 64 of them. Returns how many it applied, and the
+/// error its driver stopped on, if it did (then nothing more is tried).
+async fn replay_resolutions(
+    engine: &Engine,
+    run: RunId,
+    source: &[Logged],
+    replay: bool,
+) -> Result<(u64, Option<String>), ReplayError> {
     let mut resolutions = 0u64;
     loop {
-        engine.run_until_idle().await?;
+        let idle = engine.run_until_idle().await?;
+        if let Some((_, e)) = idle.stopped.into_iter().find(|(r, _)| *r == run) {
+            return Ok((resolutions, Some(e)));
+        }
         let state = engine.state(run)?;
         if !replay || state.status != RunStatus::AwaitingHuman {
             break;
@@ -657,7 +675,7 @@ async fn replay_resolutions(engine: &Engine, run: RunId, source: &[Logged], repl
             break;
         }
     }
-    Ok(resolutions)
+    Ok((resolutions, None))
 }
 
 /// The source's human decision on an escalation equal to `esc`, if it made one.
@@ -740,6 +758,7 @@ fn compare(
         first_source_only_event: first_source_only,
         cost_delta_micros: cost_delta,
         calls,
+        stopped: None,
     }
 }
 

@@ -77,6 +77,20 @@ pub fn event_json(e: &Event) -> Value {
     json!({ "kind": e.kind_name(), "payload": Value::Object(e.fields()) })
 }
 
+/// [`event_json`] of `e` as a reader of the state `after` it sees it: a `RunCompleted`
+/// shows the result it refers to (`{partial, result, summary}`, the result's canonical
+/// text as `after` holds it, the shape payload version 1 recorded) instead of the list of
+/// tasks whose outputs make it; every other event is [`event_json`].
+pub fn event_json_after(e: &Event, after: &keel_engine::RunState) -> Value {
+    match (e, &after.result) {
+        (Event::RunCompleted { partial, summary, .. }, Some(result)) => json!({
+            "kind": e.kind_name(),
+            "payload": { "partial": partial, "result": result.as_str(), "summary": summary },
+        }),
+        _ => event_json(e),
+    }
+}
+
 /// A command of `decide` as JSON (stable; documented in docs/CLI.md).
 pub fn command_json(c: &Command) -> Value {
     match c {

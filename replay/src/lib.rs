@@ -25,6 +25,7 @@ pub mod export;
 pub mod fork;
 pub mod format;
 pub mod html;
+pub mod payloads;
 pub mod policy;
 pub mod source;
 pub mod timeline;

@@ -139,6 +139,8 @@ pub enum ExportLine {
     Record(ExportRecord),
     /// The last line of a run's records.
     RunEnd(RunEnd),
+    /// A part of a payload that records refer to ([`crate::payloads`]).
+    Payload(crate::payloads::ExportPayload),
 }
 
 impl ExportRecord {
@@ -265,6 +267,9 @@ impl<R: BufRead> ExportReader<R> {
                 head: f.hash_of("head")?,
             })),
             "record" => parse_record(&f),
+            "payload" => crate::payloads::parse_payload_fields(&obj, self.line)
+                .map(ExportLine::Payload)
+                .map_err(|reason| self.err(reason)),
             other => Err(self.err(format!("unknown line type {other:?}"))),
         }
     }
@@ -290,6 +295,9 @@ pub struct ExportRuns<R: BufRead> {
     failed: bool,
     /// Events of the last run read: the capacity of the next run's vector.
     last_len: usize,
+    /// Payloads read so far (checked against their digests), by digest.
+    payloads: std::collections::BTreeMap<Hash32, String>,
+    parts: crate::payloads::PayloadParts,
 }
 
 /// Streams the runs of an export file, rebuilding each run's events.
@@ -297,7 +305,14 @@ pub fn export_runs(path: &Path) -> Result<ExportRuns<BufReader<File>>, ReplayErr
     let file = File::open(path).map_err(|e| ReplayError::io(path, e))?;
     // Larger reads than `read_export`'s: fewer system calls per line.
     let reader = ExportReader::new(path, BufReader::with_capacity(1 << 16, file));
-    Ok(ExportRuns { path: path.to_path_buf(), reader: RunLines(reader).peekable(), failed: false, last_len: 0 })
+    Ok(ExportRuns {
+        path: path.to_path_buf(),
+        reader: RunLines(reader).peekable(),
+        failed: false,
+        last_len: 0,
+        payloads: Default::default(),
+        parts: Default::default(),
+    })
 }
 
 impl<R: BufRead> Iterator for ExportRuns<R> {
@@ -347,11 +362,30 @@ impl<R: BufRead> ExportRuns<R> {
                             ),
                         });
                     }
-                    events.push(rec.into_logged(&self.path)?);
+                    let line = rec.line();
+                    let mut logged = rec.into_logged(&self.path)?;
+                    if keel_engine::model::payload::has_refs(&logged.event) {
+                        crate::payloads::inflate_from(&mut logged.event, &self.payloads)
+                            .map_err(|reason| ReplayError::Export { path: self.path.clone(), line, reason })?;
+                    }
+                    events.push(logged);
                 }
                 RunLine::RunEnd(end) => {
                     if run == Some(end) {
                         break;
+                    }
+                }
+                RunLine::Payload(p) => {
+                    let line = p.line;
+                    let done = self.parts.add(p).map_err(|e| ReplayError::Export {
+                        path: self.path.clone(),
+                        line,
+                        reason: match e {
+                            crate::payloads::PartError::Altered(m) | crate::payloads::PartError::Malformed(m) => m,
+                        },
+                    })?;
+                    if let Some((digest, text)) = done {
+                        self.payloads.insert(digest, text);
                     }
                 }
             }
@@ -372,6 +406,8 @@ enum RunLine {
     Record(RunRecord),
     /// A run trailer: its run.
     RunEnd(RunId),
+    /// A part of a payload.
+    Payload(crate::payloads::ExportPayload),
 }
 
 /// A record line, rebuilt by the fast path or parsed by [`ExportReader`] (and rebuilt by
@@ -424,6 +460,7 @@ impl<R: BufRead> Iterator for RunLines<R> {
                 ExportLine::Header(_) => RunLine::Header,
                 ExportLine::Record(rec) => RunLine::Record(RunRecord::Parsed(Box::new(rec))),
                 ExportLine::RunEnd(end) => RunLine::RunEnd(end.run),
+                ExportLine::Payload(p) => RunLine::Payload(p),
             }),
         })
     }

@@ -18,6 +18,7 @@
 
 use crate::error::ReplayError;
 use crate::format::{self, hex32};
+use crate::payloads::{record_refs, ExportPayload, PartError, PayloadParts};
 use crate::source::{read_export, ExportLine, ExportReader, ExportRecord};
 use keel_engine::Event;
 use keel_store::{digest, verify::VerifyError, EventLog, Hash32, RunId, Seq};
@@ -170,6 +171,9 @@ struct ExportCheck<R> {
     ahead: VecDeque<Result<ExportLine, ReplayError>>,
     out: Verification,
     finished: BTreeSet<RunId>,
+    /// Payload lines being assembled, and the digests of the payloads that verified.
+    parts: PayloadParts,
+    payloads: BTreeSet<Hash32>,
 }
 
 fn fail(what: Tamper, run: Option<RunId>, seq: Option<u64>, line: Option<u64>, message: String) -> Failure {
@@ -178,7 +182,14 @@ fn fail(what: Tamper, run: Option<RunId>, seq: Option<u64>, line: Option<u64>, m
 
 impl<R: BufRead> ExportCheck<R> {
     fn new(reader: ExportReader<R>) -> Self {
-        ExportCheck { reader, ahead: VecDeque::new(), out: Verification::default(), finished: BTreeSet::new() }
+        ExportCheck {
+            reader,
+            ahead: VecDeque::new(),
+            out: Verification::default(),
+            finished: BTreeSet::new(),
+            parts: PayloadParts::default(),
+            payloads: BTreeSet::new(),
+        }
     }
 
     fn next_line(&mut self) -> Option<Result<ExportLine, ReplayError>> {
@@ -198,7 +209,7 @@ impl<R: BufRead> ExportCheck<R> {
             match l {
                 Ok(ExportLine::Record(r)) if r.run == run => out.push((r.seq, r.line)),
                 Ok(ExportLine::Record(_)) | Ok(ExportLine::RunEnd(_)) | Err(_) => break,
-                Ok(ExportLine::Header(_)) => {}
+                Ok(ExportLine::Header(_)) | Ok(ExportLine::Payload(_)) => {}
             }
         }
         out
@@ -233,6 +244,7 @@ impl<R: BufRead> ExportCheck<R> {
                 }
                 ExportLine::Record(rec) => self.on_record(&mut cur, &rec, saw_header, &path)?,
                 ExportLine::RunEnd(end) => self.on_run_end(cur.take(), &end)?,
+                ExportLine::Payload(p) => self.on_payload(p)?,
             }
             first = false;
         }
@@ -301,6 +313,46 @@ impl<R: BufRead> ExportCheck<R> {
         }
         if let Some(c) = cur.as_mut() {
             self.record(c, rec)?;
+        }
+        Ok(())
+    }
+
+    /// A payload line: its parts assemble, in order, to text that hashes to its digest.
+    fn on_payload(&mut self, p: ExportPayload) -> Result<(), Failure> {
+        let line = p.line;
+        match self.parts.add(p) {
+            Ok(Some((digest, _))) => {
+                self.payloads.insert(digest);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(PartError::Altered(m)) => {
+                Err(fail(Tamper::Altered, None, None, Some(line), format!("line {line}: {m}")))
+            }
+            Err(PartError::Malformed(m)) => {
+                Err(fail(Tamper::Malformed, None, None, Some(line), format!("line {line}: {m}")))
+            }
+        }
+    }
+
+    /// Every payload `rec` refers to was in the file before it, and verified.
+    fn refs_present(&self, rec: &ExportRecord) -> Result<(), Failure> {
+        for r in record_refs(&rec.kind, &rec.payload) {
+            if !self.payloads.contains(&r.digest) {
+                return Err(fail(
+                    Tamper::Removed,
+                    Some(rec.run),
+                    Some(rec.seq),
+                    Some(rec.line),
+                    format!(
+                        "run {} seq {}: payload sha256:{} it refers to is not in the file before line {} (removed)",
+                        rec.run,
+                        rec.seq,
+                        r.hex(),
+                        rec.line
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -394,6 +446,7 @@ impl<R: BufRead> ExportCheck<R> {
         if !(root_ok && link_ok && hash_ok) {
             return Err(self.chain_broken(c, rec, root_ok, link_ok));
         }
+        self.refs_present(rec)?;
         c.prev = rec.hash;
         c.hashes.push(rec.hash);
         c.next += 1;
@@ -478,8 +531,11 @@ impl<R: BufRead> ExportCheck<R> {
 
 /// Verifies runs of a database with the store's deep check (`keel_store::verify`), in
 /// order; stops at the first failure.
+/// Then every stored payload is read back and hashed (`keel_store::verify_payloads`), and
+/// every payload a verified run's records refer to must be stored.
 pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut()) -> Result<Verification, ReplayError> {
     let mut out = Verification::default();
+    let stored: BTreeSet<Hash32> = log.payload_digests()?.into_iter().collect();
     for &run in runs {
         // Each payload in the layout of its payload version (the chain covers it as written).
         let fields_of =
@@ -493,9 +549,45 @@ pub fn verify_db(log: &dyn EventLog, runs: &[RunId], mut progress: impl FnMut())
                 return Ok(out);
             }
         }
+        if let Some(f) = missing_payload(log, run, &stored)? {
+            out.failure = Some(f);
+            return Ok(out);
+        }
         progress();
     }
+    if let Err(e) = keel_store::verify_payloads(log) {
+        let what = match &e {
+            keel_store::StoreError::CorruptPayload { .. } => Tamper::Altered,
+            _ => Tamper::Malformed,
+        };
+        out.failure = Some(fail(what, None, None, None, e.to_string()));
+    }
     Ok(out)
+}
+
+/// The first record of `run` that refers to a payload not in `stored`, as a failure.
+fn missing_payload(log: &dyn EventLog, run: RunId, stored: &BTreeSet<Hash32>) -> Result<Option<Failure>, ReplayError> {
+    // `scan`: the chain was just verified; only the references are looked at here.
+    for rec in log.scan(run, Seq(0))? {
+        let rec = rec?;
+        // Cheap filter: only a record whose bytes mention a reference is decoded.
+        if !rec.payload.windows(8).any(|w| w == b"@sha256:") {
+            continue;
+        }
+        let Ok(event) = keel_engine::model::upcast::decode(&rec.kind, rec.payload_version(), &rec.payload) else {
+            continue;
+        };
+        if let Some(r) = keel_engine::model::payload::refs(&event).into_iter().find(|r| !stored.contains(&r.digest)) {
+            return Ok(Some(fail(
+                Tamper::Removed,
+                Some(run),
+                Some(rec.seq.0),
+                None,
+                format!("run {run} seq {}: payload sha256:{} it refers to is not stored (removed)", rec.seq, r.hex()),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 fn db_failure(run: RunId, e: VerifyError) -> Failure {

@@ -2,12 +2,14 @@
 //! the same record values (envelope bytes and chain hash, byte for byte), the same checks
 //! on append and on read, the same snapshot values. A backend keeps records as
 //! `(run, seq) -> value` pairs however it likes; these functions make and check the values,
-//! so `verify`, exports and replay see the same bytes on every backend.
+//! so `verify`, exports and replay see the same bytes on every backend; and the same
+//! payload manifests and chunks.
 
 use crate::envelope::codec::{self, SnapshotV1};
 use crate::envelope::record::{self, Records};
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, Record, RecordIter};
+use crate::payloads;
 use crate::types::{Hash32, RunId, Seq};
 
 /// The static checks of an append (empty batch, batch and record sizes, kind and key
@@ -100,4 +102,44 @@ pub fn open_snapshot(
         }
         Some(_) => Ok((Seq(snap.next_seq), snap.state)),
     }
+}
+
+/// A payload cut as the built-in backends store it ([`crate::Payloads`]).
+#[derive(Debug)]
+pub struct SplitPayload {
+    /// Its reference (digest and length).
+    pub reference: crate::PayloadRef,
+    /// The manifest value (version, length, chunk count), as stored under the digest.
+    pub manifest: Vec<u8>,
+    /// The chunks in order, each [`crate::PAYLOAD_CHUNK_BYTES`] long but the last (none for
+    /// an empty payload).
+    pub chunks: Vec<Vec<u8>>,
+}
+
+/// Cuts `bytes` into what a backend stores for them; more than
+/// [`crate::PAYLOAD_BYTES_MAX`] bytes is `TooLarge { what: "payload" }`.
+pub fn split_payload(bytes: &[u8]) -> Result<SplitPayload, StoreError> {
+    let (reference, mut writes) = payloads::payload_writes(bytes)?;
+    // The manifest is the last write, after the chunks in index order.
+    let manifest =
+        writes.pop().and_then(|(_, v)| v).ok_or_else(|| StoreError::Encode("payload without a manifest".into()))?;
+    let chunks = writes.into_iter().filter_map(|(_, v)| v).collect();
+    Ok(SplitPayload { reference, manifest, chunks })
+}
+
+/// The length and chunk count a stored manifest value states, checked for consistency
+/// (`CorruptPayload` naming `digest` otherwise).
+pub fn open_manifest(digest: &Hash32, manifest: &[u8]) -> Result<(usize, u32), StoreError> {
+    payloads::parse_manifest(digest, manifest)
+}
+
+/// Assembles a payload of `bytes` bytes from its `chunks` (`get(index)`), checking each
+/// chunk's length and the digest of the whole (`CorruptPayload` otherwise).
+pub fn assemble_payload(
+    digest: &Hash32,
+    bytes: usize,
+    chunks: u32,
+    get: impl FnMut(u32) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<Vec<u8>, StoreError> {
+    payloads::assemble(digest, bytes, chunks, get)
 }

@@ -74,6 +74,17 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A stored payload (the payload store beside the log) is damaged: a chunk is missing
+    /// or of the wrong length, its manifest is malformed, or its bytes do not hash to the
+    /// digest it is stored under.
+    #[error("corrupt payload sha256:{digest}: {reason}")]
+    CorruptPayload {
+        /// The payload's SHA-256 (hex), as referenced.
+        digest: String,
+        /// What was seen, in words.
+        reason: String,
+    },
+
     /// The stored snapshot of a run is damaged or does not match the log.
     #[error("corrupt snapshot for run {run}: {reason}")]
     CorruptSnapshot {

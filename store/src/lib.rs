@@ -54,6 +54,7 @@ pub mod json;
 mod kv;
 mod log;
 mod observed;
+mod payloads;
 #[cfg(feature = "sled")]
 mod sled;
 #[cfg(feature = "testing")]
@@ -71,6 +72,7 @@ pub use log::{
     RecordIter, RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use observed::{AppendObserver, Observed};
+pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
 #[cfg(feature = "sled")]

@@ -203,11 +203,12 @@ pub type RecordIter = Box<dyn Iterator<Item = Result<Record, StoreError>> + Send
 /// list read ([`EventLog::read_runs`]).
 pub type RunRecords<'a> = Box<dyn Iterator<Item = (usize, Result<Record, StoreError>)> + Send + 'a>;
 
-/// The log proper: append, read and the run heads. Coordination (leases, claims lookup,
+/// The log proper: append, read and the run heads, with the payload store beside it
+/// ([`crate::Payloads`]: large values referenced from records by digest). Coordination (leases, claims lookup,
 /// snapshots, aux entries, due times) is [`crate::Coordination`]; the engine holds both as
 /// one [`crate::Store`]. Object safe; no method has a default, so every backend and every
 /// wrapper implements each on purpose.
-pub trait EventLog: Send + Sync + 'static {
+pub trait EventLog: crate::Payloads + Send + Sync + 'static {
     /// Appends `records` to `run` all-or-nothing. `expected` must equal the run's next seq,
     /// else `Conflict { run, expected, actual }` and nothing is written. With a `claim`, the
     /// idempotency key is claimed in the same atomic write. Returns the new head, only once

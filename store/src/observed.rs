@@ -100,6 +100,18 @@ impl<O: AppendObserver> EventLog for Observed<O> {
     }
 }
 
+impl<O: AppendObserver> crate::Payloads for Observed<O> {
+    fn put_payload(&self, bytes: &[u8]) -> Result<crate::PayloadRef, StoreError> {
+        self.inner.put_payload(bytes)
+    }
+    fn get_payload(&self, digest: &crate::Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_payload(digest, bytes_max)
+    }
+    fn payload_digests(&self) -> Result<Vec<crate::Hash32>, StoreError> {
+        self.inner.payload_digests()
+    }
+}
+
 impl<O: AppendObserver> Coordination for Observed<O> {
     fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
         self.inner.try_lease(run, owner, ttl_ms, now_us)

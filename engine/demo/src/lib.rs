@@ -14,6 +14,8 @@
 //! evaluated), `check_policy` (tool, critical), `issue_refund` (tool, critical, refund
 //! tickets only), `send_reply` (tool).
 
+pub mod fan_in;
+
 use keel_engine::api::*;
 use keel_engine::event::PlanReason;
 use keel_engine::fsm::RunStatus;

@@ -9,6 +9,7 @@
 //!   lines carry no `payload_version`. Never regenerated.
 //! - `demo-v2.*`: `TaskFailed` at payload version 2 (`source`, `note`); the lines carry
 //!   `payload_version`.
+//! - `demo-v3.*`: `RunCompleted` at payload version 2 (`outputs` instead of `result`).
 //!
 //! Write a new format's golden (only for a deliberate new version, as demo-v3.*, after
 //! changing `CURRENT` below): `KEEL_BLESS=1 cargo test -p keel-demo --test golden`. An
@@ -41,7 +42,7 @@ fn expected_of(state: &RunState) -> Value {
 }
 
 /// The golden written by `bless`: the current payload format.
-const CURRENT: &str = "demo-v2";
+const CURRENT: &str = "demo-v3";
 
 fn bless() {
     if golden(&format!("{CURRENT}.jsonl")).exists() {
@@ -191,4 +192,28 @@ fn the_v2_golden_demo_log_folds_to_its_recorded_states_and_records_the_gate_by_c
         assert_eq!(class, ErrorClass::Semantic);
         assert!(note.unwrap().contains("required"), "the validator's text is kept as a note");
     }
+}
+
+#[test]
+fn the_v3_golden_demo_log_folds_to_its_recorded_states_and_run_completed_refers_to_outputs() {
+    folds_and_checks("demo-v3");
+    let mut completed = 0;
+    for events in load("demo-v3").values() {
+        let Some(Event::RunCompleted { outputs, .. }) = events.last().map(|e| &e.event) else { continue };
+        completed += 1;
+        let state = fold(events).unwrap().unwrap();
+        let mut done: Vec<TaskId> =
+            state.tasks.iter().filter(|t| t.status == TaskStatus::Done).map(|t| t.spec.id.clone()).collect();
+        done.sort();
+        assert_eq!(outputs, &done, "RunCompleted names the done tasks, in id order");
+        let result = state.result.unwrap().value().unwrap();
+        for t in &state.tasks {
+            if t.status == TaskStatus::Done {
+                assert_eq!(result[&t.spec.id.0], t.output.as_ref().unwrap().value().unwrap());
+            }
+        }
+    }
+    assert!(completed >= 4, "{completed} completed runs");
+    let text = std::fs::read_to_string(golden("demo-v3.jsonl")).unwrap();
+    assert!(text.lines().any(|l| l.contains("\"kind\":\"RunCompleted\"") && l.contains("\"payload_version\":2")));
 }

@@ -182,7 +182,7 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         Event::HumanResolved { number, decision, by, defaulted } => {
             human_resolved(s, &cx, number, decision, by, defaulted)?
         }
-        Event::RunCompleted { partial, result, .. } => run_completed(s, partial, result)?,
+        Event::RunCompleted { partial, outputs, .. } => run_completed(s, partial, outputs)?,
         Event::RunFailed { reason } => run_failed(s, reason)?,
         Event::RunCancelled { by, reason } => run_cancelled(s, by, reason)?,
         Event::TaskRedelivered { task, attempt, redelivery, limit } => {
@@ -867,11 +867,24 @@ fn human_resolved(
     Ok(())
 }
 
-/// `apply` of `RunCompleted`.
-fn run_completed(s: &mut RunState, partial: &mut bool, result: &mut Json) -> Result<(), TransitionError> {
+/// `apply` of `RunCompleted`: the result is the recorded outputs of the tasks it names,
+/// an object by task id (a task with no output, or not in the plan, gives `null`).
+fn run_completed(s: &mut RunState, partial: &mut bool, outputs: &mut [TaskId]) -> Result<(), TransitionError> {
     s.partial = *partial;
-    s.result = Some(std::mem::take(result));
+    s.result = Some(run_result(s, outputs));
     Ok(())
+}
+
+/// The result of a run that completed naming `outputs`: canonical JSON of the object
+/// `{task id: output}` (what payload version 1 of `RunCompleted` recorded in full).
+pub fn run_result(s: &RunState, outputs: &[TaskId]) -> Json {
+    let mut result = serde_json::Map::new();
+    for id in outputs {
+        let output = s.task_index.get(id).and_then(|&i| s.tasks.get(i)).and_then(|t| t.output.as_ref());
+        let v = output.and_then(|o| o.value().ok()).unwrap_or(serde_json::Value::Null);
+        result.insert(id.0.clone(), v);
+    }
+    Json::new(&serde_json::Value::Object(result))
 }
 
 /// `apply` of `RunFailed`.

@@ -594,20 +594,20 @@ fn escalation(
 }
 
 fn complete(s: &RunState, budget_stop: bool) -> Command {
-    let mut result = serde_json::Map::new();
+    let mut outputs = Vec::new();
     let mut done = 0usize;
     let mut skipped = 0usize;
     for t in &s.tasks {
         match t.status {
             TaskStatus::Done => {
                 done += 1;
-                let v = t.output.as_ref().and_then(|o| o.value().ok()).unwrap_or(serde_json::Value::Null);
-                result.insert(t.spec.id.0.clone(), v);
+                outputs.push(t.spec.id.clone());
             }
             TaskStatus::Skipped => skipped += 1,
             _ => {}
         }
     }
+    outputs.sort();
     let unfinished = s.tasks.len().saturating_sub(done + skipped);
     let partial = budget_stop || skipped > 0 || unfinished > 0 || s.exhausted.is_some();
     let mut summary = format!("{done} task(s) done, {skipped} skipped");
@@ -618,7 +618,7 @@ fn complete(s: &RunState, budget_stop: bool) -> Command {
         summary.push_str(&format!("; {kind:?} budget exhausted"));
     }
     summary.push_str(&format!("; cost {} micros", s.totals.cost_micros));
-    record(Event::RunCompleted { partial, result: Json::new(&serde_json::Value::Object(result)), summary })
+    record(Event::RunCompleted { partial, summary, outputs })
 }
 
 fn task<'a>(s: &'a RunState, id: &TaskId) -> Option<&'a TaskState> {

@@ -292,14 +292,19 @@ pub enum Event {
         /// The escalation's deadline passed and its default applied.
         defaulted: bool,
     },
-    /// The run finished. `partial`: some tasks were skipped or a budget ran out.
+    /// The run finished. `partial`: some tasks were skipped or a budget ran out. The
+    /// result refers to outputs, it does not copy them: `outputs` names the done tasks
+    /// whose recorded outputs are the run's result (an object by task id, built by
+    /// `apply`). Payload version 2 (version 1 carried the whole result, which made a
+    /// fan-in of large outputs one event larger than the store accepts: see
+    /// [`crate::model::upcast`]).
     RunCompleted {
         /// Some tasks were skipped or not run, or a budget ran out.
         partial: bool,
-        /// Outputs of the done tasks, by task id (canonical JSON).
-        result: Json,
         /// One line for people.
         summary: String,
+        /// The done tasks whose outputs make the result, in task id order.
+        outputs: Vec<TaskId>,
     },
     /// The run failed for good.
     RunFailed {
@@ -362,7 +367,7 @@ impl Event {
     /// whenever its fields change (docs/EVENTS.md lists the versions).
     pub fn payload_version(&self) -> u16 {
         match self {
-            Event::TaskFailed { .. } => 2,
+            Event::TaskFailed { .. } | Event::RunCompleted { .. } => 2,
             Event::TaskDispatched { .. } => 2,
             Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } => 2,
             _ => 1,

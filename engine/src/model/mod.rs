@@ -7,6 +7,8 @@
 pub mod event;
 /// The run and task state machines, as tables.
 pub mod fsm;
+/// Large values by reference: payload slots, references, outline and inflate.
+pub mod payload;
 /// The folded state of a run.
 pub mod state;
 /// Old payload layouts, read forever.

@@ -12,6 +12,7 @@
 //! | `TaskFailed` | 2 | `source` (handler, evaluator, gate, engine) replaces the `"evaluator: "` message prefix; the schema gate records the code `schema_mismatch` in `error` and the validator's text in `note` |
 //! | `TaskDispatched` | 2 | `effect_key` (stable across attempts) beside `attempt_key` (version 1's `idempotency_key`, per attempt); `TaskInput` gains `skipped` |
 //! | `Planned`, `Replanned`, `PlanRejected` | 2 | `TaskSpec` gains `optional_deps` |
+//! | `RunCompleted` | 2 | `outputs` (the done tasks whose outputs are the result) replaces `result` (every output copied); field order `partial, summary, outputs` |
 //!
 //! A version-1 `TaskDispatched` converts with `attempt_key` = its `idempotency_key`, an
 //! empty `effect_key` (the fold derives it, [`crate::core::effect_key`]; the determinism
@@ -23,6 +24,10 @@
 //! gate (kept verbatim: the decisions recorded after it quote it, so the run still passes
 //! the determinism check, see [`Event::same_decision`]); `"no handler registered for "` and
 //! `"output too large: "` from the engine; anything else from the handler.
+//!
+//! A version-1 `RunCompleted` converts as: `outputs` = the keys of its `result` object, in
+//! order (canonical JSON sorts them, as version 2 sorts `outputs`). `apply` rebuilds the
+//! same result from the tasks' recorded outputs (it is what `decide` had built them from).
 
 use crate::model::event::{Event, FailureSource, LEGACY_GATE_PREFIX};
 use crate::model::workflow::{ErrorClass, Json, TaskId, Usage};
@@ -37,6 +42,11 @@ pub const PAYLOAD_VERSION_MAX: u16 = 2;
 /// version's layout.
 pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
     known(kind, payload_version)?;
+    if payload_version == 1 && kind == "RunCompleted" {
+        return codec::decode::<v1_run_completed::Event>(bytes)
+            .map(v1_run_completed::Event::upcast)
+            .map_err(|e| e.to_string());
+    }
     if payload_version == 1 && v1::CHANGED.contains(&kind) {
         return codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string());
     }
@@ -49,6 +59,9 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
 /// this code does not know is `Decode { run, seq, reason }`.
 pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
     known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    if payload_version == 1 && rec.kind == "RunCompleted" {
+        return rec.decode_verified::<v1_run_completed::Event>().map(v1_run_completed::Event::upcast);
+    }
     if payload_version == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
         return rec.decode_verified::<v1::Event>().map(v1::Event::upcast);
     }
@@ -61,6 +74,9 @@ pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreE
 pub fn stored_fields(rec: &Record) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
     let v = rec.payload_version();
     known(&rec.kind, v).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    if v == 1 && rec.kind == "RunCompleted" {
+        return rec.decode::<v1_run_completed::Event>().map(|e| e.fields());
+    }
     if v == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
         return rec.decode::<v1::Event>().map(|e| e.fields());
     }
@@ -122,6 +138,97 @@ impl TaskDispatchedFields {
     fn into_event(self) -> Event {
         let TaskDispatchedFields { task, attempt, effect_key, attempt_key, model, input, reserved } = self;
         Event::TaskDispatched { task, attempt, effect_key, attempt_key, model, input, reserved }
+    }
+}
+
+/// The fields of a `RunCompleted` of either payload version, as exported (JSON): version
+/// 1 has `result` and no `outputs`.
+#[derive(Deserialize)]
+struct RunCompletedFields {
+    partial: bool,
+    summary: String,
+    #[serde(default)]
+    outputs: Option<Vec<TaskId>>,
+    #[serde(default)]
+    result: Option<crate::model::workflow::Json>,
+}
+
+impl RunCompletedFields {
+    fn into_event(self) -> Event {
+        let RunCompletedFields { partial, summary, outputs, result } = self;
+        match (outputs, result) {
+            (Some(outputs), _) => Event::RunCompleted { partial, summary, outputs },
+            (None, result) => {
+                v1_run_completed::Event::RunCompleted { partial, result: result.unwrap_or_default(), summary }.upcast()
+            }
+        }
+    }
+}
+
+/// Payload version 1 of `RunCompleted`, frozen: never change these types.
+mod v1_run_completed {
+    use super::*;
+    use crate::model::workflow::Json;
+
+    /// `Event` as payload version 1 encoded a `RunCompleted` (variant index 16): the
+    /// variants before it hold their places and are never read.
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) enum Event {
+        RunAccepted,
+        PlanRequested,
+        Planned,
+        Replanned,
+        PlanRejected,
+        TaskDispatched,
+        TaskExecuted,
+        TaskFailed,
+        RetryScheduled,
+        TaskEvaluated,
+        TaskSkipped,
+        ReplanRequested,
+        BudgetExhausted,
+        Escalated,
+        EscalationNotified,
+        HumanResolved,
+        RunCompleted { partial: bool, result: Json, summary: String },
+    }
+
+    impl Event {
+        /// Version 1 -> version 2: `outputs` are the keys of `result` (sorted, as canonical
+        /// JSON wrote them).
+        pub(super) fn upcast(self) -> super::Event {
+            let Event::RunCompleted { partial, result, summary } = self else {
+                // A placeholder variant never decodes from a RunCompleted record; kept total.
+                return super::Event::RunCompleted { partial: true, summary: String::new(), outputs: Vec::new() };
+            };
+            let mut outputs: Vec<TaskId> = match result.value() {
+                Ok(serde_json::Value::Object(m)) => m.keys().map(|k| TaskId(k.clone())).collect(),
+                _ => Vec::new(),
+            };
+            outputs.sort();
+            super::Event::RunCompleted { partial, summary, outputs }
+        }
+    }
+
+    impl Payload for Event {
+        fn payload_version(&self) -> u16 {
+            1
+        }
+
+        fn kind(&self) -> &'static str {
+            "RunCompleted"
+        }
+
+        /// The fields exactly as version 1's `Event::fields` wrote them.
+        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("RunCompleted") {
+                    Some(serde_json::Value::Object(inner)) => inner,
+                    _ => serde_json::Map::new(),
+                },
+                _ => serde_json::Map::new(),
+            }
+        }
     }
 }
 
@@ -365,6 +472,11 @@ impl Event {
             let f: TaskDispatchedFields = serde_json::from_value(serde_json::Value::Object(fields))?;
             return Ok(f.into_event());
         }
+        if kind == "RunCompleted" {
+            // Either payload version: version 1 has `result` (see `RunCompletedFields`).
+            let f: RunCompletedFields = serde_json::from_value(serde_json::Value::Object(fields))?;
+            return Ok(f.into_event());
+        }
         let mut outer = serde_json::Map::new();
         // Escalated is a newtype variant: its fields are the Escalation struct itself.
         outer.insert(kind.to_owned(), serde_json::Value::Object(fields));
@@ -384,6 +496,9 @@ impl Event {
         }
         if kind == "TaskDispatched" {
             return TaskDispatchedFields::deserialize(fields).map(TaskDispatchedFields::into_event);
+        }
+        if kind == "RunCompleted" {
+            return RunCompletedFields::deserialize(fields).map(RunCompletedFields::into_event);
         }
         Event::deserialize(KindTagged { kind, fields })
     }

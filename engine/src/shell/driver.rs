@@ -22,6 +22,7 @@ use crate::model::workflow::*;
 use crate::shell::cache::ResponseCache;
 use crate::shell::effects;
 use crate::shell::journal::Refused;
+use crate::shell::oversize;
 use crate::shell::runtime::{Inner, Registered};
 use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -293,6 +294,7 @@ impl Driver {
             }
             let at_us = now.max(state.last_event_us).max(due_now_at.unwrap_or(i64::MIN));
             for event in due_now {
+                let kind = event.kind_name();
                 if let Event::TaskDispatched { task, attempt, .. } = &event {
                     self.own.insert((task.clone(), *attempt));
                 }
@@ -301,6 +303,14 @@ impl Driver {
                     Err(Refused::Illegal(e)) => {
                         tracing::error!(error = %e, "decide produced a record the state machine refuses (a bug); stopping this run's driver");
                         return Err(EngineError::Transition(e));
+                    }
+                    Err(Refused::TooLarge(what, bytes, max)) => {
+                        // Never a stopped driver with a live run: the run fails, on record.
+                        let reason = format!("{what} of {bytes} bytes exceeds the limit of {max}");
+                        tracing::error!(kind, %reason, "a decision is too large to record; the run fails");
+                        let failed = oversize::refused_record(kind, &reason);
+                        self.stage(state, batch, failed, at_us, false).map_err(|(e, _)| EngineError::from(e))?;
+                        break;
                     }
                     Err(other) => return Err(other.into()),
                 }
@@ -412,6 +422,7 @@ impl Driver {
             }
             return Ok(());
         };
+        let event = oversize::within_output_limits(state, event, &self.inner.limits);
         self.stage_answer(state, batch, event)
     }
 

@@ -116,26 +116,19 @@ pub(crate) async fn execute(inner: Arc<Inner>, call: TaskCall) -> Answer {
             f.message = clip(f.message, inner.limits.error_bytes_max);
             Answer::Output(Err(f))
         }
-        Ok(Ok(out)) => recorded_output(&inner, out),
+        Ok(Ok(out)) => recorded_output(out),
     }
 }
 
 /// A handler's output as it is recorded: refused (a failure of the engine's, with a stable
 /// code) if it nests too deep or is too large.
-fn recorded_output(inner: &Inner, out: crate::api::TaskOutput) -> Answer {
+fn recorded_output(out: crate::api::TaskOutput) -> Answer {
     let value = match keel_store::json::accept(out.output) {
         Ok(v) => v,
         Err(_) => return Answer::EngineFailure(too_deep(out.usage)),
     };
+    // Size limits: checked by the driver before the answer is staged (shell/oversize.rs).
     let output = Json::new(&value);
-    let max = inner.limits.output_bytes_max;
-    if output.0.len() > max {
-        return Answer::EngineFailure(Failure {
-            class: ErrorClass::Semantic,
-            message: format!("output too large: {} bytes of JSON > max {max}", output.0.len()),
-            usage: out.usage,
-        });
-    }
     Answer::Output(Ok(Output { output, usage: out.usage, cached: false }))
 }
 

@@ -4,8 +4,9 @@
 use crate::core::{apply, apply_take};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
+use crate::model::payload;
 use crate::model::state::{RunState, SNAPSHOT_MAGIC};
-use keel_store::{codec, EventLog, RunId, Seq, Store};
+use keel_store::{codec, EventLog, RunId, Seq, Store, StoreError};
 
 /// Reads `run`'s log from `from` as [`Logged`] events, in seq order. A record whose
 /// payload does not decode, does not match its chained payload root, or whose envelope
@@ -15,14 +16,14 @@ pub fn read_logged(
     log: &dyn EventLog,
     run: RunId,
     from: Seq,
-) -> Result<impl Iterator<Item = Result<Logged, EngineError>> + Send + 'static, EngineError> {
+) -> Result<impl Iterator<Item = Result<Logged, EngineError>> + Send + '_, EngineError> {
     let records = log.read(run, from)?;
     let mut failed = false;
     Ok(records.map_while(move |r| {
         if failed {
             return None;
         }
-        let out = r.map_err(EngineError::from).and_then(logged_of);
+        let out = r.map_err(EngineError::from).and_then(logged_of).and_then(|l| inflated(log, l));
         failed = out.is_err();
         Some(out)
     }))
@@ -41,7 +42,7 @@ pub fn read_logged_runs<'a>(
         if failed == Some(i) {
             return None;
         }
-        let out = r.map_err(EngineError::from).and_then(logged_of);
+        let out = r.map_err(EngineError::from).and_then(logged_of).and_then(|l| inflated(log, l));
         failed = out.is_err().then_some(i);
         Some((i, out))
     })
@@ -61,6 +62,59 @@ fn logged_of(rec: keel_store::Record) -> Result<Logged, EngineError> {
         ));
     }
     Ok(Logged { run: rec.run, seq: rec.seq, at_us: rec.time_us, event })
+}
+
+/// `logged` with every payload reference replaced by its value from `log`'s payload store
+/// (model/payload.rs). A payload that is missing or damaged is `CorruptPayload` naming its
+/// digest; a read allocates at most the size its reference states.
+pub fn inflated(log: &dyn EventLog, mut logged: Logged) -> Result<Logged, EngineError> {
+    if !payload::has_refs(&logged.event) {
+        return Ok(logged);
+    }
+    let (run, seq) = (logged.run, logged.seq);
+    payload::inflate(
+        &mut logged.event,
+        |r| {
+            let max = usize::try_from(r.bytes).unwrap_or(usize::MAX);
+            log.get_payload(&r.digest, max)?.ok_or_else(|| {
+                EngineError::Store(StoreError::CorruptPayload {
+                    digest: r.hex(),
+                    reason: format!("missing from the payload store (referenced by run {run} seq {})", seq.0),
+                })
+            })
+        },
+        |why| EngineError::decode(format!("run {run} seq {}", seq.0), why),
+    )?;
+    Ok(logged)
+}
+
+/// The record of `event` for `log`, as the engine's journal writes it: values in payload
+/// slots larger than [`payload::INLINE_JSON_BYTES_MAX`] are stored in `log`'s payload
+/// store first (durable with the append of the record) and the record carries their
+/// references. For tools that append recorded events to another log (a fork).
+pub fn prepare_outlined(log: &dyn EventLog, event: &Event, at_us: i64) -> Result<keel_store::NewRecord, StoreError> {
+    if !payload::needs_outline(event, payload::INLINE_JSON_BYTES_MAX) {
+        return keel_store::prepare_within(event, at_us, &log.limits());
+    }
+    let mut event = event.clone();
+    payload::outline(&mut event, payload::INLINE_JSON_BYTES_MAX, |bytes| log.put_payload(bytes))?;
+    keel_store::prepare_within(&event, at_us, &log.limits())
+}
+
+/// Copies the payloads `rec` refers to from `from` to `to` (before `rec` is copied as is:
+/// a record never reaches a log without its payloads). Returns how many it copied.
+pub fn copy_payloads(from: &dyn EventLog, to: &dyn EventLog, rec: &keel_store::Record) -> Result<usize, EngineError> {
+    let event = crate::model::upcast::decode_record(rec, rec.payload_version())?;
+    let refs = payload::refs(&event);
+    for r in &refs {
+        let max = usize::try_from(r.bytes).unwrap_or(usize::MAX);
+        let bytes = from.get_payload(&r.digest, max)?.ok_or_else(|| StoreError::CorruptPayload {
+            digest: r.hex(),
+            reason: format!("missing from the payload store (referenced by run {} seq {})", rec.run, rec.seq.0),
+        })?;
+        to.put_payload(&bytes)?;
+    }
+    Ok(refs.len())
 }
 
 /// Folds `run` from its latest snapshot (if any, and if it decodes and matches) plus the

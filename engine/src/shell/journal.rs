@@ -15,6 +15,7 @@
 use crate::core::{apply, apply_take, TransitionError};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
+use crate::model::payload;
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
 use keel_store::{Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
@@ -27,7 +28,8 @@ pub(crate) enum Refused {
     Illegal(TransitionError),
     /// Its encoded payload is larger than the store accepts (`what`, bytes, max).
     TooLarge(&'static str, usize, usize),
-    /// It does not encode (a bug: every event encodes).
+    /// It does not encode (a bug: every event encodes), or a payload it refers to could
+    /// not be stored.
     Encode(StoreError),
 }
 
@@ -59,7 +61,8 @@ impl Journal {
     pub(crate) fn found(&self, logged: &Logged) -> Result<(RunState, NewRecord), EngineError> {
         // Pair check: the first event must fold (it always does; a failure is a bug).
         let state = apply(None, logged)?;
-        let record = self.encode(&logged.event, logged.at_us)?;
+        let mut event = logged.event.clone();
+        let record = self.encode(&mut event, logged.at_us)?;
         Ok((state, record))
     }
 
@@ -70,7 +73,8 @@ impl Journal {
     // The error hands the event back by value on a rare path; boxing it would allocate.
     #[allow(clippy::result_large_err)]
     pub(crate) fn check(&self, state: &mut RunState, event: Event, at_us: i64) -> Result<NewRecord, (Refused, Event)> {
-        let record = match self.encode(&event, at_us) {
+        let mut event = event;
+        let record = match self.encode(&mut event, at_us) {
             Ok(r) => r,
             Err(refused) => return Err((refused, event)),
         };
@@ -82,12 +86,23 @@ impl Journal {
         Ok(record)
     }
 
-    /// Step 2: the record of `event`, within the store's limits.
-    fn encode(&self, event: &Event, at_us: i64) -> Result<NewRecord, Refused> {
-        keel_store::prepare_within(event, at_us, &self.limits).map_err(|e| match e {
+    /// Step 2: the record of `event`, within the store's limits. Values in payload slots
+    /// larger than [`payload::INLINE_JSON_BYTES_MAX`] are stored in the payload store first
+    /// (not flushed: the append of this record flushes them with it) and the record
+    /// carries their references; `event` is handed back with its values in place.
+    fn encode(&self, event: &mut Event, at_us: i64) -> Result<NewRecord, Refused> {
+        let moved = if payload::needs_outline(event, payload::INLINE_JSON_BYTES_MAX) {
+            payload::outline(event, payload::INLINE_JSON_BYTES_MAX, |bytes| self.log.put_payload(bytes))
+                .map_err(Refused::Encode)?
+        } else {
+            Vec::new()
+        };
+        let record = keel_store::prepare_within(&*event, at_us, &self.limits).map_err(|e| match e {
             StoreError::TooLarge { what, bytes, max } => Refused::TooLarge(what, bytes, max),
             other => Refused::Encode(other),
-        })
+        });
+        payload::restore(event, moved);
+        record
     }
 
     /// Steps 3 and 4: appends `records` (checked against `expected`, the run's next seq

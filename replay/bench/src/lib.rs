@@ -15,12 +15,15 @@
 //! 5. resume: `load_state` + `decide` of one run of 1k/10k/100k events, with and without
 //!    snapshots;
 //! 6. replay: events folded per second from the db and from a JSONL export, next to a raw
-//!    sled scan of the same records.
+//!    sled scan of the same records;
+//! 7. payloads: runs with 8 outputs of 1 MB appended through the engine and replayed from
+//!    the db, next to the same bytes written to and read from a plain file.
 
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
 mod error;
+mod payloads;
 mod sys;
 
 pub use error::BenchError;
@@ -60,7 +63,7 @@ pub struct BenchOptions {
     /// adds process crash).
     pub levels: Vec<Level>,
     /// Run only these sections (`memory`, `floor`, `throughput`, `latency`, `resume`,
-    /// `replay`); empty: all. For profiling one section.
+    /// `replay`, `payloads`); empty: all. For profiling one section.
     pub only: Vec<String>,
     /// Run only these concurrencies in the throughput section; empty: 1, 64 and 1024.
     pub concurrency: Vec<usize>,
@@ -450,6 +453,11 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
     if want("replay") {
         progress("replay: building runs...");
         figures.extend(rt.block_on(replay(parent, &plan))?);
+    }
+    if want("payloads") {
+        progress("payloads: runs with 1 MB outputs...");
+        let (runs, repeats) = if opts.quick { (4, 3) } else { (8, 5) };
+        figures.extend(rt.block_on(payloads::payloads(parent, runs, repeats))?);
     }
 
     let seconds = started.elapsed().as_secs_f64();

@@ -58,9 +58,12 @@ impl Registry {
     }
 
     /// The stock `keel` binary's registry: the demo's simulated support-ticket workflow
-    /// (keel-demo), which `keel demo` submits runs of.
+    /// (keel-demo), which `keel demo` submits runs of, and the demo's fan-in of large
+    /// outputs (`keel_demo::fan_in`, which `keel bench` and the tests record).
     pub fn demo() -> Self {
-        Registry::new().workflow(keel_demo::workflow(), keel_demo::handlers())
+        Registry::new()
+            .workflow(keel_demo::workflow(), keel_demo::handlers())
+            .workflow(keel_demo::fan_in::workflow(), keel_demo::fan_in::handlers())
     }
 
     /// Adds a workflow type with the task handlers its plans name (by handler name).

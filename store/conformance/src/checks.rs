@@ -383,3 +383,34 @@ pub fn the_due_index_lists_due_runs_earliest_first(make: MakeStore<'_>) {
     log.put_due(run(6), i64::MIN).unwrap();
     assert_eq!(log.due(i64::MIN, 10).unwrap(), vec![(run(6), i64::MIN)]);
 }
+
+/// Payloads come back by digest, byte for byte, at every size around the chunk boundary;
+/// a second put of the same bytes is the same reference; an unknown digest is `None`.
+pub fn payloads_round_trip_by_digest_across_chunk_boundaries(make: MakeStore<'_>) {
+    let log = make();
+    let c = keel_store::PAYLOAD_CHUNK_BYTES;
+    for len in [0, 1, c - 1, c, c + 1, 3 * c + 7] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let r = log.put_payload(&bytes).unwrap();
+        assert_eq!(r, keel_store::PayloadRef::of(&bytes), "len {len}");
+        assert_eq!(r.bytes, len as u64);
+        assert_eq!(log.put_payload(&bytes).unwrap(), r, "a second put of the same bytes, len {len}");
+        assert_eq!(log.get_payload(&r.digest, len).unwrap().as_deref(), Some(bytes.as_slice()), "len {len}");
+    }
+    assert_eq!(log.get_payload(&[9u8; 32], 1 << 20).unwrap(), None);
+    assert_eq!(log.payload_digests().unwrap().len(), 6);
+    assert_eq!(keel_store::verify_payloads(log.as_ref()).unwrap(), 6);
+}
+
+/// A read states its bound: a payload larger than `bytes_max` is `TooLarge { what:
+/// "payload" }`, refused before it is read; a put above the store's maximum writes nothing.
+pub fn a_payload_read_is_bounded(make: MakeStore<'_>) {
+    let log = make();
+    let bytes = vec![7u8; 100_000];
+    let r = log.put_payload(&bytes).unwrap();
+    match log.get_payload(&r.digest, 99_999) {
+        Err(StoreError::TooLarge { what: "payload", bytes: 100_000, max: 99_999 }) => {}
+        other => panic!("expected TooLarge payload, got {other:?}"),
+    }
+    assert_eq!(log.get_payload(&r.digest, 100_000).unwrap().map(|b| b.len()), Some(100_000));
+}

@@ -11,7 +11,7 @@
 //! [`run_all`] runs every check in one call instead. The checks come from keel-store's own
 //! tests (append/read, concurrency, snapshots, read_runs) and its model test, plus the
 //! coordination contract: leases with epochs and fencing, claims, aux entries and the
-//! due-time index.
+//! due-time index, and the payload store (round trip by digest, bounded reads).
 //!
 //! This crate is a test suite: a check fails by panicking, as a `#[test]` does, so it
 //! unwraps freely.
@@ -58,6 +58,8 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("aux_entries_round_trip_within_their_limits", aux_entries_round_trip_within_their_limits),
     ("the_due_index_lists_due_runs_earliest_first", the_due_index_lists_due_runs_earliest_first),
     ("model_matches_a_naive_log", model_matches_a_naive_log),
+    ("payloads_round_trip_by_digest_across_chunk_boundaries", payloads_round_trip_by_digest_across_chunk_boundaries),
+    ("a_payload_read_is_bounded", a_payload_read_is_bounded),
 ];
 
 /// Runs every check of [`CHECKS`] on stores from `make`, naming each on stderr.
@@ -95,6 +97,8 @@ macro_rules! conformance_tests {
             aux_entries_round_trip_within_their_limits,
             the_due_index_lists_due_runs_earliest_first,
             model_matches_a_naive_log,
+            payloads_round_trip_by_digest_across_chunk_boundaries,
+            a_payload_read_is_bounded,
         );
     };
     ($make:expr) => {

@@ -10,9 +10,10 @@ use tokio_postgres::Client;
 
 /// The migrations, in order: `(version, statements)`. Never edit one that has shipped: add
 /// the next.
-pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE events (
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE events (
         run uuid NOT NULL,
         seq bigint NOT NULL CHECK (seq >= 0),
         value bytea NOT NULL,
@@ -48,10 +49,24 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(
         due_at_us bigint NOT NULL
     );
     CREATE INDEX due_by_time ON due (due_at_us, run);",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE payload_manifests (
+        digest bytea PRIMARY KEY,
+        manifest bytea NOT NULL
+    );
+    CREATE TABLE payloads (
+        digest bytea NOT NULL,
+        chunk integer NOT NULL CHECK (chunk >= 0),
+        bytes bytea NOT NULL,
+        PRIMARY KEY (digest, chunk)
+    );",
+    ),
+];
 
 /// The schema version this build migrates to (its last migration's number).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 

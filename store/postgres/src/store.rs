@@ -8,9 +8,10 @@ use crate::group::{self, Append, Counters, FlushMode};
 use crate::pool::Pool;
 use crate::schema;
 use keel_store::{
-    backend, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits, NewRecord, RecordIter,
-    ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX,
+    backend, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits, NewRecord, PayloadRef,
+    Payloads, RecordIter, ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX, PAYLOAD_BYTES_MAX,
 };
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -692,6 +693,130 @@ impl Coordination for PgStore {
             rows.into_iter()
                 .map(|r| Ok((RunId(r.try_get::<_, Uuid>(0).map_err(pg)?), r.try_get::<_, i64>(1).map_err(pg)?)))
                 .collect()
+        })
+    }
+}
+
+/// Chunks written or read per statement (at most 2 MiB of a payload in one message).
+const PAYLOAD_CHUNKS_PER_STATEMENT: usize = 64;
+
+async fn put_payload_tx(
+    client: &mut tokio_postgres::Client,
+    digest: &[u8],
+    manifest: &[u8],
+    chunks: &[&[u8]],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Another session storing the same bytes waits here until it commits, then this
+    // writes nothing: a manifest is only ever stored with all its chunks.
+    let inserted = tx
+        .execute(
+            "INSERT INTO payload_manifests (digest, manifest) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING",
+            &[&digest, &manifest],
+        )
+        .await?;
+    if inserted == 1 {
+        for (start, group) in
+            (0i32..).step_by(PAYLOAD_CHUNKS_PER_STATEMENT).zip(chunks.chunks(PAYLOAD_CHUNKS_PER_STATEMENT))
+        {
+            let index: Vec<i32> = (start..).take(group.len()).collect();
+            tx.execute(
+                "INSERT INTO payloads (digest, chunk, bytes) SELECT $1, * FROM unnest($2::integer[], $3::bytea[])",
+                &[&digest, &index, &group],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await
+}
+
+impl Payloads for PgStore {
+    fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
+        let split = backend::split_payload(bytes)?;
+        let r = split.reference;
+        let pool = self.pool();
+        self.call(async move {
+            let chunks: Vec<&[u8]> = split.chunks.iter().map(Vec::as_slice).collect();
+            let mut conn = pool.get().await?;
+            let result = put_payload_tx(conn.client()?, &r.digest, &split.manifest, &chunks).await;
+            conn.ok(result)
+        })?;
+        Ok(r)
+    }
+
+    fn get_payload(&self, digest: &Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let (pool, d) = (self.pool(), *digest);
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query_opt("SELECT manifest FROM payload_manifests WHERE digest = $1", &[&d.as_slice()])
+                .await;
+            let Some(row) = conn.ok(result)? else { return Ok(None) };
+            let manifest: Vec<u8> = row.try_get(0).map_err(pg)?;
+            let (bytes, chunks) = backend::open_manifest(&d, &manifest)?;
+            let max = bytes_max.min(PAYLOAD_BYTES_MAX);
+            if bytes > max {
+                return Err(StoreError::TooLarge { what: "payload", bytes, max });
+            }
+            let mut stored: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+            let per = i32::try_from(PAYLOAD_CHUNKS_PER_STATEMENT).unwrap_or(64);
+            let mut from = 0i32;
+            while u32::try_from(from).is_ok_and(|f| f < chunks) {
+                let result = conn
+                    .client()?
+                    .query(
+                        "SELECT chunk, bytes FROM payloads WHERE digest = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk",
+                        &[&d.as_slice(), &from, &from.saturating_add(per)],
+                    )
+                    .await;
+                for row in conn.ok(result)? {
+                    let index: i32 = row.try_get(0).map_err(pg)?;
+                    if let Ok(index) = u32::try_from(index) {
+                        stored.insert(index, row.try_get(1).map_err(pg)?);
+                    }
+                }
+                from = from.saturating_add(per);
+            }
+            backend::assemble_payload(&d, bytes, chunks, |i| Ok(stored.remove(&i))).map(Some)
+        })
+    }
+
+    fn payload_digests(&self) -> Result<Vec<Hash32>, StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let mut out: Vec<Hash32> = Vec::new();
+            loop {
+                let client = conn.client()?;
+                let rows = match out.last() {
+                    None => {
+                        client
+                            .query("SELECT digest FROM payload_manifests ORDER BY digest LIMIT $1", &[&RUNS_PAGE])
+                            .await
+                    }
+                    Some(after) => {
+                        client
+                            .query(
+                                "SELECT digest FROM payload_manifests WHERE digest > $1 ORDER BY digest LIMIT $2",
+                                &[&after.as_slice(), &RUNS_PAGE],
+                            )
+                            .await
+                    }
+                };
+                let rows = conn.ok(rows)?;
+                let n = rows.len();
+                for row in rows {
+                    let d: Vec<u8> = row.try_get(0).map_err(pg)?;
+                    out.push(Hash32::try_from(d.as_slice()).map_err(|_| StoreError::CorruptPayload {
+                        digest: format!("{d:02x?}"),
+                        reason: "stored digest of a wrong length".into(),
+                    })?);
+                }
+                if i64::try_from(n).map_or(true, |n| n < RUNS_PAGE) {
+                    return Ok(out);
+                }
+            }
         })
     }
 }

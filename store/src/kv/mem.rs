@@ -98,6 +98,12 @@ impl MemStore {
         self.core.raw_write(&record::event_key(run, seq.0), Some(value))
     }
 
+    /// TEST HOOK: overwrites chunk `index` of payload `digest` (no checks).
+    #[cfg(feature = "testing")]
+    pub fn raw_put_payload_chunk(&self, digest: &crate::Hash32, index: u32, value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(&crate::payloads::chunk_key(digest, index), Some(value))
+    }
+
     /// TEST HOOK: deletes record `(run, seq)` (no checks).
     #[cfg(feature = "testing")]
     pub fn raw_remove(&self, run: RunId, seq: Seq) -> Result<(), StoreError> {
@@ -146,6 +152,10 @@ impl MemStore {
             Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
         }
     }
+}
+
+impl crate::Payloads for MemStore {
+    crate::kv::delegate_payloads!();
 }
 
 impl Coordination for MemStore {

@@ -9,6 +9,7 @@ use crate::envelope::codec::{self, SnapshotV1};
 use crate::envelope::record::{self, Records};
 use crate::error::StoreError;
 use crate::log::{Claim, Head, Limits, NewRecord, RecordIter};
+use crate::payloads::{self, PayloadRef};
 use crate::types::{Hash32, RunId, Seq};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -415,6 +416,54 @@ impl<K: Kv> Core<K> {
         self.kv.get(key)
     }
 
+    /// [`crate::Payloads::put_payload`]: manifest and chunks in one atomic write, nothing
+    /// if the manifest is already stored.
+    pub(crate) fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
+        let r = PayloadRef::of(bytes);
+        // Stored already (an output copied into a downstream input): nothing to write.
+        if self.kv.get(&payloads::manifest_key(&r.digest))?.is_some() {
+            return Ok(r);
+        }
+        let (r, writes) = payloads::payload_writes(bytes)?;
+        self.kv.apply(writes)?;
+        Ok(r)
+    }
+
+    /// [`crate::Payloads::get_payload`].
+    pub(crate) fn get_payload(&self, digest: &Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(m) = self.kv.get(&payloads::manifest_key(digest))? else {
+            return Ok(None);
+        };
+        let (bytes, chunks) = payloads::parse_manifest(digest, &m)?;
+        let max = bytes_max.min(payloads::PAYLOAD_BYTES_MAX);
+        if bytes > max {
+            return Err(StoreError::TooLarge { what: "payload", bytes, max });
+        }
+        payloads::assemble(digest, bytes, chunks, |i| self.kv.get(&payloads::chunk_key(digest, i))).map(Some)
+    }
+
+    /// [`crate::Payloads::payload_digests`].
+    pub(crate) fn payload_digests(&self) -> Result<Vec<Hash32>, StoreError> {
+        let lo = payloads::manifest_key(&[0u8; 32]);
+        let hi = payloads::manifest_key(&[0xffu8; 32]);
+        let mut out = Vec::new();
+        for pair in self.kv.range(&lo, &hi)? {
+            let (k, _) = pair?;
+            let mut d = [0u8; 32];
+            match k.as_ref().get(1..33) {
+                Some(bytes) if k.as_ref().len() == 33 => d.copy_from_slice(bytes),
+                _ => {
+                    return Err(StoreError::CorruptPayload {
+                        digest: hex::encode(k.as_ref()),
+                        reason: "manifest key of a wrong length".to_owned(),
+                    })
+                }
+            }
+            out.push(d);
+        }
+        Ok(out)
+    }
+
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn raw_write(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         self.kv.apply(vec![(key.to_vec(), value.map(<[u8]>::to_vec))])?;
@@ -516,3 +565,21 @@ macro_rules! delegate_coordination {
     };
 }
 pub(crate) use delegate_coordination;
+
+/// The payload methods both backends forward to their `core` unchanged.
+macro_rules! delegate_payloads {
+    () => {
+        fn put_payload(&self, bytes: &[u8]) -> Result<crate::PayloadRef, StoreError> {
+            self.core.put_payload(bytes)
+        }
+
+        fn get_payload(&self, digest: &crate::Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+            self.core.get_payload(digest, bytes_max)
+        }
+
+        fn payload_digests(&self) -> Result<Vec<crate::Hash32>, StoreError> {
+            self.core.payload_digests()
+        }
+    };
+}
+pub(crate) use delegate_payloads;

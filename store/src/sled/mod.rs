@@ -353,6 +353,12 @@ impl SledStore {
         self.core.raw_range(&record::event_key(run, 0), &record::event_key(run, u64::MAX))
     }
 
+    /// TEST HOOK: overwrites chunk `index` of payload `digest` (no checks).
+    #[cfg(feature = "testing")]
+    pub fn raw_put_payload_chunk(&self, digest: &crate::Hash32, index: u32, value: &[u8]) -> Result<(), StoreError> {
+        self.core.raw_write(&crate::payloads::chunk_key(digest, index), Some(value))
+    }
+
     /// TEST HOOK: writes any key (used to load golden files).
     #[cfg(feature = "testing")]
     pub fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -387,6 +393,24 @@ impl EventLog for SledStore {
             Some(r) => Box::new(r),
             None => crate::log::read_runs_in_turn(self, runs),
         }
+    }
+}
+
+impl crate::Payloads for SledStore {
+    fn put_payload(&self, bytes: &[u8]) -> Result<crate::PayloadRef, StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        // Not flushed here: the append of the records that reference it flushes both.
+        self.core.put_payload(bytes)
+    }
+
+    fn get_payload(&self, digest: &crate::Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        self.core.get_payload(digest, bytes_max)
+    }
+
+    fn payload_digests(&self) -> Result<Vec<crate::Hash32>, StoreError> {
+        self.core.payload_digests()
     }
 }
 

@@ -91,5 +91,10 @@ pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResul
             );
         }
     }
+    // A fork whose driver stopped on an error did not finish: say so in the exit code.
+    if let Some(e) = &forked.report.stopped {
+        eprintln!("error: the fork's driver stopped: {e}");
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -104,7 +104,7 @@ pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
             "run": loaded.run.to_string(),
             "seq": until,
             "last_seq": replay.last_seq(),
-            "event": at.map(|e| keel_replay::format::event_json(&e.event)),
+            "event": at.map(|e| keel_replay::format::event_json_after(&e.event, &state)),
             "state": views::state_json(&state),
         }))?;
     } else {

@@ -29,7 +29,10 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
         tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
         let report = workers.shutdown().await;
         eprintln!("keel: stopped after {} driver pass(es)", report.driven);
-        return Ok(ExitCode::SUCCESS);
+        for (run, e) in &report.stopped {
+            eprintln!("keel: run {run}: driver stopped: {e}");
+        }
+        return Ok(if report.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     let sp = spinner("working runs until idle");
     let r = engine.run_until_idle().await?;
