@@ -9,7 +9,9 @@
 mod common;
 
 use common::{ready, Admin, Scratch};
-use keel_store::{Coordination, Durability, EventLog, Level, Limits, RunId, Seq, SledStore, StoreConfig, StoreError};
+use keel_store::{
+    Coordination, Durability, EventLog, Level, Limits, Payloads, RunId, Seq, SledStore, StoreConfig, StoreError,
+};
 use keel_store_conformance::{rec, Ev};
 use keel_store_postgres::{OpenError, PgConfig, PgError, PgStore, SCHEMA_VERSION};
 use std::sync::{Arc, Barrier};
@@ -560,4 +562,78 @@ fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_dup
     assert_eq!(store.head(claimer).unwrap().next_seq, Seq(0), "the refused append wrote nothing");
     assert!(store.stats().raced_flushes >= 2, "{:?}", store.stats());
     assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events")), 0);
+}
+
+/// A schema at an older version is brought up to this build's at open, keeping its data:
+/// here one at version 1 (before the payload tables) gets migration 2.
+#[test]
+fn a_schema_at_an_older_version_is_migrated_at_open_and_keeps_its_data() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg.clone()).unwrap();
+    store.append(run(1), Seq(0), vec![rec(0)], None).unwrap();
+    drop(store);
+    let admin = Admin::connect().unwrap();
+    admin.exec(&format!(
+        "DROP TABLE {schema}.payloads, {schema}.payload_manifests; DELETE FROM {schema}.schema_version WHERE version >= 2"
+    ));
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    assert_eq!(admin.int(&format!("SELECT max(version)::bigint FROM {schema}.schema_version")), i64::from(SCHEMA_VERSION));
+    assert_eq!(store.head(run(1)).unwrap().next_seq, Seq(1));
+    let r = store.put_payload(b"after the upgrade").unwrap();
+    assert_eq!(store.get_payload(&r.digest, 100).unwrap().as_deref(), Some(b"after the upgrade".as_slice()));
+}
+
+/// Payload chunks altered or removed in the table are `CorruptPayload` naming the digest,
+/// never other bytes; two handles putting the same bytes at once store one copy.
+#[test]
+fn payloads_are_checked_on_read_and_stored_once_across_handles() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let handles = [Arc::new(PgStore::open(cfg.clone()).unwrap()), Arc::new(PgStore::open(cfg).unwrap())];
+    let bytes: Vec<u8> = (0..3 * keel_store::PAYLOAD_CHUNK_BYTES + 5).map(|i| (i % 251) as u8).collect();
+    let barrier = Arc::new(Barrier::new(2));
+    let refs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                let (h, barrier, bytes) = (h.clone(), barrier.clone(), &bytes);
+                s.spawn(move || {
+                    barrier.wait();
+                    h.put_payload(bytes).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(refs[0], refs[1]);
+    let admin = Admin::connect().unwrap();
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.payload_manifests")), 1);
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.payloads")), 4);
+    let d = refs[0].digest;
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(handles[1].get_payload(&d, bytes.len()).unwrap(), Some(bytes.clone()));
+    admin.exec(&format!(
+        "UPDATE {schema}.payloads SET bytes = overlay(bytes placing '\\xff'::bytea from 10 for 1) \
+         WHERE digest = '\\x{hex}'::bytea AND chunk = 1"
+    ));
+    assert!(
+        matches!(handles[0].get_payload(&d, bytes.len()), Err(StoreError::CorruptPayload { digest, .. }) if digest == hex)
+    );
+    admin.exec(&format!("DELETE FROM {schema}.payloads WHERE digest = '\\x{hex}'::bytea AND chunk = 2"));
+    match handles[0].get_payload(&d, bytes.len()) {
+        Err(StoreError::CorruptPayload { reason, .. }) => {
+            assert!(reason.contains("chunk 1") || reason.contains("chunk 2"), "{reason}")
+        }
+        other => panic!("expected CorruptPayload, got {other:?}"),
+    }
+    assert!(keel_store::verify_payloads(&*handles[0]).is_err());
 }
