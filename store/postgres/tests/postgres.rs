@@ -582,7 +582,10 @@ fn a_schema_at_an_older_version_is_migrated_at_open_and_keeps_its_data() {
         "DROP TABLE {schema}.payloads, {schema}.payload_manifests; DELETE FROM {schema}.schema_version WHERE version >= 2"
     ));
     let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
-    assert_eq!(admin.int(&format!("SELECT max(version)::bigint FROM {schema}.schema_version")), i64::from(SCHEMA_VERSION));
+    assert_eq!(
+        admin.int(&format!("SELECT max(version)::bigint FROM {schema}.schema_version")),
+        i64::from(SCHEMA_VERSION)
+    );
     assert_eq!(store.head(run(1)).unwrap().next_seq, Seq(1));
     let r = store.put_payload(b"after the upgrade").unwrap();
     assert_eq!(store.get_payload(&r.digest, 100).unwrap().as_deref(), Some(b"after the upgrade".as_slice()));
