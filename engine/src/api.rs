@@ -445,7 +445,9 @@ pub struct WorkflowStats {
 /// Size limits of the shell (each with its own error).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShellLimits {
-    /// Canonical JSON bytes of a request input.
+    /// Canonical JSON bytes of a request input (larger: `submit` refuses it, nothing is
+    /// written). Default 1 MiB: an input over 4 KiB is stored in the payload store beside
+    /// the log and `RunAccepted` carries its digest and size.
     pub input_bytes_max: usize,
     /// Canonical JSON bytes of a handler output (larger: `TaskFailed { Semantic, source:
     /// Engine, error: "output_too_large" }`). Default 16 MiB: an output over 4 KiB is
@@ -472,7 +474,7 @@ pub struct ShellLimits {
 impl Default for ShellLimits {
     fn default() -> Self {
         ShellLimits {
-            input_bytes_max: 16 * 1024,
+            input_bytes_max: 1024 * 1024,
             output_bytes_max: 16 * 1024 * 1024,
             run_payload_bytes_max: 256 * 1024 * 1024,
             error_bytes_max: 2 * 1024,
