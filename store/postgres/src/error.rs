@@ -41,9 +41,48 @@ pub enum PgError {
         /// Attempts made.
         tries: u32,
     },
+    /// A bound on a call into PostgreSQL ran out ([`PgError::timed_out`]). Nothing was
+    /// written, except when `what` is [`Timed::Commit`]: then the append may or may not
+    /// have been (read the run's head to know). Its `io::ErrorKind` is `TimedOut`.
+    #[error("postgres {what} timed out after {after_ms} ms")]
+    Timeout {
+        /// What ran out of time.
+        what: Timed,
+        /// The bound that ran out, in milliseconds.
+        after_ms: u64,
+    },
     /// The store's own runtime is gone (the store was dropped while this call waited).
     #[error("the store was closed")]
     Closed,
+}
+
+/// What a [`PgError::Timeout`] bounded (docs/STORE.md, "PostgreSQL", timeouts).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timed {
+    /// Opening a session (TCP connect, startup and authentication): `connect_timeout_ms`.
+    Connect,
+    /// One statement, cancelled by the server (`statement_timeout`, from
+    /// `statement_timeout_ms`); a statement cancelled by an operator reads the same. The
+    /// statement's transaction was rolled back.
+    Statement,
+    /// A whole call (taking a session, its statements, its commit), cut by the store:
+    /// `call_timeout_ms`. The session is dropped and its statement cancelled; its
+    /// transaction, never committed, is rolled back by the server.
+    Call,
+    /// A flush's COMMIT was in flight when `call_timeout_ms` ran out: outcome unknown.
+    Commit,
+}
+
+impl std::fmt::Display for Timed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Timed::Connect => "connect",
+            Timed::Statement => "statement (statement_timeout)",
+            Timed::Call => "call",
+            Timed::Commit => "COMMIT (outcome unknown: read the head)",
+        })
+    }
 }
 
 /// The driver's message with its cause (the server's text for a database error).
@@ -55,12 +94,34 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl PgError {
-    /// Classifies a driver error: lost connection or server refusal.
+    /// Whether this is a [`PgError::Timeout`].
+    pub fn timed_out(&self) -> Option<Timed> {
+        match self {
+            PgError::Timeout { what, .. } => Some(*what),
+            _ => None,
+        }
+    }
+
+    /// Classifies a driver error: statement timeout, lost connection or server refusal.
+    /// A statement cancelled by the server (SQLSTATE 57014) is [`Timed::Statement`], its
+    /// bound filled in by [`PgError::with_statement_ms`].
     pub(crate) fn of(e: tokio_postgres::Error) -> PgError {
-        if connection_lost(&e) {
+        if e.code() == Some(&SqlState::QUERY_CANCELED) {
+            PgError::Timeout { what: Timed::Statement, after_ms: 0 }
+        } else if connection_lost(&e) {
             PgError::ConnectionLost { reason: describe(&e) }
         } else {
             PgError::Server { code: e.code().map(|c| c.code().to_owned()).unwrap_or_default(), reason: describe(&e) }
+        }
+    }
+
+    /// This error, with the statement timeout named when it is one.
+    pub(crate) fn with_statement_ms(self, ms: u64) -> PgError {
+        match self {
+            PgError::Timeout { what: Timed::Statement, .. } => {
+                PgError::Timeout { what: Timed::Statement, after_ms: ms }
+            }
+            other => other,
         }
     }
 
@@ -96,6 +157,7 @@ impl From<PgError> for StoreError {
             PgError::ConnectionLost { .. } | PgError::InDoubt { .. } | PgError::Closed => {
                 std::io::ErrorKind::ConnectionAborted
             }
+            PgError::Timeout { .. } => std::io::ErrorKind::TimedOut,
             PgError::Server { .. } | PgError::Contention { .. } => std::io::ErrorKind::Other,
         };
         StoreError::Io(std::io::Error::new(kind, e))

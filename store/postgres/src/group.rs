@@ -9,11 +9,11 @@
 //! transaction is rolled back and its appends are retried one per transaction, where the
 //! row is then found and locked.
 
-use crate::error::{connection_lost, PgError};
+use crate::error::{connection_lost, PgError, Timed};
 use crate::pool::Pool;
 use keel_store::{backend, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
@@ -160,12 +160,29 @@ async fn flush_once(
     mode: FlushMode,
     counters: &Counters,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
-    let mut conn = pool.get().await.map_err(Failed::Pg)?;
-    let client = conn.client().map_err(Failed::Pg)?;
-    let result = transaction(client, batch, mode).await;
-    if let Err(Failed::Pg(PgError::ConnectionLost { .. } | PgError::InDoubt { .. })) = &result {
-        conn.set_broken();
-    }
+    let bounds = pool.bounds();
+    let committing = AtomicBool::new(false);
+    let attempt = async {
+        let mut conn = pool.get().await.map_err(Failed::Pg)?;
+        let client = conn.client().map_err(Failed::Pg)?;
+        let result = transaction(client, batch, mode, &committing).await;
+        // Every statement was answered: the session goes back unless its connection went.
+        match &result {
+            Err(Failed::Pg(e)) => conn.settled(e),
+            _ => conn.settle(),
+        }
+        result
+    };
+    // Cut after the call timeout: dropping `attempt` drops its session mid-statement (not
+    // reused, its statement cancelled); the transaction, never committed, is rolled back.
+    let result = match tokio::time::timeout(bounds.call, attempt).await {
+        Ok(Err(Failed::Pg(e))) => Err(Failed::Pg(e.with_statement_ms(bounds.statement_ms()))),
+        Ok(result) => result,
+        Err(_) => {
+            let what = if committing.load(Ordering::Relaxed) { Timed::Commit } else { Timed::Call };
+            Err(Failed::Pg(PgError::Timeout { what, after_ms: bounds.call_ms() }))
+        }
+    };
     if let Ok(outcomes) = &result {
         counters.flushes.fetch_add(1, Ordering::Relaxed);
         for o in outcomes {
@@ -184,6 +201,7 @@ async fn transaction(
     client: &mut Client,
     batch: &[Append],
     mode: FlushMode,
+    committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let tx = client.transaction().await.map_err(failed)?;
     if mode.async_commit {
@@ -244,7 +262,8 @@ async fn transaction(
         return Ok(plan.outcomes);
     }
     write(&tx, &plan).await?;
-    // From here the outcome is in doubt if the connection goes.
+    // From here the outcome is in doubt if the connection goes or the call is cut.
+    committing.store(true, Ordering::Relaxed);
     tx.commit().await.map_err(|e| if connection_lost(&e) { Failed::Pg(PgError::at_commit(e)) } else { failed(e) })?;
     Ok(plan.outcomes)
 }

@@ -24,6 +24,6 @@ mod pool;
 mod schema;
 mod store;
 
-pub use error::{OpenError, PgError};
+pub use error::{OpenError, PgError, Timed};
 pub use schema::SCHEMA_VERSION;
 pub use store::{PgConfig, PgStats, PgStore};

@@ -3,9 +3,9 @@
 //! small runtime: each call is spawned there and the caller waits on a std channel (never
 //! `block_on`, which panics inside another runtime).
 
-use crate::error::{pg, OpenError, PgError};
+use crate::error::{pg, OpenError, PgError, Timed};
 use crate::group::{self, Append, Counters, FlushMode};
-use crate::pool::Pool;
+use crate::pool::{Bounds, Pool};
 use crate::schema;
 use keel_store::{
     backend, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits, NewRecord, PayloadRef,
@@ -38,8 +38,19 @@ pub struct PgConfig {
     pub read_page_records: usize,
     /// Create the schema and its tables if missing (default true); false => `NotFound`.
     pub create: bool,
-    /// How long opening a session may take. Default 10 s.
+    /// How long opening a session may take (TCP connect, startup, authentication), else
+    /// [`Timed::Connect`]. Default 10 s, 1..=3_600_000.
     pub connect_timeout_ms: u64,
+    /// How long one statement may run on the server (its `statement_timeout`, also bounding
+    /// a wait for a row lock), else [`Timed::Statement`]: the server cancels it and rolls
+    /// its transaction back. Default 30 s, 1..=3_600_000.
+    pub statement_timeout_ms: u64,
+    /// How long one call into PostgreSQL may take in all (taking a session, its statements,
+    /// its commit; one flush for appends), else [`Timed::Call`] ([`Timed::Commit`] when
+    /// COMMIT was in flight); the backstop for a server that does not answer at all. It
+    /// also ends, on the server, a session left idle inside a transaction this long
+    /// (`idle_in_transaction_session_timeout`). Default 60 s, 1..=3_600_000.
+    pub call_timeout_ms: u64,
 }
 
 impl PgConfig {
@@ -54,6 +65,8 @@ impl PgConfig {
             read_page_records: 256,
             create: true,
             connect_timeout_ms: 10_000,
+            statement_timeout_ms: 30_000,
+            call_timeout_ms: 60_000,
         }
     }
 }
@@ -86,6 +99,7 @@ impl Drop for Rt {
 
 struct Shared {
     handle: tokio::runtime::Handle,
+    bounds: Bounds,
     pool: Arc<Pool>,
     appends: mpsc::UnboundedSender<Append>,
     counters: Arc<Counters>,
@@ -99,18 +113,56 @@ struct Shared {
 
 /// Runs `fut` on the store's runtime and waits for it with std primitives, so any thread
 /// may call it: a plain one, or a runtime's thread inside `block_in_place` or
-/// `spawn_blocking`.
-fn call<T, F>(handle: &tokio::runtime::Handle, fut: F) -> Result<T, StoreError>
+/// `spawn_blocking`. After `bound` the call is cut ([`Timed::Call`]): `fut` is dropped
+/// there, and with it the session it held (never reused; its statement cancelled).
+fn call<T, F>(handle: &tokio::runtime::Handle, bound: Duration, fut: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, StoreError>> + Send + 'static,
 {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     handle.spawn(async move {
-        let _ = tx.send(fut.await);
+        let out = match tokio::time::timeout(bound, fut).await {
+            Ok(out) => out,
+            Err(_) => Err(PgError::Timeout { what: Timed::Call, after_ms: millis(bound) }.into()),
+        };
+        let _ = tx.send(out);
     });
     rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
 }
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Shared {
+    fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        call(&self.handle, self.bounds.call, fut)
+    }
+}
+
+/// The bounds of `config`, each checked to be in range.
+fn bounds(config: &PgConfig) -> Result<Bounds, OpenError> {
+    let ms = |name: &str, v: u64| {
+        if (1..=TIMEOUT_MS_MAX).contains(&v) {
+            Ok(Duration::from_millis(v))
+        } else {
+            Err(OpenError::InvalidConfig { reason: format!("{name} {v} not in 1..={TIMEOUT_MS_MAX}") })
+        }
+    };
+    Ok(Bounds {
+        connect: ms("connect_timeout_ms", config.connect_timeout_ms)?,
+        statement: ms("statement_timeout_ms", config.statement_timeout_ms)?,
+        call: ms("call_timeout_ms", config.call_timeout_ms)?,
+    })
+}
+
+/// The longest timeout a config may set (one hour).
+const TIMEOUT_MS_MAX: u64 = 3_600_000;
 
 /// keel's event log and coordination on PostgreSQL (docs/STORE.md, "PostgreSQL"). Several
 /// processes may open one schema at once: appends are checked by the database (the run's
@@ -135,11 +187,17 @@ impl PgStore {
         if !(1..=65_536).contains(&config.read_page_records) {
             return invalid(format!("read_page_records {} not in 1..=65536", config.read_page_records));
         }
+        let bounds = bounds(&config)?;
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
-        pg.options(format!("-c search_path={}", config.schema));
+        pg.options(format!(
+            "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            config.schema,
+            bounds.statement_ms(),
+            bounds.call_ms()
+        ));
         pg.application_name("keel");
-        pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        pg.connect_timeout(bounds.connect);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keel-postgres")
@@ -148,17 +206,34 @@ impl PgStore {
             .map_err(OpenError::Runtime)?;
         let rt = Rt(Some(rt));
         let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
-        let pool = Pool::new(pg, config.pool_size);
+        let pool = {
+            // Built on the runtime: the pool's timeouts and sessions live there.
+            let _entered = handle.enter();
+            Arc::new(Pool::new(pg, config.pool_size, bounds).map_err(OpenError::Postgres)?)
+        };
         {
             let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             handle.spawn(async move {
-                let result = async {
+                let migrated = async {
                     let mut conn = pool.get().await.map_err(OpenError::Postgres)?;
                     let client = conn.client().map_err(OpenError::Postgres)?;
-                    schema::migrate(client, &schema, create).await
-                }
-                .await;
+                    let result = schema::migrate(client, &schema, create).await;
+                    match &result {
+                        Err(OpenError::Postgres(e)) => conn.settled(e),
+                        _ => conn.settle(),
+                    }
+                    result.map_err(|e| match e {
+                        OpenError::Postgres(e) => OpenError::Postgres(e.with_statement_ms(bounds.statement_ms())),
+                        other => other,
+                    })
+                };
+                let result = match tokio::time::timeout(bounds.call, migrated).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        Err(OpenError::Postgres(PgError::Timeout { what: Timed::Call, after_ms: bounds.call_ms() }))
+                    }
+                };
                 let _ = tx.send(result);
             });
             rx.recv().map_err(|_| OpenError::Postgres(PgError::Closed))??;
@@ -180,6 +255,7 @@ impl PgStore {
         Ok(PgStore {
             shared: Arc::new(Shared {
                 handle,
+                bounds,
                 pool,
                 appends,
                 counters,
@@ -213,7 +289,7 @@ impl PgStore {
         T: Send + 'static,
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        call(&self.shared.handle, fut)
+        self.shared.call(fut)
     }
 
     fn pool(&self) -> Arc<Pool> {
@@ -285,7 +361,7 @@ struct Releaser(Weak<Shared>);
 impl ReleaseOnDrop for Releaser {
     fn release_dropped(&self, run: RunId, epoch: u64) {
         let Some(shared) = self.0.upgrade() else { return };
-        if let Err(e) = call(&shared.handle, release(shared.pool.clone(), run, epoch)) {
+        if let Err(e) = shared.call(release(shared.pool.clone(), run, epoch)) {
             tracing::warn!(%run, epoch, error = %e, "releasing a dropped lease failed (it ends at expiry)");
         }
     }
@@ -310,7 +386,7 @@ impl Iterator for Pages {
         if self.done {
             return None;
         }
-        let fetched = call(&self.shared.handle, page(self.shared.pool.clone(), self.run, self.next, self.shared.page));
+        let fetched = self.shared.call(page(self.shared.pool.clone(), self.run, self.next, self.shared.page));
         match fetched {
             Err(e) => {
                 self.done = true;
