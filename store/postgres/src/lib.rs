@@ -12,6 +12,9 @@
 //!   epoch under the lease row's lock inside the append's transaction (`Fenced` otherwise).
 //! - The tables are created and migrated at open ([`SCHEMA_VERSION`]); a schema migrated by
 //!   a newer build is refused ([`OpenError::SchemaTooNew`]).
+//! - Sessions come from a `deadpool-postgres` pool; one that lost its connection or was
+//!   abandoned mid-statement is never reused. Every call is bounded (connect, statement,
+//!   call timeouts in [`PgConfig`]), each ending in [`PgError::Timeout`] naming [`Timed`].
 //!
 //! Schema, durability and fencing: `docs/STORE.md`, "PostgreSQL".
 
