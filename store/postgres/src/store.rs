@@ -206,11 +206,9 @@ impl PgStore {
             .map_err(OpenError::Runtime)?;
         let rt = Rt(Some(rt));
         let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
-        let pool = {
-            // Built on the runtime: the pool's timeouts and sessions live there.
-            let _entered = handle.enter();
-            Arc::new(Pool::new(pg, config.pool_size, bounds).map_err(OpenError::Postgres)?)
-        };
+        // Used only from tasks on the store's runtime: its timers bound the pool's waits and
+        // its sessions' connection tasks are spawned there.
+        let pool = Arc::new(Pool::new(pg, config.pool_size, bounds).map_err(OpenError::Postgres)?);
         {
             let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
