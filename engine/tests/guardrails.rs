@@ -331,7 +331,7 @@ async fn invalid_input_and_unknown_workflows_are_rejected_with_nothing_written()
     let err = engine.submit(Request::new("w", json!({}))).await.unwrap_err();
     assert!(matches!(&err, EngineError::InvalidInput { errors, .. } if errors[0].contains("ticket")), "{err}");
 
-    let huge = "x".repeat(20_000);
+    let huge = "x".repeat(ShellLimits::default().input_bytes_max);
     let err = engine.submit(Request::new("w", json!({ "ticket": huge }))).await.unwrap_err();
     assert!(matches!(&err, EngineError::InvalidInput { errors, .. } if errors[0].contains("limit")), "{err}");
 
