@@ -46,6 +46,9 @@ try {
   await link.waitFor();
   const headers = await page.locator("#inbox thead th").allTextContents();
   for (const h of ["Deadline", "Default", "Question", "Escalated"]) assert.ok(headers.includes(h), `inbox header ${h}: ${headers}`);
+  const times = await page.locator("#inbox tbody td:nth-child(6) time").evaluateAll((ts) => ts.map((t) => t.getAttribute("datetime")));
+  assert.ok(times.length >= 2, `several escalations: ${times}`);
+  assert.deepEqual(times, [...times].sort(), "oldest first");
   const stored = await page.evaluate(() => ({ s: sessionStorage.getItem("keel.token"), c: document.cookie }));
   assert.equal(stored.s, KEEL_TOKEN, "the token is in sessionStorage");
   assert.equal(stored.c, "", "no cookie");
@@ -102,6 +105,17 @@ try {
   assert.ok((await page.locator("#plan g.node").count()) >= 3, "the plan graph");
   assert.match(await page.locator("#fsm-path").innerText(), /AwaitingHuman[\s\S]*Completed/);
   await page.screenshot({ path: path.join(KEEL_ARTIFACTS, "run.png"), fullPage: true });
+
+  step("the run list filters by status");
+  await page.getByRole("link", { name: "Runs" }).click();
+  await page.locator("#runs").waitFor();
+  await page.getByLabel("Status").selectOption("AwaitingHuman");
+  await page.getByRole("button", { name: "Filter" }).click();
+  await page.waitForURL((u) => u.hash === "#/runs?status=AwaitingHuman");
+  await page.locator("#runs tbody tr").first().waitFor();
+  const statuses = await page.locator("#runs tbody td:nth-child(3)").allInnerTexts();
+  assert.ok(statuses.length >= 1 && statuses.every((s) => s === "AwaitingHuman"), `${statuses}`);
+  assert.equal(await page.locator(`#runs a[href="#/run/${KEEL_RUN}"]`).count(), 0, "the decided run left the filter");
 
   assert.deepEqual(outside, [], "nothing fetched from outside the server");
   assert.deepEqual(problems, [], "no script error");
