@@ -189,7 +189,11 @@ fn escalation_text(out: &mut String, run: keel_store::RunId, e: &keel_engine::Es
         )),
         None => {
             let options: Vec<&str> = x.options.iter().map(|o| cli_decision(o)).collect();
-            out.push_str(&format!("  waiting: keel resolve {} --decision <{}> --reason <TEXT>\n", run, options.join(" | ")))
+            out.push_str(&format!(
+                "  waiting: keel resolve {} --decision <{}> --reason <TEXT>\n",
+                run,
+                options.join(" | ")
+            ))
         }
     }
 }

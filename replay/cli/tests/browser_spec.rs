@@ -39,7 +39,8 @@ fn missing(browser_dir: &Path, chromium: &Path) -> Option<String> {
 fn get_json(addr: &str, path: &str, token: &str) -> serde_json::Value {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n")
+        .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (_, body) = raw.split_once("\r\n\r\n").unwrap();
@@ -101,7 +102,12 @@ fn the_inbox_in_headless_chromium_decides_an_escalation_and_shows_the_run_comple
     server.kill().unwrap();
     server.wait().unwrap();
     println!("{}", String::from_utf8_lossy(&out.stdout));
-    assert!(out.status.success(), "the browser test failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // What the page did is on the log: approved by the token's name, with its reason.
     assert_eq!(state["status"], "Completed", "{state}");

@@ -172,7 +172,8 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     let db = DemoDb::new(8);
     let run = db.run_of("human_escalation").to_string();
     // Not waiting: a typed one-line error.
-    let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve", "--reason", "r"]).one_line_error(1);
+    let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve", "--reason", "r"])
+        .one_line_error(1);
     assert!(e.contains("is not awaiting a human"), "{e}");
     // A supplied output nested deeper than the JSON limit: one line with the stable code,
     // nothing recorded (before the check a 300-deep text failed serde_json's own limit
@@ -190,9 +191,12 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     let e = keel(&db.db, &["resolve", &run, "--decision", "approve", "--reason", "  "]).one_line_error(2);
     assert!(e.contains("--reason"), "{e}");
     assert_eq!(keel(&db.db, &["show", &run, "--json"]).ok().stdout, before);
-    let r = keel(&db.db, &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--reason", "refund checked", "--json"])
-        .ok()
-        .json();
+    let r = keel(
+        &db.db,
+        &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--reason", "refund checked", "--json"],
+    )
+    .ok()
+    .json();
     assert_eq!(r["decision"], "approve");
     assert_eq!(r["by"], "alice");
     let w = keel(&db.db, &["work", "--until-idle", "--json"]).ok().json();

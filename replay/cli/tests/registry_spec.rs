@@ -184,7 +184,10 @@ fn a_service_binary_with_its_registry_drives_its_runs() {
     let statuses: Vec<String> = runs(&db).into_iter().map(|(_, s, _)| s).collect();
     assert_eq!(statuses.iter().filter(|s| *s == "AwaitingHuman").count(), 3, "{statuses:?}");
     let run: Value = keel(&db, &["escalations", "--json"]).ok().json()["escalations"][0]["run"].clone();
-    assert_eq!(keel_of_service(&["resolve", run.as_str().unwrap(), "--decision", "approve", "--reason", "checked"]), ExitCode::SUCCESS);
+    assert_eq!(
+        keel_of_service(&["resolve", run.as_str().unwrap(), "--decision", "approve", "--reason", "checked"]),
+        ExitCode::SUCCESS
+    );
     assert_eq!(keel_of_service(&["work", "--until-idle"]), ExitCode::SUCCESS);
     assert_eq!(keel_of_service(&["replay", "--all", "--check"]), ExitCode::SUCCESS);
     // The service's binary does not know the demo.

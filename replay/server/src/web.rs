@@ -105,7 +105,11 @@ mod tests {
         assert_eq!(cross_site(&headers(&[("host", "127.0.0.1:7700")])), None, "no Origin: not a browser form");
         let same = headers(&[("host", "127.0.0.1:7700"), ("origin", "http://127.0.0.1:7700")]);
         assert_eq!(cross_site(&same), None);
-        let same = headers(&[("host", "127.0.0.1:7700"), ("origin", "http://127.0.0.1:7700"), ("sec-fetch-site", "same-origin")]);
+        let same = headers(&[
+            ("host", "127.0.0.1:7700"),
+            ("origin", "http://127.0.0.1:7700"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
         assert_eq!(cross_site(&same), None);
         for bad in [
             headers(&[("host", "127.0.0.1:7700"), ("origin", "http://evil.example")]),

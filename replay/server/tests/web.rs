@@ -16,7 +16,11 @@ const ESCALATING: u64 = 5;
 /// a form content type and no `Authorization`).
 async fn raw(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
     let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", s.addr, body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        s.addr,
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -30,7 +34,8 @@ async fn raw(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], bod
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
     Resp { status, headers, body: out[split + 4..].to_vec() }
 }
 
@@ -44,7 +49,10 @@ async fn the_page_is_served_from_the_binary_and_refers_to_nothing_outside_it() {
     assert_eq!(page.status, 200);
     assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
     let csp = page.header("content-security-policy").unwrap();
-    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && csp.contains("connect-src 'self'"), "{csp}");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
     assert_eq!(page.header("x-frame-options"), Some("DENY"));
     let html = page.text();
     assert!(html.contains("src=\"/ui/app.js\"") && html.contains("href=\"/ui/app.css\""), "{html}");
@@ -54,7 +62,10 @@ async fn the_page_is_served_from_the_binary_and_refers_to_nothing_outside_it() {
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
         // Nothing from outside: no absolute URL but the SVG namespace name (not fetched).
         let text = r.text().replace("http://www.w3.org/2000/svg", "");
-        assert!(!text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"), "{path} refers outside");
+        assert!(
+            !text.contains("http://") && !text.contains("https://") && !text.contains("//cdn"),
+            "{path} refers outside"
+        );
     }
     assert!(!html.replace("http://", "").contains("https://"));
 }
@@ -81,10 +92,18 @@ async fn a_form_post_from_another_origin_is_refused_and_records_nothing() {
     // (the cancel route as well).
     let body = br#"{"decision":"approve","reason":"csrf"}"#;
     let json_type = ("Content-Type", "application/json");
-    let r = raw(&s, "POST", &path, &[json_type, ("Authorization", &bearer), ("Origin", "http://127.0.0.1:1")], body).await;
+    let r =
+        raw(&s, "POST", &path, &[json_type, ("Authorization", &bearer), ("Origin", "http://127.0.0.1:1")], body).await;
     assert_eq!((r.status, r.code().as_str()), (403, "cross_origin"), "another port is another origin");
     let cancel = format!("/v1/runs/{run}/cancel");
-    let r = raw(&s, "POST", &cancel, &[json_type, ("Authorization", &bearer), ("Origin", "http://evil.example")], br#"{"reason":"x"}"#).await;
+    let r = raw(
+        &s,
+        "POST",
+        &cancel,
+        &[json_type, ("Authorization", &bearer), ("Origin", "http://evil.example")],
+        br#"{"reason":"x"}"#,
+    )
+    .await;
     assert_eq!((r.status, r.code().as_str()), (403, "cross_origin"));
     // A form without Origin carries no bearer token: 401, nothing else.
     let r = raw(&s, "POST", &path, &[form_type], form).await;
@@ -94,7 +113,11 @@ async fn a_form_post_from_another_origin_is_refused_and_records_nothing() {
         &s,
         "OPTIONS",
         &path,
-        &[("Origin", "http://evil.example"), ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "authorization")],
+        &[
+            ("Origin", "http://evil.example"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "authorization"),
+        ],
         b"",
     )
     .await;
@@ -107,7 +130,14 @@ async fn a_form_post_from_another_origin_is_refused_and_records_nothing() {
 
     // The page's own request (same origin, bearer header) goes through.
     let origin = format!("http://{}", s.addr);
-    let r = raw(&s, "POST", &path, &[json_type, ("Authorization", &bearer), ("Origin", &origin), ("Sec-Fetch-Site", "same-origin")], body).await;
+    let r = raw(
+        &s,
+        "POST",
+        &path,
+        &[json_type, ("Authorization", &bearer), ("Origin", &origin), ("Sec-Fetch-Site", "same-origin")],
+        body,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let reasons: Vec<String> = s
         .events(run)
