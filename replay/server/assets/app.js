@@ -133,12 +133,11 @@ function liveRun(run, lastSeq, onEvents) {
           if (line.startsWith("data:")) data += line.slice(5).trimStart();
           else if (line.startsWith("id:")) id = Number(line.slice(3).trim());
         }
-        if (!data) continue;
-        const ev = parseJ(data);
-        if (ev && typeof ev === "object") {
-          if (ev.seq === undefined && id !== null) ev.seq = id;
-          deliver([ev]);
-        }
+        if (!data && id === null) continue; // a comment or keep-alive
+        const parsed = parseJ(data);
+        const ev = parsed && typeof parsed === "object" && !Array.isArray(parsed) ? parsed : {};
+        if (ev.seq === undefined && id !== null) ev.seq = id;
+        if (typeof ev.seq === "number") deliver([ev]);
       }
     }
   }
