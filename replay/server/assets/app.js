@@ -10,6 +10,8 @@ const TOKEN_KEY = "keel.token";
 const POLL_MS = 2000;
 const main = () => document.getElementById("main");
 let stopLive = () => {};
+// Bumped on every navigation: a view whose data arrives after the person moved on drops it.
+let viewGen = 0;
 
 // ---------- small DOM helpers ----------
 
@@ -96,6 +98,7 @@ function liveRun(run, lastSeq, onEvents) {
   const label = document.getElementById("live-state");
   let last = lastSeq;
   const deliver = (evs) => {
+    if (stopped) return; // a page left behind must not redraw over the current one
     const fresh = evs.filter((e) => last === null || e.seq > last);
     if (!fresh.length) return;
     last = fresh[fresh.length - 1].seq;
@@ -291,7 +294,9 @@ function budgetTable(state) {
 
 async function escalationView(run) {
   setTitle(`Escalation ${run.slice(0, 8)}`);
+  const gen = viewGen;
   const [state, events] = await Promise.all([api("GET", `/v1/runs/${run}`), allEvents(run)]);
+  if (gen !== viewGen) return;
   const cx = escalationContext(state, events);
   if (!cx) { show(h("h1", {}, "No escalation"), h("p", {}, "This run never escalated. "), h("a", { href: `#/run/${run}` }, "Open the run")); return; }
   const o = cx.open;
@@ -559,7 +564,9 @@ function eventSummary(e) {
 
 async function runView(run) {
   setTitle(`Run ${run.slice(0, 8)}`);
+  const gen = viewGen;
   const [state, events] = await Promise.all([api("GET", `/v1/runs/${run}`), allEvents(run)]);
+  if (gen !== viewGen) return;
   const path = [];
   for (const e of events) {
     const to = { RunAccepted: "Accepted", PlanRequested: "Planning", Planned: "Running", Replanned: "Running", ReplanRequested: "Planning", Escalated: "AwaitingHuman", HumanResolved: "Running", RunCompleted: "Completed", RunFailed: "Failed", RunCancelled: "Cancelled" }[e.kind];
@@ -604,6 +611,7 @@ async function runView(run) {
 // ---------- routing ----------
 
 async function route() {
+  viewGen += 1;
   stopLive();
   stopLive = () => {};
   const hash = location.hash || "#/inbox";
