@@ -103,6 +103,7 @@ fn the_inbox_in_headless_chromium_decides_an_escalation_and_shows_the_run_comple
         .output()
         .unwrap();
     let state = get_json(&addr, &format!("/v1/runs/{run}"), &token);
+    let events = get_json(&addr, &format!("/v1/runs/{run}/events"), &token);
     server.kill().unwrap();
     server.wait().unwrap();
     println!("{}", String::from_utf8_lossy(&out.stdout));
@@ -117,6 +118,11 @@ fn the_inbox_in_headless_chromium_decides_an_escalation_and_shows_the_run_comple
     assert_eq!(state["status"], "Completed", "{state}");
     assert_eq!(state["escalations"][0]["resolution"]["by"], "ada");
     assert_eq!(state["escalations"][0]["resolution"]["decision"], "approve");
+    let resolved: Vec<&serde_json::Value> =
+        events["events"].as_array().unwrap().iter().filter(|e| e["kind"] == "HumanResolved").collect();
+    assert_eq!(resolved.len(), 1, "one decision recorded (the refused ones sent nothing): {events}");
+    assert_eq!(resolved[0]["event"]["by"], "ada");
+    assert_eq!(resolved[0]["event"]["reason"], "refund checked with the customer by phone");
     for shot in ["inbox.png", "escalation.png", "run.png"] {
         let p = artifacts.join(shot);
         assert!(std::fs::metadata(&p).map(|m| m.len() > 10_000).unwrap_or(false), "{} missing", p.display());
