@@ -79,6 +79,16 @@ try {
   assert.match(await page.locator("#output-errors").innerText(), /not JSON/);
   assert.equal(await out.getAttribute("aria-invalid"), "true");
   assert.equal(await page.evaluate(() => document.activeElement && document.activeElement.id), "supplied-output", "focus moves to the field");
+  // The page's schema check (what runs before a supplied output is sent when the task
+  // has an output schema; the demo's escalated task has none), on the demo's
+  // draft_reply schema.
+  const schema = { type: "object", required: ["reply", "tone", "answers"], properties: { reply: { type: "string", minLength: 1 }, tone: { type: "string" }, answers: { type: "string" } } };
+  const found = await page.evaluate((s) => [validate(s, { reply: "", tone: 1 }, ""), validate(s, { reply: "Hi", tone: "warm", answers: "refund" }, ""), validate(s, [], "")], schema);
+  assert.deepEqual(found, [
+    ['the output: "answers" is required', "reply: shorter than 1 characters", "tone: expected string, found integer"],
+    [],
+    ["the output: expected object, found array"],
+  ]);
   if (await page.locator("#schema").count()) {
     await out.fill("{}");
     await page.getByRole("button", { name: "Record the decision" }).click();
