@@ -364,6 +364,8 @@ pub struct Resolution {
     pub decision: Decision,
     /// Who decided (recorded).
     pub by: String,
+    /// Why (recorded on `HumanResolved`; the server and `keel resolve` require one).
+    pub reason: String,
 }
 
 /// What `run_until_idle` did.

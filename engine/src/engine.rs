@@ -396,7 +396,7 @@ fn add_totals(acc: &mut Totals, t: &Totals) {
 /// open one: `EscalationClosed` otherwise) and queues the run: [`Engine::resolve`] and
 /// [`crate::Resolver::resolve`].
 async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolution) -> Result<(), EngineError> {
-    let Resolution { decision, by } = r;
+    let Resolution { decision, by, reason } = r;
     crate::shell::ingest::check_decision_depth(&decision)?;
     inner
         .journal
@@ -433,6 +433,7 @@ async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolutio
                     decision: decision.clone(),
                     by: by.clone(),
                     defaulted: false,
+                    reason: reason.clone(),
                 })
             },
         )

@@ -153,7 +153,10 @@ async fn exhaustion_escalates_when_the_workflow_says_so() {
     let st = engine.state(run).unwrap();
     assert_eq!(st.status, RunStatus::AwaitingHuman, "{:?}", kinds(&ev));
     assert_eq!(st.escalations[0].escalation.cause, EscalationCause::BudgetExhausted);
-    engine.resolve(run, Resolution { decision: Decision::Approve, by: "lead".into() }).await.unwrap();
+    engine
+        .resolve(run, Resolution { decision: Decision::Approve, by: "lead".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     engine.run_until_idle().await.unwrap();
     let st = engine.state(run).unwrap();
     assert_eq!((st.status, st.partial), (RunStatus::Completed, true));

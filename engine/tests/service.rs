@@ -55,7 +55,10 @@ async fn workers_drive_new_runs_wake_resolved_ones_and_apply_due_deadlines() {
     assert_eq!(engine.escalations().unwrap().len(), 2);
 
     // A human resolves one; the workers pick it up without being asked.
-    engine.resolve(big1, Resolution { decision: Decision::Reject, by: "ann".into() }).await.unwrap();
+    engine
+        .resolve(big1, Resolution { decision: Decision::Reject, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     settle(&engine, |_| engine.state(big1).unwrap().status == RunStatus::Completed).await;
     assert_eq!(engine.state(big2).unwrap().status, RunStatus::AwaitingHuman);
 

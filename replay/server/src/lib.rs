@@ -21,6 +21,7 @@ mod metrics;
 mod ops;
 mod reads;
 mod state;
+mod web;
 
 pub use auth::{add_token, Auth, AuthError, Identity, Role, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKEN_NAME_BYTES_MAX};
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
@@ -99,10 +100,11 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/openapi.json", get(ops::openapi_json));
-    let app = viewer.merge(approver).merge(admin).merge(open).merge(testing_routes(auth));
+    let app = viewer.merge(approver).merge(admin).merge(open).merge(web::routes()).merge(testing_routes(auth));
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(web::same_origin))
         .layer(DefaultBodyLimit::max(options.body_bytes_max))
         .layer(CatchPanicLayer::custom(panic_response))
 }

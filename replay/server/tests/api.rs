@@ -271,9 +271,9 @@ async fn a_resolution_through_the_api_is_recorded_with_the_tokens_name() {
 
     let path = format!("/v1/runs/{run}/resolve");
     let r = s.post(&path, Some(APPROVER), &json!({"decision": "approve"})).await;
-    assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "no reason");
+    assert_eq!((r.status, r.code().as_str()), (422, "reason_required"), "no reason");
     let r = s.post(&path, Some(APPROVER), &json!({"decision": "approve", "reason": "  "})).await;
-    assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "a blank reason");
+    assert_eq!((r.status, r.code().as_str()), (422, "reason_required"), "a blank reason");
     let r = s.post(&path, Some(APPROVER), &json!({"decision": "maybe", "reason": "r"})).await;
     assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "an unknown decision");
     let r = s.post(&path, Some(APPROVER), &json!({"decision": "replan", "reason": "r"})).await;
@@ -296,11 +296,11 @@ async fn a_resolution_through_the_api_is_recorded_with_the_tokens_name() {
         .events(run)
         .into_iter()
         .filter_map(|l| match l.event {
-            Event::HumanResolved { decision, by, defaulted, .. } => Some((decision, by, defaulted)),
+            Event::HumanResolved { decision, by, defaulted, reason, .. } => Some((decision, by, defaulted, reason)),
             _ => None,
         })
         .collect();
-    assert_eq!(resolved, vec![(Decision::Approve, "ada".to_owned(), false)]);
+    assert_eq!(resolved, vec![(Decision::Approve, "ada".to_owned(), false, "refund checked by phone".to_owned())]);
 
     let r = s.post(&path, Some(APPROVER), &json!({"decision": "approve", "reason": "again"})).await;
     assert_eq!((r.status, r.code().as_str()), (409, "not_awaiting_human"));
@@ -316,7 +316,7 @@ async fn cancel_is_recorded_with_the_tokens_name_and_a_finished_run_is_409() {
     let run = s.submit_demo(ESCALATING).await;
     let path = format!("/v1/runs/{run}/cancel");
     let r = s.post(&path, Some(APPROVER), &json!({})).await;
-    assert_eq!((r.status, r.code().as_str()), (400, "bad_request"), "no reason");
+    assert_eq!((r.status, r.code().as_str()), (422, "reason_required"), "no reason");
     let r = s.post(&path, Some(APPROVER), &json!({"reason": "customer withdrew"})).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), json!({"run": run.to_string(), "cancelled": true, "by": "ada"}));

@@ -44,6 +44,9 @@ pub(crate) struct ResolveArgs {
     /// Who decides (recorded).
     #[arg(long, value_name = "NAME")]
     pub(crate) by: Option<String>,
+    /// Why (required; recorded on the HumanResolved event).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) reason: String,
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
@@ -81,12 +84,16 @@ pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdRe
         }
     };
     let by = super::who(a.by.as_deref());
+    let reason = a.reason.trim().to_owned();
+    if reason.is_empty() {
+        return Err(CliError::Usage("--reason must not be empty (say why: it is recorded)".into()));
+    }
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let engine = registry.engine(store)?;
     let state_workflow = engine.state(run)?.workflow;
     let name = decision.name();
-    engine.resolve(run, Resolution { decision, by: by.clone() }).await?;
+    engine.resolve(run, Resolution { decision, by: by.clone(), reason }).await?;
     if a.json {
         print_json(&views::resolution_json(run, name, &by))?;
     } else {
