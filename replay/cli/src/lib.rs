@@ -18,6 +18,8 @@ mod error;
 mod open;
 mod output;
 mod registry;
+mod remote;
+mod render;
 mod source;
 mod sys;
 
@@ -40,6 +42,9 @@ struct Cli {
     /// Directory of the keel database.
     #[arg(long, global = true, env = "KEEL_DB", default_value = "./keel-data", value_name = "DIR")]
     db: PathBuf,
+
+    #[command(flatten)]
+    conn: remote::ConnArgs,
 
     #[command(subcommand)]
     command: Cmd,
@@ -164,7 +169,12 @@ fn one_line(s: &str) -> String {
 
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {
     let db = cli.db;
-    match cli.command {
+    // The commands that go through a running `keel serve` when it holds the database.
+    let command = match remote::dispatch(&db, &cli.conn, cli.command).await {
+        Ok(done) => return done,
+        Err(command) => command,
+    };
+    match command {
         Cmd::Demo(a) => cmd::demo::run(&db, a, registry).await,
         Cmd::Submit(a) => cmd::submit::run(&db, a, registry).await,
         Cmd::Work(a) => cmd::work::run(&db, a, registry).await,

@@ -80,6 +80,7 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         escalations,
         stats,
         crate::metrics::metrics,
+        crate::verify::verify,
         healthz,
         readyz,
         openapi_json,
