@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 mod actions;
+mod apidoc;
 mod auth;
 pub mod client;
 mod error;

@@ -9,6 +9,7 @@ use axum::Json;
 use keel_replay::views;
 use serde_json::{json, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use crate::apidoc::GuardResponses;
 use utoipa::{Modify, OpenApi};
 
 /// `GET /v1/escalations`: every escalation waiting for a human, as `keel escalations --json`.
@@ -85,8 +86,8 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         readyz,
         openapi_json,
     ),
-    components(schemas(crate::error::ErrorBody, crate::ErrorDetail)),
-    modifiers(&BearerAuth),
+    components(schemas(crate::error::ErrorBody, crate::ErrorDetail, crate::reads::ExportFormat)),
+    modifiers(&BearerAuth, &GuardResponses),
 )]
 pub(crate) struct ApiDoc;
 
