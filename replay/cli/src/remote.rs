@@ -16,9 +16,9 @@ use keel_replay::source::resolve_run_in;
 use keel_server::client::{Answer, Client};
 use keel_store::RunId;
 use serde_json::{json, Value};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::io::Write as _;
 use std::time::Duration;
 
 /// The file in the database directory where a running `keel serve` records its address.
@@ -167,7 +167,9 @@ impl Remote {
             (format!("http_{}", a.status), String::from_utf8_lossy(&a.body).chars().take(200).collect())
         });
         Err(CliError::Failed(match a.status {
-            401 => format!("{url} refused the request (401 {code}): {message}; give a token with --token or KEEL_TOKEN"),
+            401 => {
+                format!("{url} refused the request (401 {code}): {message}; give a token with --token or KEEL_TOKEN")
+            }
             403 => format!("{url} refused the request (403 {code}): {message}"),
             _ => message,
         }))
@@ -257,9 +259,12 @@ pub(crate) async fn resolve(r: &Remote, a: crate::cmd::resolve::ResolveArgs) -> 
             "--by is not taken through keel serve: the token's name is recorded as who decided".into(),
         ));
     }
-    let reason = a.reason.as_deref().map(str::trim).filter(|s| !s.is_empty()).ok_or_else(|| {
-        CliError::Usage("--reason TEXT is required when resolving through keel serve".into())
-    })?;
+    let reason = a
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| CliError::Usage("--reason TEXT is required when resolving through keel serve".into()))?;
     // The flags are checked as they are locally (same messages), then sent as given.
     crate::cmd::resolve::decision(a.decision, a.output.as_deref(), a.hint.as_deref())?;
     let decision = match a.decision {
@@ -271,15 +276,17 @@ pub(crate) async fn resolve(r: &Remote, a: crate::cmd::resolve::ResolveArgs) -> 
         Some(DecisionArg::Replan) => "replan",
         Some(DecisionArg::Supply) => "supply",
     };
-    let mut body = json!({ "decision": decision, "reason": reason });
+    let mut body = serde_json::Map::new();
+    body.insert("decision".into(), json!(decision));
+    body.insert("reason".into(), json!(reason));
     if let Some(out) = &a.output {
-        let v: Value =
-            serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
-        body["output"] = v;
+        let v: Value = serde_json::from_str(out).map_err(|e| CliError::Usage(format!("--output is not JSON: {e}")))?;
+        body.insert("output".into(), v);
     }
     if let Some(h) = &a.hint {
-        body["hint"] = json!(h);
+        body.insert("hint".into(), json!(h));
     }
+    let body = Value::Object(body);
     let run = r.run_id(&a.run).await?;
     let answer = r.post(&format!("/v1/runs/{run}/resolve"), &body).await?;
     let v = answer.json().map_err(|e| CliError::Failed(format!("the answer is not JSON: {e}")))?;
@@ -322,7 +329,8 @@ pub(crate) async fn export(r: &Remote, a: crate::cmd::export::ExportArgs) -> Cmd
     use crate::cmd::export::ExportFormat;
     let Some(given) = a.run.as_deref() else {
         return Err(CliError::Usage(
-            "keel serve holds the database: export one RUN at a time through it (--all is not offered by the API)".into(),
+            "keel serve holds the database: export one RUN at a time through it (--all is not offered by the API)"
+                .into(),
         ));
     };
     if !a.redact.is_empty() {
@@ -360,10 +368,11 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
         None => "/v1/verify".to_owned(),
     };
     let mut doc = r.get_json(&path).await?;
-    doc["source"] = json!(db.display().to_string());
+    if let Some(m) = doc.as_object_mut() {
+        m.insert("source".into(), json!(db.display().to_string()));
+    }
     crate::cmd::verify::print(&doc, a.json)
 }
-
 
 /// Runs `command` through a server if it is one that can go through one and
 /// [`route`] finds a server; gives the command back to run on the database otherwise.

@@ -192,7 +192,8 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     assert!(e.contains("401 unauthorized") && e.contains("KEEL_TOKEN"), "{e}");
     let e = keel_as(&db, Some("keel_wrong"), &["escalations", "--json"]).one_line_error(1);
     assert!(e.contains("401 unauthorized"), "{e}");
-    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve", "--reason", "x"]).one_line_error(1);
+    let e =
+        keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve", "--reason", "x"]).one_line_error(1);
     assert!(e.contains("403 forbidden"), "{e}");
     let e = keel_as(&db, Some(&vera), &["cancel", &waiting, "--reason", "x"]).one_line_error(1);
     assert!(e.contains("403 forbidden"), "{e}");
@@ -216,7 +217,10 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     assert!(e.contains("serve.addr") && e.contains(&url) && e.contains("does not answer"), "{e}");
     std::fs::remove_file(db.join("serve.addr")).unwrap();
     let e = keel_as(&db, None, &["escalations"]).one_line_error(1);
-    assert!(e.contains("is in use by another process") && e.contains("keel serve") && e.contains("--server URL"), "{e}");
+    assert!(
+        e.contains("is in use by another process") && e.contains("keel serve") && e.contains("--server URL"),
+        "{e}"
+    );
     drop(held);
 }
 
@@ -270,7 +274,10 @@ fn https_with_a_self_signed_certificate_and_the_cli_trusting_it() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.stdout, before);
     // Named explicitly, with the certificate to trust; without it the server is not trusted.
-    let r = keel_in(None, &["--server", &url, "--token", &vera, "--ca-cert", cert.to_str().unwrap(), "escalations", "--json"]);
+    let r = keel_in(
+        None,
+        &["--server", &url, "--token", &vera, "--ca-cert", cert.to_str().unwrap(), "escalations", "--json"],
+    );
     assert_eq!(r.stdout, before, "{}", r.stderr);
     let e = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]).one_line_error(1);
     assert!(e.contains("cannot connect") && e.contains("certificate"), "{e}");
@@ -290,7 +297,17 @@ fn a_non_loopback_address_is_taken_with_tls() {
     let missing = dir.path().join("none.pem");
     let e = keel_in(
         None,
-        &["--db", db.to_str().unwrap(), "serve", "--listen", "0.0.0.0:0", "--tls-cert", missing.to_str().unwrap(), "--tls-key", missing.to_str().unwrap()],
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--tls-cert",
+            missing.to_str().unwrap(),
+            "--tls-key",
+            missing.to_str().unwrap(),
+        ],
     )
     .one_line_error(1);
     assert!(e.starts_with("error: TLS: ") && e.contains("none.pem"), "{e}");

@@ -177,8 +177,11 @@ impl Client {
             None => self.bounded(self.request_timeout, self.exchange(tcp, method, path, body)).await,
             Some(tls) => {
                 let name = ServerName::try_from(self.host.clone()).map_err(|e| self.connect_err(e))?;
-                let stream =
-                    self.bounded(self.connect_timeout, async { tls.connect(name, tcp).await.map_err(|e| self.connect_err(e)) }).await?;
+                let stream = self
+                    .bounded(self.connect_timeout, async {
+                        tls.connect(name, tcp).await.map_err(|e| self.connect_err(e))
+                    })
+                    .await?;
                 self.bounded(self.request_timeout, self.exchange(stream, method, path, body)).await
             }
         }

@@ -1,6 +1,7 @@
 //! Escalations and stats (role viewer), health and readiness (open), and the OpenAPI
 //! document (open: it describes the API, not its data).
 
+use crate::apidoc::GuardResponses;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use axum::extract::State;
@@ -9,7 +10,6 @@ use axum::Json;
 use keel_replay::views;
 use serde_json::{json, Value};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use crate::apidoc::GuardResponses;
 use utoipa::{Modify, OpenApi};
 
 /// `GET /v1/escalations`: every escalation waiting for a human, as `keel escalations --json`.
