@@ -323,35 +323,57 @@ pub(crate) async fn cancel(r: &Remote, a: crate::cmd::cancel::CancelArgs) -> Cmd
     Ok(ExitCode::SUCCESS)
 }
 
-/// `keel export RUN`: the server's export of the run, to stdout or (complete, renamed) to
-/// `-o FILE`. `--all` and `--redact` are not offered by the API yet.
+/// `keel export`: the server's export (`GET /v1/export`, the same selection, format and
+/// redactions), to stdout or (complete, renamed) to `-o FILE`.
 pub(crate) async fn export(r: &Remote, a: crate::cmd::export::ExportArgs) -> CmdResult {
     use crate::cmd::export::ExportFormat;
-    let Some(given) = a.run.as_deref() else {
-        return Err(CliError::Usage(
-            "keel serve holds the database: export one RUN at a time through it (--all is not offered by the API)"
-                .into(),
-        ));
-    };
-    if !a.redact.is_empty() {
-        return Err(CliError::Usage("keel serve holds the database: --redact is not offered by the API".into()));
+    if !a.all && a.run.is_none() {
+        return Err(CliError::Usage("name a RUN or use --all".into()));
     }
-    let run = r.run_id(given).await?;
+    // Checked here as locally (same messages) before anything is asked.
+    keel_replay::export::Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
+    for (flag, t) in [("--since", &a.since), ("--until", &a.until)] {
+        if let Some(t) = t {
+            keel_replay::format::parse_time(t).map_err(|e| CliError::Usage(format!("{flag}: {e}")))?;
+        }
+    }
     let format = match a.format {
         ExportFormat::Jsonl => "jsonl",
         ExportFormat::Csv => "csv",
         ExportFormat::Html => "html",
     };
-    let body = r.get(&format!("/v1/runs/{run}/export?format={format}")).await?.body;
+    let mut q = format!("/v1/export?format={format}");
+    if let Some(given) = a.run.as_deref() {
+        q.push_str(&format!("&run={}", r.run_id(given).await?));
+    }
+    for (name, v) in [("since", &a.since), ("until", &a.until)] {
+        if let Some(v) = v {
+            q.push_str(&format!("&{name}={}", query_value(v)));
+        }
+    }
+    if !a.redact.is_empty() {
+        q.push_str(&format!("&redact={}", query_value(&a.redact.join(","))));
+    }
+    let body = r.get(&q).await?.body;
     let (mut out, tmp) = crate::cmd::export::output(a.output.as_ref())?;
     out.write_all(&body).map_err(|e| io_err("the export", e))?;
     out.flush().map_err(|e| io_err("the export", e))?;
     drop(out);
     if let Some((f, path)) = tmp {
         crate::cmd::export::persist(f, &path)?;
-        eprintln!("exported 1 run(s), {} byte(s) to {} (through {})", body.len(), path.display(), r.client.url());
+        eprintln!("exported {} byte(s) to {} (through {})", body.len(), path.display(), r.client.url());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `v` percent-encoded for a query string (everything but unreserved characters).
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 /// `keel verify` of the database: the server runs the check (`GET /v1/verify`). An export

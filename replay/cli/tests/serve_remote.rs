@@ -142,6 +142,25 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     let vera = token_add(&db, "vera", "viewer");
     let waiting = d.run_of("human_escalation").to_string();
     let before: Vec<Ran> = reads(&waiting).iter().map(|a| keel(&db, &strs(a)).ok().to_owned_ran()).collect();
+    let local_all = d.path("local.jsonl");
+    let all_args = |out: &Path| -> Vec<String> {
+        [
+            "export",
+            "--all",
+            "--since",
+            "0",
+            "--format",
+            "jsonl",
+            "--redact",
+            "TaskExecuted.output",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    keel(&db, &strs(&all_args(&local_all))).ok();
+    let csv_before = keel(&db, &["export", &waiting, "--format", "csv"]).ok().stdout.clone();
 
     let (mut child, url) = serve(&db, &[]);
     let recorded: Value = serde_json::from_str(&std::fs::read_to_string(db.join("serve.addr")).unwrap()).unwrap();
@@ -158,6 +177,17 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     let file = d.path("run.jsonl");
     keel_as(&db, Some(&vera), &["export", &waiting[..8], "--format", "jsonl", "-o", file.to_str().unwrap()]);
     keel_in(None, &["verify", file.to_str().unwrap()]).ok();
+
+    // Every run, redacted, as the database exports them (the header's export time aside).
+    let remote_all = d.path("remote.jsonl");
+    let r = keel_as(&db, Some(&vera), &strs(&all_args(&remote_all)));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    keel_in(None, &["verify", remote_all.to_str().unwrap()]).ok();
+    let records = |p: &Path| std::fs::read_to_string(p).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(records(&remote_all), records(&local_all));
+    assert!(records(&remote_all).len() > 8);
+    let csv = keel_as(&db, Some(&vera), &["export", &waiting, "--format", "csv"]);
+    assert_eq!(csv.stdout, csv_before);
 
     // A resolution through the server is recorded with the token's name.
     let r = keel_as(&db, Some(&root), &["resolve", &waiting[..8], "--decision", "approve", "--reason", "checked"]);

@@ -19,6 +19,7 @@ mod apidoc;
 mod auth;
 pub mod client;
 mod error;
+mod exports;
 mod metrics;
 mod ops;
 mod reads;
@@ -94,6 +95,7 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .route("/v1/escalations", get(ops::escalations))
         .route("/v1/stats", get(ops::stats))
         .route("/v1/verify", get(verify::verify))
+        .route("/v1/export", get(exports::export))
         .merge(metrics_route(!options.metrics_open))
         .route_layer(from_fn_with_state((auth.clone(), Role::Viewer), auth::require));
     let approver = Router::new()

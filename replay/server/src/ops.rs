@@ -82,6 +82,7 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         stats,
         crate::metrics::metrics,
         crate::verify::verify,
+        crate::exports::export,
         healthz,
         readyz,
         openapi_json,

@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/v1/escalations", Some("viewer")),
     ("get", "/v1/stats", Some("viewer")),
     ("get", "/v1/verify", Some("viewer")),
+    ("get", "/v1/export", Some("viewer")),
     ("get", "/metrics", Some("viewer")),
     ("get", "/healthz", None),
     ("get", "/readyz", None),

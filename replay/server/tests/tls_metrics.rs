@@ -101,3 +101,32 @@ fn client_urls_are_checked() {
         assert_eq!(Client::new(good, None, None).unwrap().url(), good.trim_end_matches('/'));
     }
 }
+
+#[tokio::test]
+async fn export_selects_formats_and_redacts_and_refuses_bad_queries() {
+    let s = start().await;
+    let run = s.submit_demo(0).await;
+    s.engine.run_until_idle().await.unwrap();
+    let one = s.get(&format!("/v1/export?format=jsonl&run={run}"), Some(VIEWER)).await;
+    assert_eq!(one.status, 200);
+    assert_eq!(one.header("content-type"), Some("application/x-ndjson"));
+    let all = s.get("/v1/export?format=jsonl&since=0", Some(VIEWER)).await;
+    // One run in the database: the same records (the header differs in its selection).
+    assert_eq!(one.text().lines().skip(1).collect::<Vec<_>>(), all.text().lines().skip(1).collect::<Vec<_>>());
+    let redacted = s.get("/v1/export?format=jsonl&redact=TaskExecuted.output,input", Some(VIEWER)).await;
+    assert_eq!(redacted.status, 200);
+    assert_ne!(redacted.text(), all.text());
+    assert!(redacted.text().contains("redacted"), "{}", redacted.text());
+    for bad in [
+        "/v1/export?format=pdf".to_owned(),
+        format!("/v1/export?format=csv&run={run}&since=0"),
+        "/v1/export?format=csv&since=yesterday".to_owned(),
+        "/v1/export?format=csv&run=nope".to_owned(),
+        "/v1/export?format=csv&redact=".to_owned() + &"a,".repeat(70),
+    ] {
+        let r = s.get(&bad, Some(VIEWER)).await;
+        assert_eq!((r.status, r.code()), (400, "bad_request".to_owned()), "{bad}");
+    }
+    let r = s.get(&format!("/v1/export?format=html&run={}", uuid::Uuid::new_v4()), Some(VIEWER)).await;
+    assert_eq!((r.status, r.code()), (404, "run_not_found".to_owned()));
+}
