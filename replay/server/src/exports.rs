@@ -41,7 +41,8 @@ pub(crate) struct ExportAllQuery {
 #[utoipa::path(get, path = "/v1/export", tag = "runs", params(ExportAllQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "the export (application/x-ndjson, text/csv or text/html)", body = String),
+        (status = 200, description = "the export (application/x-ndjson, text/csv or text/html)",
+            content((String = "application/x-ndjson"), (String = "text/csv"), (String = "text/html"))),
         (status = 400, description = "bad format, run id, time or redaction", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]

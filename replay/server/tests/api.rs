@@ -504,3 +504,25 @@ async fn every_status_the_guards_answer_is_documented() {
         }
     }
 }
+
+// Found by schemathesis: the export routes answer application/x-ndjson, text/csv or
+// text/html, but the document said text/plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_routes_document_the_content_types_they_answer() {
+    let s = start().await;
+    let run = s.submit_demo(0).await;
+    s.engine.run_until_idle().await.unwrap();
+    let doc = serde_json::to_value(keel_server::openapi()).unwrap();
+    for (route, path) in
+        [("/v1/runs/{run}/export", format!("/v1/runs/{run}/export")), ("/v1/export", "/v1/export".to_owned())]
+    {
+        let documented = doc["paths"][route]["get"]["responses"]["200"]["content"].as_object().unwrap();
+        for format in ["jsonl", "csv", "html"] {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let r = s.get(&format!("{path}{sep}format={format}"), Some(VIEWER)).await;
+            assert_eq!(r.status, 200, "{route} {format}");
+            let media = r.header("content-type").unwrap().split(';').next().unwrap().trim().to_owned();
+            assert!(documented.contains_key(&media), "{route}: {media} not among {:?}", documented.keys());
+        }
+    }
+}
