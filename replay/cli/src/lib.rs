@@ -156,6 +156,10 @@ where
             eprintln!("error: {}", one_line(&m));
             ExitCode::from(2)
         }
+        Err(CliError::Locked(path)) => {
+            eprintln!("error: {}", keel_replay::error::ReplayError::DbLocked { path });
+            ExitCode::from(1)
+        }
         Err(CliError::Failed(m)) => {
             eprintln!("error: {}", one_line(&m));
             ExitCode::from(1)
@@ -170,10 +174,21 @@ fn one_line(s: &str) -> String {
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {
     let db = cli.db;
     // The commands that go through a running `keel serve` when it holds the database.
+    let through = remote::goes_through(&cli.command);
     let command = match remote::dispatch(&db, &cli.conn, cli.command).await {
         Ok(done) => return done,
         Err(command) => command,
     };
+    let done = run_local(&db, command, registry).await;
+    match done {
+        // No server answers for it: say that one could.
+        Err(CliError::Locked(path)) if through => Err(remote::locked(&path, None)),
+        other => other,
+    }
+}
+
+async fn run_local(db: &std::path::Path, command: Cmd, registry: &Registry) -> CmdResult {
+    let db = db.to_path_buf();
     match command {
         Cmd::Demo(a) => cmd::demo::run(&db, a, registry).await,
         Cmd::Submit(a) => cmd::submit::run(&db, a, registry).await,

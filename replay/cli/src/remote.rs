@@ -100,6 +100,11 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
             .map_err(|e| CliError::Usage(format!("--server: {e}")))?;
         return Ok(Some(Remote { client }));
     }
+    // Without an address file there is no server to find: the command opens the database
+    // itself (and, if another process holds it, says that a server would be the route).
+    if !db.join(SERVER_FILE).exists() {
+        return Ok(None);
+    }
     match open_db(db, false) {
         Ok(store) => {
             drop(store);
@@ -396,18 +401,23 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
     crate::cmd::verify::print(&doc, a.json)
 }
 
-/// Runs `command` through a server if it is one that can go through one and
-/// [`route`] finds a server; gives the command back to run on the database otherwise.
-pub(crate) async fn dispatch(db: &Path, conn: &ConnArgs, command: crate::Cmd) -> Result<CmdResult, crate::Cmd> {
+/// Whether `command` goes through a running server when one holds the database.
+pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
     use crate::Cmd;
-    let through = match &command {
+    match command {
         Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) | Cmd::Export(_) => true,
         Cmd::Stats(_) => true,
         // An export file is verified here; the database through the server.
         Cmd::Verify(v) => v.file.is_none() || v.against_db,
         _ => false,
-    };
-    if !through {
+    }
+}
+
+/// Runs `command` through a server if it is one that can go through one and
+/// [`route`] finds a server; gives the command back to run on the database otherwise.
+pub(crate) async fn dispatch(db: &Path, conn: &ConnArgs, command: crate::Cmd) -> Result<CmdResult, crate::Cmd> {
+    use crate::Cmd;
+    if !goes_through(&command) {
         return Err(command);
     }
     let r = match route(db, conn).await {

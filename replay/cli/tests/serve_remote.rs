@@ -89,14 +89,15 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// One plain HTTP/1.1 request: (status, JSON body).
+/// One plain HTTP/1.1 request (an empty `token`: none sent): (status, JSON body).
 fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
@@ -220,6 +221,9 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
 
     let e = keel_as(&db, None, &["runs"]).one_line_error(1);
     assert!(e.contains("401 unauthorized") && e.contains("KEEL_TOKEN"), "{e}");
+    // Without --metrics-open, /metrics needs a token too.
+    let addr = url.trim_start_matches("http://");
+    assert_eq!(call(addr, "GET", "/metrics", "", None).0, 401);
     let e = keel_as(&db, Some("keel_wrong"), &["escalations", "--json"]).one_line_error(1);
     assert!(e.contains("401 unauthorized"), "{e}");
     let e =
@@ -259,8 +263,15 @@ fn sigterm_during_work_exits_0_and_leaves_a_log_that_verifies_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let root = token_add(&db, "root", "admin");
-    let (mut child, url) = serve(&db, &[]);
+    let (mut child, url) = serve(&db, &["--metrics-open"]);
     let addr = url.trim_start_matches("http://").to_owned();
+    // --metrics-open: /metrics answers without a token (and nothing else does).
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200") && raw.contains("# TYPE keel_runs gauge"), "{raw}");
+    assert_eq!(call(&addr, "GET", "/v1/runs", "", None).0, 401);
     let n = 48u64;
     for i in 0..n {
         let req = keel_demo::request(11, i);

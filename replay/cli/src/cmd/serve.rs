@@ -62,13 +62,14 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let readiness = Readiness::new();
     let options = RouterOptions { readiness: readiness.clone(), metrics_open: a.metrics_open, ..Default::default() };
     let app = router_with(engine.clone(), auth, options);
-    let workers = engine.start();
     let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
-    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", db.display());
     // Where `keel runs`, `keel resolve`, ... on this database find the server (removed
     // when it stops; a file left by a killed server is checked before it is used).
+    // Written before the "serving" line, so whoever reads that line finds the file.
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+    let workers = engine.start();
+    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", db.display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = {
