@@ -117,7 +117,11 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
             let recorded_ca = file.as_ref().and_then(|v| v.get("ca_cert")).and_then(Value::as_str).map(PathBuf::from);
             let ca = conn.ca_cert.clone().or(recorded_ca);
             let client = Client::new(url, conn.token.clone(), ca.as_deref()).map_err(|_| locked(db, Some(url)))?;
-            if client.answers(PROBE).await {
+            // The recorded process must still exist (a server that answers on a port a
+            // dead one left behind serves another database), and answer.
+            let pid = file.as_ref().and_then(|v| v.get("pid")).and_then(Value::as_u64);
+            let alive = pid.and_then(|p| u32::try_from(p).ok()).is_some_and(crate::sys::process_exists);
+            if alive && client.answers(PROBE).await {
                 Ok(Some(Remote { client }))
             } else {
                 Err(locked(db, Some(url)))
@@ -139,7 +143,7 @@ pub(crate) fn locked(db: &Path, stale: Option<&str>) -> CliError {
         ),
         Some(url) => format!(
             "database {d} is in use by another process and the keel serve that {d}/{SERVER_FILE} names \
-             ({url}) does not answer (stop that process, or name a running server with --server URL)"
+             ({url}) is gone or does not answer (stop that process, or name a running server with --server URL)"
         ),
     })
 }

@@ -248,7 +248,18 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     // Held by another process while the file names a server that does not answer.
     let held = d.open();
     let e = keel_as(&db, None, &["runs"]).one_line_error(1);
-    assert!(e.contains("serve.addr") && e.contains(&url) && e.contains("does not answer"), "{e}");
+    assert!(e.contains("serve.addr") && e.contains(&url) && e.contains("is gone or does not answer"), "{e}");
+    // A file whose process is gone is not used even when its address answers: there a
+    // server of another database may be listening now.
+    let other = tempfile::tempdir().unwrap();
+    let (mut other_server, other_url) = serve(&other.path().join("db"), &[]);
+    let dead_pid = child.id();
+    std::fs::write(db.join("serve.addr"), json!({"url": other_url, "pid": dead_pid, "ca_cert": null}).to_string())
+        .unwrap();
+    let e = keel_as(&db, Some(&vera), &["runs", "--json"]).one_line_error(1);
+    assert!(e.contains(&other_url) && e.contains("is gone or does not answer"), "{e}");
+    signal(&other_server, "-TERM");
+    assert_eq!(exit_code(&mut other_server, 30), Some(0));
     std::fs::remove_file(db.join("serve.addr")).unwrap();
     let e = keel_as(&db, None, &["escalations"]).one_line_error(1);
     assert!(
