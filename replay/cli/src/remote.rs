@@ -385,14 +385,30 @@ fn query_value(v: &str) -> String {
         .collect()
 }
 
-/// `keel verify` of the database: the server runs the check (`GET /v1/verify`). An export
-/// FILE is verified here, without the server; `--against-db` is not offered through it.
+/// `keel verify` of the database: the server runs the check (`GET /v1/verify`).
+/// `keel verify FILE --against-db`: the file is verified here, and each of its runs' head
+/// compared with the database's as the server reports it.
 pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyArgs) -> CmdResult {
-    if a.against_db {
-        return Err(CliError::Usage(
-            "keel serve holds the database: --against-db is not offered through it (export the runs with `keel export` and compare)"
-                .into(),
-        ));
+    if let Some(file) = &a.file {
+        let mut v = keel_replay::verify::verify_export(file)?;
+        if let Some(given) = &a.run {
+            let ids: Vec<RunId> = v.runs.iter().filter_map(|x| x.run.parse().ok()).collect();
+            if v.ok() {
+                let run = resolve_run_in(&ids, given)?.to_string();
+                v.runs.retain(|x| x.run == run);
+            }
+        }
+        if a.against_db && v.ok() {
+            v.failure = compare_heads(r, &v.runs).await?;
+        }
+        let doc = json!({
+            "source": file.display().to_string(),
+            "ok": v.ok(),
+            "records": v.records(),
+            "runs": v.runs,
+            "failure": v.failure,
+        });
+        return crate::cmd::verify::print(&doc, a.json);
     }
     let path = match &a.run {
         Some(given) => format!("/v1/verify?run={}", r.run_id(given).await?),
@@ -403,6 +419,51 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
         m.insert("source".into(), json!(db.display().to_string()));
     }
     crate::cmd::verify::print(&doc, a.json)
+}
+
+/// `keel_replay::verify::compare_heads` through the server: each exported run's record
+/// count and head against the database's (as the server's check of that run reports them).
+async fn compare_heads(
+    r: &Remote,
+    runs: &[keel_replay::verify::RunVerified],
+) -> Result<Option<keel_replay::verify::Failure>, CliError> {
+    use keel_replay::verify::{Failure, Tamper};
+    let failure = |what, run: &str, message: String| {
+        Some(Failure { what, run: Some(run.to_owned()), seq: None, line: None, message })
+    };
+    for v in runs {
+        let path = format!("/v1/verify?run={}", v.run);
+        let answer = r.client.get(&path).await.map_err(|e| CliError::Failed(e.to_string()))?;
+        if answer.status == 404 {
+            return Ok(failure(Tamper::Inserted, &v.run, format!("run {}: not in the database", v.run)));
+        }
+        let got = r.ok(answer)?.json().map_err(|e| CliError::Failed(format!("the answer is not JSON: {e}")))?;
+        if got.get("ok").and_then(Value::as_bool) != Some(true) {
+            let why = got.pointer("/failure/message").and_then(Value::as_str).unwrap_or_default();
+            return Ok(failure(
+                Tamper::Altered,
+                &v.run,
+                format!("run {}: the database's copy does not verify: {why}", v.run),
+            ));
+        }
+        let db = got.pointer("/runs/0").cloned().unwrap_or(Value::Null);
+        let db_records = db.get("records").and_then(Value::as_u64).unwrap_or_default();
+        let db_head = db.get("head").and_then(Value::as_str).unwrap_or_default();
+        if db_records != v.records || db_head != v.head {
+            return Ok(failure(
+                Tamper::Altered,
+                &v.run,
+                format!(
+                    "run {}: the export ({} records, head {}) differs from the database ({} records, head {db_head})",
+                    v.run,
+                    v.records,
+                    v.head.get(..16).unwrap_or(&v.head),
+                    db_records
+                ),
+            ));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether `command` goes through a running server when one holds the database.

@@ -162,6 +162,10 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     };
     keel(&db, &strs(&all_args(&local_all))).ok();
     let csv_before = keel(&db, &["export", &waiting, "--format", "csv"]).ok().stdout.clone();
+    let early = d.path("early.jsonl");
+    let early = early.to_str().unwrap();
+    keel(&db, &["export", &waiting, "--format", "jsonl", "-o", early]).ok();
+    let against_before = keel(&db, &["verify", early, "--against-db", "--json"]).ok().stdout.clone();
 
     let (mut child, url) = serve(&db, &[]);
     let recorded: Value = serde_json::from_str(&std::fs::read_to_string(db.join("serve.addr")).unwrap()).unwrap();
@@ -189,6 +193,8 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     assert!(records(&remote_all).len() > 8);
     let csv = keel_as(&db, Some(&vera), &["export", &waiting, "--format", "csv"]);
     assert_eq!(csv.stdout, csv_before);
+    let against = keel_as(&db, Some(&vera), &["verify", early, "--against-db", "--json"]);
+    assert_eq!((against.code, &against.stdout), (0, &against_before), "{}", against.stderr);
 
     // A resolution through the server is recorded with the token's name.
     let r = keel_as(&db, Some(&root), &["resolve", &waiting[..8], "--decision", "approve", "--reason", "checked"]);
@@ -202,12 +208,16 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     assert_eq!(state["escalations"][0]["resolution"]["by"], "root");
     let through = keel_as(&db, Some(&vera), &["runs", "--json"]);
     assert_eq!(through.code, 0);
+    // The early export no longer matches the database (the run moved on).
+    let moved = keel_as(&db, Some(&vera), &["verify", early, "--against-db"]).one_line_error(1);
+    assert!(moved.contains("differs from the database"), "{moved}");
 
     signal(&child, "-TERM");
     assert_eq!(exit_code(&mut child, 30), Some(0));
     assert!(!db.join("serve.addr").exists(), "the address file is removed on shutdown");
     // What the server said is what the database says once it has stopped.
     assert_eq!(keel(&db, &["runs", "--json"]).ok().stdout, through.stdout);
+    assert_eq!(keel(&db, &["verify", early, "--against-db"]).one_line_error(1), moved);
     keel(&db, &["verify"]).ok();
 }
 
