@@ -245,6 +245,13 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     let r = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["escalations"][0]["run"], waiting);
+    // The flags are checked as on the database before anything is sent: too deep an
+    // output is the same one line (exit 2), a resolution without a reason is refused.
+    let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--output", &deep, "--reason", "x"]).one_line_error(2);
+    assert!(e.contains("json_too_deep"), "{e}");
+    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve"]).one_line_error(2);
+    assert!(e.contains("--reason"), "{e}");
     let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve", "--reason", "x", "--by", "me"])
         .one_line_error(2);
     assert!(e.contains("--by"), "{e}");
