@@ -203,7 +203,10 @@ impl Remote {
                 _ => return Ok(out),
             }
         }
-        Ok(out)
+        Err(CliError::Failed(format!(
+            "{}: more than {RUN_PAGES_MAX} pages of runs; narrow the listing with --status",
+            self.client.url()
+        )))
     }
 
     /// A run id or a unique prefix of one, as the CLI takes them.
