@@ -70,18 +70,26 @@ fn errors_are_one_line_with_exit_codes() {
 fn a_database_in_use_is_one_clear_line() {
     let db = DemoDb::new(2);
     let held = db.open();
-    for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()], &["demo"]] {
+    // A command that can go through `keel serve` names that route (no server holds it here).
+    for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()]] {
         let ran = keel_once(&db.db, args);
         let e = ran.one_line_error(1);
         assert_eq!(
             e,
             format!(
-                "error: database {} is in use by another process (close it or copy the directory)",
+                "error: database {} is in use by another process and no keel serve answers for it \
+                 (stop that process, or run `keel serve` on the database: commands then go through it, \
+                 or name one with --server URL; a token with --token or KEEL_TOKEN)",
                 db.db.display()
             ),
             "{args:?}"
         );
     }
+    let e = keel_once(&db.db, &["demo"]).one_line_error(1);
+    assert_eq!(
+        e,
+        format!("error: database {} is in use by another process (close it or copy the directory)", db.db.display())
+    );
     drop(held);
     keel(&db.db, &["runs"]).ok();
 }

@@ -79,9 +79,9 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
 
 /// Where the export goes: stdout, or a temporary file beside `path` (with `path`) that
 /// [`persist`] renames when the export is complete.
-type Output = (Box<dyn Write>, Option<(tempfile::NamedTempFile, PathBuf)>);
+pub(crate) type Output = (Box<dyn Write>, Option<(tempfile::NamedTempFile, PathBuf)>);
 
-fn output(path: Option<&PathBuf>) -> Result<Output, CliError> {
+pub(crate) fn output(path: Option<&PathBuf>) -> Result<Output, CliError> {
     Ok(match path {
         None => (Box::new(std::io::BufWriter::new(std::io::stdout())), None),
         Some(path) => {
@@ -150,7 +150,7 @@ fn write_runs(
 }
 
 /// Renames the finished temporary file to `path`, as an ordinary file (0644).
-fn persist(f: tempfile::NamedTempFile, path: &Path) -> Result<(), CliError> {
+pub(crate) fn persist(f: tempfile::NamedTempFile, path: &Path) -> Result<(), CliError> {
     let file = f.persist(path).map_err(|e| io_err(&path.display().to_string(), e.error))?;
     // A temporary file is created 0600; an export is an ordinary file (umask applies
     // to new files only, so use the usual 0644).
