@@ -139,6 +139,8 @@ impl EngineBuilder {
             (Some(p), None) => open_sled(&p, self.durability)?,
         };
         let store_limits = log.limits();
+        // Every append through the engine's store is counted (Engine::metrics).
+        let (log, meter) = crate::shell::meter::observe(log);
         if self.workers == 0 {
             return Err(EngineError::Config("workers must be at least 1".into()));
         }
@@ -169,6 +171,7 @@ impl EngineBuilder {
         let inner = Inner {
             log,
             journal,
+            meter,
             workflows,
             handlers: self.handlers,
             sink: self.sink.unwrap_or_else(|| Arc::new(TracingSink)),
@@ -348,6 +351,13 @@ impl Engine {
                 st
             })
             .collect())
+    }
+
+    /// What this engine counted since it opened: appends and their latency, events
+    /// recorded by kind, verdicts by workflow and task, budget exhaustions, and the
+    /// store's flushes (docs/ENGINE.md, "Metrics"). Reading it costs no store scan.
+    pub fn metrics(&self) -> crate::EngineMetrics {
+        self.inner.meter.snapshot()
     }
 
     /// The event log (e.g. to export a run while the engine runs).

@@ -57,6 +57,7 @@ mod observed;
 mod payloads;
 #[cfg(feature = "sled")]
 mod sled;
+pub mod stats;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod types;

@@ -245,6 +245,13 @@ pub trait EventLog: crate::Payloads + Send + Sync + 'static {
     /// check may be looser or stricter than).
     fn limits(&self) -> Limits;
 
+    /// What the store measured about the flushes that made appends durable (their
+    /// latency, appends per flush). By default nothing: a store that never flushes (in
+    /// memory) keeps this; the sled store reports its group commit.
+    fn commit_stats(&self) -> crate::stats::CommitStats {
+        crate::stats::CommitStats::default()
+    }
+
     /// The whole logs of `runs`, one run after another in the order given, each exactly as
     /// [`EventLog::read`] from seq 0 yields it (same records, same checks; a run's first
     /// error ends that run, and the next run follows; an unknown run yields nothing). Each

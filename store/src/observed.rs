@@ -98,6 +98,9 @@ impl<O: AppendObserver> EventLog for Observed<O> {
     fn limits(&self) -> Limits {
         self.inner.limits()
     }
+    fn commit_stats(&self) -> crate::stats::CommitStats {
+        self.inner.commit_stats()
+    }
 }
 
 impl<O: AppendObserver> crate::Payloads for Observed<O> {

@@ -27,6 +27,8 @@ pub(crate) struct Inner {
     /// The log, for reads (every write goes through `journal`).
     pub log: Arc<dyn Store>,
     pub journal: Journal,
+    /// What `Engine::metrics` reports (every append through `log` is counted).
+    pub meter: Arc<crate::shell::meter::Meter>,
     pub workflows: BTreeMap<String, Arc<Registered>>,
     pub handlers: BTreeMap<String, Arc<dyn TaskHandler>>,
     pub sink: Arc<dyn EscalationSink>,

@@ -1,14 +1,19 @@
-//! `GET /metrics` (role viewer): what the engine can tell today, in the Prometheus text
-//! format. Every figure is folded from the history on each scrape (O(history) until the
-//! engine keeps counters and a run index); latency histograms, append rates and
-//! group-commit batch sizes need counters inside the engine's shell and are not here yet.
+//! `GET /metrics` (role viewer): what the engine can tell, in the Prometheus text format
+//! (0.0.4). Two parts: runs by status, usage totals and open escalations folded from the
+//! history on each scrape ([`render`]); and the engine's counters since it opened
+//! ([`keel_engine::Engine::metrics`]: appends, transitions, append and flush latency,
+//! group-commit batch sizes, verdicts, budget exhaustions), kept as plain counters and
+//! bucket arrays by the engine and the store and encoded here by the `prometheus` crate's
+//! text encoder ([`counted`]).
 
 use crate::error::ApiResult;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use keel_engine::{PendingEscalation, WorkflowStats};
+use keel_engine::{EngineMetrics, PendingEscalation, WorkflowStats};
+use keel_store::stats::HistogramSnapshot;
+use prometheus::proto;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -23,7 +28,11 @@ pub(crate) async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let engine = st.engine.clone();
     let (stats, pending) = st.blocking(move || Ok((engine.stats()?, engine.escalations()?))).await?;
     let now_us = chrono::Utc::now().timestamp_micros();
-    let mut r = render(&stats, &pending, now_us).into_response();
+    let mut text = render(&stats, &pending, now_us);
+    prometheus::TextEncoder::new()
+        .encode_utf8(&counted(&st.engine.metrics()), &mut text)
+        .map_err(crate::error::ApiError::internal)?;
+    let mut r = text.into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     Ok(r)
 }
@@ -87,6 +96,134 @@ pub(crate) fn render(stats: &[WorkflowStats], pending: &[PendingEscalation], now
     for (wf, (_, oldest)) in &open {
         let age_s = now_us.saturating_sub(*oldest).max(0) as f64 / 1e6;
         let _ = writeln!(out, "keel_escalation_oldest_age_seconds{{workflow=\"{}\"}} {age_s:.3}", label(wf));
+    }
+    out
+}
+
+/// Microseconds to seconds.
+fn seconds(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name((*k).to_owned());
+            l.set_value((*v).to_owned());
+            l
+        })
+        .collect()
+}
+
+fn family(name: &str, help: &str, kind: proto::MetricType, metrics: Vec<proto::Metric>) -> proto::MetricFamily {
+    let mut f = proto::MetricFamily::default();
+    f.set_name(name.to_owned());
+    f.set_help(help.to_owned());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value as f64);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+/// A histogram sample of `h` (bounds and sum scaled by `scale`); the encoder adds the
+/// `+Inf` bucket from the count.
+fn histogram(h: &HistogramSnapshot, scale: fn(u64) -> f64) -> proto::Metric {
+    let mut cumulative = 0u64;
+    let buckets = h
+        .bounds
+        .iter()
+        .zip(&h.counts)
+        .map(|(bound, n)| {
+            cumulative = cumulative.saturating_add(*n);
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(scale(*bound));
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut p = proto::Histogram::default();
+    p.set_bucket(buckets);
+    p.set_sample_count(h.count());
+    p.set_sample_sum(scale(h.sum));
+    let mut m = proto::Metric::default();
+    m.set_histogram(p);
+    m
+}
+
+/// The engine's counters as metric families (a labelled family with no series yet is
+/// left out: the text format has no empty family).
+pub(crate) fn counted(m: &EngineMetrics) -> Vec<proto::MetricFamily> {
+    use proto::MetricType::{COUNTER, HISTOGRAM};
+    let mut out = vec![
+        family(
+            "keel_appends_total",
+            "Appends (atomic batches of events) this engine made durable since it started.",
+            COUNTER,
+            vec![counter(&[], m.appends)],
+        ),
+        family(
+            "keel_append_errors_total",
+            "Appends refused or failed (conflict, lost lease, I/O error); nothing of them was recorded.",
+            COUNTER,
+            vec![counter(&[], m.append_errors)],
+        ),
+        family(
+            "keel_transitions_total",
+            "Events recorded (each one transition of a run's state machine), by event kind.",
+            COUNTER,
+            m.transitions.iter().map(|(kind, n)| counter(&[("kind", kind)], *n)).collect(),
+        ),
+        family(
+            "keel_append_latency_seconds",
+            "Latency of a durable append (store write and flush wait).",
+            HISTOGRAM,
+            vec![histogram(&m.append_latency_us, seconds)],
+        ),
+    ];
+    if m.commits.flushing {
+        out.push(family(
+            "keel_flush_latency_seconds",
+            "Latency of a store flush that made appends durable.",
+            HISTOGRAM,
+            vec![histogram(&m.commits.flush_latency_us, seconds)],
+        ));
+        out.push(family(
+            "keel_commit_batch_appends",
+            "Appends made durable by one flush (group-commit batch size).",
+            HISTOGRAM,
+            vec![histogram(&m.commits.batch_appends, |n| n as f64)],
+        ));
+    }
+    if !m.verdicts.is_empty() {
+        out.push(family(
+            "keel_verdicts_total",
+            "Task evaluations recorded, by workflow type, task and verdict.",
+            COUNTER,
+            m.verdicts
+                .iter()
+                .map(|v| counter(&[("workflow", &v.workflow), ("task", &v.task), ("verdict", &v.verdict)], v.count))
+                .collect(),
+        ));
+    }
+    if !m.budget_exhaustions.is_empty() {
+        out.push(family(
+            "keel_budget_exhaustions_total",
+            "Budget exhaustions recorded, by workflow type and budget.",
+            COUNTER,
+            m.budget_exhaustions
+                .iter()
+                .map(|b| counter(&[("workflow", &b.workflow), ("budget", &b.budget)], b.count))
+                .collect(),
+        ));
     }
     out
 }

@@ -103,6 +103,8 @@ pub struct SledStore {
     path: PathBuf,
     durability: Durability,
     group: GroupCommit,
+    /// Latency and appends of the flushes that made appends durable.
+    commits: crate::stats::CommitMeter,
     poisoned: AtomicBool,
 }
 
@@ -280,6 +282,7 @@ impl SledStore {
             path,
             durability: config.durability,
             group: GroupCommit::new(),
+            commits: crate::stats::CommitMeter::default(),
             poisoned: AtomicBool::new(false),
         })
     }
@@ -310,8 +313,13 @@ impl SledStore {
     fn make_durable(&self) -> Result<(), StoreError> {
         match self.durability {
             Durability::None => Ok(()),
-            Durability::EveryAppend(level) => self.sync(level),
-            Durability::GroupCommit(level) => self.group.commit(|| self.sync(level)),
+            Durability::EveryAppend(level) => {
+                let start = std::time::Instant::now();
+                self.sync(level)?;
+                self.commits.flushed(crate::stats::micros_since(start), 1);
+                Ok(())
+            }
+            Durability::GroupCommit(level) => self.group.commit(|| self.sync(level), &self.commits),
         }
     }
 
@@ -386,6 +394,10 @@ impl EventLog for SledStore {
 
     fn durability(&self) -> Durability {
         self.durability
+    }
+
+    fn commit_stats(&self) -> crate::stats::CommitStats {
+        self.commits.stats(!matches!(self.durability, Durability::None))
     }
 
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
