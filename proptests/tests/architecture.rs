@@ -408,6 +408,7 @@ fn the_arrows_between_crates_run_one_way() {
         if dir != "replay/cli" {
             assert!(!deps.contains("clap"), "{dir}: only the CLI parses command lines");
         }
+        assert!(!deps.contains("prometheus"), "{dir}: only the server crate knows the metrics format");
         for http in ["axum", "hyper", "hyper-util", "http-body-util", "tower-http", "utoipa", "rustls", "tokio-rustls"]
         {
             assert!(!deps.contains(http), "{dir}: only the server crate knows HTTP ({http})");

@@ -244,3 +244,70 @@ impl Meter {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::model::workflow::{Budget, ExhaustionPolicy, Json, TaskId, Usage, Verdict};
+    use keel_store::{prepare, MemStore};
+
+    fn accepted(workflow: &str) -> NewRecord {
+        prepare(
+            &Event::RunAccepted {
+                workflow: workflow.into(),
+                workflow_version: 1,
+                input: Json("{}".into()),
+                idempotency_key: None,
+                priority: 0,
+                seed: 0,
+                budget: Budget::default(),
+                on_exhausted: ExhaustionPolicy::default(),
+                routes: Vec::new(),
+                evaluator_model: None,
+                max_parallel_tasks: 1,
+            },
+            0,
+        )
+        .unwrap()
+    }
+
+    fn evaluated(task: &str) -> NewRecord {
+        let e = Event::TaskEvaluated {
+            task: TaskId(task.into()),
+            attempt: 1,
+            verdict: Verdict::Pass,
+            notes: String::new(),
+            model: None,
+            usage: Usage::default(),
+        };
+        prepare(&e, 0).unwrap()
+    }
+
+    #[test]
+    fn verdicts_are_labelled_by_the_runs_workflow_and_bounded_and_refused_appends_count_apart() {
+        let (store, meter) = observe(Arc::new(MemStore::new()));
+        let run = RunId::from_bytes([7; 16]);
+        store.append(run, Seq(0), vec![accepted("wf")], None).unwrap();
+        // A stale expected seq: refused, counted as an error, its events not counted.
+        assert!(store.append(run, Seq(0), vec![evaluated("t")], None).is_err());
+        let over = METRIC_SERIES_MAX + 5;
+        for i in 0..over {
+            store.append(run, Seq(1 + i as u64), vec![evaluated(&format!("t{i}"))], None).unwrap();
+        }
+        let m = meter.snapshot();
+        assert_eq!((m.appends, m.append_errors), (1 + over as u64, 1));
+        let kind = |k: &str| m.transitions.iter().find(|(n, _)| n == k).map(|(_, c)| *c);
+        assert_eq!(kind("RunAccepted"), Some(1));
+        assert_eq!(kind("TaskEvaluated"), Some(over as u64));
+        assert_eq!(m.append_latency_us.count(), 1 + over as u64);
+        // Every series up to the bound, then one `(other)` series with the rest.
+        assert_eq!(m.verdicts.len(), METRIC_SERIES_MAX + 1);
+        assert!(m.verdicts.iter().filter(|v| v.workflow != OTHER).all(|v| v.workflow == "wf" && v.count == 1));
+        let other = m.verdicts.iter().find(|v| v.task == OTHER).unwrap();
+        assert_eq!((other.workflow.as_str(), other.count), (OTHER, 5));
+        assert_eq!(m.verdicts.iter().map(|v| v.count).sum::<u64>(), over as u64);
+        // MemStore flushes nothing.
+        assert!(!m.commits.flushing);
+    }
+}

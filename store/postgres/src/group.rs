@@ -61,6 +61,8 @@ pub(crate) struct Counters {
     pub(crate) appends: AtomicU64,
     pub(crate) fenced: AtomicU64,
     pub(crate) raced: AtomicU64,
+    /// Latency and appends of each committed flush (`EventLog::commit_stats`).
+    pub(crate) commits: keel_store::stats::CommitMeter,
 }
 
 /// The receiving end of the appends, shared by the flushers.
@@ -161,6 +163,7 @@ async fn flush_once(
     counters: &Counters,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let bounds = pool.bounds();
+    let start = std::time::Instant::now();
     let committing = AtomicBool::new(false);
     let attempt = async {
         let mut conn = pool.get().await.map_err(Failed::Pg)?;
@@ -185,6 +188,8 @@ async fn flush_once(
     };
     if let Ok(outcomes) = &result {
         counters.flushes.fetch_add(1, Ordering::Relaxed);
+        let durable = outcomes.iter().filter(|o| o.is_ok()).count();
+        counters.commits.flushed(keel_store::stats::micros_since(start), u64::try_from(durable).unwrap_or(u64::MAX));
         for o in outcomes {
             match o {
                 Ok(_) => counters.appends.fetch_add(1, Ordering::Relaxed),

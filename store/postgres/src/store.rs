@@ -560,6 +560,10 @@ impl EventLog for PgStore {
         self.shared.limits.clone()
     }
 
+    fn commit_stats(&self) -> keel_store::stats::CommitStats {
+        self.shared.counters.commits.stats(true)
+    }
+
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
         keel_store::read_runs_in_turn(self, runs)
     }
