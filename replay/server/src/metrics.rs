@@ -17,7 +17,9 @@ use prometheus::proto;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-/// `GET /metrics`: runs by status, usage totals, open escalations and their age.
+/// `GET /metrics`: runs by status, usage totals, open escalations and their age, and the
+/// engine's counters (appends, transitions, latency and batch-size histograms, verdicts,
+/// budget exhaustions).
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     security(("bearer" = [])),
     responses(
