@@ -9,6 +9,7 @@
 //! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
 //! - [`calls`]: the pool those calls run on (a blocking callee cannot hold a driver);
 //! - [`journal`]: the one place that checks, encodes, appends and snapshots;
+//! - [`lease`]: a driver's run lease, its heartbeat and fenced appends;
 //! - [`oversize`]: what is recorded when an output or a record is over a limit;
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
@@ -21,6 +22,7 @@ pub(crate) mod effects;
 pub(crate) mod fold;
 pub(crate) mod ingest;
 pub(crate) mod journal;
+pub(crate) mod lease;
 pub(crate) mod oversize;
 pub(crate) mod queue;
 pub(crate) mod runtime;
