@@ -13,6 +13,7 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+mod backend;
 mod cmd;
 mod error;
 mod open;

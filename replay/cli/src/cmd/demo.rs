@@ -11,7 +11,6 @@ use keel_replay::views;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
@@ -33,7 +32,7 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
             demo::WORKFLOW
         )));
     }
-    let store = Arc::new(open_db(db, true)?);
+    let store = open_db(db, true)?;
     let engine = registry.engine(store)?;
     // Working the demo's runs until idle would drive every unfinished run of the database.
     registry.refuse_unknown_unfinished(&engine)?;

@@ -8,7 +8,6 @@ use keel_server::{router_with, serve, Auth, Readiness, RouterOptions, TOKENS_FIL
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -33,7 +32,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
             a.listen
         )));
     }
-    let engine = registry.engine(Arc::new(open_db(db, true)?))?;
+    let engine = registry.engine(open_db(db, true)?)?;
     registry.refuse_unknown_unfinished(&engine)?;
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;

@@ -6,7 +6,7 @@ use crate::output::{print_json, progress};
 use clap::Args;
 use keel_replay::source::{resolve_run, resolve_run_in};
 use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
-use keel_store::{EventLog, RunId};
+use keel_store::RunId;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
