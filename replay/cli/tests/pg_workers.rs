@@ -141,7 +141,9 @@ fn spawn_worker(db: &str, args: &[&str]) -> Child {
     Command::new(common::KEEL)
         .args(&all)
         .env_remove("KEEL_DB")
-        .env_remove("KEEL_LOG")
+        // Each lost lease is a warning line (counted by the chaos test, also from a worker
+        // it killed).
+        .env("KEEL_LOG", "keel_engine::shell::lease=warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -187,5 +189,108 @@ fn three_work_processes_share_one_database_and_every_run_ends_once_as_on_sled() 
         started.elapsed()
     );
     assert_eq!(fenced, 0, "nobody paused: nothing fenced");
+    verify_and_replay(&db, N);
+}
+
+/// Sends `sig` (`KILL`, `STOP`, `CONT`, `INT`) to `child` with kill(1).
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success(), "kill -{sig}");
+}
+
+/// The leases a worker lost, from its warnings: (appends fenced, renewals failed).
+fn leases_lost(stderr: &str) -> (u64, u64) {
+    let lost = stderr.lines().filter(|l| l.contains("lost the run's lease"));
+    lost.fold((0, 0), |(f, r), l| if l.contains("fenced") { (f + 1, r) } else { (f, r + 1) })
+}
+
+/// The figures a `keel work` service prints when it stops:
+/// `leases lost: L (F appends fenced, R renewals failed)`.
+fn lease_figures(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr.lines().find(|l| l.contains("leases lost:")).unwrap_or_else(|| panic!("no figures: {stderr}"));
+    let nums: Vec<u64> =
+        line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    let n = nums.len();
+    (nums[n - 3], nums[n - 2], nums[n - 1])
+}
+
+/// Chaos: 3 `keel work` services on one database drive demo runs submitted up front while
+/// the harness SIGKILLs one (and starts a new one in its place) and SIGSTOPs another past
+/// its lease, then SIGCONTs it, over and over. Every run ends exactly once with the status
+/// of its uninterrupted sled twin, no seq gap or duplicate, `verify` and
+/// `replay --all --check` pass; the fenced refusals are counted.
+#[test]
+fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
+    if !pg::ready() {
+        return;
+    }
+    const N: u64 = 240;
+    const TTL_MS: u64 = 500;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("chaos seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let scratch = pg::Scratch::new(Durability::default());
+    let (db, cfg) = db_url(&scratch);
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let runs = submit_demo(store.clone(), N);
+    let twin = sled_twin(N);
+    let reader = demo_engine(store.clone());
+    let ttl = TTL_MS.to_string();
+    let args = ["--lease-ttl-ms", ttl.as_str()];
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn_worker(&db, &args)).collect();
+    let (mut kills, mut stops) = (0u32, 0u32);
+    let (mut fenced_killed, mut renewals_killed) = (0, 0);
+    let started = Instant::now();
+    let settled = |reader: &Engine| runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[&i].0);
+    while !settled(&reader) {
+        assert!(started.elapsed() < Duration::from_secs(300), "runs did not settle in 300 s");
+        // SIGKILL one and start another in its place.
+        std::thread::sleep(Duration::from_millis(150 + next(200) as u64));
+        let k = next(3);
+        signal(&workers[k], "KILL");
+        let killed = std::mem::replace(&mut workers[k], spawn_worker(&db, &args));
+        let out = killed.wait_with_output().unwrap();
+        let (f, r) = leases_lost(&String::from_utf8_lossy(&out.stderr));
+        (fenced_killed, renewals_killed) = (fenced_killed + f, renewals_killed + r);
+        kills += 1;
+        // SIGSTOP another past its lease, then SIGCONT it.
+        std::thread::sleep(Duration::from_millis(100 + next(200) as u64));
+        let s = (k + 1 + next(2)) % 3;
+        signal(&workers[s], "STOP");
+        std::thread::sleep(Duration::from_millis(2 * TTL_MS + next(400) as u64));
+        signal(&workers[s], "CONT");
+        stops += 1;
+    }
+    // Let the services notice the end, then stop them (SIGINT: they print their figures).
+    std::thread::sleep(Duration::from_millis(2 * TTL_MS));
+    let (mut lost, mut fenced, mut renewals) = (0, 0, 0);
+    for w in workers {
+        signal(&w, "INT");
+        let out = w.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "worker failed: {stderr}");
+        let (l, f, r) = lease_figures(&stderr);
+        assert_eq!(leases_lost(&stderr), (f, r), "the warnings and the figures agree");
+        (lost, fenced, renewals) = (lost + l, fenced + f, renewals + r);
+    }
+    let got = endings(&reader, &runs);
+    for (i, e) in &got {
+        assert_eq!(e.0, twin[i].0, "run {i} ends as its uninterrupted twin");
+    }
+    println!(
+        "chaos: {N} runs, {kills} SIGKILLs, {stops} SIGSTOPs past the {TTL_MS} ms lease in {:?}; leases lost: survivors {lost} ({fenced} appends fenced, {renewals} renewals failed), killed workers {} ({fenced_killed} appends fenced, {renewals_killed} renewals failed)",
+        started.elapsed(),
+        fenced_killed + renewals_killed
+    );
+    assert!(
+        fenced + renewals + fenced_killed + renewals_killed > 0,
+        "no SIGSTOP cost a worker its lease (seed {seed})"
+    );
     verify_and_replay(&db, N);
 }
