@@ -247,7 +247,7 @@ fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
     let (mut kills, mut stops) = (0u32, 0u32);
     let (mut fenced_killed, mut renewals_killed) = (0, 0);
     let started = Instant::now();
-    let settled = |reader: &Engine| runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[&i].0);
+    let settled = |reader: &Engine| runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[i].0);
     while !settled(&reader) {
         assert!(started.elapsed() < Duration::from_secs(300), "runs did not settle in 300 s");
         // SIGKILL one and start another in its place.
