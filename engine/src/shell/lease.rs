@@ -9,17 +9,13 @@
 //! answer) or an append is refused with `StoreError::Fenced`, the driver stops at once:
 //! its future is dropped (its in-flight calls with it), nothing more is appended, and the
 //! run is left to whoever holds the lease. Appends from outside a driver (submit, resolve,
-//! cancel) stay optimistic (expected seq) and are never fenced.
+//! cancel) stay optimistic (expected seq) and are never fenced. The heartbeat and the
+//! drive under a lease are in `shell::heartbeat`.
 
 use crate::api::{Clock, LeaseStats};
-use crate::shell::driver::{drive, DriveOutcome};
-use crate::shell::journal::blocking;
-use crate::shell::runtime::Inner;
 use keel_store::{Claim, Head, Lease, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
-use tokio::sync::{watch, Notify};
 
 /// Default time-to-live of a driver's lease, in milliseconds.
 pub const LEASE_TTL_MS_DEFAULT: u64 = 10_000;
@@ -36,9 +32,9 @@ pub(crate) struct Leasing {
     /// Lease expiries are wall-clock time shared with other processes: the system clock by
     /// default, not the engine's (a test's fake engine clock may jump by days).
     pub clock: Arc<dyn Clock>,
-    fenced: AtomicU64,
-    renewals_lost: AtomicU64,
-    drives_lost: AtomicU64,
+    pub(crate) fenced: AtomicU64,
+    pub(crate) renewals_lost: AtomicU64,
+    pub(crate) drives_lost: AtomicU64,
 }
 
 impl Leasing {
@@ -109,7 +105,7 @@ impl Held {
 
     /// Renews the lease to `ttl_ms` from `now_us`; false (and the lease marked lost) if it
     /// was lost or the store failed.
-    fn renew(&self, log: &dyn Store, ttl_ms: u64, now_us: i64) -> bool {
+    pub(crate) fn renew(&self, log: &dyn Store, ttl_ms: u64, now_us: i64) -> bool {
         let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(current) = guard.as_ref().filter(|_| !self.is_lost()) else { return false };
         match log.renew_lease(current, ttl_ms, now_us) {
@@ -131,7 +127,7 @@ impl Held {
     }
 
     /// Releases the lease (if still held) so another driver may take the run at once.
-    fn release(&self, log: &dyn Store) {
+    pub(crate) fn release(&self, log: &dyn Store) {
         let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(lease) = guard.take() {
             if !self.is_lost() {
@@ -141,62 +137,4 @@ impl Held {
             }
         }
     }
-}
-
-/// Takes `run`'s lease for this engine: `Ok(None)` if someone holds it.
-pub(crate) fn take(inner: &Inner, run: RunId) -> Result<Option<Arc<Held>>, StoreError> {
-    let l = &inner.leasing;
-    Ok(inner.log.try_lease(run, &l.owner, l.ttl_ms, l.clock.now_us())?.map(|lease| Arc::new(Held::new(lease))))
-}
-
-/// Drives `run` under `held`, renewing it every third of its time-to-live. Ends with the
-/// driver's outcome (the lease released), or [`DriveOutcome::LeaseLost`] as soon as a
-/// renewal fails or an append is fenced (the driver dropped with its in-flight calls).
-pub(crate) async fn drive_leased(
-    inner: Arc<Inner>,
-    run: RunId,
-    wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
-    held: Arc<Held>,
-) -> DriveOutcome {
-    let every = Duration::from_millis((inner.leasing.ttl_ms / 3).max(1));
-    let driving = drive(inner.clone(), run, wake, stop, Some(held.clone()));
-    tokio::pin!(driving);
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            out = &mut driving => {
-                if held.is_lost() {
-                    inner.leasing.fenced.fetch_add(1, Ordering::Relaxed);
-                    return lost(&inner, run, "an append was fenced");
-                }
-                let h = held.clone();
-                if let Err(e) = blocking(&inner.log, move |log| { h.release(log); Ok(()) }).await {
-                    tracing::warn!(%run, error = %e, "cannot release the run's lease (it expires)");
-                }
-                return out;
-            }
-            _ = beat.tick() => {
-                let (h, ttl, now) = (held.clone(), inner.leasing.ttl_ms, inner.leasing.clock.now_us());
-                let renewed = blocking(&inner.log, move |log| Ok(h.renew(log, ttl, now))).await.unwrap_or(false);
-                if !renewed {
-                    inner.leasing.renewals_lost.fetch_add(1, Ordering::Relaxed);
-                    return lost(&inner, run, "its renewal failed");
-                }
-            }
-        }
-    }
-}
-
-fn lost(inner: &Inner, run: RunId, why: &str) -> DriveOutcome {
-    inner.leasing.drives_lost.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(%run, why, "lost the run's lease: stopped driving it (in-flight calls dropped)");
-    DriveOutcome::LeaseLost
-}
-
-/// How often the service workers list the store's runs again (a run submitted by another
-/// process, or whose driver elsewhere lost its lease or died): once per lease time-to-live.
-pub(crate) fn rescan_every(inner: &Inner) -> Duration {
-    Duration::from_millis(inner.leasing.ttl_ms)
 }

@@ -9,7 +9,8 @@
 //! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
 //! - [`calls`]: the pool those calls run on (a blocking callee cannot hold a driver);
 //! - [`journal`]: the one place that checks, encodes, appends and snapshots;
-//! - [`lease`]: a driver's run lease, its heartbeat and fenced appends;
+//! - [`lease`]: a driver's run lease and its fenced appends;
+//! - [`heartbeat`]: driving a run under its lease, renewed by a heartbeat;
 //! - [`oversize`]: what is recorded when an output or a record is over a limit;
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
@@ -20,6 +21,7 @@ pub(crate) mod calls;
 pub(crate) mod driver;
 pub(crate) mod effects;
 pub(crate) mod fold;
+pub(crate) mod heartbeat;
 pub(crate) mod ingest;
 pub(crate) mod journal;
 pub(crate) mod lease;

@@ -12,7 +12,7 @@ use crate::model::fsm::RunStatus;
 use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
 use crate::shell::fold::load_state;
-use crate::shell::lease;
+use crate::shell::heartbeat;
 use crate::shell::runtime::Inner;
 use keel_store::RunId;
 
@@ -74,8 +74,8 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
             .claim(inner.workers, |wf| inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0));
         let Some((run, wake)) = claimed else { break };
         // One driver per run, also across processes sharing a store: a short lease renewed
-        // by a heartbeat, every append fenced with it (`shell::lease`).
-        let held = match lease::take(inner, run) {
+        // by a heartbeat, every append fenced with it (`shell::lease`, `shell::heartbeat`).
+        let held = match heartbeat::take(inner, run) {
             Ok(Some(held)) => held,
             Ok(None) => {
                 tracing::debug!(%run, "run is driven elsewhere (lease held)");
@@ -91,7 +91,7 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
         let inner2 = inner.clone();
         let stop = stop.clone();
         set.spawn(async move {
-            let out = lease::drive_leased(inner2, run, wake, stop, held).await;
+            let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
             (run, out)
         });
     }
@@ -266,7 +266,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         }
         // Runs submitted, released or orphaned by other processes sharing the store (a
         // run whose lease is held elsewhere is skipped until the next scan).
-        if scanned.elapsed() >= lease::rescan_every(&inner) {
+        if scanned.elapsed() >= heartbeat::rescan_every(&inner) {
             scanned = tokio::time::Instant::now();
             if let Err(e) = scan(&inner).await {
                 tracing::warn!(error = %e, "workers: cannot list runs");
