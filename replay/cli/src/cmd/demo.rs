@@ -87,7 +87,7 @@ fn print_json_report(
         .collect();
     let esc: Vec<Value> = pending.iter().map(views::escalation_json).collect();
     print_json(
-        &json!({ "db": db.display().to_string(), "seed": seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
+        &json!({ "db": crate::backend::redacted(db).display().to_string(), "seed": seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
     )
 }
 
@@ -110,7 +110,7 @@ fn print_text_report(db: &Path, rows: &[Row<'_>], pending: &[PendingEscalation],
         );
     }
     let total: u64 = rows.iter().map(|r| r.state.totals.cost_micros).sum();
-    println!("{} run(s) in {}; total cost {} micros", rows.len(), db.display(), total);
+    println!("{} run(s) in {}; total cost {} micros", rows.len(), crate::backend::redacted(db).display(), total);
     for (run, e) in &idle.stopped {
         println!("stopped: run {run}: {e}");
     }

@@ -45,7 +45,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let readiness = Readiness::new();
     let app = router_with(engine.clone(), auth, RouterOptions { readiness: readiness.clone(), ..Default::default() });
     let workers = engine.start();
-    eprintln!("keel: serving http://{addr} for {} (SIGINT or SIGTERM to stop)", db.display());
+    eprintln!("keel: serving http://{addr} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let serving = serve(listener, app, {

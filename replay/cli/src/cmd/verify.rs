@@ -41,7 +41,7 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
             let pb = progress(runs.len() as u64, "verifying");
             let v = verify_db(store.as_ref(), &runs, || pb.inc(1))?;
             pb.finish_and_clear();
-            (v, db.display().to_string())
+            (v, crate::backend::redacted(db).display().to_string())
         }
     };
     if a.file.is_some() {

@@ -29,7 +29,7 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         let workers = engine.start();
-        eprintln!("keel: working runs in {} (Ctrl-C to stop)", db.display());
+        eprintln!("keel: working runs in {} (Ctrl-C to stop)", crate::backend::redacted(db).display());
         tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
         let report = workers.shutdown().await;
         let l = engine.lease_stats();
