@@ -143,7 +143,7 @@ fn spawn_worker(db: &str, args: &[&str]) -> Child {
         .env_remove("KEEL_DB")
         // Each lost lease is a warning line (counted by the chaos test, also from a worker
         // it killed).
-        .env("KEEL_LOG", "keel_engine::shell::lease=warn")
+        .env("KEEL_LOG", "keel_engine::shell::heartbeat=warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
