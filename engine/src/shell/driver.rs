@@ -22,6 +22,7 @@ use crate::model::workflow::*;
 use crate::shell::cache::ResponseCache;
 use crate::shell::effects;
 use crate::shell::journal::Refused;
+use crate::shell::lease::Held;
 use crate::shell::oversize;
 use crate::shell::runtime::{Inner, Registered};
 use keel_store::{NewRecord, RunId, Seq, StoreError};
@@ -47,6 +48,9 @@ pub(crate) enum DriveOutcome {
     Stopped(String),
     /// The workers were shut down.
     Shutdown,
+    /// The run's lease was lost (a renewal failed or an append was fenced): the driver
+    /// stopped, the run is left to whoever holds the lease (`shell::lease`).
+    LeaseLost,
 }
 
 /// A call to the outside world in flight.
@@ -90,6 +94,7 @@ pub(crate) async fn drive(
     run: RunId,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
+    held: Option<Arc<Held>>,
 ) -> DriveOutcome {
     let span = tracing::info_span!("run", %run, workflow = tracing::field::Empty);
     let d = Driver {
@@ -97,6 +102,7 @@ pub(crate) async fn drive(
         run,
         wake,
         stop,
+        held,
         effects: JoinSet::new(),
         inflight: BTreeMap::new(),
         next_id: 0,
@@ -123,6 +129,8 @@ struct Driver {
     run: RunId,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
+    /// The run's lease its appends are fenced with (`shell::lease`).
+    held: Option<Arc<Held>>,
     /// Calls spawned on the call pool; dropping the set aborts whatever is still running.
     effects: JoinSet<()>,
     inflight: BTreeMap<EffectKey, Flight>,
@@ -516,7 +524,7 @@ impl Driver {
         let answers = std::mem::take(&mut batch.answers);
         let evaluated = std::mem::take(&mut batch.evaluated);
         let expected = batch.base.take().unwrap_or(state.next_seq);
-        match self.inner.journal.append(state, expected, records, None).await {
+        match self.inner.journal.append_as(state, expected, records, None, self.held.clone()).await {
             Ok(()) => {
                 if evaluated {
                     self.fill_cache(state);
