@@ -97,7 +97,7 @@ pub(crate) async fn drive(
     held: Option<Arc<Held>>,
 ) -> DriveOutcome {
     let span = tracing::info_span!("run", %run, workflow = tracing::field::Empty);
-    let d = Driver {
+    let mut d = Driver {
         inner,
         run,
         wake,
@@ -112,13 +112,15 @@ pub(crate) async fn drive(
         span: span.clone(),
     };
     async move {
-        match d.run().await {
+        let out = match d.run().await {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "driver stopped");
                 DriveOutcome::Stopped(e.to_string())
             }
-        }
+        };
+        d.drain().await;
+        out
     }
     .instrument(span)
     .await
@@ -178,8 +180,31 @@ enum Committed {
     Conflict(Vec<Event>),
 }
 
+/// How long a driver that ends waits for the calls it aborted to be gone (a call that
+/// blocks its thread cannot be interrupted: it is left to finish on the call pool).
+const DRAIN_MS: u64 = 2_000;
+
 impl Driver {
-    async fn run(mut self) -> Result<DriveOutcome, EngineError> {
+    /// Aborts the calls still in flight and waits (at most `DRAIN_MS`) until they are gone:
+    /// each holds the engine (and so the store) while it lives, so a drive that ended must
+    /// not leave them running on the call pool (a store dropped right after `shutdown`
+    /// must be free to open again).
+    async fn drain(&mut self) {
+        if self.effects.is_empty() {
+            return;
+        }
+        self.effects.abort_all();
+        let all_gone = async { while self.effects.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_millis(DRAIN_MS), all_gone).await.is_err() {
+            tracing::warn!(
+                calls = self.effects.len(),
+                "calls still running after the drive ended (blocked in their thread)"
+            );
+            self.effects.detach_all();
+        }
+    }
+
+    async fn run(&mut self) -> Result<DriveOutcome, EngineError> {
         let mut state = self.reload().await?;
         self.span.record("workflow", state.workflow.as_str());
         let reg = self.registration(&state)?;
