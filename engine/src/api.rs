@@ -383,6 +383,20 @@ pub struct IdleReport {
     pub awaiting_human: usize,
     /// Runs whose driver stopped on an error (store failure, a bug), with the error.
     pub stopped: Vec<(RunId, String)>,
+    /// Drives that stopped because the run's lease was lost (a renewal failed or an append
+    /// was fenced): the run is driven by whoever holds its lease.
+    pub lease_lost: usize,
+}
+
+/// What happened to an engine's run leases since it was built ([`crate::Engine::lease_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseStats {
+    /// Driver appends refused by the store because the lease's epoch was stale.
+    pub fenced: u64,
+    /// Heartbeat renewals that failed (the lease was lost, or the store did not answer).
+    pub renewals_lost: u64,
+    /// Drives stopped for either reason.
+    pub drives_lost: u64,
 }
 
 /// One line of `runs()`.

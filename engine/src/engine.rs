@@ -15,6 +15,7 @@ use crate::shell::cache::ResponseCache;
 use crate::shell::calls::CallPool;
 use crate::shell::fold::{load_state, read_logged};
 use crate::shell::journal::Journal;
+use crate::shell::lease::{Leasing, LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 use crate::shell::queue::Scheduler;
 use crate::shell::runtime::{Inner, Registered};
 use crate::shell::sched::Workers;
@@ -38,6 +39,16 @@ fn open_sled(dir: &std::path::Path, _durability: Durability) -> Result<Arc<dyn S
     Err(EngineError::Config(format!("cannot open {}: keel-engine was built without the sled feature", dir.display())))
 }
 
+/// The engine's lease settings, checked (`lease_ttl_ms` within its bounds).
+fn lease_settings(ttl_ms: u64, clock: Arc<dyn Clock>) -> Result<Leasing, EngineError> {
+    if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(&ttl_ms) {
+        return Err(EngineError::Config(format!(
+            "lease_ttl_ms {ttl_ms} is outside {LEASE_TTL_MS_MIN}..={LEASE_TTL_MS_MAX}"
+        )));
+    }
+    Ok(Leasing::new(Leasing::default_owner(), ttl_ms, clock))
+}
+
 /// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
 pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
 
@@ -55,9 +66,25 @@ pub struct EngineBuilder {
     workers: usize,
     limits: ShellLimits,
     redelivery_limit: u32,
+    lease_ttl_ms: u64,
+    lease_clock: Arc<dyn Clock>,
 }
 
 impl EngineBuilder {
+    /// How long a driver's run lease lasts unless renewed (a heartbeat renews it every
+    /// third of that while the run is driven); default 10 s, within 30 ms..=1 day. Engines
+    /// of several processes sharing a store must agree on it only roughly: a driver paused
+    /// past it is fenced (docs/ENGINE.md, "Leases").
+    pub fn lease_ttl_ms(mut self, ms: u64) -> Self {
+        self.lease_ttl_ms = ms;
+        self
+    }
+    /// The clock lease expiries are read on (default: the system clock, whatever
+    /// [`EngineBuilder::clock`] is; tests move it to simulate a pause past the lease).
+    pub fn lease_clock(mut self, c: Arc<dyn Clock>) -> Self {
+        self.lease_clock = c;
+        self
+    }
     /// Store the log in a sled database at `dir` (created if missing). Needs the `sled`
     /// feature (on by default); without it, open a store yourself and pass it to
     /// [`EngineBuilder::store`].
@@ -167,6 +194,7 @@ impl EngineBuilder {
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
         let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
         let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
+        let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
         let calls = CallPool::new(self.limits.call_threads)?;
         let inner = Inner {
             log,
@@ -184,6 +212,7 @@ impl EngineBuilder {
             redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
+            leasing,
         };
         Ok(Engine { inner: Arc::new(inner) })
     }
@@ -222,6 +251,8 @@ impl Engine {
             workers: 8,
             limits: ShellLimits::default(),
             redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
+            lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
+            lease_clock: Arc::new(SystemClock),
         }
     }
 
@@ -358,6 +389,12 @@ impl Engine {
     /// store's flushes (docs/ENGINE.md, "Metrics"). Reading it costs no store scan.
     pub fn metrics(&self) -> crate::EngineMetrics {
         self.inner.meter.snapshot()
+    }
+
+    /// What happened to this engine's run leases: appends fenced, renewals lost, drives
+    /// stopped for either (docs/ENGINE.md, "Leases").
+    pub fn lease_stats(&self) -> crate::api::LeaseStats {
+        self.inner.leasing.stats()
     }
 
     /// The event log (e.g. to export a run while the engine runs).

@@ -99,6 +99,7 @@ pub use shell::fold::{
     copy_payloads, encode_snapshot, fold_full, inflated, load_state, prepare_outlined, read_logged, read_logged_runs,
 };
 pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::lease::{LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 pub use shell::meter::{EngineMetrics, ExhaustionCount, VerdictCount, METRIC_SERIES_MAX};
 pub use shell::oversize::{OUTPUT_TOO_LARGE, RECORD_TOO_LARGE, RUN_PAYLOAD_TOO_LARGE};
 pub use shell::sched::Workers;

@@ -8,7 +8,7 @@
 //! 2. **encode** the payload and check its size against the store's own limits (once:
 //!    the store is configured with these same limits, so an append never fails on size);
 //! 3. **append** the batch with optimistic concurrency (`expected` = the state's next seq
-//!    before the batch);
+//!    before the batch), a driver's also fenced with its run's lease (`shell::lease`);
 //! 4. **snapshot** the folded state when the append crossed a multiple of
 //!    `snapshot_every` (an optimisation: a failure is logged, never returned).
 
@@ -18,6 +18,7 @@ use crate::model::event::{Event, Logged};
 use crate::model::payload;
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
+use crate::shell::lease::Held;
 use keel_store::{Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
 
@@ -115,10 +116,26 @@ impl Journal {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<(), EngineError> {
+        self.append_as(after, expected, records, claim, None).await
+    }
+
+    /// [`Journal::append`] by a driver holding the run's lease: the append is fenced with
+    /// it (`StoreError::Fenced` once the lease was lost; see `shell::lease`).
+    pub(crate) async fn append_as(
+        &self,
+        after: &RunState,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        held: Option<Arc<Held>>,
+    ) -> Result<(), EngineError> {
         let (run, head) = (after.run, after.next_seq);
         let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
         blocking(&self.log, move |log| {
-            let new_head = log.append(run, expected, records, claim)?;
+            let new_head = match &held {
+                Some(h) => h.append(log, run, expected, records, claim)?,
+                None => log.append(run, expected, records, claim)?,
+            };
             debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
             if let Some(bytes) = snapshot {
                 if let Err(e) = log.save_snapshot(run, head, &bytes) {

@@ -9,7 +9,7 @@ use keel_replay::export::{select_runs, CsvWriter, JsonlWriter, Redaction};
 use keel_replay::format::{parse_time, rfc3339};
 use keel_replay::html::HtmlWriter;
 use keel_replay::source::{load_run_from_db, resolve_run};
-use keel_store::{RunId, SledStore};
+use keel_store::{RunId, Store};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     // never leaves a half-written file that looks whole.
     let (out, tmp) = output(a.output.as_ref())?;
     let pb = progress(runs.len() as u64, "exporting");
-    let records = write_runs(&store, &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
+    let records = write_runs(store.as_ref(), &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
     pb.finish_and_clear();
     if let Some((f, path)) = tmp {
         persist(f, &path)?;
@@ -105,7 +105,7 @@ struct Written<'a> {
 
 /// Writes `runs` to `out` in the format asked; returns the records written.
 fn write_runs(
-    store: &SledStore,
+    store: &dyn Store,
     runs: &[RunId],
     what: Written<'_>,
     out: Box<dyn Write>,

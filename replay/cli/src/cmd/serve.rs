@@ -8,7 +8,6 @@ use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions,
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -49,7 +48,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         }
         _ => None,
     };
-    let engine = registry.engine(Arc::new(open_db(db, true)?))?;
+    let engine = registry.engine(open_db(db, true)?)?;
     registry.refuse_unknown_unfinished(&engine)?;
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -69,7 +68,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
     let workers = engine.start();
-    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", db.display());
+    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = {

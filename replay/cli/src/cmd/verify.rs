@@ -6,7 +6,7 @@ use crate::output::{print_json, progress};
 use clap::Args;
 use keel_replay::source::{resolve_run, resolve_run_in};
 use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
-use keel_store::{EventLog, RunId};
+use keel_store::RunId;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,7 +41,7 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
             let pb = progress(runs.len() as u64, "verifying");
             let v = verify_db(store.as_ref(), &runs, || pb.inc(1))?;
             pb.finish_and_clear();
-            (v, db.display().to_string())
+            (v, crate::backend::redacted(db).display().to_string())
         }
     };
     if a.file.is_some() {
