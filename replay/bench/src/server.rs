@@ -13,7 +13,7 @@
 use super::{percentile, submit_n, temp_dir, BenchError, ChainPlanner, Figure, Noop, PassEvaluator, QuietSink};
 use keel_engine::{load_state, Decision, Engine, Request, Resolution, RunId, WorkflowType};
 use keel_server::{Auth, Role};
-use keel_store::{Durability, EventLog, Level, SledStore, Store, StoreConfig};
+use keel_store::{Durability, Level, SledStore, Store, StoreConfig};
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
