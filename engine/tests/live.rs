@@ -24,10 +24,7 @@ fn builder(handler_delay_ms: u64) -> EngineBuilder {
         .handler(
             "t",
             slow_handler(handler_delay_ms, |c| {
-                Ok(TaskOutput {
-                    output: json!({"task": c.task.0}),
-                    usage: Usage { cost_micros: 7, tokens: 3, ..Usage::default() },
-                })
+                Ok(TaskOutput { output: json!({"task": c.task.0}), usage: Usage { cost_micros: 7, tokens: 3 } })
             }),
         )
         .handler("pay", handler(|_| Err(HandlerError::fatal("card declined"))))
@@ -274,7 +271,7 @@ impl Coordination for Counting {
     fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError> {
         self.inner.aux_apply(aux)
     }
-    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<keel_store::AuxEntry>, StoreError> {
         self.inner.aux_range(lo, hi, limit)
     }
     fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
@@ -312,7 +309,7 @@ async fn a_restart_reads_only_the_unfinished_runs() {
         assert_eq!(reads.get(&r.run), None, "finished run {} was read on restart", r.run);
     }
     for r in &waiting {
-        assert!(reads.get(&r.run).is_some(), "waiting run {} was not resumed", r.run);
+        assert!(reads.contains_key(&r.run), "waiting run {} was not resumed", r.run);
     }
 }
 

@@ -17,6 +17,9 @@ pub const OWNER_BYTES_MAX: usize = 256;
 /// ([`Coordination::append_with_aux`], [`Coordination::aux_apply`]).
 pub type AuxWrite = (Vec<u8>, Option<Vec<u8>>);
 
+/// One auxiliary entry as listed by [`Coordination::aux_range`]: `(key, value)`.
+pub type AuxEntry = (Vec<u8>, Vec<u8>);
+
 /// The fencing token of a lease: the run and the lease epoch at grant or renewal. An append
 /// made with it ([`Coordination::append_fenced`]) is refused with
 /// [`StoreError::Fenced`] once the run's epoch has moved on (the lease was renewed,
@@ -159,7 +162,7 @@ pub trait Coordination: Send + Sync + 'static {
 
     /// Up to `limit` auxiliary entries with `lo <= key <= hi`, in ascending key order (keys
     /// as given to [`Coordination::aux_put`], without any backend prefix).
-    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError>;
 
     /// Sets `run`'s due time (when a timer of the run fires), microseconds since the Unix
     /// epoch, replacing any earlier one: one due time per run, its next wake-up. Durable

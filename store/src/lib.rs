@@ -61,7 +61,7 @@ pub mod testing;
 pub mod types;
 pub mod verify;
 
-pub use coordination::{AuxWrite, Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
+pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::StoreError;

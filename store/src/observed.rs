@@ -160,7 +160,7 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
         self.inner.aux_apply(aux)
     }
-    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
         self.inner.aux_range(lo, hi, limit)
     }
     fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {

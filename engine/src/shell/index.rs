@@ -161,7 +161,7 @@ pub(crate) fn page(
     };
     let mut out: Vec<(RunId, IndexEntry)> = Vec::new();
     loop {
-        let want = limit.saturating_add(1).saturating_sub(out.len()).min(SCAN_CHUNK).max(1);
+        let want = limit.saturating_add(1).saturating_sub(out.len()).clamp(1, SCAN_CHUNK);
         let chunk = log.aux_range(&lo, &hi, want)?;
         let n = chunk.len();
         for (k, v) in chunk {

@@ -110,7 +110,7 @@ impl Sse {
         }
     }
 
-    async fn to_end(&mut self) {
+    async fn read_to_close(&mut self) {
         while self.fill().await {}
     }
 
@@ -147,8 +147,8 @@ async fn a_run_event_stream_is_live_and_resumes_from_last_event_id_without_gap_o
     let r = s.post(&format!("/v1/runs/{run}/resolve"), Some(APPROVER), &approve()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     s.engine.run_until_idle().await.unwrap();
-    live.to_end().await;
-    resumed.to_end().await;
+    live.read_to_close().await;
+    resumed.read_to_close().await;
     let all = s.events(run);
     assert!(all.len() > before.len());
     let seqs: Vec<u64> = all.iter().map(|e| e.seq.0).collect();
@@ -165,10 +165,10 @@ async fn a_run_event_stream_is_live_and_resumes_from_last_event_id_without_gap_o
 
     // A finished run's stream sends the rest of its log and ends; past the end, nothing.
     let mut end = open(&s, &path, Some(VIEWER), Some(&seqs[seqs.len() - 2].to_string())).await;
-    end.to_end().await;
+    end.read_to_close().await;
     assert_eq!(end.ids(), vec![*seqs.last().unwrap()]);
     let mut past = open(&s, &path, Some(VIEWER), Some(&seqs.last().unwrap().to_string())).await;
-    past.to_end().await;
+    past.read_to_close().await;
     assert!(past.ids().is_empty());
 }
 

@@ -347,7 +347,7 @@ impl<K: Kv> Core<K> {
         self.kv.apply(writes)
     }
 
-    pub(crate) fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub(crate) fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
         let (lo, hi) = (record::aux_key(lo), record::aux_key(hi));
         let mut out = Vec::new();
         if lo > hi || limit == 0 {
@@ -627,7 +627,7 @@ macro_rules! delegate_coordination {
             self.core.aux_apply(aux)
         }
 
-        fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
             self.core.aux_range(lo, hi, limit)
         }
 
