@@ -147,7 +147,7 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
         let store =
             SledStore::open(dir.join("db"), StoreConfig { durability: Durability::None, ..StoreConfig::default() })?;
         loop {
-            let old = store.aux_range(b"ix/", b"ix/\xff", 4096)?;
+            let old = store.aux_range(b"ix/", b"ix/\xff", 1024)?;
             if old.is_empty() {
                 break;
             }
