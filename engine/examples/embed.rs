@@ -172,7 +172,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         for p in engine.escalations()? {
             println!("resolving escalation {} of run {}: approve", p.escalation.number, p.run);
-            engine.resolve(p.run, Resolution { decision: Decision::Approve, by: "finance@example.com".into() }).await?;
+            engine
+                .resolve(
+                    p.run,
+                    Resolution {
+                        decision: Decision::Approve,
+                        by: "finance@example.com".into(),
+                        reason: "refund within policy".into(),
+                    },
+                )
+                .await?;
         }
         let runs = wait_until_settled(&engine).await?;
         println!("\n{:<36}  {:<10}  {:>8}  {:>6}", "run", "status", "cost", "events");

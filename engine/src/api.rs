@@ -364,6 +364,8 @@ pub struct Resolution {
     pub decision: Decision,
     /// Who decided (recorded).
     pub by: String,
+    /// Why (recorded on `HumanResolved`; the server and `keel resolve` require one).
+    pub reason: String,
 }
 
 /// What `run_until_idle` did.
@@ -381,6 +383,20 @@ pub struct IdleReport {
     pub awaiting_human: usize,
     /// Runs whose driver stopped on an error (store failure, a bug), with the error.
     pub stopped: Vec<(RunId, String)>,
+    /// Drives that stopped because the run's lease was lost (a renewal failed or an append
+    /// was fenced): the run is driven by whoever holds its lease.
+    pub lease_lost: usize,
+}
+
+/// What happened to an engine's run leases since it was built ([`crate::Engine::lease_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseStats {
+    /// Driver appends refused by the store because the lease's epoch was stale.
+    pub fenced: u64,
+    /// Heartbeat renewals that failed (the lease was lost, or the store did not answer).
+    pub renewals_lost: u64,
+    /// Drives stopped for either reason.
+    pub drives_lost: u64,
 }
 
 /// One line of `runs()`.
@@ -445,7 +461,9 @@ pub struct WorkflowStats {
 /// Size limits of the shell (each with its own error).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShellLimits {
-    /// Canonical JSON bytes of a request input.
+    /// Canonical JSON bytes of a request input (larger: `submit` refuses it, nothing is
+    /// written). Default 1 MiB: an input over 4 KiB is stored in the payload store beside
+    /// the log and `RunAccepted` carries its digest and size.
     pub input_bytes_max: usize,
     /// Canonical JSON bytes of a handler output (larger: `TaskFailed { Semantic, source:
     /// Engine, error: "output_too_large" }`). Default 16 MiB: an output over 4 KiB is
@@ -472,7 +490,7 @@ pub struct ShellLimits {
 impl Default for ShellLimits {
     fn default() -> Self {
         ShellLimits {
-            input_bytes_max: 16 * 1024,
+            input_bytes_max: 1024 * 1024,
             output_bytes_max: 16 * 1024 * 1024,
             run_payload_bytes_max: 256 * 1024 * 1024,
             error_bytes_max: 2 * 1024,

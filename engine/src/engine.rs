@@ -16,6 +16,7 @@ use crate::shell::calls::CallPool;
 use crate::shell::fold::{load_state, read_logged};
 use crate::shell::index::{IndexEntry, RunFilter, RunsPage};
 use crate::shell::journal::Journal;
+use crate::shell::lease::{Leasing, LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 use crate::shell::queue::Scheduler;
 use crate::shell::runtime::{Inner, Registered};
 use crate::shell::sched::Workers;
@@ -40,6 +41,16 @@ fn open_sled(dir: &std::path::Path, _durability: Durability) -> Result<Arc<dyn S
     Err(EngineError::Config(format!("cannot open {}: keel-engine was built without the sled feature", dir.display())))
 }
 
+/// The engine's lease settings, checked (`lease_ttl_ms` within its bounds).
+fn lease_settings(ttl_ms: u64, clock: Arc<dyn Clock>) -> Result<Leasing, EngineError> {
+    if !(LEASE_TTL_MS_MIN..=LEASE_TTL_MS_MAX).contains(&ttl_ms) {
+        return Err(EngineError::Config(format!(
+            "lease_ttl_ms {ttl_ms} is outside {LEASE_TTL_MS_MIN}..={LEASE_TTL_MS_MAX}"
+        )));
+    }
+    Ok(Leasing::new(Leasing::default_owner(), ttl_ms, clock))
+}
+
 /// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
 pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
 
@@ -57,9 +68,25 @@ pub struct EngineBuilder {
     workers: usize,
     limits: ShellLimits,
     redelivery_limit: u32,
+    lease_ttl_ms: u64,
+    lease_clock: Arc<dyn Clock>,
 }
 
 impl EngineBuilder {
+    /// How long a driver's run lease lasts unless renewed (a heartbeat renews it every
+    /// third of that while the run is driven); default 10 s, within 30 ms..=1 day. Engines
+    /// of several processes sharing a store must agree on it only roughly: a driver paused
+    /// past it is fenced (docs/ENGINE.md, "Leases").
+    pub fn lease_ttl_ms(mut self, ms: u64) -> Self {
+        self.lease_ttl_ms = ms;
+        self
+    }
+    /// The clock lease expiries are read on (default: the system clock, whatever
+    /// [`EngineBuilder::clock`] is; tests move it to simulate a pause past the lease).
+    pub fn lease_clock(mut self, c: Arc<dyn Clock>) -> Self {
+        self.lease_clock = c;
+        self
+    }
     /// Store the log in a sled database at `dir` (created if missing). Needs the `sled`
     /// feature (on by default); without it, open a store yourself and pass it to
     /// [`EngineBuilder::store`].
@@ -169,6 +196,7 @@ impl EngineBuilder {
         let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
         // The read models: built from the log once if this database has none yet.
         crate::shell::index::ensure(log.as_ref())?;
+        let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
         let calls = CallPool::new(self.limits.call_threads)?;
         let inner = Inner {
             log,
@@ -185,6 +213,7 @@ impl EngineBuilder {
             redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
+            leasing,
         };
         Ok(Engine { inner: Arc::new(inner) })
     }
@@ -223,6 +252,8 @@ impl Engine {
             workers: 8,
             limits: ShellLimits::default(),
             redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
+            lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
+            lease_clock: Arc::new(SystemClock),
         }
     }
 
@@ -403,6 +434,12 @@ impl Engine {
         crate::shell::subscribe::wait_until(&self.inner, run, done).await
     }
 
+    /// What happened to this engine's run leases: appends fenced, renewals lost, drives
+    /// stopped for either (docs/ENGINE.md, "Leases").
+    pub fn lease_stats(&self) -> crate::api::LeaseStats {
+        self.inner.leasing.stats()
+    }
+
     /// The event log (e.g. to export a run while the engine runs).
     pub fn store(&self) -> Arc<dyn Store> {
         self.inner.log.clone()
@@ -470,7 +507,7 @@ fn add_totals(acc: &mut Totals, t: &Totals) {
 /// open one: `EscalationClosed` otherwise) and queues the run: [`Engine::resolve`] and
 /// [`crate::Resolver::resolve`].
 async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolution) -> Result<(), EngineError> {
-    let Resolution { decision, by } = r;
+    let Resolution { decision, by, reason } = r;
     crate::shell::ingest::check_decision_depth(&decision)?;
     inner
         .journal
@@ -507,6 +544,7 @@ async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolutio
                     decision: decision.clone(),
                     by: by.clone(),
                     defaulted: false,
+                    reason: reason.clone(),
                 })
             },
         )

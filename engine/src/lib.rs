@@ -101,6 +101,7 @@ pub use shell::fold::{
 pub use shell::index::{reindex_run, RunFilter, RunsPage};
 pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use shell::journal::Change;
+pub use shell::lease::{LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 pub use shell::oversize::{OUTPUT_TOO_LARGE, RECORD_TOO_LARGE, RUN_PAYLOAD_TOO_LARGE};
 pub use shell::sched::Workers;
 pub use shell::subscribe::{Received, RunEvents, Subscription, FOLLOW_BATCH_MAX};

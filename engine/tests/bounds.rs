@@ -134,13 +134,23 @@ async fn a_supplied_output_nested_too_deep_is_refused_and_nothing_is_recorded() 
     let supplied = Json::new(&deep);
     drop_deep(deep);
     let err = engine
-        .resolve(run, Resolution { decision: Decision::SupplyOutput(supplied), by: "ann".into() })
+        .resolve(
+            run,
+            Resolution { decision: Decision::SupplyOutput(supplied), by: "ann".into(), reason: "checked".into() },
+        )
         .await
         .expect_err("too deep");
     assert!(matches!(err, EngineError::JsonTooDeep { what: "supplied output", .. }), "{err}");
     assert_eq!(engine.events(run).unwrap().len(), before, "nothing recorded");
     engine
-        .resolve(run, Resolution { decision: Decision::SupplyOutput(Json::new(&nested(64))), by: "ann".into() })
+        .resolve(
+            run,
+            Resolution {
+                decision: Decision::SupplyOutput(Json::new(&nested(64))),
+                by: "ann".into(),
+                reason: "checked".into(),
+            },
+        )
         .await
         .expect("at the limit");
 }

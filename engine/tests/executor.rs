@@ -116,7 +116,14 @@ async fn replans_exhausted_escalates_then_a_resolution_completes_the_run() {
 
     let supplied = Json::new(&json!({"answer": "42"}));
     engine
-        .resolve(run, Resolution { decision: Decision::SupplyOutput(supplied.clone()), by: "alice".into() })
+        .resolve(
+            run,
+            Resolution {
+                decision: Decision::SupplyOutput(supplied.clone()),
+                by: "alice".into(),
+                reason: "checked".into(),
+            },
+        )
         .await
         .unwrap();
     engine.run_until_idle().await.unwrap();
@@ -128,7 +135,10 @@ async fn replans_exhausted_escalates_then_a_resolution_completes_the_run() {
     assert_eq!(ev.last().unwrap().event.kind_name(), "RunCompleted");
 
     // Resolving it again: it is not waiting any more.
-    let err = engine.resolve(run, Resolution { decision: Decision::Approve, by: "bob".into() }).await.unwrap_err();
+    let err = engine
+        .resolve(run, Resolution { decision: Decision::Approve, by: "bob".into(), reason: "checked".into() })
+        .await
+        .unwrap_err();
     assert!(matches!(err, EngineError::NotAwaitingHuman { status: RunStatus::Completed, .. }), "{err}");
 }
 
@@ -139,12 +149,17 @@ async fn resolution_for_a_run_that_is_not_waiting_is_a_typed_error_and_writes_no
     let engine = open_engine(dir.path(), wf, &[("t", ok_handler(Usage::default()))], |b| b);
     let s = engine.submit(Request::new("w", json!({}))).await.unwrap();
     let before = engine.events(s.run).unwrap().len();
-    let err = engine.resolve(s.run, Resolution { decision: Decision::Approve, by: "x".into() }).await.unwrap_err();
+    let err = engine
+        .resolve(s.run, Resolution { decision: Decision::Approve, by: "x".into(), reason: "checked".into() })
+        .await
+        .unwrap_err();
     assert!(matches!(err, EngineError::NotAwaitingHuman { status: RunStatus::Accepted, .. }), "{err}");
     assert_eq!(engine.events(s.run).unwrap().len(), before);
     let unknown = RunId(uuid::Uuid::from_u128(7));
     assert!(matches!(
-        engine.resolve(unknown, Resolution { decision: Decision::Approve, by: "x".into() }).await,
+        engine
+            .resolve(unknown, Resolution { decision: Decision::Approve, by: "x".into(), reason: "checked".into() })
+            .await,
         Err(EngineError::UnknownRun { .. })
     ));
 }

@@ -153,7 +153,10 @@ async fn exhaustion_escalates_when_the_workflow_says_so() {
     let st = engine.state(run).unwrap();
     assert_eq!(st.status, RunStatus::AwaitingHuman, "{:?}", kinds(&ev));
     assert_eq!(st.escalations[0].escalation.cause, EscalationCause::BudgetExhausted);
-    engine.resolve(run, Resolution { decision: Decision::Approve, by: "lead".into() }).await.unwrap();
+    engine
+        .resolve(run, Resolution { decision: Decision::Approve, by: "lead".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     engine.run_until_idle().await.unwrap();
     let st = engine.state(run).unwrap();
     assert_eq!((st.status, st.partial), (RunStatus::Completed, true));
@@ -331,7 +334,7 @@ async fn invalid_input_and_unknown_workflows_are_rejected_with_nothing_written()
     let err = engine.submit(Request::new("w", json!({}))).await.unwrap_err();
     assert!(matches!(&err, EngineError::InvalidInput { errors, .. } if errors[0].contains("ticket")), "{err}");
 
-    let huge = "x".repeat(20_000);
+    let huge = "x".repeat(ShellLimits::default().input_bytes_max);
     let err = engine.submit(Request::new("w", json!({ "ticket": huge }))).await.unwrap_err();
     assert!(matches!(&err, EngineError::InvalidInput { errors, .. } if errors[0].contains("limit")), "{err}");
 

@@ -26,8 +26,11 @@ async fn a_supplied_output_that_fails_the_tasks_schema_is_refused_and_nothing_is
     let engine = escalating(dir.path(), Arc::new(CountingSink::default()));
     let (run, before) = run_one(&engine, "w").await;
     assert_eq!(engine.state(run).unwrap().status, RunStatus::AwaitingHuman);
-    let supply =
-        |v: serde_json::Value| Resolution { decision: Decision::SupplyOutput(Json::new(&v)), by: "ann".into() };
+    let supply = |v: serde_json::Value| Resolution {
+        decision: Decision::SupplyOutput(Json::new(&v)),
+        by: "ann".into(),
+        reason: "checked".into(),
+    };
 
     for bad in [json!({"amount": "ten"}), json!({"note": "paid by hand"})] {
         match engine.resolve(run, supply(bad)).await {
@@ -65,9 +68,17 @@ async fn the_sink_gets_the_runs_context_and_a_resolver_that_resolves_only_its_es
     assert_eq!((ctx.resolver.run(), ctx.resolver.number()), (run, 1));
 
     // The resolver goes through the same gates as Engine::resolve.
-    let bad = Resolution { decision: Decision::SupplyOutput(Json::new(&json!({}))), by: "bot".into() };
+    let bad = Resolution {
+        decision: Decision::SupplyOutput(Json::new(&json!({}))),
+        by: "bot".into(),
+        reason: "checked".into(),
+    };
     assert!(matches!(ctx.resolver.resolve(bad).await, Err(EngineError::SuppliedOutputRejected { .. })));
-    let good = Resolution { decision: Decision::SupplyOutput(Json::new(&json!({"amount": 10}))), by: "bot".into() };
+    let good = Resolution {
+        decision: Decision::SupplyOutput(Json::new(&json!({"amount": 10}))),
+        by: "bot".into(),
+        reason: "checked".into(),
+    };
     ctx.resolver.resolve(good.clone()).await.unwrap();
     let ev = engine.events(run).unwrap();
     assert!(ev.iter().any(|e| matches!(&e.event, Event::HumanResolved { number: 1, by, .. } if by == "bot")));

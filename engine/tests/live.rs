@@ -119,7 +119,10 @@ async fn the_run_index_pages_and_filters_as_a_fold_of_the_log_does() {
     assert_eq!(ok.totals.cost_micros, truth.iter().filter(|r| r.workflow == "ok").map(|r| r.cost_micros).sum::<u64>());
     // A resolution moves the run out of the AwaitingHuman range in the same write.
     let first = esc[0].run;
-    engine.resolve(first, Resolution { decision: Decision::Abort, by: "ann".into() }).await.unwrap();
+    engine
+        .resolve(first, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     engine.run_until_idle().await.unwrap();
     let open: Vec<RunId> = engine.escalations().unwrap().iter().map(|e| e.run).collect();
     assert_eq!(open.len(), 2);
@@ -150,7 +153,10 @@ async fn a_database_without_the_index_gets_it_built_on_open() {
     assert_eq!(engine.escalations().unwrap(), open);
     assert_eq!(open.len(), 3);
     // And it keeps working: a resolution and a new run are indexed on commit.
-    engine.resolve(open[0].run, Resolution { decision: Decision::Abort, by: "ann".into() }).await.unwrap();
+    engine
+        .resolve(open[0].run, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     engine.submit(Request::new("ok", json!({"new": true}))).await.unwrap();
     engine.run_until_idle().await.unwrap();
     assert_eq!(engine.runs().unwrap(), folded(&engine));
@@ -268,6 +274,17 @@ impl Coordination for Counting {
     ) -> Result<Head, StoreError> {
         self.inner.append_with_aux(run, expected, records, claim, aux)
     }
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.inner.append_fenced_with_aux(run, expected, records, claim, fence, aux)
+    }
     fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError> {
         self.inner.aux_apply(aux)
     }
@@ -370,7 +387,10 @@ async fn wait_until_sees_the_escalation_and_wait_the_end_without_polling() {
         let engine = engine.clone();
         tokio::spawn(async move { engine.wait(run).await })
     };
-    engine.resolve(run, Resolution { decision: Decision::Abort, by: "ann".into() }).await.unwrap();
+    engine
+        .resolve(run, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     let end = tokio::time::timeout(std::time::Duration::from_secs(30), waiter).await.unwrap().unwrap().unwrap();
     assert!(end.is_terminal(), "{end:?}");
     assert_eq!(engine.state(run).unwrap().status, end);

@@ -233,7 +233,9 @@ async fn a_decision_too_large_to_record_fails_the_run_instead_of_stopping_the_dr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_input_is_stored_by_reference_and_read_back_in_full() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let big: String = "q".repeat(10_000);
+    // Over the 16 KiB request inputs were capped at before the payload store, within the
+    // default limit of 1 MiB.
+    let big: String = "q".repeat(600_000);
     let engine = Engine::builder()
         .store(store.clone())
         .workflow(wf(fan_plan(1, false)))
@@ -244,10 +246,16 @@ async fn a_large_request_input_is_stored_by_reference_and_read_back_in_full() {
     engine.run_until_idle().await.unwrap();
     let events = engine.events(s.run).unwrap();
     let Event::RunAccepted { input, .. } = &events[0].event else { panic!() };
-    assert_eq!(input.value().unwrap()["text"], Value::String("q".repeat(10_000)));
+    assert_eq!(input.value().unwrap()["text"], Value::String(big.clone()));
     let (_, first) = &stored(store.as_ref(), s.run)[0];
     let Event::RunAccepted { input, .. } = first else { panic!() };
     assert!(is_ref(input), "{}", input.0);
+    // One byte over the limit is refused, and nothing is written.
+    let runs_before = store.runs().unwrap().len();
+    let over = "q".repeat(ShellLimits::default().input_bytes_max);
+    let e = engine.submit(req("fan", json!({ "text": over }))).await.unwrap_err();
+    assert!(matches!(e, EngineError::InvalidInput { .. }), "{e}");
+    assert_eq!(store.runs().unwrap().len(), runs_before);
 }
 
 /// A supplied value that merely looks like a reference (`Json` is a public tuple struct,

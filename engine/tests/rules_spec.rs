@@ -203,6 +203,7 @@ fn approving_a_human_review_task_gives_it_the_output_approved_true() {
             decision: Decision::Approve,
             by: "alice".into(),
             defaulted: false,
+            reason: "looks right".into(),
         })
         .then_status(RunStatus::Running)
         .then_task("review", TaskStatus::Done)

@@ -55,7 +55,10 @@ async fn workers_drive_new_runs_wake_resolved_ones_and_apply_due_deadlines() {
     assert_eq!(engine.escalations().unwrap().len(), 2);
 
     // A human resolves one; the workers pick it up without being asked.
-    engine.resolve(big1, Resolution { decision: Decision::Reject, by: "ann".into() }).await.unwrap();
+    engine
+        .resolve(big1, Resolution { decision: Decision::Reject, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
     settle(&engine, |_| engine.state(big1).unwrap().status == RunStatus::Completed).await;
     assert_eq!(engine.state(big2).unwrap().status, RunStatus::AwaitingHuman);
 
@@ -91,4 +94,66 @@ async fn shutdown_leaves_in_flight_work_to_be_resumed() {
     // Same dispatch (attempt 1, same key) redelivered: at-least-once.
     assert_eq!(dispatches(&ev), vec![("slow".to_owned(), 1)]);
     assert_eq!(slow.calls(), 2);
+}
+
+/// A handler whose call never answers; `dropped` is set when the engine lets go of the
+/// call's future.
+struct Hang {
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct SetOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        // Letting go of a call takes a moment (a client closing its connection): long
+        // enough that nothing but waiting for it sees it done.
+        std::thread::sleep(Duration::from_millis(200));
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl TaskHandler for Hang {
+    fn call(&self, _call: TaskCall) -> BoxFuture<Result<TaskOutput, HandlerError>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let guard = SetOnDrop(self.dropped.clone());
+        Box::pin(async move {
+            let _guard = guard;
+            std::future::pending::<Result<TaskOutput, HandlerError>>().await
+        })
+    }
+}
+
+/// Regression: calls run on the engine's call pool, and each holds the engine (and so the
+/// store) while it lives. A drive that ended used to drop its calls without waiting, so
+/// they lingered on the pool after `shutdown` returned and a store reopened at once in the
+/// same process was sometimes still locked. Now `shutdown` returns only once the calls of
+/// its drives are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_only_once_the_calls_in_flight_are_gone() {
+    let dir = tempdir();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hang: std::sync::Arc<dyn TaskHandler> =
+        std::sync::Arc::new(Hang { calls: calls.clone(), dropped: dropped.clone() });
+    let mut t = task("hang", TaskKind::Tool, "hang", &[]);
+    t.timeout_ms = 600_000;
+    let wf = workflow("w", planner(vec![plan(vec![t])]), pass_evaluator());
+    let engine = open_engine(dir.path(), wf, &[("hang", hang)], |b| b);
+    let workers = engine.start();
+    engine.submit(Request::new("w", json!({}))).await.unwrap();
+    for _ in 0..500 {
+        if calls.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
+    workers.shutdown().await;
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the call was still alive on the call pool after shutdown returned"
+    );
 }

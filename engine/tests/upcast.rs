@@ -66,3 +66,81 @@ fn a_payload_version_newer_than_the_code_is_a_typed_decode_error_naming_the_reco
         other => panic!("expected a decode error, got {other:?}"),
     }
 }
+
+/// A `HumanResolved` written before it had a `reason` (payload version 1, as keel 0.x
+/// encoded it: number, decision, by, defaulted) reads back with an empty reason, and its
+/// stored fields are the ones it was written with (no `reason`, so its payload root holds).
+#[test]
+fn a_version_1_human_resolved_reads_back_with_an_empty_reason() {
+    // bincode of the version-1 `Event` enum: variant 15, then number (varint 1), decision
+    // `Approve` (variant 0), by "alice", defaulted false.
+    let mut v1 = vec![15u8, 1, 0, 5];
+    v1.extend_from_slice(b"alice");
+    v1.push(0);
+    let e = model::upcast::decode("HumanResolved", 1, &v1).unwrap();
+    assert_eq!(
+        e,
+        Event::HumanResolved {
+            number: 1,
+            decision: Decision::Approve,
+            by: "alice".into(),
+            defaulted: false,
+            reason: String::new()
+        }
+    );
+    // The same bytes are not a version-2 payload (the reason is missing).
+    assert!(model::upcast::decode("HumanResolved", 2, &v1).is_err());
+    // Version 2 round-trips with its reason.
+    let v2 = Event::HumanResolved {
+        number: 1,
+        decision: Decision::Approve,
+        by: "alice".into(),
+        defaulted: false,
+        reason: "refund checked".into(),
+    };
+    assert_eq!(v2.payload_version(), 2);
+    let bytes = keel_store::codec::encode(&v2).unwrap();
+    assert_eq!(model::upcast::decode("HumanResolved", 2, &bytes).unwrap(), v2);
+    // An export of version 1 (no `reason` field) rebuilds with an empty reason.
+    let fields = serde_json::json!({"by": "alice", "decision": "Approve", "defaulted": false, "number": 1});
+    let from = Event::from_fields("HumanResolved", fields.as_object().unwrap().clone()).unwrap();
+    assert_eq!(from, model::upcast::decode("HumanResolved", 1, &v1).unwrap());
+}
+
+/// A deadline's default recorded in payload version 1 (no reason) passes the determinism
+/// check against the default `decide` records now (with [`model::event::DEFAULT_REASON`]);
+/// any other difference still fails it.
+#[test]
+fn a_version_1_deadline_default_is_the_same_decision_as_todays() {
+    let decided = Event::HumanResolved {
+        number: 2,
+        decision: Decision::Reject,
+        by: "deadline".into(),
+        defaulted: true,
+        reason: model::event::DEFAULT_REASON.into(),
+    };
+    let recorded_v1 = Event::HumanResolved {
+        number: 2,
+        decision: Decision::Reject,
+        by: "deadline".into(),
+        defaulted: true,
+        reason: String::new(),
+    };
+    assert!(recorded_v1.same_decision(&decided));
+    let other = Event::HumanResolved {
+        number: 2,
+        decision: Decision::Approve,
+        by: "deadline".into(),
+        defaulted: true,
+        reason: String::new(),
+    };
+    assert!(!other.same_decision(&decided));
+    let other_reason = Event::HumanResolved {
+        number: 2,
+        decision: Decision::Reject,
+        by: "deadline".into(),
+        defaulted: true,
+        reason: "something else".into(),
+    };
+    assert!(!other_reason.same_decision(&decided));
+}

@@ -197,8 +197,19 @@ pub fn drive_shuffled(sc: &Scenario, order_seed: u64, max_events: usize, pile_up
             match script.human(&state) {
                 Some((decision, by)) => {
                     let number = state.escalations.last().map(|e| e.escalation.number).unwrap_or(0);
-                    push(&mut state, &mut log, at, Event::HumanResolved { number, decision, by, defaulted: false })
-                        .map_err(|e| format!("human decision refused: {e}"))?;
+                    push(
+                        &mut state,
+                        &mut log,
+                        at,
+                        Event::HumanResolved {
+                            number,
+                            decision,
+                            by,
+                            defaulted: false,
+                            reason: "a simulated decision".into(),
+                        },
+                    )
+                    .map_err(|e| format!("human decision refused: {e}"))?;
                 }
                 None => {
                     if started.is_empty() && timer.is_none() {

@@ -4,7 +4,9 @@
 //!   inline `crate::…` paths are edges from the file that writes them to the file that
 //!   defines the item (re-exports followed), and the graph of each crate is acyclic;
 //! - the dependency arrows between the workspace's crates run one way: keel-store knows no
-//!   other keel crate, keel-engine does not depend on sled, only the CLI knows clap.
+//!   other keel crate, keel-engine does not depend on sled, only the CLI knows clap;
+//!   keel-store-postgres depends on keel-store alone among keel crates, and only keel-cli
+//!   depends on it (keel-engine never: a service picks its backend).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -406,11 +408,37 @@ fn the_arrows_between_crates_run_one_way() {
         if dir != "replay/cli" {
             assert!(!deps.contains("clap"), "{dir}: only the CLI parses command lines");
         }
-        for http in ["axum", "hyper", "tower-http", "utoipa"] {
+        for http in ["axum", "hyper", "hyper-util", "http-body-util", "tower-http", "utoipa", "rustls", "tokio-rustls"]
+        {
             assert!(!deps.contains(http), "{dir}: only the server crate knows HTTP ({http})");
         }
     }
     let server = normal_deps("replay/server");
     assert!(!server.contains("clap"), "replay/server: only the CLI parses command lines");
     assert!(!server.contains("sled"), "replay/server: it reaches the log through the engine");
+}
+
+/// The workspace's member directories, from the root Cargo.toml.
+fn members() -> Vec<String> {
+    let text = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
+    let line = text.lines().find(|l| l.trim_start().starts_with("members")).unwrap();
+    line.split('"').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+#[test]
+fn the_postgres_backend_depends_on_keel_store_only_and_only_the_cli_depends_on_it() {
+    let pg = normal_deps("store/postgres");
+    let keel: Vec<&String> = pg.iter().filter(|d| d.starts_with("keel-")).collect();
+    assert_eq!(keel, ["keel-store"], "keel-store-postgres: keel-store is its only keel crate");
+    for banned in ["sled", "clap", "axum", "hyper"] {
+        assert!(!pg.contains(banned), "keel-store-postgres does not depend on {banned}");
+    }
+    assert!(!normal_deps("store").iter().any(|d| d.contains("postgres")), "keel-store knows no PostgreSQL");
+    let members = members();
+    assert!(members.iter().any(|m| m == "store/postgres"), "{members:?}");
+    // keel-cli opens `--db postgres://…` (replay/cli/src/backend.rs); nothing else does.
+    assert!(normal_deps("replay/cli").contains("keel-store-postgres"), "keel-cli opens PostgreSQL stores");
+    for dir in members.iter().filter(|m| *m != "store/postgres" && *m != "replay/cli") {
+        assert!(!normal_deps(dir).contains("keel-store-postgres"), "{dir} depends on keel-store-postgres");
+    }
 }

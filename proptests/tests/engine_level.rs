@@ -53,7 +53,11 @@ async fn answer_humans(engine: &Engine, world: &World, runs: &BTreeMap<RunId, u6
             let r = engine
                 .resolve(
                     p.run,
-                    Resolution { decision: keel_engine::Decision::ReplanWithHint("x".into()), by: "mallory".into() },
+                    Resolution {
+                        decision: keel_engine::Decision::ReplanWithHint("x".into()),
+                        by: "mallory".into(),
+                        reason: "checked".into(),
+                    },
                 )
                 .await;
             assert!(matches!(r, Err(keel_engine::EngineError::InvalidDecision { .. })), "off-options decision: {r:?}");
@@ -65,7 +69,11 @@ async fn answer_humans(engine: &Engine, world: &World, runs: &BTreeMap<RunId, u6
         }
         if let Some(choice) = sc.human(p.escalation.number, &p.escalation.options) {
             let decision = gen::decision(&choice, p.escalation.number);
-            if engine.resolve(p.run, Resolution { decision, by: "alice".into() }).await.is_ok() {
+            if engine
+                .resolve(p.run, Resolution { decision, by: "alice".into(), reason: "checked".into() })
+                .await
+                .is_ok()
+            {
                 any = true;
             }
         }

@@ -154,7 +154,7 @@ fn drive(dir: &Path, seed: u64, probe: bool) {
                 };
                 if let Some(decision) = decision {
                     engine
-                        .resolve(p.run, Resolution { decision, by: "alice".into() })
+                        .resolve(p.run, Resolution { decision, by: "alice".into(), reason: "checked".into() })
                         .await
                         .unwrap_or_else(|e| panic!("resolve: {e}"));
                     answered = true;

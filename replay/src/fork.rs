@@ -668,8 +668,8 @@ async fn replay_resolutions(
             break;
         }
         let Some(open) = state.escalations.iter().rev().find(|e| e.resolution.is_none()) else { break };
-        let Some((decision, by)) = recorded_resolution(source, &open.escalation) else { break };
-        engine.resolve(run, Resolution { decision, by }).await?;
+        let Some((decision, by, reason)) = recorded_resolution(source, &open.escalation) else { break };
+        engine.resolve(run, Resolution { decision, by, reason }).await?;
         resolutions += 1;
         if resolutions > 64 {
             break;
@@ -679,11 +679,11 @@ async fn replay_resolutions(
 }
 
 /// The source's human decision on an escalation equal to `esc`, if it made one.
-fn recorded_resolution(source: &[Logged], esc: &Escalation) -> Option<(keel_engine::Decision, String)> {
+fn recorded_resolution(source: &[Logged], esc: &Escalation) -> Option<(keel_engine::Decision, String, String)> {
     let pos = source.iter().position(|e| matches!(&e.event, Event::Escalated(x) if x == esc))?;
     source.iter().skip(pos + 1).find_map(|e| match &e.event {
-        Event::HumanResolved { number, decision, by, defaulted: false } if *number == esc.number => {
-            Some((decision.clone(), by.clone()))
+        Event::HumanResolved { number, decision, by, defaulted: false, reason } if *number == esc.number => {
+            Some((decision.clone(), by.clone(), reason.clone()))
         }
         _ => None,
     })

@@ -174,7 +174,7 @@ pub fn event_line(e: &Event) -> String {
             x.why
         ),
         E::EscalationNotified { number } => format!("EscalationNotified #{number}"),
-        E::HumanResolved { number, decision, by, defaulted } => {
+        E::HumanResolved { number, decision, by, defaulted, .. } => {
             format!(
                 "HumanResolved #{number} {} by {by}{}",
                 decision.name(),

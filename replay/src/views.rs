@@ -189,7 +189,11 @@ fn escalation_text(out: &mut String, run: keel_store::RunId, e: &keel_engine::Es
         )),
         None => {
             let options: Vec<&str> = x.options.iter().map(|o| cli_decision(o)).collect();
-            out.push_str(&format!("  waiting: keel resolve {} --decision <{}>\n", run, options.join(" | ")))
+            out.push_str(&format!(
+                "  waiting: keel resolve {} --decision <{}> --reason <TEXT>\n",
+                run,
+                options.join(" | ")
+            ))
         }
     }
 }
@@ -209,6 +213,12 @@ pub fn escalation_json(p: &PendingEscalation) -> Value {
         "escalated_at": rfc3339(p.escalated_at_us),
         "escalated_at_us": p.escalated_at_us,
         "notified": p.notified,
+        "deadline_ms": x.deadline_ms,
+        "deadline_at": x.deadline_ms.map(|ms| {
+            let ms = i64::try_from(ms).unwrap_or(i64::MAX / 1000);
+            rfc3339(p.escalated_at_us.saturating_add(ms.saturating_mul(1000)))
+        }),
+        "default": x.default_decision.as_ref().map(|d| d.name()),
         "resolve": resolve_hint(p),
     })
 }
@@ -225,7 +235,7 @@ fn cli_decision(option: &str) -> &str {
 /// The `keel resolve` command line for a pending escalation.
 pub fn resolve_hint(p: &PendingEscalation) -> String {
     let options: Vec<&str> = p.escalation.options.iter().map(|o| cli_decision(o)).collect();
-    format!("keel resolve {} --decision <{}>", p.run, options.join(" | "))
+    format!("keel resolve {} --decision <{}> --reason <TEXT>", p.run, options.join(" | "))
 }
 
 /// `keel stats --json`: one entry.

@@ -33,8 +33,17 @@ pub struct Fence {
     pub epoch: u64,
 }
 
+/// What ends a lease when its holder drops it: the granting backend's handle. A backend
+/// that keeps leases outside the process (a database) hands one to
+/// [`Lease::releasing_on_drop`], so a dropped lease frees its run at once on every backend.
+pub trait ReleaseOnDrop: Send + Sync + std::fmt::Debug {
+    /// Ends `run`'s lease if `epoch` is still its current one (a lost lease is left
+    /// alone), as [`Coordination::release_lease`] does; failures are the backend's to log.
+    fn release_dropped(&self, run: RunId, epoch: u64);
+}
+
 /// The right to drive one run (decide and perform its effects) until `expires_at_us`,
-/// granted by [`Coordination::try_lease`]. The in-process backends also release it when
+/// granted by [`Coordination::try_lease`]. Every built-in backend also releases it when
 /// it is dropped (what an engine holding it for the length of one drive relies on).
 #[derive(Debug)]
 pub struct Lease {
@@ -42,8 +51,8 @@ pub struct Lease {
     owner: String,
     epoch: u64,
     expires_at_us: i64,
-    /// The in-process table that granted it (released on drop), if any.
-    table: Option<Arc<LeaseTable>>,
+    /// What releases it on drop (the in-process table or a backend's handle), if anything.
+    table: Option<Arc<dyn ReleaseOnDrop>>,
 }
 
 impl Lease {
@@ -51,6 +60,18 @@ impl Lease {
     /// nothing happens on drop; it ends by expiry or [`Coordination::release_lease`].
     pub fn new(run: RunId, owner: &str, epoch: u64, expires_at_us: i64) -> Lease {
         Lease { run, owner: owner.to_owned(), epoch, expires_at_us, table: None }
+    }
+
+    /// A lease value that `by` releases when it is dropped (if its epoch is still the
+    /// run's then): what a backend returns from `try_lease` and `renew_lease`.
+    pub fn releasing_on_drop(
+        run: RunId,
+        owner: &str,
+        epoch: u64,
+        expires_at_us: i64,
+        by: Arc<dyn ReleaseOnDrop>,
+    ) -> Lease {
+        Lease { run, owner: owner.to_owned(), epoch, expires_at_us, table: Some(by) }
     }
 
     /// The run this lease is for.
@@ -83,7 +104,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(table) = self.table.take() {
-            table.release(self.run, self.epoch);
+            table.release_dropped(self.run, self.epoch);
         }
     }
 }
@@ -155,6 +176,20 @@ pub trait Coordination: Send + Sync + 'static {
         aux: Vec<AuxWrite>,
     ) -> Result<Head, StoreError>;
 
+    /// [`Coordination::append_fenced`] and [`Coordination::append_with_aux`] in one: the
+    /// records, the claim and the aux writes are written in the same atomic step as the
+    /// check of `fence`, or nothing is (`Fenced`, `Conflict`, a refused claim, aux writes
+    /// over the limits). A driver holding a run's lease appends this way.
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError>;
+
     /// Applies auxiliary writes atomically, outside any append (durable with the next
     /// flush, as [`Coordination::aux_put`]); checked as in
     /// [`Coordination::append_with_aux`]. The engine rebuilds a missing index with it.
@@ -182,6 +217,12 @@ pub trait Coordination: Send + Sync + 'static {
 pub trait Store: EventLog + Coordination {}
 
 impl<T: EventLog + Coordination + ?Sized> Store for T {}
+
+impl ReleaseOnDrop for LeaseTable {
+    fn release_dropped(&self, run: RunId, epoch: u64) {
+        self.release(run, epoch);
+    }
+}
 
 /// One run's lease state in an in-process table.
 #[derive(Debug, Default)]

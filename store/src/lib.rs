@@ -44,6 +44,7 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+pub mod backend;
 #[cfg(feature = "bench")]
 pub mod bench;
 mod coordination;
@@ -61,7 +62,7 @@ pub mod testing;
 pub mod types;
 pub mod verify;
 
-pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, Store, OWNER_BYTES_MAX};
+pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::StoreError;

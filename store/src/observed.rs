@@ -157,6 +157,19 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     ) -> Result<Head, StoreError> {
         self.observe(run, expected, records, |records| self.inner.append_with_aux(run, expected, records, claim, aux))
     }
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.observe(run, expected, records, |records| {
+            self.inner.append_fenced_with_aux(run, expected, records, claim, fence, aux)
+        })
+    }
     fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
         self.inner.aux_apply(aux)
     }

@@ -62,7 +62,8 @@ fn child_appender() {
         Ok("every") => Durability::EveryAppend(Level::ProcessCrash),
         _ => Durability::GroupCommit(Level::ProcessCrash),
     };
-    let log = Arc::new(SledStore::open(&dir, config(mode)).unwrap());
+    // The parent created the store and dropped its handle just before spawning us.
+    let log = Arc::new(open_when_free(std::path::Path::new(&dir), config(mode)));
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     // Own line: libtest prints "test child_appender ... " before the test body runs.
     writeln!(out.lock().unwrap()).unwrap();
@@ -110,7 +111,7 @@ fn crash_once(mode: &str) {
     }
     child.wait().unwrap();
     assert_eq!(n, 400, "child stopped early");
-    let log = open(dir.path(), Durability::None);
+    let log = open_when_free(dir.path(), config(Durability::None));
     for (r, last) in acked {
         let head = log.head(run(r)).unwrap();
         assert!(head.next_seq.0 > last, "{mode}: run {r} acked seq {last} but head {:?}", head.next_seq);

@@ -171,7 +171,9 @@ async fn every_row_of_both_transition_tables_occurs() {
     };
     let resolve = |run, d: Decision| {
         let e = engine.clone();
-        async move { e.resolve(run, Resolution { decision: d, by: "tester".into() }).await.unwrap() }
+        async move {
+            e.resolve(run, Resolution { decision: d, by: "tester".into(), reason: "checked".into() }).await.unwrap()
+        }
     };
 
     // Cancelled while Accepted.

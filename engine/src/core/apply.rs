@@ -179,7 +179,7 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         Event::BudgetExhausted { budget, .. } => budget_exhausted(s, &cx, budget)?,
         Event::Escalated(e) => escalated(s, &cx, e)?,
         Event::EscalationNotified { number } => escalation_notified(s, &cx, number)?,
-        Event::HumanResolved { number, decision, by, defaulted } => {
+        Event::HumanResolved { number, decision, by, defaulted, .. } => {
             human_resolved(s, &cx, number, decision, by, defaulted)?
         }
         Event::RunCompleted { partial, outputs, .. } => run_completed(s, partial, outputs)?,

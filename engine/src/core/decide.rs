@@ -111,6 +111,7 @@ fn decide_awaiting(s: &RunState) -> Vec<Command> {
                 decision: default.clone(),
                 by: "deadline".to_owned(),
                 defaulted: true,
+                reason: crate::model::event::DEFAULT_REASON.to_owned(),
             },
             due,
         ));

@@ -16,6 +16,9 @@ use crate::model::state::RunState;
 use crate::model::workflow::*;
 use keel_store::{RunId, Seq};
 
+/// The reason recorded on a simulated human's decision.
+const SIM_REASON: &str = "a simulated decision";
+
 /// What a scripted handler call returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -124,7 +127,7 @@ pub fn resume(
                     &mut log,
                     &mut now,
                     None,
-                    Event::HumanResolved { number, decision, by, defaulted: false },
+                    Event::HumanResolved { number, decision, by, defaulted: false, reason: SIM_REASON.to_owned() },
                 )?;
                 continue;
             }

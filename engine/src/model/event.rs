@@ -291,6 +291,11 @@ pub enum Event {
         by: String,
         /// The escalation's deadline passed and its default applied.
         defaulted: bool,
+        /// Why (the person's words; for a deadline's default, [`DEFAULT_REASON`]).
+        /// Payload version 2 (version 1 had no reason: it reads back as empty, see
+        /// [`crate::model::upcast`]).
+        #[serde(default)]
+        reason: String,
     },
     /// The run finished. `partial`: some tasks were skipped or a budget ran out. The
     /// result refers to outputs, it does not copy them: `outputs` names the done tasks
@@ -370,6 +375,7 @@ impl Event {
             Event::TaskFailed { .. } | Event::RunCompleted { .. } => 2,
             Event::TaskDispatched { .. } => 2,
             Event::Planned { .. } | Event::Replanned { .. } | Event::PlanRejected { .. } => 2,
+            Event::HumanResolved { .. } => 2,
             _ => 1,
         }
     }
@@ -380,7 +386,9 @@ impl Event {
     /// payload version 1 (whose `error` is the validator's text, from before the stable
     /// code) matches the gate failure of the same task, attempt and class, and a
     /// `TaskDispatched` of payload version 1 (no effect key) matches the dispatch that
-    /// differs from it only by the effect key.
+    /// differs from it only by the effect key, and a deadline's default `HumanResolved` of
+    /// payload version 1 (no reason) matches the default that differs from it only by the
+    /// reason.
     pub fn same_decision(&self, decided: &Event) -> bool {
         match (self, decided) {
             (
@@ -416,6 +424,13 @@ impl Event {
                     && input == i2
                     && reserved == r2
             }
+            (
+                Event::HumanResolved { number, decision, by, defaulted, reason },
+                Event::HumanResolved { number: n2, decision: d2, by: b2, defaulted: f2, reason: r2 },
+            ) => {
+                // A resolution upcast from payload version 1 has no reason: the rest decides.
+                number == n2 && decision == d2 && by == b2 && defaulted == f2 && (reason == r2 || reason.is_empty())
+            }
             _ => self == decided,
         }
     }
@@ -444,6 +459,9 @@ impl Event {
         "TaskRedelivered",
     ];
 }
+
+/// The reason recorded on a `HumanResolved` that a deadline's default made.
+pub const DEFAULT_REASON: &str = "the escalation's deadline passed; its default applied";
 
 /// How payload version 1 of a schema-gate `TaskFailed` began its `error` (the validator's
 /// text followed).

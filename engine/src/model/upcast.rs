@@ -13,6 +13,7 @@
 //! | `TaskDispatched` | 2 | `effect_key` (stable across attempts) beside `attempt_key` (version 1's `idempotency_key`, per attempt); `TaskInput` gains `skipped` |
 //! | `Planned`, `Replanned`, `PlanRejected` | 2 | `TaskSpec` gains `optional_deps` |
 //! | `RunCompleted` | 2 | `outputs` (the done tasks whose outputs are the result) replaces `result` (every output copied); field order `partial, summary, outputs` |
+//! | `HumanResolved` | 2 | `reason` (why the person decided; a deadline's default records [`crate::model::event::DEFAULT_REASON`]) after `defaulted` |
 //!
 //! A version-1 `TaskDispatched` converts with `attempt_key` = its `idempotency_key`, an
 //! empty `effect_key` (the fold derives it, [`crate::core::effect_key`]; the determinism
@@ -28,6 +29,10 @@
 //! A version-1 `RunCompleted` converts as: `outputs` = the keys of its `result` object, in
 //! order (canonical JSON sorts them, as version 2 sorts `outputs`). `apply` rebuilds the
 //! same result from the tasks' recorded outputs (it is what `decide` had built them from).
+//!
+//! A version-1 `HumanResolved` converts with an empty `reason` (none was recorded); a
+//! deadline's default of version 1 still passes the determinism check (see
+//! [`Event::same_decision`]).
 
 use crate::model::event::{Event, FailureSource, LEGACY_GATE_PREFIX};
 use crate::model::workflow::{ErrorClass, Json, TaskId, Usage};
@@ -42,6 +47,11 @@ pub const PAYLOAD_VERSION_MAX: u16 = 2;
 /// version's layout.
 pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
     known(kind, payload_version)?;
+    if payload_version == 1 && kind == "HumanResolved" {
+        return codec::decode::<v1_human_resolved::Event>(bytes)
+            .map(v1_human_resolved::Event::upcast)
+            .map_err(|e| e.to_string());
+    }
     if payload_version == 1 && kind == "RunCompleted" {
         return codec::decode::<v1_run_completed::Event>(bytes)
             .map(v1_run_completed::Event::upcast)
@@ -59,6 +69,9 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
 /// this code does not know is `Decode { run, seq, reason }`.
 pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
     known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    if payload_version == 1 && rec.kind == "HumanResolved" {
+        return rec.decode_verified::<v1_human_resolved::Event>().map(v1_human_resolved::Event::upcast);
+    }
     if payload_version == 1 && rec.kind == "RunCompleted" {
         return rec.decode_verified::<v1_run_completed::Event>().map(v1_run_completed::Event::upcast);
     }
@@ -74,6 +87,9 @@ pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreE
 pub fn stored_fields(rec: &Record) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
     let v = rec.payload_version();
     known(&rec.kind, v).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
+    if v == 1 && rec.kind == "HumanResolved" {
+        return rec.decode::<v1_human_resolved::Event>().map(|e| e.fields());
+    }
     if v == 1 && rec.kind == "RunCompleted" {
         return rec.decode::<v1_run_completed::Event>().map(|e| e.fields());
     }
@@ -160,6 +176,68 @@ impl RunCompletedFields {
             (Some(outputs), _) => Event::RunCompleted { partial, summary, outputs },
             (None, result) => {
                 v1_run_completed::Event::RunCompleted { partial, result: result.unwrap_or_default(), summary }.upcast()
+            }
+        }
+    }
+}
+
+/// Payload version 1 of `HumanResolved`, frozen: never change these types.
+mod v1_human_resolved {
+    use super::*;
+    use crate::model::workflow::Decision;
+
+    /// `Event` as payload version 1 encoded a `HumanResolved` (variant index 15): the
+    /// variants before it hold their places and are never read.
+    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+    pub(super) enum Event {
+        RunAccepted,
+        PlanRequested,
+        Planned,
+        Replanned,
+        PlanRejected,
+        TaskDispatched,
+        TaskExecuted,
+        TaskFailed,
+        RetryScheduled,
+        TaskEvaluated,
+        TaskSkipped,
+        ReplanRequested,
+        BudgetExhausted,
+        Escalated,
+        EscalationNotified,
+        HumanResolved { number: u32, decision: Decision, by: String, defaulted: bool },
+    }
+
+    impl Event {
+        /// Version 1 -> version 2: no reason was recorded, so it is empty.
+        pub(super) fn upcast(self) -> super::Event {
+            match self {
+                Event::HumanResolved { number, decision, by, defaulted } => {
+                    super::Event::HumanResolved { number, decision, by, defaulted, reason: String::new() }
+                }
+                // A placeholder variant never decodes from a HumanResolved record; kept total.
+                _ => super::Event::EscalationNotified { number: 0 },
+            }
+        }
+    }
+
+    impl Payload for Event {
+        fn payload_version(&self) -> u16 {
+            1
+        }
+
+        fn kind(&self) -> &'static str {
+            "HumanResolved"
+        }
+
+        /// The fields exactly as version 1's `Event::fields` wrote them.
+        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
+            match serde_json::to_value(self) {
+                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("HumanResolved") {
+                    Some(serde_json::Value::Object(inner)) => inner,
+                    _ => serde_json::Map::new(),
+                },
+                _ => serde_json::Map::new(),
             }
         }
     }

@@ -22,6 +22,7 @@ use crate::model::workflow::*;
 use crate::shell::cache::ResponseCache;
 use crate::shell::effects;
 use crate::shell::journal::Refused;
+use crate::shell::lease::Held;
 use crate::shell::oversize;
 use crate::shell::runtime::{Inner, Registered};
 use keel_store::{NewRecord, RunId, Seq, StoreError};
@@ -47,6 +48,9 @@ pub(crate) enum DriveOutcome {
     Stopped(String),
     /// The workers were shut down.
     Shutdown,
+    /// The run's lease was lost (a renewal failed or an append was fenced): the driver
+    /// stopped, the run is left to whoever holds the lease (`shell::lease`).
+    LeaseLost,
 }
 
 /// A call to the outside world in flight.
@@ -90,13 +94,15 @@ pub(crate) async fn drive(
     run: RunId,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
+    held: Option<Arc<Held>>,
 ) -> DriveOutcome {
     let span = tracing::info_span!("run", %run, workflow = tracing::field::Empty);
-    let d = Driver {
+    let mut d = Driver {
         inner,
         run,
         wake,
         stop,
+        held,
         effects: JoinSet::new(),
         inflight: BTreeMap::new(),
         next_id: 0,
@@ -106,13 +112,15 @@ pub(crate) async fn drive(
         span: span.clone(),
     };
     async move {
-        match d.run().await {
+        let out = match d.run().await {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "driver stopped");
                 DriveOutcome::Stopped(e.to_string())
             }
-        }
+        };
+        d.drain().await;
+        out
     }
     .instrument(span)
     .await
@@ -123,6 +131,8 @@ struct Driver {
     run: RunId,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
+    /// The run's lease its appends are fenced with (`shell::lease`).
+    held: Option<Arc<Held>>,
     /// Calls spawned on the call pool; dropping the set aborts whatever is still running.
     effects: JoinSet<()>,
     inflight: BTreeMap<EffectKey, Flight>,
@@ -172,8 +182,31 @@ enum Committed {
     Conflict(Vec<Event>),
 }
 
+/// How long a driver that ends waits for the calls it aborted to be gone (a call that
+/// blocks its thread cannot be interrupted: it is left to finish on the call pool).
+const DRAIN_MS: u64 = 2_000;
+
 impl Driver {
-    async fn run(mut self) -> Result<DriveOutcome, EngineError> {
+    /// Aborts the calls still in flight and waits (at most `DRAIN_MS`) until they are gone:
+    /// each holds the engine (and so the store) while it lives, so a drive that ended must
+    /// not leave them running on the call pool (a store dropped right after `shutdown`
+    /// must be free to open again).
+    async fn drain(&mut self) {
+        if self.effects.is_empty() {
+            return;
+        }
+        self.effects.abort_all();
+        let all_gone = async { while self.effects.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_millis(DRAIN_MS), all_gone).await.is_err() {
+            tracing::warn!(
+                calls = self.effects.len(),
+                "calls still running after the drive ended (blocked in their thread)"
+            );
+            self.effects.detach_all();
+        }
+    }
+
+    async fn run(&mut self) -> Result<DriveOutcome, EngineError> {
         let mut state = self.reload().await?;
         self.span.record("workflow", state.workflow.as_str());
         let reg = self.registration(&state)?;
@@ -521,7 +554,7 @@ impl Driver {
         let evaluated = std::mem::take(&mut batch.evaluated);
         let expected = batch.base.take().unwrap_or(state.next_seq);
         let before = batch.base_status.take().unwrap_or(state.status);
-        match self.inner.journal.append(Some(before), state, expected, records, None).await {
+        match self.inner.journal.append_as(Some(before), state, expected, records, None, self.held.clone()).await {
             Ok(()) => {
                 if evaluated {
                     self.fill_cache(state);

@@ -8,7 +8,7 @@
 //! 2. **encode** the payload and check its size against the store's own limits (once:
 //!    the store is configured with these same limits, so an append never fails on size);
 //! 3. **append** the batch with optimistic concurrency (`expected` = the state's next seq
-//!    before the batch);
+//!    before the batch), a driver's also fenced with its run's lease (`shell::lease`);
 //! 4. **snapshot** the folded state when the append crossed a multiple of
 //!    `snapshot_every` (an optimisation: a failure is logged, never returned).
 //!
@@ -24,6 +24,7 @@ use crate::model::fsm::RunStatus;
 use crate::model::payload;
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
+use crate::shell::lease::Held;
 use keel_store::{Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -161,14 +162,29 @@ impl Journal {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<(), EngineError> {
+        self.append_as(before, after, expected, records, claim, None).await
+    }
+
+    /// [`Journal::append`] by a driver holding the run's lease: the append is fenced with
+    /// it (`StoreError::Fenced` once the lease was lost; see `shell::lease`), in the same
+    /// atomic step as the records and the index writes.
+    pub(crate) async fn append_as(
+        &self,
+        before: Option<RunStatus>,
+        after: &RunState,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        held: Option<Arc<Held>>,
+    ) -> Result<(), EngineError> {
         let (run, head) = (after.run, after.next_seq);
         let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
         let aux = crate::shell::index::writes(before, after)?;
         blocking(&self.log, move |log| {
-            let new_head = if aux.is_empty() {
-                log.append(run, expected, records, claim)?
-            } else {
-                log.append_with_aux(run, expected, records, claim, aux)?
+            let new_head = match &held {
+                Some(h) => h.append(log, run, expected, records, claim, aux)?,
+                None if aux.is_empty() => log.append(run, expected, records, claim)?,
+                None => log.append_with_aux(run, expected, records, claim, aux)?,
             };
             debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
             if let Some(bytes) = snapshot {

@@ -10,6 +10,7 @@ use crate::model::state::RunState;
 use crate::shell::cache::ResponseCache;
 use crate::shell::calls::CallPool;
 use crate::shell::journal::{blocking, Journal};
+use crate::shell::lease::Leasing;
 use crate::shell::queue::Scheduler;
 use keel_store::{RunId, Store};
 use std::collections::BTreeMap;
@@ -43,6 +44,8 @@ pub(crate) struct Inner {
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
     pub wake: Notify,
+    /// How drivers take, renew and fence their runs' leases.
+    pub leasing: Leasing,
 }
 
 impl Inner {

@@ -10,8 +10,9 @@ use crate::api::IdleReport;
 use crate::error::EngineError;
 use crate::model::fsm::RunStatus;
 use crate::model::state::RunState;
-use crate::shell::driver::{drive, DriveOutcome};
+use crate::shell::driver::DriveOutcome;
 use crate::shell::fold::load_state;
+use crate::shell::heartbeat;
 use crate::shell::runtime::Inner;
 use keel_store::RunId;
 
@@ -77,22 +78,16 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Who takes a run's lease (one engine process; the lease table is per store handle).
-const LEASE_OWNER: &str = "keel-engine";
-/// How long a drive's lease lasts if it is never dropped (a drive ends long before).
-const LEASE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
-
 fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
     loop {
         let claimed = inner
             .sched()
             .claim(inner.workers, |wf| inner.workflows.get(wf).map(|r| r.wf.max_concurrent_runs).unwrap_or(0));
         let Some((run, wake)) = claimed else { break };
-        // One driver per run, also across engines sharing a store: the store's lease, held
-        // for one drive and released when dropped (the in-process backends); renewal and
-        // fenced appends are for backends shared between processes.
-        let lease = match inner.log.try_lease(run, LEASE_OWNER, LEASE_TTL_MS, inner.clock.now_us()) {
-            Ok(Some(lease)) => lease,
+        // One driver per run, also across processes sharing a store: a short lease renewed
+        // by a heartbeat, every append fenced with it (`shell::lease`, `shell::heartbeat`).
+        let held = match heartbeat::take(inner, run) {
+            Ok(Some(held)) => held,
             Ok(None) => {
                 tracing::debug!(%run, "run is driven elsewhere (lease held)");
                 inner.sched().release(run);
@@ -107,8 +102,7 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
         let inner2 = inner.clone();
         let stop = stop.clone();
         set.spawn(async move {
-            let out = drive(inner2, run, wake, stop).await;
-            drop(lease);
+            let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
             (run, out)
         });
     }
@@ -136,9 +130,10 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
             }
         }
         DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
+        DriveOutcome::LeaseLost => report.lease_lost += 1,
     }
     let again = inner.sched().release(run);
-    let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown);
+    let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown | DriveOutcome::LeaseLost);
     if again && !stopped {
         poke(inner, run);
     }
@@ -275,9 +270,18 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         tracing::error!(error = %e, "workers: cannot list runs to resume");
     }
     let mut set = JoinSet::new();
+    let mut scanned = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             break;
+        }
+        // Runs submitted, released or orphaned by other processes sharing the store (a
+        // run whose lease is held elsewhere is skipped until the next scan).
+        if scanned.elapsed() >= heartbeat::rescan_every(&inner) {
+            scanned = tokio::time::Instant::now();
+            if let Err(e) = scan(&inner).await {
+                tracing::warn!(error = %e, "workers: cannot list runs");
+            }
         }
         // Escalation deadlines that fell due.
         let now = inner.clock.now_us();

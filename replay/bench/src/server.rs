@@ -220,7 +220,8 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
             }
             api_ms.push(t.elapsed().as_secs_f64() * 1e3);
         } else {
-            e.resolve(p.run, Resolution { decision: Decision::Approve, by: "bench".into() }).await?;
+            e.resolve(p.run, Resolution { decision: Decision::Approve, by: "bench".into(), reason: "bench".into() })
+                .await?;
             direct_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }

@@ -11,11 +11,17 @@ pub(crate) enum CliError {
     Usage(String),
     /// The command failed (exit 1).
     Failed(String),
+    /// The database is held by another process (exit 1); kept apart so that a command
+    /// that can go through `keel serve` names that route (crate::remote).
+    Locked(std::path::PathBuf),
 }
 
 impl From<ReplayError> for CliError {
     fn from(e: ReplayError) -> Self {
-        CliError::Failed(e.to_string())
+        match e {
+            ReplayError::DbLocked { path } => CliError::Locked(path),
+            other => CliError::Failed(other.to_string()),
+        }
     }
 }
 impl From<keel_engine::EngineError> for CliError {

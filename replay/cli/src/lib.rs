@@ -13,11 +13,14 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+mod backend;
 mod cmd;
 mod error;
 mod open;
 mod output;
 mod registry;
+mod remote;
+mod render;
 mod source;
 mod sys;
 
@@ -40,6 +43,9 @@ struct Cli {
     /// Directory of the keel database.
     #[arg(long, global = true, env = "KEEL_DB", default_value = "./keel-data", value_name = "DIR")]
     db: PathBuf,
+
+    #[command(flatten)]
+    conn: remote::ConnArgs,
 
     #[command(subcommand)]
     command: Cmd,
@@ -68,6 +74,8 @@ enum Cmd {
     Export(cmd::export::ExportArgs),
     /// Verify the hash chain of an export file or of the database.
     Verify(cmd::verify::VerifyArgs),
+    /// Copy runs between databases (sled and PostgreSQL), the same records and payloads.
+    Copy(cmd::copy::CopyArgs),
     /// List escalations waiting for a human.
     Escalations(cmd::JsonArgs),
     /// Resolve a run's open escalation.
@@ -151,6 +159,10 @@ where
             eprintln!("error: {}", one_line(&m));
             ExitCode::from(2)
         }
+        Err(CliError::Locked(path)) => {
+            eprintln!("error: {}", keel_replay::error::ReplayError::DbLocked { path });
+            ExitCode::from(1)
+        }
         Err(CliError::Failed(m)) => {
             eprintln!("error: {}", one_line(&m));
             ExitCode::from(1)
@@ -164,7 +176,23 @@ fn one_line(s: &str) -> String {
 
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {
     let db = cli.db;
-    match cli.command {
+    // The commands that go through a running `keel serve` when it holds the database.
+    let through = remote::goes_through(&cli.command);
+    let command = match remote::dispatch(&db, &cli.conn, cli.command).await {
+        Ok(done) => return done,
+        Err(command) => command,
+    };
+    let done = run_local(&db, command, registry).await;
+    match done {
+        // No server answers for it: say that one could.
+        Err(CliError::Locked(path)) if through => Err(remote::locked(&path, None)),
+        other => other,
+    }
+}
+
+async fn run_local(db: &std::path::Path, command: Cmd, registry: &Registry) -> CmdResult {
+    let db = db.to_path_buf();
+    match command {
         Cmd::Demo(a) => cmd::demo::run(&db, a, registry).await,
         Cmd::Submit(a) => cmd::submit::run(&db, a, registry).await,
         Cmd::Work(a) => cmd::work::run(&db, a, registry).await,
@@ -175,6 +203,7 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
         Cmd::Diff(a) => cmd::diff::run(&db, a),
         Cmd::Export(a) => cmd::export::run(&db, a),
         Cmd::Verify(a) => cmd::verify::run(&db, a),
+        Cmd::Copy(a) => cmd::copy::run(a),
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
         Cmd::Cancel(a) => cmd::cancel::run(&db, a, registry).await,

@@ -132,6 +132,11 @@ impl Registry {
         Ok(self.register(Engine::builder().store(log)).open()?)
     }
 
+    /// [`Registry::engine`] whose drivers hold their run leases for `lease_ttl_ms`.
+    pub(crate) fn engine_leased(&self, log: Arc<dyn Store>, lease_ttl_ms: u64) -> Result<Engine, CliError> {
+        Ok(self.register(Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms)).open()?)
+    }
+
     /// Refuses to drive anything when a run that is not finished belongs to a workflow type
     /// this binary does not know: the engine would stop at each such run with "unknown
     /// workflow type" after driving the others. Checked before any run is driven, so the

@@ -70,18 +70,26 @@ fn errors_are_one_line_with_exit_codes() {
 fn a_database_in_use_is_one_clear_line() {
     let db = DemoDb::new(2);
     let held = db.open();
-    for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()], &["demo"]] {
+    // A command that can go through `keel serve` names that route (no server holds it here).
+    for args in [&["runs"][..], &["verify"], &["show", &db.runs[0].run.to_string()]] {
         let ran = keel_once(&db.db, args);
         let e = ran.one_line_error(1);
         assert_eq!(
             e,
             format!(
-                "error: database {} is in use by another process (close it or copy the directory)",
+                "error: database {} is in use by another process and no keel serve answers for it \
+                 (stop that process, or run `keel serve` on the database: commands then go through it, \
+                 or name one with --server URL; a token with --token or KEEL_TOKEN)",
                 db.db.display()
             ),
             "{args:?}"
         );
     }
+    let e = keel_once(&db.db, &["demo"]).one_line_error(1);
+    assert_eq!(
+        e,
+        format!("error: database {} is in use by another process (close it or copy the directory)", db.db.display())
+    );
     drop(held);
     keel(&db.db, &["runs"]).ok();
 }
@@ -172,7 +180,8 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     let db = DemoDb::new(8);
     let run = db.run_of("human_escalation").to_string();
     // Not waiting: a typed one-line error.
-    let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve"]).one_line_error(1);
+    let e = keel(&db.db, &["resolve", &db.run_of("happy_path").to_string(), "--decision", "approve", "--reason", "r"])
+        .one_line_error(1);
     assert!(e.contains("is not awaiting a human"), "{e}");
     // A supplied output nested deeper than the JSON limit: one line with the stable code,
     // nothing recorded (before the check a 300-deep text failed serde_json's own limit
@@ -180,11 +189,22 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     let before = keel(&db.db, &["show", &run, "--json"]).ok().stdout.clone();
     for depth in [65, 300] {
         let deep = format!("{}0{}", "[".repeat(depth), "]".repeat(depth));
-        let e = keel(&db.db, &["resolve", &run, "--output", &deep]).one_line_error(2);
+        let e = keel(&db.db, &["resolve", &run, "--output", &deep, "--reason", "r"]).one_line_error(2);
         assert!(e.contains("json_too_deep"), "{e}");
     }
     assert_eq!(keel(&db.db, &["show", &run, "--json"]).ok().stdout, before);
-    let r = keel(&db.db, &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--json"]).ok().json();
+    // A reason is required, and not blank (usage errors, nothing recorded).
+    let e = keel(&db.db, &["resolve", &run, "--decision", "approve", "--by", "alice"]).one_line_error(2);
+    assert!(e.contains("--reason"), "{e}");
+    let e = keel(&db.db, &["resolve", &run, "--decision", "approve", "--reason", "  "]).one_line_error(2);
+    assert!(e.contains("--reason"), "{e}");
+    assert_eq!(keel(&db.db, &["show", &run, "--json"]).ok().stdout, before);
+    let r = keel(
+        &db.db,
+        &["resolve", &run[..8], "--decision", "approve", "--by", "alice", "--reason", "refund checked", "--json"],
+    )
+    .ok()
+    .json();
     assert_eq!(r["decision"], "approve");
     assert_eq!(r["by"], "alice");
     let w = keel(&db.db, &["work", "--until-idle", "--json"]).ok().json();
@@ -193,6 +213,10 @@ fn an_escalation_is_resolved_and_the_run_finishes() {
     assert_eq!(show["status"], "Completed");
     assert_eq!(show["escalations"][0]["resolution"]["decision"], "approve");
     assert_eq!(show["escalations"][0]["resolution"]["by"], "alice");
+    // The reason is recorded on the HumanResolved event (payload version 2).
+    let export = keel(&db.db, &["export", &run, "--format", "jsonl"]).ok().stdout.clone();
+    let resolved = export.lines().find(|l| l.contains("\"HumanResolved\"")).expect("a HumanResolved record");
+    assert!(resolved.contains("\"reason\":\"refund checked\""), "{resolved}");
     assert_eq!(keel(&db.db, &["escalations", "--json"]).ok().json()["escalations"].as_array().unwrap().len(), 0);
     // The resolved run still replays clean under the current code.
     keel(&db.db, &["replay", "--check", "--all"]).ok();

@@ -136,7 +136,7 @@ fn the_stock_binary_reads_and_resolves_a_services_runs_and_refuses_to_drive_them
     assert_eq!(keel(&db, &["verify", "--json"]).ok().json()["ok"], true);
     keel(&db, &["replay", run, "--json"]).ok();
     keel(&db, &["replay", "--all", "--json"]).ok();
-    let resolved = keel(&db, &["resolve", run, "--decision", "approve", "--by", "ops"]);
+    let resolved = keel(&db, &["resolve", run, "--decision", "approve", "--by", "ops", "--reason", "checked"]);
     resolved.ok();
     assert!(resolved.stdout.contains("resolved run"), "{}", resolved.stdout);
     assert!(resolved.stdout.contains("the service's own keel binary"), "{}", resolved.stdout);
@@ -184,7 +184,10 @@ fn a_service_binary_with_its_registry_drives_its_runs() {
     let statuses: Vec<String> = runs(&db).into_iter().map(|(_, s, _)| s).collect();
     assert_eq!(statuses.iter().filter(|s| *s == "AwaitingHuman").count(), 3, "{statuses:?}");
     let run: Value = keel(&db, &["escalations", "--json"]).ok().json()["escalations"][0]["run"].clone();
-    assert_eq!(keel_of_service(&["resolve", run.as_str().unwrap(), "--decision", "approve"]), ExitCode::SUCCESS);
+    assert_eq!(
+        keel_of_service(&["resolve", run.as_str().unwrap(), "--decision", "approve", "--reason", "checked"]),
+        ExitCode::SUCCESS
+    );
     assert_eq!(keel_of_service(&["work", "--until-idle"]), ExitCode::SUCCESS);
     assert_eq!(keel_of_service(&["replay", "--all", "--check"]), ExitCode::SUCCESS);
     // The service's binary does not know the demo.

@@ -38,14 +38,23 @@ fn body<T: DeserializeOwned>(b: Result<Bytes, BytesRejection>) -> ApiResult<T> {
     serde_json::from_slice(&b).map_err(|e| ApiError::bad_request(format!("the body is not the expected JSON: {e}")))
 }
 
-/// A required reason: non-empty after trimming, at most [`REASON_BYTES_MAX`] bytes.
-fn reason(r: &str) -> ApiResult<String> {
-    let r = r.trim();
+/// A required reason: non-empty after trimming (422 `reason_required`), at most
+/// [`REASON_BYTES_MAX`] bytes (422 `reason_too_long`).
+fn reason(r: Option<&str>) -> ApiResult<String> {
+    let r = r.unwrap_or_default().trim();
     if r.is_empty() {
-        return Err(ApiError::bad_request("a non-empty \"reason\" is required"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason_required",
+            "a non-empty \"reason\" is required: every human action records why",
+        ));
     }
     if r.len() > REASON_BYTES_MAX {
-        return Err(ApiError::bad_request(format!("\"reason\" is longer than {REASON_BYTES_MAX} bytes")));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reason_too_long",
+            format!("\"reason\" is longer than {REASON_BYTES_MAX} bytes"),
+        ));
     }
     Ok(r.to_owned())
 }
@@ -62,8 +71,9 @@ pub(crate) struct ResolveBody {
     output: Option<Value>,
     /// A hint for the planner (with replan).
     hint: Option<String>,
-    /// Why (required; logged with the decision).
-    reason: String,
+    /// Why (required, 1..=2048 bytes; recorded on `HumanResolved`).
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// The [`Decision`] a resolve body asks for, as `keel resolve` reads its flags.
@@ -99,11 +109,11 @@ fn decision(b: &ResolveBody) -> ApiResult<Decision> {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"run\", \"decision\", \"by\"}` as `keel resolve --json`", body = Object),
-        (status = 400, description = "bad JSON, decision or reason", body = crate::error::ErrorBody),
+        (status = 400, description = "bad JSON or decision", body = crate::error::ErrorBody),
         (status = 403, description = "the token's role is below approver", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
         (status = 409, description = "the run is not waiting for a human", body = crate::error::ErrorBody),
-        (status = 422, description = "the decision is not one of the escalation's options", body = crate::error::ErrorBody),
+        (status = 422, description = "no reason (`reason_required`), the decision is not one of the escalation's options, or a supplied output fails the task's output schema", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn resolve(
     State(st): State<AppState>,
@@ -113,12 +123,11 @@ pub(crate) async fn resolve(
 ) -> ApiResult<Json<Value>> {
     let run = parse_run(run)?;
     let b: ResolveBody = body(b)?;
-    let why = reason(&b.reason)?;
+    let why = reason(b.reason.as_deref())?;
     let decision = decision(&b)?;
     let name = decision.name();
-    // The engine's HumanResolved has no reason field yet: the reason goes to the log.
     tracing::info!(%run, decision = name, by = %who.name, reason = %why, "resolution through the API");
-    st.engine.resolve(run, Resolution { decision, by: who.name.clone() }).await?;
+    st.engine.resolve(run, Resolution { decision, by: who.name.clone(), reason: why }).await?;
     Ok(Json(views::resolution_json(run, name, &who.name)))
 }
 
@@ -126,8 +135,9 @@ pub(crate) async fn resolve(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CancelBody {
-    /// Why (required; recorded in `RunCancelled`).
-    reason: String,
+    /// Why (required, 1..=2048 bytes; recorded in `RunCancelled`).
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// `POST /v1/runs/{run}/cancel`: records `RunCancelled` with the caller's token name as
@@ -138,7 +148,8 @@ pub(crate) struct CancelBody {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "`{\"run\", \"cancelled\": true, \"by\"}`", body = Object),
-        (status = 400, description = "bad JSON or reason", body = crate::error::ErrorBody),
+        (status = 400, description = "bad JSON", body = crate::error::ErrorBody),
+        (status = 422, description = "no reason (`reason_required`)", body = crate::error::ErrorBody),
         (status = 403, description = "the token's role is below approver", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
         (status = 409, description = "the run already finished", body = crate::error::ErrorBody),
@@ -151,7 +162,7 @@ pub(crate) async fn cancel(
 ) -> ApiResult<Json<Value>> {
     let run = parse_run(run)?;
     let b: CancelBody = body(b)?;
-    let why = reason(&b.reason)?;
+    let why = reason(b.reason.as_deref())?;
     st.engine.cancel(run, &who.name, &why).await?;
     Ok(Json(views::cancellation_json(run, &who.name)))
 }

@@ -35,7 +35,7 @@ pub struct ErrorDetail {
     /// Stable code: bad_request, body_too_large, unauthorized, forbidden, not_found,
     /// run_not_found, not_awaiting_human, already_terminal, conflict,
     /// idempotency_conflict, unknown_workflow, invalid_input, invalid_decision, json_too_deep,
-    /// output_schema_mismatch, escalation_closed,
+    /// output_schema_mismatch, escalation_closed, reason_required, reason_too_long,
     /// method_not_allowed, not_ready, internal.
     pub code: String,
     /// One line for a person.

@@ -15,13 +15,19 @@
 #![warn(missing_docs)]
 
 mod actions;
+mod apidoc;
 mod auth;
+pub mod client;
 mod error;
+mod exports;
 mod metrics;
 mod ops;
 mod reads;
 mod state;
 mod stream;
+pub mod tls;
+mod verify;
+mod web;
 
 pub use auth::{add_token, Auth, AuthError, Identity, Role, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKEN_NAME_BYTES_MAX};
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
@@ -56,6 +62,8 @@ pub struct RouterOptions {
     /// Blocking engine calls (store reads, folds, exports) running at once; more wait
     /// their turn (at least 1).
     pub blocking_calls_max: usize,
+    /// Whether `GET /metrics` is open (no token needed); by default it needs a viewer's.
+    pub metrics_open: bool,
 }
 
 impl Default for RouterOptions {
@@ -64,6 +72,7 @@ impl Default for RouterOptions {
             body_bytes_max: BODY_BYTES_MAX,
             readiness: Readiness::new(),
             blocking_calls_max: BLOCKING_CALLS_MAX,
+            metrics_open: false,
         }
     }
 }
@@ -88,7 +97,9 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .route("/v1/runs/{run}/export", get(reads::export_run))
         .route("/v1/escalations", get(ops::escalations))
         .route("/v1/stats", get(ops::stats))
-        .route("/metrics", get(metrics::metrics))
+        .route("/v1/verify", get(verify::verify))
+        .route("/v1/export", get(exports::export))
+        .merge(metrics_route(!options.metrics_open))
         .route_layer(from_fn_with_state((auth.clone(), Role::Viewer), auth::require));
     let approver = Router::new()
         .route("/v1/runs/{run}/resolve", post(actions::resolve))
@@ -100,13 +111,25 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
     let open = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/v1/openapi.json", get(ops::openapi_json));
-    let app = viewer.merge(approver).merge(admin).merge(open).merge(testing_routes(auth));
+        .route("/v1/openapi.json", get(ops::openapi_json))
+        .merge(metrics_route(options.metrics_open));
+    let app = viewer.merge(approver).merge(admin).merge(open).merge(web::routes()).merge(testing_routes(auth));
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .layer(axum::middleware::from_fn(web::same_origin))
         .layer(DefaultBodyLimit::max(options.body_bytes_max))
         .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// `GET /metrics` when `here` (it goes with the viewer's routes, or the open ones with
+/// [`RouterOptions::metrics_open`]).
+fn metrics_route(here: bool) -> Router<AppState> {
+    if here {
+        Router::new().route("/metrics", get(metrics::metrics))
+    } else {
+        Router::new()
+    }
 }
 
 /// The OpenAPI 3.1 document of the API (what `/v1/openapi.json` serves).
@@ -161,4 +184,19 @@ where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// [`serve`] over TLS: the connections of `listener` are TLS with `config`
+/// ([`tls::server_config`] reads it from PEM files); a handshake that fails or takes
+/// longer than [`tls::HANDSHAKE_TIMEOUT`] drops that connection only.
+pub async fn serve_tls<F>(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: Router,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    axum::serve(tls::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await
 }

@@ -1,6 +1,7 @@
 //! Escalations and stats (role viewer), health and readiness (open), and the OpenAPI
 //! document (open: it describes the API, not its data).
 
+use crate::apidoc::GuardResponses;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use axum::extract::State;
@@ -81,12 +82,14 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         escalations,
         stats,
         crate::metrics::metrics,
+        crate::verify::verify,
+        crate::exports::export,
         healthz,
         readyz,
         openapi_json,
     ),
-    components(schemas(crate::error::ErrorBody, crate::ErrorDetail)),
-    modifiers(&BearerAuth),
+    components(schemas(crate::error::ErrorBody, crate::ErrorDetail, crate::reads::ExportFormat)),
+    modifiers(&BearerAuth, &GuardResponses),
 )]
 pub(crate) struct ApiDoc;
 

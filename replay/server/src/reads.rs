@@ -177,7 +177,8 @@ pub(crate) struct ExportQuery {
     params(("run" = String, Path, description = "run id (UUID)"), ExportQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "the export (application/x-ndjson, text/csv or text/html)", body = String),
+        (status = 200, description = "the export (application/x-ndjson, text/csv or text/html)",
+            content((String = "application/x-ndjson"), (String = "text/csv"), (String = "text/html"))),
         (status = 400, description = "bad run id or format", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]

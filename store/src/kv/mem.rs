@@ -182,6 +182,18 @@ impl Coordination for MemStore {
         self.write(run, expected, records, claim, None, aux)
     }
 
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence), aux)
+    }
+
     // Leases, claims lookup, snapshots, aux, due times: the shared core's.
     crate::kv::delegate_coordination!();
 }

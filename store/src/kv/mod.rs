@@ -464,29 +464,7 @@ impl<K: Kv> Core<K> {
         let Some(v) = self.kv.get(&record::snapshot_key(run))? else {
             return Ok(None);
         };
-        let bad = |reason: String| StoreError::CorruptSnapshot { run, reason };
-        let snap = codec::open_snapshot(&v).map_err(|e| bad(e.to_string()))?;
-        if snap.state.len() > Limits::VALUE_BYTES_HARD_MAX {
-            return Err(bad(format!("state of {} bytes exceeds the hard max", snap.state.len())));
-        }
-        let expected_anchor = match snap.next_seq.checked_sub(1) {
-            None => Some([0u8; 32]),
-            Some(p) => {
-                self.stored_hash(run, p).map_err(|e| bad(format!("cannot read log record {p} to check it: {e}")))?
-            }
-        };
-        match expected_anchor {
-            None => Err(bad(format!(
-                "covers seqs < {} but the log has no record {}",
-                snap.next_seq,
-                snap.next_seq.saturating_sub(1)
-            ))),
-            Some(a) if a != snap.anchor => Err(bad(format!(
-                "does not match the log: chain hash at seq {} differs",
-                snap.next_seq.saturating_sub(1)
-            ))),
-            Some(_) => Ok(Some((Seq(snap.next_seq), snap.state))),
-        }
+        crate::backend::open_snapshot(run, &v, |p| self.stored_hash(run, p)).map(Some)
     }
 
     // --- raw test hooks -------------------------------------------------------------

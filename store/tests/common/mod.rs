@@ -100,6 +100,21 @@ pub fn open(dir: &Path, durability: Durability) -> SledStore {
     SledStore::open(dir, config(durability)).unwrap()
 }
 
+/// Opens the store once its lock is free: sled releases a dropped handle's file lock from
+/// its own background thread, so a second process (or handle) opening right after a drop
+/// may find it still held for a moment on a loaded machine. Waits at most 10 s.
+pub fn open_when_free(dir: &Path, config: StoreConfig) -> SledStore {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match SledStore::open(dir, config.clone()) {
+            Err(keel_store::StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Appends events `0..n` to `run` one by one.
 pub fn fill(log: &dyn EventLog, run: RunId, n: u64) {
     for i in 0..n {

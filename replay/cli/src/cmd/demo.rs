@@ -11,7 +11,6 @@ use keel_replay::views;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
@@ -33,7 +32,7 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
             demo::WORKFLOW
         )));
     }
-    let store = Arc::new(open_db(db, true)?);
+    let store = open_db(db, true)?;
     let engine = registry.engine(store)?;
     // Working the demo's runs until idle would drive every unfinished run of the database.
     registry.refuse_unknown_unfinished(&engine)?;
@@ -88,7 +87,7 @@ fn print_json_report(
         .collect();
     let esc: Vec<Value> = pending.iter().map(views::escalation_json).collect();
     print_json(
-        &json!({ "db": db.display().to_string(), "seed": seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
+        &json!({ "db": crate::backend::redacted(db).display().to_string(), "seed": seed, "runs": runs, "escalations": esc, "stopped": idle.stopped.iter().map(|(r, e)| json!({"run": r.to_string(), "error": e})).collect::<Vec<_>>() }),
     )
 }
 
@@ -111,7 +110,7 @@ fn print_text_report(db: &Path, rows: &[Row<'_>], pending: &[PendingEscalation],
         );
     }
     let total: u64 = rows.iter().map(|r| r.state.totals.cost_micros).sum();
-    println!("{} run(s) in {}; total cost {} micros", rows.len(), db.display(), total);
+    println!("{} run(s) in {}; total cost {} micros", rows.len(), crate::backend::redacted(db).display(), total);
     for (run, e) in &idle.stopped {
         println!("stopped: run {run}: {e}");
     }

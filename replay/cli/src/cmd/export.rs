@@ -9,7 +9,7 @@ use keel_replay::export::{select_runs, CsvWriter, JsonlWriter, Redaction};
 use keel_replay::format::{parse_time, rfc3339};
 use keel_replay::html::HtmlWriter;
 use keel_replay::source::{load_run_from_db, resolve_run};
-use keel_store::{RunId, SledStore};
+use keel_store::{RunId, Store};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,7 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     // never leaves a half-written file that looks whole.
     let (out, tmp) = output(a.output.as_ref())?;
     let pb = progress(runs.len() as u64, "exporting");
-    let records = write_runs(&store, &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
+    let records = write_runs(store.as_ref(), &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
     pb.finish_and_clear();
     if let Some((f, path)) = tmp {
         persist(f, &path)?;
@@ -79,9 +79,9 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
 
 /// Where the export goes: stdout, or a temporary file beside `path` (with `path`) that
 /// [`persist`] renames when the export is complete.
-type Output = (Box<dyn Write>, Option<(tempfile::NamedTempFile, PathBuf)>);
+pub(crate) type Output = (Box<dyn Write>, Option<(tempfile::NamedTempFile, PathBuf)>);
 
-fn output(path: Option<&PathBuf>) -> Result<Output, CliError> {
+pub(crate) fn output(path: Option<&PathBuf>) -> Result<Output, CliError> {
     Ok(match path {
         None => (Box::new(std::io::BufWriter::new(std::io::stdout())), None),
         Some(path) => {
@@ -105,7 +105,7 @@ struct Written<'a> {
 
 /// Writes `runs` to `out` in the format asked; returns the records written.
 fn write_runs(
-    store: &SledStore,
+    store: &dyn Store,
     runs: &[RunId],
     what: Written<'_>,
     out: Box<dyn Write>,
@@ -150,7 +150,7 @@ fn write_runs(
 }
 
 /// Renames the finished temporary file to `path`, as an ordinary file (0644).
-fn persist(f: tempfile::NamedTempFile, path: &Path) -> Result<(), CliError> {
+pub(crate) fn persist(f: tempfile::NamedTempFile, path: &Path) -> Result<(), CliError> {
     let file = f.persist(path).map_err(|e| io_err(&path.display().to_string(), e.error))?;
     // A temporary file is created 0600; an export is an ordinary file (umask applies
     // to new files only, so use the usual 0644).

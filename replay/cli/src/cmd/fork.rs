@@ -11,7 +11,6 @@ use keel_replay::source::{load_run_from_db, resolve_run};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub(crate) struct ForkArgs {
@@ -43,7 +42,7 @@ pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResul
             let loaded = load_from_file(file, Some(&a.run))?;
             // Refuse before --db is created.
             registry.require(&loaded.events, "fork it")?;
-            let store = if a.no_save { None } else { Some(Arc::new(open_db(db, true)?)) };
+            let store = if a.no_save { None } else { Some(open_db(db, true)?) };
             (store, loaded.run, loaded.events)
         }
         None => {

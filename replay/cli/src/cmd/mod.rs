@@ -2,6 +2,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod cancel;
+pub(crate) mod copy;
 pub(crate) mod demo;
 pub(crate) mod diff;
 pub(crate) mod escalations;

@@ -13,7 +13,6 @@ use keel_replay::format::{event_line, rfc3339};
 use keel_replay::source::{export_files, export_runs, load_run_from_db, load_runs_from_db, resolve_run};
 use keel_replay::timeline::Replay;
 use keel_replay::views;
-use keel_store::EventLog;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -41,9 +41,12 @@ pub(crate) struct ResolveArgs {
     /// Hint for the planner (with --decision replan).
     #[arg(long, value_name = "TEXT")]
     pub(crate) hint: Option<String>,
-    /// Who decides (recorded).
+    /// Who decides (recorded; not taken through keel serve, which records the token's name).
     #[arg(long, value_name = "NAME")]
     pub(crate) by: Option<String>,
+    /// Why (required; recorded on the HumanResolved event).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) reason: String,
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
@@ -57,12 +60,13 @@ fn output_json(out: &str) -> Result<Json, CliError> {
     Ok(Json::new(&v))
 }
 
-pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdResult {
-    let decision = match (a.decision, &a.output, &a.hint) {
+/// The decision the flags ask for (a usage error names what is missing or too much).
+pub(crate) fn decision(d: Option<DecisionArg>, output: Option<&str>, hint: Option<&str>) -> Result<Decision, CliError> {
+    Ok(match (d, output, hint) {
         (None | Some(DecisionArg::Supply | DecisionArg::Approve), Some(out), None) => {
             Decision::SupplyOutput(output_json(out)?)
         }
-        (Some(DecisionArg::Replan), None, Some(h)) => Decision::ReplanWithHint(h.clone()),
+        (Some(DecisionArg::Replan), None, Some(h)) => Decision::ReplanWithHint(h.to_owned()),
         (Some(DecisionArg::Approve), None, None) => Decision::Approve,
         (Some(DecisionArg::Reject), None, None) => Decision::Reject,
         (Some(DecisionArg::Abort), None, None) => Decision::Abort,
@@ -79,14 +83,22 @@ pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdRe
         (Some(d), _, _) => {
             return Err(CliError::Usage(format!("--decision {d:?} takes neither --output nor --hint").to_lowercase()))
         }
-    };
+    })
+}
+
+pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdResult {
+    let decision = decision(a.decision, a.output.as_deref(), a.hint.as_deref())?;
     let by = super::who(a.by.as_deref());
+    let reason = a.reason.trim().to_owned();
+    if reason.is_empty() {
+        return Err(CliError::Usage("--reason must not be empty (say why: it is recorded)".into()));
+    }
     let store = open(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let engine = registry.engine(store)?;
     let state_workflow = engine.state(run)?.workflow;
     let name = decision.name();
-    engine.resolve(run, Resolution { decision, by: by.clone() }).await?;
+    engine.resolve(run, Resolution { decision, by: by.clone(), reason }).await?;
     if a.json {
         print_json(&views::resolution_json(run, name, &by))?;
     } else {

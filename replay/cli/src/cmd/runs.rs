@@ -6,9 +6,8 @@ use crate::output::print_json;
 use crate::Registry;
 use clap::Args;
 use keel_engine::RunStatus;
-use keel_replay::format::rfc3339;
 use keel_replay::views;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -23,38 +22,33 @@ pub(crate) struct RunsArgs {
 }
 
 pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
-    let status = match &a.status {
-        None => None,
-        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
-            CliError::Usage(format!(
-                "unknown status {s:?} (one of {})",
-                RunStatus::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
-            ))
-        })?),
-    };
+    let status = parse_status(a.status.as_deref())?;
     let engine = registry.engine(open(db)?)?;
     let runs: Vec<_> = engine.runs()?.into_iter().filter(|r| status.is_none_or(|s| r.status == s)).collect();
-    if a.json {
-        return print_json(&json!({ "runs": runs.iter().map(views::run_summary_json).collect::<Vec<_>>() }))
-            .map(|_| ExitCode::SUCCESS);
+    let runs: Vec<Value> = runs.iter().map(views::run_summary_json).collect();
+    print(&runs, a.json)
+}
+
+/// Prints the listing (`--json` or the table), from the entries of `keel runs --json`.
+pub(crate) fn print(runs: &[Value], as_json: bool) -> CmdResult {
+    if as_json {
+        print_json(&json!({ "runs": runs }))?;
+    } else {
+        crate::render::runs(runs);
     }
-    println!(
-        "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted",
-        "run", "workflow", "status", "partial", "events", "cost(micros)", "esc"
-    );
-    for r in &runs {
-        println!(
-            "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {}",
-            r.run.to_string(),
-            r.workflow,
-            r.status.name(),
-            if r.partial { "yes" } else { "no" },
-            r.events,
-            r.cost_micros,
-            r.escalations,
-            rfc3339(r.accepted_at_us)
-        );
-    }
-    println!("{} run(s)", runs.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--status` as a run status (a usage error names the statuses).
+pub(crate) fn parse_status(given: Option<&str>) -> Result<Option<RunStatus>, CliError> {
+    given
+        .map(|s| {
+            RunStatus::parse(s).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "unknown status {s:?} (one of {})",
+                    RunStatus::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+                ))
+            })
+        })
+        .transpose()
 }

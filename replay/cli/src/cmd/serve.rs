@@ -4,11 +4,10 @@ use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
 use crate::Registry;
 use clap::Args;
-use keel_server::{router_with, serve, Auth, Readiness, RouterOptions, TOKENS_FILE};
+use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions, TOKENS_FILE};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -20,20 +19,36 @@ pub(crate) struct ServeArgs {
     /// in clear text. Put a TLS-terminating proxy in front, or keep to loopback.
     #[arg(long)]
     pub(crate) insecure_bind: bool,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Serve GET /metrics without a token (for a scraper on a trusted network).
+    #[arg(long)]
+    pub(crate) metrics_open: bool,
     /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
 }
 
 pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResult {
-    if !a.listen.ip().is_loopback() && !a.insecure_bind {
+    if !a.listen.ip().is_loopback() && !a.insecure_bind && a.tls_cert.is_none() {
         return Err(CliError::Usage(format!(
-            "{} is not a loopback address: keel serve has no TLS yet, so tokens would cross the network in clear text; \
-             give --insecure-bind to do it anyway (behind a TLS proxy)",
+            "{} is not a loopback address: without TLS tokens would cross the network in clear text; \
+             give --tls-cert FILE --tls-key FILE, or --insecure-bind to do it anyway (behind a TLS proxy)",
             a.listen
         )));
     }
-    let engine = registry.engine(Arc::new(open_db(db, true)?))?;
+    // Read the certificate before anything else: a bad one is one line, nothing started.
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(keel_server::tls::server_config(cert, key).map_err(|e| CliError::Failed(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let engine = registry.engine(open_db(db, true)?)?;
     registry.refuse_unknown_unfinished(&engine)?;
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
@@ -44,19 +59,32 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
     let addr = listener.local_addr().map_err(|e| io_err("the listening socket", e))?;
     let readiness = Readiness::new();
-    let app = router_with(engine.clone(), auth, RouterOptions { readiness: readiness.clone(), ..Default::default() });
+    let options = RouterOptions { readiness: readiness.clone(), metrics_open: a.metrics_open, ..Default::default() };
+    let app = router_with(engine.clone(), auth, options);
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
+    // Where `keel runs`, `keel resolve`, ... on this database find the server (removed
+    // when it stops; a file left by a killed server is checked before it is used).
+    // Written before the "serving" line, so whoever reads that line finds the file.
+    let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
     let workers = engine.start();
-    eprintln!("keel: serving http://{addr} for {} (SIGINT or SIGTERM to stop)", db.display());
+    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serving = serve(listener, app, {
+    let shutdown = {
         let readiness = readiness.clone();
         async move {
             stop_signal().await;
             readiness.drain();
             let _ = stop_tx.send(true);
         }
-    });
+    };
+    let serving = async move {
+        match tls {
+            Some(config) => serve_tls(listener, config, app, shutdown).await,
+            None => serve(listener, app, shutdown).await,
+        }
+    };
     let grace = Duration::from_secs(a.shutdown_timeout);
     // The graceful shutdown waits for in-flight requests; a request that hangs must not
     // keep the process alive past the grace period.
@@ -65,10 +93,15 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         let _ = rx.wait_for(|stopped| *stopped).await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        r = serving => r.map_err(|e| io_err("serving", e))?,
-        () = deadline => eprintln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs()),
-    }
+    let served = tokio::select! {
+        r = serving => r.map_err(|e| io_err("serving", e)),
+        () = deadline => {
+            eprintln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs());
+            Ok(())
+        }
+    };
+    crate::remote::remove_server_file(db);
+    served?;
     match tokio::time::timeout(grace, workers.shutdown()).await {
         Ok(report) => eprintln!("keel: stopped after {} driver pass(es)", report.driven),
         Err(_) => eprintln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),

@@ -6,53 +6,22 @@ use crate::open::open;
 use crate::output::print_json;
 use crate::Registry;
 use keel_replay::views;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
 use std::process::ExitCode;
 
 pub(crate) fn run(db: &Path, a: JsonArgs, registry: &Registry) -> CmdResult {
     let engine = registry.engine(open(db)?)?;
     let stats = engine.stats()?;
-    if a.json {
-        print_json(&json!({ "workflows": stats.iter().map(views::stats_json).collect::<Vec<_>>() }))?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
-        "workflow",
-        "runs",
-        "by status",
-        "partial",
-        "cost(micros)",
-        "tokens",
-        "llm",
-        "tool",
-        "retries",
-        "replans",
-        "cached",
-        "cost/run"
-    );
-    for s in &stats {
-        let by: Vec<String> = s.by_status.iter().map(|(k, v)| format!("{} {v}", k.name())).collect();
-        let t = &s.totals;
-        println!(
-            "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
-            s.workflow,
-            s.runs,
-            by.join(", "),
-            s.partial,
-            t.cost_micros,
-            t.tokens,
-            t.llm_calls,
-            t.tool_calls,
-            t.retries,
-            t.replans,
-            t.cache_hits,
-            s.cost_per_run_micros
-        );
-    }
-    if stats.is_empty() {
-        println!("no runs");
+    print(&stats.iter().map(views::stats_json).collect::<Vec<_>>(), a.json)
+}
+
+/// Prints the stats (`--json` or the table), from the entries of `keel stats --json`.
+pub(crate) fn print(stats: &[Value], as_json: bool) -> CmdResult {
+    if as_json {
+        print_json(&json!({ "workflows": stats }))?;
+    } else {
+        crate::render::stats(stats);
     }
     Ok(ExitCode::SUCCESS)
 }

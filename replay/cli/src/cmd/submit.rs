@@ -10,7 +10,6 @@ use keel_engine::{EngineError, Request};
 use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub(crate) struct SubmitArgs {
@@ -40,7 +39,7 @@ pub(crate) async fn run(db: &Path, a: SubmitArgs, registry: &Registry) -> CmdRes
     keel_store::json::check_text_depth(text.as_bytes()).map_err(|e| CliError::Usage(format!("--input: {e}")))?;
     let input: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("--input is not JSON: {e}")))?;
-    let store = Arc::new(open_db(db, true)?);
+    let store = open_db(db, true)?;
     let engine = registry.engine(store)?;
     let req = Request { idempotency_key: a.key, priority: a.priority, ..Request::new(a.workflow, input) };
     let s = match engine.submit(req).await {

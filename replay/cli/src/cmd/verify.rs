@@ -6,7 +6,7 @@ use crate::output::{print_json, progress};
 use clap::Args;
 use keel_replay::source::{resolve_run, resolve_run_in};
 use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
-use keel_store::{EventLog, RunId};
+use keel_store::RunId;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,7 +41,7 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
             let pb = progress(runs.len() as u64, "verifying");
             let v = verify_db(store.as_ref(), &runs, || pb.inc(1))?;
             pb.finish_and_clear();
-            (v, db.display().to_string())
+            (v, crate::backend::redacted(db).display().to_string())
         }
     };
     if a.file.is_some() {
@@ -57,24 +57,30 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
             v.failure = compare_heads(store.as_ref(), &v.runs)?;
         }
     }
-    if a.json {
-        print_json(&json!({
-            "source": source,
-            "ok": v.ok(),
-            "records": v.records(),
-            "runs": v.runs,
-            "failure": v.failure,
-        }))?;
+    let doc = json!({
+        "source": source,
+        "ok": v.ok(),
+        "records": v.records(),
+        "runs": v.runs,
+        "failure": v.failure,
+    });
+    print(&doc, a.json)
+}
+
+/// Prints a verification (`--json` or text) from the `keel verify --json` document; exit 1
+/// with the failure's message when it failed.
+pub(crate) fn print(doc: &serde_json::Value, as_json: bool) -> CmdResult {
+    if as_json {
+        print_json(doc)?;
     } else {
-        for r in &v.runs {
-            println!("ok  {}  {} records  head {}", r.run, r.records, r.head);
-        }
-        if v.ok() {
-            println!("verified {} record(s) in {} run(s) of {}", v.records(), v.runs.len(), source);
-        }
+        crate::render::verification(doc);
     }
-    match v.failure {
+    match doc.get("failure").filter(|f| !f.is_null()) {
         None => Ok(ExitCode::SUCCESS),
-        Some(f) => Err(CliError::Failed(format!("{source}: {}", f.message))),
+        Some(f) => Err(CliError::Failed(format!(
+            "{}: {}",
+            doc.get("source").and_then(serde_json::Value::as_str).unwrap_or_default(),
+            f.get("message").and_then(serde_json::Value::as_str).unwrap_or_default()
+        ))),
     }
 }

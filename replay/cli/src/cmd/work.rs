@@ -18,17 +18,25 @@ pub(crate) struct WorkArgs {
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
+    /// How long a driver's run lease lasts unless its heartbeat renews it (several
+    /// workers on one PostgreSQL database: a worker paused longer loses its runs).
+    #[arg(long, value_name = "MS", default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT)]
+    pub(crate) lease_ttl_ms: u64,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
-    let engine = registry.engine(open(db)?)?;
+    let engine = registry.engine_leased(open(db)?, a.lease_ttl_ms)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         let workers = engine.start();
-        eprintln!("keel: working runs in {} (Ctrl-C to stop)", db.display());
+        eprintln!("keel: working runs in {} (Ctrl-C to stop)", crate::backend::redacted(db).display());
         tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
         let report = workers.shutdown().await;
-        eprintln!("keel: stopped after {} driver pass(es)", report.driven);
+        let l = engine.lease_stats();
+        eprintln!(
+            "keel: stopped after {} driver pass(es); leases lost: {} ({} appends fenced, {} renewals failed)",
+            report.driven, l.drives_lost, l.fenced, l.renewals_lost
+        );
         for (run, e) in &report.stopped {
             eprintln!("keel: run {run}: driver stopped: {e}");
         }
@@ -40,7 +48,8 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
     if a.json {
         print_json(&json!({
             "driven": r.driven, "completed": r.completed, "failed": r.failed, "cancelled": r.cancelled,
-            "awaiting_human": r.awaiting_human,
+            "awaiting_human": r.awaiting_human, "lease_lost": r.lease_lost,
+            "fenced": engine.lease_stats().fenced, "renewals_lost": engine.lease_stats().renewals_lost,
             "stopped": r.stopped.iter().map(|(run, e)| json!({"run": run.to_string(), "error": e})).collect::<Vec<_>>(),
         }))?;
     } else {

@@ -40,6 +40,8 @@ impl Ran {
 pub fn keel_in(dir: Option<&Path>, args: &[&str]) -> Ran {
     let mut cmd = Command::new(KEEL);
     cmd.args(args).env_remove("KEEL_DB").env_remove("KEEL_LOG");
+    // Commands here read the database itself unless a test names a server.
+    cmd.env_remove("KEEL_SERVER").env_remove("KEEL_TOKEN").env_remove("KEEL_CA_CERT");
     if let Some(d) = dir {
         cmd.current_dir(d);
     }

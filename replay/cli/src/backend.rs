@@ -1,0 +1,100 @@
+//! Which store `--db` names: a directory (sled, one process at a time) or a PostgreSQL
+//! URL (`postgres://` or `postgresql://`; several processes at once, docs/STORE.md §15).
+//!
+//! The URL is libpq's, plus one parameter of keel's own, `schema`: the schema (namespace)
+//! holding keel's tables, default `keel`; it is taken out of the URL before connecting.
+//! `postgres://app@db.internal:5432/prod?schema=keel_orders&sslmode=disable` opens the
+//! tables in schema `keel_orders` of database `prod`.
+
+use keel_replay::error::ReplayError;
+use keel_store::Store;
+use keel_store_postgres::{OpenError, PgConfig, PgStore};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The query parameter naming the schema.
+const SCHEMA_PARAM: &str = "schema";
+
+/// The PostgreSQL config `db` names, or `None` if it is a directory.
+pub(crate) fn postgres_config(db: &Path) -> Option<Result<PgConfig, ReplayError>> {
+    let s = db.to_str()?;
+    if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
+        return None;
+    }
+    Some(parse_url(s).map_err(|reason| ReplayError::NotADb { path: redacted(db), reason }))
+}
+
+/// Splits keel's `schema` parameter off a PostgreSQL URL.
+fn parse_url(url: &str) -> Result<PgConfig, String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut schema = None;
+    let mut rest = Vec::new();
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((SCHEMA_PARAM, v)) => {
+                if schema.replace(v.to_owned()).is_some() {
+                    return Err(format!("`{SCHEMA_PARAM}` given twice"));
+                }
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
+    let mut config = PgConfig::new(url);
+    if let Some(schema) = schema {
+        config.schema = schema;
+    }
+    Ok(config)
+}
+
+/// `db` with any password in it replaced by `***` (for messages).
+pub(crate) fn redacted(db: &Path) -> PathBuf {
+    let s = db.to_string_lossy();
+    let Some((scheme, rest)) = s.split_once("://") else { return db.to_path_buf() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => PathBuf::from(format!("{scheme}://{user}:***@{host}{tail}")),
+            None => db.to_path_buf(),
+        },
+        None => db.to_path_buf(),
+    }
+}
+
+/// Opens the PostgreSQL store of `config` (`create`: make the schema if missing).
+pub(crate) fn open_postgres(db: &Path, mut config: PgConfig, create: bool) -> Result<Arc<dyn Store>, ReplayError> {
+    config.create = create;
+    match PgStore::open(config) {
+        Ok(store) => Ok(Arc::new(store)),
+        Err(OpenError::NotFound { .. }) => Err(ReplayError::DbNotFound { path: redacted(db) }),
+        Err(e) => Err(ReplayError::NotADb { path: redacted(db), reason: e.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_schema_parameter_is_keel_s_and_the_rest_is_passed_on() {
+        let c = parse_url("postgres://u@h:5432/test?schema=keel_a&sslmode=disable").unwrap();
+        assert_eq!((c.url.as_str(), c.schema.as_str()), ("postgres://u@h:5432/test?sslmode=disable", "keel_a"));
+        let c = parse_url("postgresql://u@h/test").unwrap();
+        assert_eq!((c.url.as_str(), c.schema.as_str()), ("postgresql://u@h/test", "keel"));
+        assert!(parse_url("postgres://h/t?schema=a&schema=b").is_err());
+        assert!(postgres_config(Path::new("./keel-data")).is_none());
+        assert!(postgres_config(Path::new("postgres://h/t?schema=x")).is_some());
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        let shown = redacted(Path::new("postgres://app:s3cret@db:5432/prod?schema=k"));
+        assert_eq!(shown, Path::new("postgres://app:***@db:5432/prod?schema=k"));
+        assert_eq!(redacted(Path::new("/var/keel")), Path::new("/var/keel"));
+    }
+}

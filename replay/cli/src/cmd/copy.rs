@@ -1,0 +1,81 @@
+//! Copies runs between databases, e.g. from sled to PostgreSQL and back: `keel copy`.
+
+use crate::error::{CliError, CmdResult};
+use crate::open::open_db;
+use crate::output::{print_json, progress};
+use clap::Args;
+use keel_replay::source::resolve_run;
+use keel_store::RunId;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub(crate) struct CopyArgs {
+    /// The database to copy from (a directory or a `postgres://…` URL; must exist).
+    #[arg(long, value_name = "DB")]
+    pub(crate) from: PathBuf,
+    /// The database to copy to (created if missing).
+    #[arg(long, value_name = "DB")]
+    pub(crate) to: PathBuf,
+    /// Copy only this run (repeatable); default every run.
+    #[arg(long, value_name = "RUN")]
+    pub(crate) run: Vec<String>,
+    /// Print JSON (`{"copied", "present", "records"}`).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn run(a: CopyArgs) -> CmdResult {
+    if a.from == a.to {
+        return Err(CliError::Usage("--from and --to name the same database".into()));
+    }
+    let from = open_db(&a.from, false)?;
+    let to = open_db(&a.to, true)?;
+    let runs: Vec<RunId> = if a.run.is_empty() {
+        from.runs()?
+    } else {
+        a.run.iter().map(|r| resolve_run(from.as_ref(), r)).collect::<Result<_, _>>()?
+    };
+    let pb = progress(runs.len() as u64, "copying");
+    let (mut copied, mut present, mut records) = (0u64, 0u64, 0u64);
+    for run in &runs {
+        let (src, dst) = (from.head(*run)?, to.head(*run)?);
+        if dst.next_seq.0 != 0 {
+            // Copied before: the same chain is left alone; anything else is refused.
+            if (dst.next_seq, dst.last_hash) != (src.next_seq, src.last_hash) {
+                return Err(CliError::Failed(format!(
+                    "run {run} already exists in {} with another history ({} records, {} in {})",
+                    shown(&a.to),
+                    dst.next_seq.0,
+                    src.next_seq.0,
+                    shown(&a.from)
+                )));
+            }
+            present += 1;
+        } else {
+            records += keel_replay::save_run(from.as_ref(), to.as_ref(), *run)?;
+            let head = to.head(*run)?;
+            if (head.next_seq, head.last_hash) != (src.next_seq, src.last_hash) {
+                return Err(CliError::Failed(format!("run {run}: the copy's head differs from the source's")));
+            }
+            copied += 1;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    if a.json {
+        print_json(&json!({ "copied": copied, "present": present, "records": records }))?;
+    } else {
+        println!(
+            "copied {copied} run(s) ({records} records) from {} to {}; {present} already there",
+            shown(&a.from),
+            shown(&a.to)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn shown(db: &Path) -> String {
+    crate::backend::redacted(db).display().to_string()
+}

@@ -1,0 +1,120 @@
+//! The text outputs of `keel runs`, `escalations`, `stats` and `verify`, printed from the
+//! same JSON documents their `--json` prints (keel-replay's `views`). A command that goes
+//! through `keel serve` gets those documents from the API, so its text is the same as
+//! when it reads the database itself.
+
+use keel_engine::RunStatus;
+use serde_json::Value;
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or_default()
+}
+
+fn b(v: &Value, k: &str) -> bool {
+    v.get(k).and_then(Value::as_bool).unwrap_or_default()
+}
+
+/// `keel runs`: entries of `{"runs": [...]}`.
+pub(crate) fn runs(runs: &[Value]) {
+    println!(
+        "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted",
+        "run", "workflow", "status", "partial", "events", "cost(micros)", "esc"
+    );
+    for r in runs {
+        println!(
+            "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {}",
+            s(r, "run"),
+            s(r, "workflow"),
+            s(r, "status"),
+            if b(r, "partial") { "yes" } else { "no" },
+            n(r, "events"),
+            n(r, "cost_micros"),
+            n(r, "escalations"),
+            s(r, "accepted_at"),
+        );
+    }
+    println!("{} run(s)", runs.len());
+}
+
+/// `keel escalations`: entries of `{"escalations": [...]}`.
+pub(crate) fn escalations(pending: &[Value]) {
+    if pending.is_empty() {
+        println!("no escalation is waiting");
+    }
+    for p in pending {
+        println!(
+            "run {} escalation #{} {}{} at {}{}",
+            s(p, "run"),
+            n(p, "number"),
+            s(p, "cause"),
+            p.get("task").and_then(Value::as_str).map(|t| format!(" task {t}")).unwrap_or_default(),
+            s(p, "escalated_at"),
+            if b(p, "notified") { "" } else { " (not yet notified)" }
+        );
+        println!("  why:      {}", s(p, "why"));
+        println!("  question: {}", s(p, "question"));
+        println!("  resolve:  {}", s(p, "resolve"));
+    }
+}
+
+/// `keel stats`: entries of `{"workflows": [...]}`.
+pub(crate) fn stats(stats: &[Value]) {
+    println!(
+        "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
+        "workflow",
+        "runs",
+        "by status",
+        "partial",
+        "cost(micros)",
+        "tokens",
+        "llm",
+        "tool",
+        "retries",
+        "replans",
+        "cached",
+        "cost/run"
+    );
+    let empty = Value::Null;
+    for w in stats {
+        // In the state machine's order of statuses, as the engine counts them.
+        let by_status = w.get("by_status").unwrap_or(&empty);
+        let by: Vec<String> = RunStatus::ALL
+            .iter()
+            .filter_map(|st| by_status.get(st.name()).and_then(Value::as_u64).map(|c| format!("{} {c}", st.name())))
+            .collect();
+        let t = w.get("totals").unwrap_or(&empty);
+        println!(
+            "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
+            s(w, "workflow"),
+            n(w, "runs"),
+            by.join(", "),
+            n(w, "partial"),
+            n(t, "cost_micros"),
+            n(t, "tokens"),
+            n(t, "llm_calls"),
+            n(t, "tool_calls"),
+            n(t, "retries"),
+            n(t, "replans"),
+            n(t, "cache_hits"),
+            n(w, "cost_per_run_micros")
+        );
+    }
+    if stats.is_empty() {
+        println!("no runs");
+    }
+}
+
+/// `keel verify`: the `--json` document (`runs`, `ok`, `records`, `source`).
+pub(crate) fn verification(v: &Value) {
+    let runs = v.get("runs").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for r in runs {
+        println!("ok  {}  {} records  head {}", s(r, "run"), n(r, "records"), s(r, "head"));
+    }
+    if b(v, "ok") {
+        println!("verified {} record(s) in {} run(s) of {}", n(v, "records"), runs.len(), s(v, "source"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Several `keel` processes on one PostgreSQL database (docs/STORE.md §15): `--db
+//! postgres://…?schema=NAME` for the commands that open a database, and real `keel work`
+//! processes sharing the runs, each run driven by one of them at a time, ending as on
+//! sled. Each test works in a fresh schema it drops; without a server it says it was
+//! skipped (and fails under CI=true or KEEL_REQUIRE_POSTGRES=1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+#[path = "../../../store/postgres/tests/common/mod.rs"]
+mod pg;
+
+use common::keel_in;
+use keel_engine::{Engine, RunStatus};
+use keel_store::{Durability, RunId};
+use keel_store_postgres::PgStore;
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// `--db` for a fresh schema of the test server.
+fn db_url(scratch: &pg::Scratch) -> (String, keel_store_postgres::PgConfig) {
+    let cfg = scratch.config();
+    let sep = if cfg.url.contains('?') { '&' } else { '?' };
+    (format!("{}{sep}schema={}", cfg.url, cfg.schema), cfg)
+}
+
+fn keel(db: &str, args: &[&str]) -> common::Ran {
+    let mut all = vec!["--db", db];
+    all.extend_from_slice(args);
+    keel_in(None, &all)
+}
+
+/// What a run ended as: status, events, cost.
+type Ending = (String, u64, u64);
+
+/// The sled twin: the same demo requests (seed 1, indexes 0..n) worked by one process.
+fn sled_twin(n: u64) -> BTreeMap<u64, Ending> {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keel-data");
+    let v = common::keel(&db, &["demo", "--runs", &n.to_string(), "--json"]).ok().json();
+    v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let e = (
+                r["status"].as_str().unwrap().to_owned(),
+                r["events"].as_u64().unwrap(),
+                r["cost_micros"].as_u64().unwrap(),
+            );
+            (r["index"].as_u64().unwrap(), e)
+        })
+        .collect()
+}
+
+/// An engine with the demo's workflow on `store` (to submit and to read).
+fn demo_engine(store: Arc<PgStore>) -> Engine {
+    keel_demo::register(Engine::builder().store(store)).open().unwrap()
+}
+
+/// Submits the demo requests 0..n (seed 1) without working them.
+fn submit_demo(store: Arc<PgStore>, n: u64) -> BTreeMap<u64, RunId> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let engine = demo_engine(store);
+    rt.block_on(async {
+        let mut runs = BTreeMap::new();
+        for i in 0..n {
+            runs.insert(i, engine.submit(keel_demo::request(1, i)).await.unwrap().run);
+        }
+        runs
+    })
+}
+
+/// What each run ended as, and checks every run's log: seqs without gap or duplicate, at
+/// most one terminal event.
+fn endings(engine: &Engine, runs: &BTreeMap<u64, RunId>) -> BTreeMap<u64, Ending> {
+    runs.iter()
+        .map(|(i, run)| {
+            let events = engine.events(*run).unwrap();
+            for (k, e) in events.iter().enumerate() {
+                assert_eq!(e.seq.0, k as u64, "run {run}: seq gap or duplicate at {k}");
+            }
+            let terminal = events
+                .iter()
+                .filter(|e| matches!(e.event.kind_name(), "RunCompleted" | "RunFailed" | "RunCancelled"))
+                .count();
+            assert!(terminal <= 1, "run {run} ended {terminal} times");
+            let s = engine.state(*run).unwrap();
+            (*i, (s.status.name().to_owned(), s.next_seq.0, s.totals.cost_micros))
+        })
+        .collect()
+}
+
+/// Every run of the schema passes `verify` and `replay --all --check`.
+fn verify_and_replay(db: &str, n: u64) {
+    let v = keel(db, &["verify"]);
+    v.ok();
+    assert!(v.stdout.contains(&format!("in {n} run(s)")), "{}", v.stdout);
+    let r = keel(db, &["replay", "--all", "--check"]);
+    r.ok();
+    assert!(r.stdout.contains(&format!("checked {n} run(s): {n} ok, 0 diverged")), "{}", r.stdout);
+}
+
+#[test]
+fn demo_runs_verify_and_replay_against_postgres() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let (db, _) = db_url(&scratch);
+    let demo = keel(&db, &["demo", "--runs", "8", "--json"]);
+    demo.ok();
+    let ran: Vec<String> =
+        demo.json()["runs"].as_array().unwrap().iter().map(|r| r["run"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ran.len(), 8);
+    let runs = keel(&db, &["runs", "--json"]);
+    runs.ok();
+    let listed: Vec<String> =
+        runs.json()["runs"].as_array().unwrap().iter().map(|r| r["run"].as_str().unwrap().to_owned()).collect();
+    for r in &ran {
+        assert!(listed.contains(r), "{r} not listed: {listed:?}");
+    }
+    verify_and_replay(&db, 8);
+    // The same demo on sled ends the same way, run for run.
+    let twin = sled_twin(8);
+    for r in demo.json()["runs"].as_array().unwrap() {
+        let i = r["index"].as_u64().unwrap();
+        assert_eq!(r["status"].as_str().unwrap(), twin[&i].0, "run {i}");
+        assert_eq!(r["events"].as_u64().unwrap(), twin[&i].1, "run {i}");
+    }
+    // A schema that holds no store is not created by a reading command.
+    let (missing, _) = db_url(&scratch);
+    let e = keel(&missing, &["runs"]).one_line_error(1);
+    assert!(e.contains("no keel database"), "{e}");
+}
+
+fn spawn_worker(db: &str, args: &[&str]) -> Child {
+    let mut all = vec!["--db", db, "work"];
+    all.extend_from_slice(args);
+    Command::new(common::KEEL)
+        .args(&all)
+        .env_remove("KEEL_DB")
+        // Each lost lease is a warning line (counted by the chaos test, also from a worker
+        // it killed).
+        .env("KEEL_LOG", "keel_engine::shell::heartbeat=warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn three_work_processes_share_one_database_and_every_run_ends_once_as_on_sled() {
+    if !pg::ready() {
+        return;
+    }
+    const N: u64 = 24;
+    let scratch = pg::Scratch::new(Durability::default());
+    let (db, cfg) = db_url(&scratch);
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let runs = submit_demo(store.clone(), N);
+    let started = Instant::now();
+    let workers: Vec<Child> =
+        (0..3).map(|_| spawn_worker(&db, &["--until-idle", "--json", "--lease-ttl-ms", "2000"])).collect();
+    let mut driven = Vec::new();
+    let (mut completed, mut fenced) = (0, 0);
+    for w in workers {
+        let out = w.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "worker failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["stopped"].as_array().unwrap().len(), 0, "{v}");
+        driven.push(v["driven"].as_u64().unwrap());
+        completed += v["completed"].as_u64().unwrap();
+        fenced += v["fenced"].as_u64().unwrap();
+    }
+    let reader = demo_engine(store);
+    let got = endings(&reader, &runs);
+    for (i, run) in &runs {
+        let events = reader.events(*run).unwrap();
+        assert!(!events.iter().any(|e| e.event.kind_name() == "TaskRedelivered"), "run {i} was taken over");
+    }
+    let twin = sled_twin(N);
+    assert_eq!(got, twin, "the runs end as on sled");
+    let done = got.values().filter(|e| e.0 == RunStatus::Completed.name()).count();
+    println!(
+        "3 workers, {N} runs in {:?}: driver passes per worker {driven:?}, {done} completed ({completed} reported), {fenced} appends fenced",
+        started.elapsed()
+    );
+    assert_eq!(fenced, 0, "nobody paused: nothing fenced");
+    verify_and_replay(&db, N);
+}
+
+/// Sends `sig` (`KILL`, `STOP`, `CONT`, `INT`) to `child` with kill(1).
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success(), "kill -{sig}");
+}
+
+/// The leases a worker lost, from its warnings: (appends fenced, renewals failed).
+fn leases_lost(stderr: &str) -> (u64, u64) {
+    let lost = stderr.lines().filter(|l| l.contains("lost the run's lease"));
+    lost.fold((0, 0), |(f, r), l| if l.contains("fenced") { (f + 1, r) } else { (f, r + 1) })
+}
+
+/// The figures a `keel work` service prints when it stops:
+/// `leases lost: L (F appends fenced, R renewals failed)`.
+fn lease_figures(stderr: &str) -> (u64, u64, u64) {
+    let line = stderr.lines().find(|l| l.contains("leases lost:")).unwrap_or_else(|| panic!("no figures: {stderr}"));
+    let nums: Vec<u64> =
+        line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    let n = nums.len();
+    (nums[n - 3], nums[n - 2], nums[n - 1])
+}
+
+/// Chaos: 3 `keel work` services on one database drive demo runs submitted up front while
+/// the harness SIGKILLs one (and starts a new one in its place) and SIGSTOPs another past
+/// its lease, then SIGCONTs it, over and over. Every run ends exactly once with the status
+/// of its uninterrupted sled twin, no seq gap or duplicate, `verify` and
+/// `replay --all --check` pass; the fenced refusals are counted.
+#[test]
+fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
+    if !pg::ready() {
+        return;
+    }
+    const N: u64 = 240;
+    const TTL_MS: u64 = 500;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("chaos seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let scratch = pg::Scratch::new(Durability::default());
+    let (db, cfg) = db_url(&scratch);
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let runs = submit_demo(store.clone(), N);
+    let twin = sled_twin(N);
+    let reader = demo_engine(store.clone());
+    let ttl = TTL_MS.to_string();
+    let args = ["--lease-ttl-ms", ttl.as_str()];
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn_worker(&db, &args)).collect();
+    let (mut kills, mut stops) = (0u32, 0u32);
+    let (mut fenced_killed, mut renewals_killed) = (0, 0);
+    let started = Instant::now();
+    let settled = |reader: &Engine| runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[i].0);
+    while !settled(&reader) {
+        assert!(started.elapsed() < Duration::from_secs(300), "runs did not settle in 300 s");
+        // SIGKILL one and start another in its place.
+        std::thread::sleep(Duration::from_millis(150 + next(200) as u64));
+        let k = next(3);
+        signal(&workers[k], "KILL");
+        let killed = std::mem::replace(&mut workers[k], spawn_worker(&db, &args));
+        let out = killed.wait_with_output().unwrap();
+        let (f, r) = leases_lost(&String::from_utf8_lossy(&out.stderr));
+        (fenced_killed, renewals_killed) = (fenced_killed + f, renewals_killed + r);
+        kills += 1;
+        // SIGSTOP another past its lease, then SIGCONT it.
+        std::thread::sleep(Duration::from_millis(100 + next(200) as u64));
+        let s = (k + 1 + next(2)) % 3;
+        signal(&workers[s], "STOP");
+        std::thread::sleep(Duration::from_millis(2 * TTL_MS + next(400) as u64));
+        signal(&workers[s], "CONT");
+        stops += 1;
+    }
+    // Let the services notice the end, then stop them (SIGINT: they print their figures).
+    std::thread::sleep(Duration::from_millis(2 * TTL_MS));
+    let (mut lost, mut fenced, mut renewals) = (0, 0, 0);
+    for w in workers {
+        signal(&w, "INT");
+        let out = w.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "worker failed: {stderr}");
+        let (l, f, r) = lease_figures(&stderr);
+        assert_eq!(leases_lost(&stderr), (f, r), "the warnings and the figures agree");
+        (lost, fenced, renewals) = (lost + l, fenced + f, renewals + r);
+    }
+    let got = endings(&reader, &runs);
+    for (i, e) in &got {
+        assert_eq!(e.0, twin[i].0, "run {i} ends as its uninterrupted twin");
+    }
+    println!(
+        "chaos: {N} runs, {kills} SIGKILLs, {stops} SIGSTOPs past the {TTL_MS} ms lease in {:?}; leases lost: survivors {lost} ({fenced} appends fenced, {renewals} renewals failed), killed workers {} ({fenced_killed} appends fenced, {renewals_killed} renewals failed)",
+        started.elapsed(),
+        fenced_killed + renewals_killed
+    );
+    assert!(
+        fenced + renewals + fenced_killed + renewals_killed > 0,
+        "no SIGSTOP cost a worker its lease (seed {seed})"
+    );
+    verify_and_replay(&db, N);
+}

@@ -1,0 +1,392 @@
+//! The CLI through a running `keel serve` (real processes, a real sled database): while
+//! the server holds the database, `keel runs`, `show`, `escalations`, `stats`, `verify`,
+//! `export`, `resolve` and `cancel` print what they print on the database itself; a
+//! resolution is recorded with the token's name; a refused token is one line; a file left
+//! by a killed server does not mislead; SIGTERM during work leaves a log that verifies and
+//! runs that `keel work` finishes; HTTPS with a self-signed certificate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+
+use common::{keel, keel_in, DemoDb, Ran, KEEL};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn token_add(db: &Path, name: &str, role: &str) -> String {
+    let r = keel_in(None, &["--db", db.to_str().unwrap(), "token", "add", name, "--role", role]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout.trim().to_owned()
+}
+
+/// `keel --db DB args...` with `KEEL_TOKEN` set (or unset with `None`).
+fn keel_as(db: &Path, token: Option<&str>, args: &[&str]) -> Ran {
+    let mut cmd = Command::new(KEEL);
+    cmd.arg("--db").arg(db).args(args).env_remove("KEEL_DB").env_remove("KEEL_LOG").env_remove("KEEL_SERVER");
+    cmd.env_remove("KEEL_CA_CERT");
+    match token {
+        Some(t) => cmd.env("KEEL_TOKEN", t),
+        None => cmd.env_remove("KEEL_TOKEN"),
+    };
+    let out = cmd.output().unwrap();
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Starts `keel serve` on an ephemeral loopback port with `extra` flags; returns the child
+/// and the URL it printed.
+fn serve(db: &Path, extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(KEEL)
+        .arg("--db")
+        .arg(db)
+        .args(["serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
+        .args(extra)
+        .env_remove("KEEL_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
+        if let Some(rest) = line.split("keel: serving ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, url)
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+/// Waits (at most `secs`) for the child to exit; its exit code.
+fn exit_code(child: &mut Child, secs: u64) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "keel serve did not stop within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One plain HTTP/1.1 request (an empty `token`: none sent): (status, JSON body).
+fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The read commands compared through the server and on the database.
+fn reads(run: &str) -> Vec<Vec<String>> {
+    let r = run.to_owned();
+    let short = run[..8].to_owned();
+    [
+        vec!["runs", "--json"],
+        vec!["runs"],
+        vec!["runs", "--status", "awaitinghuman"],
+        vec!["escalations", "--json"],
+        vec!["escalations"],
+        vec!["stats", "--json"],
+        vec!["stats"],
+        vec!["show", &r, "--json"],
+        vec!["show", &short],
+        vec!["verify", "--json"],
+        vec!["verify"],
+        vec!["verify", "--run", &short],
+    ]
+    .into_iter()
+    .map(|a| a.into_iter().map(str::to_owned).collect())
+    .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn the_cli_goes_through_a_running_server_with_the_same_output() {
+    let d = DemoDb::new(8);
+    let db = d.db.clone();
+    let root = token_add(&db, "root", "admin");
+    let vera = token_add(&db, "vera", "viewer");
+    let waiting = d.run_of("human_escalation").to_string();
+    let before: Vec<Ran> = reads(&waiting).iter().map(|a| keel(&db, &strs(a)).ok().to_owned_ran()).collect();
+    let local_all = d.path("local.jsonl");
+    let all_args = |out: &Path| -> Vec<String> {
+        [
+            "export",
+            "--all",
+            "--since",
+            "0",
+            "--format",
+            "jsonl",
+            "--redact",
+            "TaskExecuted.output",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    keel(&db, &strs(&all_args(&local_all))).ok();
+    let csv_before = keel(&db, &["export", &waiting, "--format", "csv"]).ok().stdout.clone();
+    let early = d.path("early.jsonl");
+    let early = early.to_str().unwrap();
+    keel(&db, &["export", &waiting, "--format", "jsonl", "-o", early]).ok();
+    let against_before = keel(&db, &["verify", early, "--against-db", "--json"]).ok().stdout.clone();
+
+    let (mut child, url) = serve(&db, &[]);
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(db.join("serve.addr")).unwrap()).unwrap();
+    assert_eq!(recorded["url"], url);
+
+    // Every read, text and JSON, as it was on the database (the server's workers find
+    // nothing to do: every demo run is finished or waits for a human).
+    for (args, was) in reads(&waiting).iter().zip(&before) {
+        let now = keel_as(&db, Some(&vera), &strs(args));
+        assert_eq!(now.code, 0, "{args:?}: {}", now.stderr);
+        assert_eq!(now.stdout, was.stdout, "{args:?} through the server");
+    }
+    // An export of the run through the server verifies against its own chain.
+    let file = d.path("run.jsonl");
+    keel_as(&db, Some(&vera), &["export", &waiting[..8], "--format", "jsonl", "-o", file.to_str().unwrap()]);
+    keel_in(None, &["verify", file.to_str().unwrap()]).ok();
+
+    // Every run, redacted, as the database exports them (the header's export time aside).
+    let remote_all = d.path("remote.jsonl");
+    let r = keel_as(&db, Some(&vera), &strs(&all_args(&remote_all)));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    keel_in(None, &["verify", remote_all.to_str().unwrap()]).ok();
+    let records = |p: &Path| std::fs::read_to_string(p).unwrap().lines().skip(1).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(records(&remote_all), records(&local_all));
+    assert!(records(&remote_all).len() > 8);
+    let csv = keel_as(&db, Some(&vera), &["export", &waiting, "--format", "csv"]);
+    assert_eq!(csv.stdout, csv_before);
+    let against = keel_as(&db, Some(&vera), &["verify", early, "--against-db", "--json"]);
+    assert_eq!((against.code, &against.stdout), (0, &against_before), "{}", against.stderr);
+
+    // A resolution through the server is recorded with the token's name.
+    let r = keel_as(&db, Some(&root), &["resolve", &waiting[..8], "--decision", "approve", "--reason", "checked"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with(&format!("resolved run {waiting}: approve by root\n")), "{}", r.stdout);
+    wait_until("the resolved run's end", || {
+        let s = keel_as(&db, Some(&vera), &["show", &waiting, "--json"]).json();
+        ["Completed", "Failed", "Cancelled"].contains(&s["status"].as_str().unwrap_or(""))
+    });
+    let state = keel_as(&db, Some(&vera), &["show", &waiting, "--json"]).json();
+    assert_eq!(state["escalations"][0]["resolution"]["by"], "root");
+    let through = keel_as(&db, Some(&vera), &["runs", "--json"]);
+    assert_eq!(through.code, 0);
+    // The early export no longer matches the database (the run moved on).
+    let moved = keel_as(&db, Some(&vera), &["verify", early, "--against-db"]).one_line_error(1);
+    assert!(moved.contains("differs from the database"), "{moved}");
+
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+    assert!(!db.join("serve.addr").exists(), "the address file is removed on shutdown");
+    // What the server said is what the database says once it has stopped.
+    assert_eq!(keel(&db, &["runs", "--json"]).ok().stdout, through.stdout);
+    assert_eq!(keel(&db, &["verify", early, "--against-db"]).one_line_error(1), moved);
+    keel(&db, &["verify"]).ok();
+}
+
+#[test]
+fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
+    let d = DemoDb::new(8);
+    let db = d.db.clone();
+    let vera = token_add(&db, "vera", "viewer");
+    let waiting = d.run_of("human_escalation").to_string();
+    let (mut child, url) = serve(&db, &[]);
+
+    let e = keel_as(&db, None, &["runs"]).one_line_error(1);
+    assert!(e.contains("401 unauthorized") && e.contains("KEEL_TOKEN"), "{e}");
+    // Without --metrics-open, /metrics needs a token too.
+    let addr = url.trim_start_matches("http://");
+    assert_eq!(call(addr, "GET", "/metrics", "", None).0, 401);
+    let e = keel_as(&db, Some("keel_wrong"), &["escalations", "--json"]).one_line_error(1);
+    assert!(e.contains("401 unauthorized"), "{e}");
+    let e =
+        keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve", "--reason", "x"]).one_line_error(1);
+    assert!(e.contains("403 forbidden"), "{e}");
+    let e = keel_as(&db, Some(&vera), &["cancel", &waiting, "--reason", "x"]).one_line_error(1);
+    assert!(e.contains("403 forbidden"), "{e}");
+    // --server and --token name them explicitly (and a free-text --by is refused).
+    let r = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["escalations"][0]["run"], waiting);
+    // The flags are checked as on the database before anything is sent: too deep an
+    // output is the same one line (exit 2), a resolution without a reason is refused.
+    let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--output", &deep, "--reason", "x"]).one_line_error(2);
+    assert!(e.contains("json_too_deep"), "{e}");
+    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve"]).one_line_error(2);
+    assert!(e.contains("--reason"), "{e}");
+    let e = keel_as(&db, Some(&vera), &["resolve", &waiting, "--decision", "approve", "--reason", "x", "--by", "me"])
+        .one_line_error(2);
+    assert!(e.contains("--by"), "{e}");
+
+    // Killed: the address file stays behind, but the database is free, so it is read.
+    signal(&child, "-KILL");
+    let _ = child.wait();
+    assert!(db.join("serve.addr").exists());
+    let r = keel_as(&db, None, &["runs", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Held by another process while the file names a server that does not answer.
+    let held = d.open();
+    let e = keel_as(&db, None, &["runs"]).one_line_error(1);
+    assert!(e.contains("serve.addr") && e.contains(&url) && e.contains("is gone or does not answer"), "{e}");
+    // A file whose process is gone is not used even when its address answers: there a
+    // server of another database may be listening now.
+    let other = tempfile::tempdir().unwrap();
+    let (mut other_server, other_url) = serve(&other.path().join("db"), &[]);
+    let dead_pid = child.id();
+    std::fs::write(db.join("serve.addr"), json!({"url": other_url, "pid": dead_pid, "ca_cert": null}).to_string())
+        .unwrap();
+    let e = keel_as(&db, Some(&vera), &["runs", "--json"]).one_line_error(1);
+    assert!(e.contains(&other_url) && e.contains("is gone or does not answer"), "{e}");
+    signal(&other_server, "-TERM");
+    assert_eq!(exit_code(&mut other_server, 30), Some(0));
+    std::fs::remove_file(db.join("serve.addr")).unwrap();
+    let e = keel_as(&db, None, &["escalations"]).one_line_error(1);
+    assert!(
+        e.contains("is in use by another process") && e.contains("keel serve") && e.contains("--server URL"),
+        "{e}"
+    );
+    drop(held);
+}
+
+#[test]
+fn sigterm_during_work_exits_0_and_leaves_a_log_that_verifies_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let root = token_add(&db, "root", "admin");
+    let (mut child, url) = serve(&db, &["--metrics-open"]);
+    let addr = url.trim_start_matches("http://").to_owned();
+    // --metrics-open: /metrics answers without a token (and nothing else does).
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200") && raw.contains("# TYPE keel_runs gauge"), "{raw}");
+    assert_eq!(call(&addr, "GET", "/v1/runs", "", None).0, 401);
+    let n = 48u64;
+    for i in 0..n {
+        let req = keel_demo::request(11, i);
+        let body = json!({"workflow": req.workflow, "input": req.input, "idempotency_key": req.idempotency_key, "seed": req.seed});
+        let (status, r) = call(&addr, "POST", "/v1/runs", &root, Some(&body));
+        assert_eq!(status, 201, "{r}");
+    }
+    // Stop while the workers drive them.
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+    keel(&db, &["verify"]).ok();
+    let w = keel(&db, &["work", "--until-idle", "--json"]);
+    assert_eq!(w.code, 0, "{}", w.stderr);
+    eprintln!("after SIGTERM, keel work --until-idle: {}", w.stdout);
+    let runs = keel(&db, &["runs", "--json"]).ok().json();
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len() as u64, n);
+    for r in runs {
+        let s = r["status"].as_str().unwrap();
+        assert!(["Completed", "Failed", "Cancelled", "AwaitingHuman"].contains(&s), "{r}");
+    }
+    keel(&db, &["verify"]).ok();
+}
+
+#[test]
+fn https_with_a_self_signed_certificate_and_the_cli_trusting_it() {
+    let d = DemoDb::new(8);
+    let db = d.db.clone();
+    let vera = token_add(&db, "vera", "viewer");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let cert = d.path("cert.pem");
+    let key = d.path("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let before = keel(&db, &["escalations", "--json"]).ok().stdout.clone();
+
+    let (mut child, url) = serve(&db, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    // Found through serve.addr, which names the certificate to trust.
+    let r = keel_as(&db, Some(&vera), &["escalations", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, before);
+    // Named explicitly, with the certificate to trust; without it the server is not trusted.
+    let r = keel_in(
+        None,
+        &["--server", &url, "--token", &vera, "--ca-cert", cert.to_str().unwrap(), "escalations", "--json"],
+    );
+    assert_eq!(r.stdout, before, "{}", r.stderr);
+    let e = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]).one_line_error(1);
+    assert!(e.contains("cannot connect") && e.contains("certificate"), "{e}");
+    // Plain HTTP to the TLS port gets no answer.
+    let e = keel_in(None, &["--server", &url.replace("https", "http"), "--token", &vera, "runs"]).one_line_error(1);
+    assert!(e.contains(&url.replace("https", "http")), "{e}");
+    signal(&child, "-INT");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+}
+
+#[test]
+fn a_non_loopback_address_is_taken_with_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let e = keel_in(None, &["--db", db.to_str().unwrap(), "serve", "--listen", "0.0.0.0:0"]).one_line_error(2);
+    assert!(e.contains("--tls-cert") && e.contains("--insecure-bind"), "{e}");
+    let missing = dir.path().join("none.pem");
+    let e = keel_in(
+        None,
+        &[
+            "--db",
+            db.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--tls-cert",
+            missing.to_str().unwrap(),
+            "--tls-key",
+            missing.to_str().unwrap(),
+        ],
+    )
+    .one_line_error(1);
+    assert!(e.starts_with("error: TLS: ") && e.contains("none.pem"), "{e}");
+}
+
+trait Owned {
+    fn to_owned_ran(&self) -> Ran;
+}
+impl Owned for Ran {
+    fn to_owned_ran(&self) -> Ran {
+        Ran { code: self.code, stdout: self.stdout.clone(), stderr: self.stderr.clone() }
+    }
+}

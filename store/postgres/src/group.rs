@@ -1,0 +1,704 @@
+//! Appends: group commit. Callers hand their appends to one flusher task; it takes every
+//! append waiting (up to [`FLUSH_APPENDS_MAX`] appends and [`FLUSH_BYTES_MAX`] payload
+//! bytes) into ONE transaction, which locks the rows it decides on, decides each append in
+//! arrival order in memory ([`plan`]), writes what was decided with one statement per
+//! table, and commits; then each caller gets its own outcome. Runs are locked in sorted
+//! order (leases, then heads, then claims), so two processes' flushes wait for each other
+//! instead of deadlocking. If a row appeared that the transaction did not lock (another
+//! process created the same run or claimed the same new key at the same moment), the whole
+//! transaction is rolled back and its appends are retried one per transaction, where the
+//! row is then found and locked.
+
+use crate::error::{connection_lost, PgError, Timed};
+use crate::pool::Pool;
+use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Most appends one flush takes.
+pub(crate) const FLUSH_APPENDS_MAX: usize = 256;
+/// Most payload bytes one flush takes (the first append is always taken).
+pub(crate) const FLUSH_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Times one append is retried alone after losing a race for a new row.
+const RACE_TRIES: u32 = 8;
+
+/// One append waiting for a flush.
+pub(crate) struct Append {
+    pub(crate) run: RunId,
+    pub(crate) expected: Seq,
+    pub(crate) records: Vec<NewRecord>,
+    pub(crate) claim: Option<Claim>,
+    pub(crate) fence: Option<Fence>,
+    /// Aux writes made with the records, in the same transaction (already checked).
+    pub(crate) aux: Vec<AuxWrite>,
+    pub(crate) reply: std::sync::mpsc::SyncSender<Result<Head, StoreError>>,
+}
+
+impl Append {
+    fn bytes(&self) -> usize {
+        let records: usize = self.records.iter().map(|r| r.payload.len()).sum();
+        let aux: usize = self.aux.iter().map(|(k, v)| k.len().saturating_add(v.as_ref().map_or(0, Vec::len))).sum();
+        records.saturating_add(aux)
+    }
+}
+
+/// How the flusher commits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlushMode {
+    /// Appends per transaction at most (1: every append alone).
+    pub(crate) appends_max: usize,
+    /// `SET LOCAL synchronous_commit = off` (Durability::None).
+    pub(crate) async_commit: bool,
+    /// Flusher tasks (transactions in flight at once).
+    pub(crate) flushers: usize,
+}
+
+/// Counters of the flusher (see [`crate::PgStats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) flushes: AtomicU64,
+    pub(crate) appends: AtomicU64,
+    pub(crate) fenced: AtomicU64,
+    pub(crate) raced: AtomicU64,
+}
+
+/// The receiving end of the appends, shared by the flushers.
+pub(crate) type Queue = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Append>>>;
+
+/// A flusher task: runs until every sender is gone. With several (`EveryAppend`: one
+/// transaction per append, as many at once as there are flushers), each takes its batch
+/// under the queue's lock and commits on a session of its own.
+pub(crate) async fn flusher(pool: Arc<Pool>, queue: Queue, mode: FlushMode, counters: Arc<Counters>) {
+    let mut next: Option<Append> = None;
+    loop {
+        let mut rx = queue.lock().await;
+        let first = match next.take() {
+            Some(a) => a,
+            None => match rx.recv().await {
+                Some(a) => a,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        while batch.len() < mode.appends_max {
+            match rx.try_recv() {
+                Ok(a) if bytes.saturating_add(a.bytes()) > FLUSH_BYTES_MAX => {
+                    next = Some(a);
+                    break;
+                }
+                Ok(a) => {
+                    bytes = bytes.saturating_add(a.bytes());
+                    batch.push(a);
+                }
+                Err(_) => break,
+            }
+        }
+        drop(rx);
+        flush(&pool, batch, mode, &counters).await;
+    }
+}
+
+/// Runs one flush and answers every append of it.
+async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: &Counters) {
+    let outcomes = match flush_once(pool, &batch, mode, counters).await {
+        Ok(outcomes) => outcomes,
+        Err(Failed::Raced) => {
+            counters.raced.fetch_add(1, Ordering::Relaxed);
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for a in &batch {
+                outcomes.push(alone(pool, a, mode, counters).await);
+            }
+            outcomes
+        }
+        Err(Failed::Pg(e)) => batch.iter().map(|_| Err(e.clone().into())).collect(),
+    };
+    for (a, outcome) in batch.iter().zip(outcomes) {
+        // The caller may have gone (its thread ended): nothing to answer.
+        let _ = a.reply.send(outcome);
+    }
+}
+
+/// One append in a transaction of its own, retried while it loses races for new rows.
+async fn alone(pool: &Arc<Pool>, a: &Append, mode: FlushMode, counters: &Counters) -> Result<Head, StoreError> {
+    for _ in 0..RACE_TRIES {
+        match flush_once(pool, std::slice::from_ref(a), mode, counters).await {
+            Ok(mut outcomes) => return outcomes.pop().unwrap_or(Err(PgError::Closed.into())),
+            Err(Failed::Raced) => counters.raced.fetch_add(1, Ordering::Relaxed),
+            Err(Failed::Pg(e)) => return Err(e.into()),
+        };
+    }
+    Err(PgError::Contention { run: a.run, tries: RACE_TRIES }.into())
+}
+
+enum Failed {
+    /// A row appeared that the transaction did not lock, or the server broke a deadlock:
+    /// nothing was written; retry one append per transaction.
+    Raced,
+    /// Nothing was written ([`PgError::InDoubt`]: maybe it was).
+    Pg(PgError),
+}
+
+fn failed(e: tokio_postgres::Error) -> Failed {
+    let raced = matches!(
+        e.code(),
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    );
+    if raced {
+        Failed::Raced
+    } else {
+        Failed::Pg(PgError::of(e))
+    }
+}
+
+async fn flush_once(
+    pool: &Arc<Pool>,
+    batch: &[Append],
+    mode: FlushMode,
+    counters: &Counters,
+) -> Result<Vec<Result<Head, StoreError>>, Failed> {
+    let bounds = pool.bounds();
+    let committing = AtomicBool::new(false);
+    let attempt = async {
+        let mut conn = pool.get().await.map_err(Failed::Pg)?;
+        let client = conn.client().map_err(Failed::Pg)?;
+        let result = transaction(client, batch, mode, &committing).await;
+        // Every statement was answered: the session goes back unless its connection went.
+        match &result {
+            Err(Failed::Pg(e)) => conn.settled(e),
+            _ => conn.settle(),
+        }
+        result
+    };
+    // Cut after the call timeout: dropping `attempt` drops its session mid-statement (not
+    // reused, its statement cancelled); the transaction, never committed, is rolled back.
+    let result = match tokio::time::timeout(bounds.call, attempt).await {
+        Ok(Err(Failed::Pg(e))) => Err(Failed::Pg(e.with_statement_ms(bounds.statement_ms()))),
+        Ok(result) => result,
+        Err(_) => {
+            let what = if committing.load(Ordering::Relaxed) { Timed::Commit } else { Timed::Call };
+            Err(Failed::Pg(PgError::Timeout { what, after_ms: bounds.call_ms() }))
+        }
+    };
+    if let Ok(outcomes) = &result {
+        counters.flushes.fetch_add(1, Ordering::Relaxed);
+        for o in outcomes {
+            match o {
+                Ok(_) => counters.appends.fetch_add(1, Ordering::Relaxed),
+                Err(StoreError::Fenced { .. }) => counters.fenced.fetch_add(1, Ordering::Relaxed),
+                Err(_) => 0,
+            };
+        }
+    }
+    result
+}
+
+/// Locks, plans, writes and commits one flush.
+async fn transaction(
+    client: &mut Client,
+    batch: &[Append],
+    mode: FlushMode,
+    committing: &AtomicBool,
+) -> Result<Vec<Result<Head, StoreError>>, Failed> {
+    let tx = client.transaction().await.map_err(failed)?;
+    if mode.async_commit {
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(failed)?;
+    }
+    let mut fenced: Vec<Uuid> =
+        batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
+    fenced.sort();
+    fenced.dedup();
+    let mut runs: Vec<Uuid> = batch.iter().map(|a| a.run.0).collect();
+    runs.sort();
+    runs.dedup();
+    let mut keys: Vec<&[u8]> = batch.iter().filter_map(|a| a.claim.as_ref().map(|c| c.key.as_slice())).collect();
+    keys.sort();
+    keys.dedup();
+
+    let mut locked = Locked::default();
+    if !fenced.is_empty() {
+        let rows = tx
+            .query("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            let (run, epoch): (Uuid, i64) = (row.try_get(0).map_err(failed)?, row.try_get(1).map_err(failed)?);
+            locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
+        }
+    }
+    let rows = tx
+        .query(
+            "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE",
+            &[&runs],
+        )
+        .await
+        .map_err(failed)?;
+    for row in rows {
+        let run = RunId(row.try_get(0).map_err(failed)?);
+        let next_seq: i64 = row.try_get(1).map_err(failed)?;
+        let hash: Vec<u8> = row.try_get(2).map_err(failed)?;
+        let kind: String = row.try_get(3).map_err(failed)?;
+        locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
+    }
+    if !keys.is_empty() {
+        let rows = tx
+            .query("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+            .await
+            .map_err(failed)?;
+        for row in rows {
+            let key: Vec<u8> = row.try_get(0).map_err(failed)?;
+            let run = RunId(row.try_get(1).map_err(failed)?);
+            let expires: i64 = row.try_get(2).map_err(failed)?;
+            locked.claims.insert(key, (run, expires));
+        }
+    }
+
+    let plan = plan(batch.iter().map(Intent::of), locked);
+    if plan.events.is_empty() {
+        tx.rollback().await.map_err(failed)?;
+        return Ok(plan.outcomes);
+    }
+    write(&tx, &plan).await?;
+    // From here the outcome is in doubt if the connection goes or the call is cut.
+    committing.store(true, Ordering::Relaxed);
+    tx.commit().await.map_err(|e| if connection_lost(&e) { Failed::Pg(PgError::at_commit(e)) } else { failed(e) })?;
+    Ok(plan.outcomes)
+}
+
+/// A stored head row; a damaged one gives a head no append can match (the run's appends
+/// then conflict; `read` names the damage).
+fn stored_head(run: RunId, next_seq: i64, hash: &[u8], kind: String) -> Result<Head, StoreError> {
+    let bad = |reason: String| StoreError::Corrupted { run, seq: Seq(0), reason };
+    let next_seq = u64::try_from(next_seq).map_err(|_| bad(format!("head row has next_seq {next_seq}")))?;
+    let last_hash = Hash32::try_from(hash).map_err(|_| bad(format!("head row hash has {} bytes", hash.len())))?;
+    Ok(Head { next_seq: Seq(next_seq), last_hash, last_kind: Some(kind) })
+}
+
+async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
+    let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
+    for (run, (head, existed)) in &plan.heads {
+        let cols = if *existed { &mut upd } else { &mut ins };
+        cols.push(*run, head);
+    }
+    if !upd.run.is_empty() {
+        tx.execute(
+            "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
+             FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
+             WHERE heads.run = u.run",
+            &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    if !ins.run.is_empty() {
+        let n = tx
+            .execute(
+                "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
+                 ON CONFLICT (run) DO NOTHING",
+                &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind],
+            )
+            .await
+            .map_err(failed)?;
+        if usize::try_from(n).ok() != Some(ins.run.len()) {
+            return Err(Failed::Raced);
+        }
+    }
+    let (mut cu, mut ci) = (ClaimCols::default(), ClaimCols::default());
+    for (key, (run, expires, existed)) in &plan.claims {
+        let cols = if *existed { &mut cu } else { &mut ci };
+        cols.key.push(key.as_slice());
+        cols.run.push(run.0);
+        cols.expires.push(*expires);
+    }
+    if !cu.key.is_empty() {
+        tx.execute(
+            "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
+             FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
+             WHERE claims.key = u.key",
+            &[&cu.key, &cu.run, &cu.expires],
+        )
+        .await
+        .map_err(failed)?;
+    }
+    if !ci.key.is_empty() {
+        let n = tx
+            .execute(
+                "INSERT INTO claims (key, run, expires_at_us)
+                 SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
+                 ON CONFLICT (key) DO NOTHING",
+                &[&ci.key, &ci.run, &ci.expires],
+            )
+            .await
+            .map_err(failed)?;
+        if usize::try_from(n).ok() != Some(ci.key.len()) {
+            return Err(Failed::Raced);
+        }
+    }
+    let mut run = Vec::with_capacity(plan.events.len());
+    let mut seq = Vec::with_capacity(plan.events.len());
+    let mut value = Vec::with_capacity(plan.events.len());
+    for (r, s, v) in &plan.events {
+        run.push(r.0);
+        // Below i64::MAX: `decide` refused longer runs.
+        seq.push(i64::try_from(s.0).unwrap_or(i64::MAX));
+        value.push(v.as_slice());
+    }
+    tx.execute(
+        "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])",
+        &[&run, &seq, &value],
+    )
+    .await
+    .map_err(failed)?;
+    write_aux(tx, &plan.aux).await
+}
+
+/// The aux writes of a flush (see [`aux_statements`]).
+async fn write_aux(
+    tx: &tokio_postgres::Transaction<'_>,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), Failed> {
+    aux_statements(tx, aux).await.map_err(failed)
+}
+
+/// Aux writes in `tx`: removes deleted, puts upserted (one statement each).
+async fn aux_statements(
+    tx: &tokio_postgres::Transaction<'_>,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut put_key: Vec<&[u8]> = Vec::new();
+    let mut put_value: Vec<&[u8]> = Vec::new();
+    let mut removed: Vec<&[u8]> = Vec::new();
+    for (key, value) in aux {
+        match value {
+            Some(v) => {
+                put_key.push(key.as_slice());
+                put_value.push(v.as_slice());
+            }
+            None => removed.push(key.as_slice()),
+        }
+    }
+    if !removed.is_empty() {
+        tx.execute("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
+    }
+    if !put_key.is_empty() {
+        tx.execute(
+            "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&put_key, &put_value],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Aux writes outside any append, in one transaction of their own; retried (a few times)
+/// when the server broke a deadlock with a flush writing the same keys.
+pub(crate) async fn apply_aux(
+    client: &mut Client,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut tries = 0;
+    loop {
+        let attempt = async {
+            let tx = client.transaction().await?;
+            aux_statements(&tx, aux).await?;
+            tx.commit().await
+        };
+        match attempt.await {
+            Err(e) if tries + 1 < RACE_TRIES && retryable(&e) => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is a broken deadlock or a serialization failure (worth a retry).
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+#[derive(Default)]
+struct HeadCols {
+    run: Vec<Uuid>,
+    next_seq: Vec<i64>,
+    hash: Vec<Vec<u8>>,
+    kind: Vec<String>,
+}
+
+impl HeadCols {
+    fn push(&mut self, run: RunId, head: &Head) {
+        self.run.push(run.0);
+        // Below i64::MAX: `decide` refused longer runs.
+        self.next_seq.push(i64::try_from(head.next_seq.0).unwrap_or(i64::MAX));
+        self.hash.push(head.last_hash.to_vec());
+        self.kind.push(head.last_kind.clone().unwrap_or_default());
+    }
+}
+
+#[derive(Default)]
+struct ClaimCols<'a> {
+    key: Vec<&'a [u8]>,
+    run: Vec<Uuid>,
+    expires: Vec<i64>,
+}
+
+/// What the transaction read under its locks.
+#[derive(Debug, Default)]
+pub(crate) struct Locked {
+    /// Lease epochs of the fenced runs that have a lease row.
+    pub(crate) epochs: BTreeMap<RunId, u64>,
+    /// Heads of the runs that have records (`Err`: a damaged head row).
+    pub(crate) heads: BTreeMap<RunId, Result<Head, StoreError>>,
+    /// Claims on the keys claimed: `(holder, expires_at_us)`.
+    pub(crate) claims: BTreeMap<Vec<u8>, (RunId, i64)>,
+}
+
+/// One append as the planner sees it.
+pub(crate) struct Intent<'a> {
+    pub(crate) run: RunId,
+    pub(crate) expected: Seq,
+    pub(crate) records: &'a [NewRecord],
+    pub(crate) claim: Option<&'a Claim>,
+    pub(crate) fence: Option<Fence>,
+    pub(crate) aux: &'a [AuxWrite],
+}
+
+impl<'a> Intent<'a> {
+    fn of(a: &'a Append) -> Intent<'a> {
+        Intent {
+            run: a.run,
+            expected: a.expected,
+            records: &a.records,
+            claim: a.claim.as_ref(),
+            fence: a.fence,
+            aux: &a.aux,
+        }
+    }
+}
+
+/// What one flush writes, decided in memory.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// Each append's outcome, in arrival order.
+    pub(crate) outcomes: Vec<Result<Head, StoreError>>,
+    /// The final head of each run written, and whether its row existed.
+    pub(crate) heads: BTreeMap<RunId, (Head, bool)>,
+    /// Each claim written: `(holder, expires_at_us, row existed)`.
+    pub(crate) claims: BTreeMap<Vec<u8>, (RunId, i64, bool)>,
+    /// The record values to insert: `(run, seq, value)`.
+    pub(crate) events: Vec<(RunId, Seq, Vec<u8>)>,
+    /// The aux writes of the appends written, the last one per key in arrival order
+    /// (`None`: remove the entry).
+    pub(crate) aux: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+/// Decides each append in arrival order against the locked rows and the appends before it
+/// in the same flush: the rules of the in-process backends (fence, then OCC, then claim),
+/// each refusal writing nothing of its append.
+pub(crate) fn plan<'a>(intents: impl Iterator<Item = Intent<'a>>, locked: Locked) -> Plan {
+    let Locked { epochs, heads: stored, claims: stored_claims } = locked;
+    let mut p = Plan::default();
+    for i in intents {
+        let outcome = decide(&i, &epochs, &stored, &stored_claims, &mut p);
+        p.outcomes.push(outcome);
+    }
+    p
+}
+
+fn decide(
+    i: &Intent<'_>,
+    epochs: &BTreeMap<RunId, u64>,
+    stored: &BTreeMap<RunId, Result<Head, StoreError>>,
+    stored_claims: &BTreeMap<Vec<u8>, (RunId, i64)>,
+    p: &mut Plan,
+) -> Result<Head, StoreError> {
+    let run = i.run;
+    if let Some(f) = i.fence {
+        if f.run != run {
+            return Err(StoreError::Fenced { run, fence: f.epoch, current: 0 });
+        }
+        let current = epochs.get(&run).copied().unwrap_or(0);
+        if current != f.epoch {
+            return Err(StoreError::Fenced { run, fence: f.epoch, current });
+        }
+    }
+    let (head, existed) = match (p.heads.get(&run), stored.get(&run)) {
+        (Some((h, existed)), _) => (h.clone(), *existed),
+        (None, Some(Ok(h))) => (h.clone(), true),
+        (None, Some(Err(e))) => return Err(clone_err(e)),
+        (None, None) => (Head::empty(), false),
+    };
+    if i.expected != head.next_seq {
+        return Err(StoreError::Conflict { run, expected: i.expected, actual: head.next_seq });
+    }
+    if let Some(c) = i.claim {
+        let holder = match p.claims.get(&c.key) {
+            Some((r, e, _)) => Some((*r, *e)),
+            None => stored_claims.get(&c.key).copied(),
+        };
+        backend::check_claim(holder, run, c)?;
+    }
+    let (sealed, new_head) = backend::seal_batch(run, &head, i.records.to_vec())?;
+    if i64::try_from(new_head.next_seq.0).is_err() {
+        return Err(StoreError::TooLarge { what: "run length", bytes: usize::MAX, max: usize::MAX });
+    }
+    if let Some(c) = i.claim {
+        let existed = p.claims.get(&c.key).map_or(stored_claims.contains_key(&c.key), |(_, _, e)| *e);
+        p.claims.insert(c.key.clone(), (run, c.expires_at_us, existed));
+    }
+    p.events.extend(sealed.into_iter().map(|(seq, v)| (run, seq, v)));
+    p.heads.insert(run, (new_head.clone(), existed));
+    for (key, value) in i.aux {
+        p.aux.insert(key.clone(), value.clone());
+    }
+    Ok(new_head)
+}
+
+/// A damaged head row's error, once per append that meets it.
+fn clone_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Corrupted { run, seq, reason } => {
+            StoreError::Corrupted { run: *run, seq: *seq, reason: reason.clone() }
+        }
+        other => StoreError::Corrupted { run: RunId::from_bytes([0; 16]), seq: Seq(0), reason: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u8) -> NewRecord {
+        NewRecord {
+            kind: "K".into(),
+            time_us: i64::from(i),
+            payload_version: 1,
+            payload: vec![i],
+            payload_root: [i; 32],
+        }
+    }
+
+    fn run(n: u8) -> RunId {
+        RunId::from_bytes([n; 16])
+    }
+
+    struct A {
+        run: RunId,
+        expected: u64,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
+    }
+
+    fn a(run: RunId, expected: u64, n: u8) -> A {
+        A { run, expected, records: (0..n).map(rec).collect(), claim: None, fence: None, aux: Vec::new() }
+    }
+
+    fn planned(appends: &[A], locked: Locked) -> Plan {
+        plan(
+            appends.iter().map(|x| Intent {
+                run: x.run,
+                expected: Seq(x.expected),
+                records: &x.records,
+                claim: x.claim.as_ref(),
+                fence: x.fence,
+                aux: &x.aux,
+            }),
+            locked,
+        )
+    }
+
+    #[test]
+    fn appends_of_one_run_in_one_flush_chain_on_each_other_and_a_stale_one_conflicts() {
+        let p = planned(&[a(run(1), 0, 2), a(run(1), 2, 1), a(run(1), 2, 1), a(run(2), 0, 1)], Locked::default());
+        assert_eq!(p.outcomes[0].as_ref().unwrap().next_seq, Seq(2));
+        let third = p.outcomes[1].as_ref().unwrap();
+        assert_eq!(third.next_seq, Seq(3));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Conflict { expected: Seq(2), actual: Seq(3), .. })));
+        // One sealing, as one append of three records would be.
+        let (whole, head) = backend::seal_batch(run(1), &Head::empty(), vec![rec(0), rec(1), rec(0)]).unwrap();
+        let ours: Vec<_> = p.events.iter().filter(|(r, _, _)| *r == run(1)).map(|(_, s, v)| (*s, v.clone())).collect();
+        assert_eq!(ours, whole);
+        assert_eq!(p.heads[&run(1)], (head, false));
+        assert_eq!(p.events.len(), 4);
+    }
+
+    #[test]
+    fn a_key_claimed_earlier_in_the_flush_is_held_and_a_stale_fence_writes_nothing() {
+        let claim = |now_us| Some(Claim { key: b"k".to_vec(), now_us, expires_at_us: 100 });
+        let mut first = a(run(1), 0, 1);
+        first.claim = claim(0);
+        let mut second = a(run(2), 0, 1);
+        second.claim = claim(0);
+        let mut fenced = a(run(3), 0, 1);
+        fenced.fence = Some(Fence { run: run(3), epoch: 4 });
+        let mut other_run = a(run(3), 0, 1);
+        other_run.fence = Some(Fence { run: run(9), epoch: 5 });
+        let mut locked = Locked::default();
+        locked.epochs.insert(run(3), 5);
+        let p = planned(&[first, second, fenced, other_run], locked);
+        assert!(p.outcomes[0].is_ok());
+        assert!(matches!(p.outcomes[1], Err(StoreError::DuplicateKey { existing }) if existing == run(1)));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Fenced { fence: 4, current: 5, .. })));
+        assert!(matches!(p.outcomes[3], Err(StoreError::Fenced { fence: 5, current: 0, .. })));
+        assert_eq!(p.claims.get(b"k".as_slice()), Some(&(run(1), 100, false)));
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.heads.keys().copied().collect::<Vec<_>>(), vec![run(1)]);
+    }
+
+    #[test]
+    fn only_written_appends_bring_their_aux_writes_and_the_last_write_of_a_key_wins() {
+        let put = |k: &[u8], v: &[u8]| (k.to_vec(), Some(v.to_vec()));
+        let mut first = a(run(1), 0, 1);
+        first.aux = vec![put(b"x", b"1"), put(b"y", b"1")];
+        let mut stale = a(run(1), 0, 1);
+        stale.aux = vec![put(b"z", b"2")];
+        let mut fenced = a(run(2), 0, 1);
+        fenced.fence = Some(Fence { run: run(2), epoch: 1 });
+        fenced.aux = vec![put(b"w", b"3")];
+        let mut later = a(run(1), 1, 1);
+        later.aux = vec![(b"x".to_vec(), None), put(b"y", b"4")];
+        let mut locked = Locked::default();
+        locked.epochs.insert(run(2), 2);
+        let p = planned(&[first, stale, fenced, later], locked);
+        assert!(p.outcomes[0].is_ok() && p.outcomes[3].is_ok());
+        assert!(matches!(p.outcomes[1], Err(StoreError::Conflict { .. })));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Fenced { .. })));
+        let aux: Vec<(&[u8], Option<&[u8]>)> = p.aux.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+        assert_eq!(aux, vec![(b"x".as_slice(), None), (b"y".as_slice(), Some(b"4".as_slice()))]);
+    }
+
+    #[test]
+    fn a_locked_head_and_claim_are_the_starting_point() {
+        let (sealed, head) = backend::seal_batch(run(1), &Head::empty(), vec![rec(7)]).unwrap();
+        assert_eq!(sealed.len(), 1);
+        let mut locked = Locked::default();
+        locked.heads.insert(run(1), Ok(head.clone()));
+        locked.heads.insert(run(2), Err(StoreError::Corrupted { run: run(2), seq: Seq(0), reason: "x".into() }));
+        locked.claims.insert(b"k".to_vec(), (run(5), 50));
+        let mut expired = a(run(1), 1, 1);
+        expired.claim = Some(Claim { key: b"k".to_vec(), now_us: 50, expires_at_us: 90 });
+        let p = planned(&[a(run(1), 0, 1), expired, a(run(2), 0, 1)], locked);
+        assert!(matches!(p.outcomes[0], Err(StoreError::Conflict { actual: Seq(1), .. })));
+        assert_eq!(p.outcomes[1].as_ref().unwrap().next_seq, Seq(2));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Corrupted { .. })));
+        assert!(p.heads[&run(1)].1, "the row existed: updated, not inserted");
+        assert_eq!(p.claims.get(b"k".as_slice()), Some(&(run(1), 90, true)));
+        assert_eq!(p.events[0].2, {
+            let (v, _) = backend::seal_batch(run(1), &head, vec![rec(0)]).unwrap();
+            v[0].1.clone()
+        });
+    }
+}

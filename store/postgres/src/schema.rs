@@ -1,0 +1,150 @@
+//! The tables, as numbered migrations applied in order at open (docs/STORE.md, "PostgreSQL").
+//!
+//! `schema_version` holds one row per applied migration. Opening takes a transaction-scoped
+//! advisory lock so that processes opening one schema at once migrate it once, applies the
+//! missing migrations in that transaction, and refuses a schema whose version is newer than
+//! [`SCHEMA_VERSION`] ([`OpenError::SchemaTooNew`]) without touching it.
+
+use crate::error::{OpenError, PgError};
+use tokio_postgres::Client;
+
+/// The migrations, in order: `(version, statements)`. Never edit one that has shipped: add
+/// the next.
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE events (
+        run uuid NOT NULL,
+        seq bigint NOT NULL CHECK (seq >= 0),
+        value bytea NOT NULL,
+        PRIMARY KEY (run, seq)
+    );
+    CREATE TABLE heads (
+        run uuid PRIMARY KEY,
+        next_seq bigint NOT NULL CHECK (next_seq > 0),
+        last_hash bytea NOT NULL,
+        last_kind text NOT NULL
+    );
+    CREATE TABLE claims (
+        key bytea PRIMARY KEY,
+        run uuid NOT NULL,
+        expires_at_us bigint NOT NULL
+    );
+    CREATE TABLE leases (
+        run uuid PRIMARY KEY,
+        owner text,
+        epoch bigint NOT NULL,
+        expires_at_us bigint NOT NULL
+    );
+    CREATE TABLE snapshots (
+        run uuid PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    CREATE TABLE aux (
+        key bytea PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    CREATE TABLE due (
+        run uuid PRIMARY KEY,
+        due_at_us bigint NOT NULL
+    );
+    CREATE INDEX due_by_time ON due (due_at_us, run);",
+    ),
+    (
+        2,
+        "CREATE TABLE payload_manifests (
+        digest bytea PRIMARY KEY,
+        manifest bytea NOT NULL
+    );
+    CREATE TABLE payloads (
+        digest bytea NOT NULL,
+        chunk integer NOT NULL CHECK (chunk >= 0),
+        bytes bytea NOT NULL,
+        PRIMARY KEY (digest, chunk)
+    );",
+    ),
+];
+
+/// The schema version this build migrates to (its last migration's number).
+pub const SCHEMA_VERSION: i32 = 2;
+
+const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
+
+/// Whether `name` is a plain lower-case identifier (it is written into statements unquoted).
+pub(crate) fn valid_schema_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 63
+}
+
+/// Creates (with `create`) and migrates `schema`; returns the version it is at.
+pub(crate) async fn migrate(client: &mut Client, schema: &str, create: bool) -> Result<i32, OpenError> {
+    let err = |e| OpenError::Postgres(PgError::of(e));
+    let tx = client.transaction().await.map_err(err)?;
+    // One migrator per schema at a time, across processes; released at COMMIT/ROLLBACK.
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('keel schema ' || $1::text)::bigint)", &[&schema])
+        .await
+        .map_err(err)?;
+    let exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'schema_version')",
+            &[&schema],
+        )
+        .await
+        .map_err(err)?
+        .get(0);
+    if !exists {
+        if !create {
+            return Err(OpenError::NotFound { schema: schema.to_owned() });
+        }
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE {schema}.schema_version (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );"
+        ))
+        .await
+        .map_err(err)?;
+    }
+    let found: i32 = tx
+        .query_one(&format!("SELECT coalesce(max(version), 0) FROM {schema}.schema_version"), &[])
+        .await
+        .map_err(err)?
+        .get(0);
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::SchemaTooNew { schema: schema.to_owned(), found, supported: SCHEMA_VERSION });
+    }
+    for (version, statements) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        tx.batch_execute(&format!("SET LOCAL search_path TO {schema};\n{statements}")).await.map_err(err)?;
+        tx.execute(&format!("INSERT INTO {schema}.schema_version (version) VALUES ($1)"), &[version])
+            .await
+            .map_err(err)?;
+        tracing::info!(schema, version, "applied keel schema migration");
+    }
+    tx.commit().await.map_err(err)?;
+    Ok(SCHEMA_VERSION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        for ok in ["keel", "_t1", "keel_test_42"] {
+            assert!(valid_schema_name(ok), "{ok}");
+        }
+        for bad in ["", "1abc", "Keel", "a-b", "a;drop", "a b", &"x".repeat(64)] {
+            assert!(!valid_schema_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn migrations_are_numbered_one_by_one() {
+        for (i, (v, _)) in (1..).zip(MIGRATIONS) {
+            assert_eq!(*v, i);
+        }
+    }
+}

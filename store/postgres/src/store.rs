@@ -1,0 +1,958 @@
+//! [`PgStore`]: the seam's two traits on PostgreSQL. The seam is synchronous and is called
+//! from the engine's blocking sections and from plain threads, so the store runs its own
+//! small runtime: each call is spawned there and the caller waits on a std channel (never
+//! `block_on`, which panics inside another runtime).
+
+use crate::error::{pg, OpenError, PgError, Timed};
+use crate::group::{self, Append, Counters, FlushMode};
+use crate::pool::{Bounds, Pool};
+use crate::schema;
+use keel_store::{
+    backend, AuxEntry, AuxWrite, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits,
+    NewRecord, PayloadRef, Payloads, RecordIter, ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX,
+    PAYLOAD_BYTES_MAX,
+};
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// How to open a [`PgStore`].
+#[derive(Clone, Debug)]
+pub struct PgConfig {
+    /// `postgres://user@host:port/database` (libpq URL or key=value form).
+    pub url: String,
+    /// The schema (namespace) holding the store's tables: a plain lower-case identifier.
+    /// Several stores can share one database in different schemas. Default `keel`.
+    pub schema: String,
+    /// When an append returns (docs/STORE.md, "PostgreSQL"). Default: group commit.
+    pub durability: Durability,
+    /// Size limits (validated at open: `InvalidConfig`).
+    pub limits: Limits,
+    /// Sessions the store opens at most (appends use one at a time). Default 4, 1..=64.
+    pub pool_size: usize,
+    /// Records fetched per query while reading a run. Default 256, 1..=65536.
+    pub read_page_records: usize,
+    /// Create the schema and its tables if missing (default true); false => `NotFound`.
+    pub create: bool,
+    /// How long opening a session may take (TCP connect, startup, authentication), else
+    /// [`Timed::Connect`]. Default 10 s, 1..=3_600_000.
+    pub connect_timeout_ms: u64,
+    /// How long one statement may run on the server (its `statement_timeout`, also bounding
+    /// a wait for a row lock), else [`Timed::Statement`]: the server cancels it and rolls
+    /// its transaction back. Default 30 s, 1..=3_600_000.
+    pub statement_timeout_ms: u64,
+    /// How long one call into PostgreSQL may take in all (taking a session, its statements,
+    /// its commit; one flush for appends), else [`Timed::Call`] ([`Timed::Commit`] when
+    /// COMMIT was in flight); the backstop for a server that does not answer at all. It
+    /// also ends, on the server, a session left idle inside a transaction this long
+    /// (`idle_in_transaction_session_timeout`). Default 60 s, 1..=3_600_000.
+    pub call_timeout_ms: u64,
+}
+
+impl PgConfig {
+    /// The defaults for the database at `url`.
+    pub fn new(url: impl Into<String>) -> PgConfig {
+        PgConfig {
+            url: url.into(),
+            schema: "keel".into(),
+            durability: Durability::default(),
+            limits: Limits::default(),
+            pool_size: 4,
+            read_page_records: 256,
+            create: true,
+            connect_timeout_ms: 10_000,
+            statement_timeout_ms: 30_000,
+            call_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// What the store has done since it opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgStats {
+    /// Transactions committed (or rolled back with nothing to write) by the flusher.
+    pub flushes: u64,
+    /// Appends written.
+    pub appends: u64,
+    /// Fenced appends refused because their lease epoch was stale.
+    pub fenced_refusals: u64,
+    /// Flushes rolled back because another writer created a row first (then retried one
+    /// append per transaction).
+    pub raced_flushes: u64,
+}
+
+/// Owns the runtime; shuts it down without waiting (dropping a runtime inside another
+/// runtime's task would panic).
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Shared {
+    handle: tokio::runtime::Handle,
+    bounds: Bounds,
+    pool: Arc<Pool>,
+    appends: mpsc::UnboundedSender<Append>,
+    counters: Arc<Counters>,
+    limits: Limits,
+    durability: Durability,
+    page: i64,
+    schema: String,
+    // Last: the runtime goes after everything that spawns onto it.
+    _rt: Rt,
+}
+
+/// Runs `fut` on the store's runtime and waits for it with std primitives, so any thread
+/// may call it: a plain one, or a runtime's thread inside `block_in_place` or
+/// `spawn_blocking`. After `bound` the call is cut ([`Timed::Call`]): `fut` is dropped
+/// there, and with it the session it held (never reused; its statement cancelled).
+fn call<T, F>(handle: &tokio::runtime::Handle, bound: Duration, fut: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let out = match tokio::time::timeout(bound, fut).await {
+            Ok(out) => out,
+            Err(_) => Err(PgError::Timeout { what: Timed::Call, after_ms: millis(bound) }.into()),
+        };
+        let _ = tx.send(out);
+    });
+    rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Shared {
+    fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        call(&self.handle, self.bounds.call, fut)
+    }
+}
+
+/// The bounds of `config`, each checked to be in range.
+fn bounds(config: &PgConfig) -> Result<Bounds, OpenError> {
+    let ms = |name: &str, v: u64| {
+        if (1..=TIMEOUT_MS_MAX).contains(&v) {
+            Ok(Duration::from_millis(v))
+        } else {
+            Err(OpenError::InvalidConfig { reason: format!("{name} {v} not in 1..={TIMEOUT_MS_MAX}") })
+        }
+    };
+    Ok(Bounds {
+        connect: ms("connect_timeout_ms", config.connect_timeout_ms)?,
+        statement: ms("statement_timeout_ms", config.statement_timeout_ms)?,
+        call: ms("call_timeout_ms", config.call_timeout_ms)?,
+    })
+}
+
+/// The longest timeout a config may set (one hour).
+const TIMEOUT_MS_MAX: u64 = 3_600_000;
+
+/// keel's event log and coordination on PostgreSQL (docs/STORE.md, "PostgreSQL"). Several
+/// processes may open one schema at once: appends are checked by the database (the run's
+/// head row, locked), leases live in a table, and a fenced append checks its epoch under
+/// the lease row's lock in the append's transaction.
+pub struct PgStore {
+    shared: Arc<Shared>,
+}
+
+impl PgStore {
+    /// Connects, creates (with `config.create`) and migrates the schema, and starts the
+    /// flusher. Refuses a schema migrated by a newer build ([`OpenError::SchemaTooNew`]).
+    pub fn open(config: PgConfig) -> Result<PgStore, OpenError> {
+        backend::validate_limits(&config.limits).map_err(OpenError::Limits)?;
+        let invalid = |reason: String| Err(OpenError::InvalidConfig { reason });
+        if !schema::valid_schema_name(&config.schema) {
+            return invalid(format!("schema {:?} is not a lower-case identifier of at most 63 bytes", config.schema));
+        }
+        if !(1..=64).contains(&config.pool_size) {
+            return invalid(format!("pool_size {} not in 1..=64", config.pool_size));
+        }
+        if !(1..=65_536).contains(&config.read_page_records) {
+            return invalid(format!("read_page_records {} not in 1..=65536", config.read_page_records));
+        }
+        let bounds = bounds(&config)?;
+        let mut pg: tokio_postgres::Config =
+            config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
+        pg.options(format!(
+            "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            config.schema,
+            bounds.statement_ms(),
+            bounds.call_ms()
+        ));
+        pg.application_name("keel");
+        pg.connect_timeout(bounds.connect);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("keel-postgres")
+            .enable_all()
+            .build()
+            .map_err(OpenError::Runtime)?;
+        let rt = Rt(Some(rt));
+        let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
+        // Used only from tasks on the store's runtime: its timers bound the pool's waits and
+        // its sessions' connection tasks are spawned there.
+        let pool = Arc::new(Pool::new(pg, config.pool_size, bounds).map_err(OpenError::Postgres)?);
+        {
+            let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            handle.spawn(async move {
+                let migrated = async {
+                    let mut conn = pool.get().await.map_err(OpenError::Postgres)?;
+                    let client = conn.client().map_err(OpenError::Postgres)?;
+                    let result = schema::migrate(client, &schema, create).await;
+                    match &result {
+                        Err(OpenError::Postgres(e)) => conn.settled(e),
+                        _ => conn.settle(),
+                    }
+                    result.map_err(|e| match e {
+                        OpenError::Postgres(e) => OpenError::Postgres(e.with_statement_ms(bounds.statement_ms())),
+                        other => other,
+                    })
+                };
+                let result = match tokio::time::timeout(bounds.call, migrated).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        Err(OpenError::Postgres(PgError::Timeout { what: Timed::Call, after_ms: bounds.call_ms() }))
+                    }
+                };
+                let _ = tx.send(result);
+            });
+            rx.recv().map_err(|_| OpenError::Postgres(PgError::Closed))??;
+        }
+        let (appends_max, flushers) = (group::FLUSH_APPENDS_MAX, 1);
+        let mode = match config.durability {
+            Durability::None => FlushMode { appends_max, async_commit: true, flushers },
+            Durability::GroupCommit(_) => FlushMode { appends_max, async_commit: false, flushers },
+            // Each append its own transaction, several at once (one per session).
+            Durability::EveryAppend(_) => FlushMode { appends_max: 1, async_commit: false, flushers: config.pool_size },
+        };
+        let counters = Arc::new(Counters::default());
+        let (appends, rx) = mpsc::unbounded_channel();
+        let queue: group::Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..mode.flushers {
+            handle.spawn(group::flusher(pool.clone(), queue.clone(), mode, counters.clone()));
+        }
+        let page = i64::try_from(config.read_page_records).unwrap_or(256);
+        Ok(PgStore {
+            shared: Arc::new(Shared {
+                handle,
+                bounds,
+                pool,
+                appends,
+                counters,
+                limits: config.limits,
+                durability: config.durability,
+                page,
+                schema: config.schema,
+                _rt: rt,
+            }),
+        })
+    }
+
+    /// The schema the store's tables are in.
+    pub fn schema(&self) -> &str {
+        &self.shared.schema
+    }
+
+    /// Counters since open (flushes, appends, fenced refusals, raced flushes).
+    pub fn stats(&self) -> PgStats {
+        let c = &self.shared.counters;
+        PgStats {
+            flushes: c.flushes.load(Ordering::Relaxed),
+            appends: c.appends.load(Ordering::Relaxed),
+            fenced_refusals: c.fenced.load(Ordering::Relaxed),
+            raced_flushes: c.raced.load(Ordering::Relaxed),
+        }
+    }
+
+    fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.shared.call(fut)
+    }
+
+    fn pool(&self) -> Arc<Pool> {
+        self.shared.pool.clone()
+    }
+
+    /// An append, fenced or not: checked here, decided and written by the flusher.
+    fn submit(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
+        backend::validate_aux(&aux, &self.shared.limits)?;
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.shared
+            .appends
+            .send(Append { run, expected, records, claim, fence, aux, reply })
+            .map_err(|_| StoreError::from(PgError::Closed))?;
+        rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+    }
+
+    /// The stored chain hash of record `(run, seq)`, if stored.
+    fn stored_hash(&self, run: RunId, seq: u64) -> Result<Option<Hash32>, StoreError> {
+        let Some(value) = self.call(record_value(self.pool(), run, seq))? else {
+            return Ok(None);
+        };
+        Ok(Some(backend::decode_record(run, Seq(seq), &value)?.hash))
+    }
+
+    fn lease(&self, run: RunId, owner: &str, epoch: i64, expires_at_us: i64) -> Lease {
+        let releaser: Arc<dyn ReleaseOnDrop> = Arc::new(Releaser(Arc::downgrade(&self.shared)));
+        Lease::releasing_on_drop(run, owner, u64::try_from(epoch).unwrap_or(0), expires_at_us, releaser)
+    }
+
+    fn records(&self, run: RunId, from: Seq, linked: bool) -> Result<RecordIter, StoreError> {
+        let prev = match from.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => match self.stored_hash(run, p) {
+                Ok(Some(h)) => h,
+                Ok(None) if !linked => [0u8; 32],
+                Ok(None) => {
+                    // Reading past the end is empty; a missing predecessor of stored
+                    // records is a gap.
+                    if !self.call(any_from(self.pool(), run, from.0))? {
+                        return Ok(Box::new(std::iter::empty()));
+                    }
+                    return Ok(Box::new(std::iter::once(Err(StoreError::Corrupted {
+                        run,
+                        seq: Seq(p),
+                        reason: "broken link: record missing before the read start (record removed)".into(),
+                    }))));
+                }
+                Err(e) if linked => return Ok(Box::new(std::iter::once(Err(e)))),
+                Err(_) => [0u8; 32],
+            },
+        };
+        let pages = Pages { shared: self.shared.clone(), run, next: from.0, buf: VecDeque::new(), done: false };
+        Ok(backend::checked_records(run, pages, from, prev, linked))
+    }
+}
+
+/// Releases a dropped lease (in the database), unless the store is gone.
+#[derive(Debug)]
+struct Releaser(Weak<Shared>);
+
+impl ReleaseOnDrop for Releaser {
+    fn release_dropped(&self, run: RunId, epoch: u64) {
+        let Some(shared) = self.0.upgrade() else { return };
+        if let Err(e) = shared.call(release(shared.pool.clone(), run, epoch)) {
+            tracing::warn!(%run, epoch, error = %e, "releasing a dropped lease failed (it ends at expiry)");
+        }
+    }
+}
+
+/// A run's stored `(seq, value)` pairs from `next`, fetched a page at a time.
+struct Pages {
+    shared: Arc<Shared>,
+    run: RunId,
+    next: u64,
+    buf: VecDeque<(Seq, Vec<u8>)>,
+    done: bool,
+}
+
+impl Iterator for Pages {
+    type Item = Result<(Seq, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(pair) = self.buf.pop_front() {
+            return Some(Ok(pair));
+        }
+        if self.done {
+            return None;
+        }
+        let fetched = self.shared.call(page(self.shared.pool.clone(), self.run, self.next, self.shared.page));
+        match fetched {
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            Ok(rows) => {
+                self.done = i64::try_from(rows.len()).map_or(true, |n| n < self.shared.page);
+                match rows.last().map(|(s, _)| s.0.checked_add(1)) {
+                    Some(Some(n)) => self.next = n,
+                    Some(None) => self.done = true,
+                    None => {}
+                }
+                self.buf.extend(rows);
+                self.buf.pop_front().map(Ok)
+            }
+        }
+    }
+}
+
+fn seq_param(seq: u64) -> i64 {
+    // Stored seqs are below i64::MAX (appends refuse longer runs): beyond reads as nothing.
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn stored_seq(run: RunId, seq: i64) -> Result<Seq, StoreError> {
+    u64::try_from(seq).map(Seq).map_err(|_| StoreError::Corrupted {
+        run,
+        seq: Seq(0),
+        reason: format!("stored seq {seq}"),
+    })
+}
+
+async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
+    let mut conn = pool.get().await?;
+    let result = conn
+        .client()?
+        .query(
+            "SELECT seq, value FROM events WHERE run = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            &[&run.0, &seq_param(from), &limit],
+        )
+        .await;
+    let rows = conn.ok(result)?;
+    rows.into_iter().map(|r| Ok((stored_seq(run, r.try_get(0).map_err(pg)?)?, r.try_get(1).map_err(pg)?))).collect()
+}
+
+async fn record_value(pool: Arc<Pool>, run: RunId, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut conn = pool.get().await?;
+    let result = conn
+        .client()?
+        .query_opt("SELECT value FROM events WHERE run = $1 AND seq = $2", &[&run.0, &seq_param(seq)])
+        .await;
+    let row = conn.ok(result)?;
+    row.map(|r| r.try_get(0).map_err(pg)).transpose()
+}
+
+async fn any_from(pool: Arc<Pool>, run: RunId, from: u64) -> Result<bool, StoreError> {
+    let mut conn = pool.get().await?;
+    let result = conn
+        .client()?
+        .query_one("SELECT EXISTS (SELECT 1 FROM events WHERE run = $1 AND seq >= $2)", &[&run.0, &seq_param(from)])
+        .await;
+    let row = conn.ok(result)?;
+    row.try_get(0).map_err(pg)
+}
+
+async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
+    let mut conn = pool.get().await?;
+    let result =
+        conn.client()?.query_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0]).await;
+    let row = conn.ok(result)?;
+    let Some(row) = row else { return Ok(Head::empty()) };
+    let next_seq = stored_seq(run, row.try_get(0).map_err(pg)?)?;
+    let hash: Vec<u8> = row.try_get(1).map_err(pg)?;
+    let last_hash = Hash32::try_from(hash.as_slice()).map_err(|_| StoreError::Corrupted {
+        run,
+        seq: next_seq,
+        reason: format!("head row hash has {} bytes", hash.len()),
+    })?;
+    Ok(Head { next_seq, last_hash, last_kind: Some(row.try_get(2).map_err(pg)?) })
+}
+
+/// Runs listed per query by `runs()`.
+const RUNS_PAGE: i64 = 10_000;
+
+async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
+    let mut conn = pool.get().await?;
+    let mut out: Vec<RunId> = Vec::new();
+    loop {
+        let client = conn.client()?;
+        let rows = match out.last() {
+            None => client.query("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
+            Some(after) => {
+                client
+                    .query("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE])
+                    .await
+            }
+        };
+        let rows = conn.ok(rows)?;
+        let n = rows.len();
+        for r in rows {
+            out.push(RunId(r.try_get::<_, Uuid>(0).map_err(pg)?));
+        }
+        if i64::try_from(n).map_or(true, |n| n < RUNS_PAGE) {
+            return Ok(out);
+        }
+    }
+}
+
+async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
+    async fn flush_tx(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        // A transaction with an id commits with a WAL flush, which covers every commit
+        // before it, including those made with synchronous_commit off.
+        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();").await?;
+        tx.commit().await
+    }
+    let mut conn = pool.get().await?;
+    let result = flush_tx(conn.client()?).await;
+    conn.ok(result)
+}
+
+async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
+    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
+    let mut conn = pool.get().await?;
+    let result = conn
+        .client()?
+        .execute(
+            "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
+            &[&run.0, &epoch],
+        )
+        .await;
+    conn.ok(result)?;
+    Ok(())
+}
+
+fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
+    let ttl_us = i64::try_from(ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000);
+    now_us.saturating_add(ttl_us)
+}
+
+impl EventLog for PgStore {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, None, Vec::new())
+    }
+
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.records(run, from, true)
+    }
+
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.call(head_of(self.pool(), run))
+    }
+
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.call(all_runs(self.pool()))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.call(flush_wal(self.pool()))
+    }
+
+    fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    fn limits(&self) -> Limits {
+        self.shared.limits.clone()
+    }
+
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        keel_store::read_runs_in_turn(self, runs)
+    }
+
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.records(run, from, false)
+    }
+}
+
+impl Coordination for PgStore {
+    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        if owner.len() > OWNER_BYTES_MAX {
+            return Err(StoreError::TooLarge { what: "lease owner", bytes: owner.len(), max: OWNER_BYTES_MAX });
+        }
+        let expires_at_us = expiry(now_us, ttl_ms);
+        let (pool, who) = (self.pool(), owner.to_owned());
+        let epoch = self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query_opt(
+                    "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
+                     ON CONFLICT (run) DO UPDATE
+                       SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
+                       WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
+                     RETURNING epoch",
+                    &[&run.0, &who, &expires_at_us, &now_us],
+                )
+                .await;
+            let row = conn.ok(result)?;
+            row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
+        })?;
+        Ok(epoch.map(|e| self.lease(run, owner, e, expires_at_us)))
+    }
+
+    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        let Ok(epoch) = i64::try_from(lease.epoch()) else { return Ok(None) };
+        let expires_at_us = expiry(now_us, ttl_ms);
+        let (pool, run) = (self.pool(), lease.run());
+        let renewed = self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query_opt(
+                    "UPDATE leases SET epoch = epoch + 1, expires_at_us = $3
+                     WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at_us > $4
+                     RETURNING epoch",
+                    &[&run.0, &epoch, &expires_at_us, &now_us],
+                )
+                .await;
+            let row = conn.ok(result)?;
+            row.map(|r| r.try_get::<_, i64>(0).map_err(pg)).transpose()
+        })?;
+        Ok(renewed.map(|e| self.lease(run, lease.owner(), e, expires_at_us)))
+    }
+
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.call(release(self.pool(), lease.run(), lease.epoch()))
+    }
+
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, Some(fence), Vec::new())
+    }
+
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, Some(fence), aux)
+    }
+
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, None, aux)
+    }
+
+    fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError> {
+        backend::validate_aux(&aux, &self.shared.limits)?;
+        if aux.is_empty() {
+            return Ok(());
+        }
+        // The last write of a key wins, as if applied one by one; keys in order.
+        let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = aux.into_iter().collect();
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = group::apply_aux(conn.client()?, &writes).await;
+            conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<AuxEntry>, StoreError> {
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (pool, lo, hi) = (self.pool(), lo.to_vec(), hi.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query(
+                    "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2 ORDER BY key LIMIT $3",
+                    &[&lo, &hi, &limit],
+                )
+                .await;
+            let rows = conn.ok(result)?;
+            rows.iter().map(|r| Ok((r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?))).collect()
+        })
+    }
+
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        let (pool, key) = (self.pool(), key.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query_opt("SELECT run FROM claims WHERE key = $1 AND expires_at_us > $2", &[&key, &now_us])
+                .await;
+            let row = conn.ok(result)?;
+            row.map(|r| r.try_get::<_, Uuid>(0).map(RunId).map_err(pg)).transpose()
+        })
+    }
+
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        let max = self.shared.limits.snapshot_bytes_max;
+        if state.len() > max {
+            return Err(StoreError::TooLarge { what: "snapshot", bytes: state.len(), max });
+        }
+        let head = self.head(run)?;
+        if next_seq > head.next_seq {
+            return Err(StoreError::SnapshotBeyondHead { run, next_seq, head: head.next_seq });
+        }
+        let anchor = match next_seq.0.checked_sub(1) {
+            None => [0u8; 32],
+            Some(p) => self.stored_hash(run, p)?.ok_or(StoreError::Corrupted {
+                run,
+                seq: Seq(p),
+                reason: "record missing below the head".into(),
+            })?,
+        };
+        let value = backend::seal_snapshot(next_seq, anchor, state)?;
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .execute(
+                    "INSERT INTO snapshots (run, value) VALUES ($1, $2)
+                     ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
+                    &[&run.0, &value],
+                )
+                .await;
+            conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        let pool = self.pool();
+        let value: Option<Vec<u8>> = self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.query_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0]).await;
+            let row = conn.ok(result)?;
+            row.map(|r| r.try_get(0).map_err(pg)).transpose()
+        })?;
+        let Some(value) = value else { return Ok(None) };
+        backend::open_snapshot(run, &value, |p| self.stored_hash(run, p)).map(Some)
+    }
+
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let max = self.shared.limits.key_bytes_max;
+        if key.len() > max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max });
+        }
+        let (pool, key) = (self.pool(), key.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.query_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await;
+            let row = conn.ok(result)?;
+            row.map(|r| r.try_get(0).map_err(pg)).transpose()
+        })
+    }
+
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let limits = &self.shared.limits;
+        if key.len() > limits.key_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: limits.key_bytes_max });
+        }
+        if value.len() > limits.event_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux value", bytes: value.len(), max: limits.event_bytes_max });
+        }
+        let (pool, key, value) = (self.pool(), key.to_vec(), value.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.execute(
+                    "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&key, &value],
+                ).await;
+    conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .execute(
+                    "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
+                     ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
+                    &[&run.0, &due_at_us],
+                )
+                .await;
+            conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.execute("DELETE FROM due WHERE run = $1", &[&run.0]).await;
+            conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query(
+                    "SELECT run, due_at_us FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2",
+                    &[&now_us, &limit],
+                )
+                .await;
+            let rows = conn.ok(result)?;
+            rows.into_iter()
+                .map(|r| Ok((RunId(r.try_get::<_, Uuid>(0).map_err(pg)?), r.try_get::<_, i64>(1).map_err(pg)?)))
+                .collect()
+        })
+    }
+}
+
+/// Chunks written or read per statement (at most 2 MiB of a payload in one message).
+const PAYLOAD_CHUNKS_PER_STATEMENT: usize = 64;
+
+async fn put_payload_tx(
+    client: &mut tokio_postgres::Client,
+    digest: &[u8],
+    manifest: &[u8],
+    chunks: &[&[u8]],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Another session storing the same bytes waits here until it commits, then this
+    // writes nothing: a manifest is only ever stored with all its chunks.
+    let inserted = tx
+        .execute(
+            "INSERT INTO payload_manifests (digest, manifest) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING",
+            &[&digest, &manifest],
+        )
+        .await?;
+    if inserted == 1 {
+        for (start, group) in
+            (0i32..).step_by(PAYLOAD_CHUNKS_PER_STATEMENT).zip(chunks.chunks(PAYLOAD_CHUNKS_PER_STATEMENT))
+        {
+            let index: Vec<i32> = (start..).take(group.len()).collect();
+            tx.execute(
+                "INSERT INTO payloads (digest, chunk, bytes) SELECT $1, * FROM unnest($2::integer[], $3::bytea[])",
+                &[&digest, &index, &group],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await
+}
+
+impl Payloads for PgStore {
+    fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
+        let split = backend::split_payload(bytes)?;
+        let r = split.reference;
+        let pool = self.pool();
+        self.call(async move {
+            let chunks: Vec<&[u8]> = split.chunks.iter().map(Vec::as_slice).collect();
+            let mut conn = pool.get().await?;
+            let result = put_payload_tx(conn.client()?, &r.digest, &split.manifest, &chunks).await;
+            conn.ok(result)
+        })?;
+        Ok(r)
+    }
+
+    fn get_payload(&self, digest: &Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let (pool, d) = (self.pool(), *digest);
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query_opt("SELECT manifest FROM payload_manifests WHERE digest = $1", &[&d.as_slice()])
+                .await;
+            let Some(row) = conn.ok(result)? else { return Ok(None) };
+            let manifest: Vec<u8> = row.try_get(0).map_err(pg)?;
+            let (bytes, chunks) = backend::open_manifest(&d, &manifest)?;
+            let max = bytes_max.min(PAYLOAD_BYTES_MAX);
+            if bytes > max {
+                return Err(StoreError::TooLarge { what: "payload", bytes, max });
+            }
+            let mut stored: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+            let per = i32::try_from(PAYLOAD_CHUNKS_PER_STATEMENT).unwrap_or(64);
+            let mut from = 0i32;
+            while u32::try_from(from).is_ok_and(|f| f < chunks) {
+                let result = conn
+                    .client()?
+                    .query(
+                        "SELECT chunk, bytes FROM payloads WHERE digest = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk",
+                        &[&d.as_slice(), &from, &from.saturating_add(per)],
+                    )
+                    .await;
+                for row in conn.ok(result)? {
+                    let index: i32 = row.try_get(0).map_err(pg)?;
+                    if let Ok(index) = u32::try_from(index) {
+                        stored.insert(index, row.try_get(1).map_err(pg)?);
+                    }
+                }
+                from = from.saturating_add(per);
+            }
+            backend::assemble_payload(&d, bytes, chunks, |i| Ok(stored.remove(&i))).map(Some)
+        })
+    }
+
+    fn payload_digests(&self) -> Result<Vec<Hash32>, StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let mut out: Vec<Hash32> = Vec::new();
+            loop {
+                let client = conn.client()?;
+                let rows = match out.last() {
+                    None => {
+                        client
+                            .query("SELECT digest FROM payload_manifests ORDER BY digest LIMIT $1", &[&RUNS_PAGE])
+                            .await
+                    }
+                    Some(after) => {
+                        client
+                            .query(
+                                "SELECT digest FROM payload_manifests WHERE digest > $1 ORDER BY digest LIMIT $2",
+                                &[&after.as_slice(), &RUNS_PAGE],
+                            )
+                            .await
+                    }
+                };
+                let rows = conn.ok(rows)?;
+                let n = rows.len();
+                for row in rows {
+                    let d: Vec<u8> = row.try_get(0).map_err(pg)?;
+                    out.push(Hash32::try_from(d.as_slice()).map_err(|_| StoreError::CorruptPayload {
+                        digest: format!("{d:02x?}"),
+                        reason: "stored digest of a wrong length".into(),
+                    })?);
+                }
+                if i64::try_from(n).map_or(true, |n| n < RUNS_PAGE) {
+                    return Ok(out);
+                }
+            }
+        })
+    }
+}

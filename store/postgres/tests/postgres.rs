@@ -1,0 +1,642 @@
+//! What only a shared database shows: migrations, fencing under the lease row's lock,
+//! writers in two store handles (two sessions, as two processes) racing on one run, a
+//! session ended by the server in the middle of an append, acknowledged appends surviving
+//! a SIGKILL of the writing process, the seam called from inside a runtime, group commit,
+//! and the stored bytes being sled's. Each test works in fresh schemas it drops; without a
+//! server each says it was skipped (and fails under CI=true or KEEL_REQUIRE_POSTGRES=1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+
+use common::{ready, Admin, Scratch};
+use keel_store::{
+    Coordination, Durability, EventLog, Level, Limits, Payloads, RunId, Seq, SledStore, StoreConfig, StoreError,
+};
+use keel_store_conformance::{rec, Ev};
+use keel_store_postgres::{OpenError, PgConfig, PgError, PgStore, SCHEMA_VERSION};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const DURABLE: Durability = Durability::GroupCommit(Level::PowerLoss);
+
+fn run(n: u8) -> RunId {
+    RunId::from_bytes([n; 16])
+}
+
+/// Polls with `watcher` until a session waits on a lock `holder` holds (so tests running
+/// at once cannot mistake each other's sessions); returns its pid. Panics after 20 s.
+fn wait_for_a_session_blocked_by(holder_pid: i32, watcher: &Admin) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = watcher.rows(&format!(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'keel' AND {holder_pid} = ANY(pg_blocking_pids(pid))"
+        ));
+        if let Some(row) = rows.first() {
+            return row.get(0);
+        }
+        assert!(Instant::now() < deadline, "no keel session ever waited on the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn io_kind_and_pg(e: &StoreError) -> (std::io::ErrorKind, Option<PgError>) {
+    match e {
+        StoreError::Io(io) => (io.kind(), io.get_ref().and_then(|i| i.downcast_ref::<PgError>()).cloned()),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+}
+
+#[test]
+fn open_creates_and_migrates_a_fresh_schema_and_reopens_it_unchanged() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg.clone()).unwrap();
+    store.append(run(1), Seq(0), vec![rec(0)], None).unwrap();
+    drop(store);
+    let admin = Admin::connect().unwrap();
+    let versions = |admin: &Admin| -> Vec<i32> {
+        admin
+            .rows(&format!("SELECT version FROM {schema}.schema_version ORDER BY version"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert_eq!(versions(&admin), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    let tables = admin.int(&format!(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}' AND tablename IN \
+         ('events', 'heads', 'claims', 'leases', 'snapshots', 'aux', 'due')"
+    ));
+    assert_eq!(tables, 7);
+    // Reopened (also without `create`): nothing re-applied, the data is there.
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    assert_eq!(versions(&admin), (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    assert_eq!(store.head(run(1)).unwrap().next_seq, Seq(1));
+}
+
+#[test]
+fn a_schema_migrated_by_a_newer_build_is_refused_and_left_untouched() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    drop(PgStore::open(cfg.clone()).unwrap());
+    let admin = Admin::connect().unwrap();
+    let newer = SCHEMA_VERSION + 1;
+    admin.exec(&format!("INSERT INTO {schema}.schema_version (version) VALUES ({newer})"));
+    match PgStore::open(cfg) {
+        Err(OpenError::SchemaTooNew { schema: s, found, supported }) => {
+            assert_eq!((s, found, supported), (schema.clone(), newer, SCHEMA_VERSION));
+        }
+        Err(other) => panic!("expected SchemaTooNew, got {other}"),
+        Ok(_) => panic!("a newer schema was opened"),
+    }
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.schema_version")), i64::from(newer));
+}
+
+#[test]
+fn open_without_create_finds_no_store_in_an_empty_schema() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = PgConfig { create: false, ..scratch.config() };
+    let schema = cfg.schema.clone();
+    assert!(matches!(PgStore::open(cfg), Err(OpenError::NotFound { schema: s }) if s == schema));
+}
+
+#[test]
+fn bad_settings_are_refused_before_connecting() {
+    // No server needed: every setting is checked before the first connection.
+    let base = PgConfig::new("postgres://nobody@127.0.0.1:1/none");
+    let refused = |cfg: PgConfig| match PgStore::open(cfg) {
+        Err(OpenError::InvalidConfig { reason }) => reason,
+        Err(OpenError::Limits(StoreError::InvalidConfig { reason })) => reason,
+        Err(other) => panic!("expected InvalidConfig, got {other}"),
+        Ok(_) => panic!("opened"),
+    };
+    assert!(refused(PgConfig { schema: "Bad-Name".into(), ..base.clone() }).contains("schema"));
+    assert!(refused(PgConfig { pool_size: 0, ..base.clone() }).contains("pool_size"));
+    assert!(refused(PgConfig { read_page_records: 0, ..base.clone() }).contains("read_page_records"));
+    let limits = Limits { event_bytes_max: Limits::VALUE_BYTES_HARD_MAX + 1, ..Limits::default() };
+    assert!(refused(PgConfig { limits, ..base.clone() }).contains("event_bytes_max"));
+    assert!(refused(PgConfig { url: "not a url at all=".into(), ..base }).contains("url"));
+}
+
+/// The fence is checked under the lease row's lock inside the append's transaction: an
+/// append racing a takeover that is not yet committed waits for it, then is refused.
+/// (Checked before the transaction, or without the lock, it would see the old epoch and
+/// write.)
+#[test]
+fn a_fenced_append_racing_a_takeover_waits_for_it_and_is_refused_and_counted() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let r = run(1);
+    let a = store.try_lease(r, "a", 60_000, 0).unwrap().unwrap();
+    store.append_fenced(r, Seq(0), vec![rec(0)], None, a.fence()).unwrap();
+    let admin = Admin::connect().unwrap();
+    let watcher = Admin::connect().unwrap();
+    admin.exec(&format!("BEGIN; UPDATE {schema}.leases SET owner = 'b', epoch = epoch + 1 WHERE run = '{}'", r.0));
+    let (s, fence) = (store.clone(), a.fence());
+    let racing = std::thread::spawn(move || s.append_fenced(r, Seq(1), vec![rec(1)], None, fence));
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
+    admin.exec("COMMIT");
+    match racing.join().unwrap() {
+        Err(StoreError::Fenced { run, fence, current }) => {
+            assert_eq!((run, fence, current), (r, a.epoch(), a.epoch() + 1))
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!(store.stats().fenced_refusals, 1);
+    assert_eq!(store.head(r).unwrap().next_seq, Seq(1));
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events")), 1, "the refused append wrote nothing");
+}
+
+/// Two handles on one schema are two sessions, as two worker processes would be: a holder
+/// whose lease expired and was taken over by the other cannot write, and each refusal is
+/// counted where it happened.
+#[test]
+fn a_worker_paused_past_its_lease_cannot_write_after_another_took_over() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let (w1, w2) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let r = run(2);
+    let l1 = w1.try_lease(r, "w1", 1_000, 0).unwrap().unwrap();
+    w1.append_fenced(r, Seq(0), vec![rec(0)], None, l1.fence()).unwrap();
+    assert!(w2.try_lease(r, "w2", 1_000, 999_999).unwrap().is_none(), "held until it expires");
+    let l2 = w2.try_lease(r, "w2", 1_000, 1_000_000).unwrap().expect("expired: taken over");
+    assert!(l2.epoch() > l1.epoch());
+    w2.append_fenced(r, Seq(1), vec![rec(1)], None, l2.fence()).unwrap();
+    for seq in [1u64, 2] {
+        assert!(matches!(
+            w1.append_fenced(r, Seq(seq), vec![rec(9)], None, l1.fence()),
+            Err(StoreError::Fenced { fence, current, .. }) if fence == l1.epoch() && current == l2.epoch()
+        ));
+    }
+    assert!(w1.renew_lease(&l1, 1_000, 1_000_001).unwrap().is_none(), "the lost lease does not come back");
+    assert_eq!((w1.stats().fenced_refusals, w2.stats().fenced_refusals), (2, 0));
+    assert_eq!(w2.head(r).unwrap().next_seq, Seq(2));
+    // Dropping the lost lease releases nothing; dropping the holder's frees the run.
+    drop(l1);
+    assert!(w1.try_lease(r, "w1", 1_000, 1_000_002).unwrap().is_none());
+    drop(l2);
+    assert!(w1.try_lease(r, "w1", 1_000, 1_000_003).unwrap().is_some());
+    keel_store::verify_run::<Ev>(&w1, r).unwrap();
+}
+
+/// Writers in two handles (two sessions each) race for every seq of one run, the first
+/// creating the run: each seq is won exactly once, every loser gets `Conflict`, and the
+/// log has no gap and no duplicate.
+#[test]
+fn writers_in_two_handles_racing_on_one_run_win_each_seq_once() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let handles = [Arc::new(PgStore::open(cfg.clone()).unwrap()), Arc::new(PgStore::open(cfg).unwrap())];
+    let r = run(3);
+    const SLOTS: u64 = 60;
+    const WRITERS: usize = 4;
+    for slot in 0..SLOTS {
+        let barrier = Arc::new(Barrier::new(WRITERS));
+        let results: Vec<Result<_, StoreError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let (store, barrier) = (handles[w % 2].clone(), barrier.clone());
+                    s.spawn(move || {
+                        barrier.wait();
+                        store.append(r, Seq(slot), vec![rec(slot * 10 + w as u64)], None)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|x| x.is_ok()).count(), 1, "slot {slot}: {results:?}");
+        for e in results.iter().filter_map(|x| x.as_ref().err()) {
+            assert!(
+                matches!(e, StoreError::Conflict { expected, actual, .. } if *expected == Seq(slot) && *actual == Seq(slot + 1)),
+                "slot {slot}: {e:?}"
+            );
+        }
+    }
+    let admin = Admin::connect().unwrap();
+    let seqs: Vec<i64> =
+        admin.rows(&format!("SELECT seq FROM {schema}.events ORDER BY seq")).iter().map(|x| x.get(0)).collect();
+    assert_eq!(seqs, (0..SLOTS as i64).collect::<Vec<_>>(), "no gap, no duplicate");
+    for h in &handles {
+        assert_eq!(keel_store::verify_run::<Ev>(&**h, r).unwrap().records, SLOTS);
+    }
+}
+
+/// The server ends the store's session while an append's transaction waits on a lock: the
+/// append fails with a typed lost-connection error, nothing of it is written, and the next
+/// append (on a fresh session) succeeds.
+#[test]
+fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store_recovers() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let (r, other) = (run(4), run(5));
+    store.append(r, Seq(0), vec![rec(0)], None).unwrap();
+    let admin = Admin::connect().unwrap();
+    let watcher = Admin::connect().unwrap();
+    admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
+    let s = store.clone();
+    let blocked = std::thread::spawn(move || s.append(r, Seq(1), vec![rec(1), rec(2)], None));
+    let pid = wait_for_a_session_blocked_by(admin.pid(), &watcher);
+    watcher.exec(&format!("SELECT pg_terminate_backend({pid})"));
+    let err = blocked.join().unwrap().unwrap_err();
+    let (kind, pg) = io_kind_and_pg(&err);
+    assert_eq!(kind, std::io::ErrorKind::ConnectionAborted, "{err}");
+    assert!(matches!(pg, Some(PgError::ConnectionLost { .. })), "{err}");
+    admin.exec("ROLLBACK");
+    assert_eq!(store.head(r).unwrap().next_seq, Seq(1));
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events WHERE run = '{}'", r.0)), 1);
+    // Recovered: the same append now goes through, and so does another run's.
+    assert_eq!(store.append(r, Seq(1), vec![rec(1), rec(2)], None).unwrap().next_seq, Seq(3));
+    store.append(other, Seq(0), vec![rec(0)], None).unwrap();
+    keel_store::verify_run::<Ev>(&*store, r).unwrap();
+}
+
+/// The seam is synchronous: it works from a plain thread, from a multi-thread runtime
+/// under `block_in_place` and `spawn_blocking`, and the store (and a lease) can be dropped
+/// inside a runtime's task without a panic.
+#[test]
+fn the_store_is_called_from_plain_threads_and_from_inside_a_runtime() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let store = Arc::new(scratch.open());
+    let s = store.clone();
+    std::thread::spawn(move || s.append(run(1), Seq(0), vec![rec(0)], None).unwrap()).join().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let second = scratch.config();
+    rt.block_on(async {
+        let s = store.clone();
+        tokio::task::block_in_place(|| {
+            s.append(run(1), Seq(1), vec![rec(1)], None).unwrap();
+            assert_eq!(s.read(run(1), Seq(0)).unwrap().count(), 2);
+        });
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.append(run(1), Seq(2), vec![rec(2)], None).unwrap()).await.unwrap();
+        let s = store.clone();
+        let handle = tokio::spawn(async move {
+            let lease = tokio::task::block_in_place(|| s.try_lease(run(1), "task", 60_000, 0).unwrap().unwrap());
+            drop(lease); // released from inside the task
+            tokio::task::block_in_place(|| s.try_lease(run(1), "again", 60_000, 1).unwrap().is_some())
+        });
+        assert!(handle.await.unwrap(), "the dropped lease was released");
+        let inner = tokio::task::block_in_place(|| PgStore::open(second).unwrap());
+        tokio::task::block_in_place(|| inner.append(run(2), Seq(0), vec![rec(0)], None).unwrap());
+        drop(inner); // dropped in async context: must not panic
+    });
+    drop(rt);
+    assert_eq!(store.head(run(1)).unwrap().next_seq, Seq(3));
+}
+
+/// Concurrent appends of different runs share transactions: fewer flushes than appends,
+/// and every append is there.
+#[test]
+fn concurrent_appends_of_different_runs_share_one_transaction_per_flush() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let store = Arc::new(scratch.open());
+    const THREADS: u8 = 16;
+    const EACH: u64 = 20;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let store = store.clone();
+            s.spawn(move || {
+                for i in 0..EACH {
+                    store.append(run(t), Seq(i), vec![rec(i)], None).unwrap();
+                }
+            });
+        }
+    });
+    let stats = store.stats();
+    assert_eq!(stats.appends, u64::from(THREADS) * EACH);
+    assert!(stats.flushes < stats.appends, "{stats:?}: no transaction was shared");
+    eprintln!("group commit: {} appends in {} flushes", stats.appends, stats.flushes);
+    for t in 0..THREADS {
+        assert_eq!(keel_store::verify_run::<Ev>(&*store, run(t)).unwrap().records, EACH);
+    }
+}
+
+/// `EveryAppend` commits each append alone.
+#[test]
+fn every_append_commits_alone() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(Durability::EveryAppend(Level::PowerLoss));
+    let store = Arc::new(scratch.open());
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let store = store.clone();
+            s.spawn(move || {
+                for i in 0..10 {
+                    store.append(run(t), Seq(i), vec![rec(i)], None).unwrap();
+                }
+            });
+        }
+    });
+    let stats = store.stats();
+    assert_eq!((stats.appends, stats.flushes), (40, 40));
+}
+
+/// The stored record values are the bytes sled stores for the same appends, and the heads
+/// agree: exports, verify and replay read the same on either backend.
+#[test]
+fn records_are_stored_as_the_bytes_sled_stores() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let pg = PgStore::open(cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sled = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
+    let r = run(6);
+    for (from, n) in [(0u64, 1u64), (1, 5), (6, 2)] {
+        let batch = || (from..from + n).map(rec).collect::<Vec<_>>();
+        assert_eq!(pg.append(r, Seq(from), batch(), None).unwrap(), sled.append(r, Seq(from), batch(), None).unwrap());
+    }
+    let admin = Admin::connect().unwrap();
+    let rows = admin.rows(&format!("SELECT seq, value FROM {schema}.events WHERE run = '{}' ORDER BY seq", r.0));
+    assert_eq!(rows.len(), 8);
+    for row in rows {
+        let (seq, value): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        assert_eq!(Some(value), sled.raw_get(r, Seq(seq as u64)).unwrap(), "seq {seq}");
+    }
+    assert_eq!(pg.head(r).unwrap(), sled.head(r).unwrap());
+}
+
+/// A record altered or removed behind the store's back is named by `read` and `verify`.
+#[test]
+fn rows_altered_behind_the_store_are_named_by_read_and_verify() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg).unwrap();
+    let (altered, removed) = (run(7), run(8));
+    for r in [altered, removed] {
+        store.append(r, Seq(0), (0..6).map(rec).collect(), None).unwrap();
+    }
+    let admin = Admin::connect().unwrap();
+    // Flip the last byte of record 3 (inside its hash: the CRC no longer matches).
+    admin.exec(&format!(
+        "UPDATE {schema}.events SET value = overlay(value placing set_byte('\\x00'::bytea, 0, get_byte(value, length(value) - 1) # 1) \
+         from length(value) for 1) WHERE run = '{}' AND seq = 3",
+        altered.0
+    ));
+    admin.exec(&format!("DELETE FROM {schema}.events WHERE run = '{}' AND seq = 2", removed.0));
+    let first_error = |r| store.read(r, Seq(0)).unwrap().find_map(Result::err).unwrap();
+    assert!(matches!(first_error(altered), StoreError::Corrupted { seq: Seq(3), .. }));
+    assert!(matches!(first_error(removed), StoreError::Corrupted { seq: Seq(2), .. }));
+    assert!(keel_store::verify_run::<Ev>(&store, altered).is_err());
+    assert!(keel_store::verify_run::<Ev>(&store, removed).is_err());
+}
+
+/// Reads fetch a bounded page of records per query and still yield the whole run.
+#[test]
+fn reads_are_paged_and_yield_the_whole_run() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let store = PgStore::open(PgConfig { read_page_records: 3, ..scratch.config() }).unwrap();
+    let r = run(9);
+    store.append(r, Seq(0), (0..10).map(rec).collect(), None).unwrap();
+    for from in [0u64, 1, 3, 4, 9, 10] {
+        let seqs: Vec<u64> = store.read(r, Seq(from)).unwrap().map(|x| x.unwrap().seq.0).collect();
+        assert_eq!(seqs, (from..10).collect::<Vec<_>>(), "from {from}");
+    }
+    assert_eq!(keel_store::verify_run::<Ev>(&store, r).unwrap().records, 10);
+}
+
+/// The writer is a child process appending to four runs and printing each acknowledged
+/// append; it is killed with SIGKILL mid-stream. Every acknowledged append is in the
+/// database and every run's chain verifies: with group commit (commits wait for the WAL
+/// flush), and with `Durability::None` (commits do not wait for it, but have returned from
+/// the server, which outlives the killed client).
+#[test]
+fn acknowledged_appends_survive_a_sigkill_of_the_writing_process() {
+    if let Ok(schema) = std::env::var("KEEL_PG_CHILD_SCHEMA") {
+        let durability = if std::env::var("KEEL_PG_CHILD_ASYNC").is_ok() { Durability::None } else { DURABLE };
+        return child_writer(schema, durability);
+    }
+    if !ready() {
+        return;
+    }
+    for durability in [DURABLE, Durability::None] {
+        kill_a_writer_and_check(durability);
+    }
+}
+
+fn kill_a_writer_and_check(durability: Durability) {
+    use std::io::BufRead;
+    let scratch = Scratch::new(durability);
+    let cfg = scratch.config();
+    drop(PgStore::open(cfg.clone()).unwrap());
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "acknowledged_appends_survive_a_sigkill_of_the_writing_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KEEL_PG_CHILD_SCHEMA", &cfg.schema)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    if durability == Durability::None {
+        command.env("KEEL_PG_CHILD_ASYNC", "1");
+    }
+    let mut child = command.spawn().unwrap();
+    let mut acked: Vec<(u8, u64)> = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("ack ") {
+            let (r, s) = rest.split_once(' ').unwrap();
+            acked.push((r.parse().unwrap(), s.parse().unwrap()));
+        }
+        if acked.len() >= 400 {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(acked.len() >= 400, "{durability:?}: the child stopped early");
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    for (r, seq) in &acked {
+        assert!(store.head(run(*r)).unwrap().next_seq.0 > *seq, "{durability:?}: acknowledged run {r} seq {seq} lost");
+    }
+    for r in 1..=4 {
+        keel_store::verify_run::<Ev>(&store, run(r)).unwrap();
+    }
+}
+
+fn child_writer(schema: String, durability: Durability) {
+    let store = Arc::new(PgStore::open(PgConfig { schema, durability, ..PgConfig::new(common::url()) }).unwrap());
+    std::thread::scope(|s| {
+        for r in 1..=4u8 {
+            let store = store.clone();
+            s.spawn(move || {
+                for seq in 0..100_000u64 {
+                    store.append(run(r), Seq(seq), vec![rec(seq)], None).unwrap();
+                    println!("ack {r} {seq}");
+                }
+            });
+        }
+    });
+}
+
+/// Another session creates the run (or claims the key) that a flush is creating, and
+/// commits while the flush waits on its row: the flush rolls back, retries the append in
+/// a transaction of its own, and the append gets `Conflict` (or `DuplicateKey`) instead
+/// of an error, writing nothing.
+#[test]
+fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_duplicate() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let admin = Admin::connect().unwrap();
+    let watcher = Admin::connect().unwrap();
+    let (r, holder, claimer) = (run(10), run(11), run(12));
+
+    admin.exec(&format!(
+        "BEGIN; INSERT INTO {schema}.heads VALUES ('{}', 1, '\\x{}'::bytea, 'Planned')",
+        r.0,
+        "ab".repeat(32)
+    ));
+    let s = store.clone();
+    let creating = std::thread::spawn(move || s.append(r, Seq(0), vec![rec(0)], None));
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
+    admin.exec("COMMIT");
+    match creating.join().unwrap() {
+        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+
+    admin.exec(&format!(
+        "BEGIN; INSERT INTO {schema}.claims VALUES ('\\x6b6579'::bytea, '{}', {})",
+        holder.0,
+        i64::MAX
+    ));
+    let s = store.clone();
+    let claim = keel_store::Claim { key: b"key".to_vec(), now_us: 0, expires_at_us: 1_000 };
+    let claiming = std::thread::spawn(move || s.append(claimer, Seq(0), vec![rec(0)], Some(claim)));
+    wait_for_a_session_blocked_by(admin.pid(), &watcher);
+    admin.exec("COMMIT");
+    assert!(matches!(claiming.join().unwrap(), Err(StoreError::DuplicateKey { existing }) if existing == holder));
+    assert_eq!(store.head(claimer).unwrap().next_seq, Seq(0), "the refused append wrote nothing");
+    assert!(store.stats().raced_flushes >= 2, "{:?}", store.stats());
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events")), 0);
+}
+
+/// A schema at an older version is brought up to this build's at open, keeping its data:
+/// here one at version 1 (before the payload tables) gets migration 2.
+#[test]
+fn a_schema_at_an_older_version_is_migrated_at_open_and_keeps_its_data() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg.clone()).unwrap();
+    store.append(run(1), Seq(0), vec![rec(0)], None).unwrap();
+    drop(store);
+    let admin = Admin::connect().unwrap();
+    admin.exec(&format!(
+        "DROP TABLE {schema}.payloads, {schema}.payload_manifests; DELETE FROM {schema}.schema_version WHERE version >= 2"
+    ));
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    assert_eq!(
+        admin.int(&format!("SELECT max(version)::bigint FROM {schema}.schema_version")),
+        i64::from(SCHEMA_VERSION)
+    );
+    assert_eq!(store.head(run(1)).unwrap().next_seq, Seq(1));
+    let r = store.put_payload(b"after the upgrade").unwrap();
+    assert_eq!(store.get_payload(&r.digest, 100).unwrap().as_deref(), Some(b"after the upgrade".as_slice()));
+}
+
+/// Payload chunks altered or removed in the table are `CorruptPayload` naming the digest,
+/// never other bytes; two handles putting the same bytes at once store one copy.
+#[test]
+fn payloads_are_checked_on_read_and_stored_once_across_handles() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let handles = [Arc::new(PgStore::open(cfg.clone()).unwrap()), Arc::new(PgStore::open(cfg).unwrap())];
+    let bytes: Vec<u8> = (0..3 * keel_store::PAYLOAD_CHUNK_BYTES + 5).map(|i| (i % 251) as u8).collect();
+    let barrier = Arc::new(Barrier::new(2));
+    let refs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                let (h, barrier, bytes) = (h.clone(), barrier.clone(), &bytes);
+                s.spawn(move || {
+                    barrier.wait();
+                    h.put_payload(bytes).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(refs[0], refs[1]);
+    let admin = Admin::connect().unwrap();
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.payload_manifests")), 1);
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.payloads")), 4);
+    let d = refs[0].digest;
+    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(handles[1].get_payload(&d, bytes.len()).unwrap(), Some(bytes.clone()));
+    admin.exec(&format!(
+        "UPDATE {schema}.payloads SET bytes = overlay(bytes placing '\\xff'::bytea from 10 for 1) \
+         WHERE digest = '\\x{hex}'::bytea AND chunk = 1"
+    ));
+    assert!(
+        matches!(handles[0].get_payload(&d, bytes.len()), Err(StoreError::CorruptPayload { digest, .. }) if digest == hex)
+    );
+    admin.exec(&format!("DELETE FROM {schema}.payloads WHERE digest = '\\x{hex}'::bytea AND chunk = 2"));
+    match handles[0].get_payload(&d, bytes.len()) {
+        Err(StoreError::CorruptPayload { reason, .. }) => {
+            assert!(reason.contains("chunk 1") || reason.contains("chunk 2"), "{reason}")
+        }
+        other => panic!("expected CorruptPayload, got {other:?}"),
+    }
+    assert!(keel_store::verify_payloads(&*handles[0]).is_err());
+}
