@@ -14,11 +14,13 @@ use crate::model::workflow::Decision;
 use crate::shell::cache::ResponseCache;
 use crate::shell::calls::CallPool;
 use crate::shell::fold::{load_state, read_logged};
+use crate::shell::index::{IndexEntry, RunFilter, RunsPage};
 use crate::shell::journal::Journal;
 use crate::shell::lease::{Leasing, LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 use crate::shell::queue::Scheduler;
 use crate::shell::runtime::{Inner, Registered};
 use crate::shell::sched::Workers;
+use crate::shell::subscribe::{RunEvents, Subscription};
 use keel_store::{Durability, RunId, Seq, Store};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -194,6 +196,8 @@ impl EngineBuilder {
         let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
         let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
         let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
+        // The read models: built from the log once if this database has none yet.
+        crate::shell::index::ensure(log.as_ref())?;
         let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
         let calls = CallPool::new(self.limits.call_threads)?;
         let inner = Inner {
@@ -329,21 +333,40 @@ impl Engine {
         Ok(events)
     }
 
-    /// One summary per run in the log, in run id order.
+    /// One summary per run in the log, in run id order. Reads the run index: O(runs)
+    /// index entries, plus the snapshot and tail of each run not finished (not
+    /// O(history)). Blocking (reads the store); [`Engine::runs_page`] reads one page.
     pub fn runs(&self) -> Result<Vec<RunSummary>, EngineError> {
-        let mut out = Vec::new();
-        for run in self.inner.log.runs()? {
-            let Some(s) = load_state(self.inner.log.as_ref(), run)? else { continue };
-            out.push(summary(&s));
-        }
-        Ok(out)
+        Ok(self.runs_page(&RunFilter::default(), None, usize::MAX)?.runs)
     }
 
-    /// Every escalation waiting for a human.
+    /// Up to `limit` runs matching `filter` with ids after `after`, in run id order, and
+    /// the cursor of the next page (the last run's id, if more follow). Reads O(page)
+    /// entries of the run index (docs/ENGINE.md, "Read models"); a run not finished is
+    /// brought up to date from its snapshot and tail. Blocking (reads the store): on an
+    /// async runtime call it from `spawn_blocking`, or use [`Engine::runs_page_async`].
+    pub fn runs_page(&self, filter: &RunFilter, after: Option<RunId>, limit: usize) -> Result<RunsPage, EngineError> {
+        runs_page_in(self.inner.log.as_ref(), filter, after, limit)
+    }
+
+    /// [`Engine::runs_page`] without blocking the runtime.
+    pub async fn runs_page_async(
+        &self,
+        filter: RunFilter,
+        after: Option<RunId>,
+        limit: usize,
+    ) -> Result<RunsPage, EngineError> {
+        self.inner.blocking(move |log| runs_page_in(log, &filter, after, limit)).await
+    }
+
+    /// Every escalation waiting for a human, in run id order: the runs of the index's
+    /// `AwaitingHuman` range, each folded from its snapshot and tail (O(open escalations),
+    /// not O(history)). Blocking (reads the store).
     pub fn escalations(&self) -> Result<Vec<PendingEscalation>, EngineError> {
+        let log = self.inner.log.as_ref();
         let mut out = Vec::new();
-        for run in self.inner.log.runs()? {
-            let Some(s) = load_state(self.inner.log.as_ref(), run)? else { continue };
+        for run in crate::shell::index::runs_in(log, RunStatus::AwaitingHuman)? {
+            let Some(s) = load_state(log, run)? else { continue };
             if s.status != RunStatus::AwaitingHuman {
                 continue;
             }
@@ -360,20 +383,24 @@ impl Engine {
         Ok(out)
     }
 
-    /// Runs by status, usage totals and cost per run, per workflow type (name order).
+    /// Runs by status, usage totals and cost per run, per workflow type (name order). From
+    /// the run index: O(runs) entries, plus the snapshot and tail of each run not
+    /// finished. Blocking (reads the store).
     pub fn stats(&self) -> Result<Vec<WorkflowStats>, EngineError> {
+        let log = self.inner.log.as_ref();
         let mut by_wf: BTreeMap<String, WorkflowStats> = BTreeMap::new();
-        for run in self.inner.log.runs()? {
-            let Some(s) = load_state(self.inner.log.as_ref(), run)? else { continue };
+        let (entries, _) = crate::shell::index::page(log, &RunFilter::default(), None, usize::MAX)?;
+        for (run, e) in entries {
+            let e = current(log, run, e)?;
             let st = by_wf
-                .entry(s.workflow.clone())
-                .or_insert_with(|| WorkflowStats { workflow: s.workflow.clone(), ..WorkflowStats::default() });
+                .entry(e.workflow.clone())
+                .or_insert_with(|| WorkflowStats { workflow: e.workflow.clone(), ..WorkflowStats::default() });
             st.runs += 1;
-            *st.by_status.entry(s.status).or_insert(0) += 1;
-            if s.partial {
+            *st.by_status.entry(e.status).or_insert(0) += 1;
+            if e.partial {
                 st.partial += 1;
             }
-            add_totals(&mut st.totals, &s.totals);
+            add_totals(&mut st.totals, &e.totals);
         }
         Ok(by_wf
             .into_values()
@@ -389,6 +416,32 @@ impl Engine {
     /// store's flushes (docs/ENGINE.md, "Metrics"). Reading it costs no store scan.
     pub fn metrics(&self) -> crate::EngineMetrics {
         self.inner.meter.snapshot()
+    }
+
+    /// Every durable append from now on ([`crate::Change`]: run, status before and after, next
+    /// seq), without polling. Bounded: a subscriber that falls behind gets
+    /// [`crate::Received::Lagged`] and re-reads what it needs.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription::new(self.inner.journal.subscribe())
+    }
+
+    /// A live tail of `run`'s events after seq `after` (`None`: from the first):
+    /// [`RunEvents::next`] returns the recorded ones, then each new one once durable, and
+    /// ends when the run is finished. Never misses nor repeats an event (a lagging
+    /// follower re-reads the log from its seq).
+    pub fn follow(&self, run: RunId, after: Option<Seq>) -> RunEvents {
+        RunEvents::new(self.inner.clone(), run, after)
+    }
+
+    /// Waits until `run` is finished (Completed, Failed or Cancelled), without polling;
+    /// returns its final status. `UnknownRun` for a run with no events.
+    pub async fn wait(&self, run: RunId) -> Result<RunStatus, EngineError> {
+        crate::shell::subscribe::wait_until(&self.inner, run, RunStatus::is_terminal).await
+    }
+
+    /// Waits until `run`'s status satisfies `done` (e.g. `AwaitingHuman`); returns it.
+    pub async fn wait_until(&self, run: RunId, done: impl Fn(RunStatus) -> bool) -> Result<RunStatus, EngineError> {
+        crate::shell::subscribe::wait_until(&self.inner, run, done).await
     }
 
     /// What happened to this engine's run leases: appends fenced, renewals lost, drives
@@ -413,20 +466,41 @@ impl Engine {
     }
 }
 
-pub(crate) fn summary(s: &RunState) -> RunSummary {
-    RunSummary {
-        run: s.run,
-        workflow: s.workflow.clone(),
-        status: s.status,
-        priority: s.priority,
-        accepted_at_us: s.accepted_at_us,
-        last_event_us: s.last_event_us,
-        events: s.next_seq.0,
-        cost_micros: s.totals.cost_micros,
-        tokens: s.totals.tokens,
-        partial: s.partial,
-        escalations: u32::try_from(s.escalations.len()).unwrap_or(u32::MAX),
+/// The index entry of `run`, brought up to date from its snapshot and tail if the run is
+/// not finished (its entry is as of its last status change).
+fn current(log: &dyn keel_store::Store, run: RunId, e: IndexEntry) -> Result<IndexEntry, EngineError> {
+    if e.status.is_terminal() {
+        return Ok(e);
     }
+    Ok(load_state(log, run)?.map_or(e, |s| IndexEntry::of(&s)))
+}
+
+fn runs_page_in(
+    log: &dyn keel_store::Store,
+    filter: &RunFilter,
+    after: Option<RunId>,
+    limit: usize,
+) -> Result<RunsPage, EngineError> {
+    let (entries, more) = crate::shell::index::page(log, filter, after, limit)?;
+    let next_cursor = if more { entries.last().map(|(r, _)| *r) } else { None };
+    let mut runs = Vec::with_capacity(entries.len());
+    for (run, e) in entries {
+        let e = current(log, run, e)?;
+        runs.push(RunSummary {
+            run,
+            workflow: e.workflow,
+            status: e.status,
+            priority: e.priority,
+            accepted_at_us: e.accepted_at_us,
+            last_event_us: e.last_event_us,
+            events: e.events,
+            cost_micros: e.totals.cost_micros,
+            tokens: e.totals.tokens,
+            partial: e.partial,
+            escalations: e.escalations,
+        });
+    }
+    Ok(RunsPage { runs, next_cursor })
 }
 
 fn add_totals(acc: &mut Totals, t: &Totals) {

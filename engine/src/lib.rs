@@ -98,8 +98,11 @@ pub use shell::cache::ResponseCache;
 pub use shell::fold::{
     copy_payloads, encode_snapshot, fold_full, inflated, load_state, prepare_outlined, read_logged, read_logged_runs,
 };
+pub use shell::index::{reindex_run, RunFilter, RunsPage};
 pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
+pub use shell::journal::Change;
 pub use shell::lease::{LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};
 pub use shell::meter::{EngineMetrics, ExhaustionCount, VerdictCount, METRIC_SERIES_MAX};
 pub use shell::oversize::{OUTPUT_TOO_LARGE, RECORD_TOO_LARGE, RUN_PAYLOAD_TOO_LARGE};
 pub use shell::sched::Workers;
+pub use shell::subscribe::{Received, RunEvents, Subscription, FOLLOW_BATCH_MAX};

@@ -23,6 +23,26 @@ pub fn validate_append(
     record::validate_append(run, records, claim, limits)
 }
 
+/// The checks of auxiliary writes ([`crate::Coordination::append_with_aux`]): at most
+/// `batch_records_max` of them (`TooLarge { what: "aux writes" }`), keys within
+/// `key_bytes_max` (`"aux key"`), values within `event_bytes_max` (`"aux value"`).
+pub fn validate_aux(aux: &[crate::AuxWrite], limits: &Limits) -> Result<(), StoreError> {
+    if aux.len() > limits.batch_records_max {
+        return Err(StoreError::TooLarge { what: "aux writes", bytes: aux.len(), max: limits.batch_records_max });
+    }
+    for (key, value) in aux {
+        if key.len() > limits.key_bytes_max {
+            return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: limits.key_bytes_max });
+        }
+        if let Some(v) = value {
+            if v.len() > limits.event_bytes_max {
+                return Err(StoreError::TooLarge { what: "aux value", bytes: v.len(), max: limits.event_bytes_max });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses limits out of their ranges (`InvalidConfig`), as the sled backend does at open.
 pub fn validate_limits(limits: &Limits) -> Result<(), StoreError> {
     limits.validate()

@@ -13,6 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Longest lease owner name, in bytes (`TooLarge { what: "lease owner" }`).
 pub const OWNER_BYTES_MAX: usize = 256;
 
+/// One auxiliary write: `(key, Some(value))` puts, `(key, None)` removes
+/// ([`Coordination::append_with_aux`], [`Coordination::aux_apply`]).
+pub type AuxWrite = (Vec<u8>, Option<Vec<u8>>);
+
+/// One auxiliary entry as listed by [`Coordination::aux_range`]: `(key, value)`.
+pub type AuxEntry = (Vec<u8>, Vec<u8>);
+
 /// The fencing token of a lease: the run and the lease epoch at grant or renewal. An append
 /// made with it ([`Coordination::append_fenced`]) is refused with
 /// [`StoreError::Fenced`] once the run's epoch has moved on (the lease was renewed,
@@ -152,6 +159,45 @@ pub trait Coordination: Send + Sync + 'static {
     /// Writes an auxiliary entry (see [`Coordination::aux_get`]); limited to
     /// `key_bytes_max` / `event_bytes_max` (`TooLarge`).
     fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+
+    /// [`crate::EventLog::append`] plus auxiliary writes (`(key, Some(value))` puts,
+    /// `(key, None)` removes) in the **same atomic write** as the records, durable with
+    /// them: the engine keeps its read models (run index, open escalations) this way, so an
+    /// index entry exists exactly when the events that made it do. The aux writes are
+    /// checked like [`Coordination::aux_put`] (`TooLarge { what: "aux key" | "aux value"
+    /// | "aux writes" }`, at most `batch_records_max` of them) before anything is written;
+    /// nothing is written if the append fails.
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError>;
+
+    /// [`Coordination::append_fenced`] and [`Coordination::append_with_aux`] in one: the
+    /// records, the claim and the aux writes are written in the same atomic step as the
+    /// check of `fence`, or nothing is (`Fenced`, `Conflict`, a refused claim, aux writes
+    /// over the limits). A driver holding a run's lease appends this way.
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError>;
+
+    /// Applies auxiliary writes atomically, outside any append (durable with the next
+    /// flush, as [`Coordination::aux_put`]); checked as in
+    /// [`Coordination::append_with_aux`]. The engine rebuilds a missing index with it.
+    fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError>;
+
+    /// Up to `limit` auxiliary entries with `lo <= key <= hi`, in ascending key order (keys
+    /// as given to [`Coordination::aux_put`], without any backend prefix).
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError>;
 
     /// Sets `run`'s due time (when a timer of the run fires), microseconds since the Unix
     /// epoch, replacing any earlier one: one due time per run, its next wake-up. Durable

@@ -63,7 +63,7 @@ pub mod testing;
 pub mod types;
 pub mod verify;
 
-pub use coordination::{Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
+pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::StoreError;

@@ -150,6 +150,35 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.inner.aux_put(key, value)
     }
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.observe(run, expected, records, |records| self.inner.append_with_aux(run, expected, records, claim, aux))
+    }
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.observe(run, expected, records, |records| {
+            self.inner.append_fenced_with_aux(run, expected, records, claim, fence, aux)
+        })
+    }
+    fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
+        self.inner.aux_apply(aux)
+    }
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
+        self.inner.aux_range(lo, hi, limit)
+    }
     fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
         self.inner.put_due(run, due_at_us)
     }

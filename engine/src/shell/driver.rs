@@ -156,6 +156,8 @@ struct Driver {
 struct Batch {
     /// Next seq of the durable log (the `expected` of the append).
     base: Option<Seq>,
+    /// The run's status at `base` (what the index entry changes from).
+    base_status: Option<RunStatus>,
     records: Vec<NewRecord>,
     /// Effect answers in the batch, in order: staged again on top of the re-read log if
     /// the append conflicts.
@@ -419,7 +421,9 @@ impl Driver {
         // An answer is kept (a conflicting append stages it again); a decision is not, so
         // its fields move into the state.
         let kept = answer.then(|| event.clone());
+        let status_before = state.status;
         let record = self.inner.journal.check(state, event, at_us)?;
+        batch.base_status.get_or_insert(status_before);
         tracing::debug!(seq = before.0, kind, "stage");
         batch.base.get_or_insert(before);
         batch.records.push(record);
@@ -549,7 +553,8 @@ impl Driver {
         let answers = std::mem::take(&mut batch.answers);
         let evaluated = std::mem::take(&mut batch.evaluated);
         let expected = batch.base.take().unwrap_or(state.next_seq);
-        match self.inner.journal.append_as(state, expected, records, None, self.held.clone()).await {
+        let before = batch.base_status.take().unwrap_or(state.status);
+        match self.inner.journal.append_as(Some(before), state, expected, records, None, self.held.clone()).await {
             Ok(()) => {
                 if evaluated {
                     self.fill_cache(state);

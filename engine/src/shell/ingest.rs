@@ -44,7 +44,7 @@ pub(crate) async fn submit(inner: &Inner, req: Request) -> Result<Submitted, Eng
         let window_us = i64::try_from(wf.dedup_window_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
         Claim { key: claim_key(&wf.name, k), now_us, expires_at_us: now_us.saturating_add(window_us) }
     });
-    let res = inner.journal.append(&state, Seq(0), vec![record], claim).await;
+    let res = inner.journal.append(None, &state, Seq(0), vec![record], claim).await;
     match res {
         Ok(_) => {}
         Err(EngineError::Store(StoreError::DuplicateKey { existing })) => {

@@ -11,16 +11,52 @@
 //!    before the batch), a driver's also fenced with its run's lease (`shell::lease`);
 //! 4. **snapshot** the folded state when the append crossed a multiple of
 //!    `snapshot_every` (an optimisation: a failure is logged, never returned).
+//!
+//! An append that changes a run's status (or adds to a finished run) carries the run's
+//! index entries ([`crate::shell::index`]) in the same atomic write as its records. Once
+//! the append is durable, the journal announces it ([`Change`]) to the engine's
+//! subscribers.
 
 use crate::core::{apply, apply_take, TransitionError};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
+use crate::model::fsm::RunStatus;
 use crate::model::payload;
 use crate::model::state::RunState;
 use crate::shell::fold::load_state;
 use crate::shell::lease::Held;
 use keel_store::{Claim, Limits, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Changes buffered for a subscriber that has not read them yet; one that falls further
+/// behind is told it lagged ([`crate::Subscription`]) and re-reads from the log.
+pub(crate) const CHANGES_BUFFER: usize = 4096;
+
+/// A durable append, as the journal announces it to subscribers
+/// ([`crate::Engine::subscribe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The run appended to.
+    pub run: RunId,
+    /// Its workflow type.
+    pub workflow: String,
+    /// Its status before the append (`None`: the append founded the run).
+    pub previous: Option<RunStatus>,
+    /// Its status after the append.
+    pub status: RunStatus,
+    /// The run's next seq after the append (its events are `< next_seq`).
+    pub next_seq: Seq,
+    /// When its latest event was recorded (µs since the epoch).
+    pub at_us: i64,
+}
+
+impl Change {
+    /// The append changed the run's status (or founded it).
+    pub fn status_changed(&self) -> bool {
+        self.previous != Some(self.status)
+    }
+}
 
 /// Why an event could not be journaled. The state it was checked against is unchanged.
 #[derive(Debug)]
@@ -51,11 +87,18 @@ pub(crate) struct Journal {
     limits: Limits,
     /// Save a snapshot every this many events (0: never).
     snapshot_every: u64,
+    /// Where durable appends are announced.
+    changes: broadcast::Sender<Change>,
 }
 
 impl Journal {
     pub(crate) fn new(log: Arc<dyn Store>, limits: Limits, snapshot_every: u64) -> Self {
-        Journal { log, limits, snapshot_every }
+        Journal { log, limits, snapshot_every, changes: broadcast::channel(CHANGES_BUFFER).0 }
+    }
+
+    /// A receiver of every durable append from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
     }
 
     /// Steps 1 and 2 for the first event of a run: the state it founds and its record.
@@ -107,22 +150,27 @@ impl Journal {
     }
 
     /// Steps 3 and 4: appends `records` (checked against `expected`, the run's next seq
-    /// before them) and saves a snapshot of `after` (the state they lead to) if one is due.
-    /// With a `claim`, the idempotency key is claimed in the same atomic write.
+    /// before them; `before` is the run's status then, `None` for a new run) and saves a
+    /// snapshot of `after` (the state they lead to) if one is due. With a `claim`, the
+    /// idempotency key is claimed in the same atomic write; so are the run's index entries
+    /// when the status changes. Subscribers hear of it once it is durable.
     pub(crate) async fn append(
         &self,
+        before: Option<RunStatus>,
         after: &RunState,
         expected: Seq,
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<(), EngineError> {
-        self.append_as(after, expected, records, claim, None).await
+        self.append_as(before, after, expected, records, claim, None).await
     }
 
     /// [`Journal::append`] by a driver holding the run's lease: the append is fenced with
-    /// it (`StoreError::Fenced` once the lease was lost; see `shell::lease`).
+    /// it (`StoreError::Fenced` once the lease was lost; see `shell::lease`), in the same
+    /// atomic step as the records and the index writes.
     pub(crate) async fn append_as(
         &self,
+        before: Option<RunStatus>,
         after: &RunState,
         expected: Seq,
         records: Vec<NewRecord>,
@@ -131,10 +179,12 @@ impl Journal {
     ) -> Result<(), EngineError> {
         let (run, head) = (after.run, after.next_seq);
         let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
+        let aux = crate::shell::index::writes(before, after)?;
         blocking(&self.log, move |log| {
             let new_head = match &held {
-                Some(h) => h.append(log, run, expected, records, claim)?,
-                None => log.append(run, expected, records, claim)?,
+                Some(h) => h.append(log, run, expected, records, claim, aux)?,
+                None if aux.is_empty() => log.append(run, expected, records, claim)?,
+                None => log.append_with_aux(run, expected, records, claim, aux)?,
             };
             debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
             if let Some(bytes) = snapshot {
@@ -144,7 +194,19 @@ impl Journal {
             }
             Ok(())
         })
-        .await
+        .await?;
+        if self.changes.receiver_count() > 0 {
+            // No receiver: nothing to build. A send fails only without receivers.
+            let _ = self.changes.send(Change {
+                run,
+                workflow: after.workflow.clone(),
+                previous: before,
+                status: after.status,
+                next_seq: head,
+                at_us: after.last_event_us,
+            });
+        }
+        Ok(())
     }
 
     /// Appends one event decided outside a driver (a resolution, a cancellation) with
@@ -162,9 +224,10 @@ impl Journal {
             let event = build(&state)?;
             let at_us = now_us().max(state.last_event_us);
             let expected = state.next_seq;
+            let before = state.status;
             let mut next = state;
             let record = self.check(&mut next, event, at_us).map_err(|(refused, _)| EngineError::from(refused))?;
-            match self.append(&next, expected, vec![record], None).await {
+            match self.append(Some(before), &next, expected, vec![record], None).await {
                 Ok(()) => return Ok(next),
                 Err(EngineError::Store(StoreError::Conflict { .. })) => continue,
                 Err(e) => return Err(e),

@@ -82,7 +82,8 @@ impl Held {
         self.lost.load(Ordering::SeqCst)
     }
 
-    /// `append_fenced` with the current fence, under the lease's lock. A `Fenced` refusal
+    /// `append_fenced` with the current fence (`append_fenced_with_aux` when there are
+    /// index writes, in the same atomic step), under the lease's lock. A `Fenced` refusal
     /// marks the lease lost.
     pub(crate) fn append(
         &self,
@@ -91,12 +92,17 @@ impl Held {
         expected: Seq,
         records: Vec<NewRecord>,
         claim: Option<Claim>,
+        aux: Vec<keel_store::AuxWrite>,
     ) -> Result<Head, StoreError> {
         let guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(fence) = guard.as_ref().filter(|_| !self.is_lost()).map(Lease::fence) else {
             return Err(StoreError::Fenced { run, fence: 0, current: 0 });
         };
-        let res = log.append_fenced(run, expected, records, claim, fence);
+        let res = if aux.is_empty() {
+            log.append_fenced(run, expected, records, claim, fence)
+        } else {
+            log.append_fenced_with_aux(run, expected, records, claim, fence, aux)
+        };
         if matches!(res, Err(StoreError::Fenced { .. })) {
             self.lost.store(true, Ordering::SeqCst);
         }

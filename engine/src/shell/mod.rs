@@ -15,6 +15,8 @@
 //! - [`oversize`]: what is recorded when an output or a record is over a limit;
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
+//! - [`index`]: the read models written with the events (run index, open escalations);
+//! - [`subscribe`]: subscriptions to durable appends (a run's events, status changes);
 //! - [`cache`]: the response cache.
 
 pub(crate) mod cache;
@@ -23,6 +25,7 @@ pub(crate) mod driver;
 pub(crate) mod effects;
 pub(crate) mod fold;
 pub(crate) mod heartbeat;
+pub(crate) mod index;
 pub(crate) mod ingest;
 pub(crate) mod journal;
 pub(crate) mod lease;
@@ -31,3 +34,4 @@ pub(crate) mod oversize;
 pub(crate) mod queue;
 pub(crate) mod runtime;
 pub(crate) mod sched;
+pub(crate) mod subscribe;

@@ -45,9 +45,20 @@ pub(crate) fn poke(inner: &Inner, run: RunId) {
     }
 }
 
-/// Queue every non-terminal run of the log that is not already queued or driven.
+/// Queue every non-terminal run of the log that is not already queued or driven: the runs
+/// of the index's non-terminal status ranges (finished runs are never read).
 async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
-    let runs = inner.blocking(|log| Ok(log.runs()?)).await?;
+    let runs = inner
+        .blocking(|log| {
+            let mut runs = Vec::new();
+            for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+                runs.extend(crate::shell::index::runs_in(log, status)?);
+            }
+            runs.sort();
+            runs.dedup();
+            Ok(runs)
+        })
+        .await?;
     for run in runs {
         {
             let sched = inner.sched();

@@ -24,6 +24,7 @@
 
 mod error;
 mod payloads;
+mod server;
 mod sys;
 
 pub use error::BenchError;
@@ -63,7 +64,7 @@ pub struct BenchOptions {
     /// adds process crash).
     pub levels: Vec<Level>,
     /// Run only these sections (`memory`, `floor`, `throughput`, `latency`, `resume`,
-    /// `replay`, `payloads`); empty: all. For profiling one section.
+    /// `replay`, `payloads`, `server`); empty: all. For profiling one section.
     pub only: Vec<String>,
     /// Run only these concurrencies in the throughput section; empty: 1, 64 and 1024.
     pub concurrency: Vec<usize>,
@@ -453,6 +454,11 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
     if want("replay") {
         progress("replay: building runs...");
         figures.extend(rt.block_on(replay(parent, &plan))?);
+    }
+    if want("server") {
+        let (runs, reviews) = if opts.quick { (10_000, 200) } else { (100_000, 400) };
+        progress(&format!("server: {runs} finished runs, the HTTP API..."));
+        figures.extend(rt.block_on(server::server(parent, runs, reviews))?);
     }
     if want("payloads") {
         progress("payloads: runs with 1 MB outputs...");

@@ -24,6 +24,7 @@ mod metrics;
 mod ops;
 mod reads;
 mod state;
+mod stream;
 pub mod tls;
 mod verify;
 mod web;
@@ -91,7 +92,8 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
     let viewer = Router::new()
         .route("/v1/runs", get(reads::list_runs))
         .route("/v1/runs/{run}", get(reads::show_run))
-        .route("/v1/runs/{run}/events", get(reads::run_events))
+        .route("/v1/runs/{run}/events", get(stream::run_events_or_stream))
+        .route("/v1/events", get(stream::status_stream))
         .route("/v1/runs/{run}/export", get(reads::export_run))
         .route("/v1/escalations", get(ops::escalations))
         .route("/v1/stats", get(ops::stats))

@@ -74,6 +74,7 @@ pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         crate::reads::list_runs,
         crate::reads::show_run,
         crate::reads::run_events,
+        crate::stream::status_stream,
         crate::reads::export_run,
         crate::actions::submit,
         crate::actions::resolve,

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use keel_engine::{RunStatus, RunSummary};
+use keel_engine::RunStatus;
 use keel_replay::export::{CsvWriter, JsonlWriter, Redaction};
 use keel_replay::html::HtmlWriter;
 use keel_replay::source::load_run_from_db;
@@ -71,21 +71,12 @@ pub(crate) async fn list_runs(
         .map(|c| c.parse::<RunId>().map_err(|_| ApiError::bad_request(format!("cursor {c:?} is not a run id"))))
         .transpose()?;
     let engine = st.engine.clone();
-    // O(history) until the engine keeps a run index: `runs()` folds every run.
-    let all = st.blocking(move || Ok(engine.runs()?)).await?;
-    let mut page: Vec<&RunSummary> = all
-        .iter()
-        .filter(|r| cursor.is_none_or(|c| r.run > c))
-        .filter(|r| status.is_none_or(|s| r.status == s))
-        .filter(|r| q.workflow.as_deref().is_none_or(|w| r.workflow == w))
-        .take(limit.saturating_add(1))
-        .collect();
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next = if more { page.last().map(|r| r.run.to_string()) } else { None };
+    // O(page): the engine's run index (docs/ENGINE.md, "Read models").
+    let filter = keel_engine::RunFilter { status, workflow: q.workflow };
+    let page = st.blocking(move || Ok(engine.runs_page(&filter, cursor, limit)?)).await?;
     Ok(Json(json!({
-        "runs": page.into_iter().map(views::run_summary_json).collect::<Vec<_>>(),
-        "next_cursor": next,
+        "runs": page.runs.iter().map(views::run_summary_json).collect::<Vec<_>>(),
+        "next_cursor": page.next_cursor.map(|r| r.to_string()),
     })))
 }
 
@@ -122,17 +113,19 @@ pub(crate) async fn show_run(
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventsQuery {
     /// Only events after this seq (default: from the first).
-    after: Option<u64>,
+    pub(crate) after: Option<u64>,
     /// Events per page (1..=10000, default 1000).
-    limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
 }
 
-/// `GET /v1/runs/{run}/events`: the run's recorded events after a seq, a page at a time.
+/// `GET /v1/runs/{run}/events`: the run's recorded events after a seq, a page at a time;
+/// with `Accept: text/event-stream`, a live tail (server-sent events, `id:` = seq) that
+/// resumes after `Last-Event-ID` and ends when the run is finished.
 #[utoipa::path(get, path = "/v1/runs/{run}/events", tag = "runs",
     params(("run" = String, Path, description = "run id (UUID)"), EventsQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "`{\"run\", \"events\": [{\"seq\", \"time\", \"time_us\", \"kind\", \"event\"}], \"next_after\": seq or null}`", body = Object),
+        (status = 200, description = "`{\"run\", \"events\": [{\"seq\", \"time\", \"time_us\", \"kind\", \"event\"}], \"next_after\": seq or null}`; with `Accept: text/event-stream`, server-sent events (`id:` seq, `event:` kind, `data:` one entry of `events`), resumed after the `Last-Event-ID` header, ending when the run is finished", content((Object = "application/json"), (String = "text/event-stream"))),
         (status = 400, description = "bad run id or limit", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
     ))]

@@ -360,6 +360,116 @@ pub fn aux_entries_round_trip_within_their_limits(make: MakeStore<'_>) {
     assert_eq!(log.aux_get(b"k").unwrap(), Some(b"v2".to_vec()));
 }
 
+/// Aux writes made with an append are in the same atomic write: written with it, and
+/// not at all when the append fails (conflict, duplicate key, oversize aux value);
+/// `aux_apply` puts and removes; `aux_range` lists in key order within bounds and limit.
+pub fn aux_writes_go_with_their_append_or_not_at_all(make: MakeStore<'_>) {
+    let log = make();
+    let r = run(1);
+    let put = |k: &[u8], v: &[u8]| (k.to_vec(), Some(v.to_vec()));
+    log.append_with_aux(r, Seq(0), vec![rec(0)], None, vec![put(b"i/a", b"1"), put(b"i/b", b"2")]).unwrap();
+    assert_eq!(log.aux_get(b"i/a").unwrap(), Some(b"1".to_vec()));
+    // A conflict writes neither the records nor the aux entries.
+    let err = log.append_with_aux(r, Seq(0), vec![rec(0)], None, vec![put(b"i/c", b"3")]);
+    assert!(matches!(err, Err(StoreError::Conflict { .. })), "{err:?}");
+    assert_eq!(log.aux_get(b"i/c").unwrap(), None);
+    // An oversize aux value refuses the whole append.
+    let big = vec![0u8; log.limits().event_bytes_max + 1];
+    let err = log.append_with_aux(r, Seq(1), vec![rec(1)], None, vec![(b"i/d".to_vec(), Some(big))]);
+    assert!(matches!(err, Err(StoreError::TooLarge { what: "aux value", .. })), "{err:?}");
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(1));
+    // A removal in the same write as the records.
+    log.append_with_aux(r, Seq(1), vec![rec(1)], None, vec![(b"i/a".to_vec(), None), put(b"i/e", b"5")]).unwrap();
+    assert_eq!(log.aux_get(b"i/a").unwrap(), None);
+    // With a claim: a duplicate key writes no aux entry.
+    let claim = |k: &[u8]| Claim { key: k.to_vec(), now_us: 0, expires_at_us: 1_000 };
+    log.append_with_aux(run(2), Seq(0), vec![rec(0)], Some(claim(b"key")), vec![put(b"i/f", b"6")]).unwrap();
+    let dup = log.append_with_aux(run(3), Seq(0), vec![rec(0)], Some(claim(b"key")), vec![put(b"i/g", b"7")]);
+    assert!(matches!(dup, Err(StoreError::DuplicateKey { .. })), "{dup:?}");
+    assert_eq!(log.aux_get(b"i/g").unwrap(), None);
+    assert_eq!(log.aux_get(b"i/f").unwrap(), Some(b"6".to_vec()));
+    log.aux_apply(vec![put(b"i/h", b"8"), (b"i/b".to_vec(), None)]).unwrap();
+    log.aux_put(b"j/x", b"9").unwrap();
+    let listed = log.aux_range(b"i/", b"i/\xff", 100).unwrap();
+    let keys: Vec<&[u8]> = listed.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(keys, vec![b"i/e".as_slice(), b"i/f", b"i/h"]);
+    assert_eq!(listed.first().map(|(_, v)| v.clone()), Some(b"5".to_vec()));
+    assert_eq!(log.aux_range(b"i/", b"i/\xff", 2).unwrap().len(), 2);
+    assert_eq!(log.aux_range(b"i/f", b"i/f", 10).unwrap().len(), 1);
+    assert!(log.aux_range(b"k", b"z", 10).unwrap().is_empty());
+    assert_eq!(log.runs().unwrap(), vec![run(1), run(2)]);
+}
+
+/// `append_fenced_with_aux` is fenced and carries its aux writes in one step: with the
+/// current fence the records and the aux writes land together; a stale fence, a conflict,
+/// a duplicate claim or an oversize aux value writes neither.
+pub fn fenced_aux_writes_go_with_their_append_or_not_at_all(make: MakeStore<'_>) {
+    let log = make();
+    let r = run(1);
+    let put = |k: &[u8], v: &[u8]| (k.to_vec(), Some(v.to_vec()));
+    let a = log.try_lease(r, "a", 1_000, 0).unwrap().unwrap();
+    log.append_fenced_with_aux(r, Seq(0), vec![rec(0)], None, a.fence(), vec![put(b"i/a", b"1"), put(b"i/b", b"2")])
+        .unwrap();
+    assert_eq!(log.aux_get(b"i/a").unwrap(), Some(b"1".to_vec()));
+    // A conflict under the current fence writes no aux entry.
+    let err = log.append_fenced_with_aux(r, Seq(0), vec![rec(0)], None, a.fence(), vec![put(b"i/c", b"3")]);
+    assert!(matches!(err, Err(StoreError::Conflict { .. })), "{err:?}");
+    assert_eq!(log.aux_get(b"i/c").unwrap(), None);
+    // An oversize aux value refuses the whole append.
+    let big = vec![0u8; log.limits().event_bytes_max + 1];
+    let err = log.append_fenced_with_aux(r, Seq(1), vec![rec(1)], None, a.fence(), vec![(b"i/d".to_vec(), Some(big))]);
+    assert!(matches!(err, Err(StoreError::TooLarge { what: "aux value", .. })), "{err:?}");
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(1));
+    // Taken over after expiry: the old fence writes neither the records nor the aux writes.
+    let b = log.try_lease(r, "b", 1_000, 2_000_000).unwrap().unwrap();
+    let err = log.append_fenced_with_aux(
+        r,
+        Seq(1),
+        vec![rec(1)],
+        None,
+        a.fence(),
+        vec![(b"i/a".to_vec(), None), put(b"i/e", b"5")],
+    );
+    match err {
+        Err(StoreError::Fenced { run, fence, current }) => assert_eq!((run, fence, current), (r, a.epoch(), b.epoch())),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(1), "a fenced-out append wrote nothing");
+    assert_eq!(log.aux_get(b"i/a").unwrap(), Some(b"1".to_vec()), "nor removed an aux entry");
+    assert_eq!(log.aux_get(b"i/e").unwrap(), None, "nor put one");
+    // The new holder's fence: a removal and a put with the records.
+    log.append_fenced_with_aux(
+        r,
+        Seq(1),
+        vec![rec(1)],
+        None,
+        b.fence(),
+        vec![(b"i/a".to_vec(), None), put(b"i/e", b"5")],
+    )
+    .unwrap();
+    assert_eq!(log.aux_get(b"i/a").unwrap(), None);
+    assert_eq!(log.aux_get(b"i/e").unwrap(), Some(b"5".to_vec()));
+    // With a claim: a duplicate key writes no aux entry.
+    let claim = |k: &[u8]| Claim { key: k.to_vec(), now_us: 0, expires_at_us: i64::MAX };
+    let c = log.try_lease(run(2), "c", 1_000, 0).unwrap().unwrap();
+    log.append_fenced_with_aux(run(2), Seq(0), vec![rec(0)], Some(claim(b"key")), c.fence(), vec![put(b"i/f", b"6")])
+        .unwrap();
+    let d = log.try_lease(run(3), "d", 1_000, 0).unwrap().unwrap();
+    let dup = log.append_fenced_with_aux(
+        run(3),
+        Seq(0),
+        vec![rec(0)],
+        Some(claim(b"key")),
+        d.fence(),
+        vec![put(b"i/g", b"7")],
+    );
+    assert!(matches!(dup, Err(StoreError::DuplicateKey { .. })), "{dup:?}");
+    assert_eq!(log.aux_get(b"i/g").unwrap(), None);
+    assert_eq!(log.aux_get(b"i/f").unwrap(), Some(b"6".to_vec()));
+    assert_eq!(log.runs().unwrap(), vec![run(1), run(2)]);
+    drop((a, b, c, d));
+}
+
 /// The due-time index: one due time per run (a put replaces it), listed once due,
 /// earliest first (ties by run), at most `limit`, negative times included; removal clears.
 pub fn the_due_index_lists_due_runs_earliest_first(make: MakeStore<'_>) {

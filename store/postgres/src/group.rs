@@ -11,7 +11,7 @@
 
 use crate::error::{connection_lost, PgError, Timed};
 use crate::pool::Pool;
-use keel_store::{backend, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
+use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,12 +34,16 @@ pub(crate) struct Append {
     pub(crate) records: Vec<NewRecord>,
     pub(crate) claim: Option<Claim>,
     pub(crate) fence: Option<Fence>,
+    /// Aux writes made with the records, in the same transaction (already checked).
+    pub(crate) aux: Vec<AuxWrite>,
     pub(crate) reply: std::sync::mpsc::SyncSender<Result<Head, StoreError>>,
 }
 
 impl Append {
     fn bytes(&self) -> usize {
-        self.records.iter().map(|r| r.payload.len()).sum()
+        let records: usize = self.records.iter().map(|r| r.payload.len()).sum();
+        let aux: usize = self.aux.iter().map(|(k, v)| k.len().saturating_add(v.as_ref().map_or(0, Vec::len))).sum();
+        records.saturating_add(aux)
     }
 }
 
@@ -358,7 +362,74 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
     )
     .await
     .map_err(failed)?;
+    write_aux(tx, &plan.aux).await
+}
+
+/// The aux writes of a flush (see [`aux_statements`]).
+async fn write_aux(
+    tx: &tokio_postgres::Transaction<'_>,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), Failed> {
+    aux_statements(tx, aux).await.map_err(failed)
+}
+
+/// Aux writes in `tx`: removes deleted, puts upserted (one statement each).
+async fn aux_statements(
+    tx: &tokio_postgres::Transaction<'_>,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut put_key: Vec<&[u8]> = Vec::new();
+    let mut put_value: Vec<&[u8]> = Vec::new();
+    let mut removed: Vec<&[u8]> = Vec::new();
+    for (key, value) in aux {
+        match value {
+            Some(v) => {
+                put_key.push(key.as_slice());
+                put_value.push(v.as_slice());
+            }
+            None => removed.push(key.as_slice()),
+        }
+    }
+    if !removed.is_empty() {
+        tx.execute("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
+    }
+    if !put_key.is_empty() {
+        tx.execute(
+            "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&put_key, &put_value],
+        )
+        .await?;
+    }
     Ok(())
+}
+
+/// Aux writes outside any append, in one transaction of their own; retried (a few times)
+/// when the server broke a deadlock with a flush writing the same keys.
+pub(crate) async fn apply_aux(
+    client: &mut Client,
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut tries = 0;
+    loop {
+        let attempt = async {
+            let tx = client.transaction().await?;
+            aux_statements(&tx, aux).await?;
+            tx.commit().await
+        };
+        match attempt.await {
+            Err(e) if tries + 1 < RACE_TRIES && retryable(&e) => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is a broken deadlock or a serialization failure (worth a retry).
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
 }
 
 #[derive(Default)]
@@ -404,11 +475,19 @@ pub(crate) struct Intent<'a> {
     pub(crate) records: &'a [NewRecord],
     pub(crate) claim: Option<&'a Claim>,
     pub(crate) fence: Option<Fence>,
+    pub(crate) aux: &'a [AuxWrite],
 }
 
 impl<'a> Intent<'a> {
     fn of(a: &'a Append) -> Intent<'a> {
-        Intent { run: a.run, expected: a.expected, records: &a.records, claim: a.claim.as_ref(), fence: a.fence }
+        Intent {
+            run: a.run,
+            expected: a.expected,
+            records: &a.records,
+            claim: a.claim.as_ref(),
+            fence: a.fence,
+            aux: &a.aux,
+        }
     }
 }
 
@@ -423,6 +502,9 @@ pub(crate) struct Plan {
     pub(crate) claims: BTreeMap<Vec<u8>, (RunId, i64, bool)>,
     /// The record values to insert: `(run, seq, value)`.
     pub(crate) events: Vec<(RunId, Seq, Vec<u8>)>,
+    /// The aux writes of the appends written, the last one per key in arrival order
+    /// (`None`: remove the entry).
+    pub(crate) aux: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 /// Decides each append in arrival order against the locked rows and the appends before it
@@ -481,6 +563,9 @@ fn decide(
     }
     p.events.extend(sealed.into_iter().map(|(seq, v)| (run, seq, v)));
     p.heads.insert(run, (new_head.clone(), existed));
+    for (key, value) in i.aux {
+        p.aux.insert(key.clone(), value.clone());
+    }
     Ok(new_head)
 }
 
@@ -519,10 +604,11 @@ mod tests {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
         fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
     }
 
     fn a(run: RunId, expected: u64, n: u8) -> A {
-        A { run, expected, records: (0..n).map(rec).collect(), claim: None, fence: None }
+        A { run, expected, records: (0..n).map(rec).collect(), claim: None, fence: None, aux: Vec::new() }
     }
 
     fn planned(appends: &[A], locked: Locked) -> Plan {
@@ -533,6 +619,7 @@ mod tests {
                 records: &x.records,
                 claim: x.claim.as_ref(),
                 fence: x.fence,
+                aux: &x.aux,
             }),
             locked,
         )
@@ -574,6 +661,28 @@ mod tests {
         assert_eq!(p.claims.get(b"k".as_slice()), Some(&(run(1), 100, false)));
         assert_eq!(p.events.len(), 1);
         assert_eq!(p.heads.keys().copied().collect::<Vec<_>>(), vec![run(1)]);
+    }
+
+    #[test]
+    fn only_written_appends_bring_their_aux_writes_and_the_last_write_of_a_key_wins() {
+        let put = |k: &[u8], v: &[u8]| (k.to_vec(), Some(v.to_vec()));
+        let mut first = a(run(1), 0, 1);
+        first.aux = vec![put(b"x", b"1"), put(b"y", b"1")];
+        let mut stale = a(run(1), 0, 1);
+        stale.aux = vec![put(b"z", b"2")];
+        let mut fenced = a(run(2), 0, 1);
+        fenced.fence = Some(Fence { run: run(2), epoch: 1 });
+        fenced.aux = vec![put(b"w", b"3")];
+        let mut later = a(run(1), 1, 1);
+        later.aux = vec![(b"x".to_vec(), None), put(b"y", b"4")];
+        let mut locked = Locked::default();
+        locked.epochs.insert(run(2), 2);
+        let p = planned(&[first, stale, fenced, later], locked);
+        assert!(p.outcomes[0].is_ok() && p.outcomes[3].is_ok());
+        assert!(matches!(p.outcomes[1], Err(StoreError::Conflict { .. })));
+        assert!(matches!(p.outcomes[2], Err(StoreError::Fenced { .. })));
+        let aux: Vec<(&[u8], Option<&[u8]>)> = p.aux.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+        assert_eq!(aux, vec![(b"x".as_slice(), None), (b"y".as_slice(), Some(b"4".as_slice()))]);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use crate::group::{self, Append, Counters, FlushMode};
 use crate::pool::{Bounds, Pool};
 use crate::schema;
 use keel_store::{
-    backend, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits, NewRecord, PayloadRef,
-    Payloads, RecordIter, ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX, PAYLOAD_BYTES_MAX,
+    backend, AuxEntry, AuxWrite, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits,
+    NewRecord, PayloadRef, Payloads, RecordIter, ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX,
+    PAYLOAD_BYTES_MAX,
 };
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
@@ -302,12 +303,14 @@ impl PgStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
         fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
     ) -> Result<Head, StoreError> {
         backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
+        backend::validate_aux(&aux, &self.shared.limits)?;
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.shared
             .appends
-            .send(Append { run, expected, records, claim, fence, reply })
+            .send(Append { run, expected, records, claim, fence, aux, reply })
             .map_err(|_| StoreError::from(PgError::Closed))?;
         rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
     }
@@ -533,7 +536,7 @@ impl EventLog for PgStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
-        self.submit(run, expected, records, claim, None)
+        self.submit(run, expected, records, claim, None, Vec::new())
     }
 
     fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
@@ -632,7 +635,66 @@ impl Coordination for PgStore {
         claim: Option<Claim>,
         fence: Fence,
     ) -> Result<Head, StoreError> {
-        self.submit(run, expected, records, claim, Some(fence))
+        self.submit(run, expected, records, claim, Some(fence), Vec::new())
+    }
+
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, Some(fence), aux)
+    }
+
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.submit(run, expected, records, claim, None, aux)
+    }
+
+    fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError> {
+        backend::validate_aux(&aux, &self.shared.limits)?;
+        if aux.is_empty() {
+            return Ok(());
+        }
+        // The last write of a key wins, as if applied one by one; keys in order.
+        let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = aux.into_iter().collect();
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = group::apply_aux(conn.client()?, &writes).await;
+            conn.ok(result)?;
+            Ok(())
+        })
+    }
+
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<AuxEntry>, StoreError> {
+        if lo > hi || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (pool, lo, hi) = (self.pool(), lo.to_vec(), hi.to_vec());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn
+                .client()?
+                .query(
+                    "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2 ORDER BY key LIMIT $3",
+                    &[&lo, &hi, &limit],
+                )
+                .await;
+            let rows = conn.ok(result)?;
+            rows.iter().map(|r| Ok((r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?))).collect()
+        })
     }
 
     fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {

@@ -119,7 +119,7 @@ impl EventLog for MemStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
-        self.write(run, expected, records, claim, None)
+        self.write(run, expected, records, claim, None, Vec::new())
     }
 
     // read, head, runs, scan, limits: the shared core's.
@@ -146,8 +146,9 @@ impl MemStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
         fence: Option<Fence>,
+        aux: Vec<crate::AuxWrite>,
     ) -> Result<Head, StoreError> {
-        match self.core.write(run, expected, records, claim, fence)? {
+        match self.core.write(run, expected, records, claim, fence, aux)? {
             Written::Ok(head) => Ok(head),
             Written::Duplicate(existing) => Err(StoreError::DuplicateKey { existing }),
         }
@@ -167,7 +168,30 @@ impl Coordination for MemStore {
         claim: Option<Claim>,
         fence: Fence,
     ) -> Result<Head, StoreError> {
-        self.write(run, expected, records, claim, Some(fence))
+        self.write(run, expected, records, claim, Some(fence), Vec::new())
+    }
+
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, None, aux)
+    }
+
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence), aux)
     }
 
     // Leases, claims lookup, snapshots, aux, due times: the shared core's.

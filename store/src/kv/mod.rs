@@ -143,8 +143,10 @@ impl<K: Kv> Core<K> {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
         fence: Option<Fence>,
+        aux: Vec<crate::AuxWrite>,
     ) -> Result<Written, StoreError> {
         record::validate_append(run, &records, claim.as_ref(), &self.limits)?;
+        let aux = self.aux_writes(aux)?;
         let _leases = match fence {
             None => None,
             Some(f) => {
@@ -167,6 +169,11 @@ impl<K: Kv> Core<K> {
         }
         let (mut values, new_head) = record::build_batch(run, head, records)?;
         let result = match claim {
+            None if !aux.is_empty() => {
+                let mut writes = Self::event_writes(run, values);
+                writes.extend(aux);
+                self.kv.apply(writes)
+            }
             // A single key needs no batch: sled's apply_batch takes a process-wide write
             // lock and rolls the I/O buffer twice (see docs/STORE.md), a plain insert does not.
             None if values.len() == 1 => match values.pop() {
@@ -185,6 +192,7 @@ impl<K: Kv> Core<K> {
                 }
                 let mut writes = Self::event_writes(run, values);
                 writes.push((ck, Some(record::claim_value(run, c.expires_at_us).to_vec())));
+                writes.extend(aux);
                 self.kv.apply(writes)
             }
         };
@@ -301,6 +309,56 @@ impl<K: Kv> Core<K> {
             });
         }
         self.kv.insert(&record::aux_key(key), value.to_vec())
+    }
+
+    /// `aux` checked against the limits, with the backend's aux prefix on each key.
+    fn aux_writes(&self, aux: Vec<crate::AuxWrite>) -> Result<KvWrites, StoreError> {
+        if aux.len() > self.limits.batch_records_max {
+            return Err(StoreError::TooLarge {
+                what: "aux writes",
+                bytes: aux.len(),
+                max: self.limits.batch_records_max,
+            });
+        }
+        let mut out = Vec::with_capacity(aux.len());
+        for (key, value) in aux {
+            if key.len() > self.limits.key_bytes_max {
+                return Err(StoreError::TooLarge { what: "aux key", bytes: key.len(), max: self.limits.key_bytes_max });
+            }
+            if let Some(v) = &value {
+                if v.len() > self.limits.event_bytes_max {
+                    return Err(StoreError::TooLarge {
+                        what: "aux value",
+                        bytes: v.len(),
+                        max: self.limits.event_bytes_max,
+                    });
+                }
+            }
+            out.push((record::aux_key(&key), value));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
+        let writes = self.aux_writes(aux)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.kv.apply(writes)
+    }
+
+    pub(crate) fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
+        let (lo, hi) = (record::aux_key(lo), record::aux_key(hi));
+        let mut out = Vec::new();
+        if lo > hi || limit == 0 {
+            return Ok(out);
+        }
+        for pair in self.kv.range(&lo, &hi)?.take(limit) {
+            let (k, v) = pair?;
+            let key = k.as_ref().get(1..).unwrap_or_default().to_vec();
+            out.push((key, v.as_ref().to_vec()));
+        }
+        Ok(out)
     }
 
     pub(crate) fn try_lease(
@@ -541,6 +599,14 @@ macro_rules! delegate_coordination {
 
         fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
             self.core.aux_put(key, value)
+        }
+
+        fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
+            self.core.aux_apply(aux)
+        }
+
+        fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
+            self.core.aux_range(lo, hi, limit)
         }
 
         fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {

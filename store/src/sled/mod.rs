@@ -382,7 +382,7 @@ impl EventLog for SledStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
     ) -> Result<Head, StoreError> {
-        self.write(run, expected, records, claim, None)
+        self.write(run, expected, records, claim, None, Vec::new())
     }
 
     // read, head, runs, scan, limits: the shared core's.
@@ -435,7 +435,30 @@ impl Coordination for SledStore {
         claim: Option<Claim>,
         fence: Fence,
     ) -> Result<Head, StoreError> {
-        self.write(run, expected, records, claim, Some(fence))
+        self.write(run, expected, records, claim, Some(fence), Vec::new())
+    }
+
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, None, aux)
+    }
+
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.write(run, expected, records, claim, Some(fence), aux)
     }
 
     // Leases, claims lookup, snapshots, aux, due times: the shared core's.
@@ -451,11 +474,12 @@ impl SledStore {
         records: Vec<NewRecord>,
         claim: Option<Claim>,
         fence: Option<Fence>,
+        aux: Vec<crate::AuxWrite>,
     ) -> Result<Head, StoreError> {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
-        match self.core.write(run, expected, records, claim, fence) {
+        match self.core.write(run, expected, records, claim, fence, aux) {
             Ok(Written::Ok(head)) => {
                 self.make_durable()?;
                 Ok(head)

@@ -67,6 +67,8 @@ pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResul
     let saved = match (&store, a.no_save) {
         (Some(store), false) => {
             keel_replay::save_run(forked.store.as_ref(), store.as_ref(), forked.run)?;
+            // Appended outside an engine's journal: put it in the run index.
+            keel_engine::reindex_run(store.as_ref(), forked.run).map_err(|e| CliError::Failed(e.to_string()))?;
             true
         }
         _ => false,

@@ -1,0 +1,267 @@
+//! Read models kept on commit: the run index and the open-escalation index.
+//!
+//! Entries live in the store's auxiliary keyspace under `ix/`, and the journal writes them
+//! **in the same atomic write as the events that change them**
+//! ([`keel_store::Coordination::append_with_aux`]): an entry exists exactly when the
+//! events that made it do, also across a crash. They are written when an append changes a
+//! run's status (and on every append to a finished run), so most appends (a task's
+//! progress) stay a single insert.
+//!
+//! - `ix/v` = [`INDEX_VERSION`]: the index is complete (written last by a rebuild);
+//! - `ix/r/<run>`: the run's [`IndexEntry`] as of its last status change (exact for a
+//!   finished run; a run still going is re-read from its snapshot and tail when listed);
+//! - `ix/s/<status><run>`: runs by status (the `AwaitingHuman` range is the open
+//!   escalations: a run waits for a human exactly while one of its escalations is open);
+//! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type, and by status
+//!   and workflow type (`<wf>` = the first 16 bytes of SHA-256 of the name: fixed length,
+//!   so any name fits the store's key limit; a listing checks the name in the entry).
+//!
+//! Within each range runs are in run id order, so a page is a range read from a cursor.
+
+use crate::error::EngineError;
+use crate::model::fsm::RunStatus;
+use crate::model::state::{RunState, Totals};
+use crate::shell::fold::load_state;
+use keel_store::{codec, AuxWrite, RunId, Store};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version of the index layout; an index of another version is rebuilt on open.
+pub(crate) const INDEX_VERSION: &[u8] = b"1";
+const MARKER: &[u8] = b"ix/v";
+const RUN: &[u8] = b"ix/r/";
+const BY_STATUS: &[u8] = b"ix/s/";
+const BY_WORKFLOW: &[u8] = b"ix/w/";
+const BY_BOTH: &[u8] = b"ix/x/";
+/// Entries read per range read while listing.
+const SCAN_CHUNK: usize = 512;
+/// Runs folded per atomic write while rebuilding.
+const REBUILD_CHUNK: usize = 64;
+
+/// What the index keeps of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IndexEntry {
+    pub workflow: String,
+    pub status: RunStatus,
+    pub priority: i32,
+    pub accepted_at_us: i64,
+    pub last_event_us: i64,
+    pub events: u64,
+    pub totals: Totals,
+    pub partial: bool,
+    pub escalations: u32,
+    pub idempotency_key: Option<String>,
+}
+
+impl IndexEntry {
+    pub(crate) fn of(s: &RunState) -> IndexEntry {
+        IndexEntry {
+            workflow: s.workflow.clone(),
+            status: s.status,
+            priority: s.priority,
+            accepted_at_us: s.accepted_at_us,
+            last_event_us: s.last_event_us,
+            events: s.next_seq.0,
+            totals: s.totals,
+            partial: s.partial,
+            escalations: u32::try_from(s.escalations.len()).unwrap_or(u32::MAX),
+            idempotency_key: s.idempotency_key.clone(),
+        }
+    }
+}
+
+fn status_byte(s: RunStatus) -> u8 {
+    RunStatus::ALL.iter().position(|x| *x == s).and_then(|i| u8::try_from(i).ok()).unwrap_or(u8::MAX)
+}
+
+fn wf_digest(workflow: &str) -> [u8; 16] {
+    let d = Sha256::digest(workflow.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(d.get(..16).unwrap_or(&[0u8; 16]));
+    out
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+fn run_key(run: RunId) -> Vec<u8> {
+    key(&[RUN, run.as_bytes()])
+}
+
+/// The listing keys of a run in `status` (the by-status, by-workflow and by-both keys).
+fn listing_keys(run: RunId, workflow: &str, status: RunStatus) -> [Vec<u8>; 3] {
+    let (s, w, r) = ([status_byte(status)], wf_digest(workflow), run.as_bytes());
+    [key(&[BY_STATUS, &s, r]), key(&[BY_WORKFLOW, &w, r]), key(&[BY_BOTH, &s, &w, r])]
+}
+
+/// The index writes of an append that leads to `after` from a run in `before` (`None`:
+/// a new run); empty when the index does not change (same status, not finished).
+pub(crate) fn writes(before: Option<RunStatus>, after: &RunState) -> Result<Vec<AuxWrite>, EngineError> {
+    if before == Some(after.status) && !after.status.is_terminal() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(7);
+    if let Some(b) = before.filter(|b| *b != after.status) {
+        out.extend(listing_keys(after.run, &after.workflow, b).into_iter().map(|k| (k, None)));
+    }
+    out.extend(listing_keys(after.run, &after.workflow, after.status).into_iter().map(|k| (k, Some(Vec::new()))));
+    out.push((run_key(after.run), Some(codec::encode(&IndexEntry::of(after))?)));
+    Ok(out)
+}
+
+/// The index entry of `run`, if it has one.
+pub(crate) fn entry(log: &dyn Store, run: RunId) -> Result<Option<IndexEntry>, EngineError> {
+    let k = run_key(run);
+    match log.aux_range(&k, &k, 1)?.into_iter().next() {
+        None => Ok(None),
+        Some((_, v)) => Ok(Some(codec::decode(&v)?)),
+    }
+}
+
+/// Which runs a listing wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Only runs of this workflow type.
+    pub workflow: Option<String>,
+}
+
+/// A page of runs ([`crate::Engine::runs_page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunsPage {
+    /// The runs, in run id order.
+    pub runs: Vec<crate::api::RunSummary>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next_cursor: Option<RunId>,
+}
+
+/// Up to `limit` runs matching `filter` with ids after `after`, in run id order, each with
+/// its index entry; the bool says whether more follow. Reads O(page) entries (plus the
+/// entries of other workflow types whose names share a 16-byte digest prefix: none in
+/// practice).
+pub(crate) fn page(
+    log: &dyn Store,
+    filter: &RunFilter,
+    after: Option<RunId>,
+    limit: usize,
+) -> Result<(Vec<(RunId, IndexEntry)>, bool), EngineError> {
+    let (prefix, with_entry_key): (Vec<u8>, bool) = match (&filter.status, &filter.workflow) {
+        (None, None) => (RUN.to_vec(), true),
+        (Some(s), None) => (key(&[BY_STATUS, &[status_byte(*s)]]), false),
+        (None, Some(w)) => (key(&[BY_WORKFLOW, &wf_digest(w)]), false),
+        (Some(s), Some(w)) => (key(&[BY_BOTH, &[status_byte(*s)], &wf_digest(w)]), false),
+    };
+    let hi = key(&[&prefix, &[0xff; 16]]);
+    let mut lo = match after {
+        // The key just after the cursor's.
+        Some(a) => key(&[&prefix, a.as_bytes(), &[0]]),
+        None => prefix.clone(),
+    };
+    let mut out: Vec<(RunId, IndexEntry)> = Vec::new();
+    loop {
+        let want = limit.saturating_add(1).saturating_sub(out.len()).clamp(1, SCAN_CHUNK);
+        let chunk = log.aux_range(&lo, &hi, want)?;
+        let n = chunk.len();
+        for (k, v) in chunk {
+            lo = key(&[&k, &[0]]);
+            let Some(run) = k.get(prefix.len()..).and_then(|b| <[u8; 16]>::try_from(b).ok()).map(RunId::from_bytes)
+            else {
+                continue;
+            };
+            let e = if with_entry_key {
+                codec::decode::<IndexEntry>(&v)?
+            } else {
+                match entry(log, run)? {
+                    Some(e) => e,
+                    None => continue,
+                }
+            };
+            if filter.workflow.as_deref().is_some_and(|w| w != e.workflow) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((run, e));
+        }
+        if n < want {
+            return Ok((out, false));
+        }
+    }
+}
+
+/// Every run in `status`, in run id order (the open escalations, the runs to resume).
+pub(crate) fn runs_in(log: &dyn Store, status: RunStatus) -> Result<Vec<RunId>, EngineError> {
+    let prefix = key(&[BY_STATUS, &[status_byte(status)]]);
+    let hi = key(&[&prefix, &[0xff; 16]]);
+    let mut lo = prefix.clone();
+    let mut out = Vec::new();
+    loop {
+        let chunk = log.aux_range(&lo, &hi, SCAN_CHUNK)?;
+        let n = chunk.len();
+        for (k, _) in chunk {
+            if let Some(run) = k.get(prefix.len()..).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                out.push(RunId::from_bytes(run));
+            }
+            lo = key(&[&k, &[0]]);
+        }
+        if n < SCAN_CHUNK {
+            return Ok(out);
+        }
+    }
+}
+
+/// Whether the index is complete (a rebuild finished, or the database was created with it).
+pub(crate) fn is_complete(log: &dyn Store) -> Result<bool, EngineError> {
+    Ok(log.aux_range(MARKER, MARKER, 1)?.first().is_some_and(|(_, v)| v.as_slice() == INDEX_VERSION))
+}
+
+/// Builds the index from the log if it is not complete: removes any partial index, folds
+/// every run (O(history), once) and writes its entries, then the marker, then flushes.
+/// Returns how many runs it indexed (`None`: the index was complete).
+pub(crate) fn ensure(log: &dyn Store) -> Result<Option<usize>, EngineError> {
+    if is_complete(log)? {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    // A partial index (a rebuild cut short): start again from nothing.
+    let (lo, hi) = (b"ix/".to_vec(), b"ix/\xff".to_vec());
+    loop {
+        let old = log.aux_range(&lo, &hi, SCAN_CHUNK)?;
+        if old.is_empty() {
+            break;
+        }
+        log.aux_apply(old.into_iter().map(|(k, _)| (k, None)).collect())?;
+    }
+    let runs = log.runs()?;
+    for chunk in runs.chunks(REBUILD_CHUNK) {
+        let mut batch = Vec::new();
+        for &run in chunk {
+            if let Some(s) = load_state(log, run)? {
+                batch.extend(writes(None, &s)?);
+            }
+        }
+        log.aux_apply(batch)?;
+    }
+    log.aux_apply(vec![(MARKER.to_vec(), Some(INDEX_VERSION.to_vec()))])?;
+    log.flush()?;
+    tracing::info!(runs = runs.len(), ms = started.elapsed().as_millis() as u64, "built the run index");
+    Ok(Some(runs.len()))
+}
+
+/// Re-indexes one run from its log (after records were appended outside the journal, as a
+/// fork or an import does): removes its listing keys under every status and writes its
+/// current entry.
+pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
+    let Some(s) = load_state(log, run)? else { return Ok(()) };
+    let mut out: Vec<AuxWrite> = Vec::new();
+    for st in RunStatus::ALL {
+        if st != s.status {
+            out.extend(listing_keys(run, &s.workflow, st).into_iter().map(|k| (k, None)));
+        }
+    }
+    out.extend(writes(None, &s)?);
+    Ok(log.aux_apply(out)?)
+}

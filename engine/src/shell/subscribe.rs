@@ -1,0 +1,158 @@
+//! Subscriptions: what a caller awaits instead of polling. The journal announces every
+//! durable append ([`Change`]) on a bounded broadcast channel; a subscriber that falls
+//! more than [`crate::shell::journal::CHANGES_BUFFER`] changes behind is told it lagged,
+//! and the followers here then re-read the log from the last seq they returned, so they
+//! never miss or repeat an event (the log is the truth; a change is only a wake-up).
+
+use crate::error::EngineError;
+use crate::model::event::Logged;
+use crate::model::fsm::RunStatus;
+use crate::shell::fold::read_logged;
+use crate::shell::index;
+use crate::shell::journal::Change;
+use crate::shell::runtime::Inner;
+use keel_store::{RunId, Seq};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Events returned by one [`RunEvents::next`] at most.
+pub const FOLLOW_BATCH_MAX: usize = 1000;
+
+/// What [`Subscription::recv`] hands out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A durable append.
+    Change(Change),
+    /// This many changes were dropped because the subscriber fell behind: re-read what
+    /// it needs from the log (or the run index).
+    Lagged(u64),
+}
+
+/// Every durable append from the moment of [`crate::Engine::subscribe`] on, in the order
+/// the journal made them durable (per run, in seq order).
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Change>,
+}
+
+impl Subscription {
+    pub(crate) fn new(rx: broadcast::Receiver<Change>) -> Self {
+        Subscription { rx }
+    }
+
+    /// The next change (or how many were missed). `None` once the engine is gone.
+    pub async fn recv(&mut self) -> Option<Received> {
+        match self.rx.recv().await {
+            Ok(c) => Some(Received::Change(c)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Received::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// The next change of `run`, skipping others; a lag is reported (the caller re-reads).
+    pub(crate) async fn recv_run(&mut self, run: RunId) -> Option<Received> {
+        loop {
+            match self.recv().await? {
+                Received::Change(c) if c.run != run => continue,
+                other => return Some(other),
+            }
+        }
+    }
+}
+
+/// A live tail of one run's events ([`crate::Engine::follow`]): the recorded events after
+/// a seq, then each new one as it becomes durable, until the run is finished.
+pub struct RunEvents {
+    inner: Arc<Inner>,
+    run: RunId,
+    next: Seq,
+    sub: Subscription,
+}
+
+impl std::fmt::Debug for RunEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunEvents").field("run", &self.run).field("next", &self.next).finish_non_exhaustive()
+    }
+}
+
+impl RunEvents {
+    /// Subscribes first, so no append between the first read and the first wait is missed.
+    pub(crate) fn new(inner: Arc<Inner>, run: RunId, after: Option<Seq>) -> Self {
+        let sub = Subscription::new(inner.journal.subscribe());
+        let next = after.map_or(Seq(0), |s| Seq(s.0.saturating_add(1)));
+        RunEvents { inner, run, next, sub }
+    }
+
+    /// The seq the next event returned will have.
+    pub fn next_seq(&self) -> Seq {
+        self.next
+    }
+
+    /// The next events (1..=[`FOLLOW_BATCH_MAX`], in seq order, none returned before), as
+    /// soon as they are durable; `Ok(None)` once the run is finished and every event up to
+    /// its end was returned. `UnknownRun` if the run has no events at all.
+    pub async fn next(&mut self) -> Result<Option<Vec<Logged>>, EngineError> {
+        loop {
+            let (run, from) = (self.run, self.next);
+            let (events, entry) = self
+                .inner
+                .blocking(move |log| {
+                    let events = read_logged(log, run, from)?.take(FOLLOW_BATCH_MAX).collect::<Result<Vec<_>, _>>()?;
+                    let entry = if events.is_empty() { index::entry(log, run)? } else { None };
+                    let exists = !events.is_empty() || entry.is_some() || log.head(run)?.next_seq.0 > 0;
+                    Ok((events, entry, exists))
+                })
+                .await
+                .and_then(
+                    |(events, entry, exists)| {
+                        if exists {
+                            Ok((events, entry))
+                        } else {
+                            Err(EngineError::UnknownRun { run })
+                        }
+                    },
+                )?;
+            if let Some(last) = events.last() {
+                self.next = Seq(last.seq.0.saturating_add(1));
+                return Ok(Some(events));
+            }
+            if entry.is_some_and(|e| e.status.is_terminal() && e.events <= self.next.0) {
+                return Ok(None);
+            }
+            // Nothing new: wait for an append of this run (or a lag, then re-read).
+            if self.sub.recv_run(self.run).await.is_none() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Waits until `run`'s status satisfies `done`, without polling: its current status from
+/// the run index, then each change of the run. Returns that status.
+pub(crate) async fn wait_until(
+    inner: &Arc<Inner>,
+    run: RunId,
+    done: impl Fn(RunStatus) -> bool,
+) -> Result<RunStatus, EngineError> {
+    let mut sub = Subscription::new(inner.journal.subscribe());
+    loop {
+        let status = inner
+            .blocking(move |log| match index::entry(log, run)? {
+                Some(e) => Ok(e.status),
+                None => {
+                    crate::shell::fold::load_state(log, run)?.map(|s| s.status).ok_or(EngineError::UnknownRun { run })
+                }
+            })
+            .await?;
+        if done(status) {
+            return Ok(status);
+        }
+        loop {
+            match sub.recv_run(run).await {
+                None => return Err(EngineError::Internal("the engine's change feed closed".into())),
+                Some(Received::Change(c)) if !done(c.status) => continue,
+                Some(_) => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! Live operations (issue 14): the read models written with the events (run index, open
+//! escalations), a restart that reads only unfinished runs, and subscriptions (a run's
+//! live events, its end, status changes) without polling.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+mod common;
+use common::*;
+use keel_engine::*;
+use keel_store::{
+    AuxWrite, Claim, Coordination, Durability, EventLog, Fence, Head, Lease, Limits, NewRecord, PayloadRef, RecordIter,
+    RunRecords, SledStore, Store, StoreConfig, StoreError,
+};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// One engine with two workflow types: `ok` completes (one tool task), `esc` escalates
+/// (its handler fails fatally on a critical task).
+fn builder(handler_delay_ms: u64) -> EngineBuilder {
+    let ok = workflow("ok", planner(vec![plan(vec![task("t", TaskKind::Tool, "t", &[])])]), pass_evaluator());
+    let esc = workflow("esc", planner(vec![plan(vec![task("pay", TaskKind::Tool, "pay", &[])])]), pass_evaluator());
+    Engine::builder()
+        .workflow(ok)
+        .workflow(esc)
+        .handler(
+            "t",
+            slow_handler(handler_delay_ms, |c| {
+                Ok(TaskOutput { output: json!({"task": c.task.0}), usage: Usage { cost_micros: 7, tokens: 3 } })
+            }),
+        )
+        .handler("pay", handler(|_| Err(HandlerError::fatal("card declined"))))
+}
+
+/// Summaries folded from the log, run by run (what `runs()` returned before the index).
+fn folded(engine: &Engine) -> Vec<RunSummary> {
+    let log = engine.store();
+    log.runs()
+        .unwrap()
+        .into_iter()
+        .map(|run| {
+            let s = load_state(log.as_ref(), run).unwrap().unwrap();
+            RunSummary {
+                run,
+                workflow: s.workflow.clone(),
+                status: s.status,
+                priority: s.priority,
+                accepted_at_us: s.accepted_at_us,
+                last_event_us: s.last_event_us,
+                events: s.next_seq.0,
+                cost_micros: s.totals.cost_micros,
+                tokens: s.totals.tokens,
+                partial: s.partial,
+                escalations: s.escalations.len() as u32,
+            }
+        })
+        .collect()
+}
+
+async fn seven_done_three_waiting(engine: &Engine) {
+    for i in 0..10 {
+        let wf = if i % 3 == 1 { "esc" } else { "ok" };
+        let mut r = Request::new(wf, json!({ "i": i }));
+        r.idempotency_key = Some(format!("k{i}"));
+        r.priority = i;
+        engine.submit(r).await.unwrap();
+    }
+    let report = engine.run_until_idle().await.unwrap();
+    assert!(report.stopped.is_empty(), "{:?}", report.stopped);
+}
+
+fn all_pages(engine: &Engine, filter: &RunFilter, limit: usize) -> Vec<RunSummary> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = engine.runs_page(filter, after, limit).unwrap();
+        assert!(page.runs.len() <= limit);
+        out.extend(page.runs);
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_index_pages_and_filters_as_a_fold_of_the_log_does() {
+    let dir = tempdir();
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    seven_done_three_waiting(&engine).await;
+    // A run still going (accepted, not driven) is listed up to date too.
+    let pending = engine.submit(Request::new("ok", json!({"i": 99}))).await.unwrap().run;
+    let truth = folded(&engine);
+    assert_eq!(truth.len(), 11);
+    assert_eq!(engine.runs().unwrap(), truth);
+    assert_eq!(all_pages(&engine, &RunFilter::default(), 3), truth);
+    for status in RunStatus::ALL {
+        let f = RunFilter { status: Some(status), workflow: None };
+        let want: Vec<_> = truth.iter().filter(|r| r.status == status).cloned().collect();
+        assert_eq!(all_pages(&engine, &f, 2), want, "{status:?}");
+        for wf in ["ok", "esc", "none"] {
+            let f = RunFilter { status: Some(status), workflow: Some(wf.into()) };
+            let want: Vec<_> = want.iter().filter(|r| r.workflow == wf).cloned().collect();
+            assert_eq!(all_pages(&engine, &f, 1), want, "{status:?} {wf}");
+        }
+    }
+    let f = RunFilter { status: None, workflow: Some("esc".into()) };
+    let esc: Vec<_> = truth.iter().filter(|r| r.workflow == "esc").cloned().collect();
+    assert_eq!(esc.len(), 3);
+    assert_eq!(all_pages(&engine, &f, 2), esc);
+    assert!(esc.iter().all(|r| r.status == RunStatus::AwaitingHuman));
+    // The open escalations are the AwaitingHuman range, in run id order.
+    let open: Vec<RunId> = engine.escalations().unwrap().iter().map(|e| e.run).collect();
+    assert_eq!(open, esc.iter().map(|r| r.run).collect::<Vec<_>>());
+    assert_eq!(engine.state(pending).unwrap().status, RunStatus::Accepted);
+    // Stats from the index equal stats from the fold.
+    let stats = engine.stats().unwrap();
+    let ok = stats.iter().find(|s| s.workflow == "ok").unwrap();
+    assert_eq!(ok.runs, 8);
+    assert_eq!(ok.by_status.get(&RunStatus::Completed), Some(&7));
+    assert_eq!(ok.totals.cost_micros, truth.iter().filter(|r| r.workflow == "ok").map(|r| r.cost_micros).sum::<u64>());
+    // A resolution moves the run out of the AwaitingHuman range in the same write.
+    let first = esc[0].run;
+    engine
+        .resolve(first, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let open: Vec<RunId> = engine.escalations().unwrap().iter().map(|e| e.run).collect();
+    assert_eq!(open.len(), 2);
+    assert!(!open.contains(&first));
+    assert_eq!(engine.runs().unwrap(), folded(&engine));
+}
+
+/// Removes every index entry (as a database written before the index has none).
+fn drop_the_index(dir: &std::path::Path) {
+    let store = SledStore::open(dir, StoreConfig { durability: Durability::None, ..StoreConfig::default() }).unwrap();
+    let old = store.aux_range(b"ix/", b"ix/\xff", usize::MAX).unwrap();
+    assert!(!old.is_empty(), "the engine wrote an index");
+    store.aux_apply(old.into_iter().map(|(k, _)| (k, None)).collect()).unwrap();
+    store.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_index_gets_it_built_on_open() {
+    let dir = tempdir();
+    let (truth, open) = {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+        (engine.runs().unwrap(), engine.escalations().unwrap())
+    };
+    drop_the_index(dir.path());
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    assert_eq!(engine.runs().unwrap(), truth);
+    assert_eq!(engine.escalations().unwrap(), open);
+    assert_eq!(open.len(), 3);
+    // And it keeps working: a resolution and a new run are indexed on commit.
+    engine
+        .resolve(open[0].run, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
+    engine.submit(Request::new("ok", json!({"new": true}))).await.unwrap();
+    engine.run_until_idle().await.unwrap();
+    assert_eq!(engine.runs().unwrap(), folded(&engine));
+    assert_eq!(engine.escalations().unwrap().len(), 2);
+}
+
+/// A store that counts, per run, the reads of its log and snapshot.
+struct Counting {
+    inner: Arc<dyn Store>,
+    reads: Mutex<BTreeMap<RunId, u64>>,
+}
+
+impl Counting {
+    fn count(&self, run: RunId) {
+        *self.reads.lock().unwrap().entry(run).or_insert(0) += 1;
+    }
+}
+
+impl keel_store::Payloads for Counting {
+    fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
+        self.inner.put_payload(bytes)
+    }
+    fn get_payload(&self, digest: &keel_store::Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_payload(digest, bytes_max)
+    }
+    fn payload_digests(&self) -> Result<Vec<keel_store::Hash32>, StoreError> {
+        self.inner.payload_digests()
+    }
+}
+
+impl EventLog for Counting {
+    fn append(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+    ) -> Result<Head, StoreError> {
+        self.inner.append(run, expected, records, claim)
+    }
+    fn read(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.count(run);
+        self.inner.read(run, from)
+    }
+    fn head(&self, run: RunId) -> Result<Head, StoreError> {
+        self.inner.head(run)
+    }
+    fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.inner.runs()
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+    fn durability(&self) -> Durability {
+        self.inner.durability()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
+        for r in runs {
+            self.count(*r);
+        }
+        self.inner.read_runs(runs)
+    }
+    fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
+        self.count(run);
+        self.inner.scan(run, from)
+    }
+}
+
+impl Coordination for Counting {
+    fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        self.inner.try_lease(run, owner, ttl_ms, now_us)
+    }
+    fn renew_lease(&self, lease: &Lease, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
+        self.inner.renew_lease(lease, ttl_ms, now_us)
+    }
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.inner.release_lease(lease)
+    }
+    fn append_fenced(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+    ) -> Result<Head, StoreError> {
+        self.inner.append_fenced(run, expected, records, claim, fence)
+    }
+    fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
+        self.inner.lookup_key(key, now_us)
+    }
+    fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
+        self.inner.save_snapshot(run, next_seq, state)
+    }
+    fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
+        self.count(run);
+        self.inner.load_snapshot(run)
+    }
+    fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.aux_get(key)
+    }
+    fn aux_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner.aux_put(key, value)
+    }
+    fn append_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.inner.append_with_aux(run, expected, records, claim, aux)
+    }
+    fn append_fenced_with_aux(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        self.inner.append_fenced_with_aux(run, expected, records, claim, fence, aux)
+    }
+    fn aux_apply(&self, aux: Vec<AuxWrite>) -> Result<(), StoreError> {
+        self.inner.aux_apply(aux)
+    }
+    fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<keel_store::AuxEntry>, StoreError> {
+        self.inner.aux_range(lo, hi, limit)
+    }
+    fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
+        self.inner.put_due(run, due_at_us)
+    }
+    fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
+        self.inner.remove_due(run)
+    }
+    fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
+        self.inner.due(now_us, limit)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_only_the_unfinished_runs() {
+    let dir = tempdir();
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+    }
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    let engine = builder(0).store(counting.clone()).open().unwrap();
+    let all = engine.runs().unwrap();
+    let (done, waiting): (Vec<_>, Vec<_>) = all.iter().partition(|r| r.status.is_terminal());
+    assert_eq!((done.len(), waiting.len()), (7, 3));
+    counting.reads.lock().unwrap().clear();
+    // A restart: the workers resume what is not finished, and a new run completes.
+    let workers = engine.start();
+    let new = engine.submit(Request::new("ok", json!({"after": "restart"}))).await.unwrap().run;
+    assert_eq!(engine.wait(new).await.unwrap(), RunStatus::Completed);
+    workers.shutdown().await;
+    let reads = counting.reads.lock().unwrap().clone();
+    for r in &done {
+        assert_eq!(reads.get(&r.run), None, "finished run {} was read on restart", r.run);
+    }
+    for r in &waiting {
+        assert!(reads.contains_key(&r.run), "waiting run {} was not resumed", r.run);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_returns_every_event_once_as_it_is_recorded_and_ends_with_the_run() {
+    let dir = tempdir();
+    let engine = builder(30).path(dir.path()).open().unwrap();
+    let mut changes = engine.subscribe();
+    let workers = engine.start();
+    let run = engine.submit(Request::new("ok", json!({"live": 1}))).await.unwrap().run;
+    // Two followers: one from the first event, one resuming after seq 1.
+    let mut from_start = engine.follow(run, None);
+    let mut resumed = engine.follow(run, Some(Seq(1)));
+    let (mut a, mut b, mut batches) = (Vec::new(), Vec::new(), 0);
+    while let Some(events) = from_start.next().await.unwrap() {
+        batches += 1;
+        a.extend(events);
+    }
+    while let Some(events) = resumed.next().await.unwrap() {
+        b.extend(events);
+    }
+    assert_eq!(engine.wait(run).await.unwrap(), RunStatus::Completed);
+    let log = engine.events(run).unwrap();
+    assert_eq!(a, log);
+    assert_eq!(b.as_slice(), &log[2..]);
+    // The handler takes 30 ms: the tail returned events before the run was finished.
+    assert!(batches > 1, "the follower got everything at once ({batches} batch)");
+    // The change feed told each status change of the run, in order, ending Completed.
+    let mut statuses = Vec::new();
+    while statuses.last() != Some(&RunStatus::Completed) {
+        match changes.recv().await.unwrap() {
+            Received::Change(c) if c.run == run && c.status_changed() => statuses.push(c.status),
+            Received::Change(_) => {}
+            Received::Lagged(n) => panic!("lagged {n}"),
+        }
+    }
+    assert_eq!(statuses.first(), Some(&RunStatus::Accepted));
+    assert!(statuses.contains(&RunStatus::Running), "{statuses:?}");
+    workers.shutdown().await;
+    // A finished run's follower returns its log and ends; an unknown run is an error.
+    let mut after = engine.follow(run, None);
+    assert_eq!(after.next().await.unwrap().unwrap(), log);
+    assert_eq!(after.next().await.unwrap(), None);
+    let unknown = RunId::from_bytes([7; 16]);
+    assert!(matches!(engine.follow(unknown, None).next().await, Err(EngineError::UnknownRun { .. })));
+    assert!(matches!(engine.wait(unknown).await, Err(EngineError::UnknownRun { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_until_sees_the_escalation_and_wait_the_end_without_polling() {
+    let dir = tempdir();
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    let workers = engine.start();
+    let run = engine.submit(Request::new("esc", json!({}))).await.unwrap().run;
+    let s = engine.wait_until(run, |s| s == RunStatus::AwaitingHuman).await.unwrap();
+    assert_eq!(s, RunStatus::AwaitingHuman);
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.wait(run).await })
+    };
+    engine
+        .resolve(run, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(30), waiter).await.unwrap().unwrap().unwrap();
+    assert!(end.is_terminal(), "{end:?}");
+    assert_eq!(engine.state(run).unwrap().status, end);
+    workers.shutdown().await;
+}

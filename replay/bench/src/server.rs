@@ -1,0 +1,321 @@
+//! Section 8, `server`: the HTTP API over a database with many finished runs (10k with
+//! `--quick`, 100k in the full run), each figure next to its floor:
+//!
+//! - the first page of `GET /v1/runs` and `GET /v1/escalations`, against what listing cost
+//!   before the run index (a fold of every run: `load_state` run after run);
+//! - from opening the engine to the first new run completed, against the same on an empty
+//!   database;
+//! - `POST /v1/runs/{run}/resolve` p50/p99 while 64 runs execute, against
+//!   `Engine::resolve` called directly under the same load;
+//! - events streamed per second to 100 SSE subscribers (one live tail per run), against
+//!   the rate the engine recorded those events.
+
+use super::{percentile, submit_n, temp_dir, BenchError, ChainPlanner, Figure, Noop, PassEvaluator, QuietSink};
+use keel_engine::{load_state, Decision, Engine, Request, Resolution, RunId, WorkflowType};
+use keel_server::{Auth, Role};
+use keel_store::{Coordination, Durability, EventLog, Level, SledStore, Store, StoreConfig};
+use serde_json::json;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TOKEN: &str = "bench-token-0123456789";
+const REVIEW: &str = "bench_review";
+/// Requests per listing figure (median reported).
+const LIST_REPEATS: usize = 21;
+/// Runs executing while the resolutions are timed.
+const BACKGROUND_RUNS: usize = 64;
+/// SSE subscribers (one per run).
+const SUBSCRIBERS: usize = 100;
+
+fn engine(dir: &Path, durability: Durability) -> Result<Engine, BenchError> {
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(dir.join("db"), StoreConfig { durability, ..StoreConfig::default() })?);
+    let mut chain = super::workflow(4, false, 1024);
+    chain.max_concurrent_runs = 1024;
+    let mut review =
+        WorkflowType::new(REVIEW, Arc::new(ChainPlanner { tasks: 1, human: true }), Arc::new(PassEvaluator));
+    review.max_concurrent_runs = 1024;
+    Ok(Engine::builder()
+        .store(store)
+        .workflow(chain)
+        .workflow(review)
+        .handler(super::HANDLER, Arc::new(Noop))
+        .escalation_sink(Arc::new(QuietSink))
+        .workers(256)
+        .open()?)
+}
+
+async fn serve(engine: &Engine) -> Result<std::net::SocketAddr, BenchError> {
+    let auth = Auth::from_tokens([("bench", Role::Admin, TOKEN)]).map_err(|e| BenchError::Invalid(e.to_string()))?;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| BenchError::io(Path::new("127.0.0.1:0"), e))?;
+    let addr = listener.local_addr().map_err(|e| BenchError::io(Path::new("127.0.0.1:0"), e))?;
+    let app = keel_server::router(engine.clone(), auth);
+    tokio::spawn(keel_server::serve(listener, app, std::future::pending()));
+    Ok(addr)
+}
+
+/// One HTTP/1.1 request on its own connection: (status, body).
+async fn call(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String), BenchError> {
+    let io = |e| BenchError::io(Path::new("http"), e);
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.map_err(io)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+async fn timed_get(addr: std::net::SocketAddr, path: &str) -> Result<f64, BenchError> {
+    let mut ms = Vec::with_capacity(LIST_REPEATS);
+    for _ in 0..LIST_REPEATS {
+        let t = Instant::now();
+        let (status, body) = call(addr, "GET", path, "").await?;
+        if status != 200 {
+            return Err(BenchError::Invalid(format!("GET {path}: {status} {body}")));
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(percentile(&ms, 0.5))
+}
+
+/// Counts the SSE messages (`id:` lines) of one run's live tail until the stream ends.
+async fn tail_count(addr: std::net::SocketAddr, run: RunId) -> Result<u64, BenchError> {
+    let io = |e| BenchError::io(Path::new("sse"), e);
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+    let req = format!(
+        "GET /v1/runs/{run}/events HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.map_err(io)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.map_err(io)?;
+    Ok(String::from_utf8_lossy(&raw).lines().filter(|l| l.starts_with("id:")).count() as u64)
+}
+
+async fn submit_reviews(engine: &Engine, n: usize) -> Result<Vec<RunId>, BenchError> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(engine.submit(Request::new(REVIEW, json!({ "review": i }))).await?.run);
+    }
+    Ok(out)
+}
+
+/// The `server` section (see the module docs).
+pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -> Result<Vec<Figure>, BenchError> {
+    let dir = temp_dir(parent, "server")?;
+    // 1. The history: `runs` finished runs and `reviews` runs waiting for a human.
+    {
+        let e = engine(&dir, Durability::None)?;
+        let workers = e.start();
+        submit_n(&e, runs, 1024).await?;
+        let waiting = submit_reviews(&e, reviews).await?;
+        for r in &waiting {
+            e.wait_until(*r, |s| s == keel_engine::RunStatus::AwaitingHuman).await?;
+        }
+        // Every chain run finished too.
+        loop {
+            let busy =
+                [keel_engine::RunStatus::Accepted, keel_engine::RunStatus::Planning, keel_engine::RunStatus::Running]
+                    .into_iter()
+                    .map(|s| {
+                        e.runs_page(&keel_engine::RunFilter { status: Some(s), workflow: None }, None, 1)
+                            .map(|p| p.runs.len())
+                    })
+                    .sum::<Result<usize, _>>()?;
+            if busy == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        workers.shutdown().await;
+        e.store().flush()?;
+    }
+    let durable = Durability::GroupCommit(Level::PowerLoss);
+
+    // 1b. A database without the index (written before it): the build on open.
+    {
+        let store =
+            SledStore::open(dir.join("db"), StoreConfig { durability: Durability::None, ..StoreConfig::default() })?;
+        loop {
+            let old = store.aux_range(b"ix/", b"ix/\xff", 1024)?;
+            if old.is_empty() {
+                break;
+            }
+            store.aux_apply(old.into_iter().map(|(k, _)| (k, None)).collect())?;
+        }
+        store.flush()?;
+    }
+    let t = Instant::now();
+    drop(engine(&dir, durable)?);
+    let rebuild_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // 2. Restart: open to the first new run completed, against an empty database.
+    let t = Instant::now();
+    let e = engine(&dir, durable)?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let workers = e.start();
+    let first = e.submit(Request::new(super::WORKFLOW, json!({"after": "restart"}))).await?.run;
+    e.wait(first).await?;
+    let restart_ms = t.elapsed().as_secs_f64() * 1e3;
+    let empty_dir = temp_dir(parent, "server-empty")?;
+    let t = Instant::now();
+    {
+        let e0 = engine(&empty_dir, durable)?;
+        let w0 = e0.start();
+        let r = e0.submit(Request::new(super::WORKFLOW, json!({"empty": true}))).await?.run;
+        e0.wait(r).await?;
+        w0.shutdown().await;
+    }
+    let restart_floor_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // 3. Listing through the API, against the fold of every run (the listing before).
+    let addr = serve(&e).await?;
+    let list_ms = timed_get(addr, "/v1/runs?limit=100").await?;
+    let esc_ms = timed_get(addr, "/v1/escalations").await?;
+    let log = e.store();
+    let t = Instant::now();
+    let mut folded = 0usize;
+    for run in log.runs()? {
+        if load_state(log.as_ref(), run)?.is_some() {
+            folded += 1;
+        }
+    }
+    let fold_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // 4. Resolutions while 64 runs execute: half through the API, half on the engine.
+    let waiting = e.escalations()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for k in 0..BACKGROUND_RUNS {
+        let (e, stop) = (e.clone(), stop.clone());
+        load.spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = e.submit(Request::new(super::WORKFLOW, json!({"load": k, "i": i}))).await?.run;
+                e.wait(r).await?;
+                i += 1;
+            }
+            Ok::<u64, BenchError>(i)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut api_ms, mut direct_ms) = (Vec::new(), Vec::new());
+    for (i, p) in waiting.iter().enumerate() {
+        let t = Instant::now();
+        if i % 2 == 0 {
+            let body = json!({"decision": "approve", "reason": "bench"}).to_string();
+            let (status, text) = call(addr, "POST", &format!("/v1/runs/{}/resolve", p.run), &body).await?;
+            if status != 200 {
+                return Err(BenchError::Invalid(format!("resolve: {status} {text}")));
+            }
+            api_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        } else {
+            e.resolve(p.run, Resolution { decision: Decision::Approve, by: "bench".into(), reason: "bench".into() })
+                .await?;
+            direct_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut background = 0u64;
+    while let Some(r) = load.join_next().await {
+        background += r.map_err(|e| BenchError::Invalid(format!("load task: {e}")))??;
+    }
+    api_ms.sort_by(f64::total_cmp);
+    direct_ms.sort_by(f64::total_cmp);
+
+    // 5. 100 live tails, one per new run.
+    let t = Instant::now();
+    let mut started = Vec::with_capacity(SUBSCRIBERS);
+    for i in 0..SUBSCRIBERS {
+        started.push(e.submit(Request::new(super::WORKFLOW, json!({"sse": i}))).await?.run);
+    }
+    let mut tails = tokio::task::JoinSet::new();
+    for r in &started {
+        tails.spawn(tail_count(addr, *r));
+    }
+    for r in &started {
+        e.wait(*r).await?;
+    }
+    let recorded_s = t.elapsed().as_secs_f64();
+    let mut streamed = 0u64;
+    while let Some(n) = tails.join_next().await {
+        streamed += n.map_err(|e| BenchError::Invalid(format!("tail task: {e}")))??;
+    }
+    let streamed_s = t.elapsed().as_secs_f64();
+    let recorded: u64 = started.iter().map(|r| e.state(*r).map(|s| s.next_seq.0)).sum::<Result<u64, _>>()?;
+    workers.shutdown().await;
+
+    let n = runs;
+    let common = json!({"finished_runs": n, "waiting_runs": reviews});
+    let (p50, p99) = (percentile(&api_ms, 0.5), percentile(&api_ms, 0.99));
+    Ok(vec![
+        Figure::new(
+            "server",
+            "server.list_runs",
+            format!("GET /v1/runs?limit=100 with {n} runs in the db, median ms"),
+            list_ms,
+            "ms",
+        )
+        .floor(fold_ms, "listing before the run index: a fold of every run")
+        .target("< 10 ms", list_ms < 10.0)
+        .extra(json!({"common": common, "folded_runs": folded})),
+        Figure::new(
+            "server",
+            "server.list_escalations",
+            format!("GET /v1/escalations ({reviews} open) with {n} runs in the db, median ms"),
+            esc_ms,
+            "ms",
+        )
+        .floor(fold_ms, "listing before the run index: a fold of every run")
+        .target("< 10 ms", esc_ms < 10.0),
+        Figure::new(
+            "server",
+            "server.index_build",
+            format!("open of a db without the run index ({n} runs): the index is built, ms"),
+            rebuild_ms,
+            "ms",
+        )
+        .floor(fold_ms, "a fold of every run"),
+        Figure::new(
+            "server",
+            "server.first_run_after_restart",
+            format!("open + first new run completed with {n} finished runs, ms"),
+            restart_ms,
+            "ms",
+        )
+        .floor(restart_floor_ms, "the same on an empty database")
+        .target("< 100 ms", restart_ms < 100.0)
+        .extra(json!({"open_ms": open_ms, "resumed_waiting_runs": reviews})),
+        Figure::new(
+            "server",
+            "server.resolve.p50",
+            format!("POST /v1/runs/{{run}}/resolve while {BACKGROUND_RUNS} runs execute, p50 ms"),
+            p50,
+            "ms",
+        )
+        .floor(percentile(&direct_ms, 0.5), "Engine::resolve called directly under the same load, p50")
+        .extra(json!({"samples": api_ms.len(), "background_runs_completed": background})),
+        Figure::new("server", "server.resolve.p99", "resolve through the API, p99 ms", p99, "ms")
+            .floor(percentile(&direct_ms, 0.99), "Engine::resolve directly, p99")
+            .target("< 20 ms", p99 < 20.0),
+        Figure::new(
+            "server",
+            "server.sse",
+            format!("events streamed to {SUBSCRIBERS} SSE subscribers (one live tail per run), events/s"),
+            streamed as f64 / streamed_s.max(1e-9),
+            "events/s",
+        )
+        .floor(recorded as f64 / recorded_s.max(1e-9), "events the engine recorded for those runs, per second")
+        .extra(json!({"streamed": streamed, "recorded": recorded})),
+    ])
+}

@@ -1,0 +1,168 @@
+//! Live streams (server-sent events, role viewer): a run's events as they are recorded,
+//! resumable from `Last-Event-ID`, and every run's status changes. Both are fed by the
+//! engine's subscriptions (`Engine::follow`, `Engine::subscribe`): no polling of the log.
+
+use crate::error::{ApiError, ApiResult};
+use crate::reads::EventsQuery;
+use crate::state::{parse_run, AppState};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use keel_engine::{Engine, Received, RunEvents, Seq};
+use keel_replay::views;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// How often a stream checks whether the server is shutting down (then it ends, so a
+/// graceful shutdown is not held up by open streams).
+const DRAIN_CHECK: Duration = Duration::from_millis(250);
+
+/// Whether the request asks for server-sent events.
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|m| m.trim().starts_with("text/event-stream")))
+}
+
+/// `GET /v1/runs/{run}/events`: a page of events as JSON, or with `Accept:
+/// text/event-stream` a live tail (see [`run_event_stream`]).
+pub(crate) async fn run_events_or_stream(
+    st: State<AppState>,
+    headers: HeaderMap,
+    run: Result<Path<String>, PathRejection>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    if wants_sse(&headers) {
+        return match run_event_stream(st, &headers, run, q).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
+    crate::reads::run_events(st, run, q).await.into_response()
+}
+
+/// The live tail: one SSE message per event (`id:` its seq, `event:` its kind, `data:` the
+/// entry of the JSON page), from after `Last-Event-ID` (else after `?after=`, else from
+/// the first event); it ends once the run is finished and its last event was sent.
+async fn run_event_stream(
+    State(st): State<AppState>,
+    headers: &HeaderMap,
+    run: Result<Path<String>, PathRejection>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q?;
+    let run = parse_run(run)?;
+    let last_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Last-Event-ID is not an event seq"))?,
+        ),
+    };
+    let after = last_id.or(q.after).map(Seq);
+    let engine = st.engine.clone();
+    // 404 before the stream starts.
+    let exists = st
+        .blocking(move || Ok(engine.store().head(run).map_err(keel_engine::EngineError::from)?.next_seq.0 > 0))
+        .await?;
+    if !exists {
+        return Err(keel_engine::EngineError::UnknownRun { run }.into());
+    }
+    let follow = st.engine.follow(run, after);
+    let stream = tail(follow, st.readiness.clone());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn tail(
+    follow: RunEvents,
+    readiness: crate::state::Readiness,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let state = (follow, VecDeque::new(), readiness, false);
+    stream::unfold(state, |(mut follow, mut pending, readiness, mut done)| async move {
+        loop {
+            if let Some(e) = pending.pop_front() {
+                return Some((Ok(event_message(&e)), (follow, pending, readiness, done)));
+            }
+            if done {
+                return None;
+            }
+            tokio::select! {
+                next = follow.next() => match next {
+                    Ok(Some(events)) => pending.extend(events),
+                    Ok(None) => return None,
+                    Err(e) => {
+                        done = true;
+                        tracing::warn!(error = %e, "event stream ended on an error");
+                        let msg = SseEvent::default().event("error").data(json!({"message": e.to_string()}).to_string());
+                        return Some((Ok(msg), (follow, pending, readiness, done)));
+                    }
+                },
+                () = drained(&readiness) => return None,
+            }
+        }
+    })
+}
+
+fn event_message(e: &keel_engine::Logged) -> SseEvent {
+    SseEvent::default().id(e.seq.0.to_string()).event(e.event.kind_name()).data(views::event_entry_json(e).to_string())
+}
+
+/// Completes once the server began shutting down.
+async fn drained(readiness: &crate::state::Readiness) {
+    while !readiness.is_draining() {
+        tokio::time::sleep(DRAIN_CHECK).await;
+    }
+}
+
+/// `GET /v1/events` (text/event-stream): every run's status changes from now on, one SSE
+/// message each (`event: status`, `data: {"run", "workflow", "previous", "status",
+/// "next_seq", "at_us"}`; `previous` is null for a new run). A subscriber that fell behind
+/// gets `event: lagged` with `{"missed": N}` and re-lists with `GET /v1/runs`.
+#[utoipa::path(get, path = "/v1/events", tag = "runs",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "server-sent events (text/event-stream): `event: status` with `{\"run\", \"workflow\", \"previous\", \"status\", \"next_seq\", \"at_us\"}` per status change; `event: lagged` with `{\"missed\"}` when the subscriber fell behind", content_type = "text/event-stream", body = String),
+        (status = 401, description = "no valid token", body = crate::error::ErrorBody),
+    ))]
+pub(crate) async fn status_stream(State(st): State<AppState>) -> Response {
+    Sse::new(status_changes(&st.engine, st.readiness.clone())).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn status_changes(
+    engine: &Engine,
+    readiness: crate::state::Readiness,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    stream::unfold((engine.subscribe(), readiness), |(mut sub, readiness)| async move {
+        loop {
+            let got = tokio::select! {
+                got = sub.recv() => got,
+                () = drained(&readiness) => None,
+            };
+            let msg = match got? {
+                Received::Change(c) if !c.status_changed() => continue,
+                Received::Change(c) => SseEvent::default().event("status").data(
+                    json!({
+                        "run": c.run.to_string(),
+                        "workflow": c.workflow,
+                        "previous": c.previous.map(|s| s.name()),
+                        "status": c.status.name(),
+                        "next_seq": c.next_seq.0,
+                        "at_us": c.at_us,
+                    })
+                    .to_string(),
+                ),
+                Received::Lagged(n) => SseEvent::default().event("lagged").data(json!({ "missed": n }).to_string()),
+            };
+            return Some((Ok(msg), (sub, readiness)));
+        }
+    })
+}
