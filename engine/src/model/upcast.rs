@@ -47,16 +47,6 @@ pub const PAYLOAD_VERSION_MAX: u16 = 2;
 /// version's layout.
 pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, String> {
     known(kind, payload_version)?;
-    if payload_version == 1 && kind == "HumanResolved" {
-        return codec::decode::<v1_human_resolved::Event>(bytes)
-            .map(v1_human_resolved::Event::upcast)
-            .map_err(|e| e.to_string());
-    }
-    if payload_version == 1 && kind == "RunCompleted" {
-        return codec::decode::<v1_run_completed::Event>(bytes)
-            .map(v1_run_completed::Event::upcast)
-            .map_err(|e| e.to_string());
-    }
     if payload_version == 1 && v1::CHANGED.contains(&kind) {
         return codec::decode::<v1::Event>(bytes).map(v1::Event::upcast).map_err(|e| e.to_string());
     }
@@ -69,12 +59,6 @@ pub fn decode(kind: &str, payload_version: u16, bytes: &[u8]) -> Result<Event, S
 /// this code does not know is `Decode { run, seq, reason }`.
 pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreError> {
     known(&rec.kind, payload_version).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
-    if payload_version == 1 && rec.kind == "HumanResolved" {
-        return rec.decode_verified::<v1_human_resolved::Event>().map(v1_human_resolved::Event::upcast);
-    }
-    if payload_version == 1 && rec.kind == "RunCompleted" {
-        return rec.decode_verified::<v1_run_completed::Event>().map(v1_run_completed::Event::upcast);
-    }
     if payload_version == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
         return rec.decode_verified::<v1::Event>().map(v1::Event::upcast);
     }
@@ -87,12 +71,6 @@ pub fn decode_record(rec: &Record, payload_version: u16) -> Result<Event, StoreE
 pub fn stored_fields(rec: &Record) -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
     let v = rec.payload_version();
     known(&rec.kind, v).map_err(|reason| StoreError::Decode { run: rec.run, seq: rec.seq, reason })?;
-    if v == 1 && rec.kind == "HumanResolved" {
-        return rec.decode::<v1_human_resolved::Event>().map(|e| e.fields());
-    }
-    if v == 1 && rec.kind == "RunCompleted" {
-        return rec.decode::<v1_run_completed::Event>().map(|e| e.fields());
-    }
     if v == 1 && v1::CHANGED.contains(&rec.kind.as_str()) {
         return rec.decode::<v1::Event>().map(|e| e.fields());
     }
@@ -174,138 +152,7 @@ impl RunCompletedFields {
         let RunCompletedFields { partial, summary, outputs, result } = self;
         match (outputs, result) {
             (Some(outputs), _) => Event::RunCompleted { partial, summary, outputs },
-            (None, result) => {
-                v1_run_completed::Event::RunCompleted { partial, result: result.unwrap_or_default(), summary }.upcast()
-            }
-        }
-    }
-}
-
-/// Payload version 1 of `HumanResolved`, frozen: never change these types.
-mod v1_human_resolved {
-    use super::*;
-    use crate::model::workflow::Decision;
-
-    /// `Event` as payload version 1 encoded a `HumanResolved` (variant index 15): the
-    /// variants before it hold their places and are never read.
-    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-    pub(super) enum Event {
-        RunAccepted,
-        PlanRequested,
-        Planned,
-        Replanned,
-        PlanRejected,
-        TaskDispatched,
-        TaskExecuted,
-        TaskFailed,
-        RetryScheduled,
-        TaskEvaluated,
-        TaskSkipped,
-        ReplanRequested,
-        BudgetExhausted,
-        Escalated,
-        EscalationNotified,
-        HumanResolved { number: u32, decision: Decision, by: String, defaulted: bool },
-    }
-
-    impl Event {
-        /// Version 1 -> version 2: no reason was recorded, so it is empty.
-        pub(super) fn upcast(self) -> super::Event {
-            match self {
-                Event::HumanResolved { number, decision, by, defaulted } => {
-                    super::Event::HumanResolved { number, decision, by, defaulted, reason: String::new() }
-                }
-                // A placeholder variant never decodes from a HumanResolved record; kept total.
-                _ => super::Event::EscalationNotified { number: 0 },
-            }
-        }
-    }
-
-    impl Payload for Event {
-        fn payload_version(&self) -> u16 {
-            1
-        }
-
-        fn kind(&self) -> &'static str {
-            "HumanResolved"
-        }
-
-        /// The fields exactly as version 1's `Event::fields` wrote them.
-        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
-            match serde_json::to_value(self) {
-                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("HumanResolved") {
-                    Some(serde_json::Value::Object(inner)) => inner,
-                    _ => serde_json::Map::new(),
-                },
-                _ => serde_json::Map::new(),
-            }
-        }
-    }
-}
-
-/// Payload version 1 of `RunCompleted`, frozen: never change these types.
-mod v1_run_completed {
-    use super::*;
-    use crate::model::workflow::Json;
-
-    /// `Event` as payload version 1 encoded a `RunCompleted` (variant index 16): the
-    /// variants before it hold their places and are never read.
-    #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
-    pub(super) enum Event {
-        RunAccepted,
-        PlanRequested,
-        Planned,
-        Replanned,
-        PlanRejected,
-        TaskDispatched,
-        TaskExecuted,
-        TaskFailed,
-        RetryScheduled,
-        TaskEvaluated,
-        TaskSkipped,
-        ReplanRequested,
-        BudgetExhausted,
-        Escalated,
-        EscalationNotified,
-        HumanResolved,
-        RunCompleted { partial: bool, result: Json, summary: String },
-    }
-
-    impl Event {
-        /// Version 1 -> version 2: `outputs` are the keys of `result` (sorted, as canonical
-        /// JSON wrote them).
-        pub(super) fn upcast(self) -> super::Event {
-            let Event::RunCompleted { partial, result, summary } = self else {
-                // A placeholder variant never decodes from a RunCompleted record; kept total.
-                return super::Event::RunCompleted { partial: true, summary: String::new(), outputs: Vec::new() };
-            };
-            let mut outputs: Vec<TaskId> = match result.value() {
-                Ok(serde_json::Value::Object(m)) => m.keys().map(|k| TaskId(k.clone())).collect(),
-                _ => Vec::new(),
-            };
-            outputs.sort();
-            super::Event::RunCompleted { partial, summary, outputs }
-        }
-    }
-
-    impl Payload for Event {
-        fn payload_version(&self) -> u16 {
-            1
-        }
-
-        fn kind(&self) -> &'static str {
-            "RunCompleted"
-        }
-
-        /// The fields exactly as version 1's `Event::fields` wrote them.
-        fn fields(&self) -> serde_json::Map<String, serde_json::Value> {
-            match serde_json::to_value(self) {
-                Ok(serde_json::Value::Object(mut outer)) => match outer.remove("RunCompleted") {
-                    Some(serde_json::Value::Object(inner)) => inner,
-                    _ => serde_json::Map::new(),
-                },
-                _ => serde_json::Map::new(),
-            }
+            (None, result) => v1::Event::RunCompleted { partial, result: result.unwrap_or_default(), summary }.upcast(),
         }
     }
 }
@@ -314,11 +161,12 @@ mod v1_run_completed {
 mod v1 {
     use super::*;
 
-    use crate::model::workflow::{Complexity, RetryPolicy, TaskKind};
+    use crate::model::workflow::{Complexity, Decision, RetryPolicy, TaskKind};
     use std::collections::BTreeMap;
 
     /// The kinds whose layout changed after payload version 1 (read through [`Event`]).
-    pub(super) const CHANGED: [&str; 5] = ["Planned", "Replanned", "PlanRejected", "TaskDispatched", "TaskFailed"];
+    pub(super) const CHANGED: [&str; 7] =
+        ["Planned", "Replanned", "PlanRejected", "TaskDispatched", "TaskFailed", "HumanResolved", "RunCompleted"];
 
     /// `Event` as payload version 1 encoded the kinds that changed since: bincode encodes
     /// an enum by variant index, so the unchanged variants before them hold their places
@@ -358,6 +206,24 @@ mod v1 {
             class: ErrorClass,
             error: String,
             usage: Usage,
+        },
+        RetryScheduled,
+        TaskEvaluated,
+        TaskSkipped,
+        ReplanRequested,
+        BudgetExhausted,
+        Escalated,
+        EscalationNotified,
+        HumanResolved {
+            number: u32,
+            decision: Decision,
+            by: String,
+            defaulted: bool,
+        },
+        RunCompleted {
+            partial: bool,
+            result: Json,
+            summary: String,
         },
     }
 
@@ -468,8 +334,30 @@ mod v1 {
                 Event::TaskFailed { task, attempt, class, error, usage } => {
                     upcast_task_failed(task, attempt, class, error, usage)
                 }
+                // No reason was recorded, so it is empty.
+                Event::HumanResolved { number, decision, by, defaulted } => {
+                    super::Event::HumanResolved { number, decision, by, defaulted, reason: String::new() }
+                }
+                // `outputs` are the keys of `result` (sorted, as canonical JSON wrote them).
+                Event::RunCompleted { partial, result, summary } => {
+                    let mut outputs: Vec<TaskId> = match result.value() {
+                        Ok(serde_json::Value::Object(m)) => m.keys().map(|k| TaskId(k.clone())).collect(),
+                        _ => Vec::new(),
+                    };
+                    outputs.sort();
+                    super::Event::RunCompleted { partial, summary, outputs }
+                }
                 // A placeholder variant never decodes from a record of a changed kind; kept total.
-                Event::RunAccepted | Event::PlanRequested | Event::TaskExecuted => super::Event::TaskFailed {
+                Event::RunAccepted
+                | Event::PlanRequested
+                | Event::TaskExecuted
+                | Event::RetryScheduled
+                | Event::TaskEvaluated
+                | Event::TaskSkipped
+                | Event::ReplanRequested
+                | Event::BudgetExhausted
+                | Event::Escalated
+                | Event::EscalationNotified => super::Event::TaskFailed {
                     task: TaskId(String::new()),
                     attempt: 0,
                     class: ErrorClass::Fatal,
@@ -491,6 +379,15 @@ mod v1 {
                 Event::TaskDispatched { .. } => "TaskDispatched",
                 Event::TaskExecuted => "TaskExecuted",
                 Event::TaskFailed { .. } => "TaskFailed",
+                Event::RetryScheduled => "RetryScheduled",
+                Event::TaskEvaluated => "TaskEvaluated",
+                Event::TaskSkipped => "TaskSkipped",
+                Event::ReplanRequested => "ReplanRequested",
+                Event::BudgetExhausted => "BudgetExhausted",
+                Event::Escalated => "Escalated",
+                Event::EscalationNotified => "EscalationNotified",
+                Event::HumanResolved { .. } => "HumanResolved",
+                Event::RunCompleted { .. } => "RunCompleted",
             }
         }
     }
