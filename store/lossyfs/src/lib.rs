@@ -5,15 +5,16 @@
 //! it. [`Mounted::cut`] then drops whatever was not synced and freezes the filesystem; the
 //! backing directory holds what a machine would find after the power came back.
 //!
-//! The model (strict POSIX, stricter than ext4's `data=ordered`):
+//! The model (data as strict as POSIX allows, stricter than ext4's `data=ordered`):
 //! - `write` and `truncate` change only the page cache; `read` sees them.
 //! - `fsync`/`fdatasync` of a file writes its dirty pages and size to the disk (the two are
 //!   the same here). It does not make the file's directory entry durable.
 //! - Creating, renaming and removing entries (`create`, `mkdir`, `rename`, `unlink`,
 //!   `rmdir`) happen on the disk at once but are journaled; an `fsync` of a directory makes
-//!   every journaled change up to the last one inside that directory durable (a prefix, as a
-//!   journaling filesystem commits). A cut undoes the rest, newest first; a removed entry
-//!   waits in a trash directory until its removal is durable.
+//!   durable, by [`DirSync`], either every journaled change up to the last one inside that
+//!   directory (`Prefix`, as ext4 and XFS commit their metadata journal) or only the changes
+//!   inside it (`OwnEntries`, strict POSIX). A cut undoes the rest, newest first; a removed
+//!   entry waits in a trash directory until its removal is durable.
 //! - `close`, `sync_file_range` (FUSE never sees it) and time passing persist nothing.
 //! - Modes (`chmod`) pass through at once; times and owners are not modelled.
 //! - Not modelled: torn or reordered page writes within one sync (a sync is all or nothing),
@@ -24,7 +25,7 @@
 mod fs;
 pub mod model;
 
-pub use model::{Model, Stats};
+pub use model::{DirSync, Model, Stats};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -68,11 +69,13 @@ pub struct Mounted {
 
 /// Mounts a lossy filesystem over `disk` at `mountpoint`. Removed entries are kept in
 /// `trash` (a directory on the same filesystem as `disk`, not inside it) until durable.
-pub fn mount(disk: &Path, trash: &Path, mountpoint: &Path) -> Result<Mounted, MountError> {
+pub fn mount(disk: &Path, trash: &Path, mountpoint: &Path, dir_sync: DirSync) -> Result<Mounted, MountError> {
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuseDevice);
     }
-    let model = Model::new(disk, trash).map_err(|source| MountError::Backing { path: disk.to_path_buf(), source })?;
+    let model = Model::new(disk, trash)
+        .map_err(|source| MountError::Backing { path: disk.to_path_buf(), source })?
+        .with_dir_sync(dir_sync);
     let model = Arc::new(Mutex::new(model));
     let mut config = fuser::Config::default();
     config.mount_options = vec![fuser::MountOption::FSName("lossyfs".into()), fuser::MountOption::RW];

@@ -82,6 +82,19 @@ struct Dirty {
     floor: u64,
 }
 
+/// What an fsync of a directory makes durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DirSync {
+    /// Every journaled change up to the last one inside the directory: the journal is
+    /// committed as a prefix, as ext4 and XFS commit their metadata journal.
+    #[default]
+    Prefix,
+    /// Only the changes inside the directory (strict POSIX): a new directory's own entry
+    /// needs an fsync of its parent.
+    OwnEntries,
+}
+
 /// Counters of what the filesystem did (for reports and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -122,6 +135,7 @@ pub struct Model {
     dirty: HashMap<u64, Dirty>,
     journal: Vec<NsOp>,
     dead: bool,
+    dir_sync: DirSync,
     stats: Stats,
 }
 
@@ -155,11 +169,18 @@ impl Model {
             dirty: HashMap::new(),
             journal: Vec::new(),
             dead: false,
+            dir_sync: DirSync::default(),
             stats: Stats::default(),
         };
         model.paths.insert(ROOT_INO, disk.clone());
         model.inos.insert(disk, ROOT_INO);
         Ok(model)
+    }
+
+    /// Sets what an fsync of a directory makes durable.
+    pub fn with_dir_sync(mut self, dir_sync: DirSync) -> Model {
+        self.dir_sync = dir_sync;
+        self
     }
 
     /// Counters so far.
@@ -263,11 +284,12 @@ impl Model {
 
     fn handle(&mut self, ino: u64) -> io::Result<&File> {
         let path = self.path(ino)?;
-        if !self.handles.contains_key(&ino) {
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            self.handles.insert(ino, file);
+        match self.handles.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(OpenOptions::new().read(true).write(true).open(&path)?))
+            }
         }
-        self.handles.get(&ino).ok_or_else(eio)
     }
 
     fn sizes(&mut self, ino: u64) -> io::Result<(u64, u64)> {
@@ -377,16 +399,23 @@ impl Model {
         file.sync_data()
     }
 
-    /// fsync of a directory: every directory change up to the last one inside it becomes
-    /// durable (the journal is committed as a prefix, as a journaling filesystem does).
+    /// fsync of a directory: the directory changes [`DirSync`] says become durable.
     pub fn sync_dir(&mut self, ino: u64) -> io::Result<()> {
         let dir = self.path(ino)?;
         self.stats.dir_syncs += 1;
-        let Some(last) = self.journal.iter().rposition(|op| op.touches(&dir)) else { return Ok(()) };
-        for op in self.journal.drain(..=last) {
-            op.commit()?;
-        }
-        Ok(())
+        let durable: Vec<NsOp> = match self.dir_sync {
+            DirSync::Prefix => match self.journal.iter().rposition(|op| op.touches(&dir)) {
+                Some(last) => self.journal.drain(..=last).collect(),
+                None => Vec::new(),
+            },
+            DirSync::OwnEntries => {
+                let (durable, volatile) =
+                    std::mem::take(&mut self.journal).into_iter().partition(|op| op.touches(&dir));
+                self.journal = volatile;
+                durable
+            }
+        };
+        durable.iter().try_for_each(NsOp::commit)
     }
 
     fn new_path(&self, parent: u64, name: &OsStr) -> io::Result<PathBuf> {

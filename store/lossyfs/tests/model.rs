@@ -1,7 +1,7 @@
 //! The lossy model without FUSE: what a cut keeps is exactly what was synced.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use keel_lossyfs::model::{Model, PAGE_BYTES, ROOT_INO};
+use keel_lossyfs::model::{DirSync, Model, PAGE_BYTES, ROOT_INO};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 
@@ -147,4 +147,15 @@ fn a_rename_made_durable_keeps_the_new_name_and_drops_the_replaced_file() {
     d.model.cut().unwrap();
     assert_eq!(listing(&d), ["current"]);
     assert_eq!(std::fs::read(d.disk.join("current")).unwrap(), b"new.tmp");
+}
+
+#[test]
+fn strictly_a_new_directory_needs_an_fsync_of_its_parent() {
+    let mut d = disk();
+    d.model = Model::new(&d.disk, &d._tmp.path().join("trash")).unwrap().with_dir_sync(DirSync::OwnEntries);
+    let sub = d.model.mkdir(ROOT_INO, name("sub"), 0o755).unwrap().ino;
+    d.model.create(sub, name("inner"), 0o644).unwrap();
+    d.model.sync_dir(sub).unwrap();
+    d.model.cut().unwrap();
+    assert!(listing(&d).is_empty(), "sub's own entry was never synced");
 }
