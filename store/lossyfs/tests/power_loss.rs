@@ -9,7 +9,8 @@
 //!
 //! `KEEL_POWER_CUTS` (default 3) sets the cuts per durability level, `KEEL_POWER_ACKS_MAX`
 //! (default 300) the most acknowledgements before a cut, `KEEL_POWER_SEED` the seed
-//! (printed; it fixes the cut points, not the threads' interleaving). Skips (and says why) without FUSE; under `CI=true` a machine with
+//! (printed; it fixes the cut points, not the threads' interleaving), and
+//! `KEEL_POWER_DIR_SYNC=own-entries` strict POSIX directories for the durable-directory tests. Skips (and says why) without FUSE; under `CI=true` a machine with
 //! `/dev/fuse` where mounting fails is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
@@ -76,6 +77,15 @@ fn seed() -> u64 {
 /// Acknowledgements the parent waits for before it cuts, at most (`KEEL_POWER_ACKS_MAX`).
 fn acks_before_cut_max() -> u64 {
     std::env::var("KEEL_POWER_ACKS_MAX").ok().and_then(|s| s.parse().ok()).unwrap_or(300)
+}
+
+/// The directory model of the durable-directory tests: `KEEL_POWER_DIR_SYNC=own-entries`
+/// for strict POSIX, else the journal prefix of ext4/XFS.
+fn dir_sync() -> DirSync {
+    match std::env::var("KEEL_POWER_DIR_SYNC").as_deref() {
+        Ok("own-entries") => DirSync::OwnEntries,
+        _ => DirSync::Prefix,
+    }
 }
 
 fn cuts_per_level() -> u64 {
@@ -382,7 +392,7 @@ fn power_loss_level_loses_no_acknowledged_append() {
     }
     let seed = seed();
     eprintln!("power_loss_level_loses_no_acknowledged_append: seed {seed} (KEEL_POWER_SEED to rerun)");
-    let totals = soak(Level::PowerLoss, cuts_per_level(), seed, Setup::DurableDir, DirSync::Prefix);
+    let totals = soak(Level::PowerLoss, cuts_per_level(), seed, Setup::DurableDir, dir_sync());
     for (mode, t) in totals {
         assert_eq!(t.lost, 0, "{mode}: seed {seed}: acknowledged appends lost at PowerLoss: {t:?}");
         assert_eq!(t.refused, 0, "{mode}: seed {seed}");
@@ -396,7 +406,7 @@ fn process_crash_level_losses_are_counted() {
     }
     let seed = seed();
     eprintln!("process_crash_level_losses_are_counted: seed {seed} (KEEL_POWER_SEED to rerun)");
-    let totals = soak(Level::ProcessCrash, cuts_per_level(), seed, Setup::DurableDir, DirSync::Prefix);
+    let totals = soak(Level::ProcessCrash, cuts_per_level(), seed, Setup::DurableDir, dir_sync());
     let cuts: u64 = totals.values().map(|t| t.cuts).sum();
     assert_eq!(cuts, cuts_per_level());
 }
