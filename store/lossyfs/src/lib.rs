@@ -44,7 +44,7 @@ pub enum MountError {
         /// The failure.
         source: std::io::Error,
     },
-    /// Mounting failed (no permission, no `fusermount3`, ...).
+    /// Mounting failed (not root and no `fusermount3`, no permission, ...).
     #[error("mounting on {path} failed: {source}")]
     Mount {
         /// The mount point.

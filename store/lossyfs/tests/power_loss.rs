@@ -420,7 +420,7 @@ fn power_loss_level_keeps_a_store_in_a_new_directory() {
     }
     let seed = seed();
     eprintln!("power_loss_level_keeps_a_store_in_a_new_directory: seed {seed} (KEEL_POWER_SEED to rerun)");
-    let totals = soak(Level::PowerLoss, cuts_per_level().min(4), seed, Setup::NewDir, DirSync::Prefix);
+    let totals = soak(Level::PowerLoss, cuts_per_level(), seed, Setup::NewDir, DirSync::Prefix);
     for (mode, t) in totals {
         assert_eq!(t.lost, 0, "{mode}: seed {seed}: acknowledged appends lost at PowerLoss: {t:?}");
     }
@@ -437,7 +437,7 @@ fn power_loss_level_keeps_a_store_in_a_new_directory_strict_posix() {
     }
     let seed = seed();
     eprintln!("power_loss_level_keeps_a_store_in_a_new_directory_strict_posix: seed {seed}");
-    let totals = soak(Level::PowerLoss, cuts_per_level().min(4), seed, Setup::NewDir, DirSync::OwnEntries);
+    let totals = soak(Level::PowerLoss, cuts_per_level(), seed, Setup::NewDir, DirSync::OwnEntries);
     for (mode, t) in totals {
         assert_eq!(t.lost, 0, "{mode}: seed {seed}: acknowledged appends lost at PowerLoss: {t:?}");
     }
