@@ -17,15 +17,18 @@
 //!   entry waits in a trash directory until its removal is durable.
 //! - `close`, `sync_file_range` (FUSE never sees it) and time passing persist nothing.
 //! - Modes (`chmod`) pass through at once; times and owners are not modelled.
-//! - Not modelled: torn or reordered page writes within one sync (a sync is all or nothing),
-//!   and devices that lie about flushes.
+//! - A cut drops everything not synced ([`Cut::DropAll`]) or, torn ([`Cut::Torn`]), first
+//!   writes a random half of the dirty pages (in any order) and commits a random prefix of
+//!   the directory journal, as background writeback may have done.
+//! - Not modelled: torn writes inside a page, a sync interrupted half way (a sync is all or
+//!   nothing), and devices that lie about flushes.
 //!
 //! Used by keel's power-loss tests; not a general-purpose filesystem.
 
 mod fs;
 pub mod model;
 
-pub use model::{DirSync, Model, Stats};
+pub use model::{Cut, DirSync, Model, Stats};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -90,7 +93,12 @@ impl Mounted {
     /// Cuts the power: unsynced data and directory changes are gone from the backing
     /// directory, and every later request fails with `EIO` until unmounted.
     pub fn cut(&self) -> Result<(), MountError> {
-        self.model.lock().unwrap_or_else(PoisonError::into_inner).cut().map_err(MountError::Cut)
+        self.cut_with(Cut::DropAll)
+    }
+
+    /// Cuts the power as `how` says (a torn cut keeps some unsynced pages: [`Cut`]).
+    pub fn cut_with(&self, how: Cut) -> Result<(), MountError> {
+        self.model.lock().unwrap_or_else(PoisonError::into_inner).cut_with(how).map_err(MountError::Cut)
     }
 
     /// Counters so far.

@@ -95,6 +95,34 @@ pub enum DirSync {
     OwnEntries,
 }
 
+/// What a power cut keeps of what was not synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cut {
+    /// Nothing: every dirty page and every journaled directory change is lost.
+    DropAll,
+    /// Some: each dirty page reaches the disk or not (a coin per page, drawn from `seed`),
+    /// and a random prefix of the directory journal is committed, as when background
+    /// writeback and a journal commit ran just before the cut.
+    Torn {
+        /// Seed of the coins.
+        seed: u64,
+    },
+}
+
+/// splitmix64: the coins of a torn cut.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
 /// Counters of what the filesystem did (for reports and tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -108,6 +136,8 @@ pub struct Stats {
     pub cuts: u64,
     /// Dirty pages dropped by cuts.
     pub pages_dropped: u64,
+    /// Dirty pages a torn cut wrote to the disk.
+    pub pages_written_at_cut: u64,
     /// Directory changes undone by cuts.
     pub ops_undone: u64,
 }
@@ -197,15 +227,26 @@ impl Model {
     /// durable is undone, newest first. The model answers `EIO` from then on; the backing
     /// directory holds exactly what a machine would find after the reboot.
     pub fn cut(&mut self) -> io::Result<()> {
+        self.cut_with(Cut::DropAll)
+    }
+
+    /// Cuts the power as `how` says: [`Cut::DropAll`] as [`Model::cut`]; [`Cut::Torn`] first
+    /// lets the kernel's background writeback have written some of what was not synced.
+    pub fn cut_with(&mut self, how: Cut) -> io::Result<()> {
         if self.dead {
             return Ok(());
         }
-        self.dead = true;
         self.stats.cuts += 1;
+        let mut first_error = None;
+        if let Cut::Torn { seed } = how {
+            if let Err(e) = self.write_back_some(&mut SplitMix(seed)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        self.dead = true;
         self.stats.pages_dropped += self.dirty.values().map(|d| d.pages.len() as u64).sum::<u64>();
         self.dirty.clear();
         self.handles.clear();
-        let mut first_error = None;
         while let Some(op) = self.journal.pop() {
             self.stats.ops_undone += 1;
             if let Err(e) = op.undo() {
@@ -213,6 +254,36 @@ impl Model {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Writes about half of the dirty pages, each chosen independently (so a later page may
+    /// reach the disk while an earlier one does not), and commits a random prefix of the
+    /// directory journal (journals commit in order).
+    fn write_back_some(&mut self, rng: &mut SplitMix) -> io::Result<()> {
+        let mut inos: Vec<u64> = self.dirty.keys().copied().collect();
+        inos.sort_unstable();
+        let (mut written, mut dropped) = (0u64, 0u64);
+        for ino in inos {
+            let Some(d) = self.dirty.remove(&ino) else { continue };
+            let file = self.handle(ino)?;
+            for (&page_no, page) in &d.pages {
+                let start = page_no * PAGE_BYTES;
+                let n = to_usize(PAGE_BYTES.min(d.size.saturating_sub(start)))?;
+                if n > 0 && rng.next() & 1 == 0 {
+                    file.write_all_at(page.get(..n).ok_or_else(eio)?, start)?;
+                    written += 1;
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        self.stats.pages_written_at_cut += written;
+        self.stats.pages_dropped += dropped;
+        let keep = to_usize(rng.next() % (self.journal.len() as u64 + 1))?;
+        for op in self.journal.drain(..keep) {
+            op.commit()?;
+        }
+        Ok(())
     }
 
     fn path(&self, ino: u64) -> io::Result<PathBuf> {

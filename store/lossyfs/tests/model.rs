@@ -1,7 +1,7 @@
 //! The lossy model without FUSE: what a cut keeps is exactly what was synced.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use keel_lossyfs::model::{DirSync, Model, PAGE_BYTES, ROOT_INO};
+use keel_lossyfs::model::{Cut, DirSync, Model, PAGE_BYTES, ROOT_INO};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 
@@ -158,4 +158,28 @@ fn strictly_a_new_directory_needs_an_fsync_of_its_parent() {
     d.model.sync_dir(sub).unwrap();
     d.model.cut().unwrap();
     assert!(listing(&d).is_empty(), "sub's own entry was never synced");
+}
+
+#[test]
+fn a_torn_cut_writes_some_unsynced_pages_and_never_an_unwritten_byte() {
+    let mut kept_some = false;
+    let mut dropped_some = false;
+    for seed in 0..16 {
+        let mut d = disk();
+        let f = d.model.create(ROOT_INO, name("f"), 0o644).unwrap().ino;
+        d.model.sync_dir(ROOT_INO).unwrap();
+        d.model.write(f, 0, &[1u8; 4 * PAGE_BYTES as usize]).unwrap();
+        d.model.sync_file(f).unwrap();
+        d.model.write(f, 0, &[2u8; 8 * PAGE_BYTES as usize]).unwrap();
+        d.model.cut_with(Cut::Torn { seed }).unwrap();
+        let bytes = std::fs::read(d.disk.join("f")).unwrap();
+        // Each page is the synced one, the unsynced one, or (past the synced end) a hole.
+        for page in bytes.chunks(PAGE_BYTES as usize) {
+            assert!(page.iter().all(|&b| b == page[0]) && page[0] <= 2, "seed {seed}");
+            kept_some |= page[0] == 2;
+            dropped_some |= page[0] != 2;
+        }
+        assert_eq!(d.model.stats().pages_written_at_cut + d.model.stats().pages_dropped, 8, "seed {seed}");
+    }
+    assert!(kept_some && dropped_some);
 }

@@ -1,7 +1,8 @@
 //! Power loss, tested: a child process appends to a `SledStore` on the lossy filesystem and
 //! reports each acknowledged append; the power is cut at a seeded random point (after k
-//! acknowledgements), the child is SIGKILLed, the filesystem is remounted from what was
-//! synced, and the store is opened and checked.
+//! acknowledgements; about half the cuts torn: some unsynced pages reach the disk), the
+//! child is SIGKILLed, the filesystem is remounted from what reached the disk, and the
+//! store is opened and checked.
 //!
 //! - `PowerLoss`: no acknowledged append may be lost, the chains verify.
 //! - `ProcessCrash`: what is lost is counted and printed (the level does not promise it).
@@ -14,7 +15,7 @@
 //! `/dev/fuse` where mounting fails is a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
-use keel_lossyfs::{mount, DirSync, MountError, Mounted};
+use keel_lossyfs::{mount, Cut, DirSync, MountError, Mounted};
 use keel_store::{prepare, Durability, EventLog, Level, Payload, RunId, Seq, SledStore, StoreConfig, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -270,7 +271,7 @@ fn spawn_child(dir: &Path, mode: Durability) -> Child {
 /// Runs the child until `acks` acknowledgements (or its end), cuts the power, kills it and
 /// returns everything it acknowledged (lines read after the cut count too: they were
 /// acknowledged before the child died).
-fn write_then_cut(bench: &Bench, mode: Durability, acks: u64, setup: Setup) -> Heard {
+fn write_then_cut(bench: &Bench, mode: Durability, acks: u64, setup: Setup, how: Cut) -> Heard {
     let fs = bench.mount().unwrap();
     if setup == Setup::DurableDir {
         std::fs::create_dir(bench.mnt.join(setup.store())).unwrap();
@@ -289,7 +290,7 @@ fn write_then_cut(bench: &Bench, mode: Durability, acks: u64, setup: Setup) -> H
             other => panic!("the child's output ended before the cut: {other:?}"),
         }
     }
-    fs.cut().unwrap();
+    fs.cut_with(how).unwrap();
     heard.syncs = fs.stats().file_syncs;
     child.kill().unwrap(); // SIGKILL
     for line in lines.map_while(Result::ok) {
@@ -309,6 +310,7 @@ struct Tally {
     cuts_with_loss: u64,
     refused: u64,
     syncs: u64,
+    torn: u64,
 }
 
 /// Remounts the disk and opens the store: counts the acknowledged appends missing, verifies
@@ -354,6 +356,7 @@ fn add(a: Tally, b: Tally) -> Tally {
         cuts_with_loss: a.cuts_with_loss + b.cuts_with_loss,
         refused: a.refused + b.refused,
         syncs: a.syncs + b.syncs,
+        torn: a.torn + b.torn,
     }
 }
 
@@ -365,10 +368,12 @@ fn soak(level: Level, cuts: u64, seed: u64, setup: Setup, dir_sync: DirSync) -> 
     for i in 0..cuts {
         let mode = if i % 2 == 0 { Durability::EveryAppend(level) } else { Durability::GroupCommit(level) };
         let acks = rng.below(acks_before_cut_max() + 1);
-        let context = format!("seed {seed} cut {i} ({}, after {acks} acks)", mode_name(mode));
+        let how = if rng.below(2) == 0 { Cut::DropAll } else { Cut::Torn { seed: rng.next() } };
+        let context = format!("seed {seed} cut {i} ({}, after {acks} acks, {how:?})", mode_name(mode));
         let bench = Bench::new(dir_sync);
-        let heard = write_then_cut(&bench, mode, acks, setup);
-        let tally = check_after_cut(&bench, &heard, setup, &context);
+        let heard = write_then_cut(&bench, mode, acks, setup, how);
+        let mut tally = check_after_cut(&bench, &heard, setup, &context);
+        tally.torn = u64::from(how != Cut::DropAll);
         if tally.lost > 0 {
             eprintln!("{context}: {} of {} acknowledged appends lost", tally.lost, tally.acked);
         }
@@ -378,8 +383,8 @@ fn soak(level: Level, cuts: u64, seed: u64, setup: Setup, dir_sync: DirSync) -> 
     for (mode, t) in &totals {
         eprintln!(
             "power-loss figures: {setup:?} {dir_sync:?} mode {mode} seed {seed}: cuts {} acknowledged {} \
-             lost {} (cuts with loss {}, stores refused {}, file fsyncs {})",
-            t.cuts, t.acked, t.lost, t.cuts_with_loss, t.refused, t.syncs
+             lost {} (cuts with loss {}, stores refused {}, torn cuts {}, file fsyncs {})",
+            t.cuts, t.acked, t.lost, t.cuts_with_loss, t.refused, t.torn, t.syncs
         );
     }
     totals
