@@ -6,7 +6,8 @@
 //! - the dependency arrows between the workspace's crates run one way: keel-store knows no
 //!   other keel crate, keel-engine does not depend on sled, only the CLI knows clap;
 //!   keel-store-postgres depends on keel-store alone among keel crates, and only keel-cli
-//!   depends on it (keel-engine never: a service picks its backend).
+//!   depends on it (keel-engine never: a service picks its backend); keel-lossyfs (the
+//!   power-loss test filesystem) is nobody's normal dependency and knows no keel crate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -424,6 +425,17 @@ fn members() -> Vec<String> {
     let text = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
     let line = text.lines().find(|l| l.trim_start().starts_with("members")).unwrap();
     line.split('"').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+#[test]
+fn the_lossy_test_filesystem_is_a_test_dependency_only() {
+    let members = members();
+    assert!(members.iter().any(|m| m == "store/lossyfs"), "{members:?}");
+    for dir in &members {
+        assert!(!normal_deps(dir).contains("keel-lossyfs"), "{dir}: keel-lossyfs is for tests only");
+    }
+    let fs = normal_deps("store/lossyfs");
+    assert!(!fs.iter().any(|d| d.starts_with("keel-")), "keel-lossyfs knows keel only in its tests: {fs:?}");
 }
 
 #[test]
