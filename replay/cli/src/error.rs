@@ -14,6 +14,9 @@ pub(crate) enum CliError {
     /// The database is held by another process (exit 1); kept apart so that a command
     /// that can go through `keel serve` names that route (crate::remote).
     Locked(std::path::PathBuf),
+    /// Writing to standard output failed (crate::output): a closed pipe ends the command
+    /// quietly with exit 0, anything else is one line and exit 1.
+    Stdout(std::io::Error),
 }
 
 impl From<ReplayError> for CliError {
@@ -40,9 +43,9 @@ impl From<keel_store::StoreError> for CliError {
     }
 }
 
-/// An I/O failure while doing `what` (a path, "stdout", ...).
+/// An I/O failure while doing `what` (a path, "waiting for a signal", ...), in words.
 pub(crate) fn io_err(what: &str, e: std::io::Error) -> CliError {
-    CliError::Failed(format!("{what}: {e}"))
+    CliError::Failed(format!("{what}: {}", crate::output::io_words(&e)))
 }
 
 /// What every command returns: its exit code, or the failure main prints.

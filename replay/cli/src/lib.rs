@@ -21,6 +21,7 @@ mod output;
 mod registry;
 mod remote;
 mod render;
+mod safe_file;
 mod source;
 mod sys;
 
@@ -100,15 +101,14 @@ enum Cmd {
 /// errors are one line on stderr). A service's own `keel` binary is
 /// `fn main() -> ExitCode { keel_cli::main_with(registry) }` (docs/CLI.md).
 pub fn main_with(registry: Registry) -> ExitCode {
-    // Die quietly on a closed pipe (`keel export ... | head`), as Unix tools do, instead
-    // of failing a write to stdout.
-    sys::default_sigpipe();
+    // SIGPIPE stays ignored (Rust's default): a closed pipe is a failed write, which
+    // ends the command quietly with exit 0 (crate::output), instead of killing the
+    // process in the middle of whatever it was writing (a socket included).
     run_with(registry, std::env::args_os())
 }
 
-/// [`main_with`] on the given arguments (the first is the program name), without
-/// changing the process's SIGPIPE disposition: for tests and for a binary that parses
-/// some arguments itself.
+/// [`main_with`] on the given arguments (the first is the program name): for tests and
+/// for a binary that parses some arguments itself.
 pub fn run_with<I, T>(registry: Registry, args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
@@ -136,7 +136,7 @@ where
                 .collect();
             let joined = parts.join(" ");
             let msg = joined.strip_prefix("error: ").unwrap_or(&joined);
-            eprintln!("error: {msg} (see `keel --help`)");
+            output::errln!("error: {msg} (see `keel --help`)");
             return ExitCode::from(2);
         }
     };
@@ -149,25 +149,32 @@ where
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            output::errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli, &registry)) {
-        Ok(code) => code,
-        Err(CliError::Usage(m)) => {
-            eprintln!("error: {}", one_line(&m));
-            ExitCode::from(2)
-        }
-        Err(CliError::Locked(path)) => {
-            eprintln!("error: {}", keel_replay::error::ReplayError::DbLocked { path });
-            ExitCode::from(1)
-        }
-        Err(CliError::Failed(m)) => {
-            eprintln!("error: {}", one_line(&m));
-            ExitCode::from(1)
-        }
-    }
+    let done = rt.block_on(run(cli, &registry));
+    // The last buffered bytes on stdout are part of a command's output.
+    let flushed = output::flush_stdout();
+    exit_code(match (done, flushed) {
+        (Ok(code), Err(e)) if code == ExitCode::SUCCESS => Err(e),
+        (done, _) => done,
+    })
+}
+
+/// A command's exit code; its failure is printed as one line on stderr.
+fn exit_code(done: CmdResult) -> ExitCode {
+    let (code, msg) = match done {
+        Ok(code) => return code,
+        Err(CliError::Usage(m)) => (2, one_line(&m)),
+        Err(CliError::Locked(path)) => (1, keel_replay::error::ReplayError::DbLocked { path }.to_string()),
+        Err(CliError::Failed(m)) => (1, one_line(&m)),
+        // A closed pipe: the reader has all it wanted (`keel runs | head -1`).
+        Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Err(CliError::Stdout(e)) => (1, format!("cannot write to standard output: {}", output::io_words(&e))),
+    };
+    output::errln!("error: {msg}");
+    ExitCode::from(code)
 }
 
 fn one_line(s: &str) -> String {

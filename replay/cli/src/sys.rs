@@ -1,15 +1,17 @@
 //! The only code of the `keel` binary that calls the C library.
 #![allow(unsafe_code)]
 
-/// Restores the default SIGPIPE disposition, so that `keel export ... | head` ends quietly
-/// as Unix tools do instead of failing a write to stdout.
-pub fn default_sigpipe() {
+/// Ends the process as killed by `sig` (its default action), as a shell expects of a
+/// command that caught the signal only to clean up first (crate::safe_file).
+pub fn die_of(sig: i32) -> ! {
     #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a
-    // valid disposition for SIGPIPE.
+    // SAFETY: SIG_DFL is a valid disposition for any catchable signal; raise only sends
+    // the signal to this thread, whose default action ends the process.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
     }
+    std::process::exit(128_i32.saturating_add(sig))
 }
 
 /// Whether a process with this id exists (signal 0 checks without sending anything; a

@@ -2,6 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
+use crate::output::outln;
 use crate::output::print_json;
 use crate::Registry;
 use clap::Args;
@@ -37,7 +38,7 @@ pub(crate) async fn run(db: &Path, a: CancelArgs, registry: &Registry) -> CmdRes
     if a.json {
         print_json(&keel_replay::views::cancellation_json(run, &by))?;
     } else {
-        println!("cancelled run {run} by {by}: {reason}");
+        outln!("cancelled run {run} by {by}: {reason}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
+use crate::output::errln;
 use crate::Registry;
 use clap::Args;
 use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions, TOKENS_FILE};
@@ -53,7 +54,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
     if !tokens.exists() {
-        eprintln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
+        errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
     }
     let listener =
         tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
@@ -68,7 +69,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
     let workers = engine.start();
-    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
+    errln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = {
@@ -96,15 +97,15 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let served = tokio::select! {
         r = serving => r.map_err(|e| io_err("serving", e)),
         () = deadline => {
-            eprintln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs());
+            errln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs());
             Ok(())
         }
     };
     crate::remote::remove_server_file(db);
     served?;
     match tokio::time::timeout(grace, workers.shutdown()).await {
-        Ok(report) => eprintln!("keel: stopped after {} driver pass(es)", report.driven),
-        Err(_) => eprintln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
+        Ok(report) => errln!("keel: stopped after {} driver pass(es)", report.driven),
+        Err(_) => errln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -132,5 +133,5 @@ async fn stop_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    eprintln!("keel: stopping: no new connections; letting requests in flight finish");
+    errln!("keel: stopping: no new connections; letting requests in flight finish");
 }

@@ -2,6 +2,7 @@
 
 use crate::error::CmdResult;
 use crate::open::open;
+use crate::output::out;
 use crate::output::print_json;
 use crate::Registry;
 use clap::Args;
@@ -27,7 +28,7 @@ pub(crate) fn run(db: &Path, a: ShowArgs, registry: &Registry) -> CmdResult {
     if a.json {
         print_json(&views::state_json(&state))?;
     } else {
-        print!("{}", views::state_text(&state));
+        out!("{}", views::state_text(&state))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{io_err, CmdResult};
 use crate::open::open;
+use crate::output::{errln, outln};
 use crate::output::{print_json, spinner};
 use crate::Registry;
 use clap::Args;
@@ -29,16 +30,19 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         let workers = engine.start();
-        eprintln!("keel: working runs in {} (Ctrl-C to stop)", crate::backend::redacted(db).display());
+        errln!("keel: working runs in {} (Ctrl-C to stop)", crate::backend::redacted(db).display());
         tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
         let report = workers.shutdown().await;
         let l = engine.lease_stats();
-        eprintln!(
+        errln!(
             "keel: stopped after {} driver pass(es); leases lost: {} ({} appends fenced, {} renewals failed)",
-            report.driven, l.drives_lost, l.fenced, l.renewals_lost
+            report.driven,
+            l.drives_lost,
+            l.fenced,
+            l.renewals_lost
         );
         for (run, e) in &report.stopped {
-            eprintln!("keel: run {run}: driver stopped: {e}");
+            errln!("keel: run {run}: driver stopped: {e}");
         }
         return Ok(if report.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
@@ -53,12 +57,16 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
             "stopped": r.stopped.iter().map(|(run, e)| json!({"run": run.to_string(), "error": e})).collect::<Vec<_>>(),
         }))?;
     } else {
-        println!(
+        outln!(
             "driven {}: {} completed, {} failed, {} cancelled, {} awaiting a human",
-            r.driven, r.completed, r.failed, r.cancelled, r.awaiting_human
-        );
+            r.driven,
+            r.completed,
+            r.failed,
+            r.cancelled,
+            r.awaiting_human
+        )?;
         for (run, e) in &r.stopped {
-            println!("stopped: run {run}: {e}");
+            outln!("stopped: run {run}: {e}")?;
         }
     }
     Ok(if r.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
