@@ -177,8 +177,11 @@ fn exit_code(done: CmdResult) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// A message as one line, its I/O errors in words only (`No space left on device`, not
+/// `... (os error 28)`).
 fn one_line(s: &str) -> String {
-    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    let line = s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    output::without_os_codes(&line)
 }
 
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {

@@ -5,7 +5,8 @@
 //!   one link is replaced: a symbolic link, FIFO, socket, device, directory or a file with
 //!   other hard links is refused with one line that says which.
 //! - Nothing is written inside a keel database directory (one holding the `keel-store`
-//!   marker, or sled's `db` and `conf` files, or the `--db` directory) or below one.
+//!   marker or `keel-store.creating`, or sled's `db` and `conf` files, or the `--db`
+//!   directory) or below one.
 //! - The bytes go to a hidden temporary file in the target's directory
 //!   (`.keel-partial-XXXXXX`), which is synced and then moved into place in one step:
 //!   without `--force` with a move that fails if the path appeared meanwhile, with
@@ -204,7 +205,7 @@ fn check_target(target: &Path, force: bool) -> Result<Option<Metadata>, CliError
     let what = kind_of(&m);
     if !force {
         return Err(failed(format!(
-            "{} exists ({what}): refusing to replace it (--force replaces a regular file)",
+            "{} already exists ({what}): refusing to replace it (--force replaces a regular file)",
             target.display()
         )));
     }
@@ -280,9 +281,11 @@ fn refuse_database_dir(target: &Path, dir: &Path, db: &Path) -> Result<(), CliEr
     }
 }
 
-/// A directory holding a keel database (its marker file, or sled's files).
-pub(crate) fn is_database_dir(d: &Path) -> bool {
-    d.join(keel_store::MARKER_FILE).is_file() || (d.join("db").is_file() && d.join("conf").is_file())
+/// A directory holding a keel database (its marker file, or sled's files), or one being
+/// created.
+fn is_database_dir(d: &Path) -> bool {
+    [keel_store::MARKER_FILE, keel_store::CREATING_FILE].iter().any(|f| d.join(f).is_file())
+        || (d.join("db").is_file() && d.join("conf").is_file())
 }
 
 /// The temporary files being written, removed by a signal watcher on SIGINT, SIGTERM or
@@ -339,6 +342,7 @@ mod pending {
     }
 
     /// Starts the watcher, when there is an async runtime to run it (`main_with` has one).
+    /// A signal the process ignores (`nohup`, a shell's background job) stays ignored.
     fn watch() {
         #[cfg(unix)]
         {
@@ -346,24 +350,30 @@ mod pending {
             let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
             let _in = rt.enter();
             // Installed now, before anything is written, not when the task first runs.
-            let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-            else {
-                return;
-            };
-            rt.spawn(async move {
-                let sig = tokio::select! {
-                    _ = int.recv() => libc::SIGINT,
-                    _ = term.recv() => libc::SIGTERM,
-                    _ = hup.recv() => libc::SIGHUP,
-                };
-                let files = files();
-                for f in files.iter() {
-                    let _ = std::fs::remove_file(f);
+            let mut watched = Vec::new();
+            for (sig, kind) in [
+                (libc::SIGINT, SignalKind::interrupt()),
+                (libc::SIGTERM, SignalKind::terminate()),
+                (libc::SIGHUP, SignalKind::hangup()),
+            ] {
+                if !crate::sys::signal_ignored(sig) {
+                    if let Ok(s) = signal(kind) {
+                        watched.push((sig, s));
+                    }
                 }
-                // Dies holding the lock: nothing is moved into place after the removal.
-                crate::sys::die_of(sig);
-            });
+            }
+            for (sig, mut s) in watched {
+                rt.spawn(async move {
+                    if s.recv().await.is_some() {
+                        let files = files();
+                        for f in files.iter() {
+                            let _ = std::fs::remove_file(f);
+                        }
+                        // Dies holding the lock: nothing is moved into place after this.
+                        crate::sys::die_of(sig);
+                    }
+                });
+            }
         }
     }
 }

@@ -14,6 +14,25 @@ pub fn die_of(sig: i32) -> ! {
     std::process::exit(128_i32.saturating_add(sig))
 }
 
+/// Whether `sig` is ignored in this process (SIG_IGN, e.g. inherited from `nohup` or from
+/// a shell starting a background job): a watcher must then leave it ignored.
+pub fn signal_ignored(sig: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: a null new action only reads the current one into `old`, a zeroed
+        // sigaction that the call fills in.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = sig;
+        false
+    }
+}
+
 /// Whether a process with this id exists (signal 0 checks without sending anything; a
 /// process of another user answers EPERM, which still means it exists). Off Unix: assumed.
 pub fn process_exists(pid: u32) -> bool {

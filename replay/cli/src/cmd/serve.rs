@@ -76,6 +76,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         let readiness = readiness.clone();
         async move {
             stop_signal().await;
+            errln!("keel: stopping: no new connections; letting requests in flight finish");
             readiness.drain();
             let _ = stop_tx.send(true);
         }
@@ -110,9 +111,9 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM. A signal handler that cannot be
-/// installed is one signal fewer to wait for, not a reason to stop serving.
-async fn stop_signal() {
+/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`). A signal
+/// handler that cannot be installed is one signal fewer to wait for, not a reason to stop.
+pub(crate) async fn stop_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
@@ -133,5 +134,4 @@ async fn stop_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    errln!("keel: stopping: no new connections; letting requests in flight finish");
 }
