@@ -3,8 +3,9 @@
 //! [`Registry`]. The stock `keel` binary (src/main.rs) passes [`Registry::demo`].
 //!
 //! Every command takes `--db DIR` (default `./keel-data`, env `KEEL_DB`). Errors are one
-//! line on stderr starting with `error: `; exit codes: 0 success, 1 failure (including a
-//! divergence found by `replay --check` and a verification that fails), 2 usage.
+//! line on stderr starting with `error: `; exit codes: 0 success (and a closed stdout
+//! pipe), 1 failure (including a divergence found by `replay --check`, a verification that
+//! fails and stdout that cannot be written), 2 usage (docs/CLI.md, "Exit codes").
 //!
 //! This file parses the command line, dispatches to `cmd/<command>.rs`, and turns a
 //! command's failure into one line and an exit code (src/main.rs only calls it). Adding a
