@@ -58,7 +58,11 @@ impl Target {
     /// Puts a finished file in place; returns its path (`None` for stdout).
     pub(crate) fn finish(self) -> Result<Option<PathBuf>, CliError> {
         match self {
-            Target::Stdout => crate::output::flush_stdout().map(|()| None),
+            Target::Stdout => {
+                crate::output::flush_stdout()?;
+                // A failure a buffered writer met when dropped is noted all the same.
+                crate::output::stdout_failure().map_or(Ok(None), |e| Err(CliError::Stdout(e)))
+            }
             Target::File(f) => f.commit().map(Some),
         }
     }
@@ -137,6 +141,10 @@ impl SafeFile {
     /// Syncs the temporary file and moves it to the target (see the module's rules); the
     /// directory is synced after. Returns the target.
     pub(crate) fn commit(mut self) -> Result<PathBuf, CliError> {
+        // A write that failed unseen (a buffered writer dropped without a flush) fails too.
+        if let Some(noted) = self.failed.get() {
+            return Err(self.write_error(&noted.error()));
+        }
         let Some(tmp) = self.tmp.take() else {
             return Err(failed(format!("{} was already written", self.target.display())));
         };
