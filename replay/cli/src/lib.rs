@@ -12,6 +12,9 @@
 //! command: one module in `cmd/`, one variant of `Cmd` and one arm in `run`.
 
 #![deny(clippy::indexing_slicing)]
+// Output goes through crate::output (out!, outln!, errln!): the print! family panics when
+// stdout or stderr cannot be written.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]
 
 mod backend;
@@ -172,7 +175,7 @@ fn exit_code(done: CmdResult) -> ExitCode {
         Err(CliError::Failed(m)) => (1, one_line(&m)),
         // A closed pipe: the reader has all it wanted (`keel runs | head -1`).
         Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
-        Err(CliError::Stdout(e)) => (1, format!("cannot write to standard output: {}", output::io_words(&e))),
+        Err(CliError::Stdout(e)) => (1, format!("cannot write to standard output: {}", error::io_words(&e))),
     };
     output::errln!("error: {msg}");
     ExitCode::from(code)
@@ -182,7 +185,7 @@ fn exit_code(done: CmdResult) -> ExitCode {
 /// `... (os error 28)`).
 fn one_line(s: &str) -> String {
     let line = s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-    output::without_os_codes(&line)
+    error::without_os_codes(&line)
 }
 
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {

@@ -14,8 +14,9 @@
 //!   when the command fails, and on SIGINT, SIGTERM or SIGHUP before the process dies of
 //!   the signal (only SIGKILL can leave one behind).
 
+use crate::error::io_words;
 use crate::error::CliError;
-use crate::output::{io_words, Noted, Noting};
+use crate::output::{Noted, Noting};
 use std::fs::{File, Metadata};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -148,8 +149,13 @@ impl SafeFile {
         let Some(tmp) = self.tmp.take() else {
             return Err(failed(format!("{} was already written", self.target.display())));
         };
-        let prepared = self.prepare(&tmp);
-        let placed = prepared.and_then(|()| pending::persist(tmp, &self.target, self.force));
+        let placed = match self.prepare(&tmp) {
+            Ok(()) => pending::persist(tmp, &self.target, self.force),
+            Err(e) => {
+                pending::remove(tmp);
+                Err(e)
+            }
+        };
         placed.map_err(|e| match e {
             Placed::Io(e) => self.write_error(&e),
             Placed::Refused(e) => e,
