@@ -9,8 +9,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::print_json;
-use crate::output::{errln, out, outln};
+use crate::output::{errln, out, outln, print_json};
 use clap::Args;
 use keel_replay::error::ReplayError;
 use keel_replay::source::resolve_run_in;

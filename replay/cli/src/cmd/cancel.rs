@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::outln;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;

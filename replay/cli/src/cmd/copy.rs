@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::outln;
-use crate::output::{print_json, progress};
+use crate::output::{outln, print_json, progress};
 use clap::Args;
 use keel_replay::source::resolve_run;
 use keel_store::RunId;

@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::outln;
-use crate::output::{money, print_json, progress, spinner};
+use crate::output::{money, outln, print_json, progress, spinner};
 use crate::Registry;
 use clap::Args;
 use keel_demo as demo;

@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::out;
-use crate::output::print_json;
+use crate::output::{out, print_json};
 use clap::Args;
 use keel_replay::source::{load_run_from_db, resolve_run};
 use std::path::Path;

@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::errln;
-use crate::output::progress;
+use crate::output::{errln, progress};
 use crate::safe_file::Target;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;

@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::{open, open_db};
-use crate::output::{errln, out, outln};
-use crate::output::{print_json, spinner};
+use crate::output::{errln, out, outln, print_json, spinner};
 use crate::source::load_from_file;
 use crate::Registry;
 use clap::Args;

@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::{out, outln};
-use crate::output::{print_json, progress};
+use crate::output::{out, outln, print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
 use crate::Registry;
 use clap::Args;

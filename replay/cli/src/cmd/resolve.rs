@@ -2,8 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::outln;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::{Args, ValueEnum};
 use keel_engine::{Decision, Json, Resolution};

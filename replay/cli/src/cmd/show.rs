@@ -2,8 +2,7 @@
 
 use crate::error::CmdResult;
 use crate::open::open;
-use crate::output::out;
-use crate::output::print_json;
+use crate::output::{out, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;

@@ -3,8 +3,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::outln;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_engine::{EngineError, Request};

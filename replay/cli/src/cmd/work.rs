@@ -2,8 +2,7 @@
 
 use crate::error::CmdResult;
 use crate::open::open;
-use crate::output::{errln, outln};
-use crate::output::{print_json, spinner};
+use crate::output::{errln, outln, print_json, spinner};
 use crate::Registry;
 use clap::Args;
 use serde_json::json;
