@@ -68,6 +68,8 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     // Written before the "serving" line, so whoever reads that line finds the file.
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+    // Listening for the stop signals from before the "serving" line is printed.
+    let stop = stop_signal();
     let workers = engine.start();
     errln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
@@ -75,7 +77,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let shutdown = {
         let readiness = readiness.clone();
         async move {
-            stop_signal().await;
+            stop.await;
             errln!("keel: stopping: no new connections; letting requests in flight finish");
             readiness.drain();
             let _ = stop_tx.send(true);
@@ -111,27 +113,36 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`). A signal
-/// handler that cannot be installed is one signal fewer to wait for, not a reason to stop.
-pub(crate) async fn stop_signal() {
-    let ctrl_c = async {
+/// SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`): the handlers are
+/// installed when this is called, so a signal sent as soon as the "to stop" line is read
+/// is not missed; the future ends at the first of them. A handler that cannot be
+/// installed is one signal fewer to wait for, not a reason to stop.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (int, term) = (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok());
+        async move {
+            tokio::select! {
+                () = recv_or_never(int) => {}
+                () = recv_or_never(term) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(unix)]
+async fn recv_or_never(s: Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(mut s) => {
+            s.recv().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        None => std::future::pending::<()>().await,
     }
 }

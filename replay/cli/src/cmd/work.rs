@@ -65,9 +65,10 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
 /// and gives the drivers in flight `grace` to finish their appends. Exit 0 when every
 /// driver stopped cleanly, 1 when one stopped on an error or the grace ran out.
 async fn serve_work(db: &Path, engine: &keel_engine::Engine, grace: Duration) -> CmdResult {
+    let stop = crate::cmd::serve::stop_signal();
     let workers = engine.start();
     errln!("keel: working runs in {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
-    crate::cmd::serve::stop_signal().await;
+    stop.await;
     errln!("keel: stopping: no new runs taken; letting drivers in flight finish their appends");
     let Ok(report) = tokio::time::timeout(grace, workers.shutdown()).await else {
         errln!("keel: the drivers did not stop within {}s; exiting", grace.as_secs());
