@@ -858,19 +858,39 @@ impl<'de, A: de::VariantAccess<'de>> de::VariantAccess<'de> for Strict<A> {
     }
 }
 
-/// The export files of a folder (`*.jsonl`, sorted by name), or the file itself.
+/// The export files of a folder (`*.jsonl`, sorted by name), or the file itself. A
+/// `*.jsonl` entry that cannot be read (a dangling link, a directory, no permission) is
+/// an error naming every such entry, never skipped: a folder of exports read in part
+/// would look complete.
 pub fn export_files(path: &Path) -> Result<Vec<PathBuf>, ReplayError> {
     let meta = std::fs::metadata(path).map_err(|e| ReplayError::io(path, e))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
+    let mut unreadable = Vec::new();
     for entry in std::fs::read_dir(path).map_err(|e| ReplayError::io(path, e))? {
         let entry = entry.map_err(|e| ReplayError::io(path, e))?;
         let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) == Some("jsonl") && p.is_file() {
-            files.push(p);
+        if p.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+            continue;
         }
+        // Checked before opening: opening a FIFO would wait for a writer.
+        match std::fs::metadata(&p).and_then(|m| if m.is_file() { std::fs::File::open(&p).map(Some) } else { Ok(None) })
+        {
+            Ok(Some(_)) => files.push(p),
+            Ok(None) => unreadable.push(format!("{} (not a regular file)", p.display())),
+            Err(e) => unreadable.push(format!("{} ({e})", p.display())),
+        }
+    }
+    if !unreadable.is_empty() {
+        unreadable.sort();
+        return Err(ReplayError::Invalid(format!(
+            "{} holds {} export file(s) that cannot be read: {}",
+            path.display(),
+            unreadable.len(),
+            unreadable.join(", ")
+        )));
     }
     files.sort();
     if files.is_empty() {

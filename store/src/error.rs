@@ -206,8 +206,27 @@ pub enum StoreError {
 #[cfg(feature = "sled")]
 pub(crate) fn sled_err(e: sled::Error) -> StoreError {
     match e {
-        sled::Error::Io(io) => StoreError::Io(io),
+        sled::Error::Io(io) => StoreError::Io(os_error_of_sled_clone(io)),
         other => StoreError::Sled(other.to_string()),
+    }
+}
+
+/// sled hands later callers a clone of an I/O error that is a new error whose text is the
+/// original's debug format (`Os { code: 28, kind: StorageFull, message: "No space left
+/// on device" }`): the OS error again, so that it reads as words.
+#[cfg(feature = "sled")]
+fn os_error_of_sled_clone(e: std::io::Error) -> std::io::Error {
+    if e.raw_os_error().is_some() {
+        return e;
+    }
+    let text = e.to_string();
+    let code = text
+        .strip_prefix("Os { code: ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.trim().parse::<i32>().ok());
+    match code {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => e,
     }
 }
 
@@ -219,4 +238,15 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "non-string panic payload".to_string())
+}
+
+#[cfg(all(test, feature = "sled"))]
+mod sled_clone_tests {
+    #[test]
+    fn a_cloned_sled_io_error_reads_as_words() {
+        let original = std::io::Error::from_raw_os_error(28);
+        let cloned = std::io::Error::new(original.kind(), format!("{original:?}"));
+        let e = super::sled_err(sled::Error::Io(cloned));
+        assert_eq!(e.to_string(), "I/O error: No space left on device (os error 28)");
+    }
 }

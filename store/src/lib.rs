@@ -77,6 +77,6 @@ pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAY
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
 #[cfg(feature = "sled")]
-pub use sled::{SledStore, MARKER_FILE, SEGMENT_BYTES};
+pub use sled::{SledStore, CREATING_FILE, MARKER_FILE, SEGMENT_BYTES};
 pub use types::*;
 pub use verify::{verify_run, VerifyError, VerifyReport};

@@ -166,3 +166,29 @@ fn sled_like_files_without_the_keel_marker_are_refused_untouched_by_a_read_only_
     assert_eq!(std::fs::read(dir.path().join("conf")).unwrap(), b"garbage");
     assert!(!dir.path().join("blobs").exists());
 }
+
+#[test]
+fn a_creation_cut_before_the_marker_is_no_store_yet_and_the_next_creating_open_finishes_it() {
+    // What a kill between sled creating its files and the marker being durable leaves:
+    // the creating file, sled's files (here with the format record), no marker.
+    let dir = tempdir();
+    {
+        let db = sled::Config::new().path(dir.path()).segment_size(SEGMENT_BYTES).open().unwrap();
+        db.insert(b"mformat", b"keel-store v1".as_slice()).unwrap();
+        db.flush().unwrap();
+    }
+    std::fs::write(dir.path().join(keel_store::CREATING_FILE), b"").unwrap();
+    assert!(matches!(SledStore::open(dir.path(), no_create()), Err(StoreError::NotFound { .. })));
+    let log = open(dir.path(), Durability::None);
+    fill(&log, run(1), 3);
+    drop(log);
+    assert!(dir.path().join(keel_store::MARKER_FILE).is_file());
+    assert!(!dir.path().join(keel_store::CREATING_FILE).exists());
+    let log = SledStore::open(dir.path(), no_create()).unwrap();
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(3));
+    // A new store leaves no creating file behind either.
+    let fresh = tempdir();
+    drop(open(fresh.path(), Durability::None));
+    assert!(fresh.path().join(keel_store::MARKER_FILE).is_file());
+    assert!(!fresh.path().join(keel_store::CREATING_FILE).exists());
+}

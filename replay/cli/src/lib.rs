@@ -3,14 +3,18 @@
 //! [`Registry`]. The stock `keel` binary (src/main.rs) passes [`Registry::demo`].
 //!
 //! Every command takes `--db DIR` (default `./keel-data`, env `KEEL_DB`). Errors are one
-//! line on stderr starting with `error: `; exit codes: 0 success, 1 failure (including a
-//! divergence found by `replay --check` and a verification that fails), 2 usage.
+//! line on stderr starting with `error: `; exit codes: 0 success (and a closed stdout
+//! pipe), 1 failure (including a divergence found by `replay --check`, a verification that
+//! fails and stdout that cannot be written), 2 usage (docs/CLI.md, "Exit codes").
 //!
 //! This file parses the command line, dispatches to `cmd/<command>.rs`, and turns a
 //! command's failure into one line and an exit code (src/main.rs only calls it). Adding a
 //! command: one module in `cmd/`, one variant of `Cmd` and one arm in `run`.
 
 #![deny(clippy::indexing_slicing)]
+// Output goes through crate::output (out!, outln!, errln!): the print! family panics when
+// stdout or stderr cannot be written.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 #![warn(missing_docs)]
 
 mod backend;
@@ -21,6 +25,7 @@ mod output;
 mod registry;
 mod remote;
 mod render;
+mod safe_file;
 mod source;
 mod sys;
 
@@ -100,15 +105,14 @@ enum Cmd {
 /// errors are one line on stderr). A service's own `keel` binary is
 /// `fn main() -> ExitCode { keel_cli::main_with(registry) }` (docs/CLI.md).
 pub fn main_with(registry: Registry) -> ExitCode {
-    // Die quietly on a closed pipe (`keel export ... | head`), as Unix tools do, instead
-    // of failing a write to stdout.
-    sys::default_sigpipe();
+    // SIGPIPE stays ignored (Rust's default): a closed pipe is a failed write, which
+    // ends the command quietly with exit 0 (crate::output), instead of killing the
+    // process in the middle of whatever it was writing (a socket included).
     run_with(registry, std::env::args_os())
 }
 
-/// [`main_with`] on the given arguments (the first is the program name), without
-/// changing the process's SIGPIPE disposition: for tests and for a binary that parses
-/// some arguments itself.
+/// [`main_with`] on the given arguments (the first is the program name): for tests and
+/// for a binary that parses some arguments itself.
 pub fn run_with<I, T>(registry: Registry, args: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
@@ -136,7 +140,7 @@ where
                 .collect();
             let joined = parts.join(" ");
             let msg = joined.strip_prefix("error: ").unwrap_or(&joined);
-            eprintln!("error: {msg} (see `keel --help`)");
+            output::errln!("error: {msg} (see `keel --help`)");
             return ExitCode::from(2);
         }
     };
@@ -149,29 +153,39 @@ where
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            output::errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli, &registry)) {
-        Ok(code) => code,
-        Err(CliError::Usage(m)) => {
-            eprintln!("error: {}", one_line(&m));
-            ExitCode::from(2)
-        }
-        Err(CliError::Locked(path)) => {
-            eprintln!("error: {}", keel_replay::error::ReplayError::DbLocked { path });
-            ExitCode::from(1)
-        }
-        Err(CliError::Failed(m)) => {
-            eprintln!("error: {}", one_line(&m));
-            ExitCode::from(1)
-        }
-    }
+    let done = rt.block_on(run(cli, &registry));
+    // The last buffered bytes on stdout are part of a command's output.
+    let flushed = output::flush_stdout();
+    exit_code(match (done, flushed) {
+        (Ok(code), Err(e)) if code == ExitCode::SUCCESS => Err(e),
+        (done, _) => done,
+    })
 }
 
+/// A command's exit code; its failure is printed as one line on stderr.
+fn exit_code(done: CmdResult) -> ExitCode {
+    let (code, msg) = match done {
+        Ok(code) => return code,
+        Err(CliError::Usage(m)) => (2, one_line(&m)),
+        Err(CliError::Locked(path)) => (1, keel_replay::error::ReplayError::DbLocked { path }.to_string()),
+        Err(CliError::Failed(m)) => (1, one_line(&m)),
+        // A closed pipe: the reader has all it wanted (`keel runs | head -1`).
+        Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return ExitCode::SUCCESS,
+        Err(CliError::Stdout(e)) => (1, format!("cannot write to standard output: {}", error::io_words(&e))),
+    };
+    output::errln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+/// A message as one line, its I/O errors in words only (`No space left on device`, not
+/// `... (os error 28)`).
 fn one_line(s: &str) -> String {
-    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    let line = s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+    error::without_os_codes(&line)
 }
 
 async fn run(cli: Cli, registry: &Registry) -> CmdResult {

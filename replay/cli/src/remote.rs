@@ -9,7 +9,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::print_json;
+use crate::output::{errln, out, outln, print_json};
 use clap::Args;
 use keel_replay::error::ReplayError;
 use keel_replay::source::resolve_run_in;
@@ -245,7 +245,7 @@ pub(crate) async fn show(r: &Remote, a: crate::cmd::show::ShowArgs) -> CmdResult
     let loaded = crate::source::load_from_file(f.path(), Some(&run.to_string()))?;
     let replay = keel_replay::Replay::new(loaded.events)?;
     let state = replay.state_at(replay.last_seq())?;
-    print!("{}", keel_replay::views::state_text(&state));
+    out!("{}", keel_replay::views::state_text(&state))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -305,8 +305,8 @@ pub(crate) async fn resolve(r: &Remote, a: crate::cmd::resolve::ResolveArgs) -> 
     } else {
         let by = v.get("by").and_then(Value::as_str).unwrap_or_default();
         let name = v.get("decision").and_then(Value::as_str).unwrap_or_default();
-        println!("resolved run {run}: {name} by {by}");
-        println!("the workers of the keel serve at {} continue it", r.client.url());
+        outln!("resolved run {run}: {name} by {by}")?;
+        outln!("the workers of the keel serve at {} continue it", r.client.url())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -328,25 +328,22 @@ pub(crate) async fn cancel(r: &Remote, a: crate::cmd::cancel::CancelArgs) -> Cmd
     if a.json {
         print_json(&v)?;
     } else {
-        println!("cancelled run {run} by {}: {reason}", v.get("by").and_then(Value::as_str).unwrap_or_default());
+        outln!("cancelled run {run} by {}: {reason}", v.get("by").and_then(Value::as_str).unwrap_or_default())?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `keel export`: the server's export (`GET /v1/export`, the same selection, format and
 /// redactions), to stdout or (complete, renamed) to `-o FILE`.
-pub(crate) async fn export(r: &Remote, a: crate::cmd::export::ExportArgs) -> CmdResult {
+pub(crate) async fn export(r: &Remote, db: &Path, a: crate::cmd::export::ExportArgs) -> CmdResult {
     use crate::cmd::export::ExportFormat;
     if !a.all && a.run.is_none() {
         return Err(CliError::Usage("name a RUN or use --all".into()));
     }
     // Checked here as locally (same messages) before anything is asked.
     keel_replay::export::Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
-    for (flag, t) in [("--since", &a.since), ("--until", &a.until)] {
-        if let Some(t) = t {
-            keel_replay::format::parse_time(t).map_err(|e| CliError::Usage(format!("{flag}: {e}")))?;
-        }
-    }
+    crate::cmd::export::time_window(a.since.as_deref(), a.until.as_deref())?;
+    let target = crate::safe_file::Target::open(a.output.as_deref(), a.force, db)?;
     let format = match a.format {
         ExportFormat::Jsonl => "jsonl",
         ExportFormat::Csv => "csv",
@@ -365,13 +362,12 @@ pub(crate) async fn export(r: &Remote, a: crate::cmd::export::ExportArgs) -> Cmd
         q.push_str(&format!("&redact={}", query_value(&a.redact.join(","))));
     }
     let body = r.get(&q).await?.body;
-    let (mut out, tmp) = crate::cmd::export::output(a.output.as_ref())?;
-    out.write_all(&body).map_err(|e| io_err("the export", e))?;
-    out.flush().map_err(|e| io_err("the export", e))?;
+    let mut out = target.writer()?;
+    let written = out.write_all(&body).and_then(|()| out.flush());
     drop(out);
-    if let Some((f, path)) = tmp {
-        crate::cmd::export::persist(f, &path)?;
-        eprintln!("exported {} byte(s) to {} (through {})", body.len(), path.display(), r.client.url());
+    written.map_err(|e| target.stream_err(io_err("the export", e)))?;
+    if let Some(path) = target.finish()? {
+        errln!("exported {} byte(s) to {} (through {})", body.len(), path.display(), r.client.url());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -497,7 +493,7 @@ pub(crate) async fn dispatch(db: &Path, conn: &ConnArgs, command: crate::Cmd) ->
         Cmd::Escalations(a) => escalations(&r, a).await,
         Cmd::Resolve(a) => resolve(&r, a).await,
         Cmd::Cancel(a) => cancel(&r, a).await,
-        Cmd::Export(a) => export(&r, a).await,
+        Cmd::Export(a) => export(&r, db, a).await,
         Cmd::Stats(a) => stats(&r, a).await,
         Cmd::Verify(a) => verify(&r, db, a).await,
         other => return Err(other),

@@ -3,6 +3,8 @@
 //! through `keel serve` gets those documents from the API, so its text is the same as
 //! when it reads the database itself.
 
+use crate::error::CliError;
+use crate::output::outln;
 use keel_engine::RunStatus;
 use serde_json::Value;
 
@@ -19,13 +21,19 @@ fn b(v: &Value, k: &str) -> bool {
 }
 
 /// `keel runs`: entries of `{"runs": [...]}`.
-pub(crate) fn runs(runs: &[Value]) {
-    println!(
+pub(crate) fn runs(runs: &[Value]) -> Result<(), CliError> {
+    outln!(
         "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted",
-        "run", "workflow", "status", "partial", "events", "cost(micros)", "esc"
-    );
+        "run",
+        "workflow",
+        "status",
+        "partial",
+        "events",
+        "cost(micros)",
+        "esc"
+    )?;
     for r in runs {
-        println!(
+        outln!(
             "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {}",
             s(r, "run"),
             s(r, "workflow"),
@@ -35,18 +43,18 @@ pub(crate) fn runs(runs: &[Value]) {
             n(r, "cost_micros"),
             n(r, "escalations"),
             s(r, "accepted_at"),
-        );
+        )?;
     }
-    println!("{} run(s)", runs.len());
+    outln!("{} run(s)", runs.len())
 }
 
 /// `keel escalations`: entries of `{"escalations": [...]}`.
-pub(crate) fn escalations(pending: &[Value]) {
+pub(crate) fn escalations(pending: &[Value]) -> Result<(), CliError> {
     if pending.is_empty() {
-        println!("no escalation is waiting");
+        outln!("no escalation is waiting")?;
     }
     for p in pending {
-        println!(
+        outln!(
             "run {} escalation #{} {}{} at {}{}",
             s(p, "run"),
             n(p, "number"),
@@ -54,16 +62,17 @@ pub(crate) fn escalations(pending: &[Value]) {
             p.get("task").and_then(Value::as_str).map(|t| format!(" task {t}")).unwrap_or_default(),
             s(p, "escalated_at"),
             if b(p, "notified") { "" } else { " (not yet notified)" }
-        );
-        println!("  why:      {}", s(p, "why"));
-        println!("  question: {}", s(p, "question"));
-        println!("  resolve:  {}", s(p, "resolve"));
+        )?;
+        outln!("  why:      {}", s(p, "why"))?;
+        outln!("  question: {}", s(p, "question"))?;
+        outln!("  resolve:  {}", s(p, "resolve"))?;
     }
+    Ok(())
 }
 
 /// `keel stats`: entries of `{"workflows": [...]}`.
-pub(crate) fn stats(stats: &[Value]) {
-    println!(
+pub(crate) fn stats(stats: &[Value]) -> Result<(), CliError> {
+    outln!(
         "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
         "workflow",
         "runs",
@@ -77,7 +86,7 @@ pub(crate) fn stats(stats: &[Value]) {
         "replans",
         "cached",
         "cost/run"
-    );
+    )?;
     let empty = Value::Null;
     for w in stats {
         // In the state machine's order of statuses, as the engine counts them.
@@ -87,7 +96,7 @@ pub(crate) fn stats(stats: &[Value]) {
             .filter_map(|st| by_status.get(st.name()).and_then(Value::as_u64).map(|c| format!("{} {c}", st.name())))
             .collect();
         let t = w.get("totals").unwrap_or(&empty);
-        println!(
+        outln!(
             "{:<18} {:>5}  {:<44} {:>7} {:>12} {:>10} {:>8} {:>6} {:>7} {:>7} {:>6} {:>12}",
             s(w, "workflow"),
             n(w, "runs"),
@@ -101,20 +110,22 @@ pub(crate) fn stats(stats: &[Value]) {
             n(t, "replans"),
             n(t, "cache_hits"),
             n(w, "cost_per_run_micros")
-        );
+        )?;
     }
     if stats.is_empty() {
-        println!("no runs");
+        outln!("no runs")?;
     }
+    Ok(())
 }
 
 /// `keel verify`: the `--json` document (`runs`, `ok`, `records`, `source`).
-pub(crate) fn verification(v: &Value) {
+pub(crate) fn verification(v: &Value) -> Result<(), CliError> {
     let runs = v.get("runs").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for r in runs {
-        println!("ok  {}  {} records  head {}", s(r, "run"), n(r, "records"), s(r, "head"));
+        outln!("ok  {}  {} records  head {}", s(r, "run"), n(r, "records"), s(r, "head"))?;
     }
     if b(v, "ok") {
-        println!("verified {} record(s) in {} run(s) of {}", n(v, "records"), runs.len(), s(v, "source"));
+        outln!("verified {} record(s) in {} run(s) of {}", n(v, "records"), runs.len(), s(v, "source"))?;
     }
+    Ok(())
 }

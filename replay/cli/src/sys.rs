@@ -1,14 +1,35 @@
 //! The only code of the `keel` binary that calls the C library.
 #![allow(unsafe_code)]
 
-/// Restores the default SIGPIPE disposition, so that `keel export ... | head` ends quietly
-/// as Unix tools do instead of failing a write to stdout.
-pub fn default_sigpipe() {
+/// Ends the process as killed by `sig` (its default action), as a shell expects of a
+/// command that caught the signal only to clean up first (crate::safe_file).
+pub fn die_of(sig: i32) -> ! {
     #[cfg(unix)]
-    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a
-    // valid disposition for SIGPIPE.
+    // SAFETY: SIG_DFL is a valid disposition for any catchable signal; raise only sends
+    // the signal to this thread, whose default action ends the process.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+    std::process::exit(128_i32.saturating_add(sig))
+}
+
+/// Whether `sig` is ignored in this process (SIG_IGN, e.g. inherited from `nohup` or from
+/// a shell starting a background job): a watcher must then leave it ignored.
+pub fn signal_ignored(sig: i32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: a null new action only reads the current one into `old`, a zeroed
+        // sigaction that the call fills in.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = sig;
+        false
     }
 }
 

@@ -375,7 +375,7 @@ fn export_all_selects_runs_by_acceptance_time() {
     let db = DemoDb::new(8);
     let count = |args: &[&str]| -> (usize, Value) {
         let f = db.path("sel.jsonl");
-        let mut a = vec!["export", "--all", "--format", "jsonl", "-o", f.to_str().unwrap()];
+        let mut a = vec!["export", "--all", "--format", "jsonl", "-o", f.to_str().unwrap(), "--force"];
         a.extend_from_slice(args);
         keel(&db.db, &a).ok();
         let l = lines(&f);

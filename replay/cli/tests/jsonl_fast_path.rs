@@ -190,7 +190,7 @@ fn errors_are_the_slow_paths_errors() {
 
     // Redacted fields: `Redacted` names the first one.
     for rule in ["output", "TaskDispatched.input", "budget", "RunAccepted.input"] {
-        let red = export_all(&db, "red.jsonl", &["--redact", rule]);
+        let red = export_all(&db, "red.jsonl", &["--redact", rule, "--force"]);
         let out = same(&red, rule);
         assert!(the_error(&out).starts_with("Redacted"), "{rule}: {out:?}");
     }

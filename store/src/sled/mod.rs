@@ -173,19 +173,36 @@ fn write_marker_file(dir: &Path) -> Result<(), StoreError> {
     f.write_all(b"\n")?;
     f.sync_all()?;
     File::open(dir)?.sync_all()?;
+    // The creation is complete; a creating file that outlives a crash here is ignored.
+    match std::fs::remove_file(dir.join(CREATING_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// File written (and the directory synced) before sled creates anything in a new store's
+/// directory, removed once [`MARKER_FILE`] is durable: sled's files with it and without
+/// the marker are a creation that was interrupted (nothing was committed yet; the next
+/// creating open finishes it), not somebody else's sled database.
+pub const CREATING_FILE: &str = "keel-store.creating";
+
+fn write_creating_file(dir: &Path) -> Result<(), StoreError> {
+    File::create(dir.join(CREATING_FILE))?.sync_all()?;
+    File::open(dir)?.sync_all()?;
     Ok(())
 }
 
 /// Checks the directory before sled touches it (sled creates `blobs/` and `conf` in any
-/// directory it is pointed at). Returns whether a new store must be created.
+/// directory it is pointed at).
 fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
+    let not_found = || StoreError::NotFound { path: path.to_path_buf() };
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !create {
-                return Err(StoreError::NotFound { path: path.to_path_buf() });
+                return Err(not_found());
             }
             std::fs::create_dir_all(path)?;
-            Ok(())
+            write_creating_file(path)
         }
         Err(e) => Err(e.into()),
         Ok(m) if !m.is_dir() => {
@@ -194,7 +211,10 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
         Ok(_) => {
             let empty = std::fs::read_dir(path)?.next().is_none();
             if empty {
-                return if create { Ok(()) } else { Err(StoreError::NotFound { path: path.to_path_buf() }) };
+                return if create { write_creating_file(path) } else { Err(not_found()) };
+            }
+            if path.join(CREATING_FILE).is_file() && !path.join(MARKER_FILE).is_file() {
+                return if create { Ok(()) } else { Err(not_found()) };
             }
             if path.join("db").is_file() && path.join("conf").is_file() {
                 // sled rewrites `conf` and `db` as soon as it opens them: without the keel

@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;
@@ -37,7 +37,7 @@ pub(crate) async fn run(db: &Path, a: CancelArgs, registry: &Registry) -> CmdRes
     if a.json {
         print_json(&keel_replay::views::cancellation_json(run, &by))?;
     } else {
-        println!("cancelled run {run} by {by}: {reason}");
+        outln!("cancelled run {run} by {by}: {reason}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

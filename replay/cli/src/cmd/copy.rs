@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::{print_json, progress};
+use crate::output::{outln, print_json, progress};
 use clap::Args;
 use keel_replay::source::resolve_run;
 use keel_store::RunId;
@@ -67,11 +67,11 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
     if a.json {
         print_json(&json!({ "copied": copied, "present": present, "records": records }))?;
     } else {
-        println!(
+        outln!(
             "copied {copied} run(s) ({records} records) from {} to {}; {present} already there",
             shown(&a.from),
             shown(&a.to)
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

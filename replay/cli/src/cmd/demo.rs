@@ -2,13 +2,14 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::{money, print_json, progress, spinner};
+use crate::output::{money, outln, print_json, progress, spinner};
 use crate::Registry;
 use clap::Args;
 use keel_demo as demo;
-use keel_engine::{IdleReport, PendingEscalation, RunState, Submitted};
+use keel_engine::{IdleReport, PendingEscalation, RunId, RunState, Submitted};
 use keel_replay::views;
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -47,18 +48,30 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
     let sp = spinner("working runs until idle");
     let idle = engine.run_until_idle().await?;
     sp.finish_and_clear();
+    // A run whose driver stopped on an error (a full disk, a poisoned store) may have
+    // records whose flush failed: what reads back is not known to be durable, so its state
+    // is not shown, and the demo fails.
+    let stopped: BTreeSet<RunId> = idle.stopped.iter().map(|(run, _)| *run).collect();
     let mut rows = Vec::new();
-    for (index, s) in &submitted {
+    for (index, s) in submitted.iter().filter(|(_, s)| !stopped.contains(&s.run)) {
         let st = engine.state(s.run)?;
         rows.push(Row { index: *index, submitted: s, state: st });
     }
-    let pending = engine.escalations()?;
-    if a.json {
-        print_json_report(db, a.seed, &rows, &pending, &idle)?;
+    let pending: Vec<PendingEscalation> =
+        engine.escalations()?.into_iter().filter(|p| !stopped.contains(&p.run)).collect();
+    let printed = if a.json {
+        print_json_report(db, a.seed, &rows, &pending, &idle)
     } else {
-        print_text_report(db, &rows, &pending, &idle);
+        print_text_report(db, &rows, &pending, &idle)
+    };
+    if let Some((run, e)) = idle.stopped.first() {
+        return Err(CliError::Failed(format!(
+            "{} run(s) stopped on an error, their states not shown (their last writes may not be durable); \
+             first: run {run}: {e}",
+            idle.stopped.len()
+        )));
     }
-    Ok(ExitCode::SUCCESS)
+    printed.map(|()| ExitCode::SUCCESS)
 }
 
 /// One submitted demo request and its state after the work.
@@ -92,13 +105,23 @@ fn print_json_report(
 }
 
 /// The table of runs, then what is waiting for a human.
-fn print_text_report(db: &Path, rows: &[Row<'_>], pending: &[PendingEscalation], idle: &IdleReport) {
-    println!(
+fn print_text_report(
+    db: &Path,
+    rows: &[Row<'_>],
+    pending: &[PendingEscalation],
+    idle: &IdleReport,
+) -> Result<(), CliError> {
+    outln!(
         "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}",
-        "run", "scenario", "status", "partial", "cost(micros)", "events"
-    );
+        "run",
+        "scenario",
+        "status",
+        "partial",
+        "cost(micros)",
+        "events"
+    )?;
     for Row { index: i, submitted: s, state: st } in rows {
-        println!(
+        outln!(
             "{:<36}  {:<26}  {:<13}  {:<7}  {:>12}  {:>6}{}",
             s.run.to_string(),
             demo::scenario(*i),
@@ -107,22 +130,26 @@ fn print_text_report(db: &Path, rows: &[Row<'_>], pending: &[PendingEscalation],
             money(st.totals.cost_micros),
             st.next_seq.0,
             if s.duplicate { "  (existing run)" } else { "" }
-        );
+        )?;
     }
     let total: u64 = rows.iter().map(|r| r.state.totals.cost_micros).sum();
-    println!("{} run(s) in {}; total cost {} micros", rows.len(), crate::backend::redacted(db).display(), total);
+    outln!("{} run(s) in {}; total cost {} micros", rows.len(), crate::backend::redacted(db).display(), total)?;
     for (run, e) in &idle.stopped {
-        println!("stopped: run {run}: {e}");
+        outln!("stopped: run {run}: {e}")?;
     }
     if !pending.is_empty() {
-        println!("\nwaiting for a human:");
+        outln!("\nwaiting for a human:")?;
         for p in pending {
-            println!(
+            outln!(
                 "  run {} escalation #{} ({:?}): {}",
-                p.run, p.escalation.number, p.escalation.cause, p.escalation.why
-            );
-            println!("    {}", views::resolve_hint(p));
+                p.run,
+                p.escalation.number,
+                p.escalation.cause,
+                p.escalation.why
+            )?;
+            outln!("    {}", views::resolve_hint(p))?;
         }
-        println!("then continue them with: keel work --until-idle");
+        outln!("then continue them with: keel work --until-idle")?;
     }
+    Ok(())
 }

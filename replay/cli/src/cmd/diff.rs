@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::print_json;
+use crate::output::{out, print_json};
 use clap::Args;
 use keel_replay::source::{load_run_from_db, resolve_run};
 use std::path::Path;
@@ -29,7 +29,7 @@ pub(crate) fn run(db: &Path, a: DiffArgs) -> CmdResult {
     if a.json {
         print_json(&serde_json::to_value(&d).map_err(|e| CliError::Failed(e.to_string()))?)?;
     } else {
-        print!("{d}");
+        out!("{d}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ pub(crate) fn print(pending: &[Value], as_json: bool) -> CmdResult {
     if as_json {
         print_json(&json!({ "escalations": pending }))?;
     } else {
-        crate::render::escalations(pending);
+        crate::render::escalations(pending)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,9 @@
 //! Exports runs for audit: `keel export`.
 
-use crate::error::{io_err, CliError, CmdResult};
+use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::progress;
+use crate::output::{errln, progress};
+use crate::safe_file::Target;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
 use keel_replay::export::{select_runs, CsvWriter, JsonlWriter, Redaction};
@@ -38,9 +39,13 @@ pub(crate) struct ExportArgs {
     /// Output format.
     #[arg(long, value_enum)]
     pub(crate) format: ExportFormat,
-    /// Output file (default: stdout).
+    /// Output file (default: stdout). An existing path is refused unless --force; nothing
+    /// is written inside a database directory.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
+    /// With -o: replace FILE if it is a regular file (never a link, FIFO, device or directory).
+    #[arg(long, requires = "output")]
+    pub(crate) force: bool,
     /// Redact a payload field: FIELD (every kind) or Kind.FIELD, e.g. output or TaskExecuted.output (repeatable).
     #[arg(long, value_name = "FIELD")]
     pub(crate) redact: Vec<String>,
@@ -51,8 +56,9 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
         return Err(CliError::Usage("name a RUN or use --all".into()));
     }
     let redaction = Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
-    let since = a.since.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--since: {e}")))?;
-    let until = a.until.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--until: {e}")))?;
+    let (since, until) = time_window(a.since.as_deref(), a.until.as_deref())?;
+    // Checked before the database is opened: a refused path costs nothing.
+    let target = Target::open(a.output.as_deref(), a.force, db)?;
     let store = open(db)?;
     let (runs, filter) = match &a.run {
         Some(r) => {
@@ -64,33 +70,30 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
             (runs, json!({ "all": true, "since": since.map(rfc3339), "until": until.map(rfc3339) }))
         }
     };
-    // Write to a temporary file next to the target, renamed when complete: a failed export
-    // never leaves a half-written file that looks whole.
-    let (out, tmp) = output(a.output.as_ref())?;
     let pb = progress(runs.len() as u64, "exporting");
-    let records = write_runs(store.as_ref(), &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
+    let what = Written { format: a.format, redaction, filter, db };
+    let records = write_runs(store.as_ref(), &runs, what, target.writer()?, &pb).map_err(|e| target.stream_err(e))?;
     pb.finish_and_clear();
-    if let Some((f, path)) = tmp {
-        persist(f, &path)?;
-        eprintln!("exported {} run(s), {} record(s) to {}", runs.len(), records, path.display());
+    if let Some(path) = target.finish()? {
+        errln!("exported {} run(s), {} record(s) to {}", runs.len(), records, path.display());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Where the export goes: stdout, or a temporary file beside `path` (with `path`) that
-/// [`persist`] renames when the export is complete.
-pub(crate) type Output = (Box<dyn Write>, Option<(tempfile::NamedTempFile, PathBuf)>);
-
-pub(crate) fn output(path: Option<&PathBuf>) -> Result<Output, CliError> {
-    Ok(match path {
-        None => (Box::new(std::io::BufWriter::new(std::io::stdout())), None),
-        Some(path) => {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let f = tempfile::NamedTempFile::new_in(dir).map_err(|e| io_err(&path.display().to_string(), e))?;
-            let w = f.reopen().map_err(|e| io_err(&path.display().to_string(), e))?;
-            (Box::new(std::io::BufWriter::new(w)), Some((f, path.clone())))
+/// `--since` and `--until` as µs since the epoch; `--since` must come before `--until`.
+pub(crate) fn time_window(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), CliError> {
+    let since = since.map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--since: {e}")))?;
+    let until = until.map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--until: {e}")))?;
+    if let (Some(s), Some(u)) = (since, until) {
+        if s >= u {
+            return Err(CliError::Usage(format!(
+                "--since {} is not before --until {}: the window [since, until) holds no time",
+                rfc3339(s),
+                rfc3339(u)
+            )));
         }
-    })
+    }
+    Ok((since, until))
 }
 
 /// What an export writes, apart from the runs.
@@ -147,18 +150,4 @@ fn write_runs(
         }
     }
     Ok(records)
-}
-
-/// Renames the finished temporary file to `path`, as an ordinary file (0644).
-pub(crate) fn persist(f: tempfile::NamedTempFile, path: &Path) -> Result<(), CliError> {
-    let file = f.persist(path).map_err(|e| io_err(&path.display().to_string(), e.error))?;
-    // A temporary file is created 0600; an export is an ordinary file (umask applies
-    // to new files only, so use the usual 0644).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
-    }
-    drop(file);
-    Ok(())
 }

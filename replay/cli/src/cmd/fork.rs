@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::{open, open_db};
-use crate::output::{print_json, spinner};
+use crate::output::{errln, out, outln, print_json, spinner};
 use crate::source::load_from_file;
 use crate::Registry;
 use clap::Args;
@@ -80,21 +80,21 @@ pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResul
         }
         print_json(&v)?;
     } else {
-        print!("{}", forked.report);
+        out!("{}", forked.report)?;
         if saved && a.from.is_none() {
-            println!("  saved: keel show {}   keel diff {} {}", forked.run, run, forked.run);
+            outln!("  saved: keel show {}   keel diff {} {}", forked.run, run, forked.run)?;
         } else if saved {
-            println!(
+            outln!(
                 "  saved into {}: keel show {}   keel export {} --format html -o fork.html",
                 db.display(),
                 forked.run,
                 forked.run
-            );
+            )?;
         }
     }
     // A fork whose driver stopped on an error did not finish: say so in the exit code.
     if let Some(e) = &forked.report.stopped {
-        eprintln!("error: the fork's driver stopped: {e}");
+        errln!("error: the fork's driver stopped: {e}");
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! Prints the state machines: `keel fsm`.
 
 use crate::error::CmdResult;
+use crate::output::out;
 use clap::{Args, ValueEnum};
 use std::process::ExitCode;
 
@@ -21,6 +22,6 @@ pub(crate) fn run(a: FsmArgs) -> CmdResult {
         FsmFormat::Dot => keel_engine::fsm::Format::Dot,
         FsmFormat::Mermaid => keel_engine::fsm::Format::Mermaid,
     };
-    print!("{}", keel_engine::fsm::render(format));
+    out!("{}", keel_engine::fsm::render(format))?;
     Ok(ExitCode::SUCCESS)
 }

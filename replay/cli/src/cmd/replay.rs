@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::{print_json, progress};
+use crate::output::{out, outln, print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
 use crate::Registry;
 use clap::Args;
@@ -108,9 +108,9 @@ pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
         }))?;
     } else {
         if let Some(e) = at {
-            println!("after seq {} of {} ({}): {}", until, replay.last_seq(), rfc3339(e.at_us), event_line(&e.event));
+            outln!("after seq {} of {} ({}): {}", until, replay.last_seq(), rfc3339(e.at_us), event_line(&e.event))?;
         }
-        print!("{}", views::state_text(&state));
+        out!("{}", views::state_text(&state))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -124,9 +124,9 @@ fn print_steps(replay: &Replay, run: RunId, until: u64, as_json: bool) -> CmdRes
             steps.push(views::step_json(e, s));
         } else {
             let tasks: Vec<String> = s.tasks.iter().map(|t| format!("{}={}", t.spec.id, t.status.name())).collect();
-            println!("{:>4}  {}  {:<68}  run={}", e.seq.0, rfc3339(e.at_us), event_line(&e.event), s.status.name());
+            outln!("{:>4}  {}  {:<68}  run={}", e.seq.0, rfc3339(e.at_us), event_line(&e.event), s.status.name())?;
             if !tasks.is_empty() {
-                println!("      tasks: {}", tasks.join(" "));
+                outln!("      tasks: {}", tasks.join(" "))?;
             }
         }
         if e.seq.0 >= until {
@@ -186,44 +186,24 @@ fn replay_all(db: &Path, a: &ReplayArgs, opts: &CheckOptions, registry: &Registr
         print_json(&json!({ "runs": replayed }))?;
     } else {
         for r in &replayed {
-            println!(
+            outln!(
                 "replayed {}  {} events  {}",
                 r["run"].as_str().unwrap_or(""),
                 r["events"],
                 r["status"].as_str().unwrap_or("")
-            );
+            )?;
         }
-        println!("{} run(s) replayed", replayed.len());
+        outln!("{} run(s) replayed", replayed.len())?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn finish_checks(reports: Vec<CheckReport>, as_json: bool) -> CmdResult {
     let diverged: Vec<&CheckReport> = reports.iter().filter(|r| !r.ok()).collect();
-    if as_json {
-        print_json(&json!({ "checked": reports.len(), "diverged": diverged.len(), "runs": reports }))?;
-    } else {
-        for r in &reports {
-            match &r.divergence {
-                None => println!(
-                    "ok        {}  {} events ({} decisions, {} outcomes, {} external)",
-                    r.run, r.events, r.decisions, r.outcomes, r.externals
-                ),
-                Some(d) => {
-                    println!("DIVERGES  {}  at seq {} of {}", r.run, d.seq, r.events);
-                    print!("{d}");
-                }
-            }
-        }
-        println!(
-            "checked {} run(s): {} ok, {} diverged",
-            reports.len(),
-            reports.len() - diverged.len(),
-            diverged.len()
-        );
-    }
+    // The verdict outlives a closed pipe: a divergence exits 1 whatever was shown.
+    let printed = print_checks(&reports, diverged.len(), as_json);
     match diverged.first() {
-        None => Ok(ExitCode::SUCCESS),
+        None => printed.map(|()| ExitCode::SUCCESS),
         Some(r) => {
             let d = r.divergence.as_ref();
             Err(CliError::Failed(format!(
@@ -236,4 +216,28 @@ fn finish_checks(reports: Vec<CheckReport>, as_json: bool) -> CmdResult {
             )))
         }
     }
+}
+
+/// The checks' report (`--json` or text).
+fn print_checks(reports: &[CheckReport], diverged: usize, as_json: bool) -> Result<(), CliError> {
+    if as_json {
+        return print_json(&json!({ "checked": reports.len(), "diverged": diverged, "runs": reports }));
+    }
+    for r in reports {
+        match &r.divergence {
+            None => outln!(
+                "ok        {}  {} events ({} decisions, {} outcomes, {} external)",
+                r.run,
+                r.events,
+                r.decisions,
+                r.outcomes,
+                r.externals
+            )?,
+            Some(d) => {
+                outln!("DIVERGES  {}  at seq {} of {}", r.run, d.seq, r.events)?;
+                out!("{d}")?;
+            }
+        }
+    }
+    outln!("checked {} run(s): {} ok, {} diverged", reports.len(), reports.len() - diverged, diverged)
 }

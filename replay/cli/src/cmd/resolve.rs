@@ -2,7 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::{Args, ValueEnum};
 use keel_engine::{Decision, Json, Resolution};
@@ -102,14 +102,14 @@ pub(crate) async fn run(db: &Path, a: ResolveArgs, registry: &Registry) -> CmdRe
     if a.json {
         print_json(&views::resolution_json(run, name, &by))?;
     } else {
-        println!("resolved run {run}: {name} by {by}");
+        outln!("resolved run {run}: {name} by {by}")?;
         if registry.knows(&state_workflow) {
-            println!("continue it with: keel work --until-idle");
+            outln!("continue it with: keel work --until-idle")?;
         } else {
             // This binary cannot drive it (`keel work` would refuse): say whose can.
-            println!(
+            outln!(
                 "continue it with the service's own keel binary (keel_cli::main_with): keel work --until-idle (this one does not know workflow {state_workflow:?})"
-            );
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)

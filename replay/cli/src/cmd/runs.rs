@@ -34,7 +34,7 @@ pub(crate) fn print(runs: &[Value], as_json: bool) -> CmdResult {
     if as_json {
         print_json(&json!({ "runs": runs }))?;
     } else {
-        crate::render::runs(runs);
+        crate::render::runs(runs)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
+use crate::output::errln;
 use crate::Registry;
 use clap::Args;
 use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions, TOKENS_FILE};
@@ -53,7 +54,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
     if !tokens.exists() {
-        eprintln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
+        errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
     }
     let listener =
         tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
@@ -67,14 +68,17 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     // Written before the "serving" line, so whoever reads that line finds the file.
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+    // Listening for the stop signals from before the "serving" line is printed.
+    let stop = stop_signal();
     let workers = engine.start();
-    eprintln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
+    errln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = {
         let readiness = readiness.clone();
         async move {
-            stop_signal().await;
+            stop.await;
+            errln!("keel: stopping: no new connections; letting requests in flight finish");
             readiness.drain();
             let _ = stop_tx.send(true);
         }
@@ -96,41 +100,49 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let served = tokio::select! {
         r = serving => r.map_err(|e| io_err("serving", e)),
         () = deadline => {
-            eprintln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs());
+            errln!("keel: requests still in flight after {}s; stopping anyway", grace.as_secs());
             Ok(())
         }
     };
     crate::remote::remove_server_file(db);
     served?;
     match tokio::time::timeout(grace, workers.shutdown()).await {
-        Ok(report) => eprintln!("keel: stopped after {} driver pass(es)", report.driven),
-        Err(_) => eprintln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
+        Ok(report) => errln!("keel: stopped after {} driver pass(es)", report.driven),
+        Err(_) => errln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM. A signal handler that cannot be
-/// installed is one signal fewer to wait for, not a reason to stop serving.
-async fn stop_signal() {
-    let ctrl_c = async {
+/// SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`): the handlers are
+/// installed when this is called, so a signal sent as soon as the "to stop" line is read
+/// is not missed; the future ends at the first of them. A handler that cannot be
+/// installed is one signal fewer to wait for, not a reason to stop.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (int, term) = (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok());
+        async move {
+            tokio::select! {
+                () = recv_or_never(int) => {}
+                () = recv_or_never(term) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
-    eprintln!("keel: stopping: no new connections; letting requests in flight finish");
+}
+
+#[cfg(unix)]
+async fn recv_or_never(s: Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(mut s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }

@@ -2,7 +2,7 @@
 
 use crate::error::CmdResult;
 use crate::open::open;
-use crate::output::print_json;
+use crate::output::{out, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_replay::source::resolve_run;
@@ -27,7 +27,7 @@ pub(crate) fn run(db: &Path, a: ShowArgs, registry: &Registry) -> CmdResult {
     if a.json {
         print_json(&views::state_json(&state))?;
     } else {
-        print!("{}", views::state_text(&state));
+        out!("{}", views::state_text(&state))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,7 @@ pub(crate) fn print(stats: &[Value], as_json: bool) -> CmdResult {
     if as_json {
         print_json(&json!({ "workflows": stats }))?;
     } else {
-        crate::render::stats(stats);
+        crate::render::stats(stats)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,7 +3,7 @@
 
 use crate::error::{io_err, CliError, CmdResult};
 use crate::open::open_db;
-use crate::output::print_json;
+use crate::output::{outln, print_json};
 use crate::Registry;
 use clap::Args;
 use keel_engine::{EngineError, Request};
@@ -52,9 +52,9 @@ pub(crate) async fn run(db: &Path, a: SubmitArgs, registry: &Registry) -> CmdRes
     if a.json {
         print_json(&json!({ "run": s.run.to_string(), "duplicate": s.duplicate }))?;
     } else if s.duplicate {
-        println!("run {} (already submitted with this key)", s.run);
+        outln!("run {} (already submitted with this key)", s.run)?;
     } else {
-        println!("run {} submitted", s.run);
+        outln!("run {} submitted", s.run)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{CliError, CmdResult};
 use crate::open::open_db;
+use crate::output::{errln, outln};
 use clap::{Args, Subcommand, ValueEnum};
 use keel_replay::error::ReplayError;
 use keel_server::{add_token, Role, TOKENS_FILE};
@@ -53,7 +54,7 @@ pub(crate) fn run(db: &Path, a: TokenArgs) -> CmdResult {
         Err(e) => return Err(e.into()),
     }
     let token = add_token(&db.join(TOKENS_FILE), &name, role).map_err(|e| CliError::Failed(e.to_string()))?;
-    println!("{token}");
-    eprintln!("token {name:?} ({}) added; it is shown only now", role.name());
+    outln!("{token}")?;
+    errln!("token {name:?} ({}) added; it is shown only now", role.name());
     Ok(ExitCode::SUCCESS)
 }

@@ -70,13 +70,10 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
 /// Prints a verification (`--json` or text) from the `keel verify --json` document; exit 1
 /// with the failure's message when it failed.
 pub(crate) fn print(doc: &serde_json::Value, as_json: bool) -> CmdResult {
-    if as_json {
-        print_json(doc)?;
-    } else {
-        crate::render::verification(doc);
-    }
+    let printed = if as_json { print_json(doc) } else { crate::render::verification(doc) };
+    // The verdict outlives a closed pipe: a failed verification exits 1 whatever was shown.
     match doc.get("failure").filter(|f| !f.is_null()) {
-        None => Ok(ExitCode::SUCCESS),
+        None => printed.map(|()| ExitCode::SUCCESS),
         Some(f) => Err(CliError::Failed(format!(
             "{}: {}",
             doc.get("source").and_then(serde_json::Value::as_str).unwrap_or_default(),

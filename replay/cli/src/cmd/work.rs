@@ -1,13 +1,14 @@
 //! Drives pending runs: `keel work`.
 
-use crate::error::{io_err, CmdResult};
+use crate::error::CmdResult;
 use crate::open::open;
-use crate::output::{print_json, spinner};
+use crate::output::{errln, outln, print_json, spinner};
 use crate::Registry;
 use clap::Args;
 use serde_json::json;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub(crate) struct WorkArgs {
@@ -22,25 +23,17 @@ pub(crate) struct WorkArgs {
     /// workers on one PostgreSQL database: a worker paused longer loses its runs).
     #[arg(long, value_name = "MS", default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT)]
     pub(crate) lease_ttl_ms: u64,
+    /// Without --until-idle: seconds the drivers in flight get to finish their appends
+    /// after SIGINT or SIGTERM.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub(crate) shutdown_timeout: u64,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
     let engine = registry.engine_leased(open(db)?, a.lease_ttl_ms)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
-        let workers = engine.start();
-        eprintln!("keel: working runs in {} (Ctrl-C to stop)", crate::backend::redacted(db).display());
-        tokio::signal::ctrl_c().await.map_err(|e| io_err("waiting for Ctrl-C", e))?;
-        let report = workers.shutdown().await;
-        let l = engine.lease_stats();
-        eprintln!(
-            "keel: stopped after {} driver pass(es); leases lost: {} ({} appends fenced, {} renewals failed)",
-            report.driven, l.drives_lost, l.fenced, l.renewals_lost
-        );
-        for (run, e) in &report.stopped {
-            eprintln!("keel: run {run}: driver stopped: {e}");
-        }
-        return Ok(if report.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        return serve_work(db, &engine, Duration::from_secs(a.shutdown_timeout)).await;
     }
     let sp = spinner("working runs until idle");
     let r = engine.run_until_idle().await?;
@@ -53,13 +46,44 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
             "stopped": r.stopped.iter().map(|(run, e)| json!({"run": run.to_string(), "error": e})).collect::<Vec<_>>(),
         }))?;
     } else {
-        println!(
+        outln!(
             "driven {}: {} completed, {} failed, {} cancelled, {} awaiting a human",
-            r.driven, r.completed, r.failed, r.cancelled, r.awaiting_human
-        );
+            r.driven,
+            r.completed,
+            r.failed,
+            r.cancelled,
+            r.awaiting_human
+        )?;
         for (run, e) in &r.stopped {
-            println!("stopped: run {run}: {e}");
+            outln!("stopped: run {run}: {e}")?;
         }
     }
     Ok(if r.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `keel work` as a service: works runs until SIGINT or SIGTERM, then stops taking runs
+/// and gives the drivers in flight `grace` to finish their appends. Exit 0 when every
+/// driver stopped cleanly, 1 when one stopped on an error or the grace ran out.
+async fn serve_work(db: &Path, engine: &keel_engine::Engine, grace: Duration) -> CmdResult {
+    let stop = crate::cmd::serve::stop_signal();
+    let workers = engine.start();
+    errln!("keel: working runs in {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
+    stop.await;
+    errln!("keel: stopping: no new runs taken; letting drivers in flight finish their appends");
+    let Ok(report) = tokio::time::timeout(grace, workers.shutdown()).await else {
+        errln!("keel: the drivers did not stop within {}s; exiting", grace.as_secs());
+        return Ok(ExitCode::from(1));
+    };
+    let l = engine.lease_stats();
+    errln!(
+        "keel: stopped after {} driver pass(es); leases lost: {} ({} appends fenced, {} renewals failed)",
+        report.driven,
+        l.drives_lost,
+        l.fenced,
+        l.renewals_lost
+    );
+    for (run, e) in &report.stopped {
+        errln!("keel: run {run}: driver stopped: {e}");
+    }
+    Ok(if report.stopped.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
