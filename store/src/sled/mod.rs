@@ -192,6 +192,32 @@ fn write_creating_file(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates `path` and any missing parents, and syncs the parent of each directory it
+/// created: a new directory entry is durable only once its parent is synced (strict POSIX;
+/// ext4 and XFS journal it anyway). Without this a power cut could take the whole new
+/// store away, and the next creating open would start an empty one (docs/TESTING.md,
+/// finding 10).
+fn create_dirs_durably(path: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut at = Some(path);
+    while let Some(dir) = at {
+        if dir.as_os_str().is_empty() || dir.exists() {
+            break;
+        }
+        missing.push(dir);
+        at = dir.parent();
+    }
+    std::fs::create_dir_all(path)?;
+    for dir in missing.iter().rev() {
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Checks the directory before sled touches it (sled creates `blobs/` and `conf` in any
 /// directory it is pointed at).
 fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
@@ -201,7 +227,7 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
             if !create {
                 return Err(not_found());
             }
-            std::fs::create_dir_all(path)?;
+            create_dirs_durably(path)?;
             write_creating_file(path)
         }
         Err(e) => Err(e.into()),
