@@ -325,9 +325,44 @@ async fn a_restart_reads_only_the_unfinished_runs() {
     for r in &done {
         assert_eq!(reads.get(&r.run), None, "finished run {} was read on restart", r.run);
     }
+    // Runs waiting for a human (their sink told, no default) need no driver until they
+    // are resolved: a restart parks them from the index without folding them.
     for r in &waiting {
-        assert!(reads.contains_key(&r.run), "waiting run {} was not resumed", r.run);
+        assert_eq!(reads.get(&r.run), None, "waiting run {} was read on restart", r.run);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_escalation_listing_reads_the_index_and_a_parked_run_resumes_on_resolve() {
+    let dir = tempdir();
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+    }
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    let engine = builder(0).store(counting.clone()).open().unwrap();
+    let workers = engine.start();
+    counting.reads.lock().unwrap().clear();
+    // The listing is the open-escalation entries: no run's log is read.
+    let pending = engine.escalations().unwrap();
+    assert_eq!(pending.len(), 3);
+    assert_eq!(counting.reads.lock().unwrap().clone(), BTreeMap::new());
+    // The same as folding each waiting run.
+    for p in &pending {
+        let s = engine.state(p.run).unwrap();
+        let open = s.escalations.last().unwrap();
+        assert_eq!((&p.escalation, p.escalated_at_us, p.notified), (&open.escalation, open.escalated_at_us, true));
+        assert_eq!(p.workflow, "esc");
+    }
+    // A parked run is driven again once resolved, and leaves the listing.
+    let first = pending[0].run;
+    let by = Resolution { decision: Decision::Abort, by: "ops".into(), reason: "card declined twice".into() };
+    engine.resolve(first, by).await.unwrap();
+    assert_eq!(engine.wait(first).await.unwrap(), RunStatus::Failed);
+    let left: Vec<RunId> = engine.escalations().unwrap().iter().map(|p| p.run).collect();
+    assert_eq!(left, pending[1..].iter().map(|p| p.run).collect::<Vec<_>>());
+    workers.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
