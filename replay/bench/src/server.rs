@@ -102,6 +102,16 @@ async fn tail_count(addr: std::net::SocketAddr, run: RunId) -> Result<u64, Bench
     Ok(String::from_utf8_lossy(&raw).lines().filter(|l| l.starts_with("id:")).count() as u64)
 }
 
+/// What the store's flushes did between two readings: how many, their mean latency and
+/// the appends each made durable (where a resolution waits under load).
+fn flush_diff(a: &keel_store::stats::CommitStats, b: &keel_store::stats::CommitStats) -> serde_json::Value {
+    let n = b.flush_latency_us.count().saturating_sub(a.flush_latency_us.count());
+    let us = b.flush_latency_us.sum.saturating_sub(a.flush_latency_us.sum);
+    let appends = b.batch_appends.sum.saturating_sub(a.batch_appends.sum);
+    let per = |x: u64| if n == 0 { 0.0 } else { x as f64 / n as f64 };
+    json!({"count": n, "mean_ms": per(us) / 1e3, "appends_per_flush": per(appends)})
+}
+
 async fn submit_reviews(engine: &Engine, n: usize) -> Result<Vec<RunId>, BenchError> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -209,6 +219,7 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
         });
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let commits_before = e.metrics().commits;
     let (mut api_ms, mut direct_ms) = (Vec::new(), Vec::new());
     for (i, p) in waiting.iter().enumerate() {
         let t = Instant::now();
@@ -225,6 +236,7 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
             direct_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let flushes = flush_diff(&commits_before, &e.metrics().commits);
     stop.store(true, Ordering::Relaxed);
     let mut background = 0u64;
     while let Some(r) = load.join_next().await {
@@ -304,7 +316,7 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
             "ms",
         )
         .floor(percentile(&direct_ms, 0.5), "Engine::resolve called directly under the same load, p50")
-        .extra(json!({"samples": api_ms.len(), "background_runs_completed": background})),
+        .extra(json!({"samples": api_ms.len(), "background_runs_completed": background, "flushes": flushes})),
         Figure::new("server", "server.resolve.p99", "resolve through the API, p99 ms", p99, "ms")
             .floor(percentile(&direct_ms, 0.99), "Engine::resolve directly, p99")
             .target("< 20 ms", p99 < 20.0),
