@@ -431,3 +431,38 @@ async fn wait_until_sees_the_escalation_and_wait_the_end_without_polling() {
     assert_eq!(engine.state(run).unwrap().status, end);
     workers.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_parked_on_restart_gets_its_default_when_it_falls_due() {
+    let dir = tempdir();
+    let clock = FakeClock::at(1_800_000_000_000_000);
+    let policy = || Policy {
+        escalation_deadline_ms: Some(10_000),
+        escalation_default: Some(Decision::Abort),
+        ..Policy::default()
+    };
+    let waiting = {
+        let engine = builder(0).path(dir.path()).clock(clock.clone()).policy(policy()).open().unwrap();
+        let run = engine.submit(Request::new("esc", json!({"i": 1}))).await.unwrap().run;
+        engine.run_until_idle().await.unwrap();
+        assert_eq!(engine.state(run).unwrap().status, RunStatus::AwaitingHuman);
+        run
+    };
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    let engine = builder(0).store(counting.clone()).clock(clock.clone()).policy(policy()).open().unwrap();
+    counting.reads.lock().unwrap().clear();
+    let workers = engine.start();
+    let new = engine.submit(Request::new("ok", json!({"after": "restart"}))).await.unwrap().run;
+    assert_eq!(engine.wait(new).await.unwrap(), RunStatus::Completed);
+    // Parked from its index entry: not read, not driven, still waiting.
+    assert_eq!(counting.reads.lock().unwrap().get(&waiting), None);
+    // Its default falls due: the workers drive it, and the default is recorded.
+    clock.advance_ms(10_001);
+    engine.wait(waiting).await.unwrap();
+    let defaulted = engine.events(waiting).unwrap().into_iter().any(|e| {
+        matches!(&e.event, Event::HumanResolved { by, defaulted: true, decision: Decision::Abort, .. } if by == "deadline")
+    });
+    assert!(defaulted, "the deadline's default was not applied");
+    workers.shutdown().await;
+}
