@@ -100,11 +100,19 @@ try {
     [],
     ["the output: expected object, found array"],
   ]);
-  if (await page.locator("#schema").count()) {
-    await out.fill("{}");
-    await page.getByRole("button", { name: "Record the decision" }).click();
-    await page.locator("#output-errors li", { hasText: "required" }).first().waitFor();
-  }
+  // The escalated task (check_policy) has an output schema: an output that breaks it is
+  // refused inline, and nothing is recorded.
+  assert.equal(await page.locator("#schema").count(), 1, "the task's output schema is shown");
+  const eventsBefore = (await (await fetch(`${KEEL_URL}/v1/runs/${KEEL_RUN}/events?limit=10000`, { headers: { Authorization: `Bearer ${KEEL_TOKEN}` } })).json()).events.length;
+  await out.fill('{"within_limit": "yes"}');
+  await page.getByRole("button", { name: "Record the decision" }).click();
+  await page.locator("#output-errors li", { hasText: "within_limit: expected boolean, found string" }).waitFor();
+  assert.equal(await out.getAttribute("aria-invalid"), "true");
+  await out.fill("{}");
+  await page.getByRole("button", { name: "Record the decision" }).click();
+  await page.locator("#output-errors li", { hasText: '"within_limit" is required' }).waitFor();
+  const eventsAfter = (await (await fetch(`${KEEL_URL}/v1/runs/${KEEL_RUN}/events?limit=10000`, { headers: { Authorization: `Bearer ${KEEL_TOKEN}` } })).json()).events.length;
+  assert.equal(eventsAfter, eventsBefore, "nothing recorded for a refused output");
 
   step("a decision without a reason is refused inline");
   await page.getByLabel("Approve").check();
