@@ -359,26 +359,25 @@ impl Engine {
         self.inner.blocking(move |log| runs_page_in(log, &filter, after, limit)).await
     }
 
-    /// Every escalation waiting for a human, in run id order: the runs of the index's
-    /// `AwaitingHuman` range, each folded from its snapshot and tail (O(open escalations),
-    /// not O(history)). Blocking (reads the store).
+    /// Every escalation waiting for a human, in run id order: the open-escalation entries
+    /// of the run index, written with the events that opened them (O(open escalations)
+    /// index entries; no run is folded, except one whose escalation was too large for
+    /// its entry). Blocking (reads the store).
     pub fn escalations(&self) -> Result<Vec<PendingEscalation>, EngineError> {
         let log = self.inner.log.as_ref();
         let mut out = Vec::new();
-        for run in crate::shell::index::runs_in(log, RunStatus::AwaitingHuman)? {
-            let Some(s) = load_state(log, run)? else { continue };
-            if s.status != RunStatus::AwaitingHuman {
-                continue;
-            }
-            if let Some(e) = s.escalations.iter().rev().find(|e| e.resolution.is_none()) {
-                out.push(PendingEscalation {
+        for (run, open) in crate::shell::index::open_escalations(log)? {
+            let pending = match open.escalation {
+                Some(escalation) => Some(PendingEscalation {
                     run,
-                    workflow: s.workflow.clone(),
-                    escalation: e.escalation.clone(),
-                    escalated_at_us: e.escalated_at_us,
-                    notified: e.notified,
-                });
-            }
+                    workflow: open.workflow,
+                    escalation,
+                    escalated_at_us: open.escalated_at_us,
+                    notified: open.notified,
+                }),
+                None => pending_from_log(log, run)?,
+            };
+            out.extend(pending);
         }
         Ok(out)
     }
@@ -464,6 +463,22 @@ impl Engine {
     pub fn workflows(&self) -> Vec<String> {
         self.inner.workflows.keys().cloned().collect()
     }
+}
+
+/// The open escalation of `run`, folded from its log (an escalation too large for its
+/// index entry).
+fn pending_from_log(log: &dyn keel_store::Store, run: RunId) -> Result<Option<PendingEscalation>, EngineError> {
+    let Some(s) = load_state(log, run)? else { return Ok(None) };
+    if s.status != RunStatus::AwaitingHuman {
+        return Ok(None);
+    }
+    Ok(s.escalations.iter().rev().find(|e| e.resolution.is_none()).map(|e| PendingEscalation {
+        run,
+        workflow: s.workflow.clone(),
+        escalation: e.escalation.clone(),
+        escalated_at_us: e.escalated_at_us,
+        notified: e.notified,
+    }))
 }
 
 /// The index entry of `run`, brought up to date from its snapshot and tail if the run is

@@ -325,9 +325,44 @@ async fn a_restart_reads_only_the_unfinished_runs() {
     for r in &done {
         assert_eq!(reads.get(&r.run), None, "finished run {} was read on restart", r.run);
     }
+    // Runs waiting for a human (their sink told, no default) need no driver until they
+    // are resolved: a restart parks them from the index without folding them.
     for r in &waiting {
-        assert!(reads.contains_key(&r.run), "waiting run {} was not resumed", r.run);
+        assert_eq!(reads.get(&r.run), None, "waiting run {} was read on restart", r.run);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_escalation_listing_reads_the_index_and_a_parked_run_resumes_on_resolve() {
+    let dir = tempdir();
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+    }
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    let engine = builder(0).store(counting.clone()).open().unwrap();
+    let workers = engine.start();
+    counting.reads.lock().unwrap().clear();
+    // The listing is the open-escalation entries: no run's log is read.
+    let pending = engine.escalations().unwrap();
+    assert_eq!(pending.len(), 3);
+    assert_eq!(counting.reads.lock().unwrap().clone(), BTreeMap::new());
+    // The same as folding each waiting run.
+    for p in &pending {
+        let s = engine.state(p.run).unwrap();
+        let open = s.escalations.last().unwrap();
+        assert_eq!((&p.escalation, p.escalated_at_us, p.notified), (&open.escalation, open.escalated_at_us, true));
+        assert_eq!(p.workflow, "esc");
+    }
+    // A parked run is driven again once resolved, and leaves the listing.
+    let first = pending[0].run;
+    let by = Resolution { decision: Decision::Abort, by: "ops".into(), reason: "card declined twice".into() };
+    engine.resolve(first, by).await.unwrap();
+    assert_eq!(engine.wait(first).await.unwrap(), RunStatus::Failed);
+    let left: Vec<RunId> = engine.escalations().unwrap().iter().map(|p| p.run).collect();
+    assert_eq!(left, pending[1..].iter().map(|p| p.run).collect::<Vec<_>>());
+    workers.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,5 +429,40 @@ async fn wait_until_sees_the_escalation_and_wait_the_end_without_polling() {
     let end = tokio::time::timeout(std::time::Duration::from_secs(30), waiter).await.unwrap().unwrap().unwrap();
     assert!(end.is_terminal(), "{end:?}");
     assert_eq!(engine.state(run).unwrap().status, end);
+    workers.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_parked_on_restart_gets_its_default_when_it_falls_due() {
+    let dir = tempdir();
+    let clock = FakeClock::at(1_800_000_000_000_000);
+    let policy = || Policy {
+        escalation_deadline_ms: Some(10_000),
+        escalation_default: Some(Decision::Abort),
+        ..Policy::default()
+    };
+    let waiting = {
+        let engine = builder(0).path(dir.path()).clock(clock.clone()).policy(policy()).open().unwrap();
+        let run = engine.submit(Request::new("esc", json!({"i": 1}))).await.unwrap().run;
+        engine.run_until_idle().await.unwrap();
+        assert_eq!(engine.state(run).unwrap().status, RunStatus::AwaitingHuman);
+        run
+    };
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    let engine = builder(0).store(counting.clone()).clock(clock.clone()).policy(policy()).open().unwrap();
+    counting.reads.lock().unwrap().clear();
+    let workers = engine.start();
+    let new = engine.submit(Request::new("ok", json!({"after": "restart"}))).await.unwrap().run;
+    assert_eq!(engine.wait(new).await.unwrap(), RunStatus::Completed);
+    // Parked from its index entry: not read, not driven, still waiting.
+    assert_eq!(counting.reads.lock().unwrap().get(&waiting), None);
+    // Its default falls due: the workers drive it, and the default is recorded.
+    clock.advance_ms(10_001);
+    engine.wait(waiting).await.unwrap();
+    let defaulted = engine.events(waiting).unwrap().into_iter().any(|e| {
+        matches!(&e.event, Event::HumanResolved { by, defaulted: true, decision: Decision::Abort, .. } if by == "deadline")
+    });
+    assert!(defaulted, "the deadline's default was not applied");
     workers.shutdown().await;
 }

@@ -334,6 +334,17 @@ fn plan_for(input: &Json, revision: u32, reason: &PlanReason) -> Plan {
         policy.success_criteria = Some(format!("refund within the {REFUND_LIMIT_CENTS} cents limit"));
         policy.cost_estimate_micros = 500;
         policy.token_estimate = 200;
+        // What a person who supplies this task's output by hand must give (the web inbox
+        // checks it before sending; the engine again before recording).
+        policy.output_schema = Some(Json::new(&json!({
+            "type": "object",
+            "required": ["within_limit"],
+            "properties": {
+                "within_limit": { "type": "boolean" },
+                "refund_cents": { "type": "integer", "minimum": 0 },
+                "limit_cents": { "type": "integer", "minimum": 0 }
+            }
+        })));
     }
 
     let mut tasks = vec![classify, fetch, enrich, draft, policy];

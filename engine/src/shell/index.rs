@@ -14,11 +14,15 @@
 //!   escalations: a run waits for a human exactly while one of its escalations is open);
 //! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type, and by status
 //!   and workflow type (`<wf>` = the first 16 bytes of SHA-256 of the name: fixed length,
-//!   so any name fits the store's key limit; a listing checks the name in the entry).
+//!   so any name fits the store's key limit; a listing checks the name in the entry);
+//! - `ix/e/<run>`: the run's [`OpenEscalation`] while it waits for a human (rewritten on
+//!   every append to a waiting run, removed by the append that leaves the wait): the
+//!   escalation listing and a restart read it instead of folding the run.
 //!
 //! Within each range runs are in run id order, so a page is a range read from a cursor.
 
 use crate::error::EngineError;
+use crate::model::event::Escalation;
 use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
 use crate::shell::fold::load_state;
@@ -27,12 +31,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Version of the index layout; an index of another version is rebuilt on open.
-pub(crate) const INDEX_VERSION: &[u8] = b"1";
+pub(crate) const INDEX_VERSION: &[u8] = b"2";
 const MARKER: &[u8] = b"ix/v";
 const RUN: &[u8] = b"ix/r/";
 const BY_STATUS: &[u8] = b"ix/s/";
 const BY_WORKFLOW: &[u8] = b"ix/w/";
 const BY_BOTH: &[u8] = b"ix/x/";
+const OPEN: &[u8] = b"ix/e/";
 /// Entries read per range read while listing.
 const SCAN_CHUNK: usize = 512;
 /// Runs folded per atomic write while rebuilding.
@@ -70,6 +75,51 @@ impl IndexEntry {
     }
 }
 
+/// What the index keeps of a run waiting for a human: what the escalation listing shows,
+/// and when the escalation's default falls due (a restart parks the run until then
+/// without folding it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct OpenEscalation {
+    pub workflow: String,
+    pub escalated_at_us: i64,
+    pub notified: bool,
+    /// When the escalation's default decision applies (`None`: it waits for a human).
+    pub default_due_us: Option<i64>,
+    /// The escalation; `None` when its entry would exceed the store's value limit (the
+    /// listing then reads it from the run's log).
+    pub escalation: Option<Escalation>,
+}
+
+impl OpenEscalation {
+    /// The entry of `s`'s open escalation, if it has one.
+    fn of(s: &RunState) -> Option<OpenEscalation> {
+        let open = s.escalations.last().filter(|e| e.resolution.is_none())?;
+        let default_due_us = match (open.escalation.deadline_ms, &open.escalation.default_decision) {
+            (Some(ms), Some(_)) => Some(
+                open.escalated_at_us.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX / 1000).saturating_mul(1000)),
+            ),
+            _ => None,
+        };
+        Some(OpenEscalation {
+            workflow: s.workflow.clone(),
+            escalated_at_us: open.escalated_at_us,
+            notified: open.notified,
+            default_due_us,
+            escalation: Some(open.escalation.clone()),
+        })
+    }
+
+    /// The encoded entry, without the escalation if it would not fit `value_bytes_max`.
+    fn encode(mut self, value_bytes_max: usize) -> Result<Vec<u8>, EngineError> {
+        let bytes = codec::encode(&self)?;
+        if bytes.len() <= value_bytes_max {
+            return Ok(bytes);
+        }
+        self.escalation = None;
+        Ok(codec::encode(&self)?)
+    }
+}
+
 fn status_byte(s: RunStatus) -> u8 {
     RunStatus::ALL.iter().position(|x| *x == s).and_then(|i| u8::try_from(i).ok()).unwrap_or(u8::MAX)
 }
@@ -89,6 +139,10 @@ fn run_key(run: RunId) -> Vec<u8> {
     key(&[RUN, run.as_bytes()])
 }
 
+fn open_key(run: RunId) -> Vec<u8> {
+    key(&[OPEN, run.as_bytes()])
+}
+
 /// The listing keys of a run in `status` (the by-status, by-workflow and by-both keys).
 fn listing_keys(run: RunId, workflow: &str, status: RunStatus) -> [Vec<u8>; 3] {
     let (s, w, r) = ([status_byte(status)], wf_digest(workflow), run.as_bytes());
@@ -96,18 +150,53 @@ fn listing_keys(run: RunId, workflow: &str, status: RunStatus) -> [Vec<u8>; 3] {
 }
 
 /// The index writes of an append that leads to `after` from a run in `before` (`None`:
-/// a new run); empty when the index does not change (same status, not finished).
-pub(crate) fn writes(before: Option<RunStatus>, after: &RunState) -> Result<Vec<AuxWrite>, EngineError> {
-    if before == Some(after.status) && !after.status.is_terminal() {
-        return Ok(Vec::new());
+/// a new run); empty when the index does not change (same status, not finished, not
+/// waiting for a human). `value_bytes_max` is the store's limit on an entry.
+pub(crate) fn writes(
+    before: Option<RunStatus>,
+    after: &RunState,
+    value_bytes_max: usize,
+) -> Result<Vec<AuxWrite>, EngineError> {
+    let waiting = after.status == RunStatus::AwaitingHuman;
+    let mut out = Vec::with_capacity(8);
+    // The open escalation's entry follows every append to a waiting run (its sink was
+    // told, a deadline's default) and goes with the append that leaves the wait.
+    if waiting {
+        if let Some(open) = OpenEscalation::of(after) {
+            out.push((open_key(after.run), Some(open.encode(value_bytes_max)?)));
+        }
+    } else if before == Some(RunStatus::AwaitingHuman) {
+        out.push((open_key(after.run), None));
     }
-    let mut out = Vec::with_capacity(7);
+    if before == Some(after.status) && !after.status.is_terminal() {
+        return Ok(out);
+    }
     if let Some(b) = before.filter(|b| *b != after.status) {
         out.extend(listing_keys(after.run, &after.workflow, b).into_iter().map(|k| (k, None)));
     }
     out.extend(listing_keys(after.run, &after.workflow, after.status).into_iter().map(|k| (k, Some(Vec::new()))));
     out.push((run_key(after.run), Some(codec::encode(&IndexEntry::of(after))?)));
     Ok(out)
+}
+
+/// Every open escalation's index entry, in run id order: one range read, no fold.
+pub(crate) fn open_escalations(log: &dyn Store) -> Result<Vec<(RunId, OpenEscalation)>, EngineError> {
+    let hi = key(&[OPEN, &[0xff; 16]]);
+    let mut lo = OPEN.to_vec();
+    let mut out = Vec::new();
+    loop {
+        let chunk = log.aux_range(&lo, &hi, SCAN_CHUNK)?;
+        let n = chunk.len();
+        for (k, v) in chunk {
+            lo = key(&[&k, &[0]]);
+            if let Some(run) = k.get(OPEN.len()..).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
+                out.push((RunId::from_bytes(run), codec::decode(&v)?));
+            }
+        }
+        if n < SCAN_CHUNK {
+            return Ok(out);
+        }
+    }
 }
 
 /// The index entry of `run`, if it has one.
@@ -236,11 +325,12 @@ pub(crate) fn ensure(log: &dyn Store) -> Result<Option<usize>, EngineError> {
         log.aux_apply(old.into_iter().map(|(k, _)| (k, None)).collect())?;
     }
     let runs = log.runs()?;
+    let value_max = log.limits().event_bytes_max;
     for chunk in runs.chunks(REBUILD_CHUNK) {
         let mut batch = Vec::new();
         for &run in chunk {
             if let Some(s) = load_state(log, run)? {
-                batch.extend(writes(None, &s)?);
+                batch.extend(writes(None, &s, value_max)?);
             }
         }
         log.aux_apply(batch)?;
@@ -262,6 +352,9 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
             out.extend(listing_keys(run, &s.workflow, st).into_iter().map(|k| (k, None)));
         }
     }
-    out.extend(writes(None, &s)?);
+    if s.status != RunStatus::AwaitingHuman {
+        out.push((open_key(run), None));
+    }
+    out.extend(writes(None, &s, log.limits().event_bytes_max)?);
     Ok(log.aux_apply(out)?)
 }

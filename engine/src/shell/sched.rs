@@ -46,19 +46,22 @@ pub(crate) fn poke(inner: &Inner, run: RunId) {
 }
 
 /// Queue every non-terminal run of the log that is not already queued or driven: the runs
-/// of the index's non-terminal status ranges (finished runs are never read).
-async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
-    let runs = inner
-        .blocking(|log| {
-            let mut runs = Vec::new();
-            for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
-                runs.extend(crate::shell::index::runs_in(log, status)?);
+/// of the index's non-terminal status ranges (finished runs are never read). A run
+/// waiting for a human needs no driver until it is resolved (a resolution pokes it) or its
+/// escalation's default falls due: with `park_waiting` (the service's workers) it is
+/// parked until then from its open-escalation entry, without being folded; only one whose
+/// sink was not told yet is driven now. Without it (`run_until_idle`, which reports the
+/// runs left waiting and applies the defaults already due) every waiting run is driven.
+async fn scan(inner: &Arc<Inner>, park_waiting: bool) -> Result<(), EngineError> {
+    let (runs, parked) = inner.blocking(move |log| to_resume(log, park_waiting)).await?;
+    {
+        let mut sched = inner.sched();
+        for (run, due_us) in parked {
+            if !sched.active.contains_key(&run) && !sched.queued.contains_key(&run) {
+                sched.parked.insert(run, due_us);
             }
-            runs.sort();
-            runs.dedup();
-            Ok(runs)
-        })
-        .await?;
+        }
+    }
     for run in runs {
         {
             let sched = inner.sched();
@@ -76,6 +79,38 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+/// From the index alone: the non-terminal runs to fold and queue, and the runs waiting
+/// for a human to park until their escalation's default falls due.
+type ToResume = (Vec<RunId>, Vec<(RunId, i64)>);
+
+fn to_resume(log: &dyn keel_store::Store, park_waiting: bool) -> Result<ToResume, EngineError> {
+    use crate::shell::index;
+    let mut runs = Vec::new();
+    for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+        if park_waiting && status == RunStatus::AwaitingHuman {
+            continue;
+        }
+        runs.extend(index::runs_in(log, status)?);
+    }
+    if !park_waiting {
+        runs.sort();
+        runs.dedup();
+        return Ok((runs, Vec::new()));
+    }
+    let open: BTreeMap<RunId, index::OpenEscalation> = index::open_escalations(log)?.into_iter().collect();
+    let mut parked = Vec::new();
+    for run in index::runs_in(log, RunStatus::AwaitingHuman)? {
+        match open.get(&run) {
+            Some(e) if e.notified => parked.extend(e.default_due_us.map(|due| (run, due))),
+            // Its sink was not told yet (or no entry): a driver does it.
+            _ => runs.push(run),
+        }
+    }
+    runs.sort();
+    runs.dedup();
+    Ok((runs, parked))
 }
 
 fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
@@ -141,7 +176,7 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
 }
 
 pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, EngineError> {
-    scan(inner).await?;
+    scan(inner, false).await?;
     let (_stop_tx, stop) = watch::channel(false);
     let mut set = JoinSet::new();
     let mut report = IdleReport::default();
@@ -266,7 +301,7 @@ pub(crate) fn start(inner: Arc<Inner>) -> Workers {
 
 async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
     let mut report = IdleReport::default();
-    if let Err(e) = scan(&inner).await {
+    if let Err(e) = scan(&inner, true).await {
         tracing::error!(error = %e, "workers: cannot list runs to resume");
     }
     let mut set = JoinSet::new();
@@ -279,7 +314,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         // run whose lease is held elsewhere is skipped until the next scan).
         if scanned.elapsed() >= heartbeat::rescan_every(&inner) {
             scanned = tokio::time::Instant::now();
-            if let Err(e) = scan(&inner).await {
+            if let Err(e) = scan(&inner, true).await {
                 tracing::warn!(error = %e, "workers: cannot list runs");
             }
         }

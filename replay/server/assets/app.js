@@ -86,80 +86,107 @@ async function allEvents(run, after) {
 
 // ---------- live updates ----------
 //
-// A run's new events come from `GET /v1/runs/{run}/events` with `Accept:
-// text/event-stream` when the server offers the stream (`id:` = seq; a reconnect sends
-// `Last-Event-ID`). The browser's EventSource cannot send an Authorization header, so the
-// stream is read with fetch (the same wire format). When the route answers anything but
-// an event stream, or the stream fails, the page polls `?after=SEQ` instead.
+// Pages follow the server's event streams (server-sent events): a run's page reads
+// `GET /v1/runs/{run}/events` with `Accept: text/event-stream` (`id:` = seq; a reconnect
+// sends `Last-Event-ID`), the lists (inbox, runs) read `GET /v1/events` (every run's
+// status changes) and re-list when one comes. The browser's EventSource cannot send an
+// Authorization header, so a stream is read with fetch (the same wire format). Only when
+// a route answers anything but an event stream, or the stream fails (the server's cap on
+// open streams, a proxy that buffers), does the page poll the JSON route instead.
+
+// Reads the event stream at `path`, calls `onOpen()` once it answered and
+// `onMsg({event, id, data})` per message; resolves when the server ends the stream (a
+// run's tail ends with the run), rejects when it cannot be opened or fails.
+async function readSse(path, extraHeaders, signal, onOpen, onMsg) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = Object.assign({ Accept: "text/event-stream", Authorization: `Bearer ${token}` }, extraHeaders);
+  const r = await fetch(path, { headers, signal, credentials: "omit", cache: "no-store" });
+  if (!r.ok || !(r.headers.get("content-type") || "").startsWith("text/event-stream") || !r.body) {
+    const e = new Error("no event stream");
+    e.status = r.status;
+    throw e;
+  }
+  onOpen();
+  const reader = r.body.getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let data = "", id = null, event = "message";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("data:")) data += line.slice(5).trimStart();
+        else if (line.startsWith("id:")) id = Number(line.slice(3).trim());
+        else if (line.startsWith("event:")) event = line.slice(6).trim();
+      }
+      if (!data && id === null) continue; // a comment or keep-alive
+      onMsg({ event, id, data: parseJ(data) });
+    }
+  }
+}
+
+function liveState(text) {
+  const label = document.getElementById("live-state");
+  label.textContent = text;
+  label.dataset.mode = text.replace("live: ", "");
+}
 
 function liveRun(run, lastSeq, onEvents) {
   let stopped = false;
   const ctl = new AbortController();
-  const label = document.getElementById("live-state");
   let last = lastSeq;
   const deliver = (evs) => {
     if (stopped) return; // a page left behind must not redraw over the current one
     const fresh = evs.filter((e) => last === null || e.seq > last);
     if (!fresh.length) return;
     last = fresh[fresh.length - 1].seq;
-    onEvents(fresh);
+    onEvents(fresh, "stream");
   };
   async function poll() {
-    label.textContent = "live: polling";
+    liveState("live: polling");
     while (!stopped) {
       try { deliver(await allEvents(run, last)); } catch (e) { if (e.status === 401) { route(); return; } }
       await new Promise((r) => setTimeout(r, POLL_MS));
     }
   }
-  async function stream() {
-    const token = sessionStorage.getItem(TOKEN_KEY);
-    const headers = { Accept: "text/event-stream", Authorization: `Bearer ${token}` };
-    if (last !== null) headers["Last-Event-ID"] = String(last);
-    const r = await fetch(`/v1/runs/${run}/events`, { headers, signal: ctl.signal, credentials: "omit", cache: "no-store" });
-    if (!r.ok || !(r.headers.get("content-type") || "").startsWith("text/event-stream") || !r.body) {
-      throw new Error("no event stream");
-    }
-    label.textContent = "live: streaming";
-    const reader = r.body.getReader();
-    const dec = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error("stream ended");
-      buf += dec.decode(value, { stream: true });
-      let i;
-      while ((i = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, i);
-        buf = buf.slice(i + 2);
-        let data = "", id = null;
-        for (const line of block.split("\n")) {
-          if (line.startsWith("data:")) data += line.slice(5).trimStart();
-          else if (line.startsWith("id:")) id = Number(line.slice(3).trim());
-        }
-        if (!data && id === null) continue; // a comment or keep-alive
-        const parsed = parseJ(data);
-        const ev = parsed && typeof parsed === "object" && !Array.isArray(parsed) ? parsed : {};
-        if (ev.seq === undefined && id !== null) ev.seq = id;
-        if (typeof ev.seq === "number") deliver([ev]);
-      }
-    }
-  }
-  stream().catch(() => { if (!stopped) poll(); });
-  return () => { stopped = true; ctl.abort(); label.textContent = ""; };
+  const headers = last !== null ? { "Last-Event-ID": String(last) } : {};
+  readSse(`/v1/runs/${run}/events`, headers, ctl.signal, () => liveState("live: streaming"), (m) => {
+    const ev = m.data && typeof m.data === "object" && !Array.isArray(m.data) ? m.data : {};
+    if (ev.seq === undefined && m.id !== null) ev.seq = m.id;
+    if (typeof ev.seq === "number") deliver([ev]);
+  }).then(() => { if (!stopped) liveState("live: run finished"); }, () => { if (!stopped) poll(); });
+  return () => { stopped = true; ctl.abort(); liveState(""); };
 }
 
-// Lists (inbox, runs) refresh by polling their JSON route.
-function livePoll(fn) {
-  let stopped = false;
-  const label = document.getElementById("live-state");
-  label.textContent = "live: polling";
-  (async () => {
+// Lists (inbox, runs) re-list when a run's status changes (the status stream; at most one
+// re-list at a time, one more if changes came meanwhile), else by polling.
+function liveList(fn) {
+  let stopped = false, busy = false, again = false;
+  const ctl = new AbortController();
+  const refresh = async () => {
+    if (stopped) return;
+    if (busy) { again = true; return; }
+    busy = true;
+    try { await fn(); } catch (e) { if (e.status === 401) { stopped = true; ctl.abort(); route(); } }
+    busy = false;
+    if (again) { again = false; refresh(); }
+  };
+  async function poll() {
+    liveState("live: polling");
     while (!stopped) {
       await new Promise((r) => setTimeout(r, POLL_MS));
-      if (!stopped) { try { await fn(); } catch (e) { if (e.status === 401) { stopped = true; route(); } } }
+      await refresh();
     }
-  })();
-  return () => { stopped = true; label.textContent = ""; };
+  }
+  readSse("/v1/events", {}, ctl.signal, () => liveState("live: streaming"), (m) => {
+    if (m.event === "status" || m.event === "lagged") refresh();
+  }).then(() => { if (!stopped) poll(); }, () => { if (!stopped) poll(); });
+  return () => { stopped = true; ctl.abort(); liveState(""); };
 }
 
 // ---------- login ----------
@@ -218,7 +245,7 @@ async function inboxView() {
         h("td", {}, e.default || "none"))))));
   };
   await render();
-  stopLive = livePoll(render);
+  stopLive = liveList(render);
 }
 
 // ---------- the escalation page ----------
@@ -499,7 +526,7 @@ async function runsView(params) {
       h("tbody", {}, rows)) : h("p", {}, "No run matches."), next);
   };
   await render();
-  stopLive = livePoll(render);
+  stopLive = liveList(render);
 }
 
 // ---------- the run page ----------

@@ -2,7 +2,9 @@
 // replay/cli/tests/browser_spec.rs, which passes what this needs in the environment):
 // log in with a token, open the inbox, see the escalation's context, submit an invalid
 // supplied output and see the inline error, approve with a reason, and see the run
-// complete on its page without a reload. Screenshots go to KEEL_ARTIFACTS.
+// complete on its page without a reload; then, on the page of a second waiting run fed by
+// the event stream, see it complete when someone else resolves it, with no reload and no
+// polling. Screenshots go to KEEL_ARTIFACTS.
 import { chromium } from "playwright-core";
 import assert from "node:assert/strict";
 import path from "node:path";
@@ -30,6 +32,10 @@ try {
   page.on("response", (r) => { if (r.status() === 404 || r.status() >= 500) problems.push(`${r.status()} ${r.url()}`); });
   let loads = 0;
   page.on("load", () => { loads += 1; });
+  // The JSON event pages the page asked for after a seq (what its polling fallback reads).
+  const polls = [];
+  page.on("request", (r) => { if (/\/v1\/runs\/[^/]+\/events\?.*after=/.test(r.url())) polls.push(r.url()); });
+  const liveMode = () => page.locator("#live-state").getAttribute("data-mode");
 
   step("log in (a wrong token first)");
   await page.goto(`${KEEL_URL}/ui/`);
@@ -52,6 +58,11 @@ try {
   const stored = await page.evaluate(() => ({ s: sessionStorage.getItem("keel.token"), c: document.cookie }));
   assert.equal(stored.s, KEEL_TOKEN, "the token is in sessionStorage");
   assert.equal(stored.c, "", "no cookie");
+  // The inbox follows the status stream, not a timer.
+  await page.locator('#live-state[data-mode="streaming"]').waitFor();
+  const others = await page.locator("#inbox a[href^='#/escalation/']").evaluateAll((as) => as.map((a) => a.getAttribute("href").split("/").pop()));
+  const second = others.find((r) => r !== KEEL_RUN);
+  assert.ok(second, `a second waiting run: ${others}`);
   await page.screenshot({ path: path.join(KEEL_ARTIFACTS, "inbox.png"), fullPage: true });
 
   step("the escalation page shows its context");
@@ -89,11 +100,19 @@ try {
     [],
     ["the output: expected object, found array"],
   ]);
-  if (await page.locator("#schema").count()) {
-    await out.fill("{}");
-    await page.getByRole("button", { name: "Record the decision" }).click();
-    await page.locator("#output-errors li", { hasText: "required" }).first().waitFor();
-  }
+  // The escalated task (check_policy) has an output schema: an output that breaks it is
+  // refused inline, and nothing is recorded.
+  assert.equal(await page.locator("#schema").count(), 1, "the task's output schema is shown");
+  const eventsBefore = (await (await fetch(`${KEEL_URL}/v1/runs/${KEEL_RUN}/events?limit=10000`, { headers: { Authorization: `Bearer ${KEEL_TOKEN}` } })).json()).events.length;
+  await out.fill('{"within_limit": "yes"}');
+  await page.getByRole("button", { name: "Record the decision" }).click();
+  await page.locator("#output-errors li", { hasText: "within_limit: expected boolean, found string" }).waitFor();
+  assert.equal(await out.getAttribute("aria-invalid"), "true");
+  await out.fill("{}");
+  await page.getByRole("button", { name: "Record the decision" }).click();
+  await page.locator("#output-errors li", { hasText: '"within_limit" is required' }).waitFor();
+  const eventsAfter = (await (await fetch(`${KEEL_URL}/v1/runs/${KEEL_RUN}/events?limit=10000`, { headers: { Authorization: `Bearer ${KEEL_TOKEN}` } })).json()).events.length;
+  assert.equal(eventsAfter, eventsBefore, "nothing recorded for a refused output");
 
   step("a decision without a reason is refused inline");
   await page.getByLabel("Approve").check();
@@ -126,6 +145,24 @@ try {
   const statuses = await page.locator("#runs tbody td:nth-child(3)").allInnerTexts();
   assert.ok(statuses.length >= 1 && statuses.every((s) => s === "AwaitingHuman"), `${statuses}`);
   assert.equal(await page.locator(`#runs a[href="#/run/${KEEL_RUN}"]`).count(), 0, "the decided run left the filter");
+
+  step("a run's page follows its event stream: resolved elsewhere, it completes with no reload and no polling");
+  const loadsThen = loads;
+  await page.evaluate((r) => { location.hash = `#/run/${r}`; }, second);
+  await page.locator("#run-status", { hasText: "AwaitingHuman" }).waitFor();
+  await page.locator('#live-state[data-mode="streaming"]').waitFor();
+  const resolved = await fetch(`${KEEL_URL}/v1/runs/${second}/resolve`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${KEEL_TOKEN}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ decision: "approve", reason: "approved from another window" }),
+  });
+  assert.equal(resolved.status, 200, await resolved.text());
+  await page.locator("#run-status", { hasText: "Completed" }).waitFor({ timeout: 60_000 });
+  assert.match(await page.locator("#timeline").innerText(), /approved from another window/);
+  assert.equal(loads, loadsThen, "no page load");
+  // The stream ends with the run; the page does not fall back to polling.
+  assert.ok(["streaming", "run finished"].includes(await liveMode()), `live mode: ${await liveMode()}`);
+  assert.deepEqual(polls, [], "no polling: the events came by the stream");
 
   assert.deepEqual(outside, [], "nothing fetched from outside the server");
   assert.deepEqual(problems, [], "no script error");

@@ -52,6 +52,10 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Default number of blocking engine calls running at once.
 pub const BLOCKING_CALLS_MAX: usize = 8;
 
+/// Default number of server-sent event streams open at once (run tails and the status
+/// stream together).
+pub const STREAMS_MAX: usize = 1024;
+
 /// How [`router_with`] builds the router (what [`router`] takes by default).
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
@@ -64,6 +68,9 @@ pub struct RouterOptions {
     pub blocking_calls_max: usize,
     /// Whether `GET /metrics` is open (no token needed); by default it needs a viewer's.
     pub metrics_open: bool,
+    /// Server-sent event streams open at once (each holds a connection and an engine
+    /// subscription until it ends); one more is answered 503 `too_many_streams`.
+    pub streams_max: usize,
 }
 
 impl Default for RouterOptions {
@@ -73,6 +80,7 @@ impl Default for RouterOptions {
             readiness: Readiness::new(),
             blocking_calls_max: BLOCKING_CALLS_MAX,
             metrics_open: false,
+            streams_max: STREAMS_MAX,
         }
     }
 }
@@ -88,7 +96,8 @@ pub fn router(engine: Engine, auth: Auth) -> Router {
 pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router {
     let auth = Arc::new(auth);
     let permits = Arc::new(tokio::sync::Semaphore::new(options.blocking_calls_max.max(1)));
-    let state = AppState { engine, readiness: options.readiness, blocking_permits: permits };
+    let streams = Arc::new(tokio::sync::Semaphore::new(options.streams_max));
+    let state = AppState { engine, readiness: options.readiness, blocking_permits: permits, streams };
     let viewer = Router::new()
         .route("/v1/runs", get(reads::list_runs))
         .route("/v1/runs/{run}", get(reads::show_run))

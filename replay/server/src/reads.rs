@@ -128,6 +128,7 @@ pub(crate) struct EventsQuery {
         (status = 200, description = "`{\"run\", \"events\": [{\"seq\", \"time\", \"time_us\", \"kind\", \"event\"}], \"next_after\": seq or null}`; with `Accept: text/event-stream`, server-sent events (`id:` seq, `event:` kind, `data:` one entry of `events`), resumed after the `Last-Event-ID` header, ending when the run is finished", content((Object = "application/json"), (String = "text/event-stream"))),
         (status = 400, description = "bad run id or limit", body = crate::error::ErrorBody),
         (status = 404, description = "no such run", body = crate::error::ErrorBody),
+        (status = 503, description = "`too_many_streams` (with `Accept: text/event-stream`): the server's cap on open event streams is reached", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn run_events(
     State(st): State<AppState>,

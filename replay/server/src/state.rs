@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     /// Permits for blocking engine calls at once: listing folds every run today, so a
     /// burst of requests must queue here rather than fill tokio's blocking pool.
     pub(crate) blocking_permits: Arc<Semaphore>,
+    /// One permit per open event stream (`RouterOptions::streams_max`).
+    pub(crate) streams: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -51,6 +53,20 @@ impl AppState {
     {
         let _permit = self.blocking_permits.acquire().await.map_err(ApiError::internal)?;
         tokio::task::spawn_blocking(f).await.map_err(ApiError::internal)?
+    }
+}
+
+impl AppState {
+    /// A permit for one more event stream, held until the stream is dropped; 503
+    /// `too_many_streams` when `streams_max` are open.
+    pub(crate) fn stream_permit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                "too many event streams are open on this server; retry later, or poll GET /v1/runs/{run}/events",
+            )
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use keel_engine::{Engine, Received, RunEvents, Seq};
 use keel_replay::views;
 use serde_json::json;
@@ -69,6 +69,8 @@ async fn run_event_stream(
         ),
     };
     let after = last_id.or(q.after).map(Seq);
+    // The cap first: a refused stream costs no store read.
+    drop(st.stream_permit()?);
     let engine = st.engine.clone();
     // 404 before the stream starts.
     let exists = st
@@ -77,8 +79,9 @@ async fn run_event_stream(
     if !exists {
         return Err(keel_engine::EngineError::UnknownRun { run }.into());
     }
+    let permit = st.stream_permit()?;
     let follow = st.engine.follow(run, after);
-    let stream = tail(follow, st.readiness.clone());
+    let stream = holding(permit, tail(follow, st.readiness.clone()));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
@@ -112,6 +115,17 @@ fn tail(
     })
 }
 
+/// `stream`, holding `permit` (one of `streams_max`) until it is dropped.
+fn holding<S: Stream + Send + 'static>(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    stream: S,
+) -> impl Stream<Item = S::Item> + Send + 'static {
+    stream.map(move |item| {
+        let _held = &permit;
+        item
+    })
+}
+
 fn event_message(e: &keel_engine::Logged) -> SseEvent {
     SseEvent::default().id(e.seq.0.to_string()).event(e.event.kind_name()).data(views::event_entry_json(e).to_string())
 }
@@ -132,9 +146,15 @@ async fn drained(readiness: &crate::state::Readiness) {
     responses(
         (status = 200, description = "server-sent events (text/event-stream): `event: status` with `{\"run\", \"workflow\", \"previous\", \"status\", \"next_seq\", \"at_us\"}` per status change; `event: lagged` with `{\"missed\"}` when the subscriber fell behind", content_type = "text/event-stream", body = String),
         (status = 401, description = "no valid token", body = crate::error::ErrorBody),
+        (status = 503, description = "`too_many_streams`: the server's cap on open event streams is reached", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn status_stream(State(st): State<AppState>) -> Response {
-    Sse::new(status_changes(&st.engine, st.readiness.clone())).keep_alive(KeepAlive::default()).into_response()
+    let permit = match st.stream_permit() {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let stream = holding(permit, status_changes(&st.engine, st.readiness.clone()));
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
 fn status_changes(

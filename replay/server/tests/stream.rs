@@ -233,3 +233,48 @@ async fn the_status_stream_tells_every_status_change_of_a_run_in_order() {
     assert_eq!(of_run.last().unwrap()["status"], json!("Completed"));
     let _ = ADMIN;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_cap_get_503_too_many_streams_until_one_closes() {
+    let s = common::start_with(keel_server::RouterOptions { streams_max: 2, ..Default::default() }).await;
+    let waiting = s.submit_demo(ESCALATING).await;
+    s.engine.run_until_idle().await.unwrap();
+    let tail = format!("/v1/runs/{waiting}/events");
+    // Two open streams (a run's tail, the status stream): the cap.
+    let mut first = open(&s, &tail, Some(VIEWER), None).await;
+    assert_eq!(first.status, 200);
+    first.until(|m| !m.is_empty()).await;
+    let second = open(&s, "/v1/events", Some(VIEWER), None).await;
+    assert_eq!(second.status, 200);
+    // A third of either kind is refused with a JSON error, and nothing else changes.
+    for p in [tail.as_str(), "/v1/events"] {
+        let mut refused = open(&s, p, Some(VIEWER), None).await;
+        assert_eq!(refused.status, 503, "{p}");
+        refused.read_to_close().await;
+        let body: Value = serde_json::from_str(refused.buf.trim()).unwrap();
+        assert_eq!(body["error"]["code"], json!("too_many_streams"), "{body}");
+    }
+    // The JSON page of the same route is not a stream: it is served.
+    assert_eq!(s.get(&tail, Some(VIEWER)).await.status, 200);
+    // Once a stream ends (its client closed: the server sees it when it next writes to it,
+    // here the status changes of new runs), its slot is free again.
+    drop(second);
+    let mut again = None;
+    for _ in 0..100 {
+        s.submit_demo(HAPPY).await;
+        let c = open(&s, "/v1/events", Some(VIEWER), None).await;
+        if c.status == 200 {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.is_some(), "the slot of the closed stream was never freed");
+    // The open tail still works: resolving the run ends it with the run's last event.
+    let r = s.post(&format!("/v1/runs/{waiting}/resolve"), Some(APPROVER), &approve()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.engine.run_until_idle().await.unwrap();
+    first.read_to_close().await;
+    let last = first.msgs.last().unwrap();
+    assert!(matches!(last.event.as_deref(), Some("RunCompleted" | "RunFailed")), "{last:?}");
+}

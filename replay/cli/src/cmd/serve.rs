@@ -29,6 +29,10 @@ pub(crate) struct ServeArgs {
     /// Serve GET /metrics without a token (for a scraper on a trusted network).
     #[arg(long)]
     pub(crate) metrics_open: bool,
+    /// Server-sent event streams open at once (run tails and status streams); one more is
+    /// answered 503 too_many_streams.
+    #[arg(long, value_name = "N", default_value_t = keel_server::STREAMS_MAX, value_parser = clap::value_parser!(usize))]
+    pub(crate) max_streams: usize,
     /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
@@ -60,7 +64,12 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
     let addr = listener.local_addr().map_err(|e| io_err("the listening socket", e))?;
     let readiness = Readiness::new();
-    let options = RouterOptions { readiness: readiness.clone(), metrics_open: a.metrics_open, ..Default::default() };
+    let options = RouterOptions {
+        readiness: readiness.clone(),
+        metrics_open: a.metrics_open,
+        streams_max: a.max_streams,
+        ..Default::default()
+    };
     let app = router_with(engine.clone(), auth, options);
     let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     // Where `keel runs`, `keel resolve`, ... on this database find the server (removed
