@@ -291,6 +291,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             poke(&inner, run);
         }
         spawn_claimed(&inner, &mut set, &stop);
+        crate::shell::checkpoint::tick(&inner);
         // Sleep until the next parked run falls due (timers wake on time), at most a tick.
         let next = inner.sched().parked.values().copied().min();
         let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
@@ -308,6 +309,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         if let Ok((run, out)) = joined {
             finish(&inner, run, &out, &mut report, true);
         }
+    }
+    if let Err(e) = crate::shell::checkpoint::now(&inner) {
+        tracing::warn!(error = %e, "cannot write the last signed head checkpoint");
     }
     report
 }

@@ -471,10 +471,13 @@ async fn compare_heads(
 pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
     use crate::Cmd;
     match command {
-        Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) | Cmd::Export(_) => true,
+        Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) => true,
+        // A signed export is written here: the key never leaves this process.
+        Cmd::Export(e) => e.sign.is_none(),
         Cmd::Stats(_) => true,
         // An export file is verified here; the database through the server.
-        Cmd::Verify(v) => v.file.is_none() || v.against_db,
+        // Checkpoints and --expect-head are checked here, on the database itself.
+        Cmd::Verify(v) => (v.file.is_none() || v.against_db) && v.key.is_none() && v.expect_head.is_none(),
         _ => false,
     }
 }

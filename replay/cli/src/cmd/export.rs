@@ -44,6 +44,10 @@ pub(crate) struct ExportArgs {
     /// Redact a payload field: FIELD (every kind) or Kind.FIELD, e.g. output or TaskExecuted.output (repeatable).
     #[arg(long, value_name = "FIELD")]
     pub(crate) redact: Vec<String>,
+    /// Sign the export (JSONL) with this private key (from `keel keygen`): a last line
+    /// signs the header and every run's head (docs/EXPORT.md).
+    #[arg(long, value_name = "KEY")]
+    pub(crate) sign: Option<PathBuf>,
 }
 
 pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
@@ -51,6 +55,10 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
         return Err(CliError::Usage("name a RUN or use --all".into()));
     }
     let redaction = Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
+    if a.sign.is_some() && a.format != ExportFormat::Jsonl {
+        return Err(CliError::Usage("--sign: only a JSONL export is signed (--format jsonl)".into()));
+    }
+    let key = a.sign.as_deref().map(keel_replay::sign::SecretKey::load).transpose()?;
     let since = a.since.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--since: {e}")))?;
     let until = a.until.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--until: {e}")))?;
     let store = open(db)?;
@@ -68,7 +76,8 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     // never leaves a half-written file that looks whole.
     let (out, tmp) = output(a.output.as_ref())?;
     let pb = progress(runs.len() as u64, "exporting");
-    let records = write_runs(store.as_ref(), &runs, Written { format: a.format, redaction, filter, db }, out, &pb)?;
+    let what = Written { format: a.format, redaction, filter, db, key };
+    let records = write_runs(store.as_ref(), &runs, what, out, &pb)?;
     pb.finish_and_clear();
     if let Some((f, path)) = tmp {
         persist(f, &path)?;
@@ -101,6 +110,8 @@ struct Written<'a> {
     filter: Value,
     /// The database, named in an HTML report's subtitle.
     db: &'a Path,
+    /// The key that signs a JSONL export.
+    key: Option<keel_replay::sign::SecretKey>,
 }
 
 /// Writes `runs` to `out` in the format asked; returns the records written.
@@ -116,6 +127,9 @@ fn write_runs(
     match what.format {
         ExportFormat::Jsonl => {
             let mut w = JsonlWriter::new(out, what.redaction, what.filter, now)?;
+            if let Some(k) = what.key {
+                w = w.signed_by(k);
+            }
             for run in runs {
                 records += w.write_run(store, *run)?.records;
                 pb.inc(1);

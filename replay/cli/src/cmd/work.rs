@@ -22,10 +22,13 @@ pub(crate) struct WorkArgs {
     /// workers on one PostgreSQL database: a worker paused longer loses its runs).
     #[arg(long, value_name = "MS", default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT)]
     pub(crate) lease_ttl_ms: u64,
+    #[command(flatten)]
+    pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
-    let engine = registry.engine_leased(open(db)?, a.lease_ttl_ms)?;
+    let key = a.sign.load()?;
+    let engine = registry.engine_signing(open(db)?, a.lease_ttl_ms, key.as_ref())?;
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         let workers = engine.start();

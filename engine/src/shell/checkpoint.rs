@@ -1,0 +1,194 @@
+//! Signed head checkpoints: with a signer ([`crate::EngineBuilder::checkpoint_signer`]),
+//! the engine periodically records every run's record count and head hash, signed, in the
+//! store's auxiliary keyspace. A later `keel verify --key PUB` checks that each signed head
+//! is still a prefix of its run's chain: history rewritten after a checkpoint, even with
+//! every hash recomputed, no longer extends the signed head, and the forger cannot sign a
+//! new checkpoint without the private key.
+//!
+//! The engine holds no cryptography: the signer is a trait object (keel-replay's Ed25519
+//! key implements it). The bytes signed are [`message`] (docs/AUDIT.md).
+//!
+//! Layout: `keel/checkpoint/<at_us, 20 digits>/<part, 6 digits>` = one [`CheckpointPart`]
+//! as JSON; a checkpoint of many runs is cut into parts of at most
+//! [`CHECKPOINT_RUNS_MAX`] runs, each signed on its own. The newest
+//! [`CHECKPOINTS_KEPT`] checkpoints are kept (the newest covers every run).
+
+use crate::error::EngineError;
+use crate::shell::runtime::Inner;
+use keel_store::{AuxWrite, Store};
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+/// Key prefix of checkpoint parts in the auxiliary keyspace.
+pub const CHECKPOINT_PREFIX: &[u8] = b"keel/checkpoint/";
+/// First line of the signed message and the `format` of a part.
+pub const CHECKPOINT_FORMAT: &str = "keel-checkpoint/v1";
+/// Runs per checkpoint part (keeps a part far below the store's value limit).
+pub const CHECKPOINT_RUNS_MAX: usize = 2048;
+/// Checkpoints kept; older ones are removed when a new one is written.
+pub const CHECKPOINTS_KEPT: usize = 8;
+/// Default interval between checkpoints of a running service.
+pub const CHECKPOINT_EVERY_MS_DEFAULT: u64 = 60_000;
+
+/// Signs checkpoints. Implemented by keel-replay's `sign::SecretKey` (Ed25519).
+pub trait HeadSigner: Send + Sync + 'static {
+    /// The algorithm's name as recorded (`ed25519`).
+    fn alg(&self) -> &'static str;
+    /// The public key, hex: recorded with each part so a verifier can name it.
+    fn public_hex(&self) -> String;
+    /// The signature of `msg`, hex.
+    fn sign_hex(&self, msg: &[u8]) -> String;
+}
+
+/// One run in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRun {
+    /// Run id.
+    pub run: String,
+    /// Records of the run at the checkpoint.
+    pub records: u64,
+    /// Hash of its last record then, hex.
+    pub head: String,
+}
+
+/// One signed part of a checkpoint, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointPart {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// When the checkpoint was taken (the engine's clock), µs since the Unix epoch.
+    pub at_us: i64,
+    /// This part's index, from 0.
+    pub part: u32,
+    /// Parts of this checkpoint.
+    pub parts: u32,
+    /// The runs of this part, in run id order.
+    pub runs: Vec<CheckpointRun>,
+    /// Signature algorithm (`ed25519`).
+    pub alg: String,
+    /// The signer's public key, hex.
+    pub key: String,
+    /// The signature of [`message`], hex.
+    pub sig: String,
+}
+
+/// The bytes a part's signature covers: `keel-checkpoint/v1\n`, `at_us <µs> part <i> of
+/// <n>\n`, then `run <id> <records> <head>\n` per run.
+pub fn message(at_us: i64, part: u32, parts: u32, runs: &[CheckpointRun]) -> Vec<u8> {
+    let mut m = format!("{CHECKPOINT_FORMAT}\nat_us {at_us} part {part} of {parts}\n");
+    for r in runs {
+        m.push_str(&format!("run {} {} {}\n", r.run, r.records, r.head));
+    }
+    m.into_bytes()
+}
+
+/// The aux key of a part.
+pub fn part_key(at_us: i64, part: u32) -> Vec<u8> {
+    let mut k = CHECKPOINT_PREFIX.to_vec();
+    k.extend_from_slice(format!("{:020}/{part:06}", at_us.max(0)).as_bytes());
+    k
+}
+
+/// Every stored checkpoint part, oldest first (unparsed values with their keys).
+pub fn stored_parts(log: &dyn Store) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EngineError> {
+    let mut hi = CHECKPOINT_PREFIX.to_vec();
+    hi.push(0xff);
+    let mut out = Vec::new();
+    let mut lo = CHECKPOINT_PREFIX.to_vec();
+    loop {
+        let page = log.aux_range(&lo, &hi, 256)?;
+        let Some((last, _)) = page.last() else { break };
+        lo = last.clone();
+        lo.push(0);
+        let full = page.len() == 256;
+        out.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a checkpoint of every run's head at `at_us`, then removes checkpoints beyond the
+/// newest [`CHECKPOINTS_KEPT`]. Returns the runs covered.
+pub fn write(log: &dyn Store, signer: &dyn HeadSigner, at_us: i64) -> Result<usize, EngineError> {
+    let mut runs = Vec::new();
+    for run in log.runs()? {
+        let head = log.head(run)?;
+        if head.next_seq.0 > 0 {
+            runs.push(CheckpointRun { run: run.to_string(), records: head.next_seq.0, head: hex::encode(head.last_hash) });
+        }
+    }
+    let covered = runs.len();
+    let chunks: Vec<&[CheckpointRun]> = if runs.is_empty() { vec![&[]] } else { runs.chunks(CHECKPOINT_RUNS_MAX).collect() };
+    let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let part = u32::try_from(i).unwrap_or(u32::MAX);
+        let sig = signer.sign_hex(&message(at_us, part, parts, chunk));
+        let value = CheckpointPart {
+            format: CHECKPOINT_FORMAT.to_owned(),
+            at_us,
+            part,
+            parts,
+            runs: chunk.to_vec(),
+            alg: signer.alg().to_owned(),
+            key: signer.public_hex(),
+            sig,
+        };
+        let bytes = serde_json::to_vec(&value).map_err(|e| EngineError::Internal(format!("checkpoint: {e}")))?;
+        log.aux_put(&part_key(at_us, part), &bytes)?;
+    }
+    prune(log)?;
+    log.flush()?;
+    Ok(covered)
+}
+
+/// Removes the parts of all but the newest [`CHECKPOINTS_KEPT`] checkpoints.
+fn prune(log: &dyn Store) -> Result<(), EngineError> {
+    let parts = stored_parts(log)?;
+    // The checkpoint a key belongs to: its `<at_us>` segment.
+    let stamp = |k: &[u8]| k.get(CHECKPOINT_PREFIX.len()..CHECKPOINT_PREFIX.len() + 20).map(<[u8]>::to_vec);
+    let mut stamps: Vec<Vec<u8>> = parts.iter().filter_map(|(k, _)| stamp(k)).collect();
+    stamps.dedup();
+    let Some(cut) = stamps.len().checked_sub(CHECKPOINTS_KEPT).and_then(|n| stamps.get(n)) else {
+        return Ok(());
+    };
+    let old: Vec<AuxWrite> =
+        parts.iter().filter(|(k, _)| stamp(k).is_some_and(|s| s < *cut)).map(|(k, _)| (k.clone(), None)).collect();
+    for chunk in old.chunks(256) {
+        log.aux_apply(chunk.to_vec())?;
+    }
+    Ok(())
+}
+
+/// The engine's checkpoint settings ([`crate::EngineBuilder::checkpoint_signer`]).
+pub(crate) struct Checkpointing {
+    pub signer: std::sync::Arc<dyn HeadSigner>,
+    pub every_ms: u64,
+    /// When the last checkpoint was written (monotonic).
+    pub last: Mutex<Option<std::time::Instant>>,
+}
+
+/// Writes a checkpoint now, if the engine has a signer.
+pub(crate) fn now(inner: &Inner) -> Result<(), EngineError> {
+    let Some(c) = &inner.checkpoints else { return Ok(()) };
+    write(inner.log.as_ref(), c.signer.as_ref(), inner.clock.now_us())?;
+    *c.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+    Ok(())
+}
+
+/// Writes a checkpoint if the interval passed since the last one (service workers call it
+/// on every tick); a failure is logged, the service goes on.
+pub(crate) fn tick(inner: &Inner) {
+    let Some(c) = &inner.checkpoints else { return };
+    let due = c
+        .last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_none_or(|t| t.elapsed().as_millis() >= u128::from(c.every_ms));
+    if due {
+        if let Err(e) = now(inner) {
+            tracing::warn!(error = %e, "cannot write a signed head checkpoint");
+        }
+    }
+}
