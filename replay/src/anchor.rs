@@ -290,10 +290,13 @@ pub fn verify_checkpoints(log: &dyn Store, key: &PublicKey) -> Result<Checkpoint
     let mut out = CheckpointReport::default();
     let stored = keel_engine::checkpoint::stored_parts(log)?;
     if stored.is_empty() {
-        out.failure = Some(ckpt_fail(Tamper::Unsigned, format!(
-            "the database holds no signed head checkpoint (run the engine with --sign-key; the key is {})",
-            short(&key.hex())
-        )));
+        out.failure = Some(ckpt_fail(
+            Tamper::Unsigned,
+            format!(
+                "the database holds no signed head checkpoint (run the engine with --sign-key; the key is {})",
+                short(&key.hex())
+            ),
+        ));
         return Ok(out);
     }
     let mut tombs: BTreeMap<String, Tombstone> = BTreeMap::new();
@@ -335,19 +338,27 @@ fn check_part(
     if part.key != key.hex() {
         return Ok(Some(ckpt_fail(
             Tamper::WrongKey,
-            format!("the checkpoint of {at} is signed by key {}, not by the expected key {}", short(&part.key), short(&key.hex())),
+            format!(
+                "the checkpoint of {at} is signed by key {}, not by the expected key {}",
+                short(&part.key),
+                short(&key.hex())
+            ),
         )));
     }
     let msg = keel_engine::checkpoint::message(part.at_us, part.part, part.parts, &part.runs);
     if part.format != CHECKPOINT_FORMAT || part.alg != "ed25519" || !key.verifies(&msg, &part.sig) {
         return Ok(Some(ckpt_fail(
             Tamper::Altered,
-            format!("the checkpoint of {at} (part {} of {}): its signature does not verify (checkpoint altered)", part.part, part.parts),
+            format!(
+                "the checkpoint of {at} (part {} of {}): its signature does not verify (checkpoint altered)",
+                part.part, part.parts
+            ),
         )));
     }
     for r in &part.runs {
         *heads += 1;
-        let run: RunId = r.run.parse().map_err(|e| ReplayError::Invalid(format!("checkpoint run id {}: {e}", r.run)))?;
+        let run: RunId =
+            r.run.parse().map_err(|e| ReplayError::Invalid(format!("checkpoint run id {}: {e}", r.run)))?;
         let ok = match (log.head(run)?.next_seq.0, tombs.get(&r.run)) {
             (0, Some(t)) => t.records > r.records || (t.records == r.records && t.head == r.head),
             (0, None) => {

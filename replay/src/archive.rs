@@ -162,13 +162,40 @@ fn exclusive_payloads(users: &mut BTreeMap<Hash32, BTreeSet<RunId>>, run: RunId)
 
 /// Writes the run's (signed) export to `path`, through a temporary file in the same
 /// directory, synced and renamed without replacing anything.
-fn write_archive(log: &dyn Store, run: RunId, path: &Path, key: Option<&SecretKey>, now_us: i64) -> Result<(), ReplayError> {
+fn write_archive(
+    log: &dyn Store,
+    run: RunId,
+    path: &Path,
+    key: Option<&SecretKey>,
+    now_us: i64,
+) -> Result<(), ReplayError> {
     if path.symlink_metadata().is_ok() {
         return Err(ReplayError::Invalid(format!("{} exists: not replacing an archive file", path.display())));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile_in(dir)?;
-    let file = tmp.as_file().try_clone().map_err(|e| ReplayError::io(tmp.path(), e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let written = write_synced(log, run, &tmp, key, now_us)
+        // A hard link never replaces an existing file (unlike a rename).
+        .and_then(|()| std::fs::hard_link(&tmp, path).map_err(|e| ReplayError::io(path, e)));
+    let _ = std::fs::remove_file(&tmp);
+    written?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes the export to a new file `tmp` (never an existing one) and syncs it.
+fn write_synced(
+    log: &dyn Store,
+    run: RunId,
+    tmp: &Path,
+    key: Option<&SecretKey>,
+    now_us: i64,
+) -> Result<(), ReplayError> {
+    let file =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(tmp).map_err(|e| ReplayError::io(tmp, e))?;
     let filter = serde_json::json!({ "runs": [run.to_string()] });
     let mut w = JsonlWriter::new(std::io::BufWriter::new(file), Redaction::default(), filter, now_us)?;
     if let Some(k) = key {
@@ -176,17 +203,8 @@ fn write_archive(log: &dyn Store, run: RunId, path: &Path, key: Option<&SecretKe
     }
     w.write_run(log, run)?;
     let mut out = w.finish()?;
-    out.flush().map_err(|e| ReplayError::io(path, e))?;
-    out.get_ref().sync_all().map_err(|e| ReplayError::io(path, e))?;
-    tmp.persist_noclobber(path).map_err(|e| ReplayError::io(path, e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-fn tempfile_in(dir: &Path) -> Result<tempfile::NamedTempFile, ReplayError> {
-    tempfile::Builder::new().prefix(".keel-archive-").tempfile_in(dir).map_err(|e| ReplayError::io(dir, e))
+    out.flush().map_err(|e| ReplayError::io(tmp, e))?;
+    out.get_ref().sync_all().map_err(|e| ReplayError::io(tmp, e))
 }
 
 /// SHA-256 of a file's bytes, hex.

@@ -188,8 +188,8 @@ impl<W: Write> JsonlWriter<W> {
             redacted: redaction.specs(),
             keel_version: env!("CARGO_PKG_VERSION"),
         };
-        let line = serde_json::to_vec(&header)
-            .map_err(|e| ReplayError::io("<export output>", std::io::Error::other(e)))?;
+        let line =
+            serde_json::to_vec(&header).map_err(|e| ReplayError::io("<export output>", std::io::Error::other(e)))?;
         out.write_all(&line).and_then(|()| out.write_all(b"\n")).map_err(|e| ReplayError::io("<export output>", e))?;
         let message = crate::sign::ExportMessage::new(&line);
         Ok(JsonlWriter { out, redaction, written: Default::default(), message, signer: None })

@@ -123,7 +123,10 @@ fn read_small(path: &Path) -> Result<String, ReplayError> {
 fn parse_key_text(path: &Path, text: &str, tag: &str) -> Result<[u8; 32], ReplayError> {
     let mut words = text.split_whitespace();
     let (Some(t), Some(h), None) = (words.next(), words.next(), words.next()) else {
-        return Err(ReplayError::Invalid(format!("{}: not a keel key file (expected `{tag} <64 hex>`)", path.display())));
+        return Err(ReplayError::Invalid(format!(
+            "{}: not a keel key file (expected `{tag} <64 hex>`)",
+            path.display()
+        )));
     };
     if t != tag {
         return Err(ReplayError::Invalid(format!("{}: a {t} file, expected a {tag} file", path.display())));

@@ -107,9 +107,8 @@ pub struct Selection {
 
 impl Selection {
     fn of(h: &crate::source::ExportHeader) -> Selection {
-        let bound = |k: &str| {
-            h.filter.get(k).and_then(serde_json::Value::as_str).and_then(|t| format::parse_time(t).ok())
-        };
+        let bound =
+            |k: &str| h.filter.get(k).and_then(serde_json::Value::as_str).and_then(|t| format::parse_time(t).ok());
         Selection {
             all: h.filter.get("all").and_then(serde_json::Value::as_bool) == Some(true),
             since_us: bound("since"),
@@ -436,7 +435,12 @@ impl<R: BufRead> ExportCheck<R> {
                 None,
                 None,
                 at,
-                format!("line {}: signed by key {}, not by the expected key {}", sig.line, short(&sig.key), short(&k.hex())),
+                format!(
+                    "line {}: signed by key {}, not by the expected key {}",
+                    sig.line,
+                    short(&sig.key),
+                    short(&k.hex())
+                ),
             ));
         }
         self.out.signed_by = Some(stated.hex());

@@ -90,7 +90,7 @@ pub fn part_key(at_us: i64, part: u32) -> Vec<u8> {
 }
 
 /// Every stored checkpoint part, oldest first (unparsed values with their keys).
-pub fn stored_parts(log: &dyn Store) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EngineError> {
+pub fn stored_parts(log: &dyn Store) -> Result<Vec<keel_store::AuxEntry>, EngineError> {
     let mut hi = CHECKPOINT_PREFIX.to_vec();
     hi.push(0xff);
     let mut out = Vec::new();
@@ -116,11 +116,16 @@ pub fn write(log: &dyn Store, signer: &dyn HeadSigner, at_us: i64) -> Result<usi
     for run in log.runs()? {
         let head = log.head(run)?;
         if head.next_seq.0 > 0 {
-            runs.push(CheckpointRun { run: run.to_string(), records: head.next_seq.0, head: hex::encode(head.last_hash) });
+            runs.push(CheckpointRun {
+                run: run.to_string(),
+                records: head.next_seq.0,
+                head: hex::encode(head.last_hash),
+            });
         }
     }
     let covered = runs.len();
-    let chunks: Vec<&[CheckpointRun]> = if runs.is_empty() { vec![&[]] } else { runs.chunks(CHECKPOINT_RUNS_MAX).collect() };
+    let chunks: Vec<&[CheckpointRun]> =
+        if runs.is_empty() { vec![&[]] } else { runs.chunks(CHECKPOINT_RUNS_MAX).collect() };
     let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
     for (i, chunk) in chunks.into_iter().enumerate() {
         let part = u32::try_from(i).unwrap_or(u32::MAX);

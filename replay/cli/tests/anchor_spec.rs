@@ -205,7 +205,11 @@ fn against_db_names_runs_missing_from_an_all_export_and_reports_runs_that_contin
     keel(&db.db, &["cancel", &waiting.to_string(), "--reason", "test"]).ok();
     let ran = keel(&db.db, &["verify", s(&one), "--against-db"]);
     ran.ok();
-    assert!(ran.stdout.contains(&format!("run {waiting}: the database has 1 more events since this export")), "{}", ran.stdout);
+    assert!(
+        ran.stdout.contains(&format!("run {waiting}: the database has 1 more events since this export")),
+        "{}",
+        ran.stdout
+    );
     let out = keel(&db.db, &["verify", s(&one), "--against-db", "--json"]).ok().json();
     assert_eq!(out["status"], "continued");
     assert_eq!(out["continued"][0]["more"], 1);
@@ -226,7 +230,12 @@ fn the_time_field_is_checked_against_time_us() {
     l[i]["time"] = json!("2001-01-01T00:00:00.000000Z");
     write_lines(&file, &l);
     let e = keel(&db.db, &["verify", s(&file)]).one_line_error(1);
-    assert!(e.contains(&format!("run {run} seq 2: header altered (its time \"2001-01-01T00:00:00.000000Z\" is not its time_us")), "{e}");
+    assert!(
+        e.contains(&format!(
+            "run {run} seq 2: header altered (its time \"2001-01-01T00:00:00.000000Z\" is not its time_us"
+        )),
+        "{e}"
+    );
     // The header's exported_at is checked against exported_at_us the same way.
     let mut l = lines(&export(&db, &[&run.to_string()], "run2.jsonl", &[]));
     l[0]["exported_at"] = json!("2001-01-01T00:00:00Z");
@@ -274,7 +283,10 @@ fn archive_removes_finished_runs_behind_a_tombstone_and_the_archive_verifies_and
     keel(&db.db, &["verify", "--key", s(&public)]).ok();
     // `keel runs` lists only what is left; an export taken before still compares.
     let runs = keel(&db.db, &["runs", "--json"]).ok().json();
-    assert_eq!(runs["runs"].as_array().map(Vec::len).unwrap_or_else(|| runs.as_array().unwrap().len()), db.runs.len() - completed.len());
+    assert_eq!(
+        runs["runs"].as_array().map(Vec::len).unwrap_or_else(|| runs.as_array().unwrap().len()),
+        db.runs.len() - completed.len()
+    );
     keel(&db.db, &["verify", s(&all), "--against-db"]).ok();
     // Nothing of an archived run is left in the store but its tombstone.
     let store = db.open();

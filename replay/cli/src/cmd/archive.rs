@@ -33,7 +33,8 @@ pub(crate) struct ArchiveArgs {
 }
 
 pub(crate) fn run(db: &std::path::Path, a: ArchiveArgs) -> CmdResult {
-    let before_us = a.before.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--before: {e}")))?;
+    let before_us =
+        a.before.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--before: {e}")))?;
     let statuses = a
         .status
         .iter()

@@ -60,7 +60,13 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
         None => (verify_database(db, &a, key, &mut extra)?, crate::backend::redacted(db).display().to_string()),
     };
     let continued = !extra.continued.is_empty() || extra.more_after_expected.is_some_and(|n| n > 0);
-    let status = if !v.ok() { "failed" } else if continued { "continued" } else { "verified" };
+    let status = if !v.ok() {
+        "failed"
+    } else if continued {
+        "continued"
+    } else {
+        "verified"
+    };
     let doc = json!({
         "source": source,
         "ok": v.ok(),
@@ -163,7 +169,9 @@ pub(crate) fn print(doc: &Value, as_json: bool) -> CmdResult {
 /// checkpoints.
 fn print_anchors(doc: &Value) {
     let list = |k: &str| doc.get(k).and_then(Value::as_array).cloned().unwrap_or_default();
-    let s = |v: &Value, k: &str| v.get(k).map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned)).unwrap_or_default();
+    let s = |v: &Value, k: &str| {
+        v.get(k).map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned)).unwrap_or_default()
+    };
     if let Some(k) = doc.get("signed_by").and_then(Value::as_str) {
         println!("signed by key {k}");
     }
@@ -174,18 +182,22 @@ fn print_anchors(doc: &Value) {
             s(&c, "more")
         );
     }
-    for t in list("archived") {
+    let archived = list("archived");
+    for t in &archived {
         match t.get("file") {
             Some(_) => println!(
                 "archived  {}  {} records  head {}  file {} sha256 {}",
-                s(&t, "run"),
-                s(&t, "records"),
-                s(&t, "head"),
-                s(&t, "file"),
-                s(&t, "file_sha256")
+                s(t, "run"),
+                s(t, "records"),
+                s(t, "head"),
+                s(t, "file"),
+                s(t, "file_sha256")
             ),
-            None => println!("run {}: archived by the database (its tombstone holds this head)", s(&t, "run")),
+            None => println!("run {}: archived by the database (its tombstone holds this head)", s(t, "run")),
         }
+    }
+    if archived.iter().any(|t| t.get("file").is_some()) {
+        println!("{} archived run(s) accounted for by their tombstones", archived.len());
     }
     if let Some(n) = doc.get("events_after_expected_head").and_then(Value::as_u64).filter(|n| *n > 0) {
         println!("the expected head is in the run's chain; the database has {n} more events since it");
