@@ -280,12 +280,13 @@ impl<R: BufRead> ExportCheck<R> {
         while let Some(line) = self.next_line() {
             let line = line.map_err(|e| malformed_line(&path, cur.as_ref(), &e))?;
             if let Some(sig) = &self.signature {
+                let at = line_of(&line);
                 return Err(fail(
                     Tamper::Inserted,
                     None,
                     None,
-                    None,
-                    format!("a line after the signature line {} (appended after signing)", sig.line),
+                    Some(at),
+                    format!("line {at}: a line after the signature line {} (appended after signing)", sig.line),
                 ));
             }
             match line {
@@ -813,6 +814,17 @@ pub fn compare_heads(log: &dyn EventLog, verified: &[RunVerified]) -> Result<Opt
         }
     }
     Ok(None)
+}
+
+/// The line number of an export line.
+fn line_of(l: &ExportLine) -> u64 {
+    match l {
+        ExportLine::Header(h) => h.line,
+        ExportLine::Record(r) => r.line,
+        ExportLine::RunEnd(e) => e.line,
+        ExportLine::Payload(p) => p.line,
+        ExportLine::Signature(s) => s.line,
+    }
 }
 
 /// The first 16 hex digits of a key or hash, for messages.

@@ -10,7 +10,8 @@
 //!
 //! Layout: `keel/checkpoint/<at_us, 20 digits>/<part, 6 digits>` = one [`CheckpointPart`]
 //! as JSON; a checkpoint of many runs is cut into parts of at most
-//! [`CHECKPOINT_RUNS_MAX`] runs, each signed on its own. The newest
+//! [`CHECKPOINT_RUNS_MAX`] runs (fewer under a small value limit), each signed on its
+//! own. The newest
 //! [`CHECKPOINTS_KEPT`] checkpoints are kept (the newest covers every run).
 
 use crate::error::EngineError;
@@ -23,8 +24,13 @@ use std::sync::Mutex;
 pub const CHECKPOINT_PREFIX: &[u8] = b"keel/checkpoint/";
 /// First line of the signed message and the `format` of a part.
 pub const CHECKPOINT_FORMAT: &str = "keel-checkpoint/v1";
-/// Runs per checkpoint part (keeps a part far below the store's value limit).
-pub const CHECKPOINT_RUNS_MAX: usize = 2048;
+/// Most runs per checkpoint part (about 40 KiB of JSON); fewer if the store's value limit
+/// (`event_bytes_max`) needs it.
+pub const CHECKPOINT_RUNS_MAX: usize = 256;
+/// Bytes a run takes in a part at most (`{"run":…,"records":…,"head":…}`), and the rest
+/// of a part (format, key, signature).
+const RUN_BYTES_MAX: usize = 160;
+const PART_OVERHEAD_BYTES: usize = 512;
 /// Checkpoints kept; older ones are removed when a new one is written.
 pub const CHECKPOINTS_KEPT: usize = 8;
 /// Default interval between checkpoints of a running service.
@@ -124,8 +130,9 @@ pub fn write(log: &dyn Store, signer: &dyn HeadSigner, at_us: i64) -> Result<usi
         }
     }
     let covered = runs.len();
-    let chunks: Vec<&[CheckpointRun]> =
-        if runs.is_empty() { vec![&[]] } else { runs.chunks(CHECKPOINT_RUNS_MAX).collect() };
+    let per_part = (log.limits().event_bytes_max.saturating_sub(PART_OVERHEAD_BYTES) / RUN_BYTES_MAX)
+        .clamp(1, CHECKPOINT_RUNS_MAX);
+    let chunks: Vec<&[CheckpointRun]> = if runs.is_empty() { vec![&[]] } else { runs.chunks(per_part).collect() };
     let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
     for (i, chunk) in chunks.into_iter().enumerate() {
         let part = u32::try_from(i).unwrap_or(u32::MAX);
@@ -195,5 +202,80 @@ pub(crate) fn tick(inner: &Inner) {
         if let Err(e) = now(inner) {
             tracing::warn!(error = %e, "cannot write a signed head checkpoint");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use keel_store::{prepare, EventLog, MemStore, RunId, Seq};
+
+    /// Signs with SHA-256 of the message (no key: the engine only needs *a* signer).
+    struct Digesting;
+    impl HeadSigner for Digesting {
+        fn alg(&self) -> &'static str {
+            "test-sha256"
+        }
+        fn public_hex(&self) -> String {
+            "00".repeat(32)
+        }
+        fn sign_hex(&self, msg: &[u8]) -> String {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(msg))
+        }
+    }
+
+    fn parts(log: &dyn Store) -> Vec<CheckpointPart> {
+        stored_parts(log).unwrap().iter().map(|(_, v)| serde_json::from_slice(v).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_checkpoint_signs_every_head_in_parts_and_only_the_newest_are_kept() {
+        let log = MemStore::new();
+        let n = CHECKPOINT_RUNS_MAX + 1;
+        for i in 0..n {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let e = crate::Event::RunCancelled { by: "t".into(), reason: String::new() };
+            log.append(RunId::from_bytes(id), Seq(0), vec![prepare(&e, 0).unwrap()], None).unwrap();
+        }
+        assert_eq!(write(&log, &Digesting, 1_000).unwrap(), n);
+        let first = parts(&log);
+        assert_eq!(first.len(), 2, "{n} runs make two parts");
+        assert_eq!(first[0].runs.len() + first[1].runs.len(), n);
+        for p in &first {
+            assert_eq!((p.at_us, p.parts), (1_000, 2));
+            assert_eq!(p.sig, Digesting.sign_hex(&message(p.at_us, p.part, p.parts, &p.runs)));
+        }
+        let head = log.head(first[0].runs[0].run.parse().unwrap()).unwrap();
+        assert_eq!(first[0].runs[0].records, head.next_seq.0);
+        assert_eq!(first[0].runs[0].head, hex::encode(head.last_hash));
+        for t in 2..=(CHECKPOINTS_KEPT as i64 + 3) {
+            write(&log, &Digesting, t * 1_000).unwrap();
+        }
+        let kept: std::collections::BTreeSet<i64> = parts(&log).iter().map(|p| p.at_us).collect();
+        let newest: Vec<i64> = (4..=(CHECKPOINTS_KEPT as i64 + 3)).map(|t| t * 1_000).collect();
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), newest);
+    }
+
+    #[tokio::test]
+    async fn an_engine_with_a_signer_checkpoints_after_run_until_idle_and_when_its_workers_stop() {
+        let store = std::sync::Arc::new(MemStore::new());
+        let engine = crate::Engine::builder()
+            .store(store.clone())
+            .checkpoint_signer(std::sync::Arc::new(Digesting))
+            .checkpoint_every_ms(3_600_000)
+            .open()
+            .unwrap();
+        engine.run_until_idle().await.unwrap();
+        assert_eq!(stored_parts(store.as_ref()).unwrap().len(), 1);
+        // Service workers write one on start (none yet since they started) and one at stop.
+        let workers = engine.start();
+        workers.shutdown().await;
+        assert!(stored_parts(store.as_ref()).unwrap().len() >= 2);
+        let unsigned = crate::Engine::builder().store(std::sync::Arc::new(MemStore::new())).open().unwrap();
+        unsigned.run_until_idle().await.unwrap();
+        assert!(stored_parts(unsigned.store().as_ref()).unwrap().is_empty());
     }
 }

@@ -143,6 +143,13 @@ fn a_recomputed_forgery_passes_plain_verify_but_not_the_key_nor_the_signed_check
     write_lines(&stale, &l);
     let e = keel(&db.db, &["verify", s(&stale)]).one_line_error(1);
     assert!(e.contains("the file was changed after it was signed"), "{e}");
+    // A line appended after the signature is named.
+    let mut l = lines(&signed);
+    l.push(l[1].clone());
+    let appended = db.path("appended.jsonl");
+    write_lines(&appended, &l);
+    let e = keel(&db.db, &["verify", s(&appended)]).one_line_error(1);
+    assert!(e.contains("a line after the signature line"), "{e}");
 
     // The same forgery inside the database (the run rewritten through the store, every
     // hash recomputed): plain verify passes; the signed checkpoint catches it.
