@@ -167,7 +167,7 @@ fn prune(log: &dyn Store) -> Result<(), EngineError> {
     };
     let old: Vec<AuxWrite> =
         parts.iter().filter(|(k, _)| stamp(k).is_some_and(|s| s < *cut)).map(|(k, _)| (k.clone(), None)).collect();
-    for chunk in old.chunks(256) {
+    for chunk in old.chunks(log.limits().batch_records_max.max(1)) {
         log.aux_apply(chunk.to_vec())?;
     }
     Ok(())
