@@ -312,7 +312,9 @@ impl Engine {
     /// defaults that are already due; does not wait for future escalation deadlines.
     pub async fn run_until_idle(&self) -> Result<IdleReport, EngineError> {
         let report = crate::shell::sched::run_until_idle(&self.inner).await?;
-        crate::shell::checkpoint::now(&self.inner)?;
+        if let Some(c) = &self.inner.checkpoints {
+            c.write_now(self.inner.log.as_ref(), self.inner.clock.now_us())?;
+        }
         Ok(report)
     }
 

@@ -1,4 +1,4 @@
-//! Signed head checkpoints: with a signer ([`crate::EngineBuilder::checkpoint_signer`]),
+//! Signed head checkpoints: with a signer (`EngineBuilder::checkpoint_signer`),
 //! the engine periodically records every run's record count and head hash, signed, in the
 //! store's auxiliary keyspace. A later `keel verify --key PUB` checks that each signed head
 //! is still a prefix of its run's chain: history rewritten after a checkpoint, even with
@@ -15,7 +15,6 @@
 //! [`CHECKPOINTS_KEPT`] checkpoints are kept (the newest covers every run).
 
 use crate::error::EngineError;
-use crate::shell::runtime::Inner;
 use keel_store::{AuxWrite, Store};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
@@ -173,7 +172,7 @@ fn prune(log: &dyn Store) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// The engine's checkpoint settings ([`crate::EngineBuilder::checkpoint_signer`]).
+/// The engine's checkpoint settings (`EngineBuilder::checkpoint_signer`).
 pub(crate) struct Checkpointing {
     pub signer: std::sync::Arc<dyn HeadSigner>,
     pub every_ms: u64,
@@ -181,26 +180,26 @@ pub(crate) struct Checkpointing {
     pub last: Mutex<Option<std::time::Instant>>,
 }
 
-/// Writes a checkpoint now, if the engine has a signer.
-pub(crate) fn now(inner: &Inner) -> Result<(), EngineError> {
-    let Some(c) = &inner.checkpoints else { return Ok(()) };
-    write(inner.log.as_ref(), c.signer.as_ref(), inner.clock.now_us())?;
-    *c.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
-    Ok(())
-}
+impl Checkpointing {
+    /// Writes a checkpoint now, at `now_us` (the engine's clock).
+    pub(crate) fn write_now(&self, log: &dyn Store, now_us: i64) -> Result<(), EngineError> {
+        write(log, self.signer.as_ref(), now_us)?;
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+        Ok(())
+    }
 
-/// Writes a checkpoint if the interval passed since the last one (service workers call it
-/// on every tick); a failure is logged, the service goes on.
-pub(crate) fn tick(inner: &Inner) {
-    let Some(c) = &inner.checkpoints else { return };
-    let due = c
-        .last
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .is_none_or(|t| t.elapsed().as_millis() >= u128::from(c.every_ms));
-    if due {
-        if let Err(e) = now(inner) {
-            tracing::warn!(error = %e, "cannot write a signed head checkpoint");
+    /// Writes a checkpoint if the interval passed since the last one (service workers call
+    /// it on every tick); a failure is logged, the service goes on.
+    pub(crate) fn tick(&self, log: &dyn Store, now_us: i64) {
+        let due = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_none_or(|t| t.elapsed().as_millis() >= u128::from(self.every_ms));
+        if due {
+            if let Err(e) = self.write_now(log, now_us) {
+                tracing::warn!(error = %e, "cannot write a signed head checkpoint");
+            }
         }
     }
 }
@@ -257,25 +256,5 @@ mod tests {
         let kept: std::collections::BTreeSet<i64> = parts(&log).iter().map(|p| p.at_us).collect();
         let newest: Vec<i64> = (4..=(CHECKPOINTS_KEPT as i64 + 3)).map(|t| t * 1_000).collect();
         assert_eq!(kept.into_iter().collect::<Vec<_>>(), newest);
-    }
-
-    #[tokio::test]
-    async fn an_engine_with_a_signer_checkpoints_after_run_until_idle_and_when_its_workers_stop() {
-        let store = std::sync::Arc::new(MemStore::new());
-        let engine = crate::Engine::builder()
-            .store(store.clone())
-            .checkpoint_signer(std::sync::Arc::new(Digesting))
-            .checkpoint_every_ms(3_600_000)
-            .open()
-            .unwrap();
-        engine.run_until_idle().await.unwrap();
-        assert_eq!(stored_parts(store.as_ref()).unwrap().len(), 1);
-        // Service workers write one on start (none yet since they started) and one at stop.
-        let workers = engine.start();
-        workers.shutdown().await;
-        assert!(stored_parts(store.as_ref()).unwrap().len() >= 2);
-        let unsigned = crate::Engine::builder().store(std::sync::Arc::new(MemStore::new())).open().unwrap();
-        unsigned.run_until_idle().await.unwrap();
-        assert!(stored_parts(unsigned.store().as_ref()).unwrap().is_empty());
     }
 }

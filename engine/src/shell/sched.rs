@@ -291,7 +291,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             poke(&inner, run);
         }
         spawn_claimed(&inner, &mut set, &stop);
-        crate::shell::checkpoint::tick(&inner);
+        if let Some(c) = &inner.checkpoints {
+            c.tick(inner.log.as_ref(), inner.clock.now_us());
+        }
         // Sleep until the next parked run falls due (timers wake on time), at most a tick.
         let next = inner.sched().parked.values().copied().min();
         let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
@@ -310,7 +312,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             finish(&inner, run, &out, &mut report, true);
         }
     }
-    if let Err(e) = crate::shell::checkpoint::now(&inner) {
+    if let Some(Err(e)) = inner.checkpoints.as_ref().map(|c| c.write_now(inner.log.as_ref(), inner.clock.now_us())) {
         tracing::warn!(error = %e, "cannot write the last signed head checkpoint");
     }
     report
