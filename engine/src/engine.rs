@@ -70,6 +70,8 @@ pub struct EngineBuilder {
     redelivery_limit: u32,
     lease_ttl_ms: u64,
     lease_clock: Arc<dyn Clock>,
+    checkpoint_signer: Option<Arc<dyn crate::shell::checkpoint::HeadSigner>>,
+    checkpoint_every_ms: u64,
 }
 
 impl EngineBuilder {
@@ -158,6 +160,23 @@ impl EngineBuilder {
         self
     }
 
+    /// Sign head checkpoints with `signer`: every run's record count and head hash,
+    /// written at the end of [`Engine::run_until_idle`] and every
+    /// [`EngineBuilder::checkpoint_every_ms`] by service workers ([`Engine::start`]) and
+    /// when they stop. `keel verify --key PUB` checks every run's chain against them
+    /// (docs/AUDIT.md).
+    pub fn checkpoint_signer(mut self, signer: Arc<dyn crate::shell::checkpoint::HeadSigner>) -> Self {
+        self.checkpoint_signer = Some(signer);
+        self
+    }
+
+    /// Interval between signed checkpoints of service workers (default one minute, at
+    /// least 1 ms); only with [`EngineBuilder::checkpoint_signer`].
+    pub fn checkpoint_every_ms(mut self, ms: u64) -> Self {
+        self.checkpoint_every_ms = ms;
+        self
+    }
+
     /// Opens the store and checks the configuration.
     pub fn open(self) -> Result<Engine, EngineError> {
         // The journal checks event sizes against the limits the store was opened with.
@@ -200,6 +219,14 @@ impl EngineBuilder {
         crate::shell::index::ensure(log.as_ref())?;
         let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
         let calls = CallPool::new(self.limits.call_threads)?;
+        if self.checkpoint_every_ms == 0 {
+            return Err(EngineError::Config("checkpoint_every_ms must be at least 1".into()));
+        }
+        let checkpoints = self.checkpoint_signer.map(|signer| crate::shell::checkpoint::Checkpointing {
+            signer,
+            every_ms: self.checkpoint_every_ms,
+            last: Mutex::new(None),
+        });
         let inner = Inner {
             log,
             journal,
@@ -217,6 +244,7 @@ impl EngineBuilder {
             sched: Mutex::new(Scheduler::default()),
             wake: Notify::new(),
             leasing,
+            checkpoints,
         };
         Ok(Engine { inner: Arc::new(inner) })
     }
@@ -257,6 +285,8 @@ impl Engine {
             redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
             lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
             lease_clock: Arc::new(SystemClock),
+            checkpoint_signer: None,
+            checkpoint_every_ms: crate::shell::checkpoint::CHECKPOINT_EVERY_MS_DEFAULT,
         }
     }
 
@@ -281,7 +311,11 @@ impl Engine {
     /// or waiting for a human. Waits for retry backoffs; applies escalation deadline
     /// defaults that are already due; does not wait for future escalation deadlines.
     pub async fn run_until_idle(&self) -> Result<IdleReport, EngineError> {
-        crate::shell::sched::run_until_idle(&self.inner).await
+        let report = crate::shell::sched::run_until_idle(&self.inner).await?;
+        if let Some(c) = &self.inner.checkpoints {
+            c.write_now(self.inner.log.as_ref(), self.inner.clock.now_us())?;
+        }
+        Ok(report)
     }
 
     /// Starts background workers that resume every non-terminal run, drive runs as they

@@ -95,10 +95,18 @@ pub use model::state::{EscalationState, RunState, TaskState, Totals};
 pub use model::workflow::*;
 pub use model::{event, fsm, state};
 pub use shell::cache::ResponseCache;
+pub use shell::checkpoint::{
+    CheckpointPart, CheckpointRun, HeadSigner, CHECKPOINTS_KEPT, CHECKPOINT_EVERY_MS_DEFAULT, CHECKPOINT_FORMAT,
+    CHECKPOINT_PREFIX, CHECKPOINT_RUNS_MAX,
+};
+/// Signed head checkpoints: the message format, keys and the stored parts.
+pub mod checkpoint {
+    pub use crate::shell::checkpoint::{message, part_key, stored_parts, write};
+}
 pub use shell::fold::{
     copy_payloads, encode_snapshot, fold_full, inflated, load_state, prepare_outlined, read_logged, read_logged_runs,
 };
-pub use shell::index::{reindex_run, RunFilter, RunsPage};
+pub use shell::index::{reindex_run, removal_writes as index_removal_writes, RunFilter, RunsPage};
 pub use shell::ingest::{request_digest, seed_of, IDEMPOTENCY_KEY_BYTES_MAX};
 pub use shell::journal::Change;
 pub use shell::lease::{LEASE_TTL_MS_DEFAULT, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN};

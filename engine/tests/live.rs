@@ -251,6 +251,15 @@ impl Coordination for Counting {
     fn lookup_key(&self, key: &[u8], now_us: i64) -> Result<Option<RunId>, StoreError> {
         self.inner.lookup_key(key, now_us)
     }
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<keel_store::Hash32>,
+        aux: Vec<keel_store::AuxWrite>,
+    ) -> Result<(), StoreError> {
+        self.inner.remove_run(run, expected, payloads, aux)
+    }
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.inner.save_snapshot(run, next_seq, state)
     }

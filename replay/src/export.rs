@@ -160,6 +160,20 @@ pub struct JsonlWriter<W: Write> {
     /// Payloads already written to this file (each is written once, before the first
     /// record that refers to it).
     written: std::collections::BTreeSet<Hash32>,
+    /// What a signature covers: the header line and every run's trailer so far.
+    message: crate::sign::ExportMessage,
+    /// The key that signs the file at [`JsonlWriter::finish`], if any.
+    signer: Option<crate::sign::SecretKey>,
+}
+
+/// The last line of a signed export (docs/EXPORT.md, "Signature").
+#[derive(Serialize)]
+struct SignatureLine {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    alg: &'static str,
+    key: String,
+    sig: String,
 }
 
 impl<W: Write> JsonlWriter<W> {
@@ -174,8 +188,18 @@ impl<W: Write> JsonlWriter<W> {
             redacted: redaction.specs(),
             keel_version: env!("CARGO_PKG_VERSION"),
         };
-        write_line(&mut out, &header)?;
-        Ok(JsonlWriter { out, redaction, written: Default::default() })
+        let line =
+            serde_json::to_vec(&header).map_err(|e| ReplayError::io("<export output>", std::io::Error::other(e)))?;
+        out.write_all(&line).and_then(|()| out.write_all(b"\n")).map_err(|e| ReplayError::io("<export output>", e))?;
+        let message = crate::sign::ExportMessage::new(&line);
+        Ok(JsonlWriter { out, redaction, written: Default::default(), message, signer: None })
+    }
+
+    /// Signs the file with `key` when it is finished: a last `signature` line over the
+    /// header line and every run's trailer ([`crate::sign::ExportMessage`]).
+    pub fn signed_by(mut self, key: crate::sign::SecretKey) -> Self {
+        self.signer = Some(key);
+        self
     }
 
     /// Streams one run's records from the store.
@@ -195,6 +219,7 @@ impl<W: Write> JsonlWriter<W> {
         }
         let end = RunEndLine { ty: "run_end", run: run.to_string(), records: n, head: hex32(&head) };
         write_line(&mut self.out, &end)?;
+        self.message.add_run(&end.run, n, &end.head);
         Ok(RunExported { run: run.to_string(), records: n, head: hex32(&head) })
     }
 
@@ -233,8 +258,17 @@ impl<W: Write> JsonlWriter<W> {
         Ok(())
     }
 
-    /// Flushes the output and returns it.
+    /// Writes the signature line (if signing), flushes the output and returns it.
     pub fn finish(mut self) -> Result<W, ReplayError> {
+        if let Some(key) = &self.signer {
+            let line = SignatureLine {
+                ty: "signature",
+                alg: "ed25519",
+                key: key.public().hex(),
+                sig: key.sign_hex(self.message.bytes()),
+            };
+            write_line(&mut self.out, &line)?;
+        }
         self.out.flush().map_err(|e| ReplayError::io("<export output>", e))?;
         Ok(self.out)
     }

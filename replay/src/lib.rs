@@ -18,6 +18,8 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+pub mod anchor;
+pub mod archive;
 pub mod check;
 pub mod diff;
 pub mod error;
@@ -27,6 +29,7 @@ pub mod format;
 pub mod html;
 pub mod payloads;
 pub mod policy;
+pub mod sign;
 pub mod source;
 pub mod timeline;
 pub mod verify;

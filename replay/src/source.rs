@@ -83,6 +83,23 @@ pub struct ExportHeader {
     pub filter: Value,
     /// The redaction rules applied (`FIELD` or `Kind.FIELD`).
     pub redacted: Vec<String>,
+    /// When the export was made, µs since the Unix epoch (absent in hand-made files).
+    pub exported_at_us: Option<i64>,
+    /// The line's bytes as written (without its newline): what a signature covers.
+    pub raw: Vec<u8>,
+}
+
+/// The signature line that ends a signed export (docs/EXPORT.md, "Signature").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSignature {
+    /// 1-based line number in the file.
+    pub line: u64,
+    /// The algorithm (`ed25519`).
+    pub alg: String,
+    /// The signer's public key, 64 hex digits.
+    pub key: String,
+    /// The signature, 128 hex digits.
+    pub sig: String,
 }
 
 /// One exported record, as written (payload fields possibly redacted).
@@ -96,6 +113,9 @@ pub struct ExportRecord {
     pub seq: u64,
     /// When it was recorded, microseconds since the Unix epoch.
     pub time_us: i64,
+    /// The same time as RFC 3339 UTC, as the line states it (`None` if absent): not
+    /// hashed, so verification checks it against `time_us`.
+    pub time: Option<String>,
     /// The event kind.
     pub kind: String,
     /// The record envelope's schema version (1 or 2).
@@ -141,6 +161,8 @@ pub enum ExportLine {
     RunEnd(RunEnd),
     /// A part of a payload that records refer to ([`crate::payloads`]).
     Payload(crate::payloads::ExportPayload),
+    /// The signature of a signed export (its last line).
+    Signature(ExportSignature),
 }
 
 impl ExportRecord {
@@ -267,6 +289,12 @@ impl<R: BufRead> ExportReader<R> {
                 head: f.hash_of("head")?,
             })),
             "record" => parse_record(&f),
+            "signature" => Ok(ExportLine::Signature(ExportSignature {
+                line: self.line,
+                alg: f.str_of("alg")?,
+                key: f.str_of("key")?,
+                sig: f.str_of("sig")?,
+            })),
             "payload" => crate::payloads::parse_payload_fields(&obj, self.line)
                 .map(ExportLine::Payload)
                 .map_err(|reason| self.err(reason)),
@@ -457,7 +485,7 @@ impl<R: BufRead> Iterator for RunLines<R> {
             Some(FastLine::Record(logged)) => Ok(RunLine::Record(RunRecord::Rebuilt { line: reader.line, logged })),
             Some(FastLine::RunEnd(run)) => Ok(RunLine::RunEnd(run)),
             None => reader.parse().map(|line| match line {
-                ExportLine::Header(_) => RunLine::Header,
+                ExportLine::Header(_) | ExportLine::Signature(_) => RunLine::Header,
                 ExportLine::Record(rec) => RunLine::Record(RunRecord::Parsed(Box::new(rec))),
                 ExportLine::RunEnd(end) => RunLine::RunEnd(end.run),
                 ExportLine::Payload(p) => RunLine::Payload(p),
@@ -929,6 +957,12 @@ impl<R: BufRead> Fields<'_, R> {
     }
 }
 
+/// A line's bytes without its `\n` (or `\r\n`).
+fn without_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
 /// The header line: the format must be the one this keel reads.
 fn parse_header<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError> {
     let fmt = f.str_of("format")?;
@@ -945,6 +979,8 @@ fn parse_header<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError
         exported_at: f.obj.get("exported_at").and_then(Value::as_str).unwrap_or("").to_owned(),
         filter: f.obj.get("filter").cloned().unwrap_or(Value::Null),
         redacted,
+        exported_at_us: f.obj.get("exported_at_us").and_then(Value::as_i64),
+        raw: without_eol(&f.at.buf).to_vec(),
     }))
 }
 
@@ -967,6 +1003,10 @@ fn parse_record<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError
         run: f.run()?,
         seq: f.u64_of("seq")?,
         time_us,
+        time: match f.obj.get("time") {
+            None => None,
+            Some(_) => Some(f.str_of("time")?),
+        },
         kind: f.str_of("kind")?,
         schema_version,
         payload,

@@ -46,6 +46,10 @@ pub enum Tamper {
     Truncated,
     /// A line is not a valid export line at all.
     Malformed,
+    /// A signature was asked for (`--key`) and the export carries none.
+    Unsigned,
+    /// The export is signed, but by another key than the one given.
+    WrongKey,
 }
 
 /// The first problem found.
@@ -81,6 +85,44 @@ pub struct Verification {
     pub runs: Vec<RunVerified>,
     /// The first problem found (None: everything verified).
     pub failure: Option<Failure>,
+    /// The public key (hex) whose signature of the export verified, if it is signed.
+    pub signed_by: Option<String>,
+    /// What the export's header says was selected, and when (not for a database).
+    #[serde(skip)]
+    pub selection: Option<Selection>,
+}
+
+/// An export's selection and time, from its header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// `keel export --all`: every run accepted in `[since_us, until_us)`.
+    pub all: bool,
+    /// The `--since` bound, µs.
+    pub since_us: Option<i64>,
+    /// The `--until` bound, µs.
+    pub until_us: Option<i64>,
+    /// When the export was made, µs (`None`: the header does not say).
+    pub exported_at_us: Option<i64>,
+}
+
+impl Selection {
+    fn of(h: &crate::source::ExportHeader) -> Selection {
+        let bound =
+            |k: &str| h.filter.get(k).and_then(serde_json::Value::as_str).and_then(|t| format::parse_time(t).ok());
+        Selection {
+            all: h.filter.get("all").and_then(serde_json::Value::as_bool) == Some(true),
+            since_us: bound("since"),
+            until_us: bound("until"),
+            exported_at_us: h.exported_at_us,
+        }
+    }
+}
+
+/// What [`verify_export_with`] checks beyond the chain.
+#[derive(Clone, Debug, Default)]
+pub struct ExportChecks {
+    /// The export must carry a valid signature by this key.
+    pub key: Option<crate::sign::PublicKey>,
 }
 
 impl Verification {
@@ -154,8 +196,18 @@ pub fn reveal_matches(redacted: &serde_json::Value, value: &serde_json::Value) -
 /// Verifies an export file (streaming). `Err` only for I/O on the file itself; everything
 /// wrong with its content is the returned [`Verification::failure`].
 pub fn verify_export(path: &Path) -> Result<Verification, ReplayError> {
+    verify_export_with(path, &ExportChecks::default())
+}
+
+/// [`verify_export`], and the signature: a signature line present must verify (with the
+/// key it names), and with `checks.key` it must be there and by that key.
+pub fn verify_export_with(path: &Path, checks: &ExportChecks) -> Result<Verification, ReplayError> {
     let reader = read_export(path)?;
-    Ok(ExportCheck::new(reader).run())
+    let mut check = ExportCheck::new(reader);
+    if let Err(f) = check.walk().and_then(|()| check.check_signature(checks)) {
+        check.out.failure = Some(f);
+    }
+    Ok(check.out)
 }
 
 struct Current {
@@ -174,6 +226,9 @@ struct ExportCheck<R> {
     /// Payload lines being assembled, and the digests of the payloads that verified.
     parts: PayloadParts,
     payloads: BTreeSet<Hash32>,
+    /// What a signature must cover (from the header on), and the signature line if any.
+    message: Option<crate::sign::ExportMessage>,
+    signature: Option<crate::source::ExportSignature>,
 }
 
 fn fail(what: Tamper, run: Option<RunId>, seq: Option<u64>, line: Option<u64>, message: String) -> Failure {
@@ -189,6 +244,8 @@ impl<R: BufRead> ExportCheck<R> {
             finished: BTreeSet::new(),
             parts: PayloadParts::default(),
             payloads: BTreeSet::new(),
+            message: None,
+            signature: None,
         }
     }
 
@@ -208,18 +265,11 @@ impl<R: BufRead> ExportCheck<R> {
         for l in &self.ahead {
             match l {
                 Ok(ExportLine::Record(r)) if r.run == run => out.push((r.seq, r.line)),
-                Ok(ExportLine::Record(_)) | Ok(ExportLine::RunEnd(_)) | Err(_) => break,
+                Ok(ExportLine::Record(_)) | Ok(ExportLine::RunEnd(_)) | Ok(ExportLine::Signature(_)) | Err(_) => break,
                 Ok(ExportLine::Header(_)) | Ok(ExportLine::Payload(_)) => {}
             }
         }
         out
-    }
-
-    fn run(mut self) -> Verification {
-        if let Err(f) = self.walk() {
-            self.out.failure = Some(f);
-        }
-        self.out
     }
 
     fn walk(&mut self) -> Result<(), Failure> {
@@ -229,6 +279,16 @@ impl<R: BufRead> ExportCheck<R> {
         let mut first = true;
         while let Some(line) = self.next_line() {
             let line = line.map_err(|e| malformed_line(&path, cur.as_ref(), &e))?;
+            if let Some(sig) = &self.signature {
+                let at = line_of(&line);
+                return Err(fail(
+                    Tamper::Inserted,
+                    None,
+                    None,
+                    Some(at),
+                    format!("line {at}: a line after the signature line {} (appended after signing)", sig.line),
+                ));
+            }
             match line {
                 ExportLine::Header(h) => {
                     if !first {
@@ -240,11 +300,15 @@ impl<R: BufRead> ExportCheck<R> {
                             format!("line {}: a second header line (lines inserted)", h.line),
                         ));
                     }
+                    header_time_problem(&h)?;
+                    self.message = Some(crate::sign::ExportMessage::new(&h.raw));
+                    self.out.selection = Some(Selection::of(&h));
                     saw_header = true;
                 }
                 ExportLine::Record(rec) => self.on_record(&mut cur, &rec, saw_header, &path)?,
                 ExportLine::RunEnd(end) => self.on_run_end(cur.take(), &end)?,
                 ExportLine::Payload(p) => self.on_payload(p)?,
+                ExportLine::Signature(sig) => self.on_signature(cur.as_ref(), sig)?,
             }
             first = false;
         }
@@ -314,6 +378,73 @@ impl<R: BufRead> ExportCheck<R> {
         if let Some(c) = cur.as_mut() {
             self.record(c, rec)?;
         }
+        Ok(())
+    }
+
+    /// The signature line: it closes the file (no run may be open).
+    fn on_signature(&mut self, cur: Option<&Current>, sig: crate::source::ExportSignature) -> Result<(), Failure> {
+        if let Some(c) = cur {
+            return Err(fail(
+                Tamper::Removed,
+                Some(c.run),
+                Some(c.next),
+                Some(sig.line),
+                format!("run {}: its run_end trailer is missing before the signature line {}", c.run, sig.line),
+            ));
+        }
+        self.signature = Some(sig);
+        Ok(())
+    }
+
+    /// After the walk: a signature present must verify with the key it names; with
+    /// `checks.key`, it must be there and name that key.
+    fn check_signature(&mut self, checks: &ExportChecks) -> Result<(), Failure> {
+        let Some(sig) = &self.signature else {
+            return match &checks.key {
+                None => Ok(()),
+                Some(k) => Err(fail(
+                    Tamper::Unsigned,
+                    None,
+                    None,
+                    None,
+                    format!(
+                        "the export is not signed (no signature line), so its heads are not anchored to key {}",
+                        short(&k.hex())
+                    ),
+                )),
+            };
+        };
+        let at = Some(sig.line);
+        let stated = crate::sign::PublicKey::from_hex(&sig.key).filter(|_| sig.alg == "ed25519");
+        let message = self.message.as_ref().map(crate::sign::ExportMessage::bytes).unwrap_or_default();
+        let Some(stated) = stated.filter(|k| k.verifies(message, &sig.sig)) else {
+            return Err(fail(
+                Tamper::Altered,
+                None,
+                None,
+                at,
+                format!(
+                    "line {}: the signature (key {}) does not match the header and the run heads: the file was changed after it was signed",
+                    sig.line,
+                    short(&sig.key)
+                ),
+            ));
+        };
+        if let Some(k) = checks.key.filter(|k| *k != stated) {
+            return Err(fail(
+                Tamper::WrongKey,
+                None,
+                None,
+                at,
+                format!(
+                    "line {}: signed by key {}, not by the expected key {}",
+                    sig.line,
+                    short(&sig.key),
+                    short(&k.hex())
+                ),
+            ));
+        }
+        self.out.signed_by = Some(stated.hex());
         Ok(())
     }
 
@@ -410,6 +541,9 @@ impl<R: BufRead> ExportCheck<R> {
             ));
         }
         self.finished.insert(c.run);
+        if let Some(m) = self.message.as_mut() {
+            m.add_run(&c.run.to_string(), c.next, &hex32(&c.prev));
+        }
         self.out.runs.push(RunVerified { run: c.run.to_string(), records: c.next, head: hex32(&c.prev) });
         Ok(())
     }
@@ -431,6 +565,15 @@ impl<R: BufRead> ExportCheck<R> {
             return Err(self.seq_ahead(c, rec));
         }
         // rec.seq == n
+        if let Some(problem) = time_problem(rec) {
+            return Err(fail(
+                Tamper::Altered,
+                Some(run),
+                Some(n),
+                Some(line),
+                format!("run {run} seq {n}: header altered ({problem} at line {line})"),
+            ));
+        }
         if let Some(problem) = version_problem(rec) {
             return Err(fail(
                 Tamper::Altered,
@@ -671,6 +814,45 @@ pub fn compare_heads(log: &dyn EventLog, verified: &[RunVerified]) -> Result<Opt
         }
     }
     Ok(None)
+}
+
+/// The line number of an export line.
+fn line_of(l: &ExportLine) -> u64 {
+    match l {
+        ExportLine::Header(h) => h.line,
+        ExportLine::Record(r) => r.line,
+        ExportLine::RunEnd(e) => e.line,
+        ExportLine::Payload(p) => p.line,
+        ExportLine::Signature(s) => s.line,
+    }
+}
+
+/// The first 16 hex digits of a key or hash, for messages.
+pub(crate) fn short(hex: &str) -> &str {
+    hex.get(..16).unwrap_or(hex)
+}
+
+/// A record's `time` (not hashed) must state its `time_us` (hashed).
+fn time_problem(rec: &ExportRecord) -> Option<String> {
+    let t = rec.time.as_deref()?;
+    let parsed = chrono::DateTime::parse_from_rfc3339(t).ok().map(|d| d.timestamp_micros());
+    (parsed != Some(rec.time_us)).then(|| format!("its time {t:?} is not its time_us {}", rec.time_us))
+}
+
+/// A header's `exported_at` must state its `exported_at_us` (a signature covers both).
+fn header_time_problem(h: &crate::source::ExportHeader) -> Result<(), Failure> {
+    let Some(us) = h.exported_at_us else { return Ok(()) };
+    let parsed = chrono::DateTime::parse_from_rfc3339(&h.exported_at).ok().map(|d| d.timestamp_micros());
+    if parsed == Some(us) {
+        return Ok(());
+    }
+    Err(fail(
+        Tamper::Altered,
+        None,
+        None,
+        Some(h.line),
+        format!("line {}: header altered (exported_at {:?} is not exported_at_us {us})", h.line, h.exported_at),
+    ))
 }
 
 /// The failure for a line that does not parse as an export line.

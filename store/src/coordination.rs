@@ -199,6 +199,22 @@ pub trait Coordination: Send + Sync + 'static {
     /// as given to [`Coordination::aux_put`], without any backend prefix).
     fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError>;
 
+    /// Removes a run from the store for good (retention: `keel archive`, after the run was
+    /// exported and verified): every record of the run, its snapshot and due time, the
+    /// payloads `payloads` (the caller's list of those no remaining run refers to), and
+    /// applies `aux` (a tombstone that keeps the run's head, index removals) — all in **one
+    /// atomic write**, durable before it returns. Refused with `Conflict` (nothing removed)
+    /// if the run's head is not `expected`, so a run that moved on since it was exported
+    /// is never removed; `aux` is checked as in [`Coordination::append_with_aux`]. The
+    /// run's head reads as empty afterwards.
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<crate::Hash32>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<(), StoreError>;
+
     /// Sets `run`'s due time (when a timer of the run fires), microseconds since the Unix
     /// epoch, replacing any earlier one: one due time per run, its next wake-up. Durable
     /// with the next flush, as aux entries.

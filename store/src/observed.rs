@@ -176,6 +176,15 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     fn aux_apply(&self, aux: Vec<crate::AuxWrite>) -> Result<(), StoreError> {
         self.inner.aux_apply(aux)
     }
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<crate::Hash32>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<(), StoreError> {
+        self.inner.remove_run(run, expected, payloads, aux)
+    }
     fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
         self.inner.aux_range(lo, hi, limit)
     }

@@ -199,6 +199,15 @@ pub(crate) fn open_escalations(log: &dyn Store) -> Result<Vec<(RunId, OpenEscala
     }
 }
 
+/// The writes that remove `run` from the read models (its entry and listing keys): what
+/// archiving a run removes with its records (`keel archive`). Empty if it has no entry.
+pub fn removal_writes(log: &dyn Store, run: RunId) -> Result<Vec<AuxWrite>, EngineError> {
+    let Some(e) = entry(log, run)? else { return Ok(Vec::new()) };
+    let mut out: Vec<AuxWrite> = listing_keys(run, &e.workflow, e.status).into_iter().map(|k| (k, None)).collect();
+    out.push((run_key(run), None));
+    Ok(out)
+}
+
 /// The index entry of `run`, if it has one.
 pub(crate) fn entry(log: &dyn Store, run: RunId) -> Result<Option<IndexEntry>, EngineError> {
     let k = run_key(run);

@@ -21,6 +21,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod calls;
+pub(crate) mod checkpoint;
 pub(crate) mod driver;
 pub(crate) mod effects;
 pub(crate) mod fold;

@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub wake: Notify,
     /// How drivers take, renew and fence their runs' leases.
     pub leasing: Leasing,
+    /// Signed head checkpoints, if the engine holds a signer.
+    pub checkpoints: Option<crate::shell::checkpoint::Checkpointing>,
 }
 
 impl Inner {

@@ -326,6 +326,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             poke(&inner, run);
         }
         spawn_claimed(&inner, &mut set, &stop);
+        if let Some(c) = &inner.checkpoints {
+            c.tick(inner.log.as_ref(), inner.clock.now_us());
+        }
         // Sleep until the next parked run falls due (timers wake on time), at most a tick.
         let next = inner.sched().parked.values().copied().min();
         let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
@@ -343,6 +346,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         if let Ok((run, out)) = joined {
             finish(&inner, run, &out, &mut report, true);
         }
+    }
+    if let Some(Err(e)) = inner.checkpoints.as_ref().map(|c| c.write_now(inner.log.as_ref(), inner.clock.now_us())) {
+        tracing::warn!(error = %e, "cannot write the last signed head checkpoint");
     }
     report
 }

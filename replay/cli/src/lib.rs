@@ -79,6 +79,11 @@ enum Cmd {
     Export(cmd::export::ExportArgs),
     /// Verify the hash chain of an export file or of the database.
     Verify(cmd::verify::VerifyArgs),
+    /// Make an Ed25519 key pair for signing exports and head checkpoints.
+    Keygen(cmd::keygen::KeygenArgs),
+    /// Export finished runs to verified (and signed) files, then remove them from the
+    /// database, leaving a tombstone per run.
+    Archive(cmd::archive::ArchiveArgs),
     /// Copy runs between databases (sled and PostgreSQL), the same records and payloads.
     Copy(cmd::copy::CopyArgs),
     /// List escalations waiting for a human.
@@ -218,6 +223,8 @@ async fn run_local(db: &std::path::Path, command: Cmd, registry: &Registry) -> C
         Cmd::Export(a) => cmd::export::run(&db, a),
         Cmd::Verify(a) => cmd::verify::run(&db, a),
         Cmd::Copy(a) => cmd::copy::run(a),
+        Cmd::Keygen(a) => cmd::keygen::run(a),
+        Cmd::Archive(a) => cmd::archive::run(&db, a),
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,
         Cmd::Cancel(a) => cmd::cancel::run(&db, a, registry).await,

@@ -132,9 +132,20 @@ impl Registry {
         Ok(self.register(Engine::builder().store(log)).open()?)
     }
 
-    /// [`Registry::engine`] whose drivers hold their run leases for `lease_ttl_ms`.
-    pub(crate) fn engine_leased(&self, log: Arc<dyn Store>, lease_ttl_ms: u64) -> Result<Engine, CliError> {
-        Ok(self.register(Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms)).open()?)
+    /// [`Registry::engine`] whose drivers hold their run leases for `lease_ttl_ms` and that
+    /// writes signed head checkpoints with `key` (if given):
+    /// `keel work --sign-key` and `keel serve --sign-key`.
+    pub(crate) fn engine_signing(
+        &self,
+        log: Arc<dyn Store>,
+        lease_ttl_ms: u64,
+        key: Option<&crate::cmd::keygen::SignKey>,
+    ) -> Result<Engine, CliError> {
+        let mut b = Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms);
+        if let Some(k) = key {
+            b = b.checkpoint_signer(Arc::new(k.key.clone())).checkpoint_every_ms(k.every_ms);
+        }
+        Ok(self.register(b).open()?)
     }
 
     /// Refuses to drive anything when a run that is not finished belongs to a workflow type

@@ -395,15 +395,31 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
                 v.runs.retain(|x| x.run == run);
             }
         }
+        let mut continued = Vec::new();
         if a.against_db && v.ok() {
-            v.failure = compare_heads(r, &v.runs).await?;
+            v.failure = compare_heads(r, &v.runs, &mut continued).await?;
         }
+        // The shape of `keel verify --json` (runs missing from an `--all` export are found
+        // only on the database itself).
+        let status = if !v.ok() {
+            "failed"
+        } else if continued.is_empty() {
+            "verified"
+        } else {
+            "continued"
+        };
         let doc = json!({
             "source": file.display().to_string(),
             "ok": v.ok(),
+            "status": status,
             "records": v.records(),
             "runs": v.runs,
             "failure": v.failure,
+            "signed_by": v.signed_by,
+            "continued": continued,
+            "archived": [],
+            "checkpoints": null,
+            "events_after_expected_head": null,
         });
         return crate::cmd::verify::print(&doc, a.json);
     }
@@ -423,6 +439,7 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
 async fn compare_heads(
     r: &Remote,
     runs: &[keel_replay::verify::RunVerified],
+    continued: &mut Vec<keel_replay::anchor::RunContinued>,
 ) -> Result<Option<keel_replay::verify::Failure>, CliError> {
     use keel_replay::verify::{Failure, Tamper};
     let failure = |what, run: &str, message: String| {
@@ -446,6 +463,15 @@ async fn compare_heads(
         let db = got.pointer("/runs/0").cloned().unwrap_or(Value::Null);
         let db_records = db.get("records").and_then(Value::as_u64).unwrap_or_default();
         let db_head = db.get("head").and_then(Value::as_str).unwrap_or_default();
+        if db_records > v.records && holds_head(r, v).await? {
+            continued.push(keel_replay::anchor::RunContinued {
+                run: v.run.clone(),
+                exported: v.records,
+                database: db_records,
+                more: db_records - v.records,
+            });
+            continue;
+        }
         if db_records != v.records || db_head != v.head {
             return Ok(failure(
                 Tamper::Altered,
@@ -463,14 +489,29 @@ async fn compare_heads(
     Ok(None)
 }
 
+/// Whether the server's copy of the run holds the export's head at the export's last seq
+/// (the run went on since): read from the server's JSONL export of the run.
+async fn holds_head(r: &Remote, v: &keel_replay::verify::RunVerified) -> Result<bool, CliError> {
+    let body = r.get(&format!("/v1/export?format=jsonl&run={}", v.run)).await?.body;
+    let last = v.records.saturating_sub(1);
+    Ok(body.split(|b| *b == b'\n').filter_map(|l| serde_json::from_slice::<Value>(l).ok()).any(|l| {
+        l.get("type").and_then(Value::as_str) == Some("record")
+            && l.get("seq").and_then(Value::as_u64) == Some(last)
+            && l.get("hash").and_then(Value::as_str) == Some(v.head.as_str())
+    }))
+}
+
 /// Whether `command` goes through a running server when one holds the database.
 pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
     use crate::Cmd;
     match command {
-        Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) | Cmd::Export(_) => true,
+        Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) => true,
+        // A signed export is written here: the key never leaves this process.
+        Cmd::Export(e) => e.sign.is_none(),
         Cmd::Stats(_) => true,
         // An export file is verified here; the database through the server.
-        Cmd::Verify(v) => v.file.is_none() || v.against_db,
+        // Checkpoints and --expect-head are checked here, on the database itself.
+        Cmd::Verify(v) => (v.file.is_none() || v.against_db) && v.key.is_none() && v.expect_head.is_none(),
         _ => false,
     }
 }

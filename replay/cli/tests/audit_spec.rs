@@ -118,6 +118,7 @@ fn an_export_verifies_and_every_kind_of_tampering_is_named() {
         run,
         seq: 7,
         time_us: good_forgery["time_us"].as_i64().unwrap(),
+        time: None,
         kind: good_forgery["kind"].as_str().unwrap().to_owned(),
         schema_version: good_forgery["schema_version"].as_u64().unwrap() as u16,
         payload: good_forgery["payload"].as_object().unwrap().clone(),

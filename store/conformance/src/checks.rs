@@ -524,3 +524,46 @@ pub fn a_payload_read_is_bounded(make: MakeStore<'_>) {
     }
     assert_eq!(log.get_payload(&r.digest, 100_000).unwrap().map(|b| b.len()), Some(100_000));
 }
+
+/// `remove_run` (retention): refused with `Conflict` when the head moved, and nothing
+/// changes; otherwise the run's records, snapshot and due time and the given payloads
+/// are gone and the aux writes applied, other runs and payloads untouched, and the run can
+/// be told apart from one that never existed only by what the aux writes left.
+pub fn remove_run_takes_records_payloads_and_aux_in_one_step(make: MakeStore<'_>) {
+    let log = make();
+    let (r, other) = (run(1), run(2));
+    log.append(r, Seq(0), vec![rec(0), rec(1), rec(2)], None).unwrap();
+    log.append(other, Seq(0), vec![rec(0)], None).unwrap();
+    log.save_snapshot(r, Seq(2), b"state").unwrap();
+    log.put_due(r, 5).unwrap();
+    let mine = log.put_payload(&vec![b'm'; 70_000]).unwrap();
+    let shared = log.put_payload(b"shared by both runs").unwrap();
+    log.aux_put(b"ix/r1", b"entry").unwrap();
+    let tomb = |v: &[u8]| vec![(b"tomb/r1".to_vec(), Some(v.to_vec())), (b"ix/r1".to_vec(), None)];
+    // A stale expected head: nothing removed, no aux written.
+    let err = log.remove_run(r, Seq(2), vec![mine.digest], tomb(b"t"));
+    assert!(matches!(err, Err(StoreError::Conflict { expected: Seq(2), actual: Seq(3), .. })), "{err:?}");
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(3));
+    assert_eq!(log.aux_get(b"tomb/r1").unwrap(), None);
+    assert!(log.get_payload(&mine.digest, usize::MAX).unwrap().is_some());
+    // Oversize aux: refused before anything is removed.
+    let big = vec![0u8; log.limits().event_bytes_max + 1];
+    let err = log.remove_run(r, Seq(3), vec![], vec![(b"tomb/r1".to_vec(), Some(big))]);
+    assert!(matches!(err, Err(StoreError::TooLarge { what: "aux value", .. })), "{err:?}");
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(3));
+    // The real removal.
+    log.remove_run(r, Seq(3), vec![mine.digest], tomb(b"t")).unwrap();
+    assert_eq!(log.head(r).unwrap(), Head::empty());
+    assert!(log.read(r, Seq(0)).unwrap().next().is_none());
+    assert_eq!(log.load_snapshot(r).unwrap(), None);
+    assert!(log.due(i64::MAX, 10).unwrap().iter().all(|(x, _)| *x != r));
+    assert_eq!(log.runs().unwrap(), vec![other]);
+    assert!(log.get_payload(&mine.digest, usize::MAX).unwrap().is_none());
+    assert!(log.get_payload(&shared.digest, usize::MAX).unwrap().is_some());
+    assert_eq!(log.aux_get(b"tomb/r1").unwrap(), Some(b"t".to_vec()));
+    assert_eq!(log.aux_get(b"ix/r1").unwrap(), None);
+    assert_eq!(log.head(other).unwrap().next_seq, Seq(1));
+    // A removed run's id starts again from seq 0 if written to (nothing else refers to it).
+    log.append(r, Seq(0), vec![rec(0)], None).unwrap();
+    assert_eq!(log.head(r).unwrap().next_seq, Seq(1));
+}

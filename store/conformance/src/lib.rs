@@ -62,6 +62,7 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("model_matches_a_naive_log", model_matches_a_naive_log),
     ("payloads_round_trip_by_digest_across_chunk_boundaries", payloads_round_trip_by_digest_across_chunk_boundaries),
     ("a_payload_read_is_bounded", a_payload_read_is_bounded),
+    ("remove_run_takes_records_payloads_and_aux_in_one_step", remove_run_takes_records_payloads_and_aux_in_one_step),
 ];
 
 /// Runs every check of [`CHECKS`] on stores from `make`, naming each on stderr.
@@ -103,6 +104,7 @@ macro_rules! conformance_tests {
             model_matches_a_naive_log,
             payloads_round_trip_by_digest_across_chunk_boundaries,
             a_payload_read_is_bounded,
+            remove_run_takes_records_payloads_and_aux_in_one_step,
         );
     };
     ($make:expr) => {

@@ -374,7 +374,7 @@ async fn write_aux(
 }
 
 /// Aux writes in `tx`: removes deleted, puts upserted (one statement each).
-async fn aux_statements(
+pub(crate) async fn aux_statements(
     tx: &tokio_postgres::Transaction<'_>,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), tokio_postgres::Error> {

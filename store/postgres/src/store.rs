@@ -509,6 +509,39 @@ async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
     conn.ok(result)
 }
 
+/// [`Coordination::remove_run`] in one transaction: the run's head row locked and
+/// compared with `expected` (the stored `next_seq` is returned; on a mismatch nothing is
+/// changed), then its events, head, snapshot, due time and lease, the given payloads,
+/// and the aux writes.
+async fn remove_run_tx(
+    client: &mut tokio_postgres::Client,
+    run: RunId,
+    digests: &[Vec<u8>],
+    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    expected: Seq,
+) -> Result<i64, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let row = tx.query_opt("SELECT next_seq FROM heads WHERE run = $1 FOR UPDATE", &[&run.0]).await?;
+    let actual: i64 = match row {
+        Some(r) => r.try_get(0)?,
+        None => 0,
+    };
+    if u64::try_from(actual).ok() != Some(expected.0) {
+        tx.rollback().await?;
+        return Ok(actual);
+    }
+    for table in ["events", "heads", "snapshots", "due"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE run = $1"), &[&run.0]).await?;
+    }
+    if !digests.is_empty() {
+        tx.execute("DELETE FROM payloads WHERE digest = ANY($1)", &[&digests]).await?;
+        tx.execute("DELETE FROM payload_manifests WHERE digest = ANY($1)", &[&digests]).await?;
+    }
+    group::aux_statements(&tx, aux).await?;
+    tx.commit().await?;
+    Ok(actual)
+}
+
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
     let mut conn = pool.get().await?;
@@ -675,6 +708,29 @@ impl Coordination for PgStore {
             conn.ok(result)?;
             Ok(())
         })
+    }
+
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<Hash32>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<(), StoreError> {
+        backend::validate_aux(&aux, &self.shared.limits)?;
+        let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = aux.into_iter().collect();
+        let digests: Vec<Vec<u8>> = payloads.iter().map(|d| d.to_vec()).collect();
+        let pool = self.pool();
+        let actual = self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = remove_run_tx(conn.client()?, run, &digests, &writes, expected).await;
+            conn.ok(result)
+        })?;
+        let actual = stored_seq(run, actual)?;
+        if actual != expected {
+            return Err(StoreError::Conflict { run, expected, actual });
+        }
+        Ok(())
     }
 
     fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<AuxEntry>, StoreError> {

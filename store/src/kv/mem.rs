@@ -194,6 +194,16 @@ impl Coordination for MemStore {
         self.write(run, expected, records, claim, Some(fence), aux)
     }
 
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<crate::Hash32>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<(), StoreError> {
+        self.core.remove_run(run, expected, payloads, aux)
+    }
+
     // Leases, claims lookup, snapshots, aux, due times: the shared core's.
     crate::kv::delegate_coordination!();
 }

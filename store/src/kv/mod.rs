@@ -380,6 +380,50 @@ impl<K: Kv> Core<K> {
         Ok(())
     }
 
+    /// [`crate::Coordination::remove_run`]: the run's records, snapshot, due time and the
+    /// given payloads removed and `aux` applied in one atomic write, under the run's slot
+    /// lock (no append of the run can interleave) after checking its head.
+    pub(crate) fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<Hash32>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<(), StoreError> {
+        let mut writes = self.aux_writes(aux)?;
+        let slot = self.slot(run);
+        let mut cached = Self::lock_slot(&slot);
+        let head = self.load_head(run)?;
+        if head.next_seq != expected {
+            *cached = None;
+            return Err(StoreError::Conflict { run, expected, actual: head.next_seq });
+        }
+        let (lo, hi) = (record::event_key(run, 0), record::event_key(run, u64::MAX));
+        for pair in self.kv.range(&lo, &hi)? {
+            let (k, _) = pair?;
+            writes.push((k.as_ref().to_vec(), None));
+        }
+        writes.push((record::snapshot_key(run).to_vec(), None));
+        for digest in &payloads {
+            writes.extend(self.payload_removal(digest)?);
+        }
+        let _due = lock(&self.due);
+        writes.extend(self.clear_due_writes(run)?);
+        let result = self.kv.apply(writes);
+        *cached = None;
+        result
+    }
+
+    /// The writes that remove a stored payload (manifest and chunks; none if not stored).
+    fn payload_removal(&self, digest: &Hash32) -> Result<KvWrites, StoreError> {
+        let mk = payloads::manifest_key(digest);
+        let Some(m) = self.kv.get(&mk)? else { return Ok(Vec::new()) };
+        let (_, chunks) = payloads::parse_manifest(digest, &m)?;
+        let mut out: KvWrites = (0..chunks).map(|i| (payloads::chunk_key(digest, i), None)).collect();
+        out.push((mk, None));
+        Ok(out)
+    }
+
     pub(crate) fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
         let _due = lock(&self.due);
         let mut writes = self.clear_due_writes(run)?;

@@ -507,6 +507,28 @@ impl Coordination for SledStore {
         self.write(run, expected, records, claim, Some(fence), aux)
     }
 
+    fn remove_run(
+        &self,
+        run: RunId,
+        expected: Seq,
+        payloads: Vec<crate::Hash32>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> Result<(), StoreError> {
+        if self.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        match self.core.remove_run(run, expected, payloads, aux) {
+            // Durable at the power-loss level whatever the store's durability: a removal
+            // is rare and must not be undone by a crash after the archive was trusted.
+            Ok(()) => self.sync(Level::PowerLoss),
+            Err(e @ (StoreError::Io(_) | StoreError::Sled(_))) => {
+                self.poisoned.store(true, Ordering::Release);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     // Leases, claims lookup, snapshots, aux, due times: the shared core's.
     crate::kv::delegate_coordination!();
 }

@@ -49,6 +49,10 @@ pub(crate) struct ExportArgs {
     /// Redact a payload field: FIELD (every kind) or Kind.FIELD, e.g. output or TaskExecuted.output (repeatable).
     #[arg(long, value_name = "FIELD")]
     pub(crate) redact: Vec<String>,
+    /// Sign the export (JSONL) with this private key (from `keel keygen`): a last line
+    /// signs the header and every run's head (docs/EXPORT.md).
+    #[arg(long, value_name = "KEY")]
+    pub(crate) sign: Option<PathBuf>,
 }
 
 pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
@@ -56,6 +60,10 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
         return Err(CliError::Usage("name a RUN or use --all".into()));
     }
     let redaction = Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
+    if a.sign.is_some() && a.format != ExportFormat::Jsonl {
+        return Err(CliError::Usage("--sign: only a JSONL export is signed (--format jsonl)".into()));
+    }
+    let key = a.sign.as_deref().map(keel_replay::sign::SecretKey::load).transpose()?;
     let (since, until) = time_window(a.since.as_deref(), a.until.as_deref())?;
     // Checked before the database is opened: a refused path costs nothing.
     let target = Target::open(a.output.as_deref(), a.force, db)?;
@@ -71,7 +79,7 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
         }
     };
     let pb = progress(runs.len() as u64, "exporting");
-    let what = Written { format: a.format, redaction, filter, db };
+    let what = Written { format: a.format, redaction, filter, db, key };
     let records = write_runs(store.as_ref(), &runs, what, target.writer()?, &pb).map_err(|e| target.stream_err(e))?;
     pb.finish_and_clear();
     if let Some(path) = target.finish()? {
@@ -104,6 +112,8 @@ struct Written<'a> {
     filter: Value,
     /// The database, named in an HTML report's subtitle.
     db: &'a Path,
+    /// The key that signs a JSONL export.
+    key: Option<keel_replay::sign::SecretKey>,
 }
 
 /// Writes `runs` to `out` in the format asked; returns the records written.
@@ -119,6 +129,9 @@ fn write_runs(
     match what.format {
         ExportFormat::Jsonl => {
             let mut w = JsonlWriter::new(out, what.redaction, what.filter, now)?;
+            if let Some(k) = what.key {
+                w = w.signed_by(k);
+            }
             for run in runs {
                 records += w.write_run(store, *run)?.records;
                 pb.inc(1);

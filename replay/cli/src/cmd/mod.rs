@@ -1,5 +1,6 @@
 //! One module per `keel` command: its arguments and what it does.
 
+pub(crate) mod archive;
 pub(crate) mod bench;
 pub(crate) mod cancel;
 pub(crate) mod copy;
@@ -9,6 +10,7 @@ pub(crate) mod escalations;
 pub(crate) mod export;
 pub(crate) mod fork;
 pub(crate) mod fsm;
+pub(crate) mod keygen;
 pub(crate) mod replay;
 pub(crate) mod resolve;
 pub(crate) mod runs;

@@ -36,6 +36,8 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
+    #[command(flatten)]
+    pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResult {
@@ -53,7 +55,8 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         }
         _ => None,
     };
-    let engine = registry.engine(open_db(db, true)?)?;
+    let key = a.sign.load()?;
+    let engine = registry.engine_signing(open_db(db, true)?, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref())?;
     registry.refuse_unknown_unfinished(&engine)?;
     let tokens = db.join(TOKENS_FILE);
     let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;

@@ -27,10 +27,13 @@ pub(crate) struct WorkArgs {
     /// after SIGINT or SIGTERM.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
+    #[command(flatten)]
+    pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
-    let engine = registry.engine_leased(open(db)?, a.lease_ttl_ms)?;
+    let key = a.sign.load()?;
+    let engine = registry.engine_signing(open(db)?, a.lease_ttl_ms, key.as_ref())?;
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         return serve_work(db, &engine, Duration::from_secs(a.shutdown_timeout)).await;
