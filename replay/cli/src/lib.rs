@@ -74,6 +74,8 @@ enum Cmd {
     Export(cmd::export::ExportArgs),
     /// Verify the hash chain of an export file or of the database.
     Verify(cmd::verify::VerifyArgs),
+    /// Explain what a damaged database lost (runs, seqs) and what an export can restore.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Copy runs between databases (sled and PostgreSQL), the same records and payloads.
     Copy(cmd::copy::CopyArgs),
     /// List escalations waiting for a human.
@@ -203,6 +205,7 @@ async fn run_local(db: &std::path::Path, command: Cmd, registry: &Registry) -> C
         Cmd::Diff(a) => cmd::diff::run(&db, a),
         Cmd::Export(a) => cmd::export::run(&db, a),
         Cmd::Verify(a) => cmd::verify::run(&db, a),
+        Cmd::Doctor(a) => cmd::doctor::run(&db, a),
         Cmd::Copy(a) => cmd::copy::run(a),
         Cmd::Escalations(a) => cmd::escalations::run(&db, a, registry),
         Cmd::Resolve(a) => cmd::resolve::run(&db, a, registry).await,

@@ -474,7 +474,7 @@ pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
         Cmd::Runs(_) | Cmd::Show(_) | Cmd::Escalations(_) | Cmd::Resolve(_) | Cmd::Cancel(_) | Cmd::Export(_) => true,
         Cmd::Stats(_) => true,
         // An export file is verified here; the database through the server.
-        Cmd::Verify(v) => v.file.is_none() || v.against_db,
+        Cmd::Verify(v) => !v.deep && (v.file.is_none() || v.against_db),
         _ => false,
     }
 }

@@ -1,6 +1,8 @@
 //! The sled backend.
 
 pub(crate) mod commit;
+pub(crate) mod files;
+pub(crate) mod manifest;
 pub(crate) mod read_ahead;
 
 use crate::coordination::{Coordination, Fence};
@@ -106,6 +108,13 @@ pub struct SledStore {
     /// Latency and appends of the flushes that made appends durable.
     commits: crate::stats::CommitMeter,
     poisoned: AtomicBool,
+    /// The manifest of committed history (None for a read-only store).
+    manifest: Option<manifest::Manifest>,
+    /// Committed records the manifest names that sled no longer holds (read-only opens
+    /// report them here; a writable open refuses instead).
+    lost: Vec<crate::LostRecords>,
+    /// A read-only store's scratch copy of sled's files (dropped last: removed after sled).
+    scratch: Option<tempfile::TempDir>,
 }
 
 /// Opens sled behind `catch_unwind`, mapping its lock and format failures.
@@ -218,73 +227,168 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
     }
 }
 
-impl SledStore {
-    /// Opens (or with `config.create`, creates) the store in directory `path`.
-    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
-        config.limits.validate()?;
-        if config.cache_capacity_bytes < 1024 * 1024 {
-            return Err(StoreError::InvalidConfig {
-                reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
-            });
-        }
-        let path = path.as_ref().to_path_buf();
-        check_dir(&path, config.create)?;
-        let db = open_sled_after_close(&path, config.cache_capacity_bytes)?;
-        let data_file = File::open(path.join("db"))?;
-        let syncer = Syncer { db: db.clone(), data_file };
+fn check_config(config: &StoreConfig) -> Result<(), StoreError> {
+    config.limits.validate()?;
+    if config.cache_capacity_bytes < 1024 * 1024 {
+        return Err(StoreError::InvalidConfig {
+            reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
+        });
+    }
+    Ok(())
+}
 
-        // Two markers: the format record inside sled, and a file beside sled's files written
-        // only once that record is durable. sled recovers the longest valid prefix of its
-        // log, so a damaged data file can open as an EMPTY database: the file tells that
-        // apart from a store whose creation was interrupted.
-        let marker_file = path.join(MARKER_FILE);
-        let established = marker_file.exists();
-        match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
-            Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
-                if !established {
-                    write_marker_file(&path)?;
-                }
-            }
-            Some(other) => {
-                return Err(StoreError::NotAStore {
-                    path,
-                    reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
-                })
-            }
-            None if established => {
-                return Err(StoreError::CorruptStore {
-                    path,
-                    reason: format!(
-                        "`{MARKER_FILE}` exists but sled recovered no keel format record: \
-                         sled's data file is damaged or was replaced"
-                    ),
-                })
-            }
-            None if db.is_empty() && db.tree_names().len() <= 1 => {
-                if !config.create {
-                    return Err(StoreError::NotFound { path });
-                }
-                db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
-                syncer.sync(Level::PowerLoss)?;
+/// Opens sled in `path` (falling back past a damaged sled snapshot) and checks the keel
+/// format record and marker file.
+fn open_files(
+    path: &Path,
+    config: &StoreConfig,
+    snap: files::SnapFallback<'_>,
+) -> Result<(sled::Db, Syncer), StoreError> {
+    let db = files::with_snapshot_fallback(path, snap, || open_sled_after_close(path, config.cache_capacity_bytes))?;
+    let data_file = File::open(path.join("db"))?;
+    let syncer = Syncer { db: db.clone(), data_file };
+    let path = path.to_path_buf();
+
+    // Two markers: the format record inside sled, and a file beside sled's files written
+    // only once that record is durable. sled recovers the longest valid prefix of its
+    // log, so a damaged data file can open as an EMPTY database: the file tells that
+    // apart from a store whose creation was interrupted.
+    let marker_file = path.join(MARKER_FILE);
+    let established = marker_file.exists();
+    match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
+        Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
+            if !established {
                 write_marker_file(&path)?;
             }
-            None => {
-                return Err(StoreError::NotAStore {
-                    path,
-                    reason: "sled database without the keel format marker".into(),
-                })
+        }
+        Some(other) => {
+            return Err(StoreError::NotAStore {
+                path,
+                reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
+            })
+        }
+        None if established => {
+            return Err(StoreError::CorruptStore {
+                path,
+                reason: format!(
+                    "`{MARKER_FILE}` exists but sled recovered no keel format record: \
+                     sled's data file is damaged or was replaced"
+                ),
+            })
+        }
+        None if db.is_empty() && db.tree_names().len() <= 1 => {
+            if !config.create {
+                return Err(StoreError::NotFound { path });
+            }
+            db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
+            syncer.sync(Level::PowerLoss)?;
+            write_marker_file(&path)?;
+        }
+        None => {
+            return Err(StoreError::NotAStore { path, reason: "sled database without the keel format marker".into() })
+        }
+    }
+    Ok((db, syncer))
+}
+
+/// The committed heads sled does not back (see [`manifest::find_lost`]).
+fn find_lost(
+    core: &Core<SledKv>,
+    committed: &std::collections::BTreeMap<RunId, manifest::CommittedHead>,
+) -> Vec<crate::LostRecords> {
+    manifest::find_lost(committed, |run| core.head(run), |run, seq| core.stored_hash(run, seq))
+}
+
+/// Every run's head as sled holds it now (runs whose head does not read are left out:
+/// `verify` reports them).
+fn current_heads(
+    core: &Core<SledKv>,
+) -> Result<std::collections::BTreeMap<RunId, manifest::CommittedHead>, StoreError> {
+    let mut out = std::collections::BTreeMap::new();
+    for run in core.runs()? {
+        if let Ok(h) = core.head(run) {
+            if h.next_seq.0 > 0 {
+                out.insert(run, manifest::CommittedHead { next_seq: h.next_seq, last_hash: h.last_hash });
             }
         }
+    }
+    Ok(out)
+}
 
-        Ok(SledStore {
-            core: Core::new(SledKv { db }, config.limits),
+impl SledStore {
+    /// Opens (or with `config.create`, creates) the store in directory `path`.
+    ///
+    /// sled's files are copied to `<path>/damaged-<time>/` first when the store was not
+    /// closed cleanly (or its data file changed since), and that copy is removed once the
+    /// manifest check passed; a store that lost committed records is refused with
+    /// [`StoreError::LostCommitted`] naming them and the copy.
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        check_config(&config)?;
+        let path = path.as_ref().to_path_buf();
+        check_dir(&path, config.create)?;
+        let prior = files::read_manifest(&path)?;
+        let evidence = files::preserve_if_unclean(&path, prior.as_ref())?;
+        let (db, syncer) = open_files(&path, &config, files::SnapFallback::MoveTo(&path))?;
+        let core = Core::new(SledKv { db }, config.limits);
+        if let Some(p) = &prior {
+            let lost = find_lost(&core, &p.heads);
+            if !lost.is_empty() {
+                return Err(StoreError::LostCommitted { path, lost, evidence });
+            }
+        }
+        if let Some(e) = evidence {
+            files::remove_evidence(&e);
+        }
+        let manifest = manifest::Manifest::rewrite(&path, &current_heads(&core)?)?;
+        Ok(SledStore::assemble(core, syncer, path, config.durability, Some(manifest), Vec::new(), None))
+    }
+
+    /// Opens the store in `path` without writing to it: sled (which has no read-only mode)
+    /// runs on a scratch copy of its files in the temporary directory (`TMPDIR`), taken
+    /// under a shared lock on the data file, so another process holding the store is
+    /// [`StoreError::Locked`]. Writes through this handle go to the copy and are lost.
+    /// Committed records the manifest names that are gone are listed by [`Self::lost`].
+    pub fn open_read_only(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        check_config(&config)?;
+        let path = path.as_ref().to_path_buf();
+        check_dir(&path, false)?;
+        let prior = files::read_manifest(&path)?;
+        let scratch = files::scratch_copy(&path)?;
+        let config = StoreConfig { create: false, durability: Durability::None, ..config };
+        let (db, syncer) = open_files(scratch.path(), &config, files::SnapFallback::Drop)
+            .map_err(|e| files::rename_scratch_errors(e, scratch.path(), &path))?;
+        let core = Core::new(SledKv { db }, config.limits);
+        let lost = prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
+        Ok(SledStore::assemble(core, syncer, path, config.durability, None, lost, Some(scratch)))
+    }
+
+    fn assemble(
+        core: Core<SledKv>,
+        syncer: Syncer,
+        path: PathBuf,
+        durability: Durability,
+        manifest: Option<manifest::Manifest>,
+        lost: Vec<crate::LostRecords>,
+        scratch: Option<tempfile::TempDir>,
+    ) -> SledStore {
+        SledStore {
+            core,
             syncer,
             path,
-            durability: config.durability,
+            durability,
             group: GroupCommit::new(),
             commits: crate::stats::CommitMeter::default(),
             poisoned: AtomicBool::new(false),
-        })
+            manifest,
+            lost,
+            scratch,
+        }
+    }
+
+    /// Committed records that are gone, per run (always empty for a writable store: its
+    /// open refuses instead).
+    pub fn lost(&self) -> &[crate::LostRecords] {
+        &self.lost
     }
 
     /// The store's directory.
@@ -302,8 +406,15 @@ impl SledStore {
         self.group.flushes()
     }
 
+    /// Flushes sled, then appends the heads written before the flush began to the
+    /// manifest (durable per `level`): the manifest never names a record sled may lack.
     fn sync(&self, level: Level) -> Result<(), StoreError> {
-        self.syncer.sync(level).inspect_err(|e| {
+        let heads = self.manifest.as_ref().map(manifest::Manifest::take).unwrap_or_default();
+        let synced = self.syncer.sync(level).and_then(|()| match &self.manifest {
+            Some(m) => m.append(&heads, level),
+            None => Ok(()),
+        });
+        synced.inspect_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "flush failed; store poisoned");
             self.poisoned.store(true, Ordering::Release);
         })
@@ -481,6 +592,9 @@ impl SledStore {
         }
         match self.core.write(run, expected, records, claim, fence, aux) {
             Ok(Written::Ok(head)) => {
+                if let Some(m) = &self.manifest {
+                    m.note(run, &head);
+                }
                 self.make_durable()?;
                 Ok(head)
             }
@@ -502,9 +616,18 @@ impl SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // Best effort: make a clean shutdown durable even in `Durability::None`.
+        // A read-only store's scratch copy is thrown away: nothing to make durable.
+        if self.scratch.is_some() {
+            return;
+        }
+        // Best effort: make a clean shutdown durable even in `Durability::None`, then
+        // record the clean close (the next open needs no evidence copy).
         if !self.is_poisoned() {
-            if let Err(e) = self.syncer.sync(Level::PowerLoss) {
+            let closed = self.sync(Level::PowerLoss).and_then(|()| match &self.manifest {
+                Some(m) => m.close(&self.path.join("db")),
+                None => Ok(()),
+            });
+            if let Err(e) = closed {
                 tracing::warn!(path = %self.path.display(), error = %e, "flush on drop failed");
             }
         }

@@ -1,7 +1,7 @@
 //! Exports runs for audit: `keel export`.
 
 use crate::error::{io_err, CliError, CmdResult};
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::progress;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
@@ -53,7 +53,7 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     let redaction = Redaction::parse(&a.redact).map_err(|e| CliError::Usage(e.to_string()))?;
     let since = a.since.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--since: {e}")))?;
     let until = a.until.as_deref().map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--until: {e}")))?;
-    let store = open(db)?;
+    let store = open_read(db)?;
     let (runs, filter) = match &a.run {
         Some(r) => {
             let run = resolve_run(store.as_ref(), r)?;

@@ -1,11 +1,11 @@
 //! Verifies a hash chain: `keel verify`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::{open_read, open_read_lossy};
 use crate::output::{print_json, progress};
 use clap::Args;
 use keel_replay::source::{resolve_run, resolve_run_in};
-use keel_replay::verify::{compare_heads, verify_db, verify_export, Verification};
+use keel_replay::verify::{compare_heads, verify_db, verify_export, Failure, Tamper, Verification};
 use keel_store::RunId;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -24,16 +24,24 @@ pub(crate) struct VerifyArgs {
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Without FILE: run `keel doctor` (what was lost, evidence copies).
+    #[arg(long, conflicts_with_all = ["file", "run"])]
+    pub(crate) deep: bool,
 }
 
 pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
+    if a.deep {
+        return crate::cmd::doctor::run(db, crate::cmd::doctor::DoctorArgs { export: None, json: a.json });
+    }
+    let mut lost = Vec::new();
     let (mut v, source): (Verification, String) = match &a.file {
         Some(file) => {
             let v = verify_export(file)?;
             (v, file.display().to_string())
         }
         None => {
-            let store = open(db)?;
+            let (store, gone) = open_read_lossy(db)?;
+            lost = gone;
             let runs = match &a.run {
                 Some(r) => vec![resolve_run(store.as_ref(), r)?],
                 None => store.runs()?,
@@ -53,17 +61,33 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
             }
         }
         if a.against_db && v.ok() {
-            let store = open(db)?;
+            let store = open_read(db)?;
             v.failure = compare_heads(store.as_ref(), &v.runs)?;
         }
     }
-    let doc = json!({
+    if let Some(first) = lost.first() {
+        // Lost committed records outrank any chain failure: the chains that remain can
+        // verify while history is gone.
+        let message =
+            keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.clone(), evidence: None };
+        v.failure = Some(Failure {
+            what: Tamper::Removed,
+            run: Some(first.run.to_string()),
+            seq: Some(first.from.0),
+            line: None,
+            message: format!("{message}; `keel doctor` explains what can be restored"),
+        });
+    }
+    let mut doc = json!({
         "source": source,
         "ok": v.ok(),
         "records": v.records(),
         "runs": v.runs,
         "failure": v.failure,
     });
+    if !lost.is_empty() {
+        doc["lost"] = json!(lost);
+    }
     print(&doc, a.json)
 }
 
