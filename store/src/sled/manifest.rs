@@ -123,10 +123,12 @@ fn parse_line(text: &str) -> Result<Entry, String> {
     if crc32fast::hash(body.as_bytes()) != crc {
         return Err("checksum mismatch".into());
     }
+    if body == HEADER {
+        return Ok(Entry::Header);
+    }
     let f: Vec<&str> = body.split(' ').collect();
     let bad = || format!("unparsable line {body:?}");
     match f.as_slice() {
-        [..] if body == HEADER => Ok(Entry::Header),
         ["h", run, seq, hash] => {
             let run = run.parse::<RunId>().map_err(|_| bad())?;
             let next_seq = Seq(seq.parse().map_err(|_| bad())?);
@@ -244,12 +246,16 @@ impl Manifest {
         for (run, h) in heads {
             text.push_str(&head_line(*run, h));
         }
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(MANIFEST_FILE))?;
-        File::open(dir)?.sync_all()?;
-        let file = std::fs::OpenOptions::new().append(true).open(dir.join(MANIFEST_FILE))?;
+        let path = dir.join(MANIFEST_FILE);
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()?;
+            std::fs::OpenOptions::new().append(true).open(&path)
+        })();
+        let file = written.map_err(|source| StoreError::File { action: "write", path, source })?;
         Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
     }
 

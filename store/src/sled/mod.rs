@@ -132,6 +132,9 @@ pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::
         sled::Error::Corruption { .. } => {
             StoreError::NotAStore { path: path.to_path_buf(), reason: format!("sled reports corruption: {e}") }
         }
+        sled::Error::Io(source) => {
+            StoreError::File { action: "open sled's files in", path: path.to_path_buf(), source }
+        }
         other => sled_err(other),
     })
 }
@@ -245,7 +248,11 @@ fn open_files(
     snap: files::SnapFallback<'_>,
 ) -> Result<(sled::Db, Syncer), StoreError> {
     let db = files::with_snapshot_fallback(path, snap, || open_sled_after_close(path, config.cache_capacity_bytes))?;
-    let data_file = File::open(path.join("db"))?;
+    let data_file = File::open(path.join("db")).map_err(|source| StoreError::File {
+        action: "open",
+        path: path.join("db"),
+        source,
+    })?;
     let syncer = Syncer { db: db.clone(), data_file };
     let path = path.to_path_buf();
 
