@@ -66,17 +66,20 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
         }
     }
     if let Some(first) = lost.first() {
-        // Lost committed records outrank any chain failure: the chains that remain can
-        // verify while history is gone.
-        let message =
-            keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.clone(), evidence: None };
-        v.failure = Some(Failure {
-            what: Tamper::Removed,
-            run: Some(first.run.to_string()),
-            seq: Some(first.from.0),
-            line: None,
-            message: format!("{message}; `keel doctor` explains what can be restored"),
-        });
+        let lost_line = keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.clone(), evidence: None };
+        match v.failure.as_mut() {
+            // The chain failure is the precise one; the loss is added to its line.
+            Some(f) => f.message = format!("{}; the manifest also shows {lost_line}", f.message),
+            None => {
+                v.failure = Some(Failure {
+                    what: Tamper::Removed,
+                    run: Some(first.run.to_string()),
+                    seq: Some(first.from.0),
+                    line: None,
+                    message: format!("{lost_line}; `keel doctor` explains what can be restored"),
+                })
+            }
+        }
     }
     let mut doc = json!({
         "source": source,
