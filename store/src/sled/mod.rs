@@ -230,72 +230,63 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
     }
 }
 
-fn check_config(config: &StoreConfig) -> Result<(), StoreError> {
-    config.limits.validate()?;
-    if config.cache_capacity_bytes < 1024 * 1024 {
-        return Err(StoreError::InvalidConfig {
-            reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
-        });
-    }
-    Ok(())
+/// What an open prepares before sled touches anything: the manifest as found, and the
+/// evidence copy (writable open) or scratch copy (read-only open) of sled's files.
+struct Prepared {
+    /// The store directory.
+    store: PathBuf,
+    prior: Option<manifest::Parsed>,
+    evidence: Option<PathBuf>,
+    scratch: Option<tempfile::TempDir>,
 }
 
-/// Opens sled in `path` (falling back past a damaged sled snapshot) and checks the keel
-/// format record and marker file.
-fn open_files(
-    path: &Path,
-    config: &StoreConfig,
-    snap: files::SnapFallback<'_>,
-) -> Result<(sled::Db, Syncer), StoreError> {
-    let db = files::with_snapshot_fallback(path, snap, || open_sled_after_close(path, config.cache_capacity_bytes))?;
-    let data_file = File::open(path.join("db")).map_err(|source| StoreError::File {
-        action: "open",
-        path: path.join("db"),
-        source,
-    })?;
-    let syncer = Syncer { db: db.clone(), data_file };
-    let path = path.to_path_buf();
-
-    // Two markers: the format record inside sled, and a file beside sled's files written
-    // only once that record is durable. sled recovers the longest valid prefix of its
-    // log, so a damaged data file can open as an EMPTY database: the file tells that
-    // apart from a store whose creation was interrupted.
-    let marker_file = path.join(MARKER_FILE);
-    let established = marker_file.exists();
-    match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
-        Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
-            if !established {
-                write_marker_file(&path)?;
-            }
-        }
-        Some(other) => {
-            return Err(StoreError::NotAStore {
-                path,
-                reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
-            })
-        }
-        None if established => {
-            return Err(StoreError::CorruptStore {
-                path,
-                reason: format!(
-                    "`{MARKER_FILE}` exists but sled recovered no keel format record: \
-                     sled's data file is damaged or was replaced"
-                ),
-            })
-        }
-        None if db.is_empty() && db.tree_names().len() <= 1 => {
-            if !config.create {
-                return Err(StoreError::NotFound { path });
-            }
-            db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
-            syncer.sync(Level::PowerLoss)?;
-            write_marker_file(&path)?;
-        }
-        None => {
-            return Err(StoreError::NotAStore { path, reason: "sled database without the keel format marker".into() })
-        }
+impl Prepared {
+    fn new(store: &Path, config: &StoreConfig, read_only: bool) -> Result<Prepared, StoreError> {
+        check_dir(store, config.create)?;
+        let prior = files::read_manifest(store)?;
+        let (evidence, scratch) = if read_only {
+            (None, Some(files::scratch_copy(store)?))
+        } else {
+            (files::preserve_if_unclean(store, prior.as_ref())?, None)
+        };
+        Ok(Prepared { store: store.to_path_buf(), prior, evidence, scratch })
     }
-    Ok((db, syncer))
+
+    /// Where sled runs: the scratch copy, or the store itself.
+    fn sled_dir(&self) -> &Path {
+        self.scratch.as_ref().map_or(&self.store, |s| s.path())
+    }
+
+    /// Checks sled's heads against the manifest; a writable store then gets a fresh one.
+    fn finish(self, db: sled::Db, syncer: Syncer, config: StoreConfig) -> Result<SledStore, StoreError> {
+        let core = Core::new(SledKv { db }, config.limits);
+        let lost = self.prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
+        let store = self.store;
+        let manifest = match self.scratch {
+            Some(_) => None,
+            None if !lost.is_empty() => {
+                return Err(StoreError::LostCommitted { path: store, lost, evidence: self.evidence })
+            }
+            None => {
+                if let Some(e) = &self.evidence {
+                    files::remove_evidence(e);
+                }
+                Some(manifest::Manifest::rewrite(&store, &current_heads(&core)?)?)
+            }
+        };
+        Ok(SledStore {
+            core,
+            syncer,
+            path: store,
+            durability: config.durability,
+            group: GroupCommit::new(),
+            commits: crate::stats::CommitMeter::default(),
+            poisoned: AtomicBool::new(false),
+            manifest,
+            lost,
+            scratch: self.scratch,
+        })
+    }
 }
 
 /// The committed heads sled does not back (see [`manifest::find_lost`]).
@@ -330,24 +321,7 @@ impl SledStore {
     /// manifest check passed; a store that lost committed records is refused with
     /// [`StoreError::LostCommitted`] naming them and the copy.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
-        check_config(&config)?;
-        let path = path.as_ref().to_path_buf();
-        check_dir(&path, config.create)?;
-        let prior = files::read_manifest(&path)?;
-        let evidence = files::preserve_if_unclean(&path, prior.as_ref())?;
-        let (db, syncer) = open_files(&path, &config, files::SnapFallback::MoveTo(&path))?;
-        let core = Core::new(SledKv { db }, config.limits);
-        if let Some(p) = &prior {
-            let lost = find_lost(&core, &p.heads);
-            if !lost.is_empty() {
-                return Err(StoreError::LostCommitted { path, lost, evidence });
-            }
-        }
-        if let Some(e) = evidence {
-            files::remove_evidence(&e);
-        }
-        let manifest = manifest::Manifest::rewrite(&path, &current_heads(&core)?)?;
-        Ok(SledStore::assemble(core, syncer, path, config.durability, Some(manifest), Vec::new(), None))
+        Self::open_as(path.as_ref(), config, false)
     }
 
     /// Opens the store in `path` without writing to it: sled (which has no read-only mode)
@@ -356,40 +330,83 @@ impl SledStore {
     /// [`StoreError::Locked`]. Writes through this handle go to the copy and are lost.
     /// Committed records the manifest names that are gone are listed by [`Self::lost`].
     pub fn open_read_only(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
-        check_config(&config)?;
-        let path = path.as_ref().to_path_buf();
-        check_dir(&path, false)?;
-        let prior = files::read_manifest(&path)?;
-        let scratch = files::scratch_copy(&path)?;
         let config = StoreConfig { create: false, durability: Durability::None, ..config };
-        let (db, syncer) = open_files(scratch.path(), &config, files::SnapFallback::Drop)
-            .map_err(|e| files::rename_scratch_errors(e, scratch.path(), &path))?;
-        let core = Core::new(SledKv { db }, config.limits);
-        let lost = prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
-        Ok(SledStore::assemble(core, syncer, path, config.durability, None, lost, Some(scratch)))
+        Self::open_as(path.as_ref(), config, true)
     }
 
-    fn assemble(
-        core: Core<SledKv>,
-        syncer: Syncer,
-        path: PathBuf,
-        durability: Durability,
-        manifest: Option<manifest::Manifest>,
-        lost: Vec<crate::LostRecords>,
-        scratch: Option<tempfile::TempDir>,
-    ) -> SledStore {
-        SledStore {
-            core,
-            syncer,
-            path,
-            durability,
-            group: GroupCommit::new(),
-            commits: crate::stats::CommitMeter::default(),
-            poisoned: AtomicBool::new(false),
-            manifest,
-            lost,
-            scratch,
+    fn open_as(store: &Path, config: StoreConfig, read_only: bool) -> Result<SledStore, StoreError> {
+        config.limits.validate()?;
+        if config.cache_capacity_bytes < 1024 * 1024 {
+            return Err(StoreError::InvalidConfig {
+                reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
+            });
         }
+        let prepared = Prepared::new(store, &config, read_only)?;
+        match Self::open_sled_dir(&prepared, &config) {
+            Ok((db, syncer)) => prepared.finish(db, syncer, config),
+            Err(e) => Err(files::rename_scratch_errors(e, prepared.sled_dir(), store)),
+        }
+    }
+
+    /// Opens sled where `prepared` says (past a damaged sled snapshot) and checks the
+    /// keel format record and marker file.
+    fn open_sled_dir(prepared: &Prepared, config: &StoreConfig) -> Result<(sled::Db, Syncer), StoreError> {
+        let path = prepared.sled_dir().to_path_buf();
+        let snap =
+            if prepared.scratch.is_some() { files::SnapFallback::Drop } else { files::SnapFallback::MoveTo(&path) };
+        let db =
+            files::with_snapshot_fallback(&path, snap, || open_sled_after_close(&path, config.cache_capacity_bytes))?;
+        let data_file = File::open(path.join("db")).map_err(|source| StoreError::File {
+            action: "open",
+            path: path.join("db"),
+            source,
+        })?;
+        let syncer = Syncer { db: db.clone(), data_file };
+
+        // Two markers: the format record inside sled, and a file beside sled's files written
+        // only once that record is durable. sled recovers the longest valid prefix of its
+        // log, so a damaged data file can open as an EMPTY database: the file tells that
+        // apart from a store whose creation was interrupted.
+        let marker_file = path.join(MARKER_FILE);
+        let established = marker_file.exists();
+        match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
+            Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
+                if !established {
+                    write_marker_file(&path)?;
+                }
+            }
+            Some(other) => {
+                return Err(StoreError::NotAStore {
+                    path,
+                    reason: format!("unknown format marker {:?}", String::from_utf8_lossy(other.as_ref())),
+                })
+            }
+            None if established => {
+                return Err(StoreError::CorruptStore {
+                    path,
+                    reason: format!(
+                        "`{MARKER_FILE}` exists but sled recovered no keel format record: \
+                         sled's data file is damaged or was replaced"
+                    ),
+                })
+            }
+            None if db.is_empty() && db.tree_names().len() <= 1 => {
+                if !config.create {
+                    return Err(StoreError::NotFound { path });
+                }
+                db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
+                syncer.sync(Level::PowerLoss)?;
+                write_marker_file(&path)?;
+            }
+            None => {
+                return Err(StoreError::NotAStore {
+                    path,
+                    reason: "sled database without the keel format marker".into(),
+                })
+            }
+        }
+
+        Ok((db, syncer))
     }
 
     /// Committed records that are gone, per run (always empty for a writable store: its

@@ -66,7 +66,8 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
         }
     }
     if let Some(first) = lost.first() {
-        let lost_line = keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.clone(), evidence: None };
+        let lost_line =
+            keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.clone(), evidence: None };
         match v.failure.as_mut() {
             // The chain failure is the precise one; the loss is added to its line.
             Some(f) => f.message = format!("{}; the manifest also shows {lost_line}", f.message),
