@@ -89,8 +89,8 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
         "runs": v.runs,
         "failure": v.failure,
     });
-    if !lost.is_empty() {
-        doc["lost"] = json!(lost);
+    if let (false, Some(map)) = (lost.is_empty(), doc.as_object_mut()) {
+        map.insert("lost".into(), json!(lost));
     }
     print(&doc, a.json)
 }
