@@ -197,9 +197,68 @@ pub enum StoreError {
     #[error("sled error: {0}")]
     Sled(String),
 
+    /// Records the store's manifest says were committed are gone (or differ): sled's
+    /// recovery dropped them. The store is refused for writing; `evidence` is the copy of
+    /// sled's files as they were found before sled recovered them, when one was made.
+    #[error("{}", lost_message(path, lost, evidence.as_deref()))]
+    LostCommitted {
+        /// The store directory.
+        path: PathBuf,
+        /// What is lost, per run.
+        lost: Vec<LostRecords>,
+        /// Where sled's files as found were copied before sled recovered them.
+        evidence: Option<PathBuf>,
+    },
+
+    /// A file of the store could not be read or copied (`action` says what was tried).
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        /// What was tried, e.g. "read", "copy to".
+        action: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+
     /// sled panicked (e.g. on a corrupt database while opening); the panic was caught.
     #[error("sled panicked: {0}")]
     Panicked(String),
+}
+
+/// Committed records of one run that the database no longer holds (or holds differently).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LostRecords {
+    /// The run concerned.
+    pub run: RunId,
+    /// The first seq that is missing or differs.
+    pub from: Seq,
+    /// The manifest's next seq for the run: records `from..committed_next` are lost.
+    pub committed_next: Seq,
+    /// What was seen, in words.
+    pub reason: String,
+}
+
+impl std::fmt::Display for LostRecords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = self.committed_next.0.saturating_sub(1);
+        write!(f, "run {} seqs {}..={} ({})", self.run, self.from.0, last, self.reason)
+    }
+}
+
+/// The text of [`StoreError::LostCommitted`]: the first runs, then a count.
+fn lost_message(path: &std::path::Path, lost: &[LostRecords], evidence: Option<&std::path::Path>) -> String {
+    const SHOWN: usize = 5;
+    let mut s = format!("committed records lost from the keel store at {}: ", path.display());
+    let shown: Vec<String> = lost.iter().take(SHOWN).map(ToString::to_string).collect();
+    s.push_str(&shown.join("; "));
+    if lost.len() > SHOWN {
+        s.push_str(&format!("; and {} more runs", lost.len() - SHOWN));
+    }
+    if let Some(e) = evidence {
+        s.push_str(&format!("; sled's files as found are kept in {}", e.display()));
+    }
+    s
 }
 
 /// Maps a sled error into the store's error, keeping I/O errors typed.

@@ -66,7 +66,7 @@ pub mod verify;
 pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
-pub use error::StoreError;
+pub use error::{LostRecords, StoreError};
 pub use kv::mem::MemStore;
 pub use log::{
     prepare, prepare_within, read_runs_in_turn, Claim, Durability, EventLog, Head, Level, Limits, NewRecord, Record,
@@ -74,6 +74,8 @@ pub use log::{
 };
 pub use observed::{AppendObserver, Observed};
 pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
+#[cfg(feature = "sled")]
+pub use sled::manifest::MANIFEST_FILE;
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
 #[cfg(feature = "sled")]

@@ -84,6 +84,8 @@ enum Cmd {
     /// Export finished runs to verified (and signed) files, then remove them from the
     /// database, leaving a tombstone per run.
     Archive(cmd::archive::ArchiveArgs),
+    /// Explain what a damaged database lost (runs, seqs) and what an export can restore.
+    Doctor(cmd::doctor::DoctorArgs),
     /// Copy runs between databases (sled and PostgreSQL), the same records and payloads.
     Copy(cmd::copy::CopyArgs),
     /// List escalations waiting for a human.
@@ -222,6 +224,7 @@ async fn run_local(db: &std::path::Path, command: Cmd, registry: &Registry) -> C
         Cmd::Diff(a) => cmd::diff::run(&db, a),
         Cmd::Export(a) => cmd::export::run(&db, a),
         Cmd::Verify(a) => cmd::verify::run(&db, a),
+        Cmd::Doctor(a) => cmd::doctor::run(&db, a),
         Cmd::Copy(a) => cmd::copy::run(a),
         Cmd::Keygen(a) => cmd::keygen::run(a),
         Cmd::Archive(a) => cmd::archive::run(&db, a),

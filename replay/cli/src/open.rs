@@ -2,7 +2,7 @@
 
 use crate::error::CliError;
 use keel_replay::error::ReplayError;
-use keel_store::{SledStore, Store, StoreConfig, StoreError};
+use keel_store::{LostRecords, SledStore, Store, StoreConfig, StoreError};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,15 +19,42 @@ pub(crate) fn open_db(db: &Path, create: bool) -> Result<Arc<dyn Store>, ReplayE
 /// Opens the sled database in `dir` (see [`open_db`]).
 fn open_sled(dir: &Path, create: bool) -> Result<SledStore, ReplayError> {
     let config = StoreConfig { create, ..StoreConfig::default() };
-    SledStore::open(dir, config).map_err(|e| match e {
+    SledStore::open(dir, config).map_err(|e| sled_error(dir, e))
+}
+
+fn sled_error(dir: &Path, e: StoreError) -> ReplayError {
+    match e {
         StoreError::Locked { .. } => ReplayError::DbLocked { path: dir.to_path_buf() },
         StoreError::NotFound { .. } => ReplayError::DbNotFound { path: dir.to_path_buf() },
         StoreError::NotAStore { reason, .. } => ReplayError::NotADb { path: dir.to_path_buf(), reason },
         other => ReplayError::Store(other),
-    })
+    }
 }
 
 /// Opens an existing database (a missing one is an error).
 pub(crate) fn open(db: &Path) -> Result<Arc<dyn Store>, CliError> {
     Ok(open_db(db, false)?)
+}
+
+/// Opens an existing database for reading only: a sled database is read from a scratch
+/// copy (nothing in its directory is written), so this works on a read-only directory
+/// and a full disk. Committed records the store's manifest names that are gone are an
+/// error naming them (`keel doctor` explains them).
+pub(crate) fn open_read(db: &Path) -> Result<Arc<dyn Store>, CliError> {
+    let (store, lost) = open_read_lossy(db)?;
+    if !lost.is_empty() {
+        let lost = StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None };
+        return Err(CliError::Failed(format!("{lost}; `keel doctor` explains what can be restored")));
+    }
+    Ok(store)
+}
+
+/// [`open_read`], returning what was lost instead of failing on it.
+pub(crate) fn open_read_lossy(db: &Path) -> Result<(Arc<dyn Store>, Vec<LostRecords>), CliError> {
+    if crate::backend::postgres_config(db).is_some() {
+        return Ok((open(db)?, Vec::new()));
+    }
+    let store = SledStore::open_read_only(db, StoreConfig::default()).map_err(|e| sled_error(db, e))?;
+    let lost = store.lost().to_vec();
+    Ok((Arc::new(store), lost))
 }

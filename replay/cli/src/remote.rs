@@ -510,8 +510,8 @@ pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
         Cmd::Export(e) => e.sign.is_none(),
         Cmd::Stats(_) => true,
         // An export file is verified here; the database through the server.
-        // Checkpoints and --expect-head are checked here, on the database itself.
-        Cmd::Verify(v) => (v.file.is_none() || v.against_db) && v.key.is_none() && v.expect_head.is_none(),
+        // Checkpoints, --expect-head and --deep are checked here, on the database itself.
+        Cmd::Verify(v) => !v.deep && (v.file.is_none() || v.against_db) && v.key.is_none() && v.expect_head.is_none(),
         _ => false,
     }
 }

@@ -225,7 +225,7 @@ impl<K: Kv> Core<K> {
         Ok(h)
     }
 
-    fn stored_hash(&self, run: RunId, seq: u64) -> Result<Option<Hash32>, StoreError> {
+    pub(crate) fn stored_hash(&self, run: RunId, seq: u64) -> Result<Option<Hash32>, StoreError> {
         match self.kv.get(&record::event_key(run, seq))? {
             None => Ok(None),
             Some(v) => Ok(Some(record::decode_record(run, Seq(seq), &v)?.hash)),

@@ -1,6 +1,8 @@
 //! The sled backend.
 
 pub(crate) mod commit;
+pub(crate) mod files;
+pub(crate) mod manifest;
 pub(crate) mod read_ahead;
 
 use crate::coordination::{Coordination, Fence};
@@ -106,6 +108,13 @@ pub struct SledStore {
     /// Latency and appends of the flushes that made appends durable.
     commits: crate::stats::CommitMeter,
     poisoned: AtomicBool,
+    /// The manifest of committed history (None for a read-only store).
+    manifest: Option<manifest::Manifest>,
+    /// Committed records the manifest names that sled no longer holds (read-only opens
+    /// report them here; a writable open refuses instead).
+    lost: Vec<crate::LostRecords>,
+    /// A read-only store's scratch copy of sled's files (dropped last: removed after sled).
+    scratch: Option<tempfile::TempDir>,
 }
 
 /// Opens sled behind `catch_unwind`, mapping its lock and format failures.
@@ -122,6 +131,9 @@ pub(crate) fn open_sled(path: &Path, cache_capacity_bytes: u64) -> Result<sled::
         sled::Error::Unsupported(reason) => StoreError::NotAStore { path: path.to_path_buf(), reason },
         sled::Error::Corruption { .. } => {
             StoreError::NotAStore { path: path.to_path_buf(), reason: format!("sled reports corruption: {e}") }
+        }
+        sled::Error::Io(source) => {
+            StoreError::File { action: "open sled's files in", path: path.to_path_buf(), source }
         }
         other => sled_err(other),
     })
@@ -264,19 +276,137 @@ fn check_dir(path: &Path, create: bool) -> Result<(), StoreError> {
     }
 }
 
+/// What an open prepares before sled touches anything: the manifest as found, and the
+/// evidence copy (writable open) or scratch copy (read-only open) of sled's files.
+struct Prepared {
+    /// The store directory.
+    store: PathBuf,
+    prior: Option<manifest::Parsed>,
+    evidence: Option<PathBuf>,
+    scratch: Option<tempfile::TempDir>,
+}
+
+impl Prepared {
+    fn new(store: &Path, config: &StoreConfig, read_only: bool) -> Result<Prepared, StoreError> {
+        check_dir(store, config.create)?;
+        let prior = files::read_manifest(store)?;
+        let (evidence, scratch) = if read_only {
+            (None, Some(files::scratch_copy(store)?))
+        } else {
+            (files::preserve_if_unclean(store, prior.as_ref())?, None)
+        };
+        Ok(Prepared { store: store.to_path_buf(), prior, evidence, scratch })
+    }
+
+    /// Where sled runs: the scratch copy, or the store itself.
+    fn sled_dir(&self) -> &Path {
+        self.scratch.as_ref().map_or(&self.store, |s| s.path())
+    }
+
+    /// Checks sled's heads against the manifest; a writable store then gets a fresh one.
+    fn finish(self, db: sled::Db, syncer: Syncer, config: StoreConfig) -> Result<SledStore, StoreError> {
+        let core = Core::new(SledKv { db }, config.limits);
+        let lost = self.prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
+        let store = self.store;
+        let manifest = match self.scratch {
+            Some(_) => None,
+            None if !lost.is_empty() => {
+                return Err(StoreError::LostCommitted { path: store, lost, evidence: self.evidence })
+            }
+            None => {
+                if let Some(e) = &self.evidence {
+                    files::remove_evidence(e);
+                }
+                Some(manifest::Manifest::rewrite(&store, &current_heads(&core)?)?)
+            }
+        };
+        Ok(SledStore {
+            core,
+            syncer,
+            path: store,
+            durability: config.durability,
+            group: GroupCommit::new(),
+            commits: crate::stats::CommitMeter::default(),
+            poisoned: AtomicBool::new(false),
+            manifest,
+            lost,
+            scratch: self.scratch,
+        })
+    }
+}
+
+/// The committed heads sled does not back (see [`manifest::find_lost`]).
+fn find_lost(
+    core: &Core<SledKv>,
+    committed: &std::collections::BTreeMap<RunId, manifest::CommittedHead>,
+) -> Vec<crate::LostRecords> {
+    manifest::find_lost(committed, |run| core.head(run), |run, seq| core.stored_hash(run, seq))
+}
+
+/// Every run's head as sled holds it now (runs whose head does not read are left out:
+/// `verify` reports them).
+fn current_heads(
+    core: &Core<SledKv>,
+) -> Result<std::collections::BTreeMap<RunId, manifest::CommittedHead>, StoreError> {
+    let mut out = std::collections::BTreeMap::new();
+    for run in core.runs()? {
+        if let Ok(h) = core.head(run) {
+            if h.next_seq.0 > 0 {
+                out.insert(run, manifest::CommittedHead { next_seq: h.next_seq, last_hash: h.last_hash });
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl SledStore {
     /// Opens (or with `config.create`, creates) the store in directory `path`.
+    ///
+    /// sled's files are copied to `<path>/damaged-<time>/` first when the store was not
+    /// closed cleanly (or its data file changed since), and that copy is removed once the
+    /// manifest check passed; a store that lost committed records is refused with
+    /// [`StoreError::LostCommitted`] naming them and the copy.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        Self::open_as(path.as_ref(), config, false)
+    }
+
+    /// Opens the store in `path` without writing to it: sled (which has no read-only mode)
+    /// runs on a scratch copy of its files in the temporary directory (`TMPDIR`), taken
+    /// under a shared lock on the data file, so another process holding the store is
+    /// [`StoreError::Locked`]. Writes through this handle go to the copy and are lost.
+    /// Committed records the manifest names that are gone are listed by [`Self::lost`].
+    pub fn open_read_only(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        let config = StoreConfig { create: false, durability: Durability::None, ..config };
+        Self::open_as(path.as_ref(), config, true)
+    }
+
+    fn open_as(store: &Path, config: StoreConfig, read_only: bool) -> Result<SledStore, StoreError> {
         config.limits.validate()?;
         if config.cache_capacity_bytes < 1024 * 1024 {
             return Err(StoreError::InvalidConfig {
                 reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
             });
         }
-        let path = path.as_ref().to_path_buf();
-        check_dir(&path, config.create)?;
-        let db = open_sled_after_close(&path, config.cache_capacity_bytes)?;
-        let data_file = File::open(path.join("db"))?;
+        let prepared = Prepared::new(store, &config, read_only)?;
+        match Self::open_sled_dir(&prepared, &config) {
+            Ok((db, syncer)) => prepared.finish(db, syncer, config),
+            Err(e) => Err(files::rename_scratch_errors(e, prepared.sled_dir(), store)),
+        }
+    }
+
+    /// Opens sled where `prepared` says (past a damaged sled snapshot) and checks the
+    /// keel format record and marker file.
+    fn open_sled_dir(prepared: &Prepared, config: &StoreConfig) -> Result<(sled::Db, Syncer), StoreError> {
+        let path = prepared.sled_dir().to_path_buf();
+        let snap =
+            if prepared.scratch.is_some() { files::SnapFallback::Drop } else { files::SnapFallback::MoveTo(&path) };
+        let db =
+            files::with_snapshot_fallback(&path, snap, || open_sled_after_close(&path, config.cache_capacity_bytes))?;
+        let data_file = File::open(path.join("db")).map_err(|source| StoreError::File {
+            action: "open",
+            path: path.join("db"),
+            source,
+        })?;
         let syncer = Syncer { db: db.clone(), data_file };
 
         // Two markers: the format record inside sled, and a file beside sled's files written
@@ -322,15 +452,13 @@ impl SledStore {
             }
         }
 
-        Ok(SledStore {
-            core: Core::new(SledKv { db }, config.limits),
-            syncer,
-            path,
-            durability: config.durability,
-            group: GroupCommit::new(),
-            commits: crate::stats::CommitMeter::default(),
-            poisoned: AtomicBool::new(false),
-        })
+        Ok((db, syncer))
+    }
+
+    /// Committed records that are gone, per run (always empty for a writable store: its
+    /// open refuses instead).
+    pub fn lost(&self) -> &[crate::LostRecords] {
+        &self.lost
     }
 
     /// The store's directory.
@@ -348,8 +476,15 @@ impl SledStore {
         self.group.flushes()
     }
 
+    /// Flushes sled, then appends the heads written before the flush began to the
+    /// manifest (durable per `level`): the manifest never names a record sled may lack.
     fn sync(&self, level: Level) -> Result<(), StoreError> {
-        self.syncer.sync(level).inspect_err(|e| {
+        let heads = self.manifest.as_ref().map(manifest::Manifest::take).unwrap_or_default();
+        let synced = self.syncer.sync(level).and_then(|()| match &self.manifest {
+            Some(m) => m.append(&heads, level),
+            None => Ok(()),
+        });
+        synced.inspect_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "flush failed; store poisoned");
             self.poisoned.store(true, Ordering::Release);
         })
@@ -517,7 +652,16 @@ impl Coordination for SledStore {
         if self.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
-        match self.core.remove_run(run, expected, payloads, aux) {
+        if let Some(m) = &self.manifest {
+            m.removed(run)?;
+        }
+        let removed = self.core.remove_run(run, expected, payloads, aux);
+        if let (Err(_), Some(m)) = (&removed, &self.manifest) {
+            if let Some(head) = self.core.head(run).ok().filter(|h| h.next_seq.0 > 0) {
+                m.restore(run, &head)?;
+            }
+        }
+        match removed {
             // Durable at the power-loss level whatever the store's durability: a removal
             // is rare and must not be undone by a crash after the archive was trusted.
             Ok(()) => self.sync(Level::PowerLoss),
@@ -549,6 +693,9 @@ impl SledStore {
         }
         match self.core.write(run, expected, records, claim, fence, aux) {
             Ok(Written::Ok(head)) => {
+                if let Some(m) = &self.manifest {
+                    m.note(run, &head);
+                }
                 self.make_durable()?;
                 Ok(head)
             }
@@ -570,9 +717,18 @@ impl SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
-        // Best effort: make a clean shutdown durable even in `Durability::None`.
+        // A read-only store's scratch copy is thrown away: nothing to make durable.
+        if self.scratch.is_some() {
+            return;
+        }
+        // Best effort: make a clean shutdown durable even in `Durability::None`, then
+        // record the clean close (the next open needs no evidence copy).
         if !self.is_poisoned() {
-            if let Err(e) = self.syncer.sync(Level::PowerLoss) {
+            let closed = self.sync(Level::PowerLoss).and_then(|()| match &self.manifest {
+                Some(m) => m.close(&self.path.join("db")),
+                None => Ok(()),
+            });
+            if let Err(e) = closed {
                 tracing::warn!(path = %self.path.display(), error = %e, "flush on drop failed");
             }
         }

@@ -1,7 +1,7 @@
 //! Compares two runs: `keel diff`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::{out, print_json};
 use clap::Args;
 use keel_replay::source::{load_run_from_db, resolve_run};
@@ -20,7 +20,7 @@ pub(crate) struct DiffArgs {
 }
 
 pub(crate) fn run(db: &Path, a: DiffArgs) -> CmdResult {
-    let store = open(db)?;
+    let store = open_read(db)?;
     let ra = resolve_run(store.as_ref(), &a.a)?;
     let rb = resolve_run(store.as_ref(), &a.b)?;
     let ea = load_run_from_db(store.as_ref(), ra)?;

@@ -2,7 +2,7 @@
 
 use crate::cmd::JsonArgs;
 use crate::error::CmdResult;
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::print_json;
 use crate::Registry;
 use keel_replay::views;
@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 pub(crate) fn run(db: &Path, a: JsonArgs, registry: &Registry) -> CmdResult {
-    let engine = registry.engine(open(db)?)?;
+    let engine = registry.engine(open_read(db)?)?;
     let pending = engine.escalations()?;
     print(&pending.iter().map(views::escalation_json).collect::<Vec<_>>(), a.json)
 }

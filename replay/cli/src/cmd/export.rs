@@ -1,7 +1,7 @@
 //! Exports runs for audit: `keel export`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::{errln, progress};
 use crate::safe_file::Target;
 use clap::{Args, ValueEnum};
@@ -67,7 +67,7 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     let (since, until) = time_window(a.since.as_deref(), a.until.as_deref())?;
     // Checked before the database is opened: a refused path costs nothing.
     let target = Target::open(a.output.as_deref(), a.force, db)?;
-    let store = open(db)?;
+    let store = open_read(db)?;
     let (runs, filter) = match &a.run {
         Some(r) => {
             let run = resolve_run(store.as_ref(), r)?;

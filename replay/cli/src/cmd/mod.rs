@@ -6,6 +6,7 @@ pub(crate) mod cancel;
 pub(crate) mod copy;
 pub(crate) mod demo;
 pub(crate) mod diff;
+pub(crate) mod doctor;
 pub(crate) mod escalations;
 pub(crate) mod export;
 pub(crate) mod fork;

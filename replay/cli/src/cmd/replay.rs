@@ -1,7 +1,7 @@
 //! Replays runs offline and checks them: `keel replay`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::{out, outln, print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
 use crate::Registry;
@@ -79,7 +79,7 @@ pub(crate) fn run(db: &Path, a: ReplayArgs, registry: &Registry) -> CmdResult {
     let loaded = match &a.from {
         Some(path) => load_from_file(path, a.run.as_deref())?,
         None => {
-            let store = open(db)?;
+            let store = open_read(db)?;
             let run = resolve_run(store.as_ref(), a.run.as_deref().unwrap_or_default())?;
             Loaded { run, events: load_run_from_db(store.as_ref(), run)? }
         }
@@ -167,7 +167,7 @@ fn replay_all(db: &Path, a: &ReplayArgs, opts: &CheckOptions, registry: &Registr
             pb.finish_and_clear();
         }
         None => {
-            let store = open(db)?;
+            let store = open_read(db)?;
             let runs = store.runs()?;
             let pb = progress(runs.len() as u64, if a.check { "checking" } else { "replaying" });
             // One pass over every run, read ahead on a second thread; the first bad record

@@ -1,7 +1,7 @@
 //! Lists runs: `keel runs`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::print_json;
 use crate::Registry;
 use clap::Args;
@@ -23,7 +23,7 @@ pub(crate) struct RunsArgs {
 
 pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
     let status = parse_status(a.status.as_deref())?;
-    let engine = registry.engine(open(db)?)?;
+    let engine = registry.engine(open_read(db)?)?;
     let runs: Vec<_> = engine.runs()?.into_iter().filter(|r| status.is_none_or(|s| r.status == s)).collect();
     let runs: Vec<Value> = runs.iter().map(views::run_summary_json).collect();
     print(&runs, a.json)

@@ -1,7 +1,7 @@
 //! Shows one run: `keel show`.
 
 use crate::error::CmdResult;
-use crate::open::open;
+use crate::open::open_read;
 use crate::output::{out, print_json};
 use crate::Registry;
 use clap::Args;
@@ -20,7 +20,7 @@ pub(crate) struct ShowArgs {
 }
 
 pub(crate) fn run(db: &Path, a: ShowArgs, registry: &Registry) -> CmdResult {
-    let store = open(db)?;
+    let store = open_read(db)?;
     let run = resolve_run(store.as_ref(), &a.run)?;
     let engine = registry.engine(store)?;
     let state = engine.state(run)?;

@@ -1,13 +1,13 @@
 //! Verifies a hash chain: `keel verify`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open;
+use crate::open::{open_read, open_read_lossy};
 use crate::output::{outln, print_json, progress};
 use clap::Args;
 use keel_replay::anchor::{compare_with_db, expect_head_db, expect_head_in, tombstones, verify_checkpoints};
 use keel_replay::sign::PublicKey;
 use keel_replay::source::{resolve_run, resolve_run_in};
-use keel_replay::verify::{verify_db, verify_export_with, ExportChecks, Verification};
+use keel_replay::verify::{verify_db, verify_export_with, ExportChecks, Failure, Tamper, Verification};
 use keel_store::RunId;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -37,6 +37,9 @@ pub(crate) struct VerifyArgs {
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
+    /// Without FILE: run `keel doctor` (what was lost, evidence copies).
+    #[arg(long, conflicts_with_all = ["file", "run"])]
+    pub(crate) deep: bool,
 }
 
 /// What was checked beyond the chain, added to the `--json` document.
@@ -47,18 +50,44 @@ struct Extra {
     checkpoints: Option<keel_replay::anchor::CheckpointReport>,
     /// `--expect-head` on the database: records the run has after the expected head.
     more_after_expected: Option<u64>,
+    /// Committed records the store's manifest names that sled no longer has.
+    lost: Vec<keel_store::LostRecords>,
+}
+
+/// Adds what the manifest shows lost to the verification's failure (a chain failure is the
+/// precise one: the loss is added to its line).
+fn add_lost(v: &mut Verification, db: &Path, lost: &[keel_store::LostRecords]) {
+    let Some(first) = lost.first() else { return };
+    let lost_line =
+        keel_store::StoreError::LostCommitted { path: db.to_path_buf(), lost: lost.to_vec(), evidence: None };
+    match v.failure.as_mut() {
+        Some(f) => f.message = format!("{}; the manifest also shows {lost_line}", f.message),
+        None => {
+            v.failure = Some(Failure {
+                what: Tamper::Removed,
+                run: Some(first.run.to_string()),
+                seq: Some(first.from.0),
+                line: None,
+                message: format!("{lost_line}; `keel doctor` explains what can be restored"),
+            })
+        }
+    }
 }
 
 pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
     if a.expect_head.is_some() && a.file.is_none() && a.run.is_none() {
         return Err(CliError::Usage("--expect-head on the database needs --run RUN".into()));
     }
+    if a.deep {
+        return crate::cmd::doctor::run(db, crate::cmd::doctor::DoctorArgs { export: None, json: a.json });
+    }
     let key = a.key.as_deref().map(PublicKey::load).transpose()?;
     let mut extra = Extra::default();
-    let (v, source) = match &a.file {
+    let (mut v, source) = match &a.file {
         Some(file) => (verify_file(db, file, &a, key, &mut extra)?, file.display().to_string()),
         None => (verify_database(db, &a, key, &mut extra)?, crate::backend::redacted(db).display().to_string()),
     };
+    add_lost(&mut v, db, &extra.lost);
     let continued = !extra.continued.is_empty() || extra.more_after_expected.is_some_and(|n| n > 0);
     let status = if !v.ok() {
         "failed"
@@ -67,7 +96,7 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
     } else {
         "verified"
     };
-    let doc = json!({
+    let mut doc = json!({
         "source": source,
         "ok": v.ok(),
         "status": status,
@@ -80,6 +109,9 @@ pub(crate) fn run(db: &Path, a: VerifyArgs) -> CmdResult {
         "checkpoints": extra.checkpoints,
         "events_after_expected_head": extra.more_after_expected,
     });
+    if let (false, Some(map)) = (extra.lost.is_empty(), doc.as_object_mut()) {
+        map.insert("lost".into(), json!(extra.lost));
+    }
     print(&doc, a.json)
 }
 
@@ -104,7 +136,7 @@ fn verify_file(
         v.failure = expect_head_in(&v.runs, run.as_deref(), h).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     if a.against_db && v.ok() {
-        let store = open(db)?;
+        let store = open_read(db)?;
         let cmp = compare_with_db(store.as_ref(), &v.runs, v.selection.as_ref())?;
         v.failure = cmp.failure;
         extra.continued = cmp.continued;
@@ -121,7 +153,8 @@ fn verify_database(
     key: Option<PublicKey>,
     extra: &mut Extra,
 ) -> Result<Verification, CliError> {
-    let store = open(db)?;
+    let (store, lost) = open_read_lossy(db)?;
+    extra.lost = lost;
     let runs = match &a.run {
         Some(r) => vec![resolve_run(store.as_ref(), r)?],
         None => store.runs()?,

@@ -1,0 +1,135 @@
+//! Committed history that cannot vanish silently, and read-only commands that write
+//! nothing, through the real `keel` binary.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// Every file under `dir`: bytes and modification time.
+fn files(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            out.extend(files(&e.path()));
+        } else {
+            out.insert(e.path(), (std::fs::read(e.path()).unwrap(), m.modified().unwrap()));
+        }
+    }
+    out
+}
+
+/// `chattr +i` on the database directory and its files (so even root cannot write them),
+/// undone on drop. `None` where the file system or the user cannot set it.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(dir: &Path) -> Option<Immutable> {
+        let mut paths: Vec<PathBuf> = files(dir).into_keys().collect();
+        paths.push(dir.to_path_buf());
+        let ok = std::process::Command::new("chattr").arg("+i").args(&paths).status().is_ok_and(|s| s.success());
+        let guard = Immutable(paths);
+        ok.then_some(guard)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").args(&self.0).status();
+    }
+}
+
+/// `keel runs/show/export/verify/replay/stats/escalations` read the database without
+/// writing to it: with the directory and its files immutable (`chattr +i`, which binds
+/// root too) they all succeed, and afterwards every file has its bytes and mtime.
+#[test]
+fn read_only_commands_work_on_an_immutable_database_and_change_nothing() {
+    let demo = DemoDb::new(3);
+    let run = demo.runs[0].run.to_string();
+    let before = files(&demo.db);
+    let guard = Immutable::set(&demo.db);
+    if guard.is_none() {
+        println!("chattr +i unavailable here: checking that no file changes, without an immutable directory");
+    }
+    let commands: [&[&str]; 8] = [
+        &["runs"],
+        &["show", &run],
+        &["export", &run, "--format", "jsonl"],
+        &["verify"],
+        &["replay", "--all", "--check"],
+        &["stats"],
+        &["escalations"],
+        &["doctor"],
+    ];
+    for args in commands {
+        let ran = keel(&demo.db, args);
+        assert_eq!(ran.code, 0, "keel {args:?}: {}", ran.stderr);
+    }
+    if guard.is_some() {
+        // And a command that writes says which path it could not write.
+        let work = keel(&demo.db, &["work", "--until-idle"]);
+        assert_ne!(work.code, 0);
+        assert!(work.stderr.contains(demo.db.to_str().unwrap()), "{}", work.stderr);
+    }
+    drop(guard);
+    assert_eq!(files(&demo.db), before, "a read-only command changed the database's files");
+}
+
+/// sled's files rolled back to before two runs were written (as sled's recovery leaves a
+/// damaged data file): `verify` and `runs` fail naming the runs, `work` refuses to write
+/// and keeps the files as found, `doctor` explains what an export can restore.
+#[test]
+fn lost_committed_runs_are_reported_refused_and_explained() {
+    let demo = DemoDb::new(2);
+    let early = demo.path("early");
+    std::fs::create_dir(&early).unwrap();
+    for name in ["db", "conf"] {
+        std::fs::copy(demo.db.join(name), early.join(name)).unwrap();
+    }
+    keel(&demo.db, &["demo", "--runs", "2", "--seed", "2"]).ok();
+    let export = demo.path("all.jsonl");
+    keel(&demo.db, &["export", "--all", "--format", "jsonl", "-o", export.to_str().unwrap()]).ok();
+    let runs = keel(&demo.db, &["runs", "--json"]).ok().json();
+    let later: Vec<String> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run"].as_str().unwrap().to_owned())
+        .filter(|r| demo.runs.iter().all(|d| d.run.to_string() != *r))
+        .collect();
+    assert_eq!(later.len(), 2);
+    for name in ["db", "conf"] {
+        std::fs::copy(early.join(name), demo.db.join(name)).unwrap();
+    }
+
+    let verify = keel(&demo.db, &["verify"]);
+    let line = verify.one_line_error(1);
+    assert!(line.contains("committed records lost") && later.iter().all(|r| line.contains(r.as_str())), "{line}");
+    let json = keel(&demo.db, &["verify", "--json"]);
+    assert_eq!(json.code, 1);
+    assert_eq!(json.json()["lost"].as_array().unwrap().len(), 2);
+    let runs = keel(&demo.db, &["runs"]);
+    assert!(runs.one_line_error(1).contains("committed records lost"));
+
+    let work = keel(&demo.db, &["work", "--until-idle"]);
+    let line = work.one_line_error(1);
+    assert!(line.contains("committed records lost") && line.contains("kept in"), "{line}");
+
+    let doctor = keel(&demo.db, &["doctor", "--export", export.to_str().unwrap(), "--json"]);
+    assert_eq!(doctor.code, 1, "{}", doctor.stderr);
+    let doc = doctor.json();
+    let lost = doc["lost"].as_array().unwrap();
+    assert_eq!(lost.len(), 2);
+    for l in lost {
+        assert!(later.contains(&l["run"].as_str().unwrap().to_owned()));
+        assert_eq!(l["from"], 0);
+        assert_eq!(l["export"]["restorable"], true, "{l}");
+    }
+    assert_eq!(doc["evidence"].as_array().unwrap().len(), 1, "{doc}");
+    let text = keel(&demo.db, &["verify", "--deep"]);
+    assert_eq!(text.code, 1);
+    assert!(text.stdout.contains("LOST  run"), "{}", text.stdout);
+}

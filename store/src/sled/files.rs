@@ -1,0 +1,187 @@
+//! sled's files before sled touches them: the evidence copy of an unclean store, the
+//! scratch copy a read-only open runs on, and the fallback past a damaged sled snapshot.
+//!
+//! sled 0.34 has no read-only mode and, on open, recovers the longest valid prefix of its
+//! log, zeroing what follows a damaged point. So whatever must survive that recovery is
+//! copied first.
+
+use super::manifest::{self, Fingerprint, ManifestError, Parsed, MANIFEST_FILE};
+use super::MARKER_FILE;
+use crate::error::StoreError;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Reads the store's manifest, mapping its errors.
+pub(crate) fn read_manifest(dir: &Path) -> Result<Option<Parsed>, StoreError> {
+    manifest::read(dir).map_err(|e| match e {
+        ManifestError::Read { path, source } => StoreError::File { action: "read", path, source },
+        damaged @ ManifestError::Damaged { .. } => {
+            StoreError::CorruptStore { path: dir.to_path_buf(), reason: damaged.to_string() }
+        }
+    })
+}
+
+/// The files of a store directory that sled's recovery may change, plus keel's own.
+fn store_files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for name in ["db", "conf", MARKER_FILE, MANIFEST_FILE] {
+        if dir.join(name).is_file() {
+            out.push(PathBuf::from(name));
+        }
+    }
+    let entries =
+        std::fs::read_dir(dir).map_err(|source| StoreError::File { action: "read", path: dir.into(), source })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        if text.starts_with("snap.") && !text.ends_with(".generating") {
+            out.push(PathBuf::from(&name));
+        }
+    }
+    let blobs = dir.join("blobs");
+    if let Ok(entries) = std::fs::read_dir(&blobs) {
+        out.extend(entries.flatten().map(|e| Path::new("blobs").join(e.file_name())));
+    }
+    Ok(out)
+}
+
+/// Copies the store's files from `from` into the (existing) directory `to`.
+fn copy_store_files(from: &Path, to: &Path) -> Result<(), StoreError> {
+    for rel in store_files(from)? {
+        let (src, dst) = (from.join(&rel), to.join(&rel));
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::File {
+                action: "write",
+                path: parent.into(),
+                source,
+            })?;
+        }
+        let mut r =
+            File::open(&src).map_err(|source| StoreError::File { action: "read", path: src.clone(), source })?;
+        let mut w =
+            File::create(&dst).map_err(|source| StoreError::File { action: "write", path: dst.clone(), source })?;
+        // `io::copy` between files uses copy_file_range: a reflink where the file system can.
+        std::io::copy(&mut r, &mut w).map_err(|source| StoreError::File {
+            action: "copy to",
+            path: dst.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// A new `damaged-<unix seconds>.<nanoseconds>` directory in `dir`.
+fn evidence_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let to = dir.join(format!("damaged-{}.{:09}", now.as_secs(), now.subsec_nanos()));
+    std::fs::create_dir(&to).map_err(|source| StoreError::File { action: "create", path: to.clone(), source })?;
+    Ok(to)
+}
+
+/// Before a writable open: unless the manifest's last line is a clean close whose
+/// fingerprint sled's data file still has, copies sled's files to a `damaged-*`
+/// directory and returns it (the open removes it once the manifest check passed).
+pub(crate) fn preserve_if_unclean(dir: &Path, prior: Option<&Parsed>) -> Result<Option<PathBuf>, StoreError> {
+    let Some(prior) = prior else { return Ok(None) };
+    let db = dir.join("db");
+    if !db.is_file() || (prior.clean.is_some() && prior.clean == Fingerprint::of(&db).ok()) {
+        return Ok(None);
+    }
+    let to = evidence_dir(dir)?;
+    copy_store_files(dir, &to)?;
+    File::open(&to).and_then(|d| d.sync_all()).map_err(|source| StoreError::File {
+        action: "sync",
+        path: to.clone(),
+        source,
+    })?;
+    Ok(Some(to))
+}
+
+/// Removes an evidence copy that turned out not to be needed.
+pub(crate) fn remove_evidence(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "could not remove the unneeded evidence copy");
+    }
+}
+
+/// A scratch copy of the store's files in the temporary directory, taken under a shared
+/// lock on sled's data file (`flock`, as sled's own exclusive lock; a writer holding the store makes it [`StoreError::Locked`]).
+pub(crate) fn scratch_copy(dir: &Path) -> Result<tempfile::TempDir, StoreError> {
+    let db = dir.join("db");
+    let file = File::open(&db).map_err(|source| StoreError::File { action: "read", path: db.clone(), source })?;
+    while file.try_lock_shared().is_err() {
+        if super::closed_here_within(dir).is_none() {
+            return Err(StoreError::Locked { path: dir.to_path_buf() });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let tmp = tempfile::Builder::new().prefix("keel-read-").tempdir().map_err(|source| StoreError::File {
+        action: "create a scratch directory in",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    copy_store_files(dir, tmp.path())?;
+    drop(file);
+    Ok(tmp)
+}
+
+/// Errors of an open on a scratch copy name the store's own directory instead.
+pub(crate) fn rename_scratch_errors(e: StoreError, scratch: &Path, store: &Path) -> StoreError {
+    let fix = |p: PathBuf| if p == scratch { store.to_path_buf() } else { p };
+    match e {
+        StoreError::NotAStore { path, reason } => StoreError::NotAStore { path: fix(path), reason },
+        StoreError::CorruptStore { path, reason } => StoreError::CorruptStore { path: fix(path), reason },
+        StoreError::NotFound { path } => StoreError::NotFound { path: fix(path) },
+        StoreError::Locked { path } => StoreError::Locked { path: fix(path) },
+        other => other,
+    }
+}
+
+/// What to do with sled snapshot files (`snap.*`) sled refuses as corrupt.
+#[derive(Clone, Copy)]
+pub(crate) enum SnapFallback<'a> {
+    /// Move them to a `damaged-*` directory in this store directory.
+    MoveTo(&'a Path),
+    /// Delete them (a scratch copy).
+    Drop,
+}
+
+fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap.")))
+        .collect()
+}
+
+/// Runs `open`; if sled refuses its files as corrupt while a sled snapshot exists, sets
+/// the snapshot aside (sled then rebuilds its page table from the whole log) and retries
+/// once, with a warning.
+pub(crate) fn with_snapshot_fallback(
+    dir: &Path,
+    snap: SnapFallback<'_>,
+    open: impl Fn() -> Result<sled::Db, StoreError>,
+) -> Result<sled::Db, StoreError> {
+    let err = match open() {
+        Err(e @ (StoreError::NotAStore { .. } | StoreError::Panicked(_) | StoreError::Sled(_))) => e,
+        other => return other,
+    };
+    let snaps = snapshot_files(dir);
+    if snaps.is_empty() {
+        return Err(err);
+    }
+    tracing::warn!(path = %dir.display(), error = %err, "sled refused its files; retrying without its snapshot (full log scan)");
+    let to = match snap {
+        SnapFallback::MoveTo(store) => Some(evidence_dir(store)?),
+        SnapFallback::Drop => None,
+    };
+    for s in snaps {
+        let moved = match (&to, s.file_name()) {
+            (Some(to), Some(name)) => std::fs::rename(&s, to.join(name)),
+            _ => std::fs::remove_file(&s),
+        };
+        moved.map_err(|source| StoreError::File { action: "set aside", path: s.clone(), source })?;
+    }
+    open()
+}

@@ -1,0 +1,388 @@
+//! The manifest of committed history: `<dir>/keel-manifest`, a small append-only file
+//! beside sled's files that sled's recovery cannot roll back.
+//!
+//! sled recovers the longest valid prefix of its log: a damaged byte in its data file makes
+//! it drop (and zero) everything after it, and the store would open with fewer records and
+//! no error. So each group commit, after sled's flush succeeded and before any append it
+//! covers is acknowledged, appends one line per run it advanced: the run's next seq and the
+//! chain hash of its last record. Every open compares sled's heads with it
+//! ([`find_lost`]); a run whose committed records are gone is a [`LostRecords`].
+//!
+//! Text lines, each `<body>\t<crc32 hex>\n`:
+//! - `keel-manifest v1` (first line);
+//! - `h <run> <next_seq> <last_hash hex>`: records `< next_seq` of `run` were committed;
+//! - `r <run>`: the run was removed on purpose (`keel archive`, which leaves a tombstone):
+//!   its records are no longer expected (a later `h` line of it expects them again: written
+//!   when the removal failed);
+//! - `c <len> <mtime_ns> <ino>`: the store was closed cleanly and sled's data file then had
+//!   this length, modification time and inode (the open after it needs no evidence copy).
+//!
+//! A line failing its checksum followed by none that passes is a torn tail (a crash during
+//! an append) and is ignored; one followed by a good line is damage ([`ManifestError`]).
+//! The file is rewritten (temporary file, fsync, rename, directory fsync) at every writable
+//! open, with one `h` line per run, so it holds one line per run plus the lines appended
+//! since the last open.
+
+use crate::error::{LostRecords, StoreError};
+use crate::log::{Head, Level};
+use crate::types::{Hash32, RunId, Seq};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+/// The manifest's file name in the store directory.
+pub const MANIFEST_FILE: &str = "keel-manifest";
+
+const HEADER: &str = "keel-manifest v1";
+
+/// Largest manifest read (a line per run is ~110 bytes: about 2.4 M runs).
+const MANIFEST_BYTES_MAX: u64 = 256 << 20;
+
+/// What the manifest says was committed for one run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedHead {
+    /// Records `< next_seq` were committed.
+    pub next_seq: Seq,
+    /// The chain hash of record `next_seq - 1`.
+    pub last_hash: Hash32,
+}
+
+/// The manifest could not be read or is damaged (not a torn tail).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// A line other than the last ones fails its checksum or does not parse.
+    #[error("{path} line {line} is damaged: {reason}")]
+    Damaged {
+        /// The manifest file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What was seen.
+        reason: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The manifest file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// sled's data file identity at a clean close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `<dir>/db` now.
+    pub(crate) fn of(data_file: &Path) -> std::io::Result<Fingerprint> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(data_file)?;
+        let mtime_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+        Ok(Fingerprint { len: m.len(), mtime_ns, ino: m.ino() })
+    }
+}
+
+/// A parsed manifest.
+#[derive(Debug, Default)]
+pub(crate) struct Parsed {
+    /// The highest committed head seen per run.
+    pub(crate) heads: BTreeMap<RunId, CommittedHead>,
+    /// Set when the last line is a clean close.
+    pub(crate) clean: Option<Fingerprint>,
+}
+
+fn unhex32(s: &str) -> Option<Hash32> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
+fn line(body: &str) -> String {
+    format!("{body}\t{:08x}\n", crc32fast::hash(body.as_bytes()))
+}
+
+fn head_line(run: RunId, h: &CommittedHead) -> String {
+    line(&format!("h {run} {} {}", h.next_seq.0, hex::encode(h.last_hash)))
+}
+
+enum Entry {
+    Header,
+    Head(RunId, CommittedHead),
+    Removed(RunId),
+    Clean(Fingerprint),
+}
+
+fn parse_line(text: &str) -> Result<Entry, String> {
+    let (body, crc) = text.rsplit_once('\t').ok_or("no checksum")?;
+    let crc = u32::from_str_radix(crc, 16).map_err(|_| "bad checksum field")?;
+    if crc32fast::hash(body.as_bytes()) != crc {
+        return Err("checksum mismatch".into());
+    }
+    if body == HEADER {
+        return Ok(Entry::Header);
+    }
+    let f: Vec<&str> = body.split(' ').collect();
+    let bad = || format!("unparsable line {body:?}");
+    match f.as_slice() {
+        ["h", run, seq, hash] => {
+            let run = run.parse::<RunId>().map_err(|_| bad())?;
+            let next_seq = Seq(seq.parse().map_err(|_| bad())?);
+            let last_hash = unhex32(hash).ok_or_else(bad)?;
+            Ok(Entry::Head(run, CommittedHead { next_seq, last_hash }))
+        }
+        ["r", run] => Ok(Entry::Removed(run.parse::<RunId>().map_err(|_| bad())?)),
+        ["c", len, mtime, ino] => Ok(Entry::Clean(Fingerprint {
+            len: len.parse().map_err(|_| bad())?,
+            mtime_ns: mtime.parse().map_err(|_| bad())?,
+            ino: ino.parse().map_err(|_| bad())?,
+        })),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses manifest bytes; `path` only names the file in errors.
+pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> {
+    let mut out = Parsed::default();
+    let mut first_bad: Option<(usize, String)> = None;
+    // A last segment without its newline is a torn append: never looked at.
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(end) => bytes.get(..end).unwrap_or_default(),
+        None => return Ok(out),
+    };
+    for (i, raw) in complete.split(|b| *b == b'\n').enumerate() {
+        let parsed = std::str::from_utf8(raw).map_err(|_| "not UTF-8".to_string()).and_then(parse_line);
+        let entry = match parsed {
+            Ok(e) => e,
+            Err(reason) => {
+                first_bad.get_or_insert((i + 1, reason));
+                continue;
+            }
+        };
+        if let Some((line, reason)) = first_bad.take() {
+            return Err(ManifestError::Damaged { path: path.to_path_buf(), line, reason });
+        }
+        out.clean = None;
+        match entry {
+            Entry::Header => {}
+            Entry::Removed(run) => {
+                out.heads.remove(&run);
+            }
+            Entry::Head(run, h) => {
+                let keep = out.heads.get(&run).is_some_and(|old| old.next_seq >= h.next_seq);
+                if !keep {
+                    out.heads.insert(run, h);
+                }
+            }
+            Entry::Clean(fp) => out.clean = Some(fp),
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and parses `<dir>/keel-manifest`; `None` when there is none.
+pub(crate) fn read(dir: &Path) -> Result<Option<Parsed>, ManifestError> {
+    use std::io::Read;
+    let path = dir.join(MANIFEST_FILE);
+    let read_err = |source| ManifestError::Read { path: path.clone(), source };
+    let file = match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.map_err(read_err)?,
+    };
+    let mut bytes = Vec::new();
+    file.take(MANIFEST_BYTES_MAX).read_to_end(&mut bytes).map_err(read_err)?;
+    parse(&path, &bytes).map(Some)
+}
+
+/// The committed heads that `head`/`stored_hash` (sled's view) no longer back.
+pub(crate) fn find_lost(
+    committed: &BTreeMap<RunId, CommittedHead>,
+    head: impl Fn(RunId) -> Result<Head, StoreError>,
+    stored_hash: impl Fn(RunId, u64) -> Result<Option<Hash32>, StoreError>,
+) -> Vec<LostRecords> {
+    let mut lost = Vec::new();
+    for (run, c) in committed {
+        let Some(last) = c.next_seq.0.checked_sub(1) else { continue };
+        let lose =
+            |from: u64, reason: String| LostRecords { run: *run, from: Seq(from), committed_next: c.next_seq, reason };
+        let found = match head(*run) {
+            Ok(h) => h.next_seq.0,
+            Err(e) => {
+                lost.push(lose(0, format!("the run's head does not read: {e}")));
+                continue;
+            }
+        };
+        if found < c.next_seq.0 {
+            lost.push(lose(found, format!("the database holds {found} of {} committed records", c.next_seq.0)));
+            continue;
+        }
+        match stored_hash(*run, last) {
+            Ok(Some(h)) if h == c.last_hash => {}
+            Ok(Some(_)) => lost.push(lose(last, format!("record {last} differs from the committed one"))),
+            Ok(None) => lost.push(lose(last, format!("record {last} is missing"))),
+            Err(e) => lost.push(lose(last, format!("record {last} does not read: {e}"))),
+        }
+    }
+    lost
+}
+
+/// The open manifest of a writable store.
+pub(crate) struct Manifest {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: File,
+    /// Heads written to sled since the last flush began.
+    pending: BTreeMap<RunId, CommittedHead>,
+}
+
+impl Manifest {
+    /// Writes a fresh manifest holding `heads` (temporary file, fsync, rename, directory
+    /// fsync) and opens it for appending.
+    pub(crate) fn rewrite(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<Manifest, StoreError> {
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let mut text = line(HEADER);
+        for (run, h) in heads {
+            text.push_str(&head_line(*run, h));
+        }
+        let path = dir.join(MANIFEST_FILE);
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()?;
+            std::fs::OpenOptions::new().append(true).open(&path)
+        })();
+        let file = written.map_err(|source| StoreError::File { action: "write", path, source })?;
+        Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes a head written to sled (made durable by the next flush).
+    pub(crate) fn note(&self, run: RunId, head: &Head) {
+        let h = CommittedHead { next_seq: head.next_seq, last_hash: head.last_hash };
+        let mut inner = self.lock();
+        let keep = inner.pending.get(&run).is_some_and(|old| old.next_seq >= h.next_seq);
+        if !keep {
+            inner.pending.insert(run, h);
+        }
+    }
+
+    /// Takes the heads noted so far: call BEFORE sled's flush, so every head taken is
+    /// covered by it.
+    pub(crate) fn take(&self) -> BTreeMap<RunId, CommittedHead> {
+        std::mem::take(&mut self.lock().pending)
+    }
+
+    /// Appends `heads` (after sled's flush succeeded), durable per `level`.
+    pub(crate) fn append(&self, heads: &BTreeMap<RunId, CommittedHead>, level: Level) -> Result<(), StoreError> {
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let text: String = heads.iter().map(|(run, h)| head_line(*run, h)).collect();
+        self.write(&text, level)
+    }
+
+    /// Records, durably and before sled removes anything, that `run` is being removed on
+    /// purpose: a crash after this line and before the removal leaves a run the manifest
+    /// no longer expects (nothing reported); the other order would report an archived run
+    /// as lost. A removal that then fails writes the run's head again ([`Self::restore`]).
+    pub(crate) fn removed(&self, run: RunId) -> Result<(), StoreError> {
+        self.lock().pending.remove(&run);
+        self.write(&line(&format!("r {run}")), Level::PowerLoss)
+    }
+
+    /// Expects `run`'s records again after a removal that did not happen.
+    pub(crate) fn restore(&self, run: RunId, head: &Head) -> Result<(), StoreError> {
+        let h = CommittedHead { next_seq: head.next_seq, last_hash: head.last_hash };
+        self.write(&head_line(run, &h), Level::PowerLoss)
+    }
+
+    /// Records a clean close with the data file's fingerprint.
+    pub(crate) fn close(&self, data_file: &Path) -> Result<(), StoreError> {
+        let fp = Fingerprint::of(data_file)?;
+        self.write(&line(&format!("c {} {} {}", fp.len, fp.mtime_ns, fp.ino)), Level::PowerLoss)
+    }
+
+    fn write(&self, text: &str, level: Level) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.file.write_all(text.as_bytes())?;
+        if level == Level::PowerLoss {
+            inner.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn run(n: u8) -> RunId {
+        RunId::from_bytes([n; 16])
+    }
+
+    fn text(lines: &[String]) -> Vec<u8> {
+        lines.concat().into_bytes()
+    }
+
+    #[test]
+    fn a_removed_run_is_no_longer_expected_until_a_later_head_line() {
+        let h = |n| CommittedHead { next_seq: Seq(n), last_hash: [n as u8; 32] };
+        let removal = line(&format!("r {}", run(1)));
+        let bytes = text(&[line(HEADER), head_line(run(1), &h(3)), removal.clone()]);
+        let p = parse(Path::new("m"), &bytes).unwrap();
+        assert!(!p.heads.contains_key(&run(1)));
+        let bytes = text(&[line(HEADER), head_line(run(1), &h(3)), removal, head_line(run(1), &h(3))]);
+        let p = parse(Path::new("m"), &bytes).unwrap();
+        assert_eq!(p.heads[&run(1)], h(3), "a failed removal writes the head again");
+    }
+
+    #[test]
+    fn keeps_the_highest_head_per_run_and_ignores_a_torn_tail() {
+        let h = |n| CommittedHead { next_seq: Seq(n), last_hash: [n as u8; 32] };
+        let mut bytes =
+            text(&[line(HEADER), head_line(run(1), &h(3)), head_line(run(1), &h(2)), head_line(run(2), &h(1))]);
+        bytes.extend_from_slice(b"h 0000 torn");
+        let p = parse(Path::new("m"), &bytes).unwrap();
+        assert_eq!(p.heads[&run(1)], h(3));
+        assert_eq!(p.heads[&run(2)], h(1));
+        assert!(p.clean.is_none());
+    }
+
+    #[test]
+    fn a_damaged_line_followed_by_a_good_one_is_damage_a_damaged_last_line_is_torn() {
+        let h = CommittedHead { next_seq: Seq(1), last_hash: [1; 32] };
+        let mut bad = head_line(run(1), &h);
+        bad.replace_range(2..3, "f");
+        let torn = text(&[line(HEADER), head_line(run(2), &h), bad.clone()]);
+        assert_eq!(parse(Path::new("m"), &torn).unwrap().heads.len(), 1);
+        let damaged = text(&[line(HEADER), bad, head_line(run(2), &h)]);
+        let err = parse(Path::new("m"), &damaged).unwrap_err();
+        assert!(matches!(err, ManifestError::Damaged { line: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_clean_close_counts_only_as_the_last_line() {
+        let c = line("c 10 20 30");
+        let p = parse(Path::new("m"), &text(&[line(HEADER), c.clone()])).unwrap();
+        assert_eq!(p.clean, Some(Fingerprint { len: 10, mtime_ns: 20, ino: 30 }));
+        let h = CommittedHead { next_seq: Seq(1), last_hash: [1; 32] };
+        let p = parse(Path::new("m"), &text(&[line(HEADER), c, head_line(run(1), &h)])).unwrap();
+        assert!(p.clean.is_none());
+    }
+}

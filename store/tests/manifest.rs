@@ -1,0 +1,232 @@
+//! The manifest of committed history beside sled's files: a store whose sled files lost
+//! committed records is refused (naming runs and seqs, with the evidence kept), read-only
+//! opens write nothing, a damaged sled snapshot falls back to a full log scan.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+use common::*;
+use keel_store::{Durability, EventLog, Level, Seq, SledStore, StoreConfig, StoreError, MANIFEST_FILE};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// sled's files and keel's, by relative path: bytes and modification time.
+fn snapshot_dir(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    (std::fs::read(&p).unwrap(), m.modified().unwrap()),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn copy_files(from: &Path, to: &Path) {
+    for (rel, (bytes, _)) in snapshot_dir(from) {
+        let p = to.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+fn damaged_dirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("damaged-"))
+        .collect()
+}
+
+/// sled's files rolled back to an earlier state (as a recovery that dropped a damaged
+/// tail leaves them) while the manifest says more was committed.
+#[test]
+fn a_store_whose_sled_files_lost_committed_records_is_refused_naming_runs_and_seqs() {
+    let dir = tempdir();
+    let early = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+        fill(&log, run(2), 2);
+    }
+    copy_files(dir.path(), early.path());
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill_from(&log, run(1), 3, 5);
+    }
+    // sled's files as they were after 3 records; the manifest says 8 were committed.
+    for name in ["db", "conf"] {
+        std::fs::copy(early.path().join(name), dir.path().join(name)).unwrap();
+    }
+    let err = SledStore::open(dir.path(), config(Durability::None)).map(|_| ()).unwrap_err();
+    let StoreError::LostCommitted { path, lost, evidence } = &err else { panic!("expected LostCommitted, got {err}") };
+    assert_eq!(path, dir.path());
+    assert_eq!(lost.len(), 1, "{err}");
+    assert_eq!((lost[0].run, lost[0].from, lost[0].committed_next), (run(1), Seq(3), Seq(8)));
+    let text = err.to_string();
+    assert!(text.contains(&run(1).to_string()) && text.contains("seqs 3..=7"), "{text}");
+    // The evidence: sled's files as found, before sled recovered them.
+    let evidence = evidence.as_ref().expect("an evidence copy");
+    assert_eq!(std::fs::read(evidence.join("db")).unwrap(), std::fs::read(early.path().join("db")).unwrap());
+    // Refused again on the next open (nothing was rewritten), and read-only opens report it.
+    assert!(matches!(SledStore::open(dir.path(), config(Durability::None)), Err(StoreError::LostCommitted { .. })));
+    let ro = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(ro.lost().len(), 1);
+    assert_eq!(ro.head(run(1)).unwrap().next_seq, Seq(3));
+}
+
+fn fill_from(log: &dyn EventLog, run: keel_store::RunId, from: u64, n: u64) {
+    for i in from..from + n {
+        log.append(run, Seq(i), vec![rec(i)], None).unwrap();
+    }
+}
+
+/// A clean close leaves no evidence copy behind, and neither does an open after an
+/// unclean close that lost nothing (the copy is made, checked, removed).
+#[test]
+fn opens_that_lose_nothing_leave_no_evidence_copy() {
+    let dir = tempdir();
+    for i in 0..3 {
+        let log = open(dir.path(), Durability::GroupCommit(Level::ProcessCrash));
+        fill_from(&log, run(1), i * 2, 2);
+    }
+    assert!(damaged_dirs(dir.path()).is_empty());
+    // An unclean close: the manifest's clean-close line is missing.
+    let m = dir.path().join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&m).unwrap();
+    let kept: String = text.lines().filter(|l| !l.starts_with("c ")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&m, kept).unwrap();
+    let log = open(dir.path(), Durability::None);
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(6));
+    assert!(damaged_dirs(dir.path()).is_empty());
+}
+
+/// A read-only open writes nothing in the store directory: bytes and modification times
+/// are unchanged, and it works while the directory cannot be written (chattr +i where
+/// the file system supports it).
+#[test]
+fn a_read_only_open_changes_no_byte_and_no_mtime() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 4);
+    }
+    let before = snapshot_dir(dir.path());
+    {
+        let ro = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
+        let (records, err) = read_all(&ro, run(1), Seq(0));
+        assert!(err.is_none());
+        assert_eq!(records.len(), 4);
+        assert!(ro.lost().is_empty());
+        // Writes go to the scratch copy only.
+        ro.append(run(1), Seq(4), vec![rec(4)], None).unwrap();
+    }
+    assert_eq!(snapshot_dir(dir.path()), before, "a read-only open changed the store's files");
+}
+
+/// A damaged sled snapshot file (`snap.*`): sled refuses it as corrupt; the open sets it
+/// aside and sled rebuilds from its whole log, every record intact.
+#[test]
+fn a_damaged_sled_snapshot_falls_back_to_a_full_log_scan() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 5);
+    }
+    // sled writes its snapshot when it opens a store that has a log.
+    drop(open(dir.path(), Durability::None));
+    let snap = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("snap."))
+        .expect("sled wrote a snapshot");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&snap, bytes).unwrap();
+    let ro = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(read_all(&ro, run(1), Seq(0)).0.len(), 5);
+    drop(ro);
+    let log = open(dir.path(), Durability::None);
+    let (records, err) = read_all(&log, run(1), Seq(0));
+    assert!(err.is_none());
+    assert_eq!(records.len(), 5);
+    // The damaged snapshot was kept as evidence.
+    assert!(damaged_dirs(dir.path()).iter().any(|d| d.join(snap.file_name().unwrap()).is_file()));
+}
+
+/// A damaged manifest line followed by good ones is damage: the open is refused naming
+/// the line (a torn last line is not: see the unit tests).
+#[test]
+fn a_damaged_manifest_is_refused_naming_its_line() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 2);
+        fill(&log, run(2), 2);
+    }
+    let m = dir.path().join(MANIFEST_FILE);
+    let mut bytes = std::fs::read(&m).unwrap();
+    let second_line = bytes.iter().position(|b| *b == b'\n').unwrap() + 3;
+    bytes[second_line] ^= 1;
+    std::fs::write(&m, bytes).unwrap();
+    match SledStore::open(dir.path(), config(Durability::None)) {
+        Err(StoreError::CorruptStore { reason, .. }) => assert!(reason.contains("line 2"), "{reason}"),
+        other => panic!("expected CorruptStore, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// The clean-close line names sled's data file as it is after the store (and sled) are
+/// dropped, so the next open makes no evidence copy.
+#[test]
+fn a_clean_close_records_the_data_files_final_fingerprint() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+    }
+    // sled's background threads finish after the drop: wait for its lock to be free.
+    drop(open_when_free(dir.path(), config(Durability::None)));
+    let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+    let last = text.lines().last().unwrap();
+    let fields: Vec<&str> = last.split(['\t', ' ']).collect();
+    let m = std::fs::metadata(dir.path().join("db")).unwrap();
+    let mtime_ns = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+    assert_eq!(fields[..4], ["c", &m.len().to_string(), &mtime_ns.to_string(), &m.ino().to_string()], "{last}");
+}
+
+/// A run removed on purpose (`Coordination::remove_run`, what `keel archive` does) is not
+/// reported as lost by the next open; a removal refused for a stale head keeps the run
+/// expected, so a later loss of its records is still found.
+#[test]
+fn a_removed_run_is_not_lost_and_a_refused_removal_keeps_it_expected() {
+    use keel_store::Coordination;
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+        fill(&log, run(2), 2);
+        log.remove_run(run(1), Seq(3), Vec::new(), Vec::new()).unwrap();
+        let stale = log.remove_run(run(2), Seq(1), Vec::new(), Vec::new());
+        assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
+    }
+    let log = SledStore::open(dir.path(), config(Durability::None)).unwrap();
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(0));
+    assert_eq!(log.head(run(2)).unwrap().next_seq, Seq(2));
+    drop(log);
+    let ro = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
+    assert!(ro.lost().is_empty(), "{:?}", ro.lost());
+    let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+    assert!(text.lines().any(|l| l.starts_with(&format!("h {} 2 ", run(2)))), "{text}");
+}
