@@ -215,7 +215,7 @@ impl EngineBuilder {
             calls,
             redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             leasing,
         };
         Ok(Engine { inner: Arc::new(inner) })

@@ -45,7 +45,7 @@ pub(crate) struct Inner {
     pub redelivery_limit: u32,
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
     /// How drivers take, renew and fence their runs' leases.
     pub leasing: Leasing,
 }

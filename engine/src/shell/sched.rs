@@ -13,7 +13,9 @@ use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
 use crate::shell::fold::load_state;
 use crate::shell::heartbeat;
+use crate::shell::lease::Held;
 use crate::shell::runtime::Inner;
+use crate::shell::shared;
 use keel_store::RunId;
 
 use std::collections::BTreeMap;
@@ -24,7 +26,9 @@ use tokio::task::JoinSet;
 
 /// Queue a run (after submit, resolve, or a scan).
 pub(crate) fn enqueue(inner: &Inner, s: &RunState) {
-    inner.sched().push(s.run, s.workflow.clone(), s.priority, s.accepted_at_us);
+    if !shared::push(inner, s) {
+        inner.sched().push(s.run, s.workflow.clone(), s.priority, s.accepted_at_us);
+    }
     inner.wake.notify_one();
 }
 
@@ -78,7 +82,38 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
+type Drives = JoinSet<(RunId, DriveOutcome)>;
+
+/// Starts drivers for the runs this engine may take now: from the store's shared queue if
+/// it has one (`shell::shared`), else from the queue here.
+async fn spawn_claimed(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
+    if !shared::is_shared(inner) {
+        return spawn_local(inner, set, stop);
+    }
+    for c in shared::claim(inner).await {
+        let run = c.lease.run();
+        let Some(wake) = inner.sched().activate(run, c.workflow) else { continue };
+        spawn_drive(inner, set, stop, run, wake, Arc::new(Held::new(c.lease)));
+    }
+}
+
+fn spawn_drive(
+    inner: &Arc<Inner>,
+    set: &mut Drives,
+    stop: &watch::Receiver<bool>,
+    run: RunId,
+    wake: Arc<tokio::sync::Notify>,
+    held: Arc<Held>,
+) {
+    let inner2 = inner.clone();
+    let stop = stop.clone();
+    set.spawn(async move {
+        let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
+        (run, out)
+    });
+}
+
+fn spawn_local(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
     loop {
         let claimed = inner
             .sched()
@@ -99,12 +134,7 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
                 continue;
             }
         };
-        let inner2 = inner.clone();
-        let stop = stop.clone();
-        set.spawn(async move {
-            let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
-            (run, out)
-        });
+        spawn_drive(inner, set, stop, run, wake, held);
     }
 }
 
@@ -118,20 +148,21 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
         DriveOutcome::Idle(_) | DriveOutcome::Shutdown => {}
         DriveOutcome::Parked { until_us } => {
             report.awaiting_human += 1;
-            if service {
+            if service && !shared::is_shared(inner) {
                 inner.sched().parked.insert(run, *until_us);
             }
         }
         // A run waiting for a timer: the service's workers drive it again when it falls
         // due (`run_until_idle` keeps its own list).
         DriveOutcome::Waiting { until_us } => {
-            if service {
+            if service && !shared::is_shared(inner) {
                 inner.sched().parked.insert(run, *until_us);
             }
         }
         DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
         DriveOutcome::LeaseLost => report.lease_lost += 1,
     }
+    shared::done(inner, run, out);
     let again = inner.sched().release(run);
     let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown | DriveOutcome::LeaseLost);
     if again && !stopped {
@@ -149,7 +180,7 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
     // their workers free for other runs meanwhile.
     let mut timers: BTreeMap<RunId, i64> = BTreeMap::new();
     loop {
-        spawn_claimed(inner, &mut set, &stop);
+        spawn_claimed(inner, &mut set, &stop).await;
         if set.is_empty() {
             let (queued, others_active) = {
                 let s = inner.sched();
@@ -266,6 +297,7 @@ pub(crate) fn start(inner: Arc<Inner>) -> Workers {
 
 async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
     let mut report = IdleReport::default();
+    shared::listen(&inner);
     if let Err(e) = scan(&inner).await {
         tracing::error!(error = %e, "workers: cannot list runs to resume");
     }
@@ -283,17 +315,25 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
                 tracing::warn!(error = %e, "workers: cannot list runs");
             }
         }
-        // Escalation deadlines that fell due.
-        let now = inner.clock.now_us();
-        let due: Vec<RunId> = inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
-        for run in due {
-            inner.sched().parked.remove(&run);
-            poke(&inner, run);
-        }
-        spawn_claimed(&inner, &mut set, &stop);
-        // Sleep until the next parked run falls due (timers wake on time), at most a tick.
-        let next = inner.sched().parked.values().copied().min();
-        let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
+        let tick = if shared::is_shared(&inner) {
+            // Timers and escalation deadlines of every process, from the due-time index.
+            shared::take_due(&inner).await;
+            spawn_claimed(&inner, &mut set, &stop).await;
+            shared::POLL
+        } else {
+            // Escalation deadlines that fell due.
+            let now = inner.clock.now_us();
+            let due: Vec<RunId> =
+                inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
+            for run in due {
+                inner.sched().parked.remove(&run);
+                poke(&inner, run);
+            }
+            spawn_claimed(&inner, &mut set, &stop).await;
+            // Sleep until the next parked run falls due (timers wake on time), at most a tick.
+            let next = inner.sched().parked.values().copied().min();
+            next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()))
+        };
         tokio::select! {
             _ = stop.changed() => break,
             Some(joined) = set.join_next(), if !set.is_empty() => match joined {
