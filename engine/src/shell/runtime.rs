@@ -48,6 +48,8 @@ pub(crate) struct Inner {
     pub wake: Arc<Notify>,
     /// How drivers take, renew and fence their runs' leases.
     pub leasing: Leasing,
+    /// How often the workers poll a shared run queue (`shell::shared`) unwoken.
+    pub queue_poll: std::time::Duration,
 }
 
 impl Inner {

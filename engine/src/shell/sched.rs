@@ -319,7 +319,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
             // Timers and escalation deadlines of every process, from the due-time index.
             shared::take_due(&inner).await;
             spawn_claimed(&inner, &mut set, &stop).await;
-            shared::POLL
+            inner.queue_poll
         } else {
             // Escalation deadlines that fell due.
             let now = inner.clock.now_us();

@@ -11,7 +11,6 @@ use crate::shell::runtime::Inner;
 use keel_store::{Claimed, RunId, Runnable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Whether `inner`'s store shares its run queue with other processes.
 pub(crate) fn is_shared(inner: &Inner) -> bool {
@@ -103,9 +102,6 @@ pub(crate) async fn take_due(inner: &Arc<Inner>) {
 /// Due runs queued per tick at most.
 const DUE_PER_TICK: usize = 256;
 
-/// How often the service polls the shared queue when nothing woke it (a notification
-/// lost, a lease that expired with its worker).
-pub(crate) const POLL: Duration = Duration::from_millis(250);
 
 /// Wakes `inner`'s service workers on the store's notifications.
 pub(crate) fn listen(inner: &Inner) {

@@ -202,7 +202,9 @@ async fn done_tx(
 
 /// Keeps one session listening on [`CHANNEL`], calling `wakers` for this schema's
 /// notifications and after every (re)connect (notifications may have been missed).
-async fn listen(config: tokio_postgres::Config, schema: String, wakers: Arc<Wakers>) {
+async fn listen(mut config: tokio_postgres::Config, schema: String, wakers: Arc<Wakers>) {
+    // Named so an operator (or a test) sees which schema's queue a session listens for.
+    config.application_name(&format!("keel-listen-{schema}"));
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
