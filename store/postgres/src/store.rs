@@ -528,17 +528,22 @@ async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
 }
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
-    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
-    let mut conn = pool.get().await?;
-    let result = conn
-        .client()?
-        .execute(
+    async fn release_tx(client: &mut tokio_postgres::Client, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        // Not waited for: a release lost in a crash of the server only makes the next
+        // holder wait for the expiry; any later synchronous commit (a grant) covers it.
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+        tx.execute(
             "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
             &[&run.0, &epoch],
         )
-        .await;
-    conn.ok(result)?;
-    Ok(())
+        .await?;
+        tx.commit().await
+    }
+    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
+    let mut conn = pool.get().await?;
+    let result = release_tx(conn.client()?, run, epoch).await;
+    conn.ok(result)
 }
 
 pub(crate) fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
