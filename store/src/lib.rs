@@ -75,8 +75,8 @@ pub use log::{
     RecordIter, RunRecords, StoreConfig, KIND_BYTES_MAX, SCHEMA_VERSION,
 };
 pub use observed::{AppendObserver, Observed};
-pub use queue::{Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
 pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
+pub use queue::{Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
 #[cfg(feature = "sled")]

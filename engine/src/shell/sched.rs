@@ -323,8 +323,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         } else {
             // Escalation deadlines that fell due.
             let now = inner.clock.now_us();
-            let due: Vec<RunId> =
-                inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
+            let due: Vec<RunId> = inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
             for run in due {
                 inner.sched().parked.remove(&run);
                 poke(&inner, run);

@@ -20,7 +20,8 @@ pub(crate) fn is_shared(inner: &Inner) -> bool {
 /// Pushes `s` to the shared queue; false if the store has none (queue it here then).
 pub(crate) fn push(inner: &Inner, s: &RunState) -> bool {
     let Some(q) = inner.log.work_queue() else { return false };
-    let r = Runnable { run: s.run, workflow: s.workflow.clone(), priority: s.priority, accepted_at_us: s.accepted_at_us };
+    let r =
+        Runnable { run: s.run, workflow: s.workflow.clone(), priority: s.priority, accepted_at_us: s.accepted_at_us };
     if let Err(e) = q.push(&r) {
         // The run stays runnable in its log: the next scan queues it.
         tracing::warn!(run = %s.run, error = %e, "cannot queue the run in the shared queue");
@@ -101,7 +102,6 @@ pub(crate) async fn take_due(inner: &Arc<Inner>) {
 
 /// Due runs queued per tick at most.
 const DUE_PER_TICK: usize = 256;
-
 
 /// Wakes `inner`'s service workers on the store's notifications.
 pub(crate) fn listen(inner: &Inner) {

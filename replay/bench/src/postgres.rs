@@ -212,7 +212,7 @@ fn raw_inserts(from: &Schema, flushes: u64, sessions: usize) -> Result<f64, Benc
         ),
         &[],
     ));
-    let rows: Vec<(uuid::Uuid, i64, Vec<u8>, Vec<u8>, String)> =
+    let rows: Vec<Row> =
         rows.map_err(invalid)?.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
     let per_tx = rows.len().div_ceil(usize::try_from(flushes.max(1)).unwrap_or(1)).max(1);
     let batches: Vec<Vec<_>> = rows.chunks(per_tx).map(<[_]>::to_vec).collect();
@@ -237,19 +237,7 @@ async fn insert_all(schema: String, batches: Vec<Vec<Row>>, sessions: usize) -> 
             tokio::spawn(conn);
             loop {
                 let Some(batch) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else { break };
-                let tx = client.transaction().await?;
-                let (runs, seqs, values): (Vec<_>, Vec<_>, Vec<_>) =
-                    batch.iter().map(|r| (r.0, r.1, r.2.clone())).fold((vec![], vec![], vec![]), |mut a, r| {
-                        a.0.push(r.0);
-                        a.1.push(r.1);
-                        a.2.push(r.2);
-                        a
-                    });
-                let next: Vec<i64> = seqs.iter().map(|s| s + 1).collect();
-                let (hashes, kinds): (Vec<_>, Vec<_>) = batch.iter().map(|r| (r.3.clone(), r.4.clone())).unzip();
-                tx.execute(&format!("INSERT INTO {schema}.events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])"), &[&runs, &seqs, &values]).await?;
-                tx.execute(&format!("INSERT INTO {schema}.heads (run, next_seq, last_hash, last_kind) SELECT DISTINCT ON (run) * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind) ORDER BY run, next_seq DESC ON CONFLICT (run) DO UPDATE SET next_seq = EXCLUDED.next_seq, last_hash = EXCLUDED.last_hash, last_kind = EXCLUDED.last_kind"), &[&runs, &next, &hashes, &kinds]).await?;
-                tx.commit().await?;
+                insert_batch(&mut client, &schema, &batch).await?;
             }
             Ok::<_, tokio_postgres::Error>(())
         }));
@@ -258,6 +246,40 @@ async fn insert_all(schema: String, batches: Vec<Vec<Row>>, sessions: usize) -> 
         t.await.map_err(invalid)?.map_err(invalid)?;
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// One transaction: the batch's `events` rows and each run's last `heads` row.
+async fn insert_batch(
+    client: &mut tokio_postgres::Client,
+    schema: &str,
+    batch: &[Row],
+) -> Result<(), tokio_postgres::Error> {
+    let runs: Vec<uuid::Uuid> = batch.iter().map(|r| r.0).collect();
+    let seqs: Vec<i64> = batch.iter().map(|r| r.1).collect();
+    let values: Vec<&[u8]> = batch.iter().map(|r| r.2.as_slice()).collect();
+    let next: Vec<i64> = seqs.iter().map(|s| s + 1).collect();
+    let hashes: Vec<&[u8]> = batch.iter().map(|r| r.3.as_slice()).collect();
+    let kinds: Vec<&str> = batch.iter().map(|r| r.4.as_str()).collect();
+    let tx = client.transaction().await?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {schema}.events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])"
+        ),
+        &[&runs, &seqs, &values],
+    )
+    .await?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {schema}.heads (run, next_seq, last_hash, last_kind)
+             SELECT DISTINCT ON (run) * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
+               AS u(run, next_seq, last_hash, last_kind) ORDER BY run, next_seq DESC
+             ON CONFLICT (run) DO UPDATE
+               SET next_seq = EXCLUDED.next_seq, last_hash = EXCLUDED.last_hash, last_kind = EXCLUDED.last_kind"
+        ),
+        &[&runs, &next, &hashes, &kinds],
+    )
+    .await?;
+    tx.commit().await
 }
 
 /// The same workload on sled, one process: (transitions/s, step gaps).
@@ -288,9 +310,15 @@ pub(crate) fn postgres(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>
         let value = super::rate(m.events, m.seconds);
         let ratio = value / floor.max(f64::MIN_POSITIVE);
         figures.push(
-            Figure::new(SECTION, format!("postgres.transitions.p{processes}"), format!("durable transitions/s, {processes} worker process(es)"), value, "events/s")
-                .floor(floor, format!("raw INSERTs of the same rows, {} commits over {processes} session(s)", m.flushes))
-                .target(">= 50%", ratio >= 0.5),
+            Figure::new(
+                SECTION,
+                format!("postgres.transitions.p{processes}"),
+                format!("durable transitions/s, {processes} worker process(es)"),
+                value,
+                "events/s",
+            )
+            .floor(floor, format!("raw INSERTs of the same rows, {} commits over {processes} session(s)", m.flushes))
+            .target(">= 50%", ratio >= 0.5),
         );
         if processes == 1 {
             figures.extend(latency_figures("postgres.step", "step latency, PostgreSQL, 1 process", &m.step_us));
@@ -298,7 +326,13 @@ pub(crate) fn postgres(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(invalid)?;
     let (rate, gaps) = rt.block_on(sled_cell(parent, runs))?;
-    figures.push(Figure::new(SECTION, "postgres.sled.transitions", "durable transitions/s, sled, 1 process", rate, "events/s"));
+    figures.push(Figure::new(
+        SECTION,
+        "postgres.sled.transitions",
+        "durable transitions/s, sled, 1 process",
+        rate,
+        "events/s",
+    ));
     figures.extend(latency_figures("postgres.sled.step", "step latency, sled, 1 process", &gaps));
     Ok(figures)
 }
@@ -306,6 +340,8 @@ pub(crate) fn postgres(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>
 fn latency_figures(key: &str, label: &str, sorted_us: &[f64]) -> Vec<Figure> {
     [("p50", 0.50), ("p99", 0.99)]
         .into_iter()
-        .map(|(name, p)| Figure::new(SECTION, format!("{key}.{name}"), format!("{label} {name}"), percentile(sorted_us, p), "us"))
+        .map(|(name, p)| {
+            Figure::new(SECTION, format!("{key}.{name}"), format!("{label} {name}"), percentile(sorted_us, p), "us")
+        })
         .collect()
 }

@@ -7,8 +7,8 @@
 //! tables in schema `keel_orders` of database `prod`.
 
 use keel_replay::error::ReplayError;
-use keel_store::Store;
 use keel_server::{Role, StoredToken, TokenStore};
+use keel_store::Store;
 use keel_store_postgres::{OpenError, PgConfig, PgStore, TokenRow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

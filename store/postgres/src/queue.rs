@@ -6,7 +6,9 @@
 use crate::error::pg;
 use crate::pool::Pool;
 use crate::store::PgStore;
-use keel_store::{Claimed, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX};
+use keel_store::{
+    Claimed, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -77,9 +79,10 @@ async fn lock_workflows(
     workflows: &BTreeSet<&str>,
 ) -> Result<(), tokio_postgres::Error> {
     for wf in workflows {
-        tx.execute("SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)", &[
-            &schema, wf,
-        ])
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)",
+            &[&schema, wf],
+        )
         .await?;
     }
     Ok(())
@@ -212,7 +215,7 @@ async fn done_tx(
 /// notifications and after every (re)connect (notifications may have been missed).
 async fn listen(mut config: tokio_postgres::Config, schema: String, wakers: Arc<Wakers>) {
     // Named so an operator (or a test) sees which schema's queue a session listens for.
-    config.application_name(&format!("keel-listen-{schema}"));
+    config.application_name(format!("keel-listen-{schema}"));
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {

@@ -528,7 +528,11 @@ async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
 }
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
-    async fn release_tx(client: &mut tokio_postgres::Client, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
+    async fn release_tx(
+        client: &mut tokio_postgres::Client,
+        run: RunId,
+        epoch: i64,
+    ) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.

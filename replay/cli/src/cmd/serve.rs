@@ -7,9 +7,9 @@ use clap::Args;
 use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions, TOKENS_FILE};
 use keel_store::Store;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
