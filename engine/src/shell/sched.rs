@@ -73,7 +73,18 @@ async fn scan(inner: &Arc<Inner>) -> Result<(), EngineError> {
         match inner.load(run).await {
             Ok(Some(s)) if !s.status.is_terminal() => {
                 inner.cache.fill_from(&s);
-                enqueue(inner, &s);
+                if shared::is_shared(inner) {
+                    // One blocking store call per run, off the runtime's threads (the
+                    // drivers' heartbeats share them).
+                    let inner2 = inner.clone();
+                    let queued = inner.blocking(move |_| {
+                        enqueue(&inner2, &s);
+                        Ok(())
+                    });
+                    let _ = queued.await;
+                } else {
+                    enqueue(inner, &s);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(%run, error = %e, "cannot resume run: its log does not fold"),
@@ -295,12 +306,26 @@ pub(crate) fn start(inner: Arc<Inner>) -> Workers {
     Workers { stop: stop_tx, handle: Some(handle) }
 }
 
+/// Queues the log's unfinished runs for the service workers. With a shared queue the runs
+/// are in it already (the scan is a safety net, and on a large database it takes a while):
+/// it runs beside the workers, which claim from the queue at once.
+async fn scan_for_service(inner: &Arc<Inner>) {
+    if shared::is_shared(inner) {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = scan(&inner).await {
+                tracing::warn!(error = %e, "workers: cannot list runs");
+            }
+        });
+    } else if let Err(e) = scan(inner).await {
+        tracing::error!(error = %e, "workers: cannot list runs to resume");
+    }
+}
+
 async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
     let mut report = IdleReport::default();
     shared::listen(&inner);
-    if let Err(e) = scan(&inner).await {
-        tracing::error!(error = %e, "workers: cannot list runs to resume");
-    }
+    scan_for_service(&inner).await;
     let mut set = JoinSet::new();
     let mut scanned = tokio::time::Instant::now();
     loop {
@@ -311,9 +336,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         // run whose lease is held elsewhere is skipped until the next scan).
         if scanned.elapsed() >= heartbeat::rescan_every(&inner) {
             scanned = tokio::time::Instant::now();
-            if let Err(e) = scan(&inner).await {
-                tracing::warn!(error = %e, "workers: cannot list runs");
-            }
+            scan_for_service(&inner).await;
         }
         let tick = if shared::is_shared(&inner) {
             // Timers and escalation deadlines of every process, from the due-time index.
