@@ -51,6 +51,10 @@ fn lease_settings(ttl_ms: u64, clock: Arc<dyn Clock>) -> Result<Leasing, EngineE
     Ok(Leasing::new(Leasing::default_owner(), ttl_ms, clock))
 }
 
+/// How often workers poll a shared run queue by default, in milliseconds
+/// ([`EngineBuilder::queue_poll_ms`]).
+pub const QUEUE_POLL_MS_DEFAULT: u64 = 250;
+
 /// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
 pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
 
@@ -72,6 +76,7 @@ pub struct EngineBuilder {
     lease_clock: Arc<dyn Clock>,
     checkpoint_signer: Option<Arc<dyn crate::shell::checkpoint::HeadSigner>>,
     checkpoint_every_ms: u64,
+    queue_poll_ms: u64,
 }
 
 impl EngineBuilder {
@@ -81,6 +86,13 @@ impl EngineBuilder {
     /// past it is fenced (docs/ENGINE.md, "Leases").
     pub fn lease_ttl_ms(mut self, ms: u64) -> Self {
         self.lease_ttl_ms = ms;
+        self
+    }
+    /// With a store whose run queue is shared by several processes (PostgreSQL): how often
+    /// the workers look at the queue when no notification woke them (a lost notification,
+    /// a lease expired with its worker); default 250 ms, within 1 ms..=1 day.
+    pub fn queue_poll_ms(mut self, ms: u64) -> Self {
+        self.queue_poll_ms = ms;
         self
     }
     /// The clock lease expiries are read on (default: the system clock, whatever
@@ -218,6 +230,12 @@ impl EngineBuilder {
         // The read models: built from the log once if this database has none yet.
         crate::shell::index::ensure(log.as_ref())?;
         let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
+        if !(1..=LEASE_TTL_MS_MAX).contains(&self.queue_poll_ms) {
+            return Err(EngineError::Config(format!(
+                "queue_poll_ms {} is outside 1..={LEASE_TTL_MS_MAX}",
+                self.queue_poll_ms
+            )));
+        }
         let calls = CallPool::new(self.limits.call_threads)?;
         if self.checkpoint_every_ms == 0 {
             return Err(EngineError::Config("checkpoint_every_ms must be at least 1".into()));
@@ -242,9 +260,10 @@ impl EngineBuilder {
             calls,
             redelivery_limit: self.redelivery_limit,
             sched: Mutex::new(Scheduler::default()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             leasing,
             checkpoints,
+            queue_poll: std::time::Duration::from_millis(self.queue_poll_ms),
         };
         Ok(Engine { inner: Arc::new(inner) })
     }
@@ -287,6 +306,7 @@ impl Engine {
             lease_clock: Arc::new(SystemClock),
             checkpoint_signer: None,
             checkpoint_every_ms: crate::shell::checkpoint::CHECKPOINT_EVERY_MS_DEFAULT,
+            queue_poll_ms: QUEUE_POLL_MS_DEFAULT,
         }
     }
 

@@ -86,7 +86,7 @@ pub use crate::core::{
     Answer, Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError, QUARANTINED,
 };
 pub use api::*;
-pub use engine::{Engine, EngineBuilder, REDELIVERY_LIMIT_DEFAULT};
+pub use engine::{Engine, EngineBuilder, QUEUE_POLL_MS_DEFAULT, REDELIVERY_LIMIT_DEFAULT};
 pub use error::EngineError;
 pub use keel_store::{Durability, Level, RunId, Seq};
 pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};

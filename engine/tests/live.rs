@@ -309,6 +309,9 @@ impl Coordination for Counting {
     fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
         self.inner.due(now_us, limit)
     }
+    fn work_queue(&self) -> Option<&dyn keel_store::WorkQueue> {
+        self.inner.work_queue()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

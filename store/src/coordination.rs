@@ -227,6 +227,11 @@ pub trait Coordination: Send + Sync + 'static {
     /// with their due times. Reading does not clear them: the caller removes or moves a due
     /// time once it has acted on it.
     fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError>;
+
+    /// The queue of runnable runs shared with the other processes of this store, if it is
+    /// shared (`crate::WorkQueue`); `None` for a store one process opens (sled, memory),
+    /// whose engine keeps its run queue in memory.
+    fn work_queue(&self) -> Option<&dyn crate::WorkQueue>;
 }
 
 /// What the engine holds: the log and its coordination, one object.

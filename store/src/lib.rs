@@ -11,8 +11,9 @@
 //!   the envelope; `fields()` gives the JSON object whose top-level fields are digested one
 //!   by one (the unit of redaction).
 //! - [`EventLog`] (the log) and [`Coordination`] (leases with epochs and fenced appends,
-//!   claims, snapshots, aux entries, due times), held together as [`Store`]: the narrow,
-//!   object-safe seam the engine talks to. No method has a default.
+//!   claims, snapshots, aux entries, due times, the shared [`WorkQueue`] if any), held
+//!   together as [`Store`]: the narrow, object-safe seam the engine talks to. No method has
+//!   a default.
 //! - `SledStore` (the `sled` feature, on by default): the embedded backend; [`MemStore`]:
 //!   in-memory (tests). Both pass `keel-store-conformance`.
 //!
@@ -55,6 +56,7 @@ mod kv;
 mod log;
 mod observed;
 mod payloads;
+mod queue;
 #[cfg(feature = "sled")]
 mod sled;
 pub mod stats;
@@ -74,6 +76,7 @@ pub use log::{
 };
 pub use observed::{AppendObserver, Observed};
 pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
+pub use queue::{Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
 #[cfg(feature = "sled")]
 pub use sled::manifest::MANIFEST_FILE;
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]

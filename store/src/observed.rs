@@ -197,6 +197,9 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
         self.inner.due(now_us, limit)
     }
+    fn work_queue(&self) -> Option<&dyn crate::WorkQueue> {
+        self.inner.work_queue()
+    }
 }
 
 #[cfg(test)]

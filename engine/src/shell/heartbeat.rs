@@ -65,6 +65,16 @@ fn lost(inner: &Inner, run: RunId, why: &str) -> DriveOutcome {
 
 /// How often the service workers list the store's runs again (a run submitted by another
 /// process, or whose driver elsewhere lost its lease or died): once per lease time-to-live.
+/// With a shared queue those runs are in the queue; the scan is only a safety net (a run
+/// whose push was lost with its process), once per [`SHARED_RESCAN`] (or poll) at most.
 pub(crate) fn rescan_every(inner: &Inner) -> Duration {
-    Duration::from_millis(inner.leasing.ttl_ms)
+    let ttl = Duration::from_millis(inner.leasing.ttl_ms);
+    if crate::shell::shared::is_shared(inner) {
+        ttl.max(SHARED_RESCAN).max(inner.queue_poll)
+    } else {
+        ttl
+    }
 }
+
+/// Least time between two scans of a store with a shared queue.
+const SHARED_RESCAN: Duration = Duration::from_secs(60);

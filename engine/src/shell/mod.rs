@@ -5,6 +5,7 @@
 //! - [`runtime`]: the shared state every part of the shell holds;
 //! - [`queue`]: the run queue (plain data);
 //! - [`sched`]: the workers that claim runs from the queue and drive them;
+//! - [`shared`]: the run queue of a store shared by several processes (PostgreSQL);
 //! - [`driver`]: one driver per run (decide, stage, append, start effects);
 //! - [`effects`]: the calls out of the engine (planner, handler, evaluator, sink);
 //! - [`calls`]: the pool those calls run on (a blocking callee cannot hold a driver);
@@ -35,4 +36,5 @@ pub(crate) mod oversize;
 pub(crate) mod queue;
 pub(crate) mod runtime;
 pub(crate) mod sched;
+pub(crate) mod shared;
 pub(crate) mod subscribe;

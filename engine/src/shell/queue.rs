@@ -64,10 +64,19 @@ impl Scheduler {
         let (key, run) = chosen?;
         let (_, wf) = self.queue.remove(&key)?;
         self.queued.remove(&run);
+        self.activate(run, wf).map(|wake| (run, wake))
+    }
+
+    /// Marks `run` (of workflow type `wf`) driven here: its driver's wake-up, or `None`
+    /// if it is driven here already. A run claimed from a shared queue comes in this way.
+    pub(crate) fn activate(&mut self, run: RunId, wf: String) -> Option<Arc<Notify>> {
+        if self.active.contains_key(&run) {
+            return None;
+        }
         *self.active_per_workflow.entry(wf.clone()).or_insert(0) += 1;
         let wake = Arc::new(Notify::new());
         self.active.insert(run, (wf, wake.clone()));
-        Some((run, wake))
+        Some(wake)
     }
 
     /// Ends a drive; returns whether the run must be queued again.

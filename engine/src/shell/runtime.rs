@@ -45,11 +45,13 @@ pub(crate) struct Inner {
     pub redelivery_limit: u32,
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
-    pub wake: Notify,
+    pub wake: Arc<Notify>,
     /// How drivers take, renew and fence their runs' leases.
     pub leasing: Leasing,
     /// Signed head checkpoints, if the engine holds a signer.
     pub checkpoints: Option<crate::shell::checkpoint::Checkpointing>,
+    /// How often the workers poll a shared run queue (`shell::shared`) unwoken.
+    pub queue_poll: std::time::Duration,
 }
 
 impl Inner {

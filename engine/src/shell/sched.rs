@@ -13,7 +13,9 @@ use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
 use crate::shell::fold::load_state;
 use crate::shell::heartbeat;
+use crate::shell::lease::Held;
 use crate::shell::runtime::Inner;
+use crate::shell::shared;
 use keel_store::RunId;
 
 use std::collections::BTreeMap;
@@ -24,7 +26,9 @@ use tokio::task::JoinSet;
 
 /// Queue a run (after submit, resolve, or a scan).
 pub(crate) fn enqueue(inner: &Inner, s: &RunState) {
-    inner.sched().push(s.run, s.workflow.clone(), s.priority, s.accepted_at_us);
+    if !shared::push(inner, s) {
+        inner.sched().push(s.run, s.workflow.clone(), s.priority, s.accepted_at_us);
+    }
     inner.wake.notify_one();
 }
 
@@ -72,7 +76,18 @@ async fn scan(inner: &Arc<Inner>, park_waiting: bool) -> Result<(), EngineError>
         match inner.load(run).await {
             Ok(Some(s)) if !s.status.is_terminal() => {
                 inner.cache.fill_from(&s);
-                enqueue(inner, &s);
+                if shared::is_shared(inner) {
+                    // One blocking store call per run, off the runtime's threads (the
+                    // drivers' heartbeats share them).
+                    let inner2 = inner.clone();
+                    let queued = inner.blocking(move |_| {
+                        enqueue(&inner2, &s);
+                        Ok(())
+                    });
+                    let _ = queued.await;
+                } else {
+                    enqueue(inner, &s);
+                }
             }
             Ok(_) => {}
             Err(e) => tracing::error!(%run, error = %e, "cannot resume run: its log does not fold"),
@@ -113,7 +128,38 @@ fn to_resume(log: &dyn keel_store::Store, park_waiting: bool) -> Result<ToResume
     Ok((runs, parked))
 }
 
-fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, stop: &watch::Receiver<bool>) {
+type Drives = JoinSet<(RunId, DriveOutcome)>;
+
+/// Starts drivers for the runs this engine may take now: from the store's shared queue if
+/// it has one (`shell::shared`), else from the queue here.
+async fn spawn_claimed(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
+    if !shared::is_shared(inner) {
+        return spawn_local(inner, set, stop);
+    }
+    for c in shared::claim(inner).await {
+        let run = c.lease.run();
+        let Some(wake) = inner.sched().activate(run, c.workflow) else { continue };
+        spawn_drive(inner, set, stop, run, wake, Arc::new(Held::new(c.lease)));
+    }
+}
+
+fn spawn_drive(
+    inner: &Arc<Inner>,
+    set: &mut Drives,
+    stop: &watch::Receiver<bool>,
+    run: RunId,
+    wake: Arc<tokio::sync::Notify>,
+    held: Arc<Held>,
+) {
+    let inner2 = inner.clone();
+    let stop = stop.clone();
+    set.spawn(async move {
+        let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
+        (run, out)
+    });
+}
+
+fn spawn_local(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
     loop {
         let claimed = inner
             .sched()
@@ -134,12 +180,7 @@ fn spawn_claimed(inner: &Arc<Inner>, set: &mut JoinSet<(RunId, DriveOutcome)>, s
                 continue;
             }
         };
-        let inner2 = inner.clone();
-        let stop = stop.clone();
-        set.spawn(async move {
-            let out = heartbeat::drive_leased(inner2, run, wake, stop, held).await;
-            (run, out)
-        });
+        spawn_drive(inner, set, stop, run, wake, held);
     }
 }
 
@@ -153,20 +194,21 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
         DriveOutcome::Idle(_) | DriveOutcome::Shutdown => {}
         DriveOutcome::Parked { until_us } => {
             report.awaiting_human += 1;
-            if service {
+            if service && !shared::is_shared(inner) {
                 inner.sched().parked.insert(run, *until_us);
             }
         }
         // A run waiting for a timer: the service's workers drive it again when it falls
         // due (`run_until_idle` keeps its own list).
         DriveOutcome::Waiting { until_us } => {
-            if service {
+            if service && !shared::is_shared(inner) {
                 inner.sched().parked.insert(run, *until_us);
             }
         }
         DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
         DriveOutcome::LeaseLost => report.lease_lost += 1,
     }
+    shared::done(inner, run, out);
     let again = inner.sched().release(run);
     let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown | DriveOutcome::LeaseLost);
     if again && !stopped {
@@ -184,7 +226,7 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
     // their workers free for other runs meanwhile.
     let mut timers: BTreeMap<RunId, i64> = BTreeMap::new();
     loop {
-        spawn_claimed(inner, &mut set, &stop);
+        spawn_claimed(inner, &mut set, &stop).await;
         if set.is_empty() {
             let (queued, others_active) = {
                 let s = inner.sched();
@@ -299,11 +341,26 @@ pub(crate) fn start(inner: Arc<Inner>) -> Workers {
     Workers { stop: stop_tx, handle: Some(handle) }
 }
 
-async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
-    let mut report = IdleReport::default();
-    if let Err(e) = scan(&inner, true).await {
+/// Queues the log's unfinished runs for the service workers. With a shared queue the runs
+/// are in it already (the scan is a safety net, and on a large database it takes a while):
+/// it runs beside the workers, which claim from the queue at once.
+async fn scan_for_service(inner: &Arc<Inner>) {
+    if shared::is_shared(inner) {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if let Err(e) = scan(&inner, true).await {
+                tracing::warn!(error = %e, "workers: cannot list runs");
+            }
+        });
+    } else if let Err(e) = scan(inner, true).await {
         tracing::error!(error = %e, "workers: cannot list runs to resume");
     }
+}
+
+async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
+    let mut report = IdleReport::default();
+    shared::listen(&inner);
+    scan_for_service(&inner).await;
     let mut set = JoinSet::new();
     let mut scanned = tokio::time::Instant::now();
     loop {
@@ -314,24 +371,29 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         // run whose lease is held elsewhere is skipped until the next scan).
         if scanned.elapsed() >= heartbeat::rescan_every(&inner) {
             scanned = tokio::time::Instant::now();
-            if let Err(e) = scan(&inner, true).await {
-                tracing::warn!(error = %e, "workers: cannot list runs");
+            scan_for_service(&inner).await;
+        }
+        let tick = if shared::is_shared(&inner) {
+            // Timers and escalation deadlines of every process, from the due-time index.
+            shared::take_due(&inner).await;
+            spawn_claimed(&inner, &mut set, &stop).await;
+            inner.queue_poll
+        } else {
+            // Escalation deadlines that fell due.
+            let now = inner.clock.now_us();
+            let due: Vec<RunId> = inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
+            for run in due {
+                inner.sched().parked.remove(&run);
+                poke(&inner, run);
             }
-        }
-        // Escalation deadlines that fell due.
-        let now = inner.clock.now_us();
-        let due: Vec<RunId> = inner.sched().parked.iter().filter(|(_, t)| **t <= now).map(|(r, _)| *r).collect();
-        for run in due {
-            inner.sched().parked.remove(&run);
-            poke(&inner, run);
-        }
-        spawn_claimed(&inner, &mut set, &stop);
+            spawn_claimed(&inner, &mut set, &stop).await;
+            // Sleep until the next parked run falls due (timers wake on time), at most a tick.
+            let next = inner.sched().parked.values().copied().min();
+            next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()))
+        };
         if let Some(c) = &inner.checkpoints {
             c.tick(inner.log.as_ref(), inner.clock.now_us());
         }
-        // Sleep until the next parked run falls due (timers wake on time), at most a tick.
-        let next = inner.sched().parked.values().copied().min();
-        let tick = next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()));
         tokio::select! {
             _ = stop.changed() => break,
             Some(joined) = set.join_next(), if !set.is_empty() => match joined {

@@ -17,13 +17,17 @@
 //! 6. replay: events folded per second from the db and from a JSONL export, next to a raw
 //!    sled scan of the same records;
 //! 7. payloads: runs with 8 outputs of 1 MB appended through the engine and replayed from
-//!    the db, next to the same bytes written to and read from a plain file.
+//!    the db, next to the same bytes written to and read from a plain file;
+//! 8. postgres: durable transitions/s with 1, 2 and 4 worker processes on PostgreSQL next
+//!    to raw INSERTs of the same rows with the same commit pattern, step latency, and sled
+//!    beside them (skipped with a line without a server; `postgres.rs`).
 
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
 mod error;
 mod payloads;
+mod postgres;
 mod server;
 mod sys;
 
@@ -64,7 +68,7 @@ pub struct BenchOptions {
     /// adds process crash).
     pub levels: Vec<Level>,
     /// Run only these sections (`memory`, `floor`, `throughput`, `latency`, `resume`,
-    /// `replay`, `payloads`, `server`); empty: all. For profiling one section.
+    /// `replay`, `payloads`, `server`, `postgres`); empty: all. For profiling one section.
     pub only: Vec<String>,
     /// Run only these concurrencies in the throughput section; empty: 1, 64 and 1024.
     pub concurrency: Vec<usize>,
@@ -362,6 +366,10 @@ pub fn cli(json: bool, quick: bool) -> Result<(), BenchError> {
 
 /// [`cli`] with explicit options.
 pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), BenchError> {
+    // A worker process of the postgres section (this program started again by it).
+    if let Ok(spec) = std::env::var(postgres::WORKER_ENV) {
+        return postgres::worker(&spec);
+    }
     let handle = std::thread::Builder::new()
         .name("keel-bench".into())
         .spawn(move || {
@@ -459,6 +467,10 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
         let (runs, reviews) = if opts.quick { (10_000, 200) } else { (100_000, 400) };
         progress(&format!("server: {runs} finished runs, the HTTP API..."));
         figures.extend(rt.block_on(server::server(parent, runs, reviews))?);
+    }
+    if want("postgres") {
+        progress("postgres: 1, 2 and 4 worker processes...");
+        figures.extend(postgres::postgres(parent, if opts.quick { 200 } else { 1_000 })?);
     }
     if want("payloads") {
         progress("payloads: runs with 1 MB outputs...");

@@ -7,8 +7,9 @@
 //! tables in schema `keel_orders` of database `prod`.
 
 use keel_replay::error::ReplayError;
+use keel_server::{Role, StoredToken, TokenStore};
 use keel_store::Store;
-use keel_store_postgres::{OpenError, PgConfig, PgStore};
+use keel_store_postgres::{OpenError, PgConfig, PgStore, TokenRow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -66,12 +67,44 @@ pub(crate) fn redacted(db: &Path) -> PathBuf {
 }
 
 /// Opens the PostgreSQL store of `config` (`create`: make the schema if missing).
-pub(crate) fn open_postgres(db: &Path, mut config: PgConfig, create: bool) -> Result<Arc<dyn Store>, ReplayError> {
+pub(crate) fn open_postgres(db: &Path, config: PgConfig, create: bool) -> Result<Arc<dyn Store>, ReplayError> {
+    Ok(open_postgres_store(db, config, create)?)
+}
+
+/// [`open_postgres`], as the PostgreSQL store itself (its tokens table too).
+pub(crate) fn open_postgres_store(db: &Path, mut config: PgConfig, create: bool) -> Result<Arc<PgStore>, ReplayError> {
     config.create = create;
     match PgStore::open(config) {
         Ok(store) => Ok(Arc::new(store)),
         Err(OpenError::NotFound { .. }) => Err(ReplayError::DbNotFound { path: redacted(db) }),
         Err(e) => Err(ReplayError::NotADb { path: redacted(db), reason: e.to_string() }),
+    }
+}
+
+/// The API tokens of a deployment on PostgreSQL: its schema's `tokens` table, shared by
+/// every `keel serve` on the database.
+pub(crate) struct PgTokens(pub(crate) Arc<PgStore>);
+
+impl std::fmt::Debug for PgTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("PgTokens").field(&self.0.schema()).finish()
+    }
+}
+
+impl TokenStore for PgTokens {
+    fn list(&self) -> Result<Vec<StoredToken>, String> {
+        let rows = self.0.tokens().map_err(|e| e.to_string())?;
+        rows.into_iter()
+            .map(|r| match Role::parse(&r.role) {
+                Some(role) => Ok(StoredToken { name: r.name, role, sha256: r.sha256 }),
+                None => Err(format!("stored token {:?} has an unknown role {:?}", r.name, r.role)),
+            })
+            .collect()
+    }
+
+    fn insert(&self, t: &StoredToken) -> Result<bool, String> {
+        let row = TokenRow { name: t.name.clone(), role: t.role.name().to_owned(), sha256: t.sha256 };
+        self.0.add_token(&row).map_err(|e| e.to_string())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Several `keel` processes on one PostgreSQL database (docs/STORE.md §15): `--db
 //! postgres://…?schema=NAME` for the commands that open a database, and real `keel work`
 //! processes sharing the runs, each run driven by one of them at a time, ending as on
-//! sled. Each test works in a fresh schema it drops; without a server it says it was
+//! sled, through the database's shared work queue. Each test works in a fresh schema it drops; without a server it says it was
 //! skipped (and fails under CI=true or KEEL_REQUIRE_POSTGRES=1).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 
@@ -61,11 +61,15 @@ fn demo_engine(store: Arc<PgStore>) -> Engine {
 
 /// Submits the demo requests 0..n (seed 1) without working them.
 fn submit_demo(store: Arc<PgStore>, n: u64) -> BTreeMap<u64, RunId> {
+    submit_demo_range(&demo_engine(store), 0..n)
+}
+
+/// Submits the demo requests `indexes` (seed 1) through `engine` without working them.
+fn submit_demo_range(engine: &Engine, indexes: std::ops::Range<u64>) -> BTreeMap<u64, RunId> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let engine = demo_engine(store);
     rt.block_on(async {
         let mut runs = BTreeMap::new();
-        for i in 0..n {
+        for i in indexes {
             runs.insert(i, engine.submit(keel_demo::request(1, i)).await.unwrap().run);
         }
         runs
@@ -214,61 +218,49 @@ fn lease_figures(stderr: &str) -> (u64, u64, u64) {
     (nums[n - 3], nums[n - 2], nums[n - 1])
 }
 
-/// Chaos: 3 `keel work` services on one database drive demo runs submitted up front while
-/// the harness SIGKILLs one (and starts a new one in its place) and SIGSTOPs another past
-/// its lease, then SIGCONTs it, over and over. Every run ends exactly once with the status
-/// of its uninterrupted sled twin, no seq gap or duplicate, `verify` and
-/// `replay --all --check` pass; the fenced refusals are counted.
-#[test]
-fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
-    if !pg::ready() {
-        return;
-    }
-    const N: u64 = 240;
-    const TTL_MS: u64 = 500;
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    println!("chaos seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = move |n: usize| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % n as u64) as usize
-    };
-    let scratch = pg::Scratch::new(Durability::default());
-    let (db, cfg) = db_url(&scratch);
-    let store = Arc::new(PgStore::open(cfg).unwrap());
-    let runs = submit_demo(store.clone(), N);
-    let twin = sled_twin(N);
-    let reader = demo_engine(store.clone());
-    let ttl = TTL_MS.to_string();
+/// The chaos test's depth: `KEEL_CHAOS_RUNS` demo runs (default 240) and at least
+/// `KEEL_CHAOS_DISRUPTIONS` disruptions (default 100; each SIGKILL and each SIGSTOP past
+/// the lease counts one). CI runs the defaults; a soak sets larger ones.
+fn chaos_depth() -> (u64, u32) {
+    let var = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    (var("KEEL_CHAOS_RUNS", 240), u32::try_from(var("KEEL_CHAOS_DISRUPTIONS", 100)).unwrap())
+}
+
+/// What the harness did to the workers, and what the killed ones said before they died.
+#[derive(Default)]
+struct Disrupted {
+    kills: u32,
+    stops: u32,
+    fenced_killed: u64,
+    renewals_killed: u64,
+}
+
+const CHAOS_TTL_MS: u64 = 500;
+
+/// One round: SIGKILL a worker (a new one takes its place), then SIGSTOP another past its
+/// lease and SIGCONT it.
+fn disrupt(db: &str, workers: &mut [Child], next: &mut impl FnMut(usize) -> usize, d: &mut Disrupted) {
+    let ttl = CHAOS_TTL_MS.to_string();
     let args = ["--lease-ttl-ms", ttl.as_str()];
-    let mut workers: Vec<Child> = (0..3).map(|_| spawn_worker(&db, &args)).collect();
-    let (mut kills, mut stops) = (0u32, 0u32);
-    let (mut fenced_killed, mut renewals_killed) = (0, 0);
-    let started = Instant::now();
-    let settled = |reader: &Engine| runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[i].0);
-    while !settled(&reader) {
-        assert!(started.elapsed() < Duration::from_secs(300), "runs did not settle in 300 s");
-        // SIGKILL one and start another in its place.
-        std::thread::sleep(Duration::from_millis(150 + next(200) as u64));
-        let k = next(3);
-        signal(&workers[k], "KILL");
-        let killed = std::mem::replace(&mut workers[k], spawn_worker(&db, &args));
-        let out = killed.wait_with_output().unwrap();
-        let (f, r) = leases_lost(&String::from_utf8_lossy(&out.stderr));
-        (fenced_killed, renewals_killed) = (fenced_killed + f, renewals_killed + r);
-        kills += 1;
-        // SIGSTOP another past its lease, then SIGCONT it.
-        std::thread::sleep(Duration::from_millis(100 + next(200) as u64));
-        let s = (k + 1 + next(2)) % 3;
-        signal(&workers[s], "STOP");
-        std::thread::sleep(Duration::from_millis(2 * TTL_MS + next(400) as u64));
-        signal(&workers[s], "CONT");
-        stops += 1;
-    }
-    // Let the services notice the end, then stop them (SIGINT: they print their figures).
-    std::thread::sleep(Duration::from_millis(2 * TTL_MS));
+    std::thread::sleep(Duration::from_millis(50 + next(150) as u64));
+    let k = next(3);
+    signal(&workers[k], "KILL");
+    let killed = std::mem::replace(&mut workers[k], spawn_worker(db, &args));
+    let out = killed.wait_with_output().unwrap();
+    let (f, r) = leases_lost(&String::from_utf8_lossy(&out.stderr));
+    (d.fenced_killed, d.renewals_killed) = (d.fenced_killed + f, d.renewals_killed + r);
+    d.kills += 1;
+    std::thread::sleep(Duration::from_millis(50 + next(150) as u64));
+    let s = (k + 1 + next(2)) % 3;
+    signal(&workers[s], "STOP");
+    std::thread::sleep(Duration::from_millis(2 * CHAOS_TTL_MS + next(200) as u64));
+    signal(&workers[s], "CONT");
+    d.stops += 1;
+}
+
+/// Stops the services (SIGINT: they print their figures): (leases lost, appends fenced,
+/// renewals failed) over the survivors.
+fn stop_workers(workers: Vec<Child>) -> (u64, u64, u64) {
     let (mut lost, mut fenced, mut renewals) = (0, 0, 0);
     for w in workers {
         signal(&w, "INT");
@@ -279,18 +271,74 @@ fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
         assert_eq!(leases_lost(&stderr), (f, r), "the warnings and the figures agree");
         (lost, fenced, renewals) = (lost + l, fenced + f, renewals + r);
     }
+    (lost, fenced, renewals)
+}
+
+/// Chaos: 3 `keel work` services on one database drive demo runs, submitted in batches
+/// while the harness SIGKILLs one (and starts a new one in its place) and SIGSTOPs another
+/// past its lease, then SIGCONTs it, over and over (at least [`chaos_depth`]
+/// disruptions). Every run ends exactly once with the status of its uninterrupted sled
+/// twin, no seq gap or duplicate, `verify` and `replay --all --check` pass; the fenced
+/// refusals are counted.
+#[test]
+fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
+    if !pg::ready() {
+        return;
+    }
+    let (n, target) = chaos_depth();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    println!("chaos seed {seed}, {n} runs, at least {target} disruptions");
+    let mut rng = seed | 1;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    let scratch = pg::Scratch::new(Durability::default());
+    let (db, cfg) = db_url(&scratch);
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let twin = sled_twin(n);
+    let reader = demo_engine(store.clone());
+    let ttl = CHAOS_TTL_MS.to_string();
+    let mut workers: Vec<Child> = (0..3).map(|_| spawn_worker(&db, &["--lease-ttl-ms", ttl.as_str()])).collect();
+    // The runs arrive in batches over the disruptions, so every round has work in flight.
+    let per_round = n.div_ceil(u64::from(target / 2).max(1)).max(1);
+    let mut runs = BTreeMap::new();
+    let mut d = Disrupted::default();
+    let started = Instant::now();
+    let bound = Duration::from_secs(300 + 3 * u64::from(target));
+    let settled = |runs: &BTreeMap<u64, RunId>| {
+        runs.len() as u64 == n && runs.iter().all(|(i, r)| reader.state(*r).unwrap().status.name() == twin[i].0)
+    };
+    while d.kills + d.stops < target || !settled(&runs) {
+        assert!(started.elapsed() < bound, "runs did not settle in {bound:?} (seed {seed})");
+        let from = runs.len() as u64;
+        runs.extend(submit_demo_range(&reader, from..(from + per_round).min(n)));
+        disrupt(&db, &mut workers, &mut next, &mut d);
+    }
+    // Let the services notice the end, then stop them.
+    std::thread::sleep(Duration::from_millis(2 * CHAOS_TTL_MS));
+    let (lost, fenced, renewals) = stop_workers(workers);
     let got = endings(&reader, &runs);
     for (i, e) in &got {
         assert_eq!(e.0, twin[i].0, "run {i} ends as its uninterrupted twin");
     }
     println!(
-        "chaos: {N} runs, {kills} SIGKILLs, {stops} SIGSTOPs past the {TTL_MS} ms lease in {:?}; leases lost: survivors {lost} ({fenced} appends fenced, {renewals} renewals failed), killed workers {} ({fenced_killed} appends fenced, {renewals_killed} renewals failed)",
+        "chaos: {n} runs, {} disruptions ({} SIGKILLs, {} SIGSTOPs past the {CHAOS_TTL_MS} ms lease) in {:?}; stale-epoch appends refused: {}, accepted: 0 (no seq gap or duplicate, every run as its twin); leases lost: survivors {lost} ({fenced} appends fenced, {renewals} renewals failed), killed workers {} ({} appends fenced, {} renewals failed)",
+        d.kills + d.stops,
+        d.kills,
+        d.stops,
         started.elapsed(),
-        fenced_killed + renewals_killed
+        fenced + d.fenced_killed,
+        d.fenced_killed + d.renewals_killed,
+        d.fenced_killed,
+        d.renewals_killed
     );
+    assert!(d.kills + d.stops >= target);
     assert!(
-        fenced + renewals + fenced_killed + renewals_killed > 0,
+        fenced + renewals + d.fenced_killed + d.renewals_killed > 0,
         "no SIGSTOP cost a worker its lease (seed {seed})"
     );
-    verify_and_replay(&db, N);
+    verify_and_replay(&db, n);
 }

@@ -130,11 +130,47 @@ struct Loaded {
     entries: Vec<Entry>,
 }
 
+/// One token as a [`TokenStore`] keeps it: its SHA-256, never the token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredToken {
+    /// The token's name (the caller's identity).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the token.
+    pub sha256: [u8; 32],
+}
+
+/// Where a deployment keeps its tokens when several servers share them (a table of the
+/// database they share), instead of a tokens file beside one database directory.
+pub trait TokenStore: Send + Sync + std::fmt::Debug {
+    /// Every stored token. Errors are the store's, in words.
+    fn list(&self) -> Result<Vec<StoredToken>, String>;
+    /// Stores `token`; false (nothing stored) if a token of that name exists.
+    fn insert(&self, token: &StoredToken) -> Result<bool, String>;
+}
+
+/// How long a [`TokenStore`]'s tokens are used before they are read again (a token added
+/// on another machine is accepted within this time).
+pub const TOKENS_RELOAD_MS: u64 = 1_000;
+
+/// Where the tokens come from.
+#[derive(Debug)]
+enum Source {
+    /// Given in memory: never reloaded.
+    Fixed,
+    /// A tokens file, re-read when its modification time or size changed.
+    File(PathBuf),
+    /// A token store, re-read at most every [`TOKENS_RELOAD_MS`].
+    Store { store: Arc<dyn TokenStore>, read_at: RwLock<std::time::Instant> },
+}
+
 /// The server's authenticator: the stored tokens, read from a tokens file (re-read when it
-/// changes, so `keel token add` works while `keel serve` runs) or given in memory.
+/// changes, so `keel token add` works while `keel serve` runs), from a [`TokenStore`]
+/// shared by several servers, or given in memory.
 #[derive(Debug)]
 pub struct Auth {
-    file: Option<PathBuf>,
+    source: Source,
     loaded: RwLock<Loaded>,
 }
 
@@ -144,7 +180,20 @@ impl Auth {
     pub fn from_file(path: impl Into<PathBuf>) -> Result<Auth, AuthError> {
         let path = path.into();
         let loaded = load(&path)?;
-        Ok(Auth { file: Some(path), loaded: RwLock::new(loaded) })
+        Ok(Auth { source: Source::File(path), loaded: RwLock::new(loaded) })
+    }
+
+    /// The tokens of `store`, read again at most every [`TOKENS_RELOAD_MS`] (a store that
+    /// fails then keeps the tokens read before). Errors: the first read failed.
+    pub fn from_store(store: Arc<dyn TokenStore>) -> Result<Auth, String> {
+        let entries = store_entries(store.as_ref())?;
+        let read_at = RwLock::new(std::time::Instant::now());
+        Ok(Auth { source: Source::Store { store, read_at }, loaded: RwLock::new(Loaded { stamp: None, entries }) })
+    }
+
+    /// Whether any token is stored (every route but `/healthz` answers 401 until one is).
+    pub fn is_empty(&self) -> bool {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).entries.is_empty()
     }
 
     /// Tokens given in memory as `(name, role, token)` (tests, or a service that keeps its
@@ -158,7 +207,7 @@ impl Auth {
             }
             entries.push(Entry { hash: hash(token), role, name: name.to_owned() });
         }
-        Ok(Auth { file: None, loaded: RwLock::new(Loaded { stamp: None, entries }) })
+        Ok(Auth { source: Source::Fixed, loaded: RwLock::new(Loaded { stamp: None, entries }) })
     }
 
     /// Who holds `token`, if anyone. Every stored hash is compared (constant time each,
@@ -179,7 +228,11 @@ impl Auth {
     /// Re-reads the tokens file when its modification time or size changed. A file that
     /// became unreadable or malformed keeps the tokens last read (and says so in the log).
     fn refresh(&self) {
-        let Some(path) = &self.file else { return };
+        let path = match &self.source {
+            Source::Fixed => return,
+            Source::File(path) => path,
+            Source::Store { store, read_at } => return self.refresh_from(store.as_ref(), read_at),
+        };
         let now = stamp(path);
         let current = self.loaded.read().unwrap_or_else(|p| p.into_inner()).stamp;
         if now == current {
@@ -190,6 +243,40 @@ impl Auth {
             Err(e) => tracing::error!(error = %e, "cannot reload the tokens file; keeping the tokens read before"),
         }
     }
+}
+
+impl Auth {
+    /// Reads `store` again if the tokens are older than [`TOKENS_RELOAD_MS`].
+    fn refresh_from(&self, store: &dyn TokenStore, read_at: &RwLock<std::time::Instant>) {
+        let every = std::time::Duration::from_millis(TOKENS_RELOAD_MS);
+        {
+            let mut at = read_at.write().unwrap_or_else(|p| p.into_inner());
+            if at.elapsed() < every {
+                return;
+            }
+            *at = std::time::Instant::now();
+        }
+        match store_entries(store) {
+            Ok(entries) => self.loaded.write().unwrap_or_else(|p| p.into_inner()).entries = entries,
+            Err(e) => tracing::error!(error = %e, "cannot read the stored tokens; keeping the tokens read before"),
+        }
+    }
+}
+
+fn store_entries(store: &dyn TokenStore) -> Result<Vec<Entry>, String> {
+    Ok(store.list()?.into_iter().map(|t| Entry { hash: t.sha256, role: t.role, name: t.name }).collect())
+}
+
+/// Makes a new token named `name` with `role`, stores its hash in `store` and returns the
+/// token: the only time it is shown. Errors: an invalid or taken name, the store's.
+pub fn add_stored_token(store: &dyn TokenStore, name: &str, role: Role) -> Result<String, String> {
+    check_name(name).map_err(|e| e.to_string())?;
+    let token = new_token();
+    let row = StoredToken { name: name.to_owned(), role, sha256: hash(&token) };
+    if !store.insert(&row)? {
+        return Err(AuthError::DuplicateName { name: name.to_owned() }.to_string());
+    }
+    Ok(token)
 }
 
 /// The file's modification time and size, or `None` when it does not exist.

@@ -29,7 +29,10 @@ pub mod tls;
 mod verify;
 mod web;
 
-pub use auth::{add_token, Auth, AuthError, Identity, Role, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKEN_NAME_BYTES_MAX};
+pub use auth::{
+    add_stored_token, add_token, Auth, AuthError, Identity, Role, StoredToken, TokenStore, TOKENS_FILE,
+    TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
+};
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 
 use axum::extract::DefaultBodyLimit;

@@ -10,6 +10,9 @@
 //!   share one transaction per flush (group commit, `synchronous_commit` on).
 //! - Leases are rows with an owner, an epoch and an expiry; a fenced append checks its
 //!   epoch under the lease row's lock inside the append's transaction (`Fenced` otherwise).
+//! - A `work` table of runnable runs shared by every process's workers, claimed with
+//!   `FOR UPDATE SKIP LOCKED` (each claim grants the run's lease in its transaction),
+//!   woken by `LISTEN/NOTIFY` (polling as the fallback).
 //! - The tables are created and migrated at open ([`SCHEMA_VERSION`]); a schema migrated by
 //!   a newer build is refused ([`OpenError::SchemaTooNew`]).
 //! - Sessions come from a `deadpool-postgres` pool; one that lost its connection or was
@@ -24,9 +27,12 @@
 mod error;
 mod group;
 mod pool;
+mod queue;
 mod schema;
 mod store;
+mod tokens;
 
 pub use error::{OpenError, PgError, Timed};
 pub use schema::SCHEMA_VERSION;
 pub use store::{PgConfig, PgStats, PgStore};
+pub use tokens::{TokenRow, TOKENS_MAX};

@@ -63,10 +63,30 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
         PRIMARY KEY (digest, chunk)
     );",
     ),
+    (
+        3,
+        "CREATE TABLE work (
+        run uuid PRIMARY KEY,
+        workflow text NOT NULL,
+        priority integer NOT NULL,
+        accepted_at_us bigint NOT NULL,
+        ticket bigserial NOT NULL,
+        claimed_by text,
+        again boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX work_order ON work (priority DESC, accepted_at_us, ticket);
+    CREATE INDEX work_by_workflow ON work (workflow);
+    CREATE TABLE tokens (
+        name text PRIMARY KEY,
+        role text NOT NULL,
+        sha256 bytea NOT NULL UNIQUE,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );",
+    ),
 ];
 
 /// The schema version this build migrates to (its last migration's number).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 

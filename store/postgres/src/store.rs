@@ -108,6 +108,9 @@ struct Shared {
     durability: Durability,
     page: i64,
     schema: String,
+    /// Where the work queue's listener connects (its own session, outside the pool).
+    pg: tokio_postgres::Config,
+    wakers: Arc<crate::queue::Wakers>,
     // Last: the runtime goes after everything that spawns onto it.
     _rt: Rt,
 }
@@ -209,7 +212,7 @@ impl PgStore {
         let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
         // Used only from tasks on the store's runtime: its timers bound the pool's waits and
         // its sessions' connection tasks are spawned there.
-        let pool = Arc::new(Pool::new(pg, config.pool_size, bounds).map_err(OpenError::Postgres)?);
+        let pool = Arc::new(Pool::new(pg.clone(), config.pool_size, bounds).map_err(OpenError::Postgres)?);
         {
             let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -262,6 +265,8 @@ impl PgStore {
                 durability: config.durability,
                 page,
                 schema: config.schema,
+                pg,
+                wakers: Arc::default(),
                 _rt: rt,
             }),
         })
@@ -283,7 +288,7 @@ impl PgStore {
         }
     }
 
-    fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
+    pub(crate) fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
@@ -291,8 +296,21 @@ impl PgStore {
         self.shared.call(fut)
     }
 
-    fn pool(&self) -> Arc<Pool> {
+    pub(crate) fn pool(&self) -> Arc<Pool> {
         self.shared.pool.clone()
+    }
+
+    pub(crate) fn wakers(&self) -> Arc<crate::queue::Wakers> {
+        self.shared.wakers.clone()
+    }
+
+    pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
+        self.shared.pg.clone()
+    }
+
+    /// Runs `fut` on the store's runtime in the background (it ends with the store).
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.shared.handle.spawn(fut);
     }
 
     /// An append, fenced or not: checked here, decided and written by the flusher.
@@ -323,7 +341,7 @@ impl PgStore {
         Ok(Some(backend::decode_record(run, Seq(seq), &value)?.hash))
     }
 
-    fn lease(&self, run: RunId, owner: &str, epoch: i64, expires_at_us: i64) -> Lease {
+    pub(crate) fn lease(&self, run: RunId, owner: &str, epoch: i64, expires_at_us: i64) -> Lease {
         let releaser: Arc<dyn ReleaseOnDrop> = Arc::new(Releaser(Arc::downgrade(&self.shared)));
         Lease::releasing_on_drop(run, owner, u64::try_from(epoch).unwrap_or(0), expires_at_us, releaser)
     }
@@ -543,20 +561,29 @@ async fn remove_run_tx(
 }
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
-    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
-    let mut conn = pool.get().await?;
-    let result = conn
-        .client()?
-        .execute(
+    async fn release_tx(
+        client: &mut tokio_postgres::Client,
+        run: RunId,
+        epoch: i64,
+    ) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        // Not waited for: a release lost in a crash of the server only makes the next
+        // holder wait for the expiry; any later synchronous commit (a grant) covers it.
+        tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
+        tx.execute(
             "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
             &[&run.0, &epoch],
         )
-        .await;
-    conn.ok(result)?;
-    Ok(())
+        .await?;
+        tx.commit().await
+    }
+    let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
+    let mut conn = pool.get().await?;
+    let result = release_tx(conn.client()?, run, epoch).await;
+    conn.ok(result)
 }
 
-fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
+pub(crate) fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
     let ttl_us = i64::try_from(ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000);
     now_us.saturating_add(ttl_us)
 }
@@ -890,6 +917,10 @@ impl Coordination for PgStore {
                 .map(|r| Ok((RunId(r.try_get::<_, Uuid>(0).map_err(pg)?), r.try_get::<_, i64>(1).map_err(pg)?)))
                 .collect()
         })
+    }
+    /// Several processes share this store: their workers claim runs from its `work` table.
+    fn work_queue(&self) -> Option<&dyn keel_store::WorkQueue> {
+        Some(self)
     }
 }
 

@@ -579,7 +579,8 @@ fn a_schema_at_an_older_version_is_migrated_at_open_and_keeps_its_data() {
     drop(store);
     let admin = Admin::connect().unwrap();
     admin.exec(&format!(
-        "DROP TABLE {schema}.payloads, {schema}.payload_manifests; DELETE FROM {schema}.schema_version WHERE version >= 2"
+        "DROP TABLE {schema}.payloads, {schema}.payload_manifests, {schema}.work, {schema}.tokens;
+         DELETE FROM {schema}.schema_version WHERE version >= 2"
     ));
     let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
     assert_eq!(

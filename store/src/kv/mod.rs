@@ -672,6 +672,11 @@ macro_rules! delegate_coordination {
         fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
             self.core.due(now_us, limit)
         }
+
+        /// One process opens this store: its engine's run queue is in memory.
+        fn work_queue(&self) -> Option<&dyn crate::WorkQueue> {
+            None
+        }
     };
 }
 pub(crate) use delegate_coordination;

@@ -6,9 +6,11 @@ use crate::output::errln;
 use crate::Registry;
 use clap::Args;
 use keel_server::{router_with, serve, serve_tls, Auth, Readiness, RouterOptions, TOKENS_FILE};
+use keel_store::Store;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -56,13 +58,13 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         _ => None,
     };
     let key = a.sign.load()?;
-    let engine = registry.engine_signing(open_db(db, true)?, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref())?;
+    let (store, auth) = store_and_auth(db)?;
+    let engine = registry.engine_signing(store, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref())?;
     registry.refuse_unknown_unfinished(&engine)?;
-    let tokens = db.join(TOKENS_FILE);
-    let auth = Auth::from_file(&tokens).map_err(|e| CliError::Failed(e.to_string()))?;
-    if !tokens.exists() {
+    if auth.is_empty() {
         errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
     }
+    let shared = crate::backend::postgres_config(db).is_some();
     let listener =
         tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
     let addr = listener.local_addr().map_err(|e| io_err("the listening socket", e))?;
@@ -79,7 +81,10 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     // when it stops; a file left by a killed server is checked before it is used).
     // Written before the "serving" line, so whoever reads that line finds the file.
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
-    crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+    // A database several servers share (PostgreSQL) has no directory to write it in.
+    if !shared {
+        crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+    }
     // Listening for the stop signals from before the "serving" line is printed.
     let stop = stop_signal();
     let workers = engine.start();
@@ -116,13 +121,32 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
             Ok(())
         }
     };
-    crate::remote::remove_server_file(db);
+    if !shared {
+        crate::remote::remove_server_file(db);
+    }
     served?;
     match tokio::time::timeout(grace, workers.shutdown()).await {
         Ok(report) => errln!("keel: stopped after {} driver pass(es)", report.driven),
         Err(_) => errln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The database `db` names and its API tokens: the `tokens` table of a PostgreSQL
+/// database (shared by every server on it), or the tokens file of a sled directory.
+fn store_and_auth(db: &Path) -> Result<(Arc<dyn Store>, Auth), CliError> {
+    match crate::backend::postgres_config(db) {
+        Some(config) => {
+            let pg = crate::backend::open_postgres_store(db, config?, true)?;
+            let auth = Auth::from_store(Arc::new(crate::backend::PgTokens(pg.clone()))).map_err(CliError::Failed)?;
+            Ok((pg, auth))
+        }
+        None => {
+            let store = open_db(db, true)?;
+            let auth = Auth::from_file(db.join(TOKENS_FILE)).map_err(|e| CliError::Failed(e.to_string()))?;
+            Ok((store, auth))
+        }
+    }
 }
 
 /// SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`): the handlers are

@@ -5,7 +5,7 @@ use crate::open::open_db;
 use crate::output::{errln, outln};
 use clap::{Args, Subcommand, ValueEnum};
 use keel_replay::error::ReplayError;
-use keel_server::{add_token, Role, TOKENS_FILE};
+use keel_server::{add_stored_token, add_token, Role, TOKENS_FILE};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -18,7 +18,8 @@ pub(crate) struct TokenArgs {
 #[derive(Subcommand, Debug)]
 pub(crate) enum TokenCmd {
     /// Make a token for `keel serve` and print it (the only time it is shown; only its
-    /// hash is kept, in DIR/tokens).
+    /// hash is kept, in DIR/tokens, or in the `tokens` table of a PostgreSQL database,
+    /// shared by every `keel serve` on it).
     Add {
         /// The token's name: the identity recorded as `by` for what it decides.
         name: String,
@@ -45,6 +46,20 @@ pub(crate) fn run(db: &Path, a: TokenArgs) -> CmdResult {
         RoleArg::Approver => Role::Approver,
         RoleArg::Admin => Role::Admin,
     };
+    let token = match crate::backend::postgres_config(db) {
+        Some(config) => {
+            let store = crate::backend::open_postgres_store(db, config?, true)?;
+            add_stored_token(&crate::backend::PgTokens(store), &name, role).map_err(CliError::Failed)?
+        }
+        None => add_to_file(db, &name, role)?,
+    };
+    outln!("{token}")?;
+    errln!("token {name:?} ({}) added; it is shown only now", role.name());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Adds a token to the tokens file of the sled database `db`.
+fn add_to_file(db: &Path, name: &str, role: Role) -> Result<String, CliError> {
     // The tokens file lives beside the database's files: make the database first, so
     // that a directory holding only `tokens` is never mistaken for something else. A
     // database a running `keel serve` holds exists already.
@@ -53,8 +68,5 @@ pub(crate) fn run(db: &Path, a: TokenArgs) -> CmdResult {
         Err(ReplayError::DbLocked { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let token = add_token(&db.join(TOKENS_FILE), &name, role).map_err(|e| CliError::Failed(e.to_string()))?;
-    outln!("{token}")?;
-    errln!("token {name:?} ({}) added; it is shown only now", role.name());
-    Ok(ExitCode::SUCCESS)
+    add_token(&db.join(TOKENS_FILE), name, role).map_err(|e| CliError::Failed(e.to_string()))
 }

@@ -1,0 +1,112 @@
+//! The run queue of a store shared by several processes ([`keel_store::WorkQueue`],
+//! PostgreSQL): runnable runs are pushed to the store, and the workers of every process
+//! claim them from it (each claim grants the run's lease), so priority order and each
+//! workflow type's `max_concurrent_runs` hold across processes. Timers go to the store's
+//! due-time index, so a timer set by one process fires in whichever takes it. A store one
+//! process opens (sled, memory) has no shared queue: `shell::queue` is the queue then.
+
+use crate::model::state::RunState;
+use crate::shell::driver::DriveOutcome;
+use crate::shell::runtime::Inner;
+use keel_store::{Claimed, RunId, Runnable};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Whether `inner`'s store shares its run queue with other processes.
+pub(crate) fn is_shared(inner: &Inner) -> bool {
+    inner.log.work_queue().is_some()
+}
+
+/// Pushes `s` to the shared queue; false if the store has none (queue it here then).
+pub(crate) fn push(inner: &Inner, s: &RunState) -> bool {
+    let Some(q) = inner.log.work_queue() else { return false };
+    let r =
+        Runnable { run: s.run, workflow: s.workflow.clone(), priority: s.priority, accepted_at_us: s.accepted_at_us };
+    if let Err(e) = q.push(&r) {
+        // The run stays runnable in its log: the next scan queues it.
+        tracing::warn!(run = %s.run, error = %e, "cannot queue the run in the shared queue");
+    }
+    true
+}
+
+/// The workflow types with a `max_concurrent_runs` of their own.
+fn limits(inner: &Inner) -> BTreeMap<String, usize> {
+    inner
+        .workflows
+        .iter()
+        .filter(|(_, r)| r.wf.max_concurrent_runs > 0)
+        .map(|(name, r)| (name.clone(), r.wf.max_concurrent_runs))
+        .collect()
+}
+
+/// Claims as many runs as this engine has free workers, each with its lease.
+pub(crate) async fn claim(inner: &Arc<Inner>) -> Vec<Claimed> {
+    let room = inner.workers.saturating_sub(inner.sched().active.len());
+    if room == 0 {
+        return Vec::new();
+    }
+    let l = &inner.leasing;
+    let (owner, ttl_ms, now_us, limits) = (l.owner.clone(), l.ttl_ms, l.clock.now_us(), limits(inner));
+    let claimed = inner
+        .blocking(move |log| match log.work_queue() {
+            Some(q) => Ok(q.claim(&owner, ttl_ms, now_us, room, &limits)?),
+            None => Ok(Vec::new()),
+        })
+        .await;
+    claimed.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot claim runs from the shared queue");
+        Vec::new()
+    })
+}
+
+/// Tells the shared queue that this engine's drive of `run` ended as `out`: the run
+/// leaves it (a timer's due time goes to the due-time index), or goes round again if it
+/// was pushed meanwhile. A drive that lost its lease or was shut down leaves the run to
+/// the next claimer.
+pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome) {
+    let Some(q) = inner.log.work_queue() else { return };
+    let due = match out {
+        DriveOutcome::Waiting { until_us } | DriveOutcome::Parked { until_us } => Some(*until_us),
+        // Tried again after a lease's time (as a scan would).
+        DriveOutcome::Stopped(_) => Some(inner.clock.now_us().saturating_add(ttl_us(inner))),
+        DriveOutcome::Idle(_) => None,
+        DriveOutcome::LeaseLost | DriveOutcome::Shutdown => return,
+    };
+    if let Err(e) = q.done(run, &inner.leasing.owner, due) {
+        tracing::warn!(%run, error = %e, "cannot mark the run done in the shared queue (its claim expires)");
+    }
+}
+
+fn ttl_us(inner: &Inner) -> i64 {
+    i64::try_from(inner.leasing.ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000)
+}
+
+/// Queues the runs whose due time passed (set by any process), each taken by one process.
+pub(crate) async fn take_due(inner: &Arc<Inner>) {
+    let now = inner.clock.now_us();
+    let due = inner
+        .blocking(move |log| match log.work_queue() {
+            Some(q) => Ok(q.take_due(now, DUE_PER_TICK)?),
+            None => Ok(Vec::new()),
+        })
+        .await;
+    match due {
+        Ok(runs) => {
+            for run in runs {
+                crate::shell::sched::poke(inner, run);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the due-time index"),
+    }
+}
+
+/// Due runs queued per tick at most.
+const DUE_PER_TICK: usize = 256;
+
+/// Wakes `inner`'s service workers on the store's notifications.
+pub(crate) fn listen(inner: &Inner) {
+    if let Some(q) = inner.log.work_queue() {
+        let wake = inner.wake.clone();
+        q.on_wake(Box::new(move || wake.notify_one()));
+    }
+}

@@ -1,0 +1,218 @@
+//! The shared work queue on PostgreSQL (docs/STORE.md, "The work queue"): worker
+//! processes claim runnable runs from one table, so priority order and a workflow type's
+//! `max_concurrent_runs` hold across processes, and a run submitted by one process is
+//! woken in another by `LISTEN/NOTIFY`. The workers are real child processes (this test
+//! binary run again as `child_worker`, with a demo workflow whose limit the test sets).
+//! Each test works in a fresh schema it drops; without a server it says it was skipped
+//! (and fails under CI=true or KEEL_REQUIRE_POSTGRES=1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+#[path = "../../../store/postgres/tests/common/mod.rs"]
+mod pg;
+
+use keel_engine::{Engine, Logged, RunStatus};
+use keel_store::{Durability, RunId};
+use keel_store_postgres::{PgConfig, PgStore};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "KEEL_QUEUE_CHILD";
+const READY: &str = "keel-queue-child-ready";
+
+/// What a child worker process is given: `url schema limit workers poll_ms`.
+struct ChildSpec {
+    limit: usize,
+    workers: usize,
+    poll_ms: u64,
+}
+
+/// The demo engine on `store`, its workflow limited to `limit` concurrent runs.
+fn engine(store: Arc<PgStore>, limit: usize, workers: usize, poll_ms: u64) -> Engine {
+    let mut wf = keel_demo::workflow();
+    wf.max_concurrent_runs = limit;
+    let mut b = Engine::builder().store(store).workflow(wf).workers(workers).queue_poll_ms(poll_ms);
+    for (name, h) in keel_demo::handlers() {
+        b = b.handler(name, h);
+    }
+    b.open().unwrap()
+}
+
+/// The child: works the schema's runs until killed.
+#[test]
+fn child_worker() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else { return };
+    let p: Vec<&str> = spec.split(' ').collect();
+    let cfg = PgConfig { schema: p[1].to_owned(), create: false, ..PgConfig::new(p[0]) };
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let engine = engine(store, p[2].parse().unwrap(), p[3].parse().unwrap(), p[4].parse().unwrap());
+    rt.block_on(async {
+        let _workers = engine.start();
+        // libtest may have written "test child_worker ... " on the same line.
+        println!("{READY}");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    });
+}
+
+/// A child worker process, killed when dropped.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cfg: &PgConfig, spec: &ChildSpec) -> Worker {
+    let arg = format!("{} {} {} {} {}", cfg.url, cfg.schema, spec.limit, spec.workers, spec.poll_ms);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child_worker", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, arg)
+        .env("KEEL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    assert!(lines.any(|l| l.map(|l| l.contains(READY)).unwrap_or(false)), "the worker did not start");
+    Worker(child)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Submits demo requests (seed 1) `indexes` with the given priorities, in that order.
+fn submit(engine: &Engine, reqs: &[(u64, i32)]) -> Vec<RunId> {
+    rt().block_on(async {
+        let mut runs = Vec::new();
+        for (i, priority) in reqs {
+            let req = keel_engine::Request { priority: *priority, ..keel_demo::request(1, *i) };
+            runs.push(engine.submit(req).await.unwrap().run);
+        }
+        runs
+    })
+}
+
+/// Waits (at most 120 s) until every run is past its first drive (not `Accepted`).
+fn wait_driven(engine: &Engine, runs: &[RunId], settled: impl Fn(RunStatus) -> bool) {
+    let started = Instant::now();
+    while !runs.iter().all(|r| settled(engine.state(*r).unwrap().status)) {
+        assert!(started.elapsed() < Duration::from_secs(120), "runs were not driven within 120 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finished(s: RunStatus) -> bool {
+    s.is_terminal() || s == RunStatus::AwaitingHuman
+}
+
+/// When the run's first drive started: its first event after acceptance.
+fn first_driven_at(events: &[Logged]) -> i64 {
+    events.iter().find(|e| e.seq.0 > 0).map(|e| e.at_us).unwrap()
+}
+
+#[test]
+fn runs_are_claimed_in_priority_order_across_two_processes() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
+    let submitter = engine(store, 1, 1, 250);
+    // Submitted low priority first: acceptance order is the reverse of priority order.
+    let reqs: Vec<(u64, i32)> = (0..12u64).map(|i| (i, i32::try_from(i % 4).unwrap())).collect();
+    let runs = submit(&submitter, &reqs);
+    // One run at a time over both processes (limit 1): the order runs are first driven
+    // in is the order they were claimed in.
+    let spec = ChildSpec { limit: 1, workers: 2, poll_ms: 250 };
+    let workers = [spawn(&cfg, &spec), spawn(&cfg, &spec)];
+    wait_driven(&submitter, &runs, finished);
+    drop(workers);
+    let mut started: Vec<(i64, i32, usize)> = runs
+        .iter()
+        .zip(&reqs)
+        .enumerate()
+        .map(|(k, (r, (_, p)))| (first_driven_at(&submitter.events(*r).unwrap()), *p, k))
+        .collect();
+    started.sort();
+    let order: Vec<(i32, usize)> = started.iter().map(|(_, p, k)| (*p, *k)).collect();
+    let mut expected = order.clone();
+    // Highest priority first, then the earlier accepted.
+    expected.sort_by_key(|(p, k)| (-p, *k));
+    assert_eq!(order, expected, "first drives in priority order (priority, submit index)");
+}
+
+/// The runs driven in one drive from acceptance to their end (no retry timer, no
+/// escalation): the time their drive spans.
+fn single_drive_span(events: &[Logged]) -> Option<(i64, i64)> {
+    let waits = events.iter().any(|e| matches!(e.event.kind_name(), "RetryScheduled" | "Escalated"));
+    let ended = events.last().is_some_and(|e| e.event.kind_name() == "RunCompleted");
+    (!waits && ended).then(|| (first_driven_at(events), events.last().map(|e| e.at_us).unwrap()))
+}
+
+#[test]
+fn a_workflow_limit_of_one_holds_across_two_processes() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
+    let submitter = engine(store.clone(), 1, 1, 250);
+    let reqs: Vec<(u64, i32)> = (0..16u64).map(|i| (i, 0)).collect();
+    let runs = submit(&submitter, &reqs);
+    // Four workers in each process: only the limit keeps them to one run at a time.
+    let spec = ChildSpec { limit: 1, workers: 4, poll_ms: 250 };
+    let workers = [spawn(&cfg, &spec), spawn(&cfg, &spec)];
+    wait_driven(&submitter, &runs, finished);
+    drop(workers);
+    let mut spans: Vec<(i64, i64)> =
+        runs.iter().filter_map(|r| single_drive_span(&submitter.events(*r).unwrap())).collect();
+    spans.sort();
+    assert!(spans.len() >= 2, "too few single-drive runs to compare: {}", spans.len());
+    for w in spans.windows(2) {
+        assert!(w[0].1 < w[1].0, "two runs of a workflow limited to 1 were driven at once: {w:?}");
+    }
+    println!("{} single-drive runs, none overlapping", spans.len());
+}
+
+/// The workers poll once an hour here: a run submitted by this process is driven by the
+/// child only because a notification woke it.
+#[test]
+fn a_run_submitted_in_one_process_is_woken_in_another_by_notify() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
+    let submitter = engine(store, 16, 1, 250);
+    let _worker = spawn(&cfg, &ChildSpec { limit: 16, workers: 2, poll_ms: 3_600_000 });
+    // The child's listener session is up (a notification before it would be missed).
+    let admin = pg::Admin::connect().unwrap();
+    let listening = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keel-listen-{}' AND query = 'LISTEN keel_work'",
+        cfg.schema
+    );
+    let started = Instant::now();
+    while admin.int(&listening) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the worker never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut woken: BTreeMap<u64, RunStatus> = BTreeMap::new();
+    for i in 0..4u64 {
+        // Let the child go back to sleep on its hour-long poll.
+        std::thread::sleep(Duration::from_millis(300));
+        let run = submit(&submitter, &[(i, 0)])[0];
+        wait_driven(&submitter, &[run], finished);
+        woken.insert(i, submitter.state(run).unwrap().status);
+    }
+    assert_eq!(woken.len(), 4, "{woken:?}");
+}

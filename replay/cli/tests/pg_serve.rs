@@ -1,0 +1,149 @@
+//! `keel serve --db postgres://…` (docs/SERVER.md, docs/STORE.md "PostgreSQL"): the API
+//! tokens of a deployment on PostgreSQL live in the `tokens` table of its schema (only
+//! their SHA-256), so `keel token add --db postgres://…` on any machine adds a token every
+//! server on the database accepts. Two real `keel serve` processes on one schema share the
+//! tokens and the runs: a run submitted through one and resolved through the other ends.
+//! The schema is fresh and dropped; without a server the test says it was skipped (and
+//! fails under CI=true or KEEL_REQUIRE_POSTGRES=1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
+
+mod common;
+#[path = "../../../store/postgres/tests/common/mod.rs"]
+mod pg;
+
+use common::{keel_in, KEEL};
+use keel_store::Durability;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn token_add(db: &str, name: &str, role: &str) -> String {
+    let r = keel_in(None, &["--db", db, "token", "add", name, "--role", role]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout.trim().to_owned()
+}
+
+/// One HTTP/1.1 request on its own connection: (status, JSON body).
+fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// A `keel serve` child on an ephemeral loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(db: &str) -> Server {
+    let mut child = Command::new(KEEL)
+        .args(["--db", db, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
+        .env_remove("KEEL_DB")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
+        if let Some(rest) = line.split("serving http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Server { child, addr }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_servers_on_postgres_share_tokens_kept_in_the_database_and_the_runs() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let sep = if cfg.url.contains('?') { '&' } else { '?' };
+    let db = format!("{}{sep}schema={}", cfg.url, cfg.schema);
+    let root = token_add(&db, "root", "admin");
+    let ada = token_add(&db, "ada", "approver");
+    let vic = token_add(&db, "vic", "viewer");
+    // Only hashes are stored, with their roles.
+    let admin = pg::Admin::connect().unwrap();
+    for (name, token, role) in [("root", &root, "admin"), ("ada", &ada, "approver"), ("vic", &vic, "viewer")] {
+        let hex = hex::encode(Sha256::digest(token.as_bytes()));
+        let q = format!(
+            "SELECT count(*) FROM {}.tokens WHERE name = '{name}' AND role = '{role}' AND encode(sha256, 'hex') = '{hex}'",
+            cfg.schema
+        );
+        assert_eq!(admin.int(&q), 1, "{name}");
+    }
+    let dup = keel_in(None, &["--db", &db, "token", "add", "ada", "--role", "viewer"]);
+    assert_eq!(dup.one_line_error(1), "error: a token named \"ada\" already exists");
+
+    let (a, b) = (serve(&db), serve(&db));
+    for s in [&a, &b] {
+        assert_eq!(call(&s.addr, "GET", "/v1/runs", &vic, None).0, 200);
+        assert_eq!(call(&s.addr, "GET", "/v1/runs", "keel_not_a_token", None).0, 401);
+        assert_eq!(call(&s.addr, "GET", "/v1/runs", "", None).0, 401);
+    }
+    // A token added while both servers run is accepted by both.
+    let late = token_add(&db, "late", "viewer");
+    for s in [&a, &b] {
+        wait_until("the new token", || call(&s.addr, "GET", "/v1/runs", &late, None).0 == 200);
+    }
+
+    // Submitted through one server, resolved through the other: the servers' workers
+    // (sharing the database's work queue) drive it to its end.
+    let req = keel_demo::request(7, 5); // the human_escalation scenario
+    let body =
+        json!({"workflow": req.workflow, "input": req.input, "idempotency_key": req.idempotency_key, "seed": req.seed});
+    let (status, r) = call(&a.addr, "POST", "/v1/runs", &root, Some(&body));
+    assert_eq!(status, 201, "{r}");
+    let run = r["run"].as_str().unwrap().to_owned();
+    wait_until("the escalation", || {
+        call(&b.addr, "GET", "/v1/escalations", &ada, None).1["escalations"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    let resolve = json!({"decision": "approve", "reason": "refund checked"});
+    let path = format!("/v1/runs/{run}/resolve");
+    assert_eq!(call(&b.addr, "POST", &path, &vic, Some(&resolve)).0, 403, "a viewer may not decide");
+    let (status, r) = call(&b.addr, "POST", &path, &ada, Some(&resolve));
+    assert_eq!((status, r), (200, json!({"run": run, "decision": "approve", "by": "ada"})));
+    wait_until("the run's end", || {
+        let s = call(&a.addr, "GET", &format!("/v1/runs/{run}"), &vic, None).1;
+        ["Completed", "Failed", "Cancelled"].contains(&s["status"].as_str().unwrap_or(""))
+    });
+    let s = call(&a.addr, "GET", &format!("/v1/runs/{run}"), &vic, None).1;
+    assert_eq!(s["escalations"][0]["resolution"]["by"], "ada");
+}
