@@ -175,8 +175,13 @@ impl Counting {
     }
 }
 
+/// How long `Counting::put_payload` holds its thread (a slow payload store), in ms.
+static PAYLOAD_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl keel_store::Payloads for Counting {
     fn put_payload(&self, bytes: &[u8]) -> Result<PayloadRef, StoreError> {
+        let delay = PAYLOAD_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(delay));
         self.inner.put_payload(bytes)
     }
     fn get_payload(&self, digest: &keel_store::Hash32, bytes_max: usize) -> Result<Option<Vec<u8>>, StoreError> {
@@ -477,4 +482,39 @@ async fn a_run_parked_on_restart_gets_its_default_when_it_falls_due() {
     });
     assert!(defaulted, "the deadline's default was not applied");
     workers.shutdown().await;
+}
+
+/// A driver's step that holds its thread longer than the lease's time-to-live (here a
+/// slow payload store: a 20 KB output is stored as a payload while the answer is staged)
+/// must not lose the lease of a live driver: the heartbeat is a task of its own. Before,
+/// it was polled by the driver's own task and waited for the step, so the lease expired
+/// and the drive stopped (`drives_lost` 1; seen with 8 outputs of 1 MB under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_longer_than_the_lease_does_not_lose_it() {
+    let dir = tempdir();
+    let sled: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), StoreConfig::default()).unwrap());
+    let counting = Arc::new(Counting { inner: sled, reads: Mutex::new(BTreeMap::new()) });
+    // `t`'s answer holds the driver's thread (its output goes to the slow payload store);
+    // `u` after it keeps the drive going while the heartbeat would renew.
+    let tasks = vec![task("t", TaskKind::Tool, "big", &[]), task("u", TaskKind::Tool, "slow", &["t"])];
+    let big = workflow("big", planner(vec![plan(tasks)]), pass_evaluator());
+    let engine = Engine::builder()
+        .store(counting)
+        .workflow(big)
+        .handler(
+            "big",
+            handler(|_| Ok(TaskOutput { output: json!({"text": "x".repeat(20_000)}), usage: Usage::default() })),
+        )
+        .handler("slow", slow_handler(300, |_| Ok(TaskOutput { output: json!({"ok": true}), usage: Usage::default() })))
+        .lease_ttl_ms(90)
+        .open()
+        .unwrap();
+    PAYLOAD_DELAY_MS.store(400, std::sync::atomic::Ordering::Relaxed);
+    let run = engine.submit(Request::new("big", json!({}))).await.unwrap().run;
+    let report = engine.run_until_idle().await;
+    PAYLOAD_DELAY_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+    let report = report.unwrap();
+    assert_eq!(engine.lease_stats().drives_lost, 0, "{:?}", engine.lease_stats());
+    assert_eq!(report.completed, 1, "{report:?}");
+    assert_eq!(engine.state(run).unwrap().status, RunStatus::Completed);
 }

@@ -20,6 +20,12 @@ pub(crate) fn take(inner: &Inner, run: RunId) -> Result<Option<Arc<Held>>, Store
 /// Drives `run` under `held`, renewing it every third of its time-to-live. Ends with the
 /// driver's outcome (the lease released), or [`DriveOutcome::LeaseLost`] as soon as a
 /// renewal fails or an append is fenced (the driver dropped with its in-flight calls).
+///
+/// The heartbeat is a task of its own, not a branch beside the driver in one task: a
+/// driver's step may hold its thread for a long time (a store call in place, a large output
+/// hashed and stored as a payload), and a heartbeat polled by the same task waited for it,
+/// so a slow step let the lease expire under a live driver (seen with 8 outputs of 1 MB on
+/// a loaded machine). Renewals and appends still never race: both take the lease's lock.
 pub(crate) async fn drive_leased(
     inner: Arc<Inner>,
     run: RunId,
@@ -27,32 +33,53 @@ pub(crate) async fn drive_leased(
     stop: watch::Receiver<bool>,
     held: Arc<Held>,
 ) -> DriveOutcome {
-    let every = Duration::from_millis((inner.leasing.ttl_ms / 3).max(1));
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let beat = tokio::spawn(renew_until_lost(inner.clone(), held.clone(), lost_tx));
+    // Let the heartbeat start (arm its timer) before the drive may hold this thread: a task
+    // spawned here sits in this worker's next-task slot, which other workers cannot take.
+    tokio::task::yield_now().await;
     let driving = drive(inner.clone(), run, wake, stop, Some(held.clone()));
-    tokio::pin!(driving);
+    let out = tokio::select! {
+        out = driving => Some(out),
+        // The heartbeat ended: its renewal failed (or the task is gone).
+        _ = lost_rx => None,
+    };
+    // Gone before the drive ends: the heartbeat holds the engine (and so the store).
+    beat.abort();
+    let _ = beat.await;
+    let Some(out) = out else {
+        inner.leasing.renewals_lost.fetch_add(1, Ordering::Relaxed);
+        return lost(&inner, run, "its renewal failed");
+    };
+    if held.is_lost() {
+        inner.leasing.fenced.fetch_add(1, Ordering::Relaxed);
+        return lost(&inner, run, "an append was fenced");
+    }
+    let h = held.clone();
+    if let Err(e) = blocking(&inner.log, move |log| {
+        h.release(log);
+        Ok(())
+    })
+    .await
+    {
+        tracing::warn!(%run, error = %e, "cannot release the run's lease (it expires)");
+    }
+    out
+}
+
+/// Renews `held` every third of the lease's time-to-live until a renewal fails; then
+/// tells the drive (`lost`) and ends.
+async fn renew_until_lost(inner: Arc<Inner>, held: Arc<Held>, lost: tokio::sync::oneshot::Sender<()>) {
+    let every = Duration::from_millis((inner.leasing.ttl_ms / 3).max(1));
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            out = &mut driving => {
-                if held.is_lost() {
-                    inner.leasing.fenced.fetch_add(1, Ordering::Relaxed);
-                    return lost(&inner, run, "an append was fenced");
-                }
-                let h = held.clone();
-                if let Err(e) = blocking(&inner.log, move |log| { h.release(log); Ok(()) }).await {
-                    tracing::warn!(%run, error = %e, "cannot release the run's lease (it expires)");
-                }
-                return out;
-            }
-            _ = beat.tick() => {
-                let (h, ttl, now) = (held.clone(), inner.leasing.ttl_ms, inner.leasing.clock.now_us());
-                let renewed = blocking(&inner.log, move |log| Ok(h.renew(log, ttl, now))).await.unwrap_or(false);
-                if !renewed {
-                    inner.leasing.renewals_lost.fetch_add(1, Ordering::Relaxed);
-                    return lost(&inner, run, "its renewal failed");
-                }
-            }
+        beat.tick().await;
+        let (h, ttl, now) = (held.clone(), inner.leasing.ttl_ms, inner.leasing.clock.now_us());
+        let renewed = blocking(&inner.log, move |log| Ok(h.renew(log, ttl, now))).await.unwrap_or(false);
+        if !renewed {
+            let _ = lost.send(());
+            return;
         }
     }
 }
