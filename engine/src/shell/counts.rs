@@ -24,7 +24,7 @@ use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
 use crate::shell::fold::load_state;
 use crate::shell::index::{runs_in, status_byte, wf_digest, IndexEntry};
-use keel_store::{counter_add, counter_value, AuxWrite, Store, COUNTER_PREFIX};
+use keel_store::{counter_add, counter_value, AuxEntry, AuxWrite, Store, COUNTER_PREFIX};
 use std::collections::BTreeMap;
 
 const COUNTS: &[u8] = b"ix/n/";
@@ -117,7 +117,7 @@ pub(crate) fn clear(log: &dyn Store) -> Result<(), EngineError> {
 }
 
 /// Every entry of `lo..=hi`, in key order.
-fn range_all(log: &dyn Store, lo: &[u8], hi: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, EngineError> {
+fn range_all(log: &dyn Store, lo: &[u8], hi: &[u8]) -> Result<Vec<AuxEntry>, EngineError> {
     let mut lo = lo.to_vec();
     let mut out = Vec::new();
     loop {

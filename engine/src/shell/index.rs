@@ -42,8 +42,11 @@ const BY_BOTH: &[u8] = b"ix/x/";
 const OPEN: &[u8] = b"ix/e/";
 /// Entries read per range read while listing.
 const SCAN_CHUNK: usize = 512;
-/// Runs folded per atomic write while rebuilding.
-const REBUILD_CHUNK: usize = 32;
+/// Runs folded per atomic write while rebuilding (fewer if the store's
+/// `batch_records_max` would not take their writes: [`REBUILD_WRITES_PER_RUN`] each).
+const REBUILD_CHUNK: usize = 64;
+/// Aux writes of one run in a rebuild, at most (entry, listing keys, open escalation, counters).
+const REBUILD_WRITES_PER_RUN: usize = 20;
 
 /// What the index keeps of a run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,7 +342,8 @@ pub(crate) fn ensure(log: &dyn Store) -> Result<Option<usize>, EngineError> {
     crate::shell::counts::clear(log)?;
     let runs = log.runs()?;
     let value_max = log.limits().event_bytes_max;
-    for chunk in runs.chunks(REBUILD_CHUNK) {
+    let per_write = (log.limits().batch_records_max / REBUILD_WRITES_PER_RUN).clamp(1, REBUILD_CHUNK);
+    for chunk in runs.chunks(per_write) {
         let mut batch = Vec::new();
         for &run in chunk {
             if let Some(s) = load_state(log, run)? {
