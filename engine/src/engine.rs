@@ -9,7 +9,7 @@ use crate::core::{Context, Policy};
 use crate::error::EngineError;
 use crate::model::event::{Event, Logged};
 use crate::model::fsm::RunStatus;
-use crate::model::state::{RunState, Totals};
+use crate::model::state::RunState;
 use crate::model::workflow::Decision;
 use crate::shell::cache::ResponseCache;
 use crate::shell::calls::CallPool;
@@ -437,31 +437,11 @@ impl Engine {
     }
 
     /// Runs by status, usage totals and cost per run, per workflow type (name order). From
-    /// the run index: O(runs) entries, plus the snapshot and tail of each run not
-    /// finished. Blocking (reads the store).
+    /// the run counters kept on commit (`shell::counts`): O(workflow types), plus the
+    /// snapshot and tail of each run not finished (their usage is not counted). Blocking
+    /// (reads the store).
     pub fn stats(&self) -> Result<Vec<WorkflowStats>, EngineError> {
-        let log = self.inner.log.as_ref();
-        let mut by_wf: BTreeMap<String, WorkflowStats> = BTreeMap::new();
-        let (entries, _) = crate::shell::index::page(log, &RunFilter::default(), None, usize::MAX)?;
-        for (run, e) in entries {
-            let e = current(log, run, e)?;
-            let st = by_wf
-                .entry(e.workflow.clone())
-                .or_insert_with(|| WorkflowStats { workflow: e.workflow.clone(), ..WorkflowStats::default() });
-            st.runs += 1;
-            *st.by_status.entry(e.status).or_insert(0) += 1;
-            if e.partial {
-                st.partial += 1;
-            }
-            add_totals(&mut st.totals, &e.totals);
-        }
-        Ok(by_wf
-            .into_values()
-            .map(|mut st| {
-                st.cost_per_run_micros = st.totals.cost_micros.checked_div(st.runs).unwrap_or(0);
-                st
-            })
-            .collect())
+        crate::shell::counts::stats(self.inner.log.as_ref())
     }
 
     /// What this engine counted since it opened: appends and their latency, events
@@ -570,16 +550,6 @@ fn runs_page_in(
         });
     }
     Ok(RunsPage { runs, next_cursor })
-}
-
-fn add_totals(acc: &mut Totals, t: &Totals) {
-    acc.cost_micros = acc.cost_micros.saturating_add(t.cost_micros);
-    acc.tokens = acc.tokens.saturating_add(t.tokens);
-    acc.llm_calls = acc.llm_calls.saturating_add(t.llm_calls);
-    acc.tool_calls = acc.tool_calls.saturating_add(t.tool_calls);
-    acc.retries = acc.retries.saturating_add(t.retries);
-    acc.replans = acc.replans.saturating_add(t.replans);
-    acc.cache_hits = acc.cache_hits.saturating_add(t.cache_hits);
 }
 
 /// Records `r` on the open escalation of `run` (if `number` is given, only if that is the

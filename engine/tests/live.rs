@@ -163,6 +163,86 @@ async fn a_database_without_the_index_gets_it_built_on_open() {
     assert_eq!(engine.escalations().unwrap().len(), 2);
 }
 
+/// Stats folded from every run's log (what `stats()` computed before the counters): the
+/// oracle of the counters kept on commit.
+fn stats_by_fold(engine: &Engine) -> Vec<WorkflowStats> {
+    let log = engine.store();
+    let mut by: BTreeMap<String, WorkflowStats> = BTreeMap::new();
+    for run in log.runs().unwrap() {
+        let s = load_state(log.as_ref(), run).unwrap().unwrap();
+        let st = by
+            .entry(s.workflow.clone())
+            .or_insert_with(|| WorkflowStats { workflow: s.workflow.clone(), ..WorkflowStats::default() });
+        st.runs += 1;
+        *st.by_status.entry(s.status).or_insert(0) += 1;
+        st.partial += u64::from(s.partial);
+        let (t, u) = (&mut st.totals, &s.totals);
+        t.cost_micros += u.cost_micros;
+        t.tokens += u.tokens;
+        t.llm_calls += u.llm_calls;
+        t.tool_calls += u.tool_calls;
+        t.retries += u.retries;
+        t.replans += u.replans;
+        t.cache_hits += u.cache_hits;
+    }
+    by.into_values()
+        .map(|mut st| {
+            st.cost_per_run_micros = st.totals.cost_micros / st.runs;
+            st
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_from_the_counters_equal_a_fold_of_every_run_across_restart_and_rebuild() {
+    let dir = tempdir();
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+        let open = engine.escalations().unwrap();
+        // One waiting run aborted (failed), one cancelled, one left waiting; one accepted
+        // and not driven; one completed after the others.
+        let abort = Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() };
+        engine.resolve(open[0].run, abort).await.unwrap();
+        engine.cancel(open[1].run, "ann", "not needed").await.unwrap();
+        engine.run_until_idle().await.unwrap();
+        engine.submit(Request::new("ok", json!({"late": 1}))).await.unwrap();
+        engine.run_until_idle().await.unwrap();
+        engine.submit(Request::new("ok", json!({"pending": 1}))).await.unwrap();
+        let stats = engine.stats().unwrap();
+        assert_eq!(stats, stats_by_fold(&engine));
+        let ok = stats.iter().find(|s| s.workflow == "ok").unwrap();
+        assert_eq!((ok.runs, ok.by_status.get(&RunStatus::Completed)), (9, Some(&8)));
+        assert_eq!(ok.by_status.get(&RunStatus::Accepted), Some(&1));
+        let esc = stats.iter().find(|s| s.workflow == "esc").unwrap();
+        assert_eq!(esc.runs, 3);
+        assert_eq!(esc.by_status.get(&RunStatus::AwaitingHuman), Some(&1));
+        assert_eq!(esc.by_status.get(&RunStatus::Cancelled), Some(&1));
+        assert!(ok.totals.cost_micros > 0);
+    }
+    // After a restart (the pending run is driven to its end meanwhile).
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        assert_eq!(engine.stats().unwrap(), stats_by_fold(&engine));
+        engine.run_until_idle().await.unwrap();
+        assert_eq!(engine.stats().unwrap(), stats_by_fold(&engine));
+    }
+    // After a rebuild of the index: the counters left by the old index are not counted twice.
+    drop_the_index(dir.path());
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    let stats = engine.stats().unwrap();
+    assert_eq!(stats, stats_by_fold(&engine));
+    assert_eq!(stats.iter().map(|s| s.runs).sum::<u64>(), 12);
+    // A run removed for good (what `keel archive` writes) leaves the counts with its records.
+    let log = engine.store();
+    let gone = engine.runs().unwrap().into_iter().find(|r| r.status == RunStatus::Cancelled).unwrap().run;
+    let aux = index_removal_writes(log.as_ref(), gone).unwrap();
+    log.remove_run(gone, log.head(gone).unwrap().next_seq, Vec::new(), aux).unwrap();
+    let stats = engine.stats().unwrap();
+    assert_eq!(stats, stats_by_fold(&engine));
+    assert_eq!(stats.iter().map(|s| s.runs).sum::<u64>(), 11);
+}
+
 /// A store that counts, per run, the reads of its log and snapshot.
 struct Counting {
     inner: Arc<dyn Store>,

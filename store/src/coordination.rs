@@ -17,6 +17,45 @@ pub const OWNER_BYTES_MAX: usize = 256;
 /// ([`Coordination::append_with_aux`], [`Coordination::aux_apply`]).
 pub type AuxWrite = (Vec<u8>, Option<Vec<u8>>);
 
+/// Aux keys that start with this are **counters**: a write `(key, Some(v))` with an 8-byte
+/// `v` on such a key ([`counter_add`]) adds `v` (a big-endian `i64`) to the counter's
+/// stored value (absent: 0) instead of replacing it, atomically with the rest of the write
+/// (concurrent adds from any number of writers sum exactly); `(key, None)` removes it.
+/// Reads ([`Coordination::aux_get`], [`Coordination::aux_range`]) return the sum as 8
+/// big-endian bytes ([`counter_value`]). The engine keeps its run counts this way.
+pub const COUNTER_PREFIX: &[u8] = b"#n/";
+
+/// The aux write that adds `delta` to the counter `key` (the key is given without
+/// [`COUNTER_PREFIX`], which this prepends).
+pub fn counter_add(key: &[u8], delta: i64) -> AuxWrite {
+    ([COUNTER_PREFIX, key].concat(), Some(delta.to_be_bytes().to_vec()))
+}
+
+/// A counter's value as read back (0 for a value that is not 8 bytes).
+pub fn counter_value(v: &[u8]) -> i64 {
+    <[u8; 8]>::try_from(v).map(i64::from_be_bytes).unwrap_or(0)
+}
+
+/// The amount an aux write adds, if it is a counter add (see [`COUNTER_PREFIX`]).
+pub fn counter_delta(key: &[u8], value: Option<&[u8]>) -> Option<i64> {
+    if !key.starts_with(COUNTER_PREFIX) {
+        return None;
+    }
+    value.and_then(|v| <[u8; 8]>::try_from(v).ok()).map(i64::from_be_bytes)
+}
+
+/// Folds one aux write into `map` (the writes of one atomic step, by key): a counter add
+/// sums with an earlier add of the same key, anything else replaces what was there. (A
+/// removal followed by an add of one counter in the same map keeps only the add.)
+pub fn merge_aux(map: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>, key: &[u8], value: Option<&[u8]>) {
+    if let Some(d) = counter_delta(key, value) {
+        let prev = map.get(key).and_then(|v| counter_delta(key, v.as_deref())).unwrap_or(0);
+        map.insert(key.to_vec(), Some(prev.wrapping_add(d).to_be_bytes().to_vec()));
+    } else {
+        map.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+    }
+}
+
 /// One auxiliary entry as listed by [`Coordination::aux_range`]: `(key, value)`.
 pub type AuxEntry = (Vec<u8>, Vec<u8>);
 

@@ -65,7 +65,10 @@ pub mod testing;
 pub mod types;
 pub mod verify;
 
-pub use coordination::{AuxEntry, AuxWrite, Coordination, Fence, Lease, ReleaseOnDrop, Store, OWNER_BYTES_MAX};
+pub use coordination::{
+    counter_add, counter_delta, counter_value, merge_aux, AuxEntry, AuxWrite, Coordination, Fence, Lease,
+    ReleaseOnDrop, Store, COUNTER_PREFIX, OWNER_BYTES_MAX,
+};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::{LostRecords, StoreError};

@@ -19,6 +19,8 @@
 //!   every append to a waiting run, removed by the append that leaves the wait): the
 //!   escalation listing and a restart read it instead of folding the run.
 //!
+//! - the run counters of [`crate::shell::counts`] (`ix/n/`, `ix/m/`), written beside.
+//!
 //! Within each range runs are in run id order, so a page is a range read from a cursor.
 
 use crate::error::EngineError;
@@ -31,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Version of the index layout; an index of another version is rebuilt on open.
-pub(crate) const INDEX_VERSION: &[u8] = b"2";
+pub(crate) const INDEX_VERSION: &[u8] = b"3";
 const MARKER: &[u8] = b"ix/v";
 const RUN: &[u8] = b"ix/r/";
 const BY_STATUS: &[u8] = b"ix/s/";
@@ -40,8 +42,11 @@ const BY_BOTH: &[u8] = b"ix/x/";
 const OPEN: &[u8] = b"ix/e/";
 /// Entries read per range read while listing.
 const SCAN_CHUNK: usize = 512;
-/// Runs folded per atomic write while rebuilding.
+/// Runs folded per atomic write while rebuilding (fewer if the store's
+/// `batch_records_max` would not take their writes: [`REBUILD_WRITES_PER_RUN`] each).
 const REBUILD_CHUNK: usize = 64;
+/// Aux writes of one run in a rebuild, at most (entry, listing keys, open escalation, counters).
+const REBUILD_WRITES_PER_RUN: usize = 20;
 
 /// What the index keeps of a run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,11 +125,11 @@ impl OpenEscalation {
     }
 }
 
-fn status_byte(s: RunStatus) -> u8 {
+pub(crate) fn status_byte(s: RunStatus) -> u8 {
     RunStatus::ALL.iter().position(|x| *x == s).and_then(|i| u8::try_from(i).ok()).unwrap_or(u8::MAX)
 }
 
-fn wf_digest(workflow: &str) -> [u8; 16] {
+pub(crate) fn wf_digest(workflow: &str) -> [u8; 16] {
     let d = Sha256::digest(workflow.as_bytes());
     let mut out = [0u8; 16];
     out.copy_from_slice(d.get(..16).unwrap_or(&[0u8; 16]));
@@ -205,6 +210,7 @@ pub fn removal_writes(log: &dyn Store, run: RunId) -> Result<Vec<AuxWrite>, Engi
     let Some(e) = entry(log, run)? else { return Ok(Vec::new()) };
     let mut out: Vec<AuxWrite> = listing_keys(run, &e.workflow, e.status).into_iter().map(|k| (k, None)).collect();
     out.push((run_key(run), None));
+    out.extend(crate::shell::counts::removal_adds(&e));
     Ok(out)
 }
 
@@ -333,13 +339,16 @@ pub(crate) fn ensure(log: &dyn Store) -> Result<Option<usize>, EngineError> {
         }
         log.aux_apply(old.into_iter().map(|(k, _)| (k, None)).collect())?;
     }
+    crate::shell::counts::clear(log)?;
     let runs = log.runs()?;
     let value_max = log.limits().event_bytes_max;
-    for chunk in runs.chunks(REBUILD_CHUNK) {
+    let per_write = (log.limits().batch_records_max / REBUILD_WRITES_PER_RUN).clamp(1, REBUILD_CHUNK);
+    for chunk in runs.chunks(per_write) {
         let mut batch = Vec::new();
         for &run in chunk {
             if let Some(s) = load_state(log, run)? {
                 batch.extend(writes(None, &s, value_max)?);
+                batch.extend(crate::shell::counts::writes(None, &s));
             }
         }
         log.aux_apply(batch)?;
@@ -365,5 +374,9 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
         out.push((open_key(run), None));
     }
     out.extend(writes(None, &s, log.limits().event_bytes_max)?);
+    if let Some(old) = entry(log, run)? {
+        out.extend(crate::shell::counts::removal_adds(&old));
+    }
+    out.extend(crate::shell::counts::writes(None, &s));
     Ok(log.aux_apply(out)?)
 }

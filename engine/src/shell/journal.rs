@@ -179,7 +179,8 @@ impl Journal {
     ) -> Result<(), EngineError> {
         let (run, head) = (after.run, after.next_seq);
         let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
-        let aux = crate::shell::index::writes(before, after, self.limits.event_bytes_max)?;
+        let mut aux = crate::shell::index::writes(before, after, self.limits.event_bytes_max)?;
+        aux.extend(crate::shell::counts::writes(before, after));
         blocking(&self.log, move |log| {
             let new_head = match &held {
                 Some(h) => h.append(log, run, expected, records, claim, aux)?,

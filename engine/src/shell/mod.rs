@@ -17,12 +17,14 @@
 //! - [`ingest`]: validating and recording a request;
 //! - [`fold`]: reading a run's log back and folding it;
 //! - [`index`]: the read models written with the events (run index, open escalations);
+//! - [`counts`]: the run counters written with the events (behind `Engine::stats`);
 //! - [`subscribe`]: subscriptions to durable appends (a run's events, status changes);
 //! - [`cache`]: the response cache.
 
 pub(crate) mod cache;
 pub(crate) mod calls;
 pub(crate) mod checkpoint;
+pub(crate) mod counts;
 pub(crate) mod driver;
 pub(crate) mod effects;
 pub(crate) mod fold;

@@ -400,6 +400,48 @@ pub fn aux_writes_go_with_their_append_or_not_at_all(make: MakeStore<'_>) {
     assert_eq!(log.runs().unwrap(), vec![run(1), run(2)]);
 }
 
+/// Counter adds (`keel_store::counter_add`): adds from many threads, each with its own
+/// run's appends, sum exactly; an add travels with its append (a conflicting or refused
+/// append adds nothing); several adds of one key in one write all count; `aux_apply` adds
+/// too, and a removal resets the counter.
+pub fn counter_adds_sum_exactly_and_go_with_their_append(make: MakeStore<'_>) {
+    let log = make();
+    let (threads, appends) = (8u8, 25u64);
+    let get = |log: &dyn Store, k: &[u8]| {
+        let key = [keel_store::COUNTER_PREFIX, k].concat();
+        log.aux_get(&key).unwrap().map_or(0, |v| keel_store::counter_value(&v))
+    };
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let log = log.clone();
+            s.spawn(move || {
+                for i in 0..appends {
+                    let aux = vec![keel_store::counter_add(b"c/all", 1), keel_store::counter_add(b"c/neg", -2)];
+                    log.append_with_aux(run(t + 1), Seq(i), vec![rec(i)], None, aux).unwrap();
+                }
+            });
+        }
+    });
+    let total = i64::from(threads) * i64::try_from(appends).unwrap();
+    assert_eq!(get(&*log, b"c/all"), total);
+    assert_eq!(get(&*log, b"c/neg"), -2 * total);
+    // A conflicting append adds nothing; an oversize aux value refuses the add with it.
+    let err = log.append_with_aux(run(1), Seq(0), vec![rec(0)], None, vec![keel_store::counter_add(b"c/all", 100)]);
+    assert!(matches!(err, Err(StoreError::Conflict { .. })), "{err:?}");
+    let big = vec![0u8; log.limits().event_bytes_max + 1];
+    let aux = vec![keel_store::counter_add(b"c/all", 100), (b"i/big".to_vec(), Some(big))];
+    assert!(log.append_with_aux(run(1), Seq(appends), vec![rec(appends)], None, aux).is_err());
+    assert_eq!(get(&*log, b"c/all"), total);
+    // Two adds of one key in one write, then aux_apply, then a removal.
+    let aux = vec![keel_store::counter_add(b"c/all", 3), keel_store::counter_add(b"c/all", 4)];
+    log.append_with_aux(run(1), Seq(appends), vec![rec(appends)], None, aux).unwrap();
+    assert_eq!(get(&*log, b"c/all"), total + 7);
+    log.aux_apply(vec![keel_store::counter_add(b"c/all", -7), keel_store::counter_add(b"c/new", 5)]).unwrap();
+    assert_eq!((get(&*log, b"c/all"), get(&*log, b"c/new")), (total, 5));
+    log.aux_apply(vec![([keel_store::COUNTER_PREFIX, b"c/new"].concat(), None)]).unwrap();
+    assert_eq!(get(&*log, b"c/new"), 0);
+}
+
 /// `append_fenced_with_aux` is fenced and carries its aux writes in one step: with the
 /// current fence the records and the aux writes land together; a stale fence, a conflict,
 /// a duplicate claim or an oversize aux value writes neither.

@@ -373,7 +373,39 @@ async fn write_aux(
     aux_statements(tx, aux).await.map_err(failed)
 }
 
-/// Aux writes in `tx`: removes deleted, puts upserted (one statement each).
+/// The aux writes of one atomic step by key, counter adds of one key summed
+/// ([`keel_store::merge_aux`]).
+pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+    let mut map = BTreeMap::new();
+    for (key, value) in aux {
+        keel_store::merge_aux(&mut map, &key, value.as_deref());
+    }
+    map
+}
+
+/// Adds each counter's amount to its stored value (8 big-endian bytes, as
+/// `keel_store::counter_value` reads them) in one upsert: the row lock of the update
+/// serialises concurrent adds, so they sum exactly.
+async fn counter_statement(
+    tx: &tokio_postgres::Transaction<'_>,
+    keys: &[&[u8]],
+    deltas: &[i64],
+) -> Result<(), tokio_postgres::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO aux (key, value) SELECT k, int8send(d) FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
+         ON CONFLICT (key) DO UPDATE SET value = int8send(
+             ('x' || encode(aux.value, 'hex'))::bit(64)::bigint
+             + ('x' || encode(EXCLUDED.value, 'hex'))::bit(64)::bigint)",
+        &[&keys, &deltas],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Aux writes in `tx`: removes deleted, puts upserted, counters added (one statement each).
 pub(crate) async fn aux_statements(
     tx: &tokio_postgres::Transaction<'_>,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -381,7 +413,13 @@ pub(crate) async fn aux_statements(
     let mut put_key: Vec<&[u8]> = Vec::new();
     let mut put_value: Vec<&[u8]> = Vec::new();
     let mut removed: Vec<&[u8]> = Vec::new();
+    let (mut counter_keys, mut deltas): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
     for (key, value) in aux {
+        if let Some(d) = keel_store::counter_delta(key, value.as_deref()) {
+            counter_keys.push(key.as_slice());
+            deltas.push(d);
+            continue;
+        }
         match value {
             Some(v) => {
                 put_key.push(key.as_slice());
@@ -401,7 +439,7 @@ pub(crate) async fn aux_statements(
         )
         .await?;
     }
-    Ok(())
+    counter_statement(tx, &counter_keys, &deltas).await
 }
 
 /// Aux writes outside any append, in one transaction of their own; retried (a few times)
@@ -564,7 +602,7 @@ fn decide(
     p.events.extend(sealed.into_iter().map(|(seq, v)| (run, seq, v)));
     p.heads.insert(run, (new_head.clone(), existed));
     for (key, value) in i.aux {
-        p.aux.insert(key.clone(), value.clone());
+        keel_store::merge_aux(&mut p.aux, key, value.as_deref());
     }
     Ok(new_head)
 }

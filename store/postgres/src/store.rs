@@ -727,7 +727,7 @@ impl Coordination for PgStore {
             return Ok(());
         }
         // The last write of a key wins, as if applied one by one; keys in order.
-        let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = aux.into_iter().collect();
+        let writes = group::aux_map(aux);
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
@@ -745,7 +745,7 @@ impl Coordination for PgStore {
         aux: Vec<AuxWrite>,
     ) -> Result<(), StoreError> {
         backend::validate_aux(&aux, &self.shared.limits)?;
-        let writes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = aux.into_iter().collect();
+        let writes = group::aux_map(aux);
         let digests: Vec<Vec<u8>> = payloads.iter().map(|d| d.to_vec()).collect();
         let pool = self.pool();
         let actual = self.call(async move {

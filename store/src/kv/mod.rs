@@ -59,6 +59,9 @@ pub(crate) struct Core<K> {
     pub(crate) leases: Arc<LeaseTable>,
     /// Held across the read-modify-write of a run's due time.
     due: Mutex<()>,
+    /// Held across the read-modify-write of counter adds (`crate::COUNTER_PREFIX`): they
+    /// are shared by every run, so the slot lock of one run does not cover them.
+    counters: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,6 +85,7 @@ impl<K: Kv> Core<K> {
             claims: Mutex::new(()),
             leases: Default::default(),
             due: Mutex::new(()),
+            counters: Mutex::new(()),
         }
     }
 
@@ -172,7 +176,7 @@ impl<K: Kv> Core<K> {
             None if !aux.is_empty() => {
                 let mut writes = Self::event_writes(run, values);
                 writes.extend(aux);
-                self.kv.apply(writes)
+                self.apply_counted(writes)
             }
             // A single key needs no batch: sled's apply_batch takes a process-wide write
             // lock and rolls the I/O buffer twice (see docs/STORE.md), a plain insert does not.
@@ -193,7 +197,7 @@ impl<K: Kv> Core<K> {
                 let mut writes = Self::event_writes(run, values);
                 writes.push((ck, Some(record::claim_value(run, c.expires_at_us).to_vec())));
                 writes.extend(aux);
-                self.kv.apply(writes)
+                self.apply_counted(writes)
             }
         };
         match result {
@@ -344,6 +348,38 @@ impl<K: Kv> Core<K> {
         if writes.is_empty() {
             return Ok(());
         }
+        self.apply_counted(writes)
+    }
+
+    /// Applies `writes` atomically, counter adds (`crate::COUNTER_PREFIX`) turned into puts
+    /// of their new sums: read, summed and written under the counter lock, so adds from
+    /// concurrent writes of any runs sum exactly. Writes to one key apply in order.
+    fn apply_counted(&self, mut writes: KvWrites) -> Result<(), StoreError> {
+        let user = |k: &[u8]| k.split_first().filter(|(p, _)| **p == record::AUX_PREFIX).map(|(_, rest)| rest.to_vec());
+        let counted = |k: &[u8]| user(k).is_some_and(|u| u.starts_with(crate::COUNTER_PREFIX));
+        if !writes.iter().any(|(k, _)| counted(k)) {
+            return self.kv.apply(writes);
+        }
+        let _counters = lock(&self.counters);
+        let mut sums: HashMap<Vec<u8>, i64> = HashMap::new();
+        for (k, v) in writes.iter_mut() {
+            let Some(u) = user(k).filter(|u| u.starts_with(crate::COUNTER_PREFIX)) else { continue };
+            match crate::counter_delta(&u, v.as_deref()) {
+                Some(d) => {
+                    let cur = match sums.get(k.as_slice()) {
+                        Some(x) => *x,
+                        None => self.kv.get(k)?.map_or(0, |b| crate::counter_value(&b)),
+                    };
+                    let sum = cur.wrapping_add(d);
+                    sums.insert(k.clone(), sum);
+                    *v = Some(sum.to_be_bytes().to_vec());
+                }
+                None if v.is_none() => {
+                    sums.insert(k.clone(), 0);
+                }
+                None => {}
+            }
+        }
         self.kv.apply(writes)
     }
 
@@ -409,7 +445,7 @@ impl<K: Kv> Core<K> {
         }
         let _due = lock(&self.due);
         writes.extend(self.clear_due_writes(run)?);
-        let result = self.kv.apply(writes);
+        let result = self.apply_counted(writes);
         *cached = None;
         result
     }
