@@ -24,14 +24,14 @@
 use crate::error::EngineError;
 use crate::model::event::Escalation;
 use crate::model::fsm::RunStatus;
-use crate::model::state::{RunState, Totals};
+use crate::model::state::{RunState, SizeWarning, Totals};
 use crate::shell::fold::load_state;
 use keel_store::{codec, AuxWrite, RunId, Store};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Version of the index layout; an index of another version is rebuilt on open.
-pub(crate) const INDEX_VERSION: &[u8] = b"2";
+pub(crate) const INDEX_VERSION: &[u8] = b"3";
 const MARKER: &[u8] = b"ix/v";
 const RUN: &[u8] = b"ix/r/";
 const BY_STATUS: &[u8] = b"ix/s/";
@@ -56,6 +56,8 @@ pub(crate) struct IndexEntry {
     pub partial: bool,
     pub escalations: u32,
     pub idempotency_key: Option<String>,
+    /// The run's latest `RunSizeWarning` (layout 3).
+    pub size_warning: Option<SizeWarning>,
 }
 
 impl IndexEntry {
@@ -71,6 +73,7 @@ impl IndexEntry {
             partial: s.partial,
             escalations: u32::try_from(s.escalations.len()).unwrap_or(u32::MAX),
             idempotency_key: s.idempotency_key.clone(),
+            size_warning: s.size_warning,
         }
     }
 }
