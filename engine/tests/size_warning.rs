@@ -82,9 +82,8 @@ async fn each_threshold_warns_once_and_the_status_never_moves() {
     let dir = tempdir();
     // Both thresholds: the byte threshold is crossed at once (the first event), the event
     // threshold later: two warnings, each naming its own crossing.
-    let engine = open_engine(dir.path(), five_tasks(), &[("ok", ok_handler(Usage::default()))], |b| {
-        b.size_warning(8, 1)
-    });
+    let engine =
+        open_engine(dir.path(), five_tasks(), &[("ok", ok_handler(Usage::default()))], |b| b.size_warning(8, 1));
     let (_, ev) = run_one(&engine, "w").await;
     let found = warnings(&ev);
     assert_eq!(found.len(), 2, "{:?}", kinds(&ev));
@@ -102,9 +101,8 @@ async fn a_warning_is_recorded_in_every_live_status() {
     // Accepted, Planning, Running: a fresh run crosses 1, 2 or 3 events in each.
     for n in 1..=3 {
         let dir = tempdir();
-        let engine = open_engine(dir.path(), five_tasks(), &[("ok", ok_handler(Usage::default()))], |b| {
-            b.size_warning(n, 0)
-        });
+        let engine =
+            open_engine(dir.path(), five_tasks(), &[("ok", ok_handler(Usage::default()))], |b| b.size_warning(n, 0));
         let (_, ev) = run_one(&engine, "w").await;
         seen.extend(statuses_around_warnings(&ev));
     }
