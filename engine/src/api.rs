@@ -424,6 +424,8 @@ pub struct RunSummary {
     pub partial: bool,
     /// Escalations so far.
     pub escalations: u32,
+    /// Its latest size warning (`RunSizeWarning`), if its log crossed a threshold.
+    pub size_warning: Option<crate::SizeWarning>,
 }
 
 /// An escalation waiting for a human.

@@ -58,6 +58,14 @@ pub const QUEUE_POLL_MS_DEFAULT: u64 = 250;
 /// Redeliveries of one dispatch allowed by default ([`EngineBuilder::redelivery_limit`]).
 pub const REDELIVERY_LIMIT_DEFAULT: u32 = 3;
 
+/// Events in a run's log past which a `RunSizeWarning` is recorded by default
+/// ([`EngineBuilder::size_warning`]).
+pub const SIZE_WARNING_EVENTS_DEFAULT: u64 = 10_000;
+
+/// Bytes of a run's events ([`crate::RunState::log_bytes`]) past which a `RunSizeWarning`
+/// is recorded by default: 64 MiB.
+pub const SIZE_WARNING_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     path: Option<PathBuf>,
@@ -72,6 +80,7 @@ pub struct EngineBuilder {
     workers: usize,
     limits: ShellLimits,
     redelivery_limit: u32,
+    size_warning: (u64, u64),
     lease_ttl_ms: u64,
     lease_clock: Arc<dyn Clock>,
     checkpoint_signer: Option<Arc<dyn crate::shell::checkpoint::HeadSigner>>,
@@ -172,6 +181,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Thresholds of the size warning (defaults [`SIZE_WARNING_EVENTS_DEFAULT`] events,
+    /// [`SIZE_WARNING_BYTES_DEFAULT`] bytes): once a run's log holds at least `events_max`
+    /// events, or `bytes_max` bytes of events ([`crate::RunState::log_bytes`]), a driver
+    /// records one `RunSizeWarning` per threshold crossed (the thresholds recorded in it,
+    /// so replay does not depend on them). It changes nothing about the run. 0 disables a
+    /// threshold.
+    pub fn size_warning(mut self, events_max: u64, bytes_max: u64) -> Self {
+        self.size_warning = (events_max, bytes_max);
+        self
+    }
+
     /// Sign head checkpoints with `signer`: every run's record count and head hash,
     /// written at the end of [`Engine::run_until_idle`] and every
     /// [`EngineBuilder::checkpoint_every_ms`] by service workers ([`Engine::start`]) and
@@ -259,6 +279,7 @@ impl EngineBuilder {
             limits: self.limits,
             calls,
             redelivery_limit: self.redelivery_limit,
+            size_warning: self.size_warning,
             sched: Mutex::new(Scheduler::default()),
             wake: Arc::new(Notify::new()),
             leasing,
@@ -302,6 +323,7 @@ impl Engine {
             workers: 8,
             limits: ShellLimits::default(),
             redelivery_limit: REDELIVERY_LIMIT_DEFAULT,
+            size_warning: (SIZE_WARNING_EVENTS_DEFAULT, SIZE_WARNING_BYTES_DEFAULT),
             lease_ttl_ms: LEASE_TTL_MS_DEFAULT,
             lease_clock: Arc::new(SystemClock),
             checkpoint_signer: None,
@@ -547,6 +569,7 @@ fn runs_page_in(
             tokens: e.totals.tokens,
             partial: e.partial,
             escalations: e.escalations,
+            size_warning: e.size_warning,
         });
     }
     Ok(RunsPage { runs, next_cursor })

@@ -86,12 +86,15 @@ pub use crate::core::{
     Answer, Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError, QUARANTINED,
 };
 pub use api::*;
-pub use engine::{Engine, EngineBuilder, QUEUE_POLL_MS_DEFAULT, REDELIVERY_LIMIT_DEFAULT};
+pub use engine::{
+    Engine, EngineBuilder, QUEUE_POLL_MS_DEFAULT, REDELIVERY_LIMIT_DEFAULT, SIZE_WARNING_BYTES_DEFAULT,
+    SIZE_WARNING_EVENTS_DEFAULT,
+};
 pub use error::EngineError;
 pub use keel_store::{Durability, Level, RunId, Seq};
 pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};
 pub use model::fsm::{RunStatus, TaskStatus};
-pub use model::state::{EscalationState, RunState, TaskState, Totals};
+pub use model::state::{EscalationState, RunState, SizeWarning, TaskState, Totals};
 pub use model::workflow::*;
 pub use model::{event, fsm, state};
 pub use shell::cache::ResponseCache;

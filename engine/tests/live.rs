@@ -50,6 +50,7 @@ fn folded(engine: &Engine) -> Vec<RunSummary> {
                 tokens: s.totals.tokens,
                 partial: s.partial,
                 escalations: s.escalations.len() as u32,
+                size_warning: s.size_warning,
             }
         })
         .collect()

@@ -14,7 +14,9 @@
 //!   need `Execute{task, attempt}`, an evaluator's TaskEvaluated (or its failure) needs
 //!   `Evaluate{task, attempt}`, EscalationNotified needs `Notify{number}`, a
 //!   TaskRedelivered (what a driver observed after a restart) needs `Execute{task,
-//!   attempt}` (a quarantine's TaskFailed after it is a decision);
+//!   attempt}` (a quarantine's TaskFailed after it is a decision), a RunSizeWarning (what
+//!   a driver observed of the log's size) must name the count of events before it (its
+//!   bytes are not compared: they follow the encoding of the code that recorded it);
 //! - **external** (RunAccepted, a human's HumanResolved, RunCancelled, the `RunFailed` the
 //!   shell records when the store refused one of the core's records as too large):
 //!   allowed whenever the state machine accepts it.
@@ -166,6 +168,8 @@ pub fn classify(state: &RunState, event: &Event) -> EventClass {
         Event::EscalationNotified { .. } => EventClass::Outcome,
         // What a driver observed: a dispatch without a result that it did not make.
         Event::TaskRedelivered { .. } => EventClass::Outcome,
+        // What a driver observed of the log's size.
+        Event::RunSizeWarning { .. } => EventClass::Outcome,
         // The schema gate's refusal and a quarantine are decisions; every other failure
         // answers a call.
         Event::TaskFailed { source, error, .. } => {
@@ -356,6 +360,13 @@ fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event
                 Ok(())
             } else {
                 Err(format!("the current code does not notify escalation {number} here"))
+            }
+        }
+        Event::RunSizeWarning { events, .. } => {
+            if *events == state.next_seq.0 {
+                Ok(())
+            } else {
+                Err(format!("a size warning of {events} events recorded after {} events", state.next_seq.0))
             }
         }
         other => Err(format!("{} is not an outcome", other.kind_name())),

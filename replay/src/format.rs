@@ -187,6 +187,9 @@ pub fn event_line(e: &Event) -> String {
         E::TaskRedelivered { task, attempt, redelivery, limit } => {
             format!("TaskRedelivered {task} attempt={attempt} redelivery={redelivery} limit={limit}")
         }
+        E::RunSizeWarning { events, bytes, events_max, bytes_max } => {
+            format!("RunSizeWarning events={events}/{events_max} bytes={bytes}/{bytes_max}")
+        }
     }
 }
 

@@ -21,7 +21,32 @@ pub fn run_summary_json(r: &RunSummary) -> Value {
         "tokens": r.tokens,
         "partial": r.partial,
         "escalations": r.escalations,
+        "size_warning": size_warning_json(r.size_warning.as_ref()),
     })
+}
+
+/// A run's size warning in `--json` outputs: `null`, or the latest `RunSizeWarning`'s
+/// fields and which thresholds it crossed.
+pub fn size_warning_json(w: Option<&keel_engine::SizeWarning>) -> Value {
+    match w {
+        None => Value::Null,
+        Some(w) => json!({
+            "events": w.events,
+            "bytes": w.bytes,
+            "events_max": w.events_max,
+            "bytes_max": w.bytes_max,
+            "events_crossed": w.events_crossed(),
+            "bytes_crossed": w.bytes_crossed(),
+        }),
+    }
+}
+
+/// One line for people: which size thresholds a run's log crossed.
+pub fn size_warning_text(w: &keel_engine::SizeWarning) -> String {
+    format!(
+        "size warning: {} events (threshold {}), {} bytes (threshold {})",
+        w.events, w.events_max, w.bytes, w.bytes_max
+    )
 }
 
 /// `keel show --json` and `keel replay --until --json`: a run's folded state.
@@ -68,7 +93,7 @@ pub fn state_json(s: &RunState) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut out = json!({
         "run": s.run.to_string(),
         "workflow": s.workflow,
         "workflow_version": s.workflow_version,
@@ -90,7 +115,14 @@ pub fn state_json(s: &RunState) -> Value {
         "history": s.history,
         "result": s.result.as_ref().map(|r| r.value().unwrap_or(Value::Null)),
         "failure": s.failure,
-    })
+    });
+    // Only when there is one: the states printed before size warnings existed stay as
+    // they were (golden files compare them whole).
+    if let (Some(w), Some(m)) = (&s.size_warning, out.as_object_mut()) {
+        m.insert("size_warning".to_owned(), size_warning_json(Some(w)));
+        m.insert("log_bytes".to_owned(), json!(s.log_bytes));
+    }
+    out
 }
 
 /// A human-readable rendering of a run's state.
@@ -149,6 +181,10 @@ fn state_header_text(out: &mut String, s: &RunState) {
         s.next_seq.0,
         s.revision.map(|r| r.to_string()).unwrap_or_else(|| "-".into())
     ));
+    if let Some(w) = &s.size_warning {
+        out.push_str(&size_warning_text(w));
+        out.push('\n');
+    }
     let t = &s.totals;
     out.push_str(&format!(
         "totals: cost {} micros, tokens {}, llm calls {}, tool calls {}, retries {}, replans {}, cache hits {}\n",

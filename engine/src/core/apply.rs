@@ -7,7 +7,7 @@
 use super::types::TransitionError;
 use crate::model::event::{Escalation, EscalationCause, Event, Logged, PlanReason};
 use crate::model::fsm::{run_transition, task_transition, RunStatus, TaskStatus, TaskTrigger};
-use crate::model::state::{EscalationState, RunState, TaskState, Totals};
+use crate::model::state::{EscalationState, RunState, SizeWarning, TaskState, Totals};
 use crate::model::workflow::*;
 use keel_store::Seq;
 use std::collections::BTreeMap;
@@ -94,6 +94,8 @@ fn accept(logged: &Logged) -> Result<RunState, TransitionError> {
         result: None,
         partial: false,
         failure: None,
+        log_bytes: event_bytes(&logged.event),
+        size_warning: None,
     })
 }
 
@@ -146,6 +148,8 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         return Err(TransitionError::IllegalRun { run, state: s.status.name().to_owned(), kind });
     };
     let at = logged.at_us;
+    // Before the match: the fold moves the event's owned fields out.
+    let bytes = event_bytes(&logged.event);
 
     let cx = Cx { run, kind, at };
     match &mut logged.event {
@@ -188,6 +192,10 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
         Event::TaskRedelivered { task, attempt, redelivery, limit } => {
             task_redelivered(s, &cx, task, *attempt, *redelivery, *limit)?
         }
+        Event::RunSizeWarning { events, bytes, events_max, bytes_max } => {
+            s.size_warning =
+                Some(SizeWarning { events: *events, bytes: *bytes, events_max: *events_max, bytes_max: *bytes_max })
+        }
     }
     if matches!(logged.event, Event::RunCompleted { .. } | Event::RunFailed { .. } | Event::RunCancelled { .. }) {
         s.pending_decision = None;
@@ -195,7 +203,14 @@ pub fn apply_take(s: &mut RunState, logged: &mut Logged) -> Result<(), Transitio
     s.status = to;
     s.next_seq = Seq(s.next_seq.0.saturating_add(1));
     s.last_event_us = at;
+    s.log_bytes = s.log_bytes.saturating_add(bytes);
     Ok(())
+}
+
+/// The encoded size of `event` ([`RunState::log_bytes`]); every event encodes (a failure
+/// would be a bug of the codec) and then counts as 0.
+fn event_bytes(event: &Event) -> u64 {
+    keel_store::codec::encoded_len(event).ok().and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
 }
 
 /// What a human decision does to the escalated task: the trigger and, for a supplied

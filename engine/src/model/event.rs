@@ -338,6 +338,20 @@ pub enum Event {
         /// (`EngineBuilder::redelivery_limit`), so replay does not depend on configuration.
         limit: u32,
     },
+    /// A driver found the run's log past a size threshold (`EngineBuilder::size_warning`)
+    /// that no earlier warning of the run had crossed: a warning for operators, recorded
+    /// once per threshold. Changes nothing but the run's `size_warning`.
+    RunSizeWarning {
+        /// Events in the run's log before this one.
+        events: u64,
+        /// Bytes of those events as encoded, values stored outside the record counted at
+        /// full size ([`crate::RunState::log_bytes`]).
+        bytes: u64,
+        /// The event threshold when recorded, so replay does not depend on configuration.
+        events_max: u64,
+        /// The byte threshold when recorded.
+        bytes_max: u64,
+    },
 }
 
 impl Event {
@@ -364,6 +378,7 @@ impl Event {
             Event::RunFailed { .. } => "RunFailed",
             Event::RunCancelled { .. } => "RunCancelled",
             Event::TaskRedelivered { .. } => "TaskRedelivered",
+            Event::RunSizeWarning { .. } => "RunSizeWarning",
         }
     }
 
@@ -436,7 +451,7 @@ impl Event {
     }
 
     /// All kind names, in declaration order.
-    pub const KINDS: [&'static str; 20] = [
+    pub const KINDS: [&'static str; 21] = [
         "RunAccepted",
         "PlanRequested",
         "Planned",
@@ -457,6 +472,7 @@ impl Event {
         "RunFailed",
         "RunCancelled",
         "TaskRedelivered",
+        "RunSizeWarning",
     ];
 }
 

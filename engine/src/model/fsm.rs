@@ -93,6 +93,11 @@ pub const RUN_TABLE: &[(Option<RunStatus>, RunTrigger, RunStatus)] = {
         (Some(Running), "RunCancelled", Cancelled),
         (Some(AwaitingHuman), "RunCancelled", Cancelled),
         (Some(Running), "TaskRedelivered", Running),
+        // A size warning is an observation for operators: it never moves a live run.
+        (Some(Accepted), "RunSizeWarning", Accepted),
+        (Some(Planning), "RunSizeWarning", Planning),
+        (Some(Running), "RunSizeWarning", Running),
+        (Some(AwaitingHuman), "RunSizeWarning", AwaitingHuman),
     ]
 };
 

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 /// The first bytes of a snapshot of this layout of [`RunState`] (see the module docs).
 /// Snapshots of the first layout had no prefix (they begin with the run id's length, 16).
-pub const SNAPSHOT_MAGIC: [u8; 4] = *b"ks\x00\x02";
+pub const SNAPSHOT_MAGIC: [u8; 4] = *b"ks\x00\x03";
 
 /// One task of the current plan, as folded from the log.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -162,4 +162,34 @@ pub struct RunState {
     pub partial: bool,
     /// Why the run failed or was cancelled.
     pub failure: Option<String>,
+    /// Bytes of the events folded so far as encoded (bincode of each event, values stored
+    /// outside their record counted at full size): what `RunSizeWarning` compares with
+    /// its byte threshold. Derived from the log by `apply`, so replay computes the same.
+    pub log_bytes: u64,
+    /// The latest `RunSizeWarning` recorded, if any.
+    pub size_warning: Option<SizeWarning>,
+}
+
+/// A run's recorded size warning (`RunSizeWarning`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SizeWarning {
+    /// Events in the log when it was recorded.
+    pub events: u64,
+    /// Bytes of those events ([`RunState::log_bytes`]).
+    pub bytes: u64,
+    /// The event threshold then.
+    pub events_max: u64,
+    /// The byte threshold then.
+    pub bytes_max: u64,
+}
+
+impl SizeWarning {
+    /// The event threshold was crossed (a threshold of 0 is off).
+    pub fn events_crossed(&self) -> bool {
+        self.events_max > 0 && self.events >= self.events_max
+    }
+    /// The byte threshold was crossed (a threshold of 0 is off).
+    pub fn bytes_crossed(&self) -> bool {
+        self.bytes_max > 0 && self.bytes >= self.bytes_max
+    }
 }

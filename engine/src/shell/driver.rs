@@ -303,6 +303,8 @@ impl Driver {
         let mut effects = Vec::new();
         let mut next_timer: Option<i64>;
         loop {
+            // Before each decision round: a run that finishes in this round is not warned.
+            self.stage_size_warning(state, batch, now)?;
             effects.clear();
             next_timer = None;
             let mut due_now = Vec::new();
@@ -396,6 +398,36 @@ impl Driver {
             }
         }
         Ok(staged)
+    }
+
+    /// Stages a `RunSizeWarning` when the run's log is past a size threshold
+    /// (`EngineBuilder::size_warning`) that no warning recorded in it has crossed: at most
+    /// one per threshold. An observation of the shell, but not kept like an answer: after
+    /// a conflicting append it is dropped and decided again on the re-read log (its counts
+    /// would be stale). `apply` refuses it on a finished run.
+    fn stage_size_warning(&self, state: &mut RunState, batch: &mut Batch, now: i64) -> Result<(), EngineError> {
+        if state.status.is_terminal() {
+            return Ok(());
+        }
+        let (events_max, bytes_max) = self.inner.size_warning;
+        let (events, bytes) = (state.next_seq.0, state.log_bytes);
+        let prior = state.size_warning;
+        let events_new = events_max > 0 && events >= events_max && !prior.is_some_and(|w| w.events_crossed());
+        let bytes_new = bytes_max > 0 && bytes >= bytes_max && !prior.is_some_and(|w| w.bytes_crossed());
+        if !(events_new || bytes_new) {
+            return Ok(());
+        }
+        tracing::warn!(events, bytes, events_max, bytes_max, "run's log is past a size threshold");
+        let event = Event::RunSizeWarning { events, bytes, events_max, bytes_max };
+        let at_us = now.max(state.last_event_us);
+        match self.stage(state, batch, event, at_us, false).map_err(|(e, _)| e) {
+            Ok(()) => Ok(()),
+            Err(Refused::Illegal(e)) => {
+                tracing::error!(error = %e, "a size warning the state machine refuses (a bug); stopping this run's driver");
+                Err(EngineError::Transition(e))
+            }
+            Err(other) => Err(other.into()),
+        }
     }
 
     async fn reload(&self) -> Result<RunState, EngineError> {

@@ -26,7 +26,7 @@
 use crate::error::EngineError;
 use crate::model::event::Escalation;
 use crate::model::fsm::RunStatus;
-use crate::model::state::{RunState, Totals};
+use crate::model::state::{RunState, SizeWarning, Totals};
 use crate::shell::fold::load_state;
 use keel_store::{codec, AuxWrite, RunId, Store};
 use serde::{Deserialize, Serialize};
@@ -61,6 +61,8 @@ pub(crate) struct IndexEntry {
     pub partial: bool,
     pub escalations: u32,
     pub idempotency_key: Option<String>,
+    /// The run's latest `RunSizeWarning` (layout 3).
+    pub size_warning: Option<SizeWarning>,
 }
 
 impl IndexEntry {
@@ -76,6 +78,7 @@ impl IndexEntry {
             partial: s.partial,
             escalations: u32::try_from(s.escalations.len()).unwrap_or(u32::MAX),
             idempotency_key: s.idempotency_key.clone(),
+            size_warning: s.size_warning,
         }
     }
 }

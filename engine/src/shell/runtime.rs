@@ -43,6 +43,9 @@ pub(crate) struct Inner {
     /// Redeliveries of one dispatch before `decide` quarantines its task
     /// (`EngineBuilder::redelivery_limit`); recorded on each `TaskRedelivered`.
     pub redelivery_limit: u32,
+    /// Size warning thresholds `(events_max, bytes_max)` (`EngineBuilder::size_warning`;
+    /// 0 disables one); recorded on each `RunSizeWarning`.
+    pub size_warning: (u64, u64),
     pub sched: Mutex<Scheduler>,
     /// Wakes the service workers (a run was queued or released).
     pub wake: Arc<Notify>,

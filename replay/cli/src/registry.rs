@@ -132,16 +132,18 @@ impl Registry {
         Ok(self.register(Engine::builder().store(log)).open()?)
     }
 
-    /// [`Registry::engine`] whose drivers hold their run leases for `lease_ttl_ms` and that
-    /// writes signed head checkpoints with `key` (if given):
-    /// `keel work --sign-key` and `keel serve --sign-key`.
+    /// [`Registry::engine`] whose drivers hold their run leases for `lease_ttl_ms`, that
+    /// writes signed head checkpoints with `key` (if given) and records size warnings at
+    /// `size`'s thresholds: `keel work`, `keel serve` and `keel demo`.
     pub(crate) fn engine_signing(
         &self,
         log: Arc<dyn Store>,
         lease_ttl_ms: u64,
         key: Option<&crate::cmd::keygen::SignKey>,
+        size: crate::cmd::work::SizeWarningArgs,
     ) -> Result<Engine, CliError> {
-        let mut b = Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms);
+        let mut b =
+            Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms).size_warning(size.warn_events, size.warn_bytes);
         if let Some(k) = key {
             b = b.checkpoint_signer(Arc::new(k.key.clone())).checkpoint_every_ms(k.every_ms);
         }

@@ -20,21 +20,31 @@ fn b(v: &Value, k: &str) -> bool {
     v.get(k).and_then(Value::as_bool).unwrap_or_default()
 }
 
+/// The `size` column of `keel runs`: `!size` for a run with a recorded size warning.
+fn size_mark(r: &Value) -> &'static str {
+    if r.get("size_warning").is_some_and(|w| !w.is_null()) {
+        "!size"
+    } else {
+        "-"
+    }
+}
+
 /// `keel runs`: entries of `{"runs": [...]}`.
 pub(crate) fn runs(runs: &[Value]) -> Result<(), CliError> {
     outln!(
-        "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  accepted",
+        "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {:<5}  accepted",
         "run",
         "workflow",
         "status",
         "partial",
         "events",
         "cost(micros)",
-        "esc"
+        "esc",
+        "size"
     )?;
     for r in runs {
         outln!(
-            "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {}",
+            "{:<36}  {:<16}  {:<13}  {:<7}  {:>6}  {:>12}  {:>4}  {:<5}  {}",
             s(r, "run"),
             s(r, "workflow"),
             s(r, "status"),
@@ -42,6 +52,7 @@ pub(crate) fn runs(runs: &[Value]) -> Result<(), CliError> {
             n(r, "events"),
             n(r, "cost_micros"),
             n(r, "escalations"),
+            size_mark(r),
             s(r, "accepted_at"),
         )?;
     }

@@ -267,3 +267,37 @@ fn submit_records_a_request_returns_its_run_again_and_refuses_another_request_un
     let runs = keel(db, &["runs", "--json"]).ok().json();
     assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
 }
+
+#[test]
+fn a_size_warning_is_recorded_and_shown_by_runs_and_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keel-data");
+    keel(&db, &["demo", "--runs", "2", "--warn-events", "8", "--json"]).ok();
+    let runs = keel(&db, &["runs", "--json"]).ok().json();
+    let runs = runs["runs"].as_array().unwrap();
+    let warned: Vec<&serde_json::Value> = runs.iter().filter(|r| !r["size_warning"].is_null()).collect();
+    assert!(!warned.is_empty(), "{runs:?}");
+    for r in &warned {
+        let w = &r["size_warning"];
+        assert_eq!(w["events_max"], 8, "{w}");
+        assert_eq!(w["bytes_max"], keel_engine::SIZE_WARNING_BYTES_DEFAULT, "{w}");
+        assert_eq!(w["events_crossed"], true, "{w}");
+        assert_eq!(w["bytes_crossed"], false, "{w}");
+        assert!(w["events"].as_u64().unwrap() >= 8 && w["bytes"].as_u64().unwrap() > 0, "{w}");
+    }
+    // Recorded once: the export holds exactly one RunSizeWarning for the run.
+    let run = warned[0]["run"].as_str().unwrap();
+    let export = keel(&db, &["export", run, "--format", "jsonl"]).ok().stdout.clone();
+    assert_eq!(export.lines().filter(|l| l.contains("\"RunSizeWarning\"")).count(), 1, "{export}");
+    // The text listing marks it; show prints it; the determinism check accepts it.
+    let text = keel(&db, &["runs"]).ok().stdout.clone();
+    let line = text.lines().find(|l| l.starts_with(run)).unwrap();
+    assert!(line.contains("!size"), "{line}");
+    let show = keel(&db, &["show", run]).ok().stdout.clone();
+    assert!(show.contains("size warning: "), "{show}");
+    assert_eq!(keel(&db, &["show", run, "--json"]).ok().json()["size_warning"], warned[0]["size_warning"]);
+    keel(&db, &["replay", "--all", "--check"]).ok();
+    // A threshold that is not a number is a usage error on one line.
+    let e = keel(&db, &["work", "--until-idle", "--warn-events", "many"]).one_line_error(2);
+    assert!(e.contains("--warn-events"), "{e}");
+}

@@ -38,6 +38,13 @@ pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
+/// The length of [`encode`]'s output for `value`, computed without allocating it.
+pub fn encoded_len<T: serde::Serialize>(value: &T) -> Result<usize, StoreError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, cfg()).map_err(|e| StoreError::Encode(e.to_string()))?;
+    Ok(size.bytes_written)
+}
+
 /// Decodes a value encoded by [`encode`]. Fails (never panics) on malformed input, on
 /// input larger than [`DECODE_BYTES_MAX`] and on trailing bytes.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {

@@ -24,6 +24,8 @@ pub(crate) struct DemoArgs {
     /// Print JSON (stable schema, docs/CLI.md).
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) size: crate::cmd::work::SizeWarningArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResult {
@@ -34,7 +36,7 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
         )));
     }
     let store = open_db(db, true)?;
-    let engine = registry.engine(store)?;
+    let engine = registry.engine_signing(store, keel_engine::LEASE_TTL_MS_DEFAULT, None, a.size)?;
     // Working the demo's runs until idle would drive every unfinished run of the database.
     registry.refuse_unknown_unfinished(&engine)?;
     let pb = progress(a.runs, "submitting");

@@ -40,6 +40,8 @@ pub(crate) struct ServeArgs {
     pub(crate) shutdown_timeout: u64,
     #[command(flatten)]
     pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
+    #[command(flatten)]
+    pub(crate) size: crate::cmd::work::SizeWarningArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResult {
@@ -59,7 +61,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     };
     let key = a.sign.load()?;
     let (store, auth) = store_and_auth(db)?;
-    let engine = registry.engine_signing(store, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref())?;
+    let engine = registry.engine_signing(store, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref(), a.size)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if auth.is_empty() {
         errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");

@@ -29,11 +29,26 @@ pub(crate) struct WorkArgs {
     pub(crate) shutdown_timeout: u64,
     #[command(flatten)]
     pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
+    #[command(flatten)]
+    pub(crate) size: SizeWarningArgs,
+}
+
+/// The size warning's thresholds (`keel work`, `serve`, `demo`): a run whose log reaches
+/// either gets one `RunSizeWarning` per threshold, shown by `keel runs` and `keel show`.
+#[derive(Args, Debug, Clone, Copy)]
+pub(crate) struct SizeWarningArgs {
+    /// Events in a run's log at which a size warning is recorded (0: never).
+    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_EVENTS_DEFAULT)]
+    pub(crate) warn_events: u64,
+    /// Bytes of a run's events (as encoded, stored payloads at full size) at which a size
+    /// warning is recorded (0: never).
+    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_BYTES_DEFAULT)]
+    pub(crate) warn_bytes: u64,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
     let key = a.sign.load()?;
-    let engine = registry.engine_signing(open(db)?, a.lease_ttl_ms, key.as_ref())?;
+    let engine = registry.engine_signing(open(db)?, a.lease_ttl_ms, key.as_ref(), a.size)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if !a.until_idle {
         return serve_work(db, &engine, Duration::from_secs(a.shutdown_timeout)).await;
