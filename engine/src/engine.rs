@@ -463,7 +463,12 @@ impl Engine {
     /// snapshot and tail of each run not finished (their usage is not counted). Blocking
     /// (reads the store).
     pub fn stats(&self) -> Result<Vec<WorkflowStats>, EngineError> {
-        crate::shell::counts::stats(self.inner.log.as_ref())
+        let log = self.inner.log.as_ref();
+        let mut unfinished = Vec::new();
+        for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+            unfinished.extend(crate::shell::index::runs_in(log, status)?);
+        }
+        crate::shell::counts::stats(log, &unfinished)
     }
 
     /// What this engine counted since it opened: appends and their latency, events

@@ -56,7 +56,6 @@ mod kv;
 mod log;
 mod observed;
 mod payloads;
-mod queue;
 #[cfg(feature = "sled")]
 mod sled;
 pub mod stats;
@@ -69,6 +68,7 @@ pub use coordination::{
     counter_add, counter_delta, counter_value, merge_aux, AuxEntry, AuxWrite, Coordination, Fence, Lease,
     ReleaseOnDrop, Store, COUNTER_PREFIX, OWNER_BYTES_MAX,
 };
+pub use coordination::{Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::{LostRecords, StoreError};
@@ -79,7 +79,6 @@ pub use log::{
 };
 pub use observed::{AppendObserver, Observed};
 pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
-pub use queue::{Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
 #[cfg(feature = "sled")]
 pub use sled::manifest::MANIFEST_FILE;
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]

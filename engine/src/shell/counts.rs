@@ -23,8 +23,9 @@ use crate::error::EngineError;
 use crate::model::fsm::RunStatus;
 use crate::model::state::{RunState, Totals};
 use crate::shell::fold::load_state;
-use crate::shell::index::{runs_in, status_byte, wf_digest, IndexEntry};
+use keel_store::RunId;
 use keel_store::{counter_add, counter_value, AuxEntry, AuxWrite, Store, COUNTER_PREFIX};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
 const COUNTS: &[u8] = b"ix/n/";
@@ -97,11 +98,24 @@ pub(crate) fn writes(before: Option<RunStatus>, after: &RunState) -> Vec<AuxWrit
     out
 }
 
-/// The counter writes that take a run with index entry `e` out of the counts (archiving,
-/// re-indexing).
-pub(crate) fn removal_adds(e: &IndexEntry) -> Vec<AuxWrite> {
-    let finished = e.status.is_terminal().then_some((e.partial, &e.totals));
-    run_adds(&wf_digest(&e.workflow), e.status, finished, -1)
+/// The counter writes that take a run (its index entry's workflow, status, partial and
+/// totals) out of the counts (archiving, re-indexing).
+pub(crate) fn removal_adds(workflow: &str, status: RunStatus, partial: bool, totals: &Totals) -> Vec<AuxWrite> {
+    let finished = status.is_terminal().then_some((partial, totals));
+    run_adds(&wf_digest(workflow), status, finished, -1)
+}
+
+/// A status's byte in index keys (its position in [`RunStatus::ALL`]).
+pub(crate) fn status_byte(s: RunStatus) -> u8 {
+    RunStatus::ALL.iter().position(|x| *x == s).and_then(|i| u8::try_from(i).ok()).unwrap_or(u8::MAX)
+}
+
+/// A workflow type's fixed-length key part: the first 16 bytes of SHA-256 of its name.
+pub(crate) fn wf_digest(workflow: &str) -> [u8; 16] {
+    let d = Sha256::digest(workflow.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(d.get(..16).unwrap_or(&[0u8; 16]));
+    out
 }
 
 /// The writes that remove every counter (a rebuild starts from nothing).
@@ -152,8 +166,9 @@ fn apply_counter(st: &mut WorkflowStats, tag: &[u8], value: i64) {
 }
 
 /// Runs, statuses, partial results and usage per workflow type, from the counters plus a
-/// fold of each unfinished run: O(workflow types + unfinished runs).
-pub(crate) fn stats(log: &dyn Store) -> Result<Vec<WorkflowStats>, EngineError> {
+/// fold of each unfinished run (`unfinished`, from the run index): O(workflow types +
+/// unfinished runs).
+pub(crate) fn stats(log: &dyn Store, unfinished: &[RunId]) -> Result<Vec<WorkflowStats>, EngineError> {
     let mut by_wf: BTreeMap<[u8; 16], WorkflowStats> = BTreeMap::new();
     for (k, v) in range_all(log, NAMES, &[NAMES, &[0xff; 17]].concat())? {
         if let Some(wf) = k.get(NAMES.len()..).and_then(|b| <[u8; 16]>::try_from(b).ok()) {
@@ -171,14 +186,12 @@ pub(crate) fn stats(log: &dyn Store) -> Result<Vec<WorkflowStats>, EngineError> 
             apply_counter(st, tag, counter_value(&v));
         }
     }
-    for status in RunStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
-        for run in runs_in(log, status)? {
-            let Some(s) = load_state(log, run)? else { continue };
-            if let Some(st) = by_wf.get_mut(&wf_digest(&s.workflow)) {
-                st.partial = st.partial.saturating_add(u64::from(s.partial));
-                for (i, v) in (0u8..).zip(fields(&s.totals)) {
-                    add_field(&mut st.totals, i, v);
-                }
+    for &run in unfinished {
+        let Some(s) = load_state(log, run)? else { continue };
+        if let Some(st) = by_wf.get_mut(&wf_digest(&s.workflow)) {
+            st.partial = st.partial.saturating_add(u64::from(s.partial));
+            for (i, v) in (0u8..).zip(fields(&s.totals)) {
+                add_field(&mut st.totals, i, v);
             }
         }
     }

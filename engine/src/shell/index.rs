@@ -30,7 +30,6 @@ use crate::model::state::{RunState, SizeWarning, Totals};
 use crate::shell::fold::load_state;
 use keel_store::{codec, AuxWrite, RunId, Store};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Version of the index layout; an index of another version is rebuilt on open.
 pub(crate) const INDEX_VERSION: &[u8] = b"3";
@@ -128,16 +127,7 @@ impl OpenEscalation {
     }
 }
 
-pub(crate) fn status_byte(s: RunStatus) -> u8 {
-    RunStatus::ALL.iter().position(|x| *x == s).and_then(|i| u8::try_from(i).ok()).unwrap_or(u8::MAX)
-}
-
-pub(crate) fn wf_digest(workflow: &str) -> [u8; 16] {
-    let d = Sha256::digest(workflow.as_bytes());
-    let mut out = [0u8; 16];
-    out.copy_from_slice(d.get(..16).unwrap_or(&[0u8; 16]));
-    out
-}
+pub(crate) use crate::shell::counts::{status_byte, wf_digest};
 
 fn key(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
@@ -213,7 +203,7 @@ pub fn removal_writes(log: &dyn Store, run: RunId) -> Result<Vec<AuxWrite>, Engi
     let Some(e) = entry(log, run)? else { return Ok(Vec::new()) };
     let mut out: Vec<AuxWrite> = listing_keys(run, &e.workflow, e.status).into_iter().map(|k| (k, None)).collect();
     out.push((run_key(run), None));
-    out.extend(crate::shell::counts::removal_adds(&e));
+    out.extend(crate::shell::counts::removal_adds(&e.workflow, e.status, e.partial, &e.totals));
     Ok(out)
 }
 
@@ -378,7 +368,7 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
     }
     out.extend(writes(None, &s, log.limits().event_bytes_max)?);
     if let Some(old) = entry(log, run)? {
-        out.extend(crate::shell::counts::removal_adds(&old));
+        out.extend(crate::shell::counts::removal_adds(&old.workflow, old.status, old.partial, &old.totals));
     }
     out.extend(crate::shell::counts::writes(None, &s));
     Ok(log.aux_apply(out)?)

@@ -375,7 +375,9 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         }
         let tick = if shared::is_shared(&inner) {
             // Timers and escalation deadlines of every process, from the due-time index.
-            shared::take_due(&inner).await;
+            for run in shared::take_due(&inner).await {
+                poke(&inner, run);
+            }
             spawn_claimed(&inner, &mut set, &stop).await;
             inner.queue_poll
         } else {

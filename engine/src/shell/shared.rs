@@ -81,8 +81,9 @@ fn ttl_us(inner: &Inner) -> i64 {
     i64::try_from(inner.leasing.ttl_ms).unwrap_or(i64::MAX).saturating_mul(1000)
 }
 
-/// Queues the runs whose due time passed (set by any process), each taken by one process.
-pub(crate) async fn take_due(inner: &Arc<Inner>) {
+/// The runs whose due time passed (set by any process), each taken by one process: the
+/// caller queues them.
+pub(crate) async fn take_due(inner: &Arc<Inner>) -> Vec<RunId> {
     let now = inner.clock.now_us();
     let due = inner
         .blocking(move |log| match log.work_queue() {
@@ -90,14 +91,10 @@ pub(crate) async fn take_due(inner: &Arc<Inner>) {
             None => Ok(Vec::new()),
         })
         .await;
-    match due {
-        Ok(runs) => {
-            for run in runs {
-                crate::shell::sched::poke(inner, run);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read the due-time index"),
-    }
+    due.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the due-time index");
+        Vec::new()
+    })
 }
 
 /// Due runs queued per tick at most.

@@ -140,7 +140,7 @@ impl Registry {
         log: Arc<dyn Store>,
         lease_ttl_ms: u64,
         key: Option<&crate::cmd::keygen::SignKey>,
-        size: crate::cmd::work::SizeWarningArgs,
+        size: SizeWarningArgs,
     ) -> Result<Engine, CliError> {
         let mut b =
             Engine::builder().store(log).lease_ttl_ms(lease_ttl_ms).size_warning(size.warn_events, size.warn_bytes);
@@ -193,4 +193,17 @@ pub(crate) fn unknown(what: &str, to: &str) -> CliError {
         "{what}, which this keel binary does not know: run the service's own keel binary \
          (keel_cli::main_with) to {to}"
     ))
+}
+
+/// The size warning's thresholds (`keel work`, `serve`, `demo`): a run whose log reaches
+/// either gets one `RunSizeWarning` per threshold, shown by `keel runs` and `keel show`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub(crate) struct SizeWarningArgs {
+    /// Events in a run's log at which a size warning is recorded (0: never).
+    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_EVENTS_DEFAULT)]
+    pub(crate) warn_events: u64,
+    /// Bytes of a run's events (as encoded, stored payloads at full size) at which a size
+    /// warning is recorded (0: never).
+    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_BYTES_DEFAULT)]
+    pub(crate) warn_bytes: u64,
 }

@@ -52,3 +52,37 @@ pub fn process_exists(pid: u32) -> bool {
         true
     }
 }
+
+/// SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`): the handlers are
+/// installed when this is called, so a signal sent as soon as the "to stop" line is read
+/// is not missed; the future ends at the first of them. A handler that cannot be
+/// installed is one signal fewer to wait for, not a reason to stop.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (int, term) = (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok());
+        async move {
+            tokio::select! {
+                () = recv_or_never(int) => {}
+                () = recv_or_never(term) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn recv_or_never(s: Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(mut s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}

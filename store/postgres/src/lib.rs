@@ -31,6 +31,7 @@ mod queue;
 mod schema;
 mod store;
 mod tokens;
+mod wakers;
 
 pub use error::{OpenError, PgError, Timed};
 pub use schema::SCHEMA_VERSION;

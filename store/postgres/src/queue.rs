@@ -6,11 +6,12 @@
 use crate::error::pg;
 use crate::pool::Pool;
 use crate::store::PgStore;
+use crate::wakers::Wakers;
 use keel_store::{
     Claimed, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 use tokio_postgres::{AsyncMessage, NoTls, Transaction};
 use uuid::Uuid;
@@ -29,21 +30,6 @@ const CANDIDATES_PER_CLAIM: usize = 4;
 
 /// How long the listener waits before connecting again after losing its session.
 const LISTEN_RETRY_MS: u64 = 1_000;
-
-/// The wake-up callbacks of one store, and whether its listener runs.
-#[derive(Default)]
-pub(crate) struct Wakers {
-    calls: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
-    listening: Mutex<bool>,
-}
-
-impl Wakers {
-    fn wake_all(&self) {
-        for wake in self.calls.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            wake();
-        }
-    }
-}
 
 /// `SELECT pg_notify(...)` for `schema`: sent inside a transaction, delivered at commit.
 pub(crate) async fn notify(tx: &Transaction<'_>, schema: &str) -> Result<(), tokio_postgres::Error> {

@@ -110,7 +110,7 @@ struct Shared {
     schema: String,
     /// Where the work queue's listener connects (its own session, outside the pool).
     pg: tokio_postgres::Config,
-    wakers: Arc<crate::queue::Wakers>,
+    wakers: Arc<crate::wakers::Wakers>,
     // Last: the runtime goes after everything that spawns onto it.
     _rt: Rt,
 }
@@ -300,7 +300,7 @@ impl PgStore {
         self.shared.pool.clone()
     }
 
-    pub(crate) fn wakers(&self) -> Arc<crate::queue::Wakers> {
+    pub(crate) fn wakers(&self) -> Arc<crate::wakers::Wakers> {
         self.shared.wakers.clone()
     }
 

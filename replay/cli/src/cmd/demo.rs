@@ -25,7 +25,7 @@ pub(crate) struct DemoArgs {
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
-    pub(crate) size: crate::cmd::work::SizeWarningArgs,
+    pub(crate) size: crate::registry::SizeWarningArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResult {

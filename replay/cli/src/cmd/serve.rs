@@ -41,7 +41,7 @@ pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
     #[command(flatten)]
-    pub(crate) size: crate::cmd::work::SizeWarningArgs,
+    pub(crate) size: crate::registry::SizeWarningArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResult {
@@ -88,7 +88,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
     }
     // Listening for the stop signals from before the "serving" line is printed.
-    let stop = stop_signal();
+    let stop = crate::sys::stop_signal();
     let workers = engine.start();
     errln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
@@ -148,39 +148,5 @@ fn store_and_auth(db: &Path) -> Result<(Arc<dyn Store>, Auth), CliError> {
             let auth = Auth::from_file(db.join(TOKENS_FILE)).map_err(|e| CliError::Failed(e.to_string()))?;
             Ok((store, auth))
         }
-    }
-}
-
-/// SIGINT (Ctrl-C) or, on Unix, SIGTERM (`keel serve`, `keel work`): the handlers are
-/// installed when this is called, so a signal sent as soon as the "to stop" line is read
-/// is not missed; the future ends at the first of them. A handler that cannot be
-/// installed is one signal fewer to wait for, not a reason to stop.
-pub(crate) fn stop_signal() -> impl std::future::Future<Output = ()> + Send {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (int, term) = (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok());
-        async move {
-            tokio::select! {
-                () = recv_or_never(int) => {}
-                () = recv_or_never(term) => {}
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
-#[cfg(unix)]
-async fn recv_or_never(s: Option<tokio::signal::unix::Signal>) {
-    match s {
-        Some(mut s) => {
-            s.recv().await;
-        }
-        None => std::future::pending::<()>().await,
     }
 }

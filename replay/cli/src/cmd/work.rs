@@ -30,20 +30,7 @@ pub(crate) struct WorkArgs {
     #[command(flatten)]
     pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
     #[command(flatten)]
-    pub(crate) size: SizeWarningArgs,
-}
-
-/// The size warning's thresholds (`keel work`, `serve`, `demo`): a run whose log reaches
-/// either gets one `RunSizeWarning` per threshold, shown by `keel runs` and `keel show`.
-#[derive(Args, Debug, Clone, Copy)]
-pub(crate) struct SizeWarningArgs {
-    /// Events in a run's log at which a size warning is recorded (0: never).
-    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_EVENTS_DEFAULT)]
-    pub(crate) warn_events: u64,
-    /// Bytes of a run's events (as encoded, stored payloads at full size) at which a size
-    /// warning is recorded (0: never).
-    #[arg(long, value_name = "N", default_value_t = keel_engine::SIZE_WARNING_BYTES_DEFAULT)]
-    pub(crate) warn_bytes: u64,
+    pub(crate) size: crate::registry::SizeWarningArgs,
 }
 
 pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResult {
@@ -83,7 +70,7 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
 /// and gives the drivers in flight `grace` to finish their appends. Exit 0 when every
 /// driver stopped cleanly, 1 when one stopped on an error or the grace ran out.
 async fn serve_work(db: &Path, engine: &keel_engine::Engine, grace: Duration) -> CmdResult {
-    let stop = crate::cmd::serve::stop_signal();
+    let stop = crate::sys::stop_signal();
     let workers = engine.start();
     errln!("keel: working runs in {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
     stop.await;
