@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// How to open a [`PgStore`].
@@ -286,6 +287,19 @@ impl PgStore {
             fenced_refusals: c.fenced.load(Ordering::Relaxed),
             raced_flushes: c.raced.load(Ordering::Relaxed),
         }
+    }
+
+    /// Runs one statement on a pooled connection, within the call bound (the upserts of
+    /// snapshots, aux entries and due times).
+    fn exec(&self, sql: &'static str, params: Vec<Box<dyn ToSql + Send + Sync>>) -> Result<(), StoreError> {
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
+            let result = conn.client()?.execute(sql, &refs).await;
+            conn.ok(result)?;
+            Ok(())
+        })
     }
 
     pub(crate) fn call<T, F>(&self, fut: F) -> Result<T, StoreError>
@@ -811,20 +825,11 @@ impl Coordination for PgStore {
             })?,
         };
         let value = backend::seal_snapshot(next_seq, anchor, state)?;
-        let pool = self.pool();
-        self.call(async move {
-            let mut conn = pool.get().await?;
-            let result = conn
-                .client()?
-                .execute(
-                    "INSERT INTO snapshots (run, value) VALUES ($1, $2)
-                     ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
-                    &[&run.0, &value],
-                )
-                .await;
-            conn.ok(result)?;
-            Ok(())
-        })
+        self.exec(
+            "INSERT INTO snapshots (run, value) VALUES ($1, $2)
+             ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
+            vec![Box::new(run.0), Box::new(value) as Box<dyn ToSql + Send + Sync>],
+        )
     }
 
     fn load_snapshot(&self, run: RunId) -> Result<Option<(Seq, Vec<u8>)>, StoreError> {
@@ -861,33 +866,18 @@ impl Coordination for PgStore {
         if value.len() > limits.event_bytes_max {
             return Err(StoreError::TooLarge { what: "aux value", bytes: value.len(), max: limits.event_bytes_max });
         }
-        let (pool, key, value) = (self.pool(), key.to_vec(), value.to_vec());
-        self.call(async move {
-            let mut conn = pool.get().await?;
-            let result = conn.client()?.execute(
-                    "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    &[&key, &value],
-                ).await;
-    conn.ok(result)?;
-            Ok(())
-        })
+        self.exec(
+            "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            vec![Box::new(key.to_vec()), Box::new(value.to_vec())],
+        )
     }
 
     fn put_due(&self, run: RunId, due_at_us: i64) -> Result<(), StoreError> {
-        let pool = self.pool();
-        self.call(async move {
-            let mut conn = pool.get().await?;
-            let result = conn
-                .client()?
-                .execute(
-                    "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
-                     ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
-                    &[&run.0, &due_at_us],
-                )
-                .await;
-            conn.ok(result)?;
-            Ok(())
-        })
+        self.exec(
+            "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
+             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
+            vec![Box::new(run.0), Box::new(due_at_us)],
+        )
     }
 
     fn remove_due(&self, run: RunId) -> Result<(), StoreError> {
