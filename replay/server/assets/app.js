@@ -494,6 +494,7 @@ function validate(schema, v, path) {
 // ---------- the run list ----------
 
 const STATUSES = ["Accepted", "Planning", "Running", "AwaitingHuman", "Completed", "Failed", "Cancelled"];
+const FINISHED = ["Completed", "Failed", "Cancelled"];
 
 async function runsView(params) {
   setTitle("Runs");
@@ -632,6 +633,13 @@ async function runView(run) {
       document.body.append(a); a.click(); a.remove();
     } }, "Download the HTML report")),
   );
+  if (FINISHED.includes(state.status)) {
+    // A finished run takes no more events: no stream to open, and the label says so at
+    // once (in the same task that drew the page, so nobody sees it blank).
+    liveState("live: run finished");
+    stopLive = () => liveState("");
+    return;
+  }
   stopLive = liveRun(run, events.length ? events[events.length - 1].seq : null, () => { stopLive(); runView(run); });
 }
 

@@ -160,8 +160,9 @@ try {
   await page.locator("#run-status", { hasText: "Completed" }).waitFor({ timeout: 60_000 });
   assert.match(await page.locator("#timeline").innerText(), /approved from another window/);
   assert.equal(loads, loadsThen, "no page load");
-  // The stream ends with the run; the page does not fall back to polling.
-  assert.ok(["streaming", "run finished"].includes(await liveMode()), `live mode: ${await liveMode()}`);
+  // The stream ends with the run and the page says so; it does not fall back to polling.
+  await page.locator('#live-state[data-mode="run finished"]').waitFor({ timeout: 10_000 })
+    .catch(async () => assert.fail(`live mode: ${await liveMode()}`));
   assert.deepEqual(polls, [], "no polling: the events came by the stream");
 
   assert.deepEqual(outside, [], "nothing fetched from outside the server");
