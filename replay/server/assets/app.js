@@ -522,7 +522,9 @@ async function runsView(params) {
       h("td", {}, r.workflow), h("td", {}, badge(r.status)),
       h("td", {}, r.accepted_at || ""), h("td", {}, money(r.cost_micros !== undefined ? r.cost_micros : (r.totals || {}).cost_micros))));
     const next = data.next_cursor ? (() => { const n = new URLSearchParams(params); n.set("cursor", data.next_cursor); return h("p", {}, h("a", { href: `#/runs?${n}` }, "Next page")); })() : null;
-    body.replaceChildren(rows.length ? h("table", { id: "runs" },
+    // The table says which filter it shows (a script or a test waiting for the filtered
+    // list cannot mistake the list it replaces for it).
+    body.replaceChildren(rows.length ? h("table", { id: "runs", "data-status": params.get("status") || "", "data-workflow": params.get("workflow") || "" },
       h("thead", {}, h("tr", {}, ["Run", "Workflow", "Status", "Accepted", "Cost"].map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, rows)) : h("p", {}, "No run matches."), next);
   };

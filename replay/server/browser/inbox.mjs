@@ -141,10 +141,12 @@ try {
   await page.getByLabel("Status").selectOption("AwaitingHuman");
   await page.getByRole("button", { name: "Filter" }).click();
   await page.waitForURL((u) => u.hash === "#/runs?status=AwaitingHuman");
-  await page.locator("#runs tbody tr").first().waitFor();
-  const statuses = await page.locator("#runs tbody td:nth-child(3)").allInnerTexts();
+  // The URL changes before the page handles it: wait for the filtered table itself.
+  const filtered = page.locator('#runs[data-status="AwaitingHuman"]');
+  await filtered.locator("tbody tr").first().waitFor();
+  const statuses = await filtered.locator("tbody td:nth-child(3)").allInnerTexts();
   assert.ok(statuses.length >= 1 && statuses.every((s) => s === "AwaitingHuman"), `${statuses}`);
-  assert.equal(await page.locator(`#runs a[href="#/run/${KEEL_RUN}"]`).count(), 0, "the decided run left the filter");
+  assert.equal(await filtered.locator(`a[href="#/run/${KEEL_RUN}"]`).count(), 0, "the decided run left the filter");
 
   step("a run's page follows its event stream: resolved elsewhere, it completes with no reload and no polling");
   const loadsThen = loads;
