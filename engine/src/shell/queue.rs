@@ -26,6 +26,10 @@ pub(crate) struct Scheduler {
     /// Runs waiting for an escalation deadline or a timer (a retry backoff, the run's
     /// deadline), driven by no one until then (service workers only): run -> due time.
     pub(crate) parked: BTreeMap<RunId, i64>,
+    /// With a shared queue: the due times this process wrote to the store's due-time index
+    /// (run -> due time), so its service loop reads the index when they fall due instead of
+    /// at its next poll (`shell::shared::done`).
+    pub(crate) due_here: BTreeMap<RunId, i64>,
     pub(crate) ticket: u64,
 }
 

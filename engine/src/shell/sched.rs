@@ -296,7 +296,7 @@ fn queue_due(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
 }
 
 /// How long to sleep towards a timer due at `due_us` (at most `TIMER_SLICE_MS`).
-fn until_due(due_us: i64, now_us: i64) -> Duration {
+pub(crate) fn until_due(due_us: i64, now_us: i64) -> Duration {
     let ms = (due_us.saturating_sub(now_us).saturating_add(999) / 1000).clamp(1, TIMER_SLICE_MS);
     Duration::from_millis(u64::try_from(ms).unwrap_or(1))
 }
@@ -375,11 +375,12 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         }
         let tick = if shared::is_shared(&inner) {
             // Timers and escalation deadlines of every process, from the due-time index.
+            let next = shared::next_look(&inner, inner.queue_poll);
             for run in shared::take_due(&inner).await {
                 poke(&inner, run);
             }
             spawn_claimed(&inner, &mut set, &stop).await;
-            inner.queue_poll
+            next
         } else {
             // Escalation deadlines that fell due.
             let now = inner.clock.now_us();
@@ -398,10 +399,17 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         }
         tokio::select! {
             _ = stop.changed() => break,
-            Some(joined) = set.join_next(), if !set.is_empty() => match joined {
-                Ok((run, out)) => finish(&inner, run, &out, &mut report, true),
-                Err(e) => tracing::error!(error = %e, "driver task failed"),
-            },
+            Some(joined) = set.join_next(), if !set.is_empty() => {
+                // Every drive that ended is finished before the next claim, so one claim
+                // fills every freed worker (not one claim per ended drive).
+                let mut joined = Some(joined);
+                while let Some(j) = joined.take().or_else(|| set.try_join_next()) {
+                    match j {
+                        Ok((run, out)) => finish(&inner, run, &out, &mut report, true),
+                        Err(e) => tracing::error!(error = %e, "driver task failed"),
+                    }
+                }
+            }
             _ = inner.wake.notified() => {}
             _ = tokio::time::sleep(tick) => {}
         }

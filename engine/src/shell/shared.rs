@@ -11,6 +11,7 @@ use crate::shell::runtime::Inner;
 use keel_store::{Claimed, RunId, Runnable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Whether `inner`'s store shares its run queue with other processes.
 pub(crate) fn is_shared(inner: &Inner) -> bool {
@@ -72,8 +73,27 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome) {
         DriveOutcome::Idle(_) => None,
         DriveOutcome::LeaseLost | DriveOutcome::Shutdown => return,
     };
-    if let Err(e) = q.done(run, &inner.leasing.owner, due) {
-        tracing::warn!(%run, error = %e, "cannot mark the run done in the shared queue (its claim expires)");
+    match q.done(run, &inner.leasing.owner, due) {
+        Ok(_) => {
+            if let Some(due) = due {
+                inner.sched().due_here.insert(run, due);
+            }
+        }
+        Err(e) => tracing::warn!(%run, error = %e, "cannot mark the run done in the shared queue (its claim expires)"),
+    }
+}
+
+/// How long the service loop may sleep: until the earliest due time this process wrote
+/// falls due (those passed are forgotten: the due-time index is read now), at most
+/// `poll`, the fallback for the timers of other processes and for missed notifications.
+/// Without it a run's retry backoff waited for the next poll (an hour, if so configured).
+pub(crate) fn next_look(inner: &Inner, poll: Duration) -> Duration {
+    let now = inner.clock.now_us();
+    let mut s = inner.sched();
+    s.due_here.retain(|_, due| *due > now);
+    match s.due_here.values().copied().min() {
+        Some(due) => crate::shell::sched::until_due(due, now).min(poll),
+        None => poll,
     }
 }
 

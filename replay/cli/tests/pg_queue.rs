@@ -118,7 +118,6 @@ fn first_driven_at(events: &[Logged]) -> i64 {
 }
 
 #[test]
-#[ignore = "known defect: with the other tests' worker processes on the same database at once, runs are claimed out of priority order (2 of 3 runs of this file; passes alone). Run with --include-ignored"]
 fn runs_are_claimed_in_priority_order_across_two_processes() {
     if !pg::ready() {
         return;
@@ -187,7 +186,6 @@ fn a_workflow_limit_of_one_holds_across_two_processes() {
 /// The workers poll once an hour here: a run submitted by this process is driven by the
 /// child only because a notification woke it.
 #[test]
-#[ignore = "known defect: with the other tests' worker processes on the same database at once, the woken worker did not drive the run within 120 s (2 of 3 runs of this file; passes alone). Run with --include-ignored"]
 fn a_run_submitted_in_one_process_is_woken_in_another_by_notify() {
     if !pg::ready() {
         return;

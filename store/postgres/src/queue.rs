@@ -22,7 +22,9 @@ pub(crate) const CHANNEL: &str = "keel_work";
 /// Queue bookkeeping (push, done) commits without waiting for the WAL flush: the runs'
 /// events are durable by their own appends, and what a crash of the server loses here (a
 /// push, a done) is recovered by the workers' periodic scan or costs one idle drive. A
-/// claim grants a lease and waits (a grant lost in a crash could hand one epoch out twice).
+/// claim grants leases: it commits the same way (so its locks are not held through a WAL
+/// flush), then waits for a flush before any granted lease is used (a grant lost in a
+/// crash could hand one epoch out twice).
 const ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
@@ -102,6 +104,14 @@ async fn claim_tx(
     schema: &str,
 ) -> Result<Vec<(RunId, String, i64)>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // The grants are made durable below, after the locks are released.
+    tx.batch_execute(ASYNC_COMMIT).await?;
+    // The claim locks of every limited workflow type are taken before any candidate row is
+    // read: a claimer that read (and locked) candidates first, then waited for such a lock,
+    // left the highest-priority rows locked while another claimer, skipping them, granted a
+    // lower-priority run the one free slot (runs claimed out of priority order).
+    let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
+    lock_workflows(&tx, schema, &limited).await?;
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
     let rows = tx
         .query(
@@ -114,12 +124,11 @@ async fn claim_tx(
         )
         .await?;
     let candidates: Vec<(Uuid, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let limited: BTreeSet<&str> =
-        candidates.iter().map(|(_, wf)| wf.as_str()).filter(|wf| t.limits.get(*wf).is_some_and(|l| *l > 0)).collect();
-    lock_workflows(&tx, schema, &limited).await?;
     let mut busy_now: BTreeMap<&str, usize> = BTreeMap::new();
-    for wf in &limited {
-        busy_now.insert(wf, busy(&tx, wf, t.now_us).await?);
+    for wf in candidates.iter().map(|(_, wf)| wf.as_str()).filter(|wf| limited.contains(wf)) {
+        if !busy_now.contains_key(wf) {
+            busy_now.insert(wf, busy(&tx, wf, t.now_us).await?);
+        }
     }
     let mut taken = Vec::new();
     for (run, wf) in &candidates {
@@ -138,6 +147,12 @@ async fn claim_tx(
         taken.push((RunId(*run), wf.clone(), epoch));
     }
     tx.commit().await?;
+    if !taken.is_empty() {
+        // A grant lost in a crash of the server could hand one epoch out twice: the claim
+        // is made durable (a synchronous commit flushes the WAL up to it) before any lease
+        // is used. The claim locks were not held through that flush.
+        crate::store::flush_tx(client).await?;
+    }
     Ok(taken)
 }
 

@@ -528,14 +528,20 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
     }
 }
 
+/// Waits until every commit made before it (those with `synchronous_commit` off included)
+/// is flushed to the WAL on disk. A transaction that only takes an id (`txid_current()`)
+/// writes no WAL of its own and commits without a flush; a transactional logical message
+/// is a WAL record of this transaction, so its synchronous commit flushes the WAL up to
+/// its end, which covers every earlier commit. It needs no table and no privilege beyond
+/// the default (the function is executable by every role unless an operator revoked it).
+pub(crate) async fn flush_tx(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush');")
+        .await?;
+    tx.commit().await
+}
+
 async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
-    async fn flush_tx(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
-        let tx = client.transaction().await?;
-        // A transaction with an id commits with a WAL flush, which covers every commit
-        // before it, including those made with synchronous_commit off.
-        tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT txid_current();").await?;
-        tx.commit().await
-    }
     let mut conn = pool.get().await?;
     let result = flush_tx(conn.client()?).await;
     conn.ok(result)

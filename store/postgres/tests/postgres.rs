@@ -641,3 +641,29 @@ fn payloads_are_checked_on_read_and_stored_once_across_handles() {
     }
     assert!(keel_store::verify_payloads(&*handles[0]).is_err());
 }
+
+/// `flush` returns only when the WAL on disk holds every commit made before it, also the
+/// commits that did not wait for a flush (`synchronous_commit = off`, as the work queue's
+/// bookkeeping and the `None` levels commit). A flush that only took a transaction id
+/// (`txid_current()`) wrote no WAL, so its commit did not wait either: the WAL on disk was
+/// behind such a commit when it returned.
+#[test]
+fn flush_waits_until_the_wal_on_disk_holds_every_earlier_commit_also_asynchronous_ones() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let store = scratch.open();
+    let schema = scratch.fresh_schema();
+    let admin = Admin::connect().unwrap();
+    admin.exec(&format!("CREATE SCHEMA {schema}; CREATE TABLE {schema}.probe (n int)"));
+    admin.exec("SET synchronous_commit = off");
+    let lsn = |f: &str| admin.int(&format!("SELECT ({f}() - '0/0'::pg_lsn)::bigint"));
+    for i in 0..20 {
+        admin.exec(&format!("INSERT INTO {schema}.probe VALUES ({i})"));
+        let committed = lsn("pg_current_wal_insert_lsn");
+        store.flush().unwrap();
+        let on_disk = lsn("pg_current_wal_flush_lsn");
+        assert!(on_disk >= committed, "round {i}: the WAL on disk ends at {on_disk}, before a commit at {committed}");
+    }
+}
