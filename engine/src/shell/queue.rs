@@ -97,3 +97,12 @@ impl Scheduler {
         !self.queue.is_empty()
     }
 }
+
+/// How long to sleep towards a timer due at `due_us` (at most `TIMER_SLICE_MS`).
+pub(crate) fn until_due(due_us: i64, now_us: i64) -> std::time::Duration {
+    let ms = (due_us.saturating_sub(now_us).saturating_add(999) / 1000).clamp(1, TIMER_SLICE_MS);
+    std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(1))
+}
+
+/// Longest sleep towards a timer before the clock is read again.
+const TIMER_SLICE_MS: i64 = 100;

@@ -14,6 +14,7 @@ use crate::shell::driver::DriveOutcome;
 use crate::shell::fold::load_state;
 use crate::shell::heartbeat;
 use crate::shell::lease::Held;
+use crate::shell::queue::until_due;
 use crate::shell::runtime::Inner;
 use crate::shell::shared;
 use keel_store::RunId;
@@ -294,15 +295,6 @@ fn queue_due(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
         poke(inner, run);
     }
 }
-
-/// How long to sleep towards a timer due at `due_us` (at most `TIMER_SLICE_MS`).
-pub(crate) fn until_due(due_us: i64, now_us: i64) -> Duration {
-    let ms = (due_us.saturating_sub(now_us).saturating_add(999) / 1000).clamp(1, TIMER_SLICE_MS);
-    Duration::from_millis(u64::try_from(ms).unwrap_or(1))
-}
-
-/// Longest sleep towards a timer before the clock is read again.
-const TIMER_SLICE_MS: i64 = 100;
 
 /// Background workers started by [`crate::Engine::start`].
 pub struct Workers {

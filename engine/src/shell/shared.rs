@@ -92,7 +92,7 @@ pub(crate) fn next_look(inner: &Inner, poll: Duration) -> Duration {
     let mut s = inner.sched();
     s.due_here.retain(|_, due| *due > now);
     match s.due_here.values().copied().min() {
-        Some(due) => crate::shell::sched::until_due(due, now).min(poll),
+        Some(due) => crate::shell::queue::until_due(due, now).min(poll),
         None => poll,
     }
 }
