@@ -307,6 +307,13 @@ async fn the_run_deadline_cuts_calls_in_flight_and_is_recorded_when_it_fires() {
     // Recorded at the deadline: no earlier than 300 ms after acceptance, and before any
     // task's answer (both calls were cut, not answered).
     assert!(deadline.at_us >= accepted + 300_000);
+    // ... and when it fires, not at some later wake-up: within a second of the deadline
+    // (generous for a loaded two-core machine; the calls' timeouts are an hour).
+    assert!(
+        deadline.at_us <= accepted + 300_000 + 1_000_000,
+        "deadline recorded {} us after acceptance (deadline 300 ms)",
+        deadline.at_us - accepted
+    );
     let cut: Vec<_> = task_failures(&ev).into_iter().filter(|f| f.0 == "cut at the run's deadline").collect();
     assert_eq!(cut.len(), 2, "{:?}", task_failures(&ev));
     assert!(cut.iter().all(|f| f.2 == FailureSource::Engine && f.1 == ErrorClass::Transient));
