@@ -307,6 +307,13 @@ async fn the_run_deadline_cuts_calls_in_flight_and_is_recorded_when_it_fires() {
     // Recorded at the deadline: no earlier than 300 ms after acceptance, and before any
     // task's answer (both calls were cut, not answered).
     assert!(deadline.at_us >= accepted + 300_000);
+    // ... and when it fires, not at some later wake-up: within a second of the deadline
+    // (generous for a loaded two-core machine; the calls' timeouts are an hour).
+    assert!(
+        deadline.at_us <= accepted + 300_000 + 1_000_000,
+        "deadline recorded {} us after acceptance (deadline 300 ms)",
+        deadline.at_us - accepted
+    );
     let cut: Vec<_> = task_failures(&ev).into_iter().filter(|f| f.0 == "cut at the run's deadline").collect();
     assert_eq!(cut.len(), 2, "{:?}", task_failures(&ev));
     assert!(cut.iter().all(|f| f.2 == FailureSource::Engine && f.1 == ErrorClass::Transient));
@@ -355,10 +362,45 @@ fn flaky_once() -> Arc<FnHandler> {
     })
 }
 
+/// [`flaky_once`] that also notes the wall-clock time of each call (attempt, time).
+fn flaky_once_timed(calls: Arc<std::sync::Mutex<Vec<(u32, i64)>>>) -> Arc<FnHandler> {
+    handler(move |c| {
+        calls.lock().unwrap().push((c.attempt, wall_us()));
+        if c.attempt == 1 {
+            Err(transient("503"))
+        } else {
+            Ok(TaskOutput { output: json!({"ok": c.attempt}), usage: Usage::default() })
+        }
+    })
+}
+
 fn backoff_plan(backoff_ms: u64) -> Plan {
     let mut t = task("t", TaskKind::Tool, "flaky", &[]);
     t.retry = RetryPolicy { max_attempts: 2, backoff_base_ms: backoff_ms, backoff_max_ms: backoff_ms, jitter_ms: 0 };
     plan(vec![t])
+}
+
+/// Wall-clock time in microseconds (the clock leases and recorded times are read on).
+fn wall_us() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    i64::try_from(since.as_micros()).unwrap()
+}
+
+/// Takes `run`'s lease as another owner (polling for up to a second: the driver that
+/// recorded the retry releases it when it ends) and gives it back at once. Returns the
+/// wall-clock time it was taken, or `None` if it stayed held.
+async fn lease_taken_by_another_owner(engine: &Engine, run: RunId) -> Option<i64> {
+    let store = engine.store();
+    let end = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < end {
+        let now = wall_us();
+        if let Some(lease) = store.try_lease(run, "another-owner", 60_000, now).unwrap() {
+            store.release_lease(&lease).unwrap();
+            return Some(now);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +424,8 @@ async fn a_run_in_backoff_frees_its_worker_and_a_second_run_completes_first() {
     while count(&engine.events(b.run).unwrap(), "RetryScheduled") == 0 && std::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // While it waits, the run holds no lease: another owner takes it (and gives it back).
+    let taken = lease_taken_by_another_owner(&engine, b.run).await.expect("the run's lease is held in its backoff");
     let w = engine.submit(Request::new("w", json!({}))).await.unwrap();
     assert_eq!(wait_status(&engine, w.run, RunStatus::Completed, 30).await, RunStatus::Completed);
     assert_eq!(wait_status(&engine, b.run, RunStatus::Completed, 30).await, RunStatus::Completed);
@@ -396,16 +440,21 @@ async fn a_run_in_backoff_frees_its_worker_and_a_second_run_completes_first() {
     // (before: the waiting run held the only worker until its re-dispatch).
     assert!(done_w < redispatch, "second run done at {done_w}, first re-dispatched at {redispatch}");
     assert!(redispatch >= retry + 1_500_000, "woke no earlier than its backoff");
+    assert!(
+        retry <= taken && taken < retry + 1_500_000,
+        "lease taken at {taken}, retry recorded at {retry}: not during the backoff"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_in_backoff_wakes_and_finishes_after_an_engine_restart() {
     let dir = tempdir();
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
     let open = |dir: &std::path::Path| {
         Engine::builder()
             .path(dir)
             .workflow(workflow("b", planner(vec![backoff_plan(1_000)]), pass_evaluator()))
-            .handler("flaky", flaky_once())
+            .handler("flaky", flaky_once_timed(calls.clone()))
             .workers(1)
             .open()
             .unwrap()
@@ -424,12 +473,29 @@ async fn a_run_in_backoff_wakes_and_finishes_after_an_engine_restart() {
         assert_eq!(dispatches(&ev), vec![("t".to_owned(), 1)], "still waiting: {:?}", kinds(&ev));
         b.run
     };
+    let reopened = wall_us();
     let engine = open(dir.path());
     let workers = engine.start();
     assert_eq!(wait_status(&engine, run, RunStatus::Completed, 30).await, RunStatus::Completed);
     workers.shutdown().await;
     let ev = engine.events(run).unwrap();
     assert_eq!(dispatches(&ev), vec![("t".to_owned(), 1), ("t".to_owned(), 2)]);
+    // Re-dispatched on time by the new engine: not before the backoff ends (the restart
+    // came before it did), and within 2 s of it; the second call (wall clock, not a
+    // recorded time, which is never stamped before its due time) no earlier either.
+    let retry = ev.iter().find(|e| e.event.kind_name() == "RetryScheduled").unwrap().at_us;
+    let redispatch =
+        ev.iter().find(|e| matches!(&e.event, Event::TaskDispatched { attempt: 2, .. })).expect("re-dispatch").at_us;
+    assert!(reopened < retry + 1_000_000, "the restart came after the backoff ended: nothing waited");
+    assert!(redispatch >= retry + 1_000_000, "re-dispatched {} us after the retry (backoff 1 s)", redispatch - retry);
+    assert!(
+        redispatch <= retry + 1_000_000 + 2_000_000,
+        "re-dispatched {} us after the retry (backoff 1 s): late",
+        redispatch - retry
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2], "{calls:?}");
+    assert!(calls[1].1 >= retry + 1_000_000, "called again {} us after the retry (backoff 1 s)", calls[1].1 - retry);
 }
 
 /// A planner that blocks its thread on the first plan, then answers at once.

@@ -327,6 +327,56 @@ fn demo_fails_and_hides_the_runs_it_could_not_make_durable() {
     }
 }
 
+/// A database holding one submitted `fan_in` run whose eight parts answer 3 MB each, and
+/// a file size limit (in 512-byte blocks) of one sled segment (`segment_size` in sled's
+/// `conf`): sled's data file may grow to its first segment (sled sizes the file to a whole
+/// segment when it opens it) and no further. Driving the run writes more than a segment,
+/// so its driver's appends fail as on a full disk.
+fn db_whose_run_outgrows_one_segment(dir: &Path, name: &str) -> (PathBuf, String, u64) {
+    let db = dir.join(name);
+    let submitted = keel(&db, &["submit", "fan_in", "--input", r#"{"parts":8,"bytes":3000000}"#, "--json"]).ok().json();
+    let run = submitted["run"].as_str().unwrap().to_owned();
+    let conf = String::from_utf8_lossy(&std::fs::read(db.join("conf")).unwrap()).into_owned();
+    let segment: u64 = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no segment_size in sled's conf: {conf:?}"));
+    (db, run, segment.div_ceil(512))
+}
+
+#[test]
+fn work_until_idle_exits_1_naming_a_run_whose_driver_stopped_on_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, run, blocks) = db_whose_run_outgrows_one_segment(dir.path(), "text");
+    let ran = keel_with_file_size_limit(&db, blocks, &["work", "--until-idle"]);
+    assert_eq!(ran.code, 1, "stdout:\n{}\nstderr:\n{}", ran.stdout, ran.stderr);
+    assert!(!ran.stderr.contains("panicked"), "{}", ran.stderr);
+    let stopped: Vec<&str> = ran.stdout.lines().filter(|l| l.starts_with("stopped: ")).collect();
+    assert_eq!(stopped.len(), 1, "stdout:\n{}\nstderr:\n{}", ran.stdout, ran.stderr);
+    assert!(stopped[0].starts_with(&format!("stopped: run {run}: ")), "{}", stopped[0]);
+    assert!(stopped[0].contains("File too large"), "the error is not named: {}", stopped[0]);
+    assert!(ran.stdout.contains("driven 1: 0 completed, 0 failed"), "{}", ran.stdout);
+    // The driver stopped, nothing else: the run is left unfinished, and a worker that can
+    // write finishes it.
+    let runs = keel(&db, &["runs", "--json"]).ok().json();
+    assert_eq!(runs["runs"][0]["status"], "Running", "{runs}");
+    let again = keel(&db, &["work", "--until-idle", "--json"]).ok().json();
+    assert_eq!((again["completed"].as_u64(), again["stopped"].as_array().map(Vec::len)), (Some(1), Some(0)), "{again}");
+    keel(&db, &["verify"]).ok();
+
+    // --json: the same exit code, the run and its error in `stopped`.
+    let (db, run, blocks) = db_whose_run_outgrows_one_segment(dir.path(), "json");
+    let ran = keel_with_file_size_limit(&db, blocks, &["work", "--until-idle", "--json"]);
+    assert_eq!(ran.code, 1, "stdout:\n{}\nstderr:\n{}", ran.stdout, ran.stderr);
+    let v = ran.json();
+    let stopped = v["stopped"].as_array().unwrap();
+    assert_eq!(stopped.len(), 1, "{v}");
+    assert_eq!(stopped[0]["run"], run.as_str(), "{v}");
+    assert!(stopped[0]["error"].as_str().unwrap().contains("File too large"), "{v}");
+    assert_eq!((v["driven"].as_u64(), v["completed"].as_u64()), (Some(1), Some(0)), "{v}");
+}
+
 #[test]
 fn work_as_a_service_stops_gracefully_on_sigterm() {
     let d = DemoDb::new(1);
