@@ -341,6 +341,14 @@ fn check_after_cut(bench: &Bench, heard: &Heard, setup: Setup, context: &str) ->
                 tally.lost = wanted;
             }
         }
+        // The manifest names committed records sled lost (a level that did not make them
+        // durable, cut): the open refuses with the loss listed, which is the promise (no
+        // silent loss); those records are counted as lost.
+        Err(StoreError::LostCommitted { lost, .. }) => {
+            eprintln!("{context}: refused after the cut: committed records lost: {lost:?}");
+            tally.refused = 1;
+            tally.lost = lost.iter().map(|l| l.committed_next.0.saturating_sub(l.from.0)).sum();
+        }
         Err(e) => panic!("{context}: opening after the cut failed untyped: {e:?}"),
     }
     tally.cuts_with_loss = u64::from(tally.lost > 0);

@@ -66,7 +66,11 @@ pub(crate) async fn run(db: &Path, a: DemoArgs, registry: &Registry) -> CmdResul
     } else {
         print_text_report(db, &rows, &pending, &idle)
     };
-    if let Some((run, e)) = idle.stopped.first() {
+    // The run to name is the one that met the cause: after a failed flush every other
+    // driver's append is refused as "poisoned", and those may have ended first.
+    let poisoned = keel_store::StoreError::Poisoned.to_string();
+    let cause = idle.stopped.iter().find(|(_, e)| !e.contains(&poisoned)).or_else(|| idle.stopped.first());
+    if let Some((run, e)) = cause {
         return Err(CliError::Failed(format!(
             "{} run(s) stopped on an error, their states not shown (their last writes may not be durable); \
              first: run {run}: {e}",
