@@ -55,8 +55,13 @@ pub(crate) async fn drive_leased(
         inner.leasing.fenced.fetch_add(1, Ordering::Relaxed);
         return lost(&inner, run, "an append was fenced");
     }
-    let h = held.clone();
+    // The shared queue hears that the drive ended while the lease is still held: a run
+    // without a live lease is a claim candidate, and a claimer's row lock on it made the
+    // queue's bookkeeping wait for that claim to commit (and could claim the run again
+    // for an idle drive).
+    let (h, inner2, done) = (held.clone(), inner.clone(), out.clone());
     if let Err(e) = blocking(&inner.log, move |log| {
+        crate::shell::shared::done(&inner2, run, &done);
         h.release(log);
         Ok(())
     })

@@ -209,7 +209,8 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
         DriveOutcome::Stopped(e) => report.stopped.push((run, e.clone())),
         DriveOutcome::LeaseLost => report.lease_lost += 1,
     }
-    shared::done(inner, run, out);
+    // (The shared queue was told by the drive itself, before its lease went:
+    // `heartbeat::drive_leased`.)
     let again = inner.sched().release(run);
     let stopped = matches!(out, DriveOutcome::Stopped(_) | DriveOutcome::Shutdown | DriveOutcome::LeaseLost);
     if again && !stopped {

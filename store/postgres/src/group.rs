@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::Client;
+use crate::cached::Cached;
+use deadpool_postgres::{ClientWrapper as Client, Transaction};
 use uuid::Uuid;
 
 /// Most appends one flush takes.
@@ -229,8 +230,7 @@ async fn transaction(
 
     let mut locked = Locked::default();
     if !fenced.is_empty() {
-        let rows = tx
-            .query("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
+        let rows = tx.rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
             .await
             .map_err(failed)?;
         for row in rows {
@@ -238,8 +238,7 @@ async fn transaction(
             locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
         }
     }
-    let rows = tx
-        .query(
+    let rows = tx.rows(
             "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE",
             &[&runs],
         )
@@ -253,8 +252,7 @@ async fn transaction(
         locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
     }
     if !keys.is_empty() {
-        let rows = tx
-            .query("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+        let rows = tx.rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
             .await
             .map_err(failed)?;
         for row in rows {
@@ -286,14 +284,14 @@ fn stored_head(run: RunId, next_seq: i64, hash: &[u8], kind: String) -> Result<H
     Ok(Head { next_seq: Seq(next_seq), last_hash, last_kind: Some(kind) })
 }
 
-async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
+async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
     let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
     for (run, (head, existed)) in &plan.heads {
         let cols = if *existed { &mut upd } else { &mut ins };
         cols.push(*run, head);
     }
     if !upd.run.is_empty() {
-        tx.execute(
+        tx.exec(
             "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
              FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
              WHERE heads.run = u.run",
@@ -303,8 +301,7 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
         .map_err(failed)?;
     }
     if !ins.run.is_empty() {
-        let n = tx
-            .execute(
+        let n = tx.exec(
                 "INSERT INTO heads (run, next_seq, last_hash, last_kind)
                  SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
                  ON CONFLICT (run) DO NOTHING",
@@ -324,7 +321,7 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
         cols.expires.push(*expires);
     }
     if !cu.key.is_empty() {
-        tx.execute(
+        tx.exec(
             "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
              FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
              WHERE claims.key = u.key",
@@ -334,8 +331,7 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
         .map_err(failed)?;
     }
     if !ci.key.is_empty() {
-        let n = tx
-            .execute(
+        let n = tx.exec(
                 "INSERT INTO claims (key, run, expires_at_us)
                  SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
                  ON CONFLICT (key) DO NOTHING",
@@ -356,7 +352,7 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
         seq.push(i64::try_from(s.0).unwrap_or(i64::MAX));
         value.push(v.as_slice());
     }
-    tx.execute(
+    tx.exec(
         "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])",
         &[&run, &seq, &value],
     )
@@ -367,7 +363,7 @@ async fn write(tx: &tokio_postgres::Transaction<'_>, plan: &Plan) -> Result<(), 
 
 /// The aux writes of a flush (see [`aux_statements`]).
 async fn write_aux(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), Failed> {
     aux_statements(tx, aux).await.map_err(failed)
@@ -387,14 +383,14 @@ pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> 
 /// `keel_store::counter_value` reads them) in one upsert: the row lock of the update
 /// serialises concurrent adds, so they sum exactly.
 async fn counter_statement(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
     keys: &[&[u8]],
     deltas: &[i64],
 ) -> Result<(), tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(());
     }
-    tx.execute(
+    tx.exec(
         "INSERT INTO aux (key, value) SELECT k, int8send(d) FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
          ON CONFLICT (key) DO UPDATE SET value = int8send(
              ('x' || encode(aux.value, 'hex'))::bit(64)::bigint
@@ -407,7 +403,7 @@ async fn counter_statement(
 
 /// Aux writes in `tx`: removes deleted, puts upserted, counters added (one statement each).
 pub(crate) async fn aux_statements(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Transaction<'_>,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), tokio_postgres::Error> {
     let mut put_key: Vec<&[u8]> = Vec::new();
@@ -429,10 +425,10 @@ pub(crate) async fn aux_statements(
         }
     }
     if !removed.is_empty() {
-        tx.execute("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
+        tx.exec("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
     }
     if !put_key.is_empty() {
-        tx.execute(
+        tx.exec(
             "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             &[&put_key, &put_value],

@@ -24,6 +24,7 @@
 #![deny(clippy::indexing_slicing)]
 #![warn(missing_docs)]
 
+mod cached;
 mod error;
 mod group;
 mod pool;

@@ -8,7 +8,8 @@
 use crate::error::{PgError, Timed};
 use deadpool_postgres::{Manager, ManagerConfig, Object, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use std::time::Duration;
-use tokio_postgres::{Client, Config, NoTls};
+use deadpool_postgres::ClientWrapper;
+use tokio_postgres::{Config, NoTls};
 
 pub(crate) struct Pool {
     inner: deadpool_postgres::Pool,
@@ -96,9 +97,9 @@ fn millis(d: Duration) -> u64 {
 impl Conn {
     /// The session, for a statement about to be sent: until its answer is seen through
     /// [`Conn::ok`] (or [`Conn::settled`]), dropping this discards the session.
-    pub(crate) fn client(&mut self) -> Result<&mut Client, PgError> {
+    pub(crate) fn client(&mut self) -> Result<&mut ClientWrapper, PgError> {
         self.unsettled = true;
-        self.object.as_deref_mut().map(|w| &mut **w).ok_or(PgError::Closed)
+        self.object.as_deref_mut().ok_or(PgError::Closed)
     }
 
     /// A statement's result as the seam's: the session is settled unless the connection

@@ -13,7 +13,9 @@ use keel_store::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
-use tokio_postgres::{AsyncMessage, NoTls, Transaction};
+use crate::cached::Cached;
+use deadpool_postgres::{ClientWrapper, Transaction};
+use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
 /// The channel every keel store notifies on; the payload is the schema's name.
@@ -35,7 +37,7 @@ const LISTEN_RETRY_MS: u64 = 1_000;
 
 /// `SELECT pg_notify(...)` for `schema`: sent inside a transaction, delivered at commit.
 pub(crate) async fn notify(tx: &Transaction<'_>, schema: &str) -> Result<(), tokio_postgres::Error> {
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &schema]).await.map(drop)
+    tx.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &schema]).await.map(drop)
 }
 
 fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
@@ -45,11 +47,11 @@ fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn push_tx(client: &mut tokio_postgres::Client, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
+async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(ASYNC_COMMIT).await?;
     // A run claimed now is marked to go round again when its driver is done with it.
-    tx.execute(
+    tx.exec(
         "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
          ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL",
         &[&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us],
@@ -67,7 +69,7 @@ async fn lock_workflows(
     workflows: &BTreeSet<&str>,
 ) -> Result<(), tokio_postgres::Error> {
     for wf in workflows {
-        tx.execute(
+        tx.exec(
             "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)",
             &[&schema, wf],
         )
@@ -78,8 +80,7 @@ async fn lock_workflows(
 
 /// Runs of `workflow` holding a live lease at `now_us`, over all processes.
 async fn busy(tx: &Transaction<'_>, workflow: &str, now_us: i64) -> Result<usize, tokio_postgres::Error> {
-    let n: i64 = tx
-        .query_one(
+    let n: i64 = tx.row(
             "SELECT count(*) FROM work w JOIN leases l ON l.run = w.run
              WHERE w.workflow = $1 AND l.owner IS NOT NULL AND l.expires_at_us > $2",
             &[&workflow, &now_us],
@@ -99,7 +100,7 @@ struct Take<'a> {
 }
 
 async fn claim_tx(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     t: Take<'_>,
     schema: &str,
 ) -> Result<Vec<(RunId, String, i64)>, tokio_postgres::Error> {
@@ -113,8 +114,7 @@ async fn claim_tx(
     let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
     lock_workflows(&tx, schema, &limited).await?;
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
-    let rows = tx
-        .query(
+    let rows = tx.rows(
             "SELECT w.run, w.workflow FROM work w
              WHERE NOT EXISTS (SELECT 1 FROM leases l
                                WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
@@ -164,8 +164,7 @@ async fn grant(
     expires_at_us: i64,
     now_us: i64,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
-    let row = tx
-        .query_opt(
+    let row = tx.row_opt(
             "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
              ON CONFLICT (run) DO UPDATE
                SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
@@ -175,12 +174,12 @@ async fn grant(
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    tx.execute("UPDATE work SET claimed_by = $2, again = false WHERE run = $1", &[&run, &owner]).await?;
+    tx.exec("UPDATE work SET claimed_by = $2, again = false WHERE run = $1", &[&run, &owner]).await?;
     Ok(Some(row.get(0)))
 }
 
 async fn done_tx(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     run: RunId,
     owner: &str,
     due_at_us: Option<i64>,
@@ -188,17 +187,16 @@ async fn done_tx(
 ) -> Result<bool, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(ASYNC_COMMIT).await?;
-    let again = tx
-        .execute(
+    let again = tx.exec(
             "UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again",
             &[&run.0, &owner],
         )
         .await?
         == 1;
     if !again {
-        let gone = tx.execute("DELETE FROM work WHERE run = $1 AND claimed_by = $2", &[&run.0, &owner]).await? == 1;
+        let gone = tx.exec("DELETE FROM work WHERE run = $1 AND claimed_by = $2", &[&run.0, &owner]).await? == 1;
         if let (true, Some(due)) = (gone, due_at_us) {
-            tx.execute(
+            tx.exec(
                 "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
                  ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
                 &[&run.0, &due],

@@ -19,6 +19,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use crate::cached::Cached;
+use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -296,7 +298,7 @@ impl PgStore {
         self.call(async move {
             let mut conn = pool.get().await?;
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-            let result = conn.client()?.execute(sql, &refs).await;
+            let result = conn.client()?.exec(sql, &refs).await;
             conn.ok(result)?;
             Ok(())
         })
@@ -488,7 +490,7 @@ async fn any_from(pool: Arc<Pool>, run: RunId, from: u64) -> Result<bool, StoreE
 async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
     let mut conn = pool.get().await?;
     let result =
-        conn.client()?.query_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0]).await;
+        conn.client()?.row_opt("SELECT next_seq, last_hash, last_kind FROM heads WHERE run = $1", &[&run.0]).await;
     let row = conn.ok(result)?;
     let Some(row) = row else { return Ok(Head::empty()) };
     let next_seq = stored_seq(run, row.try_get(0).map_err(pg)?)?;
@@ -510,10 +512,10 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
     loop {
         let client = conn.client()?;
         let rows = match out.last() {
-            None => client.query("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
+            None => client.rows("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
             Some(after) => {
                 client
-                    .query("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE])
+                    .rows("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE])
                     .await
             }
         };
@@ -534,7 +536,7 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
 /// is a WAL record of this transaction, so its synchronous commit flushes the WAL up to
 /// its end, which covers every earlier commit. It needs no table and no privilege beyond
 /// the default (the function is executable by every role unless an operator revoked it).
-pub(crate) async fn flush_tx(client: &mut tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+pub(crate) async fn flush_tx(client: &mut ClientWrapper) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush');")
         .await?;
@@ -552,14 +554,14 @@ async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
 /// changed), then its events, head, snapshot, due time and lease, the given payloads,
 /// and the aux writes.
 async fn remove_run_tx(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     run: RunId,
     digests: &[Vec<u8>],
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     expected: Seq,
 ) -> Result<i64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let row = tx.query_opt("SELECT next_seq FROM heads WHERE run = $1 FOR UPDATE", &[&run.0]).await?;
+    let row = tx.row_opt("SELECT next_seq FROM heads WHERE run = $1 FOR UPDATE", &[&run.0]).await?;
     let actual: i64 = match row {
         Some(r) => r.try_get(0)?,
         None => 0,
@@ -569,11 +571,11 @@ async fn remove_run_tx(
         return Ok(actual);
     }
     for table in ["events", "heads", "snapshots", "due"] {
-        tx.execute(&format!("DELETE FROM {table} WHERE run = $1"), &[&run.0]).await?;
+        tx.exec(&format!("DELETE FROM {table} WHERE run = $1"), &[&run.0]).await?;
     }
     if !digests.is_empty() {
-        tx.execute("DELETE FROM payloads WHERE digest = ANY($1)", &[&digests]).await?;
-        tx.execute("DELETE FROM payload_manifests WHERE digest = ANY($1)", &[&digests]).await?;
+        tx.exec("DELETE FROM payloads WHERE digest = ANY($1)", &[&digests]).await?;
+        tx.exec("DELETE FROM payload_manifests WHERE digest = ANY($1)", &[&digests]).await?;
     }
     group::aux_statements(&tx, aux).await?;
     tx.commit().await?;
@@ -582,7 +584,7 @@ async fn remove_run_tx(
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
     async fn release_tx(
-        client: &mut tokio_postgres::Client,
+        client: &mut ClientWrapper,
         run: RunId,
         epoch: i64,
     ) -> Result<(), tokio_postgres::Error> {
@@ -590,7 +592,7 @@ async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreErr
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.
         tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
-        tx.execute(
+        tx.exec(
             "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
             &[&run.0, &epoch],
         )
@@ -842,7 +844,7 @@ impl Coordination for PgStore {
         let pool = self.pool();
         let value: Option<Vec<u8>> = self.call(async move {
             let mut conn = pool.get().await?;
-            let result = conn.client()?.query_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0]).await;
+            let result = conn.client()?.row_opt("SELECT value FROM snapshots WHERE run = $1", &[&run.0]).await;
             let row = conn.ok(result)?;
             row.map(|r| r.try_get(0).map_err(pg)).transpose()
         })?;
@@ -858,7 +860,7 @@ impl Coordination for PgStore {
         let (pool, key) = (self.pool(), key.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            let result = conn.client()?.query_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await;
+            let result = conn.client()?.row_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await;
             let row = conn.ok(result)?;
             row.map(|r| r.try_get(0).map_err(pg)).transpose()
         })
@@ -890,7 +892,7 @@ impl Coordination for PgStore {
         let pool = self.pool();
         self.call(async move {
             let mut conn = pool.get().await?;
-            let result = conn.client()?.execute("DELETE FROM due WHERE run = $1", &[&run.0]).await;
+            let result = conn.client()?.exec("DELETE FROM due WHERE run = $1", &[&run.0]).await;
             conn.ok(result)?;
             Ok(())
         })
@@ -924,7 +926,7 @@ impl Coordination for PgStore {
 const PAYLOAD_CHUNKS_PER_STATEMENT: usize = 64;
 
 async fn put_payload_tx(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     digest: &[u8],
     manifest: &[u8],
     chunks: &[&[u8]],
@@ -933,7 +935,7 @@ async fn put_payload_tx(
     // Another session storing the same bytes waits here until it commits, then this
     // writes nothing: a manifest is only ever stored with all its chunks.
     let inserted = tx
-        .execute(
+        .exec(
             "INSERT INTO payload_manifests (digest, manifest) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING",
             &[&digest, &manifest],
         )
@@ -943,7 +945,7 @@ async fn put_payload_tx(
             (0i32..).step_by(PAYLOAD_CHUNKS_PER_STATEMENT).zip(chunks.chunks(PAYLOAD_CHUNKS_PER_STATEMENT))
         {
             let index: Vec<i32> = (start..).take(group.len()).collect();
-            tx.execute(
+            tx.exec(
                 "INSERT INTO payloads (digest, chunk, bytes) SELECT $1, * FROM unnest($2::integer[], $3::bytea[])",
                 &[&digest, &index, &group],
             )
@@ -1015,12 +1017,12 @@ impl Payloads for PgStore {
                 let rows = match out.last() {
                     None => {
                         client
-                            .query("SELECT digest FROM payload_manifests ORDER BY digest LIMIT $1", &[&RUNS_PAGE])
+                            .rows("SELECT digest FROM payload_manifests ORDER BY digest LIMIT $1", &[&RUNS_PAGE])
                             .await
                     }
                     Some(after) => {
                         client
-                            .query(
+                            .rows(
                                 "SELECT digest FROM payload_manifests WHERE digest > $1 ORDER BY digest LIMIT $2",
                                 &[&after.as_slice(), &RUNS_PAGE],
                             )
