@@ -213,18 +213,22 @@ pub(crate) fn find_lost(
         let Some(last) = c.next_seq.0.checked_sub(1) else { continue };
         let lose =
             |from: u64, reason: String| LostRecords { run: *run, from: Seq(from), committed_next: c.next_seq, reason };
-        let found = match head(*run) {
-            Ok(h) => h.next_seq.0,
+        let h = match head(*run) {
+            Ok(h) => h,
             Err(e) => {
                 lost.push(lose(0, format!("the run's head does not read: {e}")));
                 continue;
             }
         };
+        let found = h.next_seq.0;
         if found < c.next_seq.0 {
             lost.push(lose(found, format!("the database holds {found} of {} committed records", c.next_seq.0)));
             continue;
         }
-        match stored_hash(*run, last) {
+        // The head is read from the run's last stored record: when that is the committed
+        // last one, its hash is the one to compare (no second read of the same record).
+        let at_last = if found == c.next_seq.0 { Ok(Some(h.last_hash)) } else { stored_hash(*run, last) };
+        match at_last {
             Ok(Some(h)) if h == c.last_hash => {}
             Ok(Some(_)) => lost.push(lose(last, format!("record {last} differs from the committed one"))),
             Ok(None) => lost.push(lose(last, format!("record {last} is missing"))),
