@@ -9,16 +9,16 @@
 //! transaction is rolled back and its appends are retried one per transaction, where the
 //! row is then found and locked.
 
+use crate::cached::Cached;
 use crate::error::{connection_lost, PgError, Timed};
 use crate::pool::Pool;
+use deadpool_postgres::{ClientWrapper as Client, Transaction};
 use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
-use crate::cached::Cached;
-use deadpool_postgres::{ClientWrapper as Client, Transaction};
 use uuid::Uuid;
 
 /// Most appends one flush takes.
@@ -230,7 +230,8 @@ async fn transaction(
 
     let mut locked = Locked::default();
     if !fenced.is_empty() {
-        let rows = tx.rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
+        let rows = tx
+            .rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
             .await
             .map_err(failed)?;
         for row in rows {
@@ -238,7 +239,8 @@ async fn transaction(
             locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
         }
     }
-    let rows = tx.rows(
+    let rows = tx
+        .rows(
             "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE",
             &[&runs],
         )
@@ -252,7 +254,8 @@ async fn transaction(
         locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
     }
     if !keys.is_empty() {
-        let rows = tx.rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+        let rows = tx
+            .rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
             .await
             .map_err(failed)?;
         for row in rows {
@@ -301,7 +304,8 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
         .map_err(failed)?;
     }
     if !ins.run.is_empty() {
-        let n = tx.exec(
+        let n = tx
+            .exec(
                 "INSERT INTO heads (run, next_seq, last_hash, last_kind)
                  SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
                  ON CONFLICT (run) DO NOTHING",
@@ -331,7 +335,8 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
         .map_err(failed)?;
     }
     if !ci.key.is_empty() {
-        let n = tx.exec(
+        let n = tx
+            .exec(
                 "INSERT INTO claims (key, run, expires_at_us)
                  SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
                  ON CONFLICT (key) DO NOTHING",
@@ -362,10 +367,7 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
 }
 
 /// The aux writes of a flush (see [`aux_statements`]).
-async fn write_aux(
-    tx: &Transaction<'_>,
-    aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-) -> Result<(), Failed> {
+async fn write_aux(tx: &Transaction<'_>, aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Result<(), Failed> {
     aux_statements(tx, aux).await.map_err(failed)
 }
 
@@ -382,11 +384,7 @@ pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> 
 /// Adds each counter's amount to its stored value (8 big-endian bytes, as
 /// `keel_store::counter_value` reads them) in one upsert: the row lock of the update
 /// serialises concurrent adds, so they sum exactly.
-async fn counter_statement(
-    tx: &Transaction<'_>,
-    keys: &[&[u8]],
-    deltas: &[i64],
-) -> Result<(), tokio_postgres::Error> {
+async fn counter_statement(tx: &Transaction<'_>, keys: &[&[u8]], deltas: &[i64]) -> Result<(), tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(());
     }

@@ -6,9 +6,9 @@
 //! (its timeout fired), is taken out of the pool, so the next call opens a fresh one.
 
 use crate::error::{PgError, Timed};
+use deadpool_postgres::ClientWrapper;
 use deadpool_postgres::{Manager, ManagerConfig, Object, PoolError, RecyclingMethod, Runtime, TimeoutType};
 use std::time::Duration;
-use deadpool_postgres::ClientWrapper;
 use tokio_postgres::{Config, NoTls};
 
 pub(crate) struct Pool {

@@ -3,18 +3,18 @@
 //! in the same transaction; claimers are woken by `LISTEN/NOTIFY` on one channel (the
 //! payload names the schema) and poll as the fallback. docs/STORE.md, "The work queue".
 
+use crate::cached::Cached;
 use crate::error::pg;
 use crate::pool::Pool;
 use crate::store::PgStore;
 use crate::wakers::Wakers;
+use deadpool_postgres::{ClientWrapper, Transaction};
 use keel_store::{
     Claimed, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
-use crate::cached::Cached;
-use deadpool_postgres::{ClientWrapper, Transaction};
 use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
@@ -80,7 +80,8 @@ async fn lock_workflows(
 
 /// Runs of `workflow` holding a live lease at `now_us`, over all processes.
 async fn busy(tx: &Transaction<'_>, workflow: &str, now_us: i64) -> Result<usize, tokio_postgres::Error> {
-    let n: i64 = tx.row(
+    let n: i64 = tx
+        .row(
             "SELECT count(*) FROM work w JOIN leases l ON l.run = w.run
              WHERE w.workflow = $1 AND l.owner IS NOT NULL AND l.expires_at_us > $2",
             &[&workflow, &now_us],
@@ -114,7 +115,8 @@ async fn claim_tx(
     let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
     lock_workflows(&tx, schema, &limited).await?;
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
-    let rows = tx.rows(
+    let rows = tx
+        .rows(
             "SELECT w.run, w.workflow FROM work w
              WHERE NOT EXISTS (SELECT 1 FROM leases l
                                WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
@@ -164,7 +166,8 @@ async fn grant(
     expires_at_us: i64,
     now_us: i64,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
-    let row = tx.row_opt(
+    let row = tx
+        .row_opt(
             "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
              ON CONFLICT (run) DO UPDATE
                SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
@@ -187,7 +190,8 @@ async fn done_tx(
 ) -> Result<bool, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(ASYNC_COMMIT).await?;
-    let again = tx.exec(
+    let again = tx
+        .exec(
             "UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again",
             &[&run.0, &owner],
         )

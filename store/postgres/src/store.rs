@@ -3,10 +3,12 @@
 //! small runtime: each call is spawned there and the caller waits on a std channel (never
 //! `block_on`, which panics inside another runtime).
 
+use crate::cached::Cached;
 use crate::error::{pg, OpenError, PgError, Timed};
 use crate::group::{self, Append, Counters, FlushMode};
 use crate::pool::{Bounds, Pool};
 use crate::schema;
+use deadpool_postgres::ClientWrapper;
 use keel_store::{
     backend, AuxEntry, AuxWrite, Claim, Coordination, Durability, EventLog, Fence, Hash32, Head, Lease, Limits,
     NewRecord, PayloadRef, Payloads, RecordIter, ReleaseOnDrop, RunId, RunRecords, Seq, StoreError, OWNER_BYTES_MAX,
@@ -19,8 +21,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use crate::cached::Cached;
-use deadpool_postgres::ClientWrapper;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -514,9 +514,7 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
         let rows = match out.last() {
             None => client.rows("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
             Some(after) => {
-                client
-                    .rows("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE])
-                    .await
+                client.rows("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE]).await
             }
         };
         let rows = conn.ok(rows)?;
@@ -583,11 +581,7 @@ async fn remove_run_tx(
 }
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
-    async fn release_tx(
-        client: &mut ClientWrapper,
-        run: RunId,
-        epoch: i64,
-    ) -> Result<(), tokio_postgres::Error> {
+    async fn release_tx(client: &mut ClientWrapper, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
         let tx = client.transaction().await?;
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.

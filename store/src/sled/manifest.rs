@@ -98,6 +98,8 @@ pub(crate) struct Parsed {
     pub(crate) heads: BTreeMap<RunId, CommittedHead>,
     /// Set when the last line is a clean close.
     pub(crate) clean: Option<Fingerprint>,
+    /// Lines read (to decide when to compact).
+    pub(crate) lines: usize,
 }
 
 fn unhex32(s: &str) -> Option<Hash32> {
@@ -171,6 +173,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> 
             return Err(ManifestError::Damaged { path: path.to_path_buf(), line, reason });
         }
         out.clean = None;
+        out.lines += 1;
         match entry {
             Entry::Header => {}
             Entry::Removed(run) => {
@@ -268,6 +271,19 @@ impl Manifest {
             std::fs::OpenOptions::new().append(true).open(&path)
         })();
         let file = written.map_err(|source| StoreError::File { action: "write", path, source })?;
+        Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
+    }
+
+    /// Opens the existing manifest for appending (a clean open that need not compact it:
+    /// its lines stay, later ones are appended; the clean-close line stops counting as
+    /// soon as one follows it).
+    pub(crate) fn reopen(dir: &Path) -> Result<Manifest, StoreError> {
+        let path = dir.join(MANIFEST_FILE);
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|source| StoreError::File {
+            action: "open",
+            path,
+            source,
+        })?;
         Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
     }
 
