@@ -316,38 +316,17 @@ impl Prepared {
         // here; each run is compared when first used. A check of every run at open cost
         // O(runs) sled reads (3.6 s with 100k runs), the whole history on every restart.
         let clean = self.scratch.is_none() && self.evidence.is_none();
-        if let Some(prior) = self.prior.as_ref().filter(|p| clean && p.clean.is_some()) {
-            let manifest = if prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
-                manifest::Manifest::rewrite(&store, &prior.heads)?
-            } else {
-                manifest::Manifest::reopen(&store)?
-            };
-            return Ok(SledStore {
-                core,
-                syncer,
-                path: store,
-                durability: config.durability,
-                group: GroupCommit::new(),
-                commits: crate::stats::CommitMeter::default(),
-                poisoned: AtomicBool::new(false),
-                manifest: Some(manifest),
-                lost: Vec::new(),
-                unchecked: Some(Unchecked::new(prior.heads.clone())),
-                scratch: None,
-            });
-        }
-        let lost = self.prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
-        let manifest = match self.scratch {
-            Some(_) => None,
-            None if !lost.is_empty() => {
-                return Err(StoreError::LostCommitted { path: store, lost, evidence: self.evidence })
+        let lazy = clean && self.prior.as_ref().is_some_and(|p| p.clean.is_some());
+        let prior = match self.prior {
+            Some(prior) if lazy => prior,
+            other => {
+                return Self::finish_checked(other, store, self.evidence, self.scratch, core, syncer, config.durability)
             }
-            None => {
-                if let Some(e) = &self.evidence {
-                    files::remove_evidence(e);
-                }
-                Some(manifest::Manifest::rewrite(&store, &current_heads(&core)?)?)
-            }
+        };
+        let manifest = if prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
+            manifest::Manifest::rewrite(&store, &prior.heads)?
+        } else {
+            manifest::Manifest::reopen(&store)?
         };
         Ok(SledStore {
             core,
@@ -357,10 +336,47 @@ impl Prepared {
             group: GroupCommit::new(),
             commits: crate::stats::CommitMeter::default(),
             poisoned: AtomicBool::new(false),
+            manifest: Some(manifest),
+            lost: Vec::new(),
+            unchecked: Some(Unchecked::new(prior.heads)),
+            scratch: None,
+        })
+    }
+
+    /// Opens after checking every committed run against sled (an unclean close, or a
+    /// read-only open).
+    fn finish_checked(
+        prior: Option<manifest::Parsed>,
+        store: PathBuf,
+        evidence: Option<PathBuf>,
+        scratch: Option<tempfile::TempDir>,
+        core: Core<SledKv>,
+        syncer: Syncer,
+        durability: Durability,
+    ) -> Result<SledStore, StoreError> {
+        let lost = prior.map(|p| find_lost(&core, &p.heads)).unwrap_or_default();
+        let manifest = match &scratch {
+            Some(_) => None,
+            None if !lost.is_empty() => return Err(StoreError::LostCommitted { path: store, lost, evidence }),
+            None => {
+                if let Some(e) = &evidence {
+                    files::remove_evidence(e);
+                }
+                Some(manifest::Manifest::rewrite(&store, &current_heads(&core)?)?)
+            }
+        };
+        Ok(SledStore {
+            core,
+            syncer,
+            path: store,
+            durability,
+            group: GroupCommit::new(),
+            commits: crate::stats::CommitMeter::default(),
+            poisoned: AtomicBool::new(false),
             manifest,
             lost,
             unchecked: None,
-            scratch: self.scratch,
+            scratch,
         })
     }
 }
