@@ -5,8 +5,10 @@
 //! it drop (and zero) everything after it, and the store would open with fewer records and
 //! no error. So each group commit, after sled's flush succeeded and before any append it
 //! covers is acknowledged, appends one line per run it advanced: the run's next seq and the
-//! chain hash of its last record. Every open compares sled's heads with it
-//! ([`find_lost`]); a run whose committed records are gone is a [`LostRecords`].
+//! chain hash of its last record. sled's heads are compared with it ([`find_lost`]) before
+//! a run is used: every run at an open after an unclean close and at a read-only open,
+//! each run at its first use after a clean close; a run whose committed records are gone
+//! is a [`LostRecords`].
 //!
 //! Text lines, each `<body>\t<crc32 hex>\n`:
 //! - `keel-manifest v1` (first line);
@@ -19,9 +21,9 @@
 //!
 //! A line failing its checksum followed by none that passes is a torn tail (a crash during
 //! an append) and is ignored; one followed by a good line is damage ([`ManifestError`]).
-//! The file is rewritten (temporary file, fsync, rename, directory fsync) at every writable
-//! open, with one `h` line per run, so it holds one line per run plus the lines appended
-//! since the last open.
+//! The file is rewritten (temporary file, fsync, rename, directory fsync) with one `h` line
+//! per run at a writable open after an unclean close, and at a clean one once it holds more
+//! than two lines per run (plus some slack); otherwise it is reopened for appending.
 
 use crate::error::{LostRecords, StoreError};
 use crate::log::{Head, Level};
