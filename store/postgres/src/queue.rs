@@ -15,6 +15,7 @@ use keel_store::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
 
@@ -49,15 +50,18 @@ fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
 
 async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.batch_execute(ASYNC_COMMIT).await?;
+    // Sent together (tokio-postgres pipelines statements issued at once): one round trip.
     // A run claimed now is marked to go round again when its driver is done with it.
-    tx.exec(
-        "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL",
-        &[&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us],
-    )
-    .await?;
-    notify(&tx, schema).await?;
+    let params: [&(dyn ToSql + Sync); 4] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us];
+    tokio::try_join!(
+        tx.batch_execute(ASYNC_COMMIT),
+        tx.exec(
+            "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL",
+            &params,
+        ),
+        notify(&tx, schema),
+    )?;
     tx.commit().await
 }
 
@@ -189,27 +193,28 @@ async fn done_tx(
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.batch_execute(ASYNC_COMMIT).await?;
-    let again = tx
-        .exec(
+    // Sent together (one round trip); the notification is delivered at commit: a slot of
+    // the run's workflow type is free (or the run is queued again).
+    let params: [&(dyn ToSql + Sync); 2] = [&run.0, &owner];
+    let (_, again, _) = tokio::try_join!(
+        tx.batch_execute(ASYNC_COMMIT),
+        tx.exec(
             "UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again",
-            &[&run.0, &owner],
-        )
-        .await?
-        == 1;
+            &params,
+        ),
+        notify(&tx, schema),
+    )?;
+    let again = again == 1;
     if !again {
-        let gone = tx.exec("DELETE FROM work WHERE run = $1 AND claimed_by = $2", &[&run.0, &owner]).await? == 1;
-        if let (true, Some(due)) = (gone, due_at_us) {
-            tx.exec(
-                "INSERT INTO due (run, due_at_us) VALUES ($1, $2)
-                 ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
-                &[&run.0, &due],
-            )
-            .await?;
-        }
+        // The row goes, and a run waiting for a timer gets its due time, in one statement.
+        tx.exec(
+            "WITH gone AS (DELETE FROM work WHERE run = $1 AND claimed_by = $2 RETURNING run)
+             INSERT INTO due (run, due_at_us) SELECT run, $3::bigint FROM gone WHERE $3::bigint IS NOT NULL
+             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
+            &[&run.0, &owner, &due_at_us],
+        )
+        .await?;
     }
-    // A slot of the run's workflow type is free (or the run is queued again).
-    notify(&tx, schema).await?;
     tx.commit().await?;
     Ok(again)
 }

@@ -585,12 +585,15 @@ async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreErr
         let tx = client.transaction().await?;
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
-        tx.exec(
-            "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
-            &[&run.0, &epoch],
-        )
-        .await?;
+        // Sent together: one round trip.
+        let params: [&(dyn ToSql + Sync); 2] = [&run.0, &epoch];
+        tokio::try_join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.exec(
+                "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
+                &params,
+            ),
+        )?;
         tx.commit().await
     }
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };

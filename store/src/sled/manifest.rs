@@ -134,9 +134,18 @@ fn parse_line(text: &str) -> Result<Entry, String> {
     if body == HEADER {
         return Ok(Entry::Header);
     }
-    let f: Vec<&str> = body.split(' ').collect();
+    let mut words = body.split(' ');
+    let mut f: [&str; 5] = [""; 5];
+    let mut n = 0;
+    for w in words.by_ref() {
+        match f.get_mut(n) {
+            Some(slot) => *slot = w,
+            None => return Err(format!("unparsable line {body:?}")),
+        }
+        n += 1;
+    }
     let bad = || format!("unparsable line {body:?}");
-    match f.as_slice() {
+    match f.get(..n).unwrap_or_default() {
         ["h", run, seq, hash] => {
             let run = run.parse::<RunId>().map_err(|_| bad())?;
             let next_seq = Seq(seq.parse().map_err(|_| bad())?);
@@ -156,6 +165,7 @@ fn parse_line(text: &str) -> Result<Entry, String> {
 /// Parses manifest bytes; `path` only names the file in errors.
 pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> {
     let mut out = Parsed::default();
+    let mut seen: Vec<(RunId, Option<CommittedHead>)> = Vec::new();
     let mut first_bad: Option<(usize, String)> = None;
     // A last segment without its newline is a torn append: never looked at.
     let complete = match bytes.iter().rposition(|b| *b == b'\n') {
@@ -178,18 +188,39 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> 
         out.lines += 1;
         match entry {
             Entry::Header => {}
-            Entry::Removed(run) => {
-                out.heads.remove(&run);
-            }
-            Entry::Head(run, h) => {
-                let keep = out.heads.get(&run).is_some_and(|old| old.next_seq >= h.next_seq);
-                if !keep {
-                    out.heads.insert(run, h);
-                }
-            }
+            Entry::Removed(run) => seen.push((run, None)),
+            Entry::Head(run, h) => seen.push((run, Some(h))),
             Entry::Clean(fp) => out.clean = Some(fp),
         }
     }
+    // Per run, in the order written: a removal forgets the run, a head counts if it is
+    // the highest since. Sorted (stably) by run first, so the map is built in one pass
+    // from sorted entries rather than by a lookup and an insert per line.
+    seen.sort_by_key(|(run, _)| *run);
+    let mut heads: Vec<(RunId, CommittedHead)> = Vec::new();
+    let mut current: Option<(RunId, Option<CommittedHead>)> = None;
+    for (run, entry) in seen {
+        match current.as_mut() {
+            Some((r, best)) if *r == run => match entry {
+                None => *best = None,
+                Some(h) => {
+                    if best.as_ref().is_none_or(|b| b.next_seq < h.next_seq) {
+                        *best = Some(h);
+                    }
+                }
+            },
+            _ => {
+                if let Some((r, Some(h))) = current.take() {
+                    heads.push((r, h));
+                }
+                current = Some((run, entry));
+            }
+        }
+    }
+    if let Some((r, Some(h))) = current {
+        heads.push((r, h));
+    }
+    out.heads = heads.into_iter().collect();
     Ok(out)
 }
 
@@ -406,5 +437,20 @@ mod tests {
         let h = CommittedHead { next_seq: Seq(1), last_hash: [1; 32] };
         let p = parse(Path::new("m"), &text(&[line(HEADER), c, head_line(run(1), &h)])).unwrap();
         assert!(p.clean.is_none());
+    }
+
+    /// `cargo test --release -p keel-store --lib manifest_parse_time -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a timing, not a check"]
+    fn manifest_parse_time() {
+        let mut text = line(HEADER);
+        for i in 0..100_000u32 {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            text.push_str(&head_line(RunId::from_bytes(b), &CommittedHead { next_seq: Seq(12), last_hash: [7; 32] }));
+        }
+        let t = std::time::Instant::now();
+        let p = parse(Path::new("m"), text.as_bytes()).unwrap();
+        eprintln!("parse of {} bytes, {} runs: {:?}", text.len(), p.heads.len(), t.elapsed());
     }
 }
