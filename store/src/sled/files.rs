@@ -13,12 +13,17 @@ use std::path::{Path, PathBuf};
 
 /// Reads the store's manifest, mapping its errors.
 pub(crate) fn read_manifest(dir: &Path) -> Result<Option<Parsed>, StoreError> {
-    manifest::read(dir).map_err(|e| match e {
+    manifest::read(dir).map_err(manifest_err(dir))
+}
+
+/// A manifest error as the store's.
+pub(crate) fn manifest_err(dir: &Path) -> impl Fn(ManifestError) -> StoreError + '_ {
+    move |e| match e {
         ManifestError::Read { path, source } => StoreError::File { action: "read", path, source },
         damaged @ ManifestError::Damaged { .. } => {
             StoreError::CorruptStore { path: dir.to_path_buf(), reason: damaged.to_string() }
         }
-    })
+    }
 }
 
 /// The files of a store directory that sled's recovery may change, plus keel's own.

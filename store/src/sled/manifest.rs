@@ -224,6 +224,40 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> 
     Ok(out)
 }
 
+/// The fingerprint of the clean-close line that ends `<dir>/keel-manifest`, read from the
+/// file's last bytes only; `None` when there is no manifest or its last complete line is
+/// not a (valid) clean-close line. What [`parse`] says of the whole file agrees: a valid
+/// last line is the last entry it counts.
+pub(crate) fn read_clean_tail(dir: &Path) -> Result<Option<Fingerprint>, ManifestError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL_BYTES: u64 = 512;
+    let path = dir.join(MANIFEST_FILE);
+    let read_err = |source| ManifestError::Read { path: path.clone(), source };
+    let mut file = match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.map_err(read_err)?,
+    };
+    let len = file.metadata().map_err(read_err)?.len();
+    let from = len.saturating_sub(TAIL_BYTES);
+    file.seek(SeekFrom::Start(from)).map_err(read_err)?;
+    let mut tail = Vec::new();
+    file.take(TAIL_BYTES).read_to_end(&mut tail).map_err(read_err)?;
+    // The last complete line, whole: it starts after the newline before it (or at the
+    // file's start).
+    let Some(end) = tail.iter().rposition(|b| *b == b'\n') else { return Ok(None) };
+    let body = tail.get(..end).unwrap_or_default();
+    let start = match body.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        None if from == 0 => 0,
+        None => return Ok(None),
+    };
+    let last = body.get(start..).unwrap_or_default();
+    match std::str::from_utf8(last).map_err(|_| String::new()).and_then(parse_line) {
+        Ok(Entry::Clean(fp)) => Ok(Some(fp)),
+        _ => Ok(None),
+    }
+}
+
 /// Reads and parses `<dir>/keel-manifest`; `None` when there is none.
 pub(crate) fn read(dir: &Path) -> Result<Option<Parsed>, ManifestError> {
     use std::io::Read;
@@ -437,6 +471,37 @@ mod tests {
         let h = CommittedHead { next_seq: Seq(1), last_hash: [1; 32] };
         let p = parse(Path::new("m"), &text(&[line(HEADER), c, head_line(run(1), &h)])).unwrap();
         assert!(p.clean.is_none());
+    }
+
+    /// The clean-close line is read from the file's end alone, and agrees with the parse.
+    #[test]
+    fn the_clean_tail_is_the_last_complete_line_when_it_is_a_clean_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = CommittedHead { next_seq: Seq(3), last_hash: [9; 32] };
+        let mut lines: Vec<String> = vec![line(HEADER)];
+        // Longer than the tail read, so the line before is not in it.
+        lines.extend((0..20).map(|i| head_line(run(i), &h)));
+        let c = line("c 10 20 30");
+        let cases: Vec<(String, bool)> = vec![
+            (format!("{}{c}", lines.concat()), true),
+            (format!("{}{c}h {} 1 00", lines.concat(), run(1)), true), // a torn append after it
+            (format!("{}{c}{}", lines.concat(), head_line(run(1), &h)), false),
+            (lines.concat(), false),
+            (format!("{}c 10 20 31\tdeadbeef\n", lines.concat()), false), // fails its checksum
+            (c.clone(), true),
+        ];
+        for (text, clean) in cases {
+            std::fs::write(dir.path().join(MANIFEST_FILE), &text).unwrap();
+            let tail = read_clean_tail(dir.path()).unwrap();
+            assert_eq!(tail.is_some(), clean, "{text}");
+            let parsed = parse(Path::new("m"), text.as_bytes()).unwrap();
+            if clean {
+                assert_eq!(parsed.clean, tail, "{text}");
+                assert_eq!(tail, Some(Fingerprint { len: 10, mtime_ns: 20, ino: 30 }));
+            }
+        }
+        std::fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
+        assert_eq!(read_clean_tail(dir.path()).unwrap(), None);
     }
 
     /// `cargo test --release -p keel-store --lib manifest_parse_time -- --ignored --nocapture`
