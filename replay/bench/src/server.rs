@@ -206,7 +206,9 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
     let (e, sled_open_ms) = engine_timed(&dir, durable)?;
     let open_ms = t.elapsed().as_secs_f64() * 1e3;
     let workers = e.start();
+    let started_ms = t.elapsed().as_secs_f64() * 1e3;
     let first = e.submit(Request::new(super::WORKFLOW, json!({"after": "restart"}))).await?.run;
+    let submitted_ms = t.elapsed().as_secs_f64() * 1e3;
     e.wait(first).await?;
     let restart_ms = t.elapsed().as_secs_f64() * 1e3;
     let empty_dir = temp_dir(parent, "server-empty")?;
@@ -357,6 +359,7 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
         .target("< 100 ms", restart_ms < 100.0)
         .extra(json!({
             "open_ms": open_ms, "sled_open_ms": sled_open_ms, "raw_sled_open_ms": raw_sled_open_ms,
+            "started_ms": started_ms, "submitted_ms": submitted_ms,
             "waiting_runs": reviews,
         })),
         // The same, less what sled alone takes to open these files: keel's own part of a
