@@ -51,18 +51,7 @@ fn damaged_dirs(dir: &Path) -> Vec<PathBuf> {
 /// tail leaves them) while the manifest says more was committed.
 #[test]
 fn a_store_whose_sled_files_lost_committed_records_is_refused_naming_runs_and_seqs() {
-    let dir = tempdir();
-    let early = tempdir();
-    {
-        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
-        fill(&log, run(1), 3);
-        fill(&log, run(2), 2);
-    }
-    copy_files(dir.path(), early.path());
-    {
-        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
-        fill_from(&log, run(1), 3, 5);
-    }
+    let (dir, early) = committed_past_an_earlier_copy();
     // sled's files as they were after 3 records; the manifest says 8 were committed.
     for name in ["db", "conf"] {
         std::fs::copy(early.path().join(name), dir.path().join(name)).unwrap();
@@ -82,6 +71,24 @@ fn a_store_whose_sled_files_lost_committed_records_is_refused_naming_runs_and_se
     let ro = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
     assert_eq!(ro.lost().len(), 1);
     assert_eq!(ro.head(run(1)).unwrap().next_seq, Seq(3));
+}
+
+/// A store where run 1 has 8 committed records and run 2 has 2, closed cleanly, and a copy
+/// of its files taken when run 1 had 3.
+fn committed_past_an_earlier_copy() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = tempdir();
+    let early = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+        fill(&log, run(2), 2);
+    }
+    copy_files(dir.path(), early.path());
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill_from(&log, run(1), 3, 5);
+    }
+    (dir, early)
 }
 
 fn fill_from(log: &dyn EventLog, run: keel_store::RunId, from: u64, n: u64) {
@@ -239,18 +246,7 @@ fn a_removed_run_is_not_lost_and_a_refused_removal_keeps_it_expected() {
 /// later use too, and nothing is written over it; the others work.
 #[test]
 fn after_a_clean_close_a_run_that_lost_committed_records_is_refused_at_its_first_use() {
-    let dir = tempdir();
-    let early = tempdir();
-    {
-        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
-        fill(&log, run(1), 3);
-        fill(&log, run(2), 2);
-    }
-    copy_files(dir.path(), early.path());
-    {
-        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
-        fill_from(&log, run(1), 3, 5);
-    }
+    let (dir, early) = committed_past_an_earlier_copy();
     let data = dir.path().join("db");
     let before = std::fs::metadata(&data).unwrap();
     // sled's files as they were after 3 records of run 1, in place (same inode), padded to

@@ -22,40 +22,29 @@ pub(crate) trait Cached {
     async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error>;
 }
 
-impl Cached for Transaction<'_> {
-    async fn exec(&self, sql: &str, params: &Params<'_>) -> Result<u64, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.execute(&st, params).await
-    }
-    async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query(&st, params).await
-    }
-    async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query_one(&st, params).await
-    }
-    async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query_opt(&st, params).await
-    }
+/// The same four methods for each type that has `prepare_cached` (a transaction and a
+/// session: deadpool's `GenericClient` covers its pool object, not the session itself).
+macro_rules! cached_for {
+    ($($t:ty),*) => {$(
+        impl Cached for $t {
+            async fn exec(&self, sql: &str, params: &Params<'_>) -> Result<u64, Error> {
+                let st = self.prepare_cached(sql).await?;
+                self.execute(&st, params).await
+            }
+            async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
+                let st = self.prepare_cached(sql).await?;
+                self.query(&st, params).await
+            }
+            async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
+                let st = self.prepare_cached(sql).await?;
+                self.query_one(&st, params).await
+            }
+            async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
+                let st = self.prepare_cached(sql).await?;
+                self.query_opt(&st, params).await
+            }
+        }
+    )*};
 }
 
-impl Cached for ClientWrapper {
-    async fn exec(&self, sql: &str, params: &Params<'_>) -> Result<u64, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.execute(&st, params).await
-    }
-    async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query(&st, params).await
-    }
-    async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query_one(&st, params).await
-    }
-    async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
-        let st = self.prepare_cached(sql).await?;
-        self.query_opt(&st, params).await
-    }
-}
+cached_for!(Transaction<'_>, ClientWrapper);
