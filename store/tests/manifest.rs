@@ -280,3 +280,30 @@ fn after_a_clean_close_a_run_that_lost_committed_records_is_refused_at_its_first
     assert_eq!(ro.lost().len(), 1, "{:?}", ro.lost());
     assert_eq!(ro.lost()[0].committed_next, Seq(8));
 }
+
+/// A manifest ending in a torn append after its clean-close line (the data file untouched,
+/// so the open is a clean one) is rewritten, not appended to: a line glued to the torn
+/// bytes would fail its checksum with good lines after it, and the next open would refuse
+/// the store as damaged.
+#[test]
+fn a_clean_open_rewrites_a_manifest_that_ends_in_a_torn_append() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join(MANIFEST_FILE)).unwrap();
+    std::io::Write::write_all(&mut f, b"h 0101 tor").unwrap();
+    drop(f);
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill_from(&log, run(1), 3, 2);
+        fill(&log, run(2), 1);
+    }
+    let log = SledStore::open(dir.path(), config(Durability::None)).unwrap();
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(5));
+    assert_eq!(log.head(run(2)).unwrap().next_seq, Seq(1));
+    drop(log);
+    let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("tor"), "{text}");
+}

@@ -39,8 +39,14 @@ pub const MANIFEST_FILE: &str = "keel-manifest";
 
 const HEADER: &str = "keel-manifest v1";
 
-/// Largest manifest read (a line per run is ~110 bytes: about 2.4 M runs).
-const MANIFEST_BYTES_MAX: u64 = 256 << 20;
+/// Largest manifest read (a line per run is ~116 bytes: about 9 M runs); an open store
+/// compacts it long before ([`COMPACT_BYTES_MIN`]).
+const MANIFEST_BYTES_MAX: u64 = 1 << 30;
+
+/// An open store rewrites its manifest (one line per run) once the file has grown past
+/// this and past three times its size at the last rewrite: every flush appends a line per
+/// run it advanced, ~1 MB/s under load.
+const COMPACT_BYTES_MIN: u64 = 64 << 20;
 
 /// What the manifest says was committed for one run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +108,10 @@ pub(crate) struct Parsed {
     pub(crate) clean: Option<Fingerprint>,
     /// Lines read (to decide when to compact).
     pub(crate) lines: usize,
+    /// The file ends in a torn append (a last segment without its newline, or lines that
+    /// fail their checksum with none good after them): appending to it as it is would
+    /// glue the next line to those bytes.
+    pub(crate) torn: bool,
 }
 
 fn unhex32(s: &str) -> Option<Hash32> {
@@ -169,8 +179,14 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> 
     let mut first_bad: Option<(usize, String)> = None;
     // A last segment without its newline is a torn append: never looked at.
     let complete = match bytes.iter().rposition(|b| *b == b'\n') {
-        Some(end) => bytes.get(..end).unwrap_or_default(),
-        None => return Ok(out),
+        Some(end) => {
+            out.torn = end.saturating_add(1) < bytes.len();
+            bytes.get(..end).unwrap_or_default()
+        }
+        None => {
+            out.torn = !bytes.is_empty();
+            return Ok(out);
+        }
     };
     for (i, raw) in complete.split(|b| *b == b'\n').enumerate() {
         let parsed = std::str::from_utf8(raw).map_err(|_| "not UTF-8".to_string()).and_then(parse_line);
@@ -193,6 +209,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed, ManifestError> 
             Entry::Clean(fp) => out.clean = Some(fp),
         }
     }
+    out.torn |= first_bad.is_some();
     // Per run, in the order written: a removal forgets the run, a head counts if it is
     // the highest since. Sorted (stably) by run first, so the map is built in one pass
     // from sorted entries rather than by a lookup and an insert per line.
@@ -267,6 +284,16 @@ pub(crate) fn read(dir: &Path) -> Result<Option<Parsed>, ManifestError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         other => other.map_err(read_err)?,
     };
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > MANIFEST_BYTES_MAX {
+        // Never cut short: the lines past the cut would read as a torn tail, and the
+        // heads they hold would be forgotten.
+        return Err(ManifestError::Damaged {
+            path: path.clone(),
+            line: 0,
+            reason: format!("{len} bytes, more than the {MANIFEST_BYTES_MAX} read"),
+        });
+    }
     let mut bytes = Vec::new();
     file.take(MANIFEST_BYTES_MAX).read_to_end(&mut bytes).map_err(read_err)?;
     parse(&path, &bytes).map(Some)
@@ -317,28 +344,49 @@ struct Inner {
     file: File,
     /// Heads written to sled since the last flush began.
     pending: BTreeMap<RunId, CommittedHead>,
+    dir: PathBuf,
+    /// The file's size now, and after its last rewrite.
+    bytes: u64,
+    base: u64,
+    /// [`COMPACT_BYTES_MIN`] (smaller in tests).
+    compact_min: u64,
+}
+
+/// Writes a fresh manifest holding `heads` (temporary file, fsync, rename, directory
+/// fsync); returns it open for appending, and its size.
+fn write_fresh(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<(File, u64), StoreError> {
+    let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+    let mut text = line(HEADER);
+    for (run, h) in heads {
+        text.push_str(&head_line(*run, h));
+    }
+    let path = dir.join(MANIFEST_FILE);
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()?;
+        std::fs::OpenOptions::new().append(true).open(&path)
+    })();
+    let file = written.map_err(|source| StoreError::File { action: "write", path, source })?;
+    Ok((file, u64::try_from(text.len()).unwrap_or(u64::MAX)))
 }
 
 impl Manifest {
     /// Writes a fresh manifest holding `heads` (temporary file, fsync, rename, directory
     /// fsync) and opens it for appending.
     pub(crate) fn rewrite(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<Manifest, StoreError> {
-        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let mut text = line(HEADER);
-        for (run, h) in heads {
-            text.push_str(&head_line(*run, h));
-        }
-        let path = dir.join(MANIFEST_FILE);
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()?;
-            std::fs::OpenOptions::new().append(true).open(&path)
-        })();
-        let file = written.map_err(|source| StoreError::File { action: "write", path, source })?;
-        Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
+        let (file, bytes) = write_fresh(dir, heads)?;
+        let inner = Inner {
+            file,
+            pending: BTreeMap::new(),
+            dir: dir.to_path_buf(),
+            bytes,
+            base: bytes,
+            compact_min: COMPACT_BYTES_MIN,
+        };
+        Ok(Manifest { inner: Mutex::new(inner) })
     }
 
     /// Opens the existing manifest for appending (a clean open that need not compact it:
@@ -346,12 +394,17 @@ impl Manifest {
     /// soon as one follows it).
     pub(crate) fn reopen(dir: &Path) -> Result<Manifest, StoreError> {
         let path = dir.join(MANIFEST_FILE);
-        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|source| StoreError::File {
-            action: "open",
-            path,
-            source,
-        })?;
-        Ok(Manifest { inner: Mutex::new(Inner { file, pending: BTreeMap::new() }) })
+        let opened = std::fs::OpenOptions::new().append(true).open(&path).and_then(|f| Ok((f.metadata()?.len(), f)));
+        let (bytes, file) = opened.map_err(|source| StoreError::File { action: "open", path, source })?;
+        let inner = Inner {
+            file,
+            pending: BTreeMap::new(),
+            dir: dir.to_path_buf(),
+            bytes,
+            base: bytes,
+            compact_min: COMPACT_BYTES_MIN,
+        };
+        Ok(Manifest { inner: Mutex::new(inner) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -409,6 +462,25 @@ impl Manifest {
         inner.file.write_all(text.as_bytes())?;
         if level == Level::PowerLoss {
             inner.file.sync_data()?;
+        }
+        inner.bytes = inner.bytes.saturating_add(u64::try_from(text.len()).unwrap_or(u64::MAX));
+        if inner.bytes > inner.compact_min.max(inner.base.saturating_mul(3)) {
+            // The file's own lines, compacted: one per run (what they say together),
+            // written beside it and renamed over it. A failure leaves the file as it was.
+            let compacted = read(&inner.dir)
+                .map_err(|e| StoreError::CorruptStore { path: inner.dir.clone(), reason: e.to_string() })
+                .and_then(|p| write_fresh(&inner.dir, &p.map(|p| p.heads).unwrap_or_default()));
+            match compacted {
+                Ok((file, bytes)) => {
+                    inner.file = file;
+                    inner.bytes = bytes;
+                    inner.base = bytes;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %inner.dir.display(), error = %e, "cannot compact the manifest (it keeps growing)");
+                    inner.base = inner.bytes;
+                }
+            }
         }
         Ok(())
     }
@@ -502,6 +574,43 @@ mod tests {
         }
         std::fs::remove_file(dir.path().join(MANIFEST_FILE)).unwrap();
         assert_eq!(read_clean_tail(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_torn_tail_is_marked_so_it_is_not_appended_to() {
+        let h = CommittedHead { next_seq: Seq(1), last_hash: [1; 32] };
+        let good = text(&[line(HEADER), head_line(run(1), &h)]);
+        assert!(!parse(Path::new("m"), &good).unwrap().torn);
+        let mut cut = good.clone();
+        cut.extend_from_slice(b"h 0101 to");
+        assert!(parse(Path::new("m"), &cut).unwrap().torn);
+        let bad = text(&[line(HEADER), head_line(run(1), &h), "h junk\tdeadbeef\n".to_string()]);
+        assert!(parse(Path::new("m"), &bad).unwrap().torn);
+    }
+
+    /// An open store's manifest does not grow without bound: past its threshold it is
+    /// rewritten from its own lines, one per run, and says the same as before.
+    #[test]
+    fn an_open_manifest_is_compacted_from_its_own_lines_and_says_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::rewrite(dir.path(), &BTreeMap::new()).unwrap();
+        m.lock().compact_min = 4096;
+        for seq in 1..=300u64 {
+            let heads: BTreeMap<RunId, CommittedHead> =
+                (0..5).map(|r| (run(r), CommittedHead { next_seq: Seq(seq), last_hash: [r; 32] })).collect();
+            m.append(&heads, Level::ProcessCrash).unwrap();
+            if seq == 200 {
+                m.removed(run(3)).unwrap();
+            }
+        }
+        let size = std::fs::metadata(dir.path().join(MANIFEST_FILE)).unwrap().len();
+        // 300 rounds of 5 lines is ~170 KB uncompacted.
+        assert!(size < 16 * 1024, "{size} bytes: never compacted");
+        let p = read(dir.path()).unwrap().unwrap();
+        let expected: Vec<(RunId, u64)> = [0u8, 1, 2, 3, 4].iter().map(|r| (run(*r), 300)).collect();
+        let found: Vec<(RunId, u64)> = p.heads.iter().map(|(r, h)| (*r, h.next_seq.0)).collect();
+        assert_eq!(found, expected, "the removal of run 3 at 200 is followed by its heads 201..=300");
+        assert!(!p.torn);
     }
 
     /// `cargo test --release -p keel-store --lib manifest_parse_time -- --ignored --nocapture`

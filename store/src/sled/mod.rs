@@ -360,11 +360,13 @@ impl Prepared {
                 return Self::finish_checked(other, store, self.evidence, self.scratch, core, syncer, config.durability)
             }
         };
-        let manifest = if prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
-            manifest::Manifest::rewrite(&store, &prior.heads)?
-        } else {
-            manifest::Manifest::reopen(&store)?
-        };
+        // A torn tail is rewritten away: the next line appended would be glued to it.
+        let manifest =
+            if prior.torn || prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
+                manifest::Manifest::rewrite(&store, &prior.heads)?
+            } else {
+                manifest::Manifest::reopen(&store)?
+            };
         Ok(SledStore {
             core,
             syncer,
@@ -585,9 +587,12 @@ impl SledStore {
         if let Some(l) = inner.lost.get(&run) {
             return Err(StoreError::LostCommitted { path: self.path.clone(), lost: vec![l.clone()], evidence: None });
         }
-        let Some(c) = inner.heads.remove(&run) else { return Ok(()) };
+        let Some(c) = inner.heads.get(&run).cloned() else { return Ok(()) };
         let one = std::collections::BTreeMap::from([(run, c)]);
-        match find_lost(&self.core, &one).into_iter().next() {
+        // Taken off the list only once compared (a panic in between leaves it unchecked).
+        let found = find_lost(&self.core, &one).into_iter().next();
+        inner.heads.remove(&run);
+        match found {
             None => Ok(()),
             Some(l) => {
                 tracing::error!(path = %self.path.display(), %run, reason = %l.reason, "committed records of the run are gone");
