@@ -237,9 +237,39 @@ struct Disrupted {
 
 const CHAOS_TTL_MS: u64 = 500;
 
-/// One round: SIGKILL a worker (a new one takes its place), then SIGSTOP another past its
-/// lease and SIGCONT it.
-fn disrupt(db: &str, workers: &mut [Child], next: &mut impl FnMut(usize) -> usize, d: &mut Disrupted) {
+/// Who holds a live lease in the chaos test's schema (lease owners are `keel-<pid>-<n>`).
+struct Leases {
+    admin: pg::Admin,
+    schema: String,
+}
+
+/// A worker that holds a live lease now (waiting up to 300 ms for one), so the SIGSTOP
+/// that follows lands on a driver: stopping an idle worker tests nothing, and with quick
+/// drives most workers are idle most of the time (a CI run stopped 50 and cost no lease).
+fn leased_worker(leases: &Leases, workers: &[Child]) -> Option<usize> {
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+        let owners: Vec<String> = leases
+            .admin
+            .rows(&format!(
+                "SELECT owner FROM {}.leases WHERE owner IS NOT NULL AND expires_at_us > {now_us}",
+                leases.schema
+            ))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let found = workers.iter().position(|w| owners.iter().any(|o| o.starts_with(&format!("keel-{}-", w.id()))));
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// SIGKILLs a worker (a new one takes its place); returns its index.
+fn kill_one(db: &str, workers: &mut [Child], next: &mut impl FnMut(usize) -> usize, d: &mut Disrupted) {
     let ttl = CHAOS_TTL_MS.to_string();
     let args = ["--lease-ttl-ms", ttl.as_str()];
     std::thread::sleep(Duration::from_millis(50 + next(150) as u64));
@@ -250,8 +280,12 @@ fn disrupt(db: &str, workers: &mut [Child], next: &mut impl FnMut(usize) -> usiz
     let (f, r) = leases_lost(&String::from_utf8_lossy(&out.stderr));
     (d.fenced_killed, d.renewals_killed) = (d.fenced_killed + f, d.renewals_killed + r);
     d.kills += 1;
-    std::thread::sleep(Duration::from_millis(50 + next(150) as u64));
-    let s = (k + 1 + next(2)) % 3;
+}
+
+/// SIGSTOPs a worker past its lease and SIGCONTs it: one that holds a lease, if any does
+/// within 300 ms (the caller has just submitted runs), else any.
+fn stop_one(leases: &Leases, workers: &[Child], next: &mut impl FnMut(usize) -> usize, d: &mut Disrupted) {
+    let s = leased_worker(leases, workers).unwrap_or_else(|| next(3));
     signal(&workers[s], "STOP");
     std::thread::sleep(Duration::from_millis(2 * CHAOS_TTL_MS + next(200) as u64));
     signal(&workers[s], "CONT");
@@ -297,6 +331,7 @@ fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
     };
     let scratch = pg::Scratch::new(Durability::default());
     let (db, cfg) = db_url(&scratch);
+    let leases = Leases { admin: pg::Admin::connect().unwrap(), schema: cfg.schema.clone() };
     let store = Arc::new(PgStore::open(cfg).unwrap());
     let twin = sled_twin(n);
     let reader = demo_engine(store.clone());
@@ -313,9 +348,10 @@ fn chaos_sigkill_and_sigstop_past_the_lease_every_run_still_ends_once() {
     };
     while d.kills + d.stops < target || !settled(&runs) {
         assert!(started.elapsed() < bound, "runs did not settle in {bound:?} (seed {seed})");
+        kill_one(&db, &mut workers, &mut next, &mut d);
         let from = runs.len() as u64;
         runs.extend(submit_demo_range(&reader, from..(from + per_round).min(n)));
-        disrupt(&db, &mut workers, &mut next, &mut d);
+        stop_one(&leases, &workers, &mut next, &mut d);
     }
     // Let the services notice the end, then stop them.
     std::thread::sleep(Duration::from_millis(2 * CHAOS_TTL_MS));
