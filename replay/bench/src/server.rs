@@ -211,13 +211,6 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
     let submitted_ms = t.elapsed().as_secs_f64() * 1e3;
     e.wait(first).await?;
     let restart_ms = t.elapsed().as_secs_f64() * 1e3;
-    for k in 0..3 {
-        let t2 = Instant::now();
-        let r = e.submit(Request::new(super::WORKFLOW, json!({"after": "restart", "k": k}))).await?.run;
-        let s_ms = t2.elapsed().as_secs_f64() * 1e3;
-        e.wait(r).await?;
-        eprintln!("TIMING submit {k}: {s_ms:.2} ms, run {:.2} ms", t2.elapsed().as_secs_f64() * 1e3);
-    }
     let empty_dir = temp_dir(parent, "server-empty")?;
     let t = Instant::now();
     {
