@@ -90,6 +90,23 @@ fn report_kind(stderr: &str) -> &'static str {
     }
 }
 
+/// `keel verify` on the damaged `case`: its answer when it reports the damage; else the
+/// round is tallied here (harmless when every record reads back as written, a silent loss
+/// otherwise) and `None`.
+fn reported(case: &Path, want: &Stored, offset: usize, mask: u8, tally: &mut Tally) -> Option<Ran> {
+    let verify = keel(case, &["verify"]);
+    assert!(!verify.stderr.contains("panicked"), "offset {offset}: {}", verify.stderr);
+    if verify.code != 0 {
+        return Some(verify);
+    }
+    if stored(case).as_ref() == Some(want) {
+        tally.harmless += 1;
+    } else {
+        tally.silent_losses.push(format!("offset {offset} mask {mask:#04x}: verify exit 0, records differ"));
+    }
+    None
+}
+
 /// One damage: XOR one byte at `offset` with a non-zero mask, then ask `verify` and
 /// (when it fails) `work`.
 fn one_damage(pristine: &Path, want: &Stored, case: &Path, offset: usize, mask: u8, tally: &mut Tally) {
@@ -98,16 +115,7 @@ fn one_damage(pristine: &Path, want: &Stored, case: &Path, offset: usize, mask: 
     let mut bytes = std::fs::read(&data).unwrap();
     bytes[offset] ^= mask;
     std::fs::write(&data, bytes).unwrap();
-    let verify = keel(case, &["verify"]);
-    assert!(!verify.stderr.contains("panicked"), "offset {offset}: {}", verify.stderr);
-    if verify.code == 0 {
-        if stored(case).as_ref() == Some(want) {
-            tally.harmless += 1;
-        } else {
-            tally.silent_losses.push(format!("offset {offset} mask {mask:#04x}: verify exit 0, records differ"));
-        }
-        return;
-    }
+    let Some(verify) = reported(case, want, offset, mask, tally) else { return };
     let work = keel(case, &["work", "--until-idle"]);
     if work.code == 0 {
         tally.not_refused.push(format!("offset {offset} mask {mask:#04x}: verify: {}", verify.stderr.trim()));
@@ -117,26 +125,37 @@ fn one_damage(pristine: &Path, want: &Stored, case: &Path, offset: usize, mask: 
     }
 }
 
-#[test]
-fn no_single_damaged_byte_of_sleds_data_file_loses_committed_records_silently() {
+/// What a damage round does to the store copied to `case` (byte `offset` XORed with
+/// `mask`), tallied.
+type Round = fn(&Path, &Stored, &Path, usize, u8, &mut Tally);
+
+/// `KEEL_DB_DAMAGE_ROUNDS` rounds of `one` over a fresh 8-run demo database, offsets and
+/// masks from `KEEL_SEED` (XOR `stream`): the seed, the tally and the bytes in use.
+fn soak(what: &str, stream: u64, one: Round) -> (u64, Tally, u64) {
     let rounds = env_u64("KEEL_DB_DAMAGE_ROUNDS").unwrap_or(30);
     let seed = env_u64("KEEL_SEED").unwrap_or(0x5eed);
-    println!("damage soak: seed {seed:#x} (KEEL_SEED), {rounds} rounds (KEEL_DB_DAMAGE_ROUNDS)");
+    println!("{what}: seed {seed:#x} (KEEL_SEED), {rounds} rounds (KEEL_DB_DAMAGE_ROUNDS)");
     let demo = DemoDb::new(8);
     let want = stored(&demo.db).expect("the fresh database reads");
     let data = std::fs::read(demo.db.join("db")).unwrap();
     // Damage where sled wrote: up to the last non-zero byte (the rest of its 16 MiB file
     // is never-written space).
     let used = data.iter().rposition(|b| *b != 0).map_or(data.len(), |i| i + 1) as u64;
-    let mut rng = Rng(seed);
+    let mut rng = Rng(seed ^ stream);
     let mut tally = Tally::default();
     for round in 0..rounds {
         let case = demo.dir.path().join(format!("case-{round}"));
         let offset = rng.below(used) as usize;
         let mask = 1 + rng.below(255) as u8;
-        one_damage(&demo.db, &want, &case, offset, mask, &mut tally);
+        one(&demo.db, &want, &case, offset, mask, &mut tally);
         std::fs::remove_dir_all(&case).unwrap();
     }
+    (seed, tally, used)
+}
+
+#[test]
+fn no_single_damaged_byte_of_sleds_data_file_loses_committed_records_silently() {
+    let (seed, tally, used) = soak("damage soak", 0, one_damage);
     println!(
         "damage soak: {} harmless (every record intact), {} reported by verify and refused by work, {} silent losses, {} not refused; {used} bytes in use",
         tally.harmless,
@@ -169,16 +188,7 @@ fn one_rot(pristine: &Path, want: &Stored, case: &Path, offset: usize, mask: u8,
     f.write_all(&b).unwrap();
     f.set_modified(before.modified().unwrap()).unwrap();
     drop(f);
-    let verify = keel(case, &["verify"]);
-    assert!(!verify.stderr.contains("panicked"), "offset {offset}: {}", verify.stderr);
-    if verify.code == 0 {
-        if stored(case).as_ref() == Some(want) {
-            tally.harmless += 1;
-        } else {
-            tally.silent_losses.push(format!("offset {offset} mask {mask:#04x}: verify exit 0, records differ"));
-        }
-        return;
-    }
+    let Some(verify) = reported(case, want, offset, mask, tally) else { return };
     // The writable open after a clean close checks runs as they are used: whatever
     // `work` does, the loss must still be there to report afterwards.
     let work = keel(case, &["work", "--until-idle"]);
@@ -205,22 +215,7 @@ fn one_rot(pristine: &Path, want: &Stored, case: &Path, offset: usize, mask: u8,
 
 #[test]
 fn no_single_byte_of_bit_rot_after_a_clean_close_is_forgotten() {
-    let rounds = env_u64("KEEL_DB_DAMAGE_ROUNDS").unwrap_or(30);
-    let seed = env_u64("KEEL_SEED").unwrap_or(0x5eed);
-    println!("bit-rot soak: seed {seed:#x} (KEEL_SEED), {rounds} rounds (KEEL_DB_DAMAGE_ROUNDS)");
-    let demo = DemoDb::new(8);
-    let want = stored(&demo.db).expect("the fresh database reads");
-    let data = std::fs::read(demo.db.join("db")).unwrap();
-    let used = data.iter().rposition(|b| *b != 0).map_or(data.len(), |i| i + 1) as u64;
-    let mut rng = Rng(seed ^ 0xb17_a07);
-    let mut tally = Tally::default();
-    for round in 0..rounds {
-        let case = demo.dir.path().join(format!("rot-{round}"));
-        let offset = rng.below(used) as usize;
-        let mask = 1 + rng.below(255) as u8;
-        one_rot(&demo.db, &want, &case, offset, mask, &mut tally);
-        std::fs::remove_dir_all(&case).unwrap();
-    }
+    let (seed, tally, used) = soak("bit-rot soak", 0x00b1_7a07, one_rot);
     println!(
         "bit-rot soak: {} harmless (every record intact), {} reported by verify and still reported after work, {} silent losses, {} forgotten; {used} bytes in use",
         tally.harmless,

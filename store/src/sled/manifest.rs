@@ -374,10 +374,8 @@ fn write_fresh(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<(Fi
 }
 
 impl Manifest {
-    /// Writes a fresh manifest holding `heads` (temporary file, fsync, rename, directory
-    /// fsync) and opens it for appending.
-    pub(crate) fn rewrite(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<Manifest, StoreError> {
-        let (file, bytes) = write_fresh(dir, heads)?;
+    /// The manifest open for appending as `file`, `bytes` long.
+    fn of(file: File, dir: &Path, bytes: u64) -> Manifest {
         let inner = Inner {
             file,
             pending: BTreeMap::new(),
@@ -386,7 +384,14 @@ impl Manifest {
             base: bytes,
             compact_min: COMPACT_BYTES_MIN,
         };
-        Ok(Manifest { inner: Mutex::new(inner) })
+        Manifest { inner: Mutex::new(inner) }
+    }
+
+    /// Writes a fresh manifest holding `heads` (temporary file, fsync, rename, directory
+    /// fsync) and opens it for appending.
+    pub(crate) fn rewrite(dir: &Path, heads: &BTreeMap<RunId, CommittedHead>) -> Result<Manifest, StoreError> {
+        let (file, bytes) = write_fresh(dir, heads)?;
+        Ok(Manifest::of(file, dir, bytes))
     }
 
     /// Opens the existing manifest for appending (a clean open that need not compact it:
@@ -396,15 +401,7 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let opened = std::fs::OpenOptions::new().append(true).open(&path).and_then(|f| Ok((f.metadata()?.len(), f)));
         let (bytes, file) = opened.map_err(|source| StoreError::File { action: "open", path, source })?;
-        let inner = Inner {
-            file,
-            pending: BTreeMap::new(),
-            dir: dir.to_path_buf(),
-            bytes,
-            base: bytes,
-            compact_min: COMPACT_BYTES_MIN,
-        };
-        Ok(Manifest { inner: Mutex::new(inner) })
+        Ok(Manifest::of(file, dir, bytes))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
