@@ -11,11 +11,11 @@
 
 mod common;
 
-use common::{keel_in, DemoDb, KEEL};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{keel_in, spawn_serve_plain, DemoDb};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn workspace() -> PathBuf {
@@ -72,22 +72,7 @@ fn the_inbox_in_headless_chromium_decides_an_escalation_and_shows_the_run_comple
     assert_eq!(added.code, 0, "{}", added.stderr);
     let token = added.stdout.trim().to_owned();
 
-    let mut server = Command::new(KEEL)
-        .args(["--db", db, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
-        if let Some(rest) = line.split("serving http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (mut server, addr) = spawn_serve_plain(db);
     let esc = get_json(&addr, "/v1/escalations", &token);
     let waiting = esc["escalations"].as_array().unwrap();
     assert!(waiting.len() >= 2 && waiting.iter().any(|e| e["run"] == run.as_str()), "{esc}");

@@ -11,38 +11,17 @@ mod common;
 #[path = "../../../store/postgres/tests/common/mod.rs"]
 mod pg;
 
-use common::{keel_in, KEEL};
+use common::{http_call as call, keel_in, spawn_serve_plain};
 use keel_store::Durability;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 fn token_add(db: &str, name: &str, role: &str) -> String {
     let r = keel_in(None, &["--db", db, "token", "add", name, "--role", role]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     r.stdout.trim().to_owned()
-}
-
-/// One HTTP/1.1 request on its own connection: (status, JSON body).
-fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// A `keel serve` child on an ephemeral loopback port, killed when dropped.
@@ -59,23 +38,7 @@ impl Drop for Server {
 }
 
 fn serve(db: &str) -> Server {
-    let mut child = Command::new(KEEL)
-        .args(["--db", db, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
-        .env_remove("KEEL_DB")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
-        if let Some(rest) = line.split("serving http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (child, addr) = spawn_serve_plain(db);
     Server { child, addr }
 }
 

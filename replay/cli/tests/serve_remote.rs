@@ -8,12 +8,12 @@
 
 mod common;
 
-use common::{keel, keel_in, DemoDb, Ran, KEEL};
+use common::{http_call as call, keel, keel_in, spawn_serve, DemoDb, Ran, KEEL};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 fn token_add(db: &Path, name: &str, role: &str) -> String {
@@ -39,32 +39,6 @@ fn keel_as(db: &Path, token: Option<&str>, args: &[&str]) -> Ran {
     }
 }
 
-/// Starts `keel serve` on an ephemeral loopback port with `extra` flags; returns the child
-/// and the URL it printed.
-fn serve(db: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(KEEL)
-        .arg("--db")
-        .arg(db)
-        .args(["serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
-        .args(extra)
-        .env_remove("KEEL_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let url = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
-        if let Some(rest) = line.split("keel: serving ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (child, url)
-}
-
 fn signal(child: &Child, sig: &str) {
     assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
 }
@@ -87,25 +61,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// One plain HTTP/1.1 request (an empty `token`: none sent): (status, JSON body).
-fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// The read commands compared through the server and on the database.
@@ -167,7 +122,7 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     keel(&db, &["export", &waiting, "--format", "jsonl", "-o", early]).ok();
     let against_before = keel(&db, &["verify", early, "--against-db", "--json"]).ok().stdout.clone();
 
-    let (mut child, url) = serve(&db, &[]);
+    let (mut child, url) = spawn_serve(db.to_str().unwrap(), &[]);
     let recorded: Value = serde_json::from_str(&std::fs::read_to_string(db.join("serve.addr")).unwrap()).unwrap();
     assert_eq!(recorded["url"], url);
 
@@ -229,7 +184,7 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     let db = d.db.clone();
     let vera = token_add(&db, "vera", "viewer");
     let waiting = d.run_of("human_escalation").to_string();
-    let (mut child, url) = serve(&db, &[]);
+    let (mut child, url) = spawn_serve(db.to_str().unwrap(), &[]);
 
     let e = keel_as(&db, None, &["runs"]).one_line_error(1);
     assert!(e.contains("401 unauthorized") && e.contains("KEEL_TOKEN"), "{e}");
@@ -271,7 +226,7 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     // A file whose process is gone is not used even when its address answers: there a
     // server of another database may be listening now.
     let other = tempfile::tempdir().unwrap();
-    let (mut other_server, other_url) = serve(&other.path().join("db"), &[]);
+    let (mut other_server, other_url) = spawn_serve(other.path().join("db").to_str().unwrap(), &[]);
     let dead_pid = child.id();
     std::fs::write(db.join("serve.addr"), json!({"url": other_url, "pid": dead_pid, "ca_cert": null}).to_string())
         .unwrap();
@@ -293,7 +248,7 @@ fn sigterm_during_work_exits_0_and_leaves_a_log_that_verifies_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("db");
     let root = token_add(&db, "root", "admin");
-    let (mut child, url) = serve(&db, &["--metrics-open"]);
+    let (mut child, url) = spawn_serve(db.to_str().unwrap(), &["--metrics-open"]);
     let addr = url.trim_start_matches("http://").to_owned();
     // --metrics-open: /metrics answers without a token (and nothing else does).
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -338,7 +293,8 @@ fn https_with_a_self_signed_certificate_and_the_cli_trusting_it() {
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let before = keel(&db, &["escalations", "--json"]).ok().stdout.clone();
 
-    let (mut child, url) = serve(&db, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let (mut child, url) =
+        spawn_serve(db.to_str().unwrap(), &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     // Found through serve.addr, which names the certificate to trust.
     let r = keel_as(&db, Some(&vera), &["escalations", "--json"]);

@@ -5,12 +5,10 @@
 
 mod common;
 
-use common::{keel_in, KEEL};
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use common::{http_call as call, keel_in, spawn_serve_plain};
+use serde_json::json;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn token_add(db: &Path, name: &str, role: &str) -> String {
@@ -19,47 +17,6 @@ fn token_add(db: &Path, name: &str, role: &str) -> String {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 1, "only the token on stdout: {:?}", r.stdout);
     lines[0].to_owned()
-}
-
-/// One HTTP/1.1 request on its own connection: (status, JSON body).
-fn call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-/// Starts `keel serve` on an ephemeral loopback port; returns the child and its address.
-fn serve(db: &Path) -> (Child, String) {
-    let mut child = Command::new(KEEL)
-        .args(["--db", db.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
-        if let Some(rest) = line.split("serving http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (child, addr)
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -99,7 +56,7 @@ fn serve_drives_runs_takes_a_resolution_and_stops_on_sigterm_with_exit_0() {
     let db = dir.path().join("db");
     let admin = token_add(&db, "root", "admin");
     let ada = token_add(&db, "ada", "approver");
-    let (mut child, addr) = serve(&db);
+    let (mut child, addr) = spawn_serve_plain(db.to_str().unwrap());
 
     let req = keel_demo::request(7, 5); // the human_escalation scenario
     let body =

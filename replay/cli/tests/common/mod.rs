@@ -162,3 +162,60 @@ pub fn write_lines(path: &Path, lines: &[Value]) {
     let text: String = lines.iter().map(|l| format!("{}\n", serde_json::to_string(l).unwrap())).collect();
     std::fs::write(path, text).unwrap();
 }
+
+/// Starts `keel --db DB serve --listen 127.0.0.1:0 --shutdown-timeout 5 EXTRA…` (with
+/// `KEEL_DB` and `KEEL_LOG` unset) and waits for its `keel: serving URL` line: the child
+/// (its stderr drained from then on, so it never blocks on a full pipe) and the URL
+/// (`http://127.0.0.1:PORT`, or `https://…` with TLS).
+pub fn spawn_serve(db: &str, extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = Command::new(KEEL)
+        .args(["--db", db, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
+        .args(extra)
+        .env_remove("KEEL_DB")
+        .env_remove("KEEL_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "keel serve ended before serving");
+        if let Some(rest) = line.split("keel: serving ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (child, url)
+}
+
+/// [`spawn_serve`] without flags: the child and its `host:port`.
+pub fn spawn_serve_plain(db: &str) -> (std::process::Child, String) {
+    let (child, url) = spawn_serve(db, &[]);
+    let addr = url.strip_prefix("http://").unwrap_or(&url).to_owned();
+    (child, addr)
+}
+
+/// One HTTP/1.1 request on its own connection (an empty `token`: none sent): (status,
+/// JSON body, `null` when it is not JSON).
+pub fn http_call(addr: &str, method: &str, path: &str, token: &str, body: Option<&Value>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
+}
