@@ -28,7 +28,7 @@
 mod fs;
 pub mod model;
 
-pub use model::{Cut, DirSync, Model, Stats};
+pub use model::{Cut, DirSync, Model, SplitMix, Stats};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 

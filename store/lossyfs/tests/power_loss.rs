@@ -52,22 +52,6 @@ fn run_id(n: u8) -> RunId {
     RunId::from_bytes([n + 1; 16])
 }
 
-/// splitmix64: the cut points of one seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn seed() -> u64 {
     std::env::var("KEEL_POWER_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -371,7 +355,7 @@ fn add(a: Tally, b: Tally) -> Tally {
 /// `cuts` cuts alternating every-append and group commit at `level`; returns the totals per
 /// mode. Panics (naming seed and cut) if a child could not even open the store.
 fn soak(level: Level, cuts: u64, seed: u64, setup: Setup, dir_sync: DirSync) -> BTreeMap<&'static str, Tally> {
-    let mut rng = Rng(seed);
+    let mut rng = keel_lossyfs::SplitMix(seed);
     let mut totals = BTreeMap::new();
     for i in 0..cuts {
         let mode = if i % 2 == 0 { Durability::EveryAppend(level) } else { Durability::GroupCommit(level) };
