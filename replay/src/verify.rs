@@ -565,16 +565,7 @@ impl<R: BufRead> ExportCheck<R> {
             return Err(self.seq_ahead(c, rec));
         }
         // rec.seq == n
-        if let Some(problem) = time_problem(rec) {
-            return Err(fail(
-                Tamper::Altered,
-                Some(run),
-                Some(n),
-                Some(line),
-                format!("run {run} seq {n}: header altered ({problem} at line {line})"),
-            ));
-        }
-        if let Some(problem) = version_problem(rec) {
+        if let Some(problem) = time_problem(rec).or_else(|| version_problem(rec)) {
             return Err(fail(
                 Tamper::Altered,
                 Some(run),
