@@ -17,7 +17,7 @@ use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{PoisonError, RwLock};
 
 /// sled's segment (I/O buffer) size for keel stores: sled's maximum, 16 MiB. sled writes
 /// any page image larger than `segment_size / 4` to a separate blob file with no fsync;
@@ -426,7 +426,7 @@ const COMPACT_SLACK_LINES: usize = 10_000;
 /// Committed heads not yet compared with sled's (a writable open after a clean close), and
 /// the runs found to have lost committed records.
 struct Unchecked {
-    inner: Mutex<UncheckedInner>,
+    inner: RwLock<UncheckedInner>,
 }
 
 #[derive(Default)]
@@ -437,7 +437,7 @@ struct UncheckedInner {
 
 impl Unchecked {
     fn new(heads: std::collections::BTreeMap<RunId, manifest::CommittedHead>) -> Unchecked {
-        Unchecked { inner: Mutex::new(UncheckedInner { heads, lost: Default::default() }) }
+        Unchecked { inner: RwLock::new(UncheckedInner { heads, lost: Default::default() }) }
     }
 }
 
@@ -572,7 +572,7 @@ impl SledStore {
     /// [`StoreError::LostCommitted`]).
     pub fn lost_found(&self) -> Vec<crate::LostRecords> {
         match &self.unchecked {
-            Some(u) => u.inner.lock().unwrap_or_else(PoisonError::into_inner).lost.values().cloned().collect(),
+            Some(u) => u.inner.read().unwrap_or_else(PoisonError::into_inner).lost.values().cloned().collect(),
             None => Vec::new(),
         }
     }
@@ -583,7 +583,15 @@ impl SledStore {
     /// overtakes its check.
     fn checked(&self, run: RunId) -> Result<(), StoreError> {
         let Some(u) = &self.unchecked else { return Ok(()) };
-        let mut inner = u.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        {
+            // Every read and append passes here: runs already checked (or never in the
+            // manifest) share the lock.
+            let seen = u.inner.read().unwrap_or_else(PoisonError::into_inner);
+            if !seen.heads.contains_key(&run) && !seen.lost.contains_key(&run) {
+                return Ok(());
+            }
+        }
+        let mut inner = u.inner.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(l) = inner.lost.get(&run) {
             return Err(StoreError::LostCommitted { path: self.path.clone(), lost: vec![l.clone()], evidence: None });
         }
