@@ -134,6 +134,13 @@ impl Lease {
         self.expires_at_us
     }
 
+    /// The lease was released by other means than [`Coordination::release_lease`] (a
+    /// backend's [`WorkQueue::done`] released it in the same transaction): dropping it
+    /// releases nothing more.
+    pub fn released_elsewhere(&mut self) {
+        self.table = None;
+    }
+
     /// The fencing token to append with ([`Coordination::append_fenced`]).
     pub fn fence(&self) -> Fence {
         Fence { run: self.run, epoch: self.epoch }
@@ -438,8 +445,22 @@ pub trait WorkQueue: Send + Sync {
     /// was pushed while driven (returns true then). With `due_at_us` the run's due time
     /// is set in the store's due-time index ([`crate::Coordination::put_due`]) in the same
     /// step, for whichever process takes it ([`WorkQueue::take_due`]). Nothing if `owner`
-    /// no longer has the run (its lease was lost and the run claimed again).
-    fn done(&self, run: RunId, owner: &str, due_at_us: Option<i64>) -> Result<bool, StoreError>;
+    /// no longer has the run (its lease was lost and the run claimed again). With `lease`
+    /// (the drive's, on `run`) the lease is released in the same step, as
+    /// [`crate::Coordination::release_lease`] would (one transaction instead of two), and
+    /// its drop releases nothing more.
+    fn done(
+        &self,
+        run: RunId,
+        owner: &str,
+        due_at_us: Option<i64>,
+        lease: Option<&mut Lease>,
+    ) -> Result<bool, StoreError>;
+
+    /// Of `runs`, those neither in the queue nor in the due-time index, in the order given:
+    /// what a scan for runs whose push was lost still has to look at (one read instead of
+    /// a fold and a push per run).
+    fn unqueued(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError>;
 
     /// Removes and returns up to `limit` runs whose due time is `<= now_us`, earliest
     /// first; each is taken by one caller only (the caller queues it).

@@ -61,8 +61,7 @@ pub(crate) async fn drive_leased(
     // for an idle drive).
     let (h, inner2, done) = (held.clone(), inner.clone(), out.clone());
     if let Err(e) = blocking(&inner.log, move |log| {
-        crate::shell::shared::done(&inner2, run, &done);
-        h.release(log);
+        h.release_after(log, |lease| crate::shell::shared::done(&inner2, run, &done, lease));
         Ok(())
     })
     .await

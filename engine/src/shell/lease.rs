@@ -133,14 +133,23 @@ impl Held {
     }
 
     /// Releases the lease (if still held) so another driver may take the run at once.
-    pub(crate) fn release(&self, log: &dyn Store) {
+    /// Ends the hold: `end` gets the lease if it is still held (not lost) and returns
+    /// whether it released it itself (the shared queue's `done` does, in the same
+    /// transaction); if not, it is released here. A lease released either way is not
+    /// released again when dropped (that was a second round trip to a database per drive).
+    pub(crate) fn release_after(&self, log: &dyn Store, end: impl FnOnce(&mut Lease) -> bool) {
         let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(lease) = guard.take() {
-            if !self.is_lost() {
-                if let Err(e) = log.release_lease(&lease) {
-                    tracing::warn!(run = %lease.run(), error = %e, "cannot release the run's lease (it expires)");
-                }
-            }
+        let Some(mut lease) = guard.take() else { return };
+        if self.is_lost() {
+            // Dropped: its backend releases it only if its epoch is still the run's.
+            return;
+        }
+        if end(&mut lease) {
+            return;
+        }
+        match log.release_lease(&lease) {
+            Ok(()) => lease.released_elsewhere(),
+            Err(e) => tracing::warn!(run = %lease.run(), error = %e, "cannot release the run's lease (it expires)"),
         }
     }
 }

@@ -8,7 +8,7 @@
 use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
 use crate::shell::runtime::Inner;
-use keel_store::{Claimed, RunId, Runnable};
+use keel_store::{Claimed, Lease, RunId, Runnable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,24 +62,29 @@ pub(crate) async fn claim(inner: &Arc<Inner>) -> Vec<Claimed> {
 
 /// Tells the shared queue that this engine's drive of `run` ended as `out`: the run
 /// leaves it (a timer's due time goes to the due-time index), or goes round again if it
-/// was pushed meanwhile. A drive that lost its lease or was shut down leaves the run to
-/// the next claimer.
-pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome) {
-    let Some(q) = inner.log.work_queue() else { return };
+/// was pushed meanwhile; `lease` (the drive's) is released in the same step. A drive that
+/// lost its lease or was shut down leaves the run to the next claimer. Whether `lease`
+/// was released.
+pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Lease) -> bool {
+    let Some(q) = inner.log.work_queue() else { return false };
     let due = match out {
         DriveOutcome::Waiting { until_us } | DriveOutcome::Parked { until_us } => Some(*until_us),
         // Tried again after a lease's time (as a scan would).
         DriveOutcome::Stopped(_) => Some(inner.clock.now_us().saturating_add(ttl_us(inner))),
         DriveOutcome::Idle(_) => None,
-        DriveOutcome::LeaseLost | DriveOutcome::Shutdown => return,
+        DriveOutcome::LeaseLost | DriveOutcome::Shutdown => return false,
     };
-    match q.done(run, &inner.leasing.owner, due) {
+    match q.done(run, &inner.leasing.owner, due, Some(lease)) {
         Ok(_) => {
             if let Some(due) = due {
                 inner.sched().due_here.insert(run, due);
             }
+            true
         }
-        Err(e) => tracing::warn!(%run, error = %e, "cannot mark the run done in the shared queue (its claim expires)"),
+        Err(e) => {
+            tracing::warn!(%run, error = %e, "cannot mark the run done in the shared queue (its claim expires)");
+            false
+        }
     }
 }
 

@@ -16,13 +16,11 @@ pub(crate) trait Cached {
     async fn exec(&self, sql: &str, params: &Params<'_>) -> Result<u64, Error>;
     /// Prepares `sql` (or takes it from the cache) and returns its rows.
     async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error>;
-    /// Exactly one row.
-    async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Row, Error>;
     /// At most one row.
     async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error>;
 }
 
-/// The same four methods for each type that has `prepare_cached` (a transaction and a
+/// The same three methods for each type that has `prepare_cached` (a transaction and a
 /// session: deadpool's `GenericClient` covers its pool object, not the session itself).
 macro_rules! cached_for {
     ($($t:ty),*) => {$(
@@ -34,10 +32,6 @@ macro_rules! cached_for {
             async fn rows(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>, Error> {
                 let st = self.prepare_cached(sql).await?;
                 self.query(&st, params).await
-            }
-            async fn row(&self, sql: &str, params: &Params<'_>) -> Result<Row, Error> {
-                let st = self.prepare_cached(sql).await?;
-                self.query_one(&st, params).await
             }
             async fn row_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>, Error> {
                 let st = self.prepare_cached(sql).await?;

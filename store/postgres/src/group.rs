@@ -214,9 +214,6 @@ async fn transaction(
     committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let tx = client.transaction().await.map_err(failed)?;
-    if mode.async_commit {
-        tx.batch_execute("SET LOCAL synchronous_commit = off").await.map_err(failed)?;
-    }
     let mut fenced: Vec<Uuid> =
         batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
     fenced.sort();
@@ -228,42 +225,53 @@ async fn transaction(
     keys.sort();
     keys.dedup();
 
-    let mut locked = Locked::default();
-    if !fenced.is_empty() {
-        let rows = tx
-            .rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced])
-            .await
-            .map_err(failed)?;
-        for row in rows {
-            let (run, epoch): (Uuid, i64) = (row.try_get(0).map_err(failed)?, row.try_get(1).map_err(failed)?);
-            locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
+    // Sent together (one round trip), executed in this order: the locks are still taken
+    // leases, then heads, then claims.
+    let setting = async {
+        if mode.async_commit {
+            tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
         }
-    }
-    let rows = tx
-        .rows(
+        Ok(())
+    };
+    let leases = async {
+        if fenced.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced]).await
+    };
+    let heads = async {
+        tx.rows(
             "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE",
             &[&runs],
         )
         .await
-        .map_err(failed)?;
-    for row in rows {
+    };
+    let claims = async {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
+            .await
+    };
+    let ((), leases, heads, claims) = tokio::try_join!(setting, leases, heads, claims).map_err(failed)?;
+
+    let mut locked = Locked::default();
+    for row in leases {
+        let (run, epoch): (Uuid, i64) = (row.try_get(0).map_err(failed)?, row.try_get(1).map_err(failed)?);
+        locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
+    }
+    for row in heads {
         let run = RunId(row.try_get(0).map_err(failed)?);
         let next_seq: i64 = row.try_get(1).map_err(failed)?;
         let hash: Vec<u8> = row.try_get(2).map_err(failed)?;
         let kind: String = row.try_get(3).map_err(failed)?;
         locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
     }
-    if !keys.is_empty() {
-        let rows = tx
-            .rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
-            .await
-            .map_err(failed)?;
-        for row in rows {
-            let key: Vec<u8> = row.try_get(0).map_err(failed)?;
-            let run = RunId(row.try_get(1).map_err(failed)?);
-            let expires: i64 = row.try_get(2).map_err(failed)?;
-            locked.claims.insert(key, (run, expires));
-        }
+    for row in claims {
+        let key: Vec<u8> = row.try_get(0).map_err(failed)?;
+        let run = RunId(row.try_get(1).map_err(failed)?);
+        let expires: i64 = row.try_get(2).map_err(failed)?;
+        locked.claims.insert(key, (run, expires));
     }
 
     let plan = plan(batch.iter().map(Intent::of), locked);
@@ -287,35 +295,14 @@ fn stored_head(run: RunId, next_seq: i64, hash: &[u8], kind: String) -> Result<H
     Ok(Head { next_seq: Seq(next_seq), last_hash, last_kind: Some(kind) })
 }
 
+/// Writes what `plan` decided: every statement sent together (one round trip). A head or
+/// claim row that another process inserted since the locks were taken (`ON CONFLICT DO
+/// NOTHING` wrote fewer rows) is a lost race: nothing is committed.
 async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
     let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
     for (run, (head, existed)) in &plan.heads {
         let cols = if *existed { &mut upd } else { &mut ins };
         cols.push(*run, head);
-    }
-    if !upd.run.is_empty() {
-        tx.exec(
-            "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
-             FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
-             WHERE heads.run = u.run",
-            &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind],
-        )
-        .await
-        .map_err(failed)?;
-    }
-    if !ins.run.is_empty() {
-        let n = tx
-            .exec(
-                "INSERT INTO heads (run, next_seq, last_hash, last_kind)
-                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
-                 ON CONFLICT (run) DO NOTHING",
-                &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind],
-            )
-            .await
-            .map_err(failed)?;
-        if usize::try_from(n).ok() != Some(ins.run.len()) {
-            return Err(Failed::Raced);
-        }
     }
     let (mut cu, mut ci) = (ClaimCols::default(), ClaimCols::default());
     for (key, (run, expires, existed)) in &plan.claims {
@@ -323,30 +310,6 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
         cols.key.push(key.as_slice());
         cols.run.push(run.0);
         cols.expires.push(*expires);
-    }
-    if !cu.key.is_empty() {
-        tx.exec(
-            "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
-             FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
-             WHERE claims.key = u.key",
-            &[&cu.key, &cu.run, &cu.expires],
-        )
-        .await
-        .map_err(failed)?;
-    }
-    if !ci.key.is_empty() {
-        let n = tx
-            .exec(
-                "INSERT INTO claims (key, run, expires_at_us)
-                 SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
-                 ON CONFLICT (key) DO NOTHING",
-                &[&ci.key, &ci.run, &ci.expires],
-            )
-            .await
-            .map_err(failed)?;
-        if usize::try_from(n).ok() != Some(ci.key.len()) {
-            return Err(Failed::Raced);
-        }
     }
     let mut run = Vec::with_capacity(plan.events.len());
     let mut seq = Vec::with_capacity(plan.events.len());
@@ -357,18 +320,69 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
         seq.push(i64::try_from(s.0).unwrap_or(i64::MAX));
         value.push(v.as_slice());
     }
-    tx.exec(
-        "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])",
-        &[&run, &seq, &value],
-    )
-    .await
-    .map_err(failed)?;
-    write_aux(tx, &plan.aux).await
-}
-
-/// The aux writes of a flush (see [`aux_statements`]).
-async fn write_aux(tx: &Transaction<'_>, aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> Result<(), Failed> {
-    aux_statements(tx, aux).await.map_err(failed)
+    let updating = async {
+        if upd.run.is_empty() {
+            return Ok(0);
+        }
+        tx.exec(
+            "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
+             FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
+             WHERE heads.run = u.run",
+            &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind],
+        )
+        .await
+    };
+    let inserting = async {
+        if ins.run.is_empty() {
+            return Ok(0);
+        }
+        tx.exec(
+            "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
+             ON CONFLICT (run) DO NOTHING",
+            &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind],
+        )
+        .await
+    };
+    let claiming_old = async {
+        if cu.key.is_empty() {
+            return Ok(0);
+        }
+        tx.exec(
+            "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
+             FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
+             WHERE claims.key = u.key",
+            &[&cu.key, &cu.run, &cu.expires],
+        )
+        .await
+    };
+    let claiming_new = async {
+        if ci.key.is_empty() {
+            return Ok(0);
+        }
+        tx.exec(
+            "INSERT INTO claims (key, run, expires_at_us)
+             SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
+             ON CONFLICT (key) DO NOTHING",
+            &[&ci.key, &ci.run, &ci.expires],
+        )
+        .await
+    };
+    let events = async {
+        tx.exec(
+            "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])",
+            &[&run, &seq, &value],
+        )
+        .await
+    };
+    let (_, heads_new, _, claims_new, _, ()) =
+        tokio::try_join!(updating, inserting, claiming_old, claiming_new, events, aux_statements(tx, &plan.aux))
+            .map_err(failed)?;
+    if usize::try_from(heads_new).ok() != Some(ins.run.len()) || usize::try_from(claims_new).ok() != Some(ci.key.len())
+    {
+        return Err(Failed::Raced);
+    }
+    Ok(())
 }
 
 /// The aux writes of one atomic step by key, counter adds of one key summed
@@ -381,25 +395,37 @@ pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> 
     map
 }
 
-/// Adds each counter's amount to its stored value (8 big-endian bytes, as
-/// `keel_store::counter_value` reads them) in one upsert: the row lock of the update
-/// serialises concurrent adds, so they sum exactly.
+/// Shards per counter: a session adds to shard `pg_backend_pid() % COUNTER_SHARDS` of it
+/// (schema migration 4), so concurrent transactions of different sessions seldom wait for
+/// each other's row lock on one counter (it was held through each commit's WAL flush, and
+/// the flushes of every process queued on it). A read sums the shards.
+pub(crate) const COUNTER_SHARDS: i32 = 64;
+
+/// Adds each counter's amount to this session's shard of it in one upsert (the row lock of
+/// the update serialises concurrent adds to one shard, so they sum exactly). A plain entry
+/// stored under the key (an `aux_put`) is folded into the counter first, as the in-process
+/// backends read it: a key is in one table or the other.
 async fn counter_statement(tx: &Transaction<'_>, keys: &[&[u8]], deltas: &[i64]) -> Result<(), tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(());
     }
     tx.exec(
-        "INSERT INTO aux (key, value) SELECT k, int8send(d) FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
-         ON CONFLICT (key) DO UPDATE SET value = int8send(
-             ('x' || encode(aux.value, 'hex'))::bit(64)::bigint
-             + ('x' || encode(EXCLUDED.value, 'hex'))::bit(64)::bigint)",
-        &[&keys, &deltas],
+        "WITH plain AS (DELETE FROM aux WHERE key = ANY($1) RETURNING key, value)
+         INSERT INTO counters (key, shard, value)
+         SELECT t.k, pg_backend_pid() % $3, t.d + coalesce((
+             SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
+             WHERE p.key = t.k AND length(p.value) = 8), 0)
+         FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
+         ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value",
+        &[&keys, &deltas, &COUNTER_SHARDS],
     )
     .await?;
     Ok(())
 }
 
-/// Aux writes in `tx`: removes deleted, puts upserted, counters added (one statement each).
+/// Aux writes in `tx`: removes deleted, puts upserted, counters added; the statements are
+/// sent together (one round trip). A removal or a plain put of a counter's key also drops
+/// its shards.
 pub(crate) async fn aux_statements(
     tx: &Transaction<'_>,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -407,12 +433,16 @@ pub(crate) async fn aux_statements(
     let mut put_key: Vec<&[u8]> = Vec::new();
     let mut put_value: Vec<&[u8]> = Vec::new();
     let mut removed: Vec<&[u8]> = Vec::new();
+    let mut uncounted: Vec<&[u8]> = Vec::new();
     let (mut counter_keys, mut deltas): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
     for (key, value) in aux {
         if let Some(d) = keel_store::counter_delta(key, value.as_deref()) {
             counter_keys.push(key.as_slice());
             deltas.push(d);
             continue;
+        }
+        if key.starts_with(keel_store::COUNTER_PREFIX) {
+            uncounted.push(key.as_slice());
         }
         match value {
             Some(v) => {
@@ -422,18 +452,31 @@ pub(crate) async fn aux_statements(
             None => removed.push(key.as_slice()),
         }
     }
-    if !removed.is_empty() {
-        tx.exec("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
-    }
-    if !put_key.is_empty() {
-        tx.exec(
-            "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-            &[&put_key, &put_value],
-        )
-        .await?;
-    }
-    counter_statement(tx, &counter_keys, &deltas).await
+    let removing = async {
+        if !removed.is_empty() {
+            tx.exec("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
+        }
+        Ok(())
+    };
+    let uncounting = async {
+        if !uncounted.is_empty() {
+            tx.exec("DELETE FROM counters WHERE key = ANY($1)", &[&uncounted]).await?;
+        }
+        Ok(())
+    };
+    let putting = async {
+        if !put_key.is_empty() {
+            tx.exec(
+                "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&put_key, &put_value],
+            )
+            .await?;
+        }
+        Ok(())
+    };
+    tokio::try_join!(removing, uncounting, putting, counter_statement(tx, &counter_keys, &deltas))?;
+    Ok(())
 }
 
 /// Aux writes outside any append, in one transaction of their own; retried (a few times)

@@ -10,7 +10,7 @@ use crate::store::PgStore;
 use crate::wakers::Wakers;
 use deadpool_postgres::{ClientWrapper, Transaction};
 use keel_store::{
-    Claimed, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
+    Claimed, Lease, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, PoisonError};
@@ -32,6 +32,9 @@ const ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
 const CANDIDATES_PER_CLAIM: usize = 4;
+
+/// Runs looked up per statement by [`WorkQueue::unqueued`].
+const UNQUEUED_CHUNK: usize = 1024;
 
 /// How long the listener waits before connecting again after losing its session.
 const LISTEN_RETRY_MS: u64 = 1_000;
@@ -66,33 +69,42 @@ async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Resul
 }
 
 /// Locks the per-workflow claim locks of `workflows` in one order (no two claimers wait
-/// on each other's), held to the end of the transaction.
+/// on each other's), held to the end of the transaction; the statements are sent together.
 async fn lock_workflows(
     tx: &Transaction<'_>,
     schema: &str,
     workflows: &BTreeSet<&str>,
 ) -> Result<(), tokio_postgres::Error> {
-    for wf in workflows {
+    futures_util::future::try_join_all(workflows.iter().map(|wf| async move {
         tx.exec(
             "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)",
             &[&schema, wf],
         )
-        .await?;
-    }
+        .await
+    }))
+    .await?;
     Ok(())
 }
 
-/// Runs of `workflow` holding a live lease at `now_us`, over all processes.
-async fn busy(tx: &Transaction<'_>, workflow: &str, now_us: i64) -> Result<usize, tokio_postgres::Error> {
-    let n: i64 = tx
-        .row(
-            "SELECT count(*) FROM work w JOIN leases l ON l.run = w.run
-             WHERE w.workflow = $1 AND l.owner IS NOT NULL AND l.expires_at_us > $2",
-            &[&workflow, &now_us],
+/// Runs of each of `workflows` holding a live lease at `now_us`, over all processes.
+async fn busy(
+    tx: &Transaction<'_>,
+    workflows: &[&str],
+    now_us: i64,
+) -> Result<BTreeMap<String, usize>, tokio_postgres::Error> {
+    if workflows.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let rows = tx
+        .rows(
+            "SELECT w.workflow, count(*) FROM work w JOIN leases l ON l.run = w.run
+             WHERE w.workflow = ANY($1) AND l.owner IS NOT NULL AND l.expires_at_us > $2 GROUP BY w.workflow",
+            &[&workflows, &now_us],
         )
-        .await?
-        .get(0);
-    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get::<_, String>(0)?, usize::try_from(r.try_get::<_, i64>(1)?).unwrap_or(usize::MAX))))
+        .collect()
 }
 
 /// One claim: `(run, workflow, epoch)` of each run taken.
@@ -104,23 +116,24 @@ struct Take<'a> {
     limits: &'a BTreeMap<String, usize>,
 }
 
+/// Claims up to `t.max` runs in three round trips after BEGIN: the claim locks, the
+/// candidates and the live leases of each limited workflow type (sent together, executed in
+/// that order); the grants (one statement); the commit.
 async fn claim_tx(
     client: &mut ClientWrapper,
     t: Take<'_>,
     schema: &str,
 ) -> Result<Vec<(RunId, String, i64)>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    // The grants are made durable below, after the locks are released.
-    tx.batch_execute(ASYNC_COMMIT).await?;
     // The claim locks of every limited workflow type are taken before any candidate row is
     // read: a claimer that read (and locked) candidates first, then waited for such a lock,
     // left the highest-priority rows locked while another claimer, skipping them, granted a
     // lower-priority run the one free slot (runs claimed out of priority order).
     let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
-    lock_workflows(&tx, schema, &limited).await?;
+    let limited_list: Vec<&str> = limited.iter().copied().collect();
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
-    let rows = tx
-        .rows(
+    let candidates = async {
+        tx.rows(
             "SELECT w.run, w.workflow FROM work w
              WHERE NOT EXISTS (SELECT 1 FROM leases l
                                WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
@@ -128,31 +141,33 @@ async fn claim_tx(
              LIMIT $2 FOR UPDATE OF w SKIP LOCKED",
             &[&t.now_us, &want],
         )
-        .await?;
-    let candidates: Vec<(Uuid, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut busy_now: BTreeMap<&str, usize> = BTreeMap::new();
-    for wf in candidates.iter().map(|(_, wf)| wf.as_str()).filter(|wf| limited.contains(wf)) {
-        if !busy_now.contains_key(wf) {
-            busy_now.insert(wf, busy(&tx, wf, t.now_us).await?);
-        }
-    }
-    let mut taken = Vec::new();
-    for (run, wf) in &candidates {
-        if taken.len() >= t.max {
+        .await
+    };
+    // The grants are made durable below, after the locks are released.
+    let (_, (), rows, mut busy_now) = tokio::try_join!(
+        tx.batch_execute(ASYNC_COMMIT),
+        lock_workflows(&tx, schema, &limited),
+        candidates,
+        busy(&tx, &limited_list, t.now_us),
+    )?;
+    let mut chosen: Vec<(Uuid, String)> = Vec::new();
+    for row in &rows {
+        if chosen.len() >= t.max {
             break;
         }
-        let limit = t.limits.get(wf).copied().unwrap_or(0);
-        let n = busy_now.get(wf.as_str()).copied().unwrap_or(0);
-        if limit > 0 && n >= limit {
+        let (run, wf): (Uuid, String) = (row.try_get(0)?, row.try_get(1)?);
+        let limit = t.limits.get(&wf).copied().unwrap_or(0);
+        let n = busy_now.entry(wf.clone()).or_insert(0);
+        if limit > 0 && *n >= limit {
             continue;
         }
-        let Some(epoch) = grant(&tx, *run, t.owner, t.expires_at_us, t.now_us).await? else { continue };
-        if let Some(n) = busy_now.get_mut(wf.as_str()) {
-            *n += 1;
-        }
-        taken.push((RunId(*run), wf.clone(), epoch));
+        *n += 1;
+        chosen.push((run, wf));
     }
+    let granted = grant(&tx, &chosen, &t).await?;
     tx.commit().await?;
+    let taken: Vec<(RunId, String, i64)> =
+        chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
     if !taken.is_empty() {
         // A grant lost in a crash of the server could hand one epoch out twice: the claim
         // is made durable (a synchronous commit flushes the WAL up to it) before any lease
@@ -162,47 +177,68 @@ async fn claim_tx(
     Ok(taken)
 }
 
-/// Grants `owner` the run's lease (as `try_lease`) and marks the run claimed by it.
+/// Grants `t.owner` the leases of `runs` (as `try_lease`: a run whose lease another holds
+/// live is passed over) and marks them claimed by it, in one statement: each granted run's
+/// epoch.
 async fn grant(
     tx: &Transaction<'_>,
-    run: Uuid,
-    owner: &str,
-    expires_at_us: i64,
-    now_us: i64,
-) -> Result<Option<i64>, tokio_postgres::Error> {
-    let row = tx
-        .row_opt(
-            "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
-             ON CONFLICT (run) DO UPDATE
-               SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
-               WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
-             RETURNING epoch",
-            &[&run, &owner, &expires_at_us, &now_us],
+    runs: &[(Uuid, String)],
+    t: &Take<'_>,
+) -> Result<BTreeMap<Uuid, i64>, tokio_postgres::Error> {
+    if runs.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let mut ids: Vec<Uuid> = runs.iter().map(|(r, _)| *r).collect();
+    // Lease rows locked in one order by every granter.
+    ids.sort();
+    let rows = tx
+        .rows(
+            "WITH g AS (
+                 INSERT INTO leases (run, owner, epoch, expires_at_us)
+                 SELECT r, $2, 1, $3 FROM unnest($1::uuid[]) AS t(r) ORDER BY r
+                 ON CONFLICT (run) DO UPDATE
+                   SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
+                   WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
+                 RETURNING run, epoch),
+             w AS (UPDATE work SET claimed_by = $2, again = false FROM g WHERE work.run = g.run)
+             SELECT run, epoch FROM g",
+            &[&ids, &t.owner, &t.expires_at_us, &t.now_us],
         )
         .await?;
-    let Some(row) = row else { return Ok(None) };
-    tx.exec("UPDATE work SET claimed_by = $2, again = false WHERE run = $1", &[&run, &owner]).await?;
-    Ok(Some(row.get(0)))
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
+/// The end of a drive (see [`WorkQueue::done`]); with `release` (the drive's lease epoch)
+/// the lease is released in the same transaction.
 async fn done_tx(
     client: &mut ClientWrapper,
     run: RunId,
     owner: &str,
     due_at_us: Option<i64>,
+    release: Option<i64>,
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // Sent together (one round trip); the notification is delivered at commit: a slot of
     // the run's workflow type is free (or the run is queued again).
     let params: [&(dyn ToSql + Sync); 2] = [&run.0, &owner];
-    let (_, again, _) = tokio::try_join!(
+    let releasing = async {
+        let Some(epoch) = release else { return Ok(()) };
+        tx.exec(
+            "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
+            &[&run.0, &epoch],
+        )
+        .await
+        .map(drop)
+    };
+    let (_, again, _, ()) = tokio::try_join!(
         tx.batch_execute(ASYNC_COMMIT),
         tx.exec(
             "UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again",
             &params,
         ),
         notify(&tx, schema),
+        releasing,
     )?;
     let again = again == 1;
     if !again {
@@ -315,13 +351,49 @@ impl WorkQueue for PgStore {
             .collect())
     }
 
-    fn done(&self, run: RunId, owner: &str, due_at_us: Option<i64>) -> Result<bool, StoreError> {
+    fn done(
+        &self,
+        run: RunId,
+        owner: &str,
+        due_at_us: Option<i64>,
+        lease: Option<&mut Lease>,
+    ) -> Result<bool, StoreError> {
+        let lease = lease.filter(|l| l.run() == run);
+        let release = lease.as_ref().and_then(|l| i64::try_from(l.epoch()).ok());
         let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
-        self.call(async move {
+        let again = self.call(async move {
             let mut conn = pool.get().await?;
-            let result = done_tx(conn.client()?, run, &who, due_at_us, &schema).await;
+            let result = done_tx(conn.client()?, run, &who, due_at_us, release, &schema).await;
             conn.ok(result)
-        })
+        })?;
+        if let Some(l) = lease {
+            l.released_elsewhere();
+        }
+        Ok(again)
+    }
+
+    fn unqueued(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in runs.chunks(UNQUEUED_CHUNK) {
+            let ids: Vec<Uuid> = chunk.iter().map(|r| r.0).collect();
+            let pool = self.pool();
+            let left: BTreeSet<Uuid> = self.call(async move {
+                let mut conn = pool.get().await?;
+                let result = conn
+                    .client()?
+                    .rows(
+                        "SELECT r FROM unnest($1::uuid[]) AS t(r)
+                         WHERE NOT EXISTS (SELECT 1 FROM work w WHERE w.run = t.r)
+                           AND NOT EXISTS (SELECT 1 FROM due d WHERE d.run = t.r)",
+                        &[&ids],
+                    )
+                    .await;
+                let rows = conn.ok(result)?;
+                rows.iter().map(|r| r.try_get::<_, Uuid>(0).map_err(pg)).collect()
+            })?;
+            out.extend(chunk.iter().filter(|r| left.contains(&r.0)));
+        }
+        Ok(out)
     }
 
     fn take_due(&self, now_us: i64, limit: usize) -> Result<Vec<RunId>, StoreError> {

@@ -790,7 +790,10 @@ impl Coordination for PgStore {
             let result = conn
                 .client()?
                 .query(
-                    "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2 ORDER BY key LIMIT $3",
+                    "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2
+                     UNION ALL
+                     SELECT key, int8send(sum(value)::bigint) FROM counters WHERE key >= $1 AND key <= $2 GROUP BY key
+                     ORDER BY key LIMIT $3",
                     &[&lo, &hi, &limit],
                 )
                 .await;
@@ -857,7 +860,16 @@ impl Coordination for PgStore {
         let (pool, key) = (self.pool(), key.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            let result = conn.client()?.row_opt("SELECT value FROM aux WHERE key = $1", &[&key]).await;
+            // A counter's shards summed (a key is in one table or the other).
+            let result = conn
+                .client()?
+                .row_opt(
+                    "SELECT value FROM aux WHERE key = $1
+                     UNION ALL
+                     SELECT int8send(sum(value)::bigint) FROM counters WHERE key = $1 HAVING count(*) > 0",
+                    &[&key],
+                )
+                .await;
             let row = conn.ok(result)?;
             row.map(|r| r.try_get(0).map_err(pg)).transpose()
         })
@@ -870,6 +882,26 @@ impl Coordination for PgStore {
         }
         if value.len() > limits.event_bytes_max {
             return Err(StoreError::TooLarge { what: "aux value", bytes: value.len(), max: limits.event_bytes_max });
+        }
+        if key.starts_with(keel_store::COUNTER_PREFIX) {
+            // Replaces the counter's shards, as a put replaces an entry.
+            let (pool, key, value) = (self.pool(), key.to_vec(), value.to_vec());
+            return self.call(async move {
+                let mut conn = pool.get().await?;
+                let client = conn.client()?;
+                let result = async {
+                    let tx = client.transaction().await?;
+                    tx.exec("DELETE FROM counters WHERE key = $1", &[&key]).await?;
+                    tx.exec(
+                        "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        &[&key, &value],
+                    )
+                    .await?;
+                    tx.commit().await
+                }
+                .await;
+                conn.ok(result)
+            });
         }
         self.exec(
             "INSERT INTO aux (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",

@@ -579,7 +579,7 @@ fn a_schema_at_an_older_version_is_migrated_at_open_and_keeps_its_data() {
     drop(store);
     let admin = Admin::connect().unwrap();
     admin.exec(&format!(
-        "DROP TABLE {schema}.payloads, {schema}.payload_manifests, {schema}.work, {schema}.tokens;
+        "DROP TABLE {schema}.payloads, {schema}.payload_manifests, {schema}.work, {schema}.tokens, {schema}.counters;
          DELETE FROM {schema}.schema_version WHERE version >= 2"
     ));
     let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
@@ -666,4 +666,94 @@ fn flush_waits_until_the_wal_on_disk_holds_every_earlier_commit_also_asynchronou
         let on_disk = lsn("pg_current_wal_flush_lsn");
         assert!(on_disk >= committed, "round {i}: the WAL on disk ends at {on_disk}, before a commit at {committed}");
     }
+}
+
+/// Counters live in shards (schema migration 4): a read sums a counter's shards, a listing
+/// shows it once with the sum, a removal or a plain put replaces every shard; a schema at
+/// version 3, whose counters are rows of `aux`, is migrated with their values.
+#[test]
+fn counters_are_summed_over_their_shards_and_a_version_3_schema_brings_its_counters_along() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg.clone()).unwrap();
+    let key = |k: &[u8]| [keel_store::COUNTER_PREFIX, k].concat();
+    let get = |s: &PgStore, k: &[u8]| s.aux_get(&key(k)).unwrap().map(|v| keel_store::counter_value(&v));
+    store.append_with_aux(run(1), Seq(0), vec![rec(0)], None, vec![keel_store::counter_add(b"c/a", 7)]).unwrap();
+    let admin = Admin::connect().unwrap();
+    // Two more shards of `c/a`, as other sessions' adds leave them.
+    admin.exec(&format!(
+        "INSERT INTO {schema}.counters (key, shard, value) VALUES ('\\x236e2f632f61', 64, 5), ('\\x236e2f632f61', 65, -2)"
+    ));
+    assert_eq!(get(&store, b"c/a"), Some(10));
+    store.aux_put(b"c/plain", b"p").unwrap();
+    let listed = store.aux_range(b"", b"\xff", 10).unwrap();
+    assert_eq!(
+        listed,
+        vec![(key(b"c/a"), 10i64.to_be_bytes().to_vec()), (b"c/plain".to_vec(), b"p".to_vec())],
+        "one entry per counter, with the sum, in key order among the plain entries"
+    );
+    // A plain put replaces the counter (every shard), a counter add folds it back in.
+    store.aux_put(&key(b"c/a"), &3i64.to_be_bytes()).unwrap();
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.counters")), 0);
+    assert_eq!(get(&store, b"c/a"), Some(3));
+    store.aux_apply(vec![keel_store::counter_add(b"c/a", 4)]).unwrap();
+    assert_eq!(get(&store, b"c/a"), Some(7));
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.aux WHERE key = '\\x236e2f632f61'")), 0);
+    store.aux_apply(vec![(key(b"c/a"), None)]).unwrap();
+    assert_eq!(get(&store, b"c/a"), None);
+
+    // Back to version 3: the counters as aux rows, the table gone.
+    store.aux_apply(vec![keel_store::counter_add(b"c/b", 41), keel_store::counter_add(b"c/c", -1)]).unwrap();
+    drop(store);
+    admin.exec(&format!(
+        "INSERT INTO {schema}.aux (key, value) SELECT key, int8send(sum(value)::bigint) FROM {schema}.counters GROUP BY key;
+         DROP TABLE {schema}.counters;
+         DELETE FROM {schema}.schema_version WHERE version >= 4"
+    ));
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    assert_eq!((get(&store, b"c/b"), get(&store, b"c/c")), (Some(41), Some(-1)));
+    assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.counters")), 2);
+    assert_eq!(
+        admin.int(&format!("SELECT count(*) FROM {schema}.aux WHERE key >= '\\x236e2f' AND key < '\\x236e30'")),
+        0
+    );
+    store.aux_apply(vec![keel_store::counter_add(b"c/b", 1)]).unwrap();
+    assert_eq!(get(&store, b"c/b"), Some(42));
+}
+
+/// The work queue's bookkeeping: `unqueued` names only the runs neither queued nor waiting
+/// in the due-time index (what a scan still folds), and `done` with the drive's lease
+/// releases it in the same transaction (another owner takes the run at once).
+#[test]
+fn unqueued_names_the_runs_a_scan_must_queue_and_done_releases_the_lease() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let store = PgStore::open(scratch.config()).unwrap();
+    let runnable = |n: u8| Runnable { run: run(n), workflow: "w".into(), priority: 0, accepted_at_us: i64::from(n) };
+    for n in 1..=3 {
+        store.push(&runnable(n)).unwrap();
+    }
+    store.put_due(run(4), 1_000).unwrap();
+    let all: Vec<RunId> = (1..=5).map(run).collect();
+    assert_eq!(store.unqueued(&all).unwrap(), vec![run(5)]);
+
+    let now = 1_000_000;
+    let mut claimed = store.claim("one", 60_000, now, 1, &Default::default()).unwrap();
+    assert_eq!(claimed.len(), 1);
+    let mut lease = claimed.remove(0).lease;
+    let r = lease.run();
+    assert_eq!(r, run(1), "queue order");
+    assert!(store.try_lease(r, "two", 60_000, now).unwrap().is_none(), "held by the claim");
+    assert!(!store.done(r, "one", None, Some(&mut lease)).unwrap());
+    drop(lease);
+    let taken = store.try_lease(r, "two", 60_000, now).unwrap();
+    assert!(taken.is_some(), "released with the done, before its expiry");
+    assert_eq!(store.unqueued(&all).unwrap(), vec![run(1), run(5)], "the done run left the queue");
 }
