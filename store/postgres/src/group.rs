@@ -12,7 +12,7 @@
 use crate::cached::Cached;
 use crate::error::{connection_lost, PgError, Timed};
 use crate::pool::Pool;
-use deadpool_postgres::{ClientWrapper as Client, Transaction};
+use deadpool_postgres::ClientWrapper as Client;
 use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -206,14 +206,72 @@ async fn flush_once(
     result
 }
 
-/// Locks, plans, writes and commits one flush.
+const LEASES_SQL: &str = "SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE";
+const HEADS_SQL: &str =
+    "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE";
+const CLAIMS_SQL: &str = "SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE";
+const UPDATE_HEADS_SQL: &str =
+    "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
+     FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
+     WHERE heads.run = u.run";
+/// No `ON CONFLICT`: a head row another process inserted since the locks were taken is a
+/// unique violation, which aborts the transaction (its COMMIT, already sent, rolls back).
+const INSERT_HEADS_SQL: &str = "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])";
+const UPDATE_CLAIMS_SQL: &str = "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
+     FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
+     WHERE claims.key = u.key";
+/// As [`INSERT_HEADS_SQL`]: a key claimed by another process meanwhile aborts the flush.
+const INSERT_CLAIMS_SQL: &str =
+    "INSERT INTO claims (key, run, expires_at_us) SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])";
+const EVENTS_SQL: &str =
+    "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])";
+const AUX_REMOVE_SQL: &str = "DELETE FROM aux WHERE key = ANY($1)";
+const AUX_UNCOUNT_SQL: &str = "DELETE FROM counters WHERE key = ANY($1)";
+const AUX_PUT_SQL: &str = "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
+const COUNTER_SQL: &str = "WITH plain AS (DELETE FROM aux WHERE key = ANY($1) RETURNING key, value)
+     INSERT INTO counters (key, shard, value)
+     SELECT t.k, pg_backend_pid() % $3, t.d + coalesce((
+         SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
+         WHERE p.key = t.k AND length(p.value) = 8), 0)
+     FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
+     ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value";
+/// The aux statements ([`aux_statements`]).
+pub(crate) const AUX_STATEMENTS: [&str; 4] = [AUX_REMOVE_SQL, AUX_UNCOUNT_SQL, AUX_PUT_SQL, COUNTER_SQL];
+const FLUSH_STATEMENTS: [&str; 8] = [
+    LEASES_SQL,
+    HEADS_SQL,
+    CLAIMS_SQL,
+    UPDATE_HEADS_SQL,
+    INSERT_HEADS_SQL,
+    UPDATE_CLAIMS_SQL,
+    INSERT_CLAIMS_SQL,
+    EVENTS_SQL,
+];
+
+/// Prepares `sqls` on the session: from its statement cache after the first time (no
+/// round trip). Statements sent together with a BEGIN or a COMMIT must be prepared first:
+/// one that is not would be parsed first and executed after the COMMIT sent behind it.
+pub(crate) async fn warm(client: &Client, sqls: &[&str]) -> Result<(), tokio_postgres::Error> {
+    for sql in sqls {
+        client.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
+/// Locks, plans, writes and commits one flush in two round trips: BEGIN with the locking
+/// reads, then the writes with the COMMIT (a write that fails aborts the transaction, and
+/// the COMMIT behind it rolls back).
 async fn transaction(
     client: &mut Client,
     batch: &[Append],
     mode: FlushMode,
     committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
-    let tx = client.transaction().await.map_err(failed)?;
+    warm(client, &FLUSH_STATEMENTS).await.map_err(failed)?;
+    warm(client, &AUX_STATEMENTS).await.map_err(failed)?;
+    let client: &Client = client;
     let mut fenced: Vec<Uuid> =
         batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
     fenced.sort();
@@ -227,63 +285,72 @@ async fn transaction(
 
     // Sent together (one round trip), executed in this order: the locks are still taken
     // leases, then heads, then claims.
-    let setting = async {
-        if mode.async_commit {
-            tx.batch_execute("SET LOCAL synchronous_commit = off").await?;
-        }
-        Ok(())
-    };
+    let begin = if mode.async_commit { "BEGIN; SET LOCAL synchronous_commit = off" } else { "BEGIN" };
     let leases = async {
         if fenced.is_empty() {
             return Ok(Vec::new());
         }
-        tx.rows("SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE", &[&fenced]).await
+        client.rows(LEASES_SQL, &[&fenced]).await
     };
-    let heads = async {
-        tx.rows(
-            "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE",
-            &[&runs],
-        )
-        .await
-    };
+    let heads = async { client.rows(HEADS_SQL, &[&runs]).await };
     let claims = async {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        tx.rows("SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE", &[&keys])
-            .await
+        client.rows(CLAIMS_SQL, &[&keys]).await
     };
-    let ((), leases, heads, claims) = tokio::try_join!(setting, leases, heads, claims).map_err(failed)?;
+    let read = tokio::try_join!(client.batch_execute(begin), leases, heads, claims);
+    let ((), leases, heads, claims) = match read {
+        Ok(read) => read,
+        Err(e) => return Err(rolled_back(client, e).await),
+    };
+    let locked = match locked(leases, heads, claims) {
+        Ok(locked) => locked,
+        Err(e) => return Err(rolled_back(client, e).await),
+    };
+    let plan = plan(batch.iter().map(Intent::of), locked);
+    if plan.events.is_empty() {
+        client.batch_execute("ROLLBACK").await.map_err(failed)?;
+        return Ok(plan.outcomes);
+    }
+    // From here the outcome is in doubt if the connection goes or the call is cut.
+    committing.store(true, Ordering::Relaxed);
+    write(client, &plan).await?;
+    Ok(plan.outcomes)
+}
 
+/// Ends the transaction after `e` (best effort: a session whose connection went is not
+/// reused anyway); `e` as the flush's failure.
+async fn rolled_back(client: &Client, e: tokio_postgres::Error) -> Failed {
+    let _ = client.batch_execute("ROLLBACK").await;
+    failed(e)
+}
+
+/// What the locking reads found.
+fn locked(
+    leases: Vec<tokio_postgres::Row>,
+    heads: Vec<tokio_postgres::Row>,
+    claims: Vec<tokio_postgres::Row>,
+) -> Result<Locked, tokio_postgres::Error> {
     let mut locked = Locked::default();
     for row in leases {
-        let (run, epoch): (Uuid, i64) = (row.try_get(0).map_err(failed)?, row.try_get(1).map_err(failed)?);
+        let (run, epoch): (Uuid, i64) = (row.try_get(0)?, row.try_get(1)?);
         locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
     }
     for row in heads {
-        let run = RunId(row.try_get(0).map_err(failed)?);
-        let next_seq: i64 = row.try_get(1).map_err(failed)?;
-        let hash: Vec<u8> = row.try_get(2).map_err(failed)?;
-        let kind: String = row.try_get(3).map_err(failed)?;
+        let run = RunId(row.try_get(0)?);
+        let next_seq: i64 = row.try_get(1)?;
+        let hash: Vec<u8> = row.try_get(2)?;
+        let kind: String = row.try_get(3)?;
         locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
     }
     for row in claims {
-        let key: Vec<u8> = row.try_get(0).map_err(failed)?;
-        let run = RunId(row.try_get(1).map_err(failed)?);
-        let expires: i64 = row.try_get(2).map_err(failed)?;
+        let key: Vec<u8> = row.try_get(0)?;
+        let run = RunId(row.try_get(1)?);
+        let expires: i64 = row.try_get(2)?;
         locked.claims.insert(key, (run, expires));
     }
-
-    let plan = plan(batch.iter().map(Intent::of), locked);
-    if plan.events.is_empty() {
-        tx.rollback().await.map_err(failed)?;
-        return Ok(plan.outcomes);
-    }
-    write(&tx, &plan).await?;
-    // From here the outcome is in doubt if the connection goes or the call is cut.
-    committing.store(true, Ordering::Relaxed);
-    tx.commit().await.map_err(|e| if connection_lost(&e) { Failed::Pg(PgError::at_commit(e)) } else { failed(e) })?;
-    Ok(plan.outcomes)
+    Ok(locked)
 }
 
 /// A stored head row; a damaged one gives a head no append can match (the run's appends
@@ -295,10 +362,10 @@ fn stored_head(run: RunId, next_seq: i64, hash: &[u8], kind: String) -> Result<H
     Ok(Head { next_seq: Seq(next_seq), last_hash, last_kind: Some(kind) })
 }
 
-/// Writes what `plan` decided: every statement sent together (one round trip). A head or
-/// claim row that another process inserted since the locks were taken (`ON CONFLICT DO
-/// NOTHING` wrote fewer rows) is a lost race: nothing is committed.
-async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
+/// Writes what `plan` decided and commits: every statement and the COMMIT sent together
+/// (one round trip). A head or claim row that another process inserted since the locks
+/// were taken is a unique violation: a lost race, nothing committed.
+async fn write(client: &Client, plan: &Plan) -> Result<(), Failed> {
     let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
     for (run, (head, existed)) in &plan.heads {
         let cols = if *existed { &mut upd } else { &mut ins };
@@ -324,65 +391,42 @@ async fn write(tx: &Transaction<'_>, plan: &Plan) -> Result<(), Failed> {
         if upd.run.is_empty() {
             return Ok(0);
         }
-        tx.exec(
-            "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
-             FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
-             WHERE heads.run = u.run",
-            &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind],
-        )
-        .await
+        client.exec(UPDATE_HEADS_SQL, &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind]).await
     };
     let inserting = async {
         if ins.run.is_empty() {
             return Ok(0);
         }
-        tx.exec(
-            "INSERT INTO heads (run, next_seq, last_hash, last_kind)
-             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
-             ON CONFLICT (run) DO NOTHING",
-            &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind],
-        )
-        .await
+        client.exec(INSERT_HEADS_SQL, &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind]).await
     };
     let claiming_old = async {
         if cu.key.is_empty() {
             return Ok(0);
         }
-        tx.exec(
-            "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
-             FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
-             WHERE claims.key = u.key",
-            &[&cu.key, &cu.run, &cu.expires],
-        )
-        .await
+        client.exec(UPDATE_CLAIMS_SQL, &[&cu.key, &cu.run, &cu.expires]).await
     };
     let claiming_new = async {
         if ci.key.is_empty() {
             return Ok(0);
         }
-        tx.exec(
-            "INSERT INTO claims (key, run, expires_at_us)
-             SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
-             ON CONFLICT (key) DO NOTHING",
-            &[&ci.key, &ci.run, &ci.expires],
-        )
-        .await
+        client.exec(INSERT_CLAIMS_SQL, &[&ci.key, &ci.run, &ci.expires]).await
     };
-    let events = async {
-        tx.exec(
-            "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])",
-            &[&run, &seq, &value],
-        )
-        .await
-    };
-    let (_, heads_new, _, claims_new, _, ()) =
-        tokio::try_join!(updating, inserting, claiming_old, claiming_new, events, aux_statements(tx, &plan.aux))
-            .map_err(failed)?;
-    if usize::try_from(heads_new).ok() != Some(ins.run.len()) || usize::try_from(claims_new).ok() != Some(ci.key.len())
-    {
-        return Err(Failed::Raced);
+    let events = async { client.exec(EVENTS_SQL, &[&run, &seq, &value]).await };
+    let written = tokio::try_join!(
+        updating,
+        inserting,
+        claiming_old,
+        claiming_new,
+        events,
+        aux_statements(client, &plan.aux),
+        client.batch_execute("COMMIT"),
+    );
+    match written {
+        Ok(_) => Ok(()),
+        // The COMMIT may have been carried out.
+        Err(e) if connection_lost(&e) => Err(Failed::Pg(PgError::at_commit(e))),
+        Err(e) => Err(failed(e)),
     }
-    Ok(())
 }
 
 /// The aux writes of one atomic step by key, counter adds of one key summed
@@ -405,29 +449,19 @@ pub(crate) const COUNTER_SHARDS: i32 = 64;
 /// the update serialises concurrent adds to one shard, so they sum exactly). A plain entry
 /// stored under the key (an `aux_put`) is folded into the counter first, as the in-process
 /// backends read it: a key is in one table or the other.
-async fn counter_statement(tx: &Transaction<'_>, keys: &[&[u8]], deltas: &[i64]) -> Result<(), tokio_postgres::Error> {
+async fn counter_statement<C: Cached>(c: &C, keys: &[&[u8]], deltas: &[i64]) -> Result<(), tokio_postgres::Error> {
     if keys.is_empty() {
         return Ok(());
     }
-    tx.exec(
-        "WITH plain AS (DELETE FROM aux WHERE key = ANY($1) RETURNING key, value)
-         INSERT INTO counters (key, shard, value)
-         SELECT t.k, pg_backend_pid() % $3, t.d + coalesce((
-             SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
-             WHERE p.key = t.k AND length(p.value) = 8), 0)
-         FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
-         ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value",
-        &[&keys, &deltas, &COUNTER_SHARDS],
-    )
-    .await?;
+    c.exec(COUNTER_SQL, &[&keys, &deltas, &COUNTER_SHARDS]).await?;
     Ok(())
 }
 
-/// Aux writes in `tx`: removes deleted, puts upserted, counters added; the statements are
-/// sent together (one round trip). A removal or a plain put of a counter's key also drops
-/// its shards.
-pub(crate) async fn aux_statements(
-    tx: &Transaction<'_>,
+/// Aux writes on `c` (a transaction, or a session inside one): removes deleted, puts
+/// upserted, counters added; the statements are sent together (one round trip). A removal
+/// or a plain put of a counter's key also drops its shards.
+pub(crate) async fn aux_statements<C: Cached>(
+    c: &C,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), tokio_postgres::Error> {
     let mut put_key: Vec<&[u8]> = Vec::new();
@@ -454,28 +488,23 @@ pub(crate) async fn aux_statements(
     }
     let removing = async {
         if !removed.is_empty() {
-            tx.exec("DELETE FROM aux WHERE key = ANY($1)", &[&removed]).await?;
+            c.exec(AUX_REMOVE_SQL, &[&removed]).await?;
         }
         Ok(())
     };
     let uncounting = async {
         if !uncounted.is_empty() {
-            tx.exec("DELETE FROM counters WHERE key = ANY($1)", &[&uncounted]).await?;
+            c.exec(AUX_UNCOUNT_SQL, &[&uncounted]).await?;
         }
         Ok(())
     };
     let putting = async {
         if !put_key.is_empty() {
-            tx.exec(
-                "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                &[&put_key, &put_value],
-            )
-            .await?;
+            c.exec(AUX_PUT_SQL, &[&put_key, &put_value]).await?;
         }
         Ok(())
     };
-    tokio::try_join!(removing, uncounting, putting, counter_statement(tx, &counter_keys, &deltas))?;
+    tokio::try_join!(removing, uncounting, putting, counter_statement(c, &counter_keys, &deltas))?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use crate::error::pg;
 use crate::pool::Pool;
 use crate::store::PgStore;
 use crate::wakers::Wakers;
-use deadpool_postgres::{ClientWrapper, Transaction};
+use deadpool_postgres::ClientWrapper;
 use keel_store::{
     Claimed, Lease, RunId, Runnable, StoreError, WorkQueue, CLAIM_RUNS_MAX, OWNER_BYTES_MAX, WORKFLOW_BYTES_MAX,
 };
@@ -28,7 +28,7 @@ pub(crate) const CHANNEL: &str = "keel_work";
 /// claim grants leases: it commits the same way (so its locks are not held through a WAL
 /// flush), then waits for a flush before any granted lease is used (a grant lost in a
 /// crash could hand one epoch out twice).
-const ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
+const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
 const CANDIDATES_PER_CLAIM: usize = 4;
@@ -39,11 +39,6 @@ const UNQUEUED_CHUNK: usize = 1024;
 /// How long the listener waits before connecting again after losing its session.
 const LISTEN_RETRY_MS: u64 = 1_000;
 
-/// `SELECT pg_notify(...)` for `schema`: sent inside a transaction, delivered at commit.
-pub(crate) async fn notify(tx: &Transaction<'_>, schema: &str) -> Result<(), tokio_postgres::Error> {
-    tx.exec("SELECT pg_notify($1, $2)", &[&CHANNEL, &schema]).await.map(drop)
-}
-
 fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
     if s.len() > max {
         return Err(StoreError::TooLarge { what, bytes: s.len(), max });
@@ -51,57 +46,80 @@ fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
     Ok(())
 }
 
+const PUSH_SQL: &str = "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL";
+const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
+/// Ends a lease if its epoch is still the run's.
+pub(crate) const RELEASE_SQL: &str =
+    "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
+/// The end of a drive: a run pushed while it was driven (`again`) goes round again, any
+/// other leaves the queue, with its due time if it waits for a timer. The UPDATE and the
+/// DELETE take disjoint rows (`again` or not, as of the statement's start); a push that
+/// sets `again` meanwhile makes the DELETE pass the row over, which stays queued.
+const DONE_SQL: &str = "WITH again AS (
+         UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again RETURNING run),
+     gone AS (DELETE FROM work WHERE run = $1 AND claimed_by = $2 AND NOT again RETURNING run),
+     due AS (INSERT INTO due (run, due_at_us) SELECT run, $3::bigint FROM gone WHERE $3::bigint IS NOT NULL
+             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us)
+     SELECT count(*) FROM again";
+
+/// A transaction of queue bookkeeping in one round trip: BEGIN (committing without waiting
+/// for the WAL flush), `statements`, COMMIT, sent together; the COMMIT goes as a message of
+/// its own, so it is carried out (as a ROLLBACK after a failure) whatever happened before.
 async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    // Sent together (tokio-postgres pipelines statements issued at once): one round trip.
+    crate::group::warm(client, &[PUSH_SQL, NOTIFY_SQL]).await?;
     // A run claimed now is marked to go round again when its driver is done with it.
     let params: [&(dyn ToSql + Sync); 4] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us];
     tokio::try_join!(
-        tx.batch_execute(ASYNC_COMMIT),
-        tx.exec(
-            "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL",
-            &params,
-        ),
-        notify(&tx, schema),
+        client.batch_execute(BEGIN_ASYNC),
+        client.exec(PUSH_SQL, &params),
+        async { client.exec(NOTIFY_SQL, &[&CHANNEL, &schema]).await },
+        client.batch_execute("COMMIT"),
     )?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Locks the per-workflow claim locks of `workflows` in one order (no two claimers wait
 /// on each other's), held to the end of the transaction; the statements are sent together.
 async fn lock_workflows(
-    tx: &Transaction<'_>,
+    client: &ClientWrapper,
     schema: &str,
     workflows: &BTreeSet<&str>,
 ) -> Result<(), tokio_postgres::Error> {
-    futures_util::future::try_join_all(workflows.iter().map(|wf| async move {
-        tx.exec(
-            "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)",
-            &[&schema, wf],
-        )
-        .await
-    }))
+    futures_util::future::try_join_all(
+        workflows.iter().map(|wf| async move { client.exec(LOCK_SQL, &[&schema, wf]).await }),
+    )
     .await?;
     Ok(())
 }
 
+const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)";
+const BUSY_SQL: &str = "SELECT w.workflow, count(*) FROM work w JOIN leases l ON l.run = w.run
+     WHERE w.workflow = ANY($1) AND l.owner IS NOT NULL AND l.expires_at_us > $2 GROUP BY w.workflow";
+const CANDIDATES_SQL: &str = "SELECT w.run, w.workflow FROM work w
+     WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
+     ORDER BY w.priority DESC, w.accepted_at_us, w.ticket
+     LIMIT $2 FOR UPDATE OF w SKIP LOCKED";
+const GRANT_SQL: &str = "WITH g AS (
+         INSERT INTO leases (run, owner, epoch, expires_at_us)
+         SELECT r, $2, 1, $3 FROM unnest($1::uuid[]) AS t(r) ORDER BY r
+         ON CONFLICT (run) DO UPDATE
+           SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
+           WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
+         RETURNING run, epoch),
+     w AS (UPDATE work SET claimed_by = $2, again = false FROM g WHERE work.run = g.run)
+     SELECT run, epoch FROM g";
+
 /// Runs of each of `workflows` holding a live lease at `now_us`, over all processes.
 async fn busy(
-    tx: &Transaction<'_>,
+    client: &ClientWrapper,
     workflows: &[&str],
     now_us: i64,
 ) -> Result<BTreeMap<String, usize>, tokio_postgres::Error> {
     if workflows.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let rows = tx
-        .rows(
-            "SELECT w.workflow, count(*) FROM work w JOIN leases l ON l.run = w.run
-             WHERE w.workflow = ANY($1) AND l.owner IS NOT NULL AND l.expires_at_us > $2 GROUP BY w.workflow",
-            &[&workflows, &now_us],
-        )
-        .await?;
+    let rows = client.rows(BUSY_SQL, &[&workflows, &now_us]).await?;
     rows.iter()
         .map(|r| Ok((r.try_get::<_, String>(0)?, usize::try_from(r.try_get::<_, i64>(1)?).unwrap_or(usize::MAX))))
         .collect()
@@ -116,15 +134,16 @@ struct Take<'a> {
     limits: &'a BTreeMap<String, usize>,
 }
 
-/// Claims up to `t.max` runs in three round trips after BEGIN: the claim locks, the
-/// candidates and the live leases of each limited workflow type (sent together, executed in
-/// that order); the grants (one statement); the commit.
+/// Claims up to `t.max` runs in three round trips: BEGIN with the claim locks, the
+/// candidates and the live leases of each limited workflow type (sent together, executed
+/// in that order); the grants (one statement) with the COMMIT; the WAL flush.
 async fn claim_tx(
     client: &mut ClientWrapper,
     t: Take<'_>,
     schema: &str,
 ) -> Result<Vec<(RunId, String, i64)>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
+    crate::group::warm(client, &[LOCK_SQL, BUSY_SQL, CANDIDATES_SQL, GRANT_SQL]).await?;
+    let client: &ClientWrapper = client;
     // The claim locks of every limited workflow type are taken before any candidate row is
     // read: a claimer that read (and locked) candidates first, then waited for such a lock,
     // left the highest-priority rows locked while another claimer, skipping them, granted a
@@ -132,26 +151,42 @@ async fn claim_tx(
     let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
     let limited_list: Vec<&str> = limited.iter().copied().collect();
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
-    let candidates = async {
-        tx.rows(
-            "SELECT w.run, w.workflow FROM work w
-             WHERE NOT EXISTS (SELECT 1 FROM leases l
-                               WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
-             ORDER BY w.priority DESC, w.accepted_at_us, w.ticket
-             LIMIT $2 FOR UPDATE OF w SKIP LOCKED",
-            &[&t.now_us, &want],
-        )
-        .await
-    };
     // The grants are made durable below, after the locks are released.
-    let (_, (), rows, mut busy_now) = tokio::try_join!(
-        tx.batch_execute(ASYNC_COMMIT),
-        lock_workflows(&tx, schema, &limited),
-        candidates,
-        busy(&tx, &limited_list, t.now_us),
-    )?;
+    let read = tokio::try_join!(
+        client.batch_execute(BEGIN_ASYNC),
+        lock_workflows(client, schema, &limited),
+        async { client.rows(CANDIDATES_SQL, &[&t.now_us, &want]).await },
+        busy(client, &limited_list, t.now_us),
+    );
+    let chosen = read.and_then(|(_, (), rows, busy_now)| choose(&rows, busy_now, &t));
+    let chosen = match chosen {
+        Ok(chosen) => chosen,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    let (granted, ()) = tokio::try_join!(grant(client, &chosen, &t), client.batch_execute("COMMIT"))?;
+    let taken: Vec<(RunId, String, i64)> =
+        chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
+    if !taken.is_empty() {
+        // A grant lost in a crash of the server could hand one epoch out twice: the claim
+        // is made durable (a synchronous commit flushes the WAL up to it) before any lease
+        // is used. The claim locks were not held through that flush.
+        crate::store::flush_tx(client).await?;
+    }
+    Ok(taken)
+}
+
+/// The candidates to grant, in queue order, up to `t.max`, passing over the runs of a
+/// workflow type at its limit (`busy_now`: its live leases; each run chosen counts).
+fn choose(
+    rows: &[tokio_postgres::Row],
+    mut busy_now: BTreeMap<String, usize>,
+    t: &Take<'_>,
+) -> Result<Vec<(Uuid, String)>, tokio_postgres::Error> {
     let mut chosen: Vec<(Uuid, String)> = Vec::new();
-    for row in &rows {
+    for row in rows {
         if chosen.len() >= t.max {
             break;
         }
@@ -164,24 +199,14 @@ async fn claim_tx(
         *n += 1;
         chosen.push((run, wf));
     }
-    let granted = grant(&tx, &chosen, &t).await?;
-    tx.commit().await?;
-    let taken: Vec<(RunId, String, i64)> =
-        chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
-    if !taken.is_empty() {
-        // A grant lost in a crash of the server could hand one epoch out twice: the claim
-        // is made durable (a synchronous commit flushes the WAL up to it) before any lease
-        // is used. The claim locks were not held through that flush.
-        crate::store::flush_tx(client).await?;
-    }
-    Ok(taken)
+    Ok(chosen)
 }
 
 /// Grants `t.owner` the leases of `runs` (as `try_lease`: a run whose lease another holds
 /// live is passed over) and marks them claimed by it, in one statement: each granted run's
 /// epoch.
 async fn grant(
-    tx: &Transaction<'_>,
+    client: &ClientWrapper,
     runs: &[(Uuid, String)],
     t: &Take<'_>,
 ) -> Result<BTreeMap<Uuid, i64>, tokio_postgres::Error> {
@@ -191,25 +216,14 @@ async fn grant(
     let mut ids: Vec<Uuid> = runs.iter().map(|(r, _)| *r).collect();
     // Lease rows locked in one order by every granter.
     ids.sort();
-    let rows = tx
-        .rows(
-            "WITH g AS (
-                 INSERT INTO leases (run, owner, epoch, expires_at_us)
-                 SELECT r, $2, 1, $3 FROM unnest($1::uuid[]) AS t(r) ORDER BY r
-                 ON CONFLICT (run) DO UPDATE
-                   SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
-                   WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
-                 RETURNING run, epoch),
-             w AS (UPDATE work SET claimed_by = $2, again = false FROM g WHERE work.run = g.run)
-             SELECT run, epoch FROM g",
-            &[&ids, &t.owner, &t.expires_at_us, &t.now_us],
-        )
-        .await?;
+    let rows = client.rows(GRANT_SQL, &[&ids, &t.owner, &t.expires_at_us, &t.now_us]).await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
-/// The end of a drive (see [`WorkQueue::done`]); with `release` (the drive's lease epoch)
-/// the lease is released in the same transaction.
+/// The end of a drive (see [`WorkQueue::done`]) in one round trip; with `release` (the
+/// drive's lease epoch) the lease is released in the same transaction. The notification is
+/// delivered at commit: a slot of the run's workflow type is free (or the run is queued
+/// again).
 async fn done_tx(
     client: &mut ClientWrapper,
     run: RunId,
@@ -218,41 +232,24 @@ async fn done_tx(
     release: Option<i64>,
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    // Sent together (one round trip); the notification is delivered at commit: a slot of
-    // the run's workflow type is free (or the run is queued again).
-    let params: [&(dyn ToSql + Sync); 2] = [&run.0, &owner];
+    crate::group::warm(client, &[DONE_SQL, NOTIFY_SQL, RELEASE_SQL]).await?;
+    let client: &ClientWrapper = client;
     let releasing = async {
         let Some(epoch) = release else { return Ok(()) };
-        tx.exec(
-            "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
-            &[&run.0, &epoch],
-        )
-        .await
-        .map(drop)
+        client.exec(RELEASE_SQL, &[&run.0, &epoch]).await.map(drop)
     };
-    let (_, again, _, ()) = tokio::try_join!(
-        tx.batch_execute(ASYNC_COMMIT),
-        tx.exec(
-            "UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again",
-            &params,
-        ),
-        notify(&tx, schema),
+    let (_, again, _, (), _) = tokio::try_join!(
+        client.batch_execute(BEGIN_ASYNC),
+        async { client.row_opt(DONE_SQL, &[&run.0, &owner, &due_at_us]).await },
+        async { client.exec(NOTIFY_SQL, &[&CHANNEL, &schema]).await },
         releasing,
+        client.batch_execute("COMMIT"),
     )?;
-    let again = again == 1;
-    if !again {
-        // The row goes, and a run waiting for a timer gets its due time, in one statement.
-        tx.exec(
-            "WITH gone AS (DELETE FROM work WHERE run = $1 AND claimed_by = $2 RETURNING run)
-             INSERT INTO due (run, due_at_us) SELECT run, $3::bigint FROM gone WHERE $3::bigint IS NOT NULL
-             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us",
-            &[&run.0, &owner, &due_at_us],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(again)
+    let again: i64 = match again {
+        Some(row) => row.try_get(0)?,
+        None => 0,
+    };
+    Ok(again > 0)
 }
 
 /// Keeps one session listening on [`CHANNEL`], calling `wakers` for this schema's

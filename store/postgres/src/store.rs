@@ -534,11 +534,16 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
 /// is a WAL record of this transaction, so its synchronous commit flushes the WAL up to
 /// its end, which covers every earlier commit. It needs no table and no privilege beyond
 /// the default (the function is executable by every role unless an operator revoked it).
-pub(crate) async fn flush_tx(client: &mut ClientWrapper) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush');")
-        .await?;
-    tx.commit().await
+/// One round trip: the COMMIT goes as a message of its own, so it is carried out (as a
+/// ROLLBACK after a failure) whatever happened before it.
+pub(crate) async fn flush_tx(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
+    tokio::try_join!(
+        client.batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush')"
+        ),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(())
 }
 
 async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
@@ -582,19 +587,16 @@ async fn remove_run_tx(
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
     async fn release_tx(client: &mut ClientWrapper, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
-        let tx = client.transaction().await?;
+        group::warm(client, &[crate::queue::RELEASE_SQL]).await?;
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.
         // Sent together: one round trip.
-        let params: [&(dyn ToSql + Sync); 2] = [&run.0, &epoch];
         tokio::try_join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            tx.exec(
-                "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL",
-                &params,
-            ),
+            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            async { client.exec(crate::queue::RELEASE_SQL, &[&run.0, &epoch]).await },
+            client.batch_execute("COMMIT"),
         )?;
-        tx.commit().await
+        Ok(())
     }
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
     let mut conn = pool.get().await?;
