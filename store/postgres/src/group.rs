@@ -70,8 +70,18 @@ pub(crate) struct Counters {
     pub(crate) commits: keel_store::stats::CommitMeter,
 }
 
+/// What the flusher takes: an append, or a WAL barrier.
+pub(crate) enum Item {
+    Append(Append),
+    /// Answered once the WAL on disk holds every commit made before it was sent: by the
+    /// synchronous commit of the next flush that writes appends (no commit of its own), or
+    /// by a flush transaction of its own when there is none ([`crate::store::flush_tx`]).
+    /// A claim's grants wait for one before any granted lease is used.
+    Barrier(tokio::sync::oneshot::Sender<Result<(), PgError>>),
+}
+
 /// The receiving end of the appends, shared by the flushers.
-pub(crate) type Queue = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Append>>>;
+pub(crate) type Queue = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Item>>>;
 
 /// A flusher task: runs until every sender is gone. With several (`EveryAppend`: one
 /// transaction per append, as many at once as there are flushers), each takes its batch
@@ -80,22 +90,28 @@ pub(crate) async fn flusher(pool: Arc<Pool>, queue: Queue, mode: FlushMode, coun
     let mut next: Option<Append> = None;
     loop {
         let mut rx = queue.lock().await;
+        let mut barriers = Vec::new();
         let first = match next.take() {
-            Some(a) => a,
+            Some(a) => Some(a),
             None => match rx.recv().await {
-                Some(a) => a,
+                Some(Item::Append(a)) => Some(a),
+                Some(Item::Barrier(b)) => {
+                    barriers.push(b);
+                    None
+                }
                 None => return,
             },
         };
-        let mut bytes = first.bytes();
-        let mut batch = vec![first];
+        let mut bytes = first.as_ref().map_or(0, Append::bytes);
+        let mut batch: Vec<Append> = first.into_iter().collect();
         while batch.len() < mode.appends_max {
             match rx.try_recv() {
-                Ok(a) if bytes.saturating_add(a.bytes()) > FLUSH_BYTES_MAX => {
+                Ok(Item::Barrier(b)) => barriers.push(b),
+                Ok(Item::Append(a)) if !batch.is_empty() && bytes.saturating_add(a.bytes()) > FLUSH_BYTES_MAX => {
                     next = Some(a);
                     break;
                 }
-                Ok(a) => {
+                Ok(Item::Append(a)) => {
                     bytes = bytes.saturating_add(a.bytes());
                     batch.push(a);
                 }
@@ -103,12 +119,37 @@ pub(crate) async fn flusher(pool: Arc<Pool>, queue: Queue, mode: FlushMode, coun
             }
         }
         drop(rx);
-        flush(&pool, batch, mode, &counters).await;
+        let durable = !batch.is_empty() && flush(&pool, batch, mode, &counters).await && !mode.async_commit;
+        if !barriers.is_empty() {
+            let answer = if durable { Ok(()) } else { flush_alone(&pool).await };
+            for b in barriers {
+                let _ = b.send(answer.clone());
+            }
+        }
     }
 }
 
-/// Runs one flush and answers every append of it.
-async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: &Counters) {
+/// A WAL flush of its own (for barriers no flush covered).
+async fn flush_alone(pool: &Arc<Pool>) -> Result<(), PgError> {
+    let attempt = async {
+        let mut conn = pool.get().await?;
+        let result = crate::store::flush_tx(conn.client()?).await.map_err(PgError::of);
+        match &result {
+            Err(e) => conn.settled(e),
+            Ok(()) => conn.settle(),
+        }
+        result
+    };
+    let bounds = pool.bounds();
+    match tokio::time::timeout(bounds.call, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(PgError::Timeout { what: Timed::Commit, after_ms: bounds.call_ms() }),
+    }
+}
+
+/// Runs one flush and answers every append of it: whether a transaction with appends in
+/// it committed.
+async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: &Counters) -> bool {
     let outcomes = match flush_once(pool, &batch, mode, counters).await {
         Ok(outcomes) => outcomes,
         Err(Failed::Raced) => {
@@ -121,10 +162,12 @@ async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: 
         }
         Err(Failed::Pg(e)) => batch.iter().map(|_| Err(e.clone().into())).collect(),
     };
+    let committed = outcomes.iter().any(Result::is_ok);
     for (a, outcome) in batch.iter().zip(outcomes) {
         // The caller may have gone (its thread ended): nothing to answer.
         let _ = a.reply.send(outcome);
     }
+    committed
 }
 
 /// One append in a transaction of its own, retried while it loses races for new rows.

@@ -134,9 +134,10 @@ struct Take<'a> {
     limits: &'a BTreeMap<String, usize>,
 }
 
-/// Claims up to `t.max` runs in three round trips: BEGIN with the claim locks, the
+/// Claims up to `t.max` runs in two round trips: BEGIN with the claim locks, the
 /// candidates and the live leases of each limited workflow type (sent together, executed
-/// in that order); the grants (one statement) with the COMMIT; the WAL flush.
+/// in that order); the grants (one statement) with the COMMIT. The caller waits for a WAL
+/// flush before using a granted lease ([`PgStore::barrier`]).
 async fn claim_tx(
     client: &mut ClientWrapper,
     t: Take<'_>,
@@ -169,12 +170,6 @@ async fn claim_tx(
     let (granted, ()) = tokio::try_join!(grant(client, &chosen, &t), client.batch_execute("COMMIT"))?;
     let taken: Vec<(RunId, String, i64)> =
         chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
-    if !taken.is_empty() {
-        // A grant lost in a crash of the server could hand one epoch out twice: the claim
-        // is made durable (a synchronous commit flushes the WAL up to it) before any lease
-        // is used. The claim locks were not held through that flush.
-        crate::store::flush_tx(client).await?;
-    }
     Ok(taken)
 }
 
@@ -336,11 +331,21 @@ impl WorkQueue for PgStore {
         }
         let expires_at_us = crate::store::expiry(now_us, ttl_ms);
         let (pool, who, lim, schema) = (self.pool(), owner.to_owned(), limits.clone(), self.schema().to_owned());
+        let appends = self.appends();
         let taken = self.call(async move {
             let mut conn = pool.get().await?;
             let t = Take { owner: &who, expires_at_us, now_us, max, limits: &lim };
             let result = claim_tx(conn.client()?, t, &schema).await;
-            conn.ok(result)
+            let taken = conn.ok(result)?;
+            drop(conn);
+            if !taken.is_empty() {
+                // A grant lost in a crash of the server could hand one epoch out twice: the
+                // claim is made durable before any lease is used, by the next flush of
+                // appends (whose synchronous commit flushes the WAL past the claim's) or a
+                // flush of its own. The claim locks were not held through it.
+                PgStore::barrier(&appends).await?;
+            }
+            Ok(taken)
         })?;
         Ok(taken
             .into_iter()

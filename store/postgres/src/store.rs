@@ -105,7 +105,7 @@ struct Shared {
     handle: tokio::runtime::Handle,
     bounds: Bounds,
     pool: Arc<Pool>,
-    appends: mpsc::UnboundedSender<Append>,
+    appends: mpsc::UnboundedSender<group::Item>,
     counters: Arc<Counters>,
     limits: Limits,
     durability: Durability,
@@ -344,9 +344,22 @@ impl PgStore {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.shared
             .appends
-            .send(Append { run, expected, records, claim, fence, aux, reply })
+            .send(group::Item::Append(Append { run, expected, records, claim, fence, aux, reply }))
             .map_err(|_| StoreError::from(PgError::Closed))?;
         rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+    }
+
+    /// Waits until the WAL on disk holds every commit made before this call: the next
+    /// flush of appends covers it (no commit of its own while appends are flowing).
+    pub(crate) async fn barrier(appends: &mpsc::UnboundedSender<group::Item>) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        appends.send(group::Item::Barrier(tx)).map_err(|_| StoreError::from(PgError::Closed))?;
+        rx.await.map_err(|_| StoreError::from(PgError::Closed))?.map_err(StoreError::from)
+    }
+
+    /// The flusher's queue (for [`PgStore::barrier`]).
+    pub(crate) fn appends(&self) -> mpsc::UnboundedSender<group::Item> {
+        self.shared.appends.clone()
     }
 
     /// The stored chain hash of record `(run, seq)`, if stored.
