@@ -209,6 +209,7 @@ impl Driver {
     async fn run(&mut self) -> Result<DriveOutcome, EngineError> {
         let mut state = self.reload().await?;
         self.span.record("workflow", state.workflow.as_str());
+        self.inner.meter.remember(self.run, &state.workflow);
         let reg = self.registration(&state)?;
         self.inner.cache.fill_from(&state);
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();

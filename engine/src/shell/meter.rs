@@ -185,6 +185,20 @@ impl Meter {
         self.labelled.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Remembers `run`'s workflow type (a driver knows it from the state it loaded), so
+    /// that its labelled events need no read of its first record (a round trip to a
+    /// database per run).
+    pub(crate) fn remember(&self, run: RunId, workflow: &str) {
+        let mut l = self.lock();
+        if l.workflows.get(&run).is_some_and(|w| w == workflow) {
+            return;
+        }
+        if l.workflows.len() >= WORKFLOW_MEMORY_MAX {
+            l.workflows.clear();
+        }
+        l.workflows.insert(run, workflow.to_owned());
+    }
+
     /// `run`'s workflow type: remembered, or read from its first record (`RunAccepted`).
     fn workflow_of(&self, run: RunId) -> String {
         if let Some(w) = self.lock().workflows.get(&run) {

@@ -30,6 +30,8 @@ pub(crate) struct Scheduler {
     /// (run -> due time), so its service loop reads the index when they fall due instead of
     /// at its next poll (`shell::shared::done`).
     pub(crate) due_here: BTreeMap<RunId, i64>,
+    /// With a shared queue: when the service loop last read the store's due-time index.
+    pub(crate) due_read_at: Option<std::time::Instant>,
     pub(crate) ticket: u64,
 }
 

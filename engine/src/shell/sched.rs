@@ -376,10 +376,10 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
         }
         let tick = if shared::is_shared(&inner) {
             // Timers and escalation deadlines of every process, from the due-time index.
-            let next = shared::next_look(&inner, inner.queue_poll);
             for run in shared::take_due(&inner).await {
                 poke(&inner, run);
             }
+            let next = shared::next_look(&inner, inner.queue_poll);
             spawn_claimed(&inner, &mut set, &stop).await;
             next
         } else {

@@ -107,9 +107,21 @@ fn ttl_us(inner: &Inner) -> i64 {
 }
 
 /// The runs whose due time passed (set by any process), each taken by one process: the
-/// caller queues them.
+/// caller queues them. The index is read at most once per [`DUE_READ_EVERY`] unless a due
+/// time this process wrote has passed: the service loop goes round on every drive that
+/// ends and every notification of any process, and a read per round was a round trip to
+/// the database per run driven (the timers of other processes fire up to that much later).
 pub(crate) async fn take_due(inner: &Arc<Inner>) -> Vec<RunId> {
     let now = inner.clock.now_us();
+    {
+        let mut s = inner.sched();
+        let mine_due = s.due_here.values().any(|due| *due <= now);
+        let recent = s.due_read_at.is_some_and(|at| at.elapsed() < DUE_READ_EVERY);
+        if recent && !mine_due {
+            return Vec::new();
+        }
+        s.due_read_at = Some(std::time::Instant::now());
+    }
     let due = inner
         .blocking(move |log| match log.work_queue() {
             Some(q) => Ok(q.take_due(now, DUE_PER_TICK)?),
@@ -121,6 +133,9 @@ pub(crate) async fn take_due(inner: &Arc<Inner>) -> Vec<RunId> {
         Vec::new()
     })
 }
+
+/// Least time between two reads of the due-time index (see [`take_due`]).
+const DUE_READ_EVERY: Duration = Duration::from_millis(20);
 
 /// Due runs queued per tick at most.
 const DUE_PER_TICK: usize = 256;
