@@ -269,20 +269,27 @@ const INSERT_CLAIMS_SQL: &str =
     "INSERT INTO claims (key, run, expires_at_us) SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])";
 const EVENTS_SQL: &str =
     "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])";
-const AUX_REMOVE_SQL: &str = "DELETE FROM aux WHERE key = ANY($1)";
-const AUX_UNCOUNT_SQL: &str = "DELETE FROM counters WHERE key = ANY($1)";
-const AUX_PUT_SQL: &str = "INSERT INTO aux (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
-     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
-const COUNTER_SQL: &str = "WITH plain AS (DELETE FROM aux WHERE key = ANY($1) RETURNING key, value)
-     INSERT INTO counters (key, shard, value)
-     SELECT t.k, pg_backend_pid() % $3, t.d + coalesce((
-         SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
-         WHERE p.key = t.k AND length(p.value) = 8), 0)
-     FROM unnest($1::bytea[], $2::bigint[]) AS t(k, d)
-     ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value";
-/// The aux statements ([`aux_statements`]).
-pub(crate) const AUX_STATEMENTS: [&str; 4] = [AUX_REMOVE_SQL, AUX_UNCOUNT_SQL, AUX_PUT_SQL, COUNTER_SQL];
-const FLUSH_STATEMENTS: [&str; 8] = [
+/// The aux writes of one step in one statement: removals, plain puts (a removal or plain
+/// put of a counter's key drops its shards), and counter adds, each to this session's shard
+/// of the counter (schema migration 4: concurrent transactions of different sessions
+/// seldom wait for each other's row lock on one counter; a read sums the shards). A plain
+/// entry stored under a counter's key (an `aux_put`) is folded into the counter first, as
+/// the in-process backends read it: a key is in one table or the other. The keys of the
+/// five parts are disjoint (one write per key), so no row is touched twice.
+const AUX_SQL: &str = "WITH removed AS (DELETE FROM aux WHERE key = ANY($1)),
+     uncounted AS (DELETE FROM counters WHERE key = ANY($2)),
+     put AS (INSERT INTO aux (key, value) SELECT * FROM unnest($3::bytea[], $4::bytea[])
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value),
+     plain AS (DELETE FROM aux WHERE key = ANY($5) RETURNING key, value),
+     counted AS (
+         INSERT INTO counters (key, shard, value)
+         SELECT t.k, pg_backend_pid() % $7, t.d + coalesce((
+             SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
+             WHERE p.key = t.k AND length(p.value) = 8), 0)
+         FROM unnest($5::bytea[], $6::bigint[]) AS t(k, d)
+         ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value)
+     SELECT 1";
+const FLUSH_STATEMENTS: [&str; 9] = [
     LEASES_SQL,
     HEADS_SQL,
     CLAIMS_SQL,
@@ -291,6 +298,7 @@ const FLUSH_STATEMENTS: [&str; 8] = [
     UPDATE_CLAIMS_SQL,
     INSERT_CLAIMS_SQL,
     EVENTS_SQL,
+    AUX_SQL,
 ];
 
 /// Prepares `sqls` on the session: from its statement cache after the first time (no
@@ -313,7 +321,6 @@ async fn transaction(
     committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     warm(client, &FLUSH_STATEMENTS).await.map_err(failed)?;
-    warm(client, &AUX_STATEMENTS).await.map_err(failed)?;
     let client: &Client = client;
     let mut fenced: Vec<Uuid> =
         batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
@@ -483,30 +490,18 @@ pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> 
 }
 
 /// Shards per counter: a session adds to shard `pg_backend_pid() % COUNTER_SHARDS` of it
-/// (schema migration 4), so concurrent transactions of different sessions seldom wait for
-/// each other's row lock on one counter (it was held through each commit's WAL flush, and
-/// the flushes of every process queued on it). A read sums the shards.
+/// (see [`AUX_SQL`]).
 pub(crate) const COUNTER_SHARDS: i32 = 64;
 
-/// Adds each counter's amount to this session's shard of it in one upsert (the row lock of
-/// the update serialises concurrent adds to one shard, so they sum exactly). A plain entry
-/// stored under the key (an `aux_put`) is folded into the counter first, as the in-process
-/// backends read it: a key is in one table or the other.
-async fn counter_statement<C: Cached>(c: &C, keys: &[&[u8]], deltas: &[i64]) -> Result<(), tokio_postgres::Error> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    c.exec(COUNTER_SQL, &[&keys, &deltas, &COUNTER_SHARDS]).await?;
-    Ok(())
-}
-
-/// Aux writes on `c` (a transaction, or a session inside one): removes deleted, puts
-/// upserted, counters added; the statements are sent together (one round trip). A removal
-/// or a plain put of a counter's key also drops its shards.
+/// Aux writes on `c` (a transaction, or a session inside one) in one statement
+/// ([`AUX_SQL`]); nothing is sent for none.
 pub(crate) async fn aux_statements<C: Cached>(
     c: &C,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), tokio_postgres::Error> {
+    if aux.is_empty() {
+        return Ok(());
+    }
     let mut put_key: Vec<&[u8]> = Vec::new();
     let mut put_value: Vec<&[u8]> = Vec::new();
     let mut removed: Vec<&[u8]> = Vec::new();
@@ -529,25 +524,7 @@ pub(crate) async fn aux_statements<C: Cached>(
             None => removed.push(key.as_slice()),
         }
     }
-    let removing = async {
-        if !removed.is_empty() {
-            c.exec(AUX_REMOVE_SQL, &[&removed]).await?;
-        }
-        Ok(())
-    };
-    let uncounting = async {
-        if !uncounted.is_empty() {
-            c.exec(AUX_UNCOUNT_SQL, &[&uncounted]).await?;
-        }
-        Ok(())
-    };
-    let putting = async {
-        if !put_key.is_empty() {
-            c.exec(AUX_PUT_SQL, &[&put_key, &put_value]).await?;
-        }
-        Ok(())
-    };
-    tokio::try_join!(removing, uncounting, putting, counter_statement(c, &counter_keys, &deltas))?;
+    c.exec(AUX_SQL, &[&removed, &uncounted, &put_key, &put_value, &counter_keys, &deltas, &COUNTER_SHARDS]).await?;
     Ok(())
 }
 

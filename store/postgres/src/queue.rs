@@ -46,9 +46,12 @@ fn too_long(what: &'static str, s: &str, max: usize) -> Result<(), StoreError> {
     Ok(())
 }
 
-const PUSH_SQL: &str = "INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
-     ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL";
-const NOTIFY_SQL: &str = "SELECT pg_notify($1, $2)";
+/// Queues a run and wakes the claimers of every process (the notification is delivered at
+/// commit); a run claimed now is marked to go round again when its driver is done with it.
+const PUSH_SQL: &str = "WITH pushed AS (
+         INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL)
+     SELECT pg_notify($5, $6)";
 /// Ends a lease if its epoch is still the run's.
 pub(crate) const RELEASE_SQL: &str =
     "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
@@ -60,20 +63,20 @@ const DONE_SQL: &str = "WITH again AS (
          UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again RETURNING run),
      gone AS (DELETE FROM work WHERE run = $1 AND claimed_by = $2 AND NOT again RETURNING run),
      due AS (INSERT INTO due (run, due_at_us) SELECT run, $3::bigint FROM gone WHERE $3::bigint IS NOT NULL
-             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us)
-     SELECT count(*) FROM again";
+             ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us),
+     released AS (UPDATE leases SET owner = NULL, epoch = epoch + 1
+                  WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
+     SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
 
 /// A transaction of queue bookkeeping in one round trip: BEGIN (committing without waiting
 /// for the WAL flush), `statements`, COMMIT, sent together; the COMMIT goes as a message of
 /// its own, so it is carried out (as a ROLLBACK after a failure) whatever happened before.
 async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
-    crate::group::warm(client, &[PUSH_SQL, NOTIFY_SQL]).await?;
-    // A run claimed now is marked to go round again when its driver is done with it.
-    let params: [&(dyn ToSql + Sync); 4] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us];
+    crate::group::warm(client, &[PUSH_SQL]).await?;
+    let params: [&(dyn ToSql + Sync); 6] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us, &CHANNEL, &schema];
     tokio::try_join!(
         client.batch_execute(BEGIN_ASYNC),
-        client.exec(PUSH_SQL, &params),
-        async { client.exec(NOTIFY_SQL, &[&CHANNEL, &schema]).await },
+        async { client.exec(PUSH_SQL, &params).await },
         client.batch_execute("COMMIT"),
     )?;
     Ok(())
@@ -215,10 +218,10 @@ async fn grant(
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
-/// The end of a drive (see [`WorkQueue::done`]) in one round trip; with `release` (the
-/// drive's lease epoch) the lease is released in the same transaction. The notification is
-/// delivered at commit: a slot of the run's workflow type is free (or the run is queued
-/// again).
+/// The end of a drive (see [`WorkQueue::done`]) in one round trip and one statement;
+/// with `release` (the drive's lease epoch) the lease is released in the same
+/// transaction. The notification is delivered at commit: a slot of the run's workflow type
+/// is free (or the run is queued again).
 async fn done_tx(
     client: &mut ClientWrapper,
     run: RunId,
@@ -227,20 +230,15 @@ async fn done_tx(
     release: Option<i64>,
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
-    crate::group::warm(client, &[DONE_SQL, NOTIFY_SQL, RELEASE_SQL]).await?;
+    crate::group::warm(client, &[DONE_SQL]).await?;
     let client: &ClientWrapper = client;
-    let releasing = async {
-        let Some(epoch) = release else { return Ok(()) };
-        client.exec(RELEASE_SQL, &[&run.0, &epoch]).await.map(drop)
-    };
-    let (_, again, _, (), _) = tokio::try_join!(
+    let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
+    let (_, row, _) = tokio::try_join!(
         client.batch_execute(BEGIN_ASYNC),
-        async { client.row_opt(DONE_SQL, &[&run.0, &owner, &due_at_us]).await },
-        async { client.exec(NOTIFY_SQL, &[&CHANNEL, &schema]).await },
-        releasing,
+        async { client.row_opt(DONE_SQL, &params).await },
         client.batch_execute("COMMIT"),
     )?;
-    let again: i64 = match again {
+    let again: i64 = match row {
         Some(row) => row.try_get(0)?,
         None => 0,
     };
