@@ -75,7 +75,7 @@ pub(crate) enum Item {
     Append(Append),
     /// Answered once the WAL on disk holds every commit made before it was sent: by the
     /// synchronous commit of the next flush that writes appends (no commit of its own), or
-    /// by a flush transaction of its own when there is none ([`crate::store::flush_tx`]).
+    /// by a flush transaction of its own when there is none ([`flush_tx`]).
     /// A claim's grants wait for one before any granted lease is used.
     Barrier(tokio::sync::oneshot::Sender<Result<(), PgError>>),
 }
@@ -133,7 +133,7 @@ pub(crate) async fn flusher(pool: Arc<Pool>, queue: Queue, mode: FlushMode, coun
 async fn flush_alone(pool: &Arc<Pool>) -> Result<(), PgError> {
     let attempt = async {
         let mut conn = pool.get().await?;
-        let result = crate::store::flush_tx(conn.client()?).await.map_err(PgError::of);
+        let result = flush_tx(conn.client()?).await.map_err(PgError::of);
         match &result {
             Err(e) => conn.settled(e),
             Ok(()) => conn.settle(),
@@ -701,6 +701,24 @@ fn clone_err(e: &StoreError) -> StoreError {
         }
         other => StoreError::Corrupted { run: RunId::from_bytes([0; 16]), seq: Seq(0), reason: other.to_string() },
     }
+}
+
+/// Waits until every commit made before it (those with `synchronous_commit` off included)
+/// is flushed to the WAL on disk. A transaction that only takes an id (`txid_current()`)
+/// writes no WAL of its own and commits without a flush; a transactional logical message
+/// is a WAL record of this transaction, so its synchronous commit flushes the WAL up to
+/// its end, which covers every earlier commit. It needs no table and no privilege beyond
+/// the default (the function is executable by every role unless an operator revoked it).
+/// One round trip: the COMMIT goes as a message of its own, so it is carried out (as a
+/// ROLLBACK after a failure) whatever happened before it.
+pub(crate) async fn flush_tx(client: &Client) -> Result<(), tokio_postgres::Error> {
+    tokio::try_join!(
+        client.batch_execute(
+            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush')"
+        ),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -52,9 +52,6 @@ const PUSH_SQL: &str = "WITH pushed AS (
          INSERT INTO work (run, workflow, priority, accepted_at_us) VALUES ($1, $2, $3, $4)
          ON CONFLICT (run) DO UPDATE SET again = work.again OR work.claimed_by IS NOT NULL)
      SELECT pg_notify($5, $6)";
-/// Ends a lease if its epoch is still the run's.
-pub(crate) const RELEASE_SQL: &str =
-    "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
 /// The end of a drive: a run pushed while it was driven (`again`) goes round again, any
 /// other leaves the queue, with its due time if it waits for a timer. The UPDATE and the
 /// DELETE take disjoint rows (`again` or not, as of the statement's start); a push that

@@ -541,27 +541,9 @@ async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
     }
 }
 
-/// Waits until every commit made before it (those with `synchronous_commit` off included)
-/// is flushed to the WAL on disk. A transaction that only takes an id (`txid_current()`)
-/// writes no WAL of its own and commits without a flush; a transactional logical message
-/// is a WAL record of this transaction, so its synchronous commit flushes the WAL up to
-/// its end, which covers every earlier commit. It needs no table and no privilege beyond
-/// the default (the function is executable by every role unless an operator revoked it).
-/// One round trip: the COMMIT goes as a message of its own, so it is carried out (as a
-/// ROLLBACK after a failure) whatever happened before it.
-pub(crate) async fn flush_tx(client: &ClientWrapper) -> Result<(), tokio_postgres::Error> {
-    tokio::try_join!(
-        client.batch_execute(
-            "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush')"
-        ),
-        client.batch_execute("COMMIT"),
-    )?;
-    Ok(())
-}
-
 async fn flush_wal(pool: Arc<Pool>) -> Result<(), StoreError> {
     let mut conn = pool.get().await?;
-    let result = flush_tx(conn.client()?).await;
+    let result = group::flush_tx(conn.client()?).await;
     conn.ok(result)
 }
 
@@ -598,15 +580,19 @@ async fn remove_run_tx(
     Ok(actual)
 }
 
+/// Ends a lease if its epoch is still the run's.
+pub(crate) const RELEASE_SQL: &str =
+    "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
+
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
     async fn release_tx(client: &mut ClientWrapper, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
-        group::warm(client, &[crate::queue::RELEASE_SQL]).await?;
+        group::warm(client, &[RELEASE_SQL]).await?;
         // Not waited for: a release lost in a crash of the server only makes the next
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.
         // Sent together: one round trip.
         tokio::try_join!(
             client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
-            async { client.exec(crate::queue::RELEASE_SQL, &[&run.0, &epoch]).await },
+            async { client.exec(RELEASE_SQL, &[&run.0, &epoch]).await },
             client.batch_execute("COMMIT"),
         )?;
         Ok(())
