@@ -94,8 +94,10 @@ async fn lock_workflows(
 }
 
 const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)";
-const BUSY_SQL: &str = "SELECT w.workflow, count(*) FROM work w JOIN leases l ON l.run = w.run
-     WHERE w.workflow = ANY($1) AND l.owner IS NOT NULL AND l.expires_at_us > $2 GROUP BY w.workflow";
+/// From the leases held (index `leases_held`, schema migration 5) to their queue rows: the
+/// cost follows the runs being driven, not the backlog.
+const BUSY_SQL: &str = "SELECT w.workflow, count(*) FROM leases l JOIN work w ON w.run = l.run
+     WHERE l.owner IS NOT NULL AND l.expires_at_us > $2 AND w.workflow = ANY($1) GROUP BY w.workflow";
 const CANDIDATES_SQL: &str = "SELECT w.run, w.workflow FROM work w
      WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
      ORDER BY w.priority DESC, w.accepted_at_us, w.ticket

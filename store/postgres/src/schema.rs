@@ -100,10 +100,17 @@ pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
         WHERE key >= '\\x236e2f'::bytea AND key < '\\x236e30'::bytea AND length(value) = 8;
     DELETE FROM aux WHERE key >= '\\x236e2f'::bytea AND key < '\\x236e30'::bytea AND length(value) = 8;",
     ),
+    (
+        5,
+        // The leases held (few: one per run being driven, over all processes), for a
+        // claim's count of a limited workflow type's live leases: the `leases` table keeps
+        // a row per run ever leased, and `work` every queued run.
+        "CREATE INDEX IF NOT EXISTS leases_held ON leases (run) WHERE owner IS NOT NULL;",
+    ),
 ];
 
 /// The schema version this build migrates to (its last migration's number).
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
