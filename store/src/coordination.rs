@@ -457,9 +457,10 @@ pub trait WorkQueue: Send + Sync {
         lease: Option<&mut Lease>,
     ) -> Result<bool, StoreError>;
 
-    /// Of `runs`, those neither in the queue nor in the due-time index, in the order given:
-    /// what a scan for runs whose push was lost still has to look at (one read instead of
-    /// a fold and a push per run).
+    /// Of `runs`, those not in the queue, in the order given: what a scan for runs whose
+    /// push was lost still has to look at (one read instead of a fold and a push per run).
+    /// A run waiting in the due-time index is listed: a push lost after something was
+    /// appended to it (a cancel, a resolve) would otherwise wait for its due time.
     fn unqueued(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError>;
 
     /// Removes and returns up to `limit` runs whose due time is `<= now_us`, earliest

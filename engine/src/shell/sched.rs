@@ -59,8 +59,8 @@ pub(crate) fn poke(inner: &Inner, run: RunId) {
 /// runs left waiting and applies the defaults already due) every waiting run is driven.
 async fn scan(inner: &Arc<Inner>, park_waiting: bool) -> Result<(), EngineError> {
     let (runs, parked) = inner.blocking(move |log| to_resume(log, park_waiting)).await?;
-    // With a shared queue, a run in it (or waiting for its due time) is someone's to
-    // claim: only the others (a push lost with its process) are folded and queued.
+    // With a shared queue, a run in it is someone's to claim: only the others (a push lost
+    // with its process, a run waiting for a timer) are folded and queued.
     let runs = inner
         .blocking(move |log| match log.work_queue() {
             Some(q) => Ok(q.unqueued(&runs)?),

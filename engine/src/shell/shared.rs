@@ -89,13 +89,14 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Le
 }
 
 /// How long the service loop may sleep: until the earliest due time this process wrote
-/// falls due (those passed are forgotten: the due-time index is read now), at most
+/// falls due (one passed already: no wait, the next turn reads the index), at most
 /// `poll`, the fallback for the timers of other processes and for missed notifications.
 /// Without it a run's retry backoff waited for the next poll (an hour, if so configured).
 pub(crate) fn next_look(inner: &Inner, poll: Duration) -> Duration {
     let now = inner.clock.now_us();
-    let mut s = inner.sched();
-    s.due_here.retain(|_, due| *due > now);
+    let s = inner.sched();
+    // Entries are forgotten by the read that covers them (`take_due`), not here: one that
+    // passed since is looked at on the next turn (a wait of 0).
     match s.due_here.values().copied().min() {
         Some(due) => crate::shell::queue::until_due(due, now).min(poll),
         None => poll,
@@ -110,7 +111,8 @@ fn ttl_us(inner: &Inner) -> i64 {
 /// caller queues them. The index is read at most once per [`DUE_READ_EVERY`] unless a due
 /// time this process wrote has passed: the service loop goes round on every drive that
 /// ends and every notification of any process, and a read per round was a round trip to
-/// the database per run driven (the timers of other processes fire up to that much later).
+/// the database per run driven. (The timers of other processes are found by the next read
+/// on a turn of the loop, as before: a wake-up, or the poll.)
 pub(crate) async fn take_due(inner: &Arc<Inner>) -> Vec<RunId> {
     let now = inner.clock.now_us();
     {
@@ -121,6 +123,8 @@ pub(crate) async fn take_due(inner: &Arc<Inner>) -> Vec<RunId> {
             return Vec::new();
         }
         s.due_read_at = Some(std::time::Instant::now());
+        // This read covers them.
+        s.due_here.retain(|_, due| *due > now);
     }
     let due = inner
         .blocking(move |log| match log.work_queue() {

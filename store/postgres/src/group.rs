@@ -335,7 +335,14 @@ async fn transaction(
 
     // Sent together (one round trip), executed in this order: the locks are still taken
     // leases, then heads, then claims.
-    let begin = if mode.async_commit { "BEGIN; SET LOCAL synchronous_commit = off" } else { "BEGIN" };
+    // Synchronous commits are asked for, not taken from the server's default: an operator
+    // default of `off` would make acknowledged appends (and the WAL barriers a flush
+    // answers) lose their durability.
+    let begin = if mode.async_commit {
+        "BEGIN; SET LOCAL synchronous_commit = off"
+    } else {
+        "BEGIN; SET LOCAL synchronous_commit = on"
+    };
     let leases = async {
         if fenced.is_empty() {
             return Ok(Vec::new());
@@ -349,7 +356,7 @@ async fn transaction(
         }
         client.rows(CLAIMS_SQL, &[&keys]).await
     };
-    let read = tokio::try_join!(client.batch_execute(begin), leases, heads, claims);
+    let read = tokio::try_join!(biased; client.batch_execute(begin), leases, heads, claims);
     let ((), leases, heads, claims) = match read {
         Ok(read) => read,
         Err(e) => return Err(rolled_back(client, e).await),
@@ -462,7 +469,11 @@ async fn write(client: &Client, plan: &Plan) -> Result<(), Failed> {
         client.exec(INSERT_CLAIMS_SQL, &[&ci.key, &ci.run, &ci.expires]).await
     };
     let events = async { client.exec(EVENTS_SQL, &[&run, &seq, &value]).await };
+    // `biased`: polled in the order sent, so the error returned is the first statement's
+    // (a lost race's unique violation), not the "transaction is aborted" of a statement
+    // after it, which would fail the whole batch instead of retrying it.
     let written = tokio::try_join!(
+        biased;
         updating,
         inserting,
         claiming_old,
@@ -713,6 +724,7 @@ fn clone_err(e: &StoreError) -> StoreError {
 /// ROLLBACK after a failure) whatever happened before it.
 pub(crate) async fn flush_tx(client: &Client) -> Result<(), tokio_postgres::Error> {
     tokio::try_join!(
+        biased;
         client.batch_execute(
             "BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_logical_emit_message(true, 'keel', 'flush')"
         ),

@@ -72,6 +72,7 @@ async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Resul
     crate::group::warm(client, &[PUSH_SQL]).await?;
     let params: [&(dyn ToSql + Sync); 6] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us, &CHANNEL, &schema];
     tokio::try_join!(
+        biased;
         client.batch_execute(BEGIN_ASYNC),
         async { client.exec(PUSH_SQL, &params).await },
         client.batch_execute("COMMIT"),
@@ -156,6 +157,7 @@ async fn claim_tx(
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
     // The grants are made durable below, after the locks are released.
     let read = tokio::try_join!(
+        biased;
         client.batch_execute(BEGIN_ASYNC),
         lock_workflows(client, schema, &limited),
         async { client.rows(CANDIDATES_SQL, &[&t.now_us, &want]).await },
@@ -169,7 +171,7 @@ async fn claim_tx(
             return Err(e);
         }
     };
-    let (granted, ()) = tokio::try_join!(grant(client, &chosen, &t), client.batch_execute("COMMIT"))?;
+    let (granted, ()) = tokio::try_join!(biased; grant(client, &chosen, &t), client.batch_execute("COMMIT"))?;
     let taken: Vec<(RunId, String, i64)> =
         chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
     Ok(taken)
@@ -233,6 +235,7 @@ async fn done_tx(
     let client: &ClientWrapper = client;
     let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
     let (_, row, _) = tokio::try_join!(
+        biased;
         client.batch_execute(BEGIN_ASYNC),
         async { client.row_opt(DONE_SQL, &params).await },
         client.batch_execute("COMMIT"),
@@ -382,8 +385,7 @@ impl WorkQueue for PgStore {
                     .client()?
                     .rows(
                         "SELECT r FROM unnest($1::uuid[]) AS t(r)
-                         WHERE NOT EXISTS (SELECT 1 FROM work w WHERE w.run = t.r)
-                           AND NOT EXISTS (SELECT 1 FROM due d WHERE d.run = t.r)",
+                         WHERE NOT EXISTS (SELECT 1 FROM work w WHERE w.run = t.r)",
                         &[&ids],
                     )
                     .await;

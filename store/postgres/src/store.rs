@@ -591,6 +591,7 @@ async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreErr
         // holder wait for the expiry; any later synchronous commit (a grant) covers it.
         // Sent together: one round trip.
         tokio::try_join!(
+        biased;
             client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
             async { client.exec(RELEASE_SQL, &[&run.0, &epoch]).await },
             client.batch_execute("COMMIT"),
