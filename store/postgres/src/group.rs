@@ -335,14 +335,10 @@ async fn transaction(
 
     // Sent together (one round trip), executed in this order: the locks are still taken
     // leases, then heads, then claims.
-    // Synchronous commits are asked for, not taken from the server's default: an operator
-    // default of `off` would make acknowledged appends (and the WAL barriers a flush
-    // answers) lose their durability.
-    let begin = if mode.async_commit {
-        "BEGIN; SET LOCAL synchronous_commit = off"
-    } else {
-        "BEGIN; SET LOCAL synchronous_commit = on"
-    };
+    // Every session of the store starts with `synchronous_commit = on` (its connection
+    // options, `store.rs`), not the server's default: an operator default of `off` would
+    // make acknowledged appends (and the WAL barriers a flush answers) lose durability.
+    let begin = if mode.async_commit { "BEGIN; SET LOCAL synchronous_commit = off" } else { "BEGIN" };
     let leases = async {
         if fenced.is_empty() {
             return Ok(Vec::new());

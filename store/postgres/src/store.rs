@@ -197,8 +197,10 @@ impl PgStore {
         let bounds = bounds(&config)?;
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
+        // `synchronous_commit=on` whatever the server's or role's default: the durability
+        // of appends and of the WAL barriers claims wait for rests on it (docs/STORE.md 15.3).
         pg.options(format!(
-            "-c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            "-c synchronous_commit=on -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             config.schema,
             bounds.statement_ms(),
             bounds.call_ms()
