@@ -39,6 +39,24 @@ fn wait_for_a_session_blocked_by(holder_pid: i32, watcher: &Admin) -> i32 {
     }
 }
 
+/// Begins a transaction in `admin` that inserts a head row for `run` (next seq 1) and
+/// leaves it uncommitted: a flush creating the run waits for it.
+fn begin_a_head_row(admin: &Admin, schema: &str, run: RunId) {
+    admin.exec(&format!(
+        "BEGIN; INSERT INTO {schema}.heads VALUES ('{}', 1, '\\x{}'::bytea, 'Planned')",
+        run.0,
+        "ab".repeat(32)
+    ));
+}
+
+/// An append at seq 0 that lost to [`begin_a_head_row`]'s row: a conflict at seq 1.
+fn conflicts_at_the_created_row(appended: Result<keel_store::Head, StoreError>) {
+    match appended {
+        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+}
+
 fn io_kind_and_pg(e: &StoreError) -> (std::io::ErrorKind, Option<PgError>) {
     match e {
         StoreError::Io(io) => (io.kind(), io.get_ref().and_then(|i| i.downcast_ref::<PgError>()).cloned()),
@@ -534,19 +552,12 @@ fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_dup
     let watcher = Admin::connect().unwrap();
     let (r, holder, claimer) = (run(10), run(11), run(12));
 
-    admin.exec(&format!(
-        "BEGIN; INSERT INTO {schema}.heads VALUES ('{}', 1, '\\x{}'::bytea, 'Planned')",
-        r.0,
-        "ab".repeat(32)
-    ));
+    begin_a_head_row(&admin, &schema, r);
     let s = store.clone();
     let creating = std::thread::spawn(move || s.append(r, Seq(0), vec![rec(0)], None));
     wait_for_a_session_blocked_by(admin.pid(), &watcher);
     admin.exec("COMMIT");
-    match creating.join().unwrap() {
-        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
-        other => panic!("expected Conflict, got {other:?}"),
-    }
+    conflicts_at_the_created_row(creating.join().unwrap());
 
     admin.exec(&format!(
         "BEGIN; INSERT INTO {schema}.claims VALUES ('\\x6b6579'::bytea, '{}', {})",
@@ -784,11 +795,7 @@ fn a_lost_race_in_a_flush_of_several_appends_retries_them_and_the_others_are_wri
     let locker = Admin::connect().unwrap();
     locker.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", busy.0));
     let creator = Admin::connect().unwrap();
-    creator.exec(&format!(
-        "BEGIN; INSERT INTO {schema}.heads VALUES ('{}', 1, '\\x{}'::bytea, 'Planned')",
-        new.0,
-        "ab".repeat(32)
-    ));
+    begin_a_head_row(&creator, &schema, new);
     let s = store.clone();
     let first = std::thread::spawn(move || s.append(busy, Seq(1), vec![rec(1)], None));
     wait_for_a_session_blocked_by(locker.pid(), &watcher);
@@ -800,10 +807,7 @@ fn a_lost_race_in_a_flush_of_several_appends_retries_them_and_the_others_are_wri
     first.join().unwrap().unwrap();
     wait_for_a_session_blocked_by(creator.pid(), &watcher);
     creator.exec("COMMIT");
-    match creating.join().unwrap() {
-        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(0), Seq(1))),
-        other => panic!("expected Conflict, got {other:?}"),
-    }
+    conflicts_at_the_created_row(creating.join().unwrap());
     let written = appending.join().unwrap();
     assert!(matches!(&written, Ok(h) if h.next_seq == Seq(2)), "the other append of the flush: {written:?}");
     assert!(store.stats().raced_flushes >= 1, "{:?}", store.stats());
