@@ -132,8 +132,7 @@ impl Held {
         }
     }
 
-    /// Releases the lease (if still held) so another driver may take the run at once.
-    /// Ends the hold: `end` gets the lease if it is still held (not lost) and returns
+    /// Ends the hold, so another driver may take the run at once: `end` gets the lease if it is still held (not lost) and returns
     /// whether it released it itself (the shared queue's `done` does, in the same
     /// transaction); if not, it is released here. A lease released either way is not
     /// released again when dropped (that was a second round trip to a database per drive).

@@ -212,11 +212,7 @@ impl Meter {
                 _ => None,
             });
         let Some(workflow) = workflow else { return OTHER.to_owned() };
-        let mut l = self.lock();
-        if l.workflows.len() >= WORKFLOW_MEMORY_MAX {
-            l.workflows.clear();
-        }
-        l.workflows.insert(run, workflow.clone());
+        self.remember(run, &workflow);
         workflow
     }
 

@@ -301,6 +301,29 @@ const FLUSH_STATEMENTS: [&str; 9] = [
     AUX_SQL,
 ];
 
+/// BEGIN a transaction that commits without waiting for the WAL flush.
+pub(crate) const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
+/// Runs `sql` alone in a transaction that commits without waiting for the WAL flush, in
+/// one round trip: BEGIN, the statement (prepared first) and COMMIT sent together; the
+/// COMMIT goes as a message of its own, so it is carried out (as a rollback after a
+/// failure) whatever happened before it. The queue's bookkeeping (push, done) and a lease
+/// release: what a crash of the server loses there is recovered (docs/STORE.md 15.3).
+pub(crate) async fn commit_async(
+    client: &Client,
+    sql: &str,
+    params: &crate::cached::Params<'_>,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    warm(client, &[sql]).await?;
+    let (_, rows, _) = tokio::try_join!(
+        biased;
+        client.batch_execute(BEGIN_ASYNC),
+        client.rows(sql, params),
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(rows)
+}
+
 /// Prepares `sqls` on the session: from its statement cache after the first time (no
 /// round trip). Statements sent together with a BEGIN or a COMMIT must be prepared first:
 /// one that is not would be parsed first and executed after the COMMIT sent behind it.
@@ -338,7 +361,7 @@ async fn transaction(
     // Every session of the store starts with `synchronous_commit = on` (its connection
     // options, `store.rs`), not the server's default: an operator default of `off` would
     // make acknowledged appends (and the WAL barriers a flush answers) lose durability.
-    let begin = if mode.async_commit { "BEGIN; SET LOCAL synchronous_commit = off" } else { "BEGIN" };
+    let begin = if mode.async_commit { BEGIN_ASYNC } else { "BEGIN" };
     let leases = async {
         if fenced.is_empty() {
             return Ok(Vec::new());

@@ -28,7 +28,7 @@ pub(crate) const CHANNEL: &str = "keel_work";
 /// claim grants leases: it commits the same way (so its locks are not held through a WAL
 /// flush), then waits for a flush before any granted lease is used (a grant lost in a
 /// crash could hand one epoch out twice).
-const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+use crate::group::{commit_async, BEGIN_ASYNC};
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
 const CANDIDATES_PER_CLAIM: usize = 4;
@@ -65,19 +65,10 @@ const DONE_SQL: &str = "WITH again AS (
                   WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
      SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
 
-/// A transaction of queue bookkeeping in one round trip: BEGIN (committing without waiting
-/// for the WAL flush), `statements`, COMMIT, sent together; the COMMIT goes as a message of
-/// its own, so it is carried out (as a ROLLBACK after a failure) whatever happened before.
-async fn push_tx(client: &mut ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
-    crate::group::warm(client, &[PUSH_SQL]).await?;
+/// A push ([`PUSH_SQL`]) in one round trip ([`commit_async`]).
+async fn push_tx(client: &ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 6] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us, &CHANNEL, &schema];
-    tokio::try_join!(
-        biased;
-        client.batch_execute(BEGIN_ASYNC),
-        async { client.exec(PUSH_SQL, &params).await },
-        client.batch_execute("COMMIT"),
-    )?;
-    Ok(())
+    commit_async(client, PUSH_SQL, &params).await.map(drop)
 }
 
 /// Locks the per-workflow claim locks of `workflows` in one order (no two claimers wait
@@ -224,23 +215,16 @@ async fn grant(
 /// transaction. The notification is delivered at commit: a slot of the run's workflow type
 /// is free (or the run is queued again).
 async fn done_tx(
-    client: &mut ClientWrapper,
+    client: &ClientWrapper,
     run: RunId,
     owner: &str,
     due_at_us: Option<i64>,
     release: Option<i64>,
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
-    crate::group::warm(client, &[DONE_SQL]).await?;
-    let client: &ClientWrapper = client;
     let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
-    let (_, row, _) = tokio::try_join!(
-        biased;
-        client.batch_execute(BEGIN_ASYNC),
-        async { client.row_opt(DONE_SQL, &params).await },
-        client.batch_execute("COMMIT"),
-    )?;
-    let again: i64 = match row {
+    let rows = commit_async(client, DONE_SQL, &params).await?;
+    let again: i64 = match rows.first() {
         Some(row) => row.try_get(0)?,
         None => 0,
     };

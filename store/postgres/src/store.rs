@@ -587,23 +587,12 @@ pub(crate) const RELEASE_SQL: &str =
     "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
 
 async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreError> {
-    async fn release_tx(client: &mut ClientWrapper, run: RunId, epoch: i64) -> Result<(), tokio_postgres::Error> {
-        group::warm(client, &[RELEASE_SQL]).await?;
-        // Not waited for: a release lost in a crash of the server only makes the next
-        // holder wait for the expiry; any later synchronous commit (a grant) covers it.
-        // Sent together: one round trip.
-        tokio::try_join!(
-        biased;
-            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
-            async { client.exec(RELEASE_SQL, &[&run.0, &epoch]).await },
-            client.batch_execute("COMMIT"),
-        )?;
-        Ok(())
-    }
+    // Not waited for: a release lost in a crash of the server only makes the next holder
+    // wait for the expiry; any later synchronous commit (a grant) covers it.
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
     let mut conn = pool.get().await?;
-    let result = release_tx(conn.client()?, run, epoch).await;
-    conn.ok(result)
+    let result = group::commit_async(conn.client()?, RELEASE_SQL, &[&run.0, &epoch]).await;
+    conn.ok(result).map(drop)
 }
 
 pub(crate) fn expiry(now_us: i64, ttl_ms: u64) -> i64 {
