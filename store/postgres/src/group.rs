@@ -249,21 +249,31 @@ async fn flush_once(
     result
 }
 
-const LEASES_SQL: &str = "SELECT run, epoch FROM leases WHERE run = ANY($1) ORDER BY run FOR UPDATE";
-const HEADS_SQL: &str =
-    "SELECT run, next_seq, last_hash, last_kind FROM heads WHERE run = ANY($1) ORDER BY run FOR UPDATE";
-const CLAIMS_SQL: &str = "SELECT key, run, expires_at_us FROM claims WHERE key = ANY($1) ORDER BY key FOR UPDATE";
-const UPDATE_HEADS_SQL: &str =
-    "UPDATE heads SET next_seq = u.next_seq, last_hash = u.last_hash, last_kind = u.last_kind
-     FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[]) AS u(run, next_seq, last_hash, last_kind)
-     WHERE heads.run = u.run";
+// The rows of a flush are found through each table's primary key, one key at a time in
+// the order given (sorted by the caller: every flush locks in one order), whatever the
+// table's size: `WHERE run = ANY($1)` was planned as a scan of the whole table on small
+// tables (a generic plan cannot see the array's length; seen on a table of 1,000 runs),
+// and the updates as hash joins over such a scan. The updates are upserts of rows that
+// exist and are locked by the flush: each row is found through the arbiter index.
+pub(crate) const LEASES_SQL: &str = "SELECT l.run, l.epoch FROM unnest($1::uuid[]) AS k(run)
+     CROSS JOIN LATERAL (SELECT run, epoch FROM leases WHERE leases.run = k.run FOR UPDATE) l";
+pub(crate) const HEADS_SQL: &str =
+    "SELECT h.run, h.next_seq, h.last_hash, h.last_kind FROM unnest($1::uuid[]) AS k(run)
+     CROSS JOIN LATERAL (SELECT run, next_seq, last_hash, last_kind FROM heads WHERE heads.run = k.run FOR UPDATE) h";
+pub(crate) const CLAIMS_SQL: &str = "SELECT c.key, c.run, c.expires_at_us FROM unnest($1::bytea[]) AS k(key)
+     CROSS JOIN LATERAL (SELECT key, run, expires_at_us FROM claims WHERE claims.key = k.key FOR UPDATE) c";
+pub(crate) const UPDATE_HEADS_SQL: &str = "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
+     ON CONFLICT (run) DO UPDATE
+       SET next_seq = EXCLUDED.next_seq, last_hash = EXCLUDED.last_hash, last_kind = EXCLUDED.last_kind";
 /// No `ON CONFLICT`: a head row another process inserted since the locks were taken is a
 /// unique violation, which aborts the transaction (its COMMIT, already sent, rolls back).
 const INSERT_HEADS_SQL: &str = "INSERT INTO heads (run, next_seq, last_hash, last_kind)
      SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])";
-const UPDATE_CLAIMS_SQL: &str = "UPDATE claims SET run = u.run, expires_at_us = u.expires_at_us
-     FROM unnest($1::bytea[], $2::uuid[], $3::bigint[]) AS u(key, run, expires_at_us)
-     WHERE claims.key = u.key";
+/// As [`UPDATE_HEADS_SQL`].
+pub(crate) const UPDATE_CLAIMS_SQL: &str = "INSERT INTO claims (key, run, expires_at_us)
+     SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
+     ON CONFLICT (key) DO UPDATE SET run = EXCLUDED.run, expires_at_us = EXCLUDED.expires_at_us";
 /// As [`INSERT_HEADS_SQL`]: a key claimed by another process meanwhile aborts the flush.
 const INSERT_CLAIMS_SQL: &str =
     "INSERT INTO claims (key, run, expires_at_us) SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])";
@@ -304,24 +314,16 @@ const FLUSH_STATEMENTS: [&str; 9] = [
 /// BEGIN a transaction that commits without waiting for the WAL flush.
 pub(crate) const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
-/// Runs `sql` alone in a transaction that commits without waiting for the WAL flush, in
-/// one round trip: BEGIN, the statement (prepared first) and COMMIT sent together; the
-/// COMMIT goes as a message of its own, so it is carried out (as a rollback after a
-/// failure) whatever happened before it. The queue's bookkeeping (push, done) and a lease
-/// release: what a crash of the server loses there is recovered (docs/STORE.md 15.3).
-pub(crate) async fn commit_async(
+/// Runs `sql` alone on a lazy session ([`crate::pool::Pool::lazy`]): its own transaction,
+/// committed without waiting for the WAL flush, in one message. The queue's bookkeeping
+/// (push, done) and a lease release: what a crash of the server loses there is recovered
+/// (docs/STORE.md 15.3). A failed statement rolls back alone.
+pub(crate) async fn commit_lazily(
     client: &Client,
     sql: &str,
     params: &crate::cached::Params<'_>,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    warm(client, &[sql]).await?;
-    let (_, rows, _) = tokio::try_join!(
-        biased;
-        client.batch_execute(BEGIN_ASYNC),
-        client.rows(sql, params),
-        client.batch_execute("COMMIT"),
-    )?;
-    Ok(rows)
+    client.rows(sql, params).await
 }
 
 /// Prepares `sqls` on the session: from its statement cache after the first time (no

@@ -1,5 +1,11 @@
-//! The store's sessions: a `deadpool-postgres` pool, used only on the store's own runtime
-//! (its sessions' connection tasks are spawned there). At most `size` sessions at once;
+//! The store's sessions: two `deadpool-postgres` pools, used only on the store's own
+//! runtime (its sessions' connection tasks are spawned there): sessions whose commits wait
+//! for the WAL flush (`synchronous_commit=on`: appends, reads) and lazy sessions whose
+//! commits do not (`synchronous_commit=off`: the queue's bookkeeping and lease releases,
+//! which a synchronous commit of any session later makes durable, the WAL being one
+//! sequence; docs/STORE.md 15.3). A statement alone on a lazy session is its own
+//! transaction, so such a write is one message, not a BEGIN, a `SET LOCAL` and a COMMIT
+//! around it. At most `size` sessions of each kind at once;
 //! opening one is bounded by the connect timeout ([`crate::Timed::Connect`]). A session is
 //! put back for reuse only when the last statement sent on it was answered without losing
 //! the connection: one that met a lost connection, or whose call was abandoned mid-statement
@@ -13,6 +19,7 @@ use tokio_postgres::{Config, NoTls};
 
 pub(crate) struct Pool {
     inner: deadpool_postgres::Pool,
+    lazy: deadpool_postgres::Pool,
     bounds: Bounds,
 }
 
@@ -54,29 +61,43 @@ pub(crate) struct Conn {
 }
 
 impl Pool {
-    /// A pool of at most `size` sessions to `config`; it connects lazily.
-    pub(crate) fn new(config: Config, size: usize, bounds: Bounds) -> Result<Pool, PgError> {
-        // A pooled session is checked with `is_closed` when taken again (no extra round
-        // trip); a session that met a lost connection never gets back (see `Conn`).
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let inner = deadpool_postgres::Pool::builder(manager)
-            .max_size(size)
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(bounds.connect))
-            .recycle_timeout(Some(bounds.connect))
-            .build()
-            .map_err(|e| PgError::Server { code: String::new(), reason: format!("building the pool: {e}") })?;
-        Ok(Pool { inner, bounds })
+    /// Pools of at most `size` sessions each: to `config` (whose options ask for
+    /// synchronous commits) and to `lazy` (whose options do not); they connect on first use.
+    pub(crate) fn new(config: Config, lazy: Config, size: usize, bounds: Bounds) -> Result<Pool, PgError> {
+        let build = |config: Config| {
+            // A pooled session is checked with `is_closed` when taken again (no extra round
+            // trip); a session that met a lost connection never gets back (see `Conn`).
+            let manager =
+                Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            deadpool_postgres::Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .create_timeout(Some(bounds.connect))
+                .recycle_timeout(Some(bounds.connect))
+                .build()
+                .map_err(|e| PgError::Server { code: String::new(), reason: format!("building the pool: {e}") })
+        };
+        Ok(Pool { inner: build(config)?, lazy: build(lazy)?, bounds })
     }
 
     pub(crate) fn bounds(&self) -> Bounds {
         self.bounds
     }
 
-    /// A session: an idle one that is still connected, else a new one.
+    /// A session whose commits wait for the WAL flush: an idle one that is still
+    /// connected, else a new one.
     pub(crate) async fn get(&self) -> Result<Conn, PgError> {
+        self.take(&self.inner).await
+    }
+
+    /// A lazy session (`synchronous_commit=off`), taken as [`Pool::get`] takes one.
+    pub(crate) async fn lazy(&self) -> Result<Conn, PgError> {
+        self.take(&self.lazy).await
+    }
+
+    async fn take(&self, pool: &deadpool_postgres::Pool) -> Result<Conn, PgError> {
         let b = self.bounds;
-        let object = self.inner.get().await.map_err(|e| match e {
+        let object = pool.get().await.map_err(|e| match e {
             PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
                 PgError::Timeout { what: Timed::Connect, after_ms: b.connect_ms() }
             }
@@ -150,5 +171,132 @@ impl Drop for Conn {
             });
         }
         drop(client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cached::Cached;
+    use crate::{PgConfig, PgStore};
+
+    /// Whether a missing server fails this test instead of skipping it (as tests/common).
+    fn required() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+            || std::env::var("KEEL_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+    }
+
+    fn url() -> String {
+        std::env::var("KEEL_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// A store on a fresh schema of its own, or None (skipped) without a server outside CI.
+    fn store(tag: &str) -> Option<(PgStore, String)> {
+        let schema = format!("keel_pool_test_{}_{tag}", std::process::id());
+        match PgStore::open(PgConfig { schema: schema.clone(), ..PgConfig::new(url()) }) {
+            Ok(store) => Some((store, schema)),
+            Err(e) if !required() => {
+                eprintln!("skipped: PostgreSQL at {} does not answer ({e})", url());
+                None
+            }
+            Err(e) => panic!("PostgreSQL is required here (CI=true) but {} does not answer: {e}", url()),
+        }
+    }
+
+    /// The two kinds of session carry the settings the store's durability rests on: a
+    /// session that waits for the WAL flush at commit, a lazy one that does not; generic
+    /// plans on both.
+    #[test]
+    fn sessions_wait_for_the_wal_at_commit_and_lazy_sessions_do_not() {
+        let Some((store, schema)) = store("settings") else { return };
+        let pool = store.pool();
+        let shown = store
+            .call(async move {
+                let mut shown = Vec::new();
+                for lazy in [false, true] {
+                    let mut conn = if lazy { pool.lazy().await? } else { pool.get().await? };
+                    let mut row = Vec::new();
+                    for setting in ["synchronous_commit", "plan_cache_mode"] {
+                        let r = conn.client()?.rows(&format!("SHOW {setting}"), &[]).await;
+                        let rows = conn.ok(r)?;
+                        let value: String = rows.first().map(|r| r.get(0)).unwrap_or_default();
+                        row.push(value);
+                    }
+                    shown.push(row);
+                }
+                let mut conn = pool.get().await?;
+                let r = conn.client()?.exec(&format!("DROP SCHEMA {schema} CASCADE"), &[]).await;
+                conn.ok(r)?;
+                Ok(shown)
+            })
+            .unwrap();
+        assert_eq!(
+            shown,
+            vec![
+                vec!["on".to_owned(), "force_generic_plan".to_owned()],
+                vec!["off".into(), "force_generic_plan".into()]
+            ]
+        );
+    }
+
+    /// A flush finds the rows it locks and updates through the primary keys, not by a
+    /// scan of the whole table (as the generic plans of `run = ANY($1)` and of a join with
+    /// the array did on a table of 1,000 rows: the planner cannot see the array's length).
+    #[test]
+    fn a_flush_finds_its_rows_through_the_primary_keys() {
+        let Some((store, schema)) = store("plans") else { return };
+        let pool = store.pool();
+        let plans = store
+            .call(async move {
+                let mut conn = pool.get().await?;
+                let setup = format!(
+                    "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+                       SELECT gen_random_uuid(), 3, '\\x00', 'TaskExecuted' FROM generate_series(1, 1000);
+                     INSERT INTO leases (run, owner, epoch, expires_at_us)
+                       SELECT run, 'w', 1, 0 FROM heads;
+                     INSERT INTO claims (key, run, expires_at_us)
+                       SELECT int8send(i), gen_random_uuid(), 0 FROM generate_series(1, 1000) i;
+                     ANALYZE heads; ANALYZE leases; ANALYZE claims;
+                     PREPARE leases_lock (uuid[]) AS {};
+                     PREPARE heads_lock (uuid[]) AS {};
+                     PREPARE claims_lock (bytea[]) AS {};
+                     PREPARE heads_update (uuid[], bigint[], bytea[], text[]) AS {};
+                     PREPARE claims_update (bytea[], uuid[], bigint[]) AS {};",
+                    crate::group::LEASES_SQL,
+                    crate::group::HEADS_SQL,
+                    crate::group::CLAIMS_SQL,
+                    crate::group::UPDATE_HEADS_SQL,
+                    crate::group::UPDATE_CLAIMS_SQL
+                );
+                let r = conn.client()?.batch_execute(&setup).await;
+                conn.ok(r)?;
+                let mut plans = Vec::new();
+                let ids = "ARRAY['00000000-0000-0000-0000-000000000001'::uuid, '00000000-0000-0000-0000-000000000002']";
+                for explain in [
+                    format!("EXPLAIN EXECUTE leases_lock ({ids})"),
+                    format!("EXPLAIN EXECUTE heads_lock ({ids})"),
+                    "EXPLAIN EXECUTE claims_lock (ARRAY['\\x01'::bytea, '\\x02'])".to_owned(),
+                    format!("EXPLAIN EXECUTE heads_update ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"),
+                    format!("EXPLAIN EXECUTE claims_update (ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"),
+                ] {
+                    let r = conn.client()?.simple_query(&explain).await;
+                    let lines = conn.ok(r)?;
+                    let plan: Vec<String> = lines
+                        .iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                            _ => None,
+                        })
+                        .collect();
+                    plans.push(plan.join("\n"));
+                }
+                let r = conn.client()?.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
+                conn.ok(r)?;
+                Ok(plans)
+            })
+            .unwrap();
+        for plan in plans {
+            assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
+            assert!(plan.contains("_pkey"), "not through the primary key:\n{plan}");
+        }
     }
 }

@@ -28,7 +28,7 @@ pub(crate) const CHANNEL: &str = "keel_work";
 /// claim grants leases: it commits the same way (so its locks are not held through a WAL
 /// flush), then waits for a flush before any granted lease is used (a grant lost in a
 /// crash could hand one epoch out twice).
-use crate::group::{commit_async, BEGIN_ASYNC};
+use crate::group::commit_lazily;
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
 const CANDIDATES_PER_CLAIM: usize = 4;
@@ -65,10 +65,10 @@ const DONE_SQL: &str = "WITH again AS (
                   WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
      SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
 
-/// A push ([`PUSH_SQL`]) in one round trip ([`commit_async`]).
+/// A push ([`PUSH_SQL`]) in one message on a lazy session ([`commit_lazily`]).
 async fn push_tx(client: &ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 6] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us, &CHANNEL, &schema];
-    commit_async(client, PUSH_SQL, &params).await.map(drop)
+    commit_lazily(client, PUSH_SQL, &params).await.map(drop)
 }
 
 /// Locks the per-workflow claim locks of `workflows` in one order (no two claimers wait
@@ -128,10 +128,11 @@ struct Take<'a> {
     limits: &'a BTreeMap<String, usize>,
 }
 
-/// Claims up to `t.max` runs in two round trips: BEGIN with the claim locks, the
-/// candidates and the live leases of each limited workflow type (sent together, executed
-/// in that order); the grants (one statement) with the COMMIT. The caller waits for a WAL
-/// flush before using a granted lease ([`PgStore::barrier`]).
+/// Claims up to `t.max` runs in two round trips on a lazy session (its commit does not
+/// wait for the WAL flush): BEGIN with the claim locks, the candidates and the live leases
+/// of each limited workflow type (sent together, executed in that order); the grants (one
+/// statement) with the COMMIT. The caller waits for a WAL flush before using a granted
+/// lease ([`PgStore::barrier`]).
 async fn claim_tx(
     client: &mut ClientWrapper,
     t: Take<'_>,
@@ -149,7 +150,7 @@ async fn claim_tx(
     // The grants are made durable below, after the locks are released.
     let read = tokio::try_join!(
         biased;
-        client.batch_execute(BEGIN_ASYNC),
+        client.batch_execute("BEGIN"),
         lock_workflows(client, schema, &limited),
         async { client.rows(CANDIDATES_SQL, &[&t.now_us, &want]).await },
         busy(client, &limited_list, t.now_us),
@@ -223,7 +224,7 @@ async fn done_tx(
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
-    let rows = commit_async(client, DONE_SQL, &params).await?;
+    let rows = commit_lazily(client, DONE_SQL, &params).await?;
     let again: i64 = match rows.first() {
         Some(row) => row.try_get(0)?,
         None => 0,
@@ -276,7 +277,7 @@ async fn take_due_q(pool: Arc<Pool>, now_us: i64, limit: i64) -> Result<Vec<RunI
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
-        .query(
+        .rows(
             "DELETE FROM due WHERE run IN (
                  SELECT run FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2 FOR UPDATE SKIP LOCKED)
              RETURNING run",
@@ -292,7 +293,7 @@ impl WorkQueue for PgStore {
         too_long("workflow name", &runnable.workflow, WORKFLOW_BYTES_MAX)?;
         let (pool, r, schema) = (self.pool(), runnable.clone(), self.schema().to_owned());
         self.call(async move {
-            let mut conn = pool.get().await?;
+            let mut conn = pool.lazy().await?;
             let result = push_tx(conn.client()?, r, &schema).await;
             conn.ok(result)
         })
@@ -317,7 +318,7 @@ impl WorkQueue for PgStore {
         let (pool, who, lim, schema) = (self.pool(), owner.to_owned(), limits.clone(), self.schema().to_owned());
         let appends = self.appends();
         let taken = self.call(async move {
-            let mut conn = pool.get().await?;
+            let mut conn = pool.lazy().await?;
             let t = Take { owner: &who, expires_at_us, now_us, max, limits: &lim };
             let result = claim_tx(conn.client()?, t, &schema).await;
             let taken = conn.ok(result)?;
@@ -348,7 +349,7 @@ impl WorkQueue for PgStore {
         let release = lease.as_ref().and_then(|l| i64::try_from(l.epoch()).ok());
         let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
         let again = self.call(async move {
-            let mut conn = pool.get().await?;
+            let mut conn = pool.lazy().await?;
             let result = done_tx(conn.client()?, run, &who, due_at_us, release, &schema).await;
             conn.ok(result)
         })?;

@@ -199,14 +199,22 @@ impl PgStore {
             config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
         // `synchronous_commit=on` whatever the server's or role's default: the durability
         // of appends and of the WAL barriers claims wait for rests on it (docs/STORE.md 15.3).
-        pg.options(format!(
-            "-c synchronous_commit=on -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
-            config.schema,
-            bounds.statement_ms(),
-            bounds.call_ms()
-        ));
+        // The queue's bookkeeping goes through lazy sessions (`synchronous_commit=off`, see
+        // `pool.rs`).
+        let options = |sync: &str| {
+            format!(
+                "-c synchronous_commit={sync} -c plan_cache_mode=force_generic_plan -c search_path={} -c statement_timeout={} \
+                 -c idle_in_transaction_session_timeout={}",
+                config.schema,
+                bounds.statement_ms(),
+                bounds.call_ms()
+            )
+        };
         pg.application_name("keel");
         pg.connect_timeout(bounds.connect);
+        let mut lazy = pg.clone();
+        pg.options(options("on"));
+        lazy.options(options("off"));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keel-postgres")
@@ -217,7 +225,7 @@ impl PgStore {
         let handle = rt.0.as_ref().map(|r| r.handle().clone()).ok_or(OpenError::Postgres(PgError::Closed))?;
         // Used only from tasks on the store's runtime: its timers bound the pool's waits and
         // its sessions' connection tasks are spawned there.
-        let pool = Arc::new(Pool::new(pg.clone(), config.pool_size, bounds).map_err(OpenError::Postgres)?);
+        let pool = Arc::new(Pool::new(pg.clone(), lazy, config.pool_size, bounds).map_err(OpenError::Postgres)?);
         {
             let (pool, schema, create) = (pool.clone(), config.schema.clone(), config.create);
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -473,7 +481,7 @@ async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
-        .query(
+        .rows(
             "SELECT seq, value FROM events WHERE run = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
             &[&run.0, &seq_param(from), &limit],
         )
@@ -486,7 +494,7 @@ async fn record_value(pool: Arc<Pool>, run: RunId, seq: u64) -> Result<Option<Ve
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
-        .query_opt("SELECT value FROM events WHERE run = $1 AND seq = $2", &[&run.0, &seq_param(seq)])
+        .row_opt("SELECT value FROM events WHERE run = $1 AND seq = $2", &[&run.0, &seq_param(seq)])
         .await;
     let row = conn.ok(result)?;
     row.map(|r| r.try_get(0).map_err(pg)).transpose()
@@ -496,10 +504,10 @@ async fn any_from(pool: Arc<Pool>, run: RunId, from: u64) -> Result<bool, StoreE
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
-        .query_one("SELECT EXISTS (SELECT 1 FROM events WHERE run = $1 AND seq >= $2)", &[&run.0, &seq_param(from)])
+        .row_opt("SELECT EXISTS (SELECT 1 FROM events WHERE run = $1 AND seq >= $2)", &[&run.0, &seq_param(from)])
         .await;
     let row = conn.ok(result)?;
-    row.try_get(0).map_err(pg)
+    row.map_or(Ok(false), |row| row.try_get(0).map_err(pg))
 }
 
 async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
@@ -590,8 +598,8 @@ async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreErr
     // Not waited for: a release lost in a crash of the server only makes the next holder
     // wait for the expiry; any later synchronous commit (a grant) covers it.
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
-    let mut conn = pool.get().await?;
-    let result = group::commit_async(conn.client()?, RELEASE_SQL, &[&run.0, &epoch]).await;
+    let mut conn = pool.lazy().await?;
+    let result = group::commit_lazily(conn.client()?, RELEASE_SQL, &[&run.0, &epoch]).await;
     conn.ok(result).map(drop)
 }
 
@@ -659,7 +667,7 @@ impl Coordination for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query_opt(
+                .row_opt(
                     "INSERT INTO leases (run, owner, epoch, expires_at_us) VALUES ($1, $2, 1, $3)
                      ON CONFLICT (run) DO UPDATE
                        SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
@@ -682,7 +690,7 @@ impl Coordination for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query_opt(
+                .row_opt(
                     "UPDATE leases SET epoch = epoch + 1, expires_at_us = $3
                      WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL AND expires_at_us > $4
                      RETURNING epoch",
@@ -782,7 +790,7 @@ impl Coordination for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query(
+                .rows(
                     "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2
                      UNION ALL
                      SELECT key, int8send(sum(value)::bigint) FROM counters WHERE key >= $1 AND key <= $2 GROUP BY key
@@ -801,7 +809,7 @@ impl Coordination for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query_opt("SELECT run FROM claims WHERE key = $1 AND expires_at_us > $2", &[&key, &now_us])
+                .row_opt("SELECT run FROM claims WHERE key = $1 AND expires_at_us > $2", &[&key, &now_us])
                 .await;
             let row = conn.ok(result)?;
             row.map(|r| r.try_get::<_, Uuid>(0).map(RunId).map_err(pg)).transpose()
@@ -927,7 +935,7 @@ impl Coordination for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query(
+                .rows(
                     "SELECT run, due_at_us FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2",
                     &[&now_us, &limit],
                 )
@@ -997,7 +1005,7 @@ impl Payloads for PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query_opt("SELECT manifest FROM payload_manifests WHERE digest = $1", &[&d.as_slice()])
+                .row_opt("SELECT manifest FROM payload_manifests WHERE digest = $1", &[&d.as_slice()])
                 .await;
             let Some(row) = conn.ok(result)? else { return Ok(None) };
             let manifest: Vec<u8> = row.try_get(0).map_err(pg)?;
@@ -1012,7 +1020,7 @@ impl Payloads for PgStore {
             while u32::try_from(from).is_ok_and(|f| f < chunks) {
                 let result = conn
                     .client()?
-                    .query(
+                    .rows(
                         "SELECT chunk, bytes FROM payloads WHERE digest = $1 AND chunk >= $2 AND chunk < $3 ORDER BY chunk",
                         &[&d.as_slice(), &from, &from.saturating_add(per)],
                     )
