@@ -36,7 +36,10 @@ pub struct PgConfig {
     pub durability: Durability,
     /// Size limits (validated at open: `InvalidConfig`).
     pub limits: Limits,
-    /// Sessions the store opens at most (appends use one at a time). Default 4, 1..=64.
+    /// Sessions the store opens at most, of each of its two kinds (appends and reads; the
+    /// queue's bookkeeping, committed without waiting for the WAL flush): up to twice this
+    /// many server connections, and one more listening for the queue's notifications.
+    /// Appends use one at a time. Default 4, 1..=64.
     pub pool_size: usize,
     /// Records fetched per query while reading a run. Default 256, 1..=65536.
     pub read_page_records: usize,
