@@ -360,9 +360,10 @@ async fn transaction(
 
     // Sent together (one round trip), executed in this order: the locks are still taken
     // leases, then heads, then claims.
-    // Every session of the store starts with `synchronous_commit = on` (its connection
-    // options, `store.rs`), not the server's default: an operator default of `off` would
-    // make acknowledged appends (and the WAL barriers a flush answers) lose durability.
+    // The flusher's sessions start with `synchronous_commit = on` (their connection
+    // options, `store.rs`; the lazy ones, `off`, never append), not the server's default:
+    // an operator default of `off` would make acknowledged appends (and the WAL barriers a
+    // flush answers) lose durability.
     let begin = if mode.async_commit { BEGIN_ASYNC } else { "BEGIN" };
     let leases = async {
         if fenced.is_empty() {

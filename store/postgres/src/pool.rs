@@ -299,4 +299,53 @@ mod tests {
             assert!(plan.contains("_pkey"), "not through the primary key:\n{plan}");
         }
     }
+
+    /// A worker's read of the due-time index and a page of an aux range follow what they
+    /// return, not the table or the range: `run IN (subquery)` was planned as a hash join
+    /// over a scan of all of `due`, and a union limited only as a whole sorted the range.
+    #[test]
+    fn due_reads_and_aux_pages_do_not_read_the_whole_table() {
+        let Some((store, schema)) = store("pages") else { return };
+        let pool = store.pool();
+        let plans = store
+            .call(async move {
+                let mut conn = pool.get().await?;
+                let setup = format!(
+                    "INSERT INTO due (run, due_at_us) SELECT gen_random_uuid(), i FROM generate_series(1, 20000) i;
+                     INSERT INTO aux (key, value) SELECT int8send(i), '\\x' FROM generate_series(1, 20000) i;
+                     INSERT INTO counters (key, shard, value)
+                       SELECT int8send(i), s, 1 FROM generate_series(1, 10000) i, generate_series(0, 1) s;
+                     ANALYZE due; ANALYZE aux; ANALYZE counters;
+                     PREPARE take_due (bigint, bigint) AS {};
+                     PREPARE aux_page (bytea, bytea, bigint) AS {};",
+                    crate::queue::TAKE_DUE_SQL,
+                    crate::store::AUX_RANGE_SQL
+                );
+                let r = conn.client()?.batch_execute(&setup).await;
+                conn.ok(r)?;
+                let mut plans = Vec::new();
+                for explain in
+                    ["EXPLAIN EXECUTE take_due (15000, 64)", "EXPLAIN EXECUTE aux_page ('\\x00', '\\xff', 100)"]
+                {
+                    let r = conn.client()?.simple_query(explain).await;
+                    let lines = conn.ok(r)?;
+                    let plan: Vec<String> = lines
+                        .iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                            _ => None,
+                        })
+                        .collect();
+                    plans.push(plan.join("\n"));
+                }
+                let r = conn.client()?.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
+                conn.ok(r)?;
+                Ok(plans)
+            })
+            .unwrap();
+        for plan in plans {
+            assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
+            assert!(!plan.contains("Sort  ("), "a whole range sorted:\n{plan}");
+        }
+    }
 }

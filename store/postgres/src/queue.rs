@@ -273,17 +273,17 @@ async fn listen(mut config: tokio_postgres::Config, schema: String, wakers: Arc<
     }
 }
 
+/// The runs due at `$1`, at most `$2`, taken out of the due-time index. The rows to delete
+/// are picked first (`due_by_time`), then deleted by key: `run IN (subquery)` was planned,
+/// generically, as a hash join over a scan of the whole table (the planner's guess of the
+/// subquery's rows), at every worker's read of the index.
+pub(crate) const TAKE_DUE_SQL: &str = "DELETE FROM due WHERE run = ANY(ARRAY(
+         SELECT run FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2 FOR UPDATE SKIP LOCKED))
+     RETURNING run";
+
 async fn take_due_q(pool: Arc<Pool>, now_us: i64, limit: i64) -> Result<Vec<RunId>, StoreError> {
     let mut conn = pool.get().await?;
-    let result = conn
-        .client()?
-        .rows(
-            "DELETE FROM due WHERE run IN (
-                 SELECT run FROM due WHERE due_at_us <= $1 ORDER BY due_at_us, run LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING run",
-            &[&now_us, &limit],
-        )
-        .await;
+    let result = conn.client()?.rows(TAKE_DUE_SQL, &[&now_us, &limit]).await;
     let rows = conn.ok(result)?;
     rows.into_iter().map(|r| Ok(RunId(r.try_get::<_, Uuid>(0).map_err(pg)?))).collect()
 }

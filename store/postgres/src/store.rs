@@ -593,6 +593,17 @@ async fn remove_run_tx(
     Ok(actual)
 }
 
+/// A range of the aux keyspace: plain entries and counters (the sum of their shards), in
+/// key order, at most `$3`. Each part is limited in its own branch, so the read follows
+/// the page, not the range: with the limit only over the union, the whole range was read
+/// and sorted (57 ms for a range of 100,000 keys under a generic plan).
+pub(crate) const AUX_RANGE_SQL: &str =
+    "(SELECT key, value FROM aux WHERE key >= $1 AND key <= $2 ORDER BY key LIMIT $3)
+     UNION ALL
+     (SELECT key, int8send(sum(value)::bigint) FROM counters WHERE key >= $1 AND key <= $2
+      GROUP BY key ORDER BY key LIMIT $3)
+     ORDER BY key LIMIT $3";
+
 /// Ends a lease if its epoch is still the run's.
 pub(crate) const RELEASE_SQL: &str =
     "UPDATE leases SET owner = NULL, epoch = epoch + 1 WHERE run = $1 AND epoch = $2 AND owner IS NOT NULL";
@@ -791,16 +802,7 @@ impl Coordination for PgStore {
         let (pool, lo, hi) = (self.pool(), lo.to_vec(), hi.to_vec());
         self.call(async move {
             let mut conn = pool.get().await?;
-            let result = conn
-                .client()?
-                .rows(
-                    "SELECT key, value FROM aux WHERE key >= $1 AND key <= $2
-                     UNION ALL
-                     SELECT key, int8send(sum(value)::bigint) FROM counters WHERE key >= $1 AND key <= $2 GROUP BY key
-                     ORDER BY key LIMIT $3",
-                    &[&lo, &hi, &limit],
-                )
-                .await;
+            let result = conn.client()?.rows(AUX_RANGE_SQL, &[&lo, &hi, &limit]).await;
             let rows = conn.ok(result)?;
             rows.iter().map(|r| Ok((r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?))).collect()
         })

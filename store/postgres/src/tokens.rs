@@ -2,6 +2,7 @@
 //! every `keel serve` on the database checks the same tokens and `keel token add` on any
 //! machine adds one for all. Only each token's SHA-256 is kept, never the token.
 
+use crate::cached::Cached;
 use crate::error::pg;
 use crate::store::PgStore;
 use keel_store::StoreError;
@@ -28,7 +29,7 @@ impl PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .query("SELECT name, role, sha256 FROM tokens ORDER BY name LIMIT $1", &[&TOKENS_MAX])
+                .rows("SELECT name, role, sha256 FROM tokens ORDER BY name LIMIT $1", &[&TOKENS_MAX])
                 .await;
             let rows = conn.ok(result)?;
             rows.into_iter()
@@ -51,7 +52,7 @@ impl PgStore {
             let mut conn = pool.get().await?;
             let result = conn
                 .client()?
-                .execute(
+                .exec(
                     "INSERT INTO tokens (name, role, sha256) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
                     &[&row.name, &row.role, &row.sha256.as_slice()],
                 )
