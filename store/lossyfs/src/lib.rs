@@ -63,6 +63,9 @@ pub enum MountError {
     Cut(std::io::Error),
 }
 
+/// How long [`Mounted::unmount`] waits for this process's files on the mount to close.
+pub const UNMOUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A mounted lossy filesystem. Dropping it unmounts.
 pub struct Mounted {
     model: Arc<Mutex<Model>>,
@@ -106,13 +109,26 @@ impl Mounted {
         self.model.lock().unwrap_or_else(PoisonError::into_inner).stats()
     }
 
+    /// Whether this process holds a file open on the mount (its `/proc/self/fd` links).
+    fn open_here(&self) -> bool {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else { return false };
+        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to.starts_with(&self.mountpoint)))
+    }
+
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
     }
 
-    /// Unmounts (every file on it must be closed: kill its users first).
+    /// Unmounts (every file on it must be closed: kill its users first). Files this
+    /// process still holds open on it are waited for, at most [`UNMOUNT_WAIT`]: a sled
+    /// database just dropped closes its files from its background threads a moment later,
+    /// and an unmount meanwhile fails with `EBUSY` (seen once in CI).
     pub fn unmount(mut self) -> Result<(), MountError> {
+        let deadline = std::time::Instant::now() + UNMOUNT_WAIT;
+        while self.open_here() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         match self.session.take() {
             Some(session) => session.umount_and_join().map_err(MountError::Unmount),
             None => Ok(()),
