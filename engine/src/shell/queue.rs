@@ -32,6 +32,12 @@ pub(crate) struct Scheduler {
     pub(crate) due_here: BTreeMap<RunId, i64>,
     /// With a shared queue: when the service loop last read the store's due-time index.
     pub(crate) due_read_at: Option<std::time::Instant>,
+    /// With a shared queue: since when the service loop has put off a claim for a worker
+    /// that is free (`shell::shared::claim_now`).
+    pub(crate) claim_put_off_at: Option<std::time::Instant>,
+    /// With a shared queue: the last claim took fewer runs than it asked for (the queue had
+    /// no more for this engine then), so the next is not put off.
+    pub(crate) claim_came_short: bool,
     pub(crate) ticket: u64,
 }
 

@@ -140,16 +140,26 @@ fn to_resume(log: &dyn keel_store::Store, park_waiting: bool) -> Result<ToResume
 type Drives = JoinSet<(RunId, DriveOutcome)>;
 
 /// Starts drivers for the runs this engine may take now: from the store's shared queue if
-/// it has one (`shell::shared`), else from the queue here.
-async fn spawn_claimed(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
+/// it has one (`shell::shared`), else from the queue here. With `gather` (the service
+/// loop), a claim from the shared queue may be put off to take several runs at once
+/// (`shared::claim_now`): then the time within which to look again.
+async fn spawn_claimed(
+    inner: &Arc<Inner>,
+    set: &mut Drives,
+    stop: &watch::Receiver<bool>,
+    gather: bool,
+) -> Option<Duration> {
     if !shared::is_shared(inner) {
-        return spawn_local(inner, set, stop);
+        spawn_local(inner, set, stop);
+        return None;
     }
-    for c in shared::claim(inner).await {
+    let (claimed, put_off) = shared::claim(inner, gather).await;
+    for c in claimed {
         let run = c.lease.run();
         let Some(wake) = inner.sched().activate(run, c.workflow) else { continue };
         spawn_drive(inner, set, stop, run, wake, Arc::new(Held::new(c.lease)));
     }
+    put_off
 }
 
 fn spawn_drive(
@@ -236,7 +246,7 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
     // their workers free for other runs meanwhile.
     let mut timers: BTreeMap<RunId, i64> = BTreeMap::new();
     loop {
-        spawn_claimed(inner, &mut set, &stop).await;
+        spawn_claimed(inner, &mut set, &stop, false).await;
         if set.is_empty() {
             let (queued, others_active) = {
                 let s = inner.sched();
@@ -380,8 +390,10 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
                 poke(&inner, run);
             }
             let next = shared::next_look(&inner, inner.queue_poll);
-            spawn_claimed(&inner, &mut set, &stop).await;
-            next
+            match spawn_claimed(&inner, &mut set, &stop, true).await {
+                Some(put_off) => next.min(put_off),
+                None => next,
+            }
         } else {
             // Escalation deadlines that fell due.
             let now = inner.clock.now_us();
@@ -390,7 +402,7 @@ async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleRepo
                 inner.sched().parked.remove(&run);
                 poke(&inner, run);
             }
-            spawn_claimed(&inner, &mut set, &stop).await;
+            spawn_claimed(&inner, &mut set, &stop, true).await;
             // Sleep until the next parked run falls due (timers wake on time), at most a tick.
             let next = inner.sched().parked.values().copied().min();
             next.map_or(Duration::from_millis(100), |t| until_due(t, inner.clock.now_us()))

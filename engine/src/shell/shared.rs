@@ -40,12 +40,79 @@ fn limits(inner: &Inner) -> BTreeMap<String, usize> {
         .collect()
 }
 
-/// Claims as many runs as this engine has free workers, each with its lease.
-pub(crate) async fn claim(inner: &Arc<Inner>) -> Vec<Claimed> {
-    let room = inner.workers.saturating_sub(inner.sched().active.len());
+/// How long the service loop puts off a claim for fewer free workers than
+/// [`claim_now`]'s batch, at most.
+pub(crate) const CLAIM_GATHER: Duration = Duration::from_millis(10);
+
+/// Whether to claim now for the free workers (`workers - active`), or to put the claim off
+/// for at most `left`. A claim costs the same whether it takes one run or several (in
+/// PostgreSQL: its locks, the count of live leases of each limited workflow type, the
+/// candidates, the grant, a WAL barrier), so while most workers are busy the service loop
+/// gathers free workers, up to a quarter of them, before it claims; for at most
+/// [`CLAIM_GATHER`] after it first put a claim off (`put_off_for`), so a worker is never
+/// left idle longer than that while runs wait. An engine with nothing driving, or fewer
+/// than 4 workers, claims at once; so does one whose last claim `came_short` (took fewer
+/// runs than asked: the queue had no more for it, and the loop claims again when woken,
+/// not on a timer).
+pub(crate) fn claim_now(workers: usize, active: usize, put_off_for: Option<Duration>, came_short: bool) -> ClaimNow {
+    let room = workers.saturating_sub(active);
     if room == 0 {
-        return Vec::new();
+        return ClaimNow::NoRoom;
     }
+    let batch = (workers / 4).max(1);
+    if active == 0 || room >= batch || came_short {
+        return ClaimNow::Claim(room);
+    }
+    match put_off_for {
+        Some(waited) if waited >= CLAIM_GATHER => ClaimNow::Claim(room),
+        Some(waited) => ClaimNow::PutOff { left: CLAIM_GATHER.saturating_sub(waited) },
+        None => ClaimNow::PutOff { left: CLAIM_GATHER },
+    }
+}
+
+/// What [`claim_now`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClaimNow {
+    /// Every worker is busy.
+    NoRoom,
+    /// Claim this many runs.
+    Claim(usize),
+    /// Put the claim off; decide again within `left`.
+    PutOff { left: Duration },
+}
+
+/// Claims as many runs as this engine has free workers, each with its lease. With
+/// `gather` (the service loop), a claim for a few free workers while most are busy is put
+/// off ([`claim_now`]): nothing is claimed, and the loop should look again within the
+/// duration returned.
+pub(crate) async fn claim(inner: &Arc<Inner>, gather: bool) -> (Vec<Claimed>, Option<Duration>) {
+    let room = {
+        let mut sched = inner.sched();
+        let active = sched.active.len();
+        let put_off_for = sched.claim_put_off_at.map(|at| at.elapsed());
+        let decided = if gather {
+            claim_now(inner.workers, active, put_off_for, sched.claim_came_short)
+        } else {
+            match inner.workers.saturating_sub(active) {
+                0 => ClaimNow::NoRoom,
+                room => ClaimNow::Claim(room),
+            }
+        };
+        match decided {
+            ClaimNow::NoRoom => {
+                sched.claim_put_off_at = None;
+                return (Vec::new(), None);
+            }
+            ClaimNow::PutOff { left } => {
+                sched.claim_put_off_at.get_or_insert_with(std::time::Instant::now);
+                return (Vec::new(), Some(left));
+            }
+            ClaimNow::Claim(room) => {
+                sched.claim_put_off_at = None;
+                room
+            }
+        }
+    };
     let l = &inner.leasing;
     let (owner, ttl_ms, now_us, limits) = (l.owner.clone(), l.ttl_ms, l.clock.now_us(), limits(inner));
     let claimed = inner
@@ -54,10 +121,12 @@ pub(crate) async fn claim(inner: &Arc<Inner>) -> Vec<Claimed> {
             None => Ok(Vec::new()),
         })
         .await;
-    claimed.unwrap_or_else(|e| {
+    let claimed = claimed.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot claim runs from the shared queue");
         Vec::new()
-    })
+    });
+    inner.sched().claim_came_short = claimed.len() < room;
+    (claimed, None)
 }
 
 /// Tells the shared queue that this engine's drive of `run` ended as `out`: the run
@@ -149,5 +218,31 @@ pub(crate) fn listen(inner: &Inner) {
     if let Some(q) = inner.log.work_queue() {
         let wake = inner.wake.clone();
         q.on_wake(Box::new(move || wake.notify_one()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{claim_now, ClaimNow, CLAIM_GATHER};
+    use std::time::Duration;
+
+    #[test]
+    fn a_claim_for_few_free_workers_waits_for_more_but_not_for_long() {
+        let ms = Duration::from_millis;
+        // Every worker busy: nothing to claim.
+        assert_eq!(claim_now(16, 16, None, false), ClaimNow::NoRoom);
+        // Nothing driving: at once, whatever the room.
+        assert_eq!(claim_now(16, 0, None, false), ClaimNow::Claim(16));
+        // A quarter of the workers free: at once.
+        assert_eq!(claim_now(16, 12, None, false), ClaimNow::Claim(4));
+        // Fewer: put off, for at most CLAIM_GATHER since it was first put off.
+        assert_eq!(claim_now(16, 13, None, false), ClaimNow::PutOff { left: CLAIM_GATHER });
+        assert_eq!(claim_now(16, 15, Some(ms(4)), false), ClaimNow::PutOff { left: CLAIM_GATHER - ms(4) });
+        assert_eq!(claim_now(16, 15, Some(CLAIM_GATHER), false), ClaimNow::Claim(1));
+        // Fewer than 4 workers: a batch of one, so at once.
+        assert_eq!(claim_now(3, 2, None, false), ClaimNow::Claim(1));
+        assert_eq!(claim_now(1, 0, None, false), ClaimNow::Claim(1));
+        // The last claim came short (the queue had no more): at once, no timer.
+        assert_eq!(claim_now(16, 15, None, true), ClaimNow::Claim(1));
     }
 }
