@@ -238,46 +238,19 @@ mod tests {
         );
     }
 
-    /// A flush finds the rows it locks and updates through the primary keys, not by a
-    /// scan of the whole table (as the generic plans of `run = ANY($1)` and of a join with
-    /// the array did on a table of 1,000 rows: the planner cannot see the array's length).
-    #[test]
-    fn a_flush_finds_its_rows_through_the_primary_keys() {
-        let Some((store, schema)) = store("plans") else { return };
-        let pool = store.pool();
+    /// Runs `setup` (rows, `ANALYZE`, `PREPARE`s) on a store of its own, then each of
+    /// `explains` (`EXPLAIN EXECUTE …`, generic plans as on every session of the store):
+    /// their plans, as text. The schema is dropped after.
+    fn plans(tag: &str, setup: &str, explains: Vec<String>) -> Option<Vec<String>> {
+        let (store, schema) = store(tag)?;
+        let (pool, setup) = (store.pool(), setup.to_owned());
         let plans = store
             .call(async move {
                 let mut conn = pool.get().await?;
-                let setup = format!(
-                    "INSERT INTO heads (run, next_seq, last_hash, last_kind)
-                       SELECT gen_random_uuid(), 3, '\\x00', 'TaskExecuted' FROM generate_series(1, 1000);
-                     INSERT INTO leases (run, owner, epoch, expires_at_us)
-                       SELECT run, 'w', 1, 0 FROM heads;
-                     INSERT INTO claims (key, run, expires_at_us)
-                       SELECT int8send(i), gen_random_uuid(), 0 FROM generate_series(1, 1000) i;
-                     ANALYZE heads; ANALYZE leases; ANALYZE claims;
-                     PREPARE leases_lock (uuid[]) AS {};
-                     PREPARE heads_lock (uuid[]) AS {};
-                     PREPARE claims_lock (bytea[]) AS {};
-                     PREPARE heads_update (uuid[], bigint[], bytea[], text[]) AS {};
-                     PREPARE claims_update (bytea[], uuid[], bigint[]) AS {};",
-                    crate::group::LEASES_SQL,
-                    crate::group::HEADS_SQL,
-                    crate::group::CLAIMS_SQL,
-                    crate::group::UPDATE_HEADS_SQL,
-                    crate::group::UPDATE_CLAIMS_SQL
-                );
                 let r = conn.client()?.batch_execute(&setup).await;
                 conn.ok(r)?;
                 let mut plans = Vec::new();
-                let ids = "ARRAY['00000000-0000-0000-0000-000000000001'::uuid, '00000000-0000-0000-0000-000000000002']";
-                for explain in [
-                    format!("EXPLAIN EXECUTE leases_lock ({ids})"),
-                    format!("EXPLAIN EXECUTE heads_lock ({ids})"),
-                    "EXPLAIN EXECUTE claims_lock (ARRAY['\\x01'::bytea, '\\x02'])".to_owned(),
-                    format!("EXPLAIN EXECUTE heads_update ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"),
-                    format!("EXPLAIN EXECUTE claims_update (ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"),
-                ] {
+                for explain in explains {
                     let r = conn.client()?.simple_query(&explain).await;
                     let lines = conn.ok(r)?;
                     let plan: Vec<String> = lines
@@ -294,6 +267,44 @@ mod tests {
                 Ok(plans)
             })
             .unwrap();
+        Some(plans)
+    }
+
+    /// A flush finds the rows it locks and updates through the primary keys, not by a
+    /// scan of the whole table (as the generic plans of `run = ANY($1)` and of a join with
+    /// the array did on a table of 1,000 rows: the planner cannot see the array's length).
+    #[test]
+    fn a_flush_finds_its_rows_through_the_primary_keys() {
+        let setup = format!(
+            "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+               SELECT gen_random_uuid(), 3, '\\x00', 'TaskExecuted' FROM generate_series(1, 1000);
+             INSERT INTO leases (run, owner, epoch, expires_at_us)
+               SELECT run, 'w', 1, 0 FROM heads;
+             INSERT INTO claims (key, run, expires_at_us)
+               SELECT int8send(i), gen_random_uuid(), 0 FROM generate_series(1, 1000) i;
+             ANALYZE heads; ANALYZE leases; ANALYZE claims;
+             PREPARE leases_lock (uuid[]) AS {};
+             PREPARE heads_lock (uuid[]) AS {};
+             PREPARE claims_lock (bytea[]) AS {};
+             PREPARE heads_update (uuid[], bigint[], bytea[], text[]) AS {};
+             PREPARE claims_update (bytea[], uuid[], bigint[]) AS {};",
+            crate::group::LEASES_SQL,
+            crate::group::HEADS_SQL,
+            crate::group::CLAIMS_SQL,
+            crate::group::UPDATE_HEADS_SQL,
+            crate::group::UPDATE_CLAIMS_SQL
+        );
+        let ids = "ARRAY['00000000-0000-0000-0000-000000000001'::uuid, '00000000-0000-0000-0000-000000000002']";
+        let explains = vec![
+            format!("EXPLAIN EXECUTE leases_lock ({ids})"),
+            format!("EXPLAIN EXECUTE heads_lock ({ids})"),
+            "EXPLAIN EXECUTE claims_lock (ARRAY['\\x01'::bytea, '\\x02'])".to_owned(),
+            format!(
+                "EXPLAIN EXECUTE heads_update ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"
+            ),
+            format!("EXPLAIN EXECUTE claims_update (ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"),
+        ];
+        let Some(plans) = plans("plans", &setup, explains) else { return };
         for plan in plans {
             assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
             assert!(plan.contains("_pkey"), "not through the primary key:\n{plan}");
@@ -305,44 +316,22 @@ mod tests {
     /// over a scan of all of `due`, and a union limited only as a whole sorted the range.
     #[test]
     fn due_reads_and_aux_pages_do_not_read_the_whole_table() {
-        let Some((store, schema)) = store("pages") else { return };
-        let pool = store.pool();
-        let plans = store
-            .call(async move {
-                let mut conn = pool.get().await?;
-                let setup = format!(
-                    "INSERT INTO due (run, due_at_us) SELECT gen_random_uuid(), i FROM generate_series(1, 20000) i;
-                     INSERT INTO aux (key, value) SELECT int8send(i), '\\x' FROM generate_series(1, 20000) i;
-                     INSERT INTO counters (key, shard, value)
-                       SELECT int8send(i), s, 1 FROM generate_series(1, 10000) i, generate_series(0, 1) s;
-                     ANALYZE due; ANALYZE aux; ANALYZE counters;
-                     PREPARE take_due (bigint, bigint) AS {};
-                     PREPARE aux_page (bytea, bytea, bigint) AS {};",
-                    crate::queue::TAKE_DUE_SQL,
-                    crate::store::AUX_RANGE_SQL
-                );
-                let r = conn.client()?.batch_execute(&setup).await;
-                conn.ok(r)?;
-                let mut plans = Vec::new();
-                for explain in
-                    ["EXPLAIN EXECUTE take_due (15000, 64)", "EXPLAIN EXECUTE aux_page ('\\x00', '\\xff', 100)"]
-                {
-                    let r = conn.client()?.simple_query(explain).await;
-                    let lines = conn.ok(r)?;
-                    let plan: Vec<String> = lines
-                        .iter()
-                        .filter_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-                            _ => None,
-                        })
-                        .collect();
-                    plans.push(plan.join("\n"));
-                }
-                let r = conn.client()?.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
-                conn.ok(r)?;
-                Ok(plans)
-            })
-            .unwrap();
+        let setup = format!(
+            "INSERT INTO due (run, due_at_us) SELECT gen_random_uuid(), i FROM generate_series(1, 20000) i;
+             INSERT INTO aux (key, value) SELECT int8send(i), '\\x' FROM generate_series(1, 20000) i;
+             INSERT INTO counters (key, shard, value)
+               SELECT int8send(i), s, 1 FROM generate_series(1, 10000) i, generate_series(0, 1) s;
+             ANALYZE due; ANALYZE aux; ANALYZE counters;
+             PREPARE take_due (bigint, bigint) AS {};
+             PREPARE aux_page (bytea, bytea, bigint) AS {};",
+            crate::queue::TAKE_DUE_SQL,
+            crate::store::AUX_RANGE_SQL
+        );
+        let explains = vec![
+            "EXPLAIN EXECUTE take_due (15000, 64)".to_owned(),
+            "EXPLAIN EXECUTE aux_page ('\\x00', '\\xff', 100)".to_owned(),
+        ];
+        let Some(plans) = plans("pages", &setup, explains) else { return };
         for plan in plans {
             assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
             assert!(!plan.contains("Sort  ("), "a whole range sorted:\n{plan}");
