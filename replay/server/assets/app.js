@@ -136,7 +136,8 @@ function liveState(text) {
   label.dataset.mode = text.replace("live: ", "");
 }
 
-function liveRun(run, lastSeq, onEvents) {
+// `onEnd`: the run finished and its stream ended (nothing more will come).
+function liveRun(run, lastSeq, onEvents, onEnd) {
   let stopped = false;
   const ctl = new AbortController();
   let last = lastSeq;
@@ -159,7 +160,11 @@ function liveRun(run, lastSeq, onEvents) {
     const ev = m.data && typeof m.data === "object" && !Array.isArray(m.data) ? m.data : {};
     if (ev.seq === undefined && m.id !== null) ev.seq = m.id;
     if (typeof ev.seq === "number") deliver([ev]);
-  }).then(() => { if (!stopped) liveState("live: run finished"); }, () => { if (!stopped) poll(); });
+  }).then(() => {
+    if (stopped) return;
+    liveState("live: run finished");
+    if (onEnd) onEnd();
+  }, () => { if (!stopped) poll(); });
   return () => { stopped = true; ctl.abort(); liveState(""); };
 }
 
@@ -592,10 +597,17 @@ function eventSummary(e) {
   return bits.join(" · ");
 }
 
-async function runView(run) {
+// `endRedraws`: how many times in a row the page was drawn again because the run's
+// stream ended with nothing new (bounded: a state that never reads finished cannot loop).
+async function runView(run, endRedraws = 0) {
   setTitle(`Run ${run.slice(0, 8)}`);
   const gen = viewGen;
-  const [state, events] = await Promise.all([api("GET", `/v1/runs/${run}`), allEvents(run)]);
+  // The state first, then the events: the events hold at least what the state was folded
+  // from (fetched together, a state read before the run's last append could come with the
+  // events after it, and the page showed "Running" beside a timeline ending in
+  // RunCompleted, with no event left to redraw it: the stream's end redraws it now too).
+  const state = await api("GET", `/v1/runs/${run}`);
+  const events = await allEvents(run);
   if (gen !== viewGen) return;
   const path = [];
   for (const e of events) {
@@ -642,7 +654,10 @@ async function runView(run) {
     stopLive = () => liveState("");
     return;
   }
-  stopLive = liveRun(run, events.length ? events[events.length - 1].seq : null, () => { stopLive(); runView(run); });
+  // A stream that ends without an event after the ones drawn: the run finished after the
+  // state above was read; draw it again, finished (once more at most).
+  const onEnd = () => { if (endRedraws < 2) { stopLive(); runView(run, endRedraws + 1); } };
+  stopLive = liveRun(run, events.length ? events[events.length - 1].seq : null, () => { stopLive(); runView(run); }, onEnd);
 }
 
 // ---------- routing ----------
