@@ -90,14 +90,8 @@ pub(crate) async fn claim(inner: &Arc<Inner>, gather: bool) -> (Vec<Claimed>, Op
         let mut sched = inner.sched();
         let active = sched.active.len();
         let put_off_for = sched.claim_put_off_at.map(|at| at.elapsed());
-        let decided = if gather {
-            claim_now(inner.workers, active, put_off_for, sched.claim_came_short)
-        } else {
-            match inner.workers.saturating_sub(active) {
-                0 => ClaimNow::NoRoom,
-                room => ClaimNow::Claim(room),
-            }
-        };
+        // Without gathering, every claim is made at once (as after one that came short).
+        let decided = claim_now(inner.workers, active, put_off_for, sched.claim_came_short || !gather);
         match decided {
             ClaimNow::NoRoom => {
                 sched.claim_put_off_at = None;

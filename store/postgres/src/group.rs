@@ -312,19 +312,7 @@ const FLUSH_STATEMENTS: [&str; 9] = [
 ];
 
 /// BEGIN a transaction that commits without waiting for the WAL flush.
-pub(crate) const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
-
-/// Runs `sql` alone on a lazy session ([`crate::pool::Pool::lazy`]): its own transaction,
-/// committed without waiting for the WAL flush, in one message. The queue's bookkeeping
-/// (push, done) and a lease release: what a crash of the server loses there is recovered
-/// (docs/STORE.md 15.3). A failed statement rolls back alone.
-pub(crate) async fn commit_lazily(
-    client: &Client,
-    sql: &str,
-    params: &crate::cached::Params<'_>,
-) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    client.rows(sql, params).await
-}
+const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
 
 /// Prepares `sqls` on the session: from its statement cache after the first time (no
 /// round trip). Statements sent together with a BEGIN or a COMMIT must be prepared first:

@@ -22,13 +22,12 @@ use uuid::Uuid;
 /// The channel every keel store notifies on; the payload is the schema's name.
 pub(crate) const CHANNEL: &str = "keel_work";
 
-/// Queue bookkeeping (push, done) commits without waiting for the WAL flush: the runs'
-/// events are durable by their own appends, and what a crash of the server loses here (a
-/// push, a done) is recovered by the workers' periodic scan or costs one idle drive. A
-/// claim grants leases: it commits the same way (so its locks are not held through a WAL
-/// flush), then waits for a flush before any granted lease is used (a grant lost in a
-/// crash could hand one epoch out twice).
-use crate::group::commit_lazily;
+// Queue bookkeeping (push, done) goes through lazy sessions (`Pool::lazy`) and commits
+// without waiting for the WAL flush: the runs' events are durable by their own appends,
+// and what a crash of the server loses here (a push, a done) is recovered by the workers'
+// periodic scan or costs one idle drive. A claim grants leases: it commits the same way
+// (so its locks are not held through a WAL flush), then waits for a flush before any
+// granted lease is used (a grant lost in a crash could hand one epoch out twice).
 
 /// Candidates read per claimed run (runs of a workflow type at its limit are passed over).
 const CANDIDATES_PER_CLAIM: usize = 4;
@@ -65,10 +64,11 @@ const DONE_SQL: &str = "WITH again AS (
                   WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
      SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
 
-/// A push ([`PUSH_SQL`]) in one message on a lazy session ([`commit_lazily`]).
+/// A push ([`PUSH_SQL`]): one statement on a lazy session ([`Pool::lazy`]), its own
+/// transaction, committed without waiting for the WAL flush (docs/STORE.md 15.3).
 async fn push_tx(client: &ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 6] = [&r.run.0, &r.workflow, &r.priority, &r.accepted_at_us, &CHANNEL, &schema];
-    commit_lazily(client, PUSH_SQL, &params).await.map(drop)
+    client.exec(PUSH_SQL, &params).await.map(drop)
 }
 
 /// Locks the per-workflow claim locks of `workflows` in one order (no two claimers wait
@@ -224,7 +224,7 @@ async fn done_tx(
     schema: &str,
 ) -> Result<bool, tokio_postgres::Error> {
     let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
-    let rows = commit_lazily(client, DONE_SQL, &params).await?;
+    let rows = client.rows(DONE_SQL, &params).await?;
     let again: i64 = match rows.first() {
         Some(row) => row.try_get(0)?,
         None => 0,

@@ -613,7 +613,7 @@ async fn release(pool: Arc<Pool>, run: RunId, epoch: u64) -> Result<(), StoreErr
     // wait for the expiry; any later synchronous commit (a grant) covers it.
     let Ok(epoch) = i64::try_from(epoch) else { return Ok(()) };
     let mut conn = pool.lazy().await?;
-    let result = group::commit_lazily(conn.client()?, RELEASE_SQL, &[&run.0, &epoch]).await;
+    let result = conn.client()?.exec(RELEASE_SQL, &[&run.0, &epoch]).await;
     conn.ok(result).map(drop)
 }
 

@@ -156,9 +156,7 @@ fn a_fenced_append_racing_a_takeover_waits_for_it_and_is_refused_and_counted() {
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let schema = cfg.schema.clone();
-    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let (store, schema) = scratch.open_shared();
     let r = run(1);
     let a = store.try_lease(r, "a", 60_000, 0).unwrap().unwrap();
     store.append_fenced(r, Seq(0), vec![rec(0)], None, a.fence()).unwrap();
@@ -270,9 +268,7 @@ fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let schema = cfg.schema.clone();
-    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let (store, schema) = scratch.open_shared();
     let (r, other) = (run(4), run(5));
     store.append(r, Seq(0), vec![rec(0)], None).unwrap();
     let admin = Admin::connect().unwrap();
@@ -545,9 +541,7 @@ fn a_run_or_key_created_by_another_session_during_a_flush_is_a_conflict_or_a_dup
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let schema = cfg.schema.clone();
-    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let (store, schema) = scratch.open_shared();
     let admin = Admin::connect().unwrap();
     let watcher = Admin::connect().unwrap();
     let (r, holder, claimer) = (run(10), run(11), run(12));
@@ -782,9 +776,7 @@ fn a_lost_race_in_a_flush_of_several_appends_retries_them_and_the_others_are_wri
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let schema = cfg.schema.clone();
-    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let (store, schema) = scratch.open_shared();
     let (busy, existing, new) = (run(20), run(21), run(22));
     store.append(busy, Seq(0), vec![rec(0)], None).unwrap();
     store.append(existing, Seq(0), vec![rec(0)], None).unwrap();

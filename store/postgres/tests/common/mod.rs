@@ -115,6 +115,14 @@ impl Scratch {
     pub fn open(&self) -> PgStore {
         PgStore::open(self.config()).unwrap()
     }
+
+    /// A store in a fresh schema, to share between threads, and the schema's name (for
+    /// the statements a test makes behind the store's back).
+    pub fn open_shared(&self) -> (Arc<PgStore>, String) {
+        let cfg = self.config();
+        let schema = cfg.schema.clone();
+        (Arc::new(PgStore::open(cfg).unwrap()), schema)
+    }
 }
 
 impl Drop for Scratch {
