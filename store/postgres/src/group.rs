@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 /// Most appends one flush takes.
@@ -285,21 +286,84 @@ const EVENTS_SQL: &str =
 /// seldom wait for each other's row lock on one counter; a read sums the shards). A plain
 /// entry stored under a counter's key (an `aux_put`) is folded into the counter first, as
 /// the in-process backends read it: a key is in one table or the other. The keys of the
-/// five parts are disjoint (one write per key), so no row is touched twice.
-const AUX_SQL: &str = "WITH removed AS (DELETE FROM aux WHERE key = ANY($1)),
-     uncounted AS (DELETE FROM counters WHERE key = ANY($2)),
-     put AS (INSERT INTO aux (key, value) SELECT * FROM unnest($3::bytea[], $4::bytea[])
-             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value),
-     plain AS (DELETE FROM aux WHERE key = ANY($5) RETURNING key, value),
-     counted AS (
-         INSERT INTO counters (key, shard, value)
-         SELECT t.k, pg_backend_pid() % $7, t.d + coalesce((
-             SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
-             WHERE p.key = t.k AND length(p.value) = 8), 0)
-         FROM unnest($5::bytea[], $6::bigint[]) AS t(k, d)
-         ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value)
-     SELECT 1";
-const FLUSH_STATEMENTS: [&str; 9] = [
+/// parts are disjoint (one write per key), so no row is touched twice.
+///
+/// One text per set of parts present ([`aux_sql`]): a part with nothing to write is left
+/// out, not run with an empty array (a generic plan cannot skip it: the counters' removal,
+/// empty in almost every step, was a scan of the counters table on each flush).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AuxParts {
+    pub(crate) removed: bool,
+    pub(crate) uncounted: bool,
+    pub(crate) put: bool,
+    pub(crate) counted: bool,
+}
+
+impl AuxParts {
+    /// Every set with at least one part, by its bits.
+    fn all() -> impl Iterator<Item = AuxParts> {
+        (1u8..16).map(|b| AuxParts { removed: b & 1 != 0, uncounted: b & 2 != 0, put: b & 4 != 0, counted: b & 8 != 0 })
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.removed)
+            | usize::from(self.uncounted) << 1
+            | usize::from(self.put) << 2
+            | usize::from(self.counted) << 3
+    }
+}
+
+/// The statement of `parts` (see [`AuxParts`]); parameters in this order, of the parts
+/// present: removed keys; uncounted keys; put keys and values; counter keys, deltas and
+/// [`COUNTER_SHARDS`].
+pub(crate) fn aux_sql(parts: AuxParts) -> String {
+    let mut ctes = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if parts.removed {
+        ctes.push(format!("removed AS (DELETE FROM aux WHERE key = ANY(${}))", next()));
+    }
+    if parts.uncounted {
+        ctes.push(format!("uncounted AS (DELETE FROM counters WHERE key = ANY(${}))", next()));
+    }
+    if parts.put {
+        let (k, v) = (next(), next());
+        ctes.push(format!(
+            "put AS (INSERT INTO aux (key, value) SELECT * FROM unnest(${k}::bytea[], ${v}::bytea[])
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value)"
+        ));
+    }
+    if parts.counted {
+        let (k, d, shards) = (next(), next(), next());
+        ctes.push(format!("plain AS (DELETE FROM aux WHERE key = ANY(${k}) RETURNING key, value)"));
+        ctes.push(format!(
+            "counted AS (
+             INSERT INTO counters (key, shard, value)
+             SELECT t.k, pg_backend_pid() % ${shards}, t.d + coalesce((
+                 SELECT ('x' || encode(p.value, 'hex'))::bit(64)::bigint FROM plain p
+                 WHERE p.key = t.k AND length(p.value) = 8), 0)
+             FROM unnest(${k}::bytea[], ${d}::bigint[]) AS t(k, d)
+             ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value)"
+        ));
+    }
+    format!("WITH {} SELECT 1", ctes.join(",\n     "))
+}
+
+/// [`aux_sql`] of every set of parts, by [`AuxParts::index`] (index 0, no part, is empty).
+static AUX_SQLS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    let mut v = vec![String::new(); 16];
+    for parts in AuxParts::all() {
+        if let Some(slot) = v.get_mut(parts.index()) {
+            *slot = aux_sql(parts);
+        }
+    }
+    v
+});
+
+const FLUSH_STATEMENTS: [&str; 8] = [
     LEASES_SQL,
     HEADS_SQL,
     CLAIMS_SQL,
@@ -308,7 +372,6 @@ const FLUSH_STATEMENTS: [&str; 9] = [
     UPDATE_CLAIMS_SQL,
     INSERT_CLAIMS_SQL,
     EVENTS_SQL,
-    AUX_SQL,
 ];
 
 /// BEGIN a transaction that commits without waiting for the WAL flush.
@@ -324,6 +387,16 @@ pub(crate) async fn warm(client: &Client, sqls: &[&str]) -> Result<(), tokio_pos
     Ok(())
 }
 
+/// [`warm`] for a flush: its own statements and every aux statement ([`AUX_SQLS`]), any
+/// of which a flush may send with its COMMIT.
+async fn warm_flush(client: &Client) -> Result<(), tokio_postgres::Error> {
+    warm(client, &FLUSH_STATEMENTS).await?;
+    for sql in AUX_SQLS.iter().filter(|s| !s.is_empty()) {
+        client.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
 /// Locks, plans, writes and commits one flush in two round trips: BEGIN with the locking
 /// reads, then the writes with the COMMIT (a write that fails aborts the transaction, and
 /// the COMMIT behind it rolls back).
@@ -333,7 +406,7 @@ async fn transaction(
     mode: FlushMode,
     committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
-    warm(client, &FLUSH_STATEMENTS).await.map_err(failed)?;
+    warm_flush(client).await.map_err(failed)?;
     let client: &Client = client;
     let mut fenced: Vec<Uuid> =
         batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
@@ -511,11 +584,11 @@ pub(crate) fn aux_map(aux: Vec<AuxWrite>) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> 
 }
 
 /// Shards per counter: a session adds to shard `pg_backend_pid() % COUNTER_SHARDS` of it
-/// (see [`AUX_SQL`]).
+/// (see [`AuxParts`]).
 pub(crate) const COUNTER_SHARDS: i32 = 64;
 
 /// Aux writes on `c` (a transaction, or a session inside one) in one statement
-/// ([`AUX_SQL`]); nothing is sent for none.
+/// ([`aux_sql`] of the parts they need); nothing is sent for none.
 pub(crate) async fn aux_statements<C: Cached>(
     c: &C,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -545,7 +618,27 @@ pub(crate) async fn aux_statements<C: Cached>(
             None => removed.push(key.as_slice()),
         }
     }
-    c.exec(AUX_SQL, &[&removed, &uncounted, &put_key, &put_value, &counter_keys, &deltas, &COUNTER_SHARDS]).await?;
+    let parts = AuxParts {
+        removed: !removed.is_empty(),
+        uncounted: !uncounted.is_empty(),
+        put: !put_key.is_empty(),
+        counted: !counter_keys.is_empty(),
+    };
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(7);
+    if parts.removed {
+        params.push(&removed);
+    }
+    if parts.uncounted {
+        params.push(&uncounted);
+    }
+    if parts.put {
+        params.extend([&put_key as &(dyn ToSql + Sync), &put_value]);
+    }
+    if parts.counted {
+        params.extend([&counter_keys as &(dyn ToSql + Sync), &deltas, &COUNTER_SHARDS]);
+    }
+    let Some(sql) = AUX_SQLS.get(parts.index()).filter(|s| !s.is_empty()) else { return Ok(()) };
+    c.exec(sql, &params).await?;
     Ok(())
 }
 

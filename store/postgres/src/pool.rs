@@ -337,4 +337,52 @@ mod tests {
             assert!(!plan.contains("Sort  ("), "a whole range sorted:\n{plan}");
         }
     }
+
+    /// A step's aux writes run only the parts they need: with one text for all, the
+    /// removal of counters (empty in almost every step) was a scan of the counters table
+    /// on each flush (a generic plan cannot skip a part whose array is empty).
+    #[test]
+    fn a_steps_aux_writes_read_no_table_whole() {
+        use crate::group::{aux_sql, AuxParts};
+        let step = aux_sql(AuxParts { removed: true, uncounted: false, put: true, counted: true });
+        let setup = format!(
+            "INSERT INTO aux (key, value) SELECT int8send(i), '\\x' FROM generate_series(1, 2000) i;
+             INSERT INTO counters (key, shard, value)
+               SELECT int8send(i), s, 1 FROM generate_series(1, 20) i, generate_series(0, 9) s;
+             ANALYZE aux; ANALYZE counters;
+             PREPARE step (bytea[], bytea[], bytea[], bytea[], bigint[], integer) AS {step};"
+        );
+        let explains = vec!["EXPLAIN EXECUTE step (ARRAY['\\x01'::bytea], ARRAY['\\x02'::bytea], ARRAY['\\x'::bytea],
+               ARRAY['\\x0000000000000003'::bytea], ARRAY[1::bigint], 64)"
+            .to_owned()];
+        let Some(plans) = plans("auxstep", &setup, explains) else { return };
+        for plan in plans {
+            assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
+        }
+    }
+
+    /// Each aux statement numbers its parameters from 1 without a gap, as
+    /// `aux_statements` sends them.
+    #[test]
+    fn aux_statements_number_their_parameters_in_order() {
+        use crate::group::{aux_sql, AuxParts};
+        for bits in 1u8..16 {
+            let parts = AuxParts {
+                removed: bits & 1 != 0,
+                uncounted: bits & 2 != 0,
+                put: bits & 4 != 0,
+                counted: bits & 8 != 0,
+            };
+            let want = usize::from(parts.removed)
+                + usize::from(parts.uncounted)
+                + 2 * usize::from(parts.put)
+                + 3 * usize::from(parts.counted);
+            let sql = aux_sql(parts);
+            for n in 1..=want {
+                assert!(sql.contains(&format!("${n}")), "{parts:?}: ${n} missing in {sql}");
+            }
+            assert!(!sql.contains(&format!("${}", want + 1)), "{parts:?}: more than {want} parameters in {sql}");
+            assert_eq!(sql.contains("FROM counters WHERE"), parts.uncounted, "{parts:?}: {sql}");
+        }
+    }
 }
