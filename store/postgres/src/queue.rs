@@ -86,38 +86,50 @@ async fn lock_workflows(
 }
 
 const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1::text || ' ' || $2::text)::bigint)";
-/// From the leases held (index `leases_held`, schema migration 5) to their queue rows: the
-/// cost follows the runs being driven, not the backlog.
-const BUSY_SQL: &str = "SELECT w.workflow, count(*) FROM leases l JOIN work w ON w.run = l.run
-     WHERE l.owner IS NOT NULL AND l.expires_at_us > $2 AND w.workflow = ANY($1) GROUP BY w.workflow";
-const CANDIDATES_SQL: &str = "SELECT w.run, w.workflow FROM work w
-     WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
-     ORDER BY w.priority DESC, w.accepted_at_us, w.ticket
-     LIMIT $2 FOR UPDATE OF w SKIP LOCKED";
-const GRANT_SQL: &str = "WITH g AS (
+/// A claim in one statement, run right after the claim locks of the limited workflow types
+/// (a statement of its own before this one: this statement's snapshot is taken once they
+/// are held, so it sees every grant committed by the claimer that held them before):
+/// - `cand`: up to `$2` runs without a live lease, in queue order (priority, then accepted
+///   time, then the order pushed), locked, passing over rows other claimers lock;
+/// - `busy`: the live leases of each limited type (from the leases held, index
+///   `leases_held`, schema migration 5: the cost follows the runs being driven, not the
+///   backlog);
+/// - `chosen`: the candidates in queue order, up to `$5`, passing over the runs of a type
+///   at its limit (`$3`/`$4`: limited types and their limits; each run chosen counts);
+/// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over),
+///   lease rows locked in run order by every granter; `marked`: the runs marked claimed.
+///
+/// The grant decision is made inside the database, so the claim locks are held for one
+/// statement and the COMMIT behind it (sent together), not across a round trip to the
+/// claimer and back: claimers of one limited type in several processes queue on them.
+const CLAIM_SQL: &str = "WITH cand AS (
+         SELECT w.run, w.workflow, w.priority, w.accepted_at_us, w.ticket FROM work w
+         WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
+         ORDER BY w.priority DESC, w.accepted_at_us, w.ticket
+         LIMIT $2 FOR UPDATE OF w SKIP LOCKED),
+     lim AS (SELECT * FROM unnest($3::text[], $4::bigint[]) AS t(workflow, cap)),
+     busy AS (
+         SELECT w.workflow, count(*) AS n FROM leases l JOIN work w ON w.run = l.run
+         WHERE l.owner IS NOT NULL AND l.expires_at_us > $1 AND w.workflow = ANY($3) GROUP BY w.workflow),
+     ranked AS (
+         SELECT c.*, row_number() OVER (PARTITION BY c.workflow ORDER BY c.priority DESC, c.accepted_at_us, c.ticket) AS nth
+         FROM cand c),
+     chosen AS (
+         SELECT r.run, r.workflow FROM ranked r
+         LEFT JOIN lim ON lim.workflow = r.workflow
+         LEFT JOIN busy ON busy.workflow = r.workflow
+         WHERE lim.cap IS NULL OR coalesce(busy.n, 0) + r.nth <= lim.cap
+         ORDER BY r.priority DESC, r.accepted_at_us, r.ticket
+         LIMIT $5),
+     g AS (
          INSERT INTO leases (run, owner, epoch, expires_at_us)
-         SELECT r, $2, 1, $3 FROM unnest($1::uuid[]) AS t(r) ORDER BY r
+         SELECT run, $6, 1, $7 FROM chosen ORDER BY run
          ON CONFLICT (run) DO UPDATE
            SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
-           WHERE leases.owner IS NULL OR leases.expires_at_us <= $4
+           WHERE leases.owner IS NULL OR leases.expires_at_us <= $1
          RETURNING run, epoch),
-     w AS (UPDATE work SET claimed_by = $2, again = false FROM g WHERE work.run = g.run)
-     SELECT run, epoch FROM g";
-
-/// Runs of each of `workflows` holding a live lease at `now_us`, over all processes.
-async fn busy(
-    client: &ClientWrapper,
-    workflows: &[&str],
-    now_us: i64,
-) -> Result<BTreeMap<String, usize>, tokio_postgres::Error> {
-    if workflows.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let rows = client.rows(BUSY_SQL, &[&workflows, &now_us]).await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<_, String>(0)?, usize::try_from(r.try_get::<_, i64>(1)?).unwrap_or(usize::MAX))))
-        .collect()
-}
+     marked AS (UPDATE work SET claimed_by = $6, again = false FROM g WHERE work.run = g.run)
+     SELECT g.run, c.workflow, g.epoch FROM g JOIN chosen c ON c.run = g.run";
 
 /// One claim: `(run, workflow, epoch)` of each run taken.
 struct Take<'a> {
@@ -128,87 +140,42 @@ struct Take<'a> {
     limits: &'a BTreeMap<String, usize>,
 }
 
-/// Claims up to `t.max` runs in two round trips on a lazy session (its commit does not
-/// wait for the WAL flush): BEGIN with the claim locks, the candidates and the live leases
-/// of each limited workflow type (sent together, executed in that order); the grants (one
-/// statement) with the COMMIT. The caller waits for a WAL flush before using a granted
-/// lease ([`PgStore::barrier`]).
+/// Claims up to `t.max` runs in one round trip on a lazy session (its commit does not
+/// wait for the WAL flush): BEGIN, the claim locks of the limited workflow types,
+/// [`CLAIM_SQL`] and the COMMIT, sent together and executed in that order (a statement
+/// that fails aborts the transaction, and the COMMIT behind it rolls back). The caller
+/// waits for a WAL flush before using a granted lease ([`PgStore::barrier`]).
 async fn claim_tx(
     client: &mut ClientWrapper,
     t: Take<'_>,
     schema: &str,
 ) -> Result<Vec<(RunId, String, i64)>, tokio_postgres::Error> {
-    crate::group::warm(client, &[LOCK_SQL, BUSY_SQL, CANDIDATES_SQL, GRANT_SQL]).await?;
+    crate::group::warm(client, &[LOCK_SQL, CLAIM_SQL]).await?;
     let client: &ClientWrapper = client;
     // The claim locks of every limited workflow type are taken before any candidate row is
     // read: a claimer that read (and locked) candidates first, then waited for such a lock,
     // left the highest-priority rows locked while another claimer, skipping them, granted a
     // lower-priority run the one free slot (runs claimed out of priority order).
     let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
-    let limited_list: Vec<&str> = limited.iter().copied().collect();
+    let (names, caps): (Vec<&str>, Vec<i64>) = t
+        .limits
+        .iter()
+        .filter(|(_, l)| **l > 0)
+        .map(|(wf, l)| (wf.as_str(), i64::try_from(*l).unwrap_or(i64::MAX)))
+        .unzip();
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
-    // The grants are made durable below, after the locks are released.
-    let read = tokio::try_join!(
+    let max = i64::try_from(t.max).unwrap_or(i64::MAX);
+    let params: [&(dyn ToSql + Sync); 7] = [&t.now_us, &want, &names, &caps, &max, &t.owner, &t.expires_at_us];
+    // `biased`: polled in the order sent, so the error returned is the first statement's,
+    // not the "transaction is aborted" of one after it.
+    let (_, (), rows, _) = tokio::try_join!(
         biased;
         client.batch_execute("BEGIN"),
         lock_workflows(client, schema, &limited),
-        async { client.rows(CANDIDATES_SQL, &[&t.now_us, &want]).await },
-        busy(client, &limited_list, t.now_us),
-    );
-    let chosen = read.and_then(|(_, (), rows, busy_now)| choose(&rows, busy_now, &t));
-    let chosen = match chosen {
-        Ok(chosen) => chosen,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    };
-    let (granted, ()) = tokio::try_join!(biased; grant(client, &chosen, &t), client.batch_execute("COMMIT"))?;
-    let taken: Vec<(RunId, String, i64)> =
-        chosen.into_iter().filter_map(|(run, wf)| granted.get(&run).map(|epoch| (RunId(run), wf, *epoch))).collect();
-    Ok(taken)
-}
-
-/// The candidates to grant, in queue order, up to `t.max`, passing over the runs of a
-/// workflow type at its limit (`busy_now`: its live leases; each run chosen counts).
-fn choose(
-    rows: &[tokio_postgres::Row],
-    mut busy_now: BTreeMap<String, usize>,
-    t: &Take<'_>,
-) -> Result<Vec<(Uuid, String)>, tokio_postgres::Error> {
-    let mut chosen: Vec<(Uuid, String)> = Vec::new();
-    for row in rows {
-        if chosen.len() >= t.max {
-            break;
-        }
-        let (run, wf): (Uuid, String) = (row.try_get(0)?, row.try_get(1)?);
-        let limit = t.limits.get(&wf).copied().unwrap_or(0);
-        let n = busy_now.entry(wf.clone()).or_insert(0);
-        if limit > 0 && *n >= limit {
-            continue;
-        }
-        *n += 1;
-        chosen.push((run, wf));
-    }
-    Ok(chosen)
-}
-
-/// Grants `t.owner` the leases of `runs` (as `try_lease`: a run whose lease another holds
-/// live is passed over) and marks them claimed by it, in one statement: each granted run's
-/// epoch.
-async fn grant(
-    client: &ClientWrapper,
-    runs: &[(Uuid, String)],
-    t: &Take<'_>,
-) -> Result<BTreeMap<Uuid, i64>, tokio_postgres::Error> {
-    if runs.is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    let mut ids: Vec<Uuid> = runs.iter().map(|(r, _)| *r).collect();
-    // Lease rows locked in one order by every granter.
-    ids.sort();
-    let rows = client.rows(GRANT_SQL, &[&ids, &t.owner, &t.expires_at_us, &t.now_us]).await?;
-    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        client.rows(CLAIM_SQL, &params),
+        client.batch_execute("COMMIT"),
+    )?;
+    rows.iter().map(|r| Ok((RunId(r.try_get(0)?), r.try_get::<_, String>(1)?, r.try_get::<_, i64>(2)?))).collect()
 }
 
 /// The end of a drive (see [`WorkQueue::done`]) in one round trip and one statement;

@@ -804,3 +804,48 @@ fn a_lost_race_in_a_flush_of_several_appends_retries_them_and_the_others_are_wri
     assert!(matches!(&written, Ok(h) if h.next_seq == Seq(2)), "the other append of the flush: {written:?}");
     assert!(store.stats().raced_flushes >= 1, "{:?}", store.stats());
 }
+
+/// One claim chooses in queue order (priority, then accepted time), passes over the runs
+/// of a workflow type at its limit (its live leases counted, and each run chosen), takes
+/// the runs of other types behind them, stops at `max`, and leaves a run whose lease
+/// another holds live.
+#[test]
+fn a_claim_takes_runs_in_queue_order_and_passes_over_a_type_at_its_limit() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let store = PgStore::open(scratch.config()).unwrap();
+    let push = |n: u8, wf: &str, priority: i32| {
+        let r = Runnable { run: run(n), workflow: wf.into(), priority, accepted_at_us: i64::from(n) };
+        store.push(&r).unwrap();
+    };
+    // Queue order: 1, 2, 3 (limited, priority 5), 4 (free, priority 5), 5 (limited), 6, 7.
+    for n in 1..=3 {
+        push(n, "limited", 5);
+    }
+    push(4, "free", 5);
+    push(5, "limited", 0);
+    push(6, "free", 0);
+    push(7, "free", 0);
+    let now = 1_000_000;
+    // One slot of the limited type's two is held already (by a lease outside the queue);
+    // run 6's lease is held live by another owner.
+    let _held = store.try_lease(run(9), "other", 60_000, now).unwrap().unwrap();
+    store.push(&Runnable { run: run(9), workflow: "limited".into(), priority: 0, accepted_at_us: 9 }).unwrap();
+    let _six = store.try_lease(run(6), "other", 60_000, now).unwrap().unwrap();
+    let limits = std::collections::BTreeMap::from([("limited".to_owned(), 2usize)]);
+    let claimed = store.claim("one", 60_000, now, 3, &limits).unwrap();
+    let got: Vec<(RunId, String)> = claimed.iter().map(|c| (c.lease.run(), c.workflow.clone())).collect();
+    assert_eq!(
+        got,
+        vec![(run(1), "limited".to_owned()), (run(4), "free".to_owned()), (run(7), "free".to_owned())],
+        "run 1 takes the limited type's last slot; 2, 3 and 5 are passed over; 6 is held by another"
+    );
+    for c in &claimed {
+        assert!(store.try_lease(c.lease.run(), "two", 60_000, now).unwrap().is_none(), "granted by the claim");
+    }
+    // With the slots full nothing of the limited type is taken; nothing else is left.
+    assert!(store.claim("two", 60_000, now, 3, &limits).unwrap().is_empty());
+}
