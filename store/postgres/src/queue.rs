@@ -92,12 +92,13 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1
 /// - `cand`: up to `$2` runs without a live lease, in queue order (priority, then accepted
 ///   time, then the order pushed), locked, passing over rows other claimers lock;
 /// - `busy`: the live leases of each limited type (from the leases held, index
-///   `leases_held`, schema migration 5: the cost follows the runs being driven, not the
-///   backlog);
+///   `leases_held`, schema migration 5), not read at all when no type is limited (a
+///   one-time filter: a generic plan cannot see that the array is empty);
 /// - `chosen`: the candidates in queue order, up to `$5`, passing over the runs of a type
 ///   at its limit (`$3`/`$4`: limited types and their limits; each run chosen counts);
 /// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over),
-///   lease rows locked in run order by every granter; `marked`: the runs marked claimed.
+///   lease rows locked in run order by every granter; `marked`: the runs marked claimed;
+///   the runs granted are returned in queue order.
 ///
 /// The grant decision is made inside the database, so the claim locks are held for one
 /// statement and the COMMIT behind it (sent together), not across a round trip to the
@@ -110,12 +111,13 @@ const CLAIM_SQL: &str = "WITH cand AS (
      lim AS (SELECT * FROM unnest($3::text[], $4::bigint[]) AS t(workflow, cap)),
      busy AS (
          SELECT w.workflow, count(*) AS n FROM leases l JOIN work w ON w.run = l.run
-         WHERE l.owner IS NOT NULL AND l.expires_at_us > $1 AND w.workflow = ANY($3) GROUP BY w.workflow),
+         WHERE cardinality($3::text[]) > 0
+           AND l.owner IS NOT NULL AND l.expires_at_us > $1 AND w.workflow = ANY($3) GROUP BY w.workflow),
      ranked AS (
          SELECT c.*, row_number() OVER (PARTITION BY c.workflow ORDER BY c.priority DESC, c.accepted_at_us, c.ticket) AS nth
          FROM cand c),
      chosen AS (
-         SELECT r.run, r.workflow FROM ranked r
+         SELECT r.run, r.workflow, r.priority, r.accepted_at_us, r.ticket FROM ranked r
          LEFT JOIN lim ON lim.workflow = r.workflow
          LEFT JOIN busy ON busy.workflow = r.workflow
          WHERE lim.cap IS NULL OR coalesce(busy.n, 0) + r.nth <= lim.cap
@@ -129,7 +131,8 @@ const CLAIM_SQL: &str = "WITH cand AS (
            WHERE leases.owner IS NULL OR leases.expires_at_us <= $1
          RETURNING run, epoch),
      marked AS (UPDATE work SET claimed_by = $6, again = false FROM g WHERE work.run = g.run)
-     SELECT g.run, c.workflow, g.epoch FROM g JOIN chosen c ON c.run = g.run";
+     SELECT g.run, c.workflow, g.epoch FROM g JOIN chosen c ON c.run = g.run
+     ORDER BY c.priority DESC, c.accepted_at_us, c.ticket";
 
 /// One claim: `(run, workflow, epoch)` of each run taken.
 struct Take<'a> {
@@ -168,13 +171,23 @@ async fn claim_tx(
     let params: [&(dyn ToSql + Sync); 7] = [&t.now_us, &want, &names, &caps, &max, &t.owner, &t.expires_at_us];
     // `biased`: polled in the order sent, so the error returned is the first statement's,
     // not the "transaction is aborted" of one after it.
-    let (_, (), rows, _) = tokio::try_join!(
+    let sent = tokio::try_join!(
         biased;
         client.batch_execute("BEGIN"),
         lock_workflows(client, schema, &limited),
         client.rows(CLAIM_SQL, &params),
         client.batch_execute("COMMIT"),
-    )?;
+    );
+    let rows = match sent {
+        Ok((_, (), rows, _)) => rows,
+        Err(e) => {
+            // The COMMIT sent behind a failed statement rolled the transaction back; one
+            // that failed before the COMMIT went out (a parameter it could not encode)
+            // would leave the session in a transaction holding the claim locks.
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
     rows.iter().map(|r| Ok((RunId(r.try_get(0)?), r.try_get::<_, String>(1)?, r.try_get::<_, i64>(2)?))).collect()
 }
 

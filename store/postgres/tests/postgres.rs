@@ -849,3 +849,22 @@ fn a_claim_takes_runs_in_queue_order_and_passes_over_a_type_at_its_limit() {
     // With the slots full nothing of the limited type is taken; nothing else is left.
     assert!(store.claim("two", 60_000, now, 3, &limits).unwrap().is_empty());
 }
+
+/// A claim hands its runs back in queue order (priority, then accepted time), not in the
+/// order of their ids (the grant locks lease rows in id order).
+#[test]
+fn a_claim_returns_its_runs_in_queue_order() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let store = PgStore::open(scratch.config()).unwrap();
+    // Ids 1..=4; queue order 4, 2, 3, 1.
+    for (n, priority, accepted) in [(1u8, 0, 1i64), (2, 5, 2), (3, 5, 3), (4, 9, 4)] {
+        store.push(&Runnable { run: run(n), workflow: "w".into(), priority, accepted_at_us: accepted }).unwrap();
+    }
+    let claimed = store.claim("one", 60_000, 1_000_000, 4, &Default::default()).unwrap();
+    let got: Vec<RunId> = claimed.iter().map(|c| c.lease.run()).collect();
+    assert_eq!(got, vec![run(4), run(2), run(3), run(1)]);
+}
