@@ -467,6 +467,12 @@ pub trait WorkQueue: Send + Sync {
     /// first; each is taken by one caller only (the caller queues it).
     fn take_due(&self, now_us: i64, limit: usize) -> Result<Vec<RunId>, StoreError>;
 
+    /// Whether any run of one of `workflows`, other than those in `except`, is in the
+    /// queue, claimed or not (in any process): a worker that can claim nothing now is idle
+    /// only when this is false; otherwise runs are driven elsewhere, or wait for the lease
+    /// of a process that died to expire.
+    fn any_queued(&self, workflows: &[&str], except: &[RunId]) -> Result<bool, StoreError>;
+
     /// Calls `wake` whenever a run may have become claimable (a push, a drive done, a
     /// lease released) in any process, as far as the store can tell; callers also poll.
     fn on_wake(&self, wake: Box<dyn Fn() + Send + Sync>);

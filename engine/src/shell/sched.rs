@@ -245,6 +245,8 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
     // Runs waiting for a timer (retry backoff, deadline): driven again when it falls due,
     // their workers free for other runs meanwhile.
     let mut timers: BTreeMap<RunId, i64> = BTreeMap::new();
+    // Runs whose lease this engine lost (another process took them over).
+    let mut lost: Vec<RunId> = Vec::new();
     loop {
         spawn_claimed(inner, &mut set, &stop, false).await;
         if set.is_empty() {
@@ -257,6 +259,15 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
                 continue;
             }
             if !queued {
+                // With a shared queue, runs this engine could not claim may still be queued:
+                // driven by another process, or leased by one that died (claimable once its
+                // lease expires, which no notification announces). Idle only when none is,
+                // the runs this engine lost its lease on aside (the process that took them
+                // over drives them).
+                if shared::any_queued(inner, lost.clone()).await {
+                    let _ = tokio::time::timeout(inner.queue_poll, inner.wake.notified()).await;
+                    continue;
+                }
                 break;
             }
             if others_active {
@@ -282,8 +293,12 @@ pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, Eng
         };
         match joined {
             Some(Ok((run, out))) => {
-                if let DriveOutcome::Waiting { until_us } = out {
-                    timers.insert(run, until_us);
+                match out {
+                    DriveOutcome::Waiting { until_us } => {
+                        timers.insert(run, until_us);
+                    }
+                    DriveOutcome::LeaseLost => lost.push(run),
+                    _ => {}
                 }
                 finish(inner, run, &out, &mut report, false)
             }

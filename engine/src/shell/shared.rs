@@ -123,6 +123,28 @@ pub(crate) async fn claim(inner: &Arc<Inner>, gather: bool) -> (Vec<Claimed>, Op
     (claimed, None)
 }
 
+/// Whether the shared queue holds a run of this engine's workflow types other than
+/// `except` (false without a shared queue, or when the store cannot tell: logged).
+pub(crate) async fn any_queued(inner: &Arc<Inner>, except: Vec<RunId>) -> bool {
+    if !is_shared(inner) {
+        return false;
+    }
+    let names: Vec<String> = inner.workflows.keys().cloned().collect();
+    let queued = inner
+        .blocking(move |log| match log.work_queue() {
+            Some(q) => {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                Ok(q.any_queued(&names, &except)?)
+            }
+            None => Ok(false),
+        })
+        .await;
+    queued.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot tell whether the shared queue holds runs");
+        false
+    })
+}
+
 /// Tells the shared queue that this engine's drive of `run` ended as `out`: the run
 /// leaves it (a timer's due time goes to the due-time index), or goes round again if it
 /// was pushed meanwhile; `lease` (the drive's) is released in the same step. A drive that

@@ -216,3 +216,31 @@ fn a_run_submitted_in_one_process_is_woken_in_another_by_notify() {
     }
     assert_eq!(woken.len(), 4, "{woken:?}");
 }
+
+/// `run_until_idle` on a shared queue is idle only when no run of its workflow types is
+/// queued: a run leased by a process that died (its lease still live for a while, as after
+/// a SIGKILL) is waited for and driven once the lease expires, instead of the call
+/// returning at once with the run unfinished (`keel work --until-idle` after a crash, and
+/// a second `keel demo` beside a first, did so).
+#[test]
+fn until_idle_waits_for_a_run_leased_by_a_dead_process() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let worker = engine(store.clone(), 16, 2, 100);
+    let run = submit(&worker, &[(0, 0)])[0];
+    // The "dead" process's lease: live for 1.5 s more, never renewed nor released.
+    let now_us =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()).unwrap();
+    let ghost = keel_store::Coordination::try_lease(store.as_ref(), run, "dead-worker", 1_500, now_us).unwrap();
+    assert!(ghost.is_some(), "the ghost took the lease");
+    std::mem::forget(ghost);
+    let started = Instant::now();
+    let report = rt().block_on(worker.run_until_idle()).unwrap();
+    let status = worker.state(run).unwrap().status;
+    assert!(finished(status), "until_idle returned after {:?} with the run {status:?}: {report:?}", started.elapsed());
+    assert!(report.driven >= 1, "{report:?}");
+}

@@ -64,6 +64,10 @@ const DONE_SQL: &str = "WITH again AS (
                   WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
      SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
 
+/// Whether a run of the given workflow types is queued (index `work_by_workflow`).
+const ANY_QUEUED_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM work WHERE workflow = ANY($1::text[]) AND NOT run = ANY($2::uuid[]))";
+
 /// A push ([`PUSH_SQL`]): one statement on a lazy session ([`Pool::lazy`]), its own
 /// transaction, committed without waiting for the WAL flush (docs/STORE.md 15.3).
 async fn push_tx(client: &ClientWrapper, r: Runnable, schema: &str) -> Result<(), tokio_postgres::Error> {
@@ -316,6 +320,21 @@ impl WorkQueue for PgStore {
             .into_iter()
             .map(|(run, workflow, epoch)| Claimed { lease: self.lease(run, owner, epoch, expires_at_us), workflow })
             .collect())
+    }
+
+    fn any_queued(&self, workflows: &[&str], except: &[RunId]) -> Result<bool, StoreError> {
+        for wf in workflows {
+            too_long("workflow name", wf, WORKFLOW_BYTES_MAX)?;
+        }
+        let names: Vec<String> = workflows.iter().map(|w| (*w).to_owned()).collect();
+        let except: Vec<Uuid> = except.iter().map(|r| r.0).collect();
+        let pool = self.pool();
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.row_opt(ANY_QUEUED_SQL, &[&names, &except]).await;
+            let row = conn.ok(result)?;
+            row.map_or(Ok(false), |r| r.try_get(0).map_err(pg))
+        })
     }
 
     fn done(
