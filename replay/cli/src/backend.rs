@@ -16,11 +16,23 @@ use std::sync::Arc;
 /// The query parameter naming the schema.
 const SCHEMA_PARAM: &str = "schema";
 
-/// The PostgreSQL config `db` names, or `None` if it is a directory.
+/// The PostgreSQL config `db` names, or `None` if it is a directory. Anything else
+/// written as a URL (`SCHEME://…`: a misspelled `postgress://`, `POSTGRES://`) is refused,
+/// not taken as a directory of that name (where a sled database would have been created).
 pub(crate) fn postgres_config(db: &Path) -> Option<Result<PgConfig, ReplayError>> {
     let s = db.to_str()?;
     if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
-        return None;
+        let scheme = s.split_once("://").map(|(scheme, _)| scheme)?;
+        if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) {
+            return None;
+        }
+        return Some(Err(ReplayError::NotADb {
+            path: redacted(db),
+            reason: format!(
+                "`{scheme}://` is not a database URL keel knows (a PostgreSQL URL starts with `postgres://` or \
+                 `postgresql://`; a sled database is a directory)"
+            ),
+        }));
     }
     Some(parse_url(s).map_err(|reason| ReplayError::NotADb { path: redacted(db), reason }))
 }
@@ -51,19 +63,34 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
     Ok(config)
 }
 
-/// `db` with any password in it replaced by `***` (for messages).
+/// `db` with any password in it replaced by `***` (for messages): the one in the URL's
+/// user info (`user:secret@host`) and a `password=` query parameter.
 pub(crate) fn redacted(db: &Path) -> PathBuf {
     let s = db.to_string_lossy();
     let Some((scheme, rest)) = s.split_once("://") else { return db.to_path_buf() };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => PathBuf::from(format!("{scheme}://{user}:***@{host}{tail}")),
-            None => db.to_path_buf(),
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => db.to_path_buf(),
-    }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    PathBuf::from(format!("{scheme}://{authority}{tail}"))
 }
 
 /// Opens the PostgreSQL store of `config` (`create`: make the schema if missing).
@@ -129,5 +156,19 @@ mod tests {
         let shown = redacted(Path::new("postgres://app:s3cret@db:5432/prod?schema=k"));
         assert_eq!(shown, Path::new("postgres://app:***@db:5432/prod?schema=k"));
         assert_eq!(redacted(Path::new("/var/keel")), Path::new("/var/keel"));
+        // libpq also takes the password as a parameter.
+        let shown = redacted(Path::new("postgres://app@db/prod?password=s3cret&schema=k"));
+        assert_eq!(shown, Path::new("postgres://app@db/prod?password=***&schema=k"));
+    }
+
+    /// A misspelled scheme is refused, not made a directory of that name (a new user's
+    /// `postgress://…` created a sled database under `./postgress:/…` and exited 0).
+    #[test]
+    fn a_url_of_another_scheme_is_refused() {
+        for url in ["postgress://u@h/t", "POSTGRES://u@h/t", "mysql://u@h/t"] {
+            let e = postgres_config(Path::new(url)).unwrap().unwrap_err().to_string();
+            assert!(e.contains("is not a database URL keel knows"), "{url}: {e}");
+        }
+        assert!(postgres_config(Path::new("./dir with :// inside")).is_none());
     }
 }

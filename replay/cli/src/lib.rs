@@ -45,8 +45,16 @@ use std::process::ExitCode;
     propagate_version = true
 )]
 struct Cli {
-    /// Directory of the keel database.
-    #[arg(long, global = true, env = "KEEL_DB", default_value = "./keel-data", value_name = "DIR")]
+    /// The keel database: a directory (sled), or a PostgreSQL URL
+    /// (`postgres://USER@HOST:PORT/DATABASE?schema=NAME`).
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_DB",
+        hide_env_values = true,
+        default_value = "./keel-data",
+        value_name = "DIR|URL"
+    )]
     db: PathBuf,
 
     #[command(flatten)]

@@ -312,6 +312,18 @@ pub(crate) async fn resolve(r: &Remote, a: crate::cmd::resolve::ResolveArgs) -> 
 }
 
 /// `keel cancel`: recorded with the token's name as `by` (a `--by` is refused).
+/// `keel submit`: `POST /v1/runs` (an admin token), printed as locally.
+pub(crate) async fn submit(r: &Remote, a: crate::cmd::submit::SubmitArgs) -> CmdResult {
+    let input = crate::cmd::submit::input(&a)?;
+    let body = json!({ "workflow": a.workflow, "input": input, "idempotency_key": a.key, "priority": a.priority });
+    let v = r.post("/v1/runs", &body).await?;
+    let v = v.json().map_err(|e| CliError::Failed(format!("the answer is not JSON: {e}")))?;
+    let run = v.get("run").and_then(Value::as_str).unwrap_or_default();
+    let duplicate = v.get("duplicate").and_then(Value::as_bool).unwrap_or(false);
+    crate::cmd::submit::report(run, duplicate, a.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) async fn cancel(r: &Remote, a: crate::cmd::cancel::CancelArgs) -> CmdResult {
     if a.by.is_some() {
         return Err(CliError::Usage(
@@ -509,6 +521,7 @@ pub(crate) fn goes_through(command: &crate::Cmd) -> bool {
         // A signed export is written here: the key never leaves this process.
         Cmd::Export(e) => e.sign.is_none(),
         Cmd::Stats(_) => true,
+        Cmd::Submit(_) => true,
         // An export file is verified here; the database through the server.
         // Checkpoints, --expect-head and --deep are checked here, on the database itself.
         Cmd::Verify(v) => !v.deep && (v.file.is_none() || v.against_db) && v.key.is_none() && v.expect_head.is_none(),
@@ -537,6 +550,7 @@ pub(crate) async fn dispatch(db: &Path, conn: &ConnArgs, command: crate::Cmd) ->
         Cmd::Export(a) => export(&r, db, a).await,
         Cmd::Stats(a) => stats(&r, a).await,
         Cmd::Verify(a) => verify(&r, db, a).await,
+        Cmd::Submit(a) => submit(&r, a).await,
         other => return Err(other),
     })
 }

@@ -183,6 +183,7 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     let d = DemoDb::new(8);
     let db = d.db.clone();
     let vera = token_add(&db, "vera", "viewer");
+    let ada = token_add(&db, "ada", "admin");
     let waiting = d.run_of("human_escalation").to_string();
     let (mut child, url) = spawn_serve(db.to_str().unwrap(), &[]);
 
@@ -202,6 +203,24 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     let r = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["escalations"][0]["run"], waiting);
+    // A submit goes through the server too (it wrote to a database of its own in the
+    // working directory, `./keel-data`, whatever --server said): an admin's is recorded
+    // there, a viewer's refused.
+    let cwd = tempfile::tempdir().unwrap();
+    let ticket = r#"{"id": "T-remote", "customer": "C-1", "subject": "Question about shipping", "body": "Where?"}"#;
+    let input = format!(r#"{{"index": 1000, "ticket": {ticket}}}"#);
+    let input = input.as_str();
+    let submit = ["--server", &url, "--token", &vera, "submit", "support_ticket", "--input", input, "--json"];
+    let e = keel_in(Some(cwd.path()), &submit).one_line_error(1);
+    assert!(e.contains("403 forbidden"), "{e}");
+    let submit = ["--server", &url, "--token", &ada, "submit", "support_ticket", "--input", input, "--json"];
+    let r = keel_in(Some(cwd.path()), &submit);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let run = r.json()["run"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["duplicate"], false);
+    assert!(!cwd.path().join("keel-data").exists(), "a database was created in the working directory");
+    let r = keel_in(None, &["--server", &url, "--token", &vera, "show", &run, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     // The flags are checked as on the database before anything is sent: too deep an
     // output is the same one line (exit 2), a resolution without a reason is refused.
     let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));

@@ -114,12 +114,16 @@ pub const SCHEMA_VERSION: i32 = 5;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
-/// Whether `name` is a plain lower-case identifier (it is written into statements unquoted).
+/// Whether `name` is a plain lower-case identifier (it is written into statements unquoted)
+/// and not one of PostgreSQL's own schemas (`pg_*`, `information_schema`: keel's tables
+/// were created in `information_schema`).
 pub(crate) fn valid_schema_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some('a'..='z' | '_'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
         && name.len() <= 63
+        && !name.starts_with("pg_")
+        && name != "information_schema"
 }
 
 /// Creates (with `create`) and migrates `schema`; returns the version it is at.
@@ -180,7 +184,9 @@ mod tests {
         for ok in ["keel", "_t1", "keel_test_42"] {
             assert!(valid_schema_name(ok), "{ok}");
         }
-        for bad in ["", "1abc", "Keel", "a-b", "a;drop", "a b", &"x".repeat(64)] {
+        for bad in
+            ["", "1abc", "Keel", "a-b", "a;drop", "a b", &"x".repeat(64), "information_schema", "pg_catalog", "pg_x"]
+        {
             assert!(!valid_schema_name(bad), "{bad}");
         }
     }

@@ -30,15 +30,31 @@ pub(crate) struct SubmitArgs {
     pub(crate) json: bool,
 }
 
-pub(crate) async fn run(db: &Path, a: SubmitArgs, registry: &Registry) -> CmdResult {
+/// The request's input: `--input`'s JSON text, or the file it names with `@FILE`.
+pub(crate) fn input(a: &SubmitArgs) -> Result<serde_json::Value, CliError> {
     let text = match a.input.strip_prefix('@') {
         Some(file) => std::fs::read_to_string(file).map_err(|e| io_err(file, e))?,
         None => a.input.clone(),
     };
     // Scanned before parsing: nothing recursive touches a document nested too deep.
     keel_store::json::check_text_depth(text.as_bytes()).map_err(|e| CliError::Usage(format!("--input: {e}")))?;
-    let input: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("--input is not JSON: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| CliError::Usage(format!("--input is not JSON: {e}")))
+}
+
+/// Prints what a submit gave (the same through a server).
+pub(crate) fn report(run: &str, duplicate: bool, json: bool) -> Result<(), CliError> {
+    if json {
+        print_json(&json!({ "run": run, "duplicate": duplicate }))?;
+    } else if duplicate {
+        outln!("run {run} (already submitted with this key)")?;
+    } else {
+        outln!("run {run} submitted")?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(db: &Path, a: SubmitArgs, registry: &Registry) -> CmdResult {
+    let input = input(&a)?;
     let store = open_db(db, true)?;
     let engine = registry.engine(store)?;
     let req = Request { idempotency_key: a.key, priority: a.priority, ..Request::new(a.workflow, input) };
@@ -49,12 +65,6 @@ pub(crate) async fn run(db: &Path, a: SubmitArgs, registry: &Registry) -> CmdRes
         }
         Err(e) => return Err(e.into()),
     };
-    if a.json {
-        print_json(&json!({ "run": s.run.to_string(), "duplicate": s.duplicate }))?;
-    } else if s.duplicate {
-        outln!("run {} (already submitted with this key)", s.run)?;
-    } else {
-        outln!("run {} submitted", s.run)?;
-    }
+    report(&s.run.to_string(), s.duplicate, a.json)?;
     Ok(ExitCode::SUCCESS)
 }
