@@ -35,6 +35,16 @@ pub enum ReplayError {
         reason: String,
     },
 
+    /// The database could not be reached or opened (a PostgreSQL server refusing the
+    /// connection, a database or role that does not exist, a statement failing at open).
+    #[error("cannot open the database at {}: {reason}", path.display())]
+    DbUnreachable {
+        /// The URL asked for (its password shown as `***`).
+        path: PathBuf,
+        /// What failed, in the server's or the driver's words.
+        reason: String,
+    },
+
     /// No run with that id (or id prefix).
     #[error("unknown run {0}")]
     UnknownRun(String),

@@ -104,6 +104,10 @@ pub(crate) fn open_postgres_store(db: &Path, mut config: PgConfig, create: bool)
     match PgStore::open(config) {
         Ok(store) => Ok(Arc::new(store)),
         Err(OpenError::NotFound { .. }) => Err(ReplayError::DbNotFound { path: redacted(db) }),
+        // Not reached or failed while opening: not a verdict on what is there.
+        Err(e @ (OpenError::Postgres(_) | OpenError::Runtime(_))) => {
+            Err(ReplayError::DbUnreachable { path: redacted(db), reason: e.to_string() })
+        }
         Err(e) => Err(ReplayError::NotADb { path: redacted(db), reason: e.to_string() }),
     }
 }

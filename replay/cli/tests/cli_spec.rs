@@ -301,3 +301,18 @@ fn a_size_warning_is_recorded_and_shown_by_runs_and_show() {
     let e = keel(&db, &["work", "--until-idle", "--warn-events", "many"]).one_line_error(2);
     assert!(e.contains("--warn-events"), "{e}");
 }
+
+/// A PostgreSQL URL that cannot be reached is one line that says so (not "is not a keel
+/// database"), exit 1, with no password shown; a misspelled scheme is refused, not made a
+/// directory.
+#[test]
+fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
+    let url = "postgres://app:s3cret@127.0.0.1:1/test?password=pw2&schema=k";
+    let e = keel_in(None, &["--db", url, "runs"]).one_line_error(1);
+    assert!(e.contains("cannot open the database at postgres://app:***@127.0.0.1:1/test?password=***"), "{e}");
+    assert!(!e.contains("not a keel database") && !e.contains("s3cret") && !e.contains("pw2"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = keel_in(Some(dir.path()), &["--db", "postgress://u@127.0.0.1/test", "demo"]).one_line_error(1);
+    assert!(e.contains("is not a database URL keel knows"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was created");
+}
