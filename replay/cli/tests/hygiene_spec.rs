@@ -298,21 +298,47 @@ fn keel_with_file_size_limit(db: &Path, blocks: u64, args: &[&str]) -> Ran {
 fn demo_fails_and_hides_the_runs_it_could_not_make_durable() {
     let dir = tempfile::tempdir().unwrap();
     // Find a size limit that lets the database be created and the runs submitted, and
-    // stops the work: double it from a small start until the demo gets past submitting.
-    let mut blocks = 64u64;
-    let mut seen = None;
-    while blocks <= 1 << 16 {
+    // stops the work: double it from a small start until the demo gets past submitting,
+    // then, if a doubling went from "stopped while submitting" straight to "all done" (how
+    // far sled's file grows per step depends on how its flushes fall: a flake in CI once),
+    // bisect between the two.
+    let try_limit = |blocks: u64| {
         let db = dir.path().join(format!("db-{blocks}"));
         let ran = keel_with_file_size_limit(&db, blocks, &["demo", "--runs", "40", "--json"]);
-        if ran.code == 1 && ran.stdout.starts_with('{') {
+        assert!(!ran.stderr.contains("panicked"), "{}", ran.stderr);
+        ran
+    };
+    let stopped_working = |ran: &Ran| ran.code == 1 && ran.stdout.starts_with('{');
+    let (mut lo, mut hi) = (0u64, None);
+    let mut seen = None;
+    let mut blocks = 64u64;
+    while blocks <= 1 << 16 {
+        let ran = try_limit(blocks);
+        if stopped_working(&ran) {
             seen = Some(ran);
             break;
         }
-        assert!(!ran.stderr.contains("panicked"), "{}", ran.stderr);
         if ran.code == 0 {
+            hi = Some(blocks);
             break;
         }
+        lo = blocks;
         blocks *= 2;
+    }
+    if let (None, Some(mut hi)) = (&seen, hi) {
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let ran = try_limit(mid);
+            if stopped_working(&ran) {
+                seen = Some(ran);
+                break;
+            }
+            if ran.code == 0 {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
     }
     let ran = seen.expect("no file size limit stopped the demo's work after its submissions");
     let line = ran.one_line_error(1);
