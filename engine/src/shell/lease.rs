@@ -133,8 +133,8 @@ impl Held {
     }
 
     /// Ends the hold, so another driver may take the run at once: `end` gets the lease if
-    /// it is still held (not lost) and returns whether it released it itself (the shared queue's `done` does, in the same
-    /// transaction); if not, it is released here. A lease released either way is not
+    /// it is still held (not lost) and returns whether it released it itself (the shared
+    /// queue's `done` does, in the same transaction); if not, it is released here. A lease released either way is not
     /// released again when dropped (that was a second round trip to a database per drive).
     pub(crate) fn release_after(&self, log: &dyn Store, end: impl FnOnce(&mut Lease) -> bool) {
         let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);

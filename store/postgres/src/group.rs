@@ -300,12 +300,12 @@ pub(crate) struct AuxParts {
 }
 
 impl AuxParts {
-    /// Every set with at least one part, by its bits.
-    fn all() -> impl Iterator<Item = AuxParts> {
-        (1u8..16).map(|b| AuxParts { removed: b & 1 != 0, uncounted: b & 2 != 0, put: b & 4 != 0, counted: b & 8 != 0 })
+    /// The set whose [`AuxParts::index`] is `b` (its low four bits).
+    pub(crate) fn from_bits(b: u8) -> AuxParts {
+        AuxParts { removed: b & 1 != 0, uncounted: b & 2 != 0, put: b & 4 != 0, counted: b & 8 != 0 }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         usize::from(self.removed)
             | usize::from(self.uncounted) << 1
             | usize::from(self.put) << 2
@@ -354,13 +354,7 @@ pub(crate) fn aux_sql(parts: AuxParts) -> String {
 
 /// [`aux_sql`] of every set of parts, by [`AuxParts::index`] (index 0, no part, is empty).
 static AUX_SQLS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-    let mut v = vec![String::new(); 16];
-    for parts in AuxParts::all() {
-        if let Some(slot) = v.get_mut(parts.index()) {
-            *slot = aux_sql(parts);
-        }
-    }
-    v
+    (0u8..16).map(|b| if b == 0 { String::new() } else { aux_sql(AuxParts::from_bits(b)) }).collect()
 });
 
 const FLUSH_STATEMENTS: [&str; 8] = [

@@ -367,12 +367,8 @@ mod tests {
     fn aux_statements_number_their_parameters_in_order() {
         use crate::group::{aux_sql, AuxParts};
         for bits in 1u8..16 {
-            let parts = AuxParts {
-                removed: bits & 1 != 0,
-                uncounted: bits & 2 != 0,
-                put: bits & 4 != 0,
-                counted: bits & 8 != 0,
-            };
+            let parts = AuxParts::from_bits(bits);
+            assert_eq!(parts.index(), usize::from(bits));
             let want = usize::from(parts.removed)
                 + usize::from(parts.uncounted)
                 + 2 * usize::from(parts.put)

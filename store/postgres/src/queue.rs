@@ -163,13 +163,13 @@ async fn claim_tx(
     // read: a claimer that read (and locked) candidates first, then waited for such a lock,
     // left the highest-priority rows locked while another claimer, skipping them, granted a
     // lower-priority run the one free slot (runs claimed out of priority order).
-    let limited: BTreeSet<&str> = t.limits.iter().filter(|(_, l)| **l > 0).map(|(wf, _)| wf.as_str()).collect();
     let (names, caps): (Vec<&str>, Vec<i64>) = t
         .limits
         .iter()
         .filter(|(_, l)| **l > 0)
         .map(|(wf, l)| (wf.as_str(), i64::try_from(*l).unwrap_or(i64::MAX)))
         .unzip();
+    let limited: BTreeSet<&str> = names.iter().copied().collect();
     let want = i64::try_from(t.max.saturating_mul(CANDIDATES_PER_CLAIM)).unwrap_or(i64::MAX);
     let max = i64::try_from(t.max).unwrap_or(i64::MAX);
     let params: [&(dyn ToSql + Sync); 7] = [&t.now_us, &want, &names, &caps, &max, &t.owner, &t.expires_at_us];
