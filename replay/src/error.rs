@@ -35,6 +35,17 @@ pub enum ReplayError {
         reason: String,
     },
 
+    /// `--db` is written as a database URL that cannot be used: another scheme than
+    /// PostgreSQL's, a URL the driver cannot parse, a schema name keel refuses. Nothing
+    /// was opened or created.
+    #[error("{} is not a usable database URL: {reason}", path.display())]
+    BadDbUrl {
+        /// The URL given (its password shown as `***`).
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The database could not be reached or opened (a PostgreSQL server refusing the
     /// connection, a database or role that does not exist, a statement failing at open).
     #[error("cannot open the database at {}: {reason}", path.display())]

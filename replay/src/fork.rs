@@ -545,9 +545,48 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
     if to.head(run)?.next_seq.0 != 0 {
         return Err(ReplayError::Invalid(format!("run {run} already exists in the target database")));
     }
+    copy_records(from, to, run, Seq(0))
+}
+
+/// Appends to `to` the records of run `run` that `from` has beyond `to`'s copy, when
+/// `to`'s copy is a prefix of `from`'s chain (a run copied earlier, then driven further
+/// where it was copied from). Returns the number of records appended (0 when `to` has
+/// them all). Refused, with nothing written, when the two chains differ at `to`'s last
+/// record or `to` holds more records than `from`.
+pub fn continue_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u64, ReplayError> {
+    let (src, dst) = (from.head(run)?, to.head(run)?);
+    if dst.next_seq.0 == 0 {
+        return copy_records(from, to, run, Seq(0));
+    }
+    if dst.next_seq.0 > src.next_seq.0 {
+        return Err(ReplayError::Invalid(format!(
+            "run {run} has {} records in the target database, more than the {} of the source",
+            dst.next_seq.0, src.next_seq.0
+        )));
+    }
+    let last = Seq(dst.next_seq.0 - 1);
+    let same = match from.read(run, last)?.next() {
+        Some(rec) => {
+            let rec = rec?;
+            rec.seq == last && rec.hash == dst.last_hash
+        }
+        None => false,
+    };
+    if !same {
+        return Err(ReplayError::Invalid(format!(
+            "run {run} has another history in the target database: its record {} differs from the source's",
+            last.0
+        )));
+    }
+    copy_records(from, to, run, dst.next_seq)
+}
+
+/// Appends run `run`'s records from `start` on, read from `from`, to `to` (whose head
+/// must be at `start`), their payloads first; flushes `to`.
+fn copy_records(from: &dyn EventLog, to: &dyn EventLog, run: RunId, start: Seq) -> Result<u64, ReplayError> {
     let mut batch = Vec::new();
-    let mut next = 0u64;
-    for rec in from.read(run, Seq(0))? {
+    let mut next = start.0;
+    for rec in from.read(run, start)? {
         let rec = rec?;
         // Its payloads first: written before the record that refers to them.
         copy_payloads(from, to, &rec)?;
@@ -570,7 +609,7 @@ pub fn save_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u6
         next += n;
     }
     to.flush()?;
-    Ok(next)
+    Ok(next - start.0)
 }
 
 /// Forks `source` after event `at` and drives the fork until it is terminal or waits for a
@@ -789,4 +828,44 @@ impl ForkEvent {
 /// Whether the source event `i` is not yet matched by a fork event.
 fn unmatched(matched: &[bool], i: usize) -> bool {
     matched.get(i) == Some(&false)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rec(i: u8) -> NewRecord {
+        let e = Event::RunCancelled { by: format!("test {i}"), reason: "a test record".into() };
+        keel_store::prepare(&e, i64::from(i)).unwrap()
+    }
+
+    fn log(n: u8, run: RunId) -> MemStore {
+        let s = MemStore::new();
+        s.append(run, Seq(0), (0..n).map(rec).collect(), None).unwrap();
+        s
+    }
+
+    /// A copy that is a prefix of the source is continued; one that differs or is longer
+    /// is refused with nothing written.
+    #[test]
+    fn a_prefix_is_continued_and_another_history_refused() {
+        let run = RunId(uuid::Uuid::from_u128(7));
+        let (from, to) = (log(5, run), log(2, run));
+        assert_eq!(continue_run(&from, &to, run).unwrap(), 3);
+        assert_eq!(to.head(run).unwrap(), from.head(run).unwrap());
+        assert_eq!(continue_run(&from, &to, run).unwrap(), 0, "nothing left to copy");
+
+        let fresh = MemStore::new();
+        assert_eq!(continue_run(&from, &fresh, run).unwrap(), 5);
+
+        let other = MemStore::new();
+        other.append(run, Seq(0), vec![rec(0), rec(9)], None).unwrap();
+        let e = continue_run(&from, &other, run).unwrap_err().to_string();
+        assert!(e.contains("another history") && e.contains("record 1 differs"), "{e}");
+        assert_eq!(other.head(run).unwrap().next_seq, Seq(2), "nothing written");
+
+        let e = continue_run(&log(2, run), &log(5, run), run).unwrap_err().to_string();
+        assert!(e.contains("has 5 records in the target database, more than the 2"), "{e}");
+    }
 }

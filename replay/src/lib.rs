@@ -39,7 +39,7 @@ pub use check::{check_run, CheckOptions, CheckReport, Divergence, EventClass};
 pub use diff::{diff, diff_events, Diff};
 pub use error::ReplayError;
 pub use export::{select_runs, CsvWriter, JsonlWriter, Redaction};
-pub use fork::{fork, save_run, ForkConfig, ForkReport, Forked};
+pub use fork::{continue_run, fork, save_run, ForkConfig, ForkReport, Forked};
 pub use html::HtmlWriter;
 pub use policy::apply_settings;
 pub use source::{

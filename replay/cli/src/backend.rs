@@ -26,15 +26,15 @@ pub(crate) fn postgres_config(db: &Path) -> Option<Result<PgConfig, ReplayError>
         if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) {
             return None;
         }
-        return Some(Err(ReplayError::NotADb {
+        return Some(Err(ReplayError::BadDbUrl {
             path: redacted(db),
             reason: format!(
-                "`{scheme}://` is not a database URL keel knows (a PostgreSQL URL starts with `postgres://` or \
+                "`{scheme}://` is not a scheme keel knows (a PostgreSQL URL starts with `postgres://` or \
                  `postgresql://`; a sled database is a directory)"
             ),
         }));
     }
-    Some(parse_url(s).map_err(|reason| ReplayError::NotADb { path: redacted(db), reason }))
+    Some(parse_url(s).map_err(|reason| ReplayError::BadDbUrl { path: redacted(db), reason }))
 }
 
 /// Splits keel's `schema` parameter off a PostgreSQL URL.
@@ -48,7 +48,11 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some((SCHEMA_PARAM, v)) => {
-                if schema.replace(v.to_owned()).is_some() {
+                // Percent-decoded, as the driver decodes the URL's other parameters.
+                let v = percent_encoding::percent_decode_str(v)
+                    .decode_utf8()
+                    .map_err(|_| format!("`{SCHEMA_PARAM}` is not UTF-8 once percent-decoded"))?;
+                if schema.replace(v.into_owned()).is_some() {
                     return Err(format!("`{SCHEMA_PARAM}` given twice"));
                 }
             }
@@ -105,9 +109,10 @@ pub(crate) fn open_postgres_store(db: &Path, mut config: PgConfig, create: bool)
         Ok(store) => Ok(Arc::new(store)),
         Err(OpenError::NotFound { .. }) => Err(ReplayError::DbNotFound { path: redacted(db) }),
         // Not reached or failed while opening: not a verdict on what is there.
-        Err(e @ (OpenError::Postgres(_) | OpenError::Runtime(_))) => {
-            Err(ReplayError::DbUnreachable { path: redacted(db), reason: e.to_string() })
-        }
+        Err(OpenError::Postgres(e)) => Err(ReplayError::DbUnreachable { path: redacted(db), reason: e.to_string() }),
+        Err(e @ OpenError::Runtime(_)) => Err(ReplayError::DbUnreachable { path: redacted(db), reason: e.to_string() }),
+        // The URL or the schema name cannot be used: nothing was opened.
+        Err(OpenError::InvalidConfig { reason }) => Err(ReplayError::BadDbUrl { path: redacted(db), reason }),
         Err(e) => Err(ReplayError::NotADb { path: redacted(db), reason: e.to_string() }),
     }
 }
@@ -151,6 +156,9 @@ mod tests {
         let c = parse_url("postgresql://u@h/test").unwrap();
         assert_eq!((c.url.as_str(), c.schema.as_str()), ("postgresql://u@h/test", "keel"));
         assert!(parse_url("postgres://h/t?schema=a&schema=b").is_err());
+        // Percent-decoded as libpq decodes the URL's other parameters.
+        assert_eq!(parse_url("postgres://h/t?schema=keel%5Fa").unwrap().schema, "keel_a");
+        assert!(parse_url("postgres://h/t?schema=%FF").is_err());
         assert!(postgres_config(Path::new("./keel-data")).is_none());
         assert!(postgres_config(Path::new("postgres://h/t?schema=x")).is_some());
     }
@@ -171,7 +179,8 @@ mod tests {
     fn a_url_of_another_scheme_is_refused() {
         for url in ["postgress://u@h/t", "POSTGRES://u@h/t", "mysql://u@h/t"] {
             let e = postgres_config(Path::new(url)).unwrap().unwrap_err().to_string();
-            assert!(e.contains("is not a database URL keel knows"), "{url}: {e}");
+            assert!(e.contains("is not a usable database URL: `"), "{url}: {e}");
+            assert!(e.contains("is not a scheme keel knows"), "{url}: {e}");
         }
         assert!(postgres_config(Path::new("./dir with :// inside")).is_none());
     }

@@ -23,6 +23,8 @@ impl From<ReplayError> for CliError {
     fn from(e: ReplayError) -> Self {
         match e {
             ReplayError::DbLocked { path } => CliError::Locked(path),
+            // An argument that cannot be used: a usage error, exit 2.
+            e @ ReplayError::BadDbUrl { .. } => CliError::Usage(e.to_string()),
             other => CliError::Failed(other.to_string()),
         }
     }

@@ -53,6 +53,9 @@ pub(crate) struct ConnArgs {
 /// A server the command goes through.
 pub(crate) struct Remote {
     client: Client,
+    /// Named by `--server` (not found through the database's `serve.addr`): what the
+    /// command reads is that server's database, whatever `--db` says.
+    named: bool,
 }
 
 /// What `keel serve` records in `DIR/serve.addr`.
@@ -98,7 +101,7 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
     if let Some(url) = &conn.server {
         let client = Client::new(url, conn.token.clone(), conn.ca_cert.as_deref())
             .map_err(|e| CliError::Usage(format!("--server: {e}")))?;
-        return Ok(Some(Remote { client }));
+        return Ok(Some(Remote { client, named: true }));
     }
     // Without an address file there is no server to find: the command opens the database
     // itself (and, if another process holds it, says that a server would be the route).
@@ -122,7 +125,7 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
             let pid = file.as_ref().and_then(|v| v.get("pid")).and_then(Value::as_u64);
             let alive = pid.and_then(|p| u32::try_from(p).ok()).is_some_and(crate::sys::process_exists);
             if alive && client.answers(PROBE).await {
-                Ok(Some(Remote { client }))
+                Ok(Some(Remote { client, named: false }))
             } else {
                 Err(locked(db, Some(url)))
             }
@@ -149,6 +152,17 @@ pub(crate) fn locked(db: &Path, stale: Option<&str>) -> CliError {
 }
 
 impl Remote {
+    /// What the command read, for its report: the database directory when the server was
+    /// found through it, the server's URL when `--server` named it (`--db` may then be
+    /// the default directory, unrelated to the server's database).
+    fn source(&self, db: &Path) -> String {
+        if self.named {
+            self.client.url().to_owned()
+        } else {
+            db.display().to_string()
+        }
+    }
+
     /// GET, with an error answer turned into one line.
     async fn get(&self, path: &str) -> Result<Answer, CliError> {
         let a = self.client.get(path).await.map_err(|e| CliError::Failed(e.to_string()))?;
@@ -318,7 +332,11 @@ pub(crate) async fn submit(r: &Remote, a: crate::cmd::submit::SubmitArgs) -> Cmd
     let body = json!({ "workflow": a.workflow, "input": input, "idempotency_key": a.key, "priority": a.priority });
     let v = r.post("/v1/runs", &body).await?;
     let v = v.json().map_err(|e| CliError::Failed(format!("the answer is not JSON: {e}")))?;
-    let run = v.get("run").and_then(Value::as_str).unwrap_or_default();
+    // The run id is the one thing a submit must say: an answer without it (not keel's
+    // server) is a failure, not a blank id.
+    let run = v.get("run").and_then(Value::as_str).filter(|r| r.parse::<RunId>().is_ok()).ok_or_else(|| {
+        CliError::Failed(format!("{}/v1/runs: the answer names no run id (is this a keel serve?)", r.client.url()))
+    })?;
     let duplicate = v.get("duplicate").and_then(Value::as_bool).unwrap_or(false);
     crate::cmd::submit::report(run, duplicate, a.json)?;
     Ok(ExitCode::SUCCESS)
@@ -441,7 +459,7 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
     };
     let mut doc = r.get_json(&path).await?;
     if let Some(m) = doc.as_object_mut() {
-        m.insert("source".into(), json!(db.display().to_string()));
+        m.insert("source".into(), json!(r.source(db)));
     }
     crate::cmd::verify::print(&doc, a.json)
 }

@@ -311,8 +311,23 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
     let e = keel_in(None, &["--db", url, "runs"]).one_line_error(1);
     assert!(e.contains("cannot open the database at postgres://app:***@127.0.0.1:1/test?password=***"), "{e}");
     assert!(!e.contains("not a keel database") && !e.contains("s3cret") && !e.contains("pw2"), "{e}");
+    // Not reached is said so, not "connection lost" (a new user's wrong port).
+    assert!(e.contains("cannot connect to postgres") && !e.contains("lost"), "{e}");
+    // A URL that cannot be used is a usage error (exit 2) that names what is wrong in it,
+    // and creates nothing.
     let dir = tempfile::tempdir().unwrap();
-    let e = keel_in(Some(dir.path()), &["--db", "postgress://u@127.0.0.1/test", "demo"]).one_line_error(1);
-    assert!(e.contains("is not a database URL keel knows"), "{e}");
+    for (url, says) in [
+        ("postgress://u@127.0.0.1/test", "`postgress://` is not a scheme keel knows"),
+        ("postgres://u@127.0.0.1:notaport/test", "invalid value for option `port`"),
+        ("postgres://u@127.0.0.1/test?sslmode=bogus", "invalid value for option `sslmode`"),
+        ("postgres://u@127.0.0.1/test?schema=Bad-Name", "schema \"Bad-Name\" is not a lower-case identifier"),
+        ("postgres://u@127.0.0.1/test?schema=a&schema=b", "`schema` given twice"),
+    ] {
+        let e = keel_in(Some(dir.path()), &["--db", url, "demo"]).one_line_error(2);
+        assert!(e.contains("is not a usable database URL: ") && e.contains(says), "{url}: {e}");
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was created");
+    // An out-of-range lease is a usage error too.
+    let e = keel_in(Some(dir.path()), &["work", "--lease-ttl-ms", "0"]).one_line_error(2);
+    assert!(e.contains("--lease-ttl-ms") && e.contains("30..=86400000"), "{e}");
 }

@@ -65,8 +65,12 @@ fn runs_copied_to_postgres_and_back_keep_their_chains_and_payloads() {
     assert!(Path::new(back).exists());
 }
 
+/// A run copied, then driven further where it came from, is continued by the next copy
+/// (its copy is a prefix of the source's chain); a run whose copy went another way is
+/// refused, with nothing written. (A new user's copy back after work on the target
+/// called a run that had only gone on "another history".)
 #[test]
-fn a_run_with_another_history_in_the_target_is_refused() {
+fn a_run_driven_on_after_a_copy_is_continued_and_one_with_another_history_refused() {
     if !pg::ready() {
         return;
     }
@@ -82,9 +86,31 @@ fn a_run_with_another_history_in_the_target_is_refused() {
     let waiting = keel(a, &["runs", "--status", "AwaitingHuman", "--json"]);
     let run = waiting.ok().json()["runs"][0]["run"].as_str().unwrap().to_owned();
     keel(a, &["cancel", &run, "--reason", "after the copy"]).ok();
-    let e = keel_in(None, &["copy", "--from", a, "--to", &url]);
+    let c = keel_in(None, &["copy", "--from", a, "--to", &url, "--json"]);
+    let j = c.ok().json();
+    assert_eq!(
+        (j["copied"].clone(), j["present"].clone(), j["continued"].clone()),
+        (0.into(), 7.into(), 1.into()),
+        "{j}"
+    );
+    assert_eq!(j["records"], 1, "one record appended: the cancellation");
+    assert_eq!(heads(&url), heads(a), "the same records and head hashes on both");
+
+    // Another run waiting on both sides, then decided differently on each: refused.
+    let b = dir.path().join("b");
+    let b = b.to_str().unwrap();
+    keel(b, &["demo", "--runs", "8"]).ok();
+    let waiting = keel(b, &["runs", "--status", "AwaitingHuman", "--json"]);
+    let other = waiting.ok().json()["runs"][0]["run"].as_str().unwrap().to_owned();
+    keel_in(None, &["copy", "--from", b, "--to", &url]).ok();
+    keel(b, &["cancel", &other, "--reason", "here"]).ok();
+    keel(&url, &["cancel", &other, "--reason", "there"]).ok();
+    let before = heads(&url);
+    let e = keel_in(None, &["copy", "--from", b, "--to", &url]);
     let line = e.one_line_error(1);
-    assert!(line.contains(&format!("run {run} already exists")) && line.contains("another history"), "{line}");
-    // The target is unchanged: still 8 runs that verify.
-    assert_eq!(heads(&url).len(), 8);
+    assert!(line.contains(&format!("run {other} has another history")), "{line}");
+    assert_eq!(heads(&url), before, "the target is unchanged");
+    // And back the other way: the target's copy is not a prefix either.
+    let e = keel_in(None, &["copy", "--from", &url, "--to", b, "--run", &other]);
+    assert!(e.one_line_error(1).contains("another history"));
 }

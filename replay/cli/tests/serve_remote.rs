@@ -221,6 +221,11 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
     assert!(!cwd.path().join("keel-data").exists(), "a database was created in the working directory");
     let r = keel_in(None, &["--server", &url, "--token", &vera, "show", &run, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // A verify through a server named by --server says it read that server's database,
+    // not the --db it was not given (a new user saw `./keel-data` named).
+    let r = keel_in(Some(cwd.path()), &["--server", &url, "--token", &vera, "verify", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["source"], url.as_str(), "{}", r.stdout);
     // The flags are checked as on the database before anything is sent: too deep an
     // output is the same one line (exit 2), a resolution without a reason is refused.
     let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));

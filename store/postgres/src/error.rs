@@ -18,6 +18,13 @@ pub enum PgError {
         /// What the driver said.
         reason: String,
     },
+    /// No session could be opened: the server refused or did not take the connection
+    /// (down, wrong host or port). Nothing was sent.
+    #[error("cannot connect to postgres: {reason}")]
+    Unreachable {
+        /// What the driver said.
+        reason: String,
+    },
     /// The connection was lost while COMMIT was in flight: the append may or may not have
     /// been written. Read the run's head to know.
     #[error("postgres connection lost during COMMIT, outcome unknown (read the head): {reason}")]
@@ -86,7 +93,7 @@ impl std::fmt::Display for Timed {
 }
 
 /// The driver's message with its cause (the server's text for a database error).
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match std::error::Error::source(e) {
         Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
@@ -157,6 +164,7 @@ impl From<PgError> for StoreError {
             PgError::ConnectionLost { .. } | PgError::InDoubt { .. } | PgError::Closed => {
                 std::io::ErrorKind::ConnectionAborted
             }
+            PgError::Unreachable { .. } => std::io::ErrorKind::ConnectionRefused,
             PgError::Timeout { .. } => std::io::ErrorKind::TimedOut,
             PgError::Server { .. } | PgError::Contention { .. } => std::io::ErrorKind::Other,
         };

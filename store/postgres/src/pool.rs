@@ -103,6 +103,11 @@ impl Pool {
             }
             // No wait timeout is set: waiting for a free session is bounded by the call's.
             PoolError::Timeout(TimeoutType::Wait) => PgError::Timeout { what: Timed::Call, after_ms: b.call_ms() },
+            // A new session could not be opened: the server is not reached (or refused
+            // the login, a server error kept as one).
+            PoolError::Backend(e) if crate::error::connection_lost(&e) => {
+                PgError::Unreachable { reason: crate::error::describe(&e) }
+            }
             PoolError::Backend(e) => PgError::of(e),
             PoolError::Closed => PgError::Closed,
             other => PgError::ConnectionLost { reason: other.to_string() },

@@ -199,7 +199,7 @@ impl PgStore {
         }
         let bounds = bounds(&config)?;
         let mut pg: tokio_postgres::Config =
-            config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: format!("url: {e}") })?;
+            config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: crate::error::describe(&e) })?;
         // `synchronous_commit=on` whatever the server's or role's default: the durability
         // of appends and of the WAL barriers claims wait for rests on it (docs/STORE.md 15.3).
         // The queue's bookkeeping goes through lazy sessions (`synchronous_commit=off`, see

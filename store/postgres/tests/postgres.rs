@@ -143,7 +143,7 @@ fn bad_settings_are_refused_before_connecting() {
     assert!(refused(PgConfig { read_page_records: 0, ..base.clone() }).contains("read_page_records"));
     let limits = Limits { event_bytes_max: Limits::VALUE_BYTES_HARD_MAX + 1, ..Limits::default() };
     assert!(refused(PgConfig { limits, ..base.clone() }).contains("event_bytes_max"));
-    assert!(refused(PgConfig { url: "not a url at all=".into(), ..base }).contains("url"));
+    assert!(refused(PgConfig { url: "not a url at all=".into(), ..base }).contains("invalid connection string"));
 }
 
 /// The fence is checked under the lease row's lock inside the append's transaction: an

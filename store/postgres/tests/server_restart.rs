@@ -80,16 +80,15 @@ fn acknowledged_appends_survive_a_crash_of_the_server_and_the_store_goes_on() {
     if !stopped {
         return skip("pg_ctlcluster could not stop the cluster (not root?)");
     }
-    // While it is down: a typed lost-connection error.
+    // While it is down: a typed lost-connection error (or, once the session is gone, a
+    // typed "cannot connect").
     let down = store.append(before, Seq(50), vec![rec(50)], None).unwrap_err();
     let lost = |e: &StoreError| match e {
-        StoreError::Io(io) => {
-            io.kind() == std::io::ErrorKind::ConnectionAborted
-                && matches!(
-                    io.get_ref().and_then(|i| i.downcast_ref::<PgError>()),
-                    Some(PgError::ConnectionLost { .. } | PgError::InDoubt { .. })
-                )
-        }
+        StoreError::Io(io) => matches!(
+            (io.kind(), io.get_ref().and_then(|i| i.downcast_ref::<PgError>())),
+            (std::io::ErrorKind::ConnectionAborted, Some(PgError::ConnectionLost { .. } | PgError::InDoubt { .. }))
+                | (std::io::ErrorKind::ConnectionRefused, Some(PgError::Unreachable { .. }))
+        ),
         _ => false,
     };
     assert!(lost(&down), "{down:?}");

@@ -21,7 +21,7 @@ pub(crate) struct CopyArgs {
     /// Copy only this run (repeatable); default every run.
     #[arg(long, value_name = "RUN")]
     pub(crate) run: Vec<String>,
-    /// Print JSON (`{"copied", "present", "records"}`).
+    /// Print JSON (`{"copied", "present", "continued", "records"}`).
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -38,37 +38,39 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
         a.run.iter().map(|r| resolve_run(from.as_ref(), r)).collect::<Result<_, _>>()?
     };
     let pb = progress(runs.len() as u64, "copying");
-    let (mut copied, mut present, mut records) = (0u64, 0u64, 0u64);
+    let (mut copied, mut present, mut continued, mut records) = (0u64, 0u64, 0u64, 0u64);
     for run in &runs {
         let (src, dst) = (from.head(*run)?, to.head(*run)?);
-        if dst.next_seq.0 != 0 {
-            // Copied before: the same chain is left alone; anything else is refused.
-            if (dst.next_seq, dst.last_hash) != (src.next_seq, src.last_hash) {
-                return Err(CliError::Failed(format!(
-                    "run {run} already exists in {} with another history ({} records, {} in {})",
-                    shown(&a.to),
-                    dst.next_seq.0,
-                    src.next_seq.0,
-                    shown(&a.from)
-                )));
-            }
+        let had = dst.next_seq.0;
+        if (dst.next_seq, dst.last_hash) == (src.next_seq, src.last_hash) {
+            // Copied before and not driven since: left alone.
             present += 1;
-        } else {
-            records += keel_replay::save_run(from.as_ref(), to.as_ref(), *run)?;
-            let head = to.head(*run)?;
-            if (head.next_seq, head.last_hash) != (src.next_seq, src.last_hash) {
-                return Err(CliError::Failed(format!("run {run}: the copy's head differs from the source's")));
-            }
+            pb.inc(1);
+            continue;
+        }
+        // New to the target, or copied before and driven further since in the source
+        // (its copy a prefix of the source's chain: the rest is appended). A copy whose
+        // chain differs, or that is longer, is refused with nothing written.
+        records += keel_replay::continue_run(from.as_ref(), to.as_ref(), *run).map_err(|e| {
+            CliError::Failed(format!("{e} ({} in {}, {} in {})", had, shown(&a.to), src.next_seq.0, shown(&a.from)))
+        })?;
+        let head = to.head(*run)?;
+        if (head.next_seq, head.last_hash) != (src.next_seq, src.last_hash) {
+            return Err(CliError::Failed(format!("run {run}: the copy's head differs from the source's")));
+        }
+        if had == 0 {
             copied += 1;
+        } else {
+            continued += 1;
         }
         pb.inc(1);
     }
     pb.finish_and_clear();
     if a.json {
-        print_json(&json!({ "copied": copied, "present": present, "records": records }))?;
+        print_json(&json!({ "copied": copied, "present": present, "continued": continued, "records": records }))?;
     } else {
         outln!(
-            "copied {copied} run(s) ({records} records) from {} to {}; {present} already there",
+            "copied {copied} run(s) ({records} records) from {} to {}; {present} already there, {continued} continued",
             shown(&a.from),
             shown(&a.to)
         )?;

@@ -21,7 +21,13 @@ pub(crate) struct WorkArgs {
     pub(crate) json: bool,
     /// How long a driver's run lease lasts unless its heartbeat renews it (several
     /// workers on one PostgreSQL database: a worker paused longer loses its runs).
-    #[arg(long, value_name = "MS", default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT)]
+    /// From 30 ms to a day; out of that range is a usage error.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(keel_engine::LEASE_TTL_MS_MIN..=keel_engine::LEASE_TTL_MS_MAX)
+    )]
     pub(crate) lease_ttl_ms: u64,
     /// Without --until-idle: seconds the drivers in flight get to finish their appends
     /// after SIGINT or SIGTERM.
