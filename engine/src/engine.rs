@@ -478,17 +478,28 @@ impl Engine {
         self.inner.meter.snapshot()
     }
 
-    /// Every durable append from now on ([`crate::Change`]: run, status before and after, next
-    /// seq), without polling. Bounded: a subscriber that falls behind gets
-    /// [`crate::Received::Lagged`] and re-reads what it needs.
+    /// Every durable append made through this engine from now on ([`crate::Change`]: run,
+    /// status before and after, next seq), without polling. Bounded: a subscriber that
+    /// falls behind gets [`crate::Received::Lagged`] and re-reads what it needs. On a store
+    /// other processes append to ([`Engine::is_shared`]) their appends are not in it.
     pub fn subscribe(&self) -> Subscription {
         Subscription::new(self.inner.journal.subscribe())
+    }
+
+    /// Whether other processes may append to this engine's store (a shared run queue:
+    /// PostgreSQL): their appends reach [`Engine::follow`] and [`Engine::wait`] by a read
+    /// of the store every `queue_poll_ms` while nothing local wakes them, and are not in
+    /// [`Engine::subscribe`].
+    pub fn is_shared(&self) -> bool {
+        crate::shell::shared::is_shared(&self.inner)
     }
 
     /// A live tail of `run`'s events after seq `after` (`None`: from the first):
     /// [`RunEvents::next`] returns the recorded ones, then each new one once durable, and
     /// ends when the run is finished. Never misses nor repeats an event (a lagging
-    /// follower re-reads the log from its seq).
+    /// follower re-reads the log from its seq). On a shared store ([`Engine::is_shared`])
+    /// the events another process appends come with the next read of the store, every
+    /// `queue_poll_ms` (default 250 ms).
     pub fn follow(&self, run: RunId, after: Option<Seq>) -> RunEvents {
         RunEvents::new(self.inner.clone(), run, after)
     }

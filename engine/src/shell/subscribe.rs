@@ -119,8 +119,9 @@ impl RunEvents {
             if entry.is_some_and(|e| e.status.is_terminal() && e.events <= self.next.0) {
                 return Ok(None);
             }
-            // Nothing new: wait for an append of this run (or a lag, then re-read).
-            if self.sub.recv_run(self.run).await.is_none() {
+            // Nothing new: wait for an append of this run (or a lag, then re-read); on a
+            // shared store, at most until the next look (see `remote_look`).
+            if woken(&self.inner, &mut self.sub, self.run).await == Some(false) {
                 return Ok(None);
             }
         }
@@ -148,11 +149,41 @@ pub(crate) async fn wait_until(
             return Ok(status);
         }
         loop {
-            match sub.recv_run(run).await {
-                None => return Err(EngineError::Internal("the engine's change feed closed".into())),
-                Some(Received::Change(c)) if !done(c.status) => continue,
-                Some(_) => break,
+            let Some(look) = remote_look(inner) else {
+                match sub.recv_run(run).await {
+                    None => return Err(EngineError::Internal("the engine's change feed closed".into())),
+                    Some(Received::Change(c)) if !done(c.status) => continue,
+                    Some(_) => break,
+                }
+            };
+            match tokio::time::timeout(look, sub.recv_run(run)).await {
+                Ok(None) => return Err(EngineError::Internal("the engine's change feed closed".into())),
+                Ok(Some(Received::Change(c))) if !done(c.status) => continue,
+                // A change that may be the end, a lag, or time to look at the store.
+                Ok(Some(_)) | Err(_) => break,
             }
         }
+    }
+}
+
+/// How long a wait for a run's next change may last before the store is read again:
+/// `None` when every append of the store is made in this process (the journal announces
+/// each one); on a store shared with other processes (PostgreSQL) the appends of a run
+/// driven elsewhere are announced to nobody here, so a tail or a wait reads the store again
+/// every `queue_poll` (default 250 ms) while nothing local wakes it.
+fn remote_look(inner: &Inner) -> Option<std::time::Duration> {
+    crate::shell::shared::is_shared(inner).then_some(inner.queue_poll)
+}
+
+/// Waits for `run`'s next change in `sub` (or a lag), or on a shared store for the next
+/// look at the store, whichever comes first: `Some(true)` woken by a change or a lag,
+/// `None` by the look, `Some(false)` when the engine's change feed closed.
+async fn woken(inner: &Inner, sub: &mut Subscription, run: RunId) -> Option<bool> {
+    match remote_look(inner) {
+        None => Some(sub.recv_run(run).await.is_some()),
+        Some(look) => match tokio::time::timeout(look, sub.recv_run(run)).await {
+            Ok(got) => Some(got.is_some()),
+            Err(_) => None,
+        },
     }
 }

@@ -217,6 +217,60 @@ fn a_run_submitted_in_one_process_is_woken_in_another_by_notify() {
     assert_eq!(woken.len(), 4, "{woken:?}");
 }
 
+/// A run driven by another process is followed and awaited here: its appends are made
+/// in the other process, so nothing announces them in this one; on a shared store a tail
+/// (`Engine::follow`, the SSE tail of `GET /v1/runs/{run}/events`) and a wait
+/// (`Engine::wait_until`) re-read the store every `queue_poll`. Before, both waited for a
+/// local append that never came: a run page on one `keel serve` did not move while
+/// another server drove the run.
+#[test]
+fn a_run_driven_by_another_process_is_followed_and_awaited_here() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
+    // This process never drives: its workers are not started.
+    let here = engine(store, 16, 1, 100);
+    let run = submit(&here, &[(3, 0)])[0];
+    let rt = rt();
+    let (seqs, waited, recorded) = rt.block_on(async {
+        // The tail hands each batch to the test as it comes.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tail = here.follow(run, None);
+        tokio::spawn(async move {
+            while let Ok(Some(events)) = tail.next().await {
+                if tx.send(events.iter().map(|e| e.seq.0).collect::<Vec<u64>>()).is_err() {
+                    return;
+                }
+            }
+        });
+        let wait = {
+            let here = here.clone();
+            tokio::spawn(
+                async move { tokio::time::timeout(Duration::from_secs(60), here.wait_until(run, finished)).await },
+            )
+        };
+        // Both are waiting on the accepted run before the other process starts.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!wait.is_finished(), "the wait ended before the run was driven");
+        let _worker = spawn(&cfg, &ChildSpec { limit: 16, workers: 2, poll_ms: 50 });
+        let waited = wait.await.unwrap().expect("the wait never heard of the other process's drive").unwrap();
+        let recorded = here.events(run).unwrap().len();
+        let mut seqs = Vec::new();
+        while seqs.len() < recorded {
+            let batch = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+            let batch = batch.expect("the tail never heard of the other process's appends").unwrap();
+            seqs.extend(batch);
+        }
+        (seqs, waited, recorded)
+    });
+    assert!(finished(waited), "{waited:?}");
+    assert!(recorded > 1, "the run was not driven");
+    assert_eq!(seqs, (0..recorded as u64).collect::<Vec<_>>(), "every event once, in order");
+}
+
 /// `run_until_idle` on a shared queue is idle only when no run of its workflow types is
 /// queued: a run leased by a process that died (its lease still live for a while, as after
 /// a SIGKILL) is waited for and driven once the lease expires, instead of the call

@@ -42,6 +42,29 @@ fn serve(db: &str) -> Server {
     Server { child, addr }
 }
 
+/// Reads the event stream at `path` until a message of `event` comes (10 s at most);
+/// the stream's text up to it.
+fn first_sse_event(addr: &str, path: &str, token: &str, event: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let (mut text, mut buf, started) = (String::new(), [0u8; 4096], Instant::now());
+    let want = format!("event: {event}\n");
+    while !(text.contains(&want) && text[text.find(&want).unwrap()..].contains("\n\n")) {
+        assert!(started.elapsed() < Duration::from_secs(10), "no {event} event within 10 s: {text}");
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {text}");
+        text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+    }
+    assert!(text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"), "{text}");
+    text
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -81,6 +104,10 @@ fn two_servers_on_postgres_share_tokens_kept_in_the_database_and_the_runs() {
         assert_eq!(call(&s.addr, "GET", "/v1/runs", "keel_not_a_token", None).0, 401);
         assert_eq!(call(&s.addr, "GET", "/v1/runs", "", None).0, 401);
     }
+    // Each server's status stream says, every 2 s, that runs may have changed elsewhere
+    // (the other server's changes are not in its engine's feed): the web lists re-list.
+    let elsewhere = first_sse_event(&a.addr, "/v1/events", &vic, "elsewhere");
+    assert!(elsewhere.contains(r#"data: {"every_ms":2000}"#), "{elsewhere}");
     // A token added while both servers run is accepted by both.
     let late = token_add(&db, "late", "viewer");
     for s in [&a, &b] {

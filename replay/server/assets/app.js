@@ -169,7 +169,8 @@ function liveRun(run, lastSeq, onEvents, onEnd) {
 }
 
 // Lists (inbox, runs) re-list when a run's status changes (the status stream; at most one
-// re-list at a time, one more if changes came meanwhile), else by polling.
+// re-list at a time, one more if changes came meanwhile), and on a shared database when the
+// stream says runs may have changed elsewhere; else by polling.
 function liveList(fn) {
   let stopped = false, busy = false, again = false;
   const ctl = new AbortController();
@@ -189,7 +190,9 @@ function liveList(fn) {
     }
   }
   readSse("/v1/events", {}, ctl.signal, () => liveState("live: streaming"), (m) => {
-    if (m.event === "status" || m.event === "lagged") refresh();
+    // `elsewhere`: on a database several servers share, runs another server drives may
+    // have changed (their changes are not in this server's stream).
+    if (m.event === "status" || m.event === "lagged" || m.event === "elsewhere") refresh();
   }).then(() => { if (!stopped) poll(); }, () => { if (!stopped) poll(); });
   return () => { stopped = true; ctl.abort(); liveState(""); };
 }

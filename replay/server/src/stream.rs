@@ -1,6 +1,9 @@
 //! Live streams (server-sent events, role viewer): a run's events as they are recorded,
 //! resumable from `Last-Event-ID`, and every run's status changes. Both are fed by the
-//! engine's subscriptions (`Engine::follow`, `Engine::subscribe`): no polling of the log.
+//! engine's subscriptions (`Engine::follow`, `Engine::subscribe`): no polling of the log
+//! for what this process appends. On a database other processes append to (PostgreSQL,
+//! several servers), a run's tail reads the store again every `queue_poll_ms`, and the
+//! status stream says every [`ELSEWHERE_EVERY`] that runs may have changed elsewhere.
 
 use crate::error::{ApiError, ApiResult};
 use crate::reads::EventsQuery;
@@ -21,6 +24,11 @@ use std::time::Duration;
 /// How often a stream checks whether the server is shutting down (then it ends, so a
 /// graceful shutdown is not held up by open streams).
 const DRAIN_CHECK: Duration = Duration::from_millis(250);
+
+/// On a shared database, how often the status stream sends `event: elsewhere`: the
+/// status changes of runs driven by other processes are not in this engine's feed, so a
+/// list kept live from the stream re-lists at least this often.
+pub const ELSEWHERE_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether the request asks for server-sent events.
 fn wants_sse(headers: &HeaderMap) -> bool {
@@ -140,11 +148,14 @@ async fn drained(readiness: &crate::state::Readiness) {
 /// `GET /v1/events` (text/event-stream): every run's status changes from now on, one SSE
 /// message each (`event: status`, `data: {"run", "workflow", "previous", "status",
 /// "next_seq", "at_us"}`; `previous` is null for a new run). A subscriber that fell behind
-/// gets `event: lagged` with `{"missed": N}` and re-lists with `GET /v1/runs`.
+/// gets `event: lagged` with `{"missed": N}` and re-lists with `GET /v1/runs`. On a
+/// database several processes share (PostgreSQL), the changes of runs driven by another
+/// process are not announced here: every [`ELSEWHERE_EVERY`] an `event: elsewhere` with
+/// `{"every_ms"}` says so, and a live list re-lists then too.
 #[utoipa::path(get, path = "/v1/events", tag = "runs",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "server-sent events (text/event-stream): `event: status` with `{\"run\", \"workflow\", \"previous\", \"status\", \"next_seq\", \"at_us\"}` per status change; `event: lagged` with `{\"missed\"}` when the subscriber fell behind", content_type = "text/event-stream", body = String),
+        (status = 200, description = "server-sent events (text/event-stream): `event: status` with `{\"run\", \"workflow\", \"previous\", \"status\", \"next_seq\", \"at_us\"}` per status change made through this server; `event: lagged` with `{\"missed\"}` when the subscriber fell behind; on a database several servers share, `event: elsewhere` with `{\"every_ms\"}` every 2 s (runs driven by another process may have changed: re-list)", content_type = "text/event-stream", body = String),
         (status = 401, description = "no valid token", body = crate::error::ErrorBody),
         (status = 503, description = "`too_many_streams`: the server's cap on open event streams is reached", body = crate::error::ErrorBody),
     ))]
@@ -161,11 +172,31 @@ fn status_changes(
     engine: &Engine,
     readiness: crate::state::Readiness,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
-    stream::unfold((engine.subscribe(), readiness), |(mut sub, readiness)| async move {
+    let elsewhere = engine.is_shared().then(|| {
+        let mut every = tokio::time::interval(ELSEWHERE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.reset();
+        every
+    });
+    stream::unfold((engine.subscribe(), readiness, elsewhere), |(mut sub, readiness, mut elsewhere)| async move {
         loop {
+            let tick = async {
+                match elsewhere.as_mut() {
+                    Some(every) => {
+                        every.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             let got = tokio::select! {
-                got = sub.recv() => got,
-                () = drained(&readiness) => None,
+                got = sub.recv() => Some(got),
+                () = drained(&readiness) => Some(None),
+                () = tick => None,
+            };
+            let Some(got) = got else {
+                let every_ms = u64::try_from(ELSEWHERE_EVERY.as_millis()).unwrap_or(u64::MAX);
+                let msg = SseEvent::default().event("elsewhere").data(json!({ "every_ms": every_ms }).to_string());
+                return Some((Ok(msg), (sub, readiness, elsewhere)));
             };
             let msg = match got? {
                 Received::Change(c) if !c.status_changed() => continue,
@@ -182,7 +213,7 @@ fn status_changes(
                 ),
                 Received::Lagged(n) => SseEvent::default().event("lagged").data(json!({ "missed": n }).to_string()),
             };
-            return Some((Ok(msg), (sub, readiness)));
+            return Some((Ok(msg), (sub, readiness, elsewhere)));
         }
     })
 }
