@@ -278,6 +278,36 @@ pub trait Coordination: Send + Sync + 'static {
     /// shared (`crate::WorkQueue`); `None` for a store one process opens (sled, memory),
     /// whose engine keeps its run queue in memory.
     fn work_queue(&self) -> Option<&dyn crate::WorkQueue>;
+
+    /// The store's appends as futures ([`AsyncAppend`]), if it has them: a store whose
+    /// appends are written by a task of its own (PostgreSQL's flusher) answers an awaited
+    /// append without a thread held for it. `None` (the default): the blocking methods
+    /// are the only ones.
+    fn async_appends(&self) -> Option<&dyn AsyncAppend> {
+        None
+    }
+}
+
+/// What [`AsyncAppend::append_async`] returns: the append's outcome once it is durable
+/// (the store's [`crate::Durability`]), as its blocking twin returns it.
+pub type AppendFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Head, StoreError>> + Send + 'a>>;
+
+/// Appends that are awaited instead of blocking a thread ([`Coordination::async_appends`]):
+/// the same checks, atomicity, fencing and outcome as [`EventLog::append_with_aux`] (no
+/// `fence`) and [`Coordination::append_fenced_with_aux`] (with one).
+pub trait AsyncAppend: Send + Sync {
+    /// Appends `records` to `run` at `expected` with `claim` and `aux` in one atomic
+    /// step, fenced with `fence` if given. Checked before anything is queued: a refused
+    /// append writes nothing.
+    fn append_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> AppendFuture<'a>;
 }
 
 /// What the engine holds: the log and its coordination, one object.

@@ -7,7 +7,7 @@
 //! meaning; both kinds of append ([`EventLog::append`] and
 //! [`Coordination::append_fenced`]) go through the observer.
 
-use crate::coordination::{Coordination, Fence, Lease, Store};
+use crate::coordination::{AppendFuture, AsyncAppend, Coordination, Fence, Lease, Store};
 use crate::error::StoreError;
 use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter, RunRecords};
 use crate::types::{RunId, Seq};
@@ -199,6 +199,38 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     }
     fn work_queue(&self) -> Option<&dyn crate::WorkQueue> {
         self.inner.work_queue()
+    }
+    fn async_appends(&self) -> Option<&dyn AsyncAppend> {
+        // Observed too: through this wrapper when the wrapped store has them.
+        self.inner.async_appends().map(|_| self as &dyn AsyncAppend)
+    }
+}
+
+impl<O: AppendObserver> AsyncAppend for Observed<O> {
+    fn append_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<crate::AuxWrite>,
+    ) -> AppendFuture<'a> {
+        let Some(inner) = self.inner.async_appends() else {
+            // Not offered by `async_appends` then: the blocking append, in place.
+            let result = self.observe(run, expected, records, |records| match fence {
+                Some(fence) => self.inner.append_fenced_with_aux(run, expected, records, claim, fence, aux),
+                None => self.inner.append_with_aux(run, expected, records, claim, aux),
+            });
+            return Box::pin(std::future::ready(result));
+        };
+        let ticket = self.observer.before(run, expected, &records);
+        let appended = inner.append_async(run, expected, records, claim, fence, aux);
+        Box::pin(async move {
+            let result = appended.await;
+            self.observer.after(run, ticket, result.as_ref());
+            result
+        })
     }
 }
 

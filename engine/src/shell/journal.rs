@@ -181,6 +181,25 @@ impl Journal {
         let snapshot = snapshot_bytes(after, expected, self.snapshot_every);
         let mut aux = crate::shell::index::writes(before, after, self.limits.event_bytes_max)?;
         aux.extend(crate::shell::counts::writes(before, after));
+        if let Some(appends) = self.log.async_appends() {
+            // Awaited: the store's own task answers (no thread blocked for the append).
+            let new_head = match &held {
+                Some(h) => h.append_async(appends, run, expected, records, claim, aux).await?,
+                None => appends.append_async(run, expected, records, claim, None, aux).await?,
+            };
+            debug_assert_eq!(new_head.next_seq, head, "store head and folded state disagree");
+            if let Some(bytes) = snapshot {
+                blocking(&self.log, move |log| {
+                    if let Err(e) = log.save_snapshot(run, head, &bytes) {
+                        tracing::warn!(%run, error = %e, "snapshot not saved");
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            self.announce(before, after);
+            return Ok(());
+        }
         blocking(&self.log, move |log| {
             let new_head = match &held {
                 Some(h) => h.append(log, run, expected, records, claim, aux)?,
@@ -196,18 +215,23 @@ impl Journal {
             Ok(())
         })
         .await?;
+        self.announce(before, after);
+        Ok(())
+    }
+
+    /// Tells the subscribers of a durable append that led from `before` to `after`.
+    fn announce(&self, before: Option<RunStatus>, after: &RunState) {
         if self.changes.receiver_count() > 0 {
             // No receiver: nothing to build. A send fails only without receivers.
             let _ = self.changes.send(Change {
-                run,
+                run: after.run,
                 workflow: after.workflow.clone(),
                 previous: before,
                 status: after.status,
-                next_seq: head,
+                next_seq: after.next_seq,
                 at_us: after.last_event_us,
             });
         }
-        Ok(())
     }
 
     /// Appends one event decided outside a driver (a resolution, a cancellation) with

@@ -13,9 +13,9 @@
 //! drive under a lease are in `shell::heartbeat`.
 
 use crate::api::{Clock, LeaseStats};
-use keel_store::{Claim, Head, Lease, NewRecord, RunId, Seq, Store, StoreError};
+use keel_store::{AsyncAppend, Claim, Head, Lease, NewRecord, RunId, Seq, Store, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 /// Default time-to-live of a driver's lease, in milliseconds.
 pub const LEASE_TTL_MS_DEFAULT: u64 = 10_000;
@@ -67,14 +67,16 @@ impl Leasing {
 /// The lease a driver holds, shared by its appends and its heartbeat.
 #[derive(Debug)]
 pub(crate) struct Held {
-    /// The current lease (renewals replace it); `None` once released.
-    lease: Mutex<Option<Lease>>,
+    /// The current lease (renewals replace it); `None` once released. An async lock: an
+    /// awaited append ([`Held::append_async`]) holds it until the append is durable, as a
+    /// blocking one does (taken with `blocking_lock` on the threads the engine blocks).
+    lease: tokio::sync::Mutex<Option<Lease>>,
     lost: AtomicBool,
 }
 
 impl Held {
     pub(crate) fn new(lease: Lease) -> Held {
-        Held { lease: Mutex::new(Some(lease)), lost: AtomicBool::new(false) }
+        Held { lease: tokio::sync::Mutex::new(Some(lease)), lost: AtomicBool::new(false) }
     }
 
     /// Whether the lease was lost (an append was fenced or a renewal failed).
@@ -94,7 +96,7 @@ impl Held {
         claim: Option<Claim>,
         aux: Vec<keel_store::AuxWrite>,
     ) -> Result<Head, StoreError> {
-        let guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = self.lease.blocking_lock();
         let Some(fence) = guard.as_ref().filter(|_| !self.is_lost()).map(Lease::fence) else {
             return Err(StoreError::Fenced { run, fence: 0, current: 0 });
         };
@@ -109,10 +111,34 @@ impl Held {
         res
     }
 
+    /// [`Held::append`] through the store's awaited appends: the lease's lock is held
+    /// until the append is durable (a renewal waits for it), so an append never races its
+    /// own heartbeat here either.
+    pub(crate) async fn append_async(
+        &self,
+        log: &dyn AsyncAppend,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        aux: Vec<keel_store::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        let guard = self.lease.lock().await;
+        let Some(fence) = guard.as_ref().filter(|_| !self.is_lost()).map(Lease::fence) else {
+            return Err(StoreError::Fenced { run, fence: 0, current: 0 });
+        };
+        let res = log.append_async(run, expected, records, claim, Some(fence), aux).await;
+        if matches!(res, Err(StoreError::Fenced { .. })) {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        drop(guard);
+        res
+    }
+
     /// Renews the lease to `ttl_ms` from `now_us`; false (and the lease marked lost) if it
     /// was lost or the store failed.
     pub(crate) fn renew(&self, log: &dyn Store, ttl_ms: u64, now_us: i64) -> bool {
-        let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.lease.blocking_lock();
         let Some(current) = guard.as_ref().filter(|_| !self.is_lost()) else { return false };
         match log.renew_lease(current, ttl_ms, now_us) {
             Ok(Some(renewed)) => {
@@ -137,7 +163,7 @@ impl Held {
     /// queue's `done` does, in the same transaction); if not, it is released here. A lease released either way is not
     /// released again when dropped (that was a second round trip to a database per drive).
     pub(crate) fn release_after(&self, log: &dyn Store, end: impl FnOnce(&mut Lease) -> bool) {
-        let mut guard = self.lease.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.lease.blocking_lock();
         let Some(mut lease) = guard.take() else { return };
         if self.is_lost() {
             // Dropped: its backend releases it only if its epoch is still the run's.

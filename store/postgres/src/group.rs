@@ -38,7 +38,28 @@ pub(crate) struct Append {
     pub(crate) fence: Option<Fence>,
     /// Aux writes made with the records, in the same transaction (already checked).
     pub(crate) aux: Vec<AuxWrite>,
-    pub(crate) reply: std::sync::mpsc::SyncSender<Result<Head, StoreError>>,
+    pub(crate) reply: Reply,
+}
+
+/// Where an append's outcome goes: a thread blocked in `EventLog::append`, or the future
+/// of an `AsyncAppend::append_async`.
+pub(crate) enum Reply {
+    Blocking(std::sync::mpsc::SyncSender<Result<Head, StoreError>>),
+    Async(tokio::sync::oneshot::Sender<Result<Head, StoreError>>),
+}
+
+impl Reply {
+    /// Hands over the outcome (the caller may have gone: nothing to answer then).
+    fn send(self, outcome: Result<Head, StoreError>) {
+        match self {
+            Reply::Blocking(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Reply::Async(tx) => {
+                let _ = tx.send(outcome);
+            }
+        }
+    }
 }
 
 impl Append {
@@ -164,9 +185,8 @@ async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: 
         Err(Failed::Pg(e)) => batch.iter().map(|_| Err(e.clone().into())).collect(),
     };
     let committed = outcomes.iter().any(Result::is_ok);
-    for (a, outcome) in batch.iter().zip(outcomes) {
-        // The caller may have gone (its thread ended): nothing to answer.
-        let _ = a.reply.send(outcome);
+    for (a, outcome) in batch.into_iter().zip(outcomes) {
+        a.reply.send(outcome);
     }
     committed
 }

@@ -355,11 +355,34 @@ impl PgStore {
         backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
         backend::validate_aux(&aux, &self.shared.limits)?;
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        let reply = group::Reply::Blocking(reply);
         self.shared
             .appends
             .send(group::Item::Append(Append { run, expected, records, claim, fence, aux, reply }))
             .map_err(|_| StoreError::from(PgError::Closed))?;
         rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
+    }
+
+    /// [`PgStore::submit`] whose outcome is awaited: the flusher answers the future
+    /// directly (no thread waits for it).
+    fn submit_async(
+        &self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Head, StoreError>>, StoreError> {
+        backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
+        backend::validate_aux(&aux, &self.shared.limits)?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let reply = group::Reply::Async(reply);
+        self.shared
+            .appends
+            .send(group::Item::Append(Append { run, expected, records, claim, fence, aux, reply }))
+            .map_err(|_| StoreError::from(PgError::Closed))?;
+        Ok(rx)
     }
 
     /// Waits until the WAL on disk holds every commit made before this call: the next
@@ -670,6 +693,21 @@ impl EventLog for PgStore {
     }
 }
 
+impl keel_store::AsyncAppend for PgStore {
+    fn append_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        claim: Option<Claim>,
+        fence: Option<Fence>,
+        aux: Vec<AuxWrite>,
+    ) -> keel_store::AppendFuture<'a> {
+        let queued = self.submit_async(run, expected, records, claim, fence, aux);
+        Box::pin(async move { queued?.await.map_err(|_| StoreError::from(PgError::Closed))? })
+    }
+}
+
 impl Coordination for PgStore {
     fn try_lease(&self, run: RunId, owner: &str, ttl_ms: u64, now_us: i64) -> Result<Option<Lease>, StoreError> {
         if owner.len() > OWNER_BYTES_MAX {
@@ -953,6 +991,10 @@ impl Coordination for PgStore {
     }
     /// Several processes share this store: their workers claim runs from its `work` table.
     fn work_queue(&self) -> Option<&dyn keel_store::WorkQueue> {
+        Some(self)
+    }
+
+    fn async_appends(&self) -> Option<&dyn keel_store::AsyncAppend> {
         Some(self)
     }
 }

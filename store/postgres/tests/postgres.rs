@@ -213,6 +213,42 @@ fn a_worker_paused_past_its_lease_cannot_write_after_another_took_over() {
     keel_store::verify_run::<Ev>(&w1, r).unwrap();
 }
 
+/// The awaited appends (`Coordination::async_appends`, the engine's path on PostgreSQL)
+/// are the blocking ones' twins: the same head, a stale seq a `Conflict`, a stale fence
+/// `Fenced` and counted, a refused append nothing written, and the same chain.
+#[test]
+fn awaited_appends_answer_as_the_blocking_ones() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let (w1, w2) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let a = w1.async_appends().expect("PostgreSQL offers awaited appends");
+    let r = run(3);
+    rt.block_on(async {
+        let head = a.append_async(r, Seq(0), vec![rec(0), rec(1)], None, None, Vec::new()).await.unwrap();
+        assert_eq!(head.next_seq, Seq(2));
+        let stale = a.append_async(r, Seq(1), vec![rec(9)], None, None, Vec::new()).await;
+        assert!(matches!(stale, Err(StoreError::Conflict { .. })), "{stale:?}");
+        let l1 = w1.try_lease(r, "w1", 1_000, 0).unwrap().unwrap();
+        let aux = vec![(b"k".to_vec(), Some(b"v".to_vec()))];
+        a.append_async(r, Seq(2), vec![rec(2)], None, Some(l1.fence()), aux).await.unwrap();
+        assert_eq!(w1.aux_get(b"k").unwrap(), Some(b"v".to_vec()), "the aux write is in the append's step");
+        let l2 = w2.try_lease(r, "w2", 1_000, 1_000_000).unwrap().expect("expired: taken over");
+        let fenced = a.append_async(r, Seq(3), vec![rec(3)], None, Some(l1.fence()), Vec::new()).await;
+        assert!(
+            matches!(fenced, Err(StoreError::Fenced { fence, current, .. }) if fence == l1.epoch() && current == l2.epoch()),
+            "{fenced:?}"
+        );
+        drop((l1, l2));
+    });
+    assert_eq!(w1.stats().fenced_refusals, 1);
+    assert_eq!(w2.head(r).unwrap().next_seq, Seq(3), "nothing of the refused appends written");
+    keel_store::verify_run::<Ev>(&w2, r).unwrap();
+}
+
 /// Writers in two handles (two sessions each) race for every seq of one run, the first
 /// creating the run: each seq is won exactly once, every loser gets `Conflict`, and the
 /// log has no gap and no duplicate.
