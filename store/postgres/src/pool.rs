@@ -32,6 +32,8 @@ pub(crate) struct Bounds {
     pub(crate) statement: Duration,
     /// A whole call, cut by the store.
     pub(crate) call: Duration,
+    /// A session idle inside a transaction, ended by the server.
+    pub(crate) idle_in_transaction: Duration,
 }
 
 impl Bounds {

@@ -100,9 +100,14 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1
 ///   one-time filter: a generic plan cannot see that the array is empty);
 /// - `chosen`: the candidates in queue order, up to `$5`, passing over the runs of a type
 ///   at its limit (`$3`/`$4`: limited types and their limits; each run chosen counts);
-/// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over),
-///   lease rows locked in run order by every granter; `marked`: the runs marked claimed;
-///   the runs granted are returned in queue order.
+/// - `free`: the chosen runs' lease rows, locked, passing over rows another session holds
+///   locked (a worker paused between the two round trips of a flush holds its runs'
+///   lease and head rows: waiting for them stalled every claim of every process until
+///   that session's transaction was ended);
+/// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over)
+///   of the chosen runs whose lease row is in `free` or does not exist, lease rows locked
+///   in run order by every granter; `marked`: the runs marked claimed; the runs granted
+///   are returned in queue order.
 ///
 /// The grant decision is made inside the database, so the claim locks are held for one
 /// statement and the COMMIT behind it (sent together), not across a round trip to the
@@ -127,9 +132,12 @@ const CLAIM_SQL: &str = "WITH cand AS (
          WHERE lim.cap IS NULL OR coalesce(busy.n, 0) + r.nth <= lim.cap
          ORDER BY r.priority DESC, r.accepted_at_us, r.ticket
          LIMIT $5),
+     free AS (SELECT l.run FROM leases l JOIN chosen c ON c.run = l.run ORDER BY l.run FOR UPDATE OF l SKIP LOCKED),
      g AS (
          INSERT INTO leases (run, owner, epoch, expires_at_us)
-         SELECT run, $6, 1, $7 FROM chosen ORDER BY run
+         SELECT c.run, $6, 1, $7 FROM chosen c
+         WHERE c.run IN (SELECT run FROM free) OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = c.run)
+         ORDER BY c.run
          ON CONFLICT (run) DO UPDATE
            SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us
            WHERE leases.owner IS NULL OR leases.expires_at_us <= $1

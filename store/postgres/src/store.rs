@@ -54,10 +54,16 @@ pub struct PgConfig {
     pub statement_timeout_ms: u64,
     /// How long one call into PostgreSQL may take in all (taking a session, its statements,
     /// its commit; one flush for appends), else [`Timed::Call`] ([`Timed::Commit`] when
-    /// COMMIT was in flight); the backstop for a server that does not answer at all. It
-    /// also ends, on the server, a session left idle inside a transaction this long
-    /// (`idle_in_transaction_session_timeout`). Default 60 s, 1..=3_600_000.
+    /// COMMIT was in flight); the backstop for a server that does not answer at all.
+    /// Default 60 s, 1..=3_600_000.
     pub call_timeout_ms: u64,
+    /// How long the server lets a session of this store sit idle inside a transaction
+    /// before it ends the session (`idle_in_transaction_session_timeout`): a process
+    /// paused between the two round trips of a flush (SIGSTOP, a frozen VM, a partition)
+    /// holds its runs' lease and head rows locked until then, so other processes can
+    /// take those runs over no sooner. A healthy store is idle in a transaction for a
+    /// round trip's time. Default 10 s (the engine's default lease), 1..=3_600_000.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 impl PgConfig {
@@ -74,6 +80,7 @@ impl PgConfig {
             connect_timeout_ms: 10_000,
             statement_timeout_ms: 30_000,
             call_timeout_ms: 60_000,
+            idle_in_transaction_timeout_ms: 10_000,
         }
     }
 }
@@ -168,6 +175,7 @@ fn bounds(config: &PgConfig) -> Result<Bounds, OpenError> {
         connect: ms("connect_timeout_ms", config.connect_timeout_ms)?,
         statement: ms("statement_timeout_ms", config.statement_timeout_ms)?,
         call: ms("call_timeout_ms", config.call_timeout_ms)?,
+        idle_in_transaction: ms("idle_in_transaction_timeout_ms", config.idle_in_transaction_timeout_ms)?,
     })
 }
 
@@ -210,7 +218,7 @@ impl PgStore {
                  -c idle_in_transaction_session_timeout={}",
                 config.schema,
                 bounds.statement_ms(),
-                bounds.call_ms()
+                millis(bounds.idle_in_transaction)
             )
         };
         pg.application_name("keel");

@@ -904,3 +904,41 @@ fn a_claim_returns_its_runs_in_queue_order() {
     let got: Vec<RunId> = claimed.iter().map(|c| c.lease.run()).collect();
     assert_eq!(got, vec![run(4), run(2), run(3), run(1)]);
 }
+
+/// A run whose expired lease row is locked by another session (a worker paused between
+/// the two round trips of a flush: `idle in transaction`, its lease and head rows locked)
+/// is passed over by a claim, which takes the other runs at once: before, the claim's
+/// lease grant waited on that row lock until the paused session's transaction was ended,
+/// and every claim of every process waited behind it (the new-user review saw one
+/// SIGSTOPped `keel serve` stall its peer's whole queue for 60 s).
+#[test]
+fn a_claim_passes_over_a_run_whose_lease_row_another_session_holds_locked() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    // A claim that waits is cut after 5 s (an error) instead of the default minute.
+    let cfg = PgConfig { call_timeout_ms: 5_000, ..scratch.config() };
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg).unwrap();
+    for n in [1u8, 2] {
+        store.push(&Runnable { run: run(n), workflow: "w".into(), priority: 0, accepted_at_us: i64::from(n) }).unwrap();
+    }
+    // Run 1 was leased by a worker whose lease has expired by `now`.
+    let now = 10_000_000;
+    let old = store.try_lease(run(1), "paused", 1_000, 0).unwrap().unwrap();
+    std::mem::forget(old);
+    let paused = Admin::connect().unwrap();
+    paused.exec(&format!("BEGIN; SELECT * FROM {schema}.leases WHERE run = '{}' FOR UPDATE", run(1).0));
+    let started = Instant::now();
+    let claimed = store.claim("peer", 60_000, now, 2, &Default::default()).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "the claim waited on the locked row");
+    let got: Vec<RunId> = claimed.iter().map(|c| c.lease.run()).collect();
+    assert_eq!(got, vec![run(2)], "run 1 passed over while its lease row is locked");
+    // Once the paused session's transaction ends, run 1 is claimed.
+    paused.exec("ROLLBACK");
+    let got: Vec<RunId> =
+        store.claim("peer", 60_000, now, 2, &Default::default()).unwrap().iter().map(|c| c.lease.run()).collect();
+    assert_eq!(got, vec![run(1)]);
+}

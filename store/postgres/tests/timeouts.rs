@@ -138,6 +138,7 @@ fn timeouts_out_of_range_are_refused_before_connecting() {
         (PgConfig { connect_timeout_ms: 0, ..base.clone() }, "connect_timeout_ms"),
         (PgConfig { statement_timeout_ms: 0, ..base.clone() }, "statement_timeout_ms"),
         (PgConfig { call_timeout_ms: 3_600_001, ..base.clone() }, "call_timeout_ms"),
+        (PgConfig { idle_in_transaction_timeout_ms: 0, ..base.clone() }, "idle_in_transaction_timeout_ms"),
     ] {
         match PgStore::open(cfg) {
             Err(OpenError::InvalidConfig { reason }) => assert!(reason.contains(name), "{reason}"),
