@@ -114,3 +114,63 @@ fn a_run_driven_on_after_a_copy_is_continued_and_one_with_another_history_refuse
     let e = keel_in(None, &["copy", "--from", &url, "--to", b, "--run", &other]);
     assert!(e.one_line_error(1).contains("another history"));
 }
+
+/// Runs copied into a database already in use are in its listings, its open escalations
+/// and its counts, and one that can go on is driven there; a run continued by a later copy
+/// leaves the escalation list when its copy did. (The new-user review: copied runs were in
+/// no listing of a used target and driven by nobody; a continued run still showed its old
+/// escalation and counted as waiting.)
+#[test]
+fn runs_copied_into_a_database_in_use_are_listed_counted_and_driven() {
+    if !pg::ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let url = format!("{}?schema={}", cfg.url, cfg.schema);
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    keel(a, &["demo", "--runs", "8"]).ok();
+    // A run accepted but never driven in the source.
+    let input = serde_json::to_string(&keel_demo::request(3, 40).input).unwrap();
+    let pending = keel(a, &["submit", "support_ticket", "--input", &input, "--json"]).ok().json()["run"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let waiting = keel(a, &["runs", "--status", "AwaitingHuman", "--json"]).ok().json()["runs"][0]["run"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for target in [url.as_str(), b] {
+        // The target is in use: runs of its own, listed and indexed.
+        keel(target, &["demo", "--runs", "8", "--seed", "2"]).ok();
+        keel_in(None, &["copy", "--from", a, "--to", target]).ok();
+        let listed = keel(target, &["runs", "--json"]).ok().json();
+        assert_eq!(listed["runs"].as_array().unwrap().len(), 17, "{target}: 8 of its own, 9 copied");
+        let open = keel(target, &["escalations", "--json"]).ok().json();
+        let open: Vec<&str> =
+            open["escalations"].as_array().unwrap().iter().map(|e| e["run"].as_str().unwrap()).collect();
+        assert!(open.contains(&waiting.as_str()), "{target}: the copied escalation is open there: {open:?}");
+        // The copied pending run is driven by a worker of the target.
+        keel(target, &["work", "--until-idle"]).ok();
+        let state = keel(target, &["show", &pending, "--json"]).ok().json();
+        assert_eq!(state["status"], "Completed", "{target}: {state}");
+    }
+    // The waiting run goes on in the source; copied again, its copies are continued and
+    // leave the escalation lists; the counts follow.
+    keel(a, &["cancel", &waiting, "--reason", "after the copy"]).ok();
+    for target in [url.as_str(), b] {
+        let c = keel_in(None, &["copy", "--from", a, "--to", target, "--run", &waiting, "--json"]);
+        assert_eq!(c.ok().json()["continued"], 1);
+        let open = keel(target, &["escalations", "--json"]).ok().json();
+        assert!(
+            !open["escalations"].as_array().unwrap().iter().any(|e| e["run"] == waiting.as_str()),
+            "{target}: {open}"
+        );
+        let state = keel(target, &["show", &waiting, "--json"]).ok().json();
+        assert_eq!(state["status"], "Cancelled");
+        let cancelled = keel(target, &["runs", "--status", "Cancelled", "--json"]).ok().json();
+        assert!(cancelled["runs"].as_array().unwrap().iter().any(|r| r["run"] == waiting.as_str()), "{cancelled}");
+    }
+}

@@ -58,6 +58,12 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
         if (head.next_seq, head.last_hash) != (src.next_seq, src.last_hash) {
             return Err(CliError::Failed(format!("run {run}: the copy's head differs from the source's")));
         }
+        // Records appended outside an engine: the target's run index (listings, open
+        // escalations, counts) learns of the run from its log, and a run that can go on is
+        // queued where several processes share the queue (a running `keel serve` or `keel
+        // work` on the target drives it). Before, a run copied into a database in use was
+        // in no listing and driven by nobody.
+        announce(to.as_ref(), *run)?;
         if had == 0 {
             copied += 1;
         } else {
@@ -80,4 +86,23 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
 
 fn shown(db: &Path) -> String {
     crate::backend::redacted(db).display().to_string()
+}
+
+/// Re-indexes `run` in `to` from its log, and pushes it to `to`'s shared run queue (if it
+/// has one) when it can go on (not finished, not waiting for a human).
+fn announce(to: &dyn keel_store::Store, run: RunId) -> Result<(), CliError> {
+    keel_engine::reindex_run(to, run)?;
+    let Some(queue) = to.work_queue() else { return Ok(()) };
+    let Some(state) = keel_engine::load_state(to, run)? else { return Ok(()) };
+    if state.status.is_terminal() || state.status == keel_engine::RunStatus::AwaitingHuman {
+        return Ok(());
+    }
+    let runnable = keel_store::Runnable {
+        run,
+        workflow: state.workflow.clone(),
+        priority: state.priority,
+        accepted_at_us: state.accepted_at_us,
+    };
+    queue.push(&runnable)?;
+    Ok(())
 }
