@@ -67,34 +67,44 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
     Ok(config)
 }
 
-/// `db` with any password in it replaced by `***` (for messages): the one in the URL's
-/// user info (`user:secret@host`) and a `password=` query parameter.
+/// `db` with any password in it replaced by `***` (for messages and reports): the one in
+/// the URL's user info (`user:secret@host`) and a `password=` query parameter (its name
+/// percent-decoded, as the driver reads it). The driver takes a password with `/`, `?` or
+/// `@` in it unescaped, so the user info is everything up to the LAST `@` of the URL: when
+/// a later part holds an `@` too, more than the password is hidden, never less.
 pub(crate) fn redacted(db: &Path) -> PathBuf {
     let s = db.to_string_lossy();
     let Some((scheme, rest)) = s.split_once("://") else { return db.to_path_buf() };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
+    let (userinfo, after) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => (Some(userinfo), after),
+        None => (None, rest),
     };
-    let tail = match tail.split_once('?') {
+    let userinfo = match userinfo {
+        Some(u) => match u.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@"),
+            None => format!("{u}@"),
+        },
+        None => String::new(),
+    };
+    let after = match after.split_once('?') {
         Some((path, query)) => {
             let pairs: Vec<String> = query
                 .split('&')
                 .map(|p| match p.split_once('=') {
-                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    Some((k, _)) if is_password_key(k) => format!("{k}=***"),
                     _ => p.to_owned(),
                 })
                 .collect();
             format!("{path}?{}", pairs.join("&"))
         }
-        None => tail.to_owned(),
+        None => after.to_owned(),
     };
-    PathBuf::from(format!("{scheme}://{authority}{tail}"))
+    PathBuf::from(format!("{scheme}://{userinfo}{after}"))
+}
+
+/// Whether a query parameter's name is `password` once percent-decoded (any case).
+fn is_password_key(k: &str) -> bool {
+    percent_encoding::percent_decode_str(k).decode_utf8_lossy().eq_ignore_ascii_case("password")
 }
 
 /// Opens the PostgreSQL store of `config` (`create`: make the schema if missing).
@@ -171,6 +181,20 @@ mod tests {
         // libpq also takes the password as a parameter.
         let shown = redacted(Path::new("postgres://app@db/prod?password=s3cret&schema=k"));
         assert_eq!(shown, Path::new("postgres://app@db/prod?password=***&schema=k"));
+        // The driver takes `/`, `?` and `@` in a password unescaped (the new-user review
+        // saw `s3cr/et` and `hun?ter` shown whole), and a percent-encoded parameter name.
+        for (url, secret) in [
+            ("postgres://app:s3cr/et@db:5432/prod?schema=k", "s3cr/et"),
+            ("postgres://app:hun?ter@db/prod", "hun?ter"),
+            ("postgres://app:a@b@db/prod", "a@b"),
+            ("postgres://app@db/prod?pass%77ord=s3cret", "s3cret"),
+            ("postgres://app@db/prod?PASSWORD=s3cret", "s3cret"),
+        ] {
+            let shown = redacted(Path::new(url)).display().to_string();
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("***"), "{url} -> {shown}");
+        }
+        assert_eq!(redacted(Path::new("postgres://db/prod?schema=k")), Path::new("postgres://db/prod?schema=k"));
     }
 
     /// A misspelled scheme is refused, not made a directory of that name (a new user's

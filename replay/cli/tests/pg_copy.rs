@@ -174,3 +174,30 @@ fn runs_copied_into_a_database_in_use_are_listed_counted_and_driven() {
         assert!(cancelled["runs"].as_array().unwrap().iter().any(|r| r["run"] == waiting.as_str()), "{cancelled}");
     }
 }
+
+/// A password in the URL is not written into an HTML report (its subtitle names the
+/// database it was exported from), nor into the lines of `demo`, `fork` or errors.
+#[test]
+fn a_password_in_the_url_stays_out_of_reports_and_lines() {
+    if !pg::ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    // Trust authentication takes any password: this one must show nowhere.
+    let secret = "hun/ter2";
+    let url =
+        format!("{}?schema={}", cfg.url.replacen("://postgres@", &format!("://postgres:{secret}@"), 1), cfg.schema);
+    assert!(url.contains(secret), "{url}");
+    let demo = keel(&url, &["demo", "--runs", "2"]);
+    demo.ok();
+    let out = dir.path().join("r.html");
+    let e = keel(&url, &["export", "--all", "--format", "html", "-o", out.to_str().unwrap()]);
+    e.ok();
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert!(html.contains("postgres:***@"), "the subtitle names the database");
+    for text in [html.as_str(), &demo.stdout, &demo.stderr, &e.stdout, &e.stderr] {
+        assert!(!text.contains(secret) && !text.contains("hunter2"), "the password is shown");
+    }
+}

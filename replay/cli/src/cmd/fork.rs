@@ -86,7 +86,7 @@ pub(crate) async fn run(db: &Path, a: ForkArgs, registry: &Registry) -> CmdResul
         } else if saved {
             outln!(
                 "  saved into {}: keel show {}   keel export {} --format html -o fork.html",
-                db.display(),
+                crate::backend::redacted(db).display(),
                 forked.run,
                 forked.run
             )?;
