@@ -458,8 +458,21 @@ pub(crate) async fn verify(r: &Remote, db: &Path, a: crate::cmd::verify::VerifyA
         None => "/v1/verify".to_owned(),
     };
     let mut doc = r.get_json(&path).await?;
+    // A verdict is a gate: an answer that is not one (no `ok`, no `runs`: not keel's
+    // server) fails, and `ok: false` fails even without a failure named.
+    let ok = doc.get("ok").and_then(Value::as_bool);
+    let runs = doc.get("runs").map(Value::is_array).unwrap_or(false);
+    let Some(ok) = ok.filter(|_| runs) else {
+        return Err(CliError::Failed(format!(
+            "{}{path}: the answer is not a verification (no `ok` and `runs`; is this a keel serve?)",
+            r.client.url()
+        )));
+    };
     if let Some(m) = doc.as_object_mut() {
         m.insert("source".into(), json!(r.source(db)));
+        if !ok && m.get("failure").is_none_or(Value::is_null) {
+            m.insert("failure".into(), json!({ "message": "the server's verification failed" }));
+        }
     }
     crate::cmd::verify::print(&doc, a.json)
 }

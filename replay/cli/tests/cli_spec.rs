@@ -322,6 +322,9 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
         ("postgres://u@127.0.0.1/test?sslmode=bogus", "invalid value for option `sslmode`"),
         ("postgres://u@127.0.0.1/test?schema=Bad-Name", "schema \"Bad-Name\" is not a lower-case identifier"),
         ("postgres://u@127.0.0.1/test?schema=a&schema=b", "`schema` given twice"),
+        ("postgres://u@127.0.0.1/test?schema=pg_x", "keeps for its own schemas"),
+        ("postgres://u@127.0.0.1/test?schema=user", "is a reserved word"),
+        ("postgres:///test", "no host in the URL"),
     ] {
         let e = keel_in(Some(dir.path()), &["--db", url, "demo"]).one_line_error(2);
         assert!(e.contains("is not a usable database URL: ") && e.contains(says), "{url}: {e}");
@@ -330,4 +333,34 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
     // An out-of-range lease is a usage error too.
     let e = keel_in(Some(dir.path()), &["work", "--lease-ttl-ms", "0"]).one_line_error(2);
     assert!(e.contains("--lease-ttl-ms") && e.contains("30..=86400000"), "{e}");
+}
+
+/// A server that answers 200 with something that is not keel's answer (a proxy's page, an
+/// empty object) fails `verify` and `submit` through it with one line: a verification that
+/// checked nothing is not a pass (the new-user review: `keel --server URL verify` against
+/// `{}` printed nothing and exited 0).
+#[test]
+fn a_server_answer_that_is_not_keel_s_fails_verify_and_submit() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            let mut buf = [0u8; 8192];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            );
+        }
+    });
+    let url = format!("http://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = keel_in(Some(dir.path()), &["--server", &url, "--token", "t", "verify"]).one_line_error(1);
+    assert!(e.contains("is not a verification"), "{e}");
+    let input = serde_json::to_string(&keel_demo::request(3, 0).input).unwrap();
+    let e =
+        keel_in(Some(dir.path()), &["--server", &url, "--token", "t", "submit", "support_ticket", "--input", &input])
+            .one_line_error(1);
+    assert!(e.contains("names no run id"), "{e}");
 }

@@ -6,12 +6,13 @@ use keel_store::StoreError;
 use tokio_postgres::error::SqlState;
 
 /// A failure talking to PostgreSQL, carried inside [`StoreError::Io`] (`io::Error::get_ref`
-/// downcasts to it). Its `io::ErrorKind` is `ConnectionAborted` for a lost connection.
+/// downcasts to it). Its `io::ErrorKind` is `ConnectionAborted` for a lost connection,
+/// `ConnectionRefused` for a server that could not be reached, `TimedOut` for a timeout.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PgError {
-    /// The connection was lost (closed, ended by the server, or refused). A call that
-    /// failed this way wrote nothing, except an append whose COMMIT was in flight
+    /// The connection was lost (closed, or ended by the server). A call that failed this
+    /// way wrote nothing, except an append whose COMMIT was in flight
     /// ([`PgError::InDoubt`]).
     #[error("postgres connection lost: {reason}")]
     ConnectionLost {

@@ -114,16 +114,135 @@ pub const SCHEMA_VERSION: i32 = 5;
 
 const _: () = assert!(MIGRATIONS.len() == SCHEMA_VERSION as usize);
 
-/// Whether `name` is a plain lower-case identifier (it is written into statements unquoted)
-/// and not one of PostgreSQL's own schemas (`pg_*`, `information_schema`: keel's tables
-/// were created in `information_schema`).
-pub(crate) fn valid_schema_name(name: &str) -> bool {
+/// Why `name` cannot be keel's schema, if it cannot: it is written into statements
+/// unquoted, so it must be a plain lower-case identifier that is not one of PostgreSQL's
+/// reserved key words (`user`, `order`: `CREATE SCHEMA user` is a syntax error), and not
+/// one of PostgreSQL's own schemas (`pg_*`, `information_schema`: keel's tables were
+/// created in `information_schema`).
+pub(crate) fn schema_name_problem(name: &str) -> Option<&'static str> {
     let mut chars = name.chars();
-    matches!(chars.next(), Some('a'..='z' | '_'))
-        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-        && name.len() <= 63
-        && !name.starts_with("pg_")
-        && name != "information_schema"
+    let plain =
+        matches!(chars.next(), Some('a'..='z' | '_')) && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'));
+    if !plain || name.len() > 63 {
+        Some("is not a lower-case identifier of at most 63 bytes (a-z, 0-9, _; not starting with a digit)")
+    } else if name.starts_with("pg_") || name == "information_schema" {
+        Some("is a name PostgreSQL keeps for its own schemas (pg_*, information_schema)")
+    } else if RESERVED.contains(&name) {
+        Some("is a reserved word of PostgreSQL's SQL")
+    } else {
+        None
+    }
+}
+
+/// PostgreSQL's reserved key words (reserved, and reserved that can be a function or type
+/// name): none can name a schema unquoted.
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// Whether `name` can be keel's schema ([`schema_name_problem`]).
+pub(crate) fn valid_schema_name(name: &str) -> bool {
+    schema_name_problem(name).is_none()
 }
 
 /// Creates (with `create`) and migrates `schema`; returns the version it is at.
@@ -184,10 +303,28 @@ mod tests {
         for ok in ["keel", "_t1", "keel_test_42"] {
             assert!(valid_schema_name(ok), "{ok}");
         }
-        for bad in
-            ["", "1abc", "Keel", "a-b", "a;drop", "a b", &"x".repeat(64), "information_schema", "pg_catalog", "pg_x"]
-        {
+        for bad in [
+            "",
+            "1abc",
+            "Keel",
+            "a-b",
+            "a;drop",
+            "a b",
+            &"x".repeat(64),
+            "information_schema",
+            "pg_catalog",
+            "pg_x",
+            "user",
+            "order",
+            "select",
+        ] {
             assert!(!valid_schema_name(bad), "{bad}");
+        }
+        assert!(schema_name_problem("pg_x").unwrap().contains("keeps for its own"));
+        assert!(schema_name_problem("user").unwrap().contains("reserved word"));
+        // Not reserved: usable unquoted.
+        for ok in ["users", "orders", "public_keel", "name", "type"] {
+            assert!(valid_schema_name(ok), "{ok}");
         }
     }
 

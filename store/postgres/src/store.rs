@@ -196,8 +196,8 @@ impl PgStore {
     pub fn open(config: PgConfig) -> Result<PgStore, OpenError> {
         backend::validate_limits(&config.limits).map_err(OpenError::Limits)?;
         let invalid = |reason: String| Err(OpenError::InvalidConfig { reason });
-        if !schema::valid_schema_name(&config.schema) {
-            return invalid(format!("schema {:?} is not a lower-case identifier of at most 63 bytes", config.schema));
+        if let Some(problem) = schema::schema_name_problem(&config.schema) {
+            return invalid(format!("schema {:?} {problem}", config.schema));
         }
         if !(1..=64).contains(&config.pool_size) {
             return invalid(format!("pool_size {} not in 1..=64", config.pool_size));
@@ -208,6 +208,10 @@ impl PgStore {
         let bounds = bounds(&config)?;
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: crate::error::describe(&e) })?;
+        if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
+            // libpq would try a Unix socket; keel connects over TCP only.
+            return invalid("no host in the URL (keel connects over TCP: postgres://USER@HOST:PORT/DATABASE)".into());
+        }
         // `synchronous_commit=on` whatever the server's or role's default: the durability
         // of appends and of the WAL barriers claims wait for rests on it (docs/STORE.md 15.3).
         // The queue's bookkeeping goes through lazy sessions (`synchronous_commit=off`, see
