@@ -240,11 +240,6 @@ const RESERVED: &[&str] = &[
     "with",
 ];
 
-/// Whether `name` can be keel's schema ([`schema_name_problem`]).
-pub(crate) fn valid_schema_name(name: &str) -> bool {
-    schema_name_problem(name).is_none()
-}
-
 /// Creates (with `create`) and migrates `schema`; returns the version it is at.
 pub(crate) async fn migrate(client: &mut Client, schema: &str, create: bool) -> Result<i32, OpenError> {
     let err = |e| OpenError::Postgres(PgError::of(e));
@@ -297,6 +292,10 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str, create: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn valid_schema_name(name: &str) -> bool {
+        schema_name_problem(name).is_none()
+    }
 
     #[test]
     fn schema_names_are_plain_identifiers() {
