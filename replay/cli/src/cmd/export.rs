@@ -151,7 +151,7 @@ fn write_runs(
                 [one] => format!("keel run {one}"),
                 many => format!("keel runs ({})", many.len()),
             };
-            let subtitle = format!("exported {} from {}", rfc3339(now), crate::backend::redacted(&what.db).display());
+            let subtitle = format!("exported {} from {}", rfc3339(now), crate::backend::redacted(what.db).display());
             let mut w = HtmlWriter::new(out, what.redaction, &title, &subtitle)?;
             for run in runs {
                 let events = load_run_from_db(store, *run)?;
