@@ -488,7 +488,8 @@ impl Engine {
 
     /// Whether other processes may append to this engine's store (a shared run queue:
     /// PostgreSQL): their appends reach [`Engine::follow`] and [`Engine::wait`] by a read
-    /// of the store every `queue_poll_ms` while nothing local wakes them, and are not in
+    /// of the store while nothing local wakes them (after `queue_poll_ms`, then less often
+    /// while the run is quiet, at least every 2 s), and are not in
     /// [`Engine::subscribe`].
     pub fn is_shared(&self) -> bool {
         crate::shell::shared::is_shared(&self.inner)
@@ -498,8 +499,9 @@ impl Engine {
     /// [`RunEvents::next`] returns the recorded ones, then each new one once durable, and
     /// ends when the run is finished. Never misses nor repeats an event (a lagging
     /// follower re-reads the log from its seq). On a shared store ([`Engine::is_shared`])
-    /// the events another process appends come with the next read of the store, every
-    /// `queue_poll_ms` (default 250 ms).
+    /// the events another process appends come with the next read of the store: after
+    /// `queue_poll_ms` (default 250 ms), then less often while the run is quiet (every 2 s
+    /// at least).
     pub fn follow(&self, run: RunId, after: Option<Seq>) -> RunEvents {
         RunEvents::new(self.inner.clone(), run, after)
     }

@@ -67,6 +67,8 @@ pub struct RunEvents {
     run: RunId,
     next: Seq,
     sub: Subscription,
+    /// On a shared store, the wait before the next read of the store (see `remote_look`).
+    look: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for RunEvents {
@@ -80,7 +82,8 @@ impl RunEvents {
     pub(crate) fn new(inner: Arc<Inner>, run: RunId, after: Option<Seq>) -> Self {
         let sub = Subscription::new(inner.journal.subscribe());
         let next = after.map_or(Seq(0), |s| Seq(s.0.saturating_add(1)));
-        RunEvents { inner, run, next, sub }
+        let look = remote_look(&inner);
+        RunEvents { inner, run, next, sub, look }
     }
 
     /// The seq the next event returned will have.
@@ -114,6 +117,7 @@ impl RunEvents {
                 )?;
             if let Some(last) = events.last() {
                 self.next = Seq(last.seq.0.saturating_add(1));
+                self.look = remote_look(&self.inner);
                 return Ok(Some(events));
             }
             if entry.is_some_and(|e| e.status.is_terminal() && e.events <= self.next.0) {
@@ -121,8 +125,11 @@ impl RunEvents {
             }
             // Nothing new: wait for an append of this run (or a lag, then re-read); on a
             // shared store, at most until the next look (see `remote_look`).
-            if woken(&self.inner, &mut self.sub, self.run).await == Some(false) {
-                return Ok(None);
+            match woken(self.look, &mut self.sub, self.run).await {
+                Some(false) => return Ok(None),
+                Some(true) => {}
+                // Nothing came: look again later, less often while the run is quiet.
+                None => self.look = self.look.map(slower),
             }
         }
     }
@@ -136,6 +143,7 @@ pub(crate) async fn wait_until(
     done: impl Fn(RunStatus) -> bool,
 ) -> Result<RunStatus, EngineError> {
     let mut sub = Subscription::new(inner.journal.subscribe());
+    let mut look = remote_look(inner);
     loop {
         let status = inner
             .blocking(move |log| match index::entry(log, run)? {
@@ -149,18 +157,23 @@ pub(crate) async fn wait_until(
             return Ok(status);
         }
         loop {
-            let Some(look) = remote_look(inner) else {
+            let Some(wait) = look else {
                 match sub.recv_run(run).await {
                     None => return Err(EngineError::Internal("the engine's change feed closed".into())),
                     Some(Received::Change(c)) if !done(c.status) => continue,
                     Some(_) => break,
                 }
             };
-            match tokio::time::timeout(look, sub.recv_run(run)).await {
+            match tokio::time::timeout(wait, sub.recv_run(run)).await {
                 Ok(None) => return Err(EngineError::Internal("the engine's change feed closed".into())),
                 Ok(Some(Received::Change(c))) if !done(c.status) => continue,
-                // A change that may be the end, a lag, or time to look at the store.
-                Ok(Some(_)) | Err(_) => break,
+                // A change that may be the end, or a lag.
+                Ok(Some(_)) => break,
+                // Time to look at the store; the next look comes later.
+                Err(_) => {
+                    look = Some(slower(wait));
+                    break;
+                }
             }
         }
     }
@@ -170,16 +183,26 @@ pub(crate) async fn wait_until(
 /// `None` when every append of the store is made in this process (the journal announces
 /// each one); on a store shared with other processes (PostgreSQL) the appends of a run
 /// driven elsewhere are announced to nobody here, so a tail or a wait reads the store again
-/// every `queue_poll` (default 250 ms) while nothing local wakes it.
+/// after `queue_poll` (default 250 ms) while nothing local wakes it, then twice as long
+/// after each read that found nothing new, up to [`REMOTE_LOOK_MAX`] (a run waiting hours
+/// for a human costs a read every 2 s per open tail, not four a second).
 fn remote_look(inner: &Inner) -> Option<std::time::Duration> {
-    crate::shell::shared::is_shared(inner).then_some(inner.queue_poll)
+    crate::shell::shared::is_shared(inner).then_some(inner.queue_poll.min(REMOTE_LOOK_MAX))
 }
 
-/// Waits for `run`'s next change in `sub` (or a lag), or on a shared store for the next
-/// look at the store, whichever comes first: `Some(true)` woken by a change or a lag,
-/// `None` by the look, `Some(false)` when the engine's change feed closed.
-async fn woken(inner: &Inner, sub: &mut Subscription, run: RunId) -> Option<bool> {
-    match remote_look(inner) {
+/// The longest wait between two reads of a shared store by a quiet tail or wait.
+pub(crate) const REMOTE_LOOK_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The wait after `look` found nothing new.
+fn slower(look: std::time::Duration) -> std::time::Duration {
+    look.saturating_mul(2).min(REMOTE_LOOK_MAX)
+}
+
+/// Waits for `run`'s next change in `sub` (or a lag), or (with `look`: a shared store) for
+/// the next look at the store, whichever comes first: `Some(true)` woken by a change or a
+/// lag, `None` by the look, `Some(false)` when the engine's change feed closed.
+async fn woken(look: Option<std::time::Duration>, sub: &mut Subscription, run: RunId) -> Option<bool> {
+    match look {
         None => Some(sub.recv_run(run).await.is_some()),
         Some(look) => match tokio::time::timeout(look, sub.recv_run(run)).await {
             Ok(got) => Some(got.is_some()),

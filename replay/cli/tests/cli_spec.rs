@@ -331,8 +331,10 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was created");
     // An out-of-range lease is a usage error too.
-    let e = keel_in(Some(dir.path()), &["work", "--lease-ttl-ms", "0"]).one_line_error(2);
-    assert!(e.contains("--lease-ttl-ms") && e.contains("30..=86400000"), "{e}");
+    for cmd in ["work", "serve"] {
+        let e = keel_in(Some(dir.path()), &[cmd, "--lease-ttl-ms", "0"]).one_line_error(2);
+        assert!(e.contains("--lease-ttl-ms") && e.contains("30..=86400000"), "{cmd}: {e}");
+    }
 }
 
 /// A server that answers 200 with something that is not keel's answer (a proxy's page, an

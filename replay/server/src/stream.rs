@@ -2,7 +2,8 @@
 //! resumable from `Last-Event-ID`, and every run's status changes. Both are fed by the
 //! engine's subscriptions (`Engine::follow`, `Engine::subscribe`): no polling of the log
 //! for what this process appends. On a database other processes append to (PostgreSQL,
-//! several servers), a run's tail reads the store again every `queue_poll_ms`, and the
+//! several servers), a run's tail reads the store again while quiet (from `queue_poll_ms` up
+//! to every 2 s), and the
 //! status stream says every [`ELSEWHERE_EVERY`] that runs may have changed elsewhere.
 
 use crate::error::{ApiError, ApiResult};

@@ -38,6 +38,16 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
+    /// How long a driver's run lease lasts unless its heartbeat renews it (several
+    /// servers or workers on one PostgreSQL database: a process paused longer loses its
+    /// runs to the others). From 30 ms to a day.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = keel_engine::LEASE_TTL_MS_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(keel_engine::LEASE_TTL_MS_MIN..=keel_engine::LEASE_TTL_MS_MAX)
+    )]
+    pub(crate) lease_ttl_ms: u64,
     #[command(flatten)]
     pub(crate) sign: crate::cmd::keygen::SignKeyArgs,
     #[command(flatten)]
@@ -61,7 +71,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     };
     let key = a.sign.load()?;
     let (store, auth) = store_and_auth(db)?;
-    let engine = registry.engine_signing(store, keel_engine::LEASE_TTL_MS_DEFAULT, key.as_ref(), a.size)?;
+    let engine = registry.engine_signing(store, a.lease_ttl_ms, key.as_ref(), a.size)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if auth.is_empty() {
         errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
