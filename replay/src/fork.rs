@@ -574,11 +574,29 @@ pub fn continue_run(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Resul
     };
     if !same {
         return Err(ReplayError::Invalid(format!(
-            "run {run} has another history in the target database: its record {} differs from the source's",
-            last.0
+            "run {run} has another history in the target database: the two part at record {} (the target has {} \
+             records, the source {})",
+            parting(from, to, run)?,
+            dst.next_seq.0,
+            src.next_seq.0
         )));
     }
     copy_records(from, to, run, dst.next_seq)
+}
+
+/// The first seq at which `run`'s records in `from` and `to` differ (by chain hash), or the
+/// shorter one's length when one is a prefix of the other.
+fn parting(from: &dyn EventLog, to: &dyn EventLog, run: RunId) -> Result<u64, ReplayError> {
+    let mut theirs = to.read(run, Seq(0))?;
+    let mut n = 0u64;
+    for ours in from.read(run, Seq(0))? {
+        let Some(other) = theirs.next() else { return Ok(n) };
+        if ours?.hash != other?.hash {
+            return Ok(n);
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Appends run `run`'s records from `start` on, read from `from`, to `to` (whose head
@@ -862,7 +880,11 @@ mod tests {
         let other = MemStore::new();
         other.append(run, Seq(0), vec![rec(0), rec(9)], None).unwrap();
         let e = continue_run(&from, &other, run).unwrap_err().to_string();
-        assert!(e.contains("another history") && e.contains("record 1 differs"), "{e}");
+        assert!(
+            e.contains("another history")
+                && e.contains("the two part at record 1 (the target has 2 records, the source 5)"),
+            "{e}"
+        );
         assert_eq!(other.head(run).unwrap().next_seq, Seq(2), "nothing written");
 
         let e = continue_run(&log(2, run), &log(5, run), run).unwrap_err().to_string();

@@ -51,9 +51,8 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
         // New to the target, or copied before and driven further since in the source
         // (its copy a prefix of the source's chain: the rest is appended). A copy whose
         // chain differs, or that is longer, is refused with nothing written.
-        records += keel_replay::continue_run(from.as_ref(), to.as_ref(), *run).map_err(|e| {
-            CliError::Failed(format!("{e} ({} in {}, {} in {})", had, shown(&a.to), src.next_seq.0, shown(&a.from)))
-        })?;
+        records += keel_replay::continue_run(from.as_ref(), to.as_ref(), *run)
+            .map_err(|e| CliError::Failed(format!("{e}; target {}, source {}", shown(&a.to), shown(&a.from))))?;
         let head = to.head(*run)?;
         if (head.next_seq, head.last_hash) != (src.next_seq, src.last_hash) {
             return Err(CliError::Failed(format!("run {run}: the copy's head differs from the source's")));
