@@ -57,8 +57,22 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
             "stopped": r.stopped.iter().map(|(run, e)| json!({"run": run.to_string(), "error": e})).collect::<Vec<_>>(),
         }))?;
     } else {
+        // The drives that ended otherwise, so the figures add up: a drive that ended
+        // waiting for a timer (a retry's backoff) is followed by another drive of the run.
+        let ended = r.completed + r.failed + r.cancelled + r.awaiting_human + r.lease_lost + r.stopped.len();
+        let again = r.driven.saturating_sub(ended);
+        let mut more = String::new();
+        if again > 0 {
+            more.push_str(&format!(", {again} driven again later (a timer)"));
+        }
+        if r.lease_lost > 0 {
+            more.push_str(&format!(", {} lost to another process", r.lease_lost));
+        }
+        if !r.stopped.is_empty() {
+            more.push_str(&format!(", {} stopped", r.stopped.len()));
+        }
         outln!(
-            "driven {}: {} completed, {} failed, {} cancelled, {} awaiting a human",
+            "driven {}: {} completed, {} failed, {} cancelled, {} awaiting a human{more}",
             r.driven,
             r.completed,
             r.failed,
