@@ -330,6 +330,13 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
         assert!(e.contains("is not a usable database URL: ") && e.contains(says), "{url}: {e}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was created");
+    // A copy from nowhere says which flag named it, and creates nothing.
+    let missing = dir.path().join("missing");
+    let to = dir.path().join("to");
+    let e = keel_in(Some(dir.path()), &["copy", "--from", missing.to_str().unwrap(), "--to", to.to_str().unwrap()])
+        .one_line_error(1);
+    assert!(e.contains("(--from names the database to copy from)"), "{e}");
+    assert!(!to.exists() && !missing.exists(), "something was created");
     // An out-of-range lease is a usage error too.
     for cmd in ["work", "serve"] {
         let e = keel_in(Some(dir.path()), &[cmd, "--lease-ttl-ms", "0"]).one_line_error(2);
@@ -365,4 +372,20 @@ fn a_server_answer_that_is_not_keel_s_fails_verify_and_submit() {
         keel_in(Some(dir.path()), &["--server", &url, "--token", "t", "submit", "support_ticket", "--input", &input])
             .one_line_error(1);
     assert!(e.contains("names no run id"), "{e}");
+}
+
+/// Log lines on a stderr that is not a terminal (a file, a pipe, a journal) are plain
+/// text: no ANSI colour codes (the new-user review found them in a server's log file).
+#[test]
+fn logs_to_a_file_or_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::KEEL)
+        .args(["--db", dir.path().join("db").to_str().unwrap(), "demo", "--runs", "1"])
+        .env("KEEL_LOG", "info")
+        .env_remove("KEEL_DB")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(" INFO "), "no log line: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr}");
 }

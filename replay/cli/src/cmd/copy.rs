@@ -30,7 +30,13 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
     if a.from == a.to {
         return Err(CliError::Usage("--from and --to name the same database".into()));
     }
-    let from = open_db(&a.from, false)?;
+    let from = open_db(&a.from, false).map_err(|e| match e {
+        // Not the generic hint (`--db` is not read by copy).
+        keel_replay::error::ReplayError::DbNotFound { path } => {
+            CliError::Failed(format!("no keel database at {} (--from names the database to copy from)", path.display()))
+        }
+        other => other.into(),
+    })?;
     let to = open_db(&a.to, true)?;
     let runs: Vec<RunId> = if a.run.is_empty() {
         from.runs()?
