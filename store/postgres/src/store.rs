@@ -216,17 +216,24 @@ impl PgStore {
         // of appends and of the WAL barriers claims wait for rests on it (docs/STORE.md 15.3).
         // The queue's bookkeeping goes through lazy sessions (`synchronous_commit=off`, see
         // `pool.rs`).
+        // The URL's own `options` come first: keel's settings after them win for the five
+        // it sets, the user's others stay.
+        let theirs = pg.get_options().map(|o| format!("{o} ")).unwrap_or_default();
         let options = |sync: &str| {
             format!(
-                "-c synchronous_commit={sync} -c plan_cache_mode=force_generic_plan -c search_path={} -c statement_timeout={} \
-                 -c idle_in_transaction_session_timeout={}",
+                "{theirs}-c synchronous_commit={sync} -c plan_cache_mode=force_generic_plan -c search_path={} \
+                 -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
                 config.schema,
                 bounds.statement_ms(),
                 millis(bounds.idle_in_transaction)
             )
         };
-        pg.application_name("keel");
-        pg.connect_timeout(bounds.connect);
+        // The URL's `application_name` if it names one; its `connect_timeout` if shorter.
+        if pg.get_application_name().is_none() {
+            pg.application_name("keel");
+        }
+        let connect = pg.get_connect_timeout().map_or(bounds.connect, |t| (*t).min(bounds.connect));
+        pg.connect_timeout(connect);
         let mut lazy = pg.clone();
         pg.options(options("on"));
         lazy.options(options("off"));

@@ -942,3 +942,22 @@ fn a_claim_passes_over_a_run_whose_lease_row_another_session_holds_locked() {
         store.claim("peer", 60_000, now, 2, &Default::default()).unwrap().iter().map(|c| c.lease.run()).collect();
     assert_eq!(got, vec![run(1)]);
 }
+
+/// The URL's own parameters are kept where keel sets none of its own: its
+/// `application_name` names the sessions (keel's `keel` only when it names none).
+#[test]
+fn the_url_s_application_name_is_kept() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let base = scratch.config();
+    let sep = if base.url.contains('?') { '&' } else { '?' };
+    let name = format!("keelapp{}", std::process::id());
+    let cfg = PgConfig { url: format!("{}{sep}application_name={name}", base.url), ..base };
+    let store = PgStore::open(cfg).unwrap();
+    store.head(run(1)).unwrap();
+    let admin = Admin::connect().unwrap();
+    let q = format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}'");
+    assert!(admin.int(&q) > 0, "no session named {name}");
+}
