@@ -338,7 +338,8 @@ impl Engine {
     /// the existing run with `duplicate: true` if it is the same request (workflow, input,
     /// priority: [`crate::request_digest`]), and `IdempotencyConflict` if it is not.
     pub async fn submit(&self, req: Request) -> Result<Submitted, EngineError> {
-        crate::shell::ingest::submit(&self.inner, req).await
+        let inner = self.inner.clone();
+        to_the_end(async move { crate::shell::ingest::submit(&inner, req).await }).await
     }
 
     /// The run that holds idempotency key `key` of workflow type `workflow`, if the key is
@@ -372,27 +373,32 @@ impl Engine {
     /// output must pass the escalated task's output schema (`SuppliedOutputRejected`).
     /// Nothing is written on an error.
     pub async fn resolve(&self, run: RunId, r: Resolution) -> Result<(), EngineError> {
-        resolve_in(&self.inner, run, None, r).await
+        let inner = self.inner.clone();
+        to_the_end(async move { resolve_in(&inner, run, None, r).await }).await
     }
 
     /// Cancels a run: records `RunCancelled`; a driver working on it stops and drops the
     /// results of its in-flight calls.
     pub async fn cancel(&self, run: RunId, by: &str, reason: &str) -> Result<(), EngineError> {
-        self.inner
-            .journal
-            .append_outside(
-                run,
-                || self.inner.clock.now_us(),
-                |state| {
-                    if state.status.is_terminal() {
-                        return Err(EngineError::AlreadyTerminal { run, status: state.status });
-                    }
-                    Ok(Event::RunCancelled { by: by.to_owned(), reason: reason.to_owned() })
-                },
-            )
-            .await?;
-        crate::shell::sched::poke(&self.inner, run);
-        Ok(())
+        let (inner, by, reason) = (self.inner.clone(), by.to_owned(), reason.to_owned());
+        to_the_end(async move {
+            inner
+                .journal
+                .append_outside(
+                    run,
+                    || inner.clock.now_us(),
+                    |state| {
+                        if state.status.is_terminal() {
+                            return Err(EngineError::AlreadyTerminal { run, status: state.status });
+                        }
+                        Ok(Event::RunCancelled { by: by.clone(), reason: reason.clone() })
+                    },
+                )
+                .await?;
+            crate::shell::sched::poke(&inner, run);
+            Ok(())
+        })
+        .await
     }
 
     /// The run's current state (latest snapshot + tail of the log).
@@ -596,6 +602,17 @@ fn runs_page_in(
 /// Records `r` on the open escalation of `run` (if `number` is given, only if that is the
 /// open one: `EscalationClosed` otherwise) and queues the run: [`Engine::resolve`] and
 /// [`crate::Resolver::resolve`].
+/// Runs `op` to its end on a task of its own, whatever becomes of the caller: a caller that
+/// stops waiting (an HTTP client that hung up, a `timeout`) must not cut a submit, a
+/// resolution or a cancellation between its durable append and what follows it (queueing
+/// the run, waking its driver, telling subscribers). With appends awaited (PostgreSQL) a
+/// dropped caller did so: the run was recorded but neither queued nor announced.
+async fn to_the_end<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::spawn(op).await.map_err(|e| EngineError::Internal(format!("the operation's task: {e}")))?
+}
+
 async fn resolve_in(inner: &Inner, run: RunId, number: Option<u32>, r: Resolution) -> Result<(), EngineError> {
     let Resolution { decision, by, reason } = r;
     crate::shell::ingest::check_decision_depth(&decision)?;

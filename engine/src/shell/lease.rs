@@ -79,6 +79,11 @@ impl Held {
         Held { lease: tokio::sync::Mutex::new(Some(lease)), lost: AtomicBool::new(false) }
     }
 
+    /// The fence of `held` (the lease under its lock), or `Fenced` once lost or released.
+    fn fence(&self, held: Option<&Lease>, run: RunId) -> Result<keel_store::Fence, StoreError> {
+        held.filter(|_| !self.is_lost()).map(Lease::fence).ok_or(StoreError::Fenced { run, fence: 0, current: 0 })
+    }
+
     /// Whether the lease was lost (an append was fenced or a renewal failed).
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
@@ -97,9 +102,7 @@ impl Held {
         aux: Vec<keel_store::AuxWrite>,
     ) -> Result<Head, StoreError> {
         let guard = self.lease.blocking_lock();
-        let Some(fence) = guard.as_ref().filter(|_| !self.is_lost()).map(Lease::fence) else {
-            return Err(StoreError::Fenced { run, fence: 0, current: 0 });
-        };
+        let fence = self.fence(guard.as_ref(), run)?;
         let res = if aux.is_empty() {
             log.append_fenced(run, expected, records, claim, fence)
         } else {
@@ -124,9 +127,7 @@ impl Held {
         aux: Vec<keel_store::AuxWrite>,
     ) -> Result<Head, StoreError> {
         let guard = self.lease.lock().await;
-        let Some(fence) = guard.as_ref().filter(|_| !self.is_lost()).map(Lease::fence) else {
-            return Err(StoreError::Fenced { run, fence: 0, current: 0 });
-        };
+        let fence = self.fence(guard.as_ref(), run)?;
         let res = log.append_async(run, expected, records, claim, Some(fence), aux).await;
         if matches!(res, Err(StoreError::Fenced { .. })) {
             self.lost.store(true, Ordering::SeqCst);

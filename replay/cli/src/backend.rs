@@ -68,38 +68,40 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
 }
 
 /// `db` with any password in it replaced by `***` (for messages and reports): the one in
-/// the URL's user info (`user:secret@host`) and a `password=` query parameter (its name
-/// percent-decoded, as the driver reads it). The driver takes a password with `/`, `?` or
-/// `@` in it unescaped, so the user info is everything up to the LAST `@` of the URL: when
-/// a later part holds an `@` too, more than the password is hidden, never less.
+/// the URL's user info and every `password=` parameter (its name percent-decoded, as the
+/// driver reads it). The user info is read as the driver reads it: everything up to the
+/// URL's FIRST `@` (a password may hold `/` or `?` unescaped), its password after the first
+/// `:`; then each `&`-separated parameter anywhere in the URL is checked, so a `password=`
+/// is hidden wherever the driver would take it from.
 pub(crate) fn redacted(db: &Path) -> PathBuf {
     let s = db.to_string_lossy();
     let Some((scheme, rest)) = s.split_once("://") else { return db.to_path_buf() };
-    let (userinfo, after) = match rest.rsplit_once('@') {
-        Some((userinfo, after)) => (Some(userinfo), after),
-        None => (None, rest),
-    };
-    let userinfo = match userinfo {
-        Some(u) => match u.split_once(':') {
-            Some((user, _password)) => format!("{user}:***@"),
-            None => format!("{u}@"),
+    let rest = match rest.split_once('@') {
+        Some((userinfo, after)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{after}"),
+            None => rest.to_owned(),
         },
-        None => String::new(),
+        None => rest.to_owned(),
     };
-    let after = match after.split_once('?') {
-        Some((path, query)) => {
-            let pairs: Vec<String> = query
-                .split('&')
-                .map(|p| match p.split_once('=') {
-                    Some((k, _)) if is_password_key(k) => format!("{k}=***"),
-                    _ => p.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", pairs.join("&"))
-        }
-        None => after.to_owned(),
-    };
-    PathBuf::from(format!("{scheme}://{userinfo}{after}"))
+    let pieces: Vec<String> = rest
+        .split('&')
+        .map(|piece| {
+            // A parameter is what follows the piece's `?` (the first piece), or the piece.
+            let (head, param) = match piece.split_once('?') {
+                Some((head, param)) => (Some(head), param),
+                None => (None, piece),
+            };
+            let param = match param.split_once('=') {
+                Some((k, _)) if is_password_key(k) => format!("{k}=***"),
+                _ => param.to_owned(),
+            };
+            match head {
+                Some(head) => format!("{head}?{param}"),
+                None => param,
+            }
+        })
+        .collect();
+    PathBuf::from(format!("{scheme}://{}", pieces.join("&")))
 }
 
 /// Whether a query parameter's name is `password` once percent-decoded (any case).
@@ -189,12 +191,19 @@ mod tests {
             ("postgres://app:a@b@db/prod", "a@b"),
             ("postgres://app@db/prod?pass%77ord=s3cret", "s3cret"),
             ("postgres://app@db/prod?PASSWORD=s3cret", "s3cret"),
+            // An `@` after the user info (the driver's user info ends at the first one).
+            ("postgres://app@db/prod?password=se@cret&schema=k", "se@cret"),
+            ("postgres://app@db/prod?password=s3cret&application_name=me@laptop", "s3cret"),
+            ("postgres://db/prod?password=s3cret&user=admin@corp", "s3cret"),
         ] {
             let shown = redacted(Path::new(url)).display().to_string();
             assert!(!shown.contains(secret), "{url} -> {shown}");
             assert!(shown.contains("***"), "{url} -> {shown}");
         }
         assert_eq!(redacted(Path::new("postgres://db/prod?schema=k")), Path::new("postgres://db/prod?schema=k"));
+        // Nothing hidden, nothing mangled, without a password.
+        let plain = "postgres://app@127.0.0.1:5432/test?schema=k&application_name=a:b@c";
+        assert_eq!(redacted(Path::new(plain)), Path::new(plain));
     }
 
     /// A misspelled scheme is refused, not made a directory of that name (a new user's

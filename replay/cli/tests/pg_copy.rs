@@ -201,3 +201,33 @@ fn a_password_in_the_url_stays_out_of_reports_and_lines() {
         assert!(!text.contains(secret) && !text.contains("hunter2"), "the password is shown");
     }
 }
+
+/// A copy cut short after a run's records were written (its index entries not yet made)
+/// is made whole by running the copy again: a run already there is re-indexed too (the
+/// code review: it was counted "already there" and stayed out of every listing).
+#[test]
+fn a_copy_run_again_indexes_a_run_whose_records_were_already_there() {
+    if !pg::ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let url = format!("{}?schema={}", cfg.url, cfg.schema);
+    let a = dir.path().join("a");
+    let a = a.to_str().unwrap();
+    keel(a, &["demo", "--runs", "2"]).ok();
+    keel_in(None, &["copy", "--from", a, "--to", &url]).ok();
+    let listed = keel(&url, &["runs", "--json"]).ok().json();
+    let run = listed["runs"][0]["run"].as_str().unwrap().to_owned();
+    // As if the copy had stopped after the records: the run's index entries are gone.
+    let hex = run.replace('-', "");
+    let admin = pg::Admin::connect().unwrap();
+    admin.exec(&format!("DELETE FROM {}.aux WHERE position(decode('{hex}', 'hex') in key) > 0", cfg.schema));
+    let listed = keel(&url, &["runs", "--json"]).ok().json();
+    assert!(!listed["runs"].as_array().unwrap().iter().any(|r| r["run"] == run.as_str()), "still listed: {listed}");
+    let again = keel_in(None, &["copy", "--from", a, "--to", &url, "--json"]);
+    assert_eq!(again.ok().json()["present"], 2);
+    let listed = keel(&url, &["runs", "--json"]).ok().json();
+    assert!(listed["runs"].as_array().unwrap().iter().any(|r| r["run"] == run.as_str()), "not listed: {listed}");
+}

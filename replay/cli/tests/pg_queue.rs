@@ -298,3 +298,43 @@ fn until_idle_waits_for_a_run_leased_by_a_dead_process() {
     assert!(finished(status), "until_idle returned after {:?} with the run {status:?}: {report:?}", started.elapsed());
     assert!(report.driven >= 1, "{report:?}");
 }
+
+/// A submit whose caller stops waiting (an HTTP client that hung up, a timeout) still
+/// queues the run it recorded: the operation runs to its end on a task of its own. Before,
+/// with appends awaited on PostgreSQL, the run was recorded but not queued, and waited for
+/// the minute-long rescan (the code review's reproduction).
+#[test]
+fn a_submit_whose_caller_stops_waiting_still_queues_its_run() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let store = Arc::new(PgStore::open(scratch.config()).unwrap());
+    let here = engine(store, 16, 2, 50);
+    let rt = rt();
+    let req = keel_demo::request(1, 7);
+    let (workflow, key) = (req.workflow.clone(), req.idempotency_key.clone().unwrap());
+    let status = rt.block_on(async {
+        let _workers = here.start();
+        {
+            // Polled once, then dropped.
+            let submit = here.submit(req);
+            tokio::pin!(submit);
+            let polled = tokio::select! { biased; r = &mut submit => Some(r), () = std::future::ready(()) => None };
+            assert!(polled.is_none(), "the submit ended in one poll");
+        }
+        let started = Instant::now();
+        let run = loop {
+            if let Some(run) = here.run_by_key(&workflow, &key).await.unwrap() {
+                break run;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the dropped submit recorded no run");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokio::time::timeout(Duration::from_secs(20), here.wait_until(run, finished))
+            .await
+            .expect("the run was not driven within 20 s (not queued)")
+            .unwrap()
+    });
+    assert!(finished(status), "{status:?}");
+}

@@ -98,16 +98,18 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1
 /// - `busy`: the live leases of each limited type (from the leases held, index
 ///   `leases_held`, schema migration 5), not read at all when no type is limited (a
 ///   one-time filter: a generic plan cannot see that the array is empty);
-/// - `chosen`: the candidates in queue order, up to `$5`, passing over the runs of a type
-///   at its limit (`$3`/`$4`: limited types and their limits; each run chosen counts);
-/// - `free`: the chosen runs' lease rows, locked, passing over rows another session holds
-///   locked (a worker paused between the two round trips of a flush holds its runs'
-///   lease and head rows: waiting for them stalled every claim of every process until
-///   that session's transaction was ended);
-/// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over)
-///   of the chosen runs whose lease row is in `free` or does not exist, lease rows locked
-///   in run order by every granter; `marked`: the runs marked claimed; the runs granted
-///   are returned in queue order.
+/// - `free`, `usable`: the candidates' lease rows, locked, passing over rows another
+///   session holds locked, and the candidates whose lease row is free or does not exist
+///   (a worker paused between the two round trips of a flush holds its runs' lease and
+///   head rows: waiting for them stalled every claim of every process until that
+///   session's transaction was ended; passing over them after the limit below left a
+///   claimer with few free workers taking nothing while runs behind them waited);
+/// - `chosen`: the usable candidates in queue order, up to `$5`, passing over the runs of
+///   a type at its limit (`$3`/`$4`: limited types and their limits; each run chosen
+///   counts);
+/// - `g`: the grants (as `try_lease`: a run whose lease another holds live is passed over),
+///   lease rows locked in run order by every granter; `marked`: the runs marked claimed;
+///   the runs granted are returned in queue order.
 ///
 /// The grant decision is made inside the database, so the claim locks are held for one
 /// statement and the COMMIT behind it (sent together), not across a round trip to the
@@ -122,9 +124,13 @@ const CLAIM_SQL: &str = "WITH cand AS (
          SELECT w.workflow, count(*) AS n FROM leases l JOIN work w ON w.run = l.run
          WHERE cardinality($3::text[]) > 0
            AND l.owner IS NOT NULL AND l.expires_at_us > $1 AND w.workflow = ANY($3) GROUP BY w.workflow),
+     free AS (SELECT l.run FROM leases l JOIN cand c ON c.run = l.run ORDER BY l.run FOR UPDATE OF l SKIP LOCKED),
+     usable AS (
+         SELECT c.* FROM cand c
+         WHERE c.run IN (SELECT run FROM free) OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = c.run)),
      ranked AS (
          SELECT c.*, row_number() OVER (PARTITION BY c.workflow ORDER BY c.priority DESC, c.accepted_at_us, c.ticket) AS nth
-         FROM cand c),
+         FROM usable c),
      chosen AS (
          SELECT r.run, r.workflow, r.priority, r.accepted_at_us, r.ticket FROM ranked r
          LEFT JOIN lim ON lim.workflow = r.workflow
@@ -132,11 +138,9 @@ const CLAIM_SQL: &str = "WITH cand AS (
          WHERE lim.cap IS NULL OR coalesce(busy.n, 0) + r.nth <= lim.cap
          ORDER BY r.priority DESC, r.accepted_at_us, r.ticket
          LIMIT $5),
-     free AS (SELECT l.run FROM leases l JOIN chosen c ON c.run = l.run ORDER BY l.run FOR UPDATE OF l SKIP LOCKED),
      g AS (
          INSERT INTO leases (run, owner, epoch, expires_at_us)
          SELECT c.run, $6, 1, $7 FROM chosen c
-         WHERE c.run IN (SELECT run FROM free) OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = c.run)
          ORDER BY c.run
          ON CONFLICT (run) DO UPDATE
            SET owner = EXCLUDED.owner, epoch = leases.epoch + 1, expires_at_us = EXCLUDED.expires_at_us

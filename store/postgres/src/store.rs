@@ -371,14 +371,8 @@ impl PgStore {
         fence: Option<Fence>,
         aux: Vec<AuxWrite>,
     ) -> Result<Head, StoreError> {
-        backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
-        backend::validate_aux(&aux, &self.shared.limits)?;
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
-        let reply = group::Reply::Blocking(reply);
-        self.shared
-            .appends
-            .send(group::Item::Append(Append { run, expected, records, claim, fence, aux, reply }))
-            .map_err(|_| StoreError::from(PgError::Closed))?;
+        self.queue(Append { run, expected, records, claim, fence, aux, reply: group::Reply::Blocking(reply) })?;
         rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
     }
 
@@ -393,15 +387,16 @@ impl PgStore {
         fence: Option<Fence>,
         aux: Vec<AuxWrite>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Head, StoreError>>, StoreError> {
-        backend::validate_append(run, &records, claim.as_ref(), &self.shared.limits)?;
-        backend::validate_aux(&aux, &self.shared.limits)?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let reply = group::Reply::Async(reply);
-        self.shared
-            .appends
-            .send(group::Item::Append(Append { run, expected, records, claim, fence, aux, reply }))
-            .map_err(|_| StoreError::from(PgError::Closed))?;
+        self.queue(Append { run, expected, records, claim, fence, aux, reply: group::Reply::Async(reply) })?;
         Ok(rx)
+    }
+
+    /// Checks `a` and hands it to the flusher (nothing is queued if it is refused).
+    fn queue(&self, a: Append) -> Result<(), StoreError> {
+        backend::validate_append(a.run, &a.records, a.claim.as_ref(), &self.shared.limits)?;
+        backend::validate_aux(&a.aux, &self.shared.limits)?;
+        self.shared.appends.send(group::Item::Append(a)).map_err(|_| StoreError::from(PgError::Closed))
     }
 
     /// Waits until the WAL on disk holds every commit made before this call: the next

@@ -49,7 +49,10 @@ pub(crate) fn run(a: CopyArgs) -> CmdResult {
         let (src, dst) = (from.head(*run)?, to.head(*run)?);
         let had = dst.next_seq.0;
         if (dst.next_seq, dst.last_hash) == (src.next_seq, src.last_hash) {
-            // Copied before and not driven since: left alone.
+            // Copied before and not driven since: its records are left alone, its index
+            // entry and queue place made right again (a copy cut after its records were
+            // written, or made by a keel that did not index copies, left them out).
+            announce(to.as_ref(), *run)?;
             present += 1;
             pb.inc(1);
             continue;
