@@ -21,6 +21,15 @@ const SCHEMA_PARAM: &str = "schema";
 /// not taken as a directory of that name (where a sled database would have been created).
 pub(crate) fn postgres_config(db: &Path) -> Option<Result<PgConfig, ReplayError>> {
     let s = db.to_str()?;
+    if is_keyword_string(s) {
+        // Not made a directory of that name (with the password in it).
+        return Some(Err(ReplayError::BadDbUrl {
+            path: redacted(db),
+            reason: "a key=value connection string: keel takes a URL, \
+                     postgres://USER@HOST:PORT/DATABASE?schema=NAME (a sled database is a directory)"
+                .into(),
+        }));
+    }
     if !(s.starts_with("postgres://") || s.starts_with("postgresql://")) {
         let scheme = s.split_once("://").map(|(scheme, _)| scheme)?;
         if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) {
@@ -75,7 +84,7 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
 /// is hidden wherever the driver would take it from.
 pub(crate) fn redacted(db: &Path) -> PathBuf {
     let s = db.to_string_lossy();
-    let Some((scheme, rest)) = s.split_once("://") else { return db.to_path_buf() };
+    let Some((scheme, rest)) = s.split_once("://") else { return PathBuf::from(keyword_redacted(&s)) };
     let rest = match rest.split_once('@') {
         Some((userinfo, after)) => match userinfo.split_once(':') {
             Some((user, _password)) => format!("{user}:***@{after}"),
@@ -102,6 +111,28 @@ pub(crate) fn redacted(db: &Path) -> PathBuf {
         })
         .collect();
     PathBuf::from(format!("{scheme}://{}", pieces.join("&")))
+}
+
+/// Whether `s` is a libpq `key=value` connection string (`host=db dbname=prod …`): words
+/// separated by spaces, each `key=value`, one of them naming a host or a database.
+fn is_keyword_string(s: &str) -> bool {
+    let words: Vec<&str> = s.split_whitespace().collect();
+    words.iter().all(|w| w.split_once('=').is_some_and(|(k, _)| !k.is_empty() && !k.contains('/')))
+        && words.iter().any(|w| {
+            w.split_once('=').is_some_and(|(k, _)| matches!(k, "host" | "hostaddr" | "dbname" | "port" | "user"))
+        })
+}
+
+/// A libpq `key=value` connection string given as `--db` (refused, see
+/// [`is_keyword_string`]): any `password=VALUE` in it shown as `password=***`.
+fn keyword_redacted(s: &str) -> String {
+    s.split(' ')
+        .map(|w| match w.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => w.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether a query parameter's name is `password` once percent-decoded (any case).
@@ -201,6 +232,14 @@ mod tests {
             assert!(shown.contains("***"), "{url} -> {shown}");
         }
         assert_eq!(redacted(Path::new("postgres://db/prod?schema=k")), Path::new("postgres://db/prod?schema=k"));
+        // A libpq key=value string (refused: keel takes a URL) hides it too.
+        let kv = Path::new("host=db user=app password=s3cret dbname=prod");
+        assert_eq!(redacted(kv), Path::new("host=db user=app password=*** dbname=prod"));
+        let e = postgres_config(kv).unwrap().unwrap_err().to_string();
+        assert!(e.contains("a key=value connection string") && !e.contains("s3cret"), "{e}");
+        // A directory name with `=` in it is still a directory.
+        assert!(postgres_config(Path::new("./data=2024")).is_none());
+        assert!(postgres_config(Path::new("/var/keel/a=b")).is_none());
         // Nothing hidden, nothing mangled, without a password.
         let plain = "postgres://app@127.0.0.1:5432/test?schema=k&application_name=a:b@c";
         assert_eq!(redacted(Path::new(plain)), Path::new(plain));

@@ -325,9 +325,11 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
         ("postgres://u@127.0.0.1/test?schema=pg_x", "keeps for its own schemas"),
         ("postgres://u@127.0.0.1/test?schema=user", "is a reserved word"),
         ("postgres:///test", "no host in the URL"),
+        ("host=127.0.0.1 dbname=test password=pw3", "a key=value connection string"),
     ] {
         let e = keel_in(Some(dir.path()), &["--db", url, "demo"]).one_line_error(2);
         assert!(e.contains("is not a usable database URL: ") && e.contains(says), "{url}: {e}");
+        assert!(!e.contains("pw3"), "the password is shown: {e}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "something was created");
     // A copy from nowhere says which flag named it, and creates nothing.
