@@ -185,6 +185,10 @@ impl TokenStore for PgTokens {
         let row = TokenRow { name: t.name.clone(), role: t.role.name().to_owned(), sha256: t.sha256 };
         self.0.add_token(&row).map_err(|e| e.to_string())
     }
+
+    fn remove(&self, name: &str) -> Result<bool, String> {
+        self.0.remove_token(name).map_err(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

@@ -391,3 +391,36 @@ fn logs_to_a_file_or_pipe_have_no_colour_codes() {
     assert!(stderr.contains(" INFO "), "no log line: {stderr}");
     assert!(!stderr.contains('\u{1b}'), "colour codes in: {stderr}");
 }
+
+/// `keel token list` shows names and roles (never a token or its hash); `keel token
+/// remove NAME` revokes a token: a running server refuses it (401) from the next request.
+#[test]
+fn a_token_is_listed_and_removed_and_then_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let db_s = db.to_str().unwrap();
+    let add = |name: &str, role: &str| {
+        let r = keel(&db, &["token", "add", name, "--role", role]);
+        r.stdout.trim().to_owned()
+    };
+    let (alice, bob) = (add("alice", "admin"), add("bob", "viewer"));
+    let listed = keel(&db, &["token", "list", "--json"]).ok().json();
+    assert_eq!(
+        listed,
+        serde_json::json!({"tokens": [{"name": "alice", "role": "admin"}, {"name": "bob", "role": "viewer"}]})
+    );
+    let text = keel(&db, &["token", "list"]).ok().stdout.clone();
+    assert!(!text.contains(&bob) && !text.contains(&alice) && text.contains("2 token(s)"), "{text}");
+    let (mut server, addr) = common::spawn_serve_plain(db_s);
+    assert_eq!(common::http_call(&addr, "GET", "/v1/runs", &bob, None).0, 200);
+    let removed = keel_in(None, &["--db", db_s, "token", "remove", "bob"]);
+    assert!(removed.ok().stdout.contains("removed token \"bob\""), "{}", removed.stdout);
+    assert_eq!(common::http_call(&addr, "GET", "/v1/runs", &bob, None).0, 401, "a removed token is refused");
+    assert_eq!(common::http_call(&addr, "GET", "/v1/runs", &alice, None).0, 200, "the others stay");
+    let _ = server.kill();
+    let _ = server.wait();
+    let again = keel_in(None, &["--db", db_s, "token", "remove", "bob"]).one_line_error(1);
+    assert!(again.contains("no token named \"bob\""), "{again}");
+    let listed = keel(&db, &["token", "list", "--json"]).ok().json();
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 1);
+}

@@ -113,6 +113,16 @@ fn two_servers_on_postgres_share_tokens_kept_in_the_database_and_the_runs() {
     for s in [&a, &b] {
         wait_until("the new token", || call(&s.addr, "GET", "/v1/runs", &late, None).0 == 200);
     }
+    // Listed (names and roles only) and removed on the database: both servers refuse it.
+    let listed = keel_in(None, &["--db", &db, "token", "list", "--json"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(listed.json()["tokens"].as_array().unwrap().iter().any(|t| t["name"] == "late" && t["role"] == "viewer"));
+    assert!(!listed.stdout.contains(&late));
+    let removed = keel_in(None, &["--db", &db, "token", "remove", "late"]);
+    assert_eq!(removed.code, 0, "{}", removed.stderr);
+    for s in [&a, &b] {
+        wait_until("the removed token refused", || call(&s.addr, "GET", "/v1/runs", &late, None).0 == 401);
+    }
 
     // Submitted through one server, resolved through the other: the servers' workers
     // (sharing the database's work queue) drive it to its end.

@@ -148,6 +148,8 @@ pub trait TokenStore: Send + Sync + std::fmt::Debug {
     fn list(&self) -> Result<Vec<StoredToken>, String>;
     /// Stores `token`; false (nothing stored) if a token of that name exists.
     fn insert(&self, token: &StoredToken) -> Result<bool, String>;
+    /// Removes the token named `name`; false if there was none.
+    fn remove(&self, name: &str) -> Result<bool, String>;
 }
 
 /// How long a [`TokenStore`]'s tokens are used before they are read again (a token added
@@ -358,6 +360,48 @@ pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthErro
     f.write_all(line.as_bytes()).map_err(io)?;
     f.sync_all().map_err(io)?;
     Ok(token)
+}
+
+/// The names and roles of the tokens in the tokens file at `path` (none if it does not
+/// exist), in the file's order. Never the hashes.
+pub fn list_tokens(path: &Path) -> Result<Vec<(String, Role)>, AuthError> {
+    Ok(load(path)?.entries.into_iter().map(|e| (e.name, e.role)).collect())
+}
+
+/// Removes the token named `name` from the tokens file at `path` (rewritten through a
+/// temporary file and a rename, mode 0600); false if it held none. A server reading the
+/// file stops accepting the token when it next looks (on the next request).
+pub fn remove_token(path: &Path, name: &str) -> Result<bool, AuthError> {
+    let loaded = load(path)?;
+    if !loaded.entries.iter().any(|e| e.name == name) {
+        return Ok(false);
+    }
+    let text: String = loaded
+        .entries
+        .iter()
+        .filter(|e| e.name != name)
+        .map(|e| format!("{} {} {}\n", hex::encode(e.hash), e.role.name(), e.name))
+        .collect();
+    let io = |source| AuthError::Io { path: path.to_path_buf(), source };
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(true)
 }
 
 /// A new token: `keel_` and 64 hex digits from two version-4 UUIDs (244 random bits from

@@ -30,8 +30,8 @@ mod verify;
 mod web;
 
 pub use auth::{
-    add_stored_token, add_token, Auth, AuthError, Identity, Role, StoredToken, TokenStore, TOKENS_FILE,
-    TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
+    add_stored_token, add_token, list_tokens, remove_token, Auth, AuthError, Identity, Role, StoredToken, TokenStore,
+    TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
 };
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 

@@ -60,4 +60,15 @@ impl PgStore {
             Ok(conn.ok(result)? == 1)
         })
     }
+
+    /// Removes the token named `name`; false if there was none. Every `keel serve` on the
+    /// schema stops accepting it with its next read of the table (within a second).
+    pub fn remove_token(&self, name: &str) -> Result<bool, StoreError> {
+        let (pool, name) = (self.pool(), name.to_owned());
+        self.call(async move {
+            let mut conn = pool.get().await?;
+            let result = conn.client()?.exec("DELETE FROM tokens WHERE name = $1", &[&name]).await;
+            Ok(conn.ok(result)? == 1)
+        })
+    }
 }

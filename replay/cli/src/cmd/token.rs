@@ -5,7 +5,7 @@ use crate::open::open_db;
 use crate::output::{errln, outln};
 use clap::{Args, Subcommand, ValueEnum};
 use keel_replay::error::ReplayError;
-use keel_server::{add_stored_token, add_token, Role, TOKENS_FILE};
+use keel_server::{add_stored_token, add_token, list_tokens, remove_token, Role, TOKENS_FILE};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -27,6 +27,19 @@ pub(crate) enum TokenCmd {
         #[arg(long, value_enum)]
         role: RoleArg,
     },
+    /// List the tokens' names and roles (never the tokens nor their hashes).
+    List {
+        /// Print JSON: `{"tokens": [{"name", "role"}]}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove (revoke) the token named NAME: every `keel serve` on the database refuses it
+    /// (401) from its next look at the tokens (at once for a tokens file, within a second
+    /// for PostgreSQL's table).
+    Remove {
+        /// The token's name.
+        name: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -40,7 +53,11 @@ pub(crate) enum RoleArg {
 }
 
 pub(crate) fn run(db: &Path, a: TokenArgs) -> CmdResult {
-    let TokenCmd::Add { name, role } = a.action;
+    let (name, role) = match a.action {
+        TokenCmd::Add { name, role } => (name, role),
+        TokenCmd::List { json } => return list(db, json),
+        TokenCmd::Remove { name } => return remove(db, &name),
+    };
     let role = match role {
         RoleArg::Viewer => Role::Viewer,
         RoleArg::Approver => Role::Approver,
@@ -69,4 +86,55 @@ fn add_to_file(db: &Path, name: &str, role: Role) -> Result<String, CliError> {
         Err(e) => return Err(e.into()),
     }
     add_token(&db.join(TOKENS_FILE), name, role).map_err(|e| CliError::Failed(e.to_string()))
+}
+
+/// Where the tokens of `db` are: the `tokens` table of a PostgreSQL database, or the
+/// tokens file of an existing sled database directory.
+enum Tokens {
+    Table(crate::backend::PgTokens),
+    File(std::path::PathBuf),
+}
+
+fn tokens_of(db: &Path) -> Result<Tokens, CliError> {
+    match crate::backend::postgres_config(db) {
+        Some(config) => {
+            Ok(Tokens::Table(crate::backend::PgTokens(crate::backend::open_postgres_store(db, config?, false)?)))
+        }
+        None if db.is_dir() => Ok(Tokens::File(db.join(TOKENS_FILE))),
+        None => Err(ReplayError::DbNotFound { path: db.to_path_buf() }.into()),
+    }
+}
+
+/// `keel token list`.
+fn list(db: &Path, json: bool) -> CmdResult {
+    let tokens: Vec<(String, Role)> = match tokens_of(db)? {
+        Tokens::Table(t) => {
+            keel_server::TokenStore::list(&t).map_err(CliError::Failed)?.into_iter().map(|t| (t.name, t.role)).collect()
+        }
+        Tokens::File(path) => list_tokens(&path).map_err(|e| CliError::Failed(e.to_string()))?,
+    };
+    if json {
+        let rows: Vec<serde_json::Value> =
+            tokens.iter().map(|(name, role)| serde_json::json!({ "name": name, "role": role.name() })).collect();
+        crate::output::print_json(&serde_json::json!({ "tokens": rows }))?;
+    } else {
+        for (name, role) in &tokens {
+            outln!("{name}  {}", role.name())?;
+        }
+        outln!("{} token(s)", tokens.len())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keel token remove NAME`.
+fn remove(db: &Path, name: &str) -> CmdResult {
+    let removed = match tokens_of(db)? {
+        Tokens::Table(t) => keel_server::TokenStore::remove(&t, name).map_err(CliError::Failed)?,
+        Tokens::File(path) => remove_token(&path, name).map_err(|e| CliError::Failed(e.to_string()))?,
+    };
+    if !removed {
+        return Err(CliError::Failed(format!("no token named {name:?}")));
+    }
+    outln!("removed token {name:?}: refused from now on")?;
+    Ok(ExitCode::SUCCESS)
 }
