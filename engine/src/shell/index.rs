@@ -354,9 +354,9 @@ pub(crate) fn ensure(log: &dyn Store) -> Result<Option<usize>, EngineError> {
 
 /// Re-indexes one run from its log (after records were appended outside the journal, as a
 /// fork or an import does): removes its listing keys under every status and writes its
-/// current entry.
-pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
-    let Some(s) = load_state(log, run)? else { return Ok(()) };
+/// current entry. Returns the state it folded (`None` for a run with no records).
+pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<Option<RunState>, EngineError> {
+    let Some(s) = load_state(log, run)? else { return Ok(None) };
     let mut out: Vec<AuxWrite> = Vec::new();
     for st in RunStatus::ALL {
         if st != s.status {
@@ -371,5 +371,6 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<(), EngineError> {
         out.extend(crate::shell::counts::removal_adds(&old.workflow, old.status, old.partial, &old.totals));
     }
     out.extend(crate::shell::counts::writes(None, &s));
-    Ok(log.aux_apply(out)?)
+    log.aux_apply(out)?;
+    Ok(Some(s))
 }

@@ -108,6 +108,11 @@ impl Held {
         } else {
             log.append_fenced_with_aux(run, expected, records, claim, fence, aux)
         };
+        self.noted(res)
+    }
+
+    /// `res` of an append under this lease: a `Fenced` refusal marks the lease lost.
+    fn noted(&self, res: Result<Head, StoreError>) -> Result<Head, StoreError> {
         if matches!(res, Err(StoreError::Fenced { .. })) {
             self.lost.store(true, Ordering::SeqCst);
         }
@@ -128,10 +133,7 @@ impl Held {
     ) -> Result<Head, StoreError> {
         let guard = self.lease.lock().await;
         let fence = self.fence(guard.as_ref(), run)?;
-        let res = log.append_async(run, expected, records, claim, Some(fence), aux).await;
-        if matches!(res, Err(StoreError::Fenced { .. })) {
-            self.lost.store(true, Ordering::SeqCst);
-        }
+        let res = self.noted(log.append_async(run, expected, records, claim, Some(fence), aux).await);
         drop(guard);
         res
     }

@@ -125,11 +125,11 @@ impl RunEvents {
             }
             // Nothing new: wait for an append of this run (or a lag, then re-read); on a
             // shared store, at most until the next look (see `remote_look`).
-            match woken(self.look, &mut self.sub, self.run).await {
-                Some(false) => return Ok(None),
-                Some(true) => {}
+            match next_change(self.look, &mut self.sub, self.run).await {
+                Woke::Closed => return Ok(None),
+                Woke::Got(_) => {}
                 // Nothing came: look again later, less often while the run is quiet.
-                None => self.look = self.look.map(slower),
+                Woke::Look => self.look = self.look.map(slower),
             }
         }
     }
@@ -157,21 +157,14 @@ pub(crate) async fn wait_until(
             return Ok(status);
         }
         loop {
-            let Some(wait) = look else {
-                match sub.recv_run(run).await {
-                    None => return Err(EngineError::Internal("the engine's change feed closed".into())),
-                    Some(Received::Change(c)) if !done(c.status) => continue,
-                    Some(_) => break,
-                }
-            };
-            match tokio::time::timeout(wait, sub.recv_run(run)).await {
-                Ok(None) => return Err(EngineError::Internal("the engine's change feed closed".into())),
-                Ok(Some(Received::Change(c))) if !done(c.status) => continue,
+            match next_change(look, &mut sub, run).await {
+                Woke::Closed => return Err(EngineError::Internal("the engine's change feed closed".into())),
+                Woke::Got(Received::Change(c)) if !done(c.status) => continue,
                 // A change that may be the end, or a lag.
-                Ok(Some(_)) => break,
+                Woke::Got(_) => break,
                 // Time to look at the store; the next look comes later.
-                Err(_) => {
-                    look = Some(slower(wait));
+                Woke::Look => {
+                    look = look.map(slower);
                     break;
                 }
             }
@@ -198,15 +191,25 @@ fn slower(look: std::time::Duration) -> std::time::Duration {
     look.saturating_mul(2).min(REMOTE_LOOK_MAX)
 }
 
+/// What ended a wait for a run's next change ([`next_change`]).
+enum Woke {
+    /// A change of the run, or a lag.
+    Got(Received),
+    /// Time to look at the (shared) store.
+    Look,
+    /// The engine's change feed closed.
+    Closed,
+}
+
 /// Waits for `run`'s next change in `sub` (or a lag), or (with `look`: a shared store) for
-/// the next look at the store, whichever comes first: `Some(true)` woken by a change or a
-/// lag, `None` by the look, `Some(false)` when the engine's change feed closed.
-async fn woken(look: Option<std::time::Duration>, sub: &mut Subscription, run: RunId) -> Option<bool> {
-    match look {
-        None => Some(sub.recv_run(run).await.is_some()),
+/// the next look at the store, whichever comes first.
+async fn next_change(look: Option<std::time::Duration>, sub: &mut Subscription, run: RunId) -> Woke {
+    let got = match look {
+        None => sub.recv_run(run).await,
         Some(look) => match tokio::time::timeout(look, sub.recv_run(run)).await {
-            Ok(got) => Some(got.is_some()),
-            Err(_) => None,
+            Ok(got) => got,
+            Err(_) => return Woke::Look,
         },
-    }
+    };
+    got.map_or(Woke::Closed, Woke::Got)
 }

@@ -99,15 +99,15 @@ fn shown(db: &Path) -> String {
 /// Re-indexes `run` in `to` from its log, and pushes it to `to`'s shared run queue (if it
 /// has one) when it can go on (not finished, not waiting for a human).
 fn announce(to: &dyn keel_store::Store, run: RunId) -> Result<(), CliError> {
-    keel_engine::reindex_run(to, run)?;
+    // One fold of the run serves both.
+    let Some(state) = keel_engine::reindex_run(to, run)? else { return Ok(()) };
     let Some(queue) = to.work_queue() else { return Ok(()) };
-    let Some(state) = keel_engine::load_state(to, run)? else { return Ok(()) };
     if state.status.is_terminal() || state.status == keel_engine::RunStatus::AwaitingHuman {
         return Ok(());
     }
     let runnable = keel_store::Runnable {
         run,
-        workflow: state.workflow.clone(),
+        workflow: state.workflow,
         priority: state.priority,
         accepted_at_us: state.accepted_at_us,
     };
