@@ -1,10 +1,10 @@
 //! Appends: group commit. Callers hand their appends to one flusher task; it takes every
 //! append waiting (up to [`FLUSH_APPENDS_MAX`] appends and [`FLUSH_BYTES_MAX`] payload
 //! bytes) into ONE transaction, which locks the rows it decides on, decides each append in
-//! arrival order in memory ([`plan`]), writes what was decided with one statement per
-//! table, and commits; then each caller gets its own outcome. Runs are locked in sorted
-//! order (leases, then heads, then claims), so two processes' flushes wait for each other
-//! instead of deadlocking. If a row appeared that the transaction did not lock (another
+//! arrival order in memory ([`plan`]), writes what was decided in one statement
+//! ([`write_sql`]), and commits; then each caller gets its own outcome. Runs are locked in
+//! sorted order (run by run its lease, then its head; then the keys claimed), so two
+//! processes' flushes wait for each other instead of deadlocking. If a row appeared that the transaction did not lock (another
 //! process created the same run or claimed the same new key at the same moment), the whole
 //! transaction is rolled back and its appends are retried one per transaction, where the
 //! row is then found and locked.
@@ -276,41 +276,31 @@ async fn flush_once(
 // tables (a generic plan cannot see the array's length; seen on a table of 1,000 runs),
 // and the updates as hash joins over such a scan. The updates are upserts of rows that
 // exist and are locked by the flush: each row is found through the arbiter index.
-pub(crate) const LEASES_SQL: &str = "SELECT l.run, l.epoch FROM unnest($1::uuid[]) AS k(run)
-     CROSS JOIN LATERAL (SELECT run, epoch FROM leases WHERE leases.run = k.run FOR UPDATE) l";
-pub(crate) const HEADS_SQL: &str =
-    "SELECT h.run, h.next_seq, h.last_hash, h.last_kind FROM unnest($1::uuid[]) AS k(run)
-     CROSS JOIN LATERAL (SELECT run, next_seq, last_hash, last_kind FROM heads WHERE heads.run = k.run FOR UPDATE) h";
+/// The lease (of the fenced runs only) and the head of each run of a flush, locked, in one
+/// statement: run by run in the order given (sorted), the lease row, then the head row.
+/// Every flush locks in that one order, and a claim locks lease rows only, in run order,
+/// so two transactions never wait for each other in a cycle. A run without a row (a new
+/// run's head, a fenced run without a lease) gives NULLs.
+pub(crate) const LOCK_SQL: &str = "SELECT k.run, l.epoch, h.next_seq, h.last_hash, h.last_kind
+     FROM unnest($1::uuid[], $2::bool[]) AS k(run, fenced)
+     LEFT JOIN LATERAL (SELECT epoch FROM leases WHERE leases.run = k.run AND k.fenced FOR UPDATE) l ON true
+     LEFT JOIN LATERAL (SELECT next_seq, last_hash, last_kind FROM heads WHERE heads.run = k.run FOR UPDATE) h
+       ON true";
 pub(crate) const CLAIMS_SQL: &str = "SELECT c.key, c.run, c.expires_at_us FROM unnest($1::bytea[]) AS k(key)
      CROSS JOIN LATERAL (SELECT key, run, expires_at_us FROM claims WHERE claims.key = k.key FOR UPDATE) c";
-pub(crate) const UPDATE_HEADS_SQL: &str = "INSERT INTO heads (run, next_seq, last_hash, last_kind)
-     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])
-     ON CONFLICT (run) DO UPDATE
-       SET next_seq = EXCLUDED.next_seq, last_hash = EXCLUDED.last_hash, last_kind = EXCLUDED.last_kind";
-/// No `ON CONFLICT`: a head row another process inserted since the locks were taken is a
-/// unique violation, which aborts the transaction (its COMMIT, already sent, rolls back).
-const INSERT_HEADS_SQL: &str = "INSERT INTO heads (run, next_seq, last_hash, last_kind)
-     SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[], $4::text[])";
-/// As [`UPDATE_HEADS_SQL`].
-pub(crate) const UPDATE_CLAIMS_SQL: &str = "INSERT INTO claims (key, run, expires_at_us)
-     SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])
-     ON CONFLICT (key) DO UPDATE SET run = EXCLUDED.run, expires_at_us = EXCLUDED.expires_at_us";
-/// As [`INSERT_HEADS_SQL`]: a key claimed by another process meanwhile aborts the flush.
-const INSERT_CLAIMS_SQL: &str =
-    "INSERT INTO claims (key, run, expires_at_us) SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::bigint[])";
-const EVENTS_SQL: &str =
-    "INSERT INTO events (run, seq, value) SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])";
-/// The aux writes of one step in one statement: removals, plain puts (a removal or plain
-/// put of a counter's key drops its shards), and counter adds, each to this session's shard
-/// of the counter (schema migration 4: concurrent transactions of different sessions
-/// seldom wait for each other's row lock on one counter; a read sums the shards). A plain
-/// entry stored under a counter's key (an `aux_put`) is folded into the counter first, as
-/// the in-process backends read it: a key is in one table or the other. The keys of the
-/// parts are disjoint (one write per key), so no row is touched twice.
+
+/// The aux writes of one step, as parts of one statement: removals, plain puts (a removal
+/// or plain put of a counter's key drops its shards), and counter adds, each to this
+/// session's shard of the counter (schema migration 4: concurrent transactions of
+/// different sessions seldom wait for each other's row lock on one counter; a read sums
+/// the shards). A plain entry stored under a counter's key (an `aux_put`) is folded into
+/// the counter first, as the in-process backends read it: a key is in one table or the
+/// other. The keys of the parts are disjoint (one write per key), so no row is touched
+/// twice.
 ///
-/// One text per set of parts present ([`aux_sql`]): a part with nothing to write is left
-/// out, not run with an empty array (a generic plan cannot skip it: the counters' removal,
-/// empty in almost every step, was a scan of the counters table on each flush).
+/// A part with nothing to write is left out of the statement, not run with an empty array
+/// (a generic plan cannot skip it: the counters' removal, empty in almost every step, was
+/// a scan of the counters table on each flush).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct AuxParts {
     pub(crate) removed: bool,
@@ -333,16 +323,11 @@ impl AuxParts {
     }
 }
 
-/// The statement of `parts` (see [`AuxParts`]); parameters in this order, of the parts
-/// present: removed keys; uncounted keys; put keys and values; counter keys, deltas and
-/// [`COUNTER_SHARDS`].
-pub(crate) fn aux_sql(parts: AuxParts) -> String {
+/// The common table expressions of `parts`, numbering their parameters with `next`, in
+/// this order of the parts present: removed keys; uncounted keys; put keys and values;
+/// counter keys, deltas and [`COUNTER_SHARDS`].
+fn aux_ctes(parts: AuxParts, next: &mut impl FnMut() -> usize) -> Vec<String> {
     let mut ctes = Vec::new();
-    let mut n = 0;
-    let mut next = || {
-        n += 1;
-        n
-    };
     if parts.removed {
         ctes.push(format!("removed AS (DELETE FROM aux WHERE key = ANY(${}))", next()));
     }
@@ -369,7 +354,21 @@ pub(crate) fn aux_sql(parts: AuxParts) -> String {
              ON CONFLICT (key, shard) DO UPDATE SET value = counters.value + EXCLUDED.value)"
         ));
     }
-    format!("WITH {} SELECT 1", ctes.join(",\n     "))
+    ctes
+}
+
+/// A counter from 1: the parameter numbers of one statement.
+fn numbering() -> impl FnMut() -> usize {
+    let mut n = 0;
+    move || {
+        n += 1;
+        n
+    }
+}
+
+/// The aux writes of `parts` alone, one statement (see [`AuxParts`] for the parameters).
+pub(crate) fn aux_sql(parts: AuxParts) -> String {
+    format!("WITH {} SELECT 1", aux_ctes(parts, &mut numbering()).join(",\n     "))
 }
 
 /// [`aux_sql`] of every set of parts, by [`AuxParts::index`] (index 0, no part, is empty).
@@ -377,16 +376,102 @@ static AUX_SQLS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| 
     (0u8..16).map(|b| if b == 0 { String::new() } else { aux_sql(AuxParts::from_bits(b)) }).collect()
 });
 
-const FLUSH_STATEMENTS: [&str; 8] = [
-    LEASES_SQL,
-    HEADS_SQL,
-    CLAIMS_SQL,
-    UPDATE_HEADS_SQL,
-    INSERT_HEADS_SQL,
-    UPDATE_CLAIMS_SQL,
-    INSERT_CLAIMS_SQL,
-    EVENTS_SQL,
-];
+/// The parts of a flush's writes besides its events: heads updated (rows the flush
+/// locked) and inserted (new runs), claims updated and inserted, and its aux writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WriteParts {
+    pub(crate) heads_updated: bool,
+    pub(crate) heads_inserted: bool,
+    pub(crate) claims_updated: bool,
+    pub(crate) claims_inserted: bool,
+    pub(crate) aux: AuxParts,
+}
+
+impl WriteParts {
+    /// The set whose [`WriteParts::index`] is `b`.
+    #[cfg(test)]
+    pub(crate) fn from_bits(b: u8) -> WriteParts {
+        WriteParts {
+            heads_updated: b & 1 != 0,
+            heads_inserted: b & 2 != 0,
+            claims_updated: b & 4 != 0,
+            claims_inserted: b & 8 != 0,
+            aux: AuxParts::from_bits(b >> 4),
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        usize::from(self.heads_updated)
+            | usize::from(self.heads_inserted) << 1
+            | usize::from(self.claims_updated) << 2
+            | usize::from(self.claims_inserted) << 3
+            | self.aux.index() << 4
+    }
+}
+
+/// Every write of a flush in ONE statement (one message and one answer, where one
+/// statement per table cost the server a message, a bind and an answer each): the events,
+/// then the parts present, each a common table expression, parameters in this order:
+/// the events' runs, seqs and values; the heads updated (runs, next seqs, hashes, kinds),
+/// the heads inserted (the same four); the claims updated (keys, runs, expiries), the
+/// claims inserted (the same three); the aux parts ([`aux_ctes`]). The heads and claims
+/// updated are upserts of rows the flush locked (found through the arbiter index); those
+/// inserted have no `ON CONFLICT`: a row another process inserted since the locks were
+/// taken is a unique violation, which fails the statement (and its COMMIT, already sent,
+/// rolls back): a lost race. The parts write disjoint rows.
+pub(crate) fn write_sql(parts: WriteParts) -> String {
+    let mut next = numbering();
+    let (r, s, v) = (next(), next(), next());
+    let mut ctes = vec![format!(
+        "ev AS (INSERT INTO events (run, seq, value) SELECT * FROM unnest(${r}::uuid[], ${s}::bigint[], ${v}::bytea[]))"
+    )];
+    let heads = |next: &mut dyn FnMut() -> usize| {
+        let (r, n, h, k) = (next(), next(), next(), next());
+        format!(
+            "INSERT INTO heads (run, next_seq, last_hash, last_kind)
+             SELECT * FROM unnest(${r}::uuid[], ${n}::bigint[], ${h}::bytea[], ${k}::text[])"
+        )
+    };
+    if parts.heads_updated {
+        ctes.push(format!(
+            "hu AS ({} ON CONFLICT (run) DO UPDATE
+               SET next_seq = EXCLUDED.next_seq, last_hash = EXCLUDED.last_hash, last_kind = EXCLUDED.last_kind)",
+            heads(&mut next)
+        ));
+    }
+    if parts.heads_inserted {
+        ctes.push(format!("hi AS ({})", heads(&mut next)));
+    }
+    let claims = |next: &mut dyn FnMut() -> usize| {
+        let (k, r, e) = (next(), next(), next());
+        format!(
+            "INSERT INTO claims (key, run, expires_at_us) SELECT * FROM unnest(${k}::bytea[], ${r}::uuid[], ${e}::bigint[])"
+        )
+    };
+    if parts.claims_updated {
+        ctes.push(format!(
+            "cu AS ({} ON CONFLICT (key) DO UPDATE SET run = EXCLUDED.run, expires_at_us = EXCLUDED.expires_at_us)",
+            claims(&mut next)
+        ));
+    }
+    if parts.claims_inserted {
+        ctes.push(format!("ci AS ({})", claims(&mut next)));
+    }
+    ctes.extend(aux_ctes(parts.aux, &mut next));
+    format!("WITH {} SELECT 1", ctes.join(",\n     "))
+}
+
+/// [`write_sql`] of every set of parts, by [`WriteParts::index`], made at first use.
+static WRITE_SQLS: std::sync::LazyLock<Vec<std::sync::OnceLock<String>>> =
+    std::sync::LazyLock::new(|| (0..256).map(|_| std::sync::OnceLock::new()).collect());
+
+fn write_sql_of(parts: WriteParts) -> std::borrow::Cow<'static, str> {
+    match WRITE_SQLS.get(parts.index()) {
+        Some(cell) => std::borrow::Cow::Borrowed(cell.get_or_init(|| write_sql(parts))),
+        // Not reached: an index has eight bits.
+        None => std::borrow::Cow::Owned(write_sql(parts)),
+    }
+}
 
 /// BEGIN a transaction that commits without waiting for the WAL flush.
 const BEGIN_ASYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off";
@@ -401,14 +486,10 @@ pub(crate) async fn warm(client: &Client, sqls: &[&str]) -> Result<(), tokio_pos
     Ok(())
 }
 
-/// [`warm`] for a flush: its own statements and every aux statement ([`AUX_SQLS`]), any
-/// of which a flush may send with its COMMIT.
+/// [`warm`] for a flush's locking reads (its writes are prepared as they are chosen,
+/// [`write`]).
 async fn warm_flush(client: &Client) -> Result<(), tokio_postgres::Error> {
-    warm(client, &FLUSH_STATEMENTS).await?;
-    for sql in AUX_SQLS.iter().filter(|s| !s.is_empty()) {
-        client.prepare_cached(sql).await?;
-    }
-    Ok(())
+    warm(client, &[LOCK_SQL, CLAIMS_SQL]).await
 }
 
 /// Locks, plans, writes and commits one flush in two round trips: BEGIN with the locking
@@ -421,44 +502,44 @@ async fn transaction(
     committing: &AtomicBool,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     warm_flush(client).await.map_err(failed)?;
-    let client: &Client = client;
-    let mut fenced: Vec<Uuid> =
-        batch.iter().filter_map(|a| a.fence.filter(|f| f.run == a.run).map(|f| f.run.0)).collect();
-    fenced.sort();
-    fenced.dedup();
-    let mut runs: Vec<Uuid> = batch.iter().map(|a| a.run.0).collect();
-    runs.sort();
-    runs.dedup();
+    // Each run of the batch once, in order, and whether an append of it is fenced.
+    let mut runs: BTreeMap<Uuid, bool> = BTreeMap::new();
+    for a in batch {
+        let fenced = a.fence.is_some_and(|f| f.run == a.run);
+        let entry = runs.entry(a.run.0).or_insert(false);
+        *entry = *entry || fenced;
+    }
+    let (runs, fenced): (Vec<Uuid>, Vec<bool>) = runs.into_iter().unzip();
     let mut keys: Vec<&[u8]> = batch.iter().filter_map(|a| a.claim.as_ref().map(|c| c.key.as_slice())).collect();
     keys.sort();
     keys.dedup();
 
-    // Sent together (one round trip), executed in this order: the locks are still taken
-    // leases, then heads, then claims.
+    // Sent together (one round trip), executed in this order: the locks are taken run by
+    // run (lease, then head), then the claims'.
     // The flusher's sessions start with `synchronous_commit = on` (their connection
     // options, `store.rs`; the lazy ones, `off`, never append), not the server's default:
     // an operator default of `off` would make acknowledged appends (and the WAL barriers a
     // flush answers) lose durability.
     let begin = if mode.async_commit { BEGIN_ASYNC } else { "BEGIN" };
-    let leases = async {
-        if fenced.is_empty() {
-            return Ok(Vec::new());
+    let rows = {
+        let client: &Client = client;
+        let rows = async { client.rows(LOCK_SQL, &[&runs, &fenced]).await };
+        let claims = async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.rows(CLAIMS_SQL, &[&keys]).await
+        };
+        match tokio::try_join!(biased; client.batch_execute(begin), rows, claims) {
+            Ok(((), rows, claims)) => Ok((rows, claims)),
+            Err(e) => Err(e),
         }
-        client.rows(LEASES_SQL, &[&fenced]).await
     };
-    let heads = async { client.rows(HEADS_SQL, &[&runs]).await };
-    let claims = async {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        client.rows(CLAIMS_SQL, &[&keys]).await
-    };
-    let read = tokio::try_join!(biased; client.batch_execute(begin), leases, heads, claims);
-    let ((), leases, heads, claims) = match read {
+    let (rows, claims) = match rows {
         Ok(read) => read,
         Err(e) => return Err(rolled_back(client, e).await),
     };
-    let locked = match locked(leases, heads, claims) {
+    let locked = match locked(rows, claims) {
         Ok(locked) => locked,
         Err(e) => return Err(rolled_back(client, e).await),
     };
@@ -467,9 +548,14 @@ async fn transaction(
         client.batch_execute("ROLLBACK").await.map_err(failed)?;
         return Ok(plan.outcomes);
     }
+    // The writes' statement is sent with the COMMIT: prepared first (see [`warm`]).
+    let writes = Writes::of(&plan);
+    if let Err(e) = client.prepare_cached(&writes.sql()).await {
+        return Err(rolled_back(client, e).await);
+    }
     // From here the outcome is in doubt if the connection goes or the call is cut.
     committing.store(true, Ordering::Relaxed);
-    write(client, &plan).await?;
+    write(client, &writes).await?;
     Ok(plan.outcomes)
 }
 
@@ -481,22 +567,27 @@ async fn rolled_back(client: &Client, e: tokio_postgres::Error) -> Failed {
 }
 
 /// What the locking reads found.
-fn locked(
-    leases: Vec<tokio_postgres::Row>,
-    heads: Vec<tokio_postgres::Row>,
-    claims: Vec<tokio_postgres::Row>,
-) -> Result<Locked, tokio_postgres::Error> {
+fn locked(rows: Vec<tokio_postgres::Row>, claims: Vec<tokio_postgres::Row>) -> Result<Locked, tokio_postgres::Error> {
     let mut locked = Locked::default();
-    for row in leases {
-        let (run, epoch): (Uuid, i64) = (row.try_get(0)?, row.try_get(1)?);
-        locked.epochs.insert(RunId(run), u64::try_from(epoch).unwrap_or(0));
-    }
-    for row in heads {
+    for row in rows {
         let run = RunId(row.try_get(0)?);
-        let next_seq: i64 = row.try_get(1)?;
-        let hash: Vec<u8> = row.try_get(2)?;
-        let kind: String = row.try_get(3)?;
-        locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
+        if let Some(epoch) = row.try_get::<_, Option<i64>>(1)? {
+            locked.epochs.insert(run, u64::try_from(epoch).unwrap_or(0));
+        }
+        let next_seq: Option<i64> = row.try_get(2)?;
+        let hash: Option<Vec<u8>> = row.try_get(3)?;
+        let kind: Option<String> = row.try_get(4)?;
+        // A head row's columns are NOT NULL: all three NULL is a run without one.
+        match (next_seq, hash, kind) {
+            (None, None, None) => {}
+            (Some(next_seq), Some(hash), Some(kind)) => {
+                locked.heads.insert(run, stored_head(run, next_seq, &hash, kind));
+            }
+            _ => {
+                let reason = "head row has a NULL column".to_owned();
+                locked.heads.insert(run, Err(StoreError::Corrupted { run, seq: Seq(0), reason }));
+            }
+        }
     }
     for row in claims {
         let key: Vec<u8> = row.try_get(0)?;
@@ -516,67 +607,83 @@ fn stored_head(run: RunId, next_seq: i64, hash: &[u8], kind: String) -> Result<H
     Ok(Head { next_seq: Seq(next_seq), last_hash, last_kind: Some(kind) })
 }
 
-/// Writes what `plan` decided and commits: every statement and the COMMIT sent together
-/// (one round trip). A head or claim row that another process inserted since the locks
-/// were taken is a unique violation: a lost race, nothing committed.
-async fn write(client: &Client, plan: &Plan) -> Result<(), Failed> {
-    let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
-    for (run, (head, existed)) in &plan.heads {
-        let cols = if *existed { &mut upd } else { &mut ins };
-        cols.push(*run, head);
+/// The columns of a flush's writes ([`write_sql`]'s parameters).
+struct Writes<'a> {
+    run: Vec<Uuid>,
+    seq: Vec<i64>,
+    value: Vec<&'a [u8]>,
+    upd: HeadCols,
+    ins: HeadCols,
+    cu: ClaimCols<'a>,
+    ci: ClaimCols<'a>,
+    aux: AuxCols<'a>,
+}
+
+impl<'a> Writes<'a> {
+    fn of(plan: &'a Plan) -> Writes<'a> {
+        let (mut upd, mut ins) = (HeadCols::default(), HeadCols::default());
+        for (run, (head, existed)) in &plan.heads {
+            let cols = if *existed { &mut upd } else { &mut ins };
+            cols.push(*run, head);
+        }
+        let (mut cu, mut ci) = (ClaimCols::default(), ClaimCols::default());
+        for (key, (run, expires, existed)) in &plan.claims {
+            let cols = if *existed { &mut cu } else { &mut ci };
+            cols.key.push(key.as_slice());
+            cols.run.push(run.0);
+            cols.expires.push(*expires);
+        }
+        let mut run = Vec::with_capacity(plan.events.len());
+        let mut seq = Vec::with_capacity(plan.events.len());
+        let mut value = Vec::with_capacity(plan.events.len());
+        for (r, s, v) in &plan.events {
+            run.push(r.0);
+            // Below i64::MAX: `decide` refused longer runs.
+            seq.push(i64::try_from(s.0).unwrap_or(i64::MAX));
+            value.push(v.as_slice());
+        }
+        Writes { run, seq, value, upd, ins, cu, ci, aux: AuxCols::of(&plan.aux) }
     }
-    let (mut cu, mut ci) = (ClaimCols::default(), ClaimCols::default());
-    for (key, (run, expires, existed)) in &plan.claims {
-        let cols = if *existed { &mut cu } else { &mut ci };
-        cols.key.push(key.as_slice());
-        cols.run.push(run.0);
-        cols.expires.push(*expires);
+
+    fn parts(&self) -> WriteParts {
+        WriteParts {
+            heads_updated: !self.upd.run.is_empty(),
+            heads_inserted: !self.ins.run.is_empty(),
+            claims_updated: !self.cu.key.is_empty(),
+            claims_inserted: !self.ci.key.is_empty(),
+            aux: self.aux.parts(),
+        }
     }
-    let mut run = Vec::with_capacity(plan.events.len());
-    let mut seq = Vec::with_capacity(plan.events.len());
-    let mut value = Vec::with_capacity(plan.events.len());
-    for (r, s, v) in &plan.events {
-        run.push(r.0);
-        // Below i64::MAX: `decide` refused longer runs.
-        seq.push(i64::try_from(s.0).unwrap_or(i64::MAX));
-        value.push(v.as_slice());
+
+    fn sql(&self) -> std::borrow::Cow<'static, str> {
+        write_sql_of(self.parts())
     }
-    let updating = async {
-        if upd.run.is_empty() {
-            return Ok(0);
+
+    /// The parameters of [`Writes::sql`], in its order.
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut p: Vec<&(dyn ToSql + Sync)> = vec![&self.run, &self.seq, &self.value];
+        for h in [&self.upd, &self.ins].into_iter().filter(|h| !h.run.is_empty()) {
+            p.extend([&h.run as &(dyn ToSql + Sync), &h.next_seq, &h.hash, &h.kind]);
         }
-        client.exec(UPDATE_HEADS_SQL, &[&upd.run, &upd.next_seq, &upd.hash, &upd.kind]).await
-    };
-    let inserting = async {
-        if ins.run.is_empty() {
-            return Ok(0);
+        for c in [&self.cu, &self.ci].into_iter().filter(|c| !c.key.is_empty()) {
+            p.extend([&c.key as &(dyn ToSql + Sync), &c.run, &c.expires]);
         }
-        client.exec(INSERT_HEADS_SQL, &[&ins.run, &ins.next_seq, &ins.hash, &ins.kind]).await
-    };
-    let claiming_old = async {
-        if cu.key.is_empty() {
-            return Ok(0);
-        }
-        client.exec(UPDATE_CLAIMS_SQL, &[&cu.key, &cu.run, &cu.expires]).await
-    };
-    let claiming_new = async {
-        if ci.key.is_empty() {
-            return Ok(0);
-        }
-        client.exec(INSERT_CLAIMS_SQL, &[&ci.key, &ci.run, &ci.expires]).await
-    };
-    let events = async { client.exec(EVENTS_SQL, &[&run, &seq, &value]).await };
-    // `biased`: polled in the order sent, so the error returned is the first statement's
-    // (a lost race's unique violation), not the "transaction is aborted" of a statement
-    // after it, which would fail the whole batch instead of retrying it.
+        self.aux.push_params(&mut p);
+        p
+    }
+}
+
+/// Writes what a plan decided and commits: one statement ([`write_sql`]) and the COMMIT
+/// sent together (one round trip), the statement prepared already. A head or claim row
+/// that another process inserted since the locks were taken is a unique violation: a lost
+/// race, nothing committed.
+async fn write(client: &Client, writes: &Writes<'_>) -> Result<(), Failed> {
+    let (sql, params) = (writes.sql(), writes.params());
+    // `biased`: polled in the order sent, so the error returned is the statement's (a lost
+    // race's unique violation), not the "transaction is aborted" of the COMMIT.
     let written = tokio::try_join!(
         biased;
-        updating,
-        inserting,
-        claiming_old,
-        claiming_new,
-        events,
-        aux_statements(client, &plan.aux),
+        client.exec(&sql, &params),
         client.batch_execute("COMMIT"),
     );
     match written {
@@ -607,53 +714,73 @@ pub(crate) async fn aux_statements<C: Cached>(
     c: &C,
     aux: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> Result<(), tokio_postgres::Error> {
-    if aux.is_empty() {
-        return Ok(());
-    }
-    let mut put_key: Vec<&[u8]> = Vec::new();
-    let mut put_value: Vec<&[u8]> = Vec::new();
-    let mut removed: Vec<&[u8]> = Vec::new();
-    let mut uncounted: Vec<&[u8]> = Vec::new();
-    let (mut counter_keys, mut deltas): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
-    for (key, value) in aux {
-        if let Some(d) = keel_store::counter_delta(key, value.as_deref()) {
-            counter_keys.push(key.as_slice());
-            deltas.push(d);
-            continue;
-        }
-        if key.starts_with(keel_store::COUNTER_PREFIX) {
-            uncounted.push(key.as_slice());
-        }
-        match value {
-            Some(v) => {
-                put_key.push(key.as_slice());
-                put_value.push(v.as_slice());
-            }
-            None => removed.push(key.as_slice()),
-        }
-    }
-    let parts = AuxParts {
-        removed: !removed.is_empty(),
-        uncounted: !uncounted.is_empty(),
-        put: !put_key.is_empty(),
-        counted: !counter_keys.is_empty(),
-    };
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(7);
-    if parts.removed {
-        params.push(&removed);
-    }
-    if parts.uncounted {
-        params.push(&uncounted);
-    }
-    if parts.put {
-        params.extend([&put_key as &(dyn ToSql + Sync), &put_value]);
-    }
-    if parts.counted {
-        params.extend([&counter_keys as &(dyn ToSql + Sync), &deltas, &COUNTER_SHARDS]);
-    }
-    let Some(sql) = AUX_SQLS.get(parts.index()).filter(|s| !s.is_empty()) else { return Ok(()) };
+    let cols = AuxCols::of(aux);
+    let Some(sql) = AUX_SQLS.get(cols.parts().index()).filter(|s| !s.is_empty()) else { return Ok(()) };
+    let mut params = Vec::with_capacity(7);
+    cols.push_params(&mut params);
     c.exec(sql, &params).await?;
     Ok(())
+}
+
+/// The columns of a step's aux writes, by part ([`AuxParts`]).
+#[derive(Default)]
+struct AuxCols<'a> {
+    removed: Vec<&'a [u8]>,
+    uncounted: Vec<&'a [u8]>,
+    put_key: Vec<&'a [u8]>,
+    put_value: Vec<&'a [u8]>,
+    counter_keys: Vec<&'a [u8]>,
+    deltas: Vec<i64>,
+}
+
+impl<'a> AuxCols<'a> {
+    fn of(aux: &'a BTreeMap<Vec<u8>, Option<Vec<u8>>>) -> AuxCols<'a> {
+        let mut c = AuxCols::default();
+        for (key, value) in aux {
+            if let Some(d) = keel_store::counter_delta(key, value.as_deref()) {
+                c.counter_keys.push(key.as_slice());
+                c.deltas.push(d);
+                continue;
+            }
+            if key.starts_with(keel_store::COUNTER_PREFIX) {
+                c.uncounted.push(key.as_slice());
+            }
+            match value {
+                Some(v) => {
+                    c.put_key.push(key.as_slice());
+                    c.put_value.push(v.as_slice());
+                }
+                None => c.removed.push(key.as_slice()),
+            }
+        }
+        c
+    }
+
+    fn parts(&self) -> AuxParts {
+        AuxParts {
+            removed: !self.removed.is_empty(),
+            uncounted: !self.uncounted.is_empty(),
+            put: !self.put_key.is_empty(),
+            counted: !self.counter_keys.is_empty(),
+        }
+    }
+
+    /// The parameters of the parts present, in [`aux_ctes`]' order.
+    fn push_params<'s>(&'s self, params: &mut Vec<&'s (dyn ToSql + Sync)>) {
+        let parts = self.parts();
+        if parts.removed {
+            params.push(&self.removed);
+        }
+        if parts.uncounted {
+            params.push(&self.uncounted);
+        }
+        if parts.put {
+            params.extend([&self.put_key as &(dyn ToSql + Sync), &self.put_value]);
+        }
+        if parts.counted {
+            params.extend([&self.counter_keys as &(dyn ToSql + Sync), &self.deltas, &COUNTER_SHARDS]);
+        }
+    }
 }
 
 /// Aux writes outside any append, in one transaction of their own; retried (a few times)

@@ -290,26 +290,29 @@ mod tests {
              INSERT INTO claims (key, run, expires_at_us)
                SELECT int8send(i), gen_random_uuid(), 0 FROM generate_series(1, 1000) i;
              ANALYZE heads; ANALYZE leases; ANALYZE claims;
-             PREPARE leases_lock (uuid[]) AS {};
-             PREPARE heads_lock (uuid[]) AS {};
+             PREPARE flush_lock (uuid[], bool[]) AS {};
              PREPARE claims_lock (bytea[]) AS {};
-             PREPARE heads_update (uuid[], bigint[], bytea[], text[]) AS {};
-             PREPARE claims_update (bytea[], uuid[], bigint[]) AS {};",
-            crate::group::LEASES_SQL,
-            crate::group::HEADS_SQL,
+             PREPARE flush_write (uuid[], bigint[], bytea[], uuid[], bigint[], bytea[], text[],
+                                  bytea[], uuid[], bigint[]) AS {};",
+            crate::group::LOCK_SQL,
             crate::group::CLAIMS_SQL,
-            crate::group::UPDATE_HEADS_SQL,
-            crate::group::UPDATE_CLAIMS_SQL
+            crate::group::write_sql(crate::group::WriteParts {
+                heads_updated: true,
+                heads_inserted: false,
+                claims_updated: true,
+                claims_inserted: false,
+                aux: crate::group::AuxParts::from_bits(0),
+            }),
         );
         let ids = "ARRAY['00000000-0000-0000-0000-000000000001'::uuid, '00000000-0000-0000-0000-000000000002']";
         let explains = vec![
-            format!("EXPLAIN EXECUTE leases_lock ({ids})"),
-            format!("EXPLAIN EXECUTE heads_lock ({ids})"),
+            format!("EXPLAIN EXECUTE flush_lock ({ids}, ARRAY[true, false])"),
             "EXPLAIN EXECUTE claims_lock (ARRAY['\\x01'::bytea, '\\x02'])".to_owned(),
             format!(
-                "EXPLAIN EXECUTE heads_update ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"
+                "EXPLAIN EXECUTE flush_write ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'],
+                   {ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'],
+                   ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"
             ),
-            format!("EXPLAIN EXECUTE claims_update (ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"),
         ];
         let Some(plans) = plans("plans", &setup, explains) else { return };
         for plan in plans {
@@ -365,6 +368,41 @@ mod tests {
         let Some(plans) = plans("auxstep", &setup, explains) else { return };
         for plan in plans {
             assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
+        }
+    }
+
+    /// Each statement of a flush's writes numbers its parameters from 1 without a gap, as
+    /// the flush sends them: events (3), each heads part (4), each claims part (3), then
+    /// the aux parts; and has each part present, and no other.
+    #[test]
+    fn flush_writes_number_their_parameters_in_order() {
+        use crate::group::{write_sql, WriteParts};
+        for bits in 0u8..=255 {
+            let parts = WriteParts::from_bits(bits);
+            assert_eq!(parts.index(), usize::from(bits));
+            let a = parts.aux;
+            let want = 3
+                + 4 * usize::from(parts.heads_updated)
+                + 4 * usize::from(parts.heads_inserted)
+                + 3 * usize::from(parts.claims_updated)
+                + 3 * usize::from(parts.claims_inserted)
+                + usize::from(a.removed)
+                + usize::from(a.uncounted)
+                + 2 * usize::from(a.put)
+                + 3 * usize::from(a.counted);
+            let sql = write_sql(parts);
+            for n in 1..=want {
+                let named = sql.match_indices(&format!("${n}")).any(|(at, m)| {
+                    !sql.get(at + m.len()..).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
+                });
+                assert!(named, "{parts:?}: ${n} missing in {sql}");
+            }
+            assert!(!sql.contains(&format!("${}", want + 1)), "{parts:?}: more than {want} parameters in {sql}");
+            assert_eq!(sql.contains("hu AS"), parts.heads_updated, "{parts:?}: {sql}");
+            assert_eq!(sql.contains("hi AS"), parts.heads_inserted, "{parts:?}: {sql}");
+            assert_eq!(sql.contains("cu AS"), parts.claims_updated, "{parts:?}: {sql}");
+            assert_eq!(sql.contains("ci AS"), parts.claims_inserted, "{parts:?}: {sql}");
+            assert_eq!(sql.contains("FROM counters WHERE"), a.uncounted, "{parts:?}: {sql}");
         }
     }
 
