@@ -68,7 +68,9 @@ pub use coordination::{
     counter_add, counter_delta, counter_value, merge_aux, AuxEntry, AuxWrite, Coordination, Fence, Lease,
     ReleaseOnDrop, Store, COUNTER_PREFIX, OWNER_BYTES_MAX,
 };
-pub use coordination::{AppendFuture, AsyncAppend, Claimed, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX};
+pub use coordination::{
+    AppendFuture, AsyncAppend, Claimed, FoldFuture, FoldSource, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX,
+};
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};
 pub use error::{LostRecords, StoreError};

@@ -232,6 +232,13 @@ impl<O: AppendObserver> AsyncAppend for Observed<O> {
             result
         })
     }
+
+    fn fold_source_async<'a>(&'a self, run: RunId) -> crate::FoldFuture<'a> {
+        match self.inner.async_appends() {
+            Some(inner) => inner.fold_source_async(run),
+            None => Box::pin(std::future::ready(Ok(None))),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -156,22 +156,12 @@ fn fold_into(
 
 fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
     match log.load_snapshot(run) {
-        Ok(Some((seq, bytes))) => match snapshot_layout(&bytes).map(codec::decode::<RunState>) {
-            None => {
-                tracing::warn!(%run, snapshot_seq = seq.0, "snapshot of an older state layout; folding the full log");
+        Ok(Some((seq, bytes))) => match snapshot_decoded(run, seq, &bytes) {
+            Ok(s) => Some(s),
+            Err(why) => {
+                why.warn(run, seq);
                 None
             }
-            Some(decoded) => match decoded {
-                Ok(s) if s.run == run && s.next_seq == seq => Some(s),
-                Ok(s) => {
-                    tracing::warn!(%run, snapshot_seq = seq.0, state_seq = s.next_seq.0, "snapshot does not match its run or seq; folding the full log");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(%run, error = %e, "snapshot does not decode; folding the full log");
-                    None
-                }
-            },
         },
         Ok(None) => None,
         Err(e) => {
@@ -179,6 +169,65 @@ fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
             None
         }
     }
+}
+
+/// Why a snapshot that opened is not used.
+enum Unused {
+    OlderLayout,
+    Mismatch(Seq),
+    Undecodable(EngineError),
+}
+
+impl Unused {
+    fn warn(self, run: RunId, seq: Seq) {
+        match self {
+            Unused::OlderLayout => {
+                tracing::warn!(%run, snapshot_seq = seq.0, "snapshot of an older state layout; folding the full log");
+            }
+            Unused::Mismatch(state_seq) => {
+                tracing::warn!(%run, snapshot_seq = seq.0, state_seq = state_seq.0, "snapshot does not match its run or seq; folding the full log");
+            }
+            Unused::Undecodable(e) => {
+                tracing::warn!(%run, error = %e, "snapshot does not decode; folding the full log")
+            }
+        }
+    }
+}
+
+/// The state of a snapshot of `run` covering seqs `< seq`, if it is of the current layout
+/// and matches both.
+fn snapshot_decoded(run: RunId, seq: Seq, bytes: &[u8]) -> Result<RunState, Unused> {
+    let layout = snapshot_layout(bytes).ok_or(Unused::OlderLayout)?;
+    match codec::decode::<RunState>(layout) {
+        Ok(s) if s.run == run && s.next_seq == seq => Ok(s),
+        Ok(s) => Err(Unused::Mismatch(s.next_seq)),
+        Err(e) => Err(Unused::Undecodable(e.into())),
+    }
+}
+
+/// [`load_state`] of what the store read without a thread held
+/// ([`keel_store::AsyncAppend::fold_source_async`]), folded here: `None` where the
+/// blocking [`load_state`] must do it (a snapshot it will not use, which it reports; a
+/// record with payload references, inflated by blocking reads of the payload store).
+pub(crate) fn fold_source(run: RunId, source: keel_store::FoldSource) -> Result<Option<Option<RunState>>, EngineError> {
+    let mut state = match source.snapshot {
+        Some((seq, bytes)) => match snapshot_decoded(run, seq, &bytes) {
+            Ok(s) => Some(s),
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    for rec in source.records {
+        let mut logged = logged_of(rec)?;
+        if payload::has_refs(&logged.event) {
+            return Ok(None);
+        }
+        match state.as_mut() {
+            None => state = Some(apply(None, &logged)?),
+            Some(s) => apply_take(s, &mut logged)?,
+        }
+    }
+    Ok(Some(state))
 }
 
 /// The state bytes of a snapshot of the current layout (after [`SNAPSHOT_MAGIC`]); `None`

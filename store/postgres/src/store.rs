@@ -518,6 +518,10 @@ fn stored_seq(run: RunId, seq: i64) -> Result<Seq, StoreError> {
 }
 
 async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
+    page_on(&pool, run, from, limit).await
+}
+
+async fn page_on(pool: &Pool, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
@@ -720,6 +724,98 @@ impl keel_store::AsyncAppend for PgStore {
         let queued = self.submit_async(run, expected, records, claim, fence, aux);
         Box::pin(async move { queued?.await.map_err(|_| StoreError::from(PgError::Closed))? })
     }
+
+    /// One statement ([`FOLD_SQL`]) on the store's runtime, answered through a oneshot;
+    /// more pages after it only for a tail longer than a page.
+    fn fold_source_async<'a>(&'a self, run: RunId) -> keel_store::FoldFuture<'a> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (pool, page, bound) = (self.pool(), self.shared.page, self.shared.bounds.call);
+        self.shared.handle.spawn(async move {
+            let out = match tokio::time::timeout(bound, fold_source(pool, run, page)).await {
+                Ok(out) => out,
+                Err(_) => Err(PgError::Timeout { what: Timed::Call, after_ms: millis(bound) }.into()),
+            };
+            let _ = tx.send(out);
+        });
+        Box::pin(async move { rx.await.map_err(|_| StoreError::from(PgError::Closed))? })
+    }
+}
+
+/// A run's snapshot (a row with a NULL seq: its value and the seq it covers up to) and a
+/// page of its records from the one before that seq (from 0 without a snapshot): the
+/// record before is the snapshot's anchor and the first link of the tail.
+const FOLD_SQL: &str = "WITH s AS (SELECT value, next_seq FROM snapshots WHERE run = $1)
+     SELECT NULL::bigint, value, next_seq FROM s
+     UNION ALL
+     (SELECT seq, value, NULL::bigint FROM events
+      WHERE run = $1 AND seq >= greatest(coalesce((SELECT next_seq FROM s), 0) - 1, 0)
+      ORDER BY seq LIMIT $2)";
+
+/// [`keel_store::AsyncAppend::fold_source_async`]: `None` where the two-step read must do
+/// it (a snapshot saved before schema migration 6, or one that does not open: those
+/// report it).
+async fn fold_source(pool: Arc<Pool>, run: RunId, page: i64) -> Result<Option<keel_store::FoldSource>, StoreError> {
+    let rows = {
+        let mut conn = pool.get().await?;
+        let result = conn.client()?.rows(FOLD_SQL, &[&run.0, &page]).await;
+        conn.ok(result)?
+    };
+    let mut snap: Option<(Vec<u8>, Option<i64>)> = None;
+    let mut pairs: Vec<(Seq, Vec<u8>)> = Vec::with_capacity(rows.len());
+    let fetched = rows.len().saturating_sub(1);
+    for row in rows {
+        match row.try_get::<_, Option<i64>>(0).map_err(pg)? {
+            None => snap = Some((row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?)),
+            Some(seq) => pairs.push((stored_seq(run, seq)?, row.try_get(1).map_err(pg)?)),
+        }
+    }
+    let full = i64::try_from(if snap.is_some() { fetched } else { pairs.len() }).is_ok_and(|n| n >= page);
+    pairs.sort_by_key(|(seq, _)| *seq);
+    let (snapshot, from, prev) = match snap {
+        None => (None, 0, [0u8; 32]),
+        Some((_, None)) => return Ok(None),
+        Some((value, Some(covers))) => {
+            let covers = u64::try_from(covers).unwrap_or(0);
+            let hash_of = |p: u64| -> Result<Option<Hash32>, StoreError> {
+                match pairs.iter().find(|(seq, _)| seq.0 == p) {
+                    Some((seq, v)) => Ok(Some(backend::decode_record(run, *seq, v)?.hash)),
+                    None => Ok(None),
+                }
+            };
+            let Ok((seq, state)) = backend::open_snapshot(run, &value, hash_of) else { return Ok(None) };
+            if seq.0 != covers {
+                return Ok(None);
+            }
+            let prev = match seq.0.checked_sub(1) {
+                None => [0u8; 32],
+                Some(p) => match hash_of(p)? {
+                    Some(h) => h,
+                    None => return Ok(None),
+                },
+            };
+            (Some((seq, state)), seq.0, prev)
+        }
+    };
+    pairs.retain(|(seq, _)| seq.0 >= from);
+    if full {
+        // A tail longer than a page: the rest a page at a time.
+        let mut next = pairs.last().and_then(|(seq, _)| seq.0.checked_add(1)).unwrap_or(from);
+        loop {
+            let more = page_on(&pool, run, next, page).await?;
+            let mut short = i64::try_from(more.len()).map_or(true, |n| n < page);
+            match more.last().map(|(seq, _)| seq.0.checked_add(1)) {
+                Some(Some(n)) => next = n,
+                _ => short = true,
+            }
+            pairs.extend(more);
+            if short {
+                break;
+            }
+        }
+    }
+    let records = backend::checked_records(run, pairs.into_iter().map(Ok), Seq(from), prev, true);
+    let records = records.collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(Some(keel_store::FoldSource { snapshot, records }))
 }
 
 impl Coordination for PgStore {
@@ -892,9 +988,9 @@ impl Coordination for PgStore {
         };
         let value = backend::seal_snapshot(next_seq, anchor, state)?;
         self.exec(
-            "INSERT INTO snapshots (run, value) VALUES ($1, $2)
-             ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value",
-            vec![Box::new(run.0), Box::new(value) as Box<dyn ToSql + Send + Sync>],
+            "INSERT INTO snapshots (run, value, next_seq) VALUES ($1, $2, $3)
+             ON CONFLICT (run) DO UPDATE SET value = EXCLUDED.value, next_seq = EXCLUDED.next_seq",
+            vec![Box::new(run.0), Box::new(value), Box::new(seq_param(next_seq.0)) as Box<dyn ToSql + Send + Sync>],
         )
     }
 

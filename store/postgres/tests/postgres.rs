@@ -962,3 +962,76 @@ fn the_url_s_application_name_is_kept() {
     let q = format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{name}'");
     assert!(admin.int(&q) > 0, "no session named {name}");
 }
+
+/// A fold's read without a thread held (`fold_source_async`: the snapshot and the tail in
+/// one statement) gives what the two-step read gives: the snapshot as `load_snapshot`
+/// opens it and the records from its seq as `read` yields them, across pages; the first
+/// damaged record as the error; and leaves to the two-step read a snapshot saved before
+/// schema migration 6 (no seq column) and one whose anchor record was altered.
+#[test]
+fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(PgConfig { read_page_records: 3, ..cfg }).unwrap();
+    let admin = Admin::connect().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let source = |r: RunId| rt.block_on(store.async_appends().unwrap().fold_source_async(r));
+    let seqs_hashes = |records: &[keel_store::Record]| -> Vec<(u64, [u8; 32])> {
+        records.iter().map(|x| (x.seq.0, x.hash)).collect()
+    };
+    let read_from = |r: RunId, from: u64| -> Vec<keel_store::Record> {
+        store.read(r, Seq(from)).unwrap().map(Result::unwrap).collect()
+    };
+    let (plain, snapped, old, damaged, empty, moved) = (run(20), run(21), run(22), run(23), run(24), run(25));
+    for r in [plain, snapped, old, damaged, moved] {
+        store.append(r, Seq(0), (0..10).map(rec).collect(), None).unwrap();
+    }
+    for r in [snapped, old, damaged, moved] {
+        store.save_snapshot(r, Seq(6), b"state at 6").unwrap();
+    }
+
+    let got = source(plain).unwrap().expect("served");
+    assert!(got.snapshot.is_none());
+    assert_eq!(seqs_hashes(&got.records), seqs_hashes(&read_from(plain, 0)), "the whole run, over four pages");
+
+    let got = source(snapped).unwrap().expect("served");
+    assert_eq!(got.snapshot, store.load_snapshot(snapped).unwrap());
+    assert_eq!(got.snapshot.as_ref().map(|(s, v)| (s.0, v.as_slice())), Some((6, b"state at 6".as_slice())));
+    assert_eq!(seqs_hashes(&got.records), seqs_hashes(&read_from(snapped, 6)));
+
+    admin.exec(&format!("UPDATE {schema}.snapshots SET next_seq = NULL WHERE run = '{}'", old.0));
+    assert!(source(old).unwrap().is_none(), "a snapshot without its seq column: the two-step read");
+    assert!(store.load_snapshot(old).unwrap().is_some());
+
+    // Flip the last byte of record 8 (inside its hash: the CRC no longer matches).
+    admin.exec(&format!(
+        "UPDATE {schema}.events SET value = overlay(value placing set_byte('\\x00'::bytea, 0, get_byte(value, length(value) - 1) # 1) \
+         from length(value) for 1) WHERE run = '{}' AND seq = 8",
+        damaged.0
+    ));
+    let first_error = store.read(damaged, Seq(6)).unwrap().find_map(Result::err).unwrap();
+    match source(damaged) {
+        Err(StoreError::Corrupted { seq, .. }) => {
+            assert_eq!(seq, Seq(8));
+            assert!(matches!(first_error, StoreError::Corrupted { seq: Seq(8), .. }));
+        }
+        other => panic!("expected the damaged record, got {other:?}"),
+    }
+
+    let got = source(empty).unwrap().expect("served");
+    assert!(got.snapshot.is_none() && got.records.is_empty());
+
+    // The snapshot's anchor (record 5) altered: load_snapshot reports it; left to it.
+    admin.exec(&format!(
+        "UPDATE {schema}.events SET value = (SELECT value FROM {schema}.events WHERE run = '{p}' AND seq = 5)
+         WHERE run = '{m}' AND seq = 5",
+        p = plain.0,
+        m = moved.0
+    ));
+    assert!(source(moved).unwrap().is_none(), "a snapshot that does not open: the two-step read");
+    assert!(matches!(store.load_snapshot(moved), Err(StoreError::CorruptSnapshot { .. })));
+}
