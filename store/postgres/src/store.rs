@@ -97,6 +97,11 @@ pub struct PgStats {
     /// Flushes rolled back because another writer created a row first (then retried one
     /// append per transaction).
     pub raced_flushes: u64,
+    /// Flushes sent as one statement on the heads this process knew (docs/STORE.md 15.2b).
+    pub one_statement_flushes: u64,
+    /// Of those, the ones whose known heads or leases were not as known: nothing written,
+    /// then decided the locking way.
+    pub one_statement_misses: u64,
 }
 
 /// Owns the runtime; shuts it down without waiting (dropping a runtime inside another
@@ -117,6 +122,8 @@ struct Shared {
     pool: Arc<Pool>,
     appends: mpsc::UnboundedSender<group::Item>,
     counters: Arc<Counters>,
+    /// The heads this process last saw (a flush's hint, [`group::Heads`]).
+    heads: Arc<group::Heads>,
     limits: Limits,
     durability: Durability,
     page: i64,
@@ -283,10 +290,11 @@ impl PgStore {
             Durability::EveryAppend(_) => FlushMode { appends_max: 1, async_commit: false, flushers: config.pool_size },
         };
         let counters = Arc::new(Counters::default());
+        let heads = Arc::new(group::Heads::default());
         let (appends, rx) = mpsc::unbounded_channel();
         let queue: group::Queue = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..mode.flushers {
-            handle.spawn(group::flusher(pool.clone(), queue.clone(), mode, counters.clone()));
+            handle.spawn(group::flusher(pool.clone(), queue.clone(), mode, counters.clone(), heads.clone()));
         }
         let page = i64::try_from(config.read_page_records).unwrap_or(256);
         Ok(PgStore {
@@ -296,6 +304,7 @@ impl PgStore {
                 pool,
                 appends,
                 counters,
+                heads,
                 limits: config.limits,
                 durability: config.durability,
                 page,
@@ -312,7 +321,8 @@ impl PgStore {
         &self.shared.schema
     }
 
-    /// Counters since open (flushes, appends, fenced refusals, raced flushes).
+    /// Counters since open (flushes, appends, fenced refusals, raced flushes, flushes in one
+    /// statement).
     pub fn stats(&self) -> PgStats {
         let c = &self.shared.counters;
         PgStats {
@@ -320,6 +330,8 @@ impl PgStore {
             appends: c.appends.load(Ordering::Relaxed),
             fenced_refusals: c.fenced.load(Ordering::Relaxed),
             raced_flushes: c.raced.load(Ordering::Relaxed),
+            one_statement_flushes: c.fast.load(Ordering::Relaxed),
+            one_statement_misses: c.fast_missed.load(Ordering::Relaxed),
         }
     }
 
@@ -730,8 +742,9 @@ impl keel_store::AsyncAppend for PgStore {
     fn fold_source_async<'a>(&'a self, run: RunId) -> keel_store::FoldFuture<'a> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (pool, page, bound) = (self.pool(), self.shared.page, self.shared.bounds.call);
+        let heads = self.shared.heads.clone();
         self.shared.handle.spawn(async move {
-            let out = match tokio::time::timeout(bound, fold_source(pool, run, page)).await {
+            let out = match tokio::time::timeout(bound, fold_source(pool, run, page, &heads)).await {
                 Ok(out) => out,
                 Err(_) => Err(PgError::Timeout { what: Timed::Call, after_ms: millis(bound) }.into()),
             };
@@ -754,7 +767,12 @@ const FOLD_SQL: &str = "WITH s AS (SELECT value, next_seq FROM snapshots WHERE r
 /// [`keel_store::AsyncAppend::fold_source_async`]: `None` where the two-step read must do
 /// it (a snapshot saved before schema migration 6, or one that does not open: those
 /// report it).
-async fn fold_source(pool: Arc<Pool>, run: RunId, page: i64) -> Result<Option<keel_store::FoldSource>, StoreError> {
+async fn fold_source(
+    pool: Arc<Pool>,
+    run: RunId,
+    page: i64,
+    heads: &group::Heads,
+) -> Result<Option<keel_store::FoldSource>, StoreError> {
     let rows = {
         let mut conn = pool.get().await?;
         let result = conn.client()?.rows(FOLD_SQL, &[&run.0, &page]).await;
@@ -815,6 +833,12 @@ async fn fold_source(pool: Arc<Pool>, run: RunId, page: i64) -> Result<Option<ke
     }
     let records = backend::checked_records(run, pairs.into_iter().map(Ok), Seq(from), prev, true);
     let records = records.collect::<Result<Vec<_>, StoreError>>()?;
+    // The run's head as read: the next flush of the run may take it as known.
+    if let Some(last) = records.last() {
+        if let Some(next_seq) = last.seq.0.checked_add(1) {
+            heads.saw(run, Head { next_seq: Seq(next_seq), last_hash: last.hash, last_kind: Some(last.kind.clone()) });
+        }
+    }
     Ok(Some(keel_store::FoldSource { snapshot, records }))
 }
 

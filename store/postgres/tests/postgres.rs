@@ -304,9 +304,13 @@ fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let (store, schema) = scratch.open_shared();
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
     let (r, other) = (run(4), run(5));
-    store.append(r, Seq(0), vec![rec(0)], None).unwrap();
+    // Created by another handle: `store` does not know the head, so its append below
+    // locks and reads first (the transaction of the locking way, ended mid-way).
+    PgStore::open(cfg).unwrap().append(r, Seq(0), vec![rec(0)], None).unwrap();
     let admin = Admin::connect().unwrap();
     let watcher = Admin::connect().unwrap();
     admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
@@ -324,6 +328,24 @@ fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store
     // Recovered: the same append now goes through, and so does another run's.
     assert_eq!(store.append(r, Seq(1), vec![rec(1), rec(2)], None).unwrap().next_seq, Seq(3));
     store.append(other, Seq(0), vec![rec(0)], None).unwrap();
+    keel_store::verify_run::<Ev>(&*store, r).unwrap();
+
+    // Now `store` knows the head: its flush is one statement, its own transaction, so a
+    // session ended while it waits is in doubt (it may have committed); here it had not.
+    let fast_before = store.stats().one_statement_flushes;
+    admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
+    let s = store.clone();
+    let blocked = std::thread::spawn(move || s.append(r, Seq(3), vec![rec(3)], None));
+    let pid = wait_for_a_session_blocked_by(admin.pid(), &watcher);
+    watcher.exec(&format!("SELECT pg_terminate_backend({pid})"));
+    let err = blocked.join().unwrap().unwrap_err();
+    let (kind, pg) = io_kind_and_pg(&err);
+    assert_eq!(kind, std::io::ErrorKind::ConnectionAborted, "{err}");
+    assert!(matches!(pg, Some(PgError::InDoubt { .. })), "{err}");
+    assert_eq!(store.stats().one_statement_flushes, fast_before + 1);
+    admin.exec("ROLLBACK");
+    assert_eq!(store.head(r).unwrap().next_seq, Seq(3), "read the head: not written");
+    assert_eq!(store.append(r, Seq(3), vec![rec(3)], None).unwrap().next_seq, Seq(4));
     keel_store::verify_run::<Ev>(&*store, r).unwrap();
 }
 
@@ -1034,4 +1056,53 @@ fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
     ));
     assert!(source(moved).unwrap().is_none(), "a snapshot that does not open: the two-step read");
     assert!(matches!(store.load_snapshot(moved), Err(StoreError::CorruptSnapshot { .. })));
+}
+
+/// A flush of runs whose heads this process knows goes as one statement that checks them
+/// under the row locks; a hint gone stale (another handle appended, another took the
+/// lease over) writes nothing and the flush is decided the locking way: `Conflict` and
+/// `Fenced` exactly as without the hint, counted, and the log as the winners left it.
+#[test]
+fn a_flush_on_known_heads_is_one_statement_and_a_stale_hint_writes_nothing() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let (a, b) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let r = run(30);
+    a.append(r, Seq(0), vec![rec(0), rec(1)], None).unwrap();
+    assert_eq!(a.stats().one_statement_flushes, 0, "a new run's head is not known");
+    a.append(r, Seq(2), vec![rec(2)], None).unwrap();
+    a.append(r, Seq(3), vec![rec(3)], None).unwrap();
+    assert_eq!((a.stats().one_statement_flushes, a.stats().one_statement_misses), (2, 0));
+
+    // Another handle appends: a's hint (next seq 4) is stale.
+    b.append(r, Seq(4), vec![rec(4)], None).unwrap();
+    match a.append(r, Seq(4), vec![rec(40)], None) {
+        Err(StoreError::Conflict { expected, actual, .. }) => assert_eq!((expected, actual), (Seq(4), Seq(5))),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!((a.stats().one_statement_flushes, a.stats().one_statement_misses), (3, 1));
+    // The refusal made a forget its hint: the next append goes the locking way and wins.
+    a.append(r, Seq(5), vec![rec(5)], None).unwrap();
+    assert_eq!(a.stats().one_statement_flushes, 3);
+
+    // Fenced appends on a known head; then b takes the expired lease over.
+    let l1 = a.try_lease(r, "a", 1_000, 0).unwrap().unwrap();
+    a.append_fenced(r, Seq(6), vec![rec(6)], None, l1.fence()).unwrap();
+    assert_eq!((a.stats().one_statement_flushes, a.stats().one_statement_misses), (4, 1));
+    let l2 = b.try_lease(r, "b", 1_000, 1_000_000).unwrap().expect("expired: taken over");
+    match a.append_fenced(r, Seq(7), vec![rec(70)], None, l1.fence()) {
+        Err(StoreError::Fenced { fence, current, .. }) => assert_eq!((fence, current), (l1.epoch(), l2.epoch())),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert_eq!((a.stats().one_statement_flushes, a.stats().one_statement_misses), (5, 2));
+    assert_eq!(a.stats().fenced_refusals, 1);
+    b.append_fenced(r, Seq(7), vec![rec(7)], None, l2.fence()).unwrap();
+    drop((l1, l2));
+
+    let seqs: Vec<(u64, String)> = b.read(r, Seq(0)).unwrap().map(|x| x.unwrap()).map(|x| (x.seq.0, x.kind)).collect();
+    assert_eq!(seqs.len(), 8, "no gap, no duplicate, nothing of the refused appends: {seqs:?}");
+    assert_eq!(keel_store::verify_run::<Ev>(&b, r).unwrap().records, 8);
 }

@@ -84,9 +84,11 @@ fn a_call_the_server_does_not_answer_in_time_is_cut_by_the_call_timeout() {
     let scratch = Scratch::new(DURABLE);
     let cfg = PgConfig { statement_timeout_ms: 600_000, call_timeout_ms: 500, ..scratch.config() };
     let schema = cfg.schema.clone();
-    let store = Arc::new(PgStore::open(cfg).unwrap());
+    let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
     let r = run(2);
-    store.append(r, Seq(0), vec![rec(0)], None).unwrap();
+    // Created by another handle: `store` does not know the head, so its append locks and
+    // reads first (the locking way: cut before its COMMIT went out).
+    PgStore::open(cfg).unwrap().append(r, Seq(0), vec![rec(0)], None).unwrap();
     let (admin, watcher) = (Admin::connect().unwrap(), Admin::connect().unwrap());
 
     admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
@@ -113,6 +115,22 @@ fn a_call_the_server_does_not_answer_in_time_is_cut_by_the_call_timeout() {
     assert_eq!(store.append(r, Seq(1), vec![rec(1), rec(2)], None).unwrap().next_seq, Seq(3));
     keel_store::verify_run::<Ev>(&*store, r).unwrap();
     assert_eq!(admin.int(&format!("SELECT count(*) FROM {schema}.events WHERE run = '{}'", r.0)), 3);
+
+    // Now `store` knows the head: the flush is one statement, its own transaction, so a
+    // cut one is in doubt (named as a COMMIT without an answer); here nothing was written.
+    admin.exec(&format!("BEGIN; SELECT * FROM {schema}.heads WHERE run = '{}' FOR UPDATE", r.0));
+    let err = store.append(r, Seq(3), vec![rec(3)], None).unwrap_err();
+    assert_eq!(timeout_of(&err), Some((Timed::Commit, 500)), "{err}");
+    // Cancelled as the locking way's statement is (until then it could still commit).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while blocked_by(admin.pid(), &watcher) > 0 {
+        assert!(Instant::now() < deadline, "the abandoned statement still waits on the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    admin.exec("ROLLBACK");
+    assert_eq!(store.head(r).unwrap().next_seq, Seq(3));
+    assert_eq!(store.append(r, Seq(3), vec![rec(3)], None).unwrap().next_seq, Seq(4));
+    keel_store::verify_run::<Ev>(&*store, r).unwrap();
 }
 
 /// A server that accepts the TCP connection and never answers the startup: opening the
