@@ -292,10 +292,13 @@ mod tests {
              ANALYZE heads; ANALYZE leases; ANALYZE claims;
              PREPARE flush_lock (uuid[], bool[]) AS {};
              PREPARE claims_lock (bytea[]) AS {};
+             PREPARE flush_one (uuid[], bool[], bigint[], bigint[], bytea[], uuid[], bigint[], bytea[],
+                                uuid[], bigint[], bytea[], text[]) AS {};
              PREPARE flush_write (uuid[], bigint[], bytea[], uuid[], bigint[], bytea[], text[],
                                   bytea[], uuid[], bigint[]) AS {};",
             crate::group::LOCK_SQL,
             crate::group::CLAIMS_SQL,
+            crate::group::fast_sql(crate::group::AuxParts::from_bits(0)),
             crate::group::write_sql(crate::group::WriteParts {
                 heads_updated: true,
                 heads_inserted: false,
@@ -309,6 +312,11 @@ mod tests {
             format!("EXPLAIN EXECUTE flush_lock ({ids}, ARRAY[true, false])"),
             "EXPLAIN EXECUTE claims_lock (ARRAY['\\x01'::bytea, '\\x02'])".to_owned(),
             format!(
+                "EXPLAIN EXECUTE flush_one ({ids}, ARRAY[true, false], ARRAY[1, 0], ARRAY[3, 3],
+                   ARRAY['\\x00'::bytea, '\\x00'], {ids}, ARRAY[3, 3], ARRAY['\\x01'::bytea, '\\x01'],
+                   {ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"
+            ),
+            format!(
                 "EXPLAIN EXECUTE flush_write ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'],
                    {ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'],
                    ARRAY['\\x01'::bytea, '\\x02'], {ids}, ARRAY[1, 1])"
@@ -318,6 +326,33 @@ mod tests {
         for plan in plans {
             assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
             assert!(plan.contains("_pkey"), "not through the primary key:\n{plan}");
+        }
+    }
+
+    /// A claim reads the candidates it takes, their lease rows and the leases held, each
+    /// through an index, whatever the sizes of the queue and of the lease table (a row per
+    /// run ever leased): the generic plans of the joins it had read all of `leases` twice
+    /// and all of `work` once per claim on tables of 1,000 rows (1.96 ms against 0.97 ms by
+    /// `EXPLAIN ANALYZE`, 64 leases held).
+    #[test]
+    fn a_claim_reads_no_table_whole() {
+        let setup = format!(
+            "INSERT INTO work (run, workflow, priority, accepted_at_us)
+               SELECT gen_random_uuid(), 'wf', 0, i FROM generate_series(1, 1000) i;
+             INSERT INTO leases (run, owner, epoch, expires_at_us)
+               SELECT run, 'w', 1, 9000000000000000 FROM work ORDER BY accepted_at_us LIMIT 64;
+             INSERT INTO leases (run, owner, epoch, expires_at_us)
+               SELECT gen_random_uuid(), NULL, 2, 0 FROM generate_series(1, 1000);
+             ANALYZE work; ANALYZE leases;
+             PREPARE claim (bigint, bigint, text[], bigint[], bigint, text, bigint) AS {};",
+            crate::queue::CLAIM_SQL
+        );
+        let explains =
+            vec!["EXPLAIN EXECUTE claim (1000, 16, ARRAY['wf'], ARRAY[1024::bigint], 4, 'me', 9000000000000001)"
+                .to_owned()];
+        let Some(plans) = plans("claim", &setup, explains) else { return };
+        for plan in plans {
+            assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
         }
     }
 

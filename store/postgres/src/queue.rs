@@ -97,13 +97,17 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1
 ///   time, then the order pushed), locked, passing over rows other claimers lock;
 /// - `busy`: the live leases of each limited type (from the leases held, index
 ///   `leases_held`, schema migration 5), not read at all when no type is limited (a
-///   one-time filter: a generic plan cannot see that the array is empty);
+///   one-time filter: a generic plan cannot see that the array is empty), each one's
+///   workflow type looked up by the queue's primary key;
 /// - `free`, `usable`: the candidates' lease rows, locked, passing over rows another
 ///   session holds locked, and the candidates whose lease row is free or does not exist
 ///   (a worker paused between the two round trips of a flush holds its runs' lease and
 ///   head rows: waiting for them stalled every claim of every process until that
 ///   session's transaction was ended; passing over them after the limit below left a
-///   claimer with few free workers taking nothing while runs behind them waited);
+///   claimer with few free workers taking nothing while runs behind them waited); each
+///   candidate's lease row found through the primary key (a lateral lookup, `OFFSET 0`
+///   keeping it one: as joins, the generic plans read all of `leases`, a row per run
+///   ever leased, on each claim; `a_claim_reads_no_table_whole`);
 /// - `chosen`: the usable candidates in queue order, up to `$5`, passing over the runs of
 ///   a type at its limit (`$3`/`$4`: limited types and their limits; each run chosen
 ///   counts);
@@ -114,20 +118,24 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtext('keel work ' || $1
 /// The grant decision is made inside the database, so the claim locks are held for one
 /// statement and the COMMIT behind it (sent together), not across a round trip to the
 /// claimer and back: claimers of one limited type in several processes queue on them.
-const CLAIM_SQL: &str = "WITH cand AS (
+pub(crate) const CLAIM_SQL: &str = "WITH cand AS (
          SELECT w.run, w.workflow, w.priority, w.accepted_at_us, w.ticket FROM work w
          WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = w.run AND l.owner IS NOT NULL AND l.expires_at_us > $1)
          ORDER BY w.priority DESC, w.accepted_at_us, w.ticket
          LIMIT $2 FOR UPDATE OF w SKIP LOCKED),
      lim AS (SELECT * FROM unnest($3::text[], $4::bigint[]) AS t(workflow, cap)),
      busy AS (
-         SELECT w.workflow, count(*) AS n FROM leases l JOIN work w ON w.run = l.run
+         SELECT w.workflow, count(*) AS n FROM leases l
+         CROSS JOIN LATERAL (SELECT workflow FROM work WHERE work.run = l.run OFFSET 0) w
          WHERE cardinality($3::text[]) > 0
            AND l.owner IS NOT NULL AND l.expires_at_us > $1 AND w.workflow = ANY($3) GROUP BY w.workflow),
-     free AS (SELECT l.run FROM leases l JOIN cand c ON c.run = l.run ORDER BY l.run FOR UPDATE OF l SKIP LOCKED),
+     free AS (
+         SELECT l.run FROM cand c
+         CROSS JOIN LATERAL (SELECT run FROM leases WHERE leases.run = c.run FOR UPDATE SKIP LOCKED) l),
      usable AS (
          SELECT c.* FROM cand c
-         WHERE c.run IN (SELECT run FROM free) OR NOT EXISTS (SELECT 1 FROM leases l WHERE l.run = c.run)),
+         LEFT JOIN LATERAL (SELECT true AS leased FROM leases WHERE leases.run = c.run OFFSET 0) e ON true
+         WHERE c.run IN (SELECT run FROM free) OR e.leased IS NULL),
      ranked AS (
          SELECT c.*, row_number() OVER (PARTITION BY c.workflow ORDER BY c.priority DESC, c.accepted_at_us, c.ticket) AS nth
          FROM usable c),
