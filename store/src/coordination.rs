@@ -310,9 +310,10 @@ pub trait AsyncAppend: Send + Sync {
     ) -> AppendFuture<'a>;
 
     /// The latest snapshot of `run` and its records after it, read without a thread held
-    /// for the reads (on PostgreSQL in one statement where it can). `Ok(None)` (the
-    /// default): not served this way; read them with [`Coordination::load_snapshot`] and
-    /// [`EventLog::read`] (as after a snapshot that does not open, which those report).
+    /// for the reads (on PostgreSQL in one statement). `Ok(None)` (the default): not
+    /// served this way; read them with [`Coordination::load_snapshot`] and
+    /// [`EventLog::read`] (as after a snapshot that does not open, which those report, or
+    /// a tail longer than one read returns).
     fn fold_source_async<'a>(&'a self, run: RunId) -> FoldFuture<'a> {
         let _ = run;
         Box::pin(std::future::ready(Ok(None)))
@@ -324,14 +325,20 @@ pub type FoldFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<FoldSource>, StoreError>> + Send + 'a>>;
 
 /// A run's latest snapshot and the records after it: what a fold of the run reads.
-#[derive(Debug, Default)]
 pub struct FoldSource {
     /// `(next_seq, state)` of the run's latest snapshot, opened and checked against the
     /// log as [`Coordination::load_snapshot`] returns it; `None` without one.
     pub snapshot: Option<(Seq, Vec<u8>)>,
     /// The run's records from the snapshot's `next_seq` (from 0 without one) to its head,
-    /// each checked and linked to the one before it as [`EventLog::read`] yields them.
-    pub records: Vec<crate::Record>,
+    /// as [`EventLog::read`] yields them: each checked, and linked to the one before it,
+    /// as the iteration reaches it (on the caller's thread, not the store's).
+    pub records: crate::RecordIter,
+}
+
+impl std::fmt::Debug for FoldSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FoldSource").field("snapshot", &self.snapshot.as_ref().map(|(s, _)| s)).finish_non_exhaustive()
+    }
 }
 
 /// What the engine holds: the log and its coordination, one object.

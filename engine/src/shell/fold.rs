@@ -206,9 +206,11 @@ fn snapshot_decoded(run: RunId, seq: Seq, bytes: &[u8]) -> Result<RunState, Unus
 }
 
 /// [`load_state`] of what the store read without a thread held
-/// ([`keel_store::AsyncAppend::fold_source_async`]), folded here: `None` where the
-/// blocking [`load_state`] must do it (a snapshot it will not use, which it reports; a
-/// record with payload references, inflated by blocking reads of the payload store).
+/// ([`keel_store::AsyncAppend::fold_source_async`]: at most a page of records, checked
+/// here as they are folded), folded on the caller's task: `None` where the blocking
+/// [`load_state`] must do it (a snapshot it will not use, which it reports; a record with
+/// payload references, inflated by blocking reads of the payload store). The first record
+/// that fails its check is the error, as in [`load_state`].
 pub(crate) fn fold_source(run: RunId, source: keel_store::FoldSource) -> Result<Option<Option<RunState>>, EngineError> {
     let mut state = match source.snapshot {
         Some((seq, bytes)) => match snapshot_decoded(run, seq, &bytes) {
@@ -218,7 +220,7 @@ pub(crate) fn fold_source(run: RunId, source: keel_store::FoldSource) -> Result<
         None => None,
     };
     for rec in source.records {
-        let mut logged = logged_of(rec)?;
+        let mut logged = logged_of(rec?)?;
         if payload::has_refs(&logged.event) {
             return Ok(None);
         }

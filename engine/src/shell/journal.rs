@@ -261,15 +261,20 @@ impl Journal {
     }
 
     /// The run's current state (latest snapshot + tail), read without stalling the runtime.
-    /// A store with awaited appends may read the snapshot and tail without a thread held
-    /// (PostgreSQL: one statement), folded here; otherwise, or where that read leaves it
-    /// to the blocking one, [`load_state`].
+    /// A store with awaited appends may read the snapshot and a short tail without a
+    /// thread held (PostgreSQL: one statement), folded on this task (a page of records at
+    /// most: microseconds each); otherwise, where that read leaves it to the blocking one,
+    /// or where it failed (read again, each page within the store's bound), [`load_state`].
     pub(crate) async fn load(&self, run: RunId) -> Result<Option<RunState>, EngineError> {
         if let Some(reads) = self.log.async_appends() {
-            if let Some(source) = reads.fold_source_async(run).await? {
-                if let Some(state) = crate::shell::fold::fold_source(run, source)? {
-                    return Ok(state);
+            match reads.fold_source_async(run).await {
+                Ok(Some(source)) => {
+                    if let Some(state) = crate::shell::fold::fold_source(run, source)? {
+                        return Ok(state);
+                    }
                 }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(%run, error = %e, "the awaited fold read failed; reading it again, blocking"),
             }
         }
         blocking(&self.log, move |log| load_state(log, run)).await

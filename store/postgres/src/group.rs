@@ -298,10 +298,13 @@ async fn flush_once(
 // and the updates as hash joins over such a scan. The updates are upserts of rows that
 // exist and are locked by the flush: each row is found through the arbiter index.
 /// The lease (of the fenced runs only) and the head of each run of a flush, locked, in one
-/// statement: run by run in the order given (sorted), the lease row, then the head row.
-/// Every flush locks in that one order, and a claim locks lease rows only, in run order,
-/// so two transactions never wait for each other in a cycle. A run without a row (a new
-/// run's head, a fenced run without a lease) gives NULLs.
+/// statement: run by run in the order given (sorted), the lease row, then the head row (as
+/// the plan runs the two lookups; the SQL does not fix their order within a run). Every
+/// flush locks in that order; a claim locks no head row, passes over lease rows others
+/// hold (`SKIP LOCKED`) and grants in run order; so two keel transactions do not wait for
+/// each other in a cycle, and a deadlock the server breaks anyway (as with a flush of an
+/// older build, which locked all leases then all heads) is a lost race: retried. A run
+/// without a row (a new run's head, a fenced run without a lease) gives NULLs.
 pub(crate) const LOCK_SQL: &str = "SELECT k.run, l.epoch, h.next_seq, h.last_hash, h.last_kind
      FROM unnest($1::uuid[], $2::bool[]) AS k(run, fenced)
      LEFT JOIN LATERAL (SELECT epoch FROM leases WHERE leases.run = k.run AND k.fenced FOR UPDATE) l ON true
@@ -739,7 +742,10 @@ impl Fast {
         for (run, (epoch, head)) in known {
             f.runs.push(run);
             f.fenced.push(epoch.is_some());
-            f.epochs.push(epoch.and_then(|e| i64::try_from(e).ok()).unwrap_or(0));
+            f.epochs.push(match epoch {
+                Some(e) => i64::try_from(e).ok()?,
+                None => 0,
+            });
             f.next_seqs.push(i64::try_from(head.next_seq.0).ok()?);
             f.hashes.push(head.last_hash.to_vec());
             if let Some(e) = epoch {
@@ -767,8 +773,15 @@ impl Fast {
         let mut params: Vec<&(dyn ToSql + Sync)> =
             vec![&self.runs, &self.fenced, &self.epochs, &self.next_seqs, &self.hashes];
         params.extend(writes.params());
+        // Prepared before anything is in doubt (the first time on a session: a round trip
+        // that writes nothing).
+        let statement = match client.prepare_cached(sql).await {
+            Ok(st) => st,
+            Err(e) if connection_lost(&e) => return Err(Failed::Pg(PgError::of(e))),
+            Err(_) => return Ok(None),
+        };
         committing.store(true, Ordering::Relaxed);
-        match client.rows(sql, &params).await {
+        match client.query(&statement, &params).await {
             Ok(rows) => {
                 let held = rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false);
                 drop(params);

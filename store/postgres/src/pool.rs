@@ -441,6 +441,36 @@ mod tests {
         }
     }
 
+    /// Each one-statement flush numbers its parameters from 1 without a gap (the checks'
+    /// five, then events, heads updated and the aux parts, as `Fast::run` sends them), and
+    /// every data-modifying part of it writes only if the checks held.
+    #[test]
+    fn one_statement_flushes_number_their_parameters_and_guard_every_write() {
+        use crate::group::{fast_sql, AuxParts};
+        for bits in 0u8..16 {
+            let a = AuxParts::from_bits(bits);
+            let want = 5
+                + 3
+                + 4
+                + usize::from(a.removed)
+                + usize::from(a.uncounted)
+                + 2 * usize::from(a.put)
+                + 3 * usize::from(a.counted);
+            let sql = fast_sql(a);
+            for n in 1..=want {
+                let named = sql.match_indices(&format!("${n}")).any(|(at, m)| {
+                    !sql.get(at + m.len()..).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
+                });
+                assert!(named, "{a:?}: ${n} missing in {sql}");
+            }
+            assert!(!sql.contains(&format!("${}", want + 1)), "{a:?}: more than {want} parameters in {sql}");
+            let writes = sql.matches("INSERT INTO").count() + sql.matches("DELETE FROM").count();
+            let guarded = sql.matches("(SELECT ok FROM chk)").count();
+            assert_eq!(guarded, writes, "{a:?}: a write without the checks' verdict in {sql}");
+            assert!(writes >= 2 && !sql.contains("hi AS") && !sql.contains("cu AS") && !sql.contains("ci AS"), "{sql}");
+        }
+    }
+
     /// Each aux statement numbers its parameters from 1 without a gap, as
     /// `aux_statements` sends them.
     #[test]

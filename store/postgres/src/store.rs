@@ -530,10 +530,6 @@ fn stored_seq(run: RunId, seq: i64) -> Result<Seq, StoreError> {
 }
 
 async fn page(pool: Arc<Pool>, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
-    page_on(&pool, run, from, limit).await
-}
-
-async fn page_on(pool: &Pool, run: RunId, from: u64, limit: i64) -> Result<Vec<(Seq, Vec<u8>)>, StoreError> {
     let mut conn = pool.get().await?;
     let result = conn
         .client()?
@@ -737,8 +733,7 @@ impl keel_store::AsyncAppend for PgStore {
         Box::pin(async move { queued?.await.map_err(|_| StoreError::from(PgError::Closed))? })
     }
 
-    /// One statement ([`FOLD_SQL`]) on the store's runtime, answered through a oneshot;
-    /// more pages after it only for a tail longer than a page.
+    /// One statement ([`FOLD_SQL`]) on the store's runtime, answered through a oneshot.
     fn fold_source_async<'a>(&'a self, run: RunId) -> keel_store::FoldFuture<'a> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (pool, page, bound) = (self.pool(), self.shared.page, self.shared.bounds.call);
@@ -764,9 +759,11 @@ const FOLD_SQL: &str = "WITH s AS (SELECT value, next_seq FROM snapshots WHERE r
       WHERE run = $1 AND seq >= greatest(coalesce((SELECT next_seq FROM s), 0) - 1, 0)
       ORDER BY seq LIMIT $2)";
 
-/// [`keel_store::AsyncAppend::fold_source_async`]: `None` where the two-step read must do
-/// it (a snapshot saved before schema migration 6, or one that does not open: those
-/// report it).
+/// [`keel_store::AsyncAppend::fold_source_async`]: one statement; `None` where the
+/// two-step read must do it (a snapshot saved before schema migration 6, or one that does
+/// not open: those report it; a tail of a page or more: read a page at a time, each
+/// within the call bound, and folded as it streams). The records are chain-checked by the
+/// caller as it iterates them, not on the store's runtime.
 async fn fold_source(
     pool: Arc<Pool>,
     run: RunId,
@@ -780,14 +777,15 @@ async fn fold_source(
     };
     let mut snap: Option<(Vec<u8>, Option<i64>)> = None;
     let mut pairs: Vec<(Seq, Vec<u8>)> = Vec::with_capacity(rows.len());
-    let fetched = rows.len().saturating_sub(1);
     for row in rows {
         match row.try_get::<_, Option<i64>>(0).map_err(pg)? {
             None => snap = Some((row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?)),
             Some(seq) => pairs.push((stored_seq(run, seq)?, row.try_get(1).map_err(pg)?)),
         }
     }
-    let full = i64::try_from(if snap.is_some() { fetched } else { pairs.len() }).is_ok_and(|n| n >= page);
+    if i64::try_from(pairs.len()).map_or(true, |n| n >= page) {
+        return Ok(None);
+    }
     pairs.sort_by_key(|(seq, _)| *seq);
     let (snapshot, from, prev) = match snap {
         None => (None, 0, [0u8; 32]),
@@ -815,30 +813,14 @@ async fn fold_source(
         }
     };
     pairs.retain(|(seq, _)| seq.0 >= from);
-    if full {
-        // A tail longer than a page: the rest a page at a time.
-        let mut next = pairs.last().and_then(|(seq, _)| seq.0.checked_add(1)).unwrap_or(from);
-        loop {
-            let more = page_on(&pool, run, next, page).await?;
-            let mut short = i64::try_from(more.len()).map_or(true, |n| n < page);
-            match more.last().map(|(seq, _)| seq.0.checked_add(1)) {
-                Some(Some(n)) => next = n,
-                _ => short = true,
-            }
-            pairs.extend(more);
-            if short {
-                break;
-            }
+    // The run's head as stored: the next flush of the run may take it as known (a hint,
+    // checked under the row locks by the statement that uses it).
+    if let Some((seq, value)) = pairs.last() {
+        if let (Ok(rec), Some(next_seq)) = (backend::decode_record(run, *seq, value), seq.0.checked_add(1)) {
+            heads.saw(run, Head { next_seq: Seq(next_seq), last_hash: rec.hash, last_kind: Some(rec.kind) });
         }
     }
     let records = backend::checked_records(run, pairs.into_iter().map(Ok), Seq(from), prev, true);
-    let records = records.collect::<Result<Vec<_>, StoreError>>()?;
-    // The run's head as read: the next flush of the run may take it as known.
-    if let Some(last) = records.last() {
-        if let Some(next_seq) = last.seq.0.checked_add(1) {
-            heads.saw(run, Head { next_seq: Seq(next_seq), last_hash: last.hash, last_kind: Some(last.kind.clone()) });
-        }
-    }
     Ok(Some(keel_store::FoldSource { snapshot, records }))
 }
 

@@ -987,9 +987,10 @@ fn the_url_s_application_name_is_kept() {
 
 /// A fold's read without a thread held (`fold_source_async`: the snapshot and the tail in
 /// one statement) gives what the two-step read gives: the snapshot as `load_snapshot`
-/// opens it and the records from its seq as `read` yields them, across pages; the first
-/// damaged record as the error; and leaves to the two-step read a snapshot saved before
-/// schema migration 6 (no seq column) and one whose anchor record was altered.
+/// opens it and the records from its seq as `read` yields them, the first damaged record
+/// as the error; and leaves to the two-step read (which pages and reports) a tail of a
+/// page or more, a snapshot saved before schema migration 6 (no seq column) and one whose
+/// anchor record was altered.
 #[test]
 fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
     if !ready() {
@@ -998,32 +999,34 @@ fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
     let scratch = Scratch::new(DURABLE);
     let cfg = scratch.config();
     let schema = cfg.schema.clone();
-    let store = PgStore::open(PgConfig { read_page_records: 3, ..cfg }).unwrap();
+    let store = PgStore::open(PgConfig { read_page_records: 16, ..cfg }).unwrap();
     let admin = Admin::connect().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let source = |r: RunId| rt.block_on(store.async_appends().unwrap().fold_source_async(r));
-    let seqs_hashes = |records: &[keel_store::Record]| -> Vec<(u64, [u8; 32])> {
-        records.iter().map(|x| (x.seq.0, x.hash)).collect()
+    let seqs_hashes = |records: Vec<Result<keel_store::Record, StoreError>>| -> Vec<(u64, [u8; 32])> {
+        records.into_iter().map(|x| x.unwrap()).map(|x| (x.seq.0, x.hash)).collect()
     };
-    let read_from = |r: RunId, from: u64| -> Vec<keel_store::Record> {
-        store.read(r, Seq(from)).unwrap().map(Result::unwrap).collect()
-    };
-    let (plain, snapped, old, damaged, empty, moved) = (run(20), run(21), run(22), run(23), run(24), run(25));
+    let read_from = |r: RunId, from: u64| store.read(r, Seq(from)).unwrap().collect::<Vec<_>>();
+    let (plain, snapped, old, damaged, empty, moved, long) =
+        (run(20), run(21), run(22), run(23), run(24), run(25), run(26));
     for r in [plain, snapped, old, damaged, moved] {
         store.append(r, Seq(0), (0..10).map(rec).collect(), None).unwrap();
     }
+    store.append(long, Seq(0), (0..16).map(rec).collect(), None).unwrap();
     for r in [snapped, old, damaged, moved] {
         store.save_snapshot(r, Seq(6), b"state at 6").unwrap();
     }
 
     let got = source(plain).unwrap().expect("served");
     assert!(got.snapshot.is_none());
-    assert_eq!(seqs_hashes(&got.records), seqs_hashes(&read_from(plain, 0)), "the whole run, over four pages");
+    assert_eq!(seqs_hashes(got.records.collect()), seqs_hashes(read_from(plain, 0)));
 
     let got = source(snapped).unwrap().expect("served");
     assert_eq!(got.snapshot, store.load_snapshot(snapped).unwrap());
     assert_eq!(got.snapshot.as_ref().map(|(s, v)| (s.0, v.as_slice())), Some((6, b"state at 6".as_slice())));
-    assert_eq!(seqs_hashes(&got.records), seqs_hashes(&read_from(snapped, 6)));
+    assert_eq!(seqs_hashes(got.records.collect()), seqs_hashes(read_from(snapped, 6)));
+
+    assert!(source(long).unwrap().is_none(), "a tail of a page or more: the two-step read, a page at a time");
 
     admin.exec(&format!("UPDATE {schema}.snapshots SET next_seq = NULL WHERE run = '{}'", old.0));
     assert!(source(old).unwrap().is_none(), "a snapshot without its seq column: the two-step read");
@@ -1036,8 +1039,9 @@ fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
         damaged.0
     ));
     let first_error = store.read(damaged, Seq(6)).unwrap().find_map(Result::err).unwrap();
-    match source(damaged) {
-        Err(StoreError::Corrupted { seq, .. }) => {
+    let mut got = source(damaged).unwrap().expect("served");
+    match got.records.find_map(Result::err) {
+        Some(StoreError::Corrupted { seq, .. }) => {
             assert_eq!(seq, Seq(8));
             assert!(matches!(first_error, StoreError::Corrupted { seq: Seq(8), .. }));
         }
@@ -1045,7 +1049,7 @@ fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
     }
 
     let got = source(empty).unwrap().expect("served");
-    assert!(got.snapshot.is_none() && got.records.is_empty());
+    assert!(got.snapshot.is_none() && got.records.count() == 0);
 
     // The snapshot's anchor (record 5) altered: load_snapshot reports it; left to it.
     admin.exec(&format!(
