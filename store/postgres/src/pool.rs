@@ -406,6 +406,23 @@ mod tests {
         }
     }
 
+    /// The parameters the aux parts `a` take (see `group::aux_ctes`).
+    fn aux_params(a: crate::group::AuxParts) -> usize {
+        usize::from(a.removed) + usize::from(a.uncounted) + 2 * usize::from(a.put) + 3 * usize::from(a.counted)
+    }
+
+    /// Asserts that `sql` names each of `$1` to `$want` (whole: `$1` is not `$12`'s start)
+    /// and nothing above.
+    fn assert_numbered(sql: &str, want: usize, what: &dyn std::fmt::Debug) {
+        for n in 1..=want {
+            let named = sql.match_indices(&format!("${n}")).any(|(at, m)| {
+                !sql.get(at + m.len()..).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
+            });
+            assert!(named, "{what:?}: ${n} missing in {sql}");
+        }
+        assert!(!sql.contains(&format!("${}", want + 1)), "{what:?}: more than {want} parameters in {sql}");
+    }
+
     /// Each statement of a flush's writes numbers its parameters from 1 without a gap, as
     /// the flush sends them: events (3), each heads part (4), each claims part (3), then
     /// the aux parts; and has each part present, and no other.
@@ -421,18 +438,9 @@ mod tests {
                 + 4 * usize::from(parts.heads_inserted)
                 + 3 * usize::from(parts.claims_updated)
                 + 3 * usize::from(parts.claims_inserted)
-                + usize::from(a.removed)
-                + usize::from(a.uncounted)
-                + 2 * usize::from(a.put)
-                + 3 * usize::from(a.counted);
+                + aux_params(a);
             let sql = write_sql(parts);
-            for n in 1..=want {
-                let named = sql.match_indices(&format!("${n}")).any(|(at, m)| {
-                    !sql.get(at + m.len()..).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
-                });
-                assert!(named, "{parts:?}: ${n} missing in {sql}");
-            }
-            assert!(!sql.contains(&format!("${}", want + 1)), "{parts:?}: more than {want} parameters in {sql}");
+            assert_numbered(&sql, want, &parts);
             assert_eq!(sql.contains("hu AS"), parts.heads_updated, "{parts:?}: {sql}");
             assert_eq!(sql.contains("hi AS"), parts.heads_inserted, "{parts:?}: {sql}");
             assert_eq!(sql.contains("cu AS"), parts.claims_updated, "{parts:?}: {sql}");
@@ -449,21 +457,8 @@ mod tests {
         use crate::group::{fast_sql, AuxParts};
         for bits in 0u8..16 {
             let a = AuxParts::from_bits(bits);
-            let want = 5
-                + 3
-                + 4
-                + usize::from(a.removed)
-                + usize::from(a.uncounted)
-                + 2 * usize::from(a.put)
-                + 3 * usize::from(a.counted);
             let sql = fast_sql(a);
-            for n in 1..=want {
-                let named = sql.match_indices(&format!("${n}")).any(|(at, m)| {
-                    !sql.get(at + m.len()..).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
-                });
-                assert!(named, "{a:?}: ${n} missing in {sql}");
-            }
-            assert!(!sql.contains(&format!("${}", want + 1)), "{a:?}: more than {want} parameters in {sql}");
+            assert_numbered(&sql, 5 + 3 + 4 + aux_params(a), &a);
             let writes = sql.matches("INSERT INTO").count() + sql.matches("DELETE FROM").count();
             let guarded = sql.matches("(SELECT ok FROM chk)").count();
             assert_eq!(guarded, writes, "{a:?}: a write without the checks' verdict in {sql}");
@@ -479,15 +474,8 @@ mod tests {
         for bits in 1u8..16 {
             let parts = AuxParts::from_bits(bits);
             assert_eq!(parts.index(), usize::from(bits));
-            let want = usize::from(parts.removed)
-                + usize::from(parts.uncounted)
-                + 2 * usize::from(parts.put)
-                + 3 * usize::from(parts.counted);
             let sql = aux_sql(parts);
-            for n in 1..=want {
-                assert!(sql.contains(&format!("${n}")), "{parts:?}: ${n} missing in {sql}");
-            }
-            assert!(!sql.contains(&format!("${}", want + 1)), "{parts:?}: more than {want} parameters in {sql}");
+            assert_numbered(&sql, aux_params(parts), &parts);
             assert_eq!(sql.contains("FROM counters WHERE"), parts.uncounted, "{parts:?}: {sql}");
         }
     }
