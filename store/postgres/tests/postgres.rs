@@ -1110,3 +1110,41 @@ fn a_flush_on_known_heads_is_one_statement_and_a_stale_hint_writes_nothing() {
     assert_eq!(seqs.len(), 8, "no gap, no duplicate, nothing of the refused appends: {seqs:?}");
     assert_eq!(keel_store::verify_run::<Ev>(&b, r).unwrap().records, 8);
 }
+
+/// A schema at version 5 (snapshots without their seq column) is migrated to 6 at open:
+/// its snapshots are kept, read by the two-step read (their seq column is NULL), and a
+/// snapshot saved after the upgrade is read by the one-statement read.
+#[test]
+fn a_version_5_schema_gets_the_snapshot_seq_column_and_keeps_its_snapshots() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let schema = cfg.schema.clone();
+    let store = PgStore::open(cfg.clone()).unwrap();
+    let (before, after) = (run(40), run(41));
+    for r in [before, after] {
+        store.append(r, Seq(0), (0..5).map(rec).collect(), None).unwrap();
+    }
+    store.save_snapshot(before, Seq(3), b"saved by version 5").unwrap();
+    drop(store);
+    let admin = Admin::connect().unwrap();
+    admin.exec(&format!(
+        "ALTER TABLE {schema}.snapshots DROP COLUMN next_seq; DELETE FROM {schema}.schema_version WHERE version = 6"
+    ));
+    let store = PgStore::open(PgConfig { create: false, ..cfg }).unwrap();
+    assert_eq!(admin.int(&format!("SELECT max(version)::bigint FROM {schema}.schema_version")), 6);
+    assert_eq!(
+        admin.int(&format!("SELECT count(*) FROM {schema}.snapshots WHERE run = '{}' AND next_seq IS NULL", before.0)),
+        1
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let source = |r: RunId| rt.block_on(store.async_appends().unwrap().fold_source_async(r));
+    assert!(source(before).unwrap().is_none(), "an old snapshot: the two-step read");
+    assert_eq!(store.load_snapshot(before).unwrap(), Some((Seq(3), b"saved by version 5".to_vec())));
+    store.save_snapshot(after, Seq(4), b"saved by version 6").unwrap();
+    let got = source(after).unwrap().expect("served");
+    assert_eq!(got.snapshot, Some((Seq(4), b"saved by version 6".to_vec())));
+    assert_eq!(got.records.map(|r| r.unwrap().seq.0).collect::<Vec<_>>(), vec![4]);
+}
