@@ -145,13 +145,18 @@ fn fold_into(
     mut state: Option<RunState>,
 ) -> Result<Option<RunState>, EngineError> {
     for logged in read_logged(log, run, from)? {
-        let mut logged = logged?;
-        match state.as_mut() {
-            None => state = Some(apply(None, &logged)?),
-            Some(s) => apply_take(s, &mut logged)?,
-        }
+        fold_one(&mut state, logged?)?;
     }
     Ok(state)
+}
+
+/// Applies `logged` to `state` (the run's first event makes it).
+fn fold_one(state: &mut Option<RunState>, mut logged: Logged) -> Result<(), EngineError> {
+    match state.as_mut() {
+        None => *state = Some(apply(None, &logged)?),
+        Some(s) => apply_take(s, &mut logged)?,
+    }
+    Ok(())
 }
 
 fn snapshot_state(log: &dyn Store, run: RunId) -> Option<RunState> {
@@ -220,14 +225,11 @@ pub(crate) fn fold_source(run: RunId, source: keel_store::FoldSource) -> Result<
         None => None,
     };
     for rec in source.records {
-        let mut logged = logged_of(rec?)?;
+        let logged = logged_of(rec?)?;
         if payload::has_refs(&logged.event) {
             return Ok(None);
         }
-        match state.as_mut() {
-            None => state = Some(apply(None, &logged)?),
-            Some(s) => apply_take(s, &mut logged)?,
-        }
+        fold_one(&mut state, logged)?;
     }
     Ok(Some(state))
 }

@@ -18,6 +18,19 @@ fn keel(db: &str, args: &[&str]) -> common::Ran {
     keel_in(None, &all)
 }
 
+/// The URL of a fresh schema of `scratch` (named in the URL), and the schema.
+fn schema_url(scratch: &pg::Scratch) -> (String, String) {
+    let cfg = scratch.config();
+    (format!("{}?schema={}", cfg.url, cfg.schema), cfg.schema)
+}
+
+/// `keel demo --runs N` in a sled directory `name` under `dir`: its path.
+fn demo_in(dir: &Path, name: &str, runs: &str) -> String {
+    let db = dir.join(name).to_str().unwrap().to_owned();
+    keel(&db, &["demo", "--runs", runs]).ok();
+    db
+}
+
 /// `verify`'s `ok RUN N records head H` lines, sorted.
 fn heads(db: &str) -> Vec<String> {
     let v = keel(db, &["verify"]);
@@ -44,8 +57,7 @@ fn runs_copied_to_postgres_and_back_keep_their_chains_and_payloads() {
     assert_eq!(source.len(), 9, "{source:?}");
 
     let scratch = pg::Scratch::new(Durability::default());
-    let cfg = scratch.config();
-    let url = format!("{}?schema={}", cfg.url, cfg.schema);
+    let (url, _) = schema_url(&scratch);
     let c = keel_in(None, &["copy", "--from", sled, "--to", &url, "--json"]);
     c.ok();
     assert_eq!(c.json()["copied"], 9, "{}", c.stdout);
@@ -76,11 +88,8 @@ fn a_run_driven_on_after_a_copy_is_continued_and_one_with_another_history_refuse
     }
     let dir = tempfile::tempdir().unwrap();
     let scratch = pg::Scratch::new(Durability::default());
-    let cfg = scratch.config();
-    let url = format!("{}?schema={}", cfg.url, cfg.schema);
-    let a = dir.path().join("a");
-    let a = a.to_str().unwrap();
-    keel(a, &["demo", "--runs", "8"]).ok();
+    let (url, _) = schema_url(&scratch);
+    let a = &demo_in(dir.path(), "a", "8");
     keel_in(None, &["copy", "--from", a, "--to", &url]).ok();
     // The source's run waiting for a human goes on (cancelled) after the copy.
     let waiting = keel(a, &["runs", "--status", "AwaitingHuman", "--json"]);
@@ -127,8 +136,7 @@ fn runs_copied_into_a_database_in_use_are_listed_counted_and_driven() {
     }
     let dir = tempfile::tempdir().unwrap();
     let scratch = pg::Scratch::new(Durability::default());
-    let cfg = scratch.config();
-    let url = format!("{}?schema={}", cfg.url, cfg.schema);
+    let (url, _) = schema_url(&scratch);
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
     keel(a, &["demo", "--runs", "8"]).ok();
@@ -212,18 +220,15 @@ fn a_copy_run_again_indexes_a_run_whose_records_were_already_there() {
     }
     let dir = tempfile::tempdir().unwrap();
     let scratch = pg::Scratch::new(Durability::default());
-    let cfg = scratch.config();
-    let url = format!("{}?schema={}", cfg.url, cfg.schema);
-    let a = dir.path().join("a");
-    let a = a.to_str().unwrap();
-    keel(a, &["demo", "--runs", "2"]).ok();
+    let (url, schema) = schema_url(&scratch);
+    let a = &demo_in(dir.path(), "a", "2");
     keel_in(None, &["copy", "--from", a, "--to", &url]).ok();
     let listed = keel(&url, &["runs", "--json"]).ok().json();
     let run = listed["runs"][0]["run"].as_str().unwrap().to_owned();
     // As if the copy had stopped after the records: the run's index entries are gone.
     let hex = run.replace('-', "");
     let admin = pg::Admin::connect().unwrap();
-    admin.exec(&format!("DELETE FROM {}.aux WHERE position(decode('{hex}', 'hex') in key) > 0", cfg.schema));
+    admin.exec(&format!("DELETE FROM {schema}.aux WHERE position(decode('{hex}', 'hex') in key) > 0"));
     let listed = keel(&url, &["runs", "--json"]).ok().json();
     assert!(!listed["runs"].as_array().unwrap().iter().any(|r| r["run"] == run.as_str()), "still listed: {listed}");
     let again = keel_in(None, &["copy", "--from", a, "--to", &url, "--json"]);

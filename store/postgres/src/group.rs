@@ -193,13 +193,11 @@ async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: 
         Err(Failed::Pg(e)) => batch.iter().map(|_| Err(e.clone().into())).collect(),
     };
     let committed = outcomes.iter().any(Result::is_ok);
-    for (a, outcome) in batch.iter().zip(&outcomes) {
-        match outcome {
+    for (a, outcome) in batch.into_iter().zip(outcomes) {
+        match &outcome {
             Ok(head) => heads.saw(a.run, head.clone()),
             Err(_) => heads.forget(a.run),
         }
-    }
-    for (a, outcome) in batch.into_iter().zip(outcomes) {
         a.reply.send(outcome);
     }
     committed
@@ -768,29 +766,27 @@ impl Fast {
         client: &Client,
         committing: &AtomicBool,
     ) -> Result<Option<Vec<Result<Head, StoreError>>>, Failed> {
-        let writes = Writes::of(&self.plan);
-        let Some(sql) = FAST_SQLS.get(writes.aux.parts().index()) else { return Ok(None) };
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            vec![&self.runs, &self.fenced, &self.epochs, &self.next_seqs, &self.hashes];
-        params.extend(writes.params());
-        // Prepared before anything is in doubt (the first time on a session: a round trip
-        // that writes nothing).
-        let statement = match client.prepare_cached(sql).await {
-            Ok(st) => st,
-            Err(e) if connection_lost(&e) => return Err(Failed::Pg(PgError::of(e))),
-            Err(_) => return Ok(None),
-        };
-        committing.store(true, Ordering::Relaxed);
-        match client.query(&statement, &params).await {
-            Ok(rows) => {
-                let held = rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false);
-                drop(params);
-                drop(writes);
-                Ok(held.then_some(self.plan.outcomes))
+        let held = {
+            let writes = Writes::of(&self.plan);
+            let Some(sql) = FAST_SQLS.get(writes.aux.parts().index()) else { return Ok(None) };
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&self.runs, &self.fenced, &self.epochs, &self.next_seqs, &self.hashes];
+            params.extend(writes.params());
+            // Prepared before anything is in doubt (the first time on a session: a round
+            // trip that writes nothing).
+            let statement = match client.prepare_cached(sql).await {
+                Ok(st) => st,
+                Err(e) if connection_lost(&e) => return Err(Failed::Pg(PgError::of(e))),
+                Err(_) => return Ok(None),
+            };
+            committing.store(true, Ordering::Relaxed);
+            match client.query(&statement, &params).await {
+                Ok(rows) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()).unwrap_or(false),
+                Err(e) if connection_lost(&e) => return Err(Failed::Pg(PgError::at_commit(e))),
+                Err(_) => false,
             }
-            Err(e) if connection_lost(&e) => Err(Failed::Pg(PgError::at_commit(e))),
-            Err(_) => Ok(None),
-        }
+        };
+        Ok(held.then_some(self.plan.outcomes))
     }
 }
 

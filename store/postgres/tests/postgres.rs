@@ -23,6 +23,12 @@ fn run(n: u8) -> RunId {
     RunId::from_bytes([n; 16])
 }
 
+/// Two store handles on one fresh schema of `scratch`: two sessions, as two processes.
+fn two_handles(scratch: &Scratch) -> (PgStore, PgStore) {
+    let cfg = scratch.config();
+    (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap())
+}
+
 /// Polls with `watcher` until a session waits on a lock `holder` holds (so tests running
 /// at once cannot mistake each other's sessions); returns its pid. Panics after 20 s.
 fn wait_for_a_session_blocked_by(holder_pid: i32, watcher: &Admin) -> i32 {
@@ -187,8 +193,7 @@ fn a_worker_paused_past_its_lease_cannot_write_after_another_took_over() {
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let (w1, w2) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let (w1, w2) = two_handles(&scratch);
     let r = run(2);
     let l1 = w1.try_lease(r, "w1", 1_000, 0).unwrap().unwrap();
     w1.append_fenced(r, Seq(0), vec![rec(0)], None, l1.fence()).unwrap();
@@ -222,8 +227,7 @@ fn awaited_appends_answer_as_the_blocking_ones() {
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let (w1, w2) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let (w1, w2) = two_handles(&scratch);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let a = w1.async_appends().expect("PostgreSQL offers awaited appends");
     let r = run(3);
@@ -1072,8 +1076,7 @@ fn a_flush_on_known_heads_is_one_statement_and_a_stale_hint_writes_nothing() {
         return;
     }
     let scratch = Scratch::new(DURABLE);
-    let cfg = scratch.config();
-    let (a, b) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap());
+    let (a, b) = two_handles(&scratch);
     let r = run(30);
     a.append(r, Seq(0), vec![rec(0), rec(1)], None).unwrap();
     assert_eq!(a.stats().one_statement_flushes, 0, "a new run's head is not known");
