@@ -78,6 +78,8 @@ pub struct BenchOptions {
     pub snapshot_every: Option<u64>,
     /// Suspended runs of the memory section (None: 100k, 10k with `quick`).
     pub memory_runs: Option<usize>,
+    /// Runs per cell of the postgres section (None: 1,000, 200 with `quick`).
+    pub pg_runs: Option<usize>,
 }
 
 impl BenchOptions {
@@ -93,6 +95,7 @@ impl BenchOptions {
             keep: false,
             snapshot_every: None,
             memory_runs: None,
+            pg_runs: None,
         }
     }
 }
@@ -470,7 +473,7 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
     }
     if want("postgres") {
         progress("postgres: 1, 2 and 4 worker processes...");
-        figures.extend(postgres::postgres(parent, if opts.quick { 200 } else { 1_000 })?);
+        figures.extend(postgres::postgres(parent, opts.pg_runs.unwrap_or(if opts.quick { 200 } else { 1_000 }))?);
     }
     if want("payloads") {
         progress("payloads: runs with 1 MB outputs...");
