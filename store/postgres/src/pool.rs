@@ -356,6 +356,28 @@ mod tests {
         }
     }
 
+    /// The folds a claim reads for its runs, in one statement, go through the primary keys
+    /// of `snapshots` and `events`, run by run, whatever the tables' sizes.
+    #[test]
+    fn a_claims_fold_read_goes_run_by_run_through_the_primary_keys() {
+        let setup = format!(
+            "INSERT INTO events (run, seq, value)
+               SELECT md5(i::text)::uuid, s, '\\x00' FROM generate_series(1, 2000) i, generate_series(0, 12) s;
+             INSERT INTO snapshots (run, value, next_seq)
+               SELECT md5(i::text)::uuid, '\\x00', 6 FROM generate_series(1, 2000, 3) i;
+             ANALYZE events; ANALYZE snapshots;
+             PREPARE folds (uuid[], bigint) AS {};",
+            crate::store::FOLD_MANY_SQL
+        );
+        let explains =
+            vec!["EXPLAIN EXECUTE folds (ARRAY[md5('1')::uuid, md5('2')::uuid, md5('3')::uuid], 256)".to_owned()];
+        let Some(plans) = plans("folds", &setup, explains) else { return };
+        for plan in plans {
+            assert!(!plan.contains("Seq Scan"), "a whole table read:\n{plan}");
+            assert!(plan.contains("events_pkey") && plan.contains("snapshots_pkey"), "not through the keys:\n{plan}");
+        }
+    }
+
     /// A worker's read of the due-time index and a page of an aux range follow what they
     /// return, not the table or the range: `run IN (subquery)` was planned as a hash join
     /// over a scan of all of `due`, and a union limited only as a whole sorted the range.

@@ -54,15 +54,108 @@ const PUSH_SQL: &str = "WITH pushed AS (
 /// The end of a drive: a run pushed while it was driven (`again`) goes round again, any
 /// other leaves the queue, with its due time if it waits for a timer. The UPDATE and the
 /// DELETE take disjoint rows (`again` or not, as of the statement's start); a push that
-/// sets `again` meanwhile makes the DELETE pass the row over, which stays queued.
+/// sets `again` meanwhile makes the DELETE pass the row over, which stays queued. With
+/// `$7` the claimers of every process are notified at commit (a slot of the run's type is
+/// free, or the run is queued again); without, the store owes them one ([`Herald`]).
 const DONE_SQL: &str = "WITH again AS (
          UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 AND again RETURNING run),
      gone AS (DELETE FROM work WHERE run = $1 AND claimed_by = $2 AND NOT again RETURNING run),
      due AS (INSERT INTO due (run, due_at_us) SELECT run, $3::bigint FROM gone WHERE $3::bigint IS NOT NULL
              ON CONFLICT (run) DO UPDATE SET due_at_us = EXCLUDED.due_at_us),
      released AS (UPDATE leases SET owner = NULL, epoch = epoch + 1
-                  WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL)
-     SELECT (SELECT count(*) FROM again), pg_notify($5, $6)";
+                  WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL),
+     told AS (SELECT pg_notify($5, $6) WHERE $7::bool)
+     SELECT (SELECT count(*) FROM again), (SELECT count(*) FROM told)";
+
+/// A notification of ended drives on its own ([`Herald`]).
+const TELL_SQL: &str = "SELECT pg_notify($1, $2)";
+
+/// Least time between two notifications of ended drives sent by one store
+/// ([`Herald`]): a claimer elsewhere hears of a freed slot at most this late.
+pub(crate) const DONE_NOTIFY_EVERY: Duration = Duration::from_millis(10);
+
+/// Spaces out the notifications of ended drives. Every process listens, so each
+/// notification wakes every process's listener and service loop, and the server delivers
+/// it to each listening session: one per drive ended cost each of N processes a wake-up per
+/// run any of them drove (measured: a tenth of the throughput of four worker processes on
+/// two cores, docs/PERFORMANCE.md "Session 13"). The process that ended a drive needs none
+/// (its own loop is woken in-process); another process needs one to claim the run again or
+/// a freed slot of a limited type, and hears it at most [`DONE_NOTIFY_EVERY`] late:
+/// a done notifies at its commit when none went out within that time
+/// ([`Herald::take_window`]), and otherwise, once committed, owes one
+/// ([`Herald::owe`]), sent on its own when the time is up; a done that committed before
+/// that notification was sent is covered by it (the schedule is cleared before sending).
+#[derive(Default)]
+pub(crate) struct Herald {
+    state: std::sync::Mutex<HeraldState>,
+}
+
+#[derive(Default)]
+struct HeraldState {
+    /// When the last notification was decided on (inline, or the owed one sent).
+    last: Option<std::time::Instant>,
+    /// An owed notification is scheduled.
+    scheduled: bool,
+}
+
+impl Herald {
+    fn state(&self) -> std::sync::MutexGuard<'_, HeraldState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the done about to be sent notifies at its commit: none went out within
+    /// [`DONE_NOTIFY_EVERY`] (this one counts from now).
+    pub(crate) fn take_window(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut s = self.state();
+        match s.last {
+            Some(t) if now.saturating_duration_since(t) < DONE_NOTIFY_EVERY => false,
+            _ => {
+                s.last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// After a done without a notification committed: `Some(delay)` when the caller must
+    /// send one after `delay` (none is scheduled yet), `None` when a scheduled one, sent
+    /// after this call, covers it.
+    pub(crate) fn owe(&self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let mut s = self.state();
+        if s.scheduled {
+            return None;
+        }
+        s.scheduled = true;
+        let at = s.last.map_or(now, |t| t + DONE_NOTIFY_EVERY);
+        Some(at.saturating_duration_since(now))
+    }
+
+    /// The owed notification is about to be sent: the next done owes one again.
+    pub(crate) fn sending(&self) {
+        let mut s = self.state();
+        s.scheduled = false;
+        s.last = Some(std::time::Instant::now());
+    }
+}
+
+/// Sends the notification a [`Herald`] owes after `delay`, on a lazy session. Lost (an
+/// error, logged): the claimers elsewhere find the run or the slot at their next poll.
+async fn tell_later(pool: Arc<Pool>, herald: Arc<Herald>, delay: Duration, schema: String, bound: Duration) {
+    tokio::time::sleep(delay).await;
+    herald.sending();
+    let sent = tokio::time::timeout(bound, async {
+        let mut conn = pool.lazy().await.map_err(StoreError::from)?;
+        let result = conn.client()?.exec(TELL_SQL, &[&CHANNEL, &schema]).await;
+        conn.ok(result).map(drop)
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot notify the claimers of ended drives (they poll)"),
+        Err(_) => tracing::warn!("notifying the claimers of ended drives timed out (they poll)"),
+    }
+}
 
 /// Whether a run of the given workflow types is queued (index `work_by_workflow`).
 const ANY_QUEUED_SQL: &str =
@@ -226,8 +319,9 @@ async fn done_tx(
     due_at_us: Option<i64>,
     release: Option<i64>,
     schema: &str,
+    tell: bool,
 ) -> Result<bool, tokio_postgres::Error> {
-    let params: [&(dyn ToSql + Sync); 6] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema];
+    let params: [&(dyn ToSql + Sync); 7] = [&run.0, &owner, &due_at_us, &release, &CHANNEL, &schema, &tell];
     let rows = client.rows(DONE_SQL, &params).await?;
     let again: i64 = match rows.first() {
         Some(row) => row.try_get(0)?,
@@ -320,7 +414,9 @@ impl WorkQueue for PgStore {
         }
         let expires_at_us = crate::store::expiry(now_us, ttl_ms);
         let (pool, who, lim, schema) = (self.pool(), owner.to_owned(), limits.clone(), self.schema().to_owned());
+        let fold_pool = self.pool();
         let appends = self.appends();
+        let (page, heads, prefetched) = self.fold_reads();
         let taken = self.call(async move {
             let mut conn = pool.lazy().await?;
             let t = Take { owner: &who, expires_at_us, now_us, max, limits: &lim };
@@ -331,8 +427,17 @@ impl WorkQueue for PgStore {
                 // A grant lost in a crash of the server could hand one epoch out twice: the
                 // claim is made durable before any lease is used, by the next flush of
                 // appends (whose synchronous commit flushes the WAL past the claim's) or a
-                // flush of its own. The claim locks were not held through it.
-                PgStore::barrier(&appends).await?;
+                // flush of its own. The claim locks were not held through it. Meanwhile
+                // the granted runs' folds are read, for their drives (`Prefetched`).
+                let runs: Vec<RunId> = taken.iter().map(|(run, _, _)| *run).collect();
+                let (folds, durable) =
+                    tokio::join!(crate::store::fold_sources(fold_pool, runs, page, &heads), PgStore::barrier(&appends));
+                durable?;
+                match folds {
+                    Ok(folds) => prefetched.put(folds),
+                    // The drives read their folds themselves.
+                    Err(e) => tracing::debug!(error = %e, "cannot read the claimed runs' folds"),
+                }
             }
             Ok(taken)
         })?;
@@ -367,11 +472,19 @@ impl WorkQueue for PgStore {
         let lease = lease.filter(|l| l.run() == run);
         let release = lease.as_ref().and_then(|l| i64::try_from(l.epoch()).ok());
         let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
+        let herald = self.herald();
+        let tell = herald.take_window();
         let again = self.call(async move {
             let mut conn = pool.lazy().await?;
-            let result = done_tx(conn.client()?, run, &who, due_at_us, release, &schema).await;
+            let result = done_tx(conn.client()?, run, &who, due_at_us, release, &schema, tell).await;
             conn.ok(result)
         })?;
+        if !tell {
+            if let Some(delay) = herald.owe() {
+                let bound = self.call_bound();
+                self.spawn(tell_later(self.pool(), herald, delay, self.schema().to_owned(), bound));
+            }
+        }
         if let Some(l) = lease {
             l.released_elsewhere();
         }
@@ -414,5 +527,27 @@ impl WorkQueue for PgStore {
             *listening = true;
             self.spawn(listen(self.pg_config(), self.schema().to_owned(), wakers.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{Herald, DONE_NOTIFY_EVERY};
+
+    #[test]
+    fn the_herald_notifies_once_per_window_and_owes_one_for_the_dones_inside_it() {
+        let h = Herald::default();
+        assert!(h.take_window(), "the first done notifies at its commit");
+        assert!(!h.take_window(), "a second one within the window does not");
+        let delay = h.owe().unwrap();
+        assert!(delay <= DONE_NOTIFY_EVERY, "it is owed one by the end of the window: {delay:?}");
+        assert!(h.owe().is_none(), "one scheduled notification covers every done owing one");
+        h.sending();
+        let again = h.owe().unwrap();
+        assert!(again <= DONE_NOTIFY_EVERY, "after it is sent, the next done owes one again: {again:?}");
+        h.sending();
+        std::thread::sleep(DONE_NOTIFY_EVERY);
+        assert!(h.take_window(), "a window after the last notification, a done notifies itself");
     }
 }

@@ -102,6 +102,11 @@ pub struct PgStats {
     /// Of those, the ones whose known heads or leases were not as known: nothing written,
     /// then decided the locking way.
     pub one_statement_misses: u64,
+    /// Folds a claim read for the runs it granted, kept for their drives (docs/STORE.md
+    /// 15.2a).
+    pub claim_folds_read: u64,
+    /// Of those, the ones a fold of the run took (its drive's first, as a rule).
+    pub claim_folds_used: u64,
 }
 
 /// Owns the runtime; shuts it down without waiting (dropping a runtime inside another
@@ -131,6 +136,10 @@ struct Shared {
     /// Where the work queue's listener connects (its own session, outside the pool).
     pg: tokio_postgres::Config,
     wakers: Arc<crate::wakers::Wakers>,
+    /// Spaces out the notifications of ended drives ([`crate::queue::Herald`]).
+    herald: Arc<crate::queue::Herald>,
+    /// The folds a claim read for the runs it granted ([`Prefetched`]).
+    prefetched: Arc<Prefetched>,
     // Last: the runtime goes after everything that spawns onto it.
     _rt: Rt,
 }
@@ -311,6 +320,8 @@ impl PgStore {
                 schema: config.schema,
                 pg,
                 wakers: Arc::default(),
+                herald: Arc::default(),
+                prefetched: Arc::default(),
                 _rt: rt,
             }),
         })
@@ -332,6 +343,8 @@ impl PgStore {
             raced_flushes: c.raced.load(Ordering::Relaxed),
             one_statement_flushes: c.fast.load(Ordering::Relaxed),
             one_statement_misses: c.fast_missed.load(Ordering::Relaxed),
+            claim_folds_read: self.shared.prefetched.read.load(Ordering::Relaxed),
+            claim_folds_used: self.shared.prefetched.used.load(Ordering::Relaxed),
         }
     }
 
@@ -362,6 +375,21 @@ impl PgStore {
 
     pub(crate) fn wakers(&self) -> Arc<crate::wakers::Wakers> {
         self.shared.wakers.clone()
+    }
+
+    /// What a claim needs to read its runs' folds: the page of a fold's read, the heads
+    /// hint, and where the folds are kept ([`Prefetched`]).
+    pub(crate) fn fold_reads(&self) -> (i64, Arc<group::Heads>, Arc<Prefetched>) {
+        (self.shared.page, self.shared.heads.clone(), self.shared.prefetched.clone())
+    }
+
+    pub(crate) fn herald(&self) -> Arc<crate::queue::Herald> {
+        self.shared.herald.clone()
+    }
+
+    /// The bound of one call to the database (`call_timeout_ms`).
+    pub(crate) fn call_bound(&self) -> Duration {
+        self.shared.bounds.call
     }
 
     pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
@@ -733,8 +761,12 @@ impl keel_store::AsyncAppend for PgStore {
         Box::pin(async move { queued?.await.map_err(|_| StoreError::from(PgError::Closed))? })
     }
 
-    /// One statement ([`FOLD_SQL`]) on the store's runtime, answered through a oneshot.
+    /// The fold a claim of this store read for `run` if it is still kept ([`Prefetched`]),
+    /// else one statement ([`FOLD_SQL`]) on the store's runtime, answered through a oneshot.
     fn fold_source_async<'a>(&'a self, run: RunId) -> keel_store::FoldFuture<'a> {
+        if let Some(source) = self.shared.prefetched.take(run) {
+            return Box::pin(async move { Ok(Some(source)) });
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (pool, page, bound) = (self.pool(), self.shared.page, self.shared.bounds.call);
         let heads = self.shared.heads.clone();
@@ -775,12 +807,31 @@ async fn fold_source(
         let result = conn.client()?.rows(FOLD_SQL, &[&run.0, &page]).await;
         conn.ok(result)?
     };
+    let rows = rows
+        .iter()
+        .map(|row| Ok((row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?)))
+        .collect::<Result<Vec<FoldRow>, StoreError>>()?;
+    source_of(run, rows, page, heads)
+}
+
+/// One row of [`FOLD_SQL`] (or of a run in [`FOLD_MANY_SQL`]): `(seq, value, next_seq)`, a
+/// record (`seq`) or the snapshot (no `seq`; the seq it covers up to).
+type FoldRow = (Option<i64>, Vec<u8>, Option<i64>);
+
+/// The fold source of `run` from its rows (see [`fold_source`]); `None` where the
+/// two-step read must do it.
+fn source_of(
+    run: RunId,
+    rows: Vec<FoldRow>,
+    page: i64,
+    heads: &group::Heads,
+) -> Result<Option<keel_store::FoldSource>, StoreError> {
     let mut snap: Option<(Vec<u8>, Option<i64>)> = None;
     let mut pairs: Vec<(Seq, Vec<u8>)> = Vec::with_capacity(rows.len());
-    for row in rows {
-        match row.try_get::<_, Option<i64>>(0).map_err(pg)? {
-            None => snap = Some((row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?)),
-            Some(seq) => pairs.push((stored_seq(run, seq)?, row.try_get(1).map_err(pg)?)),
+    for (seq, value, covers) in rows {
+        match seq {
+            None => snap = Some((value, covers)),
+            Some(seq) => pairs.push((stored_seq(run, seq)?, value)),
         }
     }
     if i64::try_from(pairs.len()).map_or(true, |n| n >= page) {
@@ -822,6 +873,116 @@ async fn fold_source(
     }
     let records = backend::checked_records(run, pairs.into_iter().map(Ok), Seq(from), prev, true);
     Ok(Some(keel_store::FoldSource { snapshot, records }))
+}
+
+/// The folds a claim read for the runs it granted, in the claim's round trips
+/// ([`FOLD_MANY_SQL`], one statement for all of them), each taken by the first fold of
+/// its run ([`AsyncAppend::fold_source_async`], the drive's): a statement per run less
+/// (docs/STORE.md 15.2a). What a fold returns is only ever the base of an append checked
+/// against the run's head under its row lock, so one that is stale by the time it is
+/// used (a run appended to by another session since the claim) costs a conflict, and the
+/// drive folds again, as after any concurrent writer. Kept [`PREFETCH_FRESH`] at most,
+/// [`PREFETCH_MAX`] at once (a claimed run that is not driven here leaves its fold
+/// behind until then).
+#[derive(Default)]
+pub(crate) struct Prefetched {
+    folds: std::sync::Mutex<BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource)>>,
+    read: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+/// The most runs of one claim whose folds it reads (the first ones granted).
+pub(crate) const PREFETCH_RUNS_MAX: usize = 64;
+/// The most records of a run a claim's fold read takes: a longer tail is left to the
+/// drive's own read (a page of `read_page_records`, or the two-step read).
+pub(crate) const PREFETCH_PAGE_MAX: i64 = 64;
+/// The most bytes of records one claim's fold read keeps; beyond, none is kept.
+pub(crate) const PREFETCH_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// How long a claim's fold of a run is kept for its drive.
+pub(crate) const PREFETCH_FRESH: Duration = Duration::from_secs(2);
+/// The most claim folds kept at once.
+pub(crate) const PREFETCH_MAX: usize = 4 * keel_store::CLAIM_RUNS_MAX;
+
+impl Prefetched {
+    fn folds(&self) -> std::sync::MutexGuard<'_, BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource)>> {
+        self.folds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps `folds` (the ones past [`PREFETCH_FRESH`] are dropped first; none beyond
+    /// [`PREFETCH_MAX`] is kept).
+    pub(crate) fn put(&self, folds: Vec<(RunId, keel_store::FoldSource)>) {
+        let now = std::time::Instant::now();
+        let mut kept = self.folds();
+        kept.retain(|_, (at, _)| now.saturating_duration_since(*at) < PREFETCH_FRESH);
+        for (run, source) in folds {
+            if kept.len() >= PREFETCH_MAX && !kept.contains_key(&run) {
+                break;
+            }
+            kept.insert(run, (now, source));
+            self.read.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The fold kept for `run`, if fresh; it is kept no longer.
+    pub(crate) fn take(&self, run: RunId) -> Option<keel_store::FoldSource> {
+        let (at, source) = self.folds().remove(&run)?;
+        let fresh = at.elapsed() < PREFETCH_FRESH;
+        if fresh {
+            self.used.fetch_add(1, Ordering::Relaxed);
+        }
+        fresh.then_some(source)
+    }
+}
+
+/// The snapshot and first page of records of each run of `$1` (as [`FOLD_SQL`] for one),
+/// in one statement: a claim reads its runs' folds with it ([`PgStore::prefetch`]).
+pub(crate) const FOLD_MANY_SQL: &str = "SELECT r.run, f.seq, f.value, f.next_seq
+     FROM unnest($1::uuid[]) AS r(run)
+     CROSS JOIN LATERAL (
+         SELECT NULL::bigint AS seq, s.value, s.next_seq FROM snapshots s WHERE s.run = r.run
+         UNION ALL
+         (SELECT e.seq, e.value, NULL::bigint FROM events e
+          WHERE e.run = r.run
+            AND e.seq >= greatest(coalesce((SELECT s2.next_seq FROM snapshots s2 WHERE s2.run = r.run), 0) - 1, 0)
+          ORDER BY e.seq LIMIT $2)) AS f";
+
+/// The fold sources of `runs` read in one statement ([`FOLD_MANY_SQL`]), each as
+/// [`fold_source`] would give it; a run it cannot serve is left out.
+pub(crate) async fn fold_sources(
+    pool: Arc<Pool>,
+    runs: Vec<RunId>,
+    page: i64,
+    heads: &group::Heads,
+) -> Result<Vec<(RunId, keel_store::FoldSource)>, StoreError> {
+    let runs: Vec<RunId> = runs.into_iter().take(PREFETCH_RUNS_MAX).collect();
+    let page = page.min(PREFETCH_PAGE_MAX);
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
+    let rows = {
+        let mut conn = pool.get().await?;
+        let result = conn.client()?.rows(FOLD_MANY_SQL, &[&ids, &page]).await;
+        conn.ok(result)?
+    };
+    let bytes: usize = rows.iter().map(|r| r.try_get::<_, &[u8]>(2).map_or(0, <[u8]>::len)).sum();
+    if bytes > PREFETCH_BYTES_MAX {
+        // Large records: the drives read their folds as they come (fewer in memory at once).
+        return Ok(Vec::new());
+    }
+    let mut by_run: BTreeMap<RunId, Vec<FoldRow>> = runs.iter().map(|r| (*r, Vec::new())).collect();
+    for row in rows {
+        let run = RunId(row.try_get(0).map_err(pg)?);
+        let fold_row = (row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?, row.try_get(3).map_err(pg)?);
+        if let Some(rows) = by_run.get_mut(&run) {
+            rows.push(fold_row);
+        }
+    }
+    let mut out = Vec::with_capacity(by_run.len());
+    for (run, rows) in by_run {
+        if let Some(source) = source_of(run, rows, page, heads)? {
+            out.push((run, source));
+        }
+    }
+    Ok(out)
 }
 
 impl Coordination for PgStore {

@@ -825,6 +825,52 @@ fn unqueued_names_the_runs_a_scan_must_queue_and_done_releases_the_lease() {
     assert_eq!(store.unqueued(&all).unwrap(), vec![run(1), run(4), run(5)], "the done run left the queue");
 }
 
+/// Every process listens for the queue's notifications, so one per ended drive woke every
+/// process once per run any of them drove. A store spaces them out (`DONE_NOTIFY_EVERY`)
+/// without leaving a done untold: after a burst of dones, another process still hears a
+/// notification sent after the last done returned (the owed one).
+#[test]
+fn a_burst_of_dones_is_told_to_other_processes_after_the_last_one() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let (a, b) = two_handles(&scratch);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let h = heard.clone();
+    b.on_wake(Box::new(move || h.lock().unwrap().push(Instant::now())));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heard.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the listener of the second handle did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let n = 20u8;
+    for i in 1..=n {
+        a.push(&Runnable { run: run(i), workflow: "w".into(), priority: 0, accepted_at_us: i64::from(i) }).unwrap();
+    }
+    let claimed = a.claim("one", 60_000, 1_000_000, usize::from(n), &Default::default()).unwrap();
+    assert_eq!(claimed.len(), usize::from(n));
+    // The pushes' notifications are heard, then forgotten.
+    std::thread::sleep(Duration::from_millis(300));
+    heard.lock().unwrap().clear();
+    for mut c in claimed {
+        let r = c.lease.run();
+        assert!(!a.done(r, "one", None, Some(&mut c.lease)).unwrap());
+    }
+    let last_done = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if heard.lock().unwrap().last().is_some_and(|t| *t > last_done) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no notification after the last done: {:?}", heard.lock().unwrap().len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("{n} dones, {} notifications heard", heard.lock().unwrap().len());
+    assert!(a.unqueued(&(1..=n).map(run).collect::<Vec<_>>()).unwrap().len() == usize::from(n), "all left the queue");
+}
+
 /// A flush of two appends (one to an existing run, one creating a run) loses the race for
 /// the new run's head row to another session: the whole transaction rolls back, and the
 /// appends are retried one per transaction, so the append to the existing run is written
@@ -1064,6 +1110,56 @@ fn a_folds_awaited_read_gives_what_the_two_step_read_gives() {
     ));
     assert!(source(moved).unwrap().is_none(), "a snapshot that does not open: the two-step read");
     assert!(matches!(store.load_snapshot(moved), Err(StoreError::CorruptSnapshot { .. })));
+}
+
+/// A claim reads the folds of the runs it grants in one statement and keeps them for the
+/// runs' drives: the first fold of a claimed run is served from it (as the two-step read
+/// would give it), the next one reads again. One that went stale (another handle appended
+/// since the claim) is only ever a base for appends checked against the head: it costs a
+/// conflict, and nothing is written from it.
+#[test]
+fn a_claim_reads_its_runs_folds_for_their_drives_and_a_stale_one_costs_a_conflict() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let (a, b) = two_handles(&scratch);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let source = |r: RunId| rt.block_on(a.async_appends().unwrap().fold_source_async(r)).unwrap().expect("served");
+    let seqs_hashes = |records: keel_store::RecordIter| -> Vec<(u64, [u8; 32])> {
+        records.map(|x| x.unwrap()).map(|x| (x.seq.0, x.hash)).collect()
+    };
+    let (plain, snapped, other) = (run(40), run(41), run(42));
+    for r in [plain, snapped, other] {
+        a.append(r, Seq(0), (0..10).map(rec).collect(), None).unwrap();
+        a.push(&Runnable { run: r, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
+    }
+    a.save_snapshot(snapped, Seq(6), b"state at 6").unwrap();
+    let claimed = a.claim("one", 60_000, 1_000_000, 2, &Default::default()).unwrap();
+    assert_eq!(claimed.iter().map(|c| c.lease.run()).collect::<Vec<_>>(), vec![plain, snapped]);
+    assert_eq!((a.stats().claim_folds_read, a.stats().claim_folds_used), (2, 0));
+
+    let got = source(snapped);
+    assert_eq!(a.stats().claim_folds_used, 1, "served from the claim");
+    assert_eq!(got.snapshot, a.load_snapshot(snapped).unwrap());
+    assert_eq!(seqs_hashes(got.records), seqs_hashes(a.read(snapped, Seq(6)).unwrap()));
+    let again = source(snapped);
+    assert_eq!(a.stats().claim_folds_used, 1, "the next fold reads again");
+    assert_eq!(seqs_hashes(again.records), seqs_hashes(a.read(snapped, Seq(6)).unwrap()));
+    source(other);
+    assert_eq!(a.stats().claim_folds_used, 1, "a run this store did not claim is read");
+
+    // Another handle appends to `plain` after the claim: the kept fold is stale.
+    b.append(plain, Seq(10), vec![rec(10)], None).unwrap();
+    let stale = source(plain);
+    assert_eq!(a.stats().claim_folds_used, 2);
+    let records: Vec<_> = stale.records.map(|x| x.unwrap()).collect();
+    let next = Seq(records.last().unwrap().seq.0 + 1);
+    assert_eq!(next, Seq(10), "the fold as the claim read it");
+    assert!(matches!(a.append(plain, next, vec![rec(99)], None), Err(StoreError::Conflict { .. })));
+    let kinds: Vec<u64> = a.read(plain, Seq(0)).unwrap().map(|x| x.unwrap().seq.0).collect();
+    assert_eq!(kinds, (0..=10).collect::<Vec<_>>(), "nothing written from the stale fold");
 }
 
 /// A flush of runs whose heads this process knows goes as one statement that checks them
