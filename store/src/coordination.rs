@@ -309,6 +309,27 @@ pub trait AsyncAppend: Send + Sync {
         aux: Vec<crate::AuxWrite>,
     ) -> AppendFuture<'a>;
 
+    /// [`AsyncAppend::append_async`] fenced with `fence`, for the append after which the
+    /// drive of `run` ends (the run is finished: nothing is appended after it in this
+    /// drive), and, where the store can, that end recorded in its shared queue in the same
+    /// atomic step, as [`WorkQueue::done`] by `owner` with no due time would record it,
+    /// the fence's lease released with it. Returns the new head and whether the end was
+    /// recorded: if not (the default, which only appends), the caller tells the queue
+    /// itself. Refused or failed, nothing is written and the queue is told nothing.
+    fn append_ending_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+        owner: &'a str,
+    ) -> EndingFuture<'a> {
+        let _ = owner;
+        let appended = self.append_async(run, expected, records, None, Some(fence), aux);
+        Box::pin(async move { appended.await.map(|head| (head, false)) })
+    }
+
     /// The latest snapshot of `run` and its records after it, read without a thread held
     /// for the reads (on PostgreSQL in one statement). `Ok(None)` (the default): not
     /// served this way; read them with [`Coordination::load_snapshot`] and
@@ -319,6 +340,11 @@ pub trait AsyncAppend: Send + Sync {
         Box::pin(std::future::ready(Ok(None)))
     }
 }
+
+/// What [`AsyncAppend::append_ending_async`] returns: the new head, and whether the
+/// drive's end was recorded in the same step.
+pub type EndingFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Head, bool), StoreError>> + Send + 'a>>;
 
 /// What [`AsyncAppend::fold_source_async`] returns.
 pub type FoldFuture<'a> =

@@ -69,7 +69,8 @@ pub use coordination::{
     ReleaseOnDrop, Store, COUNTER_PREFIX, OWNER_BYTES_MAX,
 };
 pub use coordination::{
-    AppendFuture, AsyncAppend, Claimed, FoldFuture, FoldSource, Runnable, WorkQueue, CLAIM_RUNS_MAX, WORKFLOW_BYTES_MAX,
+    AppendFuture, AsyncAppend, Claimed, EndingFuture, FoldFuture, FoldSource, Runnable, WorkQueue, CLAIM_RUNS_MAX,
+    WORKFLOW_BYTES_MAX,
 };
 pub use envelope::record::FORMAT_MARKER;
 pub use envelope::{codec, digest};

@@ -59,6 +59,10 @@ pub(crate) async fn drive_leased(
     // without a live lease is a claim candidate, and a claimer's row lock on it made the
     // queue's bookkeeping wait for that claim to commit (and could claim the run again
     // for an idle drive).
+    if held.is_ended() {
+        // The drive's end went to the queue with its last append (the lease with it).
+        return out;
+    }
     let (h, inner2, done) = (held.clone(), inner.clone(), out.clone());
     if let Err(e) = blocking(&inner.log, move |log| {
         h.release_after(log, |lease| crate::shell::shared::done(&inner2, run, &done, lease));

@@ -183,7 +183,11 @@ impl Journal {
         aux.extend(crate::shell::counts::writes(before, after));
         if let Some(appends) = self.log.async_appends() {
             // Awaited: the store's own task answers (no thread blocked for the append).
+            // A finished run's last append of its drive carries the drive's end to the
+            // shared queue where the store can (one statement, not one more).
+            let ending = after.status.is_terminal() && claim.is_none() && self.log.work_queue().is_some();
             let new_head = match &held {
+                Some(h) if ending => h.append_ending_async(appends, run, expected, records, aux).await?,
                 Some(h) => h.append_async(appends, run, expected, records, claim, aux).await?,
                 None => appends.append_async(run, expected, records, claim, None, aux).await?,
             };

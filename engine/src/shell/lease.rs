@@ -72,11 +72,23 @@ pub(crate) struct Held {
     /// blocking one does (taken with `blocking_lock` on the threads the engine blocks).
     lease: tokio::sync::Mutex<Option<Lease>>,
     lost: AtomicBool,
+    /// The drive's end was recorded in the shared queue with its last append, and the
+    /// lease released there ([`Held::append_ending_async`]): nothing is left to tell.
+    ended: AtomicBool,
 }
 
 impl Held {
     pub(crate) fn new(lease: Lease) -> Held {
-        Held { lease: tokio::sync::Mutex::new(Some(lease)), lost: AtomicBool::new(false) }
+        Held {
+            lease: tokio::sync::Mutex::new(Some(lease)),
+            lost: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the drive's end went with its last append ([`Held::append_ending_async`]).
+    pub(crate) fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
     }
 
     /// The fence of `held` (the lease under its lock), or `Fenced` once lost or released.
@@ -138,9 +150,43 @@ impl Held {
         res
     }
 
+    /// [`Held::append_async`] for the append after which the drive ends (the run is
+    /// finished), through [`AsyncAppend::append_ending_async`]: where the store records
+    /// the drive's end with it (and releases the lease there), the hold is over: the lease
+    /// is not renewed, released or told to the queue again ([`Held::is_ended`]).
+    pub(crate) async fn append_ending_async(
+        &self,
+        log: &dyn AsyncAppend,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        aux: Vec<keel_store::AuxWrite>,
+    ) -> Result<Head, StoreError> {
+        let mut guard = self.lease.lock().await;
+        let fence = self.fence(guard.as_ref(), run)?;
+        let owner = guard.as_ref().map(|l| l.owner().to_owned()).unwrap_or_default();
+        let res = log.append_ending_async(run, expected, records, fence, aux, &owner).await;
+        let (head, ended) = match res {
+            Ok((head, ended)) => (Ok(head), ended),
+            Err(e) => (Err(e), false),
+        };
+        if ended {
+            if let Some(mut lease) = guard.take() {
+                lease.released_elsewhere();
+            }
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        drop(guard);
+        self.noted(head)
+    }
+
     /// Renews the lease to `ttl_ms` from `now_us`; false (and the lease marked lost) if it
-    /// was lost or the store failed.
+    /// was lost or the store failed. Once the drive's end was recorded with its last
+    /// append there is nothing to renew: true.
     pub(crate) fn renew(&self, log: &dyn Store, ttl_ms: u64, now_us: i64) -> bool {
+        if self.is_ended() {
+            return true;
+        }
         let mut guard = self.lease.blocking_lock();
         let Some(current) = guard.as_ref().filter(|_| !self.is_lost()) else { return false };
         match log.renew_lease(current, ttl_ms, now_us) {

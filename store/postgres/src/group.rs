@@ -11,6 +11,7 @@
 
 use crate::cached::Cached;
 use crate::error::{connection_lost, PgError, Timed};
+use crate::herald::Herald;
 use crate::pool::Pool;
 use deadpool_postgres::ClientWrapper as Client;
 use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
@@ -38,7 +39,27 @@ pub(crate) struct Append {
     pub(crate) fence: Option<Fence>,
     /// Aux writes made with the records, in the same transaction (already checked).
     pub(crate) aux: Vec<AuxWrite>,
+    /// The drive's end, recorded with the append where the flush can ([`End`]).
+    pub(crate) end: Option<End>,
     pub(crate) reply: Reply,
+}
+
+/// The end of a drive an append carries (`AsyncAppend::append_ending_async`): recorded in
+/// the queue by a flush in one statement ([`fast_sql`] with its ending part), as `done` by
+/// `owner` with no due time, the append's fenced lease released; `recorded` is set once
+/// that flush committed. A flush decided the locking way records none: the caller's
+/// `done` does then.
+pub(crate) struct End {
+    pub(crate) owner: String,
+    pub(crate) recorded: Arc<AtomicBool>,
+}
+
+/// What a flush needs to record drives' ends: the store's notifications of ended drives
+/// ([`Herald`]), its schema (their payload), and where an owed one is sent from.
+pub(crate) struct Ends {
+    pub(crate) herald: Arc<Herald>,
+    pub(crate) schema: String,
+    pub(crate) pool: Arc<Pool>,
 }
 
 /// Where an append's outcome goes: a thread blocked in `EventLog::append`, or the future
@@ -90,6 +111,8 @@ pub(crate) struct Counters {
     pub(crate) raced: AtomicU64,
     pub(crate) fast: AtomicU64,
     pub(crate) fast_missed: AtomicU64,
+    /// Drives' ends recorded with their appends ([`End`]).
+    pub(crate) ended: AtomicU64,
     /// Latency and appends of each committed flush (`EventLog::commit_stats`).
     pub(crate) commits: keel_store::stats::CommitMeter,
 }
@@ -116,6 +139,7 @@ pub(crate) async fn flusher(
     mode: FlushMode,
     counters: Arc<Counters>,
     heads: Arc<Heads>,
+    ends: Arc<Ends>,
 ) {
     let mut next: Option<Append> = None;
     loop {
@@ -149,7 +173,8 @@ pub(crate) async fn flusher(
             }
         }
         drop(rx);
-        let durable = !batch.is_empty() && flush(&pool, batch, mode, &counters, &heads).await && !mode.async_commit;
+        let durable =
+            !batch.is_empty() && flush(&pool, batch, mode, &counters, &heads, &ends).await && !mode.async_commit;
         if !barriers.is_empty() {
             let answer = if durable { Ok(()) } else { flush_alone(&pool).await };
             for b in barriers {
@@ -179,14 +204,21 @@ async fn flush_alone(pool: &Arc<Pool>) -> Result<(), PgError> {
 
 /// Runs one flush and answers every append of it: whether a transaction with appends in
 /// it committed.
-async fn flush(pool: &Arc<Pool>, batch: Vec<Append>, mode: FlushMode, counters: &Counters, heads: &Heads) -> bool {
-    let outcomes = match flush_once(pool, &batch, mode, counters, heads).await {
+async fn flush(
+    pool: &Arc<Pool>,
+    batch: Vec<Append>,
+    mode: FlushMode,
+    counters: &Counters,
+    heads: &Heads,
+    ends: &Ends,
+) -> bool {
+    let outcomes = match flush_once(pool, &batch, mode, counters, heads, ends).await {
         Ok(outcomes) => outcomes,
         Err(Failed::Raced) => {
             counters.raced.fetch_add(1, Ordering::Relaxed);
             let mut outcomes = Vec::with_capacity(batch.len());
             for a in &batch {
-                outcomes.push(alone(pool, a, mode, counters, heads).await);
+                outcomes.push(alone(pool, a, mode, counters, heads, ends).await);
             }
             outcomes
         }
@@ -210,9 +242,10 @@ async fn alone(
     mode: FlushMode,
     counters: &Counters,
     heads: &Heads,
+    ends: &Ends,
 ) -> Result<Head, StoreError> {
     for _ in 0..RACE_TRIES {
-        match flush_once(pool, std::slice::from_ref(a), mode, counters, heads).await {
+        match flush_once(pool, std::slice::from_ref(a), mode, counters, heads, ends).await {
             Ok(mut outcomes) => return outcomes.pop().unwrap_or(Err(PgError::Closed.into())),
             Err(Failed::Raced) => counters.raced.fetch_add(1, Ordering::Relaxed),
             Err(Failed::Pg(e)) => return Err(e.into()),
@@ -249,6 +282,7 @@ async fn flush_once(
     mode: FlushMode,
     counters: &Counters,
     heads: &Heads,
+    ends: &Ends,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let bounds = pool.bounds();
     let start = std::time::Instant::now();
@@ -256,7 +290,7 @@ async fn flush_once(
     let attempt = async {
         let mut conn = pool.get().await.map_err(Failed::Pg)?;
         let client = conn.client().map_err(Failed::Pg)?;
-        let result = transaction(client, batch, mode, &committing, heads, counters).await;
+        let result = transaction(client, batch, mode, &committing, heads, counters, ends).await;
         // Every statement was answered: the session goes back unless its connection went.
         match &result {
             Err(Failed::Pg(e)) => conn.settled(e),
@@ -527,7 +561,7 @@ fn write_ctes(parts: WriteParts, next: &mut dyn FnMut() -> usize, guard: Guard) 
 /// first and writes nothing if it is false; the statement returns it. Parameters: the
 /// runs, whether fenced, the fences' epochs, the heads' next seqs and hashes, then
 /// [`write_sql`]'s.
-pub(crate) fn fast_sql(aux: AuxParts) -> String {
+pub(crate) fn fast_sql(aux: AuxParts, ending: bool) -> String {
     let mut next = numbering();
     let (r, f, e, n, h) = (next(), next(), next(), next(), next());
     let chk = format!(
@@ -544,12 +578,61 @@ pub(crate) fn fast_sql(aux: AuxParts) -> String {
         WriteParts { heads_updated: true, heads_inserted: false, claims_updated: false, claims_inserted: false, aux };
     let mut ctes = vec![chk];
     ctes.extend(write_ctes(parts, &mut next, Guard::Checked));
-    format!("WITH {} SELECT ok FROM chk", ctes.join(",\n     "))
+    if !ending {
+        return format!("WITH {} SELECT ok FROM chk", ctes.join(",\n     "));
+    }
+    ctes.extend(ending_ctes(&mut next));
+    format!("WITH {} SELECT ok, (SELECT count(*) FROM e_told) FROM chk", ctes.join(",\n     "))
 }
 
-/// [`fast_sql`] of every set of aux parts, by [`AuxParts::index`].
-static FAST_SQLS: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (0u8..16).map(|b| fast_sql(AuxParts::from_bits(b))).collect());
+/// The drives' ends some appends of a one-statement flush carry ([`End`]), as `done`
+/// records them (`queue::DONE_SQL`, no due time), each write reading the flush's verdict
+/// first: the runs, their owners and the epochs of their fenced leases; a run queued again
+/// meanwhile (`again`) goes round once more, any other leaves the queue; the lease is
+/// released (only by its epoch: a lease taken over since is left); then the notification
+/// (channel, schema, and whether this flush sends it: [`Herald`]).
+fn ending_ctes(next: &mut dyn FnMut() -> usize) -> Vec<String> {
+    let check = Guard::CHECK;
+    let (r, o, e, ch, sc, tell) = (next(), next(), next(), next(), next(), next());
+    vec![
+        format!("e AS (SELECT * FROM unnest(${r}::uuid[], ${o}::text[], ${e}::bigint[]) AS e(run, owner, epoch))"),
+        // Each run's queue row and lease row found by primary key, one run at a time
+        // (joined with the array, the generic plans scanned both tables whole), then
+        // written by key. The lease rows are the ones `chk` locked; a queue row a push
+        // marked `again` meanwhile is passed over by the delete (its condition is checked
+        // again on the row as the push left it), as `done` passes it over: it stays
+        // queued, to go round again.
+        "e_w AS (SELECT e.run, w.again FROM e CROSS JOIN LATERAL
+                (SELECT again FROM work WHERE work.run = e.run AND work.claimed_by = e.owner OFFSET 0) w)"
+            .to_owned(),
+        "e_l AS (SELECT e.run FROM e CROSS JOIN LATERAL
+                (SELECT 1 FROM leases WHERE leases.run = e.run AND leases.epoch = e.epoch
+                   AND leases.owner IS NOT NULL OFFSET 0) l)"
+            .to_owned(),
+        format!(
+            "e_again AS (UPDATE work SET again = false, claimed_by = NULL
+                WHERE run = ANY(ARRAY(SELECT run FROM e_w WHERE again)) AND again AND {check})"
+        ),
+        format!(
+            "e_gone AS (DELETE FROM work
+                WHERE run = ANY(ARRAY(SELECT run FROM e_w WHERE NOT again)) AND NOT again AND {check})"
+        ),
+        format!(
+            "e_free AS (UPDATE leases SET owner = NULL, epoch = epoch + 1
+                WHERE run = ANY(ARRAY(SELECT run FROM e_l)) AND {check})"
+        ),
+        format!("e_told AS (SELECT pg_notify(${ch}, ${sc}) WHERE ${tell}::bool AND {check})"),
+    ]
+}
+
+/// [`fast_sql`] of every set of aux parts without and with drives' ends, by
+/// [`AuxParts::index`] (plus 16 with ends).
+static FAST_SQLS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+    [false, true]
+        .into_iter()
+        .flat_map(|ending| (0u8..16).map(move |b| fast_sql(AuxParts::from_bits(b), ending)))
+        .collect()
+});
 
 /// Most runs whose heads a store remembers ([`Heads`]); past it, it starts over.
 const HEADS_KNOWN_MAX: usize = 65_536;
@@ -624,10 +707,11 @@ async fn transaction(
     committing: &AtomicBool,
     heads: &Heads,
     counters: &Counters,
+    ends: &Ends,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     if let Some(fast) = Fast::of(batch, mode, heads) {
         counters.fast.fetch_add(1, Ordering::Relaxed);
-        if let Some(outcomes) = fast.run(client, committing).await? {
+        if let Some(outcomes) = fast.run(client, committing, ends).await? {
             return Ok(outcomes);
         }
         // A head or lease was not as known: nothing written; the locking way decides.
@@ -703,6 +787,12 @@ struct Fast {
     epochs: Vec<i64>,
     next_seqs: Vec<i64>,
     hashes: Vec<Vec<u8>>,
+    /// The drives' ends carried (fenced appends only): runs, owners, lease epochs, and
+    /// where each is told it was recorded.
+    end_runs: Vec<Uuid>,
+    end_owners: Vec<String>,
+    end_epochs: Vec<i64>,
+    end_flags: Vec<Arc<AtomicBool>>,
 }
 
 impl Fast {
@@ -736,7 +826,19 @@ impl Fast {
             epochs: Vec::with_capacity(known.len()),
             next_seqs: Vec::with_capacity(known.len()),
             hashes: Vec::with_capacity(known.len()),
+            end_runs: Vec::new(),
+            end_owners: Vec::new(),
+            end_epochs: Vec::new(),
+            end_flags: Vec::new(),
         };
+        for a in batch {
+            if let (Some(end), Some(fence)) = (&a.end, a.fence.filter(|f| f.run == a.run)) {
+                f.end_runs.push(a.run.0);
+                f.end_owners.push(end.owner.clone());
+                f.end_epochs.push(i64::try_from(fence.epoch).ok()?);
+                f.end_flags.push(end.recorded.clone());
+            }
+        }
         for (run, (epoch, head)) in known {
             f.runs.push(run);
             f.fenced.push(epoch.is_some());
@@ -765,13 +867,28 @@ impl Fast {
         self,
         client: &Client,
         committing: &AtomicBool,
+        ends: &Ends,
     ) -> Result<Option<Vec<Result<Head, StoreError>>>, Failed> {
+        let ending = !self.end_runs.is_empty();
+        // Told at this commit only if the store sent none lately (else owed, below).
+        let tell = ending && ends.herald.take_window();
         let held = {
             let writes = Writes::of(&self.plan);
-            let Some(sql) = FAST_SQLS.get(writes.aux.parts().index()) else { return Ok(None) };
+            let index = writes.aux.parts().index() + if ending { 16 } else { 0 };
+            let Some(sql) = FAST_SQLS.get(index) else { return Ok(None) };
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 vec![&self.runs, &self.fenced, &self.epochs, &self.next_seqs, &self.hashes];
             params.extend(writes.params());
+            if ending {
+                params.extend([
+                    &self.end_runs as &(dyn ToSql + Sync),
+                    &self.end_owners,
+                    &self.end_epochs,
+                    &crate::herald::CHANNEL,
+                    &ends.schema,
+                    &tell,
+                ]);
+            }
             // Prepared before anything is in doubt (the first time on a session: a round
             // trip that writes nothing).
             let statement = match client.prepare_cached(sql).await {
@@ -786,6 +903,18 @@ impl Fast {
                 Err(_) => false,
             }
         };
+        if held && ending {
+            for flag in &self.end_flags {
+                flag.store(true, Ordering::SeqCst);
+            }
+            if !tell {
+                if let Some(delay) = ends.herald.owe() {
+                    let bound = ends.pool.bounds().call;
+                    let (pool, herald, schema) = (ends.pool.clone(), ends.herald.clone(), ends.schema.clone());
+                    tokio::spawn(crate::herald::tell_later(pool, herald, delay, schema, bound));
+                }
+            }
+        }
         Ok(held.then_some(self.plan.outcomes))
     }
 }

@@ -27,6 +27,7 @@
 mod cached;
 mod error;
 mod group;
+mod herald;
 mod pool;
 mod queue;
 mod schema;

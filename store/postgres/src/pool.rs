@@ -289,16 +289,22 @@ mod tests {
                SELECT run, 'w', 1, 0 FROM heads;
              INSERT INTO claims (key, run, expires_at_us)
                SELECT int8send(i), gen_random_uuid(), 0 FROM generate_series(1, 1000) i;
-             ANALYZE heads; ANALYZE leases; ANALYZE claims;
+             INSERT INTO work (run, workflow, priority, accepted_at_us, claimed_by)
+               SELECT run, 'wf', 0, 0, 'w' FROM heads;
+             INSERT INTO work (run, workflow, priority, accepted_at_us)
+               SELECT gen_random_uuid(), 'wf', 0, i FROM generate_series(1, 19000) i;
+             INSERT INTO leases (run, owner, epoch, expires_at_us)
+               SELECT gen_random_uuid(), NULL, 2, 0 FROM generate_series(1, 19000);
+             ANALYZE heads; ANALYZE leases; ANALYZE claims; ANALYZE work;
              PREPARE flush_lock (uuid[], bool[]) AS {};
              PREPARE claims_lock (bytea[]) AS {};
              PREPARE flush_one (uuid[], bool[], bigint[], bigint[], bytea[], uuid[], bigint[], bytea[],
-                                uuid[], bigint[], bytea[], text[]) AS {};
+                                uuid[], bigint[], bytea[], text[], uuid[], text[], bigint[], text, text, bool) AS {};
              PREPARE flush_write (uuid[], bigint[], bytea[], uuid[], bigint[], bytea[], text[],
                                   bytea[], uuid[], bigint[]) AS {};",
             crate::group::LOCK_SQL,
             crate::group::CLAIMS_SQL,
-            crate::group::fast_sql(crate::group::AuxParts::from_bits(0)),
+            crate::group::fast_sql(crate::group::AuxParts::from_bits(0), true),
             crate::group::write_sql(crate::group::WriteParts {
                 heads_updated: true,
                 heads_inserted: false,
@@ -314,7 +320,8 @@ mod tests {
             format!(
                 "EXPLAIN EXECUTE flush_one ({ids}, ARRAY[true, false], ARRAY[1, 0], ARRAY[3, 3],
                    ARRAY['\\x00'::bytea, '\\x00'], {ids}, ARRAY[3, 3], ARRAY['\\x01'::bytea, '\\x01'],
-                   {ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'])"
+                   {ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'], ARRAY['a', 'a'],
+                   {ids}, ARRAY['w', 'w'], ARRAY[1, 1], 'keel_work', 'keel_none', false)"
             ),
             format!(
                 "EXPLAIN EXECUTE flush_write ({ids}, ARRAY[4, 4], ARRAY['\\x01'::bytea, '\\x01'],
@@ -472,19 +479,29 @@ mod tests {
     }
 
     /// Each one-statement flush numbers its parameters from 1 without a gap (the checks'
-    /// five, then events, heads updated and the aux parts, as `Fast::run` sends them), and
-    /// every data-modifying part of it writes only if the checks held.
+    /// five, then events, heads updated and the aux parts, then with drives' ends their
+    /// six, as `Fast::run` sends them), and every data-modifying part of it (and the
+    /// notification of ended drives) acts only if the checks held.
     #[test]
     fn one_statement_flushes_number_their_parameters_and_guard_every_write() {
         use crate::group::{fast_sql, AuxParts};
-        for bits in 0u8..16 {
-            let a = AuxParts::from_bits(bits);
-            let sql = fast_sql(a);
-            assert_numbered(&sql, 5 + 3 + 4 + aux_params(a), &a);
-            let writes = sql.matches("INSERT INTO").count() + sql.matches("DELETE FROM").count();
-            let guarded = sql.matches("(SELECT ok FROM chk)").count();
-            assert_eq!(guarded, writes, "{a:?}: a write without the checks' verdict in {sql}");
-            assert!(writes >= 2 && !sql.contains("hi AS") && !sql.contains("cu AS") && !sql.contains("ci AS"), "{sql}");
+        for ending in [false, true] {
+            for bits in 0u8..16 {
+                let a = AuxParts::from_bits(bits);
+                let sql = fast_sql(a, ending);
+                assert_numbered(&sql, 5 + 3 + 4 + aux_params(a) + if ending { 6 } else { 0 }, &(a, ending));
+                let writes = ["INSERT INTO", "DELETE FROM", "UPDATE work SET", "UPDATE leases SET", "pg_notify("]
+                    .iter()
+                    .map(|w| sql.matches(w).count())
+                    .sum::<usize>();
+                let guarded = sql.matches("(SELECT ok FROM chk)").count();
+                assert_eq!(guarded, writes, "{a:?}: a write without the checks' verdict in {sql}");
+                assert!(
+                    writes >= 2 && !sql.contains("hi AS") && !sql.contains("cu AS") && !sql.contains("ci AS"),
+                    "{sql}"
+                );
+                assert_eq!(sql.contains("e_free AS"), ending, "{sql}");
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 
 use crate::cached::Cached;
 use crate::error::pg;
+use crate::herald::{tell_later, CHANNEL};
 use crate::pool::Pool;
 use crate::store::PgStore;
 use crate::wakers::Wakers;
@@ -18,9 +19,6 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls};
 use uuid::Uuid;
-
-/// The channel every keel store notifies on; the payload is the schema's name.
-pub(crate) const CHANNEL: &str = "keel_work";
 
 // Queue bookkeeping (push, done) goes through lazy sessions (`Pool::lazy`) and commits
 // without waiting for the WAL flush: the runs' events are durable by their own appends,
@@ -66,96 +64,6 @@ const DONE_SQL: &str = "WITH again AS (
                   WHERE run = $1 AND epoch = $4::bigint AND owner IS NOT NULL),
      told AS (SELECT pg_notify($5, $6) WHERE $7::bool)
      SELECT (SELECT count(*) FROM again), (SELECT count(*) FROM told)";
-
-/// A notification of ended drives on its own ([`Herald`]).
-const TELL_SQL: &str = "SELECT pg_notify($1, $2)";
-
-/// Least time between two notifications of ended drives sent by one store
-/// ([`Herald`]): a claimer elsewhere hears of a freed slot at most this late.
-pub(crate) const DONE_NOTIFY_EVERY: Duration = Duration::from_millis(10);
-
-/// Spaces out the notifications of ended drives. Every process listens, so each
-/// notification wakes every process's listener and service loop, and the server delivers
-/// it to each listening session: one per drive ended cost each of N processes a wake-up per
-/// run any of them drove (measured: a tenth of the throughput of four worker processes on
-/// two cores, docs/PERFORMANCE.md "Session 13"). The process that ended a drive needs none
-/// (its own loop is woken in-process); another process needs one to claim the run again or
-/// a freed slot of a limited type, and hears it at most [`DONE_NOTIFY_EVERY`] late:
-/// a done notifies at its commit when none went out within that time
-/// ([`Herald::take_window`]), and otherwise, once committed, owes one
-/// ([`Herald::owe`]), sent on its own when the time is up; a done that committed before
-/// that notification was sent is covered by it (the schedule is cleared before sending).
-#[derive(Default)]
-pub(crate) struct Herald {
-    state: std::sync::Mutex<HeraldState>,
-}
-
-#[derive(Default)]
-struct HeraldState {
-    /// When the last notification was decided on (inline, or the owed one sent).
-    last: Option<std::time::Instant>,
-    /// An owed notification is scheduled.
-    scheduled: bool,
-}
-
-impl Herald {
-    fn state(&self) -> std::sync::MutexGuard<'_, HeraldState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Whether the done about to be sent notifies at its commit: none went out within
-    /// [`DONE_NOTIFY_EVERY`] (this one counts from now).
-    pub(crate) fn take_window(&self) -> bool {
-        let now = std::time::Instant::now();
-        let mut s = self.state();
-        match s.last {
-            Some(t) if now.saturating_duration_since(t) < DONE_NOTIFY_EVERY => false,
-            _ => {
-                s.last = Some(now);
-                true
-            }
-        }
-    }
-
-    /// After a done without a notification committed: `Some(delay)` when the caller must
-    /// send one after `delay` (none is scheduled yet), `None` when a scheduled one, sent
-    /// after this call, covers it.
-    pub(crate) fn owe(&self) -> Option<Duration> {
-        let now = std::time::Instant::now();
-        let mut s = self.state();
-        if s.scheduled {
-            return None;
-        }
-        s.scheduled = true;
-        let at = s.last.map_or(now, |t| t + DONE_NOTIFY_EVERY);
-        Some(at.saturating_duration_since(now))
-    }
-
-    /// The owed notification is about to be sent: the next done owes one again.
-    pub(crate) fn sending(&self) {
-        let mut s = self.state();
-        s.scheduled = false;
-        s.last = Some(std::time::Instant::now());
-    }
-}
-
-/// Sends the notification a [`Herald`] owes after `delay`, on a lazy session. Lost (an
-/// error, logged): the claimers elsewhere find the run or the slot at their next poll.
-async fn tell_later(pool: Arc<Pool>, herald: Arc<Herald>, delay: Duration, schema: String, bound: Duration) {
-    tokio::time::sleep(delay).await;
-    herald.sending();
-    let sent = tokio::time::timeout(bound, async {
-        let mut conn = pool.lazy().await.map_err(StoreError::from)?;
-        let result = conn.client()?.exec(TELL_SQL, &[&CHANNEL, &schema]).await;
-        conn.ok(result).map(drop)
-    })
-    .await;
-    match sent {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot notify the claimers of ended drives (they poll)"),
-        Err(_) => tracing::warn!("notifying the claimers of ended drives timed out (they poll)"),
-    }
-}
 
 /// Whether a run of the given workflow types is queued (index `work_by_workflow`).
 const ANY_QUEUED_SQL: &str =
@@ -527,27 +435,5 @@ impl WorkQueue for PgStore {
             *listening = true;
             self.spawn(listen(self.pg_config(), self.schema().to_owned(), wakers.clone()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::{Herald, DONE_NOTIFY_EVERY};
-
-    #[test]
-    fn the_herald_notifies_once_per_window_and_owes_one_for_the_dones_inside_it() {
-        let h = Herald::default();
-        assert!(h.take_window(), "the first done notifies at its commit");
-        assert!(!h.take_window(), "a second one within the window does not");
-        let delay = h.owe().unwrap();
-        assert!(delay <= DONE_NOTIFY_EVERY, "it is owed one by the end of the window: {delay:?}");
-        assert!(h.owe().is_none(), "one scheduled notification covers every done owing one");
-        h.sending();
-        let again = h.owe().unwrap();
-        assert!(again <= DONE_NOTIFY_EVERY, "after it is sent, the next done owes one again: {again:?}");
-        h.sending();
-        std::thread::sleep(DONE_NOTIFY_EVERY);
-        assert!(h.take_window(), "a window after the last notification, a done notifies itself");
     }
 }

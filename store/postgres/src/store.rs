@@ -107,6 +107,9 @@ pub struct PgStats {
     pub claim_folds_read: u64,
     /// Of those, the ones a fold of the run took (its drive's first, as a rule).
     pub claim_folds_used: u64,
+    /// Drives whose end was recorded in the queue with their last append, in its one
+    /// statement (no `done` of their own; docs/STORE.md 15.2b).
+    pub drives_ended_with_append: u64,
 }
 
 /// Owns the runtime; shuts it down without waiting (dropping a runtime inside another
@@ -136,8 +139,8 @@ struct Shared {
     /// Where the work queue's listener connects (its own session, outside the pool).
     pg: tokio_postgres::Config,
     wakers: Arc<crate::wakers::Wakers>,
-    /// Spaces out the notifications of ended drives ([`crate::queue::Herald`]).
-    herald: Arc<crate::queue::Herald>,
+    /// Spaces out the notifications of ended drives ([`crate::herald::Herald`]).
+    herald: Arc<crate::herald::Herald>,
     /// The folds a claim read for the runs it granted ([`Prefetched`]).
     prefetched: Arc<Prefetched>,
     // Last: the runtime goes after everything that spawns onto it.
@@ -300,10 +303,19 @@ impl PgStore {
         };
         let counters = Arc::new(Counters::default());
         let heads = Arc::new(group::Heads::default());
+        let herald = Arc::new(crate::herald::Herald::default());
+        let ends = Arc::new(group::Ends { herald: herald.clone(), schema: config.schema.clone(), pool: pool.clone() });
         let (appends, rx) = mpsc::unbounded_channel();
         let queue: group::Queue = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..mode.flushers {
-            handle.spawn(group::flusher(pool.clone(), queue.clone(), mode, counters.clone(), heads.clone()));
+            handle.spawn(group::flusher(
+                pool.clone(),
+                queue.clone(),
+                mode,
+                counters.clone(),
+                heads.clone(),
+                ends.clone(),
+            ));
         }
         let page = i64::try_from(config.read_page_records).unwrap_or(256);
         Ok(PgStore {
@@ -320,7 +332,7 @@ impl PgStore {
                 schema: config.schema,
                 pg,
                 wakers: Arc::default(),
-                herald: Arc::default(),
+                herald,
                 prefetched: Arc::default(),
                 _rt: rt,
             }),
@@ -345,6 +357,7 @@ impl PgStore {
             one_statement_misses: c.fast_missed.load(Ordering::Relaxed),
             claim_folds_read: self.shared.prefetched.read.load(Ordering::Relaxed),
             claim_folds_used: self.shared.prefetched.used.load(Ordering::Relaxed),
+            drives_ended_with_append: c.ended.load(Ordering::Relaxed),
         }
     }
 
@@ -383,7 +396,7 @@ impl PgStore {
         (self.shared.page, self.shared.heads.clone(), self.shared.prefetched.clone())
     }
 
-    pub(crate) fn herald(&self) -> Arc<crate::queue::Herald> {
+    pub(crate) fn herald(&self) -> Arc<crate::herald::Herald> {
         self.shared.herald.clone()
     }
 
@@ -412,23 +425,27 @@ impl PgStore {
         aux: Vec<AuxWrite>,
     ) -> Result<Head, StoreError> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
-        self.queue(Append { run, expected, records, claim, fence, aux, reply: group::Reply::Blocking(reply) })?;
+        self.queue(Append {
+            run,
+            expected,
+            records,
+            claim,
+            fence,
+            aux,
+            end: None,
+            reply: group::Reply::Blocking(reply),
+        })?;
         rx.recv().map_err(|_| StoreError::from(PgError::Closed))?
     }
 
     /// [`PgStore::submit`] whose outcome is awaited: the flusher answers the future
-    /// directly (no thread waits for it).
+    /// directly (no thread waits for it). `append` builds the append around its reply.
     fn submit_async(
         &self,
-        run: RunId,
-        expected: Seq,
-        records: Vec<NewRecord>,
-        claim: Option<Claim>,
-        fence: Option<Fence>,
-        aux: Vec<AuxWrite>,
+        append: impl FnOnce(group::Reply) -> Append,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Head, StoreError>>, StoreError> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.queue(Append { run, expected, records, claim, fence, aux, reply: group::Reply::Async(reply) })?;
+        self.queue(append(group::Reply::Async(reply)))?;
         Ok(rx)
     }
 
@@ -757,8 +774,44 @@ impl keel_store::AsyncAppend for PgStore {
         fence: Option<Fence>,
         aux: Vec<AuxWrite>,
     ) -> keel_store::AppendFuture<'a> {
-        let queued = self.submit_async(run, expected, records, claim, fence, aux);
+        let queued = self.submit_async(|reply| Append { run, expected, records, claim, fence, aux, end: None, reply });
         Box::pin(async move { queued?.await.map_err(|_| StoreError::from(PgError::Closed))? })
+    }
+
+    /// The append with the drive's end ([`group::End`]): recorded in the flush's one
+    /// statement when the flush goes that way (docs/STORE.md 15.2b), else not (the caller
+    /// calls `done`).
+    fn append_ending_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        fence: Fence,
+        aux: Vec<AuxWrite>,
+        owner: &'a str,
+    ) -> keel_store::EndingFuture<'a> {
+        let recorded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let end = (owner.len() <= OWNER_BYTES_MAX)
+            .then(|| group::End { owner: owner.to_owned(), recorded: recorded.clone() });
+        let queued = self.submit_async(|reply| Append {
+            run,
+            expected,
+            records,
+            claim: None,
+            fence: Some(fence),
+            aux,
+            end,
+            reply,
+        });
+        let counters = self.shared.counters.clone();
+        Box::pin(async move {
+            let head = queued?.await.map_err(|_| StoreError::from(PgError::Closed))??;
+            let ended = recorded.load(Ordering::SeqCst);
+            if ended {
+                counters.ended.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((head, ended))
+        })
     }
 
     /// The fold a claim of this store read for `run` if it is still kept ([`Prefetched`]),

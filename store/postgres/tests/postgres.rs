@@ -1162,6 +1162,74 @@ fn a_claim_reads_its_runs_folds_for_their_drives_and_a_stale_one_costs_a_conflic
     assert_eq!(kinds, (0..=10).collect::<Vec<_>>(), "nothing written from the stale fold");
 }
 
+/// The last append of a finished run's drive carries the drive's end: in the flush's one
+/// statement the run leaves the queue and its lease is released (no `done` of its own).
+/// A flush that cannot go as one statement (the head not known here) or whose checks fail
+/// (another handle appended: a conflict) records no end: the queue row and the lease stay,
+/// for the caller's `done`.
+#[test]
+fn a_drives_last_append_ends_it_in_the_queue_in_the_same_statement() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let cfg = scratch.config();
+    let (a, b) = (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg.clone()).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (ended, stale, unknown, again) = (run(50), run(51), run(52), run(53));
+    for r in [ended, stale, unknown, again] {
+        b.append(r, Seq(0), (0..3).map(rec).collect(), None).unwrap();
+        b.push(&Runnable { run: r, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
+    }
+    // `a` claims two (and reads their folds: their heads are known to it), `b` the third.
+    let mut by_a = a.claim("one", 60_000, 1_000_000, 2, &Default::default()).unwrap();
+    let by_b = b.claim("two", 60_000, 1_000_000, 1, &Default::default()).unwrap();
+    assert_eq!(by_b[0].lease.run(), unknown);
+    let end = |store: &PgStore, r: RunId, lease: &keel_store::Lease, owner: &str| {
+        rt.block_on(store.async_appends().unwrap().append_ending_async(
+            r,
+            Seq(3),
+            vec![rec(3)],
+            lease.fence(),
+            Vec::new(),
+            owner,
+        ))
+    };
+    let queued = |r: RunId| a.unqueued(&[r]).unwrap().is_empty();
+    let free = |r: RunId| b.try_lease(r, "three", 60_000, 1_000_000).unwrap().is_some();
+
+    let (_, recorded) = end(&a, ended, &by_a[0].lease, "one").unwrap();
+    assert!(recorded, "the end went with the append");
+    by_a[0].lease.released_elsewhere();
+    assert!(!queued(ended), "the run left the queue");
+    assert!(free(ended), "its lease was released");
+    assert_eq!(a.stats().drives_ended_with_append, 1);
+    assert_eq!(a.read(ended, Seq(0)).unwrap().count(), 4);
+
+    // Pushed again while driven: it goes round once more, free to claim.
+    let mut by_a2 = a.claim("one", 60_000, 1_000_000, 1, &Default::default()).unwrap();
+    assert_eq!(by_a2[0].lease.run(), again);
+    b.push(&Runnable { run: again, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
+    assert!(end(&a, again, &by_a2[0].lease, "one").unwrap().1);
+    by_a2[0].lease.released_elsewhere();
+    assert!(queued(again) && free(again), "queued again, its lease released");
+
+    b.append(stale, Seq(3), vec![rec(3)], None).unwrap();
+    assert!(matches!(end(&a, stale, &by_a[1].lease, "one"), Err(StoreError::Conflict { .. })));
+    assert!(queued(stale) && !free(stale), "a refused append records no end");
+
+    // A handle that never read this run's head: the flush goes the locking way.
+    let c = PgStore::open(cfg).unwrap();
+    let (head, recorded) = end(&c, unknown, &by_b[0].lease, "two").unwrap();
+    assert_eq!(head.next_seq, Seq(4));
+    assert!(!recorded, "not one statement: the caller's done records the end");
+    assert!(queued(unknown) && !free(unknown));
+    assert!(!c.done(unknown, "two", None, None).unwrap());
+    assert!(!queued(unknown));
+    assert_eq!(a.stats().drives_ended_with_append + c.stats().drives_ended_with_append, 2);
+}
+
 /// A flush of runs whose heads this process knows goes as one statement that checks them
 /// under the row locks; a hint gone stale (another handle appended, another took the
 /// lease over) writes nothing and the flush is decided the locking way: `Conflict` and

@@ -1,0 +1,124 @@
+//! The notifications of the work queue's channel: its name, and the spacing of the ones
+//! sent when drives end ([`Herald`]), apart from the queue so that the store and the
+//! flusher can hold them without importing it.
+
+use crate::cached::Cached;
+use crate::pool::Pool;
+use keel_store::StoreError;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+/// The channel every keel store notifies on; the payload is the schema's name.
+pub(crate) const CHANNEL: &str = "keel_work";
+
+/// A notification of ended drives on its own ([`Herald`]).
+const TELL_SQL: &str = "SELECT pg_notify($1, $2)";
+
+/// Least time between two notifications of ended drives sent by one store
+/// ([`Herald`]): a claimer elsewhere hears of a freed slot at most this late.
+pub(crate) const DONE_NOTIFY_EVERY: Duration = Duration::from_millis(10);
+
+/// Spaces out the notifications of ended drives. Every process listens, so each
+/// notification wakes every process's listener and service loop, and the server delivers
+/// it to each listening session: one per drive ended cost each of N processes a wake-up per
+/// run any of them drove (measured: a tenth of the throughput of four worker processes on
+/// two cores, docs/PERFORMANCE.md "Session 13"). The process that ended a drive needs none
+/// (its own loop is woken in-process); another process needs one to claim the run again or
+/// a freed slot of a limited type, and hears it at most [`DONE_NOTIFY_EVERY`] late:
+/// a done notifies at its commit when none went out within that time
+/// ([`Herald::take_window`]), and otherwise, once committed, owes one
+/// ([`Herald::owe`]), sent on its own when the time is up; a done that committed before
+/// that notification was sent is covered by it (the schedule is cleared before sending).
+#[derive(Default)]
+pub(crate) struct Herald {
+    state: std::sync::Mutex<HeraldState>,
+}
+
+#[derive(Default)]
+struct HeraldState {
+    /// When the last notification was decided on (inline, or the owed one sent).
+    last: Option<std::time::Instant>,
+    /// An owed notification is scheduled.
+    scheduled: bool,
+}
+
+impl Herald {
+    fn state(&self) -> std::sync::MutexGuard<'_, HeraldState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the done about to be sent notifies at its commit: none went out within
+    /// [`DONE_NOTIFY_EVERY`] (this one counts from now).
+    pub(crate) fn take_window(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut s = self.state();
+        match s.last {
+            Some(t) if now.saturating_duration_since(t) < DONE_NOTIFY_EVERY => false,
+            _ => {
+                s.last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// After a done without a notification committed: `Some(delay)` when the caller must
+    /// send one after `delay` (none is scheduled yet), `None` when a scheduled one, sent
+    /// after this call, covers it.
+    pub(crate) fn owe(&self) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let mut s = self.state();
+        if s.scheduled {
+            return None;
+        }
+        s.scheduled = true;
+        let at = s.last.map_or(now, |t| t + DONE_NOTIFY_EVERY);
+        Some(at.saturating_duration_since(now))
+    }
+
+    /// The owed notification is about to be sent: the next done owes one again.
+    pub(crate) fn sending(&self) {
+        let mut s = self.state();
+        s.scheduled = false;
+        s.last = Some(std::time::Instant::now());
+    }
+}
+
+/// Sends the notification a [`Herald`] owes after `delay`, on a lazy session. Lost (an
+/// error, logged): the claimers elsewhere find the run or the slot at their next poll.
+pub(crate) async fn tell_later(pool: Arc<Pool>, herald: Arc<Herald>, delay: Duration, schema: String, bound: Duration) {
+    tokio::time::sleep(delay).await;
+    herald.sending();
+    let sent = tokio::time::timeout(bound, async {
+        let mut conn = pool.lazy().await.map_err(StoreError::from)?;
+        let result = conn.client()?.exec(TELL_SQL, &[&CHANNEL, &schema.as_str()]).await;
+        conn.ok(result).map(drop)
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot notify the claimers of ended drives (they poll)"),
+        Err(_) => tracing::warn!("notifying the claimers of ended drives timed out (they poll)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::{Herald, DONE_NOTIFY_EVERY};
+
+    #[test]
+    fn the_herald_notifies_once_per_window_and_owes_one_for_the_dones_inside_it() {
+        let h = Herald::default();
+        assert!(h.take_window(), "the first done notifies at its commit");
+        assert!(!h.take_window(), "a second one within the window does not");
+        let delay = h.owe().unwrap();
+        assert!(delay <= DONE_NOTIFY_EVERY, "it is owed one by the end of the window: {delay:?}");
+        assert!(h.owe().is_none(), "one scheduled notification covers every done owing one");
+        h.sending();
+        let again = h.owe().unwrap();
+        assert!(again <= DONE_NOTIFY_EVERY, "after it is sent, the next done owes one again: {again:?}");
+        h.sending();
+        std::thread::sleep(DONE_NOTIFY_EVERY);
+        assert!(h.take_window(), "a window after the last notification, a done notifies itself");
+    }
+}
