@@ -29,9 +29,16 @@ pub(crate) const DONE_NOTIFY_EVERY: Duration = Duration::from_millis(10);
 /// ([`Herald::take_window`]), and otherwise, once committed, owes one
 /// ([`Herald::owe`]), sent on its own when the time is up; a done that committed before
 /// that notification was sent is covered by it (the schedule is cleared before sending).
-#[derive(Default)]
 pub(crate) struct Herald {
     state: std::sync::Mutex<HeraldState>,
+    /// The least time between two notifications ([`DONE_NOTIFY_EVERY`]).
+    every: Duration,
+}
+
+impl Default for Herald {
+    fn default() -> Self {
+        Herald::every(DONE_NOTIFY_EVERY)
+    }
 }
 
 #[derive(Default)]
@@ -43,6 +50,11 @@ struct HeraldState {
 }
 
 impl Herald {
+    /// A herald that sends at most one notification per `every`.
+    pub(crate) fn every(every: Duration) -> Herald {
+        Herald { state: std::sync::Mutex::default(), every }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, HeraldState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -53,7 +65,7 @@ impl Herald {
         let now = std::time::Instant::now();
         let mut s = self.state();
         match s.last {
-            Some(t) if now.saturating_duration_since(t) < DONE_NOTIFY_EVERY => false,
+            Some(t) if now.saturating_duration_since(t) < self.every => false,
             _ => {
                 s.last = Some(now);
                 true
@@ -71,7 +83,7 @@ impl Herald {
             return None;
         }
         s.scheduled = true;
-        let at = s.last.map_or(now, |t| t + DONE_NOTIFY_EVERY);
+        let at = s.last.map_or(now, |t| t + self.every);
         Some(at.saturating_duration_since(now))
     }
 
@@ -104,21 +116,27 @@ pub(crate) async fn tell_later(pool: Arc<Pool>, herald: Arc<Herald>, delay: Dura
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::{Herald, DONE_NOTIFY_EVERY};
+    use super::Herald;
+    use std::time::Duration;
 
     #[test]
     fn the_herald_notifies_once_per_window_and_owes_one_for_the_dones_inside_it() {
-        let h = Herald::default();
+        let hour = Duration::from_secs(3600);
+        let h = Herald::every(hour);
         assert!(h.take_window(), "the first done notifies at its commit");
         assert!(!h.take_window(), "a second one within the window does not");
         let delay = h.owe().unwrap();
-        assert!(delay <= DONE_NOTIFY_EVERY, "it is owed one by the end of the window: {delay:?}");
+        assert!(delay > Duration::from_secs(3000) && delay <= hour, "owed by the end of the window: {delay:?}");
         assert!(h.owe().is_none(), "one scheduled notification covers every done owing one");
         h.sending();
-        let again = h.owe().unwrap();
-        assert!(again <= DONE_NOTIFY_EVERY, "after it is sent, the next done owes one again: {again:?}");
-        h.sending();
-        std::thread::sleep(DONE_NOTIFY_EVERY);
+        assert!(h.owe().is_some(), "after it is sent, the next done owes one again");
+        assert!(!h.take_window(), "the one sent counts as the last");
+
+        let short = Duration::from_millis(20);
+        let h = Herald::every(short);
+        assert!(h.take_window());
+        std::thread::sleep(short);
         assert!(h.take_window(), "a window after the last notification, a done notifies itself");
+        assert!(Herald::every(short).owe().unwrap() <= short, "nothing sent yet: owed at once");
     }
 }

@@ -338,13 +338,18 @@ impl WorkQueue for PgStore {
                 // flush of its own. The claim locks were not held through it. Meanwhile
                 // the granted runs' folds are read, for their drives (`Prefetched`).
                 let runs: Vec<RunId> = taken.iter().map(|(run, _, _)| *run).collect();
-                let (folds, durable) =
-                    tokio::join!(crate::store::fold_sources(fold_pool, runs, page, &heads), PgStore::barrier(&appends));
+                // Waited for a moment at most: the read is optional, the claim is made.
+                let read = tokio::time::timeout(
+                    crate::store::PREFETCH_WAIT,
+                    crate::store::fold_sources(fold_pool, runs, page, &heads),
+                );
+                let (folds, durable) = tokio::join!(read, PgStore::barrier(&appends));
                 durable?;
                 match folds {
-                    Ok(folds) => prefetched.put(folds),
+                    Ok(Ok(folds)) => prefetched.put(folds),
                     // The drives read their folds themselves.
-                    Err(e) => tracing::debug!(error = %e, "cannot read the claimed runs' folds"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the claimed runs' folds"),
+                    Err(_) => tracing::debug!("the claimed runs' folds were not read in time"),
                 }
             }
             Ok(taken)
@@ -382,17 +387,21 @@ impl WorkQueue for PgStore {
         let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
         let herald = self.herald();
         let tell = herald.take_window();
+        self.forget_fold(run);
         let again = self.call(async move {
             let mut conn = pool.lazy().await?;
             let result = done_tx(conn.client()?, run, &who, due_at_us, release, &schema, tell).await;
             conn.ok(result)
-        })?;
+        });
+        // Owed also after a failure: it may have committed (a call cut after its COMMIT
+        // went out); one notification too many costs a look at the queue.
         if !tell {
             if let Some(delay) = herald.owe() {
                 let bound = self.call_bound();
                 self.spawn(tell_later(self.pool(), herald, delay, self.schema().to_owned(), bound));
             }
         }
+        let again = again?;
         if let Some(l) = lease {
             l.released_elsewhere();
         }

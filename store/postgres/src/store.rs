@@ -396,6 +396,11 @@ impl PgStore {
         (self.shared.page, self.shared.heads.clone(), self.shared.prefetched.clone())
     }
 
+    /// Drops the fold a claim kept for `run` ([`Prefetched::forget`]).
+    pub(crate) fn forget_fold(&self, run: RunId) {
+        self.shared.prefetched.forget(run);
+    }
+
     pub(crate) fn herald(&self) -> Arc<crate::herald::Herald> {
         self.shared.herald.clone()
     }
@@ -449,8 +454,10 @@ impl PgStore {
         Ok(rx)
     }
 
-    /// Checks `a` and hands it to the flusher (nothing is queued if it is refused).
+    /// Checks `a` and hands it to the flusher (nothing is queued if it is refused). A fold
+    /// a claim kept for its run is past once the run is appended to ([`Prefetched`]).
     fn queue(&self, a: Append) -> Result<(), StoreError> {
+        self.forget_fold(a.run);
         backend::validate_append(a.run, &a.records, a.claim.as_ref(), &self.shared.limits)?;
         backend::validate_aux(&a.aux, &self.shared.limits)?;
         self.shared.appends.send(group::Item::Append(a)).map_err(|_| StoreError::from(PgError::Closed))
@@ -939,9 +946,16 @@ fn source_of(
 /// behind until then).
 #[derive(Default)]
 pub(crate) struct Prefetched {
-    folds: std::sync::Mutex<BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource)>>,
+    kept: std::sync::Mutex<Kept>,
     read: std::sync::atomic::AtomicU64,
     used: std::sync::atomic::AtomicU64,
+}
+
+/// The folds kept (when read, the fold, its records' bytes) and their bytes in all.
+#[derive(Default)]
+struct Kept {
+    folds: BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource, usize)>,
+    bytes: usize,
 }
 
 /// The most runs of one claim whose folds it reads (the first ones granted).
@@ -949,42 +963,68 @@ pub(crate) const PREFETCH_RUNS_MAX: usize = 64;
 /// The most records of a run a claim's fold read takes: a longer tail is left to the
 /// drive's own read (a page of `read_page_records`, or the two-step read).
 pub(crate) const PREFETCH_PAGE_MAX: i64 = 64;
-/// The most bytes of records one claim's fold read keeps; beyond, none is kept.
+/// The most bytes (records and snapshots) one claim's fold read keeps; beyond, none.
 pub(crate) const PREFETCH_BYTES_MAX: usize = 8 * 1024 * 1024;
-
-/// How long a claim's fold of a run is kept for its drive.
-pub(crate) const PREFETCH_FRESH: Duration = Duration::from_secs(2);
+/// The most bytes of folds kept at once; a fold beyond it is not kept.
+pub(crate) const PREFETCH_KEPT_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// How long a claim waits for its fold read past its WAL barrier, at most: the read is
+/// optional, the claim is not (its runs are granted).
+pub(crate) const PREFETCH_WAIT: Duration = Duration::from_millis(100);
+/// How long a claim's fold of a run is kept for its drive (which starts at once).
+pub(crate) const PREFETCH_FRESH: Duration = Duration::from_secs(1);
 /// The most claim folds kept at once.
 pub(crate) const PREFETCH_MAX: usize = 4 * keel_store::CLAIM_RUNS_MAX;
 
 impl Prefetched {
-    fn folds(&self) -> std::sync::MutexGuard<'_, BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource)>> {
-        self.folds.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps `folds` (the ones past [`PREFETCH_FRESH`] are dropped first; none beyond
-    /// [`PREFETCH_MAX`] is kept).
-    pub(crate) fn put(&self, folds: Vec<(RunId, keel_store::FoldSource)>) {
+    /// Keeps `folds` with their bytes (the ones past [`PREFETCH_FRESH`] are dropped
+    /// first; none beyond [`PREFETCH_MAX`] folds or [`PREFETCH_KEPT_BYTES_MAX`] bytes).
+    pub(crate) fn put(&self, folds: Vec<(RunId, keel_store::FoldSource, usize)>) {
         let now = std::time::Instant::now();
-        let mut kept = self.folds();
-        kept.retain(|_, (at, _)| now.saturating_duration_since(*at) < PREFETCH_FRESH);
-        for (run, source) in folds {
-            if kept.len() >= PREFETCH_MAX && !kept.contains_key(&run) {
+        let mut kept = self.kept();
+        kept.folds.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < PREFETCH_FRESH);
+        kept.bytes = kept.folds.values().map(|(_, _, b)| *b).sum();
+        for (run, source, bytes) in folds {
+            let total = kept.bytes.saturating_add(bytes);
+            if kept.folds.len() >= PREFETCH_MAX || total > PREFETCH_KEPT_BYTES_MAX {
                 break;
             }
-            kept.insert(run, (now, source));
+            if let Some((_, _, old)) = kept.folds.insert(run, (now, source, bytes)) {
+                kept.bytes = kept.bytes.saturating_sub(old);
+            }
+            kept.bytes = kept.bytes.saturating_add(bytes);
             self.read.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// The fold kept for `run`, if fresh; it is kept no longer.
     pub(crate) fn take(&self, run: RunId) -> Option<keel_store::FoldSource> {
-        let (at, source) = self.folds().remove(&run)?;
+        let (at, source, bytes) = {
+            let mut kept = self.kept();
+            let entry = kept.folds.remove(&run)?;
+            kept.bytes = kept.bytes.saturating_sub(entry.2);
+            entry
+        };
+        let _ = bytes;
         let fresh = at.elapsed() < PREFETCH_FRESH;
         if fresh {
             self.used.fetch_add(1, Ordering::Relaxed);
         }
         fresh.then_some(source)
+    }
+
+    /// Drops the fold kept for `run` (an append or a `done` of it: the fold is past).
+    pub(crate) fn forget(&self, run: RunId) {
+        let mut kept = self.kept();
+        if kept.folds.is_empty() {
+            return;
+        }
+        if let Some((_, _, bytes)) = kept.folds.remove(&run) {
+            kept.bytes = kept.bytes.saturating_sub(bytes);
+        }
     }
 }
 
@@ -1007,7 +1047,7 @@ pub(crate) async fn fold_sources(
     runs: Vec<RunId>,
     page: i64,
     heads: &group::Heads,
-) -> Result<Vec<(RunId, keel_store::FoldSource)>, StoreError> {
+) -> Result<Vec<(RunId, keel_store::FoldSource, usize)>, StoreError> {
     let runs: Vec<RunId> = runs.into_iter().take(PREFETCH_RUNS_MAX).collect();
     let page = page.min(PREFETCH_PAGE_MAX);
     let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
@@ -1016,23 +1056,26 @@ pub(crate) async fn fold_sources(
         let result = conn.client()?.rows(FOLD_MANY_SQL, &[&ids, &page]).await;
         conn.ok(result)?
     };
-    let bytes: usize = rows.iter().map(|r| r.try_get::<_, &[u8]>(2).map_or(0, <[u8]>::len)).sum();
+    let value_bytes = |r: &tokio_postgres::Row| r.try_get::<_, &[u8]>(2).map_or(0, <[u8]>::len);
+    let bytes: usize = rows.iter().map(value_bytes).sum();
     if bytes > PREFETCH_BYTES_MAX {
         // Large records: the drives read their folds as they come (fewer in memory at once).
         return Ok(Vec::new());
     }
-    let mut by_run: BTreeMap<RunId, Vec<FoldRow>> = runs.iter().map(|r| (*r, Vec::new())).collect();
+    let mut by_run: BTreeMap<RunId, (Vec<FoldRow>, usize)> = runs.iter().map(|r| (*r, (Vec::new(), 0))).collect();
     for row in rows {
         let run = RunId(row.try_get(0).map_err(pg)?);
+        let size = value_bytes(&row);
         let fold_row = (row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?, row.try_get(3).map_err(pg)?);
-        if let Some(rows) = by_run.get_mut(&run) {
+        if let Some((rows, bytes)) = by_run.get_mut(&run) {
             rows.push(fold_row);
+            *bytes = bytes.saturating_add(size);
         }
     }
     let mut out = Vec::with_capacity(by_run.len());
-    for (run, rows) in by_run {
+    for (run, (rows, bytes)) in by_run {
         if let Some(source) = source_of(run, rows, page, heads)? {
-            out.push((run, source));
+            out.push((run, source, bytes));
         }
     }
     Ok(out)
