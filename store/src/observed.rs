@@ -233,6 +233,30 @@ impl<O: AppendObserver> AsyncAppend for Observed<O> {
         })
     }
 
+    fn append_ending_async<'a>(
+        &'a self,
+        run: RunId,
+        expected: Seq,
+        records: Vec<NewRecord>,
+        fence: Fence,
+        aux: Vec<crate::AuxWrite>,
+        owner: &'a str,
+    ) -> crate::EndingFuture<'a> {
+        let Some(inner) = self.inner.async_appends() else {
+            let result = self.observe(run, expected, records, |records| {
+                self.inner.append_fenced_with_aux(run, expected, records, None, fence, aux)
+            });
+            return Box::pin(std::future::ready(result.map(|head| (head, false))));
+        };
+        let ticket = self.observer.before(run, expected, &records);
+        let appended = inner.append_ending_async(run, expected, records, fence, aux, owner);
+        Box::pin(async move {
+            let result = appended.await;
+            self.observer.after(run, ticket, result.as_ref().map(|(head, _)| head));
+            result
+        })
+    }
+
     fn fold_source_async<'a>(&'a self, run: RunId) -> crate::FoldFuture<'a> {
         match self.inner.async_appends() {
             Some(inner) => inner.fold_source_async(run),

@@ -188,6 +188,10 @@ impl Held {
             return true;
         }
         let mut guard = self.lease.blocking_lock();
+        // Ended while this renewal waited for the lock (the ending append held it).
+        if self.is_ended() {
+            return true;
+        }
         let Some(current) = guard.as_ref().filter(|_| !self.is_lost()) else { return false };
         match log.renew_lease(current, ttl_ms, now_us) {
             Ok(Some(renewed)) => {

@@ -338,3 +338,36 @@ fn a_submit_whose_caller_stops_waiting_still_queues_its_run() {
     });
     assert!(finished(status), "{status:?}");
 }
+
+/// The drive of a run that finishes records its end in the queue with its last append
+/// (docs/STORE.md 15.2b): the store counts it, the run has left the queue and its lease is
+/// free at once, with no `done` of its own. (Through the engine's observed store: the
+/// wrapper that meters appends first dropped the end, and every drive sent its `done`.)
+#[test]
+fn finished_runs_end_their_drives_with_their_last_append() {
+    if !pg::ready() {
+        return;
+    }
+    use keel_store::{Coordination, WorkQueue};
+    let scratch = pg::Scratch::new(Durability::default());
+    let store = Arc::new(PgStore::open(scratch.config()).unwrap());
+    let here = engine(store.clone(), 16, 4, 50);
+    let runs: Vec<RunId> =
+        (0..8).map(|i| keel_demo::request(3, i)).map(|req| rt().block_on(here.submit(req)).unwrap().run).collect();
+    let rt = rt();
+    let workers = {
+        let _in = rt.enter();
+        here.start()
+    };
+    wait_driven(&here, &runs, |s| finished(s) || s == RunStatus::AwaitingHuman);
+    rt.block_on(workers.shutdown());
+    let ended: Vec<RunId> = runs.iter().copied().filter(|r| here.state(*r).unwrap().status.is_terminal()).collect();
+    assert!(!ended.is_empty(), "some demo runs finish");
+    assert!(store.stats().drives_ended_with_append >= 1, "{:?}", store.stats());
+    assert_eq!(store.unqueued(&ended).unwrap(), ended, "every finished run left the queue");
+    let now_us =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()).unwrap();
+    for r in ended {
+        assert!(store.try_lease(r, "another", 60_000, now_us).unwrap().is_some(), "{r}: its lease is free");
+    }
+}

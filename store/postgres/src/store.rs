@@ -969,7 +969,7 @@ pub(crate) const PREFETCH_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub(crate) const PREFETCH_KEPT_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// How long a claim waits for its fold read past its WAL barrier, at most: the read is
 /// optional, the claim is not (its runs are granted).
-pub(crate) const PREFETCH_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const PREFETCH_WAIT: Duration = Duration::from_secs(1);
 /// How long a claim's fold of a run is kept for its drive (which starts at once).
 pub(crate) const PREFETCH_FRESH: Duration = Duration::from_secs(1);
 /// The most claim folds kept at once.

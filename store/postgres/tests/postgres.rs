@@ -1202,6 +1202,10 @@ fn a_drives_last_append_ends_it_in_the_queue_in_the_same_statement() {
     };
     let queued = |r: RunId| a.unqueued(&[r]).unwrap().is_empty();
     let free = |r: RunId| b.try_lease(r, "three", 60_000, 1_000_000).unwrap().is_some();
+    // `a` folds what it drives (the claim's read, or its own): it knows their heads.
+    let fold = |r: RunId| assert!(rt.block_on(a.async_appends().unwrap().fold_source_async(r)).unwrap().is_some());
+    fold(ended);
+    fold(stale);
 
     let (_, recorded) = end(&a, ended, &by_a[0].lease, "one").unwrap();
     assert!(recorded, "the end went with the append");
@@ -1215,12 +1219,15 @@ fn a_drives_last_append_ends_it_in_the_queue_in_the_same_statement() {
     let mut by_a2 = a.claim("one", 60_000, 1_000_000, 1, &Default::default()).unwrap();
     assert_eq!(by_a2[0].lease.run(), again);
     b.push(&Runnable { run: again, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
+    fold(again);
     assert!(end(&a, again, &by_a2[0].lease, "one").unwrap().1);
     by_a2[0].lease.released_elsewhere();
     assert!(queued(again) && free(again), "queued again, its lease released");
 
     b.append(stale, Seq(3), vec![rec(3)], None).unwrap();
+    let missed = a.stats().one_statement_misses;
     assert!(matches!(end(&a, stale, &by_a[1].lease, "one"), Err(StoreError::Conflict { .. })));
+    assert_eq!(a.stats().one_statement_misses, missed + 1, "the one statement's checks failed first");
     assert!(queued(stale) && !free(stale), "a refused append records no end");
 
     // A handle that never read this run's head: the flush goes the locking way.
