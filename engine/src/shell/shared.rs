@@ -48,10 +48,12 @@ pub(crate) const CLAIM_GATHER: Duration = Duration::from_millis(10);
 /// for at most `left`. A claim costs the same whether it takes one run or several (in
 /// PostgreSQL: its locks, the count of live leases of each limited workflow type, the
 /// candidates, the grant, a WAL barrier), so while most workers are busy the service loop
-/// gathers free workers, up to a quarter of them, before it claims; for at most
+/// gathers free workers, up to half of them, before it claims; for at most
 /// [`CLAIM_GATHER`] after it first put a claim off (`put_off_for`), so a worker is never
-/// left idle longer than that while runs wait. An engine with nothing driving, or fewer
-/// than 4 workers, claims at once; so does one whose last claim `came_short` (took fewer
+/// left idle longer than that while runs wait (half since session 13, a quarter before:
+/// with the fold and `done` of a run gone from the statements a run costs, the claim's
+/// four were a larger share; docs/PERFORMANCE.md). An engine with nothing driving, or
+/// fewer than 4 workers, claims at once; so does one whose last claim `came_short` (took fewer
 /// runs than asked: the queue had no more for it, and the loop claims again when woken,
 /// not on a timer).
 pub(crate) fn claim_now(workers: usize, active: usize, put_off_for: Option<Duration>, came_short: bool) -> ClaimNow {
@@ -59,7 +61,7 @@ pub(crate) fn claim_now(workers: usize, active: usize, put_off_for: Option<Durat
     if room == 0 {
         return ClaimNow::NoRoom;
     }
-    let batch = (workers / 4).max(1);
+    let batch = (workers / 2).max(1);
     if active == 0 || room >= batch || came_short {
         return ClaimNow::Claim(room);
     }
@@ -249,15 +251,16 @@ mod tests {
         assert_eq!(claim_now(16, 16, None, false), ClaimNow::NoRoom);
         // Nothing driving: at once, whatever the room.
         assert_eq!(claim_now(16, 0, None, false), ClaimNow::Claim(16));
-        // A quarter of the workers free: at once.
-        assert_eq!(claim_now(16, 12, None, false), ClaimNow::Claim(4));
+        // Half of the workers free: at once.
+        assert_eq!(claim_now(16, 8, None, false), ClaimNow::Claim(8));
         // Fewer: put off, for at most CLAIM_GATHER since it was first put off.
-        assert_eq!(claim_now(16, 13, None, false), ClaimNow::PutOff { left: CLAIM_GATHER });
+        assert_eq!(claim_now(16, 9, None, false), ClaimNow::PutOff { left: CLAIM_GATHER });
         assert_eq!(claim_now(16, 15, Some(ms(4)), false), ClaimNow::PutOff { left: CLAIM_GATHER - ms(4) });
         assert_eq!(claim_now(16, 15, Some(CLAIM_GATHER), false), ClaimNow::Claim(1));
-        // Fewer than 4 workers: a batch of one, so at once.
+        // Fewer than 4 workers: a batch of one, so at once; 4: a batch of two.
         assert_eq!(claim_now(3, 2, None, false), ClaimNow::Claim(1));
         assert_eq!(claim_now(1, 0, None, false), ClaimNow::Claim(1));
+        assert_eq!(claim_now(4, 3, None, false), ClaimNow::PutOff { left: CLAIM_GATHER });
         // The last claim came short (the queue had no more): at once, no timer.
         assert_eq!(claim_now(16, 15, None, true), ClaimNow::Claim(1));
     }
