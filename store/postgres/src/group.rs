@@ -11,7 +11,7 @@
 
 use crate::cached::Cached;
 use crate::error::{connection_lost, PgError, Timed};
-use crate::herald::Herald;
+use crate::herald::Notices;
 use crate::pool::Pool;
 use deadpool_postgres::ClientWrapper as Client;
 use keel_store::{backend, AuxWrite, Claim, Fence, Hash32, Head, NewRecord, RunId, Seq, StoreError};
@@ -52,14 +52,6 @@ pub(crate) struct Append {
 pub(crate) struct End {
     pub(crate) owner: String,
     pub(crate) recorded: Arc<AtomicBool>,
-}
-
-/// What a flush needs to record drives' ends: the store's notifications of ended drives
-/// ([`Herald`]), its schema (their payload), and where an owed one is sent from.
-pub(crate) struct Ends {
-    pub(crate) herald: Arc<Herald>,
-    pub(crate) schema: String,
-    pub(crate) pool: Arc<Pool>,
 }
 
 /// Where an append's outcome goes: a thread blocked in `EventLog::append`, or the future
@@ -139,7 +131,7 @@ pub(crate) async fn flusher(
     mode: FlushMode,
     counters: Arc<Counters>,
     heads: Arc<Heads>,
-    ends: Arc<Ends>,
+    notices: Arc<Notices>,
 ) {
     let mut next: Option<Append> = None;
     loop {
@@ -174,7 +166,7 @@ pub(crate) async fn flusher(
         }
         drop(rx);
         let durable =
-            !batch.is_empty() && flush(&pool, batch, mode, &counters, &heads, &ends).await && !mode.async_commit;
+            !batch.is_empty() && flush(&pool, batch, mode, &counters, &heads, &notices).await && !mode.async_commit;
         if !barriers.is_empty() {
             let answer = if durable { Ok(()) } else { flush_alone(&pool).await };
             for b in barriers {
@@ -210,15 +202,15 @@ async fn flush(
     mode: FlushMode,
     counters: &Counters,
     heads: &Heads,
-    ends: &Ends,
+    notices: &Arc<Notices>,
 ) -> bool {
-    let outcomes = match flush_once(pool, &batch, mode, counters, heads, ends).await {
+    let outcomes = match flush_once(pool, &batch, mode, counters, heads, notices).await {
         Ok(outcomes) => outcomes,
         Err(Failed::Raced) => {
             counters.raced.fetch_add(1, Ordering::Relaxed);
             let mut outcomes = Vec::with_capacity(batch.len());
             for a in &batch {
-                outcomes.push(alone(pool, a, mode, counters, heads, ends).await);
+                outcomes.push(alone(pool, a, mode, counters, heads, notices).await);
             }
             outcomes
         }
@@ -242,10 +234,10 @@ async fn alone(
     mode: FlushMode,
     counters: &Counters,
     heads: &Heads,
-    ends: &Ends,
+    notices: &Arc<Notices>,
 ) -> Result<Head, StoreError> {
     for _ in 0..RACE_TRIES {
-        match flush_once(pool, std::slice::from_ref(a), mode, counters, heads, ends).await {
+        match flush_once(pool, std::slice::from_ref(a), mode, counters, heads, notices).await {
             Ok(mut outcomes) => return outcomes.pop().unwrap_or(Err(PgError::Closed.into())),
             Err(Failed::Raced) => counters.raced.fetch_add(1, Ordering::Relaxed),
             Err(Failed::Pg(e)) => return Err(e.into()),
@@ -282,7 +274,7 @@ async fn flush_once(
     mode: FlushMode,
     counters: &Counters,
     heads: &Heads,
-    ends: &Ends,
+    notices: &Arc<Notices>,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     let bounds = pool.bounds();
     let start = std::time::Instant::now();
@@ -290,7 +282,7 @@ async fn flush_once(
     let attempt = async {
         let mut conn = pool.get().await.map_err(Failed::Pg)?;
         let client = conn.client().map_err(Failed::Pg)?;
-        let result = transaction(client, batch, mode, &committing, heads, counters, ends).await;
+        let result = transaction(client, batch, mode, &committing, heads, counters, notices).await;
         // Every statement was answered: the session goes back unless its connection went.
         match &result {
             Err(Failed::Pg(e)) => conn.settled(e),
@@ -707,11 +699,11 @@ async fn transaction(
     committing: &AtomicBool,
     heads: &Heads,
     counters: &Counters,
-    ends: &Ends,
+    notices: &Arc<Notices>,
 ) -> Result<Vec<Result<Head, StoreError>>, Failed> {
     if let Some(fast) = Fast::of(batch, mode, heads) {
         counters.fast.fetch_add(1, Ordering::Relaxed);
-        if let Some(outcomes) = fast.run(client, committing, ends).await? {
+        if let Some(outcomes) = fast.run(client, committing, notices).await? {
             return Ok(outcomes);
         }
         // A head or lease was not as known: nothing written; the locking way decides.
@@ -867,11 +859,11 @@ impl Fast {
         self,
         client: &Client,
         committing: &AtomicBool,
-        ends: &Ends,
+        notices: &Arc<Notices>,
     ) -> Result<Option<Vec<Result<Head, StoreError>>>, Failed> {
         let ending = !self.end_runs.is_empty();
         // Told at this commit only if the store sent none lately (else owed, below).
-        let tell = ending && ends.herald.take_window();
+        let tell = ending && notices.herald.take_window();
         let held = {
             let writes = Writes::of(&self.plan);
             let index = writes.aux.parts().index() + if ending { 16 } else { 0 };
@@ -885,7 +877,7 @@ impl Fast {
                     &self.end_owners,
                     &self.end_epochs,
                     &crate::herald::CHANNEL,
-                    &ends.schema,
+                    &notices.schema,
                     &tell,
                 ]);
             }
@@ -907,12 +899,8 @@ impl Fast {
             for flag in &self.end_flags {
                 flag.store(true, Ordering::SeqCst);
             }
-            if !tell {
-                if let Some(delay) = ends.herald.owe() {
-                    let bound = ends.pool.bounds().call;
-                    let (pool, herald, schema) = (ends.pool.clone(), ends.herald.clone(), ends.schema.clone());
-                    tokio::spawn(crate::herald::tell_later(pool, herald, delay, schema, bound));
-                }
+            if let Some(send) = (!tell).then(|| notices.owed()).flatten() {
+                tokio::spawn(send);
             }
         }
         Ok(held.then_some(self.plan.outcomes))

@@ -95,21 +95,42 @@ impl Herald {
     }
 }
 
-/// Sends the notification a [`Herald`] owes after `delay`, on a lazy session. Lost (an
-/// error, logged): the claimers elsewhere find the run or the slot at their next poll.
-pub(crate) async fn tell_later(pool: Arc<Pool>, herald: Arc<Herald>, delay: Duration, schema: String, bound: Duration) {
-    tokio::time::sleep(delay).await;
-    herald.sending();
-    let sent = tokio::time::timeout(bound, async {
-        let mut conn = pool.lazy().await.map_err(StoreError::from)?;
-        let result = conn.client()?.exec(TELL_SQL, &[&CHANNEL, &schema.as_str()]).await;
-        conn.ok(result).map(drop)
-    })
-    .await;
-    match sent {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "cannot notify the claimers of ended drives (they poll)"),
-        Err(_) => tracing::warn!("notifying the claimers of ended drives timed out (they poll)"),
+/// What sends the notifications of ended drives of one store: their spacing, the
+/// schema (their payload) and the pool an owed one is sent from. Held by the store (its
+/// `done`) and by its flusher (a drive's end recorded with its last append).
+pub(crate) struct Notices {
+    pub(crate) herald: Herald,
+    pub(crate) schema: String,
+    pub(crate) pool: Arc<Pool>,
+}
+
+impl Notices {
+    /// After a done without a notification committed (or failed: it may have committed):
+    /// the sending of the notification it owes, to spawn on the store's runtime, if none
+    /// is scheduled yet ([`Herald::owe`]).
+    pub(crate) fn owed(self: &Arc<Self>) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let delay = self.herald.owe()?;
+        let notices = self.clone();
+        Some(async move { notices.send_after(delay).await })
+    }
+
+    /// Sends the owed notification after `delay`, on a lazy session, within the call
+    /// bound. Lost (an error, logged): the claimers elsewhere find the run or the slot at
+    /// their next poll.
+    async fn send_after(&self, delay: Duration) {
+        tokio::time::sleep(delay).await;
+        self.herald.sending();
+        let sent = tokio::time::timeout(self.pool.bounds().call, async {
+            let mut conn = self.pool.lazy().await.map_err(StoreError::from)?;
+            let result = conn.client()?.exec(TELL_SQL, &[&CHANNEL, &self.schema.as_str()]).await;
+            conn.ok(result).map(drop)
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot notify the claimers of ended drives (they poll)"),
+            Err(_) => tracing::warn!("notifying the claimers of ended drives timed out (they poll)"),
+        }
     }
 }
 

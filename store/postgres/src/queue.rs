@@ -5,7 +5,7 @@
 
 use crate::cached::Cached;
 use crate::error::pg;
-use crate::herald::{tell_later, CHANNEL};
+use crate::herald::CHANNEL;
 use crate::pool::Pool;
 use crate::store::PgStore;
 use crate::wakers::Wakers;
@@ -385,8 +385,8 @@ impl WorkQueue for PgStore {
         let lease = lease.filter(|l| l.run() == run);
         let release = lease.as_ref().and_then(|l| i64::try_from(l.epoch()).ok());
         let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
-        let herald = self.herald();
-        let tell = herald.take_window();
+        let notices = self.notices();
+        let tell = notices.herald.take_window();
         self.forget_fold(run);
         let again = self.call(async move {
             let mut conn = pool.lazy().await?;
@@ -395,11 +395,8 @@ impl WorkQueue for PgStore {
         });
         // Owed also after a failure: it may have committed (a call cut after its COMMIT
         // went out); one notification too many costs a look at the queue.
-        if !tell {
-            if let Some(delay) = herald.owe() {
-                let bound = self.call_bound();
-                self.spawn(tell_later(self.pool(), herald, delay, self.schema().to_owned(), bound));
-            }
+        if let Some(send) = (!tell).then(|| notices.owed()).flatten() {
+            self.spawn(send);
         }
         let again = again?;
         if let Some(l) = lease {

@@ -139,8 +139,8 @@ struct Shared {
     /// Where the work queue's listener connects (its own session, outside the pool).
     pg: tokio_postgres::Config,
     wakers: Arc<crate::wakers::Wakers>,
-    /// Spaces out the notifications of ended drives ([`crate::herald::Herald`]).
-    herald: Arc<crate::herald::Herald>,
+    /// The notifications of ended drives, spaced out ([`crate::herald::Notices`]).
+    notices: Arc<crate::herald::Notices>,
     /// The folds a claim read for the runs it granted ([`Prefetched`]).
     prefetched: Arc<Prefetched>,
     // Last: the runtime goes after everything that spawns onto it.
@@ -303,8 +303,11 @@ impl PgStore {
         };
         let counters = Arc::new(Counters::default());
         let heads = Arc::new(group::Heads::default());
-        let herald = Arc::new(crate::herald::Herald::default());
-        let ends = Arc::new(group::Ends { herald: herald.clone(), schema: config.schema.clone(), pool: pool.clone() });
+        let notices = Arc::new(crate::herald::Notices {
+            herald: crate::herald::Herald::default(),
+            schema: config.schema.clone(),
+            pool: pool.clone(),
+        });
         let (appends, rx) = mpsc::unbounded_channel();
         let queue: group::Queue = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..mode.flushers {
@@ -314,7 +317,7 @@ impl PgStore {
                 mode,
                 counters.clone(),
                 heads.clone(),
-                ends.clone(),
+                notices.clone(),
             ));
         }
         let page = i64::try_from(config.read_page_records).unwrap_or(256);
@@ -332,7 +335,7 @@ impl PgStore {
                 schema: config.schema,
                 pg,
                 wakers: Arc::default(),
-                herald,
+                notices,
                 prefetched: Arc::default(),
                 _rt: rt,
             }),
@@ -401,13 +404,8 @@ impl PgStore {
         self.shared.prefetched.forget(run);
     }
 
-    pub(crate) fn herald(&self) -> Arc<crate::herald::Herald> {
-        self.shared.herald.clone()
-    }
-
-    /// The bound of one call to the database (`call_timeout_ms`).
-    pub(crate) fn call_bound(&self) -> Duration {
-        self.shared.bounds.call
+    pub(crate) fn notices(&self) -> Arc<crate::herald::Notices> {
+        self.shared.notices.clone()
     }
 
     pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
@@ -937,25 +935,18 @@ fn source_of(
 
 /// The folds a claim read for the runs it granted, in the claim's round trips
 /// ([`FOLD_MANY_SQL`], one statement for all of them), each taken by the first fold of
-/// its run ([`AsyncAppend::fold_source_async`], the drive's): a statement per run less
-/// (docs/STORE.md 15.2a). What a fold returns is only ever the base of an append checked
-/// against the run's head under its row lock, so one that is stale by the time it is
-/// used (a run appended to by another session since the claim) costs a conflict, and the
-/// drive folds again, as after any concurrent writer. Kept [`PREFETCH_FRESH`] at most,
-/// [`PREFETCH_MAX`] at once (a claimed run that is not driven here leaves its fold
-/// behind until then).
+/// its run ([`AsyncAppend::fold_source_async`], the drive's): a statement per run becomes
+/// one per claim (docs/STORE.md 15.2a). A kept fold is as fresh as any fold read before
+/// the drive decides, a few milliseconds earlier: if another session appended to the run
+/// since, the drive's first append from it is a conflict and the drive folds again.
+/// Kept [`PREFETCH_FRESH`] at most, [`PREFETCH_MAX`] and [`PREFETCH_KEPT_BYTES_MAX`] at
+/// once, and dropped when this store appends to the run or ends its drive.
 #[derive(Default)]
 pub(crate) struct Prefetched {
-    kept: std::sync::Mutex<Kept>,
+    /// By run: when read, the fold, the bytes of its records and snapshot.
+    kept: std::sync::Mutex<BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource, usize)>>,
     read: std::sync::atomic::AtomicU64,
     used: std::sync::atomic::AtomicU64,
-}
-
-/// The folds kept (when read, the fold, its records' bytes) and their bytes in all.
-#[derive(Default)]
-struct Kept {
-    folds: BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource, usize)>,
-    bytes: usize,
 }
 
 /// The most runs of one claim whose folds it reads (the first ones granted).
@@ -976,7 +967,7 @@ pub(crate) const PREFETCH_FRESH: Duration = Duration::from_secs(1);
 pub(crate) const PREFETCH_MAX: usize = 4 * keel_store::CLAIM_RUNS_MAX;
 
 impl Prefetched {
-    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, BTreeMap<RunId, (std::time::Instant, keel_store::FoldSource, usize)>> {
         self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -985,30 +976,21 @@ impl Prefetched {
     pub(crate) fn put(&self, folds: Vec<(RunId, keel_store::FoldSource, usize)>) {
         let now = std::time::Instant::now();
         let mut kept = self.kept();
-        kept.folds.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < PREFETCH_FRESH);
-        kept.bytes = kept.folds.values().map(|(_, _, b)| *b).sum();
-        for (run, source, bytes) in folds {
-            let total = kept.bytes.saturating_add(bytes);
-            if kept.folds.len() >= PREFETCH_MAX || total > PREFETCH_KEPT_BYTES_MAX {
+        kept.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < PREFETCH_FRESH);
+        let mut bytes: usize = kept.values().map(|(_, _, b)| *b).sum();
+        for (run, source, size) in folds {
+            bytes = bytes.saturating_add(size);
+            if kept.len() >= PREFETCH_MAX || bytes > PREFETCH_KEPT_BYTES_MAX {
                 break;
             }
-            if let Some((_, _, old)) = kept.folds.insert(run, (now, source, bytes)) {
-                kept.bytes = kept.bytes.saturating_sub(old);
-            }
-            kept.bytes = kept.bytes.saturating_add(bytes);
+            kept.insert(run, (now, source, size));
             self.read.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// The fold kept for `run`, if fresh; it is kept no longer.
     pub(crate) fn take(&self, run: RunId) -> Option<keel_store::FoldSource> {
-        let (at, source, bytes) = {
-            let mut kept = self.kept();
-            let entry = kept.folds.remove(&run)?;
-            kept.bytes = kept.bytes.saturating_sub(entry.2);
-            entry
-        };
-        let _ = bytes;
+        let (at, source, _) = self.kept().remove(&run)?;
         let fresh = at.elapsed() < PREFETCH_FRESH;
         if fresh {
             self.used.fetch_add(1, Ordering::Relaxed);
@@ -1018,18 +1000,12 @@ impl Prefetched {
 
     /// Drops the fold kept for `run` (an append or a `done` of it: the fold is past).
     pub(crate) fn forget(&self, run: RunId) {
-        let mut kept = self.kept();
-        if kept.folds.is_empty() {
-            return;
-        }
-        if let Some((_, _, bytes)) = kept.folds.remove(&run) {
-            kept.bytes = kept.bytes.saturating_sub(bytes);
-        }
+        self.kept().remove(&run);
     }
 }
 
 /// The snapshot and first page of records of each run of `$1` (as [`FOLD_SQL`] for one),
-/// in one statement: a claim reads its runs' folds with it ([`PgStore::prefetch`]).
+/// in one statement: a claim reads its runs' folds with it ([`Prefetched`]).
 pub(crate) const FOLD_MANY_SQL: &str = "SELECT r.run, f.seq, f.value, f.next_seq
      FROM unnest($1::uuid[]) AS r(run)
      CROSS JOIN LATERAL (
@@ -1056,20 +1032,19 @@ pub(crate) async fn fold_sources(
         let result = conn.client()?.rows(FOLD_MANY_SQL, &[&ids, &page]).await;
         conn.ok(result)?
     };
-    let value_bytes = |r: &tokio_postgres::Row| r.try_get::<_, &[u8]>(2).map_or(0, <[u8]>::len);
-    let bytes: usize = rows.iter().map(value_bytes).sum();
-    if bytes > PREFETCH_BYTES_MAX {
-        // Large records: the drives read their folds as they come (fewer in memory at once).
-        return Ok(Vec::new());
-    }
     let mut by_run: BTreeMap<RunId, (Vec<FoldRow>, usize)> = runs.iter().map(|r| (*r, (Vec::new(), 0))).collect();
+    let mut total = 0usize;
     for row in rows {
         let run = RunId(row.try_get(0).map_err(pg)?);
-        let size = value_bytes(&row);
-        let fold_row = (row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?, row.try_get(3).map_err(pg)?);
+        let value: Vec<u8> = row.try_get(2).map_err(pg)?;
+        total = total.saturating_add(value.len());
+        if total > PREFETCH_BYTES_MAX {
+            // Large records: the drives read their folds as they come (fewer in memory at once).
+            return Ok(Vec::new());
+        }
         if let Some((rows, bytes)) = by_run.get_mut(&run) {
-            rows.push(fold_row);
-            *bytes = bytes.saturating_add(size);
+            *bytes = bytes.saturating_add(value.len());
+            rows.push((row.try_get(1).map_err(pg)?, value, row.try_get(3).map_err(pg)?));
         }
     }
     let mut out = Vec::with_capacity(by_run.len());
