@@ -169,10 +169,18 @@ pub(crate) fn writes(
     if before == Some(after.status) && !after.status.is_terminal() {
         return Ok(out);
     }
+    // The by-workflow key does not depend on the status: written with the run's first
+    // append and left alone after (rewriting it with each status change cost a row write
+    // per change on PostgreSQL for nothing).
+    let [by_status, by_workflow, by_both] = listing_keys(after.run, &after.workflow, after.status);
     if let Some(b) = before.filter(|b| *b != after.status) {
-        out.extend(listing_keys(after.run, &after.workflow, b).into_iter().map(|k| (k, None)));
+        let [old_status, _, old_both] = listing_keys(after.run, &after.workflow, b);
+        out.extend([(old_status, None), (old_both, None)]);
     }
-    out.extend(listing_keys(after.run, &after.workflow, after.status).into_iter().map(|k| (k, Some(Vec::new()))));
+    out.extend([(by_status, Some(Vec::new())), (by_both, Some(Vec::new()))]);
+    if before.is_none() {
+        out.push((by_workflow, Some(Vec::new())));
+    }
     out.push((run_key(after.run), Some(codec::encode(&IndexEntry::of(after))?)));
     Ok(out)
 }
@@ -373,4 +381,55 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<Option<RunState>, Engi
     out.extend(crate::shell::counts::writes(None, &s));
     log.aux_apply(out)?;
     Ok(Some(s))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::event::{Event, Logged};
+    use crate::model::workflow::{Budget, ExhaustionPolicy, Json};
+    use keel_store::Seq;
+
+    fn accepted(run: RunId) -> RunState {
+        let event = Event::RunAccepted {
+            workflow: "wf".into(),
+            workflow_version: 1,
+            input: Json("{}".into()),
+            idempotency_key: None,
+            priority: 0,
+            seed: 0,
+            budget: Budget::default(),
+            on_exhausted: ExhaustionPolicy::default(),
+            routes: Vec::new(),
+            evaluator_model: None,
+            max_parallel_tasks: 1,
+        };
+        crate::core::apply(None, &Logged { run, seq: Seq(0), at_us: 1, event }).unwrap()
+    }
+
+    fn keys(writes: &[AuxWrite]) -> Vec<(Vec<u8>, bool)> {
+        writes.iter().map(|(k, v)| (k.clone(), v.is_some())).collect()
+    }
+
+    #[test]
+    fn a_status_change_moves_the_status_keys_and_leaves_the_workflow_key_alone() {
+        let run = RunId::from_bytes([7; 16]);
+        let mut s = accepted(run);
+        let [by_status, by_workflow, by_both] = listing_keys(run, "wf", RunStatus::Accepted);
+        let first = keys(&writes(None, &s, 1 << 16).unwrap());
+        for k in [&by_status, &by_workflow, &by_both, &run_key(run)] {
+            assert!(first.contains(&(k.clone(), true)), "a new run's append puts each of its keys");
+        }
+        s.status = RunStatus::Running;
+        let [now_status, _, now_both] = listing_keys(run, "wf", RunStatus::Running);
+        let change = keys(&writes(Some(RunStatus::Accepted), &s, 1 << 16).unwrap());
+        let mut expected =
+            vec![(by_status, false), (by_both, false), (now_status, true), (now_both, true), (run_key(run), true)];
+        expected.sort();
+        let mut got = change.clone();
+        got.sort();
+        assert_eq!(got, expected, "the by-workflow key is not written again on a status change");
+        assert!(!change.iter().any(|(k, _)| *k == by_workflow));
+    }
 }

@@ -1,6 +1,6 @@
 //! `cargo run --release -p keel-bench --example bench -- [--json] [--quick] [--only SECTION,..]
 //! [--runs N,..] [--levels power-loss,process-crash] [--keep] [--snapshot-every N]
-//! [--memory-runs N] [--pg-runs N]`: `keel bench` (replay/bench/src/lib.rs)
+//! [--memory-runs N] [--pg-runs N] [--pg-processes N,..]`: `keel bench` (replay/bench/src/lib.rs)
 //! with the knobs used while profiling.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, missing_docs)]
 fn main() {
@@ -13,6 +13,9 @@ fn main() {
     opts.snapshot_every = value("--snapshot-every").and_then(|v| v.parse().ok());
     opts.memory_runs = value("--memory-runs").and_then(|v| v.parse().ok());
     opts.pg_runs = value("--pg-runs").and_then(|v| v.parse().ok());
+    if let Some(v) = value("--pg-processes") {
+        opts.pg_processes = v.split(',').filter_map(|n| n.parse().ok()).filter(|n| *n > 0).collect();
+    }
     if let Some(v) = value("--only") {
         opts.only = v.split(',').map(str::to_owned).collect();
     }

@@ -80,6 +80,8 @@ pub struct BenchOptions {
     pub memory_runs: Option<usize>,
     /// Runs per cell of the postgres section (None: 1,000, 200 with `quick`).
     pub pg_runs: Option<usize>,
+    /// Worker processes of the postgres section's cells (empty: 1, 2 and 4).
+    pub pg_processes: Vec<usize>,
 }
 
 impl BenchOptions {
@@ -96,6 +98,7 @@ impl BenchOptions {
             snapshot_every: None,
             memory_runs: None,
             pg_runs: None,
+            pg_processes: Vec::new(),
         }
     }
 }
@@ -473,7 +476,11 @@ fn run_sections(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<B
     }
     if want("postgres") {
         progress("postgres: 1, 2 and 4 worker processes...");
-        figures.extend(postgres::postgres(parent, opts.pg_runs.unwrap_or(if opts.quick { 200 } else { 1_000 }))?);
+        figures.extend(postgres::postgres(
+            parent,
+            opts.pg_runs.unwrap_or(if opts.quick { 200 } else { 1_000 }),
+            &opts.pg_processes,
+        )?);
     }
     if want("payloads") {
         progress("payloads: runs with 1 MB outputs...");

@@ -297,13 +297,15 @@ async fn sled_cell(parent: Option<&Path>, runs: usize) -> Result<(f64, Vec<f64>)
 }
 
 /// The section's figures (none, and a line on stderr, without a PostgreSQL server).
-pub(crate) fn postgres(parent: Option<&Path>, runs: usize) -> Result<Vec<Figure>, BenchError> {
+/// `processes`: the cells' numbers of worker processes (empty: 1, 2 and 4).
+pub(crate) fn postgres(parent: Option<&Path>, runs: usize, processes: &[usize]) -> Result<Vec<Figure>, BenchError> {
     if let Err(e) = Schema::new("probe") {
         eprintln!("keel bench: postgres section skipped: no PostgreSQL at {} ({e}); set KEEL_BENCH_PG_URL", url());
         return Ok(Vec::new());
     }
     let mut figures = Vec::new();
-    for processes in [1usize, 2, 4] {
+    let cells = if processes.is_empty() { &[1usize, 2, 4][..] } else { processes };
+    for &processes in cells {
         let schema = Schema::new(&format!("p{processes}"))?;
         let m = keel_cell(&schema, processes, runs)?;
         let floor = raw_inserts(&schema, m.flushes, processes)?;
