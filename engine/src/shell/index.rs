@@ -12,9 +12,10 @@
 //!   finished run; a run still going is re-read from its snapshot and tail when listed);
 //! - `ix/s/<status><run>`: runs by status (the `AwaitingHuman` range is the open
 //!   escalations: a run waits for a human exactly while one of its escalations is open);
-//! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type, and by status
-//!   and workflow type (`<wf>` = the first 16 bytes of SHA-256 of the name: fixed length,
-//!   so any name fits the store's key limit; a listing checks the name in the entry);
+//! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type (written once,
+//!   with the run's first append: it does not change), and by status and workflow type
+//!   (`<wf>` = the first 16 bytes of SHA-256 of the name: fixed length, so any name fits
+//!   the store's key limit; a listing checks the name in the entry);
 //! - `ix/e/<run>`: the run's [`OpenEscalation`] while it waits for a human (rewritten on
 //!   every append to a waiting run, removed by the append that leaves the wait): the
 //!   escalation listing and a restart read it instead of folding the run.
