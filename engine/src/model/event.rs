@@ -355,6 +355,24 @@ pub enum Event {
 }
 
 impl Event {
+    /// A `RunAccepted` of `workflow` with every other field at its default (unit tests).
+    #[cfg(test)]
+    pub(crate) fn accepted_for_tests(workflow: &str) -> Event {
+        Event::RunAccepted {
+            workflow: workflow.into(),
+            workflow_version: 1,
+            input: Json("{}".into()),
+            idempotency_key: None,
+            priority: 0,
+            seed: 0,
+            budget: Budget::default(),
+            on_exhausted: ExhaustionPolicy::default(),
+            routes: Vec::new(),
+            evaluator_model: None,
+            max_parallel_tasks: 1,
+        }
+    }
+
     /// Stable kind name (stored in the record envelope, shown in exports).
     pub fn kind_name(&self) -> &'static str {
         match self {

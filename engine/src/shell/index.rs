@@ -389,23 +389,10 @@ pub fn reindex_run(log: &dyn Store, run: RunId) -> Result<Option<RunState>, Engi
 mod tests {
     use super::*;
     use crate::model::event::{Event, Logged};
-    use crate::model::workflow::{Budget, ExhaustionPolicy, Json};
     use keel_store::Seq;
 
     fn accepted(run: RunId) -> RunState {
-        let event = Event::RunAccepted {
-            workflow: "wf".into(),
-            workflow_version: 1,
-            input: Json("{}".into()),
-            idempotency_key: None,
-            priority: 0,
-            seed: 0,
-            budget: Budget::default(),
-            on_exhausted: ExhaustionPolicy::default(),
-            routes: Vec::new(),
-            evaluator_model: None,
-            max_parallel_tasks: 1,
-        };
+        let event = Event::accepted_for_tests("wf");
         crate::core::apply(None, &Logged { run, seq: Seq(0), at_us: 1, event }).unwrap()
     }
 

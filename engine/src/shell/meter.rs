@@ -259,27 +259,11 @@ impl Meter {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::model::workflow::{Budget, ExhaustionPolicy, Json, TaskId, Usage, Verdict};
+    use crate::model::workflow::{TaskId, Usage, Verdict};
     use keel_store::{prepare, MemStore};
 
     fn accepted(workflow: &str) -> NewRecord {
-        prepare(
-            &Event::RunAccepted {
-                workflow: workflow.into(),
-                workflow_version: 1,
-                input: Json("{}".into()),
-                idempotency_key: None,
-                priority: 0,
-                seed: 0,
-                budget: Budget::default(),
-                on_exhausted: ExhaustionPolicy::default(),
-                routes: Vec::new(),
-                evaluator_model: None,
-                max_parallel_tasks: 1,
-            },
-            0,
-        )
-        .unwrap()
+        prepare(&Event::accepted_for_tests(workflow), 0).unwrap()
     }
 
     fn evaluated(task: &str) -> NewRecord {
