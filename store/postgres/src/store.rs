@@ -64,6 +64,11 @@ pub struct PgConfig {
     /// take those runs over no sooner. A healthy store is idle in a transaction for a
     /// round trip's time. Default 10 s (the engine's default lease), 1..=3_600_000.
     pub idle_in_transaction_timeout_ms: u64,
+    /// Threads of the store's own runtime, which runs its sessions' I/O, the flusher and
+    /// the queue's listener. Default: 1 on a machine with at most 2 cores (measured there
+    /// with 4 worker processes: a second thread per process only added context switches,
+    /// docs/PERFORMANCE.md "Session 14"), else 2. 1..=64.
+    pub io_threads: usize,
 }
 
 impl PgConfig {
@@ -81,9 +86,21 @@ impl PgConfig {
             statement_timeout_ms: 30_000,
             call_timeout_ms: 60_000,
             idle_in_transaction_timeout_ms: 10_000,
+            io_threads: default_io_threads(),
         }
     }
 }
+
+/// [`PgConfig::io_threads`]' default: 1 with at most 2 cores, else 2.
+fn default_io_threads() -> usize {
+    match std::thread::available_parallelism() {
+        Ok(n) if n.get() > 2 => 2,
+        _ => 1,
+    }
+}
+
+/// Most threads a store's runtime may have ([`PgConfig::io_threads`]).
+const IO_THREADS_MAX: usize = 64;
 
 /// What the store has done since it opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -224,6 +241,9 @@ impl PgStore {
         if !(1..=65_536).contains(&config.read_page_records) {
             return invalid(format!("read_page_records {} not in 1..=65536", config.read_page_records));
         }
+        if !(1..=IO_THREADS_MAX).contains(&config.io_threads) {
+            return invalid(format!("io_threads {} not in 1..={IO_THREADS_MAX}", config.io_threads));
+        }
         let bounds = bounds(&config)?;
         let mut pg: tokio_postgres::Config =
             config.url.parse().map_err(|e| OpenError::InvalidConfig { reason: crate::error::describe(&e) })?;
@@ -257,7 +277,7 @@ impl PgStore {
         pg.options(options("on"));
         lazy.options(options("off"));
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(config.io_threads)
             .thread_name("keel-postgres")
             .enable_all()
             .build()

@@ -150,13 +150,15 @@ fn opening_against_a_server_that_never_answers_is_a_connect_timeout() {
 }
 
 #[test]
-fn timeouts_out_of_range_are_refused_before_connecting() {
+fn timeouts_and_threads_out_of_range_are_refused_before_connecting() {
     let base = PgConfig::new("postgres://nobody@127.0.0.1:1/none");
     for (cfg, name) in [
         (PgConfig { connect_timeout_ms: 0, ..base.clone() }, "connect_timeout_ms"),
         (PgConfig { statement_timeout_ms: 0, ..base.clone() }, "statement_timeout_ms"),
         (PgConfig { call_timeout_ms: 3_600_001, ..base.clone() }, "call_timeout_ms"),
         (PgConfig { idle_in_transaction_timeout_ms: 0, ..base.clone() }, "idle_in_transaction_timeout_ms"),
+        (PgConfig { io_threads: 0, ..base.clone() }, "io_threads"),
+        (PgConfig { io_threads: 65, ..base.clone() }, "io_threads"),
     ] {
         match PgStore::open(cfg) {
             Err(OpenError::InvalidConfig { reason }) => assert!(reason.contains(name), "{reason}"),
