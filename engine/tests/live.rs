@@ -599,3 +599,41 @@ async fn a_step_longer_than_the_lease_does_not_lose_it() {
     assert_eq!(report.completed, 1, "{report:?}");
     assert_eq!(engine.state(run).unwrap().status, RunStatus::Completed);
 }
+
+/// A run whose records reached the store outside an engine's journal and were never
+/// re-indexed (a `keel copy` cut between its copy and its re-index), then finished by the
+/// engine here: every listing shows it, the workflow-only one too (the run index writes the
+/// by-workflow key with a run's first append and with the one that finishes it, not with
+/// every status change; with the first only, this run was missing from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_copied_without_its_index_and_then_finished_is_listed_by_workflow() {
+    let src: Arc<keel_store::MemStore> = Arc::new(keel_store::MemStore::new());
+    let a = builder(0).store(src.clone()).open().unwrap();
+    let run = a.submit(Request::new("ok", json!({}))).await.unwrap().run;
+    let dst: Arc<keel_store::MemStore> = Arc::new(keel_store::MemStore::new());
+    let b = builder(0).store(dst.clone()).open().unwrap();
+    let records: Vec<NewRecord> = src
+        .read(run, Seq(0))
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            NewRecord {
+                kind: r.kind,
+                time_us: r.time_us,
+                payload_version: r.payload_version,
+                payload: r.payload,
+                payload_root: r.payload_root,
+            }
+        })
+        .collect();
+    dst.append(run, Seq(0), records, None).unwrap();
+    b.cancel(run, "ann", "copied, then cancelled here").await.unwrap();
+    let listed = |status: Option<RunStatus>, workflow: Option<&str>| {
+        let filter = RunFilter { status, workflow: workflow.map(str::to_owned) };
+        b.runs_page(&filter, None, 10).unwrap().runs.iter().map(|r| r.run).collect::<Vec<_>>()
+    };
+    assert_eq!(listed(None, None), vec![run]);
+    assert_eq!(listed(Some(RunStatus::Cancelled), None), vec![run]);
+    assert_eq!(listed(Some(RunStatus::Cancelled), Some("ok")), vec![run]);
+    assert_eq!(listed(None, Some("ok")), vec![run], "missing from the workflow-only listing");
+}

@@ -12,8 +12,10 @@
 //!   finished run; a run still going is re-read from its snapshot and tail when listed);
 //! - `ix/s/<status><run>`: runs by status (the `AwaitingHuman` range is the open
 //!   escalations: a run waits for a human exactly while one of its escalations is open);
-//! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type (written once,
-//!   with the run's first append: it does not change), and by status and workflow type
+//! - `ix/w/<wf><run>` and `ix/x/<status><wf><run>`: runs by workflow type (written with
+//!   the run's first append and the one that finishes it: it does not change; a run whose
+//!   records were appended outside the journal is listed there once re-indexed, as `keel
+//!   copy` and `keel fork` do, or once it finishes), and by status and workflow type
 //!   (`<wf>` = the first 16 bytes of SHA-256 of the name: fixed length, so any name fits
 //!   the store's key limit; a listing checks the name in the entry);
 //! - `ix/e/<run>`: the run's [`OpenEscalation`] while it waits for a human (rewritten on
@@ -171,15 +173,18 @@ pub(crate) fn writes(
         return Ok(out);
     }
     // The by-workflow key does not depend on the status: written with the run's first
-    // append and left alone after (rewriting it with each status change cost a row write
-    // per change on PostgreSQL for nothing).
+    // append and again with the one that finishes it, not with every status change (that
+    // cost a row write per change on PostgreSQL for nothing). The second write lists by
+    // workflow a run whose records reached the store outside the journal and was never
+    // re-indexed (a `keel copy` cut short), once it finishes, as every change did before.
     let [by_status, by_workflow, by_both] = listing_keys(after.run, &after.workflow, after.status);
+    let finishing = after.status.is_terminal() && before != Some(after.status);
     if let Some(b) = before.filter(|b| *b != after.status) {
         let [old_status, _, old_both] = listing_keys(after.run, &after.workflow, b);
         out.extend([(old_status, None), (old_both, None)]);
     }
     out.extend([(by_status, Some(Vec::new())), (by_both, Some(Vec::new()))]);
-    if before.is_none() {
+    if before.is_none() || finishing {
         out.push((by_workflow, Some(Vec::new())));
     }
     out.push((run_key(after.run), Some(codec::encode(&IndexEntry::of(after))?)));
@@ -419,5 +424,10 @@ mod tests {
         got.sort();
         assert_eq!(got, expected, "the by-workflow key is not written again on a status change");
         assert!(!change.iter().any(|(k, _)| *k == by_workflow));
+        s.status = RunStatus::Completed;
+        let finish = keys(&writes(Some(RunStatus::Running), &s, 1 << 16).unwrap());
+        assert!(finish.contains(&(by_workflow.clone(), true)), "the finishing append puts it again");
+        let after = keys(&writes(Some(RunStatus::Completed), &s, 1 << 16).unwrap());
+        assert!(!after.iter().any(|(k, _)| *k == by_workflow), "appends to a finished run leave it");
     }
 }

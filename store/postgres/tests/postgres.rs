@@ -355,18 +355,25 @@ fn a_session_ended_mid_transaction_is_a_typed_error_writes_nothing_and_the_store
 
 /// The seam is synchronous: it works from a plain thread, from a multi-thread runtime
 /// under `block_in_place` and `spawn_blocking`, and the store (and a lease) can be dropped
-/// inside a runtime's task without a panic.
+/// inside a runtime's task without a panic; with the store's runtime on one thread and on
+/// two (`PgConfig::io_threads`: its default depends on the machine's cores).
 #[test]
 fn the_store_is_called_from_plain_threads_and_from_inside_a_runtime() {
     if !ready() {
         return;
     }
+    for io_threads in [1, 2] {
+        called_from_plain_threads_and_from_inside_a_runtime(io_threads);
+    }
+}
+
+fn called_from_plain_threads_and_from_inside_a_runtime(io_threads: usize) {
     let scratch = Scratch::new(DURABLE);
-    let store = Arc::new(scratch.open());
+    let store = Arc::new(PgStore::open(PgConfig { io_threads, ..scratch.config() }).unwrap());
     let s = store.clone();
     std::thread::spawn(move || s.append(run(1), Seq(0), vec![rec(0)], None).unwrap()).join().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let second = scratch.config();
+    let second = PgConfig { io_threads, ..scratch.config() };
     rt.block_on(async {
         let s = store.clone();
         tokio::task::block_in_place(|| {
