@@ -243,10 +243,9 @@ impl<O: AppendObserver> AsyncAppend for Observed<O> {
         owner: &'a str,
     ) -> crate::EndingFuture<'a> {
         let Some(inner) = self.inner.async_appends() else {
-            let result = self.observe(run, expected, records, |records| {
-                self.inner.append_fenced_with_aux(run, expected, records, None, fence, aux)
-            });
-            return Box::pin(std::future::ready(result.map(|head| (head, false))));
+            // No awaited appends below: the fenced append, observed; the end not recorded.
+            let appended = self.append_async(run, expected, records, None, Some(fence), aux);
+            return Box::pin(async move { appended.await.map(|head| (head, false)) });
         };
         let ticket = self.observer.before(run, expected, &records);
         let appended = inner.append_ending_async(run, expected, records, fence, aux, owner);

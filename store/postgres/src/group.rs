@@ -899,7 +899,7 @@ impl Fast {
             for flag in &self.end_flags {
                 flag.store(true, Ordering::SeqCst);
             }
-            if let Some(send) = (!tell).then(|| notices.owed()).flatten() {
+            if let Some(send) = notices.owed(tell) {
                 tokio::spawn(send);
             }
         }

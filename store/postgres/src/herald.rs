@@ -105,10 +105,14 @@ pub(crate) struct Notices {
 }
 
 impl Notices {
-    /// After a done without a notification committed (or failed: it may have committed):
-    /// the sending of the notification it owes, to spawn on the store's runtime, if none
-    /// is scheduled yet ([`Herald::owe`]).
-    pub(crate) fn owed(self: &Arc<Self>) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    /// After a done (`told`: whether it notified at its commit, [`Herald::take_window`]):
+    /// when it did not, and committed or failed (it may have committed), the sending of
+    /// the notification it owes, to spawn on the store's runtime, if none is scheduled
+    /// yet ([`Herald::owe`]).
+    pub(crate) fn owed(self: &Arc<Self>, told: bool) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if told {
+            return None;
+        }
         let delay = self.herald.owe()?;
         let notices = self.clone();
         Some(async move { notices.send_after(delay).await })

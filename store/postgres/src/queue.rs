@@ -395,7 +395,7 @@ impl WorkQueue for PgStore {
         });
         // Owed also after a failure: it may have committed (a call cut after its COMMIT
         // went out); one notification too many costs a look at the queue.
-        if let Some(send) = (!tell).then(|| notices.owed()).flatten() {
+        if let Some(send) = notices.owed(tell) {
             self.spawn(send);
         }
         let again = again?;
