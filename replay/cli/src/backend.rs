@@ -1,10 +1,14 @@
 //! Which store `--db` names: a directory (sled, one process at a time) or a PostgreSQL
 //! URL (`postgres://` or `postgresql://`; several processes at once, docs/STORE.md §15).
 //!
-//! The URL is libpq's, plus one parameter of keel's own, `schema`: the schema (namespace)
-//! holding keel's tables, default `keel`; it is taken out of the URL before connecting.
-//! `postgres://app@db.internal:5432/prod?schema=keel_orders&sslmode=disable` opens the
-//! tables in schema `keel_orders` of database `prod`.
+//! The URL is libpq's, plus parameters of keel's own, taken out of the URL before
+//! connecting: `schema`, the schema (namespace) holding keel's tables, default `keel`;
+//! and the store's sizes and bounds ([`PgConfig`]'s fields of the same names, checked by
+//! the store's open): `pool_size`, `io_threads`, `read_page_records`,
+//! `connect_timeout_ms`, `statement_timeout_ms`, `call_timeout_ms` and
+//! `idle_in_transaction_timeout_ms`.
+//! `postgres://app@db.internal:5432/prod?schema=keel_orders&io_threads=4&sslmode=disable`
+//! opens the tables in schema `keel_orders` of database `prod` with four store threads.
 
 use keel_replay::error::ReplayError;
 use keel_server::{Role, StoredToken, TokenStore};
@@ -15,6 +19,20 @@ use std::sync::Arc;
 
 /// The query parameter naming the schema.
 const SCHEMA_PARAM: &str = "schema";
+
+/// Sets one [`PgConfig`] field from a URL parameter's value.
+type SetField = fn(&mut PgConfig, u64);
+
+/// keel's numeric URL parameters: each sets the [`PgConfig`] field of its name.
+const NUMBER_PARAMS: [(&str, SetField); 7] = [
+    ("pool_size", |c, v| c.pool_size = usize::try_from(v).unwrap_or(usize::MAX)),
+    ("io_threads", |c, v| c.io_threads = usize::try_from(v).unwrap_or(usize::MAX)),
+    ("read_page_records", |c, v| c.read_page_records = usize::try_from(v).unwrap_or(usize::MAX)),
+    ("connect_timeout_ms", |c, v| c.connect_timeout_ms = v),
+    ("statement_timeout_ms", |c, v| c.statement_timeout_ms = v),
+    ("call_timeout_ms", |c, v| c.call_timeout_ms = v),
+    ("idle_in_transaction_timeout_ms", |c, v| c.idle_in_transaction_timeout_ms = v),
+];
 
 /// The PostgreSQL config `db` names, or `None` if it is a directory. Anything else
 /// written as a URL (`SCHEME://…`: a misspelled `postgress://`, `POSTGRES://`) is refused,
@@ -46,32 +64,53 @@ pub(crate) fn postgres_config(db: &Path) -> Option<Result<PgConfig, ReplayError>
     Some(parse_url(s).map_err(|reason| ReplayError::BadDbUrl { path: redacted(db), reason }))
 }
 
-/// Splits keel's `schema` parameter off a PostgreSQL URL.
+/// Splits keel's own parameters (`schema` and [`NUMBER_PARAMS`]) off a PostgreSQL URL;
+/// the rest is the driver's. Each may be given once; a number must be a plain decimal
+/// (its range is checked by the store's open, before connecting).
 fn parse_url(url: &str) -> Result<PgConfig, String> {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
     };
     let mut schema = None;
+    let mut numbers: Vec<(&str, u64)> = Vec::new();
     let mut rest = Vec::new();
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some((SCHEMA_PARAM, v)) => {
-                // Percent-decoded, as the driver decodes the URL's other parameters.
-                let v = percent_encoding::percent_decode_str(v)
-                    .decode_utf8()
-                    .map_err(|_| format!("`{SCHEMA_PARAM}` is not UTF-8 once percent-decoded"))?;
-                if schema.replace(v.into_owned()).is_some() {
-                    return Err(format!("`{SCHEMA_PARAM}` given twice"));
-                }
+        let Some((key, value)) = pair.split_once('=') else {
+            rest.push(pair);
+            continue;
+        };
+        if key == SCHEMA_PARAM {
+            // Percent-decoded, as the driver decodes the URL's other parameters.
+            let v = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| format!("`{SCHEMA_PARAM}` is not UTF-8 once percent-decoded"))?;
+            if schema.replace(v.into_owned()).is_some() {
+                return Err(format!("`{SCHEMA_PARAM}` given twice"));
             }
-            _ => rest.push(pair),
+        } else if let Some((name, _)) = NUMBER_PARAMS.iter().find(|(name, _)| *name == key) {
+            if numbers.iter().any(|(n, _)| n == name) {
+                return Err(format!("`{name}` given twice"));
+            }
+            let v = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            let n = match v.parse::<u64>() {
+                Ok(n) if !v.starts_with('+') => n,
+                _ => return Err(format!("`{name}` must be a whole number, not {:?}", v.as_ref())),
+            };
+            numbers.push((name, n));
+        } else {
+            rest.push(pair);
         }
     }
     let url = if rest.is_empty() { base.to_owned() } else { format!("{base}?{}", rest.join("&")) };
     let mut config = PgConfig::new(url);
     if let Some(schema) = schema {
         config.schema = schema;
+    }
+    for (name, n) in numbers {
+        if let Some((_, set)) = NUMBER_PARAMS.iter().find(|(p, _)| *p == name) {
+            set(&mut config, n);
+        }
     }
     Ok(config)
 }
@@ -208,6 +247,38 @@ mod tests {
         assert!(parse_url("postgres://h/t?schema=%FF").is_err());
         assert!(postgres_config(Path::new("./keel-data")).is_none());
         assert!(postgres_config(Path::new("postgres://h/t?schema=x")).is_some());
+    }
+
+    #[test]
+    fn the_store_s_sizes_and_bounds_are_keel_s_parameters_too() {
+        let c = parse_url(
+            "postgres://u@h/test?io_threads=4&sslmode=disable&pool_size=8&read_page_records=512\
+             &connect_timeout_ms=2000&statement_timeout_ms=3000&call_timeout_ms=4000\
+             &idle_in_transaction_timeout_ms=5000&schema=k",
+        )
+        .unwrap();
+        assert_eq!(c.url, "postgres://u@h/test?sslmode=disable");
+        assert_eq!((c.io_threads, c.pool_size, c.read_page_records), (4, 8, 512));
+        assert_eq!(
+            (c.connect_timeout_ms, c.statement_timeout_ms, c.call_timeout_ms, c.idle_in_transaction_timeout_ms),
+            (2000, 3000, 4000, 5000)
+        );
+        // Unset ones keep the store's defaults.
+        let d = PgConfig::new("x");
+        let c = parse_url("postgres://h/t?io_threads=1").unwrap();
+        assert_eq!((c.io_threads, c.pool_size, c.call_timeout_ms), (1, d.pool_size, d.call_timeout_ms));
+        // Not a number, or given twice: refused with the parameter's name.
+        for (url, said) in [
+            ("postgres://h/t?io_threads=two", "`io_threads` must be a whole number, not \"two\""),
+            ("postgres://h/t?pool_size=-1", "`pool_size` must be a whole number, not \"-1\""),
+            ("postgres://h/t?pool_size=+1", "`pool_size` must be a whole number, not \"+1\""),
+            ("postgres://h/t?call_timeout_ms=", "`call_timeout_ms` must be a whole number, not \"\""),
+            ("postgres://h/t?io_threads=1&io_threads=2", "`io_threads` given twice"),
+        ] {
+            assert_eq!(parse_url(url).unwrap_err(), said, "{url}");
+        }
+        // A parameter keel does not know is the driver's.
+        assert_eq!(parse_url("postgres://h/t?threads=2").unwrap().url, "postgres://h/t?threads=2");
     }
 
     #[test]

@@ -325,6 +325,11 @@ fn an_unreachable_or_misspelled_database_url_is_one_clear_line() {
         ("postgres://u@127.0.0.1/test?schema=pg_x", "keeps for its own schemas"),
         ("postgres://u@127.0.0.1/test?schema=user", "is a reserved word"),
         ("postgres:///test", "no host in the URL"),
+        // keel's own sizes and bounds, checked before connecting.
+        ("postgres://u@127.0.0.1/test?io_threads=0", "io_threads 0 not in 1..=64"),
+        ("postgres://u@127.0.0.1/test?pool_size=65", "pool_size 65 not in 1..=64"),
+        ("postgres://u@127.0.0.1/test?call_timeout_ms=0", "call_timeout_ms 0 not in 1..=3600000"),
+        ("postgres://u@127.0.0.1/test?io_threads=many", "`io_threads` must be a whole number, not \"many\""),
         ("host=127.0.0.1 dbname=test password=pw3", "a key=value connection string"),
     ] {
         let e = keel_in(Some(dir.path()), &["--db", url, "demo"]).one_line_error(2);
