@@ -122,11 +122,11 @@ struct Entry {
     name: String,
 }
 
-/// The tokens as last read, and the file's modification time and size then (a change of
-/// either reloads it).
+/// The tokens as last read, and the file's modification time, size and inode then (a
+/// change of any reloads it).
 #[derive(Debug, Default)]
 struct Loaded {
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<(SystemTime, u64, u64)>,
     entries: Vec<Entry>,
 }
 
@@ -161,7 +161,7 @@ pub const TOKENS_RELOAD_MS: u64 = 1_000;
 enum Source {
     /// Given in memory: never reloaded.
     Fixed,
-    /// A tokens file, re-read when its modification time or size changed.
+    /// A tokens file, re-read when its modification time, size or inode changed.
     File(PathBuf),
     /// A token store, re-read at most every [`TOKENS_RELOAD_MS`].
     Store { store: Arc<dyn TokenStore>, read_at: RwLock<std::time::Instant> },
@@ -227,8 +227,10 @@ impl Auth {
         found.map(|e| Identity { name: e.name.clone(), role: e.role })
     }
 
-    /// Re-reads the tokens file when its modification time or size changed. A file that
-    /// became unreadable or malformed keeps the tokens last read (and says so in the log).
+    /// Re-reads the tokens file when its modification time, size or inode changed. A file that
+    /// became unreadable or malformed refuses every token until it reads again (and says
+    /// so in the log): keeping the tokens read before would keep a token accepted that
+    /// the same edit removed. It is read again at the next request.
     fn refresh(&self) {
         let path = match &self.source {
             Source::Fixed => return,
@@ -242,7 +244,11 @@ impl Auth {
         }
         match load(path) {
             Ok(l) => *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = l,
-            Err(e) => tracing::error!(error = %e, "cannot reload the tokens file; keeping the tokens read before"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the tokens file; refusing every token until it reads");
+                // No stamp: read again at the next request.
+                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = Loaded::default();
+            }
         }
     }
 }
@@ -281,10 +287,16 @@ pub fn add_stored_token(store: &dyn TokenStore, name: &str, role: Role) -> Resul
     Ok(token)
 }
 
-/// The file's modification time and size, or `None` when it does not exist.
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// The file's modification time, size and inode (every add and remove renames a new
+/// file over it: a new inode, though the time may not have moved), or `None` when it
+/// does not exist.
+fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&m);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((m.modified().ok()?, m.len(), inode))
 }
 
 fn hash(token: &str) -> [u8; 32] {
@@ -305,7 +317,7 @@ fn check_name(name: &str) -> Result<(), AuthError> {
 fn load(path: &Path) -> Result<Loaded, AuthError> {
     let io = |source| AuthError::Io { path: path.to_path_buf(), source };
     let stamp = stamp(path);
-    let Some((_, bytes)) = stamp else { return Ok(Loaded::default()) };
+    let Some((_, bytes, _)) = stamp else { return Ok(Loaded::default()) };
     if bytes > TOKENS_FILE_BYTES_MAX {
         return Err(AuthError::TooLarge { path: path.to_path_buf(), bytes });
     }
@@ -332,56 +344,56 @@ fn load(path: &Path) -> Result<Loaded, AuthError> {
 
 /// Makes a new token named `name` with `role`, stores its hash in the tokens file at
 /// `path` (created with mode 0600; its directory must exist) and returns the token:
-/// the only time it is shown. Errors: an invalid or taken name, an unreadable file.
+/// the only time it is shown. The file is rewritten whole (a temporary file and a
+/// rename) under [`lock_tokens_file`], so a server never reads half a line and
+/// concurrent adds and removes each keep the others' changes. Errors: an invalid or
+/// taken name, an unreadable file.
 pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthError> {
     check_name(name)?;
+    let _lock = lock_tokens_file(path)?;
     let existing = load(path)?;
     if existing.entries.iter().any(|e| e.name == name) {
         return Err(AuthError::DuplicateName { name: name.to_owned() });
     }
     let token = new_token();
-    let line = format!("{} {} {}\n", hex::encode(hash(&token)), role.name(), name);
     let io = |source| AuthError::Io { path: path.to_path_buf(), source };
+    // The file as it is (comments kept), with the new line after it.
+    let mut text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(e)),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!("{} {} {}\n", hex::encode(hash(&token)), role.name(), name));
+    replace_file(path, &text)?;
+    Ok(token)
+}
+
+/// Holds the exclusive lock of the tokens file at `path` (an advisory lock on
+/// `<path>.lock`, made beside it with mode 0600) until dropped: adds and removes, from
+/// any process, take it around their read and rewrite of the file.
+fn lock_tokens_file(path: &Path) -> Result<std::fs::File, AuthError> {
+    let lock_path = path.with_extension("lock");
+    let io = |source| AuthError::Io { path: lock_path.clone(), source };
     let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).append(true);
+    opts.create(true).truncate(false).write(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(io)?;
-    // A file made by hand with wider permissions is narrowed: hashes are not secrets to
-    // guess from, but the list of names and roles is nobody else's business.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    }
-    f.write_all(line.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    Ok(token)
+    let f = opts.open(&lock_path).map_err(io)?;
+    f.lock().map_err(io)?;
+    Ok(f)
 }
 
-/// The names and roles of the tokens in the tokens file at `path` (none if it does not
-/// exist), in the file's order. Never the hashes.
-pub fn list_tokens(path: &Path) -> Result<Vec<(String, Role)>, AuthError> {
-    Ok(load(path)?.entries.into_iter().map(|e| (e.name, e.role)).collect())
-}
-
-/// Removes the token named `name` from the tokens file at `path` (rewritten through a
-/// temporary file and a rename, mode 0600); false if it held none. A server reading the
-/// file stops accepting the token when it next looks (on the next request).
-pub fn remove_token(path: &Path, name: &str) -> Result<bool, AuthError> {
-    let loaded = load(path)?;
-    if !loaded.entries.iter().any(|e| e.name == name) {
-        return Ok(false);
-    }
-    let text: String = loaded
-        .entries
-        .iter()
-        .filter(|e| e.name != name)
-        .map(|e| format!("{} {} {}\n", hex::encode(e.hash), e.role.name(), e.name))
-        .collect();
+/// Replaces the tokens file at `path` with `text`: a temporary file beside it (mode
+/// 0600), fsynced, renamed over it, and the directory fsynced. A file made by hand with
+/// wider permissions is thus narrowed: hashes are not secrets to guess from, but the list
+/// of names and roles is nobody else's business.
+fn replace_file(path: &Path, text: &str) -> Result<(), AuthError> {
     let io = |source| AuthError::Io { path: path.to_path_buf(), source };
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
@@ -393,14 +405,50 @@ pub fn remove_token(path: &Path, name: &str) -> Result<bool, AuthError> {
     }
     let written = (|| {
         let mut f = opts.open(&tmp)?;
+        #[cfg(unix)]
+        {
+            // A temporary file left by a crash with other permissions is narrowed too.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+            _ => Ok(()),
+        }
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(e));
     }
+    Ok(())
+}
+
+/// The names and roles of the tokens in the tokens file at `path` (none if it does not
+/// exist), in the file's order. Never the hashes.
+pub fn list_tokens(path: &Path) -> Result<Vec<(String, Role)>, AuthError> {
+    Ok(load(path)?.entries.into_iter().map(|e| (e.name, e.role)).collect())
+}
+
+/// Removes the token named `name` from the tokens file at `path` (rewritten through a
+/// temporary file and a rename, mode 0600, under [`lock_tokens_file`]); false if it held
+/// none. A server reading the file stops accepting the token when it next looks (on the
+/// next request).
+pub fn remove_token(path: &Path, name: &str) -> Result<bool, AuthError> {
+    let _lock = lock_tokens_file(path)?;
+    let loaded = load(path)?;
+    if !loaded.entries.iter().any(|e| e.name == name) {
+        return Ok(false);
+    }
+    let text: String = loaded
+        .entries
+        .iter()
+        .filter(|e| e.name != name)
+        .map(|e| format!("{} {} {}\n", hex::encode(e.hash), e.role.name(), e.name))
+        .collect();
+    replace_file(path, &text)?;
     Ok(true)
 }
 

@@ -50,3 +50,55 @@ fn roles_are_ordered_and_named() {
     }
     assert_eq!(Role::parse("root"), None);
 }
+
+/// Adds and removes at the same time (the CLI's `keel token add/remove` from several
+/// shells) each keep the others' changes: a removal reported done is done. Without the
+/// file's lock, two removes read the same file and the second rename brings the first's
+/// token back.
+#[test]
+fn concurrent_adds_and_removes_keep_each_others_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(keel_server::TOKENS_FILE);
+    for round in 0..5 {
+        let names: Vec<String> = (0..12).map(|i| format!("r{round}-{i}")).collect();
+        let tokens: Vec<String> = names.iter().map(|n| add_token(&path, n, Role::Viewer).unwrap()).collect();
+        std::thread::scope(|s| {
+            for n in &names {
+                let path = &path;
+                s.spawn(move || {
+                    assert!(keel_server::remove_token(path, n).unwrap(), "{n}");
+                    add_token(path, &format!("{n}-new"), Role::Viewer).unwrap();
+                });
+            }
+        });
+        let auth = Auth::from_file(&path).unwrap();
+        let listed: Vec<String> = keel_server::list_tokens(&path).unwrap().into_iter().map(|(n, _)| n).collect();
+        for (n, t) in names.iter().zip(&tokens) {
+            assert_eq!(auth.identify(t), None, "round {round}: removed token {n} still accepted");
+            assert!(!listed.contains(n), "round {round}: {n} still listed: {listed:?}");
+            assert!(listed.contains(&format!("{n}-new")), "round {round}: the add after {n} was lost: {listed:?}");
+        }
+    }
+}
+
+/// A tokens file that becomes malformed while the server runs refuses every token until
+/// it reads again (a token removed in the same edit is not kept), and the tokens come
+/// back once it is fixed.
+#[test]
+fn a_tokens_file_that_becomes_malformed_refuses_every_token_until_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(keel_server::TOKENS_FILE);
+    let ada = add_token(&path, "ada", Role::Admin).unwrap();
+    let bob = add_token(&path, "bob", Role::Viewer).unwrap();
+    let auth = Auth::from_file(&path).unwrap();
+    assert!(auth.identify(&ada).is_some() && auth.identify(&bob).is_some());
+    // An edit that removes bob and breaks a line.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let ada_line = text.lines().find(|l| l.ends_with(" ada")).unwrap().to_owned();
+    std::fs::write(&path, format!("{ada_line}\nnot a token line\n")).unwrap();
+    assert_eq!(auth.identify(&bob), None, "a token removed by the broken edit is still accepted");
+    assert_eq!(auth.identify(&ada), None, "a malformed file must refuse every token");
+    std::fs::write(&path, format!("{ada_line}\n")).unwrap();
+    assert_eq!(auth.identify(&ada).unwrap().name, "ada");
+    assert_eq!(auth.identify(&bob), None);
+}
