@@ -1,6 +1,6 @@
 //! What the OpenAPI document says of every route alike, added after the handlers'
 //! annotations: the answers the authentication layer and the body limit give on any
-//! route they guard (401 and 403, 413), which a handler's own list does not name. A
+//! route they guard (401 and 403, 408, 413, 414), which a handler's own list does not name. A
 //! client generated from the document (or a fuzzer checking answers against it) must find
 //! every status the server can send.
 
@@ -33,8 +33,10 @@ impl Modify for GuardResponses {
                     add(op, "401", "no valid bearer token (`unauthorized`)");
                     add(op, "403", "the token's role is too small (`forbidden`)");
                 }
+                add(op, "414", "the path and query are over the server's limit (`uri_too_long`)");
                 if is_post {
                     add(op, "413", "the body is over the server's limit (`body_too_large`)");
+                    add(op, "408", "the body did not arrive in time (`request_timeout`)");
                 }
             }
         }

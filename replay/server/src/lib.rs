@@ -20,6 +20,8 @@ mod auth;
 pub mod client;
 mod error;
 mod exports;
+mod guard;
+mod listen;
 mod metrics;
 mod ops;
 mod reads;
@@ -34,6 +36,8 @@ pub use auth::{
     TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
 };
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
+pub use guard::{BODY_READ_TIMEOUT, URI_BYTES_MAX};
+pub use listen::HEADER_READ_TIMEOUT;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -64,6 +68,9 @@ pub const STREAMS_MAX: usize = 1024;
 pub struct RouterOptions {
     /// Largest request body, in bytes; a larger one is answered 413 `body_too_large`.
     pub body_bytes_max: usize,
+    /// How long a request's body may take to arrive once its headers have (default
+    /// [`BODY_READ_TIMEOUT`]); a slower one is answered 408 `request_timeout`.
+    pub body_read_timeout: std::time::Duration,
     /// What `/readyz` reports.
     pub readiness: Readiness,
     /// Blocking engine calls (store reads, folds, exports) running at once; more wait
@@ -80,6 +87,7 @@ impl Default for RouterOptions {
     fn default() -> Self {
         RouterOptions {
             body_bytes_max: BODY_BYTES_MAX,
+            body_read_timeout: BODY_READ_TIMEOUT,
             readiness: Readiness::new(),
             blocking_calls_max: BLOCKING_CALLS_MAX,
             metrics_open: false,
@@ -131,6 +139,7 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .with_state(state)
         .layer(axum::middleware::from_fn(web::same_origin))
         .layer(DefaultBodyLimit::max(options.body_bytes_max))
+        .layer(from_fn_with_state((options.body_bytes_max, options.body_read_timeout), guard::guard))
         .layer(CatchPanicLayer::custom(panic_response))
 }
 
@@ -195,7 +204,7 @@ pub async fn serve<F>(listener: tokio::net::TcpListener, app: Router, shutdown: 
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    listen::run(listener, app, shutdown).await
 }
 
 /// [`serve`] over TLS: the connections of `listener` are TLS with `config`
@@ -210,5 +219,5 @@ pub async fn serve_tls<F>(
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    axum::serve(tls::TlsListener::new(listener, config)?, app).with_graceful_shutdown(shutdown).await
+    listen::run(tls::TlsListener::new(listener, config)?, app, shutdown).await
 }

@@ -531,3 +531,85 @@ async fn the_export_routes_document_the_content_types_they_answer() {
         }
     }
 }
+
+/// Writes `head` on a new connection and returns what the server answers, and whether it
+/// closed the connection, within `within` (None: it did neither).
+async fn raw_exchange(addr: std::net::SocketAddr, head: &[u8], within: std::time::Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    match tokio::time::timeout(within, c.read_to_end(&mut got)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&got).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// A client that sends half a request's headers is cut off after the header read timeout
+/// (it held the connection for good before, found by review); one that announces a body
+/// over the limit is answered 413 at once, without sending it; one whose body stops half
+/// way is answered 408; a path and query over the limit is a JSON 414. Each answer is the
+/// API's JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_oversized_requests_are_cut_off_with_json_errors() {
+    use std::time::Duration;
+    let s = common::start_with(keel_server::RouterOptions {
+        body_read_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let slack = keel_server::HEADER_READ_TIMEOUT + Duration::from_secs(10);
+    // Half the headers, then nothing: closed, not held.
+    let half = raw_exchange(s.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n", slack).await;
+    assert!(half.is_some(), "a connection that never finished its headers was held for {slack:?}");
+    // A body announced over the limit: 413 before any of it is sent.
+    let head = format!(
+        "POST /v1/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n",
+        common::ADMIN
+    );
+    let answer =
+        raw_exchange(s.addr, head.as_bytes(), Duration::from_secs(10)).await.expect("no answer to a huge body");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"body_too_large\""), "{answer}");
+    // A body that stops half way: 408 once the body read timeout passes.
+    let head = format!(
+        "POST /v1/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"workflow\":",
+        common::ADMIN
+    );
+    let answer =
+        raw_exchange(s.addr, head.as_bytes(), Duration::from_secs(10)).await.expect("no answer to a stalled body");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    // A path and query over the limit.
+    let long = format!("/v1/runs?status={}", "x".repeat(keel_server::URI_BYTES_MAX));
+    let r = s.get(&long, Some(common::VIEWER)).await;
+    assert_eq!((r.status, r.code().as_str()), (414, "uri_too_long"));
+    // Nothing of it was recorded, and the server still answers.
+    assert_eq!(s.get("/v1/runs", Some(common::VIEWER)).await.json()["runs"].as_array().unwrap().len(), 0);
+}
+
+/// A graceful shutdown is not held by a connection that sent half a request: the server
+/// returns within the header read timeout (before, it waited for that client for good:
+/// `keel serve` then hit its whole `--shutdown-timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_does_not_hold_a_graceful_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_demo::register(keel_engine::Engine::builder().path(dir.path().join("db"))).open().unwrap();
+    let auth = keel_server::Auth::from_tokens([("root", keel_server::Role::Admin, common::ADMIN)]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(keel_server::serve(listener, keel_server::router(engine, auth), async move {
+        let _ = stopped.await;
+    }));
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let bound = keel_server::HEADER_READ_TIMEOUT + std::time::Duration::from_secs(10);
+    let ended = tokio::time::timeout(bound, server).await;
+    assert!(ended.is_ok(), "the shutdown waited more than {bound:?} for a half-sent request");
+    ended.unwrap().unwrap().unwrap();
+    drop(c);
+}
