@@ -429,3 +429,68 @@ fn a_token_is_listed_and_removed_and_then_refused() {
     let listed = keel(&db, &["token", "list", "--json"]).ok().json();
     assert_eq!(listed["tokens"].as_array().unwrap().len(), 1);
 }
+
+/// A reason is the caller's text: in the server's log it is one quoted field, escaped, so
+/// a reason holding a newline and a made-up log line cannot forge a line (found by
+/// review). The event log keeps the reason as given.
+#[test]
+fn a_reason_cannot_forge_a_line_in_the_server_log() {
+    use std::io::BufRead;
+    let demo = common::DemoDb::new(8);
+    let db = demo.db.to_str().unwrap().to_owned();
+    let waiting: Vec<String> =
+        demo.runs.iter().filter(|r| r.status == "AwaitingHuman").map(|r| r.run.to_string()).collect();
+    assert!(!waiting.is_empty(), "the demo left no run waiting");
+    let root = keel(&demo.db, &["token", "add", "root", "--role", "admin"]).ok().stdout.trim().to_owned();
+    let mut child = std::process::Command::new(common::KEEL)
+        .args(["--db", &db, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "5"])
+        .env_remove("KEEL_DB")
+        .env("KEEL_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("keel serve did not start");
+        lines.push(line.clone());
+        if let Some(rest) = line.split("keel: serving ").nth(1) {
+            break rest.split_whitespace().next().unwrap().trim_start_matches("http://").to_owned();
+        }
+    };
+    let forged = "\n2026-01-01T00:00:00.000000Z  INFO keel_server::actions: FORGED by=mallory";
+    let body = serde_json::json!({"decision": "approve", "reason": format!("fine{forged}")});
+    let (status, answer) =
+        common::http_call(&addr, "POST", &format!("/v1/runs/{}/resolve", waiting[0]), &root, Some(&body));
+    assert_eq!(status, 200, "{answer}");
+    let body = serde_json::json!({"reason": format!("stop{forged}")});
+    let (status, answer) =
+        common::http_call(&addr, "POST", &format!("/v1/runs/{}/cancel", waiting[0]), &root, Some(&body));
+    assert!(status == 200 || status == 409, "{status} {answer}");
+    terminate(&child);
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        lines.push(line);
+    }
+    let logged =
+        lines.iter().find(|l| l.contains("resolution recorded through the API")).expect("no resolution logged");
+    assert!(logged.contains("FORGED"), "the reason is not in the log line: {logged}");
+    for l in &lines {
+        assert!(!l.trim_start().starts_with("2026-01-01T00:00:00.000000Z"), "a forged log line: {l}\n{lines:#?}");
+    }
+    // The event log has the reason as given.
+    let shown = keel(&demo.db, &["export", &waiting[0], "--format", "jsonl"]).ok().stdout.clone();
+    assert!(shown.contains("fine\\n2026-01-01"), "{shown}");
+}
+
+/// SIGTERM to a child (the server's graceful stop).
+fn terminate(child: &std::process::Child) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+}

@@ -130,7 +130,7 @@ pub(crate) async fn resolve(
     // a decision.
     let logged = why.clone();
     st.engine.resolve(run, Resolution { decision, by: who.name.clone(), reason: why }).await?;
-    tracing::info!(%run, decision = name, by = %who.name, reason = %logged, "resolution recorded through the API");
+    tracing::info!(%run, decision = name, by = %who.name, reason = ?logged, "resolution recorded through the API");
     Ok(Json(views::resolution_json(run, name, &who.name)))
 }
 
@@ -167,7 +167,7 @@ pub(crate) async fn cancel(
     let b: CancelBody = body(b)?;
     let why = reason(b.reason.as_deref())?;
     st.engine.cancel(run, &who.name, &why).await?;
-    tracing::info!(%run, by = %who.name, reason = %why, "cancellation recorded through the API");
+    tracing::info!(%run, by = %who.name, reason = ?why, "cancellation recorded through the API");
     Ok(Json(views::cancellation_json(run, &who.name)))
 }
 

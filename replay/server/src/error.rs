@@ -68,7 +68,8 @@ impl ApiError {
     /// 500 `internal`: a failure of the server or its store. The detail goes to the log,
     /// not to the client.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        tracing::error!(%detail, "internal error answering a request");
+        // Quoted and escaped: a store's message may carry a caller's text.
+        tracing::error!(detail = ?detail.to_string(), "internal error answering a request");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error (the server log has the detail)")
     }
 }
