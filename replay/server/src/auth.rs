@@ -489,6 +489,39 @@ pub(crate) async fn require(State((auth, role)): State<(Arc<Auth>, Role)>, mut r
         )
         .into_response();
     }
+    let hash = bearer(req.headers()).map(hash).unwrap_or_default();
+    req.extensions_mut().insert(Credential { auth, hash, name: who.name.clone(), needs: role });
     req.extensions_mut().insert(who);
     next.run(req).await
+}
+
+/// The token a request was let in with, to ask again later whether it still would be
+/// (a stream open for hours must end once its token is removed or its role lowered).
+#[derive(Clone)]
+pub(crate) struct Credential {
+    auth: Arc<Auth>,
+    hash: [u8; 32],
+    name: String,
+    needs: Role,
+}
+
+impl Credential {
+    /// Whether the token is still stored, under the same name, with a role of at least
+    /// what the route needs (the tokens are read again as for a new request).
+    pub(crate) fn still_valid(&self) -> bool {
+        self.auth.refresh();
+        let loaded = self.auth.loaded.read().unwrap_or_else(|p| p.into_inner());
+        let mut valid = false;
+        for e in &loaded.entries {
+            if bool::from(e.hash.ct_eq(&self.hash)) && e.name == self.name && e.role >= self.needs {
+                valid = true;
+            }
+        }
+        valid
+    }
+
+    /// The token's name (for the log).
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
 }

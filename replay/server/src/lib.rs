@@ -38,6 +38,7 @@ pub use auth::{
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 pub use guard::{BODY_READ_TIMEOUT, URI_BYTES_MAX};
 pub use listen::HEADER_READ_TIMEOUT;
+pub use stream::TOKEN_RECHECK_EVERY;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;

@@ -6,11 +6,12 @@
 //! to every 2 s), and the
 //! status stream says every [`ELSEWHERE_EVERY`] that runs may have changed elsewhere.
 
+use crate::auth::Credential;
 use crate::error::{ApiError, ApiResult};
 use crate::reads::EventsQuery;
 use crate::state::{parse_run, AppState};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,10 @@ use std::time::Duration;
 /// How often a stream checks whether the server is shutting down (then it ends, so a
 /// graceful shutdown is not held up by open streams).
 const DRAIN_CHECK: Duration = Duration::from_millis(250);
+
+/// How often an open stream asks whether its token is still valid; a stream whose token
+/// was removed (or whose role no longer suffices) ends at the next check.
+pub const TOKEN_RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// On a shared database, how often the status stream sends `event: elsewhere`: the
 /// status changes of runs driven by other processes are not in this engine's feed, so a
@@ -44,12 +49,13 @@ fn wants_sse(headers: &HeaderMap) -> bool {
 /// text/event-stream` a live tail (see [`run_event_stream`]).
 pub(crate) async fn run_events_or_stream(
     st: State<AppState>,
+    Extension(credential): Extension<Credential>,
     headers: HeaderMap,
     run: Result<Path<String>, PathRejection>,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Response {
     if wants_sse(&headers) {
-        return match run_event_stream(st, &headers, run, q).await {
+        return match run_event_stream(st, credential, &headers, run, q).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -62,6 +68,7 @@ pub(crate) async fn run_events_or_stream(
 /// the first event); it ends once the run is finished and its last event was sent.
 async fn run_event_stream(
     State(st): State<AppState>,
+    credential: Credential,
     headers: &HeaderMap,
     run: Result<Path<String>, PathRejection>,
     q: Result<Query<EventsQuery>, QueryRejection>,
@@ -90,7 +97,7 @@ async fn run_event_stream(
     }
     let permit = st.stream_permit()?;
     let follow = st.engine.follow(run, after);
-    let stream = holding(permit, tail(follow, st.readiness.clone()));
+    let stream = holding(permit, credential, tail(follow, st.readiness.clone()));
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
@@ -124,14 +131,29 @@ fn tail(
     })
 }
 
-/// `stream`, holding `permit` (one of `streams_max`) until it is dropped.
+/// `stream`, holding `permit` (one of `streams_max`) until it is dropped, and ended
+/// once `credential` is no longer valid (checked every [`TOKEN_RECHECK_EVERY`]).
 fn holding<S: Stream + Send + 'static>(
     permit: tokio::sync::OwnedSemaphorePermit,
+    credential: Credential,
     stream: S,
 ) -> impl Stream<Item = S::Item> + Send + 'static {
-    stream.map(move |item| {
-        let _held = &permit;
-        item
+    let mut check = tokio::time::interval(TOKEN_RECHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.reset();
+    let state = (Box::pin(stream), permit, credential, check);
+    stream::unfold(state, |(mut inner, permit, credential, mut check)| async move {
+        loop {
+            tokio::select! {
+                item = inner.next() => return item.map(|item| (item, (inner, permit, credential, check))),
+                _ = check.tick() => {
+                    if !credential.still_valid() {
+                        tracing::info!(by = %credential.name(), "event stream ended: its token was removed or its role lowered");
+                        return None;
+                    }
+                }
+            }
+        }
     })
 }
 
@@ -160,12 +182,15 @@ async fn drained(readiness: &crate::state::Readiness) {
         (status = 401, description = "no valid token", body = crate::error::ErrorBody),
         (status = 503, description = "`too_many_streams`: the server's cap on open event streams is reached", body = crate::error::ErrorBody),
     ))]
-pub(crate) async fn status_stream(State(st): State<AppState>) -> Response {
+pub(crate) async fn status_stream(
+    State(st): State<AppState>,
+    Extension(credential): Extension<Credential>,
+) -> Response {
     let permit = match st.stream_permit() {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let stream = holding(permit, status_changes(&st.engine, st.readiness.clone()));
+    let stream = holding(permit, credential, status_changes(&st.engine, st.readiness.clone()));
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 

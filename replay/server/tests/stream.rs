@@ -278,3 +278,37 @@ async fn streams_beyond_the_cap_get_503_too_many_streams_until_one_closes() {
     let last = first.msgs.last().unwrap();
     assert!(matches!(last.event.as_deref(), Some("RunCompleted" | "RunFailed")), "{last:?}");
 }
+
+/// A stream ends once its token is removed (found by review: it kept delivering until
+/// the server stopped, though new requests got 401); a stream of another token stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_ends_once_its_token_is_removed() {
+    let (s, tokens, vera, root) = common::start_with_tokens_file().await;
+    let submit = |index: u64| {
+        let body = common::submit_body(&keel_demo::request(7, index));
+        let (s, root) = (&s, &root);
+        async move {
+            let r = s.post("/v1/runs", Some(root), &body).await;
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["run"].as_str().unwrap().to_owned()
+        }
+    };
+    let run = submit(ESCALATING).await;
+    s.engine.run_until_idle().await.unwrap();
+    let mut revoked = open(&s, "/v1/events", Some(&vera), None).await;
+    let mut tail = open(&s, &format!("/v1/runs/{run}/events"), Some(&vera), None).await;
+    let mut kept = open(&s, "/v1/events", Some(&root), None).await;
+    assert_eq!((revoked.status, tail.status, kept.status), (200, 200, 200));
+    tail.until(|m| !m.is_empty()).await;
+    assert!(keel_server::remove_token(&tokens, "vera").unwrap());
+    let within = keel_server::TOKEN_RECHECK_EVERY + Duration::from_secs(10);
+    for (what, stream) in [("status stream", &mut revoked), ("run tail", &mut tail)] {
+        let ended = tokio::time::timeout(within, stream.read_to_close()).await;
+        assert!(ended.is_ok(), "the {what} of a removed token was still open after {within:?}");
+    }
+    // The other token's stream is still open and live.
+    let other = submit(HAPPY).await;
+    kept.until(|m| m.iter().any(|m| m.data.contains(&other))).await;
+    assert!(!kept.closed, "the stream of a token still stored ended");
+    assert_eq!(s.get("/v1/runs", Some(&vera)).await.status, 401);
+}

@@ -42,6 +42,23 @@ pub async fn start_with(options: keel_server::RouterOptions) -> Server {
     Server { addr, engine, _dir: dir }
 }
 
+/// [`start`] with the tokens read from a tokens file in the database's directory, which
+/// the test may change while the server runs (`keel token add` and `remove` do): the
+/// server and the file's path, holding "vera" (viewer) and "root" (admin).
+pub async fn start_with_tokens_file() -> (Server, std::path::PathBuf, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_demo::register(Engine::builder().path(dir.path().join("db"))).open().unwrap();
+    let path = dir.path().join(keel_server::TOKENS_FILE);
+    let vera = keel_server::add_token(&path, "vera", Role::Viewer).unwrap();
+    let root = keel_server::add_token(&path, "root", Role::Admin).unwrap();
+    let auth = Auth::from_file(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = keel_server::router(engine.clone(), auth);
+    tokio::spawn(keel_server::serve(listener, app, std::future::pending()));
+    (Server { addr, engine, _dir: dir }, path, vera, root)
+}
+
 pub struct Resp {
     pub status: u16,
     pub headers: Vec<(String, String)>,
