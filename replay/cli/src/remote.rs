@@ -119,20 +119,32 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
             let Some(url) = url else { return Err(locked(db, None)) };
             let recorded_ca = file.as_ref().and_then(|v| v.get("ca_cert")).and_then(Value::as_str).map(PathBuf::from);
             let ca = conn.ca_cert.clone().or(recorded_ca);
-            let client = Client::new(url, conn.token.clone(), ca.as_deref()).map_err(|_| locked(db, Some(url)))?;
+            let client =
+                Client::new(url, conn.token.clone(), ca.as_deref()).map_err(|e| locked_at(db, url, &e.to_string()))?;
             // The recorded process must still exist (a server that answers on a port a
             // dead one left behind serves another database), and answer.
             let pid = file.as_ref().and_then(|v| v.get("pid")).and_then(Value::as_u64);
             let alive = pid.and_then(|p| u32::try_from(p).ok()).is_some_and(crate::sys::process_exists);
-            if alive && client.answers(PROBE).await {
-                Ok(Some(Remote { client, named: false }))
-            } else {
-                Err(locked(db, Some(url)))
+            if !alive {
+                return Err(locked(db, Some(url)));
+            }
+            match client.probe(PROBE).await {
+                Ok(()) => Ok(Some(Remote { client, named: false })),
+                Err(e) => Err(locked_at(db, url, &e.to_string())),
             }
         }
         // Not found, not a database, ...: the command reports it as it always has.
         Err(_) => Ok(None),
     }
+}
+
+/// The "in use" error when the server `serve.addr` names runs but cannot be used: why.
+fn locked_at(db: &Path, url: &str, why: &str) -> CliError {
+    let d = db.display();
+    CliError::Failed(format!(
+        "database {d} is in use by the keel serve that {d}/{SERVER_FILE} names ({url}), which cannot be \
+         reached: {why} (or name a server with --server URL)"
+    ))
 }
 
 /// The "in use" error, naming the route through a server.

@@ -332,6 +332,7 @@ fn https_with_a_self_signed_certificate_and_the_cli_trusting_it() {
     assert_eq!(r.stdout, before, "{}", r.stderr);
     let e = keel_in(None, &["--server", &url, "--token", &vera, "escalations", "--json"]).one_line_error(1);
     assert!(e.contains("cannot connect") && e.contains("certificate"), "{e}");
+    assert!(e.contains("not signed by a CA this client trusts") && e.contains("--ca-cert"), "{e}");
     // Plain HTTP to the TLS port gets no answer.
     let e = keel_in(None, &["--server", &url.replace("https", "http"), "--token", &vera, "runs"]).one_line_error(1);
     assert!(e.contains(&url.replace("https", "http")), "{e}");
@@ -371,4 +372,47 @@ impl Owned for Ran {
     fn to_owned_ran(&self) -> Ran {
         Ran { code: self.code, stdout: self.stdout.clone(), stderr: self.stderr.clone() }
     }
+}
+
+/// A certificate a client cannot accept is one line saying what is wrong with it, in
+/// words (the review met `invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))`
+/// for an `openssl req -x509` certificate, and a misleading "gone or does not answer"
+/// through `serve.addr`): a certificate made for another name, and a CA certificate
+/// served as the server's.
+#[test]
+fn a_certificate_the_client_cannot_accept_is_said_in_words() {
+    let d = DemoDb::new(1);
+    let db = d.db.clone();
+    let vera = token_add(&db, "vera", "viewer");
+    // 1. Made for another name than the URL's host.
+    let other = rcgen::generate_simple_self_signed(vec!["keel.example.org".to_owned()]).unwrap();
+    let (cert, key) = (d.path("other.pem"), d.path("other.key"));
+    std::fs::write(&cert, other.cert.pem()).unwrap();
+    std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
+    let (mut child, url) =
+        spawn_serve(db.to_str().unwrap(), &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let e = keel_in(None, &["--server", &url, "--token", &vera, "--ca-cert", cert.to_str().unwrap(), "runs"])
+        .one_line_error(1);
+    assert!(e.contains("the server's certificate is not valid for 127.0.0.1"), "{e}");
+    // Through serve.addr: the same reason, not "gone or does not answer".
+    let r = keel_as(&db, Some(&vera), &["runs"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("not valid for 127.0.0.1") && !r.stderr.contains("is gone"), "{}", r.stderr);
+    signal(&child, "-INT");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+    // 2. A CA certificate (basicConstraints CA:TRUE) served as the server's own.
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let (cert, key) = (d.path("ca.pem"), d.path("ca.key"));
+    std::fs::write(&cert, ca.pem()).unwrap();
+    std::fs::write(&key, ca_key.serialize_pem()).unwrap();
+    let (mut child, url) =
+        spawn_serve(db.to_str().unwrap(), &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let e = keel_in(None, &["--server", &url, "--token", &vera, "--ca-cert", cert.to_str().unwrap(), "runs"])
+        .one_line_error(1);
+    assert!(e.contains("is a CA certificate") && !e.contains("OtherError"), "{e}");
+    signal(&child, "-INT");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
 }

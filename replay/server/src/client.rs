@@ -159,10 +159,21 @@ impl Client {
 
     /// Whether a keel server answers `GET /healthz` with 200 within `within`.
     pub async fn answers(&self, within: Duration) -> bool {
+        self.probe(within).await.is_ok()
+    }
+
+    /// [`Self::answers`], with why not: the connection's or TLS handshake's error, or
+    /// the status `/healthz` answered.
+    pub async fn probe(&self, within: Duration) -> Result<(), ClientError> {
         let mut probe = self.clone();
         probe.connect_timeout = within;
         probe.request_timeout = within;
-        matches!(probe.get("/healthz").await, Ok(a) if a.status == 200)
+        let a = probe.get("/healthz").await?;
+        if a.status == 200 {
+            Ok(())
+        } else {
+            Err(ClientError::Exchange { url: self.url.clone(), reason: format!("GET /healthz answered {}", a.status) })
+        }
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Answer, ClientError> {
@@ -179,7 +190,7 @@ impl Client {
                 let name = ServerName::try_from(self.host.clone()).map_err(|e| self.connect_err(e))?;
                 let stream = self
                     .bounded(self.connect_timeout, async {
-                        tls.connect(name, tcp).await.map_err(|e| self.connect_err(e))
+                        tls.connect(name, tcp).await.map_err(|e| self.connect_err(tls_reason(&e, &self.host)))
                     })
                     .await?;
                 self.bounded(self.request_timeout, self.exchange(stream, method, path, body)).await
@@ -228,6 +239,39 @@ impl Client {
     fn connect_err(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Connect { url: self.url.clone(), reason: e.to_string() }
     }
+}
+
+/// A TLS handshake's failure in words: the certificate problems a person setting up a
+/// server meets, said as what to do (rustls' own text names library types).
+fn tls_reason(e: &std::io::Error, host: &str) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let what = match tls {
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "the server's certificate is not valid for {host} (its subject alternative names must include \
+             the host the URL names)"
+        ),
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "the server's certificate is not signed by a CA this client trusts (give the CA's certificate, \
+             or a self-signed certificate itself, with --ca-cert)"
+                .to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the server's certificate has expired".to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the server's certificate is not valid yet".to_owned()
+        }
+        rustls::Error::InvalidCertificate(C::Other(other)) if other.to_string().contains("CaUsedAsEndEntity") => {
+            "the server's certificate is a CA certificate (basicConstraints CA:TRUE), which a client may not \
+             accept as a server's: serve a certificate made for the server (docs/SERVER.md, TLS)"
+                .to_owned()
+        }
+        other => return format!("TLS: {other}"),
+    };
+    format!("TLS: {what}")
 }
 
 fn bracketed(host: &str) -> String {

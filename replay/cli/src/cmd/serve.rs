@@ -88,14 +88,16 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         ..Default::default()
     };
     let app = router_with(engine.clone(), auth, options);
-    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}");
+    let reach = reach_url(scheme, addr);
     // Where `keel runs`, `keel resolve`, ... on this database find the server (removed
     // when it stops; a file left by a killed server is checked before it is used).
     // Written before the "serving" line, so whoever reads that line finds the file.
     let ca_cert = a.tls_cert.as_deref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     // A database several servers share (PostgreSQL) has no directory to write it in.
     if !shared {
-        crate::remote::write_server_file(db, &crate::remote::server_file_json(&url, ca_cert.as_deref()))?;
+        crate::remote::write_server_file(db, &crate::remote::server_file_json(&reach, ca_cert.as_deref()))?;
     }
     // Listening for the stop signals from before the "serving" line is printed.
     let stop = crate::sys::stop_signal();
@@ -158,5 +160,34 @@ fn store_and_auth(db: &Path) -> Result<(Arc<dyn Store>, Auth), CliError> {
             let auth = Auth::from_file(db.join(TOKENS_FILE)).map_err(|e| CliError::Failed(e.to_string()))?;
             Ok((store, auth))
         }
+    }
+}
+
+/// Where a client on this machine reaches a server listening on `addr` (what `serve.addr`
+/// records): a wildcard address (0.0.0.0, ::) is not one to connect to, nor a name a
+/// certificate is made for; its loopback is.
+fn reach_url(scheme: &str, addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("{scheme}://{}", std::net::SocketAddr::new(ip, addr.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::reach_url;
+
+    /// A server on a wildcard address is recorded at its loopback (the review's
+    /// `--listen 0.0.0.0:7700 --tls-cert` recorded `https://0.0.0.0:7700`, which no
+    /// certificate names); any other address as it is.
+    #[test]
+    fn a_wildcard_address_is_reached_at_its_loopback() {
+        assert_eq!(reach_url("https", "0.0.0.0:7700".parse().unwrap()), "https://127.0.0.1:7700");
+        assert_eq!(reach_url("https", "[::]:7700".parse().unwrap()), "https://[::1]:7700");
+        assert_eq!(reach_url("http", "127.0.0.1:7700".parse().unwrap()), "http://127.0.0.1:7700");
+        assert_eq!(reach_url("https", "10.1.2.3:443".parse().unwrap()), "https://10.1.2.3:443");
     }
 }
