@@ -213,6 +213,22 @@ async fn run(cli: Cli, registry: &Registry) -> CmdResult {
         Ok(done) => return done,
         Err(command) => command,
     };
+    // A human action recorded by this process itself, though a token was given: the
+    // token names nobody here (only a server records its holder), so say who is recorded.
+    if cli.conn.token.is_some() {
+        let by = match &command {
+            Cmd::Resolve(a) => Some(cmd::who(a.by.as_deref())),
+            Cmd::Cancel(a) => Some(cmd::who(a.by.as_deref())),
+            _ => None,
+        };
+        if let Some(by) = by {
+            output::errln!(
+                "keel: note: no keel serve is used for this database, so the token (--token, KEEL_TOKEN) \
+                 is not: this is recorded as by {by:?} (--by, else $USER, else \"cli\"); name a server with \
+                 --server URL to act as the token's holder"
+            );
+        }
+    }
     let done = run_local(&db, command, registry).await;
     match done {
         // No server answers for it: say that one could.

@@ -416,3 +416,30 @@ fn a_certificate_the_client_cannot_accept_is_said_in_words() {
     signal(&child, "-INT");
     assert_eq!(exit_code(&mut child, 30), Some(0));
 }
+
+/// A resolve or cancel that opens the database itself (no server holds it) while a token
+/// is given says so: the token names nobody there, and the line says who is recorded
+/// (found by review: on PostgreSQL `KEEL_TOKEN` was silently ignored and the decision
+/// recorded as "cli"). Reads say nothing.
+#[test]
+fn a_token_given_to_a_direct_resolve_is_said_to_be_unused() {
+    let d = DemoDb::new(16);
+    let db = d.db.clone();
+    let waiting: Vec<String> =
+        d.runs.iter().filter(|r| r.status == "AwaitingHuman").map(|r| r.run.to_string()).collect();
+    assert!(waiting.len() >= 2, "{:?}", d.runs);
+    let r = keel_as(
+        &db,
+        Some("keel_sometoken"),
+        &["resolve", &waiting[0], "--decision", "approve", "--reason", "ok", "--by", "ops-ada"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("no keel serve is used") && r.stderr.contains("by \"ops-ada\""), "{}", r.stderr);
+    let r = keel_as(&db, Some("keel_sometoken"), &["cancel", &waiting[1], "--reason", "done", "--by", "ops-bob"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("by \"ops-bob\""), "{}", r.stderr);
+    let r = keel_as(&db, Some("keel_sometoken"), &["runs"]);
+    assert!(!r.stderr.contains("note:"), "{}", r.stderr);
+    let r = keel_as(&db, None, &["show", &waiting[1]]);
+    assert!(!r.stderr.contains("note:"), "{}", r.stderr);
+}
