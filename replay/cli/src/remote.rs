@@ -101,6 +101,13 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
     if let Some(url) = &conn.server {
         let client = Client::new(url, conn.token.clone(), conn.ca_cert.as_deref())
             .map_err(|e| CliError::Usage(format!("--server: {e}")))?;
+        if client.sends_token_in_clear() {
+            crate::output::errln!(
+                "keel: warning: the token goes in clear text to {} (plain http:// to another machine: \
+                 anyone on the way can read and reuse it); serve with --tls-cert and use https://",
+                client.url()
+            );
+        }
         return Ok(Some(Remote { client, named: true }));
     }
     // Without an address file there is no server to find: the command opens the database
@@ -210,6 +217,18 @@ impl Remote {
         }))
     }
 
+    /// `v`'s list `key`, which keel's answer to `path` always has: an answer without it
+    /// (a proxy's page, `{}`) is not a keel server's, and is not printed as an empty list.
+    fn list(&self, v: &Value, path: &str, key: &str) -> Result<Vec<Value>, CliError> {
+        match v.get(key).and_then(Value::as_array) {
+            Some(list) => Ok(list.clone()),
+            None => Err(CliError::Failed(format!(
+                "{}{path}: the answer has no `{key}` list (is this a keel serve?)",
+                self.client.url()
+            ))),
+        }
+    }
+
     /// Every run (optionally of one status), page by page.
     async fn all_runs(&self, status: Option<&str>) -> Result<Vec<Value>, CliError> {
         let mut out = Vec::new();
@@ -223,7 +242,7 @@ impl Remote {
                 q.push_str(&format!("&cursor={c}"));
             }
             let page = self.get_json(&q).await?;
-            out.extend(page.get("runs").and_then(Value::as_array).cloned().unwrap_or_default());
+            out.extend(self.list(&page, &q, "runs")?);
             match page.get("next_cursor").and_then(Value::as_str) {
                 Some(next) if cursor.as_deref() != Some(next) => cursor = Some(next.to_owned()),
                 _ => return Ok(out),
@@ -262,7 +281,15 @@ pub(crate) async fn runs(r: &Remote, a: crate::cmd::runs::RunsArgs) -> CmdResult
 pub(crate) async fn show(r: &Remote, a: crate::cmd::show::ShowArgs) -> CmdResult {
     let run = r.run_id(&a.run).await?;
     if a.json {
-        print_json(&r.get_json(&format!("/v1/runs/{run}")).await?)?;
+        let path = format!("/v1/runs/{run}");
+        let state = r.get_json(&path).await?;
+        if state.get("run").and_then(Value::as_str) != Some(run.to_string().as_str()) {
+            return Err(CliError::Failed(format!(
+                "{}{path}: the answer is not the run's state (no `run` naming it; is this a keel serve?)",
+                r.client.url()
+            )));
+        }
+        print_json(&state)?;
         return Ok(ExitCode::SUCCESS);
     }
     let export = r.get(&format!("/v1/runs/{run}/export?format=jsonl")).await?;
@@ -278,14 +305,14 @@ pub(crate) async fn show(r: &Remote, a: crate::cmd::show::ShowArgs) -> CmdResult
 /// `keel escalations`.
 pub(crate) async fn escalations(r: &Remote, a: crate::cmd::JsonArgs) -> CmdResult {
     let v = r.get_json("/v1/escalations").await?;
-    let pending = v.get("escalations").and_then(Value::as_array).cloned().unwrap_or_default();
+    let pending = r.list(&v, "/v1/escalations", "escalations")?;
     crate::cmd::escalations::print(&pending, a.json)
 }
 
 /// `keel stats`.
 pub(crate) async fn stats(r: &Remote, a: crate::cmd::JsonArgs) -> CmdResult {
     let v = r.get_json("/v1/stats").await?;
-    let stats = v.get("workflows").and_then(Value::as_array).cloned().unwrap_or_default();
+    let stats = r.list(&v, "/v1/stats", "workflows")?;
     crate::cmd::stats::print(&stats, a.json)
 }
 

@@ -379,6 +379,20 @@ fn a_server_answer_that_is_not_keel_s_fails_verify_and_submit() {
         keel_in(Some(dir.path()), &["--server", &url, "--token", "t", "submit", "support_ticket", "--input", &input])
             .one_line_error(1);
     assert!(e.contains("names no run id"), "{e}");
+    // Listings and a run's state are not printed empty from such an answer either (the
+    // second review: `runs`, `escalations` and `stats` printed "0 run(s)" and exited 0).
+    for (args, says) in [
+        (&["runs"][..], "no `runs` list"),
+        (&["runs", "--json"][..], "no `runs` list"),
+        (&["escalations"][..], "no `escalations` list"),
+        (&["stats", "--json"][..], "no `workflows` list"),
+        (&["show", "00000000-0000-4000-8000-000000000001", "--json"][..], "is not the run's state"),
+    ] {
+        let mut all = vec!["--server", url.as_str(), "--token", "t"];
+        all.extend_from_slice(args);
+        let e = keel_in(Some(dir.path()), &all).one_line_error(1);
+        assert!(e.contains(says) && e.contains("is this a keel serve?"), "{args:?}: {e}");
+    }
 }
 
 /// Log lines on a stderr that is not a terminal (a file, a pipe, a journal) are plain

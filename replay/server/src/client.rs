@@ -147,6 +147,14 @@ impl Client {
         &self.url
     }
 
+    /// Whether a request would carry the token in clear text to another machine: plain
+    /// `http://` to a host that is not a loopback address (nor `localhost`).
+    pub fn sends_token_in_clear(&self) -> bool {
+        let loopback = self.host.eq_ignore_ascii_case("localhost")
+            || self.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        self.tls.is_none() && self.token.is_some() && !loopback
+    }
+
     /// `GET path` (path and query, e.g. `/v1/runs?limit=10`).
     pub async fn get(&self, path: &str) -> Result<Answer, ClientError> {
         self.call("GET", path, None).await
@@ -306,4 +314,24 @@ fn connector(ca_cert: Option<&Path>) -> Result<tokio_rustls::TlsConnector, Clien
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::Client;
+
+    /// The CLI warns when a token would go in clear text to another machine (found by
+    /// review: it was sent over http:// to a non-loopback server without a word).
+    #[test]
+    fn a_token_over_plain_http_to_another_machine_is_told_apart() {
+        let t = || Some("keel_t".to_owned());
+        assert!(Client::new("http://192.0.2.2:7700", t(), None).unwrap().sends_token_in_clear());
+        assert!(Client::new("http://keel.internal:7700", t(), None).unwrap().sends_token_in_clear());
+        for local in ["http://127.0.0.1:7700", "http://[::1]:7700", "http://localhost:7700", "http://127.8.9.1:1"] {
+            assert!(!Client::new(local, t(), None).unwrap().sends_token_in_clear(), "{local}");
+        }
+        assert!(!Client::new("https://192.0.2.2:7700", t(), None).unwrap().sends_token_in_clear());
+        assert!(!Client::new("http://192.0.2.2:7700", None, None).unwrap().sends_token_in_clear());
+    }
 }
