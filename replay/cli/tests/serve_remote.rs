@@ -443,3 +443,29 @@ fn a_token_given_to_a_direct_resolve_is_said_to_be_unused() {
     let r = keel_as(&db, None, &["show", &waiting[1]]);
     assert!(!r.stderr.contains("note:"), "{}", r.stderr);
 }
+
+/// With `--drain-seconds`, a stopped server keeps serving for that long with `/readyz`
+/// answering 503, so a load balancer polling it sees the drain (found by review: the port
+/// closed at once, so `not_ready` could never be observed), then exits 0.
+#[test]
+fn a_draining_server_answers_not_ready_before_it_closes() {
+    let d = DemoDb::new(1);
+    let db = d.db.clone();
+    let vera = token_add(&db, "vera", "viewer");
+    let (mut child, url) = spawn_serve(db.to_str().unwrap(), &["--drain-seconds", "3"]);
+    let addr = url.trim_start_matches("http://").to_owned();
+    assert_eq!(common::http_call(&addr, "GET", "/readyz", "", None).0, 200);
+    signal(&child, "-TERM");
+    wait_until("readyz turns 503", || common::http_call(&addr, "GET", "/readyz", "", None).0 == 503);
+    let (status, body) = common::http_call(&addr, "GET", "/readyz", "", None);
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("not_ready")));
+    // Everything else is still served meanwhile.
+    assert_eq!(common::http_call(&addr, "GET", "/v1/runs", &vera, None).0, 200);
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+    // Without it, the default: closed at once.
+    let (mut child, _) = spawn_serve(db.to_str().unwrap(), &[]);
+    let t = Instant::now();
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
+    eprintln!("stopped in {:?} without --drain-seconds", t.elapsed());
+}

@@ -38,6 +38,11 @@ pub(crate) struct ServeArgs {
     /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
+    /// Seconds to keep serving after SIGTERM or SIGINT with /readyz answering 503, so a
+    /// load balancer polling it takes this server out of rotation before it closes its
+    /// port (event streams end at once). 0 (the default): close at once. At most 3600.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub(crate) drain_seconds: u64,
     /// How long a driver's run lease lasts unless its heartbeat renews it (several
     /// servers or workers on one PostgreSQL database: a process paused longer loses its
     /// runs to the others). From 30 ms to a day.
@@ -105,12 +110,17 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     errln!("keel: serving {url} for {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain = Duration::from_secs(a.drain_seconds);
     let shutdown = {
         let readiness = readiness.clone();
         async move {
             stop.await;
-            errln!("keel: stopping: no new connections; letting requests in flight finish");
             readiness.drain();
+            if !drain.is_zero() {
+                errln!("keel: stopping: /readyz answers 503; serving on for {}s (--drain-seconds)", drain.as_secs());
+                tokio::time::sleep(drain).await;
+            }
+            errln!("keel: stopping: no new connections; letting requests in flight finish");
             let _ = stop_tx.send(true);
         }
     };
