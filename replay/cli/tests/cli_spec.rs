@@ -422,6 +422,10 @@ fn a_token_is_listed_and_removed_and_then_refused() {
         let r = keel(&db, &["token", "add", name, "--role", role]);
         r.stdout.trim().to_owned()
     };
+    // A name that cannot be stored is a usage error (exit 2; it was 1), and makes nothing.
+    let e = keel_in(None, &["--db", db_s, "token", "add", "a b", "--role", "viewer"]).one_line_error(2);
+    assert!(e.contains("invalid token name"), "{e}");
+    assert!(!db.exists(), "a refused token add created the database");
     let (alice, bob) = (add("alice", "admin"), add("bob", "viewer"));
     let listed = keel(&db, &["token", "list", "--json"]).ok().json();
     assert_eq!(

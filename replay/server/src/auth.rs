@@ -303,6 +303,13 @@ fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Whether `name` can name a token: 1..=[`TOKEN_NAME_BYTES_MAX`] bytes of letters,
+/// digits, `.`, `_`, `-` and `@` (else [`AuthError::InvalidName`]), so a caller can refuse
+/// one before it creates anything.
+pub fn check_token_name(name: &str) -> Result<(), AuthError> {
+    check_name(name)
+}
+
 fn check_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
         && name.len() <= TOKEN_NAME_BYTES_MAX

@@ -32,8 +32,8 @@ mod verify;
 mod web;
 
 pub use auth::{
-    add_stored_token, add_token, list_tokens, remove_token, Auth, AuthError, Identity, Role, StoredToken, TokenStore,
-    TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
+    add_stored_token, add_token, check_token_name, list_tokens, remove_token, Auth, AuthError, Identity, Role,
+    StoredToken, TokenStore, TOKENS_FILE, TOKENS_FILE_BYTES_MAX, TOKENS_RELOAD_MS, TOKEN_NAME_BYTES_MAX,
 };
 pub use error::{ApiError, ApiResult, ErrorBody, ErrorDetail};
 pub use guard::{BODY_READ_TIMEOUT, URI_BYTES_MAX};

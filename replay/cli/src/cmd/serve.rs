@@ -79,7 +79,10 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
     let engine = registry.engine_signing(store, a.lease_ttl_ms, key.as_ref(), a.size)?;
     registry.refuse_unknown_unfinished(&engine)?;
     if auth.is_empty() {
-        errln!("keel: no tokens yet: every route but /healthz answers 401 until `keel token add NAME --role ROLE`");
+        errln!(
+            "keel: no tokens yet: every route that reads or changes runs answers 401 until \
+             `keel token add NAME --role ROLE`"
+        );
     }
     let shared = crate::backend::postgres_config(db).is_some();
     let listener =

@@ -58,6 +58,8 @@ pub(crate) fn run(db: &Path, a: TokenArgs) -> CmdResult {
         TokenCmd::List { json } => return list(db, json),
         TokenCmd::Remove { name } => return remove(db, &name),
     };
+    // A name that cannot be stored is a usage error, refused before anything is made.
+    keel_server::check_token_name(&name).map_err(|e| CliError::Usage(e.to_string()))?;
     let role = match role {
         RoleArg::Viewer => Role::Viewer,
         RoleArg::Approver => Role::Approver,
