@@ -80,9 +80,11 @@ fn cross_site(h: &HeaderMap) -> Option<String> {
     let origin = h.get(header::ORIGIN)?;
     let Ok(origin) = origin.to_str() else { return Some("an unreadable Origin header".to_owned()) };
     let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-    // "scheme://host[:port]": compare what follows the scheme with the Host header.
-    let authority = origin.split_once("://").map(|(_, a)| a).unwrap_or("");
-    if origin == "null" || authority.is_empty() || !authority.eq_ignore_ascii_case(host) {
+    // "scheme://host[:port]": the scheme one a page of this server has, and what follows
+    // it the Host header.
+    let (scheme, authority) = origin.split_once("://").unwrap_or(("", ""));
+    let web = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    if origin == "null" || !web || authority.is_empty() || !authority.eq_ignore_ascii_case(host) {
         return Some(format!("Origin {origin:?} is not this server ({host:?})"));
     }
     None
@@ -98,6 +100,20 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    /// An Origin of another scheme than a web page's is not this server's page (found by
+    /// review: `ftp://127.0.0.1:7700` passed).
+    #[test]
+    fn an_origin_of_another_scheme_is_refused() {
+        for origin in ["ftp://127.0.0.1:7700", "file://127.0.0.1:7700", "chrome-extension://127.0.0.1:7700"] {
+            let mut h = HeaderMap::new();
+            h.insert("host", HeaderValue::from_static("127.0.0.1:7700"));
+            h.insert("origin", HeaderValue::from_str(origin).unwrap_or_else(|_| HeaderValue::from_static("x")));
+            assert!(cross_site(&h).is_some(), "{origin}");
+        }
+        let ok = headers(&[("host", "127.0.0.1:7700"), ("origin", "HTTPS://127.0.0.1:7700")]);
+        assert_eq!(cross_site(&ok), None);
     }
 
     #[test]
