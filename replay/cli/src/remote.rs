@@ -369,7 +369,14 @@ pub(crate) async fn resolve(r: &Remote, a: crate::cmd::resolve::ResolveArgs) -> 
 pub(crate) async fn submit(r: &Remote, a: crate::cmd::submit::SubmitArgs) -> CmdResult {
     let input = crate::cmd::submit::input(&a)?;
     let body = json!({ "workflow": a.workflow, "input": input, "idempotency_key": a.key, "priority": a.priority });
-    let v = r.post("/v1/runs", &body).await?;
+    let answer = r.client.post_json("/v1/runs", &body).await.map_err(|e| CliError::Failed(e.to_string()))?;
+    // Said as the command says it on the database itself.
+    if answer.status == 409 {
+        if let Some((_, message)) = answer.error().filter(|(code, _)| code == "idempotency_conflict") {
+            return Err(CliError::Failed(format!("idempotency conflict: {message}")));
+        }
+    }
+    let v = r.ok(answer)?;
     let v = v.json().map_err(|e| CliError::Failed(format!("the answer is not JSON: {e}")))?;
     // The run id is the one thing a submit must say: an answer without it (not keel's
     // server) is a failure, not a blank id.

@@ -257,6 +257,17 @@ fn submit_records_a_request_returns_its_run_again_and_refuses_another_request_un
     assert!(e.contains(first["run"].as_str().unwrap()), "{e}");
     let runs = keel(db, &["runs", "--json"]).ok().json();
     assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
+    // Through a keel serve holding the database: the same line (the review found the
+    // `idempotency conflict: ` prefix missing there).
+    let root = keel(db, &["token", "add", "root", "--role", "admin"]).ok().stdout.trim().to_owned();
+    let (mut server, _) = common::spawn_serve_plain(db.to_str().unwrap());
+    let e =
+        keel(db, &["--token", &root, "submit", "support_ticket", "--input", &input, "--key", "t-1", "--priority", "5"])
+            .one_line_error(1);
+    assert!(e.starts_with("error: idempotency conflict: "), "{e}");
+    assert!(e.contains(first["run"].as_str().unwrap()), "{e}");
+    let _ = server.kill();
+    let _ = server.wait();
     // Bad input JSON is a usage error.
     keel(db, &["submit", "support_ticket", "--input", "{not json"]).one_line_error(2);
     // An input nested deeper than the JSON limit: one line with the stable code, exit 2,
