@@ -64,11 +64,23 @@ pub(crate) async fn export(
     };
     let since = time("since", &q.since)?;
     let until = time("until", &q.until)?;
+    // As `keel export` refuses it: a window that holds no time selects nothing, by mistake.
+    if let (Some(s), Some(u)) = (since, until) {
+        if s >= u {
+            return Err(ApiError::bad_request(format!(
+                "since {} is not before until {}: the window [since, until) holds no time",
+                rfc3339(s),
+                rfc3339(u)
+            )));
+        }
+    }
     let specs: Vec<String> = q.redact.as_deref().map(|r| r.split(',').map(str::to_owned).collect()).unwrap_or_default();
     if specs.len() > REDACTIONS_MAX {
         return Err(ApiError::bad_request(format!("at most {REDACTIONS_MAX} redactions")));
     }
-    let redaction = Redaction::parse(&specs).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Its messages name the CLI's flag; here the parameter is `redact`.
+    let redaction = Redaction::parse(&specs)
+        .map_err(|e| ApiError::bad_request(e.to_string().replacen("--redact ", "redact ", 1)))?;
     let format = q.format;
     let engine = st.engine.clone();
     let now = chrono::Utc::now().timestamp_micros();

@@ -129,4 +129,15 @@ async fn export_selects_formats_and_redacts_and_refuses_bad_queries() {
     }
     let r = s.get(&format!("/v1/export?format=html&run={}", uuid::Uuid::new_v4()), Some(VIEWER)).await;
     assert_eq!((r.status, r.code()), (404, "run_not_found".to_owned()));
+    // A window that holds no time is refused as `keel export` refuses it (it was 200 and
+    // an empty export: found by review), and a bad redaction names the parameter, not
+    // the CLI's flag.
+    for window in ["since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z", "since=5&until=5"] {
+        let r = s.get(&format!("/v1/export?format=csv&{window}"), Some(VIEWER)).await;
+        assert_eq!((r.status, r.code()), (400, "bad_request".to_owned()), "{window}");
+        assert!(r.text().contains("holds no time"), "{}", r.text());
+    }
+    let r = s.get("/v1/export?format=csv&redact=Nope.output", Some(VIEWER)).await;
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.starts_with("redact \"Nope.output\"") && !message.contains("--redact"), "{message}");
 }
