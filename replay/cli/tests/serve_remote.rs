@@ -469,3 +469,17 @@ fn a_draining_server_answers_not_ready_before_it_closes() {
     assert_eq!(exit_code(&mut child, 30), Some(0));
     eprintln!("stopped in {:?} without --drain-seconds", t.elapsed());
 }
+
+/// A port already in use is one line, exit 1, and creates no database (found by review:
+/// the directory was made before the bind failed).
+#[test]
+fn a_port_in_use_creates_no_database() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    let listen = format!("127.0.0.1:{port}");
+    let e = keel_in(None, &["--db", db.to_str().unwrap(), "serve", "--listen", &listen]).one_line_error(1);
+    assert!(e.contains(&format!("listening on {listen}")), "{e}");
+    assert!(!db.exists(), "a serve that could not listen created the database");
+}

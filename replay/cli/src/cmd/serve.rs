@@ -75,6 +75,10 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         _ => None,
     };
     let key = a.sign.load()?;
+    // The port before the database: a port in use is one line and creates nothing (a
+    // connection made while the database opens waits in the backlog).
+    let listener =
+        tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
     let (store, auth) = store_and_auth(db)?;
     let engine = registry.engine_signing(store, a.lease_ttl_ms, key.as_ref(), a.size)?;
     registry.refuse_unknown_unfinished(&engine)?;
@@ -85,8 +89,6 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         );
     }
     let shared = crate::backend::postgres_config(db).is_some();
-    let listener =
-        tokio::net::TcpListener::bind(a.listen).await.map_err(|e| io_err(&format!("listening on {}", a.listen), e))?;
     let addr = listener.local_addr().map_err(|e| io_err("the listening socket", e))?;
     let readiness = Readiness::new();
     let options = RouterOptions {
