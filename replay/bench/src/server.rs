@@ -168,16 +168,10 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
     }
     let durable = Durability::GroupCommit(Level::PowerLoss);
 
-    // 1b. A database without the index (written before it): the build on open. Its open
-    // is the first since the history was written (a server restarted after it wrote it):
-    // sled replays its whole log since its previous open, which wrote its last snapshot
-    // (sled 0.34.7 takes none while running).
-    let t = Instant::now();
-    let first_open_ms;
+    // 1b. A database without the index (written before it): the build on open.
     {
         let store =
             SledStore::open(dir.join("db"), StoreConfig { durability: Durability::None, ..StoreConfig::default() })?;
-        first_open_ms = t.elapsed().as_secs_f64() * 1e3;
         loop {
             let old = store.aux_range(b"ix/", b"ix/\xff", 1024)?;
             if old.is_empty() {
@@ -367,8 +361,6 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
             "open_ms": open_ms, "sled_open_ms": sled_open_ms, "raw_sled_open_ms": raw_sled_open_ms,
             "started_ms": started_ms, "submitted_ms": submitted_ms,
             "waiting_runs": reviews,
-            // The first open after the process that wrote the history closed (step 1b).
-            "first_open_after_history_ms": first_open_ms,
         })),
         // The same, less what sled alone takes to open these files: keel's own part of a
         // restart (its checks at open, the engine, the first run), which the run index
