@@ -352,7 +352,7 @@ fn load(path: &Path) -> Result<Loaded, AuthError> {
 /// Makes a new token named `name` with `role`, stores its hash in the tokens file at
 /// `path` (created with mode 0600; its directory must exist) and returns the token:
 /// the only time it is shown. The file is rewritten whole (a temporary file and a
-/// rename) under [`lock_tokens_file`], so a server never reads half a line and
+/// rename, keeping its owner where it may) under the directory's lock, so a server never reads half a line and
 /// concurrent adds and removes each keep the others' changes. Errors: an invalid or
 /// taken name, an unreadable file.
 pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthError> {
@@ -378,20 +378,17 @@ pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthErro
     Ok(token)
 }
 
-/// Holds the exclusive lock of the tokens file at `path` (an advisory lock on
-/// `<path>.lock`, made beside it with mode 0600) until dropped: adds and removes, from
-/// any process, take it around their read and rewrite of the file.
+/// Holds the exclusive lock of the tokens file at `path` until dropped: an advisory lock
+/// on the directory holding it (opened read-only, so whoever may write the file may take
+/// it, and no lock file of another owner is ever left behind). Adds and removes, from any
+/// process, take it around their read and rewrite of the file.
 fn lock_tokens_file(path: &Path) -> Result<std::fs::File, AuthError> {
-    let lock_path = path.with_extension("lock");
-    let io = |source| AuthError::Io { path: lock_path.clone(), source };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let f = opts.open(&lock_path).map_err(io)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |source| AuthError::Io { path: dir.clone(), source };
+    let f = std::fs::File::open(&dir).map_err(io)?;
     f.lock().map_err(io)?;
     Ok(f)
 }
@@ -415,20 +412,30 @@ fn replace_file(path: &Path, text: &str) -> Result<(), AuthError> {
         #[cfg(unix)]
         {
             // A temporary file left by a crash with other permissions is narrowed too.
-            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
             f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            // The file keeps its owner: `sudo keel token add` must not leave a file the
+            // server (another user) can no longer read. Only possible as root or as the
+            // owner; otherwise the new file is the writer's, as any rewrite would be.
+            if let Ok(old) = std::fs::metadata(path) {
+                if let Err(e) = std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid())) {
+                    tracing::debug!(error = %e, "the rewritten tokens file keeps its writer as owner");
+                }
+            }
         }
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-            _ => Ok(()),
-        }
+        std::fs::rename(&tmp, path)
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(e));
+    }
+    // The rename made durable. Done once the file is in place: a failure here is said,
+    // though the change is made.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     }
     Ok(())
 }
@@ -440,7 +447,8 @@ pub fn list_tokens(path: &Path) -> Result<Vec<(String, Role)>, AuthError> {
 }
 
 /// Removes the token named `name` from the tokens file at `path` (rewritten through a
-/// temporary file and a rename, mode 0600, under [`lock_tokens_file`]); false if it held
+/// temporary file and a rename, mode 0600, its owner kept where it may, under
+/// the directory's lock); false if it held
 /// none. A server reading the file stops accepting the token when it next looks (on the
 /// next request).
 pub fn remove_token(path: &Path, name: &str) -> Result<bool, AuthError> {

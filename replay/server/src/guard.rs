@@ -1,4 +1,6 @@
-//! What a request may send before a handler sees it, checked for every route: its path
+//! What a request may send before a handler sees it, checked for every route once its
+//! token and role are (a caller without a valid token is answered 401 before any of its
+//! body is read): its path
 //! and query at most [`URI_BYTES_MAX`] bytes (414 `uri_too_long`), its body at most
 //! [`crate::RouterOptions::body_bytes_max`] bytes (413 `body_too_large`, at once when its
 //! `Content-Length` says so) and read whole within

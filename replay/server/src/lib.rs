@@ -110,6 +110,9 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
     let permits = Arc::new(tokio::sync::Semaphore::new(options.blocking_calls_max.max(1)));
     let streams = Arc::new(tokio::sync::Semaphore::new(options.streams_max));
     let state = AppState { engine, readiness: options.readiness, blocking_permits: permits, streams };
+    // What a request may send (guard.rs), checked once the route's token and role are:
+    // a caller without a token is answered 401 before any of its body is read.
+    let guard = from_fn_with_state((options.body_bytes_max, options.body_read_timeout), guard::guard);
     let viewer = Router::new()
         .route("/v1/runs", get(reads::list_runs))
         .route("/v1/runs/{run}", get(reads::show_run))
@@ -121,26 +124,30 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .route("/v1/verify", get(verify::verify))
         .route("/v1/export", get(exports::export))
         .merge(metrics_route(!options.metrics_open))
+        .route_layer(guard.clone())
         .route_layer(from_fn_with_state((auth.clone(), Role::Viewer), auth::require));
     let approver = Router::new()
         .route("/v1/runs/{run}/resolve", post(actions::resolve))
         .route("/v1/runs/{run}/cancel", post(actions::cancel))
+        .route_layer(guard.clone())
         .route_layer(from_fn_with_state((auth.clone(), Role::Approver), auth::require));
     let admin = Router::new()
         .route("/v1/runs", post(actions::submit))
+        .route_layer(guard.clone())
         .route_layer(from_fn_with_state((auth.clone(), Role::Admin), auth::require));
     let open = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/openapi.json", get(ops::openapi_json))
-        .merge(metrics_route(options.metrics_open));
-    let app = viewer.merge(approver).merge(admin).merge(open).merge(web::routes()).merge(testing_routes(auth));
+        .merge(metrics_route(options.metrics_open))
+        .merge(web::routes())
+        .route_layer(guard);
+    let app = viewer.merge(approver).merge(admin).merge(open).merge(testing_routes(auth));
     app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(web::same_origin))
         .layer(DefaultBodyLimit::max(options.body_bytes_max))
-        .layer(from_fn_with_state((options.body_bytes_max, options.body_read_timeout), guard::guard))
         .layer(CatchPanicLayer::custom(panic_response))
 }
 
@@ -197,15 +204,43 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
 }
 
+/// How [`serve_with`] and [`serve_tls_with`] hold connections.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// How long a connection may take to send a request's headers, from its opening or
+    /// from the previous answer (so also how long an idle kept-alive connection stays
+    /// open) before it is closed. Default [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { header_read_timeout: HEADER_READ_TIMEOUT }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting
 /// connections and waits for the requests in flight (bound that wait yourself, as
 /// `keel serve` does). The one place a binary needs to hold HTTP: the `keel` CLI calls
-/// this and knows no HTTP crate.
+/// this and knows no HTTP crate. HTTP/1.1, with the default [`ServeOptions`].
 pub async fn serve<F>(listener: tokio::net::TcpListener, app: Router, shutdown: F) -> std::io::Result<()>
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    listen::run(listener, app, shutdown).await
+    serve_with(listener, app, shutdown, ServeOptions::default()).await
+}
+
+/// [`serve`] with explicit [`ServeOptions`].
+pub async fn serve_with<F>(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: F,
+    options: ServeOptions,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    listen::run(listener, app, shutdown, options.header_read_timeout).await
 }
 
 /// [`serve`] over TLS: the connections of `listener` are TLS with `config`
@@ -220,5 +255,19 @@ pub async fn serve_tls<F>(
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    listen::run(tls::TlsListener::new(listener, config)?, app, shutdown).await
+    serve_tls_with(listener, config, app, shutdown, ServeOptions::default()).await
+}
+
+/// [`serve_tls`] with explicit [`ServeOptions`].
+pub async fn serve_tls_with<F>(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    app: Router,
+    shutdown: F,
+    options: ServeOptions,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    listen::run(tls::TlsListener::new(listener, config)?, app, shutdown, options.header_read_timeout).await
 }

@@ -133,11 +133,15 @@ fn tail(
 
 /// `stream`, holding `permit` (one of `streams_max`) until it is dropped, and ended
 /// once `credential` is no longer valid (checked every [`TOKEN_RECHECK_EVERY`]).
-fn holding<S: Stream + Send + 'static>(
+fn holding<S>(
     permit: tokio::sync::OwnedSemaphorePermit,
     credential: Credential,
     stream: S,
-) -> impl Stream<Item = S::Item> + Send + 'static {
+) -> impl Stream<Item = S::Item> + Send + 'static
+where
+    S: Stream + Send + 'static,
+    S::Item: Send,
+{
     let mut check = tokio::time::interval(TOKEN_RECHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.reset();
@@ -147,7 +151,11 @@ fn holding<S: Stream + Send + 'static>(
             tokio::select! {
                 item = inner.next() => return item.map(|item| (item, (inner, permit, credential, check))),
                 _ = check.tick() => {
-                    if !credential.still_valid() {
+                    // The tokens may be read from a database (a blocking call): off the
+                    // runtime's workers.
+                    let asked = credential.clone();
+                    let valid = tokio::task::spawn_blocking(move || asked.still_valid()).await.unwrap_or(false);
+                    if !valid {
                         tracing::info!(by = %credential.name(), "event stream ended: its token was removed or its role lowered");
                         return None;
                     }

@@ -27,6 +27,11 @@ pub async fn start() -> Server {
 
 /// [`start`] with explicit router options.
 pub async fn start_with(options: keel_server::RouterOptions) -> Server {
+    start_serving(options, keel_server::ServeOptions::default()).await
+}
+
+/// [`start`] with explicit router and connection options.
+pub async fn start_serving(options: keel_server::RouterOptions, serve: keel_server::ServeOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let engine = keel_demo::register(Engine::builder().path(dir.path().join("db"))).open().unwrap();
     let auth = Auth::from_tokens([
@@ -38,7 +43,7 @@ pub async fn start_with(options: keel_server::RouterOptions) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = keel_server::router_with(engine.clone(), auth, options);
-    tokio::spawn(keel_server::serve(listener, app, std::future::pending()));
+    tokio::spawn(keel_server::serve_with(listener, app, std::future::pending(), serve));
     Server { addr, engine, _dir: dir }
 }
 
