@@ -61,6 +61,21 @@ pub fn rfc3339(us: i64) -> String {
     }
 }
 
+/// Why a `[since, until)` window selects nothing by mistake, if it does: `since` not
+/// before `until` (said with the names the caller gave them: `--since`, or `since`).
+pub fn empty_window(since: Option<i64>, until: Option<i64>, names: (&str, &str)) -> Option<String> {
+    match (since, until) {
+        (Some(s), Some(u)) if s >= u => Some(format!(
+            "{} {} is not before {} {}: the window [since, until) holds no time",
+            names.0,
+            rfc3339(s),
+            names.1,
+            rfc3339(u)
+        )),
+        _ => None,
+    }
+}
+
 /// Parses a time given as RFC 3339 or as Unix seconds; returns µs since the epoch.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     let s = s.trim();

@@ -65,14 +65,8 @@ pub(crate) async fn export(
     let since = time("since", &q.since)?;
     let until = time("until", &q.until)?;
     // As `keel export` refuses it: a window that holds no time selects nothing, by mistake.
-    if let (Some(s), Some(u)) = (since, until) {
-        if s >= u {
-            return Err(ApiError::bad_request(format!(
-                "since {} is not before until {}: the window [since, until) holds no time",
-                rfc3339(s),
-                rfc3339(u)
-            )));
-        }
+    if let Some(why) = keel_replay::format::empty_window(since, until, ("since", "until")) {
+        return Err(ApiError::bad_request(why));
     }
     let specs: Vec<String> = q.redact.as_deref().map(|r| r.split(',').map(str::to_owned).collect()).unwrap_or_default();
     if specs.len() > REDACTIONS_MAX {

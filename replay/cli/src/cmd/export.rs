@@ -92,14 +92,8 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
 pub(crate) fn time_window(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), CliError> {
     let since = since.map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--since: {e}")))?;
     let until = until.map(parse_time).transpose().map_err(|e| CliError::Usage(format!("--until: {e}")))?;
-    if let (Some(s), Some(u)) = (since, until) {
-        if s >= u {
-            return Err(CliError::Usage(format!(
-                "--since {} is not before --until {}: the window [since, until) holds no time",
-                rfc3339(s),
-                rfc3339(u)
-            )));
-        }
+    if let Some(why) = keel_replay::format::empty_window(since, until, ("--since", "--until")) {
+        return Err(CliError::Usage(why));
     }
     Ok((since, until))
 }
