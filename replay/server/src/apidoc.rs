@@ -34,6 +34,7 @@ impl Modify for GuardResponses {
                     add(op, "403", "the token's role is too small (`forbidden`)");
                 }
                 add(op, "414", "the path and query are over the server's limit (`uri_too_long`)");
+                add(op, "421", "the Host header names a host the server does not serve (`host_not_allowed`)");
                 if is_post {
                     add(op, "413", "the body is over the server's limit (`body_too_large`)");
                     add(op, "408", "the body did not arrive in time (`request_timeout`)");

@@ -82,6 +82,12 @@ pub struct RouterOptions {
     /// Server-sent event streams open at once (each holds a connection and an engine
     /// subscription until it ends); one more is answered 503 `too_many_streams`.
     pub streams_max: usize,
+    /// The host names a request's `Host` header may name (any port; compared without
+    /// case), else it is answered 421 `host_not_allowed`: a server on a loopback address
+    /// lists its loopback names, so a page of another site whose name an attacker points
+    /// at 127.0.0.1 (DNS rebinding) cannot read even its open routes. Empty (the
+    /// default): any host.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for RouterOptions {
@@ -93,6 +99,7 @@ impl Default for RouterOptions {
             blocking_calls_max: BLOCKING_CALLS_MAX,
             metrics_open: false,
             streams_max: STREAMS_MAX,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -147,6 +154,7 @@ pub fn router_with(engine: Engine, auth: Auth, options: RouterOptions) -> Router
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(web::same_origin))
+        .layer(from_fn_with_state(Arc::new(options.allowed_hosts), web::allowed_host))
         .layer(DefaultBodyLimit::max(options.body_bytes_max))
         .layer(CatchPanicLayer::custom(panic_response))
 }

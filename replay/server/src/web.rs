@@ -70,6 +70,43 @@ pub(crate) async fn same_origin(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Middleware (state: [`crate::RouterOptions::allowed_hosts`]): a request whose `Host`
+/// names another host than those listed is 421 `host_not_allowed`, before anything else
+/// (no list: every host).
+pub(crate) async fn allowed_host(
+    axum::extract::State(allowed): axum::extract::State<std::sync::Arc<Vec<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if allowed.is_empty() {
+        return next.run(req).await;
+    }
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(host_name);
+    match host {
+        Some(h) if allowed.iter().any(|a| a.eq_ignore_ascii_case(h)) => next.run(req).await,
+        other => {
+            let shown = other.unwrap_or("(none)");
+            tracing::warn!(host = ?shown, "request for a host this server does not serve refused");
+            ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "host_not_allowed",
+                format!("this server does not serve host {shown:?} (keel serve --allow-host NAME adds one)"),
+            )
+            .into_response()
+        }
+    }
+}
+
+/// The host name of a `Host` header's value: without its port, an IPv6 address without
+/// its brackets.
+fn host_name(v: &str) -> &str {
+    let v = v.trim();
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    v.rsplit_once(':').map_or(v, |(h, port)| if port.chars().all(|c| c.is_ascii_digit()) { h } else { v })
+}
+
 /// Why the headers show a request from another site, if they do.
 fn cross_site(h: &HeaderMap) -> Option<String> {
     if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
@@ -100,6 +137,15 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn a_host_header_is_read_as_its_name() {
+        assert_eq!(host_name("127.0.0.1:7700"), "127.0.0.1");
+        assert_eq!(host_name("localhost"), "localhost");
+        assert_eq!(host_name("[::1]:7700"), "::1");
+        assert_eq!(host_name("evil.example:80"), "evil.example");
+        assert_eq!(host_name("a:b"), "a:b");
     }
 
     /// An Origin of another scheme than a web page's is not this server's page (found by

@@ -625,3 +625,26 @@ async fn a_half_sent_request_does_not_hold_a_graceful_shutdown() {
     ended.unwrap().unwrap().unwrap();
     drop(c);
 }
+
+/// With allowed hosts (what `keel serve` sets on a loopback address), a request naming
+/// another host is 421 `host_not_allowed` on every route, open ones included: a page of
+/// another site whose name resolves to 127.0.0.1 (DNS rebinding) reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_is_refused_when_hosts_are_listed() {
+    let s = common::start_with(keel_server::RouterOptions {
+        allowed_hosts: vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        metrics_open: true,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(s.get("/v1/runs", Some(VIEWER)).await.status, 200);
+    for path in ["/metrics", "/healthz", "/v1/runs"] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: evil.example:{}\r\nAuthorization: Bearer {VIEWER}\r\nConnection: close\r\n\r\n", s.addr.port());
+        let answer =
+            raw_exchange(s.addr, head.as_bytes(), std::time::Duration::from_secs(10)).await.expect("no answer");
+        assert!(answer.starts_with("HTTP/1.1 421") && answer.contains("\"host_not_allowed\""), "{path}: {answer}");
+    }
+    let head = format!("GET /healthz HTTP/1.1\r\nHost: LOCALHOST:{}\r\nConnection: close\r\n\r\n", s.addr.port());
+    let answer = raw_exchange(s.addr, head.as_bytes(), std::time::Duration::from_secs(10)).await.expect("no answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

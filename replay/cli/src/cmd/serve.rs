@@ -22,6 +22,12 @@ pub(crate) struct ServeArgs {
     /// in clear text. Put a TLS-terminating proxy in front, or keep to loopback.
     #[arg(long)]
     pub(crate) insecure_bind: bool,
+    /// A host name requests may name in their Host header, besides the loopback names
+    /// (127.0.0.1, localhost, ::1) a server on a loopback address answers by default (a
+    /// reverse proxy that passes its own host name on); repeat for several. A server on a
+    /// non-loopback address answers any host unless this is given.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) allow_host: Vec<String>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -95,6 +101,7 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         readiness: readiness.clone(),
         metrics_open: a.metrics_open,
         streams_max: a.max_streams,
+        allowed_hosts: allowed_hosts(addr, &a.allow_host),
         ..Default::default()
     };
     let app = router_with(engine.clone(), auth, options);
@@ -178,6 +185,20 @@ fn store_and_auth(db: &Path) -> Result<(Arc<dyn Store>, Auth), CliError> {
     }
 }
 
+/// The host names a server on `addr` answers: on a loopback address its loopback names
+/// and `extra` (a page of another site pointed at 127.0.0.1 by its DNS is refused);
+/// elsewhere `extra`, or any host when none is given.
+fn allowed_hosts(addr: std::net::SocketAddr, extra: &[String]) -> Vec<String> {
+    let mut hosts: Vec<String> = Vec::new();
+    if addr.ip().is_loopback() {
+        hosts.extend(["127.0.0.1", "localhost", "::1"].map(str::to_owned));
+        hosts.push(addr.ip().to_string());
+    }
+    hosts.extend(extra.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()));
+    hosts.dedup();
+    hosts
+}
+
 /// Where a client on this machine reaches a server listening on `addr` (what `serve.addr`
 /// records): a wildcard address (0.0.0.0, ::) is not one to connect to, nor a name a
 /// certificate is made for; its loopback is.
@@ -198,6 +219,20 @@ mod tests {
     /// A server on a wildcard address is recorded at its loopback (the review's
     /// `--listen 0.0.0.0:7700 --tls-cert` recorded `https://0.0.0.0:7700`, which no
     /// certificate names); any other address as it is.
+    /// A server on loopback answers its loopback names (and those given), so a page of
+    /// another site pointed at 127.0.0.1 by its DNS (rebinding) is refused; elsewhere only
+    /// the names given, or any.
+    #[test]
+    fn a_loopback_server_answers_its_loopback_names_only() {
+        let h = super::allowed_hosts("127.0.0.1:7700".parse().unwrap(), &[]);
+        assert!(h.contains(&"127.0.0.1".to_owned()) && h.contains(&"localhost".to_owned()), "{h:?}");
+        assert!(!h.iter().any(|n| n.contains("example")));
+        let h = super::allowed_hosts("127.0.0.1:7700".parse().unwrap(), &["keel.example.org".to_owned()]);
+        assert!(h.contains(&"keel.example.org".to_owned()) && h.contains(&"localhost".to_owned()), "{h:?}");
+        assert!(super::allowed_hosts("0.0.0.0:7700".parse().unwrap(), &[]).is_empty(), "any host");
+        assert_eq!(super::allowed_hosts("10.0.0.1:7700".parse().unwrap(), &["a".to_owned()]), vec!["a".to_owned()]);
+    }
+
     #[test]
     fn a_wildcard_address_is_reached_at_its_loopback() {
         assert_eq!(reach_url("https", "0.0.0.0:7700".parse().unwrap()), "https://127.0.0.1:7700");
