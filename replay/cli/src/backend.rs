@@ -73,7 +73,7 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
         None => (url, None),
     };
     let mut schema = None;
-    let mut numbers: Vec<(&str, u64)> = Vec::new();
+    let mut numbers: Vec<(&str, SetField, u64)> = Vec::new();
     let mut rest = Vec::new();
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
@@ -88,8 +88,8 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
             if schema.replace(v.into_owned()).is_some() {
                 return Err(format!("`{SCHEMA_PARAM}` given twice"));
             }
-        } else if let Some((name, _)) = NUMBER_PARAMS.iter().find(|(name, _)| *name == key) {
-            if numbers.iter().any(|(n, _)| n == name) {
+        } else if let Some((name, set)) = NUMBER_PARAMS.iter().find(|(name, _)| *name == key) {
+            if numbers.iter().any(|(n, _, _)| n == name) {
                 return Err(format!("`{name}` given twice"));
             }
             let v = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
@@ -97,7 +97,7 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
                 Ok(n) if !v.starts_with('+') => n,
                 _ => return Err(format!("`{name}` must be a whole number, not {:?}", v.as_ref())),
             };
-            numbers.push((name, n));
+            numbers.push((name, *set, n));
         } else {
             rest.push(pair);
         }
@@ -107,10 +107,8 @@ fn parse_url(url: &str) -> Result<PgConfig, String> {
     if let Some(schema) = schema {
         config.schema = schema;
     }
-    for (name, n) in numbers {
-        if let Some((_, set)) = NUMBER_PARAMS.iter().find(|(p, _)| *p == name) {
-            set(&mut config, n);
-        }
+    for (_, set, n) in numbers {
+        set(&mut config, n);
     }
     Ok(config)
 }

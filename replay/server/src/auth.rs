@@ -203,7 +203,7 @@ impl Auth {
     pub fn from_tokens<'a>(tokens: impl IntoIterator<Item = (&'a str, Role, &'a str)>) -> Result<Auth, AuthError> {
         let mut entries: Vec<Entry> = Vec::new();
         for (name, role, token) in tokens {
-            check_name(name)?;
+            check_token_name(name)?;
             if entries.iter().any(|e| e.name == name) {
                 return Err(AuthError::DuplicateName { name: name.to_owned() });
             }
@@ -215,12 +215,16 @@ impl Auth {
     /// Who holds `token`, if anyone. Every stored hash is compared (constant time each,
     /// no early exit).
     pub fn identify(&self, token: &str) -> Option<Identity> {
+        self.identify_hash(&hash(token))
+    }
+
+    /// [`Self::identify`] of a token's SHA-256 (the tokens are read again if they changed).
+    fn identify_hash(&self, presented: &[u8; 32]) -> Option<Identity> {
         self.refresh();
-        let presented = hash(token);
         let loaded = self.loaded.read().unwrap_or_else(|p| p.into_inner());
         let mut found: Option<&Entry> = None;
         for e in &loaded.entries {
-            if bool::from(e.hash.ct_eq(&presented)) {
+            if bool::from(e.hash.ct_eq(presented)) {
                 found = Some(e);
             }
         }
@@ -278,7 +282,7 @@ fn store_entries(store: &dyn TokenStore) -> Result<Vec<Entry>, String> {
 /// Makes a new token named `name` with `role`, stores its hash in `store` and returns the
 /// token: the only time it is shown. Errors: an invalid or taken name, the store's.
 pub fn add_stored_token(store: &dyn TokenStore, name: &str, role: Role) -> Result<String, String> {
-    check_name(name).map_err(|e| e.to_string())?;
+    check_token_name(name).map_err(|e| e.to_string())?;
     let token = new_token();
     let row = StoredToken { name: name.to_owned(), role, sha256: hash(&token) };
     if !store.insert(&row)? {
@@ -307,10 +311,6 @@ fn hash(token: &str) -> [u8; 32] {
 /// digits, `.`, `_`, `-` and `@` (else [`AuthError::InvalidName`]), so a caller can refuse
 /// one before it creates anything.
 pub fn check_token_name(name: &str) -> Result<(), AuthError> {
-    check_name(name)
-}
-
-fn check_name(name: &str) -> Result<(), AuthError> {
     let ok = !name.is_empty()
         && name.len() <= TOKEN_NAME_BYTES_MAX
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
@@ -322,9 +322,14 @@ fn check_name(name: &str) -> Result<(), AuthError> {
 }
 
 fn load(path: &Path) -> Result<Loaded, AuthError> {
+    Ok(load_with_text(path)?.0)
+}
+
+/// [`load`], and the file's text as read (empty when it does not exist).
+fn load_with_text(path: &Path) -> Result<(Loaded, String), AuthError> {
     let io = |source| AuthError::Io { path: path.to_path_buf(), source };
     let stamp = stamp(path);
-    let Some((_, bytes, _)) = stamp else { return Ok(Loaded::default()) };
+    let Some((_, bytes, _)) = stamp else { return Ok((Loaded::default(), String::new())) };
     if bytes > TOKENS_FILE_BYTES_MAX {
         return Err(AuthError::TooLarge { path: path.to_path_buf(), bytes });
     }
@@ -343,10 +348,10 @@ fn load(path: &Path) -> Result<Loaded, AuthError> {
         let mut hash = [0u8; 32];
         hex::decode_to_slice(h, &mut hash).map_err(|_| bad("the hash is not 64 hex digits"))?;
         let role = Role::parse(r).ok_or_else(|| bad("the role is not viewer, approver or admin"))?;
-        check_name(name)?;
+        check_token_name(name)?;
         entries.push(Entry { hash, role, name: name.to_owned() });
     }
-    Ok(Loaded { stamp, entries })
+    Ok((Loaded { stamp, entries }, text))
 }
 
 /// Makes a new token named `name` with `role`, stores its hash in the tokens file at
@@ -356,20 +361,14 @@ fn load(path: &Path) -> Result<Loaded, AuthError> {
 /// concurrent adds and removes each keep the others' changes. Errors: an invalid or
 /// taken name, an unreadable file.
 pub fn add_token(path: &Path, name: &str, role: Role) -> Result<String, AuthError> {
-    check_name(name)?;
+    check_token_name(name)?;
     let _lock = lock_tokens_file(path)?;
-    let existing = load(path)?;
+    // The file as it is (comments kept), with the new line after it.
+    let (existing, mut text) = load_with_text(path)?;
     if existing.entries.iter().any(|e| e.name == name) {
         return Err(AuthError::DuplicateName { name: name.to_owned() });
     }
     let token = new_token();
-    let io = |source| AuthError::Io { path: path.to_path_buf(), source };
-    // The file as it is (comments kept), with the new line after it.
-    let mut text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(io(e)),
-    };
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
@@ -486,7 +485,8 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// (401 without a valid token, 403 with too small a role), with the caller's
 /// [`Identity`] in the request's extensions.
 pub(crate) async fn require(State((auth, role)): State<(Arc<Auth>, Role)>, mut req: Request, next: Next) -> Response {
-    let Some(who) = bearer(req.headers()).and_then(|t| auth.identify(t)) else {
+    let presented = bearer(req.headers()).map(hash);
+    let Some(who) = presented.as_ref().and_then(|h| auth.identify_hash(h)) else {
         let mut r = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -504,7 +504,7 @@ pub(crate) async fn require(State((auth, role)): State<(Arc<Auth>, Role)>, mut r
         )
         .into_response();
     }
-    let hash = bearer(req.headers()).map(hash).unwrap_or_default();
+    let hash = presented.unwrap_or_default();
     req.extensions_mut().insert(Credential { auth, hash, name: who.name.clone(), needs: role });
     req.extensions_mut().insert(who);
     next.run(req).await
@@ -524,15 +524,7 @@ impl Credential {
     /// Whether the token is still stored, under the same name, with a role of at least
     /// what the route needs (the tokens are read again as for a new request).
     pub(crate) fn still_valid(&self) -> bool {
-        self.auth.refresh();
-        let loaded = self.auth.loaded.read().unwrap_or_else(|p| p.into_inner());
-        let mut valid = false;
-        for e in &loaded.entries {
-            if bool::from(e.hash.ct_eq(&self.hash)) && e.name == self.name && e.role >= self.needs {
-                valid = true;
-            }
-        }
-        valid
+        self.auth.identify_hash(&self.hash).is_some_and(|who| who.name == self.name && who.role >= self.needs)
     }
 
     /// The token's name (for the log).

@@ -212,7 +212,7 @@ async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
 }
 
-/// How [`serve_with`] and [`serve_tls_with`] hold connections.
+/// How [`serve_on`] holds connections.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// How long a connection may take to send a request's headers, from its opening or
@@ -235,20 +235,7 @@ pub async fn serve<F>(listener: tokio::net::TcpListener, app: Router, shutdown: 
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    serve_with(listener, app, shutdown, ServeOptions::default()).await
-}
-
-/// [`serve`] with explicit [`ServeOptions`].
-pub async fn serve_with<F>(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: F,
-    options: ServeOptions,
-) -> std::io::Result<()>
-where
-    F: std::future::Future<Output = ()> + Send + 'static,
-{
-    listen::run(listener, app, shutdown, options.header_read_timeout).await
+    serve_on(listener, app, shutdown, ServeOptions::default()).await
 }
 
 /// [`serve`] over TLS: the connections of `listener` are TLS with `config`
@@ -263,19 +250,15 @@ pub async fn serve_tls<F>(
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    serve_tls_with(listener, config, app, shutdown, ServeOptions::default()).await
+    serve_on(tls::TlsListener::new(listener, config)?, app, shutdown, ServeOptions::default()).await
 }
 
-/// [`serve_tls`] with explicit [`ServeOptions`].
-pub async fn serve_tls_with<F>(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    app: Router,
-    shutdown: F,
-    options: ServeOptions,
-) -> std::io::Result<()>
+/// [`serve`] on any listener (a `tokio::net::TcpListener`, a [`tls::TlsListener`]) with
+/// explicit [`ServeOptions`].
+pub async fn serve_on<L, F>(listener: L, app: Router, shutdown: F, options: ServeOptions) -> std::io::Result<()>
 where
+    L: axum::serve::Listener,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    listen::run(tls::TlsListener::new(listener, config)?, app, shutdown, options.header_read_timeout).await
+    listen::run(listener, app, shutdown, options.header_read_timeout).await
 }

@@ -189,13 +189,14 @@ fn store_and_auth(db: &Path) -> Result<(Arc<dyn Store>, Auth), CliError> {
 /// and `extra` (a page of another site pointed at 127.0.0.1 by its DNS is refused);
 /// elsewhere `extra`, or any host when none is given.
 fn allowed_hosts(addr: std::net::SocketAddr, extra: &[String]) -> Vec<String> {
+    let loopback = ["127.0.0.1".to_owned(), "localhost".to_owned(), "::1".to_owned(), addr.ip().to_string()];
     let mut hosts: Vec<String> = Vec::new();
-    if addr.ip().is_loopback() {
-        hosts.extend(["127.0.0.1", "localhost", "::1"].map(str::to_owned));
-        hosts.push(addr.ip().to_string());
+    let given = extra.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
+    for h in loopback.into_iter().filter(|_| addr.ip().is_loopback()).chain(given) {
+        if !hosts.iter().any(|k| k.eq_ignore_ascii_case(&h)) {
+            hosts.push(h);
+        }
     }
-    hosts.extend(extra.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()));
-    hosts.dedup();
     hosts
 }
 

@@ -43,7 +43,7 @@ pub async fn start_serving(options: keel_server::RouterOptions, serve: keel_serv
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = keel_server::router_with(engine.clone(), auth, options);
-    tokio::spawn(keel_server::serve_with(listener, app, std::future::pending(), serve));
+    tokio::spawn(keel_server::serve_on(listener, app, std::future::pending(), serve));
     Server { addr, engine, _dir: dir }
 }
 
