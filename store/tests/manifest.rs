@@ -281,6 +281,50 @@ fn after_a_clean_close_a_run_that_lost_committed_records_is_refused_at_its_first
     assert_eq!(ro.lost()[0].committed_next, Seq(8));
 }
 
+/// `open_read_only_lazy` (the CLI's listings): a store closed cleanly is read from its
+/// scratch copy with no run checked at open, and each run is checked at its first use as a
+/// writable clean open does: the run whose records sled lost behind the manifest's back is
+/// refused, the other works, and nothing in the directory is written. A store not closed
+/// cleanly (its data file replaced: another inode) is checked whole at open, as by
+/// `open_read_only`.
+#[test]
+fn a_lazy_read_only_open_checks_each_run_at_its_first_use_and_writes_nothing() {
+    let (dir, early) = committed_past_an_earlier_copy();
+    let data = dir.path().join("db");
+    let before = std::fs::metadata(&data).unwrap();
+    for name in ["db", "conf"] {
+        let bytes = std::fs::read(early.path().join(name)).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(dir.path().join(name)).unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.set_len(before.len()).unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+    drop(f);
+    let files = snapshot_dir(dir.path());
+
+    let ro = SledStore::open_read_only_lazy(dir.path(), StoreConfig::default()).unwrap();
+    assert!(ro.lost().is_empty(), "nothing is checked at open: {:?}", ro.lost());
+    let err = ro.head(run(1)).unwrap_err();
+    let StoreError::LostCommitted { lost, .. } = &err else { panic!("expected LostCommitted, got {err}") };
+    assert_eq!((lost[0].run, lost[0].from, lost[0].committed_next), (run(1), Seq(3), Seq(8)));
+    assert!(matches!(ro.read(run(1), Seq(0)), Err(StoreError::LostCommitted { .. })));
+    assert_eq!(ro.lost_found().len(), 1);
+    assert_eq!(ro.head(run(2)).unwrap().next_seq, Seq(2));
+    assert_eq!(ro.read(run(2), Seq(0)).unwrap().count(), 2);
+    drop(ro);
+    assert_eq!(snapshot_dir(dir.path()), files, "a read-only open wrote into the store's directory");
+
+    // The data file replaced (a new inode): not a clean close any more, so every run is
+    // checked at open.
+    let bytes = std::fs::read(&data).unwrap();
+    std::fs::remove_file(&data).unwrap();
+    std::fs::write(&data, bytes).unwrap();
+    let ro = SledStore::open_read_only_lazy(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(ro.lost().len(), 1, "{:?}", ro.lost());
+    assert_eq!(ro.lost()[0].committed_next, Seq(8));
+}
+
 /// A manifest ending in a torn append after its clean-close line (the data file untouched,
 /// so the open is a clean one) is rewritten, not appended to: a line glued to the torn
 /// bytes would fail its checksum with good lines after it, and the next open would refuse

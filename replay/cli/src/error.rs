@@ -25,13 +25,17 @@ impl From<ReplayError> for CliError {
             ReplayError::DbLocked { path } => CliError::Locked(path),
             // An argument that cannot be used: a usage error, exit 2.
             e @ ReplayError::BadDbUrl { .. } => CliError::Usage(e.to_string()),
+            ReplayError::Store(e) => e.into(),
             other => CliError::Failed(other.to_string()),
         }
     }
 }
 impl From<keel_engine::EngineError> for CliError {
     fn from(e: keel_engine::EngineError) -> Self {
-        CliError::Failed(e.to_string())
+        match e {
+            keel_engine::EngineError::Store(e) => e.into(),
+            other => CliError::Failed(other.to_string()),
+        }
     }
 }
 impl From<keel_bench::BenchError> for CliError {
@@ -41,7 +45,14 @@ impl From<keel_bench::BenchError> for CliError {
 }
 impl From<keel_store::StoreError> for CliError {
     fn from(e: keel_store::StoreError) -> Self {
-        CliError::Failed(e.to_string())
+        match e {
+            // Found when a run is first used (a store opened after a clean close checks
+            // each run then): the same pointer as a loss found at open.
+            lost @ keel_store::StoreError::LostCommitted { .. } => {
+                CliError::Failed(format!("{lost}; `keel doctor` explains what can be restored"))
+            }
+            other => CliError::Failed(other.to_string()),
+        }
     }
 }
 

@@ -39,17 +39,23 @@ pub(crate) fn open(db: &Path) -> Result<Arc<dyn Store>, CliError> {
 /// Opens an existing database for reading only: a sled database is read from a scratch
 /// copy (nothing in its directory is written), so this works on a read-only directory
 /// and a full disk. Committed records the store's manifest names that are gone are an
-/// error naming them (`keel doctor` explains them).
+/// error naming them (`keel doctor` explains them): found at open when the store was not
+/// closed cleanly; after a clean close each run is checked when first read (listing runs
+/// from the run index reads none of them), so the open does not read every run's head.
 pub(crate) fn open_read(db: &Path) -> Result<Arc<dyn Store>, CliError> {
-    let (store, lost) = open_read_lossy(db)?;
-    if !lost.is_empty() {
-        let lost = StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None };
-        return Err(CliError::Failed(format!("{lost}; `keel doctor` explains what can be restored")));
+    if crate::backend::postgres_config(db).is_some() {
+        return open(db);
     }
-    Ok(store)
+    let store = SledStore::open_read_only_lazy(db, StoreConfig::default()).map_err(|e| sled_error(db, e))?;
+    let lost = store.lost().to_vec();
+    if !lost.is_empty() {
+        return Err(StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None }.into());
+    }
+    Ok(Arc::new(store))
 }
 
-/// [`open_read`], returning what was lost instead of failing on it.
+/// [`open_read`], with every run checked at open (`keel verify`, `keel doctor`), returning
+/// what was lost instead of failing on it.
 pub(crate) fn open_read_lossy(db: &Path) -> Result<(Arc<dyn Store>, Vec<LostRecords>), CliError> {
     if crate::backend::postgres_config(db).is_some() {
         return Ok((open(db)?, Vec::new()));

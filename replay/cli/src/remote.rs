@@ -231,21 +231,37 @@ impl Remote {
 
     /// Every run (optionally of one status), page by page.
     async fn all_runs(&self, status: Option<&str>) -> Result<Vec<Value>, CliError> {
+        Ok(self.runs_after(status, None, None, None).await?.0)
+    }
+
+    /// Runs (optionally of one status and workflow) after `cursor`, page by page: `limit`
+    /// of them and the cursor of the next page, or every one.
+    async fn runs_after(
+        &self,
+        status: Option<&str>,
+        workflow: Option<&str>,
+        limit: Option<u16>,
+        mut cursor: Option<String>,
+    ) -> Result<(Vec<Value>, Option<String>), CliError> {
         let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
         for _ in 0..RUN_PAGES_MAX {
-            let mut q = String::from("/v1/runs?limit=1000");
+            let mut q = format!("/v1/runs?limit={}", limit.unwrap_or(crate::cmd::runs::LIMIT_MAX));
             if let Some(s) = status {
                 q.push_str(&format!("&status={s}"));
+            }
+            if let Some(w) = workflow {
+                q.push_str(&format!("&workflow={}", percent_encoding::utf8_percent_encode(w, QUERY_VALUE)));
             }
             if let Some(c) = &cursor {
                 q.push_str(&format!("&cursor={c}"));
             }
             let page = self.get_json(&q).await?;
             out.extend(self.list(&page, &q, "runs")?);
-            match page.get("next_cursor").and_then(Value::as_str) {
-                Some(next) if cursor.as_deref() != Some(next) => cursor = Some(next.to_owned()),
-                _ => return Ok(out),
+            let next = page.get("next_cursor").and_then(Value::as_str).map(str::to_owned);
+            match next {
+                Some(next) if limit.is_some() => return Ok((out, Some(next))),
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                _ => return Ok((out, None)),
             }
         }
         Err(CliError::Failed(format!(
@@ -272,9 +288,14 @@ impl Remote {
 /// `keel runs`.
 pub(crate) async fn runs(r: &Remote, a: crate::cmd::runs::RunsArgs) -> CmdResult {
     let status = crate::cmd::runs::parse_status(a.status.as_deref())?;
-    let runs = r.all_runs(status.map(|s| s.name())).await?;
-    crate::cmd::runs::print(&runs, a.json)
+    let cursor = a.cursor_id()?.map(|c| c.to_string());
+    let (runs, next) = r.runs_after(status.map(|s| s.name()), a.workflow.as_deref(), a.limit, cursor).await?;
+    crate::cmd::runs::print(&runs, next, &a)
 }
+
+/// What a query value must not hold as it is: everything but unreserved characters.
+const QUERY_VALUE: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 /// `keel show`: `--json` is the server's state object; the text is folded here from the
 /// run's (verified) JSONL export, as `keel replay --from` does.

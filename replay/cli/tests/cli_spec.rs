@@ -279,6 +279,52 @@ fn submit_records_a_request_returns_its_run_again_and_refuses_another_request_un
     assert_eq!(runs["runs"].as_array().map(Vec::len), Some(1), "{runs}");
 }
 
+/// `keel runs --limit N` pages through the run index: the pages, followed by their
+/// cursors, are the whole listing in order; `--workflow` filters; bad flags are usage
+/// errors (exit 2).
+#[test]
+fn runs_are_listed_a_page_at_a_time_by_cursor() {
+    let d = DemoDb::new(8);
+    let all = keel(&d.db, &["runs", "--json"]).ok().json();
+    assert!(all["next_cursor"].is_null(), "{all}");
+    let all: Vec<String> =
+        all["runs"].as_array().unwrap().iter().map(|r| r["run"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(all.len(), 8);
+    let (mut paged, mut cursor, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let mut args = vec!["runs", "--limit", "3", "--json"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let page = keel(&d.db, &args).ok().json();
+        let runs = page["runs"].as_array().unwrap();
+        assert!(runs.len() <= 3, "{page}");
+        paged.extend(runs.iter().map(|r| r["run"].as_str().unwrap().to_owned()));
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(next) => {
+                assert_eq!(Some(next), paged.last().map(String::as_str), "the cursor is the page's last run");
+                cursor = Some(next.to_owned());
+            }
+            None => break,
+        }
+    }
+    assert_eq!((paged, pages), (all.clone(), 3));
+    // The text says how to get the next page.
+    let text = keel(&d.db, &["runs", "--limit", "3"]).ok().stdout.clone();
+    assert!(text.contains(&format!("more runs follow: keel runs --limit 3 --cursor {}", all[2])), "{text}");
+    assert!(!keel(&d.db, &["runs", "--limit", "8"]).ok().stdout.contains("more runs follow"));
+    // By workflow: every demo run is a support ticket.
+    let mine = keel(&d.db, &["runs", "--workflow", "support_ticket", "--json"]).ok().json();
+    assert_eq!(mine["runs"].as_array().unwrap().len(), 8);
+    let none = keel(&d.db, &["runs", "--workflow", "refunds", "--json"]).ok().json();
+    assert_eq!(none["runs"].as_array().unwrap().len(), 0);
+    for bad in [&["runs", "--limit", "0"][..], &["runs", "--limit", "1001"], &["runs", "--cursor", "nope"]] {
+        let e = keel(&d.db, bad).one_line_error(2);
+        assert!(e.contains("--limit") || e.contains("--cursor"), "{bad:?}: {e}");
+    }
+}
+
 #[test]
 fn a_size_warning_is_recorded_and_shown_by_runs_and_show() {
     let dir = tempfile::tempdir().unwrap();

@@ -110,8 +110,11 @@ pub(crate) fn remove_evidence(dir: &Path) {
 }
 
 /// A scratch copy of the store's files in the temporary directory, taken under a shared
-/// lock on sled's data file (`flock`, as sled's own exclusive lock; a writer holding the store makes it [`StoreError::Locked`]).
-pub(crate) fn scratch_copy(dir: &Path) -> Result<tempfile::TempDir, StoreError> {
+/// lock on sled's data file (`flock`, as sled's own exclusive lock; a writer holding the
+/// store makes it [`StoreError::Locked`]), and whether the store was closed cleanly with
+/// its data file untouched since (the manifest's last line names the data file as it is),
+/// read under the same lock: no writer can open the store while it is held.
+pub(crate) fn scratch_copy(dir: &Path) -> Result<(tempfile::TempDir, bool), StoreError> {
     let db = dir.join("db");
     let file = File::open(&db).map_err(|source| StoreError::File { action: "read", path: db.clone(), source })?;
     while file.try_lock_shared().is_err() {
@@ -120,6 +123,8 @@ pub(crate) fn scratch_copy(dir: &Path) -> Result<tempfile::TempDir, StoreError> 
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    let tail = manifest::read_clean_tail(dir).map_err(manifest_err(dir))?;
+    let clean = tail.is_some() && tail == Fingerprint::of(&db).ok();
     let tmp = tempfile::Builder::new().prefix("keel-read-").tempdir().map_err(|source| StoreError::File {
         action: "create a scratch directory in",
         path: std::env::temp_dir(),
@@ -127,7 +132,7 @@ pub(crate) fn scratch_copy(dir: &Path) -> Result<tempfile::TempDir, StoreError> 
     })?;
     copy_store_files(dir, tmp.path())?;
     drop(file);
-    Ok(tmp)
+    Ok((tmp, clean))
 }
 
 /// Errors of an open on a scratch copy name the store's own directory instead.

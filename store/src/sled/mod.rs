@@ -288,6 +288,21 @@ struct Prepared {
     prior: Prior,
     evidence: Option<PathBuf>,
     scratch: Option<tempfile::TempDir>,
+    /// A read-only open whose scratch copy is of a store closed cleanly: its runs are
+    /// checked at their first use, not at open.
+    lazy_read: bool,
+}
+
+/// How a store is opened.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenMode {
+    /// In place, for writing.
+    Write,
+    /// From a scratch copy, every run checked at open ([`SledStore::open_read_only`]).
+    ReadChecked,
+    /// From a scratch copy, each run checked at its first use when the store was closed
+    /// cleanly ([`SledStore::open_read_only_lazy`]).
+    ReadLazy,
 }
 
 /// The manifest as found: parsed, or being parsed while sled opens.
@@ -308,8 +323,12 @@ impl Prior {
 }
 
 impl Prepared {
-    fn new(store: &Path, config: &StoreConfig, read_only: bool) -> Result<Prepared, StoreError> {
+    fn new(store: &Path, config: &StoreConfig, mode: OpenMode) -> Result<Prepared, StoreError> {
         check_dir(store, config.create)?;
+        if mode == OpenMode::ReadLazy {
+            return Self::lazy_read(store);
+        }
+        let read_only = mode == OpenMode::ReadChecked;
         // Closed cleanly with sled's data file untouched since (the manifest's last line
         // says so): no evidence copy is needed, and the manifest (a line per run: ~21 ms
         // to parse with 100k runs) is parsed on another thread while sled opens.
@@ -325,17 +344,36 @@ impl Prepared {
                         prior: Prior::Parsing(h),
                         evidence: None,
                         scratch: None,
+                        lazy_read: false,
                     });
                 }
             }
         }
         let prior = files::read_manifest(store)?;
         let (evidence, scratch) = if read_only {
-            (None, Some(files::scratch_copy(store)?))
+            (None, Some(files::scratch_copy(store)?.0))
         } else {
             (files::preserve_if_unclean(store, prior.as_ref())?, None)
         };
-        Ok(Prepared { store: store.to_path_buf(), prior: Prior::Ready(prior), evidence, scratch })
+        Ok(Prepared { store: store.to_path_buf(), prior: Prior::Ready(prior), evidence, scratch, lazy_read: false })
+    }
+
+    /// [`OpenMode::ReadLazy`]: the scratch copy first, then its own manifest (parsed while
+    /// sled opens the copy), so the heads checked later are those of the files copied.
+    fn lazy_read(store: &Path) -> Result<Prepared, StoreError> {
+        let (scratch, clean) = files::scratch_copy(store)?;
+        let dir = scratch.path().to_path_buf();
+        let parsing = if clean {
+            let at = dir.clone();
+            std::thread::Builder::new().name("keel-manifest".into()).spawn(move || files::read_manifest(&at)).ok()
+        } else {
+            None
+        };
+        let prior = match parsing {
+            Some(h) => Prior::Parsing(h),
+            None => Prior::Ready(files::read_manifest(&dir).map_err(|e| files::rename_scratch_errors(e, &dir, store))?),
+        };
+        Ok(Prepared { store: store.to_path_buf(), prior, evidence: None, scratch: Some(scratch), lazy_read: clean })
     }
 
     /// Where sled runs: the scratch copy, or the store itself.
@@ -351,8 +389,15 @@ impl Prepared {
         // needed): the manifest holds every run's exact head, so nothing is read from sled
         // here; each run is compared when first used. A check of every run at open cost
         // O(runs) sled reads (3.6 s with 100k runs), the whole history on every restart.
-        let clean = self.scratch.is_none() && self.evidence.is_none();
-        let prior = self.prior.get()?;
+        // A read-only open of a store closed cleanly is the same: its scratch copy was
+        // taken under a lock no writer could hold, with the manifest's clean-close line
+        // naming the data file copied.
+        let clean = (self.scratch.is_none() && self.evidence.is_none()) || self.lazy_read;
+        let scratch_dir = self.scratch.as_ref().map(|s| s.path().to_path_buf());
+        let prior = match (self.prior.get(), &scratch_dir) {
+            (Err(e), Some(dir)) => return Err(files::rename_scratch_errors(e, dir, &store)),
+            (prior, _) => prior?,
+        };
         let lazy = clean && prior.as_ref().is_some_and(|p| p.clean.is_some());
         let prior = match prior {
             Some(prior) if lazy => prior,
@@ -360,6 +405,21 @@ impl Prepared {
                 return Self::finish_checked(other, store, self.evidence, self.scratch, core, syncer, config.durability)
             }
         };
+        if let Some(scratch) = self.scratch {
+            return Ok(SledStore {
+                core,
+                syncer,
+                path: store,
+                durability: config.durability,
+                group: GroupCommit::new(),
+                commits: crate::stats::CommitMeter::default(),
+                poisoned: AtomicBool::new(false),
+                manifest: None,
+                lost: Vec::new(),
+                unchecked: Some(Unchecked::new(prior.heads)),
+                scratch: Some(scratch),
+            });
+        }
         // A torn tail is rewritten away: the next line appended would be glued to it.
         let manifest =
             if prior.torn || prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
@@ -473,7 +533,7 @@ impl SledStore {
     /// manifest check passed; a store that lost committed records is refused with
     /// [`StoreError::LostCommitted`] naming them and the copy.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
-        Self::open_as(path.as_ref(), config, false)
+        Self::open_as(path.as_ref(), config, OpenMode::Write)
     }
 
     /// Opens the store in `path` without writing to it: sled (which has no read-only mode)
@@ -483,17 +543,31 @@ impl SledStore {
     /// Committed records the manifest names that are gone are listed by [`Self::lost`].
     pub fn open_read_only(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
         let config = StoreConfig { create: false, durability: Durability::None, ..config };
-        Self::open_as(path.as_ref(), config, true)
+        Self::open_as(path.as_ref(), config, OpenMode::ReadChecked)
     }
 
-    fn open_as(store: &Path, config: StoreConfig, read_only: bool) -> Result<SledStore, StoreError> {
+    /// Opens an existing store to read it, as [`SledStore::open_read_only`] (from a scratch
+    /// copy: nothing in `path` is written), except that a store closed cleanly by keel, its
+    /// data file untouched since, is not checked run by run at open: each run is compared
+    /// with the manifest when first used, as by a writable open after a clean close (a use
+    /// of a run whose committed records are gone is refused with
+    /// [`StoreError::LostCommitted`]; [`SledStore::lost_found`] names them). Checking every
+    /// run reads every run's head from sled: seconds with 100k runs, for a listing that
+    /// reads none. A store not closed cleanly is checked whole at open, as by
+    /// `open_read_only`, and [`SledStore::lost`] names what it lost.
+    pub fn open_read_only_lazy(path: impl AsRef<Path>, config: StoreConfig) -> Result<SledStore, StoreError> {
+        let config = StoreConfig { create: false, durability: Durability::None, ..config };
+        Self::open_as(path.as_ref(), config, OpenMode::ReadLazy)
+    }
+
+    fn open_as(store: &Path, config: StoreConfig, mode: OpenMode) -> Result<SledStore, StoreError> {
         config.limits.validate()?;
         if config.cache_capacity_bytes < 1024 * 1024 {
             return Err(StoreError::InvalidConfig {
                 reason: format!("cache_capacity_bytes {} below 1 MiB", config.cache_capacity_bytes),
             });
         }
-        let prepared = Prepared::new(store, &config, read_only)?;
+        let prepared = Prepared::new(store, &config, mode)?;
         match Self::open_sled_dir(&prepared, &config) {
             Ok((db, syncer)) => prepared.finish(db, syncer, config),
             Err(e) => Err(files::rename_scratch_errors(e, prepared.sled_dir(), store)),
@@ -567,9 +641,9 @@ impl SledStore {
         &self.lost
     }
 
-    /// Runs of a writable store opened after a clean close that were found, when first
-    /// used, to have lost committed records (each use of them is refused with
-    /// [`StoreError::LostCommitted`]).
+    /// Runs of a store opened after a clean close (writable, or by
+    /// [`SledStore::open_read_only_lazy`]) that were found, when first used, to have lost
+    /// committed records (each use of them is refused with [`StoreError::LostCommitted`]).
     pub fn lost_found(&self) -> Vec<crate::LostRecords> {
         match &self.unchecked {
             Some(u) => u.inner.read().unwrap_or_else(PoisonError::into_inner).lost.values().cloned().collect(),
