@@ -38,7 +38,27 @@ pub fn resolve_run(log: &dyn EventLog, given: &str) -> Result<RunId, ReplayError
     if let Ok(run) = given.trim().parse::<RunId>() {
         return if log.head(run)?.next_seq.0 > 0 { Ok(run) } else { Err(ReplayError::UnknownRun(given.to_owned())) };
     }
-    resolve_run_in(&log.runs()?, given)
+    // A prefix names the ids between it padded with 0s and with fs: only those runs are
+    // listed (a skip scan of them), not every run of the database.
+    match prefix_range(given) {
+        Some((lo, hi)) => resolve_run_in(&log.runs_between(lo, hi)?, given),
+        None => Err(ReplayError::UnknownRun(given.to_owned())),
+    }
+}
+
+/// The lowest and highest run ids `given` (hex digits, hyphens anywhere, up to 32 digits)
+/// is a prefix of; `None` if it is not such a prefix.
+fn prefix_range(given: &str) -> Option<(RunId, RunId)> {
+    let hex: String = given.trim().chars().filter(|c| *c != '-').collect::<String>().to_ascii_lowercase();
+    if hex.is_empty() || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let pad = |fill: char| -> Option<RunId> {
+        let mut full = hex.clone();
+        full.extend(std::iter::repeat_n(fill, 32 - hex.len()));
+        u128::from_str_radix(&full, 16).ok().map(|n| RunId(uuid::Uuid::from_u128(n)))
+    };
+    Some((pad('0')?, pad('f')?))
 }
 
 /// Every event of `run` from a database, decoded, in seq order.
@@ -1026,4 +1046,25 @@ fn parse_record<R: BufRead>(f: &Fields<'_, R>) -> Result<ExportLine, ReplayError
         prev_hash: f.hash_of("prev_hash")?,
         hash: f.hash_of("hash")?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_prefix_names_the_range_of_ids_it_begins() {
+        let (lo, hi) = prefix_range("0C67-a0").unwrap();
+        assert_eq!(lo.to_string(), "0c67a000-0000-0000-0000-000000000000");
+        assert_eq!(hi.to_string(), "0c67a0ff-ffff-ffff-ffff-ffffffffffff");
+        let whole = "0c67a097-6204-4a06-b4ff-8c50ce87ca3b";
+        assert_eq!(
+            prefix_range(whole).map(|(l, h)| (l.to_string(), h.to_string())),
+            Some((whole.into(), whole.into()))
+        );
+        for bad in ["", "-", "xyz", "0c67 a0", "0c67a097-6204-4a06-b4ff-8c50ce87ca3b0"] {
+            assert_eq!(prefix_range(bad), None, "{bad:?}");
+        }
+    }
 }

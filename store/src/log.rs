@@ -234,6 +234,13 @@ pub trait EventLog: crate::Payloads + Send + Sync + 'static {
     /// Every run with at least one record, sorted.
     fn runs(&self) -> Result<Vec<RunId>, StoreError>;
 
+    /// The runs of [`EventLog::runs`] whose ids lie in `lo..=hi`, sorted: what a run id
+    /// prefix can name (`keel show 0c67a0`). The default filters `runs()`; the stores
+    /// here read only that range of their run order.
+    fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+        Ok(self.runs()?.into_iter().filter(|r| (lo..=hi).contains(r)).collect())
+    }
+
     /// Makes everything appended so far durable at the strongest level (power loss),
     /// whatever the configured mode.
     fn flush(&self) -> Result<(), StoreError>;

@@ -83,6 +83,9 @@ impl<O: AppendObserver> EventLog for Observed<O> {
     fn runs(&self) -> Result<Vec<RunId>, StoreError> {
         self.inner.runs()
     }
+    fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+        self.inner.runs_between(lo, hi)
+    }
     fn read_runs<'a>(&'a self, runs: &'a [RunId]) -> RunRecords<'a> {
         self.inner.read_runs(runs)
     }

@@ -91,6 +91,16 @@ pub fn runs_lists_every_run_with_records_sorted(make: MakeStore<'_>) {
     log.aux_put(b"aux", b"v").unwrap();
     log.put_due(run(9), 5).unwrap();
     assert_eq!(log.runs().unwrap(), vec![run(3), run(4), run(7), run(200)]);
+    // `runs_between`: the same list cut to a range, both ends included.
+    assert_eq!(log.runs_between(run(4), run(7)).unwrap(), vec![run(4), run(7)]);
+    assert_eq!(log.runs_between(run(3), run(4)).unwrap(), vec![run(3), run(4)]);
+    assert_eq!(log.runs_between(run(5), run(199)).unwrap(), vec![run(7)]);
+    let mut just_above_3 = [0u8; 16];
+    just_above_3[0] = 3;
+    just_above_3[1] = 4;
+    assert_eq!(log.runs_between(RunId::from_bytes(just_above_3), run(4)).unwrap(), vec![run(4)]);
+    assert_eq!(log.runs_between(run(201), run(255)).unwrap(), Vec::<RunId>::new());
+    assert_eq!(log.runs_between(run(0), run(255)).unwrap(), log.runs().unwrap());
 }
 
 /// A batch is written in order, all of it.

@@ -651,15 +651,29 @@ async fn head_of(pool: Arc<Pool>, run: RunId) -> Result<Head, StoreError> {
 /// Runs listed per query by `runs()`.
 const RUNS_PAGE: i64 = 10_000;
 
-async fn all_runs(pool: Arc<Pool>) -> Result<Vec<RunId>, StoreError> {
+/// The runs with ids in `lo..=hi` (PostgreSQL orders uuids by their bytes, as `RunId`
+/// does), a page at a time.
+async fn runs_in(pool: Arc<Pool>, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
     let mut conn = pool.get().await?;
     let mut out: Vec<RunId> = Vec::new();
     loop {
         let client = conn.client()?;
         let rows = match out.last() {
-            None => client.rows("SELECT run FROM heads ORDER BY run LIMIT $1", &[&RUNS_PAGE]).await,
+            None => {
+                client
+                    .rows(
+                        "SELECT run FROM heads WHERE run >= $1 AND run <= $2 ORDER BY run LIMIT $3",
+                        &[&lo.0, &hi.0, &RUNS_PAGE],
+                    )
+                    .await
+            }
             Some(after) => {
-                client.rows("SELECT run FROM heads WHERE run > $1 ORDER BY run LIMIT $2", &[&after.0, &RUNS_PAGE]).await
+                client
+                    .rows(
+                        "SELECT run FROM heads WHERE run > $1 AND run <= $2 ORDER BY run LIMIT $3",
+                        &[&after.0, &hi.0, &RUNS_PAGE],
+                    )
+                    .await
             }
         };
         let rows = conn.ok(rows)?;
@@ -761,7 +775,11 @@ impl EventLog for PgStore {
     }
 
     fn runs(&self) -> Result<Vec<RunId>, StoreError> {
-        self.call(all_runs(self.pool()))
+        self.call(runs_in(self.pool(), RunId(Uuid::nil()), RunId(Uuid::max())))
+    }
+
+    fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+        self.call(runs_in(self.pool(), lo, hi))
     }
 
     fn flush(&self) -> Result<(), StoreError> {

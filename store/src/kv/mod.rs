@@ -276,10 +276,21 @@ impl<K: Kv> Core<K> {
     }
 
     pub(crate) fn runs(&self) -> Result<Vec<RunId>, StoreError> {
+        self.runs_from(vec![record::EVENT_PREFIX], None)
+    }
+
+    /// [`crate::EventLog::runs_between`]: a skip scan from `lo`'s first key to past `hi`.
+    pub(crate) fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+        // Strictly before every key of `lo` (they are longer), after every run below it.
+        self.runs_from(record::run_prefix(lo).to_vec(), Some(hi))
+    }
+
+    /// The runs whose event keys follow `after`, up to `last` (every one if `None`).
+    fn runs_from(&self, mut after: Vec<u8>, last: Option<RunId>) -> Result<Vec<RunId>, StoreError> {
         let mut out = Vec::new();
-        let mut after = vec![record::EVENT_PREFIX];
         while let Some(k) = self.kv.first_key_after(&after)? {
             match record::parse_event_key(&k) {
+                Some((run, _)) if last.is_some_and(|hi| run > hi) => break,
                 Some((run, _)) => {
                     out.push(run);
                     after = record::event_key(run, u64::MAX).to_vec();
@@ -631,6 +642,10 @@ macro_rules! delegate_log {
 
         fn runs(&self) -> Result<Vec<RunId>, StoreError> {
             self.core.runs()
+        }
+
+        fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+            self.core.runs_between(lo, hi)
         }
 
         fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {

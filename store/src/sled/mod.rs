@@ -804,6 +804,10 @@ impl EventLog for SledStore {
         self.core.runs()
     }
 
+    fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
+        self.core.runs_between(lo, hi)
+    }
+
     fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {
         self.checked(run)?;
         self.core.scan(run, from)
