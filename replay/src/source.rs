@@ -48,7 +48,7 @@ pub fn resolve_run(log: &dyn EventLog, given: &str) -> Result<RunId, ReplayError
 
 /// The lowest and highest run ids `given` (hex digits, hyphens anywhere, up to 32 digits)
 /// is a prefix of; `None` if it is not such a prefix.
-fn prefix_range(given: &str) -> Option<(RunId, RunId)> {
+pub fn prefix_range(given: &str) -> Option<(RunId, RunId)> {
     let hex: String = given.trim().chars().filter(|c| *c != '-').collect::<String>().to_ascii_lowercase();
     if hex.is_empty() || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;

@@ -229,11 +229,6 @@ impl Remote {
         }
     }
 
-    /// Every run (optionally of one status), page by page.
-    async fn all_runs(&self, status: Option<&str>) -> Result<Vec<Value>, CliError> {
-        Ok(self.runs_after(status, None, None, None).await?.0)
-    }
-
     /// Runs (optionally of one status and workflow) after `cursor`, page by page: `limit`
     /// of them and the cursor of the next page, or every one.
     async fn runs_after(
@@ -275,12 +270,25 @@ impl Remote {
         if let Ok(id) = given.parse::<RunId>() {
             return Ok(id);
         }
-        let ids: Vec<RunId> = self
-            .all_runs(None)
-            .await?
-            .iter()
-            .filter_map(|r| r.get("run").and_then(Value::as_str).and_then(|s| s.parse().ok()))
-            .collect();
+        // Only the runs in the range the prefix begins: listed in run id order from just
+        // below its lowest id, page by page until past its highest (O(matches), not every
+        // run of the database).
+        let Some((lo, hi)) = keel_replay::source::prefix_range(given) else {
+            return Err(ReplayError::UnknownRun(given.to_owned()).into());
+        };
+        let mut cursor = lo.0.as_u128().checked_sub(1).map(|below| RunId(uuid::Uuid::from_u128(below)).to_string());
+        let mut ids: Vec<RunId> = Vec::new();
+        for _ in 0..RUN_PAGES_MAX {
+            let (page, next) = self.runs_after(None, None, Some(crate::cmd::runs::LIMIT_MAX), cursor).await?;
+            let listed: Vec<RunId> =
+                page.iter().filter_map(|r| r.get("run").and_then(Value::as_str).and_then(|s| s.parse().ok())).collect();
+            let past = listed.last().is_none_or(|last| *last > hi);
+            ids.extend(listed.into_iter().filter(|r| (lo..=hi).contains(r)));
+            match next {
+                Some(n) if !past => cursor = Some(n),
+                _ => break,
+            }
+        }
         Ok(resolve_run_in(&ids, given)?)
     }
 }

@@ -102,6 +102,12 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     let vera = token_add(&db, "vera", "viewer");
     let waiting = d.run_of("human_escalation").to_string();
     let before: Vec<Ran> = reads(&waiting).iter().map(|a| keel(&db, &strs(a)).ok().to_owned_ran()).collect();
+    // Prefixes that are not one run's: one digit (shared by several of the 8 runs, or
+    // not), and a digit no run begins with.
+    let firsts: Vec<char> = d.runs.iter().map(|r| r.run.to_string().chars().next().unwrap()).collect();
+    let unused = "0123456789abcdef".chars().find(|c| !firsts.contains(c)).unwrap().to_string();
+    let prefixes = [waiting[..1].to_owned(), unused];
+    let prefixes_before: Vec<Ran> = prefixes.iter().map(|p| keel(&db, &["show", p]).to_owned_ran()).collect();
     let local_all = d.path("local.jsonl");
     let all_args = |out: &Path| -> Vec<String> {
         [
@@ -136,6 +142,10 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
         let now = keel_as(&db, Some(&vera), &strs(args));
         assert_eq!(now.code, 0, "{args:?}: {}", now.stderr);
         assert_eq!(now.stdout, was.stdout, "{args:?} through the server");
+    }
+    for (p, was) in prefixes.iter().zip(&prefixes_before) {
+        let now = keel_as(&db, Some(&vera), &["show", p]);
+        assert_eq!((now.code, &now.stdout, &now.stderr), (was.code, &was.stdout, &was.stderr), "show {p}");
     }
     // An export of the run through the server verifies against its own chain.
     let file = d.path("run.jsonl");
