@@ -236,7 +236,9 @@ pub trait EventLog: crate::Payloads + Send + Sync + 'static {
 
     /// The runs of [`EventLog::runs`] whose ids lie in `lo..=hi`, sorted: what a run id
     /// prefix can name (`keel show 0c67a0`). The default filters `runs()`; the stores
-    /// here read only that range of their run order.
+    /// here read only that range of their run order. A store may add runs in the range it
+    /// knows were committed but no longer holds (sled's manifest), so that a prefix names
+    /// them and their use reports the loss.
     fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
         Ok(self.runs()?.into_iter().filter(|r| (lo..=hi).contains(r)).collect())
     }

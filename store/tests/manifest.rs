@@ -351,3 +351,50 @@ fn a_clean_open_rewrites_a_manifest_that_ends_in_a_torn_append() {
     let text = std::fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
     assert!(!text.contains("tor"), "{text}");
 }
+
+/// A writable open of a store another handle has open is `Locked` before anything is
+/// copied or written: it used to make an evidence copy of the files in use first (the
+/// manifest no longer ends in a clean close while a store is open and written to) and
+/// leave it behind, a `damaged-*` copy the size of the database each time the CLI looked
+/// for a running `keel serve`.
+#[test]
+fn opening_a_store_held_elsewhere_copies_nothing() {
+    let dir = tempdir();
+    let held = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+    fill(&held, run(1), 3);
+    let err = SledStore::open(dir.path(), config(Durability::None)).map(|_| ()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert_eq!(damaged_dirs(dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(SledStore::holder(dir.path()).unwrap(), keel_store::SledHolder::Writer);
+    drop(held);
+}
+
+/// A read-only open copying the store's files holds a shared lock on the data file for as
+/// long as the copy takes: a writable open then waits for it instead of failing "in use"
+/// at once (a `keel runs` made a `keel work` or `keel serve` start fail), and is still
+/// `Locked` at once while another process has the store open.
+#[test]
+fn a_writable_open_waits_for_readers_copying_the_files() {
+    let dir = tempdir();
+    {
+        let log = open(dir.path(), Durability::GroupCommit(Level::PowerLoss));
+        fill(&log, run(1), 3);
+    }
+    // Past the grace in which this process retries a store it just closed itself (as a
+    // store held by another process is seen).
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    // A reader's shared lock, as `files::scratch_copy` takes it, released after 300 ms.
+    let data = std::fs::File::open(dir.path().join("db")).unwrap();
+    data.lock_shared().unwrap();
+    assert_eq!(SledStore::holder(dir.path()).unwrap(), keel_store::SledHolder::Readers);
+    let reader = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(data);
+    });
+    let start = std::time::Instant::now();
+    let log = SledStore::open(dir.path(), config(Durability::None)).unwrap();
+    assert!(start.elapsed() >= std::time::Duration::from_millis(250), "opened while the reader held the file");
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(3));
+    reader.join().unwrap();
+    assert_eq!(damaged_dirs(dir.path()), Vec::<PathBuf>::new());
+}

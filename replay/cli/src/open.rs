@@ -54,6 +54,18 @@ pub(crate) fn open_read(db: &Path) -> Result<Arc<dyn Store>, CliError> {
     Ok(Arc::new(store))
 }
 
+/// [`open_read`] with every run checked at open, whether or not the store was closed
+/// cleanly: for `export --all` and `replay --all`, which read every run anyway and must not
+/// pass over a run the manifest says was committed and sled no longer holds (a listing of
+/// sled's runs does not name it).
+pub(crate) fn open_read_checked(db: &Path) -> Result<Arc<dyn Store>, CliError> {
+    let (store, lost) = open_read_lossy(db)?;
+    if !lost.is_empty() {
+        return Err(StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None }.into());
+    }
+    Ok(store)
+}
+
 /// [`open_read`], with every run checked at open (`keel verify`, `keel doctor`), returning
 /// what was lost instead of failing on it.
 pub(crate) fn open_read_lossy(db: &Path) -> Result<(Arc<dyn Store>, Vec<LostRecords>), CliError> {

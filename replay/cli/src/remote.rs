@@ -8,7 +8,6 @@
 //! `KEEL_TOKEN`. HTTP itself is keel-server's ([`keel_server::client`]).
 
 use crate::error::{io_err, CliError, CmdResult};
-use crate::open::open_db;
 use crate::output::{errln, out, outln, print_json};
 use clap::Args;
 use keel_replay::error::ReplayError;
@@ -93,10 +92,11 @@ fn read_server_file(db: &Path) -> Option<Value> {
 
 /// Where the command goes: `Some` server, or `None` for the database itself.
 ///
-/// `--server` always goes there. Otherwise the database is tried: a database that opens
-/// is not held by a server (a `serve.addr` left by a killed server is ignored). A held one
-/// goes through the server `serve.addr` names if it answers; if none answers, the error
-/// says what the route would have been.
+/// `--server` always goes there. Otherwise the database's lock is looked at (nothing is
+/// opened or written): a database no process has open is not held by a server (a
+/// `serve.addr` left by a killed server is ignored). A held one goes through the server
+/// `serve.addr` names if it answers; if none answers, the error says what the route would
+/// have been.
 pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, CliError> {
     if let Some(url) = &conn.server {
         let client = Client::new(url, conn.token.clone(), conn.ca_cert.as_deref())
@@ -115,12 +115,12 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
     if !db.join(SERVER_FILE).exists() {
         return Ok(None);
     }
-    match open_db(db, false) {
-        Ok(store) => {
-            drop(store);
-            Ok(None)
-        }
-        Err(ReplayError::DbLocked { .. }) => {
+    // Who holds the database, found without opening it (a writable open here wrote into
+    // it: an evidence copy while the server holds it, a rewritten manifest after a server
+    // was killed) and without excluding other readers.
+    match keel_store::SledStore::holder(db) {
+        Ok(keel_store::SledHolder::Nobody | keel_store::SledHolder::Readers) => Ok(None),
+        Ok(keel_store::SledHolder::Writer) => {
             let file = read_server_file(db);
             let url = file.as_ref().and_then(|v| v.get("url")).and_then(Value::as_str);
             let Some(url) = url else { return Err(locked(db, None)) };
@@ -294,11 +294,14 @@ impl Remote {
 }
 
 /// `keel runs`.
-pub(crate) async fn runs(r: &Remote, a: crate::cmd::runs::RunsArgs) -> CmdResult {
+pub(crate) async fn runs(r: &Remote, db: &Path, a: crate::cmd::runs::RunsArgs) -> CmdResult {
     let status = crate::cmd::runs::parse_status(a.status.as_deref())?;
     let cursor = a.cursor_id()?.map(|c| c.to_string());
     let (runs, next) = r.runs_after(status.map(|s| s.name()), a.workflow.as_deref(), a.limit, cursor).await?;
-    crate::cmd::runs::print(&runs, next, &a)
+    // The next page's command names where this one read: the server given, or the database
+    // (whose serve.addr found the server).
+    let source = if r.named { format!("--server {}", r.client.url()) } else { crate::cmd::runs::db_flag(db) };
+    crate::cmd::runs::print(&runs, next, &a, &source)
 }
 
 /// What a query value must not hold as it is: everything but unreserved characters.
@@ -648,7 +651,7 @@ pub(crate) async fn dispatch(db: &Path, conn: &ConnArgs, command: crate::Cmd) ->
         Err(e) => return Ok(Err(e)),
     };
     Ok(match command {
-        Cmd::Runs(a) => runs(&r, a).await,
+        Cmd::Runs(a) => runs(&r, db, a).await,
         Cmd::Show(a) => show(&r, a).await,
         Cmd::Escalations(a) => escalations(&r, a).await,
         Cmd::Resolve(a) => resolve(&r, a).await,

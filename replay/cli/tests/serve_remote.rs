@@ -12,7 +12,7 @@ use common::{http_call as call, keel, keel_in, spawn_serve, DemoDb, Ran, KEEL};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,36 @@ fn reads(run: &str) -> Vec<Vec<String>> {
     .collect()
 }
 
+/// The `damaged-*` directories in `db`.
+fn damaged(db: &Path) -> Vec<String> {
+    std::fs::read_dir(db)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("damaged-"))
+        .collect()
+}
+
+/// Every file under `dir` by relative path: its bytes and modification time.
+fn dir_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let (p, m) = (e.path(), e.metadata().unwrap());
+            if m.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    (std::fs::read(&p).unwrap(), m.modified().unwrap()),
+                );
+            }
+        }
+    }
+    out
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -143,6 +173,10 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
         assert_eq!(now.code, 0, "{args:?}: {}", now.stderr);
         assert_eq!(now.stdout, was.stdout, "{args:?} through the server");
     }
+    // Finding the server wrote nothing into the database's directory (it used to open the
+    // database for writing to see whether it was held: an evidence copy of the files in
+    // use, `damaged-*`, each time).
+    assert_eq!(damaged(&db), Vec::<String>::new());
     for (p, was) in prefixes.iter().zip(&prefixes_before) {
         let now = keel_as(&db, Some(&vera), &["show", p]);
         assert_eq!((now.code, &now.stdout, &now.stderr), (was.code, &was.stdout, &was.stderr), "show {p}");
@@ -177,6 +211,9 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     assert_eq!(state["escalations"][0]["resolution"]["by"], "root");
     let through = keel_as(&db, Some(&vera), &["runs", "--json"]);
     assert_eq!(through.code, 0);
+    // The server has written since its open (its manifest no longer ends in a clean close):
+    // finding it still writes nothing into the directory.
+    assert_eq!(damaged(&db), Vec::<String>::new());
     // The early export is a genuine export of a run that went on since: reported, not
     // failed, through the server as on the database.
     let moved = keel_as(&db, Some(&vera), &["verify", early, "--against-db"]);
@@ -190,6 +227,28 @@ fn the_cli_goes_through_a_running_server_with_the_same_output() {
     assert_eq!(keel(&db, &["runs", "--json"]).ok().stdout, through.stdout);
     assert_eq!(keel(&db, &["verify", early, "--against-db"]).ok().stdout, moved.stdout);
     keel(&db, &["verify"]).ok();
+}
+
+/// Finding the server a database's `serve.addr` names writes nothing into the database's
+/// directory: the CLI used to open the database for writing to see whether it was held,
+/// which, with the server's files in use (not a clean close), first made an evidence copy
+/// of them (`damaged-*`, the size of the database) on every command, refused or not.
+#[test]
+fn finding_the_server_writes_nothing_into_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db");
+    keel(&db, &["demo", "--runs", "16"]).ok();
+    let vera = token_add(&db, "vera", "viewer");
+    let (mut child, _url) = spawn_serve(db.to_str().unwrap(), &[]);
+    for token in [Some(vera.as_str()), None] {
+        for args in [&["runs"][..], &["stats"], &["escalations"]] {
+            let r = keel_as(&db, token, args);
+            assert_eq!(r.code, if token.is_some() { 0 } else { 1 }, "{args:?}: {}", r.stderr);
+        }
+    }
+    assert_eq!(damaged(&db), Vec::<String>::new());
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child, 30), Some(0));
 }
 
 #[test]
@@ -251,12 +310,28 @@ fn refused_tokens_are_one_line_and_a_stale_address_does_not_mislead() {
         .one_line_error(2);
     assert!(e.contains("--by"), "{e}");
 
-    // Killed: the address file stays behind, but the database is free, so it is read.
+    assert_eq!(damaged(&db), Vec::<String>::new(), "refused commands wrote into the database");
+
+    // Killed: the address file stays behind, but the database is free, so it is read: from
+    // a scratch copy, as always (nothing in the directory changes), by several readers at
+    // once (they used to open it for writing, one at a time, the others "in use").
     signal(&child, "-KILL");
     let _ = child.wait();
     assert!(db.join("serve.addr").exists());
-    let r = keel_as(&db, None, &["runs", "--json"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let files = dir_files(&db);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn({
+                let db = db.clone();
+                move || keel_as(&db, None, &["runs", "--json"])
+            })
+        })
+        .collect();
+    for r in readers {
+        let r = r.join().unwrap();
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    assert_eq!(dir_files(&db), files, "a read command wrote into the database's directory");
     // Held by another process while the file names a server that does not answer.
     let held = d.open();
     let e = keel_as(&db, None, &["runs"]).one_line_error(1);

@@ -169,9 +169,17 @@ fn closed_here_within(path: &Path) -> Option<std::time::Instant> {
 }
 
 fn open_sled_after_close(path: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
+    let start = std::time::Instant::now();
     loop {
         match open_sled(path, cache_capacity_bytes) {
             Err(StoreError::Locked { .. }) if closed_here_within(path).is_some() => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // A read-only open began copying the files since `files::wait_until_free`.
+            Err(StoreError::Locked { .. })
+                if start.elapsed() < files::READERS_WAIT
+                    && files::holder(path).is_ok_and(|h| h == files::Holder::Readers) =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             other => return other,
@@ -329,6 +337,12 @@ impl Prepared {
             return Self::lazy_read(store);
         }
         let read_only = mode == OpenMode::ReadChecked;
+        if !read_only {
+            // Nothing is copied or written while another process has the store open (its
+            // evidence copy would be taken of files in use, and left behind by the
+            // `Locked` that follows), and read-only opens still copying it are waited for.
+            files::wait_until_free(store)?;
+        }
         // Closed cleanly with sled's data file untouched since (the manifest's last line
         // says so): no evidence copy is needed, and the manifest (a line per run: ~21 ms
         // to parse with 100k runs) is parsed on another thread while sled opens.
@@ -570,7 +584,14 @@ impl SledStore {
         let prepared = Prepared::new(store, &config, mode)?;
         match Self::open_sled_dir(&prepared, &config) {
             Ok((db, syncer)) => prepared.finish(db, syncer, config),
-            Err(e) => Err(files::rename_scratch_errors(e, prepared.sled_dir(), store)),
+            Err(e) => {
+                // Another process took the store after the check: sled touched nothing, so
+                // the evidence copy just made is not evidence of anything.
+                if let (StoreError::Locked { .. }, Some(evidence)) = (&e, &prepared.evidence) {
+                    files::remove_evidence(evidence);
+                }
+                Err(files::rename_scratch_errors(e, prepared.sled_dir(), store))
+            }
         }
     }
 
@@ -682,6 +703,13 @@ impl SledStore {
                 Err(StoreError::LostCommitted { path: self.path.clone(), lost: vec![l], evidence: None })
             }
         }
+    }
+
+    /// Who holds the lock of the store in directory `path` now ([`crate::SledHolder`]),
+    /// found without opening or writing anything: whether a process has it open (the
+    /// CLI's route to a running `keel serve`), or only read-only opens copying its files.
+    pub fn holder(path: impl AsRef<Path>) -> Result<crate::SledHolder, StoreError> {
+        files::holder(path.as_ref())
     }
 
     /// The store's directory.
@@ -805,7 +833,19 @@ impl EventLog for SledStore {
     }
 
     fn runs_between(&self, lo: RunId, hi: RunId) -> Result<Vec<RunId>, StoreError> {
-        self.core.runs_between(lo, hi)
+        // With the runs the manifest says were committed that sled may no longer hold, so
+        // that a prefix names a lost run (whose use then says what was lost) instead of
+        // calling it unknown.
+        let mut runs = self.core.runs_between(lo, hi)?;
+        runs.extend(self.lost.iter().map(|l| l.run).filter(|r| (lo..=hi).contains(r)));
+        if let Some(u) = &self.unchecked {
+            let inner = u.inner.read().unwrap_or_else(PoisonError::into_inner);
+            runs.extend(inner.heads.range(lo..=hi).map(|(r, _)| *r));
+            runs.extend(inner.lost.range(lo..=hi).map(|(r, _)| *r));
+        }
+        runs.sort_unstable();
+        runs.dedup();
+        Ok(runs)
     }
 
     fn scan(&self, run: RunId, from: Seq) -> Result<RecordIter, StoreError> {

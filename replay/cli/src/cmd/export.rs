@@ -1,7 +1,7 @@
 //! Exports runs for audit: `keel export`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open_read;
+use crate::open::{open_read, open_read_checked};
 use crate::output::{errln, progress};
 use crate::safe_file::Target;
 use clap::{Args, ValueEnum};
@@ -67,7 +67,9 @@ pub(crate) fn run(db: &Path, a: ExportArgs) -> CmdResult {
     let (since, until) = time_window(a.since.as_deref(), a.until.as_deref())?;
     // Checked before the database is opened: a refused path costs nothing.
     let target = Target::open(a.output.as_deref(), a.force, db)?;
-    let store = open_read(db)?;
+    // Every run is read for --all: each is checked against the manifest at open, so none
+    // the manifest names can be missing from the export without an error.
+    let store = if a.run.is_some() { open_read(db)? } else { open_read_checked(db)? };
     let (runs, filter) = match &a.run {
         Some(r) => {
             let run = resolve_run(store.as_ref(), r)?;

@@ -1,7 +1,7 @@
 //! Replays runs offline and checks them: `keel replay`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::open_read;
+use crate::open::{open_read, open_read_checked};
 use crate::output::{out, outln, print_json, progress};
 use crate::source::{load_from_file, verified_export, Loaded};
 use crate::Registry;
@@ -167,7 +167,8 @@ fn replay_all(db: &Path, a: &ReplayArgs, opts: &CheckOptions, registry: &Registr
             pb.finish_and_clear();
         }
         None => {
-            let store = open_read(db)?;
+            // Every run checked against the manifest at open (see `open_read_checked`).
+            let store = open_read_checked(db)?;
             let runs = store.runs()?;
             let pb = progress(runs.len() as u64, if a.check { "checking" } else { "replaying" });
             // One pass over every run, read ahead on a second thread; the first bad record

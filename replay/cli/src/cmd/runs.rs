@@ -51,23 +51,31 @@ pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
     let filter = RunFilter { status, workflow: a.workflow.clone() };
     let page = engine.runs_page(&filter, after, a.limit.map_or(usize::MAX, usize::from))?;
     let runs: Vec<Value> = page.runs.iter().map(views::run_summary_json).collect();
-    print(&runs, page.next_cursor.map(|r| r.to_string()), &a)
+    print(&runs, page.next_cursor.map(|r| r.to_string()), &a, &db_flag(db))
+}
+
+/// `--db DB` as one shell word (a path, or a PostgreSQL URL with its password hidden).
+pub(crate) fn db_flag(db: &Path) -> String {
+    let shown = crate::backend::redacted(db);
+    format!("--db {}", shell_word(&shown.to_string_lossy()))
 }
 
 /// Prints the listing (`--json` or the table), from the entries of `keel runs --json` and
-/// the cursor of the next page (only with `--limit`).
-pub(crate) fn print(runs: &[Value], next_cursor: Option<String>, a: &RunsArgs) -> CmdResult {
+/// the cursor of the next page (only with `--limit`); the text ends with the command for
+/// that page, reading from `source` (`--db DB` or `--server URL`).
+pub(crate) fn print(runs: &[Value], next_cursor: Option<String>, a: &RunsArgs, source: &str) -> CmdResult {
     if a.json {
         print_json(&json!({ "runs": runs, "next_cursor": next_cursor }))?;
     } else {
         crate::render::runs(runs)?;
         if let Some(next) = next_cursor {
-            let mut more = String::from("keel runs");
+            let mut more = format!("keel {source} runs");
             if let Some(s) = &a.status {
                 more.push_str(&format!(" --status {s}"));
             }
             if let Some(w) = &a.workflow {
-                more.push_str(&format!(" --workflow {}", shell_word(w)));
+                // `=`: a name starting with `-` is not taken for a flag.
+                more.push_str(&format!(" --workflow={}", shell_word(w)));
             }
             if let Some(n) = a.limit {
                 more.push_str(&format!(" --limit {n}"));
