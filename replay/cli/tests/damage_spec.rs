@@ -185,3 +185,45 @@ fn after_a_clean_close_lost_runs_are_refused_when_named_and_by_the_all_commands(
     // A run that lost nothing reads as before.
     keel(&demo.db, &["show", &demo.runs[0].run.to_string()]).ok();
 }
+
+/// A read command killed before it removed its scratch copy (Ctrl-C, SIGTERM, SIGKILL) left
+/// a copy of the database in the temporary directory; the next read removes the copies
+/// whose process is gone (their lock file can be locked) and leaves the others: one still
+/// held by its process, one without a lock file (an older keel's).
+#[test]
+fn a_read_removes_the_scratch_copies_of_killed_reads() {
+    let demo = DemoDb::new(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let make = |name: &str, lock: bool| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("db"), vec![0u8; 4096]).unwrap();
+        if lock {
+            std::fs::write(d.join("keel-read.lock"), b"").unwrap();
+        }
+        d
+    };
+    let dead = make("keel-read-dead", true);
+    let live = make("keel-read-live", true);
+    let old = make("keel-read-old", false);
+    let held = std::fs::File::open(live.join("keel-read.lock")).unwrap();
+    held.lock().unwrap();
+    let out = std::process::Command::new(KEEL)
+        .args(["--db", demo.db.to_str().unwrap(), "runs"])
+        .env("TMPDIR", tmp.path())
+        .env_remove("KEEL_DB")
+        .env_remove("KEEL_SERVER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dead.exists(), "the killed read's copy is still there");
+    assert!(live.join("db").exists() && old.join("db").exists());
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["keel-read-live", "keel-read-old"], "the command's own copy is removed at its end");
+    drop(held);
+}

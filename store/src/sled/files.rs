@@ -114,7 +114,7 @@ pub(crate) fn remove_evidence(dir: &Path) {
 /// store makes it [`StoreError::Locked`]), and whether the store was closed cleanly with
 /// its data file untouched since (the manifest's last line names the data file as it is),
 /// read under the same lock: no writer can open the store while it is held.
-pub(crate) fn scratch_copy(dir: &Path) -> Result<(tempfile::TempDir, bool), StoreError> {
+pub(crate) fn scratch_copy(dir: &Path) -> Result<(Scratch, bool), StoreError> {
     let db = dir.join("db");
     let file = File::open(&db).map_err(|source| StoreError::File { action: "read", path: db.clone(), source })?;
     while file.try_lock_shared().is_err() {
@@ -125,14 +125,66 @@ pub(crate) fn scratch_copy(dir: &Path) -> Result<(tempfile::TempDir, bool), Stor
     }
     let tail = manifest::read_clean_tail(dir).map_err(manifest_err(dir))?;
     let clean = tail.is_some() && tail == Fingerprint::of(&db).ok();
-    let tmp = tempfile::Builder::new().prefix("keel-read-").tempdir().map_err(|source| StoreError::File {
-        action: "create a scratch directory in",
-        path: std::env::temp_dir(),
-        source,
-    })?;
+    let tmp = Scratch::new()?;
     copy_store_files(dir, tmp.path())?;
     drop(file);
     Ok((tmp, clean))
+}
+
+/// Prefix of a scratch directory's name in the temporary directory.
+const SCRATCH_PREFIX: &str = "keel-read-";
+/// The file in a scratch directory its process holds an exclusive `flock` on while it
+/// lives.
+const SCRATCH_LOCK: &str = "keel-read.lock";
+
+/// A read-only store's scratch directory (`TMPDIR/keel-read-*`), removed when dropped. Its
+/// process holds a lock on a file in it for as long as it lives, so that one killed before
+/// it could remove it (Ctrl-C, SIGTERM, SIGKILL: each left a copy of the database behind)
+/// is removed by the next scratch copy made in the same temporary directory.
+pub(crate) struct Scratch {
+    dir: tempfile::TempDir,
+    _lock: File,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, StoreError> {
+        let parent = std::env::temp_dir();
+        remove_abandoned_scratch(&parent);
+        let made = |source| StoreError::File { action: "create a scratch directory in", path: parent.clone(), source };
+        let dir = tempfile::Builder::new().prefix(SCRATCH_PREFIX).tempdir_in(&parent).map_err(made)?;
+        // Locked under another name, then renamed: no other process can find the lock
+        // file before it is held.
+        let tmp = dir.path().join(format!("{SCRATCH_LOCK}.new"));
+        let lock = File::create(&tmp).map_err(made)?;
+        lock.lock().map_err(made)?;
+        std::fs::rename(&tmp, dir.path().join(SCRATCH_LOCK)).map_err(made)?;
+        Ok(Scratch { dir, _lock: lock })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Removes the scratch directories in `parent` whose process is gone (their lock file's
+/// lock can be taken). Best effort: a directory without the lock file (an older keel's, or
+/// one being made) is left alone, and any error skips the directory.
+fn remove_abandoned_scratch(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(lock) = File::open(dir.join(SCRATCH_LOCK)) else { continue };
+        if lock.try_lock().is_ok() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::debug!(path = %dir.display(), error = %e, "could not remove an abandoned scratch copy");
+            } else {
+                tracing::info!(path = %dir.display(), "removed the scratch copy of a read that was killed");
+            }
+        }
+    }
 }
 
 /// Who holds sled's lock on a store's data file (`flock` on `<dir>/db`).

@@ -118,7 +118,7 @@ pub struct SledStore {
     /// checked the first time it is read or written (see [`Unchecked`]).
     unchecked: Option<Unchecked>,
     /// A read-only store's scratch copy of sled's files (dropped last: removed after sled).
-    scratch: Option<tempfile::TempDir>,
+    scratch: Option<files::Scratch>,
 }
 
 /// Opens sled behind `catch_unwind`, mapping its lock and format failures.
@@ -295,7 +295,7 @@ struct Prepared {
     store: PathBuf,
     prior: Prior,
     evidence: Option<PathBuf>,
-    scratch: Option<tempfile::TempDir>,
+    scratch: Option<files::Scratch>,
     /// A read-only open whose scratch copy is of a store closed cleanly: its runs are
     /// checked at their first use, not at open.
     lazy_read: bool,
@@ -462,7 +462,7 @@ impl Prepared {
         prior: Option<manifest::Parsed>,
         store: PathBuf,
         evidence: Option<PathBuf>,
-        scratch: Option<tempfile::TempDir>,
+        scratch: Option<files::Scratch>,
         core: Core<SledKv>,
         syncer: Syncer,
         durability: Durability,
