@@ -73,6 +73,23 @@ fn a_store_whose_sled_files_lost_committed_records_is_refused_naming_runs_and_se
     assert_eq!(ro.head(run(1)).unwrap().next_seq, Seq(3));
 }
 
+/// sled's files in `dir` replaced by those in `early` in place (same inode), padded to the
+/// same length, with the same modification time: what bit rot leaves, the clean-close
+/// line still holding.
+fn roll_back_in_place(dir: &Path, early: &Path) {
+    let data = dir.join("db");
+    let before = std::fs::metadata(&data).unwrap();
+    for name in ["db", "conf"] {
+        let bytes = std::fs::read(early.join(name)).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(dir.join(name)).unwrap();
+        std::io::Write::write_all(&mut f, &bytes).unwrap();
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    assert!(f.metadata().unwrap().len() <= before.len(), "the earlier data file is longer");
+    f.set_len(before.len()).unwrap();
+    f.set_modified(before.modified().unwrap()).unwrap();
+}
+
 /// A store where run 1 has 8 committed records and run 2 has 2, closed cleanly, and a copy
 /// of its files taken when run 1 had 3.
 fn committed_past_an_earlier_copy() -> (tempfile::TempDir, tempfile::TempDir) {
@@ -247,20 +264,9 @@ fn a_removed_run_is_not_lost_and_a_refused_removal_keeps_it_expected() {
 #[test]
 fn after_a_clean_close_a_run_that_lost_committed_records_is_refused_at_its_first_use() {
     let (dir, early) = committed_past_an_earlier_copy();
-    let data = dir.path().join("db");
-    let before = std::fs::metadata(&data).unwrap();
-    // sled's files as they were after 3 records of run 1, in place (same inode), padded to
-    // the same length, with the same modification time: the clean-close line still holds.
-    for name in ["db", "conf"] {
-        let bytes = std::fs::read(early.path().join(name)).unwrap();
-        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(dir.path().join(name)).unwrap();
-        std::io::Write::write_all(&mut f, &bytes).unwrap();
-    }
-    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
-    assert!(f.metadata().unwrap().len() <= before.len(), "the earlier data file is longer");
-    f.set_len(before.len()).unwrap();
-    f.set_modified(before.modified().unwrap()).unwrap();
-    drop(f);
+    // sled's files as they were after 3 records of run 1, with the clean-close line still
+    // holding.
+    roll_back_in_place(dir.path(), early.path());
 
     let log = SledStore::open(dir.path(), config(Durability::GroupCommit(Level::PowerLoss))).unwrap();
     assert!(damaged_dirs(dir.path()).is_empty(), "a clean open makes no evidence copy");
@@ -290,17 +296,8 @@ fn after_a_clean_close_a_run_that_lost_committed_records_is_refused_at_its_first
 #[test]
 fn a_lazy_read_only_open_checks_each_run_at_its_first_use_and_writes_nothing() {
     let (dir, early) = committed_past_an_earlier_copy();
+    roll_back_in_place(dir.path(), early.path());
     let data = dir.path().join("db");
-    let before = std::fs::metadata(&data).unwrap();
-    for name in ["db", "conf"] {
-        let bytes = std::fs::read(early.path().join(name)).unwrap();
-        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(dir.path().join(name)).unwrap();
-        std::io::Write::write_all(&mut f, &bytes).unwrap();
-    }
-    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
-    f.set_len(before.len()).unwrap();
-    f.set_modified(before.modified().unwrap()).unwrap();
-    drop(f);
     let files = snapshot_dir(dir.path());
 
     let ro = SledStore::open_read_only_lazy(dir.path(), StoreConfig::default()).unwrap();

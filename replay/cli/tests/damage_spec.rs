@@ -4,23 +4,9 @@
 
 mod common;
 use common::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
-/// Every file under `dir`: bytes and modification time.
-fn files(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let m = e.metadata().unwrap();
-        if m.is_dir() {
-            out.extend(files(&e.path()));
-        } else {
-            out.insert(e.path(), (std::fs::read(e.path()).unwrap(), m.modified().unwrap()));
-        }
-    }
-    out
-}
+use common::dir_files as files;
 
 /// `chattr +i` on the database directory and its files (so even root cannot write them),
 /// undone on drop. `None` where the file system or the user cannot set it.
@@ -81,8 +67,8 @@ fn read_only_commands_work_on_an_immutable_database_and_change_nothing() {
 /// sled's files rolled back to before two runs were written (as sled's recovery leaves a
 /// damaged data file): `verify` and `runs` fail naming the runs, `work` refuses to write
 /// and keeps the files as found, `doctor` explains what an export can restore.
-#[test]
-fn lost_committed_runs_are_reported_refused_and_explained() {
+/// A demo database of 2 runs, a copy of its sled files then (`early`), then 2 more runs.
+fn two_runs_then_two_more() -> (DemoDb, PathBuf) {
     let demo = DemoDb::new(2);
     let early = demo.path("early");
     std::fs::create_dir(&early).unwrap();
@@ -90,8 +76,11 @@ fn lost_committed_runs_are_reported_refused_and_explained() {
         std::fs::copy(demo.db.join(name), early.join(name)).unwrap();
     }
     keel(&demo.db, &["demo", "--runs", "2", "--seed", "2"]).ok();
-    let export = demo.path("all.jsonl");
-    keel(&demo.db, &["export", "--all", "--format", "jsonl", "-o", export.to_str().unwrap()]).ok();
+    (demo, early)
+}
+
+/// The runs of the database that are not the demo's first ones (two of them).
+fn runs_added_since(demo: &DemoDb) -> Vec<String> {
     let runs = keel(&demo.db, &["runs", "--json"]).ok().json();
     let later: Vec<String> = runs["runs"]
         .as_array()
@@ -101,6 +90,15 @@ fn lost_committed_runs_are_reported_refused_and_explained() {
         .filter(|r| demo.runs.iter().all(|d| d.run.to_string() != *r))
         .collect();
     assert_eq!(later.len(), 2);
+    later
+}
+
+#[test]
+fn lost_committed_runs_are_reported_refused_and_explained() {
+    let (demo, early) = two_runs_then_two_more();
+    let export = demo.path("all.jsonl");
+    keel(&demo.db, &["export", "--all", "--format", "jsonl", "-o", export.to_str().unwrap()]).ok();
+    let later = runs_added_since(&demo);
     for name in ["db", "conf"] {
         std::fs::copy(early.join(name), demo.db.join(name)).unwrap();
     }
@@ -141,22 +139,8 @@ fn lost_committed_runs_are_reported_refused_and_explained() {
 /// read every run) check every run first, so neither passes over the lost ones.
 #[test]
 fn after_a_clean_close_lost_runs_are_refused_when_named_and_by_the_all_commands() {
-    let demo = DemoDb::new(2);
-    let early = demo.path("early");
-    std::fs::create_dir(&early).unwrap();
-    for name in ["db", "conf"] {
-        std::fs::copy(demo.db.join(name), early.join(name)).unwrap();
-    }
-    keel(&demo.db, &["demo", "--runs", "2", "--seed", "2"]).ok();
-    let runs = keel(&demo.db, &["runs", "--json"]).ok().json();
-    let later: Vec<String> = runs["runs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["run"].as_str().unwrap().to_owned())
-        .filter(|r| demo.runs.iter().all(|d| d.run.to_string() != *r))
-        .collect();
-    assert_eq!(later.len(), 2);
+    let (demo, early) = two_runs_then_two_more();
+    let later = runs_added_since(&demo);
     // In place: the same inode, the length padded back, the modification time put back.
     let data = demo.db.join("db");
     let before = std::fs::metadata(&data).unwrap();

@@ -8,11 +8,11 @@
 
 mod common;
 
-use common::{http_call as call, keel, keel_in, spawn_serve, DemoDb, Ran, KEEL};
+use common::{dir_files, http_call as call, keel, keel_in, spawn_serve, DemoDb, Ran, KEEL};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -98,26 +98,6 @@ fn damaged(db: &Path) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("damaged-"))
         .collect()
-}
-
-/// Every file under `dir` by relative path: its bytes and modification time.
-fn dir_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let (p, m) = (e.path(), e.metadata().unwrap());
-            if m.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(
-                    p.strip_prefix(dir).unwrap().to_path_buf(),
-                    (std::fs::read(&p).unwrap(), m.modified().unwrap()),
-                );
-            }
-        }
-    }
-    out
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

@@ -419,28 +419,15 @@ impl Prepared {
                 return Self::finish_checked(other, store, self.evidence, self.scratch, core, syncer, config.durability)
             }
         };
-        if let Some(scratch) = self.scratch {
-            return Ok(SledStore {
-                core,
-                syncer,
-                path: store,
-                durability: config.durability,
-                group: GroupCommit::new(),
-                commits: crate::stats::CommitMeter::default(),
-                poisoned: AtomicBool::new(false),
-                manifest: None,
-                lost: Vec::new(),
-                unchecked: Some(Unchecked::new(prior.heads)),
-                scratch: Some(scratch),
-            });
-        }
-        // A torn tail is rewritten away: the next line appended would be glued to it.
-        let manifest =
-            if prior.torn || prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
-                manifest::Manifest::rewrite(&store, &prior.heads)?
-            } else {
-                manifest::Manifest::reopen(&store)?
-            };
+        // A read-only store writes no manifest. A torn tail is rewritten away: the next
+        // line appended would be glued to it.
+        let manifest = if self.scratch.is_some() {
+            None
+        } else if prior.torn || prior.lines > prior.heads.len().saturating_mul(2).saturating_add(COMPACT_SLACK_LINES) {
+            Some(manifest::Manifest::rewrite(&store, &prior.heads)?)
+        } else {
+            Some(manifest::Manifest::reopen(&store)?)
+        };
         Ok(SledStore {
             core,
             syncer,
@@ -449,10 +436,10 @@ impl Prepared {
             group: GroupCommit::new(),
             commits: crate::stats::CommitMeter::default(),
             poisoned: AtomicBool::new(false),
-            manifest: Some(manifest),
+            manifest,
             lost: Vec::new(),
             unchecked: Some(Unchecked::new(prior.heads)),
-            scratch: None,
+            scratch: self.scratch,
         })
     }
 

@@ -219,3 +219,17 @@ pub fn http_call(addr: &str, method: &str, path: &str, token: &str, body: Option
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     (head.split(' ').nth(1).unwrap().parse().unwrap(), serde_json::from_str(body).unwrap_or(Value::Null))
 }
+
+/// Every file under `dir`: bytes and modification time.
+pub fn dir_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            out.extend(dir_files(&e.path()));
+        } else {
+            out.insert(e.path(), (std::fs::read(e.path()).unwrap(), m.modified().unwrap()));
+        }
+    }
+    out
+}
