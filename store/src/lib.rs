@@ -83,11 +83,10 @@ pub use log::{
 pub use observed::{AppendObserver, Observed};
 pub use payloads::{verify_payloads, PayloadRef, Payloads, PAYLOAD_BYTES_MAX, PAYLOAD_CHUNK_BYTES};
 #[cfg(feature = "sled")]
-pub use sled::files::Holder as SledHolder;
-#[cfg(feature = "sled")]
 pub use sled::manifest::MANIFEST_FILE;
 #[cfg(all(feature = "sled", any(feature = "testing", feature = "bench")))]
 pub use sled::RawPair;
+#[cfg(feature = "sled")]
 pub use sled::{SledStore, CREATING_FILE, MARKER_FILE, SEGMENT_BYTES};
 pub use types::*;
 pub use verify::{verify_run, VerifyError, VerifyReport};

@@ -118,9 +118,9 @@ pub(crate) async fn route(db: &Path, conn: &ConnArgs) -> Result<Option<Remote>, 
     // Who holds the database, found without opening it (a writable open here wrote into
     // it: an evidence copy while the server holds it, a rewritten manifest after a server
     // was killed) and without excluding other readers.
-    match keel_store::SledStore::holder(db) {
-        Ok(keel_store::SledHolder::Nobody | keel_store::SledHolder::Readers) => Ok(None),
-        Ok(keel_store::SledHolder::Writer) => {
+    match keel_store::SledStore::held_by_a_writer(db) {
+        Ok(false) => Ok(None),
+        Ok(true) => {
             let file = read_server_file(db);
             let url = file.as_ref().and_then(|v| v.get("url")).and_then(Value::as_str);
             let Some(url) = url else { return Err(locked(db, None)) };

@@ -187,66 +187,39 @@ fn remove_abandoned_scratch(parent: &Path) {
     }
 }
 
-/// Who holds sled's lock on a store's data file (`flock` on `<dir>/db`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Holder {
-    /// Nobody (or there is no data file).
-    Nobody,
-    /// Only shared holders: read-only opens copying the store's files (for as long as
-    /// their copy takes).
-    Readers,
-    /// An exclusive holder: a process that has the store open (sled's own lock).
-    Writer,
-}
-
-/// Who holds `<dir>/db`'s lock now, found without opening anything for writing: an
-/// exclusive then a shared `flock` tried and released at once.
-pub fn holder(dir: &Path) -> Result<Holder, StoreError> {
+/// Whether a process has the store in `dir` open: sled's exclusive `flock` on `<dir>/db`,
+/// found with a shared `flock` tried and released at once (which excludes no reader, and
+/// no writer for longer than the try). `false` without a data file. Read-only opens hold
+/// a shared lock while they copy the files; they are not writers.
+pub(crate) fn held_by_a_writer(dir: &Path) -> Result<bool, StoreError> {
     use std::fs::TryLockError;
     let db = dir.join("db");
     let file = match File::open(&db) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Holder::Nobody),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         other => other.map_err(|source| StoreError::File { action: "read", path: db.clone(), source })?,
     };
-    let fail = |source| StoreError::File { action: "lock", path: db.clone(), source };
-    match file.try_lock() {
-        Ok(()) => return Ok(Holder::Nobody),
-        Err(TryLockError::WouldBlock) => {}
-        Err(TryLockError::Error(e)) => return Err(fail(e)),
-    }
     match file.try_lock_shared() {
-        Ok(()) => Ok(Holder::Readers),
-        Err(TryLockError::WouldBlock) => Ok(Holder::Writer),
-        Err(TryLockError::Error(e)) => Err(fail(e)),
+        Ok(()) => Ok(false),
+        Err(TryLockError::WouldBlock) => Ok(true),
+        Err(TryLockError::Error(source)) => Err(StoreError::File { action: "lock", path: db, source }),
     }
 }
 
 /// How long a writable open waits for read-only opens still copying the store's files.
 pub(crate) const READERS_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Before a writable open touches anything (the evidence copy included): returns once no
-/// process holds the store's lock, after waiting for read-only opens still copying its
-/// files (up to [`READERS_WAIT`]); a process that has the store open is
-/// [`StoreError::Locked`] at once (this process's own store just dropped is waited for,
-/// as by `open_sled_after_close`).
-pub(crate) fn wait_until_free(dir: &Path) -> Result<(), StoreError> {
-    let start = std::time::Instant::now();
-    let mut said = false;
-    loop {
-        let waiting = match holder(dir)? {
-            Holder::Nobody => return Ok(()),
-            Holder::Readers => start.elapsed() < READERS_WAIT,
-            Holder::Writer => super::closed_here_within(dir).is_some(),
-        };
-        if !waiting {
+/// Before a writable open touches anything (the evidence copy included): a process that
+/// has the store open is [`StoreError::Locked`] at once (this process's own store just
+/// dropped is waited for, as by `open_sled_after_close`). Read-only opens still copying
+/// the files are waited for by sled's open itself (`open_sled_after_close`).
+pub(crate) fn refuse_if_held(dir: &Path) -> Result<(), StoreError> {
+    while held_by_a_writer(dir)? {
+        if super::closed_here_within(dir).is_none() {
             return Err(StoreError::Locked { path: dir.to_path_buf() });
-        }
-        if !said && start.elapsed() > std::time::Duration::from_secs(1) {
-            tracing::info!(path = %dir.display(), "waiting for read-only opens copying the store's files");
-            said = true;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    Ok(())
 }
 
 /// Errors of an open on a scratch copy name the store's own directory instead.

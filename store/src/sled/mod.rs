@@ -170,16 +170,21 @@ fn closed_here_within(path: &Path) -> Option<std::time::Instant> {
 
 fn open_sled_after_close(path: &Path, cache_capacity_bytes: u64) -> Result<sled::Db, StoreError> {
     let start = std::time::Instant::now();
+    let mut said = false;
     loop {
         match open_sled(path, cache_capacity_bytes) {
             Err(StoreError::Locked { .. }) if closed_here_within(path).is_some() => {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            // A read-only open began copying the files since `files::wait_until_free`.
+            // No process has the store open: read-only opens copying its files hold it
+            // (shared), or did a moment ago. Waited for, up to `READERS_WAIT` in all.
             Err(StoreError::Locked { .. })
-                if start.elapsed() < files::READERS_WAIT
-                    && files::holder(path).is_ok_and(|h| h == files::Holder::Readers) =>
+                if start.elapsed() < files::READERS_WAIT && files::held_by_a_writer(path).is_ok_and(|w| !w) =>
             {
+                if !said && start.elapsed() > std::time::Duration::from_secs(1) {
+                    tracing::info!(path = %path.display(), "waiting for read-only opens copying the store's files");
+                    said = true;
+                }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             other => return other,
@@ -340,8 +345,8 @@ impl Prepared {
         if !read_only {
             // Nothing is copied or written while another process has the store open (its
             // evidence copy would be taken of files in use, and left behind by the
-            // `Locked` that follows), and read-only opens still copying it are waited for.
-            files::wait_until_free(store)?;
+            // `Locked` that follows).
+            files::refuse_if_held(store)?;
         }
         // Closed cleanly with sled's data file untouched since (the manifest's last line
         // says so): no evidence copy is needed, and the manifest (a line per run: ~21 ms
@@ -692,11 +697,12 @@ impl SledStore {
         }
     }
 
-    /// Who holds the lock of the store in directory `path` now ([`crate::SledHolder`]),
-    /// found without opening or writing anything: whether a process has it open (the
-    /// CLI's route to a running `keel serve`), or only read-only opens copying its files.
-    pub fn holder(path: impl AsRef<Path>) -> Result<crate::SledHolder, StoreError> {
-        files::holder(path.as_ref())
+    /// Whether a process has the store in directory `path` open (sled's exclusive lock on
+    /// its data file), found without opening or writing anything and without excluding
+    /// other readers: the CLI's route to a running `keel serve`. Read-only opens copying
+    /// the files do not count.
+    pub fn held_by_a_writer(path: impl AsRef<Path>) -> Result<bool, StoreError> {
+        files::held_by_a_writer(path.as_ref())
     }
 
     /// The store's directory.

@@ -54,10 +54,13 @@ pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
     print(&runs, page.next_cursor.map(|r| r.to_string()), &a, &db_flag(db))
 }
 
-/// `--db DB` as one shell word (a path, or a PostgreSQL URL with its password hidden).
+/// `--db DB` as one shell word; empty for a PostgreSQL URL with a password in it (never
+/// printed: the next page's command then says to give the same `--db`).
 pub(crate) fn db_flag(db: &Path) -> String {
-    let shown = crate::backend::redacted(db);
-    format!("--db {}", shell_word(&shown.to_string_lossy()))
+    if crate::backend::redacted(db) != db {
+        return String::new();
+    }
+    format!("--db {}", shell_word(&db.to_string_lossy()))
 }
 
 /// Prints the listing (`--json` or the table), from the entries of `keel runs --json` and
@@ -69,7 +72,7 @@ pub(crate) fn print(runs: &[Value], next_cursor: Option<String>, a: &RunsArgs, s
     } else {
         crate::render::runs(runs)?;
         if let Some(next) = next_cursor {
-            let mut more = format!("keel {source} runs");
+            let mut more = if source.is_empty() { String::from("keel runs") } else { format!("keel {source} runs") };
             if let Some(s) = &a.status {
                 more.push_str(&format!(" --status {s}"));
             }
@@ -80,7 +83,8 @@ pub(crate) fn print(runs: &[Value], next_cursor: Option<String>, a: &RunsArgs, s
             if let Some(n) = a.limit {
                 more.push_str(&format!(" --limit {n}"));
             }
-            outln!("more runs follow: {more} --cursor {next}")?;
+            let same = if source.is_empty() { " (with the same --db)" } else { "" };
+            outln!("more runs follow: {more} --cursor {next}{same}")?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,7 @@
 //! Verifies a hash chain: `keel verify`.
 
 use crate::error::{CliError, CmdResult};
-use crate::open::{open_read, open_read_lossy};
+use crate::open::{open_read_checked, open_read_lossy};
 use crate::output::{outln, print_json, progress};
 use clap::Args;
 use keel_replay::anchor::{compare_with_db, expect_head_db, expect_head_in, tombstones, verify_checkpoints};
@@ -136,7 +136,9 @@ fn verify_file(
         v.failure = expect_head_in(&v.runs, run.as_deref(), h).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     if a.against_db && v.ok() {
-        let store = open_read(db)?;
+        // Every run checked at open: a run the manifest names that sled lost is missing
+        // from `runs()`, so the comparison would not see it missing.
+        let store = open_read_checked(db)?;
         let cmp = compare_with_db(store.as_ref(), &v.runs, v.selection.as_ref())?;
         v.failure = cmp.failure;
         extra.continued = cmp.continued;
