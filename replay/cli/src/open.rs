@@ -43,36 +43,43 @@ pub(crate) fn open(db: &Path) -> Result<Arc<dyn Store>, CliError> {
 /// closed cleanly; after a clean close each run is checked when first read (listing runs
 /// from the run index reads none of them), so the open does not read every run's head.
 pub(crate) fn open_read(db: &Path) -> Result<Arc<dyn Store>, CliError> {
-    if crate::backend::postgres_config(db).is_some() {
-        return open(db);
-    }
-    let store = SledStore::open_read_only_lazy(db, StoreConfig::default()).map_err(|e| sled_error(db, e))?;
-    let lost = store.lost().to_vec();
-    if !lost.is_empty() {
-        return Err(StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None }.into());
-    }
-    Ok(Arc::new(store))
+    refuse_lost(db, open_read_as(db, true)?)
 }
 
 /// [`open_read`] with every run checked at open, whether or not the store was closed
-/// cleanly: for `export --all` and `replay --all`, which read every run anyway and must not
-/// pass over a run the manifest says was committed and sled no longer holds (a listing of
-/// sled's runs does not name it).
+/// cleanly: for `export --all`, `replay --all` and `verify FILE --against-db`, which must
+/// not pass over a run the manifest says was committed and sled no longer holds (a
+/// listing of sled's runs does not name it).
 pub(crate) fn open_read_checked(db: &Path) -> Result<Arc<dyn Store>, CliError> {
-    let (store, lost) = open_read_lossy(db)?;
-    if !lost.is_empty() {
-        return Err(StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None }.into());
-    }
-    Ok(store)
+    refuse_lost(db, open_read_as(db, false)?)
 }
 
 /// [`open_read`], with every run checked at open (`keel verify`, `keel doctor`), returning
 /// what was lost instead of failing on it.
 pub(crate) fn open_read_lossy(db: &Path) -> Result<(Arc<dyn Store>, Vec<LostRecords>), CliError> {
+    open_read_as(db, false)
+}
+
+/// A read-only open, each run checked at its first use after a clean close (`lazy`) or
+/// every run at open, and what the open found lost.
+fn open_read_as(db: &Path, lazy: bool) -> Result<(Arc<dyn Store>, Vec<LostRecords>), CliError> {
     if crate::backend::postgres_config(db).is_some() {
         return Ok((open(db)?, Vec::new()));
     }
-    let store = SledStore::open_read_only(db, StoreConfig::default()).map_err(|e| sled_error(db, e))?;
+    let opened = if lazy {
+        SledStore::open_read_only_lazy(db, StoreConfig::default())
+    } else {
+        SledStore::open_read_only(db, StoreConfig::default())
+    };
+    let store = opened.map_err(|e| sled_error(db, e))?;
     let lost = store.lost().to_vec();
     Ok((Arc::new(store), lost))
+}
+
+/// The store, or the error naming what it lost.
+fn refuse_lost(db: &Path, (store, lost): (Arc<dyn Store>, Vec<LostRecords>)) -> Result<Arc<dyn Store>, CliError> {
+    if !lost.is_empty() {
+        return Err(StoreError::LostCommitted { path: db.to_path_buf(), lost, evidence: None }.into());
+    }
+    Ok(store)
 }

@@ -338,51 +338,50 @@ impl Prior {
 impl Prepared {
     fn new(store: &Path, config: &StoreConfig, mode: OpenMode) -> Result<Prepared, StoreError> {
         check_dir(store, config.create)?;
-        if mode == OpenMode::ReadLazy {
-            return Self::lazy_read(store);
+        if mode != OpenMode::Write {
+            return Self::read_copy(store, mode == OpenMode::ReadLazy);
         }
-        let read_only = mode == OpenMode::ReadChecked;
-        if !read_only {
-            // Nothing is copied or written while another process has the store open (its
-            // evidence copy would be taken of files in use, and left behind by the
-            // `Locked` that follows).
-            files::refuse_if_held(store)?;
-        }
+        // Nothing is copied or written while another process has the store open (its
+        // evidence copy would be taken of files in use, and left behind by the `Locked`
+        // that follows).
+        files::refuse_if_held(store)?;
         // Closed cleanly with sled's data file untouched since (the manifest's last line
         // says so): no evidence copy is needed, and the manifest (a line per run: ~21 ms
         // to parse with 100k runs) is parsed on another thread while sled opens.
-        if !read_only {
-            let tail = manifest::read_clean_tail(store).map_err(files::manifest_err(store))?;
-            if tail.is_some() && tail == manifest::Fingerprint::of(&store.join("db")).ok() {
-                let dir = store.to_path_buf();
-                let parsing =
-                    std::thread::Builder::new().name("keel-manifest".into()).spawn(move || files::read_manifest(&dir));
-                if let Ok(h) = parsing {
-                    return Ok(Prepared {
-                        store: store.to_path_buf(),
-                        prior: Prior::Parsing(h),
-                        evidence: None,
-                        scratch: None,
-                        lazy_read: false,
-                    });
-                }
+        let tail = manifest::read_clean_tail(store).map_err(files::manifest_err(store))?;
+        if tail.is_some() && tail == manifest::Fingerprint::of(&store.join("db")).ok() {
+            let dir = store.to_path_buf();
+            let parsing =
+                std::thread::Builder::new().name("keel-manifest".into()).spawn(move || files::read_manifest(&dir));
+            if let Ok(h) = parsing {
+                return Ok(Prepared {
+                    store: store.to_path_buf(),
+                    prior: Prior::Parsing(h),
+                    evidence: None,
+                    scratch: None,
+                    lazy_read: false,
+                });
             }
         }
         let prior = files::read_manifest(store)?;
-        let (evidence, scratch) = if read_only {
-            (None, Some(files::scratch_copy(store)?.0))
-        } else {
-            (files::preserve_if_unclean(store, prior.as_ref())?, None)
-        };
-        Ok(Prepared { store: store.to_path_buf(), prior: Prior::Ready(prior), evidence, scratch, lazy_read: false })
+        let evidence = files::preserve_if_unclean(store, prior.as_ref())?;
+        Ok(Prepared {
+            store: store.to_path_buf(),
+            prior: Prior::Ready(prior),
+            evidence,
+            scratch: None,
+            lazy_read: false,
+        })
     }
 
-    /// [`OpenMode::ReadLazy`]: the scratch copy first, then its own manifest (parsed while
-    /// sled opens the copy), so the heads checked later are those of the files copied.
-    fn lazy_read(store: &Path) -> Result<Prepared, StoreError> {
+    /// A read-only open: the scratch copy first, then its own manifest (parsed while sled
+    /// opens the copy when the runs are to be checked at their first use: `lazy` and the
+    /// store closed cleanly), so the heads checked are those of the files copied.
+    fn read_copy(store: &Path, lazy: bool) -> Result<Prepared, StoreError> {
         let (scratch, clean) = files::scratch_copy(store)?;
+        let lazy = lazy && clean;
         let dir = scratch.path().to_path_buf();
-        let parsing = if clean {
+        let parsing = if lazy {
             let at = dir.clone();
             std::thread::Builder::new().name("keel-manifest".into()).spawn(move || files::read_manifest(&at)).ok()
         } else {
@@ -392,7 +391,7 @@ impl Prepared {
             Some(h) => Prior::Parsing(h),
             None => Prior::Ready(files::read_manifest(&dir).map_err(|e| files::rename_scratch_errors(e, &dir, store))?),
         };
-        Ok(Prepared { store: store.to_path_buf(), prior, evidence: None, scratch: Some(scratch), lazy_read: clean })
+        Ok(Prepared { store: store.to_path_buf(), prior, evidence: None, scratch: Some(scratch), lazy_read: lazy })
     }
 
     /// Where sled runs: the scratch copy, or the store itself.
