@@ -92,7 +92,10 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use keel_store::{Durability, Level, RunId, Seq};
-pub use model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason};
+pub use model::event::{
+    recent_history, Escalation, EscalationCause, Event, FailureContext, FailureSource, Logged, PlanReason,
+    HISTORY_SHOWN,
+};
 pub use model::fsm::{RunStatus, TaskStatus};
 pub use model::state::{EscalationState, RunState, SizeWarning, TaskState, Totals};
 pub use model::workflow::*;

@@ -331,3 +331,74 @@ fn bug_lone_budget_exhausted_drops_in_flight_effects_and_replay_check_flags_the_
         report.divergence.map(|d| d.reason)
     );
 }
+
+/// BUG (engine/src/core/decide.rs, `escalation` and the replan decisions): every
+/// `Escalated` carried the run's whole revision history (`alternatives_tried`), and every
+/// failure `ReplanRequested` too (`tried`), so a run whose escalations default to a replan
+/// again and again grew its log and its state with the square of its revisions: 424 KB
+/// of state after 500 events here, past the codec's decode limit (found by
+/// `piled_up_answers_keep_every_invariant`, seed 0xa63f619da81258f4, 20 tasks, order
+/// 0x8bc9a664ccb380e9, as "state 364 does not decode"). Events now carry the latest
+/// `HISTORY_SHOWN` lines ([`recent_history`]). A history recorded before in full is still
+/// what the determinism check accepts.
+#[test]
+fn bug_escalations_carried_the_whole_revision_history() {
+    use keel_proptests::driver::{drive_shuffled, MAX_EVENTS};
+    use keel_proptests::gen::{GenConfig, Scenario};
+    let (seed, n, order) = (0xa63f619da81258f4_u64, 20, 0x8bc9a664ccb380e9_u64);
+    let sc = Scenario::generate(seed, n, &GenConfig { deadlines: true, ..GenConfig::default() });
+    let log = drive_shuffled(&sc, order, MAX_EVENTS, true).expect("drive");
+    let states = keel_proptests::check::fold_prefixes(&log).expect("fold");
+    let last = states.last().expect("state");
+    assert!(last.history.len() > 2 * HISTORY_SHOWN, "the scenario replans {} times", last.history.len());
+    let mut longest = 0;
+    for (k, e) in log.iter().enumerate().skip(1) {
+        let history = &states[k - 1].history;
+        let carried = match &e.event {
+            Event::Escalated(x) => &x.alternatives_tried,
+            Event::ReplanRequested { reason: PlanReason::Failure(f), .. } => &f.tried,
+            _ => continue,
+        };
+        assert!(carried.len() <= HISTORY_SHOWN, "event {k} carries {} lines of history", carried.len());
+        assert_eq!(*carried, recent_history(history), "event {k}");
+        longest = longest.max(history.len());
+    }
+    assert!(longest > HISTORY_SHOWN, "no event was recorded with more history than it carries");
+    let bytes = keel_store::codec::encode(last).expect("encode").len();
+    println!("{} events, {} revisions, state {bytes} bytes", log.len(), last.history.len());
+    assert!(bytes < 200_000, "the state grows faster than the log: {bytes} bytes");
+
+    // The same run as recorded before the fix (each of these events with the whole
+    // history): the determinism check accepts it; a changed line of it is a divergence.
+    let legacy: Vec<Logged> = log
+        .iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let mut e = e.clone();
+            let whole = k.checked_sub(1).map(|p| states[p].history.clone()).unwrap_or_default();
+            match &mut e.event {
+                Event::Escalated(x) => x.alternatives_tried = whole,
+                Event::ReplanRequested { reason: PlanReason::Failure(f), .. } => f.tried = whole,
+                _ => {}
+            }
+            e
+        })
+        .collect();
+    assert_ne!(legacy, log);
+    let ctx = sc.context();
+    let opts = keel_replay::CheckOptions { policy: ctx.policy.clone(), handlers: Some(ctx.handlers.clone()) };
+    let report = keel_replay::check_run(&legacy, &opts).expect("check");
+    assert!(report.divergence.is_none(), "{:?}", report.divergence);
+    let mut changed = legacy.clone();
+    let (k, x) = changed
+        .iter_mut()
+        .enumerate()
+        .find_map(|(k, e)| match &mut e.event {
+            Event::Escalated(x) if x.alternatives_tried.len() > HISTORY_SHOWN => Some((k, x)),
+            _ => None,
+        })
+        .expect("a legacy escalation with a long history");
+    x.alternatives_tried[0].push_str(" (edited)");
+    let report = keel_replay::check_run(&changed, &opts).expect("check");
+    assert_eq!(report.divergence.map(|d| d.seq), Some(k as u64));
+}

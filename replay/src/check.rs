@@ -26,8 +26,8 @@
 use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
 use keel_engine::{
-    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, FailureSource, Logged, Policy,
-    RunState, QUARANTINED,
+    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, FailureSource, Logged,
+    PlanReason, Policy, RunState, QUARANTINED,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -229,25 +229,28 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
     for e in events.iter().skip(1) {
         let mut cmds = decide(&state, &ctx);
         let class = classify(&state, &e.event);
+        // Compared as decided now; folded and reported as recorded.
+        let bounded = bounded_history(&state, &e.event);
+        let event = bounded.as_ref().unwrap_or(&e.event);
         match class {
             EventClass::Decision => report.decisions += 1,
             EventClass::Outcome => report.outcomes += 1,
             EventClass::External => report.externals += 1,
         }
         if class == EventClass::Decision {
-            if let Some(i) = batch.iter().position(|d| e.event.same_decision(d)) {
+            if let Some(i) = batch.iter().position(|d| event.same_decision(d)) {
                 batch.remove(i);
-                cmds.push(Command::Record { event: e.event.clone(), not_before_us: None });
+                cmds.push(Command::Record { event: event.clone(), not_before_us: None });
             } else {
                 batch = records(&cmds).cloned().collect();
-                if let Some(i) = batch.iter().position(|d| e.event.same_decision(d)) {
+                if let Some(i) = batch.iter().position(|d| event.same_decision(d)) {
                     batch.remove(i);
                 }
             }
         } else {
             batch.clear();
         }
-        if let Err(reason) = fits(&state, &ctx, &cmds, class, &e.event) {
+        if let Err(reason) = fits(&state, &ctx, &cmds, class, event) {
             report.divergence = Some(divergence(e, class, &cmds, reason));
             return Ok(report);
         }
@@ -261,6 +264,34 @@ pub fn check_run(events: &[Logged], opts: &CheckOptions) -> Result<CheckReport, 
         }
     }
     Ok(report)
+}
+
+/// A decision recorded before events carried only the latest lines of the run's revision
+/// history ([`keel_engine::HISTORY_SHOWN`]), as it is decided now: an `Escalated` whose
+/// `alternatives_tried`, or a failure `ReplanRequested` whose `tried`, is the state's whole
+/// history (or, for a replan after a rejected plan, the rejection's), with the
+/// [`keel_engine::recent_history`] of it. `None` for every other event, which is compared
+/// as recorded. Only a list equal to what the state holds is shortened, so a changed line
+/// of it, even one the short form leaves out, is still a divergence.
+fn bounded_history(state: &RunState, event: &Event) -> Option<Event> {
+    let long = |lines: &[String]| {
+        lines.len() > keel_engine::HISTORY_SHOWN
+            && (lines == state.history.as_slice()
+                || state.last_failure.as_ref().is_some_and(|f| f.tried.as_slice() == lines))
+    };
+    match event {
+        Event::Escalated(x) if long(&x.alternatives_tried) => {
+            let mut x = x.clone();
+            x.alternatives_tried = keel_engine::recent_history(&x.alternatives_tried);
+            Some(Event::Escalated(x))
+        }
+        Event::ReplanRequested { revision, reason: PlanReason::Failure(f) } if long(&f.tried) => {
+            let mut f = f.clone();
+            f.tried = keel_engine::recent_history(&f.tried);
+            Some(Event::ReplanRequested { revision: *revision, reason: PlanReason::Failure(f) })
+        }
+        _ => None,
+    }
 }
 
 fn divergence(e: &Logged, class: EventClass, cmds: &[Command], reason: String) -> Divergence {

@@ -7,7 +7,9 @@
 use super::apply::next_revision;
 use super::keys::{attempt_key, effect_key};
 use super::types::{Command, Context};
-use crate::model::event::{Escalation, EscalationCause, Event, FailureContext, FailureSource, PlanReason};
+use crate::model::event::{
+    recent_history, Escalation, EscalationCause, Event, FailureContext, FailureSource, PlanReason,
+};
 use crate::model::fsm::{RunStatus, TaskStatus};
 use crate::model::state::{RunState, TaskState};
 use crate::model::workflow::*;
@@ -67,13 +69,14 @@ fn decide_planning(s: &RunState, ctx: &Context) -> Vec<Command> {
     }
     // The plan of this round was rejected: ask again, or a human must step in.
     if replans_left(s, ctx) {
-        let failure = s.last_failure.clone().unwrap_or_else(|| FailureContext {
+        let mut failure = s.last_failure.clone().unwrap_or_else(|| FailureContext {
             task: None,
             handler: None,
             reason: "plan rejected".to_owned(),
             attempts: 0,
             tried: s.history.clone(),
         });
+        failure.tried = recent_history(&failure.tried);
         return vec![record(Event::ReplanRequested {
             revision: next_revision(s),
             reason: PlanReason::Failure(failure),
@@ -521,7 +524,7 @@ fn recover_semantic(
             handler: Some(t.spec.handler.clone()),
             reason,
             attempts: t.attempt,
-            tried: s.history.clone(),
+            tried: recent_history(&s.history),
         }));
     } else if !t.spec.critical && ctx.policy.degrade_noncritical {
         records.push(record(Event::TaskSkipped {
@@ -586,7 +589,7 @@ fn escalation(
         task,
         attempted,
         why,
-        alternatives_tried: s.history.clone(),
+        alternatives_tried: recent_history(&s.history),
         question: question.to_owned(),
         options: options.iter().map(|o| (*o).to_owned()).collect(),
         deadline_ms: ctx.policy.escalation_deadline_ms,

@@ -45,6 +45,30 @@ pub struct FailureContext {
     pub tried: Vec<String>,
 }
 
+/// Lines of a run's revision history an event carries (`Escalation::alternatives_tried`,
+/// `FailureContext::tried` of a `ReplanRequested`): the latest ones, after one line that
+/// counts the earlier ones ([`recent_history`]). Each escalation of a run that replans again
+/// and again used to carry the whole history, so its log and its state grew with the square
+/// of its revisions until no snapshot of it could be saved and, in the end, an escalation
+/// was too large to record.
+pub const HISTORY_SHOWN: usize = 16;
+
+/// What an event carries of a run's revision `history`: all of it when it has at most
+/// [`HISTORY_SHOWN`] lines, else a line counting the earlier revisions and the latest
+/// `HISTORY_SHOWN - 1` lines.
+pub fn recent_history(history: &[String]) -> Vec<String> {
+    let keep = HISTORY_SHOWN.saturating_sub(1);
+    match history.len().checked_sub(keep) {
+        Some(earlier) if history.len() > HISTORY_SHOWN => {
+            let mut out = Vec::with_capacity(HISTORY_SHOWN);
+            out.push(format!("{earlier} earlier revision(s) not shown"));
+            out.extend(history.iter().skip(earlier).cloned());
+            out
+        }
+        _ => history.to_vec(),
+    }
+}
+
 /// Why a run escalated to a human.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum EscalationCause {
