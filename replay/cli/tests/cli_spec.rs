@@ -320,6 +320,16 @@ fn runs_are_listed_a_page_at_a_time_by_cursor() {
     let listed: Vec<&str> =
         next.lines().skip(1).filter_map(|l| l.split_whitespace().next()).filter(|w| w.len() == 36).collect();
     assert_eq!(listed, all[3..6].iter().map(String::as_str).collect::<Vec<_>>(), "{next}");
+    // A relative --db: the command names the directory as an absolute path, so it runs
+    // from anywhere.
+    let (parent, name) = (d.db.parent().unwrap(), d.db.file_name().unwrap().to_str().unwrap());
+    let text = keel_in(Some(parent), &["--db", name, "runs", "--limit", "3"]).ok().stdout.clone();
+    let more = text.lines().find_map(|l| l.strip_prefix("more runs follow: keel ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(more.starts_with(&format!("--db {} ", std::path::absolute(&d.db).unwrap().display())), "{more}");
+    let next = keel_in(Some(elsewhere.path()), &more.split(' ').collect::<Vec<_>>()).ok().stdout.clone();
+    let listed: Vec<&str> =
+        next.lines().skip(1).filter_map(|l| l.split_whitespace().next()).filter(|w| w.len() == 36).collect();
+    assert_eq!(listed, all[3..6].iter().map(String::as_str).collect::<Vec<_>>(), "{next}");
     assert!(!keel(&d.db, &["runs", "--limit", "8"]).ok().stdout.contains("more runs follow"));
     // By workflow: every demo run is a support ticket.
     let mine = keel(&d.db, &["runs", "--workflow", "support_ticket", "--json"]).ok().json();

@@ -54,13 +54,18 @@ pub(crate) fn run(db: &Path, a: RunsArgs, registry: &Registry) -> CmdResult {
     print(&runs, page.next_cursor.map(|r| r.to_string()), &a, &db_flag(db))
 }
 
-/// `--db DB` as one shell word; empty for a PostgreSQL URL with a password in it (never
-/// printed: the next page's command then says to give the same `--db`).
+/// `--db DB` as one shell word, a directory as an absolute path (the command runs from
+/// any directory); empty for a PostgreSQL URL with a password in it (never printed: the
+/// next page's command then says to give the same `--db`).
 pub(crate) fn db_flag(db: &Path) -> String {
     if crate::backend::redacted(db) != db {
         return String::new();
     }
-    format!("--db {}", shell_word(&db.to_string_lossy()))
+    let dir = match crate::backend::postgres_config(db) {
+        None => std::path::absolute(db).unwrap_or_else(|_| db.to_path_buf()),
+        Some(_) => db.to_path_buf(),
+    };
+    format!("--db {}", shell_word(&dir.to_string_lossy()))
 }
 
 /// Prints the listing (`--json` or the table), from the entries of `keel runs --json` and
