@@ -82,8 +82,9 @@ mod shell;
 pub mod testing;
 
 pub use crate::core::{
-    apply, apply_mut, apply_take, attempt_key, decide, effect_key, event_of, fold, replan_outcome, sim, validate_plan,
-    Answer, Command, Context, Failure, Judgement, Output, PlanLimits, Policy, TransitionError, QUARANTINED,
+    apply, apply_mut, apply_take, attempt_key, decide, effect_key, event_of, fold, replan_outcome,
+    replan_outcome_same_spec, sim, validate_plan, Answer, Command, Context, Failure, Judgement, Output, PlanLimits,
+    Policy, TransitionError, QUARANTINED,
 };
 pub use api::*;
 pub use engine::{

@@ -265,13 +265,24 @@ impl<'a> Model<'a> {
         }
     }
 
-    fn carried(&self, spec: &TaskSpec) -> bool {
-        self.index.get(&spec.id).is_some_and(|&i| self.tasks[i].st == St::Done && self.tasks[i].spec == *spec)
+    /// Done with an identical spec, and every task it depends on carried too (its output
+    /// was made from the upstream outputs the new plan keeps).
+    fn carried(&self, spec: &TaskSpec, plan: &Plan) -> bool {
+        self.carried_depth(spec, plan, plan.tasks.len())
+    }
+
+    fn carried_depth(&self, spec: &TaskSpec, plan: &Plan, depth: usize) -> bool {
+        let same =
+            self.index.get(&spec.id).is_some_and(|&i| self.tasks[i].st == St::Done && self.tasks[i].spec == *spec);
+        same && depth > 0
+            && spec.depends_on.iter().all(|d| {
+                plan.tasks.iter().find(|t| &t.id == d).is_some_and(|up| self.carried_depth(up, plan, depth - 1))
+            })
     }
 
     fn within_budget(&self, plan: &Plan) -> bool {
         let (mut c, mut k) = (0u64, 0u64);
-        for t in plan.tasks.iter().filter(|t| !self.carried(t)) {
+        for t in plan.tasks.iter().filter(|t| !self.carried(t, plan)) {
             c += t.cost_estimate_micros;
             k += t.token_estimate;
         }
@@ -285,7 +296,7 @@ impl<'a> Model<'a> {
         let mut index = BTreeMap::new();
         for (i, spec) in plan.tasks.iter().enumerate() {
             index.insert(spec.id.clone(), i);
-            if self.carried(spec) {
+            if self.carried(spec, plan) {
                 tasks.push(self.tasks[self.index[&spec.id]].clone());
             } else {
                 tasks.push(MTask {

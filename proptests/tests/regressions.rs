@@ -402,3 +402,76 @@ fn bug_escalations_carried_the_whole_revision_history() {
     let report = keel_replay::check_run(&changed, &opts).expect("check");
     assert_eq!(report.divergence.map(|d| d.seq), Some(k as u64));
 }
+
+/// BUG (engine/src/core/apply.rs `replan_outcome`; found by a review as an embedder): a
+/// replan kept a done task whose spec was unchanged even when a task it depends on ran
+/// again with another result, so the run completed with `quote` = 120 beside `charge`
+/// made from `quote` = 100, and `receipt` was dispatched from the old `charge` before the
+/// new `quote` answered. A task is now kept only if everything it depends on is kept; a
+/// done task whose upstream runs again runs again, under its effect key (same spec). A
+/// `Replanned` recorded under the old rule still folds.
+#[test]
+fn bug_a_replan_kept_a_done_task_whose_upstream_runs_again() {
+    let done = |log: &mut Vec<Logged>, t: &str, verdict: Verdict| {
+        push(log, dispatch(t, 1));
+        let output = Json::new(&serde_json::json!({ "from": t }));
+        push(
+            log,
+            Event::TaskExecuted { task: TaskId::from(t), attempt: 1, output, usage: Usage::default(), cached: false },
+        );
+        let notes = String::new();
+        push(
+            log,
+            Event::TaskEvaluated {
+                task: TaskId::from(t),
+                attempt: 1,
+                verdict,
+                notes,
+                model: None,
+                usage: Usage::default(),
+            },
+        )
+    };
+    let (quote, charge, receipt) =
+        (task("quote", "h", &[]), task("charge", "pay", &["quote"]), task("receipt", "h", &["charge"]));
+    let mut log = Vec::new();
+    push(&mut log, accepted("wf", 7, Budget::default()));
+    push(&mut log, Event::PlanRequested { revision: 0, reason: PlanReason::Initial });
+    let plan = Plan { tasks: vec![quote.clone(), charge.clone(), receipt.clone()], rationale: String::new() };
+    push(&mut log, Event::Planned { revision: 0, plan });
+    done(&mut log, "quote", Verdict::Pass);
+    done(&mut log, "charge", Verdict::Pass);
+    done(&mut log, "receipt", Verdict::Hard);
+    let failure = FailureContext {
+        task: Some(TaskId::from("receipt")),
+        handler: None,
+        reason: "hard".into(),
+        attempts: 1,
+        tried: vec![],
+    };
+    let state = push(&mut log, Event::ReplanRequested { revision: 1, reason: PlanReason::Failure(failure) });
+    // Revision 1 changes quote's input only.
+    let mut quote2 = quote;
+    quote2.input = Json::new(&serde_json::json!({ "task": "quote", "v": 1 }));
+    let plan = Plan { tasks: vec![quote2, charge, receipt], rationale: String::new() };
+    let ids = |v: &[&str]| v.iter().map(|s| TaskId::from(*s)).collect::<Vec<_>>();
+    let (carried_over, superseded) = replan_outcome(&state, &plan);
+    assert_eq!((carried_over.clone(), superseded.clone()), (ids(&[]), ids(&["receipt"])), "charge's quote runs again");
+    let ctx = Context { handlers: ["h", "pay"].iter().map(|h| (*h).to_owned()).collect(), ..Context::default() };
+    assert_eq!(validate_plan(&plan, &state, &ctx), Vec::<String>::new());
+    let before = state.tasks.iter().find(|t| t.spec.id.0 == "charge").map(|t| t.planned_in);
+    let after = push(&mut log, Event::Replanned { revision: 1, plan: plan.clone(), carried_over, superseded });
+    let charge_now = after.tasks.iter().find(|t| t.spec.id.0 == "charge").expect("charge");
+    assert_eq!(charge_now.status, TaskStatus::Pending, "charge runs again on the new quote");
+    assert_eq!(Some(charge_now.planned_in), before, "under the effect key of the charge it made");
+    // What the engine recorded before (charge kept) still folds; anything else does not.
+    let (old_carried, old_superseded) = replan_outcome_same_spec(&state, &plan);
+    assert_eq!(old_carried, ids(&["charge"]));
+    let legacy = |carried_over: Vec<TaskId>| {
+        let e = Event::Replanned { revision: 1, plan: plan.clone(), carried_over, superseded: old_superseded.clone() };
+        apply(Some(&state), &logged(&log[..log.len() - 1], e))
+    };
+    let folded = legacy(old_carried).expect("a replan recorded under the old rule folds");
+    assert_eq!(folded.tasks.iter().find(|t| t.spec.id.0 == "charge").map(|t| t.status), Some(TaskStatus::Done));
+    assert!(legacy(ids(&["charge", "quote"])).is_err());
+}

@@ -26,8 +26,8 @@
 use crate::error::ReplayError;
 use crate::format::{command_json, command_line, event_json, event_line};
 use keel_engine::{
-    apply, apply_mut, decide, replan_outcome, validate_plan, Command, Context, Event, FailureSource, Logged,
-    PlanReason, Policy, RunState, QUARANTINED,
+    apply, apply_mut, decide, replan_outcome, replan_outcome_same_spec, validate_plan, Command, Context, Event,
+    FailureSource, Logged, PlanReason, Policy, RunState, QUARANTINED,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -413,6 +413,14 @@ fn fits_plan(state: &RunState, ctx: &Context, plan: &keel_engine::Plan, event: &
     }
     if let Event::Replanned { carried_over, superseded, .. } = event {
         let (c, s) = replan_outcome(state, plan);
+        if (carried_over, superseded) != (&c, &s)
+            && (carried_over.clone(), superseded.clone()) == replan_outcome_same_spec(state, plan)
+        {
+            let rerun: Vec<&keel_engine::TaskId> = carried_over.iter().filter(|t| !c.contains(t)).collect();
+            return Err(format!(
+                "recorded under the earlier carry-over rule: {rerun:?} kept their outputs although a task they depend on runs again; the current code runs them again"
+            ));
+        }
         if *carried_over != c || *superseded != s {
             return Err(format!(
                 "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"

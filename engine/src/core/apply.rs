@@ -10,7 +10,7 @@ use crate::model::fsm::{run_transition, task_transition, RunStatus, TaskStatus, 
 use crate::model::state::{EscalationState, RunState, SizeWarning, TaskState, Totals};
 use crate::model::workflow::*;
 use keel_store::Seq;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Fold one event into the state. The first event of a run must be `RunAccepted`, applied
 /// to `None`.
@@ -107,16 +107,62 @@ pub(crate) fn next_revision(s: &RunState) -> u32 {
     }
 }
 
-/// Which tasks of the current plan a replacement plan keeps (done, identical spec) and
-/// which it supersedes (every other task that has not finished). The shell records
-/// exactly this on `Replanned`; `apply` checks it.
+/// Which tasks of the current plan a replacement plan keeps and which it supersedes
+/// (every other task that has not finished). A task is kept, with its output, when it is
+/// done, the new plan has it with an identical spec, and every task it depends on is kept
+/// too: its output was made from the upstream outputs the new plan keeps. A done task
+/// whose upstream runs again runs again itself, under the same effect key (its spec is
+/// unchanged: a handler that dedupes on the key sees the new input under the key of the
+/// effect it already made). The shell records exactly this on `Replanned`; `apply`
+/// checks it.
 pub fn replan_outcome(s: &RunState, plan: &Plan) -> (Vec<TaskId>, Vec<TaskId>) {
+    outcome(s, plan, true)
+}
+
+/// [`replan_outcome`] as the engine computed it before a carried-over task had to have
+/// its upstream carried over too (done and an identical spec was enough): what a
+/// `Replanned` recorded then carries. `apply` folds such a record; the determinism check
+/// reports it as a decision the current code does not make.
+pub fn replan_outcome_same_spec(s: &RunState, plan: &Plan) -> (Vec<TaskId>, Vec<TaskId>) {
+    outcome(s, plan, false)
+}
+
+/// The ids of the tasks a replacement plan keeps ([`replan_outcome`]).
+pub(crate) fn carried_ids<'a>(s: &'a RunState, plan: &Plan, upstream_kept: bool) -> BTreeSet<&'a TaskId> {
     let new_specs: BTreeMap<&TaskId, &TaskSpec> = plan.tasks.iter().map(|t| (&t.id, t)).collect();
+    let mut kept: BTreeSet<&TaskId> = s
+        .tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Done && new_specs.get(&t.spec.id).is_some_and(|spec| **spec == t.spec))
+        .map(|t| &t.spec.id)
+        .collect();
+    if upstream_kept {
+        // Until nothing changes: a task whose upstream is not kept is not kept (at most
+        // one pass per level of the plan's graph).
+        loop {
+            let dropped: Vec<&TaskId> = s
+                .tasks
+                .iter()
+                .filter(|t| kept.contains(&t.spec.id) && t.spec.depends_on.iter().any(|d| !kept.contains(d)))
+                .map(|t| &t.spec.id)
+                .collect();
+            if dropped.is_empty() {
+                break;
+            }
+            for id in dropped {
+                kept.remove(id);
+            }
+        }
+    }
+    kept
+}
+
+fn outcome(s: &RunState, plan: &Plan, upstream_kept: bool) -> (Vec<TaskId>, Vec<TaskId>) {
+    let kept = carried_ids(s, plan, upstream_kept);
     let mut carried = Vec::new();
     let mut superseded = Vec::new();
     for t in &s.tasks {
-        let same = new_specs.get(&t.spec.id).is_some_and(|spec| **spec == t.spec);
-        if t.status == TaskStatus::Done && same {
+        if kept.contains(&t.spec.id) {
             carried.push(t.spec.id.clone());
         } else if !t.status.is_terminal() {
             superseded.push(t.spec.id.clone());
@@ -539,7 +585,9 @@ fn replanned(
         return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
     let (want_carried, want_superseded) = replan_outcome(s, plan);
-    if *carried_over != want_carried || *superseded != want_superseded {
+    // A replan recorded before a kept task needed its upstream kept too folds as recorded.
+    let recorded = (carried_over.clone(), superseded.clone());
+    if recorded != (want_carried.clone(), want_superseded.clone()) && recorded != replan_outcome_same_spec(s, plan) {
         return Err(cx.invalid(format!(
             "carried_over/superseded do not match the plans: expected {want_carried:?} / {want_superseded:?}"
         )));

@@ -16,7 +16,7 @@ pub mod sim;
 mod types;
 
 pub use answer::{event_of, Answer, Failure, Judgement, Output};
-pub use apply::{apply, apply_mut, apply_take, fold, replan_outcome};
+pub use apply::{apply, apply_mut, apply_take, fold, replan_outcome, replan_outcome_same_spec};
 pub use decide::{check_output, decide, QUARANTINED};
 pub use keys::{attempt_key, effect_key};
 pub use plan::validate_plan;

@@ -2,7 +2,6 @@
 //! rejected (never executed).
 
 use super::types::{Context, PlanLimits};
-use crate::model::fsm::TaskStatus;
 use crate::model::state::RunState;
 use crate::model::workflow::{Plan, TaskKind, TaskSpec};
 use keel_store::json::JSON_DEPTH_MAX;
@@ -39,7 +38,7 @@ pub fn validate_plan(plan: &Plan, state: &RunState, ctx: &Context) -> Vec<String
         errors.push(format!("plan has a dependency cycle through task {cycle}"));
     }
 
-    check_cost(plan, &ids, state, &mut errors);
+    check_cost(plan, state, &mut errors);
     errors
 }
 
@@ -156,13 +155,9 @@ fn check_durations(t: &TaskSpec, limits: &PlanLimits, errors: &mut Vec<String>) 
 
 /// What the new plan still has to run (tasks not carried over) must fit in what the
 /// budget has left.
-fn check_cost(plan: &Plan, ids: &BTreeMap<&str, &TaskSpec>, state: &RunState, errors: &mut Vec<String>) {
-    let carried: BTreeSet<&str> = state
-        .tasks
-        .iter()
-        .filter(|t| t.status == TaskStatus::Done && ids.get(t.spec.id.0.as_str()).is_some_and(|n| **n == t.spec))
-        .map(|t| t.spec.id.0.as_str())
-        .collect();
+fn check_cost(plan: &Plan, state: &RunState, errors: &mut Vec<String>) {
+    let carried: BTreeSet<&str> =
+        super::apply::carried_ids(state, plan, true).into_iter().map(|id| id.0.as_str()).collect();
     let to_run = plan.tasks.iter().filter(|t| !carried.contains(t.id.0.as_str()));
     let (cost, tokens) = to_run
         .fold((0u64, 0u64), |(c, k), t| (c.saturating_add(t.cost_estimate_micros), k.saturating_add(t.token_estimate)));
