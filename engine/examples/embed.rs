@@ -100,14 +100,22 @@ impl EscalationSink for PrintSink {
     }
 }
 
-async fn wait_until_settled(engine: &Engine) -> Result<Vec<RunSummary>, EngineError> {
-    loop {
-        let runs = engine.runs()?;
-        if runs.iter().all(|r| r.status.is_terminal() || r.status == RunStatus::AwaitingHuman) {
-            return Ok(runs);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits (no polling) until each run has finished or waits for a person.
+async fn wait_until_settled(engine: &Engine, runs: &[RunId]) -> Result<(), EngineError> {
+    for run in runs {
+        engine.wait_until(*run, |s| s.is_terminal() || s == RunStatus::AwaitingHuman).await?;
     }
+    Ok(())
+}
+
+/// One of the engine's blocking reads (`runs`, `escalations`, `stats`: they read the
+/// store) on tokio's blocking pool, off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    engine: &Engine,
+    read: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, Box<dyn std::error::Error>> {
+    let engine = engine.clone();
+    Ok(tokio::task::spawn_blocking(move || read(&engine)).await??)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -136,6 +144,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .open()?;
         let workers = engine.start();
 
+        let mut submitted = Vec::new();
         for (vendor, cents, key) in
             [("Acme", 120_000, "inv-1"), ("Globex", 990_000, "inv-2"), ("Initech", 45_000, "inv-3")]
         {
@@ -143,6 +152,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             req.idempotency_key = Some(key.into());
             let s = engine.submit(req).await?;
             println!("submitted {key}: run {}", s.run);
+            submitted.push(s.run);
         }
         // A webhook delivered twice: the same run comes back.
         let again = engine
@@ -157,9 +167,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("refused: {e}");
         }
 
-        wait_until_settled(&engine).await?;
+        wait_until_settled(&engine, &submitted).await?;
         if keep.is_some() {
-            for p in engine.escalations()? {
+            for p in blocking(&engine, |e| e.escalations()).await? {
                 println!(
                     "run {} waits for a person: keel --db {} resolve {} --decision approve --by you",
                     p.run,
@@ -170,7 +180,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             workers.shutdown().await;
             return Ok(());
         }
-        for p in engine.escalations()? {
+        for p in blocking(&engine, |e| e.escalations()).await? {
             println!("resolving escalation {} of run {}: approve", p.escalation.number, p.run);
             engine
                 .resolve(
@@ -183,12 +193,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
                 .await?;
         }
-        let runs = wait_until_settled(&engine).await?;
+        wait_until_settled(&engine, &submitted).await?;
+        let runs = blocking(&engine, |e| e.runs()).await?;
         println!("\n{:<36}  {:<10}  {:>8}  {:>6}", "run", "status", "cost", "events");
         for r in &runs {
             println!("{:<36}  {:<10}  {:>8}  {:>6}", r.run.to_string(), r.status.name(), r.cost_micros, r.events);
         }
-        for s in engine.stats()? {
+        for s in blocking(&engine, |e| e.stats()).await? {
             println!(
                 "{}: {} runs, cost per run {} micros, {} LLM calls",
                 s.workflow, s.runs, s.cost_per_run_micros, s.totals.llm_calls

@@ -279,7 +279,8 @@ pub struct WorkflowType {
     pub max_concurrent_runs: usize,
     /// Tasks of one run in flight at once.
     pub max_parallel_tasks: u32,
-    /// How long an idempotency key keeps returning the same run.
+    /// How long an idempotency key keeps returning the same run (at least 1 ms:
+    /// `EngineBuilder::open` refuses 0, which would let a key expire as it is made).
     pub dedup_window_ms: u64,
     /// Makes the plans of this type's runs.
     pub planner: Arc<dyn Planner>,
@@ -485,7 +486,8 @@ pub struct ShellLimits {
     /// notify; the next drive asks again).
     pub sink_timeout_ms: u64,
     /// Threads of the pool calls out of the engine run on (handlers, planner, evaluator,
-    /// sink): a callee that blocks its thread holds one of them, never a driver.
+    /// sink, of every workflow type): a callee that blocks its thread holds one of them,
+    /// never a driver, so as many blocked callees stall every call. At least 1.
     pub call_threads: usize,
 }
 

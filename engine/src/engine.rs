@@ -209,20 +209,20 @@ impl EngineBuilder {
         self
     }
 
-    /// Opens the store and checks the configuration.
+    /// Checks the configuration, then opens the store: a configuration error creates
+    /// nothing (no database directory is made for an engine that cannot start).
     pub fn open(self) -> Result<Engine, EngineError> {
-        // The journal checks event sizes against the limits the store was opened with.
-        let log: Arc<dyn Store> = match (self.path, self.store) {
-            (Some(_), Some(_)) => return Err(EngineError::Config("both path() and store() given".into())),
-            (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
-            (None, Some(s)) => s,
-            (Some(p), None) => open_sled(&p, self.durability)?,
-        };
-        let store_limits = log.limits();
-        // Every append through the engine's store is counted (Engine::metrics).
-        let (log, meter) = crate::shell::meter::observe(log);
+        if matches!((&self.path, &self.store), (Some(_), Some(_))) {
+            return Err(EngineError::Config("both path() and store() given".into()));
+        }
+        if matches!((&self.path, &self.store), (None, None)) {
+            return Err(EngineError::Config("no store: call path() or store()".into()));
+        }
         if self.workers == 0 {
             return Err(EngineError::Config("workers must be at least 1".into()));
+        }
+        if self.limits.call_threads == 0 {
+            return Err(EngineError::Config("call_threads must be at least 1".into()));
         }
         let mut workflows = BTreeMap::new();
         for w in self.workflows {
@@ -231,6 +231,12 @@ impl EngineBuilder {
             }
             if w.max_parallel_tasks == 0 {
                 return Err(EngineError::Config(format!("workflow {}: max_parallel_tasks must be at least 1", w.name)));
+            }
+            if w.dedup_window_ms == 0 {
+                return Err(EngineError::Config(format!(
+                    "workflow {}: dedup_window_ms must be at least 1 (an idempotency key would expire as it is made)",
+                    w.name
+                )));
             }
             let validator = match &w.input_schema {
                 None => None,
@@ -244,11 +250,6 @@ impl EngineBuilder {
                 return Err(EngineError::Config(format!("workflow {name} registered twice")));
             }
         }
-        let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
-        let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
-        let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
-        // The read models: built from the log once if this database has none yet.
-        crate::shell::index::ensure(log.as_ref())?;
         let leasing = lease_settings(self.lease_ttl_ms, self.lease_clock)?;
         if !(1..=LEASE_TTL_MS_MAX).contains(&self.queue_poll_ms) {
             return Err(EngineError::Config(format!(
@@ -256,10 +257,24 @@ impl EngineBuilder {
                 self.queue_poll_ms
             )));
         }
-        let calls = CallPool::new(self.limits.call_threads)?;
         if self.checkpoint_every_ms == 0 {
             return Err(EngineError::Config("checkpoint_every_ms must be at least 1".into()));
         }
+        // The journal checks event sizes against the limits the store was opened with.
+        let log: Arc<dyn Store> = match (self.path, self.store) {
+            (None, Some(s)) => s,
+            (Some(p), _) => open_sled(&p, self.durability)?,
+            (None, None) => return Err(EngineError::Config("no store: call path() or store()".into())),
+        };
+        let store_limits = log.limits();
+        // Every append through the engine's store is counted (Engine::metrics).
+        let (log, meter) = crate::shell::meter::observe(log);
+        let ctx = Context { policy: self.policy, handlers: self.handlers.keys().cloned().collect() };
+        let cache = ResponseCache::with_store(self.limits.cache_entries_max, log.clone());
+        let journal = Journal::new(log.clone(), store_limits, self.snapshot_every);
+        // The read models: built from the log once if this database has none yet.
+        crate::shell::index::ensure(log.as_ref())?;
+        let calls = CallPool::new(self.limits.call_threads)?;
         let checkpoints = self.checkpoint_signer.map(|signer| crate::shell::checkpoint::Checkpointing {
             signer,
             every_ms: self.checkpoint_every_ms,

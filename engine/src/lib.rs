@@ -58,11 +58,8 @@
 //!     .open()?;
 //! let workers = engine.start();                               // on your tokio runtime
 //! let submitted = engine.submit(request).await?;              // deduplicated by idempotency key
-//! # loop {
-//! #     if engine.state(submitted.run)?.status.is_terminal() { break; }
-//! #     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-//! # }
-//! # assert_eq!(engine.state(submitted.run)?.status, RunStatus::Completed);
+//! let status = engine.wait(submitted.run).await?;             // its end, without polling
+//! # assert_eq!(status, RunStatus::Completed);
 //! workers.shutdown().await;
 //! # Ok(())
 //! # }

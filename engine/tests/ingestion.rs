@@ -54,3 +54,45 @@ async fn the_same_key_with_a_different_request_is_an_idempotency_conflict_and_wr
     assert_ne!(later.run, first.run);
     assert_eq!(engine.run_by_key("w", "evt_1").await.unwrap(), Some(later.run));
 }
+
+/// A configuration the engine refuses is refused before the store is opened: nothing is
+/// created on disk (a review as an embedder found a new database left behind by each).
+/// `dedup_window_ms = 0` (a key expiring as it is made: idempotency silently off) and
+/// `call_threads = 0` are refused too.
+#[test]
+fn a_configuration_error_creates_nothing_on_disk() {
+    let dir = tempdir();
+    let db = dir.path().join("db");
+    let wf = || workflow("wf", planner(vec![]), pass_evaluator());
+    let builder = || Engine::builder().path(&db).workflow(wf());
+    let cases: Vec<(&str, EngineBuilder)> = vec![
+        ("workers must be at least 1", builder().workers(0)),
+        (
+            "call_threads must be at least 1",
+            builder().limits(ShellLimits { call_threads: 0, ..ShellLimits::default() }),
+        ),
+        ("max_parallel_tasks", Engine::builder().path(&db).workflow(WorkflowType { max_parallel_tasks: 0, ..wf() })),
+        (
+            "dedup_window_ms must be at least 1",
+            Engine::builder().path(&db).workflow(WorkflowType { dedup_window_ms: 0, ..wf() }),
+        ),
+        (
+            "invalid input schema",
+            Engine::builder().path(&db).workflow(WorkflowType { input_schema: Some(json!({"type": 7})), ..wf() }),
+        ),
+        ("registered twice", builder().workflow(wf())),
+        ("lease_ttl_ms", builder().lease_ttl_ms(1)),
+        ("queue_poll_ms", builder().queue_poll_ms(0)),
+        ("checkpoint_every_ms", builder().checkpoint_every_ms(0)),
+    ];
+    for (want, b) in cases {
+        match b.open() {
+            Err(EngineError::Config(e)) => assert!(e.contains(want), "{want}: {e}"),
+            other => panic!("{want}: {other:?}"),
+        }
+        assert!(!db.exists(), "{want}: the refused configuration created {}", db.display());
+    }
+    let engine = builder().open().expect("the same builder without the error opens");
+    assert!(db.exists());
+    drop(engine);
+}
