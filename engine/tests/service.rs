@@ -157,3 +157,68 @@ async fn shutdown_returns_only_once_the_calls_in_flight_are_gone() {
         "the call was still alive on the call pool after shutdown returned"
     );
 }
+
+/// Waits until the run's task is dispatched (its call in flight).
+async fn dispatched(engine: &Engine, run: RunId) {
+    for _ in 0..1000 {
+        if count(&engine.events(run).unwrap(), "TaskDispatched") > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never dispatched: {:?}", kinds(&engine.events(run).unwrap()));
+}
+
+/// A stop of the workers, then a restart that finishes the run: the events of the run.
+async fn stop_then_restart(dir: &std::path::Path, delay_ms: u64, stop: impl AsyncFnOnce(Workers)) -> Vec<Logged> {
+    let wf = workflow("wf", planner(vec![plan(vec![task("t", TaskKind::Tool, "slow", &[])])]), pass_evaluator());
+    let run = {
+        let slow =
+            slow_handler(delay_ms, |c| Ok(TaskOutput { output: json!({"t": c.task.0}), usage: Usage::default() }));
+        let engine = open_engine(dir, wf.clone(), &[("slow", slow)], |b| b);
+        let workers = engine.start();
+        let run = engine.submit(req("wf", json!({}))).await.unwrap().run;
+        dispatched(&engine, run).await;
+        stop(workers).await;
+        run
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // the store's lock, released after drop
+    let fast = slow_handler(0, |c| Ok(TaskOutput { output: json!({"t": c.task.0}), usage: Usage::default() }));
+    let engine = open_engine(dir, wf, &[("slow", fast)], |b| b);
+    let report = engine.run_until_idle().await.unwrap();
+    assert_eq!(report.completed, 1, "{report:?}");
+    engine.events(run).unwrap()
+}
+
+/// `Workers::drain` lets the call in flight answer and records it: the restart redelivers
+/// nothing (a rolling deploy does not count toward the task's quarantine), where
+/// `Workers::shutdown` drops the call and the restart records a redelivery. A drain whose
+/// grace passes stops as a shutdown does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_records_the_calls_in_flight_and_the_restart_redelivers_nothing() {
+    let dir = tempdir();
+    let drained = stop_then_restart(&dir.path().join("drain"), 400, async |w: Workers| {
+        let t = std::time::Instant::now();
+        w.drain(Duration::from_secs(20)).await;
+        assert!(t.elapsed() < Duration::from_secs(10), "the drain waited {:?}", t.elapsed());
+    })
+    .await;
+    assert_eq!(count(&drained, "TaskRedelivered"), 0, "{:?}", kinds(&drained));
+    assert_eq!(count(&drained, "TaskExecuted"), 1, "{:?}", kinds(&drained));
+    assert_eq!(count(&drained, "TaskDispatched"), 1, "{:?}", kinds(&drained));
+    assert_eq!(kinds(&drained).last(), Some(&"RunCompleted"));
+
+    let stopped = stop_then_restart(&dir.path().join("shutdown"), 400, async |w: Workers| {
+        w.shutdown().await;
+    })
+    .await;
+    assert_eq!(count(&stopped, "TaskRedelivered"), 1, "{:?}", kinds(&stopped));
+
+    let late = stop_then_restart(&dir.path().join("late"), 10_000, async |w: Workers| {
+        let t = std::time::Instant::now();
+        w.drain(Duration::from_millis(200)).await;
+        assert!(t.elapsed() < Duration::from_secs(5), "the drain took {:?} past its grace", t.elapsed());
+    })
+    .await;
+    assert_eq!(count(&late, "TaskRedelivered"), 1, "{:?}", kinds(&late));
+}

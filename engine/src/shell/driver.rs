@@ -25,6 +25,7 @@ use crate::shell::journal::Refused;
 use crate::shell::lease::Held;
 use crate::shell::oversize;
 use crate::shell::runtime::{Inner, Registered};
+use crate::shell::sched::Phase;
 use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub(crate) async fn drive(
     inner: Arc<Inner>,
     run: RunId,
     wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Phase>,
     held: Option<Arc<Held>>,
 ) -> DriveOutcome {
     let span = tracing::info_span!("run", %run, workflow = tracing::field::Empty);
@@ -130,7 +131,7 @@ struct Driver {
     inner: Arc<Inner>,
     run: RunId,
     wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<Phase>,
     /// The run's lease its appends are fenced with (`shell::lease`).
     held: Option<Arc<Held>>,
     /// Calls spawned on the call pool; dropping the set aborts whatever is still running.
@@ -215,7 +216,8 @@ impl Driver {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
         let mut batch = Batch::default();
         loop {
-            if *self.stop.borrow() {
+            let phase = *self.stop.borrow();
+            if phase == Phase::Stop {
                 return Ok(DriveOutcome::Shutdown);
             }
             // Answers that already arrived join this batch; calls past the driver's own
@@ -230,6 +232,29 @@ impl Driver {
                     tracing::info!(inflight = self.inflight.len(), status = ?state.status, "run is terminal: dropping in-flight calls");
                 }
                 return Ok(DriveOutcome::Idle(state.status));
+            }
+            if phase == Phase::Drain {
+                // The workers are draining: record the answers of the calls in flight,
+                // decide nothing (no new dispatch), end once no call is left. The next
+                // drive decides from what is recorded, and redelivers nothing.
+                if !batch.is_empty() {
+                    if let Committed::Conflict(answers) = self.commit(&mut state, &mut batch).await? {
+                        state = self.reload().await?;
+                        self.restage(&mut state, &mut batch, answers)?;
+                    }
+                    continue;
+                }
+                if self.inflight.is_empty() {
+                    return Ok(DriveOutcome::Shutdown);
+                }
+                let until = self.inflight.values().map(|f| f.until).min();
+                let until = until.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(100));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
+                    changed = self.stop.changed() => if changed.is_err() { return Ok(DriveOutcome::Shutdown) },
+                }
+                continue;
             }
             // Decide until nothing more is due now, staging each call's due records in
             // order. Future-dated records (retry backoffs, the run deadline, an
@@ -271,7 +296,9 @@ impl Driver {
                 _ = tokio::time::sleep_until(until) => {}
                 Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
                 _ = self.wake.notified() => state = self.reload().await?,
-                _ = self.stop.changed() => return Ok(DriveOutcome::Shutdown),
+                // A stop ends the drive at the loop's top, as the workers gone do here; a
+                // drain finishes the calls.
+                changed = self.stop.changed() => if changed.is_err() { return Ok(DriveOutcome::Shutdown) },
             }
         }
     }

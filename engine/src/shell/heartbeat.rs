@@ -30,7 +30,7 @@ pub(crate) async fn drive_leased(
     inner: Arc<Inner>,
     run: RunId,
     wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<crate::shell::sched::Phase>,
     held: Arc<Held>,
 ) -> DriveOutcome {
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();

@@ -146,7 +146,7 @@ type Drives = JoinSet<(RunId, DriveOutcome)>;
 async fn spawn_claimed(
     inner: &Arc<Inner>,
     set: &mut Drives,
-    stop: &watch::Receiver<bool>,
+    stop: &watch::Receiver<Phase>,
     gather: bool,
 ) -> Option<Duration> {
     if !shared::is_shared(inner) {
@@ -165,7 +165,7 @@ async fn spawn_claimed(
 fn spawn_drive(
     inner: &Arc<Inner>,
     set: &mut Drives,
-    stop: &watch::Receiver<bool>,
+    stop: &watch::Receiver<Phase>,
     run: RunId,
     wake: Arc<tokio::sync::Notify>,
     held: Arc<Held>,
@@ -178,7 +178,7 @@ fn spawn_drive(
     });
 }
 
-fn spawn_local(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<bool>) {
+fn spawn_local(inner: &Arc<Inner>, set: &mut Drives, stop: &watch::Receiver<Phase>) {
     loop {
         let claimed = inner
             .sched()
@@ -239,7 +239,7 @@ fn finish(inner: &Arc<Inner>, run: RunId, out: &DriveOutcome, report: &mut IdleR
 
 pub(crate) async fn run_until_idle(inner: &Arc<Inner>) -> Result<IdleReport, EngineError> {
     scan(inner, false).await?;
-    let (_stop_tx, stop) = watch::channel(false);
+    let (_stop_tx, stop) = watch::channel(Phase::Run);
     let mut set = JoinSet::new();
     let mut report = IdleReport::default();
     // Runs waiting for a timer (retry backoff, deadline): driven again when it falls due,
@@ -330,28 +330,64 @@ fn queue_due(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
     }
 }
 
+/// What the service workers are asked to do ([`Workers`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Phase {
+    /// Claim runs and drive them.
+    Run,
+    /// Claim nothing more; each driver records the answers of its calls in flight, starts
+    /// nothing new, and ends once none is left ([`Workers::drain`]).
+    Drain,
+    /// Every driver ends at its next wait; calls in flight are dropped.
+    Stop,
+}
+
 /// Background workers started by [`crate::Engine::start`].
 pub struct Workers {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Phase>,
     handle: Option<tokio::task::JoinHandle<IdleReport>>,
 }
 
 impl Workers {
     /// Stops claiming runs, stops every driver at its next wait (in-flight calls are
-    /// dropped: their dispatches are durable and resume re-dispatches them), and waits.
-    /// Returns what the workers did.
+    /// dropped: their dispatches are durable and resume re-dispatches them, a
+    /// redelivery that counts toward the task's quarantine), and waits. Returns what
+    /// the workers did.
     pub async fn shutdown(mut self) -> IdleReport {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Phase::Stop);
         match self.handle.take() {
             Some(h) => h.await.unwrap_or_default(),
             None => IdleReport::default(),
+        }
+    }
+
+    /// A graceful stop: claims no more runs and starts no new call, lets the calls in
+    /// flight answer (their results are recorded) for at most `grace`, then stops as
+    /// [`Workers::shutdown`] does with whatever is still in flight. A restart after a
+    /// drain that ended in time redelivers nothing: a rolling deploy does not count
+    /// toward any task's quarantine. Returns what the workers did.
+    pub async fn drain(mut self, grace: std::time::Duration) -> IdleReport {
+        let _ = self.stop.send(Phase::Drain);
+        let Some(mut handle) = self.handle.take() else {
+            return IdleReport::default();
+        };
+        match tokio::time::timeout(grace, &mut handle).await {
+            Ok(report) => report.unwrap_or_default(),
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "calls still in flight at the end of the drain: dropped"
+                );
+                let _ = self.stop.send(Phase::Stop);
+                handle.await.unwrap_or_default()
+            }
         }
     }
 }
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Phase::Stop);
     }
 }
 
@@ -362,7 +398,7 @@ impl std::fmt::Debug for Workers {
 }
 
 pub(crate) fn start(inner: Arc<Inner>) -> Workers {
-    let (stop_tx, stop) = watch::channel(false);
+    let (stop_tx, stop) = watch::channel(Phase::Run);
     let handle = tokio::spawn(service(inner, stop));
     Workers { stop: stop_tx, handle: Some(handle) }
 }
@@ -383,14 +419,15 @@ async fn scan_for_service(inner: &Arc<Inner>) {
     }
 }
 
-async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) -> IdleReport {
+async fn service(inner: Arc<Inner>, mut stop: watch::Receiver<Phase>) -> IdleReport {
     let mut report = IdleReport::default();
     shared::listen(&inner);
     scan_for_service(&inner).await;
     let mut set = JoinSet::new();
     let mut scanned = tokio::time::Instant::now();
     loop {
-        if *stop.borrow() {
+        // A drain or a stop: nothing more is claimed; the drives still going end below.
+        if *stop.borrow() != Phase::Run {
             break;
         }
         // Runs submitted, released or orphaned by other processes sharing the store (a

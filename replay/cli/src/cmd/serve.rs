@@ -161,9 +161,11 @@ pub(crate) async fn run(db: &Path, a: ServeArgs, registry: &Registry) -> CmdResu
         crate::remote::remove_server_file(db);
     }
     served?;
-    match tokio::time::timeout(grace, workers.shutdown()).await {
+    // The calls in flight answer (recorded) for up to `grace`; then the drivers still
+    // waiting stop (their calls are redelivered by the next start).
+    match tokio::time::timeout(grace.saturating_mul(2), workers.drain(grace)).await {
         Ok(report) => errln!("keel: stopped after {} driver pass(es)", report.driven),
-        Err(_) => errln!("keel: the workers did not stop within {}s; exiting", grace.as_secs()),
+        Err(_) => errln!("keel: the workers did not stop within {}s; exiting", grace.saturating_mul(2).as_secs()),
     }
     Ok(ExitCode::SUCCESS)
 }

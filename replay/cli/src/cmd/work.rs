@@ -87,16 +87,18 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
 }
 
 /// `keel work` as a service: works runs until SIGINT or SIGTERM, then stops taking runs
-/// and gives the drivers in flight `grace` to finish their appends. Exit 0 when every
+/// and starting calls, and gives the calls in flight `grace` to answer (recorded). Exit 0 when every
 /// driver stopped cleanly, 1 when one stopped on an error or the grace ran out.
 async fn serve_work(db: &Path, engine: &keel_engine::Engine, grace: Duration) -> CmdResult {
     let stop = crate::sys::stop_signal();
     let workers = engine.start();
     errln!("keel: working runs in {} (SIGINT or SIGTERM to stop)", crate::backend::redacted(db).display());
     stop.await;
-    errln!("keel: stopping: no new runs taken; letting drivers in flight finish their appends");
-    let Ok(report) = tokio::time::timeout(grace, workers.shutdown()).await else {
-        errln!("keel: the drivers did not stop within {}s; exiting", grace.as_secs());
+    errln!("keel: stopping: no new runs taken or calls started; letting the calls in flight answer");
+    // The drain records the calls' answers for up to `grace`, then stops the drivers
+    // still waiting (their calls are redelivered by the next start): bounded by twice it.
+    let Ok(report) = tokio::time::timeout(grace.saturating_mul(2), workers.drain(grace)).await else {
+        errln!("keel: the drivers did not stop within {}s; exiting", grace.saturating_mul(2).as_secs());
         return Ok(ExitCode::from(1));
     };
     let l = engine.lease_stats();
