@@ -175,9 +175,10 @@ pub fn invariants_except(sc: &Scenario, log: &[Logged], states: &[RunState], kno
         }
     }
     // Snapshot + tail == full fold, at every prefix (replay from a snapshot reproduces
-    // every intermediate state), for every state the store keeps a snapshot of: a larger
-    // one is refused (`snapshot_bytes_max`) and the engine folds the log instead.
-    let snapshot_max = keel_store::Limits::default().snapshot_bytes_max;
+    // every intermediate state), for every state a store can keep a snapshot of: a larger
+    // one is refused (`snapshot_bytes_max`, at most `VALUE_BYTES_HARD_MAX`) and the engine
+    // folds the log instead.
+    let snapshot_max = keel_store::Limits::VALUE_BYTES_HARD_MAX;
     for (k, s) in states.iter().enumerate().step_by(7) {
         let snapshot = keel_engine::encode_snapshot(s).map_err(|e| format!("state {k} does not encode: {e}"))?;
         if snapshot.len() > snapshot_max {

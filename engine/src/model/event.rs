@@ -41,7 +41,9 @@ pub struct FailureContext {
     pub reason: String,
     /// Attempts made on that task.
     pub attempts: u32,
-    /// Plan revisions tried so far, with why each ended.
+    /// Plan revisions tried so far, with why each ended: the latest [`HISTORY_SHOWN`]
+    /// lines of the run's history ([`recent_history`]; the whole of it is
+    /// `RunState::history`).
     pub tried: Vec<String>,
 }
 
@@ -97,7 +99,8 @@ pub struct Escalation {
     pub attempted: Vec<String>,
     /// Why it failed.
     pub why: String,
-    /// Alternatives already tried (plan revisions and why each ended).
+    /// Alternatives already tried (plan revisions and why each ended): the latest
+    /// [`HISTORY_SHOWN`] lines of the run's history ([`recent_history`]).
     pub alternatives_tried: Vec<String>,
     /// The question the human must answer.
     pub question: String,

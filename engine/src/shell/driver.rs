@@ -244,6 +244,17 @@ impl Driver {
                     }
                     continue;
                 }
+                // A dispatch this driver recorded (or recorded the redelivery of) whose call
+                // it has not started yet (the drain came between the append and the
+                // start): started now, so that no dispatch of this drive is left without
+                // its call (the next drive would count it a redelivery).
+                let own: Vec<Command> = decide(&state, &self.inner.ctx)
+                    .into_iter()
+                    .filter(|c| matches!(c, Command::Execute { task, attempt } if self.own.contains(&(task.clone(), *attempt))))
+                    .collect();
+                for effect in own {
+                    self.start(effect, &state, &reg, &tx);
+                }
                 if self.inflight.is_empty() {
                     return Ok(DriveOutcome::Shutdown);
                 }
@@ -252,6 +263,8 @@ impl Driver {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => {}
                     Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
+                    // Appended by someone else (a cancel, a resolution): read again.
+                    _ = self.wake.notified() => state = self.reload().await?,
                     changed = self.stop.changed() => if changed.is_err() { return Ok(DriveOutcome::Shutdown) },
                 }
                 continue;

@@ -41,7 +41,8 @@ pub(crate) struct ServeArgs {
     /// answered 503 too_many_streams.
     #[arg(long, value_name = "N", default_value_t = keel_server::STREAMS_MAX, value_parser = clap::value_parser!(usize))]
     pub(crate) max_streams: usize,
-    /// Seconds in-flight requests and the workers get to finish after SIGTERM or SIGINT.
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT, then the calls
+    /// in flight to answer (recorded); the workers stop within twice it.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
     /// Seconds to keep serving after SIGTERM or SIGINT with /readyz answering 503, so a

@@ -29,8 +29,8 @@ pub(crate) struct WorkArgs {
         value_parser = clap::value_parser!(u64).range(keel_engine::LEASE_TTL_MS_MIN..=keel_engine::LEASE_TTL_MS_MAX)
     )]
     pub(crate) lease_ttl_ms: u64,
-    /// Without --until-idle: seconds the drivers in flight get to finish their appends
-    /// after SIGINT or SIGTERM.
+    /// Without --until-idle: seconds the calls in flight get to answer (their answers
+    /// recorded) after SIGINT or SIGTERM; then the drivers still waiting stop.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub(crate) shutdown_timeout: u64,
     #[command(flatten)]
@@ -87,8 +87,10 @@ pub(crate) async fn run(db: &Path, a: WorkArgs, registry: &Registry) -> CmdResul
 }
 
 /// `keel work` as a service: works runs until SIGINT or SIGTERM, then stops taking runs
-/// and starting calls, and gives the calls in flight `grace` to answer (recorded). Exit 0 when every
-/// driver stopped cleanly, 1 when one stopped on an error or the grace ran out.
+/// and starting calls, and gives the calls in flight `grace` to answer (recorded); the
+/// drivers still waiting then stop (their calls are redelivered by the next start). Exit
+/// 0 when every driver stopped cleanly, 1 when one stopped on an error or the drivers did
+/// not stop within twice `grace`.
 async fn serve_work(db: &Path, engine: &keel_engine::Engine, grace: Duration) -> CmdResult {
     let stop = crate::sys::stop_signal();
     let workers = engine.start();
