@@ -6,6 +6,8 @@ mod common;
 use common::*;
 use keel_engine::*;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 async fn settle(engine: &Engine, want: impl Fn(&[RunSummary]) -> bool) -> Vec<RunSummary> {
@@ -221,4 +223,60 @@ async fn a_drain_records_the_calls_in_flight_and_the_restart_redelivers_nothing(
     })
     .await;
     assert_eq!(count(&late, "TaskRedelivered"), 1, "{:?}", kinds(&late));
+}
+
+/// Holds the first append that records a `TaskDispatched` until `release` (at most 10 s),
+/// after saying so in `reached`.
+struct HoldFirstDispatch {
+    reached: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+    held: AtomicBool,
+}
+
+impl keel_store::AppendObserver for HoldFirstDispatch {
+    type Ticket = ();
+    fn before(&self, _run: RunId, _expected: Seq, records: &[keel_store::NewRecord]) {
+        if records.iter().any(|r| r.kind == "TaskDispatched") && !self.held.swap(true, Ordering::SeqCst) {
+            self.reached.store(true, Ordering::SeqCst);
+            let t = std::time::Instant::now();
+            while !self.release.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    fn after(&self, _run: RunId, _ticket: (), _result: Result<&keel_store::Head, &keel_store::StoreError>) {}
+}
+
+/// A drain asked while the driver appends a dispatch (between the append and the call's
+/// start) still makes that call and records its answer: the restart redelivers nothing
+/// (found by a review: the driver ended with the dispatch recorded and no call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_asked_during_a_dispatch_still_makes_the_call() {
+    let mem: Arc<dyn keel_store::Store> = Arc::new(keel_store::MemStore::new());
+    let (reached, release) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let hold = HoldFirstDispatch { reached: reached.clone(), release: release.clone(), held: AtomicBool::new(false) };
+    let observed: Arc<dyn keel_store::Store> = Arc::new(keel_store::Observed::new(mem.clone(), hold));
+    let wf = workflow("wf", planner(vec![plan(vec![task("t", TaskKind::Tool, "h", &[])])]), pass_evaluator());
+    let h = ok_handler(Usage::default());
+    let engine = Engine::builder().store(observed).workflow(wf.clone()).handler("h", h.clone()).open().unwrap();
+    let workers = engine.start();
+    let run = engine.submit(req("wf", json!({}))).await.unwrap().run;
+    for _ in 0..2000 {
+        if reached.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(reached.load(Ordering::SeqCst), "the dispatch was never appended");
+    let drain = tokio::spawn(workers.drain(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(100)).await; // the drain is asked before the append returns
+    release.store(true, Ordering::SeqCst);
+    drain.await.unwrap();
+    assert_eq!(h.calls(), 1, "the dispatched call was not made: {:?}", kinds(&engine.events(run).unwrap()));
+    drop(engine);
+    let engine = Engine::builder().store(mem).workflow(wf).handler("h", ok_handler(Usage::default())).open().unwrap();
+    engine.run_until_idle().await.unwrap();
+    let events = engine.events(run).unwrap();
+    assert_eq!(count(&events, "TaskRedelivered"), 0, "{:?}", kinds(&events));
+    assert_eq!(kinds(&events).last(), Some(&"RunCompleted"), "{:?}", kinds(&events));
 }
