@@ -25,7 +25,6 @@ use crate::shell::journal::Refused;
 use crate::shell::lease::Held;
 use crate::shell::oversize;
 use crate::shell::runtime::{Inner, Registered};
-use crate::shell::sched::Phase;
 use keel_store::{NewRecord, RunId, Seq, StoreError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -84,6 +83,18 @@ struct Flight {
     /// The task's timeout (the answer a timeout records names it).
     task_timeout_ms: u64,
     abort: Option<tokio::task::AbortHandle>,
+}
+
+/// What the service workers are asked to do (`Workers`, shell/sched.rs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Phase {
+    /// Claim runs and drive them.
+    Run,
+    /// Claim nothing more; each driver records the answers of its calls in flight, starts
+    /// nothing new, and ends once none is left (`Workers::drain`).
+    Drain,
+    /// Every driver ends at its next wait; calls in flight are dropped.
+    Stop,
 }
 
 /// Wait slice: a sleep re-checks the injected clock at least this often (a test's fake

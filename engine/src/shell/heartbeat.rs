@@ -30,7 +30,7 @@ pub(crate) async fn drive_leased(
     inner: Arc<Inner>,
     run: RunId,
     wake: Arc<Notify>,
-    stop: watch::Receiver<crate::shell::sched::Phase>,
+    stop: watch::Receiver<crate::shell::driver::Phase>,
     held: Arc<Held>,
 ) -> DriveOutcome {
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();

@@ -10,7 +10,7 @@ use crate::api::IdleReport;
 use crate::error::EngineError;
 use crate::model::fsm::RunStatus;
 use crate::model::state::RunState;
-use crate::shell::driver::DriveOutcome;
+use crate::shell::driver::{DriveOutcome, Phase};
 use crate::shell::fold::load_state;
 use crate::shell::heartbeat;
 use crate::shell::lease::Held;
@@ -328,18 +328,6 @@ fn queue_due(inner: &Arc<Inner>, timers: &mut BTreeMap<RunId, i64>) {
         timers.remove(&run);
         poke(inner, run);
     }
-}
-
-/// What the service workers are asked to do ([`Workers`]).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Phase {
-    /// Claim runs and drive them.
-    Run,
-    /// Claim nothing more; each driver records the answers of its calls in flight, starts
-    /// nothing new, and ends once none is left ([`Workers::drain`]).
-    Drain,
-    /// Every driver ends at its next wait; calls in flight are dropped.
-    Stop,
 }
 
 /// Background workers started by [`crate::Engine::start`].
