@@ -407,30 +407,26 @@ fn fits_outcome(state: &RunState, ctx: &Context, cmds: &[Command], event: &Event
 /// A recorded plan (or replan) still validates, and a replan carries over and supersedes
 /// what `replan_outcome` says.
 fn fits_plan(state: &RunState, ctx: &Context, plan: &keel_engine::Plan, event: &Event) -> Result<(), String> {
-    // First: a replan recorded under the earlier carry-over rule is named as such (the
-    // plan's cost check below counts the tasks the current rule runs again).
+    // The replan's outcome first: one recorded under the earlier carry-over rule is named
+    // as such (the plan's cost check below counts the tasks the current rule runs again).
     if let Event::Replanned { carried_over, superseded, .. } = event {
         let (c, s) = replan_outcome(state, plan);
-        if (carried_over, superseded) != (&c, &s)
-            && (carried_over.clone(), superseded.clone()) == replan_outcome_same_spec(state, plan)
-        {
-            let rerun: Vec<&keel_engine::TaskId> = carried_over.iter().filter(|t| !c.contains(t)).collect();
+        if (carried_over, superseded) != (&c, &s) {
+            let (old_c, old_s) = replan_outcome_same_spec(state, plan);
+            if (carried_over, superseded) == (&old_c, &old_s) {
+                let rerun: Vec<&keel_engine::TaskId> = carried_over.iter().filter(|t| !c.contains(t)).collect();
+                return Err(format!(
+                    "recorded under the earlier carry-over rule: {rerun:?} kept their outputs although a task they depend on runs again; the current code runs them again"
+                ));
+            }
             return Err(format!(
-                "recorded under the earlier carry-over rule: {rerun:?} kept their outputs although a task they depend on runs again; the current code runs them again"
+                "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
             ));
         }
     }
     let errors = validate_plan(plan, state, ctx);
     if !errors.is_empty() {
         return Err(format!("the recorded plan no longer validates: {}", errors.join("; ")));
-    }
-    if let Event::Replanned { carried_over, superseded, .. } = event {
-        let (c, s) = replan_outcome(state, plan);
-        if *carried_over != c || *superseded != s {
-            return Err(format!(
-                "carried_over/superseded differ from replan_outcome: recorded {carried_over:?} / {superseded:?}, now {c:?} / {s:?}"
-            ));
-        }
     }
     Ok(())
 }

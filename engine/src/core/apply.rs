@@ -584,10 +584,11 @@ fn replanned(
     if Some(*revision) != s.planning_revision || s.planning_rejected {
         return Err(cx.invalid(format!("revision {revision} is not the one being planned")));
     }
-    let (want_carried, want_superseded) = replan_outcome(s, plan);
     // A replan recorded before a kept task needed its upstream kept too folds as recorded.
-    let recorded = (carried_over.clone(), superseded.clone());
-    if recorded != (want_carried.clone(), want_superseded.clone()) && recorded != replan_outcome_same_spec(s, plan) {
+    let recorded = |(c, x): &(Vec<TaskId>, Vec<TaskId>)| c == carried_over && x == superseded;
+    let want = replan_outcome(s, plan);
+    if !recorded(&want) && !recorded(&replan_outcome_same_spec(s, plan)) {
+        let (want_carried, want_superseded) = want;
         return Err(cx.invalid(format!(
             "carried_over/superseded do not match the plans: expected {want_carried:?} / {want_superseded:?}"
         )));

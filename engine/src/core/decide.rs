@@ -69,14 +69,16 @@ fn decide_planning(s: &RunState, ctx: &Context) -> Vec<Command> {
     }
     // The plan of this round was rejected: ask again, or a human must step in.
     if replans_left(s, ctx) {
-        let mut failure = s.last_failure.clone().unwrap_or_else(|| FailureContext {
-            task: None,
-            handler: None,
-            reason: "plan rejected".to_owned(),
-            attempts: 0,
-            tried: s.history.clone(),
-        });
-        failure.tried = recent_history(&failure.tried);
+        let failure = match &s.last_failure {
+            Some(f) => FailureContext { tried: recent_history(&f.tried), ..f.clone() },
+            None => FailureContext {
+                task: None,
+                handler: None,
+                reason: "plan rejected".to_owned(),
+                attempts: 0,
+                tried: recent_history(&s.history),
+            },
+        };
         return vec![record(Event::ReplanRequested {
             revision: next_revision(s),
             reason: PlanReason::Failure(failure),

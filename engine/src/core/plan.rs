@@ -156,9 +156,8 @@ fn check_durations(t: &TaskSpec, limits: &PlanLimits, errors: &mut Vec<String>) 
 /// What the new plan still has to run (tasks not carried over) must fit in what the
 /// budget has left.
 fn check_cost(plan: &Plan, state: &RunState, errors: &mut Vec<String>) {
-    let carried: BTreeSet<&str> =
-        super::apply::carried_ids(state, plan, true).into_iter().map(|id| id.0.as_str()).collect();
-    let to_run = plan.tasks.iter().filter(|t| !carried.contains(t.id.0.as_str()));
+    let carried = super::apply::carried_ids(state, plan, true);
+    let to_run = plan.tasks.iter().filter(|t| !carried.contains(&t.id));
     let (cost, tokens) = to_run
         .fold((0u64, 0u64), |(c, k), t| (c.saturating_add(t.cost_estimate_micros), k.saturating_add(t.token_estimate)));
     if let Some(limit) = state.budget.cost_micros {

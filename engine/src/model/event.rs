@@ -59,16 +59,14 @@ pub const HISTORY_SHOWN: usize = 16;
 /// [`HISTORY_SHOWN`] lines, else a line counting the earlier revisions and the latest
 /// `HISTORY_SHOWN - 1` lines.
 pub fn recent_history(history: &[String]) -> Vec<String> {
-    let keep = HISTORY_SHOWN.saturating_sub(1);
-    match history.len().checked_sub(keep) {
-        Some(earlier) if history.len() > HISTORY_SHOWN => {
-            let mut out = Vec::with_capacity(HISTORY_SHOWN);
-            out.push(format!("{earlier} earlier revision(s) not shown"));
-            out.extend(history.iter().skip(earlier).cloned());
-            out
-        }
-        _ => history.to_vec(),
+    if history.len() <= HISTORY_SHOWN {
+        return history.to_vec();
     }
+    let earlier = history.len().saturating_sub(HISTORY_SHOWN - 1);
+    let mut out = Vec::with_capacity(HISTORY_SHOWN);
+    out.push(format!("{earlier} earlier revision(s) not shown"));
+    out.extend(history.iter().skip(earlier).cloned());
+    out
 }
 
 /// Why a run escalated to a human.

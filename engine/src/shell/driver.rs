@@ -244,61 +244,33 @@ impl Driver {
                 }
                 return Ok(DriveOutcome::Idle(state.status));
             }
-            if phase == Phase::Drain {
-                // The workers are draining: record the answers of the calls in flight,
-                // decide nothing (no new dispatch), end once no call is left. The next
-                // drive decides from what is recorded, and redelivers nothing.
-                if !batch.is_empty() {
-                    if let Committed::Conflict(answers) = self.commit(&mut state, &mut batch).await? {
-                        state = self.reload().await?;
-                        self.restage(&mut state, &mut batch, answers)?;
-                    }
-                    continue;
-                }
-                // A dispatch this driver recorded (or recorded the redelivery of) whose call
-                // it has not started yet (the drain came between the append and the
-                // start): started now, so that no dispatch of this drive is left without
-                // its call (the next drive would count it a redelivery).
-                let own: Vec<Command> = decide(&state, &self.inner.ctx)
-                    .into_iter()
-                    .filter(|c| matches!(c, Command::Execute { task, attempt } if self.own.contains(&(task.clone(), *attempt))))
-                    .collect();
-                for effect in own {
-                    self.start(effect, &state, &reg, &tx);
-                }
-                if self.inflight.is_empty() {
-                    return Ok(DriveOutcome::Shutdown);
-                }
-                let until = self.inflight.values().map(|f| f.until).min();
-                let until = until.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_millis(100));
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => {}
-                    Some(o) = rx.recv() => self.absorb(&mut state, &mut batch, o)?,
-                    // Appended by someone else (a cancel, a resolution): read again.
-                    _ = self.wake.notified() => state = self.reload().await?,
-                    changed = self.stop.changed() => if changed.is_err() { return Ok(DriveOutcome::Shutdown) },
-                }
-                continue;
-            }
             // Decide until nothing more is due now, staging each call's due records in
             // order. Future-dated records (retry backoffs, the run deadline, an
             // escalation's default) are timers: wait for the earliest (or for an answer),
-            // then decide again.
+            // then decide again. Draining, nothing is decided (no new dispatch, no timer):
+            // the answers of the calls in flight are recorded, and the drive ends once no
+            // call is left; the next drive decides from what is recorded.
             let now = self.inner.clock.now_us();
-            let (effects, next_timer) = self.decide_and_stage(&mut state, &mut batch, now)?;
+            let (mut effects, next_timer) = match phase {
+                Phase::Drain => (Vec::new(), None),
+                _ => self.decide_and_stage(&mut state, &mut batch, now)?,
+            };
             if !batch.is_empty() {
-                match self.commit(&mut state, &mut batch).await? {
-                    Committed::Ok => {}
-                    Committed::Conflict(answers) => {
-                        state = self.reload().await?;
-                        self.restage(&mut state, &mut batch, answers)?;
-                    }
+                if let Committed::Conflict(answers) = self.commit(&mut state, &mut batch).await? {
+                    state = self.reload().await?;
+                    self.restage(&mut state, &mut batch, answers)?;
                 }
                 continue;
+            }
+            if phase == Phase::Drain {
+                effects = self.own_unstarted(&state);
             }
             // The state is durable: start what it asks for.
             for effect in effects {
                 self.start(effect, &state, &reg, &tx);
+            }
+            if phase == Phase::Drain && self.inflight.is_empty() {
+                return Ok(DriveOutcome::Shutdown);
             }
             // A run waiting only for a timer frees its worker and lease: the driver ends
             // and the run is driven again when the timer falls due.
@@ -325,6 +297,17 @@ impl Driver {
                 changed = self.stop.changed() => if changed.is_err() { return Ok(DriveOutcome::Shutdown) },
             }
         }
+    }
+
+    /// The calls of dispatches this drive recorded (or recorded the redelivery of) that
+    /// `decide` still asks for: what a draining driver starts if it has not yet (the drain
+    /// came between their append and their start), so that none of them is left without
+    /// its call (the next drive would count it a redelivery).
+    fn own_unstarted(&self, state: &RunState) -> Vec<Command> {
+        decide(state, &self.inner.ctx)
+            .into_iter()
+            .filter(|c| matches!(c, Command::Execute { task, attempt } if self.own.contains(&(task.clone(), *attempt))))
+            .collect()
     }
 
     /// The workflow type the run was accepted under (warns if its version changed).
