@@ -7,6 +7,7 @@
 
 use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
+use crate::shell::fold::load_state;
 use crate::shell::runtime::Inner;
 use keel_store::{Claimed, Lease, RunId, Runnable};
 use std::collections::BTreeMap;
@@ -150,8 +151,11 @@ pub(crate) async fn any_queued(inner: &Arc<Inner>, except: Vec<RunId>) -> bool {
 /// Tells the shared queue that this engine's drive of `run` ended as `out`: the run
 /// leaves it (a timer's due time goes to the due-time index), or goes round again if it
 /// was pushed meanwhile; `lease` (the drive's) is released in the same step. A drive that
-/// lost its lease or was shut down leaves the run to the next claimer. Whether `lease`
-/// was released.
+/// lost its lease leaves the run to the next claimer. A drive that this engine's stop
+/// ended (a drain, or a shutdown) hands its run back: queued, unclaimed, its lease
+/// released, and every process told, so another one takes it over at once (left claimed
+/// and unannounced, it waited for another process's poll or rescan). Whether `lease` was
+/// released.
 pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Lease) -> bool {
     let Some(q) = inner.log.work_queue() else { return false };
     let due = match out {
@@ -159,7 +163,8 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Le
         // Tried again after a lease's time (as a scan would).
         DriveOutcome::Stopped(_) => Some(inner.clock.now_us().saturating_add(ttl_us(inner))),
         DriveOutcome::Idle(_) => None,
-        DriveOutcome::LeaseLost | DriveOutcome::Shutdown => return false,
+        DriveOutcome::LeaseLost => return false,
+        DriveOutcome::Shutdown => return hand_back(inner, q, run, lease),
     };
     match q.done(run, &inner.leasing.owner, due, Some(lease)) {
         Ok(_) => {
@@ -173,6 +178,29 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Le
             false
         }
     }
+}
+
+/// A run whose drive this engine's stop ended, handed back to the shared queue: its drive
+/// is done (the lease released in the same step), then the run is pushed again, which
+/// tells every process at its commit (a `done`'s own notification may be put off and is
+/// lost if this process exits before sending it). A process dying between the two leaves
+/// the run to the other processes' rescans (`WorkQueue::unqueued`). Whether `lease` was
+/// released.
+fn hand_back(inner: &Inner, q: &dyn keel_store::WorkQueue, run: RunId, lease: &mut Lease) -> bool {
+    let r = match load_state(inner.log.as_ref(), run) {
+        Ok(Some(s)) if !s.status.is_terminal() => {
+            Runnable { run, workflow: s.workflow.clone(), priority: s.priority, accepted_at_us: s.accepted_at_us }
+        }
+        _ => return false,
+    };
+    if let Err(e) = q.done(run, &inner.leasing.owner, None, Some(lease)) {
+        tracing::warn!(%run, error = %e, "cannot hand the run back to the shared queue (its claim expires)");
+        return false;
+    }
+    if let Err(e) = q.push(&r) {
+        tracing::warn!(%run, error = %e, "cannot queue the run again (another process finds it at its rescan)");
+    }
+    true
 }
 
 /// How long the service loop may sleep: until the earliest due time this process wrote

@@ -376,6 +376,10 @@ pub fn cli_with(json: bool, opts: BenchOptions) -> Result<(), BenchError> {
     if let Ok(spec) = std::env::var(postgres::WORKER_ENV) {
         return postgres::worker(&spec);
     }
+    // A restart process of the server section.
+    if let Ok(dir) = std::env::var(server::RESTART_ENV) {
+        return server::restart_process(&dir);
+    }
     let handle = std::thread::Builder::new()
         .name("keel-bench".into())
         .spawn(move || {

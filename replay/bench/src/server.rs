@@ -4,7 +4,10 @@
 //! - the first page of `GET /v1/runs` and `GET /v1/escalations`, against what listing cost
 //!   before the run index (a fold of every run: `load_state` run after run);
 //! - from opening the engine to the first new run completed, against the same on an empty
-//!   database;
+//!   database: in this process, and in a new one ([`RESTART_ENV`]: this program started
+//!   again, timed from its spawn), which is what a restart of `keel serve` pays (a fresh
+//!   heap: sled's open of the same files costs more in a new process than in one that
+//!   opened them before);
 //! - `POST /v1/runs/{run}/resolve` p50/p99 while 64 runs execute, against
 //!   `Engine::resolve` called directly under the same load;
 //! - events streamed per second to 100 SSE subscribers (one live tail per run), against
@@ -22,6 +25,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "bench-token-0123456789";
+/// Set in a restart process of this section: the database directory it opens.
+pub const RESTART_ENV: &str = "KEEL_BENCH_RESTART";
+/// The line a restart process prints when its first run completed (then its timings).
+const RESTART_DONE: &str = "keel-bench-restart-done";
 const REVIEW: &str = "bench_review";
 /// Requests per listing figure (median reported).
 const LIST_REPEATS: usize = 21;
@@ -54,6 +61,70 @@ fn engine_timed(dir: &Path, durability: Durability) -> Result<(Engine, f64), Ben
         .workers(256)
         .open()?;
     Ok((e, sled_open_ms))
+}
+
+/// A restart process ([`RESTART_ENV`]): opens the engine on `dir` (group commit, power
+/// loss, as `keel serve`), starts its workers, submits one run and waits for it, prints
+/// [`RESTART_DONE`] and the times (ms from this process's entry into the bench) as JSON,
+/// then stops its workers and exits.
+pub fn restart_process(dir: &str) -> Result<(), BenchError> {
+    let t = Instant::now();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Invalid(format!("cannot start the async runtime: {e}")))?;
+    let runtime_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (e, sled_open_ms) = engine_timed(Path::new(dir), Durability::GroupCommit(Level::PowerLoss))?;
+    let open_ms = t.elapsed().as_secs_f64() * 1e3;
+    let times = rt.block_on(async {
+        let workers = e.start();
+        let first = e.submit(Request::new(super::WORKFLOW, json!({"after": "process restart"}))).await?.run;
+        let submitted_ms = t.elapsed().as_secs_f64() * 1e3;
+        e.wait(first).await?;
+        let done_ms = t.elapsed().as_secs_f64() * 1e3;
+        println!("{RESTART_DONE}");
+        workers.shutdown().await;
+        Ok::<_, BenchError>(json!({
+            "runtime_ms": runtime_ms, "sled_open_ms": sled_open_ms, "open_ms": open_ms,
+            "submitted_ms": submitted_ms, "done_ms": done_ms,
+        }))
+    })?;
+    drop(e);
+    println!("{times}");
+    Ok(())
+}
+
+/// Runs [`restart_process`] on `dir` in a new process (this program again): the time from
+/// its spawn to its first run completed (ms), and the times it reported.
+fn restart_in_new_process(dir: &Path) -> Result<(f64, serde_json::Value), BenchError> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("<current exe>", e))?;
+    let t = Instant::now();
+    let mut child = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(RESTART_ENV, dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| BenchError::io(&exe, e))?;
+    let out = child.stdout.take().ok_or_else(|| BenchError::Invalid("restart process without stdout".into()))?;
+    let mut lines = std::io::BufReader::new(out).lines();
+    let mut done_ms = None;
+    let mut times = serde_json::Value::Null;
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| BenchError::io("<restart process stdout>", e))?;
+        if line.trim() == RESTART_DONE {
+            done_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+        } else if done_ms.is_some() {
+            times = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+        }
+    }
+    let status = child.wait().map_err(|e| BenchError::io(&exe, e))?;
+    match done_ms {
+        Some(ms) if status.success() => Ok((ms, times)),
+        _ => Err(BenchError::Invalid(format!("the restart process failed ({status})"))),
+    }
 }
 
 async fn serve(engine: &Engine) -> Result<std::net::SocketAddr, BenchError> {
@@ -199,6 +270,12 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
     let raw_sled_open_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(raw);
     std::thread::sleep(Duration::from_millis(500));
+    settle(&dir)?;
+
+    // 2b. A restart as `keel serve` pays it: a new process, timed from its spawn.
+    let (process_ms, process_times) = tokio::task::block_in_place(|| restart_in_new_process(&dir))?;
+    let empty_process_dir = temp_dir(parent, "server-empty-process")?;
+    let (process_floor_ms, _) = tokio::task::block_in_place(|| restart_in_new_process(&empty_process_dir))?;
     settle(&dir)?;
 
     // 2. Restart: open to the first new run completed, against an empty database.
@@ -362,6 +439,16 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
             "started_ms": started_ms, "submitted_ms": submitted_ms,
             "waiting_runs": reviews,
         })),
+        Figure::new(
+            "server",
+            "server.first_run_after_restart.new_process",
+            format!("a new process: start + open + first new run completed with {n} finished runs, ms"),
+            process_ms,
+            "ms",
+        )
+        .floor(process_floor_ms, "the same new process on an empty database")
+        .target("< 100 ms", process_ms < 100.0)
+        .extra(json!({"process": process_times, "raw_sled_open_ms_in_this_process": raw_sled_open_ms})),
         // The same, less what sled alone takes to open these files: keel's own part of a
         // restart (its checks at open, the engine, the first run), which the run index
         // is there to keep from growing with the history.

@@ -371,3 +371,69 @@ fn finished_runs_end_their_drives_with_their_last_append() {
         assert!(store.try_lease(r, "another", 60_000, now_us).unwrap().is_some(), "{r}: its lease is free");
     }
 }
+
+/// A run whose drive a drain ended (a rolling deploy: `keel serve` or `keel work` stopped
+/// with SIGTERM) is taken over by another process at once: the drain hands it back to the
+/// queue, unclaimed, with its lease released, and tells the other processes. Before, its
+/// row stayed claimed by the stopping process and nothing was announced, so the other
+/// process found it at its next poll or rescan (an hour here; a lease's time at best).
+#[test]
+fn a_run_drained_in_one_process_is_taken_over_by_another_at_once() {
+    if !pg::ready() {
+        return;
+    }
+    let scratch = pg::Scratch::new(Durability::default());
+    let cfg = scratch.config();
+    let rt = rt();
+    // Handlers that take 1 s: the drain comes while a call is in flight.
+    let slow = keel_demo::DemoOptions { latency_ms: 1_000, ..Default::default() };
+    let open = |poll_ms: u64| {
+        let store = Arc::new(PgStore::open(cfg.clone()).unwrap());
+        let b = Engine::builder().store(store).workers(2).queue_poll_ms(poll_ms).lease_ttl_ms(60_000);
+        keel_demo::register_with(b, slow.clone()).open().unwrap()
+    };
+    let leaving = open(3_600_000);
+    let staying = open(3_600_000);
+    let run = rt.block_on(leaving.submit(keel_demo::request(1, 7))).unwrap().run;
+    let drained = {
+        let _in = rt.enter();
+        leaving.start()
+    };
+    // The leaving process has a call in flight.
+    let started = Instant::now();
+    while !leaving.events(run).unwrap().iter().any(|e| e.event.kind_name() == "TaskDispatched") {
+        assert!(started.elapsed() < Duration::from_secs(60), "the run was never dispatched");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let staying_workers = {
+        let _in = rt.enter();
+        staying.start()
+    };
+    // The staying process's listener is up and its workers asleep on their hour-long poll.
+    let admin = pg::Admin::connect().unwrap();
+    let listening = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keel-listen-{}' AND query = 'LISTEN keel_work'",
+        cfg.schema
+    );
+    while admin.int(&listening) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the workers never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let drain_at = Instant::now();
+    rt.block_on(drained.drain(Duration::from_secs(20)));
+    let end = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            staying.wait_until(run, |s| s.is_terminal() || s == RunStatus::AwaitingHuman),
+        )
+        .await
+    });
+    let taken_over_in = drain_at.elapsed();
+    let events = staying.events(run).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.kind_name()).collect();
+    assert!(end.is_ok(), "the other process did not take the run over within 20 s of the drain: {kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "TaskRedelivered").count(), 0, "{kinds:?}");
+    rt.block_on(staying_workers.shutdown());
+    eprintln!("taken over and driven to its end {taken_over_in:?} after the drain began");
+}

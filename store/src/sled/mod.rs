@@ -592,8 +592,12 @@ impl SledStore {
         let path = prepared.sled_dir().to_path_buf();
         let snap =
             if prepared.scratch.is_some() { files::SnapFallback::Drop } else { files::SnapFallback::MoveTo(&path) };
+        // A store opened in place for writing: what sled writes while it opens goes to disk
+        // meanwhile (a read-only open's scratch copy is never synced).
+        let writeback = if prepared.scratch.is_none() { files::EarlyWriteback::start(&path) } else { None };
         let db =
             files::with_snapshot_fallback(&path, snap, || open_sled_after_close(&path, config.cache_capacity_bytes))?;
+        drop(writeback);
         let data_file = File::open(path.join("db")).map_err(|source| StoreError::File {
             action: "open",
             path: path.join("db"),
