@@ -3,7 +3,8 @@
 //!
 //! sled 0.34 has no read-only mode and, on open, recovers the longest valid prefix of its
 //! log, zeroing what follows a damaged point. So whatever must survive that recovery is
-//! copied first.
+//! copied first. And what sled writes while it opens is written back meanwhile
+//! ([`EarlyWriteback`]).
 
 use super::manifest::{self, Fingerprint, ManifestError, Parsed, MANIFEST_FILE};
 use super::MARKER_FILE;
