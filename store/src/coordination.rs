@@ -544,6 +544,15 @@ pub trait WorkQueue: Send + Sync {
         lease: Option<&mut Lease>,
     ) -> Result<bool, StoreError>;
 
+    /// `owner` stops before its drive of `run` ended (its workers drain or stop): the run
+    /// stays queued, no longer claimed, `lease` (the drive's, on `run`) is released, and
+    /// the claimers of every process are told at the commit, all in one step, so another
+    /// process takes the run over at once (the row is never out of the queue meanwhile).
+    /// Returns whether `owner` still had the run's row (false: its lease was lost and the
+    /// run claimed again; nothing is changed then but the notification). Like
+    /// [`WorkQueue::done`], the lease's drop releases nothing more.
+    fn hand_back(&self, run: RunId, owner: &str, lease: Option<&mut Lease>) -> Result<bool, StoreError>;
+
     /// Of `runs`, those not in the queue, in the order given: what a scan for runs whose
     /// push was lost still has to look at (one read instead of a fold and a push per run).
     /// A run waiting in the due-time index is listed: a push lost after something was

@@ -156,6 +156,21 @@ async fn spawn_claimed(
     let (claimed, put_off) = shared::claim(inner, gather).await;
     for c in claimed {
         let run = c.lease.run();
+        // A claim that was on its way when the workers were told to stop (it may hold a
+        // run this engine's drain just handed back, still active here): handed back
+        // again, so the other processes take it at once.
+        if *stop.borrow() != Phase::Run {
+            let (inner2, mut lease) = (inner.clone(), c.lease);
+            let _ = inner
+                .blocking(move |log| {
+                    if let Some(q) = log.work_queue() {
+                        shared::hand_back(&inner2, q, run, Some(&mut lease));
+                    }
+                    Ok(())
+                })
+                .await;
+            continue;
+        }
         let Some(wake) = inner.sched().activate(run, c.workflow) else { continue };
         spawn_drive(inner, set, stop, run, wake, Arc::new(Held::new(c.lease)));
     }

@@ -7,7 +7,6 @@
 
 use crate::model::state::RunState;
 use crate::shell::driver::DriveOutcome;
-use crate::shell::fold::load_state;
 use crate::shell::runtime::Inner;
 use keel_store::{Claimed, Lease, RunId, Runnable};
 use std::collections::BTreeMap;
@@ -164,7 +163,7 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Le
         DriveOutcome::Stopped(_) => Some(inner.clock.now_us().saturating_add(ttl_us(inner))),
         DriveOutcome::Idle(_) => None,
         DriveOutcome::LeaseLost => return false,
-        DriveOutcome::Shutdown => return hand_back(inner, q, run, lease),
+        DriveOutcome::Shutdown => return hand_back(inner, q, run, Some(lease)),
     };
     match q.done(run, &inner.leasing.owner, due, Some(lease)) {
         Ok(_) => {
@@ -180,27 +179,17 @@ pub(crate) fn done(inner: &Inner, run: RunId, out: &DriveOutcome, lease: &mut Le
     }
 }
 
-/// A run whose drive this engine's stop ended, handed back to the shared queue: its drive
-/// is done (the lease released in the same step), then the run is pushed again, which
-/// tells every process at its commit (a `done`'s own notification may be put off and is
-/// lost if this process exits before sending it). A process dying between the two leaves
-/// the run to the other processes' rescans (`WorkQueue::unqueued`). Whether `lease` was
-/// released.
-fn hand_back(inner: &Inner, q: &dyn keel_store::WorkQueue, run: RunId, lease: &mut Lease) -> bool {
-    let r = match load_state(inner.log.as_ref(), run) {
-        Ok(Some(s)) if !s.status.is_terminal() => {
-            Runnable { run, workflow: s.workflow.clone(), priority: s.priority, accepted_at_us: s.accepted_at_us }
+/// A run whose drive this engine's stop ended, handed back to the shared queue in one
+/// step (`WorkQueue::hand_back`): still queued, unclaimed, the drive's lease released, and
+/// every process told at the commit. Whether `lease` was released.
+pub(crate) fn hand_back(inner: &Inner, q: &dyn keel_store::WorkQueue, run: RunId, lease: Option<&mut Lease>) -> bool {
+    match q.hand_back(run, &inner.leasing.owner, lease) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(%run, error = %e, "cannot hand the run back to the shared queue (its claim expires)");
+            false
         }
-        _ => return false,
-    };
-    if let Err(e) = q.done(run, &inner.leasing.owner, None, Some(lease)) {
-        tracing::warn!(%run, error = %e, "cannot hand the run back to the shared queue (its claim expires)");
-        return false;
     }
-    if let Err(e) = q.push(&r) {
-        tracing::warn!(%run, error = %e, "cannot queue the run again (another process finds it at its rescan)");
-    }
-    true
 }
 
 /// How long the service loop may sleep: until the earliest due time this process wrote

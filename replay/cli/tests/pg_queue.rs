@@ -374,9 +374,10 @@ fn finished_runs_end_their_drives_with_their_last_append() {
 
 /// A run whose drive a drain ended (a rolling deploy: `keel serve` or `keel work` stopped
 /// with SIGTERM) is taken over by another process at once: the drain hands it back to the
-/// queue, unclaimed, with its lease released, and tells the other processes. Before, its
-/// row stayed claimed by the stopping process and nothing was announced, so the other
-/// process found it at its next poll or rescan (an hour here; a lease's time at best).
+/// queue in one statement (`WorkQueue::hand_back`: unclaimed, its lease released, the
+/// other processes told). Before, its row stayed claimed by the stopping process and
+/// nothing was announced, so the other process found it at its next poll or rescan (an
+/// hour here).
 #[test]
 fn a_run_drained_in_one_process_is_taken_over_by_another_at_once() {
     if !pg::ready() {
@@ -422,6 +423,10 @@ fn a_run_drained_in_one_process_is_taken_over_by_another_at_once() {
     std::thread::sleep(Duration::from_millis(300));
     let drain_at = Instant::now();
     rt.block_on(drained.drain(Duration::from_secs(20)));
+    // The drain left the run unfinished (else there is nothing to take over).
+    let at_drain = leaving.events(run).unwrap().len();
+    let status = leaving.state(run).unwrap().status;
+    assert!(!status.is_terminal() && status != RunStatus::AwaitingHuman, "the run ended before the drain: {status:?}");
     let end = rt.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(20),
@@ -433,6 +438,7 @@ fn a_run_drained_in_one_process_is_taken_over_by_another_at_once() {
     let events = staying.events(run).unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.event.kind_name()).collect();
     assert!(end.is_ok(), "the other process did not take the run over within 20 s of the drain: {kinds:?}");
+    assert!(events.len() > at_drain, "nothing was appended after the drain: {kinds:?}");
     assert_eq!(kinds.iter().filter(|k| **k == "TaskRedelivered").count(), 0, "{kinds:?}");
     rt.block_on(staying_workers.shutdown());
     eprintln!("taken over and driven to its end {taken_over_in:?} after the drain began");

@@ -65,6 +65,17 @@ const DONE_SQL: &str = "WITH again AS (
      told AS (SELECT pg_notify($5, $6) WHERE $7::bool)
      SELECT (SELECT count(*) FROM again), (SELECT count(*) FROM told)";
 
+/// A drive a stop ended ([`WorkQueue::hand_back`]): the row stays, unclaimed (`again`
+/// cleared: the next claimer reads the run whole), the drive's lease is released, and a
+/// notification goes out at the commit whatever the herald's window (the stopping process
+/// may be gone before an owed one would be sent).
+const HAND_BACK_SQL: &str = "WITH back AS (
+         UPDATE work SET again = false, claimed_by = NULL WHERE run = $1 AND claimed_by = $2 RETURNING run),
+     released AS (UPDATE leases SET owner = NULL, epoch = epoch + 1
+                  WHERE run = $1 AND epoch = $3::bigint AND owner IS NOT NULL),
+     told AS (SELECT pg_notify($4, $5))
+     SELECT (SELECT count(*) FROM back), (SELECT count(*) FROM told)";
+
 /// Whether a run of the given workflow types is queued (index `work_by_workflow`).
 const ANY_QUEUED_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM work WHERE workflow = ANY($1::text[]) AND NOT run = ANY($2::uuid[]))";
@@ -403,6 +414,27 @@ impl WorkQueue for PgStore {
             l.released_elsewhere();
         }
         Ok(again)
+    }
+
+    fn hand_back(&self, run: RunId, owner: &str, lease: Option<&mut Lease>) -> Result<bool, StoreError> {
+        let lease = lease.filter(|l| l.run() == run);
+        let release = lease.as_ref().and_then(|l| i64::try_from(l.epoch()).ok());
+        let (pool, who, schema) = (self.pool(), owner.to_owned(), self.schema().to_owned());
+        self.forget_fold(run);
+        let kept = self.call(async move {
+            let mut conn = pool.lazy().await?;
+            let params: [&(dyn ToSql + Sync); 5] = [&run.0, &who, &release, &CHANNEL, &schema];
+            let result = conn.client()?.rows(HAND_BACK_SQL, &params).await;
+            let rows = conn.ok(result)?;
+            match rows.first() {
+                Some(row) => Ok(row.try_get::<_, i64>(0).map_err(pg)? > 0),
+                None => Ok(false),
+            }
+        })?;
+        if let Some(l) = lease {
+            l.released_elsewhere();
+        }
+        Ok(kept)
     }
 
     fn unqueued(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
