@@ -832,6 +832,57 @@ fn unqueued_names_the_runs_a_scan_must_queue_and_done_releases_the_lease() {
     assert_eq!(store.unqueued(&all).unwrap(), vec![run(1), run(4), run(5)], "the done run left the queue");
 }
 
+/// `hand_back` (a drive a stop ended): the run stays queued, unclaimed, its lease released
+/// in the same statement, and another process hears it at the commit: it claims the run at
+/// once. A hand-back by an owner that no longer has the row changes nothing.
+#[test]
+fn a_hand_back_keeps_the_run_queued_unclaimed_and_tells_the_other_processes() {
+    if !ready() {
+        return;
+    }
+    use keel_store::{Runnable, WorkQueue};
+    let scratch = Scratch::new(DURABLE);
+    let (a, b) = two_handles(&scratch);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let h = heard.clone();
+    b.on_wake(Box::new(move || h.lock().unwrap().push(Instant::now())));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heard.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the listener of the second handle did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = run(1);
+    a.push(&Runnable { run: r, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
+    let now = 1_000_000;
+    let mut claimed = a.claim("one", 60_000, now, 1, &Default::default()).unwrap();
+    assert_eq!(claimed.len(), 1);
+    let mut lease = claimed.remove(0).lease;
+    assert!(b.claim("two", 60_000, now, 1, &Default::default()).unwrap().is_empty(), "held by the claim");
+    // The push's notification is heard, then forgotten.
+    std::thread::sleep(Duration::from_millis(300));
+    heard.lock().unwrap().clear();
+
+    // Another owner's hand-back changes nothing.
+    assert!(!b.hand_back(r, "two", None).unwrap());
+    assert!(b.claim("two", 60_000, now, 1, &Default::default()).unwrap().is_empty(), "still held");
+
+    let handed = Instant::now();
+    assert!(a.hand_back(r, "one", Some(&mut lease)).unwrap(), "the owner had the row");
+    drop(lease);
+    assert_eq!(a.unqueued(&[r]).unwrap(), Vec::<RunId>::new(), "never out of the queue");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !heard.lock().unwrap().last().is_some_and(|t| *t > handed) {
+        assert!(Instant::now() < deadline, "the other process was not told");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let taken = b.claim("two", 60_000, now, 1, &Default::default()).unwrap();
+    assert_eq!(
+        taken.iter().map(|c| c.lease.run()).collect::<Vec<_>>(),
+        vec![r],
+        "claimed at once, before the lease's expiry"
+    );
+}
+
 /// Every process listens for the queue's notifications, so one per ended drive woke every
 /// process once per run any of them drove. A store spaces them out (`DONE_NOTIFY_EVERY`)
 /// without leaving a done untold: after a burst of dones, another process still hears a
