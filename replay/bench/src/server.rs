@@ -433,6 +433,8 @@ pub(crate) async fn server(parent: Option<&Path>, runs: usize, reviews: usize) -
     workers.shutdown().await;
     let _ = stop_server.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), server_task).await;
+    // Every handle on the store goes before the restarts open it.
+    drop(log);
     drop(e);
     settle(&dir)?;
 
