@@ -29,6 +29,21 @@ fn two_handles(scratch: &Scratch) -> (PgStore, PgStore) {
     (PgStore::open(cfg.clone()).unwrap(), PgStore::open(cfg).unwrap())
 }
 
+/// Two handles on the scratch schema, and when the second heard a wake (a notification of
+/// the queue), once its listener is up.
+fn listening_pair(scratch: &Scratch) -> (PgStore, PgStore, Arc<std::sync::Mutex<Vec<Instant>>>) {
+    let (a, b) = two_handles(scratch);
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let h = heard.clone();
+    keel_store::WorkQueue::on_wake(&b, Box::new(move || h.lock().unwrap().push(Instant::now())));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heard.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the listener of the second handle did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (a, b, heard)
+}
+
 /// Polls with `watcher` until a session waits on a lock `holder` holds (so tests running
 /// at once cannot mistake each other's sessions); returns its pid. Panics after 20 s.
 fn wait_for_a_session_blocked_by(holder_pid: i32, watcher: &Admin) -> i32 {
@@ -842,15 +857,7 @@ fn a_hand_back_keeps_the_run_queued_unclaimed_and_tells_the_other_processes() {
     }
     use keel_store::{Runnable, WorkQueue};
     let scratch = Scratch::new(DURABLE);
-    let (a, b) = two_handles(&scratch);
-    let heard = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let h = heard.clone();
-    b.on_wake(Box::new(move || h.lock().unwrap().push(Instant::now())));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while heard.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the listener of the second handle did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (a, b, heard) = listening_pair(&scratch);
     let r = run(1);
     a.push(&Runnable { run: r, workflow: "w".into(), priority: 0, accepted_at_us: 1 }).unwrap();
     let now = 1_000_000;
@@ -871,7 +878,7 @@ fn a_hand_back_keeps_the_run_queued_unclaimed_and_tells_the_other_processes() {
     drop(lease);
     assert_eq!(a.unqueued(&[r]).unwrap(), Vec::<RunId>::new(), "never out of the queue");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !heard.lock().unwrap().last().is_some_and(|t| *t > handed) {
+    while heard.lock().unwrap().last().is_none_or(|t| *t <= handed) {
         assert!(Instant::now() < deadline, "the other process was not told");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -895,15 +902,7 @@ fn a_burst_of_dones_is_told_to_other_processes_after_the_last_one() {
     }
     use keel_store::{Runnable, WorkQueue};
     let scratch = Scratch::new(DURABLE);
-    let (a, b) = two_handles(&scratch);
-    let heard = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let h = heard.clone();
-    b.on_wake(Box::new(move || h.lock().unwrap().push(Instant::now())));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while heard.lock().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "the listener of the second handle did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (a, _b, heard) = listening_pair(&scratch);
     let n = 20u8;
     for i in 1..=n {
         a.push(&Runnable { run: run(i), workflow: "w".into(), priority: 0, accepted_at_us: i64::from(i) }).unwrap();
