@@ -70,7 +70,13 @@ fn decide_planning(s: &RunState, ctx: &Context) -> Vec<Command> {
     // The plan of this round was rejected: ask again, or a human must step in.
     if replans_left(s, ctx) {
         let failure = match &s.last_failure {
-            Some(f) => FailureContext { tried: recent_history(&f.tried), ..f.clone() },
+            Some(f) => FailureContext {
+                task: f.task.clone(),
+                handler: f.handler.clone(),
+                reason: f.reason.clone(),
+                attempts: f.attempts,
+                tried: recent_history(&f.tried),
+            },
             None => FailureContext {
                 task: None,
                 handler: None,

@@ -83,6 +83,21 @@ fn spawn(cfg: &PgConfig, spec: &ChildSpec) -> Worker {
     Worker(child)
 }
 
+/// Waits (at most 60 s) until `n` sessions listen for the schema's queue notifications (a
+/// notification sent before a listener is up is missed).
+fn wait_listening(cfg: &PgConfig, n: i64) {
+    let admin = pg::Admin::connect().unwrap();
+    let listening = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keel-listen-{}' AND query = 'LISTEN keel_work'",
+        cfg.schema
+    );
+    let started = Instant::now();
+    while admin.int(&listening) < n {
+        assert!(started.elapsed() < Duration::from_secs(60), "{n} listener(s) never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -196,16 +211,7 @@ fn a_run_submitted_in_one_process_is_woken_in_another_by_notify() {
     let submitter = engine(store, 16, 1, 250);
     let _worker = spawn(&cfg, &ChildSpec { limit: 16, workers: 2, poll_ms: 3_600_000 });
     // The child's listener session is up (a notification before it would be missed).
-    let admin = pg::Admin::connect().unwrap();
-    let listening = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keel-listen-{}' AND query = 'LISTEN keel_work'",
-        cfg.schema
-    );
-    let started = Instant::now();
-    while admin.int(&listening) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the worker never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&cfg, 1);
     let mut woken: BTreeMap<u64, RunStatus> = BTreeMap::new();
     for i in 0..4u64 {
         // Let the child go back to sleep on its hour-long poll.
@@ -411,15 +417,7 @@ fn a_run_drained_in_one_process_is_taken_over_by_another_at_once() {
         staying.start()
     };
     // The staying process's listener is up and its workers asleep on their hour-long poll.
-    let admin = pg::Admin::connect().unwrap();
-    let listening = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'keel-listen-{}' AND query = 'LISTEN keel_work'",
-        cfg.schema
-    );
-    while admin.int(&listening) < 2 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the workers never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&cfg, 2);
     std::thread::sleep(Duration::from_millis(300));
     let drain_at = Instant::now();
     rt.block_on(drained.drain(Duration::from_secs(20)));
