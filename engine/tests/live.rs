@@ -131,6 +131,55 @@ async fn the_run_index_pages_and_filters_as_a_fold_of_the_log_does() {
     assert_eq!(engine.runs().unwrap(), folded(&engine));
 }
 
+/// On sled a finished run's records are sealed into one stored value when it finishes
+/// (fewer keys for sled to load at every open); they read back unchanged: after a reopen
+/// every run folds to the state its index entry recorded at commit and verifies, and a run
+/// waiting for a human is sealed once a resolution finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_runs_are_sealed_and_read_back_unchanged() {
+    let dir = tempdir();
+    {
+        let engine = builder(0).path(dir.path()).open().unwrap();
+        seven_done_three_waiting(&engine).await;
+    }
+    let keys = |runs: &[RunSummary]| {
+        let store = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
+        runs.iter().map(|r| (r.run, store.raw_stored_keys(r.run).unwrap())).collect::<Vec<_>>()
+    };
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    let indexed = engine.runs().unwrap();
+    assert_eq!(indexed, folded(&engine), "the index (written at commit) and a fold of the stored records");
+    let waiting: Vec<_> = indexed.iter().filter(|r| !r.status.is_terminal()).cloned().collect();
+    assert_eq!(waiting.len(), 3);
+    for r in &indexed {
+        let report = keel_store::verify_run::<Event>(engine.store().as_ref(), r.run).unwrap();
+        assert_eq!(report.records, r.events, "run {}", r.run);
+    }
+    drop(engine);
+    for (run, n) in keys(&indexed) {
+        let summary = indexed.iter().find(|r| r.run == run).unwrap();
+        if summary.status.is_terminal() {
+            assert_eq!(n, 1, "finished run {run} ({} events) is one stored value", summary.events);
+        } else {
+            assert_eq!(n as u64, summary.events, "waiting run {run}: one key per record");
+        }
+    }
+    // A waiting run resolved: it finishes, is sealed, and reads as it was plus the new records.
+    let engine = builder(0).path(dir.path()).open().unwrap();
+    let before = load_state(engine.store().as_ref(), waiting[0].run).unwrap().unwrap();
+    engine
+        .resolve(waiting[0].run, Resolution { decision: Decision::Abort, by: "ann".into(), reason: "checked".into() })
+        .await
+        .unwrap();
+    engine.run_until_idle().await.unwrap();
+    let after = engine.runs().unwrap();
+    assert_eq!(after, folded(&engine));
+    let resolved = after.iter().find(|r| r.run == waiting[0].run).unwrap().clone();
+    assert!(resolved.status.is_terminal() && resolved.events > before.next_seq.0);
+    drop(engine);
+    assert_eq!(keys(&[resolved]), vec![(waiting[0].run, 1)]);
+}
+
 /// Removes every index entry (as a database written before the index has none).
 fn drop_the_index(dir: &std::path::Path) {
     let store = SledStore::open(dir, StoreConfig { durability: Durability::None, ..StoreConfig::default() }).unwrap();
@@ -345,6 +394,10 @@ impl Coordination for Counting {
         aux: Vec<keel_store::AuxWrite>,
     ) -> Result<(), StoreError> {
         self.inner.remove_run(run, expected, payloads, aux)
+    }
+
+    fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
+        self.inner.seal_run(run)
     }
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.inner.save_snapshot(run, next_seq, state)

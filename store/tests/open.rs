@@ -192,3 +192,31 @@ fn a_creation_cut_before_the_marker_is_no_store_yet_and_the_next_creating_open_f
     assert!(fresh.path().join(keel_store::MARKER_FILE).is_file());
     assert!(!fresh.path().join(keel_store::CREATING_FILE).exists());
 }
+
+#[test]
+fn a_store_of_the_first_format_opens_and_is_raised_to_the_current_marker() {
+    // A store written before sealed runs carries "keel-store v1": it opens with its records
+    // as they were, and its marker is raised (an earlier build then refuses it by name
+    // instead of misreading a sealed run).
+    let dir = tempdir();
+    let log = open(dir.path(), Durability::None);
+    fill(&log, run(1), 4);
+    drop(log);
+    let marker = |dir: &std::path::Path| {
+        let db = sled::Config::new().path(dir).segment_size(SEGMENT_BYTES).open().unwrap();
+        db.get(b"mformat").unwrap().map(|v| v.to_vec())
+    };
+    {
+        let db = sled::Config::new().path(dir.path()).segment_size(SEGMENT_BYTES).open().unwrap();
+        db.insert(b"mformat", b"keel-store v1".as_slice()).unwrap();
+        db.flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = SledStore::open(dir.path(), no_create()).unwrap();
+    assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(4));
+    assert_eq!(log.read(run(1), Seq(0)).unwrap().filter(|r| r.is_ok()).count(), 4);
+    drop(log);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(marker(dir.path()), Some(keel_store::FORMAT_MARKER.to_vec()));
+    assert_eq!(keel_store::FORMAT_MARKER, b"keel-store v2");
+}

@@ -204,6 +204,7 @@ impl Journal {
             self.announce(before, after);
             return Ok(());
         }
+        let finished = after.status.is_terminal();
         blocking(&self.log, move |log| {
             let new_head = match &held {
                 Some(h) => h.append(log, run, expected, records, claim, aux)?,
@@ -214,6 +215,13 @@ impl Journal {
             if let Some(bytes) = snapshot {
                 if let Err(e) = log.save_snapshot(run, head, &bytes) {
                     tracing::warn!(%run, error = %e, "snapshot not saved");
+                }
+            }
+            // A finished run's records as one value (sled): fewer keys for every later open.
+            // Not a durability step; a failure leaves the records as they were.
+            if finished {
+                if let Err(e) = log.seal_run(run) {
+                    tracing::warn!(%run, error = %e, "records not sealed");
                 }
             }
             Ok(())

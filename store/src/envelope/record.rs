@@ -24,7 +24,11 @@ pub(crate) const DUE_OF_RUN_PREFIX: u8 = b'u';
 #[cfg(feature = "sled")]
 pub(crate) const META_FORMAT_KEY: &[u8] = b"mformat";
 /// Written at creation; a store without it (but with keys) is not a keel store.
-pub const FORMAT_MARKER: &[u8] = b"keel-store v1";
+pub const FORMAT_MARKER: &[u8] = b"keel-store v2";
+/// The marker of a store written before sealed runs ([`crate::kv::sealed`]): read as is,
+/// and raised to [`FORMAT_MARKER`] by the first open in place (an earlier build then
+/// refuses the store by name instead of misreading a sealed run).
+pub(crate) const FORMAT_MARKER_V1: &[u8] = b"keel-store v1";
 
 pub(crate) const EVENT_KEY_LEN: usize = 1 + 16 + 8;
 

@@ -5,6 +5,7 @@ use crate::coordination::{Coordination, Fence};
 #[cfg(feature = "testing")]
 use crate::envelope::record;
 use crate::error::StoreError;
+use crate::kv::sealed::Sealing;
 use crate::kv::{Core, Kv, KvIter, KvPair, Written};
 use crate::log::{Claim, Durability, EventLog, Head, Limits, NewRecord, RecordIter, RunRecords};
 use crate::types::{RunId, Seq};
@@ -18,7 +19,7 @@ pub(crate) struct MemKv {
 }
 
 impl MemKv {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -65,7 +66,7 @@ impl Kv for MemKv {
 
 /// In-memory [`EventLog`] (tests). `durability()` is `Durability::None`.
 pub struct MemStore {
-    core: Core<MemKv>,
+    core: Core<Sealing<MemKv>>,
 }
 
 impl Default for MemStore {
@@ -83,7 +84,7 @@ impl MemStore {
     /// An empty store enforcing `limits` (taken as given: `SledStore::open` validates its
     /// configured limits, a test store may want any).
     pub fn with_limits(limits: Limits) -> Self {
-        MemStore { core: Core::new(MemKv::default(), limits) }
+        MemStore { core: Core::new(Sealing { inner: MemKv::default() }, limits) }
     }
 
     /// TEST HOOK: the stored value of record `(run, seq)`.

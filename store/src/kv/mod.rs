@@ -3,6 +3,7 @@
 //! [`crate::MemStore`] are both a `Core` over their map, so they share every semantic.
 
 pub(crate) mod mem;
+pub(crate) mod sealed;
 
 use crate::coordination::{Fence, Lease, LeaseTable};
 use crate::envelope::codec::{self, SnapshotV1};
@@ -39,6 +40,11 @@ pub(crate) trait Kv: Send + Sync + 'static {
     /// Writes one key (atomic by itself). Default: [`Kv::apply`].
     fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
         self.apply(vec![(key.to_vec(), Some(value))])
+    }
+    /// Stores `run`'s records as one value ([`sealed::Sealing`]); `false` if nothing was
+    /// done (a map without sealing, nothing loose to seal, or a run too large).
+    fn seal(&self, _run: RunId) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 
@@ -216,6 +222,14 @@ impl<K: Kv> Core<K> {
 
     fn event_writes(run: RunId, values: record::SealedBatch) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect()
+    }
+
+    /// [`crate::Coordination::seal_run`]: under the run's slot lock, so no append of the
+    /// run interleaves (the head does not change).
+    pub(crate) fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
+        let slot = self.slot(run);
+        let _cached = Self::lock_slot(&slot);
+        self.kv.seal(run)
     }
 
     pub(crate) fn head(&self, run: RunId) -> Result<Head, StoreError> {
@@ -722,6 +736,10 @@ macro_rules! delegate_coordination {
 
         fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
             self.core.due(now_us, limit)
+        }
+
+        fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
+            self.core.seal_run(run)
         }
 
         /// One process opens this store: its engine's run queue is in memory.

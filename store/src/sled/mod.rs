@@ -8,6 +8,7 @@ pub(crate) mod read_ahead;
 use crate::coordination::{Coordination, Fence};
 use crate::envelope::record;
 use crate::error::{sled_err, StoreError};
+use crate::kv::sealed::Sealing;
 use crate::kv::{Core, Kv, KvIter, KvPair, Written};
 use crate::log::{Claim, Durability, EventLog, Head, Level, NewRecord, RecordIter, RunRecords, StoreConfig};
 use crate::types::{RunId, Seq};
@@ -101,7 +102,7 @@ pub type RawPair = (Vec<u8>, Vec<u8>);
 
 /// The embedded event log: one sled database per directory.
 pub struct SledStore {
-    core: Core<SledKv>,
+    core: Core<Sealing<SledKv>>,
     syncer: Syncer,
     path: PathBuf,
     durability: Durability,
@@ -401,7 +402,7 @@ impl Prepared {
 
     /// Checks sled's heads against the manifest; a writable store then gets a fresh one.
     fn finish(self, db: sled::Db, syncer: Syncer, config: StoreConfig) -> Result<SledStore, StoreError> {
-        let core = Core::new(SledKv { db }, config.limits);
+        let core = Core::new(Sealing { inner: SledKv { db } }, config.limits);
         let store = self.store;
         // Closed cleanly and sled's data file unchanged since (no evidence copy was
         // needed): the manifest holds every run's exact head, so nothing is read from sled
@@ -454,7 +455,7 @@ impl Prepared {
         store: PathBuf,
         evidence: Option<PathBuf>,
         scratch: Option<files::Scratch>,
-        core: Core<SledKv>,
+        core: Core<Sealing<SledKv>>,
         syncer: Syncer,
         durability: Durability,
     ) -> Result<SledStore, StoreError> {
@@ -508,7 +509,7 @@ impl Unchecked {
 
 /// The committed heads sled does not back (see [`manifest::find_lost`]).
 fn find_lost(
-    core: &Core<SledKv>,
+    core: &Core<Sealing<SledKv>>,
     committed: &std::collections::BTreeMap<RunId, manifest::CommittedHead>,
 ) -> Vec<crate::LostRecords> {
     manifest::find_lost(committed, |run| core.head(run), |run, seq| core.stored_hash(run, seq))
@@ -517,7 +518,7 @@ fn find_lost(
 /// Every run's head as sled holds it now (runs whose head does not read are left out:
 /// `verify` reports them).
 fn current_heads(
-    core: &Core<SledKv>,
+    core: &Core<Sealing<SledKv>>,
 ) -> Result<std::collections::BTreeMap<RunId, manifest::CommittedHead>, StoreError> {
     let mut out = std::collections::BTreeMap::new();
     for run in core.runs()? {
@@ -613,6 +614,17 @@ impl SledStore {
         let established = marker_file.exists();
         match db.get(record::META_FORMAT_KEY).map_err(sled_err)? {
             Some(marker) if marker.as_ref() == record::FORMAT_MARKER => {
+                if !established {
+                    write_marker_file(&path)?;
+                }
+            }
+            Some(marker) if marker.as_ref() == record::FORMAT_MARKER_V1 => {
+                // Raised before anything is sealed (here, or in a read-only open's scratch
+                // copy, which is thrown away).
+                db.insert(record::META_FORMAT_KEY, record::FORMAT_MARKER).map_err(sled_err)?;
+                if prepared.scratch.is_none() {
+                    syncer.sync(Level::PowerLoss)?;
+                }
                 if !established {
                     write_marker_file(&path)?;
                 }
@@ -789,6 +801,14 @@ impl SledStore {
         self.core.raw_range(&record::event_key(run, 0), &record::event_key(run, u64::MAX))
     }
 
+    /// TEST HOOK: how many keys sled holds for `run`'s records (1 once the run is sealed
+    /// and nothing was appended since: [`Coordination::seal_run`]).
+    #[cfg(feature = "testing")]
+    pub fn raw_stored_keys(&self, run: RunId) -> Result<usize, StoreError> {
+        let (lo, hi) = (record::run_prefix(run), record::event_key(run, u64::MAX));
+        self.core.kv.inner.range(&lo, &hi)?.try_fold(0usize, |n, pair| pair.map(|_| n + 1))
+    }
+
     /// TEST HOOK: overwrites chunk `index` of payload `digest` (no checks).
     #[cfg(feature = "testing")]
     pub fn raw_put_payload_chunk(&self, digest: &crate::Hash32, index: u32, value: &[u8]) -> Result<(), StoreError> {
@@ -870,7 +890,7 @@ impl EventLog for SledStore {
         if runs.iter().any(|r| self.checked(*r).is_err()) {
             return crate::log::read_runs_in_turn(self, runs);
         }
-        match crate::sled::read_ahead::ReadAhead::start(self.core.kv.db.clone(), runs.to_vec()) {
+        match crate::sled::read_ahead::ReadAhead::start(self.core.kv.inner.db.clone(), runs.to_vec()) {
             Some(r) => Box::new(r),
             None => crate::log::read_runs_in_turn(self, runs),
         }

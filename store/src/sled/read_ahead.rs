@@ -105,7 +105,10 @@ impl ReadAhead {
         Self::start_with(runs, move |run: RunId| {
             let lo = record::event_key(run, 0);
             let hi = record::event_key(run, u64::MAX);
-            db.range(lo..=hi)
+            // From the run's sealed value (its prefix key), expanded into its records.
+            let stored =
+                db.range(record::run_prefix(run).to_vec()..=hi.to_vec()).map(|r| r.map_err(crate::error::sled_err));
+            crate::kv::sealed::Expand::new(stored, &lo, &hi)
         })
     }
 
@@ -115,7 +118,7 @@ impl ReadAhead {
     fn start_with<F, I>(runs: Vec<RunId>, range: F) -> Option<ReadAhead>
     where
         F: Fn(RunId) -> I + Send + 'static,
-        I: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        I: Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>>,
     {
         let (tx, rx) = sync_channel::<Batch>(BOUND);
         let queued = Arc::new(AtomicUsize::new(0));
@@ -136,7 +139,7 @@ impl ReadAhead {
                 }
                 let scanned = catch_unwind(AssertUnwindSafe(|| {
                     for (expected, kv) in (0u64..).zip(range(run)) {
-                        let ends = out.push(i, run, expected, kv.map_err(crate::error::sled_err));
+                        let ends = out.push(i, run, expected, kv);
                         if out.full() {
                             // Ahead of the reader: take more of the hashing.
                             let whole = lead.fetch_add(1, Ordering::Relaxed) + 1 >= 2;
