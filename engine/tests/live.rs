@@ -396,8 +396,8 @@ impl Coordination for Counting {
         self.inner.remove_run(run, expected, payloads, aux)
     }
 
-    fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
-        self.inner.seal_run(run)
+    fn seal_runs(&self, runs: &[RunId]) -> Result<usize, StoreError> {
+        self.inner.seal_runs(runs)
     }
     fn save_snapshot(&self, run: RunId, next_seq: Seq, state: &[u8]) -> Result<(), StoreError> {
         self.inner.save_snapshot(run, next_seq, state)

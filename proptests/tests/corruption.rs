@@ -52,8 +52,8 @@ fn stored_run(store: &SledStore, seed: u64) -> Result<(RunId, Vec<Logged>), Stri
     // Half the cases: the run sealed (one stored value, as a finished run's), every
     // property the same.
     if seed % 2 == 1 {
-        let sealed = store.seal_run(run).map_err(|e| e.to_string())?;
-        if !sealed {
+        let sealed = store.seal_runs(&[run]).map_err(|e| e.to_string())?;
+        if sealed != 1 {
             return Err(format!("run {run} of seed {seed} was not sealed"));
         }
     }

@@ -408,3 +408,9 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     }
     out
 }
+
+/// The record values of a sealed run's stored value (`key` the 17-byte run prefix key),
+/// for a raw scan that reads sled directly (docs/STORE.md 2.1).
+pub fn sealed_record_values(key: &[u8], value: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+    crate::kv::sealed::decode(key, value).map(|r| r.into_values().collect())
+}

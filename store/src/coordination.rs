@@ -261,14 +261,15 @@ pub trait Coordination: Send + Sync + 'static {
         aux: Vec<AuxWrite>,
     ) -> Result<(), StoreError>;
 
-    /// Stores a finished run's records compactly (sled: one value for the run instead of
-    /// one key per record, so that a long history opens faster; the records read back
-    /// unchanged, and later appends follow as before). Nothing changes that any read can
-    /// see; not a durability step (a seal lost in a crash leaves the records as they were).
-    /// `Ok(false)`: nothing done (a store without it, nothing to seal, or a run too large
-    /// for one value).
-    /// No default: a store that wraps another must pass it on.
-    fn seal_run(&self, run: RunId) -> Result<bool, StoreError>;
+    /// Stores each of `runs`' records compactly (sled: one value per run instead of one
+    /// key per record, in one atomic write, so that a long history opens faster; PostgreSQL:
+    /// nothing). The records read back unchanged, also by a read running meanwhile, and
+    /// later appends follow as before. Not a durability step (a seal lost in a crash leaves
+    /// the records as they were). Returns how many runs were sealed (a run with nothing
+    /// loose, or too large for one value, is left as it is). The engine seals the runs that
+    /// finished in it when it is dropped. No default: a store that wraps another must pass
+    /// it on.
+    fn seal_runs(&self, runs: &[RunId]) -> Result<usize, StoreError>;
 
     /// Sets `run`'s due time (when a timer of the run fires), microseconds since the Unix
     /// epoch, replacing any earlier one: one due time per run, its next wake-up. Durable

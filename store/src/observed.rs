@@ -188,8 +188,8 @@ impl<O: AppendObserver> Coordination for Observed<O> {
     ) -> Result<(), StoreError> {
         self.inner.remove_run(run, expected, payloads, aux)
     }
-    fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
-        self.inner.seal_run(run)
+    fn seal_runs(&self, runs: &[RunId]) -> Result<usize, StoreError> {
+        self.inner.seal_runs(runs)
     }
     fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
         self.inner.aux_range(lo, hi, limit)

@@ -1679,8 +1679,17 @@ fn raw_scan(db: &sled::Db, runs: &[RunId]) -> Result<(u64, u64), BenchError> {
             k[17..].copy_from_slice(&seq.to_be_bytes());
             k
         };
-        for kv in db.range(key(0)..=key(u64::MAX)) {
-            let (_, v) = kv.map_err(sled_err)?;
+        // From the run's prefix key: a finished run's records are one sealed value there.
+        let prefix: [u8; 17] = key(0)[..17].try_into().unwrap_or([0; 17]);
+        for kv in db.range(prefix.to_vec()..=key(u64::MAX).to_vec()) {
+            let (k, v) = kv.map_err(sled_err)?;
+            if k.len() == 17 {
+                let values = keel_store::bench::sealed_record_values(&k, &v)
+                    .map_err(|e| BenchError::Invalid(format!("sealed records of run {run}: {e}")))?;
+                bytes += values.iter().map(|v| v.len() as u64).sum::<u64>();
+                n += values.len() as u64;
+                continue;
+            }
             bytes += v.len() as u64;
             n += 1;
         }

@@ -1197,8 +1197,8 @@ impl Coordination for PgStore {
 
     /// Nothing to do: PostgreSQL's open cost does not grow with rows (a run's records stay
     /// rows of `events`).
-    fn seal_run(&self, _run: RunId) -> Result<bool, StoreError> {
-        Ok(false)
+    fn seal_runs(&self, _runs: &[RunId]) -> Result<usize, StoreError> {
+        Ok(0)
     }
 
     fn remove_run(

@@ -161,6 +161,10 @@ impl crate::Payloads for MemStore {
 }
 
 impl Coordination for MemStore {
+    fn seal_runs(&self, runs: &[RunId]) -> Result<usize, StoreError> {
+        self.core.seal_runs(runs)
+    }
+
     fn append_fenced(
         &self,
         run: RunId,

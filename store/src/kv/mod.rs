@@ -41,10 +41,26 @@ pub(crate) trait Kv: Send + Sync + 'static {
     fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
         self.apply(vec![(key.to_vec(), Some(value))])
     }
-    /// Stores `run`'s records as one value ([`sealed::Sealing`]); `false` if nothing was
-    /// done (a map without sealing, nothing loose to seal, or a run too large).
-    fn seal(&self, _run: RunId) -> Result<bool, StoreError> {
-        Ok(false)
+    /// [`Kv::apply`] of an append: every record key written is above its run's head (so
+    /// above any sealed record). Default: [`Kv::apply`].
+    fn apply_above_head(&self, writes: KvWrites) -> Result<(), StoreError> {
+        self.apply(writes)
+    }
+    /// [`Kv::insert`] of an append's one record (above its run's head). Default: [`Kv::insert`].
+    fn insert_above_head(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.insert(key, value)
+    }
+    /// Stores each run's records as one value ([`sealed::Sealing`]), in one atomic write;
+    /// returns how many runs were sealed (0 for a map without sealing; a run with nothing
+    /// loose, or too large, is left as it is).
+    fn seal(&self, _runs: &[RunId]) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+    /// A reader of single keys that outlives the call ([`sealed::Expand`] reads a run's
+    /// sealed value again with it); `None` (the default) for a map whose range scans are
+    /// snapshots.
+    fn getter(&self) -> Option<sealed::Getter> {
+        None
     }
 }
 
@@ -182,15 +198,15 @@ impl<K: Kv> Core<K> {
             None if !aux.is_empty() => {
                 let mut writes = Self::event_writes(run, values);
                 writes.extend(aux);
-                self.apply_counted(writes)
+                self.apply_counted(writes, true)
             }
             // A single key needs no batch: sled's apply_batch takes a process-wide write
             // lock and rolls the I/O buffer twice (see docs/STORE.md), a plain insert does not.
             None if values.len() == 1 => match values.pop() {
-                Some((seq, v)) => self.kv.insert(&record::event_key(run, seq), v),
+                Some((seq, v)) => self.kv.insert_above_head(&record::event_key(run, seq), v),
                 None => Ok(()),
             },
-            None => self.kv.apply(Self::event_writes(run, values)),
+            None => self.kv.apply_above_head(Self::event_writes(run, values)),
             Some(c) => {
                 let _claims = lock(&self.claims);
                 let ck = record::claim_key(&c.key);
@@ -203,7 +219,7 @@ impl<K: Kv> Core<K> {
                 let mut writes = Self::event_writes(run, values);
                 writes.push((ck, Some(record::claim_value(run, c.expires_at_us).to_vec())));
                 writes.extend(aux);
-                self.apply_counted(writes)
+                self.apply_counted(writes, true)
             }
         };
         match result {
@@ -224,12 +240,15 @@ impl<K: Kv> Core<K> {
         values.into_iter().map(|(seq, v)| (record::event_key(run, seq).to_vec(), Some(v))).collect()
     }
 
-    /// [`crate::Coordination::seal_run`]: under the run's slot lock, so no append of the
-    /// run interleaves (the head does not change).
-    pub(crate) fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
-        let slot = self.slot(run);
-        let _cached = Self::lock_slot(&slot);
-        self.kv.seal(run)
+    /// [`crate::Coordination::seal_runs`]: under the runs' slot locks (taken in run order;
+    /// nothing else holds two), so no append of them interleaves (no head changes).
+    pub(crate) fn seal_runs(&self, runs: &[RunId]) -> Result<usize, StoreError> {
+        let mut runs = runs.to_vec();
+        runs.sort_unstable();
+        runs.dedup();
+        let slots: Vec<Slot> = runs.iter().map(|r| self.slot(*r)).collect();
+        let _held: Vec<_> = slots.iter().map(Self::lock_slot).collect();
+        self.kv.seal(&runs)
     }
 
     pub(crate) fn head(&self, run: RunId) -> Result<Head, StoreError> {
@@ -373,17 +392,19 @@ impl<K: Kv> Core<K> {
         if writes.is_empty() {
             return Ok(());
         }
-        self.apply_counted(writes)
+        self.apply_counted(writes, false)
     }
 
     /// Applies `writes` atomically, counter adds (`crate::COUNTER_PREFIX`) turned into puts
     /// of their new sums: read, summed and written under the counter lock, so adds from
     /// concurrent writes of any runs sum exactly. Writes to one key apply in order.
-    fn apply_counted(&self, mut writes: KvWrites) -> Result<(), StoreError> {
+    /// `above_head`: an append's writes ([`Kv::apply_above_head`]).
+    fn apply_counted(&self, mut writes: KvWrites, above_head: bool) -> Result<(), StoreError> {
+        let apply = |w: KvWrites| if above_head { self.kv.apply_above_head(w) } else { self.kv.apply(w) };
         let user = |k: &[u8]| k.split_first().filter(|(p, _)| **p == record::AUX_PREFIX).map(|(_, rest)| rest.to_vec());
         let counted = |k: &[u8]| user(k).is_some_and(|u| u.starts_with(crate::COUNTER_PREFIX));
         if !writes.iter().any(|(k, _)| counted(k)) {
-            return self.kv.apply(writes);
+            return apply(writes);
         }
         let _counters = lock(&self.counters);
         let mut sums: HashMap<Vec<u8>, i64> = HashMap::new();
@@ -405,7 +426,7 @@ impl<K: Kv> Core<K> {
                 None => {}
             }
         }
-        self.kv.apply(writes)
+        apply(writes)
     }
 
     pub(crate) fn aux_range(&self, lo: &[u8], hi: &[u8], limit: usize) -> Result<Vec<crate::AuxEntry>, StoreError> {
@@ -470,7 +491,7 @@ impl<K: Kv> Core<K> {
         }
         let _due = lock(&self.due);
         writes.extend(self.clear_due_writes(run)?);
-        let result = self.apply_counted(writes);
+        let result = self.apply_counted(writes, false);
         *cached = None;
         result
     }
@@ -736,10 +757,6 @@ macro_rules! delegate_coordination {
 
         fn due(&self, now_us: i64, limit: usize) -> Result<Vec<(RunId, i64)>, StoreError> {
             self.core.due(now_us, limit)
-        }
-
-        fn seal_run(&self, run: RunId) -> Result<bool, StoreError> {
-            self.core.seal_run(run)
         }
 
         /// One process opens this store: its engine's run queue is in memory.

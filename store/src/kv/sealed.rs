@@ -73,6 +73,9 @@ fn key_of(prefix: &[u8], seq: u64) -> Vec<u8> {
 pub(crate) fn decode(prefix: &[u8], bytes: &[u8]) -> Result<BTreeMap<u64, Vec<u8>>, StoreError> {
     let run = run_of(prefix);
     let bad = |reason: String| StoreError::Corrupted { run, seq: Seq(0), reason: format!("sealed records: {reason}") };
+    if bytes.len() > SEALED_BYTES_MAX {
+        return Err(bad(format!("{} bytes, above the largest sealed value {SEALED_BYTES_MAX}", bytes.len())));
+    }
     let mut at = bytes;
     let mut take = |n: usize| -> Result<&[u8], StoreError> {
         if at.len() < n {
@@ -106,6 +109,16 @@ pub(crate) fn decode(prefix: &[u8], bytes: &[u8]) -> Result<BTreeMap<u64, Vec<u8
     Ok(out)
 }
 
+/// The first seq of a sealed value, read from its header alone (`None`: no record, or a
+/// header that does not parse; the whole value is checked when the run is read).
+fn first_seq(bytes: &[u8]) -> Option<u64> {
+    let count = bytes.get(1..5).and_then(|c| <[u8; 4]>::try_from(c).ok()).map(u32::from_be_bytes)?;
+    if count == 0 || bytes.first() != Some(&VERSION) {
+        return None;
+    }
+    bytes.get(5..13).and_then(|s| <[u8; 8]>::try_from(s).ok()).map(u64::from_be_bytes)
+}
+
 /// Encodes records into a sealed value; `None` if it would exceed [`SEALED_BYTES_MAX`].
 fn encode(records: &BTreeMap<u64, Vec<u8>>) -> Option<Vec<u8>> {
     let bytes = records.values().try_fold(5usize, |n, v| n.checked_add(12)?.checked_add(v.len()))?;
@@ -124,18 +137,68 @@ fn encode(records: &BTreeMap<u64, Vec<u8>>) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Reads a sealed value by its key, apart from a range scan (`None` from [`Kv::getter`]: the
+/// map's range scans are snapshots, nothing to read again).
+pub(crate) type Getter = Box<dyn Fn(&[u8]) -> Result<Option<Vec<u8>>, StoreError> + Send>;
+
 /// A stored pair, or the records of a sealed value, as the record pairs they stand for.
+///
+/// A seal may run while the scan runs (sled's scans are not snapshots): it moves record keys
+/// the scan has not reached into the run's sealed value, which sorts before them. So at the
+/// end of each run's keys the sealed value is read again and its records above the last one
+/// yielded are yielded too: a record stored when the scan began is never missed.
 pub(crate) struct Expand<I, B> {
     inner: I,
     pending: VecDeque<(B, B)>,
     lo: Vec<u8>,
     hi: Vec<u8>,
+    get: Option<Getter>,
+    /// The run whose keys the scan is in, and the last seq yielded of it.
+    run: Option<(Vec<u8>, Option<u64>)>,
+    /// The pair read past the end of a run, handled after the run's sealed value is re-read.
+    held: Option<(B, B)>,
+    done: bool,
 }
 
 impl<I, B> Expand<I, B> {
-    /// Pairs of `inner` (a range scan) with keys in `lo..=hi` once sealed values are expanded.
-    pub(crate) fn new(inner: I, lo: &[u8], hi: &[u8]) -> Self {
-        Expand { inner, pending: VecDeque::new(), lo: lo.to_vec(), hi: hi.to_vec() }
+    /// Pairs of `inner` (a range scan) with keys in `lo..=hi` once sealed values are
+    /// expanded; `first` are records already read for the scan's first run (its sealed
+    /// value, read apart), yielded first.
+    pub(crate) fn new(inner: I, lo: &[u8], hi: &[u8], first: Vec<(B, B)>, get: Option<Getter>) -> Self {
+        let run = prefix_of(lo).filter(|_| lo.len() > PREFIX_LEN).map(|p| (p.to_vec(), None));
+        Expand { inner, pending: first.into(), lo: lo.to_vec(), hi: hi.to_vec(), get, run, held: None, done: false }
+    }
+
+    fn in_range(&self, key: &[u8]) -> bool {
+        key >= self.lo.as_slice() && key <= self.hi.as_slice()
+    }
+
+    /// Notes a record about to be yielded (the run it is in, its seq).
+    fn note(&mut self, key: &[u8]) {
+        if let (Some(p), Some(seq)) = (prefix_of(key), seq_of(key)) {
+            match &mut self.run {
+                Some((run, last)) if run.as_slice() == p => *last = Some(seq),
+                other => *other = Some((p.to_vec(), Some(seq))),
+            }
+        }
+    }
+}
+
+impl<I, B> Expand<I, B>
+where
+    B: AsRef<[u8]> + From<Vec<u8>>,
+{
+    /// The run's sealed value read again: its records above the last yielded, in range.
+    fn reread(&mut self, prefix: &[u8], last: Option<u64>) -> Result<(), StoreError> {
+        let Some(get) = &self.get else { return Ok(()) };
+        let Some(bytes) = get(prefix)? else { return Ok(()) };
+        for (seq, value) in decode(prefix, &bytes)? {
+            let key = key_of(prefix, seq);
+            if last.is_none_or(|l| seq > l) && self.in_range(&key) {
+                self.pending.push_back((B::from(key), B::from(value)));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -148,15 +211,44 @@ where
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(p) = self.pending.pop_front() {
-                return Some(Ok(p));
+            if let Some((k, v)) = self.pending.pop_front() {
+                self.note(k.as_ref());
+                return Some(Ok((k, v)));
             }
-            let (k, v) = match self.inner.next()? {
-                Ok(p) => p,
-                Err(e) => return Some(Err(e)),
+            if self.done {
+                return None;
+            }
+            let (k, v) = match self.held.take().map(Ok).or_else(|| self.inner.next()) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => return Some(Err(e)),
+                None => {
+                    self.done = true;
+                    if let Some((prefix, last)) = self.run.take() {
+                        if let Err(e) = self.reread(&prefix, last) {
+                            return Some(Err(e));
+                        }
+                    }
+                    continue;
+                }
             };
+            // Leaving a run's keys: its sealed value is read again first.
+            let leaving = match (&self.run, prefix_of(k.as_ref())) {
+                (Some((run, _)), Some(p)) => run.as_slice() != p,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if leaving {
+                if let Some((prefix, last)) = self.run.take() {
+                    self.held = Some((k, v));
+                    if let Err(e) = self.reread(&prefix, last) {
+                        return Some(Err(e));
+                    }
+                    continue;
+                }
+            }
             if !is_sealed_key(k.as_ref()) {
-                if k.as_ref() >= self.lo.as_slice() && k.as_ref() <= self.hi.as_slice() {
+                if self.in_range(k.as_ref()) {
+                    self.note(k.as_ref());
                     return Some(Ok((k, v)));
                 }
                 continue;
@@ -165,9 +257,10 @@ where
                 Ok(r) => r,
                 Err(e) => return Some(Err(e)),
             };
+            self.run = Some((k.as_ref().to_vec(), None));
             for (seq, value) in records {
                 let key = key_of(k.as_ref(), seq);
-                if key.as_slice() >= self.lo.as_slice() && key.as_slice() <= self.hi.as_slice() {
+                if self.in_range(&key) {
                     self.pending.push_back((B::from(key), B::from(value)));
                 }
             }
@@ -183,14 +276,6 @@ where
         match self.inner.get(prefix)? {
             None => Ok(None),
             Some(v) => decode(prefix, &v).map(Some),
-        }
-    }
-
-    /// Where a range scan must start to see the sealed value holding `lo`.
-    fn physical_lo(lo: &[u8]) -> &[u8] {
-        match prefix_of(lo) {
-            Some(p) if lo.len() > PREFIX_LEN => p,
-            _ => lo,
         }
     }
 
@@ -258,23 +343,40 @@ where
     }
 
     fn range(&self, lo: &[u8], hi: &[u8]) -> Result<KvIter<K::Buf>, StoreError> {
-        let src = self.inner.range(Self::physical_lo(lo), hi)?;
-        Ok(Box::new(Expand::new(src, lo, hi)))
+        // A scan from inside a run: its sealed value (which sorts before `lo`) read apart,
+        // then the scan from `lo` itself (not from the run's first key).
+        let mut first = Vec::new();
+        if let Some(p) = prefix_of(lo).filter(|_| lo.len() > PREFIX_LEN) {
+            if let Some(records) = self.sealed(p)? {
+                for (seq, value) in records {
+                    let key = key_of(p, seq);
+                    if key.as_slice() >= lo && key.as_slice() <= hi {
+                        first.push((K::Buf::from(key), K::Buf::from(value)));
+                    }
+                }
+            }
+        }
+        let src = self.inner.range(lo, hi)?;
+        Ok(Box::new(Expand::new(src, lo, hi, first, self.inner.getter())))
     }
 
     fn last_in(&self, lo: &[u8], hi: &[u8]) -> Result<Option<KvPair>, StoreError> {
-        let (Some(p_lo), Some(p_hi)) = (prefix_of(lo), prefix_of(hi)) else {
-            return self.inner.last_in(lo, hi);
+        let (p_lo, p_hi) = (prefix_of(lo), prefix_of(hi));
+        let Some(p_lo) = p_lo.filter(|p| Some(*p) == p_hi) else {
+            // Not within one run (the core's reverse reads are): the last stored pair, unless
+            // it is a record or a sealed value, whose run is then scanned forward.
+            return match self.inner.last_in(lo, hi)? {
+                Some((k, _)) if prefix_of(&k).is_some() => {
+                    let mut last = None;
+                    for pair in self.range(lo, hi)? {
+                        let (k, v) = pair?;
+                        last = Some((k.as_ref().to_vec(), v.as_ref().to_vec()));
+                    }
+                    Ok(last)
+                }
+                other => Ok(other),
+            };
         };
-        if p_lo != p_hi {
-            // Not asked by the core (its reverse reads are within one run): the forward scan.
-            let mut last = None;
-            for pair in self.range(lo, hi)? {
-                let (k, v) = pair?;
-                last = Some((k.as_ref().to_vec(), v.as_ref().to_vec()));
-            }
-            return Ok(last);
-        }
         // Within one run: its record keys are above every sealed record of it.
         if let Some((k, v)) = self.inner.last_in(lo, hi)? {
             if !is_sealed_key(&k) {
@@ -290,22 +392,27 @@ where
     }
 
     fn first_key_after(&self, after: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        // A sealed record of `after`'s own run may follow it (its sealed key sorts before it).
-        let own = match prefix_of(after) {
-            Some(p) => {
-                self.sealed(p)?.and_then(|r| r.into_keys().map(|seq| key_of(p, seq)).find(|k| k.as_slice() > after))
-            }
-            None => None,
-        };
+        // The plain keys first, then the sealed value of `after`'s own run (a record of it
+        // may follow `after`: its sealed key sorts before it): a seal in between moves keys
+        // from the first place read to the second, never the other way.
         let mut from = after.to_vec();
         let next = loop {
             match self.inner.first_key_after(&from)? {
-                Some(k) if is_sealed_key(&k) => match self.sealed(&k)?.and_then(|r| r.into_keys().next()) {
-                    Some(seq) => break Some(key_of(&k, seq)),
+                // Only the header is read: a run with a damaged sealed value is still listed
+                // (reading it reports the damage), and no listing decodes whole runs.
+                Some(k) if is_sealed_key(&k) => match self.inner.get(&k)? {
+                    Some(v) => break Some(key_of(&k, first_seq(&v).unwrap_or(0))),
                     None => from = k,
                 },
                 other => break other,
             }
+        };
+        let own = match prefix_of(after) {
+            Some(_) if seq_of(after) == Some(u64::MAX) => None,
+            Some(p) => {
+                self.sealed(p)?.and_then(|r| r.into_keys().map(|seq| key_of(p, seq)).find(|k| k.as_slice() > after))
+            }
+            None => None,
         };
         Ok(match (own, next) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -318,9 +425,18 @@ where
         self.inner.apply(writes)
     }
 
+    fn apply_above_head(&self, writes: KvWrites) -> Result<(), StoreError> {
+        // An append's records are above its run's head, so above every sealed record.
+        self.inner.apply(writes)
+    }
+
+    fn insert_above_head(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.insert(key, value)
+    }
+
     fn insert(&self, key: &[u8], value: Vec<u8>) -> Result<(), StoreError> {
-        // An append's single record: above every sealed record of its run, so a plain insert
-        // (sled's fast path), unless it lands inside the sealed value.
+        // A record key written outside an append (a test hook): into the sealed value if it
+        // lands inside it.
         if let (Some(seq), Some(prefix)) = (seq_of(key), prefix_of(key)) {
             let inside = self.sealed(prefix)?.and_then(|r| r.last_key_value().map(|(l, _)| seq <= *l));
             if inside == Some(true) {
@@ -330,13 +446,40 @@ where
         self.inner.insert(key, value)
     }
 
-    fn seal(&self, run: RunId) -> Result<bool, StoreError> {
+    fn seal(&self, runs: &[RunId]) -> Result<usize, StoreError> {
+        let mut writes: KvWrites = Vec::new();
+        let mut sealed = 0;
+        for run in runs {
+            if let Some(w) = self.seal_writes(*run)? {
+                writes.extend(w);
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            self.inner.apply(writes)?;
+        }
+        Ok(sealed)
+    }
+}
+
+impl<K: Kv> Sealing<K>
+where
+    K::Buf: From<Vec<u8>>,
+{
+    /// The writes that seal `run` (`None`: nothing loose, a malformed record key, or more
+    /// than [`SEALED_BYTES_MAX`], found without reading past it).
+    fn seal_writes(&self, run: RunId) -> Result<Option<KvWrites>, StoreError> {
         let prefix = record::run_prefix(run);
         let hi = record::event_key(run, u64::MAX);
         let mut records = BTreeMap::new();
         let mut loose = Vec::new();
+        let mut bytes = 5usize;
         for pair in self.inner.range(&prefix, &hi)? {
             let (k, v) = pair?;
+            bytes = bytes.saturating_add(v.as_ref().len()).saturating_add(12);
+            if bytes > SEALED_BYTES_MAX.saturating_add(5) {
+                return Ok(None);
+            }
             if is_sealed_key(k.as_ref()) {
                 records.extend(decode(&prefix, v.as_ref())?);
                 continue;
@@ -347,17 +490,16 @@ where
                     records.insert(seq, v.as_ref().to_vec());
                 }
                 // A malformed record key (tampering) is left where it is, and so is the run.
-                None => return Ok(false),
+                None => return Ok(None),
             }
         }
         if loose.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
-        let Some(value) = encode(&records) else { return Ok(false) };
+        let Some(value) = encode(&records) else { return Ok(None) };
         let mut writes: KvWrites = loose.into_iter().map(|k| (k, None)).collect();
         writes.push((prefix.to_vec(), Some(value)));
-        self.inner.apply(writes)?;
-        Ok(true)
+        Ok(Some(writes))
     }
 }
 
@@ -385,7 +527,7 @@ mod tests {
     #[test]
     fn a_sealed_run_reads_as_the_records_it_was() {
         let (plain, sealed) = (kv_with(5), kv_with(5));
-        assert_eq!(sealed.seal(run()).ok(), Some(true));
+        assert_eq!(sealed.seal(&[run()]).ok(), Some(1));
         assert_eq!(sealed.inner.lock().len(), 1, "one key for the run");
         let (lo, hi) = (record::event_key(run(), 0), record::event_key(run(), u64::MAX));
         assert_eq!(all(&sealed, &lo, &hi), all(&plain, &lo, &hi));
@@ -406,21 +548,21 @@ mod tests {
     #[test]
     fn appends_after_a_seal_follow_it_and_a_second_seal_takes_them_in() {
         let kv = kv_with(3);
-        assert_eq!(kv.seal(run()).ok(), Some(true));
+        assert_eq!(kv.seal(&[run()]).ok(), Some(1));
         kv.insert(&record::event_key(run(), 3), vec![9]).unwrap_or_else(|e| panic!("{e}"));
         let (lo, hi) = (record::event_key(run(), 0), record::event_key(run(), u64::MAX));
         assert_eq!(all(&kv, &lo, &hi).len(), 4);
         assert_eq!(kv.last_in(&lo, &hi).ok().flatten().map(|p| p.1), Some(vec![9]));
-        assert_eq!(kv.seal(run()).ok(), Some(true));
+        assert_eq!(kv.seal(&[run()]).ok(), Some(1));
         assert_eq!(kv.inner.lock().len(), 1);
         assert_eq!(all(&kv, &lo, &hi).len(), 4);
-        assert_eq!(kv.seal(run()).ok(), Some(false), "nothing loose: nothing to do");
+        assert_eq!(kv.seal(&[run()]).ok(), Some(0), "nothing loose: nothing to do");
     }
 
     #[test]
     fn writes_to_sealed_records_rewrite_the_sealed_value() {
         let kv = kv_with(4);
-        assert_eq!(kv.seal(run()).ok(), Some(true));
+        assert_eq!(kv.seal(&[run()]).ok(), Some(1));
         let k1 = record::event_key(run(), 1);
         kv.apply(vec![(k1.to_vec(), Some(vec![42])), (record::event_key(run(), 2).to_vec(), None)])
             .unwrap_or_else(|e| panic!("{e}"));
@@ -436,7 +578,7 @@ mod tests {
     #[test]
     fn a_damaged_sealed_value_is_an_error_not_a_panic() {
         let kv = kv_with(2);
-        assert_eq!(kv.seal(run()).ok(), Some(true));
+        assert_eq!(kv.seal(&[run()]).ok(), Some(1));
         let p = record::run_prefix(run()).to_vec();
         for bad in [vec![], vec![1], vec![2, 0, 0, 0, 0], vec![1, 0, 0, 0, 9, 0], vec![1, 0, 0, 0, 0, 7]] {
             kv.inner.apply(vec![(p.clone(), Some(bad.clone()))]).unwrap_or_else(|e| panic!("{e}"));
@@ -453,7 +595,7 @@ mod tests {
         for seq in 0..3u64 {
             kv.insert(&record::event_key(run(), seq), vec![0; SEALED_BYTES_MAX / 2]).unwrap_or_else(|e| panic!("{e}"));
         }
-        assert_eq!(kv.seal(run()).ok(), Some(false));
+        assert_eq!(kv.seal(&[run()]).ok(), Some(0));
         assert_eq!(kv.inner.lock().len(), 3);
     }
 }
