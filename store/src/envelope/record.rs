@@ -7,6 +7,7 @@
 //! - `b'c' || aux key`                -> aux value (not chained; e.g. the response cache)
 //! - `b't' || u64_be(due_at_us ^ 1<<63) || run (16)` -> empty (the due-time index)
 //! - `b'u' || run (16)`                -> `i64_be(due_at_us)` (the run's current due time)
+//! - `b'e' || run (16)`                -> a sealed run's records (`crate::kv::sealed`)
 //! - `b'm' || b"format"`               -> [`FORMAT_MARKER`]
 
 use crate::envelope::codec::{self, EnvelopeV3, WireError};

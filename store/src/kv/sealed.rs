@@ -3,8 +3,9 @@
 //! sled's open costs grow with the number of keys (it splits a leaf at 16 entries, and its
 //! page table, snapshot and segment accounting are per page), so a history of many
 //! finished runs, ~16 records each, was mostly per-record keys. [`Sealing`] wraps a
-//! backend's map: [`Kv::seal`] moves every record key of a run (`e || run || seq`) into one
-//! value under the run's 17-byte prefix key (`e || run`), in one atomic write. Everything
+//! backend's map: [`Kv::seal`] moves every record key of each run given (`e || run || seq`)
+//! into one value under the run's 17-byte prefix key (`e || run`), in one atomic write (the
+//! engine seals the runs that finished in it when it ends: docs/STORE.md 2.1). Everything
 //! above it (the [`super::Core`]) still sees one key per record: reads expand the sealed
 //! value, and a write to a sealed record (a removal, or a test hook's overwrite) rewrites it.
 //! Appends after the seal are plain record keys after it (their seqs are above every sealed
