@@ -212,6 +212,13 @@ fn a_store_of_the_first_format_opens_and_is_raised_to_the_current_marker() {
         db.flush().unwrap();
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
+    // A read-only open reads it and leaves the marker as it was (only its scratch copy is raised).
+    let copy = SledStore::open_read_only(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(copy.head(run(1)).unwrap().next_seq, Seq(4));
+    drop(copy);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(marker(dir.path()), Some(b"keel-store v1".to_vec()));
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let log = SledStore::open(dir.path(), no_create()).unwrap();
     assert_eq!(log.head(run(1)).unwrap().next_seq, Seq(4));
     assert_eq!(log.read(run(1), Seq(0)).unwrap().filter(|r| r.is_ok()).count(), 4);
