@@ -98,7 +98,7 @@ const FINISHED_MAX: usize = 1 << 20;
 /// Runs sealed per atomic write.
 const SEAL_BATCH: usize = 64;
 /// How long a drop of the journal (the engine's end) may spend sealing.
-pub(crate) const SEAL_ON_DROP: std::time::Duration = std::time::Duration::from_secs(3);
+const SEAL_ON_DROP: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Drop for Journal {
     fn drop(&mut self) {
@@ -265,7 +265,7 @@ impl Journal {
     /// finished cost 5-35% of the engine's throughput (docs/PERFORMANCE.md, session 19).
     /// Returns the runs sealed and the runs left unsealed (they read the same; only the
     /// next opens load their keys).
-    pub(crate) fn seal_finished(&self, budget: std::time::Duration) -> (usize, usize) {
+    fn seal_finished(&self, budget: std::time::Duration) -> (usize, usize) {
         let mut runs = std::mem::take(&mut *self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         runs.sort_unstable();
         runs.dedup();

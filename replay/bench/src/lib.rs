@@ -1680,8 +1680,9 @@ fn raw_scan(db: &sled::Db, runs: &[RunId]) -> Result<(u64, u64), BenchError> {
             k
         };
         // From the run's prefix key: a finished run's records are one sealed value there.
-        let prefix: [u8; 17] = key(0)[..17].try_into().unwrap_or([0; 17]);
-        for kv in db.range(prefix.to_vec()..=key(u64::MAX).to_vec()) {
+        let mut prefix = run.as_bytes().to_vec();
+        prefix.insert(0, b'e');
+        for kv in db.range(prefix..=key(u64::MAX).to_vec()) {
             let (k, v) = kv.map_err(sled_err)?;
             if k.len() == 17 {
                 let values = keel_store::bench::sealed_record_values(&k, &v)

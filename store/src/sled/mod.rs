@@ -77,9 +77,13 @@ impl Kv for SledKv {
     }
 
     fn getter(&self) -> Option<crate::kv::sealed::Getter> {
-        let db = self.db.clone();
-        Some(Box::new(move |key: &[u8]| Ok(db.get(key).map_err(sled_err)?.map(|v| v.to_vec()))))
+        Some(getter(self.db.clone()))
     }
+}
+
+/// A reader of single keys of `db` that outlives the call (the sealed scans' re-read).
+pub(crate) fn getter(db: sled::Db) -> crate::kv::sealed::Getter {
+    Box::new(move |key: &[u8]| Ok(db.get(key).map_err(sled_err)?.map(|v| v.to_vec())))
 }
 
 /// Flushes sled and, for [`Level::PowerLoss`], fdatasyncs its data file.
@@ -1085,6 +1089,16 @@ mod sealed_tests {
         it.map(|p| p.unwrap_or_else(|e| panic!("{e}")).0.to_vec()).collect()
     }
 
+    /// The keys of a scan of `lo..=hi` with `sealed` sealed after its first `first` pairs.
+    fn scan_sealing_midway(kv: &Sealing<SledKv>, lo: &[u8], hi: &[u8], first: usize, sealed: RunId) -> Vec<Vec<u8>> {
+        let mut it = kv.range(lo, hi).unwrap_or_else(|e| panic!("{e}"));
+        let mut got: Vec<Vec<u8>> =
+            it.by_ref().take(first).map(|p| p.unwrap_or_else(|e| panic!("{e}")).0.to_vec()).collect();
+        assert_eq!(kv.seal(&[sealed]).ok(), Some(1));
+        got.extend(keys(it));
+        got
+    }
+
     #[test]
     fn a_scan_running_while_its_run_is_sealed_still_yields_every_record() {
         // sled's scans are not snapshots: the seal moves record keys the scan has not
@@ -1092,20 +1106,12 @@ mod sealed_tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let kv = kv_with(dir.path(), &[1, 2], 60);
         let (lo, hi) = (record::event_key(run(1), 0), record::event_key(run(1), u64::MAX));
-        let mut it = kv.range(&lo, &hi).unwrap_or_else(|e| panic!("{e}"));
-        let mut got: Vec<Vec<u8>> =
-            it.by_ref().take(5).map(|p| p.unwrap_or_else(|e| panic!("{e}")).0.to_vec()).collect();
-        assert_eq!(kv.seal(&[run(1)]).ok(), Some(1));
-        got.extend(keys(it));
+        let got = scan_sealing_midway(&kv, &lo, &hi, 5, run(1));
         let want: Vec<Vec<u8>> = (0..60).map(|s| record::event_key(run(1), s).to_vec()).collect();
         assert_eq!(got, want);
         // A scan over both runs while the second is sealed.
         let (lo, hi) = (record::event_key(run(1), 0), record::event_key(run(2), u64::MAX));
-        let mut it = kv.range(&lo, &hi).unwrap_or_else(|e| panic!("{e}"));
-        let mut got: Vec<Vec<u8>> =
-            it.by_ref().take(3).map(|p| p.unwrap_or_else(|e| panic!("{e}")).0.to_vec()).collect();
-        assert_eq!(kv.seal(&[run(2)]).ok(), Some(1));
-        got.extend(keys(it));
+        let got = scan_sealing_midway(&kv, &lo, &hi, 3, run(2));
         assert_eq!(got.len(), 120);
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in key order, no repeat");
     }

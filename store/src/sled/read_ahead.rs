@@ -108,10 +108,7 @@ impl ReadAhead {
             // From the run's sealed value (its prefix key), expanded into its records.
             let stored =
                 db.range(record::run_prefix(run).to_vec()..=hi.to_vec()).map(|r| r.map_err(crate::error::sled_err));
-            let at = db.clone();
-            let get: crate::kv::sealed::Getter =
-                Box::new(move |key: &[u8]| Ok(at.get(key).map_err(crate::error::sled_err)?.map(|v| v.to_vec())));
-            crate::kv::sealed::Expand::new(stored, &lo, &hi, Vec::new(), Some(get))
+            crate::kv::sealed::Expand::new(stored, &lo, &hi, Vec::new(), Some(super::getter(db.clone())))
         })
     }
 
